@@ -1,0 +1,117 @@
+"""Thin controllers: each is a docstring, one call into `core.service`, a response."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers import BaseRouteHandler
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+
+from api.errors import ErrorBody
+from core.models import Job, JobPage, JobRequest, JobState
+from core.service import Tether
+
+
+def tether(request: Request[Any, Any, Any]) -> Tether:
+    return request.app.state.tether  # type: ignore[no-any-return]
+
+
+def require_api_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`."""
+    expected = connection.app.state.tether.settings.api_token
+    if not expected:
+        return
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise NotAuthorizedException("missing or invalid API token")
+
+
+class JobController(Controller):
+    path = "/jobs"
+    guards = [require_api_token]  # noqa: RUF012 (Litestar reads it as a class attribute)
+    tags = ["jobs"]  # noqa: RUF012
+
+    @post("/", status_code=201)
+    async def create(self, request: Request[Any, Any, Any], data: JSONBody[JobRequest]) -> Response[Job]:
+        """Start a job. 201 when new; 200 when the same id came with the same
+        request before (nothing is triggered again); 409 for the same id with a
+        different request; 422 for an unknown backend or bad params."""
+        job, created = await tether(request).create_job(data)
+        return Response(job, status_code=201 if created else 200)
+
+    @get("/")
+    async def list_jobs(
+        self,
+        request: Request[Any, Any, Any],
+        job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
+        backend: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        cursor: FromQuery[str | None] = None,
+    ) -> JobPage:
+        """Jobs, newest first, optionally of one state and one backend. Pass
+        `next_cursor` back as `cursor` for the next page."""
+        return await tether(request).list_jobs(job_state, backend, limit, cursor)
+
+    @get("/{job_id:str}")
+    async def get_job(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
+        """One job."""
+        return await tether(request).get_job(job_id)
+
+    @post("/{job_id:str}/cancel", status_code=200)
+    async def cancel(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
+        """Cancel a waiting job: it becomes `canceled` and its backend is asked
+        to stop the external run. 409 when the job already finished."""
+        return await tether(request).cancel_job(job_id)
+
+
+class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
+    outcome: str
+    """`accepted`, `duplicate`, `conflict` or `gone`."""
+    job: Job
+    message: str
+    error: ErrorBody | None = None
+
+
+CALLBACK_STATUS = {"accepted": 200, "duplicate": 200, "conflict": 409, "gone": 410}
+
+
+class CallbackController(Controller):
+    path = "/callbacks"
+    tags = ["callbacks"]  # noqa: RUF012
+
+    @post("/{promise_id:str}", status_code=200)
+    async def settle(
+        self,
+        request: Request[Any, Any, Any],
+        promise_id: FromPath[str],
+        token: FromQuery[str | None] = None,
+    ) -> Response[CallbackResponse]:
+        """Report how an external job ended. The token comes from the callback
+        URL (`?token=`) or as `Authorization: Bearer`. Body:
+        `{"status": "succeeded"|"failed", "result"?: any, "error"?: {"message", "type"?}}`
+        (or the backend's native shape). 200 accepted or duplicate, 409 a
+        different outcome was recorded first, 410 the job was canceled or timed
+        out, 404 unknown promise, 401 bad token, 400/422 malformed body."""
+        if token is None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            token = given if scheme.lower() == "bearer" else None
+        body = await request.body()
+        result = await tether(request).callback(promise_id, token, body)
+        error = None
+        if result.outcome in ("conflict", "gone"):
+            error = ErrorBody(code=result.outcome, message=result.message)
+        return Response(
+            CallbackResponse(result.outcome, result.job, result.message, error),
+            status_code=CALLBACK_STATUS[result.outcome],
+        )
+
+
+@get("/health", tags=["health"])
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """200 `{"status": "ok", ...}` when the store answers, else 503."""
+    return await tether(request).health()

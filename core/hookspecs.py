@@ -1,0 +1,155 @@
+"""The plugin contract: every hook Tether calls, and the backend interface.
+
+A *backend* is something Tether can run jobs on (Databricks, any HTTP service,
+...). A plugin offers backends through the `tether_backends` hook; each backend
+is an object with the methods of :class:`Backend` below. Tether calls them from
+its one durable workflow:
+
+```
+POST /jobs ─► params_type validates ─► trigger() ─► (wait for the callback) ─► job finished
+                                                      │ check_status() every check_interval
+                                                      │ parse_callback() on each callback
+              cancel() on POST /jobs/{id}/cancel or on timeout ◄─┘
+```
+
+Hooks and backend methods get and return only `core` types
+(:mod:`core.models`), never web-framework objects. Plugin authors import
+everything from :mod:`core.plugin`.
+
+Delivery guarantees a backend must live with:
+
+- `trigger` runs inside a durable step. If the process dies after the external
+  run was started but before the step was recorded, the step runs again with
+  the *same* `idempotency_key`: pass it to the external system so the second
+  call returns the first run.
+- `cancel` and `tether_job_finished` run at least once (again after a crash).
+- `check_status` and `parse_callback` may run in any process, any number of
+  times, concurrently; they must not change anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import pluggy
+
+from core.models import Job, Outcome, Trigger
+
+PROJECT = "tether"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Backend:
+    """Base class of a backend. Subclass it, set `name` and `params_type`, and
+    implement `trigger`; the other methods have safe defaults.
+
+    One instance serves every job of its backend and may be used from several
+    jobs at once: keep per-job state in the job record (`job.external`), never
+    on the instance.
+    """
+
+    name: ClassVar[str]
+    """The backend's name as clients write it in `POST /jobs {"backend": ...}`.
+    Unique across all installed plugins: two backends with one name stop the
+    service at start-up, naming both plugins."""
+
+    params_type: ClassVar[type[Any]]
+    """A msgspec Struct (or any type `msgspec.convert` accepts) describing the
+    job's `params`. `POST /jobs` converts the client's params with it and answers
+    422 naming the bad field when they don't fit. Use `forbid_unknown_fields=True`
+    so a misspelt parameter is reported instead of ignored."""
+
+    def check_interval(self, params: Any) -> float | None:
+        """Seconds between `check_status` calls while a job with these (converted)
+        params waits, or `None` never to check (the job then ends only by
+        callback, cancel or timeout). Later checks back off: each waits half the
+        job's time running so far, at least this and at most ten times this.
+        The default returns `None`. Must not block.
+        """
+        return None
+
+    async def trigger(self, trigger: Trigger) -> Mapping[str, Any]:
+        """Start the external job. Called once per job (again only after a crash,
+        see the module docstring), after its params were validated.
+
+        `trigger` carries the job, its converted params, the promise id, the
+        callback URL and the idempotency key (see :class:`core.models.Trigger`).
+        Hand the callback URL to the external system so it can report the outcome.
+
+        Return what identifies the external run (JSON-serialisable, small, no
+        secrets), e.g. `{"run_id": 42, "run_page_url": "..."}`; it is stored as
+        the job's `external` and handed back to `cancel` and `check_status`.
+
+        Raise :class:`core.errors.BackendError` when the external system refuses:
+        `retryable=True` for timeouts, 5xx and 429 (Tether retries with backoff,
+        `settings.trigger_attempts` times in all), `retryable=False` to fail the
+        job at once. Any other exception counts as retryable. May block for as
+        long as one request takes; bound it with a timeout.
+        """
+        raise NotImplementedError
+
+    async def cancel(self, job: Job) -> None:
+        """Stop the external run of `job`, which was canceled or timed out.
+
+        Called after the job's wait ended, only if `trigger` had returned
+        (`job.external` is what it returned). Best effort: an exception is
+        logged and the job stays `canceled`/`timed_out`. The default does nothing,
+        for backends whose runs cannot be stopped.
+        """
+        return None
+
+    async def check_status(self, job: Job) -> Outcome | None:
+        """Ask the external system whether the run of a waiting job has ended,
+        for when its callback was lost (the notebook crashed, the network dropped
+        the request).
+
+        Called every `check_interval(params)` seconds while the job is `running`. Return
+        an :class:`~core.models.Outcome` when the run has ended, `None` while it
+        is still going or when it cannot tell. Must not change anything. An
+        exception is logged and the check is tried again later. The default
+        returns `None`.
+        """
+        return None
+
+    def parse_callback(self, job: Job, body: Any) -> Outcome | None:
+        """Read a callback body in the backend's native shape.
+
+        `body` is the decoded JSON the external system posted to the job's
+        callback URL. Return an :class:`~core.models.Outcome` if this backend
+        recognises it, `None` to let Tether read it as its uniform body
+        (`{"status", "result", "error"}`). Raise `ValueError` with a message
+        for a body in the native shape that is malformed (the caller gets 422).
+        Must not block (no I/O): a callback that only *hints* that the run ended
+        should return `None` and let `check_status` confirm it. The default
+        returns `None`.
+        """
+        return None
+
+
+class TetherHookSpecs:
+    """The hooks a plugin may implement (with `@hookimpl`)."""
+
+    @hookspec
+    def tether_backends(self) -> Sequence[Backend]:  # type: ignore[empty-body]
+        """Offer backends.
+
+        Called once when the service starts. Return the plugin's backends
+        (instances of :class:`Backend` subclasses), or an empty sequence. Build
+        clients lazily or cheaply here: it runs before the service answers
+        anything. Must not block on the network.
+        """
+
+    @hookspec
+    def tether_job_finished(self, job: Job) -> None:
+        """Observe a job that reached a final state (`succeeded`, `failed`,
+        `canceled`, `timed_out`), e.g. for metrics or notifications.
+
+        Called for every job of every backend, in the process that ran the job's
+        workflow, after the job record was updated and, for a canceled or timed
+        out job, after its backend's `cancel`. At least once per job. Return
+        nothing. Must not block: hand slow work to a queue. An exception is
+        logged and does not change the job.
+        """

@@ -1,0 +1,85 @@
+"""The one durable workflow every job runs, whatever its backend.
+
+```
+job(job_id)                                   root promise = the job id
+  p = ctx.promise(timeout)                    "{job_id}:1", the callback promise
+  ctx.run(trigger_step, job_id, p.id)         the backend's trigger, a durable step
+  outcome = await p                           suspended: nothing held in memory
+  ctx.run(finish_step, job_id, outcome)       record it; backend cancel on cancel/timeout
+```
+
+Whoever ends a job settles `p` with an outcome Tether builds (see
+`core.service.Tether.settle`): the callback endpoint, cancel, the watchdog
+(timeout, status checks), or the trigger step itself when the trigger failed.
+The first settle wins; the workflow resumes on whichever worker the store
+hands it to. The body replays from the top on every resume; only the two
+steps' results are recorded, so they are written to be repeatable.
+
+Changing the order or number of durable operations here shifts the promise
+ids of jobs in flight: register a new `version` instead.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from resonate.context import Context
+
+from core.store.jobs import now_ms
+
+if TYPE_CHECKING:
+    from core.service import Tether
+
+WORKFLOW = "tether.job"
+VERSION = 1
+
+PROMISE_GRACE_MS = 60_000
+"""The callback promise times out this long after the job's deadline: the
+watchdog settles it as `timed_out` at the deadline, and the store's own timeout
+is the backstop when no watchdog runs."""
+
+ROOT_GRACE_MS = 3_600_000
+"""The workflow's own deadline is this long after the job's: time to record the
+outcome and cancel the external run once the wait is over."""
+
+
+def callback_promise_id(job_id: str) -> str:
+    """The id of the promise job `job_id` waits on: the workflow's first durable op."""
+    return f"{job_id}:1"
+
+
+def job_id_of(promise_id: str) -> str | None:
+    """The job a callback promise id belongs to, or None if it names none."""
+    job_id, sep, seq = promise_id.rpartition(":")
+    return job_id if sep and seq == "1" and job_id else None
+
+
+async def job_workflow(ctx: Context, job_id: str, deadline_ms: int) -> dict[str, Any]:
+    wait_ms = max(deadline_ms - now_ms() + PROMISE_GRACE_MS, 1)  # used only when p is created
+    p = ctx.promise(timeout=timedelta(milliseconds=wait_ms))
+    promise_id = await p.id()
+    if promise_id != callback_promise_id(job_id):
+        raise RuntimeError(f"workflow {WORKFLOW} v{VERSION} expected its promise to be "
+                           f"{callback_promise_id(job_id)!r}, got {promise_id!r}")
+    await ctx.run(trigger_step, job_id, promise_id)
+    try:
+        value = await p
+    except Exception:  # the store timed the promise out: no watchdog got there first
+        value = {"status": "timed_out", "by": "store"}
+    await ctx.run(finish_step, job_id, value)
+    return dict(value)
+
+
+async def trigger_step(ctx: Context, job_id: str, promise_id: str) -> None:
+    await _tether(ctx).trigger(job_id, promise_id)
+
+
+async def finish_step(ctx: Context, job_id: str, value: dict[str, Any]) -> None:
+    await _tether(ctx).finish(job_id, value)
+
+
+def _tether(ctx: Context) -> Tether:
+    from core.service import Tether  # the service imports this module
+
+    return ctx.get_dependency(Tether)

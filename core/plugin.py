@@ -1,0 +1,50 @@
+"""Everything a Tether plugin author imports, from one stable path.
+
+A complete plugin (this is `examples/tether_echo/tether_echo.py`, which the
+tests load and run):
+
+```python
+import msgspec
+
+from core.plugin import Backend, Outcome, Trigger, hookimpl
+
+
+class EchoParams(msgspec.Struct, forbid_unknown_fields=True):
+    message: str
+
+
+class Echo(Backend):
+    name = "echo"
+    params_type = EchoParams
+
+    async def trigger(self, trigger: Trigger) -> dict[str, str]:
+        # A real backend starts the external job here and hands it
+        # trigger.callback_url; echo only remembers what it was asked.
+        return {"echoed": trigger.params.message}
+
+    def parse_callback(self, job, body):
+        if isinstance(body, dict) and "echo_done" in body:
+            return Outcome(status="succeeded", result=body["echo_done"])
+        return None
+
+
+@hookimpl
+def tether_backends():
+    return [Echo()]
+```
+
+Make it installable and Tether finds it through the `tether` entry-point group:
+
+```toml
+[project.entry-points.tether]
+echo = "tether_echo"
+```
+
+Every hook and backend method is documented in :mod:`core.hookspecs`.
+"""
+
+from core.errors import BackendError
+from core.hookspecs import Backend, hookimpl
+from core.models import ErrorInfo, Job, Outcome, Trigger
+
+__all__ = ["Backend", "BackendError", "ErrorInfo", "Job", "Outcome", "Trigger", "hookimpl"]

@@ -1,0 +1,98 @@
+"""Tether's settings: one typed object read from `TETHER_*` environment variables.
+
+Each field reads the variable named `TETHER_<FIELD>` (upper case). Backend
+credentials are not here: they keep their own conventions (`DATABRICKS_HOST`,
+`DATABRICKS_TOKEN`, config profiles) and never reach a log or a job record.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+PREFIX = "TETHER_"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    store: str = "sqlite:///.tether/tether.db"
+    """Durable store URL: `sqlite:///PATH` (default, embedded), `memory://`
+    (tests and demos; nothing survives), `postgresql://...` (resonate-pg)."""
+
+    host: str = "127.0.0.1"
+    """Interface `tether serve` listens on."""
+
+    port: int = 8000
+    """Port `tether serve` listens on."""
+
+    public_url: str = ""
+    """Base of the callback URLs handed to external systems; must be reachable
+    from them. Empty means `http://{host}:{port}`."""
+
+    callback_secret: str = ""
+    """Key of the HMAC that signs callback URLs. Empty: on the embedded store one
+    is generated once and kept beside the database; on `memory://` one is
+    generated per process; other stores refuse to start without it."""
+
+    api_token: str = ""
+    """When set, `/jobs*` require `Authorization: Bearer <api_token>`."""
+
+    max_body_bytes: int = 1_048_576
+    """Requests with a larger body are refused with 413."""
+
+    default_timeout: float = 7 * 24 * 3600.0
+    """Seconds a job waits for its callback when the request names no `timeout`."""
+
+    max_timeout: float = 366 * 24 * 3600.0
+    """Largest `timeout` a request may ask for, in seconds."""
+
+    trigger_attempts: int = 4
+    """How many times a trigger that failed with a retryable error is tried."""
+
+    trigger_backoff: float = 1.0
+    """Seconds before the second trigger attempt; doubles for each later one."""
+
+    watchdog_interval: float = 1.0
+    """Seconds between sweeps for jobs past their timeout or due a status check."""
+
+    group: str = "tether"
+    """Resonate group the service's workers join; processes sharing a store and a
+    group share the work."""
+
+    log_level: str = "INFO"
+    """Python logging level of the service."""
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `TETHER_*` variables from `env` (default `os.environ`).
+
+        A value that does not fit its field raises `ValueError` naming the
+        variable, not its value (it may be a secret).
+        """
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            value = env.get(PREFIX + name.upper())
+            if value is not None:
+                raw[name] = value
+        raw.update(overrides)
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
+            raise ValueError(
+                f"invalid setting {PREFIX}{field.upper()}: {str(exc).split(' - ')[0]}"
+            ) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings.from_env()

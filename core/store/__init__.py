@@ -1,0 +1,100 @@
+"""The seam that picks the durable store from `TETHER_STORE`.
+
+A store is two things living in one place: the Resonate connection the
+workflow runs on (promises, tasks, the messages that move work between
+processes) and the job index listing needs. See docs/architecture.md.
+
+| `TETHER_STORE`            | promises and tasks            | job index               |
+|---------------------------|-------------------------------|-------------------------|
+| `sqlite:///PATH` (default)| embedded SQLite protocol      | table in the same file  |
+| `memory://`               | resonate LocalConnection      | a dict (tests, demos)   |
+| `postgresql://...`        | resonate-pg                   | table in the same DB    |
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from core.settings import Settings
+from core.store.jobs import JobIndex, MemoryJobIndex
+from core.store.sql import INDEXES, SqlJobIndex
+
+
+@dataclass
+class Store:
+    kind: str
+    """`sqlite`, `memory` or `postgresql`."""
+    connection: Any
+    """The Resonate `Network` that is also the process's `Source`."""
+    jobs: JobIndex
+    callback_secret: str
+    """The configured secret, or the one this store keeps (see Settings)."""
+
+    async def close(self) -> None:
+        await self.jobs.close()
+
+
+def describe(url: str) -> str:
+    """`url` without credentials, fit for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password or parts.username:
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://***@{host}{port}{parts.path}"
+    return url
+
+
+class StoreConfigError(ValueError):
+    """`TETHER_STORE` names a store Tether cannot open; the message says why."""
+
+
+async def open_store(settings: Settings, pid: str) -> Store:
+    url = settings.store
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from resonate.connections import LocalConnection
+
+        return Store(
+            kind="memory",
+            connection=LocalConnection(pid=pid, group=settings.group),
+            jobs=MemoryJobIndex(),
+            callback_secret=settings.callback_secret or secrets.token_urlsafe(32),
+        )
+    if scheme == "sqlite":
+        from core.store.embedded import open_embedded
+
+        path = Path(url.removeprefix("sqlite://").removeprefix("/"))
+        if url.startswith("sqlite:////"):
+            path = Path("/" + str(path))
+        return await open_embedded(path, settings, pid)
+    if scheme in ("postgresql", "postgres"):
+        if not settings.callback_secret:
+            raise StoreConfigError(
+                "TETHER_CALLBACK_SECRET must be set when TETHER_STORE is Postgres: every"
+                " process sharing the database must sign callback URLs with the same secret"
+            )
+        from resonate_pg import PostgresConnection
+
+        from core.store.postgres import TABLE, PostgresDriver
+
+        driver = PostgresDriver(url)
+        try:
+            await driver.open((TABLE, *INDEXES))
+        except Exception as exc:
+            raise StoreConfigError(
+                f"cannot open the Postgres store {describe(url)}: {type(exc).__name__}"
+            ) from None
+        return Store(
+            kind="postgresql",
+            connection=PostgresConnection(url, pid=pid, group=settings.group),
+            jobs=SqlJobIndex(driver),
+            callback_secret=settings.callback_secret,
+        )
+    raise StoreConfigError(
+        f"TETHER_STORE={describe(url)!r} is not supported; use sqlite:///PATH, memory:// or"
+        " postgresql://..."
+    )

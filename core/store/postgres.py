@@ -1,0 +1,57 @@
+"""`postgresql://...`: promises in resonate-pg, jobs in a table beside them.
+
+The operator applies resonate-pg's `resonate.sql` to the database once; Tether
+creates its own `tether_jobs` table on start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    timeout DOUBLE PRECISION NOT NULL,
+    fingerprint TEXT NOT NULL,
+    deadline BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    external TEXT,
+    result TEXT,
+    error TEXT,
+    finished_at BIGINT,
+    next_check_at BIGINT
+)"""
+
+
+class PostgresDriver:
+    """Runs the job index's SQL on a psycopg pool."""
+
+    def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 10.0) -> None:
+        self._pool = AsyncConnectionPool(dsn, min_size=1, max_size=max_size, timeout=timeout,
+                                         open=False)
+
+    async def open(self, statements: Sequence[str]) -> None:
+        await self._pool.open(wait=True, timeout=self._pool.timeout)
+        for statement in statements:
+            await self.execute(statement, ())
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(sql.replace("?", "%s"), args)
+            return await cursor.fetchall()
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(sql.replace("?", "%s"), args)
+            return cursor.rowcount
+
+    async def close(self) -> None:
+        await self._pool.close()

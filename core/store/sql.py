@@ -1,0 +1,164 @@
+"""The job index on SQL: one implementation for SQLite and Postgres.
+
+Queries are written once with `?` placeholders; a driver runs them (the Postgres
+driver swaps in `%s`). Each query uses an index: nothing scans all jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from core.models import OPEN_STATES, ErrorInfo, Outcome
+from core.store.jobs import JobRecord
+
+COLUMNS = (
+    "id, seq, backend, state, params, metadata, timeout, fingerprint, deadline, created_at,"
+    " updated_at, external, result, error, finished_at, next_check_at"
+)
+
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS tether_jobs_state ON tether_jobs (state, seq)",
+    "CREATE INDEX IF NOT EXISTS tether_jobs_backend ON tether_jobs (backend, seq)",
+    "CREATE INDEX IF NOT EXISTS tether_jobs_deadline ON tether_jobs (deadline)"
+    " WHERE finished_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS tether_jobs_check ON tether_jobs (next_check_at)"
+    " WHERE next_check_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS tether_jobs_finished ON tether_jobs (finished_at)"
+    " WHERE finished_at IS NOT NULL",
+)
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+class Driver(Protocol):
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]: ...
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        """Run a statement; return the number of rows it changed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else _encode(value).decode()
+
+
+def _row(row: tuple[Any, ...]) -> JobRecord:
+    (job_id, seq, backend, state, params, metadata, timeout, fingerprint, deadline, created,
+     updated, external, result, error, finished, next_check) = row
+    return JobRecord(
+        id=job_id, seq=seq, backend=backend, state=state, params=_decode(params),
+        metadata=_decode(metadata), timeout=timeout, fingerprint=fingerprint,
+        deadline=deadline, created_at=created, updated_at=updated,
+        external=None if external is None else _decode(external),
+        result=None if result is None else _decode(result),
+        error=None if error is None else _decode(error, type=ErrorInfo),
+        finished_at=finished, next_check_at=next_check,
+    )
+
+
+class SqlJobIndex:
+    def __init__(self, driver: Driver) -> None:
+        self.db = driver
+
+    async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
+        changed = await self.db.execute(
+            "INSERT INTO tether_jobs (id, backend, state, params, metadata, timeout, fingerprint,"
+            " deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING",
+            (rec.id, rec.backend, rec.state, _json(rec.params), _json(rec.metadata), rec.timeout,
+             rec.fingerprint, rec.deadline, rec.created_at, rec.updated_at),
+        )
+        stored = await self.get(rec.id)
+        assert stored is not None, "a job row vanished right after its insert"
+        return stored, changed == 1
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        rows = await self.db.fetch(f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?", (job_id,))
+        return _row(rows[0]) if rows else None
+
+    async def page(
+        self, state: str | None, backend: str | None, limit: int, before_seq: int | None
+    ) -> list[JobRecord]:
+        where, args = [], []
+        for column, value in (("state", state), ("backend", backend)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(before_seq)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self.db.fetch(
+            f"SELECT {COLUMNS} FROM tether_jobs{clause} ORDER BY seq DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [_row(r) for r in rows]
+
+    async def set_external(
+        self, job_id: str, external: dict[str, Any], now: int, next_check_at: int | None
+    ) -> JobRecord | None:
+        await self.db.execute(
+            "UPDATE tether_jobs SET external = ?, updated_at = ?,"
+            " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
+            " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
+            " WHERE id = ?",
+            (_json(external), now, next_check_at, job_id),
+        )
+        return await self.get(job_id)
+
+    async def finish(
+        self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
+    ) -> JobRecord | None:
+        marks = ", ".join("?" for _ in from_states)
+        await self.db.execute(
+            "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
+            f" updated_at = ?, next_check_at = NULL WHERE id = ? AND state IN ({marks})",
+            (outcome.status, _json(outcome.result), _json(outcome.error), now, now, job_id,
+             *from_states),
+        )
+        return await self.get(job_id)
+
+    async def due(self, now: int, limit: int) -> list[JobRecord]:
+        late = await self.db.fetch(
+            f"SELECT {COLUMNS} FROM tether_jobs WHERE finished_at IS NULL AND deadline <= ?"
+            " ORDER BY deadline LIMIT ?",
+            (now, limit),
+        )
+        checks = await self.db.fetch(
+            f"SELECT {COLUMNS} FROM tether_jobs WHERE next_check_at IS NOT NULL"
+            " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
+            (now, limit),
+        )
+        seen: dict[str, JobRecord] = {r[0]: _row(r) for r in (*late, *checks)}
+        return list(seen.values())
+
+    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
+        changed = await self.db.execute(
+            "UPDATE tether_jobs SET next_check_at = ? WHERE id = ? AND next_check_at = ?",
+            (next_check_at, job_id, expected),
+        )
+        return changed == 1
+
+    async def delete_finished(self, before: int, limit: int) -> list[str]:
+        rows = await self.db.fetch(
+            "SELECT id FROM tether_jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+            " ORDER BY finished_at LIMIT ?",
+            (before, limit),
+        )
+        ids = [r[0] for r in rows]
+        for job_id in ids:
+            await self.db.execute(
+                "DELETE FROM tether_jobs WHERE id = ? AND finished_at IS NOT NULL", (job_id,)
+            )
+        return ids
+
+    async def ping(self) -> None:
+        await self.db.fetch("SELECT 1", ())
+
+    async def close(self) -> None:
+        await self.db.close()
