@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +20,15 @@ from core.settings import Settings, get_settings
 from core.store import open_store
 
 
+QUIET_LOGGERS = ("resonate", "httpx", "httpcore")
+
+
 def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None = None) -> Litestar:
     """The app; the store opens and the worker starts in its lifespan."""
     settings = settings or get_settings()
     plugins = Plugins(pm or make_plugin_manager())
+    for noisy in QUIET_LOGGERS:  # per-request chatter; URLs may carry caller secrets
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ from core.errors import (
     Conflict,
     Gone,
     InvalidRequest,
+    MalformedBody,
     NotFound,
     StoreUnavailable,
     TetherError,
@@ -22,7 +23,8 @@ from core.errors import (
 
 log = logging.getLogger("tether.api")
 
-STATUS: dict[type[TetherError], int] = {
+STATUS: dict[type[TetherError], int] = {  # most specific first
+    MalformedBody: 400,
     InvalidRequest: 422,
     NotFound: 404,
     Conflict: 409,

@@ -23,6 +23,10 @@ class InvalidRequest(TetherError):
     code = "invalid_request"
 
 
+class MalformedBody(InvalidRequest):
+    """The body could not be read at all (not JSON)."""
+
+
 class NotFound(TetherError):
     code = "not_found"
 

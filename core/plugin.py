@@ -4,9 +4,11 @@ A complete plugin (this is `examples/tether_echo/tether_echo.py`, which the
 tests load and run):
 
 ```python
+from typing import Any
+
 import msgspec
 
-from core.plugin import Backend, Outcome, Trigger, hookimpl
+from core.plugin import Backend, Job, Outcome, Trigger, hookimpl
 
 
 class EchoParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -22,14 +24,15 @@ class Echo(Backend):
         # trigger.callback_url; echo only remembers what it was asked.
         return {"echoed": trigger.params.message}
 
-    def parse_callback(self, job, body):
+    def parse_callback(self, job: Job, body: Any) -> Outcome | None:
+        # Echo's native callback body: {"echo_done": <result>}
         if isinstance(body, dict) and "echo_done" in body:
             return Outcome(status="succeeded", result=body["echo_done"])
         return None
 
 
 @hookimpl
-def tether_backends():
+def tether_backends() -> list[Backend]:
     return [Echo()]
 ```
 

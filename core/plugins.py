@@ -80,13 +80,18 @@ class Plugins:
             return msgspec.convert(params, backend.params_type)
         except msgspec.ValidationError as exc:
             reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
+            if " - at `" not in reason:
+                reason += " - at `params`"
             raise InvalidRequest(
                 f"invalid params for backend {backend.name!r}: {reason}",
                 {"field": "params", "backend": backend.name},
             ) from None
 
     def job_finished(self, job: Job) -> None:
-        try:
-            self.pm.hook.tether_job_finished(job=job)
-        except Exception:
-            log.exception("a tether_job_finished hook failed for job %s", job.id)
+        """Tell every plugin; one that raises is logged and does not stop the others."""
+        for impl in self.pm.hook.tether_job_finished.get_hookimpls():
+            try:
+                impl.function(**{name: job for name in impl.argnames})
+            except Exception:
+                log.exception("plugin %r failed in tether_job_finished for job %s",
+                              impl.plugin_name, job.id)

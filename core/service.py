@@ -29,6 +29,7 @@ from core.errors import (
     BackendError,
     Conflict,
     InvalidRequest,
+    MalformedBody,
     NotFound,
     StoreUnavailable,
     Unauthorized,
@@ -285,7 +286,7 @@ class Tether:
         try:
             decoded = msgspec.json.decode(body) if body.strip() else {}
         except msgspec.DecodeError as exc:
-            raise InvalidRequest(f"the callback body is not valid JSON: {exc}") from None
+            raise MalformedBody(f"the callback body is not valid JSON: {exc}") from None
         backend = self.plugins.backends.get(rec.backend)
         if backend is not None:
             try:

@@ -66,8 +66,9 @@ class Hit:
 @dataclass
 class Receiver:
     """Records every request. `respond(hit)` decides the answer (status, body);
-    with `callback` set, each trigger is followed by a POST of that body to the
-    callback URL it carried, from another thread, as a real external system would."""
+    with `callback` set (a body, or a function of the hit returning one or None),
+    each trigger is followed by a POST of that body to the callback URL it
+    carried, from another thread, as a real external system would."""
 
     respond: Callable[[Hit], tuple[int, Any]] = lambda hit: (202, {"accepted": True})
     callback: Any = None
@@ -101,8 +102,9 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
-            if receiver.callback is not None and isinstance(body, dict) and "callback_url" in body:
-                threading.Thread(target=_call_back, args=(receiver, body["callback_url"]),
+            answer = receiver.callback(hit) if callable(receiver.callback) else receiver.callback
+            if answer is not None and isinstance(body, dict) and "callback_url" in body:
+                threading.Thread(target=_call_back, args=(receiver, body["callback_url"], answer),
                                  daemon=True).start()
 
         do_GET = do_POST = _handle
@@ -116,10 +118,10 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
     return server
 
 
-def _call_back(receiver: Receiver, url: str) -> None:
+def _call_back(receiver: Receiver, url: str, answer: Any) -> None:
     for _ in range(50):  # retried as a real external system would
         try:
-            status = httpx.post(url, json=receiver.callback, timeout=5, trust_env=False).status_code
+            status = httpx.post(url, json=answer, timeout=5, trust_env=False).status_code
             receiver.callback_answers.append(status)
             if status < 500:
                 return

@@ -1,0 +1,65 @@
+"""Run the real `tether serve` as a child process, for tests that need one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import free_port
+
+
+class TetherProcess:
+    """`tether serve` on 127.0.0.1; `env` adds TETHER_* settings. Output goes to
+    `log` so a test can read what the service logged."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"tether-{self.port}.log"
+        self.env = {**os.environ, "TETHER_PORT": str(self.port), "TETHER_PUBLIC_URL": self.url,
+                    "TETHER_CALLBACK_SECRET": "process-secret", "TETHER_WATCHDOG_INTERVAL": "0.2",
+                    "TETHER_TRIGGER_BACKOFF": "0.1", **(env or {})}
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: float = 30) -> TetherProcess:
+        exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([exe, "serve", *self.args], env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=self.env.get("CWD"))
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tether serve exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text())
+            try:
+                if httpx.get(self.url + "/health", timeout=1, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("tether serve did not become healthy:\n" + self.log.read_text())
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, wait: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(wait)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, trust_env=False, timeout=10, **kwargs)

@@ -1,0 +1,217 @@
+"""Every row of DESIGN.md's callback table, over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any
+
+import pytest
+
+from core.tokens import CallbackSigner
+from tests.conftest import Service, eventually
+
+
+async def started(svc: Service, receiver: Any, job_id: str = "cb", **params: Any) -> str:
+    """Start a webhook job and return its callback path (with token)."""
+    await svc.client.post("/jobs", json={"id": job_id, "backend": "http_webhook",
+                                         "params": {"url": receiver.url(), **params}})
+    await svc.wait_state(job_id, "running")
+    [hit] = [h for h in receiver.hits if h.body["job_id"] == job_id]
+    return str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
+
+
+async def test_first_settle_is_accepted(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    response = await svc.client.post(path, json={"status": "succeeded", "result": [1, 2]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["outcome"] == "accepted"
+    assert body["job"]["state"] == "succeeded"
+    assert body["job"]["result"] == [1, 2]
+
+
+async def test_status_defaults_to_succeeded_and_an_empty_body_is_a_success(start_service,
+                                                                           receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    response = await svc.client.post(path, content=b"")
+    assert response.status_code == 200
+    assert response.json()["job"]["state"] == "succeeded"
+
+
+async def test_the_same_outcome_again_is_a_duplicate_and_changes_nothing(start_service,
+                                                                         receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    body = {"status": "succeeded", "result": {"n": 1}}
+    await svc.client.post(path, json=body)
+    before = await svc.wait_state("cb", "succeeded")
+    again = await svc.client.post(path, json=body)
+    assert again.status_code == 200
+    assert again.json()["outcome"] == "duplicate"
+    assert await svc.job("cb") == before
+
+
+async def test_a_different_outcome_after_settle_is_a_conflict(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    await svc.client.post(path, json={"status": "succeeded", "result": 1})
+    before = await svc.wait_state("cb", "succeeded")
+    for other in ({"status": "failed", "error": {"message": "no"}},
+                  {"status": "succeeded", "result": 2}):
+        response = await svc.client.post(path, json=other)
+        assert response.status_code == 409
+        assert response.json()["outcome"] == "conflict"
+        assert response.json()["error"]["code"] == "conflict"
+    assert await svc.job("cb") == before
+
+
+async def test_after_cancel_the_callback_is_gone(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    assert (await svc.client.post("/jobs/cb/cancel")).status_code == 200
+    response = await svc.client.post(path, json={"status": "succeeded"})
+    assert response.status_code == 410
+    assert response.json()["outcome"] == "gone"
+    assert (await svc.job("cb"))["state"] == "canceled"
+
+
+async def test_after_timeout_the_callback_is_gone(start_service, receiver):
+    svc = await start_service()
+    await svc.client.post("/jobs", json={"id": "cb", "backend": "http_webhook", "timeout": 0.3,
+                                         "params": {"url": receiver.url()}})
+    await svc.wait_state("cb", "timed_out")
+    [hit] = receiver.hits
+    path = str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
+    response = await svc.client.post(path, json={"status": "succeeded"})
+    assert response.status_code == 410
+    assert (await svc.job("cb"))["state"] == "timed_out"
+
+
+async def test_an_unknown_promise_is_404(start_service):
+    svc = await start_service()
+    signer = CallbackSigner(svc.settings.callback_secret, svc.settings.base_url)
+    for promise_id in ("nope:1", "nope", "x:2"):
+        url = signer.url(promise_id).removeprefix(svc.settings.base_url)
+        response = await svc.client.post(url, json={"status": "succeeded"})
+        assert response.status_code == 404, promise_id
+
+
+async def test_missing_or_wrong_tokens_are_401_without_a_hint(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    base = path.split("?")[0]
+    other = await started(svc, receiver, "other")
+    other_token = other.split("token=")[1]
+    answers = [
+        await svc.client.post(base, json={}),
+        await svc.client.post(base + "?token=forged", json={}),
+        await svc.client.post(f"{base}?token={other_token}", json={}),
+        await svc.client.post(base, json={}, headers={"authorization": "Bearer forged"}),
+        await svc.client.post("/callbacks/nope%3A1?token=forged", json={}),
+    ]
+    assert {r.status_code for r in answers} == {401}
+    assert len({r.text for r in answers}) == 1  # unknown and known promises look alike
+    assert (await svc.job("cb"))["state"] == "running"
+
+
+async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    base, token = path.split("?token=")
+    response = await svc.client.post(base, json={"status": "succeeded"},
+                                     headers={"authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"{not json", 400),
+    (b"\xff\xfe", 400),
+    (b'{"status": "maybe"}', 422),
+    (b'{"status": "failed", "error": {"type": "x"}}', 422),
+    (b'{"status": "succeeded", "surprise": 1}', 422),
+    (b'[1, 2]', 422),
+])
+async def test_a_malformed_body_is_refused_and_changes_nothing(start_service, receiver, body,
+                                                               status):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    response = await svc.client.post(path, content=body,
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+    assert (await svc.job("cb"))["state"] == "running"
+    ok = await svc.client.post(path, json={"status": "succeeded"})
+    assert ok.json()["outcome"] == "accepted"
+
+
+async def test_a_body_shaped_like_a_pickled_rejection_is_plain_data(start_service, receiver,
+                                                                    monkeypatch):
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (exec, ("raise SystemExit('pwned')",))
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pickle.loads was reached")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    svc = await start_service()
+    path = await started(svc, receiver)
+    payload = pickle.dumps(Boom()).hex()
+    response = await svc.client.post(path, json={
+        "status": "failed",
+        "error": {"message": "m", "type": "t", "__py_pickle": payload},
+    })
+    assert response.status_code == 200
+    job = await svc.wait_state("cb", "failed")
+    assert job["error"] == {"message": "m", "type": "t"}
+
+
+async def test_a_callback_racing_a_cancel_settles_once(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    callback, cancel = await asyncio.gather(
+        svc.client.post(path, json={"status": "succeeded"}),
+        svc.client.post("/jobs/cb/cancel"),
+    )
+    job = await svc.job("cb")
+    if job["state"] == "succeeded":
+        assert (callback.status_code, cancel.status_code) == (200, 409)
+    else:
+        assert job["state"] == "canceled"
+        assert (callback.status_code, cancel.status_code) == (410, 200)
+
+
+async def test_many_concurrent_identical_callbacks_accept_once(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    answers = await asyncio.gather(*(svc.client.post(path, json={"status": "succeeded"})
+                                     for _ in range(20)))
+    outcomes = sorted(r.json()["outcome"] for r in answers)
+    assert outcomes == ["accepted"] + ["duplicate"] * 19
+
+
+async def test_a_callback_that_arrives_before_the_trigger_returns_is_kept(start_service,
+                                                                          receiver):
+    import httpx
+
+    def respond(hit: Any) -> tuple[int, Any]:
+        # the external system reports success before it even answers the trigger
+        httpx.post(hit.body["callback_url"], json={"status": "succeeded", "result": "early"},
+                   trust_env=False)
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start_service()
+    await svc.client.post("/jobs", json={"id": "e", "backend": "http_webhook",
+                                         "params": {"url": receiver.url()}})
+    job = await svc.wait_state("e", "succeeded")
+    assert job["result"] == "early"
+
+    async def external_recorded() -> Any:
+        return (await svc.job("e"))["external"]
+
+    assert await eventually(external_recorded) == {"status_code": 202, "response": {}}
+    assert (await svc.job("e"))["state"] == "succeeded"

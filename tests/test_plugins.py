@@ -1,0 +1,283 @@
+"""The plugin contract: discovery, validation, every hook exercised, docs in step."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pluggy
+import pytest
+
+from core import hookspecs
+from core.hookspecs import Backend, TetherHookSpecs
+from core.plugin import Outcome, hookimpl
+from core.plugins import Plugins, make_plugin_manager
+from tests.conftest import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "tether_echo"
+
+
+@pytest.fixture
+def echo() -> Any:
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        yield importlib.import_module("tether_echo")
+    finally:
+        sys.path.remove(str(EXAMPLE))
+        sys.modules.pop("tether_echo", None)
+
+
+class Params(msgspec.Struct):
+    pass
+
+
+def backend_named(name: str) -> Backend:
+    cls = type("B", (Backend,), {"name": name, "params_type": Params})
+    return cls()  # type: ignore[no-any-return]
+
+
+class Offers:
+    def __init__(self, *backends: Any) -> None:
+        self.backends = backends
+
+    @hookimpl
+    def tether_backends(self) -> Any:
+        return self.backends
+
+
+# ── discovery and validation ─────────────────────────────────────────────────
+
+
+def test_hook_tether_backends_two_plugins_with_one_backend_name_fail_naming_both():
+    first, second = Offers(backend_named("dup")), Offers(backend_named("dup"))
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(first, name="team-a-plugin")
+    pm.register(second, name="team-b-plugin")
+    with pytest.raises(ValueError, match="'dup'.*'team-a-plugin'.*'team-b-plugin'"):
+        Plugins(pm)
+
+
+def test_hook_tether_backends_a_plugin_clashing_with_a_builtin_fails():
+    pm = make_plugin_manager(entry_points=False, extra=[Offers(backend_named("http_webhook"))])
+    with pytest.raises(ValueError, match="http_webhook"):
+        Plugins(pm)
+
+
+def test_hook_tether_backends_must_return_backends():
+    pm = make_plugin_manager(entry_points=False, extra=[Offers("not a backend")])
+    with pytest.raises(TypeError, match="not a core.plugin.Backend"):
+        Plugins(pm)
+
+
+def test_a_hookimpl_matching_no_spec_fails_at_start_up():
+    class Misspelt:
+        @hookimpl
+        def tether_backend(self) -> list[Backend]:  # missing "s"
+            return []
+
+    with pytest.raises(pluggy.PluginValidationError, match="tether_backend"):
+        make_plugin_manager(entry_points=False, extra=[Misspelt()])
+
+
+def test_a_fresh_manager_has_only_the_builtins():
+    assert sorted(Plugins(make_plugin_manager(entry_points=False)).backends) == ["http_webhook"]
+    assert Plugins(make_plugin_manager(builtins=False, entry_points=False)).backends == {}
+
+
+def test_a_plugin_is_found_through_the_tether_entry_point_group(tmp_path, monkeypatch, echo):
+    dist = tmp_path / "tether_echo-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tether-echo\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[tether]\necho = tether_echo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    plugins = Plugins(make_plugin_manager())
+    assert sorted(plugins.backends) == ["echo", "http_webhook"]
+    assert type(plugins.backends["echo"]).__module__ == "tether_echo"
+
+
+# ── each hook and backend method, through the running service ────────────────
+
+
+async def test_hook_trigger_and_parse_callback_of_the_example_plugin(start_service, echo):
+    svc = await start_service(plugins=[echo])
+    response = await svc.client.post("/jobs", json={"id": "e", "backend": "echo",
+                                                    "params": {"message": "hi"}})
+    assert response.status_code == 201
+    job = await svc.wait_state("e", "running")
+    assert job["external"] == {"echoed": "hi"}
+    bad = await svc.client.post("/jobs", json={"backend": "echo", "params": {"msg": "hi"}})
+    assert bad.status_code == 422
+    assert "unknown field `msg` - at `params`" in bad.json()["error"]["message"]
+
+    path = svc.tether.signer.url("e:1").removeprefix(svc.settings.base_url)
+    native = await svc.client.post(path, json={"echo_done": "bye"})
+    assert native.json()["outcome"] == "accepted"
+    assert (await svc.job("e"))["result"] == "bye"
+
+
+async def test_hook_parse_callback_errors_become_422(start_service):
+    class Strict(Backend):
+        name = "strict"
+        params_type = Params
+
+        async def trigger(self, trigger: Any) -> dict[str, Any]:
+            return {}
+
+        def parse_callback(self, job: Any, body: Any) -> Outcome | None:
+            if "native" in body:
+                raise ValueError("native body lacks 'state'")
+            return None
+
+    svc = await start_service(plugins=[Offers(Strict())])
+    await svc.client.post("/jobs", json={"id": "s", "backend": "strict"})
+    await svc.wait_state("s", "running")
+    path = svc.tether.signer.url("s:1").removeprefix(svc.settings.base_url)
+    response = await svc.client.post(path, json={"native": 1})
+    assert response.status_code == 422
+    assert "lacks 'state'" in response.json()["error"]["message"]
+    assert (await svc.job("s"))["state"] == "running"
+
+
+async def test_hook_tether_job_finished_sees_every_final_job(start_service, receiver):
+    seen: list[tuple[str, str]] = []
+
+    class Observer:
+        @hookimpl
+        def tether_job_finished(self, job: Any) -> None:
+            seen.append((job.id, job.state))
+
+    class Broken:
+        @hookimpl
+        def tether_job_finished(self, job: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/hook" else None
+    svc = await start_service(plugins=[Observer(), Broken()])
+    await svc.client.post("/jobs", json={"id": "a", "backend": "http_webhook",
+                                         "params": {"url": receiver.url()}})
+    await svc.client.post("/jobs", json={"id": "b", "backend": "http_webhook", "timeout": 0.3,
+                                         "params": {"url": receiver.url("/silent")}})
+    await eventually(lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out")])
+    assert (await svc.job("a"))["state"] == "succeeded"
+
+
+async def test_hook_cancel_failing_leaves_the_job_canceled(start_service):
+    calls: list[str] = []
+
+    class Stubborn(Backend):
+        name = "stubborn"
+        params_type = Params
+
+        async def trigger(self, trigger: Any) -> dict[str, Any]:
+            return {"run": 1}
+
+        async def cancel(self, job: Any) -> None:
+            calls.append(job.id)
+            raise RuntimeError("the external system refused")
+
+    svc = await start_service(plugins=[Offers(Stubborn())])
+    await svc.client.post("/jobs", json={"id": "s", "backend": "stubborn"})
+    await svc.wait_state("s", "running")
+    assert (await svc.client.post("/jobs/s/cancel")).status_code == 200
+    await eventually(lambda: calls == ["s"])
+    assert (await svc.job("s"))["state"] == "canceled"
+
+
+async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start_service,
+                                                                           receiver):
+    states = iter(["running", "running"])
+
+    def respond(hit: Any) -> tuple[int, Any]:
+        if hit.path == "/status":
+            state = next(states, "succeeded")
+            return 200, {"status": state, "result": {"found": "by polling"}}
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start_service()
+    await svc.client.post("/jobs", json={"id": "lost", "backend": "http_webhook", "params": {
+        "url": receiver.url(), "status_url": receiver.url("/status"), "status_interval": 0.1}})
+    job = await svc.wait_state("lost", "succeeded")
+    assert job["result"] == {"found": "by polling"}
+    assert len(receiver.on("/status")) == 3
+
+
+async def test_hook_check_status_errors_are_retried_later(start_service):
+    answers: list[Any] = [RuntimeError("flaky"), None, Outcome(status="failed", error=None)]
+
+    class Flaky(Backend):
+        name = "flaky"
+        params_type = Params
+
+        def check_interval(self, params: Any) -> float:
+            return 0.1
+
+        async def trigger(self, trigger: Any) -> dict[str, Any]:
+            return {}
+
+        async def check_status(self, job: Any) -> Outcome | None:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer  # type: ignore[no-any-return]
+
+    svc = await start_service(plugins=[Offers(Flaky())])
+    await svc.client.post("/jobs", json={"id": "f", "backend": "flaky"})
+    job = await svc.wait_state("f", "failed")
+    assert answers == []
+    assert job["error"] is None or job["error"]["message"]
+
+
+# ── meta: every hook documented and tested, docs in step with code ───────────
+
+
+def contract_names() -> list[str]:
+    hooks = [n for n, _ in inspect.getmembers(TetherHookSpecs, inspect.isfunction)]
+    methods = [n for n, _ in inspect.getmembers(Backend, inspect.isfunction)
+               if not n.startswith("_")]
+    return hooks + methods
+
+
+def test_every_hook_and_backend_method_is_documented():
+    for name in contract_names():
+        obj = getattr(TetherHookSpecs, name, None) or getattr(Backend, name)
+        doc = inspect.getdoc(obj) or ""
+        assert len(doc) > 80, f"{name} needs a docstring saying when it runs and what it returns"
+    for attribute in ("name", "params_type"):
+        assert f"    {attribute}: ClassVar" in inspect.getsource(Backend)
+
+
+def test_every_hook_and_backend_method_has_a_test():
+    tests = set()
+    for path in Path(__file__).parent.rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        tests |= {n.name for n in ast.walk(tree)
+                  if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    for name in contract_names():
+        assert any(t.startswith(f"test_hook_{name}") or
+                   re.match(rf"test_hook_.*_and_{name}", t) for t in tests), \
+            f"no test_hook_{name}... test"
+
+
+def test_the_readme_and_plugin_docs_show_the_tested_example_plugin():
+    source = (EXAMPLE / "tether_echo.py").read_text()
+    body = source.split('"""', 2)[2].strip()
+    for doc in ((ROOT / "README.md").read_text(), inspect.getdoc(importlib.import_module(
+            "core.plugin")) or ""):
+        blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+        assert body in [b.strip() for b in blocks], "the example plugin in the docs drifted"
+
+
+def test_the_docs_list_every_hook():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    for name in contract_names():
+        assert f"`{name}" in docs, f"docs/plugins.md does not mention {name}"
+    assert hookspecs.PROJECT == "tether"

@@ -1,0 +1,60 @@
+"""The real `tether serve` process, driven over HTTP."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.process import TetherProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] == state:
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} is {job['state']}, not {state}")
+
+
+def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
+    receiver.callback = {"status": "succeeded", "result": {"ok": True}}
+    service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://"}).start()
+    try:
+        with service.client() as client:
+            response = client.post("/jobs", json={"id": "e2e", "backend": "http_webhook",
+                                                  "params": {"url": receiver.url()}})
+            assert response.status_code == 201
+            job = wait_for(client, "e2e", "succeeded")
+            assert job["result"] == {"ok": True}
+            assert client.get("/schema/openapi.json").status_code == 200
+    finally:
+        assert service.terminate() in (0, -15)  # uvicorn re-raises SIGTERM after draining
+    log = service.log.read_text()
+    assert "Application shutdown complete" in log
+    assert "job e2e finished: succeeded" in log
+    assert "process-secret" not in log
+    assert "token=" not in log
+
+
+def test_an_installed_plugin_is_served_without_changing_tether(tmp_path):
+    site = tmp_path / "site"
+    dist = site / "tether_echo-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tether-echo\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[tether]\necho = tether_echo\n")
+    (site / "tether_echo.py").write_text((ROOT / "examples/tether_echo/tether_echo.py").read_text())
+    service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://", "PYTHONPATH": str(site)})
+    service.start()
+    try:
+        with service.client() as client:
+            assert client.get("/health").json()["backends"] == ["echo", "http_webhook"]
+            client.post("/jobs", json={"id": "x", "backend": "echo", "params": {"message": "m"}})
+            assert wait_for(client, "x", "running")["external"] == {"echoed": "m"}
+    finally:
+        service.kill()
