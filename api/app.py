@@ -19,11 +19,12 @@ from core.service import Tether
 from core.settings import Settings, get_settings
 from core.store import open_store
 
-
 QUIET_LOGGERS = ("resonate", "httpx", "httpcore")
 
 
-def create_app(settings: Settings | None = None, pm: pluggy.PluginManager | None = None) -> Litestar:
+def create_app(
+    settings: Settings | None = None, pm: pluggy.PluginManager | None = None
+) -> Litestar:
     """The app; the store opens and the worker starts in its lifespan."""
     settings = settings or get_settings()
     plugins = Plugins(pm or make_plugin_manager())

@@ -11,14 +11,16 @@ from core.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tether", description="Run jobs on external systems"
-                                     " and wait for them durably.")
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Run jobs on external systems and wait for them durably."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and a worker")
     serve.add_argument("--host", help="interface to listen on (TETHER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (TETHER_PORT, default 8000)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes sharing the store (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the store (default 1)"
+    )
     args = parser.parse_args(argv)
 
     if args.host:
@@ -30,13 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     import uvicorn
 
-    uvicorn.run("api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers, log_level=settings.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        "api.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

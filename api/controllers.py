@@ -21,7 +21,9 @@ def tether(request: Request[Any, Any, Any]) -> Tether:
     return request.app.state.tether  # type: ignore[no-any-return]
 
 
-def require_api_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def require_api_token(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`."""
     expected = connection.app.state.tether.settings.api_token
     if not expected:
@@ -37,7 +39,9 @@ class JobController(Controller):
     tags = ["jobs"]  # noqa: RUF012
 
     @post("/", status_code=201)
-    async def create(self, request: Request[Any, Any, Any], data: JSONBody[JobRequest]) -> Response[Job]:
+    async def create(
+        self, request: Request[Any, Any, Any], data: JSONBody[JobRequest]
+    ) -> Response[Job]:
         """Start a job. 201 when new; 200 when the same id came with the same
         request before (nothing is triggered again); 409 for the same id with a
         different request; 422 for an unknown backend or bad params."""

@@ -33,8 +33,14 @@ STATUS: dict[type[TetherError], int] = {  # most specific first
     StoreUnavailable: 503,
 }
 
-HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found",
-              405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -49,8 +55,9 @@ class ErrorResponse(msgspec.Struct, frozen=True):
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response[Any]:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return Response(ErrorResponse(ErrorBody(code, message, details)), status_code=status,
-                    headers=headers)
+    return Response(
+        ErrorResponse(ErrorBody(code, message, details)), status_code=status, headers=headers
+    )
 
 
 def tether_error(_: Request[Any, Any, Any], exc: TetherError) -> Response[Any]:
@@ -73,8 +80,9 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path,
-              exc_info=exc)
+    log.error(
+        "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc
+    )
     return error_response(500, "internal", "internal error; the service log has the details")
 
 

@@ -62,8 +62,14 @@ class BackendError(Exception):
     put a credential in the message: it ends up in the job record.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable

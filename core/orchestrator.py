@@ -60,8 +60,10 @@ async def job_workflow(ctx: Context, job_id: str, deadline_ms: int) -> dict[str,
     p = ctx.promise(timeout=timedelta(milliseconds=wait_ms))
     promise_id = await p.id()
     if promise_id != callback_promise_id(job_id):
-        raise RuntimeError(f"workflow {WORKFLOW} v{VERSION} expected its promise to be "
-                           f"{callback_promise_id(job_id)!r}, got {promise_id!r}")
+        raise RuntimeError(
+            f"workflow {WORKFLOW} v{VERSION} expected its promise to be "
+            f"{callback_promise_id(job_id)!r}, got {promise_id!r}"
+        )
     await ctx.run(trigger_step, job_id, promise_id)
     try:
         value = await p

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pluggy
@@ -49,10 +49,12 @@ class Plugins:
         self.backends: dict[str, Backend] = {}
         owners: dict[str, str] = {}
         for impl in pm.hook.tether_backends.get_hookimpls():
-            for backend in impl.function() or ():
+            offered = cast("Iterable[Any]", impl.function() or ())
+            for backend in offered:
                 if not isinstance(backend, Backend):
                     raise TypeError(
-                        f"plugin {impl.plugin_name!r} offered {backend!r}, not a core.plugin.Backend"
+                        f"plugin {impl.plugin_name!r} offered {backend!r},"
+                        " not a core.plugin.Backend"
                     )
                 if backend.name in owners:
                     raise ValueError(
@@ -93,5 +95,6 @@ class Plugins:
             try:
                 impl.function(**{name: job for name in impl.argnames})
             except Exception:
-                log.exception("plugin %r failed in tether_job_finished for job %s",
-                              impl.plugin_name, job.id)
+                log.exception(
+                    "plugin %r failed in tether_job_finished for job %s", impl.plugin_name, job.id
+                )

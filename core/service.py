@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import logging
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
-from resonate.resonate import Resonate
 from resonate.error import ServerError
+from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
 from resonate_base import ConnectorError
 
@@ -66,23 +67,35 @@ class CallbackResult(msgspec.Struct, frozen=True):
     message: str = ""
 
 
-def _ms_to_dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def view(rec: JobRecord) -> Job:
     """The job as clients see it."""
     return Job(
-        id=rec.id, backend=rec.backend, state=rec.state,  # type: ignore[arg-type]
-        params=rec.params, metadata=rec.metadata, timeout=rec.timeout, external=rec.external,
-        result=rec.result, error=rec.error, created_at=_ms_to_dt(rec.created_at),  # type: ignore[arg-type]
-        updated_at=_ms_to_dt(rec.updated_at), finished_at=_ms_to_dt(rec.finished_at),  # type: ignore[arg-type]
+        id=rec.id,
+        backend=rec.backend,
+        state=rec.state,
+        params=rec.params,
+        metadata=rec.metadata,
+        timeout=rec.timeout,
+        external=rec.external,
+        result=rec.result,
+        error=rec.error,
+        created_at=_dt(rec.created_at),
+        updated_at=_dt(rec.updated_at),
+        finished_at=None if rec.finished_at is None else _dt(rec.finished_at),
     )
 
 
 def _fingerprint(req: JobRequest) -> str:
-    body = {"backend": req.backend, "params": req.params, "timeout": req.timeout,
-            "metadata": req.metadata}
+    body = {
+        "backend": req.backend,
+        "params": req.params,
+        "timeout": req.timeout,
+        "metadata": req.metadata,
+    }
     return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
 
 
@@ -91,7 +104,9 @@ def _outcome_of(value: Any) -> Outcome:
     try:
         return msgspec.convert(value, Outcome)
     except (msgspec.ValidationError, TypeError):
-        return Outcome(status="failed", error=ErrorInfo(message="unreadable outcome", type="tether"))
+        return Outcome(
+            status="failed", error=ErrorInfo(message="unreadable outcome", type="tether")
+        )
 
 
 def _outcome_of_record(rec: JobRecord) -> Outcome:
@@ -118,10 +133,12 @@ class Tether:
     async def start(self) -> None:
         """Join the store as a worker and start the watchdog. Needs a running loop."""
         conn = self.store.connection
-        r = Resonate(network=conn, group=self.settings.group, pid=self.pid,
-                     subscription_refresh_secs=0)
-        r.register(orchestrator.job_workflow, name=orchestrator.WORKFLOW,
-                   version=orchestrator.VERSION)
+        r = Resonate(
+            network=conn, group=self.settings.group, pid=self.pid, subscription_refresh_secs=0
+        )
+        r.register(
+            orchestrator.job_workflow, name=orchestrator.WORKFLOW, version=orchestrator.VERSION
+        )
         r.with_dependency(self)
         self.resonate = r
         self._target = conn.resolve_target(self.settings.group)
@@ -160,10 +177,16 @@ class Tether:
             )
         now = now_ms()
         rec = JobRecord(
-            id=req.id or uuid.uuid4().hex, backend=req.backend, state="pending",
-            params=req.params, metadata=req.metadata, timeout=timeout,
-            fingerprint=_fingerprint(req), deadline=now + int(timeout * 1000),
-            created_at=now, updated_at=now,
+            id=req.id or uuid.uuid4().hex,
+            backend=req.backend,
+            state="pending",
+            params=req.params,
+            metadata=req.metadata,
+            timeout=timeout,
+            fingerprint=_fingerprint(req),
+            deadline=now + int(timeout * 1000),
+            created_at=now,
+            updated_at=now,
         )
         stored, created = await self._store_call(self.jobs.insert(rec))
         if not created and stored.fingerprint != rec.fingerprint:
@@ -200,8 +223,9 @@ class Tether:
         if rec is None:
             raise NotFound(f"no job {job_id!r}")
         if not rec.finished:
-            outcome = Outcome(status="canceled",
-                              error=ErrorInfo(message="canceled by request", type="canceled"))
+            outcome = Outcome(
+                status="canceled", error=ErrorInfo(message="canceled by request", type="canceled")
+            )
             result, rec = await self.settle(job_id, outcome, by="cancel")
             if result == "accepted":
                 log.info("job %s canceled", job_id)
@@ -234,7 +258,9 @@ class Tether:
 
     # ── settling ─────────────────────────────────────────────────────────────
 
-    async def settle(self, job_id: str, outcome: Outcome, by: str) -> tuple[SettleResult, JobRecord]:
+    async def settle(
+        self, job_id: str, outcome: Outcome, by: str
+    ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
         Settles the job's callback promise with a value Tether builds (never a
@@ -248,7 +274,9 @@ class Tether:
         value = {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
         for _ in range(50):
             try:
-                record = await self._store_call(self.r.promises.resolve(promise_id, Value(data=value)))
+                record = await self._store_call(
+                    self.r.promises.resolve(promise_id, Value(data=value))
+                )
                 break
             except ServerError as exc:
                 if exc.code != 404:
@@ -309,12 +337,24 @@ class Tether:
         """Create the job's root promise; the store hands its task to a worker.
         Creating an existing root promise changes nothing, so this is safe to
         repeat (a reattach after a crash between index and promise)."""
-        data = TaskData(func=orchestrator.WORKFLOW, args=[rec.id, rec.deadline], kwargs={},
-                        version=orchestrator.VERSION)
-        tags = {"resonate:origin": rec.id, "resonate:branch": rec.id, "resonate:parent": rec.id,
-                "resonate:scope": "global", "resonate:target": self._target}
-        await self._store_call(self.r.promises.create(
-            rec.id, rec.deadline + orchestrator.ROOT_GRACE_MS, Value(data=data), tags))
+        data = TaskData(
+            func=orchestrator.WORKFLOW,
+            args=(rec.id, rec.deadline),
+            kwargs={},
+            version=orchestrator.VERSION,
+        )
+        tags = {
+            "resonate:origin": rec.id,
+            "resonate:branch": rec.id,
+            "resonate:parent": rec.id,
+            "resonate:scope": "global",
+            "resonate:target": self._target,
+        }
+        await self._store_call(
+            self.r.promises.create(
+                rec.id, rec.deadline + orchestrator.ROOT_GRACE_MS, Value(data=data), tags
+            )
+        )
 
     async def trigger(self, job_id: str, promise_id: str) -> None:
         """The trigger step: start the external job through its backend, unless
@@ -349,9 +389,13 @@ class Tether:
             params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError as exc:
             raise BackendError(f"invalid params: {exc}", code="invalid_params") from None
-        trigger = Trigger(job=view(rec), params=params, promise_id=promise_id,
-                          callback_url=self.signer.url(promise_id),
-                          idempotency_key=idempotency_key(promise_id))
+        trigger = Trigger(
+            job=view(rec),
+            params=params,
+            promise_id=promise_id,
+            callback_url=self.signer.url(promise_id),
+            idempotency_key=idempotency_key(promise_id),
+        )
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -367,8 +411,14 @@ class Tether:
                 if attempt == attempts:
                     raise BackendError(f"{type(exc).__name__}: {exc}", code="trigger") from None
                 wait, reason = delay, f"{type(exc).__name__}"
-            log.warning("job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
-                        rec.id, attempt, attempts, reason, wait)
+            log.warning(
+                "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
+                rec.id,
+                attempt,
+                attempts,
+                reason,
+                wait,
+            )
             await asyncio.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable")
@@ -384,8 +434,11 @@ class Tether:
             try:
                 await backend.cancel(view(rec))
             except Exception as exc:
-                log.warning("job %s: cancelling the external run failed: %s", job_id,
-                            getattr(exc, "message", type(exc).__name__))
+                log.warning(
+                    "job %s: cancelling the external run failed: %s",
+                    job_id,
+                    getattr(exc, "message", type(exc).__name__),
+                )
         log.info("job %s finished: %s", job_id, rec.state)
         self.plugins.job_finished(view(rec))
 
@@ -419,8 +472,12 @@ class Tether:
 
     async def _look_at(self, rec: JobRecord, now: int) -> None:
         if rec.deadline <= now:
-            outcome = Outcome(status="timed_out", error=ErrorInfo(
-                message=f"no callback within {rec.timeout:g} seconds", type="timeout"))
+            outcome = Outcome(
+                status="timed_out",
+                error=ErrorInfo(
+                    message=f"no callback within {rec.timeout:g} seconds", type="timeout"
+                ),
+            )
             result, _ = await self.settle(rec.id, outcome, by="timeout")
             if result == "accepted":
                 log.info("job %s timed out", rec.id)
@@ -433,11 +490,11 @@ class Tether:
         delay = int(min(10 * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        outcome = await backend.check_status(view(rec))
-        if outcome is not None:
-            result, _ = await self.settle(rec.id, outcome, by="status_check")
+        found = await backend.check_status(view(rec))
+        if found is not None:
+            result, _ = await self.settle(rec.id, found, by="status_check")
             if result == "accepted":
-                log.info("job %s %s (found by status check)", rec.id, outcome.status)
+                log.info("job %s %s (found by status check)", rec.id, found.status)
 
     def _check_interval(self, rec: JobRecord) -> float | None:
         backend = self.plugins.backends.get(rec.backend)
@@ -448,10 +505,10 @@ class Tether:
         except msgspec.ValidationError:
             return None
 
-    async def _store_call[T](self, awaitable: Any) -> T:
+    async def _store_call[T](self, awaitable: Awaitable[T]) -> T:
         """Await a store operation; a store that fails becomes `StoreUnavailable`."""
         try:
-            return await awaitable  # type: ignore[no-any-return]
+            return await awaitable
         except (ConnectorError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
 
@@ -467,5 +524,6 @@ def _decode_cursor(cursor: str) -> int:
             raise ValueError
         return int(raw[1:])
     except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest("invalid cursor: pass back a next_cursor unchanged",
-                             {"field": "cursor"}) from None
+        raise InvalidRequest(
+            "invalid cursor: pass back a next_cursor unchanged", {"field": "cursor"}
+        ) from None

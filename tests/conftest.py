@@ -92,8 +92,9 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode(errors="replace")
-            hit = Hit(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                      body)
+            hit = Hit(
+                self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
+            )
             receiver.hits.append(hit)
             status, answer = receiver.respond(hit)
             data = json.dumps(answer).encode()
@@ -104,8 +105,9 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
             self.wfile.write(data)
             answer = receiver.callback(hit) if callable(receiver.callback) else receiver.callback
             if answer is not None and isinstance(body, dict) and "callback_url" in body:
-                threading.Thread(target=_call_back, args=(receiver, body["callback_url"], answer),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=_call_back, args=(receiver, body["callback_url"], answer), daemon=True
+                ).start()
 
         do_GET = do_POST = _handle
 
@@ -168,8 +170,12 @@ class Service:
 def test_settings(**overrides: Any) -> Settings:
     port = overrides.pop("port", None) or free_port()
     values: dict[str, Any] = {
-        "store": "memory://", "port": port, "public_url": f"http://127.0.0.1:{port}",
-        "watchdog_interval": 0.1, "trigger_backoff": 0.05, "callback_secret": "test-secret",
+        "store": "memory://",
+        "port": port,
+        "public_url": f"http://127.0.0.1:{port}",
+        "watchdog_interval": 0.1,
+        "trigger_backoff": 0.05,
+        "callback_secret": "test-secret",
     }
     values.update(overrides)
     return Settings.from_env({}, **values)
@@ -186,8 +192,9 @@ async def start_service() -> AsyncIterator[Callable[..., Any]]:
     async def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Service:
         settings = test_settings(**overrides)
         app = create_app(settings, make_plugin_manager(entry_points=False, extra=plugins))
-        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+        )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
         await eventually(lambda: server.started or task.done(), timeout=10)

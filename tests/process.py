@@ -20,27 +20,44 @@ class TetherProcess:
     """`tether serve` on 127.0.0.1; `env` adds TETHER_* settings. Output goes to
     `log` so a test can read what the service logged."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"tether-{self.port}.log"
-        self.env = {**os.environ, "TETHER_PORT": str(self.port), "TETHER_PUBLIC_URL": self.url,
-                    "TETHER_CALLBACK_SECRET": "process-secret", "TETHER_WATCHDOG_INTERVAL": "0.2",
-                    "TETHER_TRIGGER_BACKOFF": "0.1", **(env or {})}
+        self.env = {
+            **os.environ,
+            "TETHER_PORT": str(self.port),
+            "TETHER_PUBLIC_URL": self.url,
+            "TETHER_CALLBACK_SECRET": "process-secret",
+            "TETHER_WATCHDOG_INTERVAL": "0.2",
+            "TETHER_TRIGGER_BACKOFF": "0.1",
+            **(env or {}),
+        }
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: float = 30) -> TetherProcess:
         exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([exe, "serve", *self.args], env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=self.env.get("CWD"))
+            self.proc = subprocess.Popen(
+                [exe, "serve", *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.env.get("CWD"),
+            )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tether serve exited with {self.proc.returncode}:\n"
-                                   + self.log.read_text())
+                raise RuntimeError(
+                    f"tether serve exited with {self.proc.returncode}:\n" + self.log.read_text()
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1, trust_env=False).status_code == 200:
                     return self

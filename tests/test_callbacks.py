@@ -14,8 +14,10 @@ from tests.conftest import Service, eventually
 
 async def started(svc: Service, receiver: Any, job_id: str = "cb", **params: Any) -> str:
     """Start a webhook job and return its callback path (with token)."""
-    await svc.client.post("/jobs", json={"id": job_id, "backend": "http_webhook",
-                                         "params": {"url": receiver.url(), **params}})
+    await svc.client.post(
+        "/jobs",
+        json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url(), **params}},
+    )
     await svc.wait_state(job_id, "running")
     [hit] = [h for h in receiver.hits if h.body["job_id"] == job_id]
     return str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
@@ -32,8 +34,7 @@ async def test_first_settle_is_accepted(start_service, receiver):
     assert body["job"]["result"] == [1, 2]
 
 
-async def test_status_defaults_to_succeeded_and_an_empty_body_is_a_success(start_service,
-                                                                           receiver):
+async def test_status_defaults_to_succeeded_and_an_empty_body_is_a_success(start_service, receiver):
     svc = await start_service()
     path = await started(svc, receiver)
     response = await svc.client.post(path, content=b"")
@@ -41,8 +42,7 @@ async def test_status_defaults_to_succeeded_and_an_empty_body_is_a_success(start
     assert response.json()["job"]["state"] == "succeeded"
 
 
-async def test_the_same_outcome_again_is_a_duplicate_and_changes_nothing(start_service,
-                                                                         receiver):
+async def test_the_same_outcome_again_is_a_duplicate_and_changes_nothing(start_service, receiver):
     svc = await start_service()
     path = await started(svc, receiver)
     body = {"status": "succeeded", "result": {"n": 1}}
@@ -59,8 +59,10 @@ async def test_a_different_outcome_after_settle_is_a_conflict(start_service, rec
     path = await started(svc, receiver)
     await svc.client.post(path, json={"status": "succeeded", "result": 1})
     before = await svc.wait_state("cb", "succeeded")
-    for other in ({"status": "failed", "error": {"message": "no"}},
-                  {"status": "succeeded", "result": 2}):
+    for other in (
+        {"status": "failed", "error": {"message": "no"}},
+        {"status": "succeeded", "result": 2},
+    ):
         response = await svc.client.post(path, json=other)
         assert response.status_code == 409
         assert response.json()["outcome"] == "conflict"
@@ -80,8 +82,15 @@ async def test_after_cancel_the_callback_is_gone(start_service, receiver):
 
 async def test_after_timeout_the_callback_is_gone(start_service, receiver):
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "cb", "backend": "http_webhook", "timeout": 0.3,
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "cb",
+            "backend": "http_webhook",
+            "timeout": 0.3,
+            "params": {"url": receiver.url()},
+        },
+    )
     await svc.wait_state("cb", "timed_out")
     [hit] = receiver.hits
     path = str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
@@ -121,25 +130,31 @@ async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
     svc = await start_service()
     path = await started(svc, receiver)
     base, token = path.split("?token=")
-    response = await svc.client.post(base, json={"status": "succeeded"},
-                                     headers={"authorization": f"Bearer {token}"})
+    response = await svc.client.post(
+        base, json={"status": "succeeded"}, headers={"authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    (b"{not json", 400),
-    (b"\xff\xfe", 400),
-    (b'{"status": "maybe"}', 422),
-    (b'{"status": "failed", "error": {"type": "x"}}', 422),
-    (b'{"status": "succeeded", "surprise": 1}', 422),
-    (b'[1, 2]', 422),
-])
-async def test_a_malformed_body_is_refused_and_changes_nothing(start_service, receiver, body,
-                                                               status):
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (b"\xff\xfe", 400),
+        (b'{"status": "maybe"}', 422),
+        (b'{"status": "failed", "error": {"type": "x"}}', 422),
+        (b'{"status": "succeeded", "surprise": 1}', 422),
+        (b"[1, 2]", 422),
+    ],
+)
+async def test_a_malformed_body_is_refused_and_changes_nothing(
+    start_service, receiver, body, status
+):
     svc = await start_service()
     path = await started(svc, receiver)
-    response = await svc.client.post(path, content=body,
-                                     headers={"content-type": "application/json"})
+    response = await svc.client.post(
+        path, content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
     assert (await svc.job("cb"))["state"] == "running"
@@ -147,8 +162,9 @@ async def test_a_malformed_body_is_refused_and_changes_nothing(start_service, re
     assert ok.json()["outcome"] == "accepted"
 
 
-async def test_a_body_shaped_like_a_pickled_rejection_is_plain_data(start_service, receiver,
-                                                                    monkeypatch):
+async def test_a_body_shaped_like_a_pickled_rejection_is_plain_data(
+    start_service, receiver, monkeypatch
+):
     class Boom:
         def __reduce__(self) -> Any:
             return (exec, ("raise SystemExit('pwned')",))
@@ -160,10 +176,13 @@ async def test_a_body_shaped_like_a_pickled_rejection_is_plain_data(start_servic
     svc = await start_service()
     path = await started(svc, receiver)
     payload = pickle.dumps(Boom()).hex()
-    response = await svc.client.post(path, json={
-        "status": "failed",
-        "error": {"message": "m", "type": "t", "__py_pickle": payload},
-    })
+    response = await svc.client.post(
+        path,
+        json={
+            "status": "failed",
+            "error": {"message": "m", "type": "t", "__py_pickle": payload},
+        },
+    )
     assert response.status_code == 200
     job = await svc.wait_state("cb", "failed")
     assert job["error"] == {"message": "m", "type": "t"}
@@ -187,26 +206,30 @@ async def test_a_callback_racing_a_cancel_settles_once(start_service, receiver):
 async def test_many_concurrent_identical_callbacks_accept_once(start_service, receiver):
     svc = await start_service()
     path = await started(svc, receiver)
-    answers = await asyncio.gather(*(svc.client.post(path, json={"status": "succeeded"})
-                                     for _ in range(20)))
+    answers = await asyncio.gather(
+        *(svc.client.post(path, json={"status": "succeeded"}) for _ in range(20))
+    )
     outcomes = sorted(r.json()["outcome"] for r in answers)
     assert outcomes == ["accepted"] + ["duplicate"] * 19
 
 
-async def test_a_callback_that_arrives_before_the_trigger_returns_is_kept(start_service,
-                                                                          receiver):
+async def test_a_callback_that_arrives_before_the_trigger_returns_is_kept(start_service, receiver):
     import httpx
 
     def respond(hit: Any) -> tuple[int, Any]:
         # the external system reports success before it even answers the trigger
-        httpx.post(hit.body["callback_url"], json={"status": "succeeded", "result": "early"},
-                   trust_env=False)
+        httpx.post(
+            hit.body["callback_url"],
+            json={"status": "succeeded", "result": "early"},
+            trust_env=False,
+        )
         return 202, {}
 
     receiver.respond = respond
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "e", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "e", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("e", "succeeded")
     assert job["result"] == "early"
 

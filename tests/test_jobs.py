@@ -10,10 +10,15 @@ from tests.conftest import eventually
 
 async def test_a_job_is_triggered_with_everything_the_receiver_needs(start_service, receiver):
     svc = await start_service()
-    response = await svc.client.post("/jobs", json={
-        "id": "job-1", "backend": "http_webhook", "metadata": {"team": "data"},
-        "params": {"url": receiver.url(), "payload": {"table": "sales"}},
-    })
+    response = await svc.client.post(
+        "/jobs",
+        json={
+            "id": "job-1",
+            "backend": "http_webhook",
+            "metadata": {"team": "data"},
+            "params": {"url": receiver.url(), "payload": {"table": "sales"}},
+        },
+    )
     assert response.status_code == 201, response.text
     assert response.json()["state"] in ("pending", "running")
     job = await svc.wait_state("job-1", "running")
@@ -34,8 +39,9 @@ async def test_a_job_is_triggered_with_everything_the_receiver_needs(start_servi
 async def test_the_callback_finishes_the_job(start_service, receiver):
     receiver.callback = {"status": "succeeded", "result": {"rows": 42}}
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "j", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "j", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("j", "succeeded")
     assert job["result"] == {"rows": 42}
     assert job["error"] is None
@@ -46,8 +52,9 @@ async def test_the_callback_finishes_the_job(start_service, receiver):
 async def test_a_failed_callback_fails_the_job(start_service, receiver):
     receiver.callback = {"status": "failed", "error": {"message": "disk full", "type": "IOError"}}
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "j", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "j", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("j", "failed")
     assert job["error"] == {"message": "disk full", "type": "IOError"}
 
@@ -78,8 +85,11 @@ async def test_the_same_id_with_another_request_is_a_conflict(start_service, rec
     svc = await start_service()
     body = {"id": "c", "backend": "http_webhook", "params": {"url": receiver.url()}}
     await svc.client.post("/jobs", json=body)
-    for change in ({"params": {"url": receiver.url("/other")}}, {"timeout": 5},
-                   {"metadata": {"x": 1}}):
+    for change in (
+        {"params": {"url": receiver.url("/other")}},
+        {"timeout": 5},
+        {"metadata": {"x": 1}},
+    ):
         response = await svc.client.post("/jobs", json={**body, **change})
         assert response.status_code == 409, change
         assert response.json()["error"]["code"] == "conflict"
@@ -87,25 +97,39 @@ async def test_the_same_id_with_another_request_is_a_conflict(start_service, rec
     assert job["params"] == {"url": receiver.url()}
 
 
-@pytest.mark.parametrize(("body", "status", "names"), [
-    ({"backend": "nope"}, 422, ["unknown backend 'nope'", "http_webhook"]),
-    ({"backend": "http_webhook", "params": {}}, 422, ["params", "url"]),
-    ({"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}}, 422, ["url"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x", "bogus": 1}}, 422, ["bogus"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x", "timeout": "soon"}}, 422,
-     ["params.timeout"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a/b"}, 422, ["id"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a:b"}, 422, ["id"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "x" * 129}, 422, ["id"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": ""}, 422, ["id"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": -1}, 422, ["timeout"]),
-    ({"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": 1e12}, 422,
-     ["timeout"]),
-    ({"params": {}}, 400, ["backend"]),
-    ({"backend": "http_webhook", "extra": 1}, 400, ["extra"]),
-])
-async def test_bad_requests_are_refused_naming_what_is_wrong(start_service, receiver, body,
-                                                             status, names):
+@pytest.mark.parametrize(
+    ("body", "status", "names"),
+    [
+        ({"backend": "nope"}, 422, ["unknown backend 'nope'", "http_webhook"]),
+        ({"backend": "http_webhook", "params": {}}, 422, ["params", "url"]),
+        ({"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}}, 422, ["url"]),
+        ({"backend": "http_webhook", "params": {"url": "http://x", "bogus": 1}}, 422, ["bogus"]),
+        (
+            {"backend": "http_webhook", "params": {"url": "http://x", "timeout": "soon"}},
+            422,
+            ["params.timeout"],
+        ),
+        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a/b"}, 422, ["id"]),
+        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a:b"}, 422, ["id"]),
+        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "x" * 129}, 422, ["id"]),
+        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": ""}, 422, ["id"]),
+        (
+            {"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": -1},
+            422,
+            ["timeout"],
+        ),
+        (
+            {"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": 1e12},
+            422,
+            ["timeout"],
+        ),
+        ({"params": {}}, 400, ["backend"]),
+        ({"backend": "http_webhook", "extra": 1}, 400, ["extra"]),
+    ],
+)
+async def test_bad_requests_are_refused_naming_what_is_wrong(
+    start_service, receiver, body, status, names
+):
     svc = await start_service()
     response = await svc.client.post("/jobs", json=body)
     assert response.status_code == status, response.text
@@ -120,8 +144,9 @@ async def test_bad_requests_are_refused_naming_what_is_wrong(start_service, rece
 
 async def test_a_body_that_is_not_json_is_refused(start_service):
     svc = await start_service()
-    response = await svc.client.post("/jobs", content=b"{nope",
-                                     headers={"content-type": "application/json"})
+    response = await svc.client.post(
+        "/jobs", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request"
 
@@ -144,10 +169,14 @@ async def test_unknown_job_is_404(start_service):
 async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service, receiver):
     svc = await start_service()
     for i in range(5):
-        await svc.client.post("/jobs", json={"id": f"j{i}", "backend": "http_webhook",
-                                             "params": {"url": receiver.url()}})
-    await svc.client.post("/jobs", json={"id": "bad", "backend": "http_webhook",
-                                         "params": {"url": receiver.url("/fail")}})
+        await svc.client.post(
+            "/jobs",
+            json={"id": f"j{i}", "backend": "http_webhook", "params": {"url": receiver.url()}},
+        )
+    await svc.client.post(
+        "/jobs",
+        json={"id": "bad", "backend": "http_webhook", "params": {"url": receiver.url("/fail")}},
+    )
     receiver.respond = lambda hit: (400, {}) if hit.path == "/fail" else (202, {})
     await eventually(lambda: len(receiver.hits) >= 6)
 
@@ -155,8 +184,9 @@ async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service
     assert [j["id"] for j in page["items"]] == ["bad", "j4"]
     seen = [j["id"] for j in page["items"]]
     while page["next_cursor"]:
-        page = (await svc.client.get("/jobs", params={"limit": 2,
-                                                      "cursor": page["next_cursor"]})).json()
+        page = (
+            await svc.client.get("/jobs", params={"limit": 2, "cursor": page["next_cursor"]})
+        ).json()
         seen += [j["id"] for j in page["items"]]
     assert seen == ["bad", "j4", "j3", "j2", "j1", "j0"]
 
@@ -171,8 +201,14 @@ async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service
 
 async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiver):
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "k", "backend": "http_webhook", "params": {
-        "url": receiver.url(), "cancel_url": receiver.url("/cancel")}})
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "k",
+            "backend": "http_webhook",
+            "params": {"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+        },
+    )
     await svc.wait_state("k", "running")
     response = await svc.client.post("/jobs/k/cancel")
     assert response.status_code == 200
@@ -187,8 +223,14 @@ async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiv
 async def test_a_finished_job_cannot_be_canceled(start_service, receiver):
     receiver.callback = {"status": "succeeded"}
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "f", "backend": "http_webhook", "params": {
-        "url": receiver.url(), "cancel_url": receiver.url("/cancel")}})
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "f",
+            "backend": "http_webhook",
+            "params": {"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+        },
+    )
     await svc.wait_state("f", "succeeded")
     response = await svc.client.post("/jobs/f/cancel")
     assert response.status_code == 409
@@ -201,8 +243,9 @@ async def test_a_job_canceled_before_its_trigger_is_never_triggered(start_servic
     svc = await start_service()
     # a trigger that keeps failing keeps the job pending (retries), then cancel
     receiver.respond = lambda hit: (503, {})
-    await svc.client.post("/jobs", json={"id": "p", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "p", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     response = await svc.client.post("/jobs/p/cancel")
     assert response.status_code == 200
     job = await svc.wait_state("p", "canceled")
@@ -211,9 +254,15 @@ async def test_a_job_canceled_before_its_trigger_is_never_triggered(start_servic
 
 async def test_no_callback_within_the_timeout_times_the_job_out(start_service, receiver):
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "t", "backend": "http_webhook", "timeout": 0.5,
-                                         "params": {"url": receiver.url(),
-                                                    "cancel_url": receiver.url("/cancel")}})
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "t",
+            "backend": "http_webhook",
+            "timeout": 0.5,
+            "params": {"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+        },
+    )
     job = await svc.wait_state("t", "timed_out")
     assert job["error"]["type"] == "timeout"
     [hit] = await eventually(lambda: receiver.on("/cancel"))
@@ -223,8 +272,9 @@ async def test_no_callback_within_the_timeout_times_the_job_out(start_service, r
 async def test_a_trigger_refused_with_4xx_fails_the_job_at_once(start_service, receiver):
     receiver.respond = lambda hit: (403, {"error": "no"})
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "x", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("x", "failed")
     assert job["error"]["type"] == "http_403"
     assert "answered 403" in job["error"]["message"]
@@ -234,8 +284,9 @@ async def test_a_trigger_refused_with_4xx_fails_the_job_at_once(start_service, r
 async def test_a_trigger_answered_5xx_is_retried_then_fails(start_service, receiver):
     receiver.respond = lambda hit: (503, {})
     svc = await start_service(trigger_attempts=3)
-    await svc.client.post("/jobs", json={"id": "x", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("x", "failed")
     assert job["error"]["type"] == "http_503"
     assert len(receiver.hits) == 3
@@ -245,8 +296,9 @@ async def test_a_trigger_that_recovers_after_a_5xx_runs_once(start_service, rece
     answers = iter([(500, {}), (202, {"run": 7})])
     receiver.respond = lambda hit: next(answers)
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "x", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
+    await svc.client.post(
+        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
     job = await svc.wait_state("x", "running")
     assert job["external"]["response"] == {"run": 7}
     assert {h.body["idempotency_key"] for h in receiver.hits} == {"x:1"}
@@ -264,8 +316,9 @@ async def test_the_api_token_guards_jobs_but_not_callbacks_or_health(start_servi
     assert (await svc.client.get("/jobs/a", headers=good)).status_code == 200
     assert (await svc.client.get("/health")).status_code == 200
     [hit] = await eventually(lambda: receiver.hits)
-    response = await svc.client.post(hit.body["callback_url"].removeprefix(svc.settings.base_url),
-                                      json={"status": "succeeded"})
+    response = await svc.client.post(
+        hit.body["callback_url"].removeprefix(svc.settings.base_url), json={"status": "succeeded"}
+    )
     assert response.status_code == 200
 
 
@@ -276,5 +329,10 @@ async def test_health_and_openapi(start_service):
     assert health["store"] == "memory"
     assert health["backends"] == ["http_webhook"]
     schema = (await svc.client.get("/schema/openapi.json")).json()
-    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/callbacks/{promise_id}",
-            "/health"} <= set(schema["paths"])
+    assert {
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/callbacks/{promise_id}",
+        "/health",
+    } <= set(schema["paths"])

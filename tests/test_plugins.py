@@ -60,7 +60,7 @@ def test_hook_tether_backends_two_plugins_with_one_backend_name_fail_naming_both
     pm = make_plugin_manager(entry_points=False)
     pm.register(first, name="team-a-plugin")
     pm.register(second, name="team-b-plugin")
-    with pytest.raises(ValueError, match="'dup'.*'team-a-plugin'.*'team-b-plugin'"):
+    with pytest.raises(ValueError, match=r"'dup'.*'team-a-plugin'.*'team-b-plugin'"):
         Plugins(pm)
 
 
@@ -72,7 +72,7 @@ def test_hook_tether_backends_a_plugin_clashing_with_a_builtin_fails():
 
 def test_hook_tether_backends_must_return_backends():
     pm = make_plugin_manager(entry_points=False, extra=[Offers("not a backend")])
-    with pytest.raises(TypeError, match="not a core.plugin.Backend"):
+    with pytest.raises(TypeError, match=r"not a core\.plugin\.Backend"):
         Plugins(pm)
 
 
@@ -108,8 +108,9 @@ def test_a_plugin_is_found_through_the_tether_entry_point_group(tmp_path, monkey
 
 async def test_hook_trigger_and_parse_callback_of_the_example_plugin(start_service, echo):
     svc = await start_service(plugins=[echo])
-    response = await svc.client.post("/jobs", json={"id": "e", "backend": "echo",
-                                                    "params": {"message": "hi"}})
+    response = await svc.client.post(
+        "/jobs", json={"id": "e", "backend": "echo", "params": {"message": "hi"}}
+    )
     assert response.status_code == 201
     job = await svc.wait_state("e", "running")
     assert job["external"] == {"echoed": "hi"}
@@ -161,10 +162,18 @@ async def test_hook_tether_job_finished_sees_every_final_job(start_service, rece
 
     receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/hook" else None
     svc = await start_service(plugins=[Observer(), Broken()])
-    await svc.client.post("/jobs", json={"id": "a", "backend": "http_webhook",
-                                         "params": {"url": receiver.url()}})
-    await svc.client.post("/jobs", json={"id": "b", "backend": "http_webhook", "timeout": 0.3,
-                                         "params": {"url": receiver.url("/silent")}})
+    await svc.client.post(
+        "/jobs", json={"id": "a", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "b",
+            "backend": "http_webhook",
+            "timeout": 0.3,
+            "params": {"url": receiver.url("/silent")},
+        },
+    )
     await eventually(lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out")])
     assert (await svc.job("a"))["state"] == "succeeded"
 
@@ -191,8 +200,7 @@ async def test_hook_cancel_failing_leaves_the_job_canceled(start_service):
     assert (await svc.job("s"))["state"] == "canceled"
 
 
-async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start_service,
-                                                                           receiver):
+async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start_service, receiver):
     states = iter(["running", "running"])
 
     def respond(hit: Any) -> tuple[int, Any]:
@@ -203,8 +211,18 @@ async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start
 
     receiver.respond = respond
     svc = await start_service()
-    await svc.client.post("/jobs", json={"id": "lost", "backend": "http_webhook", "params": {
-        "url": receiver.url(), "status_url": receiver.url("/status"), "status_interval": 0.1}})
+    await svc.client.post(
+        "/jobs",
+        json={
+            "id": "lost",
+            "backend": "http_webhook",
+            "params": {
+                "url": receiver.url(),
+                "status_url": receiver.url("/status"),
+                "status_interval": 0.1,
+            },
+        },
+    )
     job = await svc.wait_state("lost", "succeeded")
     assert job["result"] == {"found": "by polling"}
     assert len(receiver.on("/status")) == 3
@@ -241,8 +259,9 @@ async def test_hook_check_status_errors_are_retried_later(start_service):
 
 def contract_names() -> list[str]:
     hooks = [n for n, _ in inspect.getmembers(TetherHookSpecs, inspect.isfunction)]
-    methods = [n for n, _ in inspect.getmembers(Backend, inspect.isfunction)
-               if not n.startswith("_")]
+    methods = [
+        n for n, _ in inspect.getmembers(Backend, inspect.isfunction) if not n.startswith("_")
+    ]
     return hooks + methods
 
 
@@ -259,19 +278,23 @@ def test_every_hook_and_backend_method_has_a_test():
     tests = set()
     for path in Path(__file__).parent.rglob("test_*.py"):
         tree = ast.parse(path.read_text())
-        tests |= {n.name for n in ast.walk(tree)
-                  if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+        tests |= {
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+        }
     for name in contract_names():
-        assert any(t.startswith(f"test_hook_{name}") or
-                   re.match(rf"test_hook_.*_and_{name}", t) for t in tests), \
-            f"no test_hook_{name}... test"
+        assert any(
+            t.startswith(f"test_hook_{name}") or re.match(rf"test_hook_.*_and_{name}", t)
+            for t in tests
+        ), f"no test_hook_{name}... test"
 
 
 def test_the_readme_and_plugin_docs_show_the_tested_example_plugin():
     source = (EXAMPLE / "tether_echo.py").read_text()
     body = source.split('"""', 2)[2].strip()
-    for doc in ((ROOT / "README.md").read_text(), inspect.getdoc(importlib.import_module(
-            "core.plugin")) or ""):
+    for doc in (
+        (ROOT / "README.md").read_text(),
+        inspect.getdoc(importlib.import_module("core.plugin")) or "",
+    ):
         blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
         assert body in [b.strip() for b in blocks], "the example plugin in the docs drifted"
 

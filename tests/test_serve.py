@@ -27,8 +27,10 @@ def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
     service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://"}).start()
     try:
         with service.client() as client:
-            response = client.post("/jobs", json={"id": "e2e", "backend": "http_webhook",
-                                                  "params": {"url": receiver.url()}})
+            response = client.post(
+                "/jobs",
+                json={"id": "e2e", "backend": "http_webhook", "params": {"url": receiver.url()}},
+            )
             assert response.status_code == 201
             job = wait_for(client, "e2e", "succeeded")
             assert job["result"] == {"ok": True}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from core.store import Store
 
-async def open_embedded(path: Path, settings: Settings, pid: str) -> Any:
+
+async def open_embedded(path: Path, settings: Settings, pid: str) -> Store:
     raise NotImplementedError("the embedded SQLite store is not there yet")

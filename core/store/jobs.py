@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from core.models import FINAL_STATES, OPEN_STATES, ErrorInfo, Outcome
+from core.models import FINAL_STATES, OPEN_STATES, ErrorInfo, JobState, Outcome
 
 
 def now_ms() -> int:
@@ -26,7 +26,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
 
     id: str
     backend: str
-    state: str
+    state: JobState
     params: dict[str, Any]
     metadata: dict[str, Any]
     timeout: float
@@ -172,7 +172,11 @@ class MemoryJobIndex:
             msgspec.structs.replace(rec)
             for rec in self._open.values()
             if rec.deadline <= now
-            or (rec.state == "running" and rec.next_check_at is not None and rec.next_check_at <= now)
+            or (
+                rec.state == "running"
+                and rec.next_check_at is not None
+                and rec.next_check_at <= now
+            )
         ]
         return out[:limit]
 

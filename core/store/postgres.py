@@ -35,8 +35,9 @@ class PostgresDriver:
     """Runs the job index's SQL on a psycopg pool."""
 
     def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 10.0) -> None:
-        self._pool = AsyncConnectionPool(dsn, min_size=1, max_size=max_size, timeout=timeout,
-                                         open=False)
+        self._pool = AsyncConnectionPool(
+            dsn, min_size=1, max_size=max_size, timeout=timeout, open=False
+        )
 
     async def open(self, statements: Sequence[str]) -> None:
         await self._pool.open(wait=True, timeout=self._pool.timeout)

@@ -48,16 +48,41 @@ def _json(value: Any) -> str | None:
 
 
 def _row(row: tuple[Any, ...]) -> JobRecord:
-    (job_id, seq, backend, state, params, metadata, timeout, fingerprint, deadline, created,
-     updated, external, result, error, finished, next_check) = row
+    (
+        job_id,
+        seq,
+        backend,
+        state,
+        params,
+        metadata,
+        timeout,
+        fingerprint,
+        deadline,
+        created,
+        updated,
+        external,
+        result,
+        error,
+        finished,
+        next_check,
+    ) = row
     return JobRecord(
-        id=job_id, seq=seq, backend=backend, state=state, params=_decode(params),
-        metadata=_decode(metadata), timeout=timeout, fingerprint=fingerprint,
-        deadline=deadline, created_at=created, updated_at=updated,
+        id=job_id,
+        seq=seq,
+        backend=backend,
+        state=state,
+        params=_decode(params),
+        metadata=_decode(metadata),
+        timeout=timeout,
+        fingerprint=fingerprint,
+        deadline=deadline,
+        created_at=created,
+        updated_at=updated,
         external=None if external is None else _decode(external),
         result=None if result is None else _decode(result),
         error=None if error is None else _decode(error, type=ErrorInfo),
-        finished_at=finished, next_check_at=next_check,
+        finished_at=finished,
+        next_check_at=next_check,
     )
 
 
@@ -70,8 +95,18 @@ class SqlJobIndex:
             "INSERT INTO tether_jobs (id, backend, state, params, metadata, timeout, fingerprint,"
             " deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO NOTHING",
-            (rec.id, rec.backend, rec.state, _json(rec.params), _json(rec.metadata), rec.timeout,
-             rec.fingerprint, rec.deadline, rec.created_at, rec.updated_at),
+            (
+                rec.id,
+                rec.backend,
+                rec.state,
+                _json(rec.params),
+                _json(rec.metadata),
+                rec.timeout,
+                rec.fingerprint,
+                rec.deadline,
+                rec.created_at,
+                rec.updated_at,
+            ),
         )
         stored = await self.get(rec.id)
         assert stored is not None, "a job row vanished right after its insert"
@@ -84,7 +119,8 @@ class SqlJobIndex:
     async def page(
         self, state: str | None, backend: str | None, limit: int, before_seq: int | None
     ) -> list[JobRecord]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("state", state), ("backend", backend)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -118,8 +154,15 @@ class SqlJobIndex:
         await self.db.execute(
             "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
             f" updated_at = ?, next_check_at = NULL WHERE id = ? AND state IN ({marks})",
-            (outcome.status, _json(outcome.result), _json(outcome.error), now, now, job_id,
-             *from_states),
+            (
+                outcome.status,
+                _json(outcome.result),
+                _json(outcome.error),
+                now,
+                now,
+                job_id,
+                *from_states,
+            ),
         )
         return await self.get(job_id)
 

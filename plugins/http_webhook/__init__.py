@@ -89,12 +89,17 @@ class HttpWebhook(Backend):
     async def trigger(self, trigger: Trigger) -> dict[str, Any]:
         params: WebhookParams = trigger.params
         body = {
-            "job_id": trigger.job.id, "promise_id": trigger.promise_id,
-            "callback_url": trigger.callback_url, "idempotency_key": trigger.idempotency_key,
+            "job_id": trigger.job.id,
+            "promise_id": trigger.promise_id,
+            "callback_url": trigger.callback_url,
+            "idempotency_key": trigger.idempotency_key,
             "payload": params.payload,
         }
-        headers = {**params.headers, "Tether-Callback-Url": trigger.callback_url,
-                   "Idempotency-Key": trigger.idempotency_key}
+        headers = {
+            **params.headers,
+            "Tether-Callback-Url": trigger.callback_url,
+            "Idempotency-Key": trigger.idempotency_key,
+        }
         response = await self._send("POST", params.url, params.timeout, json=body, headers=headers)
         return {"status_code": response.status_code, "response": _small_json(response)}
 
@@ -103,23 +108,28 @@ class HttpWebhook(Backend):
         if params.cancel_url is None:
             return
         body = {"job_id": job.id, "promise_id": f"{job.id}:1", "reason": job.state}
-        await self._send("POST", params.cancel_url, params.timeout, json=body,
-                         headers=params.headers)
+        await self._send(
+            "POST", params.cancel_url, params.timeout, json=body, headers=params.headers
+        )
 
     async def check_status(self, job: Job) -> Outcome | None:
         params = msgspec.convert(job.params, WebhookParams)
         if params.status_url is None:
             return None
-        response = await self._send("GET", params.status_url, params.timeout,
-                                    headers=params.headers)
+        response = await self._send(
+            "GET", params.status_url, params.timeout, headers=params.headers
+        )
         try:
             status = msgspec.json.decode(response.content, type=StatusBody)
         except msgspec.MsgspecError:
             return None  # not an answer we understand: keep waiting
         if status.status == "running":
             return None
-        error = status.error or (ErrorInfo(message="the service reported a failure")
-                                 if status.status == "failed" else None)
+        error = status.error or (
+            ErrorInfo(message="the service reported a failure")
+            if status.status == "failed"
+            else None
+        )
         return Outcome(status=status.status, result=status.result, error=error)
 
     async def _send(self, method: str, url: str, timeout: float, **kwargs: Any) -> httpx.Response:
@@ -127,18 +137,23 @@ class HttpWebhook(Backend):
         try:
             response = await self.client.request(method, url, timeout=timeout, **kwargs)
         except httpx.TimeoutException:
-            raise BackendError(f"{method} {host}: timed out after {timeout:g}s",
-                               retryable=True, code="timeout") from None
+            raise BackendError(
+                f"{method} {host}: timed out after {timeout:g}s", retryable=True, code="timeout"
+            ) from None
         except httpx.HTTPError as exc:
-            raise BackendError(f"{method} {host}: {type(exc).__name__}", retryable=True,
-                               code="connection") from None
+            raise BackendError(
+                f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
+            ) from None
         if response.is_success:
             return response
         code = response.status_code
         retry_after = _retry_after(response)
-        raise BackendError(f"{method} {host} answered {code}", code=f"http_{code}",
-                           retryable=code >= 500 or code in RETRYABLE_STATUS,
-                           retry_after=retry_after)
+        raise BackendError(
+            f"{method} {host} answered {code}",
+            code=f"http_{code}",
+            retryable=code >= 500 or code in RETRYABLE_STATUS,
+            retry_after=retry_after,
+        )
 
 
 def _small_json(response: httpx.Response, limit: int = 4096) -> Any:
