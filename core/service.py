@@ -400,8 +400,12 @@ class Tether:
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
             try:
-                receipt = await backend.trigger(trigger)
-                return msgspec.to_builtins(dict(receipt))  # type: ignore[no-any-return]
+                receipt = msgspec.json.encode(dict(await backend.trigger(trigger)))
+                # An external system may echo the request back: never keep the
+                # callback token in the job record.
+                token = self.signer.token(promise_id).encode()
+                redacted: dict[str, Any] = msgspec.json.decode(receipt.replace(token, b"***"))
+                return redacted
             except BackendError as exc:
                 if not exc.retryable or attempt == attempts:
                     raise

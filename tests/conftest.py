@@ -184,12 +184,54 @@ def test_settings(**overrides: Any) -> Settings:
 test_settings.__test__ = False  # type: ignore[attr-defined]
 
 
+STORES = ["memory"]
+"""Every test that starts a service runs once per store. Set TETHER_TEST_PG_DSN
+(`postgresql://user@host:port/db`, a database with resonate-pg's resonate.sql
+applied, whose user may CREATE DATABASE) to add Postgres: each test then gets
+a fresh database copied from it as a template."""
+PG_TEMPLATE_DSN = os.environ.get("TETHER_TEST_PG_DSN", "")
+if PG_TEMPLATE_DSN:
+    STORES.append("postgres")
+
+
+def _fresh_pg_database(name: str) -> str:
+    """A new database copied from the template TETHER_TEST_PG_DSN names; its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    parts = urlsplit(PG_TEMPLATE_DSN)
+    template = parts.path.lstrip("/")
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str]:
+    """A function making a new, empty store URL of this test's store kind."""
+    count = iter(range(1000))
+
+    def make() -> str:
+        n = next(count)
+        if request.param == "sqlite":
+            return f"sqlite:///{tmp_path}/tether-{n}.db"
+        if request.param == "postgres":
+            return _fresh_pg_database(f"tether_test_{os.getpid()}_{n}")
+        return "memory://"
+
+    return make
+
+
 @pytest.fixture
-async def start_service() -> AsyncIterator[Callable[..., Any]]:
-    """`await start_service(plugins=[...], **settings)` → a running `Service`."""
+async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[..., Any]]:
+    """`await start_service(plugins=[...], **settings)` → a running `Service`,
+    on a new store of the test's kind unless `store=` is given."""
     running: list[tuple[uvicorn.Server, asyncio.Task[None], httpx.AsyncClient]] = []
 
     async def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Service:
+        overrides.setdefault("store", store_url())
         settings = test_settings(**overrides)
         app = create_app(settings, make_plugin_manager(entry_points=False, extra=plugins))
         config = uvicorn.Config(

@@ -336,3 +336,15 @@ async def test_health_and_openapi(start_service):
         "/callbacks/{promise_id}",
         "/health",
     } <= set(schema["paths"])
+
+
+async def test_a_receiver_echoing_the_request_does_not_leak_the_token(start_service, receiver):
+    receiver.respond = lambda hit: (200, {"echo": hit.body})
+    svc = await start_service()
+    await svc.client.post(
+        "/jobs", json={"id": "echo", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    job = await svc.wait_state("echo", "running")
+    token = receiver.hits[0].body["callback_url"].split("token=")[1]
+    assert token not in str(job)
+    assert job["external"]["response"]["echo"]["callback_url"].endswith("token=***")

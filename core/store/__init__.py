@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,10 +66,10 @@ async def open_store(settings: Settings, pid: str) -> Store:
     if scheme == "sqlite":
         from core.store.embedded import open_embedded
 
-        path = Path(url.removeprefix("sqlite://").removeprefix("/"))
-        if url.startswith("sqlite:////"):
-            path = Path("/" + str(path))
-        return await open_embedded(path, settings, pid)
+        try:
+            return await open_embedded(url, settings, pid)
+        except ValueError as exc:
+            raise StoreConfigError(str(exc)) from None
     if scheme in ("postgresql", "postgres"):
         if not settings.callback_secret:
             raise StoreConfigError(

@@ -1,15 +1,145 @@
-"""`sqlite:///PATH`: the embedded store (placeholder until the SQLite protocol lands)."""
+"""`sqlite:///PATH`: the embedded store, Tether's default.
+
+Promises and tasks live in SQLite through `core.store.sqlite.SqliteConnection`
+(the Resonate protocol, in process); the job index is the `tether_jobs` table
+in the same file. Several processes on one host may share the file.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import secrets
+import sqlite3
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from core.errors import StoreUnavailable
 from core.settings import Settings
+from core.store.sql import INDEXES, SqlJobIndex
 
 if TYPE_CHECKING:
     from core.store import Store
 
+TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    backend TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    timeout REAL NOT NULL,
+    fingerprint TEXT NOT NULL,
+    deadline INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    external TEXT,
+    result TEXT,
+    error TEXT,
+    finished_at INTEGER,
+    next_check_at INTEGER
+)"""
 
-async def open_embedded(path: Path, settings: Settings, pid: str) -> Store:
-    raise NotImplementedError("the embedded SQLite store is not there yet")
+BUSY_TIMEOUT_MS = 5000
+
+
+class SqliteDriver:
+    """Runs the job index's SQL on one SQLite connection, in its own thread so
+    the event loop never waits on the disk. Each statement is its own
+    transaction (autocommit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tether-jobs-db")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn = conn
+        return self._conn
+
+    async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            return fn(self._connect())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await self._run(lambda c: c.execute(sql, args).fetchall())
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        return await self._run(lambda c: c.execute(sql, args).rowcount)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        self._thread.shutdown(wait=False)
+
+
+def sqlite_path(url: str) -> Path:
+    """`sqlite:///relative/path` or `sqlite:////absolute/path` → the path."""
+    if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+        raise ValueError(f"TETHER_STORE={url!r}: write sqlite:///PATH (four slashes for an"
+                         " absolute path)")
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def callback_secret(db: Path) -> str:
+    """The secret kept beside the database, made on first use. Two processes
+    starting at once agree: the file appears atomically, first one wins."""
+    path = db.with_name(db.name + ".secret")
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=".secret-")
+    try:
+        os.write(fd, secrets.token_urlsafe(32).encode())
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
+
+
+async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
+    from core.store import Store, StoreConfigError
+    from core.store.sqlite import SqliteConnection
+
+    path = sqlite_path(url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = settings.callback_secret or callback_secret(path)
+    except OSError as exc:
+        raise StoreConfigError(f"cannot use the embedded store at {path}: {exc.strerror}") from None
+    connection = SqliteConnection(path, group=settings.group, pid=pid)
+    try:
+        await connection.start()
+    except Exception as exc:
+        raise StoreConfigError(f"cannot open the embedded store at {path}: {exc}") from None
+    driver = SqliteDriver(path)
+    try:
+        for statement in (TABLE, *INDEXES):
+            await driver.execute(statement, ())
+    except StoreUnavailable as exc:
+        await connection.stop()
+        await driver.close()
+        raise StoreConfigError(f"cannot open the embedded store at {path}: {exc.message}") from None
+    return Store(kind="sqlite", connection=connection, jobs=SqlJobIndex(driver),
+                 callback_secret=secret)
