@@ -16,7 +16,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -134,7 +134,11 @@ class Tether:
         """Join the store as a worker and start the watchdog. Needs a running loop."""
         conn = self.store.connection
         r = Resonate(
-            network=conn, group=self.settings.group, pid=self.pid, subscription_refresh_secs=0
+            network=conn,
+            group=self.settings.group,
+            pid=self.pid,
+            ttl=timedelta(seconds=self.settings.task_ttl),
+            subscription_refresh_secs=0,
         )
         r.register(
             orchestrator.job_workflow, name=orchestrator.WORKFLOW, version=orchestrator.VERSION

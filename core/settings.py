@@ -58,6 +58,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     watchdog_interval: float = 1.0
     """Seconds between sweeps for jobs past their timeout or due a status check."""
 
+    task_ttl: float = 30.0
+    """Seconds a worker's lease on a running workflow step lasts; the worker
+    renews it every half of that while alive. After a crash, another worker
+    takes the step over within this time."""
+
     group: str = "tether"
     """Resonate group the service's workers join; processes sharing a store and a
     group share the work."""

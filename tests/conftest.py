@@ -27,6 +27,7 @@ from api.app import create_app
 from core.plugins import make_plugin_manager
 from core.settings import Settings
 
+PG_TEMPLATE_DSN = os.environ.get("TETHER_TEST_PG_DSN", "")
 for _name in [n for n in os.environ if n.startswith(("TETHER_", "DATABRICKS_"))]:
     del os.environ[_name]
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -189,7 +190,6 @@ STORES = ["memory"]
 (`postgresql://user@host:port/db`, a database with resonate-pg's resonate.sql
 applied, whose user may CREATE DATABASE) to add Postgres: each test then gets
 a fresh database copied from it as a template."""
-PG_TEMPLATE_DSN = os.environ.get("TETHER_TEST_PG_DSN", "")
 if PG_TEMPLATE_DSN:
     STORES.append("postgres")
 

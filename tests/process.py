@@ -50,7 +50,7 @@ class TetherProcess:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=self.env.get("CWD"),
+                start_new_session=True,
             )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -68,9 +68,10 @@ class TetherProcess:
         raise RuntimeError("tether serve did not become healthy:\n" + self.log.read_text())
 
     def kill(self) -> None:
-        """SIGKILL: no chance to clean up, as in a crash."""
+        """SIGKILL to the service and any worker processes: no chance to clean
+        up, as in a crash."""
         if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def terminate(self, wait: float = 20) -> int:

@@ -326,7 +326,7 @@ async def test_health_and_openapi(start_service):
     svc = await start_service()
     health = (await svc.client.get("/health")).json()
     assert health["status"] == "ok"
-    assert health["store"] == "memory"
+    assert health["store"] == svc.settings.store.split(":")[0]
     assert health["backends"] == ["http_webhook"]
     schema = (await svc.client.get("/schema/openapi.json")).json()
     assert {

@@ -1,0 +1,173 @@
+"""The real `tether serve` on the embedded store, killed with SIGKILL at each
+stage of a job and restarted: no job lost, none finished twice, each trigger
+once (or, after a kill inside the trigger step, again with the same key)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Hit, Receiver
+from tests.process import TetherProcess
+
+pytestmark = pytest.mark.skipif(
+    not (Path(__file__).parent.parent / "core/store/sqlite.py").exists(),
+    reason="needs the embedded SQLite store",
+)
+
+
+def service(tmp_path: Path, port: int | None = None) -> TetherProcess:
+    return TetherProcess(
+        tmp_path,
+        {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db", "TETHER_TASK_TTL": "2"},
+        port=port,
+    )
+
+
+def wait_for(client: httpx.Client, job_id: str, *states: str, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    job: Any = None
+    while time.monotonic() < deadline:
+        try:
+            job = client.get(f"/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} is {job and job['state']}, not {states}")
+
+
+def start_job(client: httpx.Client, receiver: Receiver, job_id: str, **extra: Any) -> None:
+    response = client.post(
+        "/jobs",
+        json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}, **extra},
+    )
+    assert response.status_code == 201, response.text
+
+
+def callback(receiver: Receiver, job_id: str, body: Any) -> httpx.Response:
+    [url] = {h.body["callback_url"] for h in receiver.hits if h.body["job_id"] == job_id}
+    return httpx.post(url, json=body, trust_env=False, timeout=10)
+
+
+def test_kill_while_waiting_then_the_callback_after_restart_finishes_the_job(tmp_path, receiver):
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "wait")
+        wait_for(client, "wait", "running")
+    first.kill()
+
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            assert client.get("/jobs/wait").json()["state"] == "running"
+            answer = callback(receiver, "wait", {"status": "succeeded", "result": 7})
+            assert answer.status_code == 200 and answer.json()["outcome"] == "accepted"
+            job = wait_for(client, "wait", "succeeded")
+            assert job["result"] == 7
+    finally:
+        second.kill()
+    assert len(receiver.hits) == 1
+
+
+def test_kill_right_after_accept_still_triggers_once(tmp_path, receiver):
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "acc")
+    first.kill()
+
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            wait_for(client, "acc", "running")
+            callback(receiver, "acc", {"status": "succeeded"})
+            wait_for(client, "acc", "succeeded")
+    finally:
+        second.kill()
+    keys = [h.body["idempotency_key"] for h in receiver.hits]
+    assert keys in (["acc:1"], ["acc:1", "acc:1"])  # twice only if the kill hit the trigger
+
+
+def test_kill_inside_the_trigger_step_repeats_it_with_the_same_key(tmp_path, receiver):
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if len(receiver.hits) == 1:
+            release.wait(20)  # hold the first trigger until the service is dead
+        return 202, {}
+
+    receiver.respond = respond
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "mid")
+        deadline = time.monotonic() + 10
+        while not receiver.hits and time.monotonic() < deadline:
+            time.sleep(0.02)
+    first.kill()
+    release.set()
+
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            wait_for(client, "mid", "running")
+            callback(receiver, "mid", {"status": "succeeded"})
+            wait_for(client, "mid", "succeeded")
+    finally:
+        second.kill()
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["mid:1", "mid:1"]
+
+
+def test_kill_during_a_callback_then_its_retry_settles_once(tmp_path, receiver):
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "cb")
+        wait_for(client, "cb", "running")
+    sent = threading.Thread(
+        target=lambda: _quietly(callback, receiver, "cb", {"status": "succeeded", "result": 1})
+    )
+    sent.start()
+    first.kill()
+    sent.join()
+
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            retry = callback(receiver, "cb", {"status": "succeeded", "result": 1})
+            assert retry.json()["outcome"] in ("accepted", "duplicate")
+            job = wait_for(client, "cb", "succeeded")
+            time.sleep(0.5)
+            assert client.get("/jobs/cb").json() == job  # finished once, never changed
+            other = callback(receiver, "cb", {"status": "failed", "error": {"message": "x"}})
+            assert other.status_code == 409
+    finally:
+        second.kill()
+    assert len(receiver.hits) == 1
+
+
+def test_a_job_whose_deadline_passes_while_the_service_is_down_times_out(tmp_path, receiver):
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "late", timeout=1)
+        wait_for(client, "late", "running")
+    first.kill()
+    time.sleep(1.2)
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            job = wait_for(client, "late", "timed_out")
+            assert job["error"]["type"] == "timeout"
+            assert callback(receiver, "late", {"status": "succeeded"}).status_code == 410
+    finally:
+        second.kill()
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        fn(*args)
