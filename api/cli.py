@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
+from core.errors import StoreUnavailable
 from core.settings import Settings
+from core.store import StoreConfigError, open_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    problem = asyncio.run(preflight(settings))
+    if problem:
+        print(f"tether: {problem}", file=sys.stderr)
+        return 2
     import uvicorn
 
     uvicorn.run(
@@ -48,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+async def preflight(settings: Settings) -> str | None:
+    """Open and close the store once, so that a damaged, locked or unwritable
+    store stops `tether serve` with a clear message instead of a traceback."""
+    try:
+        store = await open_store(settings, "preflight")
+    except (StoreConfigError, StoreUnavailable) as exc:
+        return str(exc)
+    await store.close()
+    return None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.errors import StoreUnavailable
 from core.settings import Settings
 from core.store.jobs import JobIndex, MemoryJobIndex
 from core.store.sql import INDEXES, SqlJobIndex
@@ -34,7 +35,10 @@ class Store:
     """The configured secret, or the one this store keeps (see Settings)."""
 
     async def close(self) -> None:
+        """Close the job index, and the connection if nobody started a worker on it."""
         await self.jobs.close()
+        if self.kind == "sqlite":
+            await self.connection.stop()
 
 
 def describe(url: str) -> str:
@@ -84,8 +88,9 @@ async def open_store(settings: Settings, pid: str) -> Store:
         try:
             await driver.open((TABLE, *INDEXES))
         except Exception as exc:
+            reason = exc.message if isinstance(exc, StoreUnavailable) else type(exc).__name__
             raise StoreConfigError(
-                f"cannot open the Postgres store {describe(url)}: {type(exc).__name__}"
+                f"cannot open the Postgres store {describe(url)}: {reason}"
             ) from None
         return Store(
             kind="postgresql",

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
+
+from core.errors import StoreUnavailable
 
 TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
     seq BIGSERIAL PRIMARY KEY,
@@ -35,11 +39,23 @@ class PostgresDriver:
     """Runs the job index's SQL on a psycopg pool."""
 
     def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 10.0) -> None:
+        self._dsn = dsn
         self._pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=max_size, timeout=timeout, open=False
         )
 
     async def open(self, statements: Sequence[str]) -> None:
+        """Connect once to fail fast with the server's reason, then open the pool
+        and create the table. Raises `StoreUnavailable` without the password."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=5)
+            await conn.close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            password = urlsplit(self._dsn).password
+            if password:
+                reason = reason.replace(password, "***")
+            raise StoreUnavailable(reason) from None
         await self._pool.open(wait=True, timeout=self._pool.timeout)
         for statement in statements:
             await self.execute(statement, ())
