@@ -75,13 +75,19 @@ class JobController(Controller):
 
 class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     outcome: str
-    """`accepted`, `duplicate`, `conflict` or `gone`."""
+    """`accepted`, `duplicate`, `noted` (a hint: the backend was asked), `conflict` or `gone`."""
     job: Job
     message: str
     error: ErrorBody | None = None
 
 
-CALLBACK_STATUS = {"accepted": 200, "duplicate": 200, "conflict": 409, "gone": 410}
+CALLBACK_STATUS = {
+    "accepted": 200,
+    "duplicate": 200,
+    "noted": 202,
+    "conflict": 409,
+    "gone": 410,
+}
 
 
 class CallbackController(Controller):
@@ -99,7 +105,8 @@ class CallbackController(Controller):
         URL (`?token=`) or as `Authorization: Bearer`. Body:
         `{"status": "succeeded"|"failed", "result"?: any, "error"?: {"message", "type"?}}`
         (or the backend's native shape). 200 accepted or duplicate, 409 a
-        different outcome was recorded first, 410 the job was canceled or timed
+        different outcome was recorded first, 202 a backend-native hint (the
+        backend was asked about the run at once), 410 the job was canceled or timed
         out, 404 unknown promise, 401 bad token, 400/422 malformed body."""
         if token is None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")

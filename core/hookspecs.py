@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import pluggy
 
-from core.models import Job, Outcome, Trigger
+from core.models import CheckNow, Job, Outcome, Trigger
 
 PROJECT = "tether"
 
@@ -114,17 +114,18 @@ class Backend:
         """
         return None
 
-    def parse_callback(self, job: Job, body: Any) -> Outcome | None:
+    def parse_callback(self, job: Job, body: Any) -> Outcome | CheckNow | None:
         """Read a callback body in the backend's native shape.
 
         `body` is the decoded JSON the external system posted to the job's
         callback URL. Return an :class:`~core.models.Outcome` if this backend
-        recognises it, `None` to let Tether read it as its uniform body
-        (`{"status", "result", "error"}`). Raise `ValueError` with a message
-        for a body in the native shape that is malformed (the caller gets 422).
-        Must not block (no I/O): a callback that only *hints* that the run ended
-        should return `None` and let `check_status` confirm it. The default
-        returns `None`.
+        recognises it as the job's outcome; a :class:`~core.models.CheckNow` if
+        it only *hints* that the run ended (Tether then calls `check_status` at
+        once and settles only on what that returns; the caller gets 202);
+        `None` to let Tether read it as its uniform body (`{"status", "result",
+        "error"}`). Raise `ValueError` with a message for a body in the native
+        shape that is malformed (the caller gets 422, nothing changes). Must not
+        block (no I/O). The default returns `None`.
         """
         return None
 

@@ -50,6 +50,14 @@ class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
         return (self.status, self.result, self.error) == (other.status, other.result, other.error)
 
 
+class CheckNow(msgspec.Struct, frozen=True):
+    """What `parse_callback` returns for a body that only *hints* that the run
+    ended (e.g. a Databricks job notification): Tether then calls the backend's
+    `check_status` at once and settles the job only on what that returns."""
+
+    reason: str = ""
+
+
 class Job(msgspec.Struct, frozen=True):
     """A job as clients see it (`GET /jobs/{id}`)."""
 

@@ -48,6 +48,15 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 
 from core.errors import BackendError
 from core.hookspecs import Backend, hookimpl
-from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
 
-__all__ = ["Backend", "BackendError", "ErrorInfo", "Job", "Outcome", "Trigger", "hookimpl"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "CheckNow",
+    "ErrorInfo",
+    "Job",
+    "Outcome",
+    "Trigger",
+    "hookimpl",
+]

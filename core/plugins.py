@@ -18,7 +18,7 @@ from core.models import Job
 log = logging.getLogger(__name__)
 
 
-BUILTIN_PLUGINS = ("plugins.http_webhook",)
+BUILTIN_PLUGINS = ("plugins.databricks", "plugins.http_webhook")
 """The plugins shipped with Tether, registered before entry points. Named by
 module path and imported only here, so `core` itself never depends on a plugin."""
 

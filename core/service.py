@@ -39,6 +39,7 @@ from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
     CallbackBody,
+    CheckNow,
     ErrorInfo,
     Job,
     JobPage,
@@ -55,14 +56,16 @@ from core.tokens import CallbackSigner, idempotency_key
 log = logging.getLogger("tether")
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
+CallbackOutcome = Literal[SettleResult, "noted"]
 
 MAX_PAGE = 1000
 WATCHDOG_BATCH = 200
 WATCHDOG_CONCURRENCY = 16
+CHECK_NOW_TIMEOUT = 30.0
 
 
 class CallbackResult(msgspec.Struct, frozen=True):
-    outcome: SettleResult
+    outcome: CallbackOutcome
     job: Job
     message: str = ""
 
@@ -245,6 +248,8 @@ class Tether:
         if job_id is None or rec is None:
             raise NotFound(f"no promise {promise_id!r}")
         outcome = self._parse_callback(rec, body)
+        if isinstance(outcome, CheckNow):
+            return await self._check_now(rec, outcome.reason)
         result, rec = await self.settle(job_id, outcome, by="callback")
         messages = {
             "accepted": "outcome recorded",
@@ -314,7 +319,26 @@ class Tether:
             return "gone"
         return "duplicate" if same else "conflict"
 
-    def _parse_callback(self, rec: JobRecord, body: bytes) -> Outcome:
+    async def _check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
+        """A callback that only hints the run ended: ask the backend, settle on
+        its answer alone."""
+        backend = self.plugins.backends.get(rec.backend)
+        message = f"noted ({reason}); " if reason else "noted; "
+        if rec.finished or backend is None or rec.external is None:
+            return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
+        try:
+            found = await asyncio.wait_for(backend.check_status(view(rec)), CHECK_NOW_TIMEOUT)
+        except Exception as exc:
+            log.warning("job %s: status check on a hint failed: %s", rec.id, type(exc).__name__)
+            found = None
+        if found is None:
+            return CallbackResult(
+                "noted", view(rec), message + "the run has not ended; Tether keeps checking"
+            )
+        _, now = await self.settle(rec.id, found, by="hint")
+        return CallbackResult("noted", view(now), message + f"the run's state says {now.state}")
+
+    def _parse_callback(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
         try:
             decoded = msgspec.json.decode(body) if body.strip() else {}
         except msgspec.DecodeError as exc:

@@ -100,7 +100,7 @@ async def test_the_same_id_with_another_request_is_a_conflict(start_service, rec
 @pytest.mark.parametrize(
     ("body", "status", "names"),
     [
-        ({"backend": "nope"}, 422, ["unknown backend 'nope'", "http_webhook"]),
+        ({"backend": "nope"}, 422, ["unknown backend 'nope'", "databricks, http_webhook"]),
         ({"backend": "http_webhook", "params": {}}, 422, ["params", "url"]),
         ({"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}}, 422, ["url"]),
         ({"backend": "http_webhook", "params": {"url": "http://x", "bogus": 1}}, 422, ["bogus"]),
@@ -327,7 +327,7 @@ async def test_health_and_openapi(start_service):
     health = (await svc.client.get("/health")).json()
     assert health["status"] == "ok"
     assert health["store"] == svc.settings.store.split(":")[0]
-    assert health["backends"] == ["http_webhook"]
+    assert health["backends"] == ["databricks", "http_webhook"]
     schema = (await svc.client.get("/schema/openapi.json")).json()
     assert {
         "/jobs",

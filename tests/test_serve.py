@@ -55,7 +55,11 @@ def test_an_installed_plugin_is_served_without_changing_tether(tmp_path):
     service.start()
     try:
         with service.client() as client:
-            assert client.get("/health").json()["backends"] == ["echo", "http_webhook"]
+            assert client.get("/health").json()["backends"] == [
+                "databricks",
+                "echo",
+                "http_webhook",
+            ]
             client.post("/jobs", json={"id": "x", "backend": "echo", "params": {"message": "m"}})
             assert wait_for(client, "x", "running")["external"] == {"echoed": "m"}
     finally:

@@ -95,8 +95,9 @@ class SqliteDriver:
 def sqlite_path(url: str) -> Path:
     """`sqlite:///relative/path` or `sqlite:////absolute/path` → the path."""
     if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-        raise ValueError(f"TETHER_STORE={url!r}: write sqlite:///PATH (four slashes for an"
-                         " absolute path)")
+        raise ValueError(
+            f"TETHER_STORE={url!r}: write sqlite:///PATH (four slashes for an absolute path)"
+        )
     return Path(url.removeprefix("sqlite:///"))
 
 
@@ -141,5 +142,6 @@ async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
         await connection.stop()
         await driver.close()
         raise StoreConfigError(f"cannot open the embedded store at {path}: {exc.message}") from None
-    return Store(kind="sqlite", connection=connection, jobs=SqlJobIndex(driver),
-                 callback_secret=secret)
+    return Store(
+        kind="sqlite", connection=connection, jobs=SqlJobIndex(driver), callback_secret=secret
+    )

@@ -1,0 +1,706 @@
+"""Embedded durable store: the Resonate server protocol on a SQLite file.
+
+:class:`SqliteConnection` plugs into resonate-sdk through its connector seam
+(:class:`resonate_base.Network` + :class:`resonate_base.Source`), so a process
+needs no Resonate server and no Postgres::
+
+    conn = SqliteConnection(".tether/tether.db", group="tether", pid=pid)
+    await conn.start()                      # optional: fail fast on a bad file
+    r = Resonate(network=conn, group="tether", pid=pid)   # same group, same pid
+
+Several processes on one host may share one file: work pushed to a group is
+claimed by exactly one of its processes, timers run in every process (each
+transition is rechecked under the write lock, so it happens once), and a
+process that dies is noticed through its liveness heartbeat. Design notes,
+schema and semantics: ``docs/embedded-store.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+from resonate_base import ConnectorError
+
+from core.store.sqlite_engine import (
+    DEFAULT_RETRY_MS,
+    Answer,
+    Engine,
+    StoreBusy,
+    StoreFailure,
+    now_ms,
+)
+
+__all__ = ["SqliteConnection", "SqliteStoreError"]
+
+logger = logging.getLogger(__name__)
+
+#: Idle interval between outbox polls (messages other processes wrote for us).
+DEFAULT_POLL_INTERVAL: Final = 0.02
+#: Interval between timer sweeps (promise timeouts, task retries and leases).
+DEFAULT_TIMER_INTERVAL: Final = 0.1
+#: How long a request waits for another connection's write lock.
+DEFAULT_LOCK_TIMEOUT: Final = 5.0
+#: Liveness heartbeat of this process, and when a silent process counts as dead.
+DEFAULT_PROCESS_HEARTBEAT: Final = 1.0
+DEFAULT_PROCESS_TIMEOUT: Final = 15.0
+#: See ``max_inflight``; the SDK's default ``max_concurrent_tasks``.
+DEFAULT_MAX_INFLIGHT: Final = 64
+#: Most requests one group-commit transaction carries.
+DEFAULT_MAX_BATCH: Final = 64
+#: Rows one claim or one timer batch takes.
+BATCH: Final = 256
+#: An execute the SDK never answers for stops counting after this long.
+INFLIGHT_FORGET_SECS: Final = 300.0
+
+
+class SqliteStoreError(ConnectorError):
+    """The embedded store failed: the file is damaged, locked, unwritable, or an
+    I/O error happened. The message names the file and the problem."""
+
+
+class _ExecTask(msgspec.Struct):
+    id: str
+
+
+class _ExecData(msgspec.Struct):
+    task: _ExecTask
+
+
+class _ExecMsg(msgspec.Struct):
+    data: _ExecData
+
+
+_decode_execute = msgspec.json.Decoder(_ExecMsg).decode
+_EXECUTE_PREFIX: Final = '{"kind":"execute"'
+
+
+class SqliteConnection:
+    """A Resonate connector whose server is a SQLite file in this process.
+
+    Implements both :class:`~resonate_base.connections.Network` (``send``) and
+    :class:`~resonate_base.connections.Source` (``unicast``,
+    ``resolve_target``, ``recv``), so ``Resonate(network=conn)`` uses it as the
+    sole source. Pass the same ``group`` and ``pid`` to ``Resonate``: the SDK
+    leases tasks under its pid, this connection advertises its unicast address
+    and its liveness row under ``pid``; keeping them equal keeps the two views
+    of "this process" the same. A pid must be unique among live processes.
+
+    Parameters (all but ``path`` keyword-only):
+
+    ``path``
+        The database file (created if missing; its directory must exist).
+    ``group``
+        The routing group this process serves (``poll://any@{group}``).
+    ``pid``
+        This process's id; a random hex id when omitted.
+    ``poll_interval``
+        Idle seconds between outbox polls for messages other processes wrote.
+    ``timer_interval``
+        Seconds between timer sweeps.
+    ``retry_ms``
+        How often a still-pending task is pushed again (resonate-pg: 5 s).
+    ``lock_timeout``
+        Seconds ``start`` and each request wait for another connection's
+        write lock before failing with :class:`SqliteStoreError`.
+    ``process_heartbeat`` / ``process_timeout``
+        Liveness heartbeat interval, and the silence after which a process is
+        considered dead (its listeners and unicast messages are dropped).
+    ``max_inflight``
+        Executes this process may hold at once (delivered, not yet
+        suspended, fulfilled or released) before it stops claiming group work
+        from the outbox, leaving it to the group's other processes. Work this
+        process produces itself is always run here (the fast path). Match
+        ``Resonate(max_concurrent_tasks=...)`` (64 by default).
+    ``group_commit``
+        Requests that arrive in the same event-loop turn share one
+        transaction, each inside its own SAVEPOINT (so each stays atomic), and
+        are answered after the COMMIT. Off: one transaction per request.
+    ``max_batch``
+        Most requests one group-commit transaction carries.
+    ``verify``
+        Run ``PRAGMA quick_check`` at start (reads the whole file).
+    ``clock``
+        Milliseconds since the epoch; tests may inject one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        group: str = "default",
+        pid: str | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        timer_interval: float = DEFAULT_TIMER_INTERVAL,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        process_heartbeat: float = DEFAULT_PROCESS_HEARTBEAT,
+        process_timeout: float = DEFAULT_PROCESS_TIMEOUT,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        group_commit: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        verify: bool = False,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        if not group or "/" in group or "@" in group:
+            msg = f"invalid group {group!r}: must be non-empty, without '/' or '@'"
+            raise ValueError(msg)
+        if poll_interval <= 0 or timer_interval <= 0:
+            msg = "poll_interval and timer_interval must be positive"
+            raise ValueError(msg)
+        if max_inflight < 1 or max_batch < 1:
+            msg = "max_inflight and max_batch must be at least 1"
+            raise ValueError(msg)
+        self._path = Path(path)
+        self._group = group
+        self._pid = pid if pid is not None else uuid.uuid4().hex
+        self._unicast = f"poll://uni@{group}/{self._pid}"
+        self._anycast = f"poll://any@{group}"
+        self._poll_interval = poll_interval
+        self._timer_interval = timer_interval
+        self._lock_timeout = lock_timeout
+        self._beat_interval = process_heartbeat
+        self._dead_after_ms = int(process_timeout * 1000)
+        self._verify = verify
+        self._max_batch = max_batch if group_commit else 1
+
+        self._engine = Engine(self._path, clock=clock, retry_ms=retry_ms)
+        self._subscribers: list[Callable[[str], None]] = []
+        self._open_lock: asyncio.Lock | None = None
+        self._checkpointer: _Checkpointer | None = None
+
+        #: requests waiting for the next transaction, and its scheduling state
+        self._queue: list[tuple[str, asyncio.Future[str]]] = []
+        self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._busy_since = 0.0
+        self._busy_delay = 0.0
+        self._reopening: asyncio.Task[None] | None = None
+
+        #: task id -> monotonic deadline: executes handed to the SDK that it
+        #: has not yet suspended, fulfilled or released (see _note_*).
+        self._inflight: dict[str, float] = {}
+        self._max_inflight = max_inflight
+        self._full = False
+
+        self._pump: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._recheck = False
+        self._registered = False
+        self._started = False
+        self._stopped = False
+        self._idle_close: asyncio.TimerHandle | None = None
+        self._registering: asyncio.Task[None] | None = None
+
+    # -- identity ------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def pid(self) -> str:
+        return self._pid
+
+    @property
+    def group(self) -> str:
+        return self._group
+
+    @property
+    def inflight(self) -> int:
+        """Executes handed to the SDK and not yet finished with (see ``max_inflight``)."""
+        return len(self._inflight)
+
+    def unicast(self) -> str:
+        """The address that reaches this process alone: ``poll://uni@{group}/{pid}``."""
+        return self._unicast
+
+    def resolve_target(self, target: str) -> str:
+        """The address any one process of ``target`` claims: ``poll://any@{target}``.
+
+        The same shape resonate-pg and the SDK's fallback resolver mint, so a
+        send-only process (``Resonate(network=conn, sources=[])``) stamps
+        addresses the workers of that group recognise."""
+        return f"poll://any@{target}"
+
+    def recv(self, callback: Callable[[str], None]) -> None:
+        """Register a receiver for ``execute`` / ``unblock`` messages (before ``start``)."""
+        self._subscribers.append(callback)
+        self._engine.local_addresses.update((self._unicast, self._anycast))
+        if self._started:  # started before the SDK wired its receivers
+            loop = asyncio.get_running_loop()
+            if not self._registered:
+                self._registering = loop.create_task(self._register())
+            if self._pump is None:
+                self._spawn_pump()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the file (WAL, schema) and start the pump and the timers.
+
+        Idempotent; safe to await before handing the connection to
+        ``Resonate`` (which starts it again in the background). Raises
+        :class:`SqliteStoreError` naming the file when it is damaged, locked
+        for longer than ``lock_timeout``, or not writable.
+        """
+        await self._ensure_open()
+        self._stopped = False
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self._path, self._engine)
+        if self._subscribers and not self._registered:
+            await self._register()
+        self._started = True
+        if self._pump is None:
+            self._spawn_pump()
+
+    async def _register(self) -> None:
+        """Join the process table: our liveness row and unicast address."""
+        if self._registered:
+            return
+        self._registered = True
+        try:
+            await self._call(
+                self._engine.register_process, self._pid, self._group, self._unicast, self._anycast
+            )
+        except ConnectorError:
+            self._registered = False
+            raise
+
+    async def stop(self) -> None:
+        """Stop the pump and the timers, leave the process table, close the file.
+
+        The SDK stops its connections *before* joining its in-flight work, so a
+        request sent after ``stop`` is still answered (the file is reopened
+        for it, send-only); messages it produces go to the outbox for the
+        group's other (or next) processes.
+        """
+        self._started = False
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        self._subscribers.clear()
+        self._inflight.clear()
+        self._engine.local_addresses.clear()
+        while self._queue and self._engine.db is not None:  # answer what is queued
+            self._flush()
+            if self._queue:
+                await asyncio.sleep(0.001)
+        if self._registered and self._engine.db is not None:
+            self._registered = False
+            try:
+                await self._call(self._engine.unregister_process, self._pid, self._unicast)
+            except ConnectorError as exc:
+                logger.warning("sqlite store: could not unregister %s: %s", self._pid, exc)
+        await asyncio.to_thread(self._stop_checkpointer)
+        self._engine.close()
+        self._stopped = True
+
+    def close(self) -> None:
+        """Close the file handle now (synchronous; ``stop`` already does)."""
+        self._stop_checkpointer()
+        self._engine.close()
+
+    def _stop_checkpointer(self) -> None:
+        ckpt, self._checkpointer = self._checkpointer, None
+        if ckpt is not None:
+            ckpt.stop()
+
+    async def _ensure_open(self) -> None:
+        if self._engine.db is not None:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._engine.db is not None:
+                return
+            try:
+                await asyncio.to_thread(self._open_blocking)
+            except StoreFailure as exc:
+                raise SqliteStoreError(exc) from exc
+            except OSError as exc:
+                raise SqliteStoreError(StoreFailure(f"sqlite store {self._path}: {exc}")) from exc
+
+    def _open_blocking(self) -> None:
+        self._engine.open(timeout=self._lock_timeout)
+        if self._verify:
+            try:
+                self._engine.verify()
+            except BaseException:
+                self._engine.close()
+                raise
+
+    # -- requests ------------------------------------------------------------------
+
+    async def send(self, req: str, headers: dict[str, str] | None = None) -> str:
+        """Answer one protocol request; atomic, durable once answered.
+
+        ``headers`` (the routing origin) are unused: one file, one partition.
+        Storage failures raise :class:`SqliteStoreError` (a ConnectorError);
+        a malformed or unsupported request is answered with a 4xx.
+        """
+        if self._engine.db is None:
+            await self._ensure_open()
+        if self._stopped:
+            self._close_when_idle()
+        if self._max_batch == 1:  # one transaction per request, run inline
+            answer = await self._call(self._engine.handle, req)
+            self._answer_one(answer)
+            return answer[0].decode()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str] = loop.create_future()
+        self._queue.append((req, fut))
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        return await fut
+
+    def _close_when_idle(self) -> None:
+        """After ``stop``, a late request reopened the file: close it again
+        once nothing has been sent for a second."""
+        if self._idle_close is not None:
+            self._idle_close.cancel()
+
+        def close() -> None:
+            self._idle_close = None
+            if self._stopped and not self._queue:
+                self._engine.close()
+
+        self._idle_close = asyncio.get_running_loop().call_later(1.0, close)
+
+    def _flush(self) -> None:
+        """Run the queued requests (up to ``max_batch``) in one transaction."""
+        self._flush_handle = None
+        if not self._queue:
+            return
+        loop = asyncio.get_running_loop()
+        if self._engine.db is None:  # closed by stop() with requests in flight
+            self._reopening = loop.create_task(self._reopen_and_flush())
+            return
+        batch = self._queue[: self._max_batch]
+        try:
+            answers = self._engine.handle_batch([req for req, _ in batch])
+        except StoreBusy as exc:
+            now = time.monotonic()
+            if not self._busy_since:
+                self._busy_since, self._busy_delay = now, 0.0002
+            elif now - self._busy_since > self._lock_timeout:
+                self._busy_since = 0.0
+                msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
+                self._fail(batch, SqliteStoreError(StoreFailure(msg)))
+            else:
+                self._busy_delay = min(self._busy_delay * 2, 0.005)
+            if self._queue:
+                self._flush_handle = loop.call_later(self._busy_delay, self._flush)
+            return
+        except StoreFailure as exc:
+            self._busy_since = 0.0
+            self._fail(batch, SqliteStoreError(exc))
+        except Exception as exc:  # a bug must not strand the SDK's requests
+            logger.exception("sqlite store: internal error")
+            self._busy_since = 0.0
+            self._fail(batch, SqliteStoreError(exc))
+        else:
+            self._busy_since = 0.0
+            del self._queue[: len(batch)]
+            self._answer(batch, answers)
+        if self._queue and self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+
+    async def _reopen_and_flush(self) -> None:
+        try:
+            await self._ensure_open()
+        except SqliteStoreError as exc:
+            batch, self._queue = self._queue, []
+            self._fail(batch, exc, drop=False)
+            return
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _fail(
+        self, batch: list[tuple[str, asyncio.Future[str]]], exc: Exception, *, drop: bool = True
+    ) -> None:
+        if drop:
+            del self._queue[: len(batch)]
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _answer(
+        self, batch: list[tuple[str, asyncio.Future[str]]], answers: list[Answer | Exception]
+    ) -> None:
+        out: list[str] = []
+        for (_, fut), answer in zip(batch, answers, strict=True):
+            if isinstance(answer, Exception):
+                logger.error("sqlite store: request failed: %r", answer)
+                if not fut.done():
+                    fut.set_exception(SqliteStoreError(answer))
+                continue
+            resp, msgs, released = answer
+            if released is not None:
+                self._inflight.pop(released, None)
+            out += msgs
+            if not fut.done():
+                fut.set_result(resp.decode())
+        if out:
+            self._deliver_soon(out)
+        self._update_room()
+
+    def _answer_one(self, answer: Answer) -> None:
+        _, msgs, released = answer
+        if released is not None:
+            self._inflight.pop(released, None)
+        if msgs:
+            self._deliver_soon(msgs)
+        self._update_room()
+
+    async def _call[T](self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an engine call of the pump (or gc) in its own transaction,
+        retrying while another connection holds the write lock."""
+        deadline = 0.0
+        delay = 0.0002
+        while True:
+            if self._engine.db is None:
+                await self._ensure_open()
+            try:
+                return fn(*args)
+            except StoreBusy as exc:
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self._lock_timeout
+                elif now >= deadline:
+                    msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
+                    raise SqliteStoreError(StoreFailure(msg)) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.005)
+            except StoreFailure as exc:
+                raise SqliteStoreError(exc) from exc
+            except Exception as exc:  # a bug must not kill the SDK's worker
+                logger.exception("sqlite store: internal error")
+                raise SqliteStoreError(exc) from exc
+
+    # -- delivery -----------------------------------------------------------------
+
+    def _deliver_soon(self, msgs: list[str]) -> None:
+        if not self._subscribers:
+            return
+        self._note_delivered(msgs)
+        asyncio.get_running_loop().call_soon(self._deliver, msgs)
+
+    def _deliver(self, msgs: list[str]) -> None:
+        for msg in msgs:
+            for cb in list(self._subscribers):
+                try:
+                    cb(msg)
+                except Exception:
+                    logger.exception("sqlite store: receiver failed")
+
+    def _note_delivered(self, msgs: list[str]) -> None:
+        deadline = time.monotonic() + INFLIGHT_FORGET_SECS
+        for msg in msgs:
+            if msg.startswith(_EXECUTE_PREFIX):
+                try:
+                    self._inflight[_decode_execute(msg).data.task.id] = deadline
+                except msgspec.MsgspecError:
+                    continue
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """When room frees up after we were full, look at the outbox at once:
+        group work may be waiting there that we declined to claim."""
+        full = len(self._inflight) >= self._max_inflight
+        if self._full and not full:
+            self._recheck = True
+            if self._wake is not None:
+                _wake(self._wake)
+        self._full = full
+
+    def _forget_stale(self) -> None:
+        now = time.monotonic()
+        stale = [tid for tid, deadline in self._inflight.items() if deadline < now]
+        for tid in stale:
+            del self._inflight[tid]
+        if stale:
+            self._update_room()
+
+    # -- the pump -------------------------------------------------------------------
+
+    def _spawn_pump(self) -> None:
+        self._pump = asyncio.get_running_loop().create_task(
+            self._run_pump(), name=f"sqlite-store-{self._pid}"
+        )
+
+    async def _run_pump(self) -> None:
+        """Claim messages other processes wrote for us, fire due timers, keep
+        our liveness row fresh, reap dead processes."""
+        engine = self._engine
+        next_timer = next_beat = next_reap = next_prune = 0.0
+        first = True
+        more = False
+        while True:
+            busy = False
+            try:
+                now = time.monotonic()
+                if self._subscribers:
+                    more = await self._claim(first or more or self._recheck)
+                    if self._inflight and now >= next_prune:
+                        self._forget_stale()
+                        next_prune = now + 1.0
+                if now >= next_timer:
+                    busy = await self._fire_timers()
+                    if not busy:
+                        next_timer = now + self._timer_interval
+                if self._registered and now >= next_beat:
+                    await self._call(
+                        engine.beat_process, self._pid, self._group, self._unicast, self._anycast
+                    )
+                    next_beat = now + self._beat_interval
+                if now >= next_reap:
+                    reaped = await self._call(engine.reap_processes, self._dead_after_ms)
+                    if reaped:
+                        logger.info("sqlite store: reaped dead processes %s", reaped)
+                    next_reap = now + max(self._beat_interval, 1.0)
+                first = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the pump is the runtime: never die
+                logger.warning("sqlite store: pump failed: %s", exc)
+            if busy or more:
+                await asyncio.sleep(0)
+            else:
+                await self._nap()
+
+    async def _nap(self) -> None:
+        """Sleep ``poll_interval``, or less if woken (see ``_update_room``)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._wake = loop.create_future()
+        timer = loop.call_later(self._poll_interval, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._wake = None
+
+    async def _claim(self, force: bool) -> bool:
+        """Take the messages other processes left for us: every unicast one,
+        and group work while we have room. True when more may be waiting."""
+        engine = self._engine
+        if not (force or await self._call(engine.changed)):
+            return False
+        self._recheck = False
+        room = self._max_inflight - len(self._inflight)
+        addrs = (self._unicast, self._anycast) if room > 0 else (self._unicast,)
+        if not await self._call(engine.peek, addrs):
+            return False
+        claims = [(self._unicast, BATCH), (self._anycast, min(room, BATCH))]
+        msgs = await self._call(engine.claim, claims[: len(addrs)])
+        if msgs:
+            self._note_delivered(msgs)
+            self._deliver(msgs)
+        return bool(msgs)
+
+    async def _fire_timers(self) -> bool:
+        """Apply due promise timeouts, task retries and lease expiries. True
+        when a full batch was due (more may be)."""
+        ps, ts = await self._call(self._engine.due, BATCH)
+        if not (ps or ts):
+            return False
+        _, out = await self._call(self._engine.fire, ps, ts)
+        if out:
+            self._deliver_soon(out)
+        return len(ps) >= BATCH or len(ts) >= BATCH
+
+    # -- retention -------------------------------------------------------------------
+
+    async def gc(self, older_than_ms: int, *, batch: int = 100) -> int:
+        """Delete finished work: every promise (with its task, callbacks,
+        listeners and undelivered messages) of a lineage whose root promise
+        settled at least ``older_than_ms`` ago, provided nothing in that
+        lineage is still pending. Never touches pending work. Runs in short
+        transactions of ``batch`` lineages. Returns the number of promises
+        deleted. Ids become reusable: keep ``older_than_ms`` longer than any
+        window in which a duplicate start must still reattach.
+        """
+        if older_than_ms < 0:
+            msg = "older_than_ms must be >= 0"
+            raise ValueError(msg)
+        await self._ensure_open()
+        cutoff = self._engine.clock() - older_than_ms
+        cursor: tuple[int, str] | None = (-1, "")
+        total = 0
+        while cursor is not None:
+            deleted, cursor = await self._call(self._engine.gc_batch, cutoff, cursor, batch)
+            total += deleted
+            await asyncio.sleep(0)  # let requests through between batches
+        return total
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Checkpointer:
+    """Copies the WAL back into the database on its own thread and connection.
+
+    A checkpoint is file I/O plus two fsyncs; on the request path it stalled
+    one commit in a few hundred for milliseconds. Here it runs with the GIL
+    released (the sqlite3 module drops it around every step) on the other
+    core, as a PASSIVE checkpoint that never blocks readers or writers. It
+    runs when the engine has committed ``every`` more transactions, or each
+    ``period`` if there were any.
+    The request path keeps a large auto-checkpoint as a safety net, which
+    also lets the WAL restart once this thread has copied it.
+    """
+
+    def __init__(self, path: Path, engine: Engine, *, every: int = 64, period: float = 1.0) -> None:
+        self._path = path
+        self._engine = engine
+        self._every = every
+        self._period = period
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        engine.on_commits = (every, self._kick.set)
+        self._thread = threading.Thread(target=self._main, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            db = sqlite3.connect(str(self._path), timeout=0, isolation_level=None)
+        except sqlite3.Error as exc:
+            logger.warning("sqlite store: checkpointer cannot open %s: %s", self._path, exc)
+            return
+        last_commits = self._engine.commits
+        try:
+            while True:
+                self._kick.wait(self._period)
+                self._kick.clear()
+                if self._stop.is_set():
+                    return
+                commits = self._engine.commits
+                if commits == last_commits:
+                    continue
+                last_commits = commits
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy: another checkpointer runs
+                    logger.debug("sqlite store: checkpoint skipped: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._engine.on_commits = None
+        self._stop.set()
+        self._kick.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,280 @@
+"""The `databricks` backend: run a Databricks job and wait for it durably.
+
+Two kinds of job (`params`, exactly one of `job_id` / `submit`):
+
+```json
+{"job_id": 123, "job_parameters": {"table": "sales"}}
+{"submit": {"run_name": "adhoc", "tasks": [{"task_key": "main", "notebook_task": {...}, ...}]}}
+```
+
+`job_id` runs an existing job (`jobs.run_now`); Tether adds the job parameters
+`tether_callback_url`, `tether_promise_id` and `tether_job_id`, which the job
+must define (notebooks read them as widgets). `submit` starts a one-time run
+(`jobs.submit`, the Jobs API's `runs/submit` body); Tether adds the same three
+names to the `base_parameters` of its notebook tasks. Either way the
+request carries an `idempotency_token` derived from the job's promise id, so a
+retried or replayed trigger never starts a second run. The job's `external` is
+`{"run_id", "run_page_url"}`.
+
+The notebook POSTs the outcome to `tether_callback_url` when it ends (see
+`examples/databricks_notebook.py`). If that callback is lost, Tether asks
+`jobs.get_run` every `check_interval` seconds (default 60, backing off) and
+settles the job from the run's state. Cancel and timeout cancel the run.
+Databricks' own job notifications posted to the callback URL are a hint only:
+they never settle a job.
+
+Credentials: databricks-sdk's unified auth (`DATABRICKS_HOST` +
+`DATABRICKS_TOKEN`, another auth method's variables, or a profile of
+`~/.databrickscfg`, chosen with `TETHER_DATABRICKS_PROFILE`). Timeouts:
+`TETHER_DATABRICKS_RETRY_TIMEOUT`, `TETHER_DATABRICKS_HTTP_TIMEOUT`. See
+docs/databricks.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from core.plugin import Backend, BackendError, CheckNow, Job, Outcome, Trigger, hookimpl
+from plugins.databricks.runs import outcome_of_run
+from plugins.databricks.workspace import DatabricksSettings, Workspace, submit_arguments
+
+if TYPE_CHECKING:
+    from databricks.sdk import WorkspaceClient
+
+log = logging.getLogger("tether.databricks")
+
+CALLBACK_URL_PARAM = "tether_callback_url"
+"""The job parameter (notebook widget) holding the callback URL."""
+PROMISE_ID_PARAM = "tether_promise_id"
+"""The job parameter holding the promise id the callback settles."""
+JOB_ID_PARAM = "tether_job_id"
+"""The job parameter holding Tether's job id (for logs and tables)."""
+RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
+
+DEFAULT_CHECK_INTERVAL = 60.0
+MIN_CHECK_INTERVAL = 1.0
+
+TASK_PARAMETER_FIELDS = {"notebook_task": "base_parameters"}
+"""Task types of a one-time run that get Tether's parameters, and where. Only
+notebooks: they ignore parameters they do not read, while a Python wheel or
+script would get them as command-line arguments it may reject."""
+
+
+class SubmitRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A one-time run: the body of the Jobs API's `runs/submit` (without
+    `idempotency_token`, which Tether sets). Tasks are checked against the SDK's
+    types when the run is started."""
+
+    tasks: list[dict[str, Any]]
+    run_name: str | None = None
+    timeout_seconds: int | None = None
+    access_control_list: list[dict[str, Any]] | None = None
+    budget_policy_id: str | None = None
+    duration_target: str | None = None
+    email_notifications: dict[str, Any] | None = None
+    environment_variables: list[dict[str, Any]] | None = None
+    environments: list[dict[str, Any]] | None = None
+    git_source: dict[str, Any] | None = None
+    health: dict[str, Any] | None = None
+    notification_settings: dict[str, Any] | None = None
+    performance_target: str | None = None
+    queue: dict[str, Any] | None = None
+    run_as: dict[str, Any] | None = None
+    usage_policy_id: str | None = None
+    webhook_notifications: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("a one-time run needs at least one task")
+        seen: set[str] = set()
+        for i, task in enumerate(self.tasks):
+            key = task.get("task_key")
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"tasks[{i}] needs a `task_key` (a non-empty string)")
+            if key in seen:
+                raise ValueError(f"tasks[{i}]: task_key {key!r} is used twice")
+            seen.add(key)
+            for kind, field in TASK_PARAMETER_FIELDS.items():
+                section = task.get(kind)
+                given = section.get(field) if isinstance(section, dict) else None
+                if isinstance(given, dict):
+                    _check_not_reserved(given, f"tasks[{i}].{kind}.{field}")
+
+
+class DatabricksParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`params` of a `databricks` job: exactly one of `job_id` and `submit`."""
+
+    job_id: int | None = None
+    """Run this existing job (`jobs.run_now`)."""
+    job_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+    """Job parameters for `job_id` (strings). Tether adds its own three."""
+    submit: SubmitRun | None = None
+    """Start this one-time run instead (`jobs.submit`)."""
+    check_interval: float = DEFAULT_CHECK_INTERVAL
+    """Seconds between `jobs.get_run` checks while the job waits (at least 1;
+    later checks back off up to ten times this)."""
+
+    def __post_init__(self) -> None:
+        if (self.job_id is None) == (self.submit is None):
+            raise ValueError(
+                "give exactly one of `job_id` (run a job) and `submit` (a one-time run)"
+            )
+        if self.job_id is not None and self.job_id <= 0:
+            raise ValueError("`job_id` must be a positive job id")
+        if self.submit is not None and self.job_parameters:
+            raise ValueError("`job_parameters` go with `job_id`; a one-time run has none")
+        _check_not_reserved(self.job_parameters, "job_parameters")
+        if self.check_interval < MIN_CHECK_INTERVAL:
+            raise ValueError(f"`check_interval` must be at least {MIN_CHECK_INTERVAL:g} second")
+
+
+def _check_not_reserved(parameters: Mapping[str, Any], where: str) -> None:
+    taken = sorted(set(parameters) & set(RESERVED_PARAMS))
+    if taken:
+        raise ValueError(f"{where} must not set {', '.join(taken)}: Tether sets it")
+
+
+def idempotency_token(trigger: Trigger) -> str:
+    """The run's `idempotency_token` (at most 64 characters): the same every time
+    this job's trigger runs, and never the same for another job, even one reusing
+    an id of a job deleted long ago (Databricks remembers tokens indefinitely)."""
+    created = round(trigger.job.created_at.timestamp() * 1000)
+    digest = hashlib.sha256(f"{trigger.idempotency_key}@{created}".encode()).hexdigest()
+    return f"tether-{digest[:57]}"
+
+
+class Databricks(Backend):
+    name = "databricks"
+    params_type = DatabricksParams
+
+    def __init__(self, settings: DatabricksSettings | None = None) -> None:
+        self.workspace = Workspace(settings or DatabricksSettings.from_env())
+
+    def check_interval(self, params: DatabricksParams) -> float:
+        return params.check_interval
+
+    async def trigger(self, trigger: Trigger) -> dict[str, Any]:
+        params: DatabricksParams = trigger.params
+        ours = {
+            CALLBACK_URL_PARAM: trigger.callback_url,
+            PROMISE_ID_PARAM: trigger.promise_id,
+            JOB_ID_PARAM: trigger.job.id,
+        }
+        token = idempotency_token(trigger)
+        callback_token = parse_qs(urlsplit(trigger.callback_url).query).get("token", [""])[0]
+
+        def start(w: WorkspaceClient) -> dict[str, Any]:
+            if params.job_id is not None:
+                job_parameters = {**params.job_parameters, **ours}
+                waiter = w.jobs.run_now(
+                    params.job_id, job_parameters=job_parameters, idempotency_token=token
+                )
+            else:
+                assert params.submit is not None
+                try:
+                    arguments = submit_arguments(_with_parameters(params.submit, ours))
+                except ValueError as exc:
+                    raise BackendError(
+                        f"invalid params.submit: {exc}", code="INVALID_PARAMETER_VALUE"
+                    ) from None
+                waiter = w.jobs.submit(**arguments, idempotency_token=token)
+            run_id = int(waiter.run_id)
+            return {"run_id": run_id, "run_page_url": _run_page_url(w, run_id, params.job_id)}
+
+        external = await self.workspace.call(start, callback_token)
+        log.info("databricks: job %s started run %s", trigger.job.id, external["run_id"])
+        return external
+
+    async def cancel(self, job: Job) -> None:
+        run_id = _run_id(job)
+        if run_id is None or _ended_in_databricks(job):
+            return
+        await self.workspace.call(lambda w: w.jobs.cancel_run(run_id))
+        log.info("databricks: job %s: asked to cancel run %s", job.id, run_id)
+
+    async def check_status(self, job: Job) -> Outcome | None:
+        run_id = _run_id(job)
+        if run_id is None:
+            return None
+        try:
+            run = await self.workspace.call(lambda w: w.jobs.get_run(run_id))
+        except BackendError as exc:  # the watchdog logs only the type: say what it was
+            log.warning("databricks: job %s: reading run %s failed: %s", job.id, run_id, exc)
+            raise
+        return outcome_of_run(run)
+
+    def parse_callback(self, job: Job, body: Any) -> Outcome | CheckNow | None:
+        """Databricks' own job notification (`{"event_type": "jobs.on_success",
+        "run": {"run_id": ...}, ...}`) names a run and an event, and anyone who
+        can configure a notification destination can send one: it is never
+        trusted to settle a job. It makes Tether read the run's state at once
+        (`CheckNow`), and that state alone settles the job."""
+        if not (isinstance(body, dict) and isinstance(body.get("event_type"), str)):
+            return None
+        event = body["event_type"]
+        run = body.get("run")
+        given = run.get("run_id") if isinstance(run, dict) else None
+        try:
+            run_id = int(given)  # type: ignore[arg-type]  # any JSON; checked here
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"a Databricks notification ({event}) needs `run.run_id`; nothing changed"
+            ) from None
+        expected = _run_id(job)
+        if expected is not None and run_id != expected:
+            raise ValueError(
+                f"the notification ({event}) is about run {run_id}, but this job's run is"
+                f" {expected}; nothing changed"
+            )
+        return CheckNow(f"Databricks {event} for run {run_id}: reading the run's state")
+
+
+def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, Any]:
+    """The one-time run spec as JSON (a copy), with Tether's parameters added to
+    its notebook tasks."""
+    spec: dict[str, Any] = msgspec.to_builtins(submit)
+    tasks = []
+    for task in spec["tasks"]:
+        task = dict(task)
+        for kind, field in TASK_PARAMETER_FIELDS.items():
+            section = task.get(kind)
+            if isinstance(section, dict):
+                task[kind] = {**section, field: {**(section.get(field) or {}), **ours}}
+        tasks.append(task)
+    return {**spec, "tasks": tasks}
+
+
+def _run_page_url(w: WorkspaceClient, run_id: int, job_id: int | None) -> str | None:
+    """The run's page: as `jobs.get_run` gives it, else built from the host."""
+    try:
+        url = w.jobs.get_run(run_id).run_page_url
+    except Exception as exc:  # the run was started: a missing link must not fail the job
+        log.warning("databricks: run %s: no run page URL (%s)", run_id, type(exc).__name__)
+        url = None
+    if url:
+        return url
+    host = (w.config.host or "").rstrip("/")
+    return f"{host}/#job/{job_id}/run/{run_id}" if host and job_id is not None else None
+
+
+def _ended_in_databricks(job: Job) -> bool:
+    """True when the job was settled from its run's final state (canceled in
+    Databricks, say): there is nothing left to cancel."""
+    return isinstance(job.result, dict) and "termination_code" in job.result
+
+
+def _run_id(job: Job) -> int | None:
+    value = (job.external or {}).get("run_id")
+    return value if isinstance(value, int) else None
+
+
+@hookimpl
+def tether_backends() -> list[Backend]:
+    # Reads TETHER_DATABRICKS_* only: the client is built on first use.
+    return [Databricks()]

@@ -1,0 +1,348 @@
+"""The Databricks side of the backend: settings, the lazily built SDK client, the
+calls made in worker threads, and their errors turned into `BackendError`s with
+no secret in them.
+
+`databricks.sdk` takes seconds to import, so it is imported only here and only
+inside the worker threads: starting Tether and validating params never pay it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import threading
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import is_dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from core.plugin import BackendError
+
+if TYPE_CHECKING:
+    from databricks.sdk import WorkspaceClient
+
+log = logging.getLogger("tether.databricks")
+
+ENV_PREFIX = "TETHER_DATABRICKS_"
+
+MAX_RETRY_AFTER = 300.0
+"""A `Retry-After` longer than this (seconds) is cut to it."""
+
+MAX_MESSAGE = 1000
+
+SECRET_ATTRIBUTES = (
+    "token",
+    "password",
+    "client_secret",
+    "azure_client_secret",
+    "google_credentials",
+)
+SECRET_ENV = (
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_PASSWORD",
+    "DATABRICKS_CLIENT_SECRET",
+    "ARM_CLIENT_SECRET",
+    "GOOGLE_CREDENTIALS",
+)
+
+
+class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The plugin's own settings, from `TETHER_DATABRICKS_<FIELD>` variables.
+    Credentials are not here: they come from databricks-sdk's unified auth."""
+
+    profile: str = ""
+    """`TETHER_DATABRICKS_PROFILE`: a profile of `~/.databrickscfg` (or of the file
+    `DATABRICKS_CONFIG_FILE` names). Empty: the SDK's own chain (`DATABRICKS_HOST`
+    + `DATABRICKS_TOKEN` or another auth method's variables, then
+    `DATABRICKS_CONFIG_PROFILE`, then the `DEFAULT` profile)."""
+
+    retry_timeout: int = 60
+    """`TETHER_DATABRICKS_RETRY_TIMEOUT`: seconds one API call may spend on the
+    SDK's own retries (connection errors, 429, 503). After that the trigger
+    fails with a retryable error and Tether tries again with backoff."""
+
+    http_timeout: float = 30.0
+    """`TETHER_DATABRICKS_HTTP_TIMEOUT`: seconds one HTTP request may take."""
+
+    threads: int = 8
+    """`TETHER_DATABRICKS_THREADS`: the SDK is synchronous; at most this many calls
+    run at once, in the plugin's own threads."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSettings:
+        env = os.environ if env is None else env
+        raw = {
+            name: env[ENV_PREFIX + name.upper()]
+            for name in cls.__struct_fields__
+            if ENV_PREFIX + name.upper() in env
+        }
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
+            raise ValueError(f"invalid setting {ENV_PREFIX}{field.upper()}: {exc}") from None
+        for name, ok in (
+            ("retry_timeout", settings.retry_timeout >= 1),
+            ("http_timeout", settings.http_timeout > 0),
+            ("threads", settings.threads >= 1),
+        ):
+            if not ok:
+                raise ValueError(f"invalid setting {ENV_PREFIX}{name.upper()}: must be positive")
+        return settings
+
+
+class Workspace:
+    """One Databricks workspace client, built on first use, shared by every job.
+
+    `call(fn)` runs `fn(client)` in the plugin's threads and raises only
+    `BackendError`, its message cleaned of credentials."""
+
+    def __init__(self, settings: DatabricksSettings) -> None:
+        self.settings = settings
+        # At DEBUG the SDK logs every request and answer in full: the job
+        # parameters (callback URLs and their tokens), and with debug_headers
+        # the credentials. Never let it.
+        sdk_log = logging.getLogger("databricks.sdk")
+        if sdk_log.getEffectiveLevel() < logging.INFO:
+            sdk_log.setLevel(logging.INFO)
+        self._client: WorkspaceClient | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="tether-databricks")
+
+    def __repr__(self) -> str:  # never show the client's config
+        return f"Workspace(profile={self.settings.profile!r})"
+
+    async def call[T](self, fn: Callable[[WorkspaceClient], T], *secrets: str) -> T:
+        """`fn(client)` in a worker thread. `secrets` are scrubbed from errors
+        besides the client's own credentials."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(self._run, fn, secrets))
+
+    def _run[T](self, fn: Callable[[WorkspaceClient], T], secrets: tuple[str, ...]) -> T:
+        try:
+            return fn(self.client())
+        except BackendError as exc:
+            message = self.scrub(exc.message, secrets)
+            raise BackendError(
+                message, retryable=exc.retryable, code=exc.code, retry_after=exc.retry_after
+            ) from None
+        except Exception as exc:
+            raise self.translate(exc, secrets) from None
+
+    def client(self) -> WorkspaceClient:
+        """The client, built on first use (in a worker thread: building it makes
+        one request, and importing the SDK takes seconds)."""
+        with self._lock:
+            if self._client is None:
+                from databricks.sdk import WorkspaceClient
+                from databricks.sdk.config import Config
+
+                config = Config(
+                    profile=self.settings.profile or None,
+                    retry_timeout_seconds=self.settings.retry_timeout,
+                    http_timeout_seconds=self.settings.http_timeout,
+                    debug_headers=False,  # never put credentials in an error message or log
+                    product="tether",
+                    product_version=_version(),
+                )
+                self._client = WorkspaceClient(config=config)
+                log.info("databricks: using workspace %s", config.host)
+            return self._client
+
+    # ── errors ───────────────────────────────────────────────────────────────
+
+    def translate(self, exc: BaseException, secrets: Iterable[str] = ()) -> BackendError:
+        """A `BackendError` saying what Databricks answered, with no secret in it:
+        its `error_code` as `code` and its message. Retryable: 429, 500, 503,
+        504, `ABORTED`, statuses the SDK does not map, and a retry budget spent
+        on any of these or on connection errors (`Retry-After` kept). Not
+        retryable: 400, 401, 403, 404, 409, 501, and a client the SDK could not
+        configure (`databricks_config`)."""
+        from databricks.sdk import errors
+        from databricks.sdk.errors.base import DatabricksError
+
+        if isinstance(exc, TimeoutError):  # the SDK's retry budget ran out
+            last = exc.__cause__
+            budget = f"after retrying for {self.settings.retry_timeout}s"
+            if isinstance(last, DatabricksError):
+                inner = self.translate(last, secrets)
+                return BackendError(
+                    f"{inner.message} ({budget})",
+                    retryable=True,
+                    code=inner.code,
+                    retry_after=inner.retry_after,
+                )
+            reason = type(last).__name__ if last is not None else "timeout"
+            return BackendError(
+                f"Databricks did not answer ({reason}, {budget})", retryable=True, code="timeout"
+            )
+        if isinstance(exc, DatabricksError):
+            kind = type(exc).__name__
+            retryable = type(exc) is DatabricksError or isinstance(
+                exc,
+                (
+                    errors.TooManyRequests,
+                    errors.TemporarilyUnavailable,
+                    errors.InternalError,
+                    errors.DeadlineExceeded,
+                    errors.Aborted,
+                ),
+            )
+            retry_after = exc.retry_after_secs
+            return BackendError(
+                self.scrub(str(exc) or kind, secrets),
+                retryable=retryable,
+                code=exc.error_code or _screaming(kind),
+                retry_after=None if retry_after is None else min(retry_after, MAX_RETRY_AFTER),
+            )
+        if isinstance(exc, ValueError):  # the SDK could not configure itself (auth, profile)
+            return BackendError(
+                f"Databricks client configuration: {self.scrub(str(exc), secrets)}",
+                code="databricks_config",
+            )
+        if isinstance(exc, OSError):  # connection errors the SDK did not retry
+            return BackendError(
+                f"cannot reach Databricks: {type(exc).__name__}", retryable=True, code="connection"
+            )
+        return BackendError(
+            f"Databricks call failed: {type(exc).__name__}: {self.scrub(str(exc), secrets)}",
+            retryable=True,
+            code="databricks",
+        )
+
+    def scrub(self, text: str, secrets: Iterable[str] = ()) -> str:
+        """`text` without credentials or callback tokens, and short."""
+        text = text.split("Request log:", 1)[0]  # the SDK's dump of an unreadable answer
+        for secret in (*secrets, *self._secrets()):
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+        for pattern, replacement in _SCRUB:
+            text = pattern.sub(replacement, text)
+        text = text.strip()
+        return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+    def _secrets(self) -> list[str]:
+        found = [os.environ.get(name, "") for name in SECRET_ENV]
+        config = self._client.config if self._client is not None else None
+        for name in SECRET_ATTRIBUTES if config is not None else ():
+            value = getattr(config, name, None)
+            if isinstance(value, str):
+                found.append(value)
+        return found
+
+
+_SCRUB = (
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    (re.compile(r"(?i)([?&]token=)[^&\s\"'<>]+"), r"\1***"),
+    (re.compile(r"\bdapi[0-9a-f]{16,}(-\d+)?\b"), "***"),
+    (
+        re.compile(
+            r"(?i)(\"?(?:token|password|client_secret|authorization)\"?\s*[:=]\s*\"?)[^\s\"',&]+"
+        ),
+        r"\1***",
+    ),
+)
+
+
+def _screaming(name: str) -> str:
+    """`PermissionDenied` → `PERMISSION_DENIED`."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+
+
+@functools.cache
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tether")
+    except PackageNotFoundError:
+        return "0"
+
+
+# ── one-time runs: Tether's params → the SDK's `jobs.submit` arguments ────────
+
+
+def submit_arguments(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """`jobs.submit` keyword arguments built from a one-time run spec in its JSON
+    shape (as the Jobs API documents it), each value converted to its SDK type.
+
+    The SDK's `from_dict` silently drops fields it does not know: a field lost on
+    the way (a misspelt `notebook_task` key, say) raises `ValueError` naming it,
+    instead of starting a run without it.
+    """
+    from databricks.sdk.service.jobs import JobsAPI
+
+    hints = typing.get_type_hints(JobsAPI.submit)
+    out: dict[str, Any] = {}
+    for name, value in spec.items():
+        if value is None:
+            continue
+        if name not in hints or name == "idempotency_token":
+            raise ValueError(f"`submit.{name}` is not a field of a one-time run")
+        converted = _to_sdk(hints[name], value, f"submit.{name}")
+        lost = _lost_field(value, _to_json(converted), f"submit.{name}")
+        if lost:
+            raise ValueError(f"unknown field `{lost}`")
+        out[name] = converted
+    return out
+
+
+def _to_sdk(hint: Any, value: Any, path: str) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union and len(args) == 1:
+        return _to_sdk(args[0], value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"`{path}` must be a list")
+        return [_to_sdk(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            valid = ", ".join(str(m.value) for m in hint)
+            raise ValueError(f"`{path}` must be one of {valid}") from None
+    if isinstance(hint, type) and is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"`{path}` must be an object")
+        try:
+            return hint.from_dict(value)  # type: ignore[attr-defined]  # every SDK dataclass has it
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise ValueError(f"`{path}` does not fit the Jobs API: {exc}") from None
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    as_dict = getattr(value, "as_dict", None)
+    return as_dict() if callable(as_dict) else value
+
+
+def _lost_field(given: Any, kept: Any, path: str) -> str | None:
+    """The first field of `given` missing from `kept` (empty values aside: the SDK
+    leaves those out on purpose)."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for key, value in given.items():
+            if key not in kept:
+                if value in (None, {}, []):
+                    continue
+                return f"{path}.{key}"
+            lost = _lost_field(value, kept[key], f"{path}.{key}")
+            if lost:
+                return lost
+    elif isinstance(given, list) and isinstance(kept, list):
+        for i, (g, k) in enumerate(zip(given, kept, strict=False)):
+            lost = _lost_field(g, k, f"{path}[{i}]")
+            if lost:
+                return lost
+    return None

@@ -1,0 +1,600 @@
+"""The `databricks` backend: the real service, the real databricks-sdk client, a
+fake workspace on 127.0.0.1 (tests/databricks/workspace.py) and the example
+notebook run against them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from databricks.sdk.service.jobs import JobsAPI, Run
+
+from core.models import Job, Trigger
+from core.plugins import Plugins, make_plugin_manager
+from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
+from plugins.databricks.runs import outcome_of_run
+from plugins.databricks.workspace import DatabricksSettings, Workspace
+from tests.conftest import eventually, free_port
+from tests.databricks.conftest import DATABRICKS_PLUGIN
+from tests.databricks.workspace import EXAMPLE_NOTEBOOK, FakeWorkspace, example_notebook, silent
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_NOW = "/api/2.2/jobs/run-now"
+SUBMIT = "/api/2.2/jobs/runs/submit"
+GET_RUN = "/api/2.2/jobs/runs/get"
+CANCEL = "/api/2.2/jobs/runs/cancel"
+
+
+async def start_job(svc: Any, job_id: str, params: dict[str, Any], **extra: Any) -> None:
+    body = {"id": job_id, "backend": "databricks", "params": params, **extra}
+    response = await svc.client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+
+
+async def external_of(svc: Any, job_id: str) -> dict[str, Any]:
+    """The job's `external`, once its trigger step has recorded it (a fast notebook
+    may call back before that)."""
+
+    async def recorded() -> Any:
+        return (await svc.job(job_id))["external"]
+
+    return await eventually(recorded, timeout=20)  # type: ignore[no-any-return]
+
+
+def callback_path(svc: Any, job_id: str) -> str:
+    return str(svc.tether.signer.url(f"{job_id}:1").removeprefix(svc.settings.base_url))
+
+
+# ── running a job ────────────────────────────────────────────────────────────
+
+
+async def test_a_job_succeeds_when_the_example_notebook_calls_back(
+    start_databricks, workspace: FakeWorkspace, finished
+):
+    workspace.add_job(7)
+    svc = await start_databricks()
+    await start_job(svc, "sales", {"job_id": 7, "job_parameters": {"table": "main.sales.orders"}})
+
+    job = await svc.wait_state("sales", "succeeded", timeout=30)
+    run = workspace.only_run()
+    assert job["result"] == {"table": "main.sales.orders", "rows": 42}
+    assert await external_of(svc, "sales") == {
+        "run_id": run.run_id,
+        "run_page_url": f"{workspace.url}/?o=1#job/7/run/{run.run_id}",
+    }
+    assert workspace.exits[run.run_id] == json.dumps(job["result"])
+    assert run.code == "SUCCESS"
+
+    [request] = workspace.calls(RUN_NOW)
+    parameters = request.body["job_parameters"]
+    assert parameters["table"] == "main.sales.orders"
+    assert parameters["tether_promise_id"] == "sales:1"
+    assert parameters["tether_job_id"] == "sales"
+    assert parameters["tether_callback_url"] == svc.tether.signer.url("sales:1")
+    token = request.body["idempotency_token"]
+    assert token.startswith("tether-") and len(token) <= 64
+    assert "token=" not in json.dumps(job)
+    await eventually(lambda: finished.of("sales") == ["succeeded"])
+
+
+async def test_a_job_fails_with_the_error_the_notebook_reports(
+    start_databricks, workspace: FakeWorkspace
+):
+    workspace.add_job(7)
+    svc = await start_databricks()
+    await start_job(svc, "missing", {"job_id": 7, "job_parameters": {"table": "main.sales.nope"}})
+
+    job = await svc.wait_state("missing", "failed", timeout=30)
+    assert job["error"]["type"] == "AnalysisException"
+    assert "TABLE_OR_VIEW_NOT_FOUND" in job["error"]["message"]
+    run = workspace.only_run()
+    await eventually(lambda: run.code == "RUN_EXECUTION_ERROR")  # the notebook re-raised
+
+
+async def test_a_one_time_run_gets_the_callback_url_as_notebook_parameters(
+    start_databricks, workspace: FakeWorkspace
+):
+    workspace.notebooks["/Workspace/Shared/tether_example"] = example_notebook
+    svc = await start_databricks()
+    task = {
+        "task_key": "main",
+        "existing_cluster_id": "1124-120000-abcd1234",
+        "notebook_task": {
+            "notebook_path": "/Workspace/Shared/tether_example",
+            "base_parameters": {"table": "main.sales.orders"},
+        },
+    }
+    await start_job(svc, "adhoc", {"submit": {"run_name": "adhoc", "tasks": [task]}})
+
+    job = await svc.wait_state("adhoc", "succeeded", timeout=30)
+    assert job["result"] == {"table": "main.sales.orders", "rows": 42}
+    [request] = workspace.calls(SUBMIT)
+    assert request.body["run_name"] == "adhoc"
+    assert request.body["idempotency_token"].startswith("tether-")
+    [sent] = request.body["tasks"]
+    assert sent["existing_cluster_id"] == task["existing_cluster_id"]
+    parameters = sent["notebook_task"]["base_parameters"]
+    assert parameters["table"] == "main.sales.orders"
+    assert parameters["tether_callback_url"] == svc.tether.signer.url("adhoc:1")
+    assert (await external_of(svc, "adhoc"))["run_id"] == workspace.only_run().run_id
+
+
+async def test_credentials_may_come_from_a_profile_the_settings_name(
+    start_databricks, workspace: FakeWorkspace, monkeypatch
+):
+    config = Path.home() / ".databrickscfg"  # HOME is the test's empty directory
+    config.write_text(f"[tether-prod]\nhost = {workspace.url}\ntoken = {workspace.token}\n")
+    monkeypatch.delenv("DATABRICKS_HOST")
+    monkeypatch.delenv("DATABRICKS_TOKEN")
+    monkeypatch.setenv("TETHER_DATABRICKS_PROFILE", "tether-prod")
+    workspace.add_job(7, notebook="quick")
+    workspace.notebooks["quick"] = silent("SUCCESS", after=0.05)
+    svc = await start_databricks()
+    await start_job(svc, "prof", {"job_id": 7, "check_interval": 1})
+    await svc.wait_state("prof", "succeeded", timeout=20)
+    assert all(seen.authorized for seen in workspace.seen)
+
+
+# ── lost callbacks, races and notifications ──────────────────────────────────
+
+
+async def test_a_lost_callback_is_settled_from_the_run_state(
+    start_databricks, workspace: FakeWorkspace, finished
+):
+    endings = {
+        "ok": ("SUCCESS", "", "succeeded"),
+        "crash": ("DRIVER_ERROR", "The Spark driver stopped unexpectedly.", "failed"),
+        "stopped": ("USER_CANCELED", "Run cancelled by alice@example.com.", "canceled"),
+        "skipped": ("SKIPPED", "An upstream task failed.", "failed"),
+    }
+    for n, (name, (code, message, _)) in enumerate(endings.items(), start=1):
+        workspace.notebooks[name] = silent(code, message)
+        workspace.add_job(n, notebook=name)
+    svc = await start_databricks()
+    for n, name in enumerate(endings, start=1):
+        await start_job(svc, name, {"job_id": n, "check_interval": 1})
+
+    for name, (code, message, state) in endings.items():
+        job = await svc.wait_state(name, state, timeout=20)
+        assert job["result"]["termination_code"] == code
+        if state != "succeeded":
+            assert job["error"]["type"] == code
+            assert message in job["error"]["message"]
+        assert finished.of(name) == [state]
+    assert len(workspace.runs) == 4
+    assert workspace.calls(GET_RUN, "GET")
+
+
+async def test_a_callback_and_a_status_check_racing_settle_once(
+    start_databricks, workspace: FakeWorkspace, finished
+):
+    answers: dict[str, httpx.Response] = {}
+    go = threading.Event()
+    slow_check = workspace.delay(GET_RUN)
+    slow_check.times = 0  # armed later: the second job's status check, after its trigger's read
+
+    def poll_first(ws: FakeWorkspace, run: Any) -> None:
+        run.start()
+        run.end("SUCCESS")
+        go.wait(20)  # until the status check has settled the job
+        url = run.parameters["tether_callback_url"]
+        answers["first"] = httpx.post(url, json={"result": "late"}, trust_env=False)
+
+    def callback_first(ws: FakeWorkspace, run: Any) -> None:
+        run.start()
+        run.end("SUCCESS")
+        slow_check.reached.wait(20)  # a status check has read the run; its answer waits
+        url = run.parameters["tether_callback_url"]
+        answers["second"] = httpx.post(url, json={"result": "early"}, trust_env=False)
+        slow_check.release.set()
+
+    workspace.notebooks |= {"poll-first": poll_first, "callback-first": callback_first}
+    workspace.add_job(1, notebook="poll-first")
+    workspace.add_job(2, notebook="callback-first")
+    svc = await start_databricks()
+
+    await start_job(svc, "first", {"job_id": 1, "check_interval": 1})
+    job = await svc.wait_state("first", "succeeded", timeout=20)
+    assert job["result"]["termination_code"] == "SUCCESS"  # the status check won
+    go.set()
+    await eventually(lambda: "first" in answers)
+    assert answers["first"].status_code == 409
+    assert answers["first"].json()["outcome"] == "conflict"
+
+    slow_check.times, slow_check.skip = 1, 1
+    await start_job(svc, "second", {"job_id": 2, "check_interval": 1})
+    await eventually(lambda: slow_check.release.is_set(), timeout=20)
+    job = await svc.wait_state("second", "succeeded")
+    assert answers["second"].json()["outcome"] == "accepted"
+    await eventually(slow_check.answered.is_set)  # the check read SUCCESS, and lost the race
+    await asyncio.sleep(0.3)
+    assert (await svc.job("second")) == job  # its later settle changed nothing
+    assert job["result"] == "early"
+    for name in ("first", "second"):
+        assert finished.of(name) == ["succeeded"]
+        assert (await svc.job(name))["state"] == "succeeded"
+
+
+async def test_a_databricks_notification_is_checked_not_trusted(
+    start_databricks, workspace: FakeWorkspace
+):
+    workspace.add_job(7, notebook="hang")
+    svc = await start_databricks()
+    await start_job(svc, "hinted", {"job_id": 7, "check_interval": 3600})
+    job = await svc.wait_state("hinted", "running", timeout=20)
+    run_id = job["external"]["run_id"]
+    path = callback_path(svc, "hinted")
+
+    note = {
+        "event_type": "jobs.on_success",
+        "workspace_id": "1234567890",
+        "run": {"run_id": str(run_id)},  # ids may come as strings
+        "job": {"job_id": 7, "name": "job-7"},
+    }
+    answer = await svc.client.post(path, json=note)  # the run is still going: noted, no change
+    assert answer.status_code == 202
+    assert answer.json()["outcome"] == "noted"
+    assert "has not ended" in answer.json()["message"]
+    other = await svc.client.post(path, json={**note, "run": {"run_id": 999}})
+    assert other.status_code == 422 and "is about run 999" in other.json()["error"]["message"]
+    broken = await svc.client.post(path, json={"event_type": "jobs.on_failure", "run": {}})
+    assert broken.status_code == 422 and "run.run_id" in broken.json()["error"]["message"]
+    assert (await svc.job("hinted"))["state"] == "running"
+
+    workspace.end(run_id, "RUN_EXECUTION_ERROR", "Task main failed: ZeroDivisionError")
+    # the hint says success; the run says failure; the next poll is an hour away
+    answer = await svc.client.post(path, json=note)
+    assert answer.status_code == 202
+    job = answer.json()["job"]
+    assert job["state"] == "failed"  # what the run says, not the hint, and at once
+    assert "ZeroDivisionError" in job["error"]["message"]
+    assert (await svc.job("hinted"))["state"] == "failed"
+
+
+# ── exactly one run ──────────────────────────────────────────────────────────
+
+
+async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
+    start_databricks, workspace: FakeWorkspace
+):
+    workspace.add_job(7)
+    dropped = workspace.drop(RUN_NOW)
+    svc = await start_databricks()
+    await start_job(svc, "drop", {"job_id": 7, "job_parameters": {"table": "main.sales.orders"}})
+
+    await svc.wait_state("drop", "succeeded", timeout=30)
+    external = await external_of(svc, "drop")
+    assert dropped.reached.is_set()
+    calls = workspace.calls(RUN_NOW)
+    assert len(calls) == 2  # the SDK sent it again after the connection closed
+    assert len({c.body["idempotency_token"] for c in calls}) == 1
+    assert external["run_id"] == workspace.only_run().run_id
+
+
+def test_the_idempotency_token_is_stable_per_job_and_differs_between_jobs():
+    job = msgspec.convert(
+        {
+            "id": "j", "backend": "databricks", "state": "pending", "params": {},
+            "metadata": {}, "timeout": 1.0, "external": None, "result": None,
+            "error": None, "created_at": "2026-11-24T10:00:00.123Z",
+            "updated_at": "2026-11-24T10:00:00.123Z", "finished_at": None,
+        },
+        Job,
+    )  # fmt: skip
+    trigger = Trigger(
+        job=job, params=None, promise_id="j:1", callback_url="", idempotency_key="j:1"
+    )
+    token = idempotency_token(trigger)
+    assert token == idempotency_token(msgspec.structs.replace(trigger)) and len(token) <= 64
+    reused_id = msgspec.structs.replace(
+        trigger, job=msgspec.structs.replace(job, created_at=job.created_at.replace(year=2027))
+    )
+    assert idempotency_token(reused_id) != token
+
+
+# ── cancel and timeout ───────────────────────────────────────────────────────
+
+
+async def test_cancel_cancels_the_databricks_run(start_databricks, workspace: FakeWorkspace):
+    workspace.add_job(7, notebook="hang")
+    svc = await start_databricks()
+    await start_job(svc, "stop", {"job_id": 7})
+    job = await svc.wait_state("stop", "running", timeout=20)
+
+    assert (await svc.client.post("/jobs/stop/cancel")).status_code == 200
+    run = workspace.only_run()
+    await eventually(lambda: run.code == "USER_CANCELED")
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": job["external"]["run_id"]}]
+    assert (await svc.job("stop"))["state"] == "canceled"
+
+
+async def test_a_timeout_cancels_the_databricks_run(start_databricks, workspace: FakeWorkspace):
+    workspace.add_job(7, notebook="hang")
+    svc = await start_databricks()
+    await start_job(svc, "slow", {"job_id": 7}, timeout=2)
+
+    job = await svc.wait_state("slow", "timed_out", timeout=20)
+    run = workspace.only_run()
+    await eventually(lambda: run.code == "USER_CANCELED")
+    assert job["external"]["run_id"] == run.run_id
+
+
+# ── bad params and refusals ──────────────────────────────────────────────────
+
+TASK = {"task_key": "t", "notebook_task": {"notebook_path": "/x"}}
+BAD_PARAMS = [
+    ({}, "exactly one of `job_id`", "params"),
+    ({"job_id": 1, "submit": {"tasks": [TASK]}}, "exactly one of", "params"),
+    ({"job_id": "7"}, "Expected `int | null`, got `str`", "params.job_id"),
+    ({"job_id": 7, "jobparameters": {}}, "unknown field `jobparameters`", "params"),
+    (
+        {"job_id": 7, "job_parameters": {"n": 1}},
+        "Expected `str`, got `int`",
+        "params.job_parameters",
+    ),
+    (
+        {"job_id": 7, "job_parameters": {"tether_callback_url": "x"}},
+        "must not set tether_callback_url",
+        "params",
+    ),
+    ({"job_id": 7, "check_interval": 0.01}, "`check_interval` must be at least 1", "params"),
+    ({"submit": {"tasks": []}}, "at least one task", "params.submit"),
+    ({"submit": {"tasks": [{"notebook_task": {}}]}}, "needs a `task_key`", "params.submit"),
+    ({"submit": {"tasks": [TASK], "name": "x"}}, "unknown field `name`", "params.submit"),
+    ({"submit": {"tasks": [TASK, TASK]}}, "used twice", "params.submit"),
+]
+
+
+async def test_bad_params_are_refused_naming_the_field(start_databricks, workspace: FakeWorkspace):
+    svc = await start_databricks()
+    for params, message, where in BAD_PARAMS:
+        response = await svc.client.post("/jobs", json={"backend": "databricks", "params": params})
+        assert response.status_code == 422, (params, response.text)
+        text = response.json()["error"]["message"]
+        assert message in text and f"at `{where}" in text, (params, text)
+    assert workspace.seen == []
+
+
+async def test_a_misspelt_field_of_a_one_time_run_fails_the_job_before_any_run(
+    start_databricks, workspace: FakeWorkspace
+):
+    svc = await start_databricks()
+    task = {"task_key": "t", "notebook_task": {"notebook_path": "/x", "base_paramters": {"a": "b"}}}
+    await start_job(svc, "typo", {"submit": {"tasks": [task]}})
+    job = await svc.wait_state("typo", "failed", timeout=20)
+    assert "`submit.tasks[0].notebook_task.base_paramters`" in job["error"]["message"]
+    assert job["error"]["type"] == "INVALID_PARAMETER_VALUE"
+    assert workspace.seen == []
+
+
+async def test_databricks_refusals_fail_the_job_with_its_error_code_and_message(
+    start_databricks, workspace: FakeWorkspace
+):
+    workspace.add_job(7)
+    workspace.add_job(8, tether_parameters=False)
+    denied = "User alice@example.com does not have Manage Run permissions on Job 7."
+    workspace.fail(RUN_NOW, 403, "PERMISSION_DENIED", denied)
+    svc = await start_databricks()
+    cases = {
+        "denied": (7, "PERMISSION_DENIED", denied),
+        "absent": (404, "RESOURCE_DOES_NOT_EXIST", "Job 404 does not exist."),
+        "undefined": (8, "INVALID_PARAMETER_VALUE", "are not defined in job 8"),
+    }
+    for name, (job_id, _, _) in cases.items():
+        await start_job(svc, name, {"job_id": job_id})
+        await svc.wait_state(name, "failed", timeout=20)  # one at a time: the fault is for 7
+    for name, (_, code, message) in cases.items():
+        job = await svc.job(name)
+        assert job["error"]["type"] == code
+        assert message in job["error"]["message"]
+        assert job["external"] is None
+    assert len(workspace.calls(RUN_NOW)) == 3  # none of them retried
+    assert workspace.runs == {}
+
+
+async def test_a_wrong_token_fails_the_job_and_appears_nowhere(
+    start_databricks, workspace: FakeWorkspace, monkeypatch, logs
+):
+    wrong = "dapi" + "f" * 32
+    monkeypatch.setenv("DATABRICKS_TOKEN", wrong)
+    workspace.echo_credentials = True  # the workspace's error message repeats it
+    workspace.add_job(7)
+    svc = await start_databricks()
+    await start_job(svc, "auth", {"job_id": 7})
+
+    job = await svc.wait_state("auth", "failed", timeout=20)
+    assert job["error"]["type"] == "PERMISSION_DENIED"
+    assert "Invalid access token." in job["error"]["message"]
+    listed = (await svc.client.get("/jobs")).text
+    assert "< 403 Forbidden" not in logs.text  # the SDK's request dumps stay off
+    assert "job auth finished: failed" in logs.text
+    for text in (json.dumps(job), listed, logs.text):
+        assert wrong not in text
+        assert workspace.token not in text
+
+
+async def test_missing_credentials_fail_the_job_saying_so(
+    start_databricks, workspace: FakeWorkspace, monkeypatch
+):
+    monkeypatch.delenv("DATABRICKS_HOST")
+    monkeypatch.delenv("DATABRICKS_TOKEN")
+    svc = await start_databricks()
+    await start_job(svc, "nocreds", {"job_id": 7})
+    job = await svc.wait_state("nocreds", "failed", timeout=20)
+    assert job["error"]["type"] == "databricks_config"
+    assert "Databricks client configuration" in job["error"]["message"]
+    assert workspace.seen == []
+
+
+async def test_an_unreachable_workspace_fails_the_trigger_after_bounded_retries(
+    start_databricks, workspace: FakeWorkspace, monkeypatch
+):
+    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TETHER_DATABRICKS_RETRY_TIMEOUT", "1")
+    svc = await start_databricks(trigger_attempts=2)
+    started = time.monotonic()
+    await start_job(svc, "down", {"job_id": 7})
+    job = await svc.wait_state("down", "failed", timeout=30)
+    assert time.monotonic() - started < 20
+    assert job["error"]["type"] == "timeout"
+    assert "Databricks did not answer" in job["error"]["message"]
+
+
+async def test_throttling_and_unavailability_are_retried_honouring_retry_after(
+    start_databricks, workspace: FakeWorkspace, monkeypatch, logs
+):
+    workspace.add_job(7)
+    params = {"job_id": 7, "job_parameters": {"table": "main.sales.orders"}}
+
+    # Within its retry budget the SDK itself waits and tries again.
+    workspace.fail(RUN_NOW, 503, "TEMPORARILY_UNAVAILABLE", "try later", retry_after=1)
+    svc = await start_databricks()
+    await start_job(svc, "inner", params)
+    await svc.wait_state("inner", "succeeded", timeout=20)
+    first, second = workspace.calls(RUN_NOW)
+    assert second.at - first.at >= 1
+    assert "trigger attempt" not in logs.text
+
+    # Past it, Tether retries the trigger itself, waiting at least Retry-After.
+    monkeypatch.setenv("TETHER_DATABRICKS_RETRY_TIMEOUT", "1")
+    workspace.seen.clear()
+    workspace.fail(RUN_NOW, 429, "REQUEST_LIMIT_EXCEEDED", "slow down", retry_after=1)
+    svc = await start_databricks()
+    await start_job(svc, "outer", params)
+    await svc.wait_state("outer", "succeeded", timeout=30)
+    await external_of(svc, "outer")
+    first, second = workspace.calls(RUN_NOW)
+    assert second.at - first.at >= 1
+    assert "job outer: trigger attempt 1/4 failed (slow down" in logs.text
+    assert "again in 1.0s" in logs.text
+    assert first.body["idempotency_token"] == second.body["idempotency_token"]
+    assert len(workspace.runs) == 2  # one per job
+
+
+# ── the plugin itself ────────────────────────────────────────────────────────
+
+
+def test_registering_the_plugin_reads_settings_only(workspace: FakeWorkspace):
+    plugins = Plugins(make_plugin_manager(entry_points=False, extra=DATABRICKS_PLUGIN))
+    assert sorted(plugins.backends) == ["databricks", "http_webhook"]
+    assert plugins.backends["databricks"].workspace._client is None  # type: ignore[attr-defined]
+    assert workspace.seen == []
+
+
+def test_bad_plugin_settings_stop_the_service_naming_the_variable():
+    with pytest.raises(ValueError, match="TETHER_DATABRICKS_RETRY_TIMEOUT"):
+        DatabricksSettings.from_env({"TETHER_DATABRICKS_RETRY_TIMEOUT": "soon"})
+    with pytest.raises(ValueError, match="TETHER_DATABRICKS_HTTP_TIMEOUT"):
+        DatabricksSettings.from_env({"TETHER_DATABRICKS_HTTP_TIMEOUT": "0"})
+    settings = DatabricksSettings.from_env({"TETHER_DATABRICKS_PROFILE": "prod"})
+    assert (settings.profile, settings.retry_timeout, settings.http_timeout) == ("prod", 60, 30.0)
+
+
+def test_error_messages_are_scrubbed_of_credentials(monkeypatch):
+    monkeypatch.setenv("DATABRICKS_TOKEN", "s3cr3t-token-value")
+    scrub = Workspace(DatabricksSettings()).scrub
+    text = scrub(
+        "denied for s3cr3t-token-value; Authorization: Bearer abc.def;"
+        ' url=https://t/cb?x=1&token=T0K {"token": "zzz"} dapi0123456789abcdef0123'
+        ' Request log:```GET /x\n> {"job_parameters": 1}```'
+    )
+    for secret in ("s3cr3t-token-value", "abc.def", "T0K", "zzz", "dapi0123", "job_parameters"):
+        assert secret not in text
+    assert scrub("x" * 5000).endswith("…") and len(scrub("x" * 5000)) == 1000
+
+
+def test_the_one_time_run_fields_are_those_of_the_sdk():
+    sdk = set(typing.get_type_hints(JobsAPI.submit)) - {"return", "idempotency_token"}
+    assert set(SubmitRun.__struct_fields__) == sdk
+
+
+RUN_STATES = [
+    # (status, state) → (outcome status, code) or None while the run goes on
+    ({"state": "RUNNING"}, {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"}, None),
+    ({"state": "TERMINATING"}, None, None),
+    ({"state": "SOMETHING_NEW"}, {"life_cycle_state": "RUNNING"}, None),
+    (None, {"life_cycle_state": "SOMETHING_NEW"}, None),
+    (None, None, None),
+    (
+        {"state": "TERMINATED", "termination_details": {"code": "RUN_EXECUTION_ERROR"}},
+        {"life_cycle_state": "INTERNAL_ERROR", "result_state": "FAILED"},
+        ("failed", "RUN_EXECUTION_ERROR"),
+    ),
+    (
+        {"state": "TERMINATED", "termination_details": {"code": "SUCCESS_WITH_FAILURES"}},
+        None,
+        ("succeeded", "SUCCESS_WITH_FAILURES"),
+    ),
+    (
+        {"state": "TERMINATED", "termination_details": {"code": "CANCELED"}},
+        None,
+        ("canceled", "CANCELED"),
+    ),
+    (
+        {"state": "TERMINATED", "termination_details": {"code": "A_NEW_CODE"}},
+        {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"},
+        ("succeeded", "SUCCESS"),
+    ),
+    (
+        {"state": "TERMINATED", "termination_details": {"code": "A_NEW_CODE"}},
+        None,
+        ("failed", "UNKNOWN"),
+    ),
+    (None, {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"}, ("succeeded", "SUCCESS")),
+    (None, {"life_cycle_state": "TERMINATED", "result_state": "TIMEDOUT"}, ("failed", "TIMEDOUT")),
+    (
+        None,
+        {"life_cycle_state": "TERMINATED", "result_state": "CANCELED"},
+        ("canceled", "CANCELED"),
+    ),
+    (
+        None,
+        {"life_cycle_state": "TERMINATED", "result_state": "UPSTREAM_FAILED"},
+        ("failed", "UPSTREAM_FAILED"),
+    ),
+    (None, {"life_cycle_state": "SKIPPED"}, ("failed", "SKIPPED")),
+    (None, {"life_cycle_state": "INTERNAL_ERROR"}, ("failed", "INTERNAL_ERROR")),
+]
+
+
+@pytest.mark.parametrize(("status", "state", "expected"), RUN_STATES)
+def test_run_states_are_read_from_status_first(status, state, expected):
+    body: dict[str, Any] = {"run_id": 5}
+    if status is not None:
+        body["status"] = status
+    if state is not None:
+        body["state"] = {**state, "state_message": "msg"}
+    outcome = outcome_of_run(Run.from_dict(body))
+    if expected is None:
+        assert outcome is None
+    else:
+        assert outcome is not None
+        assert (outcome.status, outcome.result["termination_code"]) == expected
+        if outcome.status != "succeeded":
+            assert outcome.error is not None and outcome.error.type == expected[1]
+            assert "Databricks run 5" in outcome.error.message
+
+
+def test_the_docs_show_the_tested_example_notebook():
+    docs = (ROOT / "docs" / "databricks.md").read_text()
+    blocks = [b.strip() for b in re.findall(r"```python\n(.*?)```", docs, re.S)]
+    assert EXAMPLE_NOTEBOOK.read_text().strip() in blocks, "docs/databricks.md drifted"
+    for name in ("tether_callback_url", "tether_promise_id", "tether_job_id", "check_interval"):
+        assert f"`{name}`" in docs
+    for variable in DatabricksSettings.__struct_fields__:
+        assert f"TETHER_DATABRICKS_{variable.upper()}" in docs
+    assert DatabricksParams.__struct_fields__ == (
+        "job_id",
+        "job_parameters",
+        "submit",
+        "check_interval",
+    )
