@@ -141,6 +141,7 @@ class Tether:
             group=self.settings.group,
             pid=self.pid,
             ttl=timedelta(seconds=self.settings.task_ttl),
+            max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
         )
         r.register(

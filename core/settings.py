@@ -63,6 +63,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     renews it every half of that while alive. After a crash, another worker
     takes the step over within this time."""
 
+    max_concurrent_tasks: int = 64
+    """Workflow steps (triggers, finishes) one process runs at once; past it,
+    new work waits in the store while reads and callbacks are still answered."""
+
     group: str = "tether"
     """Resonate group the service's workers join; processes sharing a store and a
     group share the work."""

@@ -168,6 +168,34 @@ def test_a_job_whose_deadline_passes_while_the_service_is_down_times_out(tmp_pat
         second.kill()
 
 
+def test_sigterm_drains_and_loses_nothing(tmp_path, receiver):
+    def respond(hit: Hit) -> tuple[int, Any]:
+        time.sleep(1)  # a slow external system: the trigger is in flight at SIGTERM
+        return 202, {}
+
+    receiver.respond = respond
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "term")
+        deadline = time.monotonic() + 10
+        while not receiver.hits and time.monotonic() < deadline:
+            time.sleep(0.02)
+    started = time.monotonic()
+    assert first.terminate(wait=20) in (0, -15)
+    assert time.monotonic() - started < 15
+    assert "Application shutdown complete" in first.log.read_text()
+
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:
+            wait_for(client, "term", "running")
+            callback(receiver, "term", {"status": "succeeded"})
+            wait_for(client, "term", "succeeded")
+    finally:
+        second.kill()
+    assert {h.body["idempotency_key"] for h in receiver.hits} == {"term:1"}
+
+
 def _quietly(fn: Any, *args: Any) -> None:
     with contextlib.suppress(httpx.HTTPError):
         fn(*args)
