@@ -10,11 +10,28 @@ from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from api.errors import ErrorBody
+from api.errors import ErrorBody, ErrorResponse
 from core.models import Job, JobPage, JobRequest, JobState
 from core.service import Tether
+
+
+def errors(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error answers a route may give."""
+    return {c: ResponseSpec(ErrorResponse, description=ERROR_TEXT[c]) for c in codes}
+
+
+ERROR_TEXT = {
+    400: "Malformed request",
+    401: "Missing or invalid token",
+    404: "Not found",
+    409: "Conflicts with what is recorded; nothing changed",
+    413: "Body too large",
+    422: "Invalid request; the message names what is wrong",
+    503: "The store did not answer",
+}
 
 
 def tether(request: Request[Any, Any, Any]) -> Tether:
@@ -38,7 +55,14 @@ class JobController(Controller):
     guards = [require_api_token]  # noqa: RUF012 (Litestar reads it as a class attribute)
     tags = ["jobs"]  # noqa: RUF012
 
-    @post("/", status_code=201)
+    @post(
+        "/",
+        status_code=201,
+        responses={
+            200: ResponseSpec(Job, description="The same request again: the existing job"),
+            **errors(400, 401, 409, 413, 422, 503),
+        },
+    )
     async def create(
         self, request: Request[Any, Any, Any], data: JSONBody[JobRequest]
     ) -> Response[Job]:
@@ -48,7 +72,7 @@ class JobController(Controller):
         job, created = await tether(request).create_job(data)
         return Response(job, status_code=201 if created else 200)
 
-    @get("/")
+    @get("/", responses=errors(400, 401, 422, 503))
     async def list_jobs(
         self,
         request: Request[Any, Any, Any],
@@ -61,12 +85,12 @@ class JobController(Controller):
         `next_cursor` back as `cursor` for the next page."""
         return await tether(request).list_jobs(job_state, backend, limit, cursor)
 
-    @get("/{job_id:str}")
+    @get("/{job_id:str}", responses=errors(400, 401, 404, 503))
     async def get_job(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
         """One job."""
         return await tether(request).get_job(job_id)
 
-    @post("/{job_id:str}/cancel", status_code=200)
+    @post("/{job_id:str}/cancel", status_code=200, responses=errors(400, 401, 404, 409, 503))
     async def cancel(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
         """Cancel a waiting job: it becomes `canceled` and its backend is asked
         to stop the external run. 409 when the job already finished."""
@@ -94,7 +118,16 @@ class CallbackController(Controller):
     path = "/callbacks"
     tags = ["callbacks"]  # noqa: RUF012
 
-    @post("/{promise_id:str}", status_code=200)
+    @post(
+        "/{promise_id:str}",
+        status_code=200,
+        responses={
+            202: ResponseSpec(CallbackResponse, description="A hint: the backend was asked"),
+            409: ResponseSpec(CallbackResponse, description="A different outcome came first"),
+            410: ResponseSpec(CallbackResponse, description="The job was canceled or timed out"),
+            **errors(400, 401, 404, 413, 422, 503),
+        },
+    )
     async def settle(
         self,
         request: Request[Any, Any, Any],
@@ -122,7 +155,7 @@ class CallbackController(Controller):
         )
 
 
-@get("/health", tags=["health"])
+@get("/health", tags=["health"], responses=errors(503))
 async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """200 `{"status": "ok", ...}` when the store answers, else 503."""
     return await tether(request).health()
