@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
@@ -29,9 +29,19 @@ ERROR_TEXT = {
     404: "Not found",
     409: "Conflicts with what is recorded; nothing changed",
     413: "Body too large",
+    415: "The body is not sent as application/json",
     422: "Invalid request; the message names what is wrong",
     503: "The store did not answer",
 }
+
+
+def require_json(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """A body sent as something other than JSON is refused (415), not guessed at."""
+    media = connection.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media != "application/json" and not media.endswith("+json"):
+        raise HTTPException(
+            status_code=415, detail=f"send the body as application/json, not {media[:100]!r}"
+        )
 
 
 def tether(request: Request[Any, Any, Any]) -> Tether:
@@ -58,9 +68,10 @@ class JobController(Controller):
     @post(
         "/",
         status_code=201,
+        guards=[require_json],
         responses={
             200: ResponseSpec(Job, description="The same request again: the existing job"),
-            **errors(400, 401, 409, 413, 422, 503),
+            **errors(400, 401, 409, 413, 415, 422, 503),
         },
     )
     async def create(

@@ -79,6 +79,10 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     return error_response(exc.status_code, code, exc.detail)
 
 
+def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    return error_response(400, "invalid_request", "JSON nested too deeply")
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error(
         "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc
@@ -90,5 +94,6 @@ EXCEPTION_HANDLERS: Any = {
     TetherError: tether_error,
     ValidationException: validation_error,
     HTTPException: http_error,
+    RecursionError: too_deep,
     Exception: internal_error,
 }

@@ -344,6 +344,8 @@ class Tether:
             decoded = msgspec.json.decode(body) if body.strip() else {}
         except msgspec.DecodeError as exc:
             raise MalformedBody(f"the callback body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise MalformedBody("the callback body is JSON nested too deeply") from None
         backend = self.plugins.backends.get(rec.backend)
         if backend is not None:
             try:

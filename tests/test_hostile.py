@@ -1,0 +1,102 @@
+"""Hostile input: each gets a clear 4xx and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_callbacks import started
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (
+            '{"backend": "http_webhook", "params": {"url": "http://x", "payload": ' + DEEP + "}}",
+            "application/json",
+            400,
+        ),
+        ('{"backend": "http_webhook", "params": {"url": "http://x"}}', "text/plain", 415),
+        ("backend=http_webhook", "application/x-www-form-urlencoded", 415),
+        (
+            '{"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": 1e400}',
+            "application/json",
+            400,
+        ),
+        (
+            '{"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": NaN}',
+            "application/json",
+            400,
+        ),
+        ("null", "application/json", 400),
+        (b"\xc3\x28", "application/json", 400),
+    ],
+)
+async def test_hostile_job_requests_are_refused_and_change_nothing(
+    start_service, receiver, content, content_type, status
+):
+    svc = await start_service()
+    body = content.encode() if isinstance(content, str) else content
+    response = await svc.client.post("/jobs", content=body, headers={"content-type": content_type})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+    assert (await svc.client.get("/jobs")).json()["items"] == []
+    assert receiver.hits == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/jobs/a%2Fb",
+        "/jobs/%00",
+        "/jobs/" + "x" * 3000,
+        "/callbacks/%2F..%2F?token=x",
+    ],
+)
+async def test_odd_paths_are_404(start_service, path):
+    svc = await start_service()
+    response = (
+        await svc.client.get(path)
+        if path.startswith("/jobs")
+        else await svc.client.post(path, json={})
+    )
+    assert response.status_code in (401, 404)
+    assert response.json()["error"]["code"] in ("not_found", "unauthorized")
+
+
+async def test_a_deeply_nested_callback_is_refused(start_service, receiver):
+    svc = await start_service()
+    path = await started(svc, receiver)
+    response = await svc.client.post(
+        path, content=DEEP.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["error"]["message"]
+    assert (await svc.job("cb"))["state"] == "running"
+
+
+async def test_secrets_never_reach_job_records_or_listings(start_service, receiver, caplog):
+    caplog.set_level("DEBUG")
+    svc = await start_service(callback_secret="very-secret-key", api_token="api-token-123")
+    headers = {"authorization": "Bearer api-token-123"}
+    svc.client.headers.update(headers)
+    receiver.respond = lambda hit: (200, {"echo": hit.body, "headers": hit.headers})
+    await svc.client.post(
+        "/jobs",
+        headers=headers,
+        json={"id": "s", "backend": "http_webhook", "params": {"url": receiver.url()}},
+    )
+    job = await svc.wait_state("s", "running")
+    token = receiver.hits[0].body["callback_url"].split("token=")[1]
+    texts = [
+        str(job),
+        (await svc.client.get("/jobs", headers=headers)).text,
+        caplog.text,
+        repr(svc.tether),
+        repr(svc.tether.signer),
+    ]
+    for text in texts:
+        for secret in ("very-secret-key", token, "api-token-123"):
+            assert secret not in text
