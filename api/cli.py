@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from core.errors import StoreUnavailable
+from core.errors import StoreUnavailable, TetherError
 from core.settings import Settings
 from core.store import StoreConfigError, open_store
 
@@ -24,11 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the store (default 1)"
     )
+    gc = sub.add_parser("gc", help="delete finished jobs older than a number of days")
+    gc.add_argument(
+        "--older-than", type=float, required=True, metavar="DAYS", help="age in days (at least 1)"
+    )
     args = parser.parse_args(argv)
 
-    if args.host:
+    if getattr(args, "host", None):
         os.environ["TETHER_HOST"] = args.host
-    if args.port:
+    if getattr(args, "port", None):
         os.environ["TETHER_PORT"] = str(args.port)
     try:
         settings = Settings.from_env()
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "gc":
+        return asyncio.run(collect_garbage(settings, args.older_than * 86400))
     problem = asyncio.run(preflight(settings))
     if problem:
         print(f"tether: {problem}", file=sys.stderr)
@@ -54,6 +60,28 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    return 0
+
+
+async def collect_garbage(settings: Settings, older_than: float) -> int:
+    """`tether gc`: delete old finished jobs, safe while services run."""
+    from core.plugins import Plugins, make_plugin_manager
+    from core.service import Tether
+
+    try:
+        store = await open_store(settings, "gc")
+    except (StoreConfigError, StoreUnavailable) as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+    tether = Tether(settings, Plugins(make_plugin_manager()), store, "gc")  # not started
+    try:
+        jobs, promises = await tether.collect_garbage(older_than)
+    except TetherError as exc:
+        print(f"tether: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    print(f"deleted {jobs} finished jobs and {promises} promises")
     return 0
 
 

@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
@@ -62,6 +63,8 @@ MAX_PAGE = 1000
 WATCHDOG_BATCH = 200
 WATCHDOG_CONCURRENCY = 16
 CHECK_NOW_TIMEOUT = 30.0
+MIN_RETENTION = 86_400.0
+GC_EVERY = 3600.0
 
 
 class CallbackResult(msgspec.Struct, frozen=True):
@@ -481,6 +484,31 @@ class Tether:
         value = {**msgspec.to_builtins(outcome), "by": by, "nonce": uuid.uuid4().hex}
         await self.r.promises.resolve(promise_id, Value(data=value))
 
+    # ── retention ────────────────────────────────────────────────────────────
+
+    async def collect_garbage(self, older_than: float) -> tuple[int, int]:
+        """Delete jobs finished more than `older_than` seconds ago, with their
+        promises; nothing open is touched. Returns (jobs, promises) deleted.
+
+        Promises go first and with an hour's more reach than the job rows
+        (a job's workflow ends at most an hour after the job does): a job row
+        is never gone while its workflow's promises remain, or a later start
+        with the same id would find an old, finished workflow and never run.
+        """
+        if older_than < MIN_RETENTION:
+            raise InvalidRequest(f"keep finished jobs at least {MIN_RETENTION:g} seconds")
+        gc = getattr(self.store.connection, "gc", None)
+        if gc is None:
+            raise InvalidRequest(f"the {self.store.kind} store does not support retention yet")
+        grace = orchestrator.ROOT_GRACE_MS
+        promises = await gc(int(older_than * 1000) - grace)
+        before, jobs = now_ms() - int(older_than * 1000), 0
+        while ids := await self.jobs.delete_finished(before, 500):
+            jobs += len(ids)
+        if jobs or promises:
+            log.info("retention: deleted %d finished jobs and %d promises", jobs, promises)
+        return jobs, promises
+
     # ── the watchdog ─────────────────────────────────────────────────────────
 
     async def _watch(self) -> None:
@@ -496,8 +524,15 @@ class Tether:
                 except Exception as exc:
                     log.warning("watchdog: job %s: %s", rec.id, type(exc).__name__)
 
+        last_gc = 0.0
         while True:
             await asyncio.sleep(self.settings.watchdog_interval)
+            if self.settings.retention and time.monotonic() - last_gc > GC_EVERY:
+                last_gc = time.monotonic()
+                try:
+                    await self.collect_garbage(self.settings.retention)
+                except Exception as exc:
+                    log.warning("retention: %s", getattr(exc, "message", type(exc).__name__))
             try:
                 now = now_ms()
                 due = await self.jobs.due(now, WATCHDOG_BATCH)

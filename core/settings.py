@@ -67,6 +67,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Workflow steps (triggers, finishes) one process runs at once; past it,
     new work waits in the store while reads and callbacks are still answered."""
 
+    retention: float = 0.0
+    """Seconds a finished job is kept; older ones are deleted with their
+    promises by the watchdog (hourly) and by `tether gc`. 0 keeps them forever.
+    At least a day when set: within it, a duplicate start still reattaches."""
+
     group: str = "tether"
     """Resonate group the service's workers join; processes sharing a store and a
     group share the work."""
