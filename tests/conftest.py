@@ -28,6 +28,7 @@ from core.plugins import make_plugin_manager
 from core.settings import Settings
 
 PG_TEMPLATE_DSN = os.environ.get("TETHER_TEST_PG_DSN", "")
+TEST_STORES = os.environ.get("TETHER_TEST_STORES", "sqlite")
 for _name in [n for n in os.environ if n.startswith(("TETHER_", "DATABRICKS_"))]:
     del os.environ[_name]
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -188,11 +189,12 @@ def test_settings(**overrides: Any) -> Settings:
 test_settings.__test__ = False  # type: ignore[attr-defined]
 
 
-STORES = ["memory"]
-"""Every test that starts a service runs once per store. Set TETHER_TEST_PG_DSN
-(`postgresql://user@host:port/db`, a database with resonate-pg's resonate.sql
-applied, whose user may CREATE DATABASE) to add Postgres: each test then gets
-a fresh database copied from it as a template."""
+STORES = TEST_STORES.split(",")
+"""The stores every test that starts a service runs on: the embedded store by
+default; `TETHER_TEST_STORES=sqlite,memory` adds the in-memory one. Set
+TETHER_TEST_PG_DSN (`postgresql://user@host:port/db`, a database with
+resonate-pg's resonate.sql applied, whose user may CREATE DATABASE) to add
+Postgres: each test then gets a fresh database copied from it as a template."""
 if PG_TEMPLATE_DSN:
     STORES.append("postgres")
 

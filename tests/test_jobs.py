@@ -348,3 +348,27 @@ async def test_a_receiver_echoing_the_request_does_not_leak_the_token(start_serv
     token = receiver.hits[0].body["callback_url"].split("token=")[1]
     assert token not in str(job)
     assert job["external"]["response"]["echo"]["callback_url"].endswith("token=***")
+
+
+async def test_the_memory_store_runs_jobs_to_every_end(start_service, receiver):
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/ok" else None
+    svc = await start_service(store="memory://")
+    for job_id, path, timeout in (
+        ("ok", "/ok", 60),
+        ("cancel", "/wait", 60),
+        ("late", "/wait", 0.3),
+    ):
+        await svc.client.post(
+            "/jobs",
+            json={
+                "id": job_id,
+                "backend": "http_webhook",
+                "timeout": timeout,
+                "params": {"url": receiver.url(path)},
+            },
+        )
+    await svc.wait_state("cancel", "running")
+    assert (await svc.client.post("/jobs/cancel/cancel")).status_code == 200
+    assert (await svc.wait_state("ok", "succeeded"))["state"] == "succeeded"
+    assert (await svc.wait_state("late", "timed_out"))["state"] == "timed_out"
+    assert (await svc.job("cancel"))["state"] == "canceled"

@@ -169,7 +169,7 @@ async def test_a_lost_callback_is_settled_from_the_run_state(
         if state != "succeeded":
             assert job["error"]["type"] == code
             assert message in job["error"]["message"]
-        assert finished.of(name) == [state]
+        await eventually(lambda name=name, state=state: finished.of(name) == [state])
     assert len(workspace.runs) == 4
     assert workspace.calls(GET_RUN, "GET")
 
@@ -220,7 +220,7 @@ async def test_a_callback_and_a_status_check_racing_settle_once(
     assert (await svc.job("second")) == job  # its later settle changed nothing
     assert job["result"] == "early"
     for name in ("first", "second"):
-        assert finished.of(name) == ["succeeded"]
+        await eventually(lambda name=name: finished.of(name) == ["succeeded"])
         assert (await svc.job(name))["state"] == "succeeded"
 
 
