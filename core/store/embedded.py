@@ -47,6 +47,16 @@ TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
 BUSY_TIMEOUT_MS = 5000
 
 
+class SqliteIndex(SqlJobIndex):
+    """The job index on SQLite; its health check also needs the write lock, so
+    a database another process holds locked reads as unavailable."""
+
+    db: SqliteDriver
+
+    async def ping(self) -> None:
+        await self.db.check_writable()
+
+
 class SqliteDriver:
     """Runs the job index's SQL on one SQLite connection, in its own thread so
     the event loop never waits on the disk. Each statement is its own
@@ -80,6 +90,15 @@ class SqliteDriver:
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         return await self._run(lambda c: c.execute(sql, args).rowcount)
+
+    async def check_writable(self) -> None:
+        """Take the write lock and let it go, in one call on the one connection."""
+
+        def check(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+
+        await self._run(check)
 
     async def close(self) -> None:
         def close() -> None:
@@ -143,5 +162,5 @@ async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
         await driver.close()
         raise StoreConfigError(f"cannot open the embedded store at {path}: {exc.message}") from None
     return Store(
-        kind="sqlite", connection=connection, jobs=SqlJobIndex(driver), callback_secret=secret
+        kind="sqlite", connection=connection, jobs=SqliteIndex(driver), callback_secret=secret
     )
