@@ -28,6 +28,7 @@ def create_app(
     """The app; the store opens and the worker starts in its lifespan."""
     settings = settings or get_settings()
     plugins = Plugins(pm or make_plugin_manager())
+    logging.getLogger("tether").setLevel(settings.log_level.upper())
     for noisy in QUIET_LOGGERS:  # per-request chatter; URLs may carry caller secrets
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

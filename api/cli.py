@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=30,
     )
     return 0
 

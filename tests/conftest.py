@@ -119,7 +119,11 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 1024  # the default of 5 resets connections under load
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
     receiver.port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
