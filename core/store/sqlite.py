@@ -240,7 +240,7 @@ class SqliteConnection:
         if self._started:  # started before the SDK wired its receivers
             loop = asyncio.get_running_loop()
             if not self._registered:
-                self._registering = loop.create_task(self._register())
+                self._registering = loop.create_task(self._register_logged())
             if self._pump is None:
                 self._spawn_pump()
 
@@ -276,6 +276,12 @@ class SqliteConnection:
         except ConnectorError:
             self._registered = False
             raise
+
+    async def _register_logged(self) -> None:
+        try:
+            await self._register()
+        except ConnectorError as exc:  # the heartbeat re-registers later
+            logger.warning("sqlite store: could not register %s: %s", self._pid, exc)
 
     async def stop(self) -> None:
         """Stop the pump and the timers, leave the process table, close the file.
@@ -561,10 +567,12 @@ class SqliteConnection:
                     busy = await self._fire_timers()
                     if not busy:
                         next_timer = now + self._timer_interval
-                if self._registered and now >= next_beat:
+                if self._subscribers and now >= next_beat:
+                    # (re)joins the process table if we were never in it or reaped
                     await self._call(
                         engine.beat_process, self._pid, self._group, self._unicast, self._anycast
                     )
+                    self._registered = True
                     next_beat = now + self._beat_interval
                 if now >= next_reap:
                     reaped = await self._call(engine.reap_processes, self._dead_after_ms)

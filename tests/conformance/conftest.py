@@ -1,0 +1,182 @@
+"""Store factories for the conformance suite.
+
+Every test in this directory runs once per durable store, through the SDK's
+public API only (``Resonate(...)``, ``register``, ``run``/``rpc``, ``ctx.*``,
+``r.promises``, ``r.get``, handles):
+
+* ``sqlite``   -- the embedded store (:class:`core.store.sqlite.SqliteConnection`)
+  on a file in the test's tmp dir; every connection of a test opens that file.
+  ``sqlite-1tx`` is the same with ``group_commit=False`` (one transaction per
+  request instead of one per batch).
+* ``memory``   -- resonate-sdk's ``LocalConnection``. Its state lives in one
+  connection object, so tests that need a second process, a restart, or a
+  sweep it does not do are marked ``xfail`` with the reason.
+* ``postgres`` -- ``resonate_pg.PostgresConnection`` when ``TETHER_TEST_PG_DSN``
+  names a template database with resonate-pg's ``resonate.sql`` applied, whose
+  role may ``CREATE DATABASE`` and run ``process_timeouts()``: each test gets a
+  fresh copy of it, dropped afterwards. Skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from resonate.connections.local import LocalConnection
+from resonate.resonate import Resonate
+
+from core.store.sqlite import SqliteConnection
+
+
+def _pg_dsn(config: pytest.Config) -> str:
+    """``TETHER_TEST_PG_DSN``, also when the root conftest already read it and
+    removed it from the environment (it clears every ``TETHER_*`` variable)."""
+    dsn = os.environ.get("TETHER_TEST_PG_DSN", "")
+    if dsn:
+        return dsn
+    for plugin in config.pluginmanager.get_plugins():
+        value = getattr(plugin, "PG_TEMPLATE_DSN", None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+@dataclass
+class Store:
+    """One kind of durable store, and how to open connections to it."""
+
+    name: str
+    shared: bool
+    """Several connections (processes) see one state."""
+    durable: bool
+    """State survives stopping every connection."""
+    connect: Callable[..., Any]
+    """``connect(pid, group, **sqlite_options)`` -> a Network that is also a Source."""
+    expect_failure: bool = False
+
+    def known_gap(self, request: pytest.FixtureRequest, store: str, reason: str) -> None:
+        """Mark this test xfail on ``store``: it still runs, with short waits."""
+        if self.name == store:
+            self.expect_failure = True
+            request.node.add_marker(pytest.mark.xfail(reason=reason, strict=False))
+
+    def patience(self, secs: float) -> float:
+        """How long to wait for something: short when the store is expected to fail."""
+        return min(secs, 1.5) if self.expect_failure else secs
+
+
+STORES = ["sqlite", "sqlite-1tx", "memory", "postgres"]
+
+
+def _fresh_pg_database(template_dsn: str, name: str) -> str:
+    """A new database copied from the one ``template_dsn`` names; its DSN."""
+    import psycopg
+
+    parts = urlsplit(template_dsn)
+    template = parts.path.lstrip("/")
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _drop_pg_database(template_dsn: str, name: str) -> None:
+    import psycopg
+
+    admin = urlunsplit(urlsplit(template_dsn)._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    kind = request.param
+    if kind.startswith("sqlite"):
+        db = tmp_path / "conformance.db"
+
+        def sqlite(pid: str, group: str, **options: Any) -> SqliteConnection:
+            options.setdefault("group_commit", kind == "sqlite")
+            options.setdefault("poll_interval", 0.01)
+            options.setdefault("timer_interval", 0.05)
+            options.setdefault("process_heartbeat", 0.2)
+            options.setdefault("process_timeout", 2.0)
+            return SqliteConnection(db, group=group, pid=pid, **options)
+
+        yield Store(kind, shared=True, durable=True, connect=sqlite)
+        return
+    if kind == "memory":
+
+        def memory(pid: str, group: str, **_: Any) -> LocalConnection:
+            return LocalConnection(pid=pid, group=group)
+
+        yield Store("memory", shared=False, durable=False, connect=memory)
+        return
+    template = _pg_dsn(request.config)
+    if not template:
+        pytest.skip(
+            "postgres store: set TETHER_TEST_PG_DSN to a database with resonate-pg's "
+            "resonate.sql applied (its role needs CREATEDB) to run this suite on resonate-pg"
+        )
+    from resonate_pg import PostgresConnection
+
+    name = f"conformance_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    dsn = _fresh_pg_database(template, name)
+
+    def postgres(pid: str, group: str, **_: Any) -> PostgresConnection:
+        return PostgresConnection(dsn, pid=pid, group=group)
+
+    yield Store("postgres", shared=True, durable=True, connect=postgres)
+    _drop_pg_database(template, name)
+
+
+@pytest.fixture
+def uid() -> Callable[[str], str]:
+    """Unique ids (and the test's group) so a shared database is never reset."""
+    tag = uuid.uuid4().hex[:10]
+    return lambda name: f"{name}-{tag}"
+
+
+@pytest.fixture
+def group(uid: Callable[[str], str]) -> str:
+    return uid("g")
+
+
+Factory = Callable[..., Awaitable[tuple[Resonate, Any]]]
+
+
+@pytest.fixture
+async def resonates(store: Store, group: str) -> AsyncIterator[Factory]:
+    """``await resonates(pid, ttl=..., sources=..., sqlite={...}, **resonate_kw)``
+    -> ``(Resonate, connection)``; all are stopped at teardown. The same ``pid``
+    and ``group`` go to the connection and to ``Resonate``."""
+    made: list[Resonate] = []
+
+    async def make(
+        pid: str,
+        *,
+        ttl: timedelta | None = None,
+        sqlite: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> tuple[Resonate, Any]:
+        conn = store.connect(pid, group, **(sqlite or {}))
+        if isinstance(conn, SqliteConnection):
+            await conn.start()  # fail fast on a bad file
+        kw.setdefault("subscription_refresh_secs", 1.0)
+        r = Resonate(network=conn, group=group, pid=pid, ttl=ttl, **kw)
+        made.append(r)
+        return r, conn
+
+    yield make
+    for r in reversed(made):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(r.stop(), 10)
