@@ -1,0 +1,97 @@
+"""10,000 jobs waiting at once in the real service, then their callbacks 200 at
+a time: no error, no lost or doubled settle, memory bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Hit
+from tests.process import TetherProcess
+
+JOBS = 10_000
+CONCURRENCY = 200
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver):
+    urls: dict[str, str] = {}
+
+    def respond(hit: Hit) -> tuple[int, dict[str, bool]]:
+        urls[hit.body["job_id"]] = hit.body["callback_url"]
+        return 202, {}
+
+    receiver.respond = respond
+    service = TetherProcess(
+        tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/load.db", "TETHER_LOG_LEVEL": "WARNING"}
+    ).start()
+    assert service.proc is not None
+    try:
+        limits = httpx.Limits(max_connections=CONCURRENCY)
+        async with httpx.AsyncClient(
+            base_url=service.url, trust_env=False, timeout=60, limits=limits
+        ) as client:
+            gate = asyncio.Semaphore(CONCURRENCY)
+            rss_idle = rss_kib(service.proc.pid)
+
+            async def start(n: int) -> int:
+                async with gate:
+                    body = {
+                        "id": f"L{n}",
+                        "backend": "http_webhook",
+                        "params": {"url": receiver.url()},
+                    }
+                    return (await client.post("/jobs", json=body)).status_code
+
+            statuses = await asyncio.gather(*(start(n) for n in range(JOBS)))
+            assert set(statuses) == {201}
+            for _ in range(600):
+                if len(urls) == JOBS:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(urls) == JOBS
+            running = await client.get("/jobs", params={"state": "running", "limit": 1000})
+            assert len(running.json()["items"]) == 1000
+            rss_waiting = rss_kib(service.proc.pid)
+
+            async def settle(job_id: str) -> str:
+                async with gate:
+                    path = urls[job_id].removeprefix(service.url)
+                    answer = await client.post(path, json={"status": "succeeded", "result": job_id})
+                    assert answer.status_code == 200, answer.text
+                    return str(answer.json()["outcome"])
+
+            outcomes = await asyncio.gather(*(settle(f"L{n}") for n in range(JOBS)))
+            assert outcomes == ["accepted"] * JOBS
+            again = await asyncio.gather(*(settle(f"L{n}") for n in range(0, JOBS, 50)))
+            assert set(again) == {"duplicate"}
+
+            async def done() -> int:
+                page = await client.get("/jobs", params={"state": "running", "limit": 1})
+                return len(page.json()["items"])
+
+            for _ in range(600):
+                if await done() == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert await done() == 0
+            for n in range(0, JOBS, 997):
+                job = (await client.get(f"/jobs/L{n}")).json()
+                assert (job["state"], job["result"]) == ("succeeded", f"L{n}")
+            rss_after = rss_kib(service.proc.pid)
+    finally:
+        service.kill()
+    print(
+        f"\nRSS idle {rss_idle} KiB, with {JOBS} waiting {rss_waiting} KiB"
+        f" ({(rss_waiting - rss_idle) * 1024 / JOBS:.0f} B/job), after callbacks {rss_after} KiB"
+    )
+    assert len(receiver.hits) == JOBS
+    assert rss_waiting - rss_idle < 200 * 1024  # bounded: well under 20 KB a waiting job
