@@ -81,3 +81,9 @@ class TetherProcess:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=10, **kwargs)
+
+
+def report(capsys: Any, line: str) -> None:
+    """Print a test's figures past pytest's capture, so CI's log shows them."""
+    with capsys.disabled():
+        print(f"\n[figures] {line}")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Hit
-from tests.process import TetherProcess
+from tests.process import TetherProcess, report
 
 pytestmark = pytest.mark.skipif(
     not (Path(__file__).parent.parent / "core/store/sqlite.py").exists(),
@@ -68,7 +68,7 @@ class ExternalSystem:
                 time.sleep(0.05)
 
 
-def test_jobs_survive_random_kills_each_triggered_and_finished_once(tmp_path, receiver):
+def test_jobs_survive_random_kills_each_triggered_and_finished_once(tmp_path, receiver, capsys):
     system = ExternalSystem()
     receiver.respond = system.respond
     env = {"TETHER_STORE": f"sqlite:///{tmp_path}/faults.db", "TETHER_TASK_TTL": "2"}
@@ -122,10 +122,11 @@ def test_jobs_survive_random_kills_each_triggered_and_finished_once(tmp_path, re
         if job["state"] != ("failed" if int(j.split("-")[1]) % 5 == 0 else "succeeded")
     )
     repeated = {j: keys for j, keys in system.triggers.items() if len(keys) > 1}
-    print(
-        f"\njobs={JOBS} kills={kills} finished={len(final)} stuck={len(stuck)}"
+    report(
+        capsys,
+        f"jobs={JOBS} kills={kills} finished={len(final)} stuck={len(stuck)}"
         f" repeated_triggers={len(repeated)} (same key each time)"
-        f" callback_answers={dict(system.answers)}"
+        f" callback_answers={dict(system.answers)}",
     )
     assert not stuck, f"stuck jobs: {stuck[:10]}"
     assert not wrong and not changed

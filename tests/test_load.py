@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Hit
-from tests.process import TetherProcess
+from tests.process import TetherProcess, report
 
 JOBS = 10_000
 CONCURRENCY = 200
@@ -22,7 +22,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver):
+async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver, capsys):
     urls: dict[str, str] = {}
 
     def respond(hit: Hit) -> tuple[int, dict[str, bool]]:
@@ -89,9 +89,10 @@ async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver
             rss_after = rss_kib(service.proc.pid)
     finally:
         service.kill()
-    print(
-        f"\nRSS idle {rss_idle} KiB, with {JOBS} waiting {rss_waiting} KiB"
-        f" ({(rss_waiting - rss_idle) * 1024 / JOBS:.0f} B/job), after callbacks {rss_after} KiB"
+    report(
+        capsys,
+        f"RSS idle {rss_idle} KiB, with {JOBS} waiting {rss_waiting} KiB"
+        f" ({(rss_waiting - rss_idle) * 1024 / JOBS:.0f} B/job), after callbacks {rss_after} KiB",
     )
     assert len(receiver.hits) == JOBS
     assert rss_waiting - rss_idle < 200 * 1024  # bounded: well under 20 KB a waiting job
