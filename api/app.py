@@ -49,6 +49,7 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Tether", version="1.0.0"),
         debug=False,
+        logging_config=None,  # the process's logging (`tether serve` sets it up) as it is
     )
 
 

@@ -35,7 +35,9 @@ ERROR_TEXT = {
 }
 
 
-def require_json(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def require_json(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     """A body sent as something other than JSON is refused (415), not guessed at."""
     media = connection.headers.get("content-type", "application/json").split(";")[0].strip()
     if media != "application/json" and not media.endswith("+json"):
