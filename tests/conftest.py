@@ -199,7 +199,7 @@ default; `TETHER_TEST_STORES=sqlite,memory` adds the in-memory one. Set
 TETHER_TEST_PG_DSN (`postgresql://user@host:port/db`, a database with
 resonate-pg's resonate.sql applied, whose user may CREATE DATABASE) to add
 Postgres: each test then gets a fresh database copied from it as a template."""
-if PG_TEMPLATE_DSN:
+if PG_TEMPLATE_DSN and "postgres" not in STORES:
     STORES.append("postgres")
 
 

@@ -100,3 +100,19 @@ async def test_secrets_never_reach_job_records_or_listings(start_service, receiv
     for text in texts:
         for secret in ("very-secret-key", token, "api-token-123"):
             assert secret not in text
+
+
+async def test_oversized_headers_are_refused_and_the_service_goes_on(start_service):
+    import asyncio
+    import socket
+
+    svc = await start_service()
+
+    def send_raw(size: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", svc.settings.port), timeout=5) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+            return conn.recv(64)
+
+    answer = await asyncio.to_thread(send_raw, 1_000_000)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert (await svc.client.get("/health")).status_code == 200

@@ -61,14 +61,20 @@ class PostgresDriver:
             await self.execute(statement, ())
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(sql.replace("?", "%s"), args)
-            return await cursor.fetchall()
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql.replace("?", "%s"), args)
+                return await cursor.fetchall()
+        except psycopg.OperationalError as exc:  # server gone, pool timed out
+            raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(sql.replace("?", "%s"), args)
-            return cursor.rowcount
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql.replace("?", "%s"), args)
+                return cursor.rowcount
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         await self._pool.close()
