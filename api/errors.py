@@ -12,7 +12,6 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from core.errors import (
     Conflict,
-    Gone,
     InvalidRequest,
     MalformedBody,
     NotFound,
@@ -28,7 +27,6 @@ STATUS: dict[type[TetherError], int] = {  # most specific first
     InvalidRequest: 422,
     NotFound: 404,
     Conflict: 409,
-    Gone: 410,
     Unauthorized: 401,
     StoreUnavailable: 503,
 }

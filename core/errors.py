@@ -37,12 +37,6 @@ class Conflict(TetherError):
     code = "conflict"
 
 
-class Gone(TetherError):
-    """The job was canceled or timed out; its wait accepts nothing more."""
-
-    code = "gone"
-
-
 class Unauthorized(TetherError):
     code = "unauthorized"
 

@@ -7,7 +7,7 @@ and is what the API returns. Nothing here knows about HTTP or the durable store.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -23,10 +23,6 @@ OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
