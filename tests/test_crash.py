@@ -83,14 +83,7 @@ def test_kill_right_after_accept_still_triggers_once(tmp_path, receiver):
         start_job(client, receiver, "acc")
     first.kill()
 
-    second = service(tmp_path, port=first.port).start()
-    try:
-        with second.client() as client:
-            wait_for(client, "acc", "running")
-            callback(receiver, "acc", {"status": "succeeded"})
-            wait_for(client, "acc", "succeeded")
-    finally:
-        second.kill()
+    restart_and_finish(tmp_path, first, receiver, "acc")
     keys = [h.body["idempotency_key"] for h in receiver.hits]
     assert keys in (["acc:1"], ["acc:1", "acc:1"])  # twice only if the kill hit the trigger
 
@@ -113,14 +106,7 @@ def test_kill_inside_the_trigger_step_repeats_it_with_the_same_key(tmp_path, rec
     first.kill()
     release.set()
 
-    second = service(tmp_path, port=first.port).start()
-    try:
-        with second.client() as client:
-            wait_for(client, "mid", "running")
-            callback(receiver, "mid", {"status": "succeeded"})
-            wait_for(client, "mid", "succeeded")
-    finally:
-        second.kill()
+    restart_and_finish(tmp_path, first, receiver, "mid")
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["mid:1", "mid:1"]
 
 
@@ -185,15 +171,22 @@ def test_sigterm_drains_and_loses_nothing(tmp_path, receiver):
     assert time.monotonic() - started < 15
     assert "Application shutdown complete" in first.log.read_text()
 
-    second = service(tmp_path, port=first.port).start()
+    restart_and_finish(tmp_path, first, receiver, "term")
+    assert {h.body["idempotency_key"] for h in receiver.hits} == {"term:1"}
+
+
+def restart_and_finish(
+    tmp_path: Path, dead: TetherProcess, receiver: Receiver, job_id: str
+) -> None:
+    """Restart on the same store and port; the job, still running, finishes by callback."""
+    second = service(tmp_path, port=dead.port).start()
     try:
         with second.client() as client:
-            wait_for(client, "term", "running")
-            callback(receiver, "term", {"status": "succeeded"})
-            wait_for(client, "term", "succeeded")
+            wait_for(client, job_id, "running")
+            callback(receiver, job_id, {"status": "succeeded"})
+            wait_for(client, job_id, "succeeded")
     finally:
         second.kill()
-    assert {h.body["idempotency_key"] for h in receiver.hits} == {"term:1"}
 
 
 def _quietly(fn: Any, *args: Any) -> None:

@@ -641,10 +641,8 @@ class Engine:
 
     # -- transactions -----------------------------------------------------------
 
-    def _write[T](self, fn: Callable[[sqlite3.Connection, int], T]) -> tuple[T, list[str]]:
-        """Run ``fn`` in one BEGIN IMMEDIATE transaction; return its result and
-        the in-process messages it produced (only once committed)."""
-        db = self._db()
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE; a taken write lock is `StoreBusy`, anything else `StoreFailure`."""
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -653,6 +651,12 @@ class Engine:
             raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
+
+    def _write[T](self, fn: Callable[[sqlite3.Connection, int], T]) -> tuple[T, list[str]]:
+        """Run ``fn`` in one BEGIN IMMEDIATE transaction; return its result and
+        the in-process messages it produced (only once committed)."""
+        db = self._db()
+        self._begin(db)
         self._out = []
         try:
             result = fn(db, self.clock())
@@ -706,14 +710,7 @@ class Engine:
         if all(isinstance(p, bytes) for p in prepared):
             return [(p, [], None) for p in prepared]  # type: ignore[misc]
         db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                raise StoreBusy(f"sqlite store {self.path}: database is locked") from exc
-            raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
+        self._begin(db)
         answers: list[Answer | Exception] = []
         single = len(prepared) == 1
         try:
