@@ -5,13 +5,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import os
 import socket
 import sys
+from typing import Any
 
 from core.errors import StoreUnavailable, TetherError
 from core.settings import Settings
 from core.store import StoreConfigError, open_store
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """One logging set-up for the `tether` process and each of its uvicorn
+    workers (a spawned worker starts with no logging of its own): everything,
+    uvicorn's lines included, goes to stderr in one format."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.config.dictConfig(log_config(settings.log_level))
     if args.command == "gc":
         return asyncio.run(collect_garbage(settings, args.older_than * 86400))
     problem = asyncio.run(preflight(settings))
@@ -57,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         workers=args.workers,
+        log_config=log_config(settings.log_level),
         log_level=settings.log_level.lower(),
+        loop="uvloop",
+        http="httptools",
         access_log=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,

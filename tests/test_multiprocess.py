@@ -88,5 +88,7 @@ def test_workers_option_runs_several_processes(tmp_path, receiver):
                 wait_for(client, f"w{i}", "running")
         time.sleep(0.3)
         assert sorted(h.body["job_id"] for h in receiver.hits) == [f"w{i}" for i in range(6)]
+        # The workers are spawned processes: each must set up logging itself.
+        assert proc.log.read_text().count(" triggered") == 6, proc.log.read_text()
     finally:
         proc.kill()
