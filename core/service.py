@@ -464,7 +464,9 @@ class Tether:
     async def finish(self, job_id: str, value: Any) -> None:
         """The finish step: record the outcome, stop the external run of a
         canceled or timed-out job, tell the plugins."""
-        rec = await self.jobs.finish(job_id, _outcome_of(value), now_ms())
+        rec = await self.jobs.get(job_id)  # usually the settle already recorded it
+        if rec is not None and not rec.finished:
+            rec = await self.jobs.finish(job_id, _outcome_of(value), now_ms())
         if rec is None:
             return
         backend = self.plugins.backends.get(rec.backend)

@@ -13,14 +13,15 @@ import os
 import secrets
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import StoreUnavailable
 from core.settings import Settings
 from core.store.sql import INDEXES, SqlJobIndex
+from core.store.sqlite_engine import HOT_PATH_AUTOCHECKPOINT, is_busy
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -58,32 +59,48 @@ class SqliteIndex(SqlJobIndex):
 
 
 class SqliteDriver:
-    """Runs the job index's SQL on one SQLite connection, in its own thread so
-    the event loop never waits on the disk. Each statement is its own
-    transaction (autocommit)."""
+    """Runs the job index's SQL on its own SQLite connection, on the event loop.
+
+    Each statement is its own short transaction (autocommit; WAL with
+    `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
+    less than handing it to a thread and back. Like the store engine, it never
+    waits inside SQLite for a lock: a statement that finds the write lock taken
+    is retried after a short sleep, for up to `BUSY_TIMEOUT_MS`, so a locked
+    file slows the index's writes without stopping the loop. Checkpoints are
+    the store's checkpointer thread's work, not this connection's."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tether-jobs-db")
         self._conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {HOT_PATH_AUTOCHECKPOINT}")
             conn.execute("PRAGMA synchronous = NORMAL")
             self._conn = conn
         return self._conn
 
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            return fn(self._connect())
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+        deadline, delay = 0.0, 0.0002
+        while True:
+            try:
+                return fn(self._connect())
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
+                if now >= deadline:
+                    raise StoreUnavailable(
+                        f"the embedded store failed: {exc} (gave up after "
+                        f"{BUSY_TIMEOUT_MS / 1000:g} s)"
+                    ) from None
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._run(lambda c: c.execute(sql, args).fetchall())
@@ -92,7 +109,7 @@ class SqliteDriver:
         return await self._run(lambda c: c.execute(sql, args).rowcount)
 
     async def check_writable(self) -> None:
-        """Take the write lock and let it go, in one call on the one connection."""
+        """Take the write lock and let it go."""
 
         def check(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -101,14 +118,10 @@ class SqliteDriver:
         await self._run(check)
 
     async def close(self) -> None:
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        with contextlib.suppress(Exception):
-            await asyncio.get_running_loop().run_in_executor(self._thread, close)
-        self._thread.shutdown(wait=False)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
 
 def sqlite_path(url: str) -> Path:

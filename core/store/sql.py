@@ -1,7 +1,9 @@
 """The job index on SQL: one implementation for SQLite and Postgres.
 
 Queries are written once with `?` placeholders; a driver runs them (the Postgres
-driver swaps in `%s`). Each query uses an index: nothing scans all jobs.
+driver swaps in `%s`). Each query uses an index: nothing scans all jobs. Writes
+return the row they wrote (`RETURNING`, SQLite >= 3.35), so a write is one round
+trip to the store, not a write and a read.
 """
 
 from __future__ import annotations
@@ -91,10 +93,10 @@ class SqlJobIndex:
         self.db = driver
 
     async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
-        changed = await self.db.execute(
+        rows = await self.db.fetch(
             "INSERT INTO tether_jobs (id, backend, state, params, metadata, timeout, fingerprint,"
             " deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO NOTHING",
+            f" ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}",
             (
                 rec.id,
                 rec.backend,
@@ -108,9 +110,11 @@ class SqlJobIndex:
                 rec.updated_at,
             ),
         )
+        if rows:
+            return _row(rows[0]), True
         stored = await self.get(rec.id)
         assert stored is not None, "a job row vanished right after its insert"
-        return stored, changed == 1
+        return stored, False
 
     async def get(self, job_id: str) -> JobRecord | None:
         rows = await self.db.fetch(f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?", (job_id,))
@@ -138,22 +142,23 @@ class SqlJobIndex:
     async def set_external(
         self, job_id: str, external: dict[str, Any], now: int, next_check_at: int | None
     ) -> JobRecord | None:
-        await self.db.execute(
+        rows = await self.db.fetch(
             "UPDATE tether_jobs SET external = ?, updated_at = ?,"
             " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
             " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
-            " WHERE id = ?",
+            f" WHERE id = ? RETURNING {COLUMNS}",
             (_json(external), now, next_check_at, job_id),
         )
-        return await self.get(job_id)
+        return _row(rows[0]) if rows else None
 
     async def finish(
         self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
     ) -> JobRecord | None:
         marks = ", ".join("?" for _ in from_states)
-        await self.db.execute(
+        rows = await self.db.fetch(
             "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
-            f" updated_at = ?, next_check_at = NULL WHERE id = ? AND state IN ({marks})",
+            f" updated_at = ?, next_check_at = NULL WHERE id = ? AND state IN ({marks})"
+            f" RETURNING {COLUMNS}",
             (
                 outcome.status,
                 _json(outcome.result),
@@ -164,7 +169,7 @@ class SqlJobIndex:
                 *from_states,
             ),
         )
-        return await self.get(job_id)
+        return _row(rows[0]) if rows else await self.get(job_id)
 
     async def due(self, now: int, limit: int) -> list[JobRecord]:
         late = await self.db.fetch(

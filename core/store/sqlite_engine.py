@@ -646,7 +646,7 @@ class Engine:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 raise StoreBusy(f"sqlite store {self.path}: database is locked") from exc
             raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
@@ -1319,7 +1319,7 @@ type _Prepared = tuple[_Envelope, _Method]
 type Answer = tuple[bytes, list[str], str | None]
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
+def is_busy(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
