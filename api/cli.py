@@ -11,6 +11,7 @@ import socket
 import sys
 from typing import Any
 
+from api.http import SERVER_OPTIONS
 from core.errors import StoreUnavailable, TetherError
 from core.settings import Settings
 from core.store import StoreConfigError, open_store
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         log_config=log_config(settings.log_level),
         log_level=settings.log_level.lower(),
-        loop="uvloop",
-        http="httptools",
+        **SERVER_OPTIONS,
         access_log=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,

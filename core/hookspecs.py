@@ -129,6 +129,13 @@ class Backend:
         """
         return None
 
+    async def close(self) -> None:
+        """Let go of what the backend holds (HTTP sessions, clients). Called
+        once when the service stops, on the loop the backend ran on; the
+        backend may be used again afterwards (tests start a service twice in one
+        process), so make clients lazily. The default does nothing.
+        """
+
 
 class TetherHookSpecs:
     """The hooks a plugin may implement (with `@hookimpl`)."""

@@ -163,6 +163,11 @@ class Tether:
                 await self._watchdog
         if self.resonate is not None:
             await self.resonate.stop()
+        for backend in self.plugins.backends.values():
+            try:
+                await backend.close()
+            except Exception as exc:
+                log.warning("backend %s: close failed: %s", backend.name, type(exc).__name__)
         await self.store.close()
 
     @property

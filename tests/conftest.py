@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 
 from api.app import create_app
+from api.http import SERVER_OPTIONS
 from core.plugins import make_plugin_manager
 from core.settings import Settings
 
@@ -244,7 +245,12 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
         settings = test_settings(**overrides)
         app = create_app(settings, make_plugin_manager(entry_points=False, extra=plugins))
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+            http=SERVER_OPTIONS["http"],  # the loop is the test's own
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

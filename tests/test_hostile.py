@@ -115,4 +115,8 @@ async def test_oversized_headers_are_refused_and_the_service_goes_on(start_servi
 
     answer = await asyncio.to_thread(send_raw, 1_000_000)
     assert answer.startswith(b"HTTP/1.1 400")
+    answer = await asyncio.to_thread(send_raw, 70_000)  # just past the 64 KiB bound
+    assert answer.startswith(b"HTTP/1.1 400")
+    answer = await asyncio.to_thread(send_raw, 30_000)  # big, but allowed
+    assert answer.startswith(b"HTTP/1.1 200")
     assert (await svc.client.get("/health")).status_code == 200

@@ -281,6 +281,18 @@ async def test_a_trigger_refused_with_4xx_fails_the_job_at_once(start_service, r
     assert len(receiver.hits) == 1
 
 
+async def test_a_failed_trigger_never_names_the_urls_credentials(start_service, receiver):
+    receiver.respond = lambda hit: (403, {"error": "no"})
+    svc = await start_service()
+    url = receiver.url().replace("http://", "http://alice:s3cret-pw@")
+    await svc.client.post(
+        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": url}}
+    )
+    job = await svc.wait_state("x", "failed")
+    assert job["error"]["message"].startswith("trigger failed: POST 127.0.0.1:")
+    assert "s3cret-pw" not in job["error"]["message"] and "alice" not in job["error"]["message"]
+
+
 async def test_a_trigger_answered_5xx_is_retried_then_fails(start_service, receiver):
     receiver.respond = lambda hit: (503, {})
     svc = await start_service(trigger_attempts=3)

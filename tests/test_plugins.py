@@ -13,12 +13,14 @@ from typing import Any
 import msgspec
 import pluggy
 import pytest
+from litestar.testing import AsyncTestClient
 
+from api.app import create_app
 from core import hookspecs
 from core.hookspecs import Backend, TetherHookSpecs
 from core.plugin import Outcome, hookimpl
 from core.plugins import Plugins, make_plugin_manager
-from tests.conftest import eventually
+from tests.conftest import eventually, test_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "tether_echo"
@@ -201,6 +203,27 @@ async def test_hook_cancel_failing_leaves_the_job_canceled(start_service):
     assert (await svc.client.post("/jobs/s/cancel")).status_code == 200
     await eventually(lambda: calls == ["s"])
     assert (await svc.job("s"))["state"] == "canceled"
+
+
+async def test_hook_close_runs_once_when_the_service_stops(tmp_path):
+    closed: list[str] = []
+
+    class Holder(Backend):
+        name = "holder"
+        params_type = Params
+
+        async def trigger(self, trigger: Any) -> dict[str, Any]:
+            return {}
+
+        async def close(self) -> None:
+            closed.append(self.name)
+
+    settings = test_settings(store=f"sqlite:///{tmp_path}/close.db")
+    app = create_app(settings, make_plugin_manager(entry_points=False, extra=[Offers(Holder())]))
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/jobs", json={"backend": "holder"})).status_code == 201
+        assert closed == []
+    assert closed == ["holder"]  # the test client runs the app's lifespan on its own loop
 
 
 async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start_service, receiver):

@@ -17,19 +17,34 @@ job is canceled or times out; `status_url` is polled with GET every
 `status_interval` seconds (default 30) while the job waits, and answers with the callback
 body shape (`{"status": "running"|"succeeded"|"failed", "result"?, "error"?}`),
 so a lost callback is noticed.
+
+Requests go through one pooled aiohttp session, closed when the service stops. Redirects are
+not followed (a 3xx answer is an error), proxy environment variables are
+ignored, and `params.timeout` bounds each whole request, body included.
+Answer bodies are read only up to a bound: a trigger's answer is kept as its
+receipt's `response` if it is JSON of at most 4 KiB.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import asyncio
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import msgspec
 
 from core.plugin import Backend, BackendError, ErrorInfo, Job, Outcome, Trigger, hookimpl
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
+RECEIPT_LIMIT = 4096
+"""A trigger's answer is kept in its receipt if it is at most this many bytes."""
+STATUS_LIMIT = 1 << 20
+"""A status_url answer longer than this is not understood."""
+DRAIN_LIMIT = 1 << 16
+"""An answer longer than its limit is read on (and dropped) up to this many bytes
+more, so its connection can be reused; past that the connection is closed."""
 
 
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,18 +85,39 @@ def _is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+class _Answer(NamedTuple):
+    status: int
+    body: bytes | None
+    """None if it was longer than the limit it was read with."""
+
+
 class HttpWebhook(Backend):
     name = "http_webhook"
     params_type = WebhookParams
 
     def __init__(self) -> None:
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:  # built lazily: it must live on the running loop
-            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, made on first use: it must live on the running
+        loop. A session left from another loop (a test's earlier service) is
+        dropped."""
+        session, loop = self._session, asyncio.get_running_loop()
+        if session is None or session.closed or self._loop is not loop:
+            self._loop = loop
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, ttl_dns_cache=10),
+                cookie_jar=aiohttp.DummyCookieJar(),  # no cookies from one job to another's
+                trust_env=False,
+                json_serialize_bytes=msgspec.json.encode,
+            )
+        return session
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._loop is asyncio.get_running_loop():
+            await session.close()
 
     def check_interval(self, params: WebhookParams) -> float | None:
         return params.status_interval if params.status_url else None
@@ -100,8 +136,10 @@ class HttpWebhook(Backend):
             "Tether-Callback-Url": trigger.callback_url,
             "Idempotency-Key": trigger.idempotency_key,
         }
-        response = await self._send("POST", params.url, params.timeout, json=body, headers=headers)
-        return {"status_code": response.status_code, "response": _small_json(response)}
+        answer = await self._send(
+            "POST", params.url, params.timeout, RECEIPT_LIMIT, json=body, headers=headers
+        )
+        return {"status_code": answer.status, "response": _small_json(answer.body)}
 
     async def cancel(self, job: Job) -> None:
         params = msgspec.convert(job.params, WebhookParams)
@@ -109,18 +147,20 @@ class HttpWebhook(Backend):
             return
         body = {"job_id": job.id, "promise_id": f"{job.id}:1", "reason": job.state}
         await self._send(
-            "POST", params.cancel_url, params.timeout, json=body, headers=params.headers
+            "POST", params.cancel_url, params.timeout, 0, json=body, headers=params.headers
         )
 
     async def check_status(self, job: Job) -> Outcome | None:
         params = msgspec.convert(job.params, WebhookParams)
         if params.status_url is None:
             return None
-        response = await self._send(
-            "GET", params.status_url, params.timeout, headers=params.headers
+        answer = await self._send(
+            "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=params.headers
         )
+        if answer.body is None:
+            return None  # too long to be an answer we understand: keep waiting
         try:
-            status = msgspec.json.decode(response.content, type=StatusBody)
+            status = msgspec.json.decode(answer.body, type=StatusBody)
         except msgspec.MsgspecError:
             return None  # not an answer we understand: keep waiting
         if status.status == "running":
@@ -132,22 +172,43 @@ class HttpWebhook(Backend):
         )
         return Outcome(status=status.status, result=status.result, error=error)
 
-    async def _send(self, method: str, url: str, timeout: float, **kwargs: Any) -> httpx.Response:
-        host = urlsplit(url).netloc
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        timeout: float,
+        limit: int,
+        *,
+        headers: Mapping[str, str],
+        json: Any = None,
+    ) -> _Answer:
+        """Send a request; its answer, with a body of at most `limit` bytes kept.
+        Errors never name more of the URL than its host: paths and query strings
+        may carry secrets, and so may answer bodies."""
+        host = _host(url)
+        session = self.session()
         try:
-            response = await self.client.request(method, url, timeout=timeout, **kwargs)
-        except httpx.TimeoutException:
+            async with session.request(
+                method,
+                url,
+                json=json,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                code = response.status
+                body = await _read_body(response, limit)
+                retry_after = _retry_after(response.headers)
+        except TimeoutError:  # also aiohttp's ServerTimeoutError and ConnectionTimeoutError
             raise BackendError(
                 f"{method} {host}: timed out after {timeout:g}s", retryable=True, code="timeout"
             ) from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a bad header
             raise BackendError(
                 f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
             ) from None
-        if response.is_success:
-            return response
-        code = response.status_code
-        retry_after = _retry_after(response)
+        if 200 <= code < 300:
+            return _Answer(code, body)
         raise BackendError(
             f"{method} {host} answered {code}",
             code=f"http_{code}",
@@ -156,19 +217,47 @@ class HttpWebhook(Backend):
         )
 
 
-def _small_json(response: httpx.Response, limit: int = 4096) -> Any:
-    """The response's JSON body if it is small, else None (kept in the job record)."""
-    if len(response.content) > limit:
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body if it is at most `limit` bytes long, else None. At most
+    `limit + 1` bytes are kept in memory; a longer body is read on up to
+    DRAIN_LIMIT bytes, so the connection can be reused, else closed."""
+    content = response.content
+    data = bytearray()
+    while len(data) <= limit:
+        chunk = await content.read(limit + 1 - len(data))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    skipped = 0
+    while skipped < DRAIN_LIMIT:
+        chunk = await content.read(DRAIN_LIMIT - skipped)
+        if not chunk:
+            return None
+        skipped += len(chunk)
+    response.close()
+    return None
+
+
+def _host(url: str) -> str:
+    """`host[:port]` of `url`, without any `user:password@`."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else str(parts.hostname)
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def _small_json(body: bytes | None) -> Any:
+    """The JSON of a body read with RECEIPT_LIMIT, else None (kept in the job record)."""
+    if body is None:
         return None
     try:
-        return msgspec.json.decode(response.content)
+        return msgspec.json.decode(body)
     except msgspec.DecodeError:
         return None
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     try:
-        return min(float(response.headers.get("retry-after", "")), 60.0)
+        return min(float(headers.get("retry-after", "")), 60.0)
     except ValueError:
         return None
 
