@@ -50,10 +50,11 @@ def tether(request: Request[Any, Any, Any]) -> Tether:
     return request.app.state.tether  # type: ignore[no-any-return]
 
 
-def require_api_token(
+async def require_api_token(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`."""
+    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`.
+    (Guards are async: Litestar runs a sync guard in a thread.)"""
     expected = connection.app.state.tether.settings.api_token
     if not expected:
         return

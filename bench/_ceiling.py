@@ -9,11 +9,15 @@ served exactly as `tether serve` serves Tether (uvicorn, same options).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from litestar import Litestar, get
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from api.http import SERVER_OPTIONS
 
 CONSTANT = {"status": "ok"}
 
@@ -48,6 +52,7 @@ def main() -> None:
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=10,
+        **SERVER_OPTIONS,
     )
 
 

@@ -5,7 +5,7 @@
 Prints the functions with the most samples on the CPU: *self* (the frame
 itself was running) and *inclusive* (the frame was anywhere on the stack), as
 shares of all samples, plus a few buckets that say where the time goes
-(HTTP server, the SDK, SQLite, httpx, logging, ...). Idle samples (py-spy marks
+(HTTP server, the SDK, SQLite, the webhook client, logging, ...). Idle samples (py-spy marks
 the thread idle unless `--idle`) are not recorded at all.
 """
 
@@ -25,9 +25,9 @@ BUCKETS: tuple[tuple[str, str], ...] = (
         r"|wrap_future|_chain_future|_copy_future_state|call_soon_threadsafe",
     ),
     ("sqlite3 + SQLite store engine", r"core/store/(sqlite|embedded|sql\.py)|sqlite3"),
-    ("httpx/httpcore (webhook trigger client)", r"httpx/|httpcore/|anyio/"),
+    ("aiohttp (webhook trigger client)", r"aiohttp/|yarl/|multidict/"),
     ("resonate-sdk", r"resonate/|resonate_base/"),
-    ("uvicorn + h11 (HTTP server)", r"uvicorn/|h11/|httptools"),
+    ("uvicorn + httptools (HTTP server)", r"uvicorn/|h11/|httptools"),
     ("litestar (framework)", r"litestar/"),
     ("msgspec / json / uuid", r"msgspec|json/|uuid\.py"),
     ("tether core/api/plugins", r"\((core|api|plugins)/"),
@@ -37,23 +37,23 @@ BUCKETS: tuple[tuple[str, str], ...] = (
 # What the process was doing: the first rule (in this order) matching any frame.
 ACTIVITIES: tuple[tuple[str, str], ...] = (
     ("logging (formatting, queue to the log thread, writing)", r"^(Logger|QueueListener)\."),
-    ("route guard run in a thread (require_api_token is sync)", r"^BaseRouteHandler\.authorize"),
-    ("webhook trigger POST (httpx)", r"^HttpWebhook\._send "),
+    ("route guards", r"^BaseRouteHandler\.authorize"),
+    ("webhook trigger POST (aiohttp)", r"^HttpWebhook\._send "),
     ("POST /jobs handler", r"^JobController\.create "),
     ("callback handler", r"^CallbackController\.settle "),
     ("GET /jobs/{id} handler", r"^JobController\.get_job "),
     ("trigger step (without the POST)", r"^Tether\.trigger "),
     ("finish step", r"^Tether\.finish "),
     ("watchdog", r"^Tether\._watch "),
-    ("job index SQL in its thread (SqliteDriver)", r"^SqliteDriver\._run\.<locals>\.call "),
+    ("job index SQL (SqliteDriver)", r"^SqliteDriver\."),
     ("checkpointer thread", r"_Checkpointer"),
     (
-        "rest of each HTTP request (uvicorn, h11, litestar)",
+        "rest of each HTTP request (uvicorn, httptools, litestar)",
         r"RequestResponseCycle|H11Protocol|HttpToolsProtocol|litestar/",
     ),
     ("resonate-sdk (workflow replay, scheduling)", r"resonate/|resonate_base/"),
     ("store connection (pump, timers, delivery)", r"core/store/"),
-    ("httpx (other)", r"httpx/|httpcore/"),
+    ("aiohttp (other)", r"aiohttp/"),
     ("event loop (other)", r"asyncio/"),
 )
 

@@ -147,9 +147,7 @@ class Tether:
             max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
         )
-        r.register(
-            orchestrator.job_workflow, name=orchestrator.WORKFLOW, version=orchestrator.VERSION
-        )
+        orchestrator.register(r)
         r.with_dependency(self)
         self.resonate = r
         self._target = conn.resolve_target(self.settings.group)
