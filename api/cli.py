@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.config.dictConfig(log_config(settings.log_level))
     if args.command == "gc":
         return asyncio.run(collect_garbage(settings, args.older_than * 86400))
+    if args.workers > 1 and settings.store.startswith("memory:"):
+        print(
+            "tether: memory:// lives in one process; use --workers 1, or sqlite:///PATH"
+            " for several workers",
+            file=sys.stderr,
+        )
+        return 2
     problem = asyncio.run(preflight(settings))
     if problem:
         print(f"tether: {problem}", file=sys.stderr)

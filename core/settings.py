@@ -20,7 +20,8 @@ PREFIX = "TETHER_"
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     store: str = "sqlite:///.tether/tether.db"
     """Durable store URL: `sqlite:///PATH` (default, embedded), `memory://`
-    (tests and demos; nothing survives), `postgresql://...` (resonate-pg)."""
+    (tests and demos: the embedded store on a temporary file, deleted when the
+    service stops), `postgresql://...` (resonate-pg)."""
 
     host: str = "127.0.0.1"
     """Interface `tether serve` listens on."""
@@ -34,8 +35,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     callback_secret: str = ""
     """Key of the HMAC that signs callback URLs. Empty: on the embedded store one
-    is generated once and kept beside the database; on `memory://` one is
-    generated per process; other stores refuse to start without it."""
+    is generated once and kept beside the database (on `memory://`, beside its
+    temporary file, so per process); other stores refuse to start without it."""
 
     api_token: str = ""
     """When set, `/jobs*` require `Authorization: Bearer <api_token>`."""

@@ -24,8 +24,12 @@ def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 15)
 
 def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
     receiver.callback = {"status": "succeeded", "result": {"ok": True}}
-    service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://"}).start()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"TETHER_STORE": "memory://", "TMPDIR": str(scratch)}
+    service = TetherProcess(tmp_path, env).start()
     try:
+        assert [p.name[:14] for p in scratch.iterdir()] == ["tether-memory-"]
         with service.client() as client:
             response = client.post(
                 "/jobs",
@@ -40,6 +44,7 @@ def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
     log = service.log.read_text()
     assert "Application shutdown complete" in log
     assert "job e2e finished: succeeded" in log
+    assert list(scratch.iterdir()) == []  # memory:// leaves nothing behind
     assert "process-secret" not in log
     assert "token=" not in log
 
@@ -62,5 +67,6 @@ def test_an_installed_plugin_is_served_without_changing_tether(tmp_path):
             ]
             client.post("/jobs", json={"id": "x", "backend": "echo", "params": {"message": "m"}})
             assert wait_for(client, "x", "running")["external"] == {"echoed": "m"}
+        service.terminate()  # memory:// deletes its temporary file on the way out
     finally:
         service.kill()

@@ -17,10 +17,12 @@ from tests.conftest import free_port
 TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
 
 
-def serve(env: dict[str, str], timeout: float = 30) -> tuple[int, str, float]:
+def serve(
+    env: dict[str, str], timeout: float = 30, args: tuple[str, ...] = ()
+) -> tuple[int, str, float]:
     started = time.monotonic()
     done = subprocess.run(
-        [TETHER, "serve", "--port", str(free_port())],
+        [TETHER, "serve", "--port", str(free_port()), *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -71,3 +73,9 @@ def test_a_bad_setting_is_refused_naming_the_variable():
     code, err, _ = serve({"TETHER_WATCHDOG_INTERVAL": "soon"})
     assert code == 2
     assert "TETHER_WATCHDOG_INTERVAL" in err
+
+
+def test_several_workers_on_the_memory_store_are_refused():
+    code, err, _ = serve({"TETHER_STORE": "memory://"}, args=("--workers", "2"))
+    assert code == 2
+    assert "memory://" in err and "--workers" in err and "Traceback" not in err

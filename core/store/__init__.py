@@ -7,20 +7,24 @@ processes) and the job index listing needs. See docs/architecture.md.
 | `TETHER_STORE`            | promises and tasks            | job index               |
 |---------------------------|-------------------------------|-------------------------|
 | `sqlite:///PATH` (default)| embedded SQLite protocol      | table in the same file  |
-| `memory://`               | resonate LocalConnection      | a dict (tests, demos)   |
+| `memory://`               | embedded, on a temporary file | table in that file      |
 | `postgresql://...`        | resonate-pg                   | table in the same DB    |
+
+`memory://` (tests, demos) keeps nothing: its file is deleted when the store closes.
 """
 
 from __future__ import annotations
 
-import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import StoreUnavailable
 from core.settings import Settings
-from core.store.jobs import JobIndex, MemoryJobIndex
+from core.store.jobs import JobIndex
 from core.store.sql import INDEXES, SqlJobIndex
 
 
@@ -33,12 +37,16 @@ class Store:
     jobs: JobIndex
     callback_secret: str
     """The configured secret, or the one this store keeps (see Settings)."""
+    scratch: Path | None = None
+    """A directory deleted on close: where `memory://` keeps its file."""
 
     async def close(self) -> None:
-        """Close the job index, and the connection if nobody started a worker on it."""
+        """Close the job index and the connection (resonate-pg's closes with its worker)."""
         await self.jobs.close()
-        if self.kind == "sqlite":
+        if self.kind in ("sqlite", "memory"):
             await self.connection.stop()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def describe(url: str) -> str:
@@ -59,14 +67,20 @@ async def open_store(settings: Settings, pid: str) -> Store:
     url = settings.store
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        from resonate.connections import LocalConnection
+        # The embedded store on a file of its own, gone when the store closes:
+        # nothing outlives the process, and it stays as fast as the embedded
+        # store however many jobs it has seen (resonate's LocalConnection
+        # scans every promise on each request).
+        from core.store.embedded import open_embedded
 
-        return Store(
-            kind="memory",
-            connection=LocalConnection(pid=pid, group=settings.group),
-            jobs=MemoryJobIndex(),
-            callback_secret=settings.callback_secret or secrets.token_urlsafe(32),
-        )
+        scratch = Path(tempfile.mkdtemp(prefix="tether-memory-"))
+        try:
+            store = await open_embedded(f"sqlite:///{scratch}/tether.db", settings, pid)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        store.kind, store.scratch = "memory", scratch
+        return store
     if scheme == "sqlite":
         from core.store.embedded import open_embedded
 

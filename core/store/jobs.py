@@ -47,8 +47,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
 
 
 class JobIndex(Protocol):
-    """What the service needs of a job index. Implementations: in memory (here),
-    SQL (`core.store.sql`) on SQLite and Postgres."""
+    """What the service needs of a job index. The implementation: SQL
+    (`core.store.sql`) on SQLite and Postgres."""
 
     async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
         """Insert `rec` unless its id exists; return the stored row and whether
@@ -96,109 +96,3 @@ class JobIndex(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def apply_finish(rec: JobRecord, outcome: Outcome, now: int) -> None:
-    rec.state = outcome.status
-    rec.result = outcome.result
-    rec.error = outcome.error
-    rec.finished_at = now
-    rec.updated_at = now
-    rec.next_check_at = None
-
-
-class MemoryJobIndex:
-    """The job index of `memory://`: a dict, gone with the process."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, JobRecord] = {}
-        self._open: dict[str, JobRecord] = {}
-        self._seq = 0
-
-    async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
-        existing = self._rows.get(rec.id)
-        if existing is not None:
-            return msgspec.structs.replace(existing), False
-        self._seq += 1
-        rec = msgspec.structs.replace(rec, seq=self._seq)
-        self._rows[rec.id] = rec
-        self._open[rec.id] = rec
-        return msgspec.structs.replace(rec), True
-
-    async def get(self, job_id: str) -> JobRecord | None:
-        rec = self._rows.get(job_id)
-        return None if rec is None else msgspec.structs.replace(rec)
-
-    async def page(
-        self, state: str | None, backend: str | None, limit: int, before_seq: int | None
-    ) -> list[JobRecord]:
-        out: list[JobRecord] = []
-        for rec in reversed(self._rows.values()):
-            if before_seq is not None and rec.seq >= before_seq:
-                continue
-            if (state and rec.state != state) or (backend and rec.backend != backend):
-                continue
-            out.append(msgspec.structs.replace(rec))
-            if len(out) == limit:
-                break
-        return out
-
-    async def set_external(
-        self, job_id: str, external: dict[str, Any], now: int, next_check_at: int | None
-    ) -> JobRecord | None:
-        rec = self._rows.get(job_id)
-        if rec is None:
-            return None
-        rec.external = external
-        rec.updated_at = now
-        if rec.state == "pending":
-            rec.state = "running"
-            rec.next_check_at = next_check_at
-        return msgspec.structs.replace(rec)
-
-    async def finish(
-        self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
-    ) -> JobRecord | None:
-        rec = self._rows.get(job_id)
-        if rec is None:
-            return None
-        if rec.state in from_states:
-            apply_finish(rec, outcome, now)
-            self._open.pop(job_id, None)
-        return msgspec.structs.replace(rec)
-
-    async def due(self, now: int, limit: int) -> list[JobRecord]:
-        out = [
-            msgspec.structs.replace(rec)
-            for rec in self._open.values()
-            if rec.deadline <= now
-            or (
-                rec.state == "running"
-                and rec.next_check_at is not None
-                and rec.next_check_at <= now
-            )
-        ]
-        return out[:limit]
-
-    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
-        rec = self._open.get(job_id)
-        if rec is None or rec.next_check_at != expected:
-            return False
-        rec.next_check_at = next_check_at
-        return True
-
-    async def delete_finished(self, before: int, limit: int) -> list[str]:
-        ids = [
-            rec.id
-            for rec in self._rows.values()
-            if rec.finished_at is not None and rec.finished_at < before
-        ][:limit]
-        for job_id in ids:
-            del self._rows[job_id]
-        return ids
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
