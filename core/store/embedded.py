@@ -161,7 +161,9 @@ async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
         secret = settings.callback_secret or callback_secret(path)
     except OSError as exc:
         raise StoreConfigError(f"cannot use the embedded store at {path}: {exc.strerror}") from None
-    connection = SqliteConnection(path, group=settings.group, pid=pid)
+    connection = SqliteConnection(
+        path, group=settings.group, pid=pid, max_inflight=settings.max_concurrent_tasks
+    )
     try:
         await connection.start()
     except Exception as exc:

@@ -396,6 +396,7 @@ class SqliteConnection:
             return
         batch = self._queue[: self._max_batch]
         try:
+            self._engine.local_room = self._room()
             answers = self._engine.handle_batch([req for req, _ in batch])
         except StoreBusy as exc:
             now = time.monotonic()
@@ -480,6 +481,7 @@ class SqliteConnection:
             if self._engine.db is None:
                 await self._ensure_open()
             try:
+                self._engine.local_room = self._room()
                 return fn(*args)
             except StoreBusy as exc:
                 now = time.monotonic()
@@ -521,6 +523,10 @@ class SqliteConnection:
                 except msgspec.MsgspecError:
                     continue
         self._update_room()
+
+    def _room(self) -> int:
+        """Executes this process may still take on."""
+        return max(self._max_inflight - len(self._inflight), 0)
 
     def _update_room(self) -> None:
         """When room frees up after we were full, look at the outbox at once:
@@ -607,7 +613,7 @@ class SqliteConnection:
         if not (force or await self._call(engine.changed)):
             return False
         self._recheck = False
-        room = self._max_inflight - len(self._inflight)
+        room = self._room()
         addrs = (self._unicast, self._anycast) if room > 0 else (self._unicast,)
         if not await self._call(engine.peek, addrs):
             return False

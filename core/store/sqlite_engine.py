@@ -513,6 +513,11 @@ class Engine:
         self.local_addresses: set[str] = local_addresses if local_addresses is not None else set()
         self.db: sqlite3.Connection | None = None
         self._out: list[str] = []  # messages for in-process delivery (current txn)
+        #: Executes that may still go to this process directly; the connection
+        #: sets it from its free room before each call. Past it they go to the
+        #: outbox, which the connection claims as room frees up: a burst of new
+        #: jobs then waits on disk, not in the SDK's memory.
+        self.local_room = 1 << 30
         self._released: str | None = None  # see handle()
         self._data_version: int | None = None
         #: Write transactions committed (the checkpointer watches it).
@@ -1141,7 +1146,8 @@ class Engine:
         if not target:
             return  # nowhere to send it; the task waits for its promise timeout
         body = execute_body(task_id, version)
-        if target in self.local_addresses:
+        if target in self.local_addresses and self.local_room > 0:
+            self.local_room -= 1
             db.execute(SQL_OUTBOX_DROP, ("x:" + task_id,))
             self._out.append(body)
         else:

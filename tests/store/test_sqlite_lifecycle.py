@@ -9,8 +9,10 @@ import threading
 from pathlib import Path
 
 from resonate.resonate import Resonate
+from resonate.types import TaskData, Value
 
 from core.store.sqlite import SqliteConnection
+from core.store.sqlite_engine import now_ms
 
 
 def create(i: int) -> str:
@@ -59,4 +61,53 @@ async def test_started_before_the_sdk_wires_its_receivers(tmp_path: Path) -> Non
     db = sqlite3.connect(tmp_path / "early.db")
     assert [row[0] for row in db.execute("SELECT pid FROM r_processes")] == ["early"]
     db.close()
+    await r.stop()
+
+
+async def test_a_burst_of_work_waits_on_disk_beyond_max_inflight(tmp_path: Path) -> None:
+    """Work created in this process goes straight to its SDK only while the
+    connection has room (`max_inflight`); the rest waits in the outbox, not in
+    memory, and runs as room frees up."""
+    conn = SqliteConnection(tmp_path / "burst.db", group="g", pid="p", max_inflight=2)
+    await conn.start()
+    r = Resonate(network=conn, group="g", pid="p", max_concurrent_tasks=64)
+    running: set[str] = set()
+    peak, done = 0, 0
+    release = asyncio.Event()
+
+    async def held(ctx: object, name: str) -> str:
+        nonlocal peak, done
+        running.add(name)
+        peak = max(peak, len(running))
+        await release.wait()
+        running.discard(name)
+        done += 1
+        return name
+
+    r.register(held)
+    target = conn.resolve_target("g")
+    for i in range(10):  # as Tether starts a job: the root promise only, for the group
+        await r.promises.create(
+            f"burst-{i}",
+            now_ms() + 60_000,
+            Value(data=TaskData(func="held", args=(f"burst-{i}",), kwargs={}, version=1)),
+            {
+                "resonate:origin": f"burst-{i}",
+                "resonate:branch": f"burst-{i}",
+                "resonate:parent": f"burst-{i}",
+                "resonate:scope": "global",
+                "resonate:target": target,
+            },
+        )
+    await asyncio.sleep(0.5)
+    assert len(running) == 2 and peak == 2
+    db = sqlite3.connect(tmp_path / "burst.db")
+    assert db.execute("SELECT count(*) FROM r_outbox").fetchone()[0] == 8
+    db.close()
+    release.set()
+    for _ in range(100):
+        if done == 10:
+            break
+        await asyncio.sleep(0.1)
+    assert done == 10 and peak == 2
     await r.stop()
