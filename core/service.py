@@ -65,6 +65,10 @@ WATCHDOG_CONCURRENCY = 16
 CHECK_NOW_TIMEOUT = 30.0
 MIN_RETENTION = 86_400.0
 GC_EVERY = 3600.0
+STORE_TIMEOUT = 8.0
+"""A store call of the API not answered by then is `StoreUnavailable` (503). The
+stores' own bounds are 5 s (SQLite's wait for a lock, the Postgres pool's wait
+for a connection); this is the backstop for calls with no bound of their own."""
 
 
 class CallbackResult(msgspec.Struct, frozen=True):
@@ -583,7 +587,8 @@ class Tether:
     async def _store_call[T](self, awaitable: Awaitable[T]) -> T:
         """Await a store operation; a store that fails becomes `StoreUnavailable`."""
         try:
-            return await awaitable
+            async with asyncio.timeout(STORE_TIMEOUT):
+                return await awaitable
         except (ConnectorError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
 

@@ -218,6 +218,14 @@ def _fresh_pg_database(name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+@pytest.fixture
+def fresh_pg_url() -> str:
+    """A new database copied from TETHER_TEST_PG_DSN; skips the test without it."""
+    if not PG_TEMPLATE_DSN:
+        pytest.skip("set TETHER_TEST_PG_DSN to a Postgres with resonate-pg's schema to run")
+    return _fresh_pg_database(f"tether_test_{os.getpid()}_{free_port()}")
+
+
 @pytest.fixture(params=STORES)
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str]:
     """A function making a new, empty store URL of this test's store kind."""

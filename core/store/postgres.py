@@ -38,7 +38,7 @@ TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
 class PostgresDriver:
     """Runs the job index's SQL on a psycopg pool."""
 
-    def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 10.0) -> None:
+    def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 5.0) -> None:
         self._dsn = dsn
         self._pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=max_size, timeout=timeout, open=False
