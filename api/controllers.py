@@ -58,9 +58,15 @@ async def require_api_token(
     expected = connection.app.state.tether.settings.api_token
     if not expected:
         return
-    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+    given = bearer(connection)
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         raise NotAuthorizedException("missing or invalid API token")
+
+
+def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+    return given if scheme.lower() == "bearer" else None
 
 
 class JobController(Controller):
@@ -156,8 +162,7 @@ class CallbackController(Controller):
         backend was asked about the run at once), 410 the job was canceled or timed
         out, 404 unknown promise, 401 bad token, 400/422 malformed body."""
         if token is None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            token = given if scheme.lower() == "bearer" else None
+            token = bearer(request)
         body = await request.body()
         result = await tether(request).callback(promise_id, token, body)
         error = None

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -535,7 +536,7 @@ def run_waiting(
             notes.append(f"only {created:,} of {mode.waiting:,} created within {budget:g} s")
         if got < created:
             notes.append(f"{created - got:,} not yet triggered")
-        errs = {**warm["errors"], **rest["errors"]}
+        errs = Counter(warm["errors"]) + Counter(rest["errors"])
         if errs:
             notes.append("errors: " + ", ".join(f"{k} x{v}" for k, v in errs.items()))
         res.fill_note = "; ".join(notes)

@@ -124,3 +124,7 @@ class Trigger(msgspec.Struct, frozen=True):
     promise_id: str
     callback_url: str
     idempotency_key: str
+
+    def __repr__(self) -> str:
+        url = self.callback_url.split("?", 1)[0] + "?token=***"  # never the token
+        return f"Trigger(job={self.job.id!r}, promise_id={self.promise_id!r}, callback_url={url!r})"

@@ -49,6 +49,7 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 from core.errors import BackendError
 from core.hookspecs import Backend, hookimpl
 from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
+from core.orchestrator import callback_promise_id
 
 __all__ = [
     "Backend",
@@ -58,5 +59,6 @@ __all__ = [
     "Job",
     "Outcome",
     "Trigger",
+    "callback_promise_id",
     "hookimpl",
 ]

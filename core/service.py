@@ -119,6 +119,12 @@ def _outcome_of(value: Any) -> Outcome:
         )
 
 
+def _settled_value(outcome: Outcome, by: str, nonce: str) -> dict[str, Any]:
+    """What a callback promise is settled with: the outcome, who ended the job,
+    and a nonce that tells the settler it won."""
+    return {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
+
+
 def _outcome_of_record(rec: JobRecord) -> Outcome:
     return Outcome(status=rec.state, result=rec.result, error=rec.error)  # type: ignore[arg-type]
 
@@ -291,7 +297,7 @@ class Tether:
         """
         promise_id = orchestrator.callback_promise_id(job_id)
         nonce = uuid.uuid4().hex
-        value = {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
+        value = _settled_value(outcome, by, nonce)
         for _ in range(50):
             try:
                 record = await self._store_call(
@@ -439,22 +445,26 @@ class Tether:
         )
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
+        # An external system may echo the request back, and a plugin's error may
+        # quote it: never keep the callback token in the job record or the log.
+        token = self.signer.token(promise_id)
         for attempt in range(1, attempts + 1):
             try:
                 receipt = msgspec.json.encode(dict(await backend.trigger(trigger)))
-                # An external system may echo the request back: never keep the
-                # callback token in the job record.
-                token = self.signer.token(promise_id).encode()
-                redacted: dict[str, Any] = msgspec.json.decode(receipt.replace(token, b"***"))
+                redacted: dict[str, Any] = msgspec.json.decode(
+                    receipt.replace(token.encode(), b"***")
+                )
                 return redacted
             except BackendError as exc:
+                exc.message = exc.message.replace(token, "***")
                 if not exc.retryable or attempt == attempts:
                     raise
                 wait = max(delay, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
                 if attempt == attempts:
-                    raise BackendError(f"{type(exc).__name__}: {exc}", code="trigger") from None
+                    message = f"{type(exc).__name__}: {exc}".replace(token, "***")
+                    raise BackendError(message, code="trigger") from None
                 wait, reason = delay, f"{type(exc).__name__}"
             log.warning(
                 "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
@@ -490,7 +500,7 @@ class Tether:
         self.plugins.job_finished(view(rec))
 
     async def _resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
-        value = {**msgspec.to_builtins(outcome), "by": by, "nonce": uuid.uuid4().hex}
+        value = _settled_value(outcome, by, uuid.uuid4().hex)
         await self.r.promises.resolve(promise_id, Value(data=value))
 
     # ── retention ────────────────────────────────────────────────────────────

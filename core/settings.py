@@ -11,10 +11,21 @@ import functools
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
 PREFIX = "TETHER_"
+
+
+def describe(url: str) -> str:
+    """`url` without credentials, fit for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password or parts.username:
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://***@{host}{port}{parts.path}"
+    return url
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,6 +94,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def __repr__(self) -> str:
+        """Every field, with the secrets masked (settings get logged and printed)."""
+        shown = {f: getattr(self, f) for f in self.__struct_fields__}
+        shown["store"] = describe(self.store)
+        for secret in ("callback_secret", "api_token"):
+            shown[secret] = "***" if shown[secret] else ""
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -204,13 +204,13 @@ if PG_TEMPLATE_DSN and "postgres" not in STORES:
     STORES.append("postgres")
 
 
-def _fresh_pg_database(name: str) -> str:
-    """A new database copied from the template TETHER_TEST_PG_DSN names; its URL."""
+def _fresh_pg_database(template_dsn: str, name: str) -> str:
+    """A new database copied from the one `template_dsn` names; its URL."""
     from urllib.parse import urlsplit, urlunsplit
 
     import psycopg
 
-    parts = urlsplit(PG_TEMPLATE_DSN)
+    parts = urlsplit(template_dsn)
     template = parts.path.lstrip("/")
     with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
@@ -223,7 +223,7 @@ def fresh_pg_url() -> str:
     """A new database copied from TETHER_TEST_PG_DSN; skips the test without it."""
     if not PG_TEMPLATE_DSN:
         pytest.skip("set TETHER_TEST_PG_DSN to a Postgres with resonate-pg's schema to run")
-    return _fresh_pg_database(f"tether_test_{os.getpid()}_{free_port()}")
+    return _fresh_pg_database(PG_TEMPLATE_DSN, f"tether_test_{os.getpid()}_{free_port()}")
 
 
 @pytest.fixture(params=STORES)
@@ -236,7 +236,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str
         if request.param == "sqlite":
             return f"sqlite:///{tmp_path}/tether-{n}.db"
         if request.param == "postgres":
-            return _fresh_pg_database(f"tether_test_{os.getpid()}_{n}")
+            return _fresh_pg_database(PG_TEMPLATE_DSN, f"tether_test_{os.getpid()}_{n}")
         return "memory://"
 
     return make

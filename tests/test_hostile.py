@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
+from core.models import Job, Trigger
 from tests.test_callbacks import started
 
 DEEP = "[" * 50_000 + "]" * 50_000
@@ -96,6 +98,16 @@ async def test_secrets_never_reach_job_records_or_listings(start_service, receiv
         caplog.text,
         repr(svc.tether),
         repr(svc.tether.signer),
+        repr(svc.settings),
+        repr(
+            Trigger(
+                job=msgspec.convert(job, Job),
+                params=None,
+                promise_id="s:1",
+                callback_url=receiver.hits[0].body["callback_url"],
+                idempotency_key="k",
+            )
+        ),
     ]
     for text in texts:
         for secret in ("very-secret-key", token, "api-token-123"):

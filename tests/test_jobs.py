@@ -3,6 +3,8 @@ real receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conftest import eventually
@@ -77,7 +79,10 @@ async def test_the_same_start_twice_reattaches_and_triggers_once(start_service, 
     assert again.status_code == 200
     assert again.json()["id"] == "dup" and again.json()["state"] == "running"
     await svc.client.post("/jobs", json=body)
-    await svc.wait_state("dup", "running")
+    # Run the job to its end: a second trigger, had there been one, came before.
+    callback = await svc.client.post(receiver.hits[0].body["callback_url"], json={})
+    assert callback.json()["outcome"] == "accepted"
+    await svc.wait_state("dup", "succeeded")
     assert len(receiver.hits) == 1
 
 
@@ -168,6 +173,7 @@ async def test_unknown_job_is_404(start_service):
 
 async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service, receiver):
     svc = await start_service()
+    receiver.respond = lambda hit: (400, {}) if hit.path == "/fail" else (202, {})
     for i in range(5):
         await svc.client.post(
             "/jobs",
@@ -177,7 +183,6 @@ async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service
         "/jobs",
         json={"id": "bad", "backend": "http_webhook", "params": {"url": receiver.url("/fail")}},
     )
-    receiver.respond = lambda hit: (400, {}) if hit.path == "/fail" else (202, {})
     await eventually(lambda: len(receiver.hits) >= 6)
 
     page = (await svc.client.get("/jobs", params={"limit": 2})).json()
@@ -250,6 +255,9 @@ async def test_a_job_canceled_before_its_trigger_is_never_triggered(start_servic
     assert response.status_code == 200
     job = await svc.wait_state("p", "canceled")
     assert job["error"]["message"] == "canceled by request"
+    attempts = len(receiver.hits)
+    await asyncio.sleep(0.5)  # ten backoff periods: no attempt after the cancel
+    assert len(receiver.hits) == attempts
 
 
 async def test_no_callback_within_the_timeout_times_the_job_out(start_service, receiver):

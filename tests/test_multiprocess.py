@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def test_workers_option_runs_several_processes(tmp_path, receiver):
         time.sleep(0.3)
         assert sorted(h.body["job_id"] for h in receiver.hits) == [f"w{i}" for i in range(6)]
         # The workers are spawned processes: each must set up logging itself.
-        assert proc.log.read_text().count(" triggered") == 6, proc.log.read_text()
+        log = proc.log.read_text()
+        assert log.count(" triggered") == 6, log
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
     finally:
         proc.kill()

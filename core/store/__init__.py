@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import StoreUnavailable
-from core.settings import Settings
+from core.settings import Settings, describe
 from core.store.jobs import JobIndex
 from core.store.sql import INDEXES, SqlJobIndex
 
@@ -47,16 +47,6 @@ class Store:
             await self.connection.stop()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def describe(url: str) -> str:
-    """`url` without credentials, fit for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://***@{host}{port}{parts.path}"
-    return url
 
 
 class StoreConfigError(ValueError):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import StoreUnavailable
 from core.settings import Settings
 from core.store.sql import INDEXES, SqlJobIndex
+from core.store.sqlite import DEFAULT_LOCK_TIMEOUT
 from core.store.sqlite_engine import HOT_PATH_AUTOCHECKPOINT, is_busy
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
     next_check_at INTEGER
 )"""
 
-BUSY_TIMEOUT_MS = 5000
-
 
 class SqliteIndex(SqlJobIndex):
     """The job index on SQLite; its health check also needs the write lock, so
@@ -65,9 +64,10 @@ class SqliteDriver:
     `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
     less than handing it to a thread and back. Like the store engine, it never
     waits inside SQLite for a lock: a statement that finds the write lock taken
-    is retried after a short sleep, for up to `BUSY_TIMEOUT_MS`, so a locked
-    file slows the index's writes without stopping the loop. Checkpoints are
-    the store's checkpointer thread's work, not this connection's."""
+    is retried after a short sleep, for up to `DEFAULT_LOCK_TIMEOUT` (the store
+    connection's own wait), so a locked file slows the index's writes without
+    stopping the loop. Checkpoints are the store's checkpointer thread's work,
+    not this connection's."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -91,11 +91,11 @@ class SqliteDriver:
                 if not is_busy(exc):
                     raise StoreUnavailable(f"the embedded store failed: {exc}") from None
                 now = time.monotonic()
-                deadline = deadline or now + BUSY_TIMEOUT_MS / 1000
+                deadline = deadline or now + DEFAULT_LOCK_TIMEOUT
                 if now >= deadline:
                     raise StoreUnavailable(
                         f"the embedded store failed: {exc} (gave up after "
-                        f"{BUSY_TIMEOUT_MS / 1000:g} s)"
+                        f"{DEFAULT_LOCK_TIMEOUT:g} s)"
                     ) from None
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"the embedded store failed: {exc}") from None

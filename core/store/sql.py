@@ -194,16 +194,12 @@ class SqlJobIndex:
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         rows = await self.db.fetch(
-            "SELECT id FROM tether_jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
-            " ORDER BY finished_at LIMIT ?",
+            "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
+            " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
+            " RETURNING id",
             (before, limit),
         )
-        ids = [r[0] for r in rows]
-        for job_id in ids:
-            await self.db.execute(
-                "DELETE FROM tether_jobs WHERE id = ? AND finished_at IS NOT NULL", (job_id,)
-            )
-        return ids
+        return [r[0] for r in rows]
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())

@@ -269,6 +269,14 @@ def _version() -> str:
 # ── one-time runs: Tether's params → the SDK's `jobs.submit` arguments ────────
 
 
+@functools.cache
+def _submit_hints() -> dict[str, Any]:
+    """The types of `jobs.submit`'s arguments (resolving them costs ~1 ms)."""
+    from databricks.sdk.service.jobs import JobsAPI
+
+    return typing.get_type_hints(JobsAPI.submit)
+
+
 def submit_arguments(spec: Mapping[str, Any]) -> dict[str, Any]:
     """`jobs.submit` keyword arguments built from a one-time run spec in its JSON
     shape (as the Jobs API documents it), each value converted to its SDK type.
@@ -277,9 +285,7 @@ def submit_arguments(spec: Mapping[str, Any]) -> dict[str, Any]:
     the way (a misspelt `notebook_task` key, say) raises `ValueError` naming it,
     instead of starting a run without it.
     """
-    from databricks.sdk.service.jobs import JobsAPI
-
-    hints = typing.get_type_hints(JobsAPI.submit)
+    hints = _submit_hints()
     out: dict[str, Any] = {}
     for name, value in spec.items():
         if value is None:

@@ -35,7 +35,16 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from core.plugin import Backend, BackendError, ErrorInfo, Job, Outcome, Trigger, hookimpl
+from core.plugin import (
+    Backend,
+    BackendError,
+    ErrorInfo,
+    Job,
+    Outcome,
+    Trigger,
+    callback_promise_id,
+    hookimpl,
+)
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 RECEIPT_LIMIT = 4096
@@ -145,7 +154,7 @@ class HttpWebhook(Backend):
         params = msgspec.convert(job.params, WebhookParams)
         if params.cancel_url is None:
             return
-        body = {"job_id": job.id, "promise_id": f"{job.id}:1", "reason": job.state}
+        body = {"job_id": job.id, "promise_id": callback_promise_id(job.id), "reason": job.state}
         await self._send(
             "POST", params.cancel_url, params.timeout, 0, json=body, headers=params.headers
         )

@@ -35,6 +35,7 @@ from resonate.connections.local import LocalConnection
 from resonate.resonate import Resonate
 
 from core.store.sqlite import SqliteConnection
+from tests.conftest import _fresh_pg_database
 
 
 def _pg_dsn(config: pytest.Config) -> str:
@@ -75,19 +76,6 @@ class Store:
 
 
 STORES = ["sqlite", "sqlite-1tx", "memory", "postgres"]
-
-
-def _fresh_pg_database(template_dsn: str, name: str) -> str:
-    """A new database copied from the one ``template_dsn`` names; its DSN."""
-    import psycopg
-
-    parts = urlsplit(template_dsn)
-    template = parts.path.lstrip("/")
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def _drop_pg_database(template_dsn: str, name: str) -> None:
