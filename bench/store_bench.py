@@ -51,7 +51,7 @@ from resonate.types import Value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.store.sqlite import SqliteConnection
+from resonate_sqlite.connection import SqliteConnection
 
 GROUP = "bench"
 ANY = f"poll://any@{GROUP}"

@@ -1,6 +1,6 @@
 """`sqlite:///PATH`: the embedded store, Tether's default.
 
-Promises and tasks live in SQLite through `core.store.sqlite.SqliteConnection`
+Promises and tasks live in SQLite through `resonate_sqlite.connection.SqliteConnection`
 (the Resonate protocol, in process); the job index is the `tether_jobs` table
 in the same file. Several processes on one host may share the file.
 """
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from core.errors import StoreUnavailable
 from core.settings import Settings
 from core.store.sql import INDEXES, SqlJobIndex
-from core.store.sqlite import DEFAULT_LOCK_TIMEOUT
-from core.store.sqlite_engine import HOT_PATH_AUTOCHECKPOINT, is_busy
+from resonate_sqlite.connection import DEFAULT_LOCK_TIMEOUT
+from resonate_sqlite.engine import HOT_PATH_AUTOCHECKPOINT, is_busy
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -153,7 +153,7 @@ def callback_secret(db: Path) -> str:
 
 async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
     from core.store import Store, StoreConfigError
-    from core.store.sqlite import SqliteConnection
+    from resonate_sqlite.connection import SqliteConnection
 
     path = sqlite_path(url)
     try:

@@ -2,7 +2,7 @@
 
 :class:`Engine` owns one ``sqlite3`` connection and answers the SDK's wire
 requests, each inside its own ``BEGIN IMMEDIATE`` transaction. It never touches
-the event loop: :class:`core.store.sqlite.SqliteConnection` drives it (inline
+the event loop: :class:`resonate_sqlite.connection.SqliteConnection` drives it (inline
 or from a worker thread), delivers the messages it returns, and runs its timer
 sweep and outbox claims on a tick.
 
@@ -19,7 +19,7 @@ the differences written down in ``docs/embedded-store.md``:
   request independent of the store's size.
 
 Every hot statement is a constant string on an index (the prepared-statement
-cache of :mod:`sqlite3` then reuses it); ``tests/store/test_sqlite_plans.py``
+cache of :mod:`sqlite3` then reuses it); ``tests/resonate_sqlite/test_plans.py``
 asserts the plans.
 """
 

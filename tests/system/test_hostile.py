@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from core.models import Job, Trigger
-from tests.test_callbacks import started
+from tests.api.test_callbacks import started
 
 DEEP = "[" * 50_000 + "]" * 50_000
 

@@ -24,10 +24,15 @@ from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
 from plugins.databricks.runs import outcome_of_run
 from plugins.databricks.workspace import DatabricksSettings, Workspace
 from tests.conftest import eventually, free_port
-from tests.databricks.conftest import DATABRICKS_PLUGIN
-from tests.databricks.workspace import EXAMPLE_NOTEBOOK, FakeWorkspace, example_notebook, silent
+from tests.plugins.databricks.conftest import DATABRICKS_PLUGIN
+from tests.plugins.databricks.workspace import (
+    EXAMPLE_NOTEBOOK,
+    FakeWorkspace,
+    example_notebook,
+    silent,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RUN_NOW = "/api/2.2/jobs/run-now"
 SUBMIT = "/api/2.2/jobs/runs/submit"
 GET_RUN = "/api/2.2/jobs/runs/get"

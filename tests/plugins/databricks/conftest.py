@@ -15,7 +15,7 @@ import pytest
 import plugins.databricks as databricks_plugin
 from core.plugin import hookimpl
 from core.plugins import BUILTIN_PLUGINS
-from tests.databricks.workspace import FakeWorkspace
+from tests.plugins.databricks.workspace import FakeWorkspace
 
 DATABRICKS_PLUGIN: tuple[Any, ...] = (
     () if "plugins.databricks" in BUILTIN_PLUGINS else (databricks_plugin,)

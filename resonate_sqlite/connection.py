@@ -32,7 +32,7 @@ from typing import Any, Final
 import msgspec
 from resonate_base import ConnectorError
 
-from core.store.sqlite_engine import (
+from resonate_sqlite.engine import (
     DEFAULT_RETRY_MS,
     Answer,
     Engine,

@@ -1,6 +1,6 @@
 """The embedded store's answers to raw protocol requests, on a controlled clock.
 
-These drive :class:`core.store.sqlite_engine.Engine` (what
+These drive :class:`resonate_sqlite.engine.Engine` (what
 ``SqliteConnection.send`` runs) directly, so timers fire exactly when the
 test moves the clock.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from core.store.sqlite_engine import Engine
+from resonate_sqlite.engine import Engine
 
 GROUP = "poll://any@g"
 ME = "poll://uni@g/me"
@@ -488,7 +488,7 @@ def test_gc_deletes_finished_lineages_and_never_pending_work(server: Server) -> 
 
 
 async def test_connection_gc(tmp_path: Path) -> None:
-    from core.store.sqlite import SqliteConnection
+    from resonate_sqlite.connection import SqliteConnection
 
     conn = SqliteConnection(tmp_path / "gc.db")
     for i in range(5):
@@ -519,7 +519,7 @@ def req(kind: str, **data: Any) -> str:
 def test_a_batch_applies_in_order_and_each_request_is_atomic(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.store import sqlite_engine
+    from resonate_sqlite import engine as sqlite_engine
 
     real = sqlite_engine.Engine._settle_req
 
@@ -550,7 +550,7 @@ def test_a_batch_applies_in_order_and_each_request_is_atomic(
 async def test_concurrent_sends_share_a_transaction(tmp_path: Path) -> None:
     import asyncio
 
-    from core.store.sqlite import SqliteConnection
+    from resonate_sqlite.connection import SqliteConnection
 
     conn = SqliteConnection(tmp_path / "batch.db")
     await conn.start()

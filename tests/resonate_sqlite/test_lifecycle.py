@@ -11,8 +11,8 @@ from pathlib import Path
 from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
 
-from core.store.sqlite import SqliteConnection
-from core.store.sqlite_engine import now_ms
+from resonate_sqlite.connection import SqliteConnection
+from resonate_sqlite.engine import now_ms
 
 
 def create(i: int) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from resonate_base import ConnectorError
 
-from core.store.sqlite import SqliteConnection, SqliteStoreError
+from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
 
 
 def create(i: int) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from resonate.resonate import Resonate
 
-from core.store.sqlite import SqliteConnection
+from resonate_sqlite.connection import SqliteConnection
 
 HELPER = Path(__file__).with_name("sqlite_proc.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,15 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import Hit, Receiver
 from tests.process import TetherProcess
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).parent.parent / "core/store/sqlite.py").exists(),
-    reason="needs the embedded SQLite store",
-)
 
 
 def service(tmp_path: Path, port: int | None = None) -> TetherProcess:

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.process import TetherProcess
-from tests.test_crash import wait_for
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).parent.parent / "core/store/sqlite.py").exists(),
-    reason="needs the embedded SQLite store",
-)
+from tests.system.test_crash import wait_for
 
 
 def test_two_processes_share_the_work_and_a_job_started_in_one_finishes_in_the_other(

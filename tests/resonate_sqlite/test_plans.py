@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from core.store.sqlite_engine import HOT_QUERIES, Engine
+from resonate_sqlite.engine import HOT_QUERIES, Engine
 
 EXPECTED_INDEX = {
     "due_promises": "r_promises_due",

@@ -3,34 +3,17 @@ but before its trigger step was recorded: on restart, still one Databricks run."
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from core.plugins import BUILTIN_PLUGINS
-from core.settings import Settings
-from core.store import open_store
-from tests.databricks.workspace import FakeWorkspace
+from tests.plugins.databricks.workspace import FakeWorkspace
 from tests.process import TetherProcess
 
 RUN_NOW = "/api/2.2/jobs/run-now"
-
-
-def embedded_store_works(tmp_path: Path) -> bool:
-    async def probe() -> None:
-        settings = Settings.from_env({}, store=f"sqlite:///{tmp_path}/probe.db")
-        store = await open_store(settings, "probe")
-        await store.close()
-
-    try:
-        asyncio.run(probe())
-    except NotImplementedError:
-        return False
-    return True
 
 
 def plugin_site(tmp_path: Path) -> str:
@@ -65,8 +48,6 @@ def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 30)
 def test_a_kill_after_run_now_before_its_record_still_makes_one_run(
     tmp_path: Path, workspace: FakeWorkspace
 ):
-    if not embedded_store_works(tmp_path):
-        pytest.skip("needs the durable embedded store (TETHER_STORE=sqlite:///...)")
     workspace.add_job(7, notebook="hang")
     held = workspace.hold(RUN_NOW)  # the run is created; the answer never comes
     env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture

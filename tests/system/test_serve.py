@@ -9,7 +9,7 @@ import httpx
 
 from tests.process import TetherProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 15) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_NOTEBOOK = ROOT / "examples" / "databricks_notebook.py"
 
 TOKEN = "dapi0123456789abcdef0123456789abcdef"

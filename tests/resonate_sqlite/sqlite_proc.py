@@ -19,7 +19,7 @@ from pathlib import Path
 from resonate.context import Context
 from resonate.resonate import Resonate
 
-from core.store.sqlite import SqliteConnection
+from resonate_sqlite.connection import SqliteConnection
 
 
 async def main(db: str, pid: str, log: Path, slow: bool) -> None:

@@ -22,7 +22,7 @@ from core.plugin import BackendError, Outcome, hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from tests.conftest import eventually, test_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tether_echo"
 
 
@@ -323,7 +323,7 @@ def test_every_hook_and_backend_method_is_documented():
 
 def test_every_hook_and_backend_method_has_a_test():
     tests = set()
-    for path in Path(__file__).parent.rglob("test_*.py"):
+    for path in ROOT.joinpath("tests").rglob("test_*.py"):
         tree = ast.parse(path.read_text())
         tests |= {
             n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)

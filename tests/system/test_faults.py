@@ -8,19 +8,12 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import Hit
 from tests.process import TetherProcess, report
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).parent.parent / "core/store/sqlite.py").exists(),
-    reason="needs the embedded SQLite store",
-)
 
 JOBS = 200
 KILLS = 4

@@ -4,7 +4,7 @@ Every test in this directory runs once per durable store, through the SDK's
 public API only (``Resonate(...)``, ``register``, ``run``/``rpc``, ``ctx.*``,
 ``r.promises``, ``r.get``, handles):
 
-* ``sqlite``   -- the embedded store (:class:`core.store.sqlite.SqliteConnection`)
+* ``sqlite``   -- the embedded store (:class:`resonate_sqlite.connection.SqliteConnection`)
   on a file in the test's tmp dir; every connection of a test opens that file.
   ``sqlite-1tx`` is the same with ``group_commit=False`` (one transaction per
   request instead of one per batch).
@@ -34,7 +34,7 @@ import pytest
 from resonate.connections.local import LocalConnection
 from resonate.resonate import Resonate
 
-from core.store.sqlite import SqliteConnection
+from resonate_sqlite.connection import SqliteConnection
 from tests.conftest import _fresh_pg_database
 
 

@@ -19,8 +19,8 @@ from resonate.error import ServerError
 from resonate.heartbeat import NoopHeartbeat
 from resonate.types import Value
 
-from tests.conformance.conftest import Factory, Store
-from tests.conformance.helpers import until, within
+from tests.resonate_sqlite.conformance.conftest import Factory, Store
+from tests.resonate_sqlite.conformance.helpers import until, within
 
 MEMORY_NOT_SHARED = (
     "LocalConnection keeps its state in one connection object: a second "

@@ -1,0 +1,25 @@
+"""resonate-sqlite: the Resonate server protocol on a SQLite file, in process.
+
+A resonate-sdk connection (the SDK's `Network` and `Source` seam), like
+resonate-pg's `PostgresConnection`, for programs that want durable promises
+and tasks without running a Resonate server or Postgres::
+
+    from resonate import Resonate
+    from resonate_sqlite import SqliteConnection
+
+    conn = SqliteConnection("app.db", group="default", pid="worker-1")
+    r = Resonate(network=conn, group="default", pid="worker-1")
+
+It imports nothing of Tether. See README.md beside this file.
+"""
+
+from resonate_sqlite.connection import DEFAULT_LOCK_TIMEOUT, SqliteConnection, SqliteStoreError
+from resonate_sqlite.engine import HOT_PATH_AUTOCHECKPOINT, is_busy
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "HOT_PATH_AUTOCHECKPOINT",
+    "SqliteConnection",
+    "SqliteStoreError",
+    "is_busy",
+]
