@@ -13,12 +13,14 @@ and tasks without running a Resonate server or Postgres::
 It imports nothing of Tether. See README.md beside this file.
 """
 
-from resonate_sqlite.connection import DEFAULT_LOCK_TIMEOUT, SqliteConnection, SqliteStoreError
+from resonate_sqlite.busy import DEFAULT_LOCK_TIMEOUT, BusyBackoff
+from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
 from resonate_sqlite.engine import HOT_PATH_AUTOCHECKPOINT, is_busy
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "HOT_PATH_AUTOCHECKPOINT",
+    "BusyBackoff",
     "SqliteConnection",
     "SqliteStoreError",
     "is_busy",

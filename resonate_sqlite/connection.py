@@ -32,6 +32,7 @@ from typing import Any, Final
 import msgspec
 from resonate_base import ConnectorError
 
+from resonate_sqlite.busy import DEFAULT_LOCK_TIMEOUT, BusyBackoff
 from resonate_sqlite.engine import (
     DEFAULT_RETRY_MS,
     Answer,
@@ -49,8 +50,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLL_INTERVAL: Final = 0.02
 #: Interval between timer sweeps (promise timeouts, task retries and leases).
 DEFAULT_TIMER_INTERVAL: Final = 0.1
-#: How long a request waits for another connection's write lock.
-DEFAULT_LOCK_TIMEOUT: Final = 5.0
 #: Liveness heartbeat of this process, and when a silent process counts as dead.
 DEFAULT_PROCESS_HEARTBEAT: Final = 1.0
 DEFAULT_PROCESS_TIMEOUT: Final = 15.0
@@ -182,8 +181,7 @@ class SqliteConnection:
         #: requests waiting for the next transaction, and its scheduling state
         self._queue: list[tuple[str, asyncio.Future[str]]] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._busy_since = 0.0
-        self._busy_delay = 0.0
+        self._busy = BusyBackoff(lock_timeout)
         self._reopening: asyncio.Task[None] | None = None
 
         #: task id -> monotonic deadline: executes handed to the SDK that it
@@ -399,27 +397,23 @@ class SqliteConnection:
             self._engine.local_room = self._room()
             answers = self._engine.handle_batch([req for req, _ in batch])
         except StoreBusy as exc:
-            now = time.monotonic()
-            if not self._busy_since:
-                self._busy_since, self._busy_delay = now, 0.0002
-            elif now - self._busy_since > self._lock_timeout:
-                self._busy_since = 0.0
+            delay = self._busy.next_delay()
+            if delay is None:
                 msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
                 self._fail(batch, SqliteStoreError(StoreFailure(msg)))
-            else:
-                self._busy_delay = min(self._busy_delay * 2, 0.005)
+                delay = 0.0
             if self._queue:
-                self._flush_handle = loop.call_later(self._busy_delay, self._flush)
+                self._flush_handle = loop.call_later(delay, self._flush)
             return
         except StoreFailure as exc:
-            self._busy_since = 0.0
+            self._busy.reset()
             self._fail(batch, SqliteStoreError(exc))
         except Exception as exc:  # a bug must not strand the SDK's requests
             logger.exception("sqlite store: internal error")
-            self._busy_since = 0.0
+            self._busy.reset()
             self._fail(batch, SqliteStoreError(exc))
         else:
-            self._busy_since = 0.0
+            self._busy.reset()
             del self._queue[: len(batch)]
             self._answer(batch, answers)
         if self._queue and self._flush_handle is None:
@@ -475,8 +469,7 @@ class SqliteConnection:
     async def _call[T](self, fn: Callable[..., T], *args: Any) -> T:
         """Run an engine call of the pump (or gc) in its own transaction,
         retrying while another connection holds the write lock."""
-        deadline = 0.0
-        delay = 0.0002
+        backoff = BusyBackoff(self._lock_timeout)
         while True:
             if self._engine.db is None:
                 await self._ensure_open()
@@ -484,14 +477,11 @@ class SqliteConnection:
                 self._engine.local_room = self._room()
                 return fn(*args)
             except StoreBusy as exc:
-                now = time.monotonic()
-                if not deadline:
-                    deadline = now + self._lock_timeout
-                elif now >= deadline:
+                delay = backoff.next_delay()
+                if delay is None:
                     msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
                     raise SqliteStoreError(StoreFailure(msg)) from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.005)
             except StoreFailure as exc:
                 raise SqliteStoreError(exc) from exc
             except Exception as exc:  # a bug must not kill the SDK's worker

@@ -13,7 +13,6 @@ import os
 import secrets
 import sqlite3
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import StoreUnavailable
 from core.settings import Settings
 from core.store.sql import INDEXES, SqlJobIndex
-from resonate_sqlite.connection import DEFAULT_LOCK_TIMEOUT
-from resonate_sqlite.engine import HOT_PATH_AUTOCHECKPOINT, is_busy
+from resonate_sqlite import DEFAULT_LOCK_TIMEOUT, HOT_PATH_AUTOCHECKPOINT, BusyBackoff, is_busy
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -83,16 +81,15 @@ class SqliteDriver:
         return self._conn
 
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        deadline, delay = 0.0, 0.0002
+        backoff = BusyBackoff(DEFAULT_LOCK_TIMEOUT)
         while True:
             try:
                 return fn(self._connect())
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise StoreUnavailable(f"the embedded store failed: {exc}") from None
-                now = time.monotonic()
-                deadline = deadline or now + DEFAULT_LOCK_TIMEOUT
-                if now >= deadline:
+                delay = backoff.next_delay()
+                if delay is None:
                     raise StoreUnavailable(
                         f"the embedded store failed: {exc} (gave up after "
                         f"{DEFAULT_LOCK_TIMEOUT:g} s)"
@@ -100,7 +97,6 @@ class SqliteDriver:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"the embedded store failed: {exc}") from None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.005)
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._run(lambda c: c.execute(sql, args).fetchall())
@@ -153,7 +149,7 @@ def callback_secret(db: Path) -> str:
 
 async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
     from core.store import Store, StoreConfigError
-    from resonate_sqlite.connection import SqliteConnection
+    from resonate_sqlite import SqliteConnection
 
     path = sqlite_path(url)
     try:
