@@ -1,10 +1,11 @@
 """resonate-sqlite: the Resonate server protocol on a SQLite file, in process.
 
 A resonate-sdk connection (the SDK's `Network` and `Source` seam), like
-resonate-pg's `PostgresConnection`, for programs that want durable promises
-and tasks without running a Resonate server or Postgres::
+resonate-pg's `PostgresConnection`, for programs that want durable promises,
+tasks and schedules without running a Resonate server or Postgres; it answers
+as resonate-pg's `resonate.sql` does::
 
-    from resonate import Resonate
+    from resonate.resonate import Resonate
     from resonate_sqlite import SqliteConnection
 
     conn = SqliteConnection("app.db", group="default", pid="worker-1")

@@ -12,7 +12,7 @@ Several processes on one host may share one file: work pushed to a group is
 claimed by exactly one of its processes, timers run in every process (each
 transition is rechecked under the write lock, so it happens once), and a
 process that dies is noticed through its liveness heartbeat. Design notes,
-schema and semantics: ``docs/embedded-store.md``.
+schema and semantics: ``README.md`` beside this file.
 """
 
 from __future__ import annotations
@@ -353,7 +353,7 @@ class SqliteConnection:
 
         ``headers`` (the routing origin) are unused: one file, one partition.
         Storage failures raise :class:`SqliteStoreError` (a ConnectorError);
-        a malformed or unsupported request is answered with a 4xx.
+        a malformed or unsupported request is answered (4xx, 501).
         """
         if self._engine.db is None:
             await self._ensure_open()
@@ -615,15 +615,15 @@ class SqliteConnection:
         return bool(msgs)
 
     async def _fire_timers(self) -> bool:
-        """Apply due promise timeouts, task retries and lease expiries. True
-        when a full batch was due (more may be)."""
-        ps, ts = await self._call(self._engine.due, BATCH)
-        if not (ps or ts):
+        """Apply due promise timeouts, task retries and lease expiries, and
+        schedule runs. True when a full batch was due (more may be)."""
+        ps, ts, ss = await self._call(self._engine.due, BATCH)
+        if not (ps or ts or ss):
             return False
-        _, out = await self._call(self._engine.fire, ps, ts)
+        _, out = await self._call(self._engine.fire, ps, ts, ss)
         if out:
             self._deliver_soon(out)
-        return len(ps) >= BATCH or len(ts) >= BATCH
+        return max(len(ps), len(ts), len(ss)) >= BATCH
 
     # -- retention -------------------------------------------------------------------
 

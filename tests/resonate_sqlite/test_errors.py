@@ -133,7 +133,8 @@ async def test_send_raises_connector_error_when_the_lock_is_held_too_long(
         holder.close()
     # and it recovers as soon as the lock is gone
     resp = json.loads(await conn.send(create(1)))
-    assert resp["head"]["status"] == 201
+    assert resp["head"]["status"] == 200
+    assert resp["data"]["promise"]["state"] == "pending"
     await conn.stop()
 
 
@@ -145,6 +146,7 @@ async def test_a_brief_lock_is_waited_out(tmp_path: Path) -> None:
     holder.execute("BEGIN IMMEDIATE")
     asyncio.get_running_loop().call_later(0.2, holder.execute, "COMMIT")
     resp = json.loads(await conn.send(create(0)))
-    assert resp["head"]["status"] == 201
+    assert resp["head"]["status"] == 200
+    assert resp["data"]["promise"]["state"] == "pending"
     holder.close()
     await conn.stop()

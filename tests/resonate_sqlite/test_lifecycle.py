@@ -32,7 +32,8 @@ async def test_send_after_stop_still_answers(tmp_path: Path) -> None:
     await conn.start()
     await conn.stop()
     resp = json.loads(await conn.send(create(0)))
-    assert resp["head"]["status"] == 201
+    assert resp["head"]["status"] == 200
+    assert resp["data"]["promise"]["state"] == "pending"
     conn.close()
 
 

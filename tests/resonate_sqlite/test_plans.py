@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
-from resonate_sqlite.engine import HOT_QUERIES, Engine
+from resonate_sqlite.engine import Engine
+from resonate_sqlite.schema import HOT_QUERIES
 
 EXPECTED_INDEX = {
     "due_promises": "r_promises_due",
     "due_tasks": "r_tasks_due",
+    "due_schedules": "r_schedules_due",
     "gc_roots": "r_roots_settled",
     "outbox_next": "r_outbox_address",
     "outbox_peek": "r_outbox_address",

@@ -15,150 +15,42 @@ from typing import Any
 import pytest
 
 from resonate_sqlite.engine import Engine
-
-GROUP = "poll://any@g"
-ME = "poll://uni@g/me"
-OTHER = "poll://uni@g/other"
-T0 = 1_700_000_000_000
-HOUR = 3_600_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
-
-
-class Server:
-    """An engine plus helpers to speak JSON to it."""
-
-    def __init__(self, path: Path, *, local: set[str] | None = None) -> None:
-        self.clock = Clock()
-        self.engine = Engine(path, clock=self.clock, local_addresses=local)
-        self.engine.open(timeout=1)
-        self.pushed: list[dict[str, Any]] = []
-
-    def __call__(self, kind: str, **data: Any) -> tuple[int, Any]:
-        req = json.dumps({"kind": kind, "head": {"corrId": "c1", "version": "v"}, "data": data})
-        raw, out, _ = self.engine.handle(req)
-        resp = json.loads(raw)
-        assert resp["kind"] == kind
-        assert resp["head"]["corrId"] == "c1"
-        self.pushed += [json.loads(m) for m in out]
-        return resp["head"]["status"], resp["data"]
-
-    def tick(self, ms: int) -> None:
-        self.clock.now += ms
-        ps, ts = self.engine.due(100)
-        _, out = self.engine.fire(ps, ts)
-        self.pushed += [json.loads(m) for m in out]
-
-    def outbox(self) -> list[tuple[str, dict[str, Any]]]:
-        assert self.engine.db is not None
-        rows = self.engine.db.execute("SELECT address, body FROM r_outbox ORDER BY seq")
-        return [(a, json.loads(b)) for a, b in rows]
-
-    def take(self) -> list[dict[str, Any]]:
-        pushed, self.pushed = self.pushed, []
-        return pushed
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Server:
-    return Server(tmp_path / "p.db", local={GROUP, ME})
-
-
-def sub(kind: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "head": {"corrId": "s", "version": "v"}, "data": data}
-
-
-def root_tags(pid: str) -> dict[str, str]:
-    return {
-        "resonate:origin": pid,
-        "resonate:branch": pid,
-        "resonate:parent": pid,
-        "resonate:scope": "global",
-        "resonate:target": GROUP,
-    }
-
-
-def external_tags(pid: str, root: str) -> dict[str, str]:
-    return {"resonate:scope": "global", "resonate:origin": root, "resonate:external": "true"}
-
-
-def start(server: Server, root: str, *, ttl: int = 10_000) -> None:
-    """task.create a workflow root, acquired by pid 'me' at version 1."""
-    status, data = server(
-        "task.create",
-        pid="me",
-        ttl=ttl,
-        action=sub(
-            "promise.create",
-            {
-                "id": root,
-                "timeoutAt": T0 + HOUR,
-                "param": {"data": "e30="},
-                "tags": root_tags(root),
-            },
-        ),
-    )
-    assert status == 201
-    assert data["task"] == {"id": root, "state": "acquired", "version": 1, "pid": "me", "ttl": ttl}
-
-
-def fence_create(server: Server, root: str, version: int, pid: str, timeout: int = HOUR) -> Any:
-    return server(
-        "task.fence",
-        id=root,
-        version=version,
-        action=sub(
-            "promise.create",
-            {"id": pid, "timeoutAt": server.clock.now + timeout, "tags": external_tags(pid, root)},
-        ),
-    )
-
-
-def suspend_on(server: Server, root: str, version: int, awaited: str) -> Any:
-    return server(
-        "task.suspend",
-        id=root,
-        version=version,
-        actions=[sub("promise.register_callback", {"awaited": awaited, "awaiter": root})],
-    )
-
+from tests.resonate_sqlite.protocol_server import (
+    GROUP,
+    HOUR,
+    ME,
+    OTHER,
+    T0,
+    Server,
+    fence_create,
+    root_tags,
+    start,
+    sub,
+    suspend_on,
+)
 
 # -- errors never crash ---------------------------------------------------------------
 
 
-def test_unknown_kind_is_a_400_not_a_crash(server: Server) -> None:
+def test_unknown_kinds_and_searches_are_501(server: Server) -> None:
     status, data = server("promise.frobnicate", id="x")
-    assert status == 400
-    assert "unknown request kind" in data["error"]
-
-
-@pytest.mark.parametrize(
-    "kind", ["schedule.create", "schedule.get", "schedule.delete", "schedule.search"]
-)
-def test_schedules_are_rejected_with_a_clear_message(server: Server, kind: str) -> None:
-    status, data = server(kind, id="s", cron="* * * * *")
-    assert status == 400
-    assert "schedules are not supported by the embedded SQLite store" in data["error"]
-
-
-def test_promise_search_is_rejected(server: Server) -> None:
-    status, data = server("promise.search", state="pending")
-    assert status == 400
-    assert "not supported" in data["error"]
+    assert (status, data) == (501, "not implemented: unknown request kind 'promise.frobnicate'")
+    for kind in ("promise.search", "task.search", "schedule.search"):
+        status, data = server(kind, state="pending")
+        assert status == 501
+        assert data.startswith("not implemented: search is not implemented")
 
 
 def test_malformed_requests_are_400(server: Server) -> None:
     raw, out, _ = server.engine.handle(b"{not json")
     assert json.loads(raw)["head"]["status"] == 400
     assert out == []
-    assert server("promise.create", timeoutAt="soon")[0] == 400  # no id, wrong type
+    assert server("promise.create", timeoutAt="soon")[0] == 400
+    assert server("promise.create", id="x")[0] == 400  # no timeoutAt
+    assert server("promise.create", id="x", timeoutAt=1.5)[0] == 400
+    assert server("promise.create", id="x", timeoutAt=T0 + 1, tags={"n": 1})[0] == 400
     assert server("promise.settle", id="x", state="pending", value={})[0] == 400
+    assert server("promise.get", id="x")[0] == 404  # nothing of those was stored
 
 
 # -- promises ----------------------------------------------------------------------------
@@ -166,9 +58,17 @@ def test_malformed_requests_are_400(server: Server) -> None:
 
 def test_create_get_settle_first_wins(server: Server) -> None:
     status, data = server("promise.create", id="p", timeoutAt=T0 + HOUR, param={"data": "MQ=="})
-    assert status == 201
-    assert data["promise"]["state"] == "pending"
-    assert data["promise"]["value"] == {}
+    assert status == 200
+    assert data["promise"] == {
+        "id": "p",
+        "state": "pending",
+        "param": {"headers": {}, "data": "MQ=="},
+        "value": {"headers": {}, "data": None},
+        "tags": {},
+        "timeoutAt": T0 + HOUR,
+        "createdAt": T0,
+        "settledAt": None,
+    }
     status, again = server("promise.create", id="p", timeoutAt=T0 + 5, param={})
     assert status == 200 and again["promise"] == data["promise"]
 
@@ -178,8 +78,8 @@ def test_create_get_settle_first_wins(server: Server) -> None:
     assert data["promise"]["settledAt"] == T0
     status, data = server("promise.settle", id="p", state="rejected", value={"data": "Mw=="})
     assert (status, data["promise"]["state"]) == (200, "resolved")
-    assert data["promise"]["value"] == {"data": "Mg=="}
-    assert server("promise.get", id="p")[1]["promise"]["value"] == {"data": "Mg=="}
+    assert data["promise"]["value"] == {"headers": {}, "data": "Mg=="}
+    assert server("promise.get", id="p")[1]["promise"]["value"]["data"] == "Mg=="
     assert server("promise.get", id="nope")[0] == 404
     assert server("promise.settle", id="nope", state="resolved", value={})[0] == 404
 
@@ -191,10 +91,15 @@ def test_create_past_its_deadline_is_already_timed_out(server: Server) -> None:
     assert data["promise"]["state"] == "resolved"
 
 
-def test_null_values_are_stored_as_objects(server: Server) -> None:
+def test_values_are_stored_as_headers_and_data(server: Server) -> None:
     server("promise.create", id="p", timeoutAt=T0 + HOUR, param=None)
     _, data = server("promise.settle", id="p", state="resolved", value=None)
-    assert data["promise"]["param"] == {} and data["promise"]["value"] == {}
+    empty: dict[str, Any] = {"headers": {}, "data": None}
+    assert data["promise"]["param"] == empty and data["promise"]["value"] == empty
+    # headers as sent, data as text (resonate.sql's columns), other keys dropped
+    value = {"headers": {"k": "v"}, "data": 7, "extra": True}
+    _, data = server("promise.create", id="q", timeoutAt=T0 + HOUR, param=value)
+    assert data["promise"]["param"] == {"headers": {"k": "v"}, "data": "7"}
 
 
 def test_external_promise_times_out_unattended_and_resumes_its_awaiter(server: Server) -> None:
@@ -209,7 +114,7 @@ def test_external_promise_times_out_unattended_and_resumes_its_awaiter(server: S
     pushed = server.take()
     unblock = next(m for m in pushed if m["kind"] == "unblock")
     assert unblock["data"]["promise"]["state"] == "rejected_timedout"
-    assert unblock["data"]["promise"]["value"] == {}  # an object, never null
+    assert unblock["data"]["promise"]["value"] == {"headers": {}, "data": None}  # never null
     assert {"kind": "execute", "head": {}, "data": {"task": {"id": "wf", "version": 1}}} in pushed
     # the resumed task is pending again; an acquire at the pushed version wins
     status, data = server("task.acquire", id="wf", version=1, pid="me", ttl=10_000)
@@ -262,11 +167,19 @@ def test_task_create_twice_conflicts_and_fulfilled_reports_fulfilled(server: Ser
     )
     status, data = server("task.create", pid="other", ttl=1000, action=action)
     assert status == 200
-    assert data["task"]["state"] == "fulfilled"
+    assert data["task"] == {
+        "id": "wf",
+        "state": "fulfilled",
+        "version": 1,
+        "resumes": 0,
+        "ttl": None,
+        "pid": None,
+    }
     assert data["promise"]["state"] == "resolved"
     # a plain promise has no task to create
     server("promise.create", id="plain", timeoutAt=T0 + HOUR)
-    plain = sub("promise.create", {"id": "plain", "timeoutAt": T0 + HOUR, "tags": {}})
+    tags = {"resonate:target": GROUP}
+    plain = sub("promise.create", {"id": "plain", "timeoutAt": T0 + HOUR, "tags": tags})
     assert server("task.create", pid="x", ttl=1, action=plain)[0] == 422
 
 
@@ -277,6 +190,8 @@ def test_fence_is_refused_for_a_stale_version_and_applies_nothing(server: Server
     assert server("promise.get", id="wf:1")[0] == 404
     status, data = fence_create(server, "wf", 1, "wf:1")
     assert status == 200
+    assert data["action"]["kind"] == "promise.create"
+    assert data["action"]["head"] == {"corrId": "c1", "status": 200, "version": "v"}
     assert data["action"]["data"]["promise"]["id"] == "wf:1"
     assert data["preload"] == []
 
@@ -290,12 +205,13 @@ def test_suspend_redirects_when_an_awaited_promise_already_settled(server: Serve
     assert server("task.get", id="wf")[1]["task"]["state"] == "acquired"
     assert suspend_on(server, "wf", 1, "missing")[0] == 422
     assert suspend_on(server, "wf", 1, "wf")[0] == 400
+    assert suspend_on(server, "nowhere", 1, "nowhere")[0] == 400  # checked before 404
 
 
 def test_suspend_then_settle_pushes_execute_to_the_group(server: Server) -> None:
     start(server, "wf")
     fence_create(server, "wf", 1, "wf:1")
-    assert suspend_on(server, "wf", 1, "wf:1") == (200, {})
+    assert suspend_on(server, "wf", 1, "wf:1") == (200, {"preload": []})
     assert server("task.get", id="wf")[1]["task"]["state"] == "suspended"
     server.take()
     server("promise.settle", id="wf:1", state="resolved", value={"data": "MQ=="})
@@ -317,7 +233,14 @@ def test_lease_expiry_makes_the_task_pending_and_pushes_execute(server: Server) 
     # the old holder is fenced out; the next acquire runs at version 2
     assert fence_create(server, "wf", 1, "wf:1")[0] == 409
     _, data = server("task.acquire", id="wf", version=1, pid="b", ttl=1_000)
-    assert data["task"] == {"id": "wf", "state": "acquired", "version": 2, "pid": "b", "ttl": 1_000}
+    assert data["task"] == {
+        "id": "wf",
+        "state": "acquired",
+        "version": 2,
+        "resumes": 0,
+        "pid": "b",
+        "ttl": 1_000,
+    }
 
 
 def test_heartbeat_extends_the_lease(server: Server) -> None:
@@ -328,9 +251,10 @@ def test_heartbeat_extends_the_lease(server: Server) -> None:
         assert server("task.heartbeat", pid="me", tasks=[{"id": "wf", "version": 1}])[0] == 200
     assert server.take() == []
     assert server("task.get", id="wf")[1]["task"]["state"] == "acquired"
-    # a heartbeat under another pid or version does nothing
+    # a heartbeat under another pid or version, or none, does nothing
     server("task.heartbeat", pid="intruder", tasks=[{"id": "wf", "version": 1}])
     server("task.heartbeat", pid="me", tasks=[{"id": "wf", "version": 7}])
+    server("task.heartbeat", pid="me", tasks=[{"id": "wf"}])
     server.tick(1_000)
     assert server("task.get", id="wf")[1]["task"]["state"] == "pending"
 
@@ -349,7 +273,7 @@ def test_pending_task_is_pushed_again_every_retry_period(server: Server) -> None
 def test_release_pushes_execute_again(server: Server) -> None:
     start(server, "wf")
     server.take()
-    assert server("task.release", id="wf", version=1) == (200, {})
+    assert server("task.release", id="wf", version=1) == (200, {})  # (resonate.sql: {})
     assert [m["data"]["task"] for m in server.take()] == [{"id": "wf", "version": 1}]
     assert server("task.release", id="wf", version=1)[0] == 409
 
@@ -523,9 +447,9 @@ def test_a_batch_applies_in_order_and_each_request_is_atomic(
 
     real = sqlite_engine.Engine._settle_req
 
-    def flaky(self: Engine, db: Any, now: int, r: Any) -> Any:
-        status, data = real(self, db, now, r)  # writes, then blows up
-        if r.id == "boom":
+    def flaky(self: Engine, db: Any, now: int, pid: Any, state: Any, value: Any) -> Any:
+        status, data = real(self, db, now, pid, state, value)  # writes, then blows up
+        if pid == "boom":
             raise RuntimeError("bug")
         return status, data
 
@@ -537,12 +461,13 @@ def test_a_batch_applies_in_order_and_each_request_is_atomic(
             req("promise.settle", id="a", state="resolved", value={}),  # sees the create
             req("promise.settle", id="boom", state="resolved", value={}),  # rolled back alone
             req("promise.get", id="boom"),
+            req("promise.create", id="c", timeoutAt="later"),  # refused: a 400
             "not json",
         ]
     )
     assert isinstance(answers[3], RuntimeError)
     statuses = [json.loads(a[0])["head"]["status"] for a in answers if not isinstance(a, Exception)]
-    assert statuses == [201, 201, 200, 200, 400]
+    assert statuses == [200, 200, 200, 200, 400, 400]
     assert server("promise.get", id="a")[1]["promise"]["state"] == "resolved"
     assert server("promise.get", id="boom")[1]["promise"]["state"] == "pending"
 
@@ -558,6 +483,6 @@ async def test_concurrent_sends_share_a_transaction(tmp_path: Path) -> None:
     answers = await asyncio.gather(
         *(conn.send(req("promise.create", id=f"p{i}", timeoutAt=2**60)) for i in range(50))
     )
-    assert [json.loads(a)["head"]["status"] for a in answers] == [201] * 50
+    assert [json.loads(a)["head"]["status"] for a in answers] == [200] * 50
     assert conn._engine.commits - before < 5  # 50 requests, a handful of transactions
     await conn.stop()

@@ -28,27 +28,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from resonate.connections.local import LocalConnection
 from resonate.resonate import Resonate
 
 from resonate_sqlite.connection import SqliteConnection
-from tests.conftest import _fresh_pg_database
-
-
-def _pg_dsn(config: pytest.Config) -> str:
-    """``TETHER_TEST_PG_DSN``, also when the root conftest already read it and
-    removed it from the environment (it clears every ``TETHER_*`` variable)."""
-    dsn = os.environ.get("TETHER_TEST_PG_DSN", "")
-    if dsn:
-        return dsn
-    for plugin in config.pluginmanager.get_plugins():
-        value = getattr(plugin, "PG_TEMPLATE_DSN", None)
-        if isinstance(value, str) and value:
-            return value
-    return ""
+from tests.pg import drop_pg_database, fresh_pg_database, pg_dsn
 
 
 @dataclass
@@ -78,14 +64,6 @@ class Store:
 STORES = ["sqlite", "sqlite-1tx", "memory", "postgres"]
 
 
-def _drop_pg_database(template_dsn: str, name: str) -> None:
-    import psycopg
-
-    admin = urlunsplit(urlsplit(template_dsn)._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     kind = request.param
@@ -109,7 +87,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
         yield Store("memory", shared=False, durable=False, connect=memory)
         return
-    template = _pg_dsn(request.config)
+    template = pg_dsn(request.config)
     if not template:
         pytest.skip(
             "postgres store: set TETHER_TEST_PG_DSN to a database with resonate-pg's "
@@ -118,13 +96,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     from resonate_pg import PostgresConnection
 
     name = f"conformance_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    dsn = _fresh_pg_database(template, name)
+    dsn = fresh_pg_database(template, name)
 
     def postgres(pid: str, group: str, **_: Any) -> PostgresConnection:
         return PostgresConnection(dsn, pid=pid, group=group)
 
     yield Store("postgres", shared=True, durable=True, connect=postgres)
-    _drop_pg_database(template, name)
+    drop_pg_database(template, name)
 
 
 @pytest.fixture
