@@ -69,3 +69,7 @@ class BackendError(Exception):
         self.retryable = retryable
         self.code = code
         self.retry_after = retry_after
+
+
+class StoreConfigError(ValueError):
+    """`TETHER_STORE` names a store Tether cannot open; the message says why."""

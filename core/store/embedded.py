@@ -11,38 +11,78 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from core.errors import StoreUnavailable
+from core.errors import StoreConfigError, StoreUnavailable
 from core.settings import Settings
-from core.store.sql import INDEXES, SqlJobIndex
-from resonate_sqlite import DEFAULT_LOCK_TIMEOUT, HOT_PATH_AUTOCHECKPOINT, BusyBackoff, is_busy
+from core.store.base import STORE_WAIT, Store
+from core.store.migrations import migrate
+from core.store.schema import SQLITE
+from core.store.sql import SqlJobIndex
+from resonate_sqlite import (
+    HOT_PATH_AUTOCHECKPOINT,
+    BusyBackoff,
+    SqliteConnection,
+    is_busy,
+)
 
-if TYPE_CHECKING:
-    from core.store import Store
 
-TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    backend TEXT NOT NULL,
-    state TEXT NOT NULL,
-    params TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    timeout REAL NOT NULL,
-    fingerprint TEXT NOT NULL,
-    deadline INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    external TEXT,
-    result TEXT,
-    error TEXT,
-    finished_at INTEGER,
-    next_check_at INTEGER
-)"""
+class EmbeddedStore(Store):
+    """`sqlite:///PATH`: the Resonate protocol and the job index in one file."""
+
+    kind = "sqlite"
+    connection: SqliteConnection
+
+    @classmethod
+    async def open(cls, settings: Settings, pid: str) -> EmbeddedStore:
+        try:
+            path = sqlite_path(settings.store)
+        except ValueError as exc:
+            raise StoreConfigError(str(exc)) from None
+        return cls(*await _open(path, settings, pid))
+
+    async def delete_promises(self, older_than_ms: int) -> int:
+        return await self.connection.gc(older_than_ms)
+
+    async def close(self) -> None:
+        await self.jobs.close()
+        await self.connection.stop()
+
+
+class MemoryStore(EmbeddedStore):
+    """`memory://`: the embedded store on a file of its own, deleted on close.
+
+    Nothing outlives the process, and it stays as fast as the embedded store
+    however many jobs it has seen (resonate's LocalConnection scans every
+    promise on each request)."""
+
+    kind = "memory"
+
+    def __init__(
+        self, connection: SqliteConnection, jobs: SqliteIndex, callback_secret: str, scratch: Path
+    ) -> None:
+        super().__init__(connection, jobs, callback_secret)
+        self.scratch = scratch
+
+    @classmethod
+    async def open(cls, settings: Settings, pid: str) -> MemoryStore:
+        scratch = Path(tempfile.mkdtemp(prefix="tether-memory-"))
+        try:
+            return cls(*await _open(scratch / "tether.db", settings, pid), scratch=scratch)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class SqliteIndex(SqlJobIndex):
@@ -62,10 +102,12 @@ class SqliteDriver:
     `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
     less than handing it to a thread and back. Like the store engine, it never
     waits inside SQLite for a lock: a statement that finds the write lock taken
-    is retried after a short sleep, for up to `DEFAULT_LOCK_TIMEOUT` (the store
+    is retried after a short sleep, for up to `STORE_WAIT` (the store
     connection's own wait), so a locked file slows the index's writes without
     stopping the loop. Checkpoints are the store's checkpointer thread's work,
     not this connection's."""
+
+    dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -81,7 +123,7 @@ class SqliteDriver:
         return self._conn
 
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        backoff = BusyBackoff(DEFAULT_LOCK_TIMEOUT)
+        backoff = BusyBackoff(STORE_WAIT)
         while True:
             try:
                 return fn(self._connect())
@@ -91,8 +133,7 @@ class SqliteDriver:
                 delay = backoff.next_delay()
                 if delay is None:
                     raise StoreUnavailable(
-                        f"the embedded store failed: {exc} (gave up after "
-                        f"{DEFAULT_LOCK_TIMEOUT:g} s)"
+                        f"the embedded store failed: {exc} (gave up after {STORE_WAIT:g} s)"
                     ) from None
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"the embedded store failed: {exc}") from None
@@ -112,6 +153,20 @@ class SqliteDriver:
             conn.execute("ROLLBACK")
 
         await self._run(check)
+
+    @contextlib.asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[SqliteDriver]:
+        """`BEGIN IMMEDIATE` (waiting for the write lock as every statement
+        does), the block's statements in that transaction, then `COMMIT`."""
+        await self._run(lambda c: c.execute("BEGIN IMMEDIATE"))
+        try:
+            yield self
+            await self._run(lambda c: c.execute("COMMIT"))
+        except BaseException:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            raise
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -147,11 +202,9 @@ def callback_secret(db: Path) -> str:
     return path.read_text().strip()
 
 
-async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
-    from core.store import Store, StoreConfigError
-    from resonate_sqlite import SqliteConnection
-
-    path = sqlite_path(url)
+async def _open(
+    path: Path, settings: Settings, pid: str
+) -> tuple[SqliteConnection, SqliteIndex, str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         secret = settings.callback_secret or callback_secret(path)
@@ -166,12 +219,12 @@ async def open_embedded(url: str, settings: Settings, pid: str) -> Store:
         raise StoreConfigError(f"cannot open the embedded store at {path}: {exc}") from None
     driver = SqliteDriver(path)
     try:
-        for statement in (TABLE, *INDEXES):
-            await driver.execute(statement, ())
-    except StoreUnavailable as exc:
-        await connection.stop()
+        await migrate(driver)
+    except BaseException as exc:
         await driver.close()
-        raise StoreConfigError(f"cannot open the embedded store at {path}: {exc.message}") from None
-    return Store(
-        kind="sqlite", connection=connection, jobs=SqliteIndex(driver), callback_secret=secret
-    )
+        await connection.stop()
+        if isinstance(exc, StoreUnavailable | StoreConfigError):
+            reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
+            raise StoreConfigError(f"cannot open the embedded store at {path}: {reason}") from None
+        raise
+    return connection, SqliteIndex(driver), secret

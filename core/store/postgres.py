@@ -1,52 +1,103 @@
 """`postgresql://...`: promises in resonate-pg, jobs in a table beside them.
 
 The operator applies resonate-pg's `resonate.sql` to the database once; Tether
-creates its own `tether_jobs` table on start.
+creates and migrates its own tables on start (`core.store.migrations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from core.errors import StoreUnavailable
+from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
+from core.settings import Settings, describe
+from core.store.base import STORE_WAIT, Store
+from core.store.migrations import migrate
+from core.store.schema import POSTGRES
+from core.store.sql import SqlJobIndex
 
-TABLE = """CREATE TABLE IF NOT EXISTS tether_jobs (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    backend TEXT NOT NULL,
-    state TEXT NOT NULL,
-    params TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    timeout DOUBLE PRECISION NOT NULL,
-    fingerprint TEXT NOT NULL,
-    deadline BIGINT NOT NULL,
-    created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL,
-    external TEXT,
-    result TEXT,
-    error TEXT,
-    finished_at BIGINT,
-    next_check_at BIGINT
-)"""
+MIGRATION_LOCK = int.from_bytes(b"tetherdb")
+"""The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
+
+
+class PostgresStore(Store):
+    kind = "postgresql"
+
+    @classmethod
+    async def open(cls, settings: Settings, pid: str) -> PostgresStore:
+        url = settings.store
+        if not settings.callback_secret:
+            raise StoreConfigError(
+                "TETHER_CALLBACK_SECRET must be set when TETHER_STORE is Postgres: every"
+                " process sharing the database must sign callback URLs with the same secret"
+            )
+        from resonate_pg import PostgresConnection
+
+        driver = PostgresDriver(url)
+        try:
+            await driver.open()
+            await migrate(driver)
+        except Exception as exc:
+            await driver.close()
+            if isinstance(exc, StoreUnavailable):
+                reason = exc.message
+            elif isinstance(exc, StoreConfigError):
+                reason = str(exc)
+            else:
+                reason = type(exc).__name__
+            raise StoreConfigError(
+                f"cannot open the Postgres store {describe(url)}: {reason}"
+            ) from None
+        connection = PostgresConnection(url, pid=pid, group=settings.group)
+        return cls(connection, SqlJobIndex(driver), settings.callback_secret)
+
+    async def delete_promises(self, older_than_ms: int) -> int:
+        raise InvalidRequest("the postgresql store does not support retention yet")
+
+    async def close(self) -> None:
+        """Close the job index; resonate-pg's connection closes with its worker."""
+        await self.jobs.close()
+
+
+class PgSession:
+    """Runs `?`-placeholder SQL on one psycopg connection. SQL without
+    arguments goes as written (a `%` in it is no placeholder)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await (await self._run(sql, args)).fetchall()
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        return (await self._run(sql, args)).rowcount
+
+    async def _run(self, sql: str, args: Sequence[Any]) -> psycopg.AsyncCursor[Any]:
+        if not args:
+            return await self.conn.execute(sql)
+        return await self.conn.execute(sql.replace("?", "%s"), args)
 
 
 class PostgresDriver:
-    """Runs the job index's SQL on a psycopg pool."""
+    """Runs the job index's SQL on a psycopg pool: each call on a connection
+    of its own, committed when it returns."""
 
-    def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = 5.0) -> None:
+    dialect = POSTGRES
+
+    def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = STORE_WAIT) -> None:
         self._dsn = dsn
         self._pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=max_size, timeout=timeout, open=False
         )
 
-    async def open(self, statements: Sequence[str]) -> None:
-        """Connect once to fail fast with the server's reason, then open the pool
-        and create the table. Raises `StoreUnavailable` without the password."""
+    async def open(self) -> None:
+        """Connect once to fail fast with the server's reason, then open the
+        pool. Raises `StoreUnavailable` without the password."""
         try:
             conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=5)
             await conn.close()
@@ -57,24 +108,31 @@ class PostgresDriver:
                 reason = reason.replace(password, "***")
             raise StoreUnavailable(reason) from None
         await self._pool.open(wait=True, timeout=self._pool.timeout)
-        for statement in statements:
-            await self.execute(statement, ())
 
-    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[PgSession]:
+        """A pooled connection; what the block ran is committed when it ends
+        (rolled back if it raises)."""
         try:
             async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.replace("?", "%s"), args)
-                return await cursor.fetchall()
+                yield PgSession(conn)
         except psycopg.OperationalError as exc:  # server gone, pool timed out
             raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
 
+    @asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[PgSession]:
+        """A transaction holding the advisory lock migrations take."""
+        async with self.session() as session:
+            await session.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            yield session
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self.session() as session:
+            return await session.fetch(sql, args)
+
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
-        try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.replace("?", "%s"), args)
-                return cursor.rowcount
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
+        async with self.session() as session:
+            return await session.execute(sql, args)
 
     async def close(self) -> None:
         await self._pool.close()

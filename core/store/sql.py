@@ -11,81 +11,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import msgspec
-
-from core.models import OPEN_STATES, ErrorInfo, Outcome
+from core.models import OPEN_STATES, Outcome
 from core.store.jobs import JobRecord
-
-COLUMNS = (
-    "id, seq, backend, state, params, metadata, timeout, fingerprint, deadline, created_at,"
-    " updated_at, external, result, error, finished_at, next_check_at"
-)
-
-INDEXES = (
-    "CREATE INDEX IF NOT EXISTS tether_jobs_state ON tether_jobs (state, seq)",
-    "CREATE INDEX IF NOT EXISTS tether_jobs_backend ON tether_jobs (backend, seq)",
-    "CREATE INDEX IF NOT EXISTS tether_jobs_deadline ON tether_jobs (deadline)"
-    " WHERE finished_at IS NULL",
-    "CREATE INDEX IF NOT EXISTS tether_jobs_check ON tether_jobs (next_check_at)"
-    " WHERE next_check_at IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS tether_jobs_finished ON tether_jobs (finished_at)"
-    " WHERE finished_at IS NOT NULL",
-)
-
-_encode = msgspec.json.encode
-_decode = msgspec.json.decode
+from core.store.schema import JOB_ROWS, json_text
 
 
-class Driver(Protocol):
+class Session(Protocol):
+    """Runs SQL written with `?` placeholders."""
+
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]: ...
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         """Run a statement; return the number of rows it changed."""
         ...
 
+
+class Driver(Session, Protocol):
     async def close(self) -> None: ...
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else _encode(value).decode()
-
-
-def _row(row: tuple[Any, ...]) -> JobRecord:
-    (
-        job_id,
-        seq,
-        backend,
-        state,
-        params,
-        metadata,
-        timeout,
-        fingerprint,
-        deadline,
-        created,
-        updated,
-        external,
-        result,
-        error,
-        finished,
-        next_check,
-    ) = row
-    return JobRecord(
-        id=job_id,
-        seq=seq,
-        backend=backend,
-        state=state,
-        params=_decode(params),
-        metadata=_decode(metadata),
-        timeout=timeout,
-        fingerprint=fingerprint,
-        deadline=deadline,
-        created_at=created,
-        updated_at=updated,
-        external=None if external is None else _decode(external),
-        result=None if result is None else _decode(result),
-        error=None if error is None else _decode(error, type=ErrorInfo),
-        finished_at=finished,
-        next_check_at=next_check,
-    )
+COLUMNS = JOB_ROWS.columns
+_row = JOB_ROWS.decode
+_INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 
 
 class SqlJobIndex:
@@ -93,23 +39,7 @@ class SqlJobIndex:
         self.db = driver
 
     async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
-        rows = await self.db.fetch(
-            "INSERT INTO tether_jobs (id, backend, state, params, metadata, timeout, fingerprint,"
-            " deadline, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            f" ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}",
-            (
-                rec.id,
-                rec.backend,
-                rec.state,
-                _json(rec.params),
-                _json(rec.metadata),
-                rec.timeout,
-                rec.fingerprint,
-                rec.deadline,
-                rec.created_at,
-                rec.updated_at,
-            ),
-        )
+        rows = await self.db.fetch(_INSERT, JOB_ROWS.values(rec))
         if rows:
             return _row(rows[0]), True
         stored = await self.get(rec.id)
@@ -147,7 +77,7 @@ class SqlJobIndex:
             " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
             " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
             f" WHERE id = ? RETURNING {COLUMNS}",
-            (_json(external), now, next_check_at, job_id),
+            (json_text(external), now, next_check_at, job_id),
         )
         return _row(rows[0]) if rows else None
 
@@ -161,8 +91,8 @@ class SqlJobIndex:
             f" RETURNING {COLUMNS}",
             (
                 outcome.status,
-                _json(outcome.result),
-                _json(outcome.error),
+                json_text(outcome.result),
+                json_text(outcome.error),
                 now,
                 now,
                 job_id,
@@ -182,7 +112,7 @@ class SqlJobIndex:
             " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
             (now, limit),
         )
-        seen: dict[str, JobRecord] = {r[0]: _row(r) for r in (*late, *checks)}
+        seen = {rec.id: rec for rec in map(_row, (*late, *checks))}
         return list(seen.values())
 
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:

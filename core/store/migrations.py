@@ -1,0 +1,85 @@
+"""The schema version of Tether's tables, and the migrations that move it on.
+
+The version is one row of the `tether_schema` table, in the same database as
+the tables. Every process runs `migrate` once when it opens the store: under
+the driver's migration lock (SQLite: `BEGIN IMMEDIATE`; Postgres: a
+transaction-scoped advisory lock), it reads the version, applies every newer
+migration and records the last, all in one transaction: two processes starting
+together migrate once, and a failed migration leaves the database as it was.
+A database newer than this code is refused.
+
+A database from before versioning (the job table, no version row) reads as
+version 0 and goes through migration 1, which is written `IF NOT EXISTS`
+throughout: it changes nothing there, and the database is then at version 1.
+
+To change the schema, append a `Migration` (and declare what it adds in
+`core.store.schema` with `since=` its version). Never edit a shipped one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import NamedTuple, Protocol
+
+from core.errors import StoreConfigError
+from core.store.schema import JOBS, Dialect
+from core.store.sql import Session
+
+
+class Migratable(Protocol):
+    dialect: Dialect
+
+    def migration_lock(self) -> AbstractAsyncContextManager[Session]:
+        """A transaction holding the lock that serialises migrations between
+        processes: committed when the block ends, rolled back if it raises."""
+        ...
+
+
+class Migration(NamedTuple):
+    version: int
+    what: str
+    statements: Callable[[Dialect], Sequence[str]]
+    """The SQL that takes the schema from `version - 1` to `version`."""
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "the job index: tether_jobs and its indexes", lambda d: JOBS.migrate(d, 1)),
+)
+
+SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+)"""
+"""One row per versioned thing; today only `tether`, the tables of this package."""
+
+SCHEMA_NAME = "tether"
+
+
+async def migrate(db: Migratable, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
+    """Bring the database to the last of `migrations`; return the versions it
+    applied (none when another process got there first). Raises
+    `StoreConfigError` when the database is at a version this code does not know."""
+    latest = migrations[-1].version if migrations else 0
+    async with db.migration_lock() as tx:
+        await tx.execute(SCHEMA_TABLE, ())
+        rows = await tx.fetch("SELECT version FROM tether_schema WHERE name = ?", (SCHEMA_NAME,))
+        current: int = rows[0][0] if rows else 0
+        if current > latest:
+            raise StoreConfigError(
+                f"its tables are at schema version {current}, newer than the latest this"
+                f" Tether knows ({latest}): run a newer Tether on it"
+            )
+        applied: list[int] = []
+        for migration in migrations:
+            if migration.version > current:
+                for statement in migration.statements(db.dialect):
+                    await tx.execute(statement, ())
+                applied.append(migration.version)
+        if applied:
+            await tx.execute(
+                "INSERT INTO tether_schema (name, version) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET version = excluded.version",
+                (SCHEMA_NAME, latest),
+            )
+    return applied

@@ -1,0 +1,201 @@
+"""Tether's tables, declared once, and the job row's codec.
+
+A table is a tuple of columns, each with a logical type that every database
+spells its own way (`Dialect`). The DDL, the column lists, the insert and the
+row decoding are all derived from the declaration, so adding a column is one
+`Column(..., since=N)` here plus one `Migration(N, ...)` in
+`core.store.migrations`.
+
+`since` is the schema version that brought a column, index or table in: the
+statements that reach version N are those of the things with `since == N`, so
+an old version's statements never change when a newer one adds something.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from core.store.jobs import JobRecord
+
+type LogicalType = Literal["serial", "text", "int", "real", "json"]
+"""`serial`: the row's key, an increasing integer the database assigns;
+`json`: a value of the row's struct field, kept as JSON text."""
+
+
+class Dialect(NamedTuple):
+    name: str
+    types: Mapping[LogicalType, str]
+
+
+SQLITE = Dialect(
+    "sqlite",
+    {
+        "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "text": "TEXT",
+        "int": "INTEGER",
+        "real": "REAL",
+        "json": "TEXT",
+    },
+)
+POSTGRES = Dialect(
+    "postgresql",
+    {
+        "serial": "BIGSERIAL PRIMARY KEY",
+        "text": "TEXT",
+        "int": "BIGINT",
+        "real": "DOUBLE PRECISION",
+        "json": "TEXT",
+    },
+)
+
+
+class Column(NamedTuple):
+    name: str
+    type: LogicalType
+    null: bool = False
+    unique: bool = False
+    since: int = 1
+
+    def sql(self, dialect: Dialect) -> str:
+        spec = [self.name, dialect.types[self.type]]
+        if not self.null and self.type != "serial":
+            spec.append("NOT NULL")
+        if self.unique:
+            spec.append("UNIQUE")
+        return " ".join(spec)
+
+
+class Index(NamedTuple):
+    name: str
+    on: str
+    """The indexed columns, as written in `ON table (...)`."""
+    where: str | None = None
+    """The predicate of a partial index."""
+    since: int = 1
+
+
+class Table(NamedTuple):
+    name: str
+    columns: tuple[Column, ...]
+    indexes: tuple[Index, ...] = ()
+    since: int = 1
+
+    def migrate(self, dialect: Dialect, version: int) -> list[str]:
+        """The statements taking this table from `version - 1` to `version`:
+        create it (the version that brings it in), or add what came with
+        `version`. Written `IF NOT EXISTS` where both databases allow it."""
+        if version < self.since:
+            return []
+        if version == self.since:
+            columns = [f"    {c.sql(dialect)}" for c in self.columns if c.since <= version]
+            body = ",\n".join(columns)
+            statements = [f"CREATE TABLE IF NOT EXISTS {self.name} (\n{body}\n)"]
+            indexes = [i for i in self.indexes if i.since <= version]
+        else:
+            statements = [
+                f"ALTER TABLE {self.name} ADD COLUMN {c.sql(dialect)}"
+                for c in self.columns
+                if c.since == version
+            ]
+            indexes = [i for i in self.indexes if i.since == version]
+        for index in indexes:
+            where = f" WHERE {index.where}" if index.where else ""
+            statements.append(
+                f"CREATE INDEX IF NOT EXISTS {index.name} ON {self.name} ({index.on}){where}"
+            )
+        return statements
+
+
+JOBS = Table(
+    "tether_jobs",
+    (
+        Column("seq", "serial"),
+        Column("id", "text", unique=True),
+        Column("backend", "text"),
+        Column("state", "text"),
+        Column("params", "json"),
+        Column("metadata", "json"),
+        Column("timeout", "real"),
+        Column("fingerprint", "text"),
+        Column("deadline", "int"),
+        Column("created_at", "int"),
+        Column("updated_at", "int"),
+        Column("external", "json", null=True),
+        Column("result", "json", null=True),
+        Column("error", "json", null=True),
+        Column("finished_at", "int", null=True),
+        Column("next_check_at", "int", null=True),
+    ),
+    (
+        Index("tether_jobs_state", "state, seq"),
+        Index("tether_jobs_backend", "backend, seq"),
+        Index("tether_jobs_deadline", "deadline", "finished_at IS NULL"),
+        Index("tether_jobs_check", "next_check_at", "next_check_at IS NOT NULL"),
+        Index("tether_jobs_finished", "finished_at", "finished_at IS NOT NULL"),
+    ),
+)
+"""The job index: one row per job (`JobRecord`)."""
+
+_encode_json = msgspec.json.encode
+
+
+def json_text(value: Any) -> str | None:
+    """A `json` column's value: JSON text, or NULL for None."""
+    return None if value is None else _encode_json(value).decode()
+
+
+class RowCodec[T: msgspec.Struct]:
+    """Rows of `table` to and from `struct`, whose fields are the table's
+    columns: `json` columns are encoded and decoded (to the field's type),
+    others pass as they are."""
+
+    def __init__(self, table: Table, struct: type[T]) -> None:
+        fields = {f.name: f.type for f in msgspec.structs.fields(struct)}
+        if set(fields) != {c.name for c in table.columns}:
+            raise TypeError(f"{struct.__name__}'s fields are not the columns of {table.name}")
+        self.table = table
+        self.columns = ", ".join(c.name for c in table.columns)
+        """The select list: every column, in the table's order."""
+        self._written = [(c.name, c.type == "json") for c in table.columns if c.type != "serial"]
+        names = ", ".join(name for name, _ in self._written)
+        marks = ", ".join("?" for _ in self._written)
+        self.insert = f"INSERT INTO {table.name} ({names}) VALUES ({marks})"
+        """An insert of every column the database does not assign, `?` for each."""
+        self.decode: Callable[[tuple[Any, ...]], T] = _row_decoder(table, struct, fields)
+        """A row selected with `columns`, as a `struct`."""
+
+    def values(self, rec: T) -> tuple[Any, ...]:
+        """The arguments of `insert` for `rec`."""
+        return tuple(
+            json_text(getattr(rec, name)) if is_json else getattr(rec, name)
+            for name, is_json in self._written
+        )
+
+
+def _row_decoder[T](
+    table: Table, struct: type[T], fields: Mapping[str, Any]
+) -> Callable[[tuple[Any, ...]], T]:
+    """The decoder written out for these columns, as `dataclasses` writes an
+    `__init__` (from the declared names only): every row read goes through it,
+    and this is as fast as one written by hand, about twice a loop's speed."""
+    scope: dict[str, Any] = {"struct": struct}
+    args = []
+    for c in table.columns:
+        value = f"c_{c.name}"
+        if c.type == "json":
+            scope[f"decode_{c.name}"] = msgspec.json.Decoder(fields[c.name]).decode
+            value = f"decode_{c.name}({value})"
+            if c.null:
+                value = f"None if c_{c.name} is None else {value}"
+        args.append(f"{c.name}={value}")
+    unpack = "".join(f"c_{c.name}, " for c in table.columns)
+    source = f"def decode(row):\n    {unpack}= row\n    return struct({', '.join(args)})\n"
+    exec(compile(source, f"<{table.name} row decoder>", "exec"), scope)
+    decode: Callable[[tuple[Any, ...]], T] = scope["decode"]
+    return decode
+
+
+JOB_ROWS = RowCodec(JOBS, JobRecord)
