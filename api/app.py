@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pluggy
-from litestar import Litestar
+from litestar import Litestar, Router
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from api.controllers import CallbackController, JobController, health
+from api.controllers import CallbackController, JobController, api_token_guard, health
 from api.errors import EXCEPTION_HANDLERS
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings, get_settings
-from core.store import open_store
 
 QUIET_LOGGERS = ("resonate", "httpx", "httpcore")
 
@@ -25,25 +24,30 @@ QUIET_LOGGERS = ("resonate", "httpx", "httpcore")
 def create_app(
     settings: Settings | None = None, pm: pluggy.PluginManager | None = None
 ) -> Litestar:
-    """The app; the store opens and the worker starts in its lifespan."""
+    """The app; the service opens (store, worker, watchdog) in its lifespan and
+    reaches the handlers through dependency injection as `tether`."""
     settings = settings or get_settings()
     plugins = Plugins(pm or make_plugin_manager())
     logging.getLogger("tether").setLevel(settings.log_level.upper())
     for noisy in QUIET_LOGGERS:  # per-request chatter; URLs may carry caller secrets
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    opened: list[Tether] = []
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pid = uuid.uuid4().hex
-        app.state.tether = Tether(settings, plugins, await open_store(settings, pid), pid)
-        await app.state.tether.start()
+        opened.append(await Tether.open(settings, plugins))
         try:
             yield
         finally:
-            await app.state.tether.stop()
+            await opened.pop().close()
 
+    def provide_tether() -> Tether:
+        return opened[0]
+
+    jobs = Router("/", route_handlers=[JobController], guards=[api_token_guard(settings)])
     return Litestar(
-        route_handlers=[JobController, CallbackController, health],
+        route_handlers=[jobs, CallbackController, health],
+        dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import logging.config
-import os
 import socket
 import sys
 from typing import Any
 
+from api.app import create_app
 from api.http import SERVER_OPTIONS
-from core.errors import StoreUnavailable, TetherError
+from core.errors import StoreConfigError, StoreUnavailable, TetherError
+from core.plugins import Plugins, make_plugin_manager
+from core.service import Tether
 from core.settings import Settings
-from core.store import StoreConfigError, open_store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -55,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if getattr(args, "host", None):
-        os.environ["TETHER_HOST"] = args.host
-    if getattr(args, "port", None):
-        os.environ["TETHER_PORT"] = str(args.port)
+    flags = {name: getattr(args, name, None) for name in ("host", "port")}
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     config = uvicorn.Config(
-        "api.app:app_from_env",
+        functools.partial(create_app, settings),  # each worker builds its app from these
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -111,22 +110,18 @@ def main(argv: list[str] | None = None) -> int:
 
 async def collect_garbage(settings: Settings, older_than: float) -> int:
     """`tether gc`: delete old finished jobs, safe while services run."""
-    from core.plugins import Plugins, make_plugin_manager
-    from core.service import Tether
-
     try:
-        store = await open_store(settings, "gc")
+        tether = await Tether.open(settings, Plugins(make_plugin_manager()), worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
-    tether = Tether(settings, Plugins(make_plugin_manager()), store, "gc")  # not started
     try:
         jobs, promises = await tether.collect_garbage(older_than)
     except TetherError as exc:
         print(f"tether: {exc.message}", file=sys.stderr)
         return 2
     finally:
-        await store.close()
+        await tether.close()
     print(f"deleted {jobs} finished jobs and {promises} promises")
     return 0
 
@@ -135,10 +130,10 @@ async def preflight(settings: Settings) -> str | None:
     """Open and close the store once, so that a damaged, locked or unwritable
     store stops `tether serve` with a clear message instead of a traceback."""
     try:
-        store = await open_store(settings, "preflight")
+        tether = await Tether.open(settings, Plugins(make_plugin_manager()), worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
         return str(exc)
-    await store.close()
+    await tether.close()
     return None
 
 

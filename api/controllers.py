@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
@@ -16,6 +18,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from api.errors import ErrorBody, ErrorResponse
 from core.models import Job, JobPage, JobRequest, JobState
 from core.service import Tether
+from core.settings import Settings
 
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -46,21 +49,23 @@ async def require_json(
         )
 
 
-def tether(request: Request[Any, Any, Any]) -> Tether:
-    return request.app.state.tether  # type: ignore[no-any-return]
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
-async def require_api_token(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`.
-    (Guards are async: Litestar runs a sync guard in a thread.)"""
-    expected = connection.app.state.tether.settings.api_token
-    if not expected:
-        return
-    given = bearer(connection)
-    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise NotAuthorizedException("missing or invalid API token")
+def api_token_guard(settings: Settings) -> Guard:
+    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`."""
+    expected = settings.api_token.encode()
+
+    async def require_api_token(  # async: Litestar runs a sync guard in a thread
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
+        if not expected:
+            return
+        given = bearer(connection)
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            raise NotAuthorizedException("missing or invalid API token")
+
+    return require_api_token
 
 
 def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -71,7 +76,6 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 class JobController(Controller):
     path = "/jobs"
-    guards = [require_api_token]  # noqa: RUF012 (Litestar reads it as a class attribute)
     tags = ["jobs"]  # noqa: RUF012
 
     @post(
@@ -84,18 +88,18 @@ class JobController(Controller):
         },
     )
     async def create(
-        self, request: Request[Any, Any, Any], data: JSONBody[JobRequest]
+        self, tether: NamedDependency[Tether], data: JSONBody[JobRequest]
     ) -> Response[Job]:
         """Start a job. 201 when new; 200 when the same id came with the same
         request before (nothing is triggered again); 409 for the same id with a
         different request; 422 for an unknown backend or bad params."""
-        job, created = await tether(request).create_job(data)
+        job, created = await tether.create_job(data)
         return Response(job, status_code=201 if created else 200)
 
     @get("/", responses=errors(400, 401, 422, 503))
     async def list_jobs(
         self,
-        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
         job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
         backend: FromQuery[str | None] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
@@ -103,18 +107,18 @@ class JobController(Controller):
     ) -> JobPage:
         """Jobs, newest first, optionally of one state and one backend. Pass
         `next_cursor` back as `cursor` for the next page."""
-        return await tether(request).list_jobs(job_state, backend, limit, cursor)
+        return await tether.list_jobs(job_state, backend, limit, cursor)
 
     @get("/{job_id:str}", responses=errors(400, 401, 404, 503))
-    async def get_job(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
+    async def get_job(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> Job:
         """One job."""
-        return await tether(request).get_job(job_id)
+        return await tether.get_job(job_id)
 
     @post("/{job_id:str}/cancel", status_code=200, responses=errors(400, 401, 404, 409, 503))
-    async def cancel(self, request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job:
+    async def cancel(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> Job:
         """Cancel a waiting job: it becomes `canceled` and its backend is asked
         to stop the external run. 409 when the job already finished."""
-        return await tether(request).cancel_job(job_id)
+        return await tether.cancel_job(job_id)
 
 
 class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -151,6 +155,7 @@ class CallbackController(Controller):
     async def settle(
         self,
         request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
         promise_id: FromPath[str],
         token: FromQuery[str | None] = None,
     ) -> Response[CallbackResponse]:
@@ -164,7 +169,7 @@ class CallbackController(Controller):
         if token is None:
             token = bearer(request)
         body = await request.body()
-        result = await tether(request).callback(promise_id, token, body)
+        result = await tether.callback(promise_id, token, body)
         error = None
         if result.outcome in ("conflict", "gone"):
             error = ErrorBody(code=result.outcome, message=result.message)
@@ -175,6 +180,6 @@ class CallbackController(Controller):
 
 
 @get("/health", tags=["health"], responses=errors(503))
-async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def health(tether: NamedDependency[Tether]) -> dict[str, Any]:
     """200 `{"status": "ok", ...}` when the store answers, else 503."""
-    return await tether(request).health()
+    return await tether.health()

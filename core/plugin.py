@@ -49,7 +49,8 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 from core.errors import BackendError
 from core.hookspecs import Backend, hookimpl
 from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
-from core.orchestrator import callback_promise_id
+from core.settings import from_env as settings_from_env
+from core.workflow import callback_promise_id
 
 __all__ = [
     "Backend",
@@ -61,4 +62,5 @@ __all__ = [
     "Trigger",
     "callback_promise_id",
     "hookimpl",
+    "settings_from_env",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pluggy
@@ -42,27 +42,44 @@ def make_plugin_manager(
 
 
 class Plugins:
-    """Typed facade over `pm.hook`: the rest of Tether never spells a hook name."""
+    """Typed facade over `pm.hook`: the rest of Tether never spells a hook name.
+    Hooks are called through pluggy's hook callers, so its tracing, ordering
+    and wrappers apply."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self.backends: dict[str, Backend] = {}
-        owners: dict[str, str] = {}
-        for impl in pm.hook.tether_backends.get_hookimpls():
-            offered = cast("Iterable[Any]", impl.function() or ())
-            for backend in offered:
-                if not isinstance(backend, Backend):
-                    raise TypeError(
-                        f"plugin {impl.plugin_name!r} offered {backend!r},"
-                        " not a core.plugin.Backend"
-                    )
-                if backend.name in owners:
-                    raise ValueError(
-                        f"backend {backend.name!r} is offered by two plugins: "
-                        f"{owners[backend.name]!r} and {impl.plugin_name!r}"
-                    )
-                owners[backend.name] = impl.plugin_name
-                self.backends[backend.name] = backend
+        offered = [b for result in pm.hook.tether_backends() for b in result or ()]
+        for backend in offered:
+            if not isinstance(backend, Backend):
+                raise TypeError(f"a plugin offered {backend!r}, not a core.plugin.Backend")
+            if backend.name in self.backends:
+                owners = self._owners(backend.name)
+                raise ValueError(
+                    f"backend {backend.name!r} is offered by two plugins: "
+                    + " and ".join(repr(o) for o in owners)
+                )
+            self.backends[backend.name] = backend
+        # `tether_job_finished` is called one plugin at a time: pluggy stops a
+        # hook call at the first exception, and one plugin's failure must not
+        # keep the others from hearing that a job finished.
+        self._job_finished = [
+            (impl.plugin_name, pm.subset_hook_caller("tether_job_finished", self._others(impl)))
+            for impl in pm.hook.tether_job_finished.get_hookimpls()
+        ]
+
+    def _others(self, impl: pluggy.HookImpl) -> list[object]:
+        return [p for p in self.pm.get_plugins() if p is not impl.plugin]
+
+    def _owners(self, name: str) -> list[str]:
+        """The plugins offering a backend called `name`: each asked again on its
+        own, only to name them in an error."""
+        owners = []
+        for impl in self.pm.hook.tether_backends.get_hookimpls():
+            alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
+            if any(getattr(b, "name", None) == name for got in alone() for b in got or ()):
+                owners.append(impl.plugin_name)
+        return owners
 
     def backend(self, name: str) -> Backend:
         """The backend called `name`; `InvalidRequest` listing the valid names if none."""
@@ -91,10 +108,10 @@ class Plugins:
 
     def job_finished(self, job: Job) -> None:
         """Tell every plugin; one that raises is logged and does not stop the others."""
-        for impl in self.pm.hook.tether_job_finished.get_hookimpls():
+        for plugin_name, call in self._job_finished:
             try:
-                impl.function(**{name: job for name in impl.argnames})
+                call(job=job)
             except Exception:
                 log.exception(
-                    "plugin %r failed in tether_job_finished for job %s", impl.plugin_name, job.id
+                    "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
                 )

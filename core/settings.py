@@ -105,25 +105,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read `TETHER_*` variables from `env` (default `os.environ`).
+        """Read `TETHER_*` variables from `env` (default `os.environ`); `overrides`
+        (command-line flags) win over them."""
+        return from_env(cls, PREFIX, env, **overrides)
 
-        A value that does not fit its field raises `ValueError` naming the
-        variable, not its value (it may be a secret).
-        """
-        env = os.environ if env is None else env
-        raw: dict[str, Any] = {}
-        for name in cls.__struct_fields__:
-            value = env.get(PREFIX + name.upper())
-            if value is not None:
-                raw[name] = value
-        raw.update(overrides)
-        try:
-            return msgspec.convert(raw, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
-            raise ValueError(
-                f"invalid setting {PREFIX}{field.upper()}: {str(exc).split(' - ')[0]}"
-            ) from None
+
+def from_env[S: msgspec.Struct](
+    cls: type[S], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any
+) -> S:
+    """A settings Struct read from environment variables: each field `name`
+    from `{prefix}{NAME}` in `env` (default `os.environ`), converted to the
+    field's type; `overrides` win over the environment.
+
+    A value that does not fit its field raises `ValueError` naming the
+    variable, not its value (it may be a secret). Plugins read their own
+    settings with it (`core.plugin.settings_from_env`).
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for name in cls.__struct_fields__:
+        value = env.get(prefix + name.upper())
+        if value is not None:
+            raw[name] = value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
+        raise ValueError(
+            f"invalid setting {prefix}{field.upper()}: {str(exc).split(' - ')[0]}"
+        ) from None
 
 
 @functools.cache

@@ -1,7 +1,8 @@
-"""The one durable workflow every job runs, whatever its backend.
+"""The one durable workflow every job runs, whatever its backend: everything
+about its Resonate shape (ids, tags, version, registration) is in this file.
 
 ```
-job(job_id)                                   root promise = the job id
+job(job_id, deadline)                         root promise = the job id
   p = ctx.promise(timeout)                    "{job_id}:1", the callback promise
   ctx.run(TRIGGER_STEP, job_id, p.id)         the backend's trigger, a durable step
   outcome = await p                           suspended: nothing held in memory
@@ -9,28 +10,29 @@ job(job_id)                                   root promise = the job id
 ```
 
 Whoever ends a job settles `p` with an outcome Tether builds (see
-`core.service.Tether.settle`): the callback endpoint, cancel, the watchdog
-(timeout, status checks), or the trigger step itself when the trigger failed.
-The first settle wins; the workflow resumes on whichever worker the store
-hands it to. The body replays from the top on every resume; only the two
-steps' results are recorded, so they are written to be repeatable.
+`core.settle`): the callback endpoint, cancel, the watchdog (timeout, status
+checks), or the trigger step itself when the trigger failed. The first settle
+wins; the workflow resumes on whichever worker the store hands it to. The body
+replays from the top on every resume; only the two steps' results are
+recorded, so they are written to be repeatable.
+
+The workflow does not import the service: `register` is handed the object
+whose `trigger` and `finish` the steps call (`core.steps.JobSteps`).
 
 Changing the order or number of durable operations here shifts the promise
-ids of jobs in flight: register a new `version` instead.
+ids of jobs in flight: register a new `VERSION` instead.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from resonate.context import Context
 from resonate.resonate import Resonate
+from resonate.types import TaskData, Value
 
 from core.store.jobs import now_ms
-
-if TYPE_CHECKING:
-    from core.service import Tether
 
 WORKFLOW = "tether.job"
 VERSION = 1
@@ -58,6 +60,14 @@ def job_id_of(promise_id: str) -> str | None:
     return job_id if sep and seq == "1" and job_id else None
 
 
+class Steps(Protocol):
+    """What the workflow's two durable steps call."""
+
+    async def trigger(self, job_id: str, promise_id: str) -> None: ...
+
+    async def finish(self, job_id: str, value: Any) -> None: ...
+
+
 async def job_workflow(ctx: Context, job_id: str, deadline_ms: int) -> dict[str, Any]:
     wait_ms = max(deadline_ms - now_ms() + PROMISE_GRACE_MS, 1)  # used only when p is created
     p = ctx.promise(timeout=timedelta(milliseconds=wait_ms))
@@ -76,25 +86,42 @@ async def job_workflow(ctx: Context, job_id: str, deadline_ms: int) -> dict[str,
     return dict(value)
 
 
-async def trigger_step(ctx: Context, job_id: str, promise_id: str) -> None:
-    await _tether(ctx).trigger(job_id, promise_id)
+def register(r: Resonate, steps: Steps) -> None:
+    """Register the workflow and its steps, which call `steps`.
 
+    The steps are run by name, so the SDK inspects their signatures once here,
+    not on every `ctx.run` (which cost ~1 ms of CPU per job). Names are not part
+    of the promise ids: jobs in flight are unaffected by how a step is referenced.
+    """
 
-async def finish_step(ctx: Context, job_id: str, value: dict[str, Any]) -> None:
-    await _tether(ctx).finish(job_id, value)
+    async def trigger_step(ctx: Context, job_id: str, promise_id: str) -> None:
+        await steps.trigger(job_id, promise_id)
 
+    async def finish_step(ctx: Context, job_id: str, value: dict[str, Any]) -> None:
+        await steps.finish(job_id, value)
 
-def register(r: Resonate) -> None:
-    """Register the workflow and its steps. The steps are run by name, so the
-    SDK inspects their signatures once here, not on every `ctx.run` (which
-    cost ~1 ms of CPU per job). Names are not part of the promise ids: jobs in
-    flight are unaffected by how a step is referenced."""
     r.register(job_workflow, name=WORKFLOW, version=VERSION)
     r.register(trigger_step, name=TRIGGER_STEP)
     r.register(finish_step, name=FINISH_STEP)
 
 
-def _tether(ctx: Context) -> Tether:
-    from core.service import Tether  # the service imports this module
+class RootPromise(Protocol):
+    """The fields of a job that its root promise is made from."""
 
-    return ctx.get_dependency(Tether)
+    id: str
+    deadline: int
+
+
+async def start(r: Resonate, target: str, job: RootPromise) -> None:
+    """Create the job's root promise; the store hands its task to a worker of
+    `target`. Creating an existing root promise changes nothing, so this is
+    safe to repeat (a reattach after a crash between index and promise)."""
+    data = TaskData(func=WORKFLOW, args=(job.id, job.deadline), kwargs={}, version=VERSION)
+    tags = {
+        "resonate:origin": job.id,
+        "resonate:branch": job.id,
+        "resonate:parent": job.id,
+        "resonate:scope": "global",
+        "resonate:target": target,
+    }
+    await r.promises.create(job.id, job.deadline + ROOT_GRACE_MS, Value(data=data), tags)

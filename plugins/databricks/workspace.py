@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import BackendError
+from core.plugin import BackendError, settings_from_env
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -77,17 +77,7 @@ class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSettings:
-        env = os.environ if env is None else env
-        raw = {
-            name: env[ENV_PREFIX + name.upper()]
-            for name in cls.__struct_fields__
-            if ENV_PREFIX + name.upper() in env
-        }
-        try:
-            settings = msgspec.convert(raw, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
-            raise ValueError(f"invalid setting {ENV_PREFIX}{field.upper()}: {exc}") from None
+        settings = settings_from_env(cls, ENV_PREFIX, env)
         for name, ok in (
             ("retry_timeout", settings.retry_timeout >= 1),
             ("http_timeout", settings.http_timeout > 0),

@@ -1,0 +1,130 @@
+"""The one way a job ends: settle its callback promise, first settle wins.
+
+A callback, a cancel, the watchdog (timeout, status checks), a backend's hint
+and a failed trigger all end a job through `Settler.settle`. The promise is
+settled with a value Tether builds (never a rejection, never a caller's
+object: the SDK unpickles rejections), then the outcome is recorded in the job
+index. A nonce in the value tells the settler whether it won.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable
+from typing import Any, Literal
+
+import msgspec
+from resonate.error import ServerError
+from resonate.resonate import Resonate
+from resonate.types import Value
+from resonate_base import ConnectorError
+
+from core.errors import NotFound, StoreUnavailable
+from core.models import ErrorInfo, Outcome
+from core.store import STORE_CALL_TIMEOUT
+from core.store.jobs import JobIndex, JobRecord, now_ms
+from core.workflow import callback_promise_id
+
+SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
+
+UNBORN_PROMISE_WAIT = 0.05
+UNBORN_PROMISE_TRIES = 50
+"""A job whose workflow has not created its callback promise yet is pending:
+settling it ends it in the index alone. While it races its own trigger step,
+the settle looks again every `UNBORN_PROMISE_WAIT` seconds, this many times
+(2.5 s), before answering that the store is not keeping up."""
+
+
+async def store_call[T](awaitable: Awaitable[T]) -> T:
+    """Await a store operation; a store that fails, or stalls past
+    `STORE_CALL_TIMEOUT`, is `StoreUnavailable` (503)."""
+    try:
+        async with asyncio.timeout(STORE_CALL_TIMEOUT):
+            return await awaitable
+    except (ConnectorError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
+
+
+def settled_value(outcome: Outcome, by: str, nonce: str) -> dict[str, Any]:
+    """What a callback promise is settled with: the outcome, who ended the job,
+    and a nonce that tells the settler it won."""
+    return {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
+
+
+def outcome_of(value: Any) -> Outcome:
+    """The outcome a settled callback promise holds (a value Tether built)."""
+    try:
+        return msgspec.convert(value, Outcome)
+    except (msgspec.ValidationError, TypeError):
+        return Outcome(
+            status="failed", error=ErrorInfo(message="unreadable outcome", type="tether")
+        )
+
+
+def outcome_of_record(rec: JobRecord) -> Outcome:
+    """The outcome a finished job's row records."""
+    return Outcome(status=rec.state, result=rec.result, error=rec.error)  # type: ignore[arg-type]
+
+
+def judge(status: str, same: bool) -> SettleResult:
+    """How a settle that lost compares with the one that won."""
+    if status in ("canceled", "timed_out"):
+        return "gone"
+    return "duplicate" if same else "conflict"
+
+
+class Settler:
+    def __init__(self, resonate: Resonate, jobs: JobIndex) -> None:
+        self.resonate = resonate
+        self.jobs = jobs
+
+    async def settle(
+        self, job_id: str, outcome: Outcome, by: str
+    ) -> tuple[SettleResult, JobRecord]:
+        """End job `job_id`'s wait with `outcome`, unless something ended it first.
+
+        Returns `accepted` when this settle won; else whether it agreed with
+        the winner (`duplicate`), disagreed (`conflict`), or came after a
+        cancel or timeout (`gone`); and the job's row as it now stands.
+        """
+        promise_id = callback_promise_id(job_id)
+        nonce = uuid.uuid4().hex
+        value = settled_value(outcome, by, nonce)
+        for _ in range(UNBORN_PROMISE_TRIES):
+            try:
+                record = await store_call(
+                    self.resonate.promises.resolve(promise_id, Value(data=value))
+                )
+                break
+            except ServerError as exc:
+                if exc.code != 404:
+                    raise StoreUnavailable(f"the store refused the settle: {exc.message}") from None
+            # The workflow has not created its promise yet: the job is pending.
+            # Ending it in the index is enough (the trigger step reads it first),
+            # but only while it is still pending; else the promise exists now.
+            rec = await store_call(
+                self.jobs.finish(job_id, outcome, now_ms(), from_states=("pending",))
+            )
+            if rec is None:
+                raise NotFound(f"no job {job_id!r}")
+            if rec.finished:
+                same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
+                return ("accepted" if same else judge(rec.state, same)), rec
+            await asyncio.sleep(UNBORN_PROMISE_WAIT)
+        else:
+            raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
+        data = record.value.data if record.state == "resolved" else None
+        settled = outcome_of(data) if data is not None else Outcome(status="timed_out")
+        rec = await store_call(self.jobs.finish(job_id, settled, now_ms()))
+        if rec is None:
+            raise NotFound(f"no job {job_id!r}")
+        if isinstance(data, dict) and data.get("nonce") == nonce:
+            return "accepted", rec
+        return judge(settled.status, settled.same_as(outcome)), rec
+
+    async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
+        """Settle `promise_id` with an outcome already recorded in the index
+        (the workflow then finishes); whoever settled first still wins."""
+        value = settled_value(outcome, by, uuid.uuid4().hex)
+        await self.resonate.promises.resolve(promise_id, Value(data=value))

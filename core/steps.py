@@ -1,0 +1,149 @@
+"""The workflow's two durable steps: trigger (with retries) and finish.
+
+Each step may run again after a crash (at-least-once), so both are written to
+be repeatable: the trigger passes the backend an idempotency key derived from
+the promise id, and every index write is conditional.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+
+from core.errors import BackendError
+from core.hookspecs import Backend
+from core.models import ErrorInfo, Outcome, Trigger
+from core.plugins import Plugins
+from core.settings import Settings
+from core.settle import Settler, outcome_of, outcome_of_record
+from core.store.jobs import JobIndex, JobRecord, now_ms
+from core.tokens import CallbackSigner, idempotency_key
+from core.views import view
+
+log = logging.getLogger("tether")
+
+
+class JobSteps:
+    """What the workflow's steps do (`core.workflow.Steps`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: Plugins,
+        jobs: JobIndex,
+        signer: CallbackSigner,
+        settler: Settler,
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.jobs = jobs
+        self.signer = signer
+        self.settler = settler
+
+    async def trigger(self, job_id: str, promise_id: str) -> None:
+        """Start the external job through its backend, unless the job already
+        ended (canceled before it was triggered)."""
+        rec = await self.jobs.get(job_id)
+        if rec is None:
+            raise RuntimeError(f"job {job_id!r} has a workflow but no record")
+        if rec.finished:
+            await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
+            return
+        try:
+            backend, params = self._backend_and_params(rec)
+            receipt = await self._trigger_with_retries(backend, rec, params, promise_id)
+        except BackendError as exc:
+            error = ErrorInfo(message=f"trigger failed: {exc.message}", type=exc.code or "trigger")
+            log.warning("job %s: trigger failed: %s", job_id, exc.message)
+            await self.settler.settle(job_id, Outcome(status="failed", error=error), by="trigger")
+            return
+        interval = backend.check_interval(params)
+        now = now_ms()
+        next_check = None if not interval else now + int(interval * 1000)
+        updated = await self.jobs.set_external(job_id, receipt, now, next_check)
+        if updated is not None and updated.finished:
+            # Canceled or timed out while the trigger was under way.
+            await self.settler.resolve_quietly(promise_id, outcome_of_record(updated), "index")
+        log.info("job %s triggered", job_id)
+
+    def _backend_and_params(self, rec: JobRecord) -> tuple[Backend, Any]:
+        backend = self.plugins.backends.get(rec.backend)
+        if backend is None:
+            raise BackendError(f"backend {rec.backend!r} is not installed", code="unknown_backend")
+        try:
+            return backend, msgspec.convert(rec.params, backend.params_type)
+        except msgspec.ValidationError as exc:
+            raise BackendError(f"invalid params: {exc}", code="invalid_params") from None
+
+    async def _trigger_with_retries(
+        self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
+    ) -> dict[str, Any]:
+        """`backend.trigger`, tried `trigger_attempts` times while it fails with
+        a retryable error, waiting `trigger_backoff` doubled each time (or the
+        backend's `retry_after`, when longer). Returns the receipt with the
+        callback token scrubbed from it."""
+        trigger = Trigger(
+            job=view(rec),
+            params=params,
+            promise_id=promise_id,
+            callback_url=self.signer.url(promise_id),
+            idempotency_key=idempotency_key(promise_id),
+        )
+        attempts = max(self.settings.trigger_attempts, 1)
+        delay = self.settings.trigger_backoff
+        # An external system may echo the request back, and a plugin's error may
+        # quote it: never keep the callback token in the job record or the log.
+        token = self.signer.token(promise_id)
+        for attempt in range(1, attempts + 1):
+            try:
+                receipt = msgspec.json.encode(dict(await backend.trigger(trigger)))
+                redacted: dict[str, Any] = msgspec.json.decode(
+                    receipt.replace(token.encode(), b"***")
+                )
+                return redacted
+            except BackendError as exc:
+                exc.message = exc.message.replace(token, "***")
+                if not exc.retryable or attempt == attempts:
+                    raise
+                wait = max(delay, exc.retry_after or 0)
+                reason = exc.message
+            except Exception as exc:  # a plugin bug or a network error: retry, then fail
+                if attempt == attempts:
+                    message = f"{type(exc).__name__}: {exc}".replace(token, "***")
+                    raise BackendError(message, code="trigger") from None
+                wait, reason = delay, f"{type(exc).__name__}"
+            log.warning(
+                "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
+                rec.id,
+                attempt,
+                attempts,
+                reason,
+                wait,
+            )
+            await asyncio.sleep(wait)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def finish(self, job_id: str, value: Any) -> None:
+        """Record the outcome, stop the external run of a canceled or timed-out
+        job, tell the plugins."""
+        rec = await self.jobs.get(job_id)  # usually the settle already recorded it
+        if rec is not None and not rec.finished:
+            rec = await self.jobs.finish(job_id, outcome_of(value), now_ms())
+        if rec is None:
+            return
+        backend = self.plugins.backends.get(rec.backend)
+        if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
+            try:
+                await backend.cancel(view(rec))
+            except Exception as exc:
+                log.warning(
+                    "job %s: cancelling the external run failed: %s",
+                    job_id,
+                    getattr(exc, "message", type(exc).__name__),
+                )
+        log.info("job %s finished: %s", job_id, rec.state)
+        self.plugins.job_finished(view(rec))

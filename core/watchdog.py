@@ -1,0 +1,141 @@
+"""The watchdog: every `watchdog_interval`, in every process, time out jobs past
+their deadline, ask backends about running jobs due a status check, and now and
+then apply retention. Settles are first-wins and checks are claimed, so
+processes sharing a store don't clash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import msgspec
+
+from core.errors import InvalidRequest
+from core.models import ErrorInfo, Outcome
+from core.plugins import Plugins
+from core.settings import Settings
+from core.settle import Settler
+from core.store import Store
+from core.store.jobs import JobRecord, now_ms
+from core.views import view
+from core.workflow import ROOT_GRACE_MS
+
+log = logging.getLogger("tether")
+
+WATCHDOG_BATCH = 200
+"""Jobs one sweep looks at, at most."""
+WATCHDOG_CONCURRENCY = 16
+"""Jobs one sweep looks at at once (status checks call backends)."""
+MIN_RETENTION = 86_400.0
+"""Finished jobs are kept at least a day: within it a duplicate start reattaches."""
+GC_EVERY = 3600.0
+"""Seconds between retention runs of one process."""
+GC_BATCH = 500
+"""Job rows one retention statement deletes."""
+MAX_CHECK_BACKOFF = 10
+"""A status check comes at most this many check intervals after the last."""
+
+
+async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
+    """Delete jobs finished more than `older_than` seconds ago, with their
+    promises; nothing open is touched. Returns (jobs, promises) deleted.
+
+    Promises go first and with an hour's more reach than the job rows (a job's
+    workflow ends at most `ROOT_GRACE_MS` after the job does): a job row is
+    never gone while its workflow's promises remain, or a later start with the
+    same id would find an old, finished workflow and never run.
+    """
+    if older_than < MIN_RETENTION:
+        raise InvalidRequest(f"keep finished jobs at least {MIN_RETENTION:g} seconds")
+    promises = await store.delete_promises(int(older_than * 1000) - ROOT_GRACE_MS)
+    before, jobs = now_ms() - int(older_than * 1000), 0
+    while ids := await store.jobs.delete_finished(before, GC_BATCH):
+        jobs += len(ids)
+    if jobs or promises:
+        log.info("retention: deleted %d finished jobs and %d promises", jobs, promises)
+    return jobs, promises
+
+
+class Watchdog:
+    def __init__(
+        self, settings: Settings, plugins: Plugins, store: Store, settler: Settler
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.store = store
+        self.settler = settler
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.settings.watchdog_interval > 0:
+            self._task = asyncio.create_task(self._run(), name="tether-watchdog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        last_gc = 0.0
+        while True:
+            await asyncio.sleep(self.settings.watchdog_interval)
+            if self.settings.retention and time.monotonic() - last_gc > GC_EVERY:
+                last_gc = time.monotonic()
+                try:
+                    await collect_garbage(self.store, self.settings.retention)
+                except Exception as exc:
+                    log.warning("retention: %s", getattr(exc, "message", type(exc).__name__))
+            try:
+                await self.sweep(now_ms())
+            except Exception as exc:
+                log.warning("watchdog: the store did not answer: %s", type(exc).__name__)
+
+    async def sweep(self, now: int) -> None:
+        """Look once at every job due: past its deadline or due a status check."""
+        sem = asyncio.Semaphore(WATCHDOG_CONCURRENCY)
+
+        async def one(rec: JobRecord) -> None:
+            async with sem:
+                try:
+                    await self.look_at(rec, now)
+                except Exception as exc:
+                    log.warning("watchdog: job %s: %s", rec.id, type(exc).__name__)
+
+        due = await self.store.jobs.due(now, WATCHDOG_BATCH)
+        await asyncio.gather(*(one(rec) for rec in due))
+
+    async def look_at(self, rec: JobRecord, now: int) -> None:
+        """Time the job out if its deadline passed, else ask its backend about
+        it if a status check is due (and no other process took that check)."""
+        if rec.deadline <= now:
+            outcome = Outcome(
+                status="timed_out",
+                error=ErrorInfo(
+                    message=f"no callback within {rec.timeout:g} seconds", type="timeout"
+                ),
+            )
+            result, _ = await self.settler.settle(rec.id, outcome, by="timeout")
+            if result == "accepted":
+                log.info("job %s timed out", rec.id)
+            return
+        backend = self.plugins.backends.get(rec.backend)
+        if rec.next_check_at is None or backend is None:
+            return
+        try:
+            seconds = backend.check_interval(msgspec.convert(rec.params, backend.params_type))
+        except msgspec.ValidationError:
+            return
+        if not seconds:
+            return
+        interval = seconds * 1000
+        delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
+        if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
+            return  # another process took this check
+        found = await backend.check_status(view(rec))
+        if found is not None:
+            result, _ = await self.settler.settle(rec.id, found, by="status_check")
+            if result == "accepted":
+                log.info("job %s %s (found by status check)", rec.id, found.status)
