@@ -4,19 +4,28 @@ listening on 127.0.0.1.
 Tests build the service with a fresh plugin manager (built-ins only, no entry
 points) unless they ask for more, and with the settings they pass: the
 environment of the machine never leaks in.
+
+A test named for a hook or a backend method (`test_hook_<name>…`, or
+`test_hook_…_and_<name>…`) fails unless that hook or method actually ran during
+it: see `contract_calls`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import CodeType
 from typing import Any
 
 import httpx
@@ -25,6 +34,7 @@ import uvicorn
 
 from api.app import create_app
 from api.http import SERVER_OPTIONS
+from core.hookspecs import Backend, TetherHookSpecs
 from core.plugins import make_plugin_manager
 from core.settings import Settings
 
@@ -41,18 +51,59 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05) -> Any:
-    """Await `check()` (sync or async) until it returns something truthy."""
+HOLD = 0.5
+"""Seconds a condition must go on holding before "exactly once" is believed."""
+
+
+def _judge(timeout: float, holds: float) -> Generator[None, Any, Any]:
+    """What `eventually` and `wait_until` share: sent each value of the check,
+    it stops (returning the first truthy value) once a truthy value has held
+    for `holds` seconds, and raises when none came within `timeout` or a later
+    one was falsy."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
+    value = yield
+    while not value:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        value = yield
+    first, until = value, time.monotonic() + holds
+    while time.monotonic() < until:
+        value = yield
+        if not value:
+            raise AssertionError(f"condition met ({first!r}), then broken within {holds}s")
+    return first
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05, holds: float = 0.0
+) -> Any:
+    """Await `check()` (sync or async) until it returns something truthy, and
+    with `holds` until that has lasted `holds` seconds; the first truthy value."""
+    judge = _judge(timeout, holds)
+    next(judge)
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        try:
+            judge.send(value)
+        except StopIteration as done:
+            return done.value
         await asyncio.sleep(every)
+
+
+def wait_until(
+    check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05, holds: float = 0.0
+) -> Any:
+    """`eventually` for code with no event loop (tests of a `tether serve` process)."""
+    judge = _judge(timeout, holds)
+    next(judge)
+    while True:
+        try:
+            judge.send(check())
+        except StopIteration as done:
+            return done.value
+        time.sleep(every)
 
 
 # ── a webhook receiver: a real HTTP server in a thread ─────────────────────────
@@ -64,16 +115,19 @@ class Hit:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (`time.monotonic()`)."""
 
 
 @dataclass
 class Receiver:
-    """Records every request. `respond(hit)` decides the answer (status, body);
-    with `callback` set (a body, or a function of the hit returning one or None),
+    """Records every request. `respond(hit)` decides the answer: (status, body)
+    or (status, body, headers); a body of bytes is sent as it is, anything else
+    as JSON. With `callback` set (a body, or a function of the hit returning one or None),
     each trigger is followed by a POST of that body to the callback URL it
     carried, from another thread, as a real external system would."""
 
-    respond: Callable[[Hit], tuple[int, Any]] = lambda hit: (202, {"accepted": True})
+    respond: Callable[[Hit], tuple[Any, ...]] = lambda hit: (202, {"accepted": True})
     callback: Any = None
     hits: list[Hit] = field(default_factory=list)
     callback_answers: list[int] = field(default_factory=list)
@@ -99,12 +153,14 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
                 self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body
             )
             receiver.hits.append(hit)
-            status, answer = receiver.respond(hit)
-            data = json.dumps(answer).encode()
+            status, answer, *more = receiver.respond(hit)
+            data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
             try:
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
+                for name, value in (more[0] if more else {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
             except OSError:  # the service died mid-request (crash tests)
@@ -162,7 +218,8 @@ class Service:
 
     @property
     def tether(self) -> Any:
-        return self.app.state.tether
+        """The running `Tether`: what the API's handlers are given as `tether`."""
+        return self.app.dependencies["tether"].dependency()
 
     async def job(self, job_id: str) -> dict[str, Any]:
         response = await self.client.get(f"/jobs/{job_id}")
@@ -206,16 +263,9 @@ if PG_TEMPLATE_DSN and "postgres" not in STORES:
 
 def _fresh_pg_database(template_dsn: str, name: str) -> str:
     """A new database copied from the one `template_dsn` names; its URL."""
-    from urllib.parse import urlsplit, urlunsplit
+    from tests.pg import fresh_pg_database
 
-    import psycopg
-
-    parts = urlsplit(template_dsn)
-    template = parts.path.lstrip("/")
-    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    return fresh_pg_database(template_dsn, name)
 
 
 @pytest.fixture
@@ -274,3 +324,97 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
         await client.aclose()
         server.should_exit = True
         await task
+
+
+# ── a test named for a hook must run it ───────────────────────────────────────
+
+
+def contract_names() -> list[str]:
+    """Every hook and every public method of `Backend`: the plugin contract."""
+    hooks = [n for n, _ in inspect.getmembers(TetherHookSpecs, inspect.isfunction)]
+    methods = [
+        n for n, _ in inspect.getmembers(Backend, inspect.isfunction) if not n.startswith("_")
+    ]
+    return hooks + methods
+
+
+def claimed_by(test_name: str) -> set[str]:
+    """The hooks and backend methods a test's name says it tests:
+    `test_hook_<name>…` and `test_hook_…_and_<name>…`."""
+    return {
+        name
+        for name in contract_names()
+        if test_name.startswith(f"test_hook_{name}")
+        or re.match(rf"test_hook_.*_and_{name}", test_name)
+    }
+
+
+MONITORING_TOOL = 4
+"""A `sys.monitoring` tool id of our own (0, 1, 2 and 5 are the debugger's, coverage's,
+the profiler's and the optimizer's)."""
+
+
+def _contract_function(code: CodeType) -> bool:
+    """Whether `code` is a hook implementation or a method of a `Backend` (the
+    base class's own included: a default that ran was still called)."""
+    if code.co_name in TetherHookSpecs.__dict__:
+        return True
+    classes: list[type] = [Backend]
+    while classes:
+        cls = classes.pop()
+        if getattr(cls.__dict__.get(code.co_name), "__code__", None) is code:
+            return True
+        classes += cls.__subclasses__()
+    return False
+
+
+@contextlib.contextmanager
+def contract_calls() -> Iterator[set[str]]:
+    """The set of hooks and backend methods that ran, in any thread, while the
+    block ran. Through `sys.monitoring`, so it sees calls the way they happen in
+    the service, whatever calls them."""
+    mon = sys.monitoring
+    names = set(contract_names())
+    called: set[str] = set()
+
+    def started(code: CodeType, offset: int) -> Any:
+        if code.co_name in names and _contract_function(code):
+            called.add(code.co_name)
+        return mon.DISABLE  # once per function and block is enough
+
+    mon.use_tool_id(MONITORING_TOOL, "tether-contract-calls")
+    try:
+        mon.register_callback(MONITORING_TOOL, mon.events.PY_START, started)
+        mon.restart_events()  # what an earlier block disabled counts again
+        mon.set_events(MONITORING_TOOL, mon.events.PY_START)
+        yield called
+    finally:
+        mon.set_events(MONITORING_TOOL, 0)
+        mon.register_callback(MONITORING_TOOL, mon.events.PY_START, None)
+        mon.free_tool_id(MONITORING_TOOL)
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _tests_named_for_a_hook_run_it(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test named for a hook or backend method fails if it never ran it."""
+    claims = claimed_by(request.node.originalname)
+    if not claims:
+        yield
+        return
+    with contract_calls() as called:
+        yield
+    if request.node.stash.get(FAILED, False):
+        return  # its own failure says more
+    missing = sorted(claims - called)
+    assert not missing, f"{request.node.name} is named for {missing} but never called it"

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 
 class TetherProcess:
@@ -81,6 +81,34 @@ class TetherProcess:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=10, **kwargs)
+
+
+def wait_for(
+    client: httpx.Client,
+    job_id: str,
+    *states: str,
+    timeout: float = 30,
+    recorded: bool = False,
+) -> dict[str, Any]:
+    """The job once it is in one of `states` (and, with `recorded`, once its
+    trigger step has recorded `external`). A service that does not answer yet
+    (restarting) is asked again."""
+    seen: list[Any] = [None]
+
+    def reached() -> dict[str, Any] | None:
+        try:
+            job = seen[0] = client.get(f"/jobs/{job_id}").json()
+        except httpx.HTTPError:
+            return None
+        if job.get("state") in states and not (recorded and job.get("external") is None):
+            return job
+        return None
+
+    try:
+        job: dict[str, Any] = wait_until(reached, timeout)
+        return job
+    except AssertionError as exc:
+        raise AssertionError(f"job {job_id} is {seen[0]}, not {states}: {exc}") from None
 
 
 def report(capsys: Any, line: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import pickle
 from typing import Any
 
@@ -111,9 +112,16 @@ async def test_an_unknown_promise_is_404(start_service):
 async def test_missing_or_wrong_tokens_are_401_without_a_hint(start_service, receiver):
     svc = await start_service()
     path = await started(svc, receiver)
-    base = path.split("?")[0]
+    base, token = path.split("?token=")
     other = await started(svc, receiver, "other")
     other_token = other.split("token=")[1]
+    near_misses = [
+        token[:-1] + ("A" if token[-1] != "A" else "B"),  # the last character changed
+        token[:-1],  # cut short by one
+        token[:8],  # only its start
+        token + "A",  # one character added
+        token.upper() if token.upper() != token else token.lower(),
+    ]
     answers = [
         await svc.client.post(base, json={}),
         await svc.client.post(base + "?token=forged", json={}),
@@ -121,9 +129,34 @@ async def test_missing_or_wrong_tokens_are_401_without_a_hint(start_service, rec
         await svc.client.post(base, json={}, headers={"authorization": "Bearer forged"}),
         await svc.client.post("/callbacks/nope%3A1?token=forged", json={}),
     ]
-    assert {r.status_code for r in answers} == {401}
+    for wrong in near_misses:
+        answers.append(await svc.client.post(f"{base}?token={wrong}", json={}))
+        bearer = {"authorization": f"Bearer {wrong}"}
+        answers.append(await svc.client.post(base, json={}, headers=bearer))
+    assert [r.status_code for r in answers] == [401] * len(answers)
     assert len({r.text for r in answers}) == 1  # unknown and known promises look alike
     assert (await svc.job("cb"))["state"] == "running"
+    right = await svc.client.post(f"{base}?token={token}", json={})
+    assert right.json()["outcome"] == "accepted"
+
+
+async def test_tokens_are_compared_in_constant_time(start_service, receiver, monkeypatch):
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def compare_digest(a: Any, b: Any) -> bool:
+        compared.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    svc = await start_service()
+    path = await started(svc, receiver)
+    base, token = path.split("?token=")
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert (await svc.client.post(f"{base}?token={wrong}", json={})).status_code == 401
+    assert (await svc.client.post(f"{base}?token={token}", json={})).status_code == 200
+    assert {token.encode(), wrong.encode()} in [set(pair) for pair in compared]
+    assert (token.encode(), token.encode()) in compared
 
 
 async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):

@@ -1,41 +1,15 @@
 """POST /jobs and friends, through real HTTP, with the http_webhook backend and a
-real receiver on 127.0.0.1."""
+real receiver on 127.0.0.1. (What the webhook itself sends and understands is
+tested in tests/plugins/http_webhook.)"""
 
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
 import pytest
 
-from tests.conftest import eventually
-
-
-async def test_a_job_is_triggered_with_everything_the_receiver_needs(start_service, receiver):
-    svc = await start_service()
-    response = await svc.client.post(
-        "/jobs",
-        json={
-            "id": "job-1",
-            "backend": "http_webhook",
-            "metadata": {"team": "data"},
-            "params": {"url": receiver.url(), "payload": {"table": "sales"}},
-        },
-    )
-    assert response.status_code == 201, response.text
-    assert response.json()["state"] in ("pending", "running")
-    job = await svc.wait_state("job-1", "running")
-    assert job["external"] == {"status_code": 202, "response": {"accepted": True}}
-    assert job["metadata"] == {"team": "data"}
-
-    [hit] = receiver.hits
-    assert hit.method == "POST"
-    assert hit.body["job_id"] == "job-1"
-    assert hit.body["promise_id"] == "job-1:1"
-    assert hit.body["payload"] == {"table": "sales"}
-    callback_url = hit.body["callback_url"]
-    assert callback_url.startswith(f"{svc.settings.base_url}/callbacks/job-1%3A1?token=")
-    assert hit.headers["tether-callback-url"] == callback_url
-    assert hit.headers["idempotency-key"] == hit.body["idempotency_key"] == "job-1:1"
+from core.plugin import hookimpl
+from tests.conftest import HOLD, eventually
 
 
 async def test_the_callback_finishes_the_job(start_service, receiver):
@@ -67,7 +41,8 @@ async def test_a_job_gets_a_unique_id_when_none_is_given(start_service, receiver
     first = (await svc.client.post("/jobs", json=body)).json()
     second = (await svc.client.post("/jobs", json=body)).json()
     assert first["id"] != second["id"]
-    await eventually(lambda: len(receiver.hits) == 2)
+    await eventually(lambda: len(receiver.hits) == 2, holds=HOLD)
+    assert {h.body["job_id"] for h in receiver.hits} == {first["id"], second["id"]}
 
 
 async def test_the_same_start_twice_reattaches_and_triggers_once(start_service, receiver):
@@ -199,9 +174,16 @@ async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service
     failed = (await svc.client.get("/jobs", params={"state": "failed"})).json()
     assert [j["id"] for j in failed["items"]] == ["bad"]
     assert (await svc.client.get("/jobs", params={"backend": "other"})).json()["items"] == []
-    for query in ({"limit": 0}, {"limit": 1001}, {"state": "exploded"}, {"cursor": "!!"}):
+    for query, status, field in (
+        ({"limit": 0}, 400, "limit"),
+        ({"limit": 1001}, 400, "limit"),
+        ({"state": "exploded"}, 400, "job_state"),
+        ({"cursor": "!!"}, 422, "cursor"),
+    ):
         response = await svc.client.get("/jobs", params=query)
-        assert response.status_code in (400, 422), query
+        assert response.status_code == status, query
+        assert response.json()["error"]["code"] == "invalid_request"
+        assert field in str(response.json()["error"]["details"]), query
 
 
 async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiver):
@@ -218,8 +200,7 @@ async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiv
     response = await svc.client.post("/jobs/k/cancel")
     assert response.status_code == 200
     assert response.json()["state"] == "canceled"
-    [hit] = await eventually(lambda: receiver.on("/cancel"))
-    assert hit.body == {"job_id": "k", "promise_id": "k:1", "reason": "canceled"}
+    await eventually(lambda: len(receiver.on("/cancel")) == 1, holds=HOLD)  # called once
     again = await svc.client.post("/jobs/k/cancel")
     assert again.status_code == 409
     assert (await svc.client.post("/jobs/nope/cancel")).status_code == 404
@@ -256,8 +237,8 @@ async def test_a_job_canceled_before_its_trigger_is_never_triggered(start_servic
     job = await svc.wait_state("p", "canceled")
     assert job["error"]["message"] == "canceled by request"
     attempts = len(receiver.hits)
-    await asyncio.sleep(0.5)  # ten backoff periods: no attempt after the cancel
-    assert len(receiver.hits) == attempts
+    # ten backoff periods with no attempt after the cancel
+    await eventually(lambda: len(receiver.hits) == attempts, holds=0.5)
 
 
 async def test_no_callback_within_the_timeout_times_the_job_out(start_service, receiver):
@@ -273,55 +254,8 @@ async def test_no_callback_within_the_timeout_times_the_job_out(start_service, r
     )
     job = await svc.wait_state("t", "timed_out")
     assert job["error"]["type"] == "timeout"
-    [hit] = await eventually(lambda: receiver.on("/cancel"))
-    assert hit.body["reason"] == "timed_out"
-
-
-async def test_a_trigger_refused_with_4xx_fails_the_job_at_once(start_service, receiver):
-    receiver.respond = lambda hit: (403, {"error": "no"})
-    svc = await start_service()
-    await svc.client.post(
-        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
-    )
-    job = await svc.wait_state("x", "failed")
-    assert job["error"]["type"] == "http_403"
-    assert "answered 403" in job["error"]["message"]
-    assert len(receiver.hits) == 1
-
-
-async def test_a_failed_trigger_never_names_the_urls_credentials(start_service, receiver):
-    receiver.respond = lambda hit: (403, {"error": "no"})
-    svc = await start_service()
-    url = receiver.url().replace("http://", "http://alice:s3cret-pw@")
-    await svc.client.post(
-        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": url}}
-    )
-    job = await svc.wait_state("x", "failed")
-    assert job["error"]["message"].startswith("trigger failed: POST 127.0.0.1:")
-    assert "s3cret-pw" not in job["error"]["message"] and "alice" not in job["error"]["message"]
-
-
-async def test_a_trigger_answered_5xx_is_retried_then_fails(start_service, receiver):
-    receiver.respond = lambda hit: (503, {})
-    svc = await start_service(trigger_attempts=3)
-    await svc.client.post(
-        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
-    )
-    job = await svc.wait_state("x", "failed")
-    assert job["error"]["type"] == "http_503"
-    assert len(receiver.hits) == 3
-
-
-async def test_a_trigger_that_recovers_after_a_5xx_runs_once(start_service, receiver):
-    answers = iter([(500, {}), (202, {"run": 7})])
-    receiver.respond = lambda hit: next(answers)
-    svc = await start_service()
-    await svc.client.post(
-        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
-    )
-    job = await svc.wait_state("x", "running")
-    assert job["external"]["response"] == {"run": 7}
-    assert {h.body["idempotency_key"] for h in receiver.hits} == {"x:1"}
+    await eventually(lambda: len(receiver.on("/cancel")) == 1, holds=HOLD)
+    assert receiver.on("/cancel")[0].body["reason"] == "timed_out"
 
 
 async def test_the_api_token_guards_jobs_but_not_callbacks_or_health(start_service, receiver):
@@ -358,21 +292,18 @@ async def test_health_and_openapi(start_service):
     } <= set(schema["paths"])
 
 
-async def test_a_receiver_echoing_the_request_does_not_leak_the_token(start_service, receiver):
-    receiver.respond = lambda hit: (200, {"echo": hit.body})
-    svc = await start_service()
-    await svc.client.post(
-        "/jobs", json={"id": "echo", "backend": "http_webhook", "params": {"url": receiver.url()}}
-    )
-    job = await svc.wait_state("echo", "running")
-    token = receiver.hits[0].body["callback_url"].split("token=")[1]
-    assert token not in str(job)
-    assert job["external"]["response"]["echo"]["callback_url"].endswith("token=***")
-
-
 async def test_the_memory_store_runs_jobs_to_every_end(start_service, receiver):
-    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/ok" else None
-    svc = await start_service(store="memory://")
+    finished: list[tuple[str, str]] = []
+
+    class Finished:
+        @hookimpl
+        def tether_job_finished(self, job: Any) -> None:
+            finished.append((job.id, job.state))
+
+    receiver.callback = lambda hit: (
+        {"status": "succeeded", "result": 1} if hit.path == "/ok" else None
+    )
+    svc = await start_service(plugins=[Finished()], store="memory://")
     for job_id, path, timeout in (
         ("ok", "/ok", 60),
         ("cancel", "/wait", 60),
@@ -389,6 +320,11 @@ async def test_the_memory_store_runs_jobs_to_every_end(start_service, receiver):
         )
     await svc.wait_state("cancel", "running")
     assert (await svc.client.post("/jobs/cancel/cancel")).status_code == 200
-    assert (await svc.wait_state("ok", "succeeded"))["state"] == "succeeded"
-    assert (await svc.wait_state("late", "timed_out"))["state"] == "timed_out"
-    assert (await svc.job("cancel"))["state"] == "canceled"
+    ends = {"ok": "succeeded", "cancel": "canceled", "late": "timed_out"}
+    # Each workflow ran its finish step, once: the plugins heard of each end once.
+    await eventually(lambda: sorted(finished) == sorted(ends.items()), holds=HOLD)
+    jobs = {job_id: await svc.job(job_id) for job_id in ends}
+    assert jobs["ok"]["result"] == 1
+    assert jobs["cancel"]["error"] == {"message": "canceled by request", "type": "canceled"}
+    assert jobs["late"]["error"]["type"] == "timeout"
+    assert all(job["finished_at"] is not None for job in jobs.values())

@@ -20,7 +20,14 @@ from core import hookspecs
 from core.hookspecs import Backend, TetherHookSpecs
 from core.plugin import BackendError, Outcome, hookimpl
 from core.plugins import Plugins, make_plugin_manager
-from tests.conftest import eventually, test_settings
+from tests.conftest import (
+    HOLD,
+    claimed_by,
+    contract_calls,
+    contract_names,
+    eventually,
+    test_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tether_echo"
@@ -200,7 +207,9 @@ async def test_hook_tether_job_finished_sees_every_final_job(start_service, rece
             "params": {"url": receiver.url("/silent")},
         },
     )
-    await eventually(lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out")])
+    await eventually(
+        lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out")], timeout=10, holds=HOLD
+    )
     assert (await svc.job("a"))["state"] == "succeeded"
 
 
@@ -222,7 +231,7 @@ async def test_hook_cancel_failing_leaves_the_job_canceled(start_service):
     await svc.client.post("/jobs", json={"id": "s", "backend": "stubborn"})
     await svc.wait_state("s", "running")
     assert (await svc.client.post("/jobs/s/cancel")).status_code == 200
-    await eventually(lambda: calls == ["s"])
+    await eventually(lambda: calls == ["s"], holds=HOLD)
     assert (await svc.job("s"))["state"] == "canceled"
 
 
@@ -245,34 +254,6 @@ async def test_hook_close_runs_once_when_the_service_stops(tmp_path):
         assert (await client.post("/jobs", json={"backend": "holder"})).status_code == 201
         assert closed == []
     assert closed == ["holder"]  # the test client runs the app's lifespan on its own loop
-
-
-async def test_hook_check_status_and_check_interval_notice_a_lost_callback(start_service, receiver):
-    states = iter(["running", "running"])
-
-    def respond(hit: Any) -> tuple[int, Any]:
-        if hit.path == "/status":
-            state = next(states, "succeeded")
-            return 200, {"status": state, "result": {"found": "by polling"}}
-        return 202, {}
-
-    receiver.respond = respond
-    svc = await start_service()
-    await svc.client.post(
-        "/jobs",
-        json={
-            "id": "lost",
-            "backend": "http_webhook",
-            "params": {
-                "url": receiver.url(),
-                "status_url": receiver.url("/status"),
-                "status_interval": 0.1,
-            },
-        },
-    )
-    job = await svc.wait_state("lost", "succeeded")
-    assert job["result"] == {"found": "by polling"}
-    assert len(receiver.on("/status")) == 3
 
 
 async def test_hook_check_status_errors_are_retried_later(start_service):
@@ -304,14 +285,6 @@ async def test_hook_check_status_errors_are_retried_later(start_service):
 # ── meta: every hook documented and tested, docs in step with code ───────────
 
 
-def contract_names() -> list[str]:
-    hooks = [n for n, _ in inspect.getmembers(TetherHookSpecs, inspect.isfunction)]
-    methods = [
-        n for n, _ in inspect.getmembers(Backend, inspect.isfunction) if not n.startswith("_")
-    ]
-    return hooks + methods
-
-
 def test_every_hook_and_backend_method_is_documented():
     for name in contract_names():
         obj = getattr(TetherHookSpecs, name, None) or getattr(Backend, name)
@@ -322,6 +295,8 @@ def test_every_hook_and_backend_method_is_documented():
 
 
 def test_every_hook_and_backend_method_has_a_test():
+    """Each has a test named for it; and a test named for a hook fails unless
+    it ran that hook (tests/conftest.py watches every `test_hook_…` test)."""
     tests = set()
     for path in ROOT.joinpath("tests").rglob("test_*.py"):
         tree = ast.parse(path.read_text())
@@ -329,10 +304,32 @@ def test_every_hook_and_backend_method_has_a_test():
             n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
         }
     for name in contract_names():
-        assert any(
-            t.startswith(f"test_hook_{name}") or re.match(rf"test_hook_.*_and_{name}", t)
-            for t in tests
-        ), f"no test_hook_{name}... test"
+        assert any(name in claimed_by(t) for t in tests), f"no test_hook_{name}... test"
+
+
+def test_a_test_named_for_a_hook_is_watched_for_calls_of_it():
+    assert claimed_by("test_hook_check_status_and_check_interval_notice_x") == {
+        "check_status",
+        "check_interval",
+    }
+    assert claimed_by("test_hook_tether_job_finished_sees_y") == {"tether_job_finished"}
+    assert claimed_by("test_the_docs_list_every_hook") == set()
+
+    class Quiet(Backend):
+        name = "quiet"
+        params_type = Params
+
+        def check_interval(self, params: Any) -> float | None:
+            return 1.0
+
+    with contract_calls() as called:
+        plugins = Plugins(make_plugin_manager(entry_points=False, extra=[Offers(Quiet())]))
+        plugins.backends["quiet"].check_interval(Params())
+        plugins.backends["http_webhook"].parse_callback(None, {})  # type: ignore[arg-type]
+    assert called == {"tether_backends", "check_interval", "parse_callback"}
+    with contract_calls() as called:
+        plugins.backends["quiet"].check_interval(Params())  # counted again in a new block
+    assert called == {"check_interval"}
 
 
 def test_the_readme_and_plugin_docs_show_the_tested_example_plugin():

@@ -3,6 +3,7 @@ nothing waiting is touched."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import InvalidRequest
 from core.store.jobs import now_ms
-from tests.conftest import eventually
+from tests.conftest import eventually, wait_until
+from tests.process import TetherProcess
 
 TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
 
@@ -31,10 +34,10 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     tether = svc.tether
 
     async def workflow_done() -> bool:
-        return (await tether.r.promises.get("old")).state == "resolved"
+        return (await tether.resonate.promises.get("old")).state == "resolved"
 
     await eventually(workflow_done)
-    with pytest.raises(Exception, match="at least"):
+    with pytest.raises(InvalidRequest, match="at least"):
         await tether.collect_garbage(60)
     assert await tether.collect_garbage(86_400) == (0, 0)  # nothing is a day old yet
 
@@ -62,14 +65,62 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     await svc.wait_state("old", "succeeded")
 
 
-def test_tether_gc_command(tmp_path):
-    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/cli.db", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [TETHER, "gc", "--older-than", "30"], env=env, capture_output=True, text=True, timeout=60
-    )
+LATER = """\
+import time
+
+_time, _time_ns = time.time, time.time_ns
+time.time = lambda: _time() + 8 * 86400
+time.time_ns = lambda: _time_ns() + 8 * 86400 * 10**9
+"""
+"""A `sitecustomize` that sets a process's clock 8 days ahead."""
+
+
+def test_tether_gc_command(tmp_path, receiver):
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/done" else None
+    store = f"sqlite:///{tmp_path}/cli.db"
+    service = TetherProcess(tmp_path, {"TETHER_STORE": store}).start()
+    try:
+        with service.client() as client:
+            for job_id, path in (("old", "/done"), ("waiting", "/wait")):
+                body = {"backend": "http_webhook", "params": {"url": receiver.url(path)}}
+                client.post("/jobs", json={"id": job_id, "timeout": 30 * 86400, **body})
+            wait_until(lambda: "job old finished: succeeded" in service.log.read_text())
+            assert client.get("/jobs/waiting").json()["state"] == "running"
+    finally:
+        service.terminate()
+
+    def gc(days: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TETHER, "gc", "--older-than", days],
+            env={"TETHER_STORE": store, "PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = gc("1")
     assert done.returncode == 0, done.stderr
-    assert "deleted 0 finished jobs" in done.stdout
-    done = subprocess.run(
-        [TETHER, "gc", "--older-than", "0.1"], env=env, capture_output=True, text=True, timeout=60
-    )
+    assert done.stdout.strip() == "deleted 0 finished jobs and 0 promises"  # nothing a day old
+    done = gc("0.1")
     assert done.returncode == 2 and "at least" in done.stderr
+
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "sitecustomize.py").write_text(LATER)
+    done = gc("7", PYTHONPATH=str(later))
+    assert done.returncode == 0, done.stderr
+    jobs, promises = map(int, re.findall(r"\d+", done.stdout))
+    assert (jobs, promises) == (1, 4), done.stdout  # the job, its workflow's four promises
+    again = gc("7", PYTHONPATH=str(later))
+    assert again.stdout.strip() == "deleted 0 finished jobs and 0 promises"
+
+    service = TetherProcess(tmp_path, {"TETHER_STORE": store}, port=service.port).start()
+    try:
+        with service.client() as client:
+            assert client.get("/jobs/old").status_code == 404
+            assert client.get("/jobs/waiting").json()["state"] == "running"
+            callback = receiver.on("/wait")[0].body["callback_url"]
+            answer = client.post(callback.removeprefix(service.url), json={})
+            assert answer.json()["outcome"] == "accepted"
+    finally:
+        service.kill()

@@ -5,6 +5,7 @@ once (or, after a kill inside the trigger step, again with the same key)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from pathlib import Path
@@ -12,30 +13,16 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Hit, Receiver
-from tests.process import TetherProcess
+from tests.conftest import HOLD, Hit, Receiver, wait_until
+from tests.process import TetherProcess, wait_for
 
 
-def service(tmp_path: Path, port: int | None = None) -> TetherProcess:
+def service(tmp_path: Path, port: int | None = None, **env: str) -> TetherProcess:
     return TetherProcess(
         tmp_path,
-        {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db", "TETHER_TASK_TTL": "2"},
+        {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db", "TETHER_TASK_TTL": "2", **env},
         port=port,
     )
-
-
-def wait_for(client: httpx.Client, job_id: str, *states: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    job: Any = None
-    while time.monotonic() < deadline:
-        try:
-            job = client.get(f"/jobs/{job_id}").json()
-            if job["state"] in states:
-                return job
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} is {job and job['state']}, not {states}")
 
 
 def start_job(client: httpx.Client, receiver: Receiver, job_id: str, **extra: Any) -> None:
@@ -72,14 +59,29 @@ def test_kill_while_waiting_then_the_callback_after_restart_finishes_the_job(tmp
 
 
 def test_kill_right_after_accept_still_triggers_once(tmp_path, receiver):
-    first = service(tmp_path).start()
+    # Until the first service is dead the external system refuses (503) every
+    # trigger, so the kill lands after the accept and before any trigger took.
+    dead = threading.Event()
+    accepted: list[str] = []
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if not dead.is_set():
+            return 503, {}
+        accepted.append(hit.body["idempotency_key"])
+        return 202, {}
+
+    receiver.respond = respond
+    first = service(tmp_path, TETHER_TRIGGER_ATTEMPTS="100").start()
     with first.client() as client:
         start_job(client, receiver, "acc")
+        wait_until(lambda: receiver.hits)
+        assert client.get("/jobs/acc").json()["state"] == "pending"
     first.kill()
+    dead.set()
 
-    restart_and_finish(tmp_path, first, receiver, "acc")
-    keys = [h.body["idempotency_key"] for h in receiver.hits]
-    assert keys in (["acc:1"], ["acc:1", "acc:1"])  # twice only if the kill hit the trigger
+    restart_and_finish(tmp_path, first, receiver, "acc", TETHER_TRIGGER_ATTEMPTS="100")
+    assert accepted == ["acc:1"]
+    assert {h.body["idempotency_key"] for h in receiver.hits} == {"acc:1"}
 
 
 def test_kill_inside_the_trigger_step_repeats_it_with_the_same_key(tmp_path, receiver):
@@ -94,9 +96,7 @@ def test_kill_inside_the_trigger_step_repeats_it_with_the_same_key(tmp_path, rec
     first = service(tmp_path).start()
     with first.client() as client:
         start_job(client, receiver, "mid")
-        deadline = time.monotonic() + 10
-        while not receiver.hits and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: receiver.hits, every=0.02)
     first.kill()
     release.set()
 
@@ -122,8 +122,8 @@ def test_kill_during_a_callback_then_its_retry_settles_once(tmp_path, receiver):
             retry = callback(receiver, "cb", {"status": "succeeded", "result": 1})
             assert retry.json()["outcome"] in ("accepted", "duplicate")
             job = wait_for(client, "cb", "succeeded")
-            time.sleep(0.5)
-            assert client.get("/jobs/cb").json() == job  # finished once, never changed
+            # finished once, never changed
+            wait_until(lambda: client.get("/jobs/cb").json() == job, holds=HOLD)
             other = callback(receiver, "cb", {"status": "failed", "error": {"message": "x"}})
             assert other.status_code == 409
     finally:
@@ -157,23 +157,22 @@ def test_sigterm_drains_and_loses_nothing(tmp_path, receiver):
     first = service(tmp_path).start()
     with first.client() as client:
         start_job(client, receiver, "term")
-        deadline = time.monotonic() + 10
-        while not receiver.hits and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: receiver.hits, every=0.02)
     started = time.monotonic()
-    assert first.terminate(wait=20) in (0, -15)
+    assert first.terminate(wait=20) == -signal.SIGTERM  # uvicorn re-raises it after draining
     assert time.monotonic() - started < 15
     assert "Application shutdown complete" in first.log.read_text()
 
     restart_and_finish(tmp_path, first, receiver, "term")
-    assert {h.body["idempotency_key"] for h in receiver.hits} == {"term:1"}
+    # The trigger in flight at SIGTERM finished and was recorded: never sent again.
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["term:1"]
 
 
 def restart_and_finish(
-    tmp_path: Path, dead: TetherProcess, receiver: Receiver, job_id: str
+    tmp_path: Path, dead: TetherProcess, receiver: Receiver, job_id: str, **env: str
 ) -> None:
     """Restart on the same store and port; the job, still running, finishes by callback."""
-    second = service(tmp_path, port=dead.port).start()
+    second = service(tmp_path, port=dead.port, **env).start()
     try:
         with second.client() as client:
             wait_for(client, job_id, "running")

@@ -1,41 +1,57 @@
-"""Many jobs through the real service while it is killed with SIGKILL at random
-moments and restarted: every job ends exactly once, with the right outcome, and
-every job's external trigger carries one idempotency key."""
+"""Many jobs through the real service while it is killed with SIGKILL and
+restarted: once while a trigger is in flight (on purpose), and at random
+moments. Every job ends exactly once, with the right outcome, and each job's
+external trigger is sent once, or again with the same key only when a kill came
+in between."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 import httpx
 
-from tests.conftest import Hit
+from tests.conftest import Hit, wait_until
 from tests.process import TetherProcess, report
 
 JOBS = 200
 KILLS = 4
+"""The first lands inside the trigger step of a job (its trigger held until the
+service is dead); the others at random moments."""
 
 
 class ExternalSystem:
     """Answers triggers at once and reports each job's outcome later, retrying
     the callback until the service takes it, as a real system would. Jobs whose
-    number is divisible by 5 fail."""
+    number is divisible by 5 fail. The first trigger of job `held` is answered
+    only once `release` is set (the test kills the service before)."""
 
-    def __init__(self) -> None:
-        self.triggers: dict[str, list[str]] = defaultdict(list)  # job -> keys seen
+    def __init__(self, held: str) -> None:
+        self.triggers: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        """job -> (idempotency key, arrival time) of each trigger"""
         self.pending: dict[str, str] = {}  # job -> callback URL not yet taken
-        self.answers: Counter[str] = Counter()
+        self.answers: dict[str, list[str]] = defaultdict(list)  # job -> callback outcomes
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.held = held
+        self.reached = threading.Event()
+        self.release = threading.Event()
 
     def respond(self, hit: Hit) -> tuple[int, Any]:
         body = hit.body
         with self.lock:
-            self.triggers[body["job_id"]].append(body["idempotency_key"])
-            self.pending.setdefault(body["job_id"], body["callback_url"])
+            self.triggers[body["job_id"]].append((body["idempotency_key"], hit.at))
+            hold = body["job_id"] == self.held and not self.reached.is_set()
+            if not hold:  # no callback for a trigger the service never hears answered
+                self.pending.setdefault(body["job_id"], body["callback_url"])
+        if hold:
+            self.reached.set()
+            self.release.wait(30)
         return 202, {}
 
     def call_back(self) -> None:
@@ -56,73 +72,96 @@ class ExternalSystem:
                         continue  # the service is down: try again later
                     if answer.status_code < 500:
                         with self.lock:
-                            self.answers[answer.json().get("outcome", str(answer.status_code))] += 1
+                            outcome = answer.json().get("outcome", str(answer.status_code))
+                            self.answers[job_id].append(outcome)
                             self.pending.pop(job_id, None)
                 time.sleep(0.05)
 
 
 def test_jobs_survive_random_kills_each_triggered_and_finished_once(tmp_path, receiver, capsys):
-    system = ExternalSystem()
+    rng = random.Random(7)
+    ids = [f"job-{n}" for n in range(JOBS)]
+    kill_at = sorted(rng.sample(range(10, JOBS), KILLS))
+    held = ids[kill_at.pop(0)]
+    system = ExternalSystem(held)
     receiver.respond = system.respond
     env = {"TETHER_STORE": f"sqlite:///{tmp_path}/faults.db", "TETHER_TASK_TTL": "2"}
     service = TetherProcess(tmp_path, env).start()
     caller = threading.Thread(target=system.call_back, daemon=True)
     caller.start()
-    rng = random.Random(7)
-    submitted: set[str] = set()
-    kills = 0
+    killed: list[float] = []  # when each kill had happened
+
+    def restart() -> TetherProcess:
+        service.kill()
+        killed.append(time.monotonic())
+        return TetherProcess(tmp_path, env, port=service.port).start()
+
+    final: dict[str, dict[str, Any]] = {}
+    changed: list[str] = []
     try:
-        ids = [f"job-{n}" for n in range(JOBS)]
-        kill_at = sorted(rng.sample(range(10, JOBS), KILLS))
-        with httpx.Client(trust_env=False, timeout=5) as client:
+        with httpx.Client(base_url=service.url, trust_env=False, timeout=5) as client:
             for i, job_id in enumerate(ids):
                 if kill_at and i == kill_at[0]:
                     kill_at.pop(0)
                     time.sleep(rng.uniform(0, 0.3))
-                    service.kill()
-                    kills += 1
-                    service = TetherProcess(tmp_path, env, port=service.port).start()
+                    service = restart()
                 body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
                 while True:  # a client retries a start that got no answer: it reattaches
                     try:
-                        answer = client.post(f"{service.url}/jobs", json=body)
+                        answer = client.post("/jobs", json=body)
                         assert answer.status_code in (200, 201), answer.text
                         break
                     except httpx.HTTPError:
                         time.sleep(0.1)
-                submitted.add(job_id)
+                if job_id == held:
+                    assert system.reached.wait(30), "the held trigger never came"
+                    service = restart()  # inside its trigger step
+                    system.release.set()
 
-            deadline = time.monotonic() + 90
-            final: dict[str, dict[str, Any]] = {}
-            while time.monotonic() < deadline and len(final) < JOBS:
+            def all_final() -> bool:
                 for job_id in ids:
                     if job_id not in final:
-                        job = client.get(f"{service.url}/jobs/{job_id}").json()
+                        job = client.get(f"/jobs/{job_id}").json()
                         if job["state"] in ("succeeded", "failed"):
                             final[job_id] = job
-                time.sleep(0.2)
-            time.sleep(1)  # anything that would change a finished job has had time to
-            again = {j: client.get(f"{service.url}/jobs/{j}").json() for j in final}
+                return len(final) == JOBS
+
+            with contextlib.suppress(AssertionError):  # stuck jobs are named below
+                wait_until(all_final, timeout=90, every=0.2)
+
+            def unchanged() -> bool:
+                changed[:] = [j for j in final if client.get(f"/jobs/{j}").json() != final[j]]
+                return not changed
+
+            # anything that would change a finished job has had time to, and did not
+            with contextlib.suppress(AssertionError):
+                wait_until(unchanged, timeout=0, holds=1.0)
     finally:
         system.stop.set()
         service.kill()
 
     stuck = sorted(set(ids) - set(final))
-    changed = sorted(j for j in final if again[j] != final[j])
     wrong = sorted(
         j
         for j, job in final.items()
         if job["state"] != ("failed" if int(j.split("-")[1]) % 5 == 0 else "succeeded")
     )
-    repeated = {j: keys for j, keys in system.triggers.items() if len(keys) > 1}
+    repeated = {j: len(seen) for j, seen in system.triggers.items() if len(seen) > 1}
     report(
         capsys,
-        f"jobs={JOBS} kills={kills} finished={len(final)} stuck={len(stuck)}"
-        f" repeated_triggers={len(repeated)} (same key each time)"
-        f" callback_answers={dict(system.answers)}",
+        f"jobs={JOBS} kills={len(killed)} finished={len(final)} stuck={len(stuck)}"
+        f" repeated_triggers={repeated} (same key each time)",
     )
     assert not stuck, f"stuck jobs: {stuck[:10]}"
-    assert not wrong and not changed
+    assert not wrong, wrong
+    assert not changed, changed
+    assert len(killed) == KILLS
     assert sorted(system.triggers) == sorted(ids)  # every job was triggered
-    for job_id, keys in system.triggers.items():
-        assert set(keys) == {f"{job_id}:1"}, (job_id, keys)  # once per job, by key
+    for job_id, seen in system.triggers.items():
+        keys = [key for key, _ in seen]
+        assert keys == [f"{job_id}:1"] * len(keys), (job_id, keys)  # one key per job
+        for first, again in pairwise(at for _, at in seen):  # again only after a kill
+            assert any(first < kill < again for kill in killed), (job_id, "sent twice")
+        assert system.answers[job_id].count("accepted") <= 1, (job_id, system.answers[job_id])
+        assert set(system.answers[job_id]) <= {"accepted", "duplicate"}, system.answers[job_id]
+    assert len(system.triggers[held]) == 2  # the kill inside its trigger step: sent again

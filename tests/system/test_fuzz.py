@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +16,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
 from core.plugins import make_plugin_manager
-from tests.conftest import test_settings
+from tests.conftest import test_settings, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +28,7 @@ def live_url() -> Iterator[str]:
     )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: server.started, timeout=20)
     # a job that exists, so generated requests also reach the paths past "404"
     httpx.post(
         f"{config.base_url}/jobs",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 import msgspec
 import pytest
 
 from core.models import Job, Trigger
+from core.tokens import CallbackSigner
 from tests.api.test_callbacks import started
 
 DEEP = "[" * 50_000 + "]" * 50_000
@@ -48,24 +51,31 @@ async def test_hostile_job_requests_are_refused_and_change_nothing(
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "status"),
     [
-        "/jobs/..%2F..%2Fetc%2Fpasswd",
-        "/jobs/a%2Fb",
-        "/jobs/%00",
-        "/jobs/" + "x" * 3000,
-        "/callbacks/%2F..%2F?token=x",
+        ("/jobs/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/jobs/a%2Fb", 404),
+        ("/jobs/%00", 404),
+        ("/jobs/" + "x" * 3000, 404),
+        # the id this path routes to is not one a token can be made for: its
+        # token is wrong, and a wrong token is 401 whatever the promise
+        ("/callbacks/%2F..%2F?token=x", 401),
+        ("/callbacks/..%2F..%2Fjobs%3A1", 404),  # with the token made for that id
     ],
 )
-async def test_odd_paths_are_404(start_service, path):
-    svc = await start_service()
-    response = (
-        await svc.client.get(path)
-        if path.startswith("/jobs")
-        else await svc.client.post(path, json={})
-    )
-    assert response.status_code in (401, 404)
-    assert response.json()["error"]["code"] in ("not_found", "unauthorized")
+async def test_odd_paths_are_404_and_odd_callbacks_401(start_service, path, status):
+    svc = await start_service()  # no API token: no path asks for one
+    if path.startswith("/jobs"):
+        response = await svc.client.get(path)
+    else:
+        if "?token=" not in path:
+            signer = CallbackSigner(svc.settings.callback_secret, svc.settings.base_url)
+            path = signer.url(unquote(path.removeprefix("/callbacks/")))
+            path = path.removeprefix(svc.settings.base_url)
+        response = await svc.client.post(path, json={})
+    assert response.status_code == status
+    code = {401: "unauthorized", 404: "not_found"}[status]
+    assert response.json()["error"]["code"] == code
 
 
 async def test_a_deeply_nested_callback_is_refused(start_service, receiver):

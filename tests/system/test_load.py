@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Hit
+from tests.conftest import Hit, eventually
 from tests.process import TetherProcess, report
 
 JOBS = 10_000
@@ -53,11 +53,7 @@ async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver
 
             statuses = await asyncio.gather(*(start(n) for n in range(JOBS)))
             assert set(statuses) == {201}
-            for _ in range(600):
-                if len(urls) == JOBS:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(urls) == JOBS
+            await eventually(lambda: len(urls) == JOBS, timeout=60, every=0.1)
             running = await client.get("/jobs", params={"state": "running", "limit": 1000})
             assert len(running.json()["items"]) == 1000
             rss_waiting = rss_kib(service.proc.pid)
@@ -74,15 +70,11 @@ async def test_ten_thousand_waiting_jobs_then_their_callbacks(tmp_path, receiver
             again = await asyncio.gather(*(settle(f"L{n}") for n in range(0, JOBS, 50)))
             assert set(again) == {"duplicate"}
 
-            async def done() -> int:
+            async def none_running() -> bool:
                 page = await client.get("/jobs", params={"state": "running", "limit": 1})
-                return len(page.json()["items"])
+                return page.json()["items"] == []
 
-            for _ in range(600):
-                if await done() == 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert await done() == 0
+            await eventually(none_running, timeout=60, every=0.1)
             for n in range(0, JOBS, 997):
                 job = (await client.get(f"/jobs/L{n}")).json()
                 assert (job["state"], job["result"]) == ("succeeded", f"L{n}")

@@ -125,7 +125,7 @@ async def test_postgres_down_answers_503_and_work_resumes_when_it_is_back(
 
     # The workflows resume and run their finish step on the store that came back.
     async def workflows_done() -> bool:
-        roots = [await svc.tether.r.promises.get(job_id) for job_id in ("before", "after")]
+        roots = [await svc.tether.resonate.promises.get(job_id) for job_id in ("before", "after")]
         return all(root.state == "resolved" for root in roots)
 
     await eventually(workflows_done, timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -40,35 +41,46 @@ async def test_a_locked_store_answers_503_in_bounded_time_and_work_resumes(
 
 
 async def test_a_hanging_backend_fails_its_job_and_blocks_no_other(start_service, receiver):
+    hung = threading.Event()  # set at the end: until then /hang never answers
+
     def respond(hit: Hit) -> tuple[int, Any]:
         if hit.path == "/hang":
-            time.sleep(1.0)  # longer than the job's request timeout
+            hung.wait(30)
         return 202, {}
 
     receiver.respond = respond
     receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
-    svc = await start_service(trigger_attempts=3)
-    await svc.client.post(
-        "/jobs",
-        json={
-            "id": "hang",
-            "backend": "http_webhook",
-            "params": {"url": receiver.url("/hang"), "timeout": 0.3},
-        },
-    )
-    await eventually(lambda: receiver.on("/hang"))
-    await svc.client.post(
-        "/jobs",
-        json={"id": "fast", "backend": "http_webhook", "params": {"url": receiver.url("/fast")}},
-    )
-    fast = await svc.wait_state("fast", "succeeded")
-    hang = await svc.job("hang")
-    assert hang["state"] == "pending"  # still retrying while the other job finished
-    hang = await svc.wait_state("hang", "failed")
-    assert hang["error"]["type"] == "timeout"
-    assert "timed out" in hang["error"]["message"]
-    assert len(receiver.on("/hang")) == 3
-    assert fast["finished_at"] < hang["finished_at"]
+    svc = await start_service(trigger_attempts=2)
+    try:
+        await svc.client.post(
+            "/jobs",
+            json={
+                "id": "hang",
+                "backend": "http_webhook",
+                "params": {"url": receiver.url("/hang"), "timeout": 1},
+            },
+        )
+        await eventually(lambda: receiver.on("/hang"))
+        await svc.client.post(
+            "/jobs",
+            json={
+                "id": "fast",
+                "backend": "http_webhook",
+                "params": {"url": receiver.url("/fast")},
+            },
+        )
+        fast = await svc.wait_state("fast", "succeeded")
+        # ... while the hanging job's first attempt was still waiting for its answer
+        assert len(receiver.on("/hang")) == 1
+        assert (await svc.job("hang"))["state"] == "pending"
+
+        hang = await svc.wait_state("hang", "failed")
+        assert hang["error"]["type"] == "timeout"
+        assert "timed out after 1s" in hang["error"]["message"]
+        assert len(receiver.on("/hang")) == 2  # each attempt given up after its timeout
+        assert fast["finished_at"] < hang["finished_at"]
+    finally:
+        hung.set()
 
 
 async def test_past_the_step_limit_reads_and_callbacks_are_still_answered(start_service, receiver):

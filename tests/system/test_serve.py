@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import time
+import signal
 from pathlib import Path
 
-import httpx
-
-from tests.process import TetherProcess
+from tests.process import TetherProcess, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(client: httpx.Client, job_id: str, state: str, timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] == state:
-            return job  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} is {job['state']}, not {state}")
 
 
 def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
@@ -40,7 +28,7 @@ def test_tether_serve_runs_a_webhook_job_end_to_end(tmp_path, receiver):
             assert job["result"] == {"ok": True}
             assert client.get("/schema/openapi.json").status_code == 200
     finally:
-        assert service.terminate() in (0, -15)  # uvicorn re-raises SIGTERM after draining
+        assert service.terminate() == -signal.SIGTERM  # uvicorn re-raises it after draining
     log = service.log.read_text()
     assert "Application shutdown complete" in log
     assert "job e2e finished: succeeded" in log

@@ -62,11 +62,18 @@ def test_a_locked_database_is_refused_in_bounded_time(tmp_path):
     assert took < 25
 
 
-@pytest.mark.parametrize("store", ["redis://x", "sqlite://", "postgresql://nobody@127.0.0.1:1/x"])
-def test_an_unsupported_or_unreachable_store_url_is_refused(store):
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ("redis://x", "TETHER_STORE"),
+        ("sqlite://", "TETHER_STORE"),
+        ("postgresql://nobody@127.0.0.1:1/x", "cannot open"),
+    ],
+)
+def test_an_unsupported_or_unreachable_store_url_is_refused(store, says):
     code, err, _ = serve({"TETHER_STORE": store, "TETHER_CALLBACK_SECRET": "s"})
     assert code == 2
-    assert "TETHER_STORE" in err or "cannot open" in err
+    assert says in err and "Traceback" not in err
 
 
 def test_a_bad_setting_is_refused_naming_the_variable():

@@ -1,6 +1,6 @@
-"""Fixtures for the Databricks backend: a fake workspace on 127.0.0.1 that the
-real databricks-sdk `WorkspaceClient` talks to, and a Tether service with the
-`databricks` plugin registered."""
+"""Fixtures for the Databricks backend (a built-in plugin): a fake workspace on
+127.0.0.1 that the real databricks-sdk `WorkspaceClient` talks to, and a Tether
+service that reads its settings."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from typing import Any
 
 import pytest
 
-import plugins.databricks as databricks_plugin
 from core.plugin import hookimpl
-from core.plugins import BUILTIN_PLUGINS
 from tests.plugins.databricks.workspace import FakeWorkspace
-
-DATABRICKS_PLUGIN: tuple[Any, ...] = (
-    () if "plugins.databricks" in BUILTIN_PLUGINS else (databricks_plugin,)
-)
-"""What to register for the databricks backend: nothing once it is a built-in."""
 
 
 @pytest.fixture
@@ -75,7 +68,7 @@ def logs() -> Iterator[Logs]:
         logging.getLogger(name).setLevel(levels[name])
 
 
-@dataclass
+@dataclass(eq=False)  # a plugin is hashed by identity (pluggy keeps sets of them)
 class Finished:
     """Records `tether_job_finished`, to prove a job ends exactly once."""
 
@@ -98,11 +91,11 @@ def finished() -> Finished:
 def start_databricks(
     start_service: Callable[..., Any], workspace: FakeWorkspace, finished: Finished
 ) -> Callable[..., Any]:
-    """`await start_databricks(**settings)` → a running `Service` with the
-    databricks plugin (set `TETHER_DATABRICKS_*` before: the backend reads them
-    when the service starts)."""
+    """`await start_databricks(**settings)` → a running `Service`, its
+    `tether_job_finished` calls recorded in `finished` (set `TETHER_DATABRICKS_*`
+    before: the backend reads them when the service starts)."""
 
     async def start(**settings: Any) -> Any:
-        return await start_service(plugins=[*DATABRICKS_PLUGIN, finished], **settings)
+        return await start_service(plugins=[finished], **settings)
 
     return start

@@ -1,10 +1,9 @@
 """The `databricks` backend: the real service, the real databricks-sdk client, a
-fake workspace on 127.0.0.1 (tests/databricks/workspace.py) and the example
+fake workspace on 127.0.0.1 (tests/plugins/databricks/workspace.py) and the example
 notebook run against them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import threading
@@ -23,8 +22,7 @@ from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
 from plugins.databricks.runs import outcome_of_run
 from plugins.databricks.workspace import DatabricksSettings, Workspace
-from tests.conftest import eventually, free_port
-from tests.plugins.databricks.conftest import DATABRICKS_PLUGIN
+from tests.conftest import HOLD, eventually, free_port
 from tests.plugins.databricks.workspace import (
     EXAMPLE_NOTEBOOK,
     FakeWorkspace,
@@ -88,7 +86,7 @@ async def test_a_job_succeeds_when_the_example_notebook_calls_back(
     token = request.body["idempotency_token"]
     assert token.startswith("tether-") and len(token) <= 64
     assert "token=" not in json.dumps(job)
-    await eventually(lambda: finished.of("sales") == ["succeeded"])
+    await eventually(lambda: finished.of("sales") == ["succeeded"], holds=HOLD)
 
 
 async def test_a_job_fails_with_the_error_the_notebook_reports(
@@ -153,7 +151,7 @@ async def test_credentials_may_come_from_a_profile_the_settings_name(
 
 
 async def test_a_lost_callback_is_settled_from_the_run_state(
-    start_databricks, workspace: FakeWorkspace, finished
+    start_databricks, workspace: FakeWorkspace, finished, logs
 ):
     endings = {
         "ok": ("SUCCESS", "", "succeeded"),
@@ -174,9 +172,11 @@ async def test_a_lost_callback_is_settled_from_the_run_state(
         if state != "succeeded":
             assert job["error"]["type"] == code
             assert message in job["error"]["message"]
-        await eventually(lambda name=name, state=state: finished.of(name) == [state])
+        await eventually(lambda name=name, state=state: finished.of(name) == [state], holds=HOLD)
+        # settled by the watchdog's status check: nothing calls back, and the
+        # trigger's own runs/get (for the run's page) settles nothing
+        assert f"job {name} {state} (found by status check)" in logs.text
     assert len(workspace.runs) == 4
-    assert workspace.calls(GET_RUN, "GET")
 
 
 async def test_a_callback_and_a_status_check_racing_settle_once(
@@ -221,11 +221,14 @@ async def test_a_callback_and_a_status_check_racing_settle_once(
     job = await svc.wait_state("second", "succeeded")
     assert answers["second"].json()["outcome"] == "accepted"
     await eventually(slow_check.answered.is_set)  # the check read SUCCESS, and lost the race
-    await asyncio.sleep(0.3)
-    assert (await svc.job("second")) == job  # its later settle changed nothing
+
+    async def unchanged() -> bool:
+        return await svc.job("second") == job  # its later settle changed nothing
+
+    await eventually(unchanged, holds=HOLD)
     assert job["result"] == "early"
     for name in ("first", "second"):
-        await eventually(lambda name=name: finished.of(name) == ["succeeded"])
+        await eventually(lambda name=name: finished.of(name) == ["succeeded"], holds=HOLD)
         assert (await svc.job(name))["state"] == "succeeded"
 
 
@@ -318,6 +321,7 @@ async def test_cancel_cancels_the_databricks_run(start_databricks, workspace: Fa
     assert (await svc.client.post("/jobs/stop/cancel")).status_code == 200
     run = workspace.only_run()
     await eventually(lambda: run.code == "USER_CANCELED")
+    await eventually(lambda: len(workspace.calls(CANCEL)) == 1, holds=HOLD)
     assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": job["external"]["run_id"]}]
     assert (await svc.job("stop"))["state"] == "canceled"
 
@@ -489,7 +493,7 @@ async def test_throttling_and_unavailability_are_retried_honouring_retry_after(
 
 
 def test_registering_the_plugin_reads_settings_only(workspace: FakeWorkspace):
-    plugins = Plugins(make_plugin_manager(entry_points=False, extra=DATABRICKS_PLUGIN))
+    plugins = Plugins(make_plugin_manager(entry_points=False))
     assert sorted(plugins.backends) == ["databricks", "http_webhook"]
     assert plugins.backends["databricks"].workspace._client is None  # type: ignore[attr-defined]
     assert workspace.seen == []
