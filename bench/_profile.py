@@ -24,7 +24,10 @@ BUCKETS: tuple[tuple[str, str], ...] = (
         r"concurrent/futures|threading\.py|run_in_executor|_write_to_self|_read_from_self"
         r"|wrap_future|_chain_future|_copy_future_state|call_soon_threadsafe",
     ),
-    ("sqlite3 + SQLite store engine", r"core/store/(sqlite|embedded|sql\.py)|sqlite3"),
+    (
+        "sqlite3 + SQLite store engine",
+        r"resonate_sqlite/|core/store/(embedded|sql|schema)\.py|tether_jobs row decoder|sqlite3",
+    ),
     ("aiohttp (webhook trigger client)", r"aiohttp/|yarl/|multidict/"),
     ("resonate-sdk", r"resonate/|resonate_base/"),
     ("uvicorn + httptools (HTTP server)", r"uvicorn/|h11/|httptools"),
@@ -42,9 +45,9 @@ ACTIVITIES: tuple[tuple[str, str], ...] = (
     ("POST /jobs handler", r"^JobController\.create "),
     ("callback handler", r"^CallbackController\.settle "),
     ("GET /jobs/{id} handler", r"^JobController\.get_job "),
-    ("trigger step (without the POST)", r"^Tether\.trigger "),
-    ("finish step", r"^Tether\.finish "),
-    ("watchdog", r"^Tether\._watch "),
+    ("trigger step (without the POST)", r"^JobSteps\.trigger "),
+    ("finish step", r"^JobSteps\.finish "),
+    ("watchdog", r"^Watchdog\."),
     ("job index SQL (SqliteDriver)", r"^SqliteDriver\."),
     ("checkpointer thread", r"_Checkpointer"),
     (
@@ -52,7 +55,7 @@ ACTIVITIES: tuple[tuple[str, str], ...] = (
         r"RequestResponseCycle|H11Protocol|HttpToolsProtocol|litestar/",
     ),
     ("resonate-sdk (workflow replay, scheduling)", r"resonate/|resonate_base/"),
-    ("store connection (pump, timers, delivery)", r"core/store/"),
+    ("store connection (pump, timers, delivery)", r"resonate_sqlite/connection|core/store/"),
     ("aiohttp (other)", r"aiohttp/"),
     ("event loop (other)", r"asyncio/"),
 )

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 import msgspec
 
@@ -303,15 +303,20 @@ class Engine(Transitions):
             result = fn(db, self.clock())
             db.execute("COMMIT")
         except BaseException as exc:
-            self._out = []
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
-            raise
+            self._abort(db, exc)
         out, self._out = self._out, []
         self._committed()
         return result, out
+
+    def _abort(self, db: sqlite3.Connection, exc: BaseException) -> NoReturn:
+        """Roll back the open transaction and drop its messages; a SQLite
+        error is re-raised as `StoreFailure`, anything else as it is."""
+        self._out = []
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
+        raise exc
 
     def _committed(self) -> None:
         self.commits += 1
@@ -385,12 +390,7 @@ class Engine(Transitions):
                 answers.append(answer)
             db.execute(end)
         except BaseException as exc:
-            self._out = []
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreFailure(f"sqlite store {self.path}: {exc}") from exc
-            raise
+            self._abort(db, exc)
         self._out = []
         if end == "COMMIT":
             self._committed()
