@@ -418,3 +418,25 @@ def _tests_named_for_a_hook_run_it(request: pytest.FixtureRequest) -> Iterator[N
         return  # its own failure says more
     missing = sorted(claims - called)
     assert not missing, f"{request.node.name} is named for {missing} but never called it"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="also run the tests marked heavy (the 10,000-job load test): `./dev test --all`",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "heavy: minutes long; only `./dev test --all` runs it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy tests are deselected (not skipped) unless `--all` is given."""
+    if config.getoption("--all"):
+        return
+    heavy = [item for item in items if item.get_closest_marker("heavy")]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [item for item in items if not item.get_closest_marker("heavy")]
