@@ -10,10 +10,18 @@ from typing import Any
 import pluggy
 from litestar import Litestar, Router
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 
-from api.controllers import CallbackController, JobController, api_token_guard, health
+from api.controllers import (
+    CallbackController,
+    JobController,
+    QueryRules,
+    api_token_guard,
+    health,
+    query_rules,
+    strict_query,
+)
 from api.errors import EXCEPTION_HANDLERS
+from api.openapi import openapi_config
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings, get_settings
@@ -44,17 +52,22 @@ def create_app(
     def provide_tether() -> Tether:
         return opened[0]
 
-    jobs = Router("/", route_handlers=[JobController], guards=[api_token_guard(settings)])
-    return Litestar(
-        route_handlers=[jobs, CallbackController, health],
+    rules: QueryRules = {}  # filled below, once the app has its routes
+    strict = strict_query(rules)
+    jobs = Router("/", route_handlers=[JobController], guards=[api_token_guard(settings), strict])
+    others = Router("/", route_handlers=[CallbackController, health], guards=[strict])
+    app = Litestar(
+        route_handlers=[jobs, others],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Tether", version="1.0.0"),
+        openapi_config=openapi_config(settings, plugins),
         debug=False,
         logging_config=None,  # the process's logging (`tether serve` sets it up) as it is
     )
+    rules.update(query_rules(app.routes))
+    return app
 
 
 def app_from_env() -> Any:

@@ -17,6 +17,8 @@ from core.errors import StoreConfigError, StoreUnavailable, TetherError
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings
+from core.views import duration
+from core.watchdog import MIN_RETENTION
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.config.dictConfig(log_config(settings.log_level))
     if args.command == "gc":
+        if not args.older_than * 86400 >= MIN_RETENTION:  # NaN too
+            least = duration(MIN_RETENTION)  # "1 day": the flag counts days
+            print(f"tether: keep finished jobs at least {least}", file=sys.stderr)
+            return 2
         return asyncio.run(collect_garbage(settings, args.older_than * 86400))
     if args.workers > 1 and settings.store.startswith("memory:"):
         print(

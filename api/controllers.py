@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -15,41 +15,107 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from api.errors import ErrorBody, ErrorResponse
-from core.models import Job, JobPage, JobRequest, JobState
+from api.errors import ErrorBody, ErrorResponse, bad_request
+from core.models import CancelRequest, Job, JobPage, JobRequest, JobState
 from core.service import Tether
 from core.settings import Settings
+from core.views import CURSOR_PATTERN
+
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error answers a route may give."""
-    return {c: ResponseSpec(ErrorResponse, description=ERROR_TEXT[c]) for c in codes}
+    """OpenAPI entries for the error answers a route may give (their examples
+    are written in `api.openapi`, not generated)."""
+    return {
+        c: ResponseSpec(ErrorResponse, description=ERROR_TEXT[c], generate_examples=False)
+        for c in codes
+    }
 
 
 ERROR_TEXT = {
-    400: "Malformed request",
-    401: "Missing or invalid token",
+    400: "Malformed: not JSON, a wrong type, an unknown field or query parameter, a"
+    " single-valued parameter given twice, or a value outside what this document states;"
+    " `details.field` names it. Nothing changed",
+    401: "Missing or wrong token",
     404: "Not found",
     409: "Conflicts with what is recorded; nothing changed",
-    413: "Body too large",
+    413: "The body is larger than the service takes (`TETHER_MAX_BODY_BYTES`); the message"
+    " names the limit",
     415: "The body is not sent as application/json",
-    422: "Invalid request; the message names what is wrong",
-    503: "The store did not answer",
+    422: "Well formed, but it cannot be done; the message says why and `details.field` names"
+    " the field. Nothing changed",
+    503: "The store did not answer; nothing is retried on the caller's behalf",
 }
+
+
+class QueryRule(msgspec.Struct, frozen=True):
+    """The query parameters one route takes, and which of them may repeat."""
+
+    names: frozenset[str]
+    repeatable: frozenset[str]
+
+
+QueryRules = dict[Any, QueryRule]
+"""Each route handler's `QueryRule`, by the handler's function (a route holds
+a copy of the handler, with the same function): `query_rules` fills it once
+the app has its routes."""
+
+
+def query_rules(routes: Any) -> QueryRules:
+    """The query parameters each handler declares, read from what Litestar
+    parses for it, so that the rule and the signature cannot drift apart."""
+    rules: QueryRules = {}
+    for route in routes:
+        for handler, kwargs_model in getattr(route, "route_handler_map", {}).values():
+            params = kwargs_model.expected_query_params
+            rules[handler.fn] = QueryRule(
+                frozenset(p.field_alias for p in params),
+                frozenset(p.field_alias for p in params if p.is_sequence),
+            )
+    return rules
+
+
+def strict_query(rules: QueryRules) -> Guard:
+    """Refuse (400) a query parameter the route does not take, and a
+    single-valued one given more than once."""
+
+    async def refuse_unknown_query(  # async: Litestar runs a sync guard in a thread
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
+        rule = rules.get(getattr(handler, "fn", None))
+        if rule is None:
+            return
+        given = connection.query_params
+        for name in given:
+            shown = name[:100]  # it is echoed back
+            if name not in rule.names:
+                takes = ", ".join(sorted(rule.names)) or "none"
+                raise bad_request(
+                    f"unknown query parameter {shown!r} (this route takes: {takes})", shown
+                )
+            count = len(given.getall(name))
+            if count > 1 and name not in rule.repeatable:
+                raise bad_request(
+                    f"query parameter {shown!r} given {count} times; give it once", shown
+                )
+
+    return refuse_unknown_query
 
 
 async def require_json(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """A body sent as something other than JSON is refused (415), not guessed at."""
+    """A body sent as something other than JSON is refused (415), not guessed at.
+    A request without a body (an optional one, as cancel's) passes."""
+    headers = connection.headers
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return
     media = connection.headers.get("content-type", "application/json").split(";")[0].strip()
     if media != "application/json" and not media.endswith("+json"):
         raise HTTPException(
             status_code=415, detail=f"send the body as application/json, not {media[:100]!r}"
         )
-
-
-Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
 def api_token_guard(settings: Settings) -> Guard:
@@ -82,47 +148,103 @@ class JobController(Controller):
         "/",
         status_code=201,
         guards=[require_json],
+        operation_id="createJob",
+        summary="Start a job",
         responses={
-            200: ResponseSpec(Job, description="The same request again: the existing job"),
+            200: ResponseSpec(
+                Job, description="The same request again: the existing job", generate_examples=False
+            ),
             **errors(400, 401, 409, 413, 415, 422, 503),
         },
     )
     async def create(
         self, tether: NamedDependency[Tether], data: JSONBody[JobRequest]
     ) -> Response[Job]:
-        """Start a job. 201 when new; 200 when the same id came with the same
-        request before (nothing is triggered again); 409 for the same id with a
-        different request; 422 for an unknown backend or bad params."""
+        """Start a job on a backend: Tether triggers it, hands the external
+        system a callback URL, and waits for that URL to be called.
+
+        - **201**: a new job (`pending`, then `running` once triggered).
+        - **200**: the same `id` came with the same request before; nothing is
+          triggered again. Requests are compared with their defaults spelled out
+          (`timeout` equal to the default, a backend param at its default value).
+        - **409**: the same `id` with a different request; `details.differs`
+          names the fields.
+        - **400**: malformed (an `id` outside 1 to 128 of `A-Z a-z 0-9 . _ -`, a
+          `timeout` outside the bounds stated here, an unknown field).
+        - **422**: an unknown backend, or params its plugin refuses (the plugin
+          may check more than its schema says, e.g. that a URL is http(s))."""
         job, created = await tether.create_job(data)
         return Response(job, status_code=201 if created else 200)
 
-    @get("/", responses=errors(400, 401, 422, 503))
+    @get("/", operation_id="listJobs", summary="List jobs", responses=errors(400, 401, 503))
     async def list_jobs(
         self,
         tether: NamedDependency[Tether],
-        job_state: Annotated[JobState | None, QueryParameter(name="state")] = None,
-        backend: FromQuery[str | None] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        cursor: FromQuery[str | None] = None,
+        job_state: Annotated[
+            list[JobState] | None,
+            QueryParameter(
+                name="state", max_items=6, description="Only jobs in one of these states"
+            ),
+        ] = None,
+        backend: Annotated[
+            list[str] | None,
+            QueryParameter(
+                max_items=20,
+                description="Only jobs of one of these backends (any name: a removed"
+                " backend's jobs are listed too)",
+            ),
+        ] = None,
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=1000, description="At most this many jobs")
+        ] = 100,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(
+                pattern=CURSOR_PATTERN,
+                description="The `next_cursor` of the previous page, unchanged",
+            ),
+        ] = None,
     ) -> JobPage:
-        """Jobs, newest first, optionally of one state and one backend. Pass
-        `next_cursor` back as `cursor` for the next page."""
-        return await tether.list_jobs(job_state, backend, limit, cursor)
+        """Jobs, newest first. `state` and `backend` may each be given several
+        times (a job matches any of them); pass `next_cursor` back as `cursor`
+        for the next page. An unknown query parameter, or `limit` or `cursor`
+        given twice, is refused (400)."""
+        return await tether.list_jobs(job_state or (), backend or (), limit, cursor)
 
-    @get("/{job_id:str}", responses=errors(400, 401, 404, 503))
+    @get(
+        "/{job_id:str}",
+        operation_id="getJob",
+        summary="Read a job",
+        responses=errors(400, 401, 404, 503),
+    )
     async def get_job(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> Job:
-        """One job."""
+        """One job: its state, what its backend returned when triggered
+        (`external`), and once it ended, its `result` or `error`."""
         return await tether.get_job(job_id)
 
-    @post("/{job_id:str}/cancel", status_code=200, responses=errors(400, 401, 404, 409, 503))
-    async def cancel(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> Job:
+    @post(
+        "/{job_id:str}/cancel",
+        status_code=200,
+        guards=[require_json],
+        operation_id="cancelJob",
+        summary="Cancel a job",
+        responses=errors(400, 401, 404, 409, 413, 415, 503),
+    )
+    async def cancel(
+        self,
+        tether: NamedDependency[Tether],
+        job_id: FromPath[str],
+        data: JSONBody[CancelRequest | None] = None,
+    ) -> Job:
         """Cancel a waiting job: it becomes `canceled` and its backend is asked
-        to stop the external run. 409 when the job already finished."""
-        return await tether.cancel_job(job_id)
+        to stop the external run. The body is optional; a `reason` is kept in
+        the job's `error.message` (`canceled by request: <reason>`). 409 when
+        the job already finished."""
+        return await tether.cancel_job(job_id, data.reason if data else None)
 
 
 class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
-    outcome: str
+    outcome: Literal["accepted", "duplicate", "noted", "conflict", "gone"]
     """`accepted`, `duplicate`, `noted` (a hint: the backend was asked), `conflict` or `gone`."""
     job: Job
     message: str
@@ -145,10 +267,31 @@ class CallbackController(Controller):
     @post(
         "/{promise_id:str}",
         status_code=200,
+        operation_id="settleJob",
+        summary="Report how an external job ended",
         responses={
-            202: ResponseSpec(CallbackResponse, description="A hint: the backend was asked"),
-            409: ResponseSpec(CallbackResponse, description="A different outcome came first"),
-            410: ResponseSpec(CallbackResponse, description="The job was canceled or timed out"),
+            200: ResponseSpec(
+                CallbackResponse,
+                description="`accepted` (this outcome ended the job) or `duplicate` (the same"
+                " outcome was recorded before; nothing changed)",
+                generate_examples=False,
+            ),
+            202: ResponseSpec(
+                CallbackResponse,
+                description="`noted`: a backend-native hint; the backend was asked about the"
+                " run at once and only its answer settles the job",
+                generate_examples=False,
+            ),
+            409: ResponseSpec(
+                CallbackResponse,
+                description="`conflict`: a different outcome was recorded first; nothing changed",
+                generate_examples=False,
+            ),
+            410: ResponseSpec(
+                CallbackResponse,
+                description="`gone`: the job was canceled or timed out; nothing changed",
+                generate_examples=False,
+            ),
             **errors(400, 401, 404, 413, 422, 503),
         },
     )
@@ -159,13 +302,15 @@ class CallbackController(Controller):
         promise_id: FromPath[str],
         token: FromQuery[str | None] = None,
     ) -> Response[CallbackResponse]:
-        """Report how an external job ended. The token comes from the callback
-        URL (`?token=`) or as `Authorization: Bearer`. Body:
-        `{"status": "succeeded"|"failed", "result"?: any, "error"?: {"message", "type"?}}`
-        (or the backend's native shape). 200 accepted or duplicate, 409 a
-        different outcome was recorded first, 202 a backend-native hint (the
-        backend was asked about the run at once), 410 the job was canceled or timed
-        out, 404 unknown promise, 401 bad token, 400/422 malformed body."""
+        """The callback URL a backend hands the external system. The token
+        comes from the URL (`?token=`) or as `Authorization: Bearer`; a missing
+        or wrong one is 401, whether or not the promise exists.
+
+        Body: `{"status": "succeeded"|"failed", "result"?: any, "error"?:
+        {"message", "type"?}}`, or the backend's own native shape. `status` is
+        required: a body without it (an empty body included) is 422 and changes
+        nothing, unless the backend recognises it. Not JSON is 400; JSON that is
+        neither the uniform body nor the backend's is 422."""
         if token is None:
             token = bearer(request)
         body = await request.body()
@@ -179,7 +324,14 @@ class CallbackController(Controller):
         )
 
 
-@get("/health", tags=["health"], responses=errors(503))
+@get(
+    "/health",
+    tags=["health"],
+    operation_id="health",
+    summary="Is the service up",
+    responses=errors(400, 503),
+)
 async def health(tether: NamedDependency[Tether]) -> dict[str, Any]:
-    """200 `{"status": "ok", ...}` when the store answers, else 503."""
+    """200 `{"status": "ok", "store": ..., "backends": [...]}` when the store
+    answers, else 503. Needs no token: it is for probes."""
     return await tether.health()

@@ -19,6 +19,7 @@ from core.errors import (
     TetherError,
     Unauthorized,
 )
+from core.models import field_of
 
 log = logging.getLogger("tether.api")
 
@@ -63,22 +64,84 @@ def tether_error(_: Request[Any, Any, Any], exc: TetherError) -> Response[Any]:
     return error_response(status, exc.code, exc.message, exc.details)
 
 
-def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-    details = [
-        {k: v for k, v in item.items() if k in ("key", "message", "source")}
-        for item in (exc.extra if isinstance(exc.extra, list) else [])
-        if isinstance(item, dict)
-    ]
-    return error_response(400, "invalid_request", exc.detail or "invalid request", details or None)
+def bad_request(message: str, field: str, where: str = "query") -> HTTPException:
+    """A 400 naming the field (or query parameter) at fault."""
+    return BadRequest(message, {"field": field, "in": where})
 
 
-def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+class BadRequest(HTTPException):
+    """A malformed request found in the web layer (a query parameter the route
+    does not take, one given twice): 400 with `details`."""
+
+    status_code = 400
+
+    def __init__(self, message: str, details: dict[str, Any]) -> None:
+        super().__init__(detail=message)
+        self.details = details
+
+
+def _public_name(request: Request[Any, Any, Any], key: str, source: str) -> str:
+    """The name a client uses for what Litestar reports as `key` (a handler's
+    argument name, such as `job_state` for `?state=`, or `data` for the body)."""
+    if source == "body":
+        return "body" if key in ("", "data") else key.removeprefix("data.")
+    try:
+        kwarg = request.route_handler.parsed_fn_signature.parameters[key].kwarg_definition
+    except (KeyError, AttributeError):
+        return key
+    for alias in ("query", "name", "header"):
+        if isinstance(getattr(kwarg, alias, None), str):
+            return str(getattr(kwarg, alias))
+    return key
+
+
+def validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """Litestar's "validation failed" (a body or a parameter that does not fit
+    its type): 400, the message and `details.field` naming what a client sent."""
+    found = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", "invalid"))
+        source = str(getattr(item.get("source"), "value", None) or item.get("source") or "body")
+        field = field_of(message) if source == "body" else None
+        field = field or _public_name(request, str(item.get("key") or ""), source)
+        where = {"body": "body field", "query": "query parameter", "path": "path parameter"}
+        what = where.get(source, source)
+        text = message.split(" - at `")[0]
+        details: dict[str, Any] = {"field": field, "in": source}
+        about = "invalid body" if field == "body" else f"invalid {what} {field!r}"
+        found.append((f"{about}: {text}", details))
+    if not found:
+        return error_response(400, "invalid_request", exc.detail or "invalid request")
+    message, details = found[0]
+    if len(found) > 1:
+        message += f" (and {len(found) - 1} more)"
+        details = {**details, "errors": [{"message": m, **d} for m, d in found]}
+    return error_response(400, "invalid_request", message, details)
+
+
+def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     code = HTTP_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, exc.detail)
+    message, details = exc.detail, getattr(exc, "details", None)
+    if exc.status_code == 400 and details is None:  # Litestar could not read the body
+        details = {"field": "body", "in": "body"}
+        if message.startswith("JSON is malformed"):
+            message = "the body is not valid JSON: " + message.removeprefix("JSON is malformed: ")
+        else:
+            message = "invalid body: " + message.split(" - at `")[0]
+    if exc.status_code == 413:
+        limit = request.route_handler.resolve_request_max_body_size()
+        message = f"the body is larger than this service takes: at most {limit} bytes"
+        details = {"field": "body", "limit_bytes": limit}
+    response = error_response(exc.status_code, code, message, details)
+    response.headers.update(exc.headers or {})  # `Allow` on a 405 (RFC 9110)
+    return response
 
 
 def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
-    return error_response(400, "invalid_request", "JSON nested too deeply")
+    details = {"field": "body", "in": "body"}
+    return error_response(400, "invalid_request", "JSON nested too deeply", details)
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

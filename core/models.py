@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -23,6 +23,24 @@ OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -"
+
+CANCEL_REASON_MAX = 1000
+"""Characters a cancel's `reason` may have; it is kept in the job's error message."""
+
+
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_NAMED = re.compile(r"(?:missing required|unknown) field `(?P<name>[^`]+)`")
+
+
+def field_of(message: str) -> str | None:
+    """The field a msgspec validation message is about (`error.message` for
+    "Object missing required field `message` - at `$.error`"), if it names one."""
+    at = _AT.search(message)
+    path = at["path"] if at else ""
+    named = _NAMED.search(message)
+    if named:
+        path = f"{path}.{named['name']}" if path else named["name"]
+    return path or None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -86,16 +104,31 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of `POST /jobs`."""
 
     backend: str
+    """An installed backend's name (`GET /health` lists them)."""
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The backend's parameters; its plugin checks them (`params_type`)."""
     id: str | None = None
+    """The job's id, 1 to 128 of `A-Z a-z 0-9 . _ -`; a new unique one when absent.
+    Sending the same id and request again reattaches to the job."""
     timeout: float | None = None
+    """Seconds the job may wait for its outcome; the service's default when absent."""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Anything the caller wants kept with the job; Tether does not read it."""
+
+
+class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of `POST /jobs/{id}/cancel`; the body itself is optional."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=CANCEL_REASON_MAX)] | None = None
+    """Why the job is canceled; kept in the job's `error.message`."""
 
 
 class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Tether's uniform callback body (`POST /callbacks/{promise_id}`)."""
+    """Tether's uniform callback body (`POST /callbacks/{promise_id}`). `status`
+    is required: a body without it settles nothing (a stray POST to the URL
+    must not end the job)."""
 
-    status: Literal["succeeded", "failed"] = "succeeded"
+    status: Literal["succeeded", "failed"]
     result: Any = None
     error: ErrorInfo | None = None
 

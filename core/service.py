@@ -9,23 +9,22 @@ the one way jobs end (`core.settle`), and the watchdog (`core.watchdog`).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import heapq
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from resonate.resonate import Resonate
 
 from core import workflow
-from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, Unauthorized
+from core.callbacks import CallbackResult, Callbacks
+from core.errors import Conflict, MalformedBody, NotFound
 from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
-    CallbackBody,
-    CheckNow,
     ErrorInfo,
     Job,
     JobPage,
@@ -33,45 +32,19 @@ from core.models import (
     Outcome,
 )
 from core.plugins import Plugins
+from core.requests import NormalRequest, stored_request
 from core.settings import Settings
-from core.settle import Settler, SettleResult, store_call
+from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
 from core.store.jobs import JobRecord, now_ms
 from core.tokens import CallbackSigner
-from core.views import decode_cursor, encode_cursor, view
+from core.views import decode_cursor, duration, encode_cursor, view
 from core.watchdog import Watchdog, collect_garbage
 
 log = logging.getLogger("tether")
 
-CallbackOutcome = Literal[SettleResult, "noted"]
-
 MAX_PAGE = 1000
-CHECK_NOW_TIMEOUT = 30.0
-"""Seconds a backend may take to answer the status check a hint asks for."""
-
-CALLBACK_MESSAGES = {
-    "accepted": "outcome recorded",
-    "duplicate": "the same outcome was already recorded; nothing changed",
-    "conflict": "a different outcome was already recorded ({state}); nothing changed",
-    "gone": "the job is {state}; its wait accepts nothing more",
-}
-
-
-class CallbackResult(msgspec.Struct, frozen=True):
-    outcome: CallbackOutcome
-    job: Job
-    message: str = ""
-
-
-def _fingerprint(req: JobRequest) -> str:
-    body = {
-        "backend": req.backend,
-        "params": req.params,
-        "timeout": req.timeout,
-        "metadata": req.metadata,
-    }
-    return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
 
 
 class Tether:
@@ -146,18 +119,25 @@ class Tether:
 
     async def create_job(self, req: JobRequest) -> tuple[Job, bool]:
         """Accept a job and start its workflow. Returns the job and whether it is
-        new; the same id with the same request reattaches (nothing re-triggered),
-        with a different request it is a `Conflict`."""
-        backend = self.plugins.backend(req.backend)
-        self.plugins.convert_params(backend, req.params)
+        new; the same id with the same request (compared in normal form, see
+        `NormalRequest`) reattaches, nothing re-triggered; with a different
+        request it is a `Conflict` naming the fields that differ.
+
+        A malformed id or timeout (outside what the OpenAPI document states) is
+        `MalformedBody` (400); an unknown backend or params its plugin refuses
+        are `InvalidRequest` (422)."""
         if req.id is not None and not JOB_ID_PATTERN.match(req.id):
-            raise InvalidRequest(f"invalid job id: use {JOB_ID_RULE}", {"field": "id"})
-        timeout = self.settings.default_timeout if req.timeout is None else req.timeout
+            raise MalformedBody(f"invalid job id: use {JOB_ID_RULE}", {"field": "id"})
+        timeout = float(self.settings.default_timeout if req.timeout is None else req.timeout)
         if not 0 < timeout <= self.settings.max_timeout:
-            raise InvalidRequest(
-                f"timeout must be more than 0 and at most {self.settings.max_timeout:g} seconds",
+            raise MalformedBody(
+                f"timeout must be more than 0 seconds and at most"
+                f" {duration(self.settings.max_timeout)}",
                 {"field": "timeout"},
             )
+        backend = self.plugins.backend(req.backend)
+        params = self.plugins.convert_params(backend, req.params)
+        normal = NormalRequest(req.backend, msgspec.to_builtins(params), timeout, req.metadata)
         now = now_ms()
         rec = JobRecord(
             id=req.id or uuid.uuid4().hex,
@@ -166,17 +146,22 @@ class Tether:
             params=req.params,
             metadata=req.metadata,
             timeout=timeout,
-            fingerprint=_fingerprint(req),
+            fingerprint=normal.fingerprint(),
             deadline=now + int(timeout * 1000),
             created_at=now,
             updated_at=now,
         )
         stored, created = await store_call(self.jobs.insert(rec))
         if not created and stored.fingerprint != rec.fingerprint:
-            raise Conflict(
-                f"job {stored.id!r} exists with a different request; use another id",
-                {"field": "id"},
-            )
+            # Rows written before requests were normalised carry a fingerprint
+            # of the raw request: compare field by field, which also names them.
+            differ = stored_request(self.plugins, stored).differences(normal)
+            if differ:
+                raise Conflict(
+                    f"job {stored.id!r} exists with a different request ({', '.join(differ)}"
+                    " differ); use another id",
+                    {"field": "id", "differs": differ},
+                )
         assert self.resonate is not None, "Tether.open(worker=True) did not run"
         await store_call(workflow.start(self.resonate, self._target, stored))
         if created:
@@ -190,26 +175,47 @@ class Tether:
         return view(rec)
 
     async def list_jobs(
-        self, state: str | None, backend: str | None, limit: int, cursor: str | None
+        self,
+        states: Sequence[str] = (),
+        backends: Sequence[str] = (),
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> JobPage:
+        """Jobs newest first, in any of `states` and of any of `backends` (each
+        empty: all), at most `limit`, after the place `cursor` names."""
         if not 1 <= limit <= MAX_PAGE:
-            raise InvalidRequest(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
+            raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         before = decode_cursor(cursor) if cursor else None
-        rows = await store_call(self.jobs.page(state, backend, limit + 1, before))
+        # The index filters on one state and one backend: ask it for each pair
+        # and merge, newest first. Each answer holds the newest `limit + 1` rows
+        # of its pair, so the merge's first `limit + 1` are the union's.
+        any_of: list[str | None] = [None]
+        pairs = [
+            (state, backend)
+            for state in (list(dict.fromkeys(states)) or any_of)
+            for backend in (list(dict.fromkeys(backends)) or any_of)
+        ]
+        pages = [
+            await store_call(self.jobs.page(state, backend, limit + 1, before))
+            for state, backend in pairs
+        ]
+        rows = list(heapq.merge(*pages, key=lambda r: -r.seq))[: limit + 1]
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].seq) if more else None
         return JobPage(items=[view(r) for r in rows], next_cursor=next_cursor)
 
-    async def cancel_job(self, job_id: str) -> Job:
-        """Cancel a waiting job; `Conflict` when it already finished."""
+    async def cancel_job(self, job_id: str, reason: str | None = None) -> Job:
+        """Cancel a waiting job; `Conflict` when it already finished. The
+        reason, if any, is kept in the job's `error.message`."""
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
             raise NotFound(f"no job {job_id!r}")
         if not rec.finished:
-            outcome = Outcome(
-                status="canceled", error=ErrorInfo(message="canceled by request", type="canceled")
-            )
+            message = "canceled by request"
+            if reason and reason.strip():
+                message += f": {reason.strip()}"
+            outcome = Outcome(status="canceled", error=ErrorInfo(message=message, type="canceled"))
             result, rec = await self.settler.settle(job_id, outcome, by="cancel")
             if result == "accepted":
                 log.info("job %s canceled", job_id)
@@ -217,21 +223,10 @@ class Tether:
         raise Conflict(f"job {job_id!r} already finished ({rec.state})", {"state": rec.state})
 
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
-        """Settle a job's wait from its callback URL."""
-        if not self.signer.verify(promise_id, token):
-            raise Unauthorized("missing or invalid callback token")
-        job_id = workflow.job_id_of(promise_id)
-        rec = None if job_id is None else await store_call(self.jobs.get(job_id))
-        if job_id is None or rec is None:
-            raise NotFound(f"no promise {promise_id!r}")
-        outcome = self._parse_callback(rec, body)
-        if isinstance(outcome, CheckNow):
-            return await self._check_now(rec, outcome.reason)
-        result, rec = await self.settler.settle(job_id, outcome, by="callback")
-        if result == "accepted":
-            log.info("job %s %s by callback", job_id, outcome.status)
-        message = CALLBACK_MESSAGES[result].format(state=rec.state)
-        return CallbackResult(outcome=result, job=view(rec), message=message)
+        """Settle a job's wait from its callback URL (see `core.callbacks`)."""
+        return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).take(
+            promise_id, token, body
+        )
 
     async def health(self) -> dict[str, Any]:
         await store_call(self.jobs.ping())
@@ -240,47 +235,3 @@ class Tether:
     async def collect_garbage(self, older_than: float) -> tuple[int, int]:
         """Retention now (`tether gc`): see `core.watchdog.collect_garbage`."""
         return await collect_garbage(self.store, older_than)
-
-    # ── callbacks ────────────────────────────────────────────────────────────
-
-    async def _check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
-        """A callback that only hints the run ended: ask the backend, settle on
-        its answer alone."""
-        backend = self.plugins.backends.get(rec.backend)
-        message = f"noted ({reason}); " if reason else "noted; "
-        if rec.finished or backend is None or rec.external is None:
-            return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
-        try:
-            found = await asyncio.wait_for(backend.check_status(view(rec)), CHECK_NOW_TIMEOUT)
-        except Exception as exc:
-            log.warning("job %s: status check on a hint failed: %s", rec.id, type(exc).__name__)
-            found = None
-        if found is None:
-            return CallbackResult(
-                "noted", view(rec), message + "the run has not ended; Tether keeps checking"
-            )
-        _, now = await self.settler.settle(rec.id, found, by="hint")
-        return CallbackResult("noted", view(now), message + f"the run's state says {now.state}")
-
-    def _parse_callback(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
-        try:
-            decoded = msgspec.json.decode(body) if body.strip() else {}
-        except msgspec.DecodeError as exc:
-            raise MalformedBody(f"the callback body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise MalformedBody("the callback body is JSON nested too deeply") from None
-        backend = self.plugins.backends.get(rec.backend)
-        if backend is not None:
-            try:
-                native = backend.parse_callback(view(rec), decoded)
-            except ValueError as exc:
-                raise InvalidRequest(f"invalid {rec.backend} callback: {exc}") from None
-            if native is not None:
-                return native
-        try:
-            return msgspec.convert(decoded, CallbackBody).outcome()
-        except msgspec.ValidationError as exc:
-            raise InvalidRequest(
-                f"invalid callback body: {str(exc).replace('`$.', '`')};"
-                ' expected {"status": "succeeded"|"failed", "result"?, "error"?: {"message"}}'
-            ) from None

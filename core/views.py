@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import UTC, datetime
 
-from core.errors import InvalidRequest
+from core.errors import MalformedBody
 from core.models import Job
 from core.store.jobs import JobRecord
 
@@ -23,7 +21,7 @@ def view(rec: JobRecord) -> Job:
         state=rec.state,
         params=rec.params,
         metadata=rec.metadata,
-        timeout=rec.timeout,
+        timeout=float(rec.timeout),  # one type, however the row was read
         external=rec.external,
         result=rec.result,
         error=rec.error,
@@ -33,19 +31,33 @@ def view(rec: JobRecord) -> Job:
     )
 
 
+CURSOR_PATTERN = "^[0-9a-f]{16}$"
+"""Every cursor Tether makes, and every string of this form, names a place in
+the list: the OpenAPI document states it, so a cursor is either malformed (400)
+or good."""
+MAX_SEQ = (1 << 63) - 1
+
+
 def encode_cursor(seq: int) -> str:
     """The opaque `next_cursor` for a page that ends at row `seq`."""
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+    return f"{seq:016x}"
 
 
 def decode_cursor(cursor: str) -> int:
-    """The row a cursor names; `InvalidRequest` when it is not one Tether made."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if raw[:1] != "s":
-            raise ValueError
-        return int(raw[1:])
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest(
+    """The row a cursor names (rows before it come next); `MalformedBody` when
+    it does not have `CURSOR_PATTERN`'s form. Past the largest row number it
+    names the start of the list."""
+    if len(cursor) != 16 or cursor.strip("0123456789abcdef"):
+        raise MalformedBody(
             "invalid cursor: pass back a next_cursor unchanged", {"field": "cursor"}
-        ) from None
+        )
+    return min(int(cursor, 16), MAX_SEQ)
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as people say it: "366 days", "12 hours", "90 seconds"."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        count = seconds / size
+        if count >= 1 and count == int(count):
+            return f"{int(count)} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"

@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
+from core.models import Outcome
+from core.plugin import hookimpl
 from core.tokens import CallbackSigner
+from plugins.http_webhook import HttpWebhook
 from tests.conftest import Service, eventually
 
 
@@ -35,12 +38,48 @@ async def test_first_settle_is_accepted(start_service, receiver):
     assert body["job"]["result"] == [1, 2]
 
 
-async def test_status_defaults_to_succeeded_and_an_empty_body_is_a_success(start_service, receiver):
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"result": 1}', b'{"error": {"message": "m"}}'])
+async def test_a_body_without_status_is_refused_naming_it_and_changes_nothing(
+    start_service, receiver, body
+):
     svc = await start_service()
     path = await started(svc, receiver)
+    response = await svc.client.post(
+        path, content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["details"] == {"field": "status"}
+    assert "`status`" in error["message"]
+    assert (await svc.job("cb"))["state"] == "running"
+    ok = await svc.client.post(path, json={"status": "succeeded"})
+    assert ok.json()["outcome"] == "accepted"
+
+
+async def test_hook_parse_callback_may_claim_a_body_without_status(start_service, receiver):
+    """A backend whose native callback is an empty POST: its plugin claims the
+    body, so the uniform body's required `status` does not apply."""
+
+    class Pinged(HttpWebhook):
+        name = "pinged"
+
+        def parse_callback(self, job: Any, body: Any) -> Outcome | None:
+            return Outcome(status="succeeded", result="pinged") if body == {} else None
+
+    class Plugin:
+        @hookimpl
+        def tether_backends(self) -> list[Any]:
+            return [Pinged()]
+
+    svc = await start_service(plugins=[Plugin()])
+    await svc.client.post(
+        "/jobs", json={"id": "p", "backend": "pinged", "params": {"url": receiver.url()}}
+    )
+    await svc.wait_state("p", "running")
+    path = receiver.hits[0].body["callback_url"].removeprefix(svc.settings.base_url)
     response = await svc.client.post(path, content=b"")
-    assert response.status_code == 200
-    assert response.json()["job"]["state"] == "succeeded"
+    assert response.status_code == 200, response.text
+    assert response.json()["job"]["result"] == "pinged"
 
 
 async def test_the_same_outcome_again_is_a_duplicate_and_changes_nothing(start_service, receiver):
@@ -136,7 +175,7 @@ async def test_missing_or_wrong_tokens_are_401_without_a_hint(start_service, rec
     assert [r.status_code for r in answers] == [401] * len(answers)
     assert len({r.text for r in answers}) == 1  # unknown and known promises look alike
     assert (await svc.job("cb"))["state"] == "running"
-    right = await svc.client.post(f"{base}?token={token}", json={})
+    right = await svc.client.post(f"{base}?token={token}", json={"status": "succeeded"})
     assert right.json()["outcome"] == "accepted"
 
 
@@ -154,7 +193,8 @@ async def test_tokens_are_compared_in_constant_time(start_service, receiver, mon
     monkeypatch.setattr(hmac, "compare_digest", compare_digest)
     wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
     assert (await svc.client.post(f"{base}?token={wrong}", json={})).status_code == 401
-    assert (await svc.client.post(f"{base}?token={token}", json={})).status_code == 200
+    right = await svc.client.post(f"{base}?token={token}", json={"status": "succeeded"})
+    assert right.status_code == 200
     assert {token.encode(), wrong.encode()} in [set(pair) for pair in compared]
     assert (token.encode(), token.encode()) in compared
 
@@ -170,18 +210,18 @@ async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
 
 
 @pytest.mark.parametrize(
-    ("body", "status"),
+    ("body", "status", "field"),
     [
-        (b"{not json", 400),
-        (b"\xff\xfe", 400),
-        (b'{"status": "maybe"}', 422),
-        (b'{"status": "failed", "error": {"type": "x"}}', 422),
-        (b'{"status": "succeeded", "surprise": 1}', 422),
-        (b"[1, 2]", 422),
+        (b"{not json", 400, "body"),
+        (b"\xff\xfe", 400, "body"),
+        (b'{"status": "maybe"}', 422, "status"),
+        (b'{"status": "failed", "error": {"type": "x"}}', 422, "error.message"),
+        (b'{"status": "succeeded", "surprise": 1}', 422, "surprise"),
+        (b"[1, 2]", 422, "body"),
     ],
 )
 async def test_a_malformed_body_is_refused_and_changes_nothing(
-    start_service, receiver, body, status
+    start_service, receiver, body, status, field
 ):
     svc = await start_service()
     path = await started(svc, receiver)
@@ -190,6 +230,7 @@ async def test_a_malformed_body_is_refused_and_changes_nothing(
     )
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+    assert response.json()["error"]["details"] == {"field": field}
     assert (await svc.job("cb"))["state"] == "running"
     ok = await svc.client.post(path, json={"status": "succeeded"})
     assert ok.json()["outcome"] == "accepted"
@@ -271,3 +312,18 @@ async def test_a_callback_that_arrives_before_the_trigger_returns_is_kept(start_
 
     assert await eventually(external_recorded) == {"status_code": 202, "response": {}}
     assert (await svc.job("e"))["state"] == "succeeded"
+
+
+def test_the_readme_lists_every_callback_answer() -> None:
+    """Each outcome the callback route gives, with its status, is in the README's
+    list of callback answers."""
+    from pathlib import Path
+
+    from api.controllers import CALLBACK_STATUS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    answers = " ".join(readme.split("Callback answers:", 1)[1].split("\n\n", 1)[0].split())
+    for outcome, status in CALLBACK_STATUS.items():
+        assert f"{status} `{outcome}`" in answers, outcome
+    for status in (400, 401, 404, 422):
+        assert f"{status} (" in answers, status

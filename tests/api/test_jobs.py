@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from core.plugin import hookimpl
+from plugins.http_webhook import HttpWebhook
 from tests.conftest import HOLD, eventually
 
 
@@ -55,71 +56,195 @@ async def test_the_same_start_twice_reattaches_and_triggers_once(start_service, 
     assert again.json()["id"] == "dup" and again.json()["state"] == "running"
     await svc.client.post("/jobs", json=body)
     # Run the job to its end: a second trigger, had there been one, came before.
-    callback = await svc.client.post(receiver.hits[0].body["callback_url"], json={})
+    callback = await svc.client.post(
+        receiver.hits[0].body["callback_url"], json={"status": "succeeded"}
+    )
     assert callback.json()["outcome"] == "accepted"
     await svc.wait_state("dup", "succeeded")
     assert len(receiver.hits) == 1
 
 
-async def test_the_same_id_with_another_request_is_a_conflict(start_service, receiver):
+async def test_the_same_id_with_another_request_is_a_conflict_naming_what_differs(
+    start_service, receiver
+):
     svc = await start_service()
     body = {"id": "c", "backend": "http_webhook", "params": {"url": receiver.url()}}
     await svc.client.post("/jobs", json=body)
-    for change in (
-        {"params": {"url": receiver.url("/other")}},
-        {"timeout": 5},
-        {"metadata": {"x": 1}},
+    other = receiver.url("/other")
+    for change, differs in (
+        ({"params": {"url": other}}, ["params.url"]),
+        ({"timeout": 5}, ["timeout"]),
+        ({"metadata": {"x": 1}}, ["metadata"]),
+        (
+            {"params": {"url": other, "timeout": 5}, "timeout": 5},
+            ["params.timeout", "params.url", "timeout"],
+        ),
+        ({"backend": "databricks", "params": {"job_id": 7}}, ["backend", "params"]),
     ):
         response = await svc.client.post("/jobs", json={**body, **change})
         assert response.status_code == 409, change
-        assert response.json()["error"]["code"] == "conflict"
+        error = response.json()["error"]
+        assert error["code"] == "conflict"
+        assert error["details"] == {"field": "id", "differs": differs}, change
+        assert f"({', '.join(differs)} differ)" in error["message"]
     job = await svc.job("c")
     assert job["params"] == {"url": receiver.url()}
 
 
+SPELLED_OUT = {"payload": None, "headers": {}, "timeout": 10, "cancel_url": None}
+"""http_webhook params at their default values."""
+
+
+@pytest.mark.parametrize("spelled_first", [False, True])
+async def test_a_request_that_spells_out_defaults_is_the_same_request(
+    start_service, receiver, spelled_first
+):
+    svc = await start_service()
+    short = {"id": "s", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    spelled = {
+        **short,
+        "params": {**short["params"], **SPELLED_OUT, "status_interval": 30},
+        "timeout": svc.settings.default_timeout,
+        "metadata": {},
+    }
+    first, second = (spelled, short) if spelled_first else (short, spelled)
+    assert (await svc.client.post("/jobs", json=first)).status_code == 201
+    again = await svc.client.post("/jobs", json=second)
+    assert again.status_code == 200, again.text
+    assert again.json()["params"] == first["params"]  # as first sent
+    await eventually(lambda: len(receiver.hits) == 1, holds=HOLD)
+
+
+async def test_a_job_stored_before_requests_were_normalised_still_reattaches(
+    start_service, receiver
+):
+    """Rows written by an earlier Tether carry a fingerprint of the raw request
+    (timeout as sent, params as sent): they are compared field by field."""
+    import hashlib
+
+    import msgspec
+
+    svc = await start_service()
+    body = {"id": "old", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    await svc.client.post("/jobs", json=body)
+    raw = {"backend": "http_webhook", "params": body["params"], "timeout": None, "metadata": {}}
+    old = hashlib.sha256(msgspec.json.encode(raw, order="sorted")).hexdigest()
+    await svc.tether.jobs.db.execute(
+        "UPDATE tether_jobs SET fingerprint = ? WHERE id = ?", (old, "old")
+    )
+    assert (await svc.client.post("/jobs", json=body)).status_code == 200
+    spelled = {**body, "params": {**body["params"], "timeout": 10.0}, "timeout": 604800}
+    assert (await svc.client.post("/jobs", json=spelled)).status_code == 200
+    changed = await svc.client.post("/jobs", json={**body, "metadata": {"x": 1}})
+    assert changed.status_code == 409
+    assert changed.json()["error"]["details"]["differs"] == ["metadata"]
+    await eventually(lambda: len(receiver.hits) == 1, holds=HOLD)
+
+
+WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "names"),
+    ("body", "status", "field", "names"),
     [
-        ({"backend": "nope"}, 422, ["unknown backend 'nope'", "databricks, http_webhook"]),
-        ({"backend": "http_webhook", "params": {}}, 422, ["params", "url"]),
-        ({"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}}, 422, ["url"]),
-        ({"backend": "http_webhook", "params": {"url": "http://x", "bogus": 1}}, 422, ["bogus"]),
+        # well formed, but it cannot be done: 422
         (
-            {"backend": "http_webhook", "params": {"url": "http://x", "timeout": "soon"}},
+            {"backend": "nope"},
             422,
+            "backend",
+            ["unknown backend 'nope'", "databricks, http_webhook"],
+        ),
+        ({"backend": "http_webhook", "params": {}}, 422, "params", ["params", "url"]),
+        (
+            {"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}},
+            422,
+            "params",
+            ["url"],
+        ),
+        ({**WEBHOOK, "params": {"url": "http://x", "bogus": 1}}, 422, "params", ["bogus"]),
+        (
+            {**WEBHOOK, "params": {"url": "http://x", "timeout": "soon"}},
+            422,
+            "params",
             ["params.timeout"],
         ),
-        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a/b"}, 422, ["id"]),
-        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "a:b"}, 422, ["id"]),
-        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": "x" * 129}, 422, ["id"]),
-        ({"backend": "http_webhook", "params": {"url": "http://x"}, "id": ""}, 422, ["id"]),
-        (
-            {"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": -1},
-            422,
-            ["timeout"],
-        ),
-        (
-            {"backend": "http_webhook", "params": {"url": "http://x"}, "timeout": 1e12},
-            422,
-            ["timeout"],
-        ),
-        ({"params": {}}, 400, ["backend"]),
-        ({"backend": "http_webhook", "extra": 1}, 400, ["extra"]),
+        # malformed (outside what the OpenAPI document states): 400
+        ({**WEBHOOK, "id": "a/b"}, 400, "id", ["1 to 128"]),
+        ({**WEBHOOK, "id": "a:b"}, 400, "id", ["1 to 128"]),
+        ({**WEBHOOK, "id": "x" * 129}, 400, "id", ["1 to 128"]),
+        ({**WEBHOOK, "id": ""}, 400, "id", ["1 to 128"]),
+        ({**WEBHOOK, "timeout": -1}, 400, "timeout", ["more than 0"]),
+        ({**WEBHOOK, "timeout": 0}, 400, "timeout", ["more than 0"]),
+        ({**WEBHOOK, "timeout": 1e12}, 400, "timeout", ["at most 366 days"]),
+        ({**WEBHOOK, "timeout": "soon"}, 400, "timeout", ["float"]),
+        ({**WEBHOOK, "metadata": []}, 400, "metadata", ["object"]),
+        ({"params": {}}, 400, "backend", ["backend"]),
+        ({**WEBHOOK, "extra": 1}, 400, "extra", ["extra"]),
     ],
 )
 async def test_bad_requests_are_refused_naming_what_is_wrong(
-    start_service, receiver, body, status, names
+    start_service, receiver, body, status, field, names
 ):
     svc = await start_service()
     response = await svc.client.post("/jobs", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    text = str(error)
+    assert isinstance(error["details"], dict)
+    assert error["details"]["field"] == field
     for name in names:
-        assert name in text
+        assert name in error["message"]
     listed = (await svc.client.get("/jobs")).json()
     assert listed["items"] == []
     assert receiver.hits == []
+
+
+async def test_the_timeout_bound_is_said_in_days(start_service):
+    svc = await start_service(max_timeout=2 * 86400.0)
+    response = await svc.client.post("/jobs", json={**WEBHOOK, "timeout": 3 * 86400})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].endswith("at most 2 days")
+
+
+async def test_timeout_has_one_type_in_every_answer(start_service, receiver):
+    svc = await start_service()
+    body = {"id": "t", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    answers = [
+        await svc.client.post("/jobs", json={**body, "timeout": 3600}),
+        await svc.client.post("/jobs", json={**body, "timeout": 3600}),  # reattached
+        await svc.client.get("/jobs/t"),
+        await svc.client.post("/jobs/t/cancel"),
+    ]
+    listed = (await svc.client.get("/jobs")).text
+    texts = [a.text for a in answers] + [listed]
+    assert all('"timeout":3600.0' in text for text in texts), texts
+    default = (await svc.client.post("/jobs", json={**body, "id": "d"})).text
+    assert '"timeout":604800.0' in default
+
+
+async def test_a_malformed_query_is_refused_naming_the_parameter(start_service):
+    svc = await start_service()
+    for path, field in (
+        ("/jobs?status=failed", "status"),
+        ("/jobs?limit=1&limit=2", "limit"),
+        ("/jobs?cursor=0000000000000001&cursor=0000000000000002", "cursor"),
+        ("/jobs?state=exploded", "state"),
+        ("/jobs?limit=0", "limit"),
+        ("/jobs?limit=1001", "limit"),
+        ("/jobs?limit=ten", "limit"),
+        ("/jobs?cursor=!!", "cursor"),
+        ("/jobs/j?verbose=1", "verbose"),
+        ("/health?full=1", "full"),
+    ):
+        response = await svc.client.get(path)
+        assert response.status_code == 400, path
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert error["details"] == {"field": field, "in": "query"}, path
+        assert repr(field) in error["message"], path
+        assert "job_state" not in response.text  # no internal names
+    response = await svc.client.post("/jobs/j/cancel?force=1")
+    assert response.status_code == 400
+    assert response.json()["error"]["details"] == {"field": "force", "in": "query"}
 
 
 async def test_a_body_that_is_not_json_is_refused(start_service):
@@ -131,12 +256,29 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
     assert response.json()["error"]["code"] == "invalid_request"
 
 
-async def test_an_oversized_body_is_refused_with_413(start_service):
+async def test_an_oversized_body_is_refused_with_413_naming_the_limit(start_service):
     svc = await start_service(max_body_bytes=1000)
     body = {"backend": "http_webhook", "params": {"url": "http://x", "payload": "x" * 2000}}
     response = await svc.client.post("/jobs", json=body)
     assert response.status_code == 413
+    error = response.json()["error"]
+    assert "at most 1000 bytes" in error["message"]
+    assert error["details"] == {"field": "body", "limit_bytes": 1000}
     assert (await svc.client.get("/jobs")).json()["items"] == []
+
+
+async def test_a_method_a_route_does_not_take_is_405_with_allow(start_service):
+    svc = await start_service()
+    for method, path, allowed in (
+        ("DELETE", "/jobs/j", {"GET"}),
+        ("PUT", "/jobs", {"GET", "POST"}),
+        ("GET", "/jobs/j/cancel", {"POST"}),
+        ("TRACE", "/callbacks/j:1", {"POST"}),
+    ):
+        response = await svc.client.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        assert set(response.headers["allow"].replace(" ", "").split(",")) - {"OPTIONS"} == allowed
 
 
 async def test_unknown_job_is_404(start_service):
@@ -174,16 +316,56 @@ async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service
     failed = (await svc.client.get("/jobs", params={"state": "failed"})).json()
     assert [j["id"] for j in failed["items"]] == ["bad"]
     assert (await svc.client.get("/jobs", params={"backend": "other"})).json()["items"] == []
-    for query, status, field in (
-        ({"limit": 0}, 400, "limit"),
-        ({"limit": 1001}, 400, "limit"),
-        ({"state": "exploded"}, 400, "job_state"),
-        ({"cursor": "!!"}, 422, "cursor"),
+
+
+async def test_state_and_backend_may_repeat_and_match_any(start_service, receiver):
+    class Other(HttpWebhook):
+        name = "other"
+
+    class Plugin:
+        @hookimpl
+        def tether_backends(self) -> list[Any]:
+            return [Other()]
+
+    svc = await start_service(plugins=[Plugin()])
+    receiver.respond = lambda hit: (400, {}) if hit.path == "/fail" else (202, {})
+    for job_id, backend, path in (
+        ("w1", "http_webhook", "/hook"),
+        ("o1", "other", "/hook"),
+        ("w2", "http_webhook", "/fail"),
+        ("o2", "other", "/fail"),
+        ("w3", "http_webhook", "/hook"),
     ):
-        response = await svc.client.get("/jobs", params=query)
-        assert response.status_code == status, query
-        assert response.json()["error"]["code"] == "invalid_request"
-        assert field in str(response.json()["error"]["details"]), query
+        await svc.client.post(
+            "/jobs", json={"id": job_id, "backend": backend, "params": {"url": receiver.url(path)}}
+        )
+    await svc.wait_state("o2", "failed")
+    await svc.wait_state("w3", "running")
+
+    async def ids(query: list[tuple[str, Any]]) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await svc.client.get(
+                "/jobs", params=[*query, ("limit", 1)] + ([("cursor", cursor)] if cursor else [])
+            )
+            assert page.status_code == 200, page.text
+            seen += [j["id"] for j in page.json()["items"]]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                return seen
+
+    assert await ids([("state", "failed"), ("state", "running")]) == ["w3", "o2", "w2", "o1", "w1"]
+    assert await ids([("state", "failed"), ("backend", "other")]) == ["o2"]
+    assert await ids([("backend", "other"), ("backend", "gone")]) == ["o2", "o1"]
+    both = [("state", "running"), ("state", "failed"), ("backend", "other")]
+    assert await ids([*both, ("backend", "http_webhook"), ("state", "running")]) == [
+        "w3",
+        "o2",
+        "w2",
+        "o1",
+        "w1",
+    ]
 
 
 async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiver):
@@ -204,6 +386,52 @@ async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiv
     again = await svc.client.post("/jobs/k/cancel")
     assert again.status_code == 409
     assert (await svc.client.post("/jobs/nope/cancel")).status_code == 404
+
+
+async def test_cancel_keeps_the_reason_on_the_job(start_service, receiver):
+    svc = await start_service()
+    for job_id in ("r", "n", "e"):
+        await svc.client.post(
+            "/jobs",
+            json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}},
+        )
+    response = await svc.client.post("/jobs/r/cancel", json={"reason": "  the window closed "})
+    assert response.status_code == 200, response.text
+    error = {"message": "canceled by request: the window closed", "type": "canceled"}
+    assert response.json()["error"] == error
+    assert (await svc.wait_state("r", "canceled"))["error"] == error
+    assert (await svc.client.post("/jobs/n/cancel", content=b"null")).status_code == 200
+    assert (await svc.client.post("/jobs/e/cancel", json={})).status_code == 200
+    for job_id in ("n", "e"):
+        job = await svc.wait_state(job_id, "canceled")
+        assert job["error"]["message"] == "canceled by request"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "field"),
+    [
+        (b'{"reson": "typo"}', "application/json", 400, "reson"),
+        (b'{"reason": 5}', "application/json", 400, "reason"),
+        (('{"reason": "' + "x" * 1001 + '"}').encode(), "application/json", 400, "reason"),
+        (b"[]", "application/json", 400, "body"),
+        (b"{nope", "application/json", 400, None),
+        (b"reason=x", "application/x-www-form-urlencoded", 415, None),
+    ],
+)
+async def test_a_malformed_cancel_is_refused_and_changes_nothing(
+    start_service, receiver, content, content_type, status, field
+):
+    svc = await start_service()
+    await svc.client.post(
+        "/jobs", json={"id": "k", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    response = await svc.client.post(
+        "/jobs/k/cancel", content=content, headers={"content-type": content_type}
+    )
+    assert response.status_code == status, response.text
+    if field is not None:
+        assert response.json()["error"]["details"]["field"] == field
+    assert (await svc.job("k"))["state"] in ("pending", "running")
 
 
 async def test_a_finished_job_cannot_be_canceled(start_service, receiver):

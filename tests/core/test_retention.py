@@ -54,7 +54,9 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     assert (await svc.client.get("/jobs/old")).status_code == 404
     assert (await svc.job("waiting"))["state"] == "running"
     callback = receiver.on("/wait")[0].body["callback_url"]
-    answer = await svc.client.post(callback.removeprefix(svc.settings.base_url), json={})
+    answer = await svc.client.post(
+        callback.removeprefix(svc.settings.base_url), json={"status": "succeeded"}
+    )
     assert answer.json()["outcome"] == "accepted"
     # the id is free again: a new job under it runs anew
     response = await svc.client.post(
@@ -120,7 +122,7 @@ def test_tether_gc_command(tmp_path, receiver):
             assert client.get("/jobs/old").status_code == 404
             assert client.get("/jobs/waiting").json()["state"] == "running"
             callback = receiver.on("/wait")[0].body["callback_url"]
-            answer = client.post(callback.removeprefix(service.url), json={})
+            answer = client.post(callback.removeprefix(service.url), json={"status": "succeeded"})
             assert answer.json()["outcome"] == "accepted"
     finally:
         service.kill()

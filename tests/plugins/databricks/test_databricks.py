@@ -192,14 +192,18 @@ async def test_a_callback_and_a_status_check_racing_settle_once(
         run.end("SUCCESS")
         go.wait(20)  # until the status check has settled the job
         url = run.parameters["tether_callback_url"]
-        answers["first"] = httpx.post(url, json={"result": "late"}, trust_env=False)
+        answers["first"] = httpx.post(
+            url, json={"status": "succeeded", "result": "late"}, trust_env=False
+        )
 
     def callback_first(ws: FakeWorkspace, run: Any) -> None:
         run.start()
         run.end("SUCCESS")
         slow_check.reached.wait(20)  # a status check has read the run; its answer waits
         url = run.parameters["tether_callback_url"]
-        answers["second"] = httpx.post(url, json={"result": "early"}, trust_env=False)
+        answers["second"] = httpx.post(
+            url, json={"status": "succeeded", "result": "early"}, trust_env=False
+        )
         slow_check.release.set()
 
     workspace.notebooks |= {"poll-first": poll_first, "callback-first": callback_first}

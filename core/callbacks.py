@@ -1,0 +1,125 @@
+"""Callbacks: what the external system reports at `POST /callbacks/{promise_id}`.
+
+The token is checked first (a wrong token and an unknown promise look alike),
+then the body is read: the backend's native shape if its `parse_callback`
+claims it, else Tether's uniform body, whose `status` is required. A reported
+outcome settles the job (`core.settle`); a `CheckNow` hint makes Tether ask the
+backend at once and settle on its answer alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+import msgspec
+
+from core import workflow
+from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized
+from core.models import CallbackBody, CheckNow, Job, Outcome, field_of
+from core.plugins import Plugins
+from core.settle import Settler, SettleResult, store_call
+from core.store.jobs import JobIndex, JobRecord
+from core.tokens import CallbackSigner
+from core.views import view
+
+log = logging.getLogger("tether")
+
+CallbackOutcome = Literal[SettleResult, "noted"]
+
+CHECK_NOW_TIMEOUT = 30.0
+"""Seconds a backend may take to answer the status check a hint asks for."""
+
+CALLBACK_MESSAGES = {
+    "accepted": "outcome recorded",
+    "duplicate": "the same outcome was already recorded; nothing changed",
+    "conflict": "a different outcome was already recorded ({state}); nothing changed",
+    "gone": "the job is {state}; its wait accepts nothing more",
+}
+
+
+class CallbackResult(msgspec.Struct, frozen=True):
+    outcome: CallbackOutcome
+    job: Job
+    message: str = ""
+
+
+class Callbacks:
+    def __init__(
+        self, plugins: Plugins, jobs: JobIndex, signer: CallbackSigner, settler: Settler
+    ) -> None:
+        self.plugins = plugins
+        self.jobs = jobs
+        self.signer = signer
+        self.settler = settler
+
+    async def take(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
+        """Settle a job's wait from its callback URL."""
+        if not self.signer.verify(promise_id, token):
+            raise Unauthorized("missing or invalid callback token")
+        job_id = workflow.job_id_of(promise_id)
+        rec = None if job_id is None else await store_call(self.jobs.get(job_id))
+        if job_id is None or rec is None:
+            raise NotFound(f"no promise {promise_id!r}")
+        outcome = self._parse(rec, body)
+        if isinstance(outcome, CheckNow):
+            return await self._check_now(rec, outcome.reason)
+        result, rec = await self.settler.settle(job_id, outcome, by="callback")
+        if result == "accepted":
+            log.info("job %s %s by callback", job_id, outcome.status)
+        message = CALLBACK_MESSAGES[result].format(state=rec.state)
+        return CallbackResult(outcome=result, job=view(rec), message=message)
+
+    async def _check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
+        """A callback that only hints the run ended: ask the backend, settle on
+        its answer alone."""
+        backend = self.plugins.backends.get(rec.backend)
+        message = f"noted ({reason}); " if reason else "noted; "
+        if rec.finished or backend is None or rec.external is None:
+            return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
+        try:
+            found = await asyncio.wait_for(backend.check_status(view(rec)), CHECK_NOW_TIMEOUT)
+        except Exception as exc:
+            log.warning("job %s: status check on a hint failed: %s", rec.id, type(exc).__name__)
+            found = None
+        if found is None:
+            return CallbackResult(
+                "noted", view(rec), message + "the run has not ended; Tether keeps checking"
+            )
+        _, now = await self.settler.settle(rec.id, found, by="hint")
+        return CallbackResult("noted", view(now), message + f"the run's state says {now.state}")
+
+    def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
+        """The outcome a callback body reports. An empty body reads as `{}`:
+        the backend may claim it; Tether's uniform body needs `status`."""
+        try:
+            decoded = msgspec.json.decode(body) if body.strip() else {}
+        except msgspec.DecodeError as exc:
+            raise MalformedBody(
+                f"the callback body is not valid JSON: {exc}", {"field": "body"}
+            ) from None
+        except RecursionError:
+            raise MalformedBody(
+                "the callback body is JSON nested too deeply", {"field": "body"}
+            ) from None
+        backend = self.plugins.backends.get(rec.backend)
+        if backend is not None:
+            try:
+                native = backend.parse_callback(view(rec), decoded)
+            except ValueError as exc:
+                raise InvalidRequest(
+                    f"invalid {rec.backend} callback: {exc}",
+                    {"field": "body", "backend": rec.backend},
+                ) from None
+            if native is not None:
+                return native
+        try:
+            return msgspec.convert(decoded, CallbackBody).outcome()
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(
+                f"invalid callback body: {str(exc).replace('`$.', '`')}; expected"
+                ' {"status": "succeeded"|"failed", "result"?, "error"?: {"message", "type"?}};'
+                " nothing changed",
+                {"field": field_of(str(exc)) or "body"},
+            ) from None
