@@ -11,6 +11,7 @@ import pluggy
 from litestar import Litestar, Router
 from litestar.di import Provide
 
+from api.access import access_log
 from api.controllers import (
     CallbackController,
     JobController,
@@ -67,6 +68,10 @@ def create_app(
         logging_config=None,  # the process's logging (`tether serve` sets it up) as it is
     )
     rules.update(query_rules(app.routes))
+    if settings.access_log:
+        # Around Litestar's whole handler, not a route middleware: unmatched
+        # routes (404, 405) and errors get their line too.
+        app.asgi_handler = access_log(app.asgi_handler)
     return app
 
 

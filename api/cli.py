@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.metadata
 import logging
 import logging.config
 import socket
@@ -14,13 +15,35 @@ from typing import Any
 from api.app import create_app
 from api.http import SERVER_OPTIONS
 from core.errors import StoreConfigError, StoreUnavailable, TetherError
+from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
-from core.settings import Settings
+from core.settings import WILDCARD_HOSTS, Settings, describe, unknown_env
 from core.views import duration
 from core.watchdog import MIN_RETENTION
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger("tether")
+
+RENAMED_LOGGERS = {"uvicorn.error": "tether.http", "uvicorn": "tether.http"}
+"""uvicorn logs its start, stop and worker lines as `uvicorn.error`, which reads
+as a fault: they are shown as `tether.http`."""
+
+
+class RenameLoggers(logging.Filter):
+    """Shows records of the loggers in `RENAMED_LOGGERS` under their new names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = RENAMED_LOGGERS.get(record.name, record.name)
+        return True
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("tether")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -31,10 +54,12 @@ def log_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": LOG_FORMAT}},
+        "filters": {"rename": {"()": RenameLoggers}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "plain",
+                "filters": ["rename"],
                 "stream": "ext://sys.stderr",
             }
         },
@@ -46,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tether", description="Run jobs on external systems and wait for them durably."
     )
+    parser.add_argument("--version", action="version", version=f"tether {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and a worker")
     serve.add_argument("--host", help="interface to listen on (TETHER_HOST, default 127.0.0.1)")
@@ -72,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tether: keep finished jobs at least {least}", file=sys.stderr)
             return 2
         return asyncio.run(collect_garbage(settings, args.older_than * 86400))
+    if settings.host in WILDCARD_HOSTS and not settings.public_url:
+        print(
+            f"tether: --host {settings.host or '(empty)'} listens on every interface, so"
+            " callback URLs cannot be derived from it (external systems would be told"
+            f" to call http://{settings.host}:{settings.port}/...); set TETHER_PUBLIC_URL"
+            " to the URL they reach this service at, e.g."
+            f" TETHER_PUBLIC_URL=https://tether.example.com",
+            file=sys.stderr,
+        )
+        return 2
     if args.workers > 1 and settings.store.startswith("memory:"):
         print(
             "tether: memory:// lives in one process; use --workers 1, or sqlite:///PATH"
@@ -79,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    problem = asyncio.run(preflight(settings))
+    plugins = Plugins(make_plugin_manager())
+    for name, closest in unknown_env(plugins.setting_names()):
+        hint = f"; did you mean {closest}?" if closest else ""
+        log.warning("unknown setting %s is ignored%s", name, hint)
+    problem = asyncio.run(preflight(settings, plugins))
     if problem:
         print(f"tether: {problem}", file=sys.stderr)
         return 2
+    log.info("%s", startup_line(settings, plugins, args.workers))
     import uvicorn
 
     config = uvicorn.Config(
@@ -132,15 +173,31 @@ async def collect_garbage(settings: Settings, older_than: float) -> int:
     return 0
 
 
-async def preflight(settings: Settings) -> str | None:
+async def preflight(settings: Settings, plugins: Plugins) -> str | None:
     """Open and close the store once, so that a damaged, locked or unwritable
-    store stops `tether serve` with a clear message instead of a traceback."""
+    store stops `tether serve` with a clear message instead of a traceback; on
+    the way, warn about waiting jobs whose backend is no longer installed."""
     try:
-        tether = await Tether.open(settings, Plugins(make_plugin_manager()), worker=False)
+        tether = await Tether.open(settings, plugins, worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
         return str(exc)
-    await tether.close()
+    try:
+        warn_orphans(await orphans(plugins, tether.jobs))
+    except Exception as exc:  # only a warning is at stake; /health counts them again
+        log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
+    finally:
+        await tether.close()
     return None
+
+
+def startup_line(settings: Settings, plugins: Plugins, workers: int) -> str:
+    """What this service runs, in one line: store (no credentials), public URL,
+    backends with their plugins' versions, worker processes."""
+    backends = ", ".join(f"{n} ({v})" for n, v in sorted(plugins.versions().items()))
+    return (
+        f"tether {version()}: store {describe(settings.store)}, public URL"
+        f" {settings.base_url}, backends: {backends or 'none'}, {workers} worker(s)"
+    )
 
 
 if __name__ == "__main__":

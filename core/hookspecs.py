@@ -30,8 +30,9 @@ Delivery guarantees a backend must live with:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import msgspec
 import pluggy
 
 from core.models import CheckNow, Job, Outcome, Trigger
@@ -40,6 +41,16 @@ PROJECT = "tether"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    """What a backend's `readiness` found: `ok` (it can run jobs), `unconfigured`
+    (no credentials or settings: it cannot run jobs until the operator gives
+    them) or `error` (configured, but the external system refused or did not
+    answer). `reason` says why, in words for an operator; never a secret."""
+
+    status: Literal["ok", "unconfigured", "error"]
+    reason: str = ""
 
 
 class Backend:
@@ -61,6 +72,17 @@ class Backend:
     job's `params`. `POST /jobs` converts the client's params with it and answers
     422 naming the bad field when they don't fit. Use `forbid_unknown_fields=True`
     so a misspelt parameter is reported instead of ignored."""
+
+    settings_type: ClassVar[type[msgspec.Struct] | None] = None
+    """The plugin's own settings, declared so Tether knows their variables: a
+    msgspec Struct whose field `name` is read from `{settings_prefix}NAME`
+    (read it with `core.plugin.settings_from_env(settings_type,
+    settings_prefix)`). At start-up `tether serve` warns about each `TETHER_*`
+    variable that no core setting and no declared plugin setting uses, naming
+    the closest known name. `None` (the default): the plugin has no settings."""
+
+    settings_prefix: ClassVar[str] = ""
+    """Prefix of `settings_type`'s variables, e.g. `TETHER_DATABRICKS_`."""
 
     def check_interval(self, params: Any) -> float | None:
         """Seconds between `check_status` calls while a job with these (converted)
@@ -128,6 +150,22 @@ class Backend:
         block (no I/O). The default returns `None`.
         """
         return None
+
+    async def readiness(self) -> Readiness:
+        """Whether the backend could run a job now: credentials present and
+        accepted, the external system answering. Shown per backend in `GET
+        /health`; it never makes `/health` fail (that stays a liveness check).
+
+        Called in the background shortly after the service starts and then
+        every `TETHER_READINESS_INTERVAL` seconds, never per request; the
+        answer is cached. Return :class:`Readiness`: `unconfigured` when
+        settings or credentials are missing, `error` with the reason when the
+        external system refuses them or does not answer. Bound any request
+        with a timeout (Tether gives up after 30 s and reports `error`); an
+        exception is reported as `error` naming its type only. Must not change
+        anything. The default answers `ok`, for backends with nothing to check.
+        """
+        return Readiness("ok")
 
     async def close(self) -> None:
         """Let go of what the backend holds (HTTP sessions, clients). Called

@@ -47,7 +47,7 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 """
 
 from core.errors import BackendError
-from core.hookspecs import Backend, hookimpl
+from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
@@ -59,6 +59,7 @@ __all__ = [
     "ErrorInfo",
     "Job",
     "Outcome",
+    "Readiness",
     "Trigger",
     "callback_promise_id",
     "hookimpl",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from core import hookspecs
 from core.errors import InvalidRequest
 from core.hookspecs import Backend
 from core.models import Job
+from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,28 @@ class Plugins:
                 owners.append(impl.plugin_name)
         return owners
 
+    def setting_names(self) -> set[str]:
+        """Every `TETHER_*` variable something expects: core's settings, those
+        each backend declares (`settings_type`, `settings_prefix`), the command
+        line's and the test suite's."""
+        names = env_names(Settings, PREFIX) | OTHER_KNOWN
+        for backend in self.backends.values():
+            if backend.settings_type is not None:
+                names |= env_names(backend.settings_type, backend.settings_prefix)
+        return names
+
+    def versions(self) -> dict[str, str]:
+        """Each backend's plugin distribution and version, e.g. `"tether-echo
+        0.1.0"`: the distribution that installed the plugin's module, or Tether's
+        own for the built-in plugins."""
+        by_module = importlib.metadata.packages_distributions()
+        shown = {}
+        for name, backend in self.backends.items():
+            top = type(backend).__module__.split(".")[0]
+            dists = ["tether"] if top == "plugins" else by_module.get(top, [])
+            shown[name] = next((f"{d} {_version(d)}" for d in dists), "unknown version")
+        return shown
+
     def backend(self, name: str) -> Backend:
         """The backend called `name`; `InvalidRequest` listing the valid names if none."""
         try:
@@ -115,3 +139,10 @@ class Plugins:
                 log.exception(
                     "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
                 )
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"

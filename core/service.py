@@ -22,6 +22,7 @@ from resonate.resonate import Resonate
 from core import workflow
 from core.callbacks import CallbackResult, Callbacks
 from core.errors import Conflict, MalformedBody, NotFound
+from core.health import Health
 from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
@@ -61,6 +62,7 @@ class Tether:
         self.watchdog: Watchdog | None = None
         self._settler: Settler | None = None
         self._target = ""
+        self.checks = Health(plugins, self.jobs, settings.readiness_interval)
 
     def __repr__(self) -> str:
         return f"Tether(store={self.store.kind!r}, pid={self.pid!r})"
@@ -96,9 +98,11 @@ class Tether:
         self._target = conn.resolve_target(self.settings.group)
         self.watchdog = Watchdog(self.settings, self.plugins, self.store, self._settler)
         self.watchdog.start()
+        self.checks.start()
 
     async def close(self) -> None:
         """Stop the watchdog and the worker, close the backends and the store."""
+        await self.checks.stop()
         if self.watchdog is not None:
             await self.watchdog.stop()
         if self.resonate is not None:
@@ -215,6 +219,11 @@ class Tether:
             message = "canceled by request"
             if reason and reason.strip():
                 message += f": {reason.strip()}"
+            if rec.external is not None and rec.backend not in self.plugins.backends:
+                message += (
+                    f"; the external run could not be stopped: backend {rec.backend!r}"
+                    " is not installed"
+                )
             outcome = Outcome(status="canceled", error=ErrorInfo(message=message, type="canceled"))
             result, rec = await self.settler.settle(job_id, outcome, by="cancel")
             if result == "accepted":
@@ -229,8 +238,16 @@ class Tether:
         )
 
     async def health(self) -> dict[str, Any]:
+        """Liveness: raises when the store does not answer, whatever the
+        backends say. The body adds each backend's cached readiness and the
+        backends waiting jobs need but no plugin offers (see `core.health`)."""
         await store_call(self.jobs.ping())
-        return {"status": "ok", "store": self.store.kind, "backends": sorted(self.plugins.backends)}
+        return {
+            "status": "ok",
+            "store": self.store.kind,
+            "backends": sorted(self.plugins.backends),
+            **self.checks.body(),
+        }
 
     async def collect_garbage(self, older_than: float) -> tuple[int, int]:
         """Retention now (`tether gc`): see `core.watchdog.collect_garbage`."""

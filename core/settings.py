@@ -7,15 +7,24 @@ credentials are not here: they keep their own conventions (`DATABRICKS_HOST`,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
 PREFIX = "TETHER_"
+
+OTHER_KNOWN = frozenset({"TETHER_URL", "TETHER_TEST_PG_DSN", "TETHER_TEST_STORES"})
+"""`TETHER_*` variables that are not settings of the service but are expected:
+the command line's own (`TETHER_URL`, the service a client command talks to)
+and the test suite's (`TETHER_TEST_*`)."""
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+"""Hosts that listen on every interface: no external system can call back to them."""
 
 
 def describe(url: str) -> str:
@@ -91,6 +100,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     """Python logging level of the service."""
 
+    access_log: bool = True
+    """One log line per request (`tether.access`): method, path without the
+    query string (callback tokens travel there), status, milliseconds. `0`
+    turns it off."""
+
+    readiness_interval: float = 300.0
+    """Seconds between background checks of each backend's readiness (shown
+    in `GET /health`); the first runs right after start-up."""
+
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
@@ -135,6 +153,33 @@ def from_env[S: msgspec.Struct](
         raise ValueError(
             f"invalid setting {prefix}{field.upper()}: {str(exc).split(' - ')[0]}"
         ) from None
+
+
+def env_names(cls: type[msgspec.Struct], prefix: str) -> set[str]:
+    """The variables `from_env(cls, prefix)` reads."""
+    return {prefix + name.upper() for name in cls.__struct_fields__}
+
+
+def unknown_env(
+    known: Iterable[str], env: Mapping[str, str] | None = None
+) -> list[tuple[str, str | None]]:
+    """Each `TETHER_*` variable in `env` (default `os.environ`) that is not in
+    `known`, with the closest known name (or None): a misspelt setting would
+    otherwise be ignored without a word. Names only, never values."""
+    env = os.environ if env is None else env
+    known = set(known)
+    # Compared without the prefix every name shares, which would make any two alike.
+    tails = {name.removeprefix(PREFIX): name for name in known}
+
+    def closest(name: str) -> str | None:
+        found = difflib.get_close_matches(name.removeprefix(PREFIX), tails, n=1, cutoff=0.6)
+        return tails[found[0]] if found else None
+
+    return [
+        (name, closest(name))
+        for name in sorted(env)
+        if name.startswith(PREFIX) and name not in known
+    ]
 
 
 @functools.cache

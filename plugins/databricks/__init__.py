@@ -40,9 +40,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from core.plugin import Backend, BackendError, CheckNow, Job, Outcome, Trigger, hookimpl
+from core.plugin import (
+    Backend,
+    BackendError,
+    CheckNow,
+    Job,
+    Outcome,
+    Readiness,
+    Trigger,
+    hookimpl,
+)
 from plugins.databricks.runs import outcome_of_run
-from plugins.databricks.workspace import DatabricksSettings, Workspace, submit_arguments
+from plugins.databricks.workspace import (
+    ENV_PREFIX,
+    DatabricksSettings,
+    Workspace,
+    submit_arguments,
+)
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -152,6 +166,8 @@ def idempotency_token(trigger: Trigger) -> str:
 class Databricks(Backend):
     name = "databricks"
     params_type = DatabricksParams
+    settings_type = DatabricksSettings
+    settings_prefix = ENV_PREFIX
 
     def __init__(self, settings: DatabricksSettings | None = None) -> None:
         self.workspace = Workspace(settings or DatabricksSettings.from_env())
@@ -208,6 +224,13 @@ class Databricks(Backend):
             log.warning("databricks: job %s: reading run %s failed: %s", job.id, run_id, exc)
             raise
         return outcome_of_run(run)
+
+    async def readiness(self) -> Readiness:
+        """Asks the workspace who the credentials belong to (`current_user.me`,
+        read-only): `unconfigured` when the SDK finds no host or credentials,
+        `error` with Databricks' reason when it refuses them or cannot be
+        reached."""
+        return await self.workspace.readiness()
 
     def parse_callback(self, job: Job, body: Any) -> Outcome | CheckNow | None:
         """Databricks' own job notification (`{"event_type": "jobs.on_success",

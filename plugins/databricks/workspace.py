@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import BackendError, settings_from_env
+from core.plugin import BackendError, Readiness, settings_from_env
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -145,6 +145,17 @@ class Workspace:
                 self._client = WorkspaceClient(config=config)
                 log.info("databricks: using workspace %s", config.host)
             return self._client
+
+    async def readiness(self) -> Readiness:
+        """Whether the workspace accepts the credentials: one read-only call
+        (`current_user.me`). Reasons are scrubbed like every error message."""
+        try:
+            await self.call(lambda w: w.current_user.me())
+        except BackendError as exc:
+            if exc.code == "databricks_config":
+                return Readiness("unconfigured", exc.message)
+            return Readiness("error", exc.message)
+        return Readiness("ok")
 
     # ── errors ───────────────────────────────────────────────────────────────
 

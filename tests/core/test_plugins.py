@@ -290,8 +290,9 @@ def test_every_hook_and_backend_method_is_documented():
         obj = getattr(TetherHookSpecs, name, None) or getattr(Backend, name)
         doc = inspect.getdoc(obj) or ""
         assert len(doc) > 80, f"{name} needs a docstring saying when it runs and what it returns"
-    for attribute in ("name", "params_type"):
+    for attribute in ("name", "params_type", "settings_type", "settings_prefix"):
         assert f"    {attribute}: ClassVar" in inspect.getsource(Backend)
+        assert f"`{attribute}" in (ROOT / "docs" / "plugins.md").read_text()
 
 
 def test_every_hook_and_backend_method_has_a_test():

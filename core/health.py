@@ -1,0 +1,134 @@
+"""What `GET /health` says beyond "the store answers": each backend's readiness
+and the backends that waiting jobs need but no plugin offers any more.
+
+Both are found in the background and cached, so `/health` stays a cheap
+liveness check and a slow external system never delays start-up or a probe:
+first at the first `/health` request or `FIRST_CHECK_DELAY` seconds after
+start-up, whichever comes first, then every `TETHER_READINESS_INTERVAL`
+seconds. (Not at once: a service started for a moment, a test say, should not
+make requests to every backend's system.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import Any
+
+from core.hookspecs import Backend, Readiness
+from core.models import OPEN_STATES
+from core.plugins import Plugins
+from core.store.jobs import JobIndex
+
+log = logging.getLogger("tether")
+
+FIRST_CHECK_DELAY = 10.0
+"""Seconds after start-up before the first check, unless `/health` asks first."""
+
+READINESS_TIMEOUT = 30.0
+"""Seconds a backend's `readiness` may take before it counts as `error`."""
+
+PAGE = 1000
+MAX_PAGES = 100
+"""Waiting jobs are counted a page at a time, up to this many pages per state
+(100,000 jobs): enough to name every missing backend without holding the store."""
+
+
+async def orphans(plugins: Plugins, jobs: JobIndex) -> dict[str, int]:
+    """How many waiting (pending or running) jobs each backend that is not
+    installed has. Pages through the waiting jobs only, newest first."""
+    waiting: Counter[str] = Counter()
+    for state in OPEN_STATES:
+        before: int | None = None
+        for _ in range(MAX_PAGES):
+            rows = await jobs.page(state, None, PAGE, before)
+            waiting.update(r.backend for r in rows if r.backend not in plugins.backends)
+            if len(rows) < PAGE:
+                break
+            before = rows[-1].seq
+    return dict(sorted(waiting.items()))
+
+
+def warn_orphans(missing: dict[str, int]) -> None:
+    for backend, count in missing.items():
+        log.warning(
+            "backend %r is not installed, and %d waiting job(s) use it: their callbacks"
+            " still settle them, but nothing can stop or check their external runs;"
+            " reinstall its plugin (`tether install`) or cancel them",
+            backend,
+            count,
+        )
+
+
+async def check(backend: Backend) -> Readiness:
+    """`backend.readiness()`, bounded; an exception is an `error` naming its type
+    only (its message may hold a secret)."""
+    try:
+        found = await asyncio.wait_for(backend.readiness(), READINESS_TIMEOUT)
+    except TimeoutError:
+        return Readiness("error", f"no answer within {READINESS_TIMEOUT:g} s")
+    except Exception as exc:
+        return Readiness("error", f"readiness check failed: {type(exc).__name__}")
+    if not isinstance(found, Readiness):
+        return Readiness("error", f"readiness returned {type(found).__name__}, not Readiness")
+    return found
+
+
+class Health:
+    """The cached readiness of every backend and the missing backends, kept
+    fresh by one background task per process."""
+
+    def __init__(self, plugins: Plugins, jobs: JobIndex, interval: float) -> None:
+        self.plugins = plugins
+        self.jobs = jobs
+        self.interval = interval
+        self.readiness: dict[str, Readiness | None] = dict.fromkeys(plugins.backends)
+        self.missing: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._asked = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def refresh(self) -> None:
+        """Check every backend (at once) and count the missing ones' jobs."""
+        names = list(self.plugins.backends)
+        found = await asyncio.gather(*(check(self.plugins.backends[n]) for n in names))
+        for name, readiness in zip(names, found, strict=True):
+            if readiness != self.readiness.get(name) and readiness.status != "ok":
+                log.warning("backend %s: %s: %s", name, readiness.status, readiness.reason)
+            self.readiness[name] = readiness
+        try:
+            self.missing = await orphans(self.plugins, self.jobs)
+        except Exception as exc:  # the store is down: /health says so on its own
+            log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
+
+    async def _run(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._asked.wait(), min(FIRST_CHECK_DELAY, self.interval))
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def body(self) -> dict[str, Any]:
+        """The part of `/health`'s body this module knows (and the first check,
+        if it has not started yet)."""
+        self._asked.set()
+        return {
+            "readiness": {
+                name: {"status": r.status, "reason": r.reason}
+                if r is not None
+                else {"status": "unknown", "reason": "not checked yet"}
+                for name, r in sorted(self.readiness.items())
+            },
+            "missing": [{"backend": b, "waiting": n} for b, n in self.missing.items()],
+        }

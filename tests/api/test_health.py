@@ -1,0 +1,172 @@
+"""`GET /health`: a liveness check (200 whenever the store answers) whose body
+shows each backend's readiness, checked in the background and cached, and the
+backends that waiting jobs need but no plugin offers any more; what happens to
+those jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from api.cli import preflight
+from core.plugin import Backend, Readiness, hookimpl
+from core.plugins import Plugins, make_plugin_manager
+from tests.conftest import eventually, test_settings
+
+
+class Params(msgspec.Struct):
+    pass
+
+
+class Offers:
+    def __init__(self, *backends: Any) -> None:
+        self.backends = backends
+
+    @hookimpl
+    def tether_backends(self) -> Any:
+        return self.backends
+
+
+class Checked(Backend):
+    """A backend whose readiness is `answer` (raised when an exception)."""
+
+    params_type = Params
+
+    def __init__(self, name: str, answer: Readiness | Exception) -> None:
+        self.name = name  # type: ignore[misc]  # one class, several names
+        self.answer = answer
+        self.asked = 0
+
+    async def trigger(self, trigger: Any) -> dict[str, Any]:
+        return {"run": trigger.job.id}
+
+    async def readiness(self) -> Readiness:
+        self.asked += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+async def readiness_of(svc: Any) -> dict[str, Any]:
+    async def checked() -> dict[str, Any] | None:
+        response = await svc.client.get("/health")
+        assert response.status_code == 200
+        found = response.json()["readiness"]
+        return found if all(r["status"] != "unknown" for r in found.values()) else None
+
+    return await eventually(checked)  # type: ignore[no-any-return]
+
+
+async def test_hook_readiness_shows_per_backend_and_health_stays_200(start_service):
+    backends = (
+        Checked("fine", Readiness("ok")),
+        Checked("bare", Readiness("unconfigured", "set FINE_TOKEN")),
+        Checked("down", Readiness("error", "the API answered 503")),
+        Checked("broken", RuntimeError("token=hunter2 leaked")),
+    )
+    svc = await start_service(plugins=[Offers(*backends)])
+    assert [b.asked for b in backends] == [0, 0, 0, 0]  # not at start-up: at the first /health
+    found = await readiness_of(svc)
+    assert found["fine"] == {"status": "ok", "reason": ""}
+    assert found["bare"] == {"status": "unconfigured", "reason": "set FINE_TOKEN"}
+    assert found["down"] == {"status": "error", "reason": "the API answered 503"}
+    assert found["broken"] == {"status": "error", "reason": "readiness check failed: RuntimeError"}
+    assert found["http_webhook"] == {"status": "ok", "reason": ""}  # the default
+    health = (await svc.client.get("/health")).json()
+    assert health["status"] == "ok" and health["missing"] == []
+
+
+async def test_readiness_is_checked_in_the_background_and_cached(start_service):
+    backend = Checked("fine", Readiness("ok"))
+    svc = await start_service(plugins=[Offers(backend)], readiness_interval=3600)
+    await readiness_of(svc)
+    for _ in range(5):
+        assert (await svc.client.get("/health")).status_code == 200
+    assert backend.asked == 1
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.levelname} {record.getMessage()}")
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def logs() -> Iterator[Capture]:
+    handler = Capture()
+    logger = logging.getLogger("tether")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+async def test_jobs_of_a_backend_no_longer_installed(tmp_path: Path, logs: Capture):
+    """Jobs wait on `gone`; the service restarts without its plugin."""
+    settings = test_settings(store=f"sqlite:///{tmp_path}/tether.db")
+    gone = Checked("gone", Readiness("ok"))
+    before = create_app(settings, make_plugin_manager(entry_points=False, extra=[Offers(gone)]))
+    async with AsyncTestClient(before) as client:
+        for job_id in ("a", "b", "c"):
+            response = await client.post("/jobs", json={"id": job_id, "backend": "gone"})
+            assert response.status_code == 201
+
+        async def running() -> bool:
+            jobs = [(await client.get(f"/jobs/{j}")).json() for j in ("a", "b", "c")]
+            return all(j["state"] == "running" for j in jobs)
+
+        await eventually(running)
+
+    # At start-up (`tether serve` runs this check once), a warning names it.
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    assert await preflight(settings, plugins) is None
+    assert "backend 'gone' is not installed, and 3 waiting job(s) use it" in logs.text
+
+    after = create_app(settings, make_plugin_manager(entry_points=False))
+    async with AsyncTestClient(after) as client:
+
+        async def missing() -> Any:
+            health = (await client.get("/health")).json()
+            return health["missing"] or None
+
+        assert await eventually(missing) == [{"backend": "gone", "waiting": 3}]
+        assert "gone" not in (await client.get("/health")).json()["readiness"]
+
+        # Their callbacks still settle them, with the uniform body.
+        tether = after.dependencies["tether"].dependency()
+        path = tether.signer.url("a:1").removeprefix(settings.base_url)
+        settled = await client.post(path, json={"status": "succeeded", "result": 1})
+        assert settled.status_code == 200, settled.text
+        assert settled.json()["job"]["state"] == "succeeded"
+        refused = await client.post(tether.signer.url("b:1").removeprefix(settings.base_url))
+        assert refused.status_code == 422  # no backend to claim an empty body
+
+        # Cancelling one says the external run could not be stopped.
+        canceled = await client.post("/jobs/b/cancel", json={"reason": "cleanup"})
+        assert canceled.status_code == 200, canceled.text
+        message = canceled.json()["error"]["message"]
+        assert message == (
+            "canceled by request: cleanup; the external run could not be stopped:"
+            " backend 'gone' is not installed"
+        )
+        assert canceled.json()["error"]["type"] == "canceled"
+        await tether.checks.refresh()
+        assert (await client.get("/health")).json()["missing"] == [
+            {"backend": "gone", "waiting": 1}
+        ]

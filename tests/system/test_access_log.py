@@ -1,0 +1,71 @@
+"""The access log: one line per request, without query strings; refused
+callbacks name the promise and the client, never the token."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from core.settings import Settings
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.levelname} {record.getMessage()}")
+
+
+@pytest.fixture
+def access() -> Iterator[list[str]]:
+    handler = Capture()
+    logger = logging.getLogger("tether.access")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+async def test_one_line_per_request_without_the_query_string(start_service, access):
+    svc = await start_service()
+    token = svc.tether.signer.token("nope:1")
+    assert (await svc.client.get("/jobs?state=running&limit=5")).status_code == 200
+    assert (await svc.client.get("/no/such/route?x=1")).status_code == 404
+    unknown = await svc.client.post(f"/callbacks/nope:1?token={token}", json={"status": "failed"})
+    assert unknown.status_code == 404
+    forged = await svc.client.post("/callbacks/job-7:1?token=forged-token", json={})
+    assert forged.status_code == 401
+    bearer = await svc.client.post(
+        "/callbacks/job-8:1", headers={"Authorization": "Bearer forged-bearer"}, json={}
+    )
+    assert bearer.status_code == 401
+
+    lines = [line for line in access if " INFO " in line]
+    assert [line.rsplit(" ", 2)[0] for line in lines] == [
+        "tether.access INFO GET /jobs 200",
+        "tether.access INFO GET /no/such/route 404",
+        "tether.access INFO POST /callbacks/nope:1 404",
+        "tether.access INFO POST /callbacks/job-7:1 401",
+        "tether.access INFO POST /callbacks/job-8:1 401",
+    ]
+    assert all(line.endswith(" ms") for line in lines)
+    warnings = [line for line in access if " WARNING " in line]
+    assert len(warnings) == 3
+    for promise_id, line in zip(("nope:1", "job-7:1", "job-8:1"), warnings, strict=True):
+        assert f"callback for promise {promise_id!r} refused" in line
+        assert "from 127.0.0.1:" in line
+    text = "\n".join(access)
+    for secret in (token, "forged-token", "forged-bearer", "state=", "limit=", "x=1"):
+        assert secret not in text
+
+
+async def test_tether_access_log_0_turns_it_off(start_service, access):
+    assert Settings.from_env({"TETHER_ACCESS_LOG": "0"}).access_log is False
+    assert Settings.from_env({}).access_log is True
+    svc = await start_service(access_log=False)
+    assert (await svc.client.get("/health")).status_code == 200
+    assert (await svc.client.post("/callbacks/x:1?token=t", json={})).status_code == 401
+    assert access == []

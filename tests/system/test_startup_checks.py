@@ -1,0 +1,157 @@
+"""What `tether serve` says when it starts: one line naming what it runs,
+warnings for unknown settings and for jobs whose backend is gone, and a
+refusal to hand out callback URLs on a wildcard address."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar.testing import AsyncTestClient
+
+from api.app import create_app
+from api.cli import startup_line
+from core.plugin import Backend, hookimpl
+from core.plugins import Plugins, make_plugin_manager
+from core.settings import Settings, unknown_env
+from tests.conftest import free_port, test_settings
+from tests.process import TetherProcess
+from tests.system.test_startup import TETHER
+
+
+def without_public_url() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "TETHER_PUBLIC_URL"}
+
+
+def test_a_wildcard_host_without_a_public_url_is_refused(tmp_path: Path):
+    for host in ("0.0.0.0", "::"):
+        done = subprocess.run(
+            [TETHER, "serve", "--host", host, "--port", str(free_port())],
+            env={**without_public_url(), "TETHER_STORE": f"sqlite:///{tmp_path}/t.db"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "every interface" in done.stderr and "TETHER_PUBLIC_URL" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_wildcard_host_with_a_public_url_starts(tmp_path: Path):
+    proc = TetherProcess(
+        tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db"}, args=("--host", "0.0.0.0")
+    )
+    try:
+        proc.start()
+    finally:
+        proc.kill()
+
+
+def test_version():
+    done = subprocess.run([TETHER, "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert done.stdout.strip().startswith("tether ") and done.stdout.split()[1][0].isdigit()
+
+
+def test_unknown_settings_are_named_with_the_closest_known_one():
+    known = Plugins(make_plugin_manager(entry_points=False)).setting_names()
+    env = {
+        "TETHER_PROT": "8810",
+        "TETHER_DATABRICKS_PROFIL": "x",
+        "TETHER_XYZZY": "1",
+        "TETHER_PORT": "1",
+        "TETHER_URL": "http://x",
+        "TETHER_TEST_PG_DSN": "postgresql://x",
+        "DATABRICKS_HOST": "not ours",
+    }
+    assert unknown_env(known, env) == [
+        ("TETHER_DATABRICKS_PROFIL", "TETHER_DATABRICKS_PROFILE"),
+        ("TETHER_PROT", "TETHER_PORT"),
+        ("TETHER_XYZZY", None),
+    ]
+
+
+def test_the_start_up_line_hides_store_credentials():
+    settings = Settings.from_env(
+        {}, store="postgresql://tether:pg-secret@db:5432/tether", public_url="https://t.example"
+    )
+    line = startup_line(settings, Plugins(make_plugin_manager(entry_points=False)), 3)
+    assert "pg-secret" not in line
+    assert "store postgresql://***@db:5432/tether" in line
+    assert "public URL https://t.example" in line
+    assert "databricks (tether " in line and "http_webhook (tether " in line
+    assert "3 worker(s)" in line
+
+
+class Params(msgspec.Struct):
+    pass
+
+
+class Gone(Backend):
+    name = "gone"
+    params_type = Params
+
+    async def trigger(self, trigger: Any) -> dict[str, Any]:
+        return {"run": 1}
+
+
+class GonePlugin:
+    @hookimpl
+    def tether_backends(self) -> list[Backend]:
+        return [Gone()]
+
+
+async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
+    store = f"sqlite:///{tmp_path}/tether.db"
+    app = create_app(
+        test_settings(store=store), make_plugin_manager(entry_points=False, extra=[GonePlugin()])
+    )
+    async with AsyncTestClient(app) as client:
+        for job_id in ("a", "b"):
+            assert (await client.post("/jobs", json={"id": job_id, "backend": "gone"})).is_success
+
+    proc = TetherProcess(
+        tmp_path,
+        {
+            "TETHER_STORE": store,
+            "TETHER_PROT": "8810",
+            "TETHER_DATABRICKS_THREDS": "2",
+            "TETHER_API_TOKEN": "api-secret-value",
+        },
+    )
+    try:
+        proc.start()
+        with proc.client() as client:
+
+            def missing() -> Any:
+                return client.get("/health").json()["missing"] or None
+
+            assert eventually_sync(missing) == [{"backend": "gone", "waiting": 2}]
+    finally:
+        proc.terminate()
+    log = proc.log.read_text()
+    assert "unknown setting TETHER_PROT is ignored; did you mean TETHER_PORT?" in log
+    assert "TETHER_DATABRICKS_THREDS is ignored; did you mean TETHER_DATABRICKS_THREADS?" in log
+    assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
+    assert f"store {store}, public URL {proc.url}, backends: databricks (tether " in log
+    assert "1 worker(s)" in log
+    assert "uvicorn.error" not in log
+    assert "tether.http: Uvicorn running on" in log or "tether.http: Application startup" in log
+    assert "tether.access: GET /health 200" in log
+    for secret in ("api-secret-value", "process-secret"):
+        assert secret not in log
+
+
+def eventually_sync(check: Any, timeout: float = 20) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("never happened")
