@@ -12,19 +12,14 @@ import pytest
 from core.plugin import Readiness
 from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import Databricks
-from tests.plugins.databricks import workspace as fake
 from tests.plugins.databricks.workspace import FakeWorkspace
 
 ME = "/api/2.0/preview/scim/v2/Me"
 
 
 @pytest.fixture
-def answers_me(workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch) -> FakeWorkspace:
-    """The fake workspace, also answering `current_user.me`."""
-    monkeypatch.setitem(fake.ROUTES, ("GET", ME), "me")
-    monkeypatch.setattr(
-        workspace, "me", lambda body: (200, {"id": "1", "userName": "tether@x"}), raising=False
-    )
+def answers_me(workspace: FakeWorkspace) -> FakeWorkspace:
+    """The fake workspace, which answers `current_user.me`."""
     return workspace
 
 

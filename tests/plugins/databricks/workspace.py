@@ -409,6 +409,10 @@ class FakeWorkspace:
             return 400, _error("INVALID_PARAMETER_VALUE", f"Run {run_id} does not exist.")
         return 200, run.as_json(self.url)
 
+    def me(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """`current_user.me`: who the credentials belong to."""
+        return 200, {"id": "1", "userName": "tether@example.com"}
+
     def cancel_run(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         run = self.runs.get(body.get("run_id"))  # type: ignore[arg-type]
         if run is None:
@@ -427,6 +431,7 @@ ROUTES = {
     ("POST", "/api/2.2/jobs/run-now"): "run_now",
     ("POST", "/api/2.2/jobs/runs/submit"): "submit",
     ("POST", "/api/2.2/jobs/runs/cancel"): "cancel_run",
+    ("GET", "/api/2.0/preview/scim/v2/Me"): "me",
 }
 
 

@@ -1,0 +1,1091 @@
+"""The `databricks` backend's requests and its reading of answers, in process:
+params, run states, errors, the one-time run spec, and the backend's methods
+through the real databricks-sdk client against the fake workspace
+(tests/plugins/databricks/workspace.py), no service. Fast enough to judge
+mutants with (`./dev mutate databricks`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from databricks.sdk import errors
+from databricks.sdk.errors.base import DatabricksError
+from databricks.sdk.service import jobs as sdk_jobs
+from databricks.sdk.service.jobs import Run
+
+from core.errors import BackendError
+from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
+from core.store.jobs import JobRecord
+from core.views import view
+from plugins.databricks import (
+    Databricks,
+    DatabricksParams,
+    SubmitRun,
+    _with_parameters,
+    idempotency_token,
+    tether_backends,
+)
+from plugins.databricks.runs import _name, outcome_of_run
+from plugins.databricks.workspace import (
+    MAX_MESSAGE,
+    DatabricksSettings,
+    Workspace,
+    _lost_field,
+    _screaming,
+    submit_arguments,
+)
+from tests.plugins.databricks.workspace import TOKEN, FakeWorkspace, hang
+
+RUN_NOW = "/api/2.2/jobs/run-now"
+SUBMIT = "/api/2.2/jobs/runs/submit"
+GET_RUN = "/api/2.2/jobs/runs/get"
+CANCEL = "/api/2.2/jobs/runs/cancel"
+CALLBACK = "http://tether.test/callbacks/j%3A1?token=the-callback-token"
+CREATED = datetime(2026, 11, 24, 10, 0, 0, 123456, tzinfo=UTC)
+SETTINGS = DatabricksSettings(retry_timeout=2, http_timeout=5, threads=2)
+
+
+def job(
+    state: str = "running",
+    params: dict[str, Any] | None = None,
+    external: dict[str, Any] | None = None,
+    result: Any = None,
+) -> Job:
+    ms = round(CREATED.timestamp() * 1000)
+    return view(
+        JobRecord(
+            id="j",
+            backend="databricks",
+            state=state,  # type: ignore[arg-type]
+            params=params or {"job_id": 7},
+            metadata={},
+            timeout=60,
+            fingerprint="f",
+            deadline=ms + 60_000,
+            created_at=ms,
+            updated_at=ms,
+            external=external,
+            result=result,
+        )
+    )
+
+
+def trigger(params: dict[str, Any], callback_url: str = CALLBACK) -> Trigger:
+    return Trigger(
+        job=job("pending", params),
+        params=msgspec.convert(params, DatabricksParams),
+        promise_id="j:1",
+        callback_url=callback_url,
+        idempotency_key="j:1",
+    )
+
+
+@pytest.fixture
+def backend(workspace: FakeWorkspace) -> Iterator[Databricks]:
+    yield Databricks(SETTINGS)
+
+
+@pytest.fixture
+def sdk_logs() -> Iterator[list[str]]:
+    """What the plugin logs (`tether.databricks`), seen at the logger itself."""
+    lines: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname} {record.getMessage()}")
+
+    logger = logging.getLogger("tether.databricks")
+    handler, level = Handler(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+# ── params ───────────────────────────────────────────────────────────────────
+
+
+def convert(params: dict[str, Any]) -> DatabricksParams:
+    return msgspec.convert(params, DatabricksParams)
+
+
+def refusal(params: dict[str, Any]) -> str:
+    with pytest.raises(msgspec.ValidationError) as raised:
+        convert(params)
+    return str(raised.value)
+
+
+NOTEBOOK = {"task_key": "main", "notebook_task": {"notebook_path": "/n"}}
+
+
+def test_params_name_a_job_or_a_one_time_run():
+    assert convert({"job_id": 1}) == DatabricksParams(job_id=1, check_interval=60.0)
+    assert convert({"job_id": 7, "job_parameters": {"a": "b"}, "check_interval": 1}) == (
+        DatabricksParams(job_id=7, job_parameters={"a": "b"}, check_interval=1.0)
+    )
+    submit = convert({"submit": {"tasks": [NOTEBOOK], "run_name": "adhoc"}})
+    assert submit.submit == SubmitRun(tasks=[NOTEBOOK], run_name="adhoc")
+    assert submit.job_id is None and submit.job_parameters == {}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({}, "give exactly one of `job_id` (run a job) and `submit` (a one-time run)"),
+        (
+            {"job_id": 1, "submit": {"tasks": [NOTEBOOK]}},
+            "give exactly one of `job_id` (run a job) and `submit` (a one-time run)",
+        ),
+        ({"job_id": 0}, "`job_id` must be a positive job id"),
+        ({"job_id": -3}, "`job_id` must be a positive job id"),
+        (
+            {"submit": {"tasks": [NOTEBOOK]}, "job_parameters": {"a": "b"}},
+            "`job_parameters` go with `job_id`; a one-time run has none",
+        ),
+        (
+            {"job_id": 1, "job_parameters": {"tether_promise_id": "x", "tether_job_id": "y"}},
+            "job_parameters must not set tether_job_id, tether_promise_id: Tether sets it",
+        ),
+        (
+            {"job_id": 1, "job_parameters": {"tether_callback_url": "x", "ok": "y"}},
+            "job_parameters must not set tether_callback_url: Tether sets it",
+        ),
+        ({"job_id": 1, "check_interval": 0.99}, "`check_interval` must be at least 1 second"),
+        ({"submit": {"tasks": []}}, "a one-time run needs at least one task - at `$.submit`"),
+        (
+            {"submit": {"tasks": [{"notebook_task": {}}]}},
+            "tasks[0] needs a `task_key` (a non-empty string) - at `$.submit`",
+        ),
+        (
+            {"submit": {"tasks": [NOTEBOOK, {"task_key": ""}]}},
+            "tasks[1] needs a `task_key` (a non-empty string) - at `$.submit`",
+        ),
+        (
+            {"submit": {"tasks": [{"task_key": 3}]}},
+            "tasks[0] needs a `task_key` (a non-empty string) - at `$.submit`",
+        ),
+        (
+            {"submit": {"tasks": [NOTEBOOK, {"task_key": "x"}, {"task_key": "main"}]}},
+            "tasks[2]: task_key 'main' is used twice - at `$.submit`",
+        ),
+        (
+            {
+                "submit": {
+                    "tasks": [
+                        NOTEBOOK,
+                        {
+                            "task_key": "b",
+                            "notebook_task": {"base_parameters": {"tether_job_id": "x"}},
+                        },
+                    ]
+                }
+            },
+            "tasks[1].notebook_task.base_parameters must not set tether_job_id: Tether sets it"
+            " - at `$.submit`",
+        ),
+    ],
+)
+def test_params_that_cannot_work_are_refused(params: dict[str, Any], message: str):
+    assert refusal(params) == message
+
+
+def test_parameters_of_other_task_kinds_are_not_checked():
+    tasks = [
+        {"task_key": "a", "python_wheel_task": {"parameters": ["tether_job_id"]}},
+        {"task_key": "b", "notebook_task": {"base_parameters": None}},
+        {"task_key": "c", "notebook_task": "not an object"},
+    ]
+    assert convert({"submit": {"tasks": tasks}}).submit is not None
+
+
+def test_the_check_interval_is_the_params_own():
+    backend = Databricks(SETTINGS)
+    assert backend.check_interval(convert({"job_id": 1, "check_interval": 2.5})) == 2.5
+
+
+def test_the_plugin_offers_one_databricks_backend(monkeypatch):
+    monkeypatch.delenv("TETHER_DATABRICKS_THREADS", raising=False)
+    [backend] = tether_backends()
+    assert isinstance(backend, Databricks) and backend.name == "databricks"
+
+
+def test_the_idempotency_token_is_a_hash_of_the_key_and_the_creation_time():
+    t = trigger({"job_id": 7})
+    ms = round(CREATED.timestamp() * 1000)
+    assert ms % 1000 == 123  # rounded to the millisecond
+    digest = hashlib.sha256(f"j:1@{ms}".encode()).hexdigest()
+    assert idempotency_token(t) == f"tether-{digest[:57]}"
+    assert len(idempotency_token(t)) == 64
+
+
+def test_the_idempotency_token_rounds_the_creation_time():
+    """Half a millisecond and more rounds up (the job's times are whole milliseconds)."""
+    t = trigger({"job_id": 7})
+    later = msgspec.structs.replace(
+        t,
+        job=msgspec.structs.replace(t.job, created_at=datetime(2026, 1, 1, 0, 0, 0, 999_600, UTC)),
+    )
+    ms = round(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC).timestamp() * 1000)
+    assert (
+        idempotency_token(later)
+        == "tether-" + hashlib.sha256(f"j:1@{ms}".encode()).hexdigest()[:57]
+    )
+
+
+# ── run states ───────────────────────────────────────────────────────────────
+
+
+def run(
+    status: str | None = None,
+    code: str | None = None,
+    message: str | None = None,
+    life_cycle: str | None = None,
+    result_state: str | None = None,
+    state_message: str | None = None,
+    details: bool = True,
+) -> Run:
+    body: dict[str, Any] = {"run_id": 42}
+    if status is not None:
+        body["status"] = {"state": status}
+        if details:
+            body["status"]["termination_details"] = {"code": code, "message": message}
+    state = {
+        k: v
+        for k, v in {
+            "life_cycle_state": life_cycle,
+            "result_state": result_state,
+            "state_message": state_message,
+        }.items()
+        if v is not None
+    }
+    if state:
+        body["state"] = state
+    return Run.from_dict(body)
+
+
+def ended(status: str, code: str, message: str | None = None) -> Outcome:
+    """A run's outcome: a success keeps the run's message in its result, the
+    others say it in their error."""
+    result: dict[str, Any] = {"run_id": 42, "termination_code": code}
+    if status == "succeeded":
+        return Outcome(
+            status="succeeded", result={**result, **({"message": message} if message else {})}
+        )
+    error = ErrorInfo(message=message or "", type=code)
+    return Outcome(status=status, result=result, error=error)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (run("RUNNING"), None),
+        (run("QUEUED"), None),
+        (run("TERMINATING"), None),
+        (run("RUNNING", life_cycle="TERMINATED", result_state="SUCCESS"), None),
+        (run("TERMINATED", "SUCCESS"), ended("succeeded", "SUCCESS")),
+        (
+            run("TERMINATED", "SUCCESS", "all good"),
+            ended("succeeded", "SUCCESS", message="all good"),
+        ),
+        (
+            run("TERMINATED", "SUCCESS_WITH_FAILURES", state_message="old words"),
+            ended("succeeded", "SUCCESS_WITH_FAILURES", message="old words"),
+        ),
+        (
+            run("TERMINATED", "USER_CANCELED", "by Ann"),
+            ended(
+                "canceled",
+                "USER_CANCELED",
+                "Databricks run 42 was canceled (USER_CANCELED): by Ann",
+            ),
+        ),
+        (
+            run("TERMINATED", "CANCELED"),
+            ended("canceled", "CANCELED", "Databricks run 42 was canceled (CANCELED)"),
+        ),
+        (
+            run("TERMINATED", "SKIPPED", "upstream"),
+            ended("failed", "SKIPPED", "Databricks run 42 was skipped (SKIPPED): upstream"),
+        ),
+        (
+            run("TERMINATED", "MAX_CONCURRENT_RUNS_EXCEEDED"),
+            ended(
+                "failed",
+                "MAX_CONCURRENT_RUNS_EXCEEDED",
+                "Databricks run 42 was skipped (MAX_CONCURRENT_RUNS_EXCEEDED)",
+            ),
+        ),
+        (
+            run("TERMINATED", "RUN_EXECUTION_ERROR", "Workload failed"),
+            ended(
+                "failed",
+                "RUN_EXECUTION_ERROR",
+                "Databricks run 42 failed (RUN_EXECUTION_ERROR): Workload failed",
+            ),
+        ),
+        # a termination code newer than this SDK: the deprecated result state says
+        (
+            run("TERMINATED", "BRAND_NEW_CODE", "m", result_state="SUCCESS"),
+            ended("succeeded", "SUCCESS", message="m"),
+        ),
+        (
+            run("TERMINATED", "BRAND_NEW_CODE", "m"),
+            ended("failed", "UNKNOWN", "Databricks run 42 failed (UNKNOWN): m"),
+        ),
+        (
+            run("TERMINATED", details=False, result_state="CANCELED", state_message="old"),
+            ended("canceled", "CANCELED", "Databricks run 42 was canceled (CANCELED): old"),
+        ),
+        # a state newer than this SDK: fall back to the deprecated state
+        (run("BRAND_NEW_STATE", life_cycle="RUNNING"), None),
+        (
+            run("BRAND_NEW_STATE", life_cycle="TERMINATED", result_state="FAILED"),
+            ended("failed", "FAILED", "Databricks run 42 failed (FAILED)"),
+        ),
+        # no `status`: the deprecated fields alone
+        (run(life_cycle="PENDING"), None),
+        (run(life_cycle="RUNNING"), None),
+        (run(life_cycle="TERMINATING"), None),
+        (run(life_cycle="BRAND_NEW_LIFE_CYCLE"), None),
+        (run(), None),
+        (run(life_cycle="TERMINATED", result_state="SUCCESS"), ended("succeeded", "SUCCESS")),
+        (
+            run(life_cycle="TERMINATED", result_state="TIMEDOUT", state_message="too slow"),
+            ended("failed", "TIMEDOUT", "Databricks run 42 failed (TIMEDOUT): too slow"),
+        ),
+        (
+            run(life_cycle="TERMINATED"),
+            ended("failed", "UNKNOWN", "Databricks run 42 failed (UNKNOWN)"),
+        ),
+        (
+            run(life_cycle="SKIPPED", result_state="SUCCESS", state_message="skip"),
+            ended("failed", "SKIPPED", "Databricks run 42 was skipped (SKIPPED): skip"),
+        ),
+        (
+            run(life_cycle="INTERNAL_ERROR", state_message="driver"),
+            ended("failed", "INTERNAL_ERROR", "Databricks run 42 failed (INTERNAL_ERROR): driver"),
+        ),
+        (
+            run(life_cycle="INTERNAL_ERROR", result_state="FAILED"),
+            ended("failed", "FAILED", "Databricks run 42 failed (FAILED)"),
+        ),
+        (
+            run(life_cycle="TERMINATED", result_state="UPSTREAM_CANCELED"),
+            ended(
+                "failed", "UPSTREAM_CANCELED", "Databricks run 42 was skipped (UPSTREAM_CANCELED)"
+            ),
+        ),
+    ],
+)
+def test_how_a_run_ended_is_read_from_its_state(given: Run, expected: Outcome | None):
+    assert outcome_of_run(given) == expected
+
+
+def test_the_details_message_wins_over_the_old_one():
+    assert outcome_of_run(run("TERMINATED", "DRIVER_ERROR", "new", state_message="old")) == ended(
+        "failed", "DRIVER_ERROR", "Databricks run 42 failed (DRIVER_ERROR): new"
+    )
+
+
+def test_an_enum_is_named_by_its_wire_value():
+    assert _name(sdk_jobs.RunLifeCycleState.TERMINATED) == "TERMINATED"
+    assert _name("RAW") == "RAW"
+    assert _name(None) is None
+
+
+# ── settings ─────────────────────────────────────────────────────────────────
+
+
+def test_settings_come_from_tether_databricks_variables():
+    assert DatabricksSettings.from_env({}) == DatabricksSettings(
+        profile="", retry_timeout=60, http_timeout=30.0, threads=8
+    )
+    env = {
+        "TETHER_DATABRICKS_PROFILE": "prod",
+        "TETHER_DATABRICKS_RETRY_TIMEOUT": "1",
+        "TETHER_DATABRICKS_HTTP_TIMEOUT": "0.5",
+        "TETHER_DATABRICKS_THREADS": "1",
+    }
+    assert DatabricksSettings.from_env(env) == DatabricksSettings(
+        profile="prod", retry_timeout=1, http_timeout=0.5, threads=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("RETRY_TIMEOUT", "0"), ("HTTP_TIMEOUT", "0"), ("HTTP_TIMEOUT", "-1"), ("THREADS", "0")],
+)
+def test_settings_that_cannot_work_are_refused_naming_the_variable(name: str, value: str):
+    with pytest.raises(ValueError) as raised:
+        DatabricksSettings.from_env({f"TETHER_DATABRICKS_{name}": value})
+    assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: must be positive"
+
+
+# ── the workspace client ─────────────────────────────────────────────────────
+
+
+async def test_the_client_is_built_once_with_the_settings(workspace: FakeWorkspace, sdk_logs):
+    ws = Workspace(DatabricksSettings(retry_timeout=3, http_timeout=4.5, threads=1))
+    client = await ws.call(lambda w: w)
+    assert await ws.call(lambda w: w) is client
+    config = client.config
+    assert (config.host, config.token) == (workspace.url, TOKEN)
+    assert (config.retry_timeout_seconds, config.http_timeout_seconds) == (3, 4.5)
+    assert config.debug_headers is False
+    assert config.profile is None
+    assert "tether/0.1.0" in config.user_agent
+    assert sdk_logs == [f"INFO databricks: using workspace {workspace.url}"]
+
+
+async def test_the_client_reads_the_profile_the_settings_name(tmp_path: Path, monkeypatch):
+    ws_server = FakeWorkspace(token="dapi-from-the-profile").start()
+    try:
+        cfg = tmp_path / "databrickscfg"
+        cfg.write_text(
+            f"[DEFAULT]\nhost = http://127.0.0.1:1\ntoken = wrong\n\n"
+            f"[tether]\nhost = {ws_server.url}\ntoken = dapi-from-the-profile\n"
+        )
+        for name in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(cfg))
+        ws = Workspace(DatabricksSettings(profile="tether", retry_timeout=2))
+        config = (await ws.call(lambda w: w)).config
+        assert (config.host, config.profile) == (ws_server.url, "tether")
+    finally:
+        ws_server.stop()
+
+
+async def test_calls_run_in_the_plugins_own_threads_at_most_as_many_as_set(workspace):
+    one = Workspace(DatabricksSettings(retry_timeout=2, threads=1))
+    name = await one.call(lambda w: threading.current_thread().name)
+    assert name.startswith("tether-databricks")
+
+    def meet(barrier: threading.Barrier) -> str:
+        barrier.wait()
+        return "met"
+
+    two = Workspace(DatabricksSettings(retry_timeout=2, threads=2))
+    together = threading.Barrier(2, timeout=2)
+    assert await gather(two.call(lambda w: meet(together)), two.call(lambda w: meet(together))) == [
+        "met",
+        "met",
+    ]
+    alone = threading.Barrier(2, timeout=0.3)
+    with pytest.raises(BackendError):  # one thread: the second call never meets the first
+        await gather(one.call(lambda w: meet(alone)), one.call(lambda w: meet(alone)))
+
+
+async def gather(*calls: Any) -> list[Any]:
+    import asyncio
+
+    return list(await asyncio.gather(*calls))
+
+
+def test_the_sdk_never_logs_requests_in_full():
+    sdk = logging.getLogger("databricks.sdk")
+    level = sdk.level
+    try:
+        sdk.setLevel(logging.DEBUG)
+        Workspace(SETTINGS)
+        assert sdk.level == logging.INFO
+        sdk.setLevel(logging.WARNING)
+        Workspace(SETTINGS)
+        assert sdk.level == logging.WARNING  # quieter is left alone
+    finally:
+        sdk.setLevel(level)
+
+
+def test_the_sdk_logger_is_left_alone_at_info():
+    """At INFO or quieter, the SDK's logger keeps following its parents."""
+    sdk, parent = logging.getLogger("databricks.sdk"), logging.getLogger("databricks")
+    levels = sdk.level, parent.level
+    try:
+        sdk.setLevel(logging.NOTSET)
+        parent.setLevel(logging.INFO)
+        Workspace(SETTINGS)
+        assert sdk.level == logging.NOTSET
+    finally:
+        sdk.setLevel(levels[0])
+        parent.setLevel(levels[1])
+
+
+async def test_a_run_page_url_is_built_from_a_host_with_a_path(workspace: FakeWorkspace):
+    """Only slashes are stripped from the host, whatever it ends with."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.config import Config
+
+    from plugins.databricks import _run_page_url
+
+    config = Config(host=f"{workspace.url}/X/", token=TOKEN, retry_timeout_seconds=2)
+    w = WorkspaceClient(config=config)
+    assert w.config.host == f"{workspace.url}/X"
+    # runs/get under that path is not found: the link is built from the host
+    assert _run_page_url(w, 5, 7) == f"{workspace.url}/X/#job/7/run/5"
+
+
+def test_a_workspace_never_shows_its_config():
+    assert repr(Workspace(DatabricksSettings(profile="prod"))) == "Workspace(profile='prod')"
+
+
+async def test_a_backend_error_raised_in_a_call_is_scrubbed(workspace):
+    ws = Workspace(SETTINGS)
+
+    def fail(w: Any) -> None:
+        raise BackendError(
+            f"echo {CALLBACK} and {TOKEN}; the-callback-token",
+            retryable=True,
+            code="X",
+            retry_after=3.0,
+        )
+
+    with pytest.raises(BackendError) as raised:
+        await ws.call(fail, "the-callback-token")
+    error = raised.value
+    assert error.message == "echo http://tether.test/callbacks/j%3A1?token=*** and ***; ***"
+    assert (error.retryable, error.code, error.retry_after) == (True, "X", 3.0)
+    assert error.__suppress_context__
+
+
+async def test_another_error_raised_in_a_call_is_translated(workspace):
+    ws = Workspace(SETTINGS)
+
+    def fail(w: Any) -> None:
+        raise errors.NotFound("job 9 has the-callback-token", error_code="RESOURCE_DOES_NOT_EXIST")
+
+    with pytest.raises(BackendError) as raised:
+        await ws.call(fail, "the-callback-token")
+    assert raised.value.message == "job 9 has ***"
+    assert (raised.value.code, raised.value.retryable) == ("RESOURCE_DOES_NOT_EXIST", False)
+
+
+# ── errors ───────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "retryable"),
+    [
+        (errors.TooManyRequests("slow down"), "TOO_MANY_REQUESTS", True),
+        (errors.TemporarilyUnavailable("later"), "TEMPORARILY_UNAVAILABLE", True),
+        (errors.InternalError("oops"), "INTERNAL_ERROR", True),
+        (errors.DeadlineExceeded("late"), "DEADLINE_EXCEEDED", True),
+        (errors.Aborted("raced"), "ABORTED", True),
+        (DatabricksError("unmapped"), "DATABRICKS_ERROR", True),
+        (errors.BadRequest("bad"), "BAD_REQUEST", False),
+        (errors.PermissionDenied("no"), "PERMISSION_DENIED", False),
+        (errors.NotFound("gone"), "NOT_FOUND", False),
+        (errors.ResourceConflict("twice"), "RESOURCE_CONFLICT", False),
+        (errors.NotImplemented("never"), "NOT_IMPLEMENTED", False),
+        (errors.Unauthenticated("who"), "UNAUTHENTICATED", False),
+    ],
+)
+def test_databricks_errors_say_whether_to_retry(exc: DatabricksError, code: str, retryable: bool):
+    error = Workspace(SETTINGS).translate(exc)
+    assert (error.message, error.code, error.retryable, error.retry_after) == (
+        str(exc),
+        code,
+        retryable,
+        None,
+    )
+
+
+def test_a_databricks_error_keeps_its_own_code_and_a_capped_retry_after():
+    ws = Workspace(SETTINGS)
+    error = ws.translate(
+        errors.TooManyRequests("slow", error_code="REQUEST_LIMIT_EXCEEDED", retry_after_secs=7)
+    )
+    assert (error.code, error.retry_after) == ("REQUEST_LIMIT_EXCEEDED", 7)
+    assert ws.translate(errors.TooManyRequests("x", retry_after_secs=300)).retry_after == 300
+    assert ws.translate(errors.TooManyRequests("x", retry_after_secs=3600)).retry_after == 300
+
+
+def test_a_databricks_error_without_words_is_named_by_its_kind():
+    assert (
+        Workspace(SETTINGS).translate(errors.PermissionDenied("", error="")).message
+        == "PermissionDenied"
+    )
+
+
+def test_a_spent_retry_budget_says_what_was_retried():
+    ws = Workspace(SETTINGS)
+    timeout = TimeoutError("Timed out after 0:00:02")
+    timeout.__cause__ = errors.TemporarilyUnavailable(
+        "try later", error_code="TEMPORARILY_UNAVAILABLE", retry_after_secs=9
+    )
+    error = ws.translate(timeout)
+    assert error.message == "try later (after retrying for 2s)"
+    assert (error.code, error.retryable, error.retry_after) == ("TEMPORARILY_UNAVAILABLE", True, 9)
+
+    timeout.__cause__ = errors.BadRequest("echoed the-secret")
+    assert ws.translate(timeout, ["the-secret"]).message == "echoed *** (after retrying for 2s)"
+
+    timeout.__cause__ = errors.BadRequest("not retryable on its own")
+    assert ws.translate(timeout).retryable is True  # the budget is spent: try again later
+
+    timeout.__cause__ = ConnectionRefusedError("refused")
+    error = ws.translate(timeout)
+    assert (
+        error.message == "Databricks did not answer (ConnectionRefusedError, after retrying for 2s)"
+    )
+    assert (error.code, error.retryable, error.retry_after) == ("timeout", True, None)
+
+    error = ws.translate(TimeoutError())
+    assert error.message == "Databricks did not answer (timeout, after retrying for 2s)"
+    assert (error.code, error.retryable) == ("timeout", True)
+
+
+def test_a_client_that_cannot_configure_itself_is_not_retried():
+    error = Workspace(SETTINGS).translate(
+        ValueError(f"default auth: cannot configure: token={TOKEN} for dsn-secret"), ["dsn-secret"]
+    )
+    assert error.message == (
+        "Databricks client configuration: default auth: cannot configure: token=*** for ***"
+    )
+    assert (error.code, error.retryable) == ("databricks_config", False)
+
+
+def test_a_connection_error_the_sdk_did_not_retry_is_retryable():
+    error = Workspace(SETTINGS).translate(ConnectionResetError("reset by peer 10.0.0.1"))
+    assert error.message == "cannot reach Databricks: ConnectionResetError"
+    assert (error.code, error.retryable) == ("connection", True)
+
+
+def test_anything_else_is_retryable_and_scrubbed():
+    error = Workspace(SETTINGS).translate(KeyError("the-secret"), ["the-secret"])
+    assert error.message == "Databricks call failed: KeyError: '***'"
+    assert (error.code, error.retryable) == ("databricks", True)
+
+
+@pytest.mark.parametrize(
+    ("name", "screaming"),
+    [
+        ("PermissionDenied", "PERMISSION_DENIED"),
+        ("DatabricksError", "DATABRICKS_ERROR"),
+        ("X", "X"),
+    ],
+)
+def test_a_kind_is_named_in_screaming_case(name: str, screaming: str):
+    assert _screaming(name) == screaming
+
+
+# ── scrubbing ────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("Authorization: Bearer abc.DEF-123_x", "Authorization: *** ***"),
+        ("basic dXNlcjpwYXNz", "basic ***"),
+        ("GET /x?token=abc&run=1", "GET /x?token=***&run=1"),
+        ("GET /x?a=1&TOKEN=abc", "GET /x?a=1&TOKEN=***"),
+        ("used dapi0123456789abcdef0 here", "used *** here"),
+        ("used dapi0123456789abcdef-2 here", "used *** here"),
+        (
+            '{"token": "abc", "password":"p", "client_secret" = s }',
+            '{"token": "***", "password":"***", "client_secret" = *** }',
+        ),
+        ("Authorization=xyz", "Authorization=***"),
+        ("  spaced  ", "spaced"),
+        ("the answer Request log: GET /api with token", "the answer"),
+        ("dapi0123 is short", "dapi0123 is short"),
+        ("run XXXX-1 ended", "run XXXX-1 ended"),
+        ("a Request log: b Request log: c", "a"),
+    ],
+)
+def test_secrets_are_scrubbed_from_text(text: str, clean: str, monkeypatch):
+    for name in ("DATABRICKS_TOKEN", "DATABRICKS_PASSWORD", "DATABRICKS_CLIENT_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    assert Workspace(SETTINGS).scrub(text) == clean
+
+
+def test_given_secrets_and_the_environments_are_scrubbed(monkeypatch):
+    monkeypatch.setenv("DATABRICKS_TOKEN", "env-token-1")
+    monkeypatch.setenv("DATABRICKS_PASSWORD", "env-pass-2")
+    monkeypatch.setenv("DATABRICKS_CLIENT_SECRET", "env-secret-3")
+    monkeypatch.setenv("ARM_CLIENT_SECRET", "arm-secret-4")
+    monkeypatch.setenv("GOOGLE_CREDENTIALS", "google-creds-5")
+    ws = Workspace(SETTINGS)
+    text = "a env-token-1 b env-pass-2 c env-secret-3 d arm-secret-4 e google-creds-5 f given abc"
+    assert ws.scrub(text, ["given", "ab", ""]) == "a *** b *** c *** d *** e *** f *** abc"
+    assert ws.scrub("a four-letter abcd", ["abcd"]) == "a four-letter ***"
+
+
+async def test_the_clients_own_credentials_are_scrubbed(workspace, monkeypatch):
+    ws = Workspace(SETTINGS)
+    client = await ws.call(lambda w: w)
+    monkeypatch.delenv("DATABRICKS_TOKEN")
+    client.config.password = "pw-of-the-config"
+    client.config.client_secret = "cs-of-the-config"
+    assert ws.scrub(f"x {TOKEN} y pw-of-the-config z cs-of-the-config") == "x *** y *** z ***"
+
+
+def test_a_long_message_is_cut():
+    ws = Workspace(SETTINGS)
+    assert ws.scrub("a" * MAX_MESSAGE) == "a" * MAX_MESSAGE
+    cut = ws.scrub("a" * (MAX_MESSAGE + 1))
+    assert cut == "a" * (MAX_MESSAGE - 1) + "…" and len(cut) == MAX_MESSAGE
+
+
+# ── one-time runs: the spec turned into the SDK's arguments ──────────────────
+
+
+def test_a_one_time_run_spec_becomes_the_sdks_arguments():
+    spec = {
+        "run_name": "adhoc",
+        "timeout_seconds": 600,
+        "tasks": [
+            {
+                "task_key": "main",
+                "notebook_task": {"notebook_path": "/n", "base_parameters": {"a": "1"}},
+                "existing_cluster_id": "c-1",
+            }
+        ],
+        "performance_target": "PERFORMANCE_OPTIMIZED",
+        "queue": {"enabled": True},
+        "git_source": None,
+    }
+    args = submit_arguments(spec)
+    assert set(args) == {"run_name", "timeout_seconds", "tasks", "performance_target", "queue"}
+    assert args["run_name"] == "adhoc" and args["timeout_seconds"] == 600
+    [task] = args["tasks"]
+    assert isinstance(task, sdk_jobs.SubmitTask)
+    assert task.notebook_task == sdk_jobs.NotebookTask(
+        notebook_path="/n", base_parameters={"a": "1"}
+    )
+    assert args["performance_target"] is sdk_jobs.PerformanceTarget.PERFORMANCE_OPTIMIZED
+    assert args["queue"] == sdk_jobs.QueueSettings(enabled=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"bogus": 1}, "`submit.bogus` is not a field of a one-time run"),
+        ({"idempotency_token": "x"}, "`submit.idempotency_token` is not a field of a one-time run"),
+        ({"tasks": {"task_key": "a"}}, "`submit.tasks` must be a list"),
+        ({"tasks": ["main"]}, "`submit.tasks[0]` must be an object"),
+        (
+            {"tasks": [{"task_key": "a"}, {"task_key": "b", "notebook_taks": {"x": 1}}]},
+            "unknown field `submit.tasks[1].notebook_taks`",
+        ),
+        (
+            {"tasks": [{"task_key": "a", "notebook_task": {"notebook_path": "/n", "typo": 1}}]},
+            "unknown field `submit.tasks[0].notebook_task.typo`",
+        ),
+        (
+            {"performance_target": "FASTEST"},
+            "`submit.performance_target` must be one of PERFORMANCE_OPTIMIZED, STANDARD",
+        ),
+        ({"queue": "on"}, "`submit.queue` must be an object"),
+    ],
+)
+def test_a_spec_the_sdk_would_drop_parts_of_is_refused(spec: dict[str, Any], message: str):
+    with pytest.raises(ValueError) as raised:
+        submit_arguments(spec)
+    assert str(raised.value).startswith(message)
+
+
+def test_a_field_of_the_wrong_shape_does_not_fit():
+    with pytest.raises(ValueError) as raised:
+        submit_arguments({"tasks": [{"task_key": "a", "libraries": "numpy"}]})
+    assert str(raised.value) == (
+        "`submit.tasks[0]` does not fit the Jobs API: 'str' object has no attribute 'get'"
+    )
+
+
+def test_empty_fields_are_left_out_wherever_they_are():
+    args = submit_arguments({"git_source": None, "run_name": "r", "tasks": [NOTEBOOK]})
+    assert set(args) == {"run_name", "tasks"}
+
+
+def test_empty_values_the_sdk_leaves_out_are_not_lost_fields():
+    spec = {
+        "tasks": [
+            {
+                "task_key": "a",
+                "libraries": [],
+                "notebook_task": {"notebook_path": "/n", "base_parameters": {}},
+                "x": None,
+            }
+        ]
+    }
+    assert len(submit_arguments(spec)["tasks"]) == 1
+
+
+def test_lost_fields_are_found_at_any_depth():
+    assert _lost_field({"a": {"b": 1}}, {"a": {"b": 1}}, "p") is None
+    assert _lost_field({"a": {"b": 1}}, {"a": {}}, "p") == "p.a.b"
+    assert _lost_field([{"a": 1}, {"b": 2}], [{"a": 1}, {}], "p") == "p[1].b"
+    assert _lost_field({"a": None, "b": {}, "c": []}, {}, "p") is None
+    assert _lost_field({"a": 0}, {}, "p") == "p.a"
+    assert _lost_field({"a": None, "b": 1}, {}, "p") == "p.b"  # past an empty one
+    assert _lost_field([1], 5, "p") is None
+    assert _lost_field({"a": 1}, [1], "p") is None  # not the same shape: nothing to compare
+    assert _lost_field([1, 2], [1], "p") is None
+
+
+def test_tethers_parameters_go_to_notebook_tasks_only():
+    submit = SubmitRun(
+        tasks=[
+            {
+                "task_key": "n",
+                "notebook_task": {"notebook_path": "/n", "base_parameters": {"a": "1"}},
+            },
+            {"task_key": "m", "notebook_task": {"notebook_path": "/m"}},
+            {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}},
+        ],
+        run_name="r",
+    )
+    ours = {"tether_job_id": "j"}
+    spec = _with_parameters(submit, ours)
+    assert spec["run_name"] == "r"
+    assert [t.get("notebook_task", {}).get("base_parameters") for t in spec["tasks"]] == [
+        {"a": "1", "tether_job_id": "j"},
+        {"tether_job_id": "j"},
+        None,
+    ]
+    assert spec["tasks"][2] == submit.tasks[2]
+    assert submit.tasks[0]["notebook_task"]["base_parameters"] == {"a": "1"}  # a copy
+
+
+# ── the backend against the workspace ────────────────────────────────────────
+
+
+async def test_running_a_job_passes_tethers_parameters_and_an_idempotency_token(
+    backend: Databricks, workspace: FakeWorkspace, sdk_logs
+):
+    workspace.add_job(7)
+    t = trigger({"job_id": 7, "job_parameters": {"table": "sales"}})
+    external = await backend.trigger(t)
+
+    run = workspace.only_run()
+    assert external == {
+        "run_id": run.run_id,
+        "run_page_url": f"{workspace.url}/?o=1#job/7/run/{run.run_id}",
+    }
+    [call] = workspace.calls(RUN_NOW)
+    assert call.body == {
+        "job_id": 7,
+        "job_parameters": {
+            "table": "sales",
+            "tether_callback_url": CALLBACK,
+            "tether_promise_id": "j:1",
+            "tether_job_id": "j",
+        },
+        "idempotency_token": idempotency_token(t),
+    }
+    assert f"INFO databricks: job j started run {run.run_id}" in sdk_logs
+    assert await backend.trigger(t) == external  # the same token: the same run
+    assert len(workspace.runs) == 1
+
+
+async def test_a_one_time_run_gets_tethers_parameters(backend, workspace: FakeWorkspace):
+    workspace.notebooks["/n"] = hang
+    t = trigger(
+        {
+            "submit": {
+                "run_name": "adhoc",
+                "tasks": [{**NOTEBOOK, "notebook_task": {"notebook_path": "/n"}}],
+            }
+        }
+    )
+    external = await backend.trigger(t)
+
+    [call] = workspace.calls(SUBMIT)
+    assert call.body == {
+        "run_name": "adhoc",
+        "tasks": [
+            {
+                "task_key": "main",
+                "notebook_task": {
+                    "notebook_path": "/n",
+                    "base_parameters": {
+                        "tether_callback_url": CALLBACK,
+                        "tether_promise_id": "j:1",
+                        "tether_job_id": "j",
+                    },
+                },
+            }
+        ],
+        "idempotency_token": idempotency_token(t),
+    }
+    assert external["run_id"] == workspace.only_run().run_id
+    workspace.end(external["run_id"], "SUCCESS")
+
+
+async def test_a_one_time_run_the_sdk_cannot_take_fails_at_once(backend, workspace):
+    t = trigger({"submit": {"tasks": [{"task_key": "a", "notebok_task": {"notebook_path": "/n"}}]}})
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(t)
+    assert (
+        raised.value.message
+        == "invalid params.submit: unknown field `submit.tasks[0].notebok_task`"
+    )
+    assert (raised.value.code, raised.value.retryable) == ("INVALID_PARAMETER_VALUE", False)
+    assert workspace.calls(SUBMIT) == []
+
+
+async def test_a_refused_trigger_never_shows_the_callback_token(backend, workspace: FakeWorkspace):
+    workspace.add_job(7)
+    workspace.fail(
+        RUN_NOW, 400, "INVALID_PARAMETER_VALUE", f"bad value {CALLBACK} (the-callback-token)"
+    )
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(trigger({"job_id": 7}))
+    assert "the-callback-token" not in raised.value.message
+    assert raised.value.message == ("bad value http://tether.test/callbacks/j%3A1?token=*** (***)")
+    assert (raised.value.code, raised.value.retryable) == ("INVALID_PARAMETER_VALUE", False)
+
+
+async def test_a_callback_url_without_a_token_scrubs_nothing_extra(backend, workspace):
+    workspace.add_job(7)
+    workspace.fail(RUN_NOW, 400, "INVALID_PARAMETER_VALUE", "a plain refusal of XXXX")
+    with pytest.raises(BackendError, match=r"^a plain refusal of XXXX$"):
+        await backend.trigger(trigger({"job_id": 7}, callback_url="http://t/callbacks/j%3A1"))
+
+
+async def test_a_run_page_url_is_built_when_the_run_cannot_be_read(
+    backend, workspace: FakeWorkspace, sdk_logs
+):
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    workspace.fail(GET_RUN, 404, "NOT_FOUND", "no", method="GET")
+    external = await backend.trigger(trigger({"job_id": 7}))
+    run_id = workspace.only_run().run_id
+    assert external == {"run_id": run_id, "run_page_url": f"{workspace.url}/#job/7/run/{run_id}"}
+    assert f"WARNING databricks: run {run_id}: no run page URL (NotFound)" in sdk_logs
+    workspace.end(run_id, "SUCCESS")
+
+
+async def test_a_one_time_run_whose_page_cannot_be_read_has_none(backend, workspace):
+    workspace.notebooks["/n"] = hang
+    workspace.fail(GET_RUN, 404, "NOT_FOUND", "no", method="GET")
+    external = await backend.trigger(
+        trigger(
+            {"submit": {"tasks": [{"task_key": "a", "notebook_task": {"notebook_path": "/n"}}]}}
+        )
+    )
+    assert external["run_page_url"] is None
+    workspace.end(external["run_id"], "SUCCESS")
+
+
+async def test_cancel_cancels_the_run(backend, workspace: FakeWorkspace, sdk_logs):
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    external = await backend.trigger(trigger({"job_id": 7}))
+    run_id = external["run_id"]
+
+    await backend.cancel(job("canceled", external=external))
+
+    [call] = workspace.calls(CANCEL)
+    assert call.body == {"run_id": run_id}
+    assert workspace.runs[run_id].code == "USER_CANCELED"
+    assert f"INFO databricks: job j: asked to cancel run {run_id}" in sdk_logs
+
+
+@pytest.mark.parametrize(
+    ("external", "result"),
+    [
+        (None, None),
+        ({}, None),
+        ({"run_id": "1001"}, None),  # not a run id Tether recorded
+        ({"run_id": 1001}, {"run_id": 1001, "termination_code": "USER_CANCELED"}),
+    ],
+)
+async def test_cancel_leaves_alone_what_has_no_run_or_ended_there(
+    backend, workspace: FakeWorkspace, external, result
+):
+    await backend.cancel(job("canceled", external=external, result=result))
+    assert workspace.calls(CANCEL) == []
+
+
+async def test_a_run_that_ended_elsewhere_is_recognised_only_by_its_termination_code(
+    backend, workspace: FakeWorkspace
+):
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    external = await backend.trigger(trigger({"job_id": 7}))
+    await backend.cancel(job("timed_out", external=external, result={"run_id": external["run_id"]}))
+    assert len(workspace.calls(CANCEL)) == 1
+
+
+async def test_a_status_check_reads_the_run(backend, workspace: FakeWorkspace):
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    external = await backend.trigger(trigger({"job_id": 7}))
+    run_id = external["run_id"]
+    assert await backend.check_status(job(external=external)) is None
+    workspace.end(run_id, "SUCCESS", "done")
+    assert await backend.check_status(job(external=external)) == Outcome(
+        status="succeeded",
+        result={"run_id": run_id, "termination_code": "SUCCESS", "message": "done"},
+    )
+
+
+async def test_a_status_check_without_a_run_asks_nothing(backend, workspace: FakeWorkspace):
+    assert await backend.check_status(job(external=None)) is None
+    assert workspace.seen == []
+
+
+async def test_a_status_check_that_fails_says_why_and_raises(backend, workspace, sdk_logs):
+    workspace.fail(GET_RUN, 400, "INVALID_PARAMETER_VALUE", "Run 5 does not exist.", method="GET")
+    with pytest.raises(BackendError) as raised:
+        await backend.check_status(job(external={"run_id": 5}))
+    assert raised.value.message == "Run 5 does not exist."
+    assert sdk_logs[-1] == "WARNING databricks: job j: reading run 5 failed: Run 5 does not exist."
+
+
+# ── notifications ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, "text", [], {}, {"status": "succeeded"}, {"event_type": 3, "run": {"run_id": 1}}],
+)
+def test_a_body_that_is_no_notification_is_left_to_tether(body: Any):
+    assert Databricks(SETTINGS).parse_callback(job(external={"run_id": 1}), body) is None
+
+
+@pytest.mark.parametrize("given", [1001, "1001"])
+def test_a_notification_about_the_jobs_run_asks_for_a_check(given: Any):
+    hint = Databricks(SETTINGS).parse_callback(
+        job(external={"run_id": 1001}), {"event_type": "jobs.on_success", "run": {"run_id": given}}
+    )
+    assert hint == CheckNow("Databricks jobs.on_success for run 1001: reading the run's state")
+
+
+def test_a_notification_before_the_run_is_known_asks_for_a_check():
+    hint = Databricks(SETTINGS).parse_callback(
+        job(external=None), {"event_type": "jobs.on_failure", "run": {"run_id": 5}}
+    )
+    assert hint == CheckNow("Databricks jobs.on_failure for run 5: reading the run's state")
+
+
+@pytest.mark.parametrize(
+    "run_part", [None, "1001", {}, {"run_id": None}, {"run_id": "x"}, {"run_id": [1]}]
+)
+def test_a_notification_without_a_run_id_is_refused(run_part: Any):
+    body = {"event_type": "jobs.on_start", "run": run_part}
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(job(external={"run_id": 1}), body)
+    assert str(raised.value) == (
+        "a Databricks notification (jobs.on_start) needs `run.run_id`; nothing changed"
+    )
+
+
+def test_a_notification_about_another_run_is_refused():
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(
+            job(external={"run_id": 1001}), {"event_type": "jobs.on_success", "run": {"run_id": 9}}
+        )
+    assert str(raised.value) == (
+        "the notification (jobs.on_success) is about run 9, but this job's run is 1001;"
+        " nothing changed"
+    )
