@@ -13,6 +13,7 @@ from resonate.types import TaskData, Value
 
 from resonate_sqlite.connection import SqliteConnection
 from resonate_sqlite.engine import now_ms
+from tests.resonate_sqlite.conformance.helpers import stays, until
 
 
 def create(i: int) -> str:
@@ -38,14 +39,24 @@ async def test_send_after_stop_still_answers(tmp_path: Path) -> None:
 
 
 async def test_a_late_send_after_stop_closes_the_file_again(tmp_path: Path) -> None:
-    conn = SqliteConnection(tmp_path / "late2.db")
+    """A request after ``stop`` reopens the file for itself (no checkpointer
+    thread), and the file is closed again once nothing more is sent."""
+    path = tmp_path / "late2.db"
+    wal = path.with_name(f"{path.name}-wal")  # the last handle to close removes it
+    conn = SqliteConnection(path)
     await conn.start()
     await conn.stop()
+    assert conn._engine.db is None and not wal.exists()
     threads = threading.active_count()
-    await conn.send(create(0))
-    assert threading.active_count() == threads  # no checkpointer for a send-only reopen
-    await asyncio.sleep(1.3)
-    assert conn._engine.db is None
+    for i in range(2):  # and again after it was closed
+        resp = json.loads(await conn.send(create(i)))
+        assert resp["head"]["status"] == 200
+        assert conn._engine.db is not None and wal.exists()  # reopened for it
+        assert threading.active_count() == threads  # no checkpointer for a send-only reopen
+        await until(lambda: conn._engine.db is None and not wal.exists(), 5)
+    db = sqlite3.connect(path)
+    assert [r[0] for r in db.execute("SELECT id FROM r_promises ORDER BY id")] == ["p0", "p1"]
+    db.close()
 
 
 async def test_started_before_the_sdk_wires_its_receivers(tmp_path: Path) -> None:
@@ -68,47 +79,72 @@ async def test_started_before_the_sdk_wires_its_receivers(tmp_path: Path) -> Non
 async def test_a_burst_of_work_waits_on_disk_beyond_max_inflight(tmp_path: Path) -> None:
     """Work created in this process goes straight to its SDK only while the
     connection has room (`max_inflight`); the rest waits in the outbox, not in
-    memory, and runs as room frees up."""
+    memory, and runs as room frees up: one more, oldest first, for each that
+    finishes."""
     conn = SqliteConnection(tmp_path / "burst.db", group="g", pid="p", max_inflight=2)
     await conn.start()
     r = Resonate(network=conn, group="g", pid="p", max_concurrent_tasks=64)
+    names = [f"burst-{i}" for i in range(10)]
+    gates = {name: asyncio.Event() for name in names}
     running: set[str] = set()
-    peak, done = 0, 0
-    release = asyncio.Event()
+    started: list[str] = []
+    finished: list[str] = []
+    peak = 0
 
     async def held(ctx: object, name: str) -> str:
-        nonlocal peak, done
+        nonlocal peak
         running.add(name)
+        started.append(name)
         peak = max(peak, len(running))
-        await release.wait()
+        await gates[name].wait()
         running.discard(name)
-        done += 1
+        finished.append(name)
         return name
 
     r.register(held)
     target = conn.resolve_target("g")
-    for i in range(10):  # as Tether starts a job: the root promise only, for the group
+    for name in names:  # as Tether starts a job: the root promise only, for the group
         await r.promises.create(
-            f"burst-{i}",
+            name,
             now_ms() + 60_000,
-            Value(data=TaskData(func="held", args=(f"burst-{i}",), kwargs={}, version=1)),
+            Value(data=TaskData(func="held", args=(name,), kwargs={}, version=1)),
             {
-                "resonate:origin": f"burst-{i}",
-                "resonate:branch": f"burst-{i}",
-                "resonate:parent": f"burst-{i}",
+                "resonate:origin": name,
+                "resonate:branch": name,
+                "resonate:parent": name,
                 "resonate:scope": "global",
                 "resonate:target": target,
             },
         )
-    await asyncio.sleep(0.5)
-    assert len(running) == 2 and peak == 2
     db = sqlite3.connect(tmp_path / "burst.db")
-    assert db.execute("SELECT count(*) FROM r_outbox").fetchone()[0] == 8
-    db.close()
-    release.set()
-    for _ in range(100):
-        if done == 10:
-            break
-        await asyncio.sleep(0.1)
-    assert done == 10 and peak == 2
-    await r.stop()
+
+    def waiting() -> int:
+        return int(db.execute("SELECT count(*) FROM r_outbox").fetchone()[0])
+
+    def two_run_eight_wait() -> bool:
+        return len(running) == 2 and conn.inflight == 2 and waiting() == 8
+
+    try:
+        await until(two_run_eight_wait)
+        await stays(two_run_eight_wait, 0.5, "work beyond max_inflight left the outbox")
+        assert sorted(started) == names[:2]
+        for k in range(10):  # let one finish at a time: exactly one more starts
+            gates[min(running)].set()
+            left = 10 - (k + 1)
+
+            def moved_on(k: int = k, left: int = left) -> bool:
+                return (
+                    len(finished) == k + 1
+                    and len(running) == min(2, left)
+                    and waiting() == max(left - 2, 0)
+                )
+
+            await until(moved_on)
+        assert peak == 2
+        assert started[2:] == names[2:]  # the outbox is served oldest first
+        assert sorted(finished) == names
+    finally:
+        db.close()
+        for gate in gates.values():  # so a failing run does not hang in stop()
+            gate.set()
+        await asyncio.wait_for(r.stop(), 10)

@@ -16,6 +16,7 @@ import pytest
 from resonate.resonate import Resonate
 
 from resonate_sqlite.connection import SqliteConnection
+from tests.resonate_sqlite.conformance.helpers import dispatch
 
 HELPER = Path(__file__).with_name("sqlite_proc.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ async def test_two_processes_split_the_work_each_job_runs_once(
     a, b = cluster("A"), cluster("B")
     await asyncio.gather(a.ready(), b.ready())
     jobs = [f"job{i}" for i in range(20)]
-    handles = [client.rpc(job, "job", job) for job in jobs]
+    handles = await asyncio.gather(*(dispatch(client, job, "job", job) for job in jobs))
     ran_on = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 30)
     starts = collections.Counter(job for _, what, job in log_lines(tmp_path) if what == "start")
     assert starts == dict.fromkeys(jobs, 1), "a job ran twice, or not at all"
@@ -93,7 +94,7 @@ async def test_sigkill_mid_step_another_process_finishes_after_the_lease(
 ) -> None:
     doomed = cluster("A", slow=True)
     await doomed.ready()
-    handle = client.rpc("crash1", "job", "crash1")
+    handle = await dispatch(client, "crash1", "job", "crash1")
 
     async def started() -> None:
         while ["A", "start", "crash1"] not in log_lines(tmp_path):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from resonate_sqlite.engine import Engine
+from resonate_sqlite.busy import BusyBackoff
+from resonate_sqlite.engine import Engine, StoreBusy
 from tests.resonate_sqlite.protocol_server import (
     GROUP,
     HOUR,
@@ -310,28 +312,81 @@ def test_each_outbox_message_is_claimed_by_exactly_one_connection(tmp_path: Path
     for i in range(300):
         producer("promise.create", id=f"r{i}", timeoutAt=T0 + HOUR, tags={"resonate:target": GROUP})
     claimed: list[list[str]] = [[], [], []]
+    failures: list[BaseException] = []
+    # all claim at once, not one after another (whether two claims then overlap
+    # is up to the scheduler: the next test makes that overlap certain)
+    together = threading.Barrier(3, timeout=10)
 
     def claim(k: int) -> None:
         engine = Engine(db)
-        engine.open(timeout=5)
-        while True:
-            try:
-                msgs = engine.claim([(GROUP, 7)])
-            except Exception:  # busy: the other claimer holds the lock
-                continue
-            if not msgs:
-                break
-            claimed[k] += [json.loads(m)["data"]["task"]["id"] for m in msgs]
-        engine.close()
+        try:
+            engine.open(timeout=5)
+            together.wait()
+            backoff = BusyBackoff(timeout=10)  # then the lock was never let go: a failure
+            while True:
+                try:
+                    msgs = engine.claim([(GROUP, 7)])
+                except StoreBusy:  # another claimer holds the write lock
+                    delay = backoff.next_delay()
+                    if delay is None:
+                        raise
+                    time.sleep(delay)
+                    continue
+                backoff.reset()
+                if not msgs:
+                    break
+                claimed[k] += [json.loads(m)["data"]["task"]["id"] for m in msgs]
+        except BaseException as exc:  # anything else is a failure of the test, at once
+            failures.append(exc)
+        finally:
+            engine.close()
 
-    threads = [threading.Thread(target=claim, args=(k,)) for k in range(3)]
+    threads = [threading.Thread(target=claim, args=(k,), daemon=True) for k in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a claimer is stuck"
+    assert failures == []
     every = claimed[0] + claimed[1] + claimed[2]
     assert sorted(every) == sorted(f"r{i}" for i in range(300))
     assert len(set(every)) == 300
+
+
+def test_a_claim_made_while_another_is_taking_its_rows_finds_the_lock_taken(
+    tmp_path: Path,
+) -> None:
+    """The interleaving the threads above may or may not hit, made certain: b
+    claims while a is between reading its rows and deleting them."""
+    db = tmp_path / "claim2.db"
+    producer = Server(db)
+    for i in range(4):
+        producer("promise.create", id=f"r{i}", timeoutAt=T0 + HOUR, tags={"resonate:target": GROUP})
+    a, b = Engine(db), Engine(db)
+    a.open(timeout=5)
+    b.open(timeout=5)
+    assert a.db is not None
+    meanwhile: list[object] = []
+
+    def inside_a(statement: str) -> None:  # sqlite3 swallows what a trace callback raises
+        if statement.lstrip().upper().startswith("DELETE") and not meanwhile:
+            try:
+                meanwhile.append(b.claim([(GROUP, 4)]))
+            except Exception as exc:
+                meanwhile.append(exc)
+
+    def ids(msgs: list[str]) -> list[str]:
+        return [json.loads(m)["data"]["task"]["id"] for m in msgs]
+
+    a.db.set_trace_callback(inside_a)
+    got_a = ids(a.claim([(GROUP, 2)]))
+    a.db.set_trace_callback(None)
+    assert len(meanwhile) == 1 and isinstance(meanwhile[0], StoreBusy), meanwhile
+    got_b = ids(b.claim([(GROUP, 4)]))
+    assert got_a == ["r0", "r1"]  # oldest first
+    assert got_b == ["r2", "r3"]
+    a.close()
+    b.close()
 
 
 def test_dead_processes_lose_their_listeners_and_messages(server: Server) -> None:

@@ -3,8 +3,8 @@ resonate.sql does (a ``promise.create`` at every cron minute, missed ones too)."
 
 from __future__ import annotations
 
-import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
 
 from resonate_sqlite.connection import SqliteConnection
+from tests.resonate_sqlite.conformance.helpers import stays, until
 from tests.resonate_sqlite.protocol_server import GROUP, Server
 
 MINUTE = 60_000
@@ -132,22 +133,28 @@ async def test_a_schedule_runs_a_workflow_through_the_sdk(tmp_path: Path) -> Non
     r.register(tick)
     param = Value(data=TaskData(func="tick", args=("cron",), kwargs={}, version=1))
     tags = {"resonate:target": conn.resolve_target("g")}
-    await r.schedules.create(
-        "every-minute", "* * * * *", "tick-{{.timestamp}}", 60_000, param, tags
-    )
-    schedule = await r.schedules.get("every-minute")
-    # run it now rather than at the next minute
+    # yearly: the run forced below is the only one due while the test runs
+    await r.schedules.create("yearly", "0 0 1 1 *", "tick-{{.timestamp}}", 60_000, param, tags)
+    schedule = await r.schedules.get("yearly")
+    # run it now rather than next January
     assert conn._engine.db is not None
     conn._engine.db.execute(
-        "UPDATE r_schedules SET next_run_at = ? WHERE id = 'every-minute'",
+        "UPDATE r_schedules SET next_run_at = ? WHERE id = 'yearly'",
         (schedule.created_at,),
     )
-    for _ in range(200):
-        if ran:
-            break
-        await asyncio.sleep(0.02)
-    assert ran == ["cron"]
-    row = conn._engine.db.execute("SELECT id, state, value FROM r_promises").fetchone()
-    assert row[0] == f"tick-{schedule.created_at}" and row[1] == "resolved"
-    assert json.loads(row[2])["data"] is not None
+    db = conn._engine.db
+
+    def runs() -> list[tuple[str, str, str]]:
+        return db.execute("SELECT id, state, value FROM r_promises ORDER BY id").fetchall()
+
+    first = f"tick-{schedule.created_at}"
+    await until(lambda: [(pid, state) for pid, state, _ in runs()] == [(first, "resolved")])
+    # once: the schedule moved on to next year, and nothing else runs meanwhile
+    await stays(lambda: ran == ["cron"] and len(runs()) == 1, 0.5, "the schedule ran again")
+    [(_, _, value)] = runs()
+    assert json.loads(value)["data"] is not None
+    created = datetime.fromtimestamp(schedule.created_at / 1000, UTC)
+    next_year = datetime(created.year + 1, 1, 1, tzinfo=UTC)
+    [(next_run_at,)] = db.execute("SELECT next_run_at FROM r_schedules").fetchall()
+    assert next_run_at == int(next_year.timestamp()) * 1000
     await r.stop()

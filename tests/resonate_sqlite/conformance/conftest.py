@@ -8,13 +8,16 @@ public API only (``Resonate(...)``, ``register``, ``run``/``rpc``, ``ctx.*``,
   on a file in the test's tmp dir; every connection of a test opens that file.
   ``sqlite-1tx`` is the same with ``group_commit=False`` (one transaction per
   request instead of one per batch).
-* ``memory``   -- resonate-sdk's ``LocalConnection``. Its state lives in one
-  connection object, so tests that need a second process, a restart, or a
-  sweep it does not do are marked ``xfail`` with the reason.
 * ``postgres`` -- ``resonate_pg.PostgresConnection`` when ``TETHER_TEST_PG_DSN``
   names a template database with resonate-pg's ``resonate.sql`` applied, whose
   role may ``CREATE DATABASE`` and run ``process_timeouts()``: each test gets a
   fresh copy of it, dropped afterwards. Skipped otherwise.
+
+Both are shared (several connections, as several processes, see one state) and
+durable (it survives stopping every connection), and every test here relies on
+that. resonate-sdk's in-memory ``LocalConnection`` is neither, and Tether does
+not use it (its ``memory://`` store is this engine on a temporary file), so it
+is not a store of this suite.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from resonate.connections.local import LocalConnection
 from resonate.resonate import Resonate
 
 from resonate_sqlite.connection import SqliteConnection
@@ -42,26 +44,11 @@ class Store:
     """One kind of durable store, and how to open connections to it."""
 
     name: str
-    shared: bool
-    """Several connections (processes) see one state."""
-    durable: bool
-    """State survives stopping every connection."""
     connect: Callable[..., Any]
     """``connect(pid, group, **sqlite_options)`` -> a Network that is also a Source."""
-    expect_failure: bool = False
-
-    def known_gap(self, request: pytest.FixtureRequest, store: str, reason: str) -> None:
-        """Mark this test xfail on ``store``: it still runs, with short waits."""
-        if self.name == store:
-            self.expect_failure = True
-            request.node.add_marker(pytest.mark.xfail(reason=reason, strict=False))
-
-    def patience(self, secs: float) -> float:
-        """How long to wait for something: short when the store is expected to fail."""
-        return min(secs, 1.5) if self.expect_failure else secs
 
 
-STORES = ["sqlite", "sqlite-1tx", "memory", "postgres"]
+STORES = ["sqlite", "sqlite-1tx", "postgres"]
 
 
 @pytest.fixture(params=STORES)
@@ -78,14 +65,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             options.setdefault("process_timeout", 2.0)
             return SqliteConnection(db, group=group, pid=pid, **options)
 
-        yield Store(kind, shared=True, durable=True, connect=sqlite)
-        return
-    if kind == "memory":
-
-        def memory(pid: str, group: str, **_: Any) -> LocalConnection:
-            return LocalConnection(pid=pid, group=group)
-
-        yield Store("memory", shared=False, durable=False, connect=memory)
+        yield Store(kind, connect=sqlite)
         return
     template = pg_dsn(request.config)
     if not template:
@@ -101,7 +81,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     def postgres(pid: str, group: str, **_: Any) -> PostgresConnection:
         return PostgresConnection(dsn, pid=pid, group=group)
 
-    yield Store("postgres", shared=True, durable=True, connect=postgres)
+    yield Store("postgres", connect=postgres)
     drop_pg_database(template, name)
 
 

@@ -1,7 +1,8 @@
 """What a Tether workflow needs from a durable store, checked on every store.
 
 Written once against resonate-sdk's public API; ``conftest.py`` supplies the
-stores. A store-specific gap is an ``xfail`` carrying its reason, never a skip.
+stores. A store-specific gap would be an ``xfail(strict=True, raises=...)``
+carrying its reason, never a skip; there is none today.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +21,12 @@ from resonate.heartbeat import NoopHeartbeat
 from resonate.types import Value
 
 from tests.resonate_sqlite.conformance.conftest import Factory, Store
-from tests.resonate_sqlite.conformance.helpers import until, within
-
-MEMORY_NOT_SHARED = (
-    "LocalConnection keeps its state in one connection object: a second "
-    "process (or a restarted one) cannot see it"
+from tests.resonate_sqlite.conformance.helpers import (
+    dispatch,
+    stays,
+    task_state,
+    until,
+    within,
 )
 
 
@@ -51,14 +53,19 @@ async def test_unknown_promise_is_404(resonates: Factory, uid: Callable[[str], s
     assert err.value.code == 404
 
 
-def waiting_workflow(started: asyncio.Event) -> Any:
-    """``ctx.promise`` + a step that reports it ran, then waits on the promise."""
+def waiting_workflow(started: asyncio.Event, log: list[str] | None = None) -> Any:
+    """``ctx.promise`` + a step that reports it ran, then waits on the promise.
+    Appends ``"run"`` to ``log`` each time the workflow function is entered and
+    ``"report"`` each time its step runs."""
+    seen = log if log is not None else []
 
     async def report(ctx: Context, promise_id: str) -> str:
+        seen.append("report")
         started.set()
         return promise_id
 
     async def waiting(ctx: Context) -> Any:
+        seen.append("run")
         p = ctx.promise(timeout=timedelta(seconds=60))
         await ctx.run(report, await p.id())
         return await p
@@ -66,20 +73,39 @@ def waiting_workflow(started: asyncio.Event) -> Any:
     return waiting
 
 
+def is_suspended(conn: Any, job: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await task_state(conn, job) == "suspended"
+
+    check.__name__ = f"task {job} is suspended"
+    return check
+
+
 async def test_external_promise_settled_after_suspend(
     resonates: Factory, uid: Callable[[str], str]
 ) -> None:
-    r, _ = await resonates("a")
+    """The workflow suspends on its promise; the store keeps it suspended (it
+    does not run it again) until the promise settles, then resumes it at once."""
+    r, conn = await resonates("a")
     started = asyncio.Event()
-    wf = r.register(waiting_workflow(started), name="waiting")
+    log: list[str] = []
+    wf = r.register(waiting_workflow(started, log), name="waiting")
     job = uid("after")
     h = r.run(job, wf)
     await within(started.wait())
-    await asyncio.sleep(0.3)  # the workflow suspends on its promise
-    assert not h.done()
+    await until(is_suspended(conn, job))
+    assert log == ["run", "report"]
+
+    async def still_waiting() -> bool:
+        return await is_suspended(conn, job)() and log == ["run", "report"] and not h.done()
+
+    await stays(still_waiting, 1.0, "the workflow ran again before its promise settled")
     record = await r.promises.resolve(f"{job}:1", Value(data={"rows": 42}))
     assert record.state == "resolved"
-    assert await within(h.result()) == {"rows": 42}
+    # resumed by the settlement itself, not seconds later by a retry timer
+    assert await within(h.result(), 2) == {"rows": 42}
+    assert log == ["run", "report", "run"]
+    assert await task_state(conn, job) == "fulfilled"
 
 
 async def test_external_promise_settled_before_suspend(
@@ -102,14 +128,8 @@ async def test_external_promise_settled_before_suspend(
 
 
 async def test_promise_timeout_fires_with_nobody_touching_it(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    resonates: Factory, uid: Callable[[str], str]
 ) -> None:
-    store.known_gap(
-        request,
-        "memory",
-        "LocalConnection never sweeps a target-less promise: an external "
-        "ctx.promise times out only when something touches it",
-    )
     r, _ = await resonates("a")
 
     async def impatient(ctx: Context) -> str:
@@ -122,7 +142,7 @@ async def test_promise_timeout_fires_with_nobody_touching_it(
 
     r.register(impatient)
     job = uid("timeout")
-    result = await within(r.run(job, impatient).result(), store.patience(6))
+    result = await within(r.run(job, impatient).result(), 6)
     assert result.startswith("timed out")
     assert (await r.promises.get(f"{job}:1")).state == "rejected_timedout"
 
@@ -161,22 +181,25 @@ async def test_duplicate_start_reattaches(resonates: Factory, uid: Callable[[str
 
 
 async def test_duplicate_start_from_another_process_reattaches(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    resonates: Factory, uid: Callable[[str], str]
 ) -> None:
-    store.known_gap(request, "memory", MEMORY_NOT_SHARED)
     started = asyncio.Event()
+    log_a: list[str] = []
+    log_b: list[str] = []
     ra, _ = await resonates("a")
     rb, _ = await resonates("b")
-    ra.register(waiting_workflow(started), name="waiting")
-    wf_b = rb.register(waiting_workflow(asyncio.Event()), name="waiting")
+    ra.register(waiting_workflow(started, log_a), name="waiting")
+    wf_b = rb.register(waiting_workflow(asyncio.Event(), log_b), name="waiting")
     job = uid("dup2")
     ha = ra.run(job, "waiting")
     await within(started.wait())
     hb = rb.run(job, wf_b)  # b reattaches: nothing runs twice
-    await asyncio.sleep(0.2)
+    assert await within(hb.id()) == job  # b's start went through, on the same promise
+    assert not hb.done()
     await rb.promises.resolve(f"{job}:1", Value(data="one"))
-    assert await within(ha.result(), store.patience(5)) == "one"
-    assert await within(hb.result(), store.patience(5)) == "one"
+    assert await within(ha.result()) == "one"
+    assert await within(hb.result()) == "one"
+    assert (log_a + log_b).count("report") == 1, (log_a, log_b)
 
 
 async def test_settle_twice_first_wins(resonates: Factory, uid: Callable[[str], str]) -> None:
@@ -195,32 +218,33 @@ async def test_settle_twice_first_wins(resonates: Factory, uid: Callable[[str], 
 
 
 async def test_restart_a_waiting_workflow_completes(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    resonates: Factory, uid: Callable[[str], str]
 ) -> None:
-    store.known_gap(request, "memory", "LocalConnection keeps nothing across a restart")
     started = asyncio.Event()
-    r1, _ = await resonates("first")
+    r1, conn1 = await resonates("first")
     r1.register(waiting_workflow(started), name="waiting")
     job = uid("restart")
     r1.run(job, "waiting")
     await within(started.wait())
-    await asyncio.sleep(0.3)
+    await until(is_suspended(conn1, job))
     await within(r1.stop(), 10)  # the Resonate instance and its connection
 
-    r2, _ = await resonates("second")  # a new connection on the same store
-    r2.register(waiting_workflow(asyncio.Event()), name="waiting")
+    r2, conn2 = await resonates("second")  # a new connection on the same store
+    log: list[str] = []
+    r2.register(waiting_workflow(asyncio.Event(), log), name="waiting")
     h = await r2.get(job)
     assert not h.done()
+    assert await task_state(conn2, job) == "suspended"  # the restart kept it waiting
     await r2.promises.resolve(f"{job}:1", Value(data="after restart"))
     assert await within(h.result(), 8) == "after restart"
+    assert log == ["run"]  # resumed on the new process, its step not run again
 
 
 async def test_lease_expiry_redispatches_to_another_process(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    resonates: Factory, uid: Callable[[str], str]
 ) -> None:
     """Process a acquires the workflow and goes silent mid-step (no heartbeat,
     no pump); once its lease lapses, process b runs the workflow."""
-    store.known_gap(request, "memory", MEMORY_NOT_SHARED)
     gate = asyncio.Event()
     ran: list[str] = []
 
@@ -250,18 +274,17 @@ async def test_lease_expiry_redispatches_to_another_process(
         rb, _ = await resonates("b")
         rb.register(on_b, name="leased")
         hb = await rb.get(job)
-        assert await within(hb.result(), store.patience(10)) == "b"
+        assert await within(hb.result(), 10) == "b"
         assert ran == ["a", "b"]
     finally:
         gate.set()
 
 
 async def test_two_processes_split_the_work_and_each_execute_is_claimed_once(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    store: Store, resonates: Factory, uid: Callable[[str], str]
 ) -> None:
     """A send-only client dispatches; two workers of the group run everything
     exactly once between them."""
-    store.known_gap(request, "memory", MEMORY_NOT_SHARED)
     seen: collections.Counter[str] = collections.Counter()
     by: dict[str, list[str]] = {"a": [], "b": []}
 
@@ -284,8 +307,8 @@ async def test_two_processes_split_the_work_and_each_execute_is_claimed_once(
     rb.register(worker("b"), name="split")
     client, _ = await resonates("client", sources=[], subscription_refresh_secs=0.1)
     jobs = [uid(f"split{i}") for i in range(16)]
-    handles = [client.rpc(job, "split", job) for job in jobs]
-    results = await within(asyncio.gather(*(h.result() for h in handles)), store.patience(15))
+    handles = await asyncio.gather(*(dispatch(client, job, "split", job) for job in jobs))
+    results = await within(asyncio.gather(*(h.result() for h in handles)), 15)
     assert results == jobs
     assert sorted(seen) == sorted(jobs)
     assert set(seen.values()) == {1}, "an execute was run twice"
@@ -294,14 +317,8 @@ async def test_two_processes_split_the_work_and_each_execute_is_claimed_once(
 
 
 async def test_heartbeat_keeps_a_step_longer_than_the_ttl(
-    store: Store, request: pytest.FixtureRequest, resonates: Factory, uid: Callable[[str], str]
+    resonates: Factory, uid: Callable[[str], str]
 ) -> None:
-    store.known_gap(
-        request,
-        "memory",
-        "LocalConnection gets no heartbeat: a step longer than the TTL is "
-        "re-dispatched while it still runs",
-    )
     r, _ = await resonates("a", ttl=timedelta(seconds=1))
     runs: list[float] = []
 
@@ -314,6 +331,5 @@ async def test_heartbeat_keeps_a_step_longer_than_the_ttl(
         return await ctx.run(slow)
 
     r.register(long_step)
-    assert await within(r.run(uid("long"), long_step).result(), store.patience(10)) == "done"
-    await asyncio.sleep(0.2)
+    assert await within(r.run(uid("long"), long_step).result(), 10) == "done"
     assert len(runs) == 1, f"the step ran {len(runs)} times"
