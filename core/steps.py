@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -36,12 +37,15 @@ class JobSteps:
         jobs: JobIndex,
         signer: CallbackSigner,
         settler: Settler,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
         self.jobs = jobs
         self.signer = signer
         self.settler = settler
+        self.sleep = sleep
+        """How the trigger waits between attempts (tests record the waits)."""
 
     async def trigger(self, job_id: str, promise_id: str) -> None:
         """Start the external job through its backend, unless the job already
@@ -123,7 +127,7 @@ class JobSteps:
                 reason,
                 wait,
             )
-            await asyncio.sleep(wait)
+            await self.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable")
 

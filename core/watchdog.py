@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 import msgspec
@@ -79,7 +80,7 @@ class Watchdog:
                 await self._task
 
     async def _run(self) -> None:
-        last_gc = 0.0
+        last_gc = -math.inf  # retention on the first sweep, even on a host up for under an hour
         while True:
             await asyncio.sleep(self.settings.watchdog_interval)
             if self.settings.retention and time.monotonic() - last_gc > GC_EVERY:

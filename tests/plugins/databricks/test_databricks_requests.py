@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -442,7 +443,7 @@ async def test_the_client_is_built_once_with_the_settings(workspace: FakeWorkspa
     assert (config.retry_timeout_seconds, config.http_timeout_seconds) == (3, 4.5)
     assert config.debug_headers is False
     assert config.profile is None
-    assert "tether/0.1.0" in config.user_agent
+    assert f"tether/{version('tether')}" in config.user_agent
     assert sdk_logs == [f"INFO databricks: using workspace {workspace.url}"]
 
 

@@ -1,0 +1,405 @@
+"""Settling (`core.settle`), in process, on real parts: the embedded engine and
+its job index (`memory://`) and a Resonate client on them. First settle wins;
+the others are told how they compare; a job whose promise is not born yet is
+ended in the index alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from resonate.connections.http import HttpConnection
+from resonate.error import ConnectorError
+from resonate.resonate import Resonate
+from resonate.types import Value
+
+import core.settle
+from core.errors import NotFound, StoreUnavailable
+from core.models import ErrorInfo, Outcome
+from core.settle import (
+    Settler,
+    judge,
+    outcome_of,
+    outcome_of_record,
+    settled_value,
+    store_call,
+)
+from core.store.jobs import JobRecord
+from core.workflow import callback_promise_id
+from tests.core.parts import Parts, open_parts
+
+DONE = Outcome(status="succeeded", result={"rows": 3})
+OTHER = Outcome(status="succeeded", result={"rows": 4})
+FAILED = Outcome(status="failed", error=ErrorInfo(message="boom", type="external"))
+CANCELED = Outcome(status="canceled")
+TIMED_OUT = Outcome(status="timed_out", error=ErrorInfo(message="late", type="timeout"))
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[Parts]:
+    async with open_parts() as p:
+        yield p
+
+
+# ── the pure parts ───────────────────────────────────────────────────────────
+
+
+async def test_store_call_passes_answers_and_errors_that_are_not_the_stores():
+    async def answer() -> int:
+        return 7
+
+    async def refuse() -> None:
+        raise ValueError("not the store's")
+
+    assert await store_call(answer()) == 7
+    with pytest.raises(ValueError, match="not the store's"):
+        await store_call(refuse())
+
+
+@pytest.mark.parametrize(
+    ("error", "name"),
+    [(OSError("disk"), "OSError"), (ConnectorError("gone"), "ConnectorError")],
+)
+async def test_a_store_that_fails_is_unavailable(error: Exception, name: str):
+    async def fail() -> None:
+        raise error
+
+    with pytest.raises(StoreUnavailable) as raised:
+        await store_call(fail())
+    assert raised.value.message == f"the store did not answer: {name}"
+    assert raised.value.__suppress_context__
+
+
+async def test_a_store_that_stalls_is_unavailable(monkeypatch):
+    monkeypatch.setattr(core.settle, "STORE_CALL_TIMEOUT", 0.05)
+    with pytest.raises(StoreUnavailable) as raised:
+        await store_call(asyncio.sleep(5))
+    assert raised.value.message == "the store did not answer: TimeoutError"
+
+
+async def test_a_store_call_within_its_time_is_awaited_to_the_end(monkeypatch):
+    monkeypatch.setattr(core.settle, "STORE_CALL_TIMEOUT", 1.0)
+
+    async def slow() -> str:
+        await asyncio.sleep(0.1)
+        return "done"
+
+    assert await store_call(slow()) == "done"
+
+
+def test_a_settled_value_is_the_outcome_who_and_the_nonce():
+    assert settled_value(FAILED, "callback", "n1") == {
+        "status": "failed",
+        "error": {"message": "boom", "type": "external"},
+        "by": "callback",
+        "nonce": "n1",
+    }
+    assert settled_value(DONE, "timeout", "n2") == {
+        "status": "succeeded",
+        "result": {"rows": 3},
+        "by": "timeout",
+        "nonce": "n2",
+    }
+
+
+def test_the_outcome_of_a_settled_value_is_read_back():
+    assert outcome_of(settled_value(FAILED, "callback", "n")) == FAILED
+    assert outcome_of({"status": "timed_out", "by": "store"}) == Outcome(status="timed_out")
+
+
+@pytest.mark.parametrize(
+    "value", [None, "garbage", 7, [], {"status": "exploded"}, {"result": 1}, {"status": 1}]
+)
+def test_an_unreadable_outcome_is_a_failure_saying_so(value: Any):
+    assert outcome_of(value) == Outcome(
+        status="failed", error=ErrorInfo(message="unreadable outcome", type="tether")
+    )
+
+
+def test_the_outcome_of_a_finished_row():
+    rec = JobRecord(
+        id="j",
+        backend="b",
+        state="failed",
+        params={},
+        metadata={},
+        timeout=1,
+        fingerprint="f",
+        deadline=0,
+        created_at=0,
+        updated_at=0,
+        result={"partial": True},
+        error=ErrorInfo(message="m", type="t"),
+    )
+    assert outcome_of_record(rec) == Outcome(
+        status="failed", result={"partial": True}, error=ErrorInfo(message="m", type="t")
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "same", "result"),
+    [
+        ("canceled", True, "gone"),
+        ("canceled", False, "gone"),
+        ("timed_out", True, "gone"),
+        ("timed_out", False, "gone"),
+        ("succeeded", True, "duplicate"),
+        ("succeeded", False, "conflict"),
+        ("failed", True, "duplicate"),
+        ("failed", False, "conflict"),
+    ],
+)
+def test_judging_a_settle_that_lost(status: str, same: bool, result: str):
+    assert judge(status, same) == result
+
+
+# ── settling a job whose promise exists ──────────────────────────────────────
+
+
+async def test_the_first_settle_wins_and_is_recorded(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+
+    result, rec = await parts.settler.settle("j", FAILED, by="callback")
+
+    assert result == "accepted"
+    assert (rec.state, rec.result, rec.error) == ("failed", None, FAILED.error)
+    assert rec.finished_at is not None
+    assert await parts.row("j") == rec
+    promise = await parts.promise("j")
+    assert promise.state == "resolved"
+    value = promise.value.data
+    assert {k: v for k, v in value.items() if k != "nonce"} == {
+        "status": "failed",
+        "error": {"message": "boom", "type": "external"},
+        "by": "callback",
+    }
+    assert isinstance(value["nonce"], str) and len(value["nonce"]) == 32
+
+
+async def test_each_settle_has_its_own_nonce(parts: Parts):
+    for job_id in ("a", "b"):
+        await parts.add_job(job_id, state="running")
+        await parts.add_promise(job_id)
+        assert (await parts.settler.settle(job_id, DONE, by="callback"))[0] == "accepted"
+    nonces = {(await parts.promise(j)).value.data["nonce"] for j in ("a", "b")}
+    assert len(nonces) == 2
+
+
+async def test_a_later_settle_is_told_how_it_compares_and_changes_nothing(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    _, first = await parts.settler.settle("j", DONE, by="callback")
+
+    assert (await parts.settler.settle("j", DONE, by="callback"))[0] == "duplicate"
+    result, rec = await parts.settler.settle("j", OTHER, by="callback")
+    assert result == "conflict"
+    assert rec == first == await parts.row("j")
+    assert rec.result == {"rows": 3}
+    assert (await parts.promise("j")).value.data["result"] == {"rows": 3}
+
+
+@pytest.mark.parametrize("first", [CANCELED, TIMED_OUT])
+async def test_a_settle_after_a_cancel_or_timeout_is_gone(parts: Parts, first: Outcome):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    assert (await parts.settler.settle("j", first, by="cancel"))[0] == "accepted"
+
+    for late in (DONE, first):
+        result, rec = await parts.settler.settle("j", late, by="callback")
+        assert result == "gone"
+        assert rec.state == first.status
+
+
+async def test_a_promise_the_store_timed_out_ends_the_job_timed_out(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j", timeout_ms=1)
+    await asyncio.sleep(0.05)
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")
+
+    assert result == "gone"
+    assert rec.state == "timed_out"
+    assert (await parts.promise("j")).state == "rejected_timedout"
+
+
+@pytest.mark.parametrize("how", ["reject", "cancel"])
+async def test_a_promise_rejected_whatever_its_value_ends_the_job_timed_out(parts: Parts, how):
+    """Tether only resolves: a rejected or canceled promise (the store's, or
+    anyone's) counts as a timeout, whatever value it carries."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    settle = getattr(parts.resonate.promises, how)
+    await settle(callback_promise_id("j"), Value(data=settled_value(DONE, "x", "n")))
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")
+
+    assert result == "gone"
+    assert rec.state == "timed_out"
+
+
+async def test_a_promise_settled_with_an_unreadable_value_fails_the_job(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.resonate.promises.resolve(callback_promise_id("j"), Value(data="garbage"))
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")
+
+    assert result == "conflict"
+    assert (rec.state, rec.error) == (
+        "failed",
+        ErrorInfo(message="unreadable outcome", type="tether"),
+    )
+
+
+async def test_an_outcome_settled_by_another_settler_is_a_duplicate_not_a_win(parts: Parts):
+    """Only the nonce tells a win: the same outcome settled by someone else is not ours."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.resolve_quietly(callback_promise_id("j"), DONE, "index")
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")
+
+    assert result == "duplicate"
+    assert rec.state == "succeeded"
+
+
+async def test_a_promise_without_a_job_row_is_not_found(parts: Parts):
+    await parts.add_promise("ghost")
+    with pytest.raises(NotFound) as raised:
+        await parts.settler.settle("ghost", DONE, by="callback")
+    assert raised.value.message == "no job 'ghost'"
+
+
+async def test_resolve_quietly_settles_with_the_outcome_and_first_settle_wins(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    promise_id = callback_promise_id("j")
+
+    await parts.settler.resolve_quietly(promise_id, CANCELED, "index")
+    await parts.settler.resolve_quietly(promise_id, DONE, "index")
+
+    value = (await parts.promise("j")).value.data
+    assert (value["status"], value["by"], len(value["nonce"])) == ("canceled", "index", 32)
+    assert (await parts.row("j")).state == "running"  # the index is the caller's business
+
+
+# ── the unborn promise: the workflow has not created it yet ──────────────────
+
+
+async def test_a_pending_job_without_its_promise_is_ended_in_the_index(parts: Parts):
+    await parts.add_job("j")
+
+    result, rec = await parts.settler.settle("j", CANCELED, by="cancel")
+
+    assert result == "accepted"
+    assert rec.state == "canceled" and rec.finished_at is not None
+    assert await parts.row("j") == rec
+    with pytest.raises(Exception, match="not found"):
+        await parts.promise("j")  # the trigger step settles it when the workflow runs
+
+
+async def test_a_second_settle_of_an_unborn_promise_compares_with_the_index(parts: Parts):
+    await parts.add_job("j")
+    await parts.settler.settle("j", FAILED, by="trigger")
+
+    assert (await parts.settler.settle("j", FAILED, by="trigger"))[0] == "accepted"
+    assert (await parts.settler.settle("j", DONE, by="callback"))[0] == "conflict"
+    assert (await parts.settler.settle("j", CANCELED, by="cancel"))[0] == "conflict"
+    assert (await parts.settler.settle("j", Outcome(status="failed"), by="x"))[0] == "conflict"
+    assert (await parts.row("j")).error == FAILED.error
+
+
+async def test_settling_an_unborn_promise_after_a_cancel_is_gone(parts: Parts):
+    await parts.add_job("j")
+    await parts.settler.settle("j", CANCELED, by="cancel")
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")
+
+    assert result == "gone"
+    assert rec.state == "canceled"
+
+
+async def test_an_unknown_job_is_not_found(parts: Parts):
+    with pytest.raises(NotFound) as raised:
+        await parts.settler.settle("nobody", DONE, by="callback")
+    assert raised.value.message == "no job 'nobody'"
+
+
+async def test_a_running_job_whose_promise_comes_late_is_settled_through_it(parts: Parts):
+    """Past `pending` the workflow is creating the promise: the settle waits for it."""
+    await parts.add_job("j", state="running")
+    settle = asyncio.create_task(parts.settler.settle("j", DONE, by="callback"))
+    await asyncio.sleep(0.3)
+    assert not settle.done()
+    await parts.add_promise("j")
+
+    result, rec = await settle
+
+    assert result == "accepted"
+    assert rec.state == "succeeded"
+    assert (await parts.promise("j")).value.data["by"] == "callback"
+
+
+async def test_a_promise_that_never_comes_is_the_store_not_keeping_up(parts: Parts, monkeypatch):
+    monkeypatch.setattr(core.settle, "UNBORN_PROMISE_WAIT", 0.001)
+    await parts.add_job("j", state="running")
+
+    with pytest.raises(StoreUnavailable) as raised:
+        await parts.settler.settle("j", DONE, by="callback")
+
+    assert raised.value.message == "job 'j' did not create its promise in time"
+    assert (await parts.row("j")).state == "running"
+
+
+async def test_the_unborn_promise_is_looked_for_the_set_number_of_times(parts: Parts, monkeypatch):
+    monkeypatch.setattr(core.settle, "UNBORN_PROMISE_WAIT", 0.001)
+    monkeypatch.setattr(core.settle, "UNBORN_PROMISE_TRIES", 3)
+    await parts.add_job("j", state="running")
+    asked: list[str] = []
+    resolve = parts.resonate.promises.resolve
+
+    async def counting(promise_id: str, value: Value) -> Any:
+        asked.append(promise_id)
+        return await resolve(promise_id, value)
+
+    monkeypatch.setattr(parts.resonate.promises, "resolve", counting)
+    with pytest.raises(StoreUnavailable):
+        await parts.settler.settle("j", DONE, by="callback")
+    assert asked == ["j:1"] * 3
+
+
+# ── a store that refuses ─────────────────────────────────────────────────────
+
+
+async def test_a_store_that_refuses_the_settle_is_unavailable():
+    """A store answering 500 (over HTTP, as resonate's server would)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        body = await request.json()
+        head = {"corrId": body["head"]["corrId"], "status": 500, "version": "v"}
+        return web.json_response({"kind": body["kind"], "head": head, "data": "disk on fire"})
+
+    app = web.Application()
+    app.router.add_post("/", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    resonate = Resonate(
+        network=HttpConnection(f"http://127.0.0.1:{port}"), sources=[], subscription_refresh_secs=0
+    )
+    async with open_parts() as parts:
+        await parts.add_job("j", state="running")
+        try:
+            with pytest.raises(StoreUnavailable) as raised:
+                await Settler(resonate, parts.jobs).settle("j", DONE, by="callback")
+        finally:
+            await resonate.stop()
+            await runner.cleanup()
+        assert raised.value.message == "the store refused the settle: disk on fire"
+        assert (await parts.row("j")).state == "running"

@@ -1,0 +1,472 @@
+"""The workflow's steps (`core.steps`), in process: the trigger's retry policy
+(attempts, waits doubling, `Retry-After`), scrubbing the callback token from
+receipts, errors and logs, and the finish step. The backend is a small real
+`Backend` that answers from a script; the store and the settler are real."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pytest
+
+from core.errors import BackendError
+from core.hookspecs import Backend
+from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.plugin import hookimpl
+from core.plugins import Plugins, make_plugin_manager
+from core.settle import settled_value
+from core.steps import JobSteps
+from core.store.jobs import now_ms
+from core.tokens import CallbackSigner, idempotency_key
+from core.views import view
+from core.workflow import callback_promise_id
+from tests.core.parts import Parts, logs_of, open_parts
+
+BASE = "http://tether.test"
+SIGNER = CallbackSigner("test-secret", BASE)
+TOKEN = SIGNER.token("j:1")
+DONE = Outcome(status="succeeded", result={"rows": 3})
+CANCELED = Outcome(status="canceled")
+
+
+class ScriptedParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    interval: float | None = None
+
+
+class Scripted(Backend):
+    """Answers each trigger with the next item of `answers` (an exception is
+    raised), then with `{"run": 1}`; records what it was asked."""
+
+    name = "scripted"
+    params_type = ScriptedParams
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+        self.triggers: list[Trigger] = []
+        self.canceled: list[Job] = []
+        self.cancel_error: Exception | None = None
+        self.during: Callable[[Trigger], Awaitable[None]] | None = None
+
+    def check_interval(self, params: ScriptedParams) -> float | None:
+        return params.interval
+
+    async def trigger(self, trigger: Trigger) -> Any:
+        self.triggers.append(trigger)
+        if self.during is not None:
+            await self.during(trigger)
+        answer = self.answers.pop(0) if self.answers else {"run": 1}
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def cancel(self, job: Job) -> None:
+        self.canceled.append(job)
+        if self.cancel_error is not None:
+            raise self.cancel_error
+
+
+@dataclass(eq=False)  # pluggy keeps plugins in sets
+class Plugin:
+    backend: Scripted = field(default_factory=Scripted)
+    finished: list[Job] = field(default_factory=list)
+
+    @hookimpl
+    def tether_backends(self) -> list[Backend]:
+        return [self.backend]
+
+    @hookimpl
+    def tether_job_finished(self, job: Job) -> None:
+        self.finished.append(job)
+
+
+@dataclass
+class Rig:
+    parts: Parts
+    plugin: Plugin
+    steps: JobSteps
+    waits: list[float]
+
+    @property
+    def backend(self) -> Scripted:
+        return self.plugin.backend
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with open_parts(trigger_attempts=4, trigger_backoff=0.5) as parts:
+        yield make_rig(parts)
+
+
+def make_rig(parts: Parts) -> Rig:
+    plugin = Plugin()
+    plugins = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[plugin]))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await asyncio.sleep(0)
+
+    steps = JobSteps(parts.settings, plugins, parts.jobs, SIGNER, parts.settler, sleep=sleep)
+    return Rig(parts, plugin, steps, waits)
+
+
+async def start(rig: Rig, job_id: str = "j", **params: Any) -> None:
+    """A job whose workflow has created its promise, as when the trigger step runs."""
+    await rig.parts.add_job(job_id, params=params)
+    await rig.parts.add_promise(job_id)
+
+
+def retryable(message: str = "busy", **more: Any) -> BackendError:
+    return BackendError(message, retryable=True, code="busy", **more)
+
+
+# ── triggering ───────────────────────────────────────────────────────────────
+
+
+async def test_a_trigger_hands_the_backend_the_job_and_records_its_receipt(rig: Rig):
+    await start(rig, interval=2.5)
+    rig.backend.answers = [types.MappingProxyType({"run_id": 42})]  # any mapping
+    before = now_ms()
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    after = now_ms()
+
+    [trigger] = rig.backend.triggers
+    rec = await rig.parts.row("j")
+    assert trigger.job.id == "j" and trigger.job.backend == "scripted"
+    assert trigger.job.state == "pending"
+    assert trigger.params == ScriptedParams(interval=2.5)
+    assert trigger.promise_id == "j:1"
+    assert trigger.callback_url == f"{BASE}/callbacks/j%3A1?token={TOKEN}"
+    assert trigger.idempotency_key == idempotency_key("j:1") == "j:1"
+    assert (rec.state, rec.external) == ("running", {"run_id": 42})
+    assert rec.next_check_at is not None
+    assert before + 2500 <= rec.next_check_at <= after + 2500
+    assert before <= rec.updated_at <= after
+    assert rig.waits == []
+    assert logs.lines == ["INFO job j triggered"]
+
+
+async def test_a_long_promise_id_gets_a_hashed_idempotency_key(rig: Rig):
+    job_id = "j" * 100
+    await start(rig, job_id)
+    await rig.steps.trigger(job_id, callback_promise_id(job_id))
+    [trigger] = rig.backend.triggers
+    assert trigger.idempotency_key == idempotency_key(f"{job_id}:1")
+    assert len(trigger.idempotency_key) == 64
+
+
+@pytest.mark.parametrize("interval", [None, 0.0])
+async def test_a_backend_without_status_checks_gets_none(rig: Rig, interval: float | None):
+    await start(rig, interval=interval)
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.next_check_at) == ("running", None)
+
+
+async def test_the_token_is_scrubbed_from_the_receipt(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [{"echo": {"url": f"{BASE}/callbacks/j%3A1?token={TOKEN}"}, "n": 1}]
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert rec.external == {"echo": {"url": f"{BASE}/callbacks/j%3A1?token=***"}, "n": 1}
+
+
+async def test_a_job_that_ended_before_its_trigger_is_not_triggered(rig: Rig):
+    """Canceled while pending, before its workflow made the promise: the trigger
+    step settles the promise from the index instead."""
+    await rig.parts.add_job("j")
+    await rig.parts.settler.settle("j", CANCELED, by="cancel")  # the index only
+    await rig.parts.add_promise("j")
+
+    await rig.steps.trigger("j", "j:1")
+
+    assert rig.backend.triggers == []
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("canceled", "index")
+
+
+async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Rig):
+    await start(rig)
+
+    async def ended(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+
+    rig.backend.during = ended
+    await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("canceled", {"run": 1})
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("canceled", "index")
+
+
+async def test_a_trigger_that_went_through_leaves_the_promise_alone(rig: Rig):
+    await start(rig)
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.promise("j")).state == "pending"
+
+
+async def test_a_workflow_without_a_job_row_is_an_error(rig: Rig):
+    with pytest.raises(RuntimeError, match=r"^job 'ghost' has a workflow but no record$"):
+        await rig.steps.trigger("ghost", "ghost:1")
+
+
+# ── retries ──────────────────────────────────────────────────────────────────
+
+
+async def test_retryable_errors_are_retried_with_the_wait_doubling(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), retryable("b"), retryable("c"), {"run": 7}]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 4
+    assert rig.waits == [0.5, 1.0, 2.0]
+    assert (await rig.parts.row("j")).external == {"run": 7}
+    assert logs.lines == [
+        "WARNING job j: trigger attempt 1/4 failed (a); again in 0.5s",
+        "WARNING job j: trigger attempt 2/4 failed (b); again in 1.0s",
+        "WARNING job j: trigger attempt 3/4 failed (c); again in 2.0s",
+        "INFO job j triggered",
+    ]
+
+
+async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable(f"no {i}") for i in range(4)]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 4
+    assert rig.waits == [0.5, 1.0, 2.0]
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: no 3", "busy"))
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("failed", "trigger")
+    assert logs.lines[-1] == "WARNING job j: trigger failed: no 3"
+
+
+async def test_a_longer_retry_after_wins_over_the_backoff(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [
+        retryable(retry_after=3.0),  # longer than 0.5: wait 3
+        retryable(retry_after=0.2),  # shorter than 1.0: wait 1
+        retryable(retry_after=None),
+    ]
+    await rig.steps.trigger("j", "j:1")
+    assert rig.waits == [3.0, 1.0, 2.0]
+    assert (await rig.parts.row("j")).state == "running"
+
+
+async def test_a_retry_after_of_zero_waits_the_backoff():
+    async with open_parts(trigger_attempts=2, trigger_backoff=0.0) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        rig.backend.answers = [retryable(retry_after=0.0)]
+        await rig.steps.trigger("j", "j:1")
+        assert rig.waits == [0.0]
+
+
+async def test_a_refusal_fails_the_job_at_once(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [BackendError("no such thing", code="not_found")]
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1 and rig.waits == []
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.error) == (
+        "failed",
+        ErrorInfo("trigger failed: no such thing", "not_found"),
+    )
+
+
+async def test_a_refusal_without_a_code_is_a_trigger_error(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [BackendError("nope")]
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).error == ErrorInfo("trigger failed: nope", "trigger")
+
+
+async def test_other_exceptions_are_retried_with_the_backoff_then_fail(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [KeyError("k"), ConnectionError("reset"), ValueError("v"), OSError("x")]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 4
+    assert rig.waits == [0.5, 1.0, 2.0]
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: OSError: x", "trigger"))
+    assert logs.lines[:3] == [
+        "WARNING job j: trigger attempt 1/4 failed (KeyError); again in 0.5s",
+        "WARNING job j: trigger attempt 2/4 failed (ConnectionError); again in 1.0s",
+        "WARNING job j: trigger attempt 3/4 failed (ValueError); again in 2.0s",
+    ]
+
+
+async def test_an_exception_then_success(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [RuntimeError("flaky"), {"ok": True}]
+    await rig.steps.trigger("j", "j:1")
+    assert rig.waits == [0.5]
+    assert (await rig.parts.row("j")).external == {"ok": True}
+
+
+async def test_a_receipt_that_is_not_json_counts_as_a_failed_attempt(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [{"when": object()}, {"ok": 1}]
+    await rig.steps.trigger("j", "j:1")
+    assert rig.waits == [0.5]
+    assert (await rig.parts.row("j")).external == {"ok": 1}
+
+
+@pytest.mark.parametrize("attempts", [0, 1])
+async def test_at_least_one_attempt_is_made(attempts: int):
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=0.5) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        rig.backend.answers = [retryable("down"), {"never": 1}]
+        await rig.steps.trigger("j", "j:1")
+        assert len(rig.backend.triggers) == 1 and rig.waits == []
+        assert (await parts.row("j")).error == ErrorInfo("trigger failed: down", "busy")
+
+
+async def test_two_attempts_wait_once():
+    async with open_parts(trigger_attempts=2, trigger_backoff=0.25) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        rig.backend.answers = [retryable(), retryable("again")]
+        await rig.steps.trigger("j", "j:1")
+        assert len(rig.backend.triggers) == 2 and rig.waits == [0.25]
+        assert (await parts.row("j")).error == ErrorInfo("trigger failed: again", "busy")
+
+
+async def test_the_token_never_reaches_an_error_or_the_log(rig: Rig):
+    await start(rig)
+    url = f"{BASE}/callbacks/j%3A1?token={TOKEN}"
+    rig.backend.answers = [
+        retryable(f"echoed {url}"),
+        RuntimeError(f"quoted {TOKEN}"),
+        BackendError(f"refused {url}", code="bad"),
+    ]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert rec.error == ErrorInfo(
+        f"trigger failed: refused {BASE}/callbacks/j%3A1?token=***", "bad"
+    )
+    assert TOKEN not in "\n".join(logs.lines)
+    assert f"(echoed {BASE}/callbacks/j%3A1?token=***)" in logs.lines[0]
+    assert TOKEN not in str((await rig.parts.promise("j")).value.data)
+
+
+async def test_the_token_is_scrubbed_from_the_last_exception(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [RuntimeError(f"quoted {TOKEN}") for _ in range(4)]
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).error == ErrorInfo(
+        "trigger failed: RuntimeError: quoted ***", "trigger"
+    )
+
+
+async def test_an_uninstalled_backend_fails_the_job(rig: Rig):
+    await rig.parts.add_job("j", backend="nope")
+    await rig.parts.add_promise("j")
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.error) == (
+        "failed",
+        ErrorInfo("trigger failed: backend 'nope' is not installed", "unknown_backend"),
+    )
+
+
+async def test_params_that_no_longer_fit_fail_the_job(rig: Rig):
+    await start(rig, interval="soon")
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed" and rec.error is not None
+    assert rec.error.type == "invalid_params"
+    assert rec.error.message == (
+        "trigger failed: invalid params: Expected `float | null`, got `str` - at `$.interval`"
+    )
+    assert rig.backend.triggers == []
+
+
+# ── finishing ────────────────────────────────────────────────────────────────
+
+
+async def test_finish_records_the_outcome_and_tells_the_plugins(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", settled_value(DONE, "callback", "n"))
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.result) == ("succeeded", {"rows": 3})
+    assert rig.plugin.finished == [view(rec)]
+    assert rig.backend.canceled == []
+    assert logs.lines == ["INFO job j finished: succeeded"]
+
+
+async def test_finish_keeps_what_the_settle_recorded(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.parts.jobs.finish("j", DONE, now_ms())
+    await rig.steps.finish("j", settled_value(Outcome(status="failed"), "x", "n"))
+    assert (await rig.parts.row("j")).state == "succeeded"
+
+
+@pytest.mark.parametrize("status", ["canceled", "timed_out"])
+async def test_finish_stops_the_external_run_of_a_canceled_or_timed_out_job(rig: Rig, status):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.steps.finish("j", {"status": status, "by": "x"})
+    rec = await rig.parts.row("j")
+    assert rec.state == status
+    assert rig.backend.canceled == [view(rec)]
+    assert rig.plugin.finished == [view(rec)]
+
+
+async def test_finish_stops_nothing_that_was_never_started(rig: Rig):
+    await rig.parts.add_job("j")  # pending: no external run
+    await rig.steps.finish("j", {"status": "canceled"})
+    assert (await rig.parts.row("j")).state == "canceled"
+    assert rig.backend.canceled == []
+    assert len(rig.plugin.finished) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(BackendError("it said no"), "it said no"), (RuntimeError("boom"), "RuntimeError")],
+)
+async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig, error, said):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    rig.backend.cancel_error = error
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "canceled"})
+    assert logs.lines == [
+        f"WARNING job j: cancelling the external run failed: {said}",
+        "INFO job j finished: canceled",
+    ]
+    assert len(rig.plugin.finished) == 1
+
+
+async def test_finish_of_a_job_of_an_uninstalled_backend_still_tells_the_plugins(rig: Rig):
+    await rig.parts.add_job("j", backend="gone", state="running", external={"run": 1})
+    await rig.steps.finish("j", {"status": "timed_out"})
+    assert [j.state for j in rig.plugin.finished] == ["timed_out"]
+
+
+async def test_finish_of_an_unknown_job_does_nothing(rig: Rig):
+    with logs_of("tether") as logs:
+        await rig.steps.finish("ghost", {"status": "succeeded"})
+    assert rig.plugin.finished == [] and logs.lines == []
+
+
+async def test_finish_with_an_unreadable_value_fails_the_job(rig: Rig):
+    await rig.parts.add_job("j", state="running")
+    await rig.steps.finish("j", "garbage")
+    assert (await rig.parts.row("j")).error == ErrorInfo("unreadable outcome", "tether")

@@ -1,0 +1,112 @@
+"""Callback tokens and idempotency keys (`core.tokens`), in process: each expected
+value is computed here from its definition, not read back from the code."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from core.tokens import CallbackSigner, idempotency_key
+
+SECRET = "test-secret"
+
+
+def expected_token(secret: str, promise_id: str) -> str:
+    """The definition: base64url, unpadded, of HMAC-SHA256(secret,
+    "tether-callback:" + promise id)."""
+    mac = hmac.new(secret.encode(), f"tether-callback:{promise_id}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+
+def test_a_token_is_the_hmac_of_the_promise_id_under_the_secret():
+    signer = CallbackSigner(SECRET, "http://tether.example")
+    for promise_id in ("job:1", "a", "Job-With.Mixed_Case:1", "x" * 200):
+        token = signer.token(promise_id)
+        assert token == expected_token(SECRET, promise_id)
+        assert len(token) == 43 and "=" not in token
+    assert signer.token("job:1") != signer.token("job:2")
+    assert CallbackSigner("other", "http://x").token("job:1") != signer.token("job:1")
+
+
+@pytest.mark.parametrize("secret", ["", None])
+def test_an_empty_secret_is_refused(secret):
+    with pytest.raises(ValueError, match=r"^the callback secret must not be empty$"):
+        CallbackSigner(secret, "http://x")
+
+
+def test_only_the_exact_token_verifies():
+    signer = CallbackSigner(SECRET, "http://x")
+    token = signer.token("job:1")
+    assert signer.verify("job:1", token) is True
+    last = "A" if token[-1] != "A" else "B"
+    for wrong in (
+        token[:-1] + last,  # last character changed
+        token[:-1],  # cut short
+        token[:8],  # its first characters only
+        token + "A",  # a character added
+        token.upper() if token.upper() != token else token.lower(),
+        signer.token("job:2"),  # another promise's token
+        CallbackSigner("other", "http://x").token("job:1"),  # another secret's
+        "",
+        None,
+    ):
+        assert signer.verify("job:1", wrong) is False, wrong
+
+
+def test_verify_compares_in_constant_time(monkeypatch):
+    """The comparison goes through `hmac.compare_digest` (constant time), given
+    the expected and the presented token."""
+    signer = CallbackSigner(SECRET, "http://x")
+    seen: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    token = signer.token("job:1")
+    assert signer.verify("job:1", token)
+    assert not signer.verify("job:1", token[:-1])
+    assert seen == [(token.encode(), token.encode()), (token.encode(), token[:-1].encode())]
+
+
+def test_the_callback_url_carries_the_quoted_promise_id_and_its_token():
+    signer = CallbackSigner(SECRET, "https://tether.example/base//")
+    assert signer.url("job:1") == (
+        f"https://tether.example/base/callbacks/job%3A1?token={expected_token(SECRET, 'job:1')}"
+    )
+    odd = "a/b c?d&e=f:1"
+    assert signer.url(odd) == (
+        "https://tether.example/base/callbacks/a%2Fb%20c%3Fd%26e%3Df%3A1"
+        f"?token={expected_token(SECRET, odd)}"
+    )
+    assert CallbackSigner(SECRET, "http://h:1").url("j:1").startswith("http://h:1/callbacks/")
+    # only slashes are stripped from the base, whatever it ends with
+    assert (
+        CallbackSigner(SECRET, "http://h/appX/").url("j:1").startswith("http://h/appX/callbacks/")
+    )
+
+
+def test_the_signer_never_shows_its_key():
+    signer = CallbackSigner("very-secret-key", "http://tether.example/")
+    assert repr(signer) == "CallbackSigner(base_url='http://tether.example')"
+    assert "very-secret-key" not in repr(signer) + str(signer)
+
+
+def test_an_idempotency_key_is_the_promise_id_when_it_fits():
+    assert idempotency_key("job:1") == "job:1"
+    fits = "j" * 62 + ":1"
+    assert len(fits) == 64 and idempotency_key(fits) == fits
+
+
+def test_a_long_promise_id_becomes_a_hash_of_64_characters():
+    long = "j" * 63 + ":1"
+    key = idempotency_key(long)
+    assert key == "tether-" + hashlib.sha256(long.encode()).hexdigest()[:57]
+    assert len(key) == 64
+    assert idempotency_key("k" * 63 + ":1") != key
+    assert idempotency_key(long) == key  # stable: the same every time the trigger runs

@@ -1,0 +1,486 @@
+"""The watchdog's decisions (`core.watchdog`), in process on real parts: time a
+job out or ask its backend, back the checks off, skip a check another process
+claimed, and retention's minimum and order. The backend is a small real
+`Backend` whose `check_status` answers from a script."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pytest
+
+import core.watchdog
+from core.errors import InvalidRequest
+from core.hookspecs import Backend
+from core.models import ErrorInfo, Job, Outcome
+from core.plugin import hookimpl
+from core.plugins import Plugins, make_plugin_manager
+from core.settings import Settings
+from core.store.jobs import JobRecord, now_ms
+from core.views import view
+from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
+from core.workflow import ROOT_GRACE_MS
+from tests.core.parts import Parts, logs_of, open_parts
+
+DONE = Outcome(status="succeeded", result={"rows": 3})
+HOUR = 3_600_000
+DAY = 24 * HOUR
+
+
+class CheckParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    interval: float | None = 2.0
+
+
+class Checked(Backend):
+    """`check_status` answers `found[job id]` (None: still running), after
+    `before` if set; records each job it was asked about."""
+
+    name = "checked"
+    params_type = CheckParams
+
+    def __init__(self) -> None:
+        self.found: dict[str, Outcome | None] = {}
+        self.asked: list[Job] = []
+        self.before: Callable[[Job], Awaitable[None]] | None = None
+
+    def check_interval(self, params: CheckParams) -> float | None:
+        return params.interval
+
+    async def check_status(self, job: Job) -> Outcome | None:
+        self.asked.append(job)
+        if self.before is not None:
+            await self.before(job)
+        return self.found.get(job.id)
+
+
+@dataclass(eq=False)  # pluggy keeps plugins in sets
+class Plugin:
+    backend: Checked = field(default_factory=Checked)
+
+    @hookimpl
+    def tether_backends(self) -> list[Backend]:
+        return [self.backend]
+
+
+@dataclass
+class Rig:
+    parts: Parts
+    backend: Checked
+    watchdog: Watchdog
+
+    async def running(
+        self, job_id: str, *, age: int = 0, next_check_at: int, **more: Any
+    ) -> JobRecord:
+        """A running job triggered `age` ms ago, its next check at `next_check_at`."""
+        return await self.parts.add_job(
+            job_id,
+            backend=more.pop("backend", "checked"),
+            state="running",
+            created_at=now_ms() - age,
+            timeout=more.pop("timeout", 3600),
+            next_check_at=next_check_at,
+            external={"run": job_id},
+            **more,
+        )
+
+
+def make_rig(parts: Parts) -> Rig:
+    plugin = Plugin()
+    plugins = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[plugin]))
+    return Rig(parts, plugin.backend, Watchdog(parts.settings, plugins, parts.store, parts.settler))
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with open_parts(watchdog_interval=0) as parts:
+        yield make_rig(parts)
+
+
+# ── timeouts ─────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("past", [0, 1, 5000])
+async def test_a_job_at_or_past_its_deadline_times_out(rig: Rig, past: int):
+    rec = await rig.parts.add_job("j", backend="checked", timeout=1.5)
+    await rig.parts.add_promise("j")
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, rec.deadline + past)
+
+    row = await rig.parts.row("j")
+    assert (row.state, row.error) == (
+        "timed_out",
+        ErrorInfo(message="no callback within 1.5 seconds", type="timeout"),
+    )
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("timed_out", "timeout")
+    assert logs.lines == ["INFO job j timed out"]
+    assert rig.backend.asked == []
+
+
+async def test_a_job_before_its_deadline_is_not_timed_out(rig: Rig):
+    rec = await rig.parts.add_job("j", backend="checked", timeout=60)
+    await rig.watchdog.look_at(rec, rec.deadline - 1)
+    assert (await rig.parts.row("j")).state == "pending"
+
+
+async def test_a_timeout_that_lost_is_not_logged(rig: Rig):
+    rec = await rig.parts.add_job("j", backend="checked", timeout=60)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", DONE, by="callback")
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, rec.deadline)
+    assert (await rig.parts.row("j")).state == "succeeded"
+    assert logs.lines == []
+
+
+# ── status checks ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("age", "wait"),
+    [
+        (1_000, 2_000),  # young: one interval
+        (10_001, 5_000),  # half its time running (5000.5, whole milliseconds)
+        (100_000, 20_000),  # old: at most ten intervals
+    ],
+)
+async def test_a_status_check_comes_later_the_longer_a_job_runs(rig: Rig, age: int, wait: int):
+    now = now_ms()
+    rec = await rig.running("j", age=age, next_check_at=now)
+    rec = msgspec.structs.replace(rec, updated_at=now - age)
+    await rig.watchdog.look_at(rec, now)
+    assert (await rig.parts.row("j")).next_check_at == now + wait
+    assert [j.id for j in rig.backend.asked] == ["j"]
+
+
+async def test_a_check_that_finds_the_run_ended_settles_the_job(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.parts.add_promise("j")
+    rig.backend.found["j"] = DONE
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, now)
+
+    row = await rig.parts.row("j")
+    assert (row.state, row.result) == ("succeeded", {"rows": 3})
+    assert rig.backend.asked == [view(rec)]
+    value = (await rig.parts.promise("j")).value.data
+    assert value["by"] == "status_check"
+    assert logs.lines == ["INFO job j succeeded (found by status check)"]
+
+
+async def test_a_check_that_lost_to_a_callback_is_not_logged(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", DONE, by="callback")
+    rig.backend.found["j"] = Outcome(status="failed")
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, now)
+    assert (await rig.parts.row("j")).state == "succeeded"
+    assert logs.lines == []
+
+
+async def test_a_check_that_finds_the_run_going_changes_nothing_but_the_next_check(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.watchdog.look_at(rec, now)
+    row = await rig.parts.row("j")
+    assert (row.state, row.next_check_at) == ("running", now + 2000)
+
+
+async def test_a_check_another_process_took_is_not_made_again(rig: Rig):
+    now = now_ms()
+    stale = await rig.running("j", next_check_at=now)
+    await rig.watchdog.look_at(stale, now)  # this one takes it: next at now + 2000
+    await rig.watchdog.look_at(stale, now)  # as a second process would, from the same read
+    assert len(rig.backend.asked) == 1
+    assert (await rig.parts.row("j")).next_check_at == now + 2000
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["no check due", "no interval", "zero interval", "unreadable params", "no backend"],
+)
+async def test_no_check_is_made_when_none_is_due_or_possible(rig: Rig, how: str):
+    now = now_ms()
+    params: dict[str, Any] = {
+        "no interval": {"interval": None},
+        "zero interval": {"interval": 0},
+        "unreadable params": {"interval": "often"},
+    }.get(how, {})
+    backend = "gone" if how == "no backend" else "checked"
+    next_check = None if how == "no check due" else now
+    rec = await rig.running("j", next_check_at=next_check, params=params, backend=backend)
+    await rig.watchdog.look_at(rec, now)
+    assert rig.backend.asked == []
+    row = await rig.parts.row("j")
+    assert (row.state, row.next_check_at) == ("running", next_check)
+
+
+# ── sweeps ───────────────────────────────────────────────────────────────────
+
+
+async def test_a_sweep_looks_at_every_job_due_and_no_other(rig: Rig):
+    now = now_ms()
+    late = await rig.parts.add_job("late", backend="checked", timeout=0.001)
+    await rig.parts.add_promise("late")
+    await rig.running("due", next_check_at=now - 1)
+    await rig.running("not-yet", next_check_at=now + 60_000)
+    rig.backend.found["due"] = DONE
+    await rig.parts.add_promise("due")
+
+    await rig.watchdog.sweep(max(now, late.deadline))
+
+    assert (await rig.parts.row("late")).state == "timed_out"
+    assert (await rig.parts.row("due")).state == "succeeded"
+    assert [j.id for j in rig.backend.asked] == ["due"]
+    assert (await rig.parts.row("not-yet")).state == "running"
+
+
+async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: Rig):
+    now = now_ms()
+    for job_id in ("a", "b", "c"):
+        await rig.running(job_id, next_check_at=now)
+        await rig.parts.add_promise(job_id)
+        rig.backend.found[job_id] = DONE
+    in_flight: set[str] = set()
+    together = asyncio.Event()
+
+    async def before(job: Job) -> None:
+        if job.id == "b":
+            raise RuntimeError("the backend broke")
+        in_flight.add(job.id)
+        if in_flight == {"a", "c"}:
+            together.set()
+        await asyncio.wait_for(together.wait(), 2)  # only if checks run concurrently
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+
+    assert [(await rig.parts.row(j)).state for j in "abc"] == ["succeeded", "running", "succeeded"]
+    assert "WARNING watchdog: job b: RuntimeError" in logs.lines
+
+
+async def test_the_watchdog_runs_sweeps_until_stopped():
+    async with open_parts(watchdog_interval=0.02) as parts:
+        rig = make_rig(parts)
+        await rig.parts.add_job("j", backend="checked", timeout=0.05)
+        await rig.parts.add_promise("j")
+        rig.watchdog.start()
+        assert rig.watchdog._task is not None
+        assert rig.watchdog._task.get_name() == "tether-watchdog"
+        try:
+            for _ in range(200):
+                if (await parts.row("j")).state == "timed_out":
+                    break
+                await asyncio.sleep(0.02)
+            assert (await parts.row("j")).state == "timed_out"
+        finally:
+            await rig.watchdog.stop()
+        assert rig.watchdog._task is not None and rig.watchdog._task.done()
+        await rig.watchdog.stop()  # stopping twice is fine
+
+
+async def test_no_watchdog_runs_with_a_zero_interval(rig: Rig):
+    rig.watchdog.start()
+    assert rig.watchdog._task is None
+    await rig.watchdog.stop()
+
+
+async def test_a_sweep_that_fails_is_logged_and_the_next_one_runs(monkeypatch):
+    async with open_parts(watchdog_interval=0.01) as parts:
+        rig = make_rig(parts)
+        calls: list[int] = []
+        real = parts.jobs.due
+
+        async def due(now: int, limit: int) -> list[JobRecord]:
+            calls.append(limit)
+            if len(calls) == 1:
+                raise OSError("disk")
+            return await real(now, limit)
+
+        monkeypatch.setattr(parts.jobs, "due", due)
+        with logs_of("tether") as logs:
+            rig.watchdog.start()
+            try:
+                for _ in range(200):
+                    if len(calls) >= 3:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await rig.watchdog.stop()
+        assert len(calls) >= 3 and set(calls) == {core.watchdog.WATCHDOG_BATCH}
+        assert logs.lines.count("WARNING watchdog: the store did not answer: OSError") == 1
+
+
+async def test_the_watchdog_applies_retention_once_an_hour(monkeypatch):
+    """Retention runs on the first sweep, then not again within `GC_EVERY`."""
+    async with open_parts(watchdog_interval=0.01, retention=MIN_RETENTION) as parts:
+        rig = make_rig(parts)
+        await parts.add_job("old", backend="checked", timeout=3600)
+        await parts.jobs.finish("old", DONE, now_ms() - 2 * DAY)
+        runs: list[float] = []
+        real = core.watchdog.collect_garbage
+
+        async def counting(store: Any, older_than: float) -> tuple[int, int]:
+            runs.append(older_than)
+            return await real(store, older_than)
+
+        monkeypatch.setattr(core.watchdog, "collect_garbage", counting)
+        swept: list[int] = []
+        sweep = rig.watchdog.sweep
+
+        async def sweeps(now: int) -> None:
+            swept.append(now)
+            await sweep(now)
+
+        monkeypatch.setattr(rig.watchdog, "sweep", sweeps)
+        rig.watchdog.start()
+        try:
+            for _ in range(300):
+                if len(swept) >= 5:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await rig.watchdog.stop()
+        assert runs == [MIN_RETENTION]
+        assert len(swept) >= 5
+        assert await parts.jobs.get("old") is None
+
+
+async def test_retention_that_fails_is_logged_and_sweeps_go_on():
+    async with open_parts(watchdog_interval=0.01) as parts:
+        # a setting below the minimum: each retention run refuses
+        settings = Settings.from_env({}, **{**_fields(parts.settings), "retention": 60.0})
+        plugin = Plugin()
+        plugins = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[plugin]))
+        watchdog = Watchdog(settings, plugins, parts.store, parts.settler)
+        await parts.add_job("j", backend="checked", timeout=0.05)
+        await parts.add_promise("j")
+        with logs_of("tether") as logs:
+            watchdog.start()
+            try:
+                for _ in range(300):
+                    if (await parts.row("j")).state == "timed_out":
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await watchdog.stop()
+        assert (await parts.row("j")).state == "timed_out"
+        assert logs.lines[0] == "WARNING retention: keep finished jobs at least 86400 seconds"
+        assert sum(line.startswith("WARNING retention") for line in logs.lines) == 1
+
+
+async def test_retention_that_breaks_is_logged_by_the_error_type(monkeypatch):
+    async with open_parts(watchdog_interval=0.01, retention=MIN_RETENTION) as parts:
+        rig = make_rig(parts)
+
+        async def broken(store: Any, older_than: float) -> tuple[int, int]:
+            raise OSError("disk")
+
+        monkeypatch.setattr(core.watchdog, "collect_garbage", broken)
+        with logs_of("tether") as logs:
+            rig.watchdog.start()
+            try:
+                for _ in range(300):
+                    if logs.lines:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await rig.watchdog.stop()
+        assert logs.lines == ["WARNING retention: OSError"]
+
+
+def _fields(settings: Settings) -> dict[str, Any]:
+    return {f: getattr(settings, f) for f in settings.__struct_fields__}
+
+
+# ── retention ────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("older_than", [0.0, 60.0, MIN_RETENTION - 1])
+async def test_retention_keeps_finished_jobs_at_least_a_day(rig: Rig, older_than: float):
+    await rig.parts.add_job("old", timeout=3600)
+    await rig.parts.jobs.finish("old", DONE, now_ms() - 30 * DAY)
+    with pytest.raises(InvalidRequest) as raised:
+        await collect_garbage(rig.parts.store, older_than)
+    assert raised.value.message == "keep finished jobs at least 86400 seconds"
+    assert await rig.parts.jobs.get("old") is not None
+
+
+async def test_retention_deletes_jobs_finished_before_the_cut_off_and_nothing_open(rig: Rig):
+    now = now_ms()
+    for job_id, finished_ago in (("old", DAY + 60_000), ("recent", DAY - 60_000), ("open", None)):
+        await rig.parts.add_job(job_id, timeout=3600)
+        if finished_ago is not None:
+            await rig.parts.jobs.finish(job_id, DONE, now - finished_ago)
+    with logs_of("tether") as logs:
+        assert await collect_garbage(rig.parts.store, MIN_RETENTION) == (1, 0)
+    assert await rig.parts.jobs.get("old") is None
+    assert await rig.parts.jobs.get("recent") is not None
+    assert (await rig.parts.row("open")).state == "pending"
+    assert logs.lines == ["INFO retention: deleted 1 finished jobs and 0 promises"]
+
+
+async def test_retention_deletes_jobs_in_batches_and_counts_them_all(rig: Rig, monkeypatch):
+    monkeypatch.setattr(core.watchdog, "GC_BATCH", 2)
+    for i in range(5):
+        await rig.parts.add_job(f"old{i}", timeout=3600)
+        await rig.parts.jobs.finish(f"old{i}", DONE, now_ms() - 2 * DAY)
+    assert await collect_garbage(rig.parts.store, MIN_RETENTION) == (5, 0)
+    assert [await rig.parts.jobs.get(f"old{i}") for i in range(5)] == [None] * 5
+
+
+async def test_retention_with_nothing_to_delete_logs_nothing(rig: Rig):
+    with logs_of("tether") as logs:
+        assert await collect_garbage(rig.parts.store, MIN_RETENTION) == (0, 0)
+    assert logs.lines == []
+
+
+async def test_promises_go_an_hour_earlier_than_job_rows(rig: Rig):
+    """A job's workflow ends at most `ROOT_GRACE_MS` after the job: its promises
+    are deleted with that much more reach, so no job row outlives nothing."""
+    await rig.parts.add_job("j", timeout=3600)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", DONE, by="callback")
+    engine = rig.parts.store.connection._engine  # type: ignore[attr-defined]
+    real_now = now_ms()
+
+    engine.clock = lambda: real_now + DAY - ROOT_GRACE_MS + 60_000  # the promise: 23 h 1 min old
+    with logs_of("tether") as logs:
+        jobs, promises = await collect_garbage(rig.parts.store, MIN_RETENTION)
+    assert (jobs, promises) == (0, 1)
+    assert logs.lines == ["INFO retention: deleted 0 finished jobs and 1 promises"]
+    assert await rig.parts.jobs.get("j") is not None  # the row: not a day old yet
+
+
+async def test_promises_within_the_reach_stay(rig: Rig):
+    await rig.parts.add_job("j", timeout=3600)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", DONE, by="callback")
+    engine = rig.parts.store.connection._engine  # type: ignore[attr-defined]
+    real_now = now_ms()
+    engine.clock = lambda: real_now + DAY - ROOT_GRACE_MS - 60_000  # 22 h 59 min old
+    assert await collect_garbage(rig.parts.store, MIN_RETENTION) == (0, 0)
+    assert (await rig.parts.promise("j")).state == "resolved"
+
+
+async def test_when_promises_cannot_be_deleted_no_job_row_goes(rig: Rig, monkeypatch):
+    """Promises go first: a store that cannot delete them (it says so with
+    `InvalidRequest`) keeps every job row."""
+    await rig.parts.add_job("old", timeout=3600)
+    await rig.parts.jobs.finish("old", DONE, now_ms() - 30 * DAY)
+
+    async def cannot(older_than_ms: int) -> int:
+        raise InvalidRequest("this store cannot delete promises")
+
+    monkeypatch.setattr(rig.parts.store, "delete_promises", cannot)
+    with pytest.raises(InvalidRequest, match="cannot delete promises"):
+        await collect_garbage(rig.parts.store, MIN_RETENTION)
+    assert await rig.parts.jobs.get("old") is not None

@@ -1,0 +1,709 @@
+"""The `http_webhook` backend's requests and its reading of answers, in process:
+the plugin's own methods against a real aiohttp server on 127.0.0.1, no
+service. Fast enough to judge mutants with (`./dev mutate http_webhook`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+
+from core.errors import BackendError
+from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.store.jobs import JobRecord, now_ms
+from core.views import view
+from plugins.http_webhook import (
+    DRAIN_LIMIT,
+    RECEIPT_LIMIT,
+    STATUS_LIMIT,
+    HttpWebhook,
+    WebhookParams,
+    _host,
+    _read_body,
+    _retry_after,
+    _small_json,
+    tether_backends,
+)
+
+CALLBACK = "http://tether.test/callbacks/j%3A1?token=secret-token"
+TIMEOUT_RULE = "timeout must be more than 0 and at most 300 seconds"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    port: int
+    """The client's port: a new one means a new connection."""
+
+
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Server:
+    """A real HTTP server; `answers[path]` answers requests to `path` (default:
+    202 `{"accepted": true}`); every request is recorded in `seen`."""
+
+    base: str = ""
+    answers: dict[str, Answer] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+
+    def url(self, path: str = "/hook") -> str:
+        return f"{self.base}{path}"
+
+    def on(self, path: str) -> list[Seen]:
+        return [s for s in self.seen if s.path == path]
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the test ends: a handler holding an answer back lets go."""
+
+    def answer(
+        self, path: str, status: int = 200, body: Any = None, *, slow: bool = False, **headers: str
+    ) -> None:
+        """Answer `path` with `body` (bytes as they are, else compact JSON); with
+        `slow`, in pieces of 4 KiB a moment apart, as a real network delivers
+        a long body."""
+        data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+
+        async def respond(request: web.Request) -> web.StreamResponse:
+            if not slow:
+                return web.Response(status=status, body=data, headers=headers)
+            response = web.StreamResponse(status=status, headers=headers)
+            response.content_length = len(data)
+            await response.prepare(request)
+            for start in range(0, len(data), 4096):
+                await response.write(data[start : start + 4096])
+                await asyncio.sleep(0.002)
+            return response
+
+        self.answers[path] = respond
+
+    async def hold(self) -> None:
+        """Hold an answer back until the test ends."""
+        await asyncio.wait_for(self.release.wait(), 10)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path,
+                request.query_string,
+                dict(request.headers),
+                await request.read(),
+                peer[1] if peer else 0,
+            )
+        )
+        respond = self.answers.get(request.path)
+        if respond is None:
+            return web.json_response({"accepted": True}, status=202)
+        return await respond(request)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", srv.handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    srv.base = f"http://127.0.0.1:{port}"
+    yield srv
+    srv.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[HttpWebhook]:
+    backend = HttpWebhook()
+    yield backend
+    await backend.close()
+
+
+def job(state: str = "running", **params: Any) -> Job:
+    now = now_ms()
+    return view(
+        JobRecord(
+            id="j",
+            backend="http_webhook",
+            state=state,  # type: ignore[arg-type]
+            params=params,
+            metadata={},
+            timeout=60,
+            fingerprint="f",
+            deadline=now + 60_000,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+
+
+def trigger(**params: Any) -> Trigger:
+    converted = msgspec.convert(params, WebhookParams)
+    return Trigger(
+        job=job("pending", **params),
+        params=converted,
+        promise_id="j:1",
+        callback_url=CALLBACK,
+        idempotency_key="key-1",
+    )
+
+
+def host_of(server: Server) -> str:
+    return server.base.removeprefix("http://")
+
+
+# ── params ───────────────────────────────────────────────────────────────────
+
+
+def test_params_have_documented_defaults():
+    params = msgspec.convert({"url": "http://x"}, WebhookParams)
+    assert params == WebhookParams(
+        url="http://x",
+        payload=None,
+        headers={},
+        timeout=10.0,
+        cancel_url=None,
+        status_url=None,
+        status_interval=30.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"url": "ftp://x/y"}, "url must be an absolute http(s) URL"),
+        ({"url": "http://"}, "url must be an absolute http(s) URL"),
+        ({"url": "/relative"}, "url must be an absolute http(s) URL"),
+        ({"url": "x", "cancel_url": "http://c"}, "url must be an absolute http(s) URL"),
+        (
+            {"url": "http://x", "cancel_url": "mailto:a@b"},
+            "cancel_url must be an absolute http(s) URL",
+        ),
+        (
+            {"url": "http://x", "status_url": "file:///e"},
+            "status_url must be an absolute http(s) URL",
+        ),
+        ({"url": "http://x", "timeout": 0}, TIMEOUT_RULE),
+        ({"url": "http://x", "timeout": -1}, TIMEOUT_RULE),
+        ({"url": "http://x", "timeout": 300.5}, TIMEOUT_RULE),
+        (
+            {"url": "http://x", "status_interval": 0.09},
+            "status_interval must be at least 0.1 seconds",
+        ),
+    ],
+)
+def test_params_that_cannot_work_are_refused(params: dict[str, Any], message: str):
+    with pytest.raises(msgspec.ValidationError) as raised:
+        msgspec.convert(params, WebhookParams)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"url": "https://x"},
+        {"url": "HTTP://x:81/p?q=1"},
+        {"url": "http://x", "timeout": 300},
+        {"url": "http://x", "timeout": 0.001},
+        {"url": "http://x", "status_interval": 0.1},
+        {"url": "http://x", "cancel_url": "https://c", "status_url": "http://s"},
+    ],
+)
+def test_params_at_the_bounds_are_accepted(params: dict[str, Any]):
+    assert msgspec.convert(params, WebhookParams).url == params["url"]
+
+
+def test_status_checks_come_at_the_interval_only_with_a_status_url():
+    backend = HttpWebhook()
+    assert backend.check_interval(WebhookParams(url="http://x")) is None
+    with_status = WebhookParams(url="http://x", status_url="http://s", status_interval=2.5)
+    assert backend.check_interval(with_status) == 2.5
+
+
+def test_the_plugin_offers_one_webhook_backend():
+    [backend] = tether_backends()
+    assert isinstance(backend, HttpWebhook) and backend.name == "http_webhook"
+
+
+# ── triggering ───────────────────────────────────────────────────────────────
+
+
+async def test_a_trigger_posts_the_job_as_compact_json_with_its_headers(server, webhook):
+    receipt = await webhook.trigger(
+        trigger(
+            url=server.url("/hook?x=1"),
+            payload={"table": "sales", "n": [1, 2]},
+            headers={"X-Team": "data", "Idempotency-Key": "theirs"},
+        )
+    )
+
+    assert receipt == {"status_code": 202, "response": {"accepted": True}}
+    [seen] = server.seen
+    assert (seen.method, seen.path, seen.query) == ("POST", "/hook", "x=1")
+    body = {
+        "job_id": "j",
+        "promise_id": "j:1",
+        "callback_url": CALLBACK,
+        "idempotency_key": "key-1",
+        "payload": {"table": "sales", "n": [1, 2]},
+    }
+    assert seen.body == msgspec.json.encode(body)  # compact, in this order
+    assert seen.headers["Content-Type"] == "application/json"
+    assert seen.headers["X-Team"] == "data"
+    assert seen.headers["Tether-Callback-Url"] == CALLBACK
+    assert seen.headers["Idempotency-Key"] == "key-1"  # Tether's own wins
+
+
+async def test_the_answer_is_kept_in_the_receipt_up_to_its_bound(server, webhook):
+    pad = RECEIPT_LIMIT - len(b'{"p":""}')
+    server.answer("/fits", 200, {"p": "a" * pad})
+    server.answer("/long", 200, {"p": "a" * (pad + 1)})
+    server.answer("/text", 201, b"accepted, thanks")
+    server.answer("/empty", 204, b"")
+
+    fits = await webhook.trigger(trigger(url=server.url("/fits")))
+    assert fits == {"status_code": 200, "response": {"p": "a" * pad}}
+    for path, status in (("/long", 200), ("/text", 201), ("/empty", 204)):
+        receipt = await webhook.trigger(trigger(url=server.url(path)))
+        assert receipt == {"status_code": status, "response": None}, path
+
+
+async def test_a_redirect_is_an_error_and_never_followed(server, webhook):
+    server.answer("/moved", 302, {}, Location=server.url("/elsewhere"))
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=server.url("/moved")))
+    assert raised.value.message == f"POST {host_of(server)} answered 302"
+    assert (raised.value.code, raised.value.retryable) == ("http_302", False)
+    assert server.on("/elsewhere") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [
+        (300, False),
+        (400, False),
+        (401, False),
+        (404, False),
+        (407, False),
+        (408, True),
+        (409, False),
+        (425, True),
+        (429, True),
+        (499, False),
+        (500, True),
+        (502, True),
+        (503, True),
+    ],
+)
+async def test_an_error_answer_says_whether_to_retry(server, webhook, status, retryable):
+    server.answer("/hook", status, {"error": "nope"})
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=server.url("/hook")))
+    error = raised.value
+    assert (error.message, error.code) == (
+        f"POST {host_of(server)} answered {status}",
+        f"http_{status}",
+    )
+    assert (error.retryable, error.retry_after) == (retryable, None)
+
+
+@pytest.mark.parametrize("status", [200, 201, 299])
+async def test_every_2xx_starts_the_job(server, webhook, status: int):
+    server.answer("/hook", status, {"ok": status})
+    receipt = await webhook.trigger(trigger(url=server.url("/hook")))
+    assert receipt == {"status_code": status, "response": {"ok": status}}
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"), [("7", 7.0), ("0.5", 0.5), ("60", 60.0), ("120", 60.0), ("soon", None)]
+)
+async def test_retry_after_is_kept_and_capped_at_a_minute(server, webhook, given, kept):
+    server.answer("/hook", 503, {}, **{"Retry-After": given})
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=server.url("/hook")))
+    assert raised.value.retry_after == kept
+
+
+def test_retry_after_is_read_from_the_headers():
+    assert _retry_after({"retry-after": "3"}) == 3.0
+    assert _retry_after({}) is None
+    assert _retry_after({"retry-after": "61"}) == 60.0
+
+
+async def test_an_answer_that_takes_too_long_times_out(server, webhook):
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        await response.write(b'{"partial"')  # headers went out: the body is what is late
+        await server.hold()
+        return response
+
+    server.answers["/slow"] = slow_body
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=server.url("/slow"), timeout=0.2))
+    assert asyncio.get_running_loop().time() - started < 2
+    assert raised.value.message == f"POST {host_of(server)}: timed out after 0.2s"
+    assert (raised.value.code, raised.value.retryable) == ("timeout", True)
+
+
+async def test_a_refused_connection_is_retryable(webhook):
+    with socket_bound() as port, pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=f"http://127.0.0.1:{port}/hook"))
+    assert raised.value.message == f"POST 127.0.0.1:{port}: ClientConnectorError"
+    assert (raised.value.code, raised.value.retryable) == ("connection", True)
+
+
+async def test_a_header_that_cannot_be_sent_is_a_connection_error(server, webhook):
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=server.url(), headers={"X-Bad": "a\r\nInjected: 1"}))
+    assert raised.value.message == f"POST {host_of(server)}: ValueError"
+    assert (raised.value.code, raised.value.retryable) == ("connection", True)
+
+
+async def test_errors_name_the_host_and_nothing_else_of_the_url(server, webhook):
+    server.answer("/secret/path", 500, {"leak": "answer body"})
+    url = server.base.replace("http://", "http://user:pw@") + "/secret/path?token=abc"
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=url))
+    assert raised.value.message == f"POST {host_of(server)} answered 500"
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://example.com/x?y=1", "example.com"),
+        ("http://u:p@example.com:8080/x", "example.com:8080"),
+        ("http://[::1]:8080/x", "[::1]:8080"),
+        ("https://[2001:db8::1]/x", "[2001:db8::1]"),
+    ],
+)
+def test_the_host_of_a_url(url: str, host: str):
+    assert _host(url) == host
+
+
+def test_small_json_reads_json_or_nothing():
+    assert _small_json(b'{"a": 1}') == {"a": 1}
+    assert _small_json(b"[1") is None
+    assert _small_json(None) is None
+
+
+# ── reading answers up to a bound ────────────────────────────────────────────
+
+
+async def test_an_answer_a_little_over_its_bound_is_drained_and_the_connection_kept(
+    server, webhook
+):
+    for size in (RECEIPT_LIMIT + 1, RECEIPT_LIMIT + DRAIN_LIMIT // 2, RECEIPT_LIMIT + DRAIN_LIMIT):
+        server.answer("/over", 200, b"x" * size, slow=True)
+        first = await webhook.trigger(trigger(url=server.url("/over")))
+        second = await webhook.trigger(trigger(url=server.url("/next")))
+        assert first == {"status_code": 200, "response": None}
+        assert second["status_code"] == 202
+        assert server.seen[-2].port == server.seen[-1].port, size  # the same connection
+
+
+async def test_an_answer_far_over_its_bound_closes_the_connection(server, webhook):
+    # far more than aiohttp buffers unread (128 KiB): its end cannot have come in
+    server.answer("/huge", 200, b"x" * (RECEIPT_LIMIT + DRAIN_LIMIT + (1 << 20)))
+    assert await webhook.trigger(trigger(url=server.url("/huge"))) == {
+        "status_code": 200,
+        "response": None,
+    }
+    await webhook.trigger(trigger(url=server.url("/next")))
+    assert server.on("/huge")[0].port != server.on("/next")[0].port  # a new connection
+
+
+async def test_an_answer_within_its_bound_is_read_whole_however_it_arrives(server, webhook):
+    pad = RECEIPT_LIMIT - len(b'{"p":""}')
+    server.answer("/fits", 200, {"p": "a" * pad}, slow=True)
+    server.answer("/long", 200, {"p": "a" * (pad + 1)}, slow=True)
+    fits = await webhook.trigger(trigger(url=server.url("/fits")))
+    assert fits == {"status_code": 200, "response": {"p": "a" * pad}}
+    assert (await webhook.trigger(trigger(url=server.url("/long"))))["response"] is None
+
+
+class Taken(aiohttp.StreamReader):
+    """aiohttp's own body stream, noting how much each read took."""
+
+    taken: list[int]
+
+    async def read(self, n: int = -1) -> bytes:
+        chunk = await super().read(n)
+        self.taken.append(len(chunk))
+        return chunk
+
+
+@pytest.mark.parametrize(
+    ("size", "kept", "closed"),
+    [
+        (100, True, False),
+        (1000, True, False),
+        (1001, False, False),
+        (1001 + DRAIN_LIMIT - 1, False, False),
+        (1001 + DRAIN_LIMIT, False, True),  # drained to the limit: closed (released at its end)
+        (1001 + DRAIN_LIMIT + 1, False, True),
+        (1001 + 3 * DRAIN_LIMIT, False, True),
+    ],
+)
+async def test_a_body_is_read_up_to_its_bound_then_drained_up_to_a_limit(size, kept, closed):
+    """With a bound of 1000: at most 1001 bytes are taken into memory, at most
+    DRAIN_LIMIT more are read and dropped, and a longer body closes the
+    connection. The body comes in pieces of 300 bytes, as a network gives it."""
+    loop = asyncio.get_running_loop()
+    protocol = BaseProtocol(loop)
+    protocol.connection_made(asyncio.Transport())  # a connection that is never read
+    content = Taken(protocol, 2**22, loop=loop)
+    content.taken = []
+    closes: list[bool] = []
+    response = types.SimpleNamespace(content=content, close=lambda: closes.append(True))
+    body = bytes(range(256)) * (size // 256 + 1)
+
+    async def network() -> None:
+        for start in range(0, size, 300):
+            content.feed_data(body[start : min(start + 300, size)])
+            await asyncio.sleep(0)
+        content.feed_eof()
+
+    feeding = asyncio.create_task(network())
+    got = await _read_body(response, 1000)  # type: ignore[arg-type]  # the part it uses
+    feeding.cancel()
+
+    assert got == (body[:size] if kept else None)
+    assert closes == ([True] if closed else [])
+    into_memory, total = 0, 0
+    for n in content.taken:
+        total += n
+        if into_memory <= 1000:
+            into_memory += n
+    assert into_memory == min(size, 1001)
+    assert total - into_memory == min(size - into_memory, DRAIN_LIMIT)
+
+
+# ── cancel ───────────────────────────────────────────────────────────────────
+
+
+async def test_cancel_posts_the_reason_to_the_cancel_url_with_the_headers(server, webhook):
+    server.answer("/cancel", 200, {"ignored": "x" * 100})
+    await webhook.cancel(
+        job("timed_out", url=server.url(), cancel_url=server.url("/cancel"), headers={"X-A": "b"})
+    )
+    [seen] = server.seen
+    assert (seen.method, seen.path) == ("POST", "/cancel")
+    assert json.loads(seen.body) == {"job_id": "j", "promise_id": "j:1", "reason": "timed_out"}
+    assert seen.headers["X-A"] == "b"
+    assert "Tether-Callback-Url" not in seen.headers
+
+
+async def test_cancel_without_a_cancel_url_sends_nothing(server, webhook):
+    await webhook.cancel(job("canceled", url=server.url()))
+    assert server.seen == []
+
+
+async def test_a_cancel_refused_is_an_error(server, webhook):
+    server.answer("/cancel", 500, {})
+    with pytest.raises(BackendError) as raised:
+        await webhook.cancel(job("canceled", url=server.url(), cancel_url=server.url("/cancel")))
+    assert raised.value.message == f"POST {host_of(server)} answered 500"
+
+
+async def test_cancel_uses_the_jobs_timeout(server, webhook):
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await server.hold()
+        return web.Response()
+
+    server.answers["/cancel"] = slow
+    with pytest.raises(BackendError, match=r"timed out after 0.2s"):
+        await webhook.cancel(
+            job("canceled", url=server.url(), cancel_url=server.url("/cancel"), timeout=0.2)
+        )
+
+
+# ── status checks ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ({"status": "running"}, None),
+        ({"status": "running", "result": 1}, None),
+        (
+            {"status": "succeeded", "result": {"rows": 3}},
+            Outcome(status="succeeded", result={"rows": 3}),
+        ),
+        ({"status": "succeeded"}, Outcome(status="succeeded")),
+        (
+            {"status": "failed"},
+            Outcome(status="failed", error=ErrorInfo("the service reported a failure")),
+        ),
+        (
+            {"status": "failed", "error": {"message": "disk", "type": "io"}, "result": 2},
+            Outcome(status="failed", result=2, error=ErrorInfo("disk", "io")),
+        ),
+        ({"status": "exploded"}, None),
+        ({"state": "succeeded"}, None),
+        (["succeeded"], None),
+    ],
+)
+async def test_a_status_answer_is_read_as_an_outcome(server, webhook, answer, outcome):
+    server.answer("/status", 200, answer)
+    found = await webhook.check_status(
+        job(url=server.url(), status_url=server.url("/status?run=1"), headers={"X-A": "b"})
+    )
+    assert found == outcome
+    [seen] = server.seen
+    assert (seen.method, seen.path, seen.query) == ("GET", "/status", "run=1")
+    assert seen.headers["X-A"] == "b"
+
+
+async def test_a_status_answer_that_is_not_json_is_not_understood(server, webhook):
+    server.answer("/status", 200, b"<html>busy</html>")
+    assert (
+        await webhook.check_status(job(url=server.url(), status_url=server.url("/status"))) is None
+    )
+
+
+async def test_a_status_answer_is_read_up_to_a_mebibyte(server, webhook):
+    shell = len(b'{"status":"succeeded","result":""}')
+    server.answer("/fits", 200, {"status": "succeeded", "result": "r" * (STATUS_LIMIT - shell)})
+    server.answer("/long", 200, {"status": "succeeded", "result": "r" * (STATUS_LIMIT - shell + 1)})
+    found = await webhook.check_status(job(url=server.url(), status_url=server.url("/fits")))
+    assert found is not None and found.status == "succeeded"
+    assert await webhook.check_status(job(url=server.url(), status_url=server.url("/long"))) is None
+
+
+async def test_no_status_url_no_check(server, webhook):
+    assert await webhook.check_status(job(url=server.url())) is None
+    assert server.seen == []
+
+
+async def test_a_status_url_that_fails_is_an_error(server, webhook):
+    server.answer("/status", 503, {}, **{"Retry-After": "2"})
+    with pytest.raises(BackendError) as raised:
+        await webhook.check_status(job(url=server.url(), status_url=server.url("/status")))
+    assert raised.value.message == f"GET {host_of(server)} answered 503"
+    assert raised.value.retry_after == 2.0
+
+
+async def test_a_status_check_uses_the_jobs_timeout(server, webhook):
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await server.hold()
+        return web.Response()
+
+    server.answers["/status"] = slow
+    with pytest.raises(BackendError, match=r"^GET .*: timed out after 0.2s$"):
+        await webhook.check_status(
+            job(url=server.url(), status_url=server.url("/status"), timeout=0.2)
+        )
+
+
+# ── the session ──────────────────────────────────────────────────────────────
+
+
+async def test_one_pooled_session_serves_every_request(server, webhook):
+    session = webhook.session()
+    assert webhook.session() is session
+    connector = session.connector
+    assert isinstance(connector, aiohttp.TCPConnector)
+    assert (connector.limit, connector.limit_per_host) == (256, 0)
+    assert connector._cached_hosts._ttl == 10  # type: ignore[attr-defined]  # no public getter
+    await asyncio.gather(*(webhook.trigger(trigger(url=server.url())) for _ in range(3)))
+    assert len(server.seen) == 3
+
+
+async def test_requests_to_one_host_run_at_once(server, webhook):
+    """No per-host cap: two slow requests to one host are in flight together."""
+    arrived: list[str] = []
+    both = asyncio.Event()
+
+    async def wait_for_the_other(request: web.Request) -> web.StreamResponse:
+        arrived.append(request.path)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 2)
+        return web.json_response({})
+
+    server.answers["/a"] = server.answers["/b"] = wait_for_the_other
+    await asyncio.gather(
+        webhook.trigger(trigger(url=server.url("/a"))),
+        webhook.trigger(trigger(url=server.url("/b"))),
+    )
+
+
+async def test_a_closed_session_is_replaced(webhook):
+    first = webhook.session()
+    await first.close()
+    second = webhook.session()
+    assert second is not first and not second.closed
+
+
+async def test_close_closes_the_session_and_a_later_use_makes_a_new_one(server, webhook):
+    session = webhook.session()
+    await webhook.close()
+    assert session.closed
+    await webhook.close()  # twice is fine
+    await webhook.trigger(trigger(url=server.url()))
+    assert webhook.session() is not session
+
+
+def test_a_session_of_another_loop_is_not_reused():
+    backend = HttpWebhook()
+
+    async def make() -> aiohttp.ClientSession:
+        return backend.session()
+
+    first = asyncio.run(make())
+    second = asyncio.run(make())
+    assert second is not first
+    asyncio.run(backend.close())  # another loop's session: left alone, no error
+    assert backend._session is None
+
+
+async def test_no_cookie_is_kept_between_requests(server, webhook):
+    """By name, not by IP address (cookie jars refuse cookies of IP hosts anyway)."""
+    server.answer("/set", 200, {}, **{"Set-Cookie": "session=abc; Path=/"})
+    named = server.base.replace("127.0.0.1", "localhost")
+    await webhook.trigger(trigger(url=f"{named}/set"))
+    await webhook.trigger(trigger(url=f"{named}/next"))
+    assert "Cookie" not in server.on("/next")[0].headers
+
+
+async def test_proxy_settings_of_the_environment_are_ignored(server, webhook, monkeypatch):
+    with socket_bound() as dead:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead}")
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{dead}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        receipt = await webhook.trigger(trigger(url=server.url()))
+    assert receipt["status_code"] == 202
+
+
+class socket_bound:  # used as a context manager, like a function
+    """A port with nothing listening on it (bound, so no one else takes it)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        return int(self._sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
