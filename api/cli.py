@@ -14,6 +14,8 @@ from typing import Any
 
 from api.app import create_app
 from api.http import SERVER_OPTIONS
+from api.packages import run as run_installer
+from api.packages import table as plugin_table
 from core.errors import StoreConfigError, StoreUnavailable, TetherError
 from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
@@ -83,7 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument(
         "--older-than", type=float, required=True, metavar="DAYS", help="age in days (at least 1)"
     )
+    for verb in ("install", "uninstall"):
+        packages = sub.add_parser(
+            verb, help=f"{verb} plugin packages in the environment Tether runs from"
+        )
+        packages.add_argument("packages", nargs="+", metavar="PACKAGE")
+    sub.add_parser("plugins", help="list the installed plugins, their versions and backends")
     args = parser.parse_args(argv)
+    if args.command in ("install", "uninstall"):
+        return run_installer(args.command, args.packages)
+    if args.command == "plugins":
+        print(plugin_table(Plugins(make_plugin_manager())))
+        return 0
 
     flags = {name: getattr(args, name, None) for name in ("host", "port")}
     try:

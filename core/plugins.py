@@ -105,6 +105,18 @@ class Plugins:
             shown[name] = next((f"{d} {_version(d)}" for d in dists), "unknown version")
         return shown
 
+    def by_plugin(self) -> dict[str, tuple[str, list[str]]]:
+        """Each plugin that offers backends: its distribution with version (as
+        `versions` shows it) and its backends' names."""
+        shown = self.versions()
+        found: dict[str, tuple[str, list[str]]] = {}
+        for impl in self.pm.hook.tether_backends.get_hookimpls():
+            alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
+            names = sorted(b.name for got in alone() for b in got or ())
+            package = shown[names[0]] if names else "unknown version"
+            found[impl.plugin_name] = (package, names)
+        return found
+
     def backend(self, name: str) -> Backend:
         """The backend called `name`; `InvalidRequest` listing the valid names if none."""
         try:
