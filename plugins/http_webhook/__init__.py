@@ -51,6 +51,9 @@ RECEIPT_LIMIT = 4096
 """A trigger's answer is kept in its receipt if it is at most this many bytes."""
 STATUS_LIMIT = 1 << 20
 """A status_url answer longer than this is not understood."""
+REASON_LIMIT = 1024
+"""Of a trigger refused with a 4xx, this many bytes of the answer go into the
+job's error: the receiver's reason."""
 DRAIN_LIMIT = 1 << 16
 """An answer longer than its limit is read on (and dropped) up to this many bytes
 more, so its connection can be reused; past that the connection is closed."""
@@ -146,7 +149,13 @@ class HttpWebhook(Backend):
             "Idempotency-Key": trigger.idempotency_key,
         }
         answer = await self._send(
-            "POST", params.url, params.timeout, RECEIPT_LIMIT, json=body, headers=headers
+            "POST",
+            params.url,
+            params.timeout,
+            RECEIPT_LIMIT,
+            json=body,
+            headers=headers,
+            reason_on_4xx=True,  # Tether scrubs the callback token from trigger errors
         )
         return {"status_code": answer.status, "response": _small_json(answer.body)}
 
@@ -190,6 +199,7 @@ class HttpWebhook(Backend):
         *,
         headers: Mapping[str, str],
         json: Any = None,
+        reason_on_4xx: bool = False,
     ) -> _Answer:
         """Send a request; its answer, with a body of at most `limit` bytes kept.
         Errors never name more of the URL than its host: paths and query strings
@@ -206,7 +216,7 @@ class HttpWebhook(Backend):
                 allow_redirects=False,
             ) as response:
                 code = response.status
-                body = await _read_body(response, limit)
+                body = await _read_body(response, max(limit, REASON_LIMIT))
                 retry_after = _retry_after(response.headers)
         except TimeoutError:  # also aiohttp's ServerTimeoutError and ConnectionTimeoutError
             raise BackendError(
@@ -217,19 +227,24 @@ class HttpWebhook(Backend):
                 f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
             ) from None
         if 200 <= code < 300:
-            return _Answer(code, body)
+            return _Answer(code, body if body is not None and len(body) <= limit else None)
+        reason = ""
+        if reason_on_4xx and 400 <= code < 500 and body:
+            text = " ".join(body[:REASON_LIMIT].decode("utf-8", "replace").split())
+            reason = f": {text}" if text else ""
         raise BackendError(
-            f"{method} {host} answered {code}",
+            f"{method} {host} answered {code}{reason}",
             code=f"http_{code}",
             retryable=code >= 500 or code in RETRYABLE_STATUS,
             retry_after=retry_after,
         )
 
 
-async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body if it is at most `limit` bytes long, else None. At most
-    `limit + 1` bytes are kept in memory; a longer body is read on up to
-    DRAIN_LIMIT bytes, so the connection can be reused, else closed."""
+async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit + 1` bytes when it is longer than `limit`
+    (so a caller can tell). At most `limit + 1` bytes are kept in memory; a
+    longer body is read on up to DRAIN_LIMIT bytes, so the connection can be
+    reused, else closed."""
     content = response.content
     data = bytearray()
     while len(data) <= limit:
@@ -241,10 +256,10 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes | No
     while skipped < DRAIN_LIMIT:
         chunk = await content.read(DRAIN_LIMIT - skipped)
         if not chunk:
-            return None
+            return bytes(data)
         skipped += len(chunk)
     response.close()
-    return None
+    return bytes(data)
 
 
 def _host(url: str) -> str:

@@ -140,6 +140,30 @@ async def test_a_trigger_refused_with_4xx_fails_the_job_at_once(start_service, r
     assert len(receiver.hits) == 1
 
 
+async def test_a_trigger_refused_with_4xx_keeps_the_receivers_reason(start_service, receiver):
+    """The first KiB of the refusal goes into the job's error, whitespace folded
+    and the callback token (which the receiver may echo) scrubbed."""
+
+    def refuse(hit: Hit) -> tuple[int, bytes]:
+        token = hit.body["callback_url"].split("token=")[1]
+        reason = f"no pipeline 'sales'\n  for {token}; " + "x" * 5000
+        return 404, reason.encode()
+
+    receiver.respond = refuse
+    svc = await start_service()
+    await svc.client.post(
+        "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    job = await svc.wait_state("x", "failed")
+    message = job["error"]["message"]
+    prefix = f"trigger failed: POST 127.0.0.1:{receiver.port} answered 404: "
+    assert message.startswith(prefix + "no pipeline 'sales' for ***; xxx")
+    token = svc.tether.signer.token("x:1")
+    assert token not in message
+    reason = message.removeprefix(prefix)
+    assert len(reason) == 1024 - len(token) + len("***") - 2  # 1 KiB, "\n  " folded to " "
+
+
 async def test_a_failed_trigger_never_names_the_urls_credentials(start_service, receiver):
     receiver.respond = lambda hit: (403, {"error": "no"})
     svc = await start_service()
@@ -148,7 +172,9 @@ async def test_a_failed_trigger_never_names_the_urls_credentials(start_service, 
         "/jobs", json={"id": "x", "backend": "http_webhook", "params": {"url": url}}
     )
     job = await svc.wait_state("x", "failed")
-    assert job["error"]["message"] == f"trigger failed: POST 127.0.0.1:{receiver.port} answered 403"
+    assert job["error"]["message"] == (
+        f'trigger failed: POST 127.0.0.1:{receiver.port} answered 403: {{"error": "no"}}'
+    )
 
 
 async def test_a_trigger_answered_5xx_is_retried_then_fails(start_service, receiver):
