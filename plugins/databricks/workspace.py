@@ -44,6 +44,8 @@ SECRET_ATTRIBUTES = (
     "azure_client_secret",
     "google_credentials",
 )
+WORKSPACE_ENV = ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE")
+"""The SDK's variables that name a workspace (its other auth variables need one of these)."""
 SECRET_ENV = (
     "DATABRICKS_TOKEN",
     "DATABRICKS_PASSWORD",
@@ -146,9 +148,25 @@ class Workspace:
                 log.info("databricks: using workspace %s", config.host)
             return self._client
 
+    def names_a_workspace(self) -> bool:
+        """Whether anything names a workspace (a profile setting, the SDK's
+        variables, `~/.databrickscfg`), asked without importing the SDK: that
+        takes seconds and tens of MB, which a service with no Databricks jobs
+        must not pay for a readiness check."""
+        if self.settings.profile or any(os.environ.get(name) for name in WORKSPACE_ENV):
+            return True
+        return os.path.exists(os.path.expanduser("~/.databrickscfg"))
+
     async def readiness(self) -> Readiness:
         """Whether the workspace accepts the credentials: one read-only call
         (`current_user.me`). Reasons are scrubbed like every error message."""
+        if not self.names_a_workspace():
+            return Readiness(
+                "unconfigured",
+                "Databricks client configuration: no workspace is named; set"
+                " DATABRICKS_HOST and DATABRICKS_TOKEN, a profile in ~/.databrickscfg,"
+                " or TETHER_DATABRICKS_PROFILE",
+            )
         try:
             await self.call(lambda w: w.current_user.me())
         except BackendError as exc:
