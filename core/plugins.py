@@ -73,15 +73,22 @@ class Plugins:
     def _others(self, impl: pluggy.HookImpl) -> list[object]:
         return [p for p in self.pm.get_plugins() if p is not impl.plugin]
 
-    def _owners(self, name: str) -> list[str]:
-        """The plugins offering a backend called `name`: each asked again on its
-        own, only to name them in an error."""
-        owners = []
+    def _offered_by(self) -> dict[str, list[Any]]:
+        """What each plugin's `tether_backends` offers, each asked on its own
+        (only to name plugins in an error or a listing)."""
+        offered = {}
         for impl in self.pm.hook.tether_backends.get_hookimpls():
             alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
-            if any(getattr(b, "name", None) == name for got in alone() for b in got or ()):
-                owners.append(impl.plugin_name)
-        return owners
+            offered[impl.plugin_name] = [b for got in alone() for b in got or ()]
+        return offered
+
+    def _owners(self, name: str) -> list[str]:
+        """The plugins offering a backend called `name`."""
+        return [
+            plugin
+            for plugin, backends in self._offered_by().items()
+            if any(getattr(b, "name", None) == name for b in backends)
+        ]
 
     def setting_names(self) -> set[str]:
         """Every `TETHER_*` variable something expects: core's settings, those
@@ -110,11 +117,9 @@ class Plugins:
         `versions` shows it) and its backends' names."""
         shown = self.versions()
         found: dict[str, tuple[str, list[str]]] = {}
-        for impl in self.pm.hook.tether_backends.get_hookimpls():
-            alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
-            names = sorted(b.name for got in alone() for b in got or ())
-            package = shown[names[0]] if names else "unknown version"
-            found[impl.plugin_name] = (package, names)
+        for plugin, backends in self._offered_by().items():
+            names = sorted(b.name for b in backends)
+            found[plugin] = (shown[names[0]] if names else "unknown version", names)
         return found
 
     def backend(self, name: str) -> Backend:
