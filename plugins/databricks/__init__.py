@@ -35,10 +35,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+from msgspec import Meta
 
 from core.plugin import (
     Backend,
@@ -73,21 +74,52 @@ RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
 
 DEFAULT_CHECK_INTERVAL = 60.0
 MIN_CHECK_INTERVAL = 1.0
+MAX_CHECK_INTERVAL = 86400.0
+"""A day: later checks back off to ten times it."""
 
 TASK_PARAMETER_FIELDS = {"notebook_task": "base_parameters"}
 """Task types of a one-time run that get Tether's parameters, and where. Only
 notebooks: they ignore parameters they do not read, while a Python wheel or
 script would get them as command-line arguments it may reject."""
 
+WholeFloat = Annotated[float, Meta(extra_json_schema={"multipleOf": 1})]
+"""An integer written with a fraction (`7.0`): JSON Schema counts it an integer,
+msgspec's `int` does not, so an `int` field takes it too (`__post_init__` makes
+it an int)."""
+PositiveInt = Annotated[int, Meta(gt=0)] | Annotated[WholeFloat, Meta(gt=0)]
+"""A positive integer, `7.0` included."""
+
+NOT_RESERVED = {"propertyNames": {"not": {"enum": list(RESERVED_PARAMS)}}}
+"""In a schema: an object that sets none of Tether's own parameters."""
+JobParameters = Annotated[dict[str, str], Meta(extra_json_schema=NOT_RESERVED)]
+Task = Annotated[
+    dict[str, Any],
+    Meta(
+        extra_json_schema={
+            "required": ["task_key"],
+            "properties": {
+                "task_key": {"type": "string", "minLength": 1},
+                **{
+                    kind: {"properties": {field: NOT_RESERVED}}
+                    for kind, field in TASK_PARAMETER_FIELDS.items()
+                },
+            },
+        }
+    ),
+]
+"""A task of a one-time run, as the Jobs API writes it; the schema says what
+`SubmitRun` checks of it."""
+
 
 class SubmitRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A one-time run: the body of the Jobs API's `runs/submit` (without
     `idempotency_token`, which Tether sets). Tasks are checked against the SDK's
-    types when the run is started."""
+    types, and for task keys used twice, when the run is started: no JSON
+    Schema can say that keys differ, and what the schema allows is accepted."""
 
-    tasks: list[dict[str, Any]]
+    tasks: Annotated[list[Task], Meta(min_length=1)]
     run_name: str | None = None
-    timeout_seconds: int | None = None
+    timeout_seconds: int | WholeFloat | None = None
     access_control_list: list[dict[str, Any]] | None = None
     budget_policy_id: str | None = None
     duration_target: str | None = None
@@ -104,16 +136,11 @@ class SubmitRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     webhook_notifications: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("a one-time run needs at least one task")
-        seen: set[str] = set()
+        _make_int(self, "timeout_seconds")
         for i, task in enumerate(self.tasks):
             key = task.get("task_key")
             if not isinstance(key, str) or not key:
                 raise ValueError(f"tasks[{i}] needs a `task_key` (a non-empty string)")
-            if key in seen:
-                raise ValueError(f"tasks[{i}]: task_key {key!r} is used twice")
-            seen.add(key)
             for kind, field in TASK_PARAMETER_FIELDS.items():
                 section = task.get(kind)
                 given = section.get(field) if isinstance(section, dict) else None
@@ -124,28 +151,60 @@ class SubmitRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class DatabricksParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`params` of a `databricks` job: exactly one of `job_id` and `submit`."""
 
-    job_id: int | None = None
+    job_id: PositiveInt | None = None
     """Run this existing job (`jobs.run_now`)."""
-    job_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+    job_parameters: JobParameters = msgspec.field(default_factory=dict)
     """Job parameters for `job_id` (strings). Tether adds its own three."""
     submit: SubmitRun | None = None
     """Start this one-time run instead (`jobs.submit`)."""
-    check_interval: float = DEFAULT_CHECK_INTERVAL
+    check_interval: Annotated[float, Meta(ge=MIN_CHECK_INTERVAL, le=MAX_CHECK_INTERVAL)] = (
+        DEFAULT_CHECK_INTERVAL
+    )
     """Seconds between `jobs.get_run` checks while the job waits (at least 1;
     later checks back off up to ten times this)."""
 
     def __post_init__(self) -> None:
+        _make_int(self, "job_id")
         if (self.job_id is None) == (self.submit is None):
             raise ValueError(
                 "give exactly one of `job_id` (run a job) and `submit` (a one-time run)"
             )
-        if self.job_id is not None and self.job_id <= 0:
-            raise ValueError("`job_id` must be a positive job id")
         if self.submit is not None and self.job_parameters:
             raise ValueError("`job_parameters` go with `job_id`; a one-time run has none")
         _check_not_reserved(self.job_parameters, "job_parameters")
-        if self.check_interval < MIN_CHECK_INTERVAL:
-            raise ValueError(f"`check_interval` must be at least {MIN_CHECK_INTERVAL:g} second")
+
+
+RUN_NOW_OR_SUBMIT = {
+    "oneOf": [
+        {
+            "title": "Run an existing job",
+            "required": ["job_id"],
+            "properties": {"job_id": {"not": {"type": "null"}}, "submit": {"type": "null"}},
+        },
+        {
+            "title": "A one-time run",
+            "required": ["submit"],
+            "properties": {
+                "submit": {"not": {"type": "null"}},
+                "job_id": {"type": "null"},
+                "job_parameters": {"maxProperties": 0},
+            },
+        },
+    ]
+}
+"""What `DatabricksParams.__post_init__` checks of the two kinds, as a schema."""
+
+Params = Annotated[DatabricksParams, Meta(extra_json_schema=RUN_NOW_OR_SUBMIT)]
+"""`DatabricksParams`, with the schema saying that exactly one kind is given."""
+
+
+def _make_int(struct: msgspec.Struct, name: str) -> None:
+    """A `WholeFloat` field's float made the int it is; a fraction is refused."""
+    value = getattr(struct, name)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"`{name}` must be a whole number")
+        msgspec.structs.force_setattr(struct, name, int(value))
 
 
 def _check_not_reserved(parameters: Mapping[str, Any], where: str) -> None:
@@ -165,7 +224,7 @@ def idempotency_token(trigger: Trigger) -> str:
 
 class Databricks(Backend):
     name = "databricks"
-    params_type = DatabricksParams
+    params_type = Params
     settings_type = DatabricksSettings
     settings_prefix = ENV_PREFIX
 
@@ -182,14 +241,18 @@ class Databricks(Backend):
             PROMISE_ID_PARAM: trigger.promise_id,
             JOB_ID_PARAM: trigger.job.id,
         }
+        if params.submit is not None:
+            _check_task_keys(params.submit)
+        # An int already (`__post_init__`); typed `int | float` for the schema's sake.
+        job_id = None if params.job_id is None else int(params.job_id)
         token = idempotency_token(trigger)
         callback_token = parse_qs(urlsplit(trigger.callback_url).query).get("token", [""])[0]
 
         def start(w: WorkspaceClient) -> dict[str, Any]:
-            if params.job_id is not None:
+            if job_id is not None:
                 job_parameters = {**params.job_parameters, **ours}
                 waiter = w.jobs.run_now(
-                    params.job_id, job_parameters=job_parameters, idempotency_token=token
+                    job_id, job_parameters=job_parameters, idempotency_token=token
                 )
             else:
                 assert params.submit is not None
@@ -201,7 +264,7 @@ class Databricks(Backend):
                     ) from None
                 waiter = w.jobs.submit(**arguments, idempotency_token=token)
             run_id = int(waiter.run_id)
-            return {"run_id": run_id, "run_page_url": _run_page_url(w, run_id, params.job_id)}
+            return {"run_id": run_id, "run_page_url": _run_page_url(w, run_id, job_id)}
 
         external = await self.workspace.call(start, callback_token)
         log.info("databricks: job %s started run %s", trigger.job.id, external["run_id"])
@@ -256,6 +319,20 @@ class Databricks(Backend):
                 f" {expected}; nothing changed"
             )
         return CheckNow(f"Databricks {event} for run {run_id}: reading the run's state")
+
+
+def _check_task_keys(submit: SubmitRun) -> None:
+    """Fails the job, before any request, when a one-time run uses a task key
+    twice (which Databricks refuses)."""
+    seen: set[str] = set()
+    for i, task in enumerate(submit.tasks):
+        key = task["task_key"]
+        if key in seen:
+            raise BackendError(
+                f"invalid params.submit: tasks[{i}]: task_key {key!r} is used twice",
+                code="INVALID_PARAMETER_VALUE",
+            )
+        seen.add(key)
 
 
 def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, Any]:

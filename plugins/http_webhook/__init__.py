@@ -12,7 +12,14 @@ with the headers `Tether-Callback-Url` (the same URL) and `Idempotency-Key`. Any
 callback URL. 4xx answers (but 408 and 429) fail the job at once; 408, 429, 5xx,
 timeouts and connection errors are retried by Tether with backoff.
 
-Optional: `cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the
+Optional: `auth` names a credential configured on the service: the variable
+`TETHER_WEBHOOK_AUTH_<NAME>` holds a whole `Authorization` header value
+(`Bearer ...`, `Basic ...`), read when the service starts. It is sent on every
+request of the job (trigger, `cancel_url`, `status_url`); the job keeps only
+the name, and the value is scrubbed from every answer Tether reads, so a
+receiver echoing it puts it in no job record or error.
+
+`cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the
 job is canceled or times out; `status_url` is polled with GET every
 `status_interval` seconds (default 30) while the job waits, and answers with the callback
 body shape (`{"status": "running"|"succeeded"|"failed", "result"?, "error"?}`),
@@ -28,12 +35,15 @@ receipt's `response` if it is JSON of at most 4 KiB.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+import os
+import re
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
+from msgspec import Meta
 
 from core.plugin import (
     Backend,
@@ -59,42 +69,105 @@ DRAIN_LIMIT = 1 << 16
 more, so its connection can be reused; past that the connection is closed."""
 
 
+HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\x00-\x20\x7f]+")
+"""An absolute http(s) URL: the scheme (any case), `://` and a host. In the
+params' schema and checked with it, so what the schema allows is accepted."""
+MAX_INTERVAL = 86400.0
+"""The longest `status_interval`, a day: checks back off to ten times it."""
+
+AUTH_PREFIX = "TETHER_WEBHOOK_AUTH_"
+CREDENTIAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+"""What NAME in `TETHER_WEBHOOK_AUTH_<NAME>` may be."""
+
+HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": HTTP_URL.pattern})]
+
+
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    url: str
+    url: HttpUrl
     """Where the job is triggered (http or https)."""
     payload: Any = None
     """Any JSON, passed on as `payload`."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra request headers. They are stored with the job: put no secrets here."""
-    timeout: float = 10.0
+    timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
     """Seconds one request may take."""
-    cancel_url: str | None = None
+    cancel_url: HttpUrl | None = None
     """POSTed `{"job_id", "promise_id", "reason"}` when the job is canceled or times out."""
-    status_url: str | None = None
+    status_url: HttpUrl | None = None
     """Polled with GET while the job waits, to notice a lost callback."""
-    status_interval: float = 30.0
+    status_interval: Annotated[float, Meta(ge=0.1, le=MAX_INTERVAL)] = 30.0
     """Seconds between polls of `status_url`."""
+    auth: str | None = None
+    """Name of a credential of the service (`TETHER_WEBHOOK_AUTH_<NAME>`, any
+    case) sent as the `Authorization` header. Only the name is stored."""
+
+    credential_names: ClassVar[frozenset[str]] = frozenset()
+    """The names `auth` may take, upper case: those of the service, in the
+    type `HttpWebhook` makes (`params_type`); none in this one."""
 
     def __post_init__(self) -> None:
         for name in ("url", "cancel_url", "status_url"):
             value = getattr(self, name)
-            if value is not None and not _is_http_url(value):
+            if value is not None and not HTTP_URL.match(value):
                 raise ValueError(f"{name} must be an absolute http(s) URL")
-        if not 0 < self.timeout <= 300:
-            raise ValueError("timeout must be more than 0 and at most 300 seconds")
-        if self.status_interval < 0.1:
-            raise ValueError("status_interval must be at least 0.1 seconds")
+        if self.auth is not None and not (
+            self.auth.isascii() and self.auth.upper() in self.credential_names
+        ):
+            known = ", ".join(sorted(self.credential_names)) or "none"
+            raise ValueError(
+                f"auth: unknown credential {self.auth!r}; this service's credentials: {known}"
+                f" (each is a variable {AUTH_PREFIX}<NAME>)"
+            )
+
+
+def params_type(credentials: Collection[str]) -> type[WebhookParams]:
+    """`WebhookParams` of a service with these credential names: `auth` must
+    name one of them, in any case, and the schema says which."""
+    if credentials:
+        names = "|".join(
+            "".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in name)
+            for name in sorted(credentials)
+        )
+        auth_string: dict[str, Any] = {"pattern": f"^(?:{names})$"}
+        about = f"one of {', '.join(sorted(credentials))}, in any case"
+    else:
+        auth_string, about = {"not": {}}, "none is configured on this service"
+    auth = Annotated[
+        Annotated[str, Meta(extra_json_schema=auth_string)] | None,
+        Meta(
+            description="The name of a credential configured on the service"
+            f" (`{AUTH_PREFIX}<NAME>`): {about}. It is sent as the `Authorization`"
+            " header of the job's requests; the job keeps only the name."
+        ),
+    ]
+    made: type[WebhookParams] = msgspec.defstruct(  # type: ignore[assignment]  # a subclass
+        "WebhookParams",
+        [("auth", auth, None)],
+        bases=(WebhookParams,),
+        namespace={"credential_names": frozenset(credentials)},
+        module=__name__,
+    )
+    return made
+
+
+def credentials_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The service's webhook credentials, NAME → `Authorization` value, from the
+    variables `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`).
+    NAME is capitals, digits and `_`; an empty value is no credential."""
+    env = os.environ if env is None else env
+    return {
+        key.removeprefix(AUTH_PREFIX): value
+        for key, value in env.items()
+        if key.startswith(AUTH_PREFIX)
+        and value
+        and CREDENTIAL_NAME.fullmatch(key.removeprefix(AUTH_PREFIX))
+    }
 
 
 class StatusBody(msgspec.Struct, frozen=True):
     status: Literal["running", "succeeded", "failed"]
     result: Any = None
     error: ErrorInfo | None = None
-
-
-def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 class _Answer(NamedTuple):
@@ -106,8 +179,18 @@ class _Answer(NamedTuple):
 class HttpWebhook(Backend):
     name = "http_webhook"
     params_type = WebhookParams
+    settings_prefix = AUTH_PREFIX
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.credentials = credentials_from_env(env)
+        """NAME → `Authorization` value; read once, so a change needs a restart."""
+        # Both depend on the credentials configured, though `Backend` declares
+        # them class variables: the params' schema lists the names, and the
+        # variables are declared so that start-up does not call them unknown.
+        self.params_type = params_type(self.credentials)  # type: ignore[misc]
+        self.settings_type = msgspec.defstruct(  # type: ignore[misc]
+            "WebhookCredentials", [(name.lower(), str) for name in self.credentials]
+        )
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -143,8 +226,7 @@ class HttpWebhook(Backend):
             "idempotency_key": trigger.idempotency_key,
             "payload": params.payload,
         }
-        headers = {
-            **params.headers,
+        ours = {
             "Tether-Callback-Url": trigger.callback_url,
             "Idempotency-Key": trigger.idempotency_key,
         }
@@ -154,26 +236,26 @@ class HttpWebhook(Backend):
             params.timeout,
             RECEIPT_LIMIT,
             json=body,
-            headers=headers,
+            headers=self._headers(params, ours),
             reason_on_4xx=True,  # Tether scrubs the callback token from trigger errors
         )
         return {"status_code": answer.status, "response": _small_json(answer.body)}
 
     async def cancel(self, job: Job) -> None:
-        params = msgspec.convert(job.params, WebhookParams)
+        params: WebhookParams = msgspec.convert(job.params, self.params_type)
         if params.cancel_url is None:
             return
         body = {"job_id": job.id, "promise_id": callback_promise_id(job.id), "reason": job.state}
-        await self._send(
-            "POST", params.cancel_url, params.timeout, 0, json=body, headers=params.headers
-        )
+        headers = self._headers(params)
+        await self._send("POST", params.cancel_url, params.timeout, 0, json=body, headers=headers)
 
     async def check_status(self, job: Job) -> Outcome | None:
-        params = msgspec.convert(job.params, WebhookParams)
+        params: WebhookParams = msgspec.convert(job.params, self.params_type)
         if params.status_url is None:
             return None
+        headers = self._headers(params)
         answer = await self._send(
-            "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=params.headers
+            "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=headers
         )
         if answer.body is None:
             return None  # too long to be an answer we understand: keep waiting
@@ -190,6 +272,19 @@ class HttpWebhook(Backend):
         )
         return Outcome(status=status.status, result=status.result, error=error)
 
+    def _headers(
+        self, params: WebhookParams, ours: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The job's headers with Tether's own, and its credential as
+        `Authorization`, in place of any of the job's of those names (in
+        whatever case)."""
+        ours = dict(ours or {})
+        if params.auth is not None:
+            ours["Authorization"] = self.credentials[params.auth.upper()]
+        taken = {name.lower() for name in ours}
+        theirs = {k: v for k, v in params.headers.items() if k.lower() not in taken}
+        return {**theirs, **ours}
+
     async def _send(
         self,
         method: str,
@@ -203,7 +298,8 @@ class HttpWebhook(Backend):
     ) -> _Answer:
         """Send a request; its answer, with a body of at most `limit` bytes kept.
         Errors never name more of the URL than its host: paths and query strings
-        may carry secrets, and so may answer bodies."""
+        may carry secrets, and so may answer bodies. The `Authorization` value
+        sent is scrubbed from the answer: a receiver may echo it."""
         host = _host(url)
         session = self.session()
         try:
@@ -216,8 +312,10 @@ class HttpWebhook(Backend):
                 allow_redirects=False,
             ) as response:
                 code = response.status
-                body = await _read_body(response, max(limit, REASON_LIMIT))
+                raw = await _read_body(response, max(limit, REASON_LIMIT))
                 retry_after = _retry_after(response.headers)
+        except aiohttp.InvalidURL:
+            raise BackendError(f"{method} {host}: not a valid URL", code="invalid_url") from None
         except TimeoutError:  # also aiohttp's ServerTimeoutError and ConnectionTimeoutError
             raise BackendError(
                 f"{method} {host}: timed out after {timeout:g}s", retryable=True, code="timeout"
@@ -226,8 +324,9 @@ class HttpWebhook(Backend):
             raise BackendError(
                 f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
             ) from None
+        body = _scrub(raw, headers.get("Authorization"))
         if 200 <= code < 300:
-            return _Answer(code, body if body is not None and len(body) <= limit else None)
+            return _Answer(code, body if len(raw) <= limit else None)
         reason = ""
         if reason_on_4xx and 400 <= code < 500 and body:
             text = " ".join(body[:REASON_LIMIT].decode("utf-8", "replace").split())
@@ -262,11 +361,24 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(data)
 
 
+def _scrub(body: bytes, authorization: str | None) -> bytes:
+    """`body` without the `Authorization` value, nor its credentials alone (what
+    follows the scheme)."""
+    for secret in (authorization, (authorization or "").partition(" ")[2].strip()):
+        if secret:
+            body = body.replace(secret.encode(), b"***")
+    return body
+
+
 def _host(url: str) -> str:
     """`host[:port]` of `url`, without any `user:password@`."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # `http://[x`, a port out of range: aiohttp refuses it too
+        return "(not a valid URL)"
     host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else str(parts.hostname)
-    return f"{host}:{parts.port}" if parts.port else host
+    return f"{host}:{port}" if port else host
 
 
 def _small_json(body: bytes | None) -> Any:

@@ -7,9 +7,8 @@ What the checks mean here: no 5xx; no answer the document does not declare;
 every schema-valid request accepted and every schema-violating one refused
 (the document states the bounds, patterns, enums and
 `additionalProperties: false` the service enforces); 405 answers carry
-`Allow`; routes behind a token refuse requests without it. The one exception
-is in `schemathesis.toml` with its reason: a backend's plugin may check its
-params beyond what its schema says (422)."""
+`Allow`; routes behind a token refuse requests without it. `schemathesis.toml`
+holds no exception: every backend states its params rules in its schema."""
 
 from __future__ import annotations
 

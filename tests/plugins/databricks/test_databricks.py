@@ -347,7 +347,8 @@ TASK = {"task_key": "t", "notebook_task": {"notebook_path": "/x"}}
 BAD_PARAMS = [
     ({}, "exactly one of `job_id`", "params"),
     ({"job_id": 1, "submit": {"tasks": [TASK]}}, "exactly one of", "params"),
-    ({"job_id": "7"}, "Expected `int | null`, got `str`", "params.job_id"),
+    ({"job_id": "7"}, "Expected `int | float | null`, got `str`", "params.job_id"),
+    ({"job_id": 7.5}, "`job_id` must be a whole number", "params"),
     ({"job_id": 7, "jobparameters": {}}, "unknown field `jobparameters`", "params"),
     (
         {"job_id": 7, "job_parameters": {"n": 1}},
@@ -359,11 +360,11 @@ BAD_PARAMS = [
         "must not set tether_callback_url",
         "params",
     ),
-    ({"job_id": 7, "check_interval": 0.01}, "`check_interval` must be at least 1", "params"),
-    ({"submit": {"tasks": []}}, "at least one task", "params.submit"),
+    ({"job_id": 0}, "Expected `int` >= 1", "params.job_id"),
+    ({"job_id": 7, "check_interval": 0.01}, "Expected `float` >= 1.0", "params.check_interval"),
+    ({"submit": {"tasks": []}}, "Expected `array` of length >= 1", "params.submit.tasks"),
     ({"submit": {"tasks": [{"notebook_task": {}}]}}, "needs a `task_key`", "params.submit"),
     ({"submit": {"tasks": [TASK], "name": "x"}}, "unknown field `name`", "params.submit"),
-    ({"submit": {"tasks": [TASK, TASK]}}, "used twice", "params.submit"),
 ]
 
 
@@ -385,6 +386,17 @@ async def test_a_misspelt_field_of_a_one_time_run_fails_the_job_before_any_run(
     await start_job(svc, "typo", {"submit": {"tasks": [task]}})
     job = await svc.wait_state("typo", "failed", timeout=20)
     assert "`submit.tasks[0].notebook_task.base_paramters`" in job["error"]["message"]
+    assert job["error"]["type"] == "INVALID_PARAMETER_VALUE"
+    assert workspace.seen == []
+
+
+async def test_a_task_key_used_twice_fails_the_job_before_any_run(
+    start_databricks, workspace: FakeWorkspace
+):
+    svc = await start_databricks()
+    await start_job(svc, "twice", {"submit": {"tasks": [TASK, TASK]}})
+    job = await svc.wait_state("twice", "failed", timeout=20)
+    assert "tasks[1]: task_key 't' is used twice" in job["error"]["message"]
     assert job["error"]["type"] == "INVALID_PARAMETER_VALUE"
     assert workspace.seen == []
 
@@ -611,3 +623,15 @@ def test_the_docs_show_the_tested_example_notebook():
         "submit",
         "check_interval",
     )
+
+
+async def test_the_openapi_document_says_exactly_one_kind_of_run(start_databricks):
+    svc = await start_databricks()
+    doc = (await svc.client.get("/schema/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    params = schemas["DatabricksParams"]
+    assert [kind["required"] for kind in params["oneOf"]] == [["job_id"], ["submit"]]
+    assert params["properties"]["job_id"]["anyOf"][0] == {"type": "integer", "exclusiveMinimum": 0}
+    assert params["properties"]["check_interval"]["minimum"] == 1
+    tasks = schemas["SubmitRun"]["properties"]["tasks"]
+    assert tasks["minItems"] == 1 and tasks["items"]["required"] == ["task_key"]

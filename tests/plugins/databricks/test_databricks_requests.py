@@ -133,6 +133,10 @@ def test_params_name_a_job_or_a_one_time_run():
     assert convert({"job_id": 7, "job_parameters": {"a": "b"}, "check_interval": 1}) == (
         DatabricksParams(job_id=7, job_parameters={"a": "b"}, check_interval=1.0)
     )
+    # JSON Schema's integers include 7.0: taken, and made the int they are
+    assert convert({"job_id": 7.0}).job_id == 7 and type(convert({"job_id": 7.0}).job_id) is int
+    timed = convert({"submit": {"tasks": [NOTEBOOK], "timeout_seconds": 60.0}})
+    assert timed.submit is not None and type(timed.submit.timeout_seconds) is int
     submit = convert({"submit": {"tasks": [NOTEBOOK], "run_name": "adhoc"}})
     assert submit.submit == SubmitRun(tasks=[NOTEBOOK], run_name="adhoc")
     assert submit.job_id is None and submit.job_parameters == {}
@@ -146,8 +150,14 @@ def test_params_name_a_job_or_a_one_time_run():
             {"job_id": 1, "submit": {"tasks": [NOTEBOOK]}},
             "give exactly one of `job_id` (run a job) and `submit` (a one-time run)",
         ),
-        ({"job_id": 0}, "`job_id` must be a positive job id"),
-        ({"job_id": -3}, "`job_id` must be a positive job id"),
+        ({"job_id": 0}, "Expected `int` >= 1 - at `$.job_id`"),
+        ({"job_id": 0.0}, "Expected `float` > 0.0 - at `$.job_id`"),
+        ({"job_id": 7.5}, "`job_id` must be a whole number"),
+        (
+            {"submit": {"tasks": [NOTEBOOK], "timeout_seconds": 60.5}},
+            "`timeout_seconds` must be a whole number - at `$.submit`",
+        ),
+        ({"job_id": -3}, "Expected `int` >= 1 - at `$.job_id`"),
         (
             {"submit": {"tasks": [NOTEBOOK]}, "job_parameters": {"a": "b"}},
             "`job_parameters` go with `job_id`; a one-time run has none",
@@ -160,8 +170,12 @@ def test_params_name_a_job_or_a_one_time_run():
             {"job_id": 1, "job_parameters": {"tether_callback_url": "x", "ok": "y"}},
             "job_parameters must not set tether_callback_url: Tether sets it",
         ),
-        ({"job_id": 1, "check_interval": 0.99}, "`check_interval` must be at least 1 second"),
-        ({"submit": {"tasks": []}}, "a one-time run needs at least one task - at `$.submit`"),
+        ({"job_id": 1, "check_interval": 0.99}, "Expected `float` >= 1.0 - at `$.check_interval`"),
+        (
+            {"job_id": 1, "check_interval": 86400.5},
+            "Expected `float` <= 86400.0 - at `$.check_interval`",
+        ),
+        ({"submit": {"tasks": []}}, "Expected `array` of length >= 1 - at `$.submit.tasks`"),
         (
             {"submit": {"tasks": [{"notebook_task": {}}]}},
             "tasks[0] needs a `task_key` (a non-empty string) - at `$.submit`",
@@ -173,10 +187,6 @@ def test_params_name_a_job_or_a_one_time_run():
         (
             {"submit": {"tasks": [{"task_key": 3}]}},
             "tasks[0] needs a `task_key` (a non-empty string) - at `$.submit`",
-        ),
-        (
-            {"submit": {"tasks": [NOTEBOOK, {"task_key": "x"}, {"task_key": "main"}]}},
-            "tasks[2]: task_key 'main' is used twice - at `$.submit`",
         ),
         (
             {
@@ -931,6 +941,18 @@ async def test_a_one_time_run_the_sdk_cannot_take_fails_at_once(backend, workspa
     )
     assert (raised.value.code, raised.value.retryable) == ("INVALID_PARAMETER_VALUE", False)
     assert workspace.calls(SUBMIT) == []
+
+
+async def test_a_task_key_used_twice_fails_at_once(backend, workspace):
+    # Checked here, not by POST /jobs: no schema can say that task keys differ.
+    t = trigger({"submit": {"tasks": [NOTEBOOK, {"task_key": "x"}, {"task_key": "main"}]}})
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(t)
+    assert raised.value.message == (
+        "invalid params.submit: tasks[2]: task_key 'main' is used twice"
+    )
+    assert (raised.value.code, raised.value.retryable) == ("INVALID_PARAMETER_VALUE", False)
+    assert workspace.seen == []
 
 
 async def test_a_refused_trigger_never_shows_the_callback_token(backend, workspace: FakeWorkspace):

@@ -19,9 +19,12 @@ from aiohttp.base_protocol import BaseProtocol
 
 from core.errors import BackendError
 from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.plugins import Plugins, make_plugin_manager
+from core.settings import env_names, unknown_env
 from core.store.jobs import JobRecord, now_ms
 from core.views import view
 from plugins.http_webhook import (
+    AUTH_PREFIX,
     DRAIN_LIMIT,
     RECEIPT_LIMIT,
     STATUS_LIMIT,
@@ -31,11 +34,11 @@ from plugins.http_webhook import (
     _read_body,
     _retry_after,
     _small_json,
+    credentials_from_env,
     tether_backends,
 )
 
 CALLBACK = "http://tether.test/callbacks/j%3A1?token=secret-token"
-TIMEOUT_RULE = "timeout must be more than 0 and at most 300 seconds"
 
 
 @dataclass
@@ -154,8 +157,8 @@ def job(state: str = "running", **params: Any) -> Job:
     )
 
 
-def trigger(**params: Any) -> Trigger:
-    converted = msgspec.convert(params, WebhookParams)
+def trigger(params_type: type[WebhookParams] = WebhookParams, **params: Any) -> Trigger:
+    converted = msgspec.convert(params, params_type)
     return Trigger(
         job=job("pending", **params),
         params=converted,
@@ -200,12 +203,18 @@ def test_params_have_documented_defaults():
             {"url": "http://x", "status_url": "file:///e"},
             "status_url must be an absolute http(s) URL",
         ),
-        ({"url": "http://x", "timeout": 0}, TIMEOUT_RULE),
-        ({"url": "http://x", "timeout": -1}, TIMEOUT_RULE),
-        ({"url": "http://x", "timeout": 300.5}, TIMEOUT_RULE),
+        ({"url": "http:// x"}, "url must be an absolute http(s) URL"),
+        ({"url": " http://x"}, "url must be an absolute http(s) URL"),
+        ({"url": "http://x", "timeout": 0}, "Expected `float` > 0.0 - at `$.timeout`"),
+        ({"url": "http://x", "timeout": -1}, "Expected `float` > 0.0 - at `$.timeout`"),
+        ({"url": "http://x", "timeout": 300.5}, "Expected `float` <= 300.0 - at `$.timeout`"),
         (
             {"url": "http://x", "status_interval": 0.09},
-            "status_interval must be at least 0.1 seconds",
+            "Expected `float` >= 0.1 - at `$.status_interval`",
+        ),
+        (
+            {"url": "http://x", "status_interval": 86400.5},
+            "Expected `float` <= 86400.0 - at `$.status_interval`",
         ),
     ],
 )
@@ -223,7 +232,9 @@ def test_params_that_cannot_work_are_refused(params: dict[str, Any], message: st
         {"url": "http://x", "timeout": 300},
         {"url": "http://x", "timeout": 0.001},
         {"url": "http://x", "status_interval": 0.1},
+        {"url": "http://x", "status_interval": 86400},
         {"url": "http://x", "cancel_url": "https://c", "status_url": "http://s"},
+        {"url": "hTTpS://u:p@[::1]:99999/p?q#f"},  # a host is there; the request will say more
     ],
 )
 def test_params_at_the_bounds_are_accepted(params: dict[str, Any]):
@@ -394,10 +405,20 @@ async def test_errors_name_the_host_and_nothing_else_of_the_url(server, webhook)
         ("http://u:p@example.com:8080/x", "example.com:8080"),
         ("http://[::1]:8080/x", "[::1]:8080"),
         ("https://[2001:db8::1]/x", "[2001:db8::1]"),
+        ("http://[x/y", "(not a valid URL)"),
+        ("http://x:port/y", "(not a valid URL)"),
     ],
 )
 def test_the_host_of_a_url(url: str, host: str):
     assert _host(url) == host
+
+
+@pytest.mark.parametrize("url", ["http://[x/y", "http://x:99999/", "http://@/"])
+async def test_a_url_the_schema_allows_but_no_request_can_use_fails_at_once(webhook, url: str):
+    with pytest.raises(BackendError) as raised:
+        await webhook.trigger(trigger(url=url))
+    assert raised.value.code == "invalid_url" and not raised.value.retryable
+    assert raised.value.message.endswith(": not a valid URL")
 
 
 def test_small_json_reads_json_or_nothing():
@@ -709,3 +730,171 @@ class socket_bound:  # used as a context manager, like a function
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+# ── credentials (`auth`) ─────────────────────────────────────────────────────
+
+SECRET = "Bearer s3cr3t-t0ken"
+CREDENTIALS = {f"{AUTH_PREFIX}PARTNER": SECRET, f"{AUTH_PREFIX}OTHER_2": "Basic b3RoZXI="}
+
+
+@pytest.fixture
+async def authed() -> AsyncIterator[HttpWebhook]:
+    backend = HttpWebhook(CREDENTIALS)
+    yield backend
+    await backend.close()
+
+
+def authed_trigger(backend: HttpWebhook, **params: Any) -> Trigger:
+    return trigger(backend.params_type, **params)
+
+
+def test_credentials_are_the_tether_webhook_auth_variables_with_a_value():
+    env = {
+        **CREDENTIALS,
+        f"{AUTH_PREFIX}EMPTY": "",
+        f"{AUTH_PREFIX}lower": "x",  # not a NAME: left to the unknown-variable warning
+        f"{AUTH_PREFIX}": "x",
+        "TETHER_WEBHOOK_AUTHX": "x",
+        "PARTNER": "x",
+    }
+    assert credentials_from_env(env) == {"PARTNER": SECRET, "OTHER_2": "Basic b3RoZXI="}
+
+
+def test_a_credential_is_named_in_any_case_and_only_the_name_is_kept():
+    backend = HttpWebhook(CREDENTIALS)
+    for name in ("PARTNER", "partner", "PaRtNeR", "other_2"):
+        params = msgspec.convert({"url": "http://x", "auth": name}, backend.params_type)
+        assert params.auth == name
+        assert SECRET not in str(msgspec.to_builtins(params))
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "listed"),
+    [
+        (CREDENTIALS, "partnr", "OTHER_2, PARTNER"),
+        (CREDENTIALS, "PARTNER ", "OTHER_2, PARTNER"),
+        (CREDENTIALS, "partnEr\u0131".encode().decode("unicode_escape"), "OTHER_2, PARTNER"),
+        ({}, "partner", "none"),
+    ],
+)
+def test_an_unknown_credential_is_refused_naming_it_and_the_configured_names(
+    env: dict[str, str], name: str, listed: str
+):
+    with pytest.raises(msgspec.ValidationError) as raised:
+        msgspec.convert({"url": "http://x", "auth": name}, HttpWebhook(env).params_type)
+    assert str(raised.value) == (
+        f"auth: unknown credential {name!r}; this service's credentials: {listed}"
+        " (each is a variable TETHER_WEBHOOK_AUTH_<NAME>)"
+    )
+    assert "b3RoZXI=" not in str(raised.value) and SECRET not in str(raised.value)
+
+
+def test_params_without_a_service_know_no_credential():
+    with pytest.raises(msgspec.ValidationError, match="credentials: none"):
+        msgspec.convert({"url": "http://x", "auth": "partner"}, WebhookParams)
+
+
+def test_the_schema_says_which_names_auth_takes_and_never_a_value():
+    schema = msgspec.json.schema(HttpWebhook(CREDENTIALS).params_type)
+    auth = schema["$defs"]["WebhookParams"]["properties"]["auth"]
+    string, null = auth["anyOf"]
+    assert null == {"type": "null"}
+    assert string == {
+        "type": "string",
+        "pattern": "^(?:[Oo][Tt][Hh][Ee][Rr]_2|[Pp][Aa][Rr][Tt][Nn][Ee][Rr])$",
+    }
+    assert "OTHER_2, PARTNER" in auth["description"]
+    assert "s3cr3t" not in json.dumps(schema) and "b3RoZXI=" not in json.dumps(schema)
+    none = msgspec.json.schema(HttpWebhook({}).params_type)["$defs"]["WebhookParams"]
+    assert none["properties"]["auth"]["anyOf"][0] == {"type": "string", "not": {}}
+
+
+def test_the_credential_variables_are_declared_as_the_plugins_settings():
+    backend = HttpWebhook({**CREDENTIALS, f"{AUTH_PREFIX}lower": "x"})
+    assert backend.settings_prefix == AUTH_PREFIX
+    assert backend.settings_type is not None
+    assert env_names(backend.settings_type, backend.settings_prefix) == set(CREDENTIALS)
+
+
+def test_start_up_calls_no_credential_variable_unknown(monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(f"{AUTH_PREFIX}lower", "x")
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    assert [name for name, _ in unknown_env(plugins.setting_names())] == [f"{AUTH_PREFIX}lower"]
+
+
+async def test_the_credential_goes_with_the_trigger_the_cancel_and_the_status_check(server, authed):
+    sent: dict[str, list[str]] = {}
+
+    def recording(path: str, body: Any) -> None:
+        async def respond(request: web.Request) -> web.StreamResponse:
+            sent[path] = request.headers.getall("Authorization")
+            return web.json_response(body)
+
+        server.answers[path] = respond
+
+    recording("/hook", {})
+    recording("/cancel", {})
+    recording("/status", {"status": "running"})
+    params = {
+        "url": server.url("/hook"),
+        "auth": "partner",
+        "headers": {"authorization": "Bearer stored-with-the-job", "X-Team": "data"},
+        "cancel_url": server.url("/cancel"),
+        "status_url": server.url("/status"),
+    }
+    await authed.trigger(authed_trigger(authed, **params))
+    await authed.cancel(job("canceled", **params))
+    assert await authed.check_status(job(**params)) is None
+    assert sent == {path: [SECRET] for path in ("/hook", "/cancel", "/status")}
+    assert all(seen.headers["X-Team"] == "data" for seen in server.seen)
+
+
+async def test_no_credential_no_authorization_header(server, authed):
+    await authed.trigger(authed_trigger(authed, url=server.url("/hook")))
+    assert "Authorization" not in server.seen[0].headers
+
+
+def echo(request: web.Request, status: int) -> web.Response:
+    """An answer quoting the request's Authorization header, whole and its token alone."""
+    value = request.headers.get("Authorization", "")
+    token = value.partition(" ")[2]
+    return web.json_response({"got": value, "token": token, "status": "failed"}, status=status)
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_a_receiver_echoing_the_credential_gets_it_into_no_receipt_or_error(
+    server, authed, status: int
+):
+    async def respond(request: web.Request) -> web.StreamResponse:
+        return echo(request, status)
+
+    server.answers["/hook"] = respond
+    t = authed_trigger(authed, url=server.url("/hook"), auth="PARTNER")
+    if status < 300:
+        receipt = await authed.trigger(t)
+        assert receipt["response"] == {"got": "***", "token": "***", "status": "failed"}
+        return
+    with pytest.raises(BackendError) as raised:
+        await authed.trigger(t)
+    assert raised.value.message == (
+        f'POST {host_of(server)} answered 401: {{"got": "***", "token": "***", "status": "failed"}}'
+    )
+
+
+async def test_a_status_answer_echoing_the_credential_settles_without_it(server, authed):
+    async def respond(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "status": "failed",
+                "error": {"message": f"refused {request.headers['Authorization']}"},
+            }
+        )
+
+    server.answers["/status"] = respond
+    found = await authed.check_status(
+        job(url="http://x", auth="partner", status_url=server.url("/status"))
+    )
+    assert found == Outcome(status="failed", error=ErrorInfo(message="refused ***"))
