@@ -51,7 +51,11 @@ def _log(scope: Any, status: int, ms: float) -> None:
     if status in (401, 404) and path.startswith(CALLBACKS):
         promise_id = path[len(CALLBACKS) :].split("/", 1)[0]
         log.warning(
-            "callback for promise %r refused (%d) from %s", promise_id, status, _client(scope)
+            "callback for promise %r refused (%d) from %s",
+            promise_id,
+            status,
+            _client(scope),
+            extra={"promise_id": promise_id},
         )
 
 

@@ -22,10 +22,12 @@ from api.controllers import (
     strict_query,
 )
 from api.errors import EXCEPTION_HANDLERS
+from api.metrics import install as install_metrics
+from api.metrics import metrics
 from api.openapi import openapi_config
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
-from core.settings import Settings, get_settings
+from core.settings import Settings, get_settings, listed
 
 QUIET_LOGGERS = ("resonate", "httpx", "httpcore")
 
@@ -36,6 +38,9 @@ def create_app(
     """The app; the service opens (store, worker, watchdog) in its lifespan and
     reaches the handlers through dependency injection as `tether`."""
     settings = settings or get_settings()
+    problem = token_problem(settings)
+    if problem:
+        raise ValueError(problem)
     plugins = Plugins(pm or make_plugin_manager())
     logging.getLogger("tether").setLevel(settings.log_level.upper())
     for noisy in QUIET_LOGGERS:  # per-request chatter; URLs may carry caller secrets
@@ -55,10 +60,15 @@ def create_app(
 
     rules: QueryRules = {}  # filled below, once the app has its routes
     strict = strict_query(rules)
-    jobs = Router("/", route_handlers=[JobController], guards=[api_token_guard(settings), strict])
+    # Behind the tokens: an API token for everything, a read token where a
+    # route declares `opt=READ` (api.controllers.READ). Callbacks carry their
+    # own token; /health is for probes.
+    guarded = Router(
+        "/", route_handlers=[JobController, metrics], guards=[api_token_guard(settings), strict]
+    )
     others = Router("/", route_handlers=[CallbackController, health], guards=[strict])
     app = Litestar(
-        route_handlers=[jobs, others],
+        route_handlers=[guarded, others],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -68,11 +78,31 @@ def create_app(
         logging_config=None,  # the process's logging (`tether serve` sets it up) as it is
     )
     rules.update(query_rules(app.routes))
+    install_metrics(app, plugins.backends)
     if settings.access_log:
         # Around Litestar's whole handler, not a route middleware: unmatched
         # routes (404, 405) and errors get their line too.
         app.asgi_handler = access_log(app.asgi_handler)
     return app
+
+
+def token_problem(settings: Settings) -> str | None:
+    """Why the API and read tokens cannot be served as set, or None. Names
+    the settings, never their values: `tether serve` can refuse before it
+    starts workers, and `create_app` refuses, so no entry point serves them."""
+    api, read = set(listed(settings.api_token)), set(listed(settings.read_token))
+    if read and not api:
+        return (
+            "TETHER_READ_TOKEN is set but TETHER_API_TOKEN is not: without an API token"
+            " every route is open to anyone, so a read-only token would restrict nothing;"
+            " set TETHER_API_TOKEN too, or unset TETHER_READ_TOKEN"
+        )
+    if api & read:
+        return (
+            "a token is listed in both TETHER_API_TOKEN and TETHER_READ_TOKEN; a read"
+            " token must differ from every API token (it would be allowed to write)"
+        )
+    return None
 
 
 def app_from_env() -> Any:

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
-from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.errors import ErrorBody, ErrorResponse, bad_request
-from core.models import CancelRequest, Job, JobPage, JobRequest, JobState
+from core.models import CancelRequest, EventPage, Job, JobEvent, JobPage, JobRequest, JobState
 from core.service import Tether
-from core.settings import Settings
-from core.views import CURSOR_PATTERN
+from core.settings import Settings, listed
+from core.views import CURSOR_PATTERN, decode_cursor
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
@@ -38,6 +40,8 @@ ERROR_TEXT = {
     " single-valued parameter given twice, or a value outside what this document states;"
     " `details.field` names it. Nothing changed",
     401: "Missing or wrong token",
+    403: "A read token (`TETHER_READ_TOKEN`) on a route that changes something; it needs"
+    " an API token (`TETHER_API_TOKEN`). Nothing changed",
     404: "Not found",
     409: "Conflicts with what is recorded; nothing changed",
     413: "The body is larger than the service takes (`TETHER_MAX_BODY_BYTES`); the message"
@@ -118,20 +122,65 @@ async def require_json(
         )
 
 
+Access = Literal["read", "write"]
+
+READ: dict[str, Access] = {"access": "read"}
+"""`opt=READ` on a GET route behind `api_token_guard`: a read token
+(`TETHER_READ_TOKEN`) may use it. Every other route behind the guard needs an
+API token, so a route that forgets to say what it is stays closed to read
+tokens. Reads to come (`/jobs/{id}/events`, `/metrics`, `/ui`) go on the
+guarded router and declare `opt=READ`."""
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+"""A read token is refused on any other method, whatever the route declares."""
+
+
 def api_token_guard(settings: Settings) -> Guard:
-    """When TETHER_API_TOKEN is set, `/jobs*` need `Authorization: Bearer <token>`."""
-    expected = settings.api_token.encode()
+    """When TETHER_API_TOKEN is set, the routes behind this guard need
+    `Authorization: Bearer <token>`: any API token, or a read token on a route
+    declared `opt=READ` and reached with GET. None or a wrong one is 401; a
+    read token anywhere else is 403, naming what it would need."""
+    api, read = digests(settings.api_token), digests(settings.read_token)
 
     async def require_api_token(  # async: Litestar runs a sync guard in a thread
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
-        if not expected:
+        if not api:
             return
         given = bearer(connection)
-        if given is None or not hmac.compare_digest(given.encode(), expected):
+        if given is None:
             raise NotAuthorizedException("missing or invalid API token")
+        digest = hashlib.sha256(given.encode()).digest()
+        # Both lists in full, whatever matched: the time taken tells nothing
+        # about which token matched, or how far along the list it is.
+        writes, reads = matches(digest, api), matches(digest, read)
+        if writes:
+            return
+        if not reads:
+            raise NotAuthorizedException("missing or invalid API token")
+        method = connection.scope.get("method", "")
+        if handler.opt.get("access") != "read" or method not in READ_METHODS:
+            tried = f"{method} {connection.url.path}"[:200]  # echoed back
+            raise PermissionDeniedException(
+                f"this token may only read; {tried} needs the API token (TETHER_API_TOKEN)"
+            )
 
     return require_api_token
+
+
+def digests(setting: str) -> tuple[bytes, ...]:
+    """The SHA-256 of each token of a comma-separated setting: compared as
+    digests, tokens of different lengths take the same time to refuse."""
+    return tuple(hashlib.sha256(token.encode()).digest() for token in listed(setting))
+
+
+def matches(digest: bytes, tokens: tuple[bytes, ...]) -> bool:
+    """Whether `digest` is one of `tokens`, each compared in constant time and
+    none skipped once one matched."""
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(digest, token)
+    return found
 
 
 def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -154,7 +203,7 @@ class JobController(Controller):
             200: ResponseSpec(
                 Job, description="The same request again: the existing job", generate_examples=False
             ),
-            **errors(400, 401, 409, 413, 415, 422, 503),
+            **errors(400, 401, 403, 409, 413, 415, 422, 503),
         },
     )
     async def create(
@@ -176,7 +225,13 @@ class JobController(Controller):
         job, created = await tether.create_job(data)
         return Response(job, status_code=201 if created else 200)
 
-    @get("/", operation_id="listJobs", summary="List jobs", responses=errors(400, 401, 503))
+    @get(
+        "/",
+        opt=READ,
+        operation_id="listJobs",
+        summary="List jobs",
+        responses=errors(400, 401, 503),
+    )
     async def list_jobs(
         self,
         tether: NamedDependency[Tether],
@@ -213,6 +268,7 @@ class JobController(Controller):
 
     @get(
         "/{job_id:str}",
+        opt=READ,
         operation_id="getJob",
         summary="Read a job",
         responses=errors(400, 401, 404, 503),
@@ -222,13 +278,83 @@ class JobController(Controller):
         (`external`), and once it ended, its `result` or `error`."""
         return await tether.get_job(job_id)
 
+    @get(
+        "/{job_id:str}/events",
+        opt=READ,
+        operation_id="jobEvents",
+        summary="Read a job's history",
+        responses={
+            200: ResponseSpec(
+                EventPage,
+                description="The history, oldest first; with `Accept: text/event-stream`,"
+                " a stream of server-sent events instead",
+                generate_examples=False,
+            ),
+            **errors(400, 401, 404, 503),
+        },
+    )
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        job_id: FromPath[str],
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=1000, description="At most this many events")
+        ] = 100,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(
+                pattern=CURSOR_PATTERN,
+                description="The `next_cursor` of the previous page, unchanged",
+            ),
+        ] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(
+                name="last-event-id",
+                pattern=r"^[0-9]{1,18}$",
+                description="With `text/event-stream`: the `seq` of the last event received;"
+                " the stream goes on after it",
+            ),
+        ] = None,
+    ) -> Response[Any]:
+        """What happened to the job, oldest first: `{"items": [{"seq", "at",
+        "type", "attempt", "data"}], "next_cursor", "dropped"}` (`dropped`:
+        events no longer kept, from the middle of a long history). Pass
+        `next_cursor` back as `cursor` for the next page.
+
+        With `Accept: text/event-stream`: the events recorded (after
+        `Last-Event-ID`, or `cursor`, if given), then each new one as it
+        happens, in any process sharing the store; the stream ends after
+        `finished`. Each message is `id: <seq>`, `event: <type>`, `data: <the
+        item's JSON>`; a `: keep-alive` comment comes every 15 s of silence."""
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return Response(await tether.job_events(job_id, limit, cursor))
+        if last_event_id is not None:
+            after = int(last_event_id)
+        else:
+            after = decode_cursor(cursor) if cursor else 0
+        followed = await tether.follow_job(job_id, after)
+
+        async def messages(
+            events: AsyncIterator[JobEvent | None],
+        ) -> AsyncIterator[ServerSentEventMessage]:
+            async for event in events:
+                if event is None:
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                else:
+                    data = msgspec.json.encode(event).decode()
+                    yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
+
+        return ServerSentEvent(messages(followed))
+
     @post(
         "/{job_id:str}/cancel",
         status_code=200,
         guards=[require_json],
         operation_id="cancelJob",
         summary="Cancel a job",
-        responses=errors(400, 401, 404, 409, 413, 415, 503),
+        responses=errors(400, 401, 403, 404, 409, 413, 415, 503),
     )
     async def cancel(
         self,

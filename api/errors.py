@@ -35,6 +35,7 @@ STATUS: dict[type[TetherError], int] = {  # most specific first
 HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",

@@ -13,7 +13,8 @@ knows, so that the document says exactly what this service accepts:
   fields says `additionalProperties: false`;
 - query parameters are never `null`; `state` and `backend` are arrays;
 - the bearer security schemes, applied to `/jobs*` when `TETHER_API_TOKEN` is
-  set, and to the callback;
+  set (read tokens, `TETHER_READ_TOKEN`, on its GET routes only), and to the
+  callback;
 - links from a created job to reading and cancelling it, and realistic examples.
 
 The docs page is Swagger UI, its scripts and styles served by Tether from the
@@ -26,6 +27,7 @@ import copy
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -295,6 +297,10 @@ UNKNOWN_QUERY = error(
 ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     400: UNKNOWN_QUERY,
     401: error("unauthorized", "missing or invalid API token"),
+    403: error(
+        "forbidden",
+        "this token may only read; POST /jobs needs the API token (TETHER_API_TOKEN)",
+    ),
     404: error("not_found", "no job 'nightly-sales-2026-11-24'"),
     413: error(
         "body_too_large",
@@ -328,6 +334,11 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
         "invalid_request",
         "invalid query parameter 'state': Invalid enum value 'done'",
         {"field": "state", "in": "query"},
+    ),
+    ("cancelJob", 403): error(
+        "forbidden",
+        "this token may only read; POST /jobs/nightly-sales-2026-11-24/cancel needs the API"
+        " token (TETHER_API_TOKEN)",
     ),
     ("cancelJob", 409): error(
         "conflict",
@@ -408,6 +419,46 @@ CALLBACK_EXAMPLES: dict[str, dict[str, Any]] = {
             },
         }
     },
+}
+
+EVENTS_EXAMPLE: dict[str, Any] = {
+    "items": [
+        {
+            "seq": 1,
+            "at": "2026-11-24T02:00:00.120000Z",
+            "type": "accepted",
+            "attempt": 1,
+            "data": {"backend": "http_webhook", "timeout": 3600.0},
+        },
+        {
+            "seq": 2,
+            "at": "2026-11-24T02:00:00.310000Z",
+            "type": "triggered",
+            "attempt": 1,
+            "data": {"try": 1, "external": {"status_code": 202, "response": {"accepted": True}}},
+        },
+        {
+            "seq": 3,
+            "at": "2026-11-24T02:14:07.500000Z",
+            "type": "callback",
+            "attempt": 1,
+            "data": {
+                "verdict": "accepted",
+                "status": "succeeded",
+                "body_bytes": 48,
+                "body_sha256": "9f2c4e0d1b7a5c3e8f6a2d4b0c9e7f1a3b5d7c9e1f2a4b6c8d0e2f4a6b8c0d2e",
+            },
+        },
+        {
+            "seq": 4,
+            "at": "2026-11-24T02:14:07.510000Z",
+            "type": "finished",
+            "attempt": 1,
+            "data": {"state": "succeeded"},
+        },
+    ],
+    "next_cursor": None,
+    "dropped": 0,
 }
 
 JOB_LINKS = {
@@ -500,7 +551,14 @@ class Document:
             name = f"{camel(backend.name)}Params"
             schemas[name] = found
             return ref(name)
-        return dict(found)
+        # A Struct annotated with `Meta(extra_json_schema=...)` (a `oneOf` of the
+        # shapes its `__post_init__` allows): that belongs to the named schema,
+        # where a reader (and a tool reading `$ref` alone) sees it.
+        target = found.pop("$ref")
+        if found:
+            name = target.rsplit("/", 1)[-1]
+            schemas[name] = {**schemas[name], **found}
+        return {"$ref": target}
 
     def job_request(self, backend: Backend, params: dict[str, Any]) -> dict[str, Any]:
         name = backend.name
@@ -595,7 +653,10 @@ class Document:
             schemes["apiToken"] = {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "`TETHER_API_TOKEN`, as `Authorization: Bearer`.",
+                "description": "A token of `TETHER_API_TOKEN` (any of them: several may be"
+                " set, comma-separated), as `Authorization: Bearer`. A read token"
+                " (`TETHER_READ_TOKEN`) is accepted the same way on GET only: listing and"
+                " reading jobs; any other method answers 403 for it.",
             }
         return schemes
 
@@ -657,6 +718,15 @@ class Document:
         elif operation_id == "listJobs":
             example = {"items": [JOB_EXAMPLE], "next_cursor": "00000000000004d2"}
             media["examples"] = {"page": {"value": example}}
+        elif operation_id == "jobEvents":
+            media["examples"] = {"page": {"value": EVENTS_EXAMPLE}}
+            response["content"]["text/event-stream"] = {
+                "schema": {"type": "string"},
+                "example": "".join(
+                    f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n"
+                    for e in EVENTS_EXAMPLE["items"]
+                ),
+            }
         elif operation_id == "health":
             backends = sorted(self.plugins.backends)
             example = {"status": "ok", "store": "sqlite", "backends": backends}

@@ -5,6 +5,10 @@ then the body is read: the backend's native shape if its `parse_callback`
 claims it, else Tether's uniform body, whose `status` is required. A reported
 outcome settles the job (`core.settle`); a `CheckNow` hint makes Tether ask the
 backend at once and settle on its answer alone.
+
+Every callback with the right token is a `callback` event in the job's history
+(its verdict, the body's size and SHA-256, never the body or the token); one
+with a wrong token is not recorded on any job.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import msgspec
 
 from core import workflow
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized
+from core.events import body_digest
 from core.models import CallbackBody, CheckNow, Job, Outcome, field_of
 from core.plugins import Plugins
 from core.settle import Settler, SettleResult, store_call
-from core.store.jobs import JobIndex, JobRecord
+from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.views import view
 
@@ -62,12 +67,28 @@ class Callbacks:
         rec = None if job_id is None else await store_call(self.jobs.get(job_id))
         if job_id is None or rec is None:
             raise NotFound(f"no promise {promise_id!r}")
-        outcome = self._parse(rec, body)
+        digest = body_digest(body)
+        try:
+            outcome = self._parse(rec, body)
+        except InvalidRequest as exc:  # not JSON (400), or neither shape (422)
+            why = "not_json" if isinstance(exc, MalformedBody) else "invalid_body"
+            invalid = {"verdict": "invalid", **digest, "error_type": why}
+            await store_call(self.jobs.record(job_id, [NewEvent("callback", invalid)], now_ms()))
+            raise
         if isinstance(outcome, CheckNow):
+            noted = NewEvent("callback", {"verdict": "noted", **digest})
+            await store_call(self.jobs.record(job_id, [noted], now_ms()))
             return await self._check_now(rec, outcome.reason)
-        result, rec = await self.settler.settle(job_id, outcome, by="callback")
+        status = outcome.status
+
+        def note(verdict: SettleResult) -> NewEvent:
+            return NewEvent("callback", {"verdict": verdict, "status": status, **digest})
+
+        result, rec = await self.settler.settle(job_id, outcome, by="callback", note=note)
         if result == "accepted":
-            log.info("job %s %s by callback", job_id, outcome.status)
+            log.info(
+                "job %s %s by callback", job_id, outcome.status, extra=rec.log_extra(promise_id)
+            )
         message = CALLBACK_MESSAGES[result].format(state=rec.state)
         return CallbackResult(outcome=result, job=view(rec), message=message)
 
@@ -81,13 +102,21 @@ class Callbacks:
         try:
             found = await asyncio.wait_for(backend.check_status(view(rec)), CHECK_NOW_TIMEOUT)
         except Exception as exc:
-            log.warning("job %s: status check on a hint failed: %s", rec.id, type(exc).__name__)
+            log.warning(
+                "job %s: status check on a hint failed: %s",
+                rec.id,
+                type(exc).__name__,
+                extra=rec.log_extra(),
+            )
             found = None
         if found is None:
+            said = NewEvent("status_check", {"said": "unknown"})
+            await store_call(self.jobs.record(rec.id, [said], now_ms()))
             return CallbackResult(
                 "noted", view(rec), message + "the run has not ended; Tether keeps checking"
             )
-        _, now = await self.settler.settle(rec.id, found, by="hint")
+        said = NewEvent("status_check", {"said": "ended", "status": found.status})
+        _, now = await self.settler.settle(rec.id, found, by="hint", note=lambda _: said)
         return CallbackResult("noted", view(now), message + f"the run's state says {now.state}")
 
     def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:

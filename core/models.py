@@ -100,6 +100,42 @@ class JobPage(msgspec.Struct, frozen=True):
     next_cursor: str | None
 
 
+EventType = Literal[
+    "accepted",
+    "trigger_failed",
+    "triggered",
+    "callback",
+    "status_check",
+    "cancel_requested",
+    "timed_out",
+    "finished",
+]
+"""What a job's event says happened (docs/architecture.md, "Job history"); a
+new kind of event is one more name here."""
+
+
+class JobEvent(msgspec.Struct, frozen=True):
+    """One entry of a job's history (`GET /jobs/{id}/events`)."""
+
+    seq: int
+    """1, 2, ... in the order things happened to the job, without gaps."""
+    at: datetime
+    type: EventType
+    attempt: int
+    """The job's attempt the event belongs to (a trigger's retries are `data.try`)."""
+    data: dict[str, Any]
+    """What the type says more: never a secret, never a callback body."""
+
+
+class EventPage(msgspec.Struct, frozen=True):
+    """One page of a job's history, oldest first; pass `next_cursor` back for the next."""
+
+    items: list[JobEvent]
+    next_cursor: str | None
+    dropped: int
+    """Events no longer kept: past a bound, the middle of a long history goes."""
+
+
 class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of `POST /jobs`."""
 

@@ -1,5 +1,5 @@
 """Tether's use cases, the ones the API calls: start, read, list and cancel
-jobs, take callbacks, report health.
+jobs, read their history, take callbacks, report health.
 
 `Tether.open` builds the application's parts in one place, for the HTTP
 service and the command line alike: the store (`core.store`), the Resonate
@@ -12,22 +12,25 @@ from __future__ import annotations
 import heapq
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
 import msgspec
 from resonate.resonate import Resonate
 
-from core import workflow
+from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks
 from core.errors import Conflict, MalformedBody, NotFound
+from core.events import JobHistory
 from core.health import Health
 from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
     ErrorInfo,
+    EventPage,
     Job,
+    JobEvent,
     JobPage,
     JobRequest,
     Outcome,
@@ -38,7 +41,7 @@ from core.settings import Settings
 from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
-from core.store.jobs import JobRecord, now_ms
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.views import decode_cursor, duration, encode_cursor, view
 from core.watchdog import Watchdog, collect_garbage
@@ -56,8 +59,13 @@ class Tether:
         self.plugins = plugins
         self.store = store
         self.jobs = store.jobs
+        self.events = JobHistory(store.jobs)
+        self.events.listeners.append(metrics.on_event)
+        """Jobs' history; `events.listeners` hear of each event this process records."""
         self.pid = pid
-        self.signer = CallbackSigner(store.callback_secret, settings.base_url)
+        self.signer = CallbackSigner(
+            store.callback_secret, settings.base_url, store.callback_secret_previous
+        )
         self.resonate: Resonate | None = None
         self.watchdog: Watchdog | None = None
         self._settler: Settler | None = None
@@ -99,9 +107,12 @@ class Tether:
         self.watchdog = Watchdog(self.settings, self.plugins, self.store, self._settler)
         self.watchdog.start()
         self.checks.start()
+        self.events.stop_on_signals()
 
     async def close(self) -> None:
-        """Stop the watchdog and the worker, close the backends and the store."""
+        """End open event streams, stop the watchdog and the worker, close the
+        backends and the store."""
+        self.events.stop()
         await self.checks.stop()
         if self.watchdog is not None:
             await self.watchdog.stop()
@@ -155,7 +166,8 @@ class Tether:
             created_at=now,
             updated_at=now,
         )
-        stored, created = await store_call(self.jobs.insert(rec))
+        accepted = NewEvent("accepted", {"backend": rec.backend, "timeout": timeout})
+        stored, created = await store_call(self.jobs.insert(rec, [accepted]))
         if not created and stored.fingerprint != rec.fingerprint:
             # Rows written before requests were normalised carry a fingerprint
             # of the raw request: compare field by field, which also names them.
@@ -169,7 +181,9 @@ class Tether:
         assert self.resonate is not None, "Tether.open(worker=True) did not run"
         await store_call(workflow.start(self.resonate, self._target, stored))
         if created:
-            log.info("job %s accepted (backend %s)", stored.id, stored.backend)
+            log.info(
+                "job %s accepted (backend %s)", stored.id, stored.backend, extra=stored.log_extra()
+            )
         return view(stored), created
 
     async def get_job(self, job_id: str) -> Job:
@@ -225,11 +239,25 @@ class Tether:
                     " is not installed"
                 )
             outcome = Outcome(status="canceled", error=ErrorInfo(message=message, type="canceled"))
-            result, rec = await self.settler.settle(job_id, outcome, by="cancel")
+            asked = NewEvent("cancel_requested", {"reason": (reason or "").strip() or None})
+            result, rec = await self.settler.settle(
+                job_id, outcome, by="cancel", note=lambda _: asked
+            )
             if result == "accepted":
-                log.info("job %s canceled", job_id)
+                log.info("job %s canceled", job_id, extra=rec.log_extra())
                 return view(rec)
         raise Conflict(f"job {job_id!r} already finished ({rec.state})", {"state": rec.state})
+
+    async def job_events(
+        self, job_id: str, limit: int = 100, cursor: str | None = None
+    ) -> EventPage:
+        """A job's history, oldest first (see `core.events`)."""
+        return await self.events.page(job_id, limit, cursor)
+
+    async def follow_job(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
+        """A job's events after `seq` `after`, then live ones until it finishes
+        (`JobHistory.follow`)."""
+        return await self.events.follow(job_id, after)
 
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
         """Settle a job's wait from its callback URL (see `core.callbacks`)."""

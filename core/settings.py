@@ -11,7 +11,7 @@ import difflib
 import functools
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -37,6 +37,15 @@ def describe(url: str) -> str:
     return url
 
 
+SECRET_FIELDS = ("callback_secret", "callback_secret_previous", "api_token", "read_token")
+"""Settings never shown: masked in `repr`, never logged."""
+
+
+def listed(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting, blanks dropped."""
+    return tuple(item for item in (part.strip() for part in value.split(",")) if item)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     store: str = "sqlite:///.tether/tether.db"
     """Durable store URL: `sqlite:///PATH` (default, embedded), `memory://`
@@ -58,8 +67,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     is generated once and kept beside the database (on `memory://`, beside its
     temporary file, so per process); other stores refuse to start without it."""
 
+    callback_secret_previous: str = ""
+    """Earlier callback secrets, comma-separated, during a rotation: callback
+    URLs signed with any of them are still accepted, new ones are signed with
+    `callback_secret` (docs/operations.md). On the embedded store,
+    `tether rotate-secret` keeps them in the secret file instead."""
+
     api_token: str = ""
-    """When set, `/jobs*` require `Authorization: Bearer <api_token>`."""
+    """When set, `/jobs*` require `Authorization: Bearer <token>`. Several
+    tokens, comma-separated, are all accepted (to replace one without
+    downtime)."""
+
+    read_token: str = ""
+    """Tokens, comma-separated, that may read jobs, their history, `/metrics`
+    and the dashboard but change nothing. Needs `api_token`."""
 
     max_body_bytes: int = 1_048_576
     """Requests with a larger body are refused with 413."""
@@ -100,6 +121,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     """Python logging level of the service."""
 
+    log_format: Literal["text", "json"] = "text"
+    """`text`: readable lines; `json`: one JSON object per line (`ts`,
+    `level`, `logger`, `msg`, and `job_id`, `promise_id`, `backend` where they
+    apply), for log collectors."""
+
     access_log: bool = True
     """One log line per request (`tether.access`): method, path without the
     query string (callback tokens travel there), status, milliseconds. `0`
@@ -117,7 +143,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Every field, with the secrets masked (settings get logged and printed)."""
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
         shown["store"] = describe(self.store)
-        for secret in ("callback_secret", "api_token"):
+        for secret in SECRET_FIELDS:
             shown[secret] = "***" if shown[secret] else ""
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 

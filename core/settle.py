@@ -5,13 +5,17 @@ and a failed trigger all end a job through `Settler.settle`. The promise is
 settled with a value Tether builds (never a rejection, never a caller's
 object: the SDK unpickles rejections), then the outcome is recorded in the job
 index. A nonce in the value tells the settler whether it won.
+
+What made the settle (a callback, a cancel, a timeout, a status check) is
+recorded in the job's history as the settle's `note`: with the change when
+this settle ended the job (before its `finished`), else after what is there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -21,12 +25,15 @@ from resonate.types import Value
 from resonate_base import ConnectorError
 
 from core.errors import NotFound, StoreUnavailable
-from core.models import ErrorInfo, Outcome
+from core.models import OPEN_STATES, ErrorInfo, Outcome
 from core.store import STORE_CALL_TIMEOUT
-from core.store.jobs import JobIndex, JobRecord, now_ms
+from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.workflow import callback_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
+
+Note = Callable[[SettleResult], NewEvent | None]
+"""The event a settle records for what made it, given how it turned out (None: none)."""
 
 UNBORN_PROMISE_WAIT = 0.05
 UNBORN_PROMISE_TRIES = 50
@@ -80,13 +87,14 @@ class Settler:
         self.jobs = jobs
 
     async def settle(
-        self, job_id: str, outcome: Outcome, by: str
+        self, job_id: str, outcome: Outcome, by: str, note: Note | None = None
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
         Returns `accepted` when this settle won; else whether it agreed with
         the winner (`duplicate`), disagreed (`conflict`), or came after a
         cancel or timeout (`gone`); and the job's row as it now stands.
+        `note` names the event to record for it.
         """
         promise_id = callback_promise_id(job_id)
         nonce = uuid.uuid4().hex
@@ -103,11 +111,7 @@ class Settler:
             # The workflow has not created its promise yet: the job is pending.
             # Ending it in the index is enough (the trigger step reads it first),
             # but only while it is still pending; else the promise exists now.
-            rec = await store_call(
-                self.jobs.finish(job_id, outcome, now_ms(), from_states=("pending",))
-            )
-            if rec is None:
-                raise NotFound(f"no job {job_id!r}")
+            rec = await self._end(job_id, outcome, ("pending",), note, "accepted")
             if rec.finished:
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
                 return ("accepted" if same else judge(rec.state, same)), rec
@@ -116,12 +120,36 @@ class Settler:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
         data = record.value.data if record.state == "resolved" else None
         settled = outcome_of(data) if data is not None else Outcome(status="timed_out")
-        rec = await store_call(self.jobs.finish(job_id, settled, now_ms()))
+        won = isinstance(data, dict) and data.get("nonce") == nonce
+        result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
+        return result, await self._end(job_id, settled, OPEN_STATES, note, result)
+
+    async def _end(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        from_states: tuple[str, ...],
+        note: Note | None,
+        result: SettleResult,
+    ) -> JobRecord:
+        """Record `outcome` in the index, with the note's event for `result`
+        before `finished` if this ends the job; if it does not (someone
+        recorded the end first), the note's event for how the settle compares
+        goes after."""
+        event = None if note is None else note(result)
+        rec, ended = await store_call(
+            self.jobs.end(job_id, outcome, now_ms(), from_states, [event] if event else [])
+        )
         if rec is None:
             raise NotFound(f"no job {job_id!r}")
-        if isinstance(data, dict) and data.get("nonce") == nonce:
-            return "accepted", rec
-        return judge(settled.status, settled.same_as(outcome)), rec
+        if note is not None and not ended and rec.finished:
+            if result == "accepted":  # the unborn path: compare with what is recorded
+                same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
+                result = "accepted" if same else judge(rec.state, same)
+            late = note(result)
+            if late is not None:
+                rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
+        return rec
 
     async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
         """Settle `promise_id` with an outcome already recorded in the index

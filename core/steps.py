@@ -2,7 +2,10 @@
 
 Each step may run again after a crash (at-least-once), so both are written to
 be repeatable: the trigger passes the backend an idempotency key derived from
-the promise id, and every index write is conditional.
+the promise id, and every index write is conditional; the events of a change
+(`triggered`, `finished`) are recorded with it, so a replay records none again.
+A replayed trigger does try the backend again: its failures are new tries and
+are recorded as such.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from core.models import ErrorInfo, Outcome, Trigger
 from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler, outcome_of, outcome_of_record
-from core.store.jobs import JobIndex, JobRecord, now_ms
+from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
 
@@ -58,20 +61,23 @@ class JobSteps:
             return
         try:
             backend, params = self._backend_and_params(rec)
-            receipt = await self._trigger_with_retries(backend, rec, params, promise_id)
+            receipt, tries = await self._trigger_with_retries(backend, rec, params, promise_id)
         except BackendError as exc:
             error = ErrorInfo(message=f"trigger failed: {exc.message}", type=exc.code or "trigger")
-            log.warning("job %s: trigger failed: %s", job_id, exc.message)
+            log.warning(
+                "job %s: trigger failed: %s", job_id, exc.message, extra=rec.log_extra(promise_id)
+            )
             await self.settler.settle(job_id, Outcome(status="failed", error=error), by="trigger")
             return
         interval = backend.check_interval(params)
         now = now_ms()
         next_check = None if not interval else now + int(interval * 1000)
-        updated = await self.jobs.set_external(job_id, receipt, now, next_check)
+        triggered = NewEvent("triggered", {"try": tries, "external": receipt})
+        updated = await self.jobs.set_external(job_id, receipt, now, next_check, triggered)
         if updated is not None and updated.finished:
             # Canceled or timed out while the trigger was under way.
             await self.settler.resolve_quietly(promise_id, outcome_of_record(updated), "index")
-        log.info("job %s triggered", job_id)
+        log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
     def _backend_and_params(self, rec: JobRecord) -> tuple[Backend, Any]:
         backend = self.plugins.backends.get(rec.backend)
@@ -84,11 +90,12 @@ class JobSteps:
 
     async def _trigger_with_retries(
         self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int]:
         """`backend.trigger`, tried `trigger_attempts` times while it fails with
         a retryable error, waiting `trigger_backoff` doubled each time (or the
         backend's `retry_after`, when longer). Returns the receipt with the
-        callback token scrubbed from it."""
+        callback token scrubbed from it, and the try that got it. Each failed
+        try is a `trigger_failed` event."""
         trigger = Trigger(
             job=view(rec),
             params=params,
@@ -107,18 +114,23 @@ class JobSteps:
                 redacted: dict[str, Any] = msgspec.json.decode(
                     receipt.replace(token.encode(), b"***")
                 )
-                return redacted
+                return redacted, attempt
             except BackendError as exc:
                 exc.message = exc.message.replace(token, "***")
+                error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
+                    await self._trigger_failed(rec, attempt, error, None)
                     raise
                 wait = max(delay, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
+                message = f"{type(exc).__name__}: {exc}".replace(token, "***")
+                error = {"type": type(exc).__name__, "message": message}
                 if attempt == attempts:
-                    message = f"{type(exc).__name__}: {exc}".replace(token, "***")
+                    await self._trigger_failed(rec, attempt, error, None)
                     raise BackendError(message, code="trigger") from None
                 wait, reason = delay, f"{type(exc).__name__}"
+            await self._trigger_failed(rec, attempt, error, wait)
             log.warning(
                 "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
                 rec.id,
@@ -126,17 +138,28 @@ class JobSteps:
                 attempts,
                 reason,
                 wait,
+                extra=rec.log_extra(promise_id),
             )
             await self.sleep(wait)
             delay *= 2
         raise AssertionError("unreachable")
+
+    async def _trigger_failed(
+        self, rec: JobRecord, attempt: int, error: dict[str, str], retry_in: float | None
+    ) -> None:
+        """Record a failed try; `retry_in` None: no more tries."""
+        data = {"try": attempt, "error": error, "retry_in": retry_in}
+        await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
     async def finish(self, job_id: str, value: Any) -> None:
         """Record the outcome, stop the external run of a canceled or timed-out
         job, tell the plugins."""
         rec = await self.jobs.get(job_id)  # usually the settle already recorded it
         if rec is not None and not rec.finished:
-            rec = await self.jobs.finish(job_id, outcome_of(value), now_ms())
+            # The store timed the promise out: no watchdog settled it.
+            late = isinstance(value, dict) and value.get("by") == "store"
+            events = [NewEvent("timed_out", {"by": "store"})] if late else []
+            rec, _ = await self.jobs.end(job_id, outcome_of(value), now_ms(), events=events)
         if rec is None:
             return
         backend = self.plugins.backends.get(rec.backend)
@@ -148,6 +171,7 @@ class JobSteps:
                     "job %s: cancelling the external run failed: %s",
                     job_id,
                     getattr(exc, "message", type(exc).__name__),
+                    extra=rec.log_extra(),
                 )
-        log.info("job %s finished: %s", job_id, rec.state)
+        log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))

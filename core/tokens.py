@@ -3,6 +3,10 @@
 Whoever holds a callback URL may settle that one promise and no other. Tokens
 are compared in constant time; a wrong token and an unknown promise look alike
 to the caller.
+
+The secret can be rotated without orphaning waiting jobs: URLs are signed with
+the current secret, and a token made under any of the previous ones is still
+accepted until the operator drops them (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -10,17 +14,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Iterable
 from urllib.parse import quote
 
 
 class CallbackSigner:
-    def __init__(self, secret: str, base_url: str) -> None:
+    """Signs with `secret`; verifies against `secret` and each of `previous`."""
+
+    def __init__(self, secret: str, base_url: str, previous: Iterable[str] = ()) -> None:
         if not secret:
             raise ValueError("the callback secret must not be empty")
+        older = tuple(previous)
+        if not all(older):
+            raise ValueError("a previous callback secret must not be empty")
         self._key = secret.encode()
         self._base_url = base_url.rstrip("/")
+        self._previous = tuple(CallbackSigner(s, base_url) for s in older)
 
-    def __repr__(self) -> str:  # never show the key
+    def __repr__(self) -> str:  # never show a key
         return f"CallbackSigner(base_url={self._base_url!r})"
 
     def token(self, promise_id: str) -> str:
@@ -28,9 +39,16 @@ class CallbackSigner:
         return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
     def verify(self, promise_id: str, token: str | None) -> bool:
+        """Whether `token` is `promise_id`'s token under the secret or a previous
+        one. Every candidate is compared, whichever matches, so the time taken
+        does not tell which did (nor that a rotation is under way)."""
         if not token:
             return False
-        return hmac.compare_digest(self.token(promise_id).encode(), token.encode())
+        presented = token.encode()
+        matched = False
+        for signer in (self, *self._previous):
+            matched |= hmac.compare_digest(signer.token(promise_id).encode(), presented)
+        return matched
 
     def url(self, promise_id: str) -> str:
         """The callback URL for `promise_id`, token included."""

@@ -1,12 +1,13 @@
-"""How stored jobs are shown to clients: the `Job` view and the list cursor."""
+"""How stored jobs are shown to clients: the `Job` and `JobEvent` views and
+the list cursor."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from core.errors import MalformedBody
-from core.models import Job
-from core.store.jobs import JobRecord
+from core.models import Job, JobEvent
+from core.store.jobs import Event, JobRecord
 
 
 def _dt(ms: int) -> datetime:
@@ -31,6 +32,17 @@ def view(rec: JobRecord) -> Job:
     )
 
 
+def event_view(event: Event) -> JobEvent:
+    """An event as clients see it: its time as the job's times are shown."""
+    return JobEvent(
+        seq=event.seq,
+        at=_dt(event.at),
+        type=event.type,
+        attempt=event.attempt,
+        data=event.data,
+    )
+
+
 CURSOR_PATTERN = "^[0-9a-f]{16}$"
 """Every cursor Tether makes, and every string of this form, names a place in
 the list: the OpenAPI document states it, so a cursor is either malformed (400)
@@ -44,9 +56,9 @@ def encode_cursor(seq: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    """The row a cursor names (rows before it come next); `MalformedBody` when
-    it does not have `CURSOR_PATTERN`'s form. Past the largest row number it
-    names the start of the list."""
+    """The row a cursor names (the list goes on past it: older jobs, later
+    events); `MalformedBody` when it does not have `CURSOR_PATTERN`'s form.
+    Past the largest row number it names the start of the job list."""
     if len(cursor) != 16 or cursor.strip("0123456789abcdef"):
         raise MalformedBody(
             "invalid cursor: pass back a next_cursor unchanged", {"field": "cursor"}

@@ -19,7 +19,7 @@ from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler
 from core.store import Store
-from core.store.jobs import JobRecord, now_ms
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.views import view
 from core.workflow import ROOT_GRACE_MS
 
@@ -41,7 +41,7 @@ MAX_CHECK_BACKOFF = 10
 
 async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     """Delete jobs finished more than `older_than` seconds ago, with their
-    promises; nothing open is touched. Returns (jobs, promises) deleted.
+    history and their promises; nothing open is touched. Returns (jobs, promises) deleted.
 
     Promises go first and with an hour's more reach than the job rows (a job's
     workflow ends at most `ROOT_GRACE_MS` after the job does): a job row is
@@ -103,7 +103,9 @@ class Watchdog:
                 try:
                     await self.look_at(rec, now)
                 except Exception as exc:
-                    log.warning("watchdog: job %s: %s", rec.id, type(exc).__name__)
+                    log.warning(
+                        "watchdog: job %s: %s", rec.id, type(exc).__name__, extra=rec.log_extra()
+                    )
 
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
         await asyncio.gather(*(one(rec) for rec in due))
@@ -118,9 +120,15 @@ class Watchdog:
                     message=f"no callback within {rec.timeout:g} seconds", type="timeout"
                 ),
             )
-            result, _ = await self.settler.settle(rec.id, outcome, by="timeout")
+            deadline = {"timeout": rec.timeout}
+            result, _ = await self.settler.settle(
+                rec.id,
+                outcome,
+                by="timeout",
+                note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
+            )
             if result == "accepted":
-                log.info("job %s timed out", rec.id)
+                log.info("job %s timed out", rec.id, extra=rec.log_extra())
             return
         backend = self.plugins.backends.get(rec.backend)
         if rec.next_check_at is None or backend is None:
@@ -136,7 +144,15 @@ class Watchdog:
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
         found = await backend.check_status(view(rec))
-        if found is not None:
-            result, _ = await self.settler.settle(rec.id, found, by="status_check")
+        if found is None:
+            said = NewEvent("status_check", {"said": "unknown"})
+            await self.store.jobs.record(rec.id, [said], now_ms())
+        else:
+            said = NewEvent("status_check", {"said": "ended", "status": found.status})
+            result, _ = await self.settler.settle(
+                rec.id, found, by="status_check", note=lambda _: said
+            )
             if result == "accepted":
-                log.info("job %s %s (found by status check)", rec.id, found.status)
+                log.info(
+                    "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
+                )

@@ -27,12 +27,21 @@ class Store(ABC):
     kind: ClassVar[str]
     """`sqlite`, `memory` or `postgresql`."""
 
-    def __init__(self, connection: Any, jobs: JobIndex, callback_secret: str) -> None:
+    def __init__(
+        self,
+        connection: Any,
+        jobs: JobIndex,
+        callback_secret: str,
+        callback_secret_previous: tuple[str, ...] = (),
+    ) -> None:
         self.connection = connection
         """The Resonate `Network` that is also the process's `Source`."""
         self.jobs = jobs
         self.callback_secret = callback_secret
         """The configured secret, or the one this store keeps (see Settings)."""
+        self.callback_secret_previous = callback_secret_previous
+        """Earlier secrets whose callback URLs are still accepted during a
+        rotation: the configured ones and those this store keeps."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r})"

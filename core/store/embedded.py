@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StoreConfigError, StoreUnavailable
-from core.settings import Settings
+from core.settings import Settings, listed
 from core.store.base import STORE_WAIT, Store
 from core.store.migrations import migrate
 from core.store.schema import SQLITE
@@ -64,9 +64,14 @@ class MemoryStore(EmbeddedStore):
     kind = "memory"
 
     def __init__(
-        self, connection: SqliteConnection, jobs: SqliteIndex, callback_secret: str, scratch: Path
+        self,
+        connection: SqliteConnection,
+        jobs: SqliteIndex,
+        callback_secret: str,
+        callback_secret_previous: tuple[str, ...],
+        scratch: Path,
     ) -> None:
-        super().__init__(connection, jobs, callback_secret)
+        super().__init__(connection, jobs, callback_secret, callback_secret_previous)
         self.scratch = scratch
 
     @classmethod
@@ -112,6 +117,7 @@ class SqliteDriver:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._turn = asyncio.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -155,18 +161,26 @@ class SqliteDriver:
         await self._run(check)
 
     @contextlib.asynccontextmanager
-    async def migration_lock(self) -> AsyncIterator[SqliteDriver]:
+    async def transaction(self) -> AsyncIterator[SqliteDriver]:
         """`BEGIN IMMEDIATE` (waiting for the write lock as every statement
-        does), the block's statements in that transaction, then `COMMIT`."""
-        await self._run(lambda c: c.execute("BEGIN IMMEDIATE"))
-        try:
-            yield self
-            await self._run(lambda c: c.execute("COMMIT"))
-        except BaseException:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-            raise
+        does), the block's statements in that transaction, then `COMMIT`.
+        Holding the write lock from the start, the block's statements never
+        find it taken, so they run without yielding to the loop: no other
+        statement of this connection lands in the transaction. Transactions
+        of this connection take turns."""
+        async with self._turn:
+            await self._run(lambda c: c.execute("BEGIN IMMEDIATE"))
+            try:
+                yield self
+                await self._run(lambda c: c.execute("COMMIT"))
+            except BaseException:
+                if self._conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                raise
+
+    migration_lock = transaction
+    """Migrations run in one transaction, which the write lock serialises."""
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -184,30 +198,85 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def callback_secret(db: Path) -> str:
-    """The secret kept beside the database, made on first use. Two processes
-    starting at once agree: the file appears atomically, first one wins."""
-    path = db.with_name(db.name + ".secret")
-    with contextlib.suppress(FileNotFoundError):
-        return path.read_text().strip()
-    fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=".secret-")
+def secret_path(db: Path) -> Path:
+    """The file beside the database that keeps its callback secrets: one a
+    line, the current one first, then the previous ones still accepted."""
+    return db.with_name(db.name + ".secret")
+
+
+def read_secrets(path: Path) -> list[str]:
+    """The secrets in a secret file, current first (blank lines skipped);
+    `StoreConfigError` when it holds none."""
+    kept = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not kept:
+        raise StoreConfigError(f"the callback secret file {path} is empty")
+    return kept
+
+
+def write_secrets(path: Path, kept: Sequence[str]) -> None:
+    """Replace the secret file at once (readers see the old or the new one,
+    never a part), private to its owner."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
     try:
-        os.write(fd, secrets.token_urlsafe(32).encode())
-        os.fchmod(fd, 0o600)
-        os.close(fd)
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    return path.read_text().strip()
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write("".join(f"{secret}\n" for secret in kept))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def callback_secrets(db: Path) -> list[str]:
+    """The secrets kept beside the database, current first; made on first use.
+    Two processes starting at once agree: the file appears atomically, first
+    one wins."""
+    path = secret_path(db)
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=".secret-")
+        try:
+            os.write(fd, secrets.token_urlsafe(32).encode())
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    return read_secrets(path)
+
+
+def rotate_secret(db: Path) -> int:
+    """Make a new current secret, keeping the current and previous ones as
+    previous; return how many are previous now. Running services read the file
+    when they start."""
+    path = secret_path(db)
+    kept = read_secrets(path)
+    write_secrets(path, [secrets.token_urlsafe(32), *kept])
+    return len(kept)
+
+
+def drop_previous_secrets(db: Path) -> int:
+    """Forget the previous secrets (their URLs then answer 401); how many went."""
+    path = secret_path(db)
+    current, *previous = read_secrets(path)
+    write_secrets(path, [current])
+    return len(previous)
 
 
 async def _open(
     path: Path, settings: Settings, pid: str
-) -> tuple[SqliteConnection, SqliteIndex, str]:
+) -> tuple[SqliteConnection, SqliteIndex, str, tuple[str, ...]]:
+    """The engine's connection, the job index, the callback secret and the
+    previous ones (the configured ones, else those kept beside the file)."""
+    secret, previous = settings.callback_secret, listed(settings.callback_secret_previous)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        secret = settings.callback_secret or callback_secret(path)
+        if not secret:
+            secret, *kept = callback_secrets(path)
+            previous = (*kept, *previous)
     except OSError as exc:
         raise StoreConfigError(f"cannot use the embedded store at {path}: {exc.strerror}") from None
     connection = SqliteConnection(
@@ -227,4 +296,4 @@ async def _open(
             reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
             raise StoreConfigError(f"cannot open the embedded store at {path}: {reason}") from None
         raise
-    return connection, SqliteIndex(driver), secret
+    return connection, SqliteIndex(driver), secret, previous

@@ -4,17 +4,21 @@ The durable promises decide how a job ends (the first settle wins); the index
 records what clients list and read, and when the watchdog must look at a job
 (its deadline, its next status check). Every write is a conditional update, so
 a replayed step or two processes racing leave the same row behind.
+
+Beside each row, the job's history (`Event`s): a write that changes the job
+records its event in the same transaction, and only when it changed the row,
+so a replayed step records nothing twice (docs/architecture.md, "Job history").
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from core.models import FINAL_STATES, OPEN_STATES, ErrorInfo, JobState, Outcome
+from core.models import FINAL_STATES, OPEN_STATES, ErrorInfo, EventType, JobState, Outcome
 
 
 def now_ms() -> int:
@@ -40,19 +44,61 @@ class JobRecord(msgspec.Struct, kw_only=True):
     error: ErrorInfo | None = None
     finished_at: int | None = None
     next_check_at: int | None = None
+    attempt: int = 1
+    """Which run of the job this is (re-runs are a later issue)."""
+    events: int = 0
+    """Events ever recorded for the job: the `seq` of the last one."""
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+    def log_extra(self, promise_id: str | None = None) -> dict[str, str]:
+        """What a log line about this job carries besides its message (the
+        fields of `TETHER_LOG_FORMAT=json`)."""
+        extra = {"job_id": self.id, "backend": self.backend}
+        if promise_id is not None:
+            extra["promise_id"] = promise_id
+        return extra
+
+
+class NewEvent(NamedTuple):
+    """An event to record: the store numbers, times and files it."""
+
+    type: EventType
+    data: dict[str, Any]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a job's history as stored. `seq` counts from 1 per job,
+    without gaps; `at` is Unix milliseconds."""
+
+    job_id: str
+    seq: int
+    at: int
+    type: EventType
+    attempt: int
+    data: dict[str, Any]
+
+
+Listener = Callable[[JobRecord, Event], None]
+"""Told of each event after its transaction committed, in the process that
+recorded it, with the job's row as that transaction left it."""
 
 
 class JobIndex(Protocol):
     """What the service needs of a job index. The implementation: SQL
     (`core.store.sql`) on SQLite and Postgres."""
 
-    async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
-        """Insert `rec` unless its id exists; return the stored row and whether
-        it was inserted. Atomic: of two racing inserts exactly one wins."""
+    on_event: Listener | None
+    """Called for each event this index recorded, after it committed."""
+
+    async def insert(
+        self, rec: JobRecord, events: Sequence[NewEvent] = ()
+    ) -> tuple[JobRecord, bool]:
+        """Insert `rec` unless its id exists, with `events` as its first ones;
+        return the stored row and whether it was inserted. Atomic: of two
+        racing inserts exactly one wins."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -64,10 +110,17 @@ class JobIndex(Protocol):
         ...
 
     async def set_external(
-        self, job_id: str, external: dict[str, Any], now: int, next_check_at: int | None
+        self,
+        job_id: str,
+        external: dict[str, Any],
+        now: int,
+        next_check_at: int | None,
+        event: NewEvent | None = None,
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
-        (a job that ended meanwhile keeps its state). Returns the row."""
+        (a job that ended meanwhile keeps its state). `event` is recorded with
+        the first receipt only (not when a replayed trigger records it again).
+        Returns the row."""
         ...
 
     async def finish(
@@ -75,7 +128,36 @@ class JobIndex(Protocol):
     ) -> JobRecord | None:
         """End the job with `outcome` if its state is one of `from_states` (by
         default any open state); else leave it. Returns the row as it now stands
-        (None if unknown)."""
+        (None if unknown). `end` without events."""
+        ...
+
+    async def end(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        now: int,
+        from_states: Sequence[str] = OPEN_STATES,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord | None, bool]:
+        """`finish`, and whether this call ended the job: if it did, `events`
+        then a `finished` event are recorded with the change."""
+        ...
+
+    async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
+        """Record events that change nothing else; the row after (None: no such job)."""
+        ...
+
+    async def events_after(
+        self, job_id: str, after: int, limit: int
+    ) -> tuple[JobRecord | None, list[Event]]:
+        """The job and its events with `seq > after`, oldest first, at most `limit`."""
+        ...
+
+    async def history(
+        self, job_id: str, after: int, limit: int
+    ) -> tuple[JobRecord | None, list[Event], int]:
+        """The job, its events with `seq > after` (oldest first, at most
+        `limit`) and how many of its events the bound on history dropped."""
         ...
 
     async def due(self, now: int, limit: int) -> list[JobRecord]:
@@ -88,7 +170,8 @@ class JobIndex(Protocol):
         ...
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
-        """Delete up to `limit` jobs finished before `before`; return their ids."""
+        """Delete up to `limit` jobs finished before `before`, with their
+        history; return their ids."""
         ...
 
     async def ping(self) -> None:

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from core.errors import StoreConfigError
-from core.store.schema import JOBS, Dialect
+from core.store.schema import EVENTS, JOBS, Dialect
 from core.store.sql import Session
 
 
@@ -45,6 +45,11 @@ class Migration(NamedTuple):
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the job index: tether_jobs and its indexes", lambda d: JOBS.migrate(d, 1)),
+    Migration(
+        2,
+        "job history: tether_events, and each job's attempt and event counter",
+        lambda d: [*JOBS.migrate(d, 2), *EVENTS.migrate(d, 2)],
+    ),
 )
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (

@@ -15,7 +15,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
-from core.settings import Settings, describe
+from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store
 from core.store.migrations import migrate
 from core.store.schema import POSTGRES
@@ -54,7 +54,8 @@ class PostgresStore(Store):
                 f"cannot open the Postgres store {describe(url)}: {reason}"
             ) from None
         connection = PostgresConnection(url, pid=pid, group=settings.group)
-        return cls(connection, SqlJobIndex(driver), settings.callback_secret)
+        previous = listed(settings.callback_secret_previous)
+        return cls(connection, SqlJobIndex(driver), settings.callback_secret, previous)
 
     async def delete_promises(self, older_than_ms: int) -> int:
         raise InvalidRequest("the postgresql store does not support retention yet")
@@ -118,6 +119,9 @@ class PostgresDriver:
                 yield PgSession(conn)
         except psycopg.OperationalError as exc:  # server gone, pool timed out
             raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
+
+    transaction = session
+    """A session is a transaction: what the block ran commits together."""
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[PgSession]:

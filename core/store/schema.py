@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from core.store.jobs import JobRecord
+from core.store.jobs import Event, JobRecord
 
 type LogicalType = Literal["serial", "text", "int", "real", "json"]
 """`serial`: the row's key, an increasing integer the database assigns;
@@ -58,11 +58,16 @@ class Column(NamedTuple):
     null: bool = False
     unique: bool = False
     since: int = 1
+    default: str | None = None
+    """An SQL literal: what rows that exist when the column is added get (a
+    `NOT NULL` column added to a table with rows needs one)."""
 
     def sql(self, dialect: Dialect) -> str:
         spec = [self.name, dialect.types[self.type]]
         if not self.null and self.type != "serial":
             spec.append("NOT NULL")
+        if self.default is not None:
+            spec.append(f"DEFAULT {self.default}")
         if self.unique:
             spec.append("UNIQUE")
         return " ".join(spec)
@@ -82,6 +87,10 @@ class Table(NamedTuple):
     columns: tuple[Column, ...]
     indexes: tuple[Index, ...] = ()
     since: int = 1
+    primary_key: str | None = None
+    """The key's columns, as written in `PRIMARY KEY (...)`, for a table
+    without a `serial` column; on SQLite such a table is stored in key order
+    (`WITHOUT ROWID`), so reading one key's range reads adjacent rows."""
 
     def migrate(self, dialect: Dialect, version: int) -> list[str]:
         """The statements taking this table from `version - 1` to `version`:
@@ -91,8 +100,12 @@ class Table(NamedTuple):
             return []
         if version == self.since:
             columns = [f"    {c.sql(dialect)}" for c in self.columns if c.since <= version]
+            suffix = ""
+            if self.primary_key:
+                columns.append(f"    PRIMARY KEY ({self.primary_key})")
+                suffix = " WITHOUT ROWID" if dialect.name == "sqlite" else ""
             body = ",\n".join(columns)
-            statements = [f"CREATE TABLE IF NOT EXISTS {self.name} (\n{body}\n)"]
+            statements = [f"CREATE TABLE IF NOT EXISTS {self.name} (\n{body}\n){suffix}"]
             indexes = [i for i in self.indexes if i.since <= version]
         else:
             statements = [
@@ -128,6 +141,8 @@ JOBS = Table(
         Column("error", "json", null=True),
         Column("finished_at", "int", null=True),
         Column("next_check_at", "int", null=True),
+        Column("attempt", "int", since=2, default="1"),
+        Column("events", "int", since=2, default="0"),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -137,7 +152,23 @@ JOBS = Table(
         Index("tether_jobs_finished", "finished_at", "finished_at IS NOT NULL"),
     ),
 )
-"""The job index: one row per job (`JobRecord`)."""
+"""The job index: one row per job (`JobRecord`). `events` counts the job's
+events ever recorded: the last one's `seq` (see `EVENTS`)."""
+
+EVENTS = Table(
+    "tether_events",
+    (
+        Column("job_id", "text"),
+        Column("seq", "int"),
+        Column("at", "int"),
+        Column("type", "text"),
+        Column("attempt", "int"),
+        Column("data", "json"),
+    ),
+    since=2,
+    primary_key="job_id, seq",
+)
+"""Job history: one row per event (`Event`), numbered 1, 2, ... per job."""
 
 _encode_json = msgspec.json.encode
 
@@ -199,3 +230,4 @@ def _row_decoder[T](
 
 
 JOB_ROWS = RowCodec(JOBS, JobRecord)
+EVENT_ROWS = RowCodec(EVENTS, Event)

@@ -4,16 +4,34 @@ Queries are written once with `?` placeholders; a driver runs them (the Postgres
 driver swaps in `%s`). Each query uses an index: nothing scans all jobs. Writes
 return the row they wrote (`RETURNING`, SQLite >= 3.35), so a write is one round
 trip to the store, not a write and a read.
+
+A write that records events runs in one transaction (`Driver.transaction`): it
+adds their number to the job's `events` counter (`UPDATE ... RETURNING`, the
+same statement as the change where there is one) and inserts them numbered up
+to the counter. The row lock orders a job's events: their `seq` is gap-free,
+and one committed later never has a smaller `seq` (Postgres too), so a reader
+asking for `seq > n` misses nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+import msgspec
+
 from core.models import OPEN_STATES, Outcome
-from core.store.jobs import JobRecord
-from core.store.schema import JOB_ROWS, json_text
+from core.store.jobs import Event, JobRecord, Listener, NewEvent
+from core.store.schema import EVENT_ROWS, JOB_ROWS, json_text
+
+HISTORY_LIMIT = 1000
+"""Events kept per job. Past it the oldest events after the first
+`HISTORY_HEAD` are deleted as new ones come: a job keeps how it started and
+how it is going."""
+HISTORY_HEAD = 10
+"""The first events of a job, always kept: `accepted`, the trigger's tries,
+`triggered`."""
 
 
 class Session(Protocol):
@@ -26,28 +44,87 @@ class Session(Protocol):
 
 
 class Driver(Session, Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[Session]:
+        """The block's statements in one transaction: committed when it ends,
+        rolled back if it raises. The block awaits nothing but them."""
+        ...
+
     async def close(self) -> None: ...
 
 
 COLUMNS = JOB_ROWS.columns
 _row = JOB_ROWS.decode
+_event = EVENT_ROWS.decode
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
+_SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
+_COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
+_SET_EXTERNAL = (
+    "UPDATE tether_jobs SET external = ?, updated_at = ?,"
+    " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
+    " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
+)
+
+
+def finished_data(outcome: Outcome) -> dict[str, Any]:
+    """The `finished` event's data: the final state, and the error's type."""
+    data: dict[str, Any] = {"state": outcome.status}
+    if outcome.error is not None and outcome.error.type:
+        data["error_type"] = outcome.error.type
+    return data
 
 
 class SqlJobIndex:
     def __init__(self, driver: Driver) -> None:
         self.db = driver
+        self.on_event: Listener | None = None
 
-    async def insert(self, rec: JobRecord) -> tuple[JobRecord, bool]:
-        rows = await self.db.fetch(_INSERT, JOB_ROWS.values(rec))
-        if rows:
-            return _row(rows[0]), True
-        stored = await self.get(rec.id)
-        assert stored is not None, "a job row vanished right after its insert"
-        return stored, False
+    async def _file(
+        self, tx: Session, rec: JobRecord, events: Sequence[NewEvent], now: int
+    ) -> list[Event]:
+        """Insert `events`, already counted in `rec.events` (they are its last
+        ones), and keep the job's history within `HISTORY_LIMIT`."""
+        first = rec.events - len(events) + 1
+        filed = [
+            Event(
+                job_id=rec.id, seq=first + i, at=now, type=e.type, attempt=rec.attempt, data=e.data
+            )
+            for i, e in enumerate(events)
+        ]
+        marks = ", ".join(["(" + ", ".join("?" * len(EVENT_ROWS.table.columns)) + ")"] * len(filed))
+        insert = EVENT_ROWS.insert.partition(" VALUES ")[0]
+        args = [value for ev in filed for value in EVENT_ROWS.values(ev)]
+        await tx.execute(f"{insert} VALUES {marks}", args)
+        if rec.events > HISTORY_LIMIT:
+            await tx.execute(
+                "DELETE FROM tether_events WHERE job_id = ? AND seq > ? AND seq <= ?",
+                (rec.id, HISTORY_HEAD, rec.events - (HISTORY_LIMIT - HISTORY_HEAD)),
+            )
+        return filed
+
+    def _tell(self, rec: JobRecord, events: Sequence[Event]) -> None:
+        if self.on_event is not None:
+            for event in events:
+                self.on_event(rec, event)
+
+    async def insert(
+        self, rec: JobRecord, events: Sequence[NewEvent] = ()
+    ) -> tuple[JobRecord, bool]:
+        rec = msgspec.structs.replace(rec, events=len(events))
+        filed: list[Event] = []
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(_INSERT, JOB_ROWS.values(rec))
+            created = bool(rows)
+            if created and events:
+                filed = await self._file(tx, _row(rows[0]), events, rec.created_at)
+            elif not created:
+                rows = await tx.fetch(_SELECT, (rec.id,))
+                assert rows, "a job row vanished right after its insert"
+        stored = _row(rows[0])
+        self._tell(stored, filed)
+        return stored, created
 
     async def get(self, job_id: str) -> JobRecord | None:
-        rows = await self.db.fetch(f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?", (job_id,))
+        rows = await self.db.fetch(_SELECT, (job_id,))
         return _row(rows[0]) if rows else None
 
     async def page(
@@ -70,36 +147,111 @@ class SqlJobIndex:
         return [_row(r) for r in rows]
 
     async def set_external(
-        self, job_id: str, external: dict[str, Any], now: int, next_check_at: int | None
+        self,
+        job_id: str,
+        external: dict[str, Any],
+        now: int,
+        next_check_at: int | None,
+        event: NewEvent | None = None,
     ) -> JobRecord | None:
-        rows = await self.db.fetch(
-            "UPDATE tether_jobs SET external = ?, updated_at = ?,"
-            " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
-            " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
-            f" WHERE id = ? RETURNING {COLUMNS}",
-            (json_text(external), now, next_check_at, job_id),
-        )
-        return _row(rows[0]) if rows else None
+        args = (json_text(external), now, next_check_at, job_id)
+        again = f"{_SET_EXTERNAL} WHERE id = ? RETURNING {COLUMNS}"
+        if event is None:
+            rows = await self.db.fetch(again, args)
+            return _row(rows[0]) if rows else None
+        filed: list[Event] = []
+        async with self.db.transaction() as tx:
+            # The first receipt counts the event; a replayed trigger's only
+            # overwrites what it returned.
+            rows = await tx.fetch(
+                f"{_SET_EXTERNAL}, events = events + 1 WHERE id = ? AND external IS NULL"
+                f" RETURNING {COLUMNS}",
+                args,
+            )
+            if rows:
+                filed = await self._file(tx, _row(rows[0]), [event], now)
+            else:
+                rows = await tx.fetch(again, args)
+        if not rows:
+            return None
+        rec = _row(rows[0])
+        self._tell(rec, filed)
+        return rec
 
     async def finish(
         self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
     ) -> JobRecord | None:
+        return (await self.end(job_id, outcome, now, from_states))[0]
+
+    async def end(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        now: int,
+        from_states: Sequence[str] = OPEN_STATES,
+        events: Sequence[NewEvent] = (),
+    ) -> tuple[JobRecord | None, bool]:
         marks = ", ".join("?" for _ in from_states)
+        events = [*events, NewEvent("finished", finished_data(outcome))]
+        filed: list[Event] = []
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
+                " updated_at = ?, next_check_at = NULL, events = events + ?"
+                f" WHERE id = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                (
+                    outcome.status,
+                    json_text(outcome.result),
+                    json_text(outcome.error),
+                    now,
+                    now,
+                    len(events),
+                    job_id,
+                    *from_states,
+                ),
+            )
+            if rows:
+                filed = await self._file(tx, _row(rows[0]), events, now)
+            else:
+                rows = await tx.fetch(_SELECT, (job_id,))
+        if not rows:
+            return None, False
+        rec = _row(rows[0])
+        self._tell(rec, filed)
+        return rec, bool(filed)
+
+    async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(_COUNT, (len(events), job_id))
+            filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
+        if not rows:
+            return None
+        rec = _row(rows[0])
+        self._tell(rec, filed)
+        return rec
+
+    async def events_after(
+        self, job_id: str, after: int, limit: int
+    ) -> tuple[JobRecord | None, list[Event]]:
+        """The job and its events with `seq > after`, oldest first, at most `limit`."""
+        rec = await self.get(job_id)
+        if rec is None or rec.events <= after:
+            return rec, []
         rows = await self.db.fetch(
-            "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
-            f" updated_at = ?, next_check_at = NULL WHERE id = ? AND state IN ({marks})"
-            f" RETURNING {COLUMNS}",
-            (
-                outcome.status,
-                json_text(outcome.result),
-                json_text(outcome.error),
-                now,
-                now,
-                job_id,
-                *from_states,
-            ),
+            f"SELECT {EVENT_ROWS.columns} FROM tether_events WHERE job_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (job_id, after, limit),
         )
-        return _row(rows[0]) if rows else await self.get(job_id)
+        return rec, [_event(r) for r in rows]
+
+    async def history(
+        self, job_id: str, after: int, limit: int
+    ) -> tuple[JobRecord | None, list[Event], int]:
+        rec, events = await self.events_after(job_id, after, limit)
+        if rec is None or rec.events <= HISTORY_HEAD:
+            return rec, events, 0
+        rows = await self.db.fetch("SELECT count(*) FROM tether_events WHERE job_id = ?", (job_id,))
+        return rec, events, max(rec.events - rows[0][0], 0)
 
     async def due(self, now: int, limit: int) -> list[JobRecord]:
         late = await self.db.fetch(
@@ -123,13 +275,18 @@ class SqlJobIndex:
         return changed == 1
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
-        rows = await self.db.fetch(
-            "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
-            " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
-            " RETURNING id",
-            (before, limit),
-        )
-        return [r[0] for r in rows]
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
+                " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
+                " RETURNING id",
+                (before, limit),
+            )
+            ids = [r[0] for r in rows]
+            if ids:
+                marks = ", ".join("?" for _ in ids)
+                await tx.execute(f"DELETE FROM tether_events WHERE job_id IN ({marks})", ids)
+        return ids
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())

@@ -20,6 +20,7 @@ OPERATIONS = {
     ("post", "/jobs"): "createJob",
     ("get", "/jobs"): "listJobs",
     ("get", "/jobs/{job_id}"): "getJob",
+    ("get", "/jobs/{job_id}/events"): "jobEvents",
     ("post", "/jobs/{job_id}/cancel"): "cancelJob",
     ("post", "/callbacks/{promise_id}"): "settleJob",
     ("get", "/health"): "health",
@@ -62,7 +63,7 @@ async def test_every_answer_is_declared_with_a_realistic_example(start_service):
     assert declared["settleJob"] >= {"200", "202", "400", "401", "404", "409", "410", "422"}
     assert declared["settleJob"] >= {str(s) for s in CALLBACK_STATUS.values()}
     codes = {"invalid_request", "unauthorized", "not_found", "conflict", "body_too_large"}
-    codes |= {"unsupported_media_type", "store_unavailable"}
+    codes |= {"unsupported_media_type", "store_unavailable", "forbidden"}
     for name, op in ops.items():
         for status, response in op["responses"].items():
             media = response["content"]["application/json"]
@@ -156,9 +157,13 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     assert links["getJob"]["parameters"] == {"job_id": "$response.body#/id"}
 
 
-@pytest.mark.parametrize("api_token", ["", "secret-token"])
-async def test_the_bearer_scheme_is_declared_where_a_token_is_needed(start_service, api_token):
-    svc = await start_service(api_token=api_token)
+@pytest.mark.parametrize(
+    ("api_token", "read_token"), [("", ""), ("secret-token", ""), ("one,two", "read-token")]
+)
+async def test_the_bearer_scheme_is_declared_where_a_token_is_needed(
+    start_service, api_token, read_token
+):
+    svc = await start_service(api_token=api_token, read_token=read_token)
     doc = await document(svc)
     schemes = doc["components"]["securitySchemes"]
     ops = operations(doc)
@@ -175,6 +180,12 @@ async def test_the_bearer_scheme_is_declared_where_a_token_is_needed(start_servi
         assert schemes["apiToken"]["type"] == "http"
         assert schemes["apiToken"]["scheme"] == "bearer"
         assert all(ops[name]["security"] == [{"apiToken": []}] for name in jobs)
+        assert (
+            "`TETHER_READ_TOKEN`) is accepted the same way on GET only"
+            in (schemes["apiToken"]["description"])
+        )
+        assert all("403" in ops[name]["responses"] for name in ("createJob", "cancelJob"))
+        assert not any("403" in ops[name]["responses"] for name in ("listJobs", "getJob"))
     else:
         assert "apiToken" not in schemes
         assert not any("security" in ops[name] for name in jobs)

@@ -97,6 +97,76 @@ def test_the_signer_never_shows_its_key():
     assert "very-secret-key" not in repr(signer) + str(signer)
 
 
+# ── rotation: sign with the current secret, accept the previous ones ──────────
+
+OLD, OLDER = "old-secret", "older-secret"
+
+
+def test_urls_are_signed_with_the_current_secret_whatever_the_previous_ones():
+    signer = CallbackSigner(SECRET, "http://x", previous=[OLD, OLDER])
+    assert signer.token("job:1") == expected_token(SECRET, "job:1")
+    assert (
+        signer.url("job:1") == f"http://x/callbacks/job%3A1?token={expected_token(SECRET, 'job:1')}"
+    )
+
+
+def test_a_token_under_the_current_or_any_previous_secret_verifies():
+    signer = CallbackSigner(SECRET, "http://x", previous=[OLD, OLDER])
+    for secret in (SECRET, OLD, OLDER):
+        assert signer.verify("job:1", expected_token(secret, "job:1")) is True, secret
+        # a secret's token is good for its own promise only
+        assert signer.verify("job:2", expected_token(secret, "job:1")) is False, secret
+    for wrong in (expected_token("other", "job:1"), expected_token(OLD, "job:1")[:-1], "", None):
+        assert signer.verify("job:1", wrong) is False, wrong
+
+
+def test_without_previous_secrets_an_old_token_is_refused():
+    """Dropping the previous secrets is what ends a rotation: their URLs then fail."""
+    assert CallbackSigner(OLD, "http://x").verify("job:1", expected_token(OLD, "job:1"))
+    assert not CallbackSigner(SECRET, "http://x").verify("job:1", expected_token(OLD, "job:1"))
+    rotated = CallbackSigner(SECRET, "http://x", previous=[OLDER])
+    assert not rotated.verify("job:1", expected_token(OLD, "job:1"))
+
+
+def test_previous_secrets_may_come_from_any_iterable_read_once():
+    signer = CallbackSigner(SECRET, "http://x", previous=(s for s in [OLD, OLDER]))
+    assert signer.verify("job:1", expected_token(OLD, "job:1"))
+    assert signer.verify("job:1", expected_token(OLDER, "job:1"))
+
+
+@pytest.mark.parametrize("previous", [[""], [OLD, ""], ["", OLD]])
+def test_an_empty_previous_secret_is_refused(previous):
+    with pytest.raises(ValueError, match=r"^a previous callback secret must not be empty$"):
+        CallbackSigner(SECRET, "http://x", previous=previous)
+
+
+@pytest.mark.parametrize("presented", [SECRET, OLD, OLDER, "other"])
+def test_every_candidate_is_compared_in_constant_time_whichever_matches(monkeypatch, presented):
+    """One `hmac.compare_digest` per secret, current first, even after a match,
+    so the time taken does not tell which secret signed the URL."""
+    signer = CallbackSigner(SECRET, "http://x", previous=[OLD, OLDER])
+    seen: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    token = expected_token(presented, "job:1")
+    assert signer.verify("job:1", token) is (presented != "other")
+    assert seen == [
+        (expected_token(secret, "job:1").encode(), token.encode())
+        for secret in (SECRET, OLD, OLDER)
+    ]
+
+
+def test_the_signer_never_shows_a_previous_key():
+    signer = CallbackSigner("very-secret-key", "http://tether.example/", previous=["old-key-123"])
+    assert repr(signer) == "CallbackSigner(base_url='http://tether.example')"
+    assert "old-key-123" not in repr(signer) + str(signer)
+
+
 def test_an_idempotency_key_is_the_promise_id_when_it_fits():
     assert idempotency_key("job:1") == "job:1"
     fits = "j" * 62 + ":1"

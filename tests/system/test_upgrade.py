@@ -15,6 +15,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from core.store.migrations import MIGRATIONS
 from core.tokens import CallbackSigner
 from tests.conftest import Receiver
 from tests.process import TetherProcess, wait_for
@@ -66,8 +67,21 @@ def test_a_store_written_by_0_1_0_keeps_working(tmp_path: Path, receiver: Receiv
             new_url = receiver.hits[-1].body["callback_url"]
             assert client.post(new_url, json={"status": "succeeded"}).status_code == 200
             wait_for(client, "new", "succeeded")
+
+            # jobs from before job history have none; new ones have theirs
+            assert client.get("/jobs/done/events").json() == {
+                "items": [],
+                "next_cursor": None,
+                "dropped": 0,
+            }
+            waiting = [e["type"] for e in client.get("/jobs/waiting/events").json()["items"]]
+            assert waiting == ["callback", "finished"]
+            new = [e["type"] for e in client.get("/jobs/new/events").json()["items"]]
+            assert new == ["accepted", "triggered", "callback", "finished"]
     finally:
         service.kill()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version FROM tether_schema").fetchall() == [(1,)]
+        latest = MIGRATIONS[-1].version
+        assert conn.execute("SELECT version FROM tether_schema").fetchall() == [(latest,)]
+        assert conn.execute("SELECT DISTINCT attempt FROM tether_jobs").fetchall() == [(1,)]
     conn.close()

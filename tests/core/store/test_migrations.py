@@ -42,6 +42,7 @@ async def test_a_database_written_before_versioning_is_version_1_unchanged(datab
     assert await database.fetch(_ALL_ROWS) == rows
 
     # and the index reads what was there, and goes on numbering after it
+    await migrate(driver)
     index = SqlJobIndex(driver)
     assert await index.get("done") == JobRecord(
         id="done",

@@ -94,6 +94,7 @@ async def test_a_job_row_goes_in_and_comes_back_whole(tmp_path):
         assert rec == msgspec.structs.replace(
             _job("a"),
             seq=1,
+            events=1,
             state="failed",
             external={"run_id": 7},
             error=ErrorInfo(message="boom", type="E"),

@@ -1,0 +1,69 @@
+"""How log lines look: readable text by default, or with `TETHER_LOG_FORMAT=json`
+one JSON object per line for log collectors.
+
+A JSON line holds `ts` (ISO-8601, UTC, milliseconds), `level`, `logger`,
+`msg`, then the record's extra attributes (`log.info(..., extra={"job_id":
+...})`): `job_id`, `promise_id` and `backend` first where a call passes them,
+others as long as they encode as JSON; then `exc` (the traceback) and `stack`
+when the record has them. Nothing is taken out of the message: secrets are
+never put in log messages in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+FIRST_EXTRAS = ("job_id", "promise_id", "backend")
+"""Extras that tie a line to a job, shown right after the message."""
+
+STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
+"""A record's own attributes: what is not among them came as an extra."""
+
+_encode = msgspec.json.encode
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extras = {k: v for k, v in record.__dict__.items() if k not in STANDARD}
+        for name in (*(n for n in FIRST_EXTRAS if n in extras), *sorted(extras)):
+            if name in line or name.startswith("_"):
+                continue
+            try:
+                line[name] = msgspec.Raw(_encode(extras[name]))
+            except (TypeError, ValueError, OverflowError):
+                continue  # not JSON: left out rather than guessed at
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return _encode(line).decode()
+
+
+def formatter(log_format: str) -> dict[str, Any]:
+    """The `logging.config.dictConfig` formatter for `TETHER_LOG_FORMAT`
+    (`text` or `json`)."""
+    if log_format == "json":
+        return {"()": JsonFormatter}
+    return {"format": TEXT_FORMAT}

@@ -1,0 +1,143 @@
+"""`GET /metrics` in the Prometheus text format, and how long requests take.
+
+The jobs' metrics are `core.metrics`; this module adds the request-duration
+histogram, the route, and what several worker processes need: under `tether
+serve --workers N` (N > 1) `multiprocess_dir` gives the workers a fresh,
+private PROMETHEUS_MULTIPROC_DIR, each worker's prometheus_client counts in
+files there, and a scrape, whichever worker answers it, adds up all of them.
+One process counts in memory (prometheus_client's default registry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.di import NamedDependency
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import REGISTRY, Histogram, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from api.controllers import READ
+from core.metrics import JobsCollector, job_gauges, prime
+from core.service import Tether
+from core.settle import store_call
+from core.store.jobs import now_ms
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUEST_DURATION = Histogram(
+    "tether_http_request_duration_seconds",
+    "Seconds from a request's arrival to its answer, by route template"
+    " (`unmatched` for a path no route takes).",
+    ["method", "route", "status"],
+)
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods shown as they are; any other is `other` (a label value a client
+could choose freely would make a new series per request)."""
+
+UNMATCHED = "unmatched"
+
+
+@contextlib.contextmanager
+def multiprocess_dir(workers: int) -> Iterator[None]:
+    """Around `tether serve`'s uvicorn run: with more than one worker, a new
+    private directory (mode 0700, empty) in PROMETHEUS_MULTIPROC_DIR for the
+    workers' metric files, removed at exit; with one, nothing.
+
+    Enter it before the workers start: prometheus_client reads the variable
+    when a worker imports it. This process imported it earlier, so it keeps
+    counting in memory, which is harmless: it serves no requests. A directory
+    of an earlier run is never reused, so no dead worker's counts leak into
+    a new run."""
+    if workers <= 1:
+        yield
+        return
+    previous = os.environ.get(MULTIPROC_ENV)
+    with tempfile.TemporaryDirectory(prefix="tether-metrics-") as path:
+        os.environ[MULTIPROC_ENV] = path
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ[MULTIPROC_ENV]
+            else:
+                os.environ[MULTIPROC_ENV] = previous
+
+
+def timed(app: ASGIApp) -> ASGIApp:
+    """`app` observing each HTTP request's duration in `REQUEST_DURATION`,
+    labelled with the route's template (`/jobs/{job_id}`), never the path:
+    paths carry job and promise ids. Wraps the whole app, so answers of no
+    route (404, 405) and errors are counted too."""
+
+    async def timing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app fails before answering, the server answers 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            route = scope.get("path_template") or UNMATCHED  # set by the router on a match
+            REQUEST_DURATION.labels(method, route, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+    return timing
+
+
+def install(app: Litestar, backends: Iterable[str]) -> None:
+    """Once per app, after it is built: time its requests, and create the
+    series of `backends` at 0. (`metrics`, the route, goes on a router that
+    checks the API token.)"""
+    # `*_created` series: Prometheus's text format drops them anyway. (Unannotated upstream.)
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    prime(backends)
+    app.asgi_handler = timed(app.asgi_handler)
+
+
+class Scrape:
+    """Several collectors as one, for one scrape."""
+
+    def __init__(self, *parts: Collector) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        for part in self.parts:
+            yield from part.collect()
+
+
+@get("/metrics", include_in_schema=False, opt=READ)
+async def metrics(
+    request: Request[Any, Any, Any], tether: NamedDependency[Tether]
+) -> Response[bytes]:
+    """The Prometheus exposition (OpenMetrics when the scraper asks for it):
+    the counters and histograms of every worker, added up, and the jobs in
+    each state read from the store once. A read token may scrape it (`opt=READ`).
+    503 when the store does not answer."""
+    gauges = await store_call(job_gauges(tether.jobs, now_ms()))
+    counted: Collector = REGISTRY
+    if os.environ.get(MULTIPROC_ENV):
+        counted = MultiProcessCollector(None)  # type: ignore[no-untyped-call]  # unannotated upstream
+    encode, media_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(Scrape(counted, JobsCollector(gauges))), media_type=media_type)

@@ -1,0 +1,153 @@
+"""Job history: what happened to each job, in order, read as pages or followed
+live (docs/architecture.md, "Job history").
+
+The store records each event in the same transaction as the change it
+describes (`core.store.sql`); the steps, the settler, callbacks and the
+watchdog say which events to record. This module reads them back, follows a
+job's history as it grows (from any process sharing the store: it polls, and
+wakes at once for this process's own events), and tells the listeners (the
+metrics) of every event this process records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from core.errors import MalformedBody, NotFound
+from core.models import EventPage, JobEvent
+from core.settle import store_call
+from core.store.jobs import Event, JobIndex, JobRecord, Listener
+from core.views import decode_cursor, encode_cursor, event_view
+
+log = logging.getLogger("tether")
+
+MAX_EVENT_PAGE = 1000
+POLL_INTERVAL = 0.3
+"""Seconds between a stream's looks at the store, for events other processes
+record (this process's own wake the stream at once)."""
+KEEP_ALIVE = 15.0
+"""Seconds of silence after which a stream sends a comment, so proxies and
+clients see the connection is alive."""
+STREAM_BATCH = 200
+"""Events a stream reads from the store at once."""
+
+
+def body_digest(body: bytes) -> dict[str, Any]:
+    """What a callback event keeps of the body: its size and SHA-256, never its content."""
+    return {"body_bytes": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
+
+
+class JobHistory:
+    """A job's events as pages and as a live stream; the listeners."""
+
+    def __init__(self, jobs: JobIndex) -> None:
+        self.jobs = jobs
+        self.listeners: list[Listener] = []
+        """Each is called with the job's row (as the event's transaction left
+        it) and the event, after the commit, for every event this process
+        records; an exception is logged and does not reach the writer."""
+        self._wakers: dict[str, set[asyncio.Event]] = {}
+        self._stopping = False
+        jobs.on_event = self._recorded
+
+    def _recorded(self, rec: JobRecord, event: Event) -> None:
+        for wake in self._wakers.get(rec.id, ()):
+            wake.set()
+        for listener in self.listeners:
+            try:
+                listener(rec, event)
+            except Exception as exc:
+                log.warning("event listener %r failed: %s", listener, type(exc).__name__)
+
+    async def page(self, job_id: str, limit: int = 100, cursor: str | None = None) -> EventPage:
+        """The job's events oldest first, at most `limit`, after the place
+        `cursor` names; `NotFound` for an unknown job."""
+        if not 1 <= limit <= MAX_EVENT_PAGE:
+            raise MalformedBody(f"limit must be from 1 to {MAX_EVENT_PAGE}", {"field": "limit"})
+        after = decode_cursor(cursor) if cursor else 0
+        rec, events, dropped = await store_call(self.jobs.history(job_id, after, limit + 1))
+        if rec is None:
+            raise NotFound(f"no job {job_id!r}")
+        more = len(events) > limit
+        events = events[:limit]
+        return EventPage(
+            items=[event_view(e) for e in events],
+            next_cursor=encode_cursor(events[-1].seq) if more else None,
+            dropped=dropped,
+        )
+
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
+        """The job's events after `seq` `after`, then each new one as it is
+        recorded, ending after `finished` (or at once if the job finished
+        before `after`), when the job is deleted, or when the service stops.
+        `None` is yielded after `KEEP_ALIVE` seconds without an event.
+        `NotFound` (before anything is yielded) for an unknown job."""
+        if await store_call(self.jobs.get(job_id)) is None:
+            raise NotFound(f"no job {job_id!r}")
+        return self._follow(job_id, after)
+
+    async def _follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+        wake = asyncio.Event()
+        self._wakers.setdefault(job_id, set()).add(wake)
+        quiet_since = time.monotonic()
+        try:
+            while not self._stopping:
+                wake.clear()
+                rec, events = await store_call(self.jobs.events_after(job_id, after, STREAM_BATCH))
+                for event in events:
+                    yield event_view(event)
+                    after = event.seq
+                    if event.type == "finished":
+                        return
+                if rec is None or (rec.finished and rec.events <= after):
+                    return
+                if events:
+                    quiet_since = time.monotonic()
+                    continue
+                silent = time.monotonic() - quiet_since
+                if silent >= KEEP_ALIVE:
+                    yield None
+                    quiet_since, silent = time.monotonic(), 0.0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(POLL_INTERVAL, KEEP_ALIVE - silent))
+        finally:
+            waiting = self._wakers.get(job_id)
+            if waiting is not None:
+                waiting.discard(wake)
+                if not waiting:
+                    del self._wakers[job_id]
+
+    def stop(self) -> None:
+        """End every stream: the service is stopping, and its server waits
+        for open responses before it stops."""
+        self._stopping = True
+        for waiting in self._wakers.values():
+            for wake in waiting:
+                wake.set()
+
+    def stop_on_signals(self) -> None:
+        """End every stream as soon as SIGTERM or SIGINT arrives, before the
+        server's graceful shutdown waits for open responses to end (uvicorn
+        waits for them before it stops the app). Chained in front of the
+        handlers installed now (the server's own), which still run."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread gets signals (and a server there installs its handlers)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue  # no server handling it: the signal ends the process anyway
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.stop)
+                previous(signum, frame)
+
+            signal.signal(sig, handler)

@@ -1,0 +1,158 @@
+"""The jobs' Prometheus metrics.
+
+Counters and a histogram follow the job history: `on_event` is a listener of
+the event recorder, called once for each event it records, in the process that
+recorded it. Under `tether serve --workers N` each worker counts in files of
+its own (prometheus_client's multiprocess mode) and a scrape adds them up.
+
+What the job index holds (jobs in each state, the oldest waiting job, jobs past
+their deadline) is read from the store at scrape time instead (`job_gauges`),
+once per scrape: every worker sees the same index, so these are never added
+up across workers, and a restart loses nothing.
+
+Labels take only values from a small, known set (backend names, states,
+verdicts): never a job id, a promise id or anything a caller chose freely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, get_args
+
+import msgspec
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from core.models import FINAL_STATES, OPEN_STATES, JobState
+from core.store.jobs import JobIndex, JobRecord
+from core.store.sql import SqlJobIndex
+
+JOBS_CREATED = Counter("tether_jobs_created_total", "Jobs accepted.", ["backend"])
+JOBS_FINISHED = Counter(
+    "tether_jobs_finished_total", "Jobs that ended, by final state.", ["backend", "state"]
+)
+CALLBACKS = Counter(
+    "tether_callbacks_total",
+    "Callbacks taken, by verdict (accepted, duplicate, conflict, gone, noted, invalid).",
+    ["verdict"],
+)
+TRIGGER_ATTEMPTS = Counter(
+    "tether_trigger_attempts_total",
+    "Tries to trigger a job on its backend: ok, or failed (retried or not).",
+    ["backend", "result"],
+)
+JOB_DURATION = Histogram(
+    "tether_job_duration_seconds",
+    "Seconds from a job's creation to its end.",
+    ["backend", "state"],
+    # jobs last from seconds to the 7-day default timeout
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
+)
+
+VERDICTS = ("accepted", "duplicate", "conflict", "gone", "noted", "invalid")
+
+
+class EventLike(Protocol):
+    """What `on_event` reads of a recorded event (`core.events.Event`)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+
+def on_event(job: JobRecord, event: EventLike) -> None:
+    """Count one recorded event; `job` is the job's record as the event left
+    it. Cheap (no I/O but prometheus_client's own) and never raises on an
+    event it does not count."""
+    match event.type:
+        case "accepted":
+            JOBS_CREATED.labels(job.backend).inc()
+        case "triggered":
+            TRIGGER_ATTEMPTS.labels(job.backend, "ok").inc()
+        case "trigger_failed":
+            TRIGGER_ATTEMPTS.labels(job.backend, "failed").inc()
+        case "callback":
+            CALLBACKS.labels(str(event.data.get("verdict", "unknown"))).inc()
+        case "finished":
+            JOBS_FINISHED.labels(job.backend, job.state).inc()
+            if job.finished_at is not None:
+                seconds = max(job.finished_at - job.created_at, 0) / 1000
+                JOB_DURATION.labels(job.backend, job.state).observe(seconds)
+
+
+def prime(backends: Iterable[str]) -> None:
+    """Create every series of these backends at 0, so that a series exists
+    before its first event: `rate()` and `increase()` then count that first
+    event too, and a dashboard shows 0 rather than nothing."""
+    for verdict in VERDICTS:
+        CALLBACKS.labels(verdict)
+    for backend in backends:
+        JOBS_CREATED.labels(backend)
+        for result in ("ok", "failed"):
+            TRIGGER_ATTEMPTS.labels(backend, result)
+        for state in sorted(FINAL_STATES):
+            JOBS_FINISHED.labels(backend, state)
+
+
+class JobGauges(msgspec.Struct, frozen=True):
+    """What the job index holds at one moment."""
+
+    counts: dict[str, int]
+    """Jobs in each state (every known state, 0 included)."""
+    oldest: dict[str, int]
+    """The creation time (Unix ms) of the oldest job in each waiting state that has one."""
+    overdue: int
+    """Waiting jobs past their deadline: the watchdog times these out within
+    seconds, so a number that stays above 0 means no worker sweeps."""
+
+
+async def job_gauges(index: JobIndex, now: int) -> JobGauges:
+    """Read the gauges from the job index: three queries, each on an index of
+    `tether_jobs`."""
+    if not isinstance(index, SqlJobIndex):  # the one implementation there is
+        raise TypeError(f"no gauges for a {type(index).__name__}")
+    db = index.db
+    rows = await db.fetch("SELECT state, count(*) FROM tether_jobs GROUP BY state", ())
+    counts = dict.fromkeys(get_args(JobState), 0) | {state: int(n) for state, n in rows}
+    oldest: dict[str, int] = {}
+    for state in OPEN_STATES:
+        first = await db.fetch(
+            "SELECT created_at FROM tether_jobs WHERE state = ? ORDER BY seq LIMIT 1", (state,)
+        )
+        if first:
+            oldest[state] = int(first[0][0])
+    late = await db.fetch(
+        "SELECT count(*) FROM tether_jobs WHERE finished_at IS NULL AND deadline <= ?", (now,)
+    )
+    return JobGauges(counts, oldest, int(late[0][0]))
+
+
+class JobsCollector:
+    """`gauges` as metric families, for one scrape's registry."""
+
+    def __init__(self, gauges: JobGauges) -> None:
+        self.gauges = gauges
+
+    def collect(self) -> Iterable[Metric]:
+        jobs = GaugeMetricFamily(
+            "tether_jobs", "Jobs in each state, read from the job index.", labels=["state"]
+        )
+        for state, count in sorted(self.gauges.counts.items()):
+            jobs.add_metric([state], count)
+        oldest = GaugeMetricFamily(
+            "tether_jobs_oldest_created_timestamp_seconds",
+            "When the oldest job in each waiting state was created (Unix seconds);"
+            " absent when the state has no job.",
+            labels=["state"],
+        )
+        for state, at in sorted(self.gauges.oldest.items()):
+            oldest.add_metric([state], at / 1000)
+        overdue = GaugeMetricFamily(
+            "tether_jobs_overdue",
+            "Waiting jobs past their deadline, not yet timed out by the watchdog.",
+            value=self.gauges.overdue,
+        )
+        return [jobs, oldest, overdue]

@@ -1,0 +1,226 @@
+"""Backups of the embedded store: a consistent copy taken while services run,
+and bringing one back.
+
+A backup is the database (one self-contained SQLite file, the job index
+included) and, beside it as `PATH.secret`, the callback secrets kept beside the
+store, so callback URLs handed out before the backup still work after a
+restore. Both files are private to their owner (0600).
+
+The copy is SQLite's online backup API in one step: it reads one snapshot of
+the database (WAL mode lets writers go on meanwhile; a step-by-step copy would
+start over at every commit of a busy service and might never end), so jobs and
+promises are copied as they stood at one instant.
+
+A restore is refused while any process has the store open (see
+`_refuse_in_use`): the service must be stopped first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from core.settings import Settings, describe
+from core.store.embedded import read_secrets, secret_path, sqlite_path, write_secrets
+
+BACKUP_WAIT = 60.0
+"""Seconds a copy may wait for SQLite to let it read or write (a reader of a
+WAL database is only ever kept waiting for moments); past it, it gives up."""
+
+
+class StoreFileError(Exception):
+    """A command on the embedded store's files (backup, restore, rotate-secret)
+    cannot be done; the message says why. A database file is only ever
+    replaced by a complete copy that passed its integrity check."""
+
+
+class Copied(NamedTuple):
+    """What a backup or restore wrote."""
+
+    path: Path
+    size: int
+    """Bytes of the database file."""
+    jobs: int
+    waiting: int
+    """Jobs not finished: their callback URLs are still to be called."""
+    secret: Path | None
+    """The secret file written beside it; None when there was none to copy."""
+
+
+def embedded_db(settings: Settings, command: str) -> Path:
+    """The database file of the embedded store `settings.store` names; a
+    `StoreFileError` naming the store for any other kind."""
+    store = settings.store
+    if store.startswith("sqlite:"):
+        try:
+            return sqlite_path(store)
+        except ValueError as exc:
+            raise StoreFileError(str(exc)) from None
+    kind = "memory:// keeps nothing beyond its process" if store.startswith("memory:") else ""
+    raise StoreFileError(
+        f"tether {command} works on the embedded store (TETHER_STORE=sqlite:///PATH), not"
+        f" {describe(store)}" + (f": {kind}" if kind else "")
+    )
+
+
+def backup(db: Path, to: Path, *, force: bool = False) -> Copied:
+    """Copy the store `db` (and its secret file) to `to` (and `to.secret`),
+    consistently, while services may be writing to it; check the copy."""
+    if not db.is_file():
+        raise StoreFileError(f"no embedded store at {db}: nothing to back up")
+    if to.exists() and to.resolve() == db.resolve():
+        raise StoreFileError(f"{to} is the store itself: back up to another path")
+    _refuse_existing(to, force, "a backup")
+    secrets = _secrets_of(db)
+    return _put_secrets(_copy_database(db, to), secrets)
+
+
+def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
+    """Put the backup `source` (and `source.secret`) in place as the store `db`
+    (and its secret file). Refuses while any process has the store open."""
+    if not source.is_file():
+        raise StoreFileError(f"no backup at {source}")
+    if db.exists() and db.resolve() == source.resolve():
+        raise StoreFileError(f"{source} is the store itself: restore from a backup elsewhere")
+    _refuse_existing(db, force, "a store")
+    if db.exists():
+        _refuse_in_use(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    secrets = _secrets_of(source)
+    for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        # the old database's log must not be replayed onto the restored one
+        leftover.unlink(missing_ok=True)
+    return _put_secrets(_copy_database(source, db), secrets)
+
+
+def _refuse_existing(path: Path, force: bool, what: str) -> None:
+    if force:
+        return
+    for existing in (path, secret_path(path)):
+        if existing.exists():
+            raise StoreFileError(f"{existing} exists: pass --force to replace {what} there")
+
+
+def _secrets_of(db: Path) -> list[str] | None:
+    """The secrets kept beside `db`, or None when it has no secret file (its
+    services use TETHER_CALLBACK_SECRET)."""
+    try:
+        return read_secrets(secret_path(db))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreFileError(f"cannot read {secret_path(db)}: {exc.strerror}") from None
+
+
+def _put_secrets(copied: Copied, secrets: list[str] | None) -> Copied:
+    """Write `secrets` (if any) beside the database just copied."""
+    if secrets is None:
+        return copied
+    try:
+        write_secrets(secret_path(copied.path), secrets)
+    except OSError as exc:
+        raise StoreFileError(f"cannot write {secret_path(copied.path)}: {exc.strerror}") from None
+    return copied._replace(secret=secret_path(copied.path))
+
+
+def _refuse_in_use(db: Path) -> None:
+    """Refuse when any process has `db` open. Every connection to a WAL
+    database holds a shared lock on the file while it is open (a running
+    service always has one), so an exclusive lock is only granted when none
+    does; the kernel drops a process's locks when it dies, even by SIGKILL."""
+    try:
+        conn = _open(db, "rw", timeout=0)
+    except sqlite3.Error as exc:
+        raise StoreFileError(f"cannot open the store {db}: {exc}") from None
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        raise StoreFileError(
+            f"the store {db} is in use by another process (a running `tether serve`?):"
+            " stop every service using it first, and keep them stopped until the restore ends"
+            if "locked" in str(exc) or "busy" in str(exc)
+            else f"cannot open the store {db}: {exc}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _copy_database(source: Path, to: Path) -> Copied:
+    """SQLite's backup of `source` into a new private file beside `to`, made
+    self-contained (no WAL), checked with `PRAGMA integrity_check`, then moved
+    to `to` at once."""
+    to.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=to.parent, prefix=f".{to.name}.")  # mode 0600
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with _connect(source, "ro") as src, _connect(tmp, "rw") as dst:
+            deadline = time.monotonic() + BACKUP_WAIT
+
+            def give_up_at_deadline(status: int, remaining: int, total: int) -> None:
+                if time.monotonic() > deadline:
+                    raise StoreFileError(
+                        f"{source} stayed locked for {BACKUP_WAIT:g} s: try again later"
+                    )
+
+            src.backup(dst, pages=-1, progress=give_up_at_deadline, sleep=0.05)
+            dst.execute("PRAGMA journal_mode = DELETE")
+            problems = [row[0] for row in dst.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise StoreFileError(
+                    f"the copy of {source} fails its integrity check: {'; '.join(problems[:5])}"
+                )
+            jobs, waiting = _count_jobs(dst)
+        _fsync(tmp)
+        tmp.replace(to)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, sqlite3.Error):
+            raise StoreFileError(f"cannot copy {source} to {to}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise StoreFileError(f"cannot copy {source} to {to}: {exc.strerror}") from None
+        raise
+    return Copied(to, to.stat().st_size, jobs, waiting, None)
+
+
+@contextlib.contextmanager
+def _connect(db: Path, mode: str) -> Iterator[sqlite3.Connection]:
+    """A connection to an existing file that waits up to `BACKUP_WAIT` for locks."""
+    conn = _open(db, mode, timeout=BACKUP_WAIT)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _open(db: Path, mode: str, timeout: float) -> sqlite3.Connection:
+    """`db`, which must exist (`mode` `ro` or `rw`: never created by mistake)."""
+    uri = f"{db.resolve().as_uri()}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+
+
+def _count_jobs(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Jobs in the job index, and those not finished (0, 0 without one)."""
+    try:
+        jobs, waiting = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE finished_at IS NULL) FROM tether_jobs"
+        ).fetchone()
+    except sqlite3.OperationalError:  # a database Tether has not migrated yet
+        return 0, 0
+    return int(jobs), int(waiting or 0)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

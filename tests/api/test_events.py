@@ -1,0 +1,366 @@
+"""`GET /jobs/{id}/events`: each kind of event for the scenario that makes it,
+over real HTTP, with the http_webhook backend and a real receiver; the
+server-sent-event stream; what the history never holds (bodies, tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+import core.events
+from core.store.jobs import Event, JobRecord
+from tests.conftest import Hit, Service, eventually
+
+SSE = {"accept": "text/event-stream"}
+
+
+async def start(
+    svc: Service, receiver: Any, job_id: str, timeout: float | None = None, **params: Any
+) -> dict[str, Any]:
+    body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url(), **params}}
+    if timeout is not None:
+        body["timeout"] = timeout
+    response = await svc.client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def callback_path(svc: Service, receiver: Any, job_id: str) -> str:
+    [url] = {h.body["callback_url"] for h in receiver.hits if h.body["job_id"] == job_id}
+    return str(url).removeprefix(svc.settings.base_url)
+
+
+async def history(svc: Service, job_id: str, **params: Any) -> dict[str, Any]:
+    response = await svc.client.get(f"/jobs/{job_id}/events", params=params)
+    assert response.status_code == 200, response.text
+    page: dict[str, Any] = response.json()
+    return page
+
+
+async def types(svc: Service, job_id: str) -> list[str]:
+    return [e["type"] for e in (await history(svc, job_id))["items"]]
+
+
+async def settled_history(svc: Service, job_id: str, count: int) -> list[dict[str, Any]]:
+    """The job's events once there are `count` of them (and no more come)."""
+
+    async def check() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = (await history(svc, job_id))["items"]
+        return items if len(items) == count else None
+
+    items: list[dict[str, Any]] = await eventually(check, holds=0.3)
+    assert [e["seq"] for e in items] == list(range(1, count + 1))
+    return items
+
+
+async def messages(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The server-sent messages of a streamed response: id, event, data (decoded), comment."""
+    message: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if not line:
+            if message:
+                yield message
+            message = {}
+            continue
+        field, _, value = line.partition(": ")
+        if field == "":
+            message["comment"] = value
+        elif field == "data":
+            message["data"] = json.loads(value)
+        else:
+            message[field] = value
+
+
+async def stream(svc: Service, job_id: str, headers: dict[str, str] | None = None) -> list[Any]:
+    """Every message of the job's stream, until the server ends it."""
+    got: list[Any] = []
+    async with svc.client.stream(
+        "GET", f"/jobs/{job_id}/events", headers={**SSE, **(headers or {})}, timeout=15
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for message in messages(response):
+            got.append(message)
+    return got
+
+
+async def test_a_called_back_job_is_accepted_triggered_called_back_finished(
+    start_service, receiver
+):
+    svc = await start_service()
+    job = await start(svc, receiver, "j", payload={"table": "sales"})
+    await svc.wait_state("j", "running")
+    body = b'{"status": "succeeded", "result": {"rows": 42, "note": "private-result-text"}}'
+    path = callback_path(svc, receiver, "j")
+    answer = await svc.client.post(path, content=body, headers={"content-type": "application/json"})
+    assert answer.json()["outcome"] == "accepted"
+
+    items = await settled_history(svc, "j", 4)
+    assert [e["type"] for e in items] == ["accepted", "triggered", "callback", "finished"]
+    assert {e["attempt"] for e in items} == {1}
+    accepted, triggered, called, finished = (e["data"] for e in items)
+    assert accepted == {"backend": "http_webhook", "timeout": svc.settings.default_timeout}
+    assert triggered == {"try": 1, "external": (await svc.job("j"))["external"]}
+    assert called == {
+        "verdict": "accepted",
+        "status": "succeeded",
+        "body_bytes": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    assert finished == {"state": "succeeded"}
+    # times are shown as the job's are: ISO-8601 UTC, in order
+    assert items[0]["at"] == job["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", items[-1]["at"])
+    assert [e["at"] for e in items] == sorted(e["at"] for e in items)
+
+
+async def test_every_callback_verdict_is_recorded_and_none_keeps_the_body_or_token(
+    start_service, receiver
+):
+    svc = await start_service()
+    await start(svc, receiver, "v")
+    await svc.wait_state("v", "running")
+    path = callback_path(svc, receiver, "v")
+    token = path.partition("token=")[2]
+    secret = "private-result-text"
+    for body in (
+        {"status": "succeeded", "result": secret},  # accepted
+        {"status": "succeeded", "result": secret},  # duplicate
+        {"status": "failed", "error": {"message": secret}},  # conflict
+    ):
+        await svc.client.post(path, json=body)
+    not_json = await svc.client.post(
+        path, content=b"{" + secret.encode(), headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400
+    no_status = await svc.client.post(path, json={"result": secret})
+    assert no_status.status_code == 422
+    wrong = await svc.client.post(path.replace(token, "x" * len(token)), json={"status": "failed"})
+    assert wrong.status_code == 401
+
+    items = await settled_history(svc, "v", 8)
+    calls = [e["data"] for e in items if e["type"] == "callback"]
+    assert [c["verdict"] for c in calls] == [
+        "accepted",
+        "duplicate",
+        "conflict",
+        "invalid",
+        "invalid",
+    ]  # the wrong token's is not there
+    assert [c.get("error_type") for c in calls[3:]] == ["not_json", "invalid_body"]
+    assert calls[3]["body_bytes"] == len(secret) + 1
+    text = (await svc.client.get("/jobs/v/events")).text
+    assert secret not in text and token not in text
+
+
+async def test_a_wrong_token_records_nothing(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "w")
+    await svc.wait_state("w", "running")
+    path = callback_path(svc, receiver, "w")
+    for _ in range(5):
+        wrong = path[:-3] + "abc"
+        assert (await svc.client.post(wrong, json={"status": "succeeded"})).status_code == 401
+    await settled_history(svc, "w", 2)
+
+
+async def test_cancel_records_the_request_with_its_reason_then_the_end(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "c")
+    await svc.wait_state("c", "running")
+    response = await svc.client.post("/jobs/c/cancel", json={"reason": "  wrong table "})
+    assert response.status_code == 200
+    path = callback_path(svc, receiver, "c")
+    late = b'{"status": "succeeded"}'
+    gone = await svc.client.post(path, content=late, headers={"content-type": "application/json"})
+    assert gone.status_code == 410
+    items = await settled_history(svc, "c", 5)
+    assert [(e["type"], e["data"]) for e in items[2:]] == [
+        ("cancel_requested", {"reason": "wrong table"}),
+        ("finished", {"state": "canceled", "error_type": "canceled"}),
+        (
+            "callback",
+            {
+                "verdict": "gone",
+                "status": "succeeded",
+                "body_bytes": len(late),
+                "body_sha256": hashlib.sha256(late).hexdigest(),
+            },
+        ),
+    ]
+
+
+async def test_a_job_past_its_deadline_records_timed_out(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "t", timeout=0.5)
+    await svc.wait_state("t", "timed_out")
+    items = await settled_history(svc, "t", 4)
+    assert [(e["type"], e["data"]) for e in items[2:]] == [
+        ("timed_out", {"timeout": 0.5}),
+        ("finished", {"state": "timed_out", "error_type": "timeout"}),
+    ]
+
+
+async def test_a_failing_trigger_records_each_try(start_service, receiver):
+    tries: list[Hit] = []
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        tries.append(hit)
+        if len(tries) < 3:
+            return 503, {"busy": True}, {"retry-after": "0"}
+        return 202, {"run": 9}
+
+    receiver.respond = respond
+    svc = await start_service(trigger_attempts=4)
+    await start(svc, receiver, "r")
+    await svc.wait_state("r", "running")
+    items = await settled_history(svc, "r", 4)
+    assert [e["type"] for e in items] == [
+        "accepted",
+        "trigger_failed",
+        "trigger_failed",
+        "triggered",
+    ]
+    first, second = items[1]["data"], items[2]["data"]
+    assert (first["try"], second["try"], items[3]["data"]["try"]) == (1, 2, 3)
+    assert first["retry_in"] == pytest.approx(0.05) and second["retry_in"] == pytest.approx(0.1)
+    assert first["error"] == {"type": "http_503", "message": first["error"]["message"]}
+    assert "503" in first["error"]["message"]
+    assert {e["attempt"] for e in items} == {1}
+
+
+async def test_a_trigger_that_gives_up_records_no_retry_and_the_failure(start_service, receiver):
+    receiver.respond = lambda hit: (503, {"busy": True})
+    svc = await start_service(trigger_attempts=2)
+    await start(svc, receiver, "g")
+    await svc.wait_state("g", "failed")
+    items = await settled_history(svc, "g", 4)
+    assert [e["type"] for e in items] == [
+        "accepted",
+        "trigger_failed",
+        "trigger_failed",
+        "finished",
+    ]
+    assert items[1]["data"]["retry_in"] is not None
+    assert items[2]["data"]["try"] == 2 and items[2]["data"]["retry_in"] is None
+    assert set(items[2]["data"]["error"]) == {"type", "message"}
+    job = await svc.job("g")
+    assert items[3]["data"] == {"state": "failed", "error_type": job["error"]["type"]}
+
+
+async def test_status_checks_record_what_the_backend_said(start_service, receiver):
+    said = ["running", "running"]
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/status":
+            return 200, {"status": said.pop(0) if said else "succeeded", "result": 5}
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start_service()
+    await start(svc, receiver, "s", status_url=receiver.url("/status"), status_interval=0.1)
+    await svc.wait_state("s", "succeeded", timeout=20)
+    items = (await history(svc, "s"))["items"]
+    checks = [e["data"] for e in items if e["type"] == "status_check"]
+    assert checks[-1] == {"said": "ended", "status": "succeeded"}
+    assert checks[:-1] and all(c == {"said": "unknown"} for c in checks[:-1])
+    assert [e["type"] for e in items][-2:] == ["status_check", "finished"]
+
+
+async def test_pages_go_oldest_first_and_refuse_what_they_do_not_take(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "p")
+    await svc.wait_state("p", "running")
+    await svc.client.post(callback_path(svc, receiver, "p"), json={"status": "succeeded"})
+    await settled_history(svc, "p", 4)
+    first = await history(svc, "p", limit=3)
+    assert [e["seq"] for e in first["items"]] == [1, 2, 3] and first["dropped"] == 0
+    rest = await history(svc, "p", limit=3, cursor=first["next_cursor"])
+    assert [e["seq"] for e in rest["items"]] == [4] and rest["next_cursor"] is None
+
+    unknown = await svc.client.get("/jobs/nope/events")
+    assert unknown.status_code == 404
+    assert (await svc.client.get("/jobs/nope/events", headers=SSE)).status_code == 404
+    for query, field in (
+        ("?limit=0", "limit"),
+        ("?cursor=zz", "cursor"),
+        ("?state=running", "state"),
+        ("?limit=2&limit=3", "limit"),
+    ):
+        refused = await svc.client.get(f"/jobs/p/events{query}")
+        assert refused.status_code == 400, (query, refused.text)
+        assert field in refused.text
+
+
+async def test_the_stream_sends_history_then_live_events_and_ends_after_finished(
+    start_service, receiver
+):
+    svc = await start_service()
+    await start(svc, receiver, "live")
+    await svc.wait_state("live", "running")
+    await settled_history(svc, "live", 2)
+    reading = asyncio.create_task(stream(svc, "live"))
+    await asyncio.sleep(0.5)
+    assert not reading.done()
+    await svc.client.post(callback_path(svc, receiver, "live"), json={"status": "succeeded"})
+    got = await asyncio.wait_for(reading, 10)
+    assert [(m["id"], m["event"]) for m in got] == [
+        ("1", "accepted"),
+        ("2", "triggered"),
+        ("3", "callback"),
+        ("4", "finished"),
+    ]
+    assert [m["data"] for m in got] == (await history(svc, "live"))["items"]
+
+    # resuming after the second event: the rest, nothing twice; after the last: nothing
+    resumed = await stream(svc, "live", {"last-event-id": "2"})
+    assert [m["id"] for m in resumed] == ["3", "4"]
+    assert await stream(svc, "live", {"last-event-id": "4"}) == []
+    bad = await svc.client.get("/jobs/live/events", headers={**SSE, "last-event-id": "x"})
+    assert bad.status_code == 400
+
+
+async def test_a_quiet_stream_sends_keep_alive_comments(start_service, receiver, monkeypatch):
+    monkeypatch.setattr(core.events, "KEEP_ALIVE", 0.3)
+    svc = await start_service()
+    await start(svc, receiver, "quiet")
+    await svc.wait_state("quiet", "running")
+    got: list[dict[str, Any]] = []
+    async with svc.client.stream("GET", "/jobs/quiet/events", headers=SSE) as response:
+        async for message in messages(response):
+            got.append(message)
+            if sum("comment" in m for m in got) == 2:
+                break
+    assert [m.get("event") for m in got[:2]] == ["accepted", "triggered"]
+    assert {"comment": "keep-alive"} in got[2:]
+
+
+async def test_listeners_hear_each_event_with_the_job_as_it_became(start_service, receiver):
+    svc = await start_service()
+    heard: list[tuple[str, str, int]] = []
+
+    def listener(rec: JobRecord, event: Event) -> None:
+        heard.append((event.type, rec.state, rec.events))
+
+    def broken(rec: JobRecord, event: Event) -> None:
+        raise RuntimeError("a listener's bug")
+
+    svc.tether.events.listeners.extend([broken, listener])
+    await start(svc, receiver, "l")
+    await svc.wait_state("l", "running")
+    await svc.client.post(callback_path(svc, receiver, "l"), json={"status": "failed"})
+    await svc.wait_state("l", "failed")
+    await eventually(lambda: len(heard) == 4)
+    assert heard == [
+        ("accepted", "pending", 1),
+        ("triggered", "running", 2),
+        ("callback", "failed", 4),
+        ("finished", "failed", 4),
+    ]

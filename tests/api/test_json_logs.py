@@ -1,0 +1,115 @@
+"""`TETHER_LOG_FORMAT=json`: one JSON object per record, on one line, with the
+job's ids from the record's extras; `text` stays the readable default."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from api.logs import TEXT_FORMAT, JsonFormatter, formatter
+
+
+def record(msg: str, *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:
+    """A record as `logging.getLogger("tether").warning(msg, *args, extra=extra)` makes it."""
+    exc_info = None
+    if exc:
+        try:
+            1 / 0  # noqa: B018
+        except ZeroDivisionError:
+            exc_info = sys.exc_info()
+    return logging.getLogger("tether").makeRecord(
+        "tether", logging.WARNING, __file__, 1, msg, args, exc_info, extra=extra
+    )
+
+
+def test_a_line_is_one_json_object_with_the_jobs_ids_first():
+    started = time.time()
+    text = JsonFormatter().format(
+        record(
+            "job %s: trigger attempt %d failed\n(again in 1 s)",
+            "j1",
+            2,
+            backend="http_webhook",
+            promise_id="j1:1",
+            job_id="j1",
+            attempt=2,
+            external={"run_id": 7},
+            client=object(),  # not JSON: left out
+        )
+    )
+    assert "\n" not in text
+    line = json.loads(text)
+    assert list(line) == [
+        "ts",
+        "level",
+        "logger",
+        "msg",
+        "job_id",
+        "promise_id",
+        "backend",
+        "attempt",
+        "external",
+    ]
+    assert line["level"] == "WARNING" and line["logger"] == "tether"
+    assert line["msg"] == "job j1: trigger attempt 2 failed\n(again in 1 s)"
+    assert (line["job_id"], line["promise_id"], line["backend"]) == ("j1", "j1:1", "http_webhook")
+    assert line["attempt"] == 2 and line["external"] == {"run_id": 7}
+    assert line["ts"].endswith("Z")
+    ts = datetime.fromisoformat(line["ts"])
+    assert ts.tzinfo is not None and ts.utcoffset() == UTC.utcoffset(None)
+    assert started - 0.01 <= ts.timestamp() <= time.time()
+
+
+def test_a_line_without_extras_has_the_four_keys_and_an_exception_its_traceback():
+    plain = json.loads(JsonFormatter().format(record("store opened")))
+    assert list(plain) == ["ts", "level", "logger", "msg"]
+    failed = json.loads(JsonFormatter().format(record("close failed", exc=True, job_id="j2")))
+    assert failed["job_id"] == "j2"
+    assert failed["exc"].startswith("Traceback (most recent call last):")
+    assert failed["exc"].rstrip().endswith("ZeroDivisionError: division by zero")
+
+
+def test_extras_never_replace_the_lines_own_keys():
+    line = json.loads(JsonFormatter().format(record("real", level="fake", _private="x")))
+    assert line["level"] == "WARNING" and line["msg"] == "real"
+    assert "_private" not in line
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_formatter_plugs_into_dict_config(log_format):
+    stream = io.StringIO()
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"plain": formatter(log_format)},
+            "handlers": {
+                "out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": stream}
+            },
+            "loggers": {
+                "tether.test_json_logs": {"handlers": ["out"], "level": "INFO", "propagate": False}
+            },
+        }
+    )
+    logger = logging.getLogger("tether.test_json_logs")
+    try:
+        logger.info("job %s accepted", "j3", extra={"job_id": "j3", "backend": "http_webhook"})
+    finally:
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+    out = stream.getvalue()
+    if log_format == "text":
+        assert formatter("text") == {"format": TEXT_FORMAT}
+        assert out.endswith(" INFO tether.test_json_logs: job j3 accepted\n")
+    else:
+        line = json.loads(out)
+        assert line["msg"] == "job j3 accepted" and line["job_id"] == "j3"
+        assert line["logger"] == "tether.test_json_logs" and line["level"] == "INFO"
