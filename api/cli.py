@@ -1,8 +1,9 @@
-"""The `tether` command."""
+"""The `tether` command: one click group holding the commands that work on
+this machine (serve, gc, the store's files, plugins) and the client verbs of
+`api/client.py`, which talk to a running service over HTTP."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import importlib.metadata
@@ -10,10 +11,18 @@ import logging
 import logging.config
 import socket
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
 
-from api.app import create_app
+import click
+
+from api.app import create_app, token_problem
+from api.client import COMMANDS as CLIENT_COMMANDS
+from api.client import add_client_commands
 from api.http import SERVER_OPTIONS
+from api.logs import formatter
+from api.metrics import multiprocess_dir
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
 from core.errors import StoreConfigError, StoreUnavailable, TetherError
@@ -21,10 +30,12 @@ from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import WILDCARD_HOSTS, Settings, describe, unknown_env
+from core.store.backup import Copied, StoreFileError, embedded_db
+from core.store.backup import backup as store_backup
+from core.store.backup import restore as store_restore
+from core.store.embedded import drop_previous_secrets, rotate_secret, secret_path
 from core.views import duration
 from core.watchdog import MIN_RETENTION
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("tether")
 
@@ -48,14 +59,14 @@ def version() -> str:
         return "unknown"
 
 
-def log_config(level: str) -> dict[str, Any]:
+def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     """One logging set-up for the `tether` process and each of its uvicorn
     workers (a spawned worker starts with no logging of its own): everything,
     uvicorn's lines included, goes to stderr in one format."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "formatters": {"plain": formatter(log_format)},
         "filters": {"rename": {"()": RenameLoggers}},
         "handlers": {
             "stderr": {
@@ -69,74 +80,93 @@ def log_config(level: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tether", description="Run jobs on external systems and wait for them durably."
-    )
-    parser.add_argument("--version", action="version", version=f"tether {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP API and a worker")
-    serve.add_argument("--host", help="interface to listen on (TETHER_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (TETHER_PORT, default 8000)")
-    serve.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the store (default 1)"
-    )
-    gc = sub.add_parser("gc", help="delete finished jobs older than a number of days")
-    gc.add_argument(
-        "--older-than", type=float, required=True, metavar="DAYS", help="age in days (at least 1)"
-    )
-    for verb in ("install", "uninstall"):
-        packages = sub.add_parser(
-            verb, help=f"{verb} plugin packages in the environment Tether runs from"
-        )
-        packages.add_argument("packages", nargs="+", metavar="PACKAGE")
-    sub.add_parser("plugins", help="list the installed plugins, their versions and backends")
-    args = parser.parse_args(argv)
-    if args.command in ("install", "uninstall"):
-        return run_installer(args.command, args.packages)
-    if args.command == "plugins":
-        print(plugin_table(Plugins(make_plugin_manager())))
-        return 0
+class Refused(click.ClickException):
+    """A setting, flag or store the command cannot work with: `tether: MESSAGE`
+    on stderr and exit status 2, before anything is changed."""
 
-    flags = {name: getattr(args, name, None) for name in ("host", "port")}
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"tether: {self.message}", err=True)
+
+
+def load_settings(**flags: Any) -> Settings:
+    """The settings, the flags given (not None) over the environment's."""
     try:
-        settings = Settings.from_env(**{k: v for k, v in flags.items() if v is not None})
+        return Settings.from_env(**{k: v for k, v in flags.items() if v is not None})
     except ValueError as exc:
-        print(f"tether: {exc}", file=sys.stderr)
-        return 2
-    logging.config.dictConfig(log_config(settings.log_level))
-    if args.command == "gc":
-        if not args.older_than * 86400 >= MIN_RETENTION:  # NaN too
-            least = duration(MIN_RETENTION)  # "1 day": the flag counts days
-            print(f"tether: keep finished jobs at least {least}", file=sys.stderr)
-            return 2
-        return asyncio.run(collect_garbage(settings, args.older_than * 86400))
+        raise Refused(str(exc)) from None
+
+
+class Sections(click.Group):
+    """A group whose help lists its commands under the headings of `SECTIONS`
+    (in their order there) instead of in one alphabetical list."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        width = max(map(len, self.commands))  # one column width across the sections
+        limit = formatter.width - 6 - width  # as click's own list
+        for title, names in SECTIONS.items():
+            rows = [
+                (name.ljust(width), self.commands[name].get_short_help_str(limit)) for name in names
+            ]
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+@click.group("tether", cls=Sections, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version(), prog_name="tether", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Run jobs on external systems and wait for them durably."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tether ARGV`; its exit status (click ends every run with SystemExit)."""
+    try:
+        cli.main(argv, prog_name="tether")
+    except SystemExit as done:
+        return int(done.code or 0)
+
+
+# ── the service ───────────────────────────────────────────────────────────────
+
+
+@cli.command()
+@click.option("--host", help="Interface to listen on (TETHER_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (TETHER_PORT, default 8000).")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the store.",
+)
+def serve(host: str | None, port: int | None, workers: int) -> None:
+    """Run the HTTP API and a worker."""
+    settings = load_settings(host=host, port=port)
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     if settings.host in WILDCARD_HOSTS and not settings.public_url:
-        print(
-            f"tether: --host {settings.host or '(empty)'} listens on every interface, so"
+        raise Refused(
+            f"--host {settings.host or '(empty)'} listens on every interface, so"
             " callback URLs cannot be derived from it (external systems would be told"
             f" to call http://{settings.host}:{settings.port}/...); set TETHER_PUBLIC_URL"
             " to the URL they reach this service at, e.g."
-            f" TETHER_PUBLIC_URL=https://tether.example.com",
-            file=sys.stderr,
+            " TETHER_PUBLIC_URL=https://tether.example.com"
         )
-        return 2
-    if args.workers > 1 and settings.store.startswith("memory:"):
-        print(
-            "tether: memory:// lives in one process; use --workers 1, or sqlite:///PATH"
-            " for several workers",
-            file=sys.stderr,
+    problem = token_problem(settings)
+    if problem:
+        raise Refused(problem)
+    if workers > 1 and settings.store.startswith("memory:"):
+        raise Refused(
+            "memory:// lives in one process; use --workers 1, or sqlite:///PATH for several workers"
         )
-        return 2
     plugins = Plugins(make_plugin_manager())
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("unknown setting %s is ignored%s", name, hint)
     problem = asyncio.run(preflight(settings, plugins))
     if problem:
-        print(f"tether: {problem}", file=sys.stderr)
-        return 2
-    log.info("%s", startup_line(settings, plugins, args.workers))
+        raise Refused(problem)
+    log.info("%s", startup_line(settings, plugins, workers))
     import uvicorn
 
     config = uvicorn.Config(
@@ -144,17 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         factory=True,
         host=settings.host,
         port=settings.port,
-        workers=args.workers,
-        log_config=log_config(settings.log_level),
+        workers=workers,
+        log_config=log_config(settings.log_level, settings.log_format),
         log_level=settings.log_level.lower(),
         **SERVER_OPTIONS,
         access_log=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,
     )
-    if args.workers <= 1:
+    if workers <= 1:
         uvicorn.Server(config).run()
-        return 0
+        return
     # Several workers share one listening socket. Made here with IPPROTO_TCP
     # (uvicorn's own has proto 0), so asyncio turns on TCP_NODELAY for each
     # connection; without it every response waits ~40 ms on Nagle's algorithm.
@@ -164,26 +194,216 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     sock.set_inheritable(True)
-    Multiprocess(config, sockets=[sock]).run()
-    return 0
+    with multiprocess_dir(workers):  # the workers read it as they start
+        Multiprocess(config, sockets=[sock]).run()
 
 
-async def collect_garbage(settings: Settings, older_than: float) -> int:
+@cli.command()
+@click.option(
+    "--older-than", type=float, required=True, metavar="DAYS", help="Age in days (at least 1)."
+)
+def gc(older_than: float) -> None:
+    """Delete finished jobs older than a number of days."""
+    settings = load_settings()
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+    if not older_than * 86400 >= MIN_RETENTION:  # NaN too
+        raise Refused(f"keep finished jobs at least {duration(MIN_RETENTION)}")  # "1 day"
+    asyncio.run(collect_garbage(settings, older_than * 86400))
+
+
+async def collect_garbage(settings: Settings, older_than: float) -> None:
     """`tether gc`: delete old finished jobs, safe while services run."""
     try:
         tether = await Tether.open(settings, Plugins(make_plugin_manager()), worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
-        print(f"tether: {exc}", file=sys.stderr)
-        return 2
+        raise Refused(str(exc)) from None
     try:
         jobs, promises = await tether.collect_garbage(older_than)
     except TetherError as exc:
-        print(f"tether: {exc.message}", file=sys.stderr)
-        return 2
+        raise Refused(exc.message) from None
     finally:
         await tether.close()
-    print(f"deleted {jobs} finished jobs and {promises} promises")
-    return 0
+    click.echo(f"deleted {jobs} finished jobs and {promises} promises")
+
+
+# ── local commands on the embedded store's files (never an HTTP route) ───────
+
+
+def store_option[F: Callable[..., Any]](function: F) -> F:
+    """`--store`: the local store whose files `rotate-secret`, `backup` and
+    `restore` read and write."""
+    return click.option(
+        "--store",
+        metavar="URL",
+        help="The store (TETHER_STORE, default sqlite:///.tether/tether.db).",
+    )(function)
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
+@cli.command("rotate-secret")
+@store_option
+@click.option(
+    "--drop-previous",
+    is_flag=True,
+    help="Instead, forget the previous secrets (their URLs then answer 401).",
+)
+def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
+    """Rotate the callback secret; previous ones stay accepted.
+
+    New callback URLs are signed with a new secret kept beside the embedded
+    store, and URLs signed with the old ones still work (docs/operations.md).
+    No secret is printed."""
+    try:
+        db = _secret_file_store(load_settings(store=store or None))
+        secrets = secret_path(db)
+        if drop_previous:
+            dropped = drop_previous_secrets(db)
+        else:
+            previous = rotate_secret(db)
+    except (ValueError, StoreFileError) as exc:  # StoreConfigError: an empty secret file
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"cannot rewrite {secrets}: {exc.strerror}") from None
+    restart = "Restart every `tether serve` using this store now (stop them all, then start)"
+    if drop_previous:
+        click.echo(
+            f"dropped {dropped} previous callback secret(s) from {secrets}. {restart}:"
+            " callback URLs signed with them then answer 401."
+        )
+    else:
+        click.echo(
+            f"rotated the callback secret in {secrets}; {previous} previous secret(s) still"
+            f" accepted. {restart}: until then they sign with the old secret. Once no job"
+            " waits on a URL handed out before the restart (each has ended or its timeout"
+            " has passed), run `tether rotate-secret --drop-previous` and restart again."
+        )
+
+
+def _secret_file_store(settings: Settings) -> Path:
+    """The embedded store whose secret file `rotate-secret` may rewrite: one
+    whose services sign with that file's secret."""
+    if settings.store.startswith(("postgresql:", "postgres:")):
+        raise StoreFileError(
+            f"{describe(settings.store)} keeps no secret file: rotate the callback secret"
+            " through TETHER_CALLBACK_SECRET and TETHER_CALLBACK_SECRET_PREVIOUS on every"
+            ' host (docs/operations.md, "Rotating the callback secret")'
+        )
+    db = embedded_db(settings, "rotate-secret")
+    if settings.callback_secret:
+        raise StoreFileError(
+            "TETHER_CALLBACK_SECRET is set, so services sign with it and not with the"
+            f" file {secret_path(db)}: rotate it through TETHER_CALLBACK_SECRET and"
+            " TETHER_CALLBACK_SECRET_PREVIOUS (docs/operations.md)"
+        )
+    if not secret_path(db).is_file():
+        raise StoreFileError(
+            f"no callback secret file {secret_path(db)}: a service makes one when it first"
+            " opens the store"
+        )
+    return db
+
+
+@cli.command("backup")
+@store_option
+@click.argument("path", metavar="PATH")
+@click.option("--force", is_flag=True, help="Replace PATH if it exists.")
+def backup_command(store: str | None, path: str, force: bool) -> None:
+    """Copy the embedded store and its secrets (services may run).
+
+    The copy is consistent and integrity checked; the store's callback secrets
+    go to PATH.secret."""
+    settings = load_settings(store=store or None)
+    try:
+        db = embedded_db(settings, "backup")
+        copied = store_backup(db, Path(path), force=force)
+    except (ValueError, StoreFileError) as exc:
+        raise Refused(str(exc)) from None
+    click.echo(
+        f"backed up {db} to {copied.path} ({_size(copied.size)}, {copied.jobs} jobs,"
+        f" {copied.waiting} not finished), integrity checked"
+    )
+    _print_secret(copied, settings)
+
+
+@cli.command("restore")
+@store_option
+@click.argument("backup", metavar="BACKUP")
+@click.option("--force", is_flag=True, help="Replace the store if it exists.")
+def restore_command(store: str | None, backup: str, force: bool) -> None:
+    """Restore a backup as the embedded store (services stopped).
+
+    BACKUP is a file `tether backup` wrote; it is put in place as the store,
+    which is refused while a process has the store open."""
+    settings = load_settings(store=store or None)
+    try:
+        db = embedded_db(settings, "restore")
+        copied = store_restore(Path(backup), db, force=force)
+    except (ValueError, StoreFileError) as exc:
+        raise Refused(str(exc)) from None
+    click.echo(
+        f"restored {backup} to {db} ({_size(copied.size)}, {copied.jobs} jobs,"
+        f" {copied.waiting} not finished), integrity checked"
+    )
+    _print_secret(copied, settings)
+
+
+def _print_secret(copied: Copied, settings: Settings) -> None:
+    if copied.secret is not None:
+        click.echo(f"callback secrets copied to {copied.secret} (mode 0600)")
+    elif settings.callback_secret:
+        click.echo(
+            "the callback secret is TETHER_CALLBACK_SECRET (no file): keep it, and"
+            " TETHER_CALLBACK_SECRET_PREVIOUS, with the backup"
+        )
+    else:
+        click.echo(
+            "no callback secret file came with it: callback URLs handed out before will answer 401"
+        )
+
+
+# ── plugins ───────────────────────────────────────────────────────────────────
+
+
+def packages_command(verb: str) -> click.Command:
+    """`tether install|uninstall PACKAGE...`, with the installer's exit status."""
+
+    where = "into" if verb == "install" else "from"
+
+    @click.command(
+        verb, help=f"{verb.capitalize()} plugin packages {where} Tether's own environment."
+    )
+    @click.argument("packages", nargs=-1, required=True, metavar="PACKAGE...")
+    def command(packages: tuple[str, ...]) -> None:
+        raise click.exceptions.Exit(run_installer(verb, list(packages)))
+
+    return command
+
+
+cli.add_command(packages_command("install"))
+cli.add_command(packages_command("uninstall"))
+
+
+@cli.command()
+def plugins() -> None:
+    """List the installed plugins, their versions and backends."""
+    click.echo(plugin_table(Plugins(make_plugin_manager())))
+
+
+# ── the client verbs, and how `tether --help` lists everything ────────────────
+
+add_client_commands(cli)
+
+SECTIONS = {
+    "Service": ("serve", "gc"),
+    "Jobs (talk to a running service)": tuple(str(command.name) for command in CLIENT_COMMANDS),
+    "Store files": ("rotate-secret", "backup", "restore"),
+    "Plugins": ("install", "uninstall", "plugins"),
+}
+"""The headings of `tether --help`: commands on this machine's store and
+environment, and the verbs that talk to a service over HTTP."""
 
 
 async def preflight(settings: Settings, plugins: Plugins) -> str | None:

@@ -1,4 +1,5 @@
-"""The `tether` command's answers speak its flags' units."""
+"""The `tether` command: its answers speak its flags' units, and one group
+holds the local commands and the client verbs (`api/client.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from api.cli import cli, main, version
+from api.client import COMMANDS as CLIENT_COMMANDS
+from tests.conftest import free_port
+from tests.system.test_startup import TETHER
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("days", ["0.5", "0", "-3", "nan"])
@@ -15,7 +24,7 @@ def test_gc_refuses_too_short_a_retention_in_days(tmp_path: Path, days: str) -> 
     env = {**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"}
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "gc", "--older-than", days],
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -25,3 +34,73 @@ def test_gc_refuses_too_short_a_retention_in_days(tmp_path: Path, days: str) -> 
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "tether: keep finished jobs at least 1 day"
     assert not (tmp_path / "tether.db").exists()  # refused before the store was opened
+
+
+# ── one `tether` group: the local commands and the client verbs ──────────────
+
+
+def sections(help_text: str) -> dict[str, list[str]]:
+    """`tether --help`'s command headings, each with the commands under it."""
+    found: dict[str, list[str]] = {}
+    heading = None
+    for line in help_text.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            heading = line[:-1]
+            found[heading] = []
+        elif heading and line.startswith("  ") and line.strip():
+            found[heading].append(line.split()[0])
+    return found
+
+
+def test_help_lists_every_command_once_under_its_heading() -> None:
+    done = CliRunner().invoke(cli, ["--help"])
+    assert done.exit_code == 0, done.output
+    listed = sections(done.stdout)
+    listed.pop("Options")
+    assert list(listed) == [
+        "Service",
+        "Jobs (talk to a running service)",
+        "Store files",
+        "Plugins",
+    ]
+    assert listed["Service"] == ["serve", "gc"]
+    assert listed["Jobs (talk to a running service)"] == [c.name for c in CLIENT_COMMANDS]
+    assert listed["Store files"] == ["rotate-secret", "backup", "restore"]
+    assert listed["Plugins"] == ["install", "uninstall", "plugins"]
+    everything = [name for names in listed.values() for name in names]
+    assert sorted(everything) == sorted(cli.commands)  # each command once, none left out
+
+
+def test_every_client_verb_is_a_command_of_tether() -> None:
+    for command in CLIENT_COMMANDS:
+        done = CliRunner().invoke(cli, [str(command.name), "--help"], prog_name="tether")
+        assert done.exit_code == 0, (command.name, done.output)
+        assert done.stdout.startswith(f"Usage: tether {command.name} "), done.stdout
+        assert cli.commands[str(command.name)] is command
+
+
+def test_the_tether_command_runs_client_verbs_and_local_commands() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "TETHER_URL": url}
+    got = subprocess.run([TETHER, "get", "x"], env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 4  # the client's own exit status, through `main`
+    assert got.stderr == f"tether: cannot reach {url}: connection refused\n"
+    helped = subprocess.run(
+        [sys.executable, "-m", "api.cli", "-h"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "Jobs (talk to a running service):" in helped.stdout and "rotate-secret" in helped.stdout
+
+
+def test_main_returns_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tether {version()}\n"
+    assert main(["serve", "--port", "eighty"]) == 2  # a usage error, as click reports it
+    assert "Invalid value for '--port'" in capsys.readouterr().err
+    assert main(["install"]) == 2
+    assert "Missing argument 'PACKAGE...'" in capsys.readouterr().err
+    assert main(["no-such-command"]) == 2

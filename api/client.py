@@ -1,0 +1,858 @@
+"""The `tether` command's client verbs: a thin client of the HTTP API.
+
+Each verb is one request (or a few) to a running service at `--url`, with the
+API token from `$TETHER_API_TOKEN`; it prints a table, or with `--json`
+exactly what the service answered. Exit codes mean something to scripts:
+
+- 0: done (for `watch` and `submit --wait`: the job `succeeded`);
+- 1: the job `failed` or `timed_out` (`watch`, `submit --wait`);
+- 2: usage error (click's own);
+- 3: the job was `canceled` (`watch`, `submit --wait`);
+- 4: the service could not be reached, or answered with an error (its
+  message on stderr, nothing on stdout).
+
+The verbs are mounted into the main `tether` group with `add_client_commands`;
+`main()` runs them alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import IO, Any, NoReturn, get_args
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import click
+import httpx
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from core.models import FINAL_STATES, JobState
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+EXIT_CODES = {"succeeded": 0, "failed": 1, "timed_out": 1, "canceled": 3}
+"""`watch` and `submit --wait`: how the job ended, as an exit status."""
+SERVICE_ERROR = 4
+
+POLL = 0.5
+"""Seconds between reads of a watched job when its service streams no events."""
+SAFETY_POLL = 5.0
+"""Seconds between reads of a watched job while its events stream: each event
+rereads it at once, this only covers a state change that brings no event."""
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+"""Pauses before each new try once a service stops answering mid-watch or
+mid-stream (a restart): then the command gives up with exit status 4."""
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=45.0)
+"""The event stream sends a comment every 15 s: 45 s of silence is a dead connection."""
+PAGE = 1000
+"""Jobs or events asked for at once: the most the service gives."""
+SHOWN_EVENTS = 10
+"""Events `watch` shows: the latest ones."""
+
+STATE_STYLES = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "canceled": "yellow",
+    "running": "cyan",
+}
+
+# ── errors: one line on stderr, exit status 4 ─────────────────────────────────
+
+
+class ServiceError(click.ClickException):
+    """The service answered with an error, or could not be reached."""
+
+    exit_code = SERVICE_ERROR
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"tether: {self.message}", err=True)
+
+
+def public(url: str) -> str:
+    """`url` as it may be shown: no query string (a callback URL's token is
+    there) and no user or password."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def unreachable(url: str, exc: httpx.TransportError) -> ServiceError:
+    """`cannot reach URL: why`. The reason is chosen here, never the exception's
+    own text, which may quote the URL with its token."""
+    if isinstance(exc, httpx.TimeoutException):
+        why = "no answer in time"
+    elif isinstance(exc, httpx.UnsupportedProtocol):
+        why = "not an http:// or https:// URL"
+    elif isinstance(exc, httpx.ConnectError):
+        why = os_reason(exc) or "could not connect"
+    else:
+        why = os_reason(exc) or "the connection broke"
+    return ServiceError(f"cannot reach {public(url)}: {why}")
+
+
+def os_reason(exc: BaseException) -> str:
+    """What the operating system said, deepest in the chain (`connection
+    refused`, `name or service not known`), if it said anything."""
+    reason = ""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            reason = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    return reason.lower()
+
+
+def error_answer(response: httpx.Response) -> ServiceError:
+    """The service's own message (`{"error": {"message"}}`), with the status."""
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.reason_phrase or "error"
+    return ServiceError(f"{message} (HTTP {response.status_code})", response.status_code)
+
+
+# ── the service ───────────────────────────────────────────────────────────────
+
+
+def api_token() -> str:
+    """The first token of `$TETHER_API_TOKEN` (the service takes several,
+    comma-separated, while one replaces another)."""
+    tokens = (t.strip() for t in os.environ.get("TETHER_API_TOKEN", "").split(","))
+    return next((t for t in tokens if t), "")
+
+
+def job_path(job_id: str, *rest: str) -> str:
+    return "/".join(("/jobs", quote(job_id, safe=""), *rest))
+
+
+class Api:
+    """One service, reached over HTTP with the API token."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        token = api_token()
+        try:
+            self.http = httpx.AsyncClient(
+                base_url=self.url,
+                headers={"authorization": f"Bearer {token}"} if token else {},
+                timeout=30,
+            )
+        except httpx.InvalidURL:
+            raise click.BadParameter(f"not a URL: {public(url)}", param_hint="'--url'") from None
+
+    async def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer to one request; `ServiceError` when there is none or it is an error."""
+        try:
+            response = await self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise unreachable(self.url, exc) from None
+        if response.is_error:
+            raise error_answer(response)
+        return response
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON the service answered one request with."""
+        return payload(await self.send(method, path, **kwargs))
+
+
+def payload(response: httpx.Response) -> Any:
+    """A success's JSON; `ServiceError` when it is something else (not a Tether there)."""
+    try:
+        return response.json()
+    except ValueError:
+        where = public(str(response.url))
+        raise ServiceError(f"{where} answered {response.status_code} without JSON") from None
+
+
+def run[T](work: Callable[[Api], Awaitable[T]], url: str) -> T:
+    """Run one command's requests against the service at `url`."""
+
+    async def session() -> T:
+        api = Api(url)
+        async with api.http:
+            return await work(api)
+
+    return asyncio.run(session())
+
+
+async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, tried again while the service cannot be reached (it may be
+    restarting), pausing `RECONNECT_DELAYS`; then its `ServiceError`."""
+    for delay in RECONNECT_DELAYS:
+        try:
+            return await call()
+        except ServiceError as exc:
+            if exc.status is not None:  # an answer, not silence
+                raise
+        await asyncio.sleep(delay)
+    return await call()
+
+
+# ── events: pages, or a server-sent event stream ──────────────────────────────
+
+
+async def event_pages(api: Api, job_id: str) -> dict[str, Any]:
+    """Every recorded event of a job, oldest first, following `next_cursor`;
+    the last page's other fields (`dropped`)."""
+    items: list[Any] = []
+    params: dict[str, Any] = {"limit": PAGE}
+    while True:
+        page: dict[str, Any] = await api.call("GET", job_path(job_id, "events"), params=params)
+        items += page["items"]
+        if not page.get("next_cursor"):
+            return {**page, "items": items}
+        params = {"limit": PAGE, "cursor": page["next_cursor"]}
+
+
+async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:
+    """Server-sent events as (`id`, `data` parsed as JSON). The `event:` field
+    repeats the item's `type`; comments (keep-alives) carry nothing."""
+    event_id: str | None = None
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                try:
+                    yield event_id, json.loads("\n".join(data))
+                except ValueError:
+                    raise ServiceError("the event stream sent data that is not JSON") from None
+            event_id, data = None, []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id":
+            event_id = value
+        elif name == "data":
+            data.append(value)
+
+
+async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Every event of a job, recorded then live, handed to `on_event` until
+    `finished`. A dropped connection is resumed after the last event seen
+    (`Last-Event-ID`), so none is missed or repeated; after
+    `RECONNECT_DELAYS` tries without an event, `ServiceError`."""
+    last_id: str | None = None
+    tries = 0
+    while True:
+        headers = {"accept": "text/event-stream"}
+        if last_id is not None:
+            headers["last-event-id"] = last_id
+        got_one = False
+        try:
+            async with api.http.stream(
+                "GET", job_path(job_id, "events"), headers=headers, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.is_error:
+                    await response.aread()
+                    raise error_answer(response)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise ServiceError("the service answered the event stream with something else")
+                ended = False
+                async for event_id, item in sse_items(response.aiter_lines()):
+                    last_id, got_one = event_id or last_id, True
+                    on_event(item)
+                    ended = item.get("type") == "finished"
+                # The service ends the stream after the last attempt's `finished`
+                # (a retried job's earlier ones are followed by more).
+                if ended:
+                    return
+        except httpx.TransportError as exc:
+            failure = unreachable(api.url, exc)
+        else:  # the stream ended before `finished`: a dropped connection
+            failure = ServiceError(f"the event stream from {public(api.url)} keeps ending early")
+        tries = 0 if got_one else tries + 1
+        if tries > len(RECONNECT_DELAYS):
+            raise failure
+        await asyncio.sleep(RECONNECT_DELAYS[tries - 1] if tries else 0)
+
+
+async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:
+    """`work`, with its 404 explained: an unknown job, or a service that
+    records no events (a Tether older than the events route)."""
+    try:
+        return await work
+    except ServiceError as exc:
+        if exc.status != 404:
+            raise
+        await api.call("GET", job_path(job_id))  # "no job 'x'" when that is what it meant
+        raise ServiceError(f"{public(api.url)} records no events (HTTP 404)", 404) from None
+
+
+# ── watching a job ────────────────────────────────────────────────────────────
+
+
+async def watch_job(
+    api: Api, job_id: str, show: Callable[[dict[str, Any], list[dict[str, Any]]], None]
+) -> dict[str, Any]:
+    """Follow a job until it ends, calling `show(job, events)` on each change;
+    the ended job. Events come from the job's event stream; a service without
+    one (404 for a job that exists) shows none, and the state is read every
+    `POLL` seconds instead."""
+    job: dict[str, Any] = await api.call("GET", job_path(job_id))
+    events: list[dict[str, Any]] = []
+    changed = asyncio.Event()
+
+    def got(item: dict[str, Any]) -> None:
+        events.append(item)
+        changed.set()
+
+    async def follow() -> None:
+        try:
+            await stream_events(api, job_id, got)
+        except ServiceError:
+            pass  # no stream: the state is read every POLL seconds instead
+        finally:
+            changed.set()  # the wait below takes its next pace from here
+
+    stream = asyncio.create_task(follow())
+    try:
+        while job["state"] not in FINAL_STATES:
+            show(job, events)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), POLL if stream.done() else SAFETY_POLL)
+            changed.clear()
+            job = await patiently(lambda: api.call("GET", job_path(job_id)))
+        with contextlib.suppress(TimeoutError):  # its last events, `finished` among them
+            await asyncio.wait_for(asyncio.shield(stream), 2)
+    finally:
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stream
+    show(job, events)
+    return job
+
+
+def watch(url: str, job_id: str, as_json: bool, started: dict[str, Any] | None = None) -> NoReturn:
+    """`watch`, and `submit --wait` once submitted: a live display on a
+    terminal, a line per change in a log or pipe, with `--json` only the ended
+    job; then the exit status of how the job ended."""
+    console = Console()
+    if as_json:
+        job = run(lambda api: watch_job(api, job_id, lambda job, events: None), url)
+        click.echo(json.dumps(job))
+    elif console.is_terminal and not console.is_dumb_terminal:
+        now: list[Any] = [started, []]
+
+        def view() -> RenderableType:
+            return watch_view(*now) if now[0] else Text(f"job {job_id}")
+
+        def show(job: dict[str, Any], events: list[dict[str, Any]]) -> None:
+            now[:] = [job, events]
+
+        with Live(console=console, get_renderable=view, refresh_per_second=2):
+            job = run(lambda api: watch_job(api, job_id, show), url)
+    else:
+        job = run(lambda api: watch_job(api, job_id, changes(console)), url)
+    raise click.exceptions.Exit(EXIT_CODES.get(job["state"], SERVICE_ERROR))
+
+
+def changes(console: Console) -> Callable[[dict[str, Any], list[dict[str, Any]]], None]:
+    """A `show` for `watch_job` that prints each new event and state as a line."""
+    seen: dict[str, Any] = {"events": 0, "state": None}
+
+    def show(job: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        for event in events[seen["events"] :]:
+            console.print(event_line(event))
+        seen["events"] = len(events)
+        if job["state"] != seen["state"]:
+            seen["state"] = job["state"]
+            console.print(headline(job))
+            if job["state"] in FINAL_STATES and job.get("error"):
+                console.print(error_line(job))
+
+    return show
+
+
+# ── what is printed ───────────────────────────────────────────────────────────
+
+
+def cell(value: Any) -> Text:
+    """A value as plain text (never read as Rich markup): JSON for structures."""
+    if value is None:
+        return Text("-", style="dim")
+    if isinstance(value, str):
+        return Text(value)
+    return Text(json.dumps(value, ensure_ascii=False))
+
+
+def moment(value: str | None) -> str | None:
+    """A time of the service's, to the second, for a table (--json has it whole)."""
+    if not value:
+        return value
+    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def job_table(job: dict[str, Any]) -> Table:
+    """Every field of a job, one per row, in the service's order."""
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in job.items():
+        table.add_row(name, state_text(value) if name == "state" else cell(value))
+    return table
+
+
+def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
+    table = Table(box=None)
+    for name in ("id", "backend", "state", "created_at", "finished_at"):
+        table.add_column(name, overflow="fold")  # a narrow terminal wraps, never cuts
+    for job in jobs:
+        table.add_row(
+            cell(job["id"]),
+            cell(job["backend"]),
+            state_text(job["state"]),
+            cell(moment(job["created_at"])),
+            cell(moment(job.get("finished_at"))),
+        )
+    return table
+
+
+EVENT_FIELDS = ("seq", "at", "type", "attempt", "data")
+
+
+def events_table(events: Iterable[dict[str, Any]]) -> Table:
+    table = Table(box=None)
+    for name in EVENT_FIELDS:
+        table.add_column(name, overflow="fold")
+    for event in events:
+        table.add_row(*event_cells(event))
+    return table
+
+
+def event_cells(event: dict[str, Any]) -> list[Text]:
+    return [cell(moment(event[k]) if k == "at" else event.get(k)) for k in EVENT_FIELDS]
+
+
+def event_line(event: dict[str, Any]) -> Text:
+    return Text("  ").join(event_cells(event))
+
+
+def elapsed(job: dict[str, Any]) -> str:
+    """Time since the job was created, up to when it finished."""
+    start = datetime.fromisoformat(job["created_at"])
+    end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
+    seconds = int(((end or datetime.now(UTC)) - start).total_seconds())
+    minutes, secs = divmod(max(seconds, 0), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def headline(job: dict[str, Any]) -> Text:
+    return Text.assemble(
+        ("job ", "dim"),
+        job["id"],
+        "  ",
+        state_text(job["state"]),
+        ("  elapsed ", "dim"),
+        elapsed(job),
+    )
+
+
+def error_line(job: dict[str, Any]) -> Text:
+    return Text(f"error: {job['error'].get('message', '')}", style="red")
+
+
+def watch_view(job: dict[str, Any], events: list[dict[str, Any]]) -> RenderableType:
+    parts: list[RenderableType] = [headline(job)]
+    if job.get("error"):
+        parts.append(error_line(job))
+    if events:
+        parts.append(events_table(events[-SHOWN_EVENTS:]))
+    return Group(*parts)
+
+
+def emit(payload: Any, as_json: bool, table: Callable[[], RenderableType]) -> None:
+    """The service's payload as JSON, or a table of it."""
+    if as_json:
+        click.echo(json.dumps(payload))
+    else:
+        Console().print(table())
+
+
+# ── options ───────────────────────────────────────────────────────────────────
+
+
+class JsonValue(click.ParamType[Any]):
+    """JSON text, or `@FILE` for the JSON in a file (`@-`: standard input). A
+    value that is not JSON (or not an object, with `objects`) is a usage error
+    naming the option."""
+
+    name = "JSON|@FILE"
+
+    def __init__(self, objects: bool = True) -> None:
+        self.objects = objects
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        text, where = value, ""
+        if value.startswith("@"):
+            try:
+                with click.open_file(value[1:], encoding="utf-8") as file:
+                    text, where = file.read(), f" in {value[1:]}"
+            except OSError as exc:
+                self.fail(f"cannot read {value[1:]}: {exc.strerror}", param, ctx)
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            self.fail(f"not valid JSON{where}: {exc}", param, ctx)
+        if self.objects and not isinstance(parsed, dict):
+            self.fail(f"must be a JSON object{where}, not {type(parsed).__name__}", param, ctx)
+        return parsed
+
+
+def json_option[F: Callable[..., Any]](function: F) -> F:
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print the service's answer as JSON (for scripts) instead of a table.",
+    )(function)
+
+
+def service_options[F: Callable[..., Any]](function: F) -> F:
+    """`--url` and `--json`, which every verb that talks to the service takes."""
+    return click.option(
+        "--url",
+        envvar="TETHER_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        show_envvar=True,
+        metavar="URL",
+        help="The Tether service. The API token, if it needs one, comes from"
+        " $TETHER_API_TOKEN (the first, if it holds several, comma-separated).",
+    )(json_option(function))
+
+
+# ── the verbs ─────────────────────────────────────────────────────────────────
+
+
+@click.command()
+@click.argument("backend")
+@click.option("--id", "job_id", metavar="ID", help="The job's id (a new unique one if absent).")
+@click.option(
+    "--params",
+    type=JsonValue(),
+    default=None,
+    help="The backend's parameters: a JSON object, or @FILE to read it from a file.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Seconds the job may wait for its outcome (the service's default if absent).",
+)
+@click.option(
+    "--metadata",
+    type=JsonValue(),
+    default=None,
+    help="Anything to keep with the job: a JSON object, or @FILE.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="S",
+    help="Seconds the run may go without a heartbeat before Tether asks its backend"
+    " (at most --timeout).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Then watch the job until it ends, with the exit status of `tether watch`.",
+)
+@service_options
+def submit(
+    backend: str,
+    job_id: str | None,
+    params: dict[str, Any] | None,
+    timeout: float | None,
+    metadata: dict[str, Any] | None,
+    heartbeat_timeout: float | None,
+    wait: bool,
+    url: str,
+    as_json: bool,
+) -> None:
+    """Start a job on BACKEND (POST /jobs).
+
+    Submitting the same --id with the same request again reattaches to the
+    job; a different request under a used id is refused."""
+    body: dict[str, Any] = {"backend": backend}
+    given = {
+        "id": job_id,
+        "params": params,
+        "timeout": timeout,
+        "metadata": metadata,
+        "heartbeat_timeout": heartbeat_timeout,
+    }
+    body.update((name, value) for name, value in given.items() if value is not None)
+    job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", json=body), url)
+    if wait:
+        watch(url, job["id"], as_json, started=job)
+    emit(job, as_json, lambda: job_table(job))
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@service_options
+def get(job_id: str, url: str, as_json: bool) -> None:
+    """Show one job (GET /jobs/ID)."""
+    job = run(lambda api: api.call("GET", job_path(job_id)), url)
+    emit(job, as_json, lambda: job_table(job))
+
+
+@click.command("list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(get_args(JobState)),
+    help="Only jobs in this state; repeat for any of several.",
+)
+@click.option(
+    "--backend", "backends", multiple=True, help="Only jobs of this backend; repeat for several."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="At most this many jobs, fetched page by page.",
+)
+@service_options
+def list_jobs(
+    states: tuple[str, ...], backends: tuple[str, ...], limit: int, url: str, as_json: bool
+) -> None:
+    """List jobs, newest first (GET /jobs).
+
+    With --json, one `{"items", "next_cursor"}` document holding every page
+    fetched; `next_cursor` continues past --limit."""
+
+    async def pages(api: Api) -> dict[str, Any]:
+        items: list[Any] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"state": states, "backend": backends}
+            params["limit"] = min(limit - len(items), PAGE)
+            if cursor:
+                params["cursor"] = cursor
+            page = await api.call("GET", "/jobs", params=params)
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if not cursor or len(items) >= limit:
+                return {**page, "items": items}
+
+    found = run(pages, url)
+
+    def table() -> RenderableType:
+        more = "  (more: raise --limit)" if found["next_cursor"] else ""
+        count = len(found["items"])
+        return Group(jobs_table(found["items"]), Text(f"{count} job(s){more}", "dim"))
+
+    emit(found, as_json, table)
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Stream the events as they happen until the job finishes (with --json, one JSON"
+    " object a line).",
+)
+@service_options
+def events(job_id: str, follow: bool, url: str, as_json: bool) -> None:
+    """Show a job's history, oldest first (GET /jobs/ID/events)."""
+    if follow:
+        console = Console()
+
+        def printed(item: dict[str, Any]) -> None:
+            if as_json:
+                click.echo(json.dumps(item))
+            else:
+                console.print(event_line(item))
+
+        run(lambda api: explained(api, job_id, stream_events(api, job_id, printed)), url)
+        return
+    found = run(lambda api: explained(api, job_id, event_pages(api, job_id)), url)
+
+    def table() -> RenderableType:
+        dropped = found.get("dropped")
+        note = f"{dropped} events from the middle are no longer kept" if dropped else ""
+        return Group(events_table(found["items"]), Text(note, "dim"))
+
+    emit(found, as_json, table)
+
+
+@click.command("watch")
+@click.argument("job_id", metavar="ID")
+@service_options
+def watch_command(job_id: str, url: str, as_json: bool) -> None:
+    """Follow a job live until it ends: its state, elapsed time and latest events.
+
+    Exit status: 0 succeeded, 1 failed or timed_out, 3 canceled, 4 the service
+    could not be reached or answered an error. With --json, prints the ended
+    job instead of the live display."""
+    watch(url, job_id, as_json)
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--reason", help="Why; kept in the job's error message.")
+@service_options
+def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
+    """Cancel a waiting job (POST /jobs/ID/cancel); its backend is asked to
+    stop the external run. A job that already finished is an error (exit 4)."""
+    body = {"reason": reason} if reason is not None else None
+    job = run(lambda api: api.call("POST", job_path(job_id, "cancel"), json=body), url)
+    emit(job, as_json, lambda: job_table(job))
+
+
+@click.command()
+@click.argument("callback_url")
+@click.option(
+    "--status",
+    type=click.Choice(["succeeded", "failed"]),
+    required=True,
+    help="How the external job ended.",
+)
+@click.option("--result", type=JsonValue(objects=False), help="Its result: JSON, or @FILE.")
+@click.option("--error", "message", metavar="MESSAGE", help="Why it failed (with --status failed).")
+@json_option
+def complete(
+    callback_url: str, status: str, result: Any, message: str | None, as_json: bool
+) -> None:
+    """Report an external job's outcome to its CALLBACK_URL, as the external
+    system would (POST CALLBACK_URL).
+
+    The URL carries its own token: the API token is not sent, and the token is
+    never printed. A different outcome recorded first, or a job canceled or
+    timed out, is an error (exit 4)."""
+    if message is not None and status != "failed":
+        raise click.BadParameter("goes with --status failed", param_hint="'--error'")
+    body: dict[str, Any] = {"status": status}
+    if result is not None:
+        body["result"] = result
+    if message is not None:
+        body["error"] = {"message": message}
+
+    answer = asyncio.run(post_to(callback_url, body))
+
+    def table() -> RenderableType:
+        return Group(Text(f"{answer['outcome']}: {answer['message']}"), job_table(answer["job"]))
+
+    emit(answer, as_json, table)
+
+
+async def post_to(url: str, body: Any) -> Any:
+    """POST `body` to a URL that carries its own token (a callback URL): the
+    API token is not sent, and no error shows the token."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        try:
+            response = await http.post(url, json=body)
+        except httpx.TransportError as exc:
+            raise unreachable(url, exc) from None
+        except httpx.InvalidURL:
+            raise click.BadParameter(
+                "not a URL", param_hint="'CALLBACK_URL'"
+            ) from None  # no text of its own: it may quote the token
+    if response.is_error:
+        raise error_answer(response)
+    return payload(response)
+
+
+def heartbeat_url(callback_url: str) -> str:
+    """The heartbeat URL of a callback URL: its path and `/heartbeat`, the same
+    query (the token)."""
+    parts = urlsplit(callback_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/heartbeat"))
+
+
+@click.command()
+@click.argument("callback_url")
+@click.option(
+    "--progress",
+    type=JsonValue(objects=False),
+    help="How far along the run is: any JSON, or @FILE; shown as the job's `progress`.",
+)
+@json_option
+def heartbeat(callback_url: str, progress: Any, as_json: bool) -> None:
+    """Tell Tether the external job at CALLBACK_URL is alive, and how far along
+    it is, as the external system would (POST CALLBACK_URL/heartbeat).
+
+    The URL carries its own token: the API token is not sent, and the token is
+    never printed. A job that has ended is an error (exit 4)."""
+    body = {"progress": progress} if progress is not None else None
+    answer = asyncio.run(post_to(heartbeat_url(callback_url), body))
+
+    def table() -> RenderableType:
+        return job_table(answer)
+
+    emit(answer, as_json, table)
+
+
+@click.command()
+@click.argument("job_id", metavar="ID")
+@click.option(
+    "--attempt",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="The attempt that should exist afterwards: repeating the command is then safe"
+    " (a job already at N is shown as it is; nothing new starts).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Then watch the job until it ends, with the exit status of `tether watch`.",
+)
+@service_options
+def retry(job_id: str, attempt: int | None, wait: bool, url: str, as_json: bool) -> None:
+    """Run a failed, timed-out or canceled job again (POST /jobs/ID/retry): its
+    next attempt, with a new callback URL and a fresh deadline. A job that is
+    waiting or succeeded is an error (exit 4)."""
+    body = {"attempt": attempt} if attempt is not None else None
+    job = run(lambda api: api.call("POST", job_path(job_id, "retry"), json=body), url)
+    if wait:
+        watch(url, job["id"], as_json, started=job)
+    emit(job, as_json, lambda: job_table(job))
+
+
+COMMANDS = (submit, get, list_jobs, events, watch_command, cancel, retry, complete, heartbeat)
+
+
+def add_client_commands(group: click.Group) -> None:
+    """Mount the client verbs into the main `tether` group."""
+    for command in COMMANDS:
+        group.add_command(command)
+
+
+@click.group("tether")
+def client() -> None:
+    """Talk to a running Tether service."""
+
+
+add_client_commands(client)
+
+
+def main() -> None:
+    """The client verbs alone (`python -m api.client`)."""
+    client(prog_name="tether")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""The `tether` client verbs (`api/client.py`) against a real `tether serve`.
+
+Each verb runs through click's `CliRunner` on the main `tether` group (in this
+process) or as the real `tether` command (a process), over real HTTP.
+
+The tests named `test_standin_…` (at the end) talk to `EventsStandIn`, a small
+server in this file that speaks the events contract of DESIGN.md ("Operator
+surface"), because `tether serve` has no `/jobs/{id}/events` yet. Once it has,
+point them at `TetherProcess` instead and drop the stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from api import client as client_module
+from api.cli import cli as main_group
+from api.client import client
+from tests.conftest import Receiver, free_port, wait_until
+from tests.process import TetherProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+ENTRY = "from api.client import main; main()"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherProcess]:
+    """One real `tether serve` for the module; each test uses its own job ids."""
+    proc = TetherProcess(tmp_path_factory.mktemp("serve"), {"TETHER_STORE": "memory://"}).start()
+    yield proc
+    proc.kill()
+
+
+def cli(url: str, *args: str, token: str | None = None, stdin: str | None = None) -> Result:
+    """The verbs in this process, as `tether ARGS` with TETHER_URL=url."""
+    env = {"TETHER_URL": url, "TETHER_API_TOKEN": token}
+    return CliRunner().invoke(main_group, list(args), stdin, env=env, catch_exceptions=False)
+
+
+def tether(url: str, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The verbs as a real process: the `tether` command."""
+    env = {k: v for k, v in os.environ.items() if k != "TETHER_API_TOKEN"}
+    env |= {"TETHER_URL": url, **({"TETHER_API_TOKEN": token} if token else {})}
+    return subprocess.run(
+        [TETHER, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def served(service: TetherProcess, path: str) -> Any:
+    """What the service itself answers to GET path."""
+    with service.client() as http:
+        return http.get(path).json()
+
+
+def settled(service: TetherProcess, job_id: str, *states: str) -> dict[str, Any]:
+    with service.client() as http:
+        return wait_for(http, job_id, *states)
+
+
+def webhook(receiver: Receiver) -> str:
+    return json.dumps({"url": receiver.url()})
+
+
+def callback_url(receiver: Receiver, job_id: str) -> str:
+    wait_until(lambda: [h for h in receiver.hits if h.body["job_id"] == job_id])
+    [hit] = [h for h in receiver.hits if h.body["job_id"] == job_id]
+    return str(hit.body["callback_url"])
+
+
+# ── submit, get, list ─────────────────────────────────────────────────────────
+
+
+def test_submit_prints_the_job_and_its_json_is_the_services_payload(service, receiver, tmp_path):
+    receiver.callback = {"status": "succeeded", "result": {"rows": 42}}
+    params = tmp_path / "params.json"
+    params.write_text(webhook(receiver))
+    args = ["submit", "http_webhook", "--id", "cli-submit", "--params", f"@{params}"]
+    args += ["--timeout", "60", "--metadata", "@-"]
+    shown = cli(service.url, *args, stdin='{"team": "sales"}')
+    assert shown.exit_code == 0, shown.stderr
+    assert "cli-submit" in shown.stdout
+    assert "pending" in shown.stdout or "running" in shown.stdout
+    job = settled(service, "cli-submit", "succeeded")
+    assert job["params"] == {"url": receiver.url()}  # read from the file
+    assert job["metadata"] == {"team": "sales"}
+    assert job["timeout"] == 60
+    again = cli(service.url, *args, "--json", stdin='{"team": "sales"}')  # reattached: 200
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout) == served(service, "/jobs/cli-submit") == job
+    assert len(receiver.hits) == 1  # nothing triggered again
+
+
+def test_get_shows_the_job_as_a_table_or_as_the_services_json(service, receiver):
+    receiver.callback = {"status": "succeeded"}
+    cli(service.url, "submit", "http_webhook", "--id", "cli-get", "--params", webhook(receiver))
+    settled(service, "cli-get", "succeeded")
+    table = cli(service.url, "get", "cli-get")
+    assert table.exit_code == 0, table.stderr
+    assert "cli-get" in table.stdout
+    assert "succeeded" in table.stdout
+    as_json = tether(service.url, "get", "cli-get", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == served(service, "/jobs/cli-get")
+
+
+def test_list_follows_pages_up_to_the_limit(service, receiver, monkeypatch):
+    receiver.respond = lambda hit: (400, {"refused": True})  # the job fails at once
+    for n in range(5):
+        args = ["--id", f"cli-list-{n}", "--params", webhook(receiver)]
+        assert cli(service.url, "submit", "http_webhook", *args).exit_code == 0
+        settled(service, f"cli-list-{n}", "failed")
+    monkeypatch.setattr(client_module, "PAGE", 2)  # so that 5 jobs take 3 pages
+    found = cli(service.url, "list", "--json", "--limit", "5", "--state", "failed")
+    assert found.exit_code == 0, found.stderr
+    expected = served(service, "/jobs?limit=5&state=failed")
+    assert json.loads(found.stdout) == expected
+    ids = [job["id"] for job in expected["items"]]
+    assert ids == [f"cli-list-{n}" for n in (4, 3, 2, 1, 0)]
+    fewer = json.loads(
+        cli(service.url, "list", "--json", "--limit", "3", "--state", "failed").stdout
+    )
+    assert fewer == served(service, "/jobs?limit=3&state=failed")
+    assert fewer["next_cursor"]  # more remain past the limit
+    table = cli(
+        service.url, "list", "--limit", "2", "--state", "failed", "--backend", "http_webhook"
+    )
+    assert table.exit_code == 0, table.stderr
+    assert "cli-list-4" in table.stdout and "cli-list-3" in table.stdout
+    assert "cli-list-2" not in table.stdout
+    assert "failed" in table.stdout
+
+
+# ── watch and submit --wait: exit statuses ───────────────────────────────────
+
+
+def test_submit_wait_exits_0_when_the_job_succeeds(service, receiver):
+    receiver.callback = {"status": "succeeded", "result": [1]}
+    args = ["submit", "http_webhook", "--id", "cli-wait-ok", "--params", webhook(receiver)]
+    done = tether(service.url, *args, "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == served(service, "/jobs/cli-wait-ok")
+    assert json.loads(done.stdout)["state"] == "succeeded"
+
+
+def test_submit_wait_and_watch_exit_1_when_the_job_fails(service, receiver):
+    receiver.callback = {"status": "failed", "error": {"message": "disk full"}}
+    args = ["submit", "http_webhook", "--id", "cli-wait-failed", "--params", webhook(receiver)]
+    done = cli(service.url, *args, "--wait")
+    assert done.exit_code == 1, done.stderr
+    assert "cli-wait-failed" in done.stdout
+    assert "failed" in done.stdout
+    assert "disk full" in done.stdout
+    again = cli(service.url, "watch", "cli-wait-failed")  # already ended: at once
+    assert again.exit_code == 1
+    assert "failed" in again.stdout
+
+
+def test_watch_exits_1_when_the_job_times_out(service, receiver):
+    args = ["submit", "http_webhook", "--id", "cli-timeout", "--timeout", "1"]
+    cli(service.url, *args, "--params", webhook(receiver))
+    done = tether(service.url, "watch", "cli-timeout")
+    assert done.returncode == 1, done.stderr
+    assert "timed_out" in done.stdout
+
+
+def test_watch_exits_3_when_the_job_is_canceled(service, receiver):
+    args = ["submit", "http_webhook", "--id", "cli-cancel", "--params", webhook(receiver)]
+    assert cli(service.url, *args).exit_code == 0
+    settled(service, "cli-cancel", "running")
+    env = {**os.environ, "TETHER_URL": service.url}
+    watching = subprocess.Popen(
+        [TETHER, "watch", "cli-cancel"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watching.stdout is not None
+        assert select.select([watching.stdout], [], [], 30)[0], "the watch printed nothing"
+        first = watching.stdout.readline()  # printed as it happens, not when the watch ends
+        assert first.startswith("job cli-cancel  running"), first
+        canceled = cli(service.url, "cancel", "cli-cancel", "--reason", "not needed", "--json")
+        assert canceled.exit_code == 0, canceled.stderr
+        out, err = watching.communicate(timeout=20)
+    finally:
+        watching.kill()
+    assert watching.returncode == 3, err
+    assert out.splitlines()[-2].startswith("job cli-cancel  canceled")
+    assert "canceled by request: not needed" in out
+    job = json.loads(canceled.stdout)
+    assert job == served(service, "/jobs/cli-cancel")
+    assert job["error"]["message"] == "canceled by request: not needed"
+
+
+def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line():
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["watch", "x"], ["get", "x"], ["list"], ["submit", "http_webhook"]):
+        done = tether(url, *args)
+        assert done.returncode == 4, (args, done.stderr)
+        assert done.stderr == f"tether: cannot reach {url}: connection refused\n"
+        assert done.stdout == ""
+
+
+def test_usage_errors_are_exit_2_naming_the_option(service):
+    ids_before = [job["id"] for job in served(service, "/jobs")["items"]]
+    cases = {
+        ("watch",): "Missing argument 'ID'",
+        ("submit", "http_webhook", "--id", "cli-bad", "--params", "{bad"): "'--params': not valid",
+        ("submit", "http_webhook", "--id", "cli-bad", "--params", "[1]"): "must be a JSON object",
+        ("submit", "http_webhook", "--id", "cli-bad", "--params", "@/nonexistent/p.json"): (
+            "'--params': cannot read /nonexistent/p.json"
+        ),
+        ("submit", "http_webhook", "--id", "cli-bad", "--metadata", "3"): "'--metadata'",
+        ("submit", "http_webhook", "--id", "cli-bad", "--timeout", "0"): "'--timeout'",
+        ("list", "--state", "sleeping"): "'--state'",
+        ("complete", "http://x/cb?token=t", "--status", "succeeded", "--error", "m"): "'--error'",
+    }
+    for args, expected in cases.items():
+        done = cli(service.url, *args)
+        assert done.exit_code == 2, (args, done.stderr)
+        assert expected in done.stderr, (args, done.stderr)
+    assert [job["id"] for job in served(service, "/jobs")["items"]] == ids_before
+
+
+def test_bad_json_in_params_is_a_usage_error_as_a_process_too(service):
+    done = tether(service.url, "submit", "http_webhook", "--params", "{bad")
+    assert done.returncode == 2
+    assert "Invalid value for '--params': not valid JSON" in done.stderr
+
+
+# ── errors: the service's message, exit 4 ─────────────────────────────────────
+
+
+def test_error_answers_print_the_services_message_and_exit_4(service, receiver):
+    with service.client() as http:
+        unknown = http.post("/jobs", json={"backend": "nope"}).json()["error"]["message"]
+    done = cli(service.url, "submit", "nope")
+    assert done.exit_code == 4
+    assert done.stderr == f"tether: {unknown} (HTTP 422)\n"
+    assert done.stdout == ""
+    missing = tether(service.url, "get", "no-such-job", "--json")
+    assert missing.returncode == 4
+    assert missing.stderr == "tether: no job 'no-such-job' (HTTP 404)\n"
+    assert missing.stdout == ""
+    receiver.callback = {"status": "succeeded"}
+    cli(service.url, "submit", "http_webhook", "--id", "cli-done", "--params", webhook(receiver))
+    settled(service, "cli-done", "succeeded")
+    late = cli(service.url, "cancel", "cli-done")
+    assert late.exit_code == 4
+    assert late.stderr == "tether: job 'cli-done' already finished (succeeded) (HTTP 409)\n"
+    receiver.respond = lambda hit: (200, b"<html>not a Tether</html>")
+    elsewhere = cli(receiver.url(""), "get", "x")
+    assert elsewhere.exit_code == 4
+    assert elsewhere.stderr == f"tether: {receiver.url('/jobs/x')} answered 200 without JSON\n"
+    for verb in ("events", "watch"):
+        done = cli(service.url, verb, "no-such-job")
+        assert done.exit_code == 4
+        assert done.stderr == "tether: no job 'no-such-job' (HTTP 404)\n"
+
+
+def test_the_api_token_is_the_first_of_tether_api_token_and_never_shown(tmp_path):
+    env = {"TETHER_STORE": "memory://", "TETHER_API_TOKEN": "tok-right"}
+    guarded = TetherProcess(tmp_path, env).start()
+    try:
+        listed = cli(guarded.url, "list", token="tok-right, tok-other")
+        assert listed.exit_code == 0, listed.stderr
+        refused = cli(guarded.url, "list")
+        assert refused.exit_code == 4
+        assert refused.stderr == "tether: missing or invalid API token (HTTP 401)\n"
+        wrong = tether(guarded.url, "get", "x", token="tok-wrong")
+        assert wrong.returncode == 4
+        assert "tok-wrong" not in wrong.stderr + wrong.stdout
+    finally:
+        guarded.kill()
+
+
+# ── complete: a callback as the external system sends it ─────────────────────
+
+
+def test_complete_settles_the_job_and_never_shows_the_token(service, receiver):
+    cli(
+        service.url, "submit", "http_webhook", "--id", "cli-complete", "--params", webhook(receiver)
+    )
+    url = callback_url(receiver, "cli-complete")
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    done = cli(service.url, "complete", url, "--status", "succeeded", "--result", '{"rows": 42}')
+    assert done.exit_code == 0, done.stderr
+    assert "accepted" in done.stdout
+    assert "cli-complete" in done.stdout and "succeeded" in done.stdout
+    job = served(service, "/jobs/cli-complete")
+    assert (job["state"], job["result"]) == ("succeeded", {"rows": 42})
+    again = tether(
+        service.url, "complete", url, "--status", "succeeded", "--result", '{"rows": 42}'
+    )
+    assert again.returncode == 0, again.stderr
+    assert "duplicate" in again.stdout
+    as_json = cli(service.url, "complete", url, "--status", "succeeded", "--result", "{}", "--json")
+    assert as_json.exit_code == 4  # a different outcome came first: 409
+    with httpx.Client(trust_env=False) as http:
+        conflict = http.post(url, json={"status": "succeeded", "result": {}}).json()
+    assert as_json.stderr == f"tether: {conflict['error']['message']} (HTTP 409)\n"
+    assert as_json.stdout == ""
+    duplicate = cli(
+        service.url, "complete", url, "--status", "succeeded", "--result", '{"rows": 42}', "--json"
+    )
+    with httpx.Client(trust_env=False) as http:
+        expected = http.post(url, json={"status": "succeeded", "result": {"rows": 42}}).json()
+    assert json.loads(duplicate.stdout) == expected
+    forged = url.replace(token, "forged")
+    refused = cli(service.url, "complete", forged, "--status", "failed", "--error", "x")
+    assert refused.exit_code == 4
+    assert refused.stderr == "tether: missing or invalid callback token (HTTP 401)\n"
+    gone = url.replace(f":{service.port}/", f":{free_port()}/")
+    unreachable = tether(service.url, "complete", gone, "--status", "failed")
+    assert unreachable.returncode == 4
+    assert unreachable.stderr == f"tether: cannot reach {gone.split('?')[0]}: connection refused\n"
+    for result in (done, again, as_json, duplicate, refused):
+        assert token not in result.stdout + result.stderr
+        assert "forged" not in result.stderr
+    assert token not in unreachable.stdout + unreachable.stderr
+
+
+def test_complete_failed_sends_the_error_and_not_the_api_token(service, receiver):
+    cli(service.url, "submit", "http_webhook", "--id", "cli-fail", "--params", webhook(receiver))
+    url = callback_url(receiver, "cli-fail")
+    done = cli(
+        service.url,
+        "complete",
+        url,
+        "--status",
+        "failed",
+        "--error",
+        "disk full",
+        token="api-secret",
+    )
+    assert done.exit_code == 0, done.stderr
+    job = served(service, "/jobs/cli-fail")
+    assert (job["state"], job["error"]["message"]) == ("failed", "disk full")
+    # The callback URL is another system's: it never gets the API token.
+    receiver.respond = lambda hit: (200, {"outcome": "accepted", "job": job, "message": "ok"})
+    cli(
+        service.url,
+        "complete",
+        receiver.url("/cb?token=t"),
+        "--status",
+        "failed",
+        "--json",
+        token="api-secret",
+    )
+    [hit] = receiver.on("/cb?token=t")
+    assert "authorization" not in hit.headers
+    assert hit.body == {"status": "failed"}
+
+
+# ── the entry point ───────────────────────────────────────────────────────────
+
+
+def test_every_verb_and_option_has_help():
+    for name, command in client.commands.items():
+        assert command.help, name
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert getattr(param, "help", None), (name, param.name)
+    alone = [sys.executable, "-c", ENTRY, "--help"]  # the verbs without the main group
+    done = subprocess.run(alone, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0
+    for verb in ("submit", "get", "list", "events", "watch", "cancel", "complete"):
+        assert verb in done.stdout
+
+
+# ── the events stand-in (switch these to `tether serve` once it has the route) ─
+
+
+EVENTS = [
+    {"seq": 1, "at": "2026-01-01T00:00:00Z", "type": "accepted", "attempt": 1, "data": {}},
+    {"seq": 2, "at": "2026-01-01T00:00:01Z", "type": "triggered", "attempt": 1, "data": {"try": 1}},
+    {
+        "seq": 3,
+        "at": "2026-01-01T00:00:02Z",
+        "type": "callback",
+        "attempt": 1,
+        "data": {"verdict": "accepted"},
+    },
+    {
+        "seq": 4,
+        "at": "2026-01-01T00:00:02Z",
+        "type": "finished",
+        "attempt": 1,
+        "data": {"state": "succeeded"},
+    },
+]
+
+
+@dataclass
+class EventsStandIn:
+    """Speaks DESIGN.md's events contract for one job, `job-1`: `GET
+    /jobs/job-1` (running until `finished` was streamed, then succeeded),
+    `GET /jobs/job-1/events` as JSON pages (two events a page, `?cursor=`)
+    and as a server-sent event stream that honours `Last-Event-ID`. The
+    first `drops` streams are cut (a TCP reset) after `drop_after` events.
+    Without `events_route` it is a service older than the events: 404 for the
+    route, and the job ends at its `ends_at_read`th read."""
+
+    events_route: bool = True
+    ends_at_read: int = 0
+    drop_after: int = 2
+    drops: int = 1
+    pause: float = 0.0
+    last_event_ids: list[str | None] = field(default_factory=list)
+    job_reads: int = 0
+    finished: bool = False
+    url: str = ""
+
+    def job(self) -> dict[str, Any]:
+        state = "succeeded" if self.finished else "running"
+        return {
+            "id": "job-1",
+            "backend": "http_webhook",
+            "state": state,
+            "error": None,
+            "created_at": "2026-01-01T00:00:00Z",
+            "finished_at": "2026-01-01T00:00:02Z" if self.finished else None,
+        }
+
+
+def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            if path == "/jobs/job-1":
+                stand_in.job_reads += 1
+                if stand_in.job_reads == stand_in.ends_at_read:
+                    stand_in.finished = True
+                return self.answer(200, stand_in.job())
+            if path != "/jobs/job-1/events" or not stand_in.events_route:
+                return self.answer(404, {"error": {"code": "not_found", "message": "Not Found"}})
+            if self.headers.get("accept") != "text/event-stream":
+                second = parse_qs(query).get("cursor") == ["p2"]
+                page = EVENTS[2:] if second else EVENTS[:2]
+                return self.answer(
+                    200, {"items": page, "next_cursor": None if second else "p2", "dropped": 0}
+                )
+            return self.stream(self.headers.get("last-event-id"))
+
+        def answer(self, status: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def stream(self, last: str | None) -> None:
+            stand_in.last_event_ids.append(last)
+            cut = len(stand_in.last_event_ids) <= stand_in.drops
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b": keep-alive\n\n")
+            sent = 0
+            for event in EVENTS:
+                if last is not None and event["seq"] <= int(last):
+                    continue
+                if cut and sent == stand_in.drop_after:
+                    self.reset()
+                    return
+                time.sleep(stand_in.pause)
+                record = (
+                    f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                )
+                self.wfile.write(record.encode())
+                self.wfile.flush()
+                sent += 1
+                if event["type"] == "finished":
+                    stand_in.finished = True
+
+        def reset(self) -> None:
+            """Drop the connection as a crashed service or proxy would: RST."""
+            self.wfile.flush()
+            linger = struct.pack("ii", 1, 0)
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.connection.close()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    stand_in.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def stand_in() -> Iterator[EventsStandIn]:
+    events = EventsStandIn()
+    server = serve_stand_in(events)
+    yield events
+    server.shutdown()
+    server.server_close()
+
+
+def test_standin_events_follows_pages(stand_in):
+    as_json = cli(stand_in.url, "events", "job-1", "--json")
+    assert as_json.exit_code == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == {"items": EVENTS, "next_cursor": None, "dropped": 0}
+    table = cli(stand_in.url, "events", "job-1")
+    assert table.exit_code == 0, table.stderr
+    for event in EVENTS:
+        assert event["type"] in table.stdout
+
+
+def test_standin_follow_resumes_a_dropped_stream_after_the_last_event(stand_in):
+    done = tether(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS  # no gap, no repeat
+    assert stand_in.last_event_ids == [None, "2"]
+
+
+def test_standin_follow_gives_up_with_exit_4_when_the_stream_keeps_breaking(stand_in, monkeypatch):
+    stand_in.drops, stand_in.drop_after = 1000, 0  # every stream cut before an event
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
+    done = cli(stand_in.url, "events", "job-1", "--follow")
+    assert done.exit_code == 4
+    assert done.stderr.startswith(f"tether: cannot reach {stand_in.url}: ")
+    assert stand_in.last_event_ids == [None, None, None]  # the first try and two more
+
+
+def test_standin_watch_prefers_the_event_stream(stand_in):
+    stand_in.pause = 1.0  # 4 s of events: polling every 0.5 s would read the job ~9 times
+    done = cli(stand_in.url, "watch", "job-1")
+    assert done.exit_code == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any("running" in line for line in lines)
+    assert any("succeeded" in line for line in lines)
+    for event in EVENTS:
+        assert any(event["type"] in line for line in lines)
+    assert stand_in.job_reads <= 1 + len(EVENTS)  # read once, then again on each event
+
+
+def test_standin_watch_reads_the_state_of_a_service_without_events(stand_in):
+    stand_in.events_route, stand_in.ends_at_read = False, 4
+    done = cli(stand_in.url, "watch", "job-1")
+    assert done.exit_code == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("job job-1  running")
+    assert done.stdout.splitlines()[-1].startswith("job job-1  succeeded")
+    assert len(done.stdout.splitlines()) == 2  # no events, no error
+    assert stand_in.job_reads == 4
+    assert stand_in.last_event_ids == []
