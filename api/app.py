@@ -25,6 +25,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.metrics import install as install_metrics
 from api.metrics import metrics
 from api.openapi import openapi_config
+from api.ui import TEMPLATES, Sessions, ui_router
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings, get_settings, listed
@@ -58,22 +59,26 @@ def create_app(
     def provide_tether() -> Tether:
         return opened[0]
 
+    sessions = Sessions(settings, lambda: opened[0].store.callback_secret)
     rules: QueryRules = {}  # filled below, once the app has its routes
     strict = strict_query(rules)
     # Behind the tokens: an API token for everything, a read token where a
     # route declares `opt=READ` (api.controllers.READ). Callbacks carry their
     # own token; /health is for probes.
     guarded = Router(
-        "/", route_handlers=[JobController, metrics], guards=[api_token_guard(settings), strict]
+        "/",
+        route_handlers=[JobController, metrics],
+        guards=[api_token_guard(settings, sessions), strict],
     )
     others = Router("/", route_handlers=[CallbackController, health], guards=[strict])
     app = Litestar(
-        route_handlers=[guarded, others],
+        route_handlers=[guarded, others, ui_router(sessions)],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=openapi_config(settings, plugins),
+        template_config=TEMPLATES,
         debug=False,
         logging_config=None,  # the process's logging (`tether serve` sets it up) as it is
     )

@@ -568,8 +568,7 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
     "--heartbeat-timeout",
     type=click.FloatRange(min=0, min_open=True),
     metavar="S",
-    help="Seconds the run may go without a heartbeat before Tether asks its backend"
-    " (at most --timeout).",
+    help="Seconds the run may go without a heartbeat before Tether asks its backend.",
 )
 @click.option(
     "--wait",

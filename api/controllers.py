@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -17,11 +20,26 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from api.errors import ErrorBody, ErrorResponse, bad_request
-from core.models import CancelRequest, EventPage, Job, JobEvent, JobPage, JobRequest, JobState
+from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
+from core.callbacks import Heartbeat
+from core.errors import NotFound
+from core.events import KEEP_ALIVE
+from core.models import (
+    CancelRequest,
+    EventPage,
+    Job,
+    JobEvent,
+    JobPage,
+    JobRequest,
+    JobState,
+    RetryRequest,
+)
 from core.service import Tether
 from core.settings import Settings, listed
 from core.views import CURSOR_PATTERN, decode_cursor
+
+if TYPE_CHECKING:
+    from api.ui import Sessions
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
@@ -43,6 +61,7 @@ ERROR_TEXT = {
     403: "A read token (`TETHER_READ_TOKEN`) on a route that changes something; it needs"
     " an API token (`TETHER_API_TOKEN`). Nothing changed",
     404: "Not found",
+    410: "The job has ended; nothing changed",
     409: "Conflicts with what is recorded; nothing changed",
     413: "The body is larger than the service takes (`TETHER_MAX_BODY_BYTES`); the message"
     " names the limit",
@@ -128,18 +147,20 @@ READ: dict[str, Access] = {"access": "read"}
 """`opt=READ` on a GET route behind `api_token_guard`: a read token
 (`TETHER_READ_TOKEN`) may use it. Every other route behind the guard needs an
 API token, so a route that forgets to say what it is stays closed to read
-tokens. Reads to come (`/jobs/{id}/events`, `/metrics`, `/ui`) go on the
-guarded router and declare `opt=READ`."""
+tokens. Reads (`/jobs/{id}/events`, `/metrics`) go on the guarded router and
+declare `opt=READ`; the dashboard (`api.ui`) signs people in itself."""
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 """A read token is refused on any other method, whatever the route declares."""
 
 
-def api_token_guard(settings: Settings) -> Guard:
+def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Guard:
     """When TETHER_API_TOKEN is set, the routes behind this guard need
-    `Authorization: Bearer <token>`: any API token, or a read token on a route
-    declared `opt=READ` and reached with GET. None or a wrong one is 401; a
-    read token anywhere else is 403, naming what it would need."""
+    `Authorization: Bearer <token>`, or the dashboard's session cookie
+    (`api.ui.Sessions`, which a token was traded for): any API token, or a
+    read token on a route declared `opt=READ` and reached with GET. None or a
+    wrong one is 401; a read token anywhere else is 403, naming what it would
+    need. A bearer token, when given, is what counts, cookie or not."""
     api, read = digests(settings.api_token), digests(settings.read_token)
 
     async def require_api_token(  # async: Litestar runs a sync guard in a thread
@@ -149,11 +170,12 @@ def api_token_guard(settings: Settings) -> Guard:
             return
         given = bearer(connection)
         if given is None:
-            raise NotAuthorizedException("missing or invalid API token")
-        digest = hashlib.sha256(given.encode()).digest()
-        # Both lists in full, whatever matched: the time taken tells nothing
-        # about which token matched, or how far along the list it is.
-        writes, reads = matches(digest, api), matches(digest, read)
+            writes, reads = session_access(connection, sessions)
+        else:
+            digest = hashlib.sha256(given.encode()).digest()
+            # Both lists in full, whatever matched: the time taken tells nothing
+            # about which token matched, or how far along the list it is.
+            writes, reads = matches(digest, api), matches(digest, read)
         if writes:
             return
         if not reads:
@@ -166,6 +188,27 @@ def api_token_guard(settings: Settings) -> Guard:
             )
 
     return require_api_token
+
+
+def session_access(
+    connection: ASGIConnection[Any, Any, Any, Any], sessions: Sessions | None
+) -> tuple[bool, bool]:
+    """(may write, may read) by the dashboard's session cookie; neither
+    without a valid one. A request that is not a read must also carry the
+    session's CSRF token in `X-CSRF-Token` (a page of another site can make
+    the browser send the cookie, never that header): else 403."""
+    session = sessions.read(connection) if sessions is not None else None
+    if session is None or sessions is None:
+        return False, False
+    method = connection.scope.get("method", "")
+    if method not in READ_METHODS and not sessions.csrf_ok(
+        connection.headers.get("x-csrf-token", ""), session
+    ):
+        raise PermissionDeniedException(
+            "missing or wrong X-CSRF-Token: a request with the dashboard's session cookie"
+            " that changes something must carry the CSRF token of its page"
+        )
+    return session.kind == "api", session.kind == "read"
 
 
 def digests(setting: str) -> tuple[bytes, ...]:
@@ -187,6 +230,14 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, if there is one."""
     scheme, _, given = connection.headers.get("authorization", "").partition(" ")
     return given if scheme.lower() == "bearer" else None
+
+
+CHANGES_POLL = 1.0
+"""Seconds between a job-list stream's reads of its page, for changes made by
+other processes (this process's own wake it at once)."""
+CHANGES_SETTLE = 0.1
+"""Seconds a job-list stream waits after each read, so a burst of changes
+costs one read."""
 
 
 class JobController(Controller):
@@ -230,10 +281,19 @@ class JobController(Controller):
         opt=READ,
         operation_id="listJobs",
         summary="List jobs",
-        responses=errors(400, 401, 503),
+        responses={
+            200: ResponseSpec(
+                JobPage,
+                description="A page of jobs, newest first; with `Accept: text/event-stream`,"
+                " a stream of the page's changes instead",
+                generate_examples=False,
+            ),
+            **errors(400, 401, 503),
+        },
     )
     async def list_jobs(
         self,
+        request: Request[Any, Any, Any],
         tether: NamedDependency[Tether],
         job_state: Annotated[
             list[JobState] | None,
@@ -259,12 +319,76 @@ class JobController(Controller):
                 description="The `next_cursor` of the previous page, unchanged",
             ),
         ] = None,
-    ) -> JobPage:
+    ) -> Response[Any]:
         """Jobs, newest first. `state` and `backend` may each be given several
         times (a job matches any of them); pass `next_cursor` back as `cursor`
         for the next page. An unknown query parameter, or `limit` or `cursor`
-        given twice, is refused (400)."""
-        return await tether.list_jobs(job_state or (), backend or (), limit, cursor)
+        given twice, is refused (400).
+
+        With `Accept: text/event-stream`: the jobs of the page these parameters
+        name, then each job again whenever it changes while on that page (its
+        `updated_at` moves), joins it (a new job), or leaves it by changing (no
+        longer matching the filters). Each message is `event: job`, `data: <the
+        job's JSON>`; a `: keep-alive` comment comes every 15 s of silence. The
+        service reads the page about once a second while a stream is open, and
+        at once when a job changes in the process serving it."""
+
+        async def page() -> JobPage:
+            return await tether.list_jobs(job_state or (), backend or (), limit, cursor)
+
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return self.changes(tether, page)
+        return Response(await page())
+
+    def changes(self, tether: Tether, page: Callable[[], Awaitable[JobPage]]) -> ServerSentEvent:
+        """`GET /jobs` as a stream of job changes (see `list_jobs`): the page is
+        read only while a stream is open, so with none open it costs nothing. A
+        job is sent when its `updated_at` differs from the one last seen; a job
+        that left the page is read once more, and sent if it changed. Ends
+        when the service stops, as the job history streams do."""
+
+        async def jobs() -> AsyncIterator[Job | None]:
+            wake = asyncio.Event()
+
+            def recorded(rec: Any, event: Any) -> None:
+                wake.set()
+
+            tether.events.listeners.append(recorded)
+            seen: dict[str, Any] = {}
+            quiet_since = time.monotonic()
+            try:
+                while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
+                    wake.clear()
+                    items = (await page()).items
+                    changed = [job for job in items if seen.get(job.id) != job.updated_at]
+                    for job_id in seen.keys() - {job.id for job in items}:
+                        with contextlib.suppress(NotFound):  # deleted: nothing to show
+                            left = await tether.get_job(job_id)
+                            if left.updated_at != seen[job_id]:
+                                changed.append(left)
+                    seen = {job.id: job.updated_at for job in items}
+                    for job in changed:
+                        yield job
+                    if changed:
+                        quiet_since = time.monotonic()
+                    elif time.monotonic() - quiet_since >= KEEP_ALIVE:
+                        yield None
+                        quiet_since = time.monotonic()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), CHANGES_POLL)
+                    await asyncio.sleep(CHANGES_SETTLE)  # one read for a burst of changes
+            finally:
+                tether.events.listeners.remove(recorded)
+
+        async def messages() -> AsyncIterator[ServerSentEventMessage]:
+            async for job in jobs():
+                if job is None:
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                else:
+                    data = msgspec.json.encode(job).decode()
+                    yield ServerSentEventMessage(data=data, event="job")
+
+        return ServerSentEvent(messages())
 
     @get(
         "/{job_id:str}",
@@ -368,6 +492,33 @@ class JobController(Controller):
         the job already finished."""
         return await tether.cancel_job(job_id, data.reason if data else None)
 
+    @post(
+        "/{job_id:str}/retry",
+        status_code=200,
+        guards=[require_json],
+        operation_id="retryJob",
+        summary="Run a job again",
+        responses=errors(400, 401, 403, 404, 409, 413, 415, 503),
+    )
+    async def retry(
+        self,
+        tether: NamedDependency[Tether],
+        job_id: FromPath[str],
+        data: JSONBody[RetryRequest | None] = None,
+    ) -> Job:
+        """Start the next attempt of a `failed`, `timed_out` or `canceled` job:
+        it is `pending` again, with `attempt` one more, a new trigger, a new
+        callback URL and idempotency key, and a fresh deadline (`timeout` from
+        now). The previous attempt's callback URL answers 410 from then on; the
+        job's history keeps every attempt. 409 for a `pending`, `running` or
+        `succeeded` job.
+
+        The body is optional. `{"attempt": N}` names the attempt that should
+        exist afterwards, so a repeated request is safe: a job already at
+        attempt N is answered as it is (nothing new starts), a job at N-1
+        starts N, anything else is 409 naming the current attempt and state."""
+        return await tether.retry_job(job_id, data.attempt if data else None)
+
 
 class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     outcome: Literal["accepted", "duplicate", "noted", "conflict", "gone"]
@@ -448,6 +599,43 @@ class CallbackController(Controller):
             CallbackResponse(result.outcome, result.job, result.message, error),
             status_code=CALLBACK_STATUS[result.outcome],
         )
+
+    @post(
+        "/{promise_id:str}/heartbeat",
+        status_code=200,
+        operation_id="heartbeat",
+        summary="Report that an external job is alive, and its progress",
+        responses={
+            200: ResponseSpec(
+                Heartbeat,
+                description="Noted: the job's `heartbeat_at` (and `progress`, if given) moved",
+                generate_examples=False,
+            ),
+            **errors(400, 401, 404, 410, 413, 422, 503),
+        },
+    )
+    async def heartbeat(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        promise_id: FromPath[str],
+        token: FromQuery[str | None] = None,
+    ) -> Response[Any]:
+        """The callback URL with `/heartbeat`: the external run says it is
+        alive, and may say how far along it is. Same token as the callback
+        URL (`?token=` or `Authorization: Bearer`); 401 without it.
+
+        Body (optional): `{"progress"?: any JSON of at most 16 KiB}`; it
+        becomes the job's `progress` (absent or null keeps the one it has).
+        Answers the job's `state`, its `deadline`, and `heartbeat_due`: by
+        when the next heartbeat must come when the job has a
+        `heartbeat_timeout`. 410 once the job has ended; nothing changes."""
+        if token is None:
+            token = bearer(request)
+        result, gone = await tether.heartbeat(promise_id, token, await request.body())
+        if gone is not None:
+            return error_response(410, "gone", gone, {"state": result.state})
+        return Response(result)
 
 
 @get(

@@ -41,7 +41,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, Yaml
 from litestar.params import FromPath
 
 from core.hookspecs import Backend
-from core.models import JOB_ID_PATTERN, CallbackBody, CancelRequest
+from core.models import JOB_ID_PATTERN, CallbackBody, CancelRequest, HeartbeatBody, RetryRequest
 from core.plugins import Plugins
 from core.settings import Settings
 from core.views import duration
@@ -258,6 +258,14 @@ CANCELED_EXAMPLE = {
     "finished_at": "2026-11-24T02:10:00.000000Z",
 }
 
+RETRIED_EXAMPLE = {
+    **JOB_EXAMPLE,
+    "state": "pending",
+    "external": None,
+    "updated_at": "2026-11-24T03:05:00.000000Z",
+    "attempt": 2,
+}
+
 REQUEST_EXAMPLES = {
     "http_webhook": {
         "summary": "Any HTTP service",
@@ -345,6 +353,17 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
         "job 'nightly-sales-2026-11-24' already finished (succeeded)",
         {"state": "succeeded"},
     ),
+    ("retryJob", 403): error(
+        "forbidden",
+        "this token may only read; POST /jobs/nightly-sales-2026-11-24/retry needs the API"
+        " token (TETHER_API_TOKEN)",
+    ),
+    ("retryJob", 409): error(
+        "conflict",
+        "job 'nightly-sales-2026-11-24' is at attempt 1 (succeeded); only a failed,"
+        " timed-out or canceled job can be retried",
+        {"attempt": 1, "state": "succeeded"},
+    ),
     ("settleJob", 400): error(
         "invalid_request",
         "the callback body is not valid JSON: malformed data",
@@ -352,6 +371,16 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
     ),
     ("settleJob", 401): error("unauthorized", "missing or invalid callback token"),
     ("settleJob", 404): error("not_found", "no promise 'nightly-sales-2026-11-24:1'"),
+    ("heartbeat", 401): error("unauthorized", "missing or invalid callback token"),
+    ("heartbeat", 404): error("not_found", "no promise 'nightly-sales-2026-11-24:1'"),
+    ("heartbeat", 410): error(
+        "gone", "the job is succeeded; it takes no more heartbeats", {"state": "succeeded"}
+    ),
+    ("heartbeat", 422): error(
+        "invalid_request",
+        "progress is 20480 bytes of JSON; at most 16384 bytes are kept; nothing changed",
+        {"field": "progress", "limit_bytes": 16384},
+    ),
     ("settleJob", 422): error(
         "invalid_request",
         "invalid callback body: Object missing required field `status`; expected"
@@ -461,6 +490,16 @@ EVENTS_EXAMPLE: dict[str, Any] = {
     "dropped": 0,
 }
 
+HEARTBEAT_EXAMPLE = {
+    "state": "running",
+    "deadline": "2026-11-24T03:00:00.120000Z",
+    "heartbeat_timeout": 300.0,
+    "heartbeat_due": "2026-11-24T02:19:07.500000Z",
+}
+
+CALLBACK_OPERATIONS = ("settleJob", "heartbeat")
+"""Operations that take the callback URL's token, not the API token."""
+
 JOB_LINKS = {
     "getJob": {
         "operationId": "getJob",
@@ -514,11 +553,26 @@ class Document:
             "examples": [3600],
         }
 
+    def heartbeat_timeout_schema(self) -> dict[str, Any]:
+        return {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": self.settings.max_timeout},
+                {"type": "null"},
+            ],
+            "description": "Seconds the run may go without a heartbeat (`POST"
+            " /callbacks/{promise_id}/heartbeat`); one longer than the job's `timeout`"
+            " never passes before the deadline. When that long passes without one, Tether"
+            " asks the backend:"
+            " a run that ended settles the job, one confirmed running waits on, and if"
+            " the backend cannot tell the job ends `timed_out`. Absent: no heartbeats needed.",
+            "examples": [300],
+        }
+
     def request_schemas(self) -> dict[str, Any]:
         """The named schemas of every request body: one `JobRequest` variant per
         backend with its params type, and the bodies of cancel and callbacks."""
         schemas: dict[str, Any] = {}
-        for kind in (CancelRequest, CallbackBody):
+        for kind in (CancelRequest, CallbackBody, HeartbeatBody, RetryRequest):
             (_,), found = msgspec.json.schema_components([kind], ref_template=REF)
             schemas.update(found)
         variants: dict[str, str] = {}
@@ -576,6 +630,7 @@ class Document:
                 "id": ID_SCHEMA,
                 "timeout": self.timeout_schema(),
                 "metadata": METADATA_SCHEMA,
+                "heartbeat_timeout": self.heartbeat_timeout_schema(),
             },
             "required": ["backend", "params"] if needs_params(backend) else ["backend"],
             "additionalProperties": False,
@@ -606,6 +661,18 @@ class Document:
                     }
                 },
             }
+        if operation_id == "retryJob":
+            return {
+                "required": False,
+                "description": "Optional (none, or `null`: start the next attempt). With"
+                " `attempt`, the attempt that should exist afterwards: safe to repeat.",
+                "content": {
+                    "application/json": {
+                        "schema": {"anyOf": [ref("RetryRequest"), {"type": "null"}]},
+                        "examples": {"attempt": {"value": {"attempt": 2}}},
+                    }
+                },
+            }
         if operation_id == "settleJob":
             return {
                 "required": True,
@@ -627,6 +694,19 @@ class Document:
                                     "error": {"message": "disk full", "type": "IOError"},
                                 }
                             },
+                        },
+                    }
+                },
+            }
+        if operation_id == "heartbeat":
+            return {
+                "required": False,
+                "description": "Optional (none, or `null`, is a heartbeat without progress).",
+                "content": {
+                    "application/json": {
+                        "schema": {"anyOf": [ref("HeartbeatBody"), {"type": "null"}]},
+                        "examples": {
+                            "progress": {"value": {"progress": {"done": 120, "of": 400}}},
                         },
                     }
                 },
@@ -661,7 +741,7 @@ class Document:
         return schemes
 
     def security(self, path: str, operation_id: str) -> list[dict[str, list[str]]] | None:
-        if operation_id == "settleJob":
+        if operation_id in CALLBACK_OPERATIONS:
             return [{"callbackToken": []}, {"callbackBearer": []}]
         if self.settings.api_token and path.startswith(JOB_PATHS):
             return [{"apiToken": []}]
@@ -675,7 +755,7 @@ class Document:
         if body is not None:
             op["requestBody"] = body
         params = [self._parameter(p) for p in op.get("parameters", [])]
-        if operation_id == "settleJob":  # the token is a security scheme
+        if operation_id in CALLBACK_OPERATIONS:  # the token is a security scheme
             params = [p for p in params if p.get("name") != "token"]
         if params:
             op["parameters"] = params
@@ -711,6 +791,10 @@ class Document:
                 media["examples"] = {"error": {"value": example}}
         elif operation_id == "cancelJob":
             media["examples"] = {"canceled": {"value": CANCELED_EXAMPLE}}
+        elif operation_id == "retryJob":
+            media["examples"] = {"retried": {"value": RETRIED_EXAMPLE}}
+        elif operation_id == "heartbeat":
+            media["examples"] = {"noted": {"value": HEARTBEAT_EXAMPLE}}
         elif operation_id in ("createJob", "getJob"):
             media["examples"] = {"job": {"value": JOB_EXAMPLE}}
             if operation_id == "createJob":

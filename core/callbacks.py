@@ -9,20 +9,38 @@ backend at once and settle on its answer alone.
 Every callback with the right token is a `callback` event in the job's history
 (its verdict, the body's size and SHA-256, never the body or the token); one
 with a wrong token is not recorded on any job.
+
+A heartbeat (`POST /callbacks/{promise_id}/heartbeat`, the same token) says the
+run is alive, and may say how far along it is: it moves the job's
+`heartbeat_at`, `progress` and next heartbeat due, every time. It is a
+`heartbeat` event only when its progress differs from the last one recorded,
+at most once every `HEARTBEAT_EVENT_EVERY` seconds per job, so a run beating
+every second never pushes how the job started out of its bounded history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import msgspec
 
 from core import workflow
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized
 from core.events import body_digest
-from core.models import CallbackBody, CheckNow, Job, Outcome, field_of
+from core.models import (
+    PROGRESS_LIMIT,
+    CallbackBody,
+    CheckNow,
+    HeartbeatBody,
+    Job,
+    JobState,
+    Outcome,
+    Running,
+    field_of,
+)
 from core.plugins import Plugins
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -36,6 +54,10 @@ CallbackOutcome = Literal[SettleResult, "noted"]
 CHECK_NOW_TIMEOUT = 30.0
 """Seconds a backend may take to answer the status check a hint asks for."""
 
+HEARTBEAT_EVENT_EVERY = 60.0
+"""Seconds between a job's `heartbeat` events, at least: heartbeats in between
+change the job, not its history."""
+
 CALLBACK_MESSAGES = {
     "accepted": "outcome recorded",
     "duplicate": "the same outcome was already recorded; nothing changed",
@@ -48,6 +70,28 @@ class CallbackResult(msgspec.Struct, frozen=True):
     outcome: CallbackOutcome
     job: Job
     message: str = ""
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """What a heartbeat is answered: the job's state, its deadline, and by
+    when the next heartbeat must come (None: the job has no heartbeat_timeout)."""
+
+    state: JobState
+    deadline: datetime
+    heartbeat_timeout: float | None
+    heartbeat_due: datetime | None
+
+
+def status_said(found: Running | None) -> dict[str, Any]:
+    """A `status_check` (or `heartbeat_missed`) event's data for a run the
+    backend says is going (`running`, with its progress when that is at most
+    `PROGRESS_LIMIT` bytes of JSON) or cannot tell about (`unknown`)."""
+    if found is None:
+        return {"said": "unknown"}
+    said: dict[str, Any] = {"said": "running"}
+    if found.progress is not None and len(msgspec.json.encode(found.progress)) <= PROGRESS_LIMIT:
+        said["progress"] = found.progress
+    return said
 
 
 class Callbacks:
@@ -68,6 +112,16 @@ class Callbacks:
         if job_id is None or rec is None:
             raise NotFound(f"no promise {promise_id!r}")
         digest = body_digest(body)
+        attempt = workflow.attempt_of(promise_id) or 1
+        if attempt > rec.attempt:  # its URL was never handed out
+            raise NotFound(f"no promise {promise_id!r}")
+        if attempt < rec.attempt:  # a re-run has its own URL
+            late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
+            rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
+            message = (
+                f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
+            )
+            return CallbackResult(outcome="gone", job=view(rec), message=message)
         try:
             outcome = self._parse(rec, body)
         except InvalidRequest as exc:  # not JSON (400), or neither shape (422)
@@ -84,7 +138,9 @@ class Callbacks:
         def note(verdict: SettleResult) -> NewEvent:
             return NewEvent("callback", {"verdict": verdict, "status": status, **digest})
 
-        result, rec = await self.settler.settle(job_id, outcome, by="callback", note=note)
+        result, rec = await self.settler.settle(
+            job_id, outcome, by="callback", note=note, attempt=attempt
+        )
         if result == "accepted":
             log.info(
                 "job %s %s by callback", job_id, outcome.status, extra=rec.log_extra(promise_id)
@@ -109,15 +165,55 @@ class Callbacks:
                 extra=rec.log_extra(),
             )
             found = None
-        if found is None:
-            said = NewEvent("status_check", {"said": "unknown"})
+        if found is None or isinstance(found, Running):
+            said = NewEvent("status_check", status_said(found))
             await store_call(self.jobs.record(rec.id, [said], now_ms()))
             return CallbackResult(
                 "noted", view(rec), message + "the run has not ended; Tether keeps checking"
             )
         said = NewEvent("status_check", {"said": "ended", "status": found.status})
-        _, now = await self.settler.settle(rec.id, found, by="hint", note=lambda _: said)
+        _, now = await self.settler.settle(
+            rec.id, found, by="hint", note=lambda _: said, attempt=rec.attempt
+        )
         return CallbackResult("noted", view(now), message + f"the run's state says {now.state}")
+
+    async def heartbeat(
+        self, promise_id: str, token: str | None, body: bytes
+    ) -> tuple[Heartbeat, str | None]:
+        """Note that a job's run is alive, and its progress if the body has
+        one. Returns the answer, and why the heartbeat changed nothing when it
+        came too late (the job ended, or this attempt's wait did: a re-run has
+        its own URL). A body that is not JSON is `MalformedBody`; one of
+        another shape, or progress over `PROGRESS_LIMIT`, is `InvalidRequest`:
+        nothing changes."""
+        if not self.signer.verify(promise_id, token):
+            raise Unauthorized("missing or invalid callback token")
+        job_id = workflow.job_id_of(promise_id)
+        rec = None if job_id is None else await store_call(self.jobs.get(job_id))
+        if job_id is None or rec is None:
+            raise NotFound(f"no promise {promise_id!r}")
+        progress = _progress(body)
+        gone = None
+        if rec.finished:
+            gone = f"the job is {rec.state}; it takes no more heartbeats"
+        elif workflow.attempt_of(promise_id) != rec.attempt:
+            gone = f"this URL is attempt {workflow.attempt_of(promise_id)}'s, which has ended"
+        else:
+            now = now_ms()
+            timeout = rec.heartbeat_timeout
+            due = None if timeout is None else now + int(timeout * 1000)
+            every = int(HEARTBEAT_EVENT_EVERY * 1000)
+            beaten = await store_call(self.jobs.beat(job_id, now, progress, due, every))
+            rec = beaten or await store_call(self.jobs.get(job_id)) or rec
+            if rec.finished:  # it ended meanwhile
+                gone = f"the job is {rec.state}; it takes no more heartbeats"
+        answer = Heartbeat(
+            state=rec.state,
+            deadline=_at(rec.deadline),
+            heartbeat_timeout=rec.heartbeat_timeout,
+            heartbeat_due=None if rec.heartbeat_due is None else _at(rec.heartbeat_due),
+        )
+        return answer, gone
 
     def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
         """The outcome a callback body reports. An empty body reads as `{}`:
@@ -152,3 +248,40 @@ class Callbacks:
                 " nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
+
+
+def _progress(body: bytes) -> Any:
+    """The progress a heartbeat body reports (None: none; an empty body and
+    `null` are heartbeats without progress)."""
+    try:
+        decoded = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(
+            f"the heartbeat body is not valid JSON: {exc}", {"field": "body"}
+        ) from None
+    except RecursionError:
+        raise MalformedBody(
+            "the heartbeat body is JSON nested too deeply", {"field": "body"}
+        ) from None
+    if decoded is None:
+        return None
+    try:
+        progress = msgspec.convert(decoded, HeartbeatBody).progress
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(
+            f"invalid heartbeat body: {str(exc).replace('`$.', '`')}; expected"
+            ' {"progress"?: any JSON}; nothing changed',
+            {"field": field_of(str(exc)) or "body"},
+        ) from None
+    size = len(msgspec.json.encode(progress))
+    if size > PROGRESS_LIMIT:
+        raise InvalidRequest(
+            f"progress is {size} bytes of JSON; at most {PROGRESS_LIMIT} bytes are kept;"
+            " nothing changed",
+            {"field": "progress", "limit_bytes": PROGRESS_LIMIT},
+        )
+    return progress
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)

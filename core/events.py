@@ -58,6 +58,11 @@ class JobHistory:
         self._stopping = False
         jobs.on_event = self._recorded
 
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` ran (the service is stopping): streams end."""
+        return self._stopping
+
     def _recorded(self, rec: JobRecord, event: Event) -> None:
         for wake in self._wakers.get(rec.id, ()):
             wake.set()
@@ -86,8 +91,9 @@ class JobHistory:
 
     async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
         """The job's events after `seq` `after`, then each new one as it is
-        recorded, ending after `finished` (or at once if the job finished
-        before `after`), when the job is deleted, or when the service stops.
+        recorded, ending after the `finished` of the attempt the job is at (or
+        at once if the job finished before `after`), when the job is deleted,
+        or when the service stops.
         `None` is yielded after `KEEP_ALIVE` seconds without an event.
         `NotFound` (before anything is yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
@@ -105,8 +111,12 @@ class JobHistory:
                 for event in events:
                     yield event_view(event)
                     after = event.seq
-                    if event.type == "finished":
-                        return
+                    if (
+                        event.type == "finished"
+                        and rec is not None
+                        and event.attempt >= rec.attempt
+                    ):
+                        return  # an earlier attempt's `finished` is followed by its retry
                 if rec is None or (rec.finished and rec.events <= after):
                     return
                 if events:

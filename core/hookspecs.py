@@ -7,7 +7,8 @@ its one durable workflow:
 
 ```
 POST /jobs ─► params_type validates ─► trigger() ─► (wait for the callback) ─► job finished
-                                                      │ check_status() every check_interval
+                                                      │ check_status() every check_interval,
+                                                      │   and when a heartbeat is overdue
                                                       │ parse_callback() on each callback
               cancel() on POST /jobs/{id}/cancel or on timeout ◄─┘
 ```
@@ -35,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import pluggy
 
-from core.models import CheckNow, Job, Outcome, Trigger
+from core.models import CheckNow, Job, Outcome, Running, Trigger
 
 PROJECT = "tether"
 
@@ -113,6 +114,20 @@ class Backend:
         """
         raise NotImplementedError
 
+    async def rerun(self, trigger: Trigger, previous: Job) -> Mapping[str, Any]:
+        """Start the external job again: attempt 2 or later of a job that
+        failed, timed out or was canceled (`POST /jobs/{id}/retry`). Called
+        instead of `trigger`, with the same contract and return value.
+
+        `trigger` is the new attempt's (`trigger.job.attempt`, a new callback
+        URL and a new idempotency key, so the external system starts a new
+        run); `previous` is the job as the previous attempt ended: its
+        `state`, `error` and `external` (None if it was never triggered), for
+        a backend that can resume or repair a run instead of starting afresh.
+        The default calls `self.trigger(trigger)`.
+        """
+        return await self.trigger(trigger)
+
     async def cancel(self, job: Job) -> None:
         """Stop the external run of `job`, which was canceled or timed out.
 
@@ -123,16 +138,26 @@ class Backend:
         """
         return None
 
-    async def check_status(self, job: Job) -> Outcome | None:
+    async def check_status(self, job: Job) -> Outcome | Running | None:
         """Ask the external system whether the run of a waiting job has ended,
         for when its callback was lost (the notebook crashed, the network dropped
         the request).
 
-        Called every `check_interval(params)` seconds while the job is `running`. Return
-        an :class:`~core.models.Outcome` when the run has ended, `None` while it
-        is still going or when it cannot tell. Must not change anything. An
-        exception is logged and the check is tried again later. The default
-        returns `None`.
+        Called every `check_interval(params)` seconds while the job is
+        `running`, when a callback only hints that the run ended
+        (:class:`~core.models.CheckNow`), and when a job with a
+        `heartbeat_timeout` went that long without a heartbeat. Return:
+
+        - an :class:`~core.models.Outcome` when the run has ended (it settles
+          the job);
+        - :class:`~core.models.Running` when the external system confirms the
+          run is still going (optionally with its `progress`): a missed
+          heartbeat then only delays, the job waits on;
+        - `None` when it cannot tell (no way to ask, an answer it does not
+          understand): a missed heartbeat then ends the job `timed_out`.
+
+        Must not change anything. An exception is logged and decides nothing:
+        the check is tried again later. The default returns `None`.
         """
         return None
 

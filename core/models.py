@@ -14,10 +14,16 @@ import msgspec
 
 JobState = Literal["pending", "running", "succeeded", "failed", "canceled", "timed_out"]
 """`pending`: accepted, not yet triggered; `running`: triggered, waiting for the
-external system; the other four are final and never change again."""
+external system; the other four are final: the attempt that reached one never
+changes again (docs/lifecycle.md)."""
 
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "timed_out"})
+"""An attempt in one of these has ended for good. Only `POST /jobs/{id}/retry`
+takes a job out of one (`RETRYABLE_STATES`), as a new attempt: what the ended
+attempt recorded stays in the job's history."""
 OPEN_STATES: tuple[JobState, ...] = ("pending", "running")
+RETRYABLE_STATES: tuple[JobState, ...] = ("failed", "timed_out", "canceled")
+"""The final states a retry starts a new attempt from (not `succeeded`)."""
 
 OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
 
@@ -64,6 +70,15 @@ class Outcome(msgspec.Struct, frozen=True, omit_defaults=True):
         return (self.status, self.result, self.error) == (other.status, other.result, other.error)
 
 
+class Running(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What `check_status` returns when the backend *confirms* the run is still
+    going (`None` means it cannot tell). A missed heartbeat then only delays:
+    the job waits on. `progress`: how far along the run is, if the backend
+    knows (any JSON; shown in the job's history)."""
+
+    progress: Any = None
+
+
 class CheckNow(msgspec.Struct, frozen=True):
     """What `parse_callback` returns for a body that only *hints* that the run
     ended (e.g. a Databricks job notification): Tether then calls the backend's
@@ -87,6 +102,14 @@ class Job(msgspec.Struct, frozen=True):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    heartbeat_timeout: float | None = None
+    """Seconds the run may go without a heartbeat; None: it need send none."""
+    heartbeat_at: datetime | None = None
+    """When the run's last heartbeat came (`POST /callbacks/{promise_id}/heartbeat`)."""
+    progress: Any = None
+    """What the last heartbeat that carried progress said."""
+    attempt: int = 1
+    """Which run of the job this is: 1, then one more for each retry."""
 
     @property
     def finished(self) -> bool:
@@ -104,10 +127,13 @@ EventType = Literal[
     "accepted",
     "trigger_failed",
     "triggered",
+    "heartbeat",
+    "heartbeat_missed",
     "callback",
     "status_check",
     "cancel_requested",
     "timed_out",
+    "retried",
     "finished",
 ]
 """What a job's event says happened (docs/architecture.md, "Job history"); a
@@ -150,6 +176,24 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds the job may wait for its outcome; the service's default when absent."""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     """Anything the caller wants kept with the job; Tether does not read it."""
+    heartbeat_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Seconds the run may go without a heartbeat (one past the job's
+    `timeout` never passes before the deadline); None: it need send none. When
+    it passes, Tether asks the backend."""
+
+
+WholeNumber = Annotated[float, msgspec.Meta(ge=1, extra_json_schema={"multipleOf": 1})]
+"""A whole number written with a fraction (`2.0`): JSON Schema counts it an
+integer, msgspec's `int` does not, so an attempt takes it too."""
+
+
+class RetryRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of `POST /jobs/{id}/retry`; the body itself is optional."""
+
+    attempt: Annotated[int, msgspec.Meta(ge=1)] | WholeNumber | None = None
+    """The attempt that should exist afterwards. Already there: nothing new
+    starts (a repeated request is safe); the next one: it starts; else 409.
+    Absent: the next attempt, whatever the current one is."""
 
 
 class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -157,6 +201,18 @@ class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     reason: Annotated[str, msgspec.Meta(max_length=CANCEL_REASON_MAX)] | None = None
     """Why the job is canceled; kept in the job's `error.message`."""
+
+
+PROGRESS_LIMIT = 16 * 1024
+"""Bytes a heartbeat's `progress` may take, as JSON."""
+
+
+class HeartbeatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of `POST /callbacks/{promise_id}/heartbeat`; the body itself is optional."""
+
+    progress: Any = None
+    """How far along the run is: any JSON of at most 16 KiB; shown as the job's
+    `progress`. Absent or null: the job keeps the progress it has."""
 
 
 class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -193,6 +249,14 @@ class Trigger(msgspec.Struct, frozen=True):
     promise_id: str
     callback_url: str
     idempotency_key: str
+
+    @property
+    def heartbeat_url(self) -> str:
+        """Where the run reports it is alive (and how far along it is): the
+        callback URL's path and `/heartbeat`, with the same token. A secret
+        like the callback URL."""
+        path, sep, query = self.callback_url.partition("?")
+        return f"{path}/heartbeat{sep}{query}"
 
     def __repr__(self) -> str:
         url = self.callback_url.split("?", 1)[0] + "?token=***"  # never the token

@@ -48,7 +48,7 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 
 from core.errors import BackendError
 from core.hookspecs import Backend, Readiness, hookimpl
-from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
+from core.models import CheckNow, ErrorInfo, Job, Outcome, Running, Trigger
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
@@ -60,6 +60,7 @@ __all__ = [
     "Job",
     "Outcome",
     "Readiness",
+    "Running",
     "Trigger",
     "callback_promise_id",
     "hookimpl",

@@ -18,15 +18,18 @@ def canonical(value: Any) -> bytes:
     return msgspec.json.encode(value, order="sorted")
 
 
-class NormalRequest(msgspec.Struct, frozen=True):
+class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """A job request with its defaults spelled out: the backend's params
     converted through its `params_type` and back, the timeout in effect.
-    Two requests are the same when their normal forms are."""
+    Two requests are the same when their normal forms are. Fields added
+    later are left out of the fingerprint at their default, so a request
+    without them keeps the fingerprint it had."""
 
     backend: str
     params: Any
     timeout: float
     metadata: dict[str, Any]
+    heartbeat_timeout: float | None = None
 
     def fingerprint(self) -> str:
         return hashlib.sha256(canonical(self)).hexdigest()
@@ -35,7 +38,7 @@ class NormalRequest(msgspec.Struct, frozen=True):
         """The fields that differ, params by key (`params.url`)."""
         found = [
             name
-            for name in ("backend", "timeout", "metadata")
+            for name in ("backend", "timeout", "metadata", "heartbeat_timeout")
             if canonical(getattr(self, name)) != canonical(getattr(other, name))
         ]
         mine, theirs = self.params, other.params
@@ -51,7 +54,7 @@ class NormalRequest(msgspec.Struct, frozen=True):
                 ]
             else:
                 found.append("params")
-        order = ("backend", "params", "timeout", "metadata")
+        order = ("backend", "params", "timeout", "metadata", "heartbeat_timeout")
         return sorted(found, key=lambda f: order.index(f.split(".")[0]))
 
 
@@ -63,4 +66,5 @@ def stored_request(plugins: Plugins, rec: JobRecord) -> NormalRequest:
     if backend is not None:
         with contextlib.suppress(msgspec.ValidationError, TypeError, ValueError):
             params = msgspec.to_builtins(msgspec.convert(rec.params, backend.params_type))
-    return NormalRequest(rec.backend, params, float(rec.timeout), rec.metadata)
+    beat = None if rec.heartbeat_timeout is None else float(rec.heartbeat_timeout)
+    return NormalRequest(rec.backend, params, float(rec.timeout), rec.metadata, beat)

@@ -9,8 +9,10 @@ the one way jobs end (`core.settle`), and the watchdog (`core.watchdog`).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
@@ -20,13 +22,14 @@ import msgspec
 from resonate.resonate import Resonate
 
 from core import metrics, workflow
-from core.callbacks import CallbackResult, Callbacks
+from core.callbacks import CallbackResult, Callbacks, Heartbeat
 from core.errors import Conflict, MalformedBody, NotFound
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
+    RETRYABLE_STATES,
     ErrorInfo,
     EventPage,
     Job,
@@ -49,6 +52,10 @@ from core.watchdog import Watchdog, collect_garbage
 log = logging.getLogger("tether")
 
 MAX_PAGE = 1000
+ATTEMPT_END_WAIT = 10.0
+"""Seconds a retry waits for the ended attempt's workflow to finish winding up
+(the backend's cancel) before answering 409."""
+RESUME_PAGE = 500
 
 
 class Tether:
@@ -88,6 +95,7 @@ class Tether:
         tether = cls(settings, plugins, await open_store(settings, pid), pid)
         if worker:
             tether._join()
+            await tether.resume_pending()
         return tether
 
     def _join(self) -> None:
@@ -150,9 +158,20 @@ class Tether:
                 f" {duration(self.settings.max_timeout)}",
                 {"field": "timeout"},
             )
+        # A heartbeat_timeout past the job's timeout is taken (the document
+        # cannot state that bound, and a schema-valid request is never
+        # refused): the deadline comes first, no heartbeat is ever missed.
+        beat = None if req.heartbeat_timeout is None else float(req.heartbeat_timeout)
+        if beat is not None and beat > self.settings.max_timeout:
+            raise MalformedBody(
+                f"heartbeat_timeout must be at most {duration(self.settings.max_timeout)}",
+                {"field": "heartbeat_timeout"},
+            )
         backend = self.plugins.backend(req.backend)
         params = self.plugins.convert_params(backend, req.params)
-        normal = NormalRequest(req.backend, msgspec.to_builtins(params), timeout, req.metadata)
+        normal = NormalRequest(
+            req.backend, msgspec.to_builtins(params), timeout, req.metadata, beat
+        )
         now = now_ms()
         rec = JobRecord(
             id=req.id or uuid.uuid4().hex,
@@ -165,8 +184,11 @@ class Tether:
             deadline=now + int(timeout * 1000),
             created_at=now,
             updated_at=now,
+            heartbeat_timeout=beat,
         )
         accepted = NewEvent("accepted", {"backend": rec.backend, "timeout": timeout})
+        if beat is not None:
+            accepted.data["heartbeat_timeout"] = beat
         stored, created = await store_call(self.jobs.insert(rec, [accepted]))
         if not created and stored.fingerprint != rec.fingerprint:
             # Rows written before requests were normalised carry a fingerprint
@@ -185,6 +207,96 @@ class Tether:
                 "job %s accepted (backend %s)", stored.id, stored.backend, extra=stored.log_extra()
             )
         return view(stored), created
+
+    async def retry_job(self, job_id: str, attempt: float | None = None) -> Job:
+        """Start the next attempt of a failed, timed-out or canceled job: a new
+        trigger, callback URL and idempotency key, and a fresh deadline
+        (docs/lifecycle.md). With `attempt`, the attempt the caller wants to
+        exist afterwards: a job already at it is answered as it is (and, if it
+        is still `pending`, its workflow started again: a repair after a crash
+        between the index write and the start); a job one short starts it.
+        Anything else is a `Conflict` naming the current attempt and state."""
+        wanted = None if attempt is None else int(attempt)
+        if attempt is not None and wanted != attempt:
+            raise MalformedBody("attempt must be a whole number", {"field": "attempt"})
+        rec = await store_call(self.jobs.get(job_id))
+        if rec is None:
+            raise NotFound(f"no job {job_id!r}")
+        if wanted is not None and wanted == rec.attempt:
+            if rec.state == "pending":
+                await self._start(rec)
+            return view(rec)
+        if (wanted is not None and wanted != rec.attempt + 1) or rec.state not in RETRYABLE_STATES:
+            raise self._not_retryable(rec, wanted)
+        if await store_call(workflow.attempt_running(self._worker(), job_id, rec.attempt)):
+            await self._await_attempt(rec)
+        previous: dict[str, Any] = {"state": rec.state}
+        if rec.error is not None:
+            previous["error"] = msgspec.to_builtins(rec.error)
+        if rec.external is not None:
+            previous["external"] = rec.external
+        now = now_ms()
+        retried = NewEvent("retried", {"previous": previous, "timeout": rec.timeout})
+        deadline = now + int(rec.timeout * 1000)
+        started = await store_call(self.jobs.retry(job_id, rec.attempt, deadline, now, retried))
+        if started is None:  # another retry got there first
+            if wanted is not None:
+                return await self.retry_job(job_id, wanted)
+            return await self._refuse_now(job_id)
+        await self._start(started)
+        log.info("job %s: attempt %d started", job_id, started.attempt, extra=started.log_extra())
+        return view(started)
+
+    def _not_retryable(self, rec: JobRecord, wanted: int | None) -> Conflict:
+        at = f"job {rec.id!r} is at attempt {rec.attempt} ({rec.state})"
+        details: dict[str, Any] = {"attempt": rec.attempt, "state": rec.state}
+        if wanted is not None and wanted != rec.attempt + 1:
+            return Conflict(f"{at}: attempt {wanted} cannot start from there", details)
+        return Conflict(f"{at}; only a failed, timed-out or canceled job can be retried", details)
+
+    async def _refuse_now(self, job_id: str) -> Job:
+        rec = await store_call(self.jobs.get(job_id))
+        if rec is None:
+            raise NotFound(f"no job {job_id!r}")
+        raise self._not_retryable(rec, None)
+
+    async def _await_attempt(self, rec: JobRecord) -> None:
+        """Wait (at most `ATTEMPT_END_WAIT` seconds) for the ended attempt's
+        workflow to return: its finish step stops the external run of a
+        canceled or timed-out attempt and tells the plugins, and must see the
+        job still at that attempt. `Conflict` if it does not return in time."""
+        deadline = time.monotonic() + ATTEMPT_END_WAIT
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if not await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt)):
+                return
+        raise Conflict(
+            f"job {rec.id!r}: attempt {rec.attempt} is {rec.state} but still winding up"
+            " (stopping its external run); retry again in a moment",
+            {"attempt": rec.attempt, "state": rec.state},
+        )
+
+    async def _start(self, rec: JobRecord) -> None:
+        await store_call(workflow.start(self._worker(), self._target, rec))
+
+    async def resume_pending(self) -> int:
+        """Start the workflow of every pending job again (creating an existing
+        one changes nothing): a process killed between writing a job's new
+        attempt (or a new job) to the index and starting its workflow leaves
+        one pending with none. Run once at start-up; returns how many it looked at."""
+        before, seen = None, 0
+        while True:
+            rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))
+            for rec in rows:
+                await self._start(rec)
+            seen += len(rows)
+            if len(rows) < RESUME_PAGE:
+                return seen
+            before = rows[-1].seq
+
+    def _worker(self) -> Resonate:
+        assert self.resonate is not None, "Tether.open(worker=True) did not run"
+        return self.resonate
 
     async def get_job(self, job_id: str) -> Job:
         rec = await store_call(self.jobs.get(job_id))
@@ -262,6 +374,15 @@ class Tether:
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
         """Settle a job's wait from its callback URL (see `core.callbacks`)."""
         return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).take(
+            promise_id, token, body
+        )
+
+    async def heartbeat(
+        self, promise_id: str, token: str | None, body: bytes
+    ) -> tuple[Heartbeat, str | None]:
+        """A run saying it is alive, and how far along; with why it changed
+        nothing when it came too late (see `core.callbacks`)."""
+        return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).heartbeat(
             promise_id, token, body
         )
 

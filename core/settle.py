@@ -9,6 +9,10 @@ index. A nonce in the value tells the settler whether it won.
 What made the settle (a callback, a cancel, a timeout, a status check) is
 recorded in the job's history as the settle's `note`: with the change when
 this settle ended the job (before its `finished`), else after what is there.
+
+A settle is of one attempt of the job (docs/lifecycle.md): it settles that
+attempt's promise and writes the index only while the job is still at that
+attempt, so a late settle of an ended attempt never touches a retried job.
 """
 
 from __future__ import annotations
@@ -87,16 +91,28 @@ class Settler:
         self.jobs = jobs
 
     async def settle(
-        self, job_id: str, outcome: Outcome, by: str, note: Note | None = None
+        self,
+        job_id: str,
+        outcome: Outcome,
+        by: str,
+        note: Note | None = None,
+        attempt: int | None = None,
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
         Returns `accepted` when this settle won; else whether it agreed with
         the winner (`duplicate`), disagreed (`conflict`), or came after a
         cancel or timeout (`gone`); and the job's row as it now stands.
-        `note` names the event to record for it.
+        `note` names the event to record for it. `attempt` is the attempt the
+        caller saw (pass it whenever it read the row: the job may have been
+        retried since); None: the one the job is at now.
         """
-        promise_id = callback_promise_id(job_id)
+        if attempt is None:
+            current = await store_call(self.jobs.get(job_id))
+            if current is None:
+                raise NotFound(f"no job {job_id!r}")
+            attempt = current.attempt
+        promise_id = callback_promise_id(job_id, attempt)
         nonce = uuid.uuid4().hex
         value = settled_value(outcome, by, nonce)
         for _ in range(UNBORN_PROMISE_TRIES):
@@ -111,7 +127,9 @@ class Settler:
             # The workflow has not created its promise yet: the job is pending.
             # Ending it in the index is enough (the trigger step reads it first),
             # but only while it is still pending; else the promise exists now.
-            rec = await self._end(job_id, outcome, ("pending",), note, "accepted")
+            rec = await self._end(job_id, outcome, ("pending",), note, "accepted", attempt)
+            if rec.attempt != attempt:  # its promise never came: the attempt is over
+                return "gone", rec
             if rec.finished:
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
                 return ("accepted" if same else judge(rec.state, same)), rec
@@ -122,7 +140,7 @@ class Settler:
         settled = outcome_of(data) if data is not None else Outcome(status="timed_out")
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
-        return result, await self._end(job_id, settled, OPEN_STATES, note, result)
+        return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt)
 
     async def _end(
         self,
@@ -131,18 +149,19 @@ class Settler:
         from_states: tuple[str, ...],
         note: Note | None,
         result: SettleResult,
+        attempt: int,
     ) -> JobRecord:
-        """Record `outcome` in the index, with the note's event for `result`
-        before `finished` if this ends the job; if it does not (someone
-        recorded the end first), the note's event for how the settle compares
-        goes after."""
+        """Record `outcome` in the index if the job is at `attempt`, with the
+        note's event for `result` before `finished` if this ends the job; if it
+        does not (someone recorded the end first), the note's event for how
+        the settle compares goes after (none once the job is at a later attempt)."""
         event = None if note is None else note(result)
         rec, ended = await store_call(
-            self.jobs.end(job_id, outcome, now_ms(), from_states, [event] if event else [])
+            self.jobs.end(job_id, outcome, now_ms(), from_states, [event] if event else [], attempt)
         )
         if rec is None:
             raise NotFound(f"no job {job_id!r}")
-        if note is not None and not ended and rec.finished:
+        if note is not None and not ended and rec.finished and rec.attempt == attempt:
             if result == "accepted":  # the unborn path: compare with what is recorded
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
                 result = "accepted" if same else judge(rec.state, same)

@@ -19,11 +19,12 @@ import msgspec
 
 from core.errors import BackendError
 from core.hookspecs import Backend
-from core.models import ErrorInfo, Outcome, Trigger
+from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler, outcome_of, outcome_of_record
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
+from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
 
@@ -50,12 +51,19 @@ class JobSteps:
         self.sleep = sleep
         """How the trigger waits between attempts (tests record the waits)."""
 
-    async def trigger(self, job_id: str, promise_id: str) -> None:
-        """Start the external job through its backend, unless the job already
-        ended (canceled before it was triggered)."""
+    async def trigger(self, job_id: str, promise_id: str, attempt: int = 1) -> None:
+        """Start attempt `attempt` of the external job through its backend,
+        unless it already ended (canceled before it was triggered)."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             raise RuntimeError(f"job {job_id!r} has a workflow but no record")
+        if rec.attempt != attempt:  # a retry never starts while an attempt's workflow runs
+            log.warning("job %s: attempt %d is over", job_id, attempt, extra=rec.log_extra())
+            error = ErrorInfo(message=f"attempt {attempt} was replaced", type="superseded")
+            await self.settler.resolve_quietly(
+                promise_id, Outcome("canceled", error=error), "index"
+            )
+            return
         if rec.finished:
             await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
             return
@@ -67,13 +75,18 @@ class JobSteps:
             log.warning(
                 "job %s: trigger failed: %s", job_id, exc.message, extra=rec.log_extra(promise_id)
             )
-            await self.settler.settle(job_id, Outcome(status="failed", error=error), by="trigger")
+            failed = Outcome(status="failed", error=error)
+            await self.settler.settle(job_id, failed, by="trigger", attempt=attempt)
             return
         interval = backend.check_interval(params)
         now = now_ms()
         next_check = None if not interval else now + int(interval * 1000)
         triggered = NewEvent("triggered", {"try": tries, "external": receipt})
-        updated = await self.jobs.set_external(job_id, receipt, now, next_check, triggered)
+        beat = rec.heartbeat_timeout  # counted from the trigger until the first heartbeat
+        due = None if beat is None else now + int(beat * 1000)
+        updated = await self.jobs.set_external(
+            job_id, receipt, now, next_check, triggered, heartbeat_due=due
+        )
         if updated is not None and updated.finished:
             # Canceled or timed out while the trigger was under way.
             await self.settler.resolve_quietly(promise_id, outcome_of_record(updated), "index")
@@ -91,11 +104,11 @@ class JobSteps:
     async def _trigger_with_retries(
         self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
     ) -> tuple[dict[str, Any], int]:
-        """`backend.trigger`, tried `trigger_attempts` times while it fails with
-        a retryable error, waiting `trigger_backoff` doubled each time (or the
-        backend's `retry_after`, when longer). Returns the receipt with the
-        callback token scrubbed from it, and the try that got it. Each failed
-        try is a `trigger_failed` event."""
+        """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
+        `trigger_attempts` times while it fails with a retryable error, waiting
+        `trigger_backoff` doubled each time (or the backend's `retry_after`,
+        when longer). Returns the receipt with the callback token scrubbed from
+        it, and the try that got it. Each failed try is a `trigger_failed` event."""
         trigger = Trigger(
             job=view(rec),
             params=params,
@@ -108,9 +121,14 @@ class JobSteps:
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
         token = self.signer.token(promise_id)
+        previous = None if rec.attempt == 1 else await self._previous(rec)
         for attempt in range(1, attempts + 1):
             try:
-                receipt = msgspec.json.encode(dict(await backend.trigger(trigger)))
+                if previous is None:
+                    started = await backend.trigger(trigger)
+                else:
+                    started = await backend.rerun(trigger, previous)
+                receipt = msgspec.json.encode(dict(started))
                 redacted: dict[str, Any] = msgspec.json.decode(
                     receipt.replace(token.encode(), b"***")
                 )
@@ -144,6 +162,21 @@ class JobSteps:
             delay *= 2
         raise AssertionError("unreachable")
 
+    async def _previous(self, rec: JobRecord) -> Job:
+        """The job as its previous attempt ended, for `Backend.rerun`: what
+        the `retried` event that started this attempt kept of it."""
+        _, events = await self.jobs.events_after(rec.id, 0, HISTORY_LIMIT)
+        retried = [e for e in events if e.type == "retried" and e.attempt == rec.attempt]
+        # (Its event past the history's bound, which a trigger never is: the state alone.)
+        ended: dict[str, Any] = retried[0].data["previous"] if retried else {"state": "failed"}
+        return msgspec.structs.replace(
+            view(rec),
+            attempt=rec.attempt - 1,
+            state=ended["state"],
+            external=ended.get("external"),
+            error=msgspec.convert(ended.get("error"), ErrorInfo | None),
+        )
+
     async def _trigger_failed(
         self, rec: JobRecord, attempt: int, error: dict[str, str], retry_in: float | None
     ) -> None:
@@ -151,16 +184,17 @@ class JobSteps:
         data = {"try": attempt, "error": error, "retry_in": retry_in}
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
-    async def finish(self, job_id: str, value: Any) -> None:
-        """Record the outcome, stop the external run of a canceled or timed-out
-        job, tell the plugins."""
+    async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:
+        """Record the outcome of attempt `attempt`, stop the external run of a
+        canceled or timed-out job, tell the plugins."""
         rec = await self.jobs.get(job_id)  # usually the settle already recorded it
-        if rec is not None and not rec.finished:
+        if rec is not None and rec.attempt == attempt and not rec.finished:
             # The store timed the promise out: no watchdog settled it.
             late = isinstance(value, dict) and value.get("by") == "store"
             events = [NewEvent("timed_out", {"by": "store"})] if late else []
-            rec, _ = await self.jobs.end(job_id, outcome_of(value), now_ms(), events=events)
-        if rec is None:
+            outcome = outcome_of(value)
+            rec, _ = await self.jobs.end(job_id, outcome, now_ms(), events=events, attempt=attempt)
+        if rec is None or rec.attempt != attempt:
             return
         backend = self.plugins.backends.get(rec.backend)
         if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:

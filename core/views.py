@@ -29,6 +29,10 @@ def view(rec: JobRecord) -> Job:
         created_at=_dt(rec.created_at),
         updated_at=_dt(rec.updated_at),
         finished_at=None if rec.finished_at is None else _dt(rec.finished_at),
+        heartbeat_timeout=None if rec.heartbeat_timeout is None else float(rec.heartbeat_timeout),
+        heartbeat_at=None if rec.heartbeat_at is None else _dt(rec.heartbeat_at),
+        progress=rec.progress,
+        attempt=rec.attempt,
     )
 
 

@@ -1,7 +1,15 @@
 """The watchdog: every `watchdog_interval`, in every process, time out jobs past
-their deadline, ask backends about running jobs due a status check, and now and
-then apply retention. Settles are first-wins and checks are claimed, so
-processes sharing a store don't clash."""
+their deadline, ask backends about running jobs due a status check or whose
+heartbeat is overdue, and now and then apply retention. Settles are first-wins
+and checks are claimed, so processes sharing a store don't clash.
+
+A missed heartbeat (none for `heartbeat_timeout` seconds, counted from the
+trigger until the first) is not yet a failure: the backend is asked. A run
+that ended settles the job with its outcome; one the backend confirms is going
+(`Running`) is a `heartbeat_missed` event and the job waits on, asked about
+again after another `heartbeat_timeout`; a backend that cannot tell (`None`)
+ends the job `timed_out` (`error.type` `heartbeat_timeout`). A check that
+fails (the backend did not answer) decides nothing: asked again later."""
 
 from __future__ import annotations
 
@@ -13,8 +21,9 @@ import time
 
 import msgspec
 
+from core.callbacks import status_said
 from core.errors import InvalidRequest
-from core.models import ErrorInfo, Outcome
+from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler
@@ -37,6 +46,8 @@ GC_BATCH = 500
 """Job rows one retention statement deletes."""
 MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
+HEARTBEAT_CHECK_TIMEOUT = 30.0
+"""Seconds a backend may take to answer the status check a missed heartbeat asks for."""
 
 
 async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
@@ -126,9 +137,13 @@ class Watchdog:
                 outcome,
                 by="timeout",
                 note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
+                attempt=rec.attempt,
             )
             if result == "accepted":
                 log.info("job %s timed out", rec.id, extra=rec.log_extra())
+            return
+        if rec.heartbeat_due is not None and rec.heartbeat_due <= now:
+            await self.heartbeat_missed(rec, now)
             return
         backend = self.plugins.backends.get(rec.backend)
         if rec.next_check_at is None or backend is None:
@@ -144,15 +159,76 @@ class Watchdog:
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
         found = await backend.check_status(view(rec))
-        if found is None:
-            said = NewEvent("status_check", {"said": "unknown"})
+        if found is None or isinstance(found, Running):
+            said = NewEvent("status_check", status_said(found))
             await self.store.jobs.record(rec.id, [said], now_ms())
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
             result, _ = await self.settler.settle(
-                rec.id, found, by="status_check", note=lambda _: said
+                rec.id, found, by="status_check", note=lambda _: said, attempt=rec.attempt
             )
             if result == "accepted":
                 log.info(
                     "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
                 )
+
+    async def heartbeat_missed(self, rec: JobRecord, now: int) -> None:
+        """No heartbeat came in time: ask the backend (unless another process
+        or a heartbeat got there first) and settle on its answer, or wait on."""
+        assert rec.heartbeat_due is not None and rec.heartbeat_timeout is not None
+        timeout = rec.heartbeat_timeout
+        if not await self.store.jobs.claim_heartbeat(
+            rec.id, rec.heartbeat_due, now + int(timeout * 1000)
+        ):
+            return  # a heartbeat came, or another process handles this miss
+        missed = {"heartbeat_timeout": timeout}
+        backend = self.plugins.backends.get(rec.backend)
+        found: Outcome | Running | None = None
+        if backend is not None and rec.external is not None:
+            try:
+                found = await asyncio.wait_for(
+                    backend.check_status(view(rec)), HEARTBEAT_CHECK_TIMEOUT
+                )
+            except Exception as exc:
+                log.warning(
+                    "job %s: no heartbeat, and the status check failed: %s",
+                    rec.id,
+                    type(exc).__name__,
+                    extra=rec.log_extra(),
+                )
+                error = {"said": "error", "error_type": type(exc).__name__}
+                event = NewEvent("heartbeat_missed", {**missed, **error})
+                await self.store.jobs.record(rec.id, [event], now_ms())
+                return
+        if isinstance(found, Running):
+            event = NewEvent("heartbeat_missed", {**missed, **status_said(found)})
+            await self.store.jobs.record(rec.id, [event], now_ms())
+            return
+        if found is None:
+            said = {**missed, "said": "unknown"}
+            found = Outcome(
+                status="timed_out",
+                error=ErrorInfo(
+                    message=f"no heartbeat within {timeout:g} seconds, and its backend"
+                    " cannot tell whether the run is still going",
+                    type="heartbeat_timeout",
+                ),
+            )
+        else:
+            said = {**missed, "said": "ended", "status": found.status}
+        event = NewEvent("heartbeat_missed", said)
+        result, _ = await self.settler.settle(
+            rec.id,
+            found,
+            by="heartbeat",
+            note=lambda r: event if r == "accepted" else None,
+            attempt=rec.attempt,
+        )
+        if result == "accepted":
+            log.info(
+                "job %s %s (no heartbeat within %gs)",
+                rec.id,
+                found.status,
+                timeout,
+                extra=rec.log_extra(),
+            )

@@ -1,6 +1,7 @@
 # Databricks notebook source
 # A notebook run by Tether's `databricks` backend: it reads its parameters as
-# widgets, does its work and POSTs the outcome to Tether's callback URL.
+# widgets, reports its progress, does its work and POSTs the outcome to
+# Tether's callback URL.
 # docs/databricks.md shows this cell; the tests run it against a real service.
 # ruff: noqa: F821  (dbutils and spark are globals Databricks gives every notebook)
 import json
@@ -41,11 +42,25 @@ def report(outcome):
     print("could not reach Tether; it will read the run's state instead")
 
 
+def heartbeat(progress):
+    """Tell Tether the run is alive and how far along it is (the job's
+    `progress`); a job started with a `heartbeat_timeout` needs one at least
+    that often. Best effort: a lost heartbeat only makes Tether ask Databricks."""
+    if not callback_url:
+        return
+    path, _, token = callback_url.partition("?")
+    try:
+        requests.post(f"{path}/heartbeat?{token}", json={"progress": progress}, timeout=10)
+    except requests.RequestException as exc:
+        print(f"heartbeat failed: {type(exc).__name__}")
+
+
 # The work. Replace it with yours; return a small JSON-serialisable result.
 error = None
 try:
     if not table:
         raise ValueError("the `table` parameter is empty")
+    heartbeat({"step": "counting", "table": table})
     rows = spark.table(table).count()
     result = {"table": table, "rows": rows}
 except Exception as exc:

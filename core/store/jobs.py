@@ -45,9 +45,21 @@ class JobRecord(msgspec.Struct, kw_only=True):
     finished_at: int | None = None
     next_check_at: int | None = None
     attempt: int = 1
-    """Which run of the job this is (re-runs are a later issue)."""
+    """Which run of the job this is: 1, then one more per retry (`retry`)."""
     events: int = 0
     """Events ever recorded for the job: the `seq` of the last one."""
+    heartbeat_timeout: float | None = None
+    """Seconds the run may go without a heartbeat (None: it need not send any)."""
+    heartbeat_at: int | None = None
+    """When the last heartbeat came."""
+    heartbeat_due: int | None = None
+    """When the watchdog next looks for a missed heartbeat (None: never)."""
+    progress: Any = None
+    """What the last heartbeat that carried progress said."""
+    heartbeat_noted_at: int | None = None
+    """When the last `heartbeat` event was recorded."""
+    progress_noted: str | None = None
+    """The SHA-256 of the progress the last `heartbeat` event recorded."""
 
     @property
     def finished(self) -> bool:
@@ -116,19 +128,26 @@ class JobIndex(Protocol):
         now: int,
         next_check_at: int | None,
         event: NewEvent | None = None,
+        heartbeat_due: int | None = None,
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
-        (a job that ended meanwhile keeps its state). `event` is recorded with
-        the first receipt only (not when a replayed trigger records it again).
-        Returns the row."""
+        (a job that ended meanwhile keeps its state), its first heartbeat due
+        at `heartbeat_due`. `event` is recorded with the first receipt only
+        (not when a replayed trigger records it again). Returns the row."""
         ...
 
     async def finish(
-        self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
+        self,
+        job_id: str,
+        outcome: Outcome,
+        now: int,
+        from_states: Sequence[str] = OPEN_STATES,
+        attempt: int | None = None,
     ) -> JobRecord | None:
         """End the job with `outcome` if its state is one of `from_states` (by
-        default any open state); else leave it. Returns the row as it now stands
-        (None if unknown). `end` without events."""
+        default any open state) and, if `attempt` is given, it is at that
+        attempt; else leave it. Returns the row as it now stands (None if
+        unknown). `end` without events."""
         ...
 
     async def end(
@@ -138,9 +157,21 @@ class JobIndex(Protocol):
         now: int,
         from_states: Sequence[str] = OPEN_STATES,
         events: Sequence[NewEvent] = (),
+        attempt: int | None = None,
     ) -> tuple[JobRecord | None, bool]:
         """`finish`, and whether this call ended the job: if it did, `events`
         then a `finished` event are recorded with the change."""
+        ...
+
+    async def retry(
+        self, job_id: str, attempt: int, deadline: int, now: int, event: NewEvent
+    ) -> JobRecord | None:
+        """Start the job's next attempt if it is at `attempt` and in one of
+        `RETRYABLE_STATES`: `pending` again, the attempt one more, `deadline`
+        new, what the ended attempt recorded (external, result, error,
+        heartbeats) cleared, and `event` recorded as the new attempt's first.
+        One conditional update: of two racing retries exactly one starts the
+        attempt. Returns the row it wrote, None when it changed nothing."""
         ...
 
     async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
@@ -161,12 +192,30 @@ class JobIndex(Protocol):
         ...
 
     async def due(self, now: int, limit: int) -> list[JobRecord]:
-        """Open jobs past their deadline, and running jobs due a status check."""
+        """Open jobs past their deadline, running jobs due a status check, and
+        jobs whose heartbeat is overdue."""
         ...
 
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
         """Move a running job's next check from `expected` to `next_check_at`;
         False if another process moved it first (it then owns this check)."""
+        ...
+
+    async def beat(
+        self, job_id: str, now: int, progress: Any, due: int | None, note_every: int
+    ) -> JobRecord | None:
+        """A heartbeat of an open job: `heartbeat_at` becomes `now`, `progress`
+        (unless None) the job's progress, `due` its `heartbeat_due`. A
+        `heartbeat` event is recorded with it only when the progress differs
+        from the one the last such event recorded and that event is at least
+        `note_every` ms old. None (nothing changed) when the job is unknown or
+        ended."""
+        ...
+
+    async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:
+        """Move a job's `heartbeat_due` from `expected` to `next_due`; False if a
+        heartbeat or another process moved it first (then there is no miss to
+        handle here)."""
         ...
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:

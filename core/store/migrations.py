@@ -50,6 +50,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "job history: tether_events, and each job's attempt and event counter",
         lambda d: [*JOBS.migrate(d, 2), *EVENTS.migrate(d, 2)],
     ),
+    Migration(
+        3,
+        "heartbeats: each job's heartbeat_timeout, last heartbeat, progress and next"
+        " heartbeat due (indexed)",
+        lambda d: JOBS.migrate(d, 3),
+    ),
 )
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (

@@ -143,6 +143,12 @@ JOBS = Table(
         Column("next_check_at", "int", null=True),
         Column("attempt", "int", since=2, default="1"),
         Column("events", "int", since=2, default="0"),
+        Column("heartbeat_timeout", "real", null=True, since=3),
+        Column("heartbeat_at", "int", null=True, since=3),
+        Column("heartbeat_due", "int", null=True, since=3),
+        Column("progress", "json", null=True, since=3),
+        Column("heartbeat_noted_at", "int", null=True, since=3),
+        Column("progress_noted", "text", null=True, since=3),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -150,10 +156,15 @@ JOBS = Table(
         Index("tether_jobs_deadline", "deadline", "finished_at IS NULL"),
         Index("tether_jobs_check", "next_check_at", "next_check_at IS NOT NULL"),
         Index("tether_jobs_finished", "finished_at", "finished_at IS NOT NULL"),
+        Index("tether_jobs_heartbeat", "heartbeat_due", "heartbeat_due IS NOT NULL", since=3),
     ),
 )
 """The job index: one row per job (`JobRecord`). `events` counts the job's
-events ever recorded: the last one's `seq` (see `EVENTS`)."""
+events ever recorded: the last one's `seq` (see `EVENTS`). `heartbeat_due` is
+when the watchdog next looks for a missed heartbeat (set at the trigger and by
+each heartbeat, for jobs with a `heartbeat_timeout`); `heartbeat_noted_at` and
+`progress_noted` (a digest) are of the last `heartbeat` event, which heartbeats
+are throttled against."""
 
 EVENTS = Table(
     "tether_events",

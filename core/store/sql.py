@@ -15,13 +15,14 @@ asking for `seq > n` misses nothing.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import msgspec
 
-from core.models import OPEN_STATES, Outcome
+from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
 from core.store.jobs import Event, JobRecord, Listener, NewEvent
 from core.store.schema import EVENT_ROWS, JOB_ROWS, json_text
 
@@ -61,6 +62,7 @@ _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {CO
 _SET_EXTERNAL = (
     "UPDATE tether_jobs SET external = ?, updated_at = ?,"
     " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
+    " heartbeat_due = CASE WHEN state = 'pending' THEN ? ELSE heartbeat_due END,"
     " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
 )
 
@@ -153,8 +155,9 @@ class SqlJobIndex:
         now: int,
         next_check_at: int | None,
         event: NewEvent | None = None,
+        heartbeat_due: int | None = None,
     ) -> JobRecord | None:
-        args = (json_text(external), now, next_check_at, job_id)
+        args = (json_text(external), now, next_check_at, heartbeat_due, job_id)
         again = f"{_SET_EXTERNAL} WHERE id = ? RETURNING {COLUMNS}"
         if event is None:
             rows = await self.db.fetch(again, args)
@@ -179,9 +182,14 @@ class SqlJobIndex:
         return rec
 
     async def finish(
-        self, job_id: str, outcome: Outcome, now: int, from_states: Sequence[str] = OPEN_STATES
+        self,
+        job_id: str,
+        outcome: Outcome,
+        now: int,
+        from_states: Sequence[str] = OPEN_STATES,
+        attempt: int | None = None,
     ) -> JobRecord | None:
-        return (await self.end(job_id, outcome, now, from_states))[0]
+        return (await self.end(job_id, outcome, now, from_states, attempt=attempt))[0]
 
     async def end(
         self,
@@ -190,15 +198,17 @@ class SqlJobIndex:
         now: int,
         from_states: Sequence[str] = OPEN_STATES,
         events: Sequence[NewEvent] = (),
+        attempt: int | None = None,
     ) -> tuple[JobRecord | None, bool]:
         marks = ", ".join("?" for _ in from_states)
+        of_attempt = "" if attempt is None else " AND attempt = ?"
         events = [*events, NewEvent("finished", finished_data(outcome))]
         filed: list[Event] = []
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
-                " updated_at = ?, next_check_at = NULL, events = events + ?"
-                f" WHERE id = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                " updated_at = ?, next_check_at = NULL, heartbeat_due = NULL, events = events + ?"
+                f" WHERE id = ? AND state IN ({marks}){of_attempt} RETURNING {COLUMNS}",
                 (
                     outcome.status,
                     json_text(outcome.result),
@@ -208,6 +218,7 @@ class SqlJobIndex:
                     len(events),
                     job_id,
                     *from_states,
+                    *([] if attempt is None else [attempt]),
                 ),
             )
             if rows:
@@ -219,6 +230,27 @@ class SqlJobIndex:
         rec = _row(rows[0])
         self._tell(rec, filed)
         return rec, bool(filed)
+
+    async def retry(
+        self, job_id: str, attempt: int, deadline: int, now: int, event: NewEvent
+    ) -> JobRecord | None:
+        marks = ", ".join("?" for _ in RETRYABLE_STATES)
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "UPDATE tether_jobs SET state = 'pending', attempt = attempt + 1, deadline = ?,"
+                " updated_at = ?, external = NULL, result = NULL, error = NULL,"
+                " finished_at = NULL, next_check_at = NULL, heartbeat_at = NULL,"
+                " heartbeat_due = NULL, progress = NULL, heartbeat_noted_at = NULL,"
+                " progress_noted = NULL, events = events + 1"
+                f" WHERE id = ? AND attempt = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                (deadline, now, job_id, attempt, *RETRYABLE_STATES),
+            )
+            filed = await self._file(tx, _row(rows[0]), [event], now) if rows else []
+        if not rows:
+            return None
+        rec = _row(rows[0])
+        self._tell(rec, filed)
+        return rec
 
     async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
         async with self.db.transaction() as tx:
@@ -264,13 +296,58 @@ class SqlJobIndex:
             " AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
             (now, limit),
         )
-        seen = {rec.id: rec for rec in map(_row, (*late, *checks))}
+        beats = await self.db.fetch(
+            f"SELECT {COLUMNS} FROM tether_jobs WHERE heartbeat_due IS NOT NULL"
+            " AND heartbeat_due <= ? ORDER BY heartbeat_due LIMIT ?",
+            (now, limit),
+        )
+        seen = {rec.id: rec for rec in map(_row, (*late, *checks, *beats))}
         return list(seen.values())
 
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
         changed = await self.db.execute(
             "UPDATE tether_jobs SET next_check_at = ? WHERE id = ? AND next_check_at = ?",
             (next_check_at, job_id, expected),
+        )
+        return changed == 1
+
+    async def beat(
+        self, job_id: str, now: int, progress: Any, due: int | None, note_every: int
+    ) -> JobRecord | None:
+        marks = ", ".join("?" for _ in OPEN_STATES)
+        told = "" if progress is None else ", progress = ?"
+        args = [now, due, *([] if progress is None else [json_text(progress)]), job_id]
+        filed: list[Event] = []
+        async with self.db.transaction() as tx:
+            # The update holds the row until the commit, so of two heartbeats
+            # at once one decides after the other's event is counted.
+            rows = await tx.fetch(
+                f"UPDATE tether_jobs SET heartbeat_at = ?, heartbeat_due = ?{told}"
+                f" WHERE id = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                (*args, *OPEN_STATES),
+            )
+            if rows and progress is not None:
+                rec = _row(rows[0])
+                digest = hashlib.sha256(msgspec.json.encode(progress, order="sorted")).hexdigest()
+                quiet = rec.heartbeat_noted_at is None or now - rec.heartbeat_noted_at >= note_every
+                if quiet and digest != rec.progress_noted:
+                    rows = await tx.fetch(
+                        "UPDATE tether_jobs SET heartbeat_noted_at = ?, progress_noted = ?,"
+                        f" events = events + 1 WHERE id = ? RETURNING {COLUMNS}",
+                        (now, digest, job_id),
+                    )
+                    heartbeat = NewEvent("heartbeat", {"progress": progress})
+                    filed = await self._file(tx, _row(rows[0]), [heartbeat], now)
+        if not rows:
+            return None
+        rec = _row(rows[0])
+        self._tell(rec, filed)
+        return rec
+
+    async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:
+        changed = await self.db.execute(
+            "UPDATE tether_jobs SET heartbeat_due = ? WHERE id = ? AND heartbeat_due = ?",
+            (next_due, job_id, expected),
         )
         return changed == 1
 

@@ -48,6 +48,7 @@ from core.plugin import (
     Job,
     Outcome,
     Readiness,
+    Running,
     Trigger,
     hookimpl,
 )
@@ -277,7 +278,7 @@ class Databricks(Backend):
         await self.workspace.call(lambda w: w.jobs.cancel_run(run_id))
         log.info("databricks: job %s: asked to cancel run %s", job.id, run_id)
 
-    async def check_status(self, job: Job) -> Outcome | None:
+    async def check_status(self, job: Job) -> Outcome | Running | None:
         run_id = _run_id(job)
         if run_id is None:
             return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from core.plugin import ErrorInfo, Outcome
+from core.plugin import ErrorInfo, Outcome, Running
 
 if TYPE_CHECKING:
     from databricks.sdk.service.jobs import Run
@@ -34,6 +34,11 @@ SKIPPED_CODES = frozenset(
 )
 
 FINAL_LIFE_CYCLE_STATES = frozenset({"TERMINATED", "SKIPPED", "INTERNAL_ERROR"})
+LIVE_STATES = frozenset(
+    {"PENDING", "QUEUED", "BLOCKED", "WAITING", "WAITING_FOR_RETRY", "RUNNING", "TERMINATING"}
+)
+"""States (`status.state`, or the deprecated `state.life_cycle_state`) of a
+run that has not ended: Databricks confirms it is going."""
 
 
 def _name(value: Any) -> str | None:
@@ -41,24 +46,28 @@ def _name(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
-def outcome_of_run(run: Run) -> Outcome | None:
-    """The outcome of a run that has ended, or `None` while it runs (or when its
-    state is one this SDK does not know)."""
+def outcome_of_run(run: Run) -> Outcome | Running | None:
+    """The outcome of a run that has ended, `Running` while it is going
+    (`progress`: its state), `None` when its state is one this SDK does not
+    know (Tether cannot tell)."""
     status, state = run.status, run.state
     life_cycle = _name(state.life_cycle_state) if state else None
     result_state = _name(state.result_state) if state else None
     old_message = (state.state_message if state else None) or ""
     if status is not None and status.state is not None:
-        if _name(status.state) != "TERMINATED":
-            return None
+        current = _name(status.state)
+        if current != "TERMINATED":
+            return Running(progress={"state": current}) if current in LIVE_STATES else None
         details = status.termination_details
         code = _name(details.code) if details else None
         message = (details.message if details else None) or old_message
         if code is None:  # a code newer than this SDK: read the deprecated field instead
             code = result_state or "UNKNOWN"
         return _outcome(run, code, message)
+    if life_cycle in LIVE_STATES:
+        return Running(progress={"state": life_cycle})
     if life_cycle not in FINAL_LIFE_CYCLE_STATES:
-        return None  # still going, or a state this SDK does not know
+        return None  # a state this SDK does not know
     if life_cycle == "SKIPPED":
         return _outcome(run, "SKIPPED", old_message)
     if life_cycle == "INTERNAL_ERROR" and result_state is None:

@@ -3,14 +3,17 @@
 Triggering POSTs JSON to `params.url`:
 
 ```json
-{"job_id": "...", "promise_id": "...", "callback_url": "...", "idempotency_key": "...",
- "payload": <params.payload>}
+{"job_id": "...", "promise_id": "...", "callback_url": "...", "heartbeat_url": "...",
+ "idempotency_key": "...", "payload": <params.payload>}
 ```
 
 with the headers `Tether-Callback-Url` (the same URL) and `Idempotency-Key`. Any
 2xx answer means the job started; the service later POSTs the outcome to the
-callback URL. 4xx answers (but 408 and 429) fail the job at once; 408, 429, 5xx,
-timeouts and connection errors are retried by Tether with backoff.
+callback URL. While it works it may POST `{"progress"?: ...}` to
+`heartbeat_url` (the callback URL's path and `/heartbeat`, the same token): a
+job started with a `heartbeat_timeout` needs one at least that often. 4xx
+answers (but 408 and 429) fail the job at once; 408, 429, 5xx, timeouts and
+connection errors are retried by Tether with backoff.
 
 Optional: `auth` names a credential configured on the service: the variable
 `TETHER_WEBHOOK_AUTH_<NAME>` holds a whole `Authorization` header value
@@ -22,8 +25,11 @@ receiver echoing it puts it in no job record or error.
 `cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the
 job is canceled or times out; `status_url` is polled with GET every
 `status_interval` seconds (default 30) while the job waits, and answers with the callback
-body shape (`{"status": "running"|"succeeded"|"failed", "result"?, "error"?}`),
-so a lost callback is noticed.
+body shape (`{"status": "running"|"succeeded"|"failed", "result"?, "error"?,
+"progress"?}`), so a lost callback is noticed. `running` confirms the run is
+going (a missed heartbeat then only delays); without a `status_url`, or with an
+answer it does not understand, the backend cannot tell (a missed heartbeat then
+times the job out).
 
 Requests go through one pooled aiohttp session, closed when the service stops. Redirects are
 not followed (a 3xx answer is an error), proxy environment variables are
@@ -51,6 +57,7 @@ from core.plugin import (
     ErrorInfo,
     Job,
     Outcome,
+    Running,
     Trigger,
     callback_promise_id,
     hookimpl,
@@ -168,6 +175,8 @@ class StatusBody(msgspec.Struct, frozen=True):
     status: Literal["running", "succeeded", "failed"]
     result: Any = None
     error: ErrorInfo | None = None
+    progress: Any = None
+    """With `running`: how far along the run is."""
 
 
 class _Answer(NamedTuple):
@@ -223,6 +232,7 @@ class HttpWebhook(Backend):
             "job_id": trigger.job.id,
             "promise_id": trigger.promise_id,
             "callback_url": trigger.callback_url,
+            "heartbeat_url": trigger.heartbeat_url,
             "idempotency_key": trigger.idempotency_key,
             "payload": params.payload,
         }
@@ -245,11 +255,12 @@ class HttpWebhook(Backend):
         params: WebhookParams = msgspec.convert(job.params, self.params_type)
         if params.cancel_url is None:
             return
-        body = {"job_id": job.id, "promise_id": callback_promise_id(job.id), "reason": job.state}
+        promise_id = callback_promise_id(job.id, job.attempt)
+        body = {"job_id": job.id, "promise_id": promise_id, "reason": job.state}
         headers = self._headers(params)
         await self._send("POST", params.cancel_url, params.timeout, 0, json=body, headers=headers)
 
-    async def check_status(self, job: Job) -> Outcome | None:
+    async def check_status(self, job: Job) -> Outcome | Running | None:
         params: WebhookParams = msgspec.convert(job.params, self.params_type)
         if params.status_url is None:
             return None
@@ -264,7 +275,7 @@ class HttpWebhook(Backend):
         except msgspec.MsgspecError:
             return None  # not an answer we understand: keep waiting
         if status.status == "running":
-            return None
+            return Running(progress=status.progress)
         error = status.error or (
             ErrorInfo(message="the service reported a failure")
             if status.status == "failed"

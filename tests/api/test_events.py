@@ -270,7 +270,7 @@ async def test_status_checks_record_what_the_backend_said(start_service, receive
     items = (await history(svc, "s"))["items"]
     checks = [e["data"] for e in items if e["type"] == "status_check"]
     assert checks[-1] == {"said": "ended", "status": "succeeded"}
-    assert checks[:-1] and all(c == {"said": "unknown"} for c in checks[:-1])
+    assert checks[:-1] and all(c == {"said": "running"} for c in checks[:-1])
     assert [e["type"] for e in items][-2:] == ["status_check", "finished"]
 
 

@@ -21,8 +21,10 @@ OPERATIONS = {
     ("get", "/jobs"): "listJobs",
     ("get", "/jobs/{job_id}"): "getJob",
     ("get", "/jobs/{job_id}/events"): "jobEvents",
+    ("post", "/jobs/{job_id}/retry"): "retryJob",
     ("post", "/jobs/{job_id}/cancel"): "cancelJob",
     ("post", "/callbacks/{promise_id}"): "settleJob",
+    ("post", "/callbacks/{promise_id}/heartbeat"): "heartbeat",
     ("get", "/health"): "health",
 }
 
@@ -62,8 +64,9 @@ async def test_every_answer_is_declared_with_a_realistic_example(start_service):
     assert declared["cancelJob"] >= {"200", "400", "404", "409", "413", "415", "503"}
     assert declared["settleJob"] >= {"200", "202", "400", "401", "404", "409", "410", "422"}
     assert declared["settleJob"] >= {str(s) for s in CALLBACK_STATUS.values()}
+    assert declared["heartbeat"] >= {"200", "400", "401", "404", "410", "413", "422", "503"}
     codes = {"invalid_request", "unauthorized", "not_found", "conflict", "body_too_large"}
-    codes |= {"unsupported_media_type", "store_unavailable", "forbidden"}
+    codes |= {"unsupported_media_type", "store_unavailable", "forbidden", "gone"}
     for name, op in ops.items():
         for status, response in op["responses"].items():
             media = response["content"]["application/json"]

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 from databricks.sdk.service.jobs import JobsAPI, Run
 
-from core.models import Job, Trigger
+from core.models import Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
 from plugins.databricks.runs import outcome_of_run
@@ -70,6 +70,7 @@ async def test_a_job_succeeds_when_the_example_notebook_calls_back(
     job = await svc.wait_state("sales", "succeeded", timeout=30)
     run = workspace.only_run()
     assert job["result"] == {"table": "main.sales.orders", "rows": 42}
+    assert job["progress"] == {"step": "counting", "table": "main.sales.orders"}  # its heartbeat
     assert await external_of(svc, "sales") == {
         "run_id": run.run_id,
         "run_page_url": f"{workspace.url}/?o=1#job/7/run/{run.run_id}",
@@ -543,10 +544,15 @@ def test_the_one_time_run_fields_are_those_of_the_sdk():
 
 
 RUN_STATES = [
-    # (status, state) → (outcome status, code) or None while the run goes on
-    ({"state": "RUNNING"}, {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"}, None),
-    ({"state": "TERMINATING"}, None, None),
-    ({"state": "SOMETHING_NEW"}, {"life_cycle_state": "RUNNING"}, None),
+    # (status, state) → (outcome status, code), "running" while the run goes
+    # on, or None when this SDK cannot tell
+    (
+        {"state": "RUNNING"},
+        {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS"},
+        "running",
+    ),
+    ({"state": "TERMINATING"}, None, "running"),
+    ({"state": "SOMETHING_NEW"}, {"life_cycle_state": "RUNNING"}, "running"),
     (None, {"life_cycle_state": "SOMETHING_NEW"}, None),
     (None, None, None),
     (
@@ -601,8 +607,10 @@ def test_run_states_are_read_from_status_first(status, state, expected):
     outcome = outcome_of_run(Run.from_dict(body))
     if expected is None:
         assert outcome is None
+    elif expected == "running":
+        assert isinstance(outcome, Running)
     else:
-        assert outcome is not None
+        assert isinstance(outcome, Outcome)
         assert (outcome.status, outcome.result["termination_code"]) == expected
         if outcome.status != "succeeded":
             assert outcome.error is not None and outcome.error.type == expected[1]

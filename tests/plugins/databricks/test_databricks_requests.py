@@ -23,7 +23,7 @@ from databricks.sdk.service import jobs as sdk_jobs
 from databricks.sdk.service.jobs import Run
 
 from core.errors import BackendError
-from core.models import CheckNow, ErrorInfo, Job, Outcome, Trigger
+from core.models import CheckNow, ErrorInfo, Job, Outcome, Running, Trigger
 from core.store.jobs import JobRecord
 from core.views import view
 from plugins.databricks import (
@@ -295,13 +295,20 @@ def ended(status: str, code: str, message: str | None = None) -> Outcome:
     return Outcome(status=status, result=result, error=error)  # type: ignore[arg-type]
 
 
+def going(state: str) -> Running:
+    """A run Databricks confirms is going, in this state."""
+    return Running(progress={"state": state})
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        (run("RUNNING"), None),
-        (run("QUEUED"), None),
-        (run("TERMINATING"), None),
-        (run("RUNNING", life_cycle="TERMINATED", result_state="SUCCESS"), None),
+        *[
+            (run(state), going(state))
+            for state in ("BLOCKED", "PENDING", "QUEUED", "RUNNING", "TERMINATING", "WAITING")
+        ],
+        # the current field wins over the deprecated one
+        (run("RUNNING", life_cycle="TERMINATED", result_state="SUCCESS"), going("RUNNING")),
         (run("TERMINATED", "SUCCESS"), ended("succeeded", "SUCCESS")),
         (
             run("TERMINATED", "SUCCESS", "all good"),
@@ -357,15 +364,17 @@ def ended(status: str, code: str, message: str | None = None) -> Outcome:
             ended("canceled", "CANCELED", "Databricks run 42 was canceled (CANCELED): old"),
         ),
         # a state newer than this SDK: fall back to the deprecated state
-        (run("BRAND_NEW_STATE", life_cycle="RUNNING"), None),
+        (run("BRAND_NEW_STATE", life_cycle="RUNNING"), going("RUNNING")),
+        (run("BRAND_NEW_STATE"), None),
         (
             run("BRAND_NEW_STATE", life_cycle="TERMINATED", result_state="FAILED"),
             ended("failed", "FAILED", "Databricks run 42 failed (FAILED)"),
         ),
         # no `status`: the deprecated fields alone
-        (run(life_cycle="PENDING"), None),
-        (run(life_cycle="RUNNING"), None),
-        (run(life_cycle="TERMINATING"), None),
+        (run(life_cycle="PENDING"), going("PENDING")),
+        (run(life_cycle="RUNNING"), going("RUNNING")),
+        (run(life_cycle="TERMINATING"), going("TERMINATING")),
+        (run(life_cycle="WAITING_FOR_RETRY"), going("WAITING_FOR_RETRY")),
         (run(life_cycle="BRAND_NEW_LIFE_CYCLE"), None),
         (run(), None),
         (run(life_cycle="TERMINATED", result_state="SUCCESS"), ended("succeeded", "SUCCESS")),
@@ -397,7 +406,7 @@ def ended(status: str, code: str, message: str | None = None) -> Outcome:
         ),
     ],
 )
-def test_how_a_run_ended_is_read_from_its_state(given: Run, expected: Outcome | None):
+def test_how_a_run_ended_is_read_from_its_state(given: Run, expected: Outcome | Running | None):
     assert outcome_of_run(given) == expected
 
 
@@ -1044,7 +1053,9 @@ async def test_a_status_check_reads_the_run(backend, workspace: FakeWorkspace):
     workspace.notebooks["quiet"] = hang
     external = await backend.trigger(trigger({"job_id": 7}))
     run_id = external["run_id"]
-    assert await backend.check_status(job(external=external)) is None
+    assert await backend.check_status(job(external=external)) == Running(
+        progress={"state": "RUNNING"}
+    )
     workspace.end(run_id, "SUCCESS", "done")
     assert await backend.check_status(job(external=external)) == Outcome(
         status="succeeded",

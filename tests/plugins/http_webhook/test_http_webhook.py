@@ -46,11 +46,16 @@ async def test_a_job_is_triggered_with_everything_the_receiver_needs(start_servi
         "job_id": "job-1",
         "promise_id": "job-1:1",
         "callback_url": hit.body["callback_url"],
+        "heartbeat_url": hit.body["heartbeat_url"],
         "idempotency_key": "job-1:1",
         "payload": {"table": "sales"},
     }
     callback_url = hit.body["callback_url"]
     assert callback_url.startswith(f"{svc.settings.base_url}/callbacks/job-1%3A1?token=")
+    token = callback_url.partition("?")[2]
+    assert hit.body["heartbeat_url"] == (
+        f"{svc.settings.base_url}/callbacks/job-1%3A1/heartbeat?{token}"
+    )
     assert hit.headers["tether-callback-url"] == callback_url
     assert hit.headers["idempotency-key"] == "job-1:1"
 

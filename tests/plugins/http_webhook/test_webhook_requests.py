@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 from core.errors import BackendError
-from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.models import ErrorInfo, Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import env_names, unknown_env
 from core.store.jobs import JobRecord, now_ms
@@ -272,6 +272,7 @@ async def test_a_trigger_posts_the_job_as_compact_json_with_its_headers(server, 
         "job_id": "j",
         "promise_id": "j:1",
         "callback_url": CALLBACK,
+        "heartbeat_url": "http://tether.test/callbacks/j%3A1/heartbeat?token=secret-token",
         "idempotency_key": "key-1",
         "payload": {"table": "sales", "n": [1, 2]},
     }
@@ -565,8 +566,9 @@ async def test_cancel_uses_the_jobs_timeout(server, webhook):
 @pytest.mark.parametrize(
     ("answer", "outcome"),
     [
-        ({"status": "running"}, None),
-        ({"status": "running", "result": 1}, None),
+        ({"status": "running"}, Running()),
+        ({"status": "running", "result": 1}, Running()),
+        ({"status": "running", "progress": {"done": 3}}, Running(progress={"done": 3})),
         (
             {"status": "succeeded", "result": {"rows": 3}},
             Outcome(status="succeeded", result={"rows": 3}),
@@ -847,7 +849,7 @@ async def test_the_credential_goes_with_the_trigger_the_cancel_and_the_status_ch
     }
     await authed.trigger(authed_trigger(authed, **params))
     await authed.cancel(job("canceled", **params))
-    assert await authed.check_status(job(**params)) is None
+    assert await authed.check_status(job(**params)) == Running()
     assert sent == {path: [SECRET] for path in ("/hook", "/cancel", "/status")}
     assert all(seen.headers["X-Team"] == "data" for seen in server.seen)
 

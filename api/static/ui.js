@@ -1,0 +1,301 @@
+// Tether's dashboard: the live parts of the server-rendered pages (api/ui.py).
+// Data from jobs is only ever set as text (textContent), never parsed as HTML.
+"use strict";
+
+(() => {
+  const page = document.body.dataset.page;
+  const csrf = document.body.dataset.csrf || "";
+  const dataNode = document.getElementById("page-data");
+  const data = dataNode ? JSON.parse(dataNode.textContent) : {};
+
+  // ── formatting: as api/ui.py's `span`, `took`, `clock` ─────────────────────
+
+  function span(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    for (const [unit, size, sub, subsize] of [["d", 86400, "h", 3600], ["h", 3600, "m", 60]]) {
+      if (s >= size) {
+        const rest = Math.floor((s % size) / subsize);
+        return `${Math.floor(s / size)}${unit}` + (rest ? ` ${rest}${sub}` : "");
+      }
+    }
+    return s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
+  }
+  const age = (iso) => (iso ? span((Date.now() - Date.parse(iso)) / 1000) : "");
+  const took = (job) =>
+    job.finished_at ? span((Date.parse(job.finished_at) - Date.parse(job.created_at)) / 1000) : "";
+  const clock = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+
+  function make(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "text") node.textContent = value;
+      else if (key === "class") node.className = value;
+      else node.setAttribute(key, value);
+    }
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+  const badge = (state) => make("span", { class: `badge state-${state}`, text: state });
+  const tags = (job) => (job.tags || []).map((t) => make("span", { class: "tag", text: t }));
+  const jobLink = (id) => `/ui/jobs/${encodeURIComponent(id)}`;
+
+  function refreshTimes() {
+    for (const node of document.querySelectorAll("time[data-age]")) {
+      node.textContent = age(node.getAttribute("datetime"));
+    }
+    for (const node of document.querySelectorAll("time[data-clock]")) {
+      node.textContent = clock(node.getAttribute("datetime"));
+    }
+  }
+
+  function showLive(on) {
+    const live = document.getElementById("live");
+    if (live) {
+      live.hidden = false;
+      live.classList.toggle("off", !on);
+      live.textContent = on ? "live" : "reconnecting…";
+    }
+  }
+
+  // ── the jobs list ──────────────────────────────────────────────────────────
+
+  function row(job) {
+    const cell = (label, ...content) => make("td", { "data-label": label }, ...content);
+    const created = make("time", { "data-age": "", datetime: job.created_at, title: job.created_at });
+    created.textContent = age(job.created_at);
+    const tr = make(
+      "tr",
+      { "data-id": job.id, "data-created": job.created_at },
+      make("td", { "data-label": "Job", class: "id" }, make("a", { href: jobLink(job.id), text: job.id })),
+      cell("State", badge(job.state)),
+      cell("Backend", job.backend),
+      cell("Tags", ...tags(job)),
+      make("td", { "data-label": "Attempt", class: "num", text: job.attempt ?? "" }),
+      cell("Age", created),
+      cell("Duration", took(job)),
+    );
+    return tr;
+  }
+
+  function matches(job, filters) {
+    const any = (values, value) => values.length === 0 || values.includes(value);
+    const jobTags = job.tags || [];
+    return (
+      any(filters.state, job.state) &&
+      any(filters.backend, job.backend) &&
+      filters.tag.every((t) => jobTags.includes(t))
+    );
+  }
+
+  let summaryTimer = null;
+  function reloadSummary() {
+    // The summary is server-rendered (and escaped there): swap the fresh one in.
+    if (summaryTimer) return;
+    summaryTimer = setTimeout(async () => {
+      summaryTimer = null;
+      const answer = await fetch("/ui/summary", { credentials: "same-origin" });
+      if (!answer.ok) return;
+      const doc = new DOMParser().parseFromString(await answer.text(), "text/html");
+      const fresh = doc.getElementById("summary");
+      const old = document.getElementById("summary");
+      if (fresh && old) old.replaceWith(document.adoptNode(fresh));
+    }, 1500);
+  }
+
+  function jobsPage() {
+    const body = document.getElementById("jobs");
+    const empty = document.getElementById("empty");
+    const { filters, limit, cursor } = data;
+
+    function upsert(job) {
+      const old = [...body.rows].find((tr) => tr.dataset.id === job.id);
+      if (!matches(job, filters)) {
+        if (old) old.remove();
+      } else if (old) {
+        old.replaceWith(row(job));
+      } else {
+        const created = Date.parse(job.created_at);
+        const later = [...body.rows].find((tr) => Date.parse(tr.dataset.created) < created);
+        if (later) later.before(row(job));
+        else body.append(row(job));
+      }
+      empty.hidden = body.rows.length > 0;
+    }
+
+    const query = new URLSearchParams();
+    for (const [name, values] of Object.entries(filters)) {
+      for (const value of values) query.append(name, value);
+    }
+    query.set("limit", limit);
+    if (cursor) query.set("cursor", cursor);
+    const stream = new EventSource(`/jobs?${query}`);
+    stream.addEventListener("open", () => showLive(true));
+    stream.addEventListener("error", () => showLive(false));
+    stream.addEventListener("job", (message) => {
+      upsert(JSON.parse(message.data));
+      reloadSummary();
+    });
+
+    // Empty filter inputs stay out of the URL.
+    const form = document.querySelector("form.filters");
+    form.addEventListener("submit", () => {
+      for (const input of form.querySelectorAll("input:not([type=checkbox])")) {
+        if (!input.value) input.disabled = true;
+      }
+    });
+  }
+
+  // ── one job ────────────────────────────────────────────────────────────────
+
+  function jobPage() {
+    let job = data.job;
+    let after = data.after;
+    let stream = null;
+    const ended = (j) => !data.cancelable.includes(j.state);
+    const events = document.getElementById("events");
+
+    function message(text, error = false) {
+      const node = document.getElementById("message");
+      node.hidden = !text;
+      node.textContent = text;
+      node.classList.toggle("error", error);
+    }
+
+    function setTime(name, iso) {
+      const node = document.querySelector(`[data-field="${name}"]`);
+      if (node) {
+        node.setAttribute("datetime", iso || "");
+        node.textContent = clock(iso);
+      }
+    }
+
+    function show(fresh) {
+      job = fresh;
+      const state = document.querySelector('[data-field="state"]');
+      state.className = `badge state-${job.state}`;
+      state.textContent = job.state;
+      const set = (name, value) => {
+        const node = document.querySelector(`[data-field="${name}"]`);
+        if (node) node.textContent = value ?? "";
+      };
+      set("backend", job.backend);
+      set("attempt", job.attempt);
+      set("duration", took(job));
+      setTime("updated_at", job.updated_at);
+      setTime("finished_at", job.finished_at);
+      setTime("heartbeat_at", job.heartbeat_at);
+      const tagged = document.querySelector('[data-field="tags"]');
+      if (tagged) tagged.replaceChildren(...tags(job));
+      const run = document.querySelector('[data-field="run_page_url"]');
+      const url = (job.external || {}).run_page_url;
+      run.replaceChildren();
+      if (typeof url === "string" && /^https?:\/\//i.test(url)) {
+        run.append(make("a", { href: url, target: "_blank", rel: "noopener noreferrer", text: url }));
+      }
+      for (const block of document.querySelectorAll("[data-block]")) {
+        const value = job[block.dataset.block];
+        block.hidden = value === null || value === undefined;
+        block.querySelector("pre").textContent = JSON.stringify(value ?? null, null, 2);
+      }
+      const cancel = document.getElementById("cancel");
+      const retry = document.getElementById("retry");
+      if (cancel) cancel.hidden = !data.cancelable.includes(job.state);
+      if (retry) retry.hidden = !data.retryable.includes(job.state);
+    }
+
+    function item(event) {
+      const at = make("time", { "data-clock": "", datetime: event.at, title: event.at });
+      at.textContent = clock(event.at);
+      const verdict = event.data && event.data.verdict !== undefined;
+      const hasData = event.data && Object.keys(event.data).length > 0;
+      return make(
+        "li",
+        { class: `event type-${event.type}`, "data-seq": event.seq },
+        at,
+        " ",
+        make("span", { class: "etype", text: event.type }),
+        verdict ? " " : null,
+        verdict ? make("span", { class: "verdict", text: String(event.data.verdict) }) : null,
+        " ",
+        make("span", { class: "attempt", text: `attempt ${event.attempt}` }),
+        hasData ? " " : null,
+        hasData ? make("code", { class: "edata", text: JSON.stringify(event.data) }) : null,
+      );
+    }
+
+    let reading = null;
+    function reread() {
+      // One read of the job for a burst of events.
+      if (reading) return;
+      reading = setTimeout(async () => {
+        reading = null;
+        const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
+          credentials: "same-origin",
+        });
+        if (!answer.ok) return;
+        show(await answer.json());
+      }, 100);
+    }
+
+    function stop() {
+      if (stream) stream.close();
+      stream = null;
+      showLive(false);
+      document.getElementById("live").hidden = true;
+    }
+
+    function follow() {
+      if (stream) return;
+      const cursor = after.toString(16).padStart(16, "0");
+      stream = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events?cursor=${cursor}`);
+      stream.addEventListener("open", () => showLive(true));
+      // The server ends the stream after `finished`; the browser would reconnect.
+      stream.addEventListener("error", () => (ended(job) ? stop() : showLive(false)));
+      for (const type of data.event_types) {
+        stream.addEventListener(type, (message) => {
+          const event = JSON.parse(message.data);
+          if (event.seq <= after) return;
+          after = event.seq;
+          events.append(item(event));
+          if (event.type === "finished" && event.attempt >= job.attempt) stop();
+          reread();
+        });
+      }
+    }
+
+    async function act(action) {
+      const next = (job.attempt || 1) + 1;
+      const question =
+        action === "cancel"
+          ? `Cancel job ${job.id}? Its backend is asked to stop the run.`
+          : `Run job ${job.id} again, as attempt ${next}?`;
+      if (!window.confirm(question)) return;
+      const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}/${action}`, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "content-type": "application/json", "x-csrf-token": csrf },
+        body: JSON.stringify(action === "retry" ? { attempt: next } : {}),
+      });
+      const body = await answer.json().catch(() => null);
+      if (!answer.ok) {
+        const why = body && body.error ? body.error.message : `the service answered ${answer.status}`;
+        message(`${action === "cancel" ? "Cancel" : "Retry"} refused: ${why}`, true);
+        return;
+      }
+      show(body);
+      message(action === "cancel" ? "Canceled." : `Attempt ${body.attempt} started.`);
+      follow();
+    }
+
+    const cancel = document.getElementById("cancel");
+    const retry = document.getElementById("retry");
+    if (cancel) cancel.addEventListener("click", () => act("cancel"));
+    if (retry) retry.addEventListener("click", () => act("retry"));
+    if (!ended(job)) follow();
+  }
+
+  refreshTimes();
+  setInterval(refreshTimes, 10000);
+  if (page === "jobs") jobsPage();
+  if (page === "job") jobPage();
+})();

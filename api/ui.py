@@ -1,0 +1,527 @@
+"""The dashboard (docs/ui.md): server-rendered pages of the job list and of
+one job, kept live by a little JavaScript (`static/ui.js`) over the API's own
+streams, `GET /jobs` and `GET /jobs/{id}/events` with `Accept:
+text/event-stream`.
+
+The pages read through `core.service.Tether`, as the API's handlers do; every
+change they offer (cancel, retry) is the browser calling the public API. With
+API tokens set, a sign-in form trades a token for a signed session cookie
+(`Sessions`): a browser's EventSource cannot send an `Authorization` header,
+and a token must never sit in a URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import inspect
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlencode, urlsplit
+
+import msgspec
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from litestar import Controller, Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import ResponseHeader
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template import TemplateConfig
+
+from api.controllers import digests, matches
+from core.errors import NotFound
+from core.metrics import job_gauges
+from core.models import OPEN_STATES, RETRYABLE_STATES, EventType, JobPage, JobState
+from core.service import Tether
+from core.settings import Settings, listed
+from core.store.jobs import now_ms
+from core.views import CURSOR_PATTERN
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+"""Jobs on one page of the list."""
+WAITING_SHOWN = 5
+"""The jobs waiting longest the summary names."""
+WAITING_SCAN = 1000
+"""The summary names the jobs waiting longest only when at most this many
+wait: the job index lists newest first, so naming the oldest reads them all."""
+STATES: tuple[str, ...] = get_args(JobState)
+TAG_FILTER = "tags" in inspect.signature(Tether.list_jobs).parameters
+"""Whether the service filters jobs by tag (`Tether.list_jobs(tags=...)`,
+`GET /jobs?tag=`): the tag filter is offered once it does."""
+
+SESSION_COOKIE = "tether_session"
+SESSION_TTL = 12 * 3600
+"""Seconds a sign-in lasts."""
+SESSION_LABEL = b"tether-ui-session"
+"""The session key is HMAC(callback secret, this label): the same in every
+worker and after a restart, and never a key that signs callback URLs."""
+CSRF_HEADER = "x-csrf-token"
+
+SECURITY_HEADERS = [
+    ResponseHeader(
+        name="content-security-policy",
+        value="default-src 'self'; img-src 'self' data:; object-src 'none';"
+        " base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ResponseHeader(name="x-content-type-options", value="nosniff"),
+    ResponseHeader(name="referrer-policy", value="same-origin"),
+    ResponseHeader(name="cache-control", value="no-store"),
+]
+"""Every page: no script, style or connection but the service's own (so no
+inline script runs, whatever a job holds), never framed (no clickjacking of
+Cancel), never cached (pages hold job data)."""
+
+
+# ── sessions ──────────────────────────────────────────────────────────────────
+
+
+class Session(msgspec.Struct, frozen=True):
+    """What the session cookie holds, signed: never the token itself."""
+
+    kind: Literal["api", "read"]
+    """Signed in with an API token (may change jobs) or a read token."""
+    token: str
+    """A keyed digest naming the token signed in with: the session ends when
+    that token leaves the settings."""
+    expires: int
+    """Unix seconds."""
+    nonce: str
+    """Random per sign-in: the session's CSRF token is derived from it."""
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sessions:
+    """Signed, stateless session cookies for the dashboard: `kind`, `expires`
+    and a digest naming the token, under a key derived from the store's
+    callback secret (`SESSION_LABEL`), so every worker and every restart
+    accepts them; rotating the callback secret signs everyone out."""
+
+    def __init__(self, settings: Settings, secret: Callable[[], str]) -> None:
+        self.required = bool(listed(settings.api_token))
+        """Whether the service has tokens at all (else every route is open)."""
+        self.secure = settings.base_url.startswith("https:")
+        self._tokens = {"api": digests(settings.api_token), "read": digests(settings.read_token)}
+        self._secret = secret
+        self._key: bytes | None = None
+        self._ids: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def key(self) -> bytes:
+        """Derived once the store is open (it holds the secret)."""
+        if self._key is None:
+            secret = self._secret().encode()
+            self._key = hmac.new(secret, SESSION_LABEL, hashlib.sha256).digest()
+        return self._key
+
+    def _mac(self, purpose: bytes, data: bytes) -> bytes:
+        return hmac.new(self.key, purpose + b":" + data, hashlib.sha256).digest()
+
+    def _token_id(self, digest: bytes) -> str:
+        return self._mac(b"token", digest).hex()[:32]
+
+    def sign_in(self, token: str) -> Session | None:
+        """A new session for `token`, or None when it is no configured token."""
+        digest = hashlib.sha256(token.encode()).digest()
+        writes, reads = matches(digest, self._tokens["api"]), matches(digest, self._tokens["read"])
+        if not (writes or reads):
+            return None
+        return Session(
+            kind="api" if writes else "read",
+            token=self._token_id(digest),
+            expires=int(time.time()) + SESSION_TTL,
+            nonce=secrets.token_urlsafe(16),
+        )
+
+    def cookie(self, session: Session) -> str:
+        payload = msgspec.json.encode(session)
+        return f"{b64(payload)}.{b64(self._mac(b'session', payload))}"
+
+    def read(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Session | None:
+        """The request's session: None without a cookie, or with one that is
+        forged, expired, or names a token no longer configured."""
+        value = connection.cookies.get(SESSION_COOKIE)
+        if not value or not self.required:
+            return None
+        payload_text, _, mac_text = value.partition(".")
+        try:
+            payload, mac = unb64(payload_text), unb64(mac_text)
+        except (ValueError, binascii.Error):
+            return None
+        if not hmac.compare_digest(mac, self._mac(b"session", payload)):
+            return None
+        try:
+            session = msgspec.json.decode(payload, type=Session)
+        except msgspec.DecodeError:
+            return None
+        if session.expires <= time.time():
+            return None
+        if session.kind not in self._ids:
+            self._ids[session.kind] = tuple(self._token_id(d) for d in self._tokens[session.kind])
+        if not any(hmac.compare_digest(session.token, known) for known in self._ids[session.kind]):
+            return None
+        return session
+
+    def csrf(self, session: Session) -> str:
+        """The CSRF token of a session: rendered into its pages, sent back by
+        their scripts as `X-CSRF-Token`, and never in the cookie."""
+        return b64(self._mac(b"csrf", session.nonce.encode()))
+
+    def csrf_ok(self, given: str, session: Session) -> bool:
+        return hmac.compare_digest(given.encode(), self.csrf(session).encode())
+
+
+class Viewer(msgspec.Struct, frozen=True):
+    """Who looks at a page: what it may offer them."""
+
+    signed_in: bool
+    can_write: bool
+    csrf: str
+
+
+def viewer(request: Request[Any, Any, Any], sessions: Sessions) -> Viewer | None:
+    """The viewer of a page, or None when they must sign in first."""
+    if not sessions.required:
+        return Viewer(signed_in=False, can_write=True, csrf="")
+    session = sessions.read(request)
+    if session is None:
+        return None
+    return Viewer(signed_in=True, can_write=session.kind == "api", csrf=sessions.csrf(session))
+
+
+def local_path(target: Any) -> str:
+    """Where to go after signing in: a dashboard path, never another site."""
+    text = target if isinstance(target, str) else ""
+    if text.startswith("/ui") and not text.startswith("//") and "\\" not in text:
+        return text
+    return "/ui"
+
+
+def cross_site(request: Request[Any, Any, Any]) -> bool:
+    """A form posted from another site (the browser says so)."""
+    return request.headers.get("sec-fetch-site", "same-origin") == "cross-site"
+
+
+# ── rendering ─────────────────────────────────────────────────────────────────
+
+
+def parse_time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def span(seconds: float) -> str:
+    """A time span as a dashboard shows it: `42s`, `5m 3s`, `2h 5m`, `3d 4h`
+    (ui.js's `span` writes the same)."""
+    s = max(0, int(seconds))
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size}{unit}" + (f" {rest}{sub}" if rest else "")
+    return f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
+
+
+def age(value: Any) -> str:
+    at = parse_time(value)
+    return "" if at is None else span(time.time() - at.timestamp())
+
+
+def took(job: dict[str, Any]) -> str:
+    """How long a finished job took from creation to its end; blank while open."""
+    start, end = parse_time(job.get("created_at")), parse_time(job.get("finished_at"))
+    return "" if start is None or end is None else span((end - start).total_seconds())
+
+
+def pretty(value: Any) -> str:
+    """JSON as ui.js's `JSON.stringify(value, null, 2)` writes it."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def compact(value: Any) -> str:
+    """JSON as ui.js's `JSON.stringify(value)` writes it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def clock(value: Any) -> str:
+    """A time in UTC, to the second (ui.js shows it in the browser's zone)."""
+    at = parse_time(value)
+    return "" if at is None else at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def run_url(job: dict[str, Any]) -> str | None:
+    """The external run's page, where the backend gave one (Databricks'
+    `run_page_url`): only an http(s) URL is made a link."""
+    url = (job.get("external") or {}).get("run_page_url")
+    if isinstance(url, str) and urlsplit(url).scheme in ("http", "https"):
+        return url
+    return None
+
+
+BLOCKS = ("result", "error", "progress", "params", "metadata", "external", "notify")
+"""A job's fields shown as JSON on its page, in this order."""
+FIELDS = frozenset(
+    {"id", "backend", "state", "timeout", "created_at", "updated_at", "finished_at"}
+    | {"heartbeat_timeout", "heartbeat_at", "attempt", "tags"}
+)
+"""A job's fields shown in its page's list; any other (one added later) is a
+JSON block after `BLOCKS`."""
+
+
+def query(filters: dict[str, list[str]], cursor: str | None = None) -> str:
+    """The list's URL for these filters and page."""
+    pairs = [(name, value) for name, values in filters.items() for value in values]
+    if cursor:
+        pairs.append(("cursor", cursor))
+    return "/ui" + (f"?{urlencode(pairs)}" if pairs else "")
+
+
+def environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    env.filters.update(age=age, took=took, pretty=pretty, compact=compact, clock=clock, span=span)
+    env.globals.update(states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES)
+    return env
+
+
+TEMPLATES = TemplateConfig(instance=JinjaTemplateEngine.from_environment(environment()))
+"""The dashboard's templates (`Litestar(template_config=...)`); autoescaped."""
+
+
+def page(name: str, context: dict[str, Any], status: int = 200) -> Template:
+    return Template(template_name=name, context=context, status_code=status)
+
+
+def sign_in_page(request: Request[Any, Any, Any], error: str = "", status: int = 401) -> Template:
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return page("sign_in.html", {"next": local_path(here), "error": error, "viewer": None}, status)
+
+
+async def list_page(
+    tether: Tether,
+    states: Sequence[str],
+    backends: Sequence[str],
+    tags: Sequence[str],
+    cursor: str | None,
+) -> JobPage:
+    """One page of the job list, with the filters the service has."""
+    if not tags:
+        return await tether.list_jobs(states, backends, PAGE_SIZE, cursor)
+    # Only once `Tether.list_jobs` takes `tags` (TAG_FILTER).
+    by_tags: Callable[..., Awaitable[JobPage]] = tether.list_jobs
+    return await by_tags(states, backends, PAGE_SIZE, cursor, tags=tags)
+
+
+async def summary(tether: Tether) -> dict[str, Any]:
+    """Jobs per state, the waiting jobs past their deadline, and the jobs
+    waiting longest: by name when at most `WAITING_SCAN` wait, else the age
+    of the oldest in each waiting state."""
+    now = now_ms()
+    gauges = await job_gauges(tether.jobs, now)
+    waiting = sum(gauges.counts.get(state, 0) for state in OPEN_STATES)
+    longest: list[dict[str, Any]] | None = None
+    if waiting <= WAITING_SCAN:
+        listed_now = await tether.list_jobs(OPEN_STATES, (), WAITING_SCAN)
+        longest = [msgspec.to_builtins(j) for j in listed_now.items[::-1][:WAITING_SHOWN]]
+    oldest = {state: span((now - at) / 1000) for state, at in gauges.oldest.items()}
+    return {
+        "counts": gauges.counts,
+        "overdue": gauges.overdue,
+        "waiting": waiting,
+        "longest": longest,
+        "oldest": oldest,
+    }
+
+
+def bad_filter(message: str, viewer: Viewer) -> Template:
+    return page("error.html", {"message": message, "viewer": viewer}, 400)
+
+
+# ── routes ────────────────────────────────────────────────────────────────────
+
+Strings = Annotated[list[str] | None, QueryParameter(required=False)]
+
+
+class Dashboard(Controller):
+    path = "/ui"
+    include_in_schema = False
+
+    @get("/")
+    async def jobs(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        sessions: NamedDependency[Sessions],
+        job_state: Annotated[list[str] | None, QueryParameter(name="state")] = None,
+        backend: Strings = None,
+        tag: Strings = None,
+        cursor: FromQuery[str | None] = None,
+    ) -> Template:
+        """The job list, newest first, filtered as the URL says, with the summary."""
+        who = viewer(request, sessions)
+        if who is None:
+            return sign_in_page(request)
+        states, backends = [s for s in job_state or [] if s], [b for b in backend or [] if b]
+        tags = [t for t in tag or [] if t]
+        unknown = [s for s in states if s not in STATES]
+        if unknown:
+            return bad_filter(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}", who)
+        if tags and not TAG_FILTER:
+            return bad_filter("this service does not filter jobs by tag", who)
+        if cursor is not None and not re.match(CURSOR_PATTERN, cursor):
+            return bad_filter("invalid cursor: follow the page links", who)
+        listed_jobs = await list_page(tether, states, backends, tags, cursor)
+        filters = {"state": states, "backend": backends, "tag": tags}
+        return page(
+            "jobs.html",
+            {
+                "viewer": who,
+                "jobs": [msgspec.to_builtins(j) for j in listed_jobs.items],
+                "next_cursor": listed_jobs.next_cursor,
+                "cursor": cursor,
+                "filters": filters,
+                "backends": sorted(set(tether.plugins.backends) | set(backends)),
+                "tag_filter": TAG_FILTER,
+                "summary": await summary(tether),
+                "newest_url": query(filters),
+                "older_url": query(filters, listed_jobs.next_cursor),
+                "live": {"filters": filters, "limit": PAGE_SIZE, "cursor": cursor},
+            },
+        )
+
+    @get("/summary")
+    async def summary_part(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        sessions: NamedDependency[Sessions],
+    ) -> Response[Any]:
+        """The list's summary alone, which the list page reloads as jobs change."""
+        if viewer(request, sessions) is None:
+            return Response("sign in", status_code=401, media_type="text/plain")
+        return page("_summary.html", {"summary": await summary(tether)})
+
+    @get("/jobs/{job_id:str}")
+    async def job(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        sessions: NamedDependency[Sessions],
+        job_id: FromPath[str],
+    ) -> Template:
+        """One job: its fields, its history (live), and what may be done to it."""
+        who = viewer(request, sessions)
+        if who is None:
+            return sign_in_page(request)
+        try:
+            job = msgspec.to_builtins(await tether.get_job(job_id))
+        except NotFound:
+            return page("error.html", {"message": f"no job {job_id!r}", "viewer": who}, 404)
+        history = await tether.job_events(job_id, 1000)
+        events = msgspec.to_builtins(history.items)
+        return page(
+            "job.html",
+            {
+                "viewer": who,
+                "job": job,
+                "blocks": [b for b in BLOCKS if b in job]
+                + [f for f in job if f not in FIELDS and f not in BLOCKS],
+                "run_url": run_url(job),
+                "events": events,
+                "dropped": history.dropped,
+                "live": {
+                    "job": job,
+                    "after": events[-1]["seq"] if events else 0,
+                    "event_types": get_args(EventType),
+                    "cancelable": OPEN_STATES,
+                    "retryable": RETRYABLE_STATES,
+                },
+            },
+        )
+
+    @get("/sign-in")
+    async def sign_in_form(
+        self, request: Request[Any, Any, Any], sessions: NamedDependency[Sessions]
+    ) -> Response[Any]:
+        """The sign-in form on its own (the pages show it in their place when needed)."""
+        if viewer(request, sessions) is not None:
+            return Redirect("/ui")
+        return page("sign_in.html", {"next": "/ui", "error": "", "viewer": None})
+
+    @post("/sign-in", status_code=303)
+    async def sign_in(
+        self, request: Request[Any, Any, Any], sessions: NamedDependency[Sessions]
+    ) -> Response[Any]:
+        """Trade a token (posted in a form, never in the URL) for the session cookie."""
+        form = await request.form()
+        target = local_path(form.get("next"))
+        if not sessions.required:
+            return Redirect(target, status_code=303)
+        if cross_site(request):
+            return sign_in_page(request, "Sign in from this page.", 403)
+        session = sessions.sign_in(str(form.get("token", "")).strip())
+        if session is None:
+            return page(
+                "sign_in.html",
+                {"next": target, "error": "That token is not accepted.", "viewer": None},
+                401,
+            )
+        response = Redirect(target, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            sessions.cookie(session),
+            max_age=SESSION_TTL,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=sessions.secure,
+        )
+        return response
+
+    @post("/sign-out", status_code=303)
+    async def sign_out(
+        self, request: Request[Any, Any, Any], sessions: NamedDependency[Sessions]
+    ) -> Response[Any]:
+        """Forget the session cookie (the form carries the session's CSRF token)."""
+        session = sessions.read(request)
+        form = await request.form()
+        if session is not None and not sessions.csrf_ok(str(form.get("csrf", "")), session):
+            return Response("missing or wrong CSRF token", status_code=403, media_type="text/plain")
+        response = Redirect("/ui", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+
+@get("/", include_in_schema=False)
+async def root() -> Redirect:
+    return Redirect("/ui")
+
+
+def ui_router(sessions: Sessions) -> Router:
+    """The dashboard's routes and static files, outside the API's token guard:
+    a page without a session answers the sign-in form instead of 401."""
+    static = create_static_files_router(path="/ui/static", directories=[HERE / "static"])
+    return Router(
+        "/",
+        route_handlers=[Dashboard, root, static],
+        dependencies={"sessions": Provide(lambda: sessions, sync_to_thread=False)},
+        response_headers=SECURITY_HEADERS,
+    )

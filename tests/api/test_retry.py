@@ -1,0 +1,312 @@
+"""`POST /jobs/{id}/retry`: the next attempt of a failed, timed-out or
+canceled job, over real HTTP against a real webhook receiver
+(docs/lifecycle.md, "Re-runs")."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from core.hookspecs import Backend
+from core.models import Job, Trigger
+from core.plugin import hookimpl
+from tests.conftest import Receiver, Service, eventually
+
+
+async def start(svc: Service, receiver: Receiver, job_id: str, **extra: Any) -> dict[str, Any]:
+    body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}, **extra}
+    response = await svc.client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+    await svc.wait_state(job_id, "running")
+    return response.json()  # type: ignore[no-any-return]
+
+
+def triggers(receiver: Receiver, job_id: str) -> list[dict[str, Any]]:
+    return [h.body for h in receiver.hits if h.body and h.body.get("job_id") == job_id]
+
+
+async def failed_job(svc: Service, receiver: Receiver, job_id: str) -> str:
+    """A job whose first attempt failed by callback; its callback URL."""
+    await start(svc, receiver, job_id)
+    url: str = triggers(receiver, job_id)[-1]["callback_url"]
+    answer = await svc.client.post(url, json={"status": "failed", "error": {"message": "boom"}})
+    assert answer.status_code == 200
+    await svc.wait_state(job_id, "failed")
+    return url
+
+
+async def retry(svc: Service, job_id: str, body: Any = None) -> httpx.Response:
+    return await svc.client.post(f"/jobs/{job_id}/retry", json=body)
+
+
+async def test_a_failed_job_runs_again_as_attempt_2_with_a_new_url_and_key(start_service, receiver):
+    svc = await start_service()
+    old_url = await failed_job(svc, receiver, "r")
+    answer = await retry(svc, "r")
+    assert answer.status_code == 200, answer.text
+    job = answer.json()
+    assert (job["state"], job["attempt"], job["error"], job["external"]) == (
+        "pending",
+        2,
+        None,
+        None,
+    )
+    await svc.wait_state("r", "running")
+    first, second = triggers(receiver, "r")
+    assert (first["promise_id"], second["promise_id"]) == ("r:1", "r~2:1")
+    assert (first["idempotency_key"], second["idempotency_key"]) == ("r:1", "r~2:1")
+    assert second["callback_url"] != old_url
+    assert receiver.hits[-1].headers["idempotency-key"] == "r~2:1"
+
+    # The first attempt's URL is gone, and says why; the job is untouched.
+    late = await svc.client.post(old_url, json={"status": "succeeded"})
+    assert late.status_code == 410
+    assert late.json()["message"] == "attempt 1 of this job has ended; the job is at attempt 2"
+    assert (await svc.job("r"))["state"] == "running"
+
+    done = await svc.client.post(second["callback_url"], json={"status": "succeeded", "result": 5})
+    assert (done.status_code, done.json()["outcome"]) == (200, "accepted")
+    job = await svc.wait_state("r", "succeeded")
+    assert (job["attempt"], job["result"], job["error"]) == (2, 5, None)
+
+    events = (await svc.client.get("/jobs/r/events")).json()["items"]
+    assert [(e["attempt"], e["type"]) for e in events] == [
+        (1, "accepted"),
+        (1, "triggered"),
+        (1, "callback"),
+        (1, "finished"),
+        (2, "retried"),
+        (2, "triggered"),
+        (2, "callback"),
+        (2, "callback"),
+        (2, "finished"),
+    ]
+    retried = events[4]["data"]
+    assert retried["previous"]["state"] == "failed"
+    assert retried["previous"]["error"] == {"message": "boom"}
+    assert retried["previous"]["external"] == events[1]["data"]["external"]
+    assert (events[6]["data"]["verdict"], events[6]["data"]["attempt"]) == ("gone", 1)
+    assert events[7]["data"]["verdict"] == "accepted"
+
+
+async def test_a_stream_opened_after_a_retry_ends_at_the_new_attempts_finished(
+    start_service, receiver
+):
+    svc = await start_service()
+    await failed_job(svc, receiver, "s")
+    assert (await retry(svc, "s")).status_code == 200
+    await svc.wait_state("s", "running")
+    url = triggers(receiver, "s")[-1]["callback_url"]
+    seen: list[tuple[int, str]] = []
+
+    async def follow() -> None:
+        headers = {"accept": "text/event-stream"}
+        async with svc.client.stream("GET", "/jobs/s/events", headers=headers) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    item = msgspec.json.decode(line[6:])
+                    seen.append((item["attempt"], item["type"]))
+
+    stream = asyncio.create_task(follow())
+    await eventually(lambda: (2, "triggered") in seen)
+    assert not stream.done()  # attempt 1's `finished` did not end it
+    await svc.client.post(url, json={"status": "succeeded"})
+    await asyncio.wait_for(stream, 10)
+    assert seen[-1] == (2, "finished")
+    assert seen.count((1, "finished")) == 1
+
+
+@pytest.mark.parametrize("end", ["running", "succeeded", "pending"])
+async def test_a_job_that_is_waiting_or_succeeded_is_not_retried(start_service, receiver, end):
+    svc = await start_service()
+    if end == "pending":  # a trigger that never answers keeps the job pending
+        receiver.respond = lambda hit: (503, {})
+        body = {"id": "w", "backend": "http_webhook", "params": {"url": receiver.url()}}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    else:
+        await start(svc, receiver, "w")
+    if end == "succeeded":
+        await svc.client.post(
+            triggers(receiver, "w")[-1]["callback_url"], json={"status": "succeeded"}
+        )
+        await svc.wait_state("w", "succeeded")
+    before = len(receiver.hits)
+    answer = await retry(svc, "w")
+    assert answer.status_code == 409
+    error = answer.json()["error"]
+    assert error["details"] == {"attempt": 1, "state": end}
+    assert f"at attempt 1 ({end})" in error["message"]
+    job = await svc.job("w")
+    assert (job["attempt"], job["state"]) == (1, end)
+    assert len(receiver.hits) == before or end == "pending"
+
+
+async def test_an_unknown_job_is_404(start_service):
+    svc = await start_service()
+    answer = await retry(svc, "nope")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["message"] == "no job 'nope'"
+
+
+async def test_a_repeated_retry_naming_its_attempt_starts_nothing_more(start_service, receiver):
+    svc = await start_service()
+    await failed_job(svc, receiver, "a")
+    first = await retry(svc, "a", {"attempt": 2})
+    assert (first.status_code, first.json()["attempt"]) == (200, 2)
+    await svc.wait_state("a", "running")
+    again = await retry(svc, "a", {"attempt": 2.0})  # a whole number, however written
+    assert (again.status_code, again.json()["attempt"]) == (200, 2)
+    assert again.json()["state"] == "running"
+    await asyncio.sleep(0.3)
+    assert len(triggers(receiver, "a")) == 2
+
+    # An attempt that cannot follow from where the job is: 409 naming it.
+    for wanted in (1, 4):
+        answer = await retry(svc, "a", {"attempt": wanted})
+        if wanted == 1:  # an earlier attempt: a no-op answer only when it is the current one
+            assert answer.status_code == 409
+        assert answer.status_code == 409
+        error = answer.json()["error"]
+        assert error["details"] == {"attempt": 2, "state": "running"}
+        assert "at attempt 2 (running)" in error["message"]
+
+
+async def test_concurrent_retries_start_exactly_one_attempt(start_service, receiver):
+    svc = await start_service()
+    await failed_job(svc, receiver, "c")
+    answers = await asyncio.gather(*(retry(svc, "c") for _ in range(5)))
+    assert sorted(a.status_code for a in answers) == [200, 409, 409, 409, 409]
+    await svc.wait_state("c", "running")
+    await asyncio.sleep(0.3)
+    assert [t["promise_id"] for t in triggers(receiver, "c")] == ["c:1", "c~2:1"]
+    events = (await svc.client.get("/jobs/c/events")).json()["items"]
+    assert [e["type"] for e in events].count("retried") == 1
+
+    # Naming the attempt, every one of them is answered 200 with it.
+    await svc.client.post(triggers(receiver, "c")[-1]["callback_url"], json={"status": "failed"})
+    await svc.wait_state("c", "failed")
+    answers = await asyncio.gather(*(retry(svc, "c", {"attempt": 3}) for _ in range(5)))
+    assert {(a.status_code, a.json()["attempt"]) for a in answers} == {(200, 3)}
+    await svc.wait_state("c", "running")
+    assert [t["promise_id"] for t in triggers(receiver, "c")] == ["c:1", "c~2:1", "c~3:1"]
+
+
+async def test_a_timed_out_job_gets_a_fresh_deadline(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "t", timeout=0.5)
+    await svc.wait_state("t", "timed_out")
+    await asyncio.sleep(0.5)  # the first deadline is long past
+    answer = await retry(svc, "t")
+    assert answer.status_code == 200
+    job = await svc.wait_state("t", "running")
+    assert job["attempt"] == 2
+    job = await svc.wait_state("t", "timed_out", timeout=5)
+    assert job["error"]["type"] == "timeout"
+    types = [
+        (e["attempt"], e["type"]) for e in (await svc.client.get("/jobs/t/events")).json()["items"]
+    ]
+    assert types[-2:] == [(2, "timed_out"), (2, "finished")]
+
+
+async def test_a_canceled_job_is_retried_after_its_run_was_stopped(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "k")
+    assert (await svc.client.post("/jobs/k/cancel")).status_code == 200
+    answer = await retry(svc, "k")  # at once: the cancel's finish step may still run
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
+    await svc.wait_state("k", "running")
+    job = await svc.job("k")
+    assert (job["state"], job["error"]) == ("running", None)  # attempt 1's end left it alone
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"attempt": 0}, "attempt"),
+        ({"attempt": 2.5}, "attempt"),
+        ({"attempt": "two"}, "attempt"),
+        ({"attempt": True}, "attempt"),
+        ({"attempts": 2}, "attempts"),
+        ([2], "body"),
+    ],
+)
+async def test_a_malformed_retry_is_refused_naming_the_field_and_changes_nothing(
+    start_service, receiver, body, field
+):
+    svc = await start_service()
+    await failed_job(svc, receiver, "m")
+    answer = await retry(svc, "m", body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["details"]["field"] == field
+    job = await svc.job("m")
+    assert (job["state"], job["attempt"]) == ("failed", 1)
+
+
+async def test_retry_needs_the_api_token_not_a_read_token(start_service, receiver):
+    svc = await start_service(api_token="write-token", read_token="read-token")
+    svc.client.headers["authorization"] = "Bearer write-token"
+    await failed_job(svc, receiver, "p")
+    read = {"authorization": "Bearer read-token"}
+    answer = await svc.client.post("/jobs/p/retry", headers=read)
+    assert answer.status_code == 403
+    assert (await svc.job("p"))["attempt"] == 1
+    assert (await svc.client.post("/jobs/p/retry")).status_code == 200
+
+
+class Rerunnable(Backend):
+    """Records what `rerun` is handed; `trigger` starts a run numbered by attempt."""
+
+    name = "rerunnable"
+    params_type = dict
+
+    def __init__(self) -> None:
+        self.reruns: list[tuple[Trigger, Job]] = []
+
+    async def trigger(self, trigger: Trigger) -> dict[str, Any]:
+        return {"run": trigger.job.attempt}
+
+    async def rerun(self, trigger: Trigger, previous: Job) -> dict[str, Any]:
+        self.reruns.append((trigger, previous))
+        return {"run": trigger.job.attempt, "resumed": previous.external}
+
+
+class Offers:
+    def __init__(self, *backends: Any) -> None:
+        self.backends = backends
+
+    @hookimpl
+    def tether_backends(self) -> Any:
+        return self.backends
+
+
+async def test_hook_rerun_gets_the_new_trigger_and_the_previous_attempt(start_service):
+    backend = Rerunnable()
+    svc = await start_service(plugins=(Offers(backend),))
+    assert (await svc.client.post("/jobs", json={"id": "h", "backend": "rerunnable"})).status_code
+    await svc.wait_state("h", "running")
+    assert (
+        await svc.client.post("/jobs/h/cancel", json={"reason": "wrong day"})
+    ).status_code == 200
+    assert (await retry(svc, "h")).status_code == 200
+    job = await svc.wait_state("h", "running")
+    [(trigger, previous)] = backend.reruns
+    assert (trigger.job.attempt, trigger.promise_id, trigger.idempotency_key) == (
+        2,
+        "h~2:1",
+        "h~2:1",
+    )
+    assert (previous.attempt, previous.state, previous.external) == (1, "canceled", {"run": 1})
+    assert previous.error is not None and previous.error.message == "canceled by request: wrong day"
+    assert job["external"] == {"run": 2, "resumed": {"run": 1}}
+
+
+async def test_hook_rerun_by_default_triggers_again(start_service, receiver):
+    svc = await start_service()
+    await failed_job(svc, receiver, "d")
+    assert (await retry(svc, "d")).status_code == 200
+    await svc.wait_state("d", "running")
+    assert [t["promise_id"] for t in triggers(receiver, "d")] == ["d:1", "d~2:1"]

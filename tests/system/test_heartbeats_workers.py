@@ -1,0 +1,92 @@
+"""Heartbeats across a real `tether serve --workers 2` and a crash: each
+heartbeat may reach either worker, and whichever worker's watchdog looks next
+sees it (both read the store); a miss is handled by one process only; after a
+SIGKILL and a restart, a job whose heartbeats stopped still times out, and one
+whose backend says it is running is still asked about once per
+`heartbeat_timeout`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import Hit, Receiver, wait_until
+from tests.process import TetherProcess, wait_for
+
+BEAT = 1.0
+"""The jobs' heartbeat_timeout, in seconds."""
+
+
+def serve(tmp_path: Any) -> TetherProcess:
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TETHER_WATCHDOG_INTERVAL": "0.1"}
+    return TetherProcess(tmp_path, env, args=("--workers", "2")).start()
+
+
+def events(http: httpx.Client, job_id: str, kind: str) -> list[dict[str, Any]]:
+    items = http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["items"]
+    return [e for e in items if e["type"] == kind]
+
+
+def test_heartbeats_hold_across_workers_and_misses_are_seen_after_a_crash(
+    tmp_path: Any, receiver: Receiver
+) -> None:
+    def respond(hit: Hit) -> tuple[int, Any]:
+        return (200, {"status": "running"}) if hit.path == "/status" else (202, {})
+
+    receiver.respond = respond
+    service = serve(tmp_path)
+    try:
+        with service.client() as http:
+            for job_id, extra in (
+                ("beating", {}),
+                ("watched", {"status_url": receiver.url("/status"), "status_interval": 3600}),
+            ):
+                body = {
+                    "id": job_id,
+                    "backend": "http_webhook",
+                    "params": {"url": receiver.url(), **extra},
+                    "timeout": 120,
+                    "heartbeat_timeout": BEAT,
+                }
+                assert http.post("/jobs", json=body).status_code == 201
+                wait_for(http, job_id, "running", recorded=True)
+            [url] = [h.body["heartbeat_url"] for h in receiver.hits if h.path == "/hook"][:1]
+            # Four heartbeat_timeouts of heartbeats, new connections each, so
+            # both workers take some.
+            started = time.monotonic()
+            n = 0
+            while time.monotonic() - started < 4 * BEAT:
+                with httpx.Client(trust_env=False) as once:
+                    assert once.post(url, json={"progress": n}).status_code == 200
+                n += 1
+                time.sleep(BEAT / 4)
+            job = http.get("/jobs/beating").json()
+            assert (job["state"], job["progress"]) == ("running", n - 1)
+            assert not events(http, "beating", "heartbeat_missed")
+            # The silent one was asked about once per heartbeat_timeout, by one worker.
+            missed = events(http, "watched", "heartbeat_missed")
+            assert 2 <= len(missed) <= 5, missed
+            asked = [h.at for h in receiver.on("/status")]
+            assert all(b - a >= BEAT * 0.8 for a, b in itertools.pairwise(asked))
+            assert http.get("/jobs/watched").json()["state"] == "running"
+    finally:
+        service.kill()
+
+    # A crash, then a restart on the same store: the beating job's heartbeats stopped.
+    service = serve(tmp_path)
+    try:
+        with service.client() as http:
+            job = wait_for(http, "beating", "timed_out", timeout=15)
+            assert job["error"]["type"] == "heartbeat_timeout"
+            before = len(events(http, "watched", "heartbeat_missed"))
+            wait_until(
+                lambda: len(events(http, "watched", "heartbeat_missed")) >= before + 2, timeout=10
+            )
+            assert http.get("/jobs/watched").json()["state"] == "running"
+            asked = [h.at for h in receiver.on("/status")]
+            assert all(b - a >= BEAT * 0.8 for a, b in itertools.pairwise(asked))
+    finally:
+        service.kill()

@@ -1,0 +1,219 @@
+"""The dashboard in a real browser, on a service without tokens: the list and
+its filters, a job's page and its live timeline, Cancel and Retry, caller
+data shown as text, a phone's width."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from tests.conftest import Receiver
+from tests.process import TetherProcess, wait_for
+from tests.ui.parts import FAIL, serve, settle, start_job, unique
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherProcess]:
+    served = serve(tmp_path_factory.mktemp("dashboard"))
+    yield served
+    served.kill()
+
+
+@pytest.fixture
+def client(service: TetherProcess) -> Iterator[httpx.Client]:
+    with service.client() as made:
+        yield made
+
+
+class Dialogs:
+    """Every question (`confirm`, `alert`) a page asked, answered with `accept`."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.accept = False
+
+    def __call__(self, dialog: Any) -> None:
+        self.asked.append(dialog.message)
+        if self.accept:
+            dialog.accept()
+        else:
+            dialog.dismiss()
+
+
+@pytest.fixture
+def dialogs() -> Dialogs:
+    return Dialogs()
+
+
+@pytest.fixture
+def page(context: Any, dialogs: Dialogs) -> Any:
+    opened = context.new_page()
+    opened.on("dialog", dialogs)
+    return opened
+
+
+def mark(page: Any) -> None:
+    """Mark the loaded document: `unreloaded` then tells it was never reloaded."""
+    page.evaluate("window.tetherMark = true")
+
+
+def unreloaded(page: Any) -> bool:
+    return bool(page.evaluate("window.tetherMark === true"))
+
+
+def row(page: Any, job_id: str) -> Any:
+    return page.locator(f'tr[data-id="{job_id}"]')
+
+
+def test_the_list_shows_a_new_job_live(page, service, client, hooks: Receiver):
+    page.goto(f"{service.url}/")
+    expect(page).to_have_url(re.compile(r"/ui$"))
+    expect(page.locator("#live")).to_have_text("live")
+    mark(page)
+    job_id = unique("new")
+    start_job(client, hooks, job_id)
+
+    expect(row(page, job_id)).to_be_visible()
+    expect(row(page, job_id).locator(".badge")).to_have_text("running")
+    expect(row(page, job_id).locator('td[data-label="Backend"]')).to_have_text("http_webhook")
+    expect(row(page, job_id).locator('td[data-label="Attempt"]')).to_have_text("1")
+    assert row(page, job_id).locator("a").get_attribute("href") == f"/ui/jobs/{job_id}"
+    first = page.locator("#jobs tr").first
+    expect(first).to_have_attribute("data-id", job_id)  # newest first
+    expect(page.locator("#summary .state-running .n")).not_to_have_text("0")
+    assert unreloaded(page)
+
+
+def test_a_filter_narrows_the_list_and_is_in_the_url(page, service, client, hooks: Receiver):
+    running, failed = unique("filter-running"), unique("filter-failed")
+    start_job(client, hooks, running)
+    start_job(client, hooks, failed, path=FAIL)
+    page.goto(f"{service.url}/ui")
+    expect(row(page, running)).to_be_visible()
+    expect(row(page, failed)).to_be_visible()
+
+    page.get_by_label("failed", exact=True).check()
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(r"/ui\?state=failed$"))
+    expect(row(page, failed)).to_be_visible()
+    expect(row(page, running)).to_have_count(0)
+    expect(page.locator("#jobs .badge")).to_have_text(["failed"] * page.locator("#jobs tr").count())
+
+    # The URL is the view: opened afresh (a bookmark), it shows the same.
+    fresh = page.context.new_page()
+    fresh.goto(f"{service.url}/ui?state=failed&backend=http_webhook")
+    expect(row(fresh, failed)).to_be_visible()
+    expect(row(fresh, running)).to_have_count(0)
+    expect(fresh.get_by_label("failed", exact=True)).to_be_checked()
+    expect(fresh.get_by_label("http_webhook", exact=True)).to_be_checked()
+
+    # Live, a job that comes to match the filter joins it: cancel the running one.
+    page.goto(f"{service.url}/ui?state=canceled")
+    expect(row(page, running)).to_have_count(0)
+    expect(page.locator("#live")).to_have_text("live")
+    assert client.post(f"/jobs/{running}/cancel").status_code == 200
+    expect(row(page, running).locator(".badge")).to_have_text("canceled")
+
+
+def test_the_timeline_gains_the_callback_live(page, service, client, hooks: Receiver):
+    job_id = unique("timeline")
+    callback_url = start_job(client, hooks, job_id)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    timeline = page.locator("#events .etype")
+    expect(timeline).to_have_text(["accepted", "triggered"])
+    expect(page.locator('[data-field="state"]')).to_have_text("running")
+    expect(page.locator("#live")).to_have_text("live")
+    mark(page)
+
+    settle(callback_url, status="succeeded", result={"rows": 42})
+    expect(timeline).to_have_text(["accepted", "triggered", "callback", "finished"])
+    expect(page.locator(".type-callback .verdict")).to_have_text("accepted")
+    expect(page.locator('[data-field="state"]')).to_have_text("succeeded")
+    expect(page.locator('pre[data-json="result"]')).to_have_text('{\n  "rows": 42\n}')
+    expect(page.locator('[data-field="duration"]')).not_to_have_text("")
+    expect(page.locator("#cancel")).to_be_hidden()
+    expect(page.locator("#retry")).to_be_hidden()  # succeeded: nothing to retry
+    assert unreloaded(page)
+
+
+def test_cancel_asks_first_then_cancels(page, dialogs, service, client, hooks: Receiver):
+    job_id = unique("cancel")
+    start_job(client, hooks, job_id)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#retry")).to_be_hidden()
+
+    page.locator("#cancel").click()  # and say no
+    question = f"Cancel job {job_id}? Its backend is asked to stop the run."
+    expect(page.locator('[data-field="state"]')).to_have_text("running")
+    assert dialogs.asked == [question]
+    assert client.get(f"/jobs/{job_id}").json()["state"] == "running"
+
+    dialogs.accept = True
+    page.locator("#cancel").click()
+    expect(page.locator('[data-field="state"]')).to_have_text("canceled")
+    expect(page.locator("#message")).to_have_text("Canceled.")
+    expect(page.locator("#cancel")).to_be_hidden()
+    expect(page.locator("#retry")).to_be_visible()
+    expect(page.locator("#events .etype").last).to_have_text("finished")
+    assert client.get(f"/jobs/{job_id}").json()["state"] == "canceled"
+    assert dialogs.asked == [question, question]
+
+
+def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Receiver):
+    job_id = unique("retry")
+    start_job(client, hooks, job_id, path=FAIL)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    expect(page.locator("#cancel")).to_be_hidden()
+
+    dialogs.accept = True
+    page.locator("#retry").click()
+    expect(page.locator('[data-field="attempt"]')).to_have_text("2")
+    expect(page.locator("#message")).to_have_text("Attempt 2 started.")
+    expect(page.locator("#events .etype", has_text="retried")).to_have_count(1)
+    job = wait_for(client, job_id, "failed")  # the receiver refuses attempt 2 as well
+    assert job["attempt"] == 2
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    expect(page.locator(".event.type-finished .attempt")).to_have_text(["attempt 1", "attempt 2"])
+
+
+def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):
+    hostile = "<script>alert(1)</script>"
+    job_id = unique("hostile")
+    callback_url = start_job(
+        client, hooks, job_id, metadata={"<b>owner</b>": '<img src=x onerror="alert(2)">'}
+    )
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    metadata = page.locator('pre[data-json="metadata"]')
+    expect(metadata).to_contain_text('<img src=x onerror=\\"alert(2)\\">')
+    settle(callback_url, status="succeeded", result=hostile)  # shown by the page's script
+    result = page.locator('pre[data-json="result"]')
+    expect(result).to_have_text(f'"{hostile}"')
+
+    page.reload()  # and as the server renders it
+    expect(result).to_have_text(f'"{hostile}"')
+    expect(metadata).to_contain_text("<b>owner</b>")
+    page.goto(f"{service.url}/ui")
+    expect(row(page, job_id)).to_be_visible()
+    assert page.locator("main script:not([type='application/json']), main img, main b").count() == 0
+    assert dialogs.asked == []
+
+
+def test_the_pages_fit_a_phone(context, service, client, hooks: Receiver):
+    job_id = unique("phone")
+    start_job(client, hooks, job_id)
+    phone = context.new_page()
+    phone.set_viewport_size({"width": 390, "height": 800})
+    for path in ("/ui", f"/ui/jobs/{job_id}"):
+        phone.goto(service.url + path)
+        expect(phone.locator("main")).to_be_visible()
+        wide = phone.evaluate("document.documentElement.scrollWidth")
+        assert wide <= 390, f"{path} is {wide}px wide on a 390px screen"
+    phone.goto(f"{service.url}/ui")
+    cell = row(phone, job_id).locator('td[data-label="State"]')
+    assert cell.evaluate("td => getComputedStyle(td, '::before').content") == '"State"'

@@ -1,0 +1,138 @@
+"""`GET /jobs` with `Accept: text/event-stream`, the stream of job changes the
+dashboard's list follows: the page first, then each job that changes on it,
+joins it or leaves it; the list's filters hold; it ends when the service stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.api.test_events import messages
+from tests.conftest import Receiver, Service, eventually
+from tests.process import wait_for
+from tests.ui.parts import serve
+
+SSE = {"accept": "text/event-stream"}
+
+
+@contextlib.asynccontextmanager
+async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, Any]]]:
+    """The jobs the stream of `GET /jobs?{query}` sent so far, growing while open."""
+    got: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        async with svc.client.stream("GET", f"/jobs?{query}", headers=SSE, timeout=30) as answer:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            async for message in messages(answer):
+                assert message["event"] == "job"
+                got.append(message["data"])
+
+    reading = asyncio.create_task(read())
+    try:
+        yield got
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+
+def states(got: list[dict[str, Any]], job_id: str) -> list[str]:
+    return [job["state"] for job in got if job["id"] == job_id]
+
+
+async def start(svc: Service, receiver: Receiver, job_id: str) -> None:
+    body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state(job_id, "running")
+
+
+async def settle(receiver: Receiver, job_id: str, **outcome: Any) -> None:
+    hit = next(h for h in receiver.hits if h.body["job_id"] == job_id)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert (await client.post(hit.body["callback_url"], json=outcome)).status_code == 200
+
+
+async def test_the_page_then_each_change(start_service, receiver):
+    svc = await start_service()
+    await start(svc, receiver, "before")
+    async with follow(svc, "limit=10") as got:
+        await eventually(lambda: states(got, "before") == ["running"])
+        await start(svc, receiver, "after")
+        await eventually(lambda: states(got, "after")[-1:] == ["running"])
+        await settle(receiver, "before", status="succeeded", result=1)
+        await eventually(lambda: states(got, "before") == ["running", "succeeded"], holds=1.5)
+    finished = got[-1]
+    assert finished["result"] == 1 and finished["finished_at"] is not None
+    # Every job once per change, never again while it stays as it is.
+    assert [j["id"] for j in got].count("before") == 2
+
+
+async def test_the_filters_hold_and_a_job_leaving_them_is_sent_once(start_service, receiver):
+    svc = await start_service()
+    async with follow(svc, "state=running&backend=http_webhook") as got:
+        await start(svc, receiver, "runs")
+        await eventually(lambda: states(got, "runs") == ["running"])
+        await settle(receiver, "runs", status="failed", error={"message": "no"})
+        await eventually(lambda: states(got, "runs") == ["running", "failed"], holds=1.5)
+        refused = {"url": "http://127.0.0.1:9/"}  # nothing listens: the trigger fails
+        body = {"id": "refused", "backend": "http_webhook", "params": refused}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+        await svc.wait_state("refused", "failed", timeout=15)
+        await asyncio.sleep(1.5)  # past a read of the page
+    assert states(got, "refused") == []  # never running: never on the page
+
+
+async def test_a_bad_query_is_refused_as_the_list_refuses_it(start_service):
+    svc = await start_service()
+    for query in ("state=sleeping", "limit=0", "cursor=nope", "colour=red"):
+        answer = await svc.client.get(f"/jobs?{query}", headers=SSE)
+        assert answer.status_code == 400, query
+        assert answer.headers["content-type"].startswith("application/json")
+
+
+def test_an_open_stream_ends_when_the_service_stops(tmp_path: Path):
+    served = serve(tmp_path)
+    try:
+        with (
+            served.client() as client,
+            client.stream("GET", "/jobs", headers=SSE, timeout=30) as answer,
+        ):
+            assert answer.status_code == 200
+            served.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            stopping = time.monotonic()
+            for _ in answer.iter_lines():
+                pass
+            assert time.monotonic() - stopping < 5
+        assert served.proc.wait(10) == -signal.SIGTERM  # type: ignore[union-attr]
+    finally:
+        served.kill()
+
+
+def test_a_job_on_the_page_is_read_by_its_process(tmp_path: Path, receiver):
+    """Two processes share the store: a change made by the other one reaches
+    the stream by its reads of the page."""
+    first = serve(tmp_path)
+    second = serve(tmp_path)
+    try:
+        with (
+            first.client() as reader,
+            second.client() as writer,
+            reader.stream("GET", "/jobs", headers=SSE, timeout=30) as answer,
+        ):
+            body = {"id": "elsewhere", "backend": "http_webhook", "params": {"url": receiver.url()}}
+            assert writer.post("/jobs", json=body).status_code == 201
+            wait_for(writer, "elsewhere", "running")
+            lines = answer.iter_lines()
+            assert next(lines) == "event: job"
+            assert '"id":"elsewhere"' in next(lines)
+    finally:
+        first.kill()
+        second.kill()

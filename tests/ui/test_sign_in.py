@@ -1,0 +1,196 @@
+"""With tokens set, the dashboard asks for one and trades it for a signed
+session cookie: the pages are gated, the API accepts the cookie, a change made
+with it needs the page's CSRF token, a read token's session changes nothing,
+and a session ends with sign-out or when its token leaves the settings. The
+service runs two workers, so every answer may come from either."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from tests.conftest import Receiver
+from tests.process import TetherProcess
+from tests.ui.parts import serve, start_job, unique
+
+API_TOKEN = "ui-api-token-4f0c2d9e8b7a6"
+READ_TOKEN = "ui-read-token-91d3e5f7a2c4b"
+TOKENS = {"TETHER_API_TOKEN": API_TOKEN, "TETHER_READ_TOKEN": READ_TOKEN}
+COOKIE = "tether_session"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherProcess]:
+    served = serve(tmp_path_factory.mktemp("sign-in"), TOKENS, args=("--workers", "2"))
+    yield served
+    served.kill()
+
+
+@pytest.fixture
+def api(service: TetherProcess) -> Iterator[httpx.Client]:
+    """A client with the API token, as a script would be."""
+    with service.client(headers={"authorization": f"Bearer {API_TOKEN}"}) as made:
+        yield made
+
+
+def signed_in(service: TetherProcess, token: str) -> tuple[httpx.Client, str]:
+    """A client holding the session cookie a sign-in with `token` gave, and
+    the CSRF token its pages carry."""
+    client = service.client()
+    answer = client.post("/ui/sign-in", data={"token": token, "next": "/ui"})
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"] == "/ui"
+    page = client.get("/ui")
+    assert page.status_code == 200
+    found = re.search(r'data-csrf="([^"]+)"', page.text)
+    assert found, "no CSRF token on the page"
+    return client, found[1]
+
+
+def test_the_pages_ask_for_a_token_first(context, service, api, hooks: Receiver):
+    job_id = unique("gated")
+    start_job(api, hooks, job_id)
+    page = context.new_page()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert hooks.url() not in page.content()  # nothing of the job before signing in
+    assert "http_webhook" not in page.content()
+
+    page.get_by_label("Token").fill("not-a-token")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_have_text("That token is not accepted.")
+    assert context.cookies() == []
+
+    page.get_by_label("Token").fill(API_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{service.url}/ui/jobs/{job_id}")  # back where it was asked
+    expect(page.locator("h1")).to_have_text(job_id)
+    expect(page.locator("#cancel")).to_be_visible()
+    expect(page.locator("#live")).to_have_text("live")  # the events stream takes the cookie
+    (cookie,) = context.cookies()
+    assert cookie["name"] == COOKIE
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["path"] == "/"
+    assert API_TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # out of the page scripts' reach
+
+    page.goto(f"{service.url}/ui")
+    expect(page.locator(f'tr[data-id="{job_id}"]')).to_be_visible()
+    expect(page.locator("#live")).to_have_text("live")
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert context.cookies() == []
+    page.goto(f"{service.url}/ui")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+    log = service.log.read_text()
+    assert API_TOKEN not in log and "not-a-token" not in log
+    assert cookie["value"] not in log
+
+
+def test_a_cancel_with_the_cookie_needs_the_csrf_token(service, api, hooks: Receiver):
+    job_id = unique("csrf")
+    start_job(api, hooks, job_id)
+    with service.client() as stranger:
+        assert stranger.get("/jobs").status_code == 401
+        assert stranger.get("/ui/summary").status_code == 401
+        assert 'name="token"' in stranger.get("/ui/sign-in").text
+    session, csrf = signed_in(service, API_TOKEN)
+    with closing(session):
+        assert session.get(f"/jobs/{job_id}").json()["state"] == "running"
+        assert session.get(f"/jobs/{job_id}/events").status_code == 200
+        assert session.get("/ui/sign-in").headers["location"] == "/ui"  # signed in already
+
+        refused = session.post(f"/jobs/{job_id}/cancel", json={})
+        assert refused.status_code == 403
+        assert "X-CSRF-Token" in refused.json()["error"]["message"]
+        wrong = session.post(f"/jobs/{job_id}/cancel", json={}, headers={"x-csrf-token": "x"})
+        assert wrong.status_code == 403
+        other_session, other_csrf = signed_in(service, API_TOKEN)
+        other_session.close()
+        assert other_csrf != csrf  # each sign-in has its own
+        stolen = session.post(
+            f"/jobs/{job_id}/cancel", json={}, headers={"x-csrf-token": other_csrf}
+        )
+        assert stolen.status_code == 403
+        assert api.get(f"/jobs/{job_id}").json()["state"] == "running"
+
+        done = session.post(f"/jobs/{job_id}/cancel", json={}, headers={"x-csrf-token": csrf})
+        assert done.status_code == 200, done.text
+        assert done.json()["state"] == "canceled"
+
+        value = session.cookies[COOKIE]
+        forged = value[:-2] + ("AA" if not value.endswith("AA") else "BB")
+        with service.client(headers={"cookie": f"{COOKIE}={forged}"}) as forger:
+            assert forger.get("/jobs").status_code == 401
+            assert "Sign in" in forger.get("/ui").text
+
+    with service.client() as elsewhere:  # a form posted from another site signs no one in
+        answer = elsewhere.post(
+            "/ui/sign-in",
+            data={"token": API_TOKEN, "next": "/ui"},
+            headers={"sec-fetch-site": "cross-site"},
+        )
+        assert answer.status_code == 403
+        assert COOKIE not in answer.cookies
+        # nor sends anyone elsewhere afterwards
+        away = elsewhere.post("/ui/sign-in", data={"token": API_TOKEN, "next": "//evil.test/"})
+        assert away.headers["location"] == "/ui"
+
+
+def test_a_read_only_session_shows_no_buttons_and_changes_nothing(
+    context, service, api, hooks: Receiver
+):
+    job_id = unique("read")
+    start_job(api, hooks, job_id)
+    page = context.new_page()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    page.get_by_label("Token").fill(READ_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("h1")).to_have_text(job_id)
+    expect(page.locator(".read-only")).to_have_text("read-only")
+    expect(page.locator("#live")).to_have_text("live")
+    assert page.locator("#cancel, #retry").count() == 0
+
+    session, csrf = signed_in(service, READ_TOKEN)
+    with closing(session):
+        with session.stream("GET", "/jobs", headers={"accept": "text/event-stream"}) as stream:
+            assert stream.status_code == 200
+            assert next(stream.iter_lines()) == "event: job"
+        for action in ("cancel", "retry"):
+            answer = session.post(
+                f"/jobs/{job_id}/{action}", json={}, headers={"x-csrf-token": csrf}
+            )
+            assert answer.status_code == 403
+            assert "may only read" in answer.json()["error"]["message"]
+        created = session.post(
+            "/jobs", json={"backend": "http_webhook"}, headers={"x-csrf-token": csrf}
+        )
+        assert created.status_code == 403
+    assert api.get(f"/jobs/{job_id}").json()["state"] == "running"
+
+
+def test_a_session_outlives_a_restart_and_ends_with_its_token(tmp_path: Path):
+    served = serve(tmp_path, TOKENS)
+    try:
+        session, _ = signed_in(served, API_TOKEN)
+        cookie = {"cookie": f"{COOKIE}={session.cookies[COOKIE]}"}
+        session.close()
+        served.terminate()
+        served = serve(tmp_path, TOKENS, port=served.port)
+        with served.client(headers=cookie) as again:
+            assert again.get("/jobs").status_code == 200
+        served.terminate()
+        served = serve(tmp_path, {**TOKENS, "TETHER_API_TOKEN": "ui-api-token-replacement"})
+        with served.client(headers=cookie) as removed:
+            assert removed.get("/jobs").status_code == 401
+            assert "Sign in" in removed.get("/ui").text
+    finally:
+        served.kill()
