@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -21,10 +22,17 @@ log = logging.getLogger("tether.access")
 CALLBACKS = "/callbacks/"
 
 
-def access_log(app: ASGIApp) -> ASGIApp:
-    """`app` logging one line per HTTP request once its answer is sent."""
+type Observer = Callable[[Any, int, float], None]
+"""Told of each HTTP request once its answer is sent: its scope, the status,
+and the seconds it took."""
 
-    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+
+def observed(app: ASGIApp, observers: Sequence[Observer]) -> ASGIApp:
+    """`app`, telling `observers` of each HTTP request once its answer is sent.
+    Around Litestar's whole handler, not a route middleware: answers of no
+    route (404, 405) and errors are told too."""
+
+    async def observing(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
@@ -40,9 +48,16 @@ def access_log(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, sending)
         finally:
-            _log(scope, status, (time.perf_counter() - started) * 1000)
+            took = time.perf_counter() - started
+            for observer in observers:
+                observer(scope, status, took)
 
-    return logged
+    return observing
+
+
+def log_request(scope: Any, status: int, seconds: float) -> None:
+    """The access log's line (an `Observer`)."""
+    _log(scope, status, seconds * 1000)
 
 
 def _log(scope: Any, status: int, ms: float) -> None:

@@ -11,7 +11,7 @@ import pluggy
 from litestar import Litestar, Router
 from litestar.di import Provide
 
-from api.access import access_log
+from api.access import Observer, log_request, observed
 from api.controllers import (
     CallbackController,
     JobController,
@@ -23,7 +23,7 @@ from api.controllers import (
 )
 from api.errors import EXCEPTION_HANDLERS
 from api.metrics import install as install_metrics
-from api.metrics import metrics
+from api.metrics import metrics, observe_request
 from api.openapi import openapi_config
 from api.ui import TEMPLATES, Sessions, ui_router
 from core.plugins import Plugins, make_plugin_manager
@@ -84,10 +84,10 @@ def create_app(
     )
     rules.update(query_rules(app.routes))
     install_metrics(app, plugins.backends)
+    observers: list[Observer] = [observe_request]
     if settings.access_log:
-        # Around Litestar's whole handler, not a route middleware: unmatched
-        # routes (404, 405) and errors get their line too.
-        app.asgi_handler = access_log(app.asgi_handler)
+        observers.append(log_request)
+    app.asgi_handler = observed(app.asgi_handler, observers)
     return app
 
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
 from litestar.di import NamedDependency
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -75,45 +72,23 @@ def multiprocess_dir(workers: int) -> Iterator[None]:
                 os.environ[MULTIPROC_ENV] = previous
 
 
-def timed(app: ASGIApp) -> ASGIApp:
-    """`app` observing each HTTP request's duration in `REQUEST_DURATION`,
+def observe_request(scope: Any, status: int, seconds: float) -> None:
+    """The request-duration histogram's observation (an `api.access.Observer`),
     labelled with the route's template (`/jobs/{job_id}`), never the path:
-    paths carry job and promise ids. Wraps the whole app, so answers of no
-    route (404, 405) and errors are counted too."""
-
-    async def timing(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # if the app fails before answering, the server answers 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await app(scope, receive, sending)
-        finally:
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            route = scope.get("path_template") or UNMATCHED  # set by the router on a match
-            REQUEST_DURATION.labels(method, route, str(status)).observe(
-                time.perf_counter() - started
-            )
-
-    return timing
+    paths carry job and promise ids."""
+    method = scope["method"] if scope["method"] in METHODS else "other"
+    route = scope.get("path_template") or UNMATCHED  # set by the router on a match
+    REQUEST_DURATION.labels(method, route, str(status)).observe(seconds)
 
 
 def install(app: Litestar, backends: Iterable[str]) -> None:
-    """Once per app, after it is built: time its requests, and create the
-    series of `backends` at 0. (`metrics`, the route, goes on a router that
+    """Once per app, after it is built: create the series of `backends` at 0
+    (requests are timed by `observe_request`, which `api.app` hands the app's
+    one request observer). (`metrics`, the route, goes on a router that
     checks the API token.)"""
     # `*_created` series: Prometheus's text format drops them anyway. (Unannotated upstream.)
     disable_created_metrics()  # type: ignore[no-untyped-call]
     prime(backends)
-    app.asgi_handler = timed(app.asgi_handler)
 
 
 class Scrape:

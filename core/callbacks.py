@@ -218,16 +218,7 @@ class Callbacks:
     def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
         """The outcome a callback body reports. An empty body reads as `{}`:
         the backend may claim it; Tether's uniform body needs `status`."""
-        try:
-            decoded = msgspec.json.decode(body) if body.strip() else {}
-        except msgspec.DecodeError as exc:
-            raise MalformedBody(
-                f"the callback body is not valid JSON: {exc}", {"field": "body"}
-            ) from None
-        except RecursionError:
-            raise MalformedBody(
-                "the callback body is JSON nested too deeply", {"field": "body"}
-            ) from None
+        decoded = _decode("callback", body, empty={})
         backend = self.plugins.backends.get(rec.backend)
         if backend is not None:
             try:
@@ -250,19 +241,24 @@ class Callbacks:
             ) from None
 
 
-def _progress(body: bytes) -> Any:
-    """The progress a heartbeat body reports (None: none; an empty body and
-    `null` are heartbeats without progress)."""
+def _decode(what: str, body: bytes, empty: Any) -> Any:
+    """A `what` body's JSON; `empty` for a body of white space only."""
     try:
-        decoded = msgspec.json.decode(body) if body.strip() else None
+        return msgspec.json.decode(body) if body.strip() else empty
     except msgspec.DecodeError as exc:
         raise MalformedBody(
-            f"the heartbeat body is not valid JSON: {exc}", {"field": "body"}
+            f"the {what} body is not valid JSON: {exc}", {"field": "body"}
         ) from None
     except RecursionError:
         raise MalformedBody(
-            "the heartbeat body is JSON nested too deeply", {"field": "body"}
+            f"the {what} body is JSON nested too deeply", {"field": "body"}
         ) from None
+
+
+def _progress(body: bytes) -> Any:
+    """The progress a heartbeat body reports (None: none; an empty body and
+    `null` are heartbeats without progress)."""
+    decoded = _decode("heartbeat", body, empty=None)
     if decoded is None:
         return None
     try:
