@@ -571,6 +571,13 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
     help="Seconds the run may go without a heartbeat before Tether asks its backend.",
 )
 @click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="A tag to find the job by (`tether list --tag`); repeat for several.",
+)
+@click.option(
     "--wait",
     is_flag=True,
     help="Then watch the job until it ends, with the exit status of `tether watch`.",
@@ -583,6 +590,7 @@ def submit(
     timeout: float | None,
     metadata: dict[str, Any] | None,
     heartbeat_timeout: float | None,
+    tags: tuple[str, ...],
     wait: bool,
     url: str,
     as_json: bool,
@@ -598,6 +606,7 @@ def submit(
         "timeout": timeout,
         "metadata": metadata,
         "heartbeat_timeout": heartbeat_timeout,
+        "tags": list(tags) or None,
     }
     body.update((name, value) for name, value in given.items() if value is not None)
     job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", json=body), url)
@@ -627,6 +636,9 @@ def get(job_id: str, url: str, as_json: bool) -> None:
     "--backend", "backends", multiple=True, help="Only jobs of this backend; repeat for several."
 )
 @click.option(
+    "--tag", "tags", multiple=True, help="Only jobs having this tag; repeat for jobs having all."
+)
+@click.option(
     "--limit",
     type=click.IntRange(min=1),
     default=100,
@@ -635,7 +647,12 @@ def get(job_id: str, url: str, as_json: bool) -> None:
 )
 @service_options
 def list_jobs(
-    states: tuple[str, ...], backends: tuple[str, ...], limit: int, url: str, as_json: bool
+    states: tuple[str, ...],
+    backends: tuple[str, ...],
+    tags: tuple[str, ...],
+    limit: int,
+    url: str,
+    as_json: bool,
 ) -> None:
     """List jobs, newest first (GET /jobs).
 
@@ -646,7 +663,7 @@ def list_jobs(
         items: list[Any] = []
         cursor = None
         while True:
-            params: dict[str, Any] = {"state": states, "backend": backends}
+            params: dict[str, Any] = {"state": states, "backend": backends, "tag": tags}
             params["limit"] = min(limit - len(items), PAGE)
             if cursor:
                 params["cursor"] = cursor

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -17,6 +18,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec.enums import OpenAPIFormat
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
@@ -25,6 +27,7 @@ from core.callbacks import Heartbeat
 from core.errors import NotFound
 from core.events import KEEP_ALIVE
 from core.models import (
+    TAGS_MAX,
     CancelRequest,
     EventPage,
     Job,
@@ -124,6 +127,22 @@ def strict_query(rules: QueryRules) -> Guard:
                 )
 
     return refuse_unknown_query
+
+
+def moment(value: str | None, name: str) -> datetime | None:
+    """A date-time query parameter, read as msgspec reads one (RFC 3339, the
+    ISO 8601 profile the document's `date-time` names). Not declared as a
+    `datetime`: Litestar would read `null` as absent."""
+    if value is None:
+        return None
+    try:
+        return msgspec.convert(value, datetime)
+    except msgspec.ValidationError:
+        raise bad_request(
+            f"invalid query parameter {name!r}: give an ISO 8601 date-time such as"
+            " 2026-11-24T02:14:07Z",
+            name,
+        ) from None
 
 
 async def require_json(
@@ -309,6 +328,29 @@ class JobController(Controller):
                 " backend's jobs are listed too)",
             ),
         ] = None,
+        tag: Annotated[
+            list[str] | None,
+            QueryParameter(
+                max_items=TAGS_MAX,
+                description="Only jobs having every one of these tags",
+            ),
+        ] = None,
+        created_after: Annotated[
+            str | None,
+            QueryParameter(
+                format=OpenAPIFormat.DATE_TIME,
+                description="Only jobs created after this time (ISO 8601, e.g."
+                " `2026-11-24T02:14:07Z`)",
+            ),
+        ] = None,
+        created_before: Annotated[
+            str | None,
+            QueryParameter(
+                format=OpenAPIFormat.DATE_TIME,
+                description="Only jobs created before this time (ISO 8601, e.g."
+                " `2026-11-24T02:14:07Z`)",
+            ),
+        ] = None,
         limit: Annotated[
             int, QueryParameter(ge=1, le=1000, description="At most this many jobs")
         ] = 100,
@@ -321,8 +363,10 @@ class JobController(Controller):
         ] = None,
     ) -> Response[Any]:
         """Jobs, newest first. `state` and `backend` may each be given several
-        times (a job matches any of them); pass `next_cursor` back as `cursor`
-        for the next page. An unknown query parameter, or `limit` or `cursor`
+        times (a job matches any of them); `tag` too (a job matches when it has
+        them all); `created_after` and `created_before` are exclusive, and UTC
+        when they carry no offset. Pass `next_cursor` back as `cursor` for the
+        next page. An unknown query parameter, or `limit` or `cursor`
         given twice, is refused (400).
 
         With `Accept: text/event-stream`: the jobs of the page these parameters
@@ -334,7 +378,15 @@ class JobController(Controller):
         at once when a job changes in the process serving it."""
 
         async def page() -> JobPage:
-            return await tether.list_jobs(job_state or (), backend or (), limit, cursor)
+            return await tether.list_jobs(
+                job_state or (),
+                backend or (),
+                limit,
+                cursor,
+                tags=tag or (),
+                created_after=moment(created_after, "created_after"),
+                created_before=moment(created_before, "created_before"),
+            )
 
         if "text/event-stream" in request.headers.get("accept", ""):
             return self.changes(tether, page)

@@ -41,7 +41,14 @@ from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, Yaml
 from litestar.params import FromPath
 
 from core.hookspecs import Backend
-from core.models import JOB_ID_PATTERN, CallbackBody, CancelRequest, HeartbeatBody, RetryRequest
+from core.models import (
+    JOB_ID_PATTERN,
+    CallbackBody,
+    CancelRequest,
+    HeartbeatBody,
+    RetryRequest,
+    Tags,
+)
 from core.plugins import Plugins
 from core.settings import Settings
 from core.views import duration
@@ -221,6 +228,8 @@ ID_SCHEMA = {
     " The same id with the same request again reattaches to the job (200).",
     "examples": ["nightly-sales-2026-11-24"],
 }
+TAGS_SCHEMA = msgspec.json.schema(Tags)
+"""`tags` as `JobRequest` states it (`core.models.Tags`)."""
 METADATA_SCHEMA = {
     "type": "object",
     "additionalProperties": True,
@@ -631,6 +640,7 @@ class Document:
                 "timeout": self.timeout_schema(),
                 "metadata": METADATA_SCHEMA,
                 "heartbeat_timeout": self.heartbeat_timeout_schema(),
+                "tags": TAGS_SCHEMA,
             },
             "required": ["backend", "params"] if needs_params(backend) else ["backend"],
             "additionalProperties": False,

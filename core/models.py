@@ -30,6 +30,24 @@ OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -"
 
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
+TAGS_MAX = 16
+Tag = Annotated[str, msgspec.Meta(pattern=TAG_PATTERN.pattern, min_length=1, max_length=64)]
+Tags = Annotated[
+    list[Tag],
+    msgspec.Meta(
+        max_length=TAGS_MAX,
+        extra_json_schema={
+            "uniqueItems": True,
+            "description": "Labels to find the job by (`GET /jobs?tag=`): at most 16,"
+            " each 1 to 64 of `A-Z a-z 0-9 . _ : / = -`, no two alike. Kept sorted.",
+            "examples": [["team-a", "nightly"]],
+        },
+    ),
+]
+"""A job's tags as `POST /jobs` takes them; the service also refuses
+duplicates (`uniqueItems`, which msgspec cannot check)."""
+
 CANCEL_REASON_MAX = 1000
 """Characters a cancel's `reason` may have; it is kept in the job's error message."""
 
@@ -110,6 +128,8 @@ class Job(msgspec.Struct, frozen=True):
     """What the last heartbeat that carried progress said."""
     attempt: int = 1
     """Which run of the job this is: 1, then one more for each retry."""
+    tags: list[str] = msgspec.field(default_factory=list)
+    """The job's tags, sorted."""
 
     @property
     def finished(self) -> bool:
@@ -180,6 +200,8 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds the run may go without a heartbeat (one past the job's
     `timeout` never passes before the deadline); None: it need send none. When
     it passes, Tether asks the backend."""
+    tags: Tags = msgspec.field(default_factory=list)
+    """Labels to find the job by (`GET /jobs?tag=`); their order does not matter."""
 
 
 WholeNumber = Annotated[float, msgspec.Meta(ge=1, extra_json_schema={"multipleOf": 1})]

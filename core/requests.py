@@ -30,6 +30,8 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     timeout: float
     metadata: dict[str, Any]
     heartbeat_timeout: float | None = None
+    tags: tuple[str, ...] = ()
+    """Sorted: the same tags in another order are the same request."""
 
     def fingerprint(self) -> str:
         return hashlib.sha256(canonical(self)).hexdigest()
@@ -38,7 +40,7 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
         """The fields that differ, params by key (`params.url`)."""
         found = [
             name
-            for name in ("backend", "timeout", "metadata", "heartbeat_timeout")
+            for name in ("backend", "timeout", "metadata", "heartbeat_timeout", "tags")
             if canonical(getattr(self, name)) != canonical(getattr(other, name))
         ]
         mine, theirs = self.params, other.params
@@ -54,7 +56,7 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
                 ]
             else:
                 found.append("params")
-        order = ("backend", "params", "timeout", "metadata", "heartbeat_timeout")
+        order = ("backend", "params", "timeout", "metadata", "heartbeat_timeout", "tags")
         return sorted(found, key=lambda f: order.index(f.split(".")[0]))
 
 
@@ -67,4 +69,6 @@ def stored_request(plugins: Plugins, rec: JobRecord) -> NormalRequest:
         with contextlib.suppress(msgspec.ValidationError, TypeError, ValueError):
             params = msgspec.to_builtins(msgspec.convert(rec.params, backend.params_type))
     beat = None if rec.heartbeat_timeout is None else float(rec.heartbeat_timeout)
-    return NormalRequest(rec.backend, params, float(rec.timeout), rec.metadata, beat)
+    return NormalRequest(
+        rec.backend, params, float(rec.timeout), rec.metadata, beat, tuple(sorted(rec.tags))
+    )

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -30,6 +30,7 @@ from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
     RETRYABLE_STATES,
+    TAG_PATTERN,
     ErrorInfo,
     EventPage,
     Job,
@@ -56,6 +57,13 @@ ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
 RESUME_PAGE = 500
+
+
+def unix_ms(at: datetime) -> int:
+    """`at` as Unix milliseconds, as the store keeps times; UTC without a zone."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return int(at.timestamp() * 1000)
 
 
 class Tether:
@@ -167,10 +175,18 @@ class Tether:
                 f"heartbeat_timeout must be at most {duration(self.settings.max_timeout)}",
                 {"field": "heartbeat_timeout"},
             )
+        tags = sorted(req.tags)
+        if len(set(tags)) < len(tags) or not all(TAG_PATTERN.fullmatch(t) for t in tags):
+            # msgspec checked each tag's pattern with `re.search` (a trailing
+            # newline passes `$`) and cannot check `uniqueItems`.
+            raise MalformedBody(
+                "invalid tags: each 1 to 64 of A-Z a-z 0-9 . _ : / = -, no two alike",
+                {"field": "tags"},
+            )
         backend = self.plugins.backend(req.backend)
         params = self.plugins.convert_params(backend, req.params)
         normal = NormalRequest(
-            req.backend, msgspec.to_builtins(params), timeout, req.metadata, beat
+            req.backend, msgspec.to_builtins(params), timeout, req.metadata, beat, tuple(tags)
         )
         now = now_ms()
         rec = JobRecord(
@@ -185,6 +201,7 @@ class Tether:
             created_at=now,
             updated_at=now,
             heartbeat_timeout=beat,
+            tags=tags,
         )
         accepted = NewEvent("accepted", {"backend": rec.backend, "timeout": timeout})
         if beat is not None:
@@ -310,9 +327,15 @@ class Tether:
         backends: Sequence[str] = (),
         limit: int = 100,
         cursor: str | None = None,
+        *,
+        tags: Sequence[str] = (),
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> JobPage:
         """Jobs newest first, in any of `states` and of any of `backends` (each
-        empty: all), at most `limit`, after the place `cursor` names."""
+        empty: all), having every one of `tags`, created strictly after
+        `created_after` and before `created_before` (a time without a zone is
+        UTC), at most `limit`, after the place `cursor` names."""
         if not 1 <= limit <= MAX_PAGE:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         before = decode_cursor(cursor) if cursor else None
@@ -325,8 +348,12 @@ class Tether:
             for state in (list(dict.fromkeys(states)) or any_of)
             for backend in (list(dict.fromkeys(backends)) or any_of)
         ]
+        after, until = (None if t is None else unix_ms(t) for t in (created_after, created_before))
+        wanted = list(dict.fromkeys(tags))
         pages = [
-            await store_call(self.jobs.page(state, backend, limit + 1, before))
+            await store_call(
+                self.jobs.page(state, backend, limit + 1, before, wanted, after, until)
+            )
             for state, backend in pairs
         ]
         rows = list(heapq.merge(*pages, key=lambda r: -r.seq))[: limit + 1]

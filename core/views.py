@@ -33,6 +33,7 @@ def view(rec: JobRecord) -> Job:
         heartbeat_at=None if rec.heartbeat_at is None else _dt(rec.heartbeat_at),
         progress=rec.progress,
         attempt=rec.attempt,
+        tags=rec.tags,
     )
 
 

@@ -60,6 +60,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     """When the last `heartbeat` event was recorded."""
     progress_noted: str | None = None
     """The SHA-256 of the progress the last `heartbeat` event recorded."""
+    tags: list[str] = msgspec.field(default_factory=list)
+    """The job's tags, sorted; `tether_job_tags` indexes them for the list."""
 
     @property
     def finished(self) -> bool:
@@ -116,9 +118,17 @@ class JobIndex(Protocol):
     async def get(self, job_id: str) -> JobRecord | None: ...
 
     async def page(
-        self, state: str | None, backend: str | None, limit: int, before_seq: int | None
+        self,
+        state: str | None,
+        backend: str | None,
+        limit: int,
+        before_seq: int | None,
+        tags: Sequence[str] = (),
+        created_after: int | None = None,
+        created_before: int | None = None,
     ) -> list[JobRecord]:
-        """Newest first, at most `limit` rows with `seq < before_seq`."""
+        """Newest first, at most `limit` rows with `seq < before_seq`, having
+        every one of `tags`, created strictly between the two times (if given)."""
         ...
 
     async def set_external(
@@ -220,7 +230,7 @@ class JobIndex(Protocol):
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         """Delete up to `limit` jobs finished before `before`, with their
-        history; return their ids."""
+        history and tags; return their ids."""
         ...
 
     async def ping(self) -> None:

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from core.errors import StoreConfigError
-from core.store.schema import EVENTS, JOBS, Dialect
+from core.store.schema import EVENTS, JOBS, TAGS, Dialect
 from core.store.sql import Session
 
 
@@ -55,6 +55,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "heartbeats: each job's heartbeat_timeout, last heartbeat, progress and next"
         " heartbeat due (indexed)",
         lambda d: JOBS.migrate(d, 3),
+    ),
+    Migration(
+        4,
+        "tags: each job's tags, tether_job_tags indexing them, and an index on created_at",
+        lambda d: [*JOBS.migrate(d, 4), *TAGS.migrate(d, 4)],
     ),
 )
 

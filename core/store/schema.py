@@ -149,6 +149,7 @@ JOBS = Table(
         Column("progress", "json", null=True, since=3),
         Column("heartbeat_noted_at", "int", null=True, since=3),
         Column("progress_noted", "text", null=True, since=3),
+        Column("tags", "json", since=4, default="'[]'"),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -157,6 +158,7 @@ JOBS = Table(
         Index("tether_jobs_check", "next_check_at", "next_check_at IS NOT NULL"),
         Index("tether_jobs_finished", "finished_at", "finished_at IS NOT NULL"),
         Index("tether_jobs_heartbeat", "heartbeat_due", "heartbeat_due IS NOT NULL", since=3),
+        Index("tether_jobs_created", "created_at", since=4),
     ),
 )
 """The job index: one row per job (`JobRecord`). `events` counts the job's
@@ -164,7 +166,7 @@ events ever recorded: the last one's `seq` (see `EVENTS`). `heartbeat_due` is
 when the watchdog next looks for a missed heartbeat (set at the trigger and by
 each heartbeat, for jobs with a `heartbeat_timeout`); `heartbeat_noted_at` and
 `progress_noted` (a digest) are of the last `heartbeat` event, which heartbeats
-are throttled against."""
+are throttled against. `tags` is the job's tags as shown; `TAGS` indexes them."""
 
 EVENTS = Table(
     "tether_events",
@@ -180,6 +182,16 @@ EVENTS = Table(
     primary_key="job_id, seq",
 )
 """Job history: one row per event (`Event`), numbered 1, 2, ... per job."""
+
+TAGS = Table(
+    "tether_job_tags",
+    (Column("tag", "text"), Column("seq", "int"), Column("job_id", "text")),
+    (Index("tether_job_tags_job", "job_id", since=4),),
+    since=4,
+    primary_key="tag, seq",
+)
+"""One row per tag of a job (`seq` is the job's): a page of the jobs with a
+tag walks that tag's key range newest first."""
 
 _encode_json = msgspec.json.encode
 

@@ -54,6 +54,7 @@ class Driver(Session, Protocol):
 
 
 COLUMNS = JOB_ROWS.columns
+_J_COLUMNS = ", ".join(f"j.{c.name}" for c in JOB_ROWS.table.columns)
 _row = JOB_ROWS.decode
 _event = EVENT_ROWS.decode
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
@@ -116,6 +117,13 @@ class SqlJobIndex:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(_INSERT, JOB_ROWS.values(rec))
             created = bool(rows)
+            if created and rec.tags:
+                seq = _row(rows[0]).seq
+                marks = ", ".join(["(?, ?, ?)"] * len(rec.tags))
+                await tx.execute(
+                    f"INSERT INTO tether_job_tags (tag, seq, job_id) VALUES {marks}",
+                    [value for tag in rec.tags for value in (tag, seq, rec.id)],
+                )
             if created and events:
                 filed = await self._file(tx, _row(rows[0]), events, rec.created_at)
             elif not created:
@@ -130,20 +138,45 @@ class SqlJobIndex:
         return _row(rows[0]) if rows else None
 
     async def page(
-        self, state: str | None, backend: str | None, limit: int, before_seq: int | None
+        self,
+        state: str | None,
+        backend: str | None,
+        limit: int,
+        before_seq: int | None,
+        tags: Sequence[str] = (),
+        created_after: int | None = None,
+        created_before: int | None = None,
     ) -> list[JobRecord]:
+        # With tags, the first tag's key range (tag, seq) drives the page,
+        # newest first; each other tag is one key lookup (EXISTS).
+        order = "t.seq" if tags else "j.seq"
         where: list[str] = []
         args: list[Any] = []
-        for column, value in (("state", state), ("backend", backend)):
+        if tags:
+            where.append("t.tag = ?")
+            args.append(tags[0])
+            for tag in tags[1:]:
+                where.append(
+                    "EXISTS (SELECT 1 FROM tether_job_tags o WHERE o.tag = ? AND o.seq = t.seq)"
+                )
+                args.append(tag)
+        conditions = (
+            ("j.state = ?", state),
+            ("j.backend = ?", backend),
+            ("j.created_at > ?", created_after),
+            ("j.created_at < ?", created_before),
+            (f"{order} < ?", before_seq),
+        )
+        for condition, value in conditions:
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(condition)
                 args.append(value)
-        if before_seq is not None:
-            where.append("seq < ?")
-            args.append(before_seq)
+        source = "tether_jobs j"
+        if tags:
+            source = "tether_job_tags t JOIN tether_jobs j ON j.seq = t.seq"
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.db.fetch(
-            f"SELECT {COLUMNS} FROM tether_jobs{clause} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {_J_COLUMNS} FROM {source}{clause} ORDER BY {order} DESC LIMIT ?",
             (*args, limit),
         )
         return [_row(r) for r in rows]
@@ -363,6 +396,7 @@ class SqlJobIndex:
             if ids:
                 marks = ", ".join("?" for _ in ids)
                 await tx.execute(f"DELETE FROM tether_events WHERE job_id IN ({marks})", ids)
+                await tx.execute(f"DELETE FROM tether_job_tags WHERE job_id IN ({marks})", ids)
         return ids
 
     async def ping(self) -> None:

@@ -125,6 +125,14 @@ async def test_post_jobs_documents_each_backends_params(start_service):
     }
     job_id = webhook["properties"]["id"]["anyOf"][0]
     assert job_id["pattern"] == JOB_ID_PATTERN.pattern and job_id["maxLength"] == 128
+    tags = webhook["properties"]["tags"]
+    assert (tags["type"], tags["maxItems"], tags["uniqueItems"]) == ("array", 16, True)
+    assert tags["items"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 64,
+        "pattern": "^[A-Za-z0-9._:/=-]{1,64}$",
+    }
 
 
 async def test_the_document_states_what_the_server_refuses(start_service):
@@ -132,7 +140,15 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     doc = await document(svc)
     ops = operations(doc)
     params = {p["name"]: p for p in ops["listJobs"]["parameters"]}
-    assert set(params) == {"state", "backend", "limit", "cursor"}
+    assert set(params) == {
+        "state",
+        "backend",
+        "tag",
+        "created_after",
+        "created_before",
+        "limit",
+        "cursor",
+    }
     assert params["state"]["schema"]["type"] == "array"
     assert params["state"]["schema"]["items"]["enum"] == [
         "pending",
@@ -145,6 +161,9 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     assert params["state"]["explode"] is True
     assert params["backend"]["schema"]["items"] == {"type": "string"}  # any name, to find orphans
     assert params["cursor"]["schema"]["pattern"] == CURSOR_PATTERN
+    assert params["tag"]["explode"] is True
+    assert params["tag"]["schema"]["maxItems"] == 16
+    assert params["created_after"]["schema"]["format"] == "date-time"
     assert (params["limit"]["schema"]["minimum"], params["limit"]["schema"]["maximum"]) == (1, 1000)
     for param in params.values():
         assert "null" not in str(param["schema"])

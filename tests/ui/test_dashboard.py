@@ -120,6 +120,30 @@ def test_a_filter_narrows_the_list_and_is_in_the_url(page, service, client, hook
     expect(row(page, running).locator(".badge")).to_have_text("canceled")
 
 
+def test_the_tag_filter_narrows_the_list_live(page, service, client, hooks: Receiver):
+    tag = unique("team")
+    tagged, other = unique("tagged"), unique("untagged")
+    start_job(client, hooks, tagged, tags=[tag, "nightly"])
+    start_job(client, hooks, other, tags=["nightly"])
+    page.goto(f"{service.url}/ui")
+    expect(row(page, tagged).locator('td[data-label="Tags"] .tag')).to_have_text(
+        sorted([tag, "nightly"])
+    )
+
+    page.get_by_placeholder("any tag").fill(tag)
+    page.get_by_role("button", name="Filter").click()
+    expect(page).to_have_url(re.compile(rf"/ui\?tag={tag}$"))
+    expect(row(page, tagged)).to_be_visible()
+    expect(row(page, other)).to_have_count(0)
+
+    # Live, through the job stream's own tag filter: a new job with the tag joins.
+    expect(page.locator("#live")).to_have_text("live")
+    joining = unique("joining")
+    start_job(client, hooks, joining, tags=[tag])
+    expect(row(page, joining)).to_be_visible()
+    expect(row(page, other)).to_have_count(0)
+
+
 def test_the_timeline_gains_the_callback_live(page, service, client, hooks: Receiver):
     job_id = unique("timeline")
     callback_url = start_job(client, hooks, job_id)
