@@ -69,7 +69,7 @@ class JobSteps:
             return
         try:
             backend, params = self._backend_and_params(rec)
-            receipt, tries = await self._trigger_with_retries(backend, rec, params, promise_id)
+            tried = await self._trigger_with_retries(backend, rec, params, promise_id)
         except BackendError as exc:
             error = ErrorInfo(message=f"trigger failed: {exc.message}", type=exc.code or "trigger")
             log.warning(
@@ -78,6 +78,11 @@ class JobSteps:
             failed = Outcome(status="failed", error=error)
             await self.settler.settle(job_id, failed, by="trigger", attempt=attempt)
             return
+        if isinstance(tried, JobRecord):  # ended between two tries: nothing was started
+            if tried.finished and tried.attempt == attempt:
+                await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
+            return
+        receipt, tries = tried
         interval = backend.check_interval(params)
         now = now_ms()
         next_check = None if not interval else now + int(interval * 1000)
@@ -103,12 +108,14 @@ class JobSteps:
 
     async def _trigger_with_retries(
         self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
-    ) -> tuple[dict[str, Any], int]:
+    ) -> tuple[dict[str, Any], int] | JobRecord:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
         `trigger_backoff` doubled each time (or the backend's `retry_after`,
         when longer). Returns the receipt with the callback token scrubbed from
-        it, and the try that got it. Each failed try is a `trigger_failed` event."""
+        it, and the try that got it; or, when the attempt ended while it waited
+        to try again (canceled, timed out), the job's row: it is not tried
+        again. Each failed try is a `trigger_failed` event."""
         trigger = Trigger(
             job=view(rec),
             params=params,
@@ -160,6 +167,9 @@ class JobSteps:
             )
             await self.sleep(wait)
             delay *= 2
+            now = await self.jobs.get(rec.id)
+            if now is None or now.finished or now.attempt != rec.attempt:
+                return now if now is not None else rec
         raise AssertionError("unreachable")
 
     async def _previous(self, rec: JobRecord) -> Job:

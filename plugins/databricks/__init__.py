@@ -268,7 +268,16 @@ class Databricks(Backend):
             return {"run_id": run_id, "run_page_url": _run_page_url(w, run_id, job_id)}
 
         external = await self.workspace.call(start, callback_token)
-        log.info("databricks: job %s started run %s", trigger.job.id, external["run_id"])
+        log.info(
+            "databricks: job %s started run %s",
+            trigger.job.id,
+            external["run_id"],
+            extra={
+                "job_id": trigger.job.id,
+                "promise_id": trigger.promise_id,
+                "backend": self.name,
+            },
+        )
         return external
 
     async def cancel(self, job: Job) -> None:
@@ -276,7 +285,12 @@ class Databricks(Backend):
         if run_id is None or _ended_in_databricks(job):
             return
         await self.workspace.call(lambda w: w.jobs.cancel_run(run_id))
-        log.info("databricks: job %s: asked to cancel run %s", job.id, run_id)
+        log.info(
+            "databricks: job %s: asked to cancel run %s",
+            job.id,
+            run_id,
+            extra={"job_id": job.id, "backend": self.name},
+        )
 
     async def check_status(self, job: Job) -> Outcome | Running | None:
         run_id = _run_id(job)
@@ -285,7 +299,13 @@ class Databricks(Backend):
         try:
             run = await self.workspace.call(lambda w: w.jobs.get_run(run_id))
         except BackendError as exc:  # the watchdog logs only the type: say what it was
-            log.warning("databricks: job %s: reading run %s failed: %s", job.id, run_id, exc)
+            log.warning(
+                "databricks: job %s: reading run %s failed: %s",
+                job.id,
+                run_id,
+                exc,
+                extra={"job_id": job.id, "backend": self.name},
+            )
             raise
         return outcome_of_run(run)
 

@@ -237,6 +237,27 @@ async def test_retryable_errors_are_retried_with_the_wait_doubling(rig: Rig):
     ]
 
 
+async def test_a_job_that_ends_between_two_tries_is_not_tried_again(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+
+    async def sleep(seconds: float) -> None:  # canceled while the trigger waits to retry
+        rig.waits.append(seconds)
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    assert rig.waits == [0.5]
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("canceled", None)
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("canceled", "index")
+    _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+    assert [e.type for e in events].count("trigger_failed") == 1
+
+
 async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig):
     await start(rig)
     rig.backend.answers = [retryable(f"no {i}") for i in range(4)]
