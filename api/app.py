@@ -12,11 +12,11 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 
 from api.access import Observer, log_request, observed
+from api.auth import Sessions, api_token_guard
 from api.controllers import (
     CallbackController,
     JobController,
     QueryRules,
-    api_token_guard,
     health,
     query_rules,
     strict_query,
@@ -25,7 +25,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.metrics import install as install_metrics
 from api.metrics import metrics, observe_request
 from api.openapi import openapi_config
-from api.ui import TEMPLATES, Sessions, ui_router
+from api.ui import TEMPLATES, ui_router
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings, get_settings, listed
@@ -63,7 +63,7 @@ def create_app(
     rules: QueryRules = {}  # filled below, once the app has its routes
     strict = strict_query(rules)
     # Behind the tokens: an API token for everything, a read token where a
-    # route declares `opt=READ` (api.controllers.READ). Callbacks carry their
+    # route declares `opt=READ` (api.auth.READ). Callbacks carry their
     # own token; /health is for probes.
     guarded = Router(
         "/",

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
-from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec.enums import OpenAPIFormat
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from api.auth import READ, Guard, bearer
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from core.callbacks import Heartbeat
 from core.errors import NotFound
@@ -38,13 +37,7 @@ from core.models import (
     RetryRequest,
 )
 from core.service import Tether
-from core.settings import Settings, listed
 from core.views import CURSOR_PATTERN, decode_cursor
-
-if TYPE_CHECKING:
-    from api.ui import Sessions
-
-Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
 
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -158,97 +151,6 @@ async def require_json(
         raise HTTPException(
             status_code=415, detail=f"send the body as application/json, not {media[:100]!r}"
         )
-
-
-Access = Literal["read", "write"]
-
-READ: dict[str, Access] = {"access": "read"}
-"""`opt=READ` on a GET route behind `api_token_guard`: a read token
-(`TETHER_READ_TOKEN`) may use it. Every other route behind the guard needs an
-API token, so a route that forgets to say what it is stays closed to read
-tokens. Reads (`/jobs/{id}/events`, `/metrics`) go on the guarded router and
-declare `opt=READ`; the dashboard (`api.ui`) signs people in itself."""
-
-READ_METHODS = frozenset({"GET", "HEAD"})
-"""A read token is refused on any other method, whatever the route declares."""
-
-
-def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Guard:
-    """When TETHER_API_TOKEN is set, the routes behind this guard need
-    `Authorization: Bearer <token>`, or the dashboard's session cookie
-    (`api.ui.Sessions`, which a token was traded for): any API token, or a
-    read token on a route declared `opt=READ` and reached with GET. None or a
-    wrong one is 401; a read token anywhere else is 403, naming what it would
-    need. A bearer token, when given, is what counts, cookie or not."""
-    api, read = digests(settings.api_token), digests(settings.read_token)
-
-    async def require_api_token(  # async: Litestar runs a sync guard in a thread
-        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-    ) -> None:
-        if not api:
-            return
-        given = bearer(connection)
-        if given is None:
-            writes, reads = session_access(connection, sessions)
-        else:
-            digest = hashlib.sha256(given.encode()).digest()
-            # Both lists in full, whatever matched: the time taken tells nothing
-            # about which token matched, or how far along the list it is.
-            writes, reads = matches(digest, api), matches(digest, read)
-        if writes:
-            return
-        if not reads:
-            raise NotAuthorizedException("missing or invalid API token")
-        method = connection.scope.get("method", "")
-        if handler.opt.get("access") != "read" or method not in READ_METHODS:
-            tried = f"{method} {connection.url.path}"[:200]  # echoed back
-            raise PermissionDeniedException(
-                f"this token may only read; {tried} needs the API token (TETHER_API_TOKEN)"
-            )
-
-    return require_api_token
-
-
-def session_access(
-    connection: ASGIConnection[Any, Any, Any, Any], sessions: Sessions | None
-) -> tuple[bool, bool]:
-    """(may write, may read) by the dashboard's session cookie; neither
-    without a valid one. A request that is not a read must also carry the
-    session's CSRF token in `X-CSRF-Token` (a page of another site can make
-    the browser send the cookie, never that header): else 403."""
-    session = sessions.read(connection) if sessions is not None else None
-    if session is None or sessions is None:
-        return False, False
-    method = connection.scope.get("method", "")
-    if method not in READ_METHODS and not sessions.csrf_ok(
-        connection.headers.get("x-csrf-token", ""), session
-    ):
-        raise PermissionDeniedException(
-            "missing or wrong X-CSRF-Token: a request with the dashboard's session cookie"
-            " that changes something must carry the CSRF token of its page"
-        )
-    return session.kind == "api", session.kind == "read"
-
-
-def digests(setting: str) -> tuple[bytes, ...]:
-    """The SHA-256 of each token of a comma-separated setting: compared as
-    digests, tokens of different lengths take the same time to refuse."""
-    return tuple(hashlib.sha256(token.encode()).digest() for token in listed(setting))
-
-
-def matches(digest: bytes, tokens: tuple[bytes, ...]) -> bool:
-    """Whether `digest` is one of `tokens`, each compared in constant time and
-    none skipped once one matched."""
-    found = False
-    for token in tokens:
-        found |= hmac.compare_digest(digest, token)
-    return found
-
-
-def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header, if there is one."""
-    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
-    return given if scheme.lower() == "bearer" else None
 
 
 CHANGES_POLL = 1.0

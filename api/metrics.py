@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from api.controllers import READ
+from api.auth import READ
 from core.metrics import JobsCollector, job_gauges, prime
 from core.service import Tether
 from core.settle import store_call

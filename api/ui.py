@@ -12,24 +12,18 @@ and a token must never sit in a URL.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import re
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, get_args
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, QueryParameter
@@ -38,12 +32,11 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template import TemplateConfig
 
-from api.controllers import digests, matches
+from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
 from core.errors import NotFound
 from core.metrics import job_gauges
 from core.models import OPEN_STATES, RETRYABLE_STATES, EventType, JobPage, JobState
 from core.service import Tether
-from core.settings import Settings, listed
 from core.store.jobs import now_ms
 from core.views import CURSOR_PATTERN
 
@@ -56,14 +49,6 @@ WAITING_SCAN = 1000
 """The summary names the jobs waiting longest only when at most this many
 wait: the job index lists newest first, so naming the oldest reads them all."""
 STATES: tuple[str, ...] = get_args(JobState)
-
-SESSION_COOKIE = "tether_session"
-SESSION_TTL = 12 * 3600
-"""Seconds a sign-in lasts."""
-SESSION_LABEL = b"tether-ui-session"
-"""The session key is HMAC(callback secret, this label): the same in every
-worker and after a restart, and never a key that signs callback URLs."""
-CSRF_HEADER = "x-csrf-token"
 
 SECURITY_HEADERS = [
     ResponseHeader(
@@ -78,111 +63,6 @@ SECURITY_HEADERS = [
 """Every page: no script, style or connection but the service's own (so no
 inline script runs, whatever a job holds), never framed (no clickjacking of
 Cancel), never cached (pages hold job data)."""
-
-
-# ── sessions ──────────────────────────────────────────────────────────────────
-
-
-class Session(msgspec.Struct, frozen=True):
-    """What the session cookie holds, signed: never the token itself."""
-
-    kind: Literal["api", "read"]
-    """Signed in with an API token (may change jobs) or a read token."""
-    token: str
-    """A keyed digest naming the token signed in with: the session ends when
-    that token leaves the settings."""
-    expires: int
-    """Unix seconds."""
-    nonce: str
-    """Random per sign-in: the session's CSRF token is derived from it."""
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Sessions:
-    """Signed, stateless session cookies for the dashboard: `kind`, `expires`
-    and a digest naming the token, under a key derived from the store's
-    callback secret (`SESSION_LABEL`), so every worker and every restart
-    accepts them; rotating the callback secret signs everyone out."""
-
-    def __init__(self, settings: Settings, secret: Callable[[], str]) -> None:
-        self.required = bool(listed(settings.api_token))
-        """Whether the service has tokens at all (else every route is open)."""
-        self.secure = settings.base_url.startswith("https:")
-        self._tokens = {"api": digests(settings.api_token), "read": digests(settings.read_token)}
-        self._secret = secret
-        self._key: bytes | None = None
-        self._ids: dict[str, tuple[str, ...]] = {}
-
-    @property
-    def key(self) -> bytes:
-        """Derived once the store is open (it holds the secret)."""
-        if self._key is None:
-            secret = self._secret().encode()
-            self._key = hmac.new(secret, SESSION_LABEL, hashlib.sha256).digest()
-        return self._key
-
-    def _mac(self, purpose: bytes, data: bytes) -> bytes:
-        return hmac.new(self.key, purpose + b":" + data, hashlib.sha256).digest()
-
-    def _token_id(self, digest: bytes) -> str:
-        return self._mac(b"token", digest).hex()[:32]
-
-    def sign_in(self, token: str) -> Session | None:
-        """A new session for `token`, or None when it is no configured token."""
-        digest = hashlib.sha256(token.encode()).digest()
-        writes, reads = matches(digest, self._tokens["api"]), matches(digest, self._tokens["read"])
-        if not (writes or reads):
-            return None
-        return Session(
-            kind="api" if writes else "read",
-            token=self._token_id(digest),
-            expires=int(time.time()) + SESSION_TTL,
-            nonce=secrets.token_urlsafe(16),
-        )
-
-    def cookie(self, session: Session) -> str:
-        payload = msgspec.json.encode(session)
-        return f"{b64(payload)}.{b64(self._mac(b'session', payload))}"
-
-    def read(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Session | None:
-        """The request's session: None without a cookie, or with one that is
-        forged, expired, or names a token no longer configured."""
-        value = connection.cookies.get(SESSION_COOKIE)
-        if not value or not self.required:
-            return None
-        payload_text, _, mac_text = value.partition(".")
-        try:
-            payload, mac = unb64(payload_text), unb64(mac_text)
-        except (ValueError, binascii.Error):
-            return None
-        if not hmac.compare_digest(mac, self._mac(b"session", payload)):
-            return None
-        try:
-            session = msgspec.json.decode(payload, type=Session)
-        except msgspec.DecodeError:
-            return None
-        if session.expires <= time.time():
-            return None
-        if session.kind not in self._ids:
-            self._ids[session.kind] = tuple(self._token_id(d) for d in self._tokens[session.kind])
-        if not any(hmac.compare_digest(session.token, known) for known in self._ids[session.kind]):
-            return None
-        return session
-
-    def csrf(self, session: Session) -> str:
-        """The CSRF token of a session: rendered into its pages, sent back by
-        their scripts as `X-CSRF-Token`, and never in the cookie."""
-        return b64(self._mac(b"csrf", session.nonce.encode()))
-
-    def csrf_ok(self, given: str, session: Session) -> bool:
-        return hmac.compare_digest(given.encode(), self.csrf(session).encode())
 
 
 class Viewer(msgspec.Struct, frozen=True):

@@ -103,21 +103,29 @@ class Callbacks:
         self.signer = signer
         self.settler = settler
 
-    async def take(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
-        """Settle a job's wait from its callback URL."""
+    async def _job_of(self, promise_id: str, token: str | None) -> JobRecord:
+        """The job a callback URL names, once its token is checked: a wrong
+        token and an unknown promise look alike to a stranger (401 first)."""
         if not self.signer.verify(promise_id, token):
             raise Unauthorized("missing or invalid callback token")
         job_id = workflow.job_id_of(promise_id)
         rec = None if job_id is None else await store_call(self.jobs.get(job_id))
-        if job_id is None or rec is None:
+        if rec is None:
             raise NotFound(f"no promise {promise_id!r}")
+        return rec
+
+    async def take(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
+        """Settle a job's wait from its callback URL."""
+        rec = await self._job_of(promise_id, token)
+        job_id = rec.id
         digest = body_digest(body)
         attempt = workflow.attempt_of(promise_id) or 1
         if attempt > rec.attempt:  # its URL was never handed out
             raise NotFound(f"no promise {promise_id!r}")
         if attempt < rec.attempt:  # a re-run has its own URL
             late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
-            rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
+            recorded = await store_call(self.jobs.record(job_id, [late], now_ms()))
+            rec = recorded or rec
             message = (
                 f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
             )
@@ -186,12 +194,8 @@ class Callbacks:
         its own URL). A body that is not JSON is `MalformedBody`; one of
         another shape, or progress over `PROGRESS_LIMIT`, is `InvalidRequest`:
         nothing changes."""
-        if not self.signer.verify(promise_id, token):
-            raise Unauthorized("missing or invalid callback token")
-        job_id = workflow.job_id_of(promise_id)
-        rec = None if job_id is None else await store_call(self.jobs.get(job_id))
-        if job_id is None or rec is None:
-            raise NotFound(f"no promise {promise_id!r}")
+        rec = await self._job_of(promise_id, token)
+        job_id = rec.id
         progress = _progress(body)
         gone = None
         if rec.finished:

@@ -83,6 +83,20 @@ class TetherProcess:
         return httpx.Client(base_url=self.url, trust_env=False, timeout=10, **kwargs)
 
 
+def tether(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The `tether` command of this environment, run to its end, with `env`
+    over the process's own variables."""
+    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+    return subprocess.run(
+        [exe, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def wait_for(
     client: httpx.Client,
     job_id: str,

@@ -16,7 +16,7 @@ from litestar import Litestar, Router, get, post
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.controllers import READ, api_token_guard
+from api.auth import READ, api_token_guard
 from core.plugins import make_plugin_manager
 from tests.conftest import HOLD, eventually, free_port, test_settings
 from tests.process import TetherProcess, wait_for

@@ -15,7 +15,7 @@ from litestar import Litestar, Router
 from prometheus_client.parser import text_string_to_metric_families
 
 import api.app
-from api.controllers import api_token_guard
+from api.auth import api_token_guard
 from api.metrics import MULTIPROC_ENV, install, metrics, multiprocess_dir
 from core.metrics import on_event
 from core.settings import Settings

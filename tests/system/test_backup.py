@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,22 +17,9 @@ import httpx
 import pytest
 
 from tests.conftest import Hit, Receiver, wait_until
-from tests.process import TetherProcess, wait_for
+from tests.process import TetherProcess, tether, wait_for
 
 FINISHED = {"succeeded", "failed", "canceled", "timed_out"}
-
-
-def tether(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The `tether` command, with TETHER_* settings from `env` only."""
-    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
-    return subprocess.run(
-        [exe, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def number(job_id: str) -> int:

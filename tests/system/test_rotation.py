@@ -6,11 +6,7 @@ TETHER_CALLBACK_SECRET and TETHER_CALLBACK_SECRET_PREVIOUS."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,20 +15,7 @@ import pytest
 
 from core.tokens import CallbackSigner
 from tests.conftest import Receiver
-from tests.process import TetherProcess, wait_for
-
-
-def tether(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The `tether` command, with TETHER_* settings from `env` only."""
-    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
-    return subprocess.run(
-        [exe, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.process import TetherProcess, tether, wait_for
 
 
 def start_job(client: httpx.Client, receiver: Receiver, job_id: str) -> str:

@@ -1,0 +1,236 @@
+"""Who may do what: API and read tokens (`TETHER_API_TOKEN`,
+`TETHER_READ_TOKEN`) as bearer tokens, and the dashboard's session cookies a
+token is traded for. The API's guard (`api_token_guard`) and the dashboard's
+sign-in (`api.ui`) both take their answers from here.
+
+Tokens are compared as SHA-256 digests, every configured one each time, so the
+time taken tells neither which token matched nor how long any is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import msgspec
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers import BaseRouteHandler
+
+from core.settings import Settings, listed
+
+Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
+
+Access = Literal["read", "write"]
+
+READ: dict[str, Access] = {"access": "read"}
+"""`opt=READ` on a GET route behind `api_token_guard`: a read token
+(`TETHER_READ_TOKEN`) may use it. Every other route behind the guard needs an
+API token, so a route that forgets to say what it is stays closed to read
+tokens. Reads (`/jobs/{id}/events`, `/metrics`) go on the guarded router and
+declare `opt=READ`; the dashboard (`api.ui`) signs people in itself."""
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+"""A read token is refused on any other method, whatever the route declares."""
+
+
+def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Guard:
+    """When TETHER_API_TOKEN is set, the routes behind this guard need
+    `Authorization: Bearer <token>`, or the dashboard's session cookie
+    (`Sessions`, which a token was traded for): any API token, or a
+    read token on a route declared `opt=READ` and reached with GET. None or a
+    wrong one is 401; a read token anywhere else is 403, naming what it would
+    need. A bearer token, when given, is what counts, cookie or not."""
+    api, read = digests(settings.api_token), digests(settings.read_token)
+
+    async def require_api_token(  # async: Litestar runs a sync guard in a thread
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
+        if not api:
+            return
+        given = bearer(connection)
+        if given is None:
+            writes, reads = session_access(connection, sessions)
+        else:
+            digest = token_digest(given)
+            # Both lists in full, whatever matched: the time taken tells nothing
+            # about which token matched, or how far along the list it is.
+            writes, reads = matches(digest, api), matches(digest, read)
+        if writes:
+            return
+        if not reads:
+            raise NotAuthorizedException("missing or invalid API token")
+        method = connection.scope.get("method", "")
+        if handler.opt.get("access") != "read" or method not in READ_METHODS:
+            tried = f"{method} {connection.url.path}"[:200]  # echoed back
+            raise PermissionDeniedException(
+                f"this token may only read; {tried} needs the API token (TETHER_API_TOKEN)"
+            )
+
+    return require_api_token
+
+
+def session_access(
+    connection: ASGIConnection[Any, Any, Any, Any], sessions: Sessions | None
+) -> tuple[bool, bool]:
+    """(may write, may read) by the dashboard's session cookie; neither
+    without a valid one. A request that is not a read must also carry the
+    session's CSRF token in `X-CSRF-Token` (a page of another site can make
+    the browser send the cookie, never that header): else 403."""
+    session = sessions.read(connection) if sessions is not None else None
+    if session is None or sessions is None:
+        return False, False
+    method = connection.scope.get("method", "")
+    if method not in READ_METHODS and not sessions.csrf_ok(
+        connection.headers.get(CSRF_HEADER, ""), session
+    ):
+        raise PermissionDeniedException(
+            "missing or wrong X-CSRF-Token: a request with the dashboard's session cookie"
+            " that changes something must carry the CSRF token of its page"
+        )
+    return session.kind == "api", session.kind == "read"
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def digests(setting: str) -> tuple[bytes, ...]:
+    """The SHA-256 of each token of a comma-separated setting: compared as
+    digests, tokens of different lengths take the same time to refuse."""
+    return tuple(token_digest(token) for token in listed(setting))
+
+
+def matches(digest: bytes, tokens: tuple[bytes, ...]) -> bool:
+    """Whether `digest` is one of `tokens`, each compared in constant time and
+    none skipped once one matched."""
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(digest, token)
+    return found
+
+
+def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+    return given if scheme.lower() == "bearer" else None
+
+
+# ── dashboard sessions ───────────────────────────────────────────────────────
+
+SESSION_COOKIE = "tether_session"
+SESSION_TTL = 12 * 3600
+"""Seconds a sign-in lasts."""
+SESSION_LABEL = b"tether-ui-session"
+"""The session key is HMAC(callback secret, this label): the same in every
+worker and after a restart, and never a key that signs callback URLs."""
+CSRF_HEADER = "x-csrf-token"
+"""Where a change made with the session cookie carries its CSRF token."""
+
+
+class Session(msgspec.Struct, frozen=True):
+    """What the session cookie holds, signed: never the token itself."""
+
+    kind: Literal["api", "read"]
+    """Signed in with an API token (may change jobs) or a read token."""
+    token: str
+    """A keyed digest naming the token signed in with: the session ends when
+    that token leaves the settings."""
+    expires: int
+    """Unix seconds."""
+    nonce: str
+    """Random per sign-in: the session's CSRF token is derived from it."""
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sessions:
+    """Signed, stateless session cookies for the dashboard: `kind`, `expires`
+    and a digest naming the token, under a key derived from the store's
+    callback secret (`SESSION_LABEL`), so every worker and every restart
+    accepts them; rotating the callback secret signs everyone out."""
+
+    def __init__(self, settings: Settings, secret: Callable[[], str]) -> None:
+        self.required = bool(listed(settings.api_token))
+        """Whether the service has tokens at all (else every route is open)."""
+        self.secure = settings.base_url.startswith("https:")
+        self._tokens = {"api": digests(settings.api_token), "read": digests(settings.read_token)}
+        self._secret = secret
+        self._key: bytes | None = None
+        self._ids: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def key(self) -> bytes:
+        """Derived once the store is open (it holds the secret)."""
+        if self._key is None:
+            secret = self._secret().encode()
+            self._key = hmac.new(secret, SESSION_LABEL, hashlib.sha256).digest()
+        return self._key
+
+    def _mac(self, purpose: bytes, data: bytes) -> bytes:
+        return hmac.new(self.key, purpose + b":" + data, hashlib.sha256).digest()
+
+    def _token_id(self, digest: bytes) -> str:
+        return self._mac(b"token", digest).hex()[:32]
+
+    def sign_in(self, token: str) -> Session | None:
+        """A new session for `token`, or None when it is no configured token."""
+        digest = token_digest(token)
+        writes, reads = matches(digest, self._tokens["api"]), matches(digest, self._tokens["read"])
+        if not (writes or reads):
+            return None
+        return Session(
+            kind="api" if writes else "read",
+            token=self._token_id(digest),
+            expires=int(time.time()) + SESSION_TTL,
+            nonce=secrets.token_urlsafe(16),
+        )
+
+    def cookie(self, session: Session) -> str:
+        payload = msgspec.json.encode(session)
+        return f"{b64(payload)}.{b64(self._mac(b'session', payload))}"
+
+    def read(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Session | None:
+        """The request's session: None without a cookie, or with one that is
+        forged, expired, or names a token no longer configured."""
+        value = connection.cookies.get(SESSION_COOKIE)
+        if not value or not self.required:
+            return None
+        payload_text, _, mac_text = value.partition(".")
+        try:
+            payload, mac = unb64(payload_text), unb64(mac_text)
+        except (ValueError, binascii.Error):
+            return None
+        if not hmac.compare_digest(mac, self._mac(b"session", payload)):
+            return None
+        try:
+            session = msgspec.json.decode(payload, type=Session)
+        except msgspec.DecodeError:
+            return None
+        if session.expires <= time.time():
+            return None
+        if session.kind not in self._ids:
+            self._ids[session.kind] = tuple(self._token_id(d) for d in self._tokens[session.kind])
+        if not any(hmac.compare_digest(session.token, known) for known in self._ids[session.kind]):
+            return None
+        return session
+
+    def csrf(self, session: Session) -> str:
+        """The CSRF token of a session: rendered into its pages, sent back by
+        their scripts as `X-CSRF-Token`, and never in the cookie."""
+        return b64(self._mac(b"csrf", session.nonce.encode()))
+
+    def csrf_ok(self, given: str, session: Session) -> bool:
+        return hmac.compare_digest(given.encode(), self.csrf(session).encode())
