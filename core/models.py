@@ -12,16 +12,19 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-JobState = Literal["pending", "running", "succeeded", "failed", "canceled", "timed_out"]
-"""`pending`: accepted, not yet triggered; `running`: triggered, waiting for the
-external system; the other four are final: the attempt that reached one never
-changes again (docs/lifecycle.md)."""
+JobState = Literal["queued", "pending", "running", "succeeded", "failed", "canceled", "timed_out"]
+"""`queued`: accepted, waiting for a slot under its backend's limit
+(`TETHER_MAX_RUNNING`); `pending`: holding a slot, not yet triggered;
+`running`: triggered, waiting for the external system; the other four are
+final: the attempt that reached one never changes again (docs/lifecycle.md)."""
 
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "timed_out"})
 """An attempt in one of these has ended for good. Only `POST /jobs/{id}/retry`
 takes a job out of one (`RETRYABLE_STATES`), as a new attempt: what the ended
 attempt recorded stays in the job's history."""
-OPEN_STATES: tuple[JobState, ...] = ("pending", "running")
+OPEN_STATES: tuple[JobState, ...] = ("queued", "pending", "running")
+ACTIVE_STATES: tuple[JobState, ...] = ("pending", "running")
+"""The open states that hold one of the backend's slots (`TETHER_MAX_RUNNING`)."""
 RETRYABLE_STATES: tuple[JobState, ...] = ("failed", "timed_out", "canceled")
 """The final states a retry starts a new attempt from (not `succeeded`)."""
 
@@ -130,10 +133,20 @@ class Job(msgspec.Struct, frozen=True):
     """Which run of the job this is: 1, then one more for each retry."""
     tags: list[str] = msgspec.field(default_factory=list)
     """The job's tags, sorted."""
+    notify: NotifyShown | None = None
+    """Where the job's completion notifications go: the URL's origin only."""
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+
+class NotifyShown(msgspec.Struct, frozen=True):
+    """A job's notification target as shown: the full URL is kept for
+    delivery only (such URLs often carry a token in their path)."""
+
+    origin: str
+    """The URL's scheme, host and port: `https://hooks.example.com`."""
 
 
 class JobPage(msgspec.Struct, frozen=True):
@@ -145,6 +158,7 @@ class JobPage(msgspec.Struct, frozen=True):
 
 EventType = Literal[
     "accepted",
+    "queued",
     "trigger_failed",
     "triggered",
     "heartbeat",
@@ -155,6 +169,8 @@ EventType = Literal[
     "timed_out",
     "retried",
     "finished",
+    "notified",
+    "notify_failed",
 ]
 """What a job's event says happened (docs/architecture.md, "Job history"); a
 new kind of event is one more name here."""
@@ -182,6 +198,31 @@ class EventPage(msgspec.Struct, frozen=True):
     """Events no longer kept: past a bound, the middle of a long history goes."""
 
 
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+HTTP_URL = re.compile(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"(?:[^/?#@:\[\]\x00-\x20\x7f]+|\[[0-9A-Fa-f:.]+\])"
+    rf"(?::{_PORT})?"
+    r"(?:[/?#][^\x00-\x20\x7f]*)?$"
+)
+"""An http(s) URL: a host (a name or a bracketed IPv6 address), an optional
+port, no `user:password@` part, no spaces or control characters."""
+
+
+class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where to tell of the job's end (`POST /jobs`'s `notify`)."""
+
+    url: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=HTTP_URL.pattern, max_length=2048, extra_json_schema={"format": "uri"}
+        ),
+    ]
+    """An http or https URL without `user:password@`; Tether POSTs a signed
+    `job.finished` message to it each time an attempt of the job ends. Kept
+    for delivery only: the job shows its origin."""
+
+
 class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of `POST /jobs`."""
 
@@ -202,6 +243,8 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     it passes, Tether asks the backend."""
     tags: Tags = msgspec.field(default_factory=list)
     """Labels to find the job by (`GET /jobs?tag=`); their order does not matter."""
+    notify: Notify | None = None
+    """Where to POST a signed `job.finished` message when the job ends."""
 
 
 WholeNumber = Annotated[float, msgspec.Meta(ge=1, extra_json_schema={"multipleOf": 1})]

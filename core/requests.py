@@ -32,6 +32,8 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     heartbeat_timeout: float | None = None
     tags: tuple[str, ...] = ()
     """Sorted: the same tags in another order are the same request."""
+    notify: str | None = None
+    """The notification URL."""
 
     def fingerprint(self) -> str:
         return hashlib.sha256(canonical(self)).hexdigest()
@@ -40,7 +42,7 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
         """The fields that differ, params by key (`params.url`)."""
         found = [
             name
-            for name in ("backend", "timeout", "metadata", "heartbeat_timeout", "tags")
+            for name in ("backend", "timeout", "metadata", "heartbeat_timeout", "tags", "notify")
             if canonical(getattr(self, name)) != canonical(getattr(other, name))
         ]
         mine, theirs = self.params, other.params
@@ -56,7 +58,7 @@ class NormalRequest(msgspec.Struct, frozen=True, omit_defaults=True):
                 ]
             else:
                 found.append("params")
-        order = ("backend", "params", "timeout", "metadata", "heartbeat_timeout", "tags")
+        order = ("backend", "params", "timeout", "metadata", "heartbeat_timeout", "tags", "notify")
         return sorted(found, key=lambda f: order.index(f.split(".")[0]))
 
 
@@ -70,5 +72,11 @@ def stored_request(plugins: Plugins, rec: JobRecord) -> NormalRequest:
             params = msgspec.to_builtins(msgspec.convert(rec.params, backend.params_type))
     beat = None if rec.heartbeat_timeout is None else float(rec.heartbeat_timeout)
     return NormalRequest(
-        rec.backend, params, float(rec.timeout), rec.metadata, beat, tuple(sorted(rec.tags))
+        rec.backend,
+        params,
+        float(rec.timeout),
+        rec.metadata,
+        beat,
+        tuple(sorted(rec.tags)),
+        rec.notify_url,
     )

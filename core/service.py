@@ -10,6 +10,7 @@ the one way jobs end (`core.settle`), and the watchdog (`core.watchdog`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -27,6 +28,7 @@ from core.errors import Conflict, MalformedBody, NotFound
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
+    HTTP_URL,
     JOB_ID_PATTERN,
     JOB_ID_RULE,
     RETRYABLE_STATES,
@@ -86,6 +88,9 @@ class Tether:
         self._settler: Settler | None = None
         self._target = ""
         self.checks = Health(plugins, self.jobs, settings.readiness_interval)
+        self.jobs.limits = settings.limits
+        self.jobs.on_ready = self._on_ready
+        self._starting: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"Tether(store={self.store.kind!r}, pid={self.pid!r})"
@@ -130,6 +135,9 @@ class Tether:
         backends and the store."""
         self.events.stop()
         await self.checks.stop()
+        for task in list(self._starting):
+            with contextlib.suppress(Exception):
+                await task
         if self.watchdog is not None:
             await self.watchdog.stop()
         if self.resonate is not None:
@@ -183,10 +191,22 @@ class Tether:
                 "invalid tags: each 1 to 64 of A-Z a-z 0-9 . _ : / = -, no two alike",
                 {"field": "tags"},
             )
+        notify = None if req.notify is None else req.notify.url
+        if notify is not None and not HTTP_URL.fullmatch(notify):
+            raise MalformedBody(
+                "invalid notify.url: an http or https URL without user:password@",
+                {"field": "notify.url"},
+            )
         backend = self.plugins.backend(req.backend)
         params = self.plugins.convert_params(backend, req.params)
         normal = NormalRequest(
-            req.backend, msgspec.to_builtins(params), timeout, req.metadata, beat, tuple(tags)
+            req.backend,
+            msgspec.to_builtins(params),
+            timeout,
+            req.metadata,
+            beat,
+            tuple(tags),
+            notify,
         )
         now = now_ms()
         rec = JobRecord(
@@ -202,6 +222,7 @@ class Tether:
             updated_at=now,
             heartbeat_timeout=beat,
             tags=tags,
+            notify_url=notify,
         )
         accepted = NewEvent("accepted", {"backend": rec.backend, "timeout": timeout})
         if beat is not None:
@@ -217,11 +238,14 @@ class Tether:
                     " differ); use another id",
                     {"field": "id", "differs": differ},
                 )
-        assert self.resonate is not None, "Tether.open(worker=True) did not run"
-        await store_call(workflow.start(self.resonate, self._target, stored))
+        await self._start(stored)
         if created:
             log.info(
-                "job %s accepted (backend %s)", stored.id, stored.backend, extra=stored.log_extra()
+                "job %s accepted (backend %s)%s",
+                stored.id,
+                stored.backend,
+                ", queued" if stored.state == "queued" else "",
+                extra=stored.log_extra(),
             )
         return view(stored), created
 
@@ -294,13 +318,44 @@ class Tether:
         )
 
     async def _start(self, rec: JobRecord) -> None:
-        await store_call(workflow.start(self._worker(), self._target, rec))
+        """Start the workflow of the job's current attempt, unless it is
+        queued: its workflow starts when a slot frees (`_on_ready`)."""
+        if rec.state != "queued":
+            await store_call(workflow.start(self._worker(), self._target, rec))
+
+    def _on_ready(self, promoted: list[JobRecord]) -> None:
+        """Start the workflows of jobs a write just moved out of the queue.
+        A start lost to a crash is made again by `resume_pending`."""
+        if self.resonate is None:
+            return  # a process that runs no workflow (`tether gc`) promotes no job
+        task = asyncio.get_running_loop().create_task(self._start_ready(promoted))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start_ready(self, promoted: list[JobRecord]) -> None:
+        for rec in promoted:
+            try:
+                await self._start(rec)
+            except Exception as exc:
+                log.warning(
+                    "job %s: starting it after the queue failed (%s); it starts when a"
+                    " service starts",
+                    rec.id,
+                    getattr(exc, "message", type(exc).__name__),
+                    extra=rec.log_extra(),
+                )
 
     async def resume_pending(self) -> int:
         """Start the workflow of every pending job again (creating an existing
         one changes nothing): a process killed between writing a job's new
         attempt (or a new job) to the index and starting its workflow leaves
-        one pending with none. Run once at start-up; returns how many it looked at."""
+        one pending with none. Run once at start-up; returns how many it looked at.
+        First, queued jobs take the slots free under today's limits (they
+        may have changed, or gone)."""
+        for backend in await store_call(self.jobs.queued_backends()):
+            while await store_call(self.jobs.promote(backend, now_ms())):
+                if backend in self.jobs.limits:
+                    break
         before, seen = None, 0
         while True:
             rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))

@@ -37,13 +37,36 @@ def describe(url: str) -> str:
     return url
 
 
-SECRET_FIELDS = ("callback_secret", "callback_secret_previous", "api_token", "read_token")
+SECRET_FIELDS = (
+    "callback_secret",
+    "callback_secret_previous",
+    "api_token",
+    "read_token",
+    "notify_secret",
+)
 """Settings never shown: masked in `repr`, never logged."""
 
 
 def listed(value: str) -> tuple[str, ...]:
     """The items of a comma-separated setting, blanks dropped."""
     return tuple(item for item in (part.strip() for part in value.split(",")) if item)
+
+
+def limits_of(value: str) -> dict[str, int]:
+    """`TETHER_MAX_RUNNING`'s `backend=N,...` as a dict; `ValueError` naming
+    the item that is not `name=N` with N a whole number of at least 1."""
+    limits: dict[str, int] = {}
+    for item in listed(value):
+        name, sep, number = (part.strip() for part in item.partition("="))
+        if not (sep and name and number.isascii() and number.isdigit() and int(number) >= 1):
+            raise ValueError(
+                f"invalid setting TETHER_MAX_RUNNING: {item!r} is not backend=N"
+                " (N a whole number of at least 1)"
+            )
+        if name in limits:
+            raise ValueError(f"invalid setting TETHER_MAX_RUNNING: {name!r} is named twice")
+        limits[name] = int(number)
+    return limits
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,9 +154,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     query string (callback tokens travel there), status, milliseconds. `0`
     turns it off."""
 
+    max_running: str = ""
+    """Per-backend limits, `databricks=20,http_webhook=200`: at most that many
+    jobs of the backend triggered and not yet finished, across every process
+    sharing the store; more wait `queued`, first come first served
+    (docs/lifecycle.md). Backends not named have no limit."""
+
+    notify_secret: str = ""
+    """Key that signs completion notifications (Standard Webhooks,
+    `whsec_<base64>`). Empty: on the embedded store one is generated once and
+    kept beside the database (`tether notify-secret` prints it); other stores
+    refuse jobs asking for notifications without it."""
+
+    notify_retry_for: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
+    """Seconds a completion notification is retried after the job ended
+    before it is given up (`notify_failed`)."""
+
+    notify_backoff: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """Seconds before the second try of a notification; doubles for each
+    later one, up to an hour."""
+
     readiness_interval: float = 300.0
     """Seconds between background checks of each backend's readiness (shown
     in `GET /health`); the first runs right after start-up."""
+
+    def __post_init__(self) -> None:
+        limits_of(self.max_running)  # refuse a malformed limit at start-up
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """`max_running` read: each limited backend's slots."""
+        return limits_of(self.max_running)
 
     @property
     def base_url(self) -> str:
@@ -175,6 +226,8 @@ def from_env[S: msgspec.Struct](
     try:
         return msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as exc:
+        if "$." not in str(exc):  # raised by the Struct's own check, which names it
+            raise ValueError(str(exc)) from None
         field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
         raise ValueError(
             f"invalid setting {prefix}{field.upper()}: {str(exc).split(' - ')[0]}"

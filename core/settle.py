@@ -124,10 +124,12 @@ class Settler:
             except ServerError as exc:
                 if exc.code != 404:
                     raise StoreUnavailable(f"the store refused the settle: {exc.message}") from None
-            # The workflow has not created its promise yet: the job is pending.
-            # Ending it in the index is enough (the trigger step reads it first),
-            # but only while it is still pending; else the promise exists now.
-            rec = await self._end(job_id, outcome, ("pending",), note, "accepted", attempt)
+            # The workflow has not created its promise yet: the job is queued
+            # (no workflow yet) or pending. Ending it in the index is enough
+            # (the trigger step reads it first), but only while it is still
+            # one of those; else the promise exists now.
+            early = ("queued", "pending")
+            rec = await self._end(job_id, outcome, early, note, "accepted", attempt)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:

@@ -4,9 +4,12 @@ the list cursor."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import msgspec
 
 from core.errors import MalformedBody
-from core.models import Job, JobEvent
+from core.models import Job, JobEvent, NotifyShown
 from core.store.jobs import Event, JobRecord
 
 
@@ -34,7 +37,20 @@ def view(rec: JobRecord) -> Job:
         progress=rec.progress,
         attempt=rec.attempt,
         tags=rec.tags,
+        notify=None if rec.notify_url is None else NotifyShown(origin(rec.notify_url)),
     )
+
+
+def origin(url: str) -> str:
+    """A URL's scheme, host and port: all of it that is ever shown or logged
+    (the rest may carry a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
+
+
+def finished_message(rec: JobRecord) -> str:
+    """The body of the completion notification for the attempt `rec` ended."""
+    return msgspec.json.encode({"type": "job.finished", "job": view(rec)}).decode()
 
 
 def event_view(event: Event) -> JobEvent:

@@ -13,7 +13,7 @@ so a replayed step records nothing twice (docs/architecture.md, "Job history").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -62,6 +62,10 @@ class JobRecord(msgspec.Struct, kw_only=True):
     """The SHA-256 of the progress the last `heartbeat` event recorded."""
     tags: list[str] = msgspec.field(default_factory=list)
     """The job's tags, sorted; `tether_job_tags` indexes them for the list."""
+    notify_url: str | None = None
+    """Where completion notifications go (a secret of sorts: never shown whole)."""
+    queued_at: int | None = None
+    """When the job last joined its backend's queue (`queued`): the queue's order."""
 
     @property
     def finished(self) -> bool:
@@ -74,6 +78,23 @@ class JobRecord(msgspec.Struct, kw_only=True):
         if promise_id is not None:
             extra["promise_id"] = promise_id
         return extra
+
+
+class Notification(msgspec.Struct, kw_only=True):
+    """A completion notification to deliver (the outbox): written with the
+    end of the attempt it tells of, deleted once delivered or given up."""
+
+    id: str
+    """Its `webhook-id`: the same on every redelivery."""
+    job_id: str
+    attempt: int
+    url: str
+    body: str
+    """The JSON delivered, made when the attempt ended."""
+    created_at: int
+    due_at: int
+    """When a worker may next try it: a try claims it by moving this on."""
+    tries: int = 0
 
 
 class NewEvent(NamedTuple):
@@ -106,6 +127,37 @@ class JobIndex(Protocol):
 
     on_event: Listener | None
     """Called for each event this index recorded, after it committed."""
+    limits: Mapping[str, int]
+    """Each limited backend's slots: a job of one is `queued` while they are
+    all taken (or others wait before it), and the end of one of its jobs
+    moves the oldest queued one to `pending`, in the same transaction."""
+    on_ready: Callable[[list[JobRecord]], None] | None
+    """Told of the queued jobs a write moved to `pending`, after it committed."""
+
+    async def promote(self, backend: str, now: int) -> list[JobRecord]:
+        """Move queued jobs of `backend` to `pending` while it has free slots."""
+        ...
+
+    async def queued_backends(self) -> list[str]:
+        """The backends that have queued jobs."""
+        ...
+
+    async def notifications_due(self, now: int, limit: int) -> list[Notification]:
+        """Outbox: notifications due to be tried, the longest due first. The
+        end of an attempt of a job with a notify URL puts one there."""
+        ...
+
+    async def next_notification_at(self) -> int | None: ...
+
+    async def claim_notification(self, note: Notification, until: int) -> bool:
+        """Take a try of `note` (its `due_at` moves to `until`); False if taken."""
+        ...
+
+    async def notification_tried(
+        self, note: Notification, again_at: int | None, events: Sequence[NewEvent], now: int
+    ) -> None:
+        """Due again at `again_at`, or (None) out of the outbox; with `events`."""
+        ...
 
     async def insert(
         self, rec: JobRecord, events: Sequence[NewEvent] = ()

@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from core.errors import StoreConfigError
-from core.store.schema import EVENTS, JOBS, TAGS, Dialect
+from core.store.schema import EVENTS, JOBS, NOTIFICATIONS, SLOTS, TAGS, Dialect
 from core.store.sql import Session
 
 
@@ -60,6 +60,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         4,
         "tags: each job's tags, tether_job_tags indexing them, and an index on created_at",
         lambda d: [*JOBS.migrate(d, 4), *TAGS.migrate(d, 4)],
+    ),
+    Migration(
+        5,
+        "notifications and limits: each job's notify URL and queue time, the outbox"
+        " tether_notifications, tether_slots, and indexes on each backend's queue and"
+        " slots taken",
+        lambda d: [*JOBS.migrate(d, 5), *NOTIFICATIONS.migrate(d, 5), *SLOTS.migrate(d, 5)],
     ),
 )
 

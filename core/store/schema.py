@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from core.store.jobs import Event, JobRecord
+from core.store.jobs import Event, JobRecord, Notification
 
 type LogicalType = Literal["serial", "text", "int", "real", "json"]
 """`serial`: the row's key, an increasing integer the database assigns;
@@ -150,6 +150,8 @@ JOBS = Table(
         Column("heartbeat_noted_at", "int", null=True, since=3),
         Column("progress_noted", "text", null=True, since=3),
         Column("tags", "json", since=4, default="'[]'"),
+        Column("notify_url", "text", null=True, since=5),
+        Column("queued_at", "int", null=True, since=5),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -159,6 +161,8 @@ JOBS = Table(
         Index("tether_jobs_finished", "finished_at", "finished_at IS NOT NULL"),
         Index("tether_jobs_heartbeat", "heartbeat_due", "heartbeat_due IS NOT NULL", since=3),
         Index("tether_jobs_created", "created_at", since=4),
+        Index("tether_jobs_queue", "backend, queued_at, seq", "state = 'queued'", since=5),
+        Index("tether_jobs_active", "backend", "state IN ('pending', 'running')", since=5),
     ),
 )
 """The job index: one row per job (`JobRecord`). `events` counts the job's
@@ -192,6 +196,34 @@ TAGS = Table(
 )
 """One row per tag of a job (`seq` is the job's): a page of the jobs with a
 tag walks that tag's key range newest first."""
+
+NOTIFICATIONS = Table(
+    "tether_notifications",
+    (
+        Column("id", "text"),
+        Column("job_id", "text"),
+        Column("attempt", "int"),
+        Column("url", "text"),
+        Column("body", "text"),
+        Column("created_at", "int"),
+        Column("due_at", "int"),
+        Column("tries", "int"),
+    ),
+    (Index("tether_notifications_due", "due_at", since=5),),
+    since=5,
+    primary_key="id",
+)
+"""Completion notifications not yet delivered (`Notification`): the outbox."""
+
+SLOTS = Table(
+    "tether_slots",
+    (Column("backend", "text"), Column("turns", "int")),
+    since=5,
+    primary_key="backend",
+)
+"""One row per backend with a limit (`TETHER_MAX_RUNNING`), updated first by
+every transaction that counts its slots: its lock makes such transactions take
+turns on Postgres (SQLite runs one writer at a time anyway)."""
 
 _encode_json = msgspec.json.encode
 
@@ -254,3 +286,4 @@ def _row_decoder[T](
 
 JOB_ROWS = RowCodec(JOBS, JobRecord)
 EVENT_ROWS = RowCodec(EVENTS, Event)
+NOTIFICATION_ROWS = RowCodec(NOTIFICATIONS, Notification)

@@ -16,15 +16,17 @@ asking for `seq > n` misses nothing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import msgspec
 
 from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
-from core.store.jobs import Event, JobRecord, Listener, NewEvent
-from core.store.schema import EVENT_ROWS, JOB_ROWS, json_text
+from core.store.jobs import Event, JobRecord, Listener, NewEvent, Notification
+from core.store.schema import EVENT_ROWS, JOB_ROWS, NOTIFICATION_ROWS, json_text
+from core.views import finished_message
 
 HISTORY_LIMIT = 1000
 """Events kept per job. Past it the oldest events after the first
@@ -68,6 +70,22 @@ _SET_EXTERNAL = (
 )
 
 
+_TURN = (
+    "INSERT INTO tether_slots (backend, turns) VALUES (?, 1)"
+    " ON CONFLICT (backend) DO UPDATE SET turns = tether_slots.turns + 1"
+)
+_ACTIVE = "SELECT count(*) FROM tether_jobs WHERE backend = ? AND state IN ('pending', 'running')"
+_QUEUED = "SELECT 1 FROM tether_jobs WHERE backend = ? AND state = 'queued' LIMIT 1"
+_PROMOTE = (
+    "UPDATE tether_jobs SET state = 'pending', updated_at = ? WHERE id IN (SELECT id FROM"
+    " tether_jobs WHERE backend = ? AND state = 'queued' ORDER BY queued_at, seq LIMIT ?)"
+    f" RETURNING {COLUMNS}"
+)
+PROMOTE_BATCH = 500
+"""Queued jobs of a backend without a limit (any more) started at once, at most."""
+_N_COLUMNS = NOTIFICATION_ROWS.columns
+
+
 def finished_data(outcome: Outcome) -> dict[str, Any]:
     """The `finished` event's data: the final state, and the error's type."""
     data: dict[str, Any] = {"state": outcome.status}
@@ -80,6 +98,66 @@ class SqlJobIndex:
     def __init__(self, driver: Driver) -> None:
         self.db = driver
         self.on_event: Listener | None = None
+        self.limits: Mapping[str, int] = {}
+        """Each limited backend's slots (`TETHER_MAX_RUNNING`)."""
+        self.on_ready: Callable[[list[JobRecord]], None] | None = None
+        """Told of the queued jobs a write of this index moved to `pending`
+        (their slots freed), after it committed: their workflows start."""
+
+    async def _admit(self, tx: Session, backend: str) -> tuple[bool, dict[str, Any]]:
+        """Whether a job of `backend` may take a slot now: the backend has no
+        limit, or a slot free and no job queued before it. Takes the backend's
+        turn (`tether_slots`) for the rest of the transaction. With the
+        `queued` event's data for a job that may not."""
+        limit = self.limits.get(backend)
+        if limit is None:
+            return True, {}
+        await tx.execute(_TURN, (backend,))
+        active = (await tx.fetch(_ACTIVE, (backend,)))[0][0]
+        if active < limit and not await tx.fetch(_QUEUED, (backend,)):
+            return True, {}
+        return False, {"limit": limit, "running": active}
+
+    async def _promote(self, tx: Session, backend: str, now: int) -> list[JobRecord]:
+        """Move the oldest queued jobs of `backend` to `pending`, as many as it
+        has free slots (at most `PROMOTE_BATCH` without a limit)."""
+        limit = self.limits.get(backend)
+        free = PROMOTE_BATCH
+        if limit is not None:
+            await tx.execute(_TURN, (backend,))
+            free = limit - (await tx.fetch(_ACTIVE, (backend,)))[0][0]
+        if free <= 0:
+            return []
+        return [_row(r) for r in await tx.fetch(_PROMOTE, (now, backend, free))]
+
+    async def _unstick(
+        self, tx: Session, backend: str, queued: dict[str, Any], now: int
+    ) -> list[JobRecord]:
+        """After a job was queued behind others while slots were free (the
+        limit was raised, or a promotion's workflow start was lost), promote
+        as many as are free, oldest first: no queue waits beside a free slot."""
+        if queued and queued["running"] < queued["limit"]:
+            return await self._promote(tx, backend, now)
+        return []
+
+    def _ready(self, promoted: list[JobRecord]) -> None:
+        if promoted and self.on_ready is not None:
+            self.on_ready(promoted)
+
+    async def promote(self, backend: str, now: int) -> list[JobRecord]:
+        """Start queued jobs of `backend` for which slots are free (after the
+        limits changed); `on_ready` hears of them. Returns them."""
+        async with self.db.transaction() as tx:
+            promoted = await self._promote(tx, backend, now)
+        self._ready(promoted)
+        return promoted
+
+    async def queued_backends(self) -> list[str]:
+        """The backends that have queued jobs."""
+        rows = await self.db.fetch(
+            "SELECT DISTINCT backend FROM tether_jobs WHERE state = 'queued'", ()
+        )
+        return sorted(r[0] for r in rows)
 
     async def _file(
         self, tx: Session, rec: JobRecord, events: Sequence[NewEvent], now: int
@@ -112,9 +190,13 @@ class SqlJobIndex:
     async def insert(
         self, rec: JobRecord, events: Sequence[NewEvent] = ()
     ) -> tuple[JobRecord, bool]:
-        rec = msgspec.structs.replace(rec, events=len(events))
         filed: list[Event] = []
         async with self.db.transaction() as tx:
+            admitted, queued = await self._admit(tx, rec.backend)
+            if not admitted:
+                rec = msgspec.structs.replace(rec, state="queued", queued_at=rec.created_at)
+                events = [*events, NewEvent("queued", queued)]
+            rec = msgspec.structs.replace(rec, events=len(events))
             rows = await tx.fetch(_INSERT, JOB_ROWS.values(rec))
             created = bool(rows)
             if created and rec.tags:
@@ -129,8 +211,11 @@ class SqlJobIndex:
             elif not created:
                 rows = await tx.fetch(_SELECT, (rec.id,))
                 assert rows, "a job row vanished right after its insert"
+            promoted = await self._unstick(tx, rec.backend, queued, rec.created_at)
         stored = _row(rows[0])
+        stored = next((p for p in promoted if p.id == stored.id), stored)
         self._tell(stored, filed)
+        self._ready(promoted)
         return stored, created
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -254,35 +339,64 @@ class SqlJobIndex:
                     *([] if attempt is None else [attempt]),
                 ),
             )
+            promoted: list[JobRecord] = []
             if rows:
-                filed = await self._file(tx, _row(rows[0]), events, now)
+                ended = _row(rows[0])
+                filed = await self._file(tx, ended, events, now)
+                if ended.notify_url is not None:
+                    await self._post(tx, ended, now)
+                if ended.backend in self.limits:
+                    promoted = await self._promote(tx, ended.backend, now)
             else:
                 rows = await tx.fetch(_SELECT, (job_id,))
         if not rows:
             return None, False
         rec = _row(rows[0])
         self._tell(rec, filed)
+        self._ready(promoted)
         return rec, bool(filed)
+
+    async def _post(self, tx: Session, rec: JobRecord, now: int) -> None:
+        """Put the notification of the attempt that just ended in the outbox."""
+        assert rec.notify_url is not None
+        note = Notification(
+            id=f"msg_{uuid.uuid4().hex}",
+            job_id=rec.id,
+            attempt=rec.attempt,
+            url=rec.notify_url,
+            body=finished_message(rec),
+            created_at=now,
+            due_at=now,
+        )
+        await tx.execute(NOTIFICATION_ROWS.insert, NOTIFICATION_ROWS.values(note))
 
     async def retry(
         self, job_id: str, attempt: int, deadline: int, now: int, event: NewEvent
     ) -> JobRecord | None:
         marks = ", ".join("?" for _ in RETRYABLE_STATES)
         async with self.db.transaction() as tx:
+            current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
+            admitted, queued = await self._admit(tx, current[0][0]) if current else (True, {})
+            state, queued_at = ("pending", None) if admitted else ("queued", now)
             rows = await tx.fetch(
-                "UPDATE tether_jobs SET state = 'pending', attempt = attempt + 1, deadline = ?,"
+                "UPDATE tether_jobs SET state = ?, queued_at = ?, attempt = attempt + 1,"
+                " deadline = ?,"
                 " updated_at = ?, external = NULL, result = NULL, error = NULL,"
                 " finished_at = NULL, next_check_at = NULL, heartbeat_at = NULL,"
                 " heartbeat_due = NULL, progress = NULL, heartbeat_noted_at = NULL,"
-                " progress_noted = NULL, events = events + 1"
+                f" progress_noted = NULL, events = events + {1 if admitted else 2}"
                 f" WHERE id = ? AND attempt = ? AND state IN ({marks}) RETURNING {COLUMNS}",
-                (deadline, now, job_id, attempt, *RETRYABLE_STATES),
+                (state, queued_at, deadline, now, job_id, attempt, *RETRYABLE_STATES),
             )
-            filed = await self._file(tx, _row(rows[0]), [event], now) if rows else []
+            new = [event] if admitted else [event, NewEvent("queued", queued)]
+            filed = await self._file(tx, _row(rows[0]), new, now) if rows else []
+            promoted = await self._unstick(tx, current[0][0], queued, now) if rows else []
         if not rows:
             return None
         rec = _row(rows[0])
+        rec = next((p for p in promoted if p.id == rec.id), rec)
         self._tell(rec, filed)
+        self._ready(promoted)
         return rec
 
     async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
@@ -398,6 +512,49 @@ class SqlJobIndex:
                 await tx.execute(f"DELETE FROM tether_events WHERE job_id IN ({marks})", ids)
                 await tx.execute(f"DELETE FROM tether_job_tags WHERE job_id IN ({marks})", ids)
         return ids
+
+    async def notifications_due(self, now: int, limit: int) -> list[Notification]:
+        """Notifications whose time to be tried has come, the longest due first."""
+        rows = await self.db.fetch(
+            f"SELECT {_N_COLUMNS} FROM tether_notifications WHERE due_at <= ?"
+            " ORDER BY due_at LIMIT ?",
+            (now, limit),
+        )
+        return [NOTIFICATION_ROWS.decode(r) for r in rows]
+
+    async def next_notification_at(self) -> int | None:
+        """When the next notification is due (None: none waits)."""
+        rows = await self.db.fetch("SELECT min(due_at) FROM tether_notifications", ())
+        return rows[0][0] if rows else None
+
+    async def claim_notification(self, note: Notification, until: int) -> bool:
+        """Take a try of `note`: move it from its `due_at` to `until` (when
+        another may try it, should this process die) and count the try;
+        False if another process took it first."""
+        changed = await self.db.execute(
+            "UPDATE tether_notifications SET due_at = ?, tries = tries + 1"
+            " WHERE id = ? AND due_at = ?",
+            (until, note.id, note.due_at),
+        )
+        return changed == 1
+
+    async def notification_tried(
+        self, note: Notification, again_at: int | None, events: Sequence[NewEvent], now: int
+    ) -> None:
+        """After a try of `note`: due again at `again_at`, or (None: delivered
+        or given up) out of the outbox; `events` recorded in its job's history
+        (if the job is still kept), all in one transaction."""
+        async with self.db.transaction() as tx:
+            if again_at is None:
+                await tx.execute("DELETE FROM tether_notifications WHERE id = ?", (note.id,))
+            else:
+                await tx.execute(
+                    "UPDATE tether_notifications SET due_at = ? WHERE id = ?", (again_at, note.id)
+                )
+            rows = await tx.fetch(_COUNT, (len(events), note.job_id)) if events else []
+            filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
+        if rows:
+            self._tell(_row(rows[0]), filed)
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())

@@ -151,6 +151,7 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     }
     assert params["state"]["schema"]["type"] == "array"
     assert params["state"]["schema"]["items"]["enum"] == [
+        "queued",
         "pending",
         "running",
         "succeeded",
