@@ -33,7 +33,14 @@ from core.settings import WILDCARD_HOSTS, Settings, describe, unknown_env
 from core.store.backup import Copied, StoreFileError, embedded_db
 from core.store.backup import backup as store_backup
 from core.store.backup import restore as store_restore
-from core.store.embedded import drop_previous_secrets, rotate_secret, secret_path
+from core.store.base import check_notify_secret
+from core.store.embedded import (
+    drop_previous_secrets,
+    notify_secret_path,
+    read_notify_secret,
+    rotate_secret,
+    secret_path,
+)
 from core.views import duration
 from core.watchdog import MIN_RETENTION
 
@@ -306,6 +313,42 @@ def _secret_file_store(settings: Settings) -> Path:
     return db
 
 
+@cli.command("notify-secret")
+@store_option
+def notify_secret_command(store: str | None) -> None:
+    """Print the secret completion notifications are signed with.
+
+    Receivers verify each notification's `webhook-signature` with it
+    (docs/lifecycle.md, "Completion notifications"). It is
+    TETHER_NOTIFY_SECRET when set, else the one the embedded store keeps
+    beside its database. Only the secret is printed, on a line of its own."""
+    settings = load_settings(store=store or None)
+    try:
+        click.echo(_notify_secret(settings))
+    except (StoreConfigError, StoreFileError) as exc:
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"cannot read the notification secret: {exc.strerror}") from None
+
+
+def _notify_secret(settings: Settings) -> str:
+    """The notification secret services using `settings` sign with."""
+    if settings.notify_secret:
+        return check_notify_secret(settings.notify_secret)
+    if settings.store.startswith(("postgresql:", "postgres:")):
+        raise StoreFileError(
+            f"{describe(settings.store)} keeps no notification secret: set"
+            " TETHER_NOTIFY_SECRET, the same on every host (docs/operations.md)"
+        )
+    path = notify_secret_path(embedded_db(settings, "notify-secret"))
+    if not path.is_file():
+        raise StoreFileError(
+            f"no notification secret file {path}: a service makes one when it first opens"
+            " the store (or set TETHER_NOTIFY_SECRET)"
+        )
+    return read_notify_secret(path)
+
+
 @cli.command("backup")
 @store_option
 @click.argument("path", metavar="PATH")
@@ -399,7 +442,7 @@ add_client_commands(cli)
 SECTIONS = {
     "Service": ("serve", "gc"),
     "Jobs (talk to a running service)": tuple(str(command.name) for command in CLIENT_COMMANDS),
-    "Store files": ("rotate-secret", "backup", "restore"),
+    "Store files": ("rotate-secret", "notify-secret", "backup", "restore"),
     "Plugins": ("install", "uninstall", "plugins"),
 }
 """The headings of `tether --help`: commands on this machine's store and

@@ -578,6 +578,12 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
     help="A tag to find the job by (`tether list --tag`); repeat for several.",
 )
 @click.option(
+    "--notify",
+    metavar="URL",
+    help="POST a signed `job.finished` message to this http(s) URL each time the job"
+    " ends (`tether notify-secret` prints the key receivers verify it with).",
+)
+@click.option(
     "--wait",
     is_flag=True,
     help="Then watch the job until it ends, with the exit status of `tether watch`.",
@@ -591,6 +597,7 @@ def submit(
     metadata: dict[str, Any] | None,
     heartbeat_timeout: float | None,
     tags: tuple[str, ...],
+    notify: str | None,
     wait: bool,
     url: str,
     as_json: bool,
@@ -607,6 +614,7 @@ def submit(
         "metadata": metadata,
         "heartbeat_timeout": heartbeat_timeout,
         "tags": list(tags) or None,
+        "notify": None if notify is None else {"url": notify},
     }
     body.update((name, value) for name, value in given.items() if value is not None)
     job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", json=body), url)

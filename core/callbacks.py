@@ -82,6 +82,14 @@ class Heartbeat(msgspec.Struct, frozen=True):
     heartbeat_due: datetime | None
 
 
+def learnt(rec: JobRecord, found: Running | None) -> tuple[int, dict[str, Any]] | None:
+    """What a status check of `rec` that found the run going changes in its
+    `external` (`Running.external`), for `JobIndex.record`."""
+    if found is None or not found.external:
+        return None
+    return rec.attempt, found.external
+
+
 def status_said(found: Running | None) -> dict[str, Any]:
     """A `status_check` (or `heartbeat_missed`) event's data for a run the
     backend says is going (`running`, with its progress when that is at most
@@ -140,7 +148,7 @@ class Callbacks:
         if isinstance(outcome, CheckNow):
             noted = NewEvent("callback", {"verdict": "noted", **digest})
             await store_call(self.jobs.record(job_id, [noted], now_ms()))
-            return await self._check_now(rec, outcome.reason)
+            return await self.check_now(rec, outcome.reason)
         status = outcome.status
 
         def note(verdict: SettleResult) -> NewEvent:
@@ -156,9 +164,10 @@ class Callbacks:
         message = CALLBACK_MESSAGES[result].format(state=rec.state)
         return CallbackResult(outcome=result, job=view(rec), message=message)
 
-    async def _check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
-        """A callback that only hints the run ended: ask the backend, settle on
-        its answer alone."""
+    async def check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
+        """A hint that the run ended (a callback its backend reads as
+        `CheckNow`, a backend notification: `core.notices`): ask the backend,
+        settle on its answer alone."""
         backend = self.plugins.backends.get(rec.backend)
         message = f"noted ({reason}); " if reason else "noted; "
         if rec.finished or backend is None or rec.external is None:
@@ -175,7 +184,7 @@ class Callbacks:
             found = None
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
-            await store_call(self.jobs.record(rec.id, [said], now_ms()))
+            await store_call(self.jobs.record(rec.id, [said], now_ms(), learnt(rec, found)))
             return CallbackResult(
                 "noted", view(rec), message + "the run has not ended; Tether keeps checking"
             )
@@ -222,7 +231,7 @@ class Callbacks:
     def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
         """The outcome a callback body reports. An empty body reads as `{}`:
         the backend may claim it; Tether's uniform body needs `status`."""
-        decoded = _decode("callback", body, empty={})
+        decoded = decode_json("callback", body, empty={})
         backend = self.plugins.backends.get(rec.backend)
         if backend is not None:
             try:
@@ -245,7 +254,7 @@ class Callbacks:
             ) from None
 
 
-def _decode(what: str, body: bytes, empty: Any) -> Any:
+def decode_json(what: str, body: bytes, empty: Any) -> Any:
     """A `what` body's JSON; `empty` for a body of white space only."""
     try:
         return msgspec.json.decode(body) if body.strip() else empty
@@ -262,7 +271,7 @@ def _decode(what: str, body: bytes, empty: Any) -> Any:
 def _progress(body: bytes) -> Any:
     """The progress a heartbeat body reports (None: none; an empty body and
     `null` are heartbeats without progress)."""
-    decoded = _decode("heartbeat", body, empty=None)
+    decoded = decode_json("heartbeat", body, empty=None)
     if decoded is None:
         return None
     try:

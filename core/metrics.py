@@ -42,6 +42,16 @@ TRIGGER_ATTEMPTS = Counter(
     "Tries to trigger a job on its backend: ok, or failed (retried or not).",
     ["backend", "result"],
 )
+NOTIFICATIONS = Counter(
+    "tether_notifications_total",
+    "Tries to deliver a completion notification: ok (a 2xx answer), or failed.",
+    ["backend", "result"],
+)
+NOTIFICATIONS_FAILED = Counter(
+    "tether_notifications_failed_total",
+    "Completion notifications given up: their retry window (TETHER_NOTIFY_RETRY_FOR) ran out.",
+    ["backend"],
+)
 JOB_DURATION = Histogram(
     "tether_job_duration_seconds",
     "Seconds from a job's creation to its end.",
@@ -76,6 +86,10 @@ def on_event(job: JobRecord, event: EventLike) -> None:
             TRIGGER_ATTEMPTS.labels(job.backend, "failed").inc()
         case "callback":
             CALLBACKS.labels(str(event.data.get("verdict", "unknown"))).inc()
+        case "notified":
+            NOTIFICATIONS.labels(job.backend, "failed" if "error" in event.data else "ok").inc()
+        case "notify_failed":
+            NOTIFICATIONS_FAILED.labels(job.backend).inc()
         case "finished":
             JOBS_FINISHED.labels(job.backend, job.state).inc()
             if job.finished_at is not None:
@@ -93,6 +107,8 @@ def prime(backends: Iterable[str]) -> None:
         JOBS_CREATED.labels(backend)
         for result in ("ok", "failed"):
             TRIGGER_ATTEMPTS.labels(backend, result)
+            NOTIFICATIONS.labels(backend, result)
+        NOTIFICATIONS_FAILED.labels(backend)
         for state in sorted(FINAL_STATES):
             JOBS_FINISHED.labels(backend, state)
 

@@ -95,9 +95,12 @@ class Running(msgspec.Struct, frozen=True, omit_defaults=True):
     """What `check_status` returns when the backend *confirms* the run is still
     going (`None` means it cannot tell). A missed heartbeat then only delays:
     the job waits on. `progress`: how far along the run is, if the backend
-    knows (any JSON; shown in the job's history)."""
+    knows (any JSON; shown in the job's history). `external`: fields of the
+    job's `external` that changed since the trigger (e.g. the run's `state`),
+    merged into it; the keys the trigger wrote stay unless named here."""
 
     progress: Any = None
+    external: dict[str, Any] | None = None
 
 
 class CheckNow(msgspec.Struct, frozen=True):
@@ -106,6 +109,40 @@ class CheckNow(msgspec.Struct, frozen=True):
     `check_status` at once and settles the job only on what that returns."""
 
     reason: str = ""
+
+
+class Notice(msgspec.Struct, frozen=True):
+    """A notification an external system posted to `POST
+    /backends/{name}/notifications`, as its backend's `receive_notification`
+    is handed it: the request's parts, without the web framework.
+
+    It carries the caller's credentials (an `authorization` header, a
+    `?token=`): never log it, never keep it. Its repr hides both."""
+
+    headers: dict[str, str]
+    """The request's headers, names lower-cased (a repeated header's values
+    joined with `, `)."""
+    query: dict[str, list[str]]
+    """The URL's query parameters as sent, each with every value given."""
+    body: Any
+    """The body, decoded from JSON (None for an empty body)."""
+    raw: bytes = b""
+    """The body as sent, for a system that signs its bytes."""
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"Notice(headers={sorted(self.headers)!r}, query={sorted(self.query)!r})"
+
+
+class NoticeAbout(msgspec.Struct, frozen=True):
+    """What a backend's `receive_notification` read in a `Notice`."""
+
+    keys: list[str]
+    """The external run keys the notification concerns (in `run_keys`'s
+    terms): Tether looks each up among the runs its jobs started. May be
+    empty (a test message about no run)."""
+    kind: str = ""
+    """What the notification says happened, in the external system's words
+    (e.g. `jobs.on_success`): shown in the job's `notification` event."""
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -165,6 +202,7 @@ EventType = Literal[
     "heartbeat_missed",
     "callback",
     "status_check",
+    "notification",
     "cancel_requested",
     "timed_out",
     "retried",

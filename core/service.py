@@ -15,7 +15,7 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ from resonate.resonate import Resonate
 
 from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks, Heartbeat
-from core.errors import Conflict, MalformedBody, NotFound
+from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
@@ -41,6 +41,8 @@ from core.models import (
     JobRequest,
     Outcome,
 )
+from core.notices import NoticeResult, Notices
+from core.notify import Notifier
 from core.plugins import Plugins
 from core.requests import NormalRequest, stored_request
 from core.settings import Settings
@@ -59,6 +61,8 @@ ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
 RESUME_PAGE = 500
+STALE_PENDING_MS = 10_000
+"""A job pending this long may have lost its workflow start (`resume_stale`)."""
 
 
 def unix_ms(at: datetime) -> int:
@@ -91,6 +95,7 @@ class Tether:
         self.jobs.limits = settings.limits
         self.jobs.on_ready = self._on_ready
         self._starting: set[asyncio.Task[None]] = set()
+        self.notifier: Notifier | None = None
 
     def __repr__(self) -> str:
         return f"Tether(store={self.store.kind!r}, pid={self.pid!r})"
@@ -121,12 +126,18 @@ class Tether:
             max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
         )
-        self._settler = Settler(r, self.jobs)
+        self._settler = Settler(r, self.jobs, self.settings.max_result_bytes)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
         workflow.register(r, steps)
         self._target = conn.resolve_target(self.settings.group)
-        self.watchdog = Watchdog(self.settings, self.plugins, self.store, self._settler)
+        self.watchdog = Watchdog(
+            self.settings, self.plugins, self.store, self._settler, resume=self.resume_stale
+        )
         self.watchdog.start()
+        if self.store.notify_secret is not None:
+            self.notifier = Notifier(self.settings, self.jobs, self.store.notify_secret)
+            self.events.listeners.append(self.notifier.on_event)
+            self.notifier.start()
         self.checks.start()
         self.events.stop_on_signals()
 
@@ -140,6 +151,8 @@ class Tether:
                 await task
         if self.watchdog is not None:
             await self.watchdog.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
         if self.resonate is not None:
             await self.resonate.stop()
         for backend in self.plugins.backends.values():
@@ -195,6 +208,12 @@ class Tether:
         if notify is not None and not HTTP_URL.fullmatch(notify):
             raise MalformedBody(
                 "invalid notify.url: an http or https URL without user:password@",
+                {"field": "notify.url"},
+            )
+        if notify is not None and self.store.notify_secret is None:
+            raise InvalidRequest(
+                "notify needs a notification secret, and this service has none: set"
+                " TETHER_NOTIFY_SECRET (the same on every host sharing the store)",
                 {"field": "notify.url"},
             )
         backend = self.plugins.backend(req.backend)
@@ -366,6 +385,22 @@ class Tether:
                 return seen
             before = rows[-1].seq
 
+    async def resume_stale(self) -> int:
+        """Start the workflow of every job pending for over `STALE_PENDING_MS`
+        (creating an existing one changes nothing): the watchdog's repair for a
+        process that died between writing a job `pending` and starting its
+        workflow, and never came back. Returns how many it looked at."""
+        before, seen, stale = None, 0, now_ms() - STALE_PENDING_MS
+        while True:
+            rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))
+            for rec in rows:
+                if rec.updated_at < stale:
+                    await self._start(rec)
+                    seen += 1
+            if len(rows) < RESUME_PAGE:
+                return seen
+            before = rows[-1].seq
+
     def _worker(self) -> Resonate:
         assert self.resonate is not None, "Tether.open(worker=True) did not run"
         return self.resonate
@@ -467,6 +502,20 @@ class Tether:
         return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).heartbeat(
             promise_id, token, body
         )
+
+    async def backend_notification(
+        self,
+        name: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, list[str]],
+        body: bytes,
+    ) -> NoticeResult:
+        """A notification the external system of backend `name` posted to its
+        one endpoint: the backend authenticates and reads it, Tether finds the
+        jobs of the runs it names and asks the backend about them (see
+        `core.notices`)."""
+        callbacks = Callbacks(self.plugins, self.jobs, self.signer, self.settler)
+        return await Notices(self.plugins, self.jobs, callbacks).take(name, headers, query, body)
 
     async def health(self) -> dict[str, Any]:
         """Liveness: raises when the store does not answer, whatever the

@@ -18,7 +18,9 @@ import msgspec
 
 PREFIX = "TETHER_"
 
-OTHER_KNOWN = frozenset({"TETHER_URL", "TETHER_TEST_PG_DSN", "TETHER_TEST_STORES"})
+OTHER_KNOWN = frozenset(
+    {"TETHER_URL", "TETHER_TEST_PG_DSN", "TETHER_TEST_STORES", "TETHER_TEST_WORKERS"}
+)
 """`TETHER_*` variables that are not settings of the service but are expected:
 the command line's own (`TETHER_URL`, the service a client command talks to)
 and the test suite's (`TETHER_TEST_*`)."""
@@ -43,6 +45,7 @@ SECRET_FIELDS = (
     "api_token",
     "read_token",
     "notify_secret",
+    "store_token",
 )
 """Settings never shown: masked in `repr`, never logged."""
 
@@ -73,7 +76,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     store: str = "sqlite:///.tether/tether.db"
     """Durable store URL: `sqlite:///PATH` (default, embedded), `memory://`
     (tests and demos: the embedded store on a temporary file, deleted when the
-    service stops), `postgresql://...` (resonate-pg)."""
+    service stops), `postgresql://...` (resonate-pg), `http(s)://HOST:PORT` (a
+    Resonate server; needs `index`)."""
+
+    index: str = ""
+    """Where the job index lives when `store` is a Resonate server (required
+    then, refused with any other store): `sqlite:///PATH` (one host) or
+    `postgresql://...` (several hosts)."""
+
+    store_token: str = ""
+    """Bearer token Tether presents to a Resonate server store (`Authorization:
+    Bearer`, on requests and on the message stream). Empty: none."""
 
     host: str = "127.0.0.1"
     """Interface `tether serve` listens on."""
@@ -107,6 +120,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     max_body_bytes: int = 1_048_576
     """Requests with a larger body are refused with 413."""
+
+    max_result_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    """Bytes of JSON a job's `result` (and its `error.message`) may take,
+    however it came: a callback or a backend's status check, of any backend.
+    A larger result is stored cut, as `{"truncated": true, "bytes": N,
+    "sha256": ..., "preview": ...}` (docs/operations.md); never whole. At
+    least 1024."""
 
     default_timeout: float = 7 * 24 * 3600.0
     """Seconds a job waits for its callback when the request names no `timeout`."""
@@ -194,6 +214,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """Every field, with the secrets masked (settings get logged and printed)."""
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
         shown["store"] = describe(self.store)
+        shown["index"] = describe(self.index)
         for secret in SECRET_FIELDS:
             shown[secret] = "***" if shown[secret] else ""
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"

@@ -28,6 +28,7 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 from resonate_base import ConnectorError
 
+from core.bounds import bound_outcome
 from core.errors import NotFound, StoreUnavailable
 from core.models import OPEN_STATES, ErrorInfo, Outcome
 from core.store import STORE_CALL_TIMEOUT
@@ -86,9 +87,14 @@ def judge(status: str, same: bool) -> SettleResult:
 
 
 class Settler:
-    def __init__(self, resonate: Resonate, jobs: JobIndex) -> None:
+    def __init__(
+        self, resonate: Resonate, jobs: JobIndex, max_result_bytes: int | None = None
+    ) -> None:
         self.resonate = resonate
         self.jobs = jobs
+        self.max_result_bytes = max_result_bytes
+        """`TETHER_MAX_RESULT_BYTES`: every outcome is cut to it before it is
+        stored (`core.bounds`); None: no bound."""
 
     async def settle(
         self,
@@ -105,8 +111,10 @@ class Settler:
         cancel or timeout (`gone`); and the job's row as it now stands.
         `note` names the event to record for it. `attempt` is the attempt the
         caller saw (pass it whenever it read the row: the job may have been
-        retried since); None: the one the job is at now.
+        retried since); None: the one the job is at now. The outcome is
+        bounded first (`max_result_bytes`): nothing larger is ever stored.
         """
+        outcome = bound_outcome(outcome, self.max_result_bytes)
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
             if current is None:

@@ -20,6 +20,7 @@ import msgspec
 from core.errors import BackendError
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.notices import run_keys_of
 from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler, outcome_of, outcome_of_record
@@ -89,8 +90,9 @@ class JobSteps:
         triggered = NewEvent("triggered", {"try": tries, "external": receipt})
         beat = rec.heartbeat_timeout  # counted from the trigger until the first heartbeat
         due = None if beat is None else now + int(beat * 1000)
+        keys = run_keys_of(backend, receipt)  # its notifications find the job by them
         updated = await self.jobs.set_external(
-            job_id, receipt, now, next_check, triggered, heartbeat_due=due
+            job_id, receipt, now, next_check, triggered, heartbeat_due=due, keys=keys
         )
         if updated is not None and updated.finished:
             # Canceled or timed out while the trigger was under way.

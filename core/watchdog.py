@@ -18,10 +18,11 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from core.callbacks import status_said
+from core.callbacks import learnt, status_said
 from core.errors import InvalidRequest
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
@@ -70,14 +71,30 @@ async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     return jobs, promises
 
 
+RESUME_EVERY = 30.0
+"""Seconds between one process's looks for pending jobs whose workflow start
+was lost with another process (`Watchdog.resume`)."""
+
+
 class Watchdog:
     def __init__(
-        self, settings: Settings, plugins: Plugins, store: Store, settler: Settler
+        self,
+        settings: Settings,
+        plugins: Plugins,
+        store: Store,
+        settler: Settler,
+        resume: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.settings = settings
         self.plugins = plugins
         self.store = store
         self.settler = settler
+        self.resume = resume
+        """Starts the workflows of pending jobs that have gone a while
+        without one (a process died between writing a job `pending` and
+        starting its workflow: a new job, a retry, a job out of the queue);
+        run every `RESUME_EVERY` seconds, so a host that never comes back
+        strands none."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -92,8 +109,15 @@ class Watchdog:
 
     async def _run(self) -> None:
         last_gc = -math.inf  # retention on the first sweep, even on a host up for under an hour
+        last_resume = time.monotonic()  # the service resumed every pending job as it started
         while True:
             await asyncio.sleep(self.settings.watchdog_interval)
+            if self.resume is not None and time.monotonic() - last_resume > RESUME_EVERY:
+                last_resume = time.monotonic()
+                try:
+                    await self.resume()
+                except Exception as exc:
+                    log.warning("resuming pending jobs: %s", type(exc).__name__)
             if self.settings.retention and time.monotonic() - last_gc > GC_EVERY:
                 last_gc = time.monotonic()
                 try:
@@ -161,7 +185,7 @@ class Watchdog:
         found = await backend.check_status(view(rec))
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
-            await self.store.jobs.record(rec.id, [said], now_ms())
+            await self.store.jobs.record(rec.id, [said], now_ms(), learnt(rec, found))
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
             result, _ = await self.settler.settle(
@@ -202,7 +226,7 @@ class Watchdog:
                 return
         if isinstance(found, Running):
             event = NewEvent("heartbeat_missed", {**missed, **status_said(found)})
-            await self.store.jobs.record(rec.id, [event], now_ms())
+            await self.store.jobs.record(rec.id, [event], now_ms(), learnt(rec, found))
             return
         if found is None:
             said = {**missed, "said": "unknown"}

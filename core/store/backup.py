@@ -4,7 +4,9 @@ and bringing one back.
 A backup is the database (one self-contained SQLite file, the job index
 included) and, beside it as `PATH.secret`, the callback secrets kept beside the
 store, so callback URLs handed out before the backup still work after a
-restore. Both files are private to their owner (0600).
+restore; and `PATH.notify-secret`, the key completion notifications are signed
+with, so receivers need no new key. All the files are private to their owner
+(0600).
 
 The copy is SQLite's online backup API in one step: it reads one snapshot of
 the database (WAL mode lets writers go on meanwhile; a step-by-step copy would
@@ -22,12 +24,18 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from core.settings import Settings, describe
-from core.store.embedded import read_secrets, secret_path, sqlite_path, write_secrets
+from core.store.embedded import (
+    notify_secret_path,
+    read_secrets,
+    secret_path,
+    sqlite_path,
+    write_secrets,
+)
 
 BACKUP_WAIT = 60.0
 """Seconds a copy may wait for SQLite to let it read or write (a reader of a
@@ -102,31 +110,41 @@ def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
 def _refuse_existing(path: Path, force: bool, what: str) -> None:
     if force:
         return
-    for existing in (path, secret_path(path)):
+    for existing in (path, secret_path(path), notify_secret_path(path)):
         if existing.exists():
             raise StoreFileError(f"{existing} exists: pass --force to replace {what} there")
 
 
-def _secrets_of(db: Path) -> list[str] | None:
-    """The secrets kept beside `db`, or None when it has no secret file (its
-    services use TETHER_CALLBACK_SECRET)."""
-    try:
-        return read_secrets(secret_path(db))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreFileError(f"cannot read {secret_path(db)}: {exc.strerror}") from None
+SECRET_FILES = (secret_path, notify_secret_path)
+"""The files of secrets kept beside a database: callback, notification."""
+
+type Kept = list[tuple[Callable[[Path], Path], list[str]]]
 
 
-def _put_secrets(copied: Copied, secrets: list[str] | None) -> Copied:
-    """Write `secrets` (if any) beside the database just copied."""
-    if secrets is None:
-        return copied
-    try:
-        write_secrets(secret_path(copied.path), secrets)
-    except OSError as exc:
-        raise StoreFileError(f"cannot write {secret_path(copied.path)}: {exc.strerror}") from None
-    return copied._replace(secret=secret_path(copied.path))
+def _secrets_of(db: Path) -> Kept:
+    """The secret files kept beside `db` that exist (none when its services
+    take their secrets from the environment), with their lines."""
+    kept: Kept = []
+    for path_of in SECRET_FILES:
+        try:
+            kept.append((path_of, read_secrets(path_of(db))))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreFileError(f"cannot read {path_of(db)}: {exc.strerror}") from None
+    return kept
+
+
+def _put_secrets(copied: Copied, kept: Kept) -> Copied:
+    """Write the secret files `kept` beside the database just copied."""
+    for path_of, secrets in kept:
+        try:
+            write_secrets(path_of(copied.path), secrets)
+        except OSError as exc:
+            raise StoreFileError(f"cannot write {path_of(copied.path)}: {exc.strerror}") from None
+    if any(path_of is secret_path for path_of, _ in kept):
+        return copied._replace(secret=secret_path(copied.path))
+    return copied
 
 
 def _refuse_in_use(db: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import secrets
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from core.errors import StoreConfigError
 from core.store.jobs import JobIndex
 from resonate_sqlite import DEFAULT_LOCK_TIMEOUT
 
@@ -17,15 +21,54 @@ STORE_CALL_TIMEOUT = STORE_WAIT + 3.0
 """The API's backstop for one store call, for calls with no bound of their own:
 longer than `STORE_WAIT`, so a store that is only waiting says so itself."""
 
+NOTIFY_SECRET_PREFIX = "whsec_"
+NOTIFY_SECRET_BYTES = (24, 64)
+"""How long a notification secret's key may be, in bytes (Standard Webhooks)."""
+MAKE_NOTIFY_SECRET = (
+    "python3 -c 'import base64, secrets;"
+    ' print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())\''
+)
+"""A command that prints a new notification secret."""
+
+
+def new_notify_secret() -> str:
+    """A new notification secret: `whsec_` and the base64 of 32 random bytes."""
+    return NOTIFY_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_notify_secret(value: str, source: str = "TETHER_NOTIFY_SECRET") -> str:
+    """`value` if it is a Standard Webhooks signing secret: `whsec_` then the
+    base64 (standard alphabet, padding optional) of 24 to 64 bytes. Else
+    `StoreConfigError` naming `source` (the setting or the file) and what is
+    wrong, never the value."""
+    low, high = NOTIFY_SECRET_BYTES
+    if not value.startswith(NOTIFY_SECRET_PREFIX):
+        problem = "does not start with whsec_"
+    else:
+        key = value.removeprefix(NOTIFY_SECRET_PREFIX)
+        try:
+            size = len(base64.b64decode(key + "=" * (-len(key) % 4), validate=True))
+        except binascii.Error:
+            problem = "is not whsec_ followed by base64 (A-Z a-z 0-9 + /)"
+        else:
+            problem = "" if low <= size <= high else f"holds {size} bytes, not {low} to {high}"
+    if problem:
+        raise StoreConfigError(
+            f"{source} {problem}: a notification secret is whsec_ and the base64 of"
+            f" {low} to {high} random bytes; make one with {MAKE_NOTIFY_SECRET}"
+        )
+    return value
+
 
 class Store(ABC):
     """A Resonate connection and the job index, in one durable place.
 
     Subclasses, one per kind: `core.store.embedded.EmbeddedStore` (and its
-    `MemoryStore`), `core.store.postgres.PostgresStore`."""
+    `MemoryStore`), `core.store.postgres.PostgresStore`,
+    `core.store.remote.RemoteStore` (a Resonate server)."""
 
     kind: ClassVar[str]
-    """`sqlite`, `memory` or `postgresql`."""
+    """`sqlite`, `memory`, `postgresql` or `resonate`."""
 
     def __init__(
         self,
@@ -33,6 +76,7 @@ class Store(ABC):
         jobs: JobIndex,
         callback_secret: str,
         callback_secret_previous: tuple[str, ...] = (),
+        notify_secret: str | None = None,
     ) -> None:
         self.connection = connection
         """The Resonate `Network` that is also the process's `Source`."""
@@ -42,6 +86,11 @@ class Store(ABC):
         self.callback_secret_previous = callback_secret_previous
         """Earlier secrets whose callback URLs are still accepted during a
         rotation: the configured ones and those this store keeps."""
+        self.notify_secret = notify_secret
+        """The key completion notifications are signed with (`whsec_...`):
+        the configured one, or the one this store keeps; None when there is
+        neither (Postgres without `TETHER_NOTIFY_SECRET`: jobs asking for
+        notifications are refused)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r})"

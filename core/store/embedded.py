@@ -20,7 +20,7 @@ from typing import Any
 
 from core.errors import StoreConfigError, StoreUnavailable
 from core.settings import Settings, listed
-from core.store.base import STORE_WAIT, Store
+from core.store.base import STORE_WAIT, Store, check_notify_secret, new_notify_secret
 from core.store.migrations import migrate
 from core.store.schema import SQLITE
 from core.store.sql import SqlJobIndex
@@ -69,9 +69,10 @@ class MemoryStore(EmbeddedStore):
         jobs: SqliteIndex,
         callback_secret: str,
         callback_secret_previous: tuple[str, ...],
+        notify_secret: str,
         scratch: Path,
     ) -> None:
-        super().__init__(connection, jobs, callback_secret, callback_secret_previous)
+        super().__init__(connection, jobs, callback_secret, callback_secret_previous, notify_secret)
         self.scratch = scratch
 
     @classmethod
@@ -240,22 +241,48 @@ def write_secrets(path: Path, kept: Sequence[str]) -> None:
         raise
 
 
-def callback_secrets(db: Path) -> list[str]:
-    """The secrets kept beside the database, current first; made on first use.
-    Two processes starting at once agree: the file appears atomically, first
+def _write_once(path: Path, text: str) -> None:
+    """Make `path` (mode 0600) holding `text` unless it exists. Two processes
+    starting at once agree: the file appears atomically, whole, and the first
     one wins."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+    try:
+        os.write(fd, text.encode())
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def callback_secrets(db: Path) -> list[str]:
+    """The secrets kept beside the database, current first; made on first use
+    (first one wins)."""
     path = secret_path(db)
     if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=".secret-")
-        try:
-            os.write(fd, secrets.token_urlsafe(32).encode())
-            os.fchmod(fd, 0o600)
-            os.close(fd)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
+        _write_once(path, secrets.token_urlsafe(32))
     return read_secrets(path)
+
+
+def notify_secret_path(db: Path) -> Path:
+    """The file beside the database that keeps its notification secret."""
+    return db.with_name(db.name + ".notify-secret")
+
+
+def read_notify_secret(path: Path) -> str:
+    """The notification secret in its file; `StoreConfigError` naming the file
+    (never its content) when it is not one."""
+    return check_notify_secret(path.read_text().strip(), f"the notification secret file {path}")
+
+
+def notify_secret(db: Path) -> str:
+    """The notification secret kept beside the database (`whsec_...`); made
+    on first use (first one wins), mode 0600."""
+    path = notify_secret_path(db)
+    if not path.exists():
+        _write_once(path, new_notify_secret() + "\n")
+    return read_notify_secret(path)
 
 
 def rotate_secret(db: Path) -> int:
@@ -278,15 +305,19 @@ def drop_previous_secrets(db: Path) -> int:
 
 async def _open(
     path: Path, settings: Settings, pid: str
-) -> tuple[SqliteConnection, SqliteIndex, str, tuple[str, ...]]:
+) -> tuple[SqliteConnection, SqliteIndex, str, tuple[str, ...], str]:
     """The engine's connection, the job index, the callback secret and the
-    previous ones (the configured ones, else those kept beside the file)."""
+    previous ones (the configured ones, else those kept beside the file), and
+    the notification secret (the configured one, else the one kept beside it)."""
     secret, previous = settings.callback_secret, listed(settings.callback_secret_previous)
+    notify = settings.notify_secret
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not secret:
             secret, *kept = callback_secrets(path)
             previous = (*kept, *previous)
+        if not notify:
+            notify = notify_secret(path)
     except OSError as exc:
         raise StoreConfigError(f"cannot use the embedded store at {path}: {exc.strerror}") from None
     connection = SqliteConnection(
@@ -306,4 +337,4 @@ async def _open(
             reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
             raise StoreConfigError(f"cannot open the embedded store at {path}: {reason}") from None
         raise
-    return connection, SqliteIndex(driver), secret, previous
+    return connection, SqliteIndex(driver), secret, previous, notify

@@ -191,11 +191,22 @@ class JobIndex(Protocol):
         next_check_at: int | None,
         event: NewEvent | None = None,
         heartbeat_due: int | None = None,
+        keys: Sequence[str] = (),
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
         (a job that ended meanwhile keeps its state), its first heartbeat due
         at `heartbeat_due`. `event` is recorded with the first receipt only
-        (not when a replayed trigger records it again). Returns the row."""
+        (not when a replayed trigger records it again). `keys` (the backend's
+        `run_keys` of it) are indexed to the job in the same transaction (a
+        key another job had moves to this one). Returns the row."""
+        ...
+
+    async def jobs_of_run_keys(
+        self, backend: str, keys: Sequence[str]
+    ) -> list[tuple[str, JobRecord]]:
+        """The jobs of `backend` whose runs are known by any of `keys` (as
+        `set_external` indexed them), each with the key that found it. One
+        indexed read; unknown keys cost nothing more."""
         ...
 
     async def finish(
@@ -236,8 +247,17 @@ class JobIndex(Protocol):
         attempt. Returns the row it wrote, None when it changed nothing."""
         ...
 
-    async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
-        """Record events that change nothing else; the row after (None: no such job)."""
+    async def record(
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        now: int,
+        external: tuple[int, Mapping[str, Any]] | None = None,
+    ) -> JobRecord | None:
+        """Record events that change nothing else (but, with `external` as
+        `(attempt, fields)`, those fields merged into the job's `external`
+        while it is running at that attempt: what a status check learnt); the
+        row after (None: no such job)."""
         ...
 
     async def events_after(
@@ -282,7 +302,7 @@ class JobIndex(Protocol):
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         """Delete up to `limit` jobs finished before `before`, with their
-        history and tags; return their ids."""
+        history, tags and run keys; return their ids."""
         ...
 
     async def ping(self) -> None:

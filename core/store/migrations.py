@@ -23,7 +23,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from core.errors import StoreConfigError
-from core.store.schema import EVENTS, JOBS, NOTIFICATIONS, SLOTS, TAGS, Dialect
+from core.store.schema import EVENTS, JOBS, NOTIFICATIONS, RUN_KEYS, SLOTS, TAGS, Dialect
 from core.store.sql import Session
 
 
@@ -67,6 +67,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         " tether_notifications, tether_slots, and indexes on each backend's queue and"
         " slots taken",
         lambda d: [*JOBS.migrate(d, 5), *NOTIFICATIONS.migrate(d, 5), *SLOTS.migrate(d, 5)],
+    ),
+    Migration(
+        6,
+        "the job list's time windows: an index on each job's day of creation, seq and"
+        " creation time",
+        lambda d: JOBS.migrate(d, 6),
+    ),
+    Migration(
+        7,
+        "backend notifications: tether_run_keys, each backend's external run keys to their"
+        " job, indexed by job for retention",
+        lambda d: RUN_KEYS.migrate(d, 7),
     ),
 )
 

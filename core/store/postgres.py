@@ -55,7 +55,15 @@ class PostgresStore(Store):
             ) from None
         connection = PostgresConnection(url, pid=pid, group=settings.group)
         previous = listed(settings.callback_secret_previous)
-        return cls(connection, SqlJobIndex(driver), settings.callback_secret, previous)
+        # Without TETHER_NOTIFY_SECRET no secret is made: every host must sign
+        # with the same one, so jobs asking for notifications are refused.
+        return cls(
+            connection,
+            SqlJobIndex(driver),
+            settings.callback_secret,
+            previous,
+            settings.notify_secret or None,
+        )
 
     async def delete_promises(self, older_than_ms: int) -> int:
         raise InvalidRequest("the postgresql store does not support retention yet")
@@ -92,8 +100,16 @@ class PostgresDriver:
 
     def __init__(self, dsn: str, *, max_size: int = 8, timeout: float = STORE_WAIT) -> None:
         self._dsn = dsn
+        # Never prepared: after five runs psycopg prepares a query, and
+        # Postgres then may switch to a generic plan that ignores the values;
+        # a list page with a time window went from 1 ms to ~450 ms so.
         self._pool = AsyncConnectionPool(
-            dsn, min_size=1, max_size=max_size, timeout=timeout, open=False
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"prepare_threshold": None},
         )
 
     async def open(self) -> None:

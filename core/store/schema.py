@@ -163,6 +163,7 @@ JOBS = Table(
         Index("tether_jobs_created", "created_at", since=4),
         Index("tether_jobs_queue", "backend, queued_at, seq", "state = 'queued'", since=5),
         Index("tether_jobs_active", "backend", "state IN ('pending', 'running')", since=5),
+        Index("tether_jobs_created_day", "(created_at / 86400000), seq, created_at", since=6),
     ),
 )
 """The job index: one row per job (`JobRecord`). `events` counts the job's
@@ -224,6 +225,18 @@ SLOTS = Table(
 """One row per backend with a limit (`TETHER_MAX_RUNNING`), updated first by
 every transaction that counts its slots: its lock makes such transactions take
 turns on Postgres (SQLite runs one writer at a time anyway)."""
+
+RUN_KEYS = Table(
+    "tether_run_keys",
+    (Column("backend", "text"), Column("run_key", "text"), Column("job_id", "text")),
+    (Index("tether_run_keys_job", "job_id", since=7),),
+    since=7,
+    primary_key="backend, run_key",
+)
+"""The keys each backend's external runs are known by (`Backend.run_keys`),
+to the job that started them: a backend's notification (`POST
+/backends/{name}/notifications`) finds its job with one key lookup. Written
+with the job's `external`, deleted with the job."""
 
 _encode_json = msgspec.json.encode
 

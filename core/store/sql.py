@@ -232,39 +232,168 @@ class SqlJobIndex:
         created_after: int | None = None,
         created_before: int | None = None,
     ) -> list[JobRecord]:
-        # With tags, the first tag's key range (tag, seq) drives the page,
-        # newest first; each other tag is one key lookup (EXISTS).
-        order = "t.seq" if tags else "j.seq"
+        """Jobs newest first (by `seq`), at most `limit`, older than
+        `before_seq`, matching every filter given (`created_after` and
+        `created_before` exclusive).
+
+        A page reads one index range from its newest match down and stops at
+        its last: it never reads every match to sort them.
+
+        - A time window first becomes the range of `seq` its jobs lie in
+          (`_window`), which bounds the read: a window long ago starts where
+          its jobs are, and one with fewer than `limit` jobs ends where they end.
+        - Of the lists the filters name (`(state, seq)`, `(backend, seq)`,
+          each tag's `(tag, seq)`), the one with the fewest jobs in that range
+          drives (`_driver`); the other filters are checked on each of its
+          jobs (a tag: one key lookup). With none, the table itself, by `seq`.
+        """
+        low = high = None
+        if created_after is not None or created_before is not None:
+            window = await self._window(created_after, created_before)
+            if window is None:
+                return []
+            low, high = window
+        named = [*(("tag", tag) for tag in tags), ("state", state), ("backend", backend)]
+        lists = [(kind, value) for kind, value in named if value is not None]
+        drive = lists[0] if len(lists) == 1 else None
+        if len(lists) > 1:
+            drive = await self._driver(lists, before_seq, low, high)
+        order = "j.seq"
+        source = "tether_jobs j"
         where: list[str] = []
         args: list[Any] = []
-        if tags:
-            where.append("t.tag = ?")
-            args.append(tags[0])
-            for tag in tags[1:]:
-                where.append(
-                    "EXISTS (SELECT 1 FROM tether_job_tags o WHERE o.tag = ? AND o.seq = t.seq)"
-                )
-                args.append(tag)
-        conditions = (
-            ("j.state = ?", state),
-            ("j.backend = ?", backend),
-            ("j.created_at > ?", created_after),
-            ("j.created_at < ?", created_before),
-            (f"{order} < ?", before_seq),
-        )
-        for condition, value in conditions:
-            if value is not None:
-                where.append(condition)
-                args.append(value)
-        source = "tether_jobs j"
-        if tags:
+        if drive is not None and drive[0] == "tag":
+            order = "t.seq"
             source = "tether_job_tags t JOIN tether_jobs j ON j.seq = t.seq"
+            where.append("t.tag = ?")
+            args.append(drive[1])
+        for kind, value in lists:
+            if (kind, value) == drive:
+                if kind != "tag":
+                    where.append(f"j.{kind} = ?")
+                    args.append(value)
+            elif kind == "tag":
+                where.append(
+                    f"EXISTS (SELECT 1 FROM tether_job_tags o WHERE o.tag = ? AND o.seq = {order})"
+                )
+                args.append(value)
+            else:  # checked on each row: never a second index that drives
+                where.append(f"{self._checked}j.{kind} = ?")
+                args.append(value)
+        # The window's range of seq (`low`, `high`) bounds the read, never
+        # `created_at`'s index read whole and sorted. With tags, the range is
+        # on both sides of the join, or Postgres's merge join reads the jobs
+        # from the newest down to it.
+        seqs = ["t.seq", "j.seq"] if order == "t.seq" else ["j.seq"]
+        conditions = (
+            ([f"{self._checked}j.created_at > ?"], created_after),
+            ([f"{self._checked}j.created_at < ?"], created_before),
+            ([f"{seq} < ?" for seq in seqs], before_seq),
+            ([f"{seq} >= ?" for seq in seqs], low),
+            ([f"{seq} <= ?" for seq in seqs], high),
+        )
+        for spelled, bound in conditions:
+            if bound is not None:
+                where += spelled
+                args += [bound] * len(spelled)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self.db.fetch(
             f"SELECT {_J_COLUMNS} FROM {source}{clause} ORDER BY {order} DESC LIMIT ?",
             (*args, limit),
         )
         return [_row(r) for r in rows]
+
+    @property
+    def _checked(self) -> str:
+        """Written before a column, makes a condition one SQLite checks on each
+        row instead of reading an index for it (its planner has no statistics,
+        and may drive a page by the longer of two lists): `+`. Nothing on
+        Postgres, whose planner chooses by its statistics (and misjudges a
+        condition spelled otherwise)."""
+        dialect = getattr(self.db, "dialect", None)
+        return "+" if getattr(dialect, "name", "") == "sqlite" else ""
+
+    _DAY = "created_at / 86400000"
+    """A job's day of creation (UTC days since 1970, rounded toward zero), as
+    the index `tether_jobs_created_day (day, seq, created_at)` spells it."""
+
+    async def _window(
+        self, after: int | None, before: int | None
+    ) -> tuple[int | None, int | None] | None:
+        """The least and the greatest `seq` of the jobs created strictly
+        between `after` and `before` (None for a side left open), or None
+        when no job was: every job of the window lies in that range of seq.
+
+        Exact however the hosts' clocks disagreed (`created_at` is nearly,
+        not exactly, in `seq` order): each day of creation the window
+        touches that has jobs is visited once in `tether_jobs_created_day`,
+        its least and greatest seq inside the window being one key lookup
+        each (a short walk on the window's two edge days). About 2 lookups a
+        day of history the window spans, in one statement."""
+        day = self._DAY
+        first, last = -(1 << 63), (1 << 63) - 1
+        inside = "created_at > ? AND created_at < ?"
+        edges = (first if after is None else after, last if before is None else before)
+        columns: list[str] = []
+        args: list[Any] = [edges[0], edges[1]]
+        for wanted, pick, direction in ((after, "min", ""), (before, "max", " DESC")):
+            if wanted is not None:
+                columns.append(
+                    f"{pick}((SELECT seq FROM tether_jobs WHERE {day} = days.d AND {inside}"
+                    f" ORDER BY seq{direction} LIMIT 1))"
+                )
+                args += edges
+        args.append(edges[1])
+        # The days that have jobs, each found from the one before (a skip
+        # scan of the index), from the window's first day to its last.
+        rows = await self.db.fetch(
+            "WITH RECURSIVE days (d) AS ("
+            f" SELECT (SELECT {day} FROM tether_jobs WHERE {day} >= ? / 86400000"
+            f" ORDER BY {day} LIMIT 1)"
+            f" UNION ALL SELECT (SELECT {day} FROM tether_jobs WHERE {day} > days.d"
+            f" ORDER BY {day} LIMIT 1) FROM days WHERE days.d < ? / 86400000)"
+            f" SELECT {', '.join(columns)} FROM days WHERE days.d <= ? / 86400000",
+            args,
+        )
+        found = list(rows[0]) if rows else [None]
+        if any(value is None for value in found):
+            return None
+        low = found.pop(0) if after is not None else None
+        high = found.pop(0) if before is not None else None
+        return low, high
+
+    LIST_PROBE = 5000
+    """How many jobs of each list `_driver` counts at most."""
+
+    async def _driver(
+        self,
+        lists: Sequence[tuple[str, str]],
+        before_seq: int | None,
+        low: int | None,
+        high: int | None,
+    ) -> tuple[str, str]:
+        """Of `lists` (`("tag" | "state" | "backend", value)`), the one with
+        the fewest jobs in the page's range of seq, counting up to
+        `LIST_PROBE` of each (of lists as long as that, the first): reading
+        it until the page is full reads the fewest rows that fail the other
+        filters. One statement, each count a walk of one index range."""
+        ranged = ""
+        bounds: list[Any] = []
+        for condition, bound in (("seq < ?", before_seq), ("seq >= ?", low), ("seq <= ?", high)):
+            if bound is not None:
+                ranged += f" AND {condition}"
+                bounds.append(bound)
+        counts: list[str] = []
+        args: list[Any] = []
+        for kind, value in lists:
+            table = "tether_job_tags" if kind == "tag" else "tether_jobs"
+            counts.append(
+                f"(SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {kind} = ?{ranged}"
+                " LIMIT ?) AS n)"
+            )
+            args += [value, *bounds, self.LIST_PROBE]
+        found = (await self.db.fetch(f"SELECT {', '.join(counts)}", args))[0]
+        return lists[min(range(len(lists)), key=lambda i: found[i])]
 
     async def set_external(
         self,
@@ -274,25 +403,30 @@ class SqlJobIndex:
         next_check_at: int | None,
         event: NewEvent | None = None,
         heartbeat_due: int | None = None,
+        keys: Sequence[str] = (),
     ) -> JobRecord | None:
         args = (json_text(external), now, next_check_at, heartbeat_due, job_id)
         again = f"{_SET_EXTERNAL} WHERE id = ? RETURNING {COLUMNS}"
-        if event is None:
+        if event is None and not keys:
             rows = await self.db.fetch(again, args)
             return _row(rows[0]) if rows else None
         filed: list[Event] = []
         async with self.db.transaction() as tx:
-            # The first receipt counts the event; a replayed trigger's only
-            # overwrites what it returned.
-            rows = await tx.fetch(
-                f"{_SET_EXTERNAL}, events = events + 1 WHERE id = ? AND external IS NULL"
-                f" RETURNING {COLUMNS}",
-                args,
-            )
-            if rows:
+            rows = []
+            if event is not None:
+                # The first receipt counts the event; a replayed trigger's only
+                # overwrites what it returned.
+                rows = await tx.fetch(
+                    f"{_SET_EXTERNAL}, events = events + 1 WHERE id = ? AND external IS NULL"
+                    f" RETURNING {COLUMNS}",
+                    args,
+                )
+            if rows and event is not None:
                 filed = await self._file(tx, _row(rows[0]), [event], now)
             else:
                 rows = await tx.fetch(again, args)
+            if rows and keys:
+                await self._index_run_keys(tx, _row(rows[0]).backend, job_id, keys)
         if not rows:
             return None
         rec = _row(rows[0])
@@ -399,15 +533,38 @@ class SqlJobIndex:
         self._ready(promoted)
         return rec
 
-    async def record(self, job_id: str, events: Sequence[NewEvent], now: int) -> JobRecord | None:
+    async def record(
+        self,
+        job_id: str,
+        events: Sequence[NewEvent],
+        now: int,
+        external: tuple[int, Mapping[str, Any]] | None = None,
+    ) -> JobRecord | None:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(_COUNT, (len(events), job_id))
             filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
+            if rows and external is not None:
+                rows = await self._merge_external(tx, _row(rows[0]), *external) or rows
         if not rows:
             return None
         rec = _row(rows[0])
         self._tell(rec, filed)
         return rec
+
+    async def _merge_external(
+        self, tx: Session, rec: JobRecord, attempt: int, changed: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """Merge `changed` into the `external` of a running job still at
+        `attempt` (the row is locked by the caller's update); [] otherwise."""
+        if rec.attempt != attempt or rec.state != "running" or rec.external is None:
+            return []
+        merged = {**rec.external, **changed}
+        if merged == rec.external:
+            return []
+        return await tx.fetch(
+            f"UPDATE tether_jobs SET external = ? WHERE id = ? RETURNING {COLUMNS}",
+            (json_text(merged), rec.id),
+        )
 
     async def events_after(
         self, job_id: str, after: int, limit: int
@@ -511,6 +668,7 @@ class SqlJobIndex:
                 marks = ", ".join("?" for _ in ids)
                 await tx.execute(f"DELETE FROM tether_events WHERE job_id IN ({marks})", ids)
                 await tx.execute(f"DELETE FROM tether_job_tags WHERE job_id IN ({marks})", ids)
+                await tx.execute(f"DELETE FROM tether_run_keys WHERE job_id IN ({marks})", ids)
         return ids
 
     async def notifications_due(self, now: int, limit: int) -> list[Notification]:
@@ -552,7 +710,12 @@ class SqlJobIndex:
                     "UPDATE tether_notifications SET due_at = ? WHERE id = ?", (again_at, note.id)
                 )
             rows = await tx.fetch(_COUNT, (len(events), note.job_id)) if events else []
-            filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
+            # Filed under the attempt the notification tells of, which the job
+            # may have left (a retry) before it was delivered.
+            filed = []
+            if rows:
+                of_attempt = msgspec.structs.replace(_row(rows[0]), attempt=note.attempt)
+                filed = await self._file(tx, of_attempt, events, now)
         if rows:
             self._tell(_row(rows[0]), filed)
 
@@ -561,3 +724,34 @@ class SqlJobIndex:
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def _index_run_keys(
+        self, tx: Session, backend: str, job_id: str, keys: Sequence[str]
+    ) -> None:
+        """Index the keys a backend knows the job's run by (`tether_run_keys`):
+        a key already there belongs to this job from now on."""
+        unique = list(dict.fromkeys(keys))  # Postgres refuses one key twice in an upsert
+        marks = ", ".join(["(?, ?, ?)"] * len(unique))
+        await tx.execute(
+            f"INSERT INTO tether_run_keys (backend, run_key, job_id) VALUES {marks}"
+            " ON CONFLICT (backend, run_key) DO UPDATE SET job_id = excluded.job_id",
+            [value for key in unique for value in (backend, key, job_id)],
+        )
+
+    async def jobs_of_run_keys(
+        self, backend: str, keys: Sequence[str]
+    ) -> list[tuple[str, JobRecord]]:
+        """The jobs of `backend` whose runs are known by any of `keys`, each
+        with the key that found it: one read of the key index's primary key
+        (nothing found: nothing else is read, nothing written)."""
+        if not keys:
+            return []
+        unique = list(dict.fromkeys(keys))
+        marks = ", ".join("?" for _ in unique)
+        rows = await self.db.fetch(
+            f"SELECT k.run_key, {_J_COLUMNS} FROM tether_run_keys k"
+            " JOIN tether_jobs j ON j.id = k.job_id"
+            f" WHERE k.backend = ? AND k.run_key IN ({marks})",
+            (backend, *unique),
+        )
+        return [(r[0], _row(r[1:])) for r in rows]

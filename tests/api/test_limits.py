@@ -197,3 +197,24 @@ async def test_a_promotion_whose_workflow_start_was_lost_is_started_at_restart(
     again = await start_service(store=store, max_running="http_webhook=1")
     await again.wait_state("next", "running")
     assert triggered(receiver) == ["holder", "next"]
+
+
+async def test_a_lost_workflow_start_is_made_good_by_a_running_service(
+    start_service, receiver, monkeypatch
+):
+    """Another host promoted the job and died before starting its workflow:
+    the watchdog of a service that keeps running starts it."""
+    import core.service
+    import core.watchdog
+
+    monkeypatch.setattr(core.watchdog, "RESUME_EVERY", 0.3)
+    monkeypatch.setattr(core.service, "STALE_PENDING_MS", 500)
+    svc = await start_service(max_running="http_webhook=1", watchdog_interval=0.1)
+    await submit(svc, receiver, "holder", "next")
+    await eventually(lambda: len(receiver.hits) == 1)
+    svc.tether.jobs.on_ready = lambda promoted: None  # the start is lost
+    await finish(svc, receiver, "holder")
+    await svc.wait_state("next", "pending")
+    assert triggered(receiver) == ["holder"]
+    await svc.wait_state("next", "running", timeout=5)
+    assert triggered(receiver) == ["holder", "next"]

@@ -110,6 +110,12 @@ def test_a_backup_taken_under_load_restores_every_job_and_callback_url(
     assert back.stdout.startswith(f"restored {backup} to {restored} (")
     assert f" {len(saved)} jobs, {len(waiting)} not finished), integrity checked\n" in back.stdout
     assert Path(f"{restored}.secret").read_text().split() == secrets
+    # the notification key came along too: receivers keep verifying
+    signing = Path(f"{live}.notify-secret").read_text()
+    assert Path(f"{backup}.notify-secret").read_text() == signing
+    assert Path(f"{restored}.notify-secret").read_text() == signing
+    assert mode(Path(f"{restored}.notify-secret")) == 0o600
+    assert signing.strip() not in done.stdout + done.stderr + back.stdout + back.stderr
     assert mode(restored) == 0o600 and mode(Path(f"{restored}.secret")) == 0o600
 
     urls = {h.body["job_id"]: h.body["callback_url"] for h in receiver.hits}
@@ -268,7 +274,11 @@ def test_restore_refuses_an_existing_store_and_a_file_that_is_no_backup(
     assert done.returncode == 2
     assert done.stderr.startswith(f"tether: cannot copy {junk} to {store}: ")
     assert digest(store) == before
-    assert sorted(p.name for p in store.parent.iterdir()) == ["tether.db", "tether.db.secret"]
+    assert sorted(p.name for p in store.parent.iterdir()) == [
+        "tether.db",
+        "tether.db.notify-secret",
+        "tether.db.secret",
+    ]
 
     missing = tmp_path / "missing.db"
     done = tether("restore", str(missing), "--store", f"sqlite:///{store}", "--force")

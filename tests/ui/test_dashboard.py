@@ -241,3 +241,12 @@ def test_the_pages_fit_a_phone(context, service, client, hooks: Receiver):
     phone.goto(f"{service.url}/ui")
     cell = row(phone, job_id).locator('td[data-label="State"]')
     assert cell.evaluate("td => getComputedStyle(td, '::before').content") == '"State"'
+
+
+def test_a_notify_url_shows_only_its_origin(page, service, client, hooks: Receiver):
+    job_id = unique("notify")
+    secret_path = "/services/T000/B000/XXXXsecretXXXX"
+    start_job(client, hooks, job_id, notify={"url": f"https://Hooks.Example.com:8443{secret_path}"})
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="notify"]')).to_have_text("https://hooks.example.com:8443")
+    assert "XXXXsecretXXXX" not in page.content()

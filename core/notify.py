@@ -1,0 +1,246 @@
+"""Completion notifications: deliver the outbox, in every worker process.
+
+When an attempt of a job with a `notify.url` ends, the store puts a
+`Notification` in the outbox in the transaction that ends it
+(`core.store.sql`). A `Notifier` runs in each worker process and delivers
+them: it claims a due one (moving its `due_at` past the request's time, so a
+process killed mid-delivery leaves it to anyone once that lease runs out),
+POSTs its stored body signed the Standard Webhooks way, and records the try in
+the job's history (`notified`). A 2xx answer delivers it; anything else is
+tried again after `notify_backoff` seconds, doubling up to an hour, until
+`notify_retry_for` seconds after the attempt ended, when it is given up
+(`notify_failed`). At least once: a redelivery keeps the `webhook-id`.
+
+It wakes at once when this process ends an attempt of a job with a notify
+URL (a listener of the job history), and otherwise looks at the outbox every
+`watchdog_interval` seconds (other processes' notifications, retries), or at
+the next due time when that is sooner. Logs name the job and only the URL's
+origin: the full URL may carry a token (docs/lifecycle.md, "Completion
+notifications")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import msgspec
+from standardwebhooks import Webhook
+
+from core.settings import Settings
+from core.store.base import STORE_CALL_TIMEOUT
+from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, Notification, now_ms
+from core.views import origin
+
+log = logging.getLogger("tether.notify")
+
+REQUEST_TIMEOUT = 10.0
+"""Seconds one delivery may take, answer included."""
+LEASE_MARGIN = STORE_CALL_TIMEOUT + 2.0
+"""Seconds a claim lasts past the request's timeout: time to record the try."""
+MAX_BACKOFF = 3600.0
+"""The longest wait between two tries of a notification, in seconds."""
+CONCURRENCY = 16
+"""Notifications one process delivers at once."""
+DEFAULT_POLL = 1.0
+"""Seconds between looks at the outbox when `watchdog_interval` is not positive."""
+USER_AGENT = "tether-notify"
+
+
+def backoff(settings: Settings, tries: int) -> float:
+    """Seconds before the next try after `tries` failed ones: `notify_backoff`
+    doubling, at most an hour."""
+    return float(min(settings.notify_backoff * 2 ** (tries - 1), MAX_BACKOFF))
+
+
+def failure(exc: BaseException) -> str:
+    """A failed request, said briefly: never the exception's text, which may
+    quote the URL's path and query."""
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        return f"timed out after {REQUEST_TIMEOUT:g}s"
+    reason = ""
+    cause: BaseException | None = exc
+    while cause is not None:
+        errno = getattr(cause, "errno", None)
+        if isinstance(errno, int) and errno > 0:
+            reason = os.strerror(errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+class Notifier:
+    """Delivers the outbox's notifications, at most `concurrency` at once."""
+
+    def __init__(
+        self, settings: Settings, jobs: JobIndex, secret: str, concurrency: int = CONCURRENCY
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.webhook = Webhook(secret)
+        self.concurrency = concurrency
+        self.poll = settings.watchdog_interval if settings.watchdog_interval > 0 else DEFAULT_POLL
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        """Start delivering (on the running loop)."""
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            headers={"user-agent": USER_AGENT},
+        )
+        self._task = asyncio.create_task(self._run(), name="tether-notifier")
+
+    async def stop(self) -> None:
+        """Stop looking and delivering. A delivery cut short is tried again
+        by any process once its claim runs out."""
+        tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    def on_event(self, rec: JobRecord, event: Event) -> None:
+        """A `JobHistory` listener: an attempt of a job with a notify URL
+        ended in this process, so its notification is due now."""
+        if event.type == "finished" and rec.notify_url is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                delay = await self.round(now_ms())
+            except Exception as exc:
+                log.warning("notifications: the store did not answer: %s", type(exc).__name__)
+                delay = self.poll
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def round(self, now: int) -> float:
+        """Claim and start the deliveries due at `now` that this process has
+        room for; the seconds until it should look again (sooner if a
+        delivery ends or an attempt ends here)."""
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return self.poll  # each delivery that ends wakes the loop
+        due = await self.jobs.notifications_due(now, free)
+        until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
+        started = 0
+        for note in due:
+            if note.id in self._inflight or not await self.jobs.claim_notification(note, until):
+                continue  # another process took it (or this one still has it)
+            claimed = msgspec.structs.replace(note, due_at=until, tries=note.tries + 1)
+            task = asyncio.create_task(self._deliver(claimed), name=f"tether-notify-{note.id}")
+            self._inflight[note.id] = task
+            started += 1
+        if started and len(due) == free:
+            return 0.0  # more may be due
+        if due and not started:
+            return self.poll  # others have them now
+        at = await self.jobs.next_notification_at()
+        if at is None:
+            return self.poll
+        return min(self.poll, max(at - now_ms(), 0) / 1000)
+
+    async def _deliver(self, note: Notification) -> None:
+        try:
+            status, error = await self.post(note)
+            await self._tried(note, status, error)
+        except Exception as exc:
+            log.warning(
+                "job %s: notification %s to %s: recording the try failed (%s); it is tried"
+                " again once its claim runs out",
+                note.job_id,
+                note.id,
+                origin(note.url),
+                type(exc).__name__,
+                extra={"job_id": note.job_id},
+            )
+        finally:
+            self._inflight.pop(note.id, None)
+            self._wake.set()
+
+    async def post(self, note: Notification) -> tuple[int | None, str | None]:
+        """One try: POST the stored body, signed. Returns the status (None when
+        there was no answer) and, unless it is 2xx, a short reason."""
+        assert self._session is not None, "Notifier.start did not run"
+        seconds = int(time.time())
+        signature = self.webhook.sign(note.id, datetime.fromtimestamp(seconds, UTC), note.body)
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": note.id,
+            "webhook-timestamp": str(seconds),
+            "webhook-signature": signature,
+        }
+        try:
+            async with self._session.post(
+                note.url,
+                data=note.body.encode(),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # timeouts are OSErrors
+            return None, failure(exc)
+        if 200 <= status < 300:
+            return status, None
+        return status, f"answered {status}"
+
+    async def _tried(self, note: Notification, status: int | None, error: str | None) -> None:
+        """Record a try: delivered, due again after the backoff, or given up
+        once the retry window has passed."""
+        now = now_ms()
+        where = origin(note.url)
+        extra = {"job_id": note.job_id}
+        told = {"webhook_id": note.id, "try": note.tries, "status": status}
+        if error is None:
+            await self.jobs.notification_tried(note, None, [NewEvent("notified", told)], now)
+            log.info(
+                "job %s: notification %s delivered to %s (try %d, HTTP %s)",
+                note.job_id,
+                note.id,
+                where,
+                note.tries,
+                status,
+                extra=extra,
+            )
+            return
+        tried = NewEvent("notified", {**told, "error": error})
+        window_end = note.created_at + int(self.settings.notify_retry_for * 1000)
+        if now >= window_end:
+            given_up = {"webhook_id": note.id, "tries": note.tries, "error": error}
+            events = [tried, NewEvent("notify_failed", given_up)]
+            await self.jobs.notification_tried(note, None, events, now)
+            log.warning(
+                "job %s: notification %s to %s given up after %d tries: %s",
+                note.job_id,
+                note.id,
+                where,
+                note.tries,
+                error,
+                extra=extra,
+            )
+            return
+        again = min(now + int(backoff(self.settings, note.tries) * 1000), window_end)
+        await self.jobs.notification_tried(note, again, [tried], now)
+        log.warning(
+            "job %s: notification %s to %s failed (try %d: %s); again in %gs",
+            note.job_id,
+            note.id,
+            where,
+            note.tries,
+            error,
+            (again - now) / 1000,
+            extra=extra,
+        )

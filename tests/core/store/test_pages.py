@@ -1,0 +1,244 @@
+"""The job list's pages (`SqlJobIndex.page`): every filter combination gives
+exactly the rows a scan of all jobs gives, newest first, page after page, with
+`created_at` out of `seq` order as clocks make it; and each reads one index
+range in order (SQLite's query plans), never a whole window sorted.
+
+The exactness test runs on SQLite and on Postgres (with TETHER_TEST_PG_DSN)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.store.embedded import SqliteDriver
+from core.store.jobs import JobRecord
+from core.store.migrations import migrate
+from core.store.sql import SqlJobIndex
+
+DAY = 86_400_000
+HOUR = 3_600_000
+START = 1_790_000_000_000 - 1_790_000_000_000 % DAY + 5 * HOUR  # a day begins 5 h earlier
+STATES = ("succeeded", "failed", "running")
+BACKENDS = ("http_webhook", "databricks")
+
+
+def skewed_jobs(n: int, rng: random.Random) -> list[JobRecord]:
+    """`n` jobs over 6 days in `seq` order, their `created_at` skewed: most
+    by a few seconds, one in five by up to 3 hours, one in ten by up to 2 days
+    (across day boundaries both ways). Tags: `a` half, `b` 30%, `c` 5%, `d`
+    never with `a`; a few jobs created before 1970."""
+    jobs = []
+    for i in range(n):
+        skew = rng.randint(-3_000, 3_000)
+        roll = rng.random()
+        if roll < 0.1:
+            skew = rng.randint(-2 * DAY, 2 * DAY)
+        elif roll < 0.3:
+            skew = rng.randint(-3 * HOUR, 3 * HOUR)
+        created = START + i * (6 * DAY // n) + skew
+        if i in (3, 4):
+            created = -DAY - i * HOUR  # before 1970: a negative day
+        tags = {t for t, p in (("a", 0.5), ("b", 0.3), ("c", 0.05)) if rng.random() < p}
+        if "a" not in tags and rng.random() < 0.3:
+            tags.add("d")
+        jobs.append(
+            JobRecord(
+                id=f"j{i:04d}",
+                backend=rng.choice(BACKENDS),
+                state=rng.choice(STATES),  # type: ignore[arg-type]
+                params={},
+                metadata={},
+                timeout=60.0,
+                fingerprint="f",
+                deadline=created + 60_000,
+                created_at=created,
+                updated_at=created,
+                tags=sorted(tags),
+            )
+        )
+    return jobs
+
+
+def expected(
+    jobs: list[JobRecord], state: Any, backend: Any, tags: Any, after: Any, before: Any
+) -> list[str]:
+    """The list by brute force: every job, filtered, newest (greatest seq) first."""
+    return [
+        job.id
+        for job in sorted(jobs, key=lambda j: -j.seq)
+        if (state is None or job.state == state)
+        and (backend is None or job.backend == backend)
+        and set(tags) <= set(job.tags)
+        and (after is None or job.created_at > after)
+        and (before is None or job.created_at < before)
+    ]
+
+
+async def filled(database: Any, n: int, seed: int) -> tuple[SqlJobIndex, list[JobRecord]]:
+    driver = await database.driver()
+    await migrate(driver)
+    index = SqlJobIndex(driver)
+    jobs = [(await index.insert(job))[0] for job in skewed_jobs(n, random.Random(seed))]
+    return index, jobs
+
+
+async def test_every_filter_combination_pages_exactly_as_a_scan_does(database):
+    index, jobs = await filled(database, 360, seed=16)
+    assert any(
+        a.seq < b.seq and a.created_at > b.created_at for a, b in itertools.pairwise(jobs)
+    ), "created_at is out of seq order somewhere"
+    times = [job.created_at for job in jobs]
+    moments = [
+        None,
+        START + 2 * DAY,  # where a day begins
+        START + 2 * DAY - 1,
+        START + 3 * DAY + 7 * HOUR,  # mid-day
+        START + 5 * DAY + 30 * 60_000,
+        START - DAY,  # before the first job (but those of 1970)
+        START + 9 * DAY,  # after the last
+        -DAY - 3 * HOUR,  # between the two jobs of before 1970
+        0,
+        *random.Random(1).sample(times, 6),  # exactly a job's time: exclusive
+    ]
+    rng = random.Random(7)
+    combos = [
+        (
+            rng.choice((None, None, *STATES)),
+            rng.choice((None, None, *BACKENDS)),
+            rng.sample(("a", "b", "c", "d", "zzz"), rng.choice((0, 0, 1, 1, 2, 3))),
+            rng.choice(moments),
+            rng.choice(moments),
+        )
+        for _ in range(220)
+    ]
+    combos += [(None, None, ["a", "d"], None, None), ("running", "databricks", ["c"], None, None)]
+    for state, backend, tags, after, before in combos:
+        want = expected(jobs, state, backend, tags, after, before)
+        limit = rng.choice((1, 7, 50, 500)) if len(want) < 40 else rng.choice((7, 50, 500))
+        got: list[str] = []
+        cursor = None
+        while True:
+            page = await index.page(state, backend, limit, cursor, tags, after, before)
+            assert len(page) <= limit
+            got += [job.id for job in page]
+            if len(page) < limit:
+                break
+            cursor = page[-1].seq
+        assert got == want, (state, backend, tags, after, before, limit)
+
+
+async def test_a_window_with_no_job_is_an_empty_page(database):
+    index, _ = await filled(database, 40, seed=3)
+    assert await index.page(None, None, 10, None, (), START + 20 * DAY, None) == []
+    assert await index.page(None, None, 10, None, (), None, -10 * DAY) == []
+    assert await index.page(None, None, 10, None, ["a"], START + DAY, START + DAY) == []
+    assert await index.page(None, None, 10, None, (), START + 2 * DAY, START + DAY) == []
+
+
+# ── the plans (SQLite) ───────────────────────────────────────────────────────
+
+
+class Recorded(SqliteDriver):
+    """The SQLite driver, keeping the statements it ran (`last`: the page query)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.ran: list[tuple[str, Any]] = []
+        self.last: tuple[str, Any] = ("", ())
+
+    async def fetch(self, sql: str, args: Any) -> list[tuple[Any, ...]]:
+        self.ran.append((sql, args))
+        if sql.startswith("SELECT j."):
+            self.last = (sql, args)
+        return await super().fetch(sql, args)
+
+
+@pytest.fixture(scope="module")
+def plans_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 jobs, most `succeeded` and `http_webhook`, a few `running` (1 in
+    40) and `databricks` (1 in 30); tag `a` half of them, `c` few."""
+    path = tmp_path_factory.mktemp("plans") / "t.db"
+
+    async def fill() -> None:
+        driver = SqliteDriver(path)
+        await migrate(driver)
+        index = SqlJobIndex(driver)
+        for job in skewed_jobs(300, random.Random(5)):
+            await index.insert(job)
+        await driver.execute("UPDATE tether_jobs SET state = 'succeeded' WHERE seq % 40 != 0", ())
+        await driver.execute(
+            "UPDATE tether_jobs SET backend = 'http_webhook' WHERE seq % 30 != 0", ()
+        )
+        await driver.close()
+
+    asyncio.run(fill())
+    return path
+
+
+@pytest.fixture
+async def recorded(plans_db: Path) -> Any:
+    driver = Recorded(plans_db)
+    yield SqlJobIndex(driver), driver
+    await driver.close()
+
+
+async def plan(index: SqlJobIndex, driver: Recorded, *args: Any) -> list[str]:
+    """The page query's plan; the statements run before it (the window's
+    range, the lists' counts) read nothing but index ranges."""
+    driver.ran.clear()
+    await index.page(*args)
+    for sql, values in driver.ran[:-1]:
+        steps = [row[3] for row in await driver.fetch(f"EXPLAIN QUERY PLAN {sql}", values)]
+        reads = [step for step in steps if "tether_" in step]
+        assert reads, steps
+        for step in reads:
+            # (tether_job_tags is its key: WITHOUT ROWID)
+            assert step.startswith("SEARCH"), steps
+            assert "COVERING INDEX" in step or "tether_job_tags USING PRIMARY KEY" in step, steps
+            if sql.startswith("WITH"):
+                assert "tether_jobs_created_day" in step, steps
+    sql, values = driver.last
+    rows = await driver.fetch(f"EXPLAIN QUERY PLAN {sql}", values)
+    return [row[3] for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("filters", "reads"),
+    [
+        ((None, None, ()), "SCAN j"),
+        (("failed", None, ()), "tether_jobs_state (state=?)"),
+        ((None, "databricks", ()), "tether_jobs_backend (backend=?)"),
+        ((None, None, ["a"]), "SEARCH t USING PRIMARY KEY (tag=?)"),
+        ((None, None, (), START + 2 * DAY, START + 3 * DAY), "(rowid>? AND rowid<?)"),
+        ((None, None, (), None, START + 2 * DAY), "(rowid<?)"),
+        ((None, None, (), START + 2 * DAY, None), "(rowid>?)"),
+        ((None, None, ["a"], START, START + DAY), "PRIMARY KEY (tag=? AND seq>? AND seq<?)"),
+        (("failed", None, (), START, START + DAY), "tether_jobs_state (state=? AND seq>? AND"),
+        # the rarest list drives: `running` (1 in 40) over `http_webhook`, `c` over `a`
+        (("running", "http_webhook", ()), "tether_jobs_state (state=?)"),
+        (("succeeded", "databricks", ()), "tether_jobs_backend (backend=?)"),
+        ((None, None, ["a", "c"]), "SEARCH t USING PRIMARY KEY (tag=?)"),
+        (("running", None, ["a"]), "tether_jobs_state (state=?)"),
+    ],
+)
+async def test_each_filter_reads_one_index_range_newest_first(recorded, filters, reads):
+    index, driver = recorded
+    state, backend, tags, *window = filters
+    after, before = window or (None, None)
+    steps = await plan(index, driver, state, backend, 10, None, tags, after, before)
+    assert not any("TEMP B-TREE" in step for step in steps), steps
+    assert any(reads in step for step in steps), steps
+    assert not any("tether_jobs_created" in step for step in steps), steps
+
+
+async def test_the_rarest_tag_drives_whatever_order_the_tags_come_in(recorded):
+    index, driver = recorded
+    for tags in (["a", "c"], ["c", "a"]):
+        await index.page(None, None, 10, None, tags)
+        sql, values = driver.last
+        assert "t.tag = ?" in sql and values[0] == "c", (sql, values)

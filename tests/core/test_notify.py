@@ -1,0 +1,490 @@
+"""Completion notifications (`core/notify.py`) on the service in this process,
+over real HTTP: jobs of the `http_webhook` backend end, and a receiver of our
+own on 127.0.0.1 (`NotifyReceiver`) takes the signed `job.finished` POSTs.
+Each signature is checked by `verify`, written here from the Standard
+Webhooks spec (hmac and base64), not with the library the service signs with.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.errors import StoreConfigError
+from core.notify import backoff, failure
+from core.settings import Settings
+from core.store import open_store
+from core.store.base import check_notify_secret, new_notify_secret
+from core.store.embedded import notify_secret_path
+from tests.conftest import Receiver, Service, eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "whsec_" + base64.b64encode(b"a test key of the notifications!").decode()
+TOKEN = "T0KEN-in-the-path"
+"""Part of every notify URL's path here: it must never be shown or logged."""
+
+
+# ── a notification receiver, and the signature checked by hand ────────────────
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    path: str
+    status: int
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def message(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class NotifyReceiver:
+    """A real HTTP server on 127.0.0.1 keeping each POST whole (raw body and
+    headers). `answers` is consumed one status per request; once empty,
+    `then` answers."""
+
+    answers: list[int] = field(default_factory=list)
+    then: int = 200
+    got: list[Delivery] = field(default_factory=list)
+    port: int = 0
+    server: ThreadingHTTPServer | None = None
+
+    def url(self, path: str = f"/hooks/{TOKEN}?key=q-{TOKEN}") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def accepted(self) -> list[Delivery]:
+        return [d for d in self.got if 200 <= d.status < 300]
+
+    def start(self, port: int = 0) -> NotifyReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                status = receiver.answers.pop(0) if receiver.answers else receiver.then
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.got.append(Delivery(headers, body, self.path, status))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", port or self.port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.fixture
+def notified() -> Iterator[NotifyReceiver]:
+    receiver = NotifyReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def verify(secret: str, delivery: Delivery) -> None:
+    """The Standard Webhooks signature, by hand: base64 of HMAC-SHA256 under
+    the secret's key over `id.timestamp.body`, one of the `v1,` signatures of
+    the header, and a timestamp within five minutes."""
+    headers = delivery.headers
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + delivery.body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    signatures = [s.partition(",") for s in headers["webhook-signature"].split(" ")]
+    assert ("v1", ",", expected) in signatures, headers["webhook-signature"]
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 300
+    assert headers["content-type"] == "application/json"
+
+
+# ── helpers ───────────────────────────────────────────────────────────────────
+
+
+async def serve(start_service: Callable[..., Any], **settings: Any) -> Service:
+    settings.setdefault("notify_secret", SECRET)
+    settings.setdefault("notify_backoff", 0.1)
+    svc: Service = await start_service(**settings)
+    return svc
+
+
+async def canceled_job(
+    svc: Service, backend: Receiver, job_id: str, notify: str, **extra: Any
+) -> dict[str, Any]:
+    """A job of `http_webhook` with `notify`, canceled once running."""
+    body = {
+        "id": job_id,
+        "backend": "http_webhook",
+        "params": {"url": backend.url()},
+        "notify": {"url": notify},
+        **extra,
+    }
+    answer = await svc.client.post("/jobs", json=body)
+    assert answer.status_code == 201, answer.text
+    await svc.wait_state(job_id, "running")
+    canceled = await svc.client.post(f"/jobs/{job_id}/cancel", json={"reason": "test"})
+    assert canceled.status_code == 200, canceled.text
+    return canceled.json()  # type: ignore[no-any-return]
+
+
+async def events(svc: Service, job_id: str, *types: str) -> list[dict[str, Any]]:
+    page = (await svc.client.get(f"/jobs/{job_id}/events", params={"limit": 1000})).json()
+    return [e for e in page["items"] if not types or e["type"] in types]
+
+
+async def until_events(
+    svc: Service, job_id: str, kind: str, count: int, timeout: float = 10
+) -> list[dict[str, Any]]:
+    async def enough() -> list[dict[str, Any]] | None:
+        found = await events(svc, job_id, kind)
+        return found if len(found) >= count else None
+
+    found: list[dict[str, Any]] = await eventually(enough, timeout)
+    return found
+
+
+# ── delivery ──────────────────────────────────────────────────────────────────
+
+
+async def test_a_receiver_failing_twice_then_accepting_gets_three_tries_of_one_message(
+    start_service, receiver, notified
+):
+    svc = await serve(start_service)
+    notified.answers = [500, 500]
+    await canceled_job(svc, receiver, "n1", notified.url())
+    tries = await until_events(svc, "n1", "notified", 3)
+    assert [(t["data"]["try"], t["data"]["status"]) for t in tries] == [
+        (1, 500),
+        (2, 500),
+        (3, 200),
+    ]
+    assert [t["data"].get("error") for t in tries] == ["answered 500", "answered 500", None]
+    assert [t["attempt"] for t in tries] == [1, 1, 1]
+    ids = {t["data"]["webhook_id"] for t in tries}
+    assert len(ids) == 1 and ids.pop().startswith("msg_")
+    await eventually(lambda: len(notified.got) == 3, holds=0.5)  # and nothing after
+    assert [d.status for d in notified.got] == [500, 500, 200]
+    assert {d.headers["webhook-id"] for d in notified.got} == {tries[0]["data"]["webhook_id"]}
+    assert {d.body for d in notified.got} == {notified.got[0].body}  # the body as stored
+    for delivery in notified.got:
+        verify(SECRET, delivery)
+        assert delivery.path == f"/hooks/{TOKEN}?key=q-{TOKEN}"
+    first, second = notified.got[0].at, notified.got[1].at
+    assert second - first >= 0.09  # notify_backoff apart
+    message = notified.got[-1].message
+    job = await svc.job("n1")
+    assert message["type"] == "job.finished"
+    assert message["job"] == {**job, "updated_at": message["job"]["updated_at"]}
+    assert message["job"]["state"] == "canceled"
+    assert message["job"]["notify"] == {"origin": notified.origin}
+    finished = await events(svc, "n1", "finished")
+    assert finished[0]["seq"] < tries[0]["seq"]
+
+
+async def test_a_notification_is_signed_with_the_stores_own_secret_when_none_is_set(
+    start_service, receiver, notified
+):
+    svc = await serve(start_service, notify_secret="")
+    secret = svc.tether.store.notify_secret
+    assert secret.startswith("whsec_") and secret != SECRET
+    check_notify_secret(secret)
+    await canceled_job(svc, receiver, "own", notified.url())
+    await eventually(lambda: notified.accepted())
+    verify(secret, notified.got[0])
+    with pytest.raises(AssertionError):
+        verify(SECRET, notified.got[0])  # the check can fail
+
+
+async def test_several_notifications_are_delivered_at_once(start_service, receiver, notified):
+    """Five receivers' answers held back together: the deliveries overlap."""
+    svc = await serve(start_service)
+    gate = threading.Event()
+    inside: list[int] = []
+    handler = notified.server.RequestHandlerClass  # type: ignore[union-attr]
+    plain = handler.do_POST
+
+    def held(self: Any) -> None:
+        inside.append(1)
+        gate.wait(5)
+        plain(self)
+
+    handler.do_POST = held
+    for n in range(5):
+        await canceled_job(svc, receiver, f"many-{n}", notified.url())
+    await eventually(lambda: len(inside) == 5, timeout=10)
+    gate.set()
+    await eventually(lambda: len(notified.accepted()) == 5)
+    assert len({d.headers["webhook-id"] for d in notified.got}) == 5
+
+
+async def test_a_retried_job_notifies_again_for_each_attempt_with_a_new_webhook_id(
+    start_service, receiver, notified
+):
+    svc = await serve(start_service)
+    await canceled_job(svc, receiver, "again", notified.url())
+    await eventually(lambda: len(notified.accepted()) == 1)
+    assert (await svc.client.post("/jobs/again/retry")).status_code == 200
+    await svc.wait_state("again", "running")
+    assert (await svc.client.post("/jobs/again/cancel")).status_code == 200
+    await eventually(lambda: len(notified.accepted()) == 2, holds=0.3)
+    one, two = notified.got
+    assert one.headers["webhook-id"] != two.headers["webhook-id"]
+    assert (one.message["job"]["attempt"], two.message["job"]["attempt"]) == (1, 2)
+    tries = await until_events(svc, "again", "notified", 2)
+    assert [(t["attempt"], t["data"]["webhook_id"]) for t in tries] == [
+        (1, one.headers["webhook-id"]),
+        (2, two.headers["webhook-id"]),
+    ]
+
+
+async def test_a_notification_delivered_after_a_retry_is_filed_under_its_own_attempt(
+    start_service, receiver, notified
+):
+    svc = await serve(start_service, notify_backoff=1.0)
+    notified.answers = [503]
+    await canceled_job(svc, receiver, "late", notified.url())
+    await until_events(svc, "late", "notified", 1)
+    assert (await svc.client.post("/jobs/late/retry")).status_code == 200  # before the 2nd try
+    tries = await until_events(svc, "late", "notified", 2)
+    assert [(t["attempt"], t["data"]["status"]) for t in tries] == [(1, 503), (1, 200)]
+    (retried,) = await events(svc, "late", "retried")
+    assert tries[0]["seq"] < retried["seq"] < tries[1]["seq"]  # delivered during attempt 2
+    assert notified.accepted()[0].message["job"]["attempt"] == 1
+    assert (await svc.job("late"))["attempt"] == 2
+
+
+async def test_running_out_of_the_retry_window_gives_up_with_notify_failed(
+    start_service, receiver, notified
+):
+    svc = await serve(start_service, notify_retry_for=0.5)
+    notified.then = 502
+    await canceled_job(svc, receiver, "gone", notified.url())
+    given_up = await until_events(svc, "gone", "notify_failed", 1)
+    tries = await events(svc, "gone", "notified")
+    assert len(tries) >= 3 and all(t["data"]["status"] == 502 for t in tries)
+    assert given_up[0]["data"] == {
+        "webhook_id": tries[0]["data"]["webhook_id"],
+        "tries": len(tries),
+        "error": "answered 502",
+    }
+    assert given_up[0]["seq"] == tries[-1]["seq"] + 1
+    count = len(notified.got)
+    await eventually(lambda: len(notified.got) == count, holds=0.5)  # out of the outbox
+    assert len(notified.got) == len(tries)
+    assert await svc.tether.jobs.next_notification_at() is None
+    assert (await svc.job("gone"))["state"] == "canceled"  # nothing else changed
+
+
+async def test_a_receiver_that_is_down_is_retried_and_the_error_names_no_url(
+    start_service, receiver, notified, caplog
+):
+    caplog.set_level(logging.INFO, logger="tether")
+    svc = await serve(start_service, notify_backoff=0.2)
+    url = notified.url()
+    notified.stop()  # nothing listens there now
+    await canceled_job(svc, receiver, "down", url)
+    tries = await until_events(svc, "down", "notified", 2)
+    assert tries[0]["data"]["status"] is None
+    assert tries[0]["data"]["error"] == "ClientConnectorError: connection refused"
+    notified.start(notified.port)
+    tries = await until_events(svc, "down", "notified", len(tries) + 1)
+    assert tries[-1]["data"]["status"] == 200 and len(notified.got) == 1
+    verify(SECRET, notified.got[0])
+    shown = json.dumps([await svc.job("down"), await events(svc, "down")])
+    listed = (await svc.client.get("/jobs")).text
+    assert TOKEN not in shown + listed + caplog.text
+    assert notified.origin in caplog.text  # the logs name where it went, by origin
+
+
+async def test_the_job_shows_only_the_notify_urls_origin(start_service, receiver, notified):
+    svc = await serve(start_service)
+    url = f"https://User.Example.com:8443/{TOKEN}/x?token={TOKEN}#frag"
+    body = {"id": "shown", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    answer = await svc.client.post("/jobs", json={**body, "notify": {"url": url}})
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["notify"] == {"origin": "https://user.example.com:8443"}
+    again = await svc.client.post("/jobs", json={**body, "notify": {"url": url}})
+    assert again.status_code == 200  # the same request: reattached
+    other = await svc.client.post("/jobs", json={**body, "notify": {"url": url + "2"}})
+    assert other.status_code == 409 and TOKEN not in other.text
+    assert TOKEN not in json.dumps([await svc.job("shown"), await events(svc, "shown")])
+
+
+BAD_URLS = (
+    "https://user:password@hooks.example.com/x",
+    "https://user@hooks.example.com/x",
+    "ftp://hooks.example.com/x",
+    "https://hooks.example.com/a b",
+    " https://hooks.example.com/x",
+    "hooks.example.com/x",
+    "https://",
+)
+
+
+async def test_a_bad_notify_url_is_400_and_creates_nothing(start_service, receiver):
+    svc = await serve(start_service)
+    body = {"id": "bad", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    for url in BAD_URLS:
+        answer = await svc.client.post("/jobs", json={**body, "notify": {"url": url}})
+        assert answer.status_code == 400, (url, answer.text)
+        assert "notify" in json.dumps(answer.json()["error"]), url
+        assert "password" not in answer.text
+    assert (await svc.client.get("/jobs/bad")).status_code == 404
+    assert (await svc.client.get("/jobs")).json()["items"] == []
+
+
+async def test_a_service_without_a_notification_secret_refuses_jobs_asking_for_one(
+    start_service, receiver, notified
+):
+    """As on Postgres without TETHER_NOTIFY_SECRET: 422 naming the setting,
+    nothing created; jobs without `notify` go on."""
+    svc = await serve(start_service)
+    svc.tether.store.notify_secret = None
+    body = {"id": "refused", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    answer = await svc.client.post("/jobs", json={**body, "notify": {"url": notified.url()}})
+    assert answer.status_code == 422, answer.text
+    assert "TETHER_NOTIFY_SECRET" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["details"] == {"field": "notify.url"}
+    assert (await svc.client.get("/jobs/refused")).status_code == 404
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+
+
+def doc_examples() -> dict[str, Any]:
+    """The Python examples of docs/lifecycle.md's "Verifying a message", run."""
+    text = (ROOT / "docs" / "lifecycle.md").read_text()
+    section = text.split("### Verifying a message", 1)[1].split("\n### ", 1)[0]
+    names: dict[str, Any] = {}
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/lifecycle.md", "exec"), names)
+    return names
+
+
+async def test_the_docs_verification_examples_accept_a_real_message_and_refuse_a_forged_one(
+    start_service, receiver, notified
+):
+    examples = doc_examples()
+    svc = await serve(start_service)
+    await canceled_job(svc, receiver, "docs", notified.url())
+    await eventually(lambda: notified.accepted())
+    delivery = notified.got[0]
+    for check in (examples["verified"], examples["verified_by_hand"]):
+        message = check(SECRET, delivery.headers, delivery.body)
+        assert message == delivery.message and message["job"]["id"] == "docs"
+        forged = delivery.body.replace(b'"canceled"', b'"succeeded"')
+        assert forged != delivery.body and check(SECRET, delivery.headers, forged) is None
+        assert check(new_notify_secret(), delivery.headers, delivery.body) is None
+        stale = {**delivery.headers, "webhook-timestamp": str(int(time.time()) - 600)}
+        assert check(SECRET, stale, delivery.body) is None
+
+
+# ── the secret ────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("s3cr3t-value", "does not start with whsec_"),
+        ("whsec_s3cr3t-value_", "is not whsec_ followed by base64"),
+        ("whsec_" + base64.b64encode(b"short").decode(), "holds 5 bytes, not 24 to 64"),
+        ("whsec_" + base64.b64encode(bytes(65)).decode(), "holds 65 bytes, not 24 to 64"),
+    ],
+)
+async def test_a_malformed_notification_secret_stops_the_store_opening_unshown(
+    tmp_path, value, problem
+):
+    settings = Settings.from_env({}, store=f"sqlite:///{tmp_path}/t.db", notify_secret=value)
+    with pytest.raises(StoreConfigError) as refused:
+        await open_store(settings, "p")
+    assert f"TETHER_NOTIFY_SECRET {problem}" in str(refused.value)
+    assert value.removeprefix("whsec_") not in str(refused.value)
+    assert not (tmp_path / "t.db").exists()  # refused before anything was made
+
+
+async def test_the_embedded_store_keeps_one_notification_secret_beside_its_database(tmp_path):
+    settings = Settings.from_env({}, store=f"sqlite:///{tmp_path}/t.db")
+    first = await open_store(settings, "p1")
+    second = await open_store(settings, "p2")
+    try:
+        path = notify_secret_path(tmp_path / "t.db")
+        assert path == tmp_path / "t.db.notify-secret"
+        assert first.notify_secret == second.notify_secret == path.read_text().strip()
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert first.notify_secret != first.callback_secret
+        assert not list(tmp_path.glob(".secret-*"))  # no temporary file left
+    finally:
+        await first.close()
+        await second.close()
+    configured = Settings.from_env({}, store=settings.store, notify_secret=SECRET)
+    third = await open_store(configured, "p3")
+    try:
+        assert third.notify_secret == SECRET  # the setting wins over the file
+    finally:
+        await third.close()
+
+
+async def test_a_damaged_notification_secret_file_is_named_not_shown(tmp_path):
+    path = notify_secret_path(tmp_path / "t.db")
+    path.write_text("whsec_not base64!\n")
+    with pytest.raises(StoreConfigError) as refused:
+        await open_store(Settings.from_env({}, store=f"sqlite:///{tmp_path}/t.db"), "p")
+    assert f"the notification secret file {path} is not whsec_" in str(refused.value)
+    assert "not base64!" not in str(refused.value)
+
+
+def test_new_secrets_are_standard_webhooks_secrets_and_differ():
+    made = {new_notify_secret() for _ in range(3)}
+    assert len(made) == 3
+    for secret in made:
+        assert check_notify_secret(secret) == secret
+        assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
+
+
+# ── backoff and errors ────────────────────────────────────────────────────────
+
+
+def test_backoff_doubles_from_the_setting_up_to_an_hour():
+    settings = Settings.from_env({}, notify_backoff=5)
+    assert [backoff(settings, n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert backoff(settings, 11) == 3600 and backoff(settings, 40) == 3600
+
+
+def test_a_failure_is_said_without_the_exceptions_text():
+    try:
+        raise ConnectionRefusedError(111, f"Connect call failed /hooks/{TOKEN}")
+    except OSError as exc:
+        said = failure(exc)
+    assert said == "ConnectionRefusedError: connection refused"
+    assert failure(TimeoutError()) == "timed out after 10s"
+    assert failure(ValueError(f"bad /hooks/{TOKEN}")) == "ValueError"
