@@ -14,6 +14,7 @@ from litestar.di import Provide
 from api.access import Observer, log_request, observed
 from api.auth import Sessions, api_token_guard
 from api.controllers import (
+    BackendController,
     CallbackController,
     JobController,
     QueryRules,
@@ -71,8 +72,11 @@ def create_app(
         guards=[api_token_guard(settings, sessions), strict],
     )
     others = Router("/", route_handlers=[CallbackController, health], guards=[strict])
+    # A backend's notifications: its plugin authenticates them, and reads
+    # every query parameter (no strict guard).
+    notices = Router("/", route_handlers=[BackendController])
     app = Litestar(
-        route_handlers=[guarded, others, ui_router(sessions)],
+        route_handlers=[guarded, others, notices, ui_router(sessions)],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

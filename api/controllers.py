@@ -36,6 +36,7 @@ from core.models import (
     JobState,
     RetryRequest,
 )
+from core.notices import NoticeResult
 from core.service import Tether
 from core.views import CURSOR_PATTERN, decode_cursor
 
@@ -590,6 +591,62 @@ class CallbackController(Controller):
         if gone is not None:
             return error_response(410, "gone", gone, {"state": result.state})
         return Response(result)
+
+
+class BackendController(Controller):
+    path = "/backends"
+    tags = ["backends"]  # noqa: RUF012
+
+    @post(
+        "/{name:str}/notifications",
+        status_code=200,
+        operation_id="backendNotification",
+        summary="Take a backend system's own notification",
+        responses={
+            200: ResponseSpec(
+                NoticeResult,
+                description="Taken: the jobs whose runs it is about (none for a run this"
+                " service did not start: nothing changed), each checked with its backend",
+                generate_examples=False,
+            ),
+            **errors(400, 401, 404, 413, 422, 503),
+        },
+    )
+    async def notification(
+        self,
+        request: Request[Any, Any, Any],
+        tether: NamedDependency[Tether],
+        name: FromPath[str],
+        token: Annotated[
+            str | None,
+            QueryParameter(
+                description="A token, for a backend that takes one in the URL (Databricks:"
+                " `TETHER_DATABRICKS_NOTIFY_TOKEN`); every query parameter goes to the backend"
+            ),
+        ] = None,
+    ) -> NoticeResult:
+        """One endpoint per backend for its external system's own notifications,
+        such as a Databricks workspace's notification destination (one URL for
+        every job, unlike callback URLs). Not behind the API token: the
+        backend's plugin authenticates each request from credentials it is
+        configured with (Databricks: basic auth or `?token=`), and 401 changes
+        and records nothing.
+
+        The body is the system's own JSON. The backend reads which runs it is
+        about; for each run a job of this service started, the job's history
+        gets a `notification` event and the backend's status check is asked at
+        once: only what it says settles the job. A run no job here started is
+        200 with no jobs, and nothing is written. Not JSON is 400; a body the
+        backend cannot read is 422; an unknown backend, or one that takes no
+        notifications (or has none configured), is 404 naming it."""
+        del token  # declared for the document; the backend reads the whole query
+        headers: dict[str, str] = {}
+        for key, value in request.headers.multi_items():
+            key = key.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        given = request.query_params
+        query = {key: list(given.getall(key)) for key in given}
+        return await tether.backend_notification(name, headers, query, await request.body())
 
 
 @get(

@@ -295,6 +295,21 @@ REQUEST_EXAMPLES = {
             "timeout": 7200,
         },
     },
+    "databricks_sql": {
+        "summary": "A SQL statement on a Databricks SQL warehouse",
+        "value": {
+            "id": "row-count-2026-11-24",
+            "backend": "databricks_sql",
+            "params": {
+                "warehouse_id": "abcdef1234567890",
+                "statement": "SELECT count(*) AS n FROM sales WHERE day = :day",
+                "parameters": {"day": "2026-11-24"},
+            },
+            "timeout": 600,
+            "tags": ["team-a", "nightly"],
+            "notify": {"url": "https://hooks.example.com/tether"},
+        },
+    },
 }
 """Examples for the built-in backends, shown when they are installed."""
 
@@ -344,8 +359,8 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
     ),
     ("createJob", 422): error(
         "invalid_request",
-        "unknown backend 'databrick'; valid backends: databricks, http_webhook",
-        {"field": "backend", "valid": ["databricks", "http_webhook"]},
+        "unknown backend 'databrick'; valid backends: databricks, databricks_sql, http_webhook",
+        {"field": "backend", "valid": ["databricks", "databricks_sql", "http_webhook"]},
     ),
     ("listJobs", 400): error(
         "invalid_request",
@@ -397,6 +412,52 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
         " nothing changed",
         {"field": "status"},
     ),
+    ("backendNotification", 400): error(
+        "invalid_request",
+        "the notification body is not valid JSON: malformed data",
+        {"field": "body"},
+    ),
+    ("backendNotification", 401): error(
+        "unauthorized",
+        "missing or wrong credentials for Databricks notifications: use the destination's basic"
+        " auth (TETHER_DATABRICKS_NOTIFY_USER / _PASSWORD) or ?token="
+        " (TETHER_DATABRICKS_NOTIFY_TOKEN)",
+    ),
+    ("backendNotification", 404): error(
+        "not_found",
+        "backend 'http_webhook' takes no notifications (its plugin does not implement"
+        " receive_notification)",
+        {"backend": "http_webhook"},
+    ),
+    ("backendNotification", 422): error(
+        "invalid_request",
+        "invalid databricks notification: `run.run_id` is missing (jobs.on_success)",
+        {"field": "body", "backend": "databricks"},
+    ),
+}
+
+NOTIFICATION_EXAMPLES: dict[str, Any] = {
+    "ours": {
+        "summary": "A run a job of this service started: checked at once",
+        "value": {
+            "jobs": [
+                {
+                    "id": "nightly-sales-2026-11-24",
+                    "state": "succeeded",
+                    "message": "noted (jobs.on_success); the run's state says succeeded",
+                }
+            ],
+            "message": "jobs.on_success noted for 1 job(s)",
+        },
+    },
+    "foreign": {
+        "summary": "Another run of the workspace: nothing changed",
+        "value": {
+            "jobs": [],
+            "message": "jobs.on_success about 5112: no job of this service started it;"
+            " nothing changed",
+        },
+    },
 }
 
 CALLBACK_EXAMPLES: dict[str, dict[str, Any]] = {
@@ -708,6 +769,27 @@ class Document:
                     }
                 },
             }
+        if operation_id == "backendNotification":
+            return {
+                "required": True,
+                "description": "The external system's own notification; its backend reads"
+                " it (and authenticates the request).",
+                "content": {
+                    "application/json": {
+                        "schema": {"description": "A backend's native payload."},
+                        "examples": {
+                            "databricks": {
+                                "value": {
+                                    "event_type": "jobs.on_success",
+                                    "workspace_id": "1234567890123456",
+                                    "run": {"run_id": 5112},
+                                    "job": {"job_id": 7, "name": "nightly sales"},
+                                }
+                            },
+                        },
+                    }
+                },
+            }
         if operation_id == "heartbeat":
             return {
                 "required": False,
@@ -805,6 +887,8 @@ class Document:
             media["examples"] = {"retried": {"value": RETRIED_EXAMPLE}}
         elif operation_id == "heartbeat":
             media["examples"] = {"noted": {"value": HEARTBEAT_EXAMPLE}}
+        elif operation_id == "backendNotification":
+            media["examples"] = NOTIFICATION_EXAMPLES
         elif operation_id in ("createJob", "getJob"):
             media["examples"] = {"job": {"value": JOB_EXAMPLE}}
             if operation_id == "createJob":

@@ -7,11 +7,19 @@ its one durable workflow:
 
 ```
 POST /jobs ─► params_type validates ─► trigger() ─► (wait for the callback) ─► job finished
-                                                      │ check_status() every check_interval,
-                                                      │   and when a heartbeat is overdue
-                                                      │ parse_callback() on each callback
+                                           │          │ check_status() every check_interval,
+                      run_keys(external) ◄─┘          │   and when a heartbeat is overdue
+                      (indexed with the job)          │ parse_callback() on each callback
               cancel() on POST /jobs/{id}/cancel or on timeout ◄─┘
+
+POST /backends/{name}/notifications ─► receive_notification(notice) ─► run keys
+      ─► jobs whose runs they are (one indexed read) ─► check_status() at once
 ```
+
+`trigger` (or `rerun`) returns what identifies the external run; `run_keys`
+names the keys it is known by, which Tether indexes with the job. The external
+system's own notifications (one endpoint per backend, not per job) then reach
+the job through those keys; they only *hint*: `check_status` decides.
 
 Hooks and backend methods get and return only `core` types
 (:mod:`core.models`), never web-framework objects. Plugin authors import
@@ -26,6 +34,12 @@ Delivery guarantees a backend must live with:
 - `cancel` and `tether_job_finished` run at least once (again after a crash).
 - `check_status` and `parse_callback` may run in any process, any number of
   times, concurrently; they must not change anything.
+- `receive_notification` is called for every request to the backend's
+  notification endpoint, from anyone: it authenticates the request itself
+  (the API token does not guard that endpoint), must not change anything, and
+  runs before any store read. A notification never settles a job by itself.
+- `run_keys` is called right after each trigger, in the trigger's step; its
+  keys are written with the job's `external`, in one transaction.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import pluggy
 
-from core.models import CheckNow, Job, Outcome, Running, Trigger
+from core.models import CheckNow, Job, Notice, NoticeAbout, Outcome, Running, Trigger
 
 PROJECT = "tether"
 
@@ -151,7 +165,9 @@ class Backend:
         - an :class:`~core.models.Outcome` when the run has ended (it settles
           the job);
         - :class:`~core.models.Running` when the external system confirms the
-          run is still going (optionally with its `progress`): a missed
+          run is still going (optionally with its `progress`, shown in the
+          history, and `external`: fields of the job's `external` that
+          changed, such as the run's state, merged into it): a missed
           heartbeat then only delays, the job waits on;
         - `None` when it cannot tell (no way to ask, an answer it does not
           understand): a missed heartbeat then ends the job `timed_out`.
@@ -173,6 +189,51 @@ class Backend:
         "error"}`). Raise `ValueError` with a message for a body in the native
         shape that is malformed (the caller gets 422, nothing changes). Must not
         block (no I/O). The default returns `None`.
+        """
+        return None
+
+    def run_keys(self, external: Mapping[str, Any]) -> Sequence[str]:
+        """The keys the external system knows this run by, for its
+        notifications to find the job (see `receive_notification`).
+
+        `external` is what `trigger` (or `rerun`) returned, as stored. Return
+        short strings (at most 200 characters each, e.g. `["1234"]` for a run
+        id); each is indexed with the job, for this backend only, in the same
+        transaction that records `external`. A key another job of the backend
+        had before belongs to the later job from then on. Called once per
+        trigger, in the trigger's step, and to tell whether a notification is
+        about the job's *current* run (a re-run may have a new one). Must not
+        block and must not fail: an exception is logged and indexes nothing.
+        The default returns no keys (the backend receives no notifications).
+        """
+        return ()
+
+    async def receive_notification(self, notice: Notice) -> NoticeAbout | None:
+        """Read a notification the external system posted to `POST
+        /backends/{name}/notifications`: one endpoint for the whole system,
+        for systems that notify a fixed destination rather than each job's
+        callback URL (e.g. a Databricks workspace's notification destination).
+
+        `notice` holds the request's headers (names lower-cased), its query
+        parameters, the body decoded from JSON and its raw bytes
+        (:class:`~core.models.Notice`). The endpoint is not behind Tether's
+        API token: **authenticate the request here**, from credentials the
+        plugin is configured with, compared in constant time
+        (`hmac.compare_digest`). Then return a
+        :class:`~core.models.NoticeAbout`: the run keys the notification
+        concerns (in `run_keys`'s terms) and what it says happened. Tether
+        looks the keys up in one indexed read; a run no job of this service
+        started costs no write and is answered 200. For each of its jobs
+        whose *current* run it is, Tether records a `notification` event,
+        calls `check_status` at once and settles only on what that returns.
+
+        Raise `core.plugin.Unauthorized(message)` when the credentials are
+        missing or wrong (401, nothing recorded), `core.plugin.NotFound(message)`
+        when notifications are not configured (404; say which settings to
+        set), `ValueError(message)` for a body of the wrong shape (422). Never
+        put a credential in a message. Must not change anything; bound any
+        I/O with a timeout. The default returns `None`: the backend receives
+        no notifications, and its endpoint answers 404.
         """
         return None
 

@@ -46,9 +46,9 @@ echo = "tether_echo"
 Every hook and backend method is documented in :mod:`core.hookspecs`.
 """
 
-from core.errors import BackendError
+from core.errors import BackendError, NotFound, Unauthorized
 from core.hookspecs import Backend, Readiness, hookimpl
-from core.models import CheckNow, ErrorInfo, Job, Outcome, Running, Trigger
+from core.models import CheckNow, ErrorInfo, Job, Notice, NoticeAbout, Outcome, Running, Trigger
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
@@ -58,10 +58,14 @@ __all__ = [
     "CheckNow",
     "ErrorInfo",
     "Job",
+    "NotFound",
+    "Notice",
+    "NoticeAbout",
     "Outcome",
     "Readiness",
     "Running",
     "Trigger",
+    "Unauthorized",
     "callback_promise_id",
     "hookimpl",
     "settings_from_env",

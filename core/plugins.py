@@ -20,7 +20,7 @@ from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names
 log = logging.getLogger(__name__)
 
 
-BUILTIN_PLUGINS = ("plugins.databricks", "plugins.http_webhook")
+BUILTIN_PLUGINS = ("plugins.databricks", "plugins.databricks_sql", "plugins.http_webhook")
 """The plugins shipped with Tether, registered before entry points. Named by
 module path and imported only here, so `core` itself never depends on a plugin."""
 

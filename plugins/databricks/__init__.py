@@ -14,12 +14,18 @@ must define (notebooks read them as widgets). `submit` starts a one-time run
 names to the `base_parameters` of its notebook tasks. Either way the
 request carries an `idempotency_token` derived from the job's promise id, so a
 retried or replayed trigger never starts a second run. The job's `external` is
-`{"run_id", "run_page_url"}`.
+`{"run_id", "run_page_url", "state"}` (`state`: the run's as it started,
+`QUEUED` when the workspace queued it).
 
 The notebook POSTs the outcome to `tether_callback_url` when it ends (see
 `examples/databricks_notebook.py`). If that callback is lost, Tether asks
 `jobs.get_run` every `check_interval` seconds (default 60, backing off) and
-settles the job from the run's state. Cancel and timeout cancel the run.
+settles the job from the run's state, with the notebook's exit value as its
+result (`runs/get-output`; by task key for several tasks) or each failed
+task's error (`runs.with_outputs`). Cancel and timeout cancel the run.
+`POST /jobs/{id}/retry` repairs the run in place (`rerun`,
+`plugins.databricks.repair`). 429 and 503 are Tether's to retry, not the
+SDK's (`workspace.hand_back_throttling`).
 Databricks' own job notifications posted to the callback URL are a hint only:
 they never settle a job.
 
@@ -32,6 +38,7 @@ docs/databricks.md.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -46,13 +53,23 @@ from core.plugin import (
     BackendError,
     CheckNow,
     Job,
+    Notice,
+    NoticeAbout,
     Outcome,
     Readiness,
     Running,
     Trigger,
     hookimpl,
 )
-from plugins.databricks.runs import outcome_of_run
+from plugins.databricks import notifications, repair
+from plugins.databricks.runs import (
+    failed_tasks,
+    has_output,
+    latest_tasks,
+    outcome_of_run,
+    run_state,
+    with_outputs,
+)
 from plugins.databricks.workspace import (
     ENV_PREFIX,
     DatabricksSettings,
@@ -62,6 +79,7 @@ from plugins.databricks.workspace import (
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
+    from databricks.sdk.service.jobs import Run, RunOutput
 
 log = logging.getLogger("tether.databricks")
 
@@ -72,6 +90,10 @@ PROMISE_ID_PARAM = "tether_promise_id"
 JOB_ID_PARAM = "tether_job_id"
 """The job parameter holding Tether's job id (for logs and tables)."""
 RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
+
+OUTPUT_CONCURRENCY = 4
+"""`runs/get-output` calls one status check makes at once (one per task of
+an ended run: its exit value, or its error)."""
 
 DEFAULT_CHECK_INTERVAL = 60.0
 MIN_CHECK_INTERVAL = 1.0
@@ -226,28 +248,30 @@ def idempotency_token(trigger: Trigger) -> str:
 class Databricks(Backend):
     name = "databricks"
     params_type = Params
-    settings_type = DatabricksSettings
+    settings_type = notifications.with_notify_settings(DatabricksSettings)
     settings_prefix = ENV_PREFIX
 
-    def __init__(self, settings: DatabricksSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: DatabricksSettings | None = None,
+        notify: notifications.NotifySettings | None = None,
+    ) -> None:
         self.workspace = Workspace(settings or DatabricksSettings.from_env())
+        self.notify = notify or notifications.NotifySettings.from_env()
+        """Who may post workspace notifications (`receive_notification`)."""
 
     def check_interval(self, params: DatabricksParams) -> float:
         return params.check_interval
 
     async def trigger(self, trigger: Trigger) -> dict[str, Any]:
         params: DatabricksParams = trigger.params
-        ours = {
-            CALLBACK_URL_PARAM: trigger.callback_url,
-            PROMISE_ID_PARAM: trigger.promise_id,
-            JOB_ID_PARAM: trigger.job.id,
-        }
+        ours = _ours(trigger)
         if params.submit is not None:
             _check_task_keys(params.submit)
         # An int already (`__post_init__`); typed `int | float` for the schema's sake.
         job_id = None if params.job_id is None else int(params.job_id)
         token = idempotency_token(trigger)
-        callback_token = parse_qs(urlsplit(trigger.callback_url).query).get("token", [""])[0]
+        callback_token = _callback_token(trigger)
 
         def start(w: WorkspaceClient) -> dict[str, Any]:
             if job_id is not None:
@@ -265,7 +289,7 @@ class Databricks(Backend):
                     ) from None
                 waiter = w.jobs.submit(**arguments, idempotency_token=token)
             run_id = int(waiter.run_id)
-            return {"run_id": run_id, "run_page_url": _run_page_url(w, run_id, job_id)}
+            return {"run_id": run_id, **_describe(w, run_id, job_id)}
 
         external = await self.workspace.call(start, callback_token)
         log.info(
@@ -277,6 +301,49 @@ class Databricks(Backend):
                 "promise_id": trigger.promise_id,
                 "backend": self.name,
             },
+        )
+        return external
+
+    async def rerun(self, trigger: Trigger, previous: Job) -> dict[str, Any]:
+        """Repairs the previous attempt's run in place (`runs/repair`, its
+        failed tasks only, with this attempt's parameters); starts a new run
+        when it cannot be repaired. See `plugins.databricks.repair`."""
+        run_id = _run_id(previous)
+        if run_id is None:  # never started: nothing to repair
+            return await self.trigger(trigger)
+        params: DatabricksParams = trigger.params
+        ours = _ours(trigger)
+        parameters = (
+            {"job_parameters": {**params.job_parameters, **ours}}
+            if params.job_id is not None
+            else {"notebook_params": ours}
+        )
+        extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+        try:
+            external = await repair.repair(
+                self.workspace,
+                run_id,
+                _repair_id(previous),
+                trigger.promise_id,
+                parameters,
+                _callback_token(trigger),
+            )
+        except repair.NotRepaired as why:
+            log.info(
+                "databricks: job %s: run %s is not repaired (%s); starting a new run",
+                trigger.job.id,
+                run_id,
+                why,
+                extra=extra,
+            )
+            return await self.trigger(trigger)
+        log.info(
+            "databricks: job %s: attempt %d repairs run %s (repair %s)",
+            trigger.job.id,
+            trigger.job.attempt,
+            run_id,
+            external["repair_id"],
+            extra=extra,
         )
         return external
 
@@ -296,8 +363,15 @@ class Databricks(Backend):
         run_id = _run_id(job)
         if run_id is None:
             return None
+        repair_id = _repair_id(job)
+        history = True if repair_id is not None else None
         try:
-            run = await self.workspace.call(lambda w: w.jobs.get_run(run_id))
+            run = await self.workspace.call(
+                lambda w: w.jobs.get_run(run_id, include_history=history)
+            )
+            found = outcome_of_run(run, repair_id)
+            if isinstance(found, Outcome) and found.status in ("succeeded", "failed"):
+                found = await self._with_outputs(found, run)
         except BackendError as exc:  # the watchdog logs only the type: say what it was
             log.warning(
                 "databricks: job %s: reading run %s failed: %s",
@@ -307,7 +381,41 @@ class Databricks(Backend):
                 extra={"job_id": job.id, "backend": self.name},
             )
             raise
-        return outcome_of_run(run)
+        return found
+
+    async def _with_outputs(self, outcome: Outcome, run: Run) -> Outcome:
+        """An ended run's outcome with its tasks' `runs/get-output`: the exit
+        values of a run that succeeded, the errors of the tasks that failed
+        (see `runs.with_outputs`). An output Databricks refuses (deleted, a
+        task kind without one) is left out; one it cannot give now (429,
+        5xx) fails the check, which is tried again later."""
+        tasks = latest_tasks(run)
+        wanted = (
+            [t for t in tasks if has_output(t)]
+            if outcome.status == "succeeded"
+            else failed_tasks(tasks)
+        )
+        ids = [t.run_id for t in wanted if t.run_id is not None]
+        limit = asyncio.Semaphore(OUTPUT_CONCURRENCY)
+
+        async def output(task_run_id: int) -> tuple[int, RunOutput | None]:
+            async with limit:
+                try:
+                    got = await self.workspace.call(lambda w: w.jobs.get_run_output(task_run_id))
+                except BackendError as exc:
+                    if exc.retryable:
+                        raise
+                    log.warning(
+                        "databricks: run %s: task run %s has no output: %s",
+                        run.run_id,
+                        task_run_id,
+                        exc.message,
+                    )
+                    return task_run_id, None
+                return task_run_id, got
+
+        outputs = dict(await asyncio.gather(*(output(i) for i in ids)))
+        return with_outputs(outcome, tasks, outputs)
 
     async def readiness(self) -> Readiness:
         """Asks the workspace who the credentials belong to (`current_user.me`,
@@ -315,6 +423,19 @@ class Databricks(Backend):
         `error` with Databricks' reason when it refuses them or cannot be
         reached."""
         return await self.workspace.readiness()
+
+    def run_keys(self, external: Mapping[str, Any]) -> list[str]:
+        """The run id: workspace notifications name it (`run.run_id`, or a
+        task's `run.parent_run_id`)."""
+        return notifications.run_keys(external)
+
+    async def receive_notification(self, notice: Notice) -> NoticeAbout:
+        """A workspace notification destination's POST (see
+        `plugins.databricks.notifications`): authenticated with the
+        `TETHER_DATABRICKS_NOTIFY_*` credentials, read for its run ids. Tether
+        then reads each of its runs with `jobs.get_run` (`check_status`)."""
+        notifications.authenticate(self.notify, notice)
+        return notifications.read(notice.body)
 
     def parse_callback(self, job: Job, body: Any) -> Outcome | CheckNow | None:
         """Databricks' own job notification (`{"event_type": "jobs.on_success",
@@ -371,17 +492,39 @@ def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, An
     return {**spec, "tasks": tasks}
 
 
-def _run_page_url(w: WorkspaceClient, run_id: int, job_id: int | None) -> str | None:
-    """The run's page: as `jobs.get_run` gives it, else built from the host."""
+def _describe(w: WorkspaceClient, run_id: int, job_id: int | None) -> dict[str, Any]:
+    """The run's page (as `jobs.get_run` gives it, else built from the host)
+    and its state as the run starts (`QUEUED` when the workspace or the job
+    is at its limit of concurrent runs, `BLOCKED`, `PENDING`, ...), when
+    `jobs.get_run` says."""
     try:
-        url = w.jobs.get_run(run_id).run_page_url
+        run = w.jobs.get_run(run_id)
     except Exception as exc:  # the run was started: a missing link must not fail the job
         log.warning("databricks: run %s: no run page URL (%s)", run_id, type(exc).__name__)
-        url = None
-    if url:
-        return url
-    host = (w.config.host or "").rstrip("/")
-    return f"{host}/#job/{job_id}/run/{run_id}" if host and job_id is not None else None
+        run = None
+    described: dict[str, Any] = {"run_page_url": run.run_page_url if run else None}
+    if not described["run_page_url"]:
+        host = (w.config.host or "").rstrip("/")
+        if host and job_id is not None:
+            described["run_page_url"] = f"{host}/#job/{job_id}/run/{run_id}"
+    state = run_state(run) if run is not None else None
+    if state is not None:
+        described["state"] = state
+    return described
+
+
+def _ours(trigger: Trigger) -> dict[str, str]:
+    """Tether's three parameters for this attempt."""
+    return {
+        CALLBACK_URL_PARAM: trigger.callback_url,
+        PROMISE_ID_PARAM: trigger.promise_id,
+        JOB_ID_PARAM: trigger.job.id,
+    }
+
+
+def _callback_token(trigger: Trigger) -> str:
+    """The callback URL's token: scrubbed from any error message."""
+    return parse_qs(urlsplit(trigger.callback_url).query).get("token", [""])[0]
 
 
 def _ended_in_databricks(job: Job) -> bool:
@@ -393,6 +536,12 @@ def _ended_in_databricks(job: Job) -> bool:
 def _run_id(job: Job) -> int | None:
     value = (job.external or {}).get("run_id")
     return value if isinstance(value, int) else None
+
+
+def _repair_id(job: Job) -> int | None:
+    """The repair of the run this attempt made (`rerun`), if it made one."""
+    value = (job.external or {}).get("repair_id")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @hookimpl

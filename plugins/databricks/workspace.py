@@ -67,8 +67,9 @@ class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     retry_timeout: int = 60
     """`TETHER_DATABRICKS_RETRY_TIMEOUT`: seconds one API call may spend on the
-    SDK's own retries (connection errors, 429, 503). After that the trigger
-    fails with a retryable error and Tether tries again with backoff."""
+    SDK's own retries of connection errors and timeouts. After that the call
+    fails with a retryable error and Tether tries again with backoff. (429
+    and 503 are not the SDK's to retry: Tether does, visibly.)"""
 
     http_timeout: float = 30.0
     """`TETHER_DATABRICKS_HTTP_TIMEOUT`: seconds one HTTP request may take."""
@@ -145,6 +146,7 @@ class Workspace:
                     product_version=_version(),
                 )
                 self._client = WorkspaceClient(config=config)
+                hand_back_throttling(self._client)
                 log.info("databricks: using workspace %s", config.host)
             return self._client
 
@@ -215,6 +217,8 @@ class Workspace:
                 ),
             )
             retry_after = exc.retry_after_secs
+            if retry_after is None:  # kept from the SDK's retries (`hand_back_throttling`)
+                retry_after = exc.kwargs.get(RETRY_AFTER_KEY)
             return BackendError(
                 self.scrub(str(exc) or kind, secrets),
                 retryable=retryable,
@@ -268,6 +272,43 @@ _SCRUB = (
         r"\1***",
     ),
 )
+
+
+RETRY_AFTER_KEY = "tether_retry_after"
+"""Where an error's `Retry-After` is kept, out of the SDK's sight."""
+
+
+def hand_back_throttling(client: WorkspaceClient) -> None:
+    """Make 429 and 503 answers the caller's to retry, not the SDK's.
+
+    databricks-sdk (0.162) retries any answer with a `Retry-After` (it sets
+    one, 1 s, on every 429 and 503 without one) until `retry_timeout_seconds`
+    run out, sleeping in between: throttling and a workspace at its limit of
+    concurrent runs would stall a call unseen for that long. No setting turns
+    this off, so: the error's `Retry-After` is moved where the SDK's retry
+    loop does not look (`RETRY_AFTER_KEY` in the error's `kwargs`;
+    `Workspace.translate` reads it back), and the loop's own test keeps only
+    connection errors and timeouts. The call then fails at once with a
+    retryable `BackendError` carrying `retry_after`, and Tether's retries
+    (each a `trigger_failed` event) or the next status check take over.
+    tests/plugins/databricks/test_big_runs.py proves it against the SDK."""
+    from databricks.sdk.errors.base import DatabricksError
+    from databricks.sdk.errors.customizer import _ErrorCustomizer
+
+    class HandBack(_ErrorCustomizer):
+        def customize_error(self, response: Any, kwargs: dict[str, Any]) -> None:
+            seconds = kwargs.pop("retry_after_secs", None)
+            if seconds is not None:
+                kwargs[RETRY_AFTER_KEY] = seconds
+
+    base = client.api_client._api_client
+    base._error_parser._error_customizers.append(HandBack())
+    sdk_test = base._is_retryable
+
+    def connection_errors_only(err: BaseException) -> str | None:
+        return None if isinstance(err, DatabricksError) else sdk_test(err)
+
+    base._is_retryable = connection_errors_only  # type: ignore[method-assign]  # see above
 
 
 def _screaming(name: str) -> str:

@@ -12,6 +12,8 @@ from core.plugin import hookimpl
 from plugins.http_webhook import HttpWebhook
 from tests.conftest import HOLD, eventually
 
+pytestmark = pytest.mark.resonate_server  # also on a Resonate server (the stand-in)
+
 
 async def test_the_callback_finishes_the_job(start_service, receiver):
     receiver.callback = {"status": "succeeded", "result": {"rows": 42}}
@@ -144,6 +146,7 @@ async def test_a_job_stored_before_requests_were_normalised_still_reattaches(
 WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
 
 
+@pytest.mark.resonate_server(False)  # checks of the web layer: the store plays no part
 @pytest.mark.parametrize(
     ("body", "status", "field", "names"),
     [
@@ -152,7 +155,7 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
             {"backend": "nope"},
             422,
             "backend",
-            ["unknown backend 'nope'", "databricks, http_webhook"],
+            ["unknown backend 'nope'", "databricks, databricks_sql, http_webhook"],
         ),
         ({"backend": "http_webhook", "params": {}}, 422, "params", ["params", "url"]),
         (
@@ -407,6 +410,7 @@ async def test_cancel_keeps_the_reason_on_the_job(start_service, receiver):
         assert job["error"]["message"] == "canceled by request"
 
 
+@pytest.mark.resonate_server(False)  # checks of the web layer: the store plays no part
 @pytest.mark.parametrize(
     ("content", "content_type", "status", "field"),
     [
@@ -508,8 +512,9 @@ async def test_health_and_openapi(start_service):
     svc = await start_service()
     health = (await svc.client.get("/health")).json()
     assert health["status"] == "ok"
-    assert health["store"] == svc.settings.store.split(":")[0]
-    assert health["backends"] == ["databricks", "http_webhook"]
+    scheme = svc.settings.store.split(":")[0]
+    assert health["store"] == {"http": "resonate"}.get(scheme, scheme)
+    assert health["backends"] == ["databricks", "databricks_sql", "http_webhook"]
     schema = (await svc.client.get("/schema/openapi.json")).json()
     assert {
         "/jobs",
@@ -520,6 +525,7 @@ async def test_health_and_openapi(start_service):
     } <= set(schema["paths"])
 
 
+@pytest.mark.resonate_server(False)  # on memory:// whatever the test's store
 async def test_the_memory_store_runs_jobs_to_every_end(start_service, receiver):
     finished: list[tuple[str, str]] = []
 

@@ -25,6 +25,7 @@ OPERATIONS = {
     ("post", "/jobs/{job_id}/cancel"): "cancelJob",
     ("post", "/callbacks/{promise_id}"): "settleJob",
     ("post", "/callbacks/{promise_id}/heartbeat"): "heartbeat",
+    ("post", "/backends/{name}/notifications"): "backendNotification",
     ("get", "/health"): "health",
 }
 
@@ -95,12 +96,14 @@ async def test_post_jobs_documents_each_backends_params(start_service):
     assert media["schema"] == {"$ref": "#/components/schemas/JobRequest"}
     assert {e["value"]["backend"] for e in media["examples"].values()} == {
         "databricks",
+        "databricks_sql",
         "http_webhook",
     }
     request = schemas["JobRequest"]
     variants = {
         "http_webhook": "#/components/schemas/HttpWebhookJobRequest",
         "databricks": "#/components/schemas/DatabricksJobRequest",
+        "databricks_sql": "#/components/schemas/DatabricksSqlJobRequest",
     }
     assert request["discriminator"] == {"propertyName": "backend", "mapping": variants}
     assert sorted(r["$ref"] for r in request["oneOf"]) == sorted(variants.values())

@@ -98,6 +98,7 @@ def test_a_hookimpl_matching_no_spec_fails_at_start_up():
 def test_a_fresh_manager_has_only_the_builtins():
     assert sorted(Plugins(make_plugin_manager(entry_points=False)).backends) == [
         "databricks",
+        "databricks_sql",
         "http_webhook",
     ]
     assert Plugins(make_plugin_manager(builtins=False, entry_points=False)).backends == {}
@@ -111,7 +112,7 @@ def test_a_plugin_is_found_through_the_tether_entry_point_group(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     plugins = Plugins(make_plugin_manager())
-    assert sorted(plugins.backends) == ["databricks", "echo", "http_webhook"]
+    assert sorted(plugins.backends) == ["databricks", "databricks_sql", "echo", "http_webhook"]
     assert type(plugins.backends["echo"]).__module__ == "tether_echo"
 
 

@@ -50,6 +50,7 @@ def test_an_installed_plugin_is_served_without_changing_tether(tmp_path):
         with service.client() as client:
             assert client.get("/health").json()["backends"] == [
                 "databricks",
+                "databricks_sql",
                 "echo",
                 "http_webhook",
             ]

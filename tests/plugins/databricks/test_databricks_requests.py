@@ -296,8 +296,9 @@ def ended(status: str, code: str, message: str | None = None) -> Outcome:
 
 
 def going(state: str) -> Running:
-    """A run Databricks confirms is going, in this state."""
-    return Running(progress={"state": state})
+    """A run Databricks confirms is going, in this state (kept as the job's
+    `external.state` too)."""
+    return Running(progress={"state": state}, external={"state": state})
 
 
 @pytest.mark.parametrize(
@@ -543,13 +544,13 @@ async def test_a_run_page_url_is_built_from_a_host_with_a_path(workspace: FakeWo
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
 
-    from plugins.databricks import _run_page_url
+    from plugins.databricks import _describe
 
     config = Config(host=f"{workspace.url}/X/", token=TOKEN, retry_timeout_seconds=2)
     w = WorkspaceClient(config=config)
     assert w.config.host == f"{workspace.url}/X"
-    # runs/get under that path is not found: the link is built from the host
-    assert _run_page_url(w, 5, 7) == f"{workspace.url}/X/#job/7/run/5"
+    # runs/get under that path is not found: the link is built from the host, no state
+    assert _describe(w, 5, 7) == {"run_page_url": f"{workspace.url}/X/#job/7/run/5"}
 
 
 def test_a_workspace_never_shows_its_config():
@@ -886,6 +887,7 @@ async def test_running_a_job_passes_tethers_parameters_and_an_idempotency_token(
     external = await backend.trigger(t)
 
     run = workspace.only_run()
+    assert external.pop("state") in {"QUEUED", "RUNNING"}  # as the run starts
     assert external == {
         "run_id": run.run_id,
         "run_page_url": f"{workspace.url}/?o=1#job/7/run/{run.run_id}",
@@ -902,7 +904,9 @@ async def test_running_a_job_passes_tethers_parameters_and_an_idempotency_token(
         "idempotency_token": idempotency_token(t),
     }
     assert f"INFO databricks: job j started run {run.run_id}" in sdk_logs
-    assert await backend.trigger(t) == external  # the same token: the same run
+    assert (await backend.trigger(t))["run_id"] == external[
+        "run_id"
+    ]  # the same token: the same run
     assert len(workspace.runs) == 1
 
 
@@ -1053,14 +1057,15 @@ async def test_a_status_check_reads_the_run(backend, workspace: FakeWorkspace):
     workspace.notebooks["quiet"] = hang
     external = await backend.trigger(trigger({"job_id": 7}))
     run_id = external["run_id"]
-    assert await backend.check_status(job(external=external)) == Running(
-        progress={"state": "RUNNING"}
-    )
+    assert await backend.check_status(job(external=external)) == going("RUNNING")
+    workspace.exits[run_id] = '{"rows": 3}'  # dbutils.notebook.exit(...)
     workspace.end(run_id, "SUCCESS", "done")
     assert await backend.check_status(job(external=external)) == Outcome(
-        status="succeeded",
-        result={"run_id": run_id, "termination_code": "SUCCESS", "message": "done"},
+        status="succeeded", result={"rows": 3}
     )
+    [task] = workspace.runs[run_id].tasks
+    assert [c.path for c in workspace.seen[-2:]] == [GET_RUN, "/api/2.2/jobs/runs/get-output"]
+    assert task.run_id != run_id  # its task's output: a run's own id has none
 
 
 async def test_a_status_check_without_a_run_asks_nothing(backend, workspace: FakeWorkspace):

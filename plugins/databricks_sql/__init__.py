@@ -1,0 +1,402 @@
+"""The `databricks_sql` backend: run one SQL statement on a Databricks SQL
+warehouse and keep its result rows as the job's result.
+
+```json
+{"warehouse_id": "abcdef1234567890",
+ "statement": "SELECT day, count(*) AS orders FROM sales.orders WHERE day >= :since GROUP BY day",
+ "parameters": {"since": {"value": "2024-01-01", "type": "DATE"}},
+ "catalog": "main", "row_limit": 100}
+```
+
+The trigger submits the statement through the Statement Execution API
+(`statement_execution.execute_statement` with `wait_timeout="0s"`: it returns
+at once with the statement's id, kept as the job's `external`
+`{"statement_id", "warehouse_id"}`).
+
+**A backend without a callback.** Nothing outside Tether can call it back: the
+warehouse cannot be handed a URL, and needs none. The status check is the
+completion channel: every `check_interval` seconds (default 2, backing off to
+ten times that while the statement runs long) Tether calls `check_status`,
+which reads `statement_execution.get_statement`: `PENDING` and `RUNNING`
+confirm it is going (`Running`), and its final state settles the job. Write a
+backend of this kind for any system you can ask "has it ended?" but that
+cannot call out: implement `check_interval` and `check_status`, and ignore
+`trigger.callback_url`.
+
+A `SUCCEEDED` statement's result is the first chunk of its rows, with the
+column names and types from the manifest (see `statements.result_of`),
+bounded by `row_limit` and by the core's `TETHER_MAX_RESULT_BYTES` (whole
+rows are left out, so the result stays a table); a `FAILED` one fails the
+job with Databricks' message (`error.type` its error code), a `CANCELED` one
+cancels it. Cancel and timeout call `cancel_execution`.
+
+Credentials and client settings are the `databricks` backend's
+(`DATABRICKS_HOST` + `DATABRICKS_TOKEN` or another databricks-sdk auth
+method, `TETHER_DATABRICKS_PROFILE`, `_RETRY_TIMEOUT`, `_HTTP_TIMEOUT`,
+`_THREADS`); its own setting is `TETHER_DATABRICKS_SQL_WAREHOUSE_ID`, the
+warehouse of jobs that name none, which readiness checks (`warehouses.get`).
+
+**Exactly once is not possible here.** The Statement Execution API takes no
+idempotency token, and a statement cannot be found again by anything the
+caller chose (statements are not listed; the query history API filters by
+neither statement text nor tag). So a statement may run twice: when the
+process dies after Databricks accepted it but before Tether recorded its id
+(the trigger step runs again), and when the answer to `execute_statement` is
+lost (a timeout or a reset connection: databricks-sdk and then Tether try
+again). Write statements that are safe to repeat (`MERGE`, `INSERT
+OVERWRITE`, `CREATE OR REPLACE`), or check the warehouse's query history
+after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from core.plugin import (
+    Backend,
+    BackendError,
+    ErrorInfo,
+    Job,
+    Outcome,
+    Readiness,
+    Running,
+    Trigger,
+    hookimpl,
+    settings_from_env,
+)
+from plugins.databricks.workspace import DatabricksSettings, Workspace
+from plugins.databricks_sql.statements import (
+    FINAL_STATES,
+    INLINE_LIMIT,
+    outcome_of_statement,
+    result_bound,
+)
+
+if TYPE_CHECKING:
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.service.sql import StatementResponse
+
+log = logging.getLogger("tether.databricks_sql")
+
+ENV_PREFIX = "TETHER_DATABRICKS_SQL_"
+
+DEFAULT_CHECK_INTERVAL = 2.0
+MIN_CHECK_INTERVAL = 0.1
+MAX_CHECK_INTERVAL = 86400.0
+DEFAULT_ROW_LIMIT = 1000
+MAX_ROW_LIMIT = 10_000
+MAX_PARAMETERS = 256
+
+WAREHOUSE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+"""A SQL warehouse id (16 hex digits in practice); it goes into URL paths."""
+PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""A named parameter marker's name, as `:name` writes it in the statement."""
+
+WarehouseId = Annotated[str, Meta(pattern=WAREHOUSE_ID.pattern, max_length=128)]
+ParameterName = Annotated[str, Meta(pattern=PARAMETER_NAME.pattern, max_length=255)]
+SqlName = Annotated[str, Meta(min_length=1, max_length=255)]
+SqlType = Annotated[str, Meta(min_length=1, max_length=255)]
+Statement = Annotated[str, Meta(pattern=r"[^ \t\n\r]")]
+"""Not blank. (An explicit class: Python's and JSON Schema's `\\s` differ.)"""
+RowLimit = (
+    Annotated[int, Meta(ge=1, le=MAX_ROW_LIMIT)]
+    | Annotated[float, Meta(ge=1, le=MAX_ROW_LIMIT, extra_json_schema={"multipleOf": 1})]
+)
+"""A whole number of rows; `100.0` too, which JSON Schema counts an integer
+(`__post_init__` makes it an int)."""
+CheckInterval = Annotated[float, Meta(ge=MIN_CHECK_INTERVAL, le=MAX_CHECK_INTERVAL)]
+Value = str | int | float | bool | None
+
+
+class SqlParameter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A named parameter with its SQL type: `{"value": "2024-01-01", "type":
+    "DATE"}`. `value` null (or left out) is SQL NULL; `type` is any type
+    Databricks SQL casts the value's text to (`INT`, `DECIMAL(10,2)`,
+    `TIMESTAMP`, ...); without it a string is a `STRING` and a number or
+    boolean gets the type its JSON implies."""
+
+    value: Value = None
+    type: SqlType | None = None
+
+
+Parameters = Annotated[dict[ParameterName, Value | SqlParameter], Meta(max_length=MAX_PARAMETERS)]
+
+
+class DatabricksSqlParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`params` of a `databricks_sql` job: one SQL statement on a SQL warehouse."""
+
+    warehouse_id: WarehouseId
+    """The SQL warehouse to run it on (optional when the service has a default,
+    `TETHER_DATABRICKS_SQL_WAREHOUSE_ID`)."""
+    statement: Statement
+    """The SQL statement, with `:name` markers for `parameters`."""
+    parameters: Parameters = msgspec.field(default_factory=dict)
+    """Values of the statement's `:name` markers: a JSON value, or `{"value",
+    "type"}` to give its SQL type."""
+    catalog: SqlName | None = None
+    """Default catalog of the statement (`USE CATALOG`)."""
+    schema: SqlName | None = None
+    """Default schema of the statement (`USE SCHEMA`)."""
+    row_limit: RowLimit = DEFAULT_ROW_LIMIT
+    """At most this many rows (1 to 10000) go into the job's result."""
+    check_interval: CheckInterval = DEFAULT_CHECK_INTERVAL
+    """Seconds between status checks (0.1 to 86400; later checks back off up
+    to ten times this)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.row_limit, float):
+            if not self.row_limit.is_integer():
+                raise ValueError("`row_limit` must be a whole number")
+            msgspec.structs.force_setattr(self, "row_limit", int(self.row_limit))
+        # Python's `$` also matches before a final newline, JSON Schema's does not.
+        if self.warehouse_id is not None and not WAREHOUSE_ID.fullmatch(self.warehouse_id):
+            raise ValueError("`warehouse_id` must be letters, digits, `_` and `-` only")
+        for name in self.parameters:
+            if not PARAMETER_NAME.fullmatch(name):
+                raise ValueError(f"`parameters`: {name!r} is not a parameter name")
+
+
+def params_type(default_warehouse: str) -> type[DatabricksSqlParams]:
+    """`DatabricksSqlParams` of a service with this default warehouse:
+    `warehouse_id` may then be left out, and the schema says so."""
+    if not default_warehouse:
+        return DatabricksSqlParams
+    made: type[DatabricksSqlParams] = msgspec.defstruct(  # type: ignore[assignment]  # a subclass
+        "DatabricksSqlParams",
+        [("warehouse_id", WarehouseId | None, None)],
+        bases=(DatabricksSqlParams,),
+        frozen=True,
+        kw_only=True,
+        forbid_unknown_fields=True,
+    )
+    made.__doc__ = DatabricksSqlParams.__doc__
+    return made
+
+
+class DatabricksSqlSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The backend's own settings, from `TETHER_DATABRICKS_SQL_<FIELD>`. The
+    client's (credentials, timeouts) are the `databricks` backend's."""
+
+    warehouse_id: str = ""
+    """`TETHER_DATABRICKS_SQL_WAREHOUSE_ID`: the SQL warehouse of jobs that
+    name none, and the one readiness checks. Empty: every job names its own."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSqlSettings:
+        settings = settings_from_env(cls, ENV_PREFIX, env)
+        if settings.warehouse_id and not WAREHOUSE_ID.fullmatch(settings.warehouse_id):
+            raise ValueError(
+                f"invalid setting {ENV_PREFIX}WAREHOUSE_ID: a warehouse id is letters,"
+                " digits, `_` and `-`"
+            )
+        return settings
+
+
+def sql_parameters(given: Mapping[str, Value | SqlParameter]) -> list[dict[str, str]]:
+    """The API's `parameters` list: `{"name", "value"?, "type"?}` each, the
+    value as text (`value` left out for NULL). A JSON number or boolean with no
+    type gets the one its JSON implies (`INT`, `BIGINT`, `DECIMAL(38,0)`,
+    `DOUBLE`, `BOOLEAN`)."""
+    out = []
+    for name, item in given.items():
+        value, kind = (item.value, item.type) if isinstance(item, SqlParameter) else (item, None)
+        text, implied = _as_sql(value)
+        kind = kind or implied
+        parameter = {"name": name}
+        if text is not None:
+            parameter["value"] = text
+        if kind:
+            parameter["type"] = kind
+        out.append(parameter)
+    return out
+
+
+def _as_sql(value: Value) -> tuple[str | None, str | None]:
+    """A value's text and the SQL type its JSON implies (None: a STRING)."""
+    if value is None or isinstance(value, str):
+        return value, None
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return ("true" if value else "false"), "BOOLEAN"
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return str(value), "INT"
+        return str(value), "BIGINT" if -(2**63) <= value < 2**63 else "DECIMAL(38,0)"
+    return repr(value), "DOUBLE"
+
+
+class DatabricksSql(Backend):
+    name = "databricks_sql"
+    params_type = DatabricksSqlParams
+    settings_type = DatabricksSqlSettings
+    settings_prefix = ENV_PREFIX
+
+    def __init__(
+        self,
+        settings: DatabricksSqlSettings | None = None,
+        client_settings: DatabricksSettings | None = None,
+    ) -> None:
+        self.settings = settings or DatabricksSqlSettings.from_env()
+        self.workspace = Workspace(client_settings or DatabricksSettings.from_env())
+        self.max_result_bytes = result_bound()
+        """The core's bound on a result (`TETHER_MAX_RESULT_BYTES`): rows are
+        cut to fit it here, so that the core never has to cut the table."""
+        # Depends on the default warehouse configured, though `Backend`
+        # declares it on the class.
+        self.params_type = params_type(self.settings.warehouse_id)  # type: ignore[misc]
+
+    def check_interval(self, params: DatabricksSqlParams) -> float:
+        return params.check_interval
+
+    async def trigger(self, trigger: Trigger) -> dict[str, Any]:
+        params: DatabricksSqlParams = trigger.params
+        warehouse_id = params.warehouse_id or self.settings.warehouse_id
+        parameters = sql_parameters(params.parameters)
+
+        def execute(w: WorkspaceClient) -> str:
+            from databricks.sdk.service.sql import (
+                Disposition,
+                Format,
+                StatementParameterListItem,
+            )
+
+            response = w.statement_execution.execute_statement(
+                statement=params.statement,
+                warehouse_id=warehouse_id,
+                wait_timeout="0s",
+                parameters=[StatementParameterListItem.from_dict(p) for p in parameters] or None,
+                catalog=params.catalog,
+                schema=params.schema,
+                row_limit=int(params.row_limit),
+                byte_limit=min(self.max_result_bytes, INLINE_LIMIT),
+                disposition=Disposition.INLINE,
+                format=Format.JSON_ARRAY,
+            )
+            if not response.statement_id:  # accepted, perhaps: never send it again
+                raise BackendError(
+                    "Databricks answered the statement without a statement_id",
+                    code="no_statement_id",
+                )
+            return response.statement_id
+
+        statement_id = await self.workspace.call(execute)
+        log.info(
+            "databricks_sql: job %s started statement %s on warehouse %s",
+            trigger.job.id,
+            statement_id,
+            warehouse_id,
+            extra={
+                "job_id": trigger.job.id,
+                "promise_id": trigger.promise_id,
+                "backend": self.name,
+            },
+        )
+        return {"statement_id": statement_id, "warehouse_id": warehouse_id}
+
+    async def cancel(self, job: Job) -> None:
+        statement_id = _statement_id(job)
+        if statement_id is None or _ended_in_databricks(job):
+            return
+        await self.workspace.call(lambda w: w.statement_execution.cancel_execution(statement_id))
+        log.info(
+            "databricks_sql: job %s: asked to cancel statement %s",
+            job.id,
+            statement_id,
+            extra={"job_id": job.id, "backend": self.name},
+        )
+
+    async def check_status(self, job: Job) -> Outcome | Running | None:
+        """Reads the statement (`get_statement`): this backend's only way to
+        learn that it ended."""
+        statement_id = _statement_id(job)
+        if statement_id is None:
+            return None
+
+        def read(w: WorkspaceClient) -> StatementResponse | None:
+            from databricks.sdk import errors
+
+            try:
+                return w.statement_execution.get_statement(statement_id)
+            except errors.NotFound as exc:
+                if exc.error_code in (None, "", "NOT_FOUND", "RESOURCE_DOES_NOT_EXIST"):
+                    return None  # the warehouse forgot it
+                raise
+
+        try:
+            statement = await self.workspace.call(read)
+        except BackendError as exc:  # the watchdog logs only the type: say what it was
+            log.warning(
+                "databricks_sql: job %s: reading statement %s failed: %s",
+                job.id,
+                statement_id,
+                exc,
+                extra={"job_id": job.id, "backend": self.name},
+            )
+            raise
+        if statement is None:
+            message = (
+                f"Databricks SQL statement {statement_id} no longer exists (a warehouse"
+                " forgets a statement 12 hours after it ended): how it ended is unknown"
+            )
+            return Outcome(status="failed", error=ErrorInfo(message, type="statement_gone"))
+        found = outcome_of_statement(
+            statement, statement_id, _row_limit(job), self.max_result_bytes
+        )
+        if isinstance(found, Outcome) and found.error is not None:
+            error = ErrorInfo(self.workspace.scrub(found.error.message), type=found.error.type)
+            found = Outcome(status=found.status, result=found.result, error=error)
+        return found
+
+    async def readiness(self) -> Readiness:
+        """With a default warehouse, asks for it (`warehouses.get`, read-only):
+        `ok` naming its state, `error` when it does not exist or is being
+        deleted. Without one, asks whose the credentials are
+        (`current_user.me`), as the `databricks` backend does. `unconfigured`
+        when no workspace or credentials are found."""
+        warehouse_id = self.settings.warehouse_id
+        if not warehouse_id or not self.workspace.names_a_workspace():
+            found = await self.workspace.readiness()
+            if found.status == "ok":
+                return Readiness("ok", f"no default warehouse ({ENV_PREFIX}WAREHOUSE_ID)")
+            return found
+        try:
+            warehouse = await self.workspace.call(lambda w: w.warehouses.get(warehouse_id))
+        except BackendError as exc:
+            if exc.code == "databricks_config":
+                return Readiness("unconfigured", exc.message)
+            return Readiness("error", f"SQL warehouse {warehouse_id}: {exc.message}")
+        state = getattr(warehouse.state, "value", None) or "in an unknown state"
+        shown = f"SQL warehouse {warehouse_id}" + (f" ({warehouse.name})" if warehouse.name else "")
+        if state in ("DELETED", "DELETING"):
+            return Readiness("error", f"{shown} is {state}")
+        return Readiness("ok", f"{shown} is {state}")
+
+
+def _statement_id(job: Job) -> str | None:
+    value = (job.external or {}).get("statement_id")
+    return value if isinstance(value, str) and value else None
+
+
+def _ended_in_databricks(job: Job) -> bool:
+    """True when the job was settled from the statement's final state (canceled
+    in Databricks, say): there is nothing left to cancel."""
+    return isinstance(job.result, dict) and job.result.get("state") in FINAL_STATES
+
+
+def _row_limit(job: Job) -> int:
+    """The job's `row_limit` (checked when the job was accepted)."""
+    given = job.params.get("row_limit") if isinstance(job.params, dict) else None
+    if isinstance(given, int | float) and not isinstance(given, bool) and given >= 1:
+        return int(given)
+    return DEFAULT_ROW_LIMIT
+
+
+@hookimpl
+def tether_backends() -> list[Backend]:
+    # Reads TETHER_DATABRICKS_* only: the client is built on first use.
+    return [DatabricksSql()]

@@ -1,0 +1,265 @@
+"""A fake Databricks SQL Statement Execution API: a real HTTP server on
+127.0.0.1 that the databricks-sdk `WorkspaceClient` talks to.
+
+- `GET /.well-known/databricks-config` → 404 (the SDK warns and goes on);
+- `POST /api/2.0/sql/statements` → a new statement, `PENDING`, on a
+  warehouse that exists (404 otherwise);
+- `GET /api/2.0/sql/statements/{id}` → its status; once `SUCCEEDED`, the
+  manifest and the first chunk of rows (`row_limit` applied, as the API does);
+  404 for a statement it never had or has forgotten;
+- `POST /api/2.0/sql/statements/{id}/cancel` → a live statement is `CANCELED`;
+- `GET /api/2.0/sql/warehouses/{id}` → the warehouse, or 404;
+- `GET /api/2.0/preview/scim/v2/Me` → who the token belongs to.
+
+Every `/api/` request needs `Authorization: Bearer <token>`. Statements move
+only on the test's command: `run` (→ `RUNNING`), `succeed`, `fail`,
+`cancel`, `forget`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+TOKEN = "dapi5e1ec7f00dba11c0ffee5e1ec7f00dba11"
+WAREHOUSE = "abcdef1234567890"
+STATEMENTS = "/api/2.0/sql/statements"
+LIVE = ("PENDING", "RUNNING")
+
+
+@dataclass
+class Statement:
+    statement_id: str
+    request: dict[str, Any]
+    state: str = "PENDING"
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    rows: list[list[str | None]] = field(default_factory=list)
+    chunks: int = 1
+    error: dict[str, str] | None = None
+    sql_state: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"state": self.state}
+        if self.error is not None:
+            status["error"] = self.error
+        if self.sql_state is not None:
+            status["sql_state"] = self.sql_state
+        body: dict[str, Any] = {"statement_id": self.statement_id, "status": status}
+        if self.state != "SUCCEEDED":
+            return body
+        limit = self.request.get("row_limit")
+        rows = self.rows[:limit] if limit else self.rows
+        per_chunk = -(-len(rows) // self.chunks) if rows else 0
+        first = rows[:per_chunk]
+        body["manifest"] = {
+            "format": "JSON_ARRAY",
+            "schema": {
+                "column_count": len(self.columns),
+                "columns": [
+                    {
+                        "name": name,
+                        "type_text": kind,
+                        "type_name": kind.split("(")[0],
+                        "position": i,
+                    }
+                    for i, (name, kind) in enumerate(self.columns)
+                ],
+            },
+            "total_chunk_count": self.chunks,
+            "total_row_count": len(rows),
+            "truncated": len(rows) < len(self.rows),
+        }
+        result: dict[str, Any] = {"chunk_index": 0, "row_offset": 0, "row_count": len(first)}
+        if first:
+            result["data_array"] = first
+        if self.chunks > 1:
+            result["next_chunk_index"] = 1
+            result["next_chunk_internal_link"] = f"{STATEMENTS}/{self.statement_id}/result/chunks/1"
+        body["result"] = result
+        return body
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    body: Any
+    authorized: bool
+    at: float = field(default_factory=time.monotonic)
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"error_code": code, "message": message}
+
+
+class FakeSqlApi:
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.warehouses: dict[str, dict[str, Any]] = {
+            WAREHOUSE: {"id": WAREHOUSE, "name": "Shared", "state": "RUNNING"}
+        }
+        self.statements: dict[str, Statement] = {}
+        self.seen: list[Seen] = []
+        self.echo_credentials = False
+        """When set, a refused token is quoted in the answer (as a careless
+        proxy might), to prove Tether scrubs it."""
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> FakeSqlApi:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # ── the test's commands ─────────────────────────────────────────────────
+
+    def statement(self, index: int = 0, timeout: float = 10) -> Statement:
+        """The `index`-th statement executed, once it was."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.statements) > index:
+                    return list(self.statements.values())[index]
+            time.sleep(0.02)
+        raise AssertionError(f"no statement {index} within {timeout}s: {list(self.statements)}")
+
+    def run(self, statement_id: str) -> None:
+        self._move(statement_id, "RUNNING")
+
+    def succeed(
+        self,
+        statement_id: str,
+        columns: list[tuple[str, str]],
+        rows: list[list[str | None]],
+        chunks: int = 1,
+    ) -> None:
+        with self.lock:
+            stmt = self.statements[statement_id]
+            stmt.columns, stmt.rows, stmt.chunks = columns, rows, chunks
+        self._move(statement_id, "SUCCEEDED")
+
+    def fail(
+        self,
+        statement_id: str,
+        message: str,
+        error_code: str = "BAD_REQUEST",
+        sql_state: str | None = None,
+    ) -> None:
+        with self.lock:
+            stmt = self.statements[statement_id]
+            stmt.error, stmt.sql_state = _error(error_code, message), sql_state
+        self._move(statement_id, "FAILED")
+
+    def cancel(self, statement_id: str) -> None:
+        """Cancels a live statement (as someone in the Databricks UI would)."""
+        self._move(statement_id, "CANCELED")
+
+    def forget(self, statement_id: str) -> None:
+        """The warehouse drops the statement (12 hours after it ended)."""
+        with self.lock:
+            del self.statements[statement_id]
+
+    def _move(self, statement_id: str, state: str) -> None:
+        with self.lock:
+            stmt = self.statements[statement_id]
+            if stmt.state not in LIVE:
+                raise AssertionError(f"statement {statement_id} already ended: {stmt.state}")
+            stmt.state = state
+
+    def calls(self, path: str, method: str = "POST") -> list[Seen]:
+        return [s for s in self.seen if s.path == path and s.method == method]
+
+    # ── the API ─────────────────────────────────────────────────────────────
+
+    def answer(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        if method == "POST" and path == STATEMENTS:
+            return self.execute(body)
+        if path.startswith(STATEMENTS + "/"):
+            statement_id, _, action = path.removeprefix(STATEMENTS + "/").partition("/")
+            with self.lock:
+                stmt = self.statements.get(statement_id)
+                if stmt is None:
+                    return 404, _error("NOT_FOUND", f"Statement {statement_id} not found.")
+                if method == "GET" and not action:
+                    return 200, stmt.as_json()
+                if method == "POST" and action == "cancel":
+                    if stmt.state in LIVE:
+                        stmt.state = "CANCELED"
+                    return 200, {}
+        if method == "GET" and path.startswith("/api/2.0/sql/warehouses/"):
+            warehouse = self.warehouses.get(path.rsplit("/", 1)[1])
+            if warehouse is None:
+                return 404, _error(
+                    "RESOURCE_DOES_NOT_EXIST", f"Warehouse {path.rsplit('/', 1)[1]} does not exist."
+                )
+            return 200, warehouse
+        if method == "GET" and path == "/api/2.0/preview/scim/v2/Me":
+            return 200, {"id": "1", "userName": "tether@example.com"}
+        return 404, _error("ENDPOINT_NOT_FOUND", f"No API found for {method} {path}")
+
+    def execute(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        warehouse_id = body.get("warehouse_id")
+        if warehouse_id not in self.warehouses:
+            return 404, _error(
+                "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist."
+            )
+        if not str(body.get("statement") or "").strip():
+            return 400, _error("INVALID_PARAMETER_VALUE", "statement is required")
+        wait = body.get("wait_timeout", "10s")
+        if wait != "0s" and not (wait.endswith("s") and 5 <= int(wait[:-1]) <= 50):
+            return 400, _error(
+                "INVALID_PARAMETER_VALUE", f"wait_timeout {wait!r} is not 0s or 5s-50s"
+            )
+        stmt = Statement(f"01f0{uuid.uuid4().hex[4:8]}-{uuid.uuid4()}", body)
+        with self.lock:
+            self.statements[stmt.statement_id] = stmt
+        return 200, {"statement_id": stmt.statement_id, "status": {"state": "PENDING"}}
+
+
+def _handler(api: FakeSqlApi) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _handle(self) -> None:
+            path = urlsplit(self.path).path
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else {}
+            if path == "/.well-known/databricks-config":
+                self._answer(404, _error("NOT_FOUND", "no host metadata here"))
+                return
+            given = self.headers.get("authorization", "")
+            authorized = given == f"Bearer {api.token}"
+            api.seen.append(Seen(self.command, path, body, authorized))
+            if not authorized:
+                message = "Invalid access token."
+                if api.echo_credentials:
+                    message += f" (got {given!r} for {self.command} {self.path})"
+                self._answer(403, _error("PERMISSION_DENIED", message))
+                return
+            self._answer(*api.answer(self.command, path, body))
+
+        do_GET = do_POST = _handle
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
