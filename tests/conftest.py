@@ -182,7 +182,9 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
 
     server = Server(("127.0.0.1", 0), Handler)
     receiver.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # serve_forever looks for shutdown() every poll_interval (0.5 s by default,
+    # half a second of every test's teardown)
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     return server
 
 
@@ -259,6 +261,11 @@ resonate-pg's resonate.sql applied, whose user may CREATE DATABASE) to add
 Postgres: each test then gets a fresh database copied from it as a template."""
 if PG_TEMPLATE_DSN and "postgres" not in STORES:
     STORES.append("postgres")
+WITH_RESONATE = [*STORES, *(["resonate"] if "resonate" not in STORES else [])]
+"""The stores of tests marked `resonate_server`: `STORES` and a Resonate server
+(`tests/resonate_server/stand_in.py`, the job index in SQLite beside it).
+`TETHER_TEST_STORES=resonate` runs the in-process service tests on it: all
+pass but one, which expects a store that keeps its own notification secret."""
 
 
 def _fresh_pg_database(template_dsn: str, name: str) -> str:
@@ -280,16 +287,48 @@ def fresh_pg_url() -> str:
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str]:
     """A function making a new, empty store URL of this test's store kind."""
     count = iter(range(1000))
+    stand_ins = None
+    if request.param == "resonate":
+        stand_ins = request.getfixturevalue("resonate_stand_ins")
 
     def make() -> str:
         n = next(count)
         if request.param == "sqlite":
             return f"sqlite:///{tmp_path}/tether-{n}.db"
+        if stand_ins is not None:
+            return stand_ins(tmp_path / f"resonate-{n}.db").url
         if request.param == "postgres":
             return _fresh_pg_database(PG_TEMPLATE_DSN, f"tether_test_{os.getpid()}_{n}")
         return "memory://"
 
     return make
+
+
+@pytest.fixture
+def resonate_stand_ins() -> Iterator[Callable[..., Any]]:
+    """`start(db, **options)` → a stand-in Resonate server (`StandIn`) serving
+    from a thread on 127.0.0.1, its promises in the file `db`; stopped when
+    the test ends, after the services of `start_service`."""
+    from tests.resonate_server.stand_in import StandIn
+
+    running: list[StandIn] = []
+
+    def start(db: Any, **options: Any) -> StandIn:
+        running.append(StandIn(db, **options).start())
+        return running[-1]
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+@pytest.hookimpl(tryfirst=True)  # before the parametrize marks are applied
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `resonate_server` run on `WITH_RESONATE`; a test of a
+    marked module marked `resonate_server(False)` does not."""
+    test, mark = metafunc.definition, metafunc.definition.get_closest_marker("resonate_server")
+    if "store_url" in metafunc.fixturenames and mark and (not mark.args or mark.args[0]):
+        test.add_marker(pytest.mark.parametrize("store_url", WITH_RESONATE, indirect=True))
 
 
 @pytest.fixture
@@ -300,6 +339,10 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
 
     async def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Service:
         overrides.setdefault("store", store_url())
+        if overrides["store"].startswith("http:"):
+            from tests.resonate_server.stand_in import index_beside
+
+            overrides.setdefault("index", index_beside(overrides["store"]))
         settings = test_settings(**overrides)
         app = create_app(settings, make_plugin_manager(entry_points=False, extra=plugins))
         config = uvicorn.Config(
@@ -430,6 +473,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "heavy: minutes long; only `./dev test --all` runs it")
+    config.addinivalue_line(
+        "markers",
+        "resonate_server: also run on a Resonate server store (the stand-in);"
+        " resonate_server(False) opts a test of a marked module out",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,8 +9,13 @@ processes) and the job index listing needs. See docs/architecture.md.
 | `sqlite:///PATH` (default)| `sqlite`     | embedded SQLite protocol      | table in the file |
 | `memory://`               | `memory`     | embedded, on a temporary file | table in the file |
 | `postgresql://...`        | `postgresql` | resonate-pg                   | table in the DB   |
+| `http(s)://HOST:PORT`     | `resonate`   | a Resonate server (HTTP, SSE) | `TETHER_INDEX`    |
 
 `memory://` (tests, demos) keeps nothing: its file is deleted when the store closes.
+Each store has a notification secret (`Store.notify_secret`): `TETHER_NOTIFY_SECRET`,
+else on the embedded store one made once and kept beside the database
+(`PATH.notify-secret`); Postgres and a Resonate server have none without
+the setting.
 Opening a store brings its tables to this code's schema version
 (`core.store.migrations`).
 """
@@ -21,7 +26,7 @@ from urllib.parse import urlsplit
 
 from core.errors import StoreConfigError
 from core.settings import Settings, describe
-from core.store.base import STORE_CALL_TIMEOUT, STORE_WAIT, Store
+from core.store.base import STORE_CALL_TIMEOUT, STORE_WAIT, Store, check_notify_secret
 from core.store.jobs import JobIndex
 
 __all__ = [
@@ -36,8 +41,16 @@ __all__ = [
 
 async def open_store(settings: Settings, pid: str) -> Store:
     """Open the store `settings.store` names, its tables migrated. Raises
-    `StoreConfigError` saying why when it cannot."""
+    `StoreConfigError` saying why when it cannot (a `TETHER_NOTIFY_SECRET`
+    of the wrong form included, named but never shown)."""
+    if settings.notify_secret:
+        check_notify_secret(settings.notify_secret)
     scheme = urlsplit(settings.store).scheme
+    if settings.index and scheme not in ("http", "https"):
+        raise StoreConfigError(
+            f"TETHER_INDEX is only for a Resonate server store (TETHER_STORE=http(s)://...);"
+            f" {describe(settings.store)} keeps its job index itself: unset TETHER_INDEX"
+        )
     # Each kind is imported only when asked for: psycopg is slow to import.
     if scheme == "sqlite":
         from core.store.embedded import EmbeddedStore
@@ -51,7 +64,11 @@ async def open_store(settings: Settings, pid: str) -> Store:
         from core.store.postgres import PostgresStore
 
         return await PostgresStore.open(settings, pid)
+    if scheme in ("http", "https"):
+        from core.store.remote import RemoteStore
+
+        return await RemoteStore.open(settings, pid)
     raise StoreConfigError(
         f"TETHER_STORE={describe(settings.store)!r} is not supported; use sqlite:///PATH,"
-        " memory:// or postgresql://..."
+        " memory://, postgresql://... or http(s)://HOST:PORT (a Resonate server)"
     )

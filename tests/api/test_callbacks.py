@@ -15,6 +15,8 @@ from core.tokens import CallbackSigner
 from plugins.http_webhook import HttpWebhook
 from tests.conftest import Service, eventually
 
+pytestmark = pytest.mark.resonate_server  # also on a Resonate server (the stand-in)
+
 
 async def started(svc: Service, receiver: Any, job_id: str = "cb", **params: Any) -> str:
     """Start a webhook job and return its callback path (with token)."""
@@ -38,6 +40,7 @@ async def test_first_settle_is_accepted(start_service, receiver):
     assert body["job"]["result"] == [1, 2]
 
 
+@pytest.mark.resonate_server(False)  # checks of the web layer: the store plays no part
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"result": 1}', b'{"error": {"message": "m"}}'])
 async def test_a_body_without_status_is_refused_naming_it_and_changes_nothing(
     start_service, receiver, body
@@ -209,6 +212,7 @@ async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
     assert response.status_code == 200
 
 
+@pytest.mark.resonate_server(False)  # checks of the web layer: the store plays no part
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [

@@ -1,0 +1,166 @@
+"""The real `tether serve` on a Resonate server (the stand-in, serving from
+this test process), its job index in SQLite: SIGKILLed with one job waiting
+for its callback and another inside its trigger step, restarted while the
+server keeps running, both jobs finish, each trigger sent as the embedded
+store would (once; again with the same key after a kill inside the step).
+The server's token reaches it on every request, never the log."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HOLD, Hit, Receiver, eventually, wait_until
+from tests.process import TetherProcess, wait_for
+from tests.resonate_server.stand_in import RUNNING, StandIn
+
+TOKEN = "t0ken-the-log-must-never-show"
+
+
+def service(tmp_path: Path, server: StandIn, port: int | None = None) -> TetherProcess:
+    return TetherProcess(
+        tmp_path,
+        {
+            "TETHER_STORE": server.url,
+            "TETHER_INDEX": f"sqlite:///{tmp_path}/index.db",
+            "TETHER_STORE_TOKEN": TOKEN,
+            "TETHER_TASK_TTL": "2",
+        },
+        port=port,
+    )
+
+
+def start_job(client: httpx.Client, receiver: Receiver, job_id: str) -> None:
+    response = client.post(
+        "/jobs",
+        json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}},
+    )
+    assert response.status_code == 201, response.text
+
+
+def callback(receiver: Receiver, job_id: str, body: Any) -> httpx.Response:
+    [url] = {h.body["callback_url"] for h in receiver.hits if h.body["job_id"] == job_id}
+    return httpx.post(url, json=body, trust_env=False, timeout=10)
+
+
+def task_state(server: StandIn, task_id: str) -> str:
+    """The state of a task, asked of the server as any client would."""
+    answer = httpx.post(
+        server.url + "/",
+        json={"kind": "task.get", "head": {"corrId": "t", "version": "v"}, "data": {"id": task_id}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        trust_env=False,
+    ).json()
+    assert answer["head"]["status"] == 200, answer
+    return str(answer["data"]["task"]["state"])
+
+
+def test_a_killed_service_on_a_resonate_server_finishes_its_jobs_after_restart(tmp_path, receiver):
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.body["job_id"] == "mid" and len(receiver.on("/hook")) == 2:
+            release.wait(20)  # hold the first trigger of "mid" until the service is dead
+        return 202, {}
+
+    receiver.respond = respond
+    server = StandIn(tmp_path / "resonate.db", token=TOKEN).start()
+    try:
+        first = service(tmp_path, server).start()
+        with first.client() as client:
+            start_job(client, receiver, "wait")
+            wait_for(client, "wait", "running", recorded=True)
+            start_job(client, receiver, "mid")
+            wait_until(lambda: len(receiver.hits) == 2, every=0.02)
+        first.kill()
+        release.set()
+
+        second = service(tmp_path, server, port=first.port).start()
+        try:
+            with second.client() as client:
+                answer = callback(receiver, "wait", {"status": "succeeded", "result": 7})
+                assert answer.status_code == 200 and answer.json()["outcome"] == "accepted"
+                assert wait_for(client, "wait", "succeeded")["result"] == 7
+                # the step cut short by the kill runs again once its lease ran out
+                wait_for(client, "mid", "running", recorded=True)
+                callback(receiver, "mid", {"status": "failed", "error": {"message": "x"}})
+                mid = wait_for(client, "mid", "failed")
+                wait_until(lambda: client.get("/jobs/mid").json() == mid, holds=HOLD)
+        finally:
+            second.kill()
+    finally:
+        server.stop()
+    keys = [h.body["idempotency_key"] for h in receiver.hits]
+    assert keys == ["wait:1", "mid:1", "mid:1"]
+    assert server.delivered > 0  # work reached the services through the message stream
+    assert set(server.authorizations) == {f"Bearer {TOKEN}"}
+    log = first.log.read_text()  # both runs write to it (same port)
+    assert log.count(f"store {server.url},") == 2 and TOKEN not in log
+
+
+def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_path, receiver):
+    """The SDK closes its connections before it waits for the work under way:
+    the message stream closes, requests still go, so the trigger in flight at
+    SIGTERM is recorded and never sent again."""
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        time.sleep(1)  # a slow external system: the trigger is in flight at SIGTERM
+        return 202, {}
+
+    receiver.respond = respond
+    server = StandIn(tmp_path / "resonate.db", token=TOKEN).start()
+    try:
+        first = service(tmp_path, server).start()
+        with first.client() as client:
+            start_job(client, receiver, "term")
+            wait_until(lambda: receiver.hits, every=0.02)
+        assert first.terminate(wait=20) == -signal.SIGTERM
+        # the workflow went on to wait for its callback: its task let go, not left to expire
+        assert task_state(server, "term") == "suspended"
+        second = service(tmp_path, server, port=first.port).start()
+        try:
+            with second.client() as client:
+                assert client.get("/jobs/term").json()["external"] is not None
+                callback(receiver, "term", {"status": "succeeded"})
+                wait_for(client, "term", "succeeded")
+        finally:
+            second.kill()
+    finally:
+        server.stop()
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["term:1"]
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_waiting_jobs_go_on_through_a_restart_of_the_server(
+    start_service, receiver, resonate_stand_ins
+):
+    """The server stops and comes back on the same port and data: meanwhile
+    the job index still answers and `/health` says the server does not; the
+    message stream connects again by itself, and a job waiting from before
+    finishes by its callback."""
+    svc = await start_service()
+    server = RUNNING[svc.settings.store]
+    await svc.client.post(
+        "/jobs", json={"id": "w", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    await svc.wait_state("w", "running")
+    server.stop()
+    assert (await svc.client.get("/jobs/w")).json()["state"] == "running"
+    health = await svc.client.get("/health")
+    assert health.status_code == 503
+    assert f"the Resonate server at {server.url} did not answer" in health.text
+    again = resonate_stand_ins(server.db, port=server.port)
+    await eventually(lambda: again.streams, timeout=10)  # the stream came back
+    assert (await svc.client.get("/health")).status_code == 200
+    [hit] = receiver.hits
+    path = hit.body["callback_url"].removeprefix(svc.settings.base_url)
+    answer = await svc.client.post(path, json={"status": "succeeded", "result": 1})
+    assert answer.json()["outcome"] == "accepted"
+    assert (await svc.wait_state("w", "succeeded"))["result"] == 1
+    assert again.delivered >= 1  # the workflow's resume came down the new stream
