@@ -51,7 +51,7 @@ from core.steps import JobSteps
 from core.store import Store, open_store
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
-from core.views import decode_cursor, duration, encode_cursor, view
+from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
 
 log = logging.getLogger("tether")
@@ -94,6 +94,7 @@ class Tether:
         self.checks = Health(plugins, self.jobs, settings.readiness_interval)
         self.jobs.limits = settings.limits
         self.jobs.on_ready = self._on_ready
+        self.jobs.message = finished_message
         self._starting: set[asyncio.Task[None]] = set()
         self.notifier: Notifier | None = None
 

@@ -131,6 +131,8 @@ class JobIndex(Protocol):
     """Each limited backend's slots: a job of one is `queued` while they are
     all taken (or others wait before it), and the end of one of its jobs
     moves the oldest queued one to `pending`, in the same transaction."""
+    message: Callable[[JobRecord], str]
+    """The completion notification's body for the attempt a row ended."""
     on_ready: Callable[[list[JobRecord]], None] | None
     """Told of the queued jobs a write moved to `pending`, after it committed."""
 

@@ -26,7 +26,6 @@ import msgspec
 from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
 from core.store.jobs import Event, JobRecord, Listener, NewEvent, Notification
 from core.store.schema import EVENT_ROWS, JOB_ROWS, NOTIFICATION_ROWS, json_text
-from core.views import finished_message
 
 HISTORY_LIMIT = 1000
 """Events kept per job. Past it the oldest events after the first
@@ -86,6 +85,10 @@ PROMOTE_BATCH = 500
 _N_COLUMNS = NOTIFICATION_ROWS.columns
 
 
+def _no_message(rec: JobRecord) -> str:
+    raise RuntimeError(f"job {rec.id!r} asks for a notification, and no message was set")
+
+
 def finished_data(outcome: Outcome) -> dict[str, Any]:
     """The `finished` event's data: the final state, and the error's type."""
     data: dict[str, Any] = {"state": outcome.status}
@@ -100,6 +103,10 @@ class SqlJobIndex:
         self.on_event: Listener | None = None
         self.limits: Mapping[str, int] = {}
         """Each limited backend's slots (`TETHER_MAX_RUNNING`)."""
+        self.message: Callable[[JobRecord], str] = _no_message
+        """The body of the completion notification of the attempt a row ended
+        (the job as clients see it: `core.views.finished_message`, set by the
+        service, which knows the view)."""
         self.on_ready: Callable[[list[JobRecord]], None] | None = None
         """Told of the queued jobs a write of this index moved to `pending`
         (their slots freed), after it committed: their workflows start."""
@@ -498,7 +505,7 @@ class SqlJobIndex:
             job_id=rec.id,
             attempt=rec.attempt,
             url=rec.notify_url,
-            body=finished_message(rec),
+            body=self.message(rec),
             created_at=now,
             due_at=now,
         )

@@ -4,13 +4,13 @@ service offering the backend."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.plugins.databricks import conftest as databricks_conftest
 from tests.plugins.databricks_sql.fake_sql import FakeSqlApi
 
 
@@ -43,36 +43,5 @@ def start_sql(start_service: Callable[..., Any], sql_api: FakeSqlApi) -> Callabl
     return start
 
 
-class Logs(logging.Handler):
-    """Every record of Tether's and the SDK's loggers, formatted. (Litestar
-    reconfigures the root logger when the app starts, so pytest's `caplog`
-    misses them.)"""
-
-    LOGGERS = ("tether", "databricks", "urllib3")
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    handler = Logs()
-    levels = {}
-    for name in Logs.LOGGERS:
-        logger = logging.getLogger(name)
-        levels[name] = logger.level
-        logger.setLevel(logging.DEBUG)
-        logger.addHandler(handler)
-    yield handler
-    for name in Logs.LOGGERS:
-        logging.getLogger(name).removeHandler(handler)
-        logging.getLogger(name).setLevel(levels[name])
+# The same log capture as the databricks plugin's tests (the same loggers).
+logs = databricks_conftest.logs
