@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from typing import Any
 
 from core.hookspecs import Backend, Readiness
-from core.models import OPEN_STATES
 from core.plugins import Plugins
 from core.store.jobs import JobIndex
 
@@ -30,25 +28,12 @@ FIRST_CHECK_DELAY = 10.0
 READINESS_TIMEOUT = 30.0
 """Seconds a backend's `readiness` may take before it counts as `error`."""
 
-PAGE = 1000
-MAX_PAGES = 100
-"""Waiting jobs are counted a page at a time, up to this many pages per state
-(100,000 jobs): enough to name every missing backend without holding the store."""
-
 
 async def orphans(plugins: Plugins, jobs: JobIndex) -> dict[str, int]:
-    """How many waiting (pending or running) jobs each backend that is not
-    installed has. Pages through the waiting jobs only, newest first."""
-    waiting: Counter[str] = Counter()
-    for state in OPEN_STATES:
-        before: int | None = None
-        for _ in range(MAX_PAGES):
-            rows = await jobs.page(state, None, PAGE, before)
-            waiting.update(r.backend for r in rows if r.backend not in plugins.backends)
-            if len(rows) < PAGE:
-                break
-            before = rows[-1].seq
-    return dict(sorted(waiting.items()))
+    """How many open (queued, pending or running) jobs each backend that is not
+    installed has: one index lookup per backend with open jobs, whatever their
+    number (a million waiting jobs cost nothing here)."""
+    return await jobs.waiting_backends(plugins.backends)
 
 
 def warn_orphans(missing: dict[str, int]) -> None:

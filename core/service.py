@@ -61,6 +61,8 @@ ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
 RESUME_PAGE = 500
+STOP_GRACE = 20.0
+"""Seconds `close` waits for the workflow steps under way to end."""
 STALE_PENDING_MS = 10_000
 """A job pending this long may have lost its workflow start (`resume_stale`)."""
 
@@ -155,7 +157,14 @@ class Tether:
         if self.notifier is not None:
             await self.notifier.stop()
         if self.resonate is not None:
-            await self.resonate.stop()
+            try:
+                await asyncio.wait_for(self.resonate.stop(), STOP_GRACE)
+            except TimeoutError:
+                log.warning(
+                    "steps still running after %gs (the store did not answer?): stopped"
+                    " anyway; another worker takes them over when their leases run out",
+                    STOP_GRACE,
+                )
         for backend in self.plugins.backends.values():
             try:
                 await backend.close()

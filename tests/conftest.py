@@ -40,7 +40,13 @@ from core.settings import Settings
 
 PG_TEMPLATE_DSN = os.environ.get("TETHER_TEST_PG_DSN", "")
 TEST_STORES = os.environ.get("TETHER_TEST_STORES", "sqlite")
-for _name in [n for n in os.environ if n.startswith(("TETHER_", "DATABRICKS_"))]:
+# Settings from the machine never reach a test's service; the suite's own
+# (TETHER_TEST_*) stay for the worker processes pytest-xdist starts.
+for _name in [
+    n
+    for n in os.environ
+    if n.startswith(("TETHER_", "DATABRICKS_")) and not n.startswith("TETHER_TEST_")
+]:
     del os.environ[_name]
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
@@ -338,7 +344,8 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
     running: list[tuple[uvicorn.Server, asyncio.Task[None], httpx.AsyncClient]] = []
 
     async def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Service:
-        overrides.setdefault("store", store_url())
+        if "store" not in overrides:  # a new database only when none is given
+            overrides["store"] = store_url()
         if overrides["store"].startswith("http:"):
             from tests.resonate_server.stand_in import index_beside
 

@@ -40,7 +40,9 @@ def fresh_pg_database(template_dsn: str, name: str) -> str:
     parts = urlsplit(template_dsn)
     template = parts.path.lstrip("/")
     with psycopg.connect(_admin(template_dsn), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        # Names are reused within a run (tests/conftest.py): sessions an earlier
+        # test left behind (a hang cut short by a timeout) must not fail this one.
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     return urlunsplit(parts._replace(path=f"/{name}"))
 

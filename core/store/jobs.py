@@ -13,7 +13,7 @@ so a replayed step records nothing twice (docs/architecture.md, "Job history").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -138,6 +138,11 @@ class JobIndex(Protocol):
 
     async def promote(self, backend: str, now: int) -> list[JobRecord]:
         """Move queued jobs of `backend` to `pending` while it has free slots."""
+        ...
+
+    async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
+        """Open jobs by backend, for the backends not in `excluding`; one
+        index lookup per backend that has open jobs."""
         ...
 
     async def queued_backends(self) -> list[str]:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
+from resonate_pg import PostgresConnection, PsycopgSessions
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
@@ -36,8 +37,6 @@ class PostgresStore(Store):
                 "TETHER_CALLBACK_SECRET must be set when TETHER_STORE is Postgres: every"
                 " process sharing the database must sign callback URLs with the same secret"
             )
-        from resonate_pg import PostgresConnection
-
         driver = PostgresDriver(url)
         try:
             await driver.open()
@@ -53,7 +52,7 @@ class PostgresStore(Store):
             raise StoreConfigError(
                 f"cannot open the Postgres store {describe(url)}: {reason}"
             ) from None
-        connection = PostgresConnection(url, pid=pid, group=settings.group)
+        connection = PgConnection(url, pid=pid, group=settings.group)
         previous = listed(settings.callback_secret_previous)
         # Without TETHER_NOTIFY_SECRET no secret is made: every host must sign
         # with the same one, so jobs asking for notifications are refused.
@@ -69,8 +68,48 @@ class PostgresStore(Store):
         raise InvalidRequest("the postgresql store does not support retention yet")
 
     async def close(self) -> None:
-        """Close the job index; resonate-pg's connection closes with its worker."""
+        """Close the job index and resonate-pg's connection's sessions."""
         await self.jobs.close()
+        if isinstance(self.connection, PgConnection):
+            await self.connection.close()
+
+
+class _KeptOpen:
+    """Sessions whose `close` waits for `PgConnection.close`."""
+
+    def __init__(self, sessions: PsycopgSessions) -> None:
+        self.sessions = sessions
+
+    def session(self) -> Any:
+        return self.sessions.session()
+
+    async def dedicated(self) -> Any:
+        return await self.sessions.dedicated()
+
+    async def close(self) -> None:
+        pass
+
+
+class PgConnection(PostgresConnection):
+    """resonate-pg's connection, answering requests after `stop` as the
+    embedded store's does: the SDK stops its connections before it waits for
+    the steps still running, and a step may need the store to end (a trigger
+    that failed settles its job); refused, the SDK retried the step for ever
+    and `tether serve` never stopped. Its sessions close with the store.
+    (Relies on resonate-pg 0.8's `_stopped`; `tests/system` stop services on
+    Postgres, which hang without it.)"""
+
+    def __init__(self, url: str, *, pid: str, group: str) -> None:
+        self._own = PsycopgSessions(url)
+        super().__init__(sessions=_KeptOpen(self._own), pid=pid, group=group)
+
+    async def stop(self) -> None:
+        await super().stop()  # the message pump and LISTEN end; requests still run
+        self._stopped = False
+
+    async def close(self) -> None:
+        await super().stop()
+        await self._own.close()
 
 
 class PgSession:

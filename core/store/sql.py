@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -159,6 +159,30 @@ class SqlJobIndex:
         self._ready(promoted)
         return promoted
 
+    async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
+        """How many open jobs each backend not in `excluding` has. The
+        backends with open jobs are found by skipping through the indexes of
+        the slots taken and of the queue, one lookup per backend (never a read
+        of every open job); only those not excluded are counted."""
+        found: dict[str, int] = {}
+        for where in ("state IN ('pending', 'running')", "state = 'queued'"):
+            rows = await self.db.fetch(
+                "WITH RECURSIVE b(name) AS ("
+                f" SELECT (SELECT min(backend) FROM tether_jobs WHERE {where})"
+                f" UNION ALL SELECT (SELECT min(backend) FROM tether_jobs WHERE {where}"
+                " AND backend > b.name) FROM b WHERE b.name IS NOT NULL"
+                ") SELECT name FROM b WHERE name IS NOT NULL",
+                (),
+            )
+            for (name,) in rows:
+                if name in excluding:
+                    continue
+                counted = await self.db.fetch(
+                    f"SELECT count(*) FROM tether_jobs WHERE {where} AND backend = ?", (name,)
+                )
+                found[name] = found.get(name, 0) + int(counted[0][0])
+        return dict(sorted(found.items()))
+
     async def queued_backends(self) -> list[str]:
         """The backends that have queued jobs."""
         rows = await self.db.fetch(
@@ -226,6 +250,8 @@ class SqlJobIndex:
         return stored, created
 
     async def get(self, job_id: str) -> JobRecord | None:
+        if "\0" in job_id:  # no job has one, and Postgres text cannot hold it
+            return None
         rows = await self.db.fetch(_SELECT, (job_id,))
         return _row(rows[0]) if rows else None
 
@@ -254,6 +280,8 @@ class SqlJobIndex:
           drives (`_driver`); the other filters are checked on each of its
           jobs (a tag: one key lookup). With none, the table itself, by `seq`.
         """
+        if any("\0" in value for value in (*tags, state or "", backend or "")):
+            return []  # no job has one, and Postgres text cannot hold it
         low = high = None
         if created_after is not None or created_before is not None:
             window = await self._window(created_after, created_before)
@@ -464,6 +492,10 @@ class SqlJobIndex:
         events = [*events, NewEvent("finished", finished_data(outcome))]
         filed: list[Event] = []
         async with self.db.transaction() as tx:
+            if self.limits:  # the backend's turn before the job's row: one lock order
+                current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
+                if current and current[0][0] in self.limits:
+                    await tx.execute(_TURN, (current[0][0],))
             rows = await tx.fetch(
                 "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
                 " updated_at = ?, next_check_at = NULL, heartbeat_due = NULL, events = events + ?"

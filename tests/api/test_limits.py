@@ -155,8 +155,10 @@ async def test_a_duplicate_start_of_a_queued_job_reattaches_without_a_trigger(
     assert triggered(receiver) == ["holder"]
 
 
-async def test_a_raised_limit_starts_queued_jobs_at_restart(tmp_path, start_service, receiver):
-    store = f"sqlite:///{tmp_path}/limits.db"
+async def test_a_raised_limit_starts_queued_jobs_at_restart(store_url, start_service, receiver):
+    store = store_url()
+    if store.startswith("memory:"):
+        pytest.skip("memory:// keeps nothing across a restart")
     svc = await start_service(store=store, max_running="http_webhook=1")
     await submit(svc, receiver, "a", "b", "c")
     await eventually(lambda: len(receiver.hits) == 1, holds=0.2)
@@ -182,9 +184,11 @@ def test_limits_are_read_with_spaces_and_blanks():
 
 
 async def test_a_promotion_whose_workflow_start_was_lost_is_started_at_restart(
-    tmp_path, start_service, receiver
+    store_url, start_service, receiver
 ):
-    store = f"sqlite:///{tmp_path}/lost.db"
+    store = store_url()
+    if store.startswith("memory:"):
+        pytest.skip("memory:// keeps nothing across a restart")
     svc = await start_service(store=store, max_running="http_webhook=1")
     await submit(svc, receiver, "holder", "next")
     await eventually(lambda: len(receiver.hits) == 1)

@@ -212,9 +212,11 @@ async def test_a_receiver_failing_twice_then_accepting_gets_three_tries_of_one_m
 
 
 async def test_a_notification_is_signed_with_the_stores_own_secret_when_none_is_set(
-    start_service, receiver, notified
+    start_service, receiver, notified, tmp_path
 ):
-    svc = await serve(start_service, notify_secret="")
+    # only the embedded store keeps a secret of its own (Postgres and a
+    # Resonate server need TETHER_NOTIFY_SECRET)
+    svc = await serve(start_service, notify_secret="", store=f"sqlite:///{tmp_path}/own.db")
     secret = svc.tether.store.notify_secret
     assert secret.startswith("whsec_") and secret != SECRET
     check_notify_secret(secret)

@@ -91,3 +91,19 @@ async def test_a_status_check_merges_what_it_learnt_into_a_running_jobs_external
     after = await jobs.record("j", [checked], 4_100, (1, {"state": "LATE"}))  # ended
     assert after is not None and after.external == {"run_id": 7, "state": "RUNNING"}
     assert (after.events, after.state) == (4, "succeeded")  # three checks and `finished`
+
+
+async def test_open_jobs_are_counted_by_backend_for_the_backends_not_excluded(database):
+    jobs = await index_on(database)
+    jobs.limits = {"gone": 1}
+    for n, backend in enumerate(["gone", "gone", "gone", "kept", "other", "other"]):
+        await jobs.insert(job(f"j{n}", backend=backend))  # j1 and j2 queued behind j0
+    await jobs.set_external("j0", {"run": 0}, 2_000, None)
+    await jobs.end("j5", Outcome("succeeded"), 3_000)  # ended: not waiting
+    assert [(await jobs.get(f"j{n}")).state for n in range(3)] == [  # type: ignore[union-attr]
+        "running",
+        "queued",
+        "queued",
+    ]
+    assert await jobs.waiting_backends({"kept"}) == {"gone": 3, "other": 1}
+    assert await jobs.waiting_backends({"gone", "kept", "other"}) == {}

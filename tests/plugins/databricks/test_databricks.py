@@ -446,7 +446,7 @@ async def test_a_wrong_token_fails_the_job_and_appears_nowhere(
     assert "Invalid access token." in job["error"]["message"]
     listed = (await svc.client.get("/jobs")).text
     assert "< 403 Forbidden" not in logs.text  # the SDK's request dumps stay off
-    assert "job auth finished: failed" in logs.text
+    await eventually(lambda: "job auth finished: failed" in logs.text)  # the finish step, later
     for text in (json.dumps(job), listed, logs.text):
         assert wrong not in text
         assert workspace.token not in text
