@@ -118,3 +118,25 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in children(pid))
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches of all threads of one process so far (0 if
+    gone): each is a thread going to sleep, so their rate counts wake-ups."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def tree_context_switches(pid: int) -> int:
+    return sum(context_switches(p) for p in children(pid))

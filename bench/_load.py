@@ -2,7 +2,7 @@
 
     python bench/_load.py SPEC.json RESULT.json
 
-SPEC is `{"phase": "e2e" | "rps" | "fill", ...}` (see the functions below);
+SPEC is `{"phase": "e2e" | "rps" | "fill" | "callbacks", ...}` (see the functions below);
 RESULT gets the measurements, plus the CPU this process used, so the report can
 show that the load generator was not the bottleneck.
 """
@@ -32,7 +32,9 @@ def _session(concurrency: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=TIMEOUT)
 
 
-def _job_body(job_id: str, hook_url: str, timeout: float | None) -> bytes:
+def _job_body(
+    job_id: str, hook_url: str, timeout: float | None, tags: list[str] | None = None
+) -> bytes:
     body: dict[str, Any] = {
         "id": job_id,
         "backend": "http_webhook",
@@ -40,7 +42,14 @@ def _job_body(job_id: str, hook_url: str, timeout: float | None) -> bytes:
     }
     if timeout is not None:
         body["timeout"] = timeout
+    if tags:
+        body["tags"] = tags
     return json.dumps(body).encode()
+
+
+def scale_tags(i: int, groups: int) -> list[str]:
+    """The scale phase's tags: every job `scale`, and one of `groups` groups."""
+    return ["scale", f"group-{i % groups}"]
 
 
 JSON = {"content-type": "application/json"}
@@ -231,6 +240,7 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
     base, hook, prefix = spec["base"], spec["hook_url"], spec["prefix"]
     start, n, concurrency, budget = spec["start"], spec["n"], spec["concurrency"], spec["budget_s"]
     timeout = spec.get("timeout")
+    groups = spec.get("tag_groups")  # tags as scale_tags() when set
     created = 0
     marks: list[tuple[int, float]] = []
     errors: dict[str, int] = {}
@@ -250,7 +260,8 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
                 if time.perf_counter() - t0 > budget:
                     stopped_early = True
                     return
-                body = _job_body(f"{prefix}-{i}", hook, timeout)
+                tags = scale_tags(i, groups) if groups else None
+                body = _job_body(f"{prefix}-{i}", hook, timeout, tags)
                 try:
                     async with http.post(base + "/jobs", data=body, headers=JSON) as r:
                         await r.read()
@@ -277,7 +288,62 @@ async def fill(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-PHASES = {"e2e": e2e, "rps": rps, "fill": fill}
+# ── callbacks to waiting jobs ────────────────────────────────────────────────
+
+
+async def callbacks(spec: dict[str, Any]) -> dict[str, Any]:
+    """POST `succeeded` to each of `targets` ([job_id, callback_url], the jobs
+    waiting), `concurrency` at a time, then GET the job until it shows
+    `succeeded`. Per callback: [accepted_ms, finished_ms (callback POST → a GET
+    shows succeeded), callback_wall (unix time sent)], and its job id."""
+    base, targets, concurrency = spec["base"], spec["targets"], spec.get("concurrency", 1)
+    out: list[list[float]] = []
+    ids: list[str] = []
+    errors: dict[str, int] = {}
+    todo = iter(targets)
+    cpu0 = _cpu()
+    t0 = time.perf_counter()
+
+    def error(kind: str) -> None:
+        errors[kind] = errors.get(kind, 0) + 1
+
+    async with _session(concurrency) as http:
+
+        async def worker() -> None:
+            for job_id, url in todo:
+                wall = time.time()
+                a = time.perf_counter()
+                async with http.post(url, data=SUCCEEDED, headers=JSON) as r:
+                    answer = await r.read()
+                    status = r.status
+                b = time.perf_counter()
+                if status != 200 or json.loads(answer).get("outcome") != "accepted":
+                    error(f"callback {status} {answer[:80]!r}")
+                    continue
+                for _ in range(5000):
+                    async with http.get(f"{base}/jobs/{job_id}") as r:
+                        state = json.loads(await r.read()).get("state")
+                    if state == "succeeded":
+                        break
+                    await asyncio.sleep(0.001)
+                else:
+                    error("not succeeded within 5000 GETs")
+                    continue
+                c = time.perf_counter()
+                out.append([(b - a) * 1e3, (c - a) * 1e3, wall])
+                ids.append(job_id)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "calls": out,
+        "ids": ids,
+        "errors": errors,
+        "wall_s": time.perf_counter() - t0,
+        "load_cpu_s": _cpu() - cpu0,
+    }
+
+
+PHASES = {"e2e": e2e, "rps": rps, "fill": fill, "callbacks": callbacks}
 
 
 def main() -> None:

@@ -20,6 +20,10 @@ from pathlib import Path
 BUCKETS: tuple[tuple[str, str], ...] = (
     ("logging", r"logging/"),
     (
+        "job history (filing events, listeners, metrics)",
+        r"SqlJobIndex\._file |SqlJobIndex\._tell |JobHistory\.|\(core/(events|metrics)\.py",
+    ),
+    (
         "handing work to threads and back (run_in_executor, self-pipe wake-ups)",
         r"concurrent/futures|threading\.py|run_in_executor|_write_to_self|_read_from_self"
         r"|wrap_future|_chain_future|_copy_future_state|call_soon_threadsafe",
@@ -48,6 +52,7 @@ ACTIVITIES: tuple[tuple[str, str], ...] = (
     ("trigger step (without the POST)", r"^JobSteps\.trigger "),
     ("finish step", r"^JobSteps\.finish "),
     ("watchdog", r"^Watchdog\."),
+    ("job history (filing events, listeners, metrics)", r"^SqlJobIndex\.(_file|_tell) "),
     ("job index SQL (SqliteDriver)", r"^SqliteDriver\."),
     ("checkpointer thread", r"_Checkpointer"),
     (

@@ -13,6 +13,8 @@ A separate aiohttp process (its CPU never competes inside the service):
   benchmark uses; every subscriber gets every line).
 - `GET /stats` `{"received": n, "last": {"job_id", "callback_url"}}`;
   `POST /reset` sets the count to zero.
+- With `--record FILE`, every trigger's `job_id<TAB>callback_url` is appended
+  to FILE (the scale phase calls back random waiting jobs from it).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Subscriber:
 
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, record: str | None = None) -> None:
+        self.record = open(record, "a", buffering=1 << 16) if record else None  # noqa: SIM115
         self.received = 0
         self.last: dict[str, Any] | None = None
         self.subscribers: set[Subscriber] = set()
@@ -49,6 +52,8 @@ class Receiver:
         self.received += 1
         job_id, url = body["job_id"], body["callback_url"]
         self.last = {"job_id": job_id, "callback_url": url}
+        if self.record is not None:
+            self.record.write(f"{job_id}\t{url}\n")
         if self.subscribers:
             line = f"{job_id}\t{url}\t{time.time():.6f}\n".encode()
             for sub in self.subscribers:
@@ -74,18 +79,23 @@ class Receiver:
         return resp
 
     async def stats(self, request: web.Request) -> web.Response:
+        if self.record is not None:
+            self.record.flush()
         return web.json_response({"received": self.received, "last": self.last})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.received = 0
+        if self.record is not None:
+            self.record.flush()
         return web.json_response({"received": 0})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--record", help="append job_id<TAB>callback_url of each trigger here")
     args = parser.parse_args()
-    receiver = Receiver()
+    receiver = Receiver(args.record)
     app = web.Application()
     app.router.add_post("/hook", receiver.hook)
     app.router.add_get("/events", receiver.events)

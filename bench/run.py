@@ -10,7 +10,12 @@ See bench/README.md for what each figure means. Everything runs on 127.0.0.1:
 - bench/_receiver.py, an aiohttp webhook receiver in its own process;
 - bench/_load.py, the aiohttp load generator, in its own process per phase;
 - bench/_ceiling.py, a plain Litestar app with one constant endpoint, served by
-  uvicorn with `tether serve`'s options: the machine's ceiling in the same run.
+  uvicorn with `tether serve`'s options: the machine's ceiling in the same run;
+- bench/_pages.py (phase `pages`), the job list's filtered pages on a store of
+  a million jobs filled in process and kept between runs under `--cache`.
+- phase `scale` (asked for with `--phases scale`): `--scale-jobs` jobs left
+  waiting through `POST /jobs`; idle CPU, RSS, pages, callbacks and restarts
+  at 1,000 and at all of them (`run_scale`).
 
 Logs, load results and profiles go to a directory under /tmp (printed at the
 end); nothing is written into the repository.
@@ -23,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -45,6 +52,7 @@ from _common import (  # noqa: E402
     free_port,
     http,
     percentile,
+    tree_context_switches,
     tree_cpu_seconds,
     tree_rss_kb,
     wait_http,
@@ -71,10 +79,22 @@ class Mode:
     e2e_budget: float  # seconds before an end-to-end run is cut short
     fill_budget: float  # seconds before creating waiting jobs is cut short
     memory_budget: float  # both budgets on memory://, which slows down as it fills
+    page_jobs: int = 1_000_000  # jobs in the store whose list pages are timed
+    scale_jobs: int = 1_000_000  # jobs left waiting in the scale phase
+    idle_s: float = 60.0  # length of each idle CPU measurement (scale phase)
+    scale_samples: int = 200  # timed page requests and callbacks per scale point
 
 
 FULL = Mode("full", 20_000, 200, 5_000, 2_000, 100_000, 1_000, 10.0, 900.0, 1500.0, 300.0)
-QUICK = Mode("quick", 1_000, 100, 250, 250, 2_000, 300, 3.0, 60.0, 60.0, 45.0)
+QUICK = Mode(
+    "quick", 1_000, 100, 250, 250, 2_000, 300, 3.0, 60.0, 60.0, 45.0, 50_000, 3_000, 10.0, 50
+)
+PHASES = ("e2e", "get", "waiting", "pages", "scale")
+DEFAULT_PHASES = ("e2e", "get", "waiting", "pages")
+"""What runs without `--phases`: the scale phase takes up to an hour, so it is asked for."""
+CACHE = Path(tempfile.gettempdir()) / "tether-bench-cache"
+"""Where the pages phase keeps its filled databases between runs."""
+HTTP_REPEATS = 50
 
 
 # ── child processes ──────────────────────────────────────────────────────────
@@ -288,6 +308,9 @@ class Ceiling:
     rss_mb: float = math.nan
     ready_s: float = math.nan
     load_cpu: float = math.nan
+    wrk_rps: float = math.nan  # the same endpoint measured by wrk (when installed)
+    wrk_p50: float = math.nan
+    wrk_p99: float = math.nan
 
 
 @dataclass
@@ -381,9 +404,31 @@ def measure_ceiling(
         c.rps = r["rps"]
         c.p50, c.p99 = percentile(r["latencies"], 50), percentile(r["latencies"], 99)
         c.load_cpu = r["load_cpu_s"] / r["wall_s"]
+        wrk = run_wrk(base + "/c", concurrency, mode.get_seconds)
+        if wrk:
+            c.wrk_rps, c.wrk_p50, c.wrk_p99 = wrk
     finally:
         child.stop()
     return c
+
+
+WRK_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+
+
+def run_wrk(url: str, concurrency: int, seconds: float) -> tuple[float, float, float] | None:
+    """`wrk` (Debian's package; a C load generator that is not itself the
+    limit) on `url`: (req/s, p50 ms, p99 ms), or None when wrk is not installed."""
+    exe = shutil.which("wrk")
+    if not exe:
+        return None
+    argv = [exe, "-t2", f"-c{concurrency}", f"-d{max(seconds, 1):.0f}s", "--latency", url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        return None
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    lat = {q: float(v) * scale[u] for q, v, u in WRK_LATENCY.findall(out)}
+    return float(m.group(1)), lat.get("50", math.nan), lat.get("99", math.nan)
 
 
 def run_e2e(
@@ -573,6 +618,424 @@ def run_waiting(
         svc.stop()
 
 
+def run_pages(out: Path, jobs: int, cache: Path, workers: int) -> dict[str, Any]:
+    """The job list at `jobs` jobs (bench/_pages.py: fill once, then time
+    `Tether.list_jobs` in process), then the cases marked `http` through a
+    `tether serve` on the same database: sequential `GET /jobs`, one at a time."""
+    spec_path, out_path = out / "pages.spec.json", out / "pages.result.json"
+    spec_path.write_text(json.dumps({"cache": str(cache), "jobs": jobs}))
+    subprocess.run([PY, str(BENCH / "_pages.py"), str(spec_path), str(out_path)], check=True)
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    db = Path(result["db"])
+    svc = Service("sqlite", f"sqlite:///{db}", workers, free_port(), out / "service-pages.log")
+    svc.start(ready_timeout=300)
+    try:
+        for case in result["cases"]:
+            if not case["http"]:
+                continue
+            url = f"{svc.base}/jobs?{urlencode(case['query'], doseq=True)}"
+            times, statuses = [], Counter()
+            for i in range(3 + HTTP_REPEATS):
+                start = time.perf_counter()
+                status, _ = http("GET", url, timeout=30)
+                if i >= 3:
+                    times.append((time.perf_counter() - start) * 1e3)
+                    statuses[status] += 1
+            case["http_p50"], case["http_p99"] = percentile(times, 50), percentile(times, 99)
+            case["http_status"] = dict(statuses)
+    finally:
+        svc.stop()
+    out_path.write_text(json.dumps(result))  # with the HTTP figures
+    return result
+
+
+def pages_table(result: dict[str, Any]) -> str:
+    cases = result["cases"]
+    http_timed = [c for c in cases if "http_p50" in c]
+    rows = [
+        "| `GET /jobs` case (limit 100) | rows | `list_jobs` p50 / p99 ms | HTTP p50 / p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for c in cases:
+        rows_cell = f"{c['rows']}" + ("" if c["ok"] else " **wrong**")
+        via_http = ""
+        if "http_p50" in c:
+            via_http = f"{fmt(c['http_p50'], 1)} / {fmt(c['http_p99'], 1)}"
+            if set(c["http_status"]) != {200}:
+                via_http += f" (status {c['http_status']})"
+        rows.append(
+            f"| {c['name']} | {rows_cell} | {fmt(c['p50'], 2)} / {fmt(c['p99'], 2)} | {via_http} |"
+        )
+    meta = result["meta"]
+    slow = [c["name"] for c in cases if c["p99"] > 20 and not c["name"].startswith("limit:")]
+    wrong = [c["name"] for c in cases if not c["ok"]]
+    notes = [
+        f"- {meta['jobs']:,} jobs ({result['db_bytes'] / 1e6:,.0f} MB of database, filled in"
+        f" {meta['fill_s']:.0f} s on {meta['filled']}): {result['db']}",
+        f"- each case: {min(c['n'] for c in cases)}-{max(c['n'] for c in cases)} timed calls"
+        f" of `Tether.list_jobs` in process; {HTTP_REPEATS} sequential requests for the HTTP"
+        f" column ({len(http_timed)} cases)",
+        "- rows checked against a scan of every job: "
+        + ("all equal" if not wrong else "**differ** for " + ", ".join(wrong)),
+        "- p99 over 20 ms: " + (", ".join(slow) if slow else "none (target met)"),
+    ]
+    return "\n".join([*rows, "", *notes])
+
+
+# ── the scale phase: many waiting jobs ───────────────────────────────────────
+
+SCALE_TIMEOUT = 300 * 24 * 3600.0
+"""The scale phase's jobs wait this long (s): no deadline passes during a run."""
+TAG_GROUPS = 100
+"""Each scale job has tags `scale` and `group-<i % TAG_GROUPS>` (bench/_load.py)."""
+SCALE_WARM = 1_000
+"""Waiting jobs at the scale phase's first point (the "as fast as with 1,000" baseline)."""
+
+
+def scale_pages(base: str) -> dict[str, str]:
+    """The `GET /jobs` pages the scale phase times: name -> URL."""
+    return {
+        "state=running&limit=100": f"{base}/jobs?state=running&limit=100",
+        "tag=group-7&limit=100 (1% of jobs)": f"{base}/jobs?tag=group-7&limit=100",
+        "tag=group-7&state=running&limit=100": f"{base}/jobs?tag=group-7&state=running&limit=100",
+    }
+
+
+def time_pages(base: str, repeats: int) -> dict[str, dict[str, Any]]:
+    """Each page of `scale_pages`: 3 untimed, then `repeats` sequential requests."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, url in scale_pages(base).items():
+        times: list[float] = []
+        statuses: Counter[int] = Counter()
+        rows = 0
+        for i in range(3 + repeats):
+            start = time.perf_counter()
+            status, body = http("GET", url, timeout=30)
+            took = (time.perf_counter() - start) * 1e3
+            if i >= 3:
+                times.append(took)
+                statuses[status] += 1
+            elif isinstance(body, dict):
+                rows = len(body.get("jobs") or body.get("items") or [])
+        out[name] = {
+            "p50": percentile(times, 50),
+            "p99": percentile(times, 99),
+            "rows": rows,
+            "status": dict(statuses),
+        }
+    return out
+
+
+def idle_cpu(svc: Service, seconds: float) -> dict[str, Any]:
+    """The service's CPU (% of one core) and wake-ups (voluntary context
+    switches of all its threads, per s) over `seconds` of doing nothing."""
+    assert svc.child is not None
+    pid = svc.child.pid
+    cpu0, sw0 = svc.cpu(), tree_context_switches(pid)
+    time.sleep(seconds)
+    cpu1, sw1 = svc.cpu(), tree_context_switches(pid)
+    return {
+        "cpu_pct": 100 * (cpu1 - cpu0) / seconds,
+        "wakeups_per_s": (sw1 - sw0) / seconds,
+        "seconds": seconds,
+    }
+
+
+def recorded(path: Path) -> list[tuple[str, str]]:
+    """The receiver's record: (job id, callback URL) of each trigger."""
+    out = []
+    with path.open() as f:
+        for line in f:
+            job_id, _, url = line.rstrip("\n").partition("\t")
+            if url:
+                out.append((job_id, url))
+    return out
+
+
+def time_callbacks(runner: Runner, svc: Service, targets: list[tuple[str, str]]) -> dict[str, Any]:
+    """A callback to each of `targets`, one at a time: accepted, `GET` shows
+    succeeded, and the workflow's own `finished` log line (ms)."""
+    r = runner.load({"phase": "callbacks", "base": svc.base, "targets": targets})
+    calls = r["calls"]
+    acc = [c[0] for c in calls]
+    fin = [c[1] for c in calls]
+    done = wait_finished(svc.log, "", 0, 0)  # everything logged so far
+    wf = [(done[i] - c[2]) * 1e3 for i, c in zip(r["ids"], calls, strict=True) if i in done]
+    return {
+        "n": len(calls),
+        "accepted_p50": percentile(acc, 50),
+        "accepted_p99": percentile(acc, 99),
+        "final_p50": percentile(fin, 50),
+        "final_p99": percentile(fin, 99),
+        "workflow_p50": percentile(wf, 50),
+        "workflow_p99": percentile(wf, 99),
+        "errors": r["errors"],
+    }
+
+
+def restart(svc: Service, how: str, target: tuple[str, str]) -> dict[str, Any]:
+    """Stop the service (`how`: "SIGTERM" or "SIGKILL"), start it on the same
+    database: seconds from the spawn until `/health` answers 200, until a
+    callback to a waiting job is accepted, and until a `GET` shows it succeeded."""
+    assert svc.child is not None
+    out: dict[str, Any] = {"how": how}
+    if how == "SIGTERM":
+        out["stop_s"] = svc.stop()
+    else:
+        start = time.perf_counter()
+        svc.child.kill()
+        out["stop_s"] = time.perf_counter() - start
+    out["health_s"] = svc.start(ready_timeout=600)
+    assert svc.child is not None
+    spawned = svc.child.started
+    job_id, url = target
+    deadline = time.perf_counter() + 120
+    last: Any = None
+    answers: Counter[str] = Counter()  # what the callback got before it was accepted
+    out["answers"] = answers
+    while time.perf_counter() < deadline:
+        sent = time.perf_counter()
+        status, body = http("POST", url, {"status": "succeeded"}, timeout=10)
+        last = (status, body)
+        outcome = body.get("outcome") if isinstance(body, dict) else None
+        answers[f"{status} {outcome}"] += 1
+        out["last_call_ms"] = (time.perf_counter() - sent) * 1e3
+        if status == 200 and isinstance(body, dict) and body.get("outcome") == "accepted":
+            out["callback_s"] = time.perf_counter() - spawned
+            break
+        time.sleep(0.01)
+    else:
+        out["note"] = f"no callback accepted within 120 s (last {last!r})"
+        return out
+    while time.perf_counter() < deadline:
+        status, body = http("GET", f"{svc.base}/jobs/{job_id}")
+        if isinstance(body, dict) and body.get("state") == "succeeded":
+            out["final_s"] = time.perf_counter() - spawned
+            break
+        time.sleep(0.005)
+    time.sleep(2.0)
+    out["rss_mb"] = svc.rss_kb() / 1024
+    return out
+
+
+def run_scale(runner: Runner, args: argparse.Namespace, mode: Mode, out: Path) -> dict[str, Any]:
+    """`mode.scale_jobs` jobs waiting on the embedded store, created through
+    `POST /jobs` (the real workflow: each is triggered and waits for a callback
+    that the receiver never sends). Measured at no jobs, at `SCALE_WARM` and at
+    all of them: idle CPU, RSS, pages, callbacks; then restarts."""
+    n = mode.scale_jobs
+    res: dict[str, Any] = {"jobs_asked": n, "workers": args.workers, "samples": mode.scale_samples}
+    record = out / "scale-callbacks.tsv"
+    recv_port = free_port()
+    receiver = f"http://127.0.0.1:{recv_port}"
+    recv = Child(
+        [PY, str(BENCH / "_receiver.py"), "--port", str(recv_port), "--record", str(record)],
+        clean_env(),
+        out / "scale-receiver.log",
+    ).start()
+    db = Path(tempfile.mkdtemp(prefix="scale-", dir=out)) / "tether.db"
+    port = free_port()
+    svc = Service(
+        "sqlite", f"sqlite:///{db}", args.workers, port, out / f"service-scale-{port}.log"
+    )
+    rng = random.Random(19)
+    prefix = f"scale{port}"
+    spec = {
+        "phase": "fill",
+        "base": svc.base,
+        "hook_url": receiver + "/hook",
+        "prefix": prefix,
+        "concurrency": args.concurrency,
+        "timeout": SCALE_TIMEOUT,
+        "tag_groups": TAG_GROUPS,
+        "budget_s": 4 * 3600.0,
+    }
+    try:
+        wait_http(receiver + "/stats", 30)
+        res["start_s"] = svc.start()
+        time.sleep(5.0)
+        step(f"scale: idle with no jobs, {mode.idle_s:g} s")
+        res["idle_empty"] = idle_cpu(svc, mode.idle_s)
+        res["rss_empty_mb"] = svc.rss_kb() / 1024
+        warm = min(SCALE_WARM, n)
+        step(f"scale: {warm:,} waiting jobs")
+        w = runner.load({**spec, "start": 0, "n": warm})
+        wait_received(receiver, w["created"], 120)
+        time.sleep(3.0)
+        res["rss_warm_mb"] = svc.rss_kb() / 1024
+        targets = recorded(record)
+        res["warm"] = {
+            "waiting": w["created"],
+            "pages": time_pages(svc.base, mode.scale_samples),
+            # callbacks end jobs: these come out of the waiting count
+            "callbacks": time_callbacks(
+                runner, svc, rng.sample(targets, min(mode.scale_samples // 2, len(targets)))
+            ),
+        }
+        done_ids = set(finished_jobs(svc.log, prefix))
+        step(f"scale: creating {n - warm:,} more waiting jobs (POST /jobs)")
+        http("POST", receiver + "/reset")
+        f = runner.load({**spec, "start": warm, "n": n - warm}, watch=svc)
+        got = wait_received(receiver, f["created"], 600)
+        res["fill"] = {
+            "created": f["created"],
+            "wall_s": f["wall_s"],
+            "rate": f["created"] / max(f["wall_s"], 1e-9),
+            "marks": f["marks"],
+            "errors": f["errors"],
+            "service_cpu_ms_per_job": f["service_cpu_s"] / max(f["created"], 1) * 1e3,
+            "load_cpu": f["load_cpu_s"] / max(f["wall_s"], 1e-9),
+            "not_triggered": f["created"] - got,
+            "stopped_early": f["stopped_early"],
+        }
+        waiting = w["created"] + f["created"] - len(done_ids)
+        res["waiting"] = waiting
+        time.sleep(10.0)  # let the trigger steps and the WAL settle
+        total, each = tree_rss_kb(svc.child.pid)  # type: ignore[union-attr]
+        res["rss_full_mb"] = total / 1024
+        res["rss_each_mb"] = {str(k): v / 1024 for k, v in each.items()}
+        res["growth_b"] = (
+            (res["rss_full_mb"] - res["rss_warm_mb"]) * 1024 * 1024 / max(f["created"], 1)
+        )
+        res["db_mb"] = sum(p.stat().st_size for p in db.parent.glob("tether.db*")) / 1e6
+        step(f"scale: idle with {waiting:,} waiting, {mode.idle_s:g} s")
+        res["idle_full"] = idle_cpu(svc, mode.idle_s)
+        step(f"scale: pages and callbacks at {waiting:,} waiting")
+        targets = [t for t in recorded(record) if t[0] not in done_ids]
+        picks = rng.sample(targets, min(mode.scale_samples // 2 + 2, len(targets)))
+        res["full"] = {
+            "waiting": waiting,
+            "pages": time_pages(svc.base, mode.scale_samples),
+            "callbacks": time_callbacks(runner, svc, picks[:-2]),
+        }
+        step("scale: restart after SIGTERM, then after SIGKILL")
+        res["restarts"] = [restart(svc, "SIGTERM", picks[-2]), restart(svc, "SIGKILL", picks[-1])]
+    finally:
+        svc.stop()
+        recv.stop()
+    (out / "scale.result.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def scale_report(r: dict[str, Any]) -> str:
+    """The scale phase's figures, with the issue's targets."""
+    warm, full = r.get("warm", {}), r.get("full", {})
+    n = r.get("waiting", 0)
+    rows = [
+        f"| figure (sqlite, workers {r['workers']}) | target | {SCALE_WARM:,} waiting"
+        f" | {n:,} waiting | |",
+        "|---|---|---:|---:|---|",
+    ]
+
+    def row(name: str, target: str, a: str, b: str, ok: bool | str | None) -> None:
+        rows.append(
+            f"| {name} | {target} | {a} | {b} | {ok if isinstance(ok, str) else verdict(ok)} |"
+        )
+
+    for name in scale_pages(""):
+        pw, pf = warm.get("pages", {}).get(name, {}), full.get("pages", {}).get(name, {})
+        row(
+            f"`GET /jobs?{name}` p50 / p99 ms",
+            "p99 ≤ 20 ms",
+            f"{fmt(pw.get('p50', math.nan), 1)} / {fmt(pw.get('p99', math.nan), 1)}",
+            f"{fmt(pf.get('p50', math.nan), 1)} / {fmt(pf.get('p99', math.nan), 1)}",
+            _ok(pf.get("p99", math.nan), lambda v: v <= 20),
+        )
+    cw, cf = warm.get("callbacks", {}), full.get("callbacks", {})
+    for key, label in (
+        ("accepted", "callback → 200 `accepted`"),
+        ("final", "callback → `GET` shows succeeded"),
+        ("workflow", "callback → workflow's `finished` log line"),
+    ):
+        a50, a99 = cw.get(f"{key}_p50", math.nan), cw.get(f"{key}_p99", math.nan)
+        b50, b99 = cf.get(f"{key}_p50", math.nan), cf.get(f"{key}_p99", math.nan)
+        row(
+            f"{label}, p50 / p99 ms (one at a time)",
+            "as with 1,000",
+            f"{fmt(a50, 1)} / {fmt(a99, 1)}",
+            f"{fmt(b50, 1)} / {fmt(b99, 1)}",
+            _ok(b99, lambda v, a99=a99: v <= max(1.5 * a99, a99 + 5)),
+        )
+    ie, iw = r.get("idle_empty", {}), r.get("idle_full", {})
+    row(
+        f"idle service CPU, % of one core ({fmt(ie.get('seconds', math.nan))} s)",
+        "≤ 0.2% empty, ≤ 1% full",
+        f"{fmt(ie.get('cpu_pct', math.nan), 2)}% (no jobs)",
+        f"{fmt(iw.get('cpu_pct', math.nan), 2)}%",
+        f"{verdict(_ok(ie.get('cpu_pct', math.nan), lambda v: v <= 0.2))} empty,"
+        f" {verdict(_ok(iw.get('cpu_pct', math.nan), lambda v: v <= 1))} full",
+    )
+    row(
+        "idle wake-ups (voluntary context switches/s, all threads)",
+        "",
+        f"{fmt(ie.get('wakeups_per_s', math.nan))} (no jobs)",
+        fmt(iw.get("wakeups_per_s", math.nan)),
+        "",
+    )
+    row(
+        "RSS, all service processes (MB)",
+        "",
+        f"{fmt(r.get('rss_warm_mb', math.nan), 1)}"
+        f" (empty {fmt(r.get('rss_empty_mb', math.nan), 1)})",
+        fmt(r.get("rss_full_mb", math.nan), 1),
+        "",
+    )
+    row(
+        f"RSS growth per waiting job, {SCALE_WARM:,} → {n:,} (bytes)",
+        "≤ 100",
+        "",
+        fmt(r.get("growth_b", math.nan)),
+        _ok(r.get("growth_b", math.nan), lambda v: v <= 100),
+    )
+    for rs in r.get("restarts", []):
+        row(
+            f"restart after {rs['how']} (stop took {fmt(rs.get('stop_s', math.nan), 2)} s):"
+            " /health 200, first callback accepted, its GET succeeded (s)",
+            "≤ 5 s",
+            "",
+            f"{fmt(rs.get('health_s', math.nan), 2)}, {fmt(rs.get('callback_s', math.nan), 2)},"
+            f" {fmt(rs.get('final_s', math.nan), 2)}",
+            _ok(rs.get("callback_s", math.nan), lambda v: v <= 5),
+        )
+    fl = r.get("fill", {})
+    marks = fl.get("marks", [])
+    curve = ""
+    if marks:
+        step_n = max(1, len(marks) // 10)
+        pts = marks[step_n - 1 :: step_n]
+        prev_n, prev_t, parts = 0, 0.0, []
+        for cn, ct in pts:
+            parts.append(f"{cn + SCALE_WARM:,}: {fmt((cn - prev_n) / max(ct - prev_t, 1e-9))}")
+            prev_n, prev_t = cn, ct
+        curve = ", ".join(parts)
+    notes = [
+        "",
+        f"- created {fl.get('created', 0) + SCALE_WARM:,} jobs through `POST /jobs` at"
+        f" {fmt(fl.get('rate', math.nan))} jobs/s ({fmt(fl.get('wall_s', math.nan) / 60, 1)} min;"
+        f" service CPU {fmt(fl.get('service_cpu_ms_per_job', math.nan), 2)} ms per job, load"
+        f" generator {fmt(100 * fl.get('load_cpu', math.nan))}% of a core)"
+        + (f"; errors {fl['errors']}" if fl.get("errors") else "")
+        + (f"; {fl['not_triggered']:,} not triggered" if fl.get("not_triggered") else ""),
+        f"- creation rate by jobs created (jobs/s over the preceding block): {curve}",
+        f"- database files {fmt(r.get('db_mb', math.nan))} MB; RSS per process (MB):"
+        f" {', '.join(fmt(v, 1) for v in r.get('rss_each_mb', {}).values())}",
+        f"- callbacks timed: {cw.get('n', 0)} at {SCALE_WARM:,}, {cf.get('n', 0)} at {n:,}"
+        f" (random waiting jobs, sequential);"
+        f" page requests: 3 untimed then {r.get('samples', 0)} timed, one at a time",
+    ]
+    for rs in r.get("restarts", []):
+        said = ", ".join(f"{k} x{v}" for k, v in rs.get("answers", {}).items())
+        if not said:  # a result from before the answers were recorded
+            continue
+        notes.append(
+            f"- restart after {rs['how']}: the callback's answers, polled from /health on: {said};"
+            f" the accepted one took {fmt(rs.get('last_call_ms', math.nan), 1)} ms; RSS then"
+            f" {fmt(rs.get('rss_mb', math.nan), 1)} MB"
+            + (f"; {rs['note']}" if rs.get("note") else "")
+        )
+    return "\n".join(rows + notes)
+
+
 # ── the report ───────────────────────────────────────────────────────────────
 
 
@@ -621,6 +1084,20 @@ def table(results: list[StoreResult], mode: Mode, concurrency: int) -> str:
             (
                 f"{fmt(r.ceiling.rps)} ({lat(r.ceiling.p50, r.ceiling.p99)})",
                 "100%",
+                "",
+            )
+            for r in results
+        ],
+    )
+    row(
+        "ceiling measured by `wrk -t2` instead (req/s, p50 / p99 ms)",
+        "",
+        [
+            (
+                f"{fmt(r.ceiling.wrk_rps)} ({lat(r.ceiling.wrk_p50, r.ceiling.wrk_p99)})"
+                if not math.isnan(r.ceiling.wrk_rps)
+                else "wrk not installed",
+                ratio(r.ceiling.wrk_rps, r.ceiling.rps, True),
                 "",
             )
             for r in results
@@ -796,7 +1273,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, help="override the end-to-end job count")
     parser.add_argument("--waiting", type=int, help="override the waiting job count")
     parser.add_argument(
-        "--skip", default="", help="comma list of phases to skip: e2e, get, waiting"
+        "--phases",
+        default=",".join(DEFAULT_PHASES),
+        help="comma list of phases to run: e2e, get, waiting, pages, scale (default all but scale)",
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma list of phases to skip: e2e, get, waiting, pages"
+    )
+    parser.add_argument(
+        "--scale-jobs",
+        type=int,
+        help="jobs left waiting in the scale phase (full 1,000,000; quick 3,000)",
+    )
+    parser.add_argument(
+        "--page-jobs", type=int, help="jobs in the pages phase's store (full 1,000,000)"
+    )
+    parser.add_argument(
+        "--cache",
+        default=str(CACHE),
+        help="where the pages phase keeps its filled databases between runs",
     )
     parser.add_argument(
         "--profile",
@@ -812,8 +1307,15 @@ def main(argv: list[str] | None = None) -> int:
         mode = Mode(**{**mode.__dict__, "jobs": args.jobs})
     if args.waiting:
         mode = Mode(**{**mode.__dict__, "waiting": args.waiting})
+    if args.page_jobs:
+        mode = Mode(**{**mode.__dict__, "page_jobs": args.page_jobs})
+    if args.scale_jobs:
+        mode = Mode(**{**mode.__dict__, "scale_jobs": args.scale_jobs})
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    wanted = {s.strip() for s in args.phases.split(",") if s.strip()}
+    if wanted - set(PHASES):
+        parser.error(f"unknown phases {sorted(wanted - set(PHASES))}; known: {', '.join(PHASES)}")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()} | (set(PHASES) - wanted)
     pyspy = None
     if args.profile:
         pyspy = args.py_spy or shutil.which("py-spy")
@@ -827,6 +1329,60 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"tether bench ({mode.name}) — logs and raw results in {out}", flush=True)
 
+    results: list[StoreResult] = []
+    if {"e2e", "get", "waiting"} - skip:
+        run_services(runner, args, mode, stores, skip, pyspy, out, results)
+    pages = None
+    if "pages" not in skip:
+        step(f"pages: GET /jobs filters at {mode.page_jobs:,} jobs")
+        pages = run_pages(out, mode.page_jobs, Path(args.cache), args.workers)
+    scale = None
+    if "scale" not in skip:
+        step(f"scale: {mode.scale_jobs:,} waiting jobs through POST /jobs")
+        scale = run_scale(runner, args, mode, out)
+
+    took = time.perf_counter() - started
+    print()
+    print(
+        f"## Tether benchmark — {mode.name} mode, {datetime.now():%Y-%m-%d %H:%M},"
+        f" {os.cpu_count()} CPUs, took {took / 60:.1f} min"
+    )
+    print()
+    if results:
+        print(table(results, mode, args.concurrency))
+        print()
+        print(details(results, mode))
+    for r in results:
+        for phase, summary in r.profiles.items():
+            print(f"### profile: {r.store}, {phase} (py-spy, all service processes)")
+            print("```")
+            print(summary)
+            print("```")
+    if pages is not None:
+        print(f"### the job list at {mode.page_jobs:,} jobs")
+        print()
+        print(pages_table(pages))
+        print()
+    if scale is not None:
+        print(f"### scale: {scale.get('waiting', 0):,} jobs waiting")
+        print()
+        print(scale_report(scale))
+        print()
+    print(f"logs, load results and profiles: {out}")
+    return 0
+
+
+def run_services(
+    runner: Runner,
+    args: argparse.Namespace,
+    mode: Mode,
+    stores: list[str],
+    skip: set[str],
+    pyspy: str | None,
+    out: Path,
+    results: list[StoreResult],
+) -> None:
+    """The phases on a running service, per store: end to end, GET, waiting."""
     recv_port = free_port()
     receiver = f"http://127.0.0.1:{recv_port}"
     recv = Child(
@@ -834,7 +1390,6 @@ def main(argv: list[str] | None = None) -> int:
         clean_env(),
         out / "receiver.log",
     ).start()
-    results: list[StoreResult] = []
     try:
         wait_http(receiver + "/stats", 30)
         ceilings: dict[int, Ceiling] = {}
@@ -877,25 +1432,6 @@ def main(argv: list[str] | None = None) -> int:
                 run_waiting(runner, store, make, res, receiver, mode, args.concurrency)
     finally:
         recv.stop()
-
-    took = time.perf_counter() - started
-    print()
-    print(
-        f"## Tether benchmark — {mode.name} mode, {datetime.now():%Y-%m-%d %H:%M},"
-        f" {os.cpu_count()} CPUs, took {took / 60:.1f} min"
-    )
-    print()
-    print(table(results, mode, args.concurrency))
-    print()
-    print(details(results, mode))
-    for r in results:
-        for phase, summary in r.profiles.items():
-            print(f"### profile: {r.store}, {phase} (py-spy, all service processes)")
-            print("```")
-            print(summary)
-            print("```")
-    print(f"logs, load results and profiles: {out}")
-    return 0
 
 
 def step(what: str) -> None:
