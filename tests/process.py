@@ -26,6 +26,7 @@ class TetherProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         args: tuple[str, ...] = (),
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,6 +41,8 @@ class TetherProcess:
             **(env or {}),
         }
         self.args = args
+        self.cwd = cwd
+        """The process's working directory (None: this one's)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: float = 30) -> TetherProcess:
@@ -51,6 +54,7 @@ class TetherProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=self.cwd,
             )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:

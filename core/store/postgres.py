@@ -18,10 +18,13 @@ from resonate_pg import PostgresConnection, PsycopgSessions
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store
+from core.store.jobs import now_ms
 from core.store.migrations import migrate
 from core.store.schema import POSTGRES
 from core.store.sql import SqlJobIndex
 
+GC_BATCH = 10_000
+"""Promises one call of `resonate.gc` deletes, at most."""
 MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 """The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
@@ -65,7 +68,30 @@ class PostgresStore(Store):
         )
 
     async def delete_promises(self, older_than_ms: int) -> int:
-        raise InvalidRequest("the postgresql store does not support retention yet")
+        """Delete promises settled more than `older_than_ms` ago, with
+        resonate-pg's own `resonate.gc` (a settled promise goes only once the
+        workflow it belongs to has ended), `GC_BATCH` at a time. A schema
+        without it (an older `resonate.sql`) is refused naming what to do."""
+        jobs = self.jobs
+        assert isinstance(jobs, SqlJobIndex) and isinstance(jobs.db, PostgresDriver)
+        driver = jobs.db
+        found = await driver.fetch(
+            "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'resonate' AND p.proname = 'gc'",
+            (),
+        )
+        if not found:
+            raise InvalidRequest(
+                "retention on Postgres needs resonate-pg's resonate.gc, which this database"
+                " lacks: apply a newer resonate.sql (see docs/deploy.md)"
+            )
+        before, deleted = now_ms() - older_than_ms, 0
+        while True:
+            rows = await driver.fetch("SELECT resonate.gc(?, ?)", (before, GC_BATCH))
+            count = int(rows[0][0])
+            deleted += count
+            if count < GC_BATCH:
+                return deleted
 
     async def close(self) -> None:
         """Close the job index and resonate-pg's connection's sessions."""

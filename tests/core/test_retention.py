@@ -67,6 +67,40 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     await svc.wait_state("old", "succeeded")
 
 
+async def test_retention_on_postgres_uses_resonate_gc(start_service, receiver, fresh_pg_url):
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/done" else None
+    svc = await start_service(store=fresh_pg_url)
+    for job_id, path in (("old", "/done"), ("waiting", "/wait")):
+        await svc.client.post(
+            "/jobs",
+            json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url(path)}},
+        )
+    await svc.wait_state("old", "succeeded")
+    await svc.wait_state("waiting", "running")
+    tether = svc.tether
+
+    async def workflow_done() -> bool:
+        return (await tether.resonate.promises.get("old")).state == "resolved"
+
+    await eventually(workflow_done)
+    assert await tether.collect_garbage(86_400) == (0, 0)
+    week = 7 * 86_400_000  # a week passes: for the index and for resonate-pg's promises
+    await tether.jobs.db.execute("UPDATE tether_jobs SET finished_at = finished_at - ?", (week,))
+    await tether.jobs.db.execute(
+        "UPDATE resonate.promises SET settled_at = settled_at - ? WHERE settled_at IS NOT NULL",
+        (week,),
+    )
+    jobs, promises = await tether.collect_garbage(86_400)
+    assert jobs == 1 and promises >= 2
+    assert (await svc.client.get("/jobs/old")).status_code == 404
+    callback = receiver.on("/wait")[0].body["callback_url"]
+    answer = await svc.client.post(
+        callback.removeprefix(svc.settings.base_url), json={"status": "succeeded"}
+    )
+    assert answer.json()["outcome"] == "accepted"  # the waiting job's promises stayed
+    await svc.wait_state("waiting", "succeeded")
+
+
 LATER = """\
 import time
 

@@ -11,7 +11,7 @@ import pytest
 from core.errors import InvalidRequest, StoreConfigError
 from core.models import ErrorInfo, Outcome
 from core.settings import Settings
-from core.store import Store, open_store
+from core.store import open_store
 from core.store.embedded import EmbeddedStore, MemoryStore
 from core.store.jobs import JobRecord
 from core.store.postgres import PostgresStore
@@ -42,10 +42,15 @@ async def test_the_memory_store_is_the_embedded_one_on_a_scratch_file():
     assert not store.scratch.exists()
 
 
-async def test_the_postgres_store_refuses_retention_for_now():
-    store: Store = PostgresStore(connection=None, jobs=None, callback_secret="s")
-    with pytest.raises(InvalidRequest, match="the postgresql store does not support retention"):
-        await store.delete_promises(86_400_000)
+async def test_the_postgres_store_refuses_retention_without_resonate_gc(fresh_pg_url):
+    store = await open_store(settings(fresh_pg_url, callback_secret="s"), "p1")
+    try:
+        assert await store.delete_promises(86_400_000) == 0  # resonate.gc is there
+        await store.jobs.db.execute("DROP FUNCTION resonate.gc(bigint, integer)", ())  # type: ignore[attr-defined]
+        with pytest.raises(InvalidRequest, match=r"needs resonate-pg's resonate\.gc"):
+            await store.delete_promises(86_400_000)
+    finally:
+        await store.close()
 
 
 async def test_the_postgres_store_opens_and_migrates(fresh_pg_url):

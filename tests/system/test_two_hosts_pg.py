@@ -1,0 +1,137 @@
+"""Two hosts on one Postgres (docs/deploy.md): two real `tether serve`
+processes, each in a working directory of its own, sharing one database.
+Host A takes the jobs (alone at first, so their triggers are its own) and is
+SIGKILLed while they wait and while two triggers are in flight; callbacks, a
+cancel and a status check go through host B (as a load balancer would send
+them); every job finishes exactly once, A's
+workflows resume on B within `TETHER_TASK_TTL`, and both hosts list the same.
+Then A comes back and both keep working.
+
+Needs TETHER_TEST_PG_DSN (docs/testing.md); skipped without it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from tests.conftest import Hit, Receiver, wait_until
+from tests.process import TetherProcess, report, wait_for
+
+TTL = 2.0
+WAITING = [f"w{i}" for i in range(6)]
+IN_FLIGHT = ["f0", "f1"]
+
+
+def host(tmp_path: Path, name: str, store: str, port: int | None = None) -> TetherProcess:
+    home = tmp_path / name  # a working directory of its own: nothing shared but Postgres
+    home.mkdir(exist_ok=True)
+    env = {"TETHER_STORE": store, "TETHER_TASK_TTL": str(TTL)}
+    return TetherProcess(home, env, port=port, cwd=home)
+
+
+def via(client: httpx.Client, url: str) -> str:
+    """A callback URL made on any host, sent to this client's host (its path
+    and token are the same on every host sharing the secret)."""
+    parts = urlsplit(url)
+    return f"{client.base_url}{parts.path}?{parts.query}"
+
+
+def finished_once(client: httpx.Client, job_id: str) -> bool:
+    events = client.get(f"/jobs/{job_id}/events").json()["items"]
+    return [e["type"] for e in events].count("finished") == 1
+
+
+def test_a_host_dies_and_the_other_finishes_every_job_exactly_once(
+    tmp_path, receiver: Receiver, fresh_pg_url, capsys
+):
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/status":  # still going until host A is gone
+            return 200, {"status": "succeeded" if release.is_set() else "running"}
+        if hit.body["job_id"] in IN_FLIGHT and not release.is_set():
+            release.wait(30)  # in flight when host A dies
+        return 202, {"run": hit.body["idempotency_key"]}
+
+    receiver.respond = respond
+    a = host(tmp_path, "a", fresh_pg_url).start()
+    b = host(tmp_path, "b", fresh_pg_url)  # started once A holds the triggers
+    try:
+        with a.client() as ca, b.client() as cb:
+            for job_id in [*WAITING, *IN_FLIGHT, "checked"]:
+                params: dict[str, Any] = {"url": receiver.url()}
+                if job_id == "checked":  # ends through a status check, never a callback
+                    params |= {"status_url": receiver.url("/status"), "status_interval": 0.5}
+                body = {"id": job_id, "backend": "http_webhook", "params": params}
+                assert ca.post("/jobs", json=body).status_code == 201
+            for job_id in WAITING:
+                wait_for(ca, job_id, "running", recorded=True)
+            wait_until(lambda: {h.body["job_id"] for h in receiver.on("/hook")} >= set(IN_FLIGHT))
+            wait_for(ca, "checked", "running", recorded=True)
+            b.start()
+
+            a.kill()  # with six waiting and two of its triggers in flight
+            killed = time.monotonic()
+            release.set()
+
+            for job_id in IN_FLIGHT:  # B runs A's trigger steps again, same keys
+                wait_for(cb, job_id, "running", recorded=True, timeout=60)
+            resumed = time.monotonic() - killed
+            keys = [h.body["idempotency_key"] for h in receiver.hits if h.path == "/hook"]
+            assert sorted(set(keys)) == sorted(f"{i}:1" for i in [*WAITING, *IN_FLIGHT, "checked"])
+
+            urls = {h.body["job_id"]: h.body["callback_url"] for h in receiver.on("/hook")}
+            for job_id in [*WAITING[:5], *IN_FLIGHT]:
+                answer = cb.post(via(cb, urls[job_id]), json={"status": "succeeded"})
+                assert answer.status_code == 200, answer.text
+            assert (
+                cb.post(f"/jobs/{WAITING[5]}/cancel", json={"reason": "host test"}).json()["state"]
+                == "canceled"
+            )
+            wait_for(cb, "checked", "succeeded", timeout=30)
+            for job_id in [*WAITING[:5], *IN_FLIGHT]:
+                wait_for(cb, job_id, "succeeded")
+
+            a = host(tmp_path, "a", fresh_pg_url, port=a.port).start()  # A returns
+            with a.client() as ca2:
+                ids = [*WAITING, *IN_FLIGHT, "checked"]
+                assert all(finished_once(cb, job_id) for job_id in ids)
+                listed_a = ca2.get("/jobs", params={"limit": 100}).json()["items"]
+                listed_b = cb.get("/jobs", params={"limit": 100}).json()["items"]
+                assert [(j["id"], j["state"]) for j in listed_a] == [
+                    (j["id"], j["state"]) for j in listed_b
+                ]
+                # both keep working: a job on each, called back through the other
+                for client, job_id in ((ca2, "after-a"), (cb, "after-b")):
+                    body = {
+                        "id": job_id,
+                        "backend": "http_webhook",
+                        "params": {"url": receiver.url()},
+                    }
+                    assert client.post("/jobs", json=body).status_code == 201
+                    wait_for(client, job_id, "running", recorded=True)
+                urls = {h.body["job_id"]: h.body["callback_url"] for h in receiver.on("/hook")}
+                assert (
+                    cb.post(via(cb, urls["after-a"]), json={"status": "succeeded"}).status_code
+                    == 200
+                )
+                assert (
+                    ca2.post(via(ca2, urls["after-b"]), json={"status": "succeeded"}).status_code
+                    == 200
+                )
+                wait_for(ca2, "after-b", "succeeded")
+                wait_for(cb, "after-a", "succeeded")
+        report(
+            capsys,
+            f"two hosts on Postgres: A's triggers resumed on B {resumed:.1f} s"
+            f" after SIGKILL (TTL {TTL:g} s)",
+        )
+        assert resumed <= TTL + 20  # the lease runs out, then B's next look at the store
+    finally:
+        a.kill()
+        b.kill()
