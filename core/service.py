@@ -49,7 +49,7 @@ from core.settings import Settings
 from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
-from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
@@ -97,6 +97,7 @@ class Tether:
         self.jobs.limits = settings.limits
         self.jobs.on_ready = self._on_ready
         self.jobs.message = finished_message
+        self.events.listeners.append(self._ended_in_queue)
         self._starting: set[asyncio.Task[None]] = set()
         self.notifier: Notifier | None = None
 
@@ -351,6 +352,13 @@ class Tether:
         queued: its workflow starts when a slot frees (`_on_ready`)."""
         if rec.state != "queued":
             await store_call(workflow.start(self._worker(), self._target, rec))
+
+    def _ended_in_queue(self, rec: JobRecord, event: Event) -> None:
+        """Tell the plugins of a job that ended while queued (canceled, timed
+        out): it never had a workflow, whose finish step tells them of the rest."""
+        if event.type == "finished" and rec.queued_at is not None:
+            log.info("job %s finished: %s (while queued)", rec.id, rec.state, extra=rec.log_extra())
+            self.plugins.job_finished(view(rec))
 
     def _on_ready(self, promoted: list[JobRecord]) -> None:
         """Start the workflows of jobs a write just moved out of the queue.

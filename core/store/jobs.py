@@ -65,7 +65,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     notify_url: str | None = None
     """Where completion notifications go (a secret of sorts: never shown whole)."""
     queued_at: int | None = None
-    """When the job last joined its backend's queue (`queued`): the queue's order."""
+    """When the job joined its backend's queue (`queued`): the queue's order;
+    None again once it leaves the queue for `pending`."""
 
     @property
     def finished(self) -> bool:

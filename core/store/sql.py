@@ -76,7 +76,8 @@ _TURN = (
 _ACTIVE = "SELECT count(*) FROM tether_jobs WHERE backend = ? AND state IN ('pending', 'running')"
 _QUEUED = "SELECT 1 FROM tether_jobs WHERE backend = ? AND state = 'queued' LIMIT 1"
 _PROMOTE = (
-    "UPDATE tether_jobs SET state = 'pending', updated_at = ? WHERE id IN (SELECT id FROM"
+    "UPDATE tether_jobs SET state = 'pending', queued_at = NULL, updated_at = ? WHERE id IN"
+    " (SELECT id FROM"
     " tether_jobs WHERE backend = ? AND state = 'queued' ORDER BY queued_at, seq LIMIT ?)"
     f" RETURNING {COLUMNS}"
 )
