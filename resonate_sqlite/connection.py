@@ -46,8 +46,12 @@ __all__ = ["SqliteConnection", "SqliteStoreError"]
 
 logger = logging.getLogger(__name__)
 
-#: Idle interval between outbox polls (messages other processes wrote for us).
+#: Interval between outbox polls (messages other processes wrote for us)
+#: while there is work about.
 DEFAULT_POLL_INTERVAL: Final = 0.02
+#: The longest an idle process naps between polls: each round that finds
+#: nothing doubles the nap from ``poll_interval`` up to this.
+DEFAULT_MAX_POLL_INTERVAL: Final = 0.2
 #: Interval between timer sweeps (promise timeouts, task retries and leases).
 DEFAULT_TIMER_INTERVAL: Final = 0.1
 #: Liveness heartbeat of this process, and when a silent process counts as dead.
@@ -104,9 +108,16 @@ class SqliteConnection:
     ``pid``
         This process's id; a random hex id when omitted.
     ``poll_interval``
-        Idle seconds between outbox polls for messages other processes wrote.
+        Seconds between outbox polls for messages other processes wrote,
+        while work is about (something was found, claimed or requested here).
+    ``max_poll_interval``
+        The longest nap of an idle process: each poll that finds nothing
+        doubles the nap from ``poll_interval`` up to this (never below
+        ``poll_interval``); a local request or a find goes back to
+        ``poll_interval``. Timer sweeps ride on the naps, so an idle process
+        fires a timer up to this late.
     ``timer_interval``
-        Seconds between timer sweeps.
+        Seconds between timer sweeps (at least one nap apart).
     ``retry_ms``
         How often a still-pending task is pushed again (resonate-pg: 5 s).
     ``lock_timeout``
@@ -140,6 +151,7 @@ class SqliteConnection:
         group: str = "default",
         pid: str | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timer_interval: float = DEFAULT_TIMER_INTERVAL,
         retry_ms: int = DEFAULT_RETRY_MS,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -166,6 +178,11 @@ class SqliteConnection:
         self._unicast = f"poll://uni@{group}/{self._pid}"
         self._anycast = f"poll://any@{group}"
         self._poll_interval = poll_interval
+        self._max_poll_interval = max(max_poll_interval, poll_interval)
+        #: the pump's nap: poll_interval while work is about, doubling while
+        #: idle; _stirred: a local request came since the nap began
+        self._nap_for = poll_interval
+        self._stirred = False
         self._timer_interval = timer_interval
         self._lock_timeout = lock_timeout
         self._beat_interval = process_heartbeat
@@ -359,6 +376,7 @@ class SqliteConnection:
             await self._ensure_open()
         if self._stopped:
             self._close_when_idle()
+        self._stir()
         if self._max_batch == 1:  # one transaction per request, run inline
             answer = await self._call(self._engine.handle, req)
             self._answer_one(answer)
@@ -524,9 +542,17 @@ class SqliteConnection:
         full = len(self._inflight) >= self._max_inflight
         if self._full and not full:
             self._recheck = True
+            self._nap_for = self._poll_interval
             if self._wake is not None:
                 _wake(self._wake)
         self._full = full
+
+    def _stir(self) -> None:
+        """Work is about (a local request): poll every ``poll_interval`` again,
+        ending a longer idle nap now. Other processes often answer soon."""
+        self._stirred = True
+        if self._wake is not None and self._nap_for > self._poll_interval:
+            _wake(self._wake)
 
     def _forget_stale(self) -> None:
         now = time.monotonic()
@@ -551,16 +577,18 @@ class SqliteConnection:
         first = True
         more = False
         while True:
-            busy = False
+            busy = found = False
             try:
                 now = time.monotonic()
                 if self._subscribers:
+                    found = self._recheck
                     more = await self._claim(first or more or self._recheck)
                     if self._inflight and now >= next_prune:
                         self._forget_stale()
                         next_prune = now + 1.0
                 if now >= next_timer:
-                    busy = await self._fire_timers()
+                    fired, busy = await self._fire_timers()
+                    found = found or fired
                     if not busy:
                         next_timer = now + self._timer_interval
                 if self._subscribers and now >= next_beat:
@@ -581,20 +609,30 @@ class SqliteConnection:
             except Exception as exc:  # the pump is the runtime: never die
                 logger.warning("sqlite store: pump failed: %s", exc)
             if busy or more:
+                self._nap_for = self._poll_interval
                 await asyncio.sleep(0)
             else:
+                if found:
+                    self._nap_for = self._poll_interval
                 await self._nap()
 
     async def _nap(self) -> None:
-        """Sleep ``poll_interval``, or less if woken (see ``_update_room``)."""
+        """Sleep the current nap, or less if woken (``_update_room``,
+        ``_stir``); the next nap is twice as long unless something wakes or
+        finds work first (up to ``max_poll_interval``)."""
         loop = asyncio.get_running_loop()
         waiter = self._wake = loop.create_future()
-        timer = loop.call_later(self._poll_interval, _wake, waiter)
+        timer = loop.call_later(self._nap_for, _wake, waiter)
         try:
             await waiter
         finally:
             timer.cancel()
             self._wake = None
+        if self._stirred:
+            self._stirred = False
+            self._nap_for = self._poll_interval
+        else:
+            self._nap_for = min(self._nap_for * 2, self._max_poll_interval)
 
     async def _claim(self, force: bool) -> bool:
         """Take the messages other processes left for us: every unicast one,
@@ -614,16 +652,16 @@ class SqliteConnection:
             self._deliver(msgs)
         return bool(msgs)
 
-    async def _fire_timers(self) -> bool:
+    async def _fire_timers(self) -> tuple[bool, bool]:
         """Apply due promise timeouts, task retries and lease expiries, and
-        schedule runs. True when a full batch was due (more may be)."""
+        schedule runs. (Anything was due, a full batch was due: more may be.)"""
         ps, ts, ss = await self._call(self._engine.due, BATCH)
         if not (ps or ts or ss):
-            return False
+            return False, False
         _, out = await self._call(self._engine.fire, ps, ts, ss)
         if out:
             self._deliver_soon(out)
-        return max(len(ps), len(ts), len(ss)) >= BATCH
+        return True, max(len(ps), len(ts), len(ss)) >= BATCH
 
     # -- retention -------------------------------------------------------------------
 
