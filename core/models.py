@@ -23,8 +23,6 @@ FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "ti
 takes a job out of one (`RETRYABLE_STATES`), as a new attempt: what the ended
 attempt recorded stays in the job's history."""
 OPEN_STATES: tuple[JobState, ...] = ("queued", "pending", "running")
-ACTIVE_STATES: tuple[JobState, ...] = ("pending", "running")
-"""The open states that hold one of the backend's slots (`TETHER_MAX_RUNNING`)."""
 RETRYABLE_STATES: tuple[JobState, ...] = ("failed", "timed_out", "canceled")
 """The final states a retry starts a new attempt from (not `succeeded`)."""
 

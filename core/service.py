@@ -386,37 +386,34 @@ class Tether:
         """Start the workflow of every pending job again (creating an existing
         one changes nothing): a process killed between writing a job's new
         attempt (or a new job) to the index and starting its workflow leaves
-        one pending with none. Run once at start-up; returns how many it looked at.
+        one pending with none. Run once at start-up; returns how many it started.
         First, queued jobs take the slots free under today's limits (they
         may have changed, or gone)."""
         for backend in await store_call(self.jobs.queued_backends()):
             while await store_call(self.jobs.promote(backend, now_ms())):
                 if backend in self.jobs.limits:
                     break
-        before, seen = None, 0
-        while True:
-            rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))
-            for rec in rows:
-                await self._start(rec)
-            seen += len(rows)
-            if len(rows) < RESUME_PAGE:
-                return seen
-            before = rows[-1].seq
+        return await self._start_pending(None)
 
     async def resume_stale(self) -> int:
         """Start the workflow of every job pending for over `STALE_PENDING_MS`
         (creating an existing one changes nothing): the watchdog's repair for a
         process that died between writing a job `pending` and starting its
-        workflow, and never came back. Returns how many it looked at."""
-        before, seen, stale = None, 0, now_ms() - STALE_PENDING_MS
+        workflow, and never came back. Returns how many it started."""
+        return await self._start_pending(now_ms() - STALE_PENDING_MS)
+
+    async def _start_pending(self, updated_before: int | None) -> int:
+        """Start the workflow of each pending job (last changed before
+        `updated_before`, if given), a page at time; how many."""
+        before, started = None, 0
         while True:
             rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))
             for rec in rows:
-                if rec.updated_at < stale:
+                if updated_before is None or rec.updated_at < updated_before:
                     await self._start(rec)
-                    seen += 1
+                    started += 1
             if len(rows) < RESUME_PAGE:
-                return seen
+                return started
             before = rows[-1].seq
 
     def _worker(self) -> Resonate:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,9 +20,11 @@ from tests.process import TetherProcess
 TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
 
 
-async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receiver, tmp_path):
+async def old_and_waiting(start_service: Any, receiver: Any, store: str) -> Any:
+    """A service on `store` with job `old` succeeded (its workflow over too)
+    and job `waiting` running."""
     receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/done" else None
-    svc = await start_service(store=f"sqlite:///{tmp_path}/gc.db")
+    svc = await start_service(store=store)
     for job_id, path in (("old", "/done"), ("waiting", "/wait")):
         await svc.client.post(
             "/jobs",
@@ -31,12 +34,16 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     await svc.wait_state("waiting", "running")
     await eventually(lambda: len(receiver.hits) == 2)
 
-    tether = svc.tether
-
     async def workflow_done() -> bool:
-        return (await tether.resonate.promises.get("old")).state == "resolved"
+        return (await svc.tether.resonate.promises.get("old")).state == "resolved"
 
     await eventually(workflow_done)
+    return svc
+
+
+async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receiver, tmp_path):
+    svc = await old_and_waiting(start_service, receiver, f"sqlite:///{tmp_path}/gc.db")
+    tether = svc.tether
     with pytest.raises(InvalidRequest, match="at least"):
         await tether.collect_garbage(60)
     assert await tether.collect_garbage(86_400) == (0, 0)  # nothing is a day old yet
@@ -68,21 +75,8 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
 
 
 async def test_retention_on_postgres_uses_resonate_gc(start_service, receiver, fresh_pg_url):
-    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/done" else None
-    svc = await start_service(store=fresh_pg_url)
-    for job_id, path in (("old", "/done"), ("waiting", "/wait")):
-        await svc.client.post(
-            "/jobs",
-            json={"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url(path)}},
-        )
-    await svc.wait_state("old", "succeeded")
-    await svc.wait_state("waiting", "running")
+    svc = await old_and_waiting(start_service, receiver, fresh_pg_url)
     tether = svc.tether
-
-    async def workflow_done() -> bool:
-        return (await tether.resonate.promises.get("old")).state == "resolved"
-
-    await eventually(workflow_done)
     assert await tether.collect_garbage(86_400) == (0, 0)
     week = 7 * 86_400_000  # a week passes: for the index and for resonate-pg's promises
     await tether.jobs.db.execute("UPDATE tether_jobs SET finished_at = finished_at - ?", (week,))

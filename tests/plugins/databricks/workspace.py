@@ -150,18 +150,7 @@ class Run:
     def as_json(self, base_url: str) -> dict[str, Any]:
         with self.lock:
             status, code, message = self.status, self.code, self.message
-        if status == "TERMINATED":
-            life_cycle, result_state, kind = TERMINAL.get(
-                code or "", ("TERMINATED", "FAILED", "CLIENT_ERROR")
-            )
-        else:
-            life_cycle, result_state, kind = status, None, None
-        state: dict[str, Any] = {"life_cycle_state": life_cycle, "state_message": message}
-        if result_state:
-            state["result_state"] = result_state
-        run_status: dict[str, Any] = {"state": status}
-        if status == "TERMINATED":
-            run_status["termination_details"] = {"code": code, "type": kind, "message": message}
+        state, run_status = state_json(status, code, message)
         body: dict[str, Any] = {
             "run_id": self.run_id,
             "number_in_job": self.run_id,
