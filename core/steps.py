@@ -1,11 +1,16 @@
-"""The workflow's two durable steps: trigger (with retries) and finish.
+"""What the workflow does: its trigger step (with retries) and its finish.
 
-Each step may run again after a crash (at-least-once), so both are written to
-be repeatable: the trigger passes the backend an idempotency key derived from
+The trigger is a durable step; the finish runs in the workflow's body after
+the wait (workflow version 3; a durable step in versions 1 and 2). Either may
+run again after a crash (at-least-once: the finish whenever the worker dies
+before the workflow's root promise is resolved), so both are written to be
+repeatable: the trigger passes the backend an idempotency key derived from
 the promise id, and every index write is conditional; the events of a change
 (`triggered`, `finished`) are recorded with it, so a replay records none again.
 A replayed trigger does try the backend again: its failures are new tries and
-are recorded as such.
+are recorded as such. A replayed finish calls the backend's `cancel` and
+`tether_job_finished` again, which both are documented to allow
+(`core.hookspecs`).
 """
 
 from __future__ import annotations
@@ -198,7 +203,10 @@ class JobSteps:
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:
         """Record the outcome of attempt `attempt`, stop the external run of a
-        canceled or timed-out job, tell the plugins."""
+        canceled or timed-out job, tell the plugins. Repeatable: the index
+        write is conditional (one `finished` event however often this runs);
+        `cancel` and `tether_job_finished` run again on a repeat. An exception
+        (the index did not answer) is the caller's to retry."""
         rec = await self.jobs.get(job_id)  # usually the settle already recorded it
         if rec is not None and rec.attempt == attempt and not rec.finished:
             # The store timed the promise out: no watchdog settled it.

@@ -5,17 +5,27 @@ about its Resonate shape (ids, tags, versions, registration) is in this file.
 job(job_id, deadline, attempt)                root promise "{job_id}" (attempt 1),
                                                 "{job_id}~N" (attempt N > 1)
   p = ctx.promise(timeout)                    "{root}:1", the callback promise
-  ctx.run(TRIGGER_STEP, job_id, p.id, N)      the backend's trigger, a durable step
+  ctx.run(TRIGGER_STEP, job_id, p.id, N)      "{root}:2", the backend's trigger, a durable step
   outcome = await p                           suspended: nothing held in memory
-  ctx.run(FINISH_STEP, job_id, outcome, N)    record it; backend cancel on cancel/timeout
+  steps.finish(job_id, outcome, N)            record it; backend cancel on cancel/timeout;
+                                                in the body, not a durable step (version 3)
+  return outcome                              the root promise is resolved
 ```
 
 Whoever ends a job settles `p` with an outcome Tether builds (see
 `core.settle`): the callback endpoint, cancel, the watchdog (timeout, status
 checks), or the trigger step itself when the trigger failed. The first settle
 wins; the workflow resumes on whichever worker the store hands it to. The body
-replays from the top on every resume; only the two steps' results are
-recorded, so they are written to be repeatable.
+replays from the top on every resume; only the trigger step's result is
+recorded. The finish runs in the body after the wait: the index already holds
+the outcome when `p` is settled (`core.settle`), so what is left is repeatable
+work (a conditional index write, the backend's `cancel`, `tether_job_finished`)
+that needs no durable record of its own: a crash before the root promise is
+resolved replays the body, which finds `p` settled and finishes again (at
+least once, as `cancel` and `tether_job_finished` always were; the conditional
+write records one `finished`). Version 2 ran it as a durable step, which cost
+two protocol requests and a promise per job on the path from the callback to
+the workflow's end.
 
 Each attempt of a job (`POST /jobs/{id}/retry` starts the next) is a workflow
 of its own, with its own root and callback promise: a new callback URL and a
@@ -23,7 +33,8 @@ new idempotency key, while the earlier attempt's promises stay settled.
 Attempt 1 keeps the ids jobs had before re-runs existed.
 
 The workflow does not import the service: `register` is handed the object
-whose `trigger` and `finish` the steps call (`core.steps.JobSteps`).
+whose `trigger` the step calls and whose `finish` the body calls
+(`core.steps.JobSteps`).
 
 Changing the order or number of durable operations here shifts the promise
 ids of jobs in flight: register a new `VERSION` instead, and keep the old ones
@@ -32,6 +43,9 @@ registered until no job runs under them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -42,14 +56,28 @@ from resonate.types import TaskData, Value
 
 from core.store.jobs import now_ms
 
+log = logging.getLogger("tether")
+
 WORKFLOW = "tether.job"
-VERSION = 2
-"""Version 2 (re-runs) takes the attempt as a third argument and hands it to
+VERSION = 3
+"""The version new workflows start under. Version 3 finishes in the body after
+the wait (`FINISH_STEP` is no longer a durable op of it): two durable ops, the
+callback promise and the trigger step, where versions 1 and 2 have three.
+Version 2 (re-runs) takes the attempt as a third argument and hands it to
 both steps; its durable operations are version 1's, in number and order.
-Version 1 (two arguments: every job started before re-runs) stays registered
-and runs as attempt 1, with the same promise ids it always had."""
+Version 1 (two arguments: every job started before re-runs) runs as attempt 1
+of version 2, with the same promise ids it always had. Both stay registered
+for the jobs that started under them."""
 TRIGGER_STEP = "tether.job.trigger"
 FINISH_STEP = "tether.job.finish"
+"""Versions 1 and 2 only: their finish, a durable step ("{root}:3")."""
+
+FINISH_BACKOFF = 1.0
+FINISH_BACKOFF_MAX = 60.0
+"""Version 3's finish, when it fails (the job index did not answer), is tried
+again in the body after this many seconds, doubled each time up to the max,
+until it succeeds; the task's lease is kept meanwhile. As a durable step
+(versions 1 and 2) the SDK's retry policy did the same (1 s doubling)."""
 
 ATTEMPT_MARK = "~"
 """Between a job id and its attempt in the root promise id of attempt N > 1:
@@ -104,14 +132,19 @@ def attempt_of(promise_id: str) -> int | None:
 
 
 class Steps(Protocol):
-    """What the workflow's two durable steps call."""
+    """What the workflow's trigger step and its finish call."""
 
     async def trigger(self, job_id: str, promise_id: str, attempt: int) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
 
 
-async def job_workflow(ctx: Context, job_id: str, deadline_ms: int, attempt: int) -> dict[str, Any]:
+async def wait_for_outcome(
+    ctx: Context, job_id: str, deadline_ms: int, attempt: int
+) -> dict[str, Any]:
+    """The durable ops every version starts with: the callback promise
+    ("{root}:1"), the trigger step ("{root}:2"), the wait. Returns what `p`
+    was settled with."""
     wait_ms = max(deadline_ms - now_ms() + PROMISE_GRACE_MS, 1)  # used only when p is created
     p = ctx.promise(timeout=timedelta(milliseconds=wait_ms))
     promise_id = await p.id()
@@ -122,19 +155,39 @@ async def job_workflow(ctx: Context, job_id: str, deadline_ms: int, attempt: int
         )
     await ctx.run(TRIGGER_STEP, job_id, promise_id, attempt)
     try:
-        value = await p
+        value: dict[str, Any] = await p
     except Exception:  # the store timed the promise out: no watchdog got there first
         value = {"status": "timed_out", "by": "store"}
-    await ctx.run(FINISH_STEP, job_id, value, attempt)
-    return dict(value)
+    return value
 
 
-async def job_workflow_v1(ctx: Context, job_id: str, deadline_ms: int) -> dict[str, Any]:
-    """Version 1, for jobs started before re-runs: attempt 1 of version 2.
-    A step's arguments are not part of its promise (the SDK runs a local step
-    from the replayed call), so handing the steps the attempt changes nothing
-    a job in flight recorded."""
-    return await job_workflow(ctx, job_id, deadline_ms, 1)
+async def finish_until_done(
+    steps: Steps,
+    job_id: str,
+    value: Any,
+    attempt: int,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Version 3's finish: `steps.finish`, tried again after a failure
+    (`FINISH_BACKOFF`) until it succeeds. A failure must not reach the
+    workflow body: the SDK would reject the root promise for good, with the
+    job's finish never done."""
+    delay = FINISH_BACKOFF
+    while True:
+        try:
+            await steps.finish(job_id, value, attempt)
+            return
+        except Exception as exc:
+            log.warning(
+                "job %s: finishing attempt %d failed (%s); again in %gs",
+                job_id,
+                attempt,
+                type(exc).__name__,
+                delay,
+                extra={"job_id": job_id},
+            )
+        await sleep(delay)
+        delay = min(delay * 2, FINISH_BACKOFF_MAX)
 
 
 def register(r: Resonate, steps: Steps) -> None:
@@ -146,6 +199,29 @@ def register(r: Resonate, steps: Steps) -> None:
     of the promise ids: jobs in flight are unaffected by how a step is referenced.
     """
 
+    async def job_workflow(
+        ctx: Context, job_id: str, deadline_ms: int, attempt: int
+    ) -> dict[str, Any]:
+        """Version 3: the finish in the body, after the wait."""
+        value = await wait_for_outcome(ctx, job_id, deadline_ms, attempt)
+        await finish_until_done(steps, job_id, value, attempt)
+        return dict(value)
+
+    async def job_workflow_v2(
+        ctx: Context, job_id: str, deadline_ms: int, attempt: int
+    ) -> dict[str, Any]:
+        """Version 2: the finish as a durable step ("{root}:3")."""
+        value = await wait_for_outcome(ctx, job_id, deadline_ms, attempt)
+        await ctx.run(FINISH_STEP, job_id, value, attempt)
+        return dict(value)
+
+    async def job_workflow_v1(ctx: Context, job_id: str, deadline_ms: int) -> dict[str, Any]:
+        """Version 1, for jobs started before re-runs: attempt 1 of version 2.
+        A step's arguments are not part of its promise (the SDK runs a local
+        step from the replayed call), so handing the steps the attempt changes
+        nothing a job in flight recorded."""
+        return await job_workflow_v2(ctx, job_id, deadline_ms, 1)
+
     async def trigger_step(ctx: Context, job_id: str, promise_id: str, attempt: int) -> None:
         await steps.trigger(job_id, promise_id, attempt)
 
@@ -153,7 +229,8 @@ def register(r: Resonate, steps: Steps) -> None:
         await steps.finish(job_id, value, attempt)
 
     r.register(job_workflow_v1, name=WORKFLOW, version=1)
-    r.register(job_workflow, name=WORKFLOW, version=VERSION)
+    r.register(job_workflow_v2, name=WORKFLOW, version=2)
+    r.register(job_workflow, name=WORKFLOW, version=3)
     r.register(trigger_step, name=TRIGGER_STEP)
     r.register(finish_step, name=FINISH_STEP)
 
@@ -167,10 +244,12 @@ class RootPromise(Protocol):
 
 
 async def start(r: Resonate, target: str, job: RootPromise) -> None:
-    """Create the root promise of the job's current attempt; the store hands
-    its task to a worker of `target`. Creating an existing root promise changes
-    nothing, so this is safe to repeat (a reattach, or a repair after a crash
-    between the index write and this)."""
+    """Create the root promise of the job's current attempt, to run under
+    `VERSION` (read here, so a test can start an older version); the store
+    hands its task to a worker of `target`. Creating an existing root promise
+    changes nothing, so this is safe to repeat (a reattach, or a repair after
+    a crash between the index write and this): a job keeps the version it
+    started under."""
     root = root_promise_id(job.id, job.attempt)
     args = (job.id, job.deadline, job.attempt)
     data = TaskData(func=WORKFLOW, args=args, kwargs={}, version=VERSION)
@@ -185,8 +264,8 @@ async def start(r: Resonate, target: str, job: RootPromise) -> None:
 
 
 async def attempt_running(r: Resonate, job_id: str, attempt: int) -> bool:
-    """Whether the workflow of that attempt has yet to return (its finish
-    step, the backend's cancel, `tether_job_finished`, still to come). A root
+    """Whether the workflow of that attempt has yet to return (its finish,
+    the backend's cancel, `tether_job_finished`, still to come). A root
     promise that does not exist (never created, or deleted by retention) runs
     nothing."""
     try:

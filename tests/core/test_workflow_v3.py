@@ -1,0 +1,173 @@
+"""Workflow version 3 (core/workflow.py): the finish runs in the body after the
+wait, not as a durable step, so a job has two durable ops ("{root}:1" the
+callback promise, "{root}:2" the trigger step) and no "{root}:3". Jobs
+started under version 2 still run their finish step. In this process, on the
+embedded store, over real HTTP against a real webhook receiver; the SIGKILL
+cases are in tests/system/test_finish_crash.py."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from resonate.error import ServerError
+
+from core import workflow
+from core.plugin import hookimpl
+from core.steps import JobSteps
+from tests.conftest import HOLD, Receiver, Service, eventually
+
+pytestmark = pytest.mark.resonate_server(False)
+
+
+class Finished:
+    """Records every `tether_job_finished`."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, str]] = []
+
+    @hookimpl
+    def tether_job_finished(self, job: Any) -> None:
+        self.jobs.append((job.id, job.state))
+
+
+async def promise(svc: Service, promise_id: str) -> Any:
+    """The promise's record, or None when the store has none by that id."""
+    try:
+        return await svc.tether.resonate.promises.get(promise_id)
+    except ServerError as exc:
+        assert exc.code == 404
+        return None
+
+
+async def run_to_the_end(
+    svc: Service, receiver: Receiver, job_id: str, end: dict[str, Any] | None = None
+) -> None:
+    """Create a job, wait for its trigger, end it (a callback with `end`, or a
+    cancel), and wait until its workflow has returned."""
+    body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state(job_id, "running")
+    if end is None:
+        assert (await svc.client.post(f"/jobs/{job_id}/cancel")).status_code == 200
+    else:
+        [url] = [h.body["callback_url"] for h in receiver.hits if h.body["job_id"] == job_id]
+        assert (await svc.client.post(url, json=end)).status_code == 200
+
+    await eventually(lambda: resolved(svc, job_id))
+
+
+async def resolved(svc: Service, promise_id: str) -> bool:
+    found = await promise(svc, promise_id)
+    return found is not None and found.state == "resolved"
+
+
+async def finished_events(svc: Service, job_id: str) -> int:
+    events = (await svc.client.get(f"/jobs/{job_id}/events")).json()["items"]
+    return sum(e["type"] == "finished" for e in events)
+
+
+async def test_a_new_job_runs_under_version_3_with_no_durable_finish(start_service, receiver):
+    finished = Finished()
+    svc = await start_service(plugins=[finished])
+    await run_to_the_end(svc, receiver, "v3", {"status": "succeeded", "result": 4})
+
+    root = await promise(svc, "v3")
+    assert (root.param.data["version"], root.value.data["status"]) == (3, "succeeded")
+    assert [(await promise(svc, f"v3:{n}")).state for n in (1, 2)] == ["resolved", "resolved"]
+    assert await promise(svc, "v3:3") is None  # no finish step
+    await eventually(lambda: finished.jobs == [("v3", "succeeded")], holds=HOLD)
+    assert await finished_events(svc, "v3") == 1
+
+
+async def test_a_canceled_job_under_version_3_stops_its_external_run_once(start_service, receiver):
+    finished = Finished()
+    svc = await start_service(plugins=[finished])
+    body = {
+        "id": "c3",
+        "backend": "http_webhook",
+        "params": {"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+    }
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state("c3", "running")
+    assert (await svc.client.post("/jobs/c3/cancel")).status_code == 200
+    await eventually(lambda: finished.jobs == [("c3", "canceled")], holds=HOLD)
+    [cancel] = receiver.on("/cancel")
+    assert cancel.body["promise_id"] == "c3:1"
+    assert (await promise(svc, "c3")).state == "resolved"
+    assert await promise(svc, "c3:3") is None
+    assert await finished_events(svc, "c3") == 1
+
+
+async def test_a_job_started_under_version_2_still_runs_its_finish_step(
+    start_service, receiver, monkeypatch
+):
+    finished = Finished()
+    svc = await start_service(plugins=[finished])
+    monkeypatch.setattr(workflow, "VERSION", 2)  # what a service before version 3 started
+    body = {"id": "v2", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state("v2", "running")
+    monkeypatch.setattr(workflow, "VERSION", 3)  # the callback comes to today's code
+    [url] = [h.body["callback_url"] for h in receiver.hits]
+    assert (await svc.client.post(url, json={"status": "failed"})).status_code == 200
+
+    # Its ids did not shift: "{root}:3" is its finish step, then the root returns.
+    await eventually(lambda: resolved(svc, "v2:3"))
+    await eventually(lambda: resolved(svc, "v2"))
+    assert (await promise(svc, "v2")).param.data["version"] == 2
+    await eventually(lambda: finished.jobs == [("v2", "failed")], holds=HOLD)
+    assert await finished_events(svc, "v2") == 1
+
+
+async def test_a_failing_finish_is_tried_again_in_the_body_not_given_up(
+    start_service, receiver, monkeypatch, caplog
+):
+    # As a durable step the SDK retried a failing finish; in the body, a
+    # failure reaching the SDK would reject the root promise and never finish.
+    monkeypatch.setattr(workflow, "FINISH_BACKOFF", 0.05)
+    real = JobSteps.finish
+    failures = [RuntimeError("the index did not answer")] * 2
+
+    async def flaky(self: JobSteps, job_id: str, value: Any, attempt: int = 1) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, job_id, value, attempt)
+
+    monkeypatch.setattr(JobSteps, "finish", flaky)
+    finished = Finished()
+    svc = await start_service(plugins=[finished])
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        await run_to_the_end(svc, receiver, "flaky", {"status": "succeeded"})
+    assert failures == []
+    assert finished.jobs == [("flaky", "succeeded")]
+    root = await promise(svc, "flaky")
+    assert (root.state, root.value.data["status"]) == ("resolved", "succeeded")
+    retried = [r.getMessage() for r in caplog.records if "finishing attempt" in r.getMessage()]
+    assert retried == [
+        "job flaky: finishing attempt 1 failed (RuntimeError); again in 0.05s",
+        "job flaky: finishing attempt 1 failed (RuntimeError); again in 0.1s",
+    ]
+
+
+async def test_finish_until_done_backs_off_doubling_up_to_the_max(monkeypatch):
+    monkeypatch.setattr(workflow, "FINISH_BACKOFF_MAX", 4.0)
+    calls: list[tuple[str, Any, int]] = []
+    waits: list[float] = []
+
+    class Steps:
+        async def trigger(self, job_id: str, promise_id: str, attempt: int) -> None:
+            raise AssertionError("not called")
+
+        async def finish(self, job_id: str, value: Any, attempt: int) -> None:
+            calls.append((job_id, value, attempt))
+            if len(calls) < 5:
+                raise OSError("down")
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    await workflow.finish_until_done(Steps(), "j", {"status": "succeeded"}, 2, sleep=sleep)
+    assert waits == [1.0, 2.0, 4.0, 4.0]
+    assert calls == [("j", {"status": "succeeded"}, 2)] * 5
