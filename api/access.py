@@ -20,6 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("tether.access")
 
 CALLBACKS = "/callbacks/"
+LINE = "%s %s %d %.1f ms"
 
 
 type Observer = Callable[[Any, int, float], None]
@@ -62,7 +63,11 @@ def log_request(scope: Any, status: int, seconds: float) -> None:
 
 def _log(scope: Any, status: int, ms: float) -> None:
     path: str = scope["path"]
-    log.info("%s %s %d %.1f ms", scope["method"], path, status, ms)
+    if log.isEnabledFor(logging.INFO):
+        # `log.info` less its `findCaller`, a walk up the stack on every
+        # request for a source line no log format shows.
+        args = (scope["method"], path, status, ms)
+        log.handle(log.makeRecord(log.name, logging.INFO, "", 0, LINE, args, None))
     if status in (401, 404) and path.startswith(CALLBACKS):
         promise_id = path[len(CALLBACKS) :].split("/", 1)[0]
         log.warning(

@@ -12,7 +12,7 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 
 from api.access import Observer, log_request, observed
-from api.auth import Sessions, api_token_guard
+from api.auth import Sessions, api_token_guard, guarding
 from api.controllers import (
     BackendController,
     CallbackController,
@@ -65,13 +65,14 @@ def create_app(
     strict = strict_query(rules)
     # Behind the tokens: an API token for everything, a read token where a
     # route declares `opt=READ` (api.auth.READ). Callbacks carry their
-    # own token; /health is for probes.
+    # own token; /health is for probes. The guards run as one route
+    # middleware each (`guarding`: no copy of the handler per guard).
     guarded = Router(
         "/",
         route_handlers=[JobController, metrics],
-        guards=[api_token_guard(settings, sessions), strict],
+        middleware=[guarding(api_token_guard(settings, sessions), strict)],
     )
-    others = Router("/", route_handlers=[CallbackController, health], guards=[strict])
+    others = Router("/", route_handlers=[CallbackController, health], middleware=[guarding(strict)])
     # A backend's notifications: its plugin authenticates them, and reads
     # every query parameter (no strict guard).
     notices = Router("/", route_handlers=[BackendController])

@@ -20,12 +20,39 @@ from typing import Any, Literal
 
 import msgspec
 from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from core.settings import Settings, listed
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
+
+
+def guarding(*guards: Guard) -> Callable[[ASGIApp], ASGIApp]:
+    """Route middleware (a router's or a handler's `middleware=`) that runs
+    `guards` in order, before the route's handler, as Litestar's `guards=`
+    would: what one raises is answered by the app's exception handlers, and
+    middleware of every layer adds up, so a handler's own cannot drop its
+    router's. Cheaper than `guards=`: Litestar copies the route handler for
+    every guard of every request (`authorize_connection`, ~9 µs a copy)."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == ScopeType.HTTP:
+                connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(
+                    scope, receive, send
+                )
+                handler = scope["route_handler"]
+                for guard in guards:
+                    await guard(connection, handler)
+            await app(scope, receive, send)
+
+        return guarded
+
+    return middleware
+
 
 Access = Literal["read", "write"]
 

@@ -20,7 +20,7 @@ from litestar.openapi.spec.enums import OpenAPIFormat
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from api.auth import READ, Guard, bearer
+from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from core.callbacks import Heartbeat
 from core.errors import NotFound
@@ -154,6 +154,10 @@ async def require_json(
         )
 
 
+JSON_ONLY = guarding(require_json)
+"""A route's `middleware=`: its body must be JSON (`require_json`)."""
+
+
 CHANGES_POLL = 1.0
 """Seconds between a job-list stream's reads of its page, for changes made by
 other processes (this process's own wake it at once)."""
@@ -169,7 +173,7 @@ class JobController(Controller):
     @post(
         "/",
         status_code=201,
-        guards=[require_json],
+        middleware=[JSON_ONLY],
         operation_id="createJob",
         summary="Start a job",
         responses={
@@ -430,7 +434,7 @@ class JobController(Controller):
     @post(
         "/{job_id:str}/cancel",
         status_code=200,
-        guards=[require_json],
+        middleware=[JSON_ONLY],
         operation_id="cancelJob",
         summary="Cancel a job",
         responses=errors(400, 401, 403, 404, 409, 413, 415, 503),
@@ -450,7 +454,7 @@ class JobController(Controller):
     @post(
         "/{job_id:str}/retry",
         status_code=200,
-        guards=[require_json],
+        middleware=[JSON_ONLY],
         operation_id="retryJob",
         summary="Run a job again",
         responses=errors(400, 401, 403, 404, 409, 413, 415, 503),

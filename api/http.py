@@ -3,13 +3,24 @@
 httptools parses requests at about twice h11's speed, but unlike h11 it puts no
 bound on a request's head: one connection could make the server buffer a
 header of any size. `HttpProtocol` adds h11's kind of bound.
+
+It also answers with one socket write where uvicorn makes two: uvicorn writes
+a response's head as soon as the app starts it and the body when it comes, two
+`send` calls (each a TCP segment, and on loopback the receiver's work done in
+the sender's system call). An answer of known length (`content-length`: every
+JSON answer) has its head held and written with its first body chunk; a stream
+(chunked: server-sent events, the job-list changes) has its head written at
+once, as before, so a client sees it open before the first event.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent
 
 MAX_HEAD_BYTES = 64 * 1024
 """A request line and headers longer than this get 400 and the connection closes."""
@@ -53,6 +64,11 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.__class__ is RequestResponseCycle:
+            # The cycle uvicorn just made for this request (its task has not
+            # run yet): the same object, answering with `OneWriteCycle.send`.
+            cycle.__class__ = OneWriteCycle
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
@@ -60,6 +76,86 @@ class HttpProtocol(HttpToolsProtocol):
             # Raised inside a parser callback: the parser stops, and uvicorn
             # answers 400 and closes the connection.
             raise ValueError("request head too large")
+
+
+class _Held:
+    """Stands in for the transport while uvicorn writes a response's head."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+
+class _HeadFirst:
+    """Stands in for the transport while uvicorn writes the first body chunk:
+    the held head goes out in the same write (one `writev`, no copy)."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: Any, head: bytes) -> None:
+        self.transport, self.head = transport, head
+
+    def write(self, data: bytes) -> None:
+        head, self.head = self.head, b""
+        if not head:
+            self.transport.write(data)
+        elif data:
+            self.transport.writelines((head, data))
+        else:
+            self.transport.write(head)
+
+    def flush(self) -> None:
+        if self.head:
+            self.write(b"")
+
+    def close(self) -> None:  # a `connection: close` answer, once complete
+        self.flush()
+        self.transport.close()
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, writing a response of known length
+    with one socket write (see the module's docstring). uvicorn's own `send`
+    does all the checking and framing; only its writes are gathered."""
+
+    held: bytes | None = None
+    """The response's head, not yet written."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            # uvicorn's `send` would wait here: waited first, so that the
+            # transport is swapped below only while nothing can interleave.
+            await self.flow.drain()
+        if not self.response_started and message["type"] == "http.response.start":
+            transport, held = self.transport, _Held()
+            self.transport = held  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            written = b"".join(held.parts)
+            if self.chunked_encoding is False:  # content-length: the body follows at once
+                self.held = written
+            elif written:  # a stream: open it now
+                transport.write(written)
+            return
+        head = self.held
+        if head is None:
+            await super().send(message)
+            return
+        self.held = None
+        transport, first = self.transport, _HeadFirst(self.transport, head)
+        self.transport = first  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+        if not transport.is_closing():
+            first.flush()  # nothing written (a HEAD request, an empty body)
 
 
 SERVER_OPTIONS: dict[str, Any] = {"loop": "uvloop", "http": HttpProtocol}

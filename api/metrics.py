@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
@@ -72,13 +72,26 @@ def multiprocess_dir(workers: int) -> Iterator[None]:
                 os.environ[MULTIPROC_ENV] = previous
 
 
+_series: dict[tuple[str, str, int], Callable[[float], None]] = {}
+"""`REQUEST_DURATION`'s series by (method, route, status), each found once:
+`labels()` checks and converts its values and takes a lock on every call.
+Bounded as the labels are: methods in `METHODS`, the app's route templates,
+statuses."""
+
+
 def observe_request(scope: Any, status: int, seconds: float) -> None:
     """The request-duration histogram's observation (an `api.access.Observer`),
     labelled with the route's template (`/jobs/{job_id}`), never the path:
     paths carry job and promise ids."""
-    method = scope["method"] if scope["method"] in METHODS else "other"
-    route = scope.get("path_template") or UNMATCHED  # set by the router on a match
-    REQUEST_DURATION.labels(method, route, str(status)).observe(seconds)
+    key = (scope["method"], scope.get("path_template") or UNMATCHED, status)
+    observe = _series.get(key)
+    if observe is None:
+        method = key[0] if key[0] in METHODS else "other"
+        # the route is set by the router on a match
+        observe = REQUEST_DURATION.labels(method, key[1], str(status)).observe
+        if method != "other":  # a method a client made up is not kept
+            _series[key] = observe
+    observe(seconds)
 
 
 def install(app: Litestar, backends: Iterable[str]) -> None:

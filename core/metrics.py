@@ -73,28 +73,43 @@ class EventLike(Protocol):
     def data(self) -> Mapping[str, Any]: ...
 
 
+_series: dict[tuple[Any, ...], Any] = {}
+"""Each metric's series by its label values, found once (`labels()` checks
+and converts the values and takes a lock on every call). Bounded as the
+labels are (module docstring)."""
+
+
+def series(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, from `_series` after the first time."""
+    key = (metric, *labels)
+    found = _series.get(key)
+    if found is None:
+        found = _series[key] = metric.labels(*labels)
+    return found
+
+
 def on_event(job: JobRecord, event: EventLike) -> None:
     """Count one recorded event; `job` is the job's record as the event left
     it. Cheap (no I/O but prometheus_client's own) and never raises on an
     event it does not count."""
     match event.type:
         case "accepted":
-            JOBS_CREATED.labels(job.backend).inc()
+            series(JOBS_CREATED, job.backend).inc()
         case "triggered":
-            TRIGGER_ATTEMPTS.labels(job.backend, "ok").inc()
+            series(TRIGGER_ATTEMPTS, job.backend, "ok").inc()
         case "trigger_failed":
-            TRIGGER_ATTEMPTS.labels(job.backend, "failed").inc()
+            series(TRIGGER_ATTEMPTS, job.backend, "failed").inc()
         case "callback":
-            CALLBACKS.labels(str(event.data.get("verdict", "unknown"))).inc()
+            series(CALLBACKS, str(event.data.get("verdict", "unknown"))).inc()
         case "notified":
-            NOTIFICATIONS.labels(job.backend, "failed" if "error" in event.data else "ok").inc()
+            series(NOTIFICATIONS, job.backend, "failed" if "error" in event.data else "ok").inc()
         case "notify_failed":
-            NOTIFICATIONS_FAILED.labels(job.backend).inc()
+            series(NOTIFICATIONS_FAILED, job.backend).inc()
         case "finished":
-            JOBS_FINISHED.labels(job.backend, job.state).inc()
+            series(JOBS_FINISHED, job.backend, job.state).inc()
             if job.finished_at is not None:
                 seconds = max(job.finished_at - job.created_at, 0) / 1000
-                JOB_DURATION.labels(job.backend, job.state).observe(seconds)
+                series(JOB_DURATION, job.backend, job.state).observe(seconds)
 
 
 def prime(backends: Iterable[str]) -> None:

@@ -1,0 +1,176 @@
+"""`api.http`: an answer of known length goes out in one socket write, head
+and body together; a stream (server-sent events) has its head written at once,
+before its first event.
+
+The write counts are read off the protocol's transport (a recording stand-in,
+as uvicorn's own tests do: a real socket does not show how many writes made
+its bytes); the streams are read through the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from litestar import Litestar, get
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from api.http import SERVER_OPTIONS
+
+SSE = {"accept": "text/event-stream"}
+
+
+class Recorder:
+    """The transport uvicorn's protocol writes to: each write kept apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, parts: Any) -> None:
+        self.writes.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+gates: dict[str, asyncio.Event] = {}
+"""The stream's first event waits for `gates["opened"]` (made by the test, on its loop)."""
+
+
+@get("/small")
+async def small() -> dict[str, str]:
+    return {"hello": "world"}
+
+
+@get("/stream")
+async def stream() -> ServerSentEvent:
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        await gates["opened"].wait()  # the first event comes only when the test says so
+        yield ServerSentEventMessage(data="first", event="tick")
+
+    return ServerSentEvent(events())
+
+
+def connect() -> tuple[Any, Recorder]:
+    config = Config(
+        Litestar([small, stream]), http=SERVER_OPTIONS["http"], log_config=None, access_log=False
+    )
+    config.load()
+    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+    transport = Recorder()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def request(method: str, path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"{method} {path} HTTP/1.1", "host: t", *headers, "", ""]).encode()
+
+
+async def answered(protocol: Any, count: int = 1) -> None:
+    """Until `count` answers on this connection are complete."""
+    for _ in range(1000):
+        if protocol.server_state.total_requests >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("no complete answer")
+
+
+async def test_a_json_answer_is_one_write_of_head_and_body():
+    protocol, transport = connect()
+    protocol.data_received(request("GET", "/small"))
+    await answered(protocol)
+    assert len(transport.writes) == 1
+    head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 17" in head.lower()
+    assert body == b'{"hello":"world"}'
+
+
+async def test_pipelined_answers_are_one_write_each_in_order():
+    protocol, transport = connect()
+    protocol.data_received(request("GET", "/small") + request("GET", "/nothing-here"))
+    await answered(protocol, 2)
+    assert len(transport.writes) == 2
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 ")
+    assert transport.writes[1].startswith(b"HTTP/1.1 404 ")
+    assert all(w.count(b"HTTP/1.1") == 1 for w in transport.writes)
+
+
+async def test_a_head_request_and_a_closing_answer_are_one_write_too():
+    protocol, transport = connect()
+    protocol.data_received(request("HEAD", "/small"))
+    await answered(protocol)
+    assert len(transport.writes) == 1  # (405 here: the route takes GET)
+    assert b"content-length: 49" in transport.writes[0].lower()
+    assert transport.writes[0].endswith(b"\r\n\r\n")  # a head, no body
+
+    protocol, transport = connect()
+    protocol.data_received(request("GET", "/small", "connection: close"))
+    await answered(protocol)
+    assert len(transport.writes) == 1 and transport.closed
+    assert transport.writes[0].endswith(b'{"hello":"world"}')
+
+
+async def test_a_stream_is_opened_before_its_first_event_and_the_event_follows_at_once():
+    gates["opened"] = opened = asyncio.Event()
+    protocol, transport = connect()
+    protocol.data_received(request("GET", "/stream", "accept: text/event-stream"))
+    for _ in range(200):  # the app runs until its generator waits
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1, "the head of a stream is written at once"
+    head = transport.writes[0].lower()
+    assert head.startswith(b"http/1.1 200 ") and b"transfer-encoding: chunked" in head
+    assert b"event: tick" not in head
+    opened.set()
+    for _ in range(200):
+        if len(transport.writes) > 1:
+            break
+        await asyncio.sleep(0)
+    assert b"event: tick" in transport.writes[1]
+    assert b"data: first" in transport.writes[1]
+
+
+async def test_streams_of_the_real_service_open_at_once(start_service):
+    """The job list's changes stream on an empty store sends nothing for 15 s
+    (a keep-alive): its head must arrive anyway. A job's history stream sends
+    the events recorded so far at once."""
+    svc = await start_service()
+    async with httpx.AsyncClient(base_url=svc.settings.base_url, trust_env=False) as client:
+        started = time.monotonic()
+        async with client.stream("GET", "/jobs", headers=SSE, timeout=5) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+        assert time.monotonic() - started < 2
+        created = await client.post(
+            "/jobs",
+            json={"id": "w1", "backend": "http_webhook", "params": {"url": "http://127.0.0.1:9/"}},
+        )
+        assert created.status_code == 201
+        started = time.monotonic()
+        async with client.stream("GET", "/jobs/w1/events", headers=SSE, timeout=5) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("event:"):
+                    assert line == "event: accepted"
+                    break
+        assert time.monotonic() - started < 2
