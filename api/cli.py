@@ -189,20 +189,20 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,
     )
+    from api.server import Supervisor, TetherServer  # uvicorn's, waking less when idle
+
     if workers <= 1:
-        uvicorn.Server(config).run()
+        TetherServer(config).run()
         return
     # Several workers share one listening socket. Made here with IPPROTO_TCP
     # (uvicorn's own has proto 0), so asyncio turns on TCP_NODELAY for each
     # connection; without it every response waits ~40 ms on Nagle's algorithm.
-    from uvicorn.supervisors import Multiprocess
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     sock.set_inheritable(True)
     with multiprocess_dir(workers):  # the workers read it as they start
-        Multiprocess(config, sockets=[sock]).run()
+        Supervisor(config, sockets=[sock]).run()
 
 
 @cli.command()

@@ -12,11 +12,12 @@ tried again after `notify_backoff` seconds, doubling up to an hour, until
 (`notify_failed`). At least once: a redelivery keeps the `webhook-id`.
 
 It wakes at once when this process ends an attempt of a job with a notify
-URL (a listener of the job history), and otherwise looks at the outbox every
-`watchdog_interval` seconds (other processes' notifications, retries), or at
-the next due time when that is sooner. Logs name the job and only the URL's
-origin: the full URL may carry a token (docs/lifecycle.md, "Completion
-notifications")."""
+URL (a listener of the job history), and otherwise sleeps until the outbox's
+next due time (a retry, a claim running out: `next_notification_at`, the
+first row of its index), looking at least every `watchdog_interval` seconds
+for what other processes or hosts put there meanwhile. Logs name the job and
+only the URL's origin: the full URL may carry a token (docs/lifecycle.md,
+"Completion notifications")."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ MAX_BACKOFF = 3600.0
 """The longest wait between two tries of a notification, in seconds."""
 CONCURRENCY = 16
 """Notifications one process delivers at once."""
-DEFAULT_POLL = 1.0
+DEFAULT_POLL = 10.0
 """Seconds between looks at the outbox when `watchdog_interval` is not positive."""
+RETRY_AFTER = 1.0
+"""Seconds (at most the poll) before looking again when the store did not answer."""
 USER_AGENT = "tether-notify"
 
 
@@ -122,7 +125,7 @@ class Notifier:
                 delay = await self.round(now_ms())
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
-                delay = self.poll
+                delay = min(self.poll, RETRY_AFTER)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 

@@ -137,6 +137,7 @@ class Tether:
         self.watchdog = Watchdog(
             self.settings, self.plugins, self.store, self._settler, resume=self.resume_stale
         )
+        self.events.listeners.append(self.watchdog.on_event)  # a job due soon wakes it
         self.watchdog.start()
         if self.store.notify_secret is not None:
             self.notifier = Notifier(self.settings, self.jobs, self.store.notify_secret)

@@ -140,8 +140,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     trigger_backoff: float = 1.0
     """Seconds before the second trigger attempt; doubles for each later one."""
 
-    watchdog_interval: float = 1.0
-    """Seconds between sweeps for jobs past their timeout or due a status check."""
+    watchdog_interval: float = 10.0
+    """Seconds at most between one process's looks at the store for jobs due
+    (past their timeout, due a status check, a heartbeat overdue) and
+    notifications due that other processes or hosts wrote; what this process
+    writes it handles on time. 0 turns the watchdog off."""
 
     task_ttl: float = 30.0
     """Seconds a worker's lease on a running workflow step lasts; the worker

@@ -1,7 +1,15 @@
-"""The watchdog: every `watchdog_interval`, in every process, time out jobs past
-their deadline, ask backends about running jobs due a status check or whose
-heartbeat is overdue, and now and then apply retention. Settles are first-wins
-and checks are claimed, so processes sharing a store don't clash.
+"""The watchdog: in every process, time out jobs past their deadline, ask
+backends about running jobs due a status check or whose heartbeat is overdue,
+and now and then apply retention. Settles are first-wins and checks are
+claimed, so processes sharing a store don't clash.
+
+It sleeps until the next thing due: after each sweep it asks the job index
+for the earliest deadline, status check or heartbeat due (`next_due`: the
+first row of each partial index, no scan), and a job this process writes due
+sooner wakes it at once (`on_event`, a listener of the job history). Jobs
+other processes or hosts write while it sleeps are found at its next look,
+at most `watchdog_interval` seconds later (`TETHER_WATCHDOG_INTERVAL`): that
+is the bound on how late one is seen (docs/operations.md, "Timers").
 
 A missed heartbeat (none for `heartbeat_timeout` seconds, counted from the
 trigger until the first) is not yet a failure: the backend is asked. A run
@@ -29,7 +37,7 @@ from core.plugins import Plugins
 from core.settings import Settings
 from core.settle import Settler
 from core.store import Store
-from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.views import view
 from core.workflow import ROOT_GRACE_MS
 
@@ -49,6 +57,9 @@ MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
 HEARTBEAT_CHECK_TIMEOUT = 30.0
 """Seconds a backend may take to answer the status check a missed heartbeat asks for."""
+RETRY_AFTER = 1.0
+"""Seconds (at most `watchdog_interval`) before the next sweep when the store
+did not answer, or a sweep found a full batch due (more may be)."""
 
 
 async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
@@ -96,6 +107,10 @@ class Watchdog:
         run every `RESUME_EVERY` seconds, so a host that never comes back
         strands none."""
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._planned = math.inf
+        """When the sleeping loop sweeps next (Unix ms); while it sweeps, the
+        earliest due this process wrote meanwhile (`inf`: none)."""
 
     def start(self) -> None:
         if self.settings.watchdog_interval > 0:
@@ -107,30 +122,69 @@ class Watchdog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def on_event(self, rec: JobRecord, event: Event) -> None:
+        """A `JobHistory` listener: this process wrote a job (a new one, a
+        retry, a trigger that set its checks, ...); if that job is due before
+        the sweep planned, sweep then instead. Costs a comparison, no read."""
+        times = (rec.next_check_at, rec.heartbeat_due, None if rec.finished else rec.deadline)
+        due = min((t for t in times if t is not None), default=None)
+        if due is not None and due < self._planned:
+            self._planned = due
+            self._wake.set()  # read only while the loop sleeps
+
     async def _run(self) -> None:
+        nap = self.settings.watchdog_interval
+        retry = min(nap, RETRY_AFTER)
         last_gc = -math.inf  # retention on the first sweep, even on a host up for under an hour
         last_resume = time.monotonic()  # the service resumed every pending job as it started
+        delay = 0.0  # a first look at once: what is due, and when the next is
         while True:
-            await asyncio.sleep(self.settings.watchdog_interval)
-            if self.resume is not None and time.monotonic() - last_resume > RESUME_EVERY:
+            await self._sleep(delay)
+            self._planned = math.inf  # awake: `on_event` keeps the earliest due written
+            if self.resume is not None and time.monotonic() - last_resume >= RESUME_EVERY:
                 last_resume = time.monotonic()
                 try:
                     await self.resume()
                 except Exception as exc:
                     log.warning("resuming pending jobs: %s", type(exc).__name__)
-            if self.settings.retention and time.monotonic() - last_gc > GC_EVERY:
+            if self.settings.retention and time.monotonic() - last_gc >= GC_EVERY:
                 last_gc = time.monotonic()
                 try:
                     await collect_garbage(self.store, self.settings.retention)
                 except Exception as exc:
                     log.warning("retention: %s", getattr(exc, "message", type(exc).__name__))
+            # Until the next of: the store's earliest due time, the next
+            # resume or retention, and `nap` (work other processes write).
+            delay = min(nap, RESUME_EVERY + last_resume - time.monotonic())
+            if self.settings.retention:
+                delay = min(delay, GC_EVERY + last_gc - time.monotonic())
+            now = now_ms()
             try:
-                await self.sweep(now_ms())
+                if await self.sweep(now) >= WATCHDOG_BATCH:
+                    delay = min(delay, retry)  # more may be due
+                at = await self.store.jobs.next_due(now)
             except Exception as exc:
                 log.warning("watchdog: the store did not answer: %s", type(exc).__name__)
+                delay = min(delay, retry)
+                continue
+            # `_planned` holds what this process wrote while the sweep ran.
+            for due in (at, self._planned):
+                if due is not None and due < math.inf:
+                    delay = min(delay, (due - now_ms() + 1) / 1000)
+            delay = max(delay, 0.0)
 
-    async def sweep(self, now: int) -> None:
-        """Look once at every job due: past its deadline or due a status check."""
+    async def _sleep(self, delay: float) -> None:
+        """Sleep `delay` seconds, or until a job this process writes is due if
+        that is sooner (`on_event` moves `_planned`)."""
+        self._planned = now_ms() + int(delay * 1000)
+        while (left := (self._planned - now_ms()) / 1000) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+
+    async def sweep(self, now: int) -> int:
+        """Look once at every job due: past its deadline or due a status check
+        (at most `WATCHDOG_BATCH` of each); how many it looked at."""
         sem = asyncio.Semaphore(WATCHDOG_CONCURRENCY)
 
         async def one(rec: JobRecord) -> None:
@@ -144,6 +198,7 @@ class Watchdog:
 
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
         await asyncio.gather(*(one(rec) for rec in due))
+        return len(due)
 
     async def look_at(self, rec: JobRecord, now: int) -> None:
         """Time the job out if its deadline passed, else ask its backend about

@@ -286,6 +286,11 @@ class JobIndex(Protocol):
         jobs whose heartbeat is overdue."""
         ...
 
+    async def next_due(self, after: int) -> int | None:
+        """The earliest deadline, status check or heartbeat due of an open job
+        strictly after `after` (None: none), from the indexes, never a scan."""
+        ...
+
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
         """Move a running job's next check from `expected` to `next_check_at`;
         False if another process moved it first (it then owns this check)."""

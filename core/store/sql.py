@@ -648,6 +648,22 @@ class SqlJobIndex:
         seen = {rec.id: rec for rec in map(_row, (*late, *checks, *beats))}
         return list(seen.values())
 
+    async def next_due(self, after: int) -> int | None:
+        """The earliest deadline, status check or heartbeat due of an open job
+        strictly after `after` (None: none): the first row of each of their
+        partial indexes, one round trip."""
+        rows = await self.db.fetch(
+            "SELECT (SELECT deadline FROM tether_jobs WHERE finished_at IS NULL"
+            " AND deadline > ? ORDER BY deadline LIMIT 1),"
+            " (SELECT next_check_at FROM tether_jobs WHERE next_check_at IS NOT NULL"
+            " AND next_check_at > ? ORDER BY next_check_at LIMIT 1),"
+            " (SELECT heartbeat_due FROM tether_jobs WHERE heartbeat_due IS NOT NULL"
+            " AND heartbeat_due > ? ORDER BY heartbeat_due LIMIT 1)",
+            (after, after, after),
+        )
+        found = [at for at in rows[0] if at is not None] if rows else []
+        return min(found, default=None)
+
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
         changed = await self.db.execute(
             "UPDATE tether_jobs SET next_check_at = ? WHERE id = ? AND next_check_at = ?",

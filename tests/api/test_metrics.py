@@ -158,7 +158,7 @@ async def test_jobs_in_each_state_come_from_the_store(start, receiver):
 
 
 async def test_a_job_past_its_deadline_is_overdue_while_no_watchdog_ends_it(start, receiver):
-    svc = await start(watchdog_interval=3600)  # the first sweep is long after this test
+    svc = await start(watchdog_interval=0)  # no watchdog
     body = {"id": "late", "backend": "http_webhook", "params": {"url": receiver.url()}}
     assert (await svc.client.post("/jobs", json={**body, "timeout": 0.2})).status_code == 201
     await svc.wait_state("late", "running")

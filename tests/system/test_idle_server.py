@@ -1,0 +1,116 @@
+"""`tether serve`'s uvicorn parts sleep while idle (`api/server.py`), real
+processes and real signals: a worker's loop wakes about once a second, not
+ten times, yet a SIGTERM still stops it at once; the supervisor wakes for a
+worker's death or a signal, not twice a second, and still replaces a
+SIGKILLed worker and stops on SIGTERM. Wake-ups are counted as the kernel
+counts them (`voluntary_ctxt_switches` in /proc)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_until
+from tests.process import TetherProcess
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+APP = """
+import sys
+import uvicorn
+from api.http import SERVER_OPTIONS
+from api.server import TetherServer
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+config = uvicorn.Config(app, port=int(sys.argv[1]), log_level="warning", **SERVER_OPTIONS)
+TetherServer(config).run()
+"""
+
+
+def wakeups(pid: int, tid: int | None = None) -> int:
+    """Voluntary context switches of a thread so far (the main one by default)."""
+    status = Path(f"/proc/{pid}/task/{tid or pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def workers(pid: int) -> set[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    found = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(child))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def test_a_worker_ticks_once_a_second_and_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", APP, str(port)])
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=20)
+        said = httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).headers["date"]
+        assert abs(parsedate_to_datetime(said).timestamp() - time.time()) < 2
+        before = wakeups(proc.pid)
+        time.sleep(3)
+        assert wakeups(proc.pid) - before <= 6  # uvicorn's own loop: ~30
+        # Right after a whole second, when the loop has just gone back to sleep
+        # for a second: only the signal's wake stops it before the next tick.
+        time.sleep(1.05 - time.time() % 1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == -signal.SIGTERM  # uvicorn raises it again once stopped
+        assert time.monotonic() - sent < 0.6
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_supervisor_sleeps_yet_replaces_a_killed_worker_and_stops(tmp_path: Path) -> None:
+    service = TetherProcess(
+        tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db"}, args=("--workers", "2")
+    ).start()
+    assert service.proc is not None
+    pid = service.proc.pid
+    try:
+        wait_until(lambda: len(workers(pid)) == 2, timeout=20)
+        first = workers(pid)
+        before = wakeups(pid)
+        time.sleep(3)
+        assert wakeups(pid) - before <= 3  # uvicorn's Multiprocess: 7-8
+
+        victim = min(first)
+        killed = time.monotonic()
+        subprocess.run(["kill", "-KILL", str(victim)], check=True)
+        wait_until(lambda: len(workers(pid) - first) == 1, timeout=10)
+        assert time.monotonic() - killed < 1.0
+        assert victim not in workers(pid)
+        with service.client() as http:
+            for _ in range(4):  # whichever worker takes the connection
+                assert http.get("/health", headers={"connection": "close"}).status_code == 200
+
+        sent = time.monotonic()
+        assert service.terminate(wait=20) == 0
+        assert time.monotonic() - sent < 5
+    finally:
+        service.kill()
