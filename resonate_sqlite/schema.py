@@ -181,6 +181,16 @@ SETTLED_AT, T_STATE, T_VERSION, T_PID, T_TTL, T_DUE, T_RESUMES = range(9, 16)
 type Row = list[Any]
 
 SQL_GET = f"SELECT {COLS} FROM r_promises WHERE id = ?"
+#: What a task's lease check needs (task.fence, task.suspend, task.release):
+#: a narrow read, without the promise's param, value and tags.
+SQL_LEASE = "SELECT t_state, t_version, state, timeout_at, target FROM r_promises WHERE id = ?"
+#: task.fence's one read: the task's lease (as SQL_LEASE) and the row of the
+#: promise it creates or settles (as SQL_GET; NULLs when there is none).
+SQL_LEASE_GET = (
+    "SELECT t.t_state, t.t_version, t.state, t.timeout_at, t.target, "
+    + ", ".join(f"p.{c}" for c in COLS.split(", "))
+    + " FROM r_promises AS t LEFT JOIN r_promises AS p ON p.id = ? WHERE t.id = ?"
+)
 SQL_INSERT = f"INSERT INTO r_promises ({COLS}, origin) VALUES ({', '.join('?' * 17)})"
 SQL_SETTLE = (
     "UPDATE r_promises SET state = ?, value = ?, settled_at = ?, "
@@ -228,10 +238,14 @@ SQL_DUE_TASKS = (
     "ORDER BY t_due LIMIT ?"
 )
 SQL_LISTENER_ADD = "INSERT OR IGNORE INTO r_listeners (awaited_id, address) VALUES (?, ?)"
-SQL_LISTENERS_OF = "SELECT address FROM r_listeners WHERE awaited_id = ?"
 SQL_LISTENERS_DROP = "DELETE FROM r_listeners WHERE awaited_id = ?"
 SQL_CALLBACK_ADD = "INSERT OR IGNORE INTO r_callbacks (awaited_id, awaiter_id) VALUES (?, ?)"
-SQL_CALLBACKS_OF = "SELECT awaiter_id FROM r_callbacks WHERE awaited_id = ?"
+#: Who waits on a settling promise, in one read: (0, listener address) and
+#: (1, awaiter id) rows.
+SQL_WAITERS = (
+    "SELECT 0, address FROM r_listeners WHERE awaited_id = ? "
+    "UNION ALL SELECT 1, awaiter_id FROM r_callbacks WHERE awaited_id = ?"
+)
 SQL_CALLBACKS_DROP = "DELETE FROM r_callbacks WHERE awaited_id = ?"
 SQL_CALLBACKS_SCRUB = "DELETE FROM r_callbacks INDEXED BY r_callbacks_awaiter WHERE awaiter_id = ?"
 SQL_OUTBOX_PUT = (
@@ -293,6 +307,8 @@ SQL_GC_UNBLOCKS = "DELETE FROM r_outbox WHERE key >= ? AND key < ?"
 #: index-use test.
 HOT_QUERIES: Final = {
     "get": SQL_GET,
+    "lease": SQL_LEASE,
+    "lease_get": SQL_LEASE_GET,
     "settle": SQL_SETTLE,
     "task_acquire": SQL_TASK_ACQUIRE,
     "task_pending": SQL_TASK_PENDING,
@@ -308,9 +324,8 @@ HOT_QUERIES: Final = {
     "due_schedules": SQL_DUE_SCHEDULES,
     "schedule_get": SQL_SCHEDULE_GET,
     "schedule_advance": SQL_SCHEDULE_ADVANCE,
-    "listeners_of": SQL_LISTENERS_OF,
     "listeners_drop": SQL_LISTENERS_DROP,
-    "callbacks_of": SQL_CALLBACKS_OF,
+    "waiters": SQL_WAITERS,
     "callbacks_drop": SQL_CALLBACKS_DROP,
     "callbacks_scrub": SQL_CALLBACKS_SCRUB,
     "outbox_drop": SQL_OUTBOX_DROP,

@@ -19,10 +19,11 @@ helpers, checks, and then writes; it returns ``(status, data)`` for an answer
 
 from __future__ import annotations
 
+import enum
 import logging
 import sqlite3
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from resonate_sqlite import cron
 from resonate_sqlite.schema import (
@@ -39,14 +40,14 @@ from resonate_sqlite.schema import (
     SETTLED_AT,
     SQL_CALLBACK_ADD,
     SQL_CALLBACKS_DROP,
-    SQL_CALLBACKS_OF,
     SQL_CALLBACKS_SCRUB,
     SQL_GET,
     SQL_HEARTBEAT,
     SQL_INSERT,
+    SQL_LEASE,
+    SQL_LEASE_GET,
     SQL_LISTENER_ADD,
     SQL_LISTENERS_DROP,
-    SQL_LISTENERS_OF,
     SQL_OUTBOX_DROP,
     SQL_OUTBOX_PUT,
     SQL_RESUME,
@@ -62,6 +63,7 @@ from resonate_sqlite.schema import (
     SQL_TASK_RETRY,
     SQL_TASK_SUSPEND,
     SQL_TASK_UNRESUMED,
+    SQL_WAITERS,
     STATE,
     T_DUE,
     T_PID,
@@ -110,6 +112,15 @@ type Result = tuple[int, Any]
 NO_PRELOAD: Final[list[Any]] = []
 
 
+class _Unread(enum.Enum):
+    UNREAD = enum.auto()
+
+
+#: A row argument not read yet (the callee reads it); None is "not there".
+UNREAD: Final = _Unread.UNREAD
+type MaybeRow = Row | Literal[_Unread.UNREAD] | None
+
+
 class Transitions:
     """The request handlers and timer transitions of :class:`~resonate_sqlite.engine.Engine`."""
 
@@ -153,11 +164,14 @@ class Transitions:
         timeout_at: int | None,
         param: str,
         tags: dict[str, str],
+        row: MaybeRow = UNREAD,
     ) -> Result:
-        """promise.create (also a fence's, and a schedule's run)."""
+        """promise.create (also a fence's, and a schedule's run); ``row`` is
+        promise ``pid``'s when the caller has read it."""
         if pid is None or timeout_at is None:
             return 400, "promise.create needs id and timeoutAt"
-        row = self._row(db, pid)
+        if row is UNREAD:
+            row = self._row(db, pid)
         if row is not None:
             return 200, {"promise": record(row, now)}
         target = tags.get("resonate:target")
@@ -208,12 +222,21 @@ class Transitions:
         return self._settle_req(db, now, text(d, "id"), text(d, "state"), obj(d).get("value"))
 
     def _settle_req(
-        self, db: sqlite3.Connection, now: int, pid: str | None, state: str | None, value: Any
+        self,
+        db: sqlite3.Connection,
+        now: int,
+        pid: str | None,
+        state: str | None,
+        value: Any,
+        row: MaybeRow = UNREAD,
     ) -> Result:
+        """promise.settle (also a fence's); ``row`` is promise ``pid``'s when
+        the caller has read it."""
         # rejected_timedout is the timer's: a client cannot forge a timeout
         if state not in CLIENT_STATES:
             return 400, f"invalid settle state: {state!r}"
-        row = self._row(db, pid)
+        if row is UNREAD:
+            row = self._row(db, pid)
         if row is None:
             return 404, f"promise {pid} not found"
         if live(row, now):
@@ -332,25 +355,33 @@ class Transitions:
     def _held(self, db: sqlite3.Connection, now: int, tid: str | None, version: int | None) -> Row:
         """The row of a task acquired at ``version`` whose promise is live."""
         row = self._row(db, tid)
-        if row is None or row[T_STATE] is None:
+        if row is None:
             raise Refusal(404, f"task {tid} not found")
-        if row[T_STATE] != "acquired":
-            raise Refusal(409, f"task {tid} is {row[T_STATE]}, not acquired")
-        if not live(row, now):
-            raise Refusal(409, f"the promise of task {tid} is settled or timed out")
-        if row[T_VERSION] != version:
-            raise Refusal(409, f"task {tid} is at version {row[T_VERSION]}, not {version}")
+        _check_lease(now, tid, version, row[T_STATE], row[T_VERSION], row[STATE], row[TIMEOUT_AT])
         return row
+
+    @staticmethod
+    def _lease(
+        db: sqlite3.Connection, now: int, tid: str | None, version: int | None
+    ) -> str | None:
+        """:meth:`_held`'s checks on a narrow read (no param, value or tags),
+        for the requests that need only them; returns the task's target."""
+        lease = None if tid is None else db.execute(SQL_LEASE, (tid,)).fetchone()
+        if lease is None:
+            raise Refusal(404, f"task {tid} not found")
+        _check_lease(now, tid, version, *lease[:4])
+        return lease[4]  # type: ignore[no-any-return]
 
     # -- task.release / task.fulfill / task.fence ---------------------------------------
 
     def _task_release(self, db: sqlite3.Connection, now: int, d: Any) -> Result:
         tid, version = text(d, "id"), int4(d, "version")
         self._released = tid
-        row = self._held(db, now, tid, version)
+        target = self._lease(db, now, tid, version)
+        assert tid is not None and version is not None
         db.execute(SQL_TASK_PENDING, (now + self.retry_ms, tid))
-        if row[TARGET]:
-            self._emit_execute(db, row[TARGET], row[ID], row[T_VERSION])
+        if target:
+            self._emit_execute(db, target, tid, version)
         return 200, {}
 
     def _task_fulfill(self, db: sqlite3.Connection, now: int, d: Any) -> Result:
@@ -368,19 +399,25 @@ class Transitions:
         tid, version = text(d, "id"), int4(d, "version")
         action = obj(obj(d).get("action"))
         inner = action.get("data")
+        pid = text(inner, "id")
         # a fence on the task's own promise: settling yourself is task.fulfill's job
-        if tid is not None and text(inner, "id") == tid:
+        if tid is not None and pid == tid:
             return 400, f"task.fence cannot create or settle its own promise {tid}"
-        self._held(db, now, tid, version)
+        # the lease and the promise in one read (the checks keep their order)
+        found = None if tid is None else db.execute(SQL_LEASE_GET, (pid, tid)).fetchone()
+        if found is None:
+            raise Refusal(404, f"task {tid} not found")
+        _check_lease(now, tid, version, *found[:4])
+        row = None if found[5] is None else list(found[5:])  # (id is NOT NULL)
         if text(action, "kind") == "promise.create":
             kind = "promise.create"
-            pid, timeout_at = text(inner, "id"), bigint(inner, "timeoutAt")
+            timeout_at = bigint(inner, "timeoutAt")
             param, tags = value_text(obj(inner).get("param")), tags_of(inner)
-            status, data = self._create(db, now, pid, timeout_at, param, tags)
+            status, data = self._create(db, now, pid, timeout_at, param, tags, row)
         else:  # (resonate.sql settles for any other kind)
             kind = "promise.settle"
             status, data = self._settle_req(
-                db, now, text(inner, "id"), text(inner, "state"), obj(inner).get("value")
+                db, now, pid, text(inner, "state"), obj(inner).get("value"), row
             )
         if status >= 400:
             data = error_data(status, data)
@@ -404,7 +441,7 @@ class Transitions:
         named = [a for a in awaited if a is not None]
         if len(set(named)) != len(named):
             return 400, "task.suspend names an awaited promise twice"
-        self._held(db, now, tid, version)
+        self._lease(db, now, tid, version)
         rows = [self._row(db, a) for a in awaited]
         missing = [a for a, r in zip(awaited, rows, strict=True) if r is None]
         if missing:
@@ -512,19 +549,22 @@ class Transitions:
             row[T_PID] = row[T_TTL] = row[T_DUE] = None
             db.execute(SQL_OUTBOX_DROP, ("x:" + pid,))
             db.execute(SQL_CALLBACKS_SCRUB, (pid,))
-        listeners = db.execute(SQL_LISTENERS_OF, (pid,)).fetchall()
+        waiters = db.execute(SQL_WAITERS, (pid, pid)).fetchall()
+        if not waiters:
+            return
+        listeners = sorted(a for k, a in waiters if k == 0)
         if listeners:
             db.execute(SQL_LISTENERS_DROP, (pid,))
             body = unblock_body(row)
-            for (address,) in sorted(listeners):
+            for address in listeners:
                 if address in self.local_addresses:
                     self._out.append(body)
                 else:
                     db.execute(SQL_OUTBOX_PUT, (f"u:{pid}\n{address}", address, body))
-        awaiters = db.execute(SQL_CALLBACKS_OF, (pid,)).fetchall()
+        awaiters = sorted(a for k, a in waiters if k == 1)
         if awaiters:
             db.execute(SQL_CALLBACKS_DROP, (pid,))
-        for (awaiter,) in sorted(awaiters):
+        for awaiter in awaiters:
             self._resume(db, now, awaiter)
 
     def _resume(self, db: sqlite3.Connection, now: int, awaiter: str) -> None:
@@ -598,6 +638,27 @@ class Transitions:
                 next_run = I64_MAX
         db.execute(SQL_SCHEDULE_ADVANCE, (last_run, next_run, srow[S_ID]))
         return runs
+
+
+def _check_lease(
+    now: int,
+    tid: str | None,
+    version: int | None,
+    t_state: str | None,
+    t_version: int | None,
+    state: str,
+    timeout_at: int,
+) -> None:
+    """Refuse unless the task is acquired at ``version`` and its promise is
+    live (pending, before its deadline): the lease every task.* write needs."""
+    if t_state is None:
+        raise Refusal(404, f"task {tid} not found")
+    if t_state != "acquired":
+        raise Refusal(409, f"task {tid} is {t_state}, not acquired")
+    if not (state == "pending" and timeout_at > now):  # wire.live
+        raise Refusal(409, f"the promise of task {tid} is settled or timed out")
+    if t_version != version:
+        raise Refusal(409, f"task {tid} is at version {t_version}, not {version}")
 
 
 type Handler = Callable[[Transitions, sqlite3.Connection, int, Any], Result]
