@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import click
+from litestar import Litestar
 
 from api.app import create_app, token_problem
 from api.client import COMMANDS as CLIENT_COMMANDS
 from api.client import add_client_commands
 from api.http import SERVER_OPTIONS
-from api.logs import formatter
+from api.logs import formatter, lean_records
 from api.metrics import multiprocess_dir
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
@@ -85,6 +86,13 @@ def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
     }
+
+
+def serving_app(settings: Settings) -> Litestar:
+    """The app of a `tether serve` process (each worker calls this), with lean
+    log records: no format here shows the caller's line or thread."""
+    lean_records()
+    return create_app(settings)
 
 
 class Refused(click.ClickException):
@@ -177,7 +185,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     import uvicorn
 
     config = uvicorn.Config(
-        functools.partial(create_app, settings),  # each worker builds its app from these
+        functools.partial(serving_app, settings),  # each worker builds its app from these
         factory=True,
         host=settings.host,
         port=settings.port,
