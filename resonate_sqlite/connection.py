@@ -13,6 +13,16 @@ claimed by exactly one of its processes, timers run in every process (each
 transition is rechecked under the write lock, so it happens once), and a
 process that dies is noticed through its liveness heartbeat. Design notes,
 schema and semantics: ``README.md`` beside this file.
+
+An idle connection does not poll. Its pump sleeps until the next thing it has
+to do: the next timer due in the file (it reads the earliest one from the
+timer indexes), its liveness beat (every 10 s), or a wake-up. A process whose
+commit wrote a message for other processes wakes them through
+:class:`resonate_sqlite.wake.Doorbell` (one byte on a unix datagram socket
+beside the file), so such a message is claimed within milliseconds rather than
+at the next poll. The only periodic look left is a safety net: every
+``max_poll_interval`` (2 s) the pump checks ``PRAGMA data_version``, which
+covers a lost signal, a process without one, and timers other processes set.
 """
 
 from __future__ import annotations
@@ -41,22 +51,31 @@ from resonate_sqlite.engine import (
     StoreFailure,
     now_ms,
 )
+from resonate_sqlite.wake import Doorbell, next_due, outbox_hook
 
 __all__ = ["SqliteConnection", "SqliteStoreError"]
 
 logger = logging.getLogger(__name__)
 
-#: Interval between outbox polls (messages other processes wrote for us)
-#: while there is work about.
+#: Interval between outbox looks (messages other processes wrote for us)
+#: right after work was about.
 DEFAULT_POLL_INTERVAL: Final = 0.02
-#: The longest an idle process naps between polls: each round that finds
-#: nothing doubles the nap from ``poll_interval`` up to this.
-DEFAULT_MAX_POLL_INTERVAL: Final = 0.2
-#: Interval between timer sweeps (promise timeouts, task retries and leases).
+#: The longest an idle process naps between outbox looks: each round that
+#: finds nothing doubles the nap from ``poll_interval`` up to this. With the
+#: doorbell (``wake=True``) a safety net; without it, the poll itself.
+DEFAULT_MAX_POLL_INTERVAL: Final = 2.0
+DEFAULT_MAX_POLL_INTERVAL_UNWOKEN: Final = 0.2
+#: The least time between timer sweeps while requests come (their commits may
+#: have set earlier timers); an idle process sweeps when the next timer is due.
 DEFAULT_TIMER_INTERVAL: Final = 0.1
-#: Liveness heartbeat of this process, and when a silent process counts as dead.
-DEFAULT_PROCESS_HEARTBEAT: Final = 1.0
-DEFAULT_PROCESS_TIMEOUT: Final = 15.0
+#: The longest an idle process sleeps on a timer far away (a wall clock that
+#: jumps is noticed within this).
+MAX_TIMER_SLEEP: Final = 60.0
+#: Liveness heartbeat of this process, and when a silent process counts as
+#: dead. Reaping only drops a dead process's listeners and unicast messages;
+#: its tasks move on when their leases (the SDK's ttl) run out, whatever these.
+DEFAULT_PROCESS_HEARTBEAT: Final = 10.0
+DEFAULT_PROCESS_TIMEOUT: Final = 60.0
 #: See ``max_inflight``; the SDK's default ``max_concurrent_tasks``.
 DEFAULT_MAX_INFLIGHT: Final = 64
 #: Most requests one group-commit transaction carries.
@@ -108,16 +127,25 @@ class SqliteConnection:
     ``pid``
         This process's id; a random hex id when omitted.
     ``poll_interval``
-        Seconds between outbox polls for messages other processes wrote,
-        while work is about (something was found, claimed or requested here).
+        Seconds between looks at the outbox (``PRAGMA data_version``, then the
+        messages) right after work was about (something was found, claimed or
+        requested here).
     ``max_poll_interval``
-        The longest nap of an idle process: each poll that finds nothing
-        doubles the nap from ``poll_interval`` up to this (never below
+        The longest nap between looks: each look that finds nothing doubles
+        the nap from ``poll_interval`` up to this (never below
         ``poll_interval``); a local request or a find goes back to
-        ``poll_interval``. Timer sweeps ride on the naps, so an idle process
-        fires a timer up to this late.
+        ``poll_interval``. Default: 2 s with the doorbell, where it is only a
+        safety net (a message for this process rings it awake at once), 0.2 s
+        without.
+    ``wake``
+        Use the doorbell (:class:`resonate_sqlite.wake.Doorbell`): processes
+        sharing the file wake each other when a commit wrote messages for
+        others. Off, or when its socket cannot be bound: polling only (with
+        the 0.2 s ``max_poll_interval`` unless one was given).
     ``timer_interval``
-        Seconds between timer sweeps (at least one nap apart).
+        The least time between timer sweeps while requests come. Otherwise
+        the pump sleeps until the next timer in the file is due (at most 60 s)
+        and fires it then.
     ``retry_ms``
         How often a still-pending task is pushed again (resonate-pg: 5 s).
     ``lock_timeout``
@@ -151,7 +179,8 @@ class SqliteConnection:
         group: str = "default",
         pid: str | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        max_poll_interval: float | None = None,
+        wake: bool = True,
         timer_interval: float = DEFAULT_TIMER_INTERVAL,
         retry_ms: int = DEFAULT_RETRY_MS,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -178,12 +207,32 @@ class SqliteConnection:
         self._unicast = f"poll://uni@{group}/{self._pid}"
         self._anycast = f"poll://any@{group}"
         self._poll_interval = poll_interval
+        #: without a working doorbell, a default nap is the short one
+        self._unwoken_nap = max_poll_interval is None
+        if max_poll_interval is None:
+            max_poll_interval = (
+                DEFAULT_MAX_POLL_INTERVAL if wake else DEFAULT_MAX_POLL_INTERVAL_UNWOKEN
+            )
         self._max_poll_interval = max(max_poll_interval, poll_interval)
         #: the pump's nap: poll_interval while work is about, doubling while
         #: idle; _stirred: a local request came since the nap began
         self._nap_for = poll_interval
         self._stirred = False
+        #: the pump's other deadline (timers, beat, reap; monotonic): a nap
+        #: ends there at the latest; _nap_end: when the current nap ends
+        self._until = 0.0
+        self._nap_end = 0.0
         self._timer_interval = timer_interval
+        #: when the pump sweeps timers next, and last did (monotonic);
+        #: _dirty: a local request since (it may have set an earlier timer)
+        self._timer_at = 0.0
+        self._swept_at = -timer_interval
+        self._dirty = False
+        self._doorbell = Doorbell(self._path) if wake else None
+        self._ring_loop: asyncio.AbstractEventLoop | None = None  # where it is watched
+        #: a ring came, or a commit of ours wrote to the outbox (to ring)
+        self._rung = False
+        self._outbox_written = False
         self._lock_timeout = lock_timeout
         self._beat_interval = process_heartbeat
         self._dead_after_ms = int(process_timeout * 1000)
@@ -256,6 +305,7 @@ class SqliteConnection:
             loop = asyncio.get_running_loop()
             if not self._registered:
                 self._registering = loop.create_task(self._register_logged())
+            self._listen()
             if self._pump is None:
                 self._spawn_pump()
 
@@ -276,6 +326,7 @@ class SqliteConnection:
         if self._subscribers and not self._registered:
             await self._register()
         self._started = True
+        self._listen()
         if self._pump is None:
             self._spawn_pump()
 
@@ -312,6 +363,7 @@ class SqliteConnection:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+        self._unlisten()
         self._subscribers.clear()
         self._inflight.clear()
         self._engine.local_addresses.clear()
@@ -333,6 +385,7 @@ class SqliteConnection:
         """Close the file handle now (synchronous; ``stop`` already does)."""
         self._stop_checkpointer()
         self._engine.close()
+        self._unlisten()
 
     def _stop_checkpointer(self) -> None:
         ckpt, self._checkpointer = self._checkpointer, None
@@ -356,12 +409,58 @@ class SqliteConnection:
 
     def _open_blocking(self) -> None:
         self._engine.open(timeout=self._lock_timeout)
-        if self._verify:
-            try:
+        try:
+            if self._verify:
                 self._engine.verify()
-            except BaseException:
-                self._engine.close()
-                raise
+            if self._doorbell is not None and self._engine.db is not None:
+                outbox_hook(self._engine.db, self._note_outbox)
+        except BaseException:
+            self._engine.close()
+            raise
+
+    # -- the doorbell ----------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Bind our doorbell once we have receivers, then look at the outbox
+        once: what was written before the socket existed rang nobody."""
+        bell = self._doorbell
+        if bell is None or bell.bound or not self._subscribers:
+            return
+        if bell.open():
+            self._ring_loop = asyncio.get_running_loop()
+            self._ring_loop.add_reader(bell.fileno(), self._on_ring)
+        elif self._unwoken_nap:
+            self._max_poll_interval = max(DEFAULT_MAX_POLL_INTERVAL_UNWOKEN, self._poll_interval)
+            logger.info("sqlite store: no doorbell in %s: polling", bell.dir)
+        self._on_ring()
+
+    def _unlisten(self) -> None:
+        bell, loop = self._doorbell, self._ring_loop
+        self._ring_loop = None
+        if bell is None:
+            return
+        if bell.bound and loop is not None and not loop.is_closed():
+            loop.remove_reader(bell.fileno())
+        bell.close()
+
+    def _on_ring(self) -> None:
+        """Another process wrote messages: look at the outbox now."""
+        if self._doorbell is not None:
+            self._doorbell.drain()
+        self._rung = True
+        if self._wake is not None:
+            _wake(self._wake)
+
+    def _note_outbox(self) -> None:
+        """(TEMP trigger, inside a statement) this connection wrote to the outbox."""
+        self._outbox_written = True
+
+    def _ring(self) -> None:
+        """After a commit: wake the other processes if it wrote them messages."""
+        if self._outbox_written:
+            self._outbox_written = False
+            if self._doorbell is not None:
+                self._doorbell.ring()
 
     # -- requests ------------------------------------------------------------------
 
@@ -433,6 +532,7 @@ class SqliteConnection:
         else:
             self._busy.reset()
             del self._queue[: len(batch)]
+            self._ring()
             self._answer(batch, answers)
         if self._queue and self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
@@ -493,7 +593,7 @@ class SqliteConnection:
                 await self._ensure_open()
             try:
                 self._engine.local_room = self._room()
-                return fn(*args)
+                result = fn(*args)
             except StoreBusy as exc:
                 delay = backoff.next_delay()
                 if delay is None:
@@ -505,6 +605,24 @@ class SqliteConnection:
             except Exception as exc:  # a bug must not kill the SDK's worker
                 logger.exception("sqlite store: internal error")
                 raise SqliteStoreError(exc) from exc
+            else:
+                self._ring()
+                return result
+
+    def _quietly[T](self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn``, its commit not worth a checkpoint of its own (a liveness beat)."""
+
+        def run(*args: Any) -> T:
+            ckpt = self._checkpointer
+            if ckpt is None:
+                return fn(*args)
+            ckpt.quiet = True
+            try:
+                return fn(*args)
+            finally:
+                ckpt.quiet = False
+
+        return run
 
     # -- delivery -----------------------------------------------------------------
 
@@ -548,10 +666,18 @@ class SqliteConnection:
         self._full = full
 
     def _stir(self) -> None:
-        """Work is about (a local request): poll every ``poll_interval`` again,
-        ending a longer idle nap now. Other processes often answer soon."""
+        """Work is about (a local request): look every ``poll_interval`` again,
+        ending a longer idle nap now, and sweep the timers within
+        ``timer_interval`` (the request may have set an earlier one)."""
         self._stirred = True
-        if self._wake is not None and self._nap_for > self._poll_interval:
+        wake = self._nap_for > self._poll_interval
+        if not self._dirty:
+            self._dirty = True
+            soon = self._swept_at + self._timer_interval
+            if soon < self._timer_at:
+                self._timer_at = soon
+                wake = wake or self._nap_end > soon
+        if wake and self._wake is not None:
             _wake(self._wake)
 
     def _forget_stale(self) -> None:
@@ -571,35 +697,42 @@ class SqliteConnection:
 
     async def _run_pump(self) -> None:
         """Claim messages other processes wrote for us, fire due timers, keep
-        our liveness row fresh, reap dead processes."""
+        our liveness row fresh, reap dead processes; between rounds, nap
+        until the next of these is due or something wakes us."""
         engine = self._engine
-        next_timer = next_beat = next_reap = next_prune = 0.0
+        now = time.monotonic()
+        next_beat = next_reap = now
+        next_prune = now + 1.0
+        self._timer_at = now
         first = True
         more = False
         while True:
             busy = found = False
             try:
                 now = time.monotonic()
-                if self._subscribers:
-                    found = self._recheck
-                    more = await self._claim(first or more or self._recheck)
-                    if self._inflight and now >= next_prune:
-                        self._forget_stale()
-                        next_prune = now + 1.0
-                if now >= next_timer:
-                    fired, busy = await self._fire_timers()
+                found = self._recheck
+                more = await self._claim(first or more or self._recheck or self._rung)
+                if self._subscribers and self._inflight and now >= next_prune:
+                    self._forget_stale()
+                    next_prune = now + 1.0
+                if now >= self._timer_at:
+                    fired, busy = await self._sweep(now)
                     found = found or fired
-                    if not busy:
-                        next_timer = now + self._timer_interval
                 if self._subscribers and now >= next_beat:
                     # (re)joins the process table if we were never in it or reaped
                     await self._call(
-                        engine.beat_process, self._pid, self._group, self._unicast, self._anycast
+                        self._quietly(engine.beat_process),
+                        self._pid,
+                        self._group,
+                        self._unicast,
+                        self._anycast,
                     )
                     self._registered = True
                     next_beat = now + self._beat_interval
                 if now >= next_reap:
-                    reaped = await self._call(engine.reap_processes, self._dead_after_ms)
+                    reaped = await self._call(
+                        self._quietly(engine.reap_processes), self._dead_after_ms
+                    )
                     if reaped:
                         logger.info("sqlite store: reaped dead processes %s", reaped)
                     next_reap = now + max(self._beat_interval, 1.0)
@@ -608,21 +741,36 @@ class SqliteConnection:
                 raise
             except Exception as exc:  # the pump is the runtime: never die
                 logger.warning("sqlite store: pump failed: %s", exc)
+                # look at everything again after a nap; retry what failed in a second
+                first, more, self._rung, self._recheck = True, False, False, False
+                next_beat, next_reap = max(next_beat, now + 1.0), max(next_reap, now + 1.0)
+                self._timer_at = max(self._timer_at, now + self._timer_interval)
             if busy or more:
                 self._nap_for = self._poll_interval
                 await asyncio.sleep(0)
-            else:
-                if found:
-                    self._nap_for = self._poll_interval
-                await self._nap()
+                continue
+            if found:
+                self._nap_for = self._poll_interval
+            until = min(self._timer_at, next_reap)
+            if self._subscribers:
+                until = min(until, next_beat)
+                if self._inflight:
+                    until = min(until, next_prune)
+            self._until = until
+            await self._nap()
 
     async def _nap(self) -> None:
-        """Sleep the current nap, or less if woken (``_update_room``,
-        ``_stir``); the next nap is twice as long unless something wakes or
-        finds work first (up to ``max_poll_interval``)."""
+        """Sleep the current nap, or less: until the pump's next deadline, or
+        a wake (a ring, ``_update_room``, ``_stir``); the next nap is twice as
+        long unless something wakes or finds work first (up to
+        ``max_poll_interval``)."""
+        if self._rung or self._recheck:
+            return
         loop = asyncio.get_running_loop()
         waiter = self._wake = loop.create_future()
-        timer = loop.call_later(self._nap_for, _wake, waiter)
+        delay = max(min(self._nap_for, self._until - time.monotonic()), 0.0)
+        self._nap_end = time.monotonic() + delay
+        timer = loop.call_later(delay, _wake, waiter)
         try:
             await waiter
         finally:
@@ -636,9 +784,15 @@ class SqliteConnection:
 
     async def _claim(self, force: bool) -> bool:
         """Take the messages other processes left for us: every unicast one,
-        and group work while we have room. True when more may be waiting."""
+        and group work while we have room. True when more may be waiting.
+        Without receivers, only notice other processes' commits (they may
+        have set timers: sweep soon)."""
         engine = self._engine
-        if not (force or await self._call(engine.changed)):
+        self._rung = False
+        changed = await self._call(engine.changed)
+        if changed:
+            self._timers_moved()
+        if not self._subscribers or not (force or changed):
             return False
         self._recheck = False
         room = self._room()
@@ -651,6 +805,41 @@ class SqliteConnection:
             self._note_delivered(msgs)
             self._deliver(msgs)
         return bool(msgs)
+
+    def _timers_moved(self) -> None:
+        """Timers may have changed (another connection committed): sweep
+        within ``timer_interval`` of the last sweep."""
+        self._timer_at = min(self._timer_at, self._swept_at + self._timer_interval)
+
+    def _next_due(self) -> int | None:
+        try:
+            return next_due(self._engine.db) if self._engine.db is not None else None
+        except sqlite3.Error as exc:
+            raise StoreFailure(f"sqlite store {self._path}: {exc}") from exc
+
+    async def _sweep(self, now: float) -> tuple[bool, bool]:
+        """Fire the timers that are due, and set when to sweep next: when the
+        next timer in the file is due (a read of the timer indexes), sooner
+        if a local request may have set an earlier one. (Anything fired, a
+        full batch was due: sweep again at once.)"""
+        self._swept_at = now
+        self._dirty = False
+        clock = self._engine.clock
+        fired = False
+        due = await self._call(self._next_due)
+        if due is not None and due <= clock():
+            fired, full = await self._fire_timers()
+            if full:
+                self._timer_at = now
+                return True, True
+            due = await self._call(self._next_due)
+        wait = MAX_TIMER_SLEEP if due is None else (due - clock() + 1) / 1000
+        if fired:  # never sweep in a loop on a timer that stays due
+            wait = max(wait, self._timer_interval)
+        self._timer_at = now + min(max(wait, 0.0), MAX_TIMER_SLEEP)
+        if self._dirty:  # a request came while we read
+            self._timers_moved()
+        return fired, False
 
     async def _fire_timers(self) -> tuple[bool, bool]:
         """Apply due promise timeouts, task retries and lease expiries, and
@@ -699,11 +888,15 @@ class _Checkpointer:
     A checkpoint is file I/O plus two fsyncs; on the request path it stalled
     one commit in a few hundred for milliseconds. Here it runs with the GIL
     released (the sqlite3 module drops it around every step) on the other
-    core, as a PASSIVE checkpoint that never blocks readers or writers. It
-    runs when the engine has committed ``every`` more transactions, or each
-    ``period`` if there were any.
-    The request path keeps a large auto-checkpoint as a safety net, which
-    also lets the WAL restart once this thread has copied it.
+    core, as a PASSIVE checkpoint that never blocks readers or writers.
+
+    It runs ``period`` after the first commit worth it, or as soon as the
+    engine has committed ``every`` transactions, whichever comes first, and
+    sleeps without a timeout while there is nothing to copy. A commit made
+    while ``quiet`` is set (a liveness beat: no data anyone would miss) is not
+    worth one on its own: it waits for the next commit that is, or for
+    ``every`` of them. The request path keeps a large auto-checkpoint as a
+    safety net, which also lets the WAL restart once this thread has copied it.
     """
 
     def __init__(self, path: Path, engine: Engine, *, every: int = 64, period: float = 1.0) -> None:
@@ -711,11 +904,28 @@ class _Checkpointer:
         self._engine = engine
         self._every = every
         self._period = period
+        #: set around a commit not worth a checkpoint (the event loop's thread)
+        self.quiet = False
+        #: commits since the last checkpoint (approximate: two threads count)
+        self._pending = 0
+        #: checkpoints done (tests and diagnostics)
+        self.checkpoints = 0
         self._stop = threading.Event()
-        self._kick = threading.Event()
-        engine.on_commits = (every, self._kick.set)
+        self._kick = threading.Event()  # a commit worth a checkpoint came
+        self._full = threading.Event()  # `every` commits came
+        engine.on_commits = (1, self._committed)
         self._thread = threading.Thread(target=self._main, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
+
+    def _committed(self) -> None:
+        """After every commit, on the committing thread: cheap unless it kicks."""
+        self._pending += 1
+        if self._pending >= self._every:
+            if not self._full.is_set():
+                self._full.set()
+                self._kick.set()
+        elif not self.quiet and not self._kick.is_set():
+            self._kick.set()
 
     def _main(self) -> None:
         try:
@@ -723,19 +933,20 @@ class _Checkpointer:
         except sqlite3.Error as exc:
             logger.warning("sqlite store: checkpointer cannot open %s: %s", self._path, exc)
             return
-        last_commits = self._engine.commits
         try:
             while True:
-                self._kick.wait(self._period)
-                self._kick.clear()
+                self._kick.wait()
                 if self._stop.is_set():
                     return
-                commits = self._engine.commits
-                if commits == last_commits:
-                    continue
-                last_commits = commits
+                self._full.wait(self._period)  # let a burst of commits gather
+                if self._stop.is_set():
+                    return
+                self._kick.clear()
+                self._full.clear()
+                self._pending = 0
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
                 except sqlite3.Error as exc:  # busy: another checkpointer runs
                     logger.debug("sqlite store: checkpoint skipped: %s", exc)
         finally:
@@ -745,4 +956,5 @@ class _Checkpointer:
         self._engine.on_commits = None
         self._stop.set()
         self._kick.set()
+        self._full.set()
         self._thread.join(timeout=5)
