@@ -191,6 +191,21 @@ SQL_LEASE_GET = (
     + ", ".join(f"p.{c}" for c in COLS.split(", "))
     + " FROM r_promises AS t LEFT JOIN r_promises AS p ON p.id = ? WHERE t.id = ?"
 )
+#: The ``preload`` of a task's answers: the promises tagged with the task's own
+#: ``resonate:branch`` (the task's promise left out, an empty branch has none),
+#: by id within each search (the caller sorts them: cheaper than ORDER BY's
+#: temporary b-tree). Candidates are the branch promise itself and the ids
+#: under it (a protocol id extends its branch: ``{branch}.n``, or
+#: ``{branch}:n`` as resonate-sdk joins a root's children), three searches of
+#: the primary key.
+SQL_PRELOAD = (
+    f"SELECT {', '.join(f'p.{c}' for c in COLS.split(', '))} "
+    "FROM (SELECT json_extract(tags, '$.\"resonate:branch\"') AS b FROM r_promises "
+    "WHERE id = ?) AS t, r_promises AS p "
+    "WHERE t.b <> '' AND ((p.id >= t.b || ':' AND p.id < t.b || ';') "
+    "OR (p.id >= t.b || '.' AND p.id < t.b || '/') OR p.id = t.b) "
+    "AND p.id <> ? AND json_extract(p.tags, '$.\"resonate:branch\"') = t.b LIMIT ?"
+)
 SQL_INSERT = f"INSERT INTO r_promises ({COLS}, origin) VALUES ({', '.join('?' * 17)})"
 SQL_SETTLE = (
     "UPDATE r_promises SET state = ?, value = ?, settled_at = ?, "
@@ -309,6 +324,7 @@ HOT_QUERIES: Final = {
     "get": SQL_GET,
     "lease": SQL_LEASE,
     "lease_get": SQL_LEASE_GET,
+    "preload": SQL_PRELOAD,
     "settle": SQL_SETTLE,
     "task_acquire": SQL_TASK_ACQUIRE,
     "task_pending": SQL_TASK_PENDING,

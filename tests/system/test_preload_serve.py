@@ -1,0 +1,154 @@
+"""The preload on the real ``tether serve`` (embedded store): a workflow
+resumed after its callback does not ask the store again for the trigger step
+it already ran (``{root}:2``, of the root's branch), and does not run it again.
+
+The service is ``tether serve`` itself, its engine's ``handle_batch`` wrapped
+to write down every request it answers (kind, task, the fenced promise). The
+callback promise ``{root}:1`` has a branch of its own (``ctx.promise``), so
+the protocol's preload leaves it out and the replayed body fences it again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import httpx
+
+from tests.conftest import Hit, Receiver, wait_until
+from tests.process import TetherProcess, wait_for
+
+RECORDING = """
+import json
+import os
+import sys
+
+from resonate_sqlite import engine
+
+LOG = os.environ["PRELOAD_TEST_REQUESTS"]
+_handle_batch = engine.Engine.handle_batch
+
+
+def handle_batch(self, reqs):
+    with open(LOG, "a") as out:
+        for raw in reqs:
+            req = json.loads(raw)
+            data = req.get("data") or {}
+            inner = (data.get("action") or {}).get("data") or {}
+            out.write(json.dumps([req["kind"], data.get("id"), inner.get("id")]) + "\\n")
+    return _handle_batch(self, reqs)
+
+
+engine.Engine.handle_batch = handle_batch
+from api.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class Recorded(TetherProcess):
+    """`tether serve` (one worker: one process) writing down its engine's requests."""
+
+    def start(self, wait: float = 30) -> TetherProcess:
+        script = self.log.with_suffix(".rec.py")
+        script.write_text(f"#!{sys.executable}\n{RECORDING}")
+        script.chmod(0o755)
+        with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
+            return super().start(wait)
+
+
+def requests(log: Path, task: str) -> list[list[str | None]]:
+    """[kind, fenced promise] of each request about ``task`` (its promise's too)."""
+    out = []
+    for line in log.read_text().splitlines():
+        kind, tid, inner = json.loads(line)
+        if tid == task or (tid or "").startswith(f"{task}:"):
+            out.append([kind, inner])
+    return out
+
+
+def fenced(log: Path, promise_id: str) -> int:
+    return sum(
+        kind == "task.fence" and inner == promise_id
+        for kind, inner in requests(log, promise_id.split(":")[0])
+    )
+
+
+def task_version(db: Path, task_id: str) -> int:
+    with sqlite3.connect(db) as conn:
+        (version,) = conn.execute(
+            "SELECT t_version FROM r_promises WHERE id = ?", (task_id,)
+        ).fetchone()
+    conn.close()
+    return int(version)
+
+
+def promise_state(db: Path, promise_id: str) -> str | None:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT state FROM r_promises WHERE id = ?", (promise_id,)).fetchone()
+    conn.close()
+    return None if row is None else str(row[0])
+
+
+def callback_of(receiver: Receiver, job_id: str) -> str:
+    [url] = {h.body["callback_url"] for h in receiver.on("/hook") if h.body["job_id"] == job_id}
+    return url
+
+
+def test_a_resumed_workflow_takes_its_settled_step_from_the_preload(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Two jobs: one resumed by a callback after it suspended (task.acquire's
+    preload), one whose callback lands inside its trigger, before it suspends
+    (task.suspend's 300 and its preload: the body runs again on the same
+    lease, task version 1)."""
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook" and hit.body["job_id"] == "early":
+            answer = httpx.post(
+                hit.body["callback_url"],
+                json={"status": "succeeded", "result": "early"},
+                trust_env=False,
+                timeout=10,
+            )
+            assert answer.status_code == 200
+        return 202, {}
+
+    receiver.respond = respond
+    db, log = tmp_path / "tether.db", tmp_path / "requests.jsonl"
+    env = {"TETHER_STORE": f"sqlite:///{db}", "PRELOAD_TEST_REQUESTS": str(log)}
+    service = Recorded(tmp_path, env).start()
+    try:
+        with service.client() as client:
+            for job_id in ("late", "early"):
+                body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+                assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "late", "running", recorded=True)
+            wait_until(lambda: ["task.suspend", None] in requests(log, "late"))
+            answer = httpx.post(
+                callback_of(receiver, "late"),
+                json={"status": "succeeded", "result": "late"},
+                trust_env=False,
+                timeout=10,
+            )
+            assert answer.status_code == 200
+            for job_id in ("late", "early"):
+                assert wait_for(client, job_id, "succeeded")["result"] == job_id
+                wait_until(lambda j=job_id: promise_state(db, j) == "resolved")  # it returned
+    finally:
+        service.kill()
+    # the late job was acquired again (version 2); the early one kept its lease
+    assert (task_version(db, "late"), task_version(db, "early")) == (2, 1)
+    for job_id in ("late", "early"):
+        # the body ran twice: the callback promise created by a fence in each
+        # run; the step created and settled in the first, then taken from the
+        # preload (without it: a third fence)
+        assert (fenced(log, f"{job_id}:1"), fenced(log, f"{job_id}:2")) == (2, 2), requests(
+            log, job_id
+        )
+        # and the trigger ran once
+        assert sum(h.body["job_id"] == job_id for h in receiver.on("/hook")) == 1
