@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import msgspec
 from litestar.connection import ASGIConnection
-from litestar.enums import ScopeType
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -40,13 +39,11 @@ def guarding(*guards: Guard) -> Callable[[ASGIApp], ASGIApp]:
 
     def middleware(app: ASGIApp) -> ASGIApp:
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == ScopeType.HTTP:
-                connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(
-                    scope, receive, send
-                )
-                handler = scope["route_handler"]
-                for guard in guards:
-                    await guard(connection, handler)
+            # Every scope a route sees (HTTP, and a websocket route's too).
+            connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive, send)
+            handler = scope["route_handler"]
+            for guard in guards:
+                await guard(connection, handler)
             await app(scope, receive, send)
 
         return guarded

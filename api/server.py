@@ -11,8 +11,9 @@ processes. Here:
   resolution of one second anyway), and `handle_exit` wakes it at once, so a
   SIGTERM or SIGINT stops a worker no later than before.
 - `Supervisor` waits on the workers' process sentinels and on its own
-  signals instead of polling: a worker that dies is replaced at once (not up
-  to 0.5 s later), a signal is handled at once, and the ping that finds a
+  signals instead of polling: a worker that dies is replaced `RESTART_GAP`
+  (0.5 s) later, as uvicorn's poll did at worst; a signal is handled at
+  once; and the ping that finds a
   hung worker (alive, but its pong thread does not answer within
   `timeout_worker_healthcheck`) comes every `PING_INTERVAL` seconds.
 """
@@ -40,6 +41,10 @@ PING_INTERVAL = 5.0
 worker needs none (its sentinel wakes the supervisor); a hung one is killed
 after this plus `timeout_worker_healthcheck` (5 s) at most, as uvicorn's was
 after 0.5 s plus that."""
+
+
+RESTART_GAP = 0.5
+"""Seconds the supervisor waits before replacing a worker that exited."""
 
 
 class TetherServer(Server):
@@ -111,6 +116,11 @@ class Supervisor(Multiprocess):
                 # Its sentinel closes a moment before it can be reaped: wait
                 # for that, or `keep_subprocess_alive` would ping the dead.
                 process.process.join(timeout=self.config.timeout_worker_healthcheck)
+            if exited:
+                # A worker that keeps dying (killed for memory, a crash at
+                # import) is replaced at most every RESTART_GAP, as uvicorn's
+                # poll did; a signal ends the pause.
+                wait([self._wake_r], RESTART_GAP)
             if exited or time.monotonic() >= next_ping:
                 self.keep_subprocess_alive()
                 next_ping = time.monotonic() + PING_INTERVAL

@@ -334,7 +334,7 @@ class Tether:
 
     async def _await_attempt(self, rec: JobRecord) -> None:
         """Wait (at most `ATTEMPT_END_WAIT` seconds) for the ended attempt's
-        workflow to return: its finish step stops the external run of a
+        workflow to return: its finish stops the external run of a
         canceled or timed-out attempt and tells the plugins, and must see the
         job still at that attempt. `Conflict` if it does not return in time."""
         deadline = time.monotonic() + ATTEMPT_END_WAIT
@@ -356,7 +356,7 @@ class Tether:
 
     def _ended_in_queue(self, rec: JobRecord, event: Event) -> None:
         """Tell the plugins of a job that ended while queued (canceled, timed
-        out): it never had a workflow, whose finish step tells them of the rest."""
+        out): it never had a workflow, whose finish tells them of the rest."""
         if event.type == "finished" and rec.queued_at is not None:
             log.info("job %s finished: %s (while queued)", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))

@@ -478,6 +478,7 @@ class SqliteConnection:
         self._stir()
         if self._max_batch == 1:  # one transaction per request, run inline
             answer = await self._call(self._engine.handle, req)
+            self._stir()  # committed now: a sweep since may have missed a timer it set
             self._answer_one(answer)
             return answer[0].decode()
         loop = asyncio.get_running_loop()
@@ -533,6 +534,7 @@ class SqliteConnection:
             self._busy.reset()
             del self._queue[: len(batch)]
             self._ring()
+            self._stir()  # committed now: a sweep since may have missed a timer it set
             self._answer(batch, answers)
         if self._queue and self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)

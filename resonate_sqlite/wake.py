@@ -107,6 +107,7 @@ class Doorbell:
         self._sock: socket.socket | None = None  # bound: receives
         self._out: socket.socket | None = None  # unbound: sends
         self._dirfd: int | None = None
+        self._closed = False  # after close(): a late commit rings nobody (no socket to leak)
         #: rings sent, stale sockets removed (tests and diagnostics)
         self.rings = 0
         self.removed = 0
@@ -131,6 +132,7 @@ class Doorbell:
         """Bind this process's socket; False (and polling only) when it cannot."""
         if self._sock is not None:
             return True
+        self._closed = False
         name = uuid.uuid4().hex[:16] + _SUFFIX
         for _ in range(3):  # the directory may be removed by a peer's close() meanwhile
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -166,6 +168,8 @@ class Doorbell:
 
     def ring(self) -> None:
         """Send one byte to every other process's socket; remove dead ones."""
+        if self._closed:
+            return
         try:
             names = [e.name for e in os.scandir(self.dir) if e.name.endswith(_SUFFIX)]
         except OSError:
@@ -192,6 +196,7 @@ class Doorbell:
 
     def close(self) -> None:
         """Unbind and remove this process's socket (and the directory when empty)."""
+        self._closed = True
         sock, self._sock = self._sock, None
         out, self._out = self._out, None
         for s in (sock, out):

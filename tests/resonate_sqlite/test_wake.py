@@ -6,10 +6,12 @@ latency, never work); liveness beats do not make the checkpointer run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -153,6 +155,24 @@ async def test_a_timer_far_off_fires_on_time_and_nothing_polls_meanwhile(tmp_pat
         await conn.stop()
 
 
+async def test_a_timer_set_after_a_quiet_spell_fires_on_time(tmp_path: Path) -> None:
+    # The lone request's own wake-up runs a sweep before the request commits:
+    # the commit must make the pump read the next due time again, or the timer
+    # waits for the next one it knew of (none: a minute).
+    db = tmp_path / "t.db"
+    conn, _ = await receiver(db, "g")
+    try:
+        await asyncio.sleep(0.5)  # idle: napping past timer_interval
+        deadline = now_ms() + 300
+        await conn.send(req("promise.create", "q", id="q", timeoutAt=deadline))
+        await asyncio.sleep(0.8)
+        with contextlib.closing(sqlite3.connect(db)) as peek:
+            (state,) = peek.execute("SELECT state FROM r_promises WHERE id = 'q'").fetchone()
+        assert state == "rejected_timedout", "the timer did not fire within 0.5 s of its deadline"
+    finally:
+        await conn.stop()
+
+
 async def test_a_timer_another_process_set_fires_after_it_left(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     conn, inbox = await receiver(db, "g", max_poll_interval=0.3)
@@ -248,6 +268,19 @@ def test_ring_removes_stale_sockets_and_skips_its_own(tmp_path: Path) -> None:
         a.close()
         b.close()
     assert not wake_dir(db).exists()  # the last one out removes the directory
+
+
+def test_a_closed_doorbell_rings_nobody_and_holds_no_socket(tmp_path: Path) -> None:
+    # after stop(), a late request's commit may still ring: no socket is made
+    db = tmp_path / "t.db"
+    a, b = Doorbell(db), Doorbell(db)
+    assert a.open() and b.open()
+    try:
+        a.close()
+        a.ring()
+        assert (a.rings, a._out) == (0, None)
+    finally:
+        b.close()
 
 
 # -- real processes -------------------------------------------------------------
