@@ -112,18 +112,16 @@ class Supervisor(Multiprocess):
                 os.read(self._wake_r, 4096)
             self.handle_signals()
             exited = [p for p in self.processes if p.process.sentinel in ready]
-            for process in exited:
-                # Its sentinel closes a moment before it can be reaped: wait
-                # for that, or `keep_subprocess_alive` would ping the dead.
-                process.process.join(timeout=self.config.timeout_worker_healthcheck)
             if exited:
                 # A worker that keeps dying (killed for memory, a crash at
                 # import) is replaced at most every RESTART_GAP, as uvicorn's
                 # poll did; a signal ends the pause.
                 wait([self._wake_r], RESTART_GAP)
-            if exited or time.monotonic() >= next_ping:
+            if time.monotonic() >= next_ping:
                 self.keep_subprocess_alive()
                 next_ping = time.monotonic() + PING_INTERVAL
+            elif exited:
+                self.keep_subprocess_alive(ping=False)
         self.terminate_all()
         self.join_all()
         logger.info(f"Stopping parent process [{os.getpid()}]")
@@ -140,28 +138,47 @@ class Supervisor(Multiprocess):
             process.start()
             self.processes.append(process)
 
-    def keep_subprocess_alive(self) -> None:
+    def keep_subprocess_alive(self, ping: bool = True) -> None:
+        """Replace each worker that exited; with `ping`, also each that does
+        not answer a ping (hung). The exited go first: a ping of a worker
+        still starting waits for its answer, up to 5 s."""
         if self.should_exit.is_set():
             return
+        # A sentinel closes as its worker exits, a moment before the kernel
+        # lets it be reaped: `is_alive` alone would ping the dead for 5 s.
+        gone = [bool(wait([p.process.sentinel], 0)) for p in self.processes]
+        for idx in [i for i, g in enumerate(gone) if g]:
+            if not self._replace(idx):
+                return
+        if not ping:
+            return
         for idx, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if gone[idx] or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
-            process.kill()  # hung: kill it
-            process.join()
-            if process.exitcode == STARTUP_FAILURE:
-                # It failed before it served (the app or the socket is broken),
-                # and would fail the same way again.
-                logger.error(
-                    f"Child process [{process.pid}] failed to start, stopping the parent process."
-                )
-                self.should_exit.set()
+            if not self._replace(idx):  # hung: killed and replaced
                 return
-            if self.should_exit.is_set():
-                return
-            logger.info(f"Child process [{process.pid}] died")
-            process = self._process()
-            process.start()
-            self.processes[idx] = process
+
+    def _replace(self, idx: int) -> bool:
+        """Kill (a no-op if it exited) and replace worker `idx`; False when
+        the supervisor must stop instead."""
+        process = self.processes[idx]
+        process.kill()
+        process.join()
+        if process.exitcode == STARTUP_FAILURE:
+            # It failed before it served (the app or the socket is broken),
+            # and would fail the same way again.
+            logger.error(
+                f"Child process [{process.pid}] failed to start, stopping the parent process."
+            )
+            self.should_exit.set()
+            return False
+        if self.should_exit.is_set():
+            return False
+        logger.info(f"Child process [{process.pid}] died")
+        process = self._process()
+        process.start()
+        self.processes[idx] = process
+        return True
 
     def restart_all(self) -> None:
         for idx, old in enumerate(self.processes):
