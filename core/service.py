@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
@@ -178,6 +179,16 @@ class Tether:
     def settler(self) -> Settler:
         assert self._settler is not None, "Tether.open(worker=True) did not run"
         return self._settler
+
+    @functools.cached_property
+    def callbacks(self) -> Callbacks:
+        """The callback, heartbeat and backend-notification use cases, made
+        once (they hold no state of their own)."""
+        return Callbacks(self.plugins, self.jobs, self.signer, self.settler)
+
+    @functools.cached_property
+    def notices(self) -> Notices:
+        return Notices(self.plugins, self.jobs, self.callbacks)
 
     # ── the API's use cases ──────────────────────────────────────────────────
 
@@ -506,18 +517,14 @@ class Tether:
 
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
         """Settle a job's wait from its callback URL (see `core.callbacks`)."""
-        return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).take(
-            promise_id, token, body
-        )
+        return await self.callbacks.take(promise_id, token, body)
 
     async def heartbeat(
         self, promise_id: str, token: str | None, body: bytes
     ) -> tuple[Heartbeat, str | None]:
         """A run saying it is alive, and how far along; with why it changed
         nothing when it came too late (see `core.callbacks`)."""
-        return await Callbacks(self.plugins, self.jobs, self.signer, self.settler).heartbeat(
-            promise_id, token, body
-        )
+        return await self.callbacks.heartbeat(promise_id, token, body)
 
     async def backend_notification(
         self,
@@ -530,8 +537,7 @@ class Tether:
         one endpoint: the backend authenticates and reads it, Tether finds the
         jobs of the runs it names and asks the backend about them (see
         `core.notices`)."""
-        callbacks = Callbacks(self.plugins, self.jobs, self.signer, self.settler)
-        return await Notices(self.plugins, self.jobs, callbacks).take(name, headers, query, body)
+        return await self.notices.take(name, headers, query, body)
 
     async def health(self) -> dict[str, Any]:
         """Liveness: raises when the store does not answer, whatever the
