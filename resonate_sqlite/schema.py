@@ -193,9 +193,11 @@ SQL_LEASE_GET = (
 )
 #: The ``preload`` of a task's answers: the promises tagged with the task's own
 #: ``resonate:branch`` (the task's promise left out, an empty branch has none),
-#: by id within each search (the caller sorts them: cheaper than ORDER BY's
-#: temporary b-tree). Candidates are the branch promise itself and the ids
-#: under it (a protocol id extends its branch: ``{branch}.n``, or
+#: and the bare promises the branch promise made (``ctx.promise``,
+#: ``ctx.sleep``: its children with no ``resonate:target``, each a branch of
+#: its own), by id within each search (the caller sorts them: cheaper than
+#: ORDER BY's temporary b-tree). Candidates are the branch promise itself and
+#: the ids under it (a protocol id extends its branch: ``{branch}.n``, or
 #: ``{branch}:n`` as resonate-sdk joins a root's children), three searches of
 #: the primary key.
 SQL_PRELOAD = (
@@ -204,7 +206,9 @@ SQL_PRELOAD = (
     "WHERE id = ?) AS t, r_promises AS p "
     "WHERE t.b <> '' AND ((p.id >= t.b || ':' AND p.id < t.b || ';') "
     "OR (p.id >= t.b || '.' AND p.id < t.b || '/') OR p.id = t.b) "
-    "AND p.id <> ? AND json_extract(p.tags, '$.\"resonate:branch\"') = t.b LIMIT ?"
+    "AND p.id <> ? AND (json_extract(p.tags, '$.\"resonate:branch\"') = t.b "
+    "OR (json_extract(p.tags, '$.\"resonate:parent\"') = t.b "
+    "AND json_extract(p.tags, '$.\"resonate:target\"') IS NULL)) LIMIT ?"
 )
 SQL_INSERT = f"INSERT INTO r_promises ({COLS}, origin) VALUES ({', '.join('?' * 17)})"
 SQL_SETTLE = (

@@ -368,9 +368,12 @@ class Transitions:
         task.acquire when they acquire, task.suspend's 300): the promises that
         share the ``resonate:branch`` of the task's promise, the task's own
         left out, by id, as promise.get reads them (the protocol's and the
-        Resonate server's rule). The SDK takes them as it takes a fence's
-        answer, so a replayed body asks again only for what is not there.
-        DIFFERENCE: at most PRELOAD_MAX promises and PRELOAD_BYTES characters,
+        Resonate server's rule), and the bare promises the branch promise
+        made (its children without a ``resonate:target``: ``ctx.promise``,
+        ``ctx.sleep``), which the protocol's rule leaves out as branches of
+        their own. The SDK takes them as it takes a fence's answer, so a
+        replayed body asks again only for what is not there.
+        DIFFERENCE: the bare children; at most PRELOAD_MAX promises and PRELOAD_BYTES characters,
         and only the branch promise and the ids under it (the protocol's id
         rule), where the server sends every promise tagged with the branch."""
         found: list[Any] = []

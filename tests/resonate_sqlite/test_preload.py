@@ -1,12 +1,17 @@
-"""The ``preload`` of a task's answers: the promises of the task's branch.
+"""The ``preload`` of a task's answers: the promises of the task's branch,
+and the bare promises its branch promise made.
 
 The protocol (and the Resonate server, and resonate-sdk's in-process server):
 task.create and task.acquire when they acquire, and task.suspend's 300, carry
 every promise whose ``resonate:branch`` tag is the task promise's, the task's
-own left out, as promise.get reads them. resonate-sdk caches them, so a body
-replayed after a resume does not ask again for the steps it already ran.
-Here, bounded (``PRELOAD_MAX`` promises, ``PRELOAD_BYTES`` characters) and only
-among the ids under the branch; a fence carries none (as resonate.sql).
+own left out, as promise.get reads them. resonate-sdk caches them by id, so a
+body replayed after a resume does not ask again for the steps it already ran.
+Here, also the branch promise's children without a ``resonate:target``
+(``ctx.promise``, ``ctx.sleep``: each a branch of its own, so the protocol's
+rule leaves them out, and a replayed body would fence them again: a job's
+callback promise). Bounded (``PRELOAD_MAX`` promises, ``PRELOAD_BYTES``
+characters) and only among the ids under the branch; a fence carries none
+(as resonate.sql).
 """
 
 from __future__ import annotations
@@ -103,9 +108,14 @@ def test_acquire_preloads_the_promises_of_the_task_branch_only(server: Server) -
     server("promise.settle", id="wf:1", state="resolved", value={"data": "e30="})
     status, data = server("task.acquire", id="wf", version=1, pid="me", ttl=1000)
     assert status == 200
-    assert ids(data["preload"]) == ["wf:2", "wf:3"]
-    step, running = data["preload"]
+    # the settled callback promise (a bare child), the settled and the running
+    # step (the branch); not the rpc child, its step or the detached child
+    # (each has a task of its own), nor the neighbour's
+    assert ids(data["preload"]) == ["wf:1", "wf:2", "wf:3"]
+    callback, step, running = data["preload"]
     # as promise.get reads them
+    assert callback == server("promise.get", id="wf:1")[1]["promise"]
+    assert (callback["state"], callback["value"]["data"]) == ("resolved", "e30=")
     assert step == server("promise.get", id="wf:2")[1]["promise"]
     assert (step["state"], step["value"]["data"]) == ("resolved", "Mg==")
     assert running["state"] == "pending"
@@ -138,8 +148,8 @@ def test_a_redirected_suspend_preloads_and_a_fence_does_not(server: Server) -> N
     fence_settle(server, "wf", 1, "wf:2", "Mg==")
     server("promise.settle", id="wf:1", state="resolved", value={})
     status, data = suspend_on(server, "wf", 1, "wf:1")
-    assert (status, ids(data["preload"])) == (300, ["wf:2"])
-    assert data["preload"][0]["state"] == "resolved"
+    assert (status, ids(data["preload"])) == (300, ["wf:1", "wf:2"])
+    assert [p["state"] for p in data["preload"]] == ["resolved", "resolved"]
 
 
 def test_no_branch_tag_or_an_empty_one_preloads_nothing(server: Server) -> None:
@@ -178,6 +188,7 @@ class Both:
     def __init__(self, server: Server) -> None:
         self.server, self.state = server, ServerState()
         self.compared = 0
+        self.bare: list[str] = []
         self.offset: dict[str, int] = {}
 
     def __call__(self, kind: str, **data: Any) -> tuple[int, Any]:
@@ -197,14 +208,28 @@ class Both:
             kind == "task.create" and answer["task"]["state"] == "acquired"
         )
         if status < 400 and (acquired or kind == "task.suspend"):
-            mine = sorted((p["id"], p["state"]) for p in answer["preload"])
+            task_id = data["id"] if kind != "task.create" else data["action"]["data"]["id"]
+            # ours adds the task's bare children (its own branch's rule: theirs)
+            bare = [p for p in answer["preload"] if _bare_child(p, task_id)]
+            mine = sorted((p["id"], p["state"]) for p in answer["preload"] if p not in bare)
             ref = sorted((p["id"], p["state"]) for p in theirs.get("preload", []))
             assert mine == ref, (kind, data)
+            self.bare += [p["id"] for p in bare]
             self.compared += 1
         return status, answer
 
 
+def _bare_child(p: dict[str, Any], task_id: str) -> bool:
+    tags = p["tags"]
+    return bool(
+        tags.get("resonate:branch") != task_id
+        and tags.get("resonate:parent") == task_id
+        and "resonate:target" not in tags
+    )
+
+
 def test_the_preload_is_the_sdk_servers(server: Server) -> None:
+    """The same as the SDK's server, but for the bare children ours adds."""
     both = Both(server)
     workflow(both)  # type: ignore[arg-type]
     assert suspend_on(both, "wf", 1, "wf:1")[0] == 200  # type: ignore[arg-type]
@@ -212,6 +237,7 @@ def test_the_preload_is_the_sdk_servers(server: Server) -> None:
     assert both("task.acquire", id="wf", version=1, pid="me", ttl=1000)[0] == 200
     assert both("task.acquire", id="wf:4", version=0, pid="me", ttl=1000)[0] == 200
     assert both.compared == 4  # task.create, task.suspend, 2 task.acquire
+    assert both.bare == ["wf:1"]  # the settled callback promise, in wf's acquire
 
 
 def test_a_task_in_another_branch_preloads_that_branch_by_id(server: Server) -> None:
