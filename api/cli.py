@@ -34,11 +34,13 @@ from core.settings import WILDCARD_HOSTS, Settings, describe, unknown_env
 from core.store.backup import Copied, StoreFileError, embedded_db
 from core.store.backup import backup as store_backup
 from core.store.backup import restore as store_restore
-from core.store.base import check_notify_secret
+from core.store.base import check_notify_secret, check_previous_notify_secrets
 from core.store.embedded import (
+    drop_previous_notify_secrets,
     drop_previous_secrets,
     notify_secret_path,
     read_notify_secret,
+    rotate_notify_secret,
     rotate_secret,
     secret_path,
 )
@@ -245,8 +247,9 @@ async def collect_garbage(settings: Settings, older_than: float) -> None:
 
 
 def store_option[F: Callable[..., Any]](function: F) -> F:
-    """`--store`: the local store whose files `rotate-secret`, `backup` and
-    `restore` read and write."""
+    """`--store`: the local store whose files `rotate-secret`,
+    `rotate-notify-secret`, `notify-secret`, `backup` and `restore` read and
+    write."""
     return click.option(
         "--store",
         metavar="URL",
@@ -340,7 +343,10 @@ def notify_secret_command(store: str | None) -> None:
 
 
 def _notify_secret(settings: Settings) -> str:
-    """The notification secret services using `settings` sign with."""
+    """The (current) notification secret services using `settings` sign with;
+    a malformed TETHER_NOTIFY_SECRET_PREVIOUS is refused as `tether serve`
+    refuses it."""
+    check_previous_notify_secrets(settings.notify_secret_previous)
     if settings.notify_secret:
         return check_notify_secret(settings.notify_secret)
     if settings.store.startswith(("postgresql:", "postgres:")):
@@ -355,6 +361,74 @@ def _notify_secret(settings: Settings) -> str:
             " the store (or set TETHER_NOTIFY_SECRET)"
         )
     return read_notify_secret(path)
+
+
+@cli.command("rotate-notify-secret")
+@store_option
+@click.option(
+    "--drop-previous",
+    is_flag=True,
+    help="Instead, forget the previous secrets (messages are then signed with the new one only).",
+)
+def rotate_notify_secret_command(store: str | None, drop_previous: bool) -> None:
+    """Rotate the notification secret; messages are signed with both.
+
+    A new secret is kept beside the embedded store, and until the previous
+    ones are dropped each completion notification carries a signature under
+    every one, so receivers verify it with the old secret or the new
+    (docs/operations.md). No secret is printed."""
+    try:
+        db = _notify_secret_file_store(load_settings(store=store or None))
+        path = notify_secret_path(db)
+        if drop_previous:
+            dropped = drop_previous_notify_secrets(db)
+        else:
+            previous = rotate_notify_secret(db)
+    except (ValueError, StoreFileError) as exc:  # StoreConfigError: a damaged secret file
+        raise Refused(str(exc)) from None
+    except OSError as exc:
+        raise Refused(f"cannot rewrite {path}: {exc.strerror}") from None
+    restart = "Restart every `tether serve` using this store now (one at a time will do)"
+    if drop_previous:
+        click.echo(
+            f"dropped {dropped} previous notification secret(s) from {path}. {restart}:"
+            " messages are then signed with the current secret only, and receivers that"
+            " know only a dropped one refuse them."
+        )
+    else:
+        click.echo(
+            f"rotated the notification secret in {path}; messages are also signed with"
+            f" {previous} previous secret(s). {restart}: until then they are signed with"
+            " the old secret only. Once every service has restarted, give receivers the new"
+            " secret (`tether notify-secret` prints it); once every receiver has it, run"
+            " `tether rotate-notify-secret --drop-previous` and restart again."
+        )
+
+
+def _notify_secret_file_store(settings: Settings) -> Path:
+    """The embedded store whose notification secret file
+    `rotate-notify-secret` may rewrite: one whose services sign with that
+    file's secrets."""
+    if settings.store.startswith(("postgresql:", "postgres:")):
+        raise StoreFileError(
+            f"{describe(settings.store)} keeps no notification secret file: rotate the"
+            " notification secret through TETHER_NOTIFY_SECRET and"
+            " TETHER_NOTIFY_SECRET_PREVIOUS on every host (docs/operations.md,"
+            ' "Changing the secret")'
+        )
+    db = embedded_db(settings, "rotate-notify-secret")
+    if settings.notify_secret:
+        raise StoreFileError(
+            "TETHER_NOTIFY_SECRET is set, so services sign with it and not with the"
+            f" file {notify_secret_path(db)}: rotate it through TETHER_NOTIFY_SECRET and"
+            " TETHER_NOTIFY_SECRET_PREVIOUS (docs/operations.md)"
+        )
+    if not notify_secret_path(db).is_file():
+        raise StoreFileError(
+            f"no notification secret file {notify_secret_path(db)}: a service makes one when"
+            " it first opens the store"
+        )
+    return db
 
 
 @cli.command("backup")
@@ -450,7 +524,13 @@ add_client_commands(cli)
 SECTIONS = {
     "Service": ("serve", "gc"),
     "Jobs (talk to a running service)": tuple(str(command.name) for command in CLIENT_COMMANDS),
-    "Store files": ("rotate-secret", "notify-secret", "backup", "restore"),
+    "Store files": (
+        "rotate-secret",
+        "notify-secret",
+        "rotate-notify-secret",
+        "backup",
+        "restore",
+    ),
     "Plugins": ("install", "uninstall", "plugins"),
 }
 """The headings of `tether --help`: commands on this machine's store and

@@ -11,6 +11,12 @@ tried again after `notify_backoff` seconds, doubling up to an hour, until
 `notify_retry_for` seconds after the attempt ended, when it is given up
 (`notify_failed`). At least once: a redelivery keeps the `webhook-id`.
 
+During a rotation of the notification secret each try carries one signature
+per secret, space-separated in `webhook-signature`, the current one first
+(the spec's way to rotate: a receiver that knows any one of them verifies
+it). The secrets are those the process started with (`Store.notify_secrets`),
+applied when each try is sent, so a retry after a restart carries the new ones.
+
 It wakes at once when this process ends an attempt of a job with a notify
 URL (a listener of the job history), and otherwise sleeps until the outbox's
 next due time (a retry, a claim running out: `next_notification_at`, the
@@ -26,6 +32,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import aiohttp
@@ -75,15 +82,30 @@ def failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
+def signature(webhooks: list[Webhook], msg_id: str, seconds: int, body: str) -> str:
+    """The `webhook-signature` header: `v1,<base64>` under each key, current
+    first, separated by spaces (Standard Webhooks)."""
+    at = datetime.fromtimestamp(seconds, UTC)
+    return " ".join(webhook.sign(msg_id, at, body) for webhook in webhooks)
+
+
 class Notifier:
-    """Delivers the outbox's notifications, at most `concurrency` at once."""
+    """Delivers the outbox's notifications, at most `concurrency` at once.
+    `secrets` are `Store.notify_secrets`: one key, or during a rotation
+    several, current first, each message being signed with every one."""
 
     def __init__(
-        self, settings: Settings, jobs: JobIndex, secret: str, concurrency: int = CONCURRENCY
+        self,
+        settings: Settings,
+        jobs: JobIndex,
+        secrets: Sequence[str],
+        concurrency: int = CONCURRENCY,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
-        self.webhook = Webhook(secret)
+        self.webhooks = [Webhook(key) for key in secrets]
+        if not self.webhooks:
+            raise ValueError("a Notifier needs a notification secret")
         self.concurrency = concurrency
         self.poll = settings.watchdog_interval if settings.watchdog_interval > 0 else DEFAULT_POLL
         self._wake = asyncio.Event()
@@ -178,12 +200,11 @@ class Notifier:
         there was no answer) and, unless it is 2xx, a short reason."""
         assert self._session is not None, "Notifier.start did not run"
         seconds = int(time.time())
-        signature = self.webhook.sign(note.id, datetime.fromtimestamp(seconds, UTC), note.body)
         headers = {
             "content-type": "application/json",
             "webhook-id": note.id,
             "webhook-timestamp": str(seconds),
-            "webhook-signature": signature,
+            "webhook-signature": signature(self.webhooks, note.id, seconds, note.body),
         }
         try:
             async with self._session.post(

@@ -140,8 +140,8 @@ class Tether:
         )
         self.events.listeners.append(self.watchdog.on_event)  # a job due soon wakes it
         self.watchdog.start()
-        if self.store.notify_secret is not None:
-            self.notifier = Notifier(self.settings, self.jobs, self.store.notify_secret)
+        if self.store.notify_secrets:
+            self.notifier = Notifier(self.settings, self.jobs, self.store.notify_secrets)
             self.events.listeners.append(self.notifier.on_event)
             self.notifier.start()
         self.checks.start()
@@ -233,7 +233,7 @@ class Tether:
                 "invalid notify.url: an http or https URL without user:password@",
                 {"field": "notify.url"},
             )
-        if notify is not None and self.store.notify_secret is None:
+        if notify is not None and not self.store.notify_secrets:
             raise InvalidRequest(
                 "notify needs a notification secret, and this service has none: set"
                 " TETHER_NOTIFY_SECRET (the same on every host sharing the store)",

@@ -45,6 +45,7 @@ SECRET_FIELDS = (
     "api_token",
     "read_token",
     "notify_secret",
+    "notify_secret_previous",
     "store_token",
 )
 """Settings never shown: masked in `repr`, never logged."""
@@ -188,6 +189,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     `whsec_<base64>`). Empty: on the embedded store one is generated once and
     kept beside the database (`tether notify-secret` prints it); other stores
     refuse jobs asking for notifications without it."""
+
+    notify_secret_previous: str = ""
+    """Earlier notification secrets, comma-separated, during a rotation: each
+    message is signed with `notify_secret` and with each of these too (one
+    `webhook-signature` entry per secret, current first), so receivers that
+    know any of them verify it (docs/operations.md, "Changing the secret").
+    Each is checked as `notify_secret` is. On the embedded store,
+    `tether rotate-notify-secret` keeps them in the secret file instead."""
 
     notify_retry_for: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
     """Seconds a completion notification is retried after the job ended

@@ -15,7 +15,9 @@ processes) and the job index listing needs. See docs/architecture.md.
 Each store has a notification secret (`Store.notify_secret`): `TETHER_NOTIFY_SECRET`,
 else on the embedded store one made once and kept beside the database
 (`PATH.notify-secret`); Postgres and a Resonate server have none without
-the setting.
+the setting. During a rotation it comes with previous ones, each message being
+signed with all of them: `TETHER_NOTIFY_SECRET_PREVIOUS`, and on the embedded
+store the file's later lines (`tether rotate-notify-secret`).
 Opening a store brings its tables to this code's schema version
 (`core.store.migrations`).
 """
@@ -26,7 +28,13 @@ from urllib.parse import urlsplit
 
 from core.errors import StoreConfigError
 from core.settings import Settings, describe
-from core.store.base import STORE_CALL_TIMEOUT, STORE_WAIT, Store, check_notify_secret
+from core.store.base import (
+    STORE_CALL_TIMEOUT,
+    STORE_WAIT,
+    Store,
+    check_notify_secret,
+    check_previous_notify_secrets,
+)
 from core.store.jobs import JobIndex
 
 __all__ = [
@@ -42,10 +50,19 @@ __all__ = [
 async def open_store(settings: Settings, pid: str) -> Store:
     """Open the store `settings.store` names, its tables migrated. Raises
     `StoreConfigError` saying why when it cannot (a `TETHER_NOTIFY_SECRET`
-    of the wrong form included, named but never shown)."""
+    or `TETHER_NOTIFY_SECRET_PREVIOUS` of the wrong form included, named but
+    never shown)."""
     if settings.notify_secret:
         check_notify_secret(settings.notify_secret)
     scheme = urlsplit(settings.store).scheme
+    if check_previous_notify_secrets(settings.notify_secret_previous) and not (
+        settings.notify_secret or scheme in ("sqlite", "memory")
+    ):
+        raise StoreConfigError(
+            "TETHER_NOTIFY_SECRET_PREVIOUS is set but TETHER_NOTIFY_SECRET is not:"
+            f" {describe(settings.store)} keeps no notification secret, so there is no"
+            " current one to sign with; set TETHER_NOTIFY_SECRET too, the same on every host"
+        )
     if settings.index and scheme not in ("http", "https"):
         raise StoreConfigError(
             f"TETHER_INDEX is only for a Resonate server store (TETHER_STORE=http(s)://...);"

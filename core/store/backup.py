@@ -4,9 +4,10 @@ and bringing one back.
 A backup is the database (one self-contained SQLite file, the job index
 included) and, beside it as `PATH.secret`, the callback secrets kept beside the
 store, so callback URLs handed out before the backup still work after a
-restore; and `PATH.notify-secret`, the key completion notifications are signed
-with, so receivers need no new key. All the files are private to their owner
-(0600).
+restore; and `PATH.notify-secret`, the keys completion notifications are
+signed with (the current one, and the previous ones during a rotation), so
+receivers need no new key. Each file keeps its secrets in their order; all are
+private to their owner (0600).
 
 The copy is SQLite's online backup API in one step: it reads one snapshot of
 the database (WAL mode lets writers go on meanwhile; a step-by-step copy would

@@ -6,9 +6,11 @@ import base64
 import binascii
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from core.errors import StoreConfigError
+from core.settings import listed
 from core.store.jobs import JobIndex
 from resonate_sqlite import DEFAULT_LOCK_TIMEOUT
 
@@ -60,6 +62,26 @@ def check_notify_secret(value: str, source: str = "TETHER_NOTIFY_SECRET") -> str
     return value
 
 
+def check_previous_notify_secrets(
+    value: str, source: str = "TETHER_NOTIFY_SECRET_PREVIOUS"
+) -> tuple[str, ...]:
+    """The comma-separated secrets of `value` (blanks dropped), each checked
+    as `check_notify_secret` does; a `StoreConfigError` names `source` and
+    the item by its place (`item 2`), never a value."""
+    items = listed(value)
+    for place, item in enumerate(items, 1):
+        check_notify_secret(item, f"{source} (item {place} of {len(items)})")
+    return items
+
+
+def signing_secrets(current: str, previous: Iterable[str] = ()) -> tuple[str, ...]:
+    """`Store.notify_secrets`: `current` then each of `previous` not already
+    named; none without `current`."""
+    if not current:
+        return ()
+    return tuple(dict.fromkeys((current, *previous)))
+
+
 class Store(ABC):
     """A Resonate connection and the job index, in one durable place.
 
@@ -76,7 +98,7 @@ class Store(ABC):
         jobs: JobIndex,
         callback_secret: str,
         callback_secret_previous: tuple[str, ...] = (),
-        notify_secret: str | None = None,
+        notify_secrets: tuple[str, ...] = (),
     ) -> None:
         self.connection = connection
         """The Resonate `Network` that is also the process's `Source`."""
@@ -86,14 +108,23 @@ class Store(ABC):
         self.callback_secret_previous = callback_secret_previous
         """Earlier secrets whose callback URLs are still accepted during a
         rotation: the configured ones and those this store keeps."""
-        self.notify_secret = notify_secret
-        """The key completion notifications are signed with (`whsec_...`):
-        the configured one, or the one this store keeps; None when there is
-        neither (Postgres without `TETHER_NOTIFY_SECRET`: jobs asking for
-        notifications are refused)."""
+        self.notify_secrets = notify_secrets
+        """The keys completion notifications are signed with (`whsec_...`),
+        current first: the configured one or the one this store keeps, then,
+        during a rotation, the previous ones (configured in
+        `TETHER_NOTIFY_SECRET_PREVIOUS` or kept by this store; see
+        `signing_secrets`). Each message carries one signature per key. None
+        when there is no current one (Postgres without `TETHER_NOTIFY_SECRET`:
+        jobs asking for notifications are refused)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r})"
+
+    @property
+    def notify_secret(self) -> str | None:
+        """The current notification secret (the one receivers are given), or
+        None when there is none."""
+        return self.notify_secrets[0] if self.notify_secrets else None
 
     @abstractmethod
     async def delete_promises(self, older_than_ms: int) -> int:

@@ -20,7 +20,13 @@ from typing import Any
 
 from core.errors import StoreConfigError, StoreUnavailable
 from core.settings import Settings, listed
-from core.store.base import STORE_WAIT, Store, check_notify_secret, new_notify_secret
+from core.store.base import (
+    STORE_WAIT,
+    Store,
+    check_notify_secret,
+    new_notify_secret,
+    signing_secrets,
+)
 from core.store.migrations import migrate
 from core.store.schema import SQLITE
 from core.store.sql import SqlJobIndex
@@ -69,10 +75,12 @@ class MemoryStore(EmbeddedStore):
         jobs: SqliteIndex,
         callback_secret: str,
         callback_secret_previous: tuple[str, ...],
-        notify_secret: str,
+        notify_secrets: tuple[str, ...],
         scratch: Path,
     ) -> None:
-        super().__init__(connection, jobs, callback_secret, callback_secret_previous, notify_secret)
+        super().__init__(
+            connection, jobs, callback_secret, callback_secret_previous, notify_secrets
+        )
         self.scratch = scratch
 
     @classmethod
@@ -266,23 +274,60 @@ def callback_secrets(db: Path) -> list[str]:
 
 
 def notify_secret_path(db: Path) -> Path:
-    """The file beside the database that keeps its notification secret."""
+    """The file beside the database that keeps its notification secrets: one
+    a line, the current one first, then the previous ones each message is
+    also signed with during a rotation (`rotate_notify_secret`)."""
     return db.with_name(db.name + ".notify-secret")
 
 
+def read_notify_secrets(path: Path) -> list[str]:
+    """The notification secrets in their file, current first (blank lines
+    skipped), each checked; `StoreConfigError` naming the file (and the line,
+    when it has several), never its content, when a line is not a secret or
+    there is none."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    kept = [(number, line) for number, line in enumerate(lines, 1) if line]
+    if not kept:
+        raise StoreConfigError(f"the notification secret file {path} is empty")
+    source = f"the notification secret file {path}"
+    if len(kept) == 1:
+        return [check_notify_secret(kept[0][1], source)]
+    return [check_notify_secret(line, f"{source} (line {number})") for number, line in kept]
+
+
 def read_notify_secret(path: Path) -> str:
-    """The notification secret in its file; `StoreConfigError` naming the file
-    (never its content) when it is not one."""
-    return check_notify_secret(path.read_text().strip(), f"the notification secret file {path}")
+    """The current notification secret in its file (the one receivers are
+    given), the whole file checked as `read_notify_secrets` does."""
+    return read_notify_secrets(path)[0]
 
 
-def notify_secret(db: Path) -> str:
-    """The notification secret kept beside the database (`whsec_...`); made
-    on first use (first one wins), mode 0600."""
+def notify_secrets(db: Path) -> list[str]:
+    """The notification secrets kept beside the database (`whsec_...`),
+    current first; the file is made on first use (first one wins), mode 0600,
+    holding one new secret."""
     path = notify_secret_path(db)
     if not path.exists():
         _write_once(path, new_notify_secret() + "\n")
-    return read_notify_secret(path)
+    return read_notify_secrets(path)
+
+
+def rotate_notify_secret(db: Path) -> int:
+    """Make a new current notification secret, keeping the current and
+    previous ones as previous (messages are signed with all of them); return
+    how many are previous now. Running services read the file when they start."""
+    path = notify_secret_path(db)
+    kept = read_notify_secrets(path)
+    write_secrets(path, [new_notify_secret(), *kept])
+    return len(kept)
+
+
+def drop_previous_notify_secrets(db: Path) -> int:
+    """Forget the previous notification secrets (messages are then signed with
+    the current one only); how many went."""
+    path = notify_secret_path(db)
+    current, *previous = read_notify_secrets(path)
+    write_secrets(path, [current])
+    return len(previous)
 
 
 def rotate_secret(db: Path) -> int:
@@ -305,19 +350,21 @@ def drop_previous_secrets(db: Path) -> int:
 
 async def _open(
     path: Path, settings: Settings, pid: str
-) -> tuple[SqliteConnection, SqliteIndex, str, tuple[str, ...], str]:
+) -> tuple[SqliteConnection, SqliteIndex, str, tuple[str, ...], tuple[str, ...]]:
     """The engine's connection, the job index, the callback secret and the
     previous ones (the configured ones, else those kept beside the file), and
-    the notification secret (the configured one, else the one kept beside it)."""
+    the notification secrets, current first (the configured
+    ones, else those kept beside it, with the configured previous ones)."""
     secret, previous = settings.callback_secret, listed(settings.callback_secret_previous)
-    notify = settings.notify_secret
+    notify, notify_previous = settings.notify_secret, listed(settings.notify_secret_previous)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not secret:
             secret, *kept = callback_secrets(path)
             previous = (*kept, *previous)
         if not notify:
-            notify = notify_secret(path)
+            notify, *notify_kept = notify_secrets(path)
+            notify_previous = (*notify_kept, *notify_previous)
     except OSError as exc:
         raise StoreConfigError(f"cannot use the embedded store at {path}: {exc.strerror}") from None
     connection = SqliteConnection(
@@ -337,4 +384,10 @@ async def _open(
             reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
             raise StoreConfigError(f"cannot open the embedded store at {path}: {reason}") from None
         raise
-    return connection, SqliteIndex(driver), secret, previous, notify
+    return (
+        connection,
+        SqliteIndex(driver),
+        secret,
+        previous,
+        signing_secrets(notify, notify_previous),
+    )

@@ -17,7 +17,7 @@ from resonate_pg import PostgresConnection, PsycopgSessions
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
-from core.store.base import STORE_WAIT, Store
+from core.store.base import STORE_WAIT, Store, signing_secrets
 from core.store.jobs import now_ms
 from core.store.migrations import migrate
 from core.store.schema import POSTGRES
@@ -59,12 +59,13 @@ class PostgresStore(Store):
         previous = listed(settings.callback_secret_previous)
         # Without TETHER_NOTIFY_SECRET no secret is made: every host must sign
         # with the same one, so jobs asking for notifications are refused.
+        notify = listed(settings.notify_secret_previous)
         return cls(
             connection,
             SqlJobIndex(driver),
             settings.callback_secret,
             previous,
-            settings.notify_secret or None,
+            signing_secrets(settings.notify_secret, notify),
         )
 
     async def delete_promises(self, older_than_ms: int) -> int:

@@ -16,8 +16,9 @@ Decisions (docs/operations.md, "Running on a Resonate server"):
 
 - The server keeps none of Tether's secrets: `TETHER_CALLBACK_SECRET` is
   required (as on Postgres), and completion notifications need
-  `TETHER_NOTIFY_SECRET`. One rule whichever index, and hosts that share the
-  server can never disagree on a secret kept in one host's file.
+  `TETHER_NOTIFY_SECRET` (rotated with `TETHER_NOTIFY_SECRET_PREVIOUS`). One
+  rule whichever index, and hosts that share the server can never disagree on
+  a secret kept in one host's file.
 - Authentication is what resonate-sdk 0.8 offers: a bearer token
   (`TETHER_STORE_TOKEN`, sent as `Authorization: Bearer` on every request and
   on the message stream). `user:password@` in `TETHER_STORE` is refused: the
@@ -45,7 +46,7 @@ from resonate_base import PROTOCOL_VERSION
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
-from core.store.base import STORE_WAIT, Store
+from core.store.base import STORE_WAIT, Store, signing_secrets
 from core.store.embedded import SqliteDriver, SqliteIndex
 from core.store.jobs import JobIndex
 from core.store.migrations import migrate
@@ -253,7 +254,7 @@ class RemoteStore(Store):
             jobs,
             settings.callback_secret,
             listed(settings.callback_secret_previous),
-            settings.notify_secret or None,
+            signing_secrets(settings.notify_secret, listed(settings.notify_secret_previous)),
         )
 
     async def delete_promises(self, older_than_ms: int) -> int:

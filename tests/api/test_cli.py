@@ -65,7 +65,13 @@ def test_help_lists_every_command_once_under_its_heading() -> None:
     ]
     assert listed["Service"] == ["serve", "gc"]
     assert listed["Jobs (talk to a running service)"] == [c.name for c in CLIENT_COMMANDS]
-    assert listed["Store files"] == ["rotate-secret", "notify-secret", "backup", "restore"]
+    assert listed["Store files"] == [
+        "rotate-secret",
+        "notify-secret",
+        "rotate-notify-secret",
+        "backup",
+        "restore",
+    ]
     assert listed["Plugins"] == ["install", "uninstall", "plugins"]
     everything = [name for names in listed.values() for name in names]
     assert sorted(everything) == sorted(cli.commands)  # each command once, none left out

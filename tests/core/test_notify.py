@@ -371,7 +371,7 @@ async def test_a_service_without_a_notification_secret_refuses_jobs_asking_for_o
     """As on Postgres without TETHER_NOTIFY_SECRET: 422 naming the setting,
     nothing created; jobs without `notify` go on."""
     svc = await serve(start_service)
-    svc.tether.store.notify_secret = None
+    svc.tether.store.notify_secrets = ()
     body = {"id": "refused", "backend": "http_webhook", "params": {"url": receiver.url()}}
     answer = await svc.client.post("/jobs", json={**body, "notify": {"url": notified.url()}})
     assert answer.status_code == 422, answer.text
