@@ -14,7 +14,7 @@ as resonate-pg's `resonate.sql` does::
 It imports nothing of Tether. See README.md beside this file.
 """
 
-from resonate_sqlite.busy import DEFAULT_LOCK_TIMEOUT, BusyBackoff
+from resonate_sqlite.busy import DEFAULT_LOCK_TIMEOUT, BusyBackoff, retry_briefly
 from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
 from resonate_sqlite.engine import HOT_PATH_AUTOCHECKPOINT, is_busy
 
@@ -25,4 +25,5 @@ __all__ = [
     "SqliteConnection",
     "SqliteStoreError",
     "is_busy",
+    "retry_briefly",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 
 import msgspec
 
+from resonate_sqlite.busy import retry_briefly
 from resonate_sqlite.schema import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -91,6 +92,10 @@ def is_busy(exc: sqlite3.OperationalError) -> bool:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+def _lock_taken(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and is_busy(exc)
 
 
 class _Request(NamedTuple):
@@ -283,9 +288,13 @@ class Engine(Transitions):
     # -- transactions -----------------------------------------------------------
 
     def _begin(self, db: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE; a taken write lock is `StoreBusy`, anything else `StoreFailure`."""
+        """BEGIN IMMEDIATE, tried again for a fraction of a millisecond while
+        another connection holds the write lock (`retry_briefly`: it is
+        usually free again by then, where a wait on the caller's event loop
+        lasts a whole turn of it); still taken, `StoreBusy`; anything else
+        `StoreFailure`."""
         try:
-            db.execute("BEGIN IMMEDIATE")
+            retry_briefly(lambda: db.execute("BEGIN IMMEDIATE"), _lock_taken)
         except sqlite3.OperationalError as exc:
             if is_busy(exc):
                 raise StoreBusy(f"sqlite store {self.path}: database is locked") from exc

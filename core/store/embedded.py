@@ -35,6 +35,7 @@ from resonate_sqlite import (
     BusyBackoff,
     SqliteConnection,
     is_busy,
+    retry_briefly,
 )
 
 
@@ -116,7 +117,8 @@ class SqliteDriver:
     `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
     less than handing it to a thread and back. Like the store engine, it never
     waits inside SQLite for a lock: a statement that finds the write lock taken
-    is retried after a short sleep, for up to `STORE_WAIT` (the store
+    is tried again at once for up to half a millisecond (`retry_briefly`),
+    then after a short sleep on the loop, for up to `STORE_WAIT` (the store
     connection's own wait), so a locked file slows the index's writes without
     stopping the loop. Checkpoints are the store's checkpointer thread's work,
     not this connection's."""
@@ -140,7 +142,10 @@ class SqliteDriver:
         backoff = BusyBackoff(STORE_WAIT)
         while True:
             try:
-                return fn(self._connect())
+                # The other process's lock is usually free again within a
+                # fraction of a millisecond; a sleep on a loaded loop lasts a
+                # whole turn of it (resonate_sqlite/busy.py).
+                return retry_briefly(lambda: fn(self._connect()), _lock_taken)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise StoreUnavailable(f"the embedded store failed: {exc}") from None
@@ -202,10 +207,21 @@ class SqliteDriver:
                 conn.close()
 
 
+OWN_TRANSACTION = "database is locked (a transaction of this connection)"
+
+
 def _begin(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:  # another block of this connection has it: wait as for the lock
-        raise sqlite3.OperationalError("database is locked (a transaction of this connection)")
+        raise sqlite3.OperationalError(OWN_TRANSACTION)
     conn.execute("BEGIN IMMEDIATE")
+
+
+def _lock_taken(exc: Exception) -> bool:
+    """Another connection holds the write lock: worth trying again at once.
+    Not this connection's own open transaction, which only the loop can end."""
+    return (
+        isinstance(exc, sqlite3.OperationalError) and is_busy(exc) and str(exc) != OWN_TRANSACTION
+    )
 
 
 def sqlite_path(url: str) -> Path:

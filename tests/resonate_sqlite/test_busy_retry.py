@@ -1,0 +1,105 @@
+"""`retry_briefly`: a call that finds the write lock taken is tried again at
+once, for a bounded time, before the caller sleeps on the event loop. On a
+real file, with the lock held by another connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from resonate_sqlite.busy import SPIN, retry_briefly
+from resonate_sqlite.engine import is_busy
+
+
+def locked(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and is_busy(exc)
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[sqlite3.Connection, sqlite3.Connection]]:
+    """Two connections to one WAL file, neither waiting inside SQLite."""
+    path = tmp_path / "lock.db"
+    conns = []
+    for _ in range(2):
+        conn = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conns.append(conn)
+    conns[0].execute("CREATE TABLE t (x)")
+    yield conns[0], conns[1]
+    for conn in conns:
+        conn.close()
+
+
+def counted(conn: sqlite3.Connection, sql: str) -> tuple[list[int], Callable[[], None]]:
+    tries = [0]
+
+    def call() -> None:
+        tries[0] += 1
+        conn.execute(sql)
+
+    return tries, call
+
+
+def test_a_lock_let_go_within_the_budget_is_taken(
+    two: tuple[sqlite3.Connection, sqlite3.Connection],
+) -> None:
+    holder, waiter = two
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.02, lambda: holder.execute("COMMIT"))
+    tries, call = counted(waiter, "BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    release.start()
+    try:
+        retry_briefly(call, locked, budget=5.0)
+    finally:
+        release.join()
+    assert time.monotonic() - t0 >= 0.015
+    assert tries[0] > 1  # it found the lock taken, and tried again
+    assert waiter.in_transaction
+    waiter.execute("INSERT INTO t VALUES (1)")
+    waiter.execute("COMMIT")
+    assert holder.execute("SELECT count(*) FROM t").fetchone() == (1,)
+
+
+def test_a_lock_held_past_the_budget_raises_busy(
+    two: tuple[sqlite3.Connection, sqlite3.Connection],
+) -> None:
+    holder, waiter = two
+    holder.execute("BEGIN IMMEDIATE")
+    tries, call = counted(waiter, "BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_briefly(call, locked, budget=0.03)
+    took = time.monotonic() - t0
+    assert 0.03 <= took < 1.0
+    assert tries[0] > 2
+    assert not waiter.in_transaction
+    holder.execute("ROLLBACK")
+
+
+def test_the_default_budget_holds_the_caller_under_a_few_milliseconds(
+    two: tuple[sqlite3.Connection, sqlite3.Connection],
+) -> None:
+    holder, waiter = two
+    holder.execute("BEGIN IMMEDIATE")
+    _, call = counted(waiter, "BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_briefly(call, locked)
+    assert SPIN <= time.monotonic() - t0 < 0.05  # not a wait of the loop's length
+    holder.execute("ROLLBACK")
+
+
+def test_other_errors_are_raised_at_once(
+    two: tuple[sqlite3.Connection, sqlite3.Connection],
+) -> None:
+    _, waiter = two
+    tries, call = counted(waiter, "SELECT * FROM missing")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        retry_briefly(call, locked, budget=5.0)
+    assert tries[0] == 1
