@@ -283,8 +283,8 @@ def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
             previous = rotate_secret(db)
     except (ValueError, StoreFileError) as exc:  # StoreConfigError: an empty secret file
         raise Refused(str(exc)) from None
-    except OSError as exc:
-        raise Refused(f"cannot rewrite {secrets}: {exc.strerror}") from None
+    except OSError as exc:  # (before `secrets` is known, too: a directory it may not search)
+        raise Refused(f"cannot use {exc.filename or 'the secret file'}: {exc.strerror}") from None
     restart = "Restart every `tether serve` using this store now (stop them all, then start)"
     if drop_previous:
         click.echo(
@@ -386,8 +386,8 @@ def rotate_notify_secret_command(store: str | None, drop_previous: bool) -> None
             previous = rotate_notify_secret(db)
     except (ValueError, StoreFileError) as exc:  # StoreConfigError: a damaged secret file
         raise Refused(str(exc)) from None
-    except OSError as exc:
-        raise Refused(f"cannot rewrite {path}: {exc.strerror}") from None
+    except OSError as exc:  # (before `path` is known, too: a directory it may not search)
+        raise Refused(f"cannot use {exc.filename or 'the secret file'}: {exc.strerror}") from None
     restart = "Restart every `tether serve` using this store now (one at a time will do)"
     if drop_previous:
         click.echo(

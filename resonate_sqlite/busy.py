@@ -42,6 +42,13 @@ MAX_DELAY: Final = 0.005
 #: waiting), and the sleep between its tries.
 SPIN: Final = 0.0005
 SPIN_STEP: Final = 0.00005
+#: After a spin that did not get the lock (another process holds it longer:
+#: `tether gc`, a migration, an operator's transaction), calls of this
+#: process within this long try once and go to the loop at once, so however
+#: many wait, the loop is held up at most about SPIN in every SPIN + this.
+SPIN_COOLDOWN: Final = 0.005
+
+_spin_failed_at = float("-inf")
 
 
 def retry_briefly[T](
@@ -52,9 +59,13 @@ def retry_briefly[T](
     error is raised, for the caller's `BusyBackoff` to wait on the loop.
 
     The thread sleeps between tries (other threads and processes run), so
-    this holds up the event loop for about `budget` plus one try at most.
-    Never for a lock this thread itself holds (a transaction of the same
-    connection that only the loop can end): say so in `busy`."""
+    this holds up the event loop for about `budget` plus one try (plus how
+    late a sleep of `SPIN_STEP` wakes on a busy machine). Within
+    `SPIN_COOLDOWN` of a spin of this process that failed, a busy call is
+    tried once only. Never for a lock this thread itself holds (a
+    transaction of the same connection that only the loop can end): say so
+    in `busy`. For the thread that runs the event loop only."""
+    global _spin_failed_at
     deadline = 0.0
     while True:
         try:
@@ -63,9 +74,12 @@ def retry_briefly[T](
             if not busy(exc):
                 raise
             now = time.monotonic()
+            if now - _spin_failed_at < SPIN_COOLDOWN:
+                raise
             if not deadline:
                 deadline = now + budget
             elif now >= deadline:
+                _spin_failed_at = now
                 raise
         time.sleep(SPIN_STEP)
 

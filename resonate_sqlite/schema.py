@@ -193,9 +193,9 @@ SQL_LEASE_GET = (
 )
 #: The ``preload`` of a task's answers: the promises tagged with the task's own
 #: ``resonate:branch`` (the task's promise left out, an empty branch has none),
-#: and the bare promises the branch promise made (``ctx.promise``,
-#: ``ctx.sleep``: its children with no ``resonate:target``, each a branch of
-#: its own), by id within each search (the caller sorts them: cheaper than
+#: and the bare promises the branch promise made (``ctx.promise``: its
+#: children with no ``resonate:target``, each a branch of its own; a
+#: ``ctx.sleep`` timer has a target), by id within each search (the caller sorts them: cheaper than
 #: ORDER BY's temporary b-tree). Candidates are the branch promise itself and
 #: the ids under it (a protocol id extends its branch: ``{branch}.n``, or
 #: ``{branch}:n`` as resonate-sdk joins a root's children), three searches of

@@ -369,9 +369,9 @@ class Transitions:
         share the ``resonate:branch`` of the task's promise, the task's own
         left out, by id, as promise.get reads them (the protocol's and the
         Resonate server's rule), and the bare promises the branch promise
-        made (its children without a ``resonate:target``: ``ctx.promise``,
-        ``ctx.sleep``), which the protocol's rule leaves out as branches of
-        their own. The SDK takes them as it takes a fence's answer, so a
+        made (its children without a ``resonate:target``: ``ctx.promise``;
+        a ``ctx.sleep`` timer has one), which the protocol's rule leaves out
+        as branches of their own. The SDK takes them as it takes a fence's answer, so a
         replayed body asks again only for what is not there.
         DIFFERENCE: the bare children; at most PRELOAD_MAX promises and PRELOAD_BYTES characters,
         and only the branch promise and the ids under it (the protocol's id

@@ -113,7 +113,7 @@ class Store(ABC):
         current first: the configured one or the one this store keeps, then,
         during a rotation, the previous ones (configured in
         `TETHER_NOTIFY_SECRET_PREVIOUS` or kept by this store; see
-        `signing_secrets`). Each message carries one signature per key. None
+        `signing_secrets`). Each message carries one signature per key. Empty
         when there is no current one (Postgres without `TETHER_NOTIFY_SECRET`:
         jobs asking for notifications are refused)."""
 

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from resonate_sqlite.busy import SPIN, retry_briefly
+from resonate_sqlite import busy
+from resonate_sqlite.busy import SPIN, SPIN_COOLDOWN, retry_briefly
 from resonate_sqlite.engine import is_busy
+
+
+@pytest.fixture(autouse=True)
+def no_recent_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no failed spin behind it."""
+    monkeypatch.setattr(busy, "_spin_failed_at", float("-inf"))
 
 
 def locked(exc: Exception) -> bool:
@@ -103,3 +110,30 @@ def test_other_errors_are_raised_at_once(
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         retry_briefly(call, locked, budget=5.0)
     assert tries[0] == 1
+
+
+def test_after_a_failed_spin_waiters_try_once_until_the_cooldown_passes(
+    two: tuple[sqlite3.Connection, sqlite3.Connection],
+) -> None:
+    """A lock another process holds for long (a gc, a migration): the first
+    call spins and gives up; the calls right after it try once each (however
+    many wait, the loop is not held up by each in turn); once the cooldown
+    has passed, a call spins again."""
+    holder, waiter = two
+    holder.execute("BEGIN IMMEDIATE")
+    tries, call = counted(waiter, "BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_briefly(call, locked, budget=0.002)
+    spun = tries[0]
+    assert spun > 2
+    for _ in range(10):
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            retry_briefly(call, locked, budget=0.002)
+    assert tries[0] == spun + 10  # one try each
+    time.sleep(SPIN_COOLDOWN)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        retry_briefly(call, locked, budget=0.002)
+    assert tries[0] > spun + 12  # it spun again
+    holder.execute("ROLLBACK")
+    retry_briefly(call, locked)  # free: taken at the first try
+    waiter.execute("ROLLBACK")

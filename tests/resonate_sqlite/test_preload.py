@@ -7,7 +7,7 @@ every promise whose ``resonate:branch`` tag is the task promise's, the task's
 own left out, as promise.get reads them. resonate-sdk caches them by id, so a
 body replayed after a resume does not ask again for the steps it already ran.
 Here, also the branch promise's children without a ``resonate:target``
-(``ctx.promise``, ``ctx.sleep``: each a branch of its own, so the protocol's
+(``ctx.promise``, each a branch of its own, so the protocol's
 rule leaves them out, and a replayed body would fence them again: a job's
 callback promise). Bounded (``PRELOAD_MAX`` promises, ``PRELOAD_BYTES``
 characters) and only among the ids under the branch; a fence carries none
@@ -76,7 +76,7 @@ def workflow(server: Server, root: str = "wf") -> None:
     """A Tether job's first run: the callback promise (its own branch), the
     trigger step (the root's branch, settled), suspended on the callback; and
     what a richer workflow adds: a pending step, an rpc child with a step of
-    its own, a detached child."""
+    its own, a detached child, a timer."""
     start(server, root)
     fence(
         server,
@@ -98,6 +98,9 @@ def workflow(server: Server, root: str = "wf") -> None:
     )
     det = own_branch_tags(f"{root}:d1", root, root, **{"resonate:target": GROUP})
     fence(server, root, 1, f"{root}:d1", det)
+    # a ctx.sleep timer: resonate-sdk gives it a target, so it is no bare child
+    timer = {"resonate:target": GROUP, "resonate:timer": "true"}
+    fence(server, root, 1, f"{root}:5", own_branch_tags(f"{root}:5", root, root, **timer))
 
 
 def test_acquire_preloads_the_promises_of_the_task_branch_only(server: Server) -> None:
@@ -109,8 +112,8 @@ def test_acquire_preloads_the_promises_of_the_task_branch_only(server: Server) -
     status, data = server("task.acquire", id="wf", version=1, pid="me", ttl=1000)
     assert status == 200
     # the settled callback promise (a bare child), the settled and the running
-    # step (the branch); not the rpc child, its step or the detached child
-    # (each has a task of its own), nor the neighbour's
+    # step (the branch); not the rpc child, its step, the detached child or
+    # the timer (each has a target), nor the neighbour's
     assert ids(data["preload"]) == ["wf:1", "wf:2", "wf:3"]
     callback, step, running = data["preload"]
     # as promise.get reads them

@@ -109,9 +109,10 @@ def test_rotate_notify_secret_then_drop_previous_through_restarts(
             unrestarted = notified_job(client, receiver, notified, "unrestarted")
         assert verifies(old, unrestarted) and not verifies(new, unrestarted)
 
+        service.terminate()
         refused = len(refusing.got)  # tries of the first service
-        service = restart(service, env)
         refusing.then = 200  # the next try, from the restarted service, is accepted
+        service = TetherProcess(service.log.parent, env, port=service.port).start()
         with service.client() as client:
             both = notified_job(client, receiver, notified, "both")
             retried = accepted(refusing, "pending")

@@ -1,9 +1,11 @@
 """Completion notifications with `tether serve --workers 2`: both worker
-processes run a notifier on one store, and each notification is still sent
-once at a time and accepted once. Every first try is refused (500), so the
-retries, which either worker may take, are exercised too; then one worker is
-SIGKILLed while retries are due, and its replacement and the other worker
-deliver what is left, still once each."""
+processes run a notifier on one store, and each try of a notification is
+made by one of them. Every first try is refused (500), so the retries, which
+either worker may take, are exercised too; the second tries are held open
+at the receiver, and the worker holding one of them is SIGKILLed. Its try
+was answered but never recorded: after its claim runs out (20 s) another
+worker tries again with the same `webhook-id` (at least once, as documented);
+every other notification is accepted exactly once."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import json
 import os
 import signal
 import threading
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,15 @@ JOBS = 16
 
 class Deliveries:
     """A receiver that refuses the first try of each notification (by its
-    `webhook-id`) and accepts the later ones, keeping every try."""
+    `webhook-id`) and holds every later one open until `release` is set,
+    then accepts it; it keeps every try, and which of `workers` sent each
+    one it held (found while the sender is alive)."""
 
     def __init__(self) -> None:
-        self.tries: list[tuple[str, str, int]] = []  # (webhook-id, job id, status answered)
+        self.tries: list[tuple[str, str, int, int]] = []  # (webhook-id, job, status, port)
+        self.held: list[tuple[str, int | None]] = []  # (job, sending worker) of tries held
+        self.workers: list[int] = []
+        self.release = threading.Event()
         self.lock = threading.Lock()
         deliveries = self
 
@@ -36,13 +42,22 @@ class Deliveries:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 webhook_id = self.headers["webhook-id"]
                 job_id = json.loads(body)["job"]["id"]
+                port = self.client_address[1]
                 with deliveries.lock:
-                    seen = any(w == webhook_id for w, _, _ in deliveries.tries)
-                    status = 200 if seen else 500
-                    deliveries.tries.append((webhook_id, job_id, status))
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                    seen = any(w == webhook_id for w, _, _, _ in deliveries.tries)
+                    if seen:
+                        deliveries.held.append((job_id, owner_of(port, deliveries.workers)))
+                if seen:
+                    deliveries.release.wait(60)
+                status = 200 if seen else 500
+                with deliveries.lock:
+                    deliveries.tries.append((webhook_id, job_id, status, port))
+                try:
+                    self.send_response(status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:  # the sender was killed meanwhile
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -54,11 +69,12 @@ class Deliveries:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/done"
 
-    def accepted(self) -> Counter[str]:
+    def accepted(self, job_id: str) -> int:
         with self.lock:
-            return Counter(job for _, job, status in self.tries if status == 200)
+            return sum(job == job_id and status == 200 for _, job, status, _ in self.tries)
 
     def stop(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -80,17 +96,32 @@ def worker_pids(supervisor: int) -> list[int]:
     return found
 
 
-def test_two_workers_deliver_each_notification_once_across_retries_and_a_worker_kill(
+def owner_of(port: int, pids: list[int]) -> int | None:
+    """Which of `pids` has the TCP socket whose local port is `port`."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        try:
+            if any(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return pid
+        except OSError:  # gone (the killed worker), or an fd closed meanwhile
+            continue
+    return None
+
+
+def test_two_workers_deliver_each_notification_once_but_a_try_in_flight_at_a_worker_kill(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     deliveries = Deliveries()
-    env = {
-        "TETHER_STORE": f"sqlite:///{tmp_path}/tether.db",
-        # retries 1 s apart, then 2 s: the kill lands while some are due
-        "TETHER_NOTIFY_BACKOFF": "1",
-    }
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db", "TETHER_NOTIFY_BACKOFF": "0.5"}
     service = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
     try:
+        assert service.proc is not None
+        deliveries.workers = worker_pids(service.proc.pid)
+        assert len(deliveries.workers) == 2
         with service.client() as client:
             for i in range(JOBS):
                 body = {
@@ -105,36 +136,44 @@ def test_two_workers_deliver_each_notification_once_across_retries_and_a_worker_
             for hit in list(receiver.on("/hook")):
                 answer = client.post(hit.body["callback_url"], json={"status": "succeeded"})
                 assert answer.status_code == 200
-            # every first try refused; then one worker dies with retries due
-            wait_until(lambda: len(deliveries.tries) >= JOBS // 2, timeout=30)
-            assert service.proc is not None
-            workers = worker_pids(service.proc.pid)
-            assert len(workers) == 2
-            os.kill(workers[0], signal.SIGKILL)
-            wait_until(lambda: len(deliveries.accepted()) == JOBS, timeout=60, holds=3.0)
-            histories = {
-                f"n{i}": [
-                    e["data"]
-                    for e in client.get(f"/jobs/n{i}/events", params={"limit": 1000}).json()[
-                        "items"
-                    ]
-                    if e["type"] == "notified"
-                ]
-                for i in range(JOBS)
-            }
+            # second tries arrive and are held open; kill a worker holding one
+            wait_until(lambda: len(deliveries.held) >= 4, timeout=30)
+            with deliveries.lock:
+                victim = next(worker for _, worker in deliveries.held if worker is not None)
+                os.kill(victim, signal.SIGKILL)
+                killed = {job for job, worker in deliveries.held if worker == victim}
+            deliveries.release.set()
+        # a new client: the last one's connection may have been to the killed worker
+        with service.client() as client:
+
+            def delivered() -> bool:
+                return all(
+                    any(e["data"].get("status") == 200 for e in notified(client, f"n{i}"))
+                    for i in range(JOBS)
+                )
+
+            wait_until(delivered, timeout=60, holds=2.0)
+            histories = {f"n{i}": notified(client, f"n{i}") for i in range(JOBS)}
     finally:
         service.kill()
         deliveries.stop()
-    assert deliveries.accepted() == Counter({f"n{i}": 1 for i in range(JOBS)})
-    # one webhook-id a job; each try claimed by one worker (its number once,
-    # rising: a try claimed by the killed worker and never recorded leaves a
-    # gap, and the claim's lease runs out before another worker tries again)
-    ids = {job: {w for w, j, _ in deliveries.tries if j == job} for job in histories}
-    assert all(len(found) == 1 for found in ids.values()), ids
+    assert killed  # the kill caught a try in flight
     for job, tries in histories.items():
-        statuses = [t["status"] for t in tries]
-        assert statuses[-1] == 200 and statuses.count(200) == 1, (job, tries)
-        numbers = [t["try"] for t in tries]
-        assert numbers == sorted(set(numbers)), (job, tries)
-        sent = [status for _, j, status in deliveries.tries if j == job]
-        assert len(sent) <= len(tries) + 1, (job, sent, tries)  # at most the killed one unrecorded
+        data = [t["data"] for t in tries]
+        statuses = [d["status"] for d in data]
+        assert statuses[-1] == 200 and statuses.count(200) == 1, (job, data)
+        numbers = [d["try"] for d in data]
+        assert numbers == sorted(set(numbers)), (job, data)  # each try claimed once
+        assert len({d["webhook_id"] for d in data}) == 1, (job, data)
+        # accepted once; twice where the killed worker's try was answered but
+        # never recorded (then retried once its claim ran out): surely for
+        # those it was seen holding, perhaps for one whose sender was gone
+        # before the receiver looked it up (None)
+        senders = {worker for held_job, worker in deliveries.held if held_job == job}
+        expected = {2} if job in killed else {1, 2} if None in senders else {1}
+        assert deliveries.accepted(job) in expected, (job, senders, deliveries.tries)
+
+
+def notified(client: Any, job_id: str) -> list[dict[str, Any]]:
+    items = client.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["items"]
+    return [e for e in items if e["type"] == "notified"]
