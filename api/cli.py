@@ -12,6 +12,7 @@ import logging.config
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -274,51 +275,92 @@ def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
     New callback URLs are signed with a new secret kept beside the embedded
     store, and URLs signed with the old ones still work (docs/operations.md).
     No secret is printed."""
-    try:
-        db = _secret_file_store(load_settings(store=store or None))
-        secrets = secret_path(db)
-        if drop_previous:
-            dropped = drop_previous_secrets(db)
-        else:
-            previous = rotate_secret(db)
-    except (ValueError, StoreFileError) as exc:  # StoreConfigError: an empty secret file
-        raise Refused(str(exc)) from None
-    except OSError as exc:  # (before `secrets` is known, too: a directory it may not search)
-        raise Refused(f"cannot use {exc.filename or 'the secret file'}: {exc.strerror}") from None
+    secrets, count = _rewrite(CALLBACK_SECRETS, store, drop_previous)
     restart = "Restart every `tether serve` using this store now (stop them all, then start)"
     if drop_previous:
         click.echo(
-            f"dropped {dropped} previous callback secret(s) from {secrets}. {restart}:"
+            f"dropped {count} previous callback secret(s) from {secrets}. {restart}:"
             " callback URLs signed with them then answer 401."
         )
     else:
         click.echo(
-            f"rotated the callback secret in {secrets}; {previous} previous secret(s) still"
+            f"rotated the callback secret in {secrets}; {count} previous secret(s) still"
             f" accepted. {restart}: until then they sign with the old secret. Once no job"
             " waits on a URL handed out before the restart (each has ended or its timeout"
             " has passed), run `tether rotate-secret --drop-previous` and restart again."
         )
 
 
-def _secret_file_store(settings: Settings) -> Path:
-    """The embedded store whose secret file `rotate-secret` may rewrite: one
-    whose services sign with that file's secret."""
+@dataclass(frozen=True)
+class SecretFile:
+    """A file of secrets kept beside the embedded store, one a line, current
+    first, that a `rotate-...` command rewrites."""
+
+    name: str  # "callback secret"
+    command: str  # "rotate-secret"
+    setting: str  # "TETHER_CALLBACK_SECRET"; its previous ones: ..._PREVIOUS
+    section: str  # of docs/operations.md
+    store_keeps: str  # what Postgres is said to keep no file of
+    path: Callable[[Path], Path]
+    rotate: Callable[[Path], int]  # how many are previous now
+    drop: Callable[[Path], int]  # how many went
+
+
+CALLBACK_SECRETS = SecretFile(
+    "callback secret",
+    "rotate-secret",
+    "TETHER_CALLBACK_SECRET",
+    "Rotating the callback secret",
+    "secret",
+    secret_path,
+    rotate_secret,
+    drop_previous_secrets,
+)
+NOTIFY_SECRETS = SecretFile(
+    "notification secret",
+    "rotate-notify-secret",
+    "TETHER_NOTIFY_SECRET",
+    "Changing the secret",
+    "notification secret",
+    notify_secret_path,
+    rotate_notify_secret,
+    drop_previous_notify_secrets,
+)
+
+
+def _rewrite(kind: SecretFile, store: str | None, drop_previous: bool) -> tuple[Path, int]:
+    """Rotate `kind`'s file (or drop its previous secrets): its path, and how
+    many secrets are previous now (or went). Refused when the services of
+    the store do not sign with that file."""
+    try:
+        db = _secret_file_of(kind, load_settings(store=store or None))
+        return kind.path(db), (kind.drop if drop_previous else kind.rotate)(db)
+    except (ValueError, StoreFileError) as exc:  # StoreConfigError: a damaged secret file
+        raise Refused(str(exc)) from None
+    except OSError as exc:  # (before the path is known, too: a directory it may not search)
+        raise Refused(f"cannot use {exc.filename or 'the secret file'}: {exc.strerror}") from None
+
+
+def _secret_file_of(kind: SecretFile, settings: Settings) -> Path:
+    """The embedded store whose `kind` file its command may rewrite: one
+    whose services sign with that file's secrets."""
+    setting = kind.setting
     if settings.store.startswith(("postgresql:", "postgres:")):
         raise StoreFileError(
-            f"{describe(settings.store)} keeps no secret file: rotate the callback secret"
-            " through TETHER_CALLBACK_SECRET and TETHER_CALLBACK_SECRET_PREVIOUS on every"
-            ' host (docs/operations.md, "Rotating the callback secret")'
+            f"{describe(settings.store)} keeps no {kind.store_keeps} file: rotate the {kind.name}"
+            f" through {setting} and {setting}_PREVIOUS on every host"
+            f' (docs/operations.md, "{kind.section}")'
         )
-    db = embedded_db(settings, "rotate-secret")
-    if settings.callback_secret:
+    db = embedded_db(settings, kind.command)
+    if getattr(settings, setting.removeprefix("TETHER_").lower()):
         raise StoreFileError(
-            "TETHER_CALLBACK_SECRET is set, so services sign with it and not with the"
-            f" file {secret_path(db)}: rotate it through TETHER_CALLBACK_SECRET and"
-            " TETHER_CALLBACK_SECRET_PREVIOUS (docs/operations.md)"
+            f"{setting} is set, so services sign with it and not with the"
+            f" file {kind.path(db)}: rotate it through {setting} and"
+            f" {setting}_PREVIOUS (docs/operations.md)"
         )
-    if not secret_path(db).is_file():
+    if not kind.path(db).is_file():
         raise StoreFileError(
-            f"no callback secret file {secret_path(db)}: a service makes one when it first"
+            f"no {kind.name} file {kind.path(db)}: a service makes one when it first"
             " opens the store"
         )
     return db
@@ -377,58 +419,22 @@ def rotate_notify_secret_command(store: str | None, drop_previous: bool) -> None
     ones are dropped each completion notification carries a signature under
     every one, so receivers verify it with the old secret or the new
     (docs/operations.md). No secret is printed."""
-    try:
-        db = _notify_secret_file_store(load_settings(store=store or None))
-        path = notify_secret_path(db)
-        if drop_previous:
-            dropped = drop_previous_notify_secrets(db)
-        else:
-            previous = rotate_notify_secret(db)
-    except (ValueError, StoreFileError) as exc:  # StoreConfigError: a damaged secret file
-        raise Refused(str(exc)) from None
-    except OSError as exc:  # (before `path` is known, too: a directory it may not search)
-        raise Refused(f"cannot use {exc.filename or 'the secret file'}: {exc.strerror}") from None
+    path, count = _rewrite(NOTIFY_SECRETS, store, drop_previous)
     restart = "Restart every `tether serve` using this store now (one at a time will do)"
     if drop_previous:
         click.echo(
-            f"dropped {dropped} previous notification secret(s) from {path}. {restart}:"
+            f"dropped {count} previous notification secret(s) from {path}. {restart}:"
             " messages are then signed with the current secret only, and receivers that"
             " know only a dropped one refuse them."
         )
     else:
         click.echo(
             f"rotated the notification secret in {path}; messages are also signed with"
-            f" {previous} previous secret(s). {restart}: until then they are signed with"
+            f" {count} previous secret(s). {restart}: until then they are signed with"
             " the old secret only. Once every service has restarted, give receivers the new"
             " secret (`tether notify-secret` prints it); once every receiver has it, run"
             " `tether rotate-notify-secret --drop-previous` and restart again."
         )
-
-
-def _notify_secret_file_store(settings: Settings) -> Path:
-    """The embedded store whose notification secret file
-    `rotate-notify-secret` may rewrite: one whose services sign with that
-    file's secrets."""
-    if settings.store.startswith(("postgresql:", "postgres:")):
-        raise StoreFileError(
-            f"{describe(settings.store)} keeps no notification secret file: rotate the"
-            " notification secret through TETHER_NOTIFY_SECRET and"
-            " TETHER_NOTIFY_SECRET_PREVIOUS on every host (docs/operations.md,"
-            ' "Changing the secret")'
-        )
-    db = embedded_db(settings, "rotate-notify-secret")
-    if settings.notify_secret:
-        raise StoreFileError(
-            "TETHER_NOTIFY_SECRET is set, so services sign with it and not with the"
-            f" file {notify_secret_path(db)}: rotate it through TETHER_NOTIFY_SECRET and"
-            " TETHER_NOTIFY_SECRET_PREVIOUS (docs/operations.md)"
-        )
-    if not notify_secret_path(db).is_file():
-        raise StoreFileError(
-            f"no notification secret file {notify_secret_path(db)}: a service makes one when"
-            " it first opens the store"
-        )
-    return db
 
 
 @cli.command("backup")
