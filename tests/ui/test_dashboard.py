@@ -239,8 +239,18 @@ def test_the_pages_fit_a_phone(context, service, client, hooks: Receiver):
         wide = phone.evaluate("document.documentElement.scrollWidth")
         assert wide <= 390, f"{path} is {wide}px wide on a 390px screen"
     phone.goto(f"{service.url}/ui")
-    cell = row(phone, job_id).locator('td[data-label="State"]')
-    assert cell.evaluate("td => getComputedStyle(td, '::before').content") == '"State"'
+    expect(row(phone, job_id)).to_be_visible()
+    # Read the label in one step in the page: the live list may replace the row between
+    # finding a cell and reading its style, and a detached cell has no computed style.
+    label = phone.evaluate(
+        """id => {
+            const td = [...document.querySelectorAll("tr[data-id]")]
+                .find(tr => tr.dataset.id === id)?.querySelector('td[data-label="State"]');
+            return td ? getComputedStyle(td, "::before").content : null;
+        }""",
+        job_id,
+    )
+    assert label == '"State"', f"the State cell's label on a phone is {label!r}"
 
 
 def test_a_notify_url_shows_only_its_origin(page, service, client, hooks: Receiver):
