@@ -32,6 +32,7 @@ from typing import NamedTuple
 from core.settings import Settings, describe
 from core.store.embedded import (
     notify_secret_path,
+    read_notify_secrets,
     read_secrets,
     secret_path,
     sqlite_path,
@@ -116,8 +117,9 @@ def _refuse_existing(path: Path, force: bool, what: str) -> None:
             raise StoreFileError(f"{existing} exists: pass --force to replace {what} there")
 
 
-SECRET_FILES = (secret_path, notify_secret_path)
-"""The files of secrets kept beside a database: callback, notification."""
+SECRET_FILES = ((secret_path, read_secrets), (notify_secret_path, read_notify_secrets))
+"""The files of secrets kept beside a database (callback, notification), each
+with the reader that checks it and names it in its errors."""
 
 type Kept = list[tuple[Callable[[Path], Path], list[str]]]
 
@@ -126,9 +128,9 @@ def _secrets_of(db: Path) -> Kept:
     """The secret files kept beside `db` that exist (none when its services
     take their secrets from the environment), with their lines."""
     kept: Kept = []
-    for path_of in SECRET_FILES:
+    for path_of, read in SECRET_FILES:
         try:
-            kept.append((path_of, read_secrets(path_of(db))))
+            kept.append((path_of, read(path_of(db))))
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -283,3 +283,19 @@ def test_restore_refuses_an_existing_store_and_a_file_that_is_no_backup(
     missing = tmp_path / "missing.db"
     done = tether("restore", str(missing), "--store", f"sqlite:///{store}", "--force")
     assert (done.returncode, done.stderr) == (2, f"tether: no backup at {missing}\n")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "named"), [(".secret", "callback"), (".notify-secret", "notification")]
+)
+def test_backup_refuses_an_empty_secret_file_naming_which(
+    tmp_path: Path, store: Path, suffix: str, named: str
+) -> None:
+    Path(f"{store}{suffix}").write_text("\n")
+    copy = tmp_path / "copy.db"
+    done = tether("backup", str(copy), "--store", f"sqlite:///{store}")
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"tether: the {named} secret file {store}{suffix} is empty\n",
+    )
+    assert not copy.exists() and not Path(f"{copy}.secret").exists()
