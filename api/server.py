@@ -19,6 +19,15 @@ processes. Here:
 
 Once a worker has started, `TetherServer` also freezes what start-up left in
 memory (`gc.freeze`), so the garbage collector's full passes skip it.
+
+With several workers, connections are spread evenly (`Balance`). The workers
+share one listening socket, and asyncio accepts every connection waiting in
+one go: the first worker to wake took most of a client's pool (28 of 32
+keep-alive connections in one benchmark run), so one worker ran at 94% of a
+core and the other at 31%. Here a worker
+accepts one connection per turn of its loop, and leaves a new connection for
+`DEFER` seconds to a worker holding fewer; past that it takes it anyway, so a
+dead or stuck worker never keeps one waiting longer.
 """
 
 from __future__ import annotations
@@ -27,12 +36,16 @@ import asyncio
 import contextlib
 import gc
 import math
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from types import FrameType
+from typing import Any
 
 from uvicorn import Server
 from uvicorn.config import STARTUP_FAILURE, Config
@@ -50,6 +63,134 @@ after 0.5 s plus that."""
 RESTART_GAP = 0.5
 """Seconds the supervisor waits before replacing a worker that exited."""
 
+DEFER = 0.002
+"""Seconds a worker leaves a new connection to a worker holding fewer before
+it takes it itself."""
+SLOTS = 256
+"""Workers whose connection counts are shared; more are not balanced."""
+NO_WORKER = -1
+
+
+class Balance:
+    """One worker's side of spreading connections: its slot in a table the
+    supervisor shares with every worker (each slot: the connections that
+    worker holds, or `NO_WORKER`), and its own accepting of connections."""
+
+    def __init__(self, counts: Any, slot: int) -> None:
+        self.counts, self.slot = counts, slot
+        self.ssl: Any = None  # the server's TLS context, if it has one
+        self.stopped = False  # the server stopped accepting
+
+    def note(self, held: int) -> None:
+        """Publish how many connections this worker holds."""
+        self.counts[self.slot] = held
+
+    def _fewer_elsewhere(self, held: int) -> bool:
+        return any(
+            NO_WORKER < count < held for i, count in enumerate(self.counts) if i != self.slot
+        )
+
+    def serve(
+        self,
+        listeners: list[socket.socket],
+        factory: Callable[[], asyncio.Protocol],
+        held: Callable[[], int],
+        backlog: int,
+    ) -> Listening:
+        """Accept the listeners' connections on this loop, one per turn."""
+        loop = asyncio.get_running_loop()
+        for sock in listeners:
+            sock.listen(backlog)  # as asyncio's create_server does
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._ready, loop, sock, factory, held)
+        self.note(held())
+        return Listening(self, loop, listeners)
+
+    def _ready(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        held: Callable[[], int],
+    ) -> None:
+        if self._fewer_elsewhere(held()):
+            # Another worker holds fewer and was woken too: let it take this one.
+            loop.remove_reader(sock.fileno())
+            loop.call_later(DEFER, self._again, loop, sock, factory, held)
+            return
+        self._accept(loop, sock, factory, held)
+
+    def _again(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        held: Callable[[], int],
+    ) -> None:
+        """`DEFER` later: a connection still waiting is taken here, then back
+        to watching the listener."""
+        if self.stopped or sock.fileno() < 0:
+            return
+        if self._accept(loop, sock, factory, held):
+            with contextlib.suppress(ValueError, OSError):  # the server stopped meanwhile
+                loop.add_reader(sock.fileno(), self._ready, loop, sock, factory, held)
+
+    def _accept(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        held: Callable[[], int],
+    ) -> bool:
+        """Take one waiting connection, if any; False when the listener is
+        left unwatched for a while (accepting failed for want of resources)."""
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return True  # none waits (another worker took it)
+        except OSError as exc:  # out of descriptors or memory: look again in a second
+            logger.warning(f"accepting a connection failed: {exc}")
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+            loop.call_later(1.0, self._again, loop, sock, factory, held)
+            return False
+        conn.setblocking(False)
+        loop.create_task(self._connect(loop, conn, factory))
+        self.note(held() + 1)
+        return True
+
+    async def _connect(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
+        except (OSError, ValueError) as exc:  # gone before it was set up (a reset, a TLS error)
+            conn.close()
+            logger.debug(f"a connection ended before it was set up: {exc!r}")
+
+
+class Listening:
+    """What uvicorn's shutdown needs of a server: `close` stops accepting
+    (the sockets themselves uvicorn closes), `wait_closed` has nothing to wait
+    for (uvicorn waits for the connections itself)."""
+
+    def __init__(
+        self, balance: Balance, loop: asyncio.AbstractEventLoop, listeners: list[socket.socket]
+    ) -> None:
+        self._balance, self._loop, self._listeners = balance, loop, listeners
+
+    def close(self) -> None:
+        self._balance.stopped = True
+        for sock in self._listeners:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+
+    async def wait_closed(self) -> None:
+        return None
+
 
 class TetherServer(Server):
     """uvicorn's server, waking once a second rather than ten times, and at
@@ -57,6 +198,41 @@ class TetherServer(Server):
 
     _wake: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    balance: Balance | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.balance is None or not sockets:
+            await super().startup(sockets)
+            return
+        # uvicorn's own start-up for shared sockets, but accepting through
+        # `Balance`: uvloop accepts inside libuv, every waiting connection at once.
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config, state = self.config, self.server_state
+
+        balance = self.balance
+
+        def held() -> int:
+            return len(state.connections)
+
+        def protocol() -> asyncio.Protocol:  # as uvicorn's `startup` makes them
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=state, app_state=self.lifespan.state
+            )
+            lost = made.connection_lost
+
+            def connection_lost(exc: Exception | None) -> None:
+                lost(exc)
+                balance.note(held())  # at once: a count left high skews the next accepts
+
+            made.connection_lost = connection_lost  # type: ignore[method-assign]
+            return made
+
+        balance.ssl = config.ssl
+        listening = balance.serve(sockets, protocol, held, config.backlog)
+        self.servers = [listening]  # type: ignore[list-item]  # uvicorn closes and awaits it
+        self.started = True
 
     async def main_loop(self) -> None:
         # Start-up is over (the app and the service are open): its objects
@@ -69,6 +245,8 @@ class TetherServer(Server):
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         while not await self.on_tick(0):  # 0: refresh the date header every tick
+            if self.balance is not None:  # connections that closed since
+                self.balance.note(len(self.server_state.connections))
             # On the next whole second, when the date header changes.
             now = time.time()
             with contextlib.suppress(TimeoutError):
@@ -86,10 +264,17 @@ class TetherServer(Server):
 class TetherProcess(Process):
     """A supervised worker that runs `TetherServer`."""
 
+    def __init__(
+        self, config: Config, sockets: list[socket.socket], balance: Balance | None
+    ) -> None:
+        self.balance = balance  # before uvicorn's __init__ hands `self` to the new process
+        super().__init__(config, sockets)
+
     @property
     def server(self) -> Server:
         if self._server is None:
             self._server = TetherServer(config=self.config)
+            self._server.balance = self.balance
         return self._server
 
 
@@ -99,6 +284,8 @@ class Supervisor(Multiprocess):
 
     def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
         super().__init__(config, sockets)
+        #: connections each worker holds, by its place in `processes` (`Balance`)
+        self.counts = multiprocessing.get_context("spawn").RawArray("i", [NO_WORKER] * SLOTS)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         for sig in SIGNALS:
@@ -109,8 +296,12 @@ class Supervisor(Multiprocess):
         with contextlib.suppress(OSError):  # full (a wake is pending anyway), or closed
             os.write(self._wake_w, b"\0")  # ends the wait in `run`
 
-    def _process(self) -> Process:
-        return TetherProcess(self.config, self.sockets)
+    def _process(self, slot: int) -> Process:
+        """A new worker in place `slot` of `processes`."""
+        if slot < SLOTS:
+            self.counts[slot] = NO_WORKER  # until it says how many it holds
+        balance = Balance(self.counts, slot) if slot < SLOTS else None
+        return TetherProcess(self.config, self.sockets, balance)
 
     def run(self) -> None:
         logger.info(f"Started parent process [{os.getpid()}]")
@@ -145,7 +336,7 @@ class Supervisor(Multiprocess):
 
     def init_processes(self) -> None:
         for _ in range(self.processes_num):
-            process = self._process()
+            process = self._process(len(self.processes))
             process.start()
             self.processes.append(process)
 
@@ -186,7 +377,7 @@ class Supervisor(Multiprocess):
         if self.should_exit.is_set():
             return False
         logger.info(f"Child process [{process.pid}] died")
-        process = self._process()
+        process = self._process(idx)
         process.start()
         self.processes[idx] = process
         return True
@@ -195,7 +386,7 @@ class Supervisor(Multiprocess):
         for idx, old in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
-            new = self._process()
+            new = self._process(idx)
             new.start()
             if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
                 new.kill()
@@ -213,6 +404,11 @@ class Supervisor(Multiprocess):
     def handle_ttin(self) -> None:
         logger.info("Received SIGTTIN, increasing the number of processes.")
         self.processes_num += 1
-        process = self._process()
+        process = self._process(len(self.processes))
         process.start()
         self.processes.append(process)
+
+    def handle_ttou(self) -> None:
+        super().handle_ttou()
+        if len(self.processes) < SLOTS:
+            self.counts[len(self.processes)] = NO_WORKER  # the worker it stopped

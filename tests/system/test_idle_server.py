@@ -8,6 +8,7 @@ counts them (`voluntary_ctxt_switches` in /proc)."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,4 +114,80 @@ def test_the_supervisor_sleeps_yet_replaces_a_killed_worker_and_stops(tmp_path: 
         assert service.terminate(wait=20) == 0
         assert time.monotonic() - sent < 5
     finally:
+        service.kill()
+
+
+def connections_held(pid: int, port: int) -> int:
+    """Established TCP connections on `port` (the service's side) that
+    process `pid` holds, from /proc/net/tcp and its descriptors."""
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            mine.add(target[len("socket:[") : -1])
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01" and fields[9] in mine:  # 01: ESTABLISHED
+            held += 1
+    return held
+
+
+def open_connection(port: int) -> socket.socket:
+    """A keep-alive connection, answered once (so a worker has accepted it)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert conn.recv(65536).startswith(b"HTTP/1.1 ")
+    return conn
+
+
+def test_the_workers_share_a_burst_of_connections_evenly_and_a_stopped_one_holds_none_up(
+    tmp_path: Path,
+) -> None:
+    """A client opening its pool at once used to land mostly on one worker
+    (28 of 32 in a benchmark run); each worker now takes one per turn and
+    leaves a connection for a moment to one that holds fewer."""
+    service = TetherProcess(
+        tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db"}, args=("--workers", "2")
+    ).start()
+    assert service.proc is not None
+    opened: list[socket.socket] = []
+    try:
+        wait_until(lambda: len(workers(service.proc.pid)) == 2, timeout=20)
+        a, b = sorted(workers(service.proc.pid))
+        time.sleep(1.5)  # each worker has said how many it holds (none)
+        # All 24 wait in the listener's queue when the workers go on.
+        for pid in (a, b):
+            subprocess.run(["kill", "-STOP", str(pid)], check=True)
+        try:
+            pending = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(24)]
+        finally:
+            subprocess.run(["kill", "-CONT", str(a), str(b)], check=True)
+        for conn in pending:
+            conn.settimeout(10)
+            conn.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 ")
+        opened += pending
+        split = sorted(connections_held(pid, service.port) for pid in (a, b))
+        assert sum(split) == 24
+        assert split[0] >= 10, f"connections split {split} between the two workers"
+
+        # A stopped worker holding fewer takes nothing, and keeps no one waiting long.
+        subprocess.run(["kill", "-STOP", str(a)], check=True)
+        try:
+            before = connections_held(b, service.port)
+            started = time.monotonic()
+            for _ in range(10):
+                opened.append(open_connection(service.port))
+            assert time.monotonic() - started < 2.0
+            assert connections_held(b, service.port) == before + 10
+        finally:
+            subprocess.run(["kill", "-CONT", str(a)], check=True)
+    finally:
+        for conn in opened:
+            conn.close()
         service.kill()
