@@ -80,10 +80,18 @@ class Balance:
         self.counts, self.slot = counts, slot
         self.ssl: Any = None  # the server's TLS context, if it has one
         self.stopped = False  # the server stopped accepting
+        self.pending = 0  # accepted, not yet connected (a TLS handshake)
 
     def note(self, held: int) -> None:
-        """Publish how many connections this worker holds."""
-        self.counts[self.slot] = held
+        """Publish how many connections this worker holds (those still being
+        set up too); once it stopped accepting, it holds none for the others."""
+        if not self.stopped:
+            self.counts[self.slot] = held + self.pending
+
+    def stop(self) -> None:
+        """No more accepting: while it drains, the others leave it out."""
+        self.counts[self.slot] = NO_WORKER
+        self.stopped = True
 
     def _fewer_elsewhere(self, held: int) -> bool:
         return any(
@@ -113,7 +121,7 @@ class Balance:
         factory: Callable[[], asyncio.Protocol],
         held: Callable[[], int],
     ) -> None:
-        if self._fewer_elsewhere(held()):
+        if self._fewer_elsewhere(held() + self.pending):
             # Another worker holds fewer and was woken too: let it take this one.
             loop.remove_reader(sock.fileno())
             loop.call_later(DEFER, self._again, loop, sock, factory, held)
@@ -155,8 +163,9 @@ class Balance:
             loop.call_later(1.0, self._again, loop, sock, factory, held)
             return False
         conn.setblocking(False)
-        loop.create_task(self._connect(loop, conn, factory))
-        self.note(held() + 1)
+        self.pending += 1
+        loop.create_task(self._connect(loop, conn, factory, held))
+        self.note(held())
         return True
 
     async def _connect(
@@ -164,12 +173,16 @@ class Balance:
         loop: asyncio.AbstractEventLoop,
         conn: socket.socket,
         factory: Callable[[], asyncio.Protocol],
+        held: Callable[[], int],
     ) -> None:
         try:
             await loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
         except (OSError, ValueError) as exc:  # gone before it was set up (a reset, a TLS error)
             conn.close()
             logger.debug(f"a connection ended before it was set up: {exc!r}")
+        finally:
+            self.pending -= 1
+            self.note(held())
 
 
 class Listening:
@@ -183,7 +196,7 @@ class Listening:
         self._balance, self._loop, self._listeners = balance, loop, listeners
 
     def close(self) -> None:
-        self._balance.stopped = True
+        self._balance.stop()
         for sock in self._listeners:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
@@ -314,6 +327,9 @@ class Supervisor(Multiprocess):
                 os.read(self._wake_r, 4096)
             self.handle_signals()
             exited = [p for p in self.processes if p.process.sentinel in ready]
+            for idx, process in enumerate(self.processes):
+                if process in exited and idx < SLOTS:
+                    self.counts[idx] = NO_WORKER  # no waiting on it for new connections
             if exited:
                 # A worker that keeps dying (killed for memory, a crash at
                 # import) is replaced at most every RESTART_GAP, as uvicorn's
