@@ -76,9 +76,14 @@ class Balance:
     supervisor shares with every worker (each slot: the connections that
     worker holds, or `NO_WORKER`), and its own accepting of connections."""
 
+    # set by `serve`, in the worker (a `Balance` is made in the supervisor)
+    _loop: asyncio.AbstractEventLoop
+    _factory: Callable[[], asyncio.Protocol]
+    _held: Callable[[], int]
+    _ssl: Any  # the server's TLS context, if it has one
+
     def __init__(self, counts: Any, slot: int) -> None:
         self.counts, self.slot = counts, slot
-        self.ssl: Any = None  # the server's TLS context, if it has one
         self.stopped = False  # the server stopped accepting
         self.pending = 0  # accepted, not yet connected (a TLS handshake)
 
@@ -104,52 +109,37 @@ class Balance:
         factory: Callable[[], asyncio.Protocol],
         held: Callable[[], int],
         backlog: int,
+        ssl: Any,
     ) -> Listening:
-        """Accept the listeners' connections on this loop, one per turn."""
-        loop = asyncio.get_running_loop()
+        """Accept the listeners' connections on this loop, one per turn:
+        `factory` makes each one's protocol, `held` counts those connected."""
+        self._loop, self._factory, self._held = asyncio.get_running_loop(), factory, held
+        self._ssl = ssl
         for sock in listeners:
             sock.listen(backlog)  # as asyncio's create_server does
             sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._ready, loop, sock, factory, held)
+            self._loop.add_reader(sock.fileno(), self._ready, sock)
         self.note(held())
-        return Listening(self, loop, listeners)
+        return Listening(self, self._loop, listeners)
 
-    def _ready(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
-        held: Callable[[], int],
-    ) -> None:
-        if self._fewer_elsewhere(held() + self.pending):
+    def _ready(self, sock: socket.socket) -> None:
+        if self._fewer_elsewhere(self._held() + self.pending):
             # Another worker holds fewer and was woken too: let it take this one.
-            loop.remove_reader(sock.fileno())
-            loop.call_later(DEFER, self._again, loop, sock, factory, held)
+            self._loop.remove_reader(sock.fileno())
+            self._loop.call_later(DEFER, self._again, sock)
             return
-        self._accept(loop, sock, factory, held)
+        self._accept(sock)
 
-    def _again(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
-        held: Callable[[], int],
-    ) -> None:
+    def _again(self, sock: socket.socket) -> None:
         """`DEFER` later: a connection still waiting is taken here, then back
         to watching the listener."""
         if self.stopped or sock.fileno() < 0:
             return
-        if self._accept(loop, sock, factory, held):
+        if self._accept(sock):
             with contextlib.suppress(ValueError, OSError):  # the server stopped meanwhile
-                loop.add_reader(sock.fileno(), self._ready, loop, sock, factory, held)
+                self._loop.add_reader(sock.fileno(), self._ready, sock)
 
-    def _accept(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
-        held: Callable[[], int],
-    ) -> bool:
+    def _accept(self, sock: socket.socket) -> bool:
         """Take one waiting connection, if any; False when the listener is
         left unwatched for a while (accepting failed for want of resources)."""
         try:
@@ -159,30 +149,24 @@ class Balance:
         except OSError as exc:  # out of descriptors or memory: look again in a second
             logger.warning(f"accepting a connection failed: {exc}")
             with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(sock.fileno())
-            loop.call_later(1.0, self._again, loop, sock, factory, held)
+                self._loop.remove_reader(sock.fileno())
+            self._loop.call_later(1.0, self._again, sock)
             return False
         conn.setblocking(False)
         self.pending += 1
-        loop.create_task(self._connect(loop, conn, factory, held))
-        self.note(held())
+        self._loop.create_task(self._connect(conn))
+        self.note(self._held())
         return True
 
-    async def _connect(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        conn: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
-        held: Callable[[], int],
-    ) -> None:
+    async def _connect(self, conn: socket.socket) -> None:
         try:
-            await loop.connect_accepted_socket(factory, conn, ssl=self.ssl)
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
         except (OSError, ValueError) as exc:  # gone before it was set up (a reset, a TLS error)
             conn.close()
             logger.debug(f"a connection ended before it was set up: {exc!r}")
         finally:
             self.pending -= 1
-            self.note(held())
+            self.note(self._held())
 
 
 class Listening:
@@ -242,8 +226,7 @@ class TetherServer(Server):
             made.connection_lost = connection_lost  # type: ignore[method-assign]
             return made
 
-        balance.ssl = config.ssl
-        listening = balance.serve(sockets, protocol, held, config.backlog)
+        listening = balance.serve(sockets, protocol, held, config.backlog, config.ssl)
         self.servers = [listening]  # type: ignore[list-item]  # uvicorn closes and awaits it
         self.started = True
 
