@@ -280,6 +280,29 @@ class SqliteConnection:
     def group(self) -> str:
         return self._group
 
+    def shared_db(self) -> sqlite3.Connection | None:
+        """The engine's own SQLite connection while the file is open, for a
+        caller in this process to run its own tables' SQL on (the job index):
+        one connection keeps one page cache, where another connection's
+        commits would empty it. The caller runs on this connection's event
+        loop and never leaves a transaction open across a turn of it; the
+        engine waits out one that is open as it waits for a taken lock. None
+        while the file is closed: then ``reopen_db``."""
+        return self._engine.db
+
+    async def reopen_db(self) -> sqlite3.Connection:
+        """The engine's connection, the file opened again if ``stop`` closed
+        it, as for a request sent after ``stop`` (the SDK joins its steps
+        after stopping its connections: their index writes come late too),
+        and closed again once idle."""
+        await self._ensure_open()
+        if self._stopped:
+            self._close_when_idle()
+        db = self._engine.db
+        if db is None:  # closed again while this waited for the open
+            raise SqliteStoreError(StoreFailure(f"sqlite store {self._path}: closed"))
+        return db
+
     @property
     def inflight(self) -> int:
         """Executes handed to the SDK and not yet finished with (see ``max_inflight``)."""

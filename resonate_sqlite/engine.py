@@ -185,7 +185,7 @@ class Engine(Transitions):
                 timeout=timeout,
                 isolation_level=None,
                 check_same_thread=False,
-                cached_statements=256,
+                cached_statements=512,  # the job index shares it (SqliteConnection.shared_db)
             )
         except sqlite3.Error as exc:
             raise StoreFailure(f"sqlite store {where}: cannot open: {exc}") from exc
@@ -292,7 +292,11 @@ class Engine(Transitions):
         another connection holds the write lock (`retry_briefly`: it is
         usually free again by then, where a wait on the caller's event loop
         lasts a whole turn of it); still taken, `StoreBusy`; anything else
-        `StoreFailure`."""
+        `StoreFailure`. A transaction already open on this connection (a
+        caller that shares it, `SqliteConnection.shared_db`) counts as a
+        taken lock: its owner ends it on the loop."""
+        if db.in_transaction:
+            raise StoreBusy(f"sqlite store {self.path}: a transaction of this connection is open")
         try:
             retry_briefly(lambda: db.execute("BEGIN IMMEDIATE"), _lock_taken)
         except sqlite3.OperationalError as exc:

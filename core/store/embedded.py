@@ -34,6 +34,7 @@ from resonate_sqlite import (
     HOT_PATH_AUTOCHECKPOINT,
     BusyBackoff,
     SqliteConnection,
+    SqliteStoreError,
     is_busy,
     retry_briefly,
 )
@@ -111,7 +112,18 @@ class SqliteIndex(SqlJobIndex):
 
 
 class SqliteDriver:
-    """Runs the job index's SQL on its own SQLite connection, on the event loop.
+    """Runs the job index's SQL on a SQLite connection, on the event loop.
+
+    In the service that connection is the store engine's own (`shared`): one
+    connection per process keeps its page cache across the index's and the
+    engine's commits, where SQLite empties a connection's whole cache at the
+    start of each read after *another* connection wrote, so two connections
+    to one file in one process kept emptying each other's (a job's index reads
+    cost 3-4 times as much). Neither side leaves a transaction open across a
+    turn of the loop (the engine's batches run in one call; see `transaction`
+    for the index's), and the engine treats the index's open transaction as a
+    taken lock. Without `shared` (the Resonate-server store's index, tests) the
+    driver opens a connection of its own.
 
     Each statement is its own short transaction (autocommit; WAL with
     `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
@@ -125,11 +137,22 @@ class SqliteDriver:
 
     dialect = SQLITE
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: SqliteConnection | None = None) -> None:
         self.path = path
+        self._shared = shared
         self._conn: sqlite3.Connection | None = None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connected(self) -> sqlite3.Connection:
+        conn = self._connect()
+        if conn is None:  # closed again since `_run` looked
+            raise StoreUnavailable(f"the embedded store at {self.path} is closed")
+        return conn
+
+    def _connect(self) -> sqlite3.Connection | None:
+        """The connection to run on; None when the shared one is closed
+        (`_run` has it opened again)."""
+        if self._shared is not None:
+            return self._shared.shared_db()
         if self._conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 0")
@@ -141,11 +164,13 @@ class SqliteDriver:
     async def _run[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
         backoff = BusyBackoff(STORE_WAIT)
         while True:
+            if self._shared is not None and self._shared.shared_db() is None:
+                await self._reopen()
             try:
                 # The other process's lock is usually free again within a
                 # fraction of a millisecond; a sleep on a loaded loop lasts a
                 # whole turn of it (resonate_sqlite/busy.py).
-                return retry_briefly(lambda: fn(self._connect()), _lock_taken)
+                return retry_briefly(lambda: fn(self._connected()), _lock_taken)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise StoreUnavailable(f"the embedded store failed: {exc}") from None
@@ -157,6 +182,16 @@ class SqliteDriver:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"the embedded store failed: {exc}") from None
             await asyncio.sleep(delay)
+
+    async def _reopen(self) -> None:
+        """The shared connection, after `stop` closed it: a step still
+        running at shutdown writes to the index late, as it sends its
+        protocol requests late (`SqliteConnection.reopen_db`)."""
+        assert self._shared is not None
+        try:
+            await self._shared.reopen_db()
+        except SqliteStoreError as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._run(lambda c: c.execute(sql, args).fetchall())
@@ -192,15 +227,17 @@ class SqliteDriver:
             yield self
             await self._run(lambda c: c.execute("COMMIT"))
         except BaseException:
-            if self._conn is not None:
+            conn = self._connect()
+            if conn is not None and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
             raise
 
     migration_lock = transaction
     """Migrations run in one transaction, which the write lock serialises."""
 
     async def close(self) -> None:
+        """Close the driver's own connection (a shared one is the engine's to close)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -390,7 +427,7 @@ async def _open(
         await connection.start()
     except Exception as exc:
         raise StoreConfigError(f"cannot open the embedded store at {path}: {exc}") from None
-    driver = SqliteDriver(path)
+    driver = SqliteDriver(path, shared=connection)
     try:
         await migrate(driver)
     except BaseException as exc:

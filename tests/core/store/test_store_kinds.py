@@ -3,6 +3,8 @@ and the job row stored and read back whole."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 
 import msgspec
@@ -110,6 +112,43 @@ async def test_a_job_row_goes_in_and_comes_back_whole(tmp_path):
         assert await jobs.page("failed", "http_webhook", 10, None) == [rec]
     finally:
         await store.close()
+
+
+async def test_the_job_index_runs_on_the_engines_own_connection(tmp_path):
+    """One SQLite connection per process (`SqliteDriver`): the index's commits
+    are the engine connection's own, so they do not count as another
+    connection's change (which empties a connection's page cache), and an
+    engine request that meets an index transaction still open waits for it
+    and is answered, instead of failing."""
+    store = await open_store(settings(f"sqlite:///{tmp_path}/t.db"), "p1")
+    try:
+        assert isinstance(store, EmbeddedStore)
+        db = store.connection.shared_db()
+        assert db is not None
+        seen = db.execute("PRAGMA data_version").fetchone()[0]
+        await store.jobs.insert(_job("a"))
+        assert db.execute("PRAGMA data_version").fetchone()[0] == seen
+
+        get = json.dumps(
+            {"kind": "promise.get", "head": {"corrId": "1", "version": "v"}, "data": {"id": "x"}}
+        )
+        async with store.jobs.db.transaction() as tx:  # type: ignore[attr-defined]
+            await tx.execute("UPDATE tether_jobs SET updated_at = 1 WHERE id = ?", ("a",))
+            sent = asyncio.ensure_future(store.connection.send(get))
+            await asyncio.sleep(0.05)  # the engine's batch runs now and finds it open
+            assert not sent.done()
+        answer = json.loads(await asyncio.wait_for(sent, 5))
+        assert answer["head"]["status"] == 404
+        assert (await store.jobs.get("a")).updated_at == 1  # type: ignore[union-attr]
+    finally:
+        await store.close()
+    # A step still running at shutdown writes late (the SDK stops the store's
+    # connection before it joins its steps): the file is opened again for it.
+    assert store.connection.shared_db() is None
+    try:
+        assert await store.jobs.set_external("a", {"run_id": 7}, 5, 9) is not None
+    finally:
+        store.connection.close()
 
 
 def test_the_job_table_and_the_job_record_have_the_same_fields():
