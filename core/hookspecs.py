@@ -27,10 +27,11 @@ everything from :mod:`core.plugin`.
 
 Delivery guarantees a backend must live with:
 
-- `trigger` runs inside a durable step. If the process dies after the external
-  run was started but before the step was recorded, the step runs again with
-  the *same* `idempotency_key`: pass it to the external system so the second
-  call returns the first run.
+- `trigger` runs once per attempt: what it returns is recorded with the job
+  (`external`) and is the trigger's durable record. If the process dies after
+  the external run was started but before it was recorded, `trigger` runs
+  again with the *same* `idempotency_key`: pass it to the external system so
+  the second call returns the first run.
 - `cancel` and `tether_job_finished` run at least once (again after a crash).
 - `check_status` and `parse_callback` may run in any process, any number of
   times, concurrently; they must not change anything.

@@ -43,7 +43,7 @@ Note = Callable[[SettleResult], NewEvent | None]
 UNBORN_PROMISE_WAIT = 0.05
 UNBORN_PROMISE_TRIES = 50
 """A job whose workflow has not created its callback promise yet is pending:
-settling it ends it in the index alone. While it races its own trigger step,
+settling it ends it in the index alone. While it races its own trigger,
 the settle looks again every `UNBORN_PROMISE_WAIT` seconds, this many times
 (2.5 s), before answering that the store is not keeping up."""
 
@@ -134,7 +134,7 @@ class Settler:
                     raise StoreUnavailable(f"the store refused the settle: {exc.message}") from None
             # The workflow has not created its promise yet: the job is queued
             # (no workflow yet) or pending. Ending it in the index is enough
-            # (the trigger step reads it first), but only while it is still
+            # (the trigger reads it first), but only while it is still
             # one of those; else the promise exists now.
             early = ("queued", "pending")
             rec = await self._end(job_id, outcome, early, note, "accepted", attempt)

@@ -1,21 +1,24 @@
-"""What the workflow does: its trigger step (with retries) and its finish.
+"""What the workflow does around its wait: the trigger (with retries) and the finish.
 
-The trigger is a durable step; the finish runs in the workflow's body after
-the wait (workflow version 3; a durable step in versions 1 and 2). Either may
-run again after a crash (at-least-once: the finish whenever the worker dies
-before the workflow's root promise is resolved), so both are written to be
-repeatable: the trigger passes the backend an idempotency key derived from
-the promise id, and every index write is conditional; the events of a change
-(`triggered`, `finished`) are recorded with it, so a replay records none again.
-A replayed trigger does try the backend again: its failures are new tries and
-are recorded as such. A replayed finish calls the backend's `cancel` and
-`tether_job_finished` again, which both are documented to allow
-(`core.hookspecs`).
+Both run in the workflow's body (version 4; versions 1-3 ran the trigger as a
+durable step, versions 1 and 2 the finish too). Either may run again after a
+crash or on a replay (the trigger on every resume, the finish whenever the
+worker dies before the workflow's root promise is resolved), so both are
+written to be repeatable: the trigger reads the job's row first and does
+nothing once the attempt was triggered (its index write, `external`, is its
+record) or has ended; it passes the backend an idempotency key derived from
+the promise id; every index write is conditional, and the events of a change
+(`triggered`, `finished`) are recorded with it, so a replay records none
+again. A trigger interrupted before its index write does try the backend
+again: its failures are new tries and are recorded as such. A replayed finish
+calls the backend's `cancel` and `tether_job_finished` again, which both are
+documented to allow (`core.hookspecs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -70,6 +73,13 @@ class JobSteps:
                 promise_id, Outcome("canceled", error=error), "index"
             )
             return
+        if rec.external is not None:
+            # Triggered already (a replay): the index write is the trigger's
+            # record. A job that ended has its promise settled by then: an
+            # ending settles the promise before it writes the row, and a
+            # trigger that finds the job ended settles it before it writes
+            # `external` (below).
+            return
         if rec.finished:
             await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
             return
@@ -96,12 +106,18 @@ class JobSteps:
         beat = rec.heartbeat_timeout  # counted from the trigger until the first heartbeat
         due = None if beat is None else now + int(beat * 1000)
         keys = run_keys_of(backend, receipt)  # its notifications find the job by them
-        updated = await self.jobs.set_external(
-            job_id, receipt, now, next_check, triggered, heartbeat_due=due, keys=keys
+        record = functools.partial(
+            self.jobs.set_external, job_id, receipt, now, next_check, triggered, due, keys
         )
-        if updated is not None and updated.finished:
-            # Canceled or timed out while the trigger was under way.
-            await self.settler.resolve_quietly(promise_id, outcome_of_record(updated), "index")
+        if await record(open_only=True) is None:
+            # Canceled or timed out while the trigger was under way, maybe
+            # before the promise existed (the row alone was ended): settle it
+            # first, then record the run (its finish cancels it). In this
+            # order a replay that finds `external` never leaves it unsettled.
+            ended = await self.jobs.get(job_id)
+            if ended is not None and ended.attempt == attempt:
+                await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
+                await record()
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
     def _backend_and_params(self, rec: JobRecord) -> tuple[Backend, Any]:

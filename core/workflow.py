@@ -4,28 +4,40 @@ about its Resonate shape (ids, tags, versions, registration) is in this file.
 ```
 job(job_id, deadline, attempt)                root promise "{job_id}" (attempt 1),
                                                 "{job_id}~N" (attempt N > 1)
-  p = ctx.promise(timeout)                    "{root}:1", the callback promise
-  ctx.run(TRIGGER_STEP, job_id, p.id, N)      "{root}:2", the backend's trigger, a durable step
+  p = ctx.promise(timeout)                    "{root}:1", the callback promise: the one durable op
+  steps.trigger(job_id, p.id, N)              the backend's trigger, in the body; recorded with
+                                                the job (`external`), skipped once it is
   outcome = await p                           suspended: nothing held in memory
-  steps.finish(job_id, outcome, N)            record it; backend cancel on cancel/timeout;
-                                                in the body, not a durable step (version 3)
+  steps.finish(job_id, outcome, N)            record it; backend cancel on cancel/timeout
   return outcome                              the root promise is resolved
 ```
 
 Whoever ends a job settles `p` with an outcome Tether builds (see
 `core.settle`): the callback endpoint, cancel, the watchdog (timeout, status
-checks), or the trigger step itself when the trigger failed. The first settle
-wins; the workflow resumes on whichever worker the store hands it to. The body
-replays from the top on every resume; only the trigger step's result is
-recorded. The finish runs in the body after the wait: the index already holds
-the outcome when `p` is settled (`core.settle`), so what is left is repeatable
-work (a conditional index write, the backend's `cancel`, `tether_job_finished`)
-that needs no durable record of its own: a crash before the root promise is
-resolved replays the body, which finds `p` settled and finishes again (at
-least once, as `cancel` and `tether_job_finished` always were; the conditional
-write records one `finished`). Version 2 ran it as a durable step, which cost
-two protocol requests and a promise per job on the path from the callback to
-the workflow's end.
+checks), or the trigger itself when it failed. The first settle wins; the
+workflow resumes on whichever worker the store hands it to. The body replays
+from the top on every resume, so what it does besides `p` is repeatable work
+that needs no durable record of its own (version 4):
+
+- **The trigger** is recorded by the job index, not by the store: the
+  trigger's index write (`external`, with the `triggered` event) is its
+  record, and `steps.trigger` reads the job's row first and does nothing once
+  the attempt was triggered or has ended. A crash after the backend started
+  the run but before the index recorded it triggers again on the replay, with
+  the same idempotency key, as an interrupted durable step did. Versions 1-3
+  ran it as a durable step ("{root}:2"): a promise and two protocol requests
+  per job, and a crash between the index write and the step's record
+  triggered again (the row check now stops that in every version).
+- **The finish** runs after the wait: the index already holds the outcome when
+  `p` is settled (`core.settle`), so what is left is a conditional index
+  write, the backend's `cancel` and `tether_job_finished`: a crash before the
+  root promise is resolved replays the body, which finds `p` settled and
+  finishes again (at least once, as `cancel` and `tether_job_finished` always
+  were; the conditional write records one `finished`). Versions 1 and 2 ran
+  it as a durable step ("{root}:3").
+
+Neither may raise into the SDK, which would reject the root promise for good:
+each is tried again until it succeeds (`until_done`), the task's lease kept.
 
 Each attempt of a job (`POST /jobs/{id}/retry` starts the next) is a workflow
 of its own, with its own root and callback promise: a new callback URL and a
@@ -59,25 +71,29 @@ from core.store.jobs import now_ms
 log = logging.getLogger("tether")
 
 WORKFLOW = "tether.job"
-VERSION = 3
-"""The version new workflows start under. Version 3 finishes in the body after
-the wait (`FINISH_STEP` is no longer a durable op of it): two durable ops, the
-callback promise and the trigger step, where versions 1 and 2 have three.
-Version 2 (re-runs) takes the attempt as a third argument and hands it to
-both steps; its durable operations are version 1's, in number and order.
-Version 1 (two arguments: every job started before re-runs) runs as attempt 1
-of version 2, with the same promise ids it always had. Both stay registered
-for the jobs that started under them."""
+VERSION = 4
+"""The version new workflows start under. Version 4 triggers in the body
+(`TRIGGER_STEP` is no longer a durable op of it): one durable op, the
+callback promise. Version 3 has two (the callback promise, the trigger step)
+and finishes in the body after the wait. Version 2 (re-runs) takes the
+attempt as a third argument and hands it to both steps; its durable
+operations are version 1's, in number and order: the callback promise, the
+trigger step, the finish step (`FINISH_STEP`). Version 1 (two arguments:
+every job started before re-runs) runs as attempt 1 of version 2, with the
+same promise ids it always had. All stay registered for the jobs that started
+under them."""
 TRIGGER_STEP = "tether.job.trigger"
+"""Versions 1-3 only: their trigger, a durable step ("{root}:2")."""
 FINISH_STEP = "tether.job.finish"
 """Versions 1 and 2 only: their finish, a durable step ("{root}:3")."""
 
-FINISH_BACKOFF = 1.0
-FINISH_BACKOFF_MAX = 60.0
-"""Version 3's finish, when it fails (the job index did not answer), is tried
-again in the body after this many seconds, doubled each time up to the max,
-until it succeeds; the task's lease is kept meanwhile. As a durable step
-(versions 1 and 2) the SDK's retry policy did the same (1 s doubling)."""
+RETRY_BACKOFF = 1.0
+RETRY_BACKOFF_MAX = 60.0
+"""The body's trigger (version 4) and finish (versions 3 and 4), when they
+fail (the job index did not answer), are tried again after this many seconds,
+doubled each time up to the max, until they succeed; the task's lease is kept
+meanwhile. As durable steps the SDK's retry policy did the same (1 s
+doubling)."""
 
 ATTEMPT_MARK = "~"
 """Between a job id and its attempt in the root promise id of attempt N > 1:
@@ -132,19 +148,18 @@ def attempt_of(promise_id: str) -> int | None:
 
 
 class Steps(Protocol):
-    """What the workflow's trigger step and its finish call."""
+    """What the workflow's trigger and finish call."""
 
     async def trigger(self, job_id: str, promise_id: str, attempt: int) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
 
 
-async def wait_for_outcome(
+async def callback_promise(
     ctx: Context, job_id: str, deadline_ms: int, attempt: int
-) -> dict[str, Any]:
-    """The durable ops every version starts with: the callback promise
-    ("{root}:1"), the trigger step ("{root}:2"), the wait. Returns what `p`
-    was settled with."""
+) -> tuple[Any, str]:
+    """The first durable op of every version: the callback promise
+    ("{root}:1") and its id."""
     wait_ms = max(deadline_ms - now_ms() + PROMISE_GRACE_MS, 1)  # used only when p is created
     p = ctx.promise(timeout=timedelta(milliseconds=wait_ms))
     promise_id = await p.id()
@@ -153,41 +168,46 @@ async def wait_for_outcome(
             f"workflow {WORKFLOW} expected its promise to be "
             f"{callback_promise_id(job_id, attempt)!r}, got {promise_id!r}"
         )
-    await ctx.run(TRIGGER_STEP, job_id, promise_id, attempt)
+    return p, promise_id
+
+
+async def outcome(p: Any) -> dict[str, Any]:
+    """What `p` was settled with; a timeout by the store (no watchdog got
+    there first) as `timed_out`."""
     try:
         value: dict[str, Any] = await p
-    except Exception:  # the store timed the promise out: no watchdog got there first
+    except Exception:
         value = {"status": "timed_out", "by": "store"}
     return value
 
 
-async def finish_until_done(
-    steps: Steps,
+async def until_done(
+    doing: str,
     job_id: str,
-    value: Any,
     attempt: int,
+    call: Callable[[], Awaitable[None]],
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> None:
-    """Version 3's finish: `steps.finish`, tried again after a failure
-    (`FINISH_BACKOFF`) until it succeeds. A failure must not reach the
-    workflow body: the SDK would reject the root promise for good, with the
-    job's finish never done."""
-    delay = FINISH_BACKOFF
+    """`call()`, tried again after a failure (`RETRY_BACKOFF`) until it
+    succeeds. A failure must not reach the workflow body: the SDK would reject
+    the root promise for good, with the job's trigger or finish never done."""
+    delay = RETRY_BACKOFF
     while True:
         try:
-            await steps.finish(job_id, value, attempt)
+            await call()
             return
         except Exception as exc:
             log.warning(
-                "job %s: finishing attempt %d failed (%s); again in %gs",
+                "job %s: %s attempt %d failed (%s); again in %gs",
                 job_id,
+                doing,
                 attempt,
                 type(exc).__name__,
                 delay,
                 extra={"job_id": job_id},
             )
         await sleep(delay)
-        delay = min(delay * 2, FINISH_BACKOFF_MAX)
+        delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
 
 def register(r: Resonate, steps: Steps) -> None:
@@ -202,16 +222,37 @@ def register(r: Resonate, steps: Steps) -> None:
     async def job_workflow(
         ctx: Context, job_id: str, deadline_ms: int, attempt: int
     ) -> dict[str, Any]:
-        """Version 3: the finish in the body, after the wait."""
-        value = await wait_for_outcome(ctx, job_id, deadline_ms, attempt)
-        await finish_until_done(steps, job_id, value, attempt)
+        """Version 4: the trigger in the body, the wait, the finish in the body."""
+        p, promise_id = await callback_promise(ctx, job_id, deadline_ms, attempt)
+        await until_done(
+            "triggering", job_id, attempt, lambda: steps.trigger(job_id, promise_id, attempt)
+        )
+        value = await outcome(p)
+        await until_done("finishing", job_id, attempt, lambda: steps.finish(job_id, value, attempt))
+        return dict(value)
+
+    async def durable_trigger(
+        ctx: Context, job_id: str, deadline_ms: int, attempt: int
+    ) -> dict[str, Any]:
+        """Versions 1-3 start so: the callback promise, the trigger step
+        ("{root}:2"), the wait."""
+        p, promise_id = await callback_promise(ctx, job_id, deadline_ms, attempt)
+        await ctx.run(TRIGGER_STEP, job_id, promise_id, attempt)
+        return await outcome(p)
+
+    async def job_workflow_v3(
+        ctx: Context, job_id: str, deadline_ms: int, attempt: int
+    ) -> dict[str, Any]:
+        """Version 3: the trigger step, the wait, the finish in the body."""
+        value = await durable_trigger(ctx, job_id, deadline_ms, attempt)
+        await until_done("finishing", job_id, attempt, lambda: steps.finish(job_id, value, attempt))
         return dict(value)
 
     async def job_workflow_v2(
         ctx: Context, job_id: str, deadline_ms: int, attempt: int
     ) -> dict[str, Any]:
         """Version 2: the finish as a durable step ("{root}:3")."""
-        value = await wait_for_outcome(ctx, job_id, deadline_ms, attempt)
+        value = await durable_trigger(ctx, job_id, deadline_ms, attempt)
         await ctx.run(FINISH_STEP, job_id, value, attempt)
         return dict(value)
 
@@ -230,7 +271,8 @@ def register(r: Resonate, steps: Steps) -> None:
 
     r.register(job_workflow_v1, name=WORKFLOW, version=1)
     r.register(job_workflow_v2, name=WORKFLOW, version=2)
-    r.register(job_workflow, name=WORKFLOW, version=3)
+    r.register(job_workflow_v3, name=WORKFLOW, version=3)
+    r.register(job_workflow, name=WORKFLOW, version=4)
     r.register(trigger_step, name=TRIGGER_STEP)
     r.register(finish_step, name=FINISH_STEP)
 

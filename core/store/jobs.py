@@ -200,13 +200,16 @@ class JobIndex(Protocol):
         event: NewEvent | None = None,
         heartbeat_due: int | None = None,
         keys: Sequence[str] = (),
+        open_only: bool = False,
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
         (a job that ended meanwhile keeps its state), its first heartbeat due
         at `heartbeat_due`. `event` is recorded with the first receipt only
         (not when a replayed trigger records it again). `keys` (the backend's
         `run_keys` of it) are indexed to the job in the same transaction (a
-        key another job had moves to this one). Returns the row."""
+        key another job had moves to this one). Returns the row; with
+        `open_only`, writes only while the job is `pending` or `running`
+        (None when it ended)."""
         ...
 
     async def jobs_of_run_keys(

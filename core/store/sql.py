@@ -440,9 +440,11 @@ class SqlJobIndex:
         event: NewEvent | None = None,
         heartbeat_due: int | None = None,
         keys: Sequence[str] = (),
+        open_only: bool = False,
     ) -> JobRecord | None:
         args = (json_text(external), now, next_check_at, heartbeat_due, job_id)
-        again = f"{_SET_EXTERNAL} WHERE id = ? RETURNING {COLUMNS}"
+        where = "WHERE id = ? AND state IN ('pending', 'running')" if open_only else "WHERE id = ?"
+        again = f"{_SET_EXTERNAL} {where} RETURNING {COLUMNS}"
         if event is None and not keys:
             rows = await self.db.fetch(again, args)
             return _row(rows[0]) if rows else None
@@ -453,7 +455,7 @@ class SqlJobIndex:
                 # The first receipt counts the event; a replayed trigger's only
                 # overwrites what it returned.
                 rows = await tx.fetch(
-                    f"{_SET_EXTERNAL}, events = events + 1 WHERE id = ? AND external IS NULL"
+                    f"{_SET_EXTERNAL}, events = events + 1 {where} AND external IS NULL"
                     f" RETURNING {COLUMNS}",
                     args,
                 )

@@ -212,6 +212,50 @@ async def test_a_trigger_that_went_through_leaves_the_promise_alone(rig: Rig):
     assert (await rig.parts.promise("j")).state == "pending"
 
 
+async def test_a_trigger_run_again_after_its_record_leaves_the_backend_alone(rig: Rig):
+    """Workflow version 4 replays its trigger on every resume, and any version
+    runs it again after a crash past its index write: the row's `external` is
+    its record, so the backend is not called again and nothing is recorded twice."""
+    await start(rig)
+    await rig.steps.trigger("j", "j:1")
+    first = await rig.parts.row("j")
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1
+    assert await rig.parts.row("j") == first
+    assert (await rig.parts.promise("j")).state == "pending"
+
+
+async def test_a_job_that_ends_while_it_is_triggered_is_settled_before_its_run_is_recorded(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Ended in the row alone during the trigger (before its promise existed,
+    a cancel settles the row only): the trigger settles the promise first, so
+    a crash in between leaves no recorded run beside an unsettled promise (a
+    replay, seeing `external`, would leave it so until its timeout)."""
+    await start(rig)
+
+    async def ended(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+
+    rig.backend.during = ended
+    real = rig.parts.settler.resolve_quietly
+
+    async def crash(promise_id: str, outcome: Outcome, by: str) -> None:
+        raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(rig.parts.settler, "resolve_quietly", crash)
+    with pytest.raises(ConnectionError):
+        await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).external is None
+    assert (await rig.parts.promise("j")).state == "pending"
+
+    monkeypatch.setattr(rig.parts.settler, "resolve_quietly", real)
+    await rig.steps.trigger("j", "j:1")  # the replay
+    assert len(rig.backend.triggers) == 1  # the job ended: not triggered again
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("canceled", "index")
+
+
 async def test_a_workflow_without_a_job_row_is_an_error(rig: Rig):
     with pytest.raises(RuntimeError, match=r"^job 'ghost' has a workflow but no record$"):
         await rig.steps.trigger("ghost", "ghost:1")

@@ -1,9 +1,10 @@
-"""Workflow version 3 (core/workflow.py): the finish runs in the body after the
-wait, not as a durable step, so a job has two durable ops ("{root}:1" the
-callback promise, "{root}:2" the trigger step) and no "{root}:3". Jobs
-started under version 2 still run their finish step. In this process, on the
-embedded store, over real HTTP against a real webhook receiver; the SIGKILL
-cases are in tests/system/test_finish_crash.py."""
+"""Workflow versions (core/workflow.py). Version 4 triggers and finishes in
+the body around the wait: one durable op ("{root}:1", the callback promise),
+no trigger step ("{root}:2") and no finish step ("{root}:3"). Jobs started
+under version 3 (a trigger step, the finish in the body) and version 2 (both
+as steps) still run their steps, their promise ids unshifted. In this
+process, on the embedded store, over real HTTP against a real webhook
+receiver; the SIGKILL cases are in tests/system/test_finish_crash.py."""
 
 from __future__ import annotations
 
@@ -68,20 +69,22 @@ async def finished_events(svc: Service, job_id: str) -> int:
     return sum(e["type"] == "finished" for e in events)
 
 
-async def test_a_new_job_runs_under_version_3_with_no_durable_finish(start_service, receiver):
+async def test_a_new_job_runs_under_version_4_with_one_durable_op(start_service, receiver):
     finished = Finished()
     svc = await start_service(plugins=[finished])
-    await run_to_the_end(svc, receiver, "v3", {"status": "succeeded", "result": 4})
+    await run_to_the_end(svc, receiver, "v4", {"status": "succeeded", "result": 4})
 
-    root = await promise(svc, "v3")
-    assert (root.param.data["version"], root.value.data["status"]) == (3, "succeeded")
-    assert [(await promise(svc, f"v3:{n}")).state for n in (1, 2)] == ["resolved", "resolved"]
-    assert await promise(svc, "v3:3") is None  # no finish step
-    await eventually(lambda: finished.jobs == [("v3", "succeeded")], holds=HOLD)
-    assert await finished_events(svc, "v3") == 1
+    root = await promise(svc, "v4")
+    assert (root.param.data["version"], root.value.data["status"]) == (4, "succeeded")
+    assert (await promise(svc, "v4:1")).state == "resolved"
+    assert await promise(svc, "v4:2") is None  # no trigger step
+    assert await promise(svc, "v4:3") is None  # no finish step
+    assert len(receiver.hits) == 1  # the resume's replay did not trigger again
+    await eventually(lambda: finished.jobs == [("v4", "succeeded")], holds=HOLD)
+    assert await finished_events(svc, "v4") == 1
 
 
-async def test_a_canceled_job_under_version_3_stops_its_external_run_once(start_service, receiver):
+async def test_a_canceled_job_under_version_4_stops_its_external_run_once(start_service, receiver):
     finished = Finished()
     svc = await start_service(plugins=[finished])
     body = {
@@ -96,6 +99,7 @@ async def test_a_canceled_job_under_version_3_stops_its_external_run_once(start_
     [cancel] = receiver.on("/cancel")
     assert cancel.body["promise_id"] == "c3:1"
     assert (await promise(svc, "c3")).state == "resolved"
+    assert await promise(svc, "c3:2") is None
     assert await promise(svc, "c3:3") is None
     assert await finished_events(svc, "c3") == 1
 
@@ -109,7 +113,7 @@ async def test_a_job_started_under_version_2_still_runs_its_finish_step(
     body = {"id": "v2", "backend": "http_webhook", "params": {"url": receiver.url()}}
     assert (await svc.client.post("/jobs", json=body)).status_code == 201
     await svc.wait_state("v2", "running")
-    monkeypatch.setattr(workflow, "VERSION", 3)  # the callback comes to today's code
+    monkeypatch.setattr(workflow, "VERSION", 4)  # the callback comes to today's code
     [url] = [h.body["callback_url"] for h in receiver.hits]
     assert (await svc.client.post(url, json={"status": "failed"})).status_code == 200
 
@@ -121,12 +125,34 @@ async def test_a_job_started_under_version_2_still_runs_its_finish_step(
     assert await finished_events(svc, "v2") == 1
 
 
+async def test_a_job_started_under_version_3_still_has_its_trigger_step(
+    start_service, receiver, monkeypatch
+):
+    finished = Finished()
+    svc = await start_service(plugins=[finished])
+    monkeypatch.setattr(workflow, "VERSION", 3)  # what a service before version 4 started
+    body = {"id": "v3", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state("v3", "running")
+    await eventually(lambda: resolved(svc, "v3:2"))  # its trigger step, recorded
+    monkeypatch.setattr(workflow, "VERSION", 4)  # the callback comes to today's code
+    [url] = [h.body["callback_url"] for h in receiver.hits]
+    assert (await svc.client.post(url, json={"status": "succeeded"})).status_code == 200
+
+    await eventually(lambda: resolved(svc, "v3"))
+    assert (await promise(svc, "v3")).param.data["version"] == 3
+    assert await promise(svc, "v3:3") is None  # version 3 finishes in the body
+    assert len(receiver.hits) == 1
+    await eventually(lambda: finished.jobs == [("v3", "succeeded")], holds=HOLD)
+    assert await finished_events(svc, "v3") == 1
+
+
 async def test_a_failing_finish_is_tried_again_in_the_body_not_given_up(
     start_service, receiver, monkeypatch, caplog
 ):
     # As a durable step the SDK retried a failing finish; in the body, a
     # failure reaching the SDK would reject the root promise and never finish.
-    monkeypatch.setattr(workflow, "FINISH_BACKOFF", 0.05)
+    monkeypatch.setattr(workflow, "RETRY_BACKOFF", 0.05)
     real = JobSteps.finish
     failures = [RuntimeError("the index did not answer")] * 2
 
@@ -151,23 +177,42 @@ async def test_a_failing_finish_is_tried_again_in_the_body_not_given_up(
     ]
 
 
-async def test_finish_until_done_backs_off_doubling_up_to_the_max(monkeypatch):
-    monkeypatch.setattr(workflow, "FINISH_BACKOFF_MAX", 4.0)
-    calls: list[tuple[str, Any, int]] = []
+async def test_a_failing_trigger_is_tried_again_in_the_body_not_given_up(
+    start_service, receiver, monkeypatch, caplog
+):
+    # As a durable step (versions 1-3) the SDK retried a trigger whose index
+    # read or write failed; in the body the same must hold.
+    monkeypatch.setattr(workflow, "RETRY_BACKOFF", 0.05)
+    real = JobSteps.trigger
+    failures = [RuntimeError("the index did not answer")]
+
+    async def flaky(self: JobSteps, job_id: str, promise_id: str, attempt: int = 1) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, job_id, promise_id, attempt)
+
+    monkeypatch.setattr(JobSteps, "trigger", flaky)
+    svc = await start_service()
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        await run_to_the_end(svc, receiver, "flaky", {"status": "succeeded"})
+    assert failures == [] and len(receiver.hits) == 1
+    retried = [r.getMessage() for r in caplog.records if "triggering attempt" in r.getMessage()]
+    assert retried == ["job flaky: triggering attempt 1 failed (RuntimeError); again in 0.05s"]
+
+
+async def test_until_done_backs_off_doubling_up_to_the_max(monkeypatch):
+    monkeypatch.setattr(workflow, "RETRY_BACKOFF_MAX", 4.0)
+    calls: list[int] = []
     waits: list[float] = []
 
-    class Steps:
-        async def trigger(self, job_id: str, promise_id: str, attempt: int) -> None:
-            raise AssertionError("not called")
-
-        async def finish(self, job_id: str, value: Any, attempt: int) -> None:
-            calls.append((job_id, value, attempt))
-            if len(calls) < 5:
-                raise OSError("down")
+    async def call() -> None:
+        calls.append(1)
+        if len(calls) < 5:
+            raise OSError("down")
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    await workflow.finish_until_done(Steps(), "j", {"status": "succeeded"}, 2, sleep=sleep)
+    await workflow.until_done("finishing", "j", 2, call, sleep=sleep)
     assert waits == [1.0, 2.0, 4.0, 4.0]
-    assert calls == [("j", {"status": "succeeded"}, 2)] * 5
+    assert len(calls) == 5

@@ -1,9 +1,10 @@
-"""Workflow version 3 finishes in its body, not in a durable step: the real
-`tether serve` on the embedded store, killed with SIGKILL inside that finish
-and right after callbacks, finishes each job again after the restart, with one
-`finished` event; a job started under version 2 (by a service running the
-code before version 3) waits through a SIGKILL, and today's service finishes
-it with its version-2 finish step, its promise ids unshifted."""
+"""Workflow versions 3 and 4 finish in the body, not in a durable step: the
+real `tether serve` on the embedded store, killed with SIGKILL inside that
+finish and right after callbacks, finishes each job again after the restart,
+with one `finished` event; a job started under version 2 or 3 (by a service
+running the code before the next version) waits through a SIGKILL, and
+today's service finishes it with its own steps, its promise ids unshifted and
+its trigger not sent again."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 from unittest import mock
 
 import httpx
+import pytest
 
 from tests.conftest import HOLD, Hit, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
@@ -24,25 +26,28 @@ from tests.system.test_workflow_v1 import task
 
 ENV = {"TETHER_TASK_TTL": "2"}
 
-VERSION_2 = """
+OLD_VERSION = """
 import sys
 
 from core import workflow
 
-workflow.VERSION = 2  # new jobs start as a service before version 3 started them
+workflow.VERSION = {version}  # new jobs start as a service before version {next} started them
 from api.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """
 
 
-class Version2Process(TetherProcess):
+class OldVersionProcess(TetherProcess):
     """`tether serve` (one worker: one process) whose new jobs start under
-    workflow version 2."""
+    an earlier workflow version."""
+
+    version = 2
 
     def start(self, wait: float = 30) -> TetherProcess:
-        script = self.log.with_suffix(".v2.py")
-        script.write_text(f"#!{sys.executable}\n{VERSION_2}")
+        script = self.log.with_suffix(f".v{self.version}.py")
+        text = OLD_VERSION.format(version=self.version, next=self.version + 1)
+        script.write_text(f"#!{sys.executable}\n{text}")
         script.chmod(0o755)
         with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
             return super().start(wait)
@@ -94,15 +99,19 @@ def finished_lines(service: TetherProcess, job_id: str) -> int:
     return sum(f"job {job_id} finished:" in line for line in service.log.read_text().splitlines())
 
 
-def test_a_job_waiting_under_version_2_finishes_on_version_3_after_a_sigkill(
-    tmp_path: Path, receiver: Receiver
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_job_waiting_under_an_earlier_version_finishes_on_today_s_after_a_sigkill(
+    tmp_path: Path, receiver: Receiver, version: int
 ) -> None:
     db = db_of(tmp_path)
-    first = Version2Process(tmp_path, {"TETHER_STORE": f"sqlite:///{db}", **ENV}).start()
+    first = OldVersionProcess(tmp_path, {"TETHER_STORE": f"sqlite:///{db}", **ENV})
+    first.version = version
+    first.start()
     with first.client() as client:
         start_job(client, receiver, "old")
     first.kill()
-    assert task(db, "old")["version"] == 2
+    assert task(db, "old")["version"] == version
+    # Its trigger step ("{root}:2") recorded itself; version 4 has none.
     assert (promise_state(db, "old:1"), promise_state(db, "old:2")) == ("pending", "resolved")
 
     second = service(tmp_path, port=first.port).start()
@@ -114,14 +123,15 @@ def test_a_job_waiting_under_version_2_finishes_on_version_3_after_a_sigkill(
                 assert (answer.status_code, answer.json()["outcome"]) == (200, "accepted")
                 assert wait_for(client, job_id, "succeeded")["result"] == job_id
             wait_until(lambda: promise_state(db, "old") == promise_state(db, "new") == "resolved")
-            # Version 2's finish was its third durable op; version 3 has none.
-            assert promise_state(db, "old:3") == "resolved"
-            assert promise_state(db, "new:3") is None
+            # Version 2's finish was its third durable op; versions 3 and 4 have none.
+            assert promise_state(db, "old:3") == ("resolved" if version == 2 else None)
+            assert (promise_state(db, "new:2"), promise_state(db, "new:3")) == (None, None)
             wait_until(lambda: finished_lines(second, "old") == 1, holds=HOLD)
             assert (finished_events(client, "old"), finished_events(client, "new")) == (1, 1)
     finally:
         second.kill()
-    assert task(db, "new")["version"] == 3
+    assert task(db, "new")["version"] == 4
+    assert [h.body["job_id"] for h in receiver.hits] == ["old", "new"]  # each triggered once
 
 
 def test_kill_inside_the_finish_runs_it_again_and_records_one_finished(
