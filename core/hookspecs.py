@@ -27,11 +27,13 @@ everything from :mod:`core.plugin`.
 
 Delivery guarantees a backend must live with:
 
-- `trigger` runs once per attempt: what it returns is recorded with the job
-  (`external`) and is the trigger's durable record. If the process dies after
-  the external run was started but before it was recorded, `trigger` runs
-  again with the *same* `idempotency_key`: pass it to the external system so
-  the second call returns the first run.
+- `trigger` runs once per attempt, unless what it returned could not be
+  recorded: what it returns is recorded with the job (`external`) and is the
+  trigger's durable record. If the process dies after the external run was
+  started but before it was recorded, or the recording failed, or the
+  worker stalled past its task's lease while another took the job over,
+  `trigger` runs again with the *same* `idempotency_key`: pass it to the
+  external system so the second call returns the first run.
 - `cancel` and `tether_job_finished` run at least once (again after a crash).
 - `check_status` and `parse_callback` may run in any process, any number of
   times, concurrently; they must not change anything.

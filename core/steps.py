@@ -60,9 +60,15 @@ class JobSteps:
         self.sleep = sleep
         """How the trigger waits between attempts (tests record the waits)."""
 
-    async def trigger(self, job_id: str, promise_id: str, attempt: int = 1) -> None:
+    async def trigger(
+        self, job_id: str, promise_id: str, attempt: int = 1, *, ended_settled: bool = True
+    ) -> None:
         """Start attempt `attempt` of the external job through its backend,
-        unless it already ended (canceled before it was triggered)."""
+        unless it was triggered already (a replay) or ended (canceled before
+        it was triggered). `ended_settled`: a row that ended after it was
+        triggered has its promise settled, as every row this code writes does
+        (see below); the durable trigger step of versions 1-3 passes False,
+        for rows an earlier release wrote in the other order."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             raise RuntimeError(f"job {job_id!r} has a workflow but no record")
@@ -73,7 +79,7 @@ class JobSteps:
                 promise_id, Outcome("canceled", error=error), "index"
             )
             return
-        if rec.external is not None:
+        if rec.external is not None and (ended_settled or not rec.finished):
             # Triggered already (a replay): the index write is the trigger's
             # record. A job that ended has its promise settled by then: an
             # ending settles the promise before it writes the row, and a
@@ -107,13 +113,24 @@ class JobSteps:
         due = None if beat is None else now + int(beat * 1000)
         keys = run_keys_of(backend, receipt)  # its notifications find the job by them
         record = functools.partial(
-            self.jobs.set_external, job_id, receipt, now, next_check, triggered, due, keys
+            self.jobs.set_external,
+            job_id,
+            receipt,
+            now,
+            next_check,
+            triggered,
+            due,
+            keys,
+            attempt=attempt,
         )
         if await record(open_only=True) is None:
             # Canceled or timed out while the trigger was under way, maybe
             # before the promise existed (the row alone was ended): settle it
             # first, then record the run (its finish cancels it). In this
-            # order a replay that finds `external` never leaves it unsettled.
+            # order a replay that finds `external` never leaves it unsettled;
+            # a crash between the two leaves the run unrecorded (and so not
+            # canceled), as one between the backend's answer and the index
+            # write always did.
             ended = await self.jobs.get(job_id)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")

@@ -150,7 +150,9 @@ def attempt_of(promise_id: str) -> int | None:
 class Steps(Protocol):
     """What the workflow's trigger and finish call."""
 
-    async def trigger(self, job_id: str, promise_id: str, attempt: int) -> None: ...
+    async def trigger(
+        self, job_id: str, promise_id: str, attempt: int, *, ended_settled: bool = True
+    ) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
 
@@ -264,7 +266,9 @@ def register(r: Resonate, steps: Steps) -> None:
         return await job_workflow_v2(ctx, job_id, deadline_ms, 1)
 
     async def trigger_step(ctx: Context, job_id: str, promise_id: str, attempt: int) -> None:
-        await steps.trigger(job_id, promise_id, attempt)
+        # Run again only after a crash: rows from before version 4 may hold
+        # `external` beside an unsettled promise, so an ended row settles it.
+        await steps.trigger(job_id, promise_id, attempt, ended_settled=False)
 
     async def finish_step(ctx: Context, job_id: str, value: dict[str, Any], attempt: int) -> None:
         await steps.finish(job_id, value, attempt)

@@ -201,6 +201,7 @@ class JobIndex(Protocol):
         heartbeat_due: int | None = None,
         keys: Sequence[str] = (),
         open_only: bool = False,
+        attempt: int | None = None,
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
         (a job that ended meanwhile keeps its state), its first heartbeat due
@@ -208,8 +209,9 @@ class JobIndex(Protocol):
         (not when a replayed trigger records it again). `keys` (the backend's
         `run_keys` of it) are indexed to the job in the same transaction (a
         key another job had moves to this one). Returns the row; with
-        `open_only`, writes only while the job is `pending` or `running`
-        (None when it ended)."""
+        `open_only`, writes only while the job is `pending` or `running`, and
+        with `attempt` only while it is at that attempt (None otherwise: a
+        trigger that stalled past its lease never writes onto a later attempt)."""
         ...
 
     async def jobs_of_run_keys(

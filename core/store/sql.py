@@ -441,9 +441,14 @@ class SqlJobIndex:
         heartbeat_due: int | None = None,
         keys: Sequence[str] = (),
         open_only: bool = False,
+        attempt: int | None = None,
     ) -> JobRecord | None:
-        args = (json_text(external), now, next_check_at, heartbeat_due, job_id)
-        where = "WHERE id = ? AND state IN ('pending', 'running')" if open_only else "WHERE id = ?"
+        args: tuple[Any, ...] = (json_text(external), now, next_check_at, heartbeat_due, job_id)
+        where = "WHERE id = ?"
+        if attempt is not None:
+            where, args = f"{where} AND attempt = ?", (*args, attempt)
+        if open_only:
+            where = f"{where} AND state IN ('pending', 'running')"
         again = f"{_SET_EXTERNAL} {where} RETURNING {COLUMNS}"
         if event is None and not keys:
             rows = await self.db.fetch(again, args)

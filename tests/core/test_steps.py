@@ -21,7 +21,7 @@ from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settle import settled_value
 from core.steps import JobSteps
-from core.store.jobs import now_ms
+from core.store.jobs import NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
 from core.workflow import callback_promise_id
@@ -254,6 +254,44 @@ async def test_a_job_that_ends_while_it_is_triggered_is_settled_before_its_run_i
     assert len(rig.backend.triggers) == 1  # the job ended: not triggered again
     value = (await rig.parts.promise("j")).value.data
     assert (value["status"], value["by"]) == ("canceled", "index")
+
+
+async def test_a_trigger_that_comes_back_after_a_retry_leaves_the_next_attempt_alone(rig: Rig):
+    """Attempt 1's trigger stalled (past its lease, say) while the job ended
+    and was retried: its receipt is not written onto attempt 2's row, which
+    would mark attempt 2 triggered and skip its own trigger."""
+    await start(rig)
+
+    async def ended_and_retried(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+        again = NewEvent("retried", {"previous": {"state": "canceled"}})
+        assert await rig.parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+
+    rig.backend.during = ended_and_retried
+    await rig.steps.trigger("j", "j:1", 1)
+
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.external) == (2, "pending", None)
+
+
+@pytest.mark.parametrize("ended_settled", [True, False])
+async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_step(
+    rig: Rig, ended_settled: bool
+):
+    """Before version 4 a trigger that found its job ended recorded the run
+    first and settled the promise second: a crash in between left `external`
+    beside an unsettled promise. Version 4's body trusts the row (this code
+    writes no such row); the trigger step of versions 1-3, run again after
+    such a crash, settles the promise from it."""
+    await start(rig)
+    await rig.parts.jobs.set_external("j", {"run": 1}, now_ms(), None)
+    await rig.parts.jobs.finish("j", CANCELED, now_ms())  # the row alone
+
+    await rig.steps.trigger("j", "j:1", 1, ended_settled=ended_settled)
+
+    assert rig.backend.triggers == []
+    promise = await rig.parts.promise("j")
+    assert promise.state == ("pending" if ended_settled else "resolved")
 
 
 async def test_a_workflow_without_a_job_row_is_an_error(rig: Rig):
