@@ -25,7 +25,9 @@ prints the difference per job: statements by kind, transactions, requests by
 kind, the engine's CPU and the whole service's (user + system, from
 ``/proc``). Tracing statements costs CPU: take CPU figures from ``--plain``
 runs. ``--root`` runs another checkout's code (a clone of the last commit, for
-before/after); ``--py-spy`` profiles the measured jobs.
+before/after); ``--py-spy`` profiles the measured jobs; ``--callback-delay``
+holds each callback that long after its trigger, so that every workflow has
+suspended first, as a real job's has (at 0 the callback often lands before).
 
 ``replay`` answers a recorded stream again, in process, on a fresh file and
 the recorded clock: the engine's CPU per request (the best and the median of
@@ -234,6 +236,7 @@ def drive(args: argparse.Namespace) -> int:
             "hook_url": receiver + "/hook",
             "events_url": receiver + "/events",
             "concurrency": args.concurrency,
+            "callback_delay_s": args.callback_delay,
             "budget_s": 600,
         }
 
@@ -372,6 +375,13 @@ def main() -> int:
     d.add_argument("--jobs", type=int, default=1000)
     d.add_argument("--warmup", type=int, default=200)
     d.add_argument("--concurrency", type=int, default=8)
+    d.add_argument(
+        "--callback-delay",
+        type=float,
+        default=0.0,
+        help="seconds each callback waits after its trigger (a real job's callback comes"
+        " after the workflow suspended; at 0 it often comes before)",
+    )
     d.add_argument("--root", default=str(BENCH.parent), help="the checkout whose code runs")
     d.add_argument(
         "--plain",

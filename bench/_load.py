@@ -71,6 +71,7 @@ async def e2e(spec: dict[str, Any]) -> dict[str, Any]:
     base, hook, n = spec["base"], spec["hook_url"], spec["n"]
     prefix, concurrency, budget = spec["prefix"], spec["concurrency"], spec["budget_s"]
     events_url = spec["events_url"]
+    delay = spec.get("callback_delay_s", 0.0)  # after the trigger, before the callback
     waiters: dict[str, asyncio.Future[str]] = {}
     early: dict[str, str] = {}
     errors: dict[str, int] = {}
@@ -122,6 +123,8 @@ async def e2e(spec: dict[str, Any]) -> dict[str, Any]:
                 waiters.pop(job_id, None)
                 error("no trigger within 60 s")
                 return
+            if delay:
+                await asyncio.sleep(delay)
             c = time.perf_counter()
             wall = time.time()
             async with http.post(url, data=SUCCEEDED, headers=JSON) as r:
