@@ -104,47 +104,30 @@ async def test_a_canceled_job_under_version_4_stops_its_external_run_once(start_
     assert await finished_events(svc, "c3") == 1
 
 
-async def test_a_job_started_under_version_2_still_runs_its_finish_step(
-    start_service, receiver, monkeypatch
+@pytest.mark.parametrize("version", [2, 3])
+async def test_a_job_started_under_an_earlier_version_still_runs_its_steps(
+    start_service, receiver, monkeypatch, version
 ):
     finished = Finished()
     svc = await start_service(plugins=[finished])
-    monkeypatch.setattr(workflow, "VERSION", 2)  # what a service before version 3 started
-    body = {"id": "v2", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    monkeypatch.setattr(workflow, "VERSION", version)  # what a service before it started
+    body = {"id": "old", "backend": "http_webhook", "params": {"url": receiver.url()}}
     assert (await svc.client.post("/jobs", json=body)).status_code == 201
-    await svc.wait_state("v2", "running")
+    await svc.wait_state("old", "running")
+    await eventually(lambda: resolved(svc, "old:2"))  # its trigger step, recorded
     monkeypatch.setattr(workflow, "VERSION", 4)  # the callback comes to today's code
     [url] = [h.body["callback_url"] for h in receiver.hits]
     assert (await svc.client.post(url, json={"status": "failed"})).status_code == 200
 
-    # Its ids did not shift: "{root}:3" is its finish step, then the root returns.
-    await eventually(lambda: resolved(svc, "v2:3"))
-    await eventually(lambda: resolved(svc, "v2"))
-    assert (await promise(svc, "v2")).param.data["version"] == 2
-    await eventually(lambda: finished.jobs == [("v2", "failed")], holds=HOLD)
-    assert await finished_events(svc, "v2") == 1
-
-
-async def test_a_job_started_under_version_3_still_has_its_trigger_step(
-    start_service, receiver, monkeypatch
-):
-    finished = Finished()
-    svc = await start_service(plugins=[finished])
-    monkeypatch.setattr(workflow, "VERSION", 3)  # what a service before version 4 started
-    body = {"id": "v3", "backend": "http_webhook", "params": {"url": receiver.url()}}
-    assert (await svc.client.post("/jobs", json=body)).status_code == 201
-    await svc.wait_state("v3", "running")
-    await eventually(lambda: resolved(svc, "v3:2"))  # its trigger step, recorded
-    monkeypatch.setattr(workflow, "VERSION", 4)  # the callback comes to today's code
-    [url] = [h.body["callback_url"] for h in receiver.hits]
-    assert (await svc.client.post(url, json={"status": "succeeded"})).status_code == 200
-
-    await eventually(lambda: resolved(svc, "v3"))
-    assert (await promise(svc, "v3")).param.data["version"] == 3
-    assert await promise(svc, "v3:3") is None  # version 3 finishes in the body
+    # Its ids did not shift: version 2's "{root}:3" is its finish step (version
+    # 3 finishes in the body), then the root returns.
+    await eventually(lambda: resolved(svc, "old"))
+    assert (await promise(svc, "old")).param.data["version"] == version
+    finish_step = await promise(svc, "old:3")
+    assert (finish_step.state if finish_step else None) == {2: "resolved", 3: None}[version]
     assert len(receiver.hits) == 1
-    await eventually(lambda: finished.jobs == [("v3", "succeeded")], holds=HOLD)
-    assert await finished_events(svc, "v3") == 1
+    await eventually(lambda: finished.jobs == [("old", "failed")], holds=HOLD)
+    assert await finished_events(svc, "old") == 1
 
 
 async def test_a_failing_finish_is_tried_again_in_the_body_not_given_up(
