@@ -57,7 +57,9 @@ async def test_five_jobs_with_a_limit_of_two_trigger_two_then_one_per_end_in_ord
     created = await submit(svc, receiver, "a", "b", "c", "d", "e")
     assert [j["state"] for j in created] == ["pending", "pending", "queued", "queued", "queued"]
     await eventually(lambda: len(receiver.hits) == 2, holds=0.3)
-    assert triggered(receiver) == ["a", "b"]
+    # a and b took their slots at once: their workflows trigger side by side,
+    # in no set order; the queue starts in order, one job per slot freed
+    assert sorted(triggered(receiver)) == ["a", "b"]
     assert (await svc.job("c"))["state"] == "queued"
     assert ("queued", {"limit": 2, "running": 2}) in await events(svc, "c")
     listed = await svc.client.get("/jobs", params={"state": "queued"})
@@ -65,14 +67,14 @@ async def test_five_jobs_with_a_limit_of_two_trigger_two_then_one_per_end_in_ord
 
     await finish(svc, receiver, "b")
     await eventually(lambda: len(receiver.hits) == 3, holds=0.3)
-    assert triggered(receiver) == ["a", "b", "c"]
+    assert triggered(receiver)[2:] == ["c"]
     await finish(svc, receiver, "a", "failed")
     await eventually(lambda: len(receiver.hits) == 4, holds=0.3)
     await finish(svc, receiver, "c")
     await finish(svc, receiver, "d")
     await eventually(lambda: len(receiver.hits) == 5, holds=0.3)
     await finish(svc, receiver, "e")
-    assert triggered(receiver) == ["a", "b", "c", "d", "e"]
+    assert triggered(receiver)[2:] == ["c", "d", "e"]
     for job_id in "bcde":
         await svc.wait_state(job_id, "succeeded")
     types = [t for t, _ in await events(svc, "d")]
