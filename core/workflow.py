@@ -61,7 +61,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
-from resonate.context import Context
+from resonate.context import Context, ResonateFuture
 from resonate.error import ServerError
 from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
@@ -159,7 +159,7 @@ class Steps(Protocol):
 
 async def callback_promise(
     ctx: Context, job_id: str, deadline_ms: int, attempt: int
-) -> tuple[Any, str]:
+) -> tuple[ResonateFuture[Any], str]:
     """The first durable op of every version: the callback promise
     ("{root}:1") and its id."""
     wait_ms = max(deadline_ms - now_ms() + PROMISE_GRACE_MS, 1)  # used only when p is created
@@ -173,7 +173,7 @@ async def callback_promise(
     return p, promise_id
 
 
-async def outcome(p: Any) -> dict[str, Any]:
+async def outcome(p: ResonateFuture[Any]) -> dict[str, Any]:
     """What `p` was settled with; a timeout by the store (no watchdog got
     there first) as `timed_out`."""
     try:
