@@ -440,6 +440,7 @@ def run_e2e(
     concurrency: int,
     pyspy: str | None,
     out: Path,
+    callback_delay: float = 0.0,
 ) -> list[str]:
     prefix = f"e2e{svc.port}"
     res.jobs_asked = mode.jobs
@@ -450,6 +451,7 @@ def run_e2e(
         "hook_url": receiver + "/hook",
         "events_url": receiver + "/events",
         "concurrency": concurrency,
+        "callback_delay_s": callback_delay,
     }
     if mode.warmup:  # imports, caches, connection pools: not counted
         runner.load({**spec, "n": mode.warmup, "prefix": f"warm{svc.port}", "budget_s": budget})
@@ -1270,6 +1272,14 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="tether serve --workers for sqlite (memory: 1)"
     )
     parser.add_argument("--concurrency", type=int, default=32, help="jobs/requests in flight")
+    parser.add_argument(
+        "--callback-delay",
+        type=float,
+        default=0.0,
+        help="end to end: seconds each callback waits after its trigger, so that every"
+        " workflow has suspended first, as a real job's has (default 0: at once, often"
+        " before the workflow suspended); the callback latencies start after the wait",
+    )
     parser.add_argument("--jobs", type=int, help="override the end-to-end job count")
     parser.add_argument("--waiting", type=int, help="override the waiting job count")
     parser.add_argument(
@@ -1420,7 +1430,15 @@ def run_services(
                     if "e2e" not in skip:
                         step(f"{store}: {mode.jobs:,} jobs end to end")
                         ids = run_e2e(
-                            runner, svc, res, receiver, mode, args.concurrency, pyspy, out
+                            runner,
+                            svc,
+                            res,
+                            receiver,
+                            mode,
+                            args.concurrency,
+                            pyspy,
+                            out,
+                            args.callback_delay,
                         )
                     if "get" not in skip:
                         step(f"{store}: GET /jobs/{{id}} for {mode.get_seconds:g} s")
