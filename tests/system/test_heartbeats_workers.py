@@ -17,6 +17,12 @@ from tests.conftest import Hit, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 
 BEAT = 1.0
+SPACING = BEAT / 2
+"""The least time between two status asks about the silent job. One worker
+claims each miss, BEAT after the last claim; the ask leaves after the claim,
+later on a loaded loop, so asks may come closer than BEAT (a CI run saw two
+less than 0.8 s apart, after the restart; not pinned down further). Two
+workers asking about one miss would come within milliseconds of each other."""
 """The jobs' heartbeat_timeout, in seconds."""
 
 
@@ -70,7 +76,7 @@ def test_heartbeats_hold_across_workers_and_misses_are_seen_after_a_crash(
             missed = events(http, "watched", "heartbeat_missed")
             assert 2 <= len(missed) <= 5, missed
             asked = [h.at for h in receiver.on("/status")]
-            assert all(b - a >= BEAT * 0.8 for a, b in itertools.pairwise(asked))
+            assert all(b - a >= SPACING for a, b in itertools.pairwise(asked))
             assert http.get("/jobs/watched").json()["state"] == "running"
     finally:
         service.kill()
@@ -87,6 +93,6 @@ def test_heartbeats_hold_across_workers_and_misses_are_seen_after_a_crash(
             )
             assert http.get("/jobs/watched").json()["state"] == "running"
             asked = [h.at for h in receiver.on("/status")]
-            assert all(b - a >= BEAT * 0.8 for a, b in itertools.pairwise(asked))
+            assert all(b - a >= SPACING for a, b in itertools.pairwise(asked))
     finally:
         service.kill()
