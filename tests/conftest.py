@@ -34,7 +34,7 @@ import uvicorn
 
 from api.app import create_app
 from api.http import SERVER_OPTIONS
-from core.hookspecs import Backend, TetherHookSpecs
+from core.hookspecs import Backend, TetherHookSpecs, hookimpl
 from core.plugins import make_plugin_manager
 from core.settings import Settings
 
@@ -110,6 +110,17 @@ def wait_until(
         except StopIteration as done:
             return done.value
         time.sleep(every)
+
+
+class Finished:
+    """A plugin that records every `tether_job_finished`: (job id, state)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, str]] = []
+
+    @hookimpl
+    def tether_job_finished(self, job: Any) -> None:
+        self.jobs.append((job.id, job.state))
 
 
 # ── a webhook receiver: a real HTTP server in a thread ─────────────────────────

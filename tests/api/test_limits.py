@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from core.hookspecs import hookimpl
 from core.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import Finished, eventually
 
 LIMIT = {"max_running": "http_webhook=2"}
 
@@ -90,17 +89,6 @@ async def test_backends_without_a_limit_and_other_backends_are_not_held(start_se
     assert states == ["pending"] * 3
 
 
-class Finished:
-    """Records `tether_job_finished`."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-
-    @hookimpl
-    def tether_job_finished(self, job: Any) -> None:
-        self.seen.append((job.id, job.state))
-
-
 async def test_a_queued_job_can_be_canceled_and_is_never_triggered(start_service, receiver):
     finished = Finished()
     svc = await start_service(plugins=(finished,), max_running="http_webhook=1")
@@ -118,10 +106,10 @@ async def test_a_queued_job_can_be_canceled_and_is_never_triggered(start_service
     await eventually(lambda: len(receiver.hits) == 2, holds=0.3)
     assert triggered(receiver) == ["first", "third"]  # the canceled one skipped
     assert (await svc.job("second"))["external"] is None
-    assert ("second", "canceled") in finished.seen  # though it never had a workflow
+    assert ("second", "canceled") in finished.jobs  # though it never had a workflow
     await finish(svc, receiver, "third")
-    await eventually(lambda: ("third", "succeeded") in finished.seen)
-    assert sorted(finished.seen) == [
+    await eventually(lambda: ("third", "succeeded") in finished.jobs)
+    assert sorted(finished.jobs) == [
         ("first", "succeeded"),
         ("second", "canceled"),
         ("third", "succeeded"),

@@ -15,22 +15,10 @@ import pytest
 from resonate.error import ServerError
 
 from core import workflow
-from core.plugin import hookimpl
 from core.steps import JobSteps
-from tests.conftest import HOLD, Receiver, Service, eventually
+from tests.conftest import HOLD, Finished, Receiver, Service, eventually
 
 pytestmark = pytest.mark.resonate_server(False)
-
-
-class Finished:
-    """Records every `tether_job_finished`."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[str, str]] = []
-
-    @hookimpl
-    def tether_job_finished(self, job: Any) -> None:
-        self.jobs.append((job.id, job.state))
 
 
 async def promise(svc: Service, promise_id: str) -> Any:
