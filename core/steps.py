@@ -71,7 +71,16 @@ class JobSteps:
         for rows an earlier release wrote in the other order."""
         rec = await self.jobs.get(job_id)
         if rec is None:
-            raise RuntimeError(f"job {job_id!r} has a workflow but no record")
+            # Deleted under its workflow (by hand: retention and `tether gc`
+            # delete only ended jobs). Nothing to trigger, and no row would
+            # ever appear: end the workflow (the finish finds no row either)
+            # rather than retry for ever.
+            log.error("job %s: its record is gone; its workflow ends", job_id)
+            error = ErrorInfo(message="the job's record is gone", type="record_gone")
+            await self.settler.resolve_quietly(
+                promise_id, Outcome("canceled", error=error), "index"
+            )
+            return
         if rec.attempt != attempt:  # a retry never starts while an attempt's workflow runs
             log.warning("job %s: attempt %d is over", job_id, attempt, extra=rec.log_extra())
             error = ErrorInfo(message=f"attempt {attempt} was replaced", type="superseded")

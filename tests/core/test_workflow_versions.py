@@ -187,3 +187,29 @@ async def test_until_done_backs_off_doubling_up_to_the_max(monkeypatch):
     await workflow.until_done("finishing", "j", 2, call, sleep=sleep)
     assert waits == [1.0, 2.0, 4.0, 4.0]
     assert len(calls) == 5
+
+
+async def test_a_job_whose_row_is_deleted_under_it_ends_at_its_deadline(
+    start_service, receiver, monkeypatch
+):
+    # Deleted by hand while its workflow waits (retention deletes only ended
+    # jobs): the watchdog, which reads the index, never sees it, the store
+    # times the callback promise out, and the replay's trigger finds no row.
+    # It ends the workflow instead of retrying for ever, and triggers nothing
+    # again.
+    monkeypatch.setattr(workflow, "PROMISE_GRACE_MS", 0)  # the store's timeout at the deadline
+    svc = await start_service()
+    body = {
+        "id": "gone",
+        "backend": "http_webhook",
+        "params": {"url": receiver.url()},
+        "timeout": 1.0,
+    }
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state("gone", "running")
+    await svc.tether.jobs.db.execute("DELETE FROM tether_jobs WHERE id = ?", ("gone",))
+
+    await eventually(lambda: resolved(svc, "gone"), timeout=10)
+    assert (await promise(svc, "gone:1")).state == "rejected_timedout"
+    assert len(receiver.hits) == 1
+    assert (await svc.client.get("/jobs/gone")).status_code == 404
