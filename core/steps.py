@@ -71,15 +71,7 @@ class JobSteps:
         for rows an earlier release wrote in the other order."""
         rec = await self.jobs.get(job_id)
         if rec is None:
-            # Deleted under its workflow (by hand: retention and `tether gc`
-            # delete only ended jobs). Nothing to trigger, and no row would
-            # ever appear: end the workflow (the finish finds no row either)
-            # rather than retry for ever.
-            log.error("job %s: its record is gone; its workflow ends", job_id)
-            error = ErrorInfo(message="the job's record is gone", type="record_gone")
-            await self.settler.resolve_quietly(
-                promise_id, Outcome("canceled", error=error), "index"
-            )
+            await self._without_a_row(job_id, promise_id)
             return
         if rec.attempt != attempt:  # a retry never starts while an attempt's workflow runs
             log.warning("job %s: attempt %d is over", job_id, attempt, extra=rec.log_extra())
@@ -145,6 +137,24 @@ class JobSteps:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
                 await record()
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _without_a_row(self, job_id: str, promise_id: str) -> None:
+        """No row for a job whose workflow runs. Its promise settled (at the
+        latest by the store, at the deadline plus `PROMISE_GRACE_MS`): the
+        row was deleted under the workflow (by hand: retention and `tether
+        gc` delete only ended jobs), so there is nothing to trigger and the
+        workflow ends (its finish finds no row either) instead of retrying
+        for ever. Still pending: an error, tried again. That may be this
+        process reading the wrong index (a Resonate-server store's hosts
+        with different `TETHER_INDEX`es): the job stays untouched for a host
+        that has its row."""
+        promise = await self.settler.resonate.promises.get(promise_id)
+        if promise.state == "pending":
+            raise RuntimeError(f"job {job_id!r} has a workflow but no record")
+        log.error(
+            "job %s: its record is gone; its workflow ends (nothing triggered, stopped or told)",
+            job_id,
+        )
 
     def _backend_and_params(self, rec: JobRecord) -> tuple[Backend, Any]:
         backend = self.plugins.backends.get(rec.backend)

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from resonate.types import Value
 
 from core.errors import BackendError
 from core.hookspecs import Backend
@@ -294,20 +295,32 @@ async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_
     assert promise.state == ("pending" if ended_settled else "resolved")
 
 
-async def test_a_workflow_whose_job_row_is_gone_ends_without_a_trigger(rig: Rig):
-    # A row deleted by hand: no row will ever appear, so retrying would loop
-    # for ever. The promise is settled (the workflow goes on to its finish,
-    # which finds no row either) and nothing is triggered.
+async def test_a_workflow_without_a_job_row_and_a_pending_promise_is_an_error(rig: Rig):
+    # Tried again (`until_done`): this process may read the wrong index (a
+    # Resonate-server store's hosts with different TETHER_INDEXes), and a
+    # host with the row must still get the job.
     await rig.parts.add_promise("ghost")
+    with pytest.raises(RuntimeError, match=r"^job 'ghost' has a workflow but no record$"):
+        await rig.steps.trigger("ghost", "ghost:1")
+    assert (await rig.parts.promise("ghost")).state == "pending"
+
+
+async def test_a_workflow_whose_job_row_is_gone_and_promise_settled_ends(rig: Rig):
+    # The row deleted by hand, the promise settled since (at the latest by the
+    # store at the deadline): nothing to trigger, and retrying would loop for
+    # ever. The trigger returns; the finish finds no row either.
+    await rig.parts.add_promise("ghost")
+    await rig.parts.resonate.promises.resolve(callback_promise_id("ghost"), Value(data={}))
     with logs_of("tether") as logs:
         await rig.steps.trigger("ghost", "ghost:1")
+        await rig.steps.finish("ghost", {"status": "succeeded"}, 1)
 
     assert rig.backend.triggers == []
-    promise = await rig.parts.promise("ghost")
-    assert promise.state == "resolved"
-    assert promise.value.data["status"] == "canceled"
-    assert promise.value.data["error"]["type"] == "record_gone"
-    assert logs.lines == ["ERROR job ghost: its record is gone; its workflow ends"]
+    assert rig.plugin.finished == []
+    assert logs.lines == [
+        "ERROR job ghost: its record is gone; its workflow ends"
+        " (nothing triggered, stopped or told)"
+    ]
 
 
 # ── retries ──────────────────────────────────────────────────────────────────

@@ -194,22 +194,22 @@ async def test_a_job_whose_row_is_deleted_under_it_ends_at_its_deadline(
 ):
     # Deleted by hand while its workflow waits (retention deletes only ended
     # jobs): the watchdog, which reads the index, never sees it, the store
-    # times the callback promise out, and the replay's trigger finds no row.
-    # It ends the workflow instead of retrying for ever, and triggers nothing
-    # again.
+    # times the callback promise out, and the replay's trigger finds no row
+    # beside a settled promise. It ends the workflow instead of retrying for
+    # ever, and triggers nothing again.
     monkeypatch.setattr(workflow, "PROMISE_GRACE_MS", 0)  # the store's timeout at the deadline
     svc = await start_service()
     body = {
         "id": "gone",
         "backend": "http_webhook",
         "params": {"url": receiver.url()},
-        "timeout": 1.0,
+        "timeout": 3.0,  # the row is deleted long before the deadline
     }
     assert (await svc.client.post("/jobs", json=body)).status_code == 201
     await svc.wait_state("gone", "running")
     await svc.tether.jobs.db.execute("DELETE FROM tether_jobs WHERE id = ?", ("gone",))
 
-    await eventually(lambda: resolved(svc, "gone"), timeout=10)
+    await eventually(lambda: resolved(svc, "gone"), timeout=15)
     assert (await promise(svc, "gone:1")).state == "rejected_timedout"
     assert len(receiver.hits) == 1
     assert (await svc.client.get("/jobs/gone")).status_code == 404
