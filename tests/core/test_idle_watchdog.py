@@ -23,6 +23,9 @@ from tests.core.parts import Parts, open_parts
 from tests.core.test_watchdog import make_rig
 
 HOUR = 3600.0
+ON_TIME_MS = 1000
+"""How late past its deadline a job may end and still count as found on time,
+not after the hour-long nap: usually 6-15 ms; one loaded CI run saw 310."""
 
 
 async def accept(parts: Parts, job_id: str, timeout: float) -> JobRecord:
@@ -90,7 +93,7 @@ async def test_a_deadline_this_process_writes_wakes_a_long_nap():
         assert len(swept) == 1
         job = await accept(parts, "soon", 0.3)
         await ended_at(parts, "soon", 3)
-        assert now_ms() - job.deadline < 300
+        assert now_ms() - job.deadline < ON_TIME_MS
         assert len(swept) <= 3
 
 
@@ -99,7 +102,7 @@ async def test_a_deadline_already_in_the_store_fires_on_time_with_a_long_nap():
         job = await accept(parts, "stored", 0.5)  # before the watchdog: nothing told it
         async with watching(parts, told=False):
             await ended_at(parts, "stored", 3)
-            assert now_ms() - job.deadline < 300
+            assert now_ms() - job.deadline < ON_TIME_MS
 
 
 async def test_a_deadline_another_process_writes_is_found_within_the_nap():
