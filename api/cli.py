@@ -244,6 +244,47 @@ async def collect_garbage(settings: Settings, older_than: float) -> None:
     click.echo(f"deleted {jobs} finished jobs and {promises} promises")
 
 
+@cli.command("pair-index")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Re-pair a server paired with another index (its jobs become invisible).",
+)
+def pair_index(force: bool) -> None:
+    """Check that the Resonate server in TETHER_STORE keeps its jobs in
+    TETHER_INDEX, pairing the two if the server has no index yet.
+
+    Every host on one Resonate server must use the one job index the server is
+    paired with: `tether serve` refuses to start with another. --force pairs
+    the server with TETHER_INDEX instead: only for an index that replaces one
+    lost for good, with every host stopped or already on the new index."""
+    settings = load_settings()
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+    asyncio.run(_pair_index(settings, force))
+
+
+async def _pair_index(settings: Settings, force: bool) -> None:
+    from core.store.remote import SCHEMES, RemoteStore
+
+    if settings.store.partition("://")[0] not in SCHEMES:
+        raise Refused(
+            f"pair-index is for a Resonate server store (TETHER_STORE=http(s)://...);"
+            f" {describe(settings.store)} keeps its job index itself"
+        )
+    try:
+        store = await RemoteStore.open(settings, "tether-pair-index", repair=force)
+    except (StoreConfigError, StoreUnavailable) as exc:
+        raise Refused(str(exc)) from None
+    try:
+        mine = await store.jobs.identity()
+    finally:
+        await store.close()
+    click.echo(
+        f"the Resonate server at {describe(settings.store)} is paired with the job index"
+        f" {describe(settings.index)} (id {mine})"
+    )
+
+
 # ── local commands on the embedded store's files (never an HTTP route) ───────
 
 
@@ -528,7 +569,7 @@ def plugins() -> None:
 add_client_commands(cli)
 
 SECTIONS = {
-    "Service": ("serve", "gc"),
+    "Service": ("serve", "gc", "pair-index"),
     "Jobs (talk to a running service)": tuple(str(command.name) for command in CLIENT_COMMANDS),
     "Store files": (
         "rotate-secret",

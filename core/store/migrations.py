@@ -23,7 +23,16 @@ from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from core.errors import StoreConfigError
-from core.store.schema import EVENTS, JOBS, NOTIFICATIONS, RUN_KEYS, SLOTS, TAGS, Dialect
+from core.store.schema import (
+    EVENTS,
+    JOBS,
+    META,
+    NOTIFICATIONS,
+    RUN_KEYS,
+    SLOTS,
+    TAGS,
+    Dialect,
+)
 from core.store.sql import Session
 
 
@@ -79,6 +88,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "backend notifications: tether_run_keys, each backend's external run keys to their"
         " job, indexed by job for retention",
         lambda d: RUN_KEYS.migrate(d, 7),
+    ),
+    Migration(
+        8,
+        "the index's identity: tether_meta, whose index_id a Resonate server is paired with",
+        lambda d: META.migrate(d, 8),
     ),
 )
 

@@ -48,7 +48,6 @@ from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store, signing_secrets
 from core.store.embedded import SqliteDriver, SqliteIndex
-from core.store.jobs import JobIndex
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
 
@@ -64,6 +63,17 @@ RECONNECT = ExponentialBackoff(initial=0.25, factor=2.0, max_delay=5.0)
 answer (a resend, a new message stream): from 0.25 s, doubling, at most 5 s,
 so work resumes within seconds of the server's return (the SDK's own ladder
 goes up to 60 s)."""
+
+PAIRING = "tether:index"
+"""The server's pairing with one job index: its promises `tether:index.N` and
+their tag (`RemoteConnection.pairing`). Every host on one server must use the
+index it names: a host with another would take workflows whose jobs it
+cannot see."""
+
+PAIRING_UNTIL = 253_402_300_799_000
+"""The pairing promises' deadline: the last millisecond of the year 9999."""
+
+MAX_PAIRINGS = 1000
 
 PROBE_ID = "tether-probe"
 """The promise `promise.get` asks for when the store opens: any answer in the
@@ -144,26 +154,13 @@ class RemoteConnection:
 
     async def _probe(self) -> str:
         """Ask the server for one promise; what is wrong with the answer, or ''."""
-        where = f"the Resonate server at {describe(self.url)}"
-        envelope = {
-            "kind": "promise.get",
-            "head": {"corrId": "tether-probe", "version": PROTOCOL_VERSION},
-            "data": {"id": PROBE_ID},
-        }
-        headers = {"Content-Type": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        if self._probes is None:
-            self._probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STORE_WAIT))
+        where = self._where
         try:
-            async with self._probes.post(
-                self.url + "/", data=msgspec.json.encode(envelope), headers=headers
-            ) as resp:
-                http_status, text = resp.status, await resp.text()
+            http_status, text = await self._ask("promise.get", {"id": PROBE_ID})
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = "" if isinstance(exc, TimeoutError) else str(exc)
             return f"{where} did not answer: {reason or type(exc).__name__}"
-        status = _protocol_status(text)
+        status = _protocol_status(text, "promise.get")
         if http_status in (401, 403) or status in (401, 403):
             given = "TETHER_STORE_TOKEN was refused" if self._token else "set TETHER_STORE_TOKEN"
             return f"{where} refused Tether ({status or http_status}, unauthorized): {given}"
@@ -172,16 +169,108 @@ class RemoteConnection:
             return f"{where} did not answer as a Resonate server ({what} to promise.get)"
         return ""
 
+    async def _ask(self, kind: str, data: dict[str, Any]) -> tuple[int, str]:
+        """One protocol request outside the SDK (no resends), bounded by
+        `STORE_WAIT`: the HTTP status and the body of the answer."""
+        envelope = {"kind": kind, "head": {"corrId": f"tether-{kind}", "version": PROTOCOL_VERSION}}
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if self._probes is None:
+            self._probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STORE_WAIT))
+        body = msgspec.json.encode({**envelope, "data": data})
+        async with self._probes.post(self.url + "/", data=body, headers=headers) as resp:
+            return resp.status, await resp.text()
 
-def _protocol_status(text: str) -> int | None:
-    """`head.status` of a protocol response, or None when `text` is not one."""
+    async def pairing(self) -> tuple[int, str | None]:
+        """Which job index this server is paired with: the generation of its
+        pairing and the index's id, or the generation a pairing would take
+        and None when it is paired with none.
+
+        The pairing is a chain of promises on the server, `tether:index.1`,
+        `tether:index.2`, ...: each made pending with the index's id as its
+        tag `tether:index`; the one pending is the pairing, those before it
+        were resolved by a re-pairing (`supersede`)."""
+        for generation in range(1, MAX_PAIRINGS + 1):
+            promise = await self._pairing_call("promise.get", {"id": f"{PAIRING}.{generation}"})
+            if promise is None:
+                return generation, None
+            if promise.get("state") == "pending":
+                return generation, self._paired_id(promise)
+        raise StoreConfigError(f"{self._where} was re-paired {MAX_PAIRINGS} times: refusing more")
+
+    async def pair(self, generation: int, index_id: str) -> str | None:
+        """Pair the server with the index `index_id` as pairing `generation`;
+        the id it is paired with then (another process's, if one got there
+        first), or None if that pairing was superseded meanwhile.
+        `promise.create` answers the promise already there, so processes
+        starting together agree on the first one made."""
+        create = {
+            "id": f"{PAIRING}.{generation}",
+            "timeoutAt": PAIRING_UNTIL,
+            "param": {},
+            "tags": {PAIRING: index_id},
+        }
+        promise = await self._pairing_call("promise.create", create)
+        assert promise is not None  # a create answers the promise
+        return self._paired_id(promise) if promise.get("state") == "pending" else None
+
+    async def supersede(self, generation: int) -> None:
+        """End pairing `generation` (a re-pairing makes the next one)."""
+        value = {"headers": {}, "data": ""}
+        settle = {"id": f"{PAIRING}.{generation}", "state": "resolved", "value": value}
+        await self._pairing_call("promise.settle", settle)
+
+    @property
+    def _where(self) -> str:
+        return f"the Resonate server at {describe(self.url)}"
+
+    def _paired_id(self, promise: dict[str, Any]) -> str:
+        paired = (promise.get("tags") or {}).get(PAIRING)
+        if not isinstance(paired, str):
+            raise StoreConfigError(
+                f"{self._where} keeps a promise {promise.get('id')!r} that Tether did not make"
+                f" (no {PAIRING!r} tag): it cannot tell which job index the server's jobs are in"
+            )
+        return paired
+
+    async def _pairing_call(self, kind: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        """A request of the pairing: the promise answered, or None (404)."""
+        try:
+            http_status, text = await self._ask(kind, data)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            reason = ("" if isinstance(exc, TimeoutError) else str(exc)) or type(exc).__name__
+            raise StoreConfigError(f"{self._where} did not answer: {reason}") from None
+        answer = _protocol_answer(text, kind)
+        if answer is not None and answer[0] == 404:
+            return None
+        promise = None if answer is None else answer[1].get("promise")
+        if answer is None or answer[0] not in (200, 201) or not isinstance(promise, dict):
+            what = f"HTTP {http_status}" if answer is None else f"status {answer[0]}"
+            raise StoreConfigError(f"{self._where} did not answer {kind} as expected ({what})")
+        return promise
+
+
+def _protocol_answer(text: str, kind: str) -> tuple[int, dict[str, Any]] | None:
+    """`head.status` and `data` of a protocol response to `kind`, or None when
+    `text` is not one."""
     try:
         resp = msgspec.json.decode(text)
     except msgspec.DecodeError:
         return None
-    head = resp.get("head") if isinstance(resp, dict) else None
+    if not isinstance(resp, dict) or resp.get("kind") != kind:
+        return None
+    head, data = resp.get("head"), resp.get("data")
     status = head.get("status") if isinstance(head, dict) else None
-    return status if isinstance(status, int) and resp.get("kind") == "promise.get" else None
+    if not isinstance(status, int):
+        return None
+    return status, data if isinstance(data, dict) else {}
+
+
+def _protocol_status(text: str, kind: str) -> int | None:
+    """`head.status` of a protocol response to `kind`, or None when `text` is not one."""
+    answer = _protocol_answer(text, kind)
+    return None if answer is None else answer[0]
 
 
 def server_url(store: str) -> str:
@@ -216,9 +305,14 @@ class RemoteStore(Store):
 
     kind = "resonate"
     connection: RemoteConnection
+    jobs: SqlJobIndex
 
     @classmethod
-    async def open(cls, settings: Settings, pid: str) -> RemoteStore:
+    async def open(cls, settings: Settings, pid: str, *, repair: bool = False) -> RemoteStore:
+        """Open it: the server asked once, the index opened (and migrated),
+        and the two checked to be paired (`RemoteConnection.pairing`); with
+        `repair`, the server is re-paired with this index if it was paired
+        with another (`tether pair-index --force`)."""
         url = server_url(settings.store)
         if not settings.callback_secret:
             raise StoreConfigError(
@@ -243,9 +337,9 @@ class RemoteStore(Store):
         if token and urlsplit(url).scheme == "http" and not _loopback(url):
             log.warning("TETHER_STORE_TOKEN goes to %s in clear text: use https://", describe(url))
         connection = RemoteConnection(url, group=settings.group, pid=pid, token=token)
-        await connection.check()
         try:
-            jobs = await open_index(connection)
+            await connection.check()
+            jobs = await _paired_index(connection, settings.index, open_index, force=repair)
         except BaseException:
             await connection.close()
             raise
@@ -270,11 +364,71 @@ class RemoteStore(Store):
             await self.connection.close()
 
 
+async def _paired_index(
+    server: RemoteConnection,
+    index: str,
+    open_index: Callable[[RemoteConnection], Awaitable[SqlJobIndex]],
+    *,
+    force: bool,
+) -> SqlJobIndex:
+    """Open the job index `index` once the server is shown to be paired with
+    it, pairing the two when the server is paired with none (or, `force`,
+    with another index); `StoreConfigError` naming both indexes' ids when it
+    is paired with another. An index file that does not exist yet is refused
+    before it is made."""
+    generation, theirs = await server.pairing()
+    if theirs is not None and not force and _new_file(index):
+        raise _not_paired(server, index, theirs, "it does not exist yet (nothing was made)")
+    jobs = await open_index(server)
+    try:
+        mine = await jobs.identity()
+        if theirs is not None and theirs != mine and force:
+            log.warning(
+                "the Resonate server at %s was paired with the job index %s; re-pairing it with"
+                " %s (id %s)",
+                describe(server.url),
+                theirs,
+                describe(index),
+                mine,
+            )
+            await server.supersede(generation)
+            generation, theirs = generation + 1, None
+        if theirs is None:
+            theirs = await server.pair(generation, mine)
+            if theirs is None:
+                raise StoreConfigError(
+                    f"the Resonate server at {describe(server.url)} was re-paired while this"
+                    " process started: start it again"
+                )
+        if theirs != mine:
+            raise _not_paired(server, index, theirs, f"its id is {mine}")
+    except BaseException:
+        await jobs.close()
+        raise
+    return jobs
+
+
+def _new_file(index: str) -> bool:
+    """`index` names a SQLite file that does not exist."""
+    return index.startswith("sqlite:///") and not Path(index.removeprefix("sqlite:///")).exists()
+
+
+def _not_paired(server: RemoteConnection, index: str, theirs: str, why: str) -> StoreConfigError:
+    return StoreConfigError(
+        f"TETHER_INDEX={describe(index)!r} is not the job index of the Resonate server at"
+        f" {describe(server.url)}, whose jobs are in the index with id {theirs}: {why}."
+        " Every host on one Resonate server must use the same TETHER_INDEX"
+        " (postgresql://... for several hosts): a host with another index would take"
+        " workflows whose jobs it cannot see. If the server's index is lost for good and"
+        " this one replaces it, run `tether pair-index --force` (docs/operations.md)"
+    )
+
+
 def _loopback(url: str) -> bool:
     return (urlsplit(url).hostname or "") in ("127.0.0.1", "::1", "localhost")
 
 
-def index_opener(index: str) -> Callable[[RemoteConnection], Awaitable[JobIndex]]:
+def index_opener(index: str) -> Callable[[RemoteConnection], Awaitable[SqlJobIndex]]:
     """What opens the job index `TETHER_INDEX` names (its tables migrated, or
     `StoreConfigError` saying why not); `StoreConfigError` at once when it
     names no index Tether can keep."""
@@ -320,7 +474,7 @@ class PostgresIndexBeside(SqlJobIndex):
         await self.server.ping()
 
 
-async def _sqlite_index(path: Path, server: RemoteConnection) -> JobIndex:
+async def _sqlite_index(path: Path, server: RemoteConnection) -> SqlJobIndex:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _wal(path)
@@ -344,7 +498,7 @@ def _wal(path: Path) -> None:
         conn.close()
 
 
-async def _postgres_index(index: str, server: RemoteConnection) -> JobIndex:
+async def _postgres_index(index: str, server: RemoteConnection) -> SqlJobIndex:
     from core.store.postgres import PostgresDriver
 
     driver = PostgresDriver(index)

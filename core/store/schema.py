@@ -238,6 +238,16 @@ to the job that started them: a backend's notification (`POST
 /backends/{name}/notifications`) finds its job with one key lookup. Written
 with the job's `external`, deleted with the job."""
 
+META = Table(
+    "tether_meta",
+    (Column("name", "text"), Column("value", "text")),
+    since=8,
+    primary_key="name",
+)
+"""Facts about the index itself, one row each: today only `index_id`, the id
+a Resonate server's pairing names (`core.store.remote`), made the first time
+it is asked for."""
+
 _encode_json = msgspec.json.encode
 
 

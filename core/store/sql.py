@@ -785,6 +785,18 @@ class SqlJobIndex:
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())
 
+    async def identity(self) -> str:
+        """This index's id: a random one, made the first time it is asked for
+        (by whichever process gets there first) and the same ever after, in a
+        copy or a restore of it too. A Resonate server is paired with it."""
+        await self.db.execute(
+            "INSERT INTO tether_meta (name, value) VALUES ('index_id', ?)"
+            " ON CONFLICT (name) DO NOTHING",
+            (uuid.uuid4().hex,),
+        )
+        rows = await self.db.fetch("SELECT value FROM tether_meta WHERE name = 'index_id'", ())
+        return str(rows[0][0])
+
     async def close(self) -> None:
         await self.db.close()
 

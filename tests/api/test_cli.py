@@ -63,7 +63,7 @@ def test_help_lists_every_command_once_under_its_heading() -> None:
         "Store files",
         "Plugins",
     ]
-    assert listed["Service"] == ["serve", "gc"]
+    assert listed["Service"] == ["serve", "gc", "pair-index"]
     assert listed["Jobs (talk to a running service)"] == [c.name for c in CLIENT_COMMANDS]
     assert listed["Store files"] == [
         "rotate-secret",

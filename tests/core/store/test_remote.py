@@ -6,6 +6,8 @@ token reaches the server and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ import pytest
 from resonate_base import ConnectorError
 
 import core.store.remote
+from api.cli import main
 from core.errors import InvalidRequest, StoreConfigError
 from core.settings import Settings
 from core.store import open_store
 from core.store.remote import RemoteConnection, RemoteStore
+from core.store.sql import SqlJobIndex
 from tests.conftest import free_port
 from tests.core.store.test_store_kinds import _job
 from tests.resonate_server.stand_in import StandIn
@@ -53,8 +57,9 @@ async def test_it_opens_with_the_job_index_beside_it_and_refuses_retention(tmp_p
             await store.delete_promises(86_400_000)
     finally:
         await store.close()
-    assert server.kinds["promise.get"] == 1  # the check when it opened
-    assert server.authorizations == [f"Bearer {TOKEN}"]
+    # the check when it opened, then the pairing: none yet, so this index's
+    assert (server.kinds["promise.get"], server.kinds["promise.create"]) == (2, 1)
+    assert server.authorizations == [f"Bearer {TOKEN}"] * 3
 
 
 async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(tmp_path, server):
@@ -77,7 +82,7 @@ async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(t
     finally:
         await conn.stop()
         await store.close()
-    assert len(server.authorizations) == 3  # the check, the stream, the request
+    assert len(server.authorizations) == 5  # the check, the pairing (2), the stream, the request
     assert set(server.authorizations) == {f"Bearer {TOKEN}"}
     assert TOKEN not in repr(store) + repr(conn)
     assert TOKEN not in repr(settings(server.url, store_token=TOKEN))
@@ -193,3 +198,141 @@ async def test_a_request_waiting_for_a_gone_server_fails_soon_after_stop(
         await asyncio.wait_for(waiting, 5)
     assert 0.25 < time.monotonic() - started < 2
     await conn.close()
+
+
+# ── the pairing of the server with one job index ─────────────────────────────
+
+
+async def _open(server: StandIn, index: Path, **more: Any) -> RemoteStore:
+    store = await open_store(
+        settings(server.url, index=f"sqlite:///{index}", store_token=TOKEN, **more), "p"
+    )
+    assert isinstance(store, RemoteStore)
+    return store
+
+
+async def _identity(server: StandIn, index: Path) -> str:
+    store = await _open(server, index)
+    try:
+        return await store.jobs.identity()
+    finally:
+        await store.close()
+
+
+def _pairings(server: StandIn) -> list[tuple[str, str, str]]:
+    """The server's pairing promises: (id, state, the index id tagged)."""
+    with sqlite3.connect(server.db) as db:
+        rows = db.execute(
+            "SELECT id, state, tags FROM r_promises WHERE id LIKE 'tether:index.%' ORDER BY id"
+        ).fetchall()
+    return [(pid, state, json.loads(tags)["tether:index"]) for pid, state, tags in rows]
+
+
+async def test_the_first_index_pairs_the_server_and_any_other_is_refused(tmp_path, server):
+    """A host whose TETHER_INDEX is not the one the server's jobs are in would
+    take workflows whose jobs it cannot see (each would wait to its deadline):
+    it is refused at start, naming both indexes, and makes nothing."""
+    first = tmp_path / "first.db"
+    store = await _open(server, first)
+    try:
+        await store.jobs.insert(_job("a"))
+        paired = await store.jobs.identity()
+    finally:
+        await store.close()
+    assert _pairings(server) == [("tether:index.1", "pending", paired)]
+
+    elsewhere = tmp_path / "elsewhere" / "jobs.db"
+    with pytest.raises(StoreConfigError) as refused:
+        await _open(server, elsewhere)
+    message = str(refused.value)
+    assert f"TETHER_INDEX='sqlite:///{elsewhere}' is not the job index" in message
+    assert f"index with id {paired}: it does not exist yet" in message
+    assert "tether pair-index --force" in message and TOKEN not in message
+    assert not elsewhere.parent.exists()  # nothing made
+
+    # an index that exists (another host's own file) is refused too, by its id
+    other = tmp_path / "other.db"
+    own = await open_store(settings(f"sqlite:///{other}"), "p")
+    try:
+        assert isinstance(own.jobs, SqlJobIndex)
+        mine = await own.jobs.identity()
+    finally:
+        await own.close()
+    with pytest.raises(StoreConfigError, match=f"id {paired}: its id is {mine}"):
+        await _open(server, other)
+
+    store = await _open(server, first)  # the paired one opens, its jobs there
+    try:
+        assert await store.jobs.get("a") is not None
+    finally:
+        await store.close()
+    assert _pairings(server) == [("tether:index.1", "pending", paired)]
+
+
+async def test_hosts_starting_together_with_different_indexes_pair_one(tmp_path, server):
+    """Two fresh indexes opened at once: `promise.create` answers the promise
+    already there, so exactly one index is paired and the other refused."""
+    indexes = [tmp_path / f"host{n}.db" for n in range(4)]
+    opened = await asyncio.gather(*(_open(server, i) for i in indexes), return_exceptions=True)
+    stores = [s for s in opened if isinstance(s, RemoteStore)]
+    try:
+        assert len(stores) == 1, opened
+        assert all(
+            isinstance(s, StoreConfigError) and "is not the job index" in str(s)
+            for s in opened
+            if s is not stores[0]
+        )
+        assert _pairings(server) == [("tether:index.1", "pending", await stores[0].jobs.identity())]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def test_pair_index_checks_and_with_force_re_pairs(tmp_path, server, monkeypatch, capsys):
+    """`tether pair-index` says which index the server is paired with;
+    `--force` pairs it with TETHER_INDEX instead (an index that replaces a
+    lost one), after which the old index is the one refused."""
+    lost, replacement = tmp_path / "lost.db", tmp_path / "replacement.db"
+    old = asyncio.run(_identity(server, lost))
+    monkeypatch.setenv("TETHER_STORE", server.url)
+    monkeypatch.setenv("TETHER_STORE_TOKEN", TOKEN)
+    monkeypatch.setenv("TETHER_CALLBACK_SECRET", "s")
+
+    monkeypatch.setenv("TETHER_INDEX", f"sqlite:///{lost}")
+    assert main(["pair-index"]) == 0
+    said = capsys.readouterr()
+    assert f"is paired with the job index sqlite:///{lost} (id {old})" in said.out
+
+    monkeypatch.setenv("TETHER_INDEX", f"sqlite:///{replacement}")
+    assert main(["pair-index"]) == 2
+    said = capsys.readouterr()
+    assert f"index with id {old}: it does not exist yet" in said.err and TOKEN not in said.err
+    assert not replacement.exists()
+
+    assert main(["pair-index", "--force"]) == 0
+    said = capsys.readouterr()
+    new = asyncio.run(_identity(server, replacement))
+    assert f"is paired with the job index sqlite:///{replacement} (id {new})" in said.out
+    assert f"was paired with the job index {old}; re-pairing it" in said.err
+    assert _pairings(server) == [
+        ("tether:index.1", "resolved", old),
+        ("tether:index.2", "pending", new),
+    ]
+    with pytest.raises(StoreConfigError, match=f"id {new}: its id is {old}"):
+        asyncio.run(_open(server, lost))
+
+    monkeypatch.setenv("TETHER_STORE", f"sqlite:///{tmp_path}/t.db")
+    monkeypatch.delenv("TETHER_INDEX")
+    assert main(["pair-index"]) == 2
+    assert "pair-index is for a Resonate server store" in capsys.readouterr().err
+
+
+async def test_a_postgres_index_is_paired_too(fresh_pg_url, server, tmp_path):
+    store = await open_store(settings(server.url, index=fresh_pg_url, store_token=TOKEN), "p1")
+    try:
+        paired = await store.jobs.identity()
+    finally:
+        await store.close()
+    assert _pairings(server) == [("tether:index.1", "pending", paired)]
+    with pytest.raises(StoreConfigError, match=f"index with id {paired}"):
+        await _open(server, tmp_path / "local.db")
