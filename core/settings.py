@@ -30,13 +30,19 @@ WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
 def describe(url: str) -> str:
-    """`url` without credentials, fit for logs and errors."""
+    """`url` without credentials, fit for logs and errors: `user:password@`
+    and the whole `?query` (libpq takes `?password=`) masked, a `#fragment`
+    dropped."""
     parts = urlsplit(url)
+    if not (parts.password or parts.username or parts.query or parts.fragment):
+        return url
+    netloc = parts.netloc
     if parts.password or parts.username:
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://***@{host}{port}{parts.path}"
-    return url
+        netloc = f"***@{host}{port}"
+    query = "?***" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
 SECRET_FIELDS = (

@@ -183,28 +183,28 @@ class RemoteConnection:
             return resp.status, await resp.text()
 
     async def pairing(self) -> tuple[int, str | None]:
-        """Which job index this server is paired with: the generation of its
-        pairing and the index's id, or the generation a pairing would take
-        and None when it is paired with none.
+        """Which job index this server is paired with: the generation a new
+        pairing would take, and the paired index's id (None: none yet).
 
         The pairing is a chain of promises on the server, `tether:index.1`,
-        `tether:index.2`, ...: each made pending with the index's id as its
-        tag `tether:index`; the one pending is the pairing, those before it
-        were resolved by a re-pairing (`supersede`)."""
+        `tether:index.2`, ...: each made with an index's id as its tag
+        `tether:index`, the last one made is the pairing. A re-pairing makes
+        the next one first and only then resolves the one before (for a
+        reader; nothing depends on it), so a crash or a process starting in
+        between never finds the server paired with none."""
+        paired = None
         for generation in range(1, MAX_PAIRINGS + 1):
             promise = await self._pairing_call("promise.get", {"id": f"{PAIRING}.{generation}"})
             if promise is None:
-                return generation, None
-            if promise.get("state") == "pending":
-                return generation, self._paired_id(promise)
+                return generation, paired
+            paired = self._paired_id(promise)
         raise StoreConfigError(f"{self._where} was re-paired {MAX_PAIRINGS} times: refusing more")
 
-    async def pair(self, generation: int, index_id: str) -> str | None:
+    async def pair(self, generation: int, index_id: str) -> str:
         """Pair the server with the index `index_id` as pairing `generation`;
-        the id it is paired with then (another process's, if one got there
-        first), or None if that pairing was superseded meanwhile.
-        `promise.create` answers the promise already there, so processes
-        starting together agree on the first one made."""
+        the id it is paired with then: another process's, if one made that
+        pairing first (`promise.create` answers the promise already there, so
+        processes starting together agree on the first one made)."""
         create = {
             "id": f"{PAIRING}.{generation}",
             "timeoutAt": PAIRING_UNTIL,
@@ -212,11 +212,12 @@ class RemoteConnection:
             "tags": {PAIRING: index_id},
         }
         promise = await self._pairing_call("promise.create", create)
-        assert promise is not None  # a create answers the promise
-        return self._paired_id(promise) if promise.get("state") == "pending" else None
+        if promise is None:
+            raise StoreConfigError(f"{self._where} answered promise.create with 404")
+        return self._paired_id(promise)
 
     async def supersede(self, generation: int) -> None:
-        """End pairing `generation` (a re-pairing makes the next one)."""
+        """Mark pairing `generation` superseded (resolved) after a re-pairing."""
         value = {"headers": {}, "data": ""}
         settle = {"id": f"{PAIRING}.{generation}", "state": "resolved", "value": value}
         await self._pairing_call("promise.settle", settle)
@@ -382,23 +383,22 @@ async def _paired_index(
     jobs = await open_index(server)
     try:
         mine = await jobs.identity()
-        if theirs is not None and theirs != mine and force:
-            log.warning(
-                "the Resonate server at %s was paired with the job index %s; re-pairing it with"
-                " %s (id %s)",
-                describe(server.url),
-                theirs,
-                describe(index),
-                mine,
-            )
-            await server.supersede(generation)
-            generation, theirs = generation + 1, None
-        if theirs is None:
-            theirs = await server.pair(generation, mine)
-            if theirs is None:
+        if theirs is None or (theirs != mine and force):
+            before, theirs = theirs, await server.pair(generation, mine)
+            if before is not None and theirs == mine:
+                log.warning(
+                    "the Resonate server at %s was paired with the job index %s; it is now"
+                    " paired with %s (id %s)",
+                    describe(server.url),
+                    before,
+                    describe(index),
+                    mine,
+                )
+                await server.supersede(generation - 1)
+            elif before is not None:
                 raise StoreConfigError(
-                    f"the Resonate server at {describe(server.url)} was re-paired while this"
-                    " process started: start it again"
+                    f"the Resonate server at {describe(server.url)} was paired with the job"
+                    f" index with id {theirs} by another process meanwhile: nothing was changed"
                 )
         if theirs != mine:
             raise _not_paired(server, index, theirs, f"its id is {mine}")

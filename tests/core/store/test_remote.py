@@ -175,6 +175,9 @@ def test_the_index_and_the_token_never_show_in_the_settings():
     shown = repr(Settings(index="postgresql://u:pw@db/x", store_token="tok-123"))
     assert "pw" not in shown and "tok-123" not in shown
     assert "index='postgresql://***@db/x'" in shown and "store_token='***'" in shown
+    # libpq takes the password in the query too
+    shown = repr(Settings(index="postgresql://db:5432/x?user=u&password=pw&sslmode=require"))
+    assert "index='postgresql://db:5432/x?***'" in shown and "pw" not in shown
 
 
 async def test_a_request_waiting_for_a_gone_server_fails_soon_after_stop(
@@ -209,6 +212,12 @@ async def _open(server: StandIn, index: Path, **more: Any) -> RemoteStore:
     )
     assert isinstance(store, RemoteStore)
     return store
+
+
+async def _repair(server: StandIn, index: Path) -> RemoteStore:
+    """What `tether pair-index --force` opens."""
+    given = settings(server.url, index=f"sqlite:///{index}", store_token=TOKEN)
+    return await RemoteStore.open(given, "p", repair=True)
 
 
 async def _identity(server: StandIn, index: Path) -> str:
@@ -288,6 +297,72 @@ async def test_hosts_starting_together_with_different_indexes_pair_one(tmp_path,
             await store.close()
 
 
+async def test_every_process_of_one_host_opening_a_fresh_index_together_is_paired(tmp_path, server):
+    """`tether serve --workers N`: N processes open one new index at once; it
+    gets one id (the first insert wins), and every one of them is accepted."""
+    index = tmp_path / "jobs.db"
+    stores = await asyncio.gather(*(_open(server, index) for _ in range(4)))
+    try:
+        ids = {await store.jobs.identity() for store in stores}
+        assert len(ids) == 1
+        assert _pairings(server) == [("tether:index.1", "pending", ids.pop())]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_re_pairing_interrupted_after_its_new_pairing_keeps_it(
+    tmp_path, server, monkeypatch
+):
+    """`--force` makes the new pairing before it marks the old one
+    superseded: a crash in between leaves the server paired with the new
+    index, never with none (which the next process to start, of any index,
+    would take)."""
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    old_id = await _identity(server, old)
+
+    async def crash(self: RemoteConnection, generation: int) -> None:
+        raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(RemoteConnection, "supersede", crash)
+    with pytest.raises(ConnectionError):
+        await _repair(server, new)
+    monkeypatch.undo()
+    with pytest.raises(StoreConfigError, match=f"its id is {old_id}"):
+        await _open(server, old)
+    new_id = await _identity(server, new)
+    assert _pairings(server) == [
+        ("tether:index.1", "pending", old_id),
+        ("tether:index.2", "pending", new_id),
+    ]
+
+
+async def test_a_re_pairing_that_another_process_beat_changes_nothing(
+    tmp_path, server, monkeypatch
+):
+    first, second, third = (tmp_path / f"{n}.db" for n in ("first", "second", "third"))
+    first_id = await _identity(server, first)
+    real = RemoteConnection.pair
+    beat: list[str] = []
+
+    async def beaten(self: RemoteConnection, generation: int, index_id: str) -> str:
+        if not beat:  # another --force gets there first
+            beat.append(index_id)
+            store = await _repair(server, second)
+            await store.close()
+        return await real(self, generation, index_id)
+
+    monkeypatch.setattr(RemoteConnection, "pair", beaten)
+    with pytest.raises(StoreConfigError, match="by another process meanwhile: nothing was"):
+        await _repair(server, third)
+    monkeypatch.undo()
+    second_id = await _identity(server, second)
+    assert _pairings(server) == [
+        ("tether:index.1", "resolved", first_id),
+        ("tether:index.2", "pending", second_id),
+    ]
+
+
 def test_pair_index_checks_and_with_force_re_pairs(tmp_path, server, monkeypatch, capsys):
     """`tether pair-index` says which index the server is paired with;
     `--force` pairs it with TETHER_INDEX instead (an index that replaces a
@@ -313,7 +388,7 @@ def test_pair_index_checks_and_with_force_re_pairs(tmp_path, server, monkeypatch
     said = capsys.readouterr()
     new = asyncio.run(_identity(server, replacement))
     assert f"is paired with the job index sqlite:///{replacement} (id {new})" in said.out
-    assert f"was paired with the job index {old}; re-pairing it" in said.err
+    assert f"was paired with the job index {old}; it is now paired with" in said.err
     assert _pairings(server) == [
         ("tether:index.1", "resolved", old),
         ("tether:index.2", "pending", new),
