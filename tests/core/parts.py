@@ -105,9 +105,18 @@ class Logs(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(f"{record.levelname} {record.getMessage()}")
+        self.records.append(record)
+
+    def fields(self) -> list[tuple[str, str | None, str | None]]:
+        """Each line with the job and promise it names (`extra`; None: none)."""
+        return [
+            (r.getMessage(), getattr(r, "job_id", None), getattr(r, "promise_id", None))
+            for r in self.records
+        ]
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from resonate.connections.http import HttpConnection
@@ -27,7 +28,7 @@ from core.settle import (
     settled_value,
     store_call,
 )
-from core.store.jobs import JobRecord
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, open_parts
 
@@ -403,3 +404,135 @@ async def test_a_store_that_refuses_the_settle_is_unavailable():
             await runner.cleanup()
         assert raised.value.message == "the store refused the settle: disk on fire"
         assert (await parts.row("j")).state == "running"
+
+
+# ── what made the settle (`note`), attempts, the result's bound ──────────────
+
+
+def noting(said: list[str]) -> Any:
+    """A note recording each result it is asked about, as an event naming it."""
+
+    def note(result: str) -> NewEvent | None:
+        said.append(result)
+        return None if result == "duplicate" else NewEvent("callback", {"result": result})
+
+    return note
+
+
+async def types_and_results(parts: Parts, job_id: str = "j") -> list[tuple[str, Any]]:
+    _, events = await parts.jobs.events_after(job_id, 0, 100)
+    return [(e.type, e.data.get("result")) for e in events]
+
+
+async def test_the_note_of_the_settle_that_won_comes_before_finished(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    said: list[str] = []
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=noting(said))
+
+    assert (result, said) == ("accepted", ["accepted"])
+    assert (await types_and_results(parts))[-2:] == [("callback", "accepted"), ("finished", None)]
+    assert rec == await parts.row("j")
+
+
+async def test_the_note_of_a_settle_that_lost_comes_after_and_none_is_recorded_for_none(
+    parts: Parts,
+):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.settle("j", DONE, by="callback")
+    before = await types_and_results(parts)
+    said: list[str] = []
+
+    result, rec = await parts.settler.settle("j", OTHER, by="callback", note=noting(said))
+    assert result == "conflict"
+    assert await types_and_results(parts) == [*before, ("callback", "conflict")]
+    assert rec == await parts.row("j") and rec.events == len(before) + 1
+
+    assert (await parts.settler.settle("j", DONE, by="callback", note=noting(said)))[0] == (
+        "duplicate"
+    )
+    assert await types_and_results(parts) == [*before, ("callback", "conflict")]  # None: nothing
+    assert said == ["conflict", "conflict", "duplicate", "duplicate"]  # asked first, then after
+
+
+async def test_the_note_of_a_second_settle_of_an_unborn_promise_compares_with_the_index(
+    parts: Parts,
+):
+    await parts.add_job("j")
+    await parts.settler.settle("j", CANCELED, by="cancel")
+    said: list[str] = []
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=noting(said))
+
+    assert result == "gone"
+    assert said == ["accepted", "gone"]
+    assert (await types_and_results(parts))[-1] == ("callback", "gone")
+    assert rec == await parts.row("j")
+
+    said.clear()  # the same cancel again: it agrees with the index, so it counts as accepted
+    assert (await parts.settler.settle("j", CANCELED, by="x", note=noting(said)))[0] == "accepted"
+    assert said == ["accepted", "accepted"]
+
+
+async def test_a_queued_job_is_ended_in_the_index(parts: Parts):
+    await parts.add_job("j")
+    await parts.jobs.db.execute("UPDATE tether_jobs SET state = 'queued' WHERE id = 'j'", ())
+
+    result, rec = await parts.settler.settle("j", CANCELED, by="cancel")
+
+    assert (result, rec.state) == ("accepted", "canceled")
+
+
+async def test_a_settle_of_an_earlier_attempt_leaves_the_retried_job_alone(parts: Parts):
+    """Attempt 1's settle, late: the job is at attempt 2 (its promise not yet
+    made), so attempt 1's promise is settled and the row is left alone."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.settle("j", FAILED, by="callback")
+    again = NewEvent("retried", {"previous": {"state": "failed"}})
+    assert await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    said: list[str] = []
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=noting(said), attempt=1)
+    assert result == "conflict"
+    assert (rec.attempt, rec.state) == (2, "pending")
+    assert said == ["conflict"]  # no late note: the job is at another attempt
+
+    # attempt 2, whose promise is not born: ended in the index, as attempt 2
+    result, rec = await parts.settler.settle("j", FAILED, by="trigger", attempt=2)
+    assert (result, rec.attempt, rec.state) == ("accepted", 2, "failed")
+    # and attempt 2's settle of its unborn promise is gone once the job moved on
+    assert await parts.jobs.retry("j", 2, now_ms() + 60_000, now_ms(), again)
+    result, rec = await parts.settler.settle("j", CANCELED, by="cancel", attempt=2)
+    assert (result, rec.attempt, rec.state) == ("gone", 3, "pending")
+
+
+async def test_a_settle_of_attempt_two_settles_its_own_promise(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.settle("j", FAILED, by="callback")
+    again = NewEvent("retried", {"previous": {"state": "failed"}})
+    await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    second = callback_promise_id("j", 2)
+    await parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback")  # the attempt it is at
+
+    assert (result, rec.attempt, rec.state) == ("accepted", 2, "succeeded")
+    assert (await parts.resonate.promises.get(second)).value.data["status"] == "succeeded"
+    assert (await parts.promise("j")).value.data["status"] == "failed"
+
+
+async def test_every_outcome_is_cut_to_the_result_bound_before_it_is_stored(parts: Parts):
+    settler = Settler(parts.resonate, parts.jobs, max_result_bytes=64)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    big = Outcome(status="succeeded", result={"rows": "x" * 1000})
+
+    result, rec = await settler.settle("j", big, by="callback")
+
+    assert result == "accepted"
+    assert rec.result != big.result and len(msgspec.json.encode(rec.result)) < 1000
+    assert (await parts.promise("j")).value.data["result"] == rec.result

@@ -52,6 +52,7 @@ class Scripted(Backend):
         self.canceled: list[Job] = []
         self.cancel_error: Exception | None = None
         self.during: Callable[[Trigger], Awaitable[None]] | None = None
+        self.reruns: list[tuple[Trigger, Job]] = []
 
     def check_interval(self, params: ScriptedParams) -> float | None:
         return params.interval
@@ -64,6 +65,13 @@ class Scripted(Backend):
         if isinstance(answer, BaseException):
             raise answer
         return answer
+
+    async def rerun(self, trigger: Trigger, previous: Job) -> Any:
+        self.reruns.append((trigger, previous))
+        return {"run": 2}
+
+    def run_keys(self, external: Any) -> list[str]:
+        return [f"run-{external['run']}"] if "run" in external else []
 
     async def cancel(self, job: Job) -> None:
         self.canceled.append(job)
@@ -273,6 +281,7 @@ async def test_a_trigger_that_comes_back_after_a_retry_leaves_the_next_attempt_a
 
     rec = await rig.parts.row("j")
     assert (rec.attempt, rec.state, rec.external) == (2, "pending", None)
+    assert (await rig.parts.promise("j")).state == "pending"  # not settled from attempt 2's row
 
 
 @pytest.mark.parametrize("ended_settled", [True, False])
@@ -288,7 +297,8 @@ async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_
     await rig.parts.jobs.set_external("j", {"run": 1}, now_ms(), None)
     await rig.parts.jobs.finish("j", CANCELED, now_ms())  # the row alone
 
-    await rig.steps.trigger("j", "j:1", 1, ended_settled=ended_settled)
+    given = {} if ended_settled else {"ended_settled": False}  # True is the default
+    await rig.steps.trigger("j", "j:1", 1, **given)
 
     assert rig.backend.triggers == []
     promise = await rig.parts.promise("j")
@@ -597,3 +607,238 @@ async def test_finish_with_an_unreadable_value_fails_the_job(rig: Rig):
     await rig.parts.add_job("j", state="running")
     await rig.steps.finish("j", "garbage")
     assert (await rig.parts.row("j")).error == ErrorInfo("unreadable outcome", "tether")
+
+
+# ── what a trigger records and says ──────────────────────────────────────────
+
+
+async def history(rig: Rig, job_id: str = "j") -> list[tuple[str, dict[str, Any]]]:
+    _, events, _ = await rig.parts.jobs.history(job_id, 0, 100)
+    return [(e.type, e.data) for e in events]
+
+
+async def test_each_failed_try_and_the_trigger_are_in_the_history(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), KeyError("k"), {"run": 7}]
+    await rig.steps.trigger("j", "j:1")
+
+    assert (await history(rig))[-3:] == [
+        ("trigger_failed", {"try": 1, "error": {"type": "busy", "message": "a"}, "retry_in": 0.5}),
+        (
+            "trigger_failed",
+            {"try": 2, "error": {"type": "KeyError", "message": "KeyError: 'k'"}, "retry_in": 1.0},
+        ),
+        ("triggered", {"try": 3, "external": {"run": 7}}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answers", "error"),
+    [
+        ([BackendError("nope")], {"type": "backend", "message": "nope"}),
+        ([retryable("x")] * 3 + [OSError("down")], {"type": "OSError", "message": "OSError: down"}),
+    ],
+)
+async def test_the_last_failed_try_is_recorded_with_no_retry(rig: Rig, answers, error):
+    await start(rig)
+    rig.backend.answers = list(answers)
+    await rig.steps.trigger("j", "j:1")
+    tries = len(answers)
+    assert (await history(rig))[-2] == (
+        "trigger_failed",
+        {"try": tries, "error": error, "retry_in": None},
+    )
+    assert (await history(rig))[-1][0] == "finished"
+
+
+async def test_the_heartbeat_is_due_its_timeout_after_the_trigger(rig: Rig):
+    await start(rig)
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_timeout = 30 WHERE id = 'j'", ()
+    )
+    before = now_ms()
+    await rig.steps.trigger("j", "j:1")
+    due = (await rig.parts.row("j")).heartbeat_due
+    assert due is not None and before + 30_000 <= due <= now_ms() + 30_000
+
+
+async def test_a_job_without_a_heartbeat_timeout_has_no_heartbeat_due(rig: Rig):
+    await start(rig)
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).heartbeat_due is None
+
+
+async def test_the_runs_keys_are_indexed_with_its_receipt(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [{"run": 7}]
+    await rig.steps.trigger("j", "j:1")
+    found = await rig.parts.jobs.jobs_of_run_keys("scripted", ["run-7"])
+    assert [(key, rec.id) for key, rec in found] == [("run-7", "j")]
+
+
+async def test_every_line_of_a_trigger_and_a_finish_names_its_job_and_promise(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+        await rig.steps.finish("j", {"status": "canceled"})
+    assert logs.fields() == [
+        ("job j: trigger attempt 1/4 failed (a); again in 0.5s", "j", "j:1"),
+        ("job j triggered", "j", "j:1"),
+        ("job j finished: canceled", "j", None),
+    ]
+
+    await rig.parts.add_job("k", state="running", external={"run": 1})
+    rig.backend.cancel_error = RuntimeError("boom")
+    await rig.parts.add_promise("f")
+    await rig.parts.add_job("f")
+    rig.backend.answers = [BackendError("no")]
+    with logs_of("tether") as logs:
+        await rig.steps.finish("k", {"status": "canceled"})
+        await rig.steps.trigger("f", "f:1")
+    assert logs.fields()[0] == (
+        "job k: cancelling the external run failed: RuntimeError",
+        "k",
+        None,
+    )
+    assert ("job f: trigger failed: no", "f", "f:1") in logs.fields()
+
+
+# ── attempts ─────────────────────────────────────────────────────────────────
+
+
+async def retried(rig: Rig, previous: dict[str, Any]) -> None:
+    """Job j, its attempt ended as `previous` says, retried: at the next attempt."""
+    attempt = (await rig.parts.row("j")).attempt
+    await rig.parts.jobs.finish("j", Outcome(status=previous["state"]), now_ms())
+    again = NewEvent("retried", {"previous": previous})
+    assert await rig.parts.jobs.retry("j", attempt, now_ms() + 60_000, now_ms(), again)
+
+
+async def test_attempt_two_reruns_with_the_job_as_attempt_one_ended(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    ended = {"state": "failed", "external": {"run": 1}, "error": {"message": "m", "type": "t"}}
+    await retried(rig, ended)
+    second = callback_promise_id("j", 2)
+    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    await rig.steps.trigger("j", second, 2)
+
+    assert rig.backend.triggers == []
+    [(trigger, previous)] = rig.backend.reruns
+    assert (trigger.job.attempt, trigger.promise_id) == (2, second)
+    assert trigger.callback_url == SIGNER.url(second)
+    assert (previous.attempt, previous.state, previous.external, previous.error) == (
+        1,
+        "failed",
+        {"run": 1},
+        ErrorInfo("m", "t"),
+    )
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
+
+
+async def test_a_trigger_of_an_attempt_that_is_over_cancels_its_promise(rig: Rig):
+    """Attempt 1's workflow, resumed after the job was retried: its promise
+    is settled canceled (so the workflow ends) and nothing is triggered."""
+    await start(rig)
+    await retried(rig, {"state": "canceled"})
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", 1)
+
+    assert rig.backend.triggers == [] and rig.backend.reruns == []
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("canceled", "index")
+    assert value["error"] == {"message": "attempt 1 was replaced", "type": "superseded"}
+    assert logs.fields() == [("job j: attempt 1 is over", "j", None)]
+    assert (await rig.parts.row("j")).attempt == 2
+
+
+async def test_a_trigger_that_fails_after_a_retry_fails_its_own_attempt_only(rig: Rig):
+    await start(rig)
+
+    async def ended_and_retried(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled"})
+
+    rig.backend.during = ended_and_retried
+    rig.backend.answers = [BackendError("refused", code="nope")]
+    await rig.steps.trigger("j", "j:1", 1)
+
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.error) == (2, "pending", None)
+    assert (await rig.parts.promise("j")).value.data["status"] == "failed"  # attempt 1's
+
+
+async def test_a_job_retried_and_ended_again_between_tries_leaves_attempt_one_alone(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+
+    async def sleep(seconds: float) -> None:
+        await retried(rig, {"state": "canceled"})
+        await rig.parts.jobs.finish("j", Outcome(status="failed"), now_ms())  # attempt 2
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1", 1)
+
+    assert len(rig.backend.triggers) == 1
+    assert (await rig.parts.promise("j")).state == "pending"  # not attempt 2's outcome
+
+
+async def test_a_row_deleted_between_tries_ends_the_trigger(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+
+    async def sleep(seconds: float) -> None:
+        await rig.parts.jobs.db.execute("DELETE FROM tether_jobs WHERE id = 'j'", ())
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1
+
+
+async def test_finish_of_an_attempt_that_is_over_does_nothing(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await retried(rig, {"state": "canceled"})
+    await rig.steps.finish("j", {"status": "succeeded"}, attempt=1)
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state) == (2, "pending")
+    assert rig.plugin.finished == [] and rig.backend.canceled == []
+
+
+@pytest.mark.parametrize(("by", "noted"), [("store", True), ("watchdog", False)])
+async def test_a_timeout_by_the_store_is_recorded_as_such(rig: Rig, by: str, noted: bool):
+    """The store timed the promise out (no watchdog got there): the finish
+    records the `timed_out` event the watchdog would have."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.steps.finish("j", {"status": "timed_out", "by": by})
+    events = await history(rig)
+    assert events[-1][0] == "finished"
+    assert (("timed_out", {"by": "store"}) in events) is noted
+
+
+async def test_attempt_three_reruns_with_attempt_two_as_it_ended(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await retried(rig, {"state": "failed", "external": {"run": 1}})
+    await retried(rig, {"state": "timed_out", "external": {"run": 2}})
+    third = callback_promise_id("j", 3)
+    await rig.parts.resonate.promises.create(third, now_ms() + 60_000, Value(data=None), {})
+
+    await rig.steps.trigger("j", third, 3)
+
+    [(_, previous)] = rig.backend.reruns
+    assert (previous.attempt, previous.state, previous.external) == (2, "timed_out", {"run": 2})
+
+
+async def test_an_attempt_whose_retried_event_is_gone_reruns_after_a_failure(rig: Rig):
+    """The history keeps a job's first events and its last ones: should the
+    `retried` event be gone, the previous attempt counts as failed."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await retried(rig, {"state": "canceled", "external": {"run": 1}})
+    await rig.parts.jobs.db.execute("DELETE FROM tether_events WHERE job_id = 'j'", ())
+    second = callback_promise_id("j", 2)
+    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    await rig.steps.trigger("j", second, 2)
+
+    [(_, previous)] = rig.backend.reruns
+    assert (previous.attempt, previous.state, previous.external) == (1, "failed", None)

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import ANY
 
 import msgspec
 import pytest
@@ -16,11 +17,11 @@ import pytest
 import core.watchdog
 from core.errors import InvalidRequest
 from core.hookspecs import Backend
-from core.models import ErrorInfo, Job, Outcome
+from core.models import ErrorInfo, Job, Outcome, Running
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import Settings
-from core.store.jobs import JobRecord, now_ms
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.views import view
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
 from core.workflow import ROOT_GRACE_MS
@@ -43,14 +44,14 @@ class Checked(Backend):
     params_type = CheckParams
 
     def __init__(self) -> None:
-        self.found: dict[str, Outcome | None] = {}
+        self.found: dict[str, Outcome | Running | None] = {}
         self.asked: list[Job] = []
         self.before: Callable[[Job], Awaitable[None]] | None = None
 
     def check_interval(self, params: CheckParams) -> float | None:
         return params.interval
 
-    async def check_status(self, job: Job) -> Outcome | None:
+    async def check_status(self, job: Job) -> Outcome | Running | None:
         self.asked.append(job)
         if self.before is not None:
             await self.before(job)
@@ -484,3 +485,256 @@ async def test_when_promises_cannot_be_deleted_no_job_row_goes(rig: Rig, monkeyp
     with pytest.raises(InvalidRequest, match="cannot delete promises"):
         await collect_garbage(rig.parts.store, MIN_RETENTION)
     assert await rig.parts.jobs.get("old") is not None
+
+
+# ── what the watchdog records and says ───────────────────────────────────────
+
+
+async def history(rig: Rig, job_id: str = "j") -> list[tuple[str, dict[str, Any]]]:
+    _, events, _ = await rig.parts.jobs.history(job_id, 0, 100)
+    return [(e.type, e.data) for e in events]
+
+
+async def test_a_timeout_is_recorded_before_finished_and_logged_with_the_job(rig: Rig):
+    rec = await rig.parts.add_job("j", backend="checked", timeout=1.5)
+    await rig.parts.add_promise("j")
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, rec.deadline)
+    assert (await history(rig))[-2:] == [("timed_out", {"timeout": 1.5}), ("finished", ANY)]
+    assert logs.fields() == [("job j timed out", "j", None)]
+
+
+async def test_a_timeout_that_lost_records_nothing(rig: Rig):
+    rec = await rig.parts.add_job("j", backend="checked", timeout=60)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", DONE, by="callback")
+    before = await history(rig)
+    await rig.watchdog.look_at(rec, rec.deadline)
+    assert await history(rig) == before
+
+
+async def test_a_stale_look_at_an_earlier_attempt_leaves_the_retried_job_alone(rig: Rig):
+    """Read at attempt 1 past its deadline; meanwhile the job ended and was
+    retried: the timeout is attempt 1's only."""
+    rec = await rig.parts.add_job("j", backend="checked", timeout=60)
+    await rig.parts.add_promise("j")
+    await rig.parts.settler.settle("j", Outcome(status="failed"), by="callback")
+    again = NewEvent("retried", {"previous": {"state": "failed"}})
+    assert await rig.parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    await rig.watchdog.look_at(rec, rec.deadline)
+    row = await rig.parts.row("j")
+    assert (row.attempt, row.state) == (2, "pending")
+
+
+async def test_a_check_that_found_the_run_ended_is_recorded_and_logged(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.parts.add_promise("j")
+    rig.backend.found["j"] = DONE
+    with logs_of("tether") as logs:
+        await rig.watchdog.look_at(rec, now)
+    assert (await history(rig))[-2:] == [
+        ("status_check", {"said": "ended", "status": "succeeded"}),
+        ("finished", ANY),
+    ]
+    assert logs.fields() == [("job j succeeded (found by status check)", "j", None)]
+
+
+async def test_a_check_that_lost_is_recorded_after_the_end(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.parts.add_promise("j")
+
+    async def callback_first(job: Job) -> None:  # the callback comes during the check
+        await rig.parts.settler.settle("j", DONE, by="callback")
+
+    rig.backend.before = callback_first
+    rig.backend.found["j"] = Outcome(status="failed")
+    await rig.watchdog.look_at(rec, now)
+    assert (await history(rig))[-2:] == [
+        ("finished", ANY),
+        ("status_check", {"said": "ended", "status": "failed"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("found", "said", "external"),
+    [
+        (None, {"said": "unknown"}, {"run": "j"}),
+        (Running(progress={"pct": 40}), {"said": "running", "progress": {"pct": 40}}, {"run": "j"}),
+        (
+            Running(external={"state": "RUNNING"}),
+            {"said": "running"},
+            {"run": "j", "state": "RUNNING"},
+        ),
+    ],
+)
+async def test_a_check_that_found_the_run_going_is_recorded_with_what_it_learnt(
+    rig: Rig, found: Running | None, said: dict[str, Any], external: dict[str, Any]
+):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    rig.backend.found["j"] = found
+    await rig.watchdog.look_at(rec, now)
+    assert (await history(rig))[-1] == ("status_check", said)
+    row = await rig.parts.row("j")
+    assert (row.state, row.external) == ("running", external)
+
+
+async def test_a_missed_heartbeat_is_looked_at_before_any_status_check(rig: Rig):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now + 60_000)
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_timeout = 5, heartbeat_due = ? WHERE id = 'j'", (now,)
+    )
+    rec = await rig.parts.row("j")
+    rig.backend.found["j"] = Running()
+    await rig.watchdog.look_at(rec, now)
+    assert (await history(rig))[-1] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "running"},
+    )
+    row = await rig.parts.row("j")
+    assert (row.state, row.heartbeat_due) == ("running", now + 5000)
+    assert row.next_check_at == now + 60_000  # no status check made of it
+
+
+async def test_a_heartbeat_due_later_is_not_missed(rig: Rig):
+    now = now_ms()
+    await rig.running("j", next_check_at=now)
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_timeout = 5, heartbeat_due = ? WHERE id = 'j'",
+        (now + 1,),
+    )
+    await rig.watchdog.look_at(await rig.parts.row("j"), now)
+    assert (await rig.parts.row("j")).heartbeat_due == now + 1
+    assert (await history(rig))[-1] == ("status_check", {"said": "unknown"})  # checked instead
+
+
+# ── a missed heartbeat ───────────────────────────────────────────────────────
+
+
+async def beating(rig: Rig, *, external: bool = True, due_in: int = 0) -> JobRecord:
+    """Running job j with a 5 s heartbeat timeout, its heartbeat due `due_in`
+    ms from now; `external`: it was triggered (else pending, never started)."""
+    now = now_ms()
+    if external:
+        await rig.running("j", next_check_at=now + 60_000)
+    else:
+        await rig.parts.add_job("j", backend="checked", timeout=3600)
+    await rig.parts.add_promise("j")
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_timeout = 5, heartbeat_due = ? WHERE id = 'j'",
+        (now + due_in,),
+    )
+    return await rig.parts.row("j")
+
+
+async def test_a_missed_heartbeat_whose_run_goes_on_learns_what_changed(rig: Rig):
+    rec = await beating(rig)
+    rig.backend.found["j"] = Running(progress=7, external={"state": "UP"})
+    await rig.watchdog.heartbeat_missed(rec, now_ms())
+    assert (await history(rig))[-1] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "running", "progress": 7},
+    )
+    row = await rig.parts.row("j")
+    assert (row.state, row.external) == ("running", {"run": "j", "state": "UP"})
+
+
+async def test_a_missed_heartbeat_whose_check_fails_waits_on(rig: Rig):
+    rec = await beating(rig)
+
+    async def broken(job: Job) -> None:
+        raise RuntimeError("the workspace is down")
+
+    rig.backend.before = broken
+    now = now_ms()
+    with logs_of("tether") as logs:
+        await rig.watchdog.heartbeat_missed(rec, now)
+    assert (await history(rig))[-1] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "error", "error_type": "RuntimeError"},
+    )
+    row = await rig.parts.row("j")
+    assert (row.state, row.heartbeat_due) == ("running", now + 5000)
+    assert logs.fields() == [
+        ("job j: no heartbeat, and the status check failed: RuntimeError", "j", None)
+    ]
+
+
+async def test_a_missed_heartbeat_whose_check_hangs_waits_on(rig: Rig, monkeypatch):
+    monkeypatch.setattr(core.watchdog, "HEARTBEAT_CHECK_TIMEOUT", 0.05)
+    rec = await beating(rig)
+
+    async def hangs(job: Job) -> None:
+        await asyncio.sleep(10)
+
+    rig.backend.before = hangs
+    await rig.watchdog.heartbeat_missed(rec, now_ms())
+    assert (await history(rig))[-1][1] == {
+        "heartbeat_timeout": 5.0,
+        "said": "error",
+        "error_type": "TimeoutError",
+    }
+
+
+@pytest.mark.parametrize("external", [True, False])
+async def test_a_missed_heartbeat_nobody_can_explain_times_the_job_out(rig: Rig, external: bool):
+    """The backend cannot tell (None), or the job never started (nothing to ask)."""
+    rec = await beating(rig, external=external)
+    with logs_of("tether") as logs:
+        await rig.watchdog.heartbeat_missed(rec, now_ms())
+    row = await rig.parts.row("j")
+    assert (row.state, row.error) == (
+        "timed_out",
+        ErrorInfo(
+            message="no heartbeat within 5 seconds, and its backend cannot tell whether the"
+            " run is still going",
+            type="heartbeat_timeout",
+        ),
+    )
+    assert (await history(rig))[-2:] == [
+        ("heartbeat_missed", {"heartbeat_timeout": 5.0, "said": "unknown"}),
+        ("finished", ANY),
+    ]
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("timed_out", "heartbeat")
+    assert logs.fields() == [("job j timed_out (no heartbeat within 5s)", "j", None)]
+    assert len(rig.backend.asked) == (1 if external else 0)
+
+
+async def test_a_missed_heartbeat_of_a_run_that_ended_ends_the_job_so(rig: Rig):
+    rec = await beating(rig)
+    rig.backend.found["j"] = DONE
+    await rig.watchdog.heartbeat_missed(rec, now_ms())
+    row = await rig.parts.row("j")
+    assert (row.state, row.result) == ("succeeded", {"rows": 3})
+    assert (await history(rig))[-2] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "ended", "status": "succeeded"},
+    )
+
+
+async def test_a_missed_heartbeat_that_lost_to_a_callback_records_and_logs_nothing(rig: Rig):
+    rec = await beating(rig)
+
+    async def callback_first(job: Job) -> None:
+        await rig.parts.settler.settle("j", Outcome(status="failed"), by="callback")
+
+    rig.backend.before = callback_first
+    with logs_of("tether") as logs:
+        await rig.watchdog.heartbeat_missed(rec, now_ms())
+    assert (await rig.parts.row("j")).state == "failed"
+    assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 0
+    assert logs.lines == []
+
+
+async def test_a_miss_another_process_or_a_heartbeat_took_is_left_alone(rig: Rig):
+    rec = await beating(rig)
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_due = heartbeat_due + 1 WHERE id = 'j'", ()
+    )
+    await rig.watchdog.heartbeat_missed(rec, now_ms())
+    assert rig.backend.asked == []
+    assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 0
