@@ -156,17 +156,20 @@ def authenticate(settings: NotifySettings, notice: Notice) -> None:
 def run_id(value: Any, where: str) -> str:
     """A run id as its key: the number's decimal digits. Databricks sends ids
     as numbers or as strings of digits."""
+    too_long = ValueError(f"`{where}` has more than {MAX_ID_DIGITS} digits: not a run id")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value >= 10**MAX_ID_DIGITS:  # (str() of a huge int is refused by Python itself)
+            raise too_long
         text = str(value)
     elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        text = str(int(value.strip()))
+        text = value.strip().lstrip("0") or "0"  # its digits, as int() would, at any length
     else:
         raise ValueError(
             f"`{where}` must be a run id (a whole number, or a string of digits), not"
             f" {type(value).__name__}"
         )
     if len(text) > MAX_ID_DIGITS:
-        raise ValueError(f"`{where}` has more than {MAX_ID_DIGITS} digits: not a run id")
+        raise too_long
     return text
 
 
