@@ -172,6 +172,11 @@ async def test_a_check_that_finds_the_run_ended_settles_the_job(rig: Rig):
     value = (await rig.parts.promise("j")).value.data
     assert value["by"] == "status_check"
     assert logs.lines == ["INFO job j succeeded (found by status check)"]
+    assert logs.fields()[0][1:] == ("j", None)
+    assert (await history(rig))[-2:] == [
+        ("status_check", {"said": "ended", "status": "succeeded"}),
+        ("finished", ANY),
+    ]
 
 
 async def test_a_check_that_lost_to_a_callback_is_not_logged(rig: Rig):
@@ -524,20 +529,6 @@ async def test_a_stale_look_at_an_earlier_attempt_leaves_the_retried_job_alone(r
     await rig.watchdog.look_at(rec, rec.deadline)
     row = await rig.parts.row("j")
     assert (row.attempt, row.state) == (2, "pending")
-
-
-async def test_a_check_that_found_the_run_ended_is_recorded_and_logged(rig: Rig):
-    now = now_ms()
-    rec = await rig.running("j", next_check_at=now)
-    await rig.parts.add_promise("j")
-    rig.backend.found["j"] = DONE
-    with logs_of("tether") as logs:
-        await rig.watchdog.look_at(rec, now)
-    assert (await history(rig))[-2:] == [
-        ("status_check", {"said": "ended", "status": "succeeded"}),
-        ("finished", ANY),
-    ]
-    assert logs.fields() == [("job j succeeded (found by status check)", "j", None)]
 
 
 async def test_a_check_that_lost_is_recorded_after_the_end(rig: Rig):
