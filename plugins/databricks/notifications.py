@@ -100,7 +100,8 @@ class NotifySettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def configured(self) -> bool:
-        return bool(self.notify_user or self.notify_token)
+        """Some credential is set: basic auth (user and password, both) or a token."""
+        return bool((self.notify_user and self.notify_password) or self.notify_token)
 
 
 def _digest(value: str) -> bytes:

@@ -223,7 +223,10 @@ def with_outputs(
         return Outcome(status="succeeded", result=values or None)
     if outcome.status != "failed" or outcome.error is None:
         return outcome
-    failed = [_failure(t, outputs.get(t.run_id) if t.run_id else None) for t in failed_tasks(tasks)]
+    failed = [
+        _failure(t, outputs.get(t.run_id) if t.run_id is not None else None)
+        for t in failed_tasks(tasks)
+    ]
     if not failed:
         return outcome
     result = {**outcome.result, "failed_tasks": failed}

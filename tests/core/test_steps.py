@@ -501,6 +501,8 @@ async def test_the_token_never_reaches_an_error_or_the_log(rig: Rig):
     assert TOKEN not in "\n".join(logs.lines)
     assert f"(echoed {BASE}/callbacks/j%3A1?token=***)" in logs.lines[0]
     assert TOKEN not in str((await rig.parts.promise("j")).value.data)
+    tried = await history(rig)  # the trigger_failed events
+    assert TOKEN not in str(tried) and "token=***" in str(tried)
 
 
 async def test_the_token_is_scrubbed_from_the_last_exception(rig: Rig):

@@ -116,6 +116,8 @@ def test_settings_configured_by_basic_auth_or_token():
     assert BOTH.configured is True
     # A password alone (from_env refuses it) configures nothing.
     assert NotifySettings(notify_password=PASSWORD).configured is False
+    # a user without a password is no credential (from_env refuses it; built in code, too)
+    assert NotifySettings(notify_user="u").configured is False
 
 
 def test_settings_repr_masks_secrets_but_shows_the_user():

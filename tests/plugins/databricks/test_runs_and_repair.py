@@ -416,6 +416,12 @@ def test_a_failed_task_without_a_run_id_has_no_output_read():
     assert got.result["failed_tasks"] == [{"task_key": "a", "run_id": None, "code": "DRIVER_ERROR"}]
 
 
+def test_a_failed_task_whose_run_id_is_zero_has_its_output_read():
+    """0 is an id like any other (as everywhere else in the plugin)."""
+    got = with_outputs(failed(), [task("a", 0, "DRIVER_ERROR")], {0: output(error="OOM")})
+    assert got.result["failed_tasks"][0]["error"] == "OOM"
+
+
 # ── the failure of one task, and its line in the error message ──────────────
 
 
@@ -617,10 +623,13 @@ def put_run(
 
 
 async def repair(
-    known: int | None = None, promise_id: str = "j:2", parameters: dict[str, Any] = PARAMS
+    known: int | None = None,
+    promise_id: str = "j:2",
+    parameters: dict[str, Any] = PARAMS,
+    settings: DatabricksSettings = SETTINGS,
 ) -> dict[str, Any]:
     return await repairs.repair(
-        Workspace(SETTINGS), RUN_ID, known, promise_id, parameters, "the-secret"
+        Workspace(settings), RUN_ID, known, promise_id, parameters, "the-secret"
     )
 
 
@@ -772,13 +781,13 @@ async def test_a_refusal_with_no_repair_since_the_known_one_is_not_repaired(
 
 async def test_a_retryable_repair_failure_is_raised_as_it_is(workspace: FakeWorkspace):
     put_run(workspace)
-    workspace.fail(REPAIR, 503, "TEMPORARILY_UNAVAILABLE", "busy")
+    workspace.fail(REPAIR, 503, "TEMPORARILY_UNAVAILABLE", "busy with the-secret")
     with pytest.raises(BackendError) as raised:
         await repair()
     assert (raised.value.retryable, raised.value.code, raised.value.message) == (
         True,
         "TEMPORARILY_UNAVAILABLE",
-        "busy",
+        "busy with ***",
     )
     assert len(workspace.calls(GET_RUN, "GET")) == 1  # not looked for: the next try will
 
@@ -788,7 +797,8 @@ async def test_a_repair_whose_answer_was_lost_is_found_not_made_again(
 ):
     run = put_run(workspace)
     dropped = workspace.drop(REPAIR)  # made; the SDK sends it again and is refused
-    external = await repair()
+    # the SDK's own backoff (~1.6 s) runs inside retry_timeout: room for a loaded machine
+    external = await repair(settings=DatabricksSettings(retry_timeout=30, http_timeout=5))
     assert dropped.reached.is_set()
     assert len(workspace.calls(REPAIR)) == 2
     assert [r["type"] for r in run.repairs] == ["ORIGINAL", "REPAIR"]
