@@ -158,9 +158,9 @@ class RemoteConnection:
         try:
             http_status, text = await self._ask("promise.get", {"id": PROBE_ID})
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            reason = "" if isinstance(exc, TimeoutError) else str(exc)
-            return f"{where} did not answer: {reason or type(exc).__name__}"
-        status = _protocol_status(text, "promise.get")
+            return self._unanswered(exc)
+        answer = _protocol_answer(text, "promise.get")
+        status = None if answer is None else answer[0]
         if http_status in (401, 403) or status in (401, 403):
             given = "TETHER_STORE_TOKEN was refused" if self._token else "set TETHER_STORE_TOKEN"
             return f"{where} refused Tether ({status or http_status}, unauthorized): {given}"
@@ -226,6 +226,11 @@ class RemoteConnection:
     def _where(self) -> str:
         return f"the Resonate server at {describe(self.url)}"
 
+    def _unanswered(self, exc: BaseException) -> str:
+        """What to say of a request `_ask` could not make (a timeout says only so)."""
+        reason = "" if isinstance(exc, TimeoutError) else str(exc)
+        return f"{self._where} did not answer: {reason or type(exc).__name__}"
+
     def _paired_id(self, promise: dict[str, Any]) -> str:
         paired = (promise.get("tags") or {}).get(PAIRING)
         if not isinstance(paired, str):
@@ -240,8 +245,7 @@ class RemoteConnection:
         try:
             http_status, text = await self._ask(kind, data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            reason = ("" if isinstance(exc, TimeoutError) else str(exc)) or type(exc).__name__
-            raise StoreConfigError(f"{self._where} did not answer: {reason}") from None
+            raise StoreConfigError(self._unanswered(exc)) from None
         answer = _protocol_answer(text, kind)
         if answer is not None and answer[0] == 404:
             return None
@@ -266,12 +270,6 @@ def _protocol_answer(text: str, kind: str) -> tuple[int, dict[str, Any]] | None:
     if not isinstance(status, int):
         return None
     return status, data if isinstance(data, dict) else {}
-
-
-def _protocol_status(text: str, kind: str) -> int | None:
-    """`head.status` of a protocol response to `kind`, or None when `text` is not one."""
-    answer = _protocol_answer(text, kind)
-    return None if answer is None else answer[0]
 
 
 def server_url(store: str) -> str:
