@@ -85,7 +85,12 @@ class Health:
             self._task = None
 
     async def refresh(self) -> None:
-        """Check every backend (at once) and count the missing ones' jobs."""
+        """Check every backend (at once) and count the missing ones' jobs; ask
+        the store as `/health` does, so that what the store's check acts on
+        (a Resonate server paired with another index: `core.store.remote`)
+        is found with no probe asking."""
+        with contextlib.suppress(Exception):  # /health says so when it is asked
+            await self.jobs.ping()
         names = list(self.plugins.backends)
         found = await asyncio.gather(*(check(self.plugins.backends[n]) for n in names))
         for name, readiness in zip(names, found, strict=True):

@@ -99,6 +99,8 @@ class RemoteConnection:
         self._token = token
         self._winding_down: asyncio.Task[None] | None = None
         self._probes: aiohttp.ClientSession | None = None
+        self._unpaired = ""
+        """Why this host stopped taking work (`still_paired`), or ''."""
 
     def __repr__(self) -> str:
         return f"RemoteConnection(url={self.url!r}, group={self.group!r}, pid={self.pid!r})"
@@ -151,6 +153,32 @@ class RemoteConnection:
         problem = await self._probe()
         if problem:
             raise StoreUnavailable(problem)
+
+    async def still_paired(self, mine: str) -> None:
+        """The health check's look at the pairing, which `open` checked once:
+        `StoreUnavailable` when the server is paired with an index other than
+        `mine` (re-paired by `tether pair-index --force` while this host ran,
+        or its pairing gone with its database). This host would take
+        workflows whose jobs it cannot see, so the first time it is seen it is
+        logged as an error and the host stops receiving work (the message
+        stream is closed; workflows it holds wait for a restart), and it stays
+        unhealthy until it is restarted, with the server's `TETHER_INDEX`."""
+        if not self._unpaired:
+            try:
+                _, theirs = await self.pairing()
+            except StoreConfigError as exc:
+                raise StoreUnavailable(str(exc)) from None
+            if theirs == mine:
+                return
+            now = "with no job index" if theirs is None else f"with the job index with id {theirs}"
+            self._unpaired = (
+                f"{self._where} is now paired {now}, not with this host's TETHER_INDEX"
+                f" (id {mine}): this host no longer takes work; restart it with the"
+                " server's TETHER_INDEX (docs/operations.md)"
+            )
+            log.error("%s", self._unpaired)
+            await self.sse.stop()
+        raise StoreUnavailable(self._unpaired)
 
     async def _probe(self) -> str:
         """Ask the server for one promise; what is wrong with the answer, or ''."""
@@ -456,7 +484,7 @@ class SqliteIndexBeside(SqliteIndex):
 
     async def ping(self) -> None:
         await super().ping()
-        await self.server.ping()
+        await _ping_beside(self, self.server)
 
 
 class PostgresIndexBeside(SqlJobIndex):
@@ -469,7 +497,14 @@ class PostgresIndexBeside(SqlJobIndex):
 
     async def ping(self) -> None:
         await super().ping()
-        await self.server.ping()
+        await _ping_beside(self, self.server)
+
+
+async def _ping_beside(index: SqlJobIndex, server: RemoteConnection) -> None:
+    """The health check of an index beside a Resonate server: the server
+    answers, and is still paired with this index."""
+    await server.ping()
+    await server.still_paired(await index.identity())
 
 
 async def _sqlite_index(path: Path, server: RemoteConnection) -> SqlJobIndex:

@@ -788,13 +788,17 @@ class SqlJobIndex:
     async def identity(self) -> str:
         """This index's id: a random one, made the first time it is asked for
         (by whichever process gets there first) and the same ever after, in a
-        copy or a restore of it too. A Resonate server is paired with it."""
-        await self.db.execute(
-            "INSERT INTO tether_meta (name, value) VALUES ('index_id', ?)"
-            " ON CONFLICT (name) DO NOTHING",
-            (uuid.uuid4().hex,),
-        )
-        rows = await self.db.fetch("SELECT value FROM tether_meta WHERE name = 'index_id'", ())
+        copy or a restore of it too. A Resonate server is paired with it, and
+        each health check reads it again (a read; the write only the once)."""
+        select = "SELECT value FROM tether_meta WHERE name = 'index_id'"
+        rows = await self.db.fetch(select, ())
+        if not rows:
+            await self.db.execute(
+                "INSERT INTO tether_meta (name, value) VALUES ('index_id', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (uuid.uuid4().hex,),
+            )
+            rows = await self.db.fetch(select, ())
         return str(rows[0][0])
 
     async def close(self) -> None:

@@ -7,7 +7,9 @@ The server's token reaches it on every request, never the log."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HOLD, Hit, Receiver, eventually, wait_until
+from core.store.remote import RemoteStore
+from tests.conftest import HOLD, Hit, Receiver, eventually, test_settings, wait_until
 from tests.process import TetherProcess, wait_for
 from tests.resonate_server.stand_in import RUNNING, StandIn
 
@@ -166,3 +169,67 @@ async def test_waiting_jobs_go_on_through_a_restart_of_the_server(
     # The workflow's resume came down the new stream. The job shows `succeeded` as
     # soon as the callback is accepted; the resume is delivered after that.
     await eventually(lambda: again.delivered >= 1, timeout=10)
+
+
+def _index_id(index: str) -> str:
+    with sqlite3.connect(index.removeprefix("sqlite:///")) as db:
+        return str(
+            db.execute("SELECT value FROM tether_meta WHERE name = 'index_id'").fetchone()[0]
+        )
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_a_service_whose_server_is_re_paired_with_another_index_stops_taking_work(
+    start_service, tmp_path, caplog
+):
+    """`tether pair-index --force` from another index while a service still
+    runs on the old one (its hosts should have been stopped first): the
+    service's next health check finds it, answers 503 naming both indexes,
+    logs it once as an error and stops receiving work (its message stream
+    closes), so it takes no workflow whose job it cannot see. It stays so
+    until it is restarted, even once the server is paired back."""
+    svc = await start_service()
+    server = RUNNING[svc.settings.store]
+    await eventually(lambda: server.streams, timeout=10)
+    assert (await svc.client.get("/health")).status_code == 200
+    mine = _index_id(svc.settings.index)
+
+    async def re_pair(index: str) -> None:  # what `tether pair-index --force` does
+        store = await RemoteStore.open(
+            test_settings(store=server.url, index=index), "p", repair=True
+        )
+        await store.close()
+
+    new_index = f"sqlite:///{tmp_path}/new.db"
+    await re_pair(new_index)
+    theirs = _index_id(new_index)
+    with caplog.at_level(logging.ERROR, "tether"):
+        answers = [await svc.client.get("/health") for _ in range(2)]
+    said = (
+        f"the Resonate server at {server.url} is now paired with the job index with id"
+        f" {theirs}, not with this host's TETHER_INDEX (id {mine}): this host no longer"
+        " takes work; restart it with the server's TETHER_INDEX"
+    )
+    assert [a.status_code for a in answers] == [503, 503]
+    assert all(said in a.text for a in answers), answers[0].text
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(said)
+    await eventually(lambda: not server.streams, timeout=10)  # no more work comes to it
+
+    await re_pair(svc.settings.index)  # paired back: still out until restarted
+    answer = await svc.client.get("/health")
+    assert answer.status_code == 503 and said in answer.text
+    assert not server.streams
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_a_re_pairing_is_found_with_no_health_probe_asking(start_service, tmp_path):
+    """The background check (every `TETHER_READINESS_INTERVAL`) asks the store
+    as `/health` does: a host nobody probes stops taking work too."""
+    svc = await start_service(readiness_interval=0.2)
+    server = RUNNING[svc.settings.store]
+    await eventually(lambda: server.streams, timeout=10)
+    given = test_settings(store=server.url, index=f"sqlite:///{tmp_path}/new.db")
+    store = await RemoteStore.open(given, "p", repair=True)
+    await store.close()
+    await eventually(lambda: not server.streams, timeout=10)

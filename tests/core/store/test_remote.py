@@ -17,7 +17,7 @@ from resonate_base import ConnectorError
 
 import core.store.remote
 from api.cli import main
-from core.errors import InvalidRequest, StoreConfigError
+from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings
 from core.store import open_store
 from core.store.remote import RemoteConnection, RemoteStore
@@ -406,8 +406,15 @@ async def test_a_postgres_index_is_paired_too(fresh_pg_url, server, tmp_path):
     store = await open_store(settings(server.url, index=fresh_pg_url, store_token=TOKEN), "p1")
     try:
         paired = await store.jobs.identity()
+        assert _pairings(server) == [("tether:index.1", "pending", paired)]
+        with pytest.raises(StoreConfigError, match=f"index with id {paired}"):
+            await _open(server, tmp_path / "local.db")
+        await store.jobs.ping()
+        # re-paired while it runs: its health check says so
+        await (await _repair(server, tmp_path / "local.db")).close()
+        with pytest.raises(
+            StoreUnavailable, match=f"not with this host's TETHER_INDEX \\(id {paired}"
+        ):
+            await store.jobs.ping()
     finally:
         await store.close()
-    assert _pairings(server) == [("tether:index.1", "pending", paired)]
-    with pytest.raises(StoreConfigError, match=f"index with id {paired}"):
-        await _open(server, tmp_path / "local.db")
