@@ -15,7 +15,10 @@ job started with a `heartbeat_timeout` needs one at least that often. 4xx
 answers (but 408 and 429) fail the job at once; 408, 429, 5xx, timeouts and
 connection errors are retried by Tether with backoff.
 
-Optional: `auth` names a credential configured on the service: the variable
+The URLs (`url`, `cancel_url`, `status_url`) are absolute http(s) URLs with
+no `user:password@`: params are stored and shown with the job, so a
+credential in a URL is refused (422). Optional: `auth` names a credential
+configured on the service: the variable
 `TETHER_WEBHOOK_AUTH_<NAME>` holds a whole `Authorization` header value
 (`Bearer ...`, `Basic ...`), read when the service starts. It is sent on every
 request of the job (trigger, `cancel_url`, `status_url`); the job keeps only
@@ -76,9 +79,11 @@ DRAIN_LIMIT = 1 << 16
 more, so its connection can be reused; past that the connection is closed."""
 
 
-HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\x00-\x20\x7f]+")
-"""An absolute http(s) URL: the scheme (any case), `://` and a host. In the
-params' schema and checked with it, so what the schema allows is accepted."""
+HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]+(?:[/?#]|$)")
+"""An absolute http(s) URL: the scheme (any case), `://` and a host, with no
+`user:password@` (params are stored and shown with the job: a credential goes
+in `auth`). In the params' schema and checked with it, so what the schema
+allows is accepted."""
 MAX_INTERVAL = 86400.0
 """The longest `status_interval`, a day: checks back off to ten times it."""
 
@@ -115,8 +120,15 @@ class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in ("url", "cancel_url", "status_url"):
             value = getattr(self, name)
-            if value is not None and not HTTP_URL.match(value):
-                raise ValueError(f"{name} must be an absolute http(s) URL")
+            if value is None or HTTP_URL.match(value):
+                continue
+            if "@" in re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0]:
+                raise ValueError(
+                    f"{name} must not carry user:password@: params are stored and shown"
+                    " with the job; name a credential of the service in `auth` instead"
+                    f" ({AUTH_PREFIX}<NAME>)"
+                )
+            raise ValueError(f"{name} must be an absolute http(s) URL")
         if self.auth is not None and not (
             self.auth.isascii() and self.auth.upper() in self.credential_names
         ):
