@@ -71,6 +71,8 @@ class Health:
         self.interval = interval
         self.readiness: dict[str, Readiness | None] = dict.fromkeys(plugins.backends)
         self.missing: dict[str, int] = {}
+        self.store_problem = ""
+        """What the last background look at the store found wrong ('' none)."""
         self._task: asyncio.Task[None] | None = None
         self._asked = asyncio.Event()
 
@@ -89,8 +91,14 @@ class Health:
         the store as `/health` does, so that what the store's check acts on
         (a Resonate server paired with another index: `core.store.remote`)
         is found with no probe asking."""
-        with contextlib.suppress(Exception):  # /health says so when it is asked
-            await self.jobs.ping()
+        try:
+            await asyncio.wait_for(self.jobs.ping(), READINESS_TIMEOUT)
+            self.store_problem = ""
+        except Exception as exc:  # /health says so when it is asked
+            problem = getattr(exc, "message", None) or type(exc).__name__
+            if problem != self.store_problem:
+                log.warning("the store's health check failed: %s", problem)
+            self.store_problem = problem
         names = list(self.plugins.backends)
         found = await asyncio.gather(*(check(self.plugins.backends[n]) for n in names))
         for name, readiness in zip(names, found, strict=True):

@@ -25,7 +25,7 @@ from resonate.resonate import Resonate
 
 from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks, Heartbeat
-from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound
+from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, StoreUnavailable
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
@@ -201,6 +201,7 @@ class Tether:
         A malformed id or timeout (outside what the OpenAPI document states) is
         `MalformedBody` (400); an unknown backend or params its plugin refuses
         are `InvalidRequest` (422)."""
+        self._in_service()
         if req.id is not None and not JOB_ID_PATTERN.match(req.id):
             raise MalformedBody(f"invalid job id: use {JOB_ID_RULE}", {"field": "id"})
         timeout = float(self.settings.default_timeout if req.timeout is None else req.timeout)
@@ -299,6 +300,7 @@ class Tether:
         is still `pending`, its workflow started again: a repair after a crash
         between the index write and the start); a job one short starts it.
         Anything else is a `Conflict` naming the current attempt and state."""
+        self._in_service()
         wanted = None if attempt is None else int(attempt)
         if attempt is not None and wanted != attempt:
             raise MalformedBody("attempt must be a whole number", {"field": "attempt"})
@@ -363,7 +365,15 @@ class Tether:
         """Start the workflow of the job's current attempt, unless it is
         queued: its workflow starts when a slot frees (`_on_ready`)."""
         if rec.state != "queued":
+            self._in_service()
             await store_call(workflow.start(self._worker(), self._target, rec))
+
+    def _in_service(self) -> None:
+        """`StoreUnavailable` when this process must start no workflow (its
+        Resonate server was re-paired with another index: `Store.out_of_service`)."""
+        why = self.store.out_of_service()
+        if why:
+            raise StoreUnavailable(why)
 
     def _ended_in_queue(self, rec: JobRecord, event: Event) -> None:
         """Tell the plugins of a job that ended while queued (canceled, timed

@@ -132,6 +132,11 @@ class Store(ABC):
         ago (never anything pending); return how many went. Raises
         `core.errors.InvalidRequest` where the store cannot do it."""
 
+    def out_of_service(self) -> str:
+        """Why this process must start no workflow, or '' (a Resonate server
+        re-paired with another index while it ran: `core.store.remote`)."""
+        return ""
+
     async def close(self) -> None:
         """Close the job index (and what else the kind holds)."""
         await self.jobs.close()

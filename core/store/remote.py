@@ -154,30 +154,47 @@ class RemoteConnection:
         if problem:
             raise StoreUnavailable(problem)
 
+    @property
+    def unpaired(self) -> str:
+        """Why this process is out of service (`still_paired`), or ''."""
+        return self._unpaired
+
     async def still_paired(self, mine: str) -> None:
         """The health check's look at the pairing, which `open` checked once:
         `StoreUnavailable` when the server is paired with an index other than
-        `mine` (re-paired by `tether pair-index --force` while this host ran,
-        or its pairing gone with its database). This host would take
-        workflows whose jobs it cannot see, so the first time it is seen it is
-        logged as an error and the host stops receiving work (the message
-        stream is closed; workflows it holds wait for a restart), and it stays
-        unhealthy until it is restarted, with the server's `TETHER_INDEX`."""
+        `mine` (re-paired by `tether pair-index --force` while this process
+        ran). This process would take, and start, workflows whose jobs the
+        server's other hosts cannot see or it cannot: the first time it is
+        seen it is logged as an error, the process stops receiving work (the
+        message stream is closed) and starts no workflow (`unpaired`, read by
+        `Tether`), and it stays out until it is restarted with the server's
+        `TETHER_INDEX`. A server paired with none (its pairing promises gone
+        with its database) is paired with `mine` again, as a start would."""
         if not self._unpaired:
             try:
-                _, theirs = await self.pairing()
+                generation, theirs = await self.pairing()
+                if theirs is None:
+                    theirs = await self.pair(generation, mine)
+                    if theirs == mine:
+                        log.warning(
+                            "%s was paired with no job index (its pairing promises are gone):"
+                            " it is paired with this host's TETHER_INDEX again (id %s)",
+                            self._where,
+                            mine,
+                        )
             except StoreConfigError as exc:
                 raise StoreUnavailable(str(exc)) from None
             if theirs == mine:
                 return
-            now = "with no job index" if theirs is None else f"with the job index with id {theirs}"
-            self._unpaired = (
-                f"{self._where} is now paired {now}, not with this host's TETHER_INDEX"
-                f" (id {mine}): this host no longer takes work; restart it with the"
-                " server's TETHER_INDEX (docs/operations.md)"
-            )
-            log.error("%s", self._unpaired)
-            await self.sse.stop()
+            if not self._unpaired:  # another check may have got here first
+                self._unpaired = (
+                    f"{self._where} is now paired with the job index with id {theirs}, not"
+                    f" with this host's TETHER_INDEX (id {mine}): this process no longer"
+                    " takes or starts work; restart it with the server's TETHER_INDEX"
+                    " (docs/operations.md)"
+                )
+                log.error("%s", self._unpaired)
+                await self.sse.stop()
         raise StoreUnavailable(self._unpaired)
 
     async def _probe(self) -> str:
@@ -377,6 +394,9 @@ class RemoteStore(Store):
             listed(settings.callback_secret_previous),
             signing_secrets(settings.notify_secret, listed(settings.notify_secret_previous)),
         )
+
+    def out_of_service(self) -> str:
+        return self.connection.unpaired
 
     async def delete_promises(self, older_than_ms: int) -> int:
         raise InvalidRequest(

@@ -7,6 +7,8 @@ The server's token reaches it on every request, never the log."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import signal
 import sqlite3
@@ -180,14 +182,16 @@ def _index_id(index: str) -> str:
 
 @pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
 async def test_a_service_whose_server_is_re_paired_with_another_index_stops_taking_work(
-    start_service, tmp_path, caplog
+    start_service, receiver, tmp_path, caplog
 ):
     """`tether pair-index --force` from another index while a service still
     runs on the old one (its hosts should have been stopped first): the
     service's next health check finds it, answers 503 naming both indexes,
-    logs it once as an error and stops receiving work (its message stream
-    closes), so it takes no workflow whose job it cannot see. It stays so
-    until it is restarted, even once the server is paired back."""
+    logs it once as an error (however many checks run at once), stops
+    receiving work (its message stream closes) and starts no workflow: a job
+    sent to it is refused with nothing made, since a host on the new index
+    would take its workflow and not find it. It stays so until it is
+    restarted, even once the server is paired back."""
     svc = await start_service()
     server = RUNNING[svc.settings.store]
     await eventually(lambda: server.streams, timeout=10)
@@ -204,22 +208,52 @@ async def test_a_service_whose_server_is_re_paired_with_another_index_stops_taki
     await re_pair(new_index)
     theirs = _index_id(new_index)
     with caplog.at_level(logging.ERROR, "tether"):
-        answers = [await svc.client.get("/health") for _ in range(2)]
+        answers = await asyncio.gather(*(svc.client.get("/health") for _ in range(3)))
+        answers.append(await svc.client.get("/health"))
     said = (
         f"the Resonate server at {server.url} is now paired with the job index with id"
-        f" {theirs}, not with this host's TETHER_INDEX (id {mine}): this host no longer"
-        " takes work; restart it with the server's TETHER_INDEX"
+        f" {theirs}, not with this host's TETHER_INDEX (id {mine}): this process no longer"
+        " takes or starts work; restart it with the server's TETHER_INDEX"
     )
-    assert [a.status_code for a in answers] == [503, 503]
+    assert [a.status_code for a in answers] == [503] * 4
     assert all(said in a.text for a in answers), answers[0].text
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith(said)
     await eventually(lambda: not server.streams, timeout=10)  # no more work comes to it
 
+    job = {"id": "late", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    refused = await svc.client.post("/jobs", json=job)
+    assert refused.status_code == 503 and said in refused.text
+    assert (await svc.client.get("/jobs/late")).status_code == 404  # nothing made
+
     await re_pair(svc.settings.index)  # paired back: still out until restarted
     answer = await svc.client.get("/health")
     assert answer.status_code == 503 and said in answer.text
-    assert not server.streams
+    await eventually(lambda: not server.streams, holds=1.5)  # the stream stays closed
+    assert receiver.hits == []
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_a_server_whose_pairing_is_gone_is_paired_again_by_a_running_service(
+    start_service, caplog
+):
+    """The server lost its pairing promises (its database replaced): a running
+    service's health check pairs it with its own index again, as a start
+    would, and stays in service."""
+    svc = await start_service()
+    server = RUNNING[svc.settings.store]
+    mine = _index_id(svc.settings.index)
+    with sqlite3.connect(server.db) as db:
+        db.execute("DELETE FROM r_promises WHERE id LIKE 'tether:index.%'")
+    with caplog.at_level(logging.WARNING, "tether"):
+        assert (await svc.client.get("/health")).status_code == 200
+    assert f"it is paired with this host's TETHER_INDEX again (id {mine})" in caplog.text
+    with sqlite3.connect(server.db) as db:
+        [(tags,)] = db.execute(
+            "SELECT tags FROM r_promises WHERE id LIKE 'tether:index.%'"
+        ).fetchall()
+    assert json.loads(tags)["tether:index"] == mine
+    assert server.streams
 
 
 @pytest.mark.parametrize("store_url", ["resonate"], indirect=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -400,6 +401,25 @@ def test_pair_index_checks_and_with_force_re_pairs(tmp_path, server, monkeypatch
     monkeypatch.delenv("TETHER_INDEX")
     assert main(["pair-index"]) == 2
     assert "pair-index is for a Resonate server store" in capsys.readouterr().err
+
+
+async def test_health_checks_at_once_find_a_re_pairing_once(tmp_path, server, caplog):
+    """Checks running at once (a liveness and a readiness probe, the
+    background check) each say the host is out; it is logged once."""
+    store = await _open(server, tmp_path / "first.db")
+    try:
+        await store.jobs.ping()
+        await (await _repair(server, tmp_path / "second.db")).close()
+        with caplog.at_level(logging.ERROR, "tether"):
+            found = await asyncio.gather(
+                *(store.jobs.ping() for _ in range(4)), return_exceptions=True
+            )
+        assert all(isinstance(f, StoreUnavailable) for f in found), found
+        assert len({f.message for f in found if isinstance(f, StoreUnavailable)}) == 1
+        assert [r.levelno for r in caplog.records if r.levelno >= logging.ERROR] == [logging.ERROR]
+        assert store.out_of_service() == found[0].message  # type: ignore[union-attr]
+    finally:
+        await store.close()
 
 
 async def test_a_postgres_index_is_paired_too(fresh_pg_url, server, tmp_path):
