@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -17,13 +17,13 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec.enums import OpenAPIFormat
-from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from core.callbacks import Heartbeat
-from core.errors import NotFound
+from core.errors import MalformedBody, NotFound
 from core.events import KEEP_ALIVE
 from core.models import (
     TAGS_MAX,
@@ -35,6 +35,7 @@ from core.models import (
     JobRequest,
     JobState,
     RetryRequest,
+    field_of,
 )
 from core.notices import NoticeResult
 from core.service import Tether
@@ -158,6 +159,39 @@ JSON_ONLY = guarding(require_json)
 """A route's `middleware=`: its body must be JSON (`require_json`)."""
 
 
+@overload
+async def strict_body[T](request: Request[Any, Any, Any], kind: type[T], empty: str) -> T: ...
+@overload
+async def strict_body[T](
+    request: Request[Any, Any, Any], kind: type[T], empty: None
+) -> T | None: ...
+async def strict_body[T](
+    request: Request[Any, Any, Any], kind: type[T], empty: str | None
+) -> T | None:
+    """The request's JSON body as `kind`, decoded strictly, as the schema
+    states it: a number sent as a string (`"timeout": "10"`) is refused
+    (400), where Litestar's own decoding would convert it. With `empty`, the
+    body is required (one of white space only is refused, saying `empty`);
+    without, it is optional: none, or `null`, is None. Errors name the field,
+    as Litestar's do."""
+    raw = await request.body()
+    if not raw.strip():
+        if empty is not None:
+            raise MalformedBody(f"the body is empty: {empty}", {"field": "body", "in": "body"})
+        return None
+    try:
+        return msgspec.json.decode(raw, type=kind if empty is not None else kind | None)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        field = field_of(text)
+        about = "invalid body" if field is None else f"invalid body field {field!r}"
+        details = {"field": field or "body", "in": "body"}
+        raise MalformedBody(f"{about}: {text.split(' - at `')[0]}", details) from None
+    except msgspec.DecodeError as exc:
+        details = {"field": "body", "in": "body"}
+        raise MalformedBody(f"the body is not valid JSON: {exc}", details) from None
+
+
 CHANGES_POLL = 1.0
 """Seconds between a job-list stream's reads of its page, for changes made by
 other processes (this process's own wake it at once)."""
@@ -184,7 +218,7 @@ class JobController(Controller):
         },
     )
     async def create(
-        self, tether: NamedDependency[Tether], data: JSONBody[JobRequest]
+        self, tether: NamedDependency[Tether], request: Request[Any, Any, Any]
     ) -> Response[Job]:
         """Start a job on a backend: Tether triggers it, hands the external
         system a callback URL, and waits for that URL to be called.
@@ -199,6 +233,9 @@ class JobController(Controller):
           `timeout` outside the bounds stated here, an unknown field).
         - **422**: an unknown backend, or params its plugin refuses (the plugin
           may check more than its schema says, e.g. that a URL is http(s))."""
+        data = await strict_body(
+            request, JobRequest, empty='send a JSON object: {"backend": ..., "params": {...}}'
+        )
         job, created = await tether.create_job(data)
         return Response(job, status_code=201 if created else 200)
 
@@ -443,12 +480,13 @@ class JobController(Controller):
         self,
         tether: NamedDependency[Tether],
         job_id: FromPath[str],
-        data: JSONBody[CancelRequest | None] = None,
+        request: Request[Any, Any, Any],
     ) -> Job:
         """Cancel a waiting job: it becomes `canceled` and its backend is asked
         to stop the external run. The body is optional; a `reason` is kept in
         the job's `error.message` (`canceled by request: <reason>`). 409 when
         the job already finished."""
+        data = await strict_body(request, CancelRequest, empty=None)
         return await tether.cancel_job(job_id, data.reason if data else None)
 
     @post(
@@ -463,7 +501,7 @@ class JobController(Controller):
         self,
         tether: NamedDependency[Tether],
         job_id: FromPath[str],
-        data: JSONBody[RetryRequest | None] = None,
+        request: Request[Any, Any, Any],
     ) -> Job:
         """Start the next attempt of a `failed`, `timed_out` or `canceled` job:
         it is `pending` again, with `attempt` one more, a new trigger, a new
@@ -476,6 +514,7 @@ class JobController(Controller):
         exist afterwards, so a repeated request is safe: a job already at
         attempt N is answered as it is (nothing new starts), a job at N-1
         starts N, anything else is 409 naming the current attempt and state."""
+        data = await strict_body(request, RetryRequest, empty=None)
         return await tether.retry_job(job_id, data.attempt if data else None)
 
 

@@ -250,6 +250,7 @@ JOB_EXAMPLE = {
     "created_at": "2026-11-24T02:00:00.120000Z",
     "updated_at": "2026-11-24T02:00:00.480000Z",
     "finished_at": None,
+    "deadline": "2026-11-24T03:00:00.120000Z",
 }
 FINISHED_EXAMPLE = {
     **JOB_EXAMPLE,
@@ -273,6 +274,7 @@ RETRIED_EXAMPLE = {
     "external": None,
     "updated_at": "2026-11-24T03:05:00.000000Z",
     "attempt": 2,
+    "deadline": "2026-11-24T04:05:00.000000Z",
 }
 
 REQUEST_EXAMPLES = {

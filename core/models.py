@@ -33,7 +33,14 @@ JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -"
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
 TAGS_MAX = 16
-Tag = Annotated[str, msgspec.Meta(pattern=TAG_PATTERN.pattern, min_length=1, max_length=64)]
+Tag = Annotated[
+    str,
+    msgspec.Meta(
+        extra_json_schema={"pattern": TAG_PATTERN.pattern, "minLength": 1, "maxLength": 64}
+    ),
+]
+"""One tag. Its pattern is stated, not checked, here: `Tether.create_job`
+checks it and says what a tag may be, where msgspec would quote the regex."""
 Tags = Annotated[
     list[Tag],
     msgspec.Meta(
@@ -170,6 +177,9 @@ class Job(msgspec.Struct, frozen=True):
     """The job's tags, sorted."""
     notify: NotifyShown | None = None
     """Where the job's completion notifications go: the URL's origin only."""
+    deadline: datetime | None = None
+    """When the job times out if it is still waiting: its attempt's start
+    (accepted, or retried) plus `timeout`."""
 
     @property
     def finished(self) -> bool:
@@ -250,8 +260,8 @@ class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     url: Annotated[
         str,
-        msgspec.Meta(
-            pattern=HTTP_URL.pattern, max_length=2048, extra_json_schema={"format": "uri"}
+        msgspec.Meta(  # the pattern is checked by `Tether.create_job`, saying what it means
+            max_length=2048, extra_json_schema={"format": "uri", "pattern": HTTP_URL.pattern}
         ),
     ]
     """An http or https URL without `user:password@`; Tether POSTs a signed

@@ -38,6 +38,7 @@ def view(rec: JobRecord) -> Job:
         attempt=rec.attempt,
         tags=rec.tags,
         notify=None if rec.notify_url is None else NotifyShown(origin(rec.notify_url)),
+        deadline=_dt(rec.deadline),
     )
 
 

@@ -4,6 +4,7 @@ tested in tests/plugins/http_webhook.)"""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -180,6 +181,20 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         ({**WEBHOOK, "timeout": 0}, 400, "timeout", ["more than 0"]),
         ({**WEBHOOK, "timeout": 1e12}, 400, "timeout", ["at most 366 days"]),
         ({**WEBHOOK, "timeout": "soon"}, 400, "timeout", ["float"]),
+        # a number as a string is not a number (the schema says so; lax decoding took it)
+        ({**WEBHOOK, "timeout": "10"}, 400, "timeout", ["Expected `float | null`, got `str`"]),
+        ({**WEBHOOK, "heartbeat_timeout": "5"}, 400, "heartbeat_timeout", ["got `str`"]),
+        ({**WEBHOOK, "id": 7}, 400, "id", ["Expected `str | null`, got `int`"]),
+        ({**WEBHOOK, "tags": ["a", 1]}, 400, "tags[1]", ["got `int`"]),
+        # what a tag or a notify URL may be is said, not quoted as a regex
+        ({**WEBHOOK, "tags": ["a b"]}, 400, "tags", ["each 1 to 64 of A-Z", "no two alike"]),
+        ({**WEBHOOK, "tags": [""]}, 400, "tags", ["each 1 to 64 of A-Z"]),
+        (
+            {**WEBHOOK, "notify": {"url": "http://u:pw@x/hook"}},
+            400,
+            "notify.url",
+            ["invalid notify.url: an http or https URL without user:password@"],
+        ),
         ({**WEBHOOK, "metadata": []}, 400, "metadata", ["object"]),
         ({"params": {}}, 400, "backend", ["backend"]),
         ({**WEBHOOK, "extra": 1}, 400, "extra", ["extra"]),
@@ -252,11 +267,47 @@ async def test_a_malformed_query_is_refused_naming_the_parameter(start_service):
 
 async def test_a_body_that_is_not_json_is_refused(start_service):
     svc = await start_service()
-    response = await svc.client.post(
-        "/jobs", content=b"{nope", headers={"content-type": "application/json"}
+    for content, said in (
+        (b"{nope", "the body is not valid JSON: "),
+        (b'{"backend": "http_webhook"', "the body is not valid JSON: "),
+        (b"", "the body is empty: send a JSON object"),
+        (b"  \n", "the body is empty: send a JSON object"),
+        (b"null", "invalid body: Expected `object`, got `null`"),
+    ):
+        response = await svc.client.post(
+            "/jobs", content=content, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, content
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert error["message"].startswith(said), (content, error)
+        assert error["details"] == {"field": "body", "in": "body"}
+    assert (await svc.client.get("/jobs")).json()["items"] == []
+
+
+async def test_retry_and_cancel_bodies_are_read_strictly_and_may_be_left_out(
+    start_service, receiver
+):
+    svc = await start_service()
+    job = {"id": "r", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    await svc.client.post("/jobs", json=job)
+    for path, body, field in (
+        ("/jobs/r/retry", {"attempt": "2"}, "attempt"),
+        ("/jobs/r/cancel", {"reason": 5}, "reason"),
+    ):
+        response = await svc.client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["details"] == {"field": field, "in": "body"}
+    assert (await svc.job("r"))["state"] in ("pending", "running")
+    for content in (b"", b"null"):  # no body, and null, are none
+        headers = {"content-type": "application/json"}
+        canceled = await svc.client.post("/jobs/r/cancel", content=content, headers=headers)
+        assert canceled.status_code in (200, 409), canceled.text
+    assert (await svc.job("r"))["state"] == "canceled"
+    retried = await svc.client.post(
+        "/jobs/r/retry", content=b"null", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert retried.status_code == 200 and retried.json()["attempt"] == 2
 
 
 async def test_an_oversized_body_is_refused_with_413_naming_the_limit(start_service):
@@ -563,3 +614,19 @@ async def test_the_memory_store_runs_jobs_to_every_end(start_service, receiver):
     assert jobs["cancel"]["error"] == {"message": "canceled by request", "type": "canceled"}
     assert jobs["late"]["error"]["type"] == "timeout"
     assert all(job["finished_at"] is not None for job in jobs.values())
+
+
+async def test_a_job_shows_its_deadline_and_a_retry_moves_it(start_service, receiver):
+    """`deadline`: when the job times out if it still waits, its attempt's
+    start plus `timeout` (what an operator rotating the callback secret
+    waits for, docs/operations.md)."""
+    svc = await start_service()
+    body = {"id": "d", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    job = (await svc.client.post("/jobs", json={**body, "timeout": 3600})).json()
+    created, deadline = (datetime.fromisoformat(job[k]) for k in ("created_at", "deadline"))
+    assert deadline - created == timedelta(hours=1)
+    assert (await svc.client.post("/jobs/d/cancel")).status_code == 200
+    retried = (await svc.client.post("/jobs/d/retry")).json()
+    later = datetime.fromisoformat(retried["deadline"])
+    assert retried["attempt"] == 2 and later > deadline
+    assert later - datetime.fromisoformat(retried["updated_at"]) == timedelta(hours=1)

@@ -343,8 +343,8 @@ async def test_the_job_shows_only_the_notify_urls_origin(start_service, receiver
 
 
 BAD_URLS = (
-    "https://user:password@hooks.example.com/x",
-    "https://user@hooks.example.com/x",
+    "https://user:s3cret@hooks.example.com/x",
+    "https://s3cret@hooks.example.com/x",
     "ftp://hooks.example.com/x",
     "https://hooks.example.com/a b",
     " https://hooks.example.com/x",
@@ -360,7 +360,7 @@ async def test_a_bad_notify_url_is_400_and_creates_nothing(start_service, receiv
         answer = await svc.client.post("/jobs", json={**body, "notify": {"url": url}})
         assert answer.status_code == 400, (url, answer.text)
         assert "notify" in json.dumps(answer.json()["error"]), url
-        assert "password" not in answer.text
+        assert "s3cret" not in answer.text  # the credential is never echoed
     assert (await svc.client.get("/jobs/bad")).status_code == 404
     assert (await svc.client.get("/jobs")).json()["items"] == []
 
