@@ -12,8 +12,8 @@ with the headers `Tether-Callback-Url` (the same URL) and `Idempotency-Key`. Any
 callback URL. While it works it may POST `{"progress"?: ...}` to
 `heartbeat_url` (the callback URL's path and `/heartbeat`, the same token): a
 job started with a `heartbeat_timeout` needs one at least that often. 4xx
-answers (but 408 and 429) fail the job at once; 408, 429, 5xx, timeouts and
-connection errors are retried by Tether with backoff.
+answers (but 408, 425 and 429) fail the job at once; 408, 425, 429, 5xx,
+timeouts and connection errors are retried by Tether with backoff.
 
 The URLs (`url`, `cancel_url`, `status_url`) are absolute http(s) URLs with
 no `user:password@`: params are stored and shown with the job, so a
