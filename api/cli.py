@@ -31,7 +31,7 @@ from core.errors import StoreConfigError, StoreUnavailable, TetherError
 from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
-from core.settings import WILDCARD_HOSTS, Settings, describe, unknown_env
+from core.settings import PREFIX, WILDCARD_HOSTS, Settings, describe, unknown_env
 from core.store.backup import Copied, StoreFileError, embedded_db
 from core.store.backup import backup as store_backup
 from core.store.backup import restore as store_restore
@@ -109,11 +109,25 @@ class Refused(click.ClickException):
 
 
 def load_settings(**flags: Any) -> Settings:
-    """The settings, the flags given (not None) over the environment's."""
+    """The settings, the flags given (not None) over the environment's. A value
+    refused is named as the user gave it: `invalid --port: ...` for a flag's,
+    `invalid setting TETHER_PORT: ...` (as `Settings.from_env` says) for the
+    environment's."""
+    given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings.from_env(**{k: v for k, v in flags.items() if v is not None})
+        return Settings.from_env(**given)
     except ValueError as exc:
-        raise Refused(str(exc)) from None
+        message = str(exc)
+        for name in given:  # a flag wins over its variable: the value was the flag's
+            said = f"invalid setting {PREFIX}{name.upper()}: "
+            if message.startswith(said):
+                message = f"invalid {flag(name)}: {message.removeprefix(said)}"
+        raise Refused(message) from None
+
+
+def flag(setting: str) -> str:
+    """The flag of a setting (`public_url`: `--public-url`)."""
+    return "--" + setting.replace("_", "-")
 
 
 class Sections(click.Group):
@@ -163,8 +177,9 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     settings = load_settings(host=host, port=port)
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     if settings.host in WILDCARD_HOSTS and not settings.public_url:
+        given = "--host " if host is not None else f"{PREFIX}HOST="
         raise Refused(
-            f"--host {settings.host or '(empty)'} listens on every interface, so"
+            f"{given}{settings.host or '(empty)'} listens on every interface, so"
             " callback URLs cannot be derived from it (external systems would be told"
             f" to call http://{settings.host}:{settings.port}/...); set TETHER_PUBLIC_URL"
             " to the URL they reach this service at, e.g."

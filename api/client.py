@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import IO, Any, NoReturn, get_args
@@ -30,6 +31,7 @@ import click
 import httpx
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -353,7 +355,7 @@ def watch(url: str, job_id: str, as_json: bool, started: dict[str, Any] | None =
 
         with Live(console=console, get_renderable=view, refresh_per_second=2):
             job = run(lambda api: watch_job(api, job_id, show), url)
-    else:
+    else:  # a line per change, never wrapped (`line`)
         job = run(lambda api: watch_job(api, job_id, changes(console)), url)
     raise click.exceptions.Exit(EXIT_CODES.get(job["state"], SERVICE_ERROR))
 
@@ -364,13 +366,13 @@ def changes(console: Console) -> Callable[[dict[str, Any], list[dict[str, Any]]]
 
     def show(job: dict[str, Any], events: list[dict[str, Any]]) -> None:
         for event in events[seen["events"] :]:
-            console.print(event_line(event))
+            line(console, event_line(event))
         seen["events"] = len(events)
         if job["state"] != seen["state"]:
             seen["state"] = job["state"]
-            console.print(headline(job))
+            line(console, headline(job))
             if job["state"] in FINAL_STATES and job.get("error"):
-                console.print(error_line(job))
+                line(console, error_line(job))
 
     return show
 
@@ -398,20 +400,58 @@ def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
 
 
+def widest(cells: Iterable[RenderableType]) -> int:
+    return max((c.cell_len for c in cells if isinstance(c, Text)), default=1)
+
+
+def keep_whole(table: Table, *names: str) -> Table:
+    """Size `table`'s columns so that the named ones are never wrapped, folded
+    or cut, however narrow the output: ids and times are copied, grepped and
+    split on blanks. The others fold, down to their heading's width (`shown`
+    makes the output at least that wide)."""
+    for column in table.columns:
+        heading = Text(str(column.header))
+        if column.header in names:
+            column.no_wrap = True
+            column.min_width = widest([heading, *column.cells])
+        else:
+            column.min_width = max(heading.cell_len, 1)
+    return table
+
+
 def job_table(job: dict[str, Any]) -> Table:
     """Every field of a job, one per row, in the service's order."""
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
-    table.add_column(style="bold")
+    table.add_column(style="bold", no_wrap=True, min_width=widest(map(Text, job)))
     table.add_column(overflow="fold")
+    kept: list[Text] = []
     for name, value in job.items():
-        table.add_row(name, state_text(value) if name == "state" else cell(value))
+        text = state_text(value) if name == "state" else cell(value)
+        if name in WHOLE_FIELDS or is_time(value):
+            kept.append(text)
+        table.add_row(name, text)
+    table.columns[1].min_width = widest(kept)  # whole: the others (params, URLs) fold to it
     return table
+
+
+WHOLE_FIELDS = {"id", "backend", "state", "attempt"}
+"""A job's fields `job_table` shows whole, beside its times."""
+
+
+def is_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
     table = Table(box=None)
-    for name in ("id", "backend", "state", "created_at", "finished_at"):
-        table.add_column(name, overflow="fold")  # a narrow terminal wraps, never cuts
+    for name in JOBS_COLUMNS:
+        table.add_column(name)
     for job in jobs:
         table.add_row(
             cell(job["id"]),
@@ -420,7 +460,10 @@ def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
             cell(moment(job["created_at"])),
             cell(moment(job.get("finished_at"))),
         )
-    return table
+    return keep_whole(table, *JOBS_COLUMNS)  # ids, names, times: all whole
+
+
+JOBS_COLUMNS = ("id", "backend", "state", "created_at", "finished_at")
 
 
 EVENT_FIELDS = ("seq", "at", "type", "attempt", "data")
@@ -432,7 +475,7 @@ def events_table(events: Iterable[dict[str, Any]]) -> Table:
         table.add_column(name, overflow="fold")
     for event in events:
         table.add_row(*event_cells(event))
-    return table
+    return keep_whole(table, "seq", "at", "type", "attempt")  # `data` folds
 
 
 def event_cells(event: dict[str, Any]) -> list[Text]:
@@ -482,7 +525,40 @@ def emit(payload: Any, as_json: bool, table: Callable[[], RenderableType]) -> No
     if as_json:
         click.echo(json.dumps(payload))
     else:
-        Console().print(table())
+        shown(Console(), table())
+
+
+def shown(console: Console, renderable: RenderableType) -> None:
+    """Print a table (or a group of them) with no id or time wrapped or cut.
+
+    Into a pipe or a file it is as wide as its widest row, whatever width Rich
+    would assume there (80 columns, or $COLUMNS): one row a line, for grep,
+    awk and copying. On a terminal its other columns fold to fit (`keep_whole`);
+    a terminal narrower than that leaves rows past its edge, for it to wrap,
+    rather than cut."""
+    if console.is_terminal:
+        console.width = max(console.width, least_width(renderable))
+    else:
+        unbounded = console.options.update_width(sys.maxsize)
+        console.width = max(console.width, Measurement.get(console, unbounded, renderable).maximum)
+    console.print(renderable, crop=False)
+
+
+def least_width(renderable: RenderableType) -> int:
+    """The narrowest output in which Rich squeezes no column of `renderable`
+    below its `min_width` (these tables have no box: columns and padding)."""
+    if isinstance(renderable, Table):
+        _, right, _, left = renderable.padding
+        return sum((column.min_width or 1) + left + right for column in renderable.columns)
+    if isinstance(renderable, Group):
+        return max(map(least_width, renderable.renderables), default=0)
+    return 0
+
+
+def line(console: Console, text: Text) -> None:
+    """Print one line of a log of changes (`watch` into a pipe, `events
+    --follow`) as one line, however long: the terminal, if any, wraps it."""
+    console.print(text, soft_wrap=True)
 
 
 # ── options ───────────────────────────────────────────────────────────────────
@@ -709,7 +785,7 @@ def events(job_id: str, follow: bool, url: str, as_json: bool) -> None:
             if as_json:
                 click.echo(json.dumps(item))
             else:
-                console.print(event_line(item))
+                line(console, event_line(item))
 
         run(lambda api: explained(api, job_id, stream_events(api, job_id, printed)), url)
         return

@@ -110,3 +110,47 @@ def test_main_returns_the_exit_status(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["install"]) == 2
     assert "Missing argument 'PACKAGE...'" in capsys.readouterr().err
     assert main(["no-such-command"]) == 2
+
+
+# ── a refused setting is named as the user gave it ───────────────────────────
+
+
+def serve_refused(*args: str, **env: str | None) -> str:
+    """What `tether serve ARGS` says on stderr as it refuses to start (exit 2):
+    only for settings it refuses, as it would serve otherwise."""
+    quiet: dict[str, str | None] = {"TETHER_PORT": None, "TETHER_HOST": None}
+    quiet |= {"TETHER_PUBLIC_URL": None, "TETHER_STORE": "memory://"}
+    done = CliRunner().invoke(cli, ["serve", *args], env=quiet | env)
+    assert done.exit_code == 2, done.output
+    return done.stderr
+
+
+def test_a_port_out_of_range_names_the_flag_or_the_variable_it_came_from() -> None:
+    assert serve_refused("--port", "99999") == "tether: invalid --port: Expected `int` <= 65535\n"
+    assert serve_refused("--port", "-1") == "tether: invalid --port: Expected `int` >= 0\n"
+    by_env = serve_refused(TETHER_PORT="99999")
+    assert by_env == "tether: invalid setting TETHER_PORT: Expected `int` <= 65535\n"
+    both = serve_refused("--port", "70000", TETHER_PORT="8000")  # the flag wins, and is named
+    assert both == "tether: invalid --port: Expected `int` <= 65535\n"
+
+
+def test_a_wildcard_host_names_the_flag_or_the_variable_it_came_from(tmp_path: Path) -> None:
+    def refused(*args: str, **env: str) -> str:  # a process: serve has set up logging by then
+        quiet = {
+            k: v for k, v in os.environ.items() if k not in ("TETHER_HOST", "TETHER_PUBLIC_URL")
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(free_port()), *args],
+            cwd=ROOT,
+            env=quiet | {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"} | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        return done.stderr
+
+    assert refused("--host", "0.0.0.0").startswith("tether: --host 0.0.0.0 listens on every")
+    by_env = refused(TETHER_HOST="0.0.0.0")
+    assert by_env.startswith("tether: TETHER_HOST=0.0.0.0 listens on every interface")
