@@ -211,6 +211,7 @@ NO_USER = (
         ),
         ({"url": "http:// x"}, "url must be an absolute http(s) URL"),
         ({"url": "http://ho st/p"}, "url must be an absolute http(s) URL"),
+        ({"url": "http://ho st/a@b"}, "url must be an absolute http(s) URL"),  # @ in the path
         *(
             ({"url": "http://x", name: url} if name != "url" else {"url": url}, f"{name} {NO_USER}")
             for name in ("url", "cancel_url", "status_url")
