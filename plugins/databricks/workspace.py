@@ -46,6 +46,11 @@ SECRET_ATTRIBUTES = (
 )
 WORKSPACE_ENV = ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE")
 """The SDK's variables that name a workspace (its other auth variables need one of these)."""
+NO_WORKSPACE = (
+    "Databricks client configuration: no workspace is named; set DATABRICKS_HOST and"
+    " DATABRICKS_TOKEN, a profile in ~/.databrickscfg, or TETHER_DATABRICKS_PROFILE"
+)
+"""What a trigger and the readiness check say when nothing names a workspace."""
 SECRET_ENV = (
     "DATABRICKS_TOKEN",
     "DATABRICKS_PASSWORD",
@@ -134,6 +139,8 @@ class Workspace:
         one request, and importing the SDK takes seconds)."""
         with self._lock:
             if self._client is None:
+                if not self.names_a_workspace():  # the SDK would say so at length
+                    raise BackendError(NO_WORKSPACE, code="databricks_config")
                 from databricks.sdk import WorkspaceClient
                 from databricks.sdk.config import Config
 
@@ -163,12 +170,7 @@ class Workspace:
         """Whether the workspace accepts the credentials: one read-only call
         (`current_user.me`). Reasons are scrubbed like every error message."""
         if not self.names_a_workspace():
-            return Readiness(
-                "unconfigured",
-                "Databricks client configuration: no workspace is named; set"
-                " DATABRICKS_HOST and DATABRICKS_TOKEN, a profile in ~/.databrickscfg,"
-                " or TETHER_DATABRICKS_PROFILE",
-            )
+            return Readiness("unconfigured", NO_WORKSPACE)
         try:
             await self.call(lambda w: w.current_user.me())
         except BackendError as exc:

@@ -21,7 +21,7 @@ from core.models import Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
 from plugins.databricks.runs import outcome_of_run
-from plugins.databricks.workspace import DatabricksSettings, Workspace
+from plugins.databricks.workspace import NO_WORKSPACE, DatabricksSettings, Workspace
 from tests.conftest import HOLD, eventually, free_port
 from tests.plugins.databricks.workspace import (
     EXAMPLE_NOTEBOOK,
@@ -453,15 +453,20 @@ async def test_a_wrong_token_fails_the_job_and_appears_nowhere(
 
 
 async def test_missing_credentials_fail_the_job_saying_so(
-    start_databricks, workspace: FakeWorkspace, monkeypatch
+    start_databricks, workspace: FakeWorkspace, monkeypatch, tmp_path
 ):
+    """Nothing names a workspace: the trigger fails at once, saying what to
+    set, as the readiness check does (not the SDK's page of text)."""
     monkeypatch.delenv("DATABRICKS_HOST")
     monkeypatch.delenv("DATABRICKS_TOKEN")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.databrickscfg
     svc = await start_databricks()
     await start_job(svc, "nocreds", {"job_id": 7})
     job = await svc.wait_state("nocreds", "failed", timeout=20)
-    assert job["error"]["type"] == "databricks_config"
-    assert "Databricks client configuration" in job["error"]["message"]
+    assert job["error"] == {
+        "message": f"trigger failed: {NO_WORKSPACE}",
+        "type": "databricks_config",
+    }
     assert workspace.seen == []
 
 
