@@ -102,6 +102,15 @@ class Backend:
     settings_prefix: ClassVar[str] = ""
     """Prefix of `settings_type`'s variables, e.g. `TETHER_DATABRICKS_`."""
 
+    def check_new_params(self, params: Any) -> None:
+        """Called when a job is created, with its converted params, and never
+        again: raise `ValueError` (its message names the field) to refuse
+        params that new jobs may not have but jobs already stored may keep (a
+        rule tightened in a release: their stored params are converted with
+        `params_type` at every trigger, cancel and status check, where a
+        refusal would strand them). `POST /jobs` answers 422 with the message.
+        The default accepts everything. Must not block."""
+
     def check_interval(self, params: Any) -> float | None:
         """Seconds between `check_status` calls while a job with these (converted)
         params waits, or `None` never to check (the job then ends only by

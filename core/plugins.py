@@ -134,11 +134,13 @@ class Plugins:
             ) from None
 
     def convert_params(self, backend: Backend, params: dict[str, Any]) -> Any:
-        """`params` converted to the backend's `params_type`, or `InvalidRequest`
-        naming the field that does not fit."""
+        """A new job's `params` converted to the backend's `params_type` and
+        checked by its `check_new_params`, or `InvalidRequest` naming the
+        field that does not fit."""
         try:
-            return msgspec.convert(params, backend.params_type)
-        except msgspec.ValidationError as exc:
+            converted = msgspec.convert(params, backend.params_type)
+            backend.check_new_params(converted)
+        except (msgspec.ValidationError, ValueError) as exc:
             reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
             if " - at `" not in reason:
                 reason += " - at `params`"
@@ -146,6 +148,7 @@ class Plugins:
                 f"invalid params for backend {backend.name!r}: {reason}",
                 {"field": "params", "backend": backend.name},
             ) from None
+        return converted
 
     def job_finished(self, job: Job) -> None:
         """Tell every plugin; one that raises is logged and does not stop the others."""

@@ -79,11 +79,11 @@ DRAIN_LIMIT = 1 << 16
 more, so its connection can be reused; past that the connection is closed."""
 
 
-HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]+(?:[/?#]|$)")
-"""An absolute http(s) URL: the scheme (any case), `://` and a host, with no
-`user:password@` (params are stored and shown with the job: a credential goes
-in `auth`). In the params' schema and checked with it, so what the schema
-allows is accepted."""
+HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\x00-\x20\x7f]+(?:[/?#]|$)")
+"""An absolute http(s) URL: the scheme (any case), `://` and a host. In the
+params' schema and checked with it, so what the schema allows is accepted. A
+new job's URLs may not carry `user:password@` (`HttpWebhook.check_new_params`);
+jobs stored before that rule keep theirs until they end."""
 MAX_INTERVAL = 86400.0
 """The longest `status_interval`, a day: checks back off to ten times it."""
 
@@ -91,7 +91,11 @@ AUTH_PREFIX = "TETHER_WEBHOOK_AUTH_"
 CREDENTIAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What NAME in `TETHER_WEBHOOK_AUTH_<NAME>` may be."""
 
-HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": HTTP_URL.pattern})]
+NEW_HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]+(?:[/?#]|$)")
+"""`HTTP_URL` without `user:password@`: what a new job's URL may be, as the
+params' schema states it (`check_new_params` checks it)."""
+
+HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": NEW_HTTP_URL.pattern})]
 
 
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,15 +124,8 @@ class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in ("url", "cancel_url", "status_url"):
             value = getattr(self, name)
-            if value is None or HTTP_URL.match(value):
-                continue
-            if "@" in re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0]:
-                raise ValueError(
-                    f"{name} must not carry user:password@: params are stored and shown"
-                    " with the job; name a credential of the service in `auth` instead"
-                    f" ({AUTH_PREFIX}<NAME>)"
-                )
-            raise ValueError(f"{name} must be an absolute http(s) URL")
+            if value is not None and not HTTP_URL.match(value):
+                raise ValueError(f"{name} must be an absolute http(s) URL")
         if self.auth is not None and not (
             self.auth.isascii() and self.auth.upper() in self.credential_names
         ):
@@ -235,6 +232,19 @@ class HttpWebhook(Backend):
         if session is not None and self._loop is asyncio.get_running_loop():
             await session.close()
 
+    def check_new_params(self, params: WebhookParams) -> None:
+        """A new job's URLs carry no `user:password@`: params are stored and
+        shown with the job (a credential goes in `auth`). Jobs stored before
+        this rule keep theirs, and their requests still send them."""
+        for name in ("url", "cancel_url", "status_url"):
+            value = getattr(params, name)
+            if value is not None and not NEW_HTTP_URL.match(value):  # `HTTP_URL` did
+                raise ValueError(
+                    f"{name} must not carry user:password@: params are stored and shown"
+                    " with the job; name a credential of the service in `auth` instead"
+                    f" ({AUTH_PREFIX}<NAME>)"
+                )
+
     def check_interval(self, params: WebhookParams) -> float | None:
         return params.status_interval if params.status_url else None
 
@@ -284,7 +294,7 @@ class HttpWebhook(Backend):
             return None  # too long to be an answer we understand: keep waiting
         try:
             status = msgspec.json.decode(answer.body, type=StatusBody)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, UnicodeDecodeError):
             return None  # not an answer we understand: keep waiting
         if status.status == "running":
             return Running(progress=status.progress)
@@ -410,7 +420,7 @@ def _small_json(body: bytes | None) -> Any:
         return None
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # bad UTF-8 in a string: the latter
         return None
 
 
