@@ -159,6 +159,10 @@ JSON_ONLY = guarding(require_json)
 """A route's `middleware=`: its body must be JSON (`require_json`)."""
 
 
+def _why(exc: Exception) -> str:
+    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+
+
 @overload
 async def strict_body[T](request: Request[Any, Any, Any], kind: type[T], empty: str) -> T: ...
 @overload
@@ -187,9 +191,9 @@ async def strict_body[T](
         about = "invalid body" if field is None else f"invalid body field {field!r}"
         details = {"field": field or "body", "in": "body"}
         raise MalformedBody(f"{about}: {text.split(' - at `')[0]}", details) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         details = {"field": "body", "in": "body"}
-        raise MalformedBody(f"the body is not valid JSON: {exc}", details) from None
+        raise MalformedBody(f"the body is not valid JSON: {_why(exc)}", details) from None
 
 
 CHANGES_POLL = 1.0

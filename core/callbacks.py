@@ -258,9 +258,10 @@ def decode_json(what: str, body: bytes, empty: Any) -> Any:
     """A `what` body's JSON; `empty` for a body of white space only."""
     try:
         return msgspec.json.decode(body) if body.strip() else empty
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
+        why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
         raise MalformedBody(
-            f"the {what} body is not valid JSON: {exc}", {"field": "body"}
+            f"the {what} body is not valid JSON: {why}", {"field": "body"}
         ) from None
     except RecursionError:
         raise MalformedBody(

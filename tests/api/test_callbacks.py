@@ -218,6 +218,7 @@ async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
     [
         (b"{not json", 400, "body"),
         (b"\xff\xfe", 400, "body"),
+        (b'{"status": "succeeded", "result": "caf\xe9"}', 400, "body"),  # Latin-1, not UTF-8
         (b'{"status": "maybe"}', 422, "status"),
         (b'{"status": "failed", "error": {"type": "x"}}', 422, "error.message"),
         (b'{"status": "succeeded", "surprise": 1}', 422, "surprise"),

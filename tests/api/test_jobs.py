@@ -273,6 +273,7 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
         (b"", "the body is empty: send a JSON object"),
         (b"  \n", "the body is empty: send a JSON object"),
         (b"null", "invalid body: Expected `object`, got `null`"),
+        (b'{"backend": "http_webhook", "id": "caf\xe9"}', "the body is not valid JSON: not UTF-8"),
     ):
         response = await svc.client.post(
             "/jobs", content=content, headers={"content-type": "application/json"}
