@@ -44,8 +44,19 @@ SECRET_ATTRIBUTES = (
     "azure_client_secret",
     "google_credentials",
 )
-WORKSPACE_ENV = ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE")
-"""The SDK's variables that name a workspace (its other auth variables need one of these)."""
+WORKSPACE_ENV = (
+    "DATABRICKS_HOST",
+    "DATABRICKS_CONFIG_PROFILE",
+    "DATABRICKS_CONFIG_FILE",
+    "DATABRICKS_AZURE_RESOURCE_ID",  # Azure auth looks the host up from it
+    "DATABRICKS_RUNTIME_VERSION",  # inside Databricks: the runtime's own auth names it
+    "DATABRICKS_MODEL_SERVING_HOST_URL",  # inside a model serving endpoint
+    "DB_MODEL_SERVING_HOST_URL",
+)
+"""The SDK's variables that name a workspace, or that it finds one from (its
+other auth variables need one of these). Without any, and with no profile or
+`~/.databrickscfg`, a trigger fails at once (`NO_WORKSPACE`) and the readiness
+check says `unconfigured`."""
 NO_WORKSPACE = (
     "Databricks client configuration: no workspace is named; set DATABRICKS_HOST and"
     " DATABRICKS_TOKEN, a profile in ~/.databrickscfg, or TETHER_DATABRICKS_PROFILE"

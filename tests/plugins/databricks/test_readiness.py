@@ -12,6 +12,7 @@ import pytest
 from core.plugin import Readiness
 from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import Databricks
+from plugins.databricks.workspace import WORKSPACE_ENV, DatabricksSettings, Workspace
 from tests.plugins.databricks.workspace import FakeWorkspace
 
 ME = "/api/2.0/preview/scim/v2/Me"
@@ -61,3 +62,19 @@ def test_the_databricks_plugin_declares_its_settings(workspace: Any):
     names = Plugins(make_plugin_manager(entry_points=False)).setting_names()
     for name in ("PROFILE", "RETRY_TIMEOUT", "HTTP_TIMEOUT", "THREADS"):
         assert f"TETHER_DATABRICKS_{name}" in names
+
+
+@pytest.mark.parametrize("name", WORKSPACE_ENV)
+def test_each_way_the_sdk_finds_a_workspace_counts_as_naming_one(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+):
+    """A variable the SDK finds a workspace from (Azure's resource id, the
+    Databricks runtime, a model serving endpoint) is not refused as "no
+    workspace": the SDK is asked. With none of them, no profile and no
+    `~/.databrickscfg`, it is."""
+    for other in WORKSPACE_ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not Workspace(DatabricksSettings()).names_a_workspace()
+    monkeypatch.setenv(name, "x")
+    assert Workspace(DatabricksSettings()).names_a_workspace()
