@@ -538,10 +538,14 @@ def shown(console: Console, renderable: RenderableType) -> None:
     rather than cut."""
     if console.is_terminal:
         console.width = max(console.width, least_width(renderable))
-    else:
-        unbounded = console.options.update_width(sys.maxsize)
-        console.width = max(console.width, Measurement.get(console, unbounded, renderable).maximum)
-    console.print(renderable, crop=False)
+        console.print(renderable, crop=False)
+        return
+    unbounded = console.options.update_width(sys.maxsize)
+    console.width = max(console.width, Measurement.get(console, unbounded, renderable).maximum)
+    with console.capture() as captured:
+        console.print(renderable, crop=False)
+    # without the padding to the widest row (a megabyte-wide result would pad every line)
+    console.file.write("".join(f"{row.rstrip()}\n" for row in captured.get().splitlines()))
 
 
 def least_width(renderable: RenderableType) -> int:

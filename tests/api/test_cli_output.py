@@ -88,6 +88,8 @@ def test_get_into_a_pipe_has_the_id_and_times_whole(service, receiver):
     found = {row[0]: row[1:] for row in rows(done.stdout)}
     for name in ("id", "backend", "state", "created_at", "updated_at", "finished_at"):
         assert found[name] == [job[name]], done.stdout
+    # no line is padded out to the widest one (the error's)
+    assert all(line == line.rstrip() for line in done.stdout.splitlines()), done.stdout
 
 
 def test_events_into_a_pipe_have_one_line_each(service, receiver):
