@@ -46,6 +46,7 @@ from core.models import (
     CallbackBody,
     CancelRequest,
     HeartbeatBody,
+    Notify,
     RetryRequest,
     Tags,
 )
@@ -230,6 +231,12 @@ ID_SCHEMA = {
 }
 TAGS_SCHEMA = msgspec.json.schema(Tags)
 """`tags` as `JobRequest` states it (`core.models.Tags`)."""
+NOTIFY_SCHEMA = {
+    "anyOf": [msgspec.json.schema_components([Notify])[1]["Notify"], {"type": "null"}],
+    "description": "Where to POST a signed `job.finished` message when the job ends"
+    " (docs/lifecycle.md); needs a notification secret (422 without one).",
+}
+"""`notify` as `JobRequest` states it (`core.models.Notify`)."""
 METADATA_SCHEMA = {
     "type": "object",
     "additionalProperties": True,
@@ -704,6 +711,7 @@ class Document:
                 "metadata": METADATA_SCHEMA,
                 "heartbeat_timeout": self.heartbeat_timeout_schema(),
                 "tags": TAGS_SCHEMA,
+                "notify": NOTIFY_SCHEMA,
             },
             "required": ["backend", "params"] if needs_params(backend) else ["backend"],
             "additionalProperties": False,

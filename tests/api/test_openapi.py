@@ -107,6 +107,11 @@ async def test_post_jobs_documents_each_backends_params(start_service):
     }
     assert request["discriminator"] == {"propertyName": "backend", "mapping": variants}
     assert sorted(r["$ref"] for r in request["oneOf"]) == sorted(variants.values())
+    for example in media["examples"].values():  # each names only fields its variant has
+        variant = schemas[variants[example["value"]["backend"]].rsplit("/", 1)[1]]
+        assert variant["additionalProperties"] is False
+        assert set(example["value"]) <= set(variant["properties"]), example
+    assert "notify" in schemas["HttpWebhookJobRequest"]["properties"]
     webhook = schemas["HttpWebhookJobRequest"]
     assert webhook["additionalProperties"] is False
     assert webhook["required"] == ["backend", "params"]
