@@ -154,7 +154,7 @@ BLOCKS = ("result", "error", "progress", "params", "metadata", "external", "noti
 """A job's fields shown as JSON on its page, in this order."""
 FIELDS = frozenset(
     {"id", "backend", "state", "timeout", "created_at", "updated_at", "finished_at"}
-    | {"heartbeat_timeout", "heartbeat_at", "attempt", "tags"}
+    | {"heartbeat_timeout", "heartbeat_at", "attempt", "tags", "deadline"}
 )
 """A job's fields shown in its page's list; any other (one added later) is a
 JSON block after `BLOCKS`."""

@@ -184,6 +184,7 @@
       setTime("updated_at", job.updated_at);
       setTime("finished_at", job.finished_at);
       setTime("heartbeat_at", job.heartbeat_at);
+      setTime("deadline", job.deadline);
       const tagged = document.querySelector('[data-field="tags"]');
       if (tagged) tagged.replaceChildren(...tags(job));
       const run = document.querySelector('[data-field="run_page_url"]');

@@ -204,6 +204,10 @@ def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Re
     assert job["attempt"] == 2
     expect(page.locator('[data-field="state"]')).to_have_text("failed")
     expect(page.locator(".event.type-finished .attempt")).to_have_text(["attempt 1", "attempt 2"])
+    # the deadline is a time in the list, moved by the retry, not a JSON block
+    deadline = page.locator('time[data-field="deadline"]')
+    expect(deadline).to_have_attribute("datetime", job["deadline"])
+    expect(page.locator('[data-block="deadline"]')).to_have_count(0)
 
 
 def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):
