@@ -169,7 +169,9 @@ async def test_a_trigger_refused_with_4xx_keeps_the_receivers_reason(start_servi
     assert len(reason) == 1024 - len(token) + len("***") - 2  # 1 KiB, "\n  " folded to " "
 
 
-async def test_a_url_with_credentials_is_refused_without_echoing_them(start_service, receiver):
+async def test_hook_check_new_params_refuses_credentials_without_echoing_them(
+    start_service, receiver
+):
     """Params are stored and shown with the job: `user:password@` in a URL
     would put a credential in the job record, so it is refused (the service's
     `auth` credentials are the way), and the refusal does not repeat it."""

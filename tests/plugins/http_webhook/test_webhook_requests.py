@@ -237,7 +237,7 @@ CREDENTIALED = ("http://u:pw@x/p", "https://token@x", "http://@x", "hTTpS://u:p@
 
 @pytest.mark.parametrize("name", ["url", "cancel_url", "status_url"])
 @pytest.mark.parametrize("url", CREDENTIALED)
-def test_hook_check_new_params_refuses_credentials_in_a_new_jobs_urls(name: str, url: str):
+def test_credentials_in_a_new_jobs_urls_are_refused_stored_ones_kept(name: str, url: str):
     """A new job's URL with `user:password@` is refused (it would be stored and
     shown with the job); a job stored before keeps it: its params convert."""
     params = {"url": "http://x", name: url}
@@ -248,7 +248,7 @@ def test_hook_check_new_params_refuses_credentials_in_a_new_jobs_urls(name: str,
     assert str(refused.value) == f"{name} {NO_USER}"
 
 
-def test_hook_check_new_params_takes_an_at_sign_past_the_host():
+def test_an_at_sign_past_the_host_is_no_credential():
     for url in ("http://x/a@b", "http://x?c=d@e", "http://x#f@g", "https://[::1]:9/p@q"):
         HttpWebhook().check_new_params(msgspec.convert({"url": url}, WebhookParams))
 
