@@ -47,7 +47,8 @@ async def test_hostile_job_requests_are_refused_and_change_nothing(
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
     if status == 400:
-        assert response.json()["error"]["details"] == {"field": "body", "in": "body"}
+        field = "timeout" if b"1e400" in body else "body"  # out of range: its field is named
+        assert response.json()["error"]["details"] == {"field": field, "in": "body"}
     assert (await svc.client.get("/jobs")).json()["items"] == []
     assert receiver.hits == []
 
