@@ -22,7 +22,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
-from core.callbacks import Heartbeat
+from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound
 from core.events import KEEP_ALIVE
 from core.models import (
@@ -159,10 +159,6 @@ JSON_ONLY = guarding(require_json)
 """A route's `middleware=`: its body must be JSON (`require_json`)."""
 
 
-def _why(exc: Exception) -> str:
-    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-
-
 @overload
 async def strict_body[T](request: Request[Any, Any, Any], kind: type[T], empty: str) -> T: ...
 @overload
@@ -193,7 +189,7 @@ async def strict_body[T](
         raise MalformedBody(f"{about}: {text.split(' - at `')[0]}", details) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         details = {"field": "body", "in": "body"}
-        raise MalformedBody(f"the body is not valid JSON: {_why(exc)}", details) from None
+        raise MalformedBody(f"the body is not valid JSON: {not_json(exc)}", details) from None
 
 
 CHANGES_POLL = 1.0

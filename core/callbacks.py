@@ -254,14 +254,19 @@ class Callbacks:
             ) from None
 
 
+def not_json(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
+    """Why msgspec could not read a body as JSON, in words: bytes that are
+    not UTF-8 inside a string raise `UnicodeDecodeError`, not `DecodeError`."""
+    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+
+
 def decode_json(what: str, body: bytes, empty: Any) -> Any:
     """A `what` body's JSON; `empty` for a body of white space only."""
     try:
         return msgspec.json.decode(body) if body.strip() else empty
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
-        why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
         raise MalformedBody(
-            f"the {what} body is not valid JSON: {why}", {"field": "body"}
+            f"the {what} body is not valid JSON: {not_json(exc)}", {"field": "body"}
         ) from None
     except RecursionError:
         raise MalformedBody(
