@@ -45,7 +45,7 @@ from core.plugins import Plugins
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
-from core.views import view
+from core.views import backend_view, view
 
 log = logging.getLogger("tether")
 
@@ -173,7 +173,9 @@ class Callbacks:
         if rec.finished or backend is None or rec.external is None:
             return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
         try:
-            found = await asyncio.wait_for(backend.check_status(view(rec)), CHECK_NOW_TIMEOUT)
+            found = await asyncio.wait_for(
+                backend.check_status(backend_view(rec)), CHECK_NOW_TIMEOUT
+            )
         except Exception as exc:
             log.warning(
                 "job %s: status check on a hint failed: %s",
@@ -235,7 +237,7 @@ class Callbacks:
         backend = self.plugins.backends.get(rec.backend)
         if backend is not None:
             try:
-                native = backend.parse_callback(view(rec), decoded)
+                native = backend.parse_callback(backend_view(rec), decoded)
             except ValueError as exc:
                 raise InvalidRequest(
                     f"invalid {rec.backend} callback: {exc}",

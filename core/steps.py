@@ -35,7 +35,7 @@ from core.settle import Settler, outcome_of, outcome_of_record
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
-from core.views import view
+from core.views import backend_view, view
 
 log = logging.getLogger("tether")
 
@@ -176,7 +176,7 @@ class JobSteps:
         to try again (canceled, timed out), the job's row: it is not tried
         again. Each failed try is a `trigger_failed` event."""
         trigger = Trigger(
-            job=view(rec),
+            job=backend_view(rec),
             params=params,
             promise_id=promise_id,
             callback_url=self.signer.url(promise_id),
@@ -239,7 +239,7 @@ class JobSteps:
         # (Its event past the history's bound, which a trigger never is: the state alone.)
         ended: dict[str, Any] = retried[0].data["previous"] if retried else {"state": "failed"}
         return msgspec.structs.replace(
-            view(rec),
+            backend_view(rec),
             attempt=rec.attempt - 1,
             state=ended["state"],
             external=ended.get("external"),
@@ -271,7 +271,7 @@ class JobSteps:
         backend = self.plugins.backends.get(rec.backend)
         if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
             try:
-                await backend.cancel(view(rec))
+                await backend.cancel(backend_view(rec))
             except Exception as exc:
                 log.warning(
                     "job %s: cancelling the external run failed: %s",

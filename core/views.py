@@ -3,7 +3,9 @@ the list cursor."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -18,12 +20,38 @@ def _dt(ms: int) -> datetime:
 
 
 def view(rec: JobRecord) -> Job:
-    """The job as clients (and backends) see it."""
+    """The job as clients see it (the API, the CLI, the dashboard, completion
+    notifications, `tether_job_finished`): its params `shown`."""
+    return _job(rec, shown(rec.params))
+
+
+def backend_view(rec: JobRecord) -> Job:
+    """The job as its backend sees it (a trigger, cancel, status check or
+    callback): its params as stored, which its requests may need."""
+    return _job(rec, rec.params)
+
+
+USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def shown(params: Any) -> Any:
+    """`params` with the `user:password@` of each URL among its values masked
+    (`http://***@host/…`). A new job carries none (`Backend.check_new_params`
+    refuses them); a job stored before that rule keeps its own for its
+    backend's requests, and clients never see it."""
+    if not isinstance(params, dict) or not any(
+        isinstance(v, str) and "@" in v for v in params.values()
+    ):
+        return params
+    return {k: USERINFO.sub(r"\1***@", v) if isinstance(v, str) else v for k, v in params.items()}
+
+
+def _job(rec: JobRecord, params: Any) -> Job:
     return Job(
         id=rec.id,
         backend=rec.backend,
         state=rec.state,
-        params=rec.params,
+        params=params,
         metadata=rec.metadata,
         timeout=float(rec.timeout),  # one type, however the row was read
         external=rec.external,

@@ -38,7 +38,7 @@ from core.settings import Settings
 from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
-from core.views import view
+from core.views import backend_view
 from core.workflow import ROOT_GRACE_MS
 
 log = logging.getLogger("tether")
@@ -237,7 +237,7 @@ class Watchdog:
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        found = await backend.check_status(view(rec))
+        found = await backend.check_status(backend_view(rec))
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
             await self.store.jobs.record(rec.id, [said], now_ms(), learnt(rec, found))
@@ -266,7 +266,7 @@ class Watchdog:
         if backend is not None and rec.external is not None:
             try:
                 found = await asyncio.wait_for(
-                    backend.check_status(view(rec)), HEARTBEAT_CHECK_TIMEOUT
+                    backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
                 )
             except Exception as exc:
                 log.warning(

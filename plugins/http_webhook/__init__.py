@@ -83,7 +83,7 @@ HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\x00-\x20\x7f]+(?:[/?#]|$)
 """An absolute http(s) URL: the scheme (any case), `://` and a host. In the
 params' schema and checked with it, so what the schema allows is accepted. A
 new job's URLs may not carry `user:password@` (`HttpWebhook.check_new_params`);
-jobs stored before that rule keep theirs until they end."""
+jobs stored before that rule keep theirs for their requests (clients see `***@`)."""
 MAX_INTERVAL = 86400.0
 """The longest `status_interval`, a day: checks back off to ten times it."""
 

@@ -443,6 +443,50 @@ async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiv
     assert (await svc.client.post("/jobs/nope/cancel")).status_code == 404
 
 
+async def test_a_job_stored_with_credentials_in_its_urls_never_shows_them(
+    start_service, receiver, monkeypatch
+):
+    """A job stored before new jobs' URLs were refused `user:password@` keeps
+    them for its own requests (the trigger, the status check and the cancel
+    carry them), while the API shows `***@` in their place."""
+    monkeypatch.setattr(HttpWebhook, "check_new_params", lambda self, params: None)  # the old rule
+    receiver.respond = lambda hit: (
+        (200, {"status": "running"}) if hit.path == "/status" else (202, {"accepted": True})
+    )
+    svc = await start_service()
+    port = receiver.port
+    params = {
+        "url": f"http://u:pw@127.0.0.1:{port}/hook",
+        "cancel_url": f"http://tok@127.0.0.1:{port}/cancel",
+        "status_url": f"HTTP://u:pw@127.0.0.1:{port}/status?a=b@c",
+        "status_interval": 0.1,
+        "payload": "mail me at a@b.example",
+    }
+    created = await svc.client.post(
+        "/jobs", json={"id": "old", "backend": "http_webhook", "params": params}
+    )
+    assert created.status_code == 201, created.text
+    shown = {
+        **params,
+        "url": f"http://***@127.0.0.1:{port}/hook",
+        "cancel_url": f"http://***@127.0.0.1:{port}/cancel",
+        "status_url": f"HTTP://***@127.0.0.1:{port}/status?a=b@c",
+    }
+    assert created.json()["params"] == shown
+    await svc.wait_state("old", "running")
+    await eventually(lambda: receiver.on("/status?a=b@c"), timeout=10)
+    listed = (await svc.client.get("/jobs")).json()["items"]
+    canceled = await svc.client.post("/jobs/old/cancel")
+    await eventually(lambda: receiver.on("/cancel"), timeout=10)
+    for job in (await svc.job("old"), listed[0], canceled.json()):
+        assert job["params"] == shown
+    basic = "Basic dTpwdw=="  # u:pw, sent by the backend from the URL as stored
+    assert receiver.on("/hook")[0].headers["authorization"] == basic
+    assert receiver.on("/status?a=b@c")[0].headers["authorization"] == basic
+    assert receiver.on("/cancel")[0].headers["authorization"] == "Basic dG9rOg=="  # tok:
+    assert "pw" not in (await svc.client.get("/jobs/old/events")).text
+
+
 async def test_cancel_keeps_the_reason_on_the_job(start_service, receiver):
     svc = await start_service()
     for job_id in ("r", "n", "e"):

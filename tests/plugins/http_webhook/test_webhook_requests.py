@@ -22,7 +22,7 @@ from core.models import ErrorInfo, Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import env_names, unknown_env
 from core.store.jobs import JobRecord, now_ms
-from core.views import view
+from core.views import shown, view
 from plugins.http_webhook import (
     AUTH_PREFIX,
     DRAIN_LIMIT,
@@ -251,6 +251,18 @@ def test_credentials_in_a_new_jobs_urls_are_refused_stored_ones_kept(name: str, 
 def test_an_at_sign_past_the_host_is_no_credential():
     for url in ("http://x/a@b", "http://x?c=d@e", "http://x#f@g", "https://[::1]:9/p@q"):
         HttpWebhook().check_new_params(msgspec.convert({"url": url}, WebhookParams))
+
+
+@pytest.mark.parametrize("url", CREDENTIALED)
+def test_a_stored_credential_is_shown_masked(url: str):
+    """What clients see of a job stored before the rule (`core.views.shown`):
+    the credential, not the rest of the URL or anything else, masked."""
+    params = {"url": url, "cancel_url": "http://x/a@b?c=d@e#f@g", "payload": "a@b", "timeout": 5}
+    host = url.rpartition("@")[2]
+    assert shown(params) == {**params, "url": f"{url.partition('://')[0]}://***@{host}"}
+    assert shown({"nested": {"url": url}, "list": [url]}) == {"nested": {"url": url}, "list": [url]}
+    assert shown([url]) == [url] and shown(None) is None
+    assert shown(params) is not params and params["url"] == url  # the stored params untouched
 
 
 @pytest.mark.parametrize(
