@@ -5,6 +5,7 @@ this machine (serve, gc, the store's files, plugins) and the client verbs of
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import importlib.metadata
 import logging
@@ -192,12 +193,16 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         raise Refused(
             "memory:// lives in one process; use --workers 1, or sqlite:///PATH for several workers"
         )
+    # The address first: one in use is refused before start-up opens (and
+    # perhaps migrates) the store.
+    sock = listening_socket(settings.host, settings.port, "--port" if port is not None else "")
     plugins = Plugins(make_plugin_manager())
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("unknown setting %s is ignored%s", name, hint)
     problem = asyncio.run(preflight(settings, plugins))
     if problem:
+        sock.close()
         raise Refused(problem)
     log.info("%s", startup_line(settings, plugins, workers))
     import uvicorn
@@ -218,17 +223,36 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     from api.server import Supervisor, TetherServer  # uvicorn's, waking less when idle
 
     if workers <= 1:
+        sock.close()  # uvicorn binds its own (and logs where it listens)
         TetherServer(config).run()
         return
-    # Several workers share one listening socket. Made here with IPPROTO_TCP
-    # (uvicorn's own has proto 0), so asyncio turns on TCP_NODELAY for each
-    # connection; without it every response waits ~40 ms on Nagle's algorithm.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.set_inheritable(True)
+    sock.set_inheritable(True)  # several workers share it
     with multiprocess_dir(workers):  # the workers read it as they start
         Supervisor(config, sockets=[sock]).run()
+
+
+def listening_socket(host: str, port: int, flag: str) -> socket.socket:
+    """A socket bound to `host`:`port`, or `Refused` naming why not (in use,
+    not an address of this machine) and the setting to change (`flag` when
+    the port was given as one). Made with IPPROTO_TCP (uvicorn's own has
+    proto 0), so asyncio turns on TCP_NODELAY for each connection; without
+    it every response waits ~40 ms on Nagle's algorithm."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            why = f"{where} is already in use (another tether serve?): choose another port"
+            setting = f"{flag} or {PREFIX}PORT" if flag else f"{PREFIX}PORT or --port"
+        else:
+            why = f"cannot listen on {where}: {exc.strerror or exc}"
+            setting = f"{PREFIX}HOST / {PREFIX}PORT or --host / --port"
+        raise Refused(f"{why} ({setting})") from None
+    return sock
 
 
 @cli.command()

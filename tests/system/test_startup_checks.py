@@ -5,11 +5,13 @@ refusal to hand out callback URLs on a wildcard address."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
@@ -38,6 +40,47 @@ def test_a_wildcard_host_without_a_public_url_is_refused(tmp_path: Path):
         assert done.returncode == 2, done.stderr
         assert "every interface" in done.stderr and "TETHER_PUBLIC_URL" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_address_in_use_is_refused_before_the_store_is_touched(tmp_path: Path, workers: str):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for args, env, named in (
+            (["--port", str(port)], {}, "(--port or TETHER_PORT)"),
+            ([], {"TETHER_PORT": str(port)}, "(TETHER_PORT or --port)"),
+        ):
+            done = subprocess.run(
+                [TETHER, "serve", "--workers", workers, *args],
+                env={**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db", **env},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert done.returncode == 2, done.stderr
+            assert done.stderr == (
+                f"tether: 127.0.0.1:{port} is already in use (another tether serve?):"
+                f" choose another port {named}\n"
+            )
+            assert list(tmp_path.iterdir()) == []  # no store made, nothing migrated
+    finally:
+        taken.close()
+
+
+def test_an_address_not_of_this_machine_is_refused_naming_it(tmp_path: Path):
+    done = subprocess.run(
+        [TETHER, "serve", "--host", "nohost.invalid", "--port", str(free_port())],
+        env={**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("tether: cannot listen on nohost.invalid:"), done.stderr
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_a_wildcard_host_with_a_public_url_starts(tmp_path: Path):
