@@ -131,7 +131,7 @@ class Tether:
             max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
         )
-        self._settler = Settler(r, self.jobs, self.settings.max_result_bytes)
+        self._settler = Settler(r, self.jobs, self.settings.max_result_bytes, self.signer.tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
         workflow.register(r, steps)
         self._target = conn.resolve_target(self.settings.group)

@@ -31,6 +31,7 @@ from resonate_base import ConnectorError
 from core.bounds import bound_outcome
 from core.errors import NotFound, StoreUnavailable
 from core.models import OPEN_STATES, ErrorInfo, Outcome
+from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.workflow import callback_promise_id
@@ -86,15 +87,35 @@ def judge(status: str, same: bool) -> SettleResult:
     return "duplicate" if same else "conflict"
 
 
+def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
+    result = redact_value(outcome.result, secrets)
+    error = outcome.error
+    if error is not None:
+        message, kind = redact_value([error.message, error.type], secrets)
+        if message is not error.message or kind is not error.type:
+            error = ErrorInfo(message=message, type=kind)
+    if result is outcome.result and error is outcome.error:
+        return outcome
+    return Outcome(status=outcome.status, result=result, error=error)
+
+
 class Settler:
     def __init__(
-        self, resonate: Resonate, jobs: JobIndex, max_result_bytes: int | None = None
+        self,
+        resonate: Resonate,
+        jobs: JobIndex,
+        max_result_bytes: int | None = None,
+        tokens: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.resonate = resonate
         self.jobs = jobs
         self.max_result_bytes = max_result_bytes
         """`TETHER_MAX_RESULT_BYTES`: every outcome is cut to it before it is
         stored (`core.bounds`); None: no bound."""
+        self.tokens = tokens
+        """The callback tokens of a promise (`CallbackSigner.tokens`): masked
+        in every outcome before it is stored, wherever it came from (a run's
+        error may quote the callback URL it was given)."""
 
     async def settle(
         self,
@@ -114,13 +135,13 @@ class Settler:
         retried since); None: the one the job is at now. The outcome is
         bounded first (`max_result_bytes`): nothing larger is ever stored.
         """
-        outcome = bound_outcome(outcome, self.max_result_bytes)
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
             if current is None:
                 raise NotFound(f"no job {job_id!r}")
             attempt = current.attempt
         promise_id = callback_promise_id(job_id, attempt)
+        outcome = self._kept(outcome, promise_id)
         nonce = uuid.uuid4().hex
         value = settled_value(outcome, by, nonce)
         for _ in range(UNBORN_PROMISE_TRIES):
@@ -151,6 +172,13 @@ class Settler:
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
         return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt)
+
+    def _kept(self, outcome: Outcome, promise_id: str) -> Outcome:
+        """What is stored of `outcome`: its callback tokens masked, before
+        the bound (whole) and after it (one cut at the end of a preview)."""
+        tokens = self.tokens(promise_id) if self.tokens is not None else []
+        outcome = _redacted(outcome, tokens)
+        return _redacted(bound_outcome(outcome, self.max_result_bytes), tokens)
 
     async def _end(
         self,

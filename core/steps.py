@@ -30,6 +30,7 @@ from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
 from core.plugins import Plugins
+from core.redact import redact, redact_bytes
 from core.settings import Settings
 from core.settle import Settler, outcome_of, outcome_of_record
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -186,7 +187,7 @@ class JobSteps:
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
-        token = self.signer.token(promise_id)
+        tokens = self.signer.tokens(promise_id)
         previous = None if rec.attempt == 1 else await self._previous(rec)
         for attempt in range(1, attempts + 1):
             try:
@@ -195,12 +196,10 @@ class JobSteps:
                 else:
                     started = await backend.rerun(trigger, previous)
                 receipt = msgspec.json.encode(dict(started))
-                redacted: dict[str, Any] = msgspec.json.decode(
-                    receipt.replace(token.encode(), b"***")
-                )
+                redacted: dict[str, Any] = msgspec.json.decode(redact_bytes(receipt, tokens))
                 return redacted, attempt
             except BackendError as exc:
-                exc.message = exc.message.replace(token, "***")
+                exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
                     await self._trigger_failed(rec, attempt, error, None)
@@ -208,7 +207,7 @@ class JobSteps:
                 wait = max(delay, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
-                message = f"{type(exc).__name__}: {exc}".replace(token, "***")
+                message = redact(f"{type(exc).__name__}: {exc}", tokens)
                 error = {"type": type(exc).__name__, "message": message}
                 if attempt == attempts:
                     await self._trigger_failed(rec, attempt, error, None)

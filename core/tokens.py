@@ -38,6 +38,11 @@ class CallbackSigner:
         digest = hmac.new(self._key, b"tether-callback:" + promise_id.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
+    def tokens(self, promise_id: str) -> list[str]:
+        """`promise_id`'s token under the secret and under each previous one:
+        every token a URL handed out for it may carry (what to mask)."""
+        return [signer.token(promise_id) for signer in (self, *self._previous)]
+
     def verify(self, promise_id: str, token: str | None) -> bool:
         """Whether `token` is `promise_id`'s token under the secret or a previous
         one. Every candidate is compared, whichever matches, so the time taken

@@ -64,6 +64,7 @@ from core.plugin import (
     Trigger,
     callback_promise_id,
     hookimpl,
+    redact_bytes,
 )
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -395,12 +396,10 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def _scrub(body: bytes, authorization: str | None) -> bytes:
-    """`body` without the `Authorization` value, nor its credentials alone (what
-    follows the scheme)."""
-    for secret in (authorization, (authorization or "").partition(" ")[2].strip()):
-        if secret:
-            body = body.replace(secret.encode(), b"***")
-    return body
+    """`body` without the `Authorization` value in any form a receiver may
+    echo it (its credentials alone, JSON-escaped, percent-encoded, a Basic
+    one decoded: `core.redact.forms`)."""
+    return redact_bytes(body, [authorization]) if authorization else body
 
 
 def _host(url: str) -> str:

@@ -143,19 +143,26 @@ async def test_hook_trigger_errors_never_keep_the_callback_token(start_service):
         params_type = Params
 
         async def trigger(self, trigger: Any) -> dict[str, Any]:
+            cut = trigger.job.metadata.get("cut")
+            if cut:  # an answer quoting the URL, cut to a limit inside its token
+                raise BackendError(f"refused: {trigger.callback_url[:cut]}")
             if trigger.job.metadata.get("typed"):
                 raise BackendError(f"refused {trigger.callback_url}")
             raise RuntimeError(f"could not reach {trigger.callback_url}")
 
     svc = await start_service(plugins=[Offers(Quoting())], trigger_attempts=1)
-    for job_id, metadata in (("plain", {}), ("typed", {"typed": True})):
+    url = svc.tether.signer.url("cut:1")
+    cut = len(url) - 23  # the token's first 20 characters
+    for job_id, metadata in (("plain", {}), ("typed", {"typed": True}), ("cut", {"cut": cut})):
         await svc.client.post(
             "/jobs", json={"id": job_id, "backend": "quoting", "metadata": metadata}
         )
         job = await svc.wait_state(job_id, "failed")
         message = job["error"]["message"]
         assert "/callbacks/" in message and "token=***" in message, message
-        assert svc.tether.signer.token(f"{job_id}:1") not in message
+        token = svc.tether.signer.token(f"{job_id}:1")
+        events = (await svc.client.get(f"/jobs/{job_id}/events")).text
+        assert token[:4] not in message and token[:4] not in events
 
 
 async def test_hook_parse_callback_errors_become_422(start_service):

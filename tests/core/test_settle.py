@@ -20,6 +20,7 @@ import core.settle
 from core.bounds import bound_result
 from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
+from core.redact import MIN_CUT
 from core.settle import (
     Settler,
     judge,
@@ -29,6 +30,7 @@ from core.settle import (
     store_call,
 )
 from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, open_parts
 
@@ -536,3 +538,44 @@ async def test_every_outcome_is_cut_to_the_result_bound_before_it_is_stored(part
     assert result == "accepted"
     assert rec.result == bound_result(big.result, 64) != big.result
     assert (await parts.promise("j")).value.data["result"] == rec.result
+
+
+async def test_no_outcome_keeps_a_callback_token_whole_or_cut(parts: Parts):
+    """A run's error may quote the callback URL it was given (a notebook's
+    `HTTPError … for url: <callback_url>`), under the current secret or a
+    previous one; a result's preview may end inside a token. Every outcome is
+    stored without them, whoever reports it."""
+    signer = CallbackSigner("new-secret", "http://t", previous=["old-secret"])
+    settler = Settler(parts.resonate, parts.jobs, max_result_bytes=200, tokens=signer.tokens)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    new, old = signer.tokens(callback_promise_id("j", 1))
+    url = signer.url(callback_promise_id("j", 1))
+    failed = Outcome(
+        status="failed",
+        result={"failed_tasks": [{"error": f"502 for url: {url}", old: ["a", old[:20]]}]},
+        error=ErrorInfo(message=f"HTTPError for url: {url}, then ...?token={old}", type=new),
+    )
+
+    result, rec = await settler.settle("j", failed, by="status_check")
+
+    assert result == "accepted"
+    stored = [rec.result, rec.error, (await parts.promise("j")).value.data]
+    text = str(stored)
+    assert new[:MIN_CUT] not in text and old[:MIN_CUT] not in text
+    assert rec.error == ErrorInfo(
+        message="HTTPError for url: http://t/callbacks/j%3A1?token=***, then ...?token=***",
+        type="***",
+    )
+    assert rec.result == {
+        "failed_tasks": [
+            {"error": "502 for url: http://t/callbacks/j%3A1?token=***", "***": ["a", "***"]}
+        ]
+    }
+    # A long result's preview, cut inside a token, keeps none of it.
+    await parts.add_job("k", state="running")
+    await parts.add_promise("k")
+    token = signer.token(callback_promise_id("k", 1))
+    long = Outcome(status="succeeded", result="x" * 120 + token + "y" * 1000)
+    _, cut = await settler.settle("k", long, by="callback")
+    assert cut.result["truncated"] and token[:MIN_CUT] not in cut.result["preview"]

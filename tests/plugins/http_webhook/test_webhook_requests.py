@@ -930,6 +930,34 @@ async def test_a_receiver_echoing_the_credential_gets_it_into_no_receipt_or_erro
     )
 
 
+@pytest.mark.parametrize(
+    ("credential", "echoed"),
+    [
+        ("Bearer s3cr3t/t0k+en=", '{"got": "Bearer s3cr3t\\/t0k+en="}'),  # PHP's json_encode
+        ("Bearer s3cr3t/t0k+en=", "token=s3cr3t%2Ft0k%2Ben%3D"),  # percent-encoded
+        ("Bearer s3cr3t-t0k\u00e9n", '{"got": "s3cr3t-t0k\\u00e9n"}'),  # JSON's \u escape
+        ("Basic aG9va3VzZXI6czNjcjN0cHc=", "credentials hookuser:s3cr3tpw not accepted"),
+        ("Basic aG9va3VzZXI6czNjcjN0cHc=", "wrong password s3cr3tpw"),
+    ],
+)
+async def test_a_credential_echoed_in_another_form_is_kept_out_of_the_error(
+    server, credential: str, echoed: str
+):
+    backend = HttpWebhook({f"{AUTH_PREFIX}PARTNER": credential})
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=403, text=echoed)
+
+    server.answers["/hook"] = respond
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(authed_trigger(backend, url=server.url("/hook"), auth="PARTNER"))
+    await backend.close()
+    message = raised.value.message
+    assert message.startswith(f"POST {host_of(server)} answered 403: ") and "***" in message
+    for part in ("s3cr3t", "aG9va3VzZXI6", "hookuser:"):
+        assert part not in message
+
+
 async def test_a_status_answer_echoing_the_credential_settles_without_it(server, authed):
     async def respond(request: web.Request) -> web.StreamResponse:
         return web.json_response(

@@ -1,0 +1,104 @@
+"""Secrets out of what Tether keeps and shows: a text from outside (a
+receiver's answer, a run's state message, an error) may quote a secret Tether
+sent, in more forms than the one it sent.
+
+`redact` masks each form `forms` knows, and a secret's beginning left at the
+text's end by a cut (an error cut to its limit before it got here). The
+secrets are the callback tokens a job's URLs carry (`CallbackSigner.tokens`)
+and the `Authorization` values backends send (http_webhook's credentials).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+
+MASK = "***"
+MIN_CUT = 4
+"""The fewest characters of a secret's beginning, at the end of a text, that
+are masked as a cut secret: fewer tell next to nothing of it, and would mask
+ordinary text that happens to end like one."""
+
+
+def forms(secret: str) -> list[str]:
+    """The ways a text may quote `secret`, longest first: as it is; escaped as
+    JSON writes it (also with `/` as `\\/`, as PHP's json_encode does);
+    percent-encoded; and for an `Authorization` value, its credentials alone
+    (what follows the scheme) and for `Basic` their decoded `user:password`
+    and the password."""
+    found = {secret}
+    scheme, _, credentials = secret.partition(" ")
+    credentials = credentials.strip()
+    if credentials:
+        found.add(credentials)
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                decoded = ""
+            if decoded:
+                found.add(decoded)
+                password = decoded.partition(":")[2]
+                if len(password) >= MIN_CUT:
+                    found.add(password)
+    for form in list(found):
+        escaped = json.dumps(form)[1:-1]
+        found.update((escaped, escaped.replace("/", "\\/"), quote(form, safe="")))
+    return sorted((f for f in found if f), key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every form of each of `secrets` masked, and a secret's
+    beginning (at least `MIN_CUT` characters of one of its forms) at its end."""
+    for secret in secrets:
+        if not secret:
+            continue
+        for form in forms(secret):
+            text = text.replace(form, MASK)
+        for form in forms(secret):
+            for size in range(len(form) - 1, MIN_CUT - 1, -1):
+                if text.endswith(form[:size]):
+                    text = text[:-size] + MASK
+                    break
+    return text
+
+
+def redact_value(value: Any, secrets: Sequence[str]) -> Any:
+    """`value` (JSON: a result, an error) with `redact` applied to each string
+    in it, keys too; `value` itself when none mentions a secret (the usual
+    case, found with one look at its JSON)."""
+    if not secrets or not _mentions(msgspec.json.encode(value), secrets):
+        return value
+    return _walk(value, secrets)
+
+
+def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
+    """Whether `data` holds the beginning of a form of a secret: every whole
+    and every cut quote of one does."""
+    return any(form[:MIN_CUT].encode() in data for s in secrets if s for form in forms(s))
+
+
+def _walk(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [_walk(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {_walk(k, secrets): _walk(v, secrets) for k, v in value.items()}
+    return value
+
+
+def redact_bytes(data: bytes, secrets: Iterable[str]) -> bytes:
+    """`redact` for bytes that are not yet text (an answer's body before it is
+    decoded): each form's UTF-8 masked. No cut end: the bytes are whole."""
+    for secret in secrets:
+        if secret:
+            for form in forms(secret):
+                data = data.replace(form.encode(), MASK.encode())
+    return data
