@@ -1,7 +1,8 @@
 """The access log: one line per request on the `tether.access` logger.
 
 `GET /jobs 200 3.1 ms`: method, path *without* the query string (callback
-tokens travel in it as `?token=`), status, milliseconds. A callback refused
+tokens travel in it as `?token=`; a `?` percent-encoded into the path cuts it
+too, `shown_path`), status, milliseconds. A callback refused
 with 401 or 404 gets a warning naming the promise id and the client's address,
 so an operator can tell a misconfigured caller from a probe; the token is never
 logged (neither the query string nor the `Authorization` header is read here).
@@ -62,10 +63,10 @@ def log_request(scope: Any, status: int, seconds: float) -> None:
 
 
 def _log(scope: Any, status: int, ms: float) -> None:
-    path: str = scope["path"]
+    path = shown_path(scope["path"])
     log.info(LINE, scope["method"], path, status, ms)  # no caller lookup: api.logs.lean_records
     if status in (401, 404) and path.startswith(CALLBACKS):
-        promise_id = path[len(CALLBACKS) :].split("/", 1)[0]
+        promise_id = path[len(CALLBACKS) :].split("/", 1)[0].removesuffix("?…")
         log.warning(
             "callback for promise %r refused (%d) from %s",
             promise_id,
@@ -73,6 +74,23 @@ def _log(scope: Any, status: int, ms: float) -> None:
             _client(scope),
             extra={"promise_id": promise_id},
         )
+
+
+CALLBACK_ROUTES = ("", "heartbeat", "notifications")
+"""What may follow `/callbacks/<id>/`: the routes' own words."""
+
+
+def shown_path(path: str) -> str:
+    """The (decoded) path as it is logged: cut at a `?` in it (a callback URL
+    whose `?token=` was percent-encoded into the path: `%3Ftoken%3D…`), shown
+    as `?…`; and under `/callbacks/`, anything past the id that is not a
+    route's own word shown as `/…` (a token put in the path)."""
+    path, query, _ = path.partition("?")
+    if path.startswith(CALLBACKS):
+        head, _, rest = path[len(CALLBACKS) :].partition("/")
+        if rest not in CALLBACK_ROUTES:
+            return f"{CALLBACKS}{head}/…"
+    return f"{path}?…" if query else path
 
 
 def _client(scope: Any) -> str:

@@ -62,6 +62,31 @@ async def test_one_line_per_request_without_the_query_string(start_service, acce
         assert secret not in text
 
 
+async def test_a_token_in_the_path_is_not_logged(start_service, access):
+    """A caller that percent-encodes the whole callback URL sends its
+    `?token=` inside the path; one that puts the token in a path segment
+    sends it past the id: neither shows in the log."""
+    svc = await start_service()
+    token = svc.tether.signer.token("a-ok:1")
+    for path in (
+        f"/callbacks/a-ok%3A1%3Ftoken%3D{token}",
+        f"/callbacks/a-ok:1/{token}",
+        f"/callbacks/a-ok:1/heartbeat%3Ftoken%3D{token}",
+        f"/jobs%3Ftoken%3D{token}",
+    ):
+        assert (await svc.client.post(path, json={})).status_code in (401, 404, 405)
+    lines = [line.rsplit(" ", 3)[0] for line in access if " INFO " in line]
+    assert lines == [
+        "tether.access INFO POST /callbacks/a-ok:1?…",
+        "tether.access INFO POST /callbacks/a-ok:1/…",
+        "tether.access INFO POST /callbacks/a-ok:1/heartbeat?…",
+        "tether.access INFO POST /jobs?…",
+    ]
+    warnings = [line for line in access if " WARNING " in line]
+    assert warnings and all("promise 'a-ok:1' refused" in line for line in warnings)
+    assert token not in "\n".join(access)
+
+
 async def test_tether_access_log_0_turns_it_off(start_service, access):
     assert Settings.from_env({"TETHER_ACCESS_LOG": "0"}).access_log is False
     assert Settings.from_env({}).access_log is True
