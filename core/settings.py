@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -25,24 +26,49 @@ OTHER_KNOWN = frozenset(
 the command line's own (`TETHER_URL`, the service a client command talks to)
 and the test suite's (`TETHER_TEST_*`)."""
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 """Hosts that listen on every interface: no external system can call back to them."""
+
+
+KEY_SECRET = re.compile(
+    r"(?i)\b(\w*(?:password|passfile|token|secret)\w*)\s*=\s*(?:'(?:[^'\\]|\\.)*'?|\S*)"
+)
+"""`password=…` in a libpq key/value string (`host=h password='a b'`)."""
+USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
 
 
 def describe(url: str) -> str:
     """`url` without credentials, fit for logs and errors: `user:password@`
     and the whole `?query` (libpq takes `?password=`) masked, a `#fragment`
-    dropped."""
-    parts = urlsplit(url)
+    dropped. Not a URL (a libpq `key=value` string): each secret-named
+    key's value masked. A URL Python cannot read (several hosts, a broken
+    `[`): its `user:password@` and query masked as text."""
+    if "://" not in url:
+        return KEY_SECRET.sub(r"\1=***", url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        rest, query, _ = url.partition("#")[0].partition("?")
+        return USERINFO.sub(r"\1***@", rest) + ("?***" if query else "")
     if not (parts.password or parts.username or parts.query or parts.fragment):
         return url
     netloc = parts.netloc
     if parts.password or parts.username:
         host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        netloc = f"***@{host}{port}"
+        netloc = f"***@{host}" + (f":{port}" if port else "")
     query = "?***" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
+def scheme_of(name: str, url: str) -> str:
+    """The scheme of setting `name`'s URL (lower case), or `ValueError`
+    naming the setting (its value `describe`d) when Python cannot read it."""
+    try:
+        return urlsplit(url).scheme
+    except ValueError as exc:
+        raise ValueError(f"{name}={describe(url)!r} is not a URL Tether can read: {exc}") from None
 
 
 SECRET_FIELDS = (
@@ -172,7 +198,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     group share the work."""
 
     log_level: str = "INFO"
-    """Python logging level of the service."""
+    """Python logging level of the service: one of `LOG_LEVELS`, in any case."""
 
     log_format: Literal["text", "json"] = "text"
     """`text`: readable lines; `json`: one JSON object per line (`ts`,
@@ -218,6 +244,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         limits_of(self.max_running)  # refuse a malformed limit at start-up
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(
+                f"invalid setting TETHER_LOG_LEVEL: {self.log_level!r}; use one of"
+                f" {', '.join(LOG_LEVELS)} (in any case)"
+            )
 
     @property
     def limits(self) -> dict[str, int]:

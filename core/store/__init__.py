@@ -24,10 +24,8 @@ Opening a store brings its tables to this code's schema version
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from core.errors import StoreConfigError
-from core.settings import Settings, describe
+from core.settings import Settings, describe, scheme_of
 from core.store.base import (
     STORE_CALL_TIMEOUT,
     STORE_WAIT,
@@ -54,7 +52,10 @@ async def open_store(settings: Settings, pid: str) -> Store:
     never shown)."""
     if settings.notify_secret:
         check_notify_secret(settings.notify_secret)
-    scheme = urlsplit(settings.store).scheme
+    try:
+        scheme = scheme_of("TETHER_STORE", settings.store)
+    except ValueError as exc:
+        raise StoreConfigError(str(exc)) from None
     if check_previous_notify_secrets(settings.notify_secret_previous) and not (
         settings.notify_secret or scheme in ("sqlite", "memory")
     ):

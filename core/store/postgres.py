@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 from resonate_pg import PostgresConnection, PsycopgSessions
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
+from core.redact import redact
 from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store, signing_secrets
 from core.store.jobs import now_ms
@@ -158,6 +159,22 @@ class PgSession:
         return await self.conn.execute(sql.replace("?", "%s"), args)
 
 
+def dsn_secrets(dsn: str) -> list[str]:
+    """What a libpq error about `dsn` may quote of its secrets: the password
+    of `user:password@` and of each `?password=`, as written and decoded, and
+    with its runs of spaces squeezed (as the error is shown)."""
+    try:
+        parts = urlsplit(dsn)
+        found = [parts.password or ""]
+    except ValueError:  # a URL Python cannot read: the text between `:` and `@`
+        found = [dsn.partition("://")[2].partition("@")[0].partition(":")[2]]
+        parts = urlsplit(dsn.partition("#")[0].replace("[", "").replace("]", ""))
+    found += [v for k, v in parse_qsl(parts.query) if "password" in k.lower()]
+    found += [unquote(f) for f in found]
+    found += [" ".join(f.split()) for f in found]
+    return [f for f in found if f]
+
+
 class PostgresDriver:
     """Runs the job index's SQL on a psycopg pool: each call on a connection
     of its own, committed when it returns."""
@@ -185,10 +202,8 @@ class PostgresDriver:
             conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=5)
             await conn.close()
         except psycopg.Error as exc:
-            reason = " ".join(str(exc).split())
-            password = urlsplit(self._dsn).password
-            if password:
-                reason = reason.replace(password, "***")
+            secrets = dsn_secrets(self._dsn)
+            reason = redact(" ".join(redact(str(exc), secrets).split()), secrets)
             raise StoreUnavailable(reason) from None
         await self._pool.open(wait=True, timeout=self._pool.timeout)
 

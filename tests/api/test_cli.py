@@ -134,6 +134,13 @@ def test_a_port_out_of_range_names_the_flag_or_the_variable_it_came_from() -> No
     assert both == "tether: invalid --port: Expected `int` <= 65535\n"
 
 
+def test_an_unknown_log_level_is_refused_naming_the_known_ones() -> None:
+    assert serve_refused(TETHER_LOG_LEVEL="TRACE") == (
+        "tether: invalid setting TETHER_LOG_LEVEL: 'TRACE'; use one of DEBUG, INFO, WARNING,"
+        " ERROR, CRITICAL (in any case)\n"
+    )
+
+
 def test_a_wildcard_host_names_the_flag_or_the_variable_it_came_from(tmp_path: Path) -> None:
     def refused(*args: str, **env: str) -> str:  # a process: serve has set up logging by then
         quiet = {

@@ -18,7 +18,9 @@ from api.app import create_app
 from api.cli import startup_line
 from core.plugin import Backend, hookimpl
 from core.plugins import Plugins, make_plugin_manager
+from core.redact import redact
 from core.settings import Settings, unknown_env
+from core.store.postgres import dsn_secrets
 from tests.conftest import free_port, test_settings
 from tests.process import TetherProcess
 from tests.system.test_startup import TETHER
@@ -127,6 +129,45 @@ def test_the_start_up_line_hides_store_credentials():
     assert "public URL https://t.example" in line
     assert "databricks (tether " in line and "http_webhook (tether " in line
     assert "3 worker(s)" in line
+
+
+@pytest.mark.parametrize(
+    ("store", "shown"),
+    [
+        ("host=db port=5432 password=pg-secret", "host=db port=5432 password=***"),
+        ("host=db password='pg secret' user=u", "host=db password=*** user=u"),
+        ("postgresql://u:pg-secret@h1:5432,h2:5433/db", "postgresql://***@h1:5432,h2:5433/db"),
+        ("postgresql://u:pg-secret@[::1/db?x", "'postgresql://***@[::1/db?***' is not a URL"),
+        ("postgresql://u:pg-secret@h:port/db", "postgresql://***@h:port/db"),
+        ("postgresql://h/db?password=pg-secret", "postgresql://h/db?***"),
+    ],
+)
+def test_a_store_setting_python_cannot_read_is_refused_without_its_password(
+    tmp_path: Path, store: str, shown: str
+):
+    done = subprocess.run(
+        [TETHER, "serve", "--port", str(free_port())],
+        env={**os.environ, "TETHER_STORE": store, "TETHER_CALLBACK_SECRET": "s" * 32},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert shown in done.stderr, done.stderr
+    assert "pg-secret" not in done.stderr and "pg secret" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_postgres_error_never_quotes_the_password():
+    for dsn in (
+        "postgresql://u:a%20%20b@h/db",
+        "postgresql://u@h/db?password=a%20%20b",
+        "postgresql://u:a  b@[::1/db",
+    ):
+        secrets = dsn_secrets(dsn)
+        error = 'invalid: unexpected spaces found in "a  b" (password "a b")'
+        assert "a b" not in redact(" ".join(redact(error, secrets).split()), secrets)
 
 
 class Params(msgspec.Struct):
