@@ -184,6 +184,29 @@ async def test_a_lost_callback_is_settled_from_the_run_state(
     assert len(workspace.runs) == 4
 
 
+async def test_a_run_error_quoting_its_callback_url_keeps_no_token(
+    start_databricks, workspace: FakeWorkspace
+):
+    """A notebook that failed calling back (`HTTPError: 502 … for url:
+    <callback_url>`) ends with that in its state message; the status check
+    that finds it stores the job's error, result and events without the token."""
+
+    def failing(ws: FakeWorkspace, run: Any) -> None:
+        run.start()
+        url = run.parameters["tether_callback_url"]
+        run.end("RUN_EXECUTION_ERROR", f"HTTPError: 502 Server Error: Bad Gateway for url: {url}")
+
+    workspace.notebooks["quoting"] = failing
+    workspace.add_job(1, notebook="quoting")
+    svc = await start_databricks()
+    await start_job(svc, "q", {"job_id": 1, "check_interval": 1})
+    job = await svc.wait_state("q", "failed", timeout=20)
+    token = svc.tether.signer.token("q:1")
+    assert "for url: " in job["error"]["message"] and "token=***" in job["error"]["message"]
+    events = (await svc.client.get("/jobs/q/events")).text
+    assert token[:4] not in str(job) and token[:4] not in events
+
+
 async def test_a_callback_and_a_status_check_racing_settle_once(
     start_databricks, workspace: FakeWorkspace, finished
 ):
