@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -26,12 +27,18 @@ are masked as a cut secret: fewer tell next to nothing of it, and would mask
 ordinary text that happens to end like one."""
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+")
+"""Characters neither JSON nor percent-encoding change."""
+
+
 def forms(secret: str) -> list[str]:
     """The ways a text may quote `secret`, longest first: as it is; escaped as
     JSON writes it (also with `/` as `\\/`, as PHP's json_encode does);
     percent-encoded; and for an `Authorization` value, its credentials alone
     (what follows the scheme) and for `Basic` their decoded `user:password`
     and the password."""
+    if _PLAIN.fullmatch(secret):  # a callback token: no other form
+        return [secret]
     found = {secret}
     scheme, _, credentials = secret.partition(" ")
     credentials = credentials.strip()

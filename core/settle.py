@@ -88,15 +88,17 @@ def judge(status: str, same: bool) -> SettleResult:
 
 
 def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
-    result = redact_value(outcome.result, secrets)
     error = outcome.error
-    if error is not None:
-        message, kind = redact_value([error.message, error.type], secrets)
-        if message is not error.message or kind is not error.type:
-            error = ErrorInfo(message=message, type=kind)
-    if result is outcome.result and error is outcome.error:
+    parts = [outcome.result, None if error is None else [error.message, error.type]]
+    redacted = redact_value(parts, secrets)
+    if redacted is parts:
         return outcome
-    return Outcome(status=outcome.status, result=result, error=error)
+    result, said = redacted
+    return Outcome(
+        status=outcome.status,
+        result=result,
+        error=None if said is None else ErrorInfo(message=said[0], type=said[1]),
+    )
 
 
 class Settler:
