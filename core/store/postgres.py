@@ -30,6 +30,26 @@ MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 """The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
 
+RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
+"""resonate-pg's functions the store calls (`resonate_pg.connection`)."""
+
+
+async def _check_resonate_schema(driver: PostgresDriver) -> None:
+    """`StoreConfigError` when the database lacks resonate-pg's schema: every
+    workflow request would fail (503) while `/health` said 200."""
+    rows = await driver.fetch(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'resonate' AND p.proname = ANY(?)",
+        (list(RESONATE_FUNCTIONS),),
+    )
+    missing = sorted(set(RESONATE_FUNCTIONS) - {name for (name,) in rows})
+    if missing:
+        raise StoreConfigError(
+            f"the database lacks resonate-pg's schema (no resonate.{', resonate.'.join(missing)}):"
+            ' apply resonate.sql to it first (docs/deploy.md, "The database")'
+        )
+
+
 class PostgresStore(Store):
     kind = "postgresql"
 
@@ -44,6 +64,7 @@ class PostgresStore(Store):
         driver = PostgresDriver(url)
         try:
             await driver.open()
+            await _check_resonate_schema(driver)
             await migrate(driver)
         except Exception as exc:
             await driver.close()
@@ -51,6 +72,9 @@ class PostgresStore(Store):
                 reason = exc.message
             elif isinstance(exc, StoreConfigError):
                 reason = str(exc)
+            elif isinstance(exc, psycopg.Error):  # e.g. no CREATE on the schema for its tables
+                secrets = dsn_secrets(url)
+                reason = f"{type(exc).__name__}: {redact(' '.join(str(exc).split()), secrets)}"
             else:
                 reason = type(exc).__name__
             raise StoreConfigError(
@@ -89,7 +113,13 @@ class PostgresStore(Store):
             )
         before, deleted = now_ms() - older_than_ms, 0
         while True:
-            rows = await driver.fetch("SELECT resonate.gc(?, ?)", (before, GC_BATCH))
+            try:
+                rows = await driver.fetch("SELECT resonate.gc(?, ?)", (before, GC_BATCH))
+            except psycopg.Error as exc:  # a user that may not delete resonate-pg's rows
+                raise InvalidRequest(
+                    f"resonate.gc failed: {' '.join(str(exc).split())}; run Tether as the"
+                    ' role that owns resonate-pg\'s tables (docs/deploy.md, "The database")'
+                ) from None
             count = int(rows[0][0])
             deleted += count
             if count < GC_BATCH:

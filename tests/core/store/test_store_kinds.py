@@ -55,6 +55,50 @@ async def test_the_postgres_store_refuses_retention_without_resonate_gc(fresh_pg
         await store.close()
 
 
+async def test_a_database_without_resonate_pg_is_refused_and_left_as_it_was(fresh_pg_url):
+    import psycopg
+
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA resonate CASCADE")
+    with pytest.raises(StoreConfigError) as raised:
+        await open_store(settings(fresh_pg_url, callback_secret="s"), "p1")
+    assert str(raised.value).endswith(
+        "the database lacks resonate-pg's schema (no resonate.dequeue_execute,"
+        " resonate.dequeue_unblock, resonate.resonate_rpc): apply resonate.sql to it first"
+        ' (docs/deploy.md, "The database")'
+    )
+    with psycopg.connect(fresh_pg_url) as conn:
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        assert tables.fetchall() == []  # nothing migrated
+
+
+async def test_retention_by_a_user_that_may_not_run_resonate_gc_says_so(fresh_pg_url):
+    import psycopg
+
+    store = await open_store(settings(fresh_pg_url, callback_secret="s"), "p1")
+    await store.close()
+    role = f"t29_{abs(hash(fresh_pg_url)) % 10**8}"
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.execute(f"GRANT USAGE ON SCHEMA resonate TO {role}")
+        conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA resonate TO {role}")
+    url = fresh_pg_url.replace("://postgres@", f"://{role}@", 1)
+    try:
+        store = await open_store(settings(url, callback_secret="s"), "p1")
+        try:
+            with pytest.raises(InvalidRequest, match=r"resonate.gc failed: permission denied"):
+                await store.delete_promises(86_400_000)
+        finally:
+            await store.close()
+    finally:
+        with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 async def test_the_postgres_store_opens_and_migrates(fresh_pg_url):
     store = await open_store(settings(fresh_pg_url, callback_secret="s"), "p1")
     try:
