@@ -32,7 +32,14 @@ from core.errors import StoreConfigError, StoreUnavailable, TetherError
 from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
-from core.settings import PREFIX, WILDCARD_HOSTS, Settings, describe, unknown_env
+from core.settings import (
+    MIN_RETENTION,
+    PREFIX,
+    WILDCARD_HOSTS,
+    Settings,
+    describe,
+    unknown_env,
+)
 from core.store.backup import Copied, StoreFileError, embedded_db
 from core.store.backup import backup as store_backup
 from core.store.backup import restore as store_restore
@@ -47,7 +54,6 @@ from core.store.embedded import (
     secret_path,
 )
 from core.views import duration
-from core.watchdog import MIN_RETENTION
 
 log = logging.getLogger("tether")
 
@@ -189,6 +195,13 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     problem = token_problem(settings)
     if problem:
         raise Refused(problem)
+    if not settings.public_url and shared_store(settings):
+        log.warning(
+            "TETHER_PUBLIC_URL is not set: callback URLs made here name this host (%s),"
+            " so a host that dies takes the way back to its jobs with it; set it, the same on"
+            " every host, to the load balancer's URL (docs/deploy.md)",
+            settings.base_url,
+        )
     if workers > 1 and settings.store.startswith("memory:"):
         raise Refused(
             "memory:// lives in one process; use --workers 1, or sqlite:///PATH for several workers"
@@ -638,6 +651,14 @@ async def preflight(settings: Settings, plugins: Plugins) -> str | None:
     finally:
         await tether.close()
     return None
+
+
+def shared_store(settings: Settings) -> bool:
+    """Whether other hosts may serve this store's jobs: a Postgres store, or
+    a Resonate server with its index in Postgres."""
+    return any(
+        url.startswith(("postgresql:", "postgres:")) for url in (settings.store, settings.index)
+    )
 
 
 def startup_line(settings: Settings, plugins: Plugins, workers: int) -> str:

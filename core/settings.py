@@ -26,6 +26,8 @@ OTHER_KNOWN = frozenset(
 the command line's own (`TETHER_URL`, the service a client command talks to)
 and the test suite's (`TETHER_TEST_*`)."""
 
+MIN_RETENTION = 86_400.0
+"""The shortest `TETHER_RETENTION` (and `tether gc --older-than`): a day."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 """Hosts that listen on every interface: no external system can call back to them."""
@@ -60,6 +62,21 @@ def describe(url: str) -> str:
         netloc = f"***@{host}" + (f":{port}" if port else "")
     query = "?***" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
+def _public_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # a port that is not a number raises
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not (parts.query or parts.fragment or "?" in url or "#" in url)
+        and not any(c.isspace() or ord(c) < 32 for c in url)
+    )
 
 
 def scheme_of(name: str, url: str) -> str:
@@ -244,6 +261,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         limits_of(self.max_running)  # refuse a malformed limit at start-up
+        if self.retention and not self.retention >= MIN_RETENTION:  # NaN too
+            raise ValueError(
+                f"invalid setting TETHER_RETENTION: {self.retention:g}; keep finished jobs at"
+                f" least {MIN_RETENTION:g} seconds (a day: within it, a duplicate start still"
+                " reattaches), or 0 to keep them forever"
+            )
+        if self.public_url and not _public_url_ok(self.public_url):
+            raise ValueError(
+                f"invalid setting TETHER_PUBLIC_URL: {describe(self.public_url)!r}; use the URL"
+                " external systems reach this service at: http(s)://HOST[:PORT][/PATH], with no"
+                " user:password@, ?query or #fragment"
+            )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(
                 f"invalid setting TETHER_LOG_LEVEL: {self.log_level!r}; use one of"

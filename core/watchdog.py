@@ -34,7 +34,7 @@ from core.callbacks import learnt, status_said
 from core.errors import InvalidRequest
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
-from core.settings import Settings
+from core.settings import MIN_RETENTION, Settings
 from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
@@ -47,8 +47,6 @@ WATCHDOG_BATCH = 200
 """Jobs one sweep looks at, at most."""
 WATCHDOG_CONCURRENCY = 16
 """Jobs one sweep looks at at once (status checks call backends)."""
-MIN_RETENTION = 86_400.0
-"""Finished jobs are kept at least a day: within it a duplicate start reattaches."""
 GC_EVERY = 3600.0
 """Seconds between retention runs of one process."""
 GC_BATCH = 500

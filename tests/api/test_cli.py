@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from api.cli import cli, main, version
 from api.client import COMMANDS as CLIENT_COMMANDS
+from core.settings import Settings
 from tests.conftest import free_port
 from tests.system.test_startup import TETHER
 
@@ -139,6 +140,39 @@ def test_an_unknown_log_level_is_refused_naming_the_known_ones() -> None:
         "tether: invalid setting TETHER_LOG_LEVEL: 'TRACE'; use one of DEBUG, INFO, WARNING,"
         " ERROR, CRITICAL (in any case)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "tether.example.com",
+        "ftp://tether.example.com",
+        "https://",
+        "https://tether.example.com/base?x=1",
+        "https://tether.example.com#top",
+        "https://u:pw@tether.example.com",
+        "https://tether.example.com:port",
+        "https://tether example.com",
+    ],
+)
+def test_a_public_url_external_systems_cannot_use_is_refused(url: str) -> None:
+    said = serve_refused(TETHER_PUBLIC_URL=url)
+    assert said.startswith("tether: invalid setting TETHER_PUBLIC_URL: "), said
+    assert "http(s)://HOST[:PORT][/PATH]" in said and "pw" not in said
+
+
+@pytest.mark.parametrize("seconds", ["3600", "-1", "nan"])
+def test_a_retention_under_a_day_is_refused(seconds: str) -> None:
+    said = serve_refused(TETHER_RETENTION=seconds)
+    assert said.startswith("tether: invalid setting TETHER_RETENTION: "), said
+    assert "at least 86400 seconds" in said and "or 0 to keep them forever" in said
+
+
+def test_the_settings_a_public_url_and_a_retention_may_take() -> None:
+    for url in ("https://t.example", "http://10.0.0.1:8080/tether/", "HTTPS://T.example:443"):
+        assert Settings.from_env({}, public_url=url).public_url == url
+    for days in (0, 1, 30):
+        assert Settings.from_env({}, retention=days * 86400.0).retention == days * 86400
 
 
 def test_a_wildcard_host_names_the_flag_or_the_variable_it_came_from(tmp_path: Path) -> None:

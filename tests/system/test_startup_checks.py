@@ -159,6 +159,32 @@ def test_a_store_setting_python_cannot_read_is_refused_without_its_password(
     assert "Traceback" not in done.stderr
 
 
+def test_a_shared_store_without_a_public_url_is_warned_about(tmp_path: Path):
+    port = free_port()
+    base = {**without_public_url(), "TETHER_CALLBACK_SECRET": "s" * 32}
+    for env, warned in (
+        ({"TETHER_STORE": "postgresql://u:pw@127.0.0.1:1/db"}, True),
+        (
+            {
+                "TETHER_STORE": "postgresql://u:pw@127.0.0.1:1/db",
+                "TETHER_PUBLIC_URL": "https://t.example",
+            },
+            False,
+        ),
+        ({"TETHER_STORE": "memory://"}, False),  # refused: --workers 2 on memory://
+    ):
+        done = subprocess.run(
+            [TETHER, "serve", "--port", str(port), "--workers", "2"],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr  # the store cannot open: it stops there
+        said = f"TETHER_PUBLIC_URL is not set: callback URLs made here name this host (http://127.0.0.1:{port})"
+        assert (said in done.stderr) == warned, done.stderr
+
+
 def test_a_postgres_error_never_quotes_the_password():
     for dsn in (
         "postgresql://u:a%20%20b@h/db",
