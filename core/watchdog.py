@@ -31,15 +31,16 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from core.callbacks import learnt, status_said
-from core.errors import InvalidRequest
+from core.errors import BackendError, InvalidRequest
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
+from core.redact import redact
 from core.settings import MIN_RETENTION, Settings
 from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.views import backend_view
-from core.workflow import ROOT_GRACE_MS
+from core.workflow import ROOT_GRACE_MS, callback_promise_id
 
 log = logging.getLogger("tether")
 
@@ -191,12 +192,22 @@ class Watchdog:
                     await self.look_at(rec, now)
                 except Exception as exc:
                     log.warning(
-                        "watchdog: job %s: %s", rec.id, type(exc).__name__, extra=rec.log_extra()
+                        "watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra()
                     )
 
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
         await asyncio.gather(*(one(rec) for rec in due))
         return len(due)
+
+    def _said(self, rec: JobRecord, exc: Exception) -> str:
+        """What the log says of a look at `rec` that failed: a backend's own
+        words (`GET host answered 501`), its callback tokens masked; of any
+        other error only its type (its text may hold anything)."""
+        if not isinstance(exc, BackendError):
+            return type(exc).__name__
+        tokens = self.settler.tokens or (lambda _: [])
+        said = redact(exc.message, tokens(callback_promise_id(rec.id, rec.attempt)))
+        return f"BackendError: {said}"
 
     async def look_at(self, rec: JobRecord, now: int) -> None:
         """Time the job out if its deadline passed, else ask its backend about

@@ -15,12 +15,13 @@ import msgspec
 import pytest
 
 import core.watchdog
-from core.errors import InvalidRequest
+from core.errors import BackendError, InvalidRequest
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Running
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.tokens import CallbackSigner
 from core.views import view
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
 from core.workflow import ROOT_GRACE_MS
@@ -270,6 +271,24 @@ async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: R
 
     assert [(await rig.parts.row(j)).state for j in "abc"] == ["succeeded", "running", "succeeded"]
     assert "WARNING watchdog: job b: RuntimeError" in logs.lines
+
+
+async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(rig: Rig):
+    now = now_ms()
+    await rig.running("d", next_check_at=now)
+    signer = CallbackSigner("test-secret", "http://t")
+    rig.watchdog.settler.tokens = signer.tokens
+    url = signer.url("d:1")
+
+    async def before(job: Job) -> None:
+        raise BackendError(f"GET h answered 501 (asked about {url})")
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+
+    said = "WARNING watchdog: job d: BackendError: GET h answered 501 (asked about"
+    assert f"{said} http://t/callbacks/d%3A1?token=***)" in logs.lines, logs.lines
 
 
 async def test_the_watchdog_runs_sweeps_until_stopped():
