@@ -195,7 +195,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     problem = token_problem(settings)
     if problem:
         raise Refused(problem)
-    if not settings.public_url and shared_store(settings):
+    if not settings.public_url and settings.shared:
         log.warning(
             "TETHER_PUBLIC_URL is not set: callback URLs made here name this host (%s),"
             " so a host that dies takes the way back to its jobs with it; set it, the same on"
@@ -648,17 +648,16 @@ async def preflight(settings: Settings, plugins: Plugins) -> str | None:
         warn_orphans(await orphans(plugins, tether.jobs))
     except Exception as exc:  # only a warning is at stake; /health counts them again
         log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
+    try:
+        if settings.shared:
+            disagreement = await tether.compare_signing()
+            if disagreement:
+                log.error("%s", disagreement)
+    except Exception as exc:  # as above: a warning at most
+        log.warning("comparing callback secrets failed: %s", type(exc).__name__)
     finally:
         await tether.close()
     return None
-
-
-def shared_store(settings: Settings) -> bool:
-    """Whether other hosts may serve this store's jobs: a Postgres store, or
-    a Resonate server with its index in Postgres."""
-    return any(
-        url.startswith(("postgresql:", "postgres:")) for url in (settings.store, settings.index)
-    )
 
 
 def startup_line(settings: Settings, plugins: Plugins, workers: int) -> str:

@@ -51,9 +51,13 @@ from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
-from core.tokens import CallbackSigner
+from core.store.sql import SqlJobIndex
+from core.tokens import CallbackSigner, agree
 from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
+
+SIGNING_FACT = "callback_signing"
+"""The `tether_meta` fact `Tether.compare_signing` keeps."""
 
 log = logging.getLogger("tether")
 
@@ -146,6 +150,38 @@ class Tether:
             self.notifier.start()
         self.checks.start()
         self.events.stop_on_signals()
+
+    async def compare_signing(self) -> str | None:
+        """Compare this process's callback secrets with those of the host that
+        started last on the shared store, and leave this one's in their place
+        (`tether_meta`, as one-way fingerprints). What to tell the operator
+        when they disagree: URLs one signs answer 401 on the other. None when
+        they agree (a rotation done as docs/operations.md says does), or this
+        is the first."""
+        jobs = self.jobs
+        if not isinstance(jobs, SqlJobIndex):
+            return None
+        signs, accepts = self.signer.fingerprints()
+        now = now_ms()
+        mine = {"signs": signs, "accepts": accepts, "at": now, "url": self.settings.base_url}
+        before = await jobs.swap_meta(SIGNING_FACT, msgspec.json.encode(mine).decode())
+        if before is None:
+            return None
+        try:
+            theirs = msgspec.json.decode(before)
+            if agree((signs, accepts), (theirs["signs"], list(theirs["accepts"]))):
+                return None
+            at = datetime.fromtimestamp(int(theirs["at"]) / 1000, UTC).isoformat(timespec="seconds")
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            return None  # a record this release did not write: nothing to compare
+        return (
+            "TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS) disagrees with the host"
+            f" that started before this one on the same store (at {at}, public URL"
+            f" {theirs.get('url')!r}): callback URLs signed by one are refused (401) by the other."
+            " Every host must have the same secrets (rotate as docs/operations.md says). If"
+            " every host was stopped and the secret replaced on purpose, this goes away once"
+            " they all run the new one"
+        )
 
     async def close(self) -> None:
         """End open event streams, stop the watchdog and the worker, close the

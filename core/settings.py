@@ -285,6 +285,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return limits_of(self.max_running)
 
     @property
+    def shared(self) -> bool:
+        """Whether other hosts may serve this store's jobs: a Postgres store,
+        or a Resonate server with its job index in Postgres."""
+        return any(url.startswith(("postgresql:", "postgres:")) for url in (self.store, self.index))
+
+    @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 

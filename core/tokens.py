@@ -38,6 +38,15 @@ class CallbackSigner:
         digest = hmac.new(self._key, b"tether-callback:" + promise_id.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
+    def fingerprints(self) -> tuple[str, list[str]]:
+        """Who signs with what, without the secrets: a one-way fingerprint of
+        the secret (`fingerprint`) and of each one accepted (it, then the
+        previous ones). Hosts sharing a store compare them (`agree`)."""
+        return self._fingerprint(), [s._fingerprint() for s in (self, *self._previous)]
+
+    def _fingerprint(self) -> str:
+        return hmac.new(self._key, b"tether-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
+
     def tokens(self, promise_id: str) -> list[str]:
         """`promise_id`'s token under the secret and under each previous one:
         every token a URL handed out for it may carry (what to mask)."""
@@ -59,6 +68,13 @@ class CallbackSigner:
         """The callback URL for `promise_id`, token included."""
         path = quote(promise_id, safe="")
         return f"{self._base_url}/callbacks/{path}?token={self.token(promise_id)}"
+
+
+def agree(mine: tuple[str, list[str]], theirs: tuple[str, list[str]]) -> bool:
+    """Whether two hosts' callback URLs work on each other: each accepts the
+    secret the other signs with. True at every step of a rotation done as
+    docs/operations.md says (accept the new one everywhere, then sign with it)."""
+    return mine[0] in theirs[1] and theirs[0] in mine[1]
 
 
 def idempotency_key(promise_id: str) -> str:

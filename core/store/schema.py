@@ -244,9 +244,10 @@ META = Table(
     since=8,
     primary_key="name",
 )
-"""Facts about the index itself, one row each: today only `index_id`, the id
-a Resonate server's pairing names (`core.store.remote`), made the first time
-it is asked for."""
+"""Facts about the index itself, one row each: `index_id`, the id a Resonate
+server's pairing names (`core.store.remote`), made the first time it is
+asked for; and `callback_signing`, the fingerprints of the callback secrets
+of the host that started last on a shared store (`Tether.compare_signing`)."""
 
 _encode_json = msgspec.json.encode
 

@@ -801,6 +801,17 @@ class SqlJobIndex:
             rows = await self.db.fetch(select, ())
         return str(rows[0][0])
 
+    async def swap_meta(self, name: str, value: str) -> str | None:
+        """Set the fact `name` of `tether_meta` to `value`; the value it had
+        (None: none yet)."""
+        rows = await self.db.fetch("SELECT value FROM tether_meta WHERE name = ?", (name,))
+        await self.db.execute(
+            "INSERT INTO tether_meta (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+        return str(rows[0][0]) if rows else None
+
     async def close(self) -> None:
         await self.db.close()
 

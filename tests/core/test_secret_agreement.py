@@ -1,0 +1,81 @@
+"""Hosts sharing a store compare their callback secrets at start
+(`Tether.compare_signing`): a host whose URLs the others would refuse is
+named in the log; every step of a rotation done as docs/operations.md says
+agrees."""
+
+from __future__ import annotations
+
+import itertools
+
+from api.cli import preflight
+from core.plugins import Plugins, make_plugin_manager
+from core.service import Tether
+from core.settings import Settings
+from core.tokens import CallbackSigner, agree
+
+OLD, NEW, STRAY = "old-secret-" + "o" * 22, "new-secret-" + "n" * 22, "stray-" + "s" * 27
+
+
+def signer(current: str, *previous: str) -> tuple[str, list[str]]:
+    return CallbackSigner(current, "http://t", previous).fingerprints()
+
+
+def test_every_step_of_a_rotation_agrees_and_a_stray_secret_does_not():
+    steps = [  # each host in turn, as docs/operations.md says
+        signer(OLD),
+        signer(OLD, NEW),  # 1. accept NEW everywhere
+        signer(NEW, OLD),  # 2. sign with NEW
+        signer(NEW),  # 4. drop OLD
+    ]
+    for before, after in itertools.pairwise(steps):
+        assert agree(after, before) and agree(before, after)
+    assert not agree(signer(STRAY), signer(OLD))
+    assert not agree(signer(NEW), signer(OLD))  # signing with NEW before anyone accepts it
+    assert not agree(signer(OLD, STRAY), signer(NEW, OLD))  # NEW's URLs refused here
+    assert OLD not in str(signer(OLD)) and NEW not in str(signer(NEW, OLD))
+
+
+async def test_a_host_with_another_secret_is_named_at_start(fresh_pg_url):
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+
+    async def start(current: str, previous: str = "", url: str = "https://a") -> str | None:
+        settings = Settings.from_env(
+            {},
+            store=fresh_pg_url,
+            callback_secret=current,
+            callback_secret_previous=previous,
+            public_url=url,
+        )
+        tether = await Tether.open(settings, plugins, worker=False)
+        try:
+            return await tether.compare_signing()
+        finally:
+            await tether.close()
+
+    assert await start(OLD) is None  # the first
+    assert await start(OLD) is None
+    said = await start(STRAY, url="https://b")
+    assert said is not None and "disagrees with the host that started before this one" in said
+    assert "public URL 'https://a'" in said and OLD not in said and STRAY not in said
+    assert await start(OLD) is not None  # the next to start finds the stray one, too
+    for current, previous in ((OLD, NEW), (NEW, OLD), (NEW, "")):
+        assert await start(current, previous) is None
+
+
+def test_only_a_store_other_hosts_share_is_compared():
+    def shared(**settings: str) -> bool:
+        return Settings.from_env({}, **settings).shared
+
+    assert shared(store="postgresql://h/db") and shared(store="postgres://h/db")
+    assert shared(store="http://r:8001", index="postgresql://h/db")
+    assert not shared(store="sqlite:///t.db") and not shared(store="memory://")
+    assert not shared(store="http://r:8001", index="sqlite:///i.db")
+
+
+async def test_serve_logs_the_disagreement_before_it_serves(fresh_pg_url, caplog):
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    for secret in (OLD, STRAY):
+        settings = Settings.from_env({}, store=fresh_pg_url, callback_secret=secret)
+        assert await preflight(settings, plugins) is None  # it serves all the same
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("TETHER_CALLBACK_SECRET (or")
