@@ -650,11 +650,10 @@ async def preflight(settings: Settings, plugins: Plugins) -> str | None:
         log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
     try:
         if settings.shared:
-            disagreement = await tether.compare_signing()
-            if disagreement:
-                log.error("%s", disagreement)
+            for said in await tether.compare_with_last_host():
+                log.error("%s", said)
     except Exception as exc:  # as above: a warning at most
-        log.warning("comparing callback secrets failed: %s", type(exc).__name__)
+        log.warning("comparing settings with the other hosts failed: %s", type(exc).__name__)
     finally:
         await tether.close()
     return None

@@ -56,8 +56,8 @@ from core.tokens import CallbackSigner, agree
 from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
 
-SIGNING_FACT = "callback_signing"
-"""The `tether_meta` fact `Tether.compare_signing` keeps."""
+LAST_HOST = "last_host"
+"""The `tether_meta` fact `Tether.compare_with_last_host` keeps."""
 
 log = logging.getLogger("tether")
 
@@ -151,37 +151,50 @@ class Tether:
         self.checks.start()
         self.events.stop_on_signals()
 
-    async def compare_signing(self) -> str | None:
-        """Compare this process's callback secrets with those of the host that
+    async def compare_with_last_host(self) -> list[str]:
+        """Compare this process's shared settings with those of the host that
         started last on the shared store, and leave this one's in their place
-        (`tether_meta`, as one-way fingerprints). What to tell the operator
-        when they disagree: URLs one signs answer 401 on the other. None when
-        they agree (a rotation done as docs/operations.md says does), or this
-        is the first."""
+        (`tether_meta`; the callback secrets as one-way fingerprints). What to
+        tell the operator, one line each: callback secrets that disagree (URLs
+        one signs answer 401 on the other; a rotation done as
+        docs/operations.md says agrees at every step), another `TETHER_GROUP`
+        (each host's workflows wait on its own group alone). Nothing for the
+        first host, or a record this release did not write."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
-            return None
+            return []
         signs, accepts = self.signer.fingerprints()
-        now = now_ms()
-        mine = {"signs": signs, "accepts": accepts, "at": now, "url": self.settings.base_url}
-        before = await jobs.swap_meta(SIGNING_FACT, msgspec.json.encode(mine).decode())
-        if before is None:
-            return None
+        group, url = self.settings.group, self.settings.base_url
+        mine = {"signs": signs, "accepts": accepts, "group": group, "at": now_ms(), "url": url}
+        before = await jobs.swap_meta(LAST_HOST, msgspec.json.encode(mine).decode())
         try:
-            theirs = msgspec.json.decode(before)
-            if agree((signs, accepts), (theirs["signs"], list(theirs["accepts"]))):
-                return None
+            theirs = msgspec.json.decode(before or "null")
             at = datetime.fromtimestamp(int(theirs["at"]) / 1000, UTC).isoformat(timespec="seconds")
+            other = (
+                "the host that started before this one on the same store"
+                f" (at {at}, public URL {theirs['url']!r})"
+            )
+            secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))
+            their_group = str(theirs["group"])
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-            return None  # a record this release did not write: nothing to compare
-        return (
-            "TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS) disagrees with the host"
-            f" that started before this one on the same store (at {at}, public URL"
-            f" {theirs.get('url')!r}): callback URLs signed by one are refused (401) by the other."
-            " Every host must have the same secrets (rotate as docs/operations.md says). If"
-            " every host was stopped and the secret replaced on purpose, this goes away once"
-            " they all run the new one"
-        )
+            return []
+        said = []
+        if not secrets_agree:
+            said.append(
+                "TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS) disagrees with"
+                f" {other}: callback URLs signed by one are refused (401) by the other."
+                " Every host must have the same secrets (rotate as docs/operations.md says)."
+                " If every host was stopped and the secret replaced on purpose, this goes away"
+                " once they all run the new one"
+            )
+        if their_group != group:
+            said.append(
+                f"TETHER_GROUP={group!r} differs from {other}, in {their_group!r}: a workflow is"
+                " run only by processes of its group, so the jobs a host took wait for its own"
+                " group alone when it dies. Every host on one store must have the same"
+                " TETHER_GROUP"
+            )
+        return said
 
     async def close(self) -> None:
         """End open event streams, stop the watchdog and the worker, close the

@@ -246,8 +246,8 @@ META = Table(
 )
 """Facts about the index itself, one row each: `index_id`, the id a Resonate
 server's pairing names (`core.store.remote`), made the first time it is
-asked for; and `callback_signing`, the fingerprints of the callback secrets
-of the host that started last on a shared store (`Tether.compare_signing`)."""
+asked for; and `last_host`, the group and the callback secrets' fingerprints
+of the host that started last on a shared store (`Tether.compare_with_last_host`)."""
 
 _encode_json = msgspec.json.encode
 

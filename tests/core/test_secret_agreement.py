@@ -1,7 +1,7 @@
-"""Hosts sharing a store compare their callback secrets at start
-(`Tether.compare_signing`): a host whose URLs the others would refuse is
-named in the log; every step of a rotation done as docs/operations.md says
-agrees."""
+"""Hosts sharing a store compare their callback secrets and group at start
+(`Tether.compare_with_last_host`): a host whose URLs the others would refuse,
+or in another group, is named in the log; every step of a rotation done as
+docs/operations.md says agrees."""
 
 from __future__ import annotations
 
@@ -38,28 +38,36 @@ def test_every_step_of_a_rotation_agrees_and_a_stray_secret_does_not():
 async def test_a_host_with_another_secret_is_named_at_start(fresh_pg_url):
     plugins = Plugins(make_plugin_manager(entry_points=False))
 
-    async def start(current: str, previous: str = "", url: str = "https://a") -> str | None:
+    async def start(
+        current: str, previous: str = "", url: str = "https://a", group: str = "tether"
+    ) -> list[str]:
         settings = Settings.from_env(
             {},
             store=fresh_pg_url,
             callback_secret=current,
             callback_secret_previous=previous,
             public_url=url,
+            group=group,
         )
         tether = await Tether.open(settings, plugins, worker=False)
         try:
-            return await tether.compare_signing()
+            return await tether.compare_with_last_host()
         finally:
             await tether.close()
 
-    assert await start(OLD) is None  # the first
-    assert await start(OLD) is None
-    said = await start(STRAY, url="https://b")
-    assert said is not None and "disagrees with the host that started before this one" in said
+    assert await start(OLD) == []  # the first
+    assert await start(OLD) == []
+    [said] = await start(STRAY, url="https://b")
+    assert said.startswith("TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS)")
+    assert "disagrees with the host that started before this one" in said
     assert "public URL 'https://a'" in said and OLD not in said and STRAY not in said
-    assert await start(OLD) is not None  # the next to start finds the stray one, too
+    assert len(await start(OLD)) == 1  # the next to start finds the stray one, too
     for current, previous in ((OLD, NEW), (NEW, OLD), (NEW, "")):
-        assert await start(current, previous) is None
+        assert await start(current, previous) == []
+    [said] = await start(NEW, group="other", url="https://c")
+    assert said.startswith("TETHER_GROUP='other' differs from the host that started before")
+    assert "public URL 'https://a'" in said and "in 'tether'" in said
+    assert len(await start(STRAY)) == 2  # both, each in a line
 
 
 def test_only_a_store_other_hosts_share_is_compared():
