@@ -1,0 +1,112 @@
+"""`core.redact`: every form of a secret a text may quote is masked, and a
+secret's beginning left at the end of a cut text; nothing else is."""
+
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import quote
+
+import pytest
+
+from core.redact import MASK, MIN_CUT, forms, redact, redact_bytes, redact_value
+
+TOKEN = "nbcaslPdf-OnkSfhnYAW6By053zklYzE3nJtVHfvVBY"
+BEARER = "Bearer s3cr3t/t0k+en="
+BASIC = "Basic " + base64.b64encode(b"hookuser:s3cr3tpw").decode()
+
+
+def test_a_plain_secret_has_one_form():
+    assert forms(TOKEN) == [TOKEN]
+    assert forms("a.b_c~d-e") == ["a.b_c~d-e"]
+
+
+def test_an_authorization_value_is_known_whole_escaped_encoded_and_alone():
+    found = forms(BEARER)
+    for form in (
+        BEARER,
+        "s3cr3t/t0k+en=",
+        "Bearer s3cr3t\\/t0k+en=",
+        "s3cr3t\\/t0k+en=",
+        quote(BEARER, safe=""),
+        "s3cr3t%2Ft0k%2Ben%3D",
+    ):
+        assert form in found, form
+    assert found == sorted(found, key=len, reverse=True)  # the longest is masked first
+    assert "Bearer" not in found  # the scheme alone is no secret
+
+
+def test_a_basic_credential_is_known_decoded_and_its_password_alone():
+    found = forms(BASIC)
+    assert "hookuser:s3cr3tpw" in found and "s3cr3tpw" in found
+    assert "hookuser" not in found  # the user is no secret
+    assert "pw" not in forms("Basic " + base64.b64encode(b"u:pw").decode())  # too short alone
+    assert forms("Basic not-base64!") == sorted(
+        {
+            "Basic not-base64!",
+            "not-base64!",
+            quote("Basic not-base64!", safe=""),
+            quote("not-base64!", safe=""),
+        },
+        key=len,
+        reverse=True,
+    )
+
+
+def test_a_credential_is_what_follows_the_scheme_spaces_and_colons_included():
+    assert "abc def" in forms("Token abc def")
+    two = "Basic " + base64.b64encode(b"user:pa:ss").decode()
+    assert "pa:ss" in forms(two) and "ss" not in forms(two)
+    four = "Basic " + base64.b64encode(b"u:four").decode()
+    assert "four" in forms(four)  # a password of MIN_CUT characters is masked alone
+    broken = "Basic aG9v*a3VzZXI6czNjcjN0cHc="  # one character that is not base64
+    assert not any("hookuser" in form for form in forms(broken))
+
+
+def test_a_non_ascii_secret_is_known_as_json_escapes_it():
+    assert json.dumps("t0k\u00e9n")[1:-1] in forms("Bearer t0k\u00e9n")
+
+
+def test_redact_masks_each_form_wherever_it_is():
+    text = f"got {BEARER!r}, then {json.dumps(BEARER)} and s3cr3t%2Ft0k%2Ben%3D at last"
+    assert redact(text, [BEARER]) == f"got '{MASK}', then \"{MASK}\" and {MASK} at last"
+    assert redact("nothing here", [BEARER, ""]) == "nothing here"
+    assert redact(f"an empty secret first, then {TOKEN}", ["", TOKEN]) == (
+        f"an empty secret first, then {MASK}"
+    )
+
+
+@pytest.mark.parametrize("kept", range(1, len(TOKEN)))
+def test_a_secret_cut_at_the_end_loses_its_beginning_from_four_characters(kept: int):
+    text = "refused: http://t/callbacks/j%3A1?token=" + TOKEN[:kept]
+    said = redact(text, [TOKEN])
+    if kept >= MIN_CUT:
+        assert said == "refused: http://t/callbacks/j%3A1?token=" + MASK
+    else:
+        assert said == text  # three characters tell next to nothing of it
+
+
+def test_a_secret_beginning_anywhere_but_the_end_is_left():
+    text = f"{TOKEN[:10]} is not a cut"
+    assert redact(text, [TOKEN]) == text
+
+
+def test_redact_value_walks_json_and_leaves_what_holds_no_secret_as_it_is():
+    value = {"a": [f"x {TOKEN} y", {TOKEN: 1, "n": 2.5}], "b": None, "c": TOKEN[:20]}
+    assert redact_value(value, [TOKEN]) == {
+        "a": [f"x {MASK} y", {MASK: 1, "n": 2.5}],
+        "b": None,
+        "c": MASK,
+    }
+    clean = {"a": ["x", {"y": 1}]}
+    assert redact_value(clean, [TOKEN]) is clean
+    assert redact_value(value, []) is value
+    assert redact_value(TOKEN, [TOKEN]) == MASK
+
+
+def test_redact_bytes_masks_every_form_in_a_body_not_yet_read():
+    body = json.dumps({"got": BEARER, "alone": "s3cr3t/t0k+en="}).encode()
+    assert redact_bytes(body, [BEARER]) == b'{"got": "***", "alone": "***"}'
+    assert redact_bytes(b"hookuser:s3cr3tpw", [BASIC]) == b"***"
+    assert redact_bytes(b"plain", [BEARER]) == b"plain"
+    assert redact_bytes(TOKEN.encode(), [""]) == TOKEN.encode()
