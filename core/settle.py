@@ -107,7 +107,7 @@ class Settler:
         resonate: Resonate,
         jobs: JobIndex,
         max_result_bytes: int | None = None,
-        tokens: Callable[[str], list[str]] | None = None,
+        tokens: Callable[[str, str | None], list[str]] | None = None,
     ) -> None:
         self.resonate = resonate
         self.jobs = jobs
@@ -126,6 +126,7 @@ class Settler:
         by: str,
         note: Note | None = None,
         attempt: int | None = None,
+        salt: str | None = None,
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
@@ -135,7 +136,9 @@ class Settler:
         `note` names the event to record for it. `attempt` is the attempt the
         caller saw (pass it whenever it read the row: the job may have been
         retried since); None: the one the job is at now. The outcome is
-        bounded first (`max_result_bytes`): nothing larger is ever stored.
+        bounded first (`max_result_bytes`): nothing larger is ever stored,
+        and without the job's callback tokens (of `salt`, the job's: pass it
+        whenever it read the row).
         """
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
@@ -143,7 +146,7 @@ class Settler:
                 raise NotFound(f"no job {job_id!r}")
             attempt = current.attempt
         promise_id = callback_promise_id(job_id, attempt)
-        outcome = self._kept(outcome, promise_id)
+        outcome = self._kept(outcome, promise_id, salt)
         nonce = uuid.uuid4().hex
         value = settled_value(outcome, by, nonce)
         for _ in range(UNBORN_PROMISE_TRIES):
@@ -175,10 +178,10 @@ class Settler:
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
         return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt)
 
-    def _kept(self, outcome: Outcome, promise_id: str) -> Outcome:
+    def _kept(self, outcome: Outcome, promise_id: str, salt: str | None) -> Outcome:
         """What is stored of `outcome`: its callback tokens masked, before
         the bound (whole) and after it (one cut at the end of a preview)."""
-        tokens = self.tokens(promise_id) if self.tokens is not None else []
+        tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
         outcome = _redacted(outcome, tokens)
         return _redacted(bound_outcome(outcome, self.max_result_bytes), tokens)
 

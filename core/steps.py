@@ -100,7 +100,7 @@ class JobSteps:
                 "job %s: trigger failed: %s", job_id, exc.message, extra=rec.log_extra(promise_id)
             )
             failed = Outcome(status="failed", error=error)
-            await self.settler.settle(job_id, failed, by="trigger", attempt=attempt)
+            await self.settler.settle(job_id, failed, by="trigger", attempt=attempt, salt=rec.salt)
             return
         if isinstance(tried, JobRecord):  # ended between two tries: nothing was started
             if tried.finished and tried.attempt == attempt:
@@ -180,14 +180,14 @@ class JobSteps:
             job=backend_view(rec),
             params=params,
             promise_id=promise_id,
-            callback_url=self.signer.url(promise_id),
-            idempotency_key=idempotency_key(promise_id),
+            callback_url=self.signer.url(promise_id, rec.salt),
+            idempotency_key=idempotency_key(promise_id, rec.salt),
         )
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
-        tokens = self.signer.tokens(promise_id)
+        tokens = self.signer.tokens(promise_id, rec.salt)
         previous = None if rec.attempt == 1 else await self._previous(rec)
         for attempt in range(1, attempts + 1):
             try:

@@ -34,8 +34,12 @@ class CallbackSigner:
     def __repr__(self) -> str:  # never show a key
         return f"CallbackSigner(base_url={self._base_url!r})"
 
-    def token(self, promise_id: str) -> str:
-        digest = hmac.new(self._key, b"tether-callback:" + promise_id.encode(), hashlib.sha256)
+    def token(self, promise_id: str, salt: str | None = None) -> str:
+        """The token of `promise_id`'s URL; with the job's `salt` (an id used
+        again after retention: `JobRecord.salt`), another than the earlier
+        job's under that id."""
+        signed = f"{promise_id}#{salt}" if salt else promise_id
+        digest = hmac.new(self._key, b"tether-callback:" + signed.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
     def fingerprints(self) -> tuple[str, list[str]]:
@@ -47,12 +51,12 @@ class CallbackSigner:
     def _fingerprint(self) -> str:
         return hmac.new(self._key, b"tether-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
 
-    def tokens(self, promise_id: str) -> list[str]:
+    def tokens(self, promise_id: str, salt: str | None = None) -> list[str]:
         """`promise_id`'s token under the secret and under each previous one:
         every token a URL handed out for it may carry (what to mask)."""
-        return [signer.token(promise_id) for signer in (self, *self._previous)]
+        return [signer.token(promise_id, salt) for signer in (self, *self._previous)]
 
-    def verify(self, promise_id: str, token: str | None) -> bool:
+    def verify(self, promise_id: str, token: str | None, salt: str | None = None) -> bool:
         """Whether `token` is `promise_id`'s token under the secret or a previous
         one. Every candidate is compared, whichever matches, so the time taken
         does not tell which did (nor that a rotation is under way)."""
@@ -61,13 +65,13 @@ class CallbackSigner:
         presented = token.encode()
         matched = False
         for signer in (self, *self._previous):
-            matched |= hmac.compare_digest(signer.token(promise_id).encode(), presented)
+            matched |= hmac.compare_digest(signer.token(promise_id, salt).encode(), presented)
         return matched
 
-    def url(self, promise_id: str) -> str:
+    def url(self, promise_id: str, salt: str | None = None) -> str:
         """The callback URL for `promise_id`, token included."""
         path = quote(promise_id, safe="")
-        return f"{self._base_url}/callbacks/{path}?token={self.token(promise_id)}"
+        return f"{self._base_url}/callbacks/{path}?token={self.token(promise_id, salt)}"
 
 
 def agree(mine: tuple[str, list[str]], theirs: tuple[str, list[str]]) -> bool:
@@ -77,12 +81,14 @@ def agree(mine: tuple[str, list[str]], theirs: tuple[str, list[str]]) -> bool:
     return mine[0] in theirs[1] and theirs[0] in mine[1]
 
 
-def idempotency_key(promise_id: str) -> str:
+def idempotency_key(promise_id: str, salt: str | None = None) -> str:
     """A key of at most 64 characters naming one trigger of one job.
 
     The promise id itself when it fits (readable in the external system), else
-    `tether-` and a hash of it.
+    `tether-` and a hash of it. With the job's `salt` (an id used again after
+    retention), `{promise_id}.{salt}`: another key than the earlier job's.
     """
-    if len(promise_id) <= 64:
-        return promise_id
-    return "tether-" + hashlib.sha256(promise_id.encode()).hexdigest()[:57]
+    key = f"{promise_id}.{salt}" if salt else promise_id
+    if len(key) <= 64:
+        return key
+    return "tether-" + hashlib.sha256(key.encode()).hexdigest()[:57]

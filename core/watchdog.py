@@ -205,8 +205,8 @@ class Watchdog:
         other error only its type (its text may hold anything)."""
         if not isinstance(exc, BackendError):
             return type(exc).__name__
-        tokens = self.settler.tokens or (lambda _: [])
-        said = redact(exc.message, tokens(callback_promise_id(rec.id, rec.attempt)))
+        tokens = self.settler.tokens or (lambda _, __: [])
+        said = redact(exc.message, tokens(callback_promise_id(rec.id, rec.attempt), rec.salt))
         return f"BackendError: {said}"
 
     async def look_at(self, rec: JobRecord, now: int) -> None:
@@ -253,7 +253,12 @@ class Watchdog:
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
             result, _ = await self.settler.settle(
-                rec.id, found, by="status_check", note=lambda _: said, attempt=rec.attempt
+                rec.id,
+                found,
+                by="status_check",
+                note=lambda _: said,
+                attempt=rec.attempt,
+                salt=rec.salt,
             )
             if result == "accepted":
                 log.info(
@@ -311,6 +316,7 @@ class Watchdog:
             by="heartbeat",
             note=lambda r: event if r == "accepted" else None,
             attempt=rec.attempt,
+            salt=rec.salt,
         )
         if result == "accepted":
             log.info(

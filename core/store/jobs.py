@@ -67,6 +67,11 @@ class JobRecord(msgspec.Struct, kw_only=True):
     queued_at: int | None = None
     """When the job joined its backend's queue (`queued`): the queue's order;
     None again once it leaves the queue for `pending`."""
+    salt: str | None = None
+    """Set when the job's id was used before by a job retention deleted
+    (`tether_tombstones`): its callback tokens and idempotency keys are made
+    with it, so the earlier job's URLs and keys are not this one's. None
+    otherwise (the id's first job: tokens and keys of its promise id alone)."""
 
     @property
     def finished(self) -> bool:

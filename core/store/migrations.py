@@ -31,6 +31,7 @@ from core.store.schema import (
     RUN_KEYS,
     SLOTS,
     TAGS,
+    TOMBSTONES,
     Dialect,
 )
 from core.store.sql import Session
@@ -93,6 +94,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         8,
         "the index's identity: tether_meta, whose index_id a Resonate server is paired with",
         lambda d: META.migrate(d, 8),
+    ),
+    Migration(
+        9,
+        "ids used again after retention: tether_tombstones, the ids of deleted jobs, and"
+        " each job's salt",
+        lambda d: [*JOBS.migrate(d, 9), *TOMBSTONES.migrate(d, 9)],
     ),
 )
 

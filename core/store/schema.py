@@ -152,6 +152,7 @@ JOBS = Table(
         Column("tags", "json", since=4, default="'[]'"),
         Column("notify_url", "text", null=True, since=5),
         Column("queued_at", "int", null=True, since=5),
+        Column("salt", "text", null=True, since=9),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -248,6 +249,17 @@ META = Table(
 server's pairing names (`core.store.remote`), made the first time it is
 asked for; and `last_host`, the group and the callback secrets' fingerprints
 of the host that started last on a shared store (`Tether.compare_with_last_host`)."""
+
+TOMBSTONES = Table(
+    "tether_tombstones",
+    (Column("id", "text"), Column("deleted_at", "int")),
+    (Index("tether_tombstones_deleted", "deleted_at", since=9),),
+    since=9,
+    primary_key="id",
+)
+"""The ids of jobs retention deleted, for `TOMBSTONE_DAYS`: a new job under
+such an id gets a `salt` (`JobRecord.salt`), so the deleted job's callback
+URLs and idempotency keys are not its own."""
 
 _encode_json = msgspec.json.encode
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import msgspec
 
 from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
-from core.store.jobs import Event, JobRecord, Listener, NewEvent, Notification
+from core.store.jobs import Event, JobRecord, Listener, NewEvent, Notification, now_ms
 from core.store.schema import EVENT_ROWS, JOB_ROWS, NOTIFICATION_ROWS, json_text
 
 HISTORY_LIMIT = 1000
@@ -58,6 +58,12 @@ COLUMNS = JOB_ROWS.columns
 _J_COLUMNS = ", ".join(f"j.{c.name}" for c in JOB_ROWS.table.columns)
 _row = JOB_ROWS.decode
 _event = EVENT_ROWS.decode
+TOMBSTONE_DAYS = 90
+"""How long retention remembers a deleted job's id (`tether_tombstones`): a
+new job under it within that time gets a salt of its own (`JobRecord.salt`).
+After it, the id's keys are its promise ids' again, as for a first job: an
+external system that remembers an idempotency key for longer would take the
+new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
@@ -229,6 +235,8 @@ class SqlJobIndex:
                 rec = msgspec.structs.replace(rec, state="queued", queued_at=rec.created_at)
                 events = [*events, NewEvent("queued", queued)]
             rec = msgspec.structs.replace(rec, events=len(events))
+            if await tx.fetch("SELECT 1 FROM tether_tombstones WHERE id = ?", (rec.id,)):
+                rec = msgspec.structs.replace(rec, salt=uuid.uuid4().hex[:16])
             rows = await tx.fetch(_INSERT, JOB_ROWS.values(rec))
             created = bool(rows)
             if created and rec.tags:
@@ -727,11 +735,22 @@ class SqlJobIndex:
                 (before, limit),
             )
             ids = [r[0] for r in rows]
+            now = now_ms()
             if ids:
                 marks = ", ".join("?" for _ in ids)
                 await tx.execute(f"DELETE FROM tether_events WHERE job_id IN ({marks})", ids)
                 await tx.execute(f"DELETE FROM tether_job_tags WHERE job_id IN ({marks})", ids)
                 await tx.execute(f"DELETE FROM tether_run_keys WHERE job_id IN ({marks})", ids)
+                await tx.execute(
+                    "INSERT INTO tether_tombstones (id, deleted_at) VALUES"
+                    + ", ".join(["(?, ?)"] * len(ids))
+                    + " ON CONFLICT (id) DO UPDATE SET deleted_at = excluded.deleted_at",
+                    [v for job_id in ids for v in (job_id, now)],
+                )
+            await tx.execute(
+                "DELETE FROM tether_tombstones WHERE deleted_at < ?",
+                (now - TOMBSTONE_DAYS * 86_400_000,),
+            )
         return ids
 
     async def notifications_due(self, now: int, limit: int) -> list[Notification]:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,27 @@ from tests.conftest import eventually, wait_until
 from tests.process import TetherProcess
 
 TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+
+
+async def a_week_later(tether: Any, where: str = "") -> int:
+    """Pretend a week has passed for the finished jobs (the clock of the index
+    and of the embedded store), and collect the garbage: the jobs deleted."""
+    week = 7 * 86_400_000
+    await tether.jobs.db.execute(
+        f"UPDATE tether_jobs SET finished_at = finished_at - ? {where}", (week,)
+    )
+    engine = tether.store.connection._engine
+    engine.clock = lambda: now_ms() + week
+    try:
+        jobs, promises = await tether.collect_garbage(86_400)
+    finally:
+        engine.clock = now_ms
+    assert promises >= 2 * jobs  # each one's root and callback promises (workflow version 4)
+    return int(jobs)
+
+
+async def workflow_over(svc: Any) -> bool:
+    return bool((await svc.tether.resonate.promises.get("old")).state == "resolved")
 
 
 async def old_and_waiting(start_service: Any, receiver: Any, store: str) -> Any:
@@ -34,10 +56,7 @@ async def old_and_waiting(start_service: Any, receiver: Any, store: str) -> Any:
     await svc.wait_state("waiting", "running")
     await eventually(lambda: len(receiver.hits) == 2)
 
-    async def workflow_done() -> bool:
-        return (await svc.tether.resonate.promises.get("old")).state == "resolved"
-
-    await eventually(workflow_done)
+    await eventually(lambda: workflow_over(svc))
     return svc
 
 
@@ -48,16 +67,7 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
         await tether.collect_garbage(60)
     assert await tether.collect_garbage(86_400) == (0, 0)  # nothing is a day old yet
 
-    # pretend a week has passed (the clock of the index and of the store)
-    week = 7 * 86_400_000
-    await tether.jobs.db.execute("UPDATE tether_jobs SET finished_at = finished_at - ?", (week,))
-    engine = tether.store.connection._engine
-    engine.clock = lambda: now_ms() + week
-    try:
-        jobs, promises = await tether.collect_garbage(86_400)
-    finally:
-        engine.clock = now_ms
-    assert jobs == 1 and promises >= 2  # its root and callback promises (workflow version 4)
+    assert await a_week_later(tether) == 1
     assert (await svc.client.get("/jobs/old")).status_code == 404
     assert (await svc.job("waiting"))["state"] == "running"
     callback = receiver.on("/wait")[0].body["callback_url"]
@@ -65,13 +75,48 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
         callback.removeprefix(svc.settings.base_url), json={"status": "succeeded"}
     )
     assert answer.json()["outcome"] == "accepted"
-    # the id is free again: a new job under it runs anew
-    response = await svc.client.post(
-        "/jobs",
-        json={"id": "old", "backend": "http_webhook", "params": {"url": receiver.url("/done")}},
+    # the id is free again: a new job under it runs anew, with keys of its own
+    await a_new_job_under_an_old_id_has_its_own_keys(
+        svc, receiver, lambda: a_week_later(tether, where="WHERE id = 'old'")
     )
-    assert response.status_code == 201
-    await svc.wait_state("old", "succeeded")
+
+
+async def a_new_job_under_an_old_id_has_its_own_keys(
+    svc: Any, receiver: Any, delete_again: Callable[[], Awaitable[int]]
+) -> None:
+    """Job `old` was deleted: a new one under its id gets another idempotency
+    key and callback URL (an external system that remembers the old key would
+    take the new trigger for the old one), and the old job's URL settles
+    nothing of it; so does a third one, again other than both."""
+    first = receiver.on("/done")[0].body
+    seen = [first]
+    for n in (2, 3):
+        response = await svc.client.post(
+            "/jobs",
+            json={"id": "old", "backend": "http_webhook", "params": {"url": receiver.url("/hold")}},
+        )
+        assert response.status_code == 201
+        await svc.wait_state("old", "running")
+        trigger = receiver.on("/hold")[-1].body
+        assert trigger["idempotency_key"].startswith("old:1.")
+        assert trigger["idempotency_key"] not in [b["idempotency_key"] for b in seen]
+        assert trigger["callback_url"] not in [b["callback_url"] for b in seen]
+        for earlier in seen:
+            stale = await svc.client.post(
+                earlier["callback_url"].removeprefix(svc.settings.base_url),
+                json={"status": "succeeded", "result": "the old run's"},
+            )
+            assert stale.status_code == 401, stale.text
+        answer = await svc.client.post(
+            trigger["callback_url"].removeprefix(svc.settings.base_url),
+            json={"status": "succeeded"},
+        )
+        assert answer.json()["outcome"] == "accepted"
+        assert (await svc.job("old"))["result"] is None
+        seen.append(trigger)
+        if n == 2:  # deleted again, for the third
+            await eventually(lambda: workflow_over(svc))
+            assert await delete_again() == 1
 
 
 async def test_retention_on_postgres_uses_resonate_gc(start_service, receiver, fresh_pg_url):
@@ -93,6 +138,19 @@ async def test_retention_on_postgres_uses_resonate_gc(start_service, receiver, f
     )
     assert answer.json()["outcome"] == "accepted"  # the waiting job's promises stayed
     await svc.wait_state("waiting", "succeeded")
+
+    async def delete_again() -> int:
+        await tether.jobs.db.execute(
+            "UPDATE tether_jobs SET finished_at = finished_at - ? WHERE id = 'old'", (week,)
+        )
+        await tether.jobs.db.execute(
+            "UPDATE resonate.promises SET settled_at = settled_at - ?"
+            " WHERE settled_at IS NOT NULL AND id LIKE ?",
+            (week, "old%"),
+        )
+        return int((await tether.collect_garbage(86_400))[0])
+
+    await a_new_job_under_an_old_id_has_its_own_keys(svc, receiver, delete_again)
 
 
 LATER = """\

@@ -180,3 +180,28 @@ def test_a_long_promise_id_becomes_a_hash_of_64_characters():
     assert len(key) == 64
     assert idempotency_key("k" * 63 + ":1") != key
     assert idempotency_key(long) == key  # stable: the same every time the trigger runs
+
+
+def test_a_salted_job_has_its_own_token_url_and_key():
+    """A job under an id used before (retention deleted the earlier job) has a
+    salt: the earlier job's token and key are not its own."""
+    signer = CallbackSigner(SECRET, "http://tether.example", previous=[OLD])
+    digest = hmac.new(SECRET.encode(), b"tether-callback:job:1#s4lt", hashlib.sha256).digest()
+    salted = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    assert signer.token("job:1", "s4lt") == salted != signer.token("job:1")
+    assert signer.token("job:1", None) == signer.token("job:1", "") == signer.token("job:1")
+    assert signer.url("job:1", "s4lt").endswith(f"/callbacks/job%3A1?token={salted}")
+    assert signer.verify("job:1", salted, "s4lt") and not signer.verify("job:1", salted)
+    assert not signer.verify("job:1", signer.token("job:1"), "s4lt")
+    assert signer.tokens("job:1", "s4lt") == [
+        salted,
+        CallbackSigner(OLD, "x").token("job:1", "s4lt"),
+    ]
+    assert idempotency_key("job:1", "s4lt") == "job:1.s4lt"
+    assert idempotency_key("job:1", None) == idempotency_key("job:1", "") == "job:1"
+    fits = "j" * 57 + ":1"  # 59 characters, and ".s4lt" makes 64
+    assert idempotency_key(fits, "s4lt") == fits + ".s4lt"
+    longer = "j" * 58 + ":1"
+    key = idempotency_key(longer, "s4lt")
+    assert key == "tether-" + hashlib.sha256(f"{longer}.s4lt".encode()).hexdigest()[:57]
+    assert key != idempotency_key(longer + "x") and len(key) == 64
