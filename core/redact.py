@@ -37,13 +37,23 @@ def forms(secret: str) -> list[str]:
     percent-encoded; and for an `Authorization` value, its credentials alone
     (what follows the scheme) and for `Basic` their decoded `user:password`
     and the password."""
+    return _forms(secret)[0]
+
+
+def _forms(secret: str) -> tuple[list[str], list[str]]:
+    """`forms`, and those of them whose beginning alone is worth masking where
+    a text was cut (`cut_forms`): the secret itself when it is one word, the
+    credentials and the password; not a form that begins with a scheme
+    (`Bearer …`) or a user name (`user:password`), whose first characters
+    are ordinary words."""
     if _PLAIN.fullmatch(secret):  # a callback token: no other form
-        return [secret]
-    found = {secret}
+        return [secret], [secret]
+    found, cut = {secret}, set() if " " in secret.strip() else {secret}
     scheme, _, credentials = secret.partition(" ")
     credentials = credentials.strip()
     if credentials:
         found.add(credentials)
+        cut.add(credentials)
         if scheme.lower() == "basic":
             try:
                 decoded = base64.b64decode(credentials, validate=True).decode()
@@ -54,25 +64,41 @@ def forms(secret: str) -> list[str]:
                 password = decoded.partition(":")[2]
                 if len(password) >= MIN_CUT:
                     found.add(password)
-    for form in list(found):
-        escaped = json.dumps(form)[1:-1]
-        found.update((escaped, escaped.replace("/", "\\/"), quote(form, safe="")))
+                    cut.add(password)
+    for group in (found, cut):
+        for form in list(group):
+            escaped = json.dumps(form)[1:-1]
+            group.update((escaped, escaped.replace("/", "\\/"), quote(form, safe="")))
+    return _longest_first(found), _longest_first(cut)
+
+
+def _longest_first(found: set[str]) -> list[str]:
     return sorted((f for f in found if f), key=len, reverse=True)
 
 
+CUT_MARKS = ("…", "...")
+"""What a text cut short may end with (`plugins.databricks.runs`' `…`)."""
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every form of each of `secrets` masked, and a secret's
-    beginning (at least `MIN_CUT` characters of one of its forms) at its end."""
+    """`text` with every form of each of `secrets` masked, and the beginning
+    (at least `MIN_CUT` characters) of a secret's one-word form where a text
+    was cut: at its end, or before a cut mark (`CUT_MARKS`)."""
     for secret in secrets:
         if not secret:
             continue
-        for form in forms(secret):
+        whole, cuttable = _forms(secret)
+        for form in whole:
             text = text.replace(form, MASK)
-        for form in forms(secret):
+        for form in cuttable:
+            if form[:MIN_CUT] not in text:
+                continue
             for size in range(len(form) - 1, MIN_CUT - 1, -1):
-                if text.endswith(form[:size]):
+                head = form[:size]
+                if text.endswith(head):
                     text = text[:-size] + MASK
-                    break
+                for mark in CUT_MARKS:
+                    text = text.replace(head + mark, MASK + mark)
     return text
 
 

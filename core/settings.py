@@ -37,31 +37,22 @@ KEY_SECRET = re.compile(
     r"(?i)\b(\w*(?:password|passfile|token|secret)\w*)\s*=\s*(?:'(?:[^'\\]|\\.)*'?|\S*)"
 )
 """`password=…` in a libpq key/value string (`host=h password='a b'`)."""
-USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
 
 
 def describe(url: str) -> str:
-    """`url` without credentials, fit for logs and errors: `user:password@`
-    and the whole `?query` (libpq takes `?password=`) masked, a `#fragment`
-    dropped. Not a URL (a libpq `key=value` string): each secret-named
-    key's value masked. A URL Python cannot read (several hosts, a broken
-    `[`): its `user:password@` and query masked as text."""
+    """`url` without credentials, fit for logs and errors: everything up to
+    the last `@` masked (`user:password@`, whatever the password holds: a
+    `/`, a `?`), the whole `?query` masked (libpq takes `?password=`), a
+    `#fragment` dropped. Read as text, so a URL Python's parser refuses
+    (several hosts, a broken `[`) is masked the same. Not a URL (a libpq
+    `key=value` string): each secret-named key's value masked."""
     if "://" not in url:
         return KEY_SECRET.sub(r"\1=***", url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        rest, query, _ = url.partition("#")[0].partition("?")
-        return USERINFO.sub(r"\1***@", rest) + ("?***" if query else "")
-    if not (parts.password or parts.username or parts.query or parts.fragment):
-        return url
-    netloc = parts.netloc
-    if parts.password or parts.username:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{port}" if port else "")
-    query = "?***" if parts.query else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+    scheme, _, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    rest, query, _ = rest.partition("#")[0].partition("?")
+    return f"{scheme}://{rest}" + ("?***" if query else "")
 
 
 def _public_url_ok(url: str) -> bool:

@@ -179,11 +179,10 @@ class Settler:
         return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt)
 
     def _kept(self, outcome: Outcome, promise_id: str, salt: str | None) -> Outcome:
-        """What is stored of `outcome`: its callback tokens masked, before
-        the bound (whole) and after it (one cut at the end of a preview)."""
+        """What is stored of `outcome`: its callback tokens masked, then
+        bounded (no whole token is left for the bound to cut)."""
         tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
-        outcome = _redacted(outcome, tokens)
-        return _redacted(bound_outcome(outcome, self.max_result_bytes), tokens)
+        return bound_outcome(_redacted(outcome, tokens), self.max_result_bytes)
 
     async def _end(
         self,

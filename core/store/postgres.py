@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -191,15 +191,14 @@ class PgSession:
 
 def dsn_secrets(dsn: str) -> list[str]:
     """What a libpq error about `dsn` may quote of its secrets: the password
-    of `user:password@` and of each `?password=`, as written and decoded, and
-    with its runs of spaces squeezed (as the error is shown)."""
-    try:
-        parts = urlsplit(dsn)
-        found = [parts.password or ""]
-    except ValueError:  # a URL Python cannot read: the text between `:` and `@`
-        found = [dsn.partition("://")[2].partition("@")[0].partition(":")[2]]
-        parts = urlsplit(dsn.partition("#")[0].replace("[", "").replace("]", ""))
-    found += [v for k, v in parse_qsl(parts.query) if "password" in k.lower()]
+    of `user:password@` (all between the first `:` and the last `@`, as
+    `describe` masks it) and of each `?password=`, as written and decoded,
+    and with its runs of spaces squeezed (as the error is shown)."""
+    rest = dsn.partition("://")[2]
+    userinfo, at, host = rest.rpartition("@")
+    found = [userinfo.partition(":")[2]] if at else []
+    query = (host if at else rest).partition("#")[0].partition("?")[2]
+    found += [v for k, v in parse_qsl(query) if "password" in k.lower()]
     found += [unquote(f) for f in found]
     found += [" ".join(f.split()) for f in found]
     return [f for f in found if f]

@@ -822,13 +822,21 @@ class SqlJobIndex:
 
     async def swap_meta(self, name: str, value: str) -> str | None:
         """Set the fact `name` of `tether_meta` to `value`; the value it had
-        (None: none yet)."""
-        rows = await self.db.fetch("SELECT value FROM tether_meta WHERE name = ?", (name,))
-        await self.db.execute(
-            "INSERT INTO tether_meta (name, value) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            (name, value),
-        )
+        (None: none yet). One transaction, the row locked on Postgres (SQLite's
+        takes the write lock first): processes swapping at once each get the
+        value the one before it left."""
+        postgres = getattr(getattr(self.db, "dialect", None), "name", "") == "postgresql"
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "SELECT value FROM tether_meta WHERE name = ?"
+                + (" FOR UPDATE" if postgres else ""),
+                (name,),
+            )
+            await tx.execute(
+                "INSERT INTO tether_meta (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
         return str(rows[0][0]) if rows else None
 
     async def close(self) -> None:

@@ -44,11 +44,12 @@ receipt's `response` if it is JSON of at most 4 KiB.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import msgspec
@@ -358,7 +359,7 @@ class HttpWebhook(Backend):
             raise BackendError(
                 f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
             ) from None
-        body = _scrub(raw, headers.get("Authorization"))
+        body = _scrub(raw, headers.get("Authorization"), _url_credential(url))
         if 200 <= code < 300:
             return _Answer(code, body if len(raw) <= limit else None)
         reason = ""
@@ -395,11 +396,24 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(data)
 
 
-def _scrub(body: bytes, authorization: str | None) -> bytes:
-    """`body` without the `Authorization` value in any form a receiver may
-    echo it (its credentials alone, JSON-escaped, percent-encoded, a Basic
-    one decoded: `core.redact.forms`)."""
-    return redact_bytes(body, [authorization]) if authorization else body
+def _scrub(body: bytes, *authorizations: str | None) -> bytes:
+    """`body` without the `Authorization` values sent in any form a receiver
+    may echo them (their credentials alone, JSON-escaped, percent-encoded, a
+    Basic one decoded: `core.redact.forms`)."""
+    return redact_bytes(body, [a for a in authorizations if a])
+
+
+def _url_credential(url: str) -> str | None:
+    """The `Authorization` aiohttp sends for a URL's `user:password@` (a job
+    stored before new jobs' URLs were refused them): Basic, decoded."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.username is None and parts.password is None:
+        return None
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
 
 
 def _host(url: str) -> str:

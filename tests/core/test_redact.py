@@ -110,3 +110,20 @@ def test_redact_bytes_masks_every_form_in_a_body_not_yet_read():
     assert redact_bytes(b"hookuser:s3cr3tpw", [BASIC]) == b"***"
     assert redact_bytes(b"plain", [BEARER]) == b"plain"
     assert redact_bytes(TOKEN.encode(), [""]) == TOKEN.encode()
+
+
+def test_a_cut_before_a_cut_mark_is_masked_too():
+    """A plugin that cuts a long text marks the cut (`…`) and may add more after."""
+    for mark in ("…", "..."):
+        text = f"for url: http://t/callbacks/j%3A1?token={TOKEN[:20]}{mark} (and more)"
+        assert (
+            redact(text, [TOKEN])
+            == f"for url: http://t/callbacks/j%3A1?token={MASK}{mark} (and more)"
+        )
+
+
+def test_only_a_secret_word_is_masked_where_cut_not_a_scheme_or_a_user_name():
+    assert redact("we saw a Polar Bear", [BEARER]) == "we saw a Polar Bear"
+    assert redact("denied for user hookuser", [BASIC]) == "denied for user hookuser"
+    assert redact("cut at s3cr3t/t0", [BEARER]) == f"cut at {MASK}"  # the credentials, cut
+    assert redact("the password s3cr3t", [BASIC]) == f"the password {MASK}"  # the password, cut

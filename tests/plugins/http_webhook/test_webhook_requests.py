@@ -958,6 +958,24 @@ async def test_a_credential_echoed_in_another_form_is_kept_out_of_the_error(
         assert part not in message
 
 
+async def test_a_stored_urls_credential_echoed_back_is_kept_out_of_the_error(server):
+    """A job stored before URLs were refused `user:password@` still sends it
+    (as Basic); a receiver that echoes it, decoded or not, puts it nowhere."""
+    backend = HttpWebhook()
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        sent = request.headers.get("Authorization", "")
+        return web.Response(status=403, text=f"bad login u:s3cretpw ({sent})")
+
+    server.answers["/hook"] = respond
+    url = server.url("/hook").replace("http://", "http://u:s3cretpw@")
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(trigger(WebhookParams, url=url))
+    await backend.close()
+    message = raised.value.message
+    assert message == f"POST {host_of(server)} answered 403: bad login *** (***)"
+
+
 async def test_a_status_answer_echoing_the_credential_settles_without_it(server, authed):
     async def respond(request: web.Request) -> web.StreamResponse:
         return web.json_response(
