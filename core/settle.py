@@ -75,6 +75,23 @@ def outcome_of(value: Any) -> Outcome:
         )
 
 
+STORE_TIMEOUT = Outcome(
+    status="timed_out",
+    error=ErrorInfo(
+        message="no callback before the job's deadline (the store timed its wait out)",
+        type="timeout",
+    ),
+)
+"""How a job ends whose callback promise the store timed out (no watchdog
+got there first: the service was down past the deadline and its grace)."""
+
+
+def store_timed_out() -> NewEvent:
+    """The event such a job's history gets before `finished`, as the
+    watchdog's deadline files `timed_out`."""
+    return NewEvent("timed_out", {"by": "store"})
+
+
 def outcome_of_record(rec: JobRecord) -> Outcome:
     """The outcome a finished job's row records."""
     return Outcome(status=rec.state, result=rec.result, error=rec.error)  # type: ignore[arg-type]
@@ -173,10 +190,11 @@ class Settler:
         else:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
         data = record.value.data if record.state == "resolved" else None
-        settled = outcome_of(data) if data is not None else Outcome(status="timed_out")
+        settled = outcome_of(data) if data is not None else STORE_TIMEOUT
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
-        return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt)
+        before = [store_timed_out()] if data is None else []
+        return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
 
     def _kept(self, outcome: Outcome, promise_id: str, salt: str | None) -> Outcome:
         """What is stored of `outcome`: its callback tokens masked, then
@@ -192,14 +210,17 @@ class Settler:
         note: Note | None,
         result: SettleResult,
         attempt: int,
+        before: list[NewEvent] | None = None,
     ) -> JobRecord:
         """Record `outcome` in the index if the job is at `attempt`, with the
         note's event for `result` before `finished` if this ends the job; if it
         does not (someone recorded the end first), the note's event for how
-        the settle compares goes after (none once the job is at a later attempt)."""
+        the settle compares goes after (none once the job is at a later attempt).
+        `before`: events that go first when this ends the job."""
         event = None if note is None else note(result)
+        events = [*(before or []), *([event] if event else [])]
         rec, ended = await store_call(
-            self.jobs.end(job_id, outcome, now_ms(), from_states, [event] if event else [], attempt)
+            self.jobs.end(job_id, outcome, now_ms(), from_states, events, attempt)
         )
         if rec is None:
             raise NotFound(f"no job {job_id!r}")

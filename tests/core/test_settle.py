@@ -22,6 +22,7 @@ from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
 from core.redact import MIN_CUT
 from core.settle import (
+    STORE_TIMEOUT,
     Settler,
     judge,
     outcome_of,
@@ -222,11 +223,21 @@ async def test_a_promise_the_store_timed_out_ends_the_job_timed_out(parts: Parts
     await parts.add_promise("j", timeout_ms=1)
     await asyncio.sleep(0.05)
 
-    result, rec = await parts.settler.settle("j", DONE, by="callback")
+    def watchdogs(result: str) -> NewEvent | None:  # as the watchdog's deadline note
+        return NewEvent("timed_out", {"timeout": 1}) if result == "accepted" else None
+
+    result, rec = await parts.settler.settle("j", DONE, by="timeout", note=watchdogs)
 
     assert result == "gone"
     assert rec.state == "timed_out"
+    assert rec.error == STORE_TIMEOUT.error and rec.error.type == "timeout"
     assert (await parts.promise("j")).state == "rejected_timedout"
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    # the history says why, as a timeout by the watchdog's does
+    assert [(e.type, e.data) for e in events][-2:] == [
+        ("timed_out", {"by": "store"}),
+        ("finished", {"state": "timed_out", "error_type": "timeout"}),
+    ]
 
 
 @pytest.mark.parametrize("how", ["reject", "cancel"])

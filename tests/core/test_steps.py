@@ -20,7 +20,7 @@ from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
-from core.settle import settled_value
+from core.settle import STORE_TIMEOUT, settled_value
 from core.steps import JobSteps
 from core.store.jobs import NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
@@ -816,6 +816,8 @@ async def test_a_timeout_by_the_store_is_recorded_as_such(rig: Rig, by: str, not
     events = await history(rig)
     assert events[-1][0] == "finished"
     assert (("timed_out", {"by": "store"}) in events) is noted
+    if noted:  # with the deadline's error type, as the watchdog's timeout has
+        assert (await rig.parts.row("j")).error == STORE_TIMEOUT.error
 
 
 async def test_attempt_three_reruns_with_attempt_two_as_it_ended(rig: Rig):
