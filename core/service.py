@@ -137,6 +137,11 @@ class Tether:
         )
         self._settler = Settler(r, self.jobs, self.settings.max_result_bytes, self.signer.tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
+
+        async def finish_orphan(rec: JobRecord) -> None:  # `Settler.on_orphan`
+            await steps.finish(rec.id, {"status": rec.state}, rec.attempt)
+
+        self._settler.on_orphan = finish_orphan
         workflow.register(r, steps)
         self._target = conn.resolve_target(self.settings.group)
         self.watchdog = Watchdog(

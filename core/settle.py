@@ -18,6 +18,7 @@ attempt, so a late settle of an ended attempt never touches a retried job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -47,6 +48,9 @@ UNBORN_PROMISE_TRIES = 50
 settling it ends it in the index alone. While it races its own trigger,
 the settle looks again every `UNBORN_PROMISE_WAIT` seconds, this many times
 (2.5 s), before answering that the store is not keeping up."""
+
+
+log = logging.getLogger("tether")
 
 
 async def store_call[T](awaitable: Awaitable[T]) -> T:
@@ -135,6 +139,13 @@ class Settler:
         """The callback tokens of a promise (`CallbackSigner.tokens`): masked
         in every outcome before it is stored, wherever it came from (a run's
         error may quote the callback URL it was given)."""
+        self.on_orphan: Callable[[JobRecord], Awaitable[None]] | None = None
+        """Called with a job a settle ended that no workflow will finish: one
+        ended before its workflow made its promise (a start lost to a crash,
+        then a cancel or the deadline), or whose workflow the store timed out
+        too (the service down past the deadline and `ROOT_GRACE_MS`). What
+        the workflow's finish does (stop the run, tell the plugins) is this
+        callback's to do (`JobSteps.finish`, wired by the service)."""
 
     async def settle(
         self,
@@ -180,7 +191,9 @@ class Settler:
             # (the trigger reads it first), but only while it is still
             # one of those; else the promise exists now.
             early = ("queued", "pending")
-            rec = await self._end(job_id, outcome, early, note, "accepted", attempt)
+            rec, ended = await self._end(job_id, outcome, early, note, "accepted", attempt)
+            if ended and rec.queued_at is None:  # a queued one is the service's (listener)
+                await self._orphaned(rec)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:
@@ -194,7 +207,32 @@ class Settler:
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
         before = [store_timed_out()] if data is None else []
-        return result, await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
+        rec, ended = await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
+        if ended and data is None and not await self._workflow_alive(job_id):
+            await self._orphaned(rec)
+        return result, rec
+
+    async def _workflow_alive(self, job_id: str) -> bool:
+        """Whether job `job_id`'s workflow (its root promise) still waits: it
+        then finishes the job itself once its callback promise is settled."""
+        try:
+            root = await store_call(self.resonate.promises.get(job_id))
+        except (ServerError, StoreUnavailable):
+            return False
+        return bool(root.state == "pending")
+
+    async def _orphaned(self, rec: JobRecord) -> None:
+        if self.on_orphan is None:
+            return
+        try:
+            await self.on_orphan(rec)
+        except Exception as exc:  # the job's end is recorded; only its extras are lost
+            log.warning(
+                "job %s: finishing it without its workflow failed: %s",
+                rec.id,
+                getattr(exc, "message", type(exc).__name__),
+                extra=rec.log_extra(),
+            )
 
     def _kept(self, outcome: Outcome, promise_id: str, salt: str | None) -> Outcome:
         """What is stored of `outcome`: its callback tokens masked, then
@@ -211,12 +249,13 @@ class Settler:
         result: SettleResult,
         attempt: int,
         before: list[NewEvent] | None = None,
-    ) -> JobRecord:
+    ) -> tuple[JobRecord, bool]:
         """Record `outcome` in the index if the job is at `attempt`, with the
         note's event for `result` before `finished` if this ends the job; if it
         does not (someone recorded the end first), the note's event for how
         the settle compares goes after (none once the job is at a later attempt).
-        `before`: events that go first when this ends the job."""
+        `before`: events that go first when this ends the job. Returns the
+        row, and whether this ended the job."""
         event = None if note is None else note(result)
         events = [*(before or []), *([event] if event else [])]
         rec, ended = await store_call(
@@ -231,7 +270,7 @@ class Settler:
             late = note(result)
             if late is not None:
                 rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
-        return rec
+        return rec, ended
 
     async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
         """Settle `promise_id` with an outcome already recorded in the index

@@ -20,6 +20,7 @@ from core import hookspecs
 from core.hookspecs import Backend, TetherHookSpecs
 from core.plugin import BackendError, Outcome, hookimpl
 from core.plugins import Plugins, make_plugin_manager
+from core.store.jobs import now_ms
 from tests.conftest import (
     HOLD,
     claimed_by,
@@ -215,8 +216,27 @@ async def test_hook_tether_job_finished_sees_every_final_job(start_service, rece
             "params": {"url": receiver.url("/silent")},
         },
     )
+    # A job whose workflow start was lost (a crash right after its row was
+    # written), then canceled: no workflow will finish it, the cancel does.
+    lost = msgspec.structs.replace(
+        (await svc.tether.jobs.get("a")),  # a row to copy: another id, pending, never started
+        id="lost",
+        state="pending",
+        finished_at=None,
+        result=None,
+        error=None,
+        external=None,
+        fingerprint="lost",
+        events=0,
+        created_at=now_ms(),
+        deadline=now_ms() + 60_000,
+    )
+    await svc.tether.jobs.insert(lost)
+    assert (await svc.client.post("/jobs/lost/cancel")).status_code == 200
     await eventually(
-        lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out")], timeout=10, holds=HOLD
+        lambda: sorted(seen) == [("a", "succeeded"), ("b", "timed_out"), ("lost", "canceled")],
+        timeout=10,
+        holds=HOLD,
     )
     assert (await svc.job("a"))["state"] == "succeeded"
 

@@ -591,3 +591,61 @@ async def test_no_outcome_keeps_a_callback_token_whole_or_cut(parts: Parts):
     _, cut = await settler.settle("k", long, by="callback")
     assert cut.result["truncated"] and token[:MIN_CUT] not in str(cut.result)
     assert cut.result["preview"].startswith("x" * 120 + "***y"), cut.result
+
+
+# ── jobs no workflow will finish ─────────────────────────────────────────────
+
+
+def orphans_of(parts: Parts) -> list[tuple[str, str]]:
+    """Record `Settler.on_orphan`'s calls on `parts.settler`: (job, state)."""
+    seen: list[tuple[str, str]] = []
+
+    async def orphan(rec: JobRecord) -> None:
+        seen.append((rec.id, rec.state))
+
+    parts.settler.on_orphan = orphan
+    return seen
+
+
+async def test_a_job_ended_before_its_workflow_made_its_promise_is_finished_here(parts: Parts):
+    """A start lost to a crash, then a cancel: no workflow will ever finish the
+    job, so the settle hands it to `on_orphan` (the service runs the finish)."""
+    seen = orphans_of(parts)
+    await parts.add_job("j", state="pending")
+    result, rec = await parts.settler.settle("j", CANCELED, by="cancel")
+    assert (result, rec.state) == ("accepted", "canceled")
+    assert seen == [("j", "canceled")]
+    again, _ = await parts.settler.settle("j", CANCELED, by="cancel")  # ended already
+    assert again == "accepted" and seen == [("j", "canceled")]
+
+
+async def test_a_job_with_its_promise_or_queued_is_not_finished_here(parts: Parts):
+    seen = orphans_of(parts)
+    await parts.add_job("p", state="running")
+    await parts.add_promise("p")  # its workflow waits on it and finishes the job
+    await parts.settler.settle("p", DONE, by="callback")
+    await parts.add_job("q", state="queued")
+    await parts.jobs.db.execute("UPDATE tether_jobs SET queued_at = 1 WHERE id = 'q'", ())
+    await parts.settler.settle("q", CANCELED, by="cancel")  # the service's listener tells
+    assert (await parts.row("q")).state == "canceled"
+    assert seen == []
+
+
+@pytest.mark.parametrize("root", ["gone", "timed out", "waiting"])
+async def test_a_job_the_store_timed_out_is_finished_here_when_its_workflow_is_over(
+    parts: Parts, root: str
+):
+    """The service was down past the deadline and the root's grace: the store
+    timed out the callback promise and the workflow's root, which will never
+    run the finish. With the root still waiting, the workflow finishes it."""
+    seen = orphans_of(parts)
+    await parts.add_job("j", state="running", external={"run": 1})
+    await parts.add_promise("j", timeout_ms=1)
+    if root != "gone":
+        await parts.resonate.promises.create(
+            "j", now_ms() + (1 if root == "timed out" else 60_000), Value(data=None), {}
+        )
+    await asyncio.sleep(0.05)
+    _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
+    assert rec.state == "timed_out"
+    assert seen == ([] if root == "waiting" else [("j", "timed_out")])
