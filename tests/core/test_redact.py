@@ -127,3 +127,9 @@ def test_only_a_secret_word_is_masked_where_cut_not_a_scheme_or_a_user_name():
     assert redact("denied for user hookuser", [BASIC]) == "denied for user hookuser"
     assert redact("cut at s3cr3t/t0", [BEARER]) == f"cut at {MASK}"  # the credentials, cut
     assert redact("the password s3cr3t", [BASIC]) == f"the password {MASK}"  # the password, cut
+
+
+def test_a_secret_of_one_word_with_escapable_characters_is_masked_where_cut():
+    secret = "s3cr3t/t0k+en="  # no scheme: the whole of it is the credential
+    assert redact("cut at s3cr3t/t0", [secret]) == f"cut at {MASK}"
+    assert redact("cut at s3cr3t%2Ft0", [secret]) == f"cut at {MASK}"

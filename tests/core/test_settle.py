@@ -33,7 +33,7 @@ from core.settle import (
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id
-from tests.core.parts import Parts, open_parts
+from tests.core.parts import Parts, logs_of, open_parts
 
 DONE = Outcome(status="succeeded", result={"rows": 3})
 OTHER = Outcome(status="succeeded", result={"rows": 4})
@@ -649,3 +649,72 @@ async def test_a_job_the_store_timed_out_is_finished_here_when_its_workflow_is_o
     _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
     assert rec.state == "timed_out"
     assert seen == ([] if root == "waiting" else [("j", "timed_out")])
+
+
+async def test_a_finish_without_a_workflow_that_fails_is_logged_and_the_end_stands(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+):
+    errors = iter([StoreUnavailable("the index did not answer"), RuntimeError("a plugin bug")])
+
+    async def broken(rec: JobRecord) -> None:
+        raise next(errors)
+
+    parts.settler.on_orphan = broken
+    for job_id in ("j", "k"):
+        await parts.add_job(job_id, state="pending")
+        with logs_of("tether") as logs:
+            result, rec = await parts.settler.settle(job_id, CANCELED, by="cancel")
+        assert (result, rec.state) == ("accepted", "canceled")
+        said = "the index did not answer" if job_id == "j" else "RuntimeError"  # never its text
+        assert logs.lines == [
+            f"WARNING job {job_id}: finishing it without its workflow failed: {said}"
+        ]
+    assert [getattr(r, "job_id", None) for r in caplog.records] == ["j", "k"]
+    # None wired (a process that runs no workflow, the default): nothing to say
+    settler = Settler(parts.resonate, parts.jobs)
+    await parts.add_job("n", state="pending")
+    with logs_of("tether") as logs:
+        await settler.settle("n", CANCELED, by="cancel")
+    assert logs.lines == []
+
+
+async def test_only_a_timeout_by_the_store_files_a_timed_out_event(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.settle("j", DONE, by="callback")
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [e.type for e in events] == ["finished"]
+
+
+async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Parts):
+    signer = CallbackSigner("a-secret", "http://t")
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    for job_id, salt in (("plain", None), ("salted", "s4lt")):
+        await parts.add_job(job_id, state="running")
+        await parts.add_promise(job_id)
+        url = signer.url(callback_promise_id(job_id), salt)
+        failed = Outcome(status="failed", error=ErrorInfo(message=f"for url: {url}", type="x"))
+        _, rec = await settler.settle(job_id, failed, by="callback", attempt=1, salt=salt)
+        assert rec.error is not None and rec.error.message.endswith("?token=***"), rec.error
+
+
+async def test_a_settle_that_finds_the_job_ended_otherwise_is_noted_as_gone(parts: Parts):
+    """Before its promise existed, the job was canceled with another reason:
+    a cancel now is `gone`, and its note says so."""
+    await parts.add_job("j", state="pending")
+    other = Outcome(status="canceled", error=ErrorInfo(message="by someone", type="canceled"))
+    await parts.jobs.end("j", other, now_ms(), ("pending",), attempt=1)
+
+    def note(result: str) -> NewEvent:
+        return NewEvent("cancel_requested", {"verdict": result})
+
+    mine = Outcome(status="canceled", error=ErrorInfo(message="by me", type="canceled"))
+    result, _ = await parts.settler.settle("j", mine, by="cancel", note=note, attempt=1)
+    assert result == "gone"
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [(e.type, e.data) for e in events][-1] == ("cancel_requested", {"verdict": "gone"})
+
+
+async def test_a_settle_of_a_job_that_is_not_there_names_it(parts: Parts):
+    with pytest.raises(NotFound, match=r"^no job 'nope'$"):
+        await parts.settler.settle("nope", DONE, by="callback", attempt=1)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 
 import pytest
 
-from core.tokens import CallbackSigner, idempotency_key
+from core.tokens import CallbackSigner, agree, idempotency_key
 
 SECRET = "test-secret"
 
@@ -205,3 +206,39 @@ def test_a_salted_job_has_its_own_token_url_and_key():
     key = idempotency_key(longer, "s4lt")
     assert key == "tether-" + hashlib.sha256(f"{longer}.s4lt".encode()).hexdigest()[:57]
     assert key != idempotency_key(longer + "x") and len(key) == 64
+
+
+def fingerprint(secret: str) -> str:
+    """The definition: the first 16 hex digits of HMAC-SHA256(secret,
+    "tether-secret-fingerprint")."""
+    return hmac.new(secret.encode(), b"tether-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def test_fingerprints_name_the_secrets_one_way():
+    signer = CallbackSigner(SECRET, "http://t", previous=[OLD, OLDER])
+    assert signer.fingerprints() == (
+        fingerprint(SECRET),
+        [fingerprint(SECRET), fingerprint(OLD), fingerprint(OLDER)],
+    )
+    assert SECRET not in str(signer.fingerprints())
+
+
+def fingerprints(current: str, *previous: str) -> tuple[str, list[str]]:
+    return CallbackSigner(current, "http://t", previous).fingerprints()
+
+
+def test_every_step_of_a_rotation_agrees_and_a_stray_secret_does_not():
+    new, stray = "new-secret-" + "n" * 22, "stray-" + "s" * 27
+    steps = [  # each host in turn, as docs/operations.md says
+        fingerprints(SECRET),
+        fingerprints(SECRET, new),  # 1. accept NEW everywhere
+        fingerprints(new, SECRET),  # 2. sign with NEW
+        fingerprints(new),  # 4. drop the old one
+    ]
+    for before, after in itertools.pairwise(steps):
+        assert agree(after, before) and agree(before, after)
+    assert not agree(fingerprints(stray), fingerprints(SECRET))
+    assert not agree(fingerprints(new), fingerprints(SECRET))  # signing before all accept
+    assert not agree(fingerprints(SECRET), fingerprints(new))
+    assert not agree(fingerprints(SECRET, stray), fingerprints(new, SECRET))  # NEW refused here
+    assert not agree(fingerprints(new, SECRET), fingerprints(SECRET, stray))
