@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from api.cli import cli as main_group
 from core.store.jobs import now_ms
 from tests.conftest import eventually
+from tests.core.test_retention import a_week_later, workflow_over
 
 
 def body(receiver: Any, job_id: str, tags: list[str], **more: Any) -> dict[str, Any]:
@@ -187,21 +188,8 @@ async def test_retention_deletes_the_tags_with_the_job(start_service, receiver, 
     await svc.client.post("/jobs", json=body(receiver, "waiting", ["t"]))
     await svc.wait_state("old", "succeeded")
     await svc.wait_state("waiting", "running")
-    tether = svc.tether
-
-    async def workflow_done() -> bool:
-        return (await tether.resonate.promises.get("old")).state == "resolved"
-
-    await eventually(workflow_done)
-    week = 7 * 86_400_000
-    await tether.jobs.db.execute("UPDATE tether_jobs SET finished_at = finished_at - ?", (week,))
-    engine = tether.store.connection._engine
-    engine.clock = lambda: now_ms() + week
-    try:
-        jobs, _ = await tether.collect_garbage(86_400)
-    finally:
-        engine.clock = now_ms
-    assert jobs == 1
+    await eventually(lambda: workflow_over(svc))
+    assert await a_week_later(svc.tether) == 1
     assert await tag_rows(svc) == [("t", "waiting")]
     assert await listed(svc, tag="t") == ["waiting"]
     assert await listed(svc, tag="u") == []
