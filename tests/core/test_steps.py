@@ -186,6 +186,23 @@ async def test_the_token_is_scrubbed_from_the_receipt(rig: Rig):
     assert rec.external == {"echo": {"url": f"{BASE}/callbacks/j%3A1?token=***"}, "n": 1}
 
 
+async def test_a_salted_job_is_triggered_with_its_own_url_and_key_and_they_are_scrubbed(
+    rig: Rig,
+):
+    """A job under an id used before (retention deleted the earlier one) has a
+    salt: its URL and key are its own, and its token is scrubbed as any."""
+    await start(rig)
+    await rig.parts.jobs.db.execute("UPDATE tether_jobs SET salt = 's4lt' WHERE id = 'j'", ())
+    url = SIGNER.url("j:1", "s4lt")
+    rig.backend.answers = [{"echo": url}]
+    await rig.steps.trigger("j", "j:1")
+    [trigger] = rig.backend.triggers
+    assert trigger.callback_url == url != SIGNER.url("j:1")
+    assert trigger.idempotency_key == "j:1.s4lt"
+    rec = await rig.parts.row("j")
+    assert rec.external == {"echo": f"{BASE}/callbacks/j%3A1?token=***"}
+
+
 async def test_a_job_that_ended_before_its_trigger_is_not_triggered(rig: Rig):
     """Canceled while pending, before its workflow made the promise: the trigger
     step settles the promise from the index instead."""
