@@ -13,6 +13,7 @@ from unittest.mock import ANY
 
 import msgspec
 import pytest
+from resonate.types import Value
 
 import core.watchdog
 from core.errors import BackendError, InvalidRequest
@@ -24,7 +25,7 @@ from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.views import view
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
-from core.workflow import ROOT_GRACE_MS
+from core.workflow import ROOT_GRACE_MS, callback_promise_id
 from tests.core.parts import Parts, logs_of, open_parts
 
 DONE = Outcome(status="succeeded", result={"rows": 3})
@@ -273,12 +274,19 @@ async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: R
     assert "WARNING watchdog: job b: RuntimeError" in logs.lines
 
 
-async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(rig: Rig):
+@pytest.mark.parametrize("salt", [None, "s4lt"])
+async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
+    rig: Rig, salt: str | None, caplog: pytest.LogCaptureFixture
+):
     now = now_ms()
     await rig.running("d", next_check_at=now)
+    # attempt 2, and a salt when the id was used before: the job's own tokens
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET attempt = 2, salt = ? WHERE id = 'd'", (salt,)
+    )
     signer = CallbackSigner("test-secret", "http://t")
     rig.watchdog.settler.tokens = signer.tokens
-    url = signer.url("d:1")
+    url = signer.url(callback_promise_id("d", 2), salt)
 
     async def before(job: Job) -> None:
         raise BackendError(f"GET h answered 501 (asked about {url})")
@@ -288,7 +296,45 @@ async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
         await rig.watchdog.sweep(now)
 
     said = "WARNING watchdog: job d: BackendError: GET h answered 501 (asked about"
-    assert f"{said} http://t/callbacks/d%3A1?token=***)" in logs.lines, logs.lines
+    assert logs.lines == [f"{said} http://t/callbacks/d~2%3A1?token=***)"], logs.lines
+    assert [getattr(r, "job_id", None) for r in caplog.records] == ["d"]
+
+
+async def test_a_check_refused_is_logged_in_its_words_by_a_process_without_tokens(rig: Rig):
+    now = now_ms()
+    await rig.running("d", next_check_at=now)
+    rig.watchdog.settler.tokens = None
+
+    async def before(job: Job) -> None:
+        raise BackendError("GET h answered 501")
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == ["WARNING watchdog: job d: BackendError: GET h answered 501"]
+
+
+async def test_a_status_checks_outcome_keeps_no_token_of_a_retried_salted_job(rig: Rig):
+    now = now_ms()
+    await rig.running("s", next_check_at=now)
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET attempt = 2, salt = 's4lt' WHERE id = 's'", ()
+    )
+    await rig.parts.resonate.promises.create(
+        callback_promise_id("s", 2), now + 60_000, Value(data=None), {}
+    )
+    signer = CallbackSigner("test-secret", "http://t")
+    rig.watchdog.settler.tokens = signer.tokens
+    url = signer.url(callback_promise_id("s", 2), "s4lt")
+    rig.backend.found["s"] = Outcome(
+        status="failed", error=ErrorInfo(message=f"502 for url: {url}", type="x")
+    )
+    await rig.watchdog.sweep(now)
+    rec = await rig.parts.row("s")
+    assert (rec.state, rec.attempt) == ("failed", 2)
+    assert rec.error == ErrorInfo(
+        message="502 for url: http://t/callbacks/s~2%3A1?token=***", type="x"
+    )
 
 
 async def test_the_watchdog_runs_sweeps_until_stopped():
@@ -748,3 +794,27 @@ async def test_a_miss_another_process_or_a_heartbeat_took_is_left_alone(rig: Rig
     await rig.watchdog.heartbeat_missed(rec, now_ms())
     assert rig.backend.asked == []
     assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 0
+
+
+async def test_a_check_that_ends_after_a_retry_settles_only_the_attempt_it_asked_about(rig: Rig):
+    """Attempt 1's run is checked; a retry starts attempt 2 meanwhile: what the
+    backend says of attempt 1's run ends nothing of attempt 2."""
+    now = now_ms()
+    await rig.running("r", next_check_at=now)
+    await rig.parts.add_promise("r")
+    rig.backend.found["r"] = DONE
+
+    async def before(job: Job) -> None:
+        retried = NewEvent("retried", {"previous": {"state": "failed"}})
+        await rig.parts.jobs.end("r", Outcome(status="failed"), now_ms(), attempt=1)
+        await rig.parts.jobs.retry("r", 1, now_ms() + 60_000, now_ms(), retried)
+        await rig.parts.resonate.promises.create(
+            callback_promise_id("r", 2), now_ms() + 60_000, Value(data=None), {}
+        )
+
+    rig.backend.before = before
+    await rig.watchdog.sweep(now)
+    rec = await rig.parts.row("r")
+    assert (rec.attempt, rec.state) == (2, "pending")
+    second = await rig.parts.resonate.promises.get(callback_promise_id("r", 2))
+    assert second.state == "pending"
