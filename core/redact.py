@@ -127,9 +127,10 @@ def _walk(value: Any, secrets: Sequence[str]) -> Any:
     return value
 
 
-def redact_bytes(data: bytes, secrets: Iterable[str]) -> bytes:
+def redact_bytes(data: bytes, secrets: Iterable[str | None]) -> bytes:
     """`redact` for bytes that are not yet text (an answer's body before it is
-    decoded): each form's UTF-8 masked. No cut end: the bytes are whole."""
+    decoded): each form's UTF-8 masked. No cut end: the bytes are whole. An
+    empty or missing secret (a header not sent) is skipped."""
     for secret in secrets:
         if secret:
             for form in forms(secret):

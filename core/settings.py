@@ -70,15 +70,6 @@ def _public_url_ok(url: str) -> bool:
     )
 
 
-def scheme_of(name: str, url: str) -> str:
-    """The scheme of setting `name`'s URL (lower case), or `ValueError`
-    naming the setting (its value `describe`d) when Python cannot read it."""
-    try:
-        return urlsplit(url).scheme
-    except ValueError as exc:
-        raise ValueError(f"{name}={describe(url)!r} is not a URL Tether can read: {exc}") from None
-
-
 SECRET_FIELDS = (
     "callback_secret",
     "callback_secret_previous",

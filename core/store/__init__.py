@@ -25,13 +25,14 @@ Opening a store brings its tables to this code's schema version
 from __future__ import annotations
 
 from core.errors import StoreConfigError
-from core.settings import Settings, describe, scheme_of
+from core.settings import Settings, describe
 from core.store.base import (
     STORE_CALL_TIMEOUT,
     STORE_WAIT,
     Store,
     check_notify_secret,
     check_previous_notify_secrets,
+    scheme_of,
 )
 from core.store.jobs import JobIndex
 
@@ -52,10 +53,7 @@ async def open_store(settings: Settings, pid: str) -> Store:
     never shown)."""
     if settings.notify_secret:
         check_notify_secret(settings.notify_secret)
-    try:
-        scheme = scheme_of("TETHER_STORE", settings.store)
-    except ValueError as exc:
-        raise StoreConfigError(str(exc)) from None
+    scheme = scheme_of("TETHER_STORE", settings.store)
     if check_previous_notify_secrets(settings.notify_secret_previous) and not (
         settings.notify_secret or scheme in ("sqlite", "memory")
     ):

@@ -8,11 +8,24 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from core.errors import StoreConfigError
-from core.settings import listed
+from core.settings import describe, listed
 from core.store.jobs import JobIndex
 from resonate_sqlite import DEFAULT_LOCK_TIMEOUT
+
+
+def scheme_of(name: str, url: str) -> str:
+    """The scheme of setting `name`'s URL (lower case), or `StoreConfigError`
+    naming the setting (its value `describe`d) when Python cannot read it."""
+    try:
+        return urlsplit(url).scheme
+    except ValueError as exc:
+        raise StoreConfigError(
+            f"{name}={describe(url)!r} is not a URL Tether can read: {exc}"
+        ) from None
+
 
 STORE_WAIT = DEFAULT_LOCK_TIMEOUT
 """Seconds one store call may wait for what it needs: the SQLite write lock

@@ -34,15 +34,20 @@ RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
 """resonate-pg's functions the store calls (`resonate_pg.connection`)."""
 
 
-async def _check_resonate_schema(driver: PostgresDriver) -> None:
-    """`StoreConfigError` when the database lacks resonate-pg's schema: every
-    workflow request would fail (503) while `/health` said 200."""
+async def _missing_functions(driver: PostgresDriver, names: Sequence[str]) -> list[str]:
+    """Which of resonate-pg's functions `names` the database lacks."""
     rows = await driver.fetch(
         "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
         " WHERE n.nspname = 'resonate' AND p.proname = ANY(?)",
-        (list(RESONATE_FUNCTIONS),),
+        (list(names),),
     )
-    missing = sorted(set(RESONATE_FUNCTIONS) - {name for (name,) in rows})
+    return sorted(set(names) - {name for (name,) in rows})
+
+
+async def _check_resonate_schema(driver: PostgresDriver) -> None:
+    """`StoreConfigError` when the database lacks resonate-pg's schema: every
+    workflow request would fail (503) while `/health` said 200."""
+    missing = await _missing_functions(driver, RESONATE_FUNCTIONS)
     if missing:
         raise StoreConfigError(
             f"the database lacks resonate-pg's schema (no resonate.{', resonate.'.join(missing)}):"
@@ -101,12 +106,7 @@ class PostgresStore(Store):
         jobs = self.jobs
         assert isinstance(jobs, SqlJobIndex) and isinstance(jobs.db, PostgresDriver)
         driver = jobs.db
-        found = await driver.fetch(
-            "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = 'resonate' AND p.proname = 'gc'",
-            (),
-        )
-        if not found:
+        if await _missing_functions(driver, ("gc",)):
             raise InvalidRequest(
                 "retention on Postgres needs resonate-pg's resonate.gc, which this database"
                 " lacks: apply a newer resonate.sql (see docs/deploy.md)"

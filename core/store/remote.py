@@ -45,8 +45,8 @@ from resonate.retry import ExponentialBackoff
 from resonate_base import PROTOCOL_VERSION
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
-from core.settings import Settings, describe, listed, scheme_of
-from core.store.base import STORE_WAIT, Store, signing_secrets
+from core.settings import Settings, describe, listed
+from core.store.base import STORE_WAIT, Store, scheme_of, signing_secrets
 from core.store.embedded import SqliteDriver, SqliteIndex
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
@@ -478,10 +478,7 @@ def index_opener(index: str) -> Callable[[RemoteConnection], Awaitable[SqlJobInd
     """What opens the job index `TETHER_INDEX` names (its tables migrated, or
     `StoreConfigError` saying why not); `StoreConfigError` at once when it
     names no index Tether can keep."""
-    try:
-        scheme = scheme_of("TETHER_INDEX", index)
-    except ValueError as exc:
-        raise StoreConfigError(str(exc)) from None
+    scheme = scheme_of("TETHER_INDEX", index)
     if scheme == "sqlite":
         if not index.startswith("sqlite:///") or len(index) == len("sqlite:///"):
             raise StoreConfigError(
