@@ -638,12 +638,20 @@ environment, and the verbs that talk to a service over HTTP."""
 
 async def preflight(settings: Settings, plugins: Plugins) -> str | None:
     """Open and close the store once, so that a damaged, locked or unwritable
-    store stops `tether serve` with a clear message instead of a traceback; on
-    the way, warn about waiting jobs whose backend is no longer installed."""
+    store, or a group that would strand the store's jobs (`Tether.take_group`),
+    stops `tether serve` with a clear message instead of a traceback; on the
+    way, warn about waiting jobs whose backend is no longer installed."""
     try:
         tether = await Tether.open(settings, plugins, worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
         return str(exc)
+    try:
+        refused = await tether.take_group()
+    except StoreUnavailable as exc:
+        refused = str(exc)
+    if refused:
+        await tether.close()
+        return refused
     try:
         warn_orphans(await orphans(plugins, tether.jobs))
     except Exception as exc:  # only a warning is at stake; /health counts them again

@@ -25,7 +25,14 @@ from resonate.resonate import Resonate
 
 from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks, Heartbeat
-from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, StoreUnavailable
+from core.errors import (
+    Conflict,
+    InvalidRequest,
+    MalformedBody,
+    NotFound,
+    StoreConfigError,
+    StoreUnavailable,
+)
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
@@ -117,10 +124,19 @@ class Tether:
     ) -> Tether:
         """Open the store named by the settings; with `worker`, also join it as
         a worker (run the workflow, the watchdog). Needs a running loop.
-        Raises `StoreConfigError` or `StoreUnavailable` when the store cannot be used."""
+        Raises `StoreConfigError` or `StoreUnavailable` when the store cannot be
+        used, or (a worker) in its group (`take_group`)."""
         pid = pid or uuid.uuid4().hex
         tether = cls(settings, plugins, await open_store(settings, pid), pid)
         if worker:
+            try:
+                refused = await tether.take_group()
+            except BaseException:
+                await tether.close()
+                raise
+            if refused:
+                await tether.close()
+                raise StoreConfigError(refused)
             tether._join()
             await tether.resume_pending()
         return tether
@@ -155,6 +171,40 @@ class Tether:
             self.notifier.start()
         self.checks.start()
         self.events.stop_on_signals()
+
+    async def take_group(self) -> str | None:
+        """Why this process may not serve in its `TETHER_GROUP`, or None.
+
+        A workflow runs only on processes of the group its job was started
+        in, so a store's jobs in flight wait for that group: a host restarted
+        in another would leave them waiting for good (one host), and the jobs
+        it starts would wait for it alone. So a group other than the one the
+        store records is refused while any job is pending or running; once
+        none is, it becomes the store's group (every host is then to start in
+        it). The first start, on any store, records its group."""
+        jobs = self.jobs
+        if not isinstance(jobs, SqlJobIndex):
+            return None
+        group = self.settings.group
+        recorded, running = await jobs.take_group(group)
+        if not running:
+            if recorded not in (None, group):
+                log.warning(
+                    "TETHER_GROUP is now %r (the store's jobs ran in %r; none is in flight):"
+                    " every host on this store must start in %r from now on",
+                    group,
+                    recorded,
+                    group,
+                )
+            return None
+        return (
+            f"TETHER_GROUP={group!r}, but the jobs on this store run in group {recorded!r} and"
+            f" {running} of them are pending or running: a workflow runs only on processes of"
+            " its group, so those jobs would wait for a host in that group, and the jobs this"
+            f" host starts for this one alone. Start every host with TETHER_GROUP={recorded}."
+            f" To change the group, let the jobs in flight end first (or cancel them), with"
+            f" the hosts still in {recorded!r}"
+        )
 
     async def compare_with_last_host(self) -> list[str]:
         """Compare this process's shared settings with those of the host that

@@ -248,7 +248,8 @@ META = Table(
 """Facts about the index itself, one row each: `index_id`, the id a Resonate
 server's pairing names (`core.store.remote`), made the first time it is
 asked for; and `last_host`, the group and the callback secrets' fingerprints
-of the host that started last on a shared store (`Tether.compare_with_last_host`)."""
+of the host that started last on a shared store (`Tether.compare_with_last_host`);
+and `group`, the `TETHER_GROUP` the store's jobs run in (`Tether.take_group`)."""
 
 TOMBSTONES = Table(
     "tether_tombstones",

@@ -825,12 +825,9 @@ class SqlJobIndex:
         (None: none yet). One transaction, the row locked on Postgres (SQLite's
         takes the write lock first): processes swapping at once each get the
         value the one before it left."""
-        postgres = getattr(getattr(self.db, "dialect", None), "name", "") == "postgresql"
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
-                "SELECT value FROM tether_meta WHERE name = ?"
-                + (" FOR UPDATE" if postgres else ""),
-                (name,),
+                "SELECT value FROM tether_meta WHERE name = ?" + self._row_lock, (name,)
             )
             await tx.execute(
                 "INSERT INTO tether_meta (name, value) VALUES (?, ?)"
@@ -838,6 +835,38 @@ class SqlJobIndex:
                 (name, value),
             )
         return str(rows[0][0]) if rows else None
+
+    async def take_group(self, group: str) -> tuple[str | None, int]:
+        """Record `group` as the one the store's workflows run in (the
+        `tether_meta` fact `group`) unless jobs run in the one recorded: that
+        group (None: none yet) and, when it is another, how many jobs are
+        pending or running (recorded only at 0). One transaction, as
+        `swap_meta`'s."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "SELECT value FROM tether_meta WHERE name = 'group'" + self._row_lock, ()
+            )
+            recorded = str(rows[0][0]) if rows else None
+            running = 0
+            if recorded not in (None, group):
+                [(running,)] = await tx.fetch(
+                    "SELECT count(*) FROM tether_jobs WHERE state IN ('pending', 'running')", ()
+                )
+            if not running and recorded != group:
+                await tx.execute(
+                    "INSERT INTO tether_meta (name, value) VALUES ('group', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (group,),
+                )
+        return recorded, int(running)
+
+    @property
+    def _row_lock(self) -> str:
+        """What locks the rows a select in a transaction reads until it ends:
+        Postgres' `FOR UPDATE`; nothing on SQLite, whose transactions take the
+        write lock first."""
+        postgres = getattr(getattr(self.db, "dialect", None), "name", "") == "postgresql"
+        return " FOR UPDATE" if postgres else ""
 
     async def close(self) -> None:
         await self.db.close()

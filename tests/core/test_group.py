@@ -1,0 +1,71 @@
+"""A store's jobs run in the group they were started in (`Tether.take_group`):
+`tether serve` in another `TETHER_GROUP` is refused while any job is in
+flight, since they would wait for a host of their group for good; with none
+in flight the new group becomes the store's."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from api.cli import preflight
+from core.errors import StoreConfigError
+from core.plugins import Plugins, make_plugin_manager
+from core.service import Tether
+from tests.conftest import Receiver, test_settings
+
+pytestmark = pytest.mark.resonate_server
+
+
+async def test_another_group_is_refused_while_jobs_are_in_flight(
+    start_service: Callable[..., Any],
+    store_url: Callable[[], str],
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = store_url()
+    if store == "memory://":
+        pytest.skip("a memory store is new at each start: it has no jobs to strand")
+    service = await start_service(store=store)  # in the default group, "tether"
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+
+    async def start(group: str) -> str | None:
+        settings = test_settings(store=store, index=service.settings.index, group=group)
+        return await preflight(settings, plugins)
+
+    body = {"id": "j1", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await service.client.post("/jobs", json=body)).status_code == 201
+    await service.wait_state("j1", "running")
+
+    said = await start("other")
+    assert said is not None
+    assert said.startswith("TETHER_GROUP='other', but the jobs on this store run in group")
+    assert "'tether' and 1 of them are pending or running" in said
+    assert "Start every host with TETHER_GROUP=tether" in said
+    assert await start("other") == said  # refused again: nothing was recorded
+    other = test_settings(store=store, index=service.settings.index, group="other")
+    with pytest.raises(StoreConfigError, match=r"^TETHER_GROUP='other', but"):
+        await Tether.open(other, plugins)  # a worker started without `tether serve`
+    caplog.clear()
+    assert await start("tether") is None
+    assert "TETHER_GROUP is now" not in caplog.text
+
+    [hit] = receiver.on("/hook")
+    answer = await service.client.post(hit.body["callback_url"], json={"status": "succeeded"})
+    assert answer.status_code == 200, answer.text
+    await service.wait_state("j1", "succeeded")
+    with caplog.at_level(logging.WARNING):
+        assert await start("other") is None  # none in flight: the store's group now
+    assert "TETHER_GROUP is now 'other' (the store's jobs ran in 'tether'" in caplog.text
+
+    # The service still running in "tether" starts a job: the store now
+    # records "other", so "tether" is refused until it ends.
+    body["id"] = "j2"
+    assert (await service.client.post("/jobs", json=body)).status_code == 201
+    await service.wait_state("j2", "pending", "running")
+    said = await start("tether")
+    assert said is not None and "run in group 'other' and 1 of them" in said
+    assert await start("other") is None
