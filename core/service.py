@@ -181,12 +181,19 @@ class Tether:
         it starts would wait for it alone. So a group other than the one the
         store records is refused while any job is pending or running; once
         none is, it becomes the store's group (every host is then to start in
-        it). The first start, on any store, records its group."""
+        it). The first start, on any store, records its group; on a store
+        that releases before this check shared, the group of the host that
+        started last (`compare_with_last_host`'s record) is taken as the
+        store's."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
             return None
         group = self.settings.group
-        recorded, running = await jobs.take_group(group)
+        try:
+            assumed = str(msgspec.json.decode(await jobs.meta(LAST_HOST) or "null")["group"])
+        except (msgspec.DecodeError, KeyError, TypeError):
+            assumed = None
+        recorded, running = await jobs.take_group(group, assumed)
         if not running:
             if recorded not in (None, group):
                 log.warning(
@@ -212,8 +219,10 @@ class Tether:
         (`tether_meta`; the callback secrets as one-way fingerprints). What to
         tell the operator, one line each: callback secrets that disagree (URLs
         one signs answer 401 on the other; a rotation done as
-        docs/operations.md says agrees at every step), another `TETHER_GROUP`
-        (each host's workflows wait on its own group alone). Nothing for the
+        docs/operations.md says agrees at every step), another
+        `TETHER_PUBLIC_URL` (the callback URLs handed out name the other),
+        another `TETHER_GROUP` (each host's workflows wait on its own group
+        alone). Nothing for the
         first host, or a record this release did not write."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
@@ -241,6 +250,14 @@ class Tether:
                 " Every host must have the same secrets (rotate as docs/operations.md says)."
                 " If every host was stopped and the secret replaced on purpose, this goes away"
                 " once they all run the new one"
+            )
+        if theirs["url"] != url:
+            said.append(
+                f"TETHER_PUBLIC_URL={url!r} differs from {other}: each job's callback URL"
+                " names the public URL of the host that triggered it, so jobs waiting now are"
+                " called back at the other. Every host on one store should have the same (the"
+                " load balancer's), and a URL once handed out must keep reaching a host of this"
+                " store until the jobs that got it end"
             )
         if their_group != group:
             said.append(

@@ -809,16 +809,15 @@ class SqlJobIndex:
         (by whichever process gets there first) and the same ever after, in a
         copy or a restore of it too. A Resonate server is paired with it, and
         each health check reads it again (a read; the write only the once)."""
-        select = "SELECT value FROM tether_meta WHERE name = 'index_id'"
-        rows = await self.db.fetch(select, ())
-        if not rows:
+        found = await self.meta("index_id")
+        if found is None:
             await self.db.execute(
                 "INSERT INTO tether_meta (name, value) VALUES ('index_id', ?)"
                 " ON CONFLICT (name) DO NOTHING",
                 (uuid.uuid4().hex,),
             )
-            rows = await self.db.fetch(select, ())
-        return str(rows[0][0])
+            found = await self.meta("index_id")
+        return str(found)
 
     async def swap_meta(self, name: str, value: str) -> str | None:
         """Set the fact `name` of `tether_meta` to `value`; the value it had
@@ -836,17 +835,22 @@ class SqlJobIndex:
             )
         return str(rows[0][0]) if rows else None
 
-    async def take_group(self, group: str) -> tuple[str | None, int]:
+    async def meta(self, name: str) -> str | None:
+        """The fact `name` of `tether_meta` (None: none yet)."""
+        rows = await self.db.fetch("SELECT value FROM tether_meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def take_group(self, group: str, assumed: str | None = None) -> tuple[str | None, int]:
         """Record `group` as the one the store's workflows run in (the
         `tether_meta` fact `group`) unless jobs run in the one recorded: that
-        group (None: none yet) and, when it is another, how many jobs are
-        pending or running (recorded only at 0). One transaction, as
-        `swap_meta`'s."""
+        group (`assumed` when none is recorded; None: none known) and, when it
+        is another, how many jobs are pending or running (recorded only at 0).
+        One transaction, as `swap_meta`'s."""
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 "SELECT value FROM tether_meta WHERE name = 'group'" + self._row_lock, ()
             )
-            recorded = str(rows[0][0]) if rows else None
+            recorded = str(rows[0][0]) if rows else assumed
             running = 0
             if recorded not in (None, group):
                 [(running,)] = await tx.fetch(

@@ -14,7 +14,7 @@ import pytest
 from api.cli import preflight
 from core.errors import StoreConfigError
 from core.plugins import Plugins, make_plugin_manager
-from core.service import Tether
+from core.service import LAST_HOST, Tether
 from tests.conftest import Receiver, test_settings
 
 pytestmark = pytest.mark.resonate_server
@@ -69,3 +69,26 @@ async def test_another_group_is_refused_while_jobs_are_in_flight(
     said = await start("tether")
     assert said is not None and "run in group 'other' and 1 of them" in said
     assert await start("other") is None
+
+
+async def test_a_store_of_an_earlier_release_is_taken_to_be_in_its_last_hosts_group(
+    start_service: Callable[..., Any], store_url: Callable[[], str], receiver: Receiver
+) -> None:
+    """Releases before the group was recorded left, on a shared store, the
+    group of the host that started last (`last_host`): that group is the
+    store's until one is recorded."""
+    store = store_url()
+    if store == "memory://":
+        pytest.skip("a memory store is new at each start: it has no jobs to strand")
+    service = await start_service(store=store, group="alpha")
+    body = {"id": "j1", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await service.client.post("/jobs", json=body)).status_code == 201
+    await service.wait_state("j1", "running")
+    jobs = service.tether.jobs
+    await jobs.db.execute("DELETE FROM tether_meta WHERE name = 'group'", ())
+    await jobs.swap_meta(LAST_HOST, '{"group": "alpha", "at": 0, "url": "http://a"}')
+
+    settings = test_settings(store=store, index=service.settings.index, group="beta")
+    said = await preflight(settings, Plugins(make_plugin_manager(entry_points=False)))
+    assert said is not None and "run in group 'alpha' and 1 of them" in said
+    assert await jobs.meta("group") is None  # nothing recorded

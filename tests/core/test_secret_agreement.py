@@ -1,6 +1,6 @@
 """Hosts sharing a store compare their callback secrets and group at start
 (`Tether.compare_with_last_host`): a host whose URLs the others would refuse,
-or in another group, is named in the log; every step of a rotation done as
+with another public URL or in another group, is named in the log; every step of a rotation done as
 docs/operations.md says agrees."""
 
 from __future__ import annotations
@@ -35,17 +35,20 @@ async def test_a_host_with_another_secret_is_named_at_start(fresh_pg_url):
 
     assert await start(OLD) == []  # the first
     assert await start(OLD) == []
-    [said] = await start(STRAY, url="https://b")
+    [said] = await start(STRAY)
     assert said.startswith("TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS)")
     assert "disagrees with the host that started before this one" in said
     assert "public URL 'https://a'" in said and OLD not in said and STRAY not in said
     assert len(await start(OLD)) == 1  # the next to start finds the stray one, too
     for current, previous in ((OLD, NEW), (NEW, OLD), (NEW, "")):
         assert await start(current, previous) == []
-    [said] = await start(NEW, group="other", url="https://c")
+    [said] = await start(NEW, url="https://b")
+    assert said.startswith("TETHER_PUBLIC_URL='https://b' differs from the host that started")
+    assert "public URL 'https://a'" in said and "jobs waiting now are called back" in said
+    [said] = await start(NEW, group="other", url="https://b")
     assert said.startswith("TETHER_GROUP='other' differs from the host that started before")
-    assert "public URL 'https://a'" in said and "in 'tether'" in said
-    assert len(await start(STRAY)) == 2  # both, each in a line
+    assert "public URL 'https://b'" in said and "in 'tether'" in said
+    assert len(await start(STRAY, url="https://c")) == 3  # each in a line
 
 
 def test_only_a_store_other_hosts_share_is_compared():
