@@ -64,6 +64,16 @@ answer (a resend, a new message stream): from 0.25 s, doubling, at most 5 s,
 so work resumes within seconds of the server's return (the SDK's own ladder
 goes up to 60 s)."""
 
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+"""The message stream's timeouts: none on the whole response, which stays open
+for as long as the server keeps it (aiohttp's default, 300 s in all, ended it
+five minutes after each connect with a `TimeoutError`, which the SDK's
+listener does not retry: the process then took no work ever again), and 10 s
+to connect."""
+
+LISTENER_RESTART = 1.0
+"""Seconds before the message stream's listener starts again after it failed."""
+
 PAIRING = "tether:index"
 """The server's pairing with one job index: its promises `tether:index.N` and
 their tag (`RemoteConnection.pairing`). Every host on one server must use the
@@ -78,6 +88,32 @@ MAX_PAIRINGS = 1000
 PROBE_ID = "tether-probe"
 """The promise `promise.get` asks for when the store opens: any answer in the
 protocol (404, normally) shows the server is there and takes the token."""
+
+
+class MessageStream(SSEConnection):
+    """resonate-sdk's SSE message source (`GET /poll/{group}/{pid}`), with a
+    stream that may stay open for good (`STREAM_TIMEOUT`) and a listener that
+    starts again, logged, if it ever fails: the SDK's reconnects only after
+    an `aiohttp.ClientError`, and its task ends silently on anything else.
+    Written against the SDK 0.8 listener's own parts (`_ensure_session`,
+    `_sse_loop`), which the version pin in pyproject.toml holds still."""
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None and not self._stopped:
+            self._session = aiohttp.ClientSession(timeout=STREAM_TIMEOUT)
+        return super()._ensure_session()
+
+    async def _sse_loop(self) -> None:
+        while self._running:
+            try:
+                await super()._sse_loop()
+            except Exception as exc:
+                log.error(
+                    "the Resonate server's message stream failed (%s): listening again in %g s",
+                    type(exc).__name__,
+                    LISTENER_RESTART,
+                )
+                await asyncio.sleep(LISTENER_RESTART)
 
 
 class RemoteConnection:
@@ -95,7 +131,7 @@ class RemoteConnection:
         self.group = group
         self.pid = pid
         self.http = HttpConnection(url, auth=token, backoff=RECONNECT)
-        self.sse = SSEConnection(url, pid=pid, group=group, auth=token, backoff=RECONNECT)
+        self.sse = MessageStream(url, pid=pid, group=group, auth=token, backoff=RECONNECT)
         self._token = token
         self._winding_down: asyncio.Task[None] | None = None
         self._probes: aiohttp.ClientSession | None = None

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from resonate.connections import SSEConnection
 from resonate_base import ConnectorError
 
 import core.store.remote
@@ -438,3 +440,39 @@ async def test_a_postgres_index_is_paired_too(fresh_pg_url, server, tmp_path):
             await store.jobs.ping()
     finally:
         await store.close()
+
+
+async def test_the_message_stream_outlives_aiohttp_s_timeout_and_a_failed_listener(
+    server, start_service, receiver, monkeypatch, caplog
+):
+    """aiohttp ends a response at its session's total timeout (300 s by
+    default; 1 s here), and the SDK's listener retries only `ClientError`s:
+    the stream then ended for good and no job was ever started again. The
+    stream has no total timeout, and a listener that fails starts again."""
+    monkeypatch.setattr(aiohttp.client, "DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=1))
+    service = await start_service(store=server.url, store_token=TOKEN)
+
+    async def runs(job_id: str) -> None:
+        body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+        assert (await service.client.post("/jobs", json=body)).status_code == 201
+        await service.wait_state(job_id, "running", timeout=10)
+
+    await asyncio.sleep(2.5)  # past the patched default
+    await runs("after-the-timeout")
+    assert "message stream failed" not in caplog.text  # it never timed out
+
+    stream = service.tether.store.connection.sse
+    real = SSEConnection._read_stream
+    fails = iter([RuntimeError("a bug in the listener")])
+
+    async def read_once_then_fail(self: Any, resp: Any) -> None:
+        error = next(fails, None)
+        if error is not None:
+            raise error
+        await real(self, resp)
+
+    monkeypatch.setattr(SSEConnection, "_read_stream", read_once_then_fail)
+    stream._sse_handle.cancel()  # a new listener, whose first read fails
+    stream._sse_handle = asyncio.create_task(stream._sse_loop())
+    await runs("after-a-failure")
+    assert "message stream failed (RuntimeError): listening again in 1 s" in caplog.text
