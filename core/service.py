@@ -25,14 +25,7 @@ from resonate.resonate import Resonate
 
 from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks, Heartbeat
-from core.errors import (
-    Conflict,
-    InvalidRequest,
-    MalformedBody,
-    NotFound,
-    StoreConfigError,
-    StoreUnavailable,
-)
+from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, StoreUnavailable
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
@@ -125,7 +118,9 @@ class Tether:
         """Open the store named by the settings; with `worker`, also join it as
         a worker (run the workflow, the watchdog). Needs a running loop.
         Raises `StoreConfigError` or `StoreUnavailable` when the store cannot be
-        used, or (a worker) in its group (`take_group`)."""
+        used. A worker in another group than the store's (`take_group`: `tether
+        serve` refuses to start so) logs why as an error and runs all the same:
+        a worker the supervisor starts again must not take its host down."""
         pid = pid or uuid.uuid4().hex
         tether = cls(settings, plugins, await open_store(settings, pid), pid)
         if worker:
@@ -135,8 +130,7 @@ class Tether:
                 await tether.close()
                 raise
             if refused:
-                await tether.close()
-                raise StoreConfigError(refused)
+                log.error("%s", refused)
             tether._join()
             await tether.resume_pending()
         return tether
@@ -193,7 +187,7 @@ class Tether:
             assumed = str(msgspec.json.decode(await jobs.meta(LAST_HOST) or "null")["group"])
         except (msgspec.DecodeError, KeyError, TypeError):
             assumed = None
-        recorded, running = await jobs.take_group(group, assumed)
+        recorded, running = await store_call(jobs.take_group(group, assumed))
         if not running:
             if recorded not in (None, group):
                 log.warning(
@@ -205,12 +199,13 @@ class Tether:
                 )
             return None
         return (
-            f"TETHER_GROUP={group!r}, but the jobs on this store run in group {recorded!r} and"
-            f" {running} of them are pending or running: a workflow runs only on processes of"
-            " its group, so those jobs would wait for a host in that group, and the jobs this"
-            f" host starts for this one alone. Start every host with TETHER_GROUP={recorded}."
-            f" To change the group, let the jobs in flight end first (or cancel them), with"
-            f" the hosts still in {recorded!r}"
+            f"TETHER_GROUP={group!r}, but this store's group is {recorded!r} and {running} job(s)"
+            " are pending or running: a job's workflow runs only on processes of the group it"
+            " started in, so jobs of that group would wait for a host in it, and the jobs"
+            " this host started would wait for this host alone. Start it with"
+            f" TETHER_GROUP={recorded!r}; to change the store's group, let the jobs in flight"
+            " end first (or cancel them)"
+            f" with the hosts still in {recorded!r}"
         )
 
     async def compare_with_last_host(self) -> list[str]:
@@ -251,7 +246,7 @@ class Tether:
                 " If every host was stopped and the secret replaced on purpose, this goes away"
                 " once they all run the new one"
             )
-        if theirs["url"] != url:
+        if self.settings.public_url and theirs["url"] != url:  # unset: warned of already
             said.append(
                 f"TETHER_PUBLIC_URL={url!r} differs from {other}: each job's callback URL"
                 " names the public URL of the host that triggered it, so jobs waiting now are"

@@ -823,17 +823,20 @@ class SqlJobIndex:
         """Set the fact `name` of `tether_meta` to `value`; the value it had
         (None: none yet). One transaction, the row locked on Postgres (SQLite's
         takes the write lock first): processes swapping at once each get the
-        value the one before it left."""
+        value the one before it left (the row is made first if missing: on
+        Postgres a second maker waits for the first to commit)."""
         async with self.db.transaction() as tx:
+            made = await tx.execute(
+                "INSERT INTO tether_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, value),
+            )
+            if made:
+                return None
             rows = await tx.fetch(
                 "SELECT value FROM tether_meta WHERE name = ?" + self._row_lock, (name,)
             )
-            await tx.execute(
-                "INSERT INTO tether_meta (name, value) VALUES (?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (name, value),
-            )
-        return str(rows[0][0]) if rows else None
+            await tx.execute("UPDATE tether_meta SET value = ? WHERE name = ?", (value, name))
+        return str(rows[0][0])
 
     async def meta(self, name: str) -> str | None:
         """The fact `name` of `tether_meta` (None: none yet)."""
@@ -845,24 +848,29 @@ class SqlJobIndex:
         `tether_meta` fact `group`) unless jobs run in the one recorded: that
         group (`assumed` when none is recorded; None: none known) and, when it
         is another, how many jobs are pending or running (recorded only at 0).
-        One transaction, as `swap_meta`'s."""
+        One transaction: the row is made first if missing (as `assumed`, or
+        `group`), then read locked, so hosts starting together take turns on
+        Postgres too (SQLite's transactions take the write lock first)."""
         async with self.db.transaction() as tx:
+            made = await tx.execute(
+                "INSERT INTO tether_meta (name, value) VALUES ('group', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (assumed or group,),
+            )
             rows = await tx.fetch(
                 "SELECT value FROM tether_meta WHERE name = 'group'" + self._row_lock, ()
             )
-            recorded = str(rows[0][0]) if rows else assumed
+            recorded = str(rows[0][0])
             running = 0
-            if recorded not in (None, group):
+            if recorded != group:
                 [(running,)] = await tx.fetch(
                     "SELECT count(*) FROM tether_jobs WHERE state IN ('pending', 'running')", ()
                 )
-            if not running and recorded != group:
-                await tx.execute(
-                    "INSERT INTO tether_meta (name, value) VALUES ('group', ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (group,),
-                )
-        return recorded, int(running)
+                if not running:
+                    await tx.execute(
+                        "UPDATE tether_meta SET value = ? WHERE name = 'group'", (group,)
+                    )
+        return (None if made and assumed is None else recorded), int(running)
 
     @property
     def _row_lock(self) -> str:

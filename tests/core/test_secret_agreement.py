@@ -5,6 +5,8 @@ docs/operations.md says agrees."""
 
 from __future__ import annotations
 
+import asyncio
+
 from api.cli import preflight
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
@@ -68,3 +70,34 @@ async def test_serve_logs_the_disagreement_before_it_serves(fresh_pg_url, caplog
         assert await preflight(settings, plugins) is None  # it serves all the same
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("TETHER_CALLBACK_SECRET (or")
+
+
+async def test_hosts_starting_together_each_find_the_other(fresh_pg_url):
+    """Two hosts' first starts at once on Postgres: the second to record waits
+    for the first (its row made first), so one of them sees the other."""
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    settings = Settings.from_env({}, store=fresh_pg_url, callback_secret=OLD)
+    hosts = [await Tether.open(settings, plugins, worker=False) for _ in range(2)]
+    try:
+        for n in range(5):
+            a, b = (
+                hosts[0].jobs.swap_meta(f"fact-{n}", "a"),
+                hosts[1].jobs.swap_meta(f"fact-{n}", "b"),
+            )
+            assert set(await asyncio.gather(a, b)) in ({None, "a"}, {None, "b"})
+    finally:
+        for host in hosts:
+            await host.close()
+
+
+async def test_a_host_without_a_public_url_is_not_said_to_differ(fresh_pg_url):
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    said = []
+    for port in (8001, 8002):
+        settings = Settings.from_env({}, store=fresh_pg_url, callback_secret=OLD, port=port)
+        tether = await Tether.open(settings, plugins, worker=False)
+        try:
+            said += await tether.compare_with_last_host()
+        finally:
+            await tether.close()
+    assert said == []  # its base URL differs; the setting is unset (warned of apart)
