@@ -9,7 +9,9 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from resonate.error import DecodingError, ServerError
 
+from api.access import shown_path
 from core.errors import (
     Conflict,
     InvalidRequest,
@@ -145,15 +147,34 @@ def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
     return error_response(400, "invalid_request", "JSON nested too deeply", details)
 
 
+def store_error(request: Request[Any, Any, Any], exc: ServerError | DecodingError) -> Response[Any]:
+    """The store answered, but not as the protocol has it (a status of its
+    own, a refused token, a proxy's error page): 503, as a store that does not
+    answer."""
+    what = (
+        f"status {exc.code}: {exc.message[:200]}"
+        if isinstance(exc, ServerError)
+        else "an answer that is not the Resonate protocol's"
+    )
+    log.warning("the store refused %s %s (%s)", request.method, shown_path(request.url.path), what)
+    return error_response(503, StoreUnavailable.code, f"the store refused the request ({what})")
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error(
-        "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc
+        "unhandled %s on %s %s",
+        type(exc).__name__,
+        request.method,
+        shown_path(request.url.path),
+        exc_info=exc,
     )
     return error_response(500, "internal", "internal error; the service log has the details")
 
 
 EXCEPTION_HANDLERS: Any = {
     TetherError: tether_error,
+    ServerError: store_error,
+    DecodingError: store_error,
     ValidationException: validation_error,
     HTTPException: http_error,
     RecursionError: too_deep,

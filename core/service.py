@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+from resonate.error import DecodingError, ServerError
 from resonate.resonate import Resonate
 
 from core import metrics, workflow
@@ -397,7 +398,18 @@ class Tether:
                     " differ); use another id",
                     {"field": "id", "differs": differ},
                 )
-        await self._start(stored)
+        try:
+            await self._start(stored)
+        except (StoreUnavailable, ServerError, DecodingError) as exc:
+            # The job is recorded: its workflow is started once the store
+            # answers (`resume_pending`). An error here would have a client
+            # that sent no id make a second job when it tries again.
+            log.warning(
+                "job %s: its workflow starts once the store answers (%s)",
+                stored.id,
+                getattr(exc, "message", type(exc).__name__),
+                extra=stored.log_extra(),
+            )
         if created:
             log.info(
                 "job %s accepted (backend %s)%s",

@@ -20,6 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+import core.service
+import core.settle
+import core.watchdog
 from core.store.remote import RemoteStore
 from tests.conftest import HOLD, Hit, Receiver, eventually, test_settings, wait_until
 from tests.process import TetherProcess, wait_for
@@ -139,6 +142,31 @@ def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_
     finally:
         server.stop()
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["term:1"]
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_a_job_sent_while_the_server_is_down_is_accepted_and_triggered_once_back(
+    start_service, receiver, resonate_stand_ins, monkeypatch
+):
+    """The job index takes the job; its workflow cannot start. An error would
+    have a client that sent no id send it again as a second job: it is
+    accepted `pending`, and started (once) when the server is back."""
+    monkeypatch.setattr(core.settle, "STORE_CALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(core.watchdog, "RESUME_EVERY", 0.5)
+    monkeypatch.setattr(core.service, "STALE_PENDING_MS", 500)
+    svc = await start_service()
+    server = RUNNING[svc.settings.store]
+    server.stop()
+    answer = await svc.client.post(
+        "/jobs", json={"backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    assert answer.status_code == 201, answer.text
+    job = answer.json()
+    assert job["state"] == "pending" and (await svc.job(job["id"]))["state"] == "pending"
+    resonate_stand_ins(server.db, port=server.port)
+    await svc.wait_state(job["id"], "running", timeout=15)
+    await asyncio.sleep(1.5)  # resumes go on: none triggers again
+    assert [h.body["job_id"] for h in receiver.hits] == [job["id"]]
 
 
 @pytest.mark.parametrize("store_url", ["resonate"], indirect=True)

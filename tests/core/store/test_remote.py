@@ -476,3 +476,26 @@ async def test_the_message_stream_outlives_aiohttp_s_timeout_and_a_failed_listen
     stream._sse_handle = asyncio.create_task(stream._sse_loop())
     await runs("after-a-failure")
     assert "message stream failed (RuntimeError): listening again in 1 s" in caplog.text
+
+
+async def test_a_server_that_refuses_a_request_is_a_503_naming_its_status(
+    server, start_service, receiver, caplog
+):
+    """A status the SDK does not handle itself (here a 401: the server's token
+    changed under the service) was an unhandled error, 500 `internal`."""
+    service = await start_service(store=server.url, store_token=TOKEN)
+    body = {"id": "r", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await service.client.post("/jobs", json=body)).status_code == 201
+    await service.wait_state("r", "running")
+    assert (await service.client.post("/jobs/r/cancel", json={})).status_code == 200
+    await service.wait_state("r", "canceled")
+    server.token = "another-token-for-the-server"
+    answer = await service.client.post("/jobs/r/retry", json={})
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "store_unavailable"
+    assert error["message"].startswith("the store refused the request (status 401")
+    assert "the store refused POST /jobs/r/retry (status 401" in caplog.text
+    assert TOKEN not in caplog.text and "another-token" not in caplog.text
+    server.token = TOKEN
+    assert (await service.job("r"))["attempt"] == 1  # nothing changed
