@@ -33,6 +33,7 @@ import asyncio
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,10 @@ to connect."""
 LISTENER_RESTART = 1.0
 """Seconds before the message stream's listener starts again after it failed."""
 
+STREAM_DOWN_GRACE = 15.0
+"""Seconds the message stream may be down (reconnecting: at most 5 s between
+tries) before the health check says so: the process takes no work meanwhile."""
+
 PAIRING = "tether:index"
 """The server's pairing with one job index: its promises `tether:index.N` and
 their tag (`RemoteConnection.pairing`). Every host on one server must use the
@@ -97,6 +102,19 @@ class MessageStream(SSEConnection):
     an `aiohttp.ClientError`, and its task ends silently on anything else.
     Written against the SDK 0.8 listener's own parts (`_ensure_session`,
     `_sse_loop`), which the version pin in pyproject.toml holds still."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.down_since: float | None = time.monotonic()
+        """`time.monotonic()` since when the stream has not been open (made,
+        or last closed), or None while it is open."""
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse) -> None:
+        self.down_since = None
+        try:
+            await super()._read_stream(resp)
+        finally:
+            self.down_since = time.monotonic()
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None and not self._stopped:
@@ -189,6 +207,14 @@ class RemoteConnection:
         problem = await self._probe()
         if problem:
             raise StoreUnavailable(problem)
+        down = self.sse.down_since
+        running = self.sse._running and not self._unpaired  # unpaired: closed on purpose
+        if running and down is not None and time.monotonic() - down > STREAM_DOWN_GRACE:
+            raise StoreUnavailable(
+                f"{self._where} answers, but its message stream (GET /poll/{self.group}/"
+                f"{self.pid}) has not been open for {time.monotonic() - down:.0f} s: this"
+                " process takes no work meanwhile (the service log says why)"
+            )
 
     @property
     def unpaired(self) -> str:

@@ -25,7 +25,7 @@ from core.settings import Settings
 from core.store import open_store
 from core.store.remote import RemoteConnection, RemoteStore
 from core.store.sql import SqlJobIndex
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.core.store.test_store_kinds import _job
 from tests.resonate_server.stand_in import StandIn
 
@@ -499,3 +499,30 @@ async def test_a_server_that_refuses_a_request_is_a_503_naming_its_status(
     assert TOKEN not in caplog.text and "another-token" not in caplog.text
     server.token = TOKEN
     assert (await service.job("r"))["attempt"] == 1  # nothing changed
+
+
+async def test_a_message_stream_that_stays_closed_fails_the_health_check(
+    server, start_service, monkeypatch
+):
+    """The server answers requests but not the stream (here: a wrong path,
+    404): the process takes no work, and `/health` says so past a grace."""
+    monkeypatch.setattr(core.store.remote, "STREAM_DOWN_GRACE", 0.5)
+    service = await start_service(store=server.url, store_token=TOKEN)
+    assert (await service.client.get("/health")).status_code == 200
+    stream = service.tether.store.connection.sse
+    url, stream._url = stream._url, stream._url + "/nowhere"
+    stream._sse_handle.cancel()
+    stream._sse_handle = asyncio.create_task(stream._sse_loop())
+
+    async def says() -> str | None:
+        health = await service.client.get("/health")
+        return health.text if health.status_code == 503 else None
+
+    said = await eventually(says, timeout=10)
+    assert f"the Resonate server at {server.url} answers, but its message stream" in said
+    assert "has not been open for" in said and TOKEN not in said
+    stream._url = url
+    stream._sse_handle.cancel()
+    stream._sse_handle = asyncio.create_task(stream._sse_loop())
+    await eventually(lambda: stream.down_since is None, timeout=10)
+    assert (await service.client.get("/health")).status_code == 200
