@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from resonate.error import ServerError
 
 from core.callbacks import learnt, status_said
 from core.errors import BackendError, InvalidRequest
@@ -202,7 +203,10 @@ class Watchdog:
     def _said(self, rec: JobRecord, exc: Exception) -> str:
         """What the log says of a look at `rec` that failed: a backend's own
         words (`GET host answered 501`), its callback tokens masked; of any
-        other error only its type (its text may hold anything)."""
+        other error its type, and a store's status (its text may hold
+        anything)."""
+        if isinstance(exc, ServerError):
+            return f"the store answered status {exc.code}"
         if not isinstance(exc, BackendError):
             return type(exc).__name__
         tokens = self.settler.tokens or (lambda _, __: [])

@@ -13,6 +13,7 @@ from unittest.mock import ANY
 
 import msgspec
 import pytest
+from resonate.error import ServerError
 from resonate.types import Value
 
 import core.watchdog
@@ -272,6 +273,20 @@ async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: R
 
     assert [(await rig.parts.row(j)).state for j in "abc"] == ["succeeded", "running", "succeeded"]
     assert "WARNING watchdog: job b: RuntimeError" in logs.lines
+
+
+async def test_a_check_the_store_refused_is_logged_with_its_status_only(rig: Rig):
+    now = now_ms()
+    await rig.running("s", next_check_at=now)
+    await rig.parts.add_promise("s")
+
+    async def before(job: Job) -> None:
+        raise ServerError(401, "unauthorized: what the server says may hold anything")
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == ["WARNING watchdog: job s: the store answered status 401"]
 
 
 @pytest.mark.parametrize("salt", [None, "s4lt"])
