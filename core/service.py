@@ -176,10 +176,9 @@ class Tether:
         it starts would wait for it alone. So a group other than the one the
         store records is refused while any job is pending or running; once
         none is, it becomes the store's group (every host is then to start in
-        it). The first start, on any store, records its group; on a store
-        that releases before this check shared, the group of the host that
-        started last (`compare_with_last_host`'s record) is taken as the
-        store's."""
+        it). The first start on a store records its group: on a shared store
+        that earlier releases ran, the group of the host that started last
+        (`compare_with_last_host`'s record), else its own."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
             return None
@@ -205,8 +204,7 @@ class Tether:
             " started in, so jobs of that group would wait for a host in it, and the jobs"
             " this host started would wait for this host alone. Start it with"
             f" TETHER_GROUP={recorded!r}; to change the store's group, let the jobs in flight"
-            " end first (or cancel them)"
-            f" with the hosts still in {recorded!r}"
+            f" end first (or cancel them) with the hosts still in {recorded!r}"
         )
 
     async def compare_with_last_host(self) -> list[str]:
@@ -218,8 +216,8 @@ class Tether:
         docs/operations.md says agrees at every step), another
         `TETHER_PUBLIC_URL` (the callback URLs handed out name the other),
         another `TETHER_GROUP` (each host's workflows wait on its own group
-        alone). Nothing for the
-        first host, or a record this release did not write."""
+        alone). Nothing for the first host, or a record this release did not
+        write."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
             return []
