@@ -185,7 +185,9 @@ class Settler:
                 break
             except ServerError as exc:
                 if exc.code != 404:
-                    raise StoreUnavailable(f"the store refused the settle: {exc.message}") from None
+                    said = f"the store refused the settle (status {exc.code}: {exc.message[:200]})"
+                    log.warning("job %s: %s", job_id, said, extra={"job_id": job_id})
+                    raise StoreUnavailable(said) from None
             # The workflow has not created its promise yet: the job is queued
             # (no workflow yet) or pending. Ending it in the index is enough
             # (the trigger reads it first), but only while it is still

@@ -389,7 +389,7 @@ async def test_the_unborn_promise_is_looked_for_the_set_number_of_times(parts: P
 # ── a store that refuses ─────────────────────────────────────────────────────
 
 
-async def test_a_store_that_refuses_the_settle_is_unavailable():
+async def test_a_store_that_refuses_the_settle_is_unavailable(caplog: pytest.LogCaptureFixture):
     """A store answering 500 (over HTTP, as resonate's server would)."""
 
     async def refuse(request: web.Request) -> web.Response:
@@ -415,7 +415,8 @@ async def test_a_store_that_refuses_the_settle_is_unavailable():
         finally:
             await resonate.stop()
             await runner.cleanup()
-        assert raised.value.message == "the store refused the settle: disk on fire"
+        assert raised.value.message == "the store refused the settle (status 500: disk on fire)"
+        assert "job j: the store refused the settle (status 500: disk on fire)" in caplog.text
         assert (await parts.row("j")).state == "running"
 
 
