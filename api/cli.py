@@ -646,22 +646,22 @@ async def preflight(settings: Settings, plugins: Plugins) -> str | None:
     except (StoreConfigError, StoreUnavailable) as exc:
         return str(exc)
     try:
-        refused = await tether.take_group()
-    except StoreUnavailable as exc:
-        refused = str(exc)
-    if refused:
-        await tether.close()
-        return refused
-    try:
-        warn_orphans(await orphans(plugins, tether.jobs))
-    except Exception as exc:  # only a warning is at stake; /health counts them again
-        log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
-    try:
-        if settings.shared:
-            for said in await tether.compare_with_last_host():
-                log.error("%s", said)
-    except Exception as exc:  # as above: a warning at most
-        log.warning("comparing settings with the other hosts failed: %s", type(exc).__name__)
+        try:
+            refused = await tether.take_group()
+        except StoreUnavailable as exc:
+            return str(exc)
+        if refused:
+            return refused
+        try:
+            warn_orphans(await orphans(plugins, tether.jobs))
+        except Exception as exc:  # only a warning is at stake; /health counts them again
+            log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
+        try:
+            if settings.shared:
+                for said in await tether.compare_with_last_host():
+                    log.error("%s", said)
+        except Exception as exc:  # as above: a warning at most
+            log.warning("comparing settings with the other hosts failed: %s", type(exc).__name__)
     finally:
         await tether.close()
     return None

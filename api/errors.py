@@ -22,6 +22,7 @@ from core.errors import (
     Unauthorized,
 )
 from core.models import field_of
+from core.settle import store_refusal
 
 log = logging.getLogger("tether.api")
 
@@ -152,7 +153,7 @@ def store_error(request: Request[Any, Any, Any], exc: ServerError | DecodingErro
     own, a refused token, a proxy's error page): 503, as a store that does not
     answer."""
     what = (
-        f"status {exc.code}: {exc.message[:200]}"
+        store_refusal(exc)
         if isinstance(exc, ServerError)
         else "an answer that is not the Resonate protocol's"
     )

@@ -63,6 +63,12 @@ async def store_call[T](awaitable: Awaitable[T]) -> T:
         raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
 
 
+def store_refusal(exc: ServerError) -> str:
+    """A status the store answered, as messages name it: its text cut (a
+    proxy's page or a server's words may be long)."""
+    return f"status {exc.code}: {exc.message[:200]}"
+
+
 def settled_value(outcome: Outcome, by: str, nonce: str) -> dict[str, Any]:
     """What a callback promise is settled with: the outcome, who ended the job,
     and a nonce that tells the settler it won."""
@@ -185,7 +191,7 @@ class Settler:
                 break
             except ServerError as exc:
                 if exc.code != 404:
-                    said = f"the store refused the settle (status {exc.code}: {exc.message[:200]})"
+                    said = f"the store refused the settle ({store_refusal(exc)})"
                     log.warning("job %s: %s", job_id, said, extra={"job_id": job_id})
                     raise StoreUnavailable(said) from None
             # The workflow has not created its promise yet: the job is queued
