@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -65,12 +66,45 @@ answer (a resend, a new message stream): from 0.25 s, doubling, at most 5 s,
 so work resumes within seconds of the server's return (the SDK's own ladder
 goes up to 60 s)."""
 
-STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
-"""The message stream's timeouts: none on the whole response, which stays open
-for as long as the server keeps it (aiohttp's default, 300 s in all, ended it
-five minutes after each connect with a `TimeoutError`, which the SDK's
-listener does not retry: the process then took no work ever again), and 10 s
-to connect."""
+STREAM_SILENCE = 300.0
+"""Seconds the message stream may bring nothing, not even a keep-alive
+comment, before it is opened again. A connection the server no longer writes
+to, or one a middlebox dropped without a word, looks open for good from this
+side: the process would take no work ever again (a message for it is retried
+by the server, but to the stream it believes is ours), while `/health`
+stayed 200. A server that sends no keep-alives has its quiet stream reopened
+this often, which costs one `GET`."""
+
+STREAM_KEEPALIVE = (60, 10, 3)
+"""TCP keep-alive on the message stream's socket: the first probe after
+this many seconds without traffic, then one every so many, and the
+connection given up after so many unanswered (about 90 s for a server host
+that vanished). The probes also keep a NAT or firewall from forgetting a
+quiet stream."""
+
+
+def stream_timeout() -> aiohttp.ClientTimeout:
+    """The message stream's timeouts: none on the whole response, which stays
+    open for as long as the server keeps it (aiohttp's default, 300 s in all,
+    ended it five minutes after each connect with a `TimeoutError`, which the
+    SDK's listener does not retry: the process then took no work ever again),
+    10 s to connect, and `STREAM_SILENCE` between two reads."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=STREAM_SILENCE)
+
+
+def keepalive_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """A socket for the message stream, with `STREAM_KEEPALIVE` (aiohttp's
+    `socket_factory`; options a platform lacks are left at its defaults)."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    names = ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT")
+    for name, value in zip(names, STREAM_KEEPALIVE, strict=True):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
+
 
 LISTENER_RESTART = 1.0
 """Seconds before the message stream's listener starts again after it failed."""
@@ -97,7 +131,8 @@ protocol (404, normally) shows the server is there and takes the token."""
 
 class MessageStream(SSEConnection):
     """resonate-sdk's SSE message source (`GET /poll/{group}/{pid}`), with a
-    stream that may stay open for good (`STREAM_TIMEOUT`) and a listener that
+    stream that may stay open for good (`stream_timeout`) but is opened again
+    when it falls silent, TCP keep-alive on its socket, and a listener that
     starts again, logged, if it ever fails: the SDK's reconnects only after
     an `aiohttp.ClientError`, and its task ends silently on anything else.
     Written against the SDK 0.8 listener's own parts (`_ensure_session`,
@@ -113,12 +148,22 @@ class MessageStream(SSEConnection):
         self.down_since = None
         try:
             await super()._read_stream(resp)
+        except aiohttp.ServerTimeoutError:
+            # Nothing for `STREAM_SILENCE`: returning closes this response and
+            # the SDK's loop connects again (after its first backoff step).
+            log.info(
+                "the Resonate server's message stream brought nothing for %g s: opening it again",
+                STREAM_SILENCE,
+            )
         finally:
             self.down_since = time.monotonic()
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None and not self._stopped:
-            self._session = aiohttp.ClientSession(timeout=STREAM_TIMEOUT)
+            self._session = aiohttp.ClientSession(
+                timeout=stream_timeout(),
+                connector=aiohttp.TCPConnector(socket_factory=keepalive_socket),
+            )
         return super()._ensure_session()
 
     async def _sse_loop(self) -> None:

@@ -64,6 +64,8 @@ class Stream:
     pid: str
     request: web.Request
     queue: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    silent: bool = False
+    """Left open but written to no more, keep-alives included (`silence`)."""
 
     @property
     def alive(self) -> bool:
@@ -146,6 +148,24 @@ class StandIn:
         if RUNNING.get(self.url) is self:
             del RUNNING[self.url]
 
+    def silence(self, pid: str) -> int:
+        """Stop writing to the streams of process `pid`, keep-alives
+        included, and route nothing to them, while leaving their connections
+        open: a server that lost track of a connection, or a middlebox that
+        dropped it without a word, as the process sees it. How many there
+        were."""
+        loop = self._loop
+        assert loop is not None
+
+        async def mute() -> int:
+            muted = [s for s in self.streams if s.pid == pid]
+            for stream in muted:
+                stream.silent = True
+                self.streams.remove(stream)
+            return len(muted)
+
+        return asyncio.run_coroutine_threadsafe(mute(), loop).result(5)
+
     # ── the server ──────────────────────────────────────────────────────────
 
     async def serve(self) -> None:
@@ -224,7 +244,8 @@ class StandIn:
                     async with asyncio.timeout(KEEP_ALIVE):
                         message = await stream.queue.get()
                 except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
+                    if not stream.silent:
+                        await response.write(b": keep-alive\n\n")
                     continue
                 if message is None:
                     break

@@ -526,3 +526,55 @@ async def test_a_message_stream_that_stays_closed_fails_the_health_check(
     stream._sse_handle = asyncio.create_task(stream._sse_loop())
     await eventually(lambda: stream.down_since is None, timeout=10)
     assert (await service.client.get("/health")).status_code == 200
+
+
+async def test_a_message_stream_gone_silent_is_opened_again(
+    server, start_service, receiver, monkeypatch, caplog
+):
+    """The server stops writing to the process's stream and routes nothing
+    to it, while the connection stays open (a server that lost track of it,
+    or a middlebox that dropped it without a word): the process took no work
+    ever again, with `/health` at 200. Past `STREAM_SILENCE` the stream is
+    opened again, and a job made meanwhile runs."""
+    monkeypatch.setattr(core.store.remote, "STREAM_SILENCE", 1.5)
+    service = await start_service(store=server.url, store_token=TOKEN)
+    stream = service.tether.store.connection.sse
+    await eventually(lambda: stream.down_since is None, timeout=10)
+    assert server.silence(stream._pid) == 1
+    body = {"id": "made-while-silent", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await service.client.post("/jobs", json=body)).status_code == 201
+    await asyncio.sleep(0.5)
+    assert (await service.job("made-while-silent"))["state"] == "pending"  # no stream took it
+    await service.wait_state("made-while-silent", "running", timeout=10)
+    assert "message stream brought nothing for 1.5 s: opening it again" in caplog.text
+    assert "message stream failed" not in caplog.text
+
+
+async def test_the_message_stream_s_socket_has_tcp_keepalive(server, start_service):
+    """A server host that vanishes sends nothing, not even a close: TCP
+    keep-alive probes give the connection up (and keep a NAT's entry for it
+    alive meanwhile). Read from the process's own open sockets to the server."""
+    import os
+    import socket
+
+    service = await start_service(store=server.url, store_token=TOKEN)
+    stream = service.tether.store.connection.sse
+    await eventually(lambda: stream.down_since is None, timeout=10)
+    options = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                continue
+            if sock.type == socket.SOCK_STREAM and peer == ("127.0.0.1", server.port):
+                found.append(
+                    [sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)]
+                    + [sock.getsockopt(socket.IPPROTO_TCP, option) for option in options]
+                )
+    assert [1, *core.store.remote.STREAM_KEEPALIVE] in found, found
