@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ class EmbeddedStore(Store):
 
 
 class MemoryStore(EmbeddedStore):
-    """`memory://`: the embedded store on a file of its own, deleted on close.
+    """`memory://`: the embedded store on a file of its own, deleted on close
+    (or by the next `memory://` process once this one is gone: `sweep_scratch`).
 
     Nothing outlives the process, and it stays as fast as the embedded store
     however many jobs it has seen (resonate's LocalConnection scans every
@@ -87,7 +89,9 @@ class MemoryStore(EmbeddedStore):
 
     @classmethod
     async def open(cls, settings: Settings, pid: str) -> MemoryStore:
-        scratch = Path(tempfile.mkdtemp(prefix="tether-memory-"))
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+        (scratch / SCRATCH_OWNER).write_text(str(os.getpid()))
+        sweep_scratch(scratch.parent)
         try:
             return cls(*await _open(scratch / "tether.db", settings, pid), scratch=scratch)
         except BaseException:
@@ -99,6 +103,56 @@ class MemoryStore(EmbeddedStore):
             await super().close()
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "tether-memory-"
+SCRATCH_OWNER = "owner.pid"
+"""In each `memory://` directory: the process that made it."""
+SCRATCH_ORPHAN_AGE = 3600.0
+"""Seconds after which a `memory://` directory without an owner (made by a
+release before owners were written) counts as left behind."""
+
+
+def sweep_scratch(where: Path) -> list[Path]:
+    """Delete the `memory://` directories in `where` that a process killed
+    without a chance to clean up (SIGKILL, the OOM killer, a container's
+    stop timeout) left behind: this user's, whose owner process is gone (or
+    that name none and are older than `SCRATCH_ORPHAN_AGE`). Each held a
+    whole store file. Those deleted."""
+    swept = []
+    for scratch in where.glob(SCRATCH_PREFIX + "*"):
+        try:
+            if scratch.is_symlink() or scratch.stat().st_uid != os.getuid():
+                continue
+            owner = _scratch_owner(scratch)
+            if owner is None:
+                if time.time() - scratch.stat().st_mtime < SCRATCH_ORPHAN_AGE:
+                    continue
+            elif _alive(owner):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+        swept.append(scratch)
+    return swept
+
+
+def _scratch_owner(scratch: Path) -> int | None:
+    try:
+        text = (scratch / SCRATCH_OWNER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class SqliteIndex(SqlJobIndex):
