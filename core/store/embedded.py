@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -81,21 +82,27 @@ class MemoryStore(EmbeddedStore):
         callback_secret_previous: tuple[str, ...],
         notify_secrets: tuple[str, ...],
         scratch: Path,
+        held: int,
     ) -> None:
         super().__init__(
             connection, jobs, callback_secret, callback_secret_previous, notify_secrets
         )
         self.scratch = scratch
+        self._held = held
+        """The descriptor of `scratch`'s `SCRATCH_LOCK`, held shared until close."""
 
     @classmethod
     async def open(cls, settings: Settings, pid: str) -> MemoryStore:
         scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
-        (scratch / SCRATCH_OWNER).write_text(str(os.getpid()))
+        held = os.open(scratch / SCRATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(held, fcntl.LOCK_SH)
         sweep_scratch(scratch.parent)
         try:
-            return cls(*await _open(scratch / "tether.db", settings, pid), scratch=scratch)
+            opened = await _open(scratch / "tether.db", settings, pid)
+            return cls(*opened, scratch=scratch, held=held)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
+            os.close(held)
             raise
 
     async def close(self) -> None:
@@ -103,32 +110,35 @@ class MemoryStore(EmbeddedStore):
             await super().close()
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if self._held >= 0:
+                os.close(self._held)
+                self._held = -1
 
 
 SCRATCH_PREFIX = "tether-memory-"
-SCRATCH_OWNER = "owner.pid"
-"""In each `memory://` directory: the process that made it."""
+SCRATCH_LOCK = "in-use.lock"
+"""In each `memory://` directory: a file its process holds a shared `flock`
+on for as long as it has the store open. The kernel lets go of it when the
+process ends, however it ends, and the lock is seen from any process on the
+machine (pid namespaces, containers sharing the directory, included)."""
 SCRATCH_ORPHAN_AGE = 3600.0
-"""Seconds after which a `memory://` directory without an owner (made by a
-release before owners were written) counts as left behind."""
+"""Seconds after which a `memory://` directory without `SCRATCH_LOCK` (made
+by a release before it, or caught in the moment before its lock file was
+made) counts as left behind."""
 
 
 def sweep_scratch(where: Path) -> list[Path]:
     """Delete the `memory://` directories in `where` that a process killed
     without a chance to clean up (SIGKILL, the OOM killer, a container's
-    stop timeout) left behind: this user's, whose owner process is gone (or
-    that name none and are older than `SCRATCH_ORPHAN_AGE`). Each held a
-    whole store file. Those deleted."""
+    stop timeout) left behind, each a whole store file: this user's, whose
+    `SCRATCH_LOCK` nobody holds (or that have none and are older than
+    `SCRATCH_ORPHAN_AGE`). Those deleted."""
     swept = []
     for scratch in where.glob(SCRATCH_PREFIX + "*"):
         try:
             if scratch.is_symlink() or scratch.stat().st_uid != os.getuid():
                 continue
-            owner = _scratch_owner(scratch)
-            if owner is None:
-                if time.time() - scratch.stat().st_mtime < SCRATCH_ORPHAN_AGE:
-                    continue
-            elif _alive(owner):
+            if not _abandoned(scratch):
                 continue
         except OSError:
             continue
@@ -137,21 +147,17 @@ def sweep_scratch(where: Path) -> list[Path]:
     return swept
 
 
-def _scratch_owner(scratch: Path) -> int | None:
+def _abandoned(scratch: Path) -> bool:
     try:
-        text = (scratch / SCRATCH_OWNER).read_text().strip()
+        fd = os.open(scratch / SCRATCH_LOCK, os.O_RDONLY)
     except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
+        return time.time() - scratch.stat().st_mtime >= SCRATCH_ORPHAN_AGE
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its process has it open
+    finally:
+        os.close(fd)  # lets go of the lock taken, if any
     return True
 
 

@@ -1,7 +1,7 @@
 """`memory://` keeps its store in a directory of its own under the temporary
 directory, deleted on close. A process killed without a chance to close
 (SIGKILL, the OOM killer) left it behind, a whole store file each time: the
-next `memory://` process deletes those whose owner is gone."""
+next `memory://` process deletes those no process holds open."""
 
 from __future__ import annotations
 
@@ -11,44 +11,82 @@ import sys
 import time
 from pathlib import Path
 
+from core.settings import Settings
+from core.store import open_store
 from core.store.embedded import (
+    SCRATCH_LOCK,
     SCRATCH_ORPHAN_AGE,
-    SCRATCH_OWNER,
     SCRATCH_PREFIX,
     sweep_scratch,
 )
 from tests.process import TetherProcess
 
 
-def _scratch(where: Path, name: str, owner: str | None, age: float = 0.0) -> Path:
+def _scratch(where: Path, name: str, locked: bool | None, age: float = 0.0) -> Path:
+    """A directory as a `memory://` process leaves it: with its lock file held
+    by a live process (`locked`), left by a dead one (not `locked`), or
+    without a lock file (None)."""
     scratch = where / f"{SCRATCH_PREFIX}{name}"
     scratch.mkdir()
     (scratch / "tether.db").write_bytes(b"x" * 4096)
-    if owner is not None:
-        (scratch / SCRATCH_OWNER).write_text(owner)
+    if locked is not None:
+        lock = scratch / SCRATCH_LOCK
+        lock.touch()
+        if locked:
+            HELD.append(subprocess.Popen([*HOLDER, str(lock)], stdout=subprocess.PIPE))
+            assert HELD[-1].stdout is not None and HELD[-1].stdout.readline() == b"held\n"
     if age:
         then = time.time() - age
         os.utime(scratch, (then, then))
     return scratch
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+HOLDER = [
+    sys.executable,
+    "-c",
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+    " fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
+]
+HELD: list[subprocess.Popen[bytes]] = []
 
 
-def test_only_directories_whose_owner_is_gone_are_deleted(tmp_path):
-    gone = _scratch(tmp_path, "gone", str(_dead_pid()))
-    mine = _scratch(tmp_path, "mine", str(os.getpid()))
-    young = _scratch(tmp_path, "young", None)  # being made: its owner not yet written
-    old = _scratch(tmp_path, "old", None, age=SCRATCH_ORPHAN_AGE + 60)
-    unreadable = _scratch(tmp_path, "garbled", "not a pid", age=SCRATCH_ORPHAN_AGE + 60)
-    other = tmp_path / "tether-other"
-    other.mkdir()
-    assert sorted(sweep_scratch(tmp_path)) == sorted([gone, old, unreadable])
-    assert not gone.exists() and not old.exists() and not unreadable.exists()
-    assert mine.exists() and young.exists() and other.exists()
+def test_only_directories_no_process_holds_are_deleted(tmp_path):
+    try:
+        gone = _scratch(tmp_path, "gone", locked=False, age=5)
+        live = _scratch(tmp_path, "live", locked=True, age=SCRATCH_ORPHAN_AGE + 60)
+        young = _scratch(tmp_path, "young", locked=None)  # caught before its lock file
+        old = _scratch(tmp_path, "old", locked=None, age=SCRATCH_ORPHAN_AGE + 60)
+        other = tmp_path / "tether-other"
+        other.mkdir()
+        assert sorted(sweep_scratch(tmp_path)) == sorted([gone, old])
+        assert not gone.exists() and not old.exists()
+        assert live.exists() and young.exists() and other.exists()
+        assert sweep_scratch(tmp_path) == []  # the look let go of nothing it found held
+        HELD[-1].kill()
+        HELD[-1].wait()
+        assert sweep_scratch(tmp_path) == [live]  # its holder gone, however it ended
+    finally:
+        for holder in HELD:
+            holder.kill()
+            holder.wait()
+        HELD.clear()
+
+
+async def test_a_memory_store_of_this_process_is_never_swept(tmp_path, monkeypatch):
+    """Two `memory://` stores open in one process (tests do it): opening the
+    second must not take the first's directory."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    settings = Settings.from_env({}, store="memory://", callback_secret="s")
+    first = await open_store(settings, "p1")
+    second = await open_store(settings, "p2")
+    try:
+        assert first.scratch.exists() and second.scratch.exists()
+        assert await first.jobs.get("nothing") is None
+    finally:
+        await second.close()
+        await first.close()
+    assert list(tmp_path.glob(SCRATCH_PREFIX + "*")) == []
 
 
 def test_the_next_memory_service_deletes_what_a_killed_one_left(tmp_path):
