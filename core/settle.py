@@ -35,7 +35,7 @@ from core.models import OPEN_STATES, ErrorInfo, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
-from core.workflow import callback_promise_id
+from core.workflow import callback_promise_id, root_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
@@ -216,15 +216,16 @@ class Settler:
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
         before = [store_timed_out()] if data is None else []
         rec, ended = await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
-        if ended and data is None and not await self._workflow_alive(job_id):
+        if ended and data is None and not await self._workflow_alive(job_id, attempt):
             await self._orphaned(rec)
         return result, rec
 
-    async def _workflow_alive(self, job_id: str) -> bool:
-        """Whether job `job_id`'s workflow (its root promise) still waits: it
-        then finishes the job itself once its callback promise is settled."""
+    async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
+        """Whether the workflow of that attempt of job `job_id` (its root
+        promise) still waits: it then finishes the job itself once its
+        callback promise is settled."""
         try:
-            root = await store_call(self.resonate.promises.get(job_id))
+            root = await store_call(self.resonate.promises.get(root_promise_id(job_id, attempt)))
         except (ServerError, StoreUnavailable):
             return False
         return bool(root.state == "pending")

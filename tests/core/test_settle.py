@@ -32,7 +32,7 @@ from core.settle import (
 )
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
-from core.workflow import callback_promise_id
+from core.workflow import callback_promise_id, root_promise_id
 from tests.core.parts import Parts, logs_of, open_parts
 
 DONE = Outcome(status="succeeded", result={"rows": 3})
@@ -652,6 +652,32 @@ async def test_a_job_the_store_timed_out_is_finished_here_when_its_workflow_is_o
     await asyncio.sleep(0.05)
     _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
     assert rec.state == "timed_out"
+    assert seen == ([] if root == "waiting" else [("j", "timed_out")])
+
+
+@pytest.mark.parametrize("root", ["gone", "waiting"])
+async def test_a_later_attempt_the_store_timed_out_is_asked_of_its_own_workflow(
+    parts: Parts, root: str
+):
+    """Attempt 2's wait timed out by the store: whether a workflow will finish
+    it is its own root's to say ("j~2"), not attempt 1's ("j", long over).
+    Asking attempt 1's finished the job here while attempt 2's workflow
+    finished it too: the backend's cancel and `tether_job_finished` twice."""
+    seen = orphans_of(parts)
+    await parts.add_job("j", state="running", external={"run": 1})
+    await parts.jobs.db.execute("UPDATE tether_jobs SET attempt = 2 WHERE id = 'j'", ())
+    await parts.resonate.promises.create("j", now_ms() + 60_000, Value(data=None), {})
+    await parts.resonate.promises.resolve("j", Value(data={"status": "failed"}))
+    await parts.resonate.promises.create(
+        callback_promise_id("j", 2), now_ms() + 1, Value(data=None), {}
+    )
+    if root == "waiting":
+        await parts.resonate.promises.create(
+            root_promise_id("j", 2), now_ms() + 60_000, Value(data=None), {}
+        )
+    await asyncio.sleep(0.05)
+    _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout", attempt=2)
+    assert (rec.state, rec.attempt) == ("timed_out", 2)
     assert seen == ([] if root == "waiting" else [("j", "timed_out")])
 
 
