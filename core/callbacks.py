@@ -136,13 +136,7 @@ class Callbacks:
         if attempt > rec.attempt:  # its URL was never handed out
             raise NotFound(f"no promise {promise_id!r}")
         if attempt < rec.attempt:  # a re-run has its own URL
-            late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
-            recorded = await store_call(self.jobs.record(job_id, [late], now_ms()))
-            rec = recorded or rec
-            message = (
-                f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
-            )
-            return CallbackResult(outcome="gone", job=view(rec), message=message)
+            return await self._gone(rec, attempt, digest)
         try:
             outcome = self._parse(rec, body)
         except InvalidRequest as exc:  # not JSON (400), or neither shape (422)
@@ -162,12 +156,25 @@ class Callbacks:
         result, rec = await self.settler.settle(
             job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt
         )
+        if result != "accepted" and rec.attempt > attempt:
+            # A retry came between the read above and the settle: the
+            # attempt had ended, as it would have been found had it come first.
+            return await self._gone(rec, attempt, digest)
         if result == "accepted":
             log.info(
                 "job %s %s by callback", job_id, outcome.status, extra=rec.log_extra(promise_id)
             )
         message = CALLBACK_MESSAGES[result].format(state=rec.state)
         return CallbackResult(outcome=result, job=view(rec), message=message)
+
+    async def _gone(self, rec: JobRecord, attempt: int, digest: dict[str, Any]) -> CallbackResult:
+        """The answer to a callback for an attempt a retry has replaced (410
+        `gone`), recorded as a `callback` event of the job's current attempt."""
+        late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
+        recorded = await store_call(self.jobs.record(rec.id, [late], now_ms()))
+        rec = recorded or rec
+        message = f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
+        return CallbackResult(outcome="gone", job=view(rec), message=message)
 
     async def check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
         """A hint that the run ended (a callback its backend reads as

@@ -93,6 +93,36 @@ async def test_a_failed_job_runs_again_as_attempt_2_with_a_new_url_and_key(start
     assert events[7]["data"]["verdict"] == "accepted"
 
 
+@pytest.mark.parametrize("status", ["succeeded", "failed"])
+async def test_a_callback_that_a_retry_overtakes_is_gone_and_recorded(
+    start_service, receiver, monkeypatch, status
+):
+    """The callback read the job at attempt 1, then a retry moved it to attempt
+    2 before the callback settled: it answered 409 `conflict` (or 200
+    `duplicate`), recorded nothing, and showed attempt 2. It is gone, as it
+    would be had the retry come first (an audit saw it in 4-6 of 80 races)."""
+    svc = await start_service()
+    old_url = await failed_job(svc, receiver, "o")
+    settler = svc.tether.callbacks.settler
+    real = settler.settle
+
+    async def overtaken(*args: Any, **kwargs: Any) -> Any:
+        assert (await retry(svc, "o")).status_code == 200
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(settler, "settle", overtaken)
+    late = await svc.client.post(old_url, json={"status": status})
+    monkeypatch.undo()
+    assert late.status_code == 410, late.text
+    assert late.json()["outcome"] == "gone"
+    assert late.json()["message"] == "attempt 1 of this job has ended; the job is at attempt 2"
+    assert late.json()["job"]["attempt"] == 2
+    events = (await svc.client.get("/jobs/o/events")).json()["items"]
+    said = [e for e in events if e["type"] == "callback"][-1]
+    assert (said["attempt"], said["data"]["verdict"], said["data"]["attempt"]) == (2, "gone", 1)
+    await svc.wait_state("o", "running")  # attempt 2 goes on, untouched
+
+
 async def test_a_stream_opened_after_a_retry_ends_at_the_new_attempts_finished(
     start_service, receiver
 ):
