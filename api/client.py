@@ -25,7 +25,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import IO, Any, NoReturn, get_args
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 import httpx
@@ -35,7 +35,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from core.models import FINAL_STATES, JobState
+from core.models import FINAL_STATES, JobState, job_segment
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -136,7 +136,7 @@ def api_token() -> str:
 
 
 def job_path(job_id: str, *rest: str) -> str:
-    return "/".join(("/jobs", quote(job_id, safe=""), *rest))
+    return "/".join(("/jobs", job_segment(job_id), *rest))
 
 
 class Api:

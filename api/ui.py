@@ -35,7 +35,14 @@ from litestar.template import TemplateConfig
 from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
 from core.errors import NotFound
 from core.metrics import job_gauges
-from core.models import OPEN_STATES, RETRYABLE_STATES, EventType, JobPage, JobState
+from core.models import (
+    OPEN_STATES,
+    RETRYABLE_STATES,
+    EventType,
+    JobPage,
+    JobState,
+    job_segment,
+)
 from core.service import Tether
 from core.store.jobs import now_ms
 from core.views import CURSOR_PATTERN
@@ -174,6 +181,7 @@ def environment() -> Environment:
         autoescape=select_autoescape(default=True, default_for_string=True),
     )
     env.filters.update(age=age, took=took, pretty=pretty, compact=compact, clock=clock, span=span)
+    env.filters.update(segment=job_segment)
     env.globals.update(states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES)
     return env
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import msgspec
 
@@ -28,8 +29,20 @@ RETRYABLE_STATES: tuple[JobState, ...] = ("failed", "timed_out", "canceled")
 
 OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -"
+JOB_ID_PATTERN = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,128}$")
+JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -, not only dots"
+"""Only dots is refused because URLs collapse `.` and `..`: such a job could
+not be reached at `/jobs/{id}` by clients that normalise paths (ids from
+before the rule are reached through `job_segment`)."""
+
+
+def job_segment(job_id: str) -> str:
+    """`job_id` as one path segment of a URL: percent-encoded, dots included
+    when it is only dots (`.` and `..` are collapsed by URL normalisation)."""
+    if job_id and not job_id.strip("."):
+        return "%2E" * len(job_id)
+    return quote(job_id, safe="")
+
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
 TAGS_MAX = 16

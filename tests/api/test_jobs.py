@@ -177,6 +177,9 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         ({**WEBHOOK, "id": "a:b"}, 400, "id", ["1 to 128"]),
         ({**WEBHOOK, "id": "x" * 129}, 400, "id", ["1 to 128"]),
         ({**WEBHOOK, "id": ""}, 400, "id", ["1 to 128"]),
+        # URLs collapse `.` and `..`: such a job could not be reached at /jobs/{id}
+        ({**WEBHOOK, "id": "."}, 400, "id", ["not only dots"]),
+        ({**WEBHOOK, "id": ".."}, 400, "id", ["not only dots"]),
         ({**WEBHOOK, "timeout": -1}, 400, "timeout", ["more than 0"]),
         ({**WEBHOOK, "timeout": 0}, 400, "timeout", ["more than 0"]),
         ({**WEBHOOK, "timeout": 1e12}, 400, "timeout", ["at most 366 days"]),
@@ -214,6 +217,42 @@ async def test_bad_requests_are_refused_naming_what_is_wrong(
     listed = (await svc.client.get("/jobs")).json()
     assert listed["items"] == []
     assert receiver.hits == []
+
+
+async def test_ids_with_dots_are_taken_and_an_earlier_dots_only_id_is_reached(
+    start_service, receiver
+):
+    """Dots are allowed, only dots are not (new jobs). A job from before that
+    rule is reached by the CLI and the dashboard with its dots encoded."""
+    from api.client import job_path
+    from core.store.jobs import JobRecord, now_ms
+
+    svc = await start_service()
+    for job_id in ("..a", "a.", "...x..."):
+        answer = await svc.client.post("/jobs", json={**WEBHOOK, "id": job_id})
+        assert answer.status_code == 201, answer.text
+        assert (await svc.client.get(job_path(job_id))).json()["id"] == job_id
+    now = now_ms()
+    for job_id in (".", ".."):
+        rec = JobRecord(
+            id=job_id,
+            backend="http_webhook",
+            state="pending",
+            params={"url": receiver.url()},
+            metadata={},
+            timeout=60.0,
+            fingerprint="f",
+            deadline=now + 60_000,
+            created_at=now,
+            updated_at=now,
+        )
+        await svc.tether.jobs.insert(rec)
+        assert job_path(job_id) == "/jobs/" + "%2E" * len(job_id)
+        assert (await svc.client.get(job_path(job_id))).json()["id"] == job_id
+        assert (await svc.client.get(job_path(job_id, "events"))).status_code == 200
+    page = (await svc.client.get("/ui?state=pending")).text
+    assert 'href="/ui/jobs/%2E%2E"' in page and 'href="/ui/jobs/%2E"' in page
+    assert (await svc.client.get("/ui/jobs/%2E%2E")).status_code == 200
 
 
 async def test_the_timeout_bound_is_said_in_days(start_service):
