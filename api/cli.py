@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 @click.option("--port", type=int, help="Port (TETHER_PORT, default 8000).")
 @click.option(
     "--workers",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Worker processes sharing the store.",

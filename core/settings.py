@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -150,7 +151,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens, comma-separated, that may read jobs, their history, `/metrics`
     and the dashboard but change nothing. Needs `api_token`."""
 
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1_048_576
     """Requests with a larger body are refused with 413."""
 
     max_result_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
@@ -160,30 +161,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     "sha256": ..., "preview": ...}` (docs/operations.md); never whole. At
     least 1024."""
 
-    default_timeout: float = 7 * 24 * 3600.0
+    default_timeout: Annotated[float, msgspec.Meta(gt=0)] = 7 * 24 * 3600.0
     """Seconds a job waits for its callback when the request names no `timeout`."""
 
-    max_timeout: float = 366 * 24 * 3600.0
+    max_timeout: Annotated[float, msgspec.Meta(gt=0)] = 366 * 24 * 3600.0
     """Largest `timeout` a request may ask for, in seconds."""
 
-    trigger_attempts: int = 4
+    trigger_attempts: Annotated[int, msgspec.Meta(ge=0)] = 4
     """How many times a trigger that failed with a retryable error is tried."""
 
-    trigger_backoff: float = 1.0
+    trigger_backoff: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     """Seconds before the second trigger attempt; doubles for each later one."""
 
-    watchdog_interval: float = 10.0
+    watchdog_interval: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     """Seconds at most between one process's looks at the store for jobs due
     (past their timeout, due a status check, a heartbeat overdue) and
     notifications due that other processes or hosts wrote; what this process
     writes it handles on time. 0 turns the watchdog off."""
 
-    task_ttl: float = 30.0
+    task_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     """Seconds a worker's lease on a running workflow step lasts; the worker
     renews it every half of that while alive. After a crash, another worker
     takes the step over within this time."""
 
-    max_concurrent_tasks: int = 64
+    max_concurrent_tasks: Annotated[int, msgspec.Meta(ge=1)] = 64
     """Workflow steps (triggers, finishes) one process runs at once; past it,
     new work waits in the store while reads and callbacks are still answered."""
 
@@ -237,12 +238,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds before the second try of a notification; doubles for each
     later one, up to an hour."""
 
-    readiness_interval: float = 300.0
+    readiness_interval: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     """Seconds between background checks of each backend's readiness (shown
     in `GET /health`); the first runs right after start-up."""
 
     def __post_init__(self) -> None:
         limits_of(self.max_running)  # refuse a malformed limit at start-up
+        for name in self.__struct_fields__:  # the types refuse NaN and what is out of range
+            value = getattr(self, name)
+            if isinstance(value, float) and math.isinf(value):
+                raise ValueError(
+                    f"invalid setting {PREFIX}{name.upper()}: {value}; use a finite number"
+                )
+        if self.default_timeout > self.max_timeout:
+            raise ValueError(
+                f"invalid settings: TETHER_DEFAULT_TIMEOUT ({self.default_timeout:g} s) is more"
+                f" than TETHER_MAX_TIMEOUT ({self.max_timeout:g} s); every job that names no"
+                " timeout would be refused"
+            )
         if self.retention and not self.retention >= MIN_RETENTION:  # NaN too
             raise ValueError(
                 f"invalid setting TETHER_RETENTION: {self.retention:g}; keep finished jobs at"

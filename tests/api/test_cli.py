@@ -168,6 +168,43 @@ def test_a_retention_under_a_day_is_refused(seconds: str) -> None:
     assert "at least 86400 seconds" in said and "or 0 to keep them forever" in said
 
 
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"TETHER_DEFAULT_TIMEOUT": "0"}, "TETHER_DEFAULT_TIMEOUT: Expected `float` > 0.0"),
+        ({"TETHER_MAX_TIMEOUT": "-5"}, "TETHER_MAX_TIMEOUT: Expected `float` > 0.0"),
+        ({"TETHER_MAX_TIMEOUT": "inf"}, "TETHER_MAX_TIMEOUT: inf; use a finite number"),
+        ({"TETHER_DEFAULT_TIMEOUT": "nan"}, "TETHER_DEFAULT_TIMEOUT: Expected `float` > 0.0"),
+        (
+            {"TETHER_MAX_TIMEOUT": "60"},
+            "invalid settings: TETHER_DEFAULT_TIMEOUT (604800 s) is more than"
+            " TETHER_MAX_TIMEOUT (60 s); every job that names no timeout would be refused",
+        ),
+        ({"TETHER_WATCHDOG_INTERVAL": "-1"}, "TETHER_WATCHDOG_INTERVAL: Expected `float` >= 0.0"),
+        ({"TETHER_TRIGGER_ATTEMPTS": "-1"}, "TETHER_TRIGGER_ATTEMPTS: Expected `int` >= 0"),
+        ({"TETHER_TRIGGER_BACKOFF": "-1"}, "TETHER_TRIGGER_BACKOFF: Expected `float` >= 0.0"),
+        ({"TETHER_TASK_TTL": "0"}, "TETHER_TASK_TTL: Expected `float` > 0.0"),
+        ({"TETHER_MAX_CONCURRENT_TASKS": "0"}, "TETHER_MAX_CONCURRENT_TASKS: Expected `int` >= 1"),
+        ({"TETHER_MAX_BODY_BYTES": "0"}, "TETHER_MAX_BODY_BYTES: Expected `int` >= 1"),
+        ({"TETHER_READINESS_INTERVAL": "0"}, "TETHER_READINESS_INTERVAL: Expected `float` > 0.0"),
+    ],
+)
+def test_numbers_no_service_could_run_with_are_refused_at_start(
+    env: dict[str, str], said: str
+) -> None:
+    """Taken, a 0 or a default timeout over the largest refused every job that
+    named none (400, blaming a field the client never sent); a negative
+    watchdog interval turned the watchdog off."""
+    refused = serve_refused(**env)
+    assert refused.startswith("tether: invalid setting") and said in refused, refused
+
+
+def test_workers_below_one_are_a_usage_error() -> None:
+    done = CliRunner().invoke(cli, ["serve", "--workers", "0"])
+    assert done.exit_code == 2
+    assert "Invalid value for '--workers': 0 is not in the range x>=1" in done.output
+
+
 def test_the_settings_a_public_url_and_a_retention_may_take() -> None:
     for url in ("https://t.example", "http://10.0.0.1:8080/tether/", "HTTPS://T.example:443"):
         assert Settings.from_env({}, public_url=url).public_url == url

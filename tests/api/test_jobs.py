@@ -256,7 +256,7 @@ async def test_ids_with_dots_are_taken_and_an_earlier_dots_only_id_is_reached(
 
 
 async def test_the_timeout_bound_is_said_in_days(start_service):
-    svc = await start_service(max_timeout=2 * 86400.0)
+    svc = await start_service(max_timeout=2 * 86400.0, default_timeout=86400.0)
     response = await svc.client.post("/jobs", json={**WEBHOOK, "timeout": 3 * 86400})
     assert response.status_code == 400
     assert response.json()["error"]["message"].endswith("at most 2 days")
