@@ -5,6 +5,7 @@ this machine (serve, gc, the store's files, plugins) and the client verbs of
 from __future__ import annotations
 
 import asyncio
+import difflib
 import errno
 import functools
 import importlib.metadata
@@ -213,6 +214,14 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("unknown setting %s is ignored%s", name, hint)
+    for backend in settings.limits.keys() - plugins.backends.keys():
+        near = difflib.get_close_matches(backend, sorted(plugins.backends), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        log.warning(
+            "TETHER_MAX_RUNNING names %r, which is no installed backend: it limits nothing%s",
+            backend,
+            hint,
+        )
     problem = asyncio.run(preflight(settings, plugins))
     if problem:
         sock.close()

@@ -234,6 +234,7 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
             "TETHER_PROT": "8810",
             "TETHER_DATABRICKS_THREDS": "2",
             "TETHER_API_TOKEN": "api-secret-value",
+            "TETHER_MAX_RUNNING": "http-webhook=1,databricks=2,nothing_like_it=3",
         },
     )
     try:
@@ -250,6 +251,13 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     assert "unknown setting TETHER_PROT is ignored; did you mean TETHER_PORT?" in log
     assert "TETHER_DATABRICKS_THREDS is ignored; did you mean TETHER_DATABRICKS_THREADS?" in log
     assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
+    # a typo in a limit's backend took no limit at all, silently
+    assert (
+        "TETHER_MAX_RUNNING names 'http-webhook', which is no installed backend: it limits"
+        " nothing; did you mean http_webhook?" in log
+    )
+    assert "TETHER_MAX_RUNNING names 'nothing_like_it', which is no installed backend" in log
+    assert "names 'databricks'" not in log
     assert f"store {store}, public URL {proc.url}, backends: databricks (tether " in log
     assert "1 worker(s)" in log
     assert "uvicorn.error" not in log
