@@ -105,6 +105,10 @@ class Health:
             if readiness != self.readiness.get(name) and readiness.status != "ok":
                 log.warning("backend %s: %s: %s", name, readiness.status, readiness.reason)
             self.readiness[name] = readiness
+        await self.count_missing()
+
+    async def count_missing(self) -> None:
+        """Count the open jobs of backends no plugin offers (`missing`)."""
         try:
             self.missing = await orphans(self.plugins, self.jobs)
         except Exception as exc:  # the store is down: /health says so on its own

@@ -133,6 +133,7 @@ class Tether:
             if refused:
                 log.error("%s", refused)
             tether._join()
+            await tether.checks.count_missing()  # `/health` says so from its first answer
             await tether.resume_pending()
         return tether
 
