@@ -128,4 +128,6 @@ async def metrics(
     if os.environ.get(MULTIPROC_ENV):
         counted = MultiProcessCollector(None)  # type: ignore[no-untyped-call]  # unannotated upstream
     encode, media_type = choose_encoder(request.headers.get("accept", ""))
+    if media_type.startswith("text/"):  # Litestar adds the charset to text/* itself
+        media_type = media_type.replace("; charset=utf-8", "")
     return Response(encode(Scrape(counted, JobsCollector(gauges))), media_type=media_type)

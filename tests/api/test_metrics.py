@@ -88,7 +88,7 @@ def start(start_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) ->
 async def scrape(svc: Any, **headers: str) -> Samples:
     response = await svc.client.get("/metrics", headers=headers)
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     return parse(response.text)
 
 
@@ -202,6 +202,7 @@ async def test_openmetrics_when_the_scraper_asks_for_it(start):
         "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
     )
     assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.headers["content-type"].count("charset") == 1
     assert response.text.endswith("# EOF\n")
     assert "tether_jobs_created_total" in response.text
 
