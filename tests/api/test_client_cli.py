@@ -5,8 +5,10 @@ process) or as the real `tether` command (a process), over real HTTP.
 
 The tests named `test_standin_…` (at the end) talk to `EventsStandIn`, a small
 server in this file that speaks the events contract of DESIGN.md ("Operator
-surface"), because `tether serve` has no `/jobs/{id}/events` yet. Once it has,
-point them at `TetherProcess` instead and drop the stand-in.
+surface") and breaks it on purpose, as the real service cannot be made to: a
+stream cut by a TCP reset after some events, every stream cut, and a service
+from before `/jobs/{id}/events`. What the real `tether serve` streams is
+tested against it (`tests/api/test_cli_output.py`, `tests/api/test_events.py`).
 """
 
 from __future__ import annotations
