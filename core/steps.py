@@ -269,14 +269,45 @@ class JobSteps:
             return
         backend = self.plugins.backends.get(rec.backend)
         if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
-            try:
-                await backend.cancel(backend_view(rec))
-            except Exception as exc:
-                log.warning(
-                    "job %s: cancelling the external run failed: %s",
-                    job_id,
-                    getattr(exc, "message", type(exc).__name__),
-                    extra=rec.log_extra(),
-                )
+            await self._cancel_run(backend, rec)
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
+
+    async def _cancel_run(self, backend: Backend, rec: JobRecord) -> None:
+        """`backend.cancel`, tried as a trigger is while it fails with a
+        retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
+        or the backend's `retry_after` when longer): one throttled or
+        unavailable answer left the external run going. A failure that
+        remains is logged as an error, naming the job."""
+        attempts = max(self.settings.trigger_attempts, 1)
+        delay = self.settings.trigger_backoff
+        for attempt in range(1, attempts + 1):
+            try:
+                await backend.cancel(backend_view(rec))
+                return
+            except Exception as exc:
+                said = getattr(exc, "message", type(exc).__name__)
+                retryable = isinstance(exc, BackendError) and exc.retryable
+                if not retryable or attempt == attempts:
+                    log.error(
+                        "job %s: cancelling the external run failed (%s); it may still be"
+                        " running: stop it in %s",
+                        rec.id,
+                        said,
+                        rec.backend,
+                        extra=rec.log_extra(),
+                    )
+                    return
+                retry_after = exc.retry_after if isinstance(exc, BackendError) else None
+                wait = max(delay, retry_after or 0)
+                log.warning(
+                    "job %s: cancel attempt %d/%d of the external run failed (%s); again in %.1fs",
+                    rec.id,
+                    attempt,
+                    attempts,
+                    said,
+                    wait,
+                    extra=rec.log_extra(),
+                )
+            await self.sleep(wait)
+            delay *= 2

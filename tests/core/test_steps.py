@@ -51,6 +51,9 @@ class Scripted(Backend):
         self.triggers: list[Trigger] = []
         self.canceled: list[Job] = []
         self.cancel_error: Exception | None = None
+        """Raised by every cancel, after those of `cancel_errors`."""
+        self.cancel_errors: list[Exception] = []
+        """Raised by the next cancels, one each."""
         self.during: Callable[[Trigger], Awaitable[None]] | None = None
         self.reruns: list[tuple[Trigger, Job]] = []
 
@@ -75,6 +78,8 @@ class Scripted(Backend):
 
     async def cancel(self, job: Job) -> None:
         self.canceled.append(job)
+        if self.cancel_errors:
+            raise self.cancel_errors.pop(0)
         if self.cancel_error is not None:
             raise self.cancel_error
 
@@ -604,10 +609,39 @@ async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig,
     with logs_of("tether") as logs:
         await rig.steps.finish("j", {"status": "canceled"})
     assert logs.lines == [
-        f"WARNING job j: cancelling the external run failed: {said}",
+        f"ERROR job j: cancelling the external run failed ({said}); it may still be running:"
+        " stop it in scripted",
         "INFO job j finished: canceled",
     ]
-    assert len(rig.plugin.finished) == 1
+    assert len(rig.plugin.finished) == 1 and len(rig.backend.canceled) == 1  # not retried
+    assert rig.waits == []
+
+
+async def test_a_cancel_the_backend_could_not_take_yet_is_tried_again(rig: Rig):
+    """One throttled or unavailable answer left the external run going (a
+    Databricks 429 or 503 on `runs/cancel`): it is tried as a trigger is,
+    waiting at least what the backend asked."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    rig.backend.cancel_errors = [
+        BackendError("throttled", retryable=True, retry_after=2.0),
+        BackendError("unavailable", retryable=True),
+    ]
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "timed_out"})
+    assert len(rig.backend.canceled) == 3 and rig.waits == [2.0, 1.0]
+    assert logs.lines == [
+        "WARNING job j: cancel attempt 1/4 of the external run failed (throttled); again in 2.0s",
+        "WARNING job j: cancel attempt 2/4 of the external run failed (unavailable); again in 1.0s",
+        "INFO job j finished: timed_out",
+    ]
+    rig.backend.cancel_error = BackendError("still throttled", retryable=True)
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "timed_out"})  # a repeat: tries run out
+    assert len(rig.backend.canceled) == 3 + 4 and rig.waits[2:] == [0.5, 1.0, 2.0]
+    assert logs.lines[-2] == (
+        "ERROR job j: cancelling the external run failed (still throttled); it may still be"
+        " running: stop it in scripted"
+    )
 
 
 async def test_finish_of_a_job_of_an_uninstalled_backend_still_tells_the_plugins(rig: Rig):
@@ -716,7 +750,8 @@ async def test_every_line_of_a_trigger_and_a_finish_names_its_job_and_promise(ri
         await rig.steps.finish("k", {"status": "canceled"})
         await rig.steps.trigger("f", "f:1")
     assert logs.fields()[0] == (
-        "job k: cancelling the external run failed: RuntimeError",
+        "job k: cancelling the external run failed (RuntimeError); it may still be running:"
+        " stop it in scripted",
         "k",
         None,
     )
