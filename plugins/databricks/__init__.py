@@ -52,6 +52,7 @@ from core.plugin import (
     Backend,
     BackendError,
     CheckNow,
+    ErrorInfo,
     Job,
     Notice,
     NoticeAbout,
@@ -380,6 +381,12 @@ class Databricks(Backend):
                 exc,
                 extra={"job_id": job.id, "backend": self.name},
             )
+            if run_gone(exc):  # deleted (by hand, or 60 days on): it will never end
+                message = (
+                    f"Databricks run {run_id} no longer exists ({exc.message}): how it ended"
+                    " is unknown"
+                )
+                return Outcome(status="failed", error=ErrorInfo(message, type="RUN_NOT_FOUND"))
             raise
         return found
 
@@ -531,6 +538,15 @@ def _ended_in_databricks(job: Job) -> bool:
     """True when the job was settled from its run's final state (canceled in
     Databricks, say): there is nothing left to cancel."""
     return isinstance(job.result, dict) and "termination_code" in job.result
+
+
+def run_gone(exc: BackendError) -> bool:
+    """Whether Databricks said the run does not exist: `runs/get` answers 400
+    `INVALID_PARAMETER_VALUE` "Run N does not exist." (404
+    `RESOURCE_DOES_NOT_EXIST` on other routes)."""
+    if exc.code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return exc.code == "INVALID_PARAMETER_VALUE" and "does not exist" in exc.message
 
 
 def _run_id(job: Job) -> int | None:

@@ -113,7 +113,12 @@ def outcome_of_run(run: Run, repair_id: int | None = None) -> Outcome | Running 
     ended, name, message = read
     if not ended:
         return Running(progress=_progress(name, status), external={"state": name})
-    return _outcome(run, name, message)
+    # `status`'s code CANCELED is Databricks' own cancel (the run's
+    # `timeout_seconds` passed, ...), a user's being USER_CANCELED; the older
+    # `result_state` CANCELED is a user's (its own timeout is TIMEDOUT).
+    details = status.termination_details if status is not None else None
+    by_databricks = name == "CANCELED" and details is not None and _name(details.code) == name
+    return _outcome(run, name, message, by_databricks)
 
 
 def _progress(state: str, status: RunStatus | None) -> dict[str, Any]:
@@ -128,13 +133,18 @@ def _progress(state: str, status: RunStatus | None) -> dict[str, Any]:
     return progress
 
 
-def _outcome(run: Run, code: str, message: str) -> Outcome:
+def _outcome(run: Run, code: str, message: str, by_databricks: bool = False) -> Outcome:
+    """The outcome of a run that ended with `code`. `by_databricks`: a cancel
+    by Databricks itself (not a user's): a failure, not a canceled job."""
     result: dict[str, Any] = {"run_id": run.run_id, "termination_code": code}
     if code in SUCCESS_CODES:
         if message:
             result["message"] = message
         return Outcome(status="succeeded", result=result)
     where = f"Databricks run {run.run_id}"
+    if by_databricks:
+        said = f"{where} was canceled by Databricks ({code}; e.g. its timeout_seconds passed)"
+        return Outcome(status="failed", result=result, error=ErrorInfo(_with(said, message), code))
     if code in CANCELED_CODES:
         error = ErrorInfo(message=_with(f"{where} was canceled ({code})", message), type=code)
         return Outcome(status="canceled", result=result, error=error)

@@ -592,7 +592,7 @@ RUN_STATES = [
     (
         {"state": "TERMINATED", "termination_details": {"code": "CANCELED"}},
         None,
-        ("canceled", "CANCELED"),
+        ("failed", "CANCELED"),  # canceled by Databricks itself (its timeout), not a user
     ),
     (
         {"state": "TERMINATED", "termination_details": {"code": "A_NEW_CODE"}},

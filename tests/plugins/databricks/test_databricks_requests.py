@@ -328,8 +328,13 @@ def going(state: str) -> Running:
             ),
         ),
         (
-            run("TERMINATED", "CANCELED"),
-            ended("canceled", "CANCELED", "Databricks run 42 was canceled (CANCELED)"),
+            run("TERMINATED", "CANCELED", "exceeded timeout_seconds"),
+            ended(
+                "failed",
+                "CANCELED",
+                "Databricks run 42 was canceled by Databricks (CANCELED; e.g. its"
+                " timeout_seconds passed): exceeded timeout_seconds",
+            ),
         ),
         (
             run("TERMINATED", "SKIPPED", "upstream"),
@@ -1074,11 +1079,40 @@ async def test_a_status_check_without_a_run_asks_nothing(backend, workspace: Fak
 
 
 async def test_a_status_check_that_fails_says_why_and_raises(backend, workspace, sdk_logs):
-    workspace.fail(GET_RUN, 400, "INVALID_PARAMETER_VALUE", "Run 5 does not exist.", method="GET")
-    with pytest.raises(BackendError) as raised:
+    workspace.fail(GET_RUN, 403, "PERMISSION_DENIED", "no access to run 5", method="GET")
+    with pytest.raises(BackendError) as raised:  # the job waits on: access may come back
         await backend.check_status(job(external={"run_id": 5}))
-    assert raised.value.message == "Run 5 does not exist."
-    assert sdk_logs[-1] == "WARNING databricks: job j: reading run 5 failed: Run 5 does not exist."
+    assert raised.value.message.startswith("no access to run 5")  # and the SDK's config, masked
+    assert sdk_logs[-1].startswith(
+        "WARNING databricks: job j: reading run 5 failed: no access to run 5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "said"),
+    [
+        (400, "INVALID_PARAMETER_VALUE", "Run 5 does not exist."),
+        (404, "RESOURCE_DOES_NOT_EXIST", "Run 5 does not exist."),
+    ],
+)
+async def test_a_run_that_no_longer_exists_fails_its_job(backend, workspace, status, code, said):
+    """Deleted by hand, or 60 days on: it will never end, so the job does not
+    wait for its timeout (7 days by default) with nothing in its history."""
+    workspace.fail(GET_RUN, status, code, said, method="GET")
+    found = await backend.check_status(job(external={"run_id": 5}))
+    assert found == Outcome(
+        status="failed",
+        error=ErrorInfo(
+            f"Databricks run 5 no longer exists ({said}): how it ended is unknown",
+            type="RUN_NOT_FOUND",
+        ),
+    )
+
+
+async def test_another_bad_request_reading_a_run_is_not_taken_for_a_deleted_run(backend, workspace):
+    workspace.fail(GET_RUN, 400, "INVALID_PARAMETER_VALUE", "run_id must be set", method="GET")
+    with pytest.raises(BackendError):
+        await backend.check_status(job(external={"run_id": 5}))
 
 
 # ── notifications ────────────────────────────────────────────────────────────
