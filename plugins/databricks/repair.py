@@ -31,6 +31,7 @@ one went through.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -45,8 +46,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.databricks")
 
 ENDING_WAIT = 5.0
-"""Seconds before trying again to repair a run that has not ended yet (a
-cancel still under way): Databricks repairs only ended runs."""
+"""Seconds between looks at a run that is ending, and before trying again to
+repair a run that has not ended yet: Databricks repairs only ended runs."""
+
+ENDING_LIMIT = 600.0
+"""Seconds a repair waits, looking every `ENDING_WAIT`, for a run that is
+ending (`TERMINATING`: a cancel under way, its cluster stopping) before it
+counts as not ended (`RUN_NOT_ENDED`, a try of the trigger's): a retry right
+after a cancel would otherwise spend its tries in well under a minute."""
 
 
 class NotRepaired(Exception):
@@ -75,6 +82,13 @@ async def repair(
         log.info("databricks: run %s: repair %s is this attempt's already", run_id, latest)
         return await _external(workspace, run, latest)
     found = outcome_of_run(run)
+    waited = 0.0
+    while _ending(found) and waited < ENDING_LIMIT:
+        await asyncio.sleep(ENDING_WAIT)
+        waited += ENDING_WAIT
+        run = await _read(workspace, run_id)
+        latest = latest_repair(run)
+        found = outcome_of_run(run)
     if found is None or isinstance(found, Running):
         state = found.progress.get("state") if isinstance(found, Running) else "unknown"
         raise BackendError(
@@ -106,6 +120,10 @@ async def repair(
     if not isinstance(repair_id, int):  # the answer lacks it: read it from the run
         repair_id = latest_repair(await _read(workspace, run_id))
     return await _external(workspace, run, repair_id)
+
+
+def _ending(found: Outcome | Running | None) -> bool:
+    return isinstance(found, Running) and found.progress.get("state") == "TERMINATING"
 
 
 async def _read(workspace: Workspace, run_id: int) -> Run:

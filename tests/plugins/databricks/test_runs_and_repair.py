@@ -9,6 +9,7 @@ enough to judge mutants with (`./dev mutate databricks`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -722,6 +723,40 @@ async def test_a_run_that_has_not_ended_is_repaired_later(
         f"Databricks run 501 has not ended yet ({named}); it is repaired once it has"
     )
     assert (error.retryable, error.code, error.retry_after) == (True, "RUN_NOT_ENDED", 5.0)
+    assert workspace.calls(REPAIR) == []
+
+
+async def test_a_run_that_is_ending_is_waited_for_then_repaired(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch
+):
+    """A retry right after a cancel: Databricks ends the run in its own time
+    (`TERMINATING` while its cluster stops). The repair waits for it, looking
+    every `ENDING_WAIT`, instead of spending the trigger's tries (four, 15 s
+    in all) and failing the new attempt."""
+    monkeypatch.setattr(repairs, "ENDING_WAIT", 0.05)
+    run = put_run(workspace, "TERMINATING", None)
+
+    async def ends() -> None:
+        await asyncio.sleep(0.3)
+        run.status, run.code = "TERMINATED", "USER_CANCELED"
+
+    ending = asyncio.create_task(ends())
+    external = await repair()
+    await ending
+    assert external["repair_id"] == run.repairs[-1]["id"]
+    assert len(workspace.calls(REPAIR)) == 1
+    assert len([c for c in workspace.seen if c.path == GET_RUN]) >= 4  # it looked again
+
+
+async def test_a_run_ending_for_too_long_is_not_ended(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(repairs, "ENDING_WAIT", 0.05)
+    monkeypatch.setattr(repairs, "ENDING_LIMIT", 0.2)
+    put_run(workspace, "TERMINATING", None)
+    with pytest.raises(BackendError) as raised:
+        await repair()
+    assert raised.value.code == "RUN_NOT_ENDED" and "(TERMINATING)" in raised.value.message
     assert workspace.calls(REPAIR) == []
 
 
