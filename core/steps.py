@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from core.errors import BackendError
+from core.errors import BackendError, StoreUnavailable
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
@@ -37,6 +37,7 @@ from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import backend_view, view
+from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX
 
 log = logging.getLogger("tether")
 
@@ -125,19 +126,43 @@ class JobSteps:
             keys,
             attempt=attempt,
         )
-        if await record(open_only=True) is None:
+        if await self._until_written(rec, lambda: record(open_only=True)) is None:
             # Canceled or timed out while the trigger was under way, maybe
             # before the promise existed (the row alone was ended): settle it
-            # first, then record the run (its finish cancels it). In this
-            # order a replay that finds `external` never leaves it unsettled;
-            # a crash between the two leaves the run unrecorded (and so not
-            # canceled), as one between the backend's answer and the index
-            # write always did.
+            # first, then record the run, then stop it. In this order a replay
+            # that finds `external` never leaves it unsettled; a crash between
+            # the two leaves the run unrecorded (and so not canceled), as one
+            # between the backend's answer and the index write always did.
             ended = await self.jobs.get(job_id)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
-                await record()
+                recorded = await self._until_written(rec, record)
+                # The finish may have run already (in another process that
+                # took this workflow over while this one stalled): stop the
+                # run here too. A cancel may so come twice, as on a replay.
+                if recorded is not None and recorded.state in ("canceled", "timed_out"):
+                    await self._cancel_run(backend, recorded)
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
+        """`write()`, the index write recording a run the backend started,
+        tried again while the index does not answer (a store locked by
+        another process): raised, the whole trigger would run again, the
+        backend's call included (the same key, but once more each time)."""
+        delay = RETRY_BACKOFF
+        while True:
+            try:
+                return await write()
+            except StoreUnavailable as exc:
+                log.warning(
+                    "job %s: recording its triggered run failed (%s); again in %gs",
+                    rec.id,
+                    exc.message,
+                    delay,
+                    extra=rec.log_extra(),
+                )
+            await self.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
     async def _without_a_row(self, job_id: str, promise_id: str) -> None:
         """No row for a job whose workflow runs. Its promise settled (at the
@@ -248,7 +273,12 @@ class JobSteps:
     async def _trigger_failed(
         self, rec: JobRecord, attempt: int, error: dict[str, str], retry_in: float | None
     ) -> None:
-        """Record a failed try; `retry_in` None: no more tries."""
+        """Record a failed try; `retry_in` None: no more tries. Not once the
+        attempt has ended (a process that stalled inside the trigger while
+        another ended the job): a finished attempt's history ends with it."""
+        now = await self.jobs.get(rec.id)
+        if now is None or now.finished or now.attempt != rec.attempt:
+            return
         data = {"try": attempt, "error": error, "retry_in": retry_in}
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 

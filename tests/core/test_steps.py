@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from resonate.types import Value
 
-from core.errors import BackendError
+from core.errors import BackendError, StoreUnavailable
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.plugin import hookimpl
@@ -235,6 +235,63 @@ async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Ri
     assert (rec.state, rec.external) == ("canceled", {"run": 1})
     value = (await rig.parts.promise("j")).value.data
     assert (value["status"], value["by"]) == ("canceled", "index")
+    # and the run it started is stopped here: the finish may have run already
+    # (in a process that took the workflow over while this one stalled)
+    assert rig.backend.canceled == [view(rec)]
+
+
+async def test_a_job_that_succeeds_while_it_is_triggered_has_its_run_left_alone(rig: Rig):
+    await start(rig)
+
+    async def answered(trigger: Trigger) -> None:  # a callback before the index write
+        await rig.parts.jobs.finish("j", Outcome(status="succeeded"), now_ms())
+
+    rig.backend.during = answered
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).state == "succeeded"
+    assert rig.backend.canceled == []
+
+
+async def test_a_run_whose_record_fails_is_recorded_again_not_started_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The backend started the run but the index did not answer (a store
+    locked by another process): the write is tried again, not the whole
+    trigger (an audit saw one attempt triggered five times so)."""
+    await start(rig)
+    real = rig.parts.jobs.set_external
+    failures = [StoreUnavailable("database is locked"), StoreUnavailable("database is locked")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(rig.parts.jobs, "set_external", flaky)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1 and rig.waits == [1.0, 2.0]
+    assert (await rig.parts.row("j")).external == {"run": 1}
+    assert logs.lines[0] == (
+        "WARNING job j: recording its triggered run failed (database is locked); again in 1s"
+    )
+
+
+async def test_a_try_that_fails_after_the_job_ended_adds_nothing_to_its_history(rig: Rig):
+    """A process that stalled inside the trigger while another ended the job:
+    a finished attempt's history ends with `finished`."""
+    await start(rig)
+
+    async def ended(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+
+    rig.backend.during = ended
+    rig.backend.answers = [retryable("timed out")]
+    await rig.steps.trigger("j", "j:1")
+    _, events = await rig.parts.jobs.events_after("j", 0, 10)
+    assert events[-1].type == "finished"
+    assert "trigger_failed" not in [e.type for e in events]
+    assert len(rig.backend.triggers) == 1  # not tried again either
 
 
 async def test_a_trigger_that_went_through_leaves_the_promise_alone(rig: Rig):
