@@ -33,6 +33,7 @@ SIGNER = CallbackSigner("test-secret", BASE)
 TOKEN = SIGNER.token("j:1")
 DONE = Outcome(status="succeeded", result={"rows": 3})
 CANCELED = Outcome(status="canceled")
+TIMED_OUT = Outcome(status="timed_out")
 
 
 class ScriptedParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -222,19 +223,20 @@ async def test_a_job_that_ended_before_its_trigger_is_not_triggered(rig: Rig):
     assert (value["status"], value["by"]) == ("canceled", "index")
 
 
-async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Rig):
+@pytest.mark.parametrize("ending", [CANCELED, TIMED_OUT])
+async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Rig, ending: Outcome):
     await start(rig)
 
     async def ended(trigger: Trigger) -> None:
-        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+        await rig.parts.jobs.finish("j", ending, now_ms())
 
     rig.backend.during = ended
     await rig.steps.trigger("j", "j:1")
 
     rec = await rig.parts.row("j")
-    assert (rec.state, rec.external) == ("canceled", {"run": 1})
+    assert (rec.state, rec.external) == (ending.status, {"run": 1})
     value = (await rig.parts.promise("j")).value.data
-    assert (value["status"], value["by"]) == ("canceled", "index")
+    assert (value["status"], value["by"]) == (ending.status, "index")
     # and the run it started is stopped here: the finish may have run already
     # (in a process that took the workflow over while this one stalled)
     assert rig.backend.canceled == [view(rec)]
@@ -262,9 +264,12 @@ async def test_a_run_whose_record_fails_is_recorded_again_not_started_again(
     real = rig.parts.jobs.set_external
     failures = [StoreUnavailable("database is locked"), StoreUnavailable("database is locked")]
 
+    unconditional: list[Exception] = []  # for the write onto an ended row
+
     async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop(0)
+        refused = failures if kwargs.get("open_only") else unconditional
+        if refused:
+            raise refused.pop(0)
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(rig.parts.jobs, "set_external", flaky)
@@ -275,6 +280,23 @@ async def test_a_run_whose_record_fails_is_recorded_again_not_started_again(
     assert logs.lines[0] == (
         "WARNING job j: recording its triggered run failed (database is locked); again in 1s"
     )
+    assert logs.fields()[0][1] == "j"  # the job's id on the record, for JSON logs
+
+    # ended during the trigger: its second write (the run, onto the ended row) too
+    await rig.parts.add_job("k")
+    await rig.parts.add_promise("k")
+
+    async def ended(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("k", CANCELED, now_ms())
+        failures.append(StoreUnavailable("database is locked"))  # its first write is refused
+        unconditional.append(StoreUnavailable("database is locked"))  # and so is the second
+
+    rig.backend.during = ended
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("k", "k:1")
+    rec = await rig.parts.row("k")
+    assert (rec.state, rec.external) == ("canceled", {"run": 1})
+    assert [f[1] for f in logs.fields()[:2]] == ["k", "k"]
 
 
 async def test_a_try_that_fails_after_the_job_ended_adds_nothing_to_its_history(rig: Rig):
@@ -552,6 +574,16 @@ async def test_at_least_one_attempt_is_made(attempts: int):
         assert (await parts.row("j")).error == ErrorInfo("trigger failed: down", "busy")
 
 
+@pytest.mark.parametrize("attempts", [0, 1])
+async def test_a_cancel_is_tried_once_with_one_attempt(attempts: int):
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=0.5) as parts:
+        rig = make_rig(parts)
+        await rig.parts.add_job("j", state="running", external={"run": 1})
+        rig.backend.cancel_error = BackendError("busy", retryable=True)
+        await rig.steps.finish("j", {"status": "canceled"})
+        assert len(rig.backend.canceled) == 1 and rig.waits == []
+
+
 async def test_two_attempts_wait_once():
     async with open_parts(trigger_attempts=2, trigger_backoff=0.25) as parts:
         rig = make_rig(parts)
@@ -686,6 +718,7 @@ async def test_a_cancel_the_backend_could_not_take_yet_is_tried_again(rig: Rig):
     with logs_of("tether") as logs:
         await rig.steps.finish("j", {"status": "timed_out"})
     assert len(rig.backend.canceled) == 3 and rig.waits == [2.0, 1.0]
+    assert [f[1] for f in logs.fields()] == ["j", "j", "j"]  # the job's id on each record
     assert logs.lines == [
         "WARNING job j: cancel attempt 1/4 of the external run failed (throttled); again in 2.0s",
         "WARNING job j: cancel attempt 2/4 of the external run failed (unavailable); again in 1.0s",
