@@ -169,7 +169,10 @@ class MessageStream(SSEConnection):
     async def _sse_loop(self) -> None:
         while self._running:
             try:
+                # It returns only once stopped, or cancelled (it swallows the
+                # cancellation): going round again would outlive the cancel.
                 await super()._sse_loop()
+                return
             except Exception as exc:
                 log.error(
                     "the Resonate server's message stream failed (%s): listening again in %g s",

@@ -526,6 +526,10 @@ async def test_a_message_stream_that_stays_closed_fails_the_health_check(
     stream._sse_handle = asyncio.create_task(stream._sse_loop())
     await eventually(lambda: stream.down_since is None, timeout=10)
     assert (await service.client.get("/health")).status_code == 200
+    # one listener: a cancelled one ends (the SDK's loop swallows the
+    # cancellation, and going round again left a second one fighting it)
+    listeners = [t for t in asyncio.all_tasks() if "_sse_loop" in repr(t.get_coro())]
+    assert listeners == [stream._sse_handle]
 
 
 async def test_a_message_stream_gone_silent_is_opened_again(
