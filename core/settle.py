@@ -200,7 +200,11 @@ class Settler:
             # one of those; else the promise exists now.
             early = ("queued", "pending")
             rec, ended = await self._end(job_id, outcome, early, note, "accepted", attempt)
-            if ended and rec.queued_at is None:  # a queued one is the service's (listener)
+            # A queued one is the service's (listener); a workflow that is
+            # only slow to make its promise finishes the job itself (its
+            # trigger finds it ended): finishing it here too told the plugins
+            # twice.
+            if ended and rec.queued_at is None and not await self._workflow_alive(job_id, attempt):
                 await self._orphaned(rec)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec

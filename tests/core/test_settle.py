@@ -623,6 +623,20 @@ async def test_a_job_ended_before_its_workflow_made_its_promise_is_finished_here
     assert again == "accepted" and seen == [("j", "canceled")]
 
 
+async def test_a_job_whose_workflow_is_slow_to_make_its_promise_is_not_finished_here(
+    parts: Parts,
+):
+    """Its root waits (the workflow runs, or will after a restart): the
+    trigger finds the job ended and the workflow's finish tells the plugins.
+    Finishing it here too told them twice (a 0.3 s timeout under a slow CI)."""
+    seen = orphans_of(parts)
+    await parts.add_job("j", state="pending")
+    await parts.resonate.promises.create("j", now_ms() + 60_000, Value(data=None), {})
+    result, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
+    assert (result, rec.state) == ("accepted", "timed_out")
+    assert seen == []
+
+
 async def test_a_job_with_its_promise_or_queued_is_not_finished_here(parts: Parts):
     seen = orphans_of(parts)
     await parts.add_job("p", state="running")
