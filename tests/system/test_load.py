@@ -56,8 +56,14 @@ async def test_many_waiting_jobs_then_their_callbacks(tmp_path, receiver, capsys
             statuses = await asyncio.gather(*(start(n) for n in range(jobs)))
             assert set(statuses) == {201}
             await eventually(lambda: len(urls) == jobs, timeout=60, every=0.1)
-            running = await client.get("/jobs", params={"state": "running", "limit": 1000})
-            assert len(running.json()["items"]) == 1000
+
+            async def thousand_running() -> bool:
+                # A job is listed as running once the backend's answer is recorded, a moment
+                # after the receiver saw the trigger.
+                page = await client.get("/jobs", params={"state": "running", "limit": 1000})
+                return len(page.json()["items"]) == 1000
+
+            await eventually(thousand_running, timeout=30, every=0.1)
             rss_waiting = rss_kib(service.proc.pid)
 
             async def settle(job_id: str) -> str:
