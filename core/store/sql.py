@@ -85,6 +85,9 @@ _PROMOTE = (
     "UPDATE tether_jobs SET state = 'pending', queued_at = NULL, updated_at = ? WHERE id IN"
     " (SELECT id FROM"
     " tether_jobs WHERE backend = ? AND state = 'queued' ORDER BY queued_at, seq LIMIT ?)"
+    # Again outside the subquery: Postgres checks a row another transaction
+    # changed while this one waited for it (a cancel) by this WHERE alone.
+    " AND state = 'queued'"
     f" RETURNING {COLUMNS}"
 )
 PROMOTE_BATCH = 500
@@ -731,8 +734,10 @@ class SqlJobIndex:
             rows = await tx.fetch(
                 "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
                 " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
-                " RETURNING id",
-                (before, limit),
+                # Again outside the subquery, as in `_PROMOTE`: a job retried
+                # while this waited for its row is open again, and stays.
+                " AND finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+                (before, limit, before),
             )
             ids = [r[0] for r in rows]
             now = now_ms()

@@ -5,12 +5,17 @@ check learns merged into a running job's `external`. On SQLite and Postgres."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
+
+import pytest
 
 from core.models import Outcome
 from core.store.jobs import JobRecord, NewEvent
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
+from tests.conftest import eventually
 
 
 def job(job_id: str, backend: str = "b", at: int = 1_000) -> JobRecord:
@@ -107,3 +112,78 @@ async def test_open_jobs_are_counted_by_backend_for_the_backends_not_excluded(da
     ]
     assert await jobs.waiting_backends({"kept"}) == {"gone": 3, "other": 1}
     assert await jobs.waiting_backends({"gone", "kept", "other"}) == {}
+
+
+async def _behind_a_row_lock(database: Any, job_id: str, *writes: Any) -> list[Any]:
+    """Run `writes` (coroutines) one after another into the wait for `job_id`'s
+    row, held by another transaction, each queued before the next starts; then
+    let the row go. Their results. Postgres only: SQLite has one writer, and a
+    write there never waits for a row another changed."""
+    holder, watcher = await database.driver(), await database.driver()
+    let_go = asyncio.Event()
+    held = asyncio.Event()
+
+    async def hold() -> None:
+        async with holder.transaction() as tx:
+            await tx.fetch("SELECT id FROM tether_jobs WHERE id = ? FOR UPDATE", (job_id,))
+            held.set()
+            await let_go.wait()
+
+    async def waiting(n: int) -> bool:
+        rows = await watcher.fetch(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'",
+            (),
+        )
+        return int(rows[0][0]) == n
+
+    holding = asyncio.create_task(hold())
+    await held.wait()
+    tasks: list[asyncio.Task[Any]] = []
+    for write in writes:
+        tasks.append(asyncio.create_task(write))
+        await eventually(functools.partial(waiting, len(tasks)), timeout=10)
+    let_go.set()
+    await holding
+    return [await task for task in tasks]
+
+
+async def test_retention_keeps_a_job_retried_while_it_waited_for_the_row(database):
+    if database.kind != "postgres":
+        pytest.skip("a row another transaction changed while a write waited: Postgres only")
+    jobs, sweeper = await index_on(database), await index_on(database)
+    for job_id in ("g0", "g1"):
+        await jobs.insert(job(job_id))
+        await jobs.end(job_id, Outcome("failed"), 2_000)
+    retried, deleted = await _behind_a_row_lock(
+        database,
+        "g0",
+        jobs.retry("g0", 1, 90_000, 3_000, NewEvent("retried", {})),
+        sweeper.delete_finished(before=10_000, limit=10),
+    )
+    assert retried is not None and (retried.state, retried.attempt) == ("pending", 2)
+    assert deleted == ["g1"]  # g0 was open again when the sweep got its row
+    kept = await jobs.get("g0")
+    assert kept is not None and (kept.state, kept.attempt, kept.finished_at) == ("pending", 2, None)
+    assert [e.type for e in (await jobs.events_after("g0", 0, 10))[1]][-1] == "retried"
+
+
+async def test_a_job_canceled_while_queued_is_not_promoted_by_a_host_without_the_limit(database):
+    if database.kind != "postgres":
+        pytest.skip("a row another transaction changed while a write waited: Postgres only")
+    limited, unlimited = await index_on(database), await index_on(database)
+    limited.limits = {"b": 1}  # a host with the limit; the other (restarted) without it
+    for job_id in ("p0", "q1", "q2"):
+        await limited.insert(job(job_id))
+    ended, promoted = await _behind_a_row_lock(
+        database,
+        "q2",
+        limited.end("q2", Outcome("canceled"), 3_000, from_states=("queued",)),
+        unlimited.promote("b", 3_100),
+    )
+    assert ended[0] is not None and ended[0].state == "canceled"
+    assert [r.id for r in promoted] == ["q1"]  # not q2, canceled while the promotion waited
+    q2 = await limited.get("q2")
+    assert q2 is not None and q2.state == "canceled"
+    finished = [e for e in (await limited.events_after("q2", 0, 10))[1] if e.type == "finished"]
+    assert len(finished) == 1
