@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import logging
 import time
 import uuid
@@ -593,9 +592,8 @@ class Tether:
         if not 1 <= limit <= MAX_PAGE:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         before = decode_cursor(cursor) if cursor else None
-        # The index filters on one state and one backend: ask it for each pair
-        # and merge, newest first. Each answer holds the newest `limit + 1` rows
-        # of its pair, so the merge's first `limit + 1` are the union's.
+        # The index reads each (state, backend) pair's newest `limit + 1` rows,
+        # all in one snapshot, and keeps the newest `limit + 1` of them.
         any_of: list[str | None] = [None]
         pairs = [
             (state, backend)
@@ -604,13 +602,7 @@ class Tether:
         ]
         after, until = (None if t is None else unix_ms(t) for t in (created_after, created_before))
         wanted = list(dict.fromkeys(tags))
-        pages = [
-            await store_call(
-                self.jobs.page(state, backend, limit + 1, before, wanted, after, until)
-            )
-            for state, backend in pairs
-        ]
-        rows = list(heapq.merge(*pages, key=lambda r: -r.seq))[: limit + 1]
+        rows = await store_call(self.jobs.pages(pairs, limit + 1, before, wanted, after, until))
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].seq) if more else None

@@ -196,6 +196,19 @@ class JobIndex(Protocol):
         every one of `tags`, created strictly between the two times (if given)."""
         ...
 
+    async def pages(
+        self,
+        pairs: Sequence[tuple[str | None, str | None]],
+        limit: int,
+        before_seq: int | None,
+        tags: Sequence[str] = (),
+        created_after: int | None = None,
+        created_before: int | None = None,
+    ) -> list[JobRecord]:
+        """`page` for any of several (state, backend) pairs, read in one
+        snapshot: a job that changes state meanwhile is listed once."""
+        ...
+
     async def set_external(
         self,
         job_id: str,

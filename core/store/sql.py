@@ -279,7 +279,25 @@ class SqlJobIndex:
     ) -> list[JobRecord]:
         """Jobs newest first (by `seq`), at most `limit`, older than
         `before_seq`, matching every filter given (`created_after` and
-        `created_before` exclusive).
+        `created_before` exclusive). `pages` with one (state, backend)."""
+        pair = [(state, backend)]
+        return await self.pages(pair, limit, before_seq, tags, created_after, created_before)
+
+    async def pages(
+        self,
+        pairs: Sequence[tuple[str | None, str | None]],
+        limit: int,
+        before_seq: int | None,
+        tags: Sequence[str] = (),
+        created_after: int | None = None,
+        created_before: int | None = None,
+    ) -> list[JobRecord]:
+        """Jobs newest first (by `seq`), at most `limit`, older than
+        `before_seq`, of any of `pairs` (a state and a backend, None: any),
+        matching the other filters given (the times exclusive). The pairs'
+        pages are read in one statement, so in one snapshot: read one after
+        another, a job changing state between two reads was listed twice or
+        not at all.
 
         A page reads one index range from its newest match down and stops at
         its last: it never reads every match to sort them.
@@ -292,7 +310,7 @@ class SqlJobIndex:
           drives (`_driver`); the other filters are checked on each of its
           jobs (a tag: one key lookup). With none, the table itself, by `seq`.
         """
-        if any("\0" in value for value in (*tags, state or "", backend or "")):
+        if any("\0" in tag for tag in tags):
             return []  # no job has one, and Postgres text cannot hold it
         low = high = None
         if created_after is not None or created_before is not None:
@@ -300,6 +318,36 @@ class SqlJobIndex:
             if window is None:
                 return []
             low, high = window
+        arms: list[tuple[str, list[Any]]] = []
+        for state, backend in pairs:
+            if "\0" not in (state or "") + (backend or ""):
+                bounds = (before_seq, low, high, created_after, created_before)
+                arms.append(await self._page_query(state, backend, tags, limit, *bounds))
+        if not arms:
+            return []
+        if len(arms) == 1:
+            sql, args = arms[0]
+        else:
+            sql = " UNION ALL ".join(
+                f"SELECT * FROM ({arm}) AS p{n}" for n, (arm, _) in enumerate(arms)
+            )
+            args = [value for _, values in arms for value in values]
+        rows = [_row(r) for r in await self.db.fetch(sql, args)]
+        return rows if len(arms) == 1 else sorted(rows, key=lambda r: -r.seq)[:limit]
+
+    async def _page_query(
+        self,
+        state: str | None,
+        backend: str | None,
+        tags: Sequence[str],
+        limit: int,
+        before_seq: int | None,
+        low: int | None,
+        high: int | None,
+        created_after: int | None,
+        created_before: int | None,
+    ) -> tuple[str, list[Any]]:
+        """The statement reading one (state, backend)'s page, and its values."""
         named = [*(("tag", tag) for tag in tags), ("state", state), ("backend", backend)]
         lists = [(kind, value) for kind, value in named if value is not None]
         drive = lists[0] if len(lists) == 1 else None
@@ -344,11 +392,8 @@ class SqlJobIndex:
                 where += spelled
                 args += [bound] * len(spelled)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = await self.db.fetch(
-            f"SELECT {_J_COLUMNS} FROM {source}{clause} ORDER BY {order} DESC LIMIT ?",
-            (*args, limit),
-        )
-        return [_row(r) for r in rows]
+        sql = f"SELECT {_J_COLUMNS} FROM {source}{clause} ORDER BY {order} DESC LIMIT ?"
+        return sql, [*args, limit]
 
     @property
     def _checked(self) -> str:

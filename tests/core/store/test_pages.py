@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from core.models import Outcome
 from core.store.embedded import SqliteDriver
 from core.store.jobs import JobRecord
 from core.store.migrations import migrate
@@ -64,15 +65,33 @@ def skewed_jobs(n: int, rng: random.Random) -> list[JobRecord]:
     return jobs
 
 
+def pending_job(job_id: str, created: int) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        backend="http_webhook",
+        state="pending",
+        params={},
+        metadata={},
+        timeout=60.0,
+        fingerprint="f",
+        deadline=created + 60_000,
+        created_at=created,
+        updated_at=created,
+    )
+
+
 def expected(
     jobs: list[JobRecord], state: Any, backend: Any, tags: Any, after: Any, before: Any
 ) -> list[str]:
-    """The list by brute force: every job, filtered, newest (greatest seq) first."""
+    """The list by brute force: every job, filtered, newest (greatest seq)
+    first. `state`, `backend`: None (any), one, or a tuple of any of them."""
+    states = (state,) if isinstance(state, str) else state
+    backends = (backend,) if isinstance(backend, str) else backend
     return [
         job.id
         for job in sorted(jobs, key=lambda j: -j.seq)
-        if (state is None or job.state == state)
-        and (backend is None or job.backend == backend)
+        if (states is None or job.state in states)
+        and (backends is None or job.backend in backends)
         and set(tags) <= set(job.tags)
         and (after is None or job.created_at > after)
         and (before is None or job.created_at < before)
@@ -117,19 +136,79 @@ async def test_every_filter_combination_pages_exactly_as_a_scan_does(database):
         for _ in range(220)
     ]
     combos += [(None, None, ["a", "d"], None, None), ("running", "databricks", ["c"], None, None)]
+    # several states or backends at once (`pages`, the union of their pages)
+    combos += [
+        (
+            tuple(rng.sample(STATES, rng.choice((1, 2, 3)))),
+            rng.choice((None, BACKENDS, *BACKENDS)),
+            rng.sample(("a", "b", "c"), rng.choice((0, 0, 1, 2))),
+            rng.choice(moments),
+            rng.choice((None, None, *moments)),
+        )
+        for _ in range(60)
+    ]
     for state, backend, tags, after, before in combos:
         want = expected(jobs, state, backend, tags, after, before)
         limit = rng.choice((1, 7, 50, 500)) if len(want) < 40 else rng.choice((7, 50, 500))
+        states = state if isinstance(state, tuple) else (state,)
+        pairs = list(
+            itertools.product(states, backend if isinstance(backend, tuple) else (backend,))
+        )
         got: list[str] = []
         cursor = None
         while True:
-            page = await index.page(state, backend, limit, cursor, tags, after, before)
+            page = await index.pages(pairs, limit, cursor, tags, after, before)
             assert len(page) <= limit
             got += [job.id for job in page]
             if len(page) < limit:
                 break
             cursor = page[-1].seq
         assert got == want, (state, backend, tags, after, before, limit)
+
+
+class Meddling:
+    """A driver that, after the first page it reads, lets `meddle` write."""
+
+    def __init__(self, driver: Any, meddle: Any) -> None:
+        self.driver = driver
+        self.meddle = meddle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    async def fetch(self, sql: str, args: Any) -> list[Any]:
+        rows = await self.driver.fetch(sql, args)
+        if "DESC LIMIT" in sql and self.meddle is not None:
+            meddle, self.meddle = self.meddle, None
+            await meddle()
+        return rows
+
+
+async def test_several_states_are_listed_in_one_snapshot(database):
+    """A job that changes state while a list of several states is read (by
+    another process) is in the list once: never in both states' pages, nor
+    in neither."""
+    writer, _ = await filled(database, 0, seed=0)
+    for n in range(4):
+        await writer.insert(pending_job(f"j{n}", 1_000 + n))
+    await writer.end("j1", Outcome("canceled"), 5_000)  # j0, j2, j3 pending
+
+    async def cancel_j2() -> None:  # pending → canceled
+        await writer.end("j2", Outcome("canceled"), 6_000)
+
+    async def trigger_j3() -> None:  # pending → running
+        await writer.set_external("j3", {"run": 3}, 6_000, None)
+
+    cases = [
+        (cancel_j2, ("pending", "canceled"), ["j0", "j1", "j2", "j3"]),
+        (trigger_j3, ("running", "pending"), ["j0", "j3"]),
+    ]
+    for meddle, states, want in cases:
+        reader = SqlJobIndex(Meddling(await database.driver(), meddle))  # type: ignore[arg-type]
+        listed = await reader.pages([(state, None) for state in states], 10, None)
+        assert sorted(job.id for job in listed) == want, states
+    final = {job.id: job.state for job in await writer.page(None, None, 10, None)}
+    assert final == {"j0": "pending", "j1": "canceled", "j2": "canceled", "j3": "running"}
 
 
 async def test_a_window_with_no_job_is_an_empty_page(database):
