@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -79,7 +80,7 @@ class ServiceError(click.ClickException):
         self.status = status
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"tether: {self.message}", err=True)
+        click.echo(f"tether: {printable(self.message)}", err=True)
 
 
 def public(url: str) -> str:
@@ -385,8 +386,19 @@ def cell(value: Any) -> Text:
     if value is None:
         return Text("-", style="dim")
     if isinstance(value, str):
-        return Text(value)
-    return Text(json.dumps(value, ensure_ascii=False))
+        return Text(printable(value))
+    return Text(printable(json.dumps(value, ensure_ascii=False)))
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (but newline and tab) written as
+    escapes (`\\x1b`). What a job holds came from outside (an error message
+    a callback sent, a backend's answer), and a terminal obeys an escape
+    sequence: it could clear the line, recolour it, or set the title."""
+    return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
 def moment(value: str | None) -> str | None:
@@ -499,7 +511,7 @@ def elapsed(job: dict[str, Any]) -> str:
 def headline(job: dict[str, Any]) -> Text:
     return Text.assemble(
         ("job ", "dim"),
-        job["id"],
+        printable(job["id"]),
         "  ",
         state_text(job["state"]),
         ("  elapsed ", "dim"),
@@ -508,7 +520,7 @@ def headline(job: dict[str, Any]) -> Text:
 
 
 def error_line(job: dict[str, Any]) -> Text:
-    return Text(f"error: {job['error'].get('message', '')}", style="red")
+    return Text(f"error: {printable(str(job['error'].get('message', '')))}", style="red")
 
 
 def watch_view(job: dict[str, Any], events: list[dict[str, Any]]) -> RenderableType:
@@ -858,7 +870,8 @@ def complete(
     answer = asyncio.run(post_to(callback_url, body))
 
     def table() -> RenderableType:
-        return Group(Text(f"{answer['outcome']}: {answer['message']}"), job_table(answer["job"]))
+        said = Text(printable(f"{answer['outcome']}: {answer['message']}"))
+        return Group(said, job_table(answer["job"]))
 
     emit(answer, as_json, table)
 
@@ -882,9 +895,14 @@ async def post_to(url: str, body: Any) -> Any:
 
 def heartbeat_url(callback_url: str) -> str:
     """The heartbeat URL of a callback URL: its path and `/heartbeat`, the same
-    query (the token)."""
+    query (the token). A heartbeat URL (the trigger hands out both) as it is:
+    a callback URL's path ends in its promise id, whose last part is the
+    attempt's number."""
     parts = urlsplit(callback_url)
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/heartbeat"))
+    path = parts.path.rstrip("/")
+    if path.endswith("/heartbeat"):
+        return urlunsplit(parts._replace(path=path))
+    return urlunsplit(parts._replace(path=path + "/heartbeat"))
 
 
 @click.command()
@@ -897,7 +915,8 @@ def heartbeat_url(callback_url: str) -> str:
 @json_option
 def heartbeat(callback_url: str, progress: Any, as_json: bool) -> None:
     """Tell Tether the external job at CALLBACK_URL is alive, and how far along
-    it is, as the external system would (POST CALLBACK_URL/heartbeat).
+    it is, as the external system would (POST CALLBACK_URL/heartbeat). The
+    heartbeat URL the trigger hands out works too.
 
     The URL carries its own token: the API token is not sent, and the token is
     never printed. A job that has ended is an error (exit 4)."""

@@ -183,6 +183,21 @@ def test_submit_wait_and_watch_exit_1_when_the_job_fails(service, receiver):
     assert "failed" in again.stdout
 
 
+def test_an_error_message_with_escape_sequences_is_printed_escaped(service, receiver):
+    # Whoever holds the callback URL writes the error message; a terminal
+    # would obey its escapes (clear the line, recolour it, set the title).
+    message = "real\r\x1b[2K\x1b[32mjob esc  succeeded\x1b[0m\x1b]0;pwned\x07 \x9b1A"
+    receiver.callback = {"status": "failed", "error": {"message": message}}
+    args = ["submit", "http_webhook", "--id", "cli-escapes", "--params", webhook(receiver)]
+    done = cli(service.url, *args, "--wait")
+    assert done.exit_code == 1, done.stderr
+    for shown in (done.stdout, cli(service.url, "watch", "cli-escapes").stdout):
+        assert not any(c in shown for c in "\x1b\x07\r\x9b"), repr(shown)
+        assert "real\\x0d\\x1b[2K\\x1b[32mjob esc  succeeded" in shown
+    got = cli(service.url, "get", "cli-escapes")  # the error as JSON, in a table
+    assert "\x1b" not in got.stdout and "\x9b" not in got.stdout
+
+
 def test_watch_exits_1_when_the_job_times_out(service, receiver):
     args = ["submit", "http_webhook", "--id", "cli-timeout", "--timeout", "1"]
     cli(service.url, *args, "--params", webhook(receiver))

@@ -278,6 +278,14 @@ def test_the_heartbeat_command_reports_progress_and_never_shows_the_token(tmp_pa
         with service.client() as http:
             job = http.get("/jobs/cli-beat").json()
         assert (job["progress"], job["heartbeat_timeout"]) == ({"n": 1}, 30.0)
+        # the heartbeat URL the trigger handed out works as well
+        beat_url = receiver.hits[0].body["heartbeat_url"]
+        assert beat_url != url
+        beat = CliRunner().invoke(main_group, ["heartbeat", beat_url, "--progress", "2"], env=env)
+        assert beat.exit_code == 0, beat.output
+        assert token not in beat.output
+        with service.client() as http:
+            assert http.get("/jobs/cli-beat").json()["progress"] == 2
         with service.client() as http:
             http.post(url, json={"status": "failed"})
         late = CliRunner().invoke(main_group, ["heartbeat", url, "--json"], env=env)
