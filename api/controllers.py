@@ -317,9 +317,12 @@ class JobController(Controller):
         name, then each job again whenever it changes while on that page (its
         `updated_at` moves), joins it (a new job), or leaves it by changing (no
         longer matching the filters). Each message is `event: job`, `data: <the
-        job's JSON>`; a `: keep-alive` comment comes every 15 s of silence. The
-        service reads the page about once a second while a stream is open, and
-        at once when a job changes in the process serving it."""
+        job's JSON>`. A job that leaves the page for any reason (it changed, it
+        was pushed off by newer jobs, it was deleted) is then named in `event:
+        left`, `data: {"id": <its id>}`. A `: keep-alive` comment comes every
+        15 s of silence. The service reads the page about once a second while a
+        stream is open, and at once when a job changes in the process serving
+        it."""
 
         async def page() -> JobPage:
             return await tether.list_jobs(
@@ -340,10 +343,11 @@ class JobController(Controller):
         """`GET /jobs` as a stream of job changes (see `list_jobs`): the page is
         read only while a stream is open, so with none open it costs nothing. A
         job is sent when its `updated_at` differs from the one last seen; a job
-        that left the page is read once more, and sent if it changed. Ends
-        when the service stops, as the job history streams do."""
+        that left the page is read once more, sent if it changed, and named as
+        gone (`left`). Ends when the service stops, as the job history streams
+        do."""
 
-        async def jobs() -> AsyncIterator[Job | None]:
+        async def jobs() -> AsyncIterator[Job | str | None]:
             wake = asyncio.Event()
 
             def recorded(rec: Any, event: Any) -> None:
@@ -356,12 +360,15 @@ class JobController(Controller):
                 while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
                     wake.clear()
                     items = (await page()).items
-                    changed = [job for job in items if seen.get(job.id) != job.updated_at]
+                    changed: list[Job | str] = [
+                        job for job in items if seen.get(job.id) != job.updated_at
+                    ]
                     for job_id in seen.keys() - {job.id for job in items}:
-                        with contextlib.suppress(NotFound):  # deleted: nothing to show
+                        with contextlib.suppress(NotFound):  # deleted: only gone
                             left = await tether.get_job(job_id)
                             if left.updated_at != seen[job_id]:
                                 changed.append(left)
+                        changed.append(job_id)  # off the page (changed, pushed off, deleted)
                     seen = {job.id: job.updated_at for job in items}
                     for job in changed:
                         yield job
@@ -380,6 +387,9 @@ class JobController(Controller):
             async for job in jobs():
                 if job is None:
                     yield ServerSentEventMessage(data=None, comment="keep-alive")
+                elif isinstance(job, str):
+                    data = msgspec.json.encode({"id": job}).decode()
+                    yield ServerSentEventMessage(data=data, event="left")
                 else:
                     data = msgspec.json.encode(job).decode()
                     yield ServerSentEventMessage(data=data, event="job")

@@ -38,6 +38,7 @@
   const badge = (state) => make("span", { class: `badge state-${state}`, text: state });
   const tags = (job) => (job.tags || []).map((t) => make("span", { class: "tag", text: t }));
   const jobLink = (id) => `/ui/jobs/${encodeURIComponent(id)}`;
+  const ENDED_LOOK = 5000; // ms between looks at an ended job (run again elsewhere?)
 
   function refreshTimes() {
     for (const node of document.querySelectorAll("time[data-age]")) {
@@ -133,6 +134,14 @@
     stream.addEventListener("error", () => showLive(false));
     stream.addEventListener("job", (message) => {
       upsert(JSON.parse(message.data));
+      reloadSummary();
+    });
+    // Off the page: changed out of the filters, pushed off by newer jobs, deleted.
+    stream.addEventListener("left", (message) => {
+      const { id } = JSON.parse(message.data);
+      const old = [...body.rows].find((tr) => tr.dataset.id === id);
+      if (old) old.remove();
+      empty.hidden = body.rows.length > 0;
       reloadSummary();
     });
 
@@ -283,10 +292,28 @@
         message(`${action === "cancel" ? "Cancel" : "Retry"} refused: ${why}`, true);
         return;
       }
+      const hadRun = action === "retry" && ended(body);  // that attempt was started elsewhere
       show(body);
-      message(action === "cancel" ? "Canceled." : `Attempt ${body.attempt} started.`);
+      if (action === "cancel") message("Canceled.");
+      else if (hadRun) message(`Attempt ${body.attempt} was already run: ${body.state}.`);
+      else message(`Attempt ${body.attempt} started.`);
       follow();
     }
+
+    // An ended job may be run again from elsewhere (the API, the CLI, another
+    // page): look now and then, and follow its new attempt.
+    setInterval(async () => {
+      if (stream || document.hidden) return;
+      const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
+        credentials: "same-origin",
+      });
+      if (!answer.ok) return;
+      const fresh = await answer.json();
+      if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {
+        show(fresh);
+        follow();
+      }
+    }, ENDED_LOOK);
 
     const cancel = document.getElementById("cancel");
     const retry = document.getElementById("retry");

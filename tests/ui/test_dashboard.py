@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -208,6 +209,65 @@ def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Re
     deadline = page.locator('time[data-field="deadline"]')
     expect(deadline).to_have_attribute("datetime", job["deadline"])
     expect(page.locator('[data-block="deadline"]')).to_have_count(0)
+
+
+def test_a_job_pushed_off_the_list_by_a_newer_one_leaves_it(page, service, client, hooks):
+    tag = unique("full-page")
+    ids = [f"{tag}-{n:02d}" for n in range(50)]  # a page's worth (api/ui.py PAGE_SIZE)
+    for job_id in ids:
+        body = {"id": job_id, "backend": "http_webhook", "tags": [tag]}
+        answer = client.post("/jobs", json={**body, "params": {"url": hooks.url("/hook")}})
+        assert answer.status_code == 201, answer.text
+    page.goto(f"{service.url}/ui?tag={tag}")
+    expect(page.locator("#jobs tr")).to_have_count(50)
+    expect(page.locator("#live")).to_have_text("live")
+
+    newest = f"{tag}-new"
+    start_job(client, hooks, newest, tags=[tag])
+    expect(row(page, newest)).to_be_visible()
+    expect(row(page, ids[0])).to_have_count(0)  # the oldest, off the page
+    expect(page.locator("#jobs tr")).to_have_count(50)
+    # and a change to it later does not bring it back
+    assert client.post(f"/jobs/{ids[0]}/cancel").status_code == 200
+    assert client.post(f"/jobs/{ids[1]}/cancel").status_code == 200  # on the page
+    expect(row(page, ids[1]).locator(".badge")).to_have_text("canceled")
+    expect(row(page, ids[0])).to_have_count(0)
+
+
+def test_an_ended_jobs_page_follows_a_retry_made_elsewhere(page, service, client, hooks):
+    job_id = unique("retried-elsewhere")
+    start_job(client, hooks, job_id, path=FAIL)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    mark(page)
+    assert client.post(f"/jobs/{job_id}/retry", json={}).status_code == 200  # the API, not the page
+    wait_for(client, job_id, "failed")
+    finished = page.locator(".event.type-finished .attempt")
+    expect(finished).to_have_text(["attempt 1", "attempt 2"], timeout=15_000)
+    expect(page.locator('[data-field="attempt"]')).to_have_text("2")
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    assert unreloaded(page)
+
+
+def test_retry_on_a_stale_page_says_the_attempt_already_ran(
+    page, dialogs, service, client, hooks: Receiver
+):
+    job_id = unique("stale-retry")
+    start_job(client, hooks, job_id, path=FAIL)
+    page.clock.install()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))  # no look at the job
+    assert client.post(f"/jobs/{job_id}/retry", json={"attempt": 2}).status_code == 200
+    assert wait_for(client, job_id, "failed")["attempt"] == 2
+    expect(page.locator('[data-field="attempt"]')).to_have_text("1")  # stale
+
+    dialogs.accept = True
+    page.locator("#retry").click()  # asks for attempt 2, which ran already
+    expect(page.locator("#message")).to_have_text("Attempt 2 was already run: failed.")
+    expect(page.locator('[data-field="attempt"]')).to_have_text("2")
+    assert dialogs.asked == [f"Run job {job_id} again, as attempt 2?"]
+    assert client.get(f"/jobs/{job_id}").json()["attempt"] == 2  # nothing started
 
 
 def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):

@@ -1,6 +1,6 @@
 """`GET /jobs` with `Accept: text/event-stream`, the stream of job changes the
 dashboard's list follows: the page first, then each job that changes on it,
-joins it or leaves it; the list's filters hold; it ends when the service stops."""
+joins it or leaves it (and is named as gone); the list's filters hold; it ends when the service stops."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ SSE = {"accept": "text/event-stream"}
 
 @contextlib.asynccontextmanager
 async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, Any]]]:
-    """The jobs the stream of `GET /jobs?{query}` sent so far, growing while open."""
+    """The jobs the stream of `GET /jobs?{query}` sent so far, growing while
+    open; a job named as gone from the page (`event: left`) as `{"left": id}`."""
     got: list[dict[str, Any]] = []
 
     async def read() -> None:
@@ -32,8 +33,9 @@ async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, 
             assert answer.status_code == 200
             assert answer.headers["content-type"].startswith("text/event-stream")
             async for message in messages(answer):
-                assert message["event"] == "job"
-                got.append(message["data"])
+                assert message["event"] in ("job", "left")
+                data = message["data"]
+                got.append(data if message["event"] == "job" else {"left": data["id"]})
 
     reading = asyncio.create_task(read())
     try:
@@ -45,7 +47,7 @@ async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, 
 
 
 def states(got: list[dict[str, Any]], job_id: str) -> list[str]:
-    return [job["state"] for job in got if job["id"] == job_id]
+    return [job["state"] for job in got if job.get("id") == job_id]
 
 
 async def start(svc: Service, receiver: Receiver, job_id: str) -> None:
@@ -72,7 +74,8 @@ async def test_the_page_then_each_change(start_service, receiver):
     finished = got[-1]
     assert finished["result"] == 1 and finished["finished_at"] is not None
     # Every job once per change, never again while it stays as it is.
-    assert [j["id"] for j in got].count("before") == 2
+    assert [j.get("id") for j in got].count("before") == 2
+    assert not any("left" in j for j in got)  # both still on the page
 
 
 async def test_the_filters_hold_and_a_job_leaving_them_is_sent_once(start_service, receiver):
@@ -82,12 +85,29 @@ async def test_the_filters_hold_and_a_job_leaving_them_is_sent_once(start_servic
         await eventually(lambda: states(got, "runs") == ["running"])
         await settle(receiver, "runs", status="failed", error={"message": "no"})
         await eventually(lambda: states(got, "runs") == ["running", "failed"], holds=1.5)
+        assert got[-1] == {"left": "runs"}  # then named as gone
         refused = {"url": "http://127.0.0.1:9/"}  # nothing listens: the trigger fails
         body = {"id": "refused", "backend": "http_webhook", "params": refused}
         assert (await svc.client.post("/jobs", json=body)).status_code == 201
         await svc.wait_state("refused", "failed", timeout=15)
         await asyncio.sleep(1.5)  # past a read of the page
     assert states(got, "refused") == []  # never running: never on the page
+
+
+async def test_a_job_pushed_off_the_page_is_named_as_gone_once(start_service, receiver):
+    svc = await start_service()
+    for job_id in ("oldest", "older"):
+        await start(svc, receiver, job_id)
+    async with follow(svc, "limit=2") as got:
+        await eventually(lambda: {j.get("id") for j in got} == {"oldest", "older"})
+        await start(svc, receiver, "newest")  # the page holds the newest two
+        await eventually(lambda: {"left": "oldest"} in got)
+        assert states(got, "oldest") == ["running"]  # unchanged: not sent again
+        await settle(receiver, "oldest", status="succeeded")  # off the page: not sent
+        await asyncio.sleep(1.5)  # past a read of the page
+        assert states(got, "oldest") == ["running"]
+        assert got.count({"left": "oldest"}) == 1
+        assert [j for j in got if "left" in j] == [{"left": "oldest"}]
 
 
 async def test_a_bad_query_is_refused_as_the_list_refuses_it(start_service):
