@@ -1,6 +1,7 @@
 """`GET /jobs` with `Accept: text/event-stream`, the stream of job changes the
 dashboard's list follows: the page first, then each job that changes on it,
-joins it or leaves it (and is named as gone); the list's filters hold; it ends when the service stops."""
+joins it or leaves it (and is named as gone); the list's filters hold; it
+ends when the service stops."""
 
 from __future__ import annotations
 
