@@ -335,17 +335,20 @@ class JobController(Controller):
                 created_before=moment(created_before, "created_before"),
             )
 
+        first = await page()  # a bad filter is refused before a stream begins
         if "text/event-stream" in request.headers.get("accept", ""):
-            return self.changes(tether, page)
-        return Response(await page())
+            return self.changes(tether, page, first)
+        return Response(first)
 
-    def changes(self, tether: Tether, page: Callable[[], Awaitable[JobPage]]) -> ServerSentEvent:
+    def changes(
+        self, tether: Tether, page: Callable[[], Awaitable[JobPage]], first: JobPage
+    ) -> ServerSentEvent:
         """`GET /jobs` as a stream of job changes (see `list_jobs`): the page is
         read only while a stream is open, so with none open it costs nothing. A
         job is sent when its `updated_at` differs from the one last seen; a job
         that left the page is read once more, sent if it changed, and named as
-        gone (`left`). Ends when the service stops, as the job history streams
-        do."""
+        gone (`left`). `first`: the page as read when the stream was asked
+        for. Ends when the service stops, as the job history streams do."""
 
         async def jobs() -> AsyncIterator[Job | str | None]:
             wake = asyncio.Event()
@@ -357,9 +360,11 @@ class JobController(Controller):
             seen: dict[str, Any] = {}
             quiet_since = time.monotonic()
             try:
+                read: JobPage | None = first
                 while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
                     wake.clear()
-                    items = (await page()).items
+                    items = (read or await page()).items
+                    read = None
                     changed: list[Job | str] = [
                         job for job in items if seen.get(job.id) != job.updated_at
                     ]

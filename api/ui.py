@@ -38,6 +38,8 @@ from core.metrics import job_gauges
 from core.models import (
     OPEN_STATES,
     RETRYABLE_STATES,
+    TAG_PATTERN,
+    TAG_RULE,
     EventType,
     JobPage,
     JobState,
@@ -266,6 +268,9 @@ class Dashboard(Controller):
             return bad_filter(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}", who)
         if cursor is not None and not re.match(CURSOR_PATTERN, cursor):
             return bad_filter("invalid cursor: follow the page links", who)
+        bad = next((t for t in tags if not TAG_PATTERN.fullmatch(t)), None)
+        if bad is not None:
+            return bad_filter(f"invalid tag {bad!r}: a tag is {TAG_RULE}", who)
         listed_jobs = await list_page(tether, states, backends, tags, cursor)
         filters = {"state": states, "backend": backends, "tag": tags}
         return page(

@@ -45,6 +45,8 @@ def job_segment(job_id: str) -> str:
 
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
+TAG_RULE = "1 to 64 of A-Z a-z 0-9 . _ : / = -"
+"""What a tag may be, as error messages say it."""
 TAGS_MAX = 16
 Tag = Annotated[
     str,

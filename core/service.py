@@ -34,6 +34,7 @@ from core.models import (
     JOB_ID_RULE,
     RETRYABLE_STATES,
     TAG_PATTERN,
+    TAG_RULE,
     ErrorInfo,
     EventPage,
     Job,
@@ -340,7 +341,7 @@ class Tether:
             # msgspec checked each tag's pattern with `re.search` (a trailing
             # newline passes `$`) and cannot check `uniqueItems`.
             raise MalformedBody(
-                "invalid tags: each 1 to 64 of A-Z a-z 0-9 . _ : / = -, no two alike",
+                f"invalid tags: each {TAG_RULE}, no two alike",
                 {"field": "tags"},
             )
         notify = None if req.notify is None else req.notify.url
@@ -591,6 +592,9 @@ class Tether:
         UTC), at most `limit`, after the place `cursor` names."""
         if not 1 <= limit <= MAX_PAGE:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
+        bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
+        if bad is not None:  # no job has it: say so rather than list none
+            raise MalformedBody(f"invalid tag {bad!r}: a tag is {TAG_RULE}", {"field": "tag"})
         before = decode_cursor(cursor) if cursor else None
         # The index reads each (state, backend) pair's newest `limit + 1` rows,
         # all in one snapshot, and keeps the newest `limit + 1` of them.

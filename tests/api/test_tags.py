@@ -145,6 +145,20 @@ async def test_a_bad_time_is_400_naming_the_parameter(start_service, name, value
     assert answer.json()["error"]["details"]["field"] == name
 
 
+@pytest.mark.parametrize("tag", ["team a", "x" * 65, "naïve", "a\n", "<b>"])
+async def test_a_tag_filter_no_tag_could_match_is_400_naming_it(start_service, tag):
+    svc = await start_service()
+    for accept in ("application/json", "text/event-stream"):
+        headers = {"accept": accept}
+        answer = await svc.client.get("/jobs", params={"tag": ["ok", tag]}, headers=headers)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["details"]["field"] == "tag"
+        assert error["message"].startswith(f"invalid tag {tag!r}: a tag is 1 to 64 of")
+    page = await svc.client.get("/ui", params={"tag": tag})  # the dashboard says so too
+    assert page.status_code == 400 and "invalid tag" in page.text
+
+
 async def test_paging_through_a_tag_filter(start_service, receiver):
     svc = await start_service()
     for i in range(7):
