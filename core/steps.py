@@ -96,6 +96,20 @@ class JobSteps:
             backend, params = self._backend_and_params(rec)
             tried = await self._trigger_with_retries(backend, rec, params, promise_id)
         except BackendError as exc:
+            latest = await self.jobs.get(job_id)
+            if latest is not None and latest.attempt == attempt and latest.external is not None:
+                # Triggered and recorded meanwhile by another process, which
+                # took this workflow over while this one stalled (its lease
+                # ran out): the run is going, and this late failure is not
+                # the job's.
+                log.warning(
+                    "job %s: a stale trigger failed (%s) after another process triggered it;"
+                    " the job is left to that run",
+                    job_id,
+                    exc.message,
+                    extra=rec.log_extra(promise_id),
+                )
+                return
             error = ErrorInfo(message=f"trigger failed: {exc.message}", type=exc.code or "trigger")
             log.warning(
                 "job %s: trigger failed: %s", job_id, exc.message, extra=rec.log_extra(promise_id)
@@ -103,7 +117,7 @@ class JobSteps:
             failed = Outcome(status="failed", error=error)
             await self.settler.settle(job_id, failed, by="trigger", attempt=attempt, salt=rec.salt)
             return
-        if isinstance(tried, JobRecord):  # ended between two tries: nothing was started
+        if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
             if tried.finished and tried.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
             return
@@ -199,8 +213,10 @@ class JobSteps:
         `trigger_backoff` doubled each time (or the backend's `retry_after`,
         when longer). Returns the receipt with the callback token scrubbed from
         it, and the try that got it; or, when the attempt ended while it waited
-        to try again (canceled, timed out), the job's row: it is not tried
-        again. Each failed try is a `trigger_failed` event."""
+        to try again (canceled, timed out), or was triggered and recorded by
+        another process (which took the workflow over while this one
+        stalled), the job's row: it is not tried again. Each failed try is a
+        `trigger_failed` event."""
         trigger = Trigger(
             job=backend_view(rec),
             params=params,
@@ -251,7 +267,7 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
             now = await self.jobs.get(rec.id)
-            if now is None or now.finished or now.attempt != rec.attempt:
+            if now is None or now.finished or now.attempt != rec.attempt or now.external:
                 return now if now is not None else rec
         raise AssertionError("unreachable")
 
@@ -274,10 +290,11 @@ class JobSteps:
         self, rec: JobRecord, attempt: int, error: dict[str, str], retry_in: float | None
     ) -> None:
         """Record a failed try; `retry_in` None: no more tries. Not once the
-        attempt has ended (a process that stalled inside the trigger while
-        another ended the job): a finished attempt's history ends with it."""
+        attempt has ended or was triggered (a process that stalled inside the
+        trigger while another ended the job or triggered it): a finished
+        attempt's history ends with it, and a triggered one's tries are over."""
         now = await self.jobs.get(rec.id)
-        if now is None or now.finished or now.attempt != rec.attempt:
+        if now is None or now.finished or now.attempt != rec.attempt or now.external is not None:
             return
         data = {"try": attempt, "error": error, "retry_in": retry_in}
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())

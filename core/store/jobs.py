@@ -223,8 +223,10 @@ class JobIndex(Protocol):
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
         (a job that ended meanwhile keeps its state), its first heartbeat due
-        at `heartbeat_due`. `event` is recorded with the first receipt only
-        (not when a replayed trigger records it again). `keys` (the backend's
+        at `heartbeat_due`. With `event` (the trigger's), only the first
+        receipt is written, with the event: a second trigger of the attempt
+        (a process that stalled while another took its workflow over) leaves
+        the row as it is (returned), its `keys` indexed. `keys` (the backend's
         `run_keys` of it) are indexed to the job in the same transaction (a
         key another job had moves to this one). Returns the row; with
         `open_only`, writes only while the job is `pending` or `running`, and

@@ -511,17 +511,19 @@ class SqlJobIndex:
             return _row(rows[0]) if rows else None
         filed: list[Event] = []
         async with self.db.transaction() as tx:
-            rows = []
             if event is not None:
-                # The first receipt counts the event; a replayed trigger's only
-                # overwrites what it returned.
+                # The first receipt is the record: a second trigger of the
+                # attempt (a process that stalled while another took its
+                # workflow over) changes nothing, whatever it was answered.
                 rows = await tx.fetch(
                     f"{_SET_EXTERNAL}, events = events + 1 {where} AND external IS NULL"
                     f" RETURNING {COLUMNS}",
                     args,
                 )
-            if rows and event is not None:
-                filed = await self._file(tx, _row(rows[0]), [event], now)
+                if rows:
+                    filed = await self._file(tx, _row(rows[0]), [event], now)
+                else:
+                    rows = await tx.fetch(f"SELECT {COLUMNS} FROM tether_jobs {where}", args[4:])
             else:
                 rows = await tx.fetch(again, args)
             if rows and keys:

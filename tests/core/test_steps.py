@@ -475,6 +475,82 @@ async def test_a_job_that_ends_between_two_tries_is_not_tried_again(rig: Rig):
     assert [e.type for e in events].count("trigger_failed") == 1
 
 
+async def elsewhere(rig: Rig, run: int) -> None:
+    """What another process that took the workflow over does: trigger the
+    attempt and record its run."""
+    triggered = NewEvent("triggered", {"try": 1, "external": {"run": run}})
+    await rig.parts.jobs.set_external("j", {"run": run}, now_ms(), None, triggered, attempt=1)
+
+
+async def test_a_stalled_trigger_stops_trying_once_another_process_recorded_the_run(rig: Rig):
+    """A process that stalled past its lease inside the trigger (its POST
+    timed out) while another took the workflow over and triggered the job:
+    its next try would start the run a third time, and its failures are not
+    the job's."""
+    await start(rig)
+    rig.backend.answers = [retryable("timed out"), {"run": 9}]
+
+    async def sleep(seconds: float) -> None:  # the other process triggers meanwhile
+        rig.waits.append(seconds)
+        await elsewhere(rig, run=8)
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1  # not tried again
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("running", {"run": 8})
+    assert (await rig.parts.promise("j")).state == "pending"  # the job waits on
+    _, events = await rig.parts.jobs.events_after("j", 0, 10)
+    assert [e.type for e in events] == ["trigger_failed", "triggered"]
+
+
+@pytest.mark.parametrize("refusal", [BackendError("no", code="http_503"), retryable("busy")])
+async def test_a_stalled_triggers_last_failure_leaves_a_run_another_process_recorded(
+    rig: Rig, refusal: BackendError
+):
+    """Its last try (a refusal, or the last of its tries) fails after the other
+    process recorded the run: the job is not failed under that run."""
+    await start(rig)
+    rig.backend.answers = [retryable("a"), retryable("b"), retryable("c"), refusal]
+
+    async def during(trigger: Trigger) -> None:
+        if len(rig.backend.triggers) == 4:
+            await elsewhere(rig, run=8)
+
+    rig.backend.during = during
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external, rec.finished) == ("running", {"run": 8}, False)
+    assert (await rig.parts.promise("j")).state == "pending"
+    _, events = await rig.parts.jobs.events_after("j", 0, 10)
+    assert [e.type for e in events] == ["trigger_failed"] * 3 + ["triggered"]
+    assert logs.lines[-1].startswith(
+        f"WARNING job j: a stale trigger failed ({refusal.message}) after another process"
+    )
+
+
+async def test_a_second_trigger_of_the_attempt_leaves_the_first_ones_record(rig: Rig):
+    """Two processes triggered the attempt (one stalled past its lease): the
+    run recorded first stays the job's, whatever the second was answered."""
+    await start(rig)
+
+    async def during(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+
+    rig.backend.during = during
+    rig.backend.answers = [{"run": 9}]  # a backend that ignores the idempotency key
+    await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("running", {"run": 8})
+    _, events = await rig.parts.jobs.events_after("j", 0, 10)
+    assert [(e.type, e.data["external"]) for e in events] == [("triggered", {"run": 8})]
+    assert await rig.parts.jobs.jobs_of_run_keys("scripted", ["run-9"])  # findable by both
+
+
 async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig):
     await start(rig)
     rig.backend.answers = [retryable(f"no {i}") for i in range(4)]
