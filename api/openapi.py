@@ -48,6 +48,7 @@ from core.models import (
     HeartbeatBody,
     Notify,
     RetryRequest,
+    Tag,
     Tags,
 )
 from core.plugins import Plugins
@@ -875,6 +876,8 @@ class Document:
         schema = without_null(param.get("schema", {}))
         if param.get("in") == "path" and param.get("name") == "job_id":
             schema = {"type": "string", "pattern": JOB_ID_PATTERN.pattern}
+        if param.get("in") == "query" and param.get("name") == "tag":
+            schema["items"] = msgspec.json.schema(Tag)  # checked by `Tether.list_jobs`
         if schema.get("type") == "array":
             param["style"], param["explode"] = "form", True
         param["schema"] = schema

@@ -12,7 +12,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 
 from api.controllers import CALLBACK_STATUS
-from core.models import JOB_ID_PATTERN
+from core.models import JOB_ID_PATTERN, TAG_PATTERN
 from core.views import CURSOR_PATTERN
 from tests.conftest import Service
 
@@ -168,6 +168,7 @@ async def test_the_document_states_what_the_server_refuses(start_service):
         "timed_out",
     ]
     assert params["state"]["explode"] is True
+    assert params["tag"]["schema"]["items"]["pattern"] == TAG_PATTERN.pattern, params["tag"]
     assert params["backend"]["schema"]["items"] == {"type": "string"}  # any name, to find orphans
     assert params["cursor"]["schema"]["pattern"] == CURSOR_PATTERN
     assert params["tag"]["explode"] is True
