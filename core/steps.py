@@ -120,6 +120,12 @@ class JobSteps:
         if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
             if tried.finished and tried.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
+            elif tried.attempt == attempt and tried.external is not None:
+                log.warning(
+                    "job %s: triggered meanwhile by another process; this trigger stops",
+                    job_id,
+                    extra=rec.log_extra(promise_id),
+                )
             return
         receipt, tries = tried
         interval = backend.check_interval(params)
@@ -154,7 +160,10 @@ class JobSteps:
                 # The finish may have run already (in another process that
                 # took this workflow over while this one stalled): stop the
                 # run here too. A cancel may so come twice, as on a replay.
-                if recorded is not None and recorded.state in ("canceled", "timed_out"):
+                # A failed job's too: it failed elsewhere (a stalled process's
+                # trigger gave up while this one's was answered), or this
+                # run's own callback failed it, and then the run is over.
+                if recorded is not None and recorded.state != "succeeded":
                     await self._cancel_run(backend, recorded)
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
