@@ -504,14 +504,49 @@ async def test_a_stalled_trigger_stops_trying_once_another_process_recorded_the_
         await rig.steps.trigger("j", "j:1")
 
     assert len(rig.backend.triggers) == 1  # not tried again
-    assert logs.lines[-1] == (
-        "WARNING job j: triggered meanwhile by another process; this trigger stops"
+    assert logs.fields()[-1] == (
+        "job j: triggered meanwhile by another process; this trigger stops",
+        "j",
+        "j:1",
     )
     rec = await rig.parts.row("j")
     assert (rec.state, rec.external) == ("running", {"run": 8})
     assert (await rig.parts.promise("j")).state == "pending"  # the job waits on
     _, events = await rig.parts.jobs.events_after("j", 0, 10)
     assert [e.type for e in events] == ["trigger_failed", "triggered"]
+
+
+async def test_a_trigger_whose_row_went_between_tries_stops_quietly(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("timed out")]
+
+    async def sleep(seconds: float) -> None:  # deleted by hand while it waited
+        await rig.parts.jobs.db.execute("DELETE FROM tether_jobs WHERE id = 'j'", ())
+
+    rig.steps.sleep = sleep
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    assert logs.lines == ["WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s"]
+    assert (await rig.parts.promise("j")).state == "pending"
+
+
+async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_quietly(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("timed out")]
+
+    async def sleep(seconds: float) -> None:  # canceled and retried while it waited
+        await retried(rig, {"state": "canceled"})
+
+    rig.steps.sleep = sleep
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    assert logs.lines == ["WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s"]
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.external) == (2, "pending", None)
 
 
 @pytest.mark.parametrize("refusal", [BackendError("no", code="http_503"), retryable("busy")])
@@ -536,8 +571,11 @@ async def test_a_stalled_triggers_last_failure_leaves_a_run_another_process_reco
     assert (await rig.parts.promise("j")).state == "pending"
     _, events = await rig.parts.jobs.events_after("j", 0, 10)
     assert [e.type for e in events] == ["trigger_failed"] * 3 + ["triggered"]
-    assert logs.lines[-1].startswith(
-        f"WARNING job j: a stale trigger failed ({refusal.message}) after another process"
+    assert logs.fields()[-1] == (
+        f"job j: a stale trigger failed ({refusal.message}) after another process triggered"
+        " it; the job is left to that run",
+        "j",
+        "j:1",
     )
 
 
