@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from resonate.error import ServerError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -59,6 +60,42 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return _encode(line).decode()
+
+
+class StaleLeases(logging.Filter):
+    """The SDK's ERROR lines with a traceback for a task its server says this
+    process no longer holds (409 conflict: a process that stalled past the
+    task's lease while another took the workflow over) as one WARNING line:
+    nothing failed, the work goes on elsewhere, and an operator reading four
+    tracebacks a job would look for a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "resonate.core" or not record.exc_info or record.levelno < logging.ERROR:
+            return True
+        conflict = next((e for e in _causes(record.exc_info[1]) if _is_conflict(e)), None)
+        if conflict is not None:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            said = str(conflict).replace("%", "%%")
+            record.msg = f"{record.msg} (the task had passed to another process: {said})"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, ServerError) and exc.code == 409
+
+
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc`, what it was raised from or during, and a platform error's causes."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        now = todo.pop()
+        if now is None or any(now is seen for seen in found):
+            continue
+        found.append(now)
+        todo += [now.__cause__, now.__context__, *getattr(now, "causes", [])]
+    return found
 
 
 def lean_records() -> None:

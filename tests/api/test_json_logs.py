@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from resonate.error import PlatformError, ServerError
 
-from api.logs import TEXT_FORMAT, JsonFormatter, formatter
+from api.logs import TEXT_FORMAT, JsonFormatter, StaleLeases, formatter
 
 
 def record(msg: str, *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:
@@ -113,3 +114,37 @@ def test_formatter_plugs_into_dict_config(log_format):
         line = json.loads(out)
         assert line["msg"] == "job j3 accepted" and line["job_id"] == "j3"
         assert line["logger"] == "tether.test_json_logs" and line["level"] == "INFO"
+
+
+def sdk_exception(error: Exception) -> logging.LogRecord:
+    """The record resonate-sdk's core logs (`logger.exception`) when a durable
+    op of a task fails with `error`, wrapped as the SDK wraps it."""
+    try:
+        try:
+            raise error
+        except ServerError as exc:
+            raise PlatformError([exc]) from exc
+    except PlatformError:
+        info = sys.exc_info()
+    message = "core: execution failed, releasing task task_id=%s promise_id=%s"
+    return logging.getLogger("resonate.core").makeRecord(
+        "resonate.core", logging.ERROR, __file__, 1, message, ("j", "j"), info
+    )
+
+
+def test_the_sdks_traceback_for_a_task_it_no_longer_holds_is_one_warning():
+    # A process that stalled past the task's lease: another took the workflow over.
+    stale = sdk_exception(ServerError(409, "conflict: task j is fulfilled, not acquired (100%)"))
+    assert StaleLeases().filter(stale)
+    assert (stale.levelno, stale.levelname, stale.exc_info) == (logging.WARNING, "WARNING", None)
+    assert stale.getMessage() == (
+        "core: execution failed, releasing task task_id=j promise_id=j (the task had passed"
+        " to another process: server error (code=409): conflict: task j is fulfilled, not"
+        " acquired (100%))"
+    )
+    assert "Traceback" not in logging.Formatter(TEXT_FORMAT).format(stale)
+
+    for kept in (sdk_exception(ServerError(500, "boom")), record("x", exc=True)):
+        level, info = kept.levelno, kept.exc_info
+        assert StaleLeases().filter(kept)
+        assert (kept.levelno, kept.exc_info) == (level, info)  # any other fault as it was
