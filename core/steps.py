@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 
 from core.errors import BackendError, StoreUnavailable
 from core.hookspecs import Backend
@@ -146,26 +147,58 @@ class JobSteps:
             keys,
             attempt=attempt,
         )
-        if await self._until_written(rec, lambda: record(open_only=True)) is None:
-            # Canceled or timed out while the trigger was under way, maybe
-            # before the promise existed (the row alone was ended): settle it
-            # first, then record the run, then stop it. In this order a replay
-            # that finds `external` never leaves it unsettled; a crash between
-            # the two leaves the run unrecorded (and so not canceled), as one
-            # between the backend's answer and the index write always did.
+        written = await self._until_written(rec, lambda: record(open_only=True))
+        if written is None:
+            # Ended while the trigger was under way, maybe before the promise
+            # existed (the row alone was ended): settle it first, then record
+            # the run, then stop it. In this order a replay that finds
+            # `external` never leaves it unsettled; a crash between the two
+            # leaves the run unrecorded (and so not canceled), as one between
+            # the backend's answer and the index write always did.
             ended = await self.jobs.get(job_id)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
                 recorded = await self._until_written(rec, record)
                 # The finish may have run already (in another process that
-                # took this workflow over while this one stalled): stop the
-                # run here too. A cancel may so come twice, as on a replay.
-                # A failed job's too: it failed elsewhere (a stalled process's
-                # trigger gave up while this one's was answered), or this
-                # run's own callback failed it, and then the run is over.
-                if recorded is not None and recorded.state != "succeeded":
-                    await self._cancel_run(backend, recorded)
+                # took this workflow over while this one stalled): stop this
+                # trigger's run here too (the row may keep another process's
+                # receipt). A cancel may so come twice, as on a replay.
+                if recorded is not None and await self._run_unwanted(recorded, promise_id):
+                    await self._cancel_run(backend, replace(recorded, external=receipt))
+        elif written.attempt == attempt and self._another_run(backend, written, keys):
+            # Another process recorded a run of its own for the attempt (a
+            # backend that ignored the idempotency key): the job is that
+            # run's, and this one is stopped.
+            log.warning(
+                "job %s: another process started and recorded a run of this attempt;"
+                " this trigger's run is stopped",
+                job_id,
+                extra=rec.log_extra(promise_id),
+            )
+            await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _run_unwanted(self, rec: JobRecord, promise_id: str) -> bool:
+        """Whether the run of a job that ended while its trigger was under
+        way is to be stopped: the job was canceled or timed out, or it failed
+        by a trigger's failure (a process that stalled past its lease gave up
+        while this one's trigger was answered). Not when it succeeded or its
+        callback failed it: then the run is over."""
+        if rec.state in ("canceled", "timed_out"):
+            return True
+        if rec.state != "failed":
+            return False
+        promise = await self.settler.resonate.promises.get(promise_id)
+        value = promise.value.data if promise.value is not None else None
+        return isinstance(value, dict) and value.get("by") == "trigger"
+
+    @staticmethod
+    def _another_run(backend: Backend, rec: JobRecord, keys: Sequence[str]) -> bool:
+        """Whether the run `rec` records is another than the one of `keys`
+        (this trigger's): both have run keys, and none in common. Without
+        keys the two cannot be told apart (the same run, answered twice)."""
+        theirs = run_keys_of(backend, rec.external)
+        return bool(keys) and bool(theirs) and not set(keys) & set(theirs)
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,
@@ -276,8 +309,10 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
             now = await self.jobs.get(rec.id)
-            if now is None or now.finished or now.attempt != rec.attempt or now.external:
+            if now is None or now.finished or now.attempt != rec.attempt:
                 return now if now is not None else rec
+            if now.external is not None:
+                return now
         raise AssertionError("unreachable")
 
     async def _previous(self, rec: JobRecord) -> Job:

@@ -223,13 +223,8 @@ async def test_a_job_that_ended_before_its_trigger_is_not_triggered(rig: Rig):
     assert (value["status"], value["by"]) == ("canceled", "index")
 
 
-FAILED_ELSEWHERE = Outcome(status="failed", error=ErrorInfo(message="trigger failed: 503"))
-
-
-@pytest.mark.parametrize("ending", [CANCELED, TIMED_OUT, FAILED_ELSEWHERE])
+@pytest.mark.parametrize("ending", [CANCELED, TIMED_OUT])
 async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Rig, ending: Outcome):
-    """Failed: a process that stalled past its lease gave up its own trigger
-    while this one's was under way, or the run's own callback failed it."""
     await start(rig)
 
     async def ended(trigger: Trigger) -> None:
@@ -245,6 +240,24 @@ async def test_a_job_that_ends_while_it_is_triggered_settles_its_promise(rig: Ri
     # and the run it started is stopped here: the finish may have run already
     # (in a process that took the workflow over while this one stalled)
     assert rig.backend.canceled == [view(rec)]
+
+
+@pytest.mark.parametrize(("by", "stopped"), [("trigger", True), ("callback", False)])
+async def test_a_job_that_fails_while_it_is_triggered(rig: Rig, by: str, stopped: bool):
+    """By a trigger's failure (a process that stalled past its lease gave up
+    while this one's trigger was answered): this run is stopped. By the run's
+    own callback (it refused its input at once): the run is over, left alone."""
+    await start(rig)
+    failed = Outcome(status="failed", error=ErrorInfo(message="no"))
+
+    async def ended(trigger: Trigger) -> None:
+        await rig.parts.settler.settle("j", failed, by=by, attempt=1)
+
+    rig.backend.during = ended
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 1})
+    assert rig.backend.canceled == ([view(rec)] if stopped else [])
 
 
 async def test_a_job_that_succeeds_while_it_is_triggered_has_its_run_left_alone(rig: Rig):
@@ -596,6 +609,50 @@ async def test_a_second_trigger_of_the_attempt_leaves_the_first_ones_record(rig:
     _, events = await rig.parts.jobs.events_after("j", 0, 10)
     assert [(e.type, e.data["external"]) for e in events] == [("triggered", {"run": 8})]
     assert await rig.parts.jobs.jobs_of_run_keys("scripted", ["run-9"])  # findable by both
+
+
+async def test_a_second_run_of_the_attempt_is_stopped_once_the_job_ended(rig: Rig):
+    """Another process recorded its run (8) and the job was canceled while this
+    trigger's backend, ignoring the idempotency key, started run 9: run 9 is
+    stopped too, not only the run the row keeps."""
+    await start(rig)
+
+    async def during(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+
+    rig.backend.during = during
+    rig.backend.answers = [{"run": 9}]
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("canceled", {"run": 8})
+    assert [job.external for job in rig.backend.canceled] == [{"run": 9}]
+
+
+@pytest.mark.parametrize(("answer", "stopped"), [({"run": 9}, True), ({"run": 8}, False)])
+async def test_a_second_run_of_a_running_attempt_is_stopped(
+    rig: Rig, answer: dict[str, int], stopped: bool
+):
+    """The job runs under the run another process recorded (8). This
+    trigger's answer names another run (9: a backend that ignored the
+    idempotency key): it is stopped. The same run (8): left alone."""
+    await start(rig)
+
+    async def during(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+
+    rig.backend.during = during
+    rig.backend.answers = [answer]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("running", {"run": 8})
+    assert [job.external for job in rig.backend.canceled] == ([answer] if stopped else [])
+    said = (
+        "job j: another process started and recorded a run of this attempt; this trigger's run"
+        " is stopped"
+    )
+    assert ((said, "j", "j:1") in logs.fields()) == stopped
 
 
 async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig):
