@@ -26,6 +26,7 @@ from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound
 from core.events import KEEP_ALIVE
 from core.models import (
+    LIST_BACKENDS_MAX,
     TAGS_MAX,
     CancelRequest,
     EventPage,
@@ -267,7 +268,7 @@ class JobController(Controller):
         backend: Annotated[
             list[str] | None,
             QueryParameter(
-                max_items=20,
+                max_items=LIST_BACKENDS_MAX,
                 description="Only jobs of one of these backends (any name: a removed"
                 " backend's jobs are listed too)",
             ),
@@ -317,8 +318,10 @@ class JobController(Controller):
         name, then each job again whenever it changes while on that page (its
         `updated_at` moves), joins it (a new job), or leaves it by changing (no
         longer matching the filters). Each message is `event: job`, `data: <the
-        job's JSON>`. A job that leaves the page for any reason (it changed, it
-        was pushed off by newer jobs, it was deleted) is then named in `event:
+        job's JSON>`. After the first page comes `event: page`, `data: {"ids":
+        [...]}`: the ids on it (a client that reconnects drops what else it
+        shows). A job that leaves the page for any reason (it changed, it was
+        pushed off by newer jobs, it was deleted) is then named in `event:
         left`, `data: {"id": <its id>}`. A `: keep-alive` comment comes every
         15 s of silence. The service reads the page about once a second while a
         stream is open, and at once when a job changes in the process serving
@@ -350,7 +353,7 @@ class JobController(Controller):
         gone (`left`). `first`: the page as read when the stream was asked
         for. Ends when the service stops, as the job history streams do."""
 
-        async def jobs() -> AsyncIterator[Job | str | None]:
+        async def jobs() -> AsyncIterator[Job | str | list[str] | None]:
             wake = asyncio.Event()
 
             def recorded(rec: Any, event: Any) -> None:
@@ -361,6 +364,7 @@ class JobController(Controller):
             quiet_since = time.monotonic()
             try:
                 read: JobPage | None = first
+                announced = False
                 while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
                     wake.clear()
                     items = (read or await page()).items
@@ -377,6 +381,9 @@ class JobController(Controller):
                     seen = {job.id: job.updated_at for job in items}
                     for job in changed:
                         yield job
+                    if not announced:  # the page as it is: a client drops what else it shows
+                        yield list(seen)
+                        announced = True
                     if changed:
                         quiet_since = time.monotonic()
                     elif time.monotonic() - quiet_since >= KEEP_ALIVE:
@@ -395,6 +402,9 @@ class JobController(Controller):
                 elif isinstance(job, str):
                     data = msgspec.json.encode({"id": job}).decode()
                     yield ServerSentEventMessage(data=data, event="left")
+                elif isinstance(job, list):
+                    data = msgspec.json.encode({"ids": job}).decode()
+                    yield ServerSentEventMessage(data=data, event="page")
                 else:
                     data = msgspec.json.encode(job).decode()
                     yield ServerSentEventMessage(data=data, event="job")

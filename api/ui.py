@@ -36,6 +36,7 @@ from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
 from core.errors import NotFound
 from core.metrics import job_gauges
 from core.models import (
+    LIST_BACKENDS_MAX,
     OPEN_STATES,
     RETRYABLE_STATES,
     TAG_PATTERN,
@@ -271,6 +272,8 @@ class Dashboard(Controller):
         bad = next((t for t in tags if not TAG_PATTERN.fullmatch(t)), None)
         if bad is not None:
             return bad_filter(f"invalid tag {bad!r}: a tag is {TAG_RULE}", who)
+        if len(set(backends)) > LIST_BACKENDS_MAX:
+            return bad_filter(f"at most {LIST_BACKENDS_MAX} backends in one list", who)
         listed_jobs = await list_page(tether, states, backends, tags, cursor)
         filters = {"state": states, "backend": backends, "tag": tags}
         return page(

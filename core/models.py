@@ -48,6 +48,8 @@ TAG_PATTERN = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
 TAG_RULE = "1 to 64 of A-Z a-z 0-9 . _ : / = -"
 """What a tag may be, as error messages say it."""
 TAGS_MAX = 16
+LIST_BACKENDS_MAX = 20
+"""Backends one job list may name (each state and backend is a read of its own)."""
 Tag = Annotated[
     str,
     msgspec.Meta(

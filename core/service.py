@@ -32,6 +32,7 @@ from core.models import (
     HTTP_URL,
     JOB_ID_PATTERN,
     JOB_ID_RULE,
+    LIST_BACKENDS_MAX,
     RETRYABLE_STATES,
     TAG_PATTERN,
     TAG_RULE,
@@ -595,6 +596,10 @@ class Tether:
         bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
         if bad is not None:  # no job has it: say so rather than list none
             raise MalformedBody(f"invalid tag {bad!r}: a tag is {TAG_RULE}", {"field": "tag"})
+        if len(set(backends)) > LIST_BACKENDS_MAX:
+            raise MalformedBody(
+                f"at most {LIST_BACKENDS_MAX} backends in one list", {"field": "backend"}
+            )
         before = decode_cursor(cursor) if cursor else None
         # The index reads each (state, backend) pair's newest `limit + 1` rows,
         # all in one snapshot, and keeps the newest `limit + 1` of them.

@@ -144,6 +144,13 @@
       empty.hidden = body.rows.length > 0;
       reloadSummary();
     });
+    // The page as the stream (re)opened on it: rows that left it before (while
+    // the page loaded, or the stream was down) go.
+    stream.addEventListener("page", (message) => {
+      const ids = new Set(JSON.parse(message.data).ids);
+      for (const tr of [...body.rows]) if (!ids.has(tr.dataset.id)) tr.remove();
+      empty.hidden = body.rows.length > 0;
+    });
 
     // Empty filter inputs stay out of the URL.
     const form = document.querySelector("form.filters");

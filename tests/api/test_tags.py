@@ -191,8 +191,10 @@ async def test_the_change_stream_takes_the_tag_filter(start_service, receiver):
         async for line in stream.aiter_lines():
             if line.startswith("data: "):
                 seen.append(line)
-                break
-    assert '"id":"mine"' in seen[0]
+                if '"id"' in line:
+                    break
+    assert seen == ['data: {"ids":[]}', seen[1]]  # the page as it opened: no job has the tag
+    assert '"id":"mine"' in seen[1]
 
 
 async def test_retention_deletes_the_tags_with_the_job(start_service, receiver, tmp_path):
@@ -231,3 +233,15 @@ async def test_the_cli_submits_and_lists_by_tag(start_service, receiver):
     assert '"c1"' in out and '"c2"' not in out
     out = await asyncio.to_thread(run, "list", "--tag", "a", "--json")
     assert '"c1"' in out and '"c2"' in out
+
+
+async def test_a_list_naming_more_than_20_backends_is_400(start_service):
+    # (each backend is a read of its own; the dashboard took any number)
+    svc = await start_service()
+    backends = [f"b{n}" for n in range(21)]
+    answer = await svc.client.get("/jobs", params={"backend": backends})
+    assert answer.status_code == 400, answer.text
+    page = await svc.client.get("/ui", params={"backend": backends, "state": "running"})
+    assert page.status_code == 400 and "at most 20 backends in one list" in page.text
+    fine = await svc.client.get("/ui", params={"backend": backends[:20]})
+    assert fine.status_code == 200

@@ -26,7 +26,8 @@ SSE = {"accept": "text/event-stream"}
 @contextlib.asynccontextmanager
 async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, Any]]]:
     """The jobs the stream of `GET /jobs?{query}` sent so far, growing while
-    open; a job named as gone from the page (`event: left`) as `{"left": id}`."""
+    open; a job named as gone from the page (`event: left`) as `{"left": id}`,
+    the page's ids (`event: page`) as `{"page": [ids]}`."""
     got: list[dict[str, Any]] = []
 
     async def read() -> None:
@@ -34,9 +35,12 @@ async def follow(svc: Service, query: str = "") -> AsyncIterator[list[dict[str, 
             assert answer.status_code == 200
             assert answer.headers["content-type"].startswith("text/event-stream")
             async for message in messages(answer):
-                assert message["event"] in ("job", "left")
-                data = message["data"]
-                got.append(data if message["event"] == "job" else {"left": data["id"]})
+                data, kind = message["data"], message["event"]
+                assert kind in ("job", "left", "page")
+                if kind == "page":
+                    got.append({"page": data["ids"]})
+                else:
+                    got.append(data if kind == "job" else {"left": data["id"]})
 
     reading = asyncio.create_task(read())
     try:
@@ -77,6 +81,8 @@ async def test_the_page_then_each_change(start_service, receiver):
     # Every job once per change, never again while it stays as it is.
     assert [j.get("id") for j in got].count("before") == 2
     assert not any("left" in j for j in got)  # both still on the page
+    assert [j for j in got if "page" in j] == [{"page": ["before"]}]  # once, after the first
+    assert got.index({"page": ["before"]}) == 1
 
 
 async def test_the_filters_hold_and_a_job_leaving_them_is_sent_once(start_service, receiver):
@@ -100,7 +106,8 @@ async def test_a_job_pushed_off_the_page_is_named_as_gone_once(start_service, re
     for job_id in ("oldest", "older"):
         await start(svc, receiver, job_id)
     async with follow(svc, "limit=2") as got:
-        await eventually(lambda: {j.get("id") for j in got} == {"oldest", "older"})
+        await eventually(lambda: {j["id"] for j in got if "id" in j} == {"oldest", "older"})
+        assert {"page": ["older", "oldest"]} in got
         await start(svc, receiver, "newest")  # the page holds the newest two
         await eventually(lambda: {"left": "oldest"} in got)
         assert states(got, "oldest") == ["running"]  # unchanged: not sent again
@@ -152,7 +159,9 @@ def test_a_job_on_the_page_is_read_by_its_process(tmp_path: Path, receiver):
             assert writer.post("/jobs", json=body).status_code == 201
             wait_for(writer, "elsewhere", "running")
             lines = answer.iter_lines()
-            assert next(lines) == "event: job"
+            assert next(lines) == "event: page"  # the page as the stream opened: empty
+            assert next(lines) == 'data: {"ids":[]}'
+            assert next(line for line in lines if line) == "event: job"
             assert '"id":"elsewhere"' in next(lines)
     finally:
         first.kill()
