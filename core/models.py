@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import msgspec
 
@@ -270,6 +270,18 @@ HTTP_URL = re.compile(
 )
 """An http(s) URL: a host (a name or a bracketed IPv6 address), an optional
 port, no `user:password@` part, no spaces or control characters."""
+
+
+def is_http_url(url: str) -> bool:
+    """`HTTP_URL`, with a host Python's URL parser reads: a bracketed one must
+    be an IP address (`[1:2:3]` fits the pattern, and `urlsplit` refuses it)."""
+    if not HTTP_URL.fullmatch(url):
+        return False
+    try:
+        urlsplit(url).port  # noqa: B018 - reading it checks the host and port
+    except ValueError:
+        return False
+    return True
 
 
 class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -29,7 +29,6 @@ from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, Store
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
-    HTTP_URL,
     JOB_ID_PATTERN,
     JOB_ID_RULE,
     LIST_BACKENDS_MAX,
@@ -43,6 +42,7 @@ from core.models import (
     JobPage,
     JobRequest,
     Outcome,
+    is_http_url,
 )
 from core.notices import NoticeResult, Notices
 from core.notify import Notifier
@@ -346,7 +346,7 @@ class Tether:
                 {"field": "tags"},
             )
         notify = None if req.notify is None else req.notify.url
-        if notify is not None and not HTTP_URL.fullmatch(notify):
+        if notify is not None and not is_http_url(notify):
             raise MalformedBody(
                 "invalid notify.url: an http or https URL without user:password@",
                 {"field": "notify.url"},

@@ -73,7 +73,10 @@ def _job(rec: JobRecord, params: Any) -> Job:
 def origin(url: str) -> str:
     """A URL's scheme, host and port: all of it that is ever shown or logged
     (the rest may carry a token)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a host it cannot read (a row written before that was refused)
+        return f"{url.partition(':')[0].lower()}://(unreadable host)"
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 

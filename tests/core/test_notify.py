@@ -24,11 +24,13 @@ from typing import Any
 import pytest
 
 from core.errors import StoreConfigError
+from core.models import is_http_url
 from core.notify import backoff, failure
 from core.settings import Settings
 from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
 from core.store.embedded import notify_secret_path
+from core.views import origin
 from tests.conftest import Receiver, Service, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -350,6 +352,9 @@ BAD_URLS = (
     " https://hooks.example.com/x",
     "hooks.example.com/x",
     "https://",
+    "http://[::1::]:18513/x",  # bracketed, but not an IP address: Python's parser refuses it
+    "http://[1:2:3]/hook",
+    "http://[:]/x",
 )
 
 
@@ -490,3 +495,11 @@ def test_a_failure_is_said_without_the_exceptions_text():
     assert said == "ConnectionRefusedError: connection refused"
     assert failure(TimeoutError()) == "timed out after 10s"
     assert failure(ValueError(f"bad /hooks/{TOKEN}")) == "ValueError"
+
+
+def test_a_notify_url_whose_host_cannot_be_read_is_shown_without_failing():
+    # A row an earlier release accepted: the job's view (its page, the list,
+    # its notification) must not fail on it, nor show its path or query.
+    assert origin("http://[::1::]:18513/x?tok=SECRET") == "http://(unreadable host)"
+    assert origin("HTTPS://[::1]:8443/x?tok=SECRET") == "https://[::1]:8443"
+    assert is_http_url("http://[::1]:8443/x") and not is_http_url("http://[1:2:3]/x")
