@@ -67,6 +67,10 @@ new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
+_COUNT_OF = (
+    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND created_at <= ?"
+    f" RETURNING {COLUMNS}"
+)
 _SET_EXTERNAL = (
     "UPDATE tether_jobs SET external = ?, updated_at = ?,"
     " next_check_at = CASE WHEN state = 'pending' THEN ? ELSE next_check_at END,"
@@ -843,7 +847,10 @@ class SqlJobIndex:
                 await tx.execute(
                     "UPDATE tether_notifications SET due_at = ? WHERE id = ?", (again_at, note.id)
                 )
-            rows = await tx.fetch(_COUNT, (len(events), note.job_id)) if events else []
+            # Filed on the job it tells of: not on a new job under the same id,
+            # made after retention deleted that one (created after its end).
+            counted = (len(events), note.job_id, note.created_at)
+            rows = await tx.fetch(_COUNT_OF, counted) if events else []
             # Filed under the attempt the notification tells of, which the job
             # may have left (a retry) before it was delivered.
             filed = []

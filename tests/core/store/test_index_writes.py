@@ -9,6 +9,7 @@ import asyncio
 import functools
 from typing import Any
 
+import msgspec
 import pytest
 
 from core.models import Outcome
@@ -187,3 +188,24 @@ async def test_a_job_canceled_while_queued_is_not_promoted_by_a_host_without_the
     assert q2 is not None and q2.state == "canceled"
     finished = [e for e in (await limited.events_after("q2", 0, 10))[1] if e.type == "finished"]
     assert len(finished) == 1
+
+
+async def test_a_deleted_jobs_notification_is_not_filed_on_a_new_job_of_its_id(database):
+    """Retention deleted a job whose notification was still being tried; a new
+    job took its id. The old message's tries are not the new job's."""
+    jobs = await index_on(database)
+    jobs.message = lambda rec: "{}"
+    old = msgspec.structs.replace(job("r2", at=1_000), notify_url="http://hooks.test/old")
+    await jobs.insert(old)
+    await jobs.end("r2", Outcome("succeeded"), 2_000)
+    [note] = await jobs.notifications_due(10_000_000_000_000, 10)
+    assert await jobs.delete_finished(before=3_000, limit=10) == ["r2"]
+    await jobs.insert(job("r2", at=4_000))  # a new job, the same id
+
+    tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
+    await jobs.notification_tried(note, None, [tried], 5_000)
+    new = await jobs.get("r2")
+    assert new is not None and new.events == 0  # nothing counted on it
+    _, events = await jobs.events_after("r2", 0, 10)
+    assert "notified" not in [e.type for e in events]
+    assert await jobs.notifications_due(10_000_000_000_000, 10) == []  # delivered: gone
