@@ -34,6 +34,7 @@ from core.health import orphans, warn_orphans
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import (
+    MAX_RETENTION,
     MIN_RETENTION,
     PREFIX,
     WILDCARD_HOSTS,
@@ -287,6 +288,8 @@ def gc(older_than: float) -> None:
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     if not older_than * 86400 >= MIN_RETENTION:  # NaN too
         raise Refused(f"keep finished jobs at least {duration(MIN_RETENTION)}")  # "1 day"
+    if not older_than * 86400 <= MAX_RETENTION:
+        raise Refused(f"--older-than is at most {MAX_RETENTION / 86400:g} days (a hundred years)")
     asyncio.run(collect_garbage(settings, older_than * 86400))
 
 

@@ -399,7 +399,11 @@ class Tether:
                     {"field": "id", "differs": differ},
                 )
         try:
-            await self._start(stored)
+            # A new job, or one whose start may have been lost (pending). Not a
+            # finished one: retention may have deleted its workflow's promises
+            # (an hour before its row), and a start would make it again.
+            if not stored.finished:
+                await self._start(stored)
         except (StoreUnavailable, ServerError, DecodingError) as exc:
             # The job is recorded: its workflow is started once the store
             # answers (`resume_pending`). An error here would have a client

@@ -29,6 +29,8 @@ and the test suite's (`TETHER_TEST_*`)."""
 
 MIN_RETENTION = 86_400.0
 """The shortest `TETHER_RETENTION` (and `tether gc --older-than`): a day."""
+MAX_RETENTION = 100 * 365 * 86_400.0
+"""The longest: a hundred years (past it, a time in milliseconds overflows the store)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 """Hosts that listen on every interface: no external system can call back to them."""
@@ -256,11 +258,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f" than TETHER_MAX_TIMEOUT ({self.max_timeout:g} s); every job that names no"
                 " timeout would be refused"
             )
-        if self.retention and not self.retention >= MIN_RETENTION:  # NaN too
+        if self.retention and not MIN_RETENTION <= self.retention <= MAX_RETENTION:  # NaN too
             raise ValueError(
                 f"invalid setting TETHER_RETENTION: {self.retention:g}; keep finished jobs at"
                 f" least {MIN_RETENTION:g} seconds (a day: within it, a duplicate start still"
-                " reattaches), or 0 to keep them forever"
+                f" reattaches) and at most {MAX_RETENTION:g} (a hundred years), or 0 to keep"
+                " them forever"
             )
         if self.public_url and not _public_url_ok(self.public_url):
             raise ValueError(

@@ -36,7 +36,7 @@ from core.errors import BackendError, InvalidRequest
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
 from core.redact import redact
-from core.settings import MIN_RETENTION, Settings
+from core.settings import MAX_RETENTION, MIN_RETENTION, Settings
 from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
@@ -71,8 +71,10 @@ async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     never gone while its workflow's promises remain, or a later start with the
     same id would find an old, finished workflow and never run.
     """
-    if older_than < MIN_RETENTION:
-        raise InvalidRequest(f"keep finished jobs at least {MIN_RETENTION:g} seconds")
+    if not MIN_RETENTION <= older_than <= MAX_RETENTION:
+        raise InvalidRequest(
+            f"keep finished jobs at least {MIN_RETENTION:g} and at most {MAX_RETENTION:g} seconds"
+        )
     promises = await store.delete_promises(int(older_than * 1000) - ROOT_GRACE_MS)
     before, jobs = now_ms() - int(older_than * 1000), 0
     while ids := await store.jobs.delete_finished(before, GC_BATCH):

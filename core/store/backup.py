@@ -87,8 +87,7 @@ def backup(db: Path, to: Path, *, force: bool = False) -> Copied:
     if to.exists() and to.resolve() == db.resolve():
         raise StoreFileError(f"{to} is the store itself: back up to another path")
     _refuse_existing(to, force, "a backup")
-    secrets = _secrets_of(db)
-    return _put_secrets(_copy_database(db, to), secrets)
+    return _copy_database(db, to, _secrets_of(db))
 
 
 def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
@@ -106,7 +105,7 @@ def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
     for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         # the old database's log must not be replayed onto the restored one
         leftover.unlink(missing_ok=True)
-    return _put_secrets(_copy_database(source, db), secrets)
+    return _copy_database(source, db, secrets)
 
 
 def _refuse_existing(path: Path, force: bool, what: str) -> None:
@@ -138,16 +137,15 @@ def _secrets_of(db: Path) -> Kept:
     return kept
 
 
-def _put_secrets(copied: Copied, kept: Kept) -> Copied:
-    """Write the secret files `kept` beside the database just copied."""
+def _put_secrets(db: Path, kept: Kept) -> Path | None:
+    """Write the secret files `kept` beside where the database `db` goes;
+    the callback secret's file, if one was."""
     for path_of, secrets in kept:
         try:
-            write_secrets(path_of(copied.path), secrets)
+            write_secrets(path_of(db), secrets)
         except OSError as exc:
-            raise StoreFileError(f"cannot write {path_of(copied.path)}: {exc.strerror}") from None
-    if any(path_of is secret_path for path_of, _ in kept):
-        return copied._replace(secret=secret_path(copied.path))
-    return copied
+            raise StoreFileError(f"cannot write {path_of(db)}: {exc.strerror}") from None
+    return secret_path(db) if any(path_of is secret_path for path_of, _ in kept) else None
 
 
 def _refuse_in_use(db: Path) -> None:
@@ -174,14 +172,23 @@ def _refuse_in_use(db: Path) -> None:
         conn.close()
 
 
-def _copy_database(source: Path, to: Path) -> Copied:
+def _copy_database(source: Path, to: Path, kept: Kept) -> Copied:
     """SQLite's backup of `source` into a new private file beside `to`, made
     self-contained (no WAL), checked with `PRAGMA integrity_check`, then moved
-    to `to` at once."""
-    to.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=to.parent, prefix=f".{to.name}.")  # mode 0600
+    to `to` at once, after the secret files `kept` were written beside it: a
+    database at `to` is a whole copy (a copy killed before that leaves only a
+    hidden `.NAME.*` file, which the next one to `to` deletes)."""
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        for stale in to.parent.iterdir():  # a copy killed before it moved
+            if stale.name.startswith(f".{to.name}."):
+                stale.unlink(missing_ok=True)
+        fd, name = tempfile.mkstemp(dir=to.parent, prefix=f".{to.name}.")  # mode 0600
+    except OSError as exc:
+        raise StoreFileError(f"cannot write in {to.parent}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(name)
+    secret: Path | None = None
     try:
         with _connect(source, "ro") as src, _connect(tmp, "rw") as dst:
             deadline = time.monotonic() + BACKUP_WAIT
@@ -201,6 +208,7 @@ def _copy_database(source: Path, to: Path) -> Copied:
                 )
             jobs, waiting = _count_jobs(dst)
         _fsync(tmp)
+        secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -209,7 +217,7 @@ def _copy_database(source: Path, to: Path) -> Copied:
         if isinstance(exc, OSError):
             raise StoreFileError(f"cannot copy {source} to {to}: {exc.strerror}") from None
         raise
-    return Copied(to, to.stat().st_size, jobs, waiting, None)
+    return Copied(to, to.stat().st_size, jobs, waiting, secret)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,30 @@ async def test_old_finished_jobs_go_and_waiting_ones_stay(start_service, receive
     )
 
 
+async def test_a_repeated_start_of_a_job_whose_promises_went_makes_no_workflow(
+    start_service, receiver, tmp_path
+):
+    """Retention deletes a finished job's promises an hour before its row. A
+    repeated `POST /jobs` meanwhile reattaches (200) and starts nothing: a
+    start would have made the old workflow again, leaving its promises beside
+    no row once the row went (a new job under the id then never ran)."""
+    svc = await old_and_waiting(start_service, receiver, f"sqlite:///{tmp_path}/gc.db")
+    engine = svc.tether.store.connection._engine
+    engine.clock = lambda: now_ms() + 86_400_000 + 60_000  # the promises a day old; the row not
+    try:
+        assert await svc.tether.store.delete_promises(86_400_000) >= 2
+    finally:
+        engine.clock = now_ms
+    body = {"id": "old", "backend": "http_webhook", "params": {"url": receiver.url("/done")}}
+    again = await svc.client.post("/jobs", json=body)
+    assert (again.status_code, again.json()["state"]) == (200, "succeeded")
+    rows = await svc.tether.jobs.db.fetch(
+        "SELECT id, state FROM r_promises WHERE id = 'old' OR id LIKE 'old:%'", ()
+    )
+    assert rows == []  # no workflow made again
+    assert len(receiver.on("/done")) == 1
+
+
 async def a_new_job_under_an_old_id_has_its_own_keys(
     svc: Any, receiver: Any, delete_again: Callable[[], Awaitable[int]]
 ) -> None:
@@ -191,6 +215,12 @@ def test_tether_gc_command(tmp_path, receiver):
     assert done.stdout.strip() == "deleted 0 finished jobs and 0 promises"  # nothing a day old
     done = gc("0.1")
     assert done.returncode == 2 and "at least" in done.stderr
+    for days in ("inf", "1e13"):  # a time in milliseconds the store cannot hold
+        done = gc(days)
+        assert (done.returncode, done.stderr) == (
+            2,
+            "tether: --older-than is at most 36500 days (a hundred years)\n",
+        ), days
 
     later = tmp_path / "later"
     later.mkdir()

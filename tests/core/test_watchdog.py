@@ -490,13 +490,18 @@ async def test_retention_that_breaks_is_logged_by_the_error_type(monkeypatch):
 # ── retention ────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("older_than", [0.0, 60.0, MIN_RETENTION - 1])
-async def test_retention_keeps_finished_jobs_at_least_a_day(rig: Rig, older_than: float):
+@pytest.mark.parametrize(
+    "older_than", [0.0, 60.0, MIN_RETENTION - 1, 1e13, float("inf"), float("nan")]
+)
+async def test_retention_keeps_finished_jobs_at_least_a_day_and_at_most_a_century(
+    rig: Rig, older_than: float
+):
     await rig.parts.add_job("old", timeout=3600)
     await rig.parts.jobs.finish("old", DONE, now_ms() - 30 * DAY)
     with pytest.raises(InvalidRequest) as raised:
         await collect_garbage(rig.parts.store, older_than)
-    assert raised.value.message == "keep finished jobs at least 86400 seconds"
+    said = "keep finished jobs at least 86400 and at most 3.1536e+09 seconds"
+    assert raised.value.message == said
     assert await rig.parts.jobs.get("old") is not None
 
 

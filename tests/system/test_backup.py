@@ -299,3 +299,36 @@ def test_backup_refuses_an_empty_secret_file_naming_which(
         f"tether: the {named} secret file {store}{suffix} is empty\n",
     )
     assert not copy.exists() and not Path(f"{copy}.secret").exists()
+
+
+def test_a_backup_that_cannot_write_says_so_and_one_cut_short_leaves_no_database(
+    tmp_path: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    done = tether("backup", str(blocked / "copy.db"), "--store", f"sqlite:///{store}")
+    assert done.returncode == 2 and done.stderr.startswith(f"tether: cannot write in {blocked}")
+    assert "Traceback" not in done.stderr
+
+    # Its secrets are written before the database is moved into place: a copy
+    # cut short there (here: the secret cannot be written) leaves no database
+    # that looks whole, and the next backup clears what it left.
+    from core.store import backup as backups
+
+    def cannot(path: Path, kept: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    copy = tmp_path / "backups" / "copy.db"
+    monkeypatch.setattr(backups, "write_secrets", cannot)
+    with pytest.raises(backups.StoreFileError, match=r"cannot write .*copy\.db\.secret"):
+        backups.backup(store, copy)
+    assert not copy.exists() and list(copy.parent.iterdir()) == []
+    (copy.parent / ".copy.db.x1y2z3").write_text("a copy killed before it moved")
+    monkeypatch.undo()
+    made = backups.backup(store, copy)
+    assert made.secret == copy.with_name("copy.db.secret") and made.secret.exists()
+    assert sorted(p.name for p in copy.parent.iterdir()) == [
+        "copy.db",
+        "copy.db.notify-secret",
+        "copy.db.secret",
+    ]
