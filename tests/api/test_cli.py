@@ -161,11 +161,12 @@ def test_a_public_url_external_systems_cannot_use_is_refused(url: str) -> None:
     assert "http(s)://HOST[:PORT][/PATH]" in said and "pw" not in said
 
 
-@pytest.mark.parametrize("seconds", ["3600", "-1", "nan"])
-def test_a_retention_under_a_day_is_refused(seconds: str) -> None:
+@pytest.mark.parametrize("seconds", ["3600", "-1", "nan", "1e17"])  # (inf: not finite)
+def test_a_retention_under_a_day_or_over_a_century_is_refused(seconds: str) -> None:
     said = serve_refused(TETHER_RETENTION=seconds)
     assert said.startswith("tether: invalid setting TETHER_RETENTION: "), said
     assert "at least 86400 seconds" in said and "or 0 to keep them forever" in said
+    assert "at most 3.1536e+09 (a hundred years)" in said
 
 
 @pytest.mark.parametrize(
