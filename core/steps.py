@@ -158,12 +158,18 @@ class JobSteps:
             ended = await self.jobs.get(job_id)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
+                # Decided before the run is recorded: once it is, a replay of
+                # this trigger (after a failure below) returns at once.
+                unwanted = await self._run_unwanted(ended, promise_id)
                 recorded = await self._until_written(rec, record)
                 # The finish may have run already (in another process that
                 # took this workflow over while this one stalled): stop this
                 # trigger's run here too (the row may keep another process's
-                # receipt). A cancel may so come twice, as on a replay.
-                if recorded is not None and await self._run_unwanted(recorded, promise_id):
+                # receipt, and the job may have ended under that run). A
+                # cancel may so come twice, as on a replay.
+                if recorded is not None and (
+                    unwanted or self._another_run(backend, recorded, keys)
+                ):
                     await self._cancel_run(backend, replace(recorded, external=receipt))
         elif written.attempt == attempt and self._another_run(backend, written, keys):
             # Another process recorded a run of its own for the attempt (a
@@ -183,7 +189,8 @@ class JobSteps:
         way is to be stopped: the job was canceled or timed out, or it failed
         by a trigger's failure (a process that stalled past its lease gave up
         while this one's trigger was answered). Not when it succeeded or its
-        callback failed it: then the run is over."""
+        callback failed it: then the run is over (if it is the run the job
+        ended under: `_another_run` tells another process's apart)."""
         if rec.state in ("canceled", "timed_out"):
             return True
         if rec.state != "failed":

@@ -629,6 +629,24 @@ async def test_a_second_run_of_the_attempt_is_stopped_once_the_job_ended(rig: Ri
     assert [job.external for job in rig.backend.canceled] == [{"run": 9}]
 
 
+async def test_a_second_run_is_stopped_when_the_job_ended_under_the_first(rig: Rig):
+    """Another process recorded run 8, whose callback succeeded the job, while
+    this trigger's backend (ignoring the idempotency key) started run 9: the
+    job's end was run 8's, and run 9 is stopped."""
+    await start(rig)
+
+    async def during(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+        await rig.parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    rig.backend.during = during
+    rig.backend.answers = [{"run": 9}]
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("succeeded", {"run": 8})
+    assert [job.external for job in rig.backend.canceled] == [{"run": 9}]
+
+
 @pytest.mark.parametrize(("answer", "stopped"), [({"run": 9}, True), ({"run": 8}, False)])
 async def test_a_second_run_of_a_running_attempt_is_stopped(
     rig: Rig, answer: dict[str, int], stopped: bool
