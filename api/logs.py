@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from resonate.error import ServerError
+from resonate.error import ResonateError, ServerError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -69,10 +69,15 @@ class StaleLeases(logging.Filter):
     nothing failed, the work goes on elsewhere, and an operator reading four
     tracebacks a job would look for a fault."""
 
+    MESSAGES = ("core: execution failed, releasing task", "core: failed to release task")
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "resonate.core" or not record.exc_info or record.levelno < logging.ERROR:
             return True
-        conflict = next((e for e in _causes(record.exc_info[1]) if _is_conflict(e)), None)
+        if not str(record.msg).startswith(self.MESSAGES):
+            return True
+        errors = [e for e in _causes(record.exc_info[1]) if isinstance(e, ResonateError)]
+        conflict = errors[0] if errors and all(_is_conflict(e) for e in errors) else None
         if conflict is not None:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             said = str(conflict).replace("%", "%%")
@@ -86,7 +91,9 @@ def _is_conflict(exc: BaseException) -> bool:
 
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
-    """`exc`, what it was raised from or during, and a platform error's causes."""
+    """`exc`, what it was raised from, and a platform error's causes (not what
+    it was raised while handling: a release that failed otherwise while a 409
+    was handled is a fault of its own)."""
     found: list[BaseException] = []
     todo = [exc]
     while todo:
@@ -94,7 +101,7 @@ def _causes(exc: BaseException | None) -> list[BaseException]:
         if now is None or any(now is seen for seen in found):
             continue
         found.append(now)
-        todo += [now.__cause__, now.__context__, *getattr(now, "causes", [])]
+        todo += [now.__cause__, *getattr(now, "causes", [])]
     return found
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from resonate.error import PlatformError, ServerError
 
+from api.cli import log_config
 from api.logs import TEXT_FORMAT, JsonFormatter, StaleLeases, formatter
 
 
@@ -144,7 +145,34 @@ def test_the_sdks_traceback_for_a_task_it_no_longer_holds_is_one_warning():
     )
     assert "Traceback" not in logging.Formatter(TEXT_FORMAT).format(stale)
 
-    for kept in (sdk_exception(ServerError(500, "boom")), record("x", exc=True)):
+    # any other fault as it was: another error, a 409 beside another, another line
+    both = sdk_exception(ServerError(409, "conflict"))
+    assert both.exc_info is not None and isinstance(both.exc_info[1], PlatformError)
+    both.exc_info[1].causes.append(ServerError(500, "boom"))
+    elsewhere = sdk_exception(ServerError(409, "conflict"))
+    elsewhere.msg = "core: something else task_id=%s promise_id=%s"
+    for kept in (sdk_exception(ServerError(500, "boom")), record("x", exc=True), both, elsewhere):
         level, info = kept.levelno, kept.exc_info
         assert StaleLeases().filter(kept)
-        assert (kept.levelno, kept.exc_info) == (level, info)  # any other fault as it was
+        assert (kept.levelno, kept.exc_info) == (level, info)
+
+    # a release that failed otherwise while the 409 was handled: its own fault
+    try:
+        try:
+            raise ServerError(409, "conflict")
+        except ServerError:
+            raise ConnectionRefusedError("the server is gone") from None
+    except ConnectionRefusedError:
+        info = sys.exc_info()
+    release = logging.getLogger("resonate.core").makeRecord(
+        "resonate.core", logging.ERROR, __file__, 1, "core: failed to release task", (), info
+    )
+    assert release.exc_info is not None and release.exc_info[1] is not None
+    assert isinstance(release.exc_info[1].__context__, ServerError)
+    assert StaleLeases().filter(release) and release.levelno == logging.ERROR
+
+
+def test_the_service_logs_through_the_stale_lease_filter():
+    config = log_config("INFO")
+    assert config["filters"]["stale"] == {"()": StaleLeases}
+    assert "stale" in config["handlers"]["stderr"]["filters"]
