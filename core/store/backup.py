@@ -87,7 +87,7 @@ def backup(db: Path, to: Path, *, force: bool = False) -> Copied:
     if to.exists() and to.resolve() == db.resolve():
         raise StoreFileError(f"{to} is the store itself: back up to another path")
     _refuse_existing(to, force, "a backup")
-    return _copy_database(db, to, _secrets_of(db))
+    return _copy_database(db, to, _secrets_of(db), replacing=True)
 
 
 def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
@@ -172,18 +172,30 @@ def _refuse_in_use(db: Path) -> None:
         conn.close()
 
 
-def _copy_database(source: Path, to: Path, kept: Kept) -> Copied:
+STALE_COPY = 3600.0
+"""Seconds after which a temp copy beside a backup's path counts as one a
+killed backup left (a backup under way renews its file as it writes)."""
+
+
+def _older(path: Path, seconds: float) -> bool:
+    return time.time() - path.stat().st_mtime > seconds
+
+
+def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = False) -> Copied:
     """SQLite's backup of `source` into a new private file beside `to`, made
     self-contained (no WAL), checked with `PRAGMA integrity_check`, then moved
     to `to` at once, after the secret files `kept` were written beside it: a
     database at `to` is a whole copy (a copy killed before that leaves only a
-    hidden `.NAME.*` file, which the next one to `to` deletes)."""
+    hidden `.NAME.tether-tmp-*` file, which a backup to `to` an hour later
+    deletes). `replacing`: an existing `to` (a backup) is deleted before the
+    secrets are written, so no old database is left beside new secrets."""
+    prefix = f".{to.name}.tether-tmp-"
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
-        for stale in to.parent.iterdir():  # a copy killed before it moved
-            if stale.name.startswith(f".{to.name}."):
+        for stale in to.parent.iterdir():  # a copy killed before it moved (not one under way)
+            if stale.name.startswith(prefix) and stale.is_file() and _older(stale, STALE_COPY):
                 stale.unlink(missing_ok=True)
-        fd, name = tempfile.mkstemp(dir=to.parent, prefix=f".{to.name}.")  # mode 0600
+        fd, name = tempfile.mkstemp(dir=to.parent, prefix=prefix)  # mode 0600
     except OSError as exc:
         raise StoreFileError(f"cannot write in {to.parent}: {exc.strerror}") from None
     os.close(fd)
@@ -208,6 +220,8 @@ def _copy_database(source: Path, to: Path, kept: Kept) -> Copied:
                 )
             jobs, waiting = _count_jobs(dst)
         _fsync(tmp)
+        if replacing:  # the old one goes first: cut short, no database beside new secrets
+            to.unlink(missing_ok=True)
         secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:

@@ -67,6 +67,10 @@ new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
+NOTE_CLOCK_SLACK_MS = 12 * 3_600_000
+"""How much later than a notification's making its job's creation may seem
+(the two times from two hosts' clocks): a new job under a deleted one's id
+comes a day later at least (`MIN_RETENTION`)."""
 _COUNT_OF = (
     "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND created_at <= ?"
     f" RETURNING {COLUMNS}"
@@ -848,8 +852,9 @@ class SqlJobIndex:
                     "UPDATE tether_notifications SET due_at = ? WHERE id = ?", (again_at, note.id)
                 )
             # Filed on the job it tells of: not on a new job under the same id,
-            # made after retention deleted that one (created after its end).
-            counted = (len(events), note.job_id, note.created_at)
+            # made after retention deleted that one (at least a day after its
+            # end; half a day's slack for hosts' clocks that disagree).
+            counted = (len(events), note.job_id, note.created_at + NOTE_CLOCK_SLACK_MS)
             rows = await tx.fetch(_COUNT_OF, counted) if events else []
             # Filed under the attempt the notification tells of, which the job
             # may have left (a retry) before it was delivered.

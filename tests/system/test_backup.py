@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -323,12 +325,23 @@ def test_a_backup_that_cannot_write_says_so_and_one_cut_short_leaves_no_database
     with pytest.raises(backups.StoreFileError, match=r"cannot write .*copy\.db\.secret"):
         backups.backup(store, copy)
     assert not copy.exists() and list(copy.parent.iterdir()) == []
-    (copy.parent / ".copy.db.x1y2z3").write_text("a copy killed before it moved")
+    killed = copy.parent / ".copy.db.tether-tmp-x1y2z3"  # a copy killed before it moved
+    killed.write_text("an hour old")
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
+    (copy.parent / ".copy.db.tether-tmp-a1b2c3").write_text("a copy under way")
+    (copy.parent / ".copy.db.swp").write_text("not ours")
     monkeypatch.undo()
     made = backups.backup(store, copy)
     assert made.secret == copy.with_name("copy.db.secret") and made.secret.exists()
     assert sorted(p.name for p in copy.parent.iterdir()) == [
+        ".copy.db.swp",
+        ".copy.db.tether-tmp-a1b2c3",
         "copy.db",
         "copy.db.notify-secret",
         "copy.db.secret",
     ]
+    # --force over it: the old copy goes before the new secrets are written
+    monkeypatch.setattr(backups, "write_secrets", cannot)
+    with pytest.raises(backups.StoreFileError):
+        backups.backup(store, copy, force=True)
+    assert not copy.exists()

@@ -200,7 +200,7 @@ async def test_a_deleted_jobs_notification_is_not_filed_on_a_new_job_of_its_id(d
     await jobs.end("r2", Outcome("succeeded"), 2_000)
     [note] = await jobs.notifications_due(10_000_000_000_000, 10)
     assert await jobs.delete_finished(before=3_000, limit=10) == ["r2"]
-    await jobs.insert(job("r2", at=4_000))  # a new job, the same id
+    await jobs.insert(job("r2", at=2_000 + 25 * 3_600_000))  # a day later at least: the same id
 
     tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
     await jobs.notification_tried(note, None, [tried], 5_000)
@@ -209,3 +209,18 @@ async def test_a_deleted_jobs_notification_is_not_filed_on_a_new_job_of_its_id(d
     _, events = await jobs.events_after("r2", 0, 10)
     assert "notified" not in [e.type for e in events]
     assert await jobs.notifications_due(10_000_000_000_000, 10) == []  # delivered: gone
+
+
+async def test_a_notifications_tries_are_filed_though_the_hosts_clocks_disagree(database):
+    """The job made at 2,500 by one host's clock, its notification at 2,000
+    by another's (behind): still the same job."""
+    jobs = await index_on(database)
+    jobs.message = lambda rec: "{}"
+    made = msgspec.structs.replace(job("j", at=2_500), notify_url="http://hooks.test/x")
+    await jobs.insert(made)
+    await jobs.end("j", Outcome("succeeded"), 2_000)
+    [note] = await jobs.notifications_due(10_000_000_000_000, 10)
+    tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
+    await jobs.notification_tried(note, None, [tried], 3_000)
+    _, events = await jobs.events_after("j", 0, 10)
+    assert [e.type for e in events] == ["finished", "notified"]
