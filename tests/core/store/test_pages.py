@@ -20,6 +20,7 @@ from core.store.embedded import SqliteDriver
 from core.store.jobs import JobRecord
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
+from tests.core.store.test_index_writes import job as pending_job
 
 DAY = 86_400_000
 HOUR = 3_600_000
@@ -63,21 +64,6 @@ def skewed_jobs(n: int, rng: random.Random) -> list[JobRecord]:
             )
         )
     return jobs
-
-
-def pending_job(job_id: str, created: int) -> JobRecord:
-    return JobRecord(
-        id=job_id,
-        backend="http_webhook",
-        state="pending",
-        params={},
-        metadata={},
-        timeout=60.0,
-        fingerprint="f",
-        deadline=created + 60_000,
-        created_at=created,
-        updated_at=created,
-    )
 
 
 def expected(
@@ -190,7 +176,7 @@ async def test_several_states_are_listed_in_one_snapshot(database):
     in neither."""
     writer, _ = await filled(database, 0, seed=0)
     for n in range(4):
-        await writer.insert(pending_job(f"j{n}", 1_000 + n))
+        await writer.insert(pending_job(f"j{n}", at=1_000 + n))
     await writer.end("j1", Outcome("canceled"), 5_000)  # j0, j2, j3 pending
 
     async def cancel_j2() -> None:  # pending → canceled
