@@ -561,7 +561,7 @@ class Tether:
         `updated_before`, if given), a page at time; how many."""
         before, started = None, 0
         while True:
-            rows = await store_call(self.jobs.page("pending", None, RESUME_PAGE, before))
+            rows = await store_call(self.jobs.pages([("pending", None)], RESUME_PAGE, before))
             for rec in rows:
                 if updated_before is None or rec.updated_at < updated_before:
                     await self._start(rec)

@@ -182,20 +182,6 @@ class JobIndex(Protocol):
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
-    async def page(
-        self,
-        state: str | None,
-        backend: str | None,
-        limit: int,
-        before_seq: int | None,
-        tags: Sequence[str] = (),
-        created_after: int | None = None,
-        created_before: int | None = None,
-    ) -> list[JobRecord]:
-        """Newest first, at most `limit` rows with `seq < before_seq`, having
-        every one of `tags`, created strictly between the two times (if given)."""
-        ...
-
     async def pages(
         self,
         pairs: Sequence[tuple[str | None, str | None]],
@@ -205,7 +191,9 @@ class JobIndex(Protocol):
         created_after: int | None = None,
         created_before: int | None = None,
     ) -> list[JobRecord]:
-        """`page` for any of several (state, backend) pairs, read in one
+        """Newest first, at most `limit` rows with `seq < before_seq`, of any
+        of `pairs` (a state and a backend; None: any), having every one of
+        `tags`, created strictly between the two times (if given). Read in one
         snapshot: a job that changes state meanwhile is listed once."""
         ...
 

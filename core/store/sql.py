@@ -275,22 +275,6 @@ class SqlJobIndex:
         rows = await self.db.fetch(_SELECT, (job_id,))
         return _row(rows[0]) if rows else None
 
-    async def page(
-        self,
-        state: str | None,
-        backend: str | None,
-        limit: int,
-        before_seq: int | None,
-        tags: Sequence[str] = (),
-        created_after: int | None = None,
-        created_before: int | None = None,
-    ) -> list[JobRecord]:
-        """Jobs newest first (by `seq`), at most `limit`, older than
-        `before_seq`, matching every filter given (`created_after` and
-        `created_before` exclusive). `pages` with one (state, backend)."""
-        pair = [(state, backend)]
-        return await self.pages(pair, limit, before_seq, tags, created_after, created_before)
-
     async def pages(
         self,
         pairs: Sequence[tuple[str | None, str | None]],
@@ -507,10 +491,9 @@ class SqlJobIndex:
         open_only: bool = False,
         attempt: int | None = None,
     ) -> JobRecord | None:
-        args: tuple[Any, ...] = (json_text(external), now, next_check_at, heartbeat_due, job_id)
-        where = "WHERE id = ?"
-        if attempt is not None:
-            where, args = f"{where} AND attempt = ?", (*args, attempt)
+        which: tuple[Any, ...] = (job_id,) if attempt is None else (job_id, attempt)
+        where = "WHERE id = ?" if attempt is None else "WHERE id = ? AND attempt = ?"
+        args = (json_text(external), now, next_check_at, heartbeat_due, *which)
         if open_only:
             where = f"{where} AND state IN ('pending', 'running')"
         again = f"{_SET_EXTERNAL} {where} RETURNING {COLUMNS}"
@@ -531,7 +514,7 @@ class SqlJobIndex:
                 if rows:
                     filed = await self._file(tx, _row(rows[0]), [event], now)
                 else:
-                    rows = await tx.fetch(f"SELECT {COLUMNS} FROM tether_jobs {where}", args[4:])
+                    rows = await tx.fetch(f"SELECT {COLUMNS} FROM tether_jobs {where}", which)
             else:
                 rows = await tx.fetch(again, args)
             if rows and keys:

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from core.models import Outcome
-from core.store.jobs import JobRecord, NewEvent
+from core.store.jobs import JobRecord, NewEvent, Notification
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
 from tests.conftest import eventually
@@ -190,15 +190,24 @@ async def test_a_job_canceled_while_queued_is_not_promoted_by_a_host_without_the
     assert len(finished) == 1
 
 
+async def notified_job(
+    database: Any, job_id: str, made: int, ended: int
+) -> tuple[SqlJobIndex, Notification]:
+    """An index with job `job_id`, asking for a notification, made at `made`
+    and succeeded at `ended` (each by some host's clock); its message."""
+    jobs = await index_on(database)
+    jobs.message = lambda rec: "{}"
+    asked = msgspec.structs.replace(job(job_id, at=made), notify_url="http://hooks.test/x")
+    await jobs.insert(asked)
+    await jobs.end(job_id, Outcome("succeeded"), ended)
+    [note] = await jobs.notifications_due(10_000_000_000_000, 10)
+    return jobs, note
+
+
 async def test_a_deleted_jobs_notification_is_not_filed_on_a_new_job_of_its_id(database):
     """Retention deleted a job whose notification was still being tried; a new
     job took its id. The old message's tries are not the new job's."""
-    jobs = await index_on(database)
-    jobs.message = lambda rec: "{}"
-    old = msgspec.structs.replace(job("r2", at=1_000), notify_url="http://hooks.test/old")
-    await jobs.insert(old)
-    await jobs.end("r2", Outcome("succeeded"), 2_000)
-    [note] = await jobs.notifications_due(10_000_000_000_000, 10)
+    jobs, note = await notified_job(database, "r2", made=1_000, ended=2_000)
     assert await jobs.delete_finished(before=3_000, limit=10) == ["r2"]
     await jobs.insert(job("r2", at=2_000 + 25 * 3_600_000))  # a day later at least: the same id
 
@@ -214,12 +223,7 @@ async def test_a_deleted_jobs_notification_is_not_filed_on_a_new_job_of_its_id(d
 async def test_a_notifications_tries_are_filed_though_the_hosts_clocks_disagree(database):
     """The job made at 2,500 by one host's clock, its notification at 2,000
     by another's (behind): still the same job."""
-    jobs = await index_on(database)
-    jobs.message = lambda rec: "{}"
-    made = msgspec.structs.replace(job("j", at=2_500), notify_url="http://hooks.test/x")
-    await jobs.insert(made)
-    await jobs.end("j", Outcome("succeeded"), 2_000)
-    [note] = await jobs.notifications_due(10_000_000_000_000, 10)
+    jobs, note = await notified_job(database, "j", made=2_500, ended=2_000)
     tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
     await jobs.notification_tried(note, None, [tried], 3_000)
     _, events = await jobs.events_after("j", 0, 10)

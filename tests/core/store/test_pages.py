@@ -1,4 +1,4 @@
-"""The job list's pages (`SqlJobIndex.page`): every filter combination gives
+"""The job list's pages (`SqlJobIndex.pages`): every filter combination gives
 exactly the rows a scan of all jobs gives, newest first, page after page, with
 `created_at` out of `seq` order as clocks make it; and each reads one index
 range in order (SQLite's query plans), never a whole window sorted.
@@ -193,16 +193,16 @@ async def test_several_states_are_listed_in_one_snapshot(database):
         reader = SqlJobIndex(Meddling(await database.driver(), meddle))  # type: ignore[arg-type]
         listed = await reader.pages([(state, None) for state in states], 10, None)
         assert sorted(job.id for job in listed) == want, states
-    final = {job.id: job.state for job in await writer.page(None, None, 10, None)}
+    final = {job.id: job.state for job in await writer.pages([(None, None)], 10, None)}
     assert final == {"j0": "pending", "j1": "canceled", "j2": "canceled", "j3": "running"}
 
 
 async def test_a_window_with_no_job_is_an_empty_page(database):
     index, _ = await filled(database, 40, seed=3)
-    assert await index.page(None, None, 10, None, (), START + 20 * DAY, None) == []
-    assert await index.page(None, None, 10, None, (), None, -10 * DAY) == []
-    assert await index.page(None, None, 10, None, ["a"], START + DAY, START + DAY) == []
-    assert await index.page(None, None, 10, None, (), START + 2 * DAY, START + DAY) == []
+    assert await index.pages([(None, None)], 10, None, (), START + 20 * DAY, None) == []
+    assert await index.pages([(None, None)], 10, None, (), None, -10 * DAY) == []
+    assert await index.pages([(None, None)], 10, None, ["a"], START + DAY, START + DAY) == []
+    assert await index.pages([(None, None)], 10, None, (), START + 2 * DAY, START + DAY) == []
 
 
 # ── the plans (SQLite) ───────────────────────────────────────────────────────
@@ -256,7 +256,7 @@ async def plan(index: SqlJobIndex, driver: Recorded, *args: Any) -> list[str]:
     """The page query's plan; the statements run before it (the window's
     range, the lists' counts) read nothing but index ranges."""
     driver.ran.clear()
-    await index.page(*args)
+    await index.pages([(args[0], args[1])], *args[2:])
     for sql, values in driver.ran[:-1]:
         steps = [row[3] for row in await driver.fetch(f"EXPLAIN QUERY PLAN {sql}", values)]
         reads = [step for step in steps if "tether_" in step]
@@ -304,6 +304,6 @@ async def test_each_filter_reads_one_index_range_newest_first(recorded, filters,
 async def test_the_rarest_tag_drives_whatever_order_the_tags_come_in(recorded):
     index, driver = recorded
     for tags in (["a", "c"], ["c", "a"]):
-        await index.page(None, None, 10, None, tags)
+        await index.pages([(None, None)], 10, None, tags)
         sql, values = driver.last
         assert "t.tag = ?" in sql and values[0] == "c", (sql, values)
