@@ -669,9 +669,8 @@ async def preflight(settings: Settings, plugins: Plugins) -> str | None:
         except Exception as exc:  # only a warning is at stake; /health counts them again
             log.warning("counting jobs of missing backends failed: %s", type(exc).__name__)
         try:
-            if settings.shared:
-                for said in await tether.compare_with_last_host():
-                    log.error("%s", said)
+            for said in await tether.compare_with_last_host():
+                log.error("%s", said)
         except Exception as exc:  # as above: a warning at most
             log.warning("comparing settings with the other hosts failed: %s", type(exc).__name__)
     finally:

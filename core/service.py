@@ -218,8 +218,11 @@ class Tether:
         docs/operations.md says agrees at every step), another
         `TETHER_PUBLIC_URL` (the callback URLs handed out name the other),
         another `TETHER_GROUP` (each host's workflows wait on its own group
-        alone). Nothing for the first host, or a record this release did not
-        write."""
+        alone). On a store no other host shares, the same record is this
+        store's last start: another callback secret or public URL there
+        strands the jobs that were waiting (`take_group` refuses another
+        group itself). Nothing for the first start, or a record this release
+        did not write."""
         jobs = self.jobs
         if not isinstance(jobs, SqlJobIndex):
             return []
@@ -230,16 +233,18 @@ class Tether:
         try:
             theirs = msgspec.json.decode(before or "null")
             at = datetime.fromtimestamp(int(theirs["at"]) / 1000, UTC).isoformat(timespec="seconds")
+            shared = self.settings.shared
             other = (
-                "the host that started before this one on the same store"
-                f" (at {at}, public URL {theirs['url']!r})"
-            )
+                f"the host that started before this one on the same store (at {at}, public URL"
+                if shared
+                else f"this store's last start (at {at}, with public URL"
+            ) + f" {theirs['url']!r})"
             secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))
             their_group = str(theirs["group"])
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             return []
         said = []
-        if not secrets_agree:
+        if not secrets_agree and shared:
             said.append(
                 "TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS) disagrees with"
                 f" {other}: callback URLs signed by one are refused (401) by the other."
@@ -247,7 +252,15 @@ class Tether:
                 " If every host was stopped and the secret replaced on purpose, this goes away"
                 " once they all run the new one"
             )
-        if self.settings.public_url and theirs["url"] != url:  # unset: warned of already
+        elif not secrets_agree:
+            said.append(
+                f"the callback secret disagrees with {other}: the callback URLs handed out"
+                " before are refused (401) now, so jobs waiting since then cannot be called"
+                " back. Give the old secret in TETHER_CALLBACK_SECRET_PREVIOUS until they end"
+                " (docs/operations.md, rotating the callback secret); if none was waiting,"
+                " this goes away at the next start"
+            )
+        if self.settings.public_url and theirs["url"] != url and shared:  # unset: warned of
             said.append(
                 f"TETHER_PUBLIC_URL={url!r} differs from {other}: each job's callback URL"
                 " names the public URL of the host that triggered it, so jobs waiting now are"
@@ -255,7 +268,13 @@ class Tether:
                 " load balancer's), and a URL once handed out must keep reaching a host of this"
                 " store until the jobs that got it end"
             )
-        if their_group != group:
+        elif self.settings.public_url and theirs["url"] != url:
+            said.append(
+                f"TETHER_PUBLIC_URL={url!r} differs from {other}: the jobs waiting since then"
+                " are called back at the old URL, which must keep reaching this service until"
+                " they end"
+            )
+        if their_group != group and shared:
             said.append(
                 f"TETHER_GROUP={group!r} differs from {other}, in {their_group!r}: a workflow is"
                 " run only by processes of its group, so the jobs a host took wait for its own"

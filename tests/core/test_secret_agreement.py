@@ -101,3 +101,38 @@ async def test_a_host_without_a_public_url_is_not_said_to_differ(fresh_pg_url):
         finally:
             await tether.close()
     assert said == []  # its base URL differs; the setting is unset (warned of apart)
+
+
+async def test_one_host_is_told_of_a_secret_or_url_changed_since_its_last_start(tmp_path, caplog):
+    """The embedded store keeps the same record: a start with another callback
+    secret (or another public URL) than the last one strands the jobs that were
+    waiting, and `tether serve` says so; a rotation's steps agree."""
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    store = f"sqlite:///{tmp_path / 't.db'}"
+
+    async def start(current: str, previous: str = "", url: str = "https://a") -> list[str]:
+        settings = Settings.from_env(
+            {},
+            store=store,
+            callback_secret=current,
+            callback_secret_previous=previous,
+            public_url=url,
+        )
+        assert await preflight(settings, plugins) is None  # it serves all the same
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        caplog.clear()
+        return said
+
+    assert await start(OLD) == []  # the first
+    assert await start(OLD) == []
+    for current, previous in ((OLD, NEW), (NEW, OLD), (NEW, "")):
+        assert await start(current, previous) == []
+    [said] = await start(STRAY)
+    assert said.startswith("the callback secret disagrees with this store's last start")
+    assert "TETHER_CALLBACK_SECRET_PREVIOUS" in said and "public URL 'https://a'" in said
+    assert NEW not in said and STRAY not in said
+    assert await start("") != []  # the secret file's own (made now) is another still
+    assert await start("") == []
+    [said] = await start("", url="https://b")
+    assert said.startswith("TETHER_PUBLIC_URL='https://b' differs from this store's last start")
+    assert "called back at the old URL" in said
