@@ -198,7 +198,10 @@ class Callbacks:
             found = None
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
-            await store_call(self.jobs.record(rec.id, [said], now_ms(), learnt(rec, found)))
+            found_now = learnt(rec, found)
+            await store_call(
+                self.jobs.record(rec.id, [said], now_ms(), found_now, open_at=rec.attempt)
+            )
             return CallbackResult(
                 "noted", view(rec), message + "the run has not ended; Tether keeps checking"
             )

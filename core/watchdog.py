@@ -255,7 +255,8 @@ class Watchdog:
         found = await backend.check_status(backend_view(rec))
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
-            await self.store.jobs.record(rec.id, [said], now_ms(), learnt(rec, found))
+            learnt_now = learnt(rec, found)
+            await self.store.jobs.record(rec.id, [said], now_ms(), learnt_now, open_at=rec.attempt)
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
             result, _ = await self.settler.settle(
@@ -297,11 +298,12 @@ class Watchdog:
                 )
                 error = {"said": "error", "error_type": type(exc).__name__}
                 event = NewEvent("heartbeat_missed", {**missed, **error})
-                await self.store.jobs.record(rec.id, [event], now_ms())
+                await self.store.jobs.record(rec.id, [event], now_ms(), open_at=rec.attempt)
                 return
         if isinstance(found, Running):
             event = NewEvent("heartbeat_missed", {**missed, **status_said(found)})
-            await self.store.jobs.record(rec.id, [event], now_ms(), learnt(rec, found))
+            learnt_now = learnt(rec, found)
+            await self.store.jobs.record(rec.id, [event], now_ms(), learnt_now, open_at=rec.attempt)
             return
         if found is None:
             said = {**missed, "said": "unknown"}

@@ -635,9 +635,19 @@ class SqlJobIndex:
         events: Sequence[NewEvent],
         now: int,
         external: tuple[int, Mapping[str, Any]] | None = None,
+        *,
+        open_at: int | None = None,
     ) -> JobRecord | None:
         async with self.db.transaction() as tx:
-            rows = await tx.fetch(_COUNT, (len(events), job_id))
+            if open_at is None:
+                rows = await tx.fetch(_COUNT, (len(events), job_id))
+            else:
+                marks = ", ".join("?" for _ in OPEN_STATES)
+                rows = await tx.fetch(
+                    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
+                    f" AND state IN ({marks}) RETURNING {COLUMNS}",
+                    (len(events), job_id, open_at, *OPEN_STATES),
+                )
             filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
             if rows and external is not None:
                 rows = await self._merge_external(tx, _row(rows[0]), *external) or rows

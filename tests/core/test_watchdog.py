@@ -633,6 +633,36 @@ async def test_a_check_that_lost_is_recorded_after_the_end(rig: Rig):
     ]
 
 
+@pytest.mark.parametrize("found", [None, Running(progress=1, external={"state": "UP"})])
+async def test_a_check_that_found_the_run_going_after_the_end_records_nothing(
+    rig: Rig, found: Running | None
+):
+    now = now_ms()
+    rec = await rig.running("j", next_check_at=now)
+    await rig.parts.add_promise("j")
+
+    async def callback_first(job: Job) -> None:  # the callback comes during the check
+        await rig.parts.settler.settle("j", DONE, by="callback")
+
+    rig.backend.before = callback_first
+    rig.backend.found["j"] = found
+    await rig.watchdog.look_at(rec, now)
+    assert (await history(rig))[-1] == ("finished", ANY)
+    assert (await rig.parts.row("j")).external == {"run": "j"}
+
+
+async def test_a_missed_heartbeat_whose_check_fails_after_the_end_records_nothing(rig: Rig):
+    rec = await beating(rig)
+
+    async def callback_then_fail(job: Job) -> None:
+        await rig.parts.settler.settle("j", DONE, by="callback")
+        raise BackendError("the workspace is down")
+
+    rig.backend.before = callback_then_fail
+    await rig.watchdog.heartbeat_missed(rec, now_ms())
+    assert (await history(rig))[-1] == ("finished", ANY)
+
+
 @pytest.mark.parametrize(
     ("found", "said", "external"),
     [
@@ -792,13 +822,19 @@ async def test_a_missed_heartbeat_of_a_run_that_ended_ends_the_job_so(rig: Rig):
     )
 
 
-async def test_a_missed_heartbeat_that_lost_to_a_callback_records_and_logs_nothing(rig: Rig):
+@pytest.mark.parametrize("found", [None, Running(progress=1)])
+async def test_a_missed_heartbeat_that_lost_to_a_callback_records_and_logs_nothing(
+    rig: Rig, found: Running | None
+):
+    """Whatever the backend says: a run still going, told after the job's
+    `finished`, is not filed after it either (nor a timeout that lost)."""
     rec = await beating(rig)
 
     async def callback_first(job: Job) -> None:
         await rig.parts.settler.settle("j", Outcome(status="failed"), by="callback")
 
     rig.backend.before = callback_first
+    rig.backend.found["j"] = found
     with logs_of("tether") as logs:
         await rig.watchdog.heartbeat_missed(rec, now_ms())
     assert (await rig.parts.row("j")).state == "failed"
