@@ -11,6 +11,7 @@ logged (neither the query string nor the `Authorization` header is read here).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ log = logging.getLogger("tether.access")
 
 CALLBACKS = "/callbacks/"
 LINE = "%s %s %d %.1f ms"
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 type Observer = Callable[[Any, int, float], None]
@@ -84,13 +86,21 @@ def shown_path(path: str) -> str:
     """The (decoded) path as it is logged: cut at a `?` in it (a callback URL
     whose `?token=` was percent-encoded into the path: `%3Ftoken%3D…`), shown
     as `?…`; and under `/callbacks/`, anything past the id that is not a
-    route's own word shown as `/…` (a token put in the path)."""
+    route's own word shown as `/…` (a token put in the path). Control
+    characters are written as escapes (`\\x0a`): a path is anyone's to
+    choose, and a decoded `%0A` would start a forged line of the log."""
+    path = _CONTROLS.sub(_escape, path)
     path, query, _ = path.partition("?")
     if path.startswith(CALLBACKS):
         head, _, rest = path[len(CALLBACKS) :].partition("/")
         if rest not in CALLBACK_ROUTES:
             return f"{CALLBACKS}{head}/…"
     return f"{path}?…" if query else path
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _client(scope: Any) -> str:

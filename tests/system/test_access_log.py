@@ -94,3 +94,19 @@ async def test_tether_access_log_0_turns_it_off(start_service, access):
     assert (await svc.client.get("/health")).status_code == 200
     assert (await svc.client.post("/callbacks/x:1?token=t", json={})).status_code == 401
     assert access == []
+
+
+async def test_control_characters_in_a_path_cannot_forge_a_line(start_service, access):
+    """A path is anyone's to choose: a decoded `%0A` (or `%00`, or an escape)
+    is written as an escape, so every request is one line of the log."""
+    svc = await start_service()
+    forged = "%0A2026-12-02%2000:00:00,000%20WARNING%20tether:%20job%20x%20canceled%00%1b[2J"
+    assert (await svc.client.get(f"/jobs/x{forged}")).status_code in (400, 404)
+    assert (await svc.client.post(f"/callbacks/x{forged}:1", json={})).status_code in (401, 404)
+    assert (await svc.client.get("/jobs/x%E2%80%A8y")).status_code in (400, 404)
+    text = "\n".join(access)
+    assert all(ch not in text for ch in "\x00\x1b\u2028")
+    assert len(text.splitlines()) == len(access) == 4  # two lines, the callback's warning, one
+    assert "GET /jobs/x\\x0a2026-12-02 00:00:00,000 WARNING tether: job x canceled\\x00" in text
+    assert "'x\\\\x0a2026" in text  # the warning's promise id, as repr shows it
+    assert "GET /jobs/x\\u2028y" in text
