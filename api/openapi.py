@@ -42,6 +42,7 @@ from litestar.params import FromPath
 
 from core.hookspecs import Backend
 from core.models import (
+    HEARTBEAT_TIMEOUT_MIN,
     JOB_ID_PATTERN,
     CallbackBody,
     CancelRequest,
@@ -636,10 +637,14 @@ class Document:
     def heartbeat_timeout_schema(self) -> dict[str, Any]:
         return {
             "anyOf": [
-                {"type": "number", "exclusiveMinimum": 0, "maximum": self.settings.max_timeout},
+                {
+                    "type": "number",
+                    "minimum": HEARTBEAT_TIMEOUT_MIN,
+                    "maximum": self.settings.max_timeout,
+                },
                 {"type": "null"},
             ],
-            "description": "Seconds the run may go without a heartbeat (`POST"
+            "description": "Seconds (at least 1) the run may go without a heartbeat (`POST"
             " /callbacks/{promise_id}/heartbeat`); one longer than the job's `timeout`"
             " never passes before the deadline. When that long passes without one, Tether"
             " asks the backend:"

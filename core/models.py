@@ -49,6 +49,9 @@ TAG_RULE = "1 to 64 of A-Z a-z 0-9 . _ : / = -"
 """What a tag may be, as error messages say it."""
 TAGS_MAX = 16
 LIST_BACKENDS_MAX = 20
+HEARTBEAT_TIMEOUT_MIN = 1.0
+"""The least `heartbeat_timeout` (seconds): each miss is a status check of
+the backend, and a run beats over the network."""
 """Backends one job list may name (each state and backend is a read of its own)."""
 Tag = Annotated[
     str,
@@ -312,8 +315,8 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds the job may wait for its outcome; the service's default when absent."""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     """Anything the caller wants kept with the job; Tether does not read it."""
-    heartbeat_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Seconds the run may go without a heartbeat (one past the job's
+    heartbeat_timeout: Annotated[float, msgspec.Meta(ge=HEARTBEAT_TIMEOUT_MIN)] | None = None
+    """Seconds (at least 1) the run may go without a heartbeat (one past the job's
     `timeout` never passes before the deadline); None: it need send none. When
     it passes, Tether asks the backend."""
     tags: Tags = msgspec.field(default_factory=list)

@@ -113,8 +113,12 @@ class Watchdog:
         self._planned = math.inf
         """When the sleeping loop sweeps next (Unix ms); while it sweeps, the
         earliest due this process wrote meanwhile (`inf`: none)."""
+        self.started = now_ms()
+        """When this process's watchdog started (Unix ms): a heartbeat is not
+        missed until `heartbeat_timeout` after it (`heartbeat_missed`)."""
 
     def start(self) -> None:
+        self.started = now_ms()
         if self.settings.watchdog_interval > 0:
             self._task = asyncio.create_task(self._run(), name="tether-watchdog")
 
@@ -274,9 +278,20 @@ class Watchdog:
 
     async def heartbeat_missed(self, rec: JobRecord, now: int) -> None:
         """No heartbeat came in time: ask the backend (unless another process
-        or a heartbeat got there first) and settle on its answer, or wait on."""
+        or a heartbeat got there first) and settle on its answer, or wait on.
+
+        A process that started less than `heartbeat_timeout` ago gives the run
+        that long from its start instead: the heartbeats due while no service
+        was up (a restart, a deploy, a crash) had nowhere to go, and a run
+        that kept trying is not to be blamed for Tether's own outage. (With
+        another host up meanwhile, the miss was that host's to find; this
+        delays it by `heartbeat_timeout` at most.)"""
         assert rec.heartbeat_due is not None and rec.heartbeat_timeout is not None
         timeout = rec.heartbeat_timeout
+        grace = self.started + int(timeout * 1000)
+        if now < grace:
+            await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, grace)
+            return
         if not await self.store.jobs.claim_heartbeat(
             rec.id, rec.heartbeat_due, now + int(timeout * 1000)
         ):

@@ -187,6 +187,8 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         # a number as a string is not a number (the schema says so; lax decoding took it)
         ({**WEBHOOK, "timeout": "10"}, 400, "timeout", ["Expected `float | null`, got `str`"]),
         ({**WEBHOOK, "heartbeat_timeout": "5"}, 400, "heartbeat_timeout", ["got `str`"]),
+        ({**WEBHOOK, "heartbeat_timeout": 0.5}, 400, "heartbeat_timeout", [">= 1.0"]),
+        ({**WEBHOOK, "heartbeat_timeout": 0}, 400, "heartbeat_timeout", [">= 1.0"]),
         ({**WEBHOOK, "id": 7}, 400, "id", ["Expected `str | null`, got `int`"]),
         ({**WEBHOOK, "tags": ["a", 1]}, 400, "tags[1]", ["got `int`"]),
         # what a tag or a notify URL may be is said, not quoted as a regex

@@ -131,6 +131,8 @@ async def test_post_jobs_documents_each_backends_params(start_service):
         "exclusiveMinimum": 0,
         "maximum": svc.settings.max_timeout,
     }
+    beat = webhook["properties"]["heartbeat_timeout"]["anyOf"][0]
+    assert beat == {"type": "number", "minimum": 1.0, "maximum": svc.settings.max_timeout}
     job_id = webhook["properties"]["id"]["anyOf"][0]
     assert job_id["pattern"] == JOB_ID_PATTERN.pattern and job_id["maxLength"] == 128
     tags = webhook["properties"]["tags"]

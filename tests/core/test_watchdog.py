@@ -94,7 +94,9 @@ class Rig:
 def make_rig(parts: Parts) -> Rig:
     plugin = Plugin()
     plugins = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[plugin]))
-    return Rig(parts, plugin.backend, Watchdog(parts.settings, plugins, parts.store, parts.settler))
+    watchdog = Watchdog(parts.settings, plugins, parts.store, parts.settler)
+    watchdog.started -= DAY  # long up: no start's grace (see its own tests)
+    return Rig(parts, plugin.backend, watchdog)
 
 
 @pytest.fixture
@@ -840,6 +842,26 @@ async def test_a_missed_heartbeat_that_lost_to_a_callback_records_and_logs_nothi
     assert (await rig.parts.row("j")).state == "failed"
     assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 0
     assert logs.lines == []
+
+
+@pytest.mark.parametrize("up_for", [0, 4_000])
+async def test_a_process_up_for_less_than_the_timeout_gives_the_run_that_long_from_its_start(
+    rig: Rig, up_for: int
+):
+    """Heartbeats due while no service was up had nowhere to go: the miss is
+    moved to `heartbeat_timeout` after this process's start, nothing asked or
+    filed; once that has passed it is a miss as any other."""
+    rec = await beating(rig, due_in=-60_000)
+    now = now_ms()
+    rig.watchdog.started = now - up_for
+    rig.backend.found["j"] = Running()
+    await rig.watchdog.heartbeat_missed(rec, now)
+    row = await rig.parts.row("j")
+    assert (row.state, row.heartbeat_due) == ("running", now - up_for + 5000)
+    assert rig.backend.asked == []
+    assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 0
+    await rig.watchdog.heartbeat_missed(row, now - up_for + 5000)  # then missed, as ever
+    assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 1
 
 
 async def test_a_miss_another_process_or_a_heartbeat_took_is_left_alone(rig: Rig):

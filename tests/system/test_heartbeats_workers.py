@@ -8,6 +8,7 @@ whose backend says it is running is still asked about once per
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -95,4 +96,59 @@ def test_heartbeats_hold_across_workers_and_misses_are_seen_after_a_crash(
             asked = [h.at for h in receiver.on("/status")]
             assert all(b - a >= SPACING for a, b in itertools.pairwise(asked))
     finally:
+        service.kill()
+
+
+def test_a_run_that_beats_through_a_restart_is_not_timed_out(
+    tmp_path: Any, receiver: Receiver
+) -> None:
+    """The service is down longer than `heartbeat_timeout` while the run keeps
+    trying to beat (and has no status URL to ask): after the restart the run
+    gets `heartbeat_timeout` from the start, so its next heartbeat keeps the
+    job running. Before, the first look after the start timed the job out."""
+    service = serve(tmp_path)
+    beats = {"ok": 0, "failed": 0}
+    stop = threading.Event()
+
+    def beat(url: str) -> None:  # the run: every 0.4 s, whatever the service says
+        while not stop.is_set():
+            try:
+                with httpx.Client(trust_env=False, timeout=2) as once:
+                    code = once.post(url, json={"progress": beats["ok"]}).status_code
+                beats["ok" if code == 200 else "failed"] += 1
+            except httpx.HTTPError:
+                beats["failed"] += 1
+            stop.wait(0.4)
+
+    beater = None
+    try:
+        with service.client() as http:
+            body = {
+                "id": "beating",
+                "backend": "http_webhook",
+                "params": {"url": receiver.url()},
+                "timeout": 120,
+                "heartbeat_timeout": 2,
+            }
+            assert http.post("/jobs", json=body).status_code == 201
+            wait_for(http, "beating", "running", recorded=True)
+        [url] = [h.body["heartbeat_url"] for h in receiver.hits if h.path == "/hook"]
+        beater = threading.Thread(target=beat, args=(url,), daemon=True)
+        beater.start()
+        wait_until(lambda: beats["ok"] >= 2, timeout=10)
+        service.kill()
+        time.sleep(3.5)  # down for more than heartbeat_timeout
+        down = beats["failed"]
+        service.start()  # on the same port: the run's heartbeat URL names it
+        with service.client() as http:
+            ok = beats["ok"]
+            wait_until(lambda: beats["ok"] >= ok + 8, timeout=20)  # 3 s and more of beats
+            job = http.get("/jobs/beating").json()
+            assert job["state"] == "running", job
+            assert not events(http, "beating", "heartbeat_missed")
+        assert down >= 3  # the run did try while the service was down
+    finally:
+        stop.set()
+        if beater is not None:
+            beater.join(5)
         service.kill()
