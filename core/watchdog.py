@@ -48,15 +48,23 @@ log = logging.getLogger("tether")
 WATCHDOG_BATCH = 200
 """Jobs one sweep looks at, at most."""
 WATCHDOG_CONCURRENCY = 16
-"""Jobs one sweep looks at at once (status checks call backends)."""
+"""Jobs one process asks backends about at once (status checks, missed
+heartbeats); deadlines, which ask no backend, are not counted."""
+SWEEP_WAIT = 1.0
+"""Seconds a sweep waits for its looks before it goes on: a look that asks a
+backend slow to answer goes on in the background (and its job is not looked
+at again until it ends), so one slow backend never holds up the deadlines and
+checks of other jobs."""
 GC_EVERY = 3600.0
 """Seconds between retention runs of one process."""
 GC_BATCH = 500
 """Job rows one retention statement deletes."""
 MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
-HEARTBEAT_CHECK_TIMEOUT = 30.0
-"""Seconds a backend may take to answer the status check a missed heartbeat asks for."""
+CHECK_TIMEOUT = 30.0
+"""Seconds a backend may take to answer a status check (every `check_interval`,
+or a missed heartbeat's); then the look is given up and logged, and the next
+check comes as planned."""
 RETRY_AFTER = 1.0
 """Seconds (at most `watchdog_interval`) before the next sweep when the store
 did not answer, or a sweep found a full batch due (more may be)."""
@@ -116,6 +124,10 @@ class Watchdog:
         self.started = now_ms()
         """When this process's watchdog started (Unix ms): a heartbeat is not
         missed until `heartbeat_timeout` after it (`heartbeat_missed`)."""
+        self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
+        """The looks under way, by job id and whether it is the job's deadline
+        (one that outlived its sweep: a backend slow to answer)."""
+        self._asking = asyncio.Semaphore(WATCHDOG_CONCURRENCY)
 
     def start(self) -> None:
         self.started = now_ms()
@@ -127,6 +139,10 @@ class Watchdog:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        looks = list(self._looking.values())
+        for look in looks:
+            look.cancel()
+        await asyncio.gather(*looks, return_exceptions=True)
 
     def on_event(self, rec: JobRecord, event: Event) -> None:
         """A `JobHistory` listener: this process wrote a job (a new one, a
@@ -190,21 +206,31 @@ class Watchdog:
 
     async def sweep(self, now: int) -> int:
         """Look once at every job due: past its deadline or due a status check
-        (at most `WATCHDOG_BATCH` of each); how many it looked at."""
-        sem = asyncio.Semaphore(WATCHDOG_CONCURRENCY)
-
-        async def one(rec: JobRecord) -> None:
-            async with sem:
-                try:
-                    await self.look_at(rec, now)
-                except Exception as exc:
-                    log.warning(
-                        "watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra()
-                    )
-
+        (at most `WATCHDOG_BATCH` of each), all at once, but a job whose
+        earlier look is still under way (its deadline's look even then); how
+        many were due. Waits `SWEEP_WAIT` at most: a look still asking its
+        backend then goes on without the sweep."""
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
-        await asyncio.gather(*(one(rec) for rec in due))
+        looks = []
+        for rec in due:
+            key = (rec.id, rec.deadline <= now)
+            if key not in self._looking:
+                look = self._looking[key] = asyncio.create_task(self._look(rec, now))
+                look.add_done_callback(lambda _, key=key: self._looking.pop(key, None))
+                looks.append(look)
+        if looks:
+            await asyncio.wait(looks, timeout=SWEEP_WAIT)
         return len(due)
+
+    async def _look(self, rec: JobRecord, now: int) -> None:
+        try:
+            if rec.deadline <= now:  # asks no backend: never behind the slow ones
+                await self.look_at(rec, now)
+            else:
+                async with self._asking:
+                    await self.look_at(rec, now)
+        except Exception as exc:
+            log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
 
     def _said(self, rec: JobRecord, exc: Exception) -> str:
         """What the log says of a look at `rec` that failed: a backend's own
@@ -256,7 +282,7 @@ class Watchdog:
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        found = await backend.check_status(backend_view(rec))
+        found = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
         if found is None or isinstance(found, Running):
             said = NewEvent("status_check", status_said(found))
             learnt_now = learnt(rec, found)
@@ -302,7 +328,7 @@ class Watchdog:
         if backend is not None and rec.external is not None:
             try:
                 found = await asyncio.wait_for(
-                    backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
+                    backend.check_status(backend_view(rec)), CHECK_TIMEOUT
                 )
             except Exception as exc:
                 log.warning(

@@ -277,6 +277,83 @@ async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: R
     assert "WARNING watchdog: job b: RuntimeError" in logs.lines
 
 
+async def test_backends_slow_to_answer_hold_up_no_deadline_and_no_next_sweep(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """More slow status checks than may run at once: the sweep goes on after
+    `SWEEP_WAIT`, the deadline due with them is met at once, a later sweep
+    asks no backend again about a job still being asked about, and each slow
+    check ends the job when its answer comes."""
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.2)
+    now = now_ms()
+    slow = [f"slow-{n}" for n in range(core.watchdog.WATCHDOG_CONCURRENCY + 2)]
+    for job_id in slow:
+        await rig.running(job_id, next_check_at=now)
+        await rig.parts.add_promise(job_id)
+        rig.backend.found[job_id] = DONE
+    late = await rig.parts.add_job("late", backend="checked", timeout=0.001)
+    await rig.parts.add_promise("late")
+    answer = asyncio.Event()
+
+    async def before(job: Job) -> None:
+        await answer.wait()
+
+    rig.backend.before = before
+    at = max(now, late.deadline)
+    started = asyncio.get_running_loop().time()
+    assert await rig.watchdog.sweep(at) == len(slow) + 1
+    assert asyncio.get_running_loop().time() - started < 2
+    assert (await rig.parts.row("late")).state == "timed_out"
+    asked = len(rig.backend.asked)
+    assert asked == core.watchdog.WATCHDOG_CONCURRENCY  # the rest wait for a slot
+    for job in rig.backend.asked:  # due again, as a sweep an hour on would find them
+        await rig.parts.jobs.db.execute(
+            "UPDATE tether_jobs SET next_check_at = ? WHERE id = ?", (at, job.id)
+        )
+    await rig.watchdog.sweep(at)
+    assert len(rig.backend.asked) == asked  # no second look while the first goes on
+    answer.set()
+    await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
+    assert {(await rig.parts.row(j)).state for j in slow} == {"succeeded"}
+    assert len(rig.backend.asked) == len(slow)
+
+
+async def test_a_status_check_that_does_not_answer_in_time_is_given_up_and_logged(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(core.watchdog, "CHECK_TIMEOUT", 0.05)
+    now = now_ms()
+    await rig.running("hung", next_check_at=now)
+
+    async def before(job: Job) -> None:
+        await asyncio.sleep(10)
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == ["WARNING watchdog: job hung: TimeoutError"]
+    row = await rig.parts.row("hung")
+    assert (row.state, row.next_check_at) == ("running", now + 2000)
+
+
+async def test_stop_ends_the_looks_still_under_way(rig: Rig, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.05)
+    now = now_ms()
+    await rig.running("hung", next_check_at=now)
+    ended = asyncio.Event()
+
+    async def before(job: Job) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            ended.set()
+
+    rig.backend.before = before
+    await rig.watchdog.sweep(now)
+    await rig.watchdog.stop()
+    assert ended.is_set() and not rig.watchdog._looking
+
+
 async def test_a_check_the_store_refused_is_logged_with_its_status_only(rig: Rig):
     now = now_ms()
     await rig.running("s", next_check_at=now)
@@ -772,7 +849,7 @@ async def test_a_missed_heartbeat_whose_check_fails_waits_on(rig: Rig):
 
 
 async def test_a_missed_heartbeat_whose_check_hangs_waits_on(rig: Rig, monkeypatch):
-    monkeypatch.setattr(core.watchdog, "HEARTBEAT_CHECK_TIMEOUT", 0.05)
+    monkeypatch.setattr(core.watchdog, "CHECK_TIMEOUT", 0.05)
     rec = await beating(rig)
 
     async def hangs(job: Job) -> None:
