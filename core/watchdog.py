@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -216,11 +217,14 @@ class Watchdog:
             key = (rec.id, rec.deadline <= now)
             if key not in self._looking:
                 look = self._looking[key] = asyncio.create_task(self._look(rec, now))
-                look.add_done_callback(lambda _, key=key: self._looking.pop(key, None))
+                look.add_done_callback(functools.partial(self._looked, key))
                 looks.append(look)
         if looks:
             await asyncio.wait(looks, timeout=SWEEP_WAIT)
         return len(due)
+
+    def _looked(self, key: tuple[str, bool], _: asyncio.Task[None]) -> None:
+        self._looking.pop(key, None)
 
     async def _look(self, rec: JobRecord, now: int) -> None:
         try:
