@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import re
@@ -237,6 +238,13 @@ class Workspace:
                 retryable=retryable,
                 code=exc.error_code or _screaming(kind),
                 retry_after=None if retry_after is None else min(retry_after, MAX_RETRY_AFTER),
+            )
+        if isinstance(exc, json.JSONDecodeError):
+            # A 200 whose body is not JSON (an answer cut short; a proxy's or a
+            # sign-in page): the same call again, with the same idempotency
+            # token, gets the same run back. Its words name a position only.
+            return BackendError(
+                f"Databricks' answer was not JSON ({exc.msg})", retryable=True, code="bad_answer"
             )
         if isinstance(exc, ValueError):  # the SDK could not configure itself (auth, profile)
             return BackendError(

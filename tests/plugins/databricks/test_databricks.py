@@ -27,6 +27,7 @@ from tests.plugins.databricks.workspace import (
     EXAMPLE_NOTEBOOK,
     FakeWorkspace,
     example_notebook,
+    hang,
     silent,
 )
 
@@ -318,6 +319,29 @@ async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
     assert len(calls) == 2  # the SDK sent it again after the connection closed
     assert len({c.body["idempotency_token"] for c in calls}) == 1
     assert external["run_id"] == workspace.only_run().run_id
+
+
+async def test_an_answer_to_run_now_cut_short_is_tried_again_for_the_same_run(
+    start_databricks, workspace: FakeWorkspace
+):
+    """A 200 whose body is not JSON (cut short, or a proxy's page) is a
+    failed try, tried again: the run it started is the job's, and the only one."""
+    workspace.notebooks["hang"] = hang  # so the job waits for the trigger's record
+    workspace.add_job(7, notebook="hang")
+    garbled = workspace.garble(RUN_NOW)
+    svc = await start_databricks()
+    await start_job(svc, "cut", {"job_id": 7, "job_parameters": {"table": "main.sales.orders"}})
+
+    await svc.wait_state("cut", "running", timeout=30)
+    await external_of(svc, "cut")
+    assert garbled.reached.is_set()
+    calls = workspace.calls(RUN_NOW)
+    assert len({c.body["idempotency_token"] for c in calls}) == 1
+    assert (await external_of(svc, "cut"))["run_id"] == workspace.only_run().run_id
+    items = (await svc.client.get("/jobs/cut/events")).json()["items"]
+    [failed] = [e for e in items if e["type"] == "trigger_failed"]
+    assert failed["data"]["error"]["type"] == "bad_answer"
+    assert "answer was not JSON" in failed["data"]["error"]["message"]
 
 
 def test_the_idempotency_token_is_stable_per_job_and_differs_between_jobs():

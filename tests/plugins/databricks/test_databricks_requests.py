@@ -678,6 +678,15 @@ def test_a_client_that_cannot_configure_itself_is_not_retried():
     assert (error.code, error.retryable) == ("databricks_config", False)
 
 
+def test_an_answer_that_is_not_json_is_retryable_and_not_a_configuration_error():
+    import requests
+
+    cut = requests.exceptions.JSONDecodeError("Unterminated string starting at", '{"run_id', 0)
+    error = Workspace(SETTINGS).translate(cut)
+    assert error.message == "Databricks' answer was not JSON (Unterminated string starting at)"
+    assert (error.code, error.retryable) == ("bad_answer", True)
+
+
 def test_a_connection_error_the_sdk_did_not_retry_is_retryable():
     error = Workspace(SETTINGS).translate(ConnectionResetError("reset by peer 10.0.0.1"))
     assert error.message == "cannot reach Databricks: ConnectionResetError"

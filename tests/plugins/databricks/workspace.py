@@ -183,7 +183,7 @@ class Job:
 class Fault:
     method: str
     path: str
-    kind: str  # "status", "drop", "hold" or "delay"
+    kind: str  # "status", "drop", "garble", "hold" or "delay"
     times: int = 1
     status: int = 500
     error_code: str = ""
@@ -390,6 +390,12 @@ class FakeWorkspace:
 
     def drop(self, path: str, times: int = 1) -> Fault:
         fault = Fault("POST", path, "drop", times)
+        self.faults.append(fault)
+        return fault
+
+    def garble(self, path: str, times: int = 1) -> Fault:
+        """The work is done, and its answer a 200 cut short (not JSON)."""
+        fault = Fault("POST", path, "garble", times)
         self.faults.append(fault)
         return fault
 
@@ -855,6 +861,13 @@ def _handler(ws: FakeWorkspace) -> type[BaseHTTPRequestHandler]:
                     fault.release.wait(60)
                 if fault.kind in ("drop", "hold"):  # the work is done, the answer is lost
                     self.close_connection = True
+                    return
+                if fault.kind == "garble":  # the work is done, the answer is cut short
+                    data = json.dumps(answer).encode()
+                    self.send_response(200)
+                    self.send_header("content-length", str(len(data) // 2))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
                     return
             self._answer(status, answer)
             if fault is not None:
