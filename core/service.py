@@ -658,7 +658,7 @@ class Tether:
             outcome = Outcome(status="canceled", error=ErrorInfo(message=message, type="canceled"))
             asked = NewEvent("cancel_requested", {"reason": (reason or "").strip() or None})
             result, rec = await self.settler.settle(
-                job_id, outcome, by="cancel", note=lambda _: asked
+                job_id, outcome, by="cancel", note=lambda r: asked if r == "accepted" else None
             )
             if result == "accepted":
                 log.info("job %s canceled", job_id, extra=rec.log_extra())

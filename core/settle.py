@@ -208,9 +208,9 @@ class Settler:
                 await self._orphaned(rec)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
-            if rec.finished:
+            if rec.finished:  # by this settle, or by another that came first
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
-                return ("accepted" if same else judge(rec.state, same)), rec
+                return ("accepted" if ended else judge(rec.state, same)), rec
             await asyncio.sleep(UNBORN_PROMISE_WAIT)
         else:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
@@ -277,9 +277,9 @@ class Settler:
         if rec is None:
             raise NotFound(f"no job {job_id!r}")
         if note is not None and not ended and rec.finished and rec.attempt == attempt:
-            if result == "accepted":  # the unborn path: compare with what is recorded
+            if result == "accepted":  # the unborn path: another settle ended it first
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
-                result = "accepted" if same else judge(rec.state, same)
+                result = judge(rec.state, same)
             late = note(result)
             if late is not None:
                 rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec

@@ -320,11 +320,26 @@ async def test_a_second_settle_of_an_unborn_promise_compares_with_the_index(part
     await parts.add_job("j")
     await parts.settler.settle("j", FAILED, by="trigger")
 
-    assert (await parts.settler.settle("j", FAILED, by="trigger"))[0] == "accepted"
+    assert (await parts.settler.settle("j", FAILED, by="trigger"))[0] == "duplicate"
     assert (await parts.settler.settle("j", DONE, by="callback"))[0] == "conflict"
     assert (await parts.settler.settle("j", CANCELED, by="cancel"))[0] == "conflict"
     assert (await parts.settler.settle("j", Outcome(status="failed"), by="x"))[0] == "conflict"
     assert (await parts.row("j")).error == FAILED.error
+
+
+@pytest.mark.parametrize("state", ["queued", "pending"])
+async def test_of_settles_at_once_of_an_unborn_promise_one_wins(parts: Parts, state: str):
+    """Cancels (or timeouts) of a job without its promise, at once: one is
+    `accepted` and records its event; the rest are `gone`, as on a promise."""
+    await parts.add_job("j")
+    await parts.jobs.db.execute("UPDATE tether_jobs SET state = ? WHERE id = 'j'", (state,))
+    said: list[str] = []
+    results = await asyncio.gather(
+        *(parts.settler.settle("j", CANCELED, by="cancel", note=noting(said)) for _ in range(4))
+    )
+    assert sorted(r for r, _ in results) == ["accepted", "gone", "gone", "gone"]
+    recorded = [r for t, r in await types_and_results(parts) if t == "callback"]
+    assert recorded.count("accepted") == 1 and recorded.index("accepted") == 0
 
 
 async def test_settling_an_unborn_promise_after_a_cancel_is_gone(parts: Parts):
@@ -488,9 +503,9 @@ async def test_the_note_of_a_second_settle_of_an_unborn_promise_compares_with_th
     assert (await types_and_results(parts))[-1] == ("callback", "gone")
     assert rec == await parts.row("j")
 
-    said.clear()  # the same cancel again: it agrees with the index, so it counts as accepted
-    assert (await parts.settler.settle("j", CANCELED, by="x", note=noting(said)))[0] == "accepted"
-    assert said == ["accepted", "accepted"]
+    said.clear()  # the same cancel again lost as well, as it does once the promise exists
+    assert (await parts.settler.settle("j", CANCELED, by="x", note=noting(said)))[0] == "gone"
+    assert said == ["accepted", "gone"]
 
 
 async def test_a_queued_job_is_ended_in_the_index(parts: Parts):
@@ -620,7 +635,7 @@ async def test_a_job_ended_before_its_workflow_made_its_promise_is_finished_here
     assert (result, rec.state) == ("accepted", "canceled")
     assert seen == [("j", "canceled")]
     again, _ = await parts.settler.settle("j", CANCELED, by="cancel")  # ended already
-    assert again == "accepted" and seen == [("j", "canceled")]
+    assert again == "gone" and seen == [("j", "canceled")]
 
 
 async def test_a_job_whose_workflow_is_slow_to_make_its_promise_is_not_finished_here(
