@@ -196,6 +196,10 @@ class TetherServer(Server):
     _wake: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     balance: Balance | None = None
+    supervisor: int | None = None
+    """The supervisor's pid, for a worker: when it is gone (SIGKILLed, so it
+    could not stop its workers), the worker stops too, rather than go on
+    serving unsupervised and holding the port a new `tether serve` needs."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if self.balance is None or not sockets:
@@ -243,6 +247,12 @@ class TetherServer(Server):
         while not await self.on_tick(0):  # 0: refresh the date header every tick
             if self.balance is not None:  # connections that closed since
                 self.balance.note(len(self.server_state.connections))
+            if self.supervisor is not None and os.getppid() != self.supervisor:
+                logger.warning(
+                    "the supervisor [%d] is gone: worker [%d] stops", self.supervisor, os.getpid()
+                )
+                self.should_exit = True
+                continue
             # On the next whole second, when the date header changes.
             now = time.time()
             with contextlib.suppress(TimeoutError):
@@ -264,6 +274,7 @@ class TetherProcess(Process):
         self, config: Config, sockets: list[socket.socket], balance: Balance | None
     ) -> None:
         self.balance = balance  # before uvicorn's __init__ hands `self` to the new process
+        self.supervisor = os.getpid()  # made in the supervisor
         super().__init__(config, sockets)
 
     @property
@@ -271,6 +282,7 @@ class TetherProcess(Process):
         if self._server is None:
             self._server = TetherServer(config=self.config)
             self._server.balance = self.balance
+            self._server.supervisor = self.supervisor
         return self._server
 
 

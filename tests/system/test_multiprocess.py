@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+from pathlib import Path
 
 import httpx
 
 from tests.conftest import HOLD, wait_until
 from tests.process import TetherProcess, wait_for
+from tests.system.test_notify_workers import worker_pids
 
 
 def test_two_processes_share_the_work_and_a_job_started_in_one_finishes_in_the_other(
@@ -90,3 +95,42 @@ def test_workers_option_runs_several_processes(tmp_path, receiver):
         assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
     finally:
         proc.kill()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path, receiver):
+    """SIGKILL to the supervisor alone: its workers notice within a tick or
+    two and stop (finishing what they serve), so the port is free and a new
+    `tether serve` starts; the job waiting meanwhile finishes under it."""
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/w.db"}
+    proc = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
+    workers: list[int] = []
+    try:
+        with proc.client() as client:
+            body = {"id": "w", "backend": "http_webhook", "params": {"url": receiver.url()}}
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "w", "running", recorded=True)
+        assert proc.proc is not None
+        workers = worker_pids(proc.proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        wait_until(lambda: all(gone(pid) for pid in workers), timeout=15)
+        assert "the supervisor [" in proc.log.read_text()
+        proc.start()  # the same port, free again
+        [hook] = [h for h in receiver.hits if h.path == "/hook"]
+        with httpx.Client(trust_env=False) as http:
+            assert http.post(hook.body["callback_url"], json={"status": "succeeded"}).is_success
+        with proc.client() as client:
+            assert wait_for(client, "w", "succeeded")["state"] == "succeeded"
+    finally:
+        proc.kill()
+        for pid in workers:  # those the supervisor left, should they not have stopped
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
