@@ -38,7 +38,7 @@
   const badge = (state) => make("span", { class: `badge state-${state}`, text: state });
   const tags = (job) => (job.tags || []).map((t) => make("span", { class: "tag", text: t }));
   const jobLink = (id) => `/ui/jobs/${encodeURIComponent(id)}`;
-  const ENDED_LOOK = 5000; // ms between looks at an ended job (run again elsewhere?)
+  const ENDED_LOOK = 5000; // ms between looks at an ended job (run again elsewhere?) or a running one
 
   function refreshTimes() {
     for (const node of document.querySelectorAll("time[data-age]")) {
@@ -308,9 +308,15 @@
     }
 
     // An ended job may be run again from elsewhere (the API, the CLI, another
-    // page): look now and then, and follow its new attempt.
+    // page): look now and then, and follow its new attempt. A running one's
+    // heartbeats move its last heartbeat and progress with no event (one a
+    // minute at most, when the progress changed): look at it as often.
     setInterval(async () => {
-      if (stream || document.hidden) return;
+      if (document.hidden) return;
+      if (stream) {
+        if (job.state === "running") reread();
+        return;
+      }
       const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
         credentials: "same-origin",
       });

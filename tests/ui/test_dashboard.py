@@ -166,6 +166,24 @@ def test_the_timeline_gains_the_callback_live(page, service, client, hooks: Rece
     assert unreloaded(page)
 
 
+def test_a_running_jobs_page_shows_each_heartbeat(page, service, client, hooks: Receiver):
+    """Heartbeats file an event once a minute at most; the page looks at a
+    running job every few seconds, so its last heartbeat and progress move."""
+    job_id = unique("beating")
+    callback_url = start_job(client, hooks, job_id, heartbeat_timeout=600)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    beat = callback_url.replace("?token=", "/heartbeat?token=")
+    progress = page.locator('pre[data-json="progress"]')
+    for n in (1, 2):  # the second files no event: the first did, under a minute ago
+        answer = httpx.post(beat, json={"progress": {"n": n}}, timeout=5, trust_env=False)
+        assert answer.status_code == 200, answer.text
+        expect(progress).to_have_text(f'{{\n  "n": {n}\n}}', timeout=15_000)
+    shown = page.locator('[data-field="heartbeat_at"]').get_attribute("datetime")
+    assert shown == client.get(f"/jobs/{job_id}").json()["heartbeat_at"]
+    assert page.locator("#events .type-heartbeat").count() == 1
+
+
 def test_cancel_asks_first_then_cancels(page, dialogs, service, client, hooks: Receiver):
     job_id = unique("cancel")
     start_job(client, hooks, job_id)
