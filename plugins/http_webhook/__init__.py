@@ -100,6 +100,12 @@ params' schema states it (`check_new_params` checks it)."""
 HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": NEW_HTTP_URL.pattern})]
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header's name: an HTTP token (RFC 9110, 5.1)."""
+HEADER_VALUE_REFUSED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What a header's value may not hold: control characters but tab (RFC 9110, 5.5)."""
+
+
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: HttpUrl
     """Where the job is triggered (http or https)."""
@@ -128,6 +134,7 @@ class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             value = getattr(self, name)
             if value is not None and not HTTP_URL.match(value):
                 raise ValueError(f"{name} must be an absolute http(s) URL")
+
         if self.auth is not None and not (
             self.auth.isascii() and self.auth.upper() in self.credential_names
         ):
@@ -237,7 +244,9 @@ class HttpWebhook(Backend):
     def check_new_params(self, params: WebhookParams) -> None:
         """A new job's URLs carry no `user:password@`: params are stored and
         shown with the job (a credential goes in `auth`). Jobs stored before
-        this rule keep theirs, and their requests still send them."""
+        this rule keep theirs, and their requests still send them. Its headers
+        are ones HTTP allows: a name that is a token, a value without control
+        characters (a line break would end the header)."""
         for name in ("url", "cancel_url", "status_url"):
             value = getattr(params, name)
             if value is not None and not NEW_HTTP_URL.match(value):  # `HTTP_URL` did
@@ -245,6 +254,17 @@ class HttpWebhook(Backend):
                     f"{name} must not carry user:password@: params are stored and shown"
                     " with the job; name a credential of the service in `auth` instead"
                     f" ({AUTH_PREFIX}<NAME>)"
+                )
+        for header, value in params.headers.items():  # as HTTP allows (else sent as is)
+            if not HEADER_NAME.fullmatch(header):
+                raise ValueError(
+                    f"headers: {header[:64]!r} is not a header name (1 or more of A-Z a-z 0-9"
+                    " and !#$%&'*+-.^_`|~)"
+                )
+            if HEADER_VALUE_REFUSED.search(value):  # the value itself is not repeated
+                raise ValueError(
+                    f"headers: the value of {header[:64]!r} holds a control character (a line"
+                    " break, NUL, ...), which HTTP does not allow"
                 )
 
     def check_interval(self, params: WebhookParams) -> float | None:

@@ -248,6 +248,32 @@ def test_credentials_in_a_new_jobs_urls_are_refused_stored_ones_kept(name: str, 
     assert str(refused.value) == f"{name} {NO_USER}"
 
 
+@pytest.mark.parametrize(
+    ("headers", "said"),
+    [
+        ({"X A": "v"}, "headers: 'X A' is not a header name"),
+        ({"X-A:": "v"}, "headers: 'X-A:' is not a header name"),
+        ({"": "v"}, "headers: '' is not a header name"),
+        ({"X-\u00e9": "v"}, "headers: 'X-\u00e9' is not a header name"),
+        ({"X-A": "a\r\nEvil: 1"}, "headers: the value of 'X-A' holds a control character"),
+        ({"X-A": "a\x00"}, "headers: the value of 'X-A' holds a control character"),
+        ({"X-A": "a\x7f"}, "headers: the value of 'X-A' holds a control character"),
+    ],
+)
+def test_a_new_jobs_headers_are_ones_http_allows(headers: dict[str, str], said: str):
+    stored = msgspec.convert({"url": "http://x", "headers": headers}, WebhookParams)
+    with pytest.raises(ValueError) as refused:
+        HttpWebhook().check_new_params(stored)
+    assert str(refused.value).startswith(said) and "Evil" not in str(refused.value)
+
+
+def test_headers_http_allows_are_taken():
+    headers = {"X-Trace_1.a": "a b\tc é", "!#$%&'*+-.^_`|~": "", "Accept": "*/*"}
+    HttpWebhook().check_new_params(
+        msgspec.convert({"url": "http://x", "headers": headers}, WebhookParams)
+    )
+
+
 def test_an_at_sign_past_the_host_is_no_credential():
     for url in ("http://x/a@b", "http://x?c=d@e", "http://x#f@g", "https://[::1]:9/p@q"):
         HttpWebhook().check_new_params(msgspec.convert({"url": url}, WebhookParams))
