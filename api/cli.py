@@ -117,6 +117,16 @@ class Refused(click.ClickException):
         click.echo(f"tether: {self.message}", err=True)
 
 
+def installed_plugins() -> Plugins:
+    """The installed plugins, their backends made; a plugin's setting refused
+    (`TETHER_DATABRICKS_RETRY_TIMEOUT=abc`) is said in one line, as a core
+    setting is, not as a traceback."""
+    try:
+        return Plugins(make_plugin_manager())
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
 def load_settings(**flags: Any) -> Settings:
     """The settings, the flags given (not None) over the environment's. A value
     refused is named as the user gave it: `invalid --port: ...` for a flag's,
@@ -211,7 +221,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     # The address first: one in use is refused before start-up opens (and
     # perhaps migrates) the store.
     sock = listening_socket(settings.host, settings.port, "--port" if port is not None else "")
-    plugins = Plugins(make_plugin_manager())
+    plugins = installed_plugins()
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("unknown setting %s is ignored%s", name, hint)
@@ -296,7 +306,7 @@ def gc(older_than: float) -> None:
 async def collect_garbage(settings: Settings, older_than: float) -> None:
     """`tether gc`: delete old finished jobs, safe while services run."""
     try:
-        tether = await Tether.open(settings, Plugins(make_plugin_manager()), worker=False)
+        tether = await Tether.open(settings, installed_plugins(), worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
         raise Refused(str(exc)) from None
     try:
@@ -625,7 +635,7 @@ cli.add_command(packages_command("uninstall"))
 @cli.command()
 def plugins() -> None:
     """List the installed plugins, their versions and backends."""
-    click.echo(plugin_table(Plugins(make_plugin_manager())))
+    click.echo(plugin_table(installed_plugins()))
 
 
 # ── the client verbs, and how `tether --help` lists everything ────────────────

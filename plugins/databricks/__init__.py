@@ -110,12 +110,17 @@ WholeFloat = Annotated[float, Meta(extra_json_schema={"multipleOf": 1})]
 """An integer written with a fraction (`7.0`): JSON Schema counts it an integer,
 msgspec's `int` does not, so an `int` field takes it too (`__post_init__` makes
 it an int)."""
-PositiveInt = Annotated[int, Meta(gt=0)] | Annotated[WholeFloat, Meta(gt=0)]
-"""A positive integer, `7.0` included."""
+ID_MAX = 2**63 - 1
+"""Databricks' ids are 64-bit signed integers."""
+PositiveInt = Annotated[int, Meta(gt=0, le=ID_MAX)] | Annotated[WholeFloat, Meta(gt=0, le=2**53)]
+"""A positive integer Databricks can take, `7.0` included (a float only up to
+2**53, the last it holds exactly: `1e300` is no id)."""
 
 NOT_RESERVED = {"propertyNames": {"not": {"enum": list(RESERVED_PARAMS)}}}
 """In a schema: an object that sets none of Tether's own parameters."""
-JobParameters = Annotated[dict[str, str], Meta(extra_json_schema=NOT_RESERVED)]
+JobParameters = Annotated[
+    dict[Annotated[str, Meta(min_length=1)], str], Meta(extra_json_schema=NOT_RESERVED)
+]
 Task = Annotated[
     dict[str, Any],
     Meta(

@@ -161,6 +161,20 @@ def test_a_public_url_external_systems_cannot_use_is_refused(url: str) -> None:
     assert "http(s)://HOST[:PORT][/PATH]" in said and "pw" not in said
 
 
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"TETHER_DATABRICKS_RETRY_TIMEOUT": "0"}, "TETHER_DATABRICKS_RETRY_TIMEOUT: must be"),
+        ({"TETHER_DATABRICKS_RETRY_TIMEOUT": "abc"}, "TETHER_DATABRICKS_RETRY_TIMEOUT"),
+        ({"TETHER_DATABRICKS_NOTIFY_USER": "x"}, "NOTIFY_USER is set but TETHER_DATABRICKS"),
+    ],
+)
+def test_a_plugins_setting_refused_is_one_line_as_a_core_one(env: dict[str, str], said: str):
+    told = serve_refused(**env)
+    assert told.startswith("tether: ") and said in told, told
+    assert len(told.splitlines()) == 1 and "Traceback" not in told
+
+
 @pytest.mark.parametrize("seconds", ["3600", "-1", "nan", "1e17"])  # (inf: not finite)
 def test_a_retention_under_a_day_or_over_a_century_is_refused(seconds: str) -> None:
     said = serve_refused(TETHER_RETENTION=seconds)

@@ -413,6 +413,14 @@ BAD_PARAMS = [
         "params",
     ),
     ({"job_id": 0}, "Expected `int` >= 1", "params.job_id"),
+    ({"job_id": 2**63}, "Expected `int` <= 9223372036854775807", "params.job_id"),
+    ({"job_id": 10**23}, "Expected `int` <= 9223372036854775807", "params.job_id"),
+    ({"job_id": 1e300}, "Expected `float` <= 9007199254740992.0", "params.job_id"),
+    (
+        {"job_id": 7, "job_parameters": {"": "x"}},
+        "Expected `str` of length >= 1 - at `key` in",
+        "params.job_parameters",
+    ),
     ({"job_id": 7, "check_interval": 0.01}, "Expected `float` >= 1.0", "params.check_interval"),
     ({"submit": {"tasks": []}}, "Expected `array` of length >= 1", "params.submit.tasks"),
     ({"submit": {"tasks": [{"notebook_task": {}}]}}, "needs a `task_key`", "params.submit"),
@@ -426,7 +434,7 @@ async def test_bad_params_are_refused_naming_the_field(start_databricks, workspa
         response = await svc.client.post("/jobs", json={"backend": "databricks", "params": params})
         assert response.status_code == 422, (params, response.text)
         text = response.json()["error"]["message"]
-        assert message in text and f"at `{where}" in text, (params, text)
+        assert message in text and f"`{where}" in text, (params, text)
     assert workspace.seen == []
 
 
@@ -687,7 +695,11 @@ async def test_the_openapi_document_says_exactly_one_kind_of_run(start_databrick
     schemas = doc["components"]["schemas"]
     params = schemas["DatabricksParams"]
     assert [kind["required"] for kind in params["oneOf"]] == [["job_id"], ["submit"]]
-    assert params["properties"]["job_id"]["anyOf"][0] == {"type": "integer", "exclusiveMinimum": 0}
+    assert params["properties"]["job_id"]["anyOf"][0] == {
+        "type": "integer",
+        "exclusiveMinimum": 0,
+        "maximum": 2**63 - 1,
+    }
     assert params["properties"]["check_interval"]["minimum"] == 1
     tasks = schemas["SubmitRun"]["properties"]["tasks"]
     assert tasks["minItems"] == 1 and tasks["items"]["required"] == ["task_key"]
