@@ -232,6 +232,7 @@ EventType = Literal[
     "status_check",
     "notification",
     "cancel_requested",
+    "cancel_failed",
     "timed_out",
     "retried",
     "finished",

@@ -38,7 +38,7 @@ from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import backend_view, view
-from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX
+from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX, callback_promise_id
 
 log = logging.getLogger("tether")
 
@@ -376,7 +376,9 @@ class JobSteps:
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
         or the backend's `retry_after` when longer): one throttled or
         unavailable answer left the external run going. A failure that
-        remains is logged as an error, naming the job."""
+        remains is logged as an error, naming the job, and filed as its
+        `cancel_failed` event (after `finished`), so the API and the
+        dashboard tell that the run may still be going."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -387,6 +389,8 @@ class JobSteps:
                 said = getattr(exc, "message", type(exc).__name__)
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 if not retryable or attempt == attempts:
+                    tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)
+                    said = redact(said, tokens)
                     log.error(
                         "job %s: cancelling the external run failed (%s); it may still be"
                         " running: stop it in %s",
@@ -395,6 +399,13 @@ class JobSteps:
                         rec.backend,
                         extra=rec.log_extra(),
                     )
+                    if isinstance(exc, BackendError):
+                        kind = exc.code or "backend"
+                    else:
+                        kind = type(exc).__name__
+                    error = {"type": kind, "message": said}
+                    failed = NewEvent("cancel_failed", {"tries": attempt, "error": error})
+                    await self.jobs.record(rec.id, [failed], now_ms())
                     return
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None
                 wait = max(delay, retry_after or 0)

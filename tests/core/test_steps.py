@@ -902,6 +902,24 @@ async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig,
     ]
     assert len(rig.plugin.finished) == 1 and len(rig.backend.canceled) == 1  # not retried
     assert rig.waits == []
+    _, events = await rig.parts.jobs.events_after("j", 0, 100)
+    kind = "backend" if isinstance(error, BackendError) else "RuntimeError"
+    assert [(e.type, e.data) for e in events][-2:] == [
+        ("finished", {"state": "canceled"}),
+        ("cancel_failed", {"tries": 1, "error": {"type": kind, "message": said}}),
+    ]
+
+
+async def test_a_failed_cancel_keeps_no_callback_token_in_its_event_or_log(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    token = rig.steps.signer.token(callback_promise_id("j", 1))
+    rig.backend.cancel_error = BackendError(f"echoed ?token={token}", code="ECHO")
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "canceled"})
+    _, events = await rig.parts.jobs.events_after("j", 0, 100)
+    assert events[-1].type == "cancel_failed"
+    assert events[-1].data["error"] == {"type": "ECHO", "message": "echoed ?token=***"}
+    assert token not in "\n".join(logs.lines)
 
 
 async def test_a_cancel_the_backend_could_not_take_yet_is_tried_again(rig: Rig):
