@@ -239,7 +239,10 @@ class Tether:
                 if shared
                 else f"this store's last start (at {at}, with public URL"
             ) + f" {theirs['url']!r})"
-            secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))
+            if self.settings.shared:  # hosts up together: each takes the other's URLs
+                secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))
+            else:  # the last start is over: its URLs are what must still work
+                secrets_agree = theirs["signs"] in accepts
             their_group = str(theirs["group"])
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             return []
