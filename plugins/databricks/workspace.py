@@ -239,12 +239,15 @@ class Workspace:
                 code=exc.error_code or _screaming(kind),
                 retry_after=None if retry_after is None else min(retry_after, MAX_RETRY_AFTER),
             )
-        if isinstance(exc, json.JSONDecodeError):
+        from requests.exceptions import InvalidJSONError  # json's or simplejson's error
+
+        if isinstance(exc, json.JSONDecodeError | InvalidJSONError):
             # A 200 whose body is not JSON (an answer cut short; a proxy's or a
             # sign-in page): the same call again, with the same idempotency
             # token, gets the same run back. Its words name a position only.
+            said = str(getattr(exc, "msg", None) or type(exc).__name__)
             return BackendError(
-                f"Databricks' answer was not JSON ({exc.msg})", retryable=True, code="bad_answer"
+                f"Databricks' answer was not JSON ({said})", retryable=True, code="bad_answer"
             )
         if isinstance(exc, ValueError):  # the SDK could not configure itself (auth, profile)
             return BackendError(

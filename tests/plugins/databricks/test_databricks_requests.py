@@ -685,6 +685,10 @@ def test_an_answer_that_is_not_json_is_retryable_and_not_a_configuration_error()
     error = Workspace(SETTINGS).translate(cut)
     assert error.message == "Databricks' answer was not JSON (Unterminated string starting at)"
     assert (error.code, error.retryable) == ("bad_answer", True)
+    # requests built on simplejson: its JSONDecodeError is no json.JSONDecodeError
+    other = type("JSONDecodeError", (requests.exceptions.InvalidJSONError, ValueError), {})
+    error = Workspace(SETTINGS).translate(other("Expecting value"))
+    assert (error.code, error.retryable) == ("bad_answer", True)
 
 
 def test_a_connection_error_the_sdk_did_not_retry_is_retryable():
