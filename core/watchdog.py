@@ -62,10 +62,14 @@ GC_BATCH = 500
 """Job rows one retention statement deletes."""
 MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
-CHECK_TIMEOUT = 30.0
-"""Seconds a backend may take to answer a status check (every `check_interval`,
-or a missed heartbeat's); then the look is given up and logged, and the next
-check comes as planned."""
+HEARTBEAT_CHECK_TIMEOUT = 30.0
+"""Seconds a backend may take to answer the status check a missed heartbeat asks for."""
+CHECK_TIMEOUT = 300.0
+"""Seconds a backend may take to answer a routine status check (every
+`check_interval`): then the look is given up and logged, its slot freed, and
+the next check comes as planned. Longer than a backend's own retries take
+(Databricks: `TETHER_DATABRICKS_RETRY_TIMEOUT`, 60 s, and the output of each
+task of an ended run): it is there for a backend that hangs."""
 RETRY_AFTER = 1.0
 """Seconds (at most `watchdog_interval`) before the next sweep when the store
 did not answer, or a sweep found a full batch due (more may be)."""
@@ -209,8 +213,8 @@ class Watchdog:
         """Look once at every job due: past its deadline or due a status check
         (at most `WATCHDOG_BATCH` of each), all at once, but a job whose
         earlier look is still under way (its deadline's look even then); how
-        many were due. Waits `SWEEP_WAIT` at most: a look still asking its
-        backend then goes on without the sweep."""
+        many looks it started. Waits `SWEEP_WAIT` at most: a look still asking
+        its backend then goes on without the sweep."""
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
         looks = []
         for rec in due:
@@ -221,7 +225,7 @@ class Watchdog:
                 looks.append(look)
         if looks:
             await asyncio.wait(looks, timeout=SWEEP_WAIT)
-        return len(due)
+        return len(looks)
 
     def _looked(self, key: tuple[str, bool], _: asyncio.Task[None]) -> None:
         self._looking.pop(key, None)
@@ -231,8 +235,8 @@ class Watchdog:
             if rec.deadline <= now:  # asks no backend: never behind the slow ones
                 await self.look_at(rec, now)
             else:
-                async with self._asking:
-                    await self.look_at(rec, now)
+                async with self._asking:  # maybe sweeps later: the time now, to plan from
+                    await self.look_at(rec, max(now, now_ms()))
         except Exception as exc:
             log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
 
@@ -310,16 +314,17 @@ class Watchdog:
         """No heartbeat came in time: ask the backend (unless another process
         or a heartbeat got there first) and settle on its answer, or wait on.
 
-        A process that started less than `heartbeat_timeout` ago gives the run
-        that long from its start instead: the heartbeats due while no service
-        was up (a restart, a deploy, a crash) had nowhere to go, and a run
-        that kept trying is not to be blamed for Tether's own outage. (With
-        another host up meanwhile, the miss was that host's to find; this
-        delays it by `heartbeat_timeout` at most.)"""
+        A miss due before this process started, and that no process took
+        since, is given `heartbeat_timeout` from the start instead: the
+        heartbeats due while no service was up (a restart, a deploy, a crash)
+        had nowhere to go, and a run that kept trying is not to be blamed for
+        Tether's own outage. (Another process up meanwhile takes a miss when
+        it falls due; one it had not taken yet is delayed by
+        `heartbeat_timeout` at most.)"""
         assert rec.heartbeat_due is not None and rec.heartbeat_timeout is not None
         timeout = rec.heartbeat_timeout
         grace = self.started + int(timeout * 1000)
-        if now < grace:
+        if rec.heartbeat_due < self.started and now < grace:
             await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, grace)
             return
         if not await self.store.jobs.claim_heartbeat(
@@ -332,7 +337,7 @@ class Watchdog:
         if backend is not None and rec.external is not None:
             try:
                 found = await asyncio.wait_for(
-                    backend.check_status(backend_view(rec)), CHECK_TIMEOUT
+                    backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
                 )
             except Exception as exc:
                 log.warning(
