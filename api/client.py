@@ -36,7 +36,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from core.models import FINAL_STATES, JobState, job_segment
+from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -658,9 +658,10 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
 )
 @click.option(
     "--heartbeat-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=HEARTBEAT_TIMEOUT_MIN),
     metavar="S",
-    help="Seconds the run may go without a heartbeat before Tether asks its backend.",
+    help="Seconds (at least 1) the run may go without a heartbeat before Tether asks its"
+    " backend.",
 )
 @click.option(
     "--tag",

@@ -257,6 +257,9 @@ def test_usage_errors_are_exit_2_naming_the_option(service):
         ),
         ("submit", "http_webhook", "--id", "cli-bad", "--metadata", "3"): "'--metadata'",
         ("submit", "http_webhook", "--id", "cli-bad", "--timeout", "0"): "'--timeout'",
+        ("submit", "http_webhook", "--id", "cli-bad", "--heartbeat-timeout", "0.5"): (
+            "'--heartbeat-timeout': 0.5 is not in the range x>=1"
+        ),
         ("list", "--state", "sleeping"): "'--state'",
         ("complete", "http://x/cb?token=t", "--status", "succeeded", "--error", "m"): "'--error'",
     }
