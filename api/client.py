@@ -660,8 +660,7 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
     "--heartbeat-timeout",
     type=click.FloatRange(min=HEARTBEAT_TIMEOUT_MIN),
     metavar="S",
-    help="Seconds (at least 1) the run may go without a heartbeat before Tether asks its"
-    " backend.",
+    help="Seconds (at least 1) the run may go without a heartbeat before Tether asks its backend.",
 )
 @click.option(
     "--tag",
