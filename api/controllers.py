@@ -26,6 +26,7 @@ from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound
 from core.events import KEEP_ALIVE
 from core.models import (
+    JSON_SPACE,
     LIST_BACKENDS_MAX,
     TAGS_MAX,
     CancelRequest,
@@ -176,7 +177,7 @@ async def strict_body[T](
     without, it is optional: none, or `null`, is None. Errors name the field,
     as Litestar's do."""
     raw = await request.body()
-    if not raw.strip():
+    if not raw.strip(JSON_SPACE):
         if empty is not None:
             raise MalformedBody(f"the body is empty: {empty}", {"field": "body", "in": "body"})
         return None

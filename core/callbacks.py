@@ -31,6 +31,7 @@ from core import workflow
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized
 from core.events import body_digest
 from core.models import (
+    JSON_SPACE,
     PROGRESS_LIMIT,
     CallbackBody,
     CheckNow,
@@ -280,7 +281,7 @@ def not_json(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
 def decode_json(what: str, body: bytes, empty: Any) -> Any:
     """A `what` body's JSON; `empty` for a body of white space only."""
     try:
-        return msgspec.json.decode(body) if body.strip() else empty
+        return msgspec.json.decode(body) if body.strip(JSON_SPACE) else empty
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         raise MalformedBody(
             f"the {what} body is not valid JSON: {not_json(exc)}", {"field": "body"}

@@ -49,6 +49,10 @@ TAG_RULE = "1 to 64 of A-Z a-z 0-9 . _ : / = -"
 """What a tag may be, as error messages say it."""
 TAGS_MAX = 16
 LIST_BACKENDS_MAX = 20
+JSON_SPACE = b" \t\n\r"
+"""The white space JSON allows around a value (RFC 8259): a body of only
+these is empty; any other byte (`\x0b`, `\x0c`, which `bytes.strip` takes
+too) makes it a body that is not JSON."""
 HEARTBEAT_TIMEOUT_MIN = 1.0
 """The least `heartbeat_timeout` (seconds): each miss is a status check of
 the backend, and a run beats over the network."""

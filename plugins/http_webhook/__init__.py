@@ -104,6 +104,10 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header's name: an HTTP token (RFC 9110, 5.1)."""
 HEADER_VALUE_REFUSED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """What a header's value may not hold: control characters but tab (RFC 9110, 5.5)."""
+HEADERS_SCHEMA = {"propertyNames": {"pattern": f"^{HEADER_NAME.pattern}$"}}
+HEADER_VALUE_SCHEMA = {"pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}
+"""What the schema says of `headers` (a new job's are checked in
+`check_new_params`, so those of jobs stored before still convert)."""
 
 
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,7 +115,10 @@ class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the job is triggered (http or https)."""
     payload: Any = None
     """Any JSON, passed on as `payload`."""
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    headers: Annotated[
+        dict[str, Annotated[str, Meta(extra_json_schema=HEADER_VALUE_SCHEMA)]],
+        Meta(extra_json_schema=HEADERS_SCHEMA),
+    ] = msgspec.field(default_factory=dict)
     """Extra request headers. They are stored with the job: put no secrets here."""
     timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
     """Seconds one request may take."""

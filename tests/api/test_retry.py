@@ -175,6 +175,25 @@ async def test_a_job_that_is_waiting_or_succeeded_is_not_retried(start_service, 
     assert len(receiver.hits) == before or end == "pending"
 
 
+async def test_a_body_of_bytes_json_does_not_take_for_white_space_is_refused(
+    start_service, receiver
+):
+    """JSON's white space is space, tab, CR and LF: a body of those is none, a
+    vertical tab or form feed (which `bytes.strip` also takes) is not JSON."""
+    svc = await start_service()
+    await failed_job(svc, receiver, "vt")
+    for body in (b"\x0b", b"\x0c", b" \x1c "):
+        answer = await svc.client.post(
+            "/jobs/vt/retry", content=body, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 400, (body, answer.text)
+    assert (await svc.job("vt"))["attempt"] == 1  # nothing changed
+    answer = await svc.client.post(
+        "/jobs/vt/retry", content=b" \t\r\n", headers={"content-type": "application/json"}
+    )
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
+
+
 async def test_an_unknown_job_is_404(start_service):
     svc = await start_service()
     answer = await retry(svc, "nope")
