@@ -112,15 +112,16 @@ msgspec's `int` does not, so an `int` field takes it too (`__post_init__` makes
 it an int)."""
 ID_MAX = 2**63 - 1
 """Databricks' ids are 64-bit signed integers."""
-PositiveInt = Annotated[int, Meta(gt=0, le=ID_MAX)] | Annotated[WholeFloat, Meta(gt=0, le=2**53)]
-"""A positive integer Databricks can take, `7.0` included (a float only up to
-2**53, the last it holds exactly: `1e300` is no id)."""
+PositiveInt = (
+    Annotated[int, Meta(gt=0, le=ID_MAX)] | Annotated[WholeFloat, Meta(gt=0, le=2**53 - 1)]
+)
+"""A positive integer Databricks can take, `7.0` included (a float only below
+2**53: past it a float is not the number sent, `1e300` no id)."""
 
-NOT_RESERVED = {"propertyNames": {"not": {"enum": list(RESERVED_PARAMS)}}}
-"""In a schema: an object that sets none of Tether's own parameters."""
-JobParameters = Annotated[
-    dict[Annotated[str, Meta(min_length=1)], str], Meta(extra_json_schema=NOT_RESERVED)
-]
+NOT_RESERVED = {"propertyNames": {"minLength": 1, "not": {"enum": list(RESERVED_PARAMS)}}}
+"""In a schema: an object that sets none of Tether's own parameters, and no
+parameter without a name."""
+JobParameters = Annotated[dict[str, str], Meta(extra_json_schema=NOT_RESERVED)]
 Task = Annotated[
     dict[str, Any],
     Meta(
@@ -237,6 +238,8 @@ def _make_int(struct: msgspec.Struct, name: str) -> None:
 
 
 def _check_not_reserved(parameters: Mapping[str, Any], where: str) -> None:
+    if "" in parameters:
+        raise ValueError(f"{where} must not have a parameter without a name")
     taken = sorted(set(parameters) & set(RESERVED_PARAMS))
     if taken:
         raise ValueError(f"{where} must not set {', '.join(taken)}: Tether sets it")
