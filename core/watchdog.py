@@ -49,8 +49,10 @@ log = logging.getLogger("tether")
 WATCHDOG_BATCH = 200
 """Jobs one sweep looks at, at most."""
 WATCHDOG_CONCURRENCY = 16
-"""Jobs one process asks backends about at once (status checks, missed
-heartbeats); deadlines, which ask no backend, are not counted."""
+"""Jobs of one backend one process asks it about at once, for status checks
+and for missed heartbeats each (so a backend slow to answer holds up neither
+another backend's looks nor its own heartbeat misses behind its checks);
+deadlines are not counted."""
 SWEEP_WAIT = 1.0
 """Seconds a sweep waits for its looks before it goes on: a look that asks a
 backend slow to answer goes on in the background (and its job is not looked
@@ -132,7 +134,8 @@ class Watchdog:
         self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
         """The looks under way, by job id and whether it is the job's deadline
         (one that outlived its sweep: a backend slow to answer)."""
-        self._asking = asyncio.Semaphore(WATCHDOG_CONCURRENCY)
+        self._asking: dict[tuple[str, bool], asyncio.Semaphore] = {}
+        """The slots for asking a backend, by backend and whether for a missed heartbeat."""
 
     def start(self) -> None:
         self.started = now_ms()
@@ -235,7 +238,13 @@ class Watchdog:
             if rec.deadline <= now:  # asks no backend: never behind the slow ones
                 await self.look_at(rec, now)
             else:
-                async with self._asking:  # maybe sweeps later: the time now, to plan from
+                beat = rec.heartbeat_due is not None and rec.heartbeat_due <= now
+                slots = self._asking.get((rec.backend, beat))
+                if slots is None:
+                    slots = self._asking[rec.backend, beat] = asyncio.Semaphore(
+                        WATCHDOG_CONCURRENCY
+                    )
+                async with slots:  # maybe sweeps later: the time now, to plan from
                     await self.look_at(rec, max(now, now_ms()))
         except Exception as exc:
             log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
@@ -314,17 +323,17 @@ class Watchdog:
         """No heartbeat came in time: ask the backend (unless another process
         or a heartbeat got there first) and settle on its answer, or wait on.
 
-        A miss due before this process started, and that no process took
-        since, is given `heartbeat_timeout` from the start instead: the
-        heartbeats due while no service was up (a restart, a deploy, a crash)
-        had nowhere to go, and a run that kept trying is not to be blamed for
-        Tether's own outage. (Another process up meanwhile takes a miss when
-        it falls due; one it had not taken yet is delayed by
-        `heartbeat_timeout` at most.)"""
+        A miss whose window (the `heartbeat_timeout` before it was due)
+        began before this process started is given `heartbeat_timeout` from
+        the start instead: heartbeats sent while no service was up (a
+        restart, a deploy, a crash) had nowhere to go, and a run that kept
+        trying is not to be blamed for Tether's own outage. (Another process
+        up meanwhile takes a miss when it falls due; one it had not taken yet
+        is delayed by `heartbeat_timeout` at most.)"""
         assert rec.heartbeat_due is not None and rec.heartbeat_timeout is not None
         timeout = rec.heartbeat_timeout
         grace = self.started + int(timeout * 1000)
-        if rec.heartbeat_due < self.started and now < grace:
+        if rec.heartbeat_due - int(timeout * 1000) < self.started and now < grace:
             await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, grace)
             return
         if not await self.store.jobs.claim_heartbeat(

@@ -310,12 +310,34 @@ async def test_backends_slow_to_answer_hold_up_no_deadline_and_no_next_sweep(
         await rig.parts.jobs.db.execute(
             "UPDATE tether_jobs SET next_check_at = ? WHERE id = ?", (at, job.id)
         )
-    await rig.watchdog.sweep(at)
-    assert len(rig.backend.asked) == asked  # no second look while the first goes on
+    assert await rig.watchdog.sweep(at) == 0  # no second look while the first goes on
+    assert len(rig.backend.asked) == asked
     answer.set()
     await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
     assert {(await rig.parts.row(j)).state for j in slow} == {"succeeded"}
     assert len(rig.backend.asked) == len(slow)
+
+
+async def test_a_heartbeat_miss_waits_for_no_slot_its_backends_slow_checks_hold(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.2)
+    now = now_ms()
+    for n in range(core.watchdog.WATCHDOG_CONCURRENCY):
+        await rig.running(f"slow-{n}", next_check_at=now)
+    rec = await beating(rig)  # "j", its heartbeat due now, its check an hour on
+    answer = asyncio.Event()
+
+    async def before(job: Job) -> None:
+        if job.id != "j":
+            await answer.wait()
+
+    rig.backend.before = before
+    rig.backend.found["j"] = Running()
+    await rig.watchdog.sweep(max(now, rec.heartbeat_due or now))
+    assert (await history(rig))[-1][0] == "heartbeat_missed"  # asked, not queued
+    answer.set()
+    await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
 
 
 async def test_a_status_check_that_does_not_answer_in_time_is_given_up_and_logged(
@@ -941,10 +963,23 @@ async def test_a_process_up_for_less_than_the_timeout_gives_the_run_that_long_fr
     assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 1
 
 
-async def test_a_miss_due_after_this_process_started_is_a_miss_at_once(rig: Rig):
-    """Heartbeats had somewhere to go then: no grace, even a second after the start."""
-    rec = await beating(rig, due_in=-500)
-    rig.watchdog.started = now_ms() - 1000
+async def test_a_miss_due_after_the_start_whose_window_began_before_it_gets_the_grace(rig: Rig):
+    """The run's last heartbeat that counted came before this process started,
+    and those it sent since the start of the outage had nowhere to go."""
+    rec = await beating(rig, due_in=-100)  # its window: 5.1 s ago to 0.1 s ago
+    now = now_ms()
+    rig.watchdog.started = now - 1000  # up since a second ago
+    await rig.watchdog.heartbeat_missed(rec, now)
+    assert (await rig.parts.row("j")).heartbeat_due == now - 1000 + 5000
+    assert rig.backend.asked == []
+
+
+async def test_a_miss_whose_window_began_after_this_process_started_is_a_miss_at_once(
+    rig: Rig,
+):
+    """Heartbeats had somewhere to go all that window: no grace."""
+    rec = await beating(rig, due_in=-500)  # its window: 5.5 s ago to 0.5 s ago
+    rig.watchdog.started = now_ms() - 6000
     rig.backend.found["j"] = Running()
     await rig.watchdog.heartbeat_missed(rec, now_ms())
     assert [t for t, _ in await history(rig)].count("heartbeat_missed") == 1
