@@ -52,6 +52,12 @@ NOTIFICATIONS_FAILED = Counter(
     "Completion notifications given up: their retry window (TETHER_NOTIFY_RETRY_FOR) ran out.",
     ["backend"],
 )
+CANCELS_FAILED = Counter(
+    "tether_run_cancels_failed_total",
+    "External runs the backend could not be made to stop (each a cancel_failed event):"
+    " they may still be going.",
+    ["backend"],
+)
 JOB_DURATION = Histogram(
     "tether_job_duration_seconds",
     "Seconds from a job's creation to its end.",
@@ -105,6 +111,8 @@ def on_event(job: JobRecord, event: EventLike) -> None:
             series(NOTIFICATIONS, job.backend, "failed" if "error" in event.data else "ok").inc()
         case "notify_failed":
             series(NOTIFICATIONS_FAILED, job.backend).inc()
+        case "cancel_failed":
+            series(CANCELS_FAILED, job.backend).inc()
         case "finished":
             series(JOBS_FINISHED, job.backend, job.state).inc()
             if job.finished_at is not None:
@@ -124,6 +132,7 @@ def prime(backends: Iterable[str]) -> None:
             TRIGGER_ATTEMPTS.labels(backend, result)
             NOTIFICATIONS.labels(backend, result)
         NOTIFICATIONS_FAILED.labels(backend)
+        CANCELS_FAILED.labels(backend)
         for state in sorted(FINAL_STATES):
             JOBS_FINISHED.labels(backend, state)
 

@@ -377,8 +377,9 @@ class JobSteps:
         or the backend's `retry_after` when longer): one throttled or
         unavailable answer left the external run going. A failure that
         remains is logged as an error, naming the job, and filed as its
-        `cancel_failed` event (after `finished`), so the API and the
-        dashboard tell that the run may still be going."""
+        `cancel_failed` event (with the run's receipt: a second run stopped
+        while the job runs on is not its `external`), so the API, the
+        dashboard and `/metrics` tell that the run may still be going."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -404,7 +405,8 @@ class JobSteps:
                     else:
                         kind = type(exc).__name__
                     error = {"type": kind, "message": said}
-                    failed = NewEvent("cancel_failed", {"tries": attempt, "error": error})
+                    tried = {"tries": attempt, "error": error, "external": rec.external}
+                    failed = NewEvent("cancel_failed", tried)
                     await self.jobs.record(rec.id, [failed], now_ms())
                     return
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None

@@ -248,9 +248,11 @@
         reading = null;
         const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
           credentials: "same-origin",
-        });
-        if (!answer.ok) return;
-        show(await answer.json());
+        }).catch(() => null);
+        if (!answer || !answer.ok) return;
+        const fresh = await answer.json();
+        // Unchanged: leave the page as it is (a redraw loses what is selected).
+        if (JSON.stringify(fresh) !== JSON.stringify(job)) show(fresh);
       }, 100);
     }
 
@@ -311,20 +313,33 @@
     // page): look now and then, and follow its new attempt. A running one's
     // heartbeats move its last heartbeat and progress with no event (one a
     // minute at most, when the progress changed): look at it as often.
+    // Events filed after `finished` (the completion notification's, a run
+    // that could not be stopped) come after its stream ended: read them too.
     setInterval(async () => {
       if (document.hidden) return;
       if (stream) {
         if (job.state === "running") reread();
         return;
       }
-      const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
-        credentials: "same-origin",
-      });
-      if (!answer.ok) return;
+      const id = encodeURIComponent(job.id);
+      const answer = await fetch(`/jobs/${id}`, { credentials: "same-origin" }).catch(() => null);
+      if (!answer || !answer.ok) return;
       const fresh = await answer.json();
       if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {
         show(fresh);
         follow();
+        return;
+      }
+      const cursor = after.toString(16).padStart(16, "0");
+      const later = await fetch(`/jobs/${id}/events?cursor=${cursor}`, {
+        credentials: "same-origin",
+        headers: { accept: "application/json" },
+      }).catch(() => null);
+      if (!later || !later.ok || stream) return;
+      for (const event of (await later.json()).items) {
+        if (event.seq <= after) continue;
+        after = event.seq;
+        events.append(item(event));
       }
     }, ENDED_LOOK);
 

@@ -102,6 +102,7 @@ async def test_events_move_the_counters_and_the_duration_histogram(start):
     on_event(record("http_webhook", "succeeded", 90), Event("finished"))
     on_event(record("http_webhook", "succeeded"), Event("callback", {"verdict": "duplicate"}))
     on_event(record("http_webhook", "running"), Event("heartbeat"))  # counted by nothing
+    on_event(record("http_webhook", "canceled"), Event("cancel_failed", {"tries": 4}))
     after = await scrape(svc)
 
     def moved(name: str, **labels: str) -> float:
@@ -113,6 +114,7 @@ async def test_events_move_the_counters_and_the_duration_histogram(start):
     assert moved("tether_callbacks_total", verdict="accepted") == 1
     assert moved("tether_callbacks_total", verdict="duplicate") == 1
     assert moved("tether_callbacks_total", verdict="conflict") == 0
+    assert moved("tether_run_cancels_failed_total", backend="http_webhook") == 1
     done = {"backend": "http_webhook", "state": "succeeded"}
     assert moved("tether_jobs_finished_total", **done) == 1
     assert moved("tether_jobs_finished_total", backend="http_webhook", state="failed") == 0

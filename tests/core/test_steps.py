@@ -906,7 +906,10 @@ async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig,
     kind = "backend" if isinstance(error, BackendError) else "RuntimeError"
     assert [(e.type, e.data) for e in events][-2:] == [
         ("finished", {"state": "canceled"}),
-        ("cancel_failed", {"tries": 1, "error": {"type": kind, "message": said}}),
+        (
+            "cancel_failed",
+            {"tries": 1, "error": {"type": kind, "message": said}, "external": {"run": 1}},
+        ),
     ]
 
 

@@ -184,6 +184,24 @@ def test_a_running_jobs_page_shows_each_heartbeat(page, service, client, hooks: 
     assert page.locator("#events .type-heartbeat").count() == 1
 
 
+def test_an_ended_jobs_page_shows_the_events_filed_after_finished(
+    page, service, client, hooks: Receiver
+):
+    """The stream ends at `finished`; a run its backend could not stop is
+    filed after (`cancel_failed`): the page reads the history for it."""
+    job_id = unique("unstoppable")
+    params = {"url": hooks.url(f"/hook/{job_id}"), "cancel_url": hooks.url(f"{FAIL}/cancel")}
+    start_job(client, hooks, job_id, params=params)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    assert client.post(f"/jobs/{job_id}/cancel", json={}).status_code == 200
+    timeline = page.locator("#events .etype")
+    expect(timeline).to_have_text(
+        ["accepted", "triggered", "cancel_requested", "finished", "cancel_failed"],
+        timeout=20_000,
+    )
+
+
 def test_cancel_asks_first_then_cancels(page, dialogs, service, client, hooks: Receiver):
     job_id = unique("cancel")
     start_job(client, hooks, job_id)
