@@ -239,9 +239,9 @@ class Workspace:
                 code=exc.error_code or _screaming(kind),
                 retry_after=None if retry_after is None else min(retry_after, MAX_RETRY_AFTER),
             )
-        from requests.exceptions import InvalidJSONError  # json's or simplejson's error
+        from requests.exceptions import JSONDecodeError  # on json's or simplejson's
 
-        if isinstance(exc, json.JSONDecodeError | InvalidJSONError):
+        if isinstance(exc, json.JSONDecodeError | JSONDecodeError):
             # A 200 whose body is not JSON (an answer cut short; a proxy's or a
             # sign-in page): the same call again, with the same idempotency
             # token, gets the same run back. Its words name a position only.

@@ -678,7 +678,9 @@ def test_a_client_that_cannot_configure_itself_is_not_retried():
     assert (error.code, error.retryable) == ("databricks_config", False)
 
 
-def test_an_answer_that_is_not_json_is_retryable_and_not_a_configuration_error():
+def test_an_answer_that_is_not_json_is_retryable_and_not_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+):
     import requests
 
     cut = requests.exceptions.JSONDecodeError("Unterminated string starting at", '{"run_id', 0)
@@ -686,7 +688,9 @@ def test_an_answer_that_is_not_json_is_retryable_and_not_a_configuration_error()
     assert error.message == "Databricks' answer was not JSON (Unterminated string starting at)"
     assert (error.code, error.retryable) == ("bad_answer", True)
     # requests built on simplejson: its JSONDecodeError is no json.JSONDecodeError
-    other = type("JSONDecodeError", (requests.exceptions.InvalidJSONError, ValueError), {})
+    simplejson = type("JSONDecodeError", (ValueError,), {})  # not json.JSONDecodeError
+    other = type("JSONDecodeError", (requests.exceptions.InvalidJSONError, simplejson), {})
+    monkeypatch.setattr(requests.exceptions, "JSONDecodeError", other)
     error = Workspace(SETTINGS).translate(other("Expecting value"))
     assert (error.code, error.retryable) == ("bad_answer", True)
 
