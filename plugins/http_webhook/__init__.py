@@ -104,7 +104,14 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header's name: an HTTP token (RFC 9110, 5.1)."""
 HEADER_VALUE_REFUSED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """What a header's value may not hold: control characters but tab (RFC 9110, 5.5)."""
-HEADERS_SCHEMA = {"propertyNames": {"pattern": f"^{HEADER_NAME.pattern}$"}}
+FRAMING_HEADERS = ("content-length", "transfer-encoding")
+"""Headers that say how the body is framed: the HTTP client sets them for the
+body it sends, and another value would break every request."""
+_FRAMING = "|".join(
+    "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in name)
+    for name in FRAMING_HEADERS
+)  # in any case, as a schema's pattern can say it (no flags)
+HEADERS_SCHEMA = {"propertyNames": {"pattern": f"^(?!(?:{_FRAMING})$){HEADER_NAME.pattern}$"}}
 HEADER_VALUE_SCHEMA = {"pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}
 """What the schema says of `headers` (a new job's are checked in
 `check_new_params`, so those of jobs stored before still convert)."""
@@ -267,6 +274,11 @@ class HttpWebhook(Backend):
                 raise ValueError(
                     f"headers: {header[:64]!r} is not a header name (1 or more of A-Z a-z 0-9"
                     " and !#$%&'*+-.^_`|~)"
+                )
+            if header.lower() in FRAMING_HEADERS:
+                raise ValueError(
+                    f"headers: {header!r} is set by the HTTP client for the body it sends;"
+                    " leave it out"
                 )
             if HEADER_VALUE_REFUSED.search(value):  # the value itself is not repeated
                 raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -258,6 +259,8 @@ def test_credentials_in_a_new_jobs_urls_are_refused_stored_ones_kept(name: str, 
         ({"X-A": "a\r\nEvil: 1"}, "headers: the value of 'X-A' holds a control character"),
         ({"X-A": "a\x00"}, "headers: the value of 'X-A' holds a control character"),
         ({"X-A": "a\x7f"}, "headers: the value of 'X-A' holds a control character"),
+        ({"Content-Length": "5"}, "headers: 'Content-Length' is set by the HTTP client"),
+        ({"transfer-ENCODING": "chunked"}, "headers: 'transfer-ENCODING' is set by the HTTP"),
     ],
 )
 def test_a_new_jobs_headers_are_ones_http_allows(headers: dict[str, str], said: str):
@@ -265,6 +268,16 @@ def test_a_new_jobs_headers_are_ones_http_allows(headers: dict[str, str], said: 
     with pytest.raises(ValueError) as refused:
         HttpWebhook().check_new_params(stored)
     assert str(refused.value).startswith(said) and "Evil" not in str(refused.value)
+
+
+def test_the_schema_says_which_header_names_are_taken():
+    from plugins.http_webhook import HEADERS_SCHEMA
+
+    pattern = re.compile(HEADERS_SCHEMA["propertyNames"]["pattern"])
+    for taken in ("X-Trace", "Content-Type", "Content-Lengths", "Host", "!#$%&'*+-.^_`|~"):
+        assert pattern.search(taken), taken
+    for refused in ("Content-Length", "content-length", "TRANSFER-encoding", "X A", ""):
+        assert not pattern.search(refused), refused
 
 
 def test_headers_http_allows_are_taken():
