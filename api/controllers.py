@@ -612,7 +612,7 @@ class CallbackController(Controller):
         required: a body without it (an empty body included) is 422 and changes
         nothing, unless the backend recognises it. Not JSON is 400; JSON that is
         neither the uniform body nor the backend's is 422."""
-        if token is None:
+        if not token:  # none, or `?token=` empty: the header's
             token = bearer(request)
         body = await request.body()
         result = await tether.callback(promise_id, token, body)
@@ -654,7 +654,7 @@ class CallbackController(Controller):
         Answers the job's `state`, its `deadline`, and `heartbeat_due`: by
         when the next heartbeat must come when the job has a
         `heartbeat_timeout`. 410 once the job has ended; nothing changes."""
-        if token is None:
+        if not token:  # none, or `?token=` empty: the header's
             token = bearer(request)
         result, gone = await tether.heartbeat(promise_id, token, await request.body())
         if gone is not None:

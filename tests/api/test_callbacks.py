@@ -202,12 +202,17 @@ async def test_tokens_are_compared_in_constant_time(start_service, receiver, mon
     assert (token.encode(), token.encode()) in compared
 
 
-async def test_the_token_may_come_as_a_bearer_header(start_service, receiver):
+@pytest.mark.parametrize("query", ["", "?token="])  # an empty ?token= is none
+async def test_the_token_may_come_as_a_bearer_header(start_service, receiver, query):
     svc = await start_service()
     path = await started(svc, receiver)
     base, token = path.split("?token=")
+    beat = await svc.client.post(
+        f"{base}/heartbeat{query}", headers={"authorization": f"Bearer {token}"}
+    )
+    assert beat.status_code == 200, beat.text
     response = await svc.client.post(
-        base, json={"status": "succeeded"}, headers={"authorization": f"Bearer {token}"}
+        f"{base}{query}", json={"status": "succeeded"}, headers={"authorization": f"Bearer {token}"}
     )
     assert response.status_code == 200
 
