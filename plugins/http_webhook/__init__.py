@@ -108,8 +108,7 @@ FRAMING_HEADERS = ("content-length", "transfer-encoding")
 """Headers that say how the body is framed: the HTTP client sets them for the
 body it sends, and another value would break every request."""
 _FRAMING = "|".join(
-    "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in name)
-    for name in FRAMING_HEADERS
+    "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in name) for name in FRAMING_HEADERS
 )  # in any case, as a schema's pattern can say it (no flags)
 HEADERS_SCHEMA = {"propertyNames": {"pattern": f"^(?!(?:{_FRAMING})$){HEADER_NAME.pattern}$"}}
 HEADER_VALUE_SCHEMA = {"pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}
