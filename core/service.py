@@ -239,7 +239,7 @@ class Tether:
                 if shared
                 else f"this store's last start (at {at}, with public URL"
             ) + f" {theirs['url']!r})"
-            if self.settings.shared:  # hosts up together: each takes the other's URLs
+            if shared:  # hosts up together: each takes the other's URLs
                 secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))
             else:  # the last start is over: its URLs are what must still work
                 secrets_agree = theirs["signs"] in accepts
@@ -247,35 +247,31 @@ class Tether:
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             return []
         said = []
-        if not secrets_agree and shared:
+        if not secrets_agree:
             said.append(
                 "TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS) disagrees with"
                 f" {other}: callback URLs signed by one are refused (401) by the other."
                 " Every host must have the same secrets (rotate as docs/operations.md says)."
                 " If every host was stopped and the secret replaced on purpose, this goes away"
                 " once they all run the new one"
-            )
-        elif not secrets_agree:
-            said.append(
-                f"the callback secret disagrees with {other}: the callback URLs handed out"
+                if shared
+                else f"the callback secret disagrees with {other}: the callback URLs handed out"
                 " before are refused (401) now, so jobs waiting since then cannot be called"
                 " back. Give the old secret in TETHER_CALLBACK_SECRET_PREVIOUS until they end"
                 " (docs/operations.md, rotating the callback secret); if none was waiting,"
                 " this goes away at the next start"
             )
-        if self.settings.public_url and theirs["url"] != url and shared:  # unset: warned of
+        if self.settings.public_url and theirs["url"] != url:  # unset: warned of already
             said.append(
                 f"TETHER_PUBLIC_URL={url!r} differs from {other}: each job's callback URL"
                 " names the public URL of the host that triggered it, so jobs waiting now are"
                 " called back at the other. Every host on one store should have the same (the"
                 " load balancer's), and a URL once handed out must keep reaching a host of this"
                 " store until the jobs that got it end"
-            )
-        elif self.settings.public_url and theirs["url"] != url:
-            said.append(
-                f"TETHER_PUBLIC_URL={url!r} differs from {other}: the jobs waiting since then"
-                " are called back at the old URL, which must keep reaching this service until"
-                " they end"
+                if shared
+                else f"TETHER_PUBLIC_URL={url!r} differs from {other}: the jobs waiting since"
+                " then are called back at the old URL, which must keep reaching this service"
+                " until they end"
             )
         if their_group != group and shared:
             said.append(

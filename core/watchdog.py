@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -134,7 +135,9 @@ class Watchdog:
         self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
         """The looks under way, by job id and whether it is the job's deadline
         (one that outlived its sweep: a backend slow to answer)."""
-        self._asking: dict[tuple[str, bool], asyncio.Semaphore] = {}
+        self._asking: defaultdict[tuple[str, bool], asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(WATCHDOG_CONCURRENCY)
+        )
         """The slots for asking a backend, by backend and whether for a missed heartbeat."""
 
     def start(self) -> None:
@@ -239,12 +242,7 @@ class Watchdog:
                 await self.look_at(rec, now)
             else:
                 beat = rec.heartbeat_due is not None and rec.heartbeat_due <= now
-                slots = self._asking.get((rec.backend, beat))
-                if slots is None:
-                    slots = self._asking[rec.backend, beat] = asyncio.Semaphore(
-                        WATCHDOG_CONCURRENCY
-                    )
-                async with slots:  # maybe sweeps later: the time now, to plan from
+                async with self._asking[rec.backend, beat]:  # maybe later: plan from then
                     await self.look_at(rec, max(now, now_ms()))
         except Exception as exc:
             log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
@@ -332,13 +330,12 @@ class Watchdog:
         is delayed by `heartbeat_timeout` at most.)"""
         assert rec.heartbeat_due is not None and rec.heartbeat_timeout is not None
         timeout = rec.heartbeat_timeout
-        grace = self.started + int(timeout * 1000)
-        if rec.heartbeat_due - int(timeout * 1000) < self.started and now < grace:
+        window = int(timeout * 1000)
+        grace = self.started + window
+        if rec.heartbeat_due - window < self.started and now < grace:
             await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, grace)
             return
-        if not await self.store.jobs.claim_heartbeat(
-            rec.id, rec.heartbeat_due, now + int(timeout * 1000)
-        ):
+        if not await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, now + window):
             return  # a heartbeat came, or another process handles this miss
         missed = {"heartbeat_timeout": timeout}
         backend = self.plugins.backends.get(rec.backend)

@@ -67,6 +67,10 @@ new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
+_COUNT_OPEN = (
+    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
+    f" AND state IN ({', '.join('?' for _ in OPEN_STATES)}) RETURNING {COLUMNS}"
+)
 NOTE_CLOCK_SLACK_MS = 12 * 3_600_000
 """How much later than a notification's making its job's creation may seem
 (the two times from two hosts' clocks): a new job under a deleted one's id
@@ -642,12 +646,7 @@ class SqlJobIndex:
             if open_at is None:
                 rows = await tx.fetch(_COUNT, (len(events), job_id))
             else:
-                marks = ", ".join("?" for _ in OPEN_STATES)
-                rows = await tx.fetch(
-                    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
-                    f" AND state IN ({marks}) RETURNING {COLUMNS}",
-                    (len(events), job_id, open_at, *OPEN_STATES),
-                )
+                rows = await tx.fetch(_COUNT_OPEN, (len(events), job_id, open_at, *OPEN_STATES))
             filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
             if rows and external is not None:
                 rows = await self._merge_external(tx, _row(rows[0]), *external) or rows

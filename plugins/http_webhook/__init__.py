@@ -102,7 +102,8 @@ HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": NEW_HTTP_URL.pattern
 
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header's name: an HTTP token (RFC 9110, 5.1)."""
-HEADER_VALUE_REFUSED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROLS = r"\x00-\x08\x0a-\x1f\x7f"
+HEADER_VALUE_REFUSED = re.compile(f"[{_CONTROLS}]")
 """What a header's value may not hold: control characters but tab (RFC 9110, 5.5)."""
 FRAMING_HEADERS = ("content-length", "transfer-encoding")
 """Headers that say how the body is framed: the HTTP client sets them for the
@@ -111,9 +112,9 @@ _FRAMING = "|".join(
     "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in name) for name in FRAMING_HEADERS
 )  # in any case, as a schema's pattern can say it (no flags)
 HEADERS_SCHEMA = {"propertyNames": {"pattern": f"^(?!(?:{_FRAMING})$){HEADER_NAME.pattern}$"}}
-HEADER_VALUE_SCHEMA = {"pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}
-"""What the schema says of `headers` (a new job's are checked in
-`check_new_params`, so those of jobs stored before still convert)."""
+"""What the schema says of `headers` and of each value (a new job's are
+checked in `check_new_params`, so those of jobs stored before still convert)."""
+HEADER_VALUE_SCHEMA = {"pattern": f"^[^{_CONTROLS}]*$"}
 
 
 class WebhookParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -611,39 +611,26 @@ async def test_a_second_trigger_of_the_attempt_leaves_the_first_ones_record(rig:
     assert await rig.parts.jobs.jobs_of_run_keys("scripted", ["run-9"])  # findable by both
 
 
-async def test_a_second_run_of_the_attempt_is_stopped_once_the_job_ended(rig: Rig):
-    """Another process recorded its run (8) and the job was canceled while this
-    trigger's backend, ignoring the idempotency key, started run 9: run 9 is
-    stopped too, not only the run the row keeps."""
+@pytest.mark.parametrize("end", ["canceled", "succeeded"])
+async def test_a_second_run_of_the_attempt_is_stopped_once_the_job_ended(rig: Rig, end: str):
+    """Another process recorded its run (8), and the job was canceled (or run
+    8's callback succeeded it), while this trigger's backend, ignoring the
+    idempotency key, started run 9: run 9 is stopped too, not only the run the
+    row keeps; the job's end was run 8's."""
     await start(rig)
 
     async def during(trigger: Trigger) -> None:
         await elsewhere(rig, run=8)
-        await rig.parts.jobs.finish("j", CANCELED, now_ms())
+        if end == "canceled":
+            await rig.parts.jobs.finish("j", CANCELED, now_ms())
+        else:
+            await rig.parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     rig.backend.during = during
     rig.backend.answers = [{"run": 9}]
     await rig.steps.trigger("j", "j:1")
     rec = await rig.parts.row("j")
-    assert (rec.state, rec.external) == ("canceled", {"run": 8})
-    assert [job.external for job in rig.backend.canceled] == [{"run": 9}]
-
-
-async def test_a_second_run_is_stopped_when_the_job_ended_under_the_first(rig: Rig):
-    """Another process recorded run 8, whose callback succeeded the job, while
-    this trigger's backend (ignoring the idempotency key) started run 9: the
-    job's end was run 8's, and run 9 is stopped."""
-    await start(rig)
-
-    async def during(trigger: Trigger) -> None:
-        await elsewhere(rig, run=8)
-        await rig.parts.settler.settle("j", DONE, by="callback", attempt=1)
-
-    rig.backend.during = during
-    rig.backend.answers = [{"run": 9}]
-    await rig.steps.trigger("j", "j:1")
-    rec = await rig.parts.row("j")
-    assert (rec.state, rec.external) == ("succeeded", {"run": 8})
+    assert (rec.state, rec.external) == (end, {"run": 8})
     assert [job.external for job in rig.backend.canceled] == [{"run": 9}]
 
 
