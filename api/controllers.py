@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -73,10 +74,26 @@ ERROR_TEXT = {
 
 
 class QueryRule(msgspec.Struct, frozen=True):
-    """The query parameters one route takes, and which of them may repeat."""
+    """The query parameters one route takes, which of them may repeat, and
+    which are integers."""
 
     names: frozenset[str]
     repeatable: frozenset[str]
+    integers: frozenset[str] = frozenset()
+
+
+DECIMAL = re.compile(r"0|[1-9][0-9]*")
+"""How an integer query parameter is written: ASCII decimal digits, no
+sign, no leading zero. Litestar alone would also read `1e0`, `1.0` or `1e2`
+as integers (msgspec's lax conversion of a string)."""
+INTEGER_RULE = "written in decimal digits only (`1e0`, `1.0`, `+1`, `01` are refused)"
+"""The rule as the OpenAPI document states it on each integer query parameter."""
+
+
+def takes_integer(field: Any) -> bool:
+    """Whether a handler's parameter (a Litestar `FieldDefinition`) is an
+    integer, or optional or a list of integers."""
+    return field.annotation is int or any(takes_integer(t) for t in field.inner_types)
 
 
 QueryRules = dict[Any, QueryRule]
@@ -92,16 +109,19 @@ def query_rules(routes: Any) -> QueryRules:
     for route in routes:
         for handler, kwargs_model in getattr(route, "route_handler_map", {}).values():
             params = kwargs_model.expected_query_params
+            fields = handler.parsed_fn_signature.parameters
             rules[handler.fn] = QueryRule(
                 frozenset(p.field_alias for p in params),
                 frozenset(p.field_alias for p in params if p.is_sequence),
+                frozenset(p.field_alias for p in params if takes_integer(fields[p.field_name])),
             )
     return rules
 
 
 def strict_query(rules: QueryRules) -> Guard:
-    """Refuse (400) a query parameter the route does not take, and a
-    single-valued one given more than once."""
+    """Refuse (400) a query parameter the route does not take, a
+    single-valued one given more than once, and an integer one not written
+    in decimal digits (`DECIMAL`)."""
 
     async def refuse_unknown_query(  # async: Litestar runs a sync guard in a thread
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
@@ -121,6 +141,14 @@ def strict_query(rules: QueryRules) -> Guard:
             if count > 1 and name not in rule.repeatable:
                 raise bad_request(
                     f"query parameter {shown!r} given {count} times; give it once", shown
+                )
+            if name in rule.integers and not all(
+                DECIMAL.fullmatch(value) for value in given.getall(name)
+            ):
+                raise bad_request(
+                    f"invalid query parameter {shown!r}: write a whole number in decimal"
+                    " digits, such as 100",
+                    shown,
                 )
 
     return refuse_unknown_query

@@ -11,7 +11,9 @@ knows, so that the document says exactly what this service accepts:
   the timeout's bound is the service's own `TETHER_MAX_TIMEOUT`;
 - request bodies come from msgspec's schemas, so a body that refuses unknown
   fields says `additionalProperties: false`;
-- query parameters are never `null`; `state` and `backend` are arrays;
+- query parameters are never `null`; `state` and `backend` are arrays; an
+  integer one says it is written in decimal digits only (a `pattern` applies
+  to strings, so the words carry the rule `api.controllers.strict_query` checks);
 - the bearer security schemes, applied to `/jobs*` when `TETHER_API_TOKEN` is
   set (read tokens, `TETHER_READ_TOKEN`, on its GET routes only), and to the
   callback;
@@ -40,6 +42,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, YamlRenderPlugin
 from litestar.params import FromPath
 
+from api.controllers import INTEGER_RULE
 from core.hookspecs import Backend
 from core.models import (
     HEARTBEAT_TIMEOUT_MIN,
@@ -879,12 +882,17 @@ class Document:
         """A query or path parameter: never `null`; arrays as repeated keys."""
         param = {k: v for k, v in param.items() if k not in ("allowEmptyValue", "allowReserved")}
         schema = without_null(param.get("schema", {}))
+        items = schema.get("items", {})
         if param.get("in") == "path" and param.get("name") == "job_id":
             schema = {"type": "string", "pattern": JOB_ID_PATTERN.pattern}
         if param.get("in") == "query" and param.get("name") == "tag":
             schema["items"] = msgspec.json.schema(Tag)  # checked by `Tether.list_jobs`
         if schema.get("type") == "array":
             param["style"], param["explode"] = "form", True
+        if param.get("in") == "query" and "integer" in (schema.get("type"), items.get("type")):
+            # no `pattern` on an integer: the rule the guard checks is stated in words
+            param["description"] = f"{param.get('description', 'An integer')}; {INTEGER_RULE}"
+            schema["description"] = param["description"]
         param["schema"] = schema
         return param
 

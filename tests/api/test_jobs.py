@@ -291,6 +291,27 @@ async def test_a_malformed_query_is_refused_naming_the_parameter(start_service):
     assert response.json()["error"]["details"] == {"field": "force", "in": "query"}
 
 
+async def test_an_integer_query_parameter_is_decimal_digits_only(start_service, receiver):
+    """Litestar alone reads `limit=1e0` (and `1.0`, `1e2`) as an integer;
+    every integer query parameter of the API takes plain digits only."""
+    svc = await start_service()
+    await svc.client.post(
+        "/jobs", json={"id": "q", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    )
+    for route in ("/jobs", "/jobs/q/events"):
+        for value in ("1e0", "1.0", "1e2", "1E0", "10e-1", "01", "+1", "0x1", "%201", "1%0A"):
+            response = await svc.client.get(f"{route}?limit={value}")
+            assert response.status_code == 400, (route, value, response.text)
+            error = response.json()["error"]
+            assert error["details"] == {"field": "limit", "in": "query"}, (route, value)
+            assert error["message"] == (
+                "invalid query parameter 'limit': write a whole number in decimal digits,"
+                " such as 100"
+            ), (route, value)
+        for value in ("1", "1000"):
+            assert (await svc.client.get(f"{route}?limit={value}")).status_code == 200
+
+
 async def test_a_body_that_is_not_json_is_refused(start_service):
     svc = await start_service()
     for content, said in (

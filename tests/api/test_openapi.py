@@ -11,7 +11,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from api.controllers import CALLBACK_STATUS
+from api.controllers import CALLBACK_STATUS, INTEGER_RULE
 from core.models import JOB_ID_PATTERN, TAG_PATTERN
 from core.views import CURSOR_PATTERN
 from tests.conftest import Service
@@ -177,6 +177,10 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     assert params["tag"]["schema"]["maxItems"] == 16
     assert params["created_after"]["schema"]["format"] == "date-time"
     assert (params["limit"]["schema"]["minimum"], params["limit"]["schema"]["maximum"]) == (1, 1000)
+    for operation in ("listJobs", "jobEvents"):  # no `pattern` on an integer: said in words
+        limit = next(p for p in ops[operation]["parameters"] if p["name"] == "limit")
+        assert limit["schema"]["type"] == "integer"
+        assert limit["description"].endswith(INTEGER_RULE), limit
     for param in params.values():
         assert "null" not in str(param["schema"])
     schemas = doc["components"]["schemas"]
