@@ -24,6 +24,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from core.errors import SHOWN_MAX, escaped
 from core.settings import Settings, listed
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
@@ -92,7 +93,8 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
             raise NotAuthorizedException("missing or invalid API token")
         method = connection.scope.get("method", "")
         if handler.opt.get("access") != "read" or method not in READ_METHODS:
-            tried = f"{method} {connection.url.path}"[:200]  # echoed back
+            tried = escaped(f"{method} {connection.url.path}")  # echoed back: escaped, cut
+            tried = tried if len(tried) <= SHOWN_MAX else f"{tried[:SHOWN_MAX]}…"
             raise PermissionDeniedException(
                 f"this token may only read; {tried} needs the API token (TETHER_API_TOKEN)"
             )

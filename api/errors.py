@@ -35,6 +35,10 @@ STATUS: dict[type[TetherError], int] = {  # most specific first
     StoreUnavailable: 503,
 }
 
+MESSAGE_MAX = 300
+"""At most this many characters of a validation message are kept: msgspec
+quotes the value it refused (`Invalid enum value '…'`), escaped, but whole."""
+
 HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -113,6 +117,8 @@ def validation_error(request: Request[Any, Any, Any], exc: ValidationException) 
         where = {"body": "body field", "query": "query parameter", "path": "path parameter"}
         what = where.get(source, source)
         text = message.split(" - at `")[0]
+        if len(text) > MESSAGE_MAX:  # msgspec quotes the value it refused, however long
+            text = f"{text[:MESSAGE_MAX]}…"
         details: dict[str, Any] = {"field": field, "in": source}
         about = "invalid body" if field == "body" else f"invalid {what} {field!r}"
         found.append((f"{about}: {text}", details))

@@ -43,6 +43,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, Yaml
 from litestar.params import FromPath
 
 from api.controllers import INTEGER_RULE
+from core.errors import SHOWN_MAX
 from core.hookspecs import Backend
 from core.models import (
     HEARTBEAT_TIMEOUT_MIN,
@@ -79,7 +80,10 @@ single-valued parameter given twice, or a value outside what this document
 states. **422** means it is well formed but cannot be done: an unknown backend,
 params the backend's plugin refuses, a callback body neither Tether's nor the
 backend's. A different request under a used job id is **409**.
-"""
+""" + (
+    "A message quotes an id from the request as Python's `repr` writes it (control"
+    f" characters as escapes), at most {SHOWN_MAX} characters of it.\n"
+)
 
 JOB_PATHS = ("/jobs",)
 """Paths under these prefixes need the API token when one is set."""

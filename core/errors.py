@@ -5,6 +5,29 @@ from __future__ import annotations
 
 from typing import Any
 
+SHOWN_MAX = 160
+"""At most this many characters of an id (or a name) from a request are
+quoted back in an error message: every id this service makes fits whole (a
+job id is at most 128 characters, a callback promise id adds its attempt);
+a longer one is anything but an id, and is cut."""
+
+
+def shown(value: str) -> str:
+    """`value`, taken from a request (a path's job or promise id, a backend
+    name), as an error message quotes it: `repr`, so a control character is
+    an escape (`\\n`, `\\x1b`), never raw; past `SHOWN_MAX` characters cut,
+    with its length said."""
+    if len(value) <= SHOWN_MAX:
+        return repr(value)
+    return f"{value[:SHOWN_MAX]!r}… ({len(value)} characters)"
+
+
+def escaped(text: str) -> str:
+    """`text` with every character `repr` would escape (a control or format
+    character: a newline, ESC, a bidirectional override) written as its
+    escape, for a message that quotes text from a request without quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class TetherError(Exception):
     """Base of every error Tether reports to a client."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from core.errors import MalformedBody, NotFound
+from core.errors import MalformedBody, NotFound, shown
 from core.models import EventPage, JobEvent
 from core.settle import store_call
 from core.store.jobs import Event, JobIndex, JobRecord, Listener
@@ -80,7 +80,7 @@ class JobHistory:
         after = decode_cursor(cursor) if cursor else 0
         rec, events, dropped = await store_call(self.jobs.history(job_id, after, limit + 1))
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         more = len(events) > limit
         events = events[:limit]
         return EventPage(
@@ -97,7 +97,7 @@ class JobHistory:
         `None` is yielded after `KEEP_ALIVE` seconds without an event.
         `NotFound` (before anything is yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         return self._follow(job_id, after)
 
     async def _follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from core.callbacks import Callbacks, decode_json
-from core.errors import InvalidRequest, NotFound, Unauthorized
+from core.errors import SHOWN_MAX, InvalidRequest, NotFound, Unauthorized, shown
 from core.events import body_digest
 from core.hookspecs import Backend
 from core.models import JobState, Notice, NoticeAbout
@@ -120,12 +120,12 @@ class Notices:
         if backend is None:
             installed = ", ".join(sorted(self.plugins.backends)) or "(none installed)"
             raise NotFound(
-                f"no backend {name[:100]!r}; installed backends: {installed}",
-                {"backend": name[:100]},
+                f"no backend {shown(name)}; installed backends: {installed}",
+                {"backend": name[:SHOWN_MAX]},
             )
         if not takes_notifications(backend):
             raise NotFound(
-                f"backend {name!r} takes no notifications (its plugin does not implement"
+                f"backend {shown(name)} takes no notifications (its plugin does not implement"
                 " receive_notification)",
                 {"backend": name},
             )
@@ -176,7 +176,7 @@ class Notices:
                 f"backend {name!r} could not read a notification ({type(exc).__name__})"
             ) from None
         if about is None:
-            raise NotFound(f"backend {name!r} takes no notifications", {"backend": name})
+            raise NotFound(f"backend {shown(name)} takes no notifications", {"backend": name})
         if not isinstance(about, NoticeAbout):
             raise RuntimeError(
                 f"backend {name!r}: receive_notification returned {type(about).__name__},"

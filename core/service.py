@@ -25,7 +25,14 @@ from resonate.resonate import Resonate
 
 from core import metrics, workflow
 from core.callbacks import CallbackResult, Callbacks, Heartbeat
-from core.errors import Conflict, InvalidRequest, MalformedBody, NotFound, StoreUnavailable
+from core.errors import (
+    Conflict,
+    InvalidRequest,
+    MalformedBody,
+    NotFound,
+    StoreUnavailable,
+    shown,
+)
 from core.events import JobHistory
 from core.health import Health
 from core.models import (
@@ -456,7 +463,7 @@ class Tether:
             raise MalformedBody("attempt must be a whole number", {"field": "attempt"})
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         if wanted is not None and wanted == rec.attempt:
             if rec.state == "pending":
                 await self._start(rec)
@@ -483,7 +490,7 @@ class Tether:
         return view(started)
 
     def _not_retryable(self, rec: JobRecord, wanted: int | None) -> Conflict:
-        at = f"job {rec.id!r} is at attempt {rec.attempt} ({rec.state})"
+        at = f"job {shown(rec.id)} is at attempt {rec.attempt} ({rec.state})"
         details: dict[str, Any] = {"attempt": rec.attempt, "state": rec.state}
         if wanted is not None and wanted != rec.attempt + 1:
             return Conflict(f"{at}: attempt {wanted} cannot start from there", details)
@@ -492,7 +499,7 @@ class Tether:
     async def _refuse_now(self, job_id: str) -> Job:
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         raise self._not_retryable(rec, None)
 
     async def _await_attempt(self, rec: JobRecord) -> None:
@@ -506,7 +513,7 @@ class Tether:
             if not await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt)):
                 return
         raise Conflict(
-            f"job {rec.id!r}: attempt {rec.attempt} is {rec.state} but still winding up"
+            f"job {shown(rec.id)}: attempt {rec.attempt} is {rec.state} but still winding up"
             " (stopping its external run); retry again in a moment",
             {"attempt": rec.attempt, "state": rec.state},
         )
@@ -595,7 +602,7 @@ class Tether:
     async def get_job(self, job_id: str) -> Job:
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         return view(rec)
 
     async def list_jobs(
@@ -617,7 +624,7 @@ class Tether:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
         if bad is not None:  # no job has it: say so rather than list none
-            raise MalformedBody(f"invalid tag {bad!r}: a tag is {TAG_RULE}", {"field": "tag"})
+            raise MalformedBody(f"invalid tag {shown(bad)}: a tag is {TAG_RULE}", {"field": "tag"})
         if len(set(backends)) > LIST_BACKENDS_MAX:
             raise MalformedBody(
                 f"at most {LIST_BACKENDS_MAX} backends in one list", {"field": "backend"}
@@ -644,7 +651,7 @@ class Tether:
         reason, if any, is kept in the job's `error.message`."""
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {shown(job_id)}")
         if not rec.finished:
             message = "canceled by request"
             if reason and reason.strip():
@@ -662,7 +669,7 @@ class Tether:
             if result == "accepted":
                 log.info("job %s canceled", job_id, extra=rec.log_extra())
                 return view(rec)
-        raise Conflict(f"job {job_id!r} already finished ({rec.state})", {"state": rec.state})
+        raise Conflict(f"job {shown(job_id)} already finished ({rec.state})", {"state": rec.state})
 
     async def job_events(
         self, job_id: str, limit: int = 100, cursor: str | None = None

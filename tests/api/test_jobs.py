@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
+from core.errors import SHOWN_MAX, shown
 from core.plugin import hookimpl
 from plugins.http_webhook import HttpWebhook
 from tests.conftest import HOLD, eventually
@@ -310,6 +312,48 @@ async def test_an_integer_query_parameter_is_decimal_digits_only(start_service, 
             ), (route, value)
         for value in ("1", "1000"):
             assert (await svc.client.get(f"{route}?limit={value}")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "given", ["x" * 10_000, "a\nb\x1b[31mc\x00d\u2028e\u202ef"], ids=["10kB", "controls"]
+)
+async def test_an_id_from_the_path_is_echoed_escaped_and_bounded(start_service, given):
+    """A malformed id is quoted back as `repr` does (control characters as
+    escapes), and at most `SHOWN_MAX` characters of it, with its length."""
+    svc = await start_service(api_token="api-token-a1", read_token="read-token-b2")
+    api, read = {"authorization": "Bearer api-token-a1"}, {"authorization": "Bearer read-token-b2"}
+    path = quote(given, safe="")
+    promise = f"{given}:1"
+    token = svc.tether.signer.token(promise)  # a valid token: past the 401, to the 404
+    for method, url, headers, status in (
+        ("GET", f"/jobs/{path}", api, 404),
+        ("GET", f"/jobs/{path}/events", api, 404),
+        ("GET", f"/jobs/{path}/events", {**api, "accept": "text/event-stream"}, 404),
+        ("POST", f"/jobs/{path}/cancel", api, 404),
+        ("POST", f"/jobs/{path}/retry", api, 404),
+        ("POST", f"/jobs/{path}/cancel", read, 403),
+        ("POST", f"/callbacks/{quote(promise, safe='')}?token={token}", {}, 404),
+        ("POST", f"/callbacks/{quote(promise, safe='')}/heartbeat?token={token}", {}, 404),
+        ("POST", f"/callbacks/{path}?token=wrong", {}, 401),
+        ("POST", f"/backends/{path}/notifications", {}, 404),
+        ("GET", f"/jobs?tag={path}", api, 400),
+        ("GET", f"/jobs?state={path}", api, 400),
+    ):
+        answer = await svc.client.request(method, url, headers=headers)
+        assert answer.status_code == status, (method, url[:40], answer.text[:200])
+        message = answer.json()["error"]["message"]
+        assert len(message) < SHOWN_MAX + 200, (method, url[:40], message)
+        assert not any(c in message for c in "\n\x1b\x00\u2028\u202e"), (method, url[:40])
+        if status in (403, 404) and "/notifications" not in url:
+            quoted = shown(promise if "/callbacks/" in url else given)
+            assert quoted in message or status == 403, (method, url[:40], message)
+    assert (await svc.client.get("/jobs", headers=api)).json()["items"] == []
+
+
+def test_an_id_is_shown_whole_up_to_the_limit_then_cut_saying_its_length():
+    assert shown("a" * SHOWN_MAX) == repr("a" * SHOWN_MAX)
+    assert shown("a" * (SHOWN_MAX + 1)) == f"{'a' * SHOWN_MAX!r}… ({SHOWN_MAX + 1} characters)"
+    assert shown("a\n\x1b") == "'a\\n\\x1b'"
 
 
 async def test_a_body_that_is_not_json_is_refused(start_service):
