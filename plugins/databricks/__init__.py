@@ -457,17 +457,24 @@ class Databricks(Backend):
         "run": {"run_id": ...}, ...}`) names a run and an event, and anyone who
         can configure a notification destination can send one: it is never
         trusted to settle a job. It makes Tether read the run's state at once
-        (`CheckNow`), and that state alone settles the job."""
+        (`CheckNow`), and that state alone settles the job. `run.run_id` is
+        read as the notification destination reads it (`notifications.run_id`):
+        a JSON integer or a string of digits, as Databricks sends ids; a
+        fraction, a boolean or anything else is refused (`ValueError`)."""
         if not (isinstance(body, dict) and isinstance(body.get("event_type"), str)):
             return None
         event = body["event_type"]
         run = body.get("run")
         given = run.get("run_id") if isinstance(run, dict) else None
-        try:
-            run_id = int(given)  # type: ignore[arg-type]  # any JSON; checked here
-        except (TypeError, ValueError):
+        if given is None:
             raise ValueError(
                 f"a Databricks notification ({event}) needs `run.run_id`; nothing changed"
+            )
+        try:  # as the notification destination reads it: never `int()` (1067.5, true, "1_067")
+            run_id = int(notifications.run_id(given, "run.run_id"))
+        except ValueError as exc:
+            raise ValueError(
+                f"a Databricks notification ({event}): {exc}; nothing changed"
             ) from None
         expected = _run_id(job)
         if expected is not None and run_id != expected:

@@ -289,6 +289,10 @@ async def test_a_databricks_notification_is_checked_not_trusted(
     assert other.status_code == 422 and "is about run 999" in other.json()["error"]["message"]
     broken = await svc.client.post(path, json={"event_type": "jobs.on_failure", "run": {}})
     assert broken.status_code == 422 and "run.run_id" in broken.json()["error"]["message"]
+    for wrong in (run_id + 0.5, True):  # `int()` read them as a run id
+        refused = await svc.client.post(path, json={**note, "run": {"run_id": wrong}})
+        assert refused.status_code == 422, refused.text
+        assert "`run.run_id` must be a run id" in refused.json()["error"]["message"]
     assert (await svc.job("hinted"))["state"] == "running"
 
     workspace.end(run_id, "RUN_EXECUTION_ERROR", "Task main failed: ZeroDivisionError")

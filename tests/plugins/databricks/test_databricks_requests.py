@@ -1158,9 +1158,7 @@ def test_a_notification_before_the_run_is_known_asks_for_a_check():
     assert hint == CheckNow("Databricks jobs.on_failure for run 5: reading the run's state")
 
 
-@pytest.mark.parametrize(
-    "run_part", [None, "1001", {}, {"run_id": None}, {"run_id": "x"}, {"run_id": [1]}]
-)
+@pytest.mark.parametrize("run_part", [None, "1001", {}, {"run_id": None}])
 def test_a_notification_without_a_run_id_is_refused(run_part: Any):
     body = {"event_type": "jobs.on_start", "run": run_part}
     with pytest.raises(ValueError) as raised:
@@ -1168,6 +1166,34 @@ def test_a_notification_without_a_run_id_is_refused(run_part: Any):
     assert str(raised.value) == (
         "a Databricks notification (jobs.on_start) needs `run.run_id`; nothing changed"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "type_name"),
+    [
+        (1001.5, "float"),  # was read as run 1001 (int() of it)
+        (1001.0, "float"),  # Databricks sends integers: no float is a run id
+        (True, "bool"),  # was read as run 1
+        ("1_001", "str"),  # int() reads it as 1001
+        ("1001.0", "str"),
+        ("1e3", "str"),
+        (-1001, "int"),
+        ("x", "str"),
+        ([1001], "list"),
+    ],
+)
+def test_a_notification_whose_run_id_is_not_a_whole_number_is_refused(given: Any, type_name: str):
+    """`run.run_id` is read as the notification destination reads it: a JSON
+    integer, or a string of digits; never through `int()`."""
+    body = {"event_type": "jobs.on_success", "run": {"run_id": given}}
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(job(external={"run_id": 1001}), body)
+    assert str(raised.value) == (
+        "a Databricks notification (jobs.on_success): `run.run_id` must be a run id (a whole"
+        f" number, or a string of digits), not {type_name}; nothing changed"
+    )
+    with pytest.raises(ValueError):  # before the run is known too
+        Databricks(SETTINGS).parse_callback(job(external=None), body)
 
 
 def test_a_notification_about_another_run_is_refused():
