@@ -681,12 +681,15 @@ class CallbackController(Controller):
         becomes the job's `progress` (absent or null keeps the one it has).
         Answers the job's `state`, its `deadline`, and `heartbeat_due`: by
         when the next heartbeat must come when the job has a
-        `heartbeat_timeout`. 410 once the job has ended; nothing changes."""
+        `heartbeat_timeout`. 410 once the job has ended (`details`: the
+        URL's `attempt` and how it ended, `state`), or once a retry replaced
+        the URL's attempt (`details`: its `attempt` and the job's
+        `current_attempt`); nothing changes."""
         if not token:  # none, or `?token=` empty: the header's
             token = bearer(request)
         result, gone = await tether.heartbeat(promise_id, token, await request.body())
         if gone is not None:
-            return error_response(410, "gone", gone, {"state": result.state})
+            return error_response(410, "gone", gone.message, gone.details)
         return Response(result)
 
 

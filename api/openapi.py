@@ -416,7 +416,9 @@ OPERATION_ERRORS: dict[tuple[str, int], dict[str, Any]] = {
     ("heartbeat", 401): error("unauthorized", "missing or invalid callback token"),
     ("heartbeat", 404): error("not_found", "no promise 'nightly-sales-2026-11-24:1'"),
     ("heartbeat", 410): error(
-        "gone", "the job is succeeded; it takes no more heartbeats", {"state": "succeeded"}
+        "gone",
+        "the job is succeeded; it takes no more heartbeats",
+        {"state": "succeeded", "attempt": 1},
     ),
     ("heartbeat", 422): error(
         "invalid_request",

@@ -83,6 +83,17 @@ class Heartbeat(msgspec.Struct, frozen=True):
     heartbeat_due: datetime | None
 
 
+class HeartbeatGone(msgspec.Struct, frozen=True):
+    """Why a heartbeat changed nothing (410 `gone`): `message`, and
+    `details` about the attempt the URL names, never another one's:
+    `attempt` (the URL's), and `state`, how that attempt ended, when the job
+    ended at it; or, when a retry has replaced it, `current_attempt` (the
+    job's state then is the new attempt's, not the URL's: not given)."""
+
+    message: str
+    details: dict[str, Any]
+
+
 def learnt(rec: JobRecord, found: Running | None) -> tuple[int, dict[str, Any]] | None:
     """What a status check of `rec` that found the run going changes in its
     `external` (`Running.external`), for `JobIndex.record`."""
@@ -214,21 +225,27 @@ class Callbacks:
 
     async def heartbeat(
         self, promise_id: str, token: str | None, body: bytes
-    ) -> tuple[Heartbeat, str | None]:
+    ) -> tuple[Heartbeat, HeartbeatGone | None]:
         """Note that a job's run is alive, and its progress if the body has
         one. Returns the answer, and why the heartbeat changed nothing when it
-        came too late (the job ended, or this attempt's wait did: a re-run has
-        its own URL). A body that is not JSON is `MalformedBody`; one of
+        came too late (this attempt's wait ended: a re-run has its own URL;
+        or the job ended). A body that is not JSON is `MalformedBody`; one of
         another shape, or progress over `PROGRESS_LIMIT`, is `InvalidRequest`:
         nothing changes."""
         rec = await self._job_of(promise_id, token)
         job_id = rec.id
         progress = _progress(body)
+        attempt = workflow.attempt_of(promise_id) or 1
+        if attempt > rec.attempt:  # its URL was never handed out (as `take` has it)
+            raise NotFound(f"no promise {shown(promise_id)}")
         gone = None
-        if rec.finished:
-            gone = f"the job is {rec.state}; it takes no more heartbeats"
-        elif workflow.attempt_of(promise_id) != rec.attempt:
-            gone = f"this URL is attempt {workflow.attempt_of(promise_id)}'s, which has ended"
+        if attempt < rec.attempt:  # first: the job's state is another attempt's
+            gone = HeartbeatGone(
+                f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}",
+                {"attempt": attempt, "current_attempt": rec.attempt},
+            )
+        elif rec.finished:
+            gone = _ended(rec)
         else:
             now = now_ms()
             timeout = rec.heartbeat_timeout
@@ -237,7 +254,7 @@ class Callbacks:
             beaten = await store_call(self.jobs.beat(job_id, now, progress, due, every))
             rec = beaten or await store_call(self.jobs.get(job_id)) or rec
             if rec.finished:  # it ended meanwhile
-                gone = f"the job is {rec.state}; it takes no more heartbeats"
+                gone = _ended(rec)
         answer = Heartbeat(
             state=rec.state,
             deadline=_at(rec.deadline),
@@ -270,6 +287,14 @@ class Callbacks:
                 " nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
+
+
+def _ended(rec: JobRecord) -> HeartbeatGone:
+    """A heartbeat for the attempt the job ended at."""
+    return HeartbeatGone(
+        f"the job is {rec.state}; it takes no more heartbeats",
+        {"state": rec.state, "attempt": rec.attempt},
+    )
 
 
 def not_json(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:

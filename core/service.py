@@ -24,7 +24,7 @@ from resonate.error import DecodingError, ServerError
 from resonate.resonate import Resonate
 
 from core import metrics, workflow
-from core.callbacks import CallbackResult, Callbacks, Heartbeat
+from core.callbacks import CallbackResult, Callbacks, Heartbeat, HeartbeatGone
 from core.errors import (
     Conflict,
     InvalidRequest,
@@ -688,7 +688,7 @@ class Tether:
 
     async def heartbeat(
         self, promise_id: str, token: str | None, body: bytes
-    ) -> tuple[Heartbeat, str | None]:
+    ) -> tuple[Heartbeat, HeartbeatGone | None]:
         """A run saying it is alive, and how far along; with why it changed
         nothing when it came too late (see `core.callbacks`)."""
         return await self.callbacks.heartbeat(promise_id, token, body)

@@ -106,7 +106,7 @@ async def test_a_heartbeat_after_the_job_ended_is_gone(start_service, receiver):
     assert late.json()["error"] == {
         "code": "gone",
         "message": "the job is succeeded; it takes no more heartbeats",
-        "details": {"state": "succeeded"},
+        "details": {"state": "succeeded", "attempt": 1},
     }
     job = await svc.job("ended")
     assert (job["state"], job["progress"]) == ("succeeded", "half")

@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import pytest
 
+from api.client import heartbeat_url
 from core.hookspecs import Backend
 from core.models import Job, Trigger
 from core.plugin import hookimpl
@@ -91,6 +92,37 @@ async def test_a_failed_job_runs_again_as_attempt_2_with_a_new_url_and_key(start
     assert retried["previous"]["external"] == events[1]["data"]["external"]
     assert (events[6]["data"]["verdict"], events[6]["data"]["attempt"]) == ("gone", 1)
     assert events[7]["data"]["verdict"] == "accepted"
+
+
+async def test_a_heartbeat_to_an_earlier_attempts_url_describes_that_attempt(
+    start_service, receiver
+):
+    """The 410 is about the attempt the URL names: it ended. Its details gave
+    the job's current state (`running`: attempt 2's), which reads as if the
+    sender's run were still going; and once attempt 2 ended too, said the job
+    was attempt 2's end state, as if attempt 1 had ended that way."""
+    svc = await start_service()
+    old_url = await failed_job(svc, receiver, "h")
+    assert (await retry(svc, "h")).status_code == 200
+    await svc.wait_state("h", "running")
+    old_beat = heartbeat_url(old_url)
+    gone = {
+        "code": "gone",
+        "message": "attempt 1 of this job has ended; the job is at attempt 2",
+        "details": {"attempt": 1, "current_attempt": 2},
+    }
+    late = await svc.client.post(old_beat, json={"progress": "old"})
+    assert (late.status_code, late.json()["error"]) == (410, gone), late.text
+    new_url = triggers(receiver, "h")[-1]["callback_url"]
+    done = await svc.client.post(new_url, json={"status": "succeeded"})
+    assert done.status_code == 200, done.text
+    await svc.wait_state("h", "succeeded")
+    later = await svc.client.post(old_beat, json={"progress": "old"})
+    assert (later.status_code, later.json()["error"]) == (410, gone), later.text
+    ended = await svc.client.post(heartbeat_url(new_url), json={"progress": "new"})
+    assert ended.json()["error"]["details"] == {"state": "succeeded", "attempt": 2}
+    job = await svc.job("h")
+    assert (job["progress"], job["heartbeat_at"]) == (None, None)
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed"])
