@@ -14,10 +14,12 @@ is the bound on how late one is seen (docs/operations.md, "Timers").
 A missed heartbeat (none for `heartbeat_timeout` seconds, counted from the
 trigger until the first) is not yet a failure: the backend is asked. A run
 that ended settles the job with its outcome; one the backend confirms is going
-(`Running`) is a `heartbeat_missed` event and the job waits on, asked about
-again after another `heartbeat_timeout`; a backend that cannot tell (`None`)
-ends the job `timed_out` (`error.type` `heartbeat_timeout`). A check that
-fails (the backend did not answer) decides nothing: asked again later."""
+(`Running`) is a `heartbeat_missed` event and the job waits on; a backend
+that cannot tell (`None`) ends the job `timed_out` (`error.type`
+`heartbeat_timeout`). A check that fails (the backend did not answer) decides
+nothing. Either way the backend is asked again once the run has been silent
+twice as long (`recheck_in`: a run silent for hours is asked about, and filed,
+a few times and then hourly, not every `heartbeat_timeout`)."""
 
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ CHECK_TIMEOUT = 300.0
 the next check comes as planned. Longer than a backend's own retries take
 (Databricks: `TETHER_DATABRICKS_RETRY_TIMEOUT`, 60 s, and the output of each
 task of an ended run): it is there for a backend that hangs."""
+HEARTBEAT_RECHECK_MAX = 3600.0
+"""Seconds between the looks at a run that stays silent, at most (unless its
+`heartbeat_timeout` is longer): see `recheck_in`."""
 RETRY_AFTER = 1.0
 """Seconds (at most `watchdog_interval`) before the next sweep when the store
 did not answer, or a sweep found a full batch due (more may be)."""
@@ -98,6 +103,27 @@ async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     if jobs or promises:
         log.info("retention: deleted %d finished jobs and %d promises", jobs, promises)
     return jobs, promises
+
+
+def recheck_in(rec: JobRecord, now: int) -> int:
+    """Milliseconds from a missed heartbeat's look at `now` to the next: as
+    long as the run has been silent (since its last heartbeat, or the
+    attempt's start when none came), at least `heartbeat_timeout` and at most
+    `HEARTBEAT_RECHECK_MAX` (or `heartbeat_timeout`, when longer).
+
+    So a run that stopped beating is asked about after S, 2S, 4S, ... of
+    silence, then hourly: each answer is one `heartbeat_missed` event and one
+    request to its backend, a dozen in the first hour of a silence with S = 1 s
+    rather than 3,600, and its bounded history keeps how the job started. A
+    heartbeat starts the count again (the next miss comes S after it). The
+    routine status checks (`check_interval`) go on meanwhile as ever, so a
+    run that ends is found as soon as before by any backend that has them."""
+    assert rec.heartbeat_timeout is not None
+    window = int(rec.heartbeat_timeout * 1000)
+    since = rec.heartbeat_at
+    if since is None:
+        since = rec.deadline - int(rec.timeout * 1000)  # the attempt's start
+    return min(max(window, now - since), max(window, int(HEARTBEAT_RECHECK_MAX * 1000)))
 
 
 RESUME_EVERY = 30.0
@@ -335,7 +361,9 @@ class Watchdog:
         if rec.heartbeat_due - window < self.started and now < grace:
             await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, grace)
             return
-        if not await self.store.jobs.claim_heartbeat(rec.id, rec.heartbeat_due, now + window):
+        if not await self.store.jobs.claim_heartbeat(
+            rec.id, rec.heartbeat_due, now + recheck_in(rec, now)
+        ):
             return  # a heartbeat came, or another process handles this miss
         missed = {"heartbeat_timeout": timeout}
         backend = self.plugins.backends.get(rec.backend)

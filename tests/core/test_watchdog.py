@@ -842,6 +842,41 @@ async def test_a_missed_heartbeat_whose_run_goes_on_learns_what_changed(rig: Rig
     assert (row.state, row.external) == ("running", {"run": "j", "state": "UP"})
 
 
+async def test_a_run_that_stays_silent_is_asked_about_as_its_silence_doubles_then_hourly(
+    rig: Rig,
+):
+    """A run that stopped beating, its backend saying it is going: asked
+    about (and filed) after 1, 2, 4, ... s of silence, then hourly, not every
+    second: six hours of it are a few dozen requests and events. A heartbeat
+    starts the count again."""
+    start = (await rig.running("j", next_check_at=now_ms() + DAY, timeout=2 * 86400)).created_at
+    await rig.parts.jobs.db.execute(
+        "UPDATE tether_jobs SET heartbeat_timeout = 1, heartbeat_due = ? WHERE id = 'j'",
+        (start + 1000,),
+    )
+    rig.backend.found["j"] = Running(progress="RUNNING")
+
+    async def silent_until(end: int) -> list[int]:
+        """The looks due before `end`, each made when due: when they were."""
+        looks = []
+        while (rec := await rig.parts.row("j")).heartbeat_due < end and len(looks) < 100:
+            looks.append(rec.heartbeat_due)
+            await rig.watchdog.look_at(rec, rec.heartbeat_due)
+        return looks
+
+    looks = await silent_until(start + 6 * HOUR)
+    seconds = [(at - start) // 1000 for at in looks]
+    doubling = [2**n for n in range(13)]  # 1 s to 4096 s: the gap reaches an hour
+    assert seconds == [*doubling, *range(4096 + 3600, 6 * 3600, 3600)]
+    assert len(rig.backend.asked) == len(looks) == 17
+    missed = [d for t, d in await history(rig) if t == "heartbeat_missed"]
+    assert missed == [{"heartbeat_timeout": 1.0, "said": "running", "progress": "RUNNING"}] * 17
+
+    beat = looks[-1] + 10_000  # the run beats again, then falls silent again
+    assert await rig.parts.jobs.beat("j", beat, None, beat + 1000, 60_000)
+    assert [at - beat for at in await silent_until(beat + 10_000)] == [1000, 2000, 4000, 8000]
+
+
 async def test_a_missed_heartbeat_whose_check_fails_waits_on(rig: Rig):
     rec = await beating(rig)
 
