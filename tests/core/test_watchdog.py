@@ -340,6 +340,34 @@ async def test_a_heartbeat_miss_waits_for_no_slot_its_backends_slow_checks_hold(
     await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
 
 
+async def test_a_look_that_waited_for_a_slot_plans_its_next_check_from_when_it_ran(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """One slot, two checks due: the second asks its backend only once the
+    first answered, 0.3 s on; its next check is planned from then, not from
+    the sweep's `now` (which would bring it that much early)."""
+    monkeypatch.setattr(core.watchdog, "WATCHDOG_CONCURRENCY", 1)
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.05)
+    now = now_ms()
+    await rig.running("first", next_check_at=now - 1)
+    await rig.running("second", next_check_at=now)
+    answer = asyncio.Event()
+
+    async def before(job: Job) -> None:
+        if job.id == "first":
+            await answer.wait()
+
+    rig.backend.before = before
+    assert await rig.watchdog.sweep(now) == 2
+    assert [job.id for job in rig.backend.asked] == ["first"]  # the second waits for the slot
+    await asyncio.sleep(0.3)
+    freed = now_ms()
+    answer.set()
+    await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
+    assert [job.id for job in rig.backend.asked] == ["first", "second"]
+    assert (await rig.parts.row("second")).next_check_at >= freed + 2000  # interval: 2 s
+
+
 async def test_a_status_check_that_does_not_answer_in_time_is_given_up_and_logged(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):
