@@ -159,7 +159,8 @@ class Backend:
 
         Called after the job's wait ended, only if `trigger` had returned
         (`job.external` is what it returned). Best effort: an exception is
-        logged and the job stays `canceled`/`timed_out`. The default does nothing,
+        logged and the job stays `canceled`/`timed_out`; a call not answered
+        within 5 minutes (`core.steps.CANCEL_TIMEOUT`) is given up so. The default does nothing,
         for backends whose runs cannot be stopped.
         """
         return None

@@ -42,6 +42,14 @@ from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX, callback_promise_id
 
 log = logging.getLogger("tether")
 
+CANCEL_TIMEOUT = 300.0
+"""Seconds a backend's `cancel` may take to answer, each try: then the try
+has failed (not tried again: a backend that hangs would hang again), and it
+is logged and filed as `cancel_failed` as any other failure. Longer than a
+backend's own retries take (as the watchdog's `CHECK_TIMEOUT`): it is there
+for a backend that hangs, which would otherwise hold the finish (the
+workflow's, or the watchdog's slot for a job without one) for good."""
+
 
 class JobSteps:
     """What the workflow's steps do (`core.workflow.Steps`)."""
@@ -375,7 +383,8 @@ class JobSteps:
         """`backend.cancel`, tried as a trigger is while it fails with a
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
         or the backend's `retry_after` when longer): one throttled or
-        unavailable answer left the external run going. A failure that
+        unavailable answer left the external run going. A try not answered
+        within `CANCEL_TIMEOUT` has failed, and is not tried again. A failure that
         remains is logged as an error, naming the job, and filed as its
         `cancel_failed` event (with the run's receipt: a second run stopped
         while the job runs on is not its `external`), so the API, the
@@ -384,10 +393,12 @@ class JobSteps:
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
             try:
-                await backend.cancel(backend_view(rec))
+                await asyncio.wait_for(backend.cancel(backend_view(rec)), CANCEL_TIMEOUT)
                 return
             except Exception as exc:
                 said = getattr(exc, "message", type(exc).__name__)
+                if isinstance(exc, TimeoutError):
+                    said = f"no answer within {CANCEL_TIMEOUT:g} s"
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 if not retryable or attempt == attempts:
                     tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)

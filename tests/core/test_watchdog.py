@@ -16,12 +16,14 @@ import pytest
 from resonate.error import ServerError
 from resonate.types import Value
 
+import core.steps
 import core.watchdog
 from core.errors import BackendError, InvalidRequest
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Running
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
+from core.steps import JobSteps
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.views import view
@@ -40,7 +42,8 @@ class CheckParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Checked(Backend):
     """`check_status` answers `found[job id]` (None: still running), after
-    `before` if set; records each job it was asked about."""
+    `before` if set; records each job it was asked about, and each it was
+    asked to stop (`cancel`, which runs `stopping` first if set)."""
 
     name = "checked"
     params_type = CheckParams
@@ -49,6 +52,8 @@ class Checked(Backend):
         self.found: dict[str, Outcome | Running | None] = {}
         self.asked: list[Job] = []
         self.before: Callable[[Job], Awaitable[None]] | None = None
+        self.stopped: list[Job] = []
+        self.stopping: Callable[[Job], Awaitable[None]] | None = None
 
     def check_interval(self, params: CheckParams) -> float | None:
         return params.interval
@@ -58,6 +63,11 @@ class Checked(Backend):
         if self.before is not None:
             await self.before(job)
         return self.found.get(job.id)
+
+    async def cancel(self, job: Job) -> None:
+        self.stopped.append(job)
+        if self.stopping is not None:
+            await self.stopping(job)
 
 
 @dataclass(eq=False)  # pluggy keeps plugins in sets
@@ -366,6 +376,53 @@ async def test_a_look_that_waited_for_a_slot_plans_its_next_check_from_when_it_r
     await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
     assert [job.id for job in rig.backend.asked] == ["first", "second"]
     assert (await rig.parts.row("second")).next_check_at >= freed + 2000  # interval: 2 s
+
+
+async def test_a_deadline_whose_runs_cancel_hangs_holds_up_no_sweep_and_takes_a_slot(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Jobs whose waits the store timed out while no service was up, their
+    workflows over: each deadline's look ends its job and then asks the
+    backend to stop the run, whose `cancel` hangs. The sweep goes on and the
+    jobs end `timed_out` at once; the cancels take the backend's check slots
+    (one here: one at a time), and each is given up after `CANCEL_TIMEOUT`,
+    filed as `cancel_failed`."""
+    monkeypatch.setattr(core.watchdog, "WATCHDOG_CONCURRENCY", 1)
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.05)
+    monkeypatch.setattr(core.steps, "CANCEL_TIMEOUT", 0.3)
+    parts = rig.parts
+    signer = CallbackSigner("test-secret", "http://t")
+    steps = JobSteps(parts.settings, rig.watchdog.plugins, parts.jobs, signer, parts.settler)
+
+    async def finish_orphan(rec: JobRecord) -> None:  # as the service wires it
+        await steps.finish(rec.id, {"status": rec.state}, rec.attempt)
+
+    parts.settler.on_orphan = finish_orphan
+    for job_id in ("a", "b"):
+        await parts.add_job(job_id, backend="checked", state="running", external={"run": job_id})
+        await parts.add_promise(job_id, timeout_ms=1)
+    await asyncio.sleep(0.05)  # the store timed both waits out
+
+    async def hangs(job: Job) -> None:
+        await asyncio.sleep(60)
+
+    rig.backend.stopping = hangs
+    started = asyncio.get_running_loop().time()
+    assert await rig.watchdog.sweep(now_ms() + HOUR) == 2
+    assert asyncio.get_running_loop().time() - started < 1
+    assert [(await parts.row(j)).state for j in "ab"] == ["timed_out", "timed_out"]
+    assert len(rig.backend.stopped) == 1  # the other waits for the slot
+    await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
+    assert sorted(job.id for job in rig.backend.stopped) == ["a", "b"]
+    for job_id in "ab":
+        failed = [d for t, d in await history(rig, job_id) if t == "cancel_failed"]
+        assert failed == [
+            {
+                "tries": 1,
+                "error": {"type": "TimeoutError", "message": "no answer within 0.3 s"},
+                "external": {"run": job_id},
+            }
+        ]
 
 
 async def test_a_status_check_that_does_not_answer_in_time_is_given_up_and_logged(
