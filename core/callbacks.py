@@ -28,7 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
-from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, shown
+from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped, shown
 from core.events import body_digest
 from core.models import (
     JSON_SPACE,
@@ -193,7 +193,7 @@ class Callbacks:
         `CheckNow`, a backend notification: `core.notices`): ask the backend,
         settle on its answer alone."""
         backend = self.plugins.backends.get(rec.backend)
-        message = f"noted ({reason}); " if reason else "noted; "
+        message = f"noted ({escaped(reason)}); " if reason else "noted; "
         if rec.finished or backend is None or rec.external is None:
             return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
         try:

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from core.callbacks import Callbacks, decode_json
-from core.errors import SHOWN_MAX, InvalidRequest, NotFound, Unauthorized, shown
+from core.errors import SHOWN_MAX, InvalidRequest, NotFound, Unauthorized, escaped, shown
 from core.events import body_digest
 from core.hookspecs import Backend
 from core.models import JobState, Notice, NoticeAbout
@@ -146,7 +146,7 @@ class Notices:
             runs = ", ".join(keys) if keys else "no run"
             return NoticeResult(
                 [],
-                f"{about.kind or 'notification'} about {runs}: no job of this service"
+                f"{escaped(about.kind) or 'notification'} about {runs}: no job of this service"
                 " started it; nothing changed",
             )
         matched: dict[str, tuple[JobRecord, list[str]]] = {}
@@ -157,7 +157,9 @@ class Notices:
             await self._tell(backend, rec, sorted(ks), about, digest)
             for rec, ks in matched.values()
         ]
-        return NoticeResult(told, f"{about.kind or 'notification'} noted for {len(told)} job(s)")
+        return NoticeResult(
+            told, f"{escaped(about.kind) or 'notification'} noted for {len(told)} job(s)"
+        )
 
     async def _ask(self, backend: Backend, notice: Notice) -> NoticeAbout:
         """The backend's reading of the notice; its refusals as Tether's errors."""

@@ -463,7 +463,7 @@ class Databricks(Backend):
         fraction, a boolean or anything else is refused (`ValueError`)."""
         if not (isinstance(body, dict) and isinstance(body.get("event_type"), str)):
             return None
-        event = body["event_type"]
+        event = body["event_type"][:100]  # quoted back below: as `notifications.read` cuts it
         run = body.get("run")
         given = run.get("run_id") if isinstance(run, dict) else None
         if given is None:

@@ -158,7 +158,9 @@ def run_id(value: Any, where: str) -> str:
     """A run id as its key: the number's decimal digits. Databricks sends ids
     as numbers or as strings of digits."""
     too_long = ValueError(f"`{where}` has more than {MAX_ID_DIGITS} digits: not a run id")
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"`{where}` is negative: not a run id")
         if value >= 10**MAX_ID_DIGITS:  # (str() of a huge int is refused by Python itself)
             raise too_long
         text = str(value)

@@ -190,6 +190,16 @@ async def test_a_notification_about_a_run_not_ours_is_200_and_writes_nothing(sta
     assert beacon.checked == []
 
 
+async def test_what_a_plugin_says_a_notification_is_is_quoted_escaped(start, beacon):
+    """A backend's `kind` is text from the sender's body: shown in the
+    answer's message with its control characters as escapes."""
+    svc = await start()
+    await running(svc, "j", run="r1")
+    response = await notify(svc, {"runs": ["elsewhere.1"], "what": "done\x1b[2J\nok"})
+    assert response.status_code == 200, response.text
+    assert response.json()["message"].startswith("done\\x1b[2J\\nok about")
+
+
 async def test_a_burst_of_notifications_about_other_runs_costs_one_read_each(
     start, beacon, monkeypatch
 ):

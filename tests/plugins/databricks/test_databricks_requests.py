@@ -1177,7 +1177,6 @@ def test_a_notification_without_a_run_id_is_refused(run_part: Any):
         ("1_001", "str"),  # int() reads it as 1001
         ("1001.0", "str"),
         ("1e3", "str"),
-        (-1001, "int"),
         ("x", "str"),
         ([1001], "list"),
     ],
@@ -1194,6 +1193,26 @@ def test_a_notification_whose_run_id_is_not_a_whole_number_is_refused(given: Any
     )
     with pytest.raises(ValueError):  # before the run is known too
         Databricks(SETTINGS).parse_callback(job(external=None), body)
+
+
+def test_a_notification_whose_run_id_is_negative_says_so():
+    body = {"event_type": "jobs.on_success", "run": {"run_id": -1001}}
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(job(external={"run_id": 1001}), body)
+    assert str(raised.value) == (
+        "a Databricks notification (jobs.on_success): `run.run_id` is negative: not a run id;"
+        " nothing changed"
+    )
+
+
+def test_a_notification_quotes_at_most_100_characters_of_its_event_type():
+    body = {"event_type": "jobs." + "x" * 10_000, "run": {"run_id": 9}}
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(job(external={"run_id": 1001}), body)
+    assert str(raised.value) == (
+        f"the notification ({'jobs.' + 'x' * 95}) is about run 9, but this job's run is 1001;"
+        " nothing changed"
+    )
 
 
 def test_a_notification_about_another_run_is_refused():

@@ -419,12 +419,17 @@ def test_run_id_reads_numbers_and_digit_strings(value, key):
     assert run_id(value, "run.run_id") == key
 
 
+def test_run_id_refuses_a_negative_number_saying_so():
+    with pytest.raises(ValueError) as caught:
+        run_id(-1, "run.run_id")
+    assert str(caught.value) == "`run.run_id` is negative: not a run id"
+
+
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
         (True, "bool"),
         (False, "bool"),
-        (-1, "int"),
         (1.5, "float"),
         (1.0, "float"),
         (None, "NoneType"),
