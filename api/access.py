@@ -23,7 +23,11 @@ log = logging.getLogger("tether.access")
 
 CALLBACKS = "/callbacks/"
 LINE = "%s %s %d %.1f ms"
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+"""What a path may not put in the log raw: control characters, line and
+paragraph separators, and the invisible format characters (bidirectional
+overrides and isolates, zero-width ones) that would make a line read other
+than it is."""
 
 
 type Observer = Callable[[Any, int, float], None]
@@ -87,7 +91,8 @@ def shown_path(path: str) -> str:
     whose `?token=` was percent-encoded into the path: `%3Ftoken%3D…`), shown
     as `?…`; and under `/callbacks/`, anything past the id that is not a
     route's own word shown as `/…` (a token put in the path). Control
-    characters are written as escapes (`\\x0a`): a path is anyone's to
+    characters and invisible format characters (a bidirectional override)
+    are written as escapes (`\\x0a`, `\\u202e`): a path is anyone's to
     choose, and a decoded `%0A` would start a forged line of the log."""
     path = _CONTROLS.sub(_escape, path)
     path, query, _ = path.partition("?")
