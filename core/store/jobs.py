@@ -162,6 +162,11 @@ class JobIndex(Protocol):
 
     async def next_notification_at(self) -> int | None: ...
 
+    async def notification_waiting(self, job_id: str, created_at: int) -> bool:
+        """Whether a notification of the job made at `created_at` (not of a
+        deleted one under the same id) is still in the outbox."""
+        ...
+
     async def claim_notification(self, note: Notification, until: int) -> bool:
         """Take a try of `note` (its `due_at` moves to `until`); False if taken."""
         ...

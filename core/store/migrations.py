@@ -101,6 +101,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         " each job's salt",
         lambda d: [*JOBS.migrate(d, 9), *TOMBSTONES.migrate(d, 9)],
     ),
+    Migration(
+        10,
+        "event streams past `finished`: an index on the outbox by job and creation time",
+        lambda d: NOTIFICATIONS.migrate(d, 10),
+    ),
 )
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (

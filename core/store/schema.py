@@ -211,11 +211,16 @@ NOTIFICATIONS = Table(
         Column("due_at", "int"),
         Column("tries", "int"),
     ),
-    (Index("tether_notifications_due", "due_at", since=5),),
+    (
+        Index("tether_notifications_due", "due_at", since=5),
+        Index("tether_notifications_job", "job_id, created_at", since=10),
+    ),
     since=5,
     primary_key="id",
 )
-"""Completion notifications not yet delivered (`Notification`): the outbox."""
+"""Completion notifications not yet delivered (`Notification`): the outbox.
+`tether_notifications_job` answers whether one of a job's waits (its event
+stream goes on while one does)."""
 
 SLOTS = Table(
     "tether_slots",

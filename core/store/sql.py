@@ -819,6 +819,18 @@ class SqlJobIndex:
         rows = await self.db.fetch("SELECT min(due_at) FROM tether_notifications", ())
         return rows[0][0] if rows else None
 
+    async def notification_waiting(self, job_id: str, created_at: int) -> bool:
+        """Whether a notification of the job made at `created_at` waits in the
+        outbox (not yet delivered or given up): one read of the outbox's job
+        index. Not one of a deleted job under the same id (older than the job
+        by more than the hosts' clocks may disagree): its tries are never
+        filed on this one (`notification_tried`)."""
+        rows = await self.db.fetch(
+            "SELECT 1 FROM tether_notifications WHERE job_id = ? AND created_at >= ? LIMIT 1",
+            (job_id, created_at - NOTE_CLOCK_SLACK_MS),
+        )
+        return bool(rows)
+
     async def claim_notification(self, note: Notification, until: int) -> bool:
         """Take a try of `note`: move it from its `due_at` to `until` (when
         another may try it, should this process die) and count the try;

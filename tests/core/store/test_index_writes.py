@@ -15,7 +15,7 @@ import pytest
 from core.models import Outcome
 from core.store.jobs import JobRecord, NewEvent, Notification
 from core.store.migrations import migrate
-from core.store.sql import SqlJobIndex
+from core.store.sql import NOTE_CLOCK_SLACK_MS, SqlJobIndex
 from tests.conftest import eventually
 
 
@@ -228,3 +228,27 @@ async def test_a_notifications_tries_are_filed_though_the_hosts_clocks_disagree(
     await jobs.notification_tried(note, None, [tried], 3_000)
     _, events = await jobs.events_after("j", 0, 10)
     assert [e.type for e in events] == ["finished", "notified"]
+
+
+async def test_whether_a_jobs_notification_waits_is_one_read_of_the_outbox_by_job(database):
+    """What a job's event stream asks after `finished` (`JobHistory.follow`):
+    a notification of the job is in the outbox until delivered or given up;
+    not another job's, nor a deleted job's of the same id. One index range."""
+    jobs, note = await notified_job(database, "w", made=1_000, ended=2_000)
+    await jobs.insert(job("other", at=1_000))
+    assert await jobs.notification_waiting("w", 1_000)
+    assert not await jobs.notification_waiting("other", 1_000)
+    later = 2_000 + NOTE_CLOCK_SLACK_MS + 1  # a new job of the id, after retention
+    assert await jobs.notification_waiting("w", later - 1)  # within the hosts' clock slack
+    assert not await jobs.notification_waiting("w", later)
+    if database.kind == "sqlite":
+        sql = "SELECT 1 FROM tether_notifications WHERE job_id = ? AND created_at >= ? LIMIT 1"
+        plan = [r[3] for r in await jobs.db.fetch(f"EXPLAIN QUERY PLAN {sql}", ("w", 0))]
+        assert plan == [
+            "SEARCH tether_notifications USING COVERING INDEX tether_notifications_job"
+            " (job_id=? AND created_at>?)"
+        ], plan
+
+    tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
+    await jobs.notification_tried(note, None, [tried], 3_000)
+    assert not await jobs.notification_waiting("w", 1_000)  # delivered: out of the outbox
