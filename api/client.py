@@ -243,11 +243,20 @@ async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None
 
 async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any]], None]) -> None:
     """Every event of a job, recorded then live, handed to `on_event` until
-    `finished`. A dropped connection is resumed after the last event seen
-    (`Last-Event-ID`), so none is missed or repeated; after
-    `RECONNECT_DELAYS` tries without an event, `ServiceError`."""
+    the service ends the stream after the `finished` of the job's attempt and
+    the events filed after it (a completion notification's tries, a run its
+    backend could not stop: the service keeps the stream open while one is
+    due). A stream that ends after such a `finished` is opened once more after
+    the last event (`Last-Event-ID`), as the service also ends its streams
+    when it stops: one that ends with nothing new is the end. A dropped
+    connection, or a stream that ends before, is resumed after the last
+    event seen, so none is missed or repeated; after `RECONNECT_DELAYS` tries
+    without an event, `ServiceError`."""
     last_id: str | None = None
     tries = 0
+    finished: int | None = None
+    """The attempt of the last `finished` seen, unless a later attempt's event
+    followed it (a retry, which the stream follows)."""
     while True:
         headers = {"accept": "text/event-stream"}
         if last_id is not None:
@@ -262,15 +271,19 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                     raise error_answer(response)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise ServiceError("the service answered the event stream with something else")
-                ended = False
                 async for event_id, item in sse_items(response.aiter_lines()):
                     last_id, got_one = event_id or last_id, True
                     on_event(item)
-                    ended = item.get("type") == "finished"
-                # The service ends the stream after the last attempt's `finished`
-                # (a retried job's earlier ones are followed by more).
-                if ended:
-                    return
+                    attempt = item.get("attempt")
+                    if item.get("type") == "finished":
+                        finished = attempt if isinstance(attempt, int) else 0
+                    elif finished is not None and isinstance(attempt, int) and attempt > finished:
+                        finished = None
+                if finished is not None:
+                    if not got_one:
+                        return  # opened again after the end: nothing more came
+                    tries = 0
+                    continue  # ended after `finished`: look once more
         except httpx.TransportError as exc:
             failure = unreachable(api.url, exc)
         else:  # the stream ended before `finished`: a dropped connection
@@ -297,12 +310,18 @@ async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:
 
 
 async def watch_job(
-    api: Api, job_id: str, show: Callable[[dict[str, Any], list[dict[str, Any]]], None]
+    api: Api,
+    job_id: str,
+    show: Callable[[dict[str, Any], list[dict[str, Any]]], None],
+    follow_ups: bool = True,
 ) -> dict[str, Any]:
     """Follow a job until it ends, calling `show(job, events)` on each change;
     the ended job. Events come from the job's event stream; a service without
     one (404 for a job that exists) shows none, and the state is read every
-    `POLL` seconds instead."""
+    `POLL` seconds instead. With `follow_ups`, the events filed after the end
+    (a completion notification's tries, a run that could not be stopped)
+    are shown too, until the stream ends; without, the watch ends with the
+    job (its last events, `finished` among them, waited for two seconds)."""
     job: dict[str, Any] = await api.call("GET", job_path(job_id))
     events: list[dict[str, Any]] = []
     changed = asyncio.Event()
@@ -321,11 +340,13 @@ async def watch_job(
 
     stream = asyncio.create_task(follow())
     try:
-        while job["state"] not in FINAL_STATES:
+        while job["state"] not in FINAL_STATES or (follow_ups and not stream.done()):
             show(job, events)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), POLL if stream.done() else SAFETY_POLL)
             changed.clear()
+            if job["state"] in FINAL_STATES and stream.done():
+                break  # its stream ended after the job did: nothing more to read
             job = await patiently(lambda: api.call("GET", job_path(job_id)))
         with contextlib.suppress(TimeoutError):  # its last events, `finished` among them
             await asyncio.wait_for(asyncio.shield(stream), 2)
@@ -337,13 +358,21 @@ async def watch_job(
     return job
 
 
-def watch(url: str, job_id: str, as_json: bool, started: dict[str, Any] | None = None) -> NoReturn:
+def watch(
+    url: str,
+    job_id: str,
+    as_json: bool,
+    started: dict[str, Any] | None = None,
+    follow_ups: bool = False,
+) -> NoReturn:
     """`watch`, and `submit --wait` once submitted: a live display on a
     terminal, a line per change in a log or pipe, with `--json` only the ended
-    job; then the exit status of how the job ended."""
+    job; then the exit status of how the job ended. With `follow_ups` (`watch`
+    without `--json`), the events filed after the end are shown until the
+    job's stream ends (`watch_job`)."""
     console = Console()
     if as_json:
-        job = run(lambda api: watch_job(api, job_id, lambda job, events: None), url)
+        job = run(lambda api: watch_job(api, job_id, lambda job, events: None, False), url)
         click.echo(json.dumps(job))
     elif console.is_terminal and not console.is_dumb_terminal:
         now: list[Any] = [started, []]
@@ -355,9 +384,9 @@ def watch(url: str, job_id: str, as_json: bool, started: dict[str, Any] | None =
             now[:] = [job, events]
 
         with Live(console=console, get_renderable=view, refresh_per_second=2):
-            job = run(lambda api: watch_job(api, job_id, show), url)
+            job = run(lambda api: watch_job(api, job_id, show, follow_ups), url)
     else:  # a line per change, never wrapped (`line`)
-        job = run(lambda api: watch_job(api, job_id, changes(console)), url)
+        job = run(lambda api: watch_job(api, job_id, changes(console), follow_ups), url)
     raise click.exceptions.Exit(EXIT_CODES.get(job["state"], SERVICE_ERROR))
 
 
@@ -678,7 +707,8 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
 @click.option(
     "--wait",
     is_flag=True,
-    help="Then watch the job until it ends, with the exit status of `tether watch`.",
+    help="Then watch the job until it ends (not what is filed after), with the exit status"
+    " of `tether watch`.",
 )
 @service_options
 def submit(
@@ -788,8 +818,9 @@ def list_jobs(
 @click.option(
     "--follow",
     is_flag=True,
-    help="Stream the events as they happen until the job finishes (with --json, one JSON"
-    " object a line).",
+    help="Stream the events as they happen until the job finishes and nothing more is due"
+    " after it (its notification's tries, a run that could not be stopped); with --json,"
+    " one JSON object a line.",
 )
 @service_options
 def events(job_id: str, follow: bool, url: str, as_json: bool) -> None:
@@ -822,9 +853,11 @@ def watch_command(job_id: str, url: str, as_json: bool) -> None:
     """Follow a job live until it ends: its state, elapsed time and latest events.
 
     Exit status: 0 succeeded, 1 failed or timed_out, 3 canceled, 4 the service
-    could not be reached or answered an error. With --json, prints the ended
-    job instead of the live display."""
-    watch(url, job_id, as_json)
+    could not be reached or answered an error. After the end, the events
+    still to come (the completion notification's tries, a run the backend
+    could not stop) are shown until the job's event stream ends. With --json,
+    prints the ended job as soon as it ends, instead of the live display."""
+    watch(url, job_id, as_json, follow_ups=True)
 
 
 @click.command()

@@ -562,7 +562,8 @@ def test_standin_follow_resumes_a_dropped_stream_after_the_last_event(stand_in):
     done = tether(stand_in.url, "events", "job-1", "--follow", "--json")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS  # no gap, no repeat
-    assert stand_in.last_event_ids == [None, "2"]
+    # cut after the second; then, after `finished`, opened once more: nothing new, the end
+    assert stand_in.last_event_ids == [None, "2", "4"]
 
 
 def test_standin_follow_gives_up_with_exit_4_when_the_stream_keeps_breaking(stand_in, monkeypatch):
