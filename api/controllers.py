@@ -499,9 +499,14 @@ class JobController(Controller):
 
         With `Accept: text/event-stream`: the events recorded (after
         `Last-Event-ID`, or `cursor`, if given), then each new one as it
-        happens, in any process sharing the store; the stream ends after
-        `finished`. Each message is `id: <seq>`, `event: <type>`, `data: <the
-        item's JSON>`; a `: keep-alive` comment comes every 15 s of silence."""
+        happens, in any process sharing the store; after `finished`, the
+        stream goes on while something that files an event is still due (the
+        completion notification, not yet delivered or given up; the stop of a
+        canceled or timed-out job's run), and ends once nothing is and every
+        event was sent: at once when nothing was (docs/lifecycle.md,
+        "Following a job"). Each message is `id: <seq>`, `event: <type>`,
+        `data: <the item's JSON>`; a `: keep-alive` comment comes every 15 s
+        of silence."""
         if "text/event-stream" not in request.headers.get("accept", ""):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:

@@ -7,6 +7,15 @@ watchdog say which events to record. This module reads them back, follows a
 job's history as it grows (from any process sharing the store: it polls, and
 wakes at once for this process's own events), and tells the listeners (the
 metrics) of every event this process records.
+
+A followed job's stream goes on past the `finished` of its attempt while
+something is still due that files an event: a completion notification in the
+outbox (`notified`, `notify_failed`), or the attempt's workflow yet to return
+(its finish stops the run of a canceled or timed-out job: `cancel_failed`; a
+trigger answered after the end: a late `triggered`). Both are in the store,
+so any process serving the stream sees them; a backend's own `notification`
+may come at any time and is never waited for (docs/lifecycle.md, "Following
+a job").
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from core.errors import MalformedBody, NotFound, shown
+from resonate.error import ServerError
+
+from core.errors import MalformedBody, NotFound, StoreUnavailable, shown
 from core.models import EventPage, JobEvent
 from core.settle import store_call
 from core.store.jobs import Event, JobIndex, JobRecord, Listener
@@ -38,6 +49,8 @@ KEEP_ALIVE = 15.0
 clients see the connection is alive."""
 STREAM_BATCH = 200
 """Events a stream reads from the store at once."""
+STOPPED_STATES = ("canceled", "timed_out")
+"""The ends whose run the workflow's finish stops (the backend's `cancel`)."""
 
 
 def body_digest(body: bytes) -> dict[str, Any]:
@@ -54,6 +67,10 @@ class JobHistory:
         """Each is called with the job's row (as the event's transaction left
         it) and the event, after the commit, for every event this process
         records; an exception is logged and does not reach the writer."""
+        self.attempt_running: Callable[[str, int], Awaitable[bool]] | None = None
+        """Whether the workflow of attempt N of a job has yet to return
+        (`core.workflow.attempt_running`): set by a worker process; without
+        it, a stream waits past `finished` for the notification alone."""
         self._wakers: dict[str, set[asyncio.Event]] = {}
         self._stopping = False
         jobs.on_event = self._recorded
@@ -91,37 +108,70 @@ class JobHistory:
 
     async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
         """The job's events after `seq` `after`, then each new one as it is
-        recorded, ending after the `finished` of the attempt the job is at (or
-        at once if the job finished before `after`), when the job is deleted,
-        or when the service stops.
+        recorded. After the `finished` of the attempt the job is at, it goes
+        on while a follow-up is due (`follow_ups_due`), and ends once none is
+        and every event filed so far was sent: at once after `finished` when
+        none was due, and at once for a job that ended before `after` with
+        nothing due. It also ends when the job is deleted, or when the
+        service stops. A retry while it waits is followed like any attempt.
         `None` is yielded after `KEEP_ALIVE` seconds without an event.
         `NotFound` (before anything is yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
             raise NotFound(f"no job {shown(job_id)}")
         return self._follow(job_id, after)
 
+    async def follow_ups_due(self, rec: JobRecord) -> bool:
+        """Whether an event may still be filed for the ended attempt of `rec`
+        by something under way: a notification of the job in the outbox
+        (delivered or given up, it leaves it in the transaction that files
+        its `notified` or `notify_failed`); or, for an attempt that ended
+        canceled or timed out, or before a run was recorded, its workflow yet
+        to return (its finish stops the run, filing `cancel_failed` when it
+        could not; a trigger answered after the end files a late `triggered`,
+        and stops that run). A succeeded or failed attempt with a run
+        recorded waits for no workflow: its finish stops nothing. A look that
+        fails counts as due: the next one tells."""
+        try:
+            if await store_call(self.jobs.notification_waiting(rec.id, rec.created_at)):
+                return True
+            stops = rec.state in STOPPED_STATES or rec.external is None
+            if not stops or self.attempt_running is None:
+                return False
+            return await store_call(self.attempt_running(rec.id, rec.attempt))
+        except (StoreUnavailable, ServerError) as exc:
+            log.debug("job %s: looking for follow-ups failed: %s", rec.id, type(exc).__name__)
+            return True
+
     async def _follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
         quiet_since = time.monotonic()
+        sent: JobRecord | None = None
+        """The job as the last look found it, when that look found its attempt
+        ended and every event sent: from then on, the stream ends at the first
+        look that finds nothing more due, nothing new, and the same attempt."""
         try:
             while not self._stopping:
                 wake.clear()
+                # Asked before the read: a follow-up files its event before it
+                # stops being due (in the same transaction, or before its
+                # workflow returns), so when none is due the read has them all.
+                due = sent is not None and await self.follow_ups_due(sent)
                 rec, events = await store_call(self.jobs.events_after(job_id, after, STREAM_BATCH))
                 for event in events:
                     yield event_view(event)
                     after = event.seq
-                    if (
-                        event.type == "finished"
-                        and rec is not None
-                        and event.attempt >= rec.attempt
-                    ):
-                        return  # an earlier attempt's `finished` is followed by its retry
-                if rec is None or (rec.finished and rec.events <= after):
+                if rec is None:
                     return
+                ended = rec.finished and rec.events <= after
+                if ended and not due and sent is not None and sent.attempt == rec.attempt:
+                    return
+                newly = ended and (sent is None or sent.attempt != rec.attempt)
+                sent = rec if ended else None
                 if events:
                     quiet_since = time.monotonic()
-                    continue
+                if events or newly:
+                    continue  # newly ended: look for follow-ups at once
                 silent = time.monotonic() - quiet_since
                 if silent >= KEEP_ALIVE:
                     yield None

@@ -163,6 +163,7 @@ class Tether:
 
         self._settler.on_orphan = finish_orphan
         workflow.register(r, steps)
+        self.events.attempt_running = functools.partial(workflow.attempt_running, r)
         self._target = conn.resolve_target(self.settings.group)
         self.watchdog = Watchdog(
             self.settings, self.plugins, self.store, self._settler, resume=self.resume_stale

@@ -37,6 +37,7 @@ from click.testing import CliRunner, Result
 from api import client as client_module
 from api.cli import cli as main_group
 from api.client import client
+from tests.api.test_events import answering
 from tests.conftest import Receiver, free_port, wait_until
 from tests.process import TetherProcess, wait_for
 
@@ -235,6 +236,86 @@ def test_watch_exits_3_when_the_job_is_canceled(service, receiver):
     job = json.loads(canceled.stdout)
     assert job == served(service, "/jobs/cli-cancel")
     assert job["error"]["message"] == "canceled by request: not needed"
+
+
+def following(*args: str, url: str) -> subprocess.Popen[str]:
+    """`tether ARGS` as a process, its output piped (a line per change)."""
+    env = {**os.environ, "TETHER_URL": url}
+    return subprocess.Popen(
+        [TETHER, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def ended(*watching: subprocess.Popen[str]) -> list[tuple[int, str, str]]:
+    """Each process's exit status, stdout and stderr, once it exits by itself."""
+    done = []
+    try:
+        for proc in watching:
+            out, err = proc.communicate(timeout=30)
+            done.append((proc.returncode, out, err))
+    finally:
+        for proc in watching:
+            proc.kill()
+    return done
+
+
+def started_watching(service: TetherProcess, job_id: str) -> list[subprocess.Popen[str]]:
+    """`events ID --follow --json` and `watch ID`, once each shows the job running."""
+    watching = [
+        following("events", job_id, "--follow", "--json", url=service.url),
+        following("watch", job_id, url=service.url),
+    ]
+    for proc in watching:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 30)[0], "nothing printed"
+        proc.stdout.readline()  # the first event, or the running job's line
+    return watching
+
+
+def test_follow_and_watch_show_the_notification_filed_after_finished(service, receiver):
+    """The completion notification's receiver answers a second late: `events
+    --follow` and `watch` print `finished`, then `notified`, then exit (0;
+    `watch` with the job's status); `watch --json` does not wait for it."""
+    receiver.respond = answering(notify=[(1.0, 200)])
+    args = ["submit", "http_webhook", "--id", "cli-told", "--params", webhook(receiver)]
+    assert cli(service.url, *args, "--notify", receiver.url("/notify")).exit_code == 0
+    settled(service, "cli-told", "running")
+    watching = started_watching(service, "cli-told")
+    httpx.post(callback_url(receiver, "cli-told"), json={"status": "succeeded"}, trust_env=False)
+    [(follow_status, follow_out, follow_err), (watch_status, watch_out, watch_err)] = ended(
+        *watching
+    )
+    assert follow_status == 0, follow_err
+    shown = [json.loads(line)["type"] for line in follow_out.splitlines()]
+    assert shown[-2:] == ["finished", "notified"], follow_out  # (the first line was read)
+    assert watch_status == 0, watch_err
+    lines = watch_out.splitlines()
+    done = next(n for n, line in enumerate(lines) if line.startswith("job cli-told  succeeded"))
+    assert "notified" in lines[-1] and done < len(lines) - 1, watch_out
+    assert json.loads(follow_out.splitlines()[-1])["data"]["status"] == 200
+
+
+def test_watch_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, receiver):
+    receiver.respond = answering(cancel=[(1.0, 400)])
+    params = json.dumps({"url": receiver.url(), "cancel_url": receiver.url("/cancel")})
+    args = ["submit", "http_webhook", "--id", "cli-unstoppable", "--params", params]
+    assert cli(service.url, *args).exit_code == 0
+    settled(service, "cli-unstoppable", "running")
+    watching = started_watching(service, "cli-unstoppable")
+    assert cli(service.url, "cancel", "cli-unstoppable").exit_code == 0
+    [(follow_status, follow_out, follow_err), (watch_status, watch_out, watch_err)] = ended(
+        *watching
+    )
+    assert follow_status == 0, follow_err
+    shown = [json.loads(line)["type"] for line in follow_out.splitlines()]
+    assert shown[-2:] == ["finished", "cancel_failed"], follow_out
+    assert watch_status == 3, watch_err
+    assert "cancel_failed" in watch_out.splitlines()[-1], watch_out
 
 
 def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line():

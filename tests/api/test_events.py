@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,16 +18,24 @@ import pytest
 import core.events
 from core.store.jobs import Event, JobRecord
 from tests.conftest import Hit, Service, eventually
+from tests.core.test_notify import SECRET as NOTIFY_SECRET
 
 SSE = {"accept": "text/event-stream"}
 
 
 async def start(
-    svc: Service, receiver: Any, job_id: str, timeout: float | None = None, **params: Any
+    svc: Service,
+    receiver: Any,
+    job_id: str,
+    timeout: float | None = None,
+    notify: str | None = None,
+    **params: Any,
 ) -> dict[str, Any]:
     body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url(), **params}}
     if timeout is not None:
         body["timeout"] = timeout
+    if notify is not None:
+        body["notify"] = {"url": notify}
     response = await svc.client.post("/jobs", json=body)
     assert response.status_code == 201, response.text
     return response.json()  # type: ignore[no-any-return]
@@ -340,6 +349,119 @@ async def test_a_quiet_stream_sends_keep_alive_comments(start_service, receiver,
                 break
     assert [m.get("event") for m in got[:2]] == ["accepted", "triggered"]
     assert {"comment": "keep-alive"} in got[2:]
+
+
+# ── past `finished`: the events still due ─────────────────────────────────────
+
+
+def answering(**paths: list[tuple[float, int]]) -> Any:
+    """A `Receiver.respond` answering a path's requests (path without its
+    leading slash) with its (seconds held, status) pairs in turn, the last
+    one ever after; anything else as a webhook backend takes a trigger."""
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        answers = paths.get(hit.path.lstrip("/"))
+        if not answers:
+            return 202, {"accepted": True}
+        held, status = answers.pop(0) if len(answers) > 1 else answers[0]
+        time.sleep(held)
+        return status, {}
+
+    return respond
+
+
+async def streamed_until_running(svc: Service, job_id: str) -> asyncio.Task[list[Any]]:
+    """The job's stream, read in the background from once it runs."""
+    await svc.wait_state(job_id, "running")
+    await settled_history(svc, job_id, 2)
+    reading = asyncio.create_task(stream(svc, job_id))
+    await asyncio.sleep(0.3)
+    assert not reading.done()
+    return reading
+
+
+async def test_the_stream_goes_on_past_finished_until_the_notification_is_delivered(
+    start_service, receiver, monkeypatch
+):
+    """The completion notification's receiver answers late, and 503 the
+    first time: the stream shows `finished`, keeps alive while the first try
+    waits, shows both tries, and only then ends."""
+    monkeypatch.setattr(core.events, "KEEP_ALIVE", 0.3)
+    svc = await start_service(notify_secret=NOTIFY_SECRET, notify_backoff=0.3)
+    receiver.respond = answering(notify=[(1.2, 503), (0.5, 200)])
+    await start(svc, receiver, "told", notify=receiver.url("/notify"))
+    reading = await streamed_until_running(svc, "told")
+    await svc.client.post(callback_path(svc, receiver, "told"), json={"status": "succeeded"})
+    got = await asyncio.wait_for(reading, 15)
+    sent = [m for m in got if "comment" not in m]
+    assert [m["event"] for m in sent] == [
+        "accepted",
+        "triggered",
+        "callback",
+        "finished",
+        "notified",
+        "notified",
+    ]
+    assert [m["data"]["data"]["status"] for m in sent[4:]] == [503, 200]
+    assert sent[-1]["data"]["data"]["try"] == 2
+    after_finished = got[got.index(sent[3]) + 1 :]
+    assert {"comment": "keep-alive"} in after_finished[: after_finished.index(sent[4])]
+    assert [m["data"] for m in sent] == (await history(svc, "told"))["items"]  # all, in order
+
+
+async def test_the_stream_ends_with_notify_failed_when_the_notification_is_given_up(
+    start_service, receiver
+):
+    svc = await start_service(notify_secret=NOTIFY_SECRET, notify_backoff=0.2, notify_retry_for=1)
+    receiver.respond = answering(notify=[(0.0, 502)])
+    await start(svc, receiver, "unheard", notify=receiver.url("/notify"))
+    reading = await streamed_until_running(svc, "unheard")
+    await svc.client.post(callback_path(svc, receiver, "unheard"), json={"status": "failed"})
+    got = await asyncio.wait_for(reading, 15)
+    kinds = [m["event"] for m in got]
+    assert kinds[:4] == ["accepted", "triggered", "callback", "finished"]
+    assert kinds[-1] == "notify_failed"
+    assert set(kinds[4:-1]) == {"notified"} and len(kinds) >= 7
+    assert [m["data"] for m in got] == (await history(svc, "unheard"))["items"]
+    # opened again after the end, the outbox empty: over at once
+    assert await stream(svc, "unheard", {"last-event-id": got[-1]["id"]}) == []
+
+
+async def test_a_canceled_jobs_stream_shows_that_its_run_could_not_be_stopped(
+    start_service, receiver
+):
+    """The backend's cancel is refused, after a while: `cancel_failed` comes
+    after `finished`, and the stream waits for it (the attempt's workflow
+    has yet to return) before it ends."""
+    svc = await start_service()
+    receiver.respond = answering(cancel=[(1.0, 400)])
+    await start(svc, receiver, "unstoppable", cancel_url=receiver.url("/cancel"))
+    reading = await streamed_until_running(svc, "unstoppable")
+    assert (await svc.client.post("/jobs/unstoppable/cancel", json={})).status_code == 200
+    got = await asyncio.wait_for(reading, 15)
+    assert [m["event"] for m in got] == [
+        "accepted",
+        "triggered",
+        "cancel_requested",
+        "finished",
+        "cancel_failed",
+    ]
+    failed = got[-1]["data"]["data"]
+    assert failed["tries"] == 1 and failed["error"]["type"] == "http_400", failed
+    assert [m["data"] for m in got] == (await history(svc, "unstoppable"))["items"]
+
+
+async def test_with_nothing_due_after_finished_the_stream_ends_with_it(start_service, receiver):
+    """No notification, and a cancel the backend took: nothing comes after
+    `finished`, and the stream ends with it, as a succeeded job's does."""
+    svc = await start_service()
+    await start(svc, receiver, "quiet-end", cancel_url=receiver.url("/cancel"))
+    reading = await streamed_until_running(svc, "quiet-end")
+    assert (await svc.client.post("/jobs/quiet-end/cancel", json={})).status_code == 200
+    got = await asyncio.wait_for(reading, 5)
+    assert [m["event"] for m in got] == ["accepted", "triggered", "cancel_requested", "finished"]
+    assert receiver.on("/cancel")  # the run was stopped before the stream ended
+    assert await settled_history(svc, "quiet-end", 4)
 
 
 async def test_listeners_hear_each_event_with_the_job_as_it_became(start_service, receiver):

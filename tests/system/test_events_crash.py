@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from tests.api.test_events import answering
 from tests.conftest import Hit, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 
@@ -139,6 +140,41 @@ def test_streams_see_events_of_other_workers_and_other_services(tmp_path, receiv
         again = Stream(other.url, "shared", {"last-event-id": "1"})
         assert again.ended.wait(10)
         assert [m["id"] for m in again.messages] == ["2", "3", "4"]
+    finally:
+        workers.kill()
+        other.kill()
+
+
+def test_streams_of_every_process_wait_for_what_is_filed_after_finished(tmp_path, receiver):
+    """A canceled job whose backend refuses, late, to stop the run, and whose
+    completion notification is answered late: every stream, on whichever
+    process (the one running the job's workflow or not), sends `finished`,
+    then `cancel_failed` and `notified` (filed by any process), then ends."""
+    receiver.respond = answering(cancel=[(1.0, 400)], notify=[(1.5, 200)])
+    workers = service(tmp_path, args=("--workers", "2")).start()
+    other = service(tmp_path).start()
+    try:
+        with workers.client() as client:
+            body = {
+                "id": "late",
+                "backend": "http_webhook",
+                "params": {"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+                "notify": {"url": receiver.url("/notify")},
+            }
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "late", "running", recorded=True)
+        streams = [Stream(workers.url, "late") for _ in range(4)]
+        streams.append(Stream(other.url, "late"))
+        wait_until(lambda: all(s.types() == ["accepted", "triggered"] for s in streams))
+        with httpx.Client(base_url=other.url, trust_env=False) as client:
+            assert client.post("/jobs/late/cancel", json={}).status_code == 200
+            for s in streams:
+                assert s.ended.wait(20), s.messages
+            items = history(client, "late")
+        for s in streams:
+            assert s.types()[:4] == ["accepted", "triggered", "cancel_requested", "finished"]
+            assert sorted(s.types()[4:]) == ["cancel_failed", "notified"], s.types()
+            assert [m["data"] for m in s.messages if "data" in m] == items  # all, then the end
     finally:
         workers.kill()
         other.kill()
