@@ -267,16 +267,20 @@
       if (stream) return;
       const cursor = after.toString(16).padStart(16, "0");
       stream = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events?cursor=${cursor}`);
+      let finished = false;  // this attempt's `finished` came, and no later attempt's event
       stream.addEventListener("open", () => showLive(true));
-      // The server ends the stream after `finished`; the browser would reconnect.
-      stream.addEventListener("error", () => (ended(job) ? stop() : showLive(false)));
+      // The server ends the stream after `finished` and the events still due
+      // after it (the notification's tries, a run that could not be stopped);
+      // the browser would reconnect.
+      stream.addEventListener("error", () => (finished || ended(job) ? stop() : showLive(false)));
       for (const type of data.event_types) {
         stream.addEventListener(type, (message) => {
           const event = JSON.parse(message.data);
           if (event.seq <= after) return;
           after = event.seq;
           events.append(item(event));
-          if (event.type === "finished" && event.attempt >= job.attempt) stop();
+          if (event.type === "finished" && event.attempt >= job.attempt) finished = true;
+          else if (event.attempt > job.attempt) finished = false;
           reread();
         });
       }
@@ -314,7 +318,8 @@
     // heartbeats move its last heartbeat and progress with no event (one a
     // minute at most, when the progress changed): look at it as often.
     // Events filed after `finished` (the completion notification's, a run
-    // that could not be stopped) come after its stream ended: read them too.
+    // that could not be stopped) come on the stream while it lasts; a page
+    // opened on an ended job, or a stream that broke, reads them here.
     setInterval(async () => {
       if (document.hidden) return;
       if (stream) {

@@ -187,8 +187,9 @@ def test_a_running_jobs_page_shows_each_heartbeat(page, service, client, hooks: 
 def test_an_ended_jobs_page_shows_the_events_filed_after_finished(
     page, service, client, hooks: Receiver
 ):
-    """The stream ends at `finished`; a run its backend could not stop is
-    filed after (`cancel_failed`): the page reads the history for it."""
+    """A run its backend could not stop is filed after `finished`
+    (`cancel_failed`): the page shows it (from the stream, which waits for
+    it; or, had the stream broken, from the history it reads now and then)."""
     job_id = unique("unstoppable")
     params = {"url": hooks.url(f"/hook/{job_id}"), "cancel_url": hooks.url(f"{FAIL}/cancel")}
     start_job(client, hooks, job_id, params=params)
