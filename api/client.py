@@ -219,6 +219,11 @@ async def event_pages(api: Api, job_id: str) -> dict[str, Any]:
         params = {"limit": PAGE, "cursor": page["next_cursor"]}
 
 
+STREAM_END = {"type": "end"}
+"""The data of the message that ends a job's event stream (`event: end`, no
+`id`): nothing more will be filed that the stream waits for."""
+
+
 async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:
     """Server-sent events as (`id`, `data` parsed as JSON). The `event:` field
     repeats the item's `type`; comments (keep-alives) carry nothing."""
@@ -243,15 +248,15 @@ async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None
 
 async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any]], None]) -> None:
     """Every event of a job, recorded then live, handed to `on_event` until
-    the service ends the stream after the `finished` of the job's attempt and
-    the events filed after it (a completion notification's tries, a run its
-    backend could not stop: the service keeps the stream open while one is
-    due). A stream that ends after such a `finished` is opened once more after
-    the last event (`Last-Event-ID`), as the service also ends its streams
-    when it stops: one that ends with nothing new is the end. A dropped
-    connection, or a stream that ends before, is resumed after the last
-    event seen, so none is missed or repeated; after `RECONNECT_DELAYS` tries
-    without an event, `ServiceError`."""
+    the service says the stream has ended (`event: end`, after the `finished`
+    of the job's attempt and the events filed after it: the service keeps the
+    stream open while one is due, such as the completion notification's tries
+    or the stop of a canceled job's run). A stream that ends without saying
+    so (a dropped connection, a service that stopped) is resumed after the
+    last event seen (`Last-Event-ID`), so none is missed or repeated. After
+    `RECONNECT_DELAYS` tries without an event: `ServiceError`, or, once the
+    job's `finished` came, the end (a service older than the end message ends
+    a finished job's stream at once, saying nothing)."""
     last_id: str | None = None
     tries = 0
     finished: int | None = None
@@ -272,6 +277,8 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise ServiceError("the service answered the event stream with something else")
                 async for event_id, item in sse_items(response.aiter_lines()):
+                    if event_id is None and item == STREAM_END:
+                        return
                     last_id, got_one = event_id or last_id, True
                     on_event(item)
                     attempt = item.get("attempt")
@@ -279,17 +286,14 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                         finished = attempt if isinstance(attempt, int) else 0
                     elif finished is not None and isinstance(attempt, int) and attempt > finished:
                         finished = None
-                if finished is not None:
-                    if not got_one:
-                        return  # opened again after the end: nothing more came
-                    tries = 0
-                    continue  # ended after `finished`: look once more
         except httpx.TransportError as exc:
             failure = unreachable(api.url, exc)
-        else:  # the stream ended before `finished`: a dropped connection
+        else:  # the stream ended without its end: a dropped connection, a service stopping
             failure = ServiceError(f"the event stream from {public(api.url)} keeps ending early")
         tries = 0 if got_one else tries + 1
         if tries > len(RECONNECT_DELAYS):
+            if finished is not None:
+                return
             raise failure
         await asyncio.sleep(RECONNECT_DELAYS[tries - 1] if tries else 0)
 
@@ -310,24 +314,24 @@ async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:
 
 
 async def watch_job(
-    api: Api,
-    job_id: str,
-    show: Callable[[dict[str, Any], list[dict[str, Any]]], None],
-    follow_ups: bool = True,
+    api: Api, job_id: str, show: Callable[[dict[str, Any], list[dict[str, Any]]], None]
 ) -> dict[str, Any]:
     """Follow a job until it ends, calling `show(job, events)` on each change;
     the ended job. Events come from the job's event stream; a service without
     one (404 for a job that exists) shows none, and the state is read every
-    `POLL` seconds instead. With `follow_ups`, the events filed after the end
-    (a completion notification's tries, a run that could not be stopped)
-    are shown too, until the stream ends; without, the watch ends with the
-    job (its last events, `finished` among them, waited for two seconds)."""
+    `POLL` seconds instead."""
     job: dict[str, Any] = await api.call("GET", job_path(job_id))
     events: list[dict[str, Any]] = []
     changed = asyncio.Event()
 
+    ended = asyncio.Event()
+    """The `finished` of the job's attempt came: the stream goes on after it
+    (what is filed after the end), the watch does not."""
+
     def got(item: dict[str, Any]) -> None:
         events.append(item)
+        if item.get("type") == "finished" and item.get("attempt", 0) >= job.get("attempt", 1):
+            ended.set()
         changed.set()
 
     async def follow() -> None:
@@ -340,16 +344,17 @@ async def watch_job(
 
     stream = asyncio.create_task(follow())
     try:
-        while job["state"] not in FINAL_STATES or (follow_ups and not stream.done()):
+        while job["state"] not in FINAL_STATES:
             show(job, events)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), POLL if stream.done() else SAFETY_POLL)
             changed.clear()
-            if job["state"] in FINAL_STATES and stream.done():
-                break  # its stream ended after the job did: nothing more to read
             job = await patiently(lambda: api.call("GET", job_path(job_id)))
-        with contextlib.suppress(TimeoutError):  # its last events, `finished` among them
-            await asyncio.wait_for(asyncio.shield(stream), 2)
+        last = asyncio.ensure_future(ended.wait())
+        try:  # its last events, `finished` among them
+            await asyncio.wait([stream, last], timeout=2, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            last.cancel()
     finally:
         stream.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -358,21 +363,13 @@ async def watch_job(
     return job
 
 
-def watch(
-    url: str,
-    job_id: str,
-    as_json: bool,
-    started: dict[str, Any] | None = None,
-    follow_ups: bool = False,
-) -> NoReturn:
+def watch(url: str, job_id: str, as_json: bool, started: dict[str, Any] | None = None) -> NoReturn:
     """`watch`, and `submit --wait` once submitted: a live display on a
     terminal, a line per change in a log or pipe, with `--json` only the ended
-    job; then the exit status of how the job ended. With `follow_ups` (`watch`
-    without `--json`), the events filed after the end are shown until the
-    job's stream ends (`watch_job`)."""
+    job; then the exit status of how the job ended."""
     console = Console()
     if as_json:
-        job = run(lambda api: watch_job(api, job_id, lambda job, events: None, False), url)
+        job = run(lambda api: watch_job(api, job_id, lambda job, events: None), url)
         click.echo(json.dumps(job))
     elif console.is_terminal and not console.is_dumb_terminal:
         now: list[Any] = [started, []]
@@ -384,9 +381,9 @@ def watch(
             now[:] = [job, events]
 
         with Live(console=console, get_renderable=view, refresh_per_second=2):
-            job = run(lambda api: watch_job(api, job_id, show, follow_ups), url)
+            job = run(lambda api: watch_job(api, job_id, show), url)
     else:  # a line per change, never wrapped (`line`)
-        job = run(lambda api: watch_job(api, job_id, changes(console), follow_ups), url)
+        job = run(lambda api: watch_job(api, job_id, changes(console)), url)
     raise click.exceptions.Exit(EXIT_CODES.get(job["state"], SERVICE_ERROR))
 
 
@@ -707,8 +704,7 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
 @click.option(
     "--wait",
     is_flag=True,
-    help="Then watch the job until it ends (not what is filed after), with the exit status"
-    " of `tether watch`.",
+    help="Then watch the job until it ends, with the exit status of `tether watch`.",
 )
 @service_options
 def submit(
@@ -853,11 +849,11 @@ def watch_command(job_id: str, url: str, as_json: bool) -> None:
     """Follow a job live until it ends: its state, elapsed time and latest events.
 
     Exit status: 0 succeeded, 1 failed or timed_out, 3 canceled, 4 the service
-    could not be reached or answered an error. After the end, the events
-    still to come (the completion notification's tries, a run the backend
-    could not stop) are shown until the job's event stream ends. With --json,
-    prints the ended job as soon as it ends, instead of the live display."""
-    watch(url, job_id, as_json, follow_ups=True)
+    could not be reached or answered an error. With --json, prints the ended
+    job instead of the live display. It ends with the job: what is filed
+    after the end (the completion notification's tries, a run the backend
+    could not stop) is shown by `tether events ID --follow`."""
+    watch(url, job_id, as_json)
 
 
 @click.command()

@@ -25,7 +25,7 @@ from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound
-from core.events import KEEP_ALIVE
+from core.events import END, KEEP_ALIVE
 from core.models import (
     JSON_SPACE,
     LIST_BACKENDS_MAX,
@@ -506,7 +506,9 @@ class JobController(Controller):
         event was sent: at once when nothing was (docs/lifecycle.md,
         "Following a job"). Each message is `id: <seq>`, `event: <type>`,
         `data: <the item's JSON>`; a `: keep-alive` comment comes every 15 s
-        of silence."""
+        of silence. The stream's last message, once it has ended (not when
+        the service stops: reconnect then, with `Last-Event-ID`), is `event:
+        end` with `data: {"type": "end"}` and no `id`."""
         if "text/event-stream" not in request.headers.get("accept", ""):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:
@@ -516,11 +518,13 @@ class JobController(Controller):
         followed = await tether.follow_job(job_id, after)
 
         async def messages(
-            events: AsyncIterator[JobEvent | None],
+            events: AsyncIterator[JobEvent | Literal["end"] | None],
         ) -> AsyncIterator[ServerSentEventMessage]:
             async for event in events:
                 if event is None:
                     yield ServerSentEventMessage(data=None, comment="keep-alive")
+                elif event == END:
+                    yield ServerSentEventMessage(data='{"type": "end"}', event=END)
                 else:
                     data = msgspec.json.encode(event).decode()
                     yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)

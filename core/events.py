@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Final, Literal
 
 from resonate.error import ServerError
 
@@ -49,6 +49,14 @@ KEEP_ALIVE = 15.0
 clients see the connection is alive."""
 STREAM_BATCH = 200
 """Events a stream reads from the store at once."""
+FOLLOW_UP_POLL = 2.0
+"""Seconds between a stream's looks while it waits past `finished` for the
+events still due (a notification retried for hours need not be looked at
+three times a second); this process's own events wake it at once."""
+END: Final = "end"
+"""What `follow` yields last when the stream has really ended (nothing more
+is due, or the job was deleted), not when the service stops: the API sends it
+as `event: end`, so a client can tell the end from a dropped stream."""
 STOPPED_STATES = ("canceled", "timed_out")
 """The ends whose run the workflow's finish stops (the backend's `cancel`)."""
 
@@ -106,7 +114,9 @@ class JobHistory:
             dropped=dropped,
         )
 
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
+    async def follow(
+        self, job_id: str, after: int = 0
+    ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         """The job's events after `seq` `after`, then each new one as it is
         recorded. After the `finished` of the attempt the job is at, it goes
         on while a follow-up is due (`follow_ups_due`), and ends once none is
@@ -114,6 +124,7 @@ class JobHistory:
         none was due, and at once for a job that ended before `after` with
         nothing due. It also ends when the job is deleted, or when the
         service stops. A retry while it waits is followed like any attempt.
+        When it has ended (not when the service stops) it yields `END` last.
         `None` is yielded after `KEEP_ALIVE` seconds without an event.
         `NotFound` (before anything is yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
@@ -142,7 +153,9 @@ class JobHistory:
             log.debug("job %s: looking for follow-ups failed: %s", rec.id, type(exc).__name__)
             return True
 
-    async def _follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent | None]:
+    async def _follow(
+        self, job_id: str, after: int
+    ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
         quiet_since = time.monotonic()
@@ -162,9 +175,11 @@ class JobHistory:
                     yield event_view(event)
                     after = event.seq
                 if rec is None:
+                    yield END
                     return
                 ended = rec.finished and rec.events <= after
                 if ended and not due and sent is not None and sent.attempt == rec.attempt:
+                    yield END
                     return
                 newly = ended and (sent is None or sent.attempt != rec.attempt)
                 sent = rec if ended else None
@@ -176,8 +191,9 @@ class JobHistory:
                 if silent >= KEEP_ALIVE:
                     yield None
                     quiet_since, silent = time.monotonic(), 0.0
+                pace = POLL_INTERVAL if sent is None else FOLLOW_UP_POLL
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(POLL_INTERVAL, KEEP_ALIVE - silent))
+                    await asyncio.wait_for(wake.wait(), min(pace, KEEP_ALIVE - silent))
         finally:
             waiting = self._wakers.get(job_id)
             if waiting is not None:

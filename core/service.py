@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from resonate.error import DecodingError, ServerError
@@ -678,9 +678,11 @@ class Tether:
         """A job's history, oldest first (see `core.events`)."""
         return await self.events.page(job_id, limit, cursor)
 
-    async def follow_job(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent | None]:
+    async def follow_job(
+        self, job_id: str, after: int = 0
+    ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         """A job's events after `seq` `after`, then live ones until it finishes
-        (`JobHistory.follow`)."""
+        and nothing more is due, then `"end"` (`JobHistory.follow`)."""
         return await self.events.follow(job_id, after)
 
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:

@@ -267,20 +267,20 @@
       if (stream) return;
       const cursor = after.toString(16).padStart(16, "0");
       stream = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events?cursor=${cursor}`);
-      let finished = false;  // this attempt's `finished` came, and no later attempt's event
       stream.addEventListener("open", () => showLive(true));
-      // The server ends the stream after `finished` and the events still due
-      // after it (the notification's tries, a run that could not be stopped);
-      // the browser would reconnect.
-      stream.addEventListener("error", () => (finished || ended(job) ? stop() : showLive(false)));
+      // The server ends the stream with `end` once nothing more is due after
+      // `finished` (the notification's tries, a run that could not be
+      // stopped). A stream that breaks on an ended job is left to the
+      // interval below, which reads what came after `after`; on a running
+      // one the browser reconnects, after the last event it had.
+      stream.addEventListener("end", stop);
+      stream.addEventListener("error", () => (ended(job) ? stop() : showLive(false)));
       for (const type of data.event_types) {
         stream.addEventListener(type, (message) => {
           const event = JSON.parse(message.data);
           if (event.seq <= after) return;
           after = event.seq;
           events.append(item(event));
-          if (event.type === "finished" && event.attempt >= job.attempt) finished = true;
-          else if (event.attempt > job.attempt) finished = false;
           reread();
         });
       }

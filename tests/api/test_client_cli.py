@@ -277,10 +277,12 @@ def started_watching(service: TetherProcess, job_id: str) -> list[subprocess.Pop
     return watching
 
 
-def test_follow_and_watch_show_the_notification_filed_after_finished(service, receiver):
+def test_follow_shows_the_notification_filed_after_finished_and_watch_ends_with_the_job(
+    service, receiver
+):
     """The completion notification's receiver answers a second late: `events
-    --follow` and `watch` print `finished`, then `notified`, then exit (0;
-    `watch` with the job's status); `watch --json` does not wait for it."""
+    --follow` prints `finished`, then `notified`, then exits 0; `watch` ends
+    with the job (its status), not waiting for it."""
     receiver.respond = answering(notify=[(1.0, 200)])
     args = ["submit", "http_webhook", "--id", "cli-told", "--params", webhook(receiver)]
     assert cli(service.url, *args, "--notify", receiver.url("/notify")).exit_code == 0
@@ -294,13 +296,12 @@ def test_follow_and_watch_show_the_notification_filed_after_finished(service, re
     shown = [json.loads(line)["type"] for line in follow_out.splitlines()]
     assert shown[-2:] == ["finished", "notified"], follow_out  # (the first line was read)
     assert watch_status == 0, watch_err
-    lines = watch_out.splitlines()
-    done = next(n for n, line in enumerate(lines) if line.startswith("job cli-told  succeeded"))
-    assert "notified" in lines[-1] and done < len(lines) - 1, watch_out
+    assert watch_out.splitlines()[-1].startswith("job cli-told  succeeded"), watch_out
+    assert "notified" not in watch_out, watch_out
     assert json.loads(follow_out.splitlines()[-1])["data"]["status"] == 200
 
 
-def test_watch_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, receiver):
+def test_follow_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, receiver):
     receiver.respond = answering(cancel=[(1.0, 400)])
     params = json.dumps({"url": receiver.url(), "cancel_url": receiver.url("/cancel")})
     args = ["submit", "http_webhook", "--id", "cli-unstoppable", "--params", params]
@@ -315,7 +316,7 @@ def test_watch_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, rece
     shown = [json.loads(line)["type"] for line in follow_out.splitlines()]
     assert shown[-2:] == ["finished", "cancel_failed"], follow_out
     assert watch_status == 3, watch_err
-    assert "cancel_failed" in watch_out.splitlines()[-1], watch_out
+    assert "cancel_failed" not in watch_out, watch_out  # it ends with the job
 
 
 def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line():
@@ -528,9 +529,14 @@ class EventsStandIn:
     and as a server-sent event stream that honours `Last-Event-ID`. The
     first `drops` streams are cut (a TCP reset) after `drop_after` events.
     Without `events_route` it is a service older than the events: 404 for the
-    route, and the job ends at its `ends_at_read`th read."""
+    route, and the job ends at its `ends_at_read`th read. A stream that
+    reached `finished` ends with `event: end`, unless not `says_end` (a
+    service older than it, which just closed the stream)."""
 
     events_route: bool = True
+    says_end: bool = True
+    silent_streams: int = 0
+    """The first this many streams close without `end` (a service stopping)."""
     ends_at_read: int = 0
     drop_after: int = 2
     drops: int = 1
@@ -602,6 +608,8 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
                 sent += 1
                 if event["type"] == "finished":
                     stand_in.finished = True
+            if stand_in.says_end and len(stand_in.last_event_ids) > stand_in.silent_streams:
+                self.wfile.write(b'event: end\ndata: {"type": "end"}\n\n')
 
         def reset(self) -> None:
             """Drop the connection as a crashed service or proxy would: RST."""
@@ -643,8 +651,32 @@ def test_standin_follow_resumes_a_dropped_stream_after_the_last_event(stand_in):
     done = tether(stand_in.url, "events", "job-1", "--follow", "--json")
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS  # no gap, no repeat
-    # cut after the second; then, after `finished`, opened once more: nothing new, the end
-    assert stand_in.last_event_ids == [None, "2", "4"]
+    assert stand_in.last_event_ids == [None, "2"]  # cut after the second, resumed, `end`
+
+
+def test_standin_follow_resumes_a_stream_closed_after_finished_without_its_end(stand_in):
+    """A service that stops closes its streams without `end`, after
+    `finished` too (a notification may still be due): the stream is resumed
+    after the last event, until one says `end`."""
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    done = tether(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert stand_in.last_event_ids == [None, "4"]
+
+
+def test_standin_follow_of_a_service_that_does_not_say_end_ends_after_finished(
+    stand_in, monkeypatch
+):
+    """A service older than `event: end` closes the stream after `finished`:
+    looked at again a few times (a stopped service's stream ends so too),
+    then the end, exit 0."""
+    stand_in.says_end, stand_in.drops = False, 0
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert stand_in.last_event_ids == [None, "4", "4", "4"]  # the first, then three looks
 
 
 def test_standin_follow_gives_up_with_exit_4_when_the_stream_keeps_breaking(stand_in, monkeypatch):

@@ -87,8 +87,15 @@ async def messages(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             message[field] = value
 
 
-async def stream(svc: Service, job_id: str, headers: dict[str, str] | None = None) -> list[Any]:
-    """Every message of the job's stream, until the server ends it."""
+END = {"event": "end", "data": {"type": "end"}}
+"""The message that ends a stream that has ended (not one the service stopped)."""
+
+
+async def stream(
+    svc: Service, job_id: str, headers: dict[str, str] | None = None, *, ends: bool = True
+) -> list[Any]:
+    """Every message of the job's stream, until the server ends it; with
+    `ends`, the stream's last message must be `END` (left out)."""
     got: list[Any] = []
     async with svc.client.stream(
         "GET", f"/jobs/{job_id}/events", headers={**SSE, **(headers or {})}, timeout=15
@@ -97,6 +104,10 @@ async def stream(svc: Service, job_id: str, headers: dict[str, str] | None = Non
         assert response.headers["content-type"].startswith("text/event-stream")
         async for message in messages(response):
             got.append(message)
+    if ends:
+        assert got and got[-1] == END, got[-3:]
+        return got[:-1]
+    assert END not in got
     return got
 
 

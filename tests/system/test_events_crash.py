@@ -74,7 +74,12 @@ class Stream:
             self.ended.set()
 
     def types(self) -> list[str]:
-        return [m["event"] for m in self.messages if "event" in m]
+        """The events' types (not the stream's `end`)."""
+        return [m["event"] for m in self.messages if m.get("event") not in (None, "end")]
+
+    def said_end(self) -> bool:
+        """The server ended the stream with its `end` (not by stopping)."""
+        return bool(self.messages) and self.messages[-1].get("event") == "end"
 
 
 def test_a_kill_inside_the_trigger_step_records_one_triggered_and_one_finished(tmp_path, receiver):
@@ -134,12 +139,13 @@ def test_streams_see_events_of_other_workers_and_other_services(tmp_path, receiv
         assert httpx.post(url, json={"status": "failed"}, trust_env=False).status_code == 200
         for s in streams:
             assert s.ended.wait(10), s.messages
+            assert s.said_end(), s.messages
             assert s.types() == ["accepted", "triggered", "callback", "finished"]
-            assert [m["id"] for m in s.messages] == ["1", "2", "3", "4"]
+            assert [m["id"] for m in s.messages[:-1]] == ["1", "2", "3", "4"]
         # reconnecting where one left off: nothing missed, nothing twice
         again = Stream(other.url, "shared", {"last-event-id": "1"})
         assert again.ended.wait(10)
-        assert [m["id"] for m in again.messages] == ["2", "3", "4"]
+        assert [m.get("id") for m in again.messages] == ["2", "3", "4", None]  # then `end`
     finally:
         workers.kill()
         other.kill()
@@ -170,11 +176,12 @@ def test_streams_of_every_process_wait_for_what_is_filed_after_finished(tmp_path
             assert client.post("/jobs/late/cancel", json={}).status_code == 200
             for s in streams:
                 assert s.ended.wait(20), s.messages
+                assert s.said_end(), s.messages
             items = history(client, "late")
         for s in streams:
             assert s.types()[:4] == ["accepted", "triggered", "cancel_requested", "finished"]
             assert sorted(s.types()[4:]) == ["cancel_failed", "notified"], s.types()
-            assert [m["data"] for m in s.messages if "data" in m] == items  # all, then the end
+            assert [m["data"] for m in s.messages if "id" in m] == items  # all, then the end
     finally:
         workers.kill()
         other.kill()
@@ -191,3 +198,4 @@ def test_sigterm_with_an_open_stream_stops_the_service_promptly(tmp_path, receiv
     served.terminate(wait=8)
     assert time.monotonic() - began < 5
     assert stream.ended.wait(5)
+    assert not stream.said_end()  # stopped, not ended: a client reconnects
