@@ -161,7 +161,6 @@ class Settler:
         note: Note | None = None,
         attempt: int | None = None,
         salt: str | None = None,
-        orphan: Callable[[JobRecord], Awaitable[None]] | None = None,
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
@@ -173,9 +172,7 @@ class Settler:
         retried since); None: the one the job is at now. The outcome is
         bounded first (`max_result_bytes`): nothing larger is ever stored,
         and without the job's callback tokens (of `salt`, the job's: pass it
-        whenever it read the row). `orphan` finishes a job this settle ends
-        that no workflow will finish, instead of `on_orphan` (the watchdog's
-        deadline runs it in a slot of the job's backend).
+        whenever it read the row).
         """
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
@@ -208,7 +205,7 @@ class Settler:
             # trigger finds it ended): finishing it here too told the plugins
             # twice.
             if ended and rec.queued_at is None and not await self._workflow_alive(job_id, attempt):
-                await self._orphaned(rec, orphan)
+                await self._orphaned(rec)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:  # by this settle, or by another that came first
@@ -224,7 +221,7 @@ class Settler:
         before = [store_timed_out()] if data is None else []
         rec, ended = await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
         if ended and data is None and not await self._workflow_alive(job_id, attempt):
-            await self._orphaned(rec, orphan)
+            await self._orphaned(rec)
         return result, rec
 
     async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
@@ -237,14 +234,11 @@ class Settler:
             return False
         return bool(root.state == "pending")
 
-    async def _orphaned(
-        self, rec: JobRecord, orphan: Callable[[JobRecord], Awaitable[None]] | None
-    ) -> None:
-        finish = orphan or self.on_orphan
-        if finish is None:
+    async def _orphaned(self, rec: JobRecord) -> None:
+        if self.on_orphan is None:
             return
         try:
-            await finish(rec)
+            await self.on_orphan(rec)
         except Exception as exc:  # the job's end is recorded; only its extras are lost
             log.warning(
                 "job %s: finishing it without its workflow failed: %s",

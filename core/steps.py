@@ -392,12 +392,14 @@ class JobSteps:
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
+            limit = asyncio.timeout(CANCEL_TIMEOUT)
             try:
-                await asyncio.wait_for(backend.cancel(backend_view(rec)), CANCEL_TIMEOUT)
+                async with limit:
+                    await backend.cancel(backend_view(rec))
                 return
             except Exception as exc:
                 said = getattr(exc, "message", type(exc).__name__)
-                if isinstance(exc, TimeoutError):
+                if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 if not retryable or attempt == attempts:

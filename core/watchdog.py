@@ -55,9 +55,7 @@ WATCHDOG_CONCURRENCY = 16
 """Jobs of one backend one process asks it about at once, for status checks
 and for missed heartbeats each (so a backend slow to answer holds up neither
 another backend's looks nor its own heartbeat misses behind its checks);
-deadlines are not counted, but the finish of a job a deadline ended without
-its workflow, which asks its backend to stop the run, takes a status check's
-slot (`_finish_orphan`)."""
+deadlines are not counted."""
 SWEEP_WAIT = 1.0
 """Seconds a sweep waits for its looks before it goes on: a look that asks a
 backend slow to answer goes on in the background (and its job is not looked
@@ -305,7 +303,6 @@ class Watchdog:
                 by="timeout",
                 note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
                 attempt=rec.attempt,
-                orphan=self._finish_orphan,
             )
             if result == "accepted":
                 log.info("job %s timed out", rec.id, extra=rec.log_extra())
@@ -345,27 +342,6 @@ class Watchdog:
                 log.info(
                     "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
                 )
-
-    async def _finish_orphan(self, rec: JobRecord) -> None:
-        """`Settler.on_orphan` for a job its deadline ended that no workflow
-        will finish (its start was lost, or the store timed its wait out).
-        That finish asks the backend to stop the run (`cancel`, each try
-        bounded by `core.steps.CANCEL_TIMEOUT`), so it takes one of the
-        backend's status check slots, as any look that asks it does: a
-        backend whose `cancel` hangs holds up no deadline (the job has ended
-        already, and the sweep went on after `SWEEP_WAIT`), and no more than
-        `WATCHDOG_CONCURRENCY` such calls are under way at once. A job never
-        triggered has no run to stop: its finish takes no slot. (Only the
-        deadline's look passes this: a status check's or a missed heartbeat's
-        look holds its slot already.)"""
-        finish = self.settler.on_orphan
-        if finish is None:
-            return
-        if rec.external is None:
-            await finish(rec)
-            return
-        async with self._asking[rec.backend, False]:
-            await finish(rec)
 
     async def heartbeat_missed(self, rec: JobRecord, now: int) -> None:
         """No heartbeat came in time: ask the backend (unless another process
