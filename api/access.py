@@ -11,7 +11,6 @@ logged (neither the query string nor the `Authorization` header is read here).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,11 +22,6 @@ log = logging.getLogger("tether.access")
 
 CALLBACKS = "/callbacks/"
 LINE = "%s %s %d %.1f ms"
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-"""What a path may not put in the log raw: control characters, line and
-paragraph separators, and the invisible format characters (bidirectional
-overrides and isolates, zero-width ones) that would make a line read other
-than it is."""
 
 
 type Observer = Callable[[Any, int, float], None]
@@ -91,10 +85,13 @@ def shown_path(path: str) -> str:
     whose `?token=` was percent-encoded into the path: `%3Ftoken%3D…`), shown
     as `?…`; and under `/callbacks/`, anything past the id that is not a
     route's own word shown as `/…` (a token put in the path). Control
-    characters and invisible format characters (a bidirectional override)
-    are written as escapes (`\\x0a`, `\\u202e`): a path is anyone's to
-    choose, and a decoded `%0A` would start a forged line of the log."""
-    path = _CONTROLS.sub(_escape, path)
+    characters, invisible format characters (a bidirectional override, a
+    tag character) and any other character `str.isprintable` refuses are
+    written as escapes (`\\x0a`, `\\u202e`, `\\U000e0041`): a path is
+    anyone's to choose, and a decoded `%0A` would start a forged line of the
+    log."""
+    if not path.isprintable():
+        path = "".join(c if c.isprintable() else _escape(c) for c in path)
     path, query, _ = path.partition("?")
     if path.startswith(CALLBACKS):
         head, _, rest = path[len(CALLBACKS) :].partition("/")
@@ -103,9 +100,14 @@ def shown_path(path: str) -> str:
     return f"{path}?…" if query else path
 
 
-def _escape(found: re.Match[str]) -> str:
-    code = ord(found[0])
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _escape(char: str) -> str:
+    """A character `str.isprintable` refuses (a control or format character,
+    a line or paragraph separator, a space other than the ASCII one) as its
+    escape."""
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _client(scope: Any) -> str:

@@ -272,8 +272,8 @@ class Callbacks:
             try:
                 native = backend.parse_callback(backend_view(rec), decoded)
             except ValueError as exc:
-                raise InvalidRequest(
-                    f"invalid {rec.backend} callback: {exc}",
+                raise InvalidRequest(  # its words may quote the body: escaped
+                    f"invalid {rec.backend} callback: {escaped(str(exc))}",
                     {"field": "body", "backend": rec.backend},
                 ) from None
             if native is not None:

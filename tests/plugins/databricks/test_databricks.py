@@ -293,6 +293,9 @@ async def test_a_databricks_notification_is_checked_not_trusted(
         refused = await svc.client.post(path, json={**note, "run": {"run_id": wrong}})
         assert refused.status_code == 422, refused.text
         assert "`run.run_id` must be a run id" in refused.json()["error"]["message"]
+    quoted = await svc.client.post(path, json={"event_type": "jobs.x\n\x1b[2J", "run": {}})
+    assert quoted.status_code == 422  # the sender's words quoted back as escapes
+    assert "(jobs.x\\n\\x1b[2J)" in quoted.json()["error"]["message"]
     assert (await svc.job("hinted"))["state"] == "running"
 
     workspace.end(run_id, "RUN_EXECUTION_ERROR", "Task main failed: ZeroDivisionError")
