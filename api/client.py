@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import IO, Any, NoReturn, get_args
@@ -52,6 +53,11 @@ rereads it at once, this only covers a state change that brings no event."""
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 """Pauses before each new try once a service stops answering mid-watch or
 mid-stream (a restart): then the command gives up with exit status 4."""
+HEALTHY_STREAM = 5.0
+"""Seconds a stream that brought no event must have stayed open to count as
+a service that answers (a stream waiting past `finished` for a notification
+is quiet for a long time, and a restart closes it): its close is then not
+one of the `RECONNECT_DELAYS` tries."""
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=45.0)
 """The event stream sends a comment every 15 s: 45 s of silence is a dead connection."""
 PAGE = 1000
@@ -190,14 +196,20 @@ def run[T](work: Callable[[Api], Awaitable[T]], url: str) -> T:
     return asyncio.run(session())
 
 
+RESTARTING = (502, 503, 504)
+"""Answers that mean a service (or the proxy in front of it) is restarting
+or briefly without its store: tried again, as silence is."""
+
+
 async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, tried again while the service cannot be reached (it may be
-    restarting), pausing `RECONNECT_DELAYS`; then its `ServiceError`."""
+    """`call()`, tried again while the service cannot be reached or answers
+    `RESTARTING` (it may be restarting), pausing `RECONNECT_DELAYS`; then its
+    `ServiceError`."""
     for delay in RECONNECT_DELAYS:
         try:
             return await call()
         except ServiceError as exc:
-            if exc.status is not None:  # an answer, not silence
+            if exc.status is not None and exc.status not in RESTARTING:  # an answer
                 raise
         await asyncio.sleep(delay)
     return await call()
@@ -219,9 +231,10 @@ async def event_pages(api: Api, job_id: str) -> dict[str, Any]:
         params = {"limit": PAGE, "cursor": page["next_cursor"]}
 
 
-STREAM_END = {"type": "end"}
-"""The data of the message that ends a job's event stream (`event: end`, no
-`id`): nothing more will be filed that the stream waits for."""
+STREAM_ENDS = "tether-stream-ends"
+"""The header of an event stream that ends with `event: end` (`data:
+{"type": "end"}`, no `id`) once nothing more will be filed that it waits
+for; a stream closed without it was dropped or its service stopped."""
 
 
 async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:
@@ -251,12 +264,14 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
     the service says the stream has ended (`event: end`, after the `finished`
     of the job's attempt and the events filed after it: the service keeps the
     stream open while one is due, such as the completion notification's tries
-    or the stop of a canceled job's run). A stream that ends without saying
-    so (a dropped connection, a service that stopped) is resumed after the
-    last event seen (`Last-Event-ID`), so none is missed or repeated. After
-    `RECONNECT_DELAYS` tries without an event: `ServiceError`, or, once the
-    job's `finished` came, the end (a service older than the end message ends
-    a finished job's stream at once, saying nothing)."""
+    or the stop of a canceled job's run). A stream that closes without it (a
+    dropped connection, a service or proxy restarting: `RESTARTING`) is
+    resumed after the last event seen (`Last-Event-ID`), so none is missed or
+    repeated; after `RECONNECT_DELAYS` tries in a row that brought no event
+    and lasted less than `HEALTHY_STREAM`, `ServiceError`. A service older
+    than `end` (its stream has no `STREAM_ENDS` header) ends a stream after
+    `finished`, saying nothing: that close is the end. `ServiceError` too
+    when the job was deleted before its `finished` was seen."""
     last_id: str | None = None
     tries = 0
     finished: int | None = None
@@ -266,7 +281,7 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
         headers = {"accept": "text/event-stream"}
         if last_id is not None:
             headers["last-event-id"] = last_id
-        got_one = False
+        got_one, opened = False, time.monotonic()
         try:
             async with api.http.stream(
                 "GET", job_path(job_id, "events"), headers=headers, timeout=STREAM_TIMEOUT
@@ -276,8 +291,11 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                     raise error_answer(response)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise ServiceError("the service answered the event stream with something else")
+                says_end = response.headers.get(STREAM_ENDS) == "end"
                 async for event_id, item in sse_items(response.aiter_lines()):
-                    if event_id is None and item == STREAM_END:
+                    if event_id is None and item.get("type") == "end":
+                        if finished is None:
+                            raise ServiceError(f"job {job_id!r} was deleted", 404)
                         return
                     last_id, got_one = event_id or last_id, True
                     on_event(item)
@@ -286,14 +304,21 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                         finished = attempt if isinstance(attempt, int) else 0
                     elif finished is not None and isinstance(attempt, int) and attempt > finished:
                         finished = None
+                if finished is not None and not says_end:
+                    return  # an older service: its stream ends after `finished`
         except httpx.TransportError as exc:
             failure = unreachable(api.url, exc)
-        else:  # the stream ended without its end: a dropped connection, a service stopping
+        except ServiceError as exc:
+            if exc.status == 404 and finished is not None:
+                return  # deleted after its end was seen (retention)
+            if exc.status not in RESTARTING:
+                raise
+            failure = exc
+        else:  # closed without its end: a dropped connection, a service stopping
             failure = ServiceError(f"the event stream from {public(api.url)} keeps ending early")
-        tries = 0 if got_one else tries + 1
+        healthy = got_one or time.monotonic() - opened >= HEALTHY_STREAM
+        tries = 0 if healthy else tries + 1
         if tries > len(RECONNECT_DELAYS):
-            if finished is not None:
-                return
             raise failure
         await asyncio.sleep(RECONNECT_DELAYS[tries - 1] if tries else 0)
 
@@ -327,11 +352,16 @@ async def watch_job(
     ended = asyncio.Event()
     """The `finished` of the job's attempt came: the stream goes on after it
     (what is filed after the end), the watch does not."""
+    finished_at = 0
+    """The attempt of the last `finished` seen (a retry's is later)."""
 
     def got(item: dict[str, Any]) -> None:
+        nonlocal finished_at
         events.append(item)
-        if item.get("type") == "finished" and item.get("attempt", 0) >= job.get("attempt", 1):
-            ended.set()
+        if item.get("type") == "finished":
+            finished_at = max(finished_at, item.get("attempt", 0))
+            if finished_at >= job.get("attempt", 1):
+                ended.set()
         changed.set()
 
     async def follow() -> None:
@@ -350,6 +380,8 @@ async def watch_job(
                 await asyncio.wait_for(changed.wait(), POLL if stream.done() else SAFETY_POLL)
             changed.clear()
             job = await patiently(lambda: api.call("GET", job_path(job_id)))
+        if finished_at < job.get("attempt", 1):
+            ended.clear()  # an earlier attempt's: the job was retried since
         last = asyncio.ensure_future(ended.wait())
         try:  # its last events, `finished` among them
             await asyncio.wait([stream, last], timeout=2, return_when=asyncio.FIRST_COMPLETED)

@@ -506,9 +506,12 @@ class JobController(Controller):
         event was sent: at once when nothing was (docs/lifecycle.md,
         "Following a job"). Each message is `id: <seq>`, `event: <type>`,
         `data: <the item's JSON>`; a `: keep-alive` comment comes every 15 s
-        of silence. The stream's last message, once it has ended (not when
-        the service stops: reconnect then, with `Last-Event-ID`), is `event:
-        end` with `data: {"type": "end"}` and no `id`."""
+        of silence. The stream's last message, once it has ended (nothing
+        more due, or the job deleted; not when the service stops: reconnect
+        then, with `Last-Event-ID`), is `event: end` with `data: {"type":
+        "end"}` and no `id`; the response's `Tether-Stream-Ends: end` header
+        says so (a service without it ends a finished job's stream without
+        a word)."""
         if "text/event-stream" not in request.headers.get("accept", ""):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:
@@ -529,7 +532,7 @@ class JobController(Controller):
                     data = msgspec.json.encode(event).decode()
                     yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
 
-        return ServerSentEvent(messages(followed))
+        return ServerSentEvent(messages(followed), headers={"tether-stream-ends": "end"})
 
     @post(
         "/{job_id:str}/cancel",

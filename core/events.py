@@ -170,7 +170,13 @@ class JobHistory:
                 # stops being due (in the same transaction, or before its
                 # workflow returns), so when none is due the read has them all.
                 due = sent is not None and await self.follow_ups_due(sent)
-                rec, events = await store_call(self.jobs.events_after(job_id, after, STREAM_BATCH))
+                try:
+                    read = await store_call(self.jobs.events_after(job_id, after, STREAM_BATCH))
+                except (StoreUnavailable, ServerError) as exc:  # the client resumes it
+                    said = type(exc).__name__
+                    log.warning("job %s: its event stream stopped (%s): resumed", job_id, said)
+                    return
+                rec, events = read
                 for event in events:
                     yield event_view(event)
                     after = event.seq

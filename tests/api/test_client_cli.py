@@ -537,6 +537,8 @@ class EventsStandIn:
     says_end: bool = True
     silent_streams: int = 0
     """The first this many streams close without `end` (a service stopping)."""
+    refusals: dict[int, int] = field(default_factory=dict)
+    """Stream number (1, 2, ...) → the status it is refused with instead."""
     ends_at_read: int = 0
     drop_after: int = 2
     drops: int = 1
@@ -587,9 +589,14 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
 
         def stream(self, last: str | None) -> None:
             stand_in.last_event_ids.append(last)
+            refused = stand_in.refusals.get(len(stand_in.last_event_ids))
+            if refused is not None:
+                return self.answer(refused, {"error": {"code": "x", "message": "refused"}})
             cut = len(stand_in.last_event_ids) <= stand_in.drops
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
+            if stand_in.says_end:
+                self.send_header("tether-stream-ends", "end")
             self.end_headers()
             self.wfile.write(b": keep-alive\n\n")
             sent = 0
@@ -665,18 +672,34 @@ def test_standin_follow_resumes_a_stream_closed_after_finished_without_its_end(s
     assert stand_in.last_event_ids == [None, "4"]
 
 
-def test_standin_follow_of_a_service_that_does_not_say_end_ends_after_finished(
-    stand_in, monkeypatch
-):
-    """A service older than `event: end` closes the stream after `finished`:
-    looked at again a few times (a stopped service's stream ends so too),
-    then the end, exit 0."""
+def test_standin_follow_of_a_service_that_does_not_say_end_ends_after_finished(stand_in):
+    """A service older than `end` (no `Tether-Stream-Ends` header) closes the
+    stream after `finished`: that is the end, exit 0."""
     stand_in.says_end, stand_in.drops = False, 0
-    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
     done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
     assert done.exit_code == 0, done.stderr
     assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
-    assert stand_in.last_event_ids == [None, "4", "4", "4"]  # the first, then three looks
+    assert stand_in.last_event_ids == [None]
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_standin_follow_resumes_after_a_restarting_answer(stand_in, monkeypatch, status):
+    """A proxy (or the service without its store) answers 502-504 while a
+    host restarts: tried again, as a refused connection is."""
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    stand_in.refusals = {2: status, 3: status}
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01, 0.01))
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert stand_in.last_event_ids == [None, "4", "4", "4"]
+
+
+def test_standin_follow_of_a_job_deleted_after_its_end_ends_there(stand_in):
+    stand_in.drops, stand_in.silent_streams, stand_in.refusals = 0, 1, {2: 404}
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line)["type"] for line in done.stdout.splitlines()][-1] == "finished"
 
 
 def test_standin_follow_gives_up_with_exit_4_when_the_stream_keeps_breaking(stand_in, monkeypatch):

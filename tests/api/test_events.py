@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import core.events
+from core.errors import StoreUnavailable
 from core.store.jobs import Event, JobRecord
 from tests.conftest import Hit, Service, eventually
 from tests.core.test_notify import SECRET as NOTIFY_SECRET
@@ -102,6 +103,7 @@ async def stream(
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["tether-stream-ends"] == "end"
         async for message in messages(response):
             got.append(message)
     if ends:
@@ -497,3 +499,30 @@ async def test_listeners_hear_each_event_with_the_job_as_it_became(start_service
         ("callback", "failed", 4),
         ("finished", "failed", 4),
     ]
+
+
+async def test_a_store_error_mid_stream_closes_it_without_its_end(start_service, receiver, caplog):
+    """The store fails while a stream is open: the stream is closed (no `end`:
+    the client resumes it), with one warning line, not an ASGI traceback."""
+    svc = await start_service()
+    await start(svc, receiver, "shaky")
+    await svc.wait_state("shaky", "running")
+    jobs = svc.tether.events.jobs
+    real = jobs.events_after
+    calls = 0
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls >= 2:
+            raise StoreUnavailable("the embedded store failed: disk I/O error")
+        return await real(*args, **kwargs)
+
+    jobs.events_after = failing
+    try:
+        got = await asyncio.wait_for(stream(svc, "shaky", ends=False), 10)
+    finally:
+        jobs.events_after = real
+    assert [m["event"] for m in got] == ["accepted", "triggered"]
+    said = [r.getMessage() for r in caplog.records if "event stream stopped" in r.getMessage()]
+    assert said == ["job shaky: its event stream stopped (StoreUnavailable): resumed"]
