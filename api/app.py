@@ -11,6 +11,7 @@ import pluggy
 from litestar import Litestar, Router
 from litestar.di import Provide
 
+import api.server
 from api.access import Observer, log_request, observed
 from api.auth import Sessions, api_token_guard, guarding
 from api.controllers import (
@@ -27,6 +28,7 @@ from api.metrics import install as install_metrics
 from api.metrics import metrics, observe_request
 from api.openapi import openapi_config
 from api.ui import TEMPLATES, ui_router
+from core.errors import StoreUnavailable
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings, get_settings, listed
@@ -51,7 +53,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        opened.append(await Tether.open(settings, plugins))
+        try:
+            opened.append(await Tether.open(settings, plugins))
+        except StoreUnavailable:  # down for now: a supervisor tries again (api.server)
+            api.server.store_down_at_start = True
+            raise
         try:
             yield
         finally:

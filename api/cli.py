@@ -253,6 +253,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,
     )
+    from uvicorn.config import STARTUP_FAILURE
+
     from api.server import Supervisor, TetherServer  # uvicorn's, waking less when idle
 
     if workers <= 1:
@@ -260,8 +262,11 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         TetherServer(config).run()
         return
     sock.set_inheritable(True)  # several workers share it
+    supervisor = Supervisor(config, sockets=[sock])
     with multiprocess_dir(workers):  # the workers read it as they start
-        Supervisor(config, sockets=[sock]).run()
+        supervisor.run()
+    if supervisor.failed:
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def listening_socket(host: str, port: int, flag: str) -> socket.socket:

@@ -62,6 +62,20 @@ after 0.5 s plus that."""
 
 RESTART_GAP = 0.5
 """Seconds the supervisor waits before replacing a worker that exited."""
+RESTART_GAP_MAX = 30.0
+"""The longest wait before replacing a worker that could not reach the store
+as it started: the wait doubles from `RESTART_GAP` each time, and goes back
+to it once every worker answers a ping."""
+STORE_DOWN_AT_START = 75
+"""A worker's exit status when its start failed because the store did not
+answer (EX_TEMPFAIL): the store answered `tether serve`'s own look before the
+workers started, so it is down for now, and the worker is replaced (with a
+growing wait) rather than the host stopped. Any other failed start stops
+the supervisor, with uvicorn's `STARTUP_FAILURE` as `tether serve`'s exit
+status."""
+store_down_at_start = False
+"""Set by the app's lifespan, in a worker, when the store did not answer as
+it opened (`api.app`)."""
 
 DEFER = 0.002
 """Seconds a worker leaves a new connection to a worker holding fewer before
@@ -209,7 +223,7 @@ class TetherServer(Server):
         # `Balance`: uvloop accepts inside libuv, every waiting connection at once.
         await self.lifespan.startup()
         if self.lifespan.should_exit:
-            sys.exit(STARTUP_FAILURE)
+            sys.exit(STORE_DOWN_AT_START if store_down_at_start else STARTUP_FAILURE)
         config, state = self.config, self.server_state
 
         balance = self.balance
@@ -298,6 +312,11 @@ class Supervisor(Multiprocess):
         os.set_blocking(self._wake_w, False)
         for sig in SIGNALS:
             signal.signal(sig, self._signalled)
+        self.gap = RESTART_GAP
+        """The wait before replacing a worker that exited (`RESTART_GAP_MAX`)."""
+        self.failed = False
+        """A worker failed to start for another reason than the store: the
+        supervisor stopped (`tether serve` exits with `STARTUP_FAILURE`)."""
 
     def _signalled(self, sig: int, frame: FrameType | None) -> None:
         self.signal_queue.append(sig)
@@ -329,7 +348,7 @@ class Supervisor(Multiprocess):
                 # A worker that keeps dying (killed for memory, a crash at
                 # import) is replaced at most every RESTART_GAP, as uvicorn's
                 # poll did; a signal ends the pause.
-                wait([self._wake_r], RESTART_GAP)
+                wait([self._wake_r], self.gap)
             if time.monotonic() >= next_ping:
                 self.keep_subprocess_alive()
                 next_ping = time.monotonic() + PING_INTERVAL
@@ -365,11 +384,18 @@ class Supervisor(Multiprocess):
                 return
         if not ping:
             return
+        answered = True
         for idx, process in enumerate(self.processes):
-            if gone[idx] or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if gone[idx]:
+                answered = False
                 continue
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            answered = False
             if not self._replace(idx):  # hung: killed and replaced
                 return
+        if answered:
+            self.gap = RESTART_GAP
 
     def _replace(self, idx: int) -> bool:
         """Kill (a no-op if it exited) and replace worker `idx`; False when
@@ -383,11 +409,19 @@ class Supervisor(Multiprocess):
             logger.error(
                 f"Child process [{process.pid}] failed to start, stopping the parent process."
             )
+            self.failed = True
             self.should_exit.set()
             return False
         if self.should_exit.is_set():
             return False
-        logger.info(f"Child process [{process.pid}] died")
+        if process.exitcode == STORE_DOWN_AT_START:
+            logger.error(
+                f"Child process [{process.pid}] could not reach the store as it started;"
+                f" trying again in {self.gap:g}s (the other workers serve what they can)"
+            )
+            self.gap = min(self.gap * 2, RESTART_GAP_MAX)
+        else:
+            logger.info(f"Child process [{process.pid}] died")
         process = self._process(idx)
         process.start()
         self.processes[idx] = process

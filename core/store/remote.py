@@ -244,8 +244,12 @@ class RemoteConnection:
     async def check(self) -> None:
         """One request (`promise.get`) to show the server is there, speaks the
         protocol and takes the token; `StoreConfigError` saying which is not
-        so, never showing the token. Bounded by `STORE_WAIT`."""
+        so, never showing the token, or `StoreUnavailable` when it did not
+        answer at all (down for now: a worker starting then is tried again,
+        `api.server.STORE_DOWN_AT_START`). Bounded by `STORE_WAIT`."""
         problem = await self._probe()
+        if problem.startswith(self._silent):
+            raise StoreUnavailable(problem)
         if problem:
             raise StoreConfigError(problem)
 
@@ -381,10 +385,15 @@ class RemoteConnection:
     def _where(self) -> str:
         return f"the Resonate server at {describe(self.url)}"
 
+    @property
+    def _silent(self) -> str:
+        """How `_unanswered` begins."""
+        return f"{self._where} did not answer: "
+
     def _unanswered(self, exc: BaseException) -> str:
         """What to say of a request `_ask` could not make (a timeout says only so)."""
         reason = "" if isinstance(exc, TimeoutError) else str(exc)
-        return f"{self._where} did not answer: {reason or type(exc).__name__}"
+        return f"{self._silent}{reason or type(exc).__name__}"
 
     def _paired_id(self, promise: dict[str, Any]) -> str:
         paired = (promise.get("tags") or {}).get(PAIRING)
@@ -400,7 +409,7 @@ class RemoteConnection:
         try:
             http_status, text = await self._ask(kind, data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise StoreConfigError(self._unanswered(exc)) from None
+            raise StoreUnavailable(self._unanswered(exc)) from None
         answer = _protocol_answer(text, kind)
         if answer is not None and answer[0] == 404:
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ from core.store.remote import RemoteStore
 from tests.conftest import HOLD, Hit, Receiver, eventually, test_settings, wait_until
 from tests.process import TetherProcess, wait_for
 from tests.resonate_server.stand_in import RUNNING, StandIn
+from tests.system.test_notify_workers import worker_pids
 
 TOKEN = "t0ken-the-log-must-never-show"
 
@@ -110,6 +112,60 @@ def test_a_killed_service_on_a_resonate_server_finishes_its_jobs_after_restart(t
     assert set(server.authorizations) == {f"Bearer {TOKEN}"}
     log = first.log.read_text()  # both runs write to it (same port)
     assert log.count(f"store {server.url},") == 2 and TOKEN not in log
+
+
+def test_a_worker_replaced_while_the_server_is_down_comes_back_with_it(tmp_path, receiver):
+    """The server stops; a worker dies (SIGKILL) meanwhile: its replacement
+    cannot reach the server as it starts, and is tried again with a growing
+    wait while the other worker serves what it can (the job index), instead
+    of the whole host stopping (it did, with exit status 0). The server
+    returns: both workers serve, and the job waiting from before finishes."""
+    server = StandIn(tmp_path / "resonate.db", token=TOKEN).start()
+    served = TetherProcess(
+        tmp_path,
+        {
+            "TETHER_STORE": server.url,
+            "TETHER_INDEX": f"sqlite:///{tmp_path}/index.db",
+            "TETHER_STORE_TOKEN": TOKEN,
+        },
+        args=("--workers", "2"),
+    ).start()
+    again: StandIn | None = None
+    try:
+        with served.client() as client:
+            start_job(client, receiver, "w")
+            wait_for(client, "w", "running", recorded=True)
+        assert served.proc is not None
+        [first, second] = worker_pids(served.proc.pid)
+        server.stop()
+        os.kill(first, signal.SIGKILL)
+        wait_until(
+            lambda: "could not reach the store as it started" in served.log.read_text(),
+            timeout=30,
+        )
+        time.sleep(1.0)
+        assert served.proc.poll() is None  # the supervisor goes on
+        with served.client() as client:  # the other worker reads the index
+            assert client.get("/jobs/w").json()["state"] == "running"
+        again = StandIn(tmp_path / "resonate.db", token=TOKEN, port=server.port).start()
+
+        def both_serve() -> bool:
+            assert served.proc is not None
+            pids = worker_pids(served.proc.pid)
+            return len(pids) == 2 and second in pids and first not in pids
+
+        wait_until(both_serve, timeout=40)
+        answer = callback(receiver, "w", {"status": "succeeded", "result": 1})
+        assert answer.status_code == 200 and answer.json()["outcome"] == "accepted"
+        with served.client() as client:
+            wait_until(lambda: client.get("/health").status_code == 200, timeout=20)
+            assert wait_for(client, "w", "succeeded")["result"] == 1
+    finally:
+        served.kill()
+        server.stop()
+        if again is not None:
+            again.stop()
+    assert TOKEN not in served.log.read_text()
 
 
 def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_path, receiver):
