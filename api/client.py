@@ -53,6 +53,13 @@ rereads it at once, this only covers a state change that brings no event."""
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 """Pauses before each new try once a service stops answering mid-watch or
 mid-stream (a restart): then the command gives up with exit status 4."""
+RETRY_FOR = 120.0
+"""Seconds `tether complete` (and `tether heartbeat`) go on trying when the
+service cannot be reached or answers `RESTARTING` (`--retry-for`): an
+external job's outcome is worth a wait through a restart, and repeating a
+callback or a heartbeat is safe (a repeated outcome is a duplicate)."""
+
+
 HEALTHY_STREAM = 5.0
 """Seconds a stream that brought no event must have stayed open to count as
 a service that answers (a stream waiting past `finished` for a notification
@@ -910,16 +917,32 @@ def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
 )
 @click.option("--result", type=JsonValue(objects=False), help="Its result: JSON, or @FILE.")
 @click.option("--error", "message", metavar="MESSAGE", help="Why it failed (with --status failed).")
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=RETRY_FOR,
+    show_default=True,
+    metavar="SECONDS",
+    help="Go on trying this long while the service cannot be reached or is restarting"
+    " (502-504); 0: one try.",
+)
 @json_option
 def complete(
-    callback_url: str, status: str, result: Any, message: str | None, as_json: bool
+    callback_url: str,
+    status: str,
+    result: Any,
+    message: str | None,
+    retry_for: float,
+    as_json: bool,
 ) -> None:
     """Report an external job's outcome to its CALLBACK_URL, as the external
     system would (POST CALLBACK_URL).
 
     The URL carries its own token: the API token is not sent, and the token is
     never printed. A different outcome recorded first, or a job canceled or
-    timed out, is an error (exit 4)."""
+    timed out, is an error (exit 4). A service that cannot be reached or is
+    restarting is tried again for up to --retry-for seconds (a repeat is
+    safe: the same outcome again is a duplicate)."""
     if message is not None and status != "failed":
         raise click.BadParameter("goes with --status failed", param_hint="'--error'")
     body: dict[str, Any] = {"status": status}
@@ -928,7 +951,7 @@ def complete(
     if message is not None:
         body["error"] = {"message": message}
 
-    answer = asyncio.run(post_to(callback_url, body))
+    answer = asyncio.run(post_to(callback_url, body, retry_for))
 
     def table() -> RenderableType:
         said = Text(printable(f"{answer['outcome']}: {answer['message']}"))
@@ -937,21 +960,44 @@ def complete(
     emit(answer, as_json, table)
 
 
-async def post_to(url: str, body: Any) -> Any:
+async def post_to(url: str, body: Any, retry_for: float = RETRY_FOR) -> Any:
     """POST `body` to a URL that carries its own token (a callback URL): the
-    API token is not sent, and no error shows the token."""
+    API token is not sent, and no error shows the token. Tried again while
+    the service cannot be reached or answers 502-504 (its `Retry-After`, or
+    0.5 s doubling to 10 s), for up to `retry_for` seconds; each wait is said
+    on stderr."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.5
     async with httpx.AsyncClient(timeout=30) as http:
-        try:
-            response = await http.post(url, json=body)
-        except httpx.TransportError as exc:
-            raise unreachable(url, exc) from None
-        except httpx.InvalidURL:
-            raise click.BadParameter(
-                "not a URL", param_hint="'CALLBACK_URL'"
-            ) from None  # no text of its own: it may quote the token
+        while True:
+            try:
+                response = await http.post(url, json=body)
+            except httpx.TransportError as exc:
+                failure, wait = unreachable(url, exc), delay
+            except httpx.InvalidURL:
+                raise click.BadParameter(
+                    "not a URL", param_hint="'CALLBACK_URL'"
+                ) from None  # no text of its own: it may quote the token
+            else:
+                if response.status_code not in RESTARTING:
+                    break
+                failure, wait = error_answer(response), max(delay, _retry_after(response))
+            if time.monotonic() + wait > deadline:
+                raise failure
+            click.echo(f"tether: {failure}; trying again in {wait:g}s", err=True)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, 10.0)
     if response.is_error:
         raise error_answer(response)
     return payload(response)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds a `Retry-After` asks for (0 when it asks none, or as a date)."""
+    try:
+        return min(max(float(response.headers.get("retry-after", 0)), 0.0), 60.0)
+    except ValueError:
+        return 0.0
 
 
 def heartbeat_url(callback_url: str) -> str:

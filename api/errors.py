@@ -60,16 +60,35 @@ class ErrorResponse(msgspec.Struct, frozen=True):
     error: ErrorBody
 
 
+RETRY_AFTER = "1"
+"""Seconds a 503 (the store did not answer) asks a client to wait before it
+tries again (`Retry-After`)."""
+UNKNOWN_EFFECT = (
+    "; the request may have taken effect all the same (the store may have applied it late):"
+    " repeat it, which is safe (a repeated job is reattached, a repeated callback is a"
+    " duplicate, a repeated cancel of a job it canceled is 409)"
+)
+"""What a 503 to a request that changes something adds: the store was asked,
+and did not answer in time, which is not the same as refused."""
+
+
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response[Any]:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status == 503:
+        headers = {"Retry-After": RETRY_AFTER}
     return Response(
         ErrorResponse(ErrorBody(code, message, details)), status_code=status, headers=headers
     )
 
 
-def tether_error(_: Request[Any, Any, Any], exc: TetherError) -> Response[Any]:
+def tether_error(request: Request[Any, Any, Any], exc: TetherError) -> Response[Any]:
     status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-    return error_response(status, exc.code, exc.message, exc.details)
+    message = exc.message
+    if status == 503 and request.method == "POST":
+        message += UNKNOWN_EFFECT
+    return error_response(status, exc.code, message, exc.details)
 
 
 def bad_request(message: str, field: str, where: str = "query") -> HTTPException:

@@ -441,13 +441,53 @@ def test_complete_settles_the_job_and_never_shows_the_token(service, receiver):
     assert refused.exit_code == 4
     assert refused.stderr == "tether: missing or invalid callback token (HTTP 401)\n"
     gone = url.replace(f":{service.port}/", f":{free_port()}/")
-    unreachable = tether(service.url, "complete", gone, "--status", "failed")
+    unreachable = tether(service.url, "complete", gone, "--status", "failed", "--retry-for", "1")
     assert unreachable.returncode == 4
-    assert unreachable.stderr == f"tether: cannot reach {gone.split('?')[0]}: connection refused\n"
+    said = f"tether: cannot reach {gone.split('?')[0]}: connection refused"
+    assert unreachable.stderr.splitlines() == [f"{said}; trying again in 0.5s", said]
     for result in (done, again, as_json, duplicate, refused):
         assert token not in result.stdout + result.stderr
         assert "forged" not in result.stderr
     assert token not in unreachable.stdout + unreachable.stderr
+
+
+def test_complete_goes_on_through_a_restart_answered_503(monkeypatch):
+    """A service (or its proxy) restarting answers 503: `complete` waits as
+    `Retry-After` says and tries again; the outcome is delivered once."""
+    posted: list[Any] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posted.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            if len(posted) <= 2:
+                data, status, extra = b'{"error": {"message": "down"}}', 503, {"retry-after": "0"}
+            else:
+                job = {"id": "j", "backend": "http_webhook", "state": "succeeded"}
+                answer = {"outcome": "accepted", "message": "ok", "job": job}
+                data, status, extra = json.dumps(answer).encode(), 200, {}
+            self.send_response(status)
+            for name, value in {"content-type": "application/json", **extra}.items():
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/callbacks/j:1?token=secret-t"
+        done = cli("http://unused", "complete", url, "--status", "succeeded", "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "accepted"
+    assert posted == [{"status": "succeeded"}] * 3
+    assert done.stderr.count("down (HTTP 503); trying again in 0.5s") == 1
+    assert "secret-t" not in done.stderr
 
 
 def test_complete_failed_sends_the_error_and_not_the_api_token(service, receiver):
