@@ -1019,8 +1019,17 @@ def heartbeat_url(callback_url: str) -> str:
     type=JsonValue(objects=False),
     help="How far along the run is: any JSON, or @FILE; shown as the job's `progress`.",
 )
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=RETRY_FOR,
+    show_default=True,
+    metavar="SECONDS",
+    help="Go on trying this long while the service cannot be reached or is restarting"
+    " (502-504); 0: one try.",
+)
 @json_option
-def heartbeat(callback_url: str, progress: Any, as_json: bool) -> None:
+def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool) -> None:
     """Tell Tether the external job at CALLBACK_URL is alive, and how far along
     it is, as the external system would (POST CALLBACK_URL/heartbeat). The
     heartbeat URL the trigger hands out works too.
@@ -1028,7 +1037,7 @@ def heartbeat(callback_url: str, progress: Any, as_json: bool) -> None:
     The URL carries its own token: the API token is not sent, and the token is
     never printed. A job that has ended is an error (exit 4)."""
     body = {"progress": progress} if progress is not None else None
-    answer = asyncio.run(post_to(heartbeat_url(callback_url), body))
+    answer = asyncio.run(post_to(heartbeat_url(callback_url), body, retry_for))
 
     def table() -> RenderableType:
         return job_table(answer)
