@@ -426,9 +426,11 @@ class Tether:
                 )
         try:
             # A new job, or one whose start may have been lost (pending). Not a
-            # finished one: retention may have deleted its workflow's promises
-            # (an hour before its row), and a start would make it again.
-            if not stored.finished:
+            # running one (its workflow triggered it: a repeat only reattaches,
+            # and need not wait on the store), nor a finished one: retention
+            # may have deleted its workflow's promises (an hour before its
+            # row), and a start would make it again.
+            if stored.state == "pending":
                 await self._start(stored)
         except (StoreUnavailable, ServerError, DecodingError) as exc:
             # The job is recorded: its workflow is started once the store

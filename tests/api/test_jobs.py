@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
+import core.service
 from core.errors import SHOWN_MAX, shown
 from core.plugin import hookimpl
 from plugins.http_webhook import HttpWebhook
@@ -67,6 +68,30 @@ async def test_the_same_start_twice_reattaches_and_triggers_once(start_service, 
     assert callback.json()["outcome"] == "accepted"
     await svc.wait_state("dup", "succeeded")
     assert len(receiver.hits) == 1
+
+
+async def test_a_repeat_of_a_running_job_does_not_wait_on_its_workflow(
+    start_service, receiver, monkeypatch
+):
+    """A running job's workflow triggered it: a repeat reattaches from the
+    index alone, so a store slow to answer does not hold it (it waited 8 s and
+    logged that the workflow would start once the store answered)."""
+    svc = await start_service()
+    body = {"id": "ran", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state("ran", "running")
+    started: list[str] = []
+
+    async def start(worker: Any, target: str, rec: Any) -> None:
+        started.append(rec.id)
+
+    monkeypatch.setattr(core.service.workflow, "start", start)
+    again = await svc.client.post("/jobs", json=body)
+    assert again.status_code == 200 and again.json()["state"] == "running"
+    assert started == []
+    pending = {**body, "id": "new"}
+    assert (await svc.client.post("/jobs", json=pending)).status_code == 201
+    assert started == ["new"]  # a new job's workflow is started, as ever
 
 
 async def test_the_same_id_with_another_request_is_a_conflict_naming_what_differs(
