@@ -25,7 +25,7 @@ from api.app import create_app, token_problem
 from api.client import COMMANDS as CLIENT_COMMANDS
 from api.client import add_client_commands
 from api.http import SERVER_OPTIONS
-from api.logs import StaleLeases, formatter, lean_records
+from api.logs import Repeats, StaleLeases, formatter, lean_records
 from api.metrics import multiprocess_dir
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
@@ -87,12 +87,16 @@ def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"plain": formatter(log_format)},
-        "filters": {"rename": {"()": RenameLoggers}, "stale": {"()": StaleLeases}},
+        "filters": {
+            "rename": {"()": RenameLoggers},
+            "stale": {"()": StaleLeases},
+            "repeats": {"()": Repeats},
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "plain",
-                "filters": ["rename", "stale"],
+                "filters": ["rename", "stale", "repeats"],
                 "stream": "ext://sys.stderr",
             }
         },

@@ -12,6 +12,7 @@ never put in log messages in the first place.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +73,8 @@ class StaleLeases(logging.Filter):
     MESSAGES = ("core: execution failed, releasing task", "core: failed to release task")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "resonate.observability" and record.levelno >= logging.ERROR:
+            return self._background(record)
         if record.name != "resonate.core" or not record.exc_info or record.levelno < logging.ERROR:
             return True
         if not str(record.msg).startswith(self.MESSAGES):
@@ -83,6 +86,48 @@ class StaleLeases(logging.Filter):
             said = str(conflict).replace("%", "%%")
             record.msg = f"{record.msg} (the task had passed to another process: {said})"
             record.exc_info = record.exc_text = None
+        return True
+
+    @staticmethod
+    def _background(record: logging.LogRecord) -> bool:
+        """The SDK's `background task failed: <cause>` for a task its server
+        gave another process (409 conflict, after a stall or an outage longer
+        than the lease), as a WARNING saying so."""
+        cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        conflict = isinstance(cause, BaseException) and _is_conflict(cause)
+        if conflict and str(record.msg).startswith("background task failed"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"{record.msg} (the task had passed to another process)"
+        return True
+
+
+class Repeats(logging.Filter):
+    """The SDK's warnings each time its message stream from a Resonate
+    server fails to connect again (every 5 s per worker while the server is
+    down: thousands an hour): the first, then at most one each `EVERY`
+    seconds, saying how many like it were left out."""
+
+    EVERY = 60.0
+    MESSAGES = ("SSE connection failed, retrying", "SSE endpoint returned")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: dict[str, float] = {}
+        self._left: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.name != "resonate.connections.sse" or not message.startswith(self.MESSAGES):
+            return True
+        now = time.monotonic()
+        shown = self._shown.get(message)
+        if shown is not None and now - shown < self.EVERY:
+            self._left[message] = self._left.get(message, 0) + 1
+            return False
+        self._shown[message] = now
+        left = self._left.pop(message, 0)
+        if left:
+            record.msg = f"{message} ({left} more like it in the last {self.EVERY:g} s)"
         return True
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from resonate.error import PlatformError, ServerError
 
+import api.logs
 from api.cli import log_config
-from api.logs import TEXT_FORMAT, JsonFormatter, StaleLeases, formatter
+from api.logs import TEXT_FORMAT, JsonFormatter, Repeats, StaleLeases, formatter
 
 
 def record(msg: str, *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:
@@ -176,3 +177,57 @@ def test_the_service_logs_through_the_stale_lease_filter():
     config = log_config("INFO")
     assert config["filters"]["stale"] == {"()": StaleLeases}
     assert "stale" in config["handlers"]["stderr"]["filters"]
+
+
+def test_the_sdks_background_409_is_a_warning_and_other_failures_stay_errors():
+    def background(cause: Exception) -> logging.LogRecord:
+        return logging.getLogger("resonate.observability").makeRecord(
+            "resonate.observability",
+            logging.ERROR,
+            __file__,
+            1,
+            "background task failed: %s",
+            (cause,),
+            None,
+        )
+
+    stale = background(ServerError(409, "conflict: task h1 is acquired, not pending"))
+    assert StaleLeases().filter(stale)
+    assert (stale.levelno, stale.levelname) == (logging.WARNING, "WARNING")
+    assert stale.getMessage().endswith("(the task had passed to another process)")
+    other = background(ServerError(500, "boom"))
+    assert StaleLeases().filter(other)
+    assert other.levelno == logging.ERROR and other.getMessage().endswith("boom")
+
+
+def test_the_sdks_reconnect_warnings_are_shown_once_a_minute_with_a_count(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(api.logs.time, "monotonic", lambda: now[0])
+    repeats = Repeats()
+
+    def failed() -> logging.LogRecord:
+        return logging.getLogger("resonate.connections.sse").makeRecord(
+            "resonate.connections.sse",
+            logging.WARNING,
+            __file__,
+            1,
+            "SSE connection failed, retrying (backoff=%ss): %s",
+            (5.0, "refused"),
+            None,
+        )
+
+    shown = []
+    for _ in range(13):  # every 5 s for a minute and a bit
+        line = failed()
+        if repeats.filter(line):
+            shown.append(line.getMessage())
+        now[0] += 5.0
+    assert shown == [
+        "SSE connection failed, retrying (backoff=5.0s): refused",
+        "SSE connection failed, retrying (backoff=5.0s): refused"
+        " (11 more like it in the last 60 s)",
+    ]
+    other = logging.getLogger("tether").makeRecord(
+        "tether", logging.WARNING, __file__, 1, "x", (), None
+    )
+    assert all(repeats.filter(other) for _ in range(3))  # other lines pass as they are
