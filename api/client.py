@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -58,6 +59,17 @@ RETRY_FOR = 120.0
 service cannot be reached or answers `RESTARTING` (`--retry-for`): an
 external job's outcome is worth a wait through a restart, and repeating a
 callback or a heartbeat is safe (a repeated outcome is a duplicate)."""
+
+
+RETRY_FOR_MAX = 7 * 86400.0
+"""The most `--retry-for` takes (a week; `nan` and `inf` are refused too)."""
+
+
+def finite(seconds: float) -> float:
+    """`seconds`, unless it is `nan` (which every range lets through)."""
+    if math.isnan(seconds):
+        raise click.BadParameter("not a number of seconds")
+    return seconds
 
 
 HEALTHY_STREAM = 5.0
@@ -919,7 +931,8 @@ def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
 @click.option("--error", "message", metavar="MESSAGE", help="Why it failed (with --status failed).")
 @click.option(
     "--retry-for",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
+    callback=lambda ctx, param, value: finite(value),
     default=RETRY_FOR,
     show_default=True,
     metavar="SECONDS",
@@ -972,19 +985,20 @@ async def post_to(url: str, body: Any, retry_for: float = RETRY_FOR) -> Any:
         while True:
             try:
                 response = await http.post(url, json=body)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+                raise click.BadParameter(
+                    "not an http:// or https:// URL", param_hint="'CALLBACK_URL'"
+                ) from None  # no text of its own: it may quote the token
             except httpx.TransportError as exc:
                 failure, wait = unreachable(url, exc), delay
-            except httpx.InvalidURL:
-                raise click.BadParameter(
-                    "not a URL", param_hint="'CALLBACK_URL'"
-                ) from None  # no text of its own: it may quote the token
             else:
                 if response.status_code not in RESTARTING:
                     break
                 failure, wait = error_answer(response), max(delay, _retry_after(response))
             if time.monotonic() + wait > deadline:
                 raise failure
-            click.echo(f"tether: {failure}; trying again in {wait:g}s", err=True)
+            said = printable(failure.message)
+            click.echo(f"tether: {said}; trying again in {wait:g}s", err=True)
             await asyncio.sleep(wait)
             delay = min(delay * 2, 10.0)
     if response.is_error:
@@ -1021,7 +1035,8 @@ def heartbeat_url(callback_url: str) -> str:
 )
 @click.option(
     "--retry-for",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
+    callback=lambda ctx, param, value: finite(value),
     default=RETRY_FOR,
     show_default=True,
     metavar="SECONDS",

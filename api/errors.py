@@ -65,11 +65,11 @@ RETRY_AFTER = "1"
 tries again (`Retry-After`)."""
 UNKNOWN_EFFECT = (
     "; the request may have taken effect all the same (the store may have applied it late):"
-    " repeat it, which is safe (a repeated job is reattached, a repeated callback is a"
-    " duplicate, a repeated cancel of a job it canceled is 409)"
+    " repeat it as it was (a job with its id is reattached, a callback is a duplicate, a"
+    " cancel of a job it canceled is 409, a retry with `attempt` starts no other)"
 )
-"""What a 503 to a request that changes something adds: the store was asked,
-and did not answer in time, which is not the same as refused."""
+"""What a 503 adds to a request that changes something when the store was
+asked and did not answer in time, which is not the same as refused."""
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response[Any]:
@@ -86,7 +86,7 @@ def error_response(status: int, code: str, message: str, details: Any = None) ->
 def tether_error(request: Request[Any, Any, Any], exc: TetherError) -> Response[Any]:
     status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
     message = exc.message
-    if status == 503 and request.method == "POST":
+    if isinstance(exc, StoreUnavailable) and exc.unknown_effect and request.method == "POST":
         message += UNKNOWN_EFFECT
     return error_response(status, exc.code, message, exc.details)
 

@@ -65,7 +65,7 @@ RESTART_GAP = 0.5
 RESTART_GAP_MAX = 30.0
 """The longest wait before replacing a worker that could not reach the store
 as it started: the wait doubles from `RESTART_GAP` each time, and goes back
-to it once every worker answers a ping."""
+to it once every worker serves (its connection count is set)."""
 STORE_DOWN_AT_START = 75
 """A worker's exit status when its start failed because the store did not
 answer (EX_TEMPFAIL): the store answered `tether serve`'s own look before the
@@ -348,7 +348,7 @@ class Supervisor(Multiprocess):
                 # A worker that keeps dying (killed for memory, a crash at
                 # import) is replaced at most every RESTART_GAP, as uvicorn's
                 # poll did; a signal ends the pause.
-                wait([self._wake_r], self.gap)
+                wait([self._wake_r], RESTART_GAP)
             if time.monotonic() >= next_ping:
                 self.keep_subprocess_alive()
                 next_ping = time.monotonic() + PING_INTERVAL
@@ -384,17 +384,14 @@ class Supervisor(Multiprocess):
                 return
         if not ping:
             return
-        answered = True
         for idx, process in enumerate(self.processes):
-            if gone[idx]:
-                answered = False
+            if gone[idx] or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue
-            answered = False
             if not self._replace(idx):  # hung: killed and replaced
                 return
-        if answered:
+        # Every worker serves (a worker still starting answers pings too: its
+        # count is set only once it serves): the store is back.
+        if not any(gone) and all(c != NO_WORKER for c in self.counts[: len(self.processes)]):
             self.gap = RESTART_GAP
 
     def _replace(self, idx: int) -> bool:
@@ -419,7 +416,9 @@ class Supervisor(Multiprocess):
                 f"Child process [{process.pid}] could not reach the store as it started;"
                 f" trying again in {self.gap:g}s (the other workers serve what they can)"
             )
-            self.gap = min(self.gap * 2, RESTART_GAP_MAX)
+            waited, self.gap = self.gap, min(self.gap * 2, RESTART_GAP_MAX)
+            if wait([self._wake_r], waited):
+                return True  # a signal: handled first (the exited worker is seen again)
         else:
             logger.info(f"Child process [{process.pid}] died")
         process = self._process(idx)

@@ -68,6 +68,9 @@ class StoreUnavailable(TetherError):
     """The durable store did not answer."""
 
     code = "store_unavailable"
+    unknown_effect = False
+    """The store was asked and did not answer in time (`core.settle.store_call`):
+    it may have applied the request late. False where nothing was asked."""
 
 
 class BackendError(Exception):

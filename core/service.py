@@ -142,7 +142,11 @@ class Tether:
                 log.error("%s", refused)
             tether._join()
             await tether.checks.count_missing()  # `/health` says so from its first answer
-            await tether.resume_pending()
+            try:
+                await tether.resume_pending()
+            except (ServerError, DecodingError) as exc:  # a store answering 5xx, a proxy's page
+                await tether.close()
+                raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
         return tether
 
     def _join(self) -> None:

@@ -60,7 +60,9 @@ async def store_call[T](awaitable: Awaitable[T]) -> T:
         async with asyncio.timeout(STORE_CALL_TIMEOUT):
             return await awaitable
     except (ConnectorError, OSError, TimeoutError) as exc:
-        raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from None
+        unavailable = StoreUnavailable(f"the store did not answer: {type(exc).__name__}")
+        unavailable.unknown_effect = True  # asked: it may apply the request late
+        raise unavailable from None
 
 
 def store_refusal(exc: ServerError) -> str:

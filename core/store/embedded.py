@@ -493,9 +493,12 @@ async def _open(
     except BaseException as exc:
         await driver.close()
         await connection.stop()
-        if isinstance(exc, StoreUnavailable | StoreConfigError):
-            reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
-            raise StoreConfigError(f"cannot open the embedded store at {path}: {reason}") from None
+        if isinstance(exc, StoreUnavailable):  # locked for longer than a start waits
+            raise StoreUnavailable(
+                f"cannot open the embedded store at {path}: {exc.message}"
+            ) from None
+        if isinstance(exc, StoreConfigError):
+            raise StoreConfigError(f"cannot open the embedded store at {path}: {exc}") from None
         raise
     return (
         connection,

@@ -73,9 +73,11 @@ class PostgresStore(Store):
             await migrate(driver)
         except Exception as exc:
             await driver.close()
-            if isinstance(exc, StoreUnavailable):
-                reason = exc.message
-            elif isinstance(exc, StoreConfigError):
+            if isinstance(exc, StoreUnavailable):  # down for now, not a setting's fault
+                raise StoreUnavailable(
+                    f"cannot open the Postgres store {describe(url)}: {exc.message}"
+                ) from None
+            if isinstance(exc, StoreConfigError):
                 reason = str(exc)
             elif isinstance(exc, psycopg.Error):  # e.g. no CREATE on the schema for its tables
                 secrets = dsn_secrets(url)

@@ -323,9 +323,12 @@ class RemoteConnection:
         if http_status in (401, 403) or status in (401, 403):
             given = "TETHER_STORE_TOKEN was refused" if self._token else "set TETHER_STORE_TOKEN"
             return f"{where} refused Tether ({status or http_status}, unauthorized): {given}"
-        if status is None or status >= 500:
+        if http_status in (502, 503, 504) or (status is not None and status >= 500):
             what = f"HTTP {http_status}" if status is None else f"status {status}"
-            return f"{where} did not answer as a Resonate server ({what} to promise.get)"
+            return f"{self._silent}{what} to promise.get"  # down for now (a proxy, its database)
+        if status is None:
+            what = f"HTTP {http_status} to promise.get"
+            return f"{where} did not answer as a Resonate server ({what})"
         return ""
 
     async def _ask(self, kind: str, data: dict[str, Any]) -> tuple[int, str]:
@@ -416,6 +419,8 @@ class RemoteConnection:
         promise = None if answer is None else answer[1].get("promise")
         if answer is None or answer[0] not in (200, 201) or not isinstance(promise, dict):
             what = f"HTTP {http_status}" if answer is None else f"status {answer[0]}"
+            if http_status in (502, 503, 504) or (answer is not None and answer[0] >= 500):
+                raise StoreUnavailable(f"{self._silent}{what} to {kind}")  # down for now
             raise StoreConfigError(f"{self._where} did not answer {kind} as expected ({what})")
         return promise
 
@@ -676,9 +681,9 @@ async def _postgres_index(index: str, server: RemoteConnection) -> SqlJobIndex:
     driver = PostgresDriver(index)
     try:
         await driver.open()
-    except StoreUnavailable as exc:
+    except StoreUnavailable as exc:  # down for now, not a setting's fault
         await driver.close()
-        raise StoreConfigError(
+        raise StoreUnavailable(
             f"cannot open the job index {describe(index)}: {exc.message}"
         ) from None
     await _migrate(driver, f"the job index {describe(index)}")
@@ -690,7 +695,8 @@ async def _migrate(driver: Any, where: str) -> None:
         await migrate(driver)
     except BaseException as exc:
         await driver.close()
-        if isinstance(exc, StoreUnavailable | StoreConfigError):
-            reason = exc.message if isinstance(exc, StoreUnavailable) else str(exc)
-            raise StoreConfigError(f"cannot open {where}: {reason}") from None
+        if isinstance(exc, StoreUnavailable):
+            raise StoreUnavailable(f"cannot open {where}: {exc.message}") from None
+        if isinstance(exc, StoreConfigError):
+            raise StoreConfigError(f"cannot open {where}: {exc}") from None
         raise

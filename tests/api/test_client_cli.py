@@ -441,10 +441,17 @@ def test_complete_settles_the_job_and_never_shows_the_token(service, receiver):
     assert refused.exit_code == 4
     assert refused.stderr == "tether: missing or invalid callback token (HTTP 401)\n"
     gone = url.replace(f":{service.port}/", f":{free_port()}/")
-    unreachable = tether(service.url, "complete", gone, "--status", "failed", "--retry-for", "1")
+    unreachable = tether(service.url, "complete", gone, "--status", "failed", "--retry-for", "3")
     assert unreachable.returncode == 4
     said = f"tether: cannot reach {gone.split('?')[0]}: connection refused"
-    assert unreachable.stderr.splitlines() == [f"{said}; trying again in 0.5s", said]
+    lines = unreachable.stderr.splitlines()
+    assert lines[0] == f"{said}; trying again in 0.5s" and lines[-1] == said, lines
+    for bad in ("nan", "-1", "inf"):
+        option = cli(service.url, "complete", gone, "--status", "failed", "--retry-for", bad)
+        assert option.exit_code == 2 and "'--retry-for'" in option.stderr
+    schemeless = cli(service.url, "complete", gone.split("://", 1)[1], "--status", "failed")
+    assert schemeless.exit_code == 2, schemeless.stderr  # not tried for 120 s
+    assert "not an http:// or https:// URL" in schemeless.stderr
     for result in (done, again, as_json, duplicate, refused):
         assert token not in result.stdout + result.stderr
         assert "forged" not in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -19,7 +20,9 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from api.errors import tether_error
 from api.http import SERVER_OPTIONS
+from core.errors import StoreUnavailable
 
 SSE = {"accept": "text/event-stream"}
 
@@ -174,3 +177,15 @@ async def test_streams_of_the_real_service_open_at_once(start_service):
                     assert line == "event: accepted"
                     break
         assert time.monotonic() - started < 2
+
+
+def test_a_503_to_a_post_the_store_may_apply_late_says_so_and_asks_for_a_wait():
+    late = StoreUnavailable("the store did not answer: TimeoutError")
+    late.unknown_effect = True
+    refused = StoreUnavailable("the index refused the write")
+    post, get = SimpleNamespace(method="POST"), SimpleNamespace(method="GET")
+    for request, exc, says in ((post, late, True), (get, late, False), (post, refused, False)):
+        answer = tether_error(request, exc)  # type: ignore[arg-type]
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        message = answer.content.error.message
+        assert ("may have taken effect all the same" in message) is says, (request, message)

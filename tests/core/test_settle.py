@@ -82,6 +82,8 @@ async def test_a_store_that_stalls_is_unavailable(monkeypatch):
     with pytest.raises(StoreUnavailable) as raised:
         await store_call(asyncio.sleep(5))
     assert raised.value.message == "the store did not answer: TimeoutError"
+    assert raised.value.unknown_effect  # asked, not refused: it may apply it late
+    assert not StoreUnavailable("the index refused").unknown_effect
 
 
 async def test_a_store_call_within_its_time_is_awaited_to_the_end(monkeypatch):

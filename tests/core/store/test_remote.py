@@ -165,6 +165,15 @@ async def test_a_server_that_is_not_a_resonate_server_is_refused(tmp_path, recei
     assert receiver.hits[0].body["kind"] == "promise.get"
 
 
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_a_server_behind_a_proxy_that_answers_5xx_is_down_for_now(tmp_path, receiver, status):
+    """A proxy's 502-504 (the server restarting behind it) is not a setting's
+    fault: `StoreUnavailable`, which a worker starting then is tried again on."""
+    receiver.respond = lambda hit: (status, {})
+    with pytest.raises(StoreUnavailable, match=rf"did not answer: HTTP {status} to promise.get"):
+        await open_store(settings(receiver.url(""), index=f"sqlite:///{tmp_path}/i.db"), "p")
+
+
 async def test_the_job_index_may_be_postgres(fresh_pg_url, server):
     store = await open_store(settings(server.url, index=fresh_pg_url, store_token=TOKEN), "p1")
     try:
