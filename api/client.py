@@ -72,6 +72,19 @@ def finite(seconds: float) -> float:
     return seconds
 
 
+retry_for_option = click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
+    callback=lambda ctx, param, value: finite(value),
+    default=RETRY_FOR,
+    show_default=True,
+    metavar="SECONDS",
+    help="Go on trying this long while the service cannot be reached or is restarting"
+    " (502-504); 0: one try.",
+)
+"""`--retry-for` of the commands an external job runs (`post_to`)."""
+
+
 HEALTHY_STREAM = 5.0
 """Seconds a stream that brought no event must have stayed open to count as
 a service that answers (a stream waiting past `finished` for a notification
@@ -929,16 +942,7 @@ def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
 )
 @click.option("--result", type=JsonValue(objects=False), help="Its result: JSON, or @FILE.")
 @click.option("--error", "message", metavar="MESSAGE", help="Why it failed (with --status failed).")
-@click.option(
-    "--retry-for",
-    type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
-    callback=lambda ctx, param, value: finite(value),
-    default=RETRY_FOR,
-    show_default=True,
-    metavar="SECONDS",
-    help="Go on trying this long while the service cannot be reached or is restarting"
-    " (502-504); 0: one try.",
-)
+@retry_for_option
 @json_option
 def complete(
     callback_url: str,
@@ -1033,16 +1037,7 @@ def heartbeat_url(callback_url: str) -> str:
     type=JsonValue(objects=False),
     help="How far along the run is: any JSON, or @FILE; shown as the job's `progress`.",
 )
-@click.option(
-    "--retry-for",
-    type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
-    callback=lambda ctx, param, value: finite(value),
-    default=RETRY_FOR,
-    show_default=True,
-    metavar="SECONDS",
-    help="Go on trying this long while the service cannot be reached or is restarting"
-    " (502-504); 0: one try.",
-)
+@retry_for_option
 @json_option
 def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool) -> None:
     """Tell Tether the external job at CALLBACK_URL is alive, and how far along
