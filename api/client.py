@@ -750,7 +750,8 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
     "--heartbeat-timeout",
     type=click.FloatRange(min=HEARTBEAT_TIMEOUT_MIN),
     metavar="S",
-    help="Seconds (at least 1) the run may go without a heartbeat before Tether asks its backend.",
+    help=f"Seconds (at least {HEARTBEAT_TIMEOUT_MIN:g}) the run may go without a heartbeat"
+    " before Tether asks its backend.",
 )
 @click.option(
     "--tag",

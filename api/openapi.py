@@ -653,7 +653,8 @@ class Document:
                 },
                 {"type": "null"},
             ],
-            "description": "Seconds (at least 1) the run may go without a heartbeat (`POST"
+            "description": f"Seconds (at least {HEARTBEAT_TIMEOUT_MIN:g}) the run may go"
+            " without a heartbeat (`POST"
             " /callbacks/{promise_id}/heartbeat`); one longer than the job's `timeout`"
             " never passes before the deadline. When that long passes without one, Tether"
             " asks the backend:"

@@ -33,7 +33,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template import TemplateConfig
 
 from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
-from core.errors import MalformedBody, NotFound, shown
+from core.errors import MalformedBody, NotFound
 from core.metrics import job_gauges
 from core.models import (
     OPEN_STATES,
@@ -314,7 +314,7 @@ class Dashboard(Controller):
         try:
             job = msgspec.to_builtins(await tether.get_job(job_id))
         except NotFound:
-            return page("error.html", {"message": f"no job {shown(job_id)}", "viewer": who}, 404)
+            return page("error.html", {"message": NotFound.job(job_id).message, "viewer": who}, 404)
         history = await tether.job_events(job_id, 1000)
         events = msgspec.to_builtins(history.items)
         return page(

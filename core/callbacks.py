@@ -28,7 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
-from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped, shown
+from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
 from core.models import (
     JSON_SPACE,
@@ -136,7 +136,7 @@ class Callbacks:
         if not self.signer.verify(promise_id, token, None if rec is None else rec.salt):
             raise Unauthorized("missing or invalid callback token")
         if rec is None:
-            raise NotFound(f"no promise {shown(promise_id)}")
+            raise NotFound.promise(promise_id)
         return rec
 
     async def take(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
@@ -146,7 +146,7 @@ class Callbacks:
         digest = body_digest(body)
         attempt = workflow.attempt_of(promise_id) or 1
         if attempt > rec.attempt:  # its URL was never handed out
-            raise NotFound(f"no promise {shown(promise_id)}")
+            raise NotFound.promise(promise_id)
         if attempt < rec.attempt:  # a re-run has its own URL
             return await self._gone(rec, attempt, digest)
         try:
@@ -237,7 +237,7 @@ class Callbacks:
         progress = _progress(body)
         attempt = workflow.attempt_of(promise_id) or 1
         if attempt > rec.attempt:  # its URL was never handed out (as `take` has it)
-            raise NotFound(f"no promise {shown(promise_id)}")
+            raise NotFound.promise(promise_id)
         gone = None
         if attempt < rec.attempt:  # first: the job's state is another attempt's
             gone = HeartbeatGone(

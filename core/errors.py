@@ -53,6 +53,16 @@ class MalformedBody(InvalidRequest):
 class NotFound(TetherError):
     code = "not_found"
 
+    @classmethod
+    def job(cls, job_id: str) -> NotFound:
+        """No job `job_id` (quoted as `shown` has it)."""
+        return cls(f"no job {shown(job_id)}")
+
+    @classmethod
+    def promise(cls, promise_id: str) -> NotFound:
+        """No promise `promise_id` (quoted as `shown` has it)."""
+        return cls(f"no promise {shown(promise_id)}")
+
 
 class Conflict(TetherError):
     """The request disagrees with what is already recorded; nothing changed."""

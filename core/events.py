@@ -32,7 +32,7 @@ from typing import Any, Final, Literal
 
 from resonate.error import ServerError
 
-from core.errors import MalformedBody, NotFound, StoreUnavailable, shown
+from core.errors import MalformedBody, NotFound, StoreUnavailable
 from core.models import EventPage, JobEvent
 from core.settle import store_call
 from core.store.jobs import Event, JobIndex, JobRecord, Listener
@@ -105,7 +105,7 @@ class JobHistory:
         after = decode_cursor(cursor) if cursor else 0
         rec, events, dropped = await store_call(self.jobs.history(job_id, after, limit + 1))
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         more = len(events) > limit
         events = events[:limit]
         return EventPage(
@@ -128,7 +128,7 @@ class JobHistory:
         `None` is yielded after `KEEP_ALIVE` seconds without an event.
         `NotFound` (before anything is yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         return self._follow(job_id, after)
 
     async def follow_ups_due(self, rec: JobRecord) -> bool:

@@ -470,7 +470,7 @@ class Tether:
             raise MalformedBody("attempt must be a whole number", {"field": "attempt"})
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         if wanted is not None and wanted == rec.attempt:
             if rec.state == "pending":
                 await self._start(rec)
@@ -506,7 +506,7 @@ class Tether:
     async def _refuse_now(self, job_id: str) -> Job:
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         raise self._not_retryable(rec, None)
 
     async def _await_attempt(self, rec: JobRecord) -> None:
@@ -609,7 +609,7 @@ class Tether:
     async def get_job(self, job_id: str) -> Job:
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         return view(rec)
 
     async def list_jobs(
@@ -658,7 +658,7 @@ class Tether:
         reason, if any, is kept in the job's `error.message`."""
         rec = await store_call(self.jobs.get(job_id))
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         if not rec.finished:
             message = "canceled by request"
             if reason and reason.strip():

@@ -30,7 +30,7 @@ from resonate.types import Value
 from resonate_base import ConnectorError
 
 from core.bounds import bound_outcome
-from core.errors import NotFound, StoreUnavailable, shown
+from core.errors import NotFound, StoreUnavailable
 from core.models import OPEN_STATES, ErrorInfo, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
@@ -179,7 +179,7 @@ class Settler:
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
             if current is None:
-                raise NotFound(f"no job {shown(job_id)}")
+                raise NotFound.job(job_id)
             attempt = current.attempt
         promise_id = callback_promise_id(job_id, attempt)
         outcome = self._kept(outcome, promise_id, salt)
@@ -277,7 +277,7 @@ class Settler:
             self.jobs.end(job_id, outcome, now_ms(), from_states, events, attempt)
         )
         if rec is None:
-            raise NotFound(f"no job {shown(job_id)}")
+            raise NotFound.job(job_id)
         if note is not None and not ended and rec.finished and rec.attempt == attempt:
             if result == "accepted":  # the unborn path: another settle ended it first
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)

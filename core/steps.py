@@ -48,7 +48,7 @@ has failed (not tried again: a backend that hangs would hang again), and it
 is logged and filed as `cancel_failed` as any other failure. Longer than a
 backend's own retries take (as the watchdog's `CHECK_TIMEOUT`): it is there
 for a backend that hangs, which would otherwise hold the finish (the
-workflow's, or the watchdog's slot for a job without one) for good."""
+workflow's, or the watchdog's look at a job without one) for good."""
 
 
 class JobSteps:
@@ -413,10 +413,9 @@ class JobSteps:
                         rec.backend,
                         extra=rec.log_extra(),
                     )
+                    kind = type(exc).__name__
                     if isinstance(exc, BackendError):
                         kind = exc.code or "backend"
-                    else:
-                        kind = type(exc).__name__
                     error = {"type": kind, "message": said}
                     tried = {"tries": attempt, "error": error, "external": rec.external}
                     failed = NewEvent("cancel_failed", tried)
