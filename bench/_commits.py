@@ -9,9 +9,9 @@
 counting: it wraps ``sqlite3.connect`` so every connection the service opens
 (the engine's, the job index's, the checkpointer's) reports each statement it
 runs (``set_trace_callback``; ``TETHER_BENCH_TRACE=0`` turns that off), and
-wraps the embedded engine's ``handle_batch`` to count the batches, their
+wraps the embedded engine's ``run_batch`` to count the batches, their
 requests by kind, and the engine's CPU time answering them (the thread's CPU
-inside ``handle_batch``). Every half second the totals go to the file named
+inside ``run_batch``). Every half second the totals go to the file named
 by ``TETHER_BENCH_COUNTS`` as JSON: ``{"commits": n, "begins": n,
 "statements": n, "checkpoints": n, "requests": n, "batches": n,
 "engine_cpu_us": n, "by_kind": {...}, "by_request": {...}}``. With one worker
@@ -102,14 +102,18 @@ def _traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
 def _count_requests(record: Path | None, kinds: bool) -> None:
     """Count what reaches the engine: the batches, their requests (by kind
     with ``kinds``) and the engine's CPU time answering them
-    (``engine_cpu_us``, the thread's CPU inside ``handle_batch``); with
+    (``engine_cpu_us``, the thread's CPU inside ``run_batch``, which
+    includes the job index's writes it carries); with
     ``record``, append each batch to it as a JSON line (see ``replay``)."""
     from resonate_sqlite.engine import Engine
 
-    handle_batch = Engine.handle_batch
+    # `run_batch` (with the job index's writes as extras) where the engine
+    # has it; an older checkout's (`--root`) answers through `handle_batch`
+    name = "run_batch" if hasattr(Engine, "run_batch") else "handle_batch"
+    handle_batch = getattr(Engine, name)
     out = None if record is None else record.open("a", encoding="utf-8")
 
-    def counted(self: Engine, reqs: list[str | bytes]) -> Any:
+    def counted(self: Engine, reqs: list[str | bytes], *extras: Any) -> Any:
         if out is not None:
             line = {
                 "now": self.clock(),
@@ -129,7 +133,7 @@ def _count_requests(record: Path | None, kinds: bool) -> None:
                     COUNTS[f"request:{kind}"] += 1
         t0 = time.thread_time_ns()
         try:
-            return handle_batch(self, reqs)
+            return handle_batch(self, reqs, *extras)
         finally:
             spent = time.thread_time_ns() - t0
             with _LOCK:
@@ -137,7 +141,7 @@ def _count_requests(record: Path | None, kinds: bool) -> None:
                 COUNTS["requests"] += len(reqs)
                 COUNTS["engine_cpu_us"] += spent // 1000
 
-    Engine.handle_batch = counted  # type: ignore[method-assign]
+    setattr(Engine, name, counted)
 
 
 def _dump(path: Path) -> None:

@@ -246,6 +246,8 @@ class SqliteConnection:
 
         #: requests waiting for the next transaction, and its scheduling state
         self._queue: list[tuple[str, asyncio.Future[str]]] = []
+        #: the host's own writes waiting for the next transaction (`atomic`)
+        self._extras: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._busy = BusyBackoff(lock_timeout)
         self._reopening: asyncio.Task[None] | None = None
@@ -390,9 +392,9 @@ class SqliteConnection:
         self._subscribers.clear()
         self._inflight.clear()
         self._engine.local_addresses.clear()
-        while self._queue and self._engine.db is not None:  # answer what is queued
+        while (self._queue or self._extras) and self._engine.db is not None:  # what is queued
             self._flush()
-            if self._queue:
+            if self._queue or self._extras:
                 await asyncio.sleep(0.001)
         if self._registered and self._engine.db is not None:
             self._registered = False
@@ -511,6 +513,26 @@ class SqliteConnection:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
 
+    async def atomic[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the next group-commit transaction, after that
+        batch's protocol requests, under a savepoint of its own: the host's
+        writes to its own tables in this file (Tether's job index) share the
+        batch's lock and commit instead of taking their own. Returns once
+        committed; an exception ``fn`` raised rolls back its writes alone and
+        is raised here. ``fn`` runs on the event loop, inside the transaction:
+        it must not wait on anything. Storage failures raise
+        :class:`SqliteStoreError`."""
+        if self._engine.db is None:
+            await self._ensure_open()
+        if self._stopped:
+            self._close_when_idle()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._extras.append((fn, fut))
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        return await fut
+
     def _close_when_idle(self) -> None:
         """After ``stop``, a late request reopened the file: close it again
         once nothing has been sent for a second."""
@@ -519,7 +541,7 @@ class SqliteConnection:
 
         def close() -> None:
             self._idle_close = None
-            if self._stopped and not self._queue:
+            if self._stopped and not self._queue and not self._extras:
                 self._engine.close()
 
         self._idle_close = asyncio.get_running_loop().call_later(1.0, close)
@@ -527,39 +549,50 @@ class SqliteConnection:
     def _flush(self) -> None:
         """Run the queued requests (up to ``max_batch``) in one transaction."""
         self._flush_handle = None
-        if not self._queue:
+        if not self._queue and not self._extras:
             return
         loop = asyncio.get_running_loop()
         if self._engine.db is None:  # closed by stop() with requests in flight
             self._reopening = loop.create_task(self._reopen_and_flush())
             return
         batch = self._queue[: self._max_batch]
+        extras = self._extras[: self._max_batch]
         try:
             self._engine.local_room = self._room()
-            answers = self._engine.handle_batch([req for req, _ in batch])
+            answers, done = self._engine.run_batch(
+                [req for req, _ in batch], [fn for fn, _ in extras]
+            )
         except StoreBusy as exc:
             delay = self._busy.next_delay()
             if delay is None:
                 msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
-                self._fail(batch, SqliteStoreError(StoreFailure(msg)))
+                self._fail(batch, SqliteStoreError(StoreFailure(msg)), extras)
                 delay = 0.0
-            if self._queue:
+            if self._queue or self._extras:
                 self._flush_handle = loop.call_later(delay, self._flush)
             return
         except StoreFailure as exc:
             self._busy.reset()
-            self._fail(batch, SqliteStoreError(exc))
+            self._fail(batch, SqliteStoreError(exc), extras)
         except Exception as exc:  # a bug must not strand the SDK's requests
             logger.exception("sqlite store: internal error")
             self._busy.reset()
-            self._fail(batch, SqliteStoreError(exc))
+            self._fail(batch, SqliteStoreError(exc), extras)
         else:
             self._busy.reset()
             del self._queue[: len(batch)]
+            del self._extras[: len(extras)]
             self._ring()
             self._stir()  # committed now: a sweep since may have missed a timer it set
             self._answer(batch, answers)
-        if self._queue and self._flush_handle is None:
+            for (_, fut), result in zip(extras, done, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+        if (self._queue or self._extras) and self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
 
     async def _reopen_and_flush(self) -> None:
@@ -567,17 +600,24 @@ class SqliteConnection:
             await self._ensure_open()
         except SqliteStoreError as exc:
             batch, self._queue = self._queue, []
-            self._fail(batch, exc, drop=False)
+            extras, self._extras = self._extras, []
+            self._fail(batch, exc, extras, drop=False)
             return
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _fail(
-        self, batch: list[tuple[str, asyncio.Future[str]]], exc: Exception, *, drop: bool = True
+        self,
+        batch: list[tuple[str, asyncio.Future[str]]],
+        exc: Exception,
+        extras: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        *,
+        drop: bool = True,
     ) -> None:
         if drop:
             del self._queue[: len(batch)]
-        for _, fut in batch:
+            del self._extras[: len(extras)]
+        for fut in [fut for _, fut in batch] + [fut for _, fut in extras]:
             if not fut.done():
                 fut.set_exception(exc)
 

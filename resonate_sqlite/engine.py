@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple, NoReturn
 
@@ -110,6 +110,22 @@ class _Request(NamedTuple):
 
 #: (response JSON, messages for in-process delivery, task id the caller let go of)
 type Answer = tuple[bytes, list[str], str | None]
+
+
+def _extra(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """Run one of a batch's ``extras`` under a savepoint of its own: its
+    result, or the exception it raised with its writes rolled back. Should
+    the rollback itself fail, the transaction is in trouble: that fails the
+    batch."""
+    db.execute("SAVEPOINT x")
+    try:
+        result = fn(db)
+    except Exception as exc:
+        db.execute("ROLLBACK TO x")
+        db.execute("RELEASE x")
+        return exc
+    db.execute("RELEASE x")
+    return result
 
 
 def _decode_request(req: str | bytes) -> bytes | _Request:
@@ -358,7 +374,17 @@ class Engine(Transitions):
 
     def handle_batch(self, reqs: list[str | bytes]) -> list[Answer | Exception]:
         """Answer requests in order, in one ``BEGIN IMMEDIATE`` transaction
-        (group commit).
+        (group commit): :meth:`run_batch` without extras."""
+        return self.run_batch(reqs, ())[0]
+
+    def run_batch(
+        self, reqs: list[str | bytes], extras: Sequence[Callable[[sqlite3.Connection], Any]]
+    ) -> tuple[list[Answer | Exception], list[Any]]:
+        """Answer requests in order, in one ``BEGIN IMMEDIATE`` transaction
+        (group commit); then run ``extras``, the host's own writes to its own
+        tables, in the same transaction, each under a savepoint of its own.
+        Returns the answers, and each extra's result or the exception it
+        raised (its writes rolled back alone).
 
         Each request is atomic on its own: a request that is refused
         (:class:`~resonate_sqlite.wire.Refusal`) or fails (a bug, say) is
@@ -373,20 +399,22 @@ class Engine(Transitions):
         each under a savepoint of its own (:meth:`_run_apart`). Two statements
         per batch instead of two per request; the answers are the same."""
         prepared = [_decode_request(req) for req in reqs]
-        if all(isinstance(p, bytes) for p in prepared):
-            return [(p, [], None) for p in prepared]  # type: ignore[misc]
+        if not extras and all(isinstance(p, bytes) for p in prepared):
+            return [(p, [], None) for p in prepared], []  # type: ignore[misc]
         db = self._db()
         self._begin(db)
         room = self.local_room
         end = "COMMIT"
         try:
-            if len(prepared) == 1:
+            if not prepared:
+                answers: list[Answer | Exception] = []
+            elif len(prepared) == 1 and not extras:
                 p = prepared[0]
                 assert not isinstance(p, bytes)
                 self._out, self._released = [], None
                 answer, refused = self._run(db, p)
                 end = "ROLLBACK" if refused else end
-                answers: list[Answer | Exception] = [answer]
+                answers = [answer]
             else:
                 db.execute("SAVEPOINT b")
                 together = self._run_together(db, prepared)
@@ -395,13 +423,14 @@ class Engine(Transitions):
                     self.local_room = room
                     together = self._run_apart(db, prepared)
                 answers = together
+            done = [_extra(db, fn) for fn in extras]
             db.execute(end)  # (a COMMIT ends the savepoints too)
         except BaseException as exc:
             self._abort(db, exc)
         self._out = []
         if end == "COMMIT":
             self._committed()
-        return answers
+        return answers, done
 
     def _run_together(
         self, db: sqlite3.Connection, prepared: list[bytes | _Request]

@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from core.store.base import (
 )
 from core.store.migrations import migrate
 from core.store.schema import SQLITE
-from core.store.sql import SqlJobIndex
+from core.store.sql import Session, SqlJobIndex
 from resonate_sqlite import (
     HOT_PATH_AUTOCHECKPOINT,
     BusyBackoff,
@@ -185,9 +185,11 @@ class SqliteDriver:
     taken lock. Without `shared` (the Resonate-server store's index, tests) the
     driver opens a connection of its own.
 
-    Each statement is its own short transaction (autocommit; WAL with
-    `synchronous = NORMAL`, so a commit does not wait on the disk), which costs
-    less than handing it to a thread and back. Like the store engine, it never
+    A statement on its own (a read, a single-row write) is its own short
+    transaction (autocommit; WAL with `synchronous = NORMAL`, so a commit does
+    not wait on the disk), which costs less than handing it to a thread and
+    back. The index's write transactions (`atomic`) run inside the engine's
+    next group commit on the shared connection. Like the store engine, it never
     waits inside SQLite for a lock: a statement that finds the write lock taken
     is tried again at once for up to half a millisecond (`retry_briefly`),
     then after a short sleep on the loop, for up to `STORE_WAIT` (the store
@@ -296,12 +298,60 @@ class SqliteDriver:
     migration_lock = transaction
     """Migrations run in one transaction, which the write lock serialises."""
 
+    async def atomic[T](self, body: Callable[[Session], Coroutine[Any, Any, T]]) -> T:
+        """`body(tx)` in one transaction (`Driver.atomic`). On the store
+        engine's connection that is a part of the engine's next group commit
+        (`SqliteConnection.atomic`): the job index's writes share the batch's
+        write lock and its one `COMMIT` (each `COMMIT` writes the pages it
+        changed to the WAL, and a batch's jobs share the B-trees' last pages)
+        and need no lock of their own, which the other worker may hold. The
+        body runs inside that transaction on the loop; its statements never
+        wait (the lock is held), so it is run to its end in one go."""
+        if self._shared is None:
+            async with self.transaction() as tx:
+                return await body(tx)
+        try:
+            return await self._shared.atomic(lambda db: _to_the_end(body(_Inline(db))))
+        except SqliteStoreError as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
     async def close(self) -> None:
         """Close the driver's own connection (a shared one is the engine's to close)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+class _Inline:
+    """The statements of a body `SqliteDriver.atomic` runs inside the store
+    engine's transaction: run at once (the write lock is held)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> int:
+        try:
+            return self._db.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
+
+def _to_the_end[T](coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that awaits nothing that waits (`_Inline`'s
+    statements) to its end, here and now."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a job index transaction waited on something inside the store's batch")
 
 
 OWN_TRANSACTION = "database is locked (a transaction of this connection)"

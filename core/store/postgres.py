@@ -6,7 +6,7 @@ creates and migrates its own tables on start (`core.store.migrations`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -250,6 +250,11 @@ class PostgresDriver:
 
     transaction = session
     """A session is a transaction: what the block ran commits together."""
+
+    async def atomic[T](self, body: Callable[[PgSession], Coroutine[Any, Any, T]]) -> T:
+        """`body`'s statements in one transaction (`Driver.atomic`)."""
+        async with self.session() as session:
+            return await body(session)
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[PgSession]:

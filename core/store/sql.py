@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -48,7 +48,17 @@ class Session(Protocol):
 class Driver(Session, Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Session]:
         """The block's statements in one transaction: committed when it ends,
-        rolled back if it raises. The block awaits nothing but them."""
+        rolled back if it raises. The block awaits nothing but them. For
+        migrations (`migration_lock`) and tests: the index's own writes go
+        through `atomic`."""
+        ...
+
+    async def atomic[T](self, body: Callable[[Session], Coroutine[Any, Any, T]]) -> T:
+        """`body(tx)`'s statements in one transaction, committed before this
+        returns (rolled back if it raises), as `transaction` does; `body`
+        awaits nothing but them. The embedded store runs it inside its next
+        group commit (`SqliteDriver.atomic`), so the job index's writes on
+        the hot path take no transaction of their own."""
         ...
 
     async def close(self) -> None: ...
@@ -176,8 +186,7 @@ class SqlJobIndex:
     async def promote(self, backend: str, now: int) -> list[JobRecord]:
         """Start queued jobs of `backend` for which slots are free (after the
         limits changed); `on_ready` hears of them. Returns them."""
-        async with self.db.transaction() as tx:
-            promoted = await self._promote(tx, backend, now)
+        promoted = await self.db.atomic(lambda tx: self._promote(tx, backend, now))
         self._ready(promoted)
         return promoted
 
@@ -243,30 +252,37 @@ class SqlJobIndex:
     async def insert(
         self, rec: JobRecord, events: Sequence[NewEvent] = ()
     ) -> tuple[JobRecord, bool]:
-        filed: list[Event] = []
-        async with self.db.transaction() as tx:
-            admitted, queued = await self._admit(tx, rec.backend)
+
+        async def body(
+            tx: Session,
+        ) -> tuple[list[tuple[Any, ...]], bool, list[Event], list[JobRecord]]:
+            row, new = rec, events
+            admitted, queued = await self._admit(tx, row.backend)
             if not admitted:
-                rec = msgspec.structs.replace(rec, state="queued", queued_at=rec.created_at)
-                events = [*events, NewEvent("queued", queued)]
-            rec = msgspec.structs.replace(rec, events=len(events))
-            if await tx.fetch("SELECT 1 FROM tether_tombstones WHERE id = ?", (rec.id,)):
-                rec = msgspec.structs.replace(rec, salt=uuid.uuid4().hex[:16])
-            rows = await tx.fetch(_INSERT, JOB_ROWS.values(rec))
+                row = msgspec.structs.replace(row, state="queued", queued_at=row.created_at)
+                new = [*new, NewEvent("queued", queued)]
+            row = msgspec.structs.replace(row, events=len(new))
+            if await tx.fetch("SELECT 1 FROM tether_tombstones WHERE id = ?", (row.id,)):
+                row = msgspec.structs.replace(row, salt=uuid.uuid4().hex[:16])
+            rows = await tx.fetch(_INSERT, JOB_ROWS.values(row))
             created = bool(rows)
-            if created and rec.tags:
+            filed: list[Event] = []
+            if created and row.tags:
                 seq = _row(rows[0]).seq
-                marks = ", ".join(["(?, ?, ?)"] * len(rec.tags))
+                marks = ", ".join(["(?, ?, ?)"] * len(row.tags))
                 await tx.execute(
                     f"INSERT INTO tether_job_tags (tag, seq, job_id) VALUES {marks}",
-                    [value for tag in rec.tags for value in (tag, seq, rec.id)],
+                    [value for tag in row.tags for value in (tag, seq, row.id)],
                 )
-            if created and events:
-                filed = await self._file(tx, _row(rows[0]), events, rec.created_at)
+            if created and new:
+                filed = await self._file(tx, _row(rows[0]), new, row.created_at)
             elif not created:
-                rows = await tx.fetch(_SELECT, (rec.id,))
+                rows = await tx.fetch(_SELECT, (row.id,))
                 assert rows, "a job row vanished right after its insert"
-            promoted = await self._unstick(tx, rec.backend, queued, rec.created_at)
+            promoted = await self._unstick(tx, row.backend, queued, row.created_at)
+            return rows, created, filed, promoted
+
+        rows, created, filed, promoted = await self.db.atomic(body)
         stored = _row(rows[0])
         stored = next((p for p in promoted if p.id == stored.id), stored)
         self._tell(stored, filed)
@@ -504,8 +520,9 @@ class SqlJobIndex:
         if event is None and not keys:
             rows = await self.db.fetch(again, args)
             return _row(rows[0]) if rows else None
-        filed: list[Event] = []
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+            filed: list[Event] = []
             if event is not None:
                 # The first receipt is the record: a second trigger of the
                 # attempt (a process that stalled while another took its
@@ -523,6 +540,9 @@ class SqlJobIndex:
                 rows = await tx.fetch(again, args)
             if rows and keys:
                 await self._index_run_keys(tx, _row(rows[0]).backend, job_id, keys)
+            return rows, filed
+
+        rows, filed = await self.db.atomic(body)
         if not rows:
             return None
         rec = _row(rows[0])
@@ -551,8 +571,11 @@ class SqlJobIndex:
         marks = ", ".join("?" for _ in from_states)
         of_attempt = "" if attempt is None else " AND attempt = ?"
         events = [*events, NewEvent("finished", finished_data(outcome))]
-        filed: list[Event] = []
-        async with self.db.transaction() as tx:
+
+        async def body(
+            tx: Session,
+        ) -> tuple[list[tuple[Any, ...]], list[Event], list[JobRecord]]:
+            filed: list[Event] = []
             if self.limits:  # the backend's turn before the job's row: one lock order
                 current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
                 if current and current[0][0] in self.limits:
@@ -583,6 +606,9 @@ class SqlJobIndex:
                     promoted = await self._promote(tx, ended.backend, now)
             else:
                 rows = await tx.fetch(_SELECT, (job_id,))
+            return rows, filed, promoted
+
+        rows, filed, promoted = await self.db.atomic(body)
         if not rows:
             return None, False
         rec = _row(rows[0])
@@ -608,7 +634,10 @@ class SqlJobIndex:
         self, job_id: str, attempt: int, deadline: int, now: int, event: NewEvent
     ) -> JobRecord | None:
         marks = ", ".join("?" for _ in RETRYABLE_STATES)
-        async with self.db.transaction() as tx:
+
+        async def body(
+            tx: Session,
+        ) -> tuple[list[tuple[Any, ...]], list[Event], list[JobRecord]]:
             current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
             admitted, queued = await self._admit(tx, current[0][0]) if current else (True, {})
             state, queued_at = ("pending", None) if admitted else ("queued", now)
@@ -625,6 +654,9 @@ class SqlJobIndex:
             new = [event] if admitted else [event, NewEvent("queued", queued)]
             filed = await self._file(tx, _row(rows[0]), new, now) if rows else []
             promoted = await self._unstick(tx, current[0][0], queued, now) if rows else []
+            return rows, filed, promoted
+
+        rows, filed, promoted = await self.db.atomic(body)
         if not rows:
             return None
         rec = _row(rows[0])
@@ -642,7 +674,8 @@ class SqlJobIndex:
         *,
         open_at: int | None = None,
     ) -> JobRecord | None:
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
             if open_at is None:
                 rows = await tx.fetch(_COUNT, (len(events), job_id))
             else:
@@ -650,6 +683,9 @@ class SqlJobIndex:
             filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
             if rows and external is not None:
                 rows = await self._merge_external(tx, _row(rows[0]), *external) or rows
+            return rows, filed
+
+        rows, filed = await self.db.atomic(body)
         if not rows:
             return None
         rec = _row(rows[0])
@@ -742,8 +778,9 @@ class SqlJobIndex:
         marks = ", ".join("?" for _ in OPEN_STATES)
         told = "" if progress is None else ", progress = ?"
         args = [now, due, *([] if progress is None else [json_text(progress)]), job_id]
-        filed: list[Event] = []
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+            filed: list[Event] = []
             # The update holds the row until the commit, so of two heartbeats
             # at once one decides after the other's event is counted.
             rows = await tx.fetch(
@@ -763,6 +800,9 @@ class SqlJobIndex:
                     )
                     heartbeat = NewEvent("heartbeat", {"progress": progress})
                     filed = await self._file(tx, _row(rows[0]), [heartbeat], now)
+            return rows, filed
+
+        rows, filed = await self.db.atomic(body)
         if not rows:
             return None
         rec = _row(rows[0])
@@ -777,7 +817,7 @@ class SqlJobIndex:
         return changed == 1
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
-        async with self.db.transaction() as tx:
+        async def body(tx: Session) -> list[str]:
             rows = await tx.fetch(
                 "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
                 " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
@@ -803,7 +843,9 @@ class SqlJobIndex:
                 "DELETE FROM tether_tombstones WHERE deleted_at < ?",
                 (now - TOMBSTONE_DAYS * 86_400_000,),
             )
-        return ids
+            return ids
+
+        return await self.db.atomic(body)
 
     async def notifications_due(self, now: int, limit: int) -> list[Notification]:
         """Notifications whose time to be tried has come, the longest due first."""
@@ -848,7 +890,8 @@ class SqlJobIndex:
         """After a try of `note`: due again at `again_at`, or (None: delivered
         or given up) out of the outbox; `events` recorded in its job's history
         (if the job is still kept), all in one transaction."""
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
             if again_at is None:
                 await tx.execute("DELETE FROM tether_notifications WHERE id = ?", (note.id,))
             else:
@@ -866,6 +909,9 @@ class SqlJobIndex:
             if rows:
                 of_attempt = msgspec.structs.replace(_row(rows[0]), attempt=note.attempt)
                 filed = await self._file(tx, of_attempt, events, now)
+            return rows, filed
+
+        rows, filed = await self.db.atomic(body)
         if rows:
             self._tell(_row(rows[0]), filed)
 
@@ -893,7 +939,8 @@ class SqlJobIndex:
         takes the write lock first): processes swapping at once each get the
         value the one before it left (the row is made first if missing: on
         Postgres a second maker waits for the first to commit)."""
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> str | None:
             made = await tx.execute(
                 "INSERT INTO tether_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
                 (name, value),
@@ -904,7 +951,9 @@ class SqlJobIndex:
                 "SELECT value FROM tether_meta WHERE name = ?" + self._row_lock, (name,)
             )
             await tx.execute("UPDATE tether_meta SET value = ? WHERE name = ?", (value, name))
-        return str(rows[0][0])
+            return str(rows[0][0])
+
+        return await self.db.atomic(body)
 
     async def meta(self, name: str) -> str | None:
         """The fact `name` of `tether_meta` (None: none yet)."""
@@ -919,7 +968,8 @@ class SqlJobIndex:
         One transaction: the row is made first if missing (as `assumed`, or
         `group`), then read locked, so hosts starting together take turns on
         Postgres too (SQLite's transactions take the write lock first)."""
-        async with self.db.transaction() as tx:
+
+        async def body(tx: Session) -> tuple[str | None, int]:
             made = await tx.execute(
                 "INSERT INTO tether_meta (name, value) VALUES ('group', ?)"
                 " ON CONFLICT (name) DO NOTHING",
@@ -938,7 +988,9 @@ class SqlJobIndex:
                     await tx.execute(
                         "UPDATE tether_meta SET value = ? WHERE name = 'group'", (group,)
                     )
-        return (None if made and assumed is None else recorded), int(running)
+            return (None if made and assumed is None else recorded), int(running)
+
+        return await self.db.atomic(body)
 
     @property
     def _row_lock(self) -> str:

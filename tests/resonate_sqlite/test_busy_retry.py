@@ -122,17 +122,19 @@ def test_after_a_failed_spin_waiters_try_once_until_the_cooldown_passes(
     holder, waiter = two
     holder.execute("BEGIN IMMEDIATE")
     tries, call = counted(waiter, "BEGIN IMMEDIATE")
+    # spins of 20 ms: a few tries each even on a loaded machine, whose
+    # sleeps of SPIN_STEP may last milliseconds
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        retry_briefly(call, locked, budget=0.002)
+        retry_briefly(call, locked, budget=0.02)
     spun = tries[0]
     assert spun > 2
     for _ in range(10):
         with pytest.raises(sqlite3.OperationalError, match="locked"):
-            retry_briefly(call, locked, budget=0.002)
+            retry_briefly(call, locked, budget=0.02)
     assert tries[0] == spun + 10  # one try each
     time.sleep(SPIN_COOLDOWN)
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        retry_briefly(call, locked, budget=0.002)
+        retry_briefly(call, locked, budget=0.02)
     assert tries[0] > spun + 12  # it spun again
     holder.execute("ROLLBACK")
     retry_briefly(call, locked)  # free: taken at the first try

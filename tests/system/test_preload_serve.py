@@ -6,7 +6,7 @@ children too); under workflow version 3, nor for the trigger step it already
 ran (``{root}:2``, of the root's branch), which it does not run again either.
 Version 4 has no trigger step: its replay reads the job's row instead.
 
-The service is ``tether serve`` itself, its engine's ``handle_batch`` wrapped
+The service is ``tether serve`` itself, its engine's ``run_batch`` wrapped
 to write down every request it answers (kind, task, the fenced promise), its
 new jobs started under the workflow version the test names.
 """
@@ -34,20 +34,20 @@ import sys
 from resonate_sqlite import engine
 
 LOG = os.environ["PRELOAD_TEST_REQUESTS"]
-_handle_batch = engine.Engine.handle_batch
+_run_batch = engine.Engine.run_batch
 
 
-def handle_batch(self, reqs):
+def run_batch(self, reqs, extras):
     with open(LOG, "a") as out:
         for raw in reqs:
             req = json.loads(raw)
             data = req.get("data") or {}
             inner = (data.get("action") or {}).get("data") or {}
             out.write(json.dumps([req["kind"], data.get("id"), inner.get("id")]) + "\\n")
-    return _handle_batch(self, reqs)
+    return _run_batch(self, reqs, extras)
 
 
-engine.Engine.handle_batch = handle_batch
+engine.Engine.run_batch = run_batch
 from core import workflow
 
 workflow.VERSION = int(os.environ["PRELOAD_TEST_VERSION"])
