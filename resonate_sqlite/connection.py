@@ -557,10 +557,14 @@ class SqliteConnection:
             return
         batch = self._queue[: self._max_batch]
         extras = self._extras[: self._max_batch]
+        # a caller cancelled while its write waited here: not run (as a
+        # transaction cancelled before its BEGIN), so nothing is committed
+        # that its caller will never follow up on
+        live = [(fn, fut) for fn, fut in extras if not fut.done()]
         try:
             self._engine.local_room = self._room()
             answers, done = self._engine.run_batch(
-                [req for req, _ in batch], [fn for fn, _ in extras]
+                [req for req, _ in batch], [fn for fn, _ in live]
             )
         except StoreBusy as exc:
             delay = self._busy.next_delay()
@@ -578,17 +582,21 @@ class SqliteConnection:
             logger.exception("sqlite store: internal error")
             self._busy.reset()
             self._fail(batch, SqliteStoreError(exc), extras)
+        except BaseException as exc:  # KeyboardInterrupt: answer the batch, then go
+            self._fail(batch, SqliteStoreError(RuntimeError(repr(exc))), extras)
+            raise
         else:
             self._busy.reset()
             del self._queue[: len(batch)]
             del self._extras[: len(extras)]
             self._ring()
-            self._stir()  # committed now: a sweep since may have missed a timer it set
+            if batch:  # committed now: a sweep since may have missed a timer it set
+                self._stir()
             self._answer(batch, answers)
-            for (_, fut), result in zip(extras, done, strict=True):
+            for (_, fut), result in zip(live, done, strict=True):
                 if fut.done():
                     continue
-                if isinstance(result, Exception):
+                if isinstance(result, BaseException):
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)

@@ -120,9 +120,14 @@ def _extra(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> A
     db.execute("SAVEPOINT x")
     try:
         result = fn(db)
-    except Exception as exc:
-        db.execute("ROLLBACK TO x")
-        db.execute("RELEASE x")
+    except BaseException as exc:  # a CancelledError too: it must not escape the batch
+        try:
+            db.execute("ROLLBACK TO x")
+            db.execute("RELEASE x")
+        except sqlite3.Error as lost:  # SQLite rolled the whole transaction back (FULL, IOERR)
+            raise sqlite3.OperationalError(f"{exc} ({lost})") from exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
         return exc
     db.execute("RELEASE x")
     return result
