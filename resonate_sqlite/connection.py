@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 from resonate_base import ConnectorError
@@ -247,7 +247,7 @@ class SqliteConnection:
         #: requests waiting for the next transaction, and its scheduling state
         self._queue: list[tuple[str, asyncio.Future[str]]] = []
         #: the host's own writes waiting for the next transaction (`atomic`)
-        self._extras: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._extras: list[_Extra] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._busy = BusyBackoff(lock_timeout)
         self._reopening: asyncio.Task[None] | None = None
@@ -513,22 +513,27 @@ class SqliteConnection:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
 
-    async def atomic[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def atomic[T](
+        self, fn: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None
+    ) -> T:
         """Run ``fn`` in the next group-commit transaction, after that
         batch's protocol requests, under a savepoint of its own: the host's
         writes to its own tables in this file (Tether's job index) share the
         batch's lock and commit instead of taking their own. Returns once
         committed; an exception ``fn`` raised rolls back its writes alone and
         is raised here. ``fn`` runs on the event loop, inside the transaction:
-        it must not wait on anything. Storage failures raise
-        :class:`SqliteStoreError`."""
+        it must not wait on anything. ``after(result)`` runs right after the
+        commit, whatever became of the caller meanwhile (what must follow a
+        committed write, such as telling others of it). A caller cancelled
+        while its ``fn`` waits for the batch is not run. Storage failures
+        raise :class:`SqliteStoreError`."""
         if self._engine.db is None:
             await self._ensure_open()
         if self._stopped:
             self._close_when_idle()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._extras.append((fn, fut))
+        self._extras.append(_Extra(fn, fut, after))
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
@@ -541,7 +546,11 @@ class SqliteConnection:
 
         def close() -> None:
             self._idle_close = None
-            if self._stopped and not self._queue and not self._extras:
+            if not self._stopped:
+                return
+            if self._queue or self._extras:  # still waiting for the lock: look again
+                self._close_when_idle()
+            else:
                 self._engine.close()
 
         self._idle_close = asyncio.get_running_loop().call_later(1.0, close)
@@ -560,11 +569,11 @@ class SqliteConnection:
         # a caller cancelled while its write waited here: not run (as a
         # transaction cancelled before its BEGIN), so nothing is committed
         # that its caller will never follow up on
-        live = [(fn, fut) for fn, fut in extras if not fut.done()]
+        live = [extra for extra in extras if not extra.fut.done()]
         try:
             self._engine.local_room = self._room()
             answers, done = self._engine.run_batch(
-                [req for req, _ in batch], [fn for fn, _ in live]
+                [req for req, _ in batch], [extra.fn for extra in live]
             )
         except StoreBusy as exc:
             delay = self._busy.next_delay()
@@ -593,13 +602,8 @@ class SqliteConnection:
             if batch:  # committed now: a sweep since may have missed a timer it set
                 self._stir()
             self._answer(batch, answers)
-            for (_, fut), result in zip(live, done, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+            for extra, (ok, result) in zip(live, done, strict=True):
+                extra.settle(ok, result)
         if (self._queue or self._extras) and self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
 
@@ -618,14 +622,14 @@ class SqliteConnection:
         self,
         batch: list[tuple[str, asyncio.Future[str]]],
         exc: Exception,
-        extras: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        extras: list[_Extra],
         *,
         drop: bool = True,
     ) -> None:
         if drop:
             del self._queue[: len(batch)]
             del self._extras[: len(extras)]
-        for fut in [fut for _, fut in batch] + [fut for _, fut in extras]:
+        for fut in [fut for _, fut in batch] + [extra.fut for extra in extras]:
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -948,6 +952,28 @@ class SqliteConnection:
             total += deleted
             await asyncio.sleep(0)  # let requests through between batches
         return total
+
+
+class _Extra(NamedTuple):
+    """The host's write waiting for the next batch (`SqliteConnection.atomic`)."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    fut: asyncio.Future[Any]
+    after: Callable[[Any], None] | None
+
+    def settle(self, ok: bool, result: Any) -> None:
+        """After the batch committed: ``after``, then the caller's answer."""
+        if not ok:
+            if not self.fut.done():
+                self.fut.set_exception(result)
+            return
+        if self.after is not None:
+            try:
+                self.after(result)
+            except Exception:
+                logger.exception("sqlite store: what follows a committed write failed")
+        if not self.fut.done():
+            self.fut.set_result(result)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

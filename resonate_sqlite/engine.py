@@ -112,9 +112,13 @@ class _Request(NamedTuple):
 type Answer = tuple[bytes, list[str], str | None]
 
 
-def _extra(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-    """Run one of a batch's ``extras`` under a savepoint of its own: its
-    result, or the exception it raised with its writes rolled back. Should
+#: an extra's outcome: (True, what it returned) or (False, what it raised)
+type Done = tuple[bool, Any]
+
+
+def _extra(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Done:
+    """Run one of a batch's ``extras`` under a savepoint of its own: what it
+    returned, or the exception it raised with its writes rolled back. Should
     the rollback itself fail, the transaction is in trouble: that fails the
     batch."""
     db.execute("SAVEPOINT x")
@@ -128,9 +132,9 @@ def _extra(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> A
             raise sqlite3.OperationalError(f"{exc} ({lost})") from exc
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        return exc
+        return False, exc
     db.execute("RELEASE x")
-    return result
+    return True, result
 
 
 def _decode_request(req: str | bytes) -> bytes | _Request:
@@ -384,12 +388,12 @@ class Engine(Transitions):
 
     def run_batch(
         self, reqs: list[str | bytes], extras: Sequence[Callable[[sqlite3.Connection], Any]]
-    ) -> tuple[list[Answer | Exception], list[Any]]:
+    ) -> tuple[list[Answer | Exception], list[Done]]:
         """Answer requests in order, in one ``BEGIN IMMEDIATE`` transaction
         (group commit); then run ``extras``, the host's own writes to its own
         tables, in the same transaction, each under a savepoint of its own.
-        Returns the answers, and each extra's result or the exception it
-        raised (its writes rolled back alone).
+        Returns the answers, and each extra's outcome: ``(True, result)``, or
+        ``(False, exception)`` with its writes rolled back alone.
 
         Each request is atomic on its own: a request that is refused
         (:class:`~resonate_sqlite.wire.Refusal`) or fails (a bug, say) is

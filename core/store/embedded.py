@@ -298,7 +298,11 @@ class SqliteDriver:
     migration_lock = transaction
     """Migrations run in one transaction, which the write lock serialises."""
 
-    async def atomic[T](self, body: Callable[[Session], Coroutine[Any, Any, T]]) -> T:
+    async def atomic[T](
+        self,
+        body: Callable[[Session], Coroutine[Any, Any, T]],
+        after: Callable[[T], None] | None = None,
+    ) -> T:
         """`body(tx)` in one transaction (`Driver.atomic`). On the store
         engine's connection that is a part of the engine's next group commit
         (`SqliteConnection.atomic`): the job index's writes share the batch's
@@ -309,9 +313,12 @@ class SqliteDriver:
         wait (the lock is held), so it is run to its end in one go."""
         if self._shared is None:
             async with self.transaction() as tx:
-                return await body(tx)
+                result = await body(tx)
+            if after is not None:
+                after(result)
+            return result
         try:
-            return await self._shared.atomic(lambda db: _to_the_end(body(_Inline(db))))
+            return await self._shared.atomic(lambda db: _to_the_end(body(_Inline(db))), after)
         except SqliteStoreError as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 

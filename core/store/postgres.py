@@ -251,10 +251,17 @@ class PostgresDriver:
     transaction = session
     """A session is a transaction: what the block ran commits together."""
 
-    async def atomic[T](self, body: Callable[[PgSession], Coroutine[Any, Any, T]]) -> T:
+    async def atomic[T](
+        self,
+        body: Callable[[PgSession], Coroutine[Any, Any, T]],
+        after: Callable[[T], None] | None = None,
+    ) -> T:
         """`body`'s statements in one transaction (`Driver.atomic`)."""
         async with self.session() as session:
-            return await body(session)
+            result = await body(session)
+        if after is not None:
+            after(result)
+        return result
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[PgSession]:

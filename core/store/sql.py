@@ -19,7 +19,7 @@ import hashlib
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -53,12 +53,18 @@ class Driver(Session, Protocol):
         through `atomic`."""
         ...
 
-    async def atomic[T](self, body: Callable[[Session], Coroutine[Any, Any, T]]) -> T:
+    async def atomic[T](
+        self,
+        body: Callable[[Session], Coroutine[Any, Any, T]],
+        after: Callable[[T], None] | None = None,
+    ) -> T:
         """`body(tx)`'s statements in one transaction, committed before this
         returns (rolled back if it raises), as `transaction` does; `body`
-        awaits nothing but them. The embedded store runs it inside its next
-        group commit (`SqliteDriver.atomic`), so the job index's writes on
-        the hot path take no transaction of their own."""
+        awaits nothing but them. `after(result)` runs once it committed, with
+        no wait in between, even if the caller was cancelled meanwhile. The
+        embedded store runs it inside its next group commit
+        (`SqliteDriver.atomic`), so the job index's writes take no
+        transaction of their own."""
         ...
 
     async def close(self) -> None: ...
@@ -129,6 +135,25 @@ def finished_data(outcome: Outcome) -> dict[str, Any]:
     return data
 
 
+class Written(NamedTuple):
+    """What a write transaction of the index did: the job's row as it left it
+    (none: no such job, or not changed), the events it filed, the queued jobs
+    it promoted to `pending`, whether it made the row."""
+
+    rows: list[tuple[Any, ...]]
+    filed: Sequence[Event] = ()
+    promoted: Sequence[JobRecord] = ()
+    created: bool = False
+
+    @property
+    def rec(self) -> JobRecord | None:
+        """The job's row (as promoted, if the write promoted it)."""
+        if not self.rows:
+            return None
+        rec = _row(self.rows[0])
+        return next((p for p in self.promoted if p.id == rec.id), rec)
+
+
 class SqlJobIndex:
     def __init__(self, driver: Driver) -> None:
         self.db = driver
@@ -186,9 +211,11 @@ class SqlJobIndex:
     async def promote(self, backend: str, now: int) -> list[JobRecord]:
         """Start queued jobs of `backend` for which slots are free (after the
         limits changed); `on_ready` hears of them. Returns them."""
-        promoted = await self.db.atomic(lambda tx: self._promote(tx, backend, now))
-        self._ready(promoted)
-        return promoted
+
+        async def body(tx: Session) -> Written:
+            return Written([], promoted=await self._promote(tx, backend, now))
+
+        return list((await self._write(body)).promoted)
 
     async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
         """How many open jobs each backend not in `excluding` has. The
@@ -249,13 +276,25 @@ class SqlJobIndex:
             for event in events:
                 self.on_event(rec, event)
 
+    async def _write(self, body: Callable[[Session], Coroutine[Any, Any, Written]]) -> Written:
+        """`body` in one transaction. Once it committed, with no wait in
+        between (a caller cancelled meanwhile cannot skip it), the listeners
+        hear of the events it filed and the jobs it promoted start: a
+        promotion committed and never told would leave its job `pending`
+        with no workflow."""
+        return await self.db.atomic(body, self._committed)
+
+    def _committed(self, done: Written) -> None:
+        rec = done.rec
+        if rec is not None:
+            self._tell(rec, done.filed)
+        self._ready(list(done.promoted))
+
     async def insert(
         self, rec: JobRecord, events: Sequence[NewEvent] = ()
     ) -> tuple[JobRecord, bool]:
 
-        async def body(
-            tx: Session,
-        ) -> tuple[list[tuple[Any, ...]], bool, list[Event], list[JobRecord]]:
+        async def body(tx: Session) -> Written:
             row, new = rec, events
             admitted, queued = await self._admit(tx, row.backend)
             if not admitted:
@@ -280,14 +319,11 @@ class SqlJobIndex:
                 rows = await tx.fetch(_SELECT, (row.id,))
                 assert rows, "a job row vanished right after its insert"
             promoted = await self._unstick(tx, row.backend, queued, row.created_at)
-            return rows, created, filed, promoted
+            return Written(rows, filed, promoted, created)
 
-        rows, created, filed, promoted = await self.db.atomic(body)
-        stored = _row(rows[0])
-        stored = next((p for p in promoted if p.id == stored.id), stored)
-        self._tell(stored, filed)
-        self._ready(promoted)
-        return stored, created
+        done = await self._write(body)
+        assert done.rec is not None
+        return done.rec, done.created
 
     async def get(self, job_id: str) -> JobRecord | None:
         if "\0" in job_id:  # no job has one, and Postgres text cannot hold it
@@ -521,7 +557,7 @@ class SqlJobIndex:
             rows = await self.db.fetch(again, args)
             return _row(rows[0]) if rows else None
 
-        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+        async def body(tx: Session) -> Written:
             filed: list[Event] = []
             if event is not None:
                 # The first receipt is the record: a second trigger of the
@@ -540,14 +576,9 @@ class SqlJobIndex:
                 rows = await tx.fetch(again, args)
             if rows and keys:
                 await self._index_run_keys(tx, _row(rows[0]).backend, job_id, keys)
-            return rows, filed
+            return Written(rows, filed)
 
-        rows, filed = await self.db.atomic(body)
-        if not rows:
-            return None
-        rec = _row(rows[0])
-        self._tell(rec, filed)
-        return rec
+        return (await self._write(body)).rec
 
     async def finish(
         self,
@@ -572,9 +603,7 @@ class SqlJobIndex:
         of_attempt = "" if attempt is None else " AND attempt = ?"
         events = [*events, NewEvent("finished", finished_data(outcome))]
 
-        async def body(
-            tx: Session,
-        ) -> tuple[list[tuple[Any, ...]], list[Event], list[JobRecord]]:
+        async def body(tx: Session) -> Written:
             filed: list[Event] = []
             if self.limits:  # the backend's turn before the job's row: one lock order
                 current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
@@ -606,15 +635,10 @@ class SqlJobIndex:
                     promoted = await self._promote(tx, ended.backend, now)
             else:
                 rows = await tx.fetch(_SELECT, (job_id,))
-            return rows, filed, promoted
+            return Written(rows, filed, promoted)
 
-        rows, filed, promoted = await self.db.atomic(body)
-        if not rows:
-            return None, False
-        rec = _row(rows[0])
-        self._tell(rec, filed)
-        self._ready(promoted)
-        return rec, bool(filed)
+        done = await self._write(body)
+        return done.rec, bool(done.filed)
 
     async def _post(self, tx: Session, rec: JobRecord, now: int) -> None:
         """Put the notification of the attempt that just ended in the outbox."""
@@ -635,9 +659,7 @@ class SqlJobIndex:
     ) -> JobRecord | None:
         marks = ", ".join("?" for _ in RETRYABLE_STATES)
 
-        async def body(
-            tx: Session,
-        ) -> tuple[list[tuple[Any, ...]], list[Event], list[JobRecord]]:
+        async def body(tx: Session) -> Written:
             current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
             admitted, queued = await self._admit(tx, current[0][0]) if current else (True, {})
             state, queued_at = ("pending", None) if admitted else ("queued", now)
@@ -654,16 +676,9 @@ class SqlJobIndex:
             new = [event] if admitted else [event, NewEvent("queued", queued)]
             filed = await self._file(tx, _row(rows[0]), new, now) if rows else []
             promoted = await self._unstick(tx, current[0][0], queued, now) if rows else []
-            return rows, filed, promoted
+            return Written(rows, filed, promoted)
 
-        rows, filed, promoted = await self.db.atomic(body)
-        if not rows:
-            return None
-        rec = _row(rows[0])
-        rec = next((p for p in promoted if p.id == rec.id), rec)
-        self._tell(rec, filed)
-        self._ready(promoted)
-        return rec
+        return (await self._write(body)).rec
 
     async def record(
         self,
@@ -675,7 +690,7 @@ class SqlJobIndex:
         open_at: int | None = None,
     ) -> JobRecord | None:
 
-        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+        async def body(tx: Session) -> Written:
             if open_at is None:
                 rows = await tx.fetch(_COUNT, (len(events), job_id))
             else:
@@ -683,14 +698,9 @@ class SqlJobIndex:
             filed = await self._file(tx, _row(rows[0]), events, now) if rows else []
             if rows and external is not None:
                 rows = await self._merge_external(tx, _row(rows[0]), *external) or rows
-            return rows, filed
+            return Written(rows, filed)
 
-        rows, filed = await self.db.atomic(body)
-        if not rows:
-            return None
-        rec = _row(rows[0])
-        self._tell(rec, filed)
-        return rec
+        return (await self._write(body)).rec
 
     async def _merge_external(
         self, tx: Session, rec: JobRecord, attempt: int, changed: Mapping[str, Any]
@@ -779,7 +789,7 @@ class SqlJobIndex:
         told = "" if progress is None else ", progress = ?"
         args = [now, due, *([] if progress is None else [json_text(progress)]), job_id]
 
-        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+        async def body(tx: Session) -> Written:
             filed: list[Event] = []
             # The update holds the row until the commit, so of two heartbeats
             # at once one decides after the other's event is counted.
@@ -800,14 +810,9 @@ class SqlJobIndex:
                     )
                     heartbeat = NewEvent("heartbeat", {"progress": progress})
                     filed = await self._file(tx, _row(rows[0]), [heartbeat], now)
-            return rows, filed
+            return Written(rows, filed)
 
-        rows, filed = await self.db.atomic(body)
-        if not rows:
-            return None
-        rec = _row(rows[0])
-        self._tell(rec, filed)
-        return rec
+        return (await self._write(body)).rec
 
     async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:
         changed = await self.db.execute(
@@ -891,7 +896,7 @@ class SqlJobIndex:
         or given up) out of the outbox; `events` recorded in its job's history
         (if the job is still kept), all in one transaction."""
 
-        async def body(tx: Session) -> tuple[list[tuple[Any, ...]], list[Event]]:
+        async def body(tx: Session) -> Written:
             if again_at is None:
                 await tx.execute("DELETE FROM tether_notifications WHERE id = ?", (note.id,))
             else:
@@ -909,11 +914,9 @@ class SqlJobIndex:
             if rows:
                 of_attempt = msgspec.structs.replace(_row(rows[0]), attempt=note.attempt)
                 filed = await self._file(tx, of_attempt, events, now)
-            return rows, filed
+            return Written(rows, filed)
 
-        rows, filed = await self.db.atomic(body)
-        if rows:
-            self._tell(_row(rows[0]), filed)
+        await self._write(body)
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())
