@@ -9,6 +9,11 @@ index. A nonce in the value tells the settler whether it won.
 What made the settle (a callback, a cancel, a timeout, a status check) is
 recorded in the job's history as the settle's `note`: with the change when
 this settle ended the job (before its `finished`), else after what is there.
+The note a winning settle files is also kept in the promise's value
+(`noted`): when the settle's index write never happens (the store took the
+settle but answered too late, a 503 to the caller), whoever ends the job
+from that value (the workflow's finish, or a later settle that lost) files
+it before `finished`, so the history still says what ended the job.
 
 A settle is of one attempt of the job (docs/lifecycle.md): it settles that
 attempt's promise and writes the index only while the job is still at that
@@ -21,7 +26,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
 import msgspec
 from resonate.error import ServerError
@@ -31,7 +36,7 @@ from resonate_base import ConnectorError
 
 from core.bounds import bound_outcome
 from core.errors import NotFound, StoreUnavailable
-from core.models import OPEN_STATES, ErrorInfo, Outcome
+from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -40,7 +45,20 @@ from core.workflow import callback_promise_id, root_promise_id
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
 Note = Callable[[SettleResult], NewEvent | None]
-"""The event a settle records for what made it, given how it turned out (None: none)."""
+"""The event a settle records for what made it, given how it turned out (None:
+none). Asked first what a win records (kept in the promise's value), then
+how the settle turned out when that is not a win."""
+
+
+def _first_kept(note: Note) -> Note:
+    """`note`, asked once what a win records."""
+    won = note("accepted")
+
+    def kept(result: SettleResult) -> NewEvent | None:
+        return won if result == "accepted" else note(result)
+
+    return kept
+
 
 UNBORN_PROMISE_WAIT = 0.05
 UNBORN_PROMISE_TRIES = 50
@@ -71,10 +89,32 @@ def store_refusal(exc: ServerError) -> str:
     return f"status {exc.code}: {exc.message[:200]}"
 
 
-def settled_value(outcome: Outcome, by: str, nonce: str) -> dict[str, Any]:
+def settled_value(
+    outcome: Outcome, by: str, nonce: str, note: NewEvent | None = None
+) -> dict[str, Any]:
     """What a callback promise is settled with: the outcome, who ended the job,
-    and a nonce that tells the settler it won."""
-    return {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
+    a nonce that tells the settler it won, and the event the settle files
+    when it wins (`note`, under "note": read back by `noted`)."""
+    value = {**msgspec.to_builtins(outcome), "by": by, "nonce": nonce}
+    if note is not None:
+        value["note"] = {"type": note.type, "data": note.data}
+    return value
+
+
+EVENT_TYPES = frozenset(get_args(EventType))
+
+
+def noted(value: Any) -> list[NewEvent]:
+    """The event a settled callback promise's value says its settle files
+    when it wins (`settled_value`): none for a value without one (settled by
+    the trigger, the store, or a release before this one)."""
+    note = value.get("note") if isinstance(value, dict) else None
+    if not isinstance(note, dict):
+        return []
+    kind, data = note.get("type"), note.get("data")
+    if kind not in EVENT_TYPES or not isinstance(data, dict):
+        return []
+    return [NewEvent(cast(EventType, kind), data)]
 
 
 def outcome_of(value: Any) -> Outcome:
@@ -184,7 +224,9 @@ class Settler:
         promise_id = callback_promise_id(job_id, attempt)
         outcome = self._kept(outcome, promise_id, salt)
         nonce = uuid.uuid4().hex
-        value = settled_value(outcome, by, nonce)
+        if note is not None:  # asked first how a win is noted: kept in the value
+            note = _first_kept(note)
+        value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
         for _ in range(UNBORN_PROMISE_TRIES):
             try:
                 record = await store_call(
@@ -220,8 +262,12 @@ class Settler:
         settled = outcome_of(data) if data is not None else STORE_TIMEOUT
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
-        before = [store_timed_out()] if data is None else []
-        rec, ended = await self._end(job_id, settled, OPEN_STATES, note, result, attempt, before)
+        # Lost: the winner's own event first, should this settle be the one
+        # that ends the job (the winner's index write timed out, or is late).
+        before = [store_timed_out()] if data is None else noted(data) if not won else []
+        rec, ended = await self._end(
+            job_id, settled, OPEN_STATES, note, result, attempt, before, won=won
+        )
         if ended and data is None and not await self._workflow_alive(job_id, attempt):
             await self._orphaned(rec)
         return result, rec
@@ -264,13 +310,17 @@ class Settler:
         result: SettleResult,
         attempt: int,
         before: list[NewEvent] | None = None,
+        *,
+        won: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Record `outcome` in the index if the job is at `attempt`, with the
         note's event for `result` before `finished` if this ends the job; if it
         does not (someone recorded the end first), the note's event for how
         the settle compares goes after (none once the job is at a later attempt).
-        `before`: events that go first when this ends the job. Returns the
-        row, and whether this ended the job."""
+        `before`: events that go first when this ends the job. `won`: this
+        settle's value is the promise's, so whoever recorded the end from it
+        (the workflow's finish, a settle that lost) filed its note already
+        (`noted`): not again. Returns the row, and whether this ended the job."""
         event = None if note is None else note(result)
         events = [*(before or []), *([event] if event else [])]
         rec, ended = await store_call(
@@ -279,6 +329,8 @@ class Settler:
         if rec is None:
             raise NotFound.job(job_id)
         if note is not None and not ended and rec.finished and rec.attempt == attempt:
+            if won and await self._filed(rec, note("accepted")):
+                return rec, ended
             if result == "accepted":  # the unborn path: another settle ended it first
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
                 result = judge(rec.state, same)
@@ -286,6 +338,16 @@ class Settler:
             if late is not None:
                 rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
         return rec, ended
+
+    async def _filed(self, rec: JobRecord, event: NewEvent | None) -> bool:
+        """Whether `event` is among the last events of `rec`'s attempt (a
+        look made only when a settle that won finds the job ended by another)."""
+        if event is None:
+            return False
+        _, recent = await store_call(self.jobs.events_after(rec.id, max(rec.events - 8, 0), 8))
+        return any(
+            (e.type, e.data, e.attempt) == (event.type, event.data, rec.attempt) for e in recent
+        )
 
     async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
         """Settle `promise_id` with an outcome already recorded in the index

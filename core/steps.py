@@ -33,7 +33,14 @@ from core.notices import run_keys_of
 from core.plugins import Plugins
 from core.redact import redact, redact_bytes
 from core.settings import Settings
-from core.settle import STORE_TIMEOUT, Settler, outcome_of, outcome_of_record, store_timed_out
+from core.settle import (
+    STORE_TIMEOUT,
+    Settler,
+    noted,
+    outcome_of,
+    outcome_of_record,
+    store_timed_out,
+)
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
@@ -368,7 +375,10 @@ class JobSteps:
         if rec is not None and rec.attempt == attempt and not rec.finished:
             # The store timed the promise out: no watchdog settled it.
             late = isinstance(value, dict) and value.get("by") == "store"
-            events = [store_timed_out()] if late else []
+            # Not ended by its settle's index write (it timed out, a 503 to
+            # the caller, though the store took the settle): that settle's
+            # event (a `callback`, a `cancel_requested`), kept in the value.
+            events = [store_timed_out()] if late else noted(value)
             outcome = STORE_TIMEOUT if late else outcome_of(value)
             rec, _ = await self.jobs.end(job_id, outcome, now_ms(), events=events, attempt=attempt)
         if rec is None or rec.attempt != attempt:

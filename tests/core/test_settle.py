@@ -488,7 +488,8 @@ async def test_the_note_of_a_settle_that_lost_comes_after_and_none_is_recorded_f
         "duplicate"
     )
     assert await types_and_results(parts) == [*before, ("callback", "conflict")]  # None: nothing
-    assert said == ["conflict", "conflict", "duplicate", "duplicate"]  # asked first, then after
+    # asked what a win records (kept in the value), then before the end, then after
+    assert said == ["accepted", "conflict", "conflict", "accepted", "duplicate", "duplicate"]
 
 
 async def test_the_note_of_a_second_settle_of_an_unborn_promise_compares_with_the_index(
@@ -532,7 +533,7 @@ async def test_a_settle_of_an_earlier_attempt_leaves_the_retried_job_alone(parts
     result, rec = await parts.settler.settle("j", DONE, by="callback", note=noting(said), attempt=1)
     assert result == "conflict"
     assert (rec.attempt, rec.state) == (2, "pending")
-    assert said == ["conflict"]  # no late note: the job is at another attempt
+    assert said == ["accepted", "conflict"]  # no late note: the job is at another attempt
 
     # attempt 2, whose promise is not born: ended in the index, as attempt 2
     result, rec = await parts.settler.settle("j", FAILED, by="trigger", attempt=2)

@@ -1,0 +1,109 @@
+"""The event a settle files, kept in its promise's value (`core.settle.noted`):
+filed by whoever ends the job from that value when the settle's own index
+write never came (the store took the settle, and answered too late)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from resonate.types import Value
+
+from core.models import Outcome
+from core.settle import noted, outcome_of, settled_value
+from core.store.jobs import NewEvent, now_ms
+from core.workflow import callback_promise_id
+from tests.core.parts import Parts, open_parts
+
+DONE = Outcome(status="succeeded", result={"rows": 3})
+DIGEST = {"body_bytes": 2, "body_sha256": "ab"}
+
+
+@pytest.fixture
+async def parts() -> AsyncIterator[Parts]:
+    async with open_parts() as p:
+        yield p
+
+
+def note(verdict: str) -> NewEvent:
+    return NewEvent("callback", {"verdict": verdict, "status": "succeeded", **DIGEST})
+
+
+def test_the_winners_event_is_kept_in_the_value_and_read_back():
+    value = settled_value(DONE, "callback", "n", note("accepted"))
+    assert value["note"] == {"type": "callback", "data": note("accepted").data}
+    assert noted(value) == [note("accepted")]
+    assert "note" not in settled_value(DONE, "callback", "n")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        {"status": "succeeded"},  # a release before notes, the trigger, the store
+        {"note": "callback"},
+        {"note": {"type": "not_an_event", "data": {}}},
+        {"note": {"type": "callback", "data": ["x"]}},
+    ],
+)
+def test_a_value_without_a_readable_note_files_nothing(value: Any):
+    assert noted(value) == []
+
+
+async def test_a_settle_that_lost_and_ends_the_job_files_the_winners_event_first(parts: Parts):
+    """The winner's settle reached the store, its index write did not (a 503):
+    a repeat of it is a duplicate, and ends the job with both events."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    winner = settled_value(DONE, "callback", "theirs", note("accepted"))
+    await parts.resonate.promises.resolve(callback_promise_id("j"), Value(data=winner))
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    assert (result, rec.state) == ("duplicate", "succeeded")
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [(e.type, e.data.get("verdict")) for e in events][-3:] == [
+        ("callback", "accepted"),
+        ("callback", "duplicate"),
+        ("finished", None),
+    ]
+
+
+async def test_a_settle_that_won_files_its_event_once(parts: Parts):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    result, _ = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    assert result == "accepted"
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [e.type for e in events][-2:] == ["callback", "finished"]
+    assert [e.type for e in events].count("callback") == 1
+
+
+async def test_a_settle_that_won_after_the_workflow_ended_the_job_files_nothing_again(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The workflow's finish ran between the winner's settle and its index
+    write (it resumes as soon as the promise is settled, in any process): it
+    filed the winner's event from the value, and the winner files no other
+    (it filed a `duplicate` of itself)."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    promises = parts.settler.resonate.promises
+    resolve = promises.resolve
+
+    async def then_finish(promise_id: str, value: Value) -> Any:
+        record = await resolve(promise_id, value)
+        await parts.jobs.end(
+            "j", outcome_of(value.data), now_ms(), events=noted(value.data), attempt=1
+        )
+        return record
+
+    monkeypatch.setattr(promises, "resolve", then_finish)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    assert (result, rec.state) == ("accepted", "succeeded")
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [(e.type, e.data.get("verdict")) for e in events][-2:] == [
+        ("callback", "accepted"),
+        ("finished", None),
+    ]
+    assert [e.type for e in events].count("callback") == 1

@@ -1,0 +1,93 @@
+"""A request the API answered 503 because the store did not answer in time,
+which the store then applied all the same: the job's history still says what
+ended it (docs/operations.md, "Job history")."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+
+import core.settle
+from core.store.embedded import sqlite_path
+
+LATE = "may have taken effect"
+
+
+async def _late(svc: Any, call: Any) -> Any:
+    """`call()` (a request) while another connection holds the store's write
+    lock: the store waits for it past the API's patience (503), and applies
+    the request once the lock is let go (before its own wait gives up)."""
+    holder = sqlite3.connect(sqlite_path(svc.settings.store), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        answer = await call()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert answer.status_code == 503, answer.text
+    assert LATE in answer.json()["error"]["message"]
+    return answer
+
+
+async def _events(svc: Any, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    page = (await svc.client.get(f"/jobs/{job_id}/events")).json()
+    return [(e["type"], e["data"]) for e in page["items"]]
+
+
+async def _waiting(svc: Any, receiver: Any, job_id: str) -> str:
+    body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await svc.wait_state(job_id, "running")
+    [hit] = receiver.hits
+    return str(hit.body["callback_url"])
+
+
+@pytest.fixture
+def patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API waits 1 s for a store call (8 s in service), the store 5 s for its lock."""
+    monkeypatch.setattr(core.settle, "STORE_CALL_TIMEOUT", 1.0)
+
+
+async def test_a_callback_the_store_took_after_a_503_is_in_the_history(
+    start_service, receiver, tmp_path, patience
+):
+    svc = await start_service(store=f"sqlite:///{tmp_path}/late.db")
+    url = await _waiting(svc, receiver, "late")
+    path = url.removeprefix(svc.settings.base_url)
+    body = b'{"status": "succeeded", "result": {"rows": 42}}'
+    await _late(svc, lambda: svc.client.post(path, content=body, timeout=30))
+
+    job = await svc.wait_state("late", "succeeded")  # the workflow finished it
+    assert job["result"] == {"rows": 42}
+    events = await _events(svc, "late")
+    assert [t for t, _ in events][-2:] == ["callback", "finished"], events
+    _, callback = events[-2]
+    assert callback["verdict"] == "accepted" and callback["status"] == "succeeded"
+    assert callback["body_bytes"] == len(body)
+    token = url.partition("token=")[2]
+    assert token and token not in str(events)
+
+    # The caller repeats it, as the 503 says: a duplicate, filed after.
+    again = await svc.client.post(path, content=body)
+    assert again.json()["outcome"] == "duplicate"
+    verdicts = [d["verdict"] for t, d in await _events(svc, "late") if t == "callback"]
+    assert verdicts == ["accepted", "duplicate"]
+
+
+async def test_a_cancel_the_store_took_after_a_503_is_in_the_history(
+    start_service, receiver, tmp_path, patience
+):
+    svc = await start_service(store=f"sqlite:///{tmp_path}/late.db")
+    await _waiting(svc, receiver, "stop")
+    cancel = {"reason": "not needed"}
+    await _late(svc, lambda: svc.client.post("/jobs/stop/cancel", json=cancel, timeout=30))
+
+    job = await svc.wait_state("stop", "canceled")
+    assert job["error"]["message"] == "canceled by request: not needed"
+    events = await _events(svc, "stop")
+    assert events[-2:] == [
+        ("cancel_requested", {"reason": "not needed"}),
+        ("finished", events[-1][1]),
+    ], events
