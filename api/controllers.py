@@ -770,5 +770,6 @@ class BackendController(Controller):
 )
 async def health(tether: NamedDependency[Tether]) -> dict[str, Any]:
     """200 `{"status": "ok", "store": ..., "backends": [...]}` when the store
-    answers, else 503. Needs no token: it is for probes."""
+    answers, else 503: also when it takes over 2 s (probe with a timeout of
+    3 s or more). Needs no token: it is for probes."""
     return await tether.health()

@@ -16,8 +16,10 @@ import contextlib
 import logging
 from typing import Any
 
+from core.errors import StoreUnavailable
 from core.hookspecs import Backend, Readiness
 from core.plugins import Plugins
+from core.settle import store_call
 from core.store.jobs import JobIndex
 
 log = logging.getLogger("tether")
@@ -27,6 +29,26 @@ FIRST_CHECK_DELAY = 10.0
 
 READINESS_TIMEOUT = 30.0
 """Seconds a backend's `readiness` may take before it counts as `error`."""
+
+STORE_CHECK_TIMEOUT = 2.0
+"""Seconds `/health` waits for the store's answer before it answers 503
+itself: well under a probe's timeout (docs/operations.md: give it 3 s or
+more), so a store that takes connections and never answers (a hung server,
+a blackholed address) is a 503, not a probe's timeout. A store call of a
+request waits longer (`STORE_CALL_TIMEOUT`)."""
+
+
+async def store_answers(jobs: JobIndex, store: str) -> None:
+    """`/health`'s look at the store (`jobs.ping()`: the index, and the
+    Resonate server beside it); `StoreUnavailable` when it fails, or does not
+    answer within `STORE_CHECK_TIMEOUT` (naming `store`, without credentials)."""
+    try:
+        async with asyncio.timeout(STORE_CHECK_TIMEOUT):
+            await store_call(jobs.ping())
+    except TimeoutError:
+        raise StoreUnavailable(
+            f"the store ({store}) did not answer within {STORE_CHECK_TIMEOUT:g} s"
+        ) from None
 
 
 async def orphans(plugins: Plugins, jobs: JobIndex) -> dict[str, int]:

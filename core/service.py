@@ -34,7 +34,7 @@ from core.errors import (
     shown,
 )
 from core.events import JobHistory
-from core.health import Health
+from core.health import Health, store_answers
 from core.models import (
     JOB_ID_PATTERN,
     JOB_ID_RULE,
@@ -55,7 +55,7 @@ from core.notices import NoticeResult, Notices
 from core.notify import Notifier
 from core.plugins import Plugins
 from core.requests import NormalRequest, stored_request
-from core.settings import Settings
+from core.settings import Settings, describe
 from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
@@ -719,7 +719,7 @@ class Tether:
         """Liveness: raises when the store does not answer, whatever the
         backends say. The body adds each backend's cached readiness and the
         backends waiting jobs need but no plugin offers (see `core.health`)."""
-        await store_call(self.jobs.ping())
+        await store_answers(self.jobs, describe(self.settings.store))
         return {
             "status": "ok",
             "store": self.store.kind,

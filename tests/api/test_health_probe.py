@@ -1,0 +1,80 @@
+"""`GET /health` answers within a probe's timeout, whatever the store does:
+a Resonate server that takes connections and never answers is a 503 in about
+`STORE_CHECK_TIMEOUT` (2 s), not a probe's timeout (it took 5.4-5.7 s)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from core.health import STORE_CHECK_TIMEOUT
+from tests.resonate_server.stand_in import RUNNING
+
+PROBE_TIMEOUT = 3.0
+"""What docs/operations.md tells a probe to wait, at least."""
+
+
+class Blackhole:
+    """A listener on `port` that accepts every connection and never answers."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port), backlog=128)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def blackholes() -> Iterator[list[Blackhole]]:
+    made: list[Blackhole] = []
+    yield made
+    for hole in made:
+        hole.close()
+
+
+@pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
+async def test_health_under_a_server_that_never_answers_is_503_within_a_probes_timeout(
+    start_service, blackholes
+):
+    svc = await start_service()
+    assert (await svc.client.get("/health")).status_code == 200
+    server = RUNNING[svc.settings.store]
+    server.stop()
+    blackholes.append(Blackhole(server.port))  # the server's address, silent
+
+    for _ in range(2):  # and again: nothing waits on the first look
+        started = time.monotonic()
+        answer = await svc.client.get("/health", timeout=PROBE_TIMEOUT)
+        took = time.monotonic() - started
+        assert answer.status_code == 503, answer.text
+        assert STORE_CHECK_TIMEOUT - 0.1 <= took < STORE_CHECK_TIMEOUT + 0.7, took
+        error = answer.json()["error"]
+        assert error["code"] == "store_unavailable"
+        assert error["message"] == (
+            f"the store ({svc.settings.store}) did not answer within {STORE_CHECK_TIMEOUT:g} s"
+        )
+        assert answer.headers["retry-after"] == "1"
+
+
+async def test_health_answers_at_once_while_the_store_does(start_service):
+    svc = await start_service()
+    started = time.monotonic()
+    assert (await svc.client.get("/health", timeout=PROBE_TIMEOUT)).status_code == 200
+    assert time.monotonic() - started < 1
