@@ -266,7 +266,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         TetherServer(config).run()
         return
     sock.set_inheritable(True)  # several workers share it
-    supervisor = Supervisor(config, sockets=[sock])
+    supervisor = Supervisor(config, sockets=[sock], store=describe(settings.store))
     with multiprocess_dir(workers):  # the workers read it as they start
         supervisor.run()
     if supervisor.failed:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import math
 import multiprocessing
 import os
@@ -76,6 +77,26 @@ status."""
 store_down_at_start = False
 """Set by the app's lifespan, in a worker, when the store did not answer as
 it opened (`api.app`)."""
+
+
+class StartupLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of a worker's lifespan (uvicorn's `uvicorn.error`), which
+    logs a failed start-up as the app's traceback and "Application startup
+    failed. Exiting.", both errors. With `quiet` (the supervisor saw the
+    store down at an earlier try), those of a start that failed because the
+    store did not answer go to DEBUG: the supervisor logs one line per try
+    (`Supervisor._replace`), the traceback was logged at the first. Any other
+    failed start keeps its traceback."""
+
+    def __init__(self, logger: logging.Logger, quiet: bool) -> None:
+        super().__init__(logger, {})
+        self.quiet = quiet
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.quiet and store_down_at_start and level >= logging.ERROR:
+            level = logging.DEBUG
+        self.logger.log(level, msg, *args, **kwargs)
+
 
 DEFER = 0.002
 """Seconds a worker leaves a new connection to a worker holding fewer before
@@ -214,8 +235,14 @@ class TetherServer(Server):
     """The supervisor's pid, for a worker: when it is gone (SIGKILLed, so it
     could not stop its workers), the worker stops too, rather than go on
     serving unsupervised and holding the port a new `tether serve` needs."""
+    store_down_before = False
+    """The supervisor saw the store down as an earlier worker started (since
+    every worker last served): a start that fails so again logs no traceback
+    (`StartupLog`)."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        lifespan: Any = self.lifespan  # uvicorn's `LifespanOn` logs through `.logger`
+        lifespan.logger = StartupLog(logging.getLogger("uvicorn.error"), self.store_down_before)
         if self.balance is None or not sockets:
             await super().startup(sockets)
             return
@@ -285,10 +312,15 @@ class TetherProcess(Process):
     """A supervised worker that runs `TetherServer`."""
 
     def __init__(
-        self, config: Config, sockets: list[socket.socket], balance: Balance | None
+        self,
+        config: Config,
+        sockets: list[socket.socket],
+        balance: Balance | None,
+        store_down_before: bool = False,
     ) -> None:
         self.balance = balance  # before uvicorn's __init__ hands `self` to the new process
         self.supervisor = os.getpid()  # made in the supervisor
+        self.store_down_before = store_down_before
         super().__init__(config, sockets)
 
     @property
@@ -297,6 +329,7 @@ class TetherProcess(Process):
             self._server = TetherServer(config=self.config)
             self._server.balance = self.balance
             self._server.supervisor = self.supervisor
+            self._server.store_down_before = self.store_down_before
         return self._server
 
 
@@ -304,8 +337,14 @@ class Supervisor(Multiprocess):
     """uvicorn's `Multiprocess` with `TetherServer` workers, woken by a
     worker's exit or a signal rather than polling every 0.5 s."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket], store: str = "") -> None:
         super().__init__(config, sockets)
+        self.store = store
+        """The store, as the log may show it (no credentials: `describe`)."""
+        self.store_down = 0
+        """Workers that could not reach the store as they started, since
+        every worker last served: after the first, a worker's failed start
+        logs no traceback (`StartupLog`), the supervisor one line a try."""
         #: connections each worker holds, by its place in `processes` (`Balance`)
         self.counts = multiprocessing.get_context("spawn").RawArray("i", [NO_WORKER] * SLOTS)
         self._wake_r, self._wake_w = os.pipe()
@@ -328,7 +367,7 @@ class Supervisor(Multiprocess):
         if slot < SLOTS:
             self.counts[slot] = NO_WORKER  # until it says how many it holds
         balance = Balance(self.counts, slot) if slot < SLOTS else None
-        return TetherProcess(self.config, self.sockets, balance)
+        return TetherProcess(self.config, self.sockets, balance, self.store_down > 0)
 
     def run(self) -> None:
         logger.info(f"Started parent process [{os.getpid()}]")
@@ -392,7 +431,7 @@ class Supervisor(Multiprocess):
         # Every worker serves (a worker still starting answers pings too: its
         # count is set only once it serves): the store is back.
         if not any(gone) and all(c != NO_WORKER for c in self.counts[: len(self.processes)]):
-            self.gap = RESTART_GAP
+            self.gap, self.store_down = RESTART_GAP, 0
 
     def _replace(self, idx: int) -> bool:
         """Kill (a no-op if it exited) and replace worker `idx`; False when
@@ -412,10 +451,14 @@ class Supervisor(Multiprocess):
         if self.should_exit.is_set():
             return False
         if process.exitcode == STORE_DOWN_AT_START:
+            # One line a try; the worker logged its traceback at the first.
+            store = f" {self.store}" if self.store else ""
             logger.error(
-                f"Child process [{process.pid}] could not reach the store as it started;"
-                f" trying again in {self.gap:g}s (the other workers serve what they can)"
+                f"Child process [{process.pid}] could not reach the store{store} as it"
+                f" started; trying again in {self.gap:g}s (the other workers serve what they"
+                " can)"
             )
+            self.store_down += 1
             waited, self.gap = self.gap, min(self.gap * 2, RESTART_GAP_MAX)
             if wait([self._wake_r], waited):
                 return True  # a signal: handled first (the exited worker is seen again)

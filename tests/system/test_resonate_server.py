@@ -173,8 +173,12 @@ def test_a_worker_replaced_while_the_server_is_down_comes_back_with_it(tmp_path,
             again.stop()
     log = served.log.read_text()
     assert TOKEN not in log
-    waits = re.findall(r"could not reach the store as it started; trying again in ([0-9.]+)s", log)
+    said = rf"could not reach the store {re.escape(server.url)} as it started; trying again in"
+    waits = re.findall(said + r" ([0-9.]+)s", log)
     assert waits[:3] == ["0.5", "1", "2"], waits  # doubling, not reset by a starting worker
+    # One line a try: the worker's traceback only at the first (later ones at DEBUG)
+    assert len(re.findall(r"ERROR tether\.http: .*Traceback \(most recent", log)) == 1, log
+    assert log.count("Application startup failed") == 1, log
 
 
 def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_path, receiver):
