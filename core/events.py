@@ -12,7 +12,9 @@ A followed job's stream goes on past the `finished` of its attempt while
 something is still due that files an event: a completion notification in the
 outbox (`notified`, `notify_failed`), or the attempt's workflow yet to return
 (its finish stops the run of a canceled or timed-out job: `cancel_failed`; a
-trigger answered after the end: a late `triggered`). Both are in the store,
+trigger answered after the end: a late `triggered`), or, for a job no
+workflow finishes, that finish's stop under way (its stop promise:
+`core.workflow.stop_promise_id`). Both are in the store,
 so any process serving the stream sees them; a backend's own `notification`
 may come at any time and is never waited for (docs/lifecycle.md, "Following
 a job").
@@ -139,9 +141,10 @@ class JobHistory:
         canceled or timed out, or before a run was recorded, its workflow yet
         to return (its finish stops the run, filing `cancel_failed` when it
         could not; a trigger answered after the end files a late `triggered`,
-        and stops that run). A succeeded or failed attempt with a run
-        recorded waits for no workflow: its finish stops nothing. A look that
-        fails counts as due: the next one tells."""
+        and stops that run), or, when no workflow finishes it, that finish
+        under way (`attempt_running` asks for both). A succeeded or failed
+        attempt with a run recorded waits for no workflow: its finish stops
+        nothing. A look that fails counts as due: the next one tells."""
         try:
             if await store_call(self.jobs.notification_waiting(rec.id, rec.created_at)):
                 return True

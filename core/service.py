@@ -166,6 +166,7 @@ class Tether:
             await steps.finish(rec.id, {"status": rec.state}, rec.attempt)
 
         self._settler.on_orphan = finish_orphan
+        self._settler.stop_within_ms = int(steps.stop_within() * 1000)
         workflow.register(r, steps)
         self.events.attempt_running = functools.partial(workflow.attempt_running, r)
         self._target = conn.resolve_target(self.settings.group)

@@ -40,7 +40,7 @@ from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
-from core.workflow import callback_promise_id, root_promise_id
+from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id, stop_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
@@ -194,6 +194,9 @@ class Settler:
         too (the service down past the deadline and `ROOT_GRACE_MS`). What
         the workflow's finish does (stop the run, tell the plugins) is this
         callback's to do (`JobSteps.finish`, wired by the service)."""
+        self.stop_within_ms = ROOT_GRACE_MS
+        """How long such a finish may take, at most (`JobSteps.stop_within`,
+        wired by the service): the timeout of its stop promise."""
 
     async def settle(
         self,
@@ -265,11 +268,19 @@ class Settler:
         # Lost: the winner's own event first, should this settle be the one
         # that ends the job (the winner's index write timed out, or is late).
         before = [store_timed_out()] if data is None else noted(data) if not won else []
+        # The store timed the wait out: a settle that ends the job finishes
+        # it too when its workflow is over (the service was down past the
+        # deadline and `ROOT_GRACE_MS`). Asked before the end is recorded, so
+        # a stream that reads `finished` already finds that finish due.
+        orphan = data is None and not await self._workflow_alive(job_id, attempt)
+        stop = await self._stop_begins(job_id, attempt) if orphan else None
         rec, ended = await self._end(
             job_id, settled, OPEN_STATES, note, result, attempt, before, won=won
         )
-        if ended and data is None and not await self._workflow_alive(job_id, attempt):
+        if ended and orphan:
             await self._orphaned(rec)
+        if ended and stop is not None:
+            await self._stop_ends(rec, stop)
         return result, rec
 
     async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
@@ -281,6 +292,45 @@ class Settler:
         except (ServerError, StoreUnavailable):
             return False
         return bool(root.state == "pending")
+
+    async def _stop_begins(self, job_id: str, attempt: int) -> str | None:
+        """Before a settle that may end a job no workflow will finish: when
+        the job is open at `attempt` with a run recorded, and this process
+        finishes orphans, make the attempt's stop promise (pending: a stream
+        of the job waits for it, `core.events`); its id, or None. The settle
+        that ends the job resolves it once the finish is over (after the
+        run's stop filed `cancel_failed`, if it failed); one that does not
+        leaves it to that one. If this process dies meanwhile, the store
+        times it out after `stop_within_ms`."""
+        if self.on_orphan is None:
+            return None
+        rec = await store_call(self.jobs.get(job_id))
+        if rec is None or rec.finished or rec.attempt != attempt or rec.external is None:
+            return None
+        promise_id = stop_promise_id(job_id, attempt)
+        try:
+            timeout = now_ms() + self.stop_within_ms
+            made = self.resonate.promises.create(promise_id, timeout, Value(data=None), {})
+            await store_call(made)
+        except (ServerError, StoreUnavailable) as exc:
+            self._stop_unmarked(rec, exc)
+            return None
+        return promise_id
+
+    async def _stop_ends(self, rec: JobRecord, promise_id: str) -> None:
+        try:
+            await store_call(self.resonate.promises.resolve(promise_id, Value(data=None)))
+        except (ServerError, StoreUnavailable) as exc:
+            self._stop_unmarked(rec, exc)
+
+    def _stop_unmarked(self, rec: JobRecord, exc: Exception) -> None:
+        log.warning(
+            "job %s: its stop promise could not be written (%s): a stream of the job may"
+            " not wait for the run's stop, or wait for it until the promise times out",
+            rec.id,
+            getattr(exc, "message", type(exc).__name__),
+            extra=rec.log_extra(),
+        )
 
     async def _orphaned(self, rec: JobRecord) -> None:
         if self.on_orphan is None:

@@ -58,6 +58,11 @@ for a backend that hangs, which would otherwise hold the finish (the
 workflow's, or the watchdog's look at a job without one) for good."""
 
 
+STOP_MARGIN = 60.0
+"""Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
+`tether_job_finished`)."""
+
+
 class JobSteps:
     """What the workflow's steps do (`core.workflow.Steps`)."""
 
@@ -388,6 +393,14 @@ class JobSteps:
             await self._cancel_run(backend, rec)
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
+
+    def stop_within(self) -> float:
+        """Seconds a finish that stops a run takes at most (a backend's
+        `retry_after` longer than the backoff aside): every try's
+        `CANCEL_TIMEOUT`, the waits between them, and `STOP_MARGIN`."""
+        attempts = max(self.settings.trigger_attempts, 1)
+        waits = sum(self.settings.trigger_backoff * 2.0**i for i in range(attempts - 1))
+        return attempts * CANCEL_TIMEOUT + waits + STOP_MARGIN
 
     async def _cancel_run(self, backend: Backend, rec: JobRecord) -> None:
         """`backend.cancel`, tried as a trigger is while it fails with a

@@ -120,6 +120,18 @@ def callback_promise_id(job_id: str, attempt: int = 1) -> str:
     return f"{root_promise_id(job_id, attempt)}:1"
 
 
+STOP_MARK = ":stop"
+"""After a root promise id, the id of its attempt's stop promise
+(`stop_promise_id`): not a durable op of any workflow (theirs are numbered)."""
+
+
+def stop_promise_id(job_id: str, attempt: int = 1) -> str:
+    """The promise that is pending while the finish of attempt `attempt` of
+    job `job_id` runs without its workflow (`core.settle`, an orphan's
+    finish: its run's stop, after a long outage); made only for those."""
+    return f"{root_promise_id(job_id, attempt)}{STOP_MARK}"
+
+
 def parse_promise_id(promise_id: str) -> tuple[str, int] | None:
     """The job and attempt a callback promise id belongs to, or None if it
     names none (only the ids `callback_promise_id` makes are read)."""
@@ -311,13 +323,17 @@ async def start(r: Resonate, target: str, job: RootPromise) -> None:
 
 async def attempt_running(r: Resonate, job_id: str, attempt: int) -> bool:
     """Whether the workflow of that attempt has yet to return (its finish,
-    the backend's cancel, `tether_job_finished`, still to come). A root
-    promise that does not exist (never created, or deleted by retention) runs
-    nothing."""
-    try:
-        record = await r.promises.get(root_promise_id(job_id, attempt))
-    except ServerError as exc:
-        if exc.code == 404:
-            return False
-        raise
-    return bool(record.state == "pending")
+    the backend's cancel, `tether_job_finished`, still to come), or, for an
+    attempt no workflow will finish, its finish is under way (its stop
+    promise pending: `stop_promise_id`). A promise that does not exist
+    (never created, or deleted by retention) runs nothing."""
+    for promise_id in (root_promise_id(job_id, attempt), stop_promise_id(job_id, attempt)):
+        try:
+            record = await r.promises.get(promise_id)
+        except ServerError as exc:
+            if exc.code == 404:
+                continue
+            raise
+        if record.state == "pending":
+            return True
+    return False
