@@ -62,6 +62,11 @@ STOP_MARGIN = 60.0
 """Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
 `tether_job_finished`)."""
 
+STOP_WITHIN_MAX = 86_400.0
+"""The most `JobSteps.stop_within` answers (a day): `TETHER_TRIGGER_ATTEMPTS`
+has no upper bound, and a doubling backoff over a thousand tries is past a
+float (`OverflowError` at start-up) or a store's timestamp."""
+
 
 class JobSteps:
     """What the workflow's steps do (`core.workflow.Steps`)."""
@@ -397,10 +402,16 @@ class JobSteps:
     def stop_within(self) -> float:
         """Seconds a finish that stops a run takes at most (a backend's
         `retry_after` longer than the backoff aside): every try's
-        `CANCEL_TIMEOUT`, the waits between them, and `STOP_MARGIN`."""
+        `CANCEL_TIMEOUT`, the waits between them, and `STOP_MARGIN`; at most
+        `STOP_WITHIN_MAX`."""
         attempts = max(self.settings.trigger_attempts, 1)
-        waits = sum(self.settings.trigger_backoff * 2.0**i for i in range(attempts - 1))
-        return attempts * CANCEL_TIMEOUT + waits + STOP_MARGIN
+        total, wait = STOP_MARGIN + CANCEL_TIMEOUT, self.settings.trigger_backoff
+        for _ in range(attempts - 1):  # each later try: its wait, then its cancel
+            total += wait + CANCEL_TIMEOUT
+            if total >= STOP_WITHIN_MAX:
+                return STOP_WITHIN_MAX
+            wait *= 2
+        return total
 
     async def _cancel_run(self, backend: Backend, rec: JobRecord) -> None:
         """`backend.cancel`, tried as a trigger is while it fails with a

@@ -97,3 +97,19 @@ async def test_a_job_whose_end_stops_nothing_makes_no_stop_promise():
         with pytest.raises(ServerError) as raised:
             await parts.resonate.promises.get(workflow.stop_promise_id("p"))
         assert raised.value.code == 404
+
+
+@pytest.mark.parametrize(
+    ("attempts", "within"),
+    [(4, 4 * 300 + 1 + 2 + 4 + 60), (1, 300 + 60), (0, 300 + 60), (2000, 86_400)],
+)
+async def test_the_stop_promise_lasts_as_long_as_the_stop_at_most_a_day(attempts, within):
+    """Every try's cancel and the waits between (`TETHER_TRIGGER_ATTEMPTS`
+    has no upper bound: 2000 tries doubled 1 s is past a float, which
+    raised `OverflowError` as the service opened)."""
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=1.0) as parts:
+        signer = CallbackSigner("test-secret", "http://t")
+        steps = JobSteps(
+            parts.settings, make_rig(parts).watchdog.plugins, parts.jobs, signer, parts.settler
+        )
+        assert steps.stop_within() == within
