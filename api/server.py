@@ -86,7 +86,10 @@ class StartupLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     store down at an earlier try), those of a start that failed because the
     store did not answer go to DEBUG: the supervisor logs one line per try
     (`Supervisor._replace`), the traceback was logged at the first. Any other
-    failed start keeps its traceback."""
+    failed start keeps its traceback. A quieted traceback's last line (the
+    store's own words: unreachable, a token refused, paired with another
+    index) is still logged, as a warning: the reason may change between
+    tries."""
 
     def __init__(self, logger: logging.Logger, quiet: bool) -> None:
         super().__init__(logger, {})
@@ -94,6 +97,9 @@ class StartupLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if self.quiet and store_down_at_start and level >= logging.ERROR:
+            lines = str(msg).strip().splitlines()
+            if len(lines) > 1:  # a traceback
+                self.logger.warning("the store again: %s", lines[-1])
             level = logging.DEBUG
         self.logger.log(level, msg, *args, **kwargs)
 

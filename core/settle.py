@@ -44,18 +44,30 @@ from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id, s
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
+STOP_END_WAITS = (0.5, 1.0, 2.0)
+"""Seconds between the tries to resolve an orphan's stop promise."""
+
 Note = Callable[[SettleResult], NewEvent | None]
 """The event a settle records for what made it, given how it turned out (None:
 none). Asked first what a win records (kept in the promise's value), then
 how the settle turned out when that is not a win."""
 
 
-def _first_kept(note: Note) -> Note:
-    """`note`, asked once what a win records."""
-    won = note("accepted")
+def _first_kept(note: Note, tokens: list[str]) -> Note:
+    """`note`, asked once what a win records, its events' data without the
+    callback tokens (a cancel's reason may quote the job's callback URL):
+    they are filed in the history and kept in the promise's value."""
+
+    def masked(result: SettleResult) -> NewEvent | None:
+        event = note(result)
+        if event is None or not tokens:
+            return event
+        return NewEvent(event.type, redact_value(event.data, tokens))
+
+    won = masked("accepted")
 
     def kept(result: SettleResult) -> NewEvent | None:
-        return won if result == "accepted" else note(result)
+        return won if result == "accepted" else masked(result)
 
     return kept
 
@@ -225,10 +237,12 @@ class Settler:
                 raise NotFound.job(job_id)
             attempt = current.attempt
         promise_id = callback_promise_id(job_id, attempt)
-        outcome = self._kept(outcome, promise_id, salt)
+        tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
+        # masked, then bounded: no whole token is left for the bound to cut
+        outcome = bound_outcome(_redacted(outcome, tokens), self.max_result_bytes)
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
-            note = _first_kept(note)
+            note = _first_kept(note, tokens)
         value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
         for _ in range(UNBORN_PROMISE_TRIES):
             try:
@@ -318,10 +332,19 @@ class Settler:
         return promise_id
 
     async def _stop_ends(self, rec: JobRecord, promise_id: str) -> None:
-        try:
-            await store_call(self.resonate.promises.resolve(promise_id, Value(data=None)))
-        except (ServerError, StoreUnavailable) as exc:
-            self._stop_unmarked(rec, exc)
+        """Resolve the stop promise, tried again a little while the store is
+        slow (likely, just after the outage that left the job an orphan):
+        left pending, a stream of the job and a retry of it wait for its
+        timeout."""
+        for wait in (*STOP_END_WAITS, None):
+            try:
+                await store_call(self.resonate.promises.resolve(promise_id, Value(data=None)))
+                return
+            except (ServerError, StoreUnavailable) as exc:
+                if wait is None or (isinstance(exc, ServerError) and exc.code < 500):
+                    self._stop_unmarked(rec, exc)
+                    return
+            await asyncio.sleep(wait)
 
     def _stop_unmarked(self, rec: JobRecord, exc: Exception) -> None:
         log.warning(
@@ -344,12 +367,6 @@ class Settler:
                 getattr(exc, "message", type(exc).__name__),
                 extra=rec.log_extra(),
             )
-
-    def _kept(self, outcome: Outcome, promise_id: str, salt: str | None) -> Outcome:
-        """What is stored of `outcome`: its callback tokens masked, then
-        bounded (no whole token is left for the bound to cut)."""
-        tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
-        return bound_outcome(_redacted(outcome, tokens), self.max_result_bytes)
 
     async def _end(
         self,

@@ -30,12 +30,16 @@ def test_a_failed_start_is_an_error_unless_the_store_was_down_before(
 ):
     monkeypatch.setattr(api.server, "store_down_at_start", store_down)
     log = StartupLog(logging.getLogger("uvicorn.error"), quiet)
+    traceback = "Traceback (most recent call last):\n  ...\nStoreUnavailable: token refused"
     with logs_of("uvicorn.error") as logs:
         log.info("Waiting for application startup.")
-        log.error("Traceback (most recent call last): ...")
+        log.error(traceback)
         log.error(FAILED)
+    # a quieted traceback still says why, in its last line
+    why = ["WARNING the store again: StoreUnavailable: token refused"] if level == "DEBUG" else []
     assert logs.lines == [
         "INFO Waiting for application startup.",
-        f"{level} Traceback (most recent call last): ...",
+        *why,
+        f"{level} {traceback}",
         f"{level} {FAILED}",
     ]

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from resonate.error import ServerError
+from resonate.types import Value
 
 import core.events
+import core.settle
 import core.watchdog
 from core import workflow
-from core.errors import BackendError
+from core.errors import BackendError, StoreUnavailable
 from core.events import JobHistory
 from core.models import Job
 from core.steps import JobSteps
@@ -113,3 +115,27 @@ async def test_the_stop_promise_lasts_as_long_as_the_stop_at_most_a_day(attempts
             parts.settings, make_rig(parts).watchdog.plugins, parts.jobs, signer, parts.settler
         )
         assert steps.stop_within() == within
+
+
+async def test_the_stop_promise_is_resolved_through_a_slow_store(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Just after the outage that made the orphan the store may still be slow:
+    a try to resolve the stop promise that times out is made again, not left
+    for the promise's timeout (a stream and a retry of the job wait for it)."""
+    monkeypatch.setattr(core.settle, "STOP_END_WAITS", (0.01, 0.01))
+    async with open_parts() as parts:
+        await parts.add_job("j", state="succeeded")
+        promise_id = workflow.stop_promise_id("j", 1)
+        promises = parts.resonate.promises
+        await promises.create(promise_id, now_ms() + HOUR, Value(data=None), {})
+        resolve, failures = promises.resolve, [StoreUnavailable("slow"), ServerError(503, "x")]
+
+        async def slow(promise_id: str, value: Value) -> Any:
+            if failures:
+                raise failures.pop(0)
+            return await resolve(promise_id, value)
+
+        monkeypatch.setattr(promises, "resolve", slow)
+        await parts.settler._stop_ends(await parts.row("j"), promise_id)
+        assert (await promises.get(promise_id)).state == "resolved"

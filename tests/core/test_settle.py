@@ -615,6 +615,33 @@ async def test_no_outcome_keeps_a_callback_token_whole_or_cut(parts: Parts):
     assert cut.result["preview"].startswith("x" * 120 + "***y"), cut.result
 
 
+async def test_a_cancels_reason_that_quotes_the_callback_url_is_kept_without_its_token(
+    parts: Parts,
+):
+    """A settle's event (a cancel's reason) is filed in the history and kept
+    in the promise's value (`settled_value`'s note): both without the token."""
+    signer = CallbackSigner("new-secret", "http://t")
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    url = signer.url(callback_promise_id("j", 1))
+    token = signer.token(callback_promise_id("j", 1))
+    asked = NewEvent("cancel_requested", {"reason": f"stuck; it was told {url}"})
+    canceled = Outcome(status="canceled", error=ErrorInfo(message="canceled", type="canceled"))
+
+    result, _ = await settler.settle(
+        "j", canceled, by="cancel", note=lambda r: asked if r == "accepted" else None
+    )
+
+    assert result == "accepted"
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    value = (await parts.promise("j")).value.data
+    assert token[:MIN_CUT] not in str([e.data for e in events]) + str(value)
+    [filed] = [e for e in events if e.type == "cancel_requested"]
+    assert filed.data["reason"] == "stuck; it was told http://t/callbacks/j%3A1?token=***"
+    assert value["note"]["data"] == filed.data
+
+
 # ── jobs no workflow will finish ─────────────────────────────────────────────
 
 
