@@ -20,23 +20,13 @@ from core.store import open_store
 from core.store.embedded import EmbeddedStore
 from core.store.jobs import JobRecord, NewEvent
 from resonate_sqlite.engine import StoreFailure
+from tests.core.store.test_index_writes import job
 
 NOW = 1_700_000_000_000
 
 
 def _job(job_id: str) -> JobRecord:
-    return JobRecord(
-        id=job_id,
-        backend="http_webhook",
-        state="pending",
-        params={},
-        metadata={},
-        timeout=60.0,
-        fingerprint="f",
-        deadline=NOW + 60_000,
-        created_at=NOW,
-        updated_at=NOW,
-    )
+    return job(job_id, "http_webhook", NOW)
 
 
 def _request(kind: str, **data: Any) -> str:
