@@ -157,6 +157,12 @@ class Receiver:
         return [h for h in self.hits if h.path == path]
 
 
+POLL = 0.02
+"""The `poll_interval` of the suite's `serve_forever` threads: it looks for
+shutdown() that often (every 0.5 s by default, up to half a second of each
+teardown that stops a server)."""
+
+
 def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def _handle(self) -> None:
@@ -199,9 +205,7 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
 
     server = Server(("127.0.0.1", 0), Handler)
     receiver.port = server.server_address[1]
-    # serve_forever looks for shutdown() every poll_interval (0.5 s by default,
-    # half a second of every test's teardown)
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
     return server
 
 

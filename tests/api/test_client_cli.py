@@ -38,7 +38,7 @@ from api import client as client_module
 from api.cli import cli as main_group
 from api.client import client
 from tests.api.test_events import answering
-from tests.conftest import Receiver, free_port, wait_until
+from tests.conftest import POLL, Receiver, free_port, wait_until
 from tests.process import TetherProcess, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -483,7 +483,7 @@ def test_complete_goes_on_through_a_restart_answered_503(monkeypatch):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/callbacks/j:1?token=secret-t"
         done = cli("http://unused", "complete", url, "--status", "succeeded", "--json")
@@ -678,7 +678,7 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     stand_in.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
     return server
 
 

@@ -31,7 +31,7 @@ from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
 from core.store.embedded import notify_secret_path
 from core.views import origin
-from tests.conftest import Receiver, Service, eventually
+from tests.conftest import POLL, Receiver, Service, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"a test key of the notifications!").decode()
@@ -99,7 +99,7 @@ class NotifyReceiver:
 
         self.server = Server(("127.0.0.1", port or self.port), Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(POLL,), daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -112,6 +112,8 @@ class StandIn:
         self.delivered = 0
         self.dropped = 0
         self.streams: list[Stream] = []
+        self._silenced: list[Stream] = []
+        """Streams `silence` took out of `streams`: ended only at `stop()`."""
         self._engine: Engine | None = None
         self._turn = itertools.count()
         self._wake: asyncio.Event | None = None
@@ -163,6 +165,7 @@ class StandIn:
             for stream in muted:
                 stream.silent = True
                 self.streams.remove(stream)
+                self._silenced.append(stream)
             return len(muted)
 
         return asyncio.run_coroutine_threadsafe(mute(), loop).result(5)
@@ -200,7 +203,9 @@ class StandIn:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-            for stream in self.streams:
+            # silenced streams too: their handlers would hold up cleanup() (and
+            # stop() for its whole timeout, 10 s) waiting on a queue nothing fills
+            for stream in [*self.streams, *self._silenced]:
                 stream.queue.put_nowait(None)
             await runner.cleanup()
             engine.close()

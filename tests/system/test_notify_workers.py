@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Receiver, wait_until
+from tests.conftest import POLL, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 
 JOBS = 16
@@ -64,7 +64,7 @@ class Deliveries:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(POLL,), daemon=True).start()
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/done"

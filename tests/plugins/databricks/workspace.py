@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.conftest import POLL
+
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_NOTEBOOK = ROOT / "examples" / "databricks_notebook.py"
 
@@ -341,7 +343,9 @@ class FakeWorkspace:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(POLL,), daemon=True
+        )
 
     def start(self) -> FakeWorkspace:
         self._thread.start()

@@ -27,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.conftest import POLL
+
 TOKEN = "dapi5e1ec7f00dba11c0ffee5e1ec7f00dba11"
 WAREHOUSE = "abcdef1234567890"
 STATEMENTS = "/api/2.0/sql/statements"
@@ -113,7 +115,9 @@ class FakeSqlApi:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(POLL,), daemon=True
+        )
 
     def start(self) -> FakeSqlApi:
         self._thread.start()
