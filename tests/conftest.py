@@ -352,6 +352,46 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         test.add_marker(pytest.mark.parametrize("store_url", WITH_RESONATE, indirect=True))
 
 
+class QuickServer(uvicorn.Server):
+    """uvicorn's server less its fixed waits at the end of each test: its main
+    loop looks for `should_exit` every 0.1 s (`stop()` wakes it instead), and
+    its shutdown waits 0.1 s for open connections to finish even when there
+    are none (with connections or requests still there after a moment given to
+    those clients closed, the shutdown is uvicorn's own). The app's own
+    shutdown (the lifespan: `Tether.close`) always runs."""
+
+    _stopping: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:  # uvicorn's, waiting on `_stopping`
+        self._stopping = asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 0.1)
+            should_exit = await self.on_tick(counter)
+
+    def stop(self) -> None:
+        self.should_exit = True
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = self.server_state
+        for _ in range(20):  # the connections of clients just closed go first
+            if not state.connections:
+                break
+            await asyncio.sleep(0.005)
+        if state.connections or state.tasks or sockets:
+            await super().shutdown(sockets)
+            return
+        for server in self.servers:
+            server.close()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
 @pytest.fixture
 async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[..., Any]]:
     """`await start_service(plugins=[...], **settings)` → a running `Service`,
@@ -375,9 +415,9 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
             lifespan="on",
             http=SERVER_OPTIONS["http"],  # the loop is the test's own
         )
-        server = uvicorn.Server(config)
+        server = QuickServer(config)
         task = asyncio.create_task(server.serve())
-        await eventually(lambda: server.started or task.done(), timeout=10)
+        await eventually(lambda: server.started or task.done(), timeout=10, every=0.01)
         if task.done():
             task.result()
         client = httpx.AsyncClient(base_url=settings.base_url, trust_env=False, timeout=10)
@@ -387,7 +427,7 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
     yield start
     for server, task, client in running:
         await client.aclose()
-        server.should_exit = True
+        server.stop()
         await task
 
 
