@@ -560,9 +560,10 @@ def starts_processes(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Heavy tests are deselected (not skipped) unless `--all` is given. The
-    tests of modules that start processes run first: pytest-xdist hands out the
-    last tests one at a time, and a long one among them leaves the other worker
-    idle at the end (35-60 s of the wall time in two runs with them last)."""
+    tests of modules that start processes (5-30 s each, some of them) run
+    first, so that the last ones left, which keep one worker busy while the
+    other has none, are short: `./dev test` has pytest-xdist's workers steal
+    from each other's queues (--dist worksteal), the ends of the queues first."""
     if not config.getoption("--all"):
         heavy = [item for item in items if item.get_closest_marker("heavy")]
         if heavy:
