@@ -29,6 +29,13 @@ def escaped(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def reason(exc: BaseException) -> str:
+    """What a failure says in a log line: its `message` (Tether's own errors,
+    the store's `ServerError`), else only its type (another library's words
+    may quote a URL that holds a token)."""
+    return getattr(exc, "message", None) or type(exc).__name__
+
+
 class TetherError(Exception):
     """Base of every error Tether reports to a client."""
 

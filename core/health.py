@@ -16,7 +16,7 @@ import contextlib
 import logging
 from typing import Any
 
-from core.errors import StoreUnavailable
+from core.errors import StoreUnavailable, reason
 from core.hookspecs import Backend, Readiness
 from core.plugins import Plugins
 from core.settle import store_call
@@ -117,7 +117,7 @@ class Health:
             await asyncio.wait_for(self.jobs.ping(), READINESS_TIMEOUT)
             self.store_problem = ""
         except Exception as exc:  # /health says so when it is asked
-            problem = getattr(exc, "message", None) or type(exc).__name__
+            problem = reason(exc)
             if problem != self.store_problem:
                 log.warning("the store's health check failed: %s", problem)
             self.store_problem = problem

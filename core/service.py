@@ -31,6 +31,7 @@ from core.errors import (
     MalformedBody,
     NotFound,
     StoreUnavailable,
+    reason,
     shown,
 )
 from core.events import JobHistory
@@ -444,7 +445,7 @@ class Tether:
             log.warning(
                 "job %s: its workflow starts once the store answers (%s)",
                 stored.id,
-                getattr(exc, "message", type(exc).__name__),
+                reason(exc),
                 extra=stored.log_extra(),
             )
         if created:
@@ -565,7 +566,7 @@ class Tether:
                     "job %s: starting it after the queue failed (%s); it starts when a"
                     " service starts",
                     rec.id,
-                    getattr(exc, "message", type(exc).__name__),
+                    reason(exc),
                     extra=rec.log_extra(),
                 )
 

@@ -35,7 +35,7 @@ from resonate.types import Value
 from resonate_base import ConnectorError
 
 from core.bounds import bound_outcome
-from core.errors import NotFound, StoreUnavailable
+from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
@@ -351,7 +351,7 @@ class Settler:
             "job %s: its stop promise could not be written (%s): a stream of the job may"
             " not wait for the run's stop, or wait for it until the promise times out",
             rec.id,
-            getattr(exc, "message", type(exc).__name__),
+            reason(exc),
             extra=rec.log_extra(),
         )
 
@@ -364,7 +364,7 @@ class Settler:
             log.warning(
                 "job %s: finishing it without its workflow failed: %s",
                 rec.id,
-                getattr(exc, "message", type(exc).__name__),
+                reason(exc),
                 extra=rec.log_extra(),
             )
 

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from core.errors import BackendError, StoreUnavailable
+from core.errors import BackendError, StoreUnavailable, reason
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
@@ -432,7 +432,7 @@ class JobSteps:
                     await backend.cancel(backend_view(rec))
                 return
             except Exception as exc:
-                said = getattr(exc, "message", type(exc).__name__)
+                said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
                 retryable = isinstance(exc, BackendError) and exc.retryable

@@ -36,7 +36,7 @@ import msgspec
 from resonate.error import ServerError
 
 from core.callbacks import learnt, status_said
-from core.errors import BackendError, InvalidRequest
+from core.errors import BackendError, InvalidRequest, reason
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins
 from core.redact import redact
@@ -211,7 +211,7 @@ class Watchdog:
                 try:
                     await collect_garbage(self.store, self.settings.retention)
                 except Exception as exc:
-                    log.warning("retention: %s", getattr(exc, "message", type(exc).__name__))
+                    log.warning("retention: %s", reason(exc))
             # Until the next of: the store's earliest due time, the next
             # resume or retention, and `nap` (work other processes write).
             delay = min(nap, RESUME_EVERY + last_resume - time.monotonic())
