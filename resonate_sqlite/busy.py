@@ -112,12 +112,17 @@ class BusyBackoff:
     def next_delay(self) -> float | None:
         """Seconds to sleep before the next try, or None once `timeout` has
         passed since the first busy answer (the wait then starts anew)."""
-        now = time.monotonic()
-        if not self._since:
-            self._since = now
-            return self._delay
-        if now - self._since >= self.timeout:
+        if self._since and time.monotonic() - self._since >= self.timeout:
             self.reset()
             return None
-        self._delay = min(self._delay * 2, MAX_DELAY)
+        return self.pace()
+
+    def pace(self) -> float:
+        """Seconds to sleep before the next try, whatever the time waited:
+        for a caller that keeps deadlines of its own (the group commit's
+        queue, where each entry has its own)."""
+        if not self._since:
+            self._since = time.monotonic()
+        else:
+            self._delay = min(self._delay * 2, MAX_DELAY)
         return self._delay

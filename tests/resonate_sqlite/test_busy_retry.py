@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -139,3 +140,25 @@ def test_after_a_failed_spin_waiters_try_once_until_the_cooldown_passes(
     holder.execute("ROLLBACK")
     retry_briefly(call, locked)  # free: taken at the first try
     waiter.execute("ROLLBACK")
+
+
+def test_backoff_gives_up_after_its_timeout_and_pace_never_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`next_delay`: None once `timeout` has passed since the first busy
+    answer. `pace` (the group commit's queue, whose entries keep deadlines of
+    their own): the same delays, doubling up to the cap, whatever the time."""
+    now = [100.0]
+    monkeypatch.setattr(busy, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    backoff = busy.BusyBackoff(timeout=1.0)
+    paced = busy.BusyBackoff(timeout=1.0)
+    assert backoff.next_delay() == paced.pace() == busy.FIRST_DELAY
+    assert backoff.next_delay() == paced.pace() == 2 * busy.FIRST_DELAY
+    now[0] += 1.0
+    assert backoff.next_delay() is None
+    assert backoff.next_delay() == busy.FIRST_DELAY  # a new wait
+    for _ in range(20):
+        delay = paced.pace()
+    assert delay == busy.MAX_DELAY
+    paced.reset()
+    assert paced.pace() == busy.FIRST_DELAY
