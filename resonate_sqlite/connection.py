@@ -149,8 +149,9 @@ class SqliteConnection:
     ``retry_ms``
         How often a still-pending task is pushed again (resonate-pg: 5 s).
     ``lock_timeout``
-        Seconds ``start`` and each request wait for another connection's
-        write lock before failing with :class:`SqliteStoreError`.
+        Seconds ``start`` and each request (or ``atomic`` write) wait for
+        another connection's write lock before failing with
+        :class:`SqliteStoreError`; a queued one, from when it was queued.
     ``process_heartbeat`` / ``process_timeout``
         Liveness heartbeat interval, and the silence after which a process is
         considered dead (its listeners and unicast messages are dropped).
@@ -245,11 +246,13 @@ class SqliteConnection:
         self._checkpointer: _Checkpointer | None = None
 
         #: requests waiting for the next transaction, and its scheduling state
-        self._queue: list[tuple[str, asyncio.Future[str]]] = []
+        self._queue: list[_Request] = []
         #: the host's own writes waiting for the next transaction (`atomic`)
         self._extras: list[_Extra] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
-        self._busy = BusyBackoff(lock_timeout)
+        #: paces the batch's retries while the lock is taken; how long each
+        #: entry waits is its own (its `deadline`, `_give_up_waiting`)
+        self._busy = BusyBackoff()
         self._reopening: asyncio.Task[None] | None = None
 
         #: task id -> monotonic deadline: executes handed to the SDK that it
@@ -508,7 +511,7 @@ class SqliteConnection:
             return answer[0].decode()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
-        self._queue.append((req, fut))
+        self._queue.append(_Request(req, fut, time.monotonic() + self._lock_timeout))
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
@@ -533,7 +536,7 @@ class SqliteConnection:
             self._close_when_idle()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._extras.append(_Extra(fn, fut, after))
+        self._extras.append(_Extra(fn, fut, after, time.monotonic() + self._lock_timeout))
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
@@ -573,16 +576,14 @@ class SqliteConnection:
         try:
             self._engine.local_room = self._room()
             answers, done = self._engine.run_batch(
-                [req for req, _ in batch], [extra.fn for extra in live]
+                [entry.req for entry in batch], [extra.fn for extra in live]
             )
         except StoreBusy as exc:
-            delay = self._busy.next_delay()
-            if delay is None:
-                msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
-                self._fail(batch, SqliteStoreError(StoreFailure(msg)), extras)
-                delay = 0.0
+            self._give_up_waiting(exc)
             if self._queue or self._extras:
-                self._flush_handle = loop.call_later(delay, self._flush)
+                self._flush_handle = loop.call_later(self._busy.pace(), self._flush)
+            else:  # all gave up: whatever comes next starts a new wait
+                self._busy.reset()
             return
         except StoreFailure as exc:
             self._busy.reset()
@@ -618,9 +619,26 @@ class SqliteConnection:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
+    def _give_up_waiting(self, exc: StoreBusy) -> None:
+        """The write lock is still taken: fail the queued requests and writes
+        that have waited ``lock_timeout`` since they were queued; the others
+        stay queued, each until it runs or its own wait runs out too."""
+        now = time.monotonic()
+        expired: list[asyncio.Future[Any]] = [e.fut for e in self._queue if e.deadline <= now]
+        expired += [e.fut for e in self._extras if e.deadline <= now]
+        if not expired:
+            return
+        self._queue = [entry for entry in self._queue if entry.deadline > now]
+        self._extras = [extra for extra in self._extras if extra.deadline > now]
+        msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
+        error = SqliteStoreError(StoreFailure(msg))
+        for fut in expired:
+            if not fut.done():
+                fut.set_exception(error)
+
     def _fail(
         self,
-        batch: list[tuple[str, asyncio.Future[str]]],
+        batch: list[_Request],
         exc: Exception,
         extras: list[_Extra],
         *,
@@ -629,15 +647,13 @@ class SqliteConnection:
         if drop:
             del self._queue[: len(batch)]
             del self._extras[: len(extras)]
-        for fut in [fut for _, fut in batch] + [extra.fut for extra in extras]:
+        for fut in [entry.fut for entry in batch] + [extra.fut for extra in extras]:
             if not fut.done():
                 fut.set_exception(exc)
 
-    def _answer(
-        self, batch: list[tuple[str, asyncio.Future[str]]], answers: list[Answer | Exception]
-    ) -> None:
+    def _answer(self, batch: list[_Request], answers: list[Answer | Exception]) -> None:
         out: list[str] = []
-        for (_, fut), answer in zip(batch, answers, strict=True):
+        for (_, fut, _), answer in zip(batch, answers, strict=True):
             if isinstance(answer, Exception):
                 logger.error("sqlite store: request failed: %r", answer)
                 if not fut.done():
@@ -954,12 +970,23 @@ class SqliteConnection:
         return total
 
 
+class _Request(NamedTuple):
+    """A protocol request waiting for the next batch (`SqliteConnection.send`)."""
+
+    req: str
+    fut: asyncio.Future[str]
+    #: when it stops waiting for the write lock (monotonic: queued + lock_timeout)
+    deadline: float
+
+
 class _Extra(NamedTuple):
     """The host's write waiting for the next batch (`SqliteConnection.atomic`)."""
 
     fn: Callable[[sqlite3.Connection], Any]
     fut: asyncio.Future[Any]
     after: Callable[[Any], None] | None
+    #: when it stops waiting for the write lock (monotonic: queued + lock_timeout)
+    deadline: float
 
     def settle(self, ok: bool, result: Any) -> None:
         """After the batch committed: ``after``, then the caller's answer."""

@@ -6,8 +6,11 @@ loop, each write still atomic on its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -19,6 +22,7 @@ from core.settings import Settings
 from core.store import open_store
 from core.store.embedded import EmbeddedStore
 from core.store.jobs import JobRecord, NewEvent
+from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
 from resonate_sqlite.engine import StoreFailure
 from tests.core.store.test_index_writes import job
 
@@ -56,7 +60,11 @@ def _begins(store: EmbeddedStore) -> list[str]:
 
 def _rows(store: EmbeddedStore, sql: str) -> list[tuple[Any, ...]]:
     """Read through a connection of its own: only what was committed."""
-    other = sqlite3.connect(store.connection.path)
+    return _rows_at(store.connection.path, sql)
+
+
+def _rows_at(path: Any, sql: str) -> list[tuple[Any, ...]]:
+    other = sqlite3.connect(path)
     try:
         return other.execute(sql).fetchall()
     finally:
@@ -274,34 +282,70 @@ async def test_a_write_that_loses_the_whole_transaction_fails_the_batch(store):
     assert "disk I/O error" in str(res[1]), str(res[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a known limit: the queue's wait for the lock is shared (resonate_sqlite/README.md)",
-)
-async def test_a_write_queued_late_in_a_busy_stretch_gets_the_whole_wait(store):
-    """Each write should wait up to the lock timeout for the lock. The queue
-    shares one wait: a write queued just before it runs out is failed with
-    it, having waited almost nothing (the SDK's requests too)."""
-    from resonate_sqlite.busy import BusyBackoff
-
-    conn = store.connection
-    conn._busy = BusyBackoff(0.5)  # the queue's lock_timeout, shortened for the test
-    conn._lock_timeout = 0.5
+@contextlib.asynccontextmanager
+async def _held(tmp_path: Any, lock_timeout: float) -> AsyncIterator[tuple[SqliteConnection, Any]]:
+    """A connection with a short `lock_timeout` and a table `t` of its own,
+    and another connection holding the file's write lock (`ROLLBACK` it to
+    let go; let go at the end anyway)."""
+    conn = SqliteConnection(tmp_path / "t.db", lock_timeout=lock_timeout)
+    await conn.start()
+    await conn.atomic(lambda db: db.execute("CREATE TABLE t (x TEXT)"))
     holder = sqlite3.connect(conn.path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    first = asyncio.ensure_future(conn.send(_create("p")))
-    await asyncio.sleep(0.45)
-    late = asyncio.ensure_future(store.jobs.insert(_job("a")))
-    await asyncio.wait([first], timeout=2)
-    t0 = asyncio.get_running_loop().time()
-    await asyncio.wait([late], timeout=2)
-    waited = asyncio.get_running_loop().time() - t0
-    holder.execute("ROLLBACK")
-    holder.close()
-    assert first.done() and first.exception() is not None  # gave up: fine, it waited 0.5 s
-    assert not (late.done() and late.exception() is not None and waited < 0.3), (
-        f"the late write failed after {waited:.2f} s more"
-    )
+    try:
+        yield conn, holder
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+        await conn.stop()
+
+
+def _insert(x: str) -> Callable[[sqlite3.Connection], Any]:
+    return lambda db: db.execute("INSERT INTO t (x) VALUES (?)", (x,))
+
+
+async def test_a_write_queued_late_in_a_busy_stretch_gets_the_whole_wait(tmp_path):
+    """Each request and write waits up to the lock timeout for the lock from
+    when it was queued: one queued just before an older one gives up is not
+    failed with it, having waited almost nothing."""
+    async with _held(tmp_path, lock_timeout=0.5) as (conn, _):
+        first = asyncio.ensure_future(conn.send(_create("p")))
+        await asyncio.sleep(0.45)
+        queued_at = time.monotonic()
+        late = asyncio.ensure_future(conn.atomic(_insert("late")))
+        await asyncio.wait([first], timeout=5)
+        assert first.done() and isinstance(first.exception(), SqliteStoreError)
+        assert "gave up after 0.5 s" in str(first.exception())
+        await asyncio.wait([late], timeout=5)
+        waited = time.monotonic() - queued_at
+        assert late.done() and isinstance(late.exception(), SqliteStoreError)  # never got it
+        assert waited >= 0.45, f"the late write failed after {waited:.2f} s"
+
+
+async def test_only_what_waited_its_whole_lock_timeout_fails(tmp_path):
+    """A request and a write whose own wait ran out are failed; a request and
+    a write queued later stay queued and commit once the lock is let go."""
+    async with _held(tmp_path, lock_timeout=1.0) as (conn, holder):
+        old = [
+            asyncio.ensure_future(conn.send(_create("old"))),
+            asyncio.ensure_future(conn.atomic(_insert("old"))),
+        ]
+        await asyncio.sleep(0.6)
+        young = [
+            asyncio.ensure_future(conn.send(_create("young"))),
+            asyncio.ensure_future(conn.atomic(_insert("young"))),
+        ]
+        await asyncio.wait(old, timeout=5)
+        for task in old:
+            assert task.done() and isinstance(task.exception(), SqliteStoreError)
+            assert "locked (gave up after 1 s)" in str(task.exception())
+        assert not any(task.done() for task in young)
+        holder.execute("ROLLBACK")
+        created, _ = await asyncio.wait_for(asyncio.gather(*young), 5)
+        assert json.loads(created)["head"]["status"] == 200
+        assert _rows_at(conn.path, "SELECT id FROM r_promises") == [("young",)]
+        assert _rows_at(conn.path, "SELECT x FROM t") == [("young",)]
 
 
 async def test_what_follows_a_committed_write_is_not_lost_to_a_late_cancel(store):
