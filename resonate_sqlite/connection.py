@@ -395,10 +395,14 @@ class SqliteConnection:
         self._subscribers.clear()
         self._inflight.clear()
         self._engine.local_addresses.clear()
-        while (self._queue or self._extras) and self._engine.db is not None:  # what is queued
-            self._flush()
-            if self._queue or self._extras:
-                await asyncio.sleep(0.001)
+        # What is queued: the flushes already scheduled run it, their retries
+        # paced while another connection holds the lock. (A flush called from
+        # here besides would start one more chain of retries at every turn.)
+        loop = asyncio.get_running_loop()
+        while (self._queue or self._extras) and self._engine.db is not None:
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
+            await asyncio.sleep(0.001)
         if self._registered and self._engine.db is not None:
             self._registered = False
             try:

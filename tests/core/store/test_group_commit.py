@@ -348,6 +348,32 @@ async def test_only_what_waited_its_whole_lock_timeout_fails(tmp_path):
         assert _rows_at(conn.path, "SELECT x FROM t") == [("young",)]
 
 
+async def test_stop_waits_for_the_lock_without_multiplying_the_retries(tmp_path, monkeypatch):
+    """`stop` drains the queue through the flushes already scheduled: while
+    another connection holds the lock, one chain of retries paced by the
+    backoff (at most one every 5 ms once it has grown), not one more chain
+    for each turn of `stop`'s own wait (thousands of tries in 0.3 s)."""
+    async with _held(tmp_path, lock_timeout=5.0) as (conn, holder):
+        write = asyncio.ensure_future(conn.atomic(_insert("queued")))
+        await asyncio.sleep(0.05)  # waiting for the lock, its retries paced
+        assert not write.done()
+        tries = 0
+        run_batch = conn._engine.run_batch
+
+        def counted(*args: Any) -> Any:
+            nonlocal tries
+            tries += 1
+            return run_batch(*args)
+
+        monkeypatch.setattr(conn._engine, "run_batch", counted)
+        asyncio.get_running_loop().call_later(0.3, holder.execute, "ROLLBACK")
+        await asyncio.wait_for(conn.stop(), 5)
+        assert write.done() and write.exception() is None
+        assert _rows_at(conn.path, "SELECT x FROM t") == [("queued",)]
+        # paced: about 60 tries in 0.3 s on any machine (fewer on a slow one)
+        assert 1 <= tries <= 150, f"{tries} tries of the batch during stop"
+
+
 async def test_what_follows_a_committed_write_is_not_lost_to_a_late_cancel(store):
     """The write committed and its caller is cancelled before it resumes: the
     listeners and the promoted job's start run at the commit, not after the
