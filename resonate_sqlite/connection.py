@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -626,14 +626,20 @@ class SqliteConnection:
     def _give_up_waiting(self, exc: StoreBusy) -> None:
         """The write lock is still taken: fail the queued requests and writes
         that have waited ``lock_timeout`` since they were queued; the others
-        stay queued, each until it runs or its own wait runs out too."""
+        stay queued, each until it runs or its own wait runs out too.
+
+        Each list is in the order of its deadlines (queued, plus the same
+        ``lock_timeout``): those run out are at its head, and only they are
+        looked at, not all that queued up behind them while the lock stays
+        taken (this runs at every retry, up to one every 5 ms)."""
         now = time.monotonic()
-        expired: list[asyncio.Future[Any]] = [e.fut for e in self._queue if e.deadline <= now]
-        expired += [e.fut for e in self._extras if e.deadline <= now]
-        if not expired:
+        requests, extras = _run_out(self._queue, now), _run_out(self._extras, now)
+        if not requests and not extras:
             return
-        self._queue = [entry for entry in self._queue if entry.deadline > now]
-        self._extras = [extra for extra in self._extras if extra.deadline > now]
+        expired: list[asyncio.Future[Any]] = [entry.fut for entry in self._queue[:requests]]
+        expired += [extra.fut for extra in self._extras[:extras]]
+        del self._queue[:requests]
+        del self._extras[:extras]
         msg = f"{exc} (gave up after {self._lock_timeout:g} s)"
         error = SqliteStoreError(StoreFailure(msg))
         for fut in expired:
@@ -1005,6 +1011,16 @@ class _Extra(NamedTuple):
                 logger.exception("sqlite store: what follows a committed write failed")
         if not self.fut.done():
             self.fut.set_result(result)
+
+
+def _run_out(entries: Sequence[_Request | _Extra], now: float) -> int:
+    """How many of the queue's first entries have waited past their deadline."""
+    count = 0
+    for entry in entries:
+        if entry.deadline > now:
+            break
+        count += 1
+    return count
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

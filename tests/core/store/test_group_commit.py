@@ -23,7 +23,7 @@ from core.store import open_store
 from core.store.embedded import EmbeddedStore
 from core.store.jobs import JobRecord, NewEvent
 from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
-from resonate_sqlite.engine import StoreFailure
+from resonate_sqlite.engine import StoreBusy, StoreFailure
 from tests.core.store.test_index_writes import job
 
 NOW = 1_700_000_000_000
@@ -346,6 +346,45 @@ async def test_only_what_waited_its_whole_lock_timeout_fails(tmp_path):
         assert json.loads(created)["head"]["status"] == 200
         assert _rows_at(conn.path, "SELECT id FROM r_promises") == [("young",)]
         assert _rows_at(conn.path, "SELECT x FROM t") == [("young",)]
+
+
+class _Counted:
+    """A queued entry whose deadline counts the reads of it."""
+
+    reads = 0
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self.fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @property
+    def deadline(self) -> float:
+        _Counted.reads += 1
+        return self._deadline
+
+
+async def test_a_retry_while_the_lock_is_taken_looks_only_at_the_entries_that_ran_out(tmp_path):
+    """The queue is in the order of its deadlines (queued + the same
+    lock_timeout): a retry that finds the lock taken looks at its head only,
+    not at the thousands queued behind it while the lock stays taken (a retry
+    every 5 ms)."""
+    conn = SqliteConnection(tmp_path / "t.db", lock_timeout=5.0)
+    now = time.monotonic()
+    for queue in (conn._queue, conn._extras):
+        queue[:] = [_Counted(now - 1), _Counted(now - 0.5)]
+        queue += [_Counted(now + 5 + i / 1000) for i in range(1000)]
+    expired = [entry.fut for entry in conn._queue[:2] + conn._extras[:2]]
+    _Counted.reads = 0
+    conn._give_up_waiting(StoreBusy("database is locked"))
+    for fut in expired:
+        assert "database is locked (gave up after 5 s)" in str(fut.exception())
+    assert len(conn._queue) == len(conn._extras) == 1000
+    assert not any(entry.fut.done() for entry in conn._queue + conn._extras)
+    assert _Counted.reads <= 6, f"{_Counted.reads} deadlines read"
+    _Counted.reads = 0
+    conn._give_up_waiting(StoreBusy("database is locked"))  # none ran out: the heads only
+    assert len(conn._queue) == len(conn._extras) == 1000
+    assert _Counted.reads <= 2, f"{_Counted.reads} deadlines read"
 
 
 async def test_stop_waits_for_the_lock_without_multiplying_the_retries(tmp_path, monkeypatch):
