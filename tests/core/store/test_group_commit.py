@@ -283,11 +283,13 @@ async def test_a_write_that_loses_the_whole_transaction_fails_the_batch(store):
 
 
 @contextlib.asynccontextmanager
-async def _held(tmp_path: Any, lock_timeout: float) -> AsyncIterator[tuple[SqliteConnection, Any]]:
+async def _held(
+    tmp_path: Any, lock_timeout: float, **options: Any
+) -> AsyncIterator[tuple[SqliteConnection, Any]]:
     """A connection with a short `lock_timeout` and a table `t` of its own,
     and another connection holding the file's write lock (`ROLLBACK` it to
     let go; let go at the end anyway)."""
-    conn = SqliteConnection(tmp_path / "t.db", lock_timeout=lock_timeout)
+    conn = SqliteConnection(tmp_path / "t.db", lock_timeout=lock_timeout, **options)
     await conn.start()
     await conn.atomic(lambda db: db.execute("CREATE TABLE t (x TEXT)"))
     holder = sqlite3.connect(conn.path, isolation_level=None)
@@ -346,6 +348,44 @@ async def test_only_what_waited_its_whole_lock_timeout_fails(tmp_path):
         assert json.loads(created)["head"]["status"] == 200
         assert _rows_at(conn.path, "SELECT id FROM r_promises") == [("young",)]
         assert _rows_at(conn.path, "SELECT x FROM t") == [("young",)]
+
+
+async def test_what_gave_up_waiting_is_never_run_even_beyond_a_batch(tmp_path):
+    """More queued than a batch holds: the requests and writes whose own wait
+    ran out fail wherever they are in the queue, and never run, nor does
+    what follows a write (`after`); the younger ones commit, a batch at a
+    time, once the lock is let go."""
+    ran: list[str] = []
+    followed: list[str] = []
+
+    def write(x: str) -> Callable[[sqlite3.Connection], str]:
+        def fn(db: sqlite3.Connection) -> str:
+            ran.append(x)
+            _insert(x)(db)
+            return x
+
+        return fn
+
+    def queue(prefix: str, n: int) -> list[asyncio.Future[Any]]:
+        names = [f"{prefix}{i}" for i in range(n)]
+        return [asyncio.ensure_future(conn.atomic(write(x), followed.append)) for x in names] + [
+            asyncio.ensure_future(conn.send(_create(x))) for x in names
+        ]
+
+    async with _held(tmp_path, lock_timeout=0.5, max_batch=2) as (conn, holder):
+        old = queue("old", 5)
+        await asyncio.sleep(0.3)
+        young = queue("young", 3)
+        await asyncio.wait(old, timeout=5)
+        for task in old:
+            assert task.done() and isinstance(task.exception(), SqliteStoreError)
+        assert not any(task.done() for task in young)
+        holder.execute("ROLLBACK")
+        await asyncio.wait_for(asyncio.gather(*young), 5)
+        names = ["young0", "young1", "young2"]
+        assert ran == followed == names
+        assert _rows_at(conn.path, "SELECT x FROM t ORDER BY x") == [(x,) for x in names]
+        assert _rows_at(conn.path, "SELECT id FROM r_promises ORDER BY id") == [(x,) for x in names]
 
 
 class _Counted:
