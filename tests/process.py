@@ -2,18 +2,101 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.conftest import free_port, wait_until
+
+PORT_TRIES = 3
+"""Ports a server started on a free port tries before its test fails: each
+found taken by another test's server (pytest-xdist runs two at once) is
+given up for another."""
+
+
+class AddressInUse(RuntimeError):
+    """A server process exited because another process holds its port."""
+
+
+def listening(pid: int, port: int) -> bool | None:
+    """Whether process `pid` itself holds the socket listening on TCP `port`
+    (any local address), from /proc/net/tcp{,6} and its descriptors; None
+    where there is no /proc to tell (not Linux). A socket that is only bound
+    (`tether serve --workers N` binds before its workers listen) is not
+    listening: another process may still take the port then."""
+    if not Path("/proc/net/tcp").exists():
+        return None
+    listeners = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):  # no IPv6
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    listeners.add(f"socket:[{fields[9]}]")
+    if not listeners:
+        return False
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # gone
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(fd) in listeners:
+                return True
+    return False
+
+
+def wait_serving(
+    proc: subprocess.Popen[Any],
+    port: int,
+    healthy: Callable[[], bool],
+    wait: float,
+    said: Callable[[], str],
+) -> None:
+    """Return once `proc` listens on `port` itself (`listening`) and, that
+    seen, `healthy()` is true while it still runs: until then another
+    process may hold the port (another test's server, on the port
+    `free_port` gave both) and answer in its place. Raises `AddressInUse`
+    when `proc` exits saying its address is in use (`said()`: what it wrote),
+    RuntimeError when it exits otherwise or `wait` seconds pass."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = said()
+            if "already in use" in output.lower():  # `tether serve`'s words, and uvicorn's
+                raise AddressInUse(f"port {port} is taken by another process:\n{output}")
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{output}")
+        if listening(proc.pid, port) is not False:
+            try:
+                if healthy() and proc.poll() is None:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.02)  # a look is cheap; most starts take ~1 s
+    raise RuntimeError(f"the server did not serve on port {port} within {wait}s:\n{said()}")
+
+
+def on_free_ports[T](start: Callable[[int], T], port: int, tries: int = PORT_TRIES) -> T:
+    """`start(port)`, and while it raises `AddressInUse`, `start` again on
+    another free port, `tries` in all."""
+    for left in range(tries - 1, -1, -1):
+        try:
+            return start(port)
+        except AddressInUse as exc:
+            if not left:
+                raise
+            port = free_port()
+            print(f"{exc}\n(trying port {port} instead)", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 class TetherProcess:
@@ -28,6 +111,8 @@ class TetherProcess:
         args: tuple[str, ...] = (),
         cwd: Path | None = None,
     ) -> None:
+        self.pinned = port is not None
+        """The test chose the port (a restart on the same one): `start` keeps it."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"tether-{self.port}.log"
@@ -46,8 +131,24 @@ class TetherProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: float = 30) -> TetherProcess:
+        """Start `tether serve` and return once it, not another process on its
+        port, answers /health (`wait_serving`). A port found taken is given up
+        for a free one (`on_free_ports`) unless the test pinned it (`port=`, as
+        a restart on the same port does): then `AddressInUse`."""
+        if self.pinned:
+            return self._start(self.port, wait)
+        return on_free_ports(lambda port: self._start(port, wait), self.port)
+
+    def _start(self, port: int, wait: float) -> TetherProcess:
+        if port != self.port:  # the last port was taken: this process moves
+            url = f"http://127.0.0.1:{port}"
+            if self.env.get("TETHER_PUBLIC_URL") == self.url:  # ours, not the test's
+                self.env["TETHER_PUBLIC_URL"] = url
+            self.env["TETHER_PORT"] = str(port)
+            self.port, self.url = port, url
         exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
         with self.log.open("ab") as out:
+            before = out.tell()  # a restart on the same port logs to the same file
             self.proc = subprocess.Popen(
                 [exe, "serve", *self.args],
                 env=self.env,
@@ -56,20 +157,29 @@ class TetherProcess:
                 start_new_session=True,
                 cwd=self.cwd,
             )
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"tether serve exited with {self.proc.returncode}:\n" + self.log.read_text()
-                )
-            try:
-                if httpx.get(self.url + "/health", timeout=1, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.02)  # a health check is cheap; most starts take ~1 s
-        self.kill()
-        raise RuntimeError("tether serve did not become healthy:\n" + self.log.read_text())
+
+        def said() -> str:
+            with self.log.open("rb") as log:
+                log.seek(before)
+                return log.read().decode(errors="replace")
+
+        def healthy() -> bool:
+            return httpx.get(self.url + "/health", timeout=1, trust_env=False).status_code == 200
+
+        try:
+            wait_serving(self.proc, port, healthy, wait, said)
+        except AddressInUse as exc:
+            if self.pinned:
+                raise AddressInUse(
+                    f"{exc}\n(the test chose port {port}: no other is tried)"
+                ) from None
+            with self.log.open("r+b") as log:  # the log is the serving process's alone
+                log.truncate(before)
+            raise
+        except BaseException:
+            self.kill()
+            raise
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the service and any worker processes: no chance to clean

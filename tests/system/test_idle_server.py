@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_until
-from tests.process import TetherProcess
+from tests.process import TetherProcess, on_free_ports, wait_serving
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 
@@ -59,17 +59,25 @@ def workers(pid: int) -> set[int]:
 
 
 def test_a_worker_ticks_once_a_second_and_stops_at_once_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", APP, str(port)])
-    try:
+    output = tmp_path / "app.log"
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
+        with output.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-c", APP, str(port)], stdout=out, stderr=out)
 
         def up() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).status_code == 200
 
-        wait_until(up, timeout=20)
+        try:
+            wait_serving(proc, port, up, 20, output.read_text)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return proc, port
+
+    proc, port = on_free_ports(start, free_port())
+    try:
         said = httpx.get(f"http://127.0.0.1:{port}/", trust_env=False).headers["date"]
         assert abs(parsedate_to_datetime(said).timestamp() - time.time()) < 2
         before = wakeups(proc.pid)

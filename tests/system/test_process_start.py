@@ -1,0 +1,81 @@
+"""`TetherProcess.start` (tests/process.py) trusts only the `tether serve` it
+spawned: another process on its port (another test's service, on the port
+`free_port` gave both while pytest-xdist runs two tests at once) answering
+/health with 200 is not taken for it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests import process
+from tests.conftest import free_port
+from tests.process import AddressInUse, TetherProcess
+
+
+class Healthy(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "ok"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def another_service() -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 answering every GET with 200; its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_another_service_holds_is_given_up_for_a_free_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    with another_service() as taken:
+        given = [taken]  # what free_port gives first: the other service's port
+        monkeypatch.setattr(process, "free_port", lambda: given.pop() if given else free_port())
+        env = {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db"}
+        service = TetherProcess(tmp_path, env, args=("--workers", workers))
+        assert service.port == taken
+        try:
+            service.start()
+            assert service.proc is not None and service.proc.poll() is None
+            assert service.port != taken
+            assert (
+                service.env["TETHER_PUBLIC_URL"]
+                == service.url
+                == f"http://127.0.0.1:{service.port}"
+            )
+            with service.client() as client:  # tether's own answer, not the other's
+                assert client.get("/health").json()["store"] == "sqlite"
+            assert "already in use" not in service.log.read_text()  # the serving one's log
+        finally:
+            service.kill()
+
+
+def test_a_port_the_test_chose_and_another_service_holds_is_an_error(tmp_path: Path) -> None:
+    with another_service() as taken:
+        service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://"}, port=taken)
+        with pytest.raises(AddressInUse, match=f"port {taken} is taken") as refused:
+            service.start()
+        assert "the test chose port" in str(refused.value)
+        assert service.proc is not None and service.proc.poll() is not None
+        assert "already in use" in service.log.read_text()
