@@ -39,13 +39,18 @@ from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
-from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
+from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
 from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id, stop_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
 STOP_END_WAITS = (0.5, 1.0, 2.0)
 """Seconds between the tries to resolve an orphan's stop promise."""
+
+FILED_PAGE = 64
+"""Events of a job read at a time when a settle that won looks for its note
+(`Settler._filed`): usually the first page holds it; events filed after the
+end (at most the history's bound, `HISTORY_LIMIT`) take more."""
 
 Note = Callable[[SettleResult], NewEvent | None]
 """The event a settle records for what made it, given how it turned out (None:
@@ -407,14 +412,32 @@ class Settler:
         return rec, ended
 
     async def _filed(self, rec: JobRecord, event: NewEvent | None) -> bool:
-        """Whether `event` is among the last events of `rec`'s attempt (a
-        look made only when a settle that won finds the job ended by another)."""
+        """Whether `event` was filed with the end of `rec`'s attempt: whoever
+        ended the job from this settle's value (`noted`: the workflow's
+        finish, a settle that lost) filed it in that write, just before the
+        attempt's `finished`. The look walks back from the job's last event
+        to that `finished`, past whatever came after the end (late
+        callbacks, notifications, a run's stop), `FILED_PAGE` events at a
+        time by the history's key (job id and seq); made only when a settle
+        that won finds the job ended by another."""
         if event is None:
             return False
-        _, recent = await store_call(self.jobs.events_after(rec.id, max(rec.events - 8, 0), 8))
-        return any(
-            (e.type, e.data, e.attempt) == (event.type, event.data, rec.attempt) for e in recent
-        )
+        end: Event | None = None
+        last = rec.events
+        while last > 0:
+            first = max(last - FILED_PAGE, 0)
+            _, page = await store_call(self.jobs.events_after(rec.id, first, last - first))
+            for e in reversed(page):
+                if e.attempt != rec.attempt:
+                    return False  # the attempt's events are over
+                if end is None:
+                    end = e if e.type == "finished" else None
+                elif e.at != end.at:  # past the write that filed `finished`
+                    return False
+                elif (e.type, e.data) == (event.type, event.data):
+                    return True
+            last = first
+        return False
 
     async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
         """Settle `promise_id` with an outcome already recorded in the index

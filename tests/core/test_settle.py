@@ -470,6 +470,62 @@ async def test_the_note_of_the_settle_that_won_comes_before_finished(parts: Part
     assert rec == await parts.row("j")
 
 
+AFTER_THE_END = [
+    NewEvent("callback", {"verdict": "duplicate", "status": "succeeded", "body_sha256": "b"}),
+    NewEvent("notify_failed", {"try": 1, "error": "status 503"}),
+    NewEvent("cancel_failed", {"error": "the run could not be stopped"}),
+] * 4
+"""Twelve events a job may get once it ended (late callbacks, notification
+tries, a run's stop that failed): more than the settle's look at the history
+once took in (8)."""
+
+
+@pytest.mark.parametrize("page", [core.settle.FILED_PAGE, 1])
+@pytest.mark.parametrize("from_its_value", [True, False])
+async def test_a_settle_that_won_files_its_note_once_however_many_events_followed_the_end(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, page: int, from_its_value: bool
+):
+    """Between the winner's settle and its index write, the job was ended
+    and a dozen events filed after its `finished`. Ended from the winner's
+    value (the workflow's finish: `noted`), the winner's note is there
+    already, just before `finished`: not filed again. Ended otherwise (not
+    from its value), the winner files its note after all of them. Whether
+    the look reads the history a page at a time or an event at a time."""
+    monkeypatch.setattr(core.settle, "FILED_PAGE", page)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    promises = parts.settler.resonate.promises
+    resolve = promises.resolve
+
+    async def then_end(promise_id: str, value: Value) -> Any:
+        record = await resolve(promise_id, value)
+        events = core.settle.noted(value.data) if from_its_value else []
+        await parts.jobs.end("j", outcome_of(value.data), now_ms(), events=events, attempt=1)
+        await parts.jobs.record("j", AFTER_THE_END, now_ms())
+        return record
+
+    def note(verdict: str) -> NewEvent:
+        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
+
+    monkeypatch.setattr(promises, "resolve", then_end)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+
+    assert (result, rec.state) == ("accepted", "succeeded")
+    _, events = await parts.jobs.events_after("j", 0, 100)
+    mine = [
+        (e.seq, e.data["verdict"])
+        for e in events
+        if e.type == "callback" and "body_sha256" not in e.data
+    ]
+    [end] = [e.seq for e in events if e.type == "finished"]
+    if from_its_value:
+        assert mine == [(end - 1, "accepted")]  # once, filed with the end
+        assert rec.events == end + len(AFTER_THE_END)
+    else:  # after what came after the end, as a settle that found the job ended
+        assert mine == [(end + len(AFTER_THE_END) + 1, "duplicate")]
+        assert rec.events == end + len(AFTER_THE_END) + 1
+
+
 async def test_the_note_of_a_settle_that_lost_comes_after_and_none_is_recorded_for_none(
     parts: Parts,
 ):
