@@ -40,6 +40,7 @@ from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
+from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id, stop_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
@@ -50,7 +51,8 @@ STOP_END_WAITS = (0.5, 1.0, 2.0)
 FILED_PAGE = 64
 """Events of a job read at a time when a settle that won looks for its note
 (`Settler._filed`): usually the first page holds it; events filed after the
-end (at most the history's bound, `HISTORY_LIMIT`) take more."""
+end take more, at most the pages of what the history keeps (`HISTORY_LIMIT`):
+17."""
 
 Note = Callable[[SettleResult], NewEvent | None]
 """The event a settle records for what made it, given how it turned out (None:
@@ -419,15 +421,24 @@ class Settler:
         to that `finished`, past whatever came after the end (late
         callbacks, notifications, a run's stop), `FILED_PAGE` events at a
         time by the history's key (job id and seq); made only when a settle
-        that won finds the job ended by another."""
+        that won finds the job ended by another.
+
+        Only what the history keeps is read: its last events down to where
+        trimming began (`HISTORY_LIMIT`), then its first `HISTORY_HEAD`. A
+        range read into the trimmed middle would return the tail's first
+        events again (`seq > first` skips the gap), a page for every
+        `FILED_PAGE` events ever filed."""
         if event is None:
             return False
         end: Event | None = None
+        kept = max(rec.events - (HISTORY_LIMIT - HISTORY_HEAD), HISTORY_HEAD)  # the tail's start
         last = rec.events
         while last > 0:
-            first = max(last - FILED_PAGE, 0)
+            first = max(last - FILED_PAGE, kept if last > kept else 0)
             _, page = await store_call(self.jobs.events_after(rec.id, first, last - first))
             for e in reversed(page):
+                if e.seq > last:  # trimmed since `rec` was read: the read ran past its page
+                    continue
                 if e.attempt != rec.attempt:
                     return False  # the attempt's events are over
                 if end is None:
@@ -436,7 +447,7 @@ class Settler:
                     return False
                 elif (e.type, e.data) == (event.type, event.data):
                     return True
-            last = first
+            last = HISTORY_HEAD if first == kept else first  # past the tail: to the head
         return False
 
     async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:

@@ -31,6 +31,7 @@ from core.settle import (
     store_call,
 )
 from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id, root_promise_id
 from tests.core.parts import Parts, logs_of, open_parts
@@ -524,6 +525,55 @@ async def test_a_settle_that_won_files_its_note_once_however_many_events_followe
     else:  # after what came after the end, as a settle that found the job ended
         assert mine == [(end + len(AFTER_THE_END) + 1, "duplicate")]
         assert rec.events == end + len(AFTER_THE_END) + 1
+
+
+async def test_the_look_for_a_winners_note_reads_no_more_than_the_history_keeps(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """Three thousand events came after the end (late callbacks, say): the
+    history keeps its first `HISTORY_HEAD` events (the end among them,
+    with the winner's note) and its last ones, `HISTORY_LIMIT` in all.
+    The look reads the kept tail and the head, a page at a time, never the
+    trimmed middle: not a page for every 64 events ever filed (a range
+    read past the gap returns the tail's first events again, each time)."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    promises = parts.settler.resonate.promises
+    resolve = promises.resolve
+    after = 3000
+
+    async def then_end(promise_id: str, value: Value) -> Any:
+        record = await resolve(promise_id, value)
+        events = core.settle.noted(value.data)
+        await parts.jobs.end("j", outcome_of(value.data), now_ms(), events=events, attempt=1)
+        for _ in range(after // len(AFTER_THE_END)):
+            await parts.jobs.record("j", AFTER_THE_END, now_ms())
+        return record
+
+    reads: list[tuple[int, int]] = []
+    events_after = parts.jobs.events_after
+
+    async def counted(job_id: str, first: int, limit: int) -> Any:
+        reads.append((first, limit))
+        return await events_after(job_id, first, limit)
+
+    def note(verdict: str) -> NewEvent:
+        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
+
+    monkeypatch.setattr(promises, "resolve", then_end)
+    monkeypatch.setattr(parts.jobs, "events_after", counted)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+
+    assert (result, rec.state) == ("accepted", "succeeded")
+    monkeypatch.undo()
+    _, events = await parts.jobs.events_after("j", 0, HISTORY_LIMIT + 1)
+    assert len(events) == HISTORY_LIMIT
+    [end] = [e.seq for e in events if e.type == "finished"]
+    assert end <= HISTORY_HEAD  # kept, as the first events always are
+    mine = [e.seq for e in events if e.type == "callback" and "body_sha256" not in e.data]
+    assert mine == [end - 1]  # found, not filed again
+    pages = -(-(HISTORY_LIMIT - HISTORY_HEAD) // core.settle.FILED_PAGE) + 1  # the tail, the head
+    assert len(reads) <= pages, reads
 
 
 async def test_the_note_of_a_settle_that_lost_comes_after_and_none_is_recorded_for_none(
