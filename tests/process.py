@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,18 @@ def listening(pid: int, port: int) -> bool | None:
     return False
 
 
+def answers(port: int) -> bool:
+    """Whether something accepts a TCP connection on 127.0.0.1:`port`: the
+    cheap look that goes first (a refused connect costs microseconds; a read
+    of /proc/net/tcp and tcp6 for `listening` walks the kernel's whole
+    connection table, ~13 ms of system time however few sockets it lists)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def wait_serving(
     proc: subprocess.Popen[Any],
     port: int,
@@ -67,7 +80,8 @@ def wait_serving(
     process may hold the port (another test's server, on the port
     `free_port` gave both) and answer in its place. Raises `AddressInUse`
     when `proc` exits saying its address is in use (`said()`: what it wrote),
-    RuntimeError when it exits otherwise or `wait` seconds pass."""
+    RuntimeError when it exits otherwise or `wait` seconds pass. The socket
+    tables are read only once something answers on `port` (`answers`)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,7 +89,7 @@ def wait_serving(
             if "already in use" in output.lower():  # `tether serve`'s words, and uvicorn's
                 raise AddressInUse(f"port {port} is taken by another process:\n{output}")
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{output}")
-        if listening(proc.pid, port) is not False:
+        if answers(port) and listening(proc.pid, port) is not False:
             try:
                 if healthy() and proc.poll() is None:
                     return
