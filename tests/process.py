@@ -126,7 +126,9 @@ class TetherProcess:
         cwd: Path | None = None,
     ) -> None:
         self.pinned = port is not None
-        """The test chose the port (a restart on the same one): `start` keeps it."""
+        """The port is kept by `start`: the test chose it (a restart on the
+        same one), or the service served on it already (the jobs' callback
+        URLs name it)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"tether-{self.port}.log"
@@ -147,11 +149,13 @@ class TetherProcess:
     def start(self, wait: float = 30) -> TetherProcess:
         """Start `tether serve` and return once it, not another process on its
         port, answers /health (`wait_serving`). A port found taken is given up
-        for a free one (`on_free_ports`) unless the test pinned it (`port=`, as
-        a restart on the same port does): then `AddressInUse`."""
+        for a free one (`on_free_ports`) unless it is kept (`pinned`: the test
+        chose it with `port=`, or this is a restart): then `AddressInUse`."""
         if self.pinned:
             return self._start(self.port, wait)
-        return on_free_ports(lambda port: self._start(port, wait), self.port)
+        started = on_free_ports(lambda port: self._start(port, wait), self.port)
+        self.pinned = True  # served on: a restart keeps it
+        return started
 
     def _start(self, port: int, wait: float) -> TetherProcess:
         if port != self.port:  # the last port was taken: this process moves
@@ -185,7 +189,8 @@ class TetherProcess:
         except AddressInUse as exc:
             if self.pinned:
                 raise AddressInUse(
-                    f"{exc}\n(the test chose port {port}: no other is tried)"
+                    f"{exc}\n(port {port} is kept, the test's choice or a restart's:"
+                    " no other is tried)"
                 ) from None
             with self.log.open("r+b") as log:  # the log is the serving process's alone
                 log.truncate(before)

@@ -33,9 +33,10 @@ class Healthy(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def another_service() -> Iterator[int]:
-    """An HTTP server on 127.0.0.1 answering every GET with 200; its port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+def another_service(port: int = 0) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 (on `port`; 0: any free one) answering
+    every GET with 200; its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), Healthy)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -76,9 +77,27 @@ def test_a_port_the_test_chose_and_another_service_holds_is_an_error(tmp_path: P
         service = TetherProcess(tmp_path, {"TETHER_STORE": "memory://"}, port=taken)
         with pytest.raises(AddressInUse, match=f"port {taken} is taken") as refused:
             service.start()
-        assert "the test chose port" in str(refused.value)
+        assert f"port {taken} is kept" in str(refused.value)
         assert service.proc is not None and service.proc.poll() is not None
         assert "already in use" in service.log.read_text()
+
+
+def test_a_restart_keeps_the_port_it_served_on_though_another_service_took_it(
+    tmp_path: Path,
+) -> None:
+    """`start` again after a kill is a restart: the jobs' callback URLs name
+    the port the service served on, so it is kept (as a port the test
+    chose is), and one taken meanwhile is an error, not a move elsewhere
+    that would send those callbacks to whoever took it."""
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db"}
+    service = TetherProcess(tmp_path, env).start()
+    served = service.port
+    service.kill()
+    with another_service(served):
+        with pytest.raises(AddressInUse, match=f"port {served} is taken"):
+            service.start()
+        assert (service.port, service.env["TETHER_PORT"]) == (served, str(served))
+        assert service.proc is not None and service.proc.poll() is not None
 
 
 def test_a_start_reads_the_socket_tables_only_once_something_answers_on_its_port(
