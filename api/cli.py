@@ -230,8 +230,11 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             "memory:// lives in one process; use --workers 1, or sqlite:///PATH for several workers"
         )
     # The address first: one in use is refused before start-up opens (and
-    # perhaps migrates) the store.
-    sock = listening_socket(settings.host, settings.port, "--port" if port is not None else "")
+    # perhaps migrates) the store. Several workers share a socket that
+    # listens from now on: bound alone, another process could take the port
+    # (SO_REUSEADDR) until the first worker listened, and no worker could.
+    flag = "--port" if port is not None else ""
+    sock = listening_socket(settings.host, settings.port, flag, listen=workers > 1)
     plugins = installed_plugins()
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
@@ -281,8 +284,15 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         raise SystemExit(STARTUP_FAILURE)
 
 
-def listening_socket(host: str, port: int, flag: str) -> socket.socket:
-    """A socket bound to `host`:`port`, or `Refused` naming why not (in use,
+BACKLOG = 2048
+"""The backlog of the socket several workers share, from `tether serve`'s
+listen until the first worker listens again with uvicorn's `backlog` (the
+same, its default)."""
+
+
+def listening_socket(host: str, port: int, flag: str, listen: bool = False) -> socket.socket:
+    """A socket bound to `host`:`port` (and, with `listen`, listening: the
+    port is then this process's alone), or `Refused` naming why not (in use,
     not an address of this machine) and the setting to change (`flag` when
     the port was given as one). Made with IPPROTO_TCP (uvicorn's own has
     proto 0), so asyncio turns on TCP_NODELAY for each connection; without
@@ -292,6 +302,8 @@ def listening_socket(host: str, port: int, flag: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        if listen:  # another bound it too meanwhile, and listened first: in use
+            sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         where = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"

@@ -4,12 +4,15 @@ refusal to hand out callback URLs on a wildcard address."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
@@ -20,7 +23,7 @@ from core.plugin import Backend, hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import Settings, unknown_env
 from core.store.postgres import dsn_secrets
-from tests.conftest import free_port, test_settings
+from tests.conftest import free_port, test_settings, wait_until
 from tests.process import TetherProcess
 from tests.system.test_startup import TETHER
 
@@ -69,6 +72,47 @@ def test_an_address_in_use_is_refused_before_the_store_is_touched(tmp_path: Path
             assert list(tmp_path.iterdir()) == []  # no store made, nothing migrated
     finally:
         taken.close()
+
+
+def test_several_workers_hold_their_port_from_the_start(tmp_path: Path):
+    """`tether serve --workers 2` listens as it binds: no other process can
+    take the port while the workers start. (They alone listened, each once
+    it had started, a second or two later; another process that bound and
+    listened meanwhile, as SO_REUSEADDR lets it while nobody listens, got
+    the port, and every worker then failed to listen and was replaced,
+    every 0.5 s, with no end and no word but tracebacks.)"""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [TETHER, "serve", "--workers", "2", "--port", str(port)],
+            env={**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db"},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        # Bound long before this line; its workers are not started yet.
+        wait_until(lambda: "2 worker(s)" in log.read_text() or proc.poll() is not None, 60)
+        assert proc.poll() is None, log.read_text()
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with other, pytest.raises(OSError) as refused:
+            other.bind(("127.0.0.1", port))
+            other.listen()
+        assert refused.value.errno == errno.EADDRINUSE
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).is_success
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 60)
+        assert "Traceback" not in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def test_an_address_not_of_this_machine_is_refused_naming_it(tmp_path: Path):
