@@ -277,6 +277,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         TetherServer(config).run()
         return
     sock.set_inheritable(True)  # several workers share it
+    # One worker's uvicorn says where it listens; the supervisor's does not.
+    log.info("listening on %s with %d workers", address_url(sock), workers)
     supervisor = Supervisor(config, sockets=[sock], store=describe(settings.store))
     with multiprocess_dir(workers):  # the workers read it as they start
         supervisor.run()
@@ -315,6 +317,13 @@ def listening_socket(host: str, port: int, flag: str, listen: bool = False) -> s
             setting = f"{PREFIX}HOST / {PREFIX}PORT or --host / --port"
         raise Refused(f"{why} ({setting})") from None
     return sock
+
+
+def address_url(sock: socket.socket) -> str:
+    """The URL of a bound socket's address, as uvicorn's "running on" line
+    shows one: http://127.0.0.1:8000, http://[::1]:8000, http://0.0.0.0:8000."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
 
 
 @cli.command()

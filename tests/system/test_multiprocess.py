@@ -93,6 +93,9 @@ def test_workers_option_runs_several_processes(tmp_path, receiver):
         log = proc.log.read_text()
         assert log.count(" triggered") == 6, log
         assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
+        # Where it listens, said once (one worker's uvicorn says it itself).
+        said = re.findall(r" INFO tether: listening on (\S+) with (\d+) workers$", log, re.M)
+        assert said == [(proc.url, "2")], log
     finally:
         proc.kill()
 

@@ -18,7 +18,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.cli import startup_line
+from api.cli import address_url, startup_line
 from core.plugin import Backend, hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import Settings, unknown_env
@@ -113,6 +113,25 @@ def test_several_workers_hold_their_port_from_the_start(tmp_path: Path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "shown"),
+    [
+        (socket.AF_INET, "127.0.0.1", "http://127.0.0.1:{}"),
+        (socket.AF_INET, "0.0.0.0", "http://0.0.0.0:{}"),
+        (socket.AF_INET6, "::1", "http://[::1]:{}"),
+    ],
+)
+def test_the_address_several_workers_listen_on_is_shown_as_a_url(
+    family: socket.AddressFamily, host: str, shown: str
+):
+    with socket.socket(family) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:  # no IPv6 here
+            pytest.skip(f"cannot bind {host}: {exc}")
+        assert address_url(sock) == shown.format(sock.getsockname()[1])
 
 
 def test_an_address_not_of_this_machine_is_refused_naming_it(tmp_path: Path):
