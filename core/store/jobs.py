@@ -72,6 +72,13 @@ class JobRecord(msgspec.Struct, kw_only=True):
     (`tether_tombstones`): its callback tokens and idempotency keys are made
     with it, so the earlier job's URLs and keys are not this one's. None
     otherwise (the id's first job: tokens and keys of its promise id alone)."""
+    stop_due: int | None = None
+    """Set while the run of an attempt that ended without a workflow to
+    finish it (`core.settle`: an orphan) is still to be stopped: when that
+    stop may be claimed, by the watchdog of any process, should the process
+    running it have died (its lease: `claim_stop`). Set in the write that
+    ends the attempt, None again in the one that records the stop's outcome
+    (`stopped`)."""
 
     @property
     def finished(self) -> bool:
@@ -257,9 +264,12 @@ class JobIndex(Protocol):
         from_states: Sequence[str] = OPEN_STATES,
         events: Sequence[NewEvent] = (),
         attempt: int | None = None,
+        stop_due: int | None = None,
     ) -> tuple[JobRecord | None, bool]:
         """`finish`, and whether this call ended the job: if it did, `events`
-        then a `finished` event are recorded with the change."""
+        then a `finished` event are recorded with the change. With
+        `stop_due`, a job with a run recorded gets it as its `stop_due` in
+        the same write (no workflow will stop that run: see `claim_stop`)."""
         ...
 
     async def retry(
@@ -304,13 +314,15 @@ class JobIndex(Protocol):
         ...
 
     async def due(self, now: int, limit: int) -> list[JobRecord]:
-        """Open jobs past their deadline, running jobs due a status check, and
-        jobs whose heartbeat is overdue."""
+        """Open jobs past their deadline, running jobs due a status check,
+        jobs whose heartbeat is overdue, and ended jobs whose run's stop is
+        due (`stop_due`: its lease ran out)."""
         ...
 
     async def next_due(self, after: int) -> int | None:
-        """The earliest deadline, status check or heartbeat due of an open job
-        strictly after `after` (None: none), from the indexes, never a scan."""
+        """The earliest deadline, status check or heartbeat due of an open job,
+        or run's stop due, strictly after `after` (None: none), from the
+        indexes, never a scan."""
         ...
 
     async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
@@ -333,6 +345,25 @@ class JobIndex(Protocol):
         """Move a job's `heartbeat_due` from `expected` to `next_due`; False if a
         heartbeat or another process moved it first (then there is no miss to
         handle here)."""
+        ...
+
+    async def claim_stop(self, job_id: str, expected: int, until: int) -> JobRecord | None:
+        """Take over the stop of a job's run whose `stop_due` is `expected`
+        (passed: the process that held it died, or stalled): `stop_due`
+        moves to `until`, this process's lease, longer than one stop takes,
+        so no other process stops the run meanwhile. The row as claimed;
+        None if another process claimed it first, or the stop was recorded."""
+        ...
+
+    async def stopped(
+        self, job_id: str, attempt: int, claim: int, events: Sequence[NewEvent], now: int
+    ) -> JobRecord | None:
+        """Record the outcome of the stop of the run of the job's attempt
+        `attempt`, held until `claim` (its `stop_due`): `stop_due` cleared
+        and `events` (a `cancel_failed`) filed under that attempt, in one
+        write. None (nothing written) when the job's `stop_due` is no longer
+        `claim`: another process took the stop over after the lease ran
+        out, and records its own outcome."""
         ...
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:

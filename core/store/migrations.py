@@ -106,6 +106,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "event streams past `finished`: an index on the outbox by job and creation time",
         lambda d: NOTIFICATIONS.migrate(d, 10),
     ),
+    Migration(
+        11,
+        "durable stops: each job's stop_due, when the stop of the run of a job no workflow"
+        " finishes may be claimed (indexed)",
+        lambda d: JOBS.migrate(d, 11),
+    ),
 )
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (

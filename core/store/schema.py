@@ -153,6 +153,7 @@ JOBS = Table(
         Column("notify_url", "text", null=True, since=5),
         Column("queued_at", "int", null=True, since=5),
         Column("salt", "text", null=True, since=9),
+        Column("stop_due", "int", null=True, since=11),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -165,6 +166,7 @@ JOBS = Table(
         Index("tether_jobs_queue", "backend, queued_at, seq", "state = 'queued'", since=5),
         Index("tether_jobs_active", "backend", "state IN ('pending', 'running')", since=5),
         Index("tether_jobs_created_day", "(created_at / 86400000), seq, created_at", since=6),
+        Index("tether_jobs_stop", "stop_due", "stop_due IS NOT NULL", since=11),
     ),
 )
 """The job index: one row per job (`JobRecord`). `events` counts the job's
@@ -172,7 +174,9 @@ events ever recorded: the last one's `seq` (see `EVENTS`). `heartbeat_due` is
 when the watchdog next looks for a missed heartbeat (set at the trigger and by
 each heartbeat, for jobs with a `heartbeat_timeout`); `heartbeat_noted_at` and
 `progress_noted` (a digest) are of the last `heartbeat` event, which heartbeats
-are throttled against. `tags` is the job's tags as shown; `TAGS` indexes them."""
+are throttled against. `tags` is the job's tags as shown; `TAGS` indexes them.
+`stop_due` is set while the run of a job no workflow finishes is to be
+stopped (`JobRecord.stop_due`); the watchdog finds those through its index."""
 
 EVENTS = Table(
     "tether_events",

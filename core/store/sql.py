@@ -598,10 +598,14 @@ class SqlJobIndex:
         from_states: Sequence[str] = OPEN_STATES,
         events: Sequence[NewEvent] = (),
         attempt: int | None = None,
+        stop_due: int | None = None,
     ) -> tuple[JobRecord | None, bool]:
         marks = ", ".join("?" for _ in from_states)
         of_attempt = "" if attempt is None else " AND attempt = ?"
         events = [*events, NewEvent("finished", finished_data(outcome))]
+        stop = ""
+        if stop_due is not None:  # a run to stop; ELSE the column: Postgres types `?` as it
+            stop = ", stop_due = CASE WHEN external IS NOT NULL THEN ? ELSE stop_due END"
 
         async def body(tx: Session) -> Written:
             filed: list[Event] = []
@@ -612,7 +616,7 @@ class SqlJobIndex:
             rows = await tx.fetch(
                 "UPDATE tether_jobs SET state = ?, result = ?, error = ?, finished_at = ?,"
                 " updated_at = ?, next_check_at = NULL, heartbeat_due = NULL, events = events + ?"
-                f" WHERE id = ? AND state IN ({marks}){of_attempt} RETURNING {COLUMNS}",
+                f"{stop} WHERE id = ? AND state IN ({marks}){of_attempt} RETURNING {COLUMNS}",
                 (
                     outcome.status,
                     json_text(outcome.result),
@@ -620,6 +624,7 @@ class SqlJobIndex:
                     now,
                     now,
                     len(events),
+                    *([] if stop_due is None else [stop_due]),
                     job_id,
                     *from_states,
                     *([] if attempt is None else [attempt]),
@@ -756,21 +761,28 @@ class SqlJobIndex:
             " AND heartbeat_due <= ? ORDER BY heartbeat_due LIMIT ?",
             (now, limit),
         )
-        seen = {rec.id: rec for rec in map(_row, (*late, *checks, *beats))}
+        stops = await self.db.fetch(
+            f"SELECT {COLUMNS} FROM tether_jobs WHERE stop_due IS NOT NULL"
+            " AND stop_due <= ? ORDER BY stop_due LIMIT ?",
+            (now, limit),
+        )
+        seen = {rec.id: rec for rec in map(_row, (*late, *checks, *beats, *stops))}
         return list(seen.values())
 
     async def next_due(self, after: int) -> int | None:
-        """The earliest deadline, status check or heartbeat due of an open job
-        strictly after `after` (None: none): the first row of each of their
-        partial indexes, one round trip."""
+        """The earliest deadline, status check or heartbeat due of an open
+        job, or run's stop due, strictly after `after` (None: none): the
+        first row of each of their partial indexes, one round trip."""
         rows = await self.db.fetch(
             "SELECT (SELECT deadline FROM tether_jobs WHERE finished_at IS NULL"
             " AND deadline > ? ORDER BY deadline LIMIT 1),"
             " (SELECT next_check_at FROM tether_jobs WHERE next_check_at IS NOT NULL"
             " AND next_check_at > ? ORDER BY next_check_at LIMIT 1),"
             " (SELECT heartbeat_due FROM tether_jobs WHERE heartbeat_due IS NOT NULL"
-            " AND heartbeat_due > ? ORDER BY heartbeat_due LIMIT 1)",
-            (after, after, after),
+            " AND heartbeat_due > ? ORDER BY heartbeat_due LIMIT 1),"
+            " (SELECT stop_due FROM tether_jobs WHERE stop_due IS NOT NULL"
+            " AND stop_due > ? ORDER BY stop_due LIMIT 1)",
+            (after, after, after, after),
         )
         found = [at for at in rows[0] if at is not None] if rows else []
         return min(found, default=None)
@@ -820,6 +832,32 @@ class SqlJobIndex:
             (next_due, job_id, expected),
         )
         return changed == 1
+
+    async def claim_stop(self, job_id: str, expected: int, until: int) -> JobRecord | None:
+        rows = await self.db.fetch(
+            "UPDATE tether_jobs SET stop_due = ? WHERE id = ? AND stop_due = ?"
+            f" RETURNING {COLUMNS}",
+            (until, job_id, expected),
+        )
+        return _row(rows[0]) if rows else None
+
+    async def stopped(
+        self, job_id: str, attempt: int, claim: int, events: Sequence[NewEvent], now: int
+    ) -> JobRecord | None:
+
+        async def body(tx: Session) -> Written:
+            rows = await tx.fetch(
+                "UPDATE tether_jobs SET stop_due = NULL, events = events + ?"
+                f" WHERE id = ? AND stop_due = ? RETURNING {COLUMNS}",
+                (len(events), job_id, claim),
+            )
+            filed = []
+            if rows and events:  # (a host before `stop_due` may have retried the job since)
+                of_attempt = msgspec.structs.replace(_row(rows[0]), attempt=attempt)
+                filed = await self._file(tx, of_attempt, events, now)
+            return Written(rows, filed)
+
+        return (await self._write(body)).rec
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         async def body(tx: Session) -> list[str]:

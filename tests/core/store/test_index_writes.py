@@ -15,7 +15,7 @@ import pytest
 from core.models import Outcome
 from core.store.jobs import JobRecord, NewEvent, Notification
 from core.store.migrations import migrate
-from core.store.sql import NOTE_CLOCK_SLACK_MS, SqlJobIndex
+from core.store.sql import COLUMNS, NOTE_CLOCK_SLACK_MS, SqlJobIndex
 from tests.conftest import eventually
 
 
@@ -252,3 +252,44 @@ async def test_whether_a_jobs_notification_waits_is_one_read_of_the_outbox_by_jo
     tried = NewEvent("notified", {"webhook_id": note.id, "try": 1, "status": 200})
     await jobs.notification_tried(note, None, [tried], 3_000)
     assert not await jobs.notification_waiting("w", 1_000)  # delivered: out of the outbox
+
+
+async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_outcome(database):
+    """The stop of the run of a job no workflow finishes (`stop_due`): set by
+    the write that ends the job (with a run recorded only), found by the
+    watchdog's look through its own partial index, claimed by one
+    compare-and-set at a time, and cleared by the write that files the
+    stop's outcome, which only the holder of the claim makes."""
+    jobs = await index_on(database)
+    for job_id in ("r", "p", "w"):
+        await jobs.insert(job(job_id))
+    for job_id in ("r", "w"):
+        await jobs.set_external(job_id, {"run": job_id}, 1_500, None)
+    ended, _ = await jobs.end("r", Outcome("timed_out"), 2_000, stop_due=5_000)
+    unrun, _ = await jobs.end("p", Outcome("timed_out"), 2_000, stop_due=5_000)  # nothing to stop
+    normal, _ = await jobs.end("w", Outcome("timed_out"), 2_000)  # its workflow stops the run
+    assert [r.stop_due if r else 0 for r in (ended, unrun, normal)] == [5_000, None, None]
+    assert [r.id for r in await jobs.due(4_999, 10)] == []
+    assert [r.id for r in await jobs.due(5_000, 10)] == ["r"]
+    assert await jobs.next_due(0) == 5_000 and await jobs.next_due(5_000) is None
+
+    assert await jobs.claim_stop("r", 4_000, 9_000) is None  # not its stop_due
+    claims = await asyncio.gather(*(jobs.claim_stop("r", 5_000, 9_000 + n) for n in range(3)))
+    [claimed] = [c for c in claims if c is not None]  # one of three at once
+    assert claimed.stop_due in (9_000, 9_001, 9_002)
+    assert [r.id for r in await jobs.due(8_999, 10)] == []
+
+    failed = NewEvent("cancel_failed", {"tries": 1})
+    assert await jobs.stopped("r", 1, 5_000, [failed], 6_000) is None  # its claim was taken over
+    done = await jobs.stopped("r", 1, claimed.stop_due, [failed], 6_000)
+    assert done is not None and (done.stop_due, done.events) == (None, 2)
+    assert await jobs.stopped("r", 1, claimed.stop_due, [failed], 6_100) is None  # once
+    _, events = await jobs.events_after("r", 0, 10)
+    assert [e.type for e in events] == ["finished", "cancel_failed"]
+    assert await jobs.due(99_999, 10) == [] and await jobs.next_due(0) is None
+    if database.kind == "sqlite":
+        sql = f"SELECT {COLUMNS} FROM tether_jobs WHERE stop_due IS NOT NULL AND stop_due <= ?"
+        plan = [r[3] for r in await jobs.db.fetch(f"EXPLAIN QUERY PLAN {sql}", (0,))]
+        assert plan == [
+            "SEARCH tether_jobs USING INDEX tether_jobs_stop (stop_due>? AND stop_due<?)"
+        ], plan
