@@ -13,8 +13,8 @@ something is still due that files an event: a completion notification in the
 outbox (`notified`, `notify_failed`), or the attempt's workflow yet to return
 (its finish stops the run of a canceled or timed-out job: `cancel_failed`; a
 trigger answered after the end: a late `triggered`), or, for a job no
-workflow finishes, that finish's stop under way (its stop promise:
-`core.workflow.stop_promise_id`). Both are in the store,
+workflow finishes, its run's stop still due (the job's `stop_due`). All are
+in the store,
 so any process serving the stream sees them; a backend's own `notification`
 may come at any time and is never waited for (docs/lifecycle.md, "Following
 a job").
@@ -141,10 +141,13 @@ class JobHistory:
         canceled or timed out, or before a run was recorded, its workflow yet
         to return (its finish stops the run, filing `cancel_failed` when it
         could not; a trigger answered after the end files a late `triggered`,
-        and stops that run), or, when no workflow finishes it, that finish
-        under way (`attempt_running` asks for both). A succeeded or failed
-        attempt with a run recorded waits for no workflow: its finish stops
-        nothing. A look that fails counts as due: the next one tells."""
+        and stops that run), or, when no workflow finishes it, the stop
+        promise an earlier release made for that finish (`attempt_running`
+        asks for both). A succeeded or failed attempt with a run recorded
+        waits for no workflow: its finish stops nothing. A look that fails
+        counts as due: the next one tells. (The run's stop of a job no
+        workflow finishes is due while the job's row has `stop_due`: the
+        stream reads that with its events.)"""
         try:
             if await store_call(self.jobs.notification_waiting(rec.id, rec.created_at)):
                 return True
@@ -187,6 +190,9 @@ class JobHistory:
                     yield END
                     return
                 ended = rec.finished and rec.events <= after
+                # A run's stop still due (`stop_due`) files its outcome in the
+                # write that clears it: read with the row, before the events.
+                due = due or rec.stop_due is not None
                 if ended and not due and sent is not None and sent.attempt == rec.attempt:
                     yield END
                     return

@@ -162,11 +162,7 @@ class Tether:
         )
         self._settler = Settler(r, self.jobs, self.settings.max_result_bytes, self.signer.tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
-
-        async def finish_orphan(rec: JobRecord) -> None:  # `Settler.on_orphan`
-            await steps.finish(rec.id, {"status": rec.state}, rec.attempt)
-
-        self._settler.on_orphan = finish_orphan
+        self._settler.on_orphan = steps.finish_orphan
         self._settler.stop_within_ms = int(steps.stop_within() * 1000)
         workflow.register(r, steps)
         self.events.attempt_running = functools.partial(workflow.attempt_running, r)
@@ -479,7 +475,7 @@ class Tether:
             return view(rec)
         if (wanted is not None and wanted != rec.attempt + 1) or rec.state not in RETRYABLE_STATES:
             raise self._not_retryable(rec, wanted)
-        if await store_call(workflow.attempt_running(self._worker(), job_id, rec.attempt)):
+        if await self._winding_up(rec):
             await self._await_attempt(rec)
         previous: dict[str, Any] = {"state": rec.state}
         if rec.error is not None:
@@ -511,15 +507,27 @@ class Tether:
             raise NotFound.job(job_id)
         raise self._not_retryable(rec, None)
 
+    async def _winding_up(self, rec: JobRecord) -> bool:
+        """Whether the ended attempt `rec` is at is still winding up: its
+        workflow has yet to return, or, for one no workflow finishes, its
+        run's stop is due (`stop_due`)."""
+        if rec.stop_due is not None:
+            return True
+        return await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt))
+
     async def _await_attempt(self, rec: JobRecord) -> None:
         """Wait (at most `ATTEMPT_END_WAIT` seconds) for the ended attempt's
-        workflow to return: its finish stops the external run of a
-        canceled or timed-out attempt and tells the plugins, and must see the
-        job still at that attempt. `Conflict` if it does not return in time."""
+        workflow to return, or its run's stop to be recorded: its finish
+        stops the external run of a canceled or timed-out attempt and tells
+        the plugins, and must see the job still at that attempt. `Conflict`
+        if it does not end in time."""
         deadline = time.monotonic() + ATTEMPT_END_WAIT
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            if not await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt)):
+            latest = await store_call(self.jobs.get(rec.id))
+            if latest is None or latest.attempt != rec.attempt:
+                return  # deleted, or retried by another: the retry's update says
+            if not await self._winding_up(latest):
                 return
         raise Conflict(
             f"job {shown(rec.id)}: attempt {rec.attempt} is {rec.state} but still winding up"

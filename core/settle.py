@@ -41,12 +41,9 @@ from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
-from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id, stop_promise_id
+from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
-
-STOP_END_WAITS = (0.5, 1.0, 2.0)
-"""Seconds between the tries to resolve an orphan's stop promise."""
 
 FILED_PAGE = 64
 """Events of a job read at a time when a settle that won looks for its note
@@ -212,10 +209,12 @@ class Settler:
         then a cancel or the deadline), or whose workflow the store timed out
         too (the service down past the deadline and `ROOT_GRACE_MS`). What
         the workflow's finish does (stop the run, tell the plugins) is this
-        callback's to do (`JobSteps.finish`, wired by the service)."""
+        callback's to do (`JobSteps.finish_orphan`, wired by the service).
+        The watchdog calls it too, with a job whose run's stop it took over
+        (`stop_due`: `Watchdog.stop_again`)."""
         self.stop_within_ms = ROOT_GRACE_MS
         """How long such a finish may take, at most (`JobSteps.stop_within`,
-        wired by the service): the timeout of its stop promise."""
+        wired by the service): the lease on its run's stop (`stop_due`)."""
 
     async def settle(
         self,
@@ -273,7 +272,7 @@ class Settler:
             # trigger finds it ended): finishing it here too told the plugins
             # twice.
             if ended and rec.queued_at is None and not await self._workflow_alive(job_id, attempt):
-                await self._orphaned(rec)
+                await self.orphaned(rec)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:  # by this settle, or by another that came first
@@ -291,17 +290,16 @@ class Settler:
         before = [store_timed_out()] if data is None else noted(data) if not won else []
         # The store timed the wait out: a settle that ends the job finishes
         # it too when its workflow is over (the service was down past the
-        # deadline and `ROOT_GRACE_MS`). Asked before the end is recorded, so
-        # a stream that reads `finished` already finds that finish due.
+        # deadline and `ROOT_GRACE_MS`). Its run's stop is due from the
+        # write that ends it (`stop_due`): this process holds it for
+        # `stop_within_ms`, then any process's watchdog may take it over.
         orphan = data is None and not await self._workflow_alive(job_id, attempt)
-        stop = await self._stop_begins(job_id, attempt) if orphan else None
+        stop_due = now_ms() + self.stop_within_ms if orphan else None
         rec, ended = await self._end(
-            job_id, settled, OPEN_STATES, note, result, attempt, before, won=won
+            job_id, settled, OPEN_STATES, note, result, attempt, before, won=won, stop_due=stop_due
         )
         if ended and orphan:
-            await self._orphaned(rec)
-        if ended and stop is not None:
-            await self._stop_ends(rec, stop)
+            await self.orphaned(rec)
         return result, rec
 
     async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
@@ -314,60 +312,14 @@ class Settler:
             return False
         return bool(root.state == "pending")
 
-    async def _stop_begins(self, job_id: str, attempt: int) -> str | None:
-        """Before a settle that may end a job no workflow will finish: when
-        the job is open at `attempt` with a run recorded, and this process
-        finishes orphans, make the attempt's stop promise (pending: a stream
-        of the job waits for it, `core.events`); its id, or None. The settle
-        that ends the job resolves it once the finish is over (after the
-        run's stop filed `cancel_failed`, if it failed); one that does not
-        leaves it to that one. If this process dies meanwhile, the store
-        times it out after `stop_within_ms`."""
-        if self.on_orphan is None:
-            return None
-        rec = await store_call(self.jobs.get(job_id))
-        if rec is None or rec.finished or rec.attempt != attempt or rec.external is None:
-            return None
-        promise_id = stop_promise_id(job_id, attempt)
-        try:
-            timeout = now_ms() + self.stop_within_ms
-            made = self.resonate.promises.create(promise_id, timeout, Value(data=None), {})
-            await store_call(made)
-        except (ServerError, StoreUnavailable) as exc:
-            self._stop_unmarked(rec, exc)
-            return None
-        return promise_id
-
-    async def _stop_ends(self, rec: JobRecord, promise_id: str) -> None:
-        """Resolve the stop promise, tried again a little while the store is
-        slow (likely, just after the outage that left the job an orphan):
-        left pending, a stream of the job and a retry of it wait for its
-        timeout."""
-        for wait in (*STOP_END_WAITS, None):
-            try:
-                await store_call(self.resonate.promises.resolve(promise_id, Value(data=None)))
-                return
-            except (ServerError, StoreUnavailable) as exc:
-                if wait is None or (isinstance(exc, ServerError) and exc.code < 500):
-                    self._stop_unmarked(rec, exc)
-                    return
-            await asyncio.sleep(wait)
-
-    def _stop_unmarked(self, rec: JobRecord, exc: Exception) -> None:
-        log.warning(
-            "job %s: its stop promise could not be written (%s): a stream of the job may"
-            " not wait for the run's stop, or wait for it until the promise times out",
-            rec.id,
-            reason(exc),
-            extra=rec.log_extra(),
-        )
-
-    async def _orphaned(self, rec: JobRecord) -> None:
+    async def orphaned(self, rec: JobRecord) -> None:
+        """`on_orphan(rec)`, an error logged: the job's end is recorded, and a
+        run's stop still due (`stop_due`) is taken over once its lease ran out."""
         if self.on_orphan is None:
             return
         try:
             await self.on_orphan(rec)
-        except Exception as exc:  # the job's end is recorded; only its extras are lost
+        except Exception as exc:
             log.warning(
                 "job %s: finishing it without its workflow failed: %s",
                 rec.id,
@@ -386,6 +338,7 @@ class Settler:
         before: list[NewEvent] | None = None,
         *,
         won: bool = False,
+        stop_due: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Record `outcome` in the index if the job is at `attempt`, with the
         note's event for `result` before `finished` if this ends the job; if it
@@ -394,11 +347,13 @@ class Settler:
         `before`: events that go first when this ends the job. `won`: this
         settle's value is the promise's, so whoever recorded the end from it
         (the workflow's finish, a settle that lost) filed its note already
-        (`noted`): not again. Returns the row, and whether this ended the job."""
+        (`noted`): not again. `stop_due`: the run's stop is due then, if this
+        ends a job with a run (`JobIndex.end`). Returns the row, and whether
+        this ended the job."""
         event = None if note is None else note(result)
         events = [*(before or []), *([event] if event else [])]
         rec, ended = await store_call(
-            self.jobs.end(job_id, outcome, now_ms(), from_states, events, attempt)
+            self.jobs.end(job_id, outcome, now_ms(), from_states, events, attempt, stop_due)
         )
         if rec is None:
             raise NotFound.job(job_id)

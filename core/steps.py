@@ -413,16 +413,55 @@ class JobSteps:
             wait *= 2
         return total
 
+    async def finish_orphan(self, rec: JobRecord) -> None:
+        """The finish of an attempt that ended with no workflow to finish it
+        (`Settler.on_orphan`): `finish`'s, made durable when it has a run to
+        stop (`rec.stop_due`, this process's lease on that stop): the run's
+        stop and the plugins told, then the stop's outcome (`cancel_failed`,
+        if it failed) filed in the write that clears `stop_due` (nothing
+        filed if another process took the stop over meanwhile: it files its
+        own). A process that dies first leaves the stop to the watchdog of
+        any process once the lease ran out (`Watchdog.stop_again`), which
+        calls this again: the run is asked to stop once more (`cancel` runs
+        at least once) and one outcome is filed."""
+        if rec.stop_due is None:
+            await self.finish(rec.id, {"status": rec.state}, rec.attempt)
+            return
+        failed = None
+        if rec.finished:  # (an open row: a host older than `stop_due` retried the job)
+            backend = self.plugins.backends.get(rec.backend)
+            if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
+                failed = await self._cancel_failure(backend, rec)
+            log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
+            self.plugins.job_finished(view(rec))
+        outcome = [] if failed is None else [failed]
+        if await self.jobs.stopped(rec.id, rec.attempt, rec.stop_due, outcome, now_ms()) is None:
+            log.warning(
+                "job %s: its run's stop outlasted its lease and was taken over; the other"
+                " process records its outcome",
+                rec.id,
+                extra=rec.log_extra(),
+            )
+
     async def _cancel_run(self, backend: Backend, rec: JobRecord) -> None:
+        """`_cancel_failure`, its `cancel_failed` event filed."""
+        failed = await self._cancel_failure(backend, rec)
+        if failed is not None:
+            await self.jobs.record(rec.id, [failed], now_ms())
+
+    async def _cancel_failure(self, backend: Backend, rec: JobRecord) -> NewEvent | None:
         """`backend.cancel`, tried as a trigger is while it fails with a
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
         or the backend's `retry_after` when longer): one throttled or
         unavailable answer left the external run going. A try not answered
         within `CANCEL_TIMEOUT` has failed, and is not tried again. A failure that
-        remains is logged as an error, naming the job, and filed as its
+        remains is logged as an error, naming the job, and returned as its
         `cancel_failed` event (with the run's receipt: a second run stopped
-        while the job runs on is not its `external`), so the API, the
-        dashboard and `/metrics` tell that the run may still be going."""
+        while the job runs on is not its `external`), for the caller to
+        file, so the API, the dashboard and `/metrics` tell that the run may
+        still be going. A stop under a lease (`rec.stop_due`) tries no more
+        once a try would end within `STOP_MARGIN / 2` of it (a backend's
+        long `retry_after`): another process may take the stop over then."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -430,13 +469,15 @@ class JobSteps:
             try:
                 async with limit:
                     await backend.cancel(backend_view(rec))
-                return
+                return None
             except Exception as exc:
                 said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
                 retryable = isinstance(exc, BackendError) and exc.retryable
-                if not retryable or attempt == attempts:
+                retry_after = exc.retry_after if isinstance(exc, BackendError) else None
+                wait = max(delay, retry_after or 0)
+                if not retryable or attempt == attempts or self._past_lease(rec, wait):
                     tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)
                     said = redact(said, tokens)
                     log.error(
@@ -452,11 +493,7 @@ class JobSteps:
                         kind = exc.code or "backend"
                     error = {"type": kind, "message": said}
                     tried = {"tries": attempt, "error": error, "external": rec.external}
-                    failed = NewEvent("cancel_failed", tried)
-                    await self.jobs.record(rec.id, [failed], now_ms())
-                    return
-                retry_after = exc.retry_after if isinstance(exc, BackendError) else None
-                wait = max(delay, retry_after or 0)
+                    return NewEvent("cancel_failed", tried)
                 log.warning(
                     "job %s: cancel attempt %d/%d of the external run failed (%s); again in %.1fs",
                     rec.id,
@@ -468,3 +505,16 @@ class JobSteps:
                 )
             await self.sleep(wait)
             delay *= 2
+        return None
+
+    @staticmethod
+    def _past_lease(rec: JobRecord, wait: float) -> bool:
+        """Whether another try of a stop held until `rec.stop_due`, after
+        `wait` seconds, could end less than `STOP_MARGIN / 2` before it (that
+        much is kept for recording the outcome): never on the backoff's own
+        schedule, which the lease (`stop_within`) was made for, unless the
+        stop began that late."""
+        if rec.stop_due is None:
+            return False
+        ends = now_ms() + (wait + CANCEL_TIMEOUT + STOP_MARGIN / 2) * 1000
+        return ends > rec.stop_due

@@ -19,7 +19,13 @@ that cannot tell (`None`) ends the job `timed_out` (`error.type`
 `heartbeat_timeout`). A check that fails (the backend did not answer) decides
 nothing. Either way the backend is asked again once the run has been silent
 twice as long (`recheck_in`: a run silent for hours is asked about, and filed,
-a few times and then hourly, not every `heartbeat_timeout`)."""
+a few times and then hourly, not every `heartbeat_timeout`).
+
+A job a deadline ends that no workflow will finish has its run's stop
+recorded as due (`stop_due`) in the write that ends it, held by the process
+that ended it for one stop's length: should that process die before it
+records the stop's outcome, the stop is taken over once that lease ran out
+(`stop_again`), by whichever process claims it first."""
 
 from __future__ import annotations
 
@@ -185,7 +191,12 @@ class Watchdog:
         """A `JobHistory` listener: this process wrote a job (a new one, a
         retry, a trigger that set its checks, ...); if that job is due before
         the sweep planned, sweep then instead. Costs a comparison, no read."""
-        times = (rec.next_check_at, rec.heartbeat_due, None if rec.finished else rec.deadline)
+        times = (
+            rec.next_check_at,
+            rec.heartbeat_due,
+            None if rec.finished else rec.deadline,
+            rec.stop_due,
+        )
         due = min((t for t in times if t is not None), default=None)
         if due is not None and due < self._planned:
             self._planned = due
@@ -242,11 +253,12 @@ class Watchdog:
                 await asyncio.wait_for(self._wake.wait(), left)
 
     async def sweep(self, now: int) -> int:
-        """Look once at every job due: past its deadline or due a status check
-        (at most `WATCHDOG_BATCH` of each), all at once, but a job whose
-        earlier look is still under way (its deadline's look even then); how
-        many looks it started. Waits `SWEEP_WAIT` at most: a look still asking
-        its backend then goes on without the sweep."""
+        """Look once at every job due: past its deadline, due a status check
+        or a heartbeat, or its run's stop (at most `WATCHDOG_BATCH` of each),
+        all at once, but a job whose earlier look is still under way (its
+        deadline's look even then); how many looks it started. Waits
+        `SWEEP_WAIT` at most: a look still asking its backend then goes on
+        without the sweep."""
         due = await self.store.jobs.due(now, WATCHDOG_BATCH)
         looks = []
         for rec in due:
@@ -264,7 +276,10 @@ class Watchdog:
 
     async def _look(self, rec: JobRecord, now: int) -> None:
         try:
-            if rec.deadline <= now:  # asks no backend: never behind the slow ones
+            # A deadline asks no backend, and a run's stop none of the slots:
+            # never behind the slow ones.
+            stop = rec.stop_due is not None and rec.stop_due <= now
+            if rec.deadline <= now or stop:
                 await self.look_at(rec, now)
             else:
                 beat = rec.heartbeat_due is not None and rec.heartbeat_due <= now
@@ -288,7 +303,11 @@ class Watchdog:
 
     async def look_at(self, rec: JobRecord, now: int) -> None:
         """Time the job out if its deadline passed, else ask its backend about
-        it if a status check is due (and no other process took that check)."""
+        it if a status check is due (and no other process took that check);
+        stop the run of an ended one if its stop is due (`stop_again`)."""
+        if rec.stop_due is not None and rec.stop_due <= now:
+            await self.stop_again(rec)
+            return
         if rec.deadline <= now:
             outcome = Outcome(
                 status="timed_out",
@@ -342,6 +361,27 @@ class Watchdog:
                 log.info(
                     "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
                 )
+
+    async def stop_again(self, rec: JobRecord) -> None:
+        """Stop the run of a job no workflow finishes whose stop's lease ran
+        out (`stop_due`): the process that ended the job died, or stalled,
+        before it recorded the stop's outcome. Claimed first, for a lease of
+        `stop_within_ms` (so no other process stops the run meanwhile), then
+        finished as that process would have (`Settler.on_orphan`): the run
+        is asked to stop again, and the stop's outcome filed once."""
+        if self.settler.on_orphan is None or rec.stop_due is None:
+            return
+        until = now_ms() + self.settler.stop_within_ms
+        claimed = await self.store.jobs.claim_stop(rec.id, rec.stop_due, until)
+        if claimed is None:
+            return  # another process took it, or the stop was recorded
+        log.warning(
+            "job %s: its run's stop was not recorded in time (the process stopping it"
+            " died?): stopping it again",
+            rec.id,
+            extra=rec.log_extra(),
+        )
+        await self.settler.orphaned(claimed)
 
     async def heartbeat_missed(self, rec: JobRecord, now: int) -> None:
         """No heartbeat came in time: ask the backend (unless another process

@@ -127,8 +127,10 @@ STOP_MARK = ":stop"
 
 def stop_promise_id(job_id: str, attempt: int = 1) -> str:
     """The promise that is pending while the finish of attempt `attempt` of
-    job `job_id` runs without its workflow (`core.settle`, an orphan's
-    finish: its run's stop, after a long outage); made only for those."""
+    job `job_id` runs without its workflow (an orphan's finish: its run's
+    stop, after a long outage), as releases before schema version 11 made
+    it; today's record that stop in the job's row (`JobRecord.stop_due`),
+    and this is read only for a stop a host of an earlier release runs."""
     return f"{root_promise_id(job_id, attempt)}{STOP_MARK}"
 
 
@@ -324,8 +326,9 @@ async def start(r: Resonate, target: str, job: RootPromise) -> None:
 async def attempt_running(r: Resonate, job_id: str, attempt: int) -> bool:
     """Whether the workflow of that attempt has yet to return (its finish,
     the backend's cancel, `tether_job_finished`, still to come), or, for an
-    attempt no workflow will finish, its finish is under way (its stop
-    promise pending: `stop_promise_id`). A promise that does not exist
+    attempt no workflow will finish, a host of an earlier release runs its
+    finish (its stop promise pending: `stop_promise_id`; today's hosts
+    record it in the job's row, `stop_due`). A promise that does not exist
     (never created, or deleted by retention) runs nothing."""
     for promise_id in (root_promise_id(job_id, attempt), stop_promise_id(job_id, attempt)):
         try:

@@ -11,10 +11,13 @@ import httpx
 import msgspec
 import pytest
 
+import core.service
 from api.client import heartbeat_url
+from core import workflow
 from core.hookspecs import Backend
 from core.models import Job, Trigger
 from core.plugin import hookimpl
+from core.store.jobs import now_ms
 from tests.conftest import Receiver, Service, eventually
 
 
@@ -302,6 +305,41 @@ async def test_a_canceled_job_is_retried_after_its_run_was_stopped(start_service
     await svc.wait_state("k", "running")
     job = await svc.job("k")
     assert (job["state"], job["error"]) == ("running", None)  # attempt 1's end left it alone
+
+
+async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finished(
+    start_service, receiver, monkeypatch
+):
+    """The attempt ended with its run's stop due (`stop_due`: a job the
+    watchdog finished without its workflow, its stop under way or its
+    process dead): a retry waits until the stop's outcome is recorded, and
+    answers 409 `still winding up` when it is not within the wait."""
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
+    svc = await start_service()
+    await failed_job(svc, receiver, "s")
+    resonate = svc.tether.resonate
+
+    async def workflow_returned() -> bool:
+        return not await workflow.attempt_running(resonate, "s", 1)
+
+    await eventually(workflow_returned)
+    jobs = svc.tether.jobs
+    lease = now_ms() + 3_600_000
+    await jobs.db.execute("UPDATE tether_jobs SET stop_due = ? WHERE id = 's'", (lease,))
+    answer = await retry(svc, "s")
+    assert answer.status_code == 409, answer.text
+    assert "still winding up" in answer.json()["error"]["message"]
+    assert (await svc.job("s"))["attempt"] == 1
+
+    async def stop_recorded() -> None:
+        await asyncio.sleep(0.1)
+        assert await jobs.stopped("s", 1, lease, [], now_ms()) is not None
+
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 10.0)
+    recording = asyncio.create_task(stop_recorded())  # while the next retry waits
+    answer = await retry(svc, "s")
+    await recording
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
 
 
 @pytest.mark.parametrize(

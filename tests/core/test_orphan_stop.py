@@ -1,0 +1,259 @@
+"""A job the watchdog finishes without its workflow (the service was down
+past the deadline and the workflow's grace): its run's stop is due in the
+job's row (`stop_due`) from the write that ends the job until the write that
+files the stop's outcome. Its event stream waits for it; a stop whose
+process died before it recorded the outcome is taken over by the watchdog of
+one process (a compare-and-set claim) once its lease ran out, and its
+outcome is filed once."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import pytest
+from resonate.error import ServerError
+
+import core.events
+import core.steps
+import core.watchdog
+from core import workflow
+from core.errors import BackendError
+from core.events import JobHistory
+from core.models import ErrorInfo, Job, Outcome
+from core.steps import JobSteps
+from core.store.jobs import JobRecord, now_ms
+from core.tokens import CallbackSigner
+from core.watchdog import Watchdog
+from tests.conftest import eventually
+from tests.core.parts import Parts, logs_of, open_parts
+from tests.core.test_watchdog import HOUR, Rig, history, make_rig
+
+TIMED_OUT = Outcome(status="timed_out", error=ErrorInfo(message="late", type="timeout"))
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core.events, "FOLLOW_UP_POLL", 0.05)
+    monkeypatch.setattr(core.watchdog, "SWEEP_WAIT", 0.05)
+
+
+def wired(rig: Rig) -> JobSteps:
+    """The steps, wired into the settler as the service wires them."""
+    parts = rig.parts
+    signer = CallbackSigner("test-secret", "http://t")
+    steps = JobSteps(parts.settings, rig.watchdog.plugins, parts.jobs, signer, parts.settler)
+    parts.settler.on_orphan = steps.finish_orphan
+    parts.settler.stop_within_ms = int(steps.stop_within() * 1000)
+    return steps
+
+
+async def orphan(parts: Parts, job_id: str = "j") -> None:
+    """A running job whose wait the store timed out, and no workflow."""
+    await parts.add_job(job_id, backend="checked", state="running", external={"run": job_id})
+    await parts.add_promise(job_id, timeout_ms=1)
+    await asyncio.sleep(0.05)
+
+
+async def looks_done(rig: Rig) -> None:
+    await asyncio.wait_for(asyncio.gather(*rig.watchdog._looking.values()), 5)
+
+
+async def _read(stream: Any, seen: list[str]) -> None:
+    async for item in stream:
+        if item is not None:
+            seen.append(item if item == core.events.END else item.type)
+
+
+async def refuses(job: Job) -> None:
+    raise BackendError("the run cannot be stopped now")
+
+
+async def test_a_stream_waits_for_the_stop_of_a_job_no_workflow_finishes():
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        history_ = JobHistory(parts.jobs)
+        history_.attempt_running = functools.partial(workflow.attempt_running, parts.resonate)
+        await orphan(parts)
+        release = asyncio.Event()
+
+        async def refuses_late(job: Job) -> None:
+            await release.wait()
+            await refuses(job)
+
+        rig.backend.stopping = refuses_late
+        seen: list[str] = []
+        reader = asyncio.create_task(_read(await history_.follow("j"), seen))
+        began = now_ms()
+        await rig.watchdog.sweep(now_ms() + HOUR)  # ends it, and asks the backend to stop the run
+
+        await eventually(lambda: "finished" in seen)
+        await asyncio.sleep(0.5)  # ten looks past `finished`: the stop is still under way
+        assert "end" not in seen, seen
+        row = await parts.row("j")
+        assert row.stop_due is not None  # held by this process for one stop's length
+        assert began + parts.settler.stop_within_ms <= row.stop_due <= now_ms() + (300 + 60) * 1000
+
+        release.set()
+        await asyncio.wait_for(reader, 5)
+        assert seen[-3:] == ["finished", "cancel_failed", "end"], seen
+        assert (await parts.row("j")).stop_due is None
+        with pytest.raises(ServerError) as raised:  # no stop promise: the row says it
+            await parts.resonate.promises.get(workflow.stop_promise_id("j"))
+        assert raised.value.code == 404
+        await looks_done(rig)
+
+
+async def test_a_job_whose_end_stops_nothing_has_no_stop_due():
+    """No run recorded: its finish stops nothing, and no stream waits for it."""
+    async with open_parts(watchdog_interval=0) as parts:
+        rig = make_rig(parts)
+        finished: list[str] = []
+
+        async def finish_orphan(rec: JobRecord) -> None:
+            finished.append(rec.id)
+
+        parts.settler.on_orphan = finish_orphan
+        await parts.add_job("p", backend="checked", state="pending")
+        await parts.add_promise("p", timeout_ms=1)
+        await asyncio.sleep(0.05)
+        await rig.watchdog.sweep(now_ms() + HOUR)
+        await eventually(lambda: finished == ["p"])
+        assert (await parts.row("p")).stop_due is None
+        assert not await workflow.attempt_running(parts.resonate, "p", 1)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "within"),
+    [(4, 4 * 300 + 1 + 2 + 4 + 60), (1, 300 + 60), (0, 300 + 60), (2000, 86_400)],
+)
+async def test_the_stops_lease_lasts_as_long_as_the_stop_at_most_a_day(attempts, within):
+    """Every try's cancel and the waits between (`TETHER_TRIGGER_ATTEMPTS`
+    has no upper bound: 2000 tries doubled 1 s is past a float, which
+    raised `OverflowError` as the service opened)."""
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=1.0) as parts:
+        signer = CallbackSigner("test-secret", "http://t")
+        steps = JobSteps(
+            parts.settings, make_rig(parts).watchdog.plugins, parts.jobs, signer, parts.settler
+        )
+        assert steps.stop_within() == within
+
+
+async def test_a_stop_its_process_never_recorded_is_redone_once_its_lease_ran_out():
+    """The process stopping the run dies mid-stop (its look cancelled, the
+    backend's `cancel` unanswered): nothing is filed and the row keeps
+    `stop_due`. No sweep takes the stop before the lease runs out; the first
+    after it asks the backend again, files the outcome once, and clears it."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        await orphan(parts)
+        hang = asyncio.Event()
+
+        async def hangs(job: Job) -> None:
+            await hang.wait()
+
+        rig.backend.stopping = hangs
+        await rig.watchdog.sweep(now_ms() + HOUR)
+        await eventually(lambda: len(rig.backend.stopped) == 1)
+        for look in rig.watchdog._looking.values():  # the process dies
+            look.cancel()
+        await asyncio.gather(*rig.watchdog._looking.values(), return_exceptions=True)
+        row = await parts.row("j")
+        assert (row.state, [t for t, _ in await history(rig)]) == (
+            "timed_out",
+            ["timed_out", "finished"],
+        )
+        assert row.stop_due is not None
+
+        rig.backend.stopping = refuses
+        assert await rig.watchdog.sweep(row.stop_due - 1) == 0  # still leased: nobody takes it
+        assert len(rig.backend.stopped) == 1
+        with logs_of("tether") as logs:
+            assert await rig.watchdog.sweep(row.stop_due) == 1
+            await looks_done(rig)
+        assert [job.id for job in rig.backend.stopped] == ["j", "j"]  # asked again
+        assert [t for t, _ in await history(rig)] == ["timed_out", "finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+        assert any("stopping it again" in line for line in logs.lines), logs.lines
+        assert await rig.watchdog.sweep(now_ms() + 2 * HOUR) == 0  # done: never again
+        assert await parts.jobs.next_due(0) is None
+
+
+async def test_of_two_watchdogs_one_claims_a_stop_whose_lease_ran_out():
+    """Two processes' sweeps at once find the same stop due: the claim is a
+    compare-and-set of `stop_due`, so one of them stops the run, once."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        other = Watchdog(parts.settings, rig.watchdog.plugins, parts.store, parts.settler)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
+        assert rec is not None and rec.stop_due is not None
+        rig.backend.stopping = refuses
+        now = now_ms()
+        await asyncio.gather(rig.watchdog.sweep(now), other.sweep(now))
+        looks = [*rig.watchdog._looking.values(), *other._looking.values()]
+        await asyncio.wait_for(asyncio.gather(*looks), 5)
+        assert [job.id for job in rig.backend.stopped] == ["j"]
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+
+
+async def test_a_stop_taken_over_files_the_outcome_of_the_process_that_took_it():
+    """A process that stalled past its lease while stopping the run finds the
+    stop taken over when it records the outcome: it files nothing (the
+    other process files its own), so the history has one `cancel_failed`."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        stalled, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
+        assert stalled is not None and stalled.stop_due is not None
+        taken = await parts.jobs.claim_stop("j", stalled.stop_due, now_ms() + HOUR)
+        assert taken is not None
+        assert await parts.jobs.claim_stop("j", stalled.stop_due, now_ms() + HOUR) is None
+        rig.backend.stopping = refuses
+        with logs_of("tether") as logs:
+            await steps.finish_orphan(stalled)
+        assert [t for t, _ in await history(rig)] == ["finished"]
+        assert any("taken over" in line for line in logs.lines), logs.lines
+        await steps.finish_orphan(taken)
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+
+
+async def test_a_stop_under_a_lease_tries_no_longer_than_the_lease():
+    """A backend that asks to wait longer than the stop's lease leaves (its
+    `retry_after`): the stop under a lease files its failure then, rather
+    than try again while another process may have taken it over; the
+    workflow's finish (no lease) waits and tries again as ever."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=3, trigger_backoff=1.0) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+        steps.sleep = sleep
+
+        async def throttled(job: Job) -> None:
+            raise BackendError("slow down", retryable=True, retry_after=3600.0)
+
+        rig.backend.stopping = throttled
+        for job_id in ("leased", "workflow"):
+            await parts.add_job(job_id, backend="checked", state="running", external={"run": 1})
+        lease = now_ms() + parts.settler.stop_within_ms
+        leased, _ = await parts.jobs.end("leased", TIMED_OUT, now_ms(), stop_due=lease)
+        assert leased is not None and leased.stop_due == lease
+        await steps.finish_orphan(leased)
+        [(_, failed)] = [e for e in await history(rig, "leased") if e[0] == "cancel_failed"]
+        assert (failed["tries"], waits) == (1, [])
+
+        await parts.jobs.end("workflow", TIMED_OUT, now_ms())
+        await steps.finish("workflow", {"status": "timed_out"})
+        [(_, failed)] = [e for e in await history(rig, "workflow") if e[0] == "cancel_failed"]
+        assert (failed["tries"], waits) == (3, [3600.0, 3600.0])
