@@ -1,0 +1,155 @@
+"""The stop of the run of a job no workflow finishes is durable: the real
+`tether serve` on the embedded store, SIGKILLed while the backend's `cancel`
+of such a job's run is in flight, is started again, and once the stop's
+lease ran out the run is asked to stop again and the stop's outcome is filed,
+once: the job's history is complete and its event stream ends.
+
+The service runs with shorter bounds than its own (a module patched before
+it starts, as `test_finish_crash` starts an older workflow version): the
+store times a job's wait and its workflow out at the deadline (so a service
+down past it leaves the job to the watchdog, as after an outage past the
+deadline and an hour), and a `cancel` may take 4 s (a stop's lease of 6 s,
+not 21 minutes)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from tests.conftest import Hit, Receiver, wait_until
+from tests.process import TetherProcess, wait_for
+from tests.system.test_events_crash import Stream, history
+
+SHORT_BOUNDS = """
+import sys
+
+from core import steps, workflow
+
+workflow.PROMISE_GRACE_MS = 0  # the store times the wait out at the deadline,
+workflow.ROOT_GRACE_MS = 0  # and the workflow with it: no workflow will finish the job
+steps.CANCEL_TIMEOUT = 4.0  # a stop's lease: 4 s + 2 s, with one try
+steps.STOP_MARGIN = 2.0
+from api.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+SECRET = "Bearer orphan-stop-s3cret"
+"""The webhook's credential: sent to the cancel URL, never logged or filed."""
+
+
+class ShortBounds(TetherProcess):
+    """`tether serve` on `tmp_path`'s store, with the bounds above."""
+
+    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
+        env = {
+            "TETHER_STORE": f"sqlite:///{tmp_path / 'tether.db'}",
+            "TETHER_TASK_TTL": "2",
+            "TETHER_TRIGGER_ATTEMPTS": "1",
+            "TETHER_WEBHOOK_AUTH_RUNNER": SECRET,
+        }
+        super().__init__(tmp_path, env, port)
+
+    def start(self, wait: float = 30) -> TetherProcess:
+        script = self.log.with_suffix(".short.py")
+        script.write_text(f"#!{sys.executable}\n{SHORT_BOUNDS}")
+        script.chmod(0o755)
+        with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
+            return super().start(wait)
+
+
+def row(db: Path, job_id: str) -> tuple[str, int | None]:
+    with sqlite3.connect(db) as conn:
+        state, stop_due = conn.execute(
+            "SELECT state, stop_due FROM tether_jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    conn.close()
+    return str(state), stop_due
+
+
+def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    cancels: list[tuple[float, Hit]] = []  # (Unix time, the request)
+    first_cancel, release = threading.Event(), threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        cancels.append((time.time(), hit))
+        if not first_cancel.is_set():  # held while the service is killed
+            first_cancel.set()
+            release.wait(20)
+            return 200, {}
+        return 400, {"error": "that run cannot be stopped"}
+
+    receiver.respond = respond
+    first = ShortBounds(tmp_path).start()
+    params = {
+        "url": receiver.url(),
+        "cancel_url": receiver.url("/cancel"),
+        "auth": "runner",
+        "timeout": 60,
+    }
+    with first.client() as client:
+        posted = time.monotonic()
+        body = {"id": "orphan", "backend": "http_webhook", "params": params, "timeout": 4}
+        assert client.post("/jobs", json=body).status_code == 201
+        wait_for(client, "orphan", "running", recorded=True)
+    first.kill()  # before the deadline: the service is down past it
+    assert time.monotonic() - posted < 4, "killed too late: its own watchdog timed the job out"
+    time.sleep(posted + 5.0 - time.monotonic())  # past the 4 s deadline
+
+    # Started again past the deadline: its watchdog ends the job and asks the
+    # backend to stop the run, whose answer is held while the service is killed.
+    second = ShortBounds(tmp_path, port=first.port).start()
+    try:
+        assert first_cancel.wait(20), second.log.read_text()
+    finally:
+        second.kill()
+        release.set()
+    db = tmp_path / "tether.db"
+    state, stop_due = row(db, "orphan")
+    assert state == "timed_out" and stop_due is not None  # the stop is still due
+
+    third = ShortBounds(tmp_path, port=first.port).start()
+    try:
+        stream = Stream(third.url, "orphan")  # waits past `finished` for the stop
+        if time.time() * 1000 < stop_due - 1500:  # (the lease still runs: as a rule)
+            wait_until(lambda: "finished" in stream.types())
+            time.sleep(0.5)
+            assert not stream.ended.is_set() and len(cancels) == 1
+        wait_until(lambda: len(cancels) == 2, timeout=30)
+        assert stream.ended.wait(15), stream.messages
+        assert stream.said_end(), stream.messages
+        with third.client() as client:
+            items = history(client, "orphan")
+        time.sleep(1.0)  # no third stop, no second outcome
+        assert len(cancels) == 2
+        with third.client() as client:
+            assert history(client, "orphan") == items
+    finally:
+        third.kill()
+
+    types = [e["type"] for e in items]
+    assert types == ["accepted", "triggered", "timed_out", "finished", "cancel_failed"], items
+    assert stream.types() == types
+    assert items[2]["data"] == {"by": "store"}  # no workflow finished it: the watchdog did
+    assert items[4]["data"]["error"]["type"] == "http_400"
+    assert row(db, "orphan") == ("timed_out", None)
+    # The same run asked to stop twice, the second time only once the first
+    # stop's lease ran out: never two stops of it at once.
+    assert [hit.body["promise_id"] for _, hit in cancels] == ["orphan:1", "orphan:1"]
+    assert cancels[1][0] * 1000 >= stop_due
+    assert all(hit.headers["authorization"] == SECRET for _, hit in cancels)
+    logs = "".join(p.log.read_text() for p in (first, second, third))
+    assert "stopping it again" in third.log.read_text()
+    for secret in ("orphan-stop-s3cret", "process-secret", "token="):
+        assert secret not in logs
+        assert secret not in json.dumps(items)
