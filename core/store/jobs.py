@@ -368,7 +368,8 @@ class JobIndex(Protocol):
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         """Delete up to `limit` jobs finished before `before`, with their
-        history, tags and run keys; return their ids."""
+        history, tags and run keys; return their ids. A job whose run's stop
+        is still due (`stop_due`) is kept until its outcome is recorded."""
         ...
 
     async def ping(self) -> None:

@@ -863,10 +863,14 @@ class SqlJobIndex:
         async def body(tx: Session) -> list[str]:
             rows = await tx.fetch(
                 "DELETE FROM tether_jobs WHERE id IN (SELECT id FROM tether_jobs"
-                " WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?)"
+                " WHERE finished_at IS NOT NULL AND finished_at < ? AND stop_due IS NULL"
+                " ORDER BY finished_at LIMIT ?)"
                 # Again outside the subquery, as in `_PROMOTE`: a job retried
-                # while this waited for its row is open again, and stays.
-                " AND finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+                # while this waited for its row is open again, and stays. A
+                # job whose run's stop is still due stays until it is made
+                # (its row is all that says the run is to be stopped).
+                " AND finished_at IS NOT NULL AND finished_at < ? AND stop_due IS NULL"
+                " RETURNING id",
                 (before, limit, before),
             )
             ids = [r[0] for r in rows]

@@ -25,10 +25,10 @@ from core.models import ErrorInfo, Job, Outcome
 from core.steps import JobSteps
 from core.store.jobs import JobRecord, now_ms
 from core.tokens import CallbackSigner
-from core.watchdog import Watchdog
+from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
 from tests.conftest import eventually
 from tests.core.parts import Parts, logs_of, open_parts
-from tests.core.test_watchdog import HOUR, Rig, history, make_rig
+from tests.core.test_watchdog import DAY, HOUR, Rig, history, make_rig
 
 TIMED_OUT = Outcome(status="timed_out", error=ErrorInfo(message="late", type="timeout"))
 
@@ -257,3 +257,24 @@ async def test_a_stop_under_a_lease_tries_no_longer_than_the_lease():
         await steps.finish("workflow", {"status": "timed_out"})
         [(_, failed)] = [e for e in await history(rig, "workflow") if e[0] == "cancel_failed"]
         assert (failed["tries"], waits) == (3, [3600.0, 3600.0])
+
+
+async def test_retention_keeps_a_job_whose_runs_stop_is_still_due():
+    """Every host down past `TETHER_RETENTION` with a stop left due (its
+    process killed mid-stop): the first host back runs retention before its
+    first sweep. The job is kept until the stop's outcome is recorded, or
+    the run would never be asked to stop again; then it goes as any."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        ended_at = now_ms() - 2 * DAY
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, ended_at, stop_due=ended_at + HOUR)
+        assert rec is not None and rec.stop_due is not None
+        assert await collect_garbage(parts.store, MIN_RETENTION) == (0, 0)
+        rig.backend.stopping = refuses
+        assert await rig.watchdog.sweep(now_ms()) == 1
+        await looks_done(rig)
+        assert [job.id for job in rig.backend.stopped] == ["j"]
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert await collect_garbage(parts.store, MIN_RETENTION) == (1, 0)
