@@ -423,19 +423,33 @@ class JobSteps:
         own). A process that dies first leaves the stop to the watchdog of
         any process once the lease ran out (`Watchdog.stop_again`), which
         calls this again: the run is asked to stop once more (`cancel` runs
-        at least once) and one outcome is filed."""
+        at least once) and one outcome is filed. A stop whose attempt
+        (`stop_attempt`) is no longer the job's (a host of an earlier
+        release retried it meanwhile) stops nothing and files nothing: the
+        row's run is the later attempt's, and its plugins were told by its
+        own finish; the stop is only cleared."""
         if rec.stop_due is None:
             await self.finish(rec.id, {"status": rec.state}, rec.attempt)
             return
         failed = None
-        if rec.finished:  # (an open row: a host older than `stop_due` retried the job)
+        attempt = rec.attempt if rec.stop_attempt is None else rec.stop_attempt
+        if rec.attempt == attempt and rec.finished:
             backend = self.plugins.backends.get(rec.backend)
             if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
                 failed = await self._cancel_failure(backend, rec)
             log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))
+        else:  # the row's run (if any) is a later attempt's: its workflow's to stop
+            log.warning(
+                "job %s: the run of its attempt %d was not asked to stop again: the job was"
+                " retried (by a host of a release before the stop was recorded in the job's"
+                " row) before the stop was made, and that run is no longer recorded",
+                rec.id,
+                attempt,
+                extra=rec.log_extra(),
+            )
         outcome = [] if failed is None else [failed]
-        if await self.jobs.stopped(rec.id, rec.attempt, rec.stop_due, outcome, now_ms()) is None:
+        if await self.jobs.stopped(rec.id, attempt, rec.stop_due, outcome, now_ms()) is None:
             log.warning(
                 "job %s: its run's stop outlasted its lease and was taken over; the other"
                 " process records its outcome",

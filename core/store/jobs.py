@@ -79,6 +79,10 @@ class JobRecord(msgspec.Struct, kw_only=True):
     running it have died (its lease: `claim_stop`). Set in the write that
     ends the attempt, None again in the one that records the stop's outcome
     (`stopped`)."""
+    stop_attempt: int | None = None
+    """The attempt whose run `stop_due` is the stop of, set with it: a host
+    of a release before it may retry the job meanwhile (it does not see
+    `stop_due`), and the row's `external` is then another attempt's run."""
 
     @property
     def finished(self) -> bool:
@@ -269,7 +273,8 @@ class JobIndex(Protocol):
         """`finish`, and whether this call ended the job: if it did, `events`
         then a `finished` event are recorded with the change. With
         `stop_due`, a job with a run recorded gets it as its `stop_due` in
-        the same write (no workflow will stop that run: see `claim_stop`)."""
+        the same write, and its attempt as its `stop_attempt` (no workflow
+        will stop that run: see `claim_stop`)."""
         ...
 
     async def retry(
@@ -351,19 +356,22 @@ class JobIndex(Protocol):
         """Take over the stop of a job's run whose `stop_due` is `expected`
         (passed: the process that held it died, or stalled): `stop_due`
         moves to `until`, this process's lease, longer than one stop takes,
-        so no other process stops the run meanwhile. The row as claimed;
-        None if another process claimed it first, or the stop was recorded."""
+        so no other process stops the run meanwhile. The row as claimed (its
+        `stop_attempt` says whose run it is: the row may be at a later
+        attempt, retried by a host of an earlier release); None if another
+        process claimed it first, or the stop was recorded."""
         ...
 
     async def stopped(
         self, job_id: str, attempt: int, claim: int, events: Sequence[NewEvent], now: int
     ) -> JobRecord | None:
         """Record the outcome of the stop of the run of the job's attempt
-        `attempt`, held until `claim` (its `stop_due`): `stop_due` cleared
-        and `events` (a `cancel_failed`) filed under that attempt, in one
-        write. None (nothing written) when the job's `stop_due` is no longer
-        `claim`: another process took the stop over after the lease ran
-        out, and records its own outcome."""
+        `attempt` (its `stop_attempt`), held until `claim` (its
+        `stop_due`): `stop_due` and `stop_attempt` cleared and `events` (a
+        `cancel_failed`) filed under that attempt, in one write. None
+        (nothing written) when the job's `stop_due` is no longer `claim`, or
+        not for that attempt: another process took the stop over after the
+        lease ran out, and records its own outcome."""
         ...
 
     async def delete_finished(self, before: int, limit: int) -> list[str]:

@@ -109,7 +109,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         11,
         "durable stops: each job's stop_due, when the stop of the run of a job no workflow"
-        " finishes may be claimed (indexed)",
+        " finishes may be claimed (indexed), and stop_attempt, the attempt whose run it is",
         lambda d: JOBS.migrate(d, 11),
     ),
 )

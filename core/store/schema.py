@@ -154,6 +154,7 @@ JOBS = Table(
         Column("queued_at", "int", null=True, since=5),
         Column("salt", "text", null=True, since=9),
         Column("stop_due", "int", null=True, since=11),
+        Column("stop_attempt", "int", null=True, since=11),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -176,7 +177,8 @@ each heartbeat, for jobs with a `heartbeat_timeout`); `heartbeat_noted_at` and
 `progress_noted` (a digest) are of the last `heartbeat` event, which heartbeats
 are throttled against. `tags` is the job's tags as shown; `TAGS` indexes them.
 `stop_due` is set while the run of a job no workflow finishes is to be
-stopped (`JobRecord.stop_due`); the watchdog finds those through its index."""
+stopped (`JobRecord.stop_due`), `stop_attempt` to the attempt whose run it
+is; the watchdog finds those through its index."""
 
 EVENTS = Table(
     "tether_events",

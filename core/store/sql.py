@@ -605,7 +605,10 @@ class SqlJobIndex:
         events = [*events, NewEvent("finished", finished_data(outcome))]
         stop = ""
         if stop_due is not None:  # a run to stop; ELSE the column: Postgres types `?` as it
-            stop = ", stop_due = CASE WHEN external IS NOT NULL THEN ? ELSE stop_due END"
+            stop = (
+                ", stop_due = CASE WHEN external IS NOT NULL THEN ? ELSE stop_due END,"
+                " stop_attempt = CASE WHEN external IS NOT NULL THEN attempt ELSE stop_attempt END"
+            )
 
         async def body(tx: Session) -> Written:
             filed: list[Event] = []
@@ -847,9 +850,10 @@ class SqlJobIndex:
 
         async def body(tx: Session) -> Written:
             rows = await tx.fetch(
-                "UPDATE tether_jobs SET stop_due = NULL, events = events + ?"
-                f" WHERE id = ? AND stop_due = ? RETURNING {COLUMNS}",
-                (len(events), job_id, claim),
+                "UPDATE tether_jobs SET stop_due = NULL, stop_attempt = NULL, events = events + ?"
+                " WHERE id = ? AND stop_due = ? AND COALESCE(stop_attempt, attempt) = ?"
+                f" RETURNING {COLUMNS}",
+                (len(events), job_id, claim, attempt),
             )
             filed = []
             if rows and events:  # (a host before `stop_due` may have retried the job since)

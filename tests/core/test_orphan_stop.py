@@ -23,7 +23,7 @@ from core.errors import BackendError
 from core.events import JobHistory
 from core.models import ErrorInfo, Job, Outcome
 from core.steps import JobSteps
-from core.store.jobs import JobRecord, now_ms
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
 from tests.conftest import eventually
@@ -278,3 +278,36 @@ async def test_retention_keeps_a_job_whose_runs_stop_is_still_due():
         assert [job.id for job in rig.backend.stopped] == ["j"]
         assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
         assert await collect_garbage(parts.store, MIN_RETENTION) == (1, 0)
+
+
+async def test_a_stop_left_due_by_an_attempt_an_older_host_retried_stops_nothing_of_the_next():
+    """A host of a release before `stop_due` retries the job while attempt
+    1's run's stop is still due (it does not see it), after the process
+    stopping it died. When that stop falls due again the row is at attempt
+    2, here ended by its own workflow (which stops its run, tells the
+    plugins and files what it must): taking it for attempt 2's stop would
+    ask attempt 2's run to stop again, tell the plugins of attempt 2 twice,
+    and file a `cancel_failed` under it. Attempt 1's run is no longer
+    recorded: its stop is dropped, and said so in the log."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        told: list[tuple[str, int]] = []
+        rig.watchdog.plugins.job_finished = lambda job: told.append((job.id, job.attempt))  # type: ignore[method-assign]
+        await parts.add_job("j", backend="checked", state="running", external={"run": "one"})
+        first, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
+        assert first is not None and first.stop_due is not None
+        retried = NewEvent("retried", {"previous": {"state": "timed_out"}, "timeout": 60})
+        second = await parts.jobs.retry("j", 1, now_ms() + HOUR, now_ms(), retried)  # as before
+        assert second is not None and (second.attempt, second.stop_due) == (2, first.stop_due)
+        await parts.jobs.set_external("j", {"run": "two"}, now_ms(), None, attempt=2)
+        await parts.jobs.end("j", TIMED_OUT, now_ms(), attempt=2)  # its workflow's finish
+        rig.backend.stopping = refuses
+        with logs_of("tether") as logs:
+            assert await rig.watchdog.sweep(now_ms()) == 1
+            await looks_done(rig)
+        assert rig.backend.stopped == []  # attempt 2's run: its workflow's to stop
+        assert told == []
+        assert "cancel_failed" not in [t for t, _ in await history(rig)]
+        assert (await parts.row("j")).stop_due is None  # dropped: not found due again
+        assert any("attempt 1" in line and "retried" in line for line in logs.lines), logs.lines

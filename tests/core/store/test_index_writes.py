@@ -269,6 +269,7 @@ async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_out
     unrun, _ = await jobs.end("p", Outcome("timed_out"), 2_000, stop_due=5_000)  # nothing to stop
     normal, _ = await jobs.end("w", Outcome("timed_out"), 2_000)  # its workflow stops the run
     assert [r.stop_due if r else 0 for r in (ended, unrun, normal)] == [5_000, None, None]
+    assert [r.stop_attempt if r else 0 for r in (ended, unrun, normal)] == [1, None, None]
     assert [r.id for r in await jobs.due(4_999, 10)] == []
     assert [r.id for r in await jobs.due(5_000, 10)] == ["r"]
     assert await jobs.next_due(0) == 5_000 and await jobs.next_due(5_000) is None
@@ -281,8 +282,9 @@ async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_out
 
     failed = NewEvent("cancel_failed", {"tries": 1})
     assert await jobs.stopped("r", 1, 5_000, [failed], 6_000) is None  # its claim was taken over
+    assert await jobs.stopped("r", 2, claimed.stop_due, [failed], 6_000) is None  # not attempt 2's
     done = await jobs.stopped("r", 1, claimed.stop_due, [failed], 6_000)
-    assert done is not None and (done.stop_due, done.events) == (None, 2)
+    assert done is not None and (done.stop_due, done.stop_attempt, done.events) == (None, None, 2)
     assert await jobs.stopped("r", 1, claimed.stop_due, [failed], 6_100) is None  # once
     _, events = await jobs.events_after("r", 0, 10)
     assert [e.type for e in events] == ["finished", "cancel_failed"]
