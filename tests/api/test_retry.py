@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from resonate.types import Value
 
 import core.service
 from api.client import heartbeat_url
@@ -339,6 +340,40 @@ async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finishe
     recording = asyncio.create_task(stop_recorded())  # while the next retry waits
     answer = await retry(svc, "s")
     await recording
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
+
+
+async def test_a_retry_waits_for_the_stop_promise_a_host_of_an_earlier_release_made(
+    start_service, receiver, monkeypatch
+):
+    """A host of a release before `stop_due` finishing a job no workflow
+    finishes made its stop promise (`{root}:stop`, pending while its stop
+    ran) instead: while releases are mixed, a retry through today's host
+    waits for that promise as for a workflow, and answers 409 when it is
+    not resolved within the wait."""
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
+    svc = await start_service()
+    await failed_job(svc, receiver, "o")
+    resonate = svc.tether.resonate
+
+    async def workflow_returned() -> bool:
+        return not await workflow.attempt_running(resonate, "o", 1)
+
+    await eventually(workflow_returned)
+    stop = workflow.stop_promise_id("o", 1)
+    await resonate.promises.create(stop, now_ms() + 3_600_000, Value(data=None), {})
+    answer = await retry(svc, "o")
+    assert answer.status_code == 409, answer.text
+    assert "still winding up" in answer.json()["error"]["message"]
+
+    async def stop_resolved() -> None:
+        await asyncio.sleep(0.1)
+        await resonate.promises.resolve(stop, Value(data=None))
+
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 10.0)
+    resolving = asyncio.create_task(stop_resolved())  # while the next retry waits
+    answer = await retry(svc, "o")
+    await resolving
     assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
 
 

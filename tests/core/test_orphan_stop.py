@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from resonate.error import ServerError
+from resonate.types import Value
 
 import core.events
 import core.steps
@@ -311,3 +312,28 @@ async def test_a_stop_left_due_by_an_attempt_an_older_host_retried_stops_nothing
         assert "cancel_failed" not in [t for t, _ in await history(rig)]
         assert (await parts.row("j")).stop_due is None  # dropped: not found due again
         assert any("attempt 1" in line and "retried" in line for line in logs.lines), logs.lines
+
+
+async def test_a_stream_waits_for_the_stop_promise_a_host_of_an_earlier_release_made():
+    """While releases are mixed, a job no workflow finishes may be ended by
+    a host of a release before `stop_due`: no `stop_due`, its stop promise
+    (`{root}:stop`) pending while its stop runs. A stream through today's
+    host waits for that promise, and shows the stop's `cancel_failed`."""
+    async with open_parts(watchdog_interval=0) as parts:
+        history_ = JobHistory(parts.jobs)
+        history_.attempt_running = functools.partial(workflow.attempt_running, parts.resonate)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        stop = workflow.stop_promise_id("j")
+        await parts.resonate.promises.create(stop, now_ms() + HOUR, Value(data=None), {})
+        ended, _ = await parts.jobs.end("j", TIMED_OUT, now_ms())  # the older host's end
+        assert ended is not None and ended.stop_due is None
+        seen: list[str] = []
+        reader = asyncio.create_task(_read(await history_.follow("j"), seen))
+        await eventually(lambda: "finished" in seen)
+        await asyncio.sleep(0.5)  # ten looks past `finished`: its stop is still under way
+        assert "end" not in seen, seen
+        failed = NewEvent("cancel_failed", {"tries": 1})
+        await parts.jobs.record("j", [failed], now_ms())
+        await parts.resonate.promises.resolve(stop, Value(data=None))
+        await asyncio.wait_for(reader, 5)
+        assert seen[-3:] == ["finished", "cancel_failed", "end"], seen
