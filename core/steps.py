@@ -39,8 +39,10 @@ from core.settle import (
     noted,
     outcome_of,
     outcome_of_record,
+    store_call,
     store_timed_out,
 )
+from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
@@ -449,13 +451,44 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
         outcome = [] if failed is None else [failed]
-        if await self.jobs.stopped(rec.id, attempt, rec.stop_due, outcome, now_ms()) is None:
+        if await self._stop_recorded(rec, attempt, outcome) is None:
             log.warning(
                 "job %s: its run's stop outlasted its lease and was taken over; the other"
                 " process records its outcome",
                 rec.id,
                 extra=rec.log_extra(),
             )
+
+    async def _stop_recorded(
+        self, rec: JobRecord, attempt: int, outcome: list[NewEvent]
+    ) -> JobRecord | None:
+        """`jobs.stopped` for the stop held until `rec.stop_due`, tried again
+        (`RETRY_BACKOFF` doubled) while it fails and the lease lasts: just
+        after the outage that made the orphan the store may still fail now
+        and then, and a stop left due waits the lease out (a stream and a
+        retry of the job with it) before it is made again. Raises the last
+        failure once no try would end within the lease: the stop is then
+        the watchdog's. A try that failed may have been applied: a later
+        one then finds it recorded (None, as if taken over)."""
+        assert rec.stop_due is not None
+        delay = RETRY_BACKOFF
+        while True:
+            try:
+                return await store_call(
+                    self.jobs.stopped(rec.id, attempt, rec.stop_due, outcome, now_ms())
+                )
+            except Exception as exc:
+                if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= rec.stop_due:
+                    raise
+                log.warning(
+                    "job %s: recording its run's stop failed (%s); again in %gs",
+                    rec.id,
+                    reason(exc),
+                    delay,
+                    extra=rec.log_extra(),
+                )
+            await self.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
     async def _cancel_run(self, backend: Backend, rec: JobRecord) -> None:
         """`_cancel_failure`, its `cancel_failed` event filed."""

@@ -337,3 +337,44 @@ async def test_a_stream_waits_for_the_stop_promise_a_host_of_an_earlier_release_
         await parts.resonate.promises.resolve(stop, Value(data=None))
         await asyncio.wait_for(reader, 5)
         assert seen[-3:] == ["finished", "cancel_failed", "end"], seen
+
+
+async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while():
+    """Just after the outage that made the orphan the store may still fail
+    now and then: the write that files the stop's outcome and clears
+    `stop_due` is tried again while the lease lasts, not left to the
+    watchdog once the lease ran out (a stream and a retry of the job would
+    wait for it the lease's 21 minutes, and the run be asked to stop, and
+    the plugins told, a second time)."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+        steps.sleep = sleep
+        told: list[str] = []
+        rig.watchdog.plugins.job_finished = lambda job: told.append(job.id)  # type: ignore[method-assign]
+        stopped = parts.jobs.stopped
+        failures: list[Exception] = [OSError("the store went away"), TimeoutError()]
+
+        async def failing(*args: Any) -> JobRecord | None:
+            if failures:
+                raise failures.pop(0)
+            return await stopped(*args)
+
+        parts.jobs.stopped = failing  # type: ignore[method-assign]
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        lease = now_ms() + parts.settler.stop_within_ms
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
+        assert rec is not None
+        rig.backend.stopping = refuses
+        with logs_of("tether") as logs:
+            await parts.settler.orphaned(rec)
+        assert (await parts.row("j")).stop_due is None
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert ([job.id for job in rig.backend.stopped], told) == (["j"], ["j"])
+        assert waits == [1.0, 2.0]
+        assert not any("taken over" in line for line in logs.lines), logs.lines
