@@ -4,7 +4,7 @@ and now and then apply retention. Settles are first-wins and checks are
 claimed, so processes sharing a store don't clash.
 
 It sleeps until the next thing due: after each sweep it asks the job index
-for the earliest deadline, status check or heartbeat due (`next_due`: the
+for the earliest deadline, status check, heartbeat or run's stop due (`next_due`: the
 first row of each partial index, no scan), and a job this process writes due
 sooner wakes it at once (`on_event`, a listener of the job history). Jobs
 other processes or hosts write while it sleeps are found at its next look,
