@@ -295,3 +295,32 @@ async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_out
         assert plan == [
             "SEARCH tether_jobs USING INDEX tether_jobs_stop (stop_due>? AND stop_due<?)"
         ], plan
+
+
+async def test_the_watchdogs_looks_read_index_ranges_only(database):
+    """Every statement of a sweep's look (`due`) and of the next due time
+    (`next_due`), the run's stop among them, reads its partial index: no
+    scan of the job table, however many ended jobs it holds."""
+    if database.kind != "sqlite":
+        pytest.skip("the plans are SQLite's (EXPLAIN QUERY PLAN)")
+    jobs = await index_on(database)
+    ran: list[tuple[str, Any]] = []
+    fetch = jobs.db.fetch
+
+    async def recording(sql: str, args: Any) -> list[tuple[Any, ...]]:
+        ran.append((sql, args))
+        return await fetch(sql, args)
+
+    jobs.db.fetch = recording  # type: ignore[method-assign]
+    await jobs.due(5_000, 10)
+    await jobs.next_due(5_000)
+    jobs.db.fetch = fetch  # type: ignore[method-assign]
+    stops = ("stop_due <=", "stop_due >")  # (every row read names the column)
+    assert len(ran) == 5 and all(any(s in sql for sql, _ in ran) for s in stops), ran
+    for sql, args in ran:
+        steps = [r[3] for r in await fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+        reads = [step for step in steps if "tether_jobs" in step]
+        assert len(reads) == (4 if "(SELECT" in sql else 1), steps
+        assert all(step.startswith("SEARCH tether_jobs USING") for step in reads), steps
+        if any(s in sql for s in stops):
+            assert any("tether_jobs_stop" in step for step in reads), steps
