@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,18 @@ def create_app() -> Litestar:
     return Litestar(route_handlers=[constant, health], debug=False)
 
 
-def main() -> None:
+def serve(app: str, before: Callable[[argparse.Namespace], None] | None = None) -> None:
+    """Serve `app` (``module:factory`` in bench/) on ``--port`` with
+    ``--workers``, with the options of api.cli.main (tether serve), so the only
+    difference from Tether is the app. `before` runs with the arguments first."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    # The options of api.cli.main (tether serve), so the only difference is the app.
+    if before is not None:
+        before(args)
     uvicorn.run(
-        "_ceiling:create_app",
+        app,
         factory=True,
         app_dir=str(Path(__file__).resolve().parent),
         host="127.0.0.1",
@@ -54,6 +59,10 @@ def main() -> None:
         timeout_graceful_shutdown=10,
         **SERVER_OPTIONS,
     )
+
+
+def main() -> None:
+    serve("_ceiling:create_app")
 
 
 if __name__ == "__main__":

@@ -24,19 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
-import uvicorn
+from _ceiling import serve
 from litestar import Litestar, Request, get, post
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from api.http import SERVER_OPTIONS
 
 
 class Params(msgspec.Struct):
@@ -129,23 +124,10 @@ def create_app() -> Litestar:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    os.environ["SHAPE_PUBLIC_URL"] = f"http://127.0.0.1:{args.port}"
-    uvicorn.run(
-        "_shape:create_app",
-        factory=True,
-        app_dir=str(Path(__file__).resolve().parent),
-        host="127.0.0.1",
-        port=args.port,
-        workers=args.workers,
-        log_level="info",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        **SERVER_OPTIONS,
-    )
+    def public_url(args: argparse.Namespace) -> None:  # spawned workers inherit it
+        os.environ["SHAPE_PUBLIC_URL"] = f"http://127.0.0.1:{args.port}"
+
+    serve("_shape:create_app", public_url)
 
 
 if __name__ == "__main__":
