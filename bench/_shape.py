@@ -78,12 +78,13 @@ def view(job_id: str, state: str, now: float) -> dict[str, Any]:
 
 async def trigger(job: JobIn, public: str) -> None:
     promise_id = f"{job.id}:1"
-    callback = f"{public}/callbacks/{promise_id}?token={uuid.uuid4().hex}"
+    path, token = f"{public}/callbacks/{promise_id}", f"?token={uuid.uuid4().hex}"
+    callback = path + token
     body = {
         "job_id": job.id,
         "promise_id": promise_id,
         "callback_url": callback,
-        "heartbeat_url": callback.replace("/callbacks/", "/heartbeats/"),
+        "heartbeat_url": f"{path}/heartbeat{token}",  # as Trigger.heartbeat_url makes it
         "idempotency_key": promise_id,
         "payload": None,
     }
