@@ -521,12 +521,12 @@ class JobSteps:
                 said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
+                tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)
+                said = redact(said, tokens)  # a backend may echo what it was sent
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None
                 wait = max(delay, retry_after or 0)
                 if not retryable or attempt == attempts or self._past_lease(rec, wait):
-                    tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)
-                    said = redact(said, tokens)
                     log.error(
                         "job %s: cancelling the external run failed (%s); it may still be"
                         " running: stop it in %s",

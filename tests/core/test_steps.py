@@ -912,6 +912,21 @@ async def test_a_failed_cancel_keeps_no_callback_token_in_its_event_or_log(rig: 
     assert token not in "\n".join(logs.lines)
 
 
+async def test_a_cancel_tried_again_keeps_no_callback_token_in_its_warning(rig: Rig):
+    """The warning between tries masks the token as the last failure's does."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    token = rig.steps.signer.token(callback_promise_id("j", 1))
+    rig.backend.cancel_errors = [BackendError(f"echoed ?token={token}", retryable=True)]
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "timed_out"})
+    assert len(rig.backend.canceled) == 2  # tried again, and the second try stopped it
+    assert logs.lines[0] == (
+        "WARNING job j: cancel attempt 1/4 of the external run failed (echoed ?token=***);"
+        " again in 0.5s"
+    )
+    assert token not in "\n".join(logs.lines)
+
+
 async def test_a_cancel_the_backend_could_not_take_yet_is_tried_again(rig: Rig):
     """One throttled or unavailable answer left the external run going (a
     Databricks 429 or 503 on `runs/cancel`): it is tried as a trigger is,
