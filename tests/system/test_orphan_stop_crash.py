@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
+
 from tests.conftest import Hit, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 from tests.system.test_events_crash import Stream, history
@@ -109,7 +111,10 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
         wait_for(client, "orphan", "running", recorded=True)
     first.kill()  # before the deadline: the service is down past it
     killed = time.monotonic() - posted
-    assert killed < DEADLINE, f"killed after {killed:.1f} s: its own watchdog timed the job out"
+    if killed >= DEADLINE:  # a machine this slow did not set the scene: not a verdict
+        pytest.skip(
+            f"the first service was killed {killed:.1f} s after the POST: past the deadline"
+        )
     time.sleep(posted + DEADLINE + 1.0 - time.monotonic())  # past the deadline
 
     # Started again past the deadline: its watchdog ends the job and asks the
