@@ -374,6 +374,16 @@ class JobIndex(Protocol):
         lease ran out, and records its own outcome."""
         ...
 
+    async def release_stop(self, job_id: str, attempt: int, claim: int, now: int) -> bool:
+        """Give up the stop of the run of the job's attempt `attempt` held
+        until `claim` (its `stop_due`), unfinished (the process stopping it
+        is shutting down): `stop_due` becomes `now`, so the next sweep of any
+        process's watchdog takes the stop over (`claim_stop`) instead of
+        waiting the lease out. False (nothing written) when the job's
+        `stop_due` is no longer `claim`, or not for that attempt, as
+        `stopped`: another process holds the stop, or it was recorded."""
+        ...
+
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         """Delete up to `limit` jobs finished before `before`, with their
         history, tags and run keys; return their ids. A job whose run's stop

@@ -863,6 +863,14 @@ class SqlJobIndex:
 
         return (await self._write(body)).rec
 
+    async def release_stop(self, job_id: str, attempt: int, claim: int, now: int) -> bool:
+        changed = await self.db.execute(
+            "UPDATE tether_jobs SET stop_due = ? WHERE id = ? AND stop_due = ?"
+            " AND COALESCE(stop_attempt, attempt) = ?",
+            (now, job_id, claim, attempt),
+        )
+        return changed == 1
+
     async def delete_finished(self, before: int, limit: int) -> list[str]:
         async def body(tx: Session) -> list[str]:
             rows = await tx.fetch(

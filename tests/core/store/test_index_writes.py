@@ -297,6 +297,35 @@ async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_out
         ], plan
 
 
+async def test_a_stop_given_up_is_due_at_once_only_for_the_holder_of_its_lease(database):
+    """A process shutting down mid-stop gives its lease up (`release_stop`):
+    `stop_due` becomes now, so the next sweep of any watchdog claims it,
+    but only while the row still holds that lease (the same `stop_due`,
+    for that attempt): a stop taken over, or recorded, is left as it is."""
+    jobs = await index_on(database)
+    await jobs.insert(job("r"))
+    await jobs.set_external("r", {"run": "r"}, 1_500, None)
+    await jobs.end("r", Outcome("timed_out"), 2_000, stop_due=50_000)
+    assert [r.id for r in await jobs.due(3_000, 10)] == []
+
+    assert not await jobs.release_stop("r", 1, 40_000, 3_000)  # not its lease
+    assert not await jobs.release_stop("r", 2, 50_000, 3_000)  # not attempt 2's
+    assert not await jobs.release_stop("gone", 1, 50_000, 3_000)
+    assert await jobs.release_stop("r", 1, 50_000, 3_000)
+    assert [(r.id, r.stop_due, r.stop_attempt) for r in await jobs.due(3_000, 10)] == [
+        ("r", 3_000, 1)
+    ]
+    assert await jobs.next_due(0) == 3_000
+    assert not await jobs.release_stop("r", 1, 50_000, 3_100)  # once
+
+    claimed = await jobs.claim_stop("r", 3_000, 90_000)  # the next sweep's
+    assert claimed is not None and claimed.stop_due == 90_000
+    assert not await jobs.release_stop("r", 1, 3_000, 4_000)  # the claim's now
+    assert await jobs.stopped("r", 1, 90_000, [], 5_000) is not None
+    assert not await jobs.release_stop("r", 1, 90_000, 6_000)  # recorded: nothing to give up
+    assert (await jobs.get("r")).stop_due is None  # type: ignore[union-attr]
+
+
 async def test_the_watchdogs_looks_read_index_ranges_only(database):
     """Every statement of a sweep's look (`due`) and of the next due time
     (`next_due`), the run's stop among them, reads its partial index: no
