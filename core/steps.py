@@ -64,6 +64,14 @@ STOP_MARGIN = 60.0
 """Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
 `tether_job_finished`)."""
 
+RELEASE_TIMEOUT = 5.0
+"""Seconds the write that gives up a stop cut short (the service stopping:
+`JobSteps._release_stop`) may take; past it the stop's lease runs out
+instead."""
+
+_releasing: set[asyncio.Future[bool]] = set()
+"""Those writes under way (shielded: nothing else may hold them)."""
+
 STOP_WITHIN_MAX = 86_400.0
 """The most `JobSteps.stop_within` answers (a day): `TETHER_TRIGGER_ATTEMPTS`
 has no upper bound, and a doubling backoff over a thousand tries is past a
@@ -425,7 +433,9 @@ class JobSteps:
         own). A process that dies first leaves the stop to the watchdog of
         any process once the lease ran out (`Watchdog.stop_again`), which
         calls this again: the run is asked to stop once more (`cancel` runs
-        at least once) and one outcome is filed. A stop whose attempt
+        at least once) and one outcome is filed. One cut short (cancelled:
+        the service is stopping) gives its lease up (`_release_stop`), so
+        that watchdog takes it over at its next sweep. A stop whose attempt
         (`stop_attempt`) is no longer the job's (a host of an earlier
         release retried it meanwhile) stops nothing and files nothing: the
         row's run is the later attempt's, and its plugins were told by its
@@ -433,8 +443,24 @@ class JobSteps:
         if rec.stop_due is None:
             await self.finish(rec.id, {"status": rec.state}, rec.attempt)
             return
-        failed = None
         attempt = rec.attempt if rec.stop_attempt is None else rec.stop_attempt
+        try:
+            recorded = await self._stop(rec, attempt)
+        except asyncio.CancelledError:  # the service is stopping: the next sweep takes it
+            await self._release_stop(rec, attempt)
+            raise
+        if recorded is None:
+            log.warning(
+                "job %s: its run's stop outlasted its lease and was taken over; the other"
+                " process records its outcome",
+                rec.id,
+                extra=rec.log_extra(),
+            )
+
+    async def _stop(self, rec: JobRecord, attempt: int) -> JobRecord | None:
+        """`finish_orphan`'s stop of the run of attempt `attempt`, its
+        outcome recorded (`_stop_recorded`)."""
+        failed = None
         if rec.attempt == attempt and rec.finished:
             backend = self.plugins.backends.get(rec.backend)
             if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
@@ -451,10 +477,37 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
         outcome = [] if failed is None else [failed]
-        if await self._stop_recorded(rec, attempt, outcome) is None:
+        return await self._stop_recorded(rec, attempt, outcome)
+
+    async def _release_stop(self, rec: JobRecord, attempt: int) -> None:
+        """Give up the stop held until `rec.stop_due`, cut short (its task
+        cancelled: the service is stopping): `jobs.release_stop` makes it
+        due now, so the next sweep of any process's watchdog (the restarted
+        service's first) takes it over, rather than the lease's end (a
+        stream and a retry of the job wait for it meanwhile). Shielded from
+        the cancellation, within `RELEASE_TIMEOUT`; one that fails leaves the
+        lease to run out, as a process that dies does. The caller raises the
+        cancellation again (as it does when cancelled again meanwhile)."""
+        assert rec.stop_due is not None
+        write = self.jobs.release_stop(rec.id, attempt, rec.stop_due, now_ms())
+        releasing = asyncio.ensure_future(asyncio.wait_for(write, RELEASE_TIMEOUT))
+        _releasing.add(releasing)  # (a strong reference, should this task go first)
+        releasing.add_done_callback(_releasing.discard)
+        try:
+            released = await asyncio.shield(releasing)
+        except Exception as exc:
             log.warning(
-                "job %s: its run's stop outlasted its lease and was taken over; the other"
-                " process records its outcome",
+                "job %s: its run's stop was cut short, and giving it up failed (%s): another"
+                " process stops the run once its lease runs out",
+                rec.id,
+                reason(exc),
+                extra=rec.log_extra(),
+            )
+            return
+        if released:
+            log.warning(
+                "job %s: its run's stop was cut short (the service is stopping): the next"
+                " watchdog sweep of any process stops it again",
                 rec.id,
                 extra=rec.log_extra(),
             )

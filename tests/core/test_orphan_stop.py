@@ -144,13 +144,19 @@ async def test_the_stops_lease_lasts_as_long_as_the_stop_at_most_a_day(attempts,
 
 async def test_a_stop_its_process_never_recorded_is_redone_once_its_lease_ran_out():
     """The process stopping the run dies mid-stop (its look cancelled, the
-    backend's `cancel` unanswered): nothing is filed and the row keeps
-    `stop_due`. No sweep takes the stop before the lease runs out; the first
-    after it asks the backend again, files the outcome once, and clears it."""
+    backend's `cancel` unanswered, and no write giving the stop up gets
+    through): nothing is filed and the row keeps `stop_due`. No sweep takes
+    the stop before the lease runs out; the first after it asks the backend
+    again, files the outcome once, and clears it."""
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         wired(rig)
         await orphan(parts)
+
+        async def unreachable(*args: Any) -> bool:
+            raise OSError("the store went away")
+
+        parts.jobs.release_stop = unreachable  # type: ignore[method-assign]
         hang = asyncio.Event()
 
         async def hangs(job: Job) -> None:
@@ -181,6 +187,73 @@ async def test_a_stop_its_process_never_recorded_is_redone_once_its_lease_ran_ou
         assert any("stopping it again" in line for line in logs.lines), logs.lines
         assert await rig.watchdog.sweep(now_ms() + 2 * HOUR) == 0  # done: never again
         assert await parts.jobs.next_due(0) is None
+
+
+async def test_a_stop_cut_short_by_a_shutdown_is_taken_over_by_the_next_sweep():
+    """The service stops (SIGTERM: its tasks cancelled) while the backend's
+    `cancel` is under way: the stop gives its lease up (`stop_due` becomes
+    now) and the cancellation goes on, so the next sweep of any watchdog
+    (the restarted service's first) stops the run again, not the lease's
+    end 21 minutes later (a stream and a retry of the job wait till then)."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        lease = now_ms() + parts.settler.stop_within_ms
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
+        assert rec is not None
+        hang = asyncio.Event()
+
+        async def hangs(job: Job) -> None:
+            await hang.wait()
+
+        rig.backend.stopping = hangs
+        stopping = asyncio.create_task(steps.finish_orphan(rec))
+        await eventually(lambda: len(rig.backend.stopped) == 1)
+        with logs_of("tether") as logs:
+            stopping.cancel()
+            with pytest.raises(asyncio.CancelledError):  # not swallowed
+                await stopping
+        row = await parts.row("j")
+        assert row.stop_due is not None and row.stop_due <= now_ms() < lease
+        assert [t for t, _ in await history(rig)] == ["finished"]
+        assert any("cut short" in line for line in logs.lines), logs.lines
+
+        rig.backend.stopping = refuses
+        assert await rig.watchdog.sweep(now_ms()) == 1  # the next sweep, long before the lease
+        await looks_done(rig)
+        assert [job.id for job in rig.backend.stopped] == ["j", "j"]  # asked again
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+
+
+async def test_a_stop_cut_short_whose_release_hangs_keeps_its_lease(monkeypatch):
+    """The write giving the stop up is bounded (`RELEASE_TIMEOUT`): a store
+    that does not answer leaves the lease to run out, as a process that
+    dies does, and the cancellation goes on."""
+    monkeypatch.setattr(core.steps, "RELEASE_TIMEOUT", 0.1)
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        lease = now_ms() + parts.settler.stop_within_ms
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
+        assert rec is not None
+        never = asyncio.Event()
+
+        async def hangs(*args: Any) -> Any:
+            await never.wait()
+
+        rig.backend.stopping = hangs
+        parts.jobs.release_stop = hangs  # type: ignore[method-assign]
+        stopping = asyncio.create_task(steps.finish_orphan(rec))
+        await eventually(lambda: len(rig.backend.stopped) == 1)
+        with logs_of("tether") as logs:
+            stopping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(stopping, 5)
+        assert (await parts.row("j")).stop_due == lease
+        assert any("giving it up failed" in line for line in logs.lines), logs.lines
 
 
 async def test_of_two_watchdogs_one_claims_a_stop_whose_lease_ran_out():
