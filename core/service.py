@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -114,6 +114,8 @@ class Tether:
         self.jobs.message = finished_message
         self.events.listeners.append(self._ended_in_queue)
         self._starting: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
+        """The stops of runs of jobs no workflow finishes under way (`_spawn_stop`)."""
         self.notifier: Notifier | None = None
 
     def __repr__(self) -> str:
@@ -163,6 +165,7 @@ class Tether:
         self._settler = Settler(r, self.jobs, self.settings.max_result_bytes, self.signer.tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
         self._settler.on_orphan = steps.finish_orphan
+        self._settler.spawn = self._spawn_stop
         self._settler.stop_within_ms = int(steps.stop_within() * 1000)
         workflow.register(r, steps)
         self.events.attempt_running = functools.partial(workflow.attempt_running, r)
@@ -300,6 +303,10 @@ class Tether:
         for task in list(self._starting):
             with contextlib.suppress(Exception):
                 await task
+        stops = list(self._stopping)  # each gives its lease up, within seconds
+        for stop in stops:
+            stop.cancel()
+        await asyncio.gather(*stops, return_exceptions=True)
         if self.watchdog is not None:
             await self.watchdog.stop()
         if self.notifier is not None:
@@ -555,6 +562,16 @@ class Tether:
         if event.type == "finished" and rec.queued_at is not None:
             log.info("job %s finished: %s (while queued)", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))
+
+    def _spawn_stop(self, finish: Coroutine[Any, Any, None]) -> None:
+        """Run the finish of a job no workflow finishes, its run's stop
+        recorded as due (`Settler.spawn`), in a task of this process's,
+        not the request that ended the job: the backend's `cancel` and its
+        retries may take minutes. Cancelled as the service stops (`close`),
+        which gives the stop's lease up for the next watchdog sweep."""
+        task = asyncio.get_running_loop().create_task(finish)
+        self._stopping.add(task)  # (a strong reference: the loop keeps a weak one)
+        task.add_done_callback(self._stopping.discard)
 
     def _on_ready(self, promoted: list[JobRecord]) -> None:
         """Start the workflows of jobs a write just moved out of the queue.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, cast, get_args
 
 import msgspec
@@ -215,6 +215,13 @@ class Settler:
         self.stop_within_ms = ROOT_GRACE_MS
         """How long such a finish may take, at most (`JobSteps.stop_within`,
         wired by the service): the lease on its run's stop (`stop_due`)."""
+        self.spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None
+        """Runs a durable such finish (its stop recorded as due, `stop_due`) in
+        a task the service owns (`Tether._spawn_stop`: cancelled as it stops,
+        which gives the stop's lease up) instead of the settle's caller: an
+        API cancel or a callback answers once the job's end is recorded, not
+        after the backend's `cancel` and its retries. None: `settle` awaits
+        it."""
 
     async def settle(
         self,
@@ -224,6 +231,7 @@ class Settler:
         note: Note | None = None,
         attempt: int | None = None,
         salt: str | None = None,
+        wait_stop: bool = False,
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
@@ -235,7 +243,13 @@ class Settler:
         retried since); None: the one the job is at now. The outcome is
         bounded first (`max_result_bytes`): nothing larger is ever stored,
         and without the job's callback tokens (of `salt`, the job's: pass it
-        whenever it read the row).
+        whenever it read the row). A job this settle ends that no workflow
+        will finish is finished by `on_orphan`: its run's stop, when
+        recorded as due, in a task of the service's (`spawn`), unless
+        `wait_stop` (the watchdog, whose looks run outside any request and
+        are bounded per sweep, awaits it); the stop's outcome (a
+        `cancel_failed`) is an event filed later, which the job's stream
+        waits for (`stop_due`).
         """
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
@@ -272,7 +286,7 @@ class Settler:
             # trigger finds it ended): finishing it here too told the plugins
             # twice.
             if ended and rec.queued_at is None and not await self._workflow_alive(job_id, attempt):
-                await self.orphaned(rec)
+                await self._orphaned(rec, wait_stop)
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:  # by this settle, or by another that came first
@@ -299,7 +313,7 @@ class Settler:
             job_id, settled, OPEN_STATES, note, result, attempt, before, won=won, stop_due=stop_due
         )
         if ended and orphan:
-            await self.orphaned(rec)
+            await self._orphaned(rec, wait_stop)
         return result, rec
 
     async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
@@ -311,6 +325,17 @@ class Settler:
         except (ServerError, StoreUnavailable):
             return False
         return bool(root.state == "pending")
+
+    async def _orphaned(self, rec: JobRecord, wait: bool) -> None:
+        """`orphaned(rec)`, in a task of the service's (`spawn`) when its
+        run's stop is durable (`stop_due`: one cut short is given up, and
+        taken over by a watchdog) and the caller does not `wait`. A finish
+        with nothing recorded as due (no run to stop: the plugins told) is
+        awaited: a task cut short by a shutdown would leave no trace of it."""
+        if self.spawn is not None and not wait and rec.stop_due is not None:
+            self.spawn(self.orphaned(rec))
+        else:
+            await self.orphaned(rec)
 
     async def orphaned(self, rec: JobRecord) -> None:
         """`on_orphan(rec)`, an error logged: the job's end is recorded, and a

@@ -322,6 +322,7 @@ class Watchdog:
                 by="timeout",
                 note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
                 attempt=rec.attempt,
+                wait_stop=True,  # in this look: bounded by the sweep, cancelled with it
             )
             if result == "accepted":
                 log.info("job %s timed out", rec.id, extra=rec.log_extra())
@@ -356,6 +357,7 @@ class Watchdog:
                 note=lambda _: said,
                 attempt=rec.attempt,
                 salt=rec.salt,
+                wait_stop=True,
             )
             if result == "accepted":
                 log.info(
@@ -449,6 +451,7 @@ class Watchdog:
             note=lambda r: event if r == "accepted" else None,
             attempt=rec.attempt,
             salt=rec.salt,
+            wait_stop=True,
         )
         if result == "accepted":
             log.info(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +24,14 @@ import core.watchdog
 from core import workflow
 from core.errors import BackendError
 from core.events import JobHistory
-from core.models import ErrorInfo, Job, Outcome
+from core.models import ErrorInfo, Job, JobRequest, Outcome
+from core.plugins import Plugins, make_plugin_manager
+from core.service import Tether
 from core.steps import JobSteps
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
-from tests.conftest import eventually
+from tests.conftest import Hit, Receiver, eventually, test_settings
 from tests.core.parts import Parts, logs_of, open_parts
 from tests.core.test_watchdog import DAY, HOUR, Rig, history, make_rig
 
@@ -256,6 +260,52 @@ async def test_a_stop_cut_short_whose_release_hangs_keeps_its_lease(monkeypatch)
         assert any("giving it up failed" in line for line in logs.lines), logs.lines
 
 
+async def test_a_settle_that_ends_a_job_no_workflow_finishes_stops_its_run_in_the_background():
+    """An API cancel (or a late callback) ending a job whose wait the store
+    timed out, with no workflow: the settle answers once the job's end is
+    recorded, its run's stop (`stop_due`) in a task of the service's
+    (`Settler.spawn`), not after the backend's `cancel` and its retries.
+    The stop's outcome comes later, as an event; the watchdog's own settle
+    awaits it (`wait_stop`), in its look."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn(finish: Any) -> None:
+            task = asyncio.get_running_loop().create_task(finish)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        parts.settler.spawn = spawn
+        await orphan(parts)
+        release = asyncio.Event()
+
+        async def refuses_late(job: Job) -> None:
+            await release.wait()
+            await refuses(job)
+
+        rig.backend.stopping = refuses_late
+        canceled = Outcome(status="canceled")
+        result, rec = await asyncio.wait_for(
+            parts.settler.settle("j", canceled, by="cancel", attempt=1), 5
+        )
+        assert (result, rec.state) == ("gone", "timed_out")  # the store's end, recorded
+        assert rec.stop_due is not None and len(tasks) == 1  # the stop under way, apart
+        await eventually(lambda: len(rig.backend.stopped) == 1)
+        assert (await parts.row("j")).stop_due == rec.stop_due
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert [t for t, _ in await history(rig)][-2:] == ["finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+
+        await orphan(parts, "w")  # the watchdog's: in its look, not apart
+        await rig.watchdog.sweep(now_ms() + HOUR)
+        await looks_done(rig)
+        assert not tasks and [job.id for job in rig.backend.stopped] == ["j", "w"]
+        assert (await parts.row("w")).stop_due is None
+
+
 async def test_of_two_watchdogs_one_claims_a_stop_whose_lease_ran_out():
     """Two processes' sweeps at once find the same stop due: the claim is a
     compare-and-set of `stop_due`, so one of them stops the run, once."""
@@ -451,3 +501,65 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
         assert ([job.id for job in rig.backend.stopped], told) == (["j"], ["j"])
         assert waits == [1.0, 2.0]
         assert not any("taken over" in line for line in logs.lines), logs.lines
+
+
+async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_lease(
+    tmp_path: Path, receiver: Receiver
+):
+    """The service stops (`Tether.close`, as on SIGTERM) while a stop it runs
+    apart from any request (`Settler.spawn`) waits for the backend's
+    `cancel`: the stop is cancelled and gives its lease up, so the service
+    started again asks the backend to stop the run at its first sweep, not
+    once the lease (21 minutes by default) has run out."""
+    cancels: list[Hit] = []
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        cancels.append(hit)
+        if len(cancels) == 1:  # held while the service stops
+            release.wait(20)
+        return 200, {}
+
+    receiver.respond = respond
+    settings = test_settings(store=f"sqlite:///{tmp_path / 'tether.db'}", trigger_attempts=1)
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+    first = await Tether.open(settings, plugins)
+    try:
+        await first.create_job(JobRequest("http_webhook", params, id="j", timeout=600))
+
+        async def triggered() -> bool:
+            rec = await first.jobs.get("j")
+            return rec is not None and rec.external is not None
+
+        await eventually(triggered)
+        lease = now_ms() + first.settler.stop_within_ms
+        # as the settle of a job no workflow finishes ends it (the store timed it out)
+        ended, _ = await first.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
+        assert ended is not None and ended.stop_due == lease
+        assert first.settler.spawn is not None
+        first.settler.spawn(first.settler.orphaned(ended))
+        await eventually(lambda: len(cancels) == 1)
+    finally:
+        with logs_of("tether") as logs:
+            await asyncio.wait_for(first.close(), 30)  # the cancel still held
+        release.set()
+    assert any("cut short" in line for line in logs.lines), logs.lines
+
+    second = await Tether.open(settings, plugins)
+    try:
+        rec = await second.jobs.get("j")
+        assert rec is not None and rec.stop_due is not None and rec.stop_due < lease
+        await eventually(lambda: len(cancels) == 2)  # its first sweep's: the lease runs on
+
+        async def recorded() -> bool:
+            rec = await second.jobs.get("j")
+            return rec is not None and rec.stop_due is None
+
+        await eventually(recorded)
+    finally:
+        await second.close()
+    assert now_ms() < lease
+    assert [hit.body["promise_id"] for hit in cancels] == ["j:1", "j:1"]
