@@ -296,8 +296,9 @@ class Tether:
         return said
 
     async def close(self) -> None:
-        """End open event streams, stop the watchdog and the worker, close the
-        backends and the store."""
+        """End open event streams, cut short the stops under way (each gives
+        its lease up for the next watchdog sweep: `_spawn_stop`), stop the
+        watchdog and the worker, close the backends and the store."""
         self.events.stop()
         await self.checks.stop()
         for task in list(self._starting):
