@@ -2,7 +2,9 @@
 `tether serve` on the embedded store, SIGKILLed while the backend's `cancel`
 of such a job's run is in flight, is started again, and once the stop's
 lease ran out the run is asked to stop again and the stop's outcome is filed,
-once: the job's history is complete and its event stream ends.
+once: the job's history is complete and its event stream ends. Stopped by
+SIGTERM instead, it gives the lease up as it stops: started again, it asks
+the backend again at its first sweep, not once the lease ran out.
 
 The service runs with shorter bounds than its own (a module patched before
 it starts, as `test_finish_crash` starts an older workflow version): the
@@ -14,6 +16,7 @@ not 21 minutes)."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import sys
 import threading
@@ -51,8 +54,16 @@ SECRET = "Bearer orphan-stop-s3cret"
 """The webhook's credential: sent to the cancel URL, never logged or filed."""
 
 
+LONG_LEASE = SHORT_BOUNDS.replace("CANCEL_TIMEOUT = 4.0", "CANCEL_TIMEOUT = 120.0").replace(
+    "4 s + 2 s", "120 s + 2 s"
+)
+"""The bounds above, but a stop's lease of 2 minutes: longer than the test."""
+
+
 class ShortBounds(TetherProcess):
     """`tether serve` on `tmp_path`'s store, with the bounds above."""
+
+    bounds = SHORT_BOUNDS
 
     def __init__(self, tmp_path: Path, port: int | None = None) -> None:
         env = {
@@ -65,10 +76,14 @@ class ShortBounds(TetherProcess):
 
     def start(self, wait: float = 30) -> TetherProcess:
         script = self.log.with_suffix(".short.py")
-        script.write_text(f"#!{sys.executable}\n{SHORT_BOUNDS}")
+        script.write_text(f"#!{sys.executable}\n{self.bounds}")
         script.chmod(0o755)
         with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
             return super().start(wait)
+
+
+class LongLease(ShortBounds):
+    bounds = LONG_LEASE
 
 
 def row(db: Path, job_id: str) -> tuple[str, int | None]:
@@ -164,3 +179,75 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
     for secret in ("orphan-stop-s3cret", "process-secret", "token="):
         assert secret not in logs
         assert secret not in json.dumps(items)
+
+
+def test_a_stop_cut_short_by_sigterm_is_asked_again_at_the_restart_not_after_its_lease(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The service stopped by SIGTERM while the backend's `cancel` of such a
+    job's run is held open gives the stop's lease up as it stops: started
+    again, its first sweep asks the backend to stop the run again at once,
+    not once the lease (here 2 minutes) has run out."""
+    assert "CANCEL_TIMEOUT = 120.0" in LONG_LEASE
+    cancels: list[tuple[float, Hit]] = []
+    first_cancel, release = threading.Event(), threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        cancels.append((time.time(), hit))
+        if not first_cancel.is_set():  # held while the service stops
+            first_cancel.set()
+            release.wait(20)
+        return 200, {}
+
+    receiver.respond = respond
+    first = LongLease(tmp_path).start()
+    params = {
+        "url": receiver.url(),
+        "cancel_url": receiver.url("/cancel"),
+        "auth": "runner",
+        "timeout": 60,
+    }
+    with first.client() as client:
+        posted = time.monotonic()
+        body = {"id": "orphan", "backend": "http_webhook", "params": params, "timeout": DEADLINE}
+        assert client.post("/jobs", json=body).status_code == 201
+        wait_for(client, "orphan", "running", recorded=True)
+    first.kill()  # before the deadline: the service is down past it
+    killed = time.monotonic() - posted
+    if killed >= DEADLINE:  # a machine this slow did not set the scene: not a verdict
+        pytest.skip(
+            f"the first service was killed {killed:.1f} s after the POST: past the deadline"
+        )
+    time.sleep(posted + DEADLINE + 1.0 - time.monotonic())  # past the deadline
+
+    # Started again past the deadline: its watchdog ends the job and asks the
+    # backend to stop the run, whose answer is held while SIGTERM stops it.
+    second = LongLease(tmp_path, port=first.port).start()
+    db = tmp_path / "tether.db"
+    try:
+        assert first_cancel.wait(20), second.log.read_text()
+        state, lease = row(db, "orphan")
+        assert state == "timed_out" and lease is not None
+        assert second.terminate() == -signal.SIGTERM  # drained: uvicorn re-raises it
+    finally:
+        second.kill()
+        release.set()
+    stopped = time.time() * 1000
+    state, stop_due = row(db, "orphan")
+    assert state == "timed_out" and stop_due is not None and stop_due <= stopped < lease
+
+    third = LongLease(tmp_path, port=first.port).start()
+    try:
+        wait_until(lambda: len(cancels) == 2, timeout=30)
+        wait_until(lambda: row(db, "orphan")[1] is None, timeout=15)
+    finally:
+        third.kill()
+    assert cancels[1][0] * 1000 < lease  # its first sweep's, not the lease's end
+    assert [hit.body["promise_id"] for _, hit in cancels] == ["orphan:1", "orphan:1"]
+    assert all(hit.headers["authorization"] == SECRET for _, hit in cancels)
+    logs = "".join(p.log.read_text() for p in (first, second, third))
+    assert "cut short" in logs
+    for secret in ("orphan-stop-s3cret", "process-secret", "token="):
+        assert secret not in logs
