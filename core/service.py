@@ -304,10 +304,7 @@ class Tether:
         for task in list(self._starting):
             with contextlib.suppress(Exception):
                 await task
-        stops = list(self._stopping)  # each gives its lease up, within seconds
-        for stop in stops:
-            stop.cancel()
-        await asyncio.gather(*stops, return_exceptions=True)
+        await self._cut_stops()
         if self.watchdog is not None:
             await self.watchdog.stop()
         if self.notifier is not None:
@@ -321,6 +318,7 @@ class Tether:
                     " anyway; another worker takes them over when their leases run out",
                     STOP_GRACE,
                 )
+        await self._cut_stops()  # spawned meanwhile (a late callback, a step's settle)
         for backend in self.plugins.backends.values():
             try:
                 await backend.close()
@@ -563,6 +561,17 @@ class Tether:
         if event.type == "finished" and rec.queued_at is not None:
             log.info("job %s finished: %s (while queued)", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))
+
+    async def _cut_stops(self) -> None:
+        """Cancel the stops under way (`_spawn_stop`) and wait for them: each
+        gives its lease up, within seconds. Again until none is left: one
+        spawned while the others gave up (a settle that came meanwhile) is
+        cut short too, before the backends and the store close."""
+        while self._stopping:
+            stops = list(self._stopping)
+            for stop in stops:
+                stop.cancel()
+            await asyncio.gather(*stops, return_exceptions=True)
 
     def _spawn_stop(self, finish: Coroutine[Any, Any, None]) -> None:
         """Run the finish of a job no workflow finishes, its run's stop

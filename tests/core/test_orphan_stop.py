@@ -563,3 +563,40 @@ async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_le
         await second.close()
     assert now_ms() < lease
     assert [hit.body["promise_id"] for hit in cancels] == ["j:1", "j:1"]
+
+
+async def test_a_stop_spawned_while_the_service_closes_is_cut_short_before_the_store_closes(
+    tmp_path: Path,
+):
+    """A settle that comes while `Tether.close` runs (a late callback, a
+    step's settle while the worker stops) spawns its stop after the first
+    stops were cut short: it is cut short too, and gives its lease up while
+    the store is still open, not left running past the close."""
+    settings = test_settings(store=f"sqlite:///{tmp_path / 'tether.db'}")
+    tether = await Tether.open(settings, Plugins(make_plugin_manager(entry_points=False)))
+    late: list[asyncio.Task[None]] = []
+    gave_up: list[bool] = []
+
+    async def stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # as `finish_orphan` releases: a store write
+            gave_up.append(await tether.jobs.get("none") is None)
+            raise
+
+    assert tether.watchdog is not None
+    stop_watchdog = tether.watchdog.stop
+
+    async def late_settle() -> None:  # the spawn of a settle that came meanwhile
+        tether._spawn_stop(stop())
+        late.extend(tether._stopping)
+        await stop_watchdog()
+
+    tether.watchdog.stop = late_settle  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(tether.close(), 30)
+        assert len(late) == 1 and late[0].cancelled(), late
+        assert gave_up == [True]
+    finally:
+        for task in late:
+            task.cancel()
