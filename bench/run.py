@@ -1353,6 +1353,12 @@ def details(results: list[StoreResult], mode: Mode) -> str:
             f" ready {fmt(c.ready_s, 2)} s after start, load generator CPU"
             f" {fmt(100 * c.load_cpu)}% of one core"
         )
+        if (f := c.shape) is not None:
+            out.append(
+                f"- floor (workers {c.workers}): `POST /jobs` p50 / p99"
+                f" {fmt(f.post_p50, 1)} / {fmt(f.post_p99, 1)} ms, load generator CPU"
+                f" {fmt(100 * f.load_cpu)}% of one core"
+            )
         out.append("")
     return "\n".join(out)
 

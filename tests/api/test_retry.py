@@ -308,6 +308,18 @@ async def test_a_canceled_job_is_retried_after_its_run_was_stopped(start_service
     assert (job["state"], job["error"]) == ("running", None)  # attempt 1's end left it alone
 
 
+async def failed_and_returned(svc: Service, receiver: Receiver, job_id: str) -> None:
+    """`failed_job`, and its attempt's workflow returned: only what is
+    still due after it (a run's stop) keeps the attempt from being over."""
+    await failed_job(svc, receiver, job_id)
+    resonate = svc.tether.resonate
+
+    async def workflow_returned() -> bool:
+        return not await workflow.attempt_running(resonate, job_id, 1)
+
+    await eventually(workflow_returned)
+
+
 async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finished(
     start_service, receiver, monkeypatch
 ):
@@ -317,13 +329,7 @@ async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finishe
     answers 409 `still winding up` when it is not within the wait."""
     monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
     svc = await start_service()
-    await failed_job(svc, receiver, "s")
-    resonate = svc.tether.resonate
-
-    async def workflow_returned() -> bool:
-        return not await workflow.attempt_running(resonate, "s", 1)
-
-    await eventually(workflow_returned)
+    await failed_and_returned(svc, receiver, "s")
     jobs = svc.tether.jobs
     lease = now_ms() + 3_600_000
     await jobs.db.execute("UPDATE tether_jobs SET stop_due = ? WHERE id = 's'", (lease,))
@@ -353,13 +359,8 @@ async def test_a_retry_waits_for_the_stop_promise_a_host_of_an_earlier_release_m
     not resolved within the wait."""
     monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
     svc = await start_service()
-    await failed_job(svc, receiver, "o")
+    await failed_and_returned(svc, receiver, "o")
     resonate = svc.tether.resonate
-
-    async def workflow_returned() -> bool:
-        return not await workflow.attempt_running(resonate, "o", 1)
-
-    await eventually(workflow_returned)
     stop = workflow.stop_promise_id("o", 1)
     await resonate.promises.create(stop, now_ms() + 3_600_000, Value(data=None), {})
     answer = await retry(svc, "o")

@@ -75,6 +75,18 @@ async def refuses(job: Job) -> None:
     raise BackendError("the run cannot be stopped now")
 
 
+def refuses_once_released(rig: Rig) -> asyncio.Event:
+    """The backend holds each stop of a run until the event is set, then refuses it."""
+    release = asyncio.Event()
+
+    async def refuses_late(job: Job) -> None:
+        await release.wait()
+        await refuses(job)
+
+    rig.backend.stopping = refuses_late
+    return release
+
+
 async def test_a_stream_waits_for_the_stop_of_a_job_no_workflow_finishes():
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
@@ -82,13 +94,7 @@ async def test_a_stream_waits_for_the_stop_of_a_job_no_workflow_finishes():
         history_ = JobHistory(parts.jobs)
         history_.attempt_running = functools.partial(workflow.attempt_running, parts.resonate)
         await orphan(parts)
-        release = asyncio.Event()
-
-        async def refuses_late(job: Job) -> None:
-            await release.wait()
-            await refuses(job)
-
-        rig.backend.stopping = refuses_late
+        release = refuses_once_released(rig)
         seen: list[str] = []
         reader = asyncio.create_task(_read(await history_.follow("j"), seen))
         began = now_ms()
@@ -279,13 +285,7 @@ async def test_a_settle_that_ends_a_job_no_workflow_finishes_stops_its_run_in_th
 
         parts.settler.spawn = spawn
         await orphan(parts)
-        release = asyncio.Event()
-
-        async def refuses_late(job: Job) -> None:
-            await release.wait()
-            await refuses(job)
-
-        rig.backend.stopping = refuses_late
+        release = refuses_once_released(rig)
         canceled = Outcome(status="canceled")
         result, rec = await asyncio.wait_for(
             parts.settler.settle("j", canceled, by="cancel", attempt=1), 5

@@ -95,24 +95,12 @@ def row(db: Path, job_id: str) -> tuple[str, int | None]:
     return str(state), stop_due
 
 
-def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
-    tmp_path: Path, receiver: Receiver
-) -> None:
-    cancels: list[tuple[float, Hit]] = []  # (Unix time, the request)
-    first_cancel, release = threading.Event(), threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/cancel":
-            return 202, {"run": "r-1"}
-        cancels.append((time.time(), hit))
-        if not first_cancel.is_set():  # held while the service is killed
-            first_cancel.set()
-            release.wait(20)
-            return 200, {}
-        return 400, {"error": "that run cannot be stopped"}
-
-    receiver.respond = respond
-    first = ShortBounds(tmp_path).start()
+def left_running_past_its_deadline(first: ShortBounds, receiver: Receiver) -> ShortBounds:
+    """The scene of both tests: `first` started, a job posted to it whose run
+    `receiver` takes (and whose cancel it answers), then `first` killed
+    before the job's deadline and left down until past it: no workflow will
+    finish the job, and the next service's watchdog ends it and stops its run."""
+    first.start()
     params = {
         "url": receiver.url(),
         "cancel_url": receiver.url("/cancel"),
@@ -131,6 +119,27 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
             f"the first service was killed {killed:.1f} s after the POST: past the deadline"
         )
     time.sleep(posted + DEADLINE + 1.0 - time.monotonic())  # past the deadline
+    return first
+
+
+def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    cancels: list[tuple[float, Hit]] = []  # (Unix time, the request)
+    first_cancel, release = threading.Event(), threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        cancels.append((time.time(), hit))
+        if not first_cancel.is_set():  # held while the service is killed
+            first_cancel.set()
+            release.wait(20)
+            return 200, {}
+        return 400, {"error": "that run cannot be stopped"}
+
+    receiver.respond = respond
+    first = left_running_past_its_deadline(ShortBounds(tmp_path), receiver)
 
     # Started again past the deadline: its watchdog ends the job and asks the
     # backend to stop the run, whose answer is held while the service is killed.
@@ -202,25 +211,7 @@ def test_a_stop_cut_short_by_sigterm_is_asked_again_at_the_restart_not_after_its
         return 200, {}
 
     receiver.respond = respond
-    first = LongLease(tmp_path).start()
-    params = {
-        "url": receiver.url(),
-        "cancel_url": receiver.url("/cancel"),
-        "auth": "runner",
-        "timeout": 60,
-    }
-    with first.client() as client:
-        posted = time.monotonic()
-        body = {"id": "orphan", "backend": "http_webhook", "params": params, "timeout": DEADLINE}
-        assert client.post("/jobs", json=body).status_code == 201
-        wait_for(client, "orphan", "running", recorded=True)
-    first.kill()  # before the deadline: the service is down past it
-    killed = time.monotonic() - posted
-    if killed >= DEADLINE:  # a machine this slow did not set the scene: not a verdict
-        pytest.skip(
-            f"the first service was killed {killed:.1f} s after the POST: past the deadline"
-        )
-    time.sleep(posted + DEADLINE + 1.0 - time.monotonic())  # past the deadline
+    first = left_running_past_its_deadline(LongLease(tmp_path), receiver)
 
     # Started again past the deadline: its watchdog ends the job and asks the
     # backend to stop the run, whose answer is held while SIGTERM stops it.
