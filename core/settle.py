@@ -41,7 +41,7 @@ from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
-from core.workflow import ROOT_GRACE_MS, callback_promise_id, root_promise_id
+from core.workflow import callback_promise_id, root_promise_id
 
 SettleResult = Literal["accepted", "duplicate", "conflict", "gone"]
 
@@ -212,9 +212,10 @@ class Settler:
         callback's to do (`JobSteps.finish_orphan`, wired by the service).
         The watchdog calls it too, with a job whose run's stop it took over
         (`stop_due`: `Watchdog.stop_again`)."""
-        self.stop_within_ms = ROOT_GRACE_MS
-        """How long such a finish may take, at most (`JobSteps.stop_within`,
-        wired by the service): the lease on its run's stop (`stop_due`)."""
+        self.stop_lease_ms = 30_000
+        """The lease on the stop of such a job's run (`stop_due`: this
+        process's, renewed while the stop runs, `core.lease`), from the write
+        that ends the job: `JobSteps.stop_lease_ms`, wired by the service."""
         self.spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None
         """Runs a durable such finish (its stop recorded as due, `stop_due`) in
         a task the service owns (`Tether._spawn_stop`: cancelled as it stops,
@@ -305,10 +306,11 @@ class Settler:
         # The store timed the wait out: a settle that ends the job finishes
         # it too when its workflow is over (the service was down past the
         # deadline and `ROOT_GRACE_MS`). Its run's stop is due from the
-        # write that ends it (`stop_due`): this process holds it for
-        # `stop_within_ms`, then any process's watchdog may take it over.
+        # write that ends it (`stop_due`): this process holds it, renewing
+        # its lease while the stop runs; any process's watchdog may take it
+        # over once the lease ran out.
         orphan = data is None and not await self._workflow_alive(job_id, attempt)
-        stop_due = now_ms() + self.stop_within_ms if orphan else None
+        stop_due = now_ms() + self.stop_lease_ms if orphan else None
         rec, ended = await self._end(
             job_id, settled, OPEN_STATES, note, result, attempt, before, won=won, stop_due=stop_due
         )

@@ -28,6 +28,7 @@ from msgspec.structs import replace
 
 from core.errors import BackendError, StoreUnavailable, reason
 from core.hookspecs import Backend
+from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
 from core.plugins import Plugins
@@ -413,7 +414,8 @@ class JobSteps:
         """Seconds a finish that stops a run takes at most (a backend's
         `retry_after` longer than the backoff aside): every try's
         `CANCEL_TIMEOUT`, the waits between them, and `STOP_MARGIN`; at most
-        `STOP_WITHIN_MAX`."""
+        `STOP_WITHIN_MAX`. A stop under a lease (`finish_orphan`) tries no
+        more once another try would end past it (`_past_bound`)."""
         attempts = max(self.settings.trigger_attempts, 1)
         total, wait = STOP_MARGIN + CANCEL_TIMEOUT, self.settings.trigger_backoff
         for _ in range(attempts - 1):  # each later try: its wait, then its cancel
@@ -423,19 +425,26 @@ class JobSteps:
             wait *= 2
         return total
 
+    def stop_lease_ms(self) -> int:
+        """The lease on a run's stop (`core.lease`): `TETHER_TASK_TTL`, as a
+        workflow step's. A process that dies mid-stop hands it over within
+        it; one that lives renews it for as long as the stop takes."""
+        return max(int(self.settings.task_ttl * 1000), 1)
+
     async def finish_orphan(self, rec: JobRecord) -> None:
         """The finish of an attempt that ended with no workflow to finish it
         (`Settler.on_orphan`): `finish`'s, made durable when it has a run to
-        stop (`rec.stop_due`, this process's lease on that stop): the run's
-        stop and the plugins told, then the stop's outcome (`cancel_failed`,
-        if it failed) filed in the write that clears `stop_due` (nothing
-        filed if another process took the stop over meanwhile: it files its
-        own). A process that dies first leaves the stop to the watchdog of
-        any process once the lease ran out (`Watchdog.stop_again`), which
-        calls this again: the run is asked to stop once more (`cancel` runs
-        at least once) and one outcome is filed. One cut short (cancelled:
-        the service is stopping) gives its lease up (`_release_stop`), so
-        that watchdog takes it over at its next sweep. A stop whose attempt
+        stop (`rec.stop_due`: this process's lease on that stop, renewed
+        while the stop runs, `core.lease`): the run's stop and the plugins
+        told, then the stop's outcome (`cancel_failed`, if it failed) filed
+        in the write that clears `stop_due` (nothing filed if another
+        process took the stop over meanwhile: it files its own). A process
+        that dies first leaves the stop to the watchdog of any process once
+        the lease ran out (`Watchdog.stop_again`), which calls this again:
+        the run is asked to stop once more (`cancel` runs at least once) and
+        one outcome is filed. One cut short (cancelled: the service is
+        stopping) gives its lease up (`_release_stop`), so that watchdog
+        takes it over at its next sweep. A stop whose attempt
         (`stop_attempt`) is no longer the job's (a host of an earlier
         release retried it meanwhile) stops nothing and files nothing: the
         row's run is the later attempt's, and its plugins were told by its
@@ -444,27 +453,30 @@ class JobSteps:
             await self.finish(rec.id, {"status": rec.state}, rec.attempt)
             return
         attempt = rec.attempt if rec.stop_attempt is None else rec.stop_attempt
+        lease = StopLease(self.jobs, rec, self.stop_lease_ms())
         try:
-            recorded = await self._stop(rec, attempt)
+            recorded = await self._stop(rec, attempt, lease)
         except asyncio.CancelledError:  # the service is stopping: the next sweep takes it
-            await self._release_stop(rec, attempt)
+            await self._release_stop(rec, attempt, lease)
             raise
         if recorded is None:
             log.warning(
-                "job %s: its run's stop outlasted its lease and was taken over; the other"
-                " process records its outcome",
+                "job %s: its run's stop was taken over by another process (this one stalled"
+                " past its lease); the other process records its outcome",
                 rec.id,
                 extra=rec.log_extra(),
             )
 
-    async def _stop(self, rec: JobRecord, attempt: int) -> JobRecord | None:
+    async def _stop(self, rec: JobRecord, attempt: int, lease: StopLease) -> JobRecord | None:
         """`finish_orphan`'s stop of the run of attempt `attempt`, its
-        outcome recorded (`_stop_recorded`)."""
+        outcome recorded (`_stop_recorded`), the lease renewed meanwhile."""
         failed = None
         if rec.attempt == attempt and rec.finished:
             backend = self.plugins.backends.get(rec.backend)
             if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
-                failed = await self._cancel_failure(backend, rec)
+                bound = now_ms() + int(self.stop_within() * 1000)
+                async with lease.kept():
+                    failed = await self._cancel_failure(backend, rec, bound)
             log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))
         else:  # the row's run (if any) is a later attempt's: its workflow's to stop
@@ -477,20 +489,20 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
         outcome = [] if failed is None else [failed]
-        return await self._stop_recorded(rec, attempt, outcome)
+        return await self._stop_recorded(rec, attempt, lease, outcome)
 
-    async def _release_stop(self, rec: JobRecord, attempt: int) -> None:
-        """Give up the stop held until `rec.stop_due`, cut short (its task
+    async def _release_stop(self, rec: JobRecord, attempt: int, lease: StopLease) -> None:
+        """Give up the stop held under `lease`, cut short (its task
         cancelled: the service is stopping): `jobs.release_stop` makes it
         due now, so the next sweep of any process's watchdog (the restarted
-        service's first) takes it over, rather than the lease's end (a
-        stream and a retry of the job wait for it meanwhile). Shielded from
-        the cancellation, within `RELEASE_TIMEOUT`; one that fails leaves the
-        lease to run out, as a process that dies does. The caller raises the
-        cancellation again (as it does when cancelled again meanwhile)."""
-        assert rec.stop_due is not None
-        write = self.jobs.release_stop(rec.id, attempt, rec.stop_due, now_ms())
-        releasing = asyncio.ensure_future(asyncio.wait_for(write, RELEASE_TIMEOUT))
+        service's first) takes it over, rather than the lease's end.
+        Shielded from the cancellation, within `RELEASE_TIMEOUT`; one that
+        fails leaves the lease to run out, as a process that dies does. The
+        caller raises the cancellation again (as it does when cancelled
+        again meanwhile)."""
+        releasing = asyncio.ensure_future(
+            asyncio.wait_for(self._release_any(rec, attempt, lease), RELEASE_TIMEOUT)
+        )
         _releasing.add(releasing)  # (a strong reference, should this task go first)
         releasing.add_done_callback(_releasing.discard)
         try:
@@ -512,26 +524,37 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
 
+    async def _release_any(self, rec: JobRecord, attempt: int, lease: StopLease) -> bool:
+        """`jobs.release_stop` under whichever of the lease's values is the
+        row's."""
+        for claim in lease.claims:
+            if await self.jobs.release_stop(rec.id, attempt, claim, now_ms()):
+                return True
+        return False
+
     async def _stop_recorded(
-        self, rec: JobRecord, attempt: int, outcome: list[NewEvent]
+        self, rec: JobRecord, attempt: int, lease: StopLease, outcome: list[NewEvent]
     ) -> JobRecord | None:
-        """`jobs.stopped` for the stop held until `rec.stop_due`, tried again
-        (`RETRY_BACKOFF` doubled) while it fails and the lease lasts: just
-        after the outage that made the orphan the store may still fail now
-        and then, and a stop left due waits the lease out (a stream and a
-        retry of the job with it) before it is made again. Raises the last
-        failure once no try would end within the lease: the stop is then
-        the watchdog's. A try that failed may have been applied: a later
-        one then finds it recorded (None, as if taken over)."""
-        assert rec.stop_due is not None
+        """`jobs.stopped` for the stop held under `lease` (no longer renewed:
+        its values are settled), tried again (`RETRY_BACKOFF` doubled) while
+        it fails and the lease lasts: just after the outage that made the
+        orphan the store may still fail now and then, and a stop left due
+        waits the lease out before it is made again. Raises the last failure
+        once no try would end within the lease: the stop is then the
+        watchdog's. A try that failed may have been applied: a later one
+        then finds it recorded (None, as if taken over)."""
         delay = RETRY_BACKOFF
         while True:
             try:
-                return await store_call(
-                    self.jobs.stopped(rec.id, attempt, rec.stop_due, outcome, now_ms())
-                )
+                for claim in lease.claims:
+                    written = await store_call(
+                        self.jobs.stopped(rec.id, attempt, claim, outcome, now_ms())
+                    )
+                    if written is not None:
+                        return written
+                return None
             except Exception as exc:
-                if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= rec.stop_due:
+                if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= lease.until:
                     raise
                 log.warning(
                     "job %s: recording its run's stop failed (%s); again in %gs",
@@ -549,7 +572,9 @@ class JobSteps:
         if failed is not None:
             await self.jobs.record(rec.id, [failed], now_ms())
 
-    async def _cancel_failure(self, backend: Backend, rec: JobRecord) -> NewEvent | None:
+    async def _cancel_failure(
+        self, backend: Backend, rec: JobRecord, bound: int | None = None
+    ) -> NewEvent | None:
         """`backend.cancel`, tried as a trigger is while it fails with a
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
         or the backend's `retry_after` when longer): one throttled or
@@ -559,9 +584,11 @@ class JobSteps:
         `cancel_failed` event (with the run's receipt: a second run stopped
         while the job runs on is not its `external`), for the caller to
         file, so the API, the dashboard and `/metrics` tell that the run may
-        still be going. A stop under a lease (`rec.stop_due`) tries no more
-        once a try would end within `STOP_MARGIN / 2` of it (a backend's
-        long `retry_after`): another process may take the stop over then."""
+        still be going. `bound` (Unix ms; a stop under a lease, whose
+        `stop_within` it is): no more tries once one would end past it (a
+        backend's long `retry_after`). A `CancelledError` the backend raises
+        of its own (this task is not being cancelled) is a failure like any
+        other: only a real cancellation (the service stopping) goes up."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -570,7 +597,9 @@ class JobSteps:
                 async with limit:
                     await backend.cancel(backend_view(rec))
                 return None
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                    raise
                 said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
@@ -579,7 +608,7 @@ class JobSteps:
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None
                 wait = max(delay, retry_after or 0)
-                if not retryable or attempt == attempts or self._past_lease(rec, wait):
+                if not retryable or attempt == attempts or _past_bound(bound, wait):
                     log.error(
                         "job %s: cancelling the external run failed (%s); it may still be"
                         " running: stop it in %s",
@@ -607,14 +636,20 @@ class JobSteps:
             delay *= 2
         return None
 
-    @staticmethod
-    def _past_lease(rec: JobRecord, wait: float) -> bool:
-        """Whether another try of a stop held until `rec.stop_due`, after
-        `wait` seconds, could end less than `STOP_MARGIN / 2` before it (that
-        much is kept for recording the outcome): never on the backoff's own
-        schedule, which the lease (`stop_within`) was made for, unless the
-        stop began that late."""
-        if rec.stop_due is None:
-            return False
-        ends = now_ms() + (wait + CANCEL_TIMEOUT + STOP_MARGIN / 2) * 1000
-        return ends > rec.stop_due
+
+def _past_bound(bound: int | None, wait: float) -> bool:
+    """Whether another try of a stop bounded by `bound` (Unix ms), after
+    `wait` seconds, could end less than `STOP_MARGIN / 2` before it (that
+    much is kept for recording the outcome): never on the backoff's own
+    schedule, which the bound (`stop_within`) was made for."""
+    if bound is None:
+        return False
+    ends = now_ms() + (wait + CANCEL_TIMEOUT + STOP_MARGIN / 2) * 1000
+    return ends > bound
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (a `CancelledError` is
+    then the cancellation's, not raised by the code it awaited)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

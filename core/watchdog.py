@@ -23,9 +23,10 @@ a few times and then hourly, not every `heartbeat_timeout`).
 
 A job a deadline ends that no workflow will finish has its run's stop
 recorded as due (`stop_due`) in the write that ends it, held by the process
-that ended it for one stop's length: should that process die before it
-records the stop's outcome, the stop is taken over once that lease ran out
-(`stop_again`), by whichever process claims it first."""
+that ended it under a lease it renews while the stop runs (`core.lease`):
+should that process die before it records the stop's outcome, the stop is
+taken over once that lease ran out (`stop_again`), by whichever process
+claims it first."""
 
 from __future__ import annotations
 
@@ -368,12 +369,13 @@ class Watchdog:
         """Stop the run of a job no workflow finishes whose stop's lease ran
         out (`stop_due`): the process that ended the job died, or stalled,
         before it recorded the stop's outcome. Claimed first, for a lease of
-        `stop_within_ms` (so no other process stops the run meanwhile), then
+        `stop_lease_ms` (renewed while the stop runs, so no other process
+        stops the run meanwhile), then
         finished as that process would have (`Settler.on_orphan`): the run
         is asked to stop again, and the stop's outcome filed once."""
         if self.settler.on_orphan is None or rec.stop_due is None:
             return
-        until = now_ms() + self.settler.stop_within_ms
+        until = now_ms() + self.settler.stop_lease_ms
         claimed = await self.store.jobs.claim_stop(rec.id, rec.stop_due, until)
         if claimed is None:
             return  # another process took it, or the stop was recorded

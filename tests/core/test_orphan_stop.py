@@ -50,7 +50,7 @@ def wired(rig: Rig) -> JobSteps:
     signer = CallbackSigner("test-secret", "http://t")
     steps = JobSteps(parts.settings, rig.watchdog.plugins, parts.jobs, signer, parts.settler)
     parts.settler.on_orphan = steps.finish_orphan
-    parts.settler.stop_within_ms = int(steps.stop_within() * 1000)
+    parts.settler.stop_lease_ms = steps.stop_lease_ms()
     return steps
 
 
@@ -104,8 +104,8 @@ async def test_a_stream_waits_for_the_stop_of_a_job_no_workflow_finishes():
         await asyncio.sleep(0.5)  # ten looks past `finished`: the stop is still under way
         assert "end" not in seen, seen
         row = await parts.row("j")
-        assert row.stop_due is not None  # held by this process for one stop's length
-        assert began + parts.settler.stop_within_ms <= row.stop_due <= now_ms() + (300 + 60) * 1000
+        assert row.stop_due is not None  # held by this process, for its lease at least
+        assert began + parts.settler.stop_lease_ms <= row.stop_due
 
         release.set()
         await asyncio.wait_for(reader, 5)
@@ -140,7 +140,7 @@ async def test_a_job_whose_end_stops_nothing_has_no_stop_due():
     ("attempts", "within"),
     [(4, 4 * 300 + 1 + 2 + 4 + 60), (1, 300 + 60), (0, 300 + 60), (2000, 86_400)],
 )
-async def test_the_stops_lease_lasts_as_long_as_the_stop_at_most_a_day(attempts, within):
+async def test_a_stop_is_bounded_by_its_tries_at_most_a_day(attempts, within):
     """Every try's cancel and the waits between (`TETHER_TRIGGER_ATTEMPTS`
     has no upper bound: 2000 tries doubled 1 s is past a float, which
     raised `OverflowError` as the service opened)."""
@@ -209,7 +209,7 @@ async def test_a_stop_cut_short_by_a_shutdown_is_taken_over_by_the_next_sweep():
         rig = make_rig(parts)
         steps = wired(rig)
         await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        lease = now_ms() + parts.settler.stop_within_ms
+        lease = now_ms() + parts.settler.stop_lease_ms
         rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
         assert rec is not None
         hang = asyncio.Event()
@@ -246,7 +246,7 @@ async def test_a_stop_cut_short_whose_release_hangs_keeps_its_lease(monkeypatch)
         rig = make_rig(parts)
         steps = wired(rig)
         await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        lease = now_ms() + parts.settler.stop_within_ms
+        lease = now_ms() + parts.settler.stop_lease_ms
         rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
         assert rec is not None
         never = asyncio.Event()
@@ -349,11 +349,11 @@ async def test_a_stop_taken_over_files_the_outcome_of_the_process_that_took_it()
         assert (await parts.row("j")).stop_due is None
 
 
-async def test_a_stop_under_a_lease_tries_no_longer_than_the_lease():
-    """A backend that asks to wait longer than the stop's lease leaves (its
-    `retry_after`): the stop under a lease files its failure then, rather
-    than try again while another process may have taken it over; the
-    workflow's finish (no lease) waits and tries again as ever."""
+async def test_a_stop_under_a_lease_tries_no_longer_than_its_bound():
+    """A backend that asks to wait longer than the stop's bound leaves (its
+    `retry_after` past `stop_within`): the stop under a lease files its
+    failure then, rather than renew its lease for an hour; the workflow's
+    finish (no lease) waits and tries again as ever."""
     async with open_parts(watchdog_interval=0, trigger_attempts=3, trigger_backoff=1.0) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
@@ -370,7 +370,7 @@ async def test_a_stop_under_a_lease_tries_no_longer_than_the_lease():
         rig.backend.stopping = throttled
         for job_id in ("leased", "workflow"):
             await parts.add_job(job_id, backend="checked", state="running", external={"run": 1})
-        lease = now_ms() + parts.settler.stop_within_ms
+        lease = now_ms() + parts.settler.stop_lease_ms
         leased, _ = await parts.jobs.end("leased", TIMED_OUT, now_ms(), stop_due=lease)
         assert leased is not None and leased.stop_due == lease
         await steps.finish_orphan(leased)
@@ -490,7 +490,7 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
 
         parts.jobs.stopped = failing  # type: ignore[method-assign]
         await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        lease = now_ms() + parts.settler.stop_within_ms
+        lease = now_ms() + parts.settler.stop_lease_ms
         rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
         assert rec is not None
         rig.backend.stopping = refuses
@@ -510,7 +510,7 @@ async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_le
     apart from any request (`Settler.spawn`) waits for the backend's
     `cancel`: the stop is cancelled and gives its lease up, so the service
     started again asks the backend to stop the run at its first sweep, not
-    once the lease (21 minutes by default) has run out."""
+    once the lease has run out."""
     cancels: list[Hit] = []
     release = threading.Event()
 
@@ -535,7 +535,7 @@ async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_le
             return rec is not None and rec.external is not None
 
         await eventually(triggered)
-        lease = now_ms() + first.settler.stop_within_ms
+        lease = now_ms() + first.settler.stop_lease_ms
         # as the settle of a job no workflow finishes ends it (the store timed it out)
         ended, _ = await first.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
         assert ended is not None and ended.stop_due == lease
@@ -600,3 +600,123 @@ async def test_a_stop_spawned_while_the_service_closes_is_cut_short_before_the_s
     finally:
         for task in late:
             task.cancel()
+
+
+async def test_a_stop_that_outlasts_its_lease_keeps_it_while_its_process_lives():
+    """The backend's `cancel` takes four leases (`TETHER_TASK_TTL`): the
+    process stopping the run renews the lease meanwhile, so another
+    process's sweeps, at every moment, find nothing due and the run is
+    asked to stop once; once it is over the lease is no longer renewed and
+    the outcome is filed once."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1, task_ttl=0.3) as parts:
+        rig = make_rig(parts)
+        wired(rig)
+        other = Watchdog(parts.settings, rig.watchdog.plugins, parts.store, parts.settler)
+        await orphan(parts)
+        release = refuses_once_released(rig)
+        await rig.watchdog.sweep(now_ms() + HOUR)  # ends it, and asks the backend to stop the run
+        await eventually(lambda: len(rig.backend.stopped) == 1)
+        first = (await parts.row("j")).stop_due
+        assert first is not None
+        held_until = now_ms() + 1200
+        swept = 0
+        while now_ms() < held_until:
+            swept += await other.sweep(now_ms())
+            await asyncio.sleep(0.05)
+        renewed = (await parts.row("j")).stop_due
+        assert (swept, len(rig.backend.stopped)) == (0, 1)
+        assert renewed is not None and renewed > first + 600  # moved on with the stop
+
+        release.set()
+        await looks_done(rig)
+        assert [t for t, _ in await history(rig)] == ["timed_out", "finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+        await asyncio.sleep(0.4)  # a lease's renewals later: none wrote the row again
+        assert (await parts.row("j")).stop_due is None
+        assert await other.sweep(now_ms() + HOUR) == 0
+        assert len(rig.backend.stopped) == 1
+
+
+async def test_a_renewal_whose_write_did_not_answer_leaves_both_values_to_the_stop():
+    """A renewal the store applied but whose answer was lost (it failed, or
+    was cut short) leaves the lease under one of two values: the next
+    renewal, and the write that records the stop, find the row's."""
+    from core.lease import StopLease
+
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + HOUR)
+        assert rec is not None and rec.stop_due is not None
+        lease = StopLease(parts.jobs, rec, 60_000)
+        claim = parts.jobs.claim_stop
+
+        async def applied_then_lost(*args: Any) -> JobRecord | None:
+            await claim(*args)
+            raise OSError("the answer was lost")
+
+        parts.jobs.claim_stop = applied_then_lost  # type: ignore[method-assign]
+        with logs_of("tether") as logs:
+            await lease.renew()
+        applied = (await parts.row("j")).stop_due
+        assert applied is not None and lease.claims == [applied, rec.stop_due]
+        assert any("renewing the lease" in line for line in logs.lines), logs.lines
+
+        parts.jobs.claim_stop = claim  # type: ignore[method-assign]
+        await asyncio.sleep(0.002)
+        await lease.renew()  # from the value the row holds
+        [held] = lease.claims
+        assert held == (await parts.row("j")).stop_due and held > applied
+
+        parts.jobs.claim_stop = applied_then_lost  # type: ignore[method-assign]
+        await asyncio.sleep(0.002)
+        await lease.renew()
+        assert len(lease.claims) == 2
+        steps = wired(make_rig(parts))
+        written = await steps._stop_recorded(rec, 1, lease, [])
+        assert written is not None and written.stop_due is None
+
+
+async def test_a_lease_taken_over_is_no_longer_renewed():
+    """Another process claimed the stop (this one stalled past its lease):
+    the renewal finds the row's `stop_due` is not its own, says so, and
+    renews no more; the other process's lease stands."""
+    from core.lease import StopLease
+
+    async with open_parts(watchdog_interval=0) as parts:
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
+        assert rec is not None and rec.stop_due is not None
+        taken = await parts.jobs.claim_stop("j", rec.stop_due, now_ms() + HOUR)
+        assert taken is not None
+        lease = StopLease(parts.jobs, rec, 100)
+        with logs_of("tether") as logs:
+            async with lease.kept():
+                await asyncio.sleep(0.2)  # a renewal or more
+        assert lease.claims == []
+        assert any("taken over" in line for line in logs.lines), logs.lines
+        assert (await parts.row("j")).stop_due == taken.stop_due
+
+
+async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop():
+    """A backend's `cancel` raising `CancelledError` while nothing cancels the
+    stop (a library's inner future leaking its cancellation) is a failure
+    like any other: logged and filed as `cancel_failed`, the stop recorded,
+    not mistaken for the service stopping (which gives the lease up)."""
+    async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+
+        async def leaks(job: Job) -> None:
+            raise asyncio.CancelledError
+
+        rig.backend.stopping = leaks
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + HOUR)
+        assert rec is not None
+        with logs_of("tether") as logs:
+            await steps.finish_orphan(rec)
+        [(_, failed)] = [e for e in await history(rig) if e[0] == "cancel_failed"]
+        assert failed["error"]["type"] == "CancelledError"
+        assert (await parts.row("j")).stop_due is None
+        assert not any("cut short" in line for line in logs.lines), logs.lines
+        assert any("cancelling the external run failed" in line for line in logs.lines)
