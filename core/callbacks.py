@@ -166,7 +166,7 @@ class Callbacks:
             return NewEvent("callback", {"verdict": verdict, "status": status, **digest})
 
         result, rec = await self.settler.settle(
-            job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt
+            job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt, seen=rec
         )
         if result != "accepted" and rec.attempt > attempt:
             # A retry came between the read above and the settle: the

@@ -233,6 +233,7 @@ class Settler:
         attempt: int | None = None,
         salt: str | None = None,
         wait_stop: bool = False,
+        seen: JobRecord | None = None,
     ) -> tuple[SettleResult, JobRecord]:
         """End job `job_id`'s wait with `outcome`, unless something ended it first.
 
@@ -250,13 +251,15 @@ class Settler:
         `wait_stop` (the watchdog, whose looks run outside any request and
         are bounded per sweep, awaits it); the stop's outcome (a
         `cancel_failed`) is an event filed later, which the job's stream
-        waits for (`stop_due`).
+        waits for (`stop_due`). `seen`: the job's row as the caller read it
+        before this settle (pass it whenever it read the row): one ended at
+        `attempt` already was ended by another settle, whatever this one wins.
         """
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
             if current is None:
                 raise NotFound.job(job_id)
-            attempt = current.attempt
+            attempt, seen = current.attempt, current
         promise_id = callback_promise_id(job_id, attempt)
         tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
         # masked, then bounded: no whole token is left for the bound to cut
@@ -281,7 +284,7 @@ class Settler:
             # (the trigger reads it first), but only while it is still
             # one of those; else the promise exists now.
             early = ("queued", "pending")
-            rec, ended = await self._end(job_id, outcome, early, note, "accepted", attempt)
+            rec, ended, _ = await self._end(job_id, outcome, early, note, "accepted", attempt)
             # A queued one is the service's (listener); a workflow that is
             # only slow to make its promise finishes the job itself (its
             # trigger finds it ended): finishing it here too told the plugins
@@ -300,6 +303,12 @@ class Settler:
         settled = outcome_of(data) if data is not None else STORE_TIMEOUT
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
+        # Ended before this settle came (on the unborn path, its promise born
+        # since and not yet settled by the trigger): this settle's value
+        # ended nothing, and an identical note before `finished` is another
+        # settle's (a first callback's, this one repeating it), not its own.
+        if won and seen is not None and seen.attempt == attempt and seen.finished:
+            won = False
         # Lost: the winner's own event first, should this settle be the one
         # that ends the job (the winner's index write timed out, or is late).
         before = [store_timed_out()] if data is None else noted(data) if not won else []
@@ -311,7 +320,7 @@ class Settler:
         # over once the lease ran out.
         orphan = data is None and not await self._workflow_alive(job_id, attempt)
         stop_due = now_ms() + self.stop_lease_ms if orphan else None
-        rec, ended = await self._end(
+        rec, ended, result = await self._end(
             job_id, settled, OPEN_STATES, note, result, attempt, before, won=won, stop_due=stop_due
         )
         if ended and orphan:
@@ -366,7 +375,7 @@ class Settler:
         *,
         won: bool = False,
         stop_due: int | None = None,
-    ) -> tuple[JobRecord, bool]:
+    ) -> tuple[JobRecord, bool, SettleResult]:
         """Record `outcome` in the index if the job is at `attempt`, with the
         note's event for `result` before `finished` if this ends the job; if it
         does not (someone recorded the end first), the note's event for how
@@ -375,8 +384,10 @@ class Settler:
         settle's value is the promise's, so whoever recorded the end from it
         (the workflow's finish, a settle that lost) filed its note already
         (`noted`): not again. `stop_due`: the run's stop is due then, if this
-        ends a job with a run (`JobIndex.end`). Returns the row, and whether
-        this ended the job."""
+        ends a job with a run (`JobIndex.end`). Returns the row, whether
+        this ended the job, and how the settle turned out: `result`, but
+        judged against the row when it is `accepted` and another settle
+        ended the job (not from this one's value)."""
         event = None if note is None else note(result)
         events = [*(before or []), *([event] if event else [])]
         rec, ended = await store_call(
@@ -386,14 +397,14 @@ class Settler:
             raise NotFound.job(job_id)
         if note is not None and not ended and rec.finished and rec.attempt == attempt:
             if won and await self._filed(rec, note("accepted")):
-                return rec, ended
-            if result == "accepted":  # the unborn path: another settle ended it first
+                return rec, ended, result
+            if result == "accepted":  # another settle ended it first, not from this one's value
                 same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
                 result = judge(rec.state, same)
             late = note(result)
             if late is not None:
                 rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec
-        return rec, ended
+        return rec, ended, result
 
     async def _filed(self, rec: JobRecord, event: NewEvent | None) -> bool:
         """Whether `event` was filed with the end of `rec`'s attempt: whoever

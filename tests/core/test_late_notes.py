@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 from resonate.types import Value
 
+from core.callbacks import Callbacks
 from core.models import Outcome
+from core.plugins import Plugins, make_plugin_manager
 from core.settle import noted, outcome_of, settled_value
 from core.store.jobs import NewEvent, now_ms
+from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, open_parts
 
@@ -107,3 +110,70 @@ async def test_a_settle_that_won_after_the_workflow_ended_the_job_files_nothing_
         ("finished", None),
     ]
     assert [e.type for e in events].count("callback") == 1
+
+
+# ── a promise born after the job ended (the unborn path) ─────────────────────
+
+
+async def history(parts: Parts) -> list[tuple[str, Any]]:
+    _, events = await parts.jobs.events_after("j", 0, 20)
+    return [(e.type, e.data.get("verdict")) for e in events]
+
+
+@pytest.mark.parametrize("same", [True, False])
+async def test_a_settle_that_wins_a_promise_born_after_the_job_ended_is_told_how_it_compares(
+    parts: Parts, same: bool
+):
+    """A first callback ended the job before its workflow made its promise
+    (the unborn path: its note filed with the end); the workflow then made
+    it, and a second callback settled it before the trigger did (which
+    settles the promise of a job it finds ended). The second won the
+    promise, yet ended nothing: told, and noted, as a `duplicate` (the same
+    body: its note is the first one's, which is not its own) or `conflict`."""
+    await parts.add_job("j")
+    first, _ = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    assert first == "accepted"
+    await parts.add_promise("j")
+    seen = await parts.row("j")
+    again = DONE if same else Outcome(status="succeeded", result={"rows": 4})
+
+    def again_note(verdict: str) -> NewEvent:
+        return note(verdict) if same else NewEvent("callback", {"verdict": verdict, "x": 1})
+
+    result, rec = await parts.settler.settle(
+        "j", again, by="callback", note=again_note, attempt=1, seen=seen
+    )
+
+    verdict = "duplicate" if same else "conflict"
+    assert (result, rec.state, rec.result) == (verdict, "succeeded", {"rows": 3})
+    assert (await history(parts))[-3:] == [
+        ("callback", "accepted"),
+        ("finished", None),
+        ("callback", verdict),
+    ]
+    assert rec == await parts.row("j")
+
+
+async def test_a_repeated_callback_after_an_unborn_path_end_is_a_duplicate_event(parts: Parts):
+    """The same through the callback URL: the second identical POST, its
+    promise born meanwhile, is answered and filed as a `duplicate`, once."""
+    signer = CallbackSigner(parts.settings.callback_secret, "http://tether.example")
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    callbacks = Callbacks(plugins, parts.jobs, signer, parts.settler)
+    promise_id = callback_promise_id("j")
+    token = signer.token(promise_id)
+    body = b'{"status": "succeeded", "result": {"rows": 3}}'
+    await parts.add_job("j")
+
+    first = await callbacks.take(promise_id, token, body)
+    await parts.add_promise("j")  # the workflow makes it; its trigger has yet to settle it
+    second = await callbacks.take(promise_id, token, body)
+
+    assert (first.outcome, second.outcome) == ("accepted", "duplicate")
+    assert (await history(parts))[-3:] == [
+        ("callback", "accepted"),
+        ("finished", None),
+        ("callback", "duplicate"),
+    ]
+    _, events = await parts.jobs.events_after("j", 0, 20)
+    assert token not in str([e.data for e in events])
