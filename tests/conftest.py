@@ -57,6 +57,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening_socket(port: int = 0) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port` (0: a free one), for a server in
+    this process to serve on. Bound here rather than by the server: a port
+    picked first (`free_port`) may be taken before the server binds it, by
+    another test's server while pytest-xdist runs two tests at once. With
+    SO_REUSEADDR, as uvicorn binds: a port given again (a restart) binds
+    though the connections its last server closed still linger (TIME_WAIT)."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 HOLD = 0.5
 """Seconds a condition must go on holding before "exactly once" is believed."""
 
@@ -383,11 +401,13 @@ class QuickServer(uvicorn.Server):
             if not state.connections:
                 break
             await asyncio.sleep(0.005)
-        if state.connections or state.tasks or sockets:
+        if state.connections or state.tasks:
             await super().shutdown(sockets)
             return
         for server in self.servers:
             server.close()
+        for sock in sockets or []:
+            sock.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -395,8 +415,10 @@ class QuickServer(uvicorn.Server):
 @pytest.fixture
 async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[..., Any]]:
     """`await start_service(plugins=[...], **settings)` → a running `Service`,
-    on a new store of the test's kind unless `store=` is given."""
+    on a new store of the test's kind unless `store=` is given, and on a port
+    of its own (`listening_socket`) unless `port=` is given (a restart's)."""
     running: list[tuple[uvicorn.Server, asyncio.Task[None], httpx.AsyncClient]] = []
+    sockets: list[socket.socket] = []
 
     async def start(plugins: tuple[Any, ...] = (), **overrides: Any) -> Service:
         if "store" not in overrides:  # a new database only when none is given
@@ -405,7 +427,9 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
             from tests.resonate_server.stand_in import index_beside
 
             overrides.setdefault("index", index_beside(overrides["store"]))
-        settings = test_settings(**overrides)
+        sock = listening_socket(overrides.pop("port", None) or 0)
+        sockets.append(sock)
+        settings = test_settings(port=sock.getsockname()[1], **overrides)
         app = create_app(settings, make_plugin_manager(entry_points=False, extra=plugins))
         config = uvicorn.Config(
             app,
@@ -416,7 +440,7 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
             http=SERVER_OPTIONS["http"],  # the loop is the test's own
         )
         server = QuickServer(config)
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         await eventually(lambda: server.started or task.done(), timeout=10, every=0.01)
         if task.done():
             task.result()
@@ -425,10 +449,14 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
         return Service(settings, client, app)
 
     yield start
-    for server, task, client in running:
-        await client.aclose()
-        server.stop()
-        await task
+    try:
+        for server, task, client in running:
+            await client.aclose()
+            server.stop()
+            await task
+    finally:  # a server that stopped closed its socket; one that never started did not
+        for sock in sockets:
+            sock.close()
 
 
 # ── a test named for a hook must run it ───────────────────────────────────────
