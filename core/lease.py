@@ -31,8 +31,9 @@ from core.store.jobs import JobIndex, JobRecord, now_ms
 log = logging.getLogger("tether")
 
 RENEWALS_PER_LEASE = 3
-"""How often the holder renews within one lease: a renewal lost to a slow or
-failing store leaves two more tries before the lease runs out."""
+"""How often the holder renews within one lease (each a third of it after the
+last one began): a renewal lost to a slow or failing store leaves one more
+try a third of a lease before it runs out, and another as it does."""
 
 
 class StopLease:
@@ -72,8 +73,15 @@ class StopLease:
             await asyncio.wait([renewing])
 
     async def _keep(self) -> None:
+        """A renewal every third of the lease, counted from the last one's
+        start: one the store held (up to `STORE_CALL_TIMEOUT`, longer than a
+        third of a short lease) does not put the next one off by as long."""
+        loop = asyncio.get_running_loop()
+        every = self.length_ms / RENEWALS_PER_LEASE / 1000
+        began = loop.time()
         while self._claims:
-            await asyncio.sleep(self.length_ms / RENEWALS_PER_LEASE / 1000)
+            await asyncio.sleep(max(began + every - loop.time(), 0))
+            began = loop.time()
             await self.renew()
 
     async def renew(self) -> None:

@@ -720,3 +720,42 @@ async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop():
         assert (await parts.row("j")).stop_due is None
         assert not any("cut short" in line for line in logs.lines), logs.lines
         assert any("cancelling the external run failed" in line for line in logs.lines)
+
+
+async def test_a_renewal_the_store_holds_does_not_put_the_next_one_off():
+    """A renewal the store holds for longer than a third of the lease (its
+    write lock taken by another process, up to `STORE_CALL_TIMEOUT`) and
+    then fails: the next one comes a third of a lease after that one began,
+    not a third of a lease after it gave up, so the lease does not lapse
+    meanwhile (no sweep of another process finds the stop due)."""
+    from core.lease import StopLease
+
+    async with open_parts(watchdog_interval=0) as parts:
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        length = 2400
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + length)
+        assert rec is not None and rec.stop_due is not None
+        lease = StopLease(parts.jobs, rec, length)
+        claim = parts.jobs.claim_stop
+        held: list[int] = []
+
+        async def held_once(*args: Any) -> JobRecord | None:
+            if not held:  # the first renewal: held most of two thirds of the lease, then failed
+                held.append(now_ms())
+                await asyncio.sleep(1.3)
+                raise OSError("the store did not answer")
+            return await claim(*args)
+
+        parts.jobs.claim_stop = held_once  # type: ignore[method-assign]
+        lapsed: list[int] = []
+        async with lease.kept():
+            until = now_ms() + 2 * length
+            while now_ms() < until:
+                due = (await parts.row("j")).stop_due
+                assert due is not None
+                if due <= now_ms():
+                    lapsed.append(now_ms() - due)
+                await asyncio.sleep(0.02)
+        assert held, "no renewal was held"
+        assert not lapsed, f"the lease lapsed for {max(lapsed)} ms"
+        assert lease.claims == [(await parts.row("j")).stop_due]
