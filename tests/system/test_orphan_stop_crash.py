@@ -129,7 +129,7 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     cancels: list[tuple[float, Hit]] = []  # (Unix time, the request)
-    first_cancel, release = threading.Event(), threading.Event()
+    first_cancel, release, looked = threading.Event(), threading.Event(), threading.Event()
 
     def respond(hit: Hit) -> tuple[int, Any]:
         if hit.path != "/cancel":
@@ -139,6 +139,7 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
             first_cancel.set()
             release.wait(HELD + 20)
             return 200, {}
+        looked.wait(20)  # the stop taken over: held while the stream is looked at
         return 400, {"error": "that run cannot be stopped"}
 
     receiver.respond = respond
@@ -164,11 +165,11 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
     third = ShortBounds(tmp_path, port=first.port).start()
     try:
         stream = Stream(third.url, "orphan")  # waits past `finished` for the stop
-        if time.time() * 1000 < stop_due - 1500:  # (the lease still runs: as a rule)
-            wait_until(lambda: "finished" in stream.types())
-            time.sleep(0.5)
-            assert not stream.ended.is_set() and len(cancels) == 1
+        wait_until(lambda: "finished" in stream.types())
         wait_until(lambda: len(cancels) == 2, timeout=30)
+        time.sleep(0.5)  # the stop taken over, its `cancel` held: still due
+        assert not stream.ended.is_set() and len(cancels) == 2, stream.messages
+        looked.set()
         assert stream.ended.wait(15), stream.messages
         assert stream.said_end(), stream.messages
         with third.client() as client:
@@ -178,6 +179,7 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
         with third.client() as client:
             assert history(client, "orphan") == items
     finally:
+        looked.set()
         third.kill()
 
     types = [e["type"] for e in items]
