@@ -184,7 +184,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     task_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     """Seconds a worker's lease on a running workflow step lasts; the worker
     renews it every half of that while alive. After a crash, another worker
-    takes the step over within this time."""
+    takes the step over within this time. Also the lease on the stop of the
+    run of a job no workflow finishes (`core.lease`, renewed every third)."""
 
     max_concurrent_tasks: Annotated[int, msgspec.Meta(ge=1)] = 64
     """Workflow steps (triggers, finishes) one process runs at once; past it,

@@ -354,9 +354,10 @@ class JobIndex(Protocol):
 
     async def claim_stop(self, job_id: str, expected: int, until: int) -> JobRecord | None:
         """Take over the stop of a job's run whose `stop_due` is `expected`
-        (passed: the process that held it died, or stalled): `stop_due`
-        moves to `until`, this process's lease, longer than one stop takes,
-        so no other process stops the run meanwhile. The row as claimed (its
+        (passed: the process that held it died, or stalled), or renew this
+        process's own (`core.lease`): `stop_due` moves to `until`, this
+        process's lease, renewed while the stop runs, so no other process
+        stops the run meanwhile. The row as claimed (its
         `stop_attempt` says whose run it is: the row may be at a later
         attempt, retried by a host of an earlier release); None if another
         process claimed it first, or the stop was recorded."""
