@@ -14,7 +14,11 @@ A renewal is a compare-and-set from the value held to a later one. One whose
 write did not answer (the store slow, or the renewal cut short) may yet be
 applied, so both values stay candidates (`claims`) until a later write tells
 which is the row's: the write that ends the hold (`stopped`, `release_stop`)
-tries each, newest first, and at most one can match.
+tries each, oldest first, and at most one can match. Oldest first: a
+renewal cut short whose write still lands (on Postgres, a statement sent
+before the cancellation) moves the row from an older value to a newer, so a
+try of the older value that misses is followed by one of the newer that
+finds it, never the other way round.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ class StopLease:
 
     @property
     def claims(self) -> list[int]:
-        """The candidates, newest first; empty once the stop was lost (taken
-        over by another process, or recorded)."""
-        return self._claims[::-1]
+        """The candidates, oldest first (see the module's docstring); empty
+        once the stop was lost (taken over by another process, or recorded)."""
+        return list(self._claims)
 
     @property
     def until(self) -> int:

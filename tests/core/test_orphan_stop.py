@@ -631,8 +631,16 @@ async def test_a_stop_that_outlasts_its_lease_keeps_it_while_its_process_lives()
         await looks_done(rig)
         assert [t for t, _ in await history(rig)] == ["timed_out", "finished", "cancel_failed"]
         assert (await parts.row("j")).stop_due is None
-        await asyncio.sleep(0.4)  # a lease's renewals later: none wrote the row again
-        assert (await parts.row("j")).stop_due is None
+        renewals: list[tuple[Any, ...]] = []
+        claim = parts.jobs.claim_stop
+
+        async def counted(*args: Any) -> JobRecord | None:
+            renewals.append(args)
+            return await claim(*args)
+
+        parts.jobs.claim_stop = counted  # type: ignore[method-assign]
+        await asyncio.sleep(0.4)  # more than a lease: the stop is over, none renews it
+        assert renewals == []
         assert await other.sweep(now_ms() + HOUR) == 0
         assert len(rig.backend.stopped) == 1
 
@@ -658,7 +666,7 @@ async def test_a_renewal_whose_write_did_not_answer_leaves_both_values_to_the_st
         with logs_of("tether") as logs:
             await lease.renew()
         applied = (await parts.row("j")).stop_due
-        assert applied is not None and lease.claims == [applied, rec.stop_due]
+        assert applied is not None and lease.claims == [rec.stop_due, applied]
         assert any("renewing the lease" in line for line in logs.lines), logs.lines
 
         parts.jobs.claim_stop = claim  # type: ignore[method-assign]
