@@ -60,15 +60,17 @@ half of its stop's leases."""
 
 
 class ShortBounds(TetherProcess):
-    """`tether serve` on `tmp_path`'s store, with the bounds above."""
+    """`tether serve` on `tmp_path`'s store (or `store`: one Postgres for
+    several hosts, each with a `tmp_path` of its own), with the bounds above."""
 
     bounds = SHORT_BOUNDS
 
     ttl = "2"
 
-    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
+    def __init__(self, tmp_path: Path, port: int | None = None, store: str | None = None) -> None:
+        tmp_path.mkdir(exist_ok=True)
         env = {
-            "TETHER_STORE": f"sqlite:///{tmp_path / 'tether.db'}",
+            "TETHER_STORE": store or f"sqlite:///{tmp_path / 'tether.db'}",
             "TETHER_TASK_TTL": self.ttl,
             "TETHER_TRIGGER_ATTEMPTS": "1",
             "TETHER_WEBHOOK_AUTH_RUNNER": SECRET,
@@ -251,3 +253,64 @@ def test_a_stop_cut_short_by_sigterm_is_asked_again_at_the_restart_not_after_its
     assert "cut short" in logs
     for secret in ("orphan-stop-s3cret", "process-secret", "token="):
         assert secret not in logs
+
+
+def test_a_host_killed_mid_stop_leaves_it_to_the_other_within_a_lease_postgres(
+    tmp_path: Path, receiver: Receiver, fresh_pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two hosts on one Postgres: host B's watchdog ends the job (its first
+    host A killed before the deadline) and asks the backend to stop the run,
+    whose `cancel` is held; host C (A come back, in a directory of its own)
+    leaves the stop to B while B renews its lease, however long the `cancel`
+    takes; B is SIGKILLed, and C asks the backend again once B's lease (2 s,
+    `TETHER_TASK_TTL`) ran out, and files the outcome once."""
+    cancels: list[tuple[float, Hit]] = []
+    first_cancel, release = threading.Event(), threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        cancels.append((time.time(), hit))
+        if not first_cancel.is_set():  # held while B lives, then is killed
+            first_cancel.set()
+            release.wait(HELD + 20)
+            return 200, {}
+        return 400, {"error": "that run cannot be stopped"}
+
+    receiver.respond = respond
+    a = ShortBounds(tmp_path / "a", store=fresh_pg_url)
+    left_running_past_its_deadline(a, receiver)
+    b = ShortBounds(tmp_path / "b", store=fresh_pg_url).start()
+    c = ShortBounds(tmp_path / "c", store=fresh_pg_url)
+    try:
+        assert first_cancel.wait(20), b.log.read_text()
+        c.start()
+        time.sleep(HELD)  # B renews its lease: C's sweeps leave the stop be
+        assert len(cancels) == 1, cancels
+        b.kill()
+        killed = time.time()
+        release.set()
+        wait_until(lambda: len(cancels) == 2, timeout=30)
+        with c.client() as client:
+            wait_until(lambda: "cancel_failed" in [e["type"] for e in history(client, "orphan")])
+            time.sleep(1.0)  # no third stop, no second outcome
+            items = history(client, "orphan")
+    finally:
+        release.set()
+        b.kill()
+        c.kill()
+    taken_over = cancels[1][0] - killed
+    types = [e["type"] for e in items]
+    assert types == ["accepted", "triggered", "timed_out", "finished", "cancel_failed"], items
+    assert len(cancels) == 2 and taken_over < 2.0 + 3.0  # the lease, and a sweep's slack
+    assert [hit.body["promise_id"] for _, hit in cancels] == ["orphan:1", "orphan:1"]
+    assert "stopping it again" in c.log.read_text()
+    logs = "".join(p.log.read_text() for p in (a, b, c))
+    for secret in ("orphan-stop-s3cret", "process-secret", "token="):
+        assert secret not in logs
+        assert secret not in json.dumps(items)
+    with capsys.disabled():
+        print(
+            f"\n[figures] two hosts on Postgres: the stop of a killed host's orphan asked again"
+            f" by the other {taken_over:.1f} s after SIGKILL (lease, TETHER_TASK_TTL, 2 s)"
+        )
