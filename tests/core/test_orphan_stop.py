@@ -204,7 +204,7 @@ async def test_a_stop_cut_short_by_a_shutdown_is_taken_over_by_the_next_sweep():
     `cancel` is under way: the stop gives its lease up (`stop_due` becomes
     now) and the cancellation goes on, so the next sweep of any watchdog
     (the restarted service's first) stops the run again, not the lease's
-    end 21 minutes later (a stream and a retry of the job wait till then)."""
+    end (a stream and a retry of the job wait till then)."""
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
@@ -467,7 +467,7 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
     now and then: the write that files the stop's outcome and clears
     `stop_due` is tried again while the lease lasts, not left to the
     watchdog once the lease ran out (a stream and a retry of the job would
-    wait for it the lease's 21 minutes, and the run be asked to stop, and
+    wait for it the rest of the lease, and the run be asked to stop, and
     the plugins told, a second time)."""
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
