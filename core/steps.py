@@ -476,7 +476,7 @@ class JobSteps:
             if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
                 bound = now_ms() + int(self.stop_within() * 1000)
                 async with lease.kept():
-                    failed = await self._cancel_failure(backend, rec, bound)
+                    failed = await self._cancel_failure(backend, rec, bound, lease)
             log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
             self.plugins.job_finished(view(rec))
         else:  # the row's run (if any) is a later attempt's: its workflow's to stop
@@ -573,7 +573,11 @@ class JobSteps:
             await self.jobs.record(rec.id, [failed], now_ms())
 
     async def _cancel_failure(
-        self, backend: Backend, rec: JobRecord, bound: int | None = None
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        bound: int | None = None,
+        lease: StopLease | None = None,
     ) -> NewEvent | None:
         """`backend.cancel`, tried as a trigger is while it fails with a
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
@@ -586,12 +590,17 @@ class JobSteps:
         file, so the API, the dashboard and `/metrics` tell that the run may
         still be going. `bound` (Unix ms; a stop under a lease, whose
         `stop_within` it is): no more tries once one would end past it (a
-        backend's long `retry_after`). A `CancelledError` the backend raises
-        of its own (this task is not being cancelled) is a failure like any
-        other: only a real cancellation (the service stopping) goes up."""
+        backend's long `retry_after`); nor once `lease` (the stop's, renewed
+        meanwhile) was found taken over: the process that took it asks the
+        backend now, and files the outcome (None here). A `CancelledError`
+        the backend raises of its own (this task is not being cancelled) is
+        a failure like any other: only a real cancellation (the service
+        stopping) goes up."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
+            if lease is not None and not lease.claims:  # taken over (found by a renewal)
+                return None
             limit = asyncio.timeout(CANCEL_TIMEOUT)
             try:
                 async with limit:

@@ -767,3 +767,38 @@ async def test_a_renewal_the_store_holds_does_not_put_the_next_one_off():
         assert held, "no renewal was held"
         assert not lapsed, f"the lease lapsed for {max(lapsed)} ms"
         assert lease.claims == [(await parts.row("j")).stop_due]
+
+
+async def test_a_stop_whose_lease_was_taken_over_tries_the_backend_no_more():
+    """Another process took the stop over while this one's `cancel` failed
+    with a retryable error (this one cut off from the store for a lease):
+    once a renewal finds the lease gone, this process asks the backend no
+    more (its tries would run beside the other process's, up to the stop's
+    bound of about 21 minutes, and it files nothing), as the stop under a
+    lease of one stop's length stopped at the lease's end before."""
+    async with open_parts(
+        watchdog_interval=0, trigger_attempts=4, trigger_backoff=0.3, task_ttl=0.3
+    ) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
+        assert rec is not None and rec.stop_due is not None
+        taken: list[int] = []
+
+        async def throttled_and_taken_over(job: Job) -> None:
+            if not taken:  # meanwhile another process claims the stop
+                row = await parts.row("j")
+                assert row.stop_due is not None
+                claimed = await parts.jobs.claim_stop("j", row.stop_due, now_ms() + HOUR)
+                assert claimed is not None and claimed.stop_due is not None
+                taken.append(claimed.stop_due)
+            raise BackendError("slow down", retryable=True)
+
+        rig.backend.stopping = throttled_and_taken_over
+        with logs_of("tether") as logs:
+            await asyncio.wait_for(steps.finish_orphan(rec), 10)
+        assert len(rig.backend.stopped) == 1, logs.lines
+        assert (await parts.row("j")).stop_due == taken[0]  # the other's, untouched
+        assert [e for e in await history(rig) if e[0] == "cancel_failed"] == []
+        assert any("taken over" in line for line in logs.lines), logs.lines
