@@ -29,6 +29,8 @@ async def test_the_callback_finishes_the_job(start_service, receiver):
     assert job["result"] == {"rows": 42}
     assert job["error"] is None
     assert job["finished_at"] is not None
+    # (the job may read succeeded before the receiver's thread has its answer)
+    await eventually(lambda: receiver.callback_answers)
     assert receiver.callback_answers == [200]
 
 
