@@ -91,6 +91,35 @@ class LongLease(ShortBounds):
     ttl = "120"
 
 
+class HeldCancels(list[tuple[float, Hit]]):
+    """The backend, as `receiver.respond`: any request but a `cancel` starts
+    the run; each `cancel` is kept (Unix time, the request), the first held
+    until `release` is set (at most `hold` seconds) and answered 200, a later
+    one held until `later` is set (if given) and answered `then`."""
+
+    def __init__(
+        self,
+        hold: float,
+        then: tuple[int, Any] = (200, {}),
+        later: threading.Event | None = None,
+    ) -> None:
+        super().__init__()
+        self.first, self.release = threading.Event(), threading.Event()
+        self.hold, self.then, self.later = hold, then, later
+
+    def __call__(self, hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/cancel":
+            return 202, {"run": "r-1"}
+        self.append((time.time(), hit))
+        if not self.first.is_set():
+            self.first.set()
+            self.release.wait(self.hold)
+            return 200, {}
+        if self.later is not None:
+            self.later.wait(20)
+        return self.then
+
+
 def row(db: Path, job_id: str) -> tuple[str, int | None]:
     with sqlite3.connect(db) as conn:
         state, stop_due = conn.execute(
@@ -130,21 +159,11 @@ def left_running_past_its_deadline(first: ShortBounds, receiver: Receiver) -> Sh
 def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
     tmp_path: Path, receiver: Receiver
 ) -> None:
-    cancels: list[tuple[float, Hit]] = []  # (Unix time, the request)
-    first_cancel, release, looked = threading.Event(), threading.Event(), threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/cancel":
-            return 202, {"run": "r-1"}
-        cancels.append((time.time(), hit))
-        if not first_cancel.is_set():  # held while the service lives, then is killed
-            first_cancel.set()
-            release.wait(HELD + 20)
-            return 200, {}
-        looked.wait(20)  # the stop taken over: held while the stream is looked at
-        return 400, {"error": "that run cannot be stopped"}
-
-    receiver.respond = respond
+    # The first held while the service lives, then is killed; the stop taken
+    # over held while the stream is looked at, then refused.
+    looked = threading.Event()
+    refused = (400, {"error": "that run cannot be stopped"})
+    receiver.respond = cancels = HeldCancels(HELD + 20, refused, looked)
     first = left_running_past_its_deadline(ShortBounds(tmp_path), receiver)
 
     # Started again past the deadline: its watchdog ends the job and asks the
@@ -152,7 +171,7 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
     second = ShortBounds(tmp_path, port=first.port).start()
     db = tmp_path / "tether.db"
     try:
-        assert first_cancel.wait(20), second.log.read_text()
+        assert cancels.first.wait(20), second.log.read_text()
         _, leased = row(db, "orphan")
         time.sleep(HELD)  # its lease renewed meanwhile: its own sweeps leave the stop be
         state, renewed = row(db, "orphan")
@@ -160,7 +179,7 @@ def test_a_stop_killed_in_flight_is_asked_again_after_a_restart_and_filed_once(
         assert leased is not None and renewed is not None and renewed > leased + 2_000
     finally:
         second.kill()
-        release.set()
+        cancels.release.set()
     state, stop_due = row(db, "orphan")
     assert state == "timed_out" and stop_due is not None  # the stop is still due
 
@@ -209,19 +228,7 @@ def test_a_stop_cut_short_by_sigterm_is_asked_again_at_the_restart_not_after_its
     job's run is held open gives the stop's lease up as it stops: started
     again, its first sweep asks the backend to stop the run again at once,
     not once the lease (here 2 minutes) has run out."""
-    cancels: list[tuple[float, Hit]] = []
-    first_cancel, release = threading.Event(), threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/cancel":
-            return 202, {"run": "r-1"}
-        cancels.append((time.time(), hit))
-        if not first_cancel.is_set():  # held while the service stops
-            first_cancel.set()
-            release.wait(20)
-        return 200, {}
-
-    receiver.respond = respond
+    receiver.respond = cancels = HeldCancels(20)  # the first held while the service stops
     first = left_running_past_its_deadline(LongLease(tmp_path), receiver)
 
     # Started again past the deadline: its watchdog ends the job and asks the
@@ -229,13 +236,13 @@ def test_a_stop_cut_short_by_sigterm_is_asked_again_at_the_restart_not_after_its
     second = LongLease(tmp_path, port=first.port).start()
     db = tmp_path / "tether.db"
     try:
-        assert first_cancel.wait(20), second.log.read_text()
+        assert cancels.first.wait(20), second.log.read_text()
         state, lease = row(db, "orphan")
         assert state == "timed_out" and lease is not None
         assert second.terminate() == -signal.SIGTERM  # drained: uvicorn re-raises it
     finally:
         second.kill()
-        release.set()
+        cancels.release.set()
     stopped = time.time() * 1000
     state, stop_due = row(db, "orphan")
     assert state == "timed_out" and stop_due is not None and stop_due <= stopped < lease
@@ -264,39 +271,28 @@ def test_a_host_killed_mid_stop_leaves_it_to_the_other_within_a_lease_postgres(
     leaves the stop to B while B renews its lease, however long the `cancel`
     takes; B is SIGKILLed, and C asks the backend again once B's lease (2 s,
     `TETHER_TASK_TTL`) ran out, and files the outcome once."""
-    cancels: list[tuple[float, Hit]] = []
-    first_cancel, release = threading.Event(), threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/cancel":
-            return 202, {"run": "r-1"}
-        cancels.append((time.time(), hit))
-        if not first_cancel.is_set():  # held while B lives, then is killed
-            first_cancel.set()
-            release.wait(HELD + 20)
-            return 200, {}
-        return 400, {"error": "that run cannot be stopped"}
-
-    receiver.respond = respond
+    # The first held while B lives, then is killed; the one C makes refused.
+    refused = (400, {"error": "that run cannot be stopped"})
+    receiver.respond = cancels = HeldCancels(HELD + 20, refused)
     a = ShortBounds(tmp_path / "a", store=fresh_pg_url)
     left_running_past_its_deadline(a, receiver)
     b = ShortBounds(tmp_path / "b", store=fresh_pg_url).start()
     c = ShortBounds(tmp_path / "c", store=fresh_pg_url)
     try:
-        assert first_cancel.wait(20), b.log.read_text()
+        assert cancels.first.wait(20), b.log.read_text()
         c.start()
         time.sleep(HELD)  # B renews its lease: C's sweeps leave the stop be
         assert len(cancels) == 1, cancels
         b.kill()
         killed = time.time()
-        release.set()
+        cancels.release.set()
         wait_until(lambda: len(cancels) == 2, timeout=30)
         with c.client() as client:
             wait_until(lambda: "cancel_failed" in [e["type"] for e in history(client, "orphan")])
             time.sleep(1.0)  # no third stop, no second outcome
             items = history(client, "orphan")
     finally:
-        release.set()
+        cancels.release.set()
         b.kill()
         c.kill()
     taken_over = cancels[1][0] - killed
