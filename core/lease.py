@@ -115,7 +115,8 @@ class StopLease:
             self._claims.remove(held)
         if not self._claims:
             log.warning(
-                "job %s: the lease on its run's stop was taken over by another process",
+                "job %s: the lease on its run's stop is no longer this process's (taken"
+                " over by another process, or the stop's outcome recorded)",
                 self.rec.id,
                 extra=self.rec.log_extra(),
             )

@@ -462,7 +462,8 @@ class JobSteps:
         if recorded is None:
             log.warning(
                 "job %s: its run's stop was taken over by another process (this one stalled"
-                " past its lease); the other process records its outcome",
+                " past its lease), which records its outcome; or a write of this one's whose"
+                " answer was lost recorded it",
                 rec.id,
                 extra=rec.log_extra(),
             )
@@ -535,14 +536,16 @@ class JobSteps:
     async def _stop_recorded(
         self, rec: JobRecord, attempt: int, lease: StopLease, outcome: list[NewEvent]
     ) -> JobRecord | None:
-        """`jobs.stopped` for the stop held under `lease` (no longer renewed:
-        its values are settled), tried again (`RETRY_BACKOFF` doubled) while
-        it fails and the lease lasts: just after the outage that made the
-        orphan the store may still fail now and then, and a stop left due
-        waits the lease out before it is made again. Raises the last failure
-        once no try would end within the lease: the stop is then the
-        watchdog's. A try that failed may have been applied: a later one
-        then finds it recorded (None, as if taken over)."""
+        """`jobs.stopped` for the stop held under `lease` (renewed no longer
+        in the background: its values are settled), tried again
+        (`RETRY_BACKOFF` doubled) while it fails: just after the outage that
+        made the orphan the store may still fail now and then, and a stop
+        left due is made again by another process once its lease ran out.
+        The lease is renewed between tries (never beside one), so a store
+        that answers now and then keeps it; raises the last failure once no
+        try would end within it: the stop is then the watchdog's. A try that
+        failed may have been applied: the renewal or a later try then finds
+        the stop recorded (None, as if taken over)."""
         delay = RETRY_BACKOFF
         while True:
             try:
@@ -554,6 +557,9 @@ class JobSteps:
                         return written
                 return None
             except Exception as exc:
+                await lease.renew()
+                if not lease.claims:  # taken over, or the failed try was applied
+                    return None
                 if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= lease.until:
                     raise
                 log.warning(

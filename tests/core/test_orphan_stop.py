@@ -503,6 +503,45 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
         assert not any("taken over" in line for line in logs.lines), logs.lines
 
 
+async def test_a_stop_whose_outcome_the_store_fails_past_a_lease_keeps_its_lease(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The write that files the stop's outcome fails for three leases, while
+    the store still answers the lease's renewals (it fails now and then):
+    the lease is renewed between the tries, so the outcome is filed by this
+    process, and another process's sweeps, all along, find nothing due (the
+    run is asked to stop once)."""
+    monkeypatch.setattr(core.steps, "RETRY_BACKOFF", 0.05)
+    monkeypatch.setattr(core.steps, "RETRY_BACKOFF_MAX", 0.1)
+    monkeypatch.setattr(core.steps, "STORE_CALL_TIMEOUT", 0.05)
+    async with open_parts(watchdog_interval=0, trigger_attempts=1, task_ttl=0.3) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+        other = Watchdog(parts.settings, rig.watchdog.plugins, parts.store, parts.settler)
+        stopped = parts.jobs.stopped
+        failing_until = now_ms() + 900
+
+        async def failing(*args: Any) -> JobRecord | None:
+            if now_ms() < failing_until:
+                raise OSError("the store went away")
+            return await stopped(*args)
+
+        parts.jobs.stopped = failing  # type: ignore[method-assign]
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
+        assert rec is not None
+        rig.backend.stopping = refuses
+        stopping = asyncio.create_task(steps.finish_orphan(rec))
+        swept = 0
+        while not stopping.done():
+            swept += await other.sweep(now_ms())
+            await asyncio.sleep(0.05)
+        await stopping
+        assert swept == 0 and len(rig.backend.stopped) == 1
+        assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+        assert (await parts.row("j")).stop_due is None
+
+
 async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_lease(
     tmp_path: Path, receiver: Receiver
 ):
