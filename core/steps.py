@@ -543,7 +543,8 @@ class JobSteps:
         left due is made again by another process once its lease ran out.
         The lease is renewed between tries (never beside one), so a store
         that answers now and then keeps it; raises the last failure once no
-        try would end within it: the stop is then the watchdog's. A try that
+        try would end within the lease the row surely holds (a renewal that
+        failed does not put that off): the stop is then the watchdog's. A try that
         failed may have been applied: the renewal or a later try then finds
         the stop recorded (None, as if taken over)."""
         delay = RETRY_BACKOFF
@@ -560,7 +561,10 @@ class JobSteps:
                 await lease.renew()
                 if not lease.claims:  # taken over, or the failed try was applied
                     return None
-                if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= lease.until:
+                # The oldest candidate: the row surely holds the lease until
+                # then. A renewal that failed adds a later one, which would
+                # put the end off at every try for as long as the store fails.
+                if now_ms() + (delay + STORE_CALL_TIMEOUT) * 1000 >= min(lease.claims):
                     raise
                 log.warning(
                     "job %s: recording its run's stop failed (%s); again in %gs",

@@ -22,7 +22,7 @@ import core.events
 import core.steps
 import core.watchdog
 from core import workflow
-from core.errors import BackendError
+from core.errors import BackendError, StoreUnavailable
 from core.events import JobHistory
 from core.models import ErrorInfo, Job, JobRequest, Outcome
 from core.plugins import Plugins, make_plugin_manager
@@ -540,6 +540,34 @@ async def test_a_stop_whose_outcome_the_store_fails_past_a_lease_keeps_its_lease
         assert swept == 0 and len(rig.backend.stopped) == 1
         assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
         assert (await parts.row("j")).stop_due is None
+
+
+async def test_a_stop_whose_outcome_the_store_answers_nothing_for_hands_it_over(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A store that fails every write (the renewals' too) past the lease:
+    the write that files the stop's outcome is tried no longer than the
+    lease the row surely holds. A renewal that failed may have been
+    applied, but its value does not put the end off: one each try, it
+    would put it off for as long as the store fails."""
+    monkeypatch.setattr(core.steps, "RETRY_BACKOFF", 0.05)
+    monkeypatch.setattr(core.steps, "RETRY_BACKOFF_MAX", 0.1)
+    monkeypatch.setattr(core.steps, "STORE_CALL_TIMEOUT", 0.05)
+    async with open_parts(watchdog_interval=0, trigger_attempts=1, task_ttl=0.3) as parts:
+        rig = make_rig(parts)
+        steps = wired(rig)
+
+        async def failing(*args: Any) -> JobRecord | None:
+            raise OSError("the store went away")
+
+        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
+        assert rec is not None and rec.stop_due is not None
+        rig.backend.stopping = refuses
+        parts.jobs.stopped = failing  # type: ignore[method-assign]
+        parts.jobs.claim_stop = failing  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):  # (not the 3 s: it gave up)
+            await asyncio.wait_for(steps.finish_orphan(rec), 3)
 
 
 async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_lease(
