@@ -506,20 +506,21 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
 async def test_a_stop_whose_outcome_the_store_fails_past_a_lease_keeps_its_lease(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    """The write that files the stop's outcome fails for three leases, while
-    the store still answers the lease's renewals (it fails now and then):
-    the lease is renewed between the tries, so the outcome is filed by this
-    process, and another process's sweeps, all along, find nothing due (the
-    run is asked to stop once)."""
+    """The write that files the stop's outcome fails for three leases (of 1
+    s: room for a loaded machine), while the store still answers the
+    lease's renewals (it fails now and then): the lease is renewed between
+    the tries, so the outcome is filed by this process, and another
+    process's sweeps, all along, find nothing due (the run is asked to stop
+    once)."""
     monkeypatch.setattr(core.steps, "RETRY_BACKOFF", 0.05)
     monkeypatch.setattr(core.steps, "RETRY_BACKOFF_MAX", 0.1)
     monkeypatch.setattr(core.steps, "STORE_CALL_TIMEOUT", 0.05)
-    async with open_parts(watchdog_interval=0, trigger_attempts=1, task_ttl=0.3) as parts:
+    async with open_parts(watchdog_interval=0, trigger_attempts=1, task_ttl=1.0) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
         other = Watchdog(parts.settings, rig.watchdog.plugins, parts.store, parts.settler)
         stopped = parts.jobs.stopped
-        failing_until = now_ms() + 900
+        failing_until = now_ms() + 3000
 
         async def failing(*args: Any) -> JobRecord | None:
             if now_ms() < failing_until:
@@ -528,7 +529,7 @@ async def test_a_stop_whose_outcome_the_store_fails_past_a_lease_keeps_its_lease
 
         parts.jobs.stopped = failing  # type: ignore[method-assign]
         await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
+        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 1000)
         assert rec is not None
         rig.backend.stopping = refuses
         stopping = asyncio.create_task(steps.finish_orphan(rec))
