@@ -117,6 +117,12 @@ class TetherProcess:
     """`tether serve` on 127.0.0.1; `env` adds TETHER_* settings. Output goes to
     `log` so a test can read what the service logged."""
 
+    preamble: str | None = None
+    """Python run before `tether`'s own entry point, in a script that takes
+    the installed command's place (None: the command): a test's patches of
+    the real service's modules (an older workflow version, shorter bounds).
+    The script goes beside `log`."""
+
     def __init__(
         self,
         tmp: Path,
@@ -157,6 +163,17 @@ class TetherProcess:
         self.pinned = True  # served on: a restart keeps it
         return started
 
+    def _command(self) -> str:
+        """The `tether` to run: the installed command, or a script that runs
+        `preamble` and then the command's entry point."""
+        if self.preamble is None:
+            return shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+        script = self.log.with_suffix(".run.py")
+        entry = "import sys\n\nfrom api.cli import main\n\nsys.exit(main(sys.argv[1:]))\n"
+        script.write_text(f"#!{sys.executable}\n{self.preamble}\n{entry}")
+        script.chmod(0o755)
+        return str(script)
+
     def _start(self, port: int, wait: float) -> TetherProcess:
         if port != self.port:  # the last port was taken: this process moves
             url = f"http://127.0.0.1:{port}"
@@ -164,7 +181,7 @@ class TetherProcess:
                 self.env["TETHER_PUBLIC_URL"] = url
             self.env["TETHER_PORT"] = str(port)
             self.port, self.url = port, url
-        exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+        exe = self._command()
         with self.log.open("ab") as out:
             before = out.tell()  # a restart on the same port logs to the same file
             self.proc = subprocess.Popen(

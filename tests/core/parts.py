@@ -8,19 +8,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from resonate.resonate import Resonate
 from resonate.types import PromiseRecord, Value
 
 from core.models import JobState
 from core.settings import Settings
-from core.settle import Settler
+from core.settle import Settler, noted, outcome_of
 from core.store import JobIndex, Store, open_store
-from core.store.jobs import JobRecord, now_ms
-from core.workflow import callback_promise_id
+from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.workflow import callback_promise_id, job_id_of
 
 
 @dataclass
@@ -74,6 +75,32 @@ class Parts:
         await self.resonate.promises.create(
             callback_promise_id(job_id), now_ms() + timeout_ms, Value(data=None), {}
         )
+
+    def ended_as_it_settles(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        from_its_value: bool = True,
+        after: Sequence[NewEvent] = (),
+    ) -> None:
+        """From now on, between a settle's resolve of a job's promise and its
+        own index write, the job is ended (attempt 1): from the settle's
+        value (its note filed with the end, `noted`, as the workflow's
+        finish files it), or not; then `after` is filed."""
+        promises = self.resonate.promises
+        resolve = promises.resolve
+
+        async def then_end(promise_id: str, value: Value) -> Any:
+            record = await resolve(promise_id, value)
+            job_id = job_id_of(promise_id)
+            assert job_id is not None
+            events = noted(value.data) if from_its_value else []
+            await self.jobs.end(job_id, outcome_of(value.data), now_ms(), events=events, attempt=1)
+            if after:
+                await self.jobs.record(job_id, list(after), now_ms())
+            return record
+
+        monkeypatch.setattr(promises, "resolve", then_end)
 
     async def promise(self, job_id: str) -> PromiseRecord:
         return await self.resonate.promises.get(callback_promise_id(job_id))

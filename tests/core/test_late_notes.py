@@ -13,8 +13,8 @@ from resonate.types import Value
 from core.callbacks import Callbacks
 from core.models import Outcome
 from core.plugins import Plugins, make_plugin_manager
-from core.settle import noted, outcome_of, settled_value
-from core.store.jobs import NewEvent, now_ms
+from core.settle import noted, settled_value
+from core.store.jobs import NewEvent
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, open_parts
@@ -91,17 +91,7 @@ async def test_a_settle_that_won_after_the_workflow_ended_the_job_files_nothing_
     (it filed a `duplicate` of itself)."""
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
-    promises = parts.settler.resonate.promises
-    resolve = promises.resolve
-
-    async def then_finish(promise_id: str, value: Value) -> Any:
-        record = await resolve(promise_id, value)
-        await parts.jobs.end(
-            "j", outcome_of(value.data), now_ms(), events=noted(value.data), attempt=1
-        )
-        return record
-
-    monkeypatch.setattr(promises, "resolve", then_finish)
+    parts.ended_as_it_settles(monkeypatch)
     result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
     assert (result, rec.state) == ("accepted", "succeeded")
     _, events = await parts.jobs.events_after("j", 0, 10)

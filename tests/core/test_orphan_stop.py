@@ -24,6 +24,7 @@ import core.watchdog
 from core import workflow
 from core.errors import BackendError, StoreUnavailable
 from core.events import JobHistory
+from core.lease import StopLease
 from core.models import ErrorInfo, Job, JobRequest, Outcome
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
@@ -59,6 +60,26 @@ async def orphan(parts: Parts, job_id: str = "j") -> None:
     await parts.add_job(job_id, backend="checked", state="running", external={"run": job_id})
     await parts.add_promise(job_id, timeout_ms=1)
     await asyncio.sleep(0.05)
+
+
+def recorded_waits(steps: JobSteps) -> list[float]:
+    """The waits `steps` makes between tries, recorded instead of slept."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    steps.sleep = sleep
+    return waits
+
+
+async def stop_due_at(parts: Parts, due: int, job_id: str = "j") -> JobRecord:
+    """A running job with a run, ended `timed_out` with its run's stop due
+    at `due`, as a settle of a job no workflow finishes ends it."""
+    await parts.add_job(job_id, backend="checked", state="running", external={"run": job_id})
+    rec, _ = await parts.jobs.end(job_id, TIMED_OUT, now_ms(), stop_due=due)
+    assert rec is not None and rec.stop_due == due
+    return rec
 
 
 async def looks_done(rig: Rig) -> None:
@@ -208,10 +229,8 @@ async def test_a_stop_cut_short_by_a_shutdown_is_taken_over_by_the_next_sweep():
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
         lease = now_ms() + parts.settler.stop_lease_ms
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
-        assert rec is not None
+        rec = await stop_due_at(parts, lease)
         hang = asyncio.Event()
 
         async def hangs(job: Job) -> None:
@@ -245,10 +264,8 @@ async def test_a_stop_cut_short_whose_release_hangs_keeps_its_lease(monkeypatch)
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
         lease = now_ms() + parts.settler.stop_lease_ms
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
-        assert rec is not None
+        rec = await stop_due_at(parts, lease)
         never = asyncio.Event()
 
         async def hangs(*args: Any) -> Any:
@@ -313,9 +330,8 @@ async def test_of_two_watchdogs_one_claims_a_stop_whose_lease_ran_out():
         rig = make_rig(parts)
         wired(rig)
         other = Watchdog(parts.settings, rig.watchdog.plugins, parts.store, parts.settler)
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() - 1)
+        assert rec.stop_due is not None
         rig.backend.stopping = refuses
         now = now_ms()
         await asyncio.gather(rig.watchdog.sweep(now), other.sweep(now))
@@ -333,9 +349,8 @@ async def test_a_stop_taken_over_files_the_outcome_of_the_process_that_took_it()
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        stalled, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
-        assert stalled is not None and stalled.stop_due is not None
+        stalled = await stop_due_at(parts, now_ms() - 1)
+        assert stalled.stop_due is not None
         taken = await parts.jobs.claim_stop("j", stalled.stop_due, now_ms() + HOUR)
         assert taken is not None
         assert await parts.jobs.claim_stop("j", stalled.stop_due, now_ms() + HOUR) is None
@@ -357,12 +372,7 @@ async def test_a_stop_under_a_lease_tries_no_longer_than_its_bound():
     async with open_parts(watchdog_interval=0, trigger_attempts=3, trigger_backoff=1.0) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        waits: list[float] = []
-
-        async def sleep(seconds: float) -> None:
-            waits.append(seconds)
-
-        steps.sleep = sleep
+        waits = recorded_waits(steps)
 
         async def throttled(job: Job) -> None:
             raise BackendError("slow down", retryable=True, retry_after=3600.0)
@@ -394,7 +404,7 @@ async def test_retention_keeps_a_job_whose_runs_stop_is_still_due():
         await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
         ended_at = now_ms() - 2 * DAY
         rec, _ = await parts.jobs.end("j", TIMED_OUT, ended_at, stop_due=ended_at + HOUR)
-        assert rec is not None and rec.stop_due is not None
+        assert rec.stop_due is not None
         assert await collect_garbage(parts.store, MIN_RETENTION) == (0, 0)
         rig.backend.stopping = refuses
         assert await rig.watchdog.sweep(now_ms()) == 1
@@ -420,7 +430,7 @@ async def test_a_stop_left_due_by_an_attempt_an_older_host_retried_stops_nothing
         rig.watchdog.plugins.job_finished = lambda job: told.append((job.id, job.attempt))  # type: ignore[method-assign]
         await parts.add_job("j", backend="checked", state="running", external={"run": "one"})
         first, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
-        assert first is not None and first.stop_due is not None
+        assert first.stop_due is not None
         retried = NewEvent("retried", {"previous": {"state": "timed_out"}, "timeout": 60})
         second = await parts.jobs.retry("j", 1, now_ms() + HOUR, now_ms(), retried)  # as before
         assert second is not None and (second.attempt, second.stop_due) == (2, first.stop_due)
@@ -472,12 +482,7 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        waits: list[float] = []
-
-        async def sleep(seconds: float) -> None:
-            waits.append(seconds)
-
-        steps.sleep = sleep
+        waits = recorded_waits(steps)
         told: list[str] = []
         rig.watchdog.plugins.job_finished = lambda job: told.append(job.id)  # type: ignore[method-assign]
         stopped = parts.jobs.stopped
@@ -489,10 +494,8 @@ async def test_the_stops_outcome_is_recorded_through_a_store_that_fails_a_while(
             return await stopped(*args)
 
         parts.jobs.stopped = failing  # type: ignore[method-assign]
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
         lease = now_ms() + parts.settler.stop_lease_ms
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=lease)
-        assert rec is not None
+        rec = await stop_due_at(parts, lease)
         rig.backend.stopping = refuses
         with logs_of("tether") as logs:
             await parts.settler.orphaned(rec)
@@ -528,9 +531,7 @@ async def test_a_stop_whose_outcome_the_store_fails_past_a_lease_keeps_its_lease
             return await stopped(*args)
 
         parts.jobs.stopped = failing  # type: ignore[method-assign]
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 1000)
-        assert rec is not None
+        rec = await stop_due_at(parts, now_ms() + 1000)
         rig.backend.stopping = refuses
         stopping = asyncio.create_task(steps.finish_orphan(rec))
         swept = 0
@@ -561,9 +562,8 @@ async def test_a_stop_whose_outcome_the_store_answers_nothing_for_hands_it_over(
         async def failing(*args: Any) -> JobRecord | None:
             raise OSError("the store went away")
 
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() + 300)
+        assert rec.stop_due is not None
         rig.backend.stopping = refuses
         parts.jobs.stopped = failing  # type: ignore[method-assign]
         parts.jobs.claim_stop = failing  # type: ignore[method-assign]
@@ -717,12 +717,9 @@ async def test_a_renewal_whose_write_did_not_answer_leaves_both_values_to_the_st
     """A renewal the store applied but whose answer was lost (it failed, or
     was cut short) leaves the lease under one of two values: the next
     renewal, and the write that records the stop, find the row's."""
-    from core.lease import StopLease
-
     async with open_parts(watchdog_interval=0, trigger_attempts=1) as parts:
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + HOUR)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() + HOUR)
+        assert rec.stop_due is not None
         lease = StopLease(parts.jobs, rec, 60_000)
         claim = parts.jobs.claim_stop
 
@@ -756,12 +753,9 @@ async def test_a_lease_taken_over_is_no_longer_renewed():
     """Another process claimed the stop (this one stalled past its lease):
     the renewal finds the row's `stop_due` is not its own, says so, and
     renews no more; the other process's lease stands."""
-    from core.lease import StopLease
-
     async with open_parts(watchdog_interval=0) as parts:
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() - 1)
+        assert rec.stop_due is not None
         taken = await parts.jobs.claim_stop("j", rec.stop_due, now_ms() + HOUR)
         assert taken is not None
         lease = StopLease(parts.jobs, rec, 100)
@@ -786,9 +780,7 @@ async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop():
             raise asyncio.CancelledError
 
         rig.backend.stopping = leaks
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + HOUR)
-        assert rec is not None
+        rec = await stop_due_at(parts, now_ms() + HOUR)
         with logs_of("tether") as logs:
             await steps.finish_orphan(rec)
         [(_, failed)] = [e for e in await history(rig) if e[0] == "cancel_failed"]
@@ -804,13 +796,9 @@ async def test_a_renewal_the_store_holds_does_not_put_the_next_one_off():
     then fails: the next one comes a third of a lease after that one began,
     not a third of a lease after it gave up, so the lease does not lapse
     meanwhile (no sweep of another process finds the stop due)."""
-    from core.lease import StopLease
-
     async with open_parts(watchdog_interval=0) as parts:
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
         length = 2400
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + length)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() + length)
         lease = StopLease(parts.jobs, rec, length)
         claim = parts.jobs.claim_stop
         held: list[int] = []
@@ -849,9 +837,8 @@ async def test_a_stop_whose_lease_was_taken_over_tries_the_backend_no_more():
     ) as parts:
         rig = make_rig(parts)
         steps = wired(rig)
-        await parts.add_job("j", backend="checked", state="running", external={"run": "j"})
-        rec, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() + 300)
-        assert rec is not None and rec.stop_due is not None
+        rec = await stop_due_at(parts, now_ms() + 300)
+        assert rec.stop_due is not None
         taken: list[int] = []
 
         async def throttled_and_taken_over(job: Job) -> None:
@@ -859,7 +846,7 @@ async def test_a_stop_whose_lease_was_taken_over_tries_the_backend_no_more():
                 row = await parts.row("j")
                 assert row.stop_due is not None
                 claimed = await parts.jobs.claim_stop("j", row.stop_due, now_ms() + HOUR)
-                assert claimed is not None and claimed.stop_due is not None
+                assert claimed.stop_due is not None
                 taken.append(claimed.stop_due)
             raise BackendError("slow down", retryable=True)
 

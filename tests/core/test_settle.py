@@ -496,20 +496,11 @@ async def test_a_settle_that_won_files_its_note_once_however_many_events_followe
     monkeypatch.setattr(core.settle, "FILED_PAGE", page)
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
-    promises = parts.settler.resonate.promises
-    resolve = promises.resolve
-
-    async def then_end(promise_id: str, value: Value) -> Any:
-        record = await resolve(promise_id, value)
-        events = core.settle.noted(value.data) if from_its_value else []
-        await parts.jobs.end("j", outcome_of(value.data), now_ms(), events=events, attempt=1)
-        await parts.jobs.record("j", AFTER_THE_END, now_ms())
-        return record
+    parts.ended_as_it_settles(monkeypatch, from_its_value=from_its_value, after=AFTER_THE_END)
 
     def note(verdict: str) -> NewEvent:
         return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
 
-    monkeypatch.setattr(promises, "resolve", then_end)
     result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
 
     assert (result, rec.state) == ("accepted" if from_its_value else "duplicate", "succeeded")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import pytest
@@ -27,14 +25,9 @@ from tests.system.test_workflow_v1 import task
 ENV = {"TETHER_TASK_TTL": "2"}
 
 OLD_VERSION = """
-import sys
-
 from core import workflow
 
 workflow.VERSION = {version}  # new jobs start as a service before version {next} started them
-from api.cli import main
-
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -44,13 +37,9 @@ class OldVersionProcess(TetherProcess):
 
     version = 2
 
-    def start(self, wait: float = 30) -> TetherProcess:
-        script = self.log.with_suffix(f".v{self.version}.py")
-        text = OLD_VERSION.format(version=self.version, next=self.version + 1)
-        script.write_text(f"#!{sys.executable}\n{text}")
-        script.chmod(0o755)
-        with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
-            return super().start(wait)
+    @property
+    def preamble(self) -> str:  # type: ignore[override]
+        return OLD_VERSION.format(version=self.version, next=self.version + 1)
 
 
 def db_of(tmp_path: Path) -> Path:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
@@ -33,16 +31,11 @@ from tests.process import TetherProcess, wait_for
 from tests.system.test_events_crash import Stream, history
 
 SHORT_BOUNDS = """
-import sys
-
 from core import steps, workflow
 
 workflow.PROMISE_GRACE_MS = 0  # the store times the wait out at the deadline,
 workflow.ROOT_GRACE_MS = 0  # and the workflow with it: no workflow will finish the job
 steps.CANCEL_TIMEOUT = 30.0  # longer than the test holds a cancel
-from api.cli import main
-
-sys.exit(main(sys.argv[1:]))
 """
 
 DEADLINE = 10
@@ -63,7 +56,7 @@ class ShortBounds(TetherProcess):
     """`tether serve` on `tmp_path`'s store (or `store`: one Postgres for
     several hosts, each with a `tmp_path` of its own), with the bounds above."""
 
-    bounds = SHORT_BOUNDS
+    preamble = SHORT_BOUNDS
 
     ttl = "2"
 
@@ -76,13 +69,6 @@ class ShortBounds(TetherProcess):
             "TETHER_WEBHOOK_AUTH_RUNNER": SECRET,
         }
         super().__init__(tmp_path, env, port)
-
-    def start(self, wait: float = 30) -> TetherProcess:
-        script = self.log.with_suffix(".short.py")
-        script.write_text(f"#!{sys.executable}\n{self.bounds}")
-        script.chmod(0o755)
-        with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
-            return super().start(wait)
 
 
 class LongLease(ShortBounds):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import pytest
@@ -51,21 +49,13 @@ engine.Engine.run_batch = run_batch
 from core import workflow
 
 workflow.VERSION = int(os.environ["PRELOAD_TEST_VERSION"])
-from api.cli import main
-
-sys.exit(main(sys.argv[1:]))
 """
 
 
 class Recorded(TetherProcess):
     """`tether serve` (one worker: one process) writing down its engine's requests."""
 
-    def start(self, wait: float = 30) -> TetherProcess:
-        script = self.log.with_suffix(".rec.py")
-        script.write_text(f"#!{sys.executable}\n{RECORDING}")
-        script.chmod(0o755)
-        with mock.patch("shutil.which", return_value=str(script)):  # the `tether` it runs
-            return super().start(wait)
+    preamble = RECORDING
 
 
 def requests(log: Path, task: str) -> list[list[str | None]]:
