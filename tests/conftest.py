@@ -395,6 +395,38 @@ class QuickServer(uvicorn.Server):
         if self._stopping is not None:
             self._stopping.set()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, but an app whose own start-up failed (a store that will
+        not open) raises `ServiceDidNotStart` with the app's error, not
+        uvicorn's `SystemExit`, which would end the test's event loop."""
+        failed: list[str] = []
+        send = self.lifespan.send
+
+        async def kept(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failed.append(message.get("message") or "")
+            await send(message)
+
+        self.lifespan.send = kept  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            said = [line for line in map(_traceback_text, "".join(failed).splitlines()) if line]
+            raise ServiceDidNotStart(said[-1] if said else "see uvicorn's log") from None
+
+
+def _traceback_text(line: str) -> str:
+    """A line of a formatted traceback (of an exception group too, whose lines
+    start with `|`) without its frame: empty for a frame, a marker or a rule."""
+    text = line.strip().lstrip("|").strip()
+    if not text[:1].isalpha() or text.startswith(("File ", "Traceback ", "During ", "The ")):
+        return ""
+    return text
+
+
+class ServiceDidNotStart(Exception):
+    """The app's start-up failed: the message is its error's last line."""
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self.server_state
         for _ in range(20):  # the connections of clients just closed go first

@@ -44,3 +44,17 @@ async def test_a_port_given_is_bound_again_while_its_closed_connections_linger(
     svc = await start_service(port=port)
     assert (svc.settings.port, svc.settings.base_url) == (port, f"http://127.0.0.1:{port}")
     assert (await svc.client.get("/health")).status_code == 200
+
+
+async def test_an_app_that_fails_to_start_raises_its_error_not_system_exit(
+    start_service: Any, tmp_path: Any
+) -> None:
+    """A store that will not open fails the app's own start-up: the test sees
+    that error, and its event loop goes on (uvicorn's `SystemExit` ended it)."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(Exception) as raised:
+        await start_service(store=f"sqlite:///{tmp_path / 'a-file' / 'tether.db'}")
+    assert type(raised.value).__name__ == "ServiceDidNotStart"
+    assert "StoreConfigError: cannot use the embedded store at" in str(raised.value)
+    svc = await start_service()  # the loop still serves another
+    assert (await svc.client.get("/health")).status_code == 200
