@@ -345,6 +345,7 @@ async def collect_garbage(settings: Settings, older_than: float) -> None:
     """`tether gc`: delete old finished jobs, safe while services run."""
     from core.service import Tether
 
+    _refuse_no_store(settings, "gc")
     try:
         tether = await Tether.open(settings, installed_plugins(), worker=False)
     except (StoreConfigError, StoreUnavailable) as exc:
@@ -356,6 +357,24 @@ async def collect_garbage(settings: Settings, older_than: float) -> None:
     finally:
         await tether.close()
     click.echo(f"deleted {jobs} finished jobs and {promises} promises")
+
+
+def _refuse_no_store(settings: Settings, command: str) -> None:
+    """Refuse a store with nothing in it for `tether COMMAND`: an embedded
+    store no service has made (opening it would make an empty one, and its
+    secret files, where a typo or a relative path pointed), or memory://."""
+    if settings.store.startswith("memory:"):
+        raise Refused(f"memory:// keeps nothing beyond its process: tether {command} has no jobs")
+    if settings.store.startswith("sqlite:"):
+        try:
+            db = embedded_db(settings, command)
+        except StoreFileError as exc:
+            raise Refused(str(exc)) from None
+        if not db.is_file():
+            raise Refused(
+                f"no embedded store at {db}: set TETHER_STORE to the store the services"
+                " use (a service makes it when it first starts)"
+            )
 
 
 @cli.command("pair-index")

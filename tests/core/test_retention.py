@@ -243,3 +243,31 @@ def test_tether_gc_command(tmp_path, receiver):
             assert answer.json()["outcome"] == "accepted"
     finally:
         service.kill()
+
+
+@pytest.mark.parametrize("where", ["missing/tether.db", "typo.db"])
+def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, where):
+    """A typo in TETHER_STORE, or a relative path run from the wrong
+    directory: opening it would make an empty store, and its secret files
+    (whose notification secret no service signs with), and say 0 deleted."""
+    (tmp_path / "missing").mkdir()
+    store = f"sqlite:///{tmp_path / where}"
+    for env in ({"TETHER_STORE": store}, {"TETHER_STORE": "memory://"}):
+        done = subprocess.run(
+            [TETHER, "gc", "--older-than", "7"],
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 2 and done.stdout == "", done
+        if env["TETHER_STORE"] == store:
+            assert done.stderr == (
+                f"tether: no embedded store at {tmp_path / where}: set TETHER_STORE to the store"
+                " the services use (a service makes it when it first starts)\n"
+            )
+        else:
+            assert done.stderr.startswith("tether: memory:// keeps nothing"), done.stderr
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert made == [Path("missing")], made  # no store, no secret file, no .tether
