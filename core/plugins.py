@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import logging
@@ -36,11 +37,67 @@ def make_plugin_manager(
     for name in BUILTIN_PLUGINS if builtins else ():
         pm.register(importlib.import_module(name), name=name)
     if entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    for plugin in extra:
-        pm.register(plugin)
-    pm.check_pending()
+        _load_entry_points(pm)
+    try:
+        for plugin in extra:
+            pm.register(plugin)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(_invalid(pm, exc)) from None
     return pm
+
+
+HOOK_NAMES = [name for name in vars(hookspecs.TetherHookSpecs) if name.startswith("tether_")]
+
+
+class PluginError(ValueError):
+    """An installed plugin that cannot be used: one that fails to import, or
+    implements a hook Tether has no spec for (a misspelt name). Said in one
+    line naming the plugin, its package and how to remove it."""
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register each plugin of the `tether` entry-point group, through
+    pluggy's own loader one entry point at a time, so that one that fails
+    (a missing dependency, an error at import) is named with its package."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points.select(group=hookspecs.PROJECT):
+            try:
+                pm.load_setuptools_entrypoints(hookspecs.PROJECT, name=ep.name)
+                pm.check_pending()  # this plugin's hooks: each matches a spec
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(_invalid(pm, exc, dist)) from None
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r}{_of(dist)} cannot be loaded:"
+                    f" {type(exc).__name__}: {exc}{_remedy(dist)}"
+                ) from None
+
+
+def _invalid(
+    pm: pluggy.PluginManager,
+    exc: pluggy.PluginValidationError,
+    dist: importlib.metadata.Distribution | None = None,
+) -> str:
+    """pluggy's refusal of a plugin, with the plugin named as Tether names it
+    and, for a hook Tether has no spec for, the nearest hook it has."""
+    name = pm.get_name(exc.plugin) or repr(exc.plugin)
+    said = str(exc).replace(f" in plugin {exc.plugin!r}", "")
+    unknown = said.removeprefix("unknown hook ").strip("'")
+    if unknown != said:
+        near = difflib.get_close_matches(unknown, HOOK_NAMES, n=1)
+        said += f" (did you mean {near[0]}?)" if near else " (no such hook: docs/plugins.md)"
+    return f"plugin {name!r}{_of(dist)} cannot be used: {said}{_remedy(dist)}"
+
+
+def _of(dist: importlib.metadata.Distribution | None) -> str:
+    return f" of package {dist.metadata['Name']} {dist.version}" if dist is not None else ""
+
+
+def _remedy(dist: importlib.metadata.Distribution | None) -> str:
+    if dist is None:  # registered in code, not installed
+        return ""
+    return f"; fix it, or remove it with `tether uninstall {dist.metadata['Name']}`"
 
 
 class Plugins:

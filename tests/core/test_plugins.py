@@ -6,12 +6,12 @@ import ast
 import importlib
 import inspect
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pluggy
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -19,7 +19,7 @@ from api.app import create_app
 from core import hookspecs
 from core.hookspecs import Backend, TetherHookSpecs
 from core.plugin import BackendError, Outcome, hookimpl
-from core.plugins import Plugins, make_plugin_manager
+from core.plugins import PluginError, Plugins, make_plugin_manager
 from core.store.jobs import now_ms
 from tests.conftest import (
     HOLD,
@@ -92,8 +92,11 @@ def test_a_hookimpl_matching_no_spec_fails_at_start_up():
         def tether_backend(self) -> list[Backend]:  # missing "s"
             return []
 
-    with pytest.raises(pluggy.PluginValidationError, match="tether_backend"):
+    with pytest.raises(PluginError) as refused:
         make_plugin_manager(entry_points=False, extra=[Misspelt()])
+    assert str(refused.value).endswith(
+        "cannot be used: unknown hook 'tether_backend' (did you mean tether_backends?)"
+    ), refused.value
 
 
 def test_a_fresh_manager_has_only_the_builtins():
@@ -115,6 +118,50 @@ def test_a_plugin_is_found_through_the_tether_entry_point_group(tmp_path, monkey
     plugins = Plugins(make_plugin_manager())
     assert sorted(plugins.backends) == ["databricks", "databricks_sql", "echo", "http_webhook"]
     assert type(plugins.backends["echo"]).__module__ == "tether_echo"
+
+
+BROKEN = {
+    "import": "import not_a_real_dependency_xyz\n",
+    "hook": (
+        "from core.hookspecs import hookimpl\n\n@hookimpl\ndef tether_job_finishd(job):\n    pass\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_an_installed_plugin_that_cannot_be_used_is_named_in_one_line(
+    tmp_path, monkeypatch, broken
+):
+    dist = tmp_path / "tether_bad-0.2.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tether-bad\nVersion: 0.2.0\n")
+    module = f"tether_bad_{broken}"  # not one an earlier test imported
+    (dist / "entry_points.txt").write_text(f"[tether]\nbad = {module}\n")
+    (tmp_path / f"{module}.py").write_text(BROKEN[broken])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    with pytest.raises(PluginError) as refused:
+        make_plugin_manager()
+    said = {
+        "import": "cannot be loaded: ModuleNotFoundError: No module named"
+        " 'not_a_real_dependency_xyz'",
+        "hook": "cannot be used: unknown hook 'tether_job_finishd'"
+        " (did you mean tether_job_finished?)",
+    }[broken]
+    assert str(refused.value) == (
+        f"plugin 'bad' of package tether-bad 0.2.0 {said}; fix it, or remove it with"
+        " `tether uninstall tether-bad`"
+    )
+    assert "\n" not in str(refused.value)
+    # `tether plugins`, where an operator looks first, and `tether serve`: the
+    # line, exit status 2, no traceback
+    tether = str(Path(sys.executable).with_name("tether"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "TETHER_PORT": "0"}
+    for command in (["plugins"], ["serve"]):
+        done = subprocess.run(
+            [tether, *command], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert (done.returncode, done.stderr) == (2, f"tether: {refused.value}\n"), done
 
 
 # ── each hook and backend method, through the running service ────────────────
