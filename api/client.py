@@ -203,18 +203,36 @@ class Api:
             raise error_answer(response)
         return response
 
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """The JSON the service answered one request with."""
-        return payload(await self.send(method, path, **kwargs))
+    async def call(self, method: str, path: str, shape: tuple[str, ...], **kwargs: Any) -> Any:
+        """The JSON object the service answered one request with, which has
+        the fields `shape` names (A_JOB, A_PAGE)."""
+        return payload(await self.send(method, path, **kwargs), shape)
 
 
-def payload(response: httpx.Response) -> Any:
-    """A success's JSON; `ServiceError` when it is something else (not a Tether there)."""
+A_JOB = ("id", "state")
+"""The fields the commands read of a job, as `GET /jobs/ID` answers it."""
+A_PAGE = ("items",)
+"""... of a page of jobs or events."""
+A_SETTLE = ("outcome", "message", "job")
+"""... of a callback's answer."""
+
+
+def payload(response: httpx.Response, shape: tuple[str, ...]) -> Any:
+    """A success's JSON object, with the fields `shape` names; `ServiceError`
+    when it is something else (not a Tether there: another service on that
+    port answering 200)."""
+    where = public(str(response.url))
     try:
-        return response.json()
+        data = response.json()
     except ValueError:
-        where = public(str(response.url))
         raise ServiceError(f"{where} answered {response.status_code} without JSON") from None
+    missing = [field for field in shape if not isinstance(data, dict) or field not in data]
+    if missing:
+        raise ServiceError(
+            f"{where} answered {response.status_code} with JSON that is not Tether's"
+            f" (no {missing[0]!r}): is it a Tether service?"
+        )
+    return data
 
 
 def run[T](work: Callable[[Api], Awaitable[T]], url: str) -> T:
@@ -256,7 +274,9 @@ async def event_pages(api: Api, job_id: str) -> dict[str, Any]:
     items: list[Any] = []
     params: dict[str, Any] = {"limit": PAGE}
     while True:
-        page: dict[str, Any] = await api.call("GET", job_path(job_id, "events"), params=params)
+        page: dict[str, Any] = await api.call(
+            "GET", job_path(job_id, "events"), A_PAGE, params=params
+        )
         items += page["items"]
         if not page.get("next_cursor"):
             return {**page, "items": items}
@@ -363,7 +383,7 @@ async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:
     except ServiceError as exc:
         if exc.status != 404:
             raise
-        await api.call("GET", job_path(job_id))  # "no job 'x'" when that is what it meant
+        await api.call("GET", job_path(job_id), A_JOB)  # "no job 'x'" when that is what it meant
         raise ServiceError(f"{public(api.url)} records no events (HTTP 404)", 404) from None
 
 
@@ -377,7 +397,7 @@ async def watch_job(
     the ended job. Events come from the job's event stream; a service without
     one (404 for a job that exists) shows none, and the state is read every
     `POLL` seconds instead."""
-    job: dict[str, Any] = await api.call("GET", job_path(job_id))
+    job: dict[str, Any] = await api.call("GET", job_path(job_id), A_JOB)
     events: list[dict[str, Any]] = []
     changed = asyncio.Event()
 
@@ -411,7 +431,7 @@ async def watch_job(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), POLL if stream.done() else SAFETY_POLL)
             changed.clear()
-            job = await patiently(lambda: api.call("GET", job_path(job_id)))
+            job = await patiently(lambda: api.call("GET", job_path(job_id), A_JOB))
         if finished_at < job.get("attempt", 1):
             ended.clear()  # an earlier attempt's: the job was retried since
         last = asyncio.ensure_future(ended.wait())
@@ -800,7 +820,7 @@ def submit(
         "notify": None if notify is None else {"url": notify},
     }
     body.update((name, value) for name, value in given.items() if value is not None)
-    job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", json=body), url)
+    job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", A_JOB, json=body), url)
     if wait:
         watch(url, job["id"], as_json, started=job)
     emit(job, as_json, lambda: job_table(job))
@@ -811,7 +831,7 @@ def submit(
 @service_options
 def get(job_id: str, url: str, as_json: bool) -> None:
     """Show one job (GET /jobs/ID)."""
-    job = run(lambda api: api.call("GET", job_path(job_id)), url)
+    job = run(lambda api: api.call("GET", job_path(job_id), A_JOB), url)
     emit(job, as_json, lambda: job_table(job))
 
 
@@ -858,7 +878,7 @@ def list_jobs(
             params["limit"] = min(limit - len(items), PAGE)
             if cursor:
                 params["cursor"] = cursor
-            page = await api.call("GET", "/jobs", params=params)
+            page = await api.call("GET", "/jobs", A_PAGE, params=params)
             items += page["items"]
             cursor = page["next_cursor"]
             if not cursor or len(items) >= limit:
@@ -929,7 +949,7 @@ def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
     """Cancel a waiting job (POST /jobs/ID/cancel); its backend is asked to
     stop the external run. A job that already finished is an error (exit 4)."""
     body = {"reason": reason} if reason is not None else None
-    job = run(lambda api: api.call("POST", job_path(job_id, "cancel"), json=body), url)
+    job = run(lambda api: api.call("POST", job_path(job_id, "cancel"), A_JOB, json=body), url)
     emit(job, as_json, lambda: job_table(job))
 
 
@@ -969,7 +989,7 @@ def complete(
     if message is not None:
         body["error"] = {"message": message}
 
-    answer = asyncio.run(post_to(callback_url, body, retry_for))
+    answer = asyncio.run(post_to(callback_url, body, A_SETTLE, retry_for))
 
     def table() -> RenderableType:
         said = Text(printable(f"{answer['outcome']}: {answer['message']}"))
@@ -978,7 +998,7 @@ def complete(
     emit(answer, as_json, table)
 
 
-async def post_to(url: str, body: Any, retry_for: float = RETRY_FOR) -> Any:
+async def post_to(url: str, body: Any, shape: tuple[str, ...], retry_for: float = RETRY_FOR) -> Any:
     """POST `body` to a URL that carries its own token (a callback URL): the
     API token is not sent, and no error shows the token. Tried again while
     the service cannot be reached or answers 502-504 (its `Retry-After`, or
@@ -1008,7 +1028,7 @@ async def post_to(url: str, body: Any, retry_for: float = RETRY_FOR) -> Any:
             delay = min(delay * 2, 10.0)
     if response.is_error:
         raise error_answer(response)
-    return payload(response)
+    return payload(response, shape)
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -1048,7 +1068,7 @@ def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool)
     The URL carries its own token: the API token is not sent, and the token is
     never printed. A job that has ended is an error (exit 4)."""
     body = {"progress": progress} if progress is not None else None
-    answer = asyncio.run(post_to(heartbeat_url(callback_url), body, retry_for))
+    answer = asyncio.run(post_to(heartbeat_url(callback_url), body, A_JOB, retry_for))
 
     def table() -> RenderableType:
         return job_table(answer)
@@ -1076,7 +1096,7 @@ def retry(job_id: str, attempt: int | None, wait: bool, url: str, as_json: bool)
     next attempt, with a new callback URL and a fresh deadline. A job that is
     waiting or succeeded is an error (exit 4)."""
     body = {"attempt": attempt} if attempt is not None else None
-    job = run(lambda api: api.call("POST", job_path(job_id, "retry"), json=body), url)
+    job = run(lambda api: api.call("POST", job_path(job_id, "retry"), A_JOB, json=body), url)
     if wait:
         watch(url, job["id"], as_json, started=job)
     emit(job, as_json, lambda: job_table(job))

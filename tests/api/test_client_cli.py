@@ -328,6 +328,55 @@ def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line():
         assert done.stdout == ""
 
 
+def test_another_service_answering_json_is_exit_4_in_one_line():
+    """A wrong port or URL that reaches some other service answering 200 with
+    JSON of its own: each command says so, no traceback (a KeyError before)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    callback = f"{url}/callbacks/j:1?token=secret-t"
+    cases = {
+        ("list",): f"{url}/jobs",
+        ("get", "x"): f"{url}/jobs/x",
+        ("watch", "x"): f"{url}/jobs/x",
+        ("events", "x"): f"{url}/jobs/x/events",
+        ("cancel", "x"): f"{url}/jobs/x/cancel",
+        ("retry", "x"): f"{url}/jobs/x/retry",
+        ("submit", "http_webhook"): f"{url}/jobs",
+        ("complete", callback, "--status", "succeeded"): f"{url}/callbacks/j:1",
+        ("heartbeat", callback): f"{url}/callbacks/j:1/heartbeat",
+    }
+    try:
+        for args, where in cases.items():
+            done = cli(url, *args)
+            assert done.exit_code == 4, (args, done.output)
+            field = {"list": "items", "events": "items", "complete": "outcome"}.get(args[0], "id")
+            assert done.stderr == (
+                f"tether: {where} answered 200 with JSON that is not Tether's (no {field!r}):"
+                " is it a Tether service?\n"
+            ), args
+            assert "secret-t" not in done.output
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_usage_errors_are_exit_2_naming_the_option(service):
     ids_before = [job["id"] for job in served(service, "/jobs")["items"]]
     cases = {
