@@ -621,9 +621,11 @@ def backup_command(store: str | None, path: str, force: bool) -> None:
     The copy is consistent and integrity checked; the store's callback secrets
     go to PATH.secret."""
     settings = load_settings(store=store or None)
+    unused = [secret_path] if settings.callback_secret else []
+    unused += [notify_secret_path] if settings.notify_secret else []
     try:
         db = embedded_db(settings, "backup")
-        copied = store_backup(db, Path(path), force=force)
+        copied = store_backup(db, Path(path), force=force, unused=unused)
     except (ValueError, StoreFileError) as exc:
         raise Refused(str(exc)) from None
     click.echo(
@@ -666,6 +668,11 @@ def _print_secret(copied: Copied, settings: Settings) -> None:
     else:
         click.echo(
             "no callback secret file came with it: callback URLs handed out before will answer 401"
+        )
+    if settings.notify_secret:
+        click.echo(
+            "the notification secret is TETHER_NOTIFY_SECRET (no file): keep it, and"
+            " TETHER_NOTIFY_SECRET_PREVIOUS, with the backup"
         )
 
 

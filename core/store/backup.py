@@ -25,7 +25,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,15 +79,21 @@ def embedded_db(settings: Settings, command: str) -> Path:
     )
 
 
-def backup(db: Path, to: Path, *, force: bool = False) -> Copied:
-    """Copy the store `db` (and its secret file) to `to` (and `to.secret`),
-    consistently, while services may be writing to it; check the copy."""
+def backup(
+    db: Path, to: Path, *, force: bool = False, unused: Collection[Callable[[Path], Path]] = ()
+) -> Copied:
+    """Copy the store `db` (and its secret files) to `to` (and `to.secret`,
+    `to.notify-secret`), consistently, while services may be writing to it;
+    check the copy. `unused`: the secret files (`secret_path`,
+    `notify_secret_path`) the services do not sign with (a setting gives
+    theirs), left out: a copy would pass for the secret kept."""
     if not db.is_file():
         raise StoreFileError(f"no embedded store at {db}: nothing to back up")
     if to.exists() and to.resolve() == db.resolve():
         raise StoreFileError(f"{to} is the store itself: back up to another path")
     _refuse_existing(to, force, "a backup")
-    return _copy_database(db, to, _secrets_of(db), replacing=True)
+    kept = [(path_of, lines) for path_of, lines in _secrets_of(db) if path_of not in unused]
+    return _copy_database(db, to, kept, replacing=True)
 
 
 def restore(source: Path, db: Path, *, force: bool = False) -> Copied:

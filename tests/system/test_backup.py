@@ -345,3 +345,33 @@ def test_a_backup_that_cannot_write_says_so_and_one_cut_short_leaves_no_database
     with pytest.raises(backups.StoreFileError):
         backups.backup(store, copy, force=True)
     assert not copy.exists()
+
+
+def test_a_secret_given_as_a_setting_is_said_to_be_kept_apart_not_copied(
+    tmp_path: Path, store: Path
+) -> None:
+    """The store keeps its secret files from before the settings were set:
+    the services sign with the settings, so a copy of those files would pass
+    for the secret kept with the backup."""
+    notify = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes
+    env = {"TETHER_CALLBACK_SECRET": "a-callback-s3cret", "TETHER_NOTIFY_SECRET": notify}
+    copy = tmp_path / "b" / "copy.db"
+    done = tether("backup", str(copy), "--store", f"sqlite:///{store}", **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [
+        "the callback secret is TETHER_CALLBACK_SECRET (no file): keep it, and"
+        " TETHER_CALLBACK_SECRET_PREVIOUS, with the backup",
+        "the notification secret is TETHER_NOTIFY_SECRET (no file): keep it, and"
+        " TETHER_NOTIFY_SECRET_PREVIOUS, with the backup",
+    ]
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+    assert "s3cret" not in done.stdout + done.stderr and notify not in done.stdout
+    # without the settings, the files are the secrets, and are copied
+    unset = {"TETHER_CALLBACK_SECRET": "", "TETHER_NOTIFY_SECRET": ""}
+    again = tether("backup", str(copy), "--store", f"sqlite:///{store}", "--force", **unset)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in copy.parent.iterdir()) == [
+        "copy.db",
+        "copy.db.notify-secret",
+        "copy.db.secret",
+    ]
