@@ -238,6 +238,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     plugins = installed_plugins()
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""
+        if closest == name.upper():
+            hint = f"; setting names are upper case: {closest}"
         log.warning("unknown setting %s is ignored%s", name, hint)
     for backend in settings.limits.keys() - plugins.backends.keys():
         near = difflib.get_close_matches(backend, sorted(plugins.backends), n=1, cutoff=0.6)

@@ -348,13 +348,17 @@ def unknown_env(
 ) -> list[tuple[str, str | None]]:
     """Each `TETHER_*` variable in `env` (default `os.environ`) that is not in
     `known`, with the closest known name (or None): a misspelt setting would
-    otherwise be ignored without a word. Names only, never values."""
+    otherwise be ignored without a word. Every setting's name is upper case
+    (a webhook credential's NAME too): one that is not is given upper-cased,
+    known or not. Names only, never values."""
     env = os.environ if env is None else env
     known = set(known)
     # Compared without the prefix every name shares, which would make any two alike.
     tails = {name.removeprefix(PREFIX): name for name in known}
 
     def closest(name: str) -> str | None:
+        if name != name.upper():
+            return name.upper()
         found = difflib.get_close_matches(name.removeprefix(PREFIX), tails, n=1, cutoff=0.6)
         return tails[found[0]] if found else None
 

@@ -173,10 +173,14 @@ def test_unknown_settings_are_named_with_the_closest_known_one():
         "TETHER_URL": "http://x",
         "TETHER_TEST_PG_DSN": "postgresql://x",
         "DATABRICKS_HOST": "not ours",
+        "TETHER_Port": "1",  # upper-cased, known or not: not the nearest known name
+        "TETHER_WEBHOOK_AUTH_partner": "x",
     }
     assert unknown_env(known, env) == [
         ("TETHER_DATABRICKS_PROFIL", "TETHER_DATABRICKS_PROFILE"),
         ("TETHER_PROT", "TETHER_PORT"),
+        ("TETHER_Port", "TETHER_PORT"),
+        ("TETHER_WEBHOOK_AUTH_partner", "TETHER_WEBHOOK_AUTH_PARTNER"),
         ("TETHER_XYZZY", None),
     ]
 
@@ -296,6 +300,7 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
             "TETHER_STORE": store,
             "TETHER_PROT": "8810",
             "TETHER_DATABRICKS_THREDS": "2",
+            "TETHER_WEBHOOK_AUTH_partner": "Bearer partner-s3cret",
             "TETHER_API_TOKEN": "api-secret-value",
             "TETHER_MAX_RUNNING": "http-webhook=1,databricks=2,nothing_like_it=3",
         },
@@ -313,6 +318,11 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     log = proc.log.read_text()
     assert "unknown setting TETHER_PROT is ignored; did you mean TETHER_PORT?" in log
     assert "TETHER_DATABRICKS_THREDS is ignored; did you mean TETHER_DATABRICKS_THREADS?" in log
+    assert (
+        "unknown setting TETHER_WEBHOOK_AUTH_partner is ignored; setting names are upper case:"
+        " TETHER_WEBHOOK_AUTH_PARTNER" in log
+    )
+    assert "partner-s3cret" not in log
     assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
     # a typo in a limit's backend took no limit at all, silently
     assert (
