@@ -108,11 +108,15 @@ _TURN = (
     " ON CONFLICT (backend) DO UPDATE SET turns = tether_slots.turns + 1"
 )
 _ACTIVE = "SELECT count(*) FROM tether_jobs WHERE backend = ? AND state IN ('pending', 'running')"
-_QUEUED = "SELECT 1 FROM tether_jobs WHERE backend = ? AND state = 'queued' LIMIT 1"
+# A queued job past its deadline is never started: the watchdog times it out
+# (through the deadlines' index), and the jobs queued after it go first.
+_QUEUED = (
+    "SELECT 1 FROM tether_jobs WHERE backend = ? AND state = 'queued' AND deadline > ? LIMIT 1"
+)
 _PROMOTE = (
     "UPDATE tether_jobs SET state = 'pending', queued_at = NULL, updated_at = ? WHERE id IN"
-    " (SELECT id FROM"
-    " tether_jobs WHERE backend = ? AND state = 'queued' ORDER BY queued_at, seq LIMIT ?)"
+    " (SELECT id FROM tether_jobs WHERE backend = ? AND state = 'queued' AND deadline > ?"
+    " ORDER BY queued_at, seq LIMIT ?)"
     # Again outside the subquery: Postgres checks a row another transaction
     # changed while this one waited for it (a cancel) by this WHERE alone.
     " AND state = 'queued'"
@@ -168,23 +172,26 @@ class SqlJobIndex:
         """Told of the queued jobs a write of this index moved to `pending`
         (their slots freed), after it committed: their workflows start."""
 
-    async def _admit(self, tx: Session, backend: str) -> tuple[bool, dict[str, Any]]:
-        """Whether a job of `backend` may take a slot now: the backend has no
-        limit, or a slot free and no job queued before it. Takes the backend's
-        turn (`tether_slots`) for the rest of the transaction. With the
-        `queued` event's data for a job that may not."""
+    async def _admit(self, tx: Session, backend: str, now: int) -> tuple[bool, dict[str, Any]]:
+        """Whether a job of `backend` may take a slot at `now`: the backend
+        has no limit, or a slot free and no job queued before it (but past its
+        deadline, which never starts). Takes the backend's turn
+        (`tether_slots`) for the rest of the transaction. With the `queued`
+        event's data for a job that may not."""
         limit = self.limits.get(backend)
         if limit is None:
             return True, {}
         await tx.execute(_TURN, (backend,))
         active = (await tx.fetch(_ACTIVE, (backend,)))[0][0]
-        if active < limit and not await tx.fetch(_QUEUED, (backend,)):
+        if active < limit and not await tx.fetch(_QUEUED, (backend, now)):
             return True, {}
         return False, {"limit": limit, "running": active}
 
     async def _promote(self, tx: Session, backend: str, now: int) -> list[JobRecord]:
         """Move the oldest queued jobs of `backend` to `pending`, as many as it
-        has free slots (at most `PROMOTE_BATCH` without a limit)."""
+        has free slots (at most `PROMOTE_BATCH` without a limit). Not one past
+        its deadline at `now`: it stays queued until the watchdog times it
+        out, never triggered, and those queued after it take the slots."""
         limit = self.limits.get(backend)
         free = PROMOTE_BATCH
         if limit is not None:
@@ -192,7 +199,7 @@ class SqlJobIndex:
             free = limit - (await tx.fetch(_ACTIVE, (backend,)))[0][0]
         if free <= 0:
             return []
-        return [_row(r) for r in await tx.fetch(_PROMOTE, (now, backend, free))]
+        return [_row(r) for r in await tx.fetch(_PROMOTE, (now, backend, now, free))]
 
     async def _unstick(
         self, tx: Session, backend: str, queued: dict[str, Any], now: int
@@ -296,7 +303,7 @@ class SqlJobIndex:
 
         async def body(tx: Session) -> Written:
             row, new = rec, events
-            admitted, queued = await self._admit(tx, row.backend)
+            admitted, queued = await self._admit(tx, row.backend, row.created_at)
             if not admitted:
                 row = msgspec.structs.replace(row, state="queued", queued_at=row.created_at)
                 new = [*new, NewEvent("queued", queued)]
@@ -669,7 +676,7 @@ class SqlJobIndex:
 
         async def body(tx: Session) -> Written:
             current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
-            admitted, queued = await self._admit(tx, current[0][0]) if current else (True, {})
+            admitted, queued = await self._admit(tx, current[0][0], now) if current else (True, {})
             state, queued_at = ("pending", None) if admitted else ("queued", now)
             rows = await tx.fetch(
                 "UPDATE tether_jobs SET state = ?, queued_at = ?, attempt = attempt + 1,"

@@ -262,6 +262,33 @@ async def test_a_sweep_looks_at_every_job_due_and_no_other(rig: Rig):
     assert (await rig.parts.row("not-yet")).state == "running"
 
 
+async def test_a_sweep_after_an_outage_never_starts_a_queued_job_past_its_deadline(rig: Rig):
+    """Back from an outage, a sweep times out the running job holding the
+    backend's one slot, and its end promotes the next queued job: not the
+    one whose deadline passed during the outage too (the same sweep times it
+    out, never triggered), but the one queued after it."""
+    jobs = rig.parts.jobs
+    jobs.limits = {"checked": 1}
+    now = now_ms()
+    await rig.running("holder", age=10_000, timeout=5, next_check_at=now + HOUR)
+    await rig.parts.add_promise("holder")
+    late = await rig.parts.add_job("late", backend="checked", deadline=now - 1_000)
+    after = await rig.parts.add_job("after", backend="checked")
+    assert (late.state, after.state) == ("queued", "queued")
+    promoted: list[list[str]] = []
+    jobs.on_ready = lambda ready: promoted.append([r.id for r in ready])
+
+    await rig.watchdog.sweep(now)
+
+    assert [(await rig.parts.row(j)).state for j in ("holder", "late", "after")] == [
+        "timed_out",
+        "timed_out",
+        "pending",
+    ]
+    assert promoted == [["after"]]
+    assert [t for t, _ in await history(rig, "late")] == ["queued", "timed_out", "finished"]
+
+
 async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: Rig):
     now = now_ms()
     for job_id in ("a", "b", "c"):

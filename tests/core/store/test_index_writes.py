@@ -84,6 +84,56 @@ async def test_a_retry_over_the_limit_is_queued_behind_the_queue(database):
     assert ready == [["waiting"], ["r"]]
 
 
+async def test_a_queued_job_past_its_deadline_is_never_promoted_and_holds_up_no_other(database):
+    """A slot that frees after a queued job's deadline, before the watchdog's
+    look, goes to the next job queued after it (docs/lifecycle.md: a job
+    queued past its timeout is never triggered). The others keep their order,
+    each slot is taken once, a new job does not queue behind an expired one,
+    and the watchdog finds the expired ones through the deadlines' index and
+    ends them without a promotion."""
+    jobs = await index_on(database)
+    jobs.limits = {"b": 2}
+    ready: list[list[str]] = []
+    jobs.on_ready = lambda promoted: ready.append([r.id for r in promoted])
+    for job_id in ("h1", "h2"):
+        await jobs.insert(job(job_id))
+    for job_id, expires in (("q1", 2_000), ("q2", None), ("q3", 2_500), ("q4", None)):
+        rec = (
+            job(job_id)
+            if expires is None
+            else msgspec.structs.replace(job(job_id), deadline=expires)
+        )
+        assert (await jobs.insert(rec))[0].state == "queued"
+    await jobs.insert(job("q5"))
+
+    await jobs.end("h1", Outcome("succeeded"), 3_000)
+    assert ready == [["q2"]]
+    jobs.limits = {"b": 4}  # two more slots: the next two live ones, in queue order
+    assert [r.id for r in await jobs.promote("b", 3_100)] == ["q4", "q5"]
+    assert ready == [["q2"], ["q4", "q5"]]
+    assert await jobs.promote("b", 3_200) == []  # h2, q2, q4, q5: the four slots
+    states = {j: (await jobs.get(j)).state for j in ("q1", "q2", "q3", "q4", "q5")}  # type: ignore[union-attr]
+    assert states == {
+        "q1": "queued",
+        "q2": "pending",
+        "q3": "queued",
+        "q4": "pending",
+        "q5": "pending",
+    }
+
+    await jobs.end("h2", Outcome("succeeded"), 3_300)  # a slot free; only expired jobs queued
+    assert ready == [["q2"], ["q4", "q5"]]  # nothing more
+    new, _ = await jobs.insert(job("n", at=3_400))
+    assert new.state == "pending"  # not queued behind q1 and q3, which never start
+    assert [r.id for r in await jobs.due(3_500, 10)] == ["q1", "q3"]
+    for job_id in ("q1", "q3"):
+        ended, _ = await jobs.end(job_id, Outcome("timed_out"), 3_500, from_states=("queued",))
+        assert ended is not None and ended.state == "timed_out"
+    assert ready == [["q2"], ["q4", "q5"]] and await jobs.queued_backends() == []
+    _, events = await jobs.events_after("q1", 0, 10)
+    assert [e.type for e in events] == ["queued", "finished"]
+
+
 async def test_a_status_check_merges_what_it_learnt_into_a_running_jobs_external(database):
     jobs = await index_on(database)
     await jobs.insert(job("j"))
