@@ -240,10 +240,7 @@ class Callbacks:
             raise NotFound.promise(promise_id)
         gone = None
         if attempt < rec.attempt:  # first: the job's state is another attempt's
-            gone = HeartbeatGone(
-                f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}",
-                {"attempt": attempt, "current_attempt": rec.attempt},
-            )
+            gone = _replaced(attempt, rec)
         elif rec.finished:
             gone = _ended(rec)
         else:
@@ -251,9 +248,13 @@ class Callbacks:
             timeout = rec.heartbeat_timeout
             due = None if timeout is None else now + int(timeout * 1000)
             every = int(HEARTBEAT_EVENT_EVERY * 1000)
-            beaten = await store_call(self.jobs.beat(job_id, now, progress, due, every))
+            # Written only while the job is at the attempt read: one that
+            # ended and was retried meanwhile keeps its new attempt's due.
+            beaten = await store_call(self.jobs.beat(job_id, attempt, now, progress, due, every))
             rec = beaten or await store_call(self.jobs.get(job_id)) or rec
-            if rec.finished:  # it ended meanwhile
+            if attempt < rec.attempt:  # it ended and was retried meanwhile
+                gone = _replaced(attempt, rec)
+            elif rec.finished:  # it ended meanwhile
                 gone = _ended(rec)
         answer = Heartbeat(
             state=rec.state,
@@ -287,6 +288,14 @@ class Callbacks:
                 " nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
+
+
+def _replaced(attempt: int, rec: JobRecord) -> HeartbeatGone:
+    """A heartbeat for an attempt a retry has replaced (`rec`: the job now)."""
+    return HeartbeatGone(
+        f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}",
+        {"attempt": attempt, "current_attempt": rec.attempt},
+    )
 
 
 def _ended(rec: JobRecord) -> HeartbeatGone:

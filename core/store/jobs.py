@@ -336,14 +336,16 @@ class JobIndex(Protocol):
         ...
 
     async def beat(
-        self, job_id: str, now: int, progress: Any, due: int | None, note_every: int
+        self, job_id: str, attempt: int, now: int, progress: Any, due: int | None, note_every: int
     ) -> JobRecord | None:
-        """A heartbeat of an open job: `heartbeat_at` becomes `now`, `progress`
-        (unless None) the job's progress, `due` its `heartbeat_due`. A
-        `heartbeat` event is recorded with it only when the progress differs
-        from the one the last such event recorded and that event is at least
-        `note_every` ms old. None (nothing changed) when the job is unknown or
-        ended."""
+        """A heartbeat of the job's attempt `attempt`, open: `heartbeat_at`
+        becomes `now`, `progress` (unless None) the job's progress, `due` its
+        `heartbeat_due`. A `heartbeat` event is recorded with it only when the
+        progress differs from the one the last such event recorded and that
+        event is at least `note_every` ms old. None (nothing changed) when the
+        job is unknown, ended, or at another attempt: a heartbeat of an
+        attempt that ended (and was retried) after its caller read the row
+        never sets the next attempt's `heartbeat_due`."""
         ...
 
     async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:

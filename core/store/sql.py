@@ -805,11 +805,11 @@ class SqlJobIndex:
         return changed == 1
 
     async def beat(
-        self, job_id: str, now: int, progress: Any, due: int | None, note_every: int
+        self, job_id: str, attempt: int, now: int, progress: Any, due: int | None, note_every: int
     ) -> JobRecord | None:
         marks = ", ".join("?" for _ in OPEN_STATES)
         told = "" if progress is None else ", progress = ?"
-        args = [now, due, *([] if progress is None else [json_text(progress)]), job_id]
+        args = [now, due, *([] if progress is None else [json_text(progress)]), job_id, attempt]
 
         async def body(tx: Session) -> Written:
             filed: list[Event] = []
@@ -817,7 +817,7 @@ class SqlJobIndex:
             # at once one decides after the other's event is counted.
             rows = await tx.fetch(
                 f"UPDATE tether_jobs SET heartbeat_at = ?, heartbeat_due = ?{told}"
-                f" WHERE id = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                f" WHERE id = ? AND attempt = ? AND state IN ({marks}) RETURNING {COLUMNS}",
                 (*args, *OPEN_STATES),
             )
             if rows and progress is not None:

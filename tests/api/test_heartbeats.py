@@ -112,6 +112,36 @@ async def test_a_heartbeat_after_the_job_ended_is_gone(start_service, receiver):
     assert (job["state"], job["progress"]) == ("succeeded", "half")
 
 
+async def test_a_heartbeat_whose_attempt_ended_and_was_retried_before_its_write_is_gone(
+    start_service, receiver, monkeypatch
+):
+    """The heartbeat read the job open at attempt 1; before its write the
+    attempt failed and a retry started attempt 2. The beat is not written
+    onto attempt 2 (its `heartbeat_due` would be set from a run that is not
+    its own, and a queued attempt 2 timed out for silence with no run to
+    ask): 410, as for a beat to a replaced attempt's URL."""
+    svc = await start_service()
+    _, url = await start_job(svc, receiver, "raced", timeout=60, heartbeat_timeout=30)
+    callback = url.replace("/heartbeat", "")
+    jobs = svc.tether.jobs
+    real = jobs.beat
+
+    async def ended_and_retried_first(*args: Any) -> Any:
+        failed = await svc.client.post(callback, json={"status": "failed"})
+        assert failed.status_code == 200, failed.text
+        retried = await svc.client.post("/jobs/raced/retry")
+        assert (retried.status_code, retried.json()["attempt"]) == (200, 2), retried.text
+        return await real(*args)
+
+    monkeypatch.setattr(jobs, "beat", ended_and_retried_first)
+    late = await svc.client.post(url, json={"progress": "attempt 1's"})
+    assert late.status_code == 410, late.text
+    assert late.json()["error"]["details"] == {"attempt": 1, "current_attempt": 2}
+    job = await svc.job("raced")
+    assert (job["attempt"], job["progress"], job["heartbeat_at"]) == (2, None, None)
+    assert of_type(await events(svc, "raced"), "heartbeat") == []
+
+
 async def test_a_bad_heartbeat_body_is_refused_and_changes_nothing(start_service, receiver):
     svc = await start_service()
     _, url = await start_job(svc, receiver, "bodies")

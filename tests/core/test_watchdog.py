@@ -984,7 +984,7 @@ async def test_a_run_that_stays_silent_is_asked_about_as_its_silence_doubles_the
     assert missed == [{"heartbeat_timeout": 1.0, "said": "running", "progress": "RUNNING"}] * 17
 
     beat = looks[-1] + 10_000  # the run beats again, then falls silent again
-    assert await rig.parts.jobs.beat("j", beat, None, beat + 1000, 60_000)
+    assert await rig.parts.jobs.beat("j", 1, beat, None, beat + 1000, 60_000)
     assert [at - beat for at in await silent_until(beat + 10_000)] == [1000, 2000, 4000, 8000]
 
 

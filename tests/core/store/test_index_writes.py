@@ -165,6 +165,29 @@ async def test_open_jobs_are_counted_by_backend_for_the_backends_not_excluded(da
     assert await jobs.waiting_backends({"gone", "kept", "other"}) == {}
 
 
+async def test_a_heartbeat_is_written_only_onto_the_attempt_it_was_read_at(database):
+    """A heartbeat read at attempt 1; the attempt ended and a retry started
+    attempt 2 (queued behind the backend's limit, no run yet) before its
+    write: the write changes nothing, so attempt 2 gets no `heartbeat_due`
+    for the watchdog to time it out by."""
+    jobs = await index_on(database)
+    jobs.limits = {"b": 1}
+    await jobs.insert(job("j"))
+    assert await jobs.beat("j", 1, 1_500, "half", 30_000, 60_000) is not None
+    await jobs.end("j", Outcome("failed"), 2_000)
+    await jobs.insert(job("holder", at=2_100))
+    retried = await jobs.retry("j", 1, 90_000, 2_200, NewEvent("retried", {}))
+    assert retried is not None and (retried.state, retried.attempt) == ("queued", 2)
+
+    assert await jobs.beat("j", 1, 2_300, "late", 32_300, 60_000) is None
+    rec = await jobs.get("j")
+    assert rec is not None
+    assert (rec.heartbeat_due, rec.heartbeat_at, rec.progress) == (None, None, None)
+    assert await jobs.due(40_000, 10) == []
+    beaten = await jobs.beat("j", 2, 2_400, "new", 32_400, 60_000)  # its own attempt's
+    assert beaten is not None and (beaten.heartbeat_due, beaten.progress) == (32_400, "new")
+
+
 async def _behind_a_row_lock(database: Any, job_id: str, *writes: Any) -> list[Any]:
     """Run `writes` (coroutines) one after another into the wait for `job_id`'s
     row, held by another transaction, each queued before the next starts; then
