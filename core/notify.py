@@ -10,6 +10,10 @@ the job's history (`notified`). A 2xx answer delivers it; anything else is
 tried again after `notify_backoff` seconds, doubling up to an hour, until
 `notify_retry_for` seconds after the attempt ended, when it is given up
 (`notify_failed`). At least once: a redelivery keeps the `webhook-id`.
+A failed try's outcome (due again, or given up) is written only while its
+claim holds: once the claim ran out, another process has the notification,
+or delivered it, and records the outcome; a delivery is written whoever
+holds it (`JobIndex.notification_tried`).
 
 During a rotation of the notification secret each try carries one signature
 per secret, space-separated in `webhook-signature`, the current one first
@@ -244,8 +248,10 @@ class Notifier:
         window_end = note.created_at + int(self.settings.notify_retry_for * 1000)
         if now >= window_end:
             given_up = {"webhook_id": note.id, "tries": note.tries, "error": error}
-            events = [tried, NewEvent("notify_failed", given_up)]
-            await self.jobs.notification_tried(note, None, events, now)
+            failed = NewEvent("notify_failed", given_up)
+            if not await self.jobs.notification_tried(note, None, [tried], now, failed):
+                self._claim_lost(note, error)
+                return
             log.warning(
                 "job %s: notification %s to %s given up after %d tries: %s",
                 note.job_id,
@@ -257,7 +263,9 @@ class Notifier:
             )
             return
         again = min(now + int(backoff(self.settings, note.tries) * 1000), window_end)
-        await self.jobs.notification_tried(note, again, [tried], now)
+        if not await self.jobs.notification_tried(note, again, [tried], now):
+            self._claim_lost(note, error)
+            return
         log.warning(
             "job %s: notification %s to %s failed (try %d: %s); again in %gs",
             note.job_id,
@@ -267,4 +275,19 @@ class Notifier:
             error,
             (again - now) / 1000,
             extra=extra,
+        )
+
+    def _claim_lost(self, note: Notification, error: str) -> None:
+        """A failed try recorded after its claim ran out: another process
+        holds the notification now, or delivered (or gave up) it meanwhile,
+        and records the outcome; this try is in the history, nothing more."""
+        log.warning(
+            "job %s: notification %s to %s failed (try %d: %s); its claim ran out meanwhile,"
+            " so another process has it (or delivered it)",
+            note.job_id,
+            note.id,
+            origin(note.url),
+            note.tries,
+            error,
+            extra={"job_id": note.job_id},
         )

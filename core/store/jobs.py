@@ -183,9 +183,18 @@ class JobIndex(Protocol):
         ...
 
     async def notification_tried(
-        self, note: Notification, again_at: int | None, events: Sequence[NewEvent], now: int
-    ) -> None:
-        """Due again at `again_at`, or (None) out of the outbox; with `events`."""
+        self,
+        note: Notification,
+        again_at: int | None,
+        events: Sequence[NewEvent],
+        now: int,
+        given_up: NewEvent | None = None,
+    ) -> bool:
+        """After a try of `note` (as its claim left it), with `events`:
+        delivered (`again_at` and `given_up` None), out of the outbox whoever
+        holds it now; failed, due again at `again_at` or given up (with
+        `given_up`) only while the claim holds, else the try is filed alone.
+        Whether the outbox changed."""
         ...
 
     async def insert(

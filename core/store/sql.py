@@ -951,33 +951,63 @@ class SqlJobIndex:
         return changed == 1
 
     async def notification_tried(
-        self, note: Notification, again_at: int | None, events: Sequence[NewEvent], now: int
-    ) -> None:
-        """After a try of `note`: due again at `again_at`, or (None: delivered
-        or given up) out of the outbox; `events` recorded in its job's history
-        (if the job is still kept), all in one transaction."""
+        self,
+        note: Notification,
+        again_at: int | None,
+        events: Sequence[NewEvent],
+        now: int,
+        given_up: NewEvent | None = None,
+    ) -> bool:
+        """After a try of `note` (as this process's claim left it: its
+        `due_at` and `tries`), `events` recorded in its job's history (if the
+        job is still kept) and the outbox changed, in one transaction:
+
+        - delivered (`again_at` and `given_up` None): out of the outbox,
+          whoever claimed it since (a delivered notification stays delivered);
+        - failed: due again at `again_at`, or given up (`given_up`, its
+          `notify_failed`, filed after `events`) out of the outbox, only while
+          the claim still holds (a compare-and-set on it). A claim that ran
+          out is another process's now, or the notification was delivered
+          (or given up) meanwhile: that one's outcome stands, and this try
+          is filed as a try alone, never given up.
+
+        Whether the outbox changed (False: the claim was lost; for a
+        delivery, it was out of the outbox already)."""
+        held = " AND due_at = ? AND tries = ?"
+        claim = (note.due_at, note.tries)
+        changed = 0
 
         async def body(tx: Session) -> Written:
-            if again_at is None:
-                await tx.execute("DELETE FROM tether_notifications WHERE id = ?", (note.id,))
-            else:
-                await tx.execute(
-                    "UPDATE tether_notifications SET due_at = ? WHERE id = ?", (again_at, note.id)
+            nonlocal changed
+            if again_at is None and given_up is None:
+                changed = await tx.execute(
+                    "DELETE FROM tether_notifications WHERE id = ?", (note.id,)
                 )
+            elif again_at is None:
+                changed = await tx.execute(
+                    f"DELETE FROM tether_notifications WHERE id = ?{held}", (note.id, *claim)
+                )
+            else:
+                changed = await tx.execute(
+                    f"UPDATE tether_notifications SET due_at = ? WHERE id = ?{held}",
+                    (again_at, note.id, *claim),
+                )
+            filing = [*events, given_up] if changed and given_up is not None else list(events)
             # Filed on the job it tells of: not on a new job under the same id,
             # made after retention deleted that one (at least a day after its
             # end; half a day's slack for hosts' clocks that disagree).
-            counted = (len(events), note.job_id, note.created_at + NOTE_CLOCK_SLACK_MS)
-            rows = await tx.fetch(_COUNT_OF, counted) if events else []
+            counted = (len(filing), note.job_id, note.created_at + NOTE_CLOCK_SLACK_MS)
+            rows = await tx.fetch(_COUNT_OF, counted) if filing else []
             # Filed under the attempt the notification tells of, which the job
             # may have left (a retry) before it was delivered.
             filed = []
             if rows:
                 of_attempt = msgspec.structs.replace(_row(rows[0]), attempt=note.attempt)
-                filed = await self._file(tx, of_attempt, events, now)
+                filed = await self._file(tx, of_attempt, filing, now)
             return Written(rows, filed)
 
         await self._write(body)
+        return changed == 1
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())

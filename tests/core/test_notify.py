@@ -8,6 +8,7 @@ Webhooks spec (hmac and base64), not with the library the service signs with.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -15,23 +16,26 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from core.errors import StoreConfigError
-from core.models import is_http_url
-from core.notify import backoff, failure
+from core.models import Outcome, is_http_url
+from core.notify import Notifier, backoff, failure
 from core.settings import Settings
 from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
 from core.store.embedded import notify_secret_path
+from core.store.jobs import JobIndex, JobRecord, Notification, now_ms
 from core.views import origin
 from tests.conftest import POLL, Receiver, Service, eventually
+from tests.core.parts import logs_of, open_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"a test key of the notifications!").decode()
@@ -419,6 +423,107 @@ async def test_the_docs_verification_examples_accept_a_real_message_and_refuse_a
         assert check(new_notify_secret(), delivery.headers, delivery.body) is None
         stale = {**delivery.headers, "webhook-timestamp": str(int(time.time()) - 600)}
         assert check(SECRET, stale, delivery.body) is None
+
+
+async def two_claims_in_turn(
+    notified: NotifyReceiver,
+) -> AsyncIterator[tuple[JobIndex, Notifier, Notification, Notifier, Notification]]:
+    """A job's notification, claimed by one process, whose claim then ran
+    out and was claimed by a second; each process with its claimed copy, at
+    the end of the retry window (`notify_retry_for` 0: a failed try gives up)."""
+    async with open_parts(notify_retry_for=0.0) as parts:
+        jobs = parts.jobs
+        jobs.message = lambda rec: "{}"
+        at = now_ms()
+        rec = JobRecord(
+            id="n",
+            backend="b",
+            state="pending",
+            params={},
+            metadata={},
+            timeout=60.0,
+            fingerprint="f",
+            deadline=at + 60_000,
+            created_at=at,
+            updated_at=at,
+            notify_url=notified.url(),
+        )
+        await jobs.insert(rec)
+        await jobs.end("n", Outcome(status="canceled"), at)
+        first, second = (Notifier(parts.settings, jobs, [SECRET]) for _ in range(2))
+        claimed: list[Notification] = []
+        for until in (at + 600_000, at + 1_200_000):  # far off: their loops leave it be
+            [note] = await jobs.notifications_due(until, 10)  # due: the claim before ran out
+            assert await jobs.claim_notification(note, until)
+            claimed.append(msgspec.structs.replace(note, due_at=until, tries=note.tries + 1))
+        first.start()
+        second.start()
+        try:
+            yield jobs, first, claimed[0], second, claimed[1]
+        finally:
+            await first.stop()
+            await second.stop()
+
+
+async def test_a_notification_delivered_by_a_lost_claim_is_not_given_up_by_a_failed_try(notified):
+    """One process delivered the notification, but recorded it after its
+    claim ran out; a second process's try, failing at the end of the window,
+    is recorded after that. The notification stays delivered: the second
+    try is filed as a failed try, not given up (no `notify_failed`, which
+    `tether_notifications_failed_total` counts)."""
+    notified.answers = [200, 503]
+    async with contextlib.asynccontextmanager(two_claims_in_turn)(notified) as (
+        jobs,
+        first,
+        delivered,
+        second,
+        failing,
+    ):
+        assert await first.post(delivered) == (200, None)
+        assert await second.post(failing) == (503, "answered 503")
+        await first._tried(delivered, 200, None)
+        with logs_of("tether.notify") as logs:
+            await second._tried(failing, 503, "answered 503")
+        _, history, _ = await jobs.history("n", 0, 10)
+        assert await jobs.next_notification_at() is None  # delivered: out of the outbox
+    assert [(e.type, e.data.get("try"), e.data.get("status")) for e in history] == [
+        ("finished", None, None),
+        ("notified", 1, 200),
+        ("notified", 2, 503),
+    ]
+    assert logs.lines == [
+        f"WARNING job n: notification {delivered.id} to {notified.origin} failed (try 2:"
+        " answered 503); its claim ran out meanwhile, so another process has it (or"
+        " delivered it)"
+    ]
+
+
+async def test_a_failed_try_whose_claim_was_taken_over_leaves_the_notification_to_the_holder(
+    notified,
+):
+    """A failed try recorded after its claim ran out and another process
+    claimed the notification: neither given up nor rescheduled (the holder
+    records its own outcome); the holder's failure gives it up, once."""
+    async with contextlib.asynccontextmanager(two_claims_in_turn)(notified) as (
+        jobs,
+        first,
+        lost,
+        second,
+        held,
+    ):
+        assert await jobs.next_notification_at() == held.due_at
+        assert not await jobs.notification_tried(lost, lost.due_at + 5_000, [], now_ms())
+        await first._tried(lost, 503, "answered 503")
+        assert await jobs.next_notification_at() == held.due_at  # still the holder's
+        await second._tried(held, 502, "answered 502")
+        _, history, _ = await jobs.history("n", 0, 10)
+        assert await jobs.next_notification_at() is None
+    assert [(e.type, e.data.get("tries") or e.data.get("try")) for e in history] == [
+        ("finished", None),
+        ("notified", 1),
+        ("notified", 2),
+        ("notify_failed", 2),
+    ]
 
 
 # ── the secret ────────────────────────────────────────────────────────────────

@@ -327,6 +327,44 @@ async def test_whether_a_jobs_notification_waits_is_one_read_of_the_outbox_by_jo
     assert not await jobs.notification_waiting("w", 1_000)  # delivered: out of the outbox
 
 
+async def test_a_tries_outcome_is_written_only_while_its_claim_holds(database):
+    """A try's outcome moves the outbox only while the try's claim holds (its
+    `due_at` and `tries`): a claim that ran out and was taken over neither
+    reschedules nor gives up the notification, its try filed alone; a
+    delivery takes it out of the outbox whoever holds it."""
+    jobs, note = await notified_job(database, "c", made=1_000, ended=2_000)
+    claims = []
+    for until in (30_000, 60_000):  # the second once the first ran out
+        [due] = await jobs.notifications_due(until, 10)
+        assert await jobs.claim_notification(due, until)
+        claims.append(msgspec.structs.replace(due, due_at=until, tries=due.tries + 1))
+    lost, held = claims
+
+    def tried(n: int, status: int) -> NewEvent:
+        return NewEvent("notified", {"webhook_id": note.id, "try": n, "status": status})
+
+    given_up = NewEvent("notify_failed", {"webhook_id": note.id, "tries": 1})
+    assert not await jobs.notification_tried(lost, 40_000, [tried(1, 503)], 45_000)
+    assert not await jobs.notification_tried(lost, None, [], 45_000, given_up)
+    assert await jobs.next_notification_at() == 60_000  # the holder's claim, as it was
+    assert await jobs.notification_tried(held, 70_000, [tried(2, 502)], 61_000)
+    assert await jobs.next_notification_at() == 70_000
+    [again] = await jobs.notifications_due(70_000, 10)
+    assert await jobs.claim_notification(again, 90_000)
+    assert await jobs.notification_tried(lost, None, [tried(1, 200)], 71_000)  # delivered late
+    assert await jobs.next_notification_at() is None
+    third = msgspec.structs.replace(again, due_at=90_000, tries=3)
+    assert not await jobs.notification_tried(third, None, [tried(3, 500)], 91_000, given_up)
+    _, events = await jobs.events_after("c", 0, 10)
+    assert [(e.type, e.data.get("try"), e.data.get("status")) for e in events] == [
+        ("finished", None, None),
+        ("notified", 1, 503),
+        ("notified", 2, 502),
+        ("notified", 1, 200),
+        ("notified", 3, 500),
+    ]
+
+
 async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_outcome(database):
     """The stop of the run of a job no workflow finishes (`stop_due`): set by
     the write that ends the job (with a run recorded only), found by the
