@@ -574,7 +574,8 @@ class JobController(Controller):
         callback URL and idempotency key, and a fresh deadline (`timeout` from
         now). The previous attempt's callback URL answers 410 from then on; the
         job's history keeps every attempt. 409 for a `pending`, `running` or
-        `succeeded` job.
+        `succeeded` job, and for one whose backend is not installed (its
+        plugin was removed since).
 
         The body is optional. `{"attempt": N}` names the attempt that should
         exist afterwards, so a repeated request is safe: a job already at

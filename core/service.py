@@ -481,6 +481,12 @@ class Tether:
             return view(rec)
         if (wanted is not None and wanted != rec.attempt + 1) or rec.state not in RETRYABLE_STATES:
             raise self._not_retryable(rec, wanted)
+        if rec.backend not in self.plugins.backends:  # its trigger would fail at once
+            raise Conflict(
+                f"job {shown(rec.id)} runs on backend {rec.backend!r}, which is not installed here:"
+                " install its plugin (`tether install`), restart, then retry",
+                {"backend": rec.backend, "valid": sorted(self.plugins.backends)},
+            )
         if await self._winding_up(rec):
             await self._await_attempt(rec)
         previous: dict[str, Any] = {"state": rec.state}

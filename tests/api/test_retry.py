@@ -465,3 +465,24 @@ async def test_hook_rerun_by_default_triggers_again(start_service, receiver):
     assert (await retry(svc, "d")).status_code == 200
     await svc.wait_state("d", "running")
     assert [t["promise_id"] for t in triggers(receiver, "d")] == ["d:1", "d~2:1"]
+
+
+async def test_a_job_whose_backend_is_not_installed_is_not_retried(start_service):
+    """Its plugin removed since (`tether uninstall`): a retry's trigger would
+    fail at once (`unknown_backend`); the retry is refused and changes nothing."""
+    first = await start_service(plugins=(Offers(Rerunnable()),))
+    await first.client.post("/jobs", json={"id": "u", "backend": "rerunnable"})
+    await first.wait_state("u", "running")
+    assert (await first.client.post("/jobs/u/cancel", json={})).status_code == 200
+    ended = await first.wait_state("u", "canceled")
+    svc = await start_service(store=first.settings.store)  # the same store, without the plugin
+    events = (await svc.client.get("/jobs/u/events")).json()["items"]
+    answer = await retry(svc, "u")
+    assert answer.status_code == 409
+    assert answer.json()["error"]["message"] == (
+        "job 'u' runs on backend 'rerunnable', which is not installed here: install its plugin"
+        " (`tether install`), restart, then retry"
+    )
+    assert answer.json()["error"]["details"]["backend"] == "rerunnable"
+    assert await svc.job("u") == ended
+    assert (await svc.client.get("/jobs/u/events")).json()["items"] == events
