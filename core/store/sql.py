@@ -119,7 +119,9 @@ _PROMOTE = (
     " ORDER BY queued_at, seq LIMIT ?)"
     # Again outside the subquery: Postgres checks a row another transaction
     # changed while this one waited for it (a cancel) by this WHERE alone.
-    " AND state = 'queued'"
+    # Checked on each row (`_checked`), not read from the state index: SQLite
+    # read every queued job of every backend through it to find a few ids.
+    " AND {checked}state = 'queued'"
     f" RETURNING {COLUMNS}"
 )
 PROMOTE_BATCH = 500
@@ -199,7 +201,8 @@ class SqlJobIndex:
             free = limit - (await tx.fetch(_ACTIVE, (backend,)))[0][0]
         if free <= 0:
             return []
-        return [_row(r) for r in await tx.fetch(_PROMOTE, (now, backend, now, free))]
+        promote = _PROMOTE.format(checked=self._checked)
+        return [_row(r) for r in await tx.fetch(promote, (now, backend, now, free))]
 
     async def _unstick(
         self, tx: Session, backend: str, queued: dict[str, Any], now: int

@@ -464,3 +464,33 @@ async def test_the_watchdogs_looks_read_index_ranges_only(database):
         assert all(step.startswith("SEARCH tether_jobs USING") for step in reads), steps
         if any(s in sql for s in stops):
             assert any("tether_jobs_stop" in step for step in reads), steps
+
+
+async def test_a_promotion_reads_the_backends_queue_and_its_jobs_by_id_only(database):
+    """However many jobs are queued (of any backend), a promotion reads the
+    oldest few of its backend's queue, then those rows by id: SQLite read the
+    state index's every queued job to find them."""
+    if database.kind != "sqlite":
+        pytest.skip("the plans are SQLite's (EXPLAIN QUERY PLAN)")
+    jobs = await index_on(database)
+    jobs.limits = {"b": 1}
+    ran: list[tuple[str, Any]] = []
+    fetch = jobs.db.fetch
+
+    async def recording(sql: str, args: Any) -> list[tuple[Any, ...]]:
+        ran.append((sql, args))
+        return await fetch(sql, args)
+
+    for i in ("j1", "j2", "j3"):
+        await jobs.insert(job(i, backend="b"))
+    jobs.db.fetch = recording  # type: ignore[method-assign]
+    await jobs.end("j1", Outcome("succeeded"), 3_000)
+    jobs.db.fetch = fetch  # type: ignore[method-assign]
+    [(sql, args)] = [(sql, args) for sql, args in ran if "SET state = 'pending'" in sql]
+    steps = [r[3] for r in await fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+    reads = [step for step in steps if "tether_jobs" in step]
+    assert reads == [
+        "SEARCH tether_jobs USING INDEX sqlite_autoindex_tether_jobs_1 (id=?)",
+        "SEARCH tether_jobs USING INDEX tether_jobs_queue (backend=?)",
+    ], steps
+    assert (await jobs.get("j2")).state == "pending"  # type: ignore[union-attr]
