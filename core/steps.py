@@ -152,7 +152,7 @@ class JobSteps:
                 "job %s: trigger failed: %s", job_id, exc.message, extra=rec.log_extra(promise_id)
             )
             failed = Outcome(status="failed", error=error)
-            await self.settler.settle(job_id, failed, by="trigger", attempt=attempt, salt=rec.salt)
+            await self._failure_settled(rec, failed)
             return
         if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
             if tried.finished and tried.attempt == attempt:
@@ -220,20 +220,42 @@ class JobSteps:
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
+    async def _failure_settled(self, rec: JobRecord, failed: Outcome) -> None:
+        """The settle that fails attempt `rec.attempt` after its trigger's
+        last try, tried again (`RETRY_BACKOFF` doubled) while it fails: it
+        may have resolved the promise before its index write failed, and
+        raised, the whole trigger would run again with the row still
+        `pending` and call the backend for a job already failed (a run the
+        finish would only stop). Tried again, it ends the row from the
+        promise's value, as any settle that lost does."""
+        delay = RETRY_BACKOFF
+        while True:
+            try:
+                await self.settler.settle(
+                    rec.id, failed, by="trigger", attempt=rec.attempt, salt=rec.salt
+                )
+                return
+            except StoreUnavailable as exc:
+                log.warning(
+                    "job %s: recording its trigger's failure failed (%s); again in %gs",
+                    rec.id,
+                    exc.message,
+                    delay,
+                    extra=rec.log_extra(),
+                )
+            await self.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX)
+
     async def _run_unwanted(self, rec: JobRecord, promise_id: str) -> bool:
         """Whether the run of a job that ended while its trigger was under
-        way is to be stopped: the job was canceled or timed out, or it failed
-        by a trigger's failure (a process that stalled past its lease gave up
-        while this one's trigger was answered). Not when it succeeded or its
-        callback failed it: then the run is over (if it is the run the job
-        ended under: `_another_run` tells another process's apart)."""
-        if rec.state in ("canceled", "timed_out"):
-            return True
+        way is to be stopped (`stopped_with`; failed: by its promise's
+        value). Not when it succeeded or its callback failed it (if it is
+        the run the job ended under: `_another_run` tells another process's
+        apart)."""
         if rec.state != "failed":
-            return False
+            return stopped_with(rec.state, None)
         promise = await self.settler.resonate.promises.get(promise_id)
-        value = promise.value.data if promise.value is not None else None
-        return isinstance(value, dict) and value.get("by") == "trigger"
+        return stopped_with(rec.state, promise.value.data if promise.value is not None else None)
 
     @staticmethod
     def _another_run(backend: Backend, rec: JobRecord, keys: Sequence[str]) -> bool:
@@ -388,7 +410,10 @@ class JobSteps:
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:
         """Record the outcome of attempt `attempt`, stop the external run of a
-        canceled or timed-out job, tell the plugins. Repeatable: the index
+        job canceled, timed out or failed by its trigger (`stopped_with`:
+        a run recorded by another process, which took the workflow over
+        while the one whose trigger failed stalled, before that failure
+        ended the job), tell the plugins. Repeatable: the index
         write is conditional (one `finished` event however often this runs);
         `cancel` and `tether_job_finished` run again on a repeat. An exception
         (the index did not answer) is the caller's to retry."""
@@ -405,7 +430,7 @@ class JobSteps:
         if rec is None or rec.attempt != attempt:
             return
         backend = self.plugins.backends.get(rec.backend)
-        if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
+        if stopped_with(rec.state, value) and rec.external is not None and backend:
             await self._cancel_run(backend, rec)
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
@@ -654,6 +679,18 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
         return None
+
+
+def stopped_with(state: str, value: Any) -> bool:
+    """Whether the run of an attempt that ended `state`, its callback
+    promise settled with `value`, is to be stopped: the job was canceled or
+    timed out, or it failed by its trigger's failure (`by: trigger`: a
+    process that stalled past its lease gave up its own trigger while
+    another process's started the run). Not when it succeeded or its
+    callback failed it: then the run is over."""
+    if state in ("canceled", "timed_out"):
+        return True
+    return state == "failed" and isinstance(value, dict) and value.get("by") == "trigger"
 
 
 def _past_bound(bound: int | None, wait: float) -> bool:

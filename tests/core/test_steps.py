@@ -592,6 +592,38 @@ async def test_a_stalled_triggers_last_failure_leaves_a_run_another_process_reco
     )
 
 
+async def test_a_run_recorded_before_a_stalled_triggers_failure_landed_is_stopped(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A process stalled inside the trigger read the row after its last try
+    (no run yet); another process, which took the workflow over, recorded
+    its run (8) before the first one's failure ended the job `failed`. The
+    job is failed by its trigger, so the run going under it is stopped by
+    the finish, as one recorded after the end is (docs/lifecycle.md)."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    settle = rig.parts.settler.settle
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        await elsewhere(rig, run=8)  # after the stalled process's read of the row
+        return await settle(*args, **kwargs)
+
+    monkeypatch.setattr(rig.parts.settler, "settle", late)
+    await rig.steps.trigger("j", "j:1")
+    monkeypatch.setattr(rig.parts.settler, "settle", settle)
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 8})
+    assert rig.backend.canceled == []
+
+    value = (await rig.parts.promise("j")).value.data
+    await rig.steps.finish("j", value, 1)  # the other process's workflow goes on
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 8})
+    assert rig.backend.canceled == [view(rec)]
+    assert [job.state for job in rig.plugin.finished] == ["failed"]
+    assert [t for t, _ in await history(rig)] == ["trigger_failed", "triggered", "finished"]
+
+
 async def test_a_second_trigger_of_the_attempt_leaves_the_first_ones_record(rig: Rig):
     """Two processes triggered the attempt (one stalled past its lease): the
     run recorded first stays the job's, whatever the second was answered."""
@@ -673,6 +705,70 @@ async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig)
     value = (await rig.parts.promise("j")).value.data
     assert (value["status"], value["by"]) == ("failed", "trigger")
     assert logs.lines[-1] == "WARNING job j: trigger failed: no 3"
+
+
+async def test_a_trigger_failure_whose_record_failed_is_recorded_again_not_triggered_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The settle that fails the job resolved its promise, then its index
+    write failed (a store locked by another process): the settle is tried
+    again, not the whole trigger, which would have found the row still
+    `pending` and started a run for a job already failed."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    end = rig.parts.jobs.end
+    failures = [StoreUnavailable("database is locked")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await end(*args, **kwargs)
+
+    monkeypatch.setattr(rig.parts.jobs, "end", flaky)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1 and rig.waits == [1.0]
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", None)
+    assert rec.error == ErrorInfo("trigger failed: no", "http_400")
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("failed", "trigger")
+    assert [t for t, _ in await history(rig)] == ["trigger_failed", "finished"]
+    assert logs.fields()[-1] == (
+        "job j: recording its trigger's failure failed (database is locked); again in 1s",
+        "j",
+        None,
+    )
+    await rig.steps.finish("j", value, 1)
+    assert rig.backend.canceled == [] and len(rig.plugin.finished) == 1
+
+
+async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The process died between the settle that failed the job (its promise
+    resolved) and that settle's index write: the trigger, run again by the
+    process that took the workflow over, finds the row `pending` and starts
+    a run. The job was failed by its trigger, so the finish stops that run."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    end = rig.parts.jobs.end
+
+    async def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(rig.parts.jobs, "end", crash)
+    with pytest.raises(RuntimeError):
+        await rig.steps.trigger("j", "j:1")
+    monkeypatch.setattr(rig.parts.jobs, "end", end)
+    await rig.steps.trigger("j", "j:1")  # the replay
+    value = (await rig.parts.promise("j")).value.data
+    await rig.steps.finish("j", value, 1)
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 1})
+    assert rig.backend.canceled == [view(rec)]
 
 
 async def test_a_longer_retry_after_wins_over_the_backoff(rig: Rig):
@@ -862,6 +958,18 @@ async def test_finish_stops_the_external_run_of_a_canceled_or_timed_out_job(rig:
     rec = await rig.parts.row("j")
     assert rec.state == status
     assert rig.backend.canceled == [view(rec)]
+    assert rig.plugin.finished == [view(rec)]
+
+
+@pytest.mark.parametrize(("by", "stopped"), [("trigger", True), ("callback", False)])
+async def test_finish_stops_the_run_of_a_job_its_trigger_failed(rig: Rig, by: str, stopped: bool):
+    """Failed by its trigger (a run recorded meanwhile by another process):
+    the run is stopped. Failed by the run's own callback: it is over."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.steps.finish("j", settled_value(Outcome(status="failed"), by, "n"))
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed"
+    assert rig.backend.canceled == ([view(rec)] if stopped else [])
     assert rig.plugin.finished == [view(rec)]
 
 
