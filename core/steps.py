@@ -190,7 +190,8 @@ class JobSteps:
             # the run, then stop it. In this order a replay that finds
             # `external` never leaves it unsettled; a crash between the two
             # leaves the run unrecorded (and so not canceled), as one between
-            # the backend's answer and the index write always did.
+            # the backend's answer and the index write always did. Ended and
+            # retried meanwhile: the run is stopped, recorded nowhere.
             ended = await self.jobs.get(job_id)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
@@ -207,6 +208,9 @@ class JobSteps:
                     unwanted or self._another_run(backend, recorded, keys)
                 ):
                     await self._cancel_run(backend, replace(recorded, external=receipt))
+            elif ended is not None:
+                await self._stop_stale_run(backend, rec, promise_id, receipt, ended.attempt)
+                return
         elif written.attempt == attempt and self._another_run(backend, written, keys):
             # Another process recorded a run of its own for the attempt (a
             # backend that ignored the idempotency key): the job is that
@@ -219,6 +223,34 @@ class JobSteps:
             )
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _stop_stale_run(
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        promise_id: str,
+        receipt: dict[str, Any],
+        now_at: int,
+    ) -> None:
+        """Stop the run the backend started for attempt `rec.attempt`, which
+        ended (and the job was retried, now at attempt `now_at`) while it
+        was being asked: the run is recorded nowhere (the row is the later
+        attempt's) and no finish would stop it. The backend is asked as for
+        any unwanted run, with the job as that attempt ended; a stop that
+        fails is a `cancel_failed` event, filed under the attempt the job is
+        at, its `external` naming the run."""
+        log.warning(
+            "job %s: attempt %d ended and the job was retried (attempt %d) while its trigger"
+            " was under way; the run its backend started is stopped",
+            rec.id,
+            rec.attempt,
+            now_at,
+            extra=rec.log_extra(promise_id),
+        )
+        ended = await self._ended_as(rec.id, rec.attempt)
+        error = msgspec.convert(ended.get("error"), ErrorInfo | None)
+        stale = replace(rec, state=ended["state"], error=error, external=receipt)
+        await self._cancel_run(backend, stale)
 
     async def _failure_settled(self, rec: JobRecord, failed: Outcome) -> None:
         """The settle that fails attempt `rec.attempt` after its trigger's
@@ -380,13 +412,18 @@ class JobSteps:
                 return now
         raise AssertionError("unreachable")
 
+    async def _ended_as(self, job_id: str, attempt: int) -> dict[str, Any]:
+        """How attempt `attempt` of the job ended (`state`, `error`,
+        `external`): what the `retried` event that started the next attempt
+        kept of it."""
+        _, events = await self.jobs.events_after(job_id, 0, HISTORY_LIMIT)
+        retried = [e for e in events if e.type == "retried" and e.attempt == attempt + 1]
+        # (Its event trimmed from the history, which a recent one never is: the state alone.)
+        return retried[0].data["previous"] if retried else {"state": "failed"}
+
     async def _previous(self, rec: JobRecord) -> Job:
-        """The job as its previous attempt ended, for `Backend.rerun`: what
-        the `retried` event that started this attempt kept of it."""
-        _, events = await self.jobs.events_after(rec.id, 0, HISTORY_LIMIT)
-        retried = [e for e in events if e.type == "retried" and e.attempt == rec.attempt]
-        # (Its event past the history's bound, which a trigger never is: the state alone.)
-        ended: dict[str, Any] = retried[0].data["previous"] if retried else {"state": "failed"}
+        """The job as its previous attempt ended, for `Backend.rerun`."""
+        ended = await self._ended_as(rec.id, rec.attempt - 1)
         return msgspec.structs.replace(
             backend_view(rec),
             attempt=rec.attempt - 1,

@@ -403,6 +403,46 @@ async def test_a_trigger_that_comes_back_after_a_retry_leaves_the_next_attempt_a
     assert (await rig.parts.promise("j")).state == "pending"  # not settled from attempt 2's row
 
 
+@pytest.mark.parametrize("ended", ["canceled", "timed_out"])
+async def test_a_run_started_for_an_attempt_ended_and_retried_meanwhile_is_stopped(
+    rig: Rig, ended: str
+):
+    """Attempt 1's trigger stalled while the job ended and was retried, and
+    its backend then started a run: no row records it (the row is attempt
+    2's) and no finish would stop it, so the trigger stops it, with the job
+    as attempt 1 ended; the callback token is in neither log nor event."""
+    await start(rig)
+    url = SIGNER.url("j:1")
+    rig.backend.answers = [{"run": 1, "echo": url}]
+    rig.backend.cancel_error = BackendError(f"no such run ({url})", code="gone")
+
+    async def ended_and_retried(trigger: Trigger) -> None:
+        await retried(rig, {"state": ended})
+
+    rig.backend.during = ended_and_retried
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", 1)
+
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.external) == (2, "pending", None)
+    receipt = {"run": 1, "echo": f"{BASE}/callbacks/j%3A1?token=***"}
+    [stopped] = rig.backend.canceled
+    assert (stopped.attempt, stopped.state, stopped.external) == (1, ended, receipt)
+    assert (await rig.parts.promise("j")).state == "pending"  # not settled from attempt 2's row
+    events = await history(rig)
+    assert [t for t, _ in events] == ["finished", "retried", "cancel_failed"]
+    assert events[-1][1]["external"] == receipt
+    assert events[-1][1]["error"]["message"] == f"no such run ({receipt['echo']})"
+    assert logs.fields()[0] == (
+        "job j: attempt 1 ended and the job was retried (attempt 2) while its trigger was under"
+        " way; the run its backend started is stopped",
+        "j",
+        "j:1",
+    )
+    assert TOKEN not in "\n".join(logs.lines)
+    assert "job j triggered" not in "\n".join(logs.lines)
+
+
 @pytest.mark.parametrize("ended_settled", [True, False])
 async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_step(
     rig: Rig, ended_settled: bool
