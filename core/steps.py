@@ -37,6 +37,7 @@ from core.settings import Settings
 from core.settle import (
     STORE_TIMEOUT,
     Settler,
+    SettleResult,
     noted,
     outcome_of,
     outcome_of_record,
@@ -104,7 +105,8 @@ class JobSteps:
     ) -> None:
         """Start attempt `attempt` of the external job through its backend,
         unless it was triggered already (a replay) or ended (canceled before
-        it was triggered). `ended_settled`: a row that ended after it was
+        it was triggered), or its deadline passed (it is timed out instead:
+        `_past_deadline`). `ended_settled`: a row that ended after it was
         triggered has its promise settled, as every row this code writes does
         (see below); the durable trigger step of versions 1-3 passes False,
         for rows an earlier release wrote in the other order."""
@@ -128,6 +130,9 @@ class JobSteps:
             return
         if rec.finished:
             await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
+            return
+        if rec.deadline <= now_ms():  # replayed after an outage, or out of the queue late
+            await self._past_deadline(rec, promise_id)
             return
         try:
             backend, params = self._backend_and_params(rec)
@@ -154,7 +159,9 @@ class JobSteps:
             failed = Outcome(status="failed", error=error)
             await self._failure_settled(rec, failed)
             return
-        if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
+        if tried is None:  # the row went between two tries (deleted by hand)
+            return
+        if isinstance(tried, JobRecord):  # ended, triggered elsewhere or overdue, between two tries
             if tried.finished and tried.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
             elif tried.attempt == attempt and tried.external is not None:
@@ -163,6 +170,8 @@ class JobSteps:
                     job_id,
                     extra=rec.log_extra(promise_id),
                 )
+            elif tried.attempt == attempt:
+                await self._past_deadline(tried, promise_id)
             return
         receipt, tries = tried
         interval = backend.check_interval(params)
@@ -223,6 +232,19 @@ class JobSteps:
             )
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _past_deadline(self, rec: JobRecord, promise_id: str) -> None:
+        """End attempt `rec.attempt`, past its deadline before its backend
+        was asked to start it (its trigger replayed after an outage longer
+        than the deadline, a queued job promoted late, the deadline passing
+        between two tries): `timed_out` by the settle the watchdog makes
+        (`time_out`), never asking the backend for a run it would stop
+        moments later. The workflow's finish then tells the plugins."""
+        result = await time_out(self.settler, rec)
+        if result == "accepted":
+            log.info(
+                "job %s timed out before it was triggered", rec.id, extra=rec.log_extra(promise_id)
+            )
 
     async def _stop_stale_run(
         self,
@@ -346,16 +368,16 @@ class JobSteps:
 
     async def _trigger_with_retries(
         self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
-    ) -> tuple[dict[str, Any], int] | JobRecord:
+    ) -> tuple[dict[str, Any], int] | JobRecord | None:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
         `trigger_backoff` doubled each time (or the backend's `retry_after`,
         when longer). Returns the receipt with the callback token scrubbed from
         it, and the try that got it; or, when the attempt ended while it waited
-        to try again (canceled, timed out), or was triggered and recorded by
+        to try again (canceled, timed out), was triggered and recorded by
         another process (which took the workflow over while this one
-        stalled), the job's row: it is not tried again. Each failed try is a
-        `trigger_failed` event."""
+        stalled), or is past its deadline, the job's row (None: it is gone):
+        it is not tried again. Each failed try is a `trigger_failed` event."""
         trigger = Trigger(
             job=backend_view(rec),
             params=params,
@@ -407,8 +429,8 @@ class JobSteps:
             delay *= 2
             now = await self.jobs.get(rec.id)
             if now is None or now.finished or now.attempt != rec.attempt:
-                return now if now is not None else rec
-            if now.external is not None:
+                return now
+            if now.external is not None or now.deadline <= now_ms():
                 return now
         raise AssertionError("unreachable")
 
@@ -716,6 +738,28 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
         return None
+
+
+async def time_out(settler: Settler, rec: JobRecord) -> SettleResult:
+    """Settle attempt `rec.attempt` of the job `timed_out` for its deadline,
+    as the watchdog does (`Watchdog.look_at`, whose settle this repeats):
+    the same outcome (`error.type` `timeout`), `by`, and `timed_out` event,
+    so the history reads the same whoever found the deadline passed (a test
+    compares the two)."""
+    outcome = Outcome(
+        status="timed_out",
+        error=ErrorInfo(message=f"no callback within {rec.timeout:g} seconds", type="timeout"),
+    )
+    deadline = {"timeout": rec.timeout}
+    result, _ = await settler.settle(
+        rec.id,
+        outcome,
+        by="timeout",
+        note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
+        attempt=rec.attempt,
+        wait_stop=True,
+    )
+    return result
 
 
 def stopped_with(state: str, value: Any) -> bool:

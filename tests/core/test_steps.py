@@ -25,6 +25,7 @@ from core.steps import JobSteps
 from core.store.jobs import NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
+from core.watchdog import Watchdog
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, logs_of, open_parts
 
@@ -490,6 +491,88 @@ async def test_a_workflow_whose_job_row_is_gone_and_promise_settled_ends(rig: Ri
         "ERROR job ghost: its record is gone; its workflow ends"
         " (nothing triggered, stopped or told)"
     ]
+
+
+# ── a deadline passed before the trigger ─────────────────────────────────────
+
+
+async def test_a_job_past_its_deadline_times_out_as_the_watchdog_ends_it_never_triggered(
+    rig: Rig,
+):
+    """Its trigger replayed after an outage longer than its deadline: the
+    backend is not asked for a run the watchdog would stop moments later;
+    the job times out with the outcome and history the watchdog's deadline
+    gives any job (here job w, ended by a watchdog's look)."""
+    for job_id in ("j", "w"):
+        await rig.parts.add_job(job_id, timeout=5, deadline=now_ms() - 1_000)
+        await rig.parts.add_promise(job_id)
+    watchdog = Watchdog(rig.parts.settings, rig.steps.plugins, rig.parts.store, rig.parts.settler)
+    await watchdog.look_at(await rig.parts.row("w"), now_ms())
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert rig.backend.triggers == []
+    rec, by_watchdog = await rig.parts.row("j"), await rig.parts.row("w")
+    assert (rec.state, rec.error, rec.external) == ("timed_out", by_watchdog.error, None)
+    assert rec.error == ErrorInfo("no callback within 5 seconds", "timeout")
+    assert await history(rig) == await history(rig, "w")
+    assert await history(rig) == [
+        ("timed_out", {"timeout": 5.0}),
+        ("finished", {"state": "timed_out", "error_type": "timeout"}),
+    ]
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("timed_out", "timeout")
+    assert logs.fields() == [("job j timed out before it was triggered", "j", "j:1")]
+
+    await rig.steps.finish("j", value, 1)
+    assert rig.backend.canceled == [] and [j.state for j in rig.plugin.finished] == ["timed_out"]
+
+
+async def test_a_job_out_of_the_queue_past_its_deadline_times_out_never_triggered(rig: Rig):
+    """A slot freed before the watchdog looked at the queued job's deadline:
+    promoted to `pending`, its workflow's trigger ends it `timed_out` (a job
+    queued past its timeout is never triggered, docs/lifecycle.md)."""
+    jobs = rig.parts.jobs
+    jobs.limits = {"scripted": 1}
+    await rig.parts.add_job("holder")
+    rec = await rig.parts.add_job("j", deadline=now_ms() - 5_000)
+    assert rec.state == "queued"
+    promoted: list[Any] = []
+    jobs.on_ready = promoted.extend
+    await jobs.end("holder", DONE, now_ms())
+    assert [p.id for p in promoted] == ["j"]
+    await rig.parts.add_promise("j")  # its workflow starts
+
+    await rig.steps.trigger("j", "j:1")
+
+    assert rig.backend.triggers == []
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("timed_out", None)
+    assert [t for t, _ in await history(rig)][-2:] == ["timed_out", "finished"]
+
+
+async def test_a_deadline_that_passes_between_two_tries_times_the_job_out(rig: Rig):
+    """The watchdog has not looked yet: the next try is not made."""
+    await start(rig)
+    rig.backend.answers = [retryable("busy"), {"run": 7}]
+
+    async def sleep(seconds: float) -> None:  # the deadline passes while the trigger waits
+        rig.waits.append(seconds)
+        await rig.parts.jobs.db.execute(
+            "UPDATE tether_jobs SET deadline = ? WHERE id = 'j'", (now_ms() - 1,)
+        )
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external, rec.error) == (
+        "timed_out",
+        None,
+        ErrorInfo("no callback within 60 seconds", "timeout"),
+    )
+    assert [t for t, _ in await history(rig)] == ["trigger_failed", "timed_out", "finished"]
 
 
 # ── retries ──────────────────────────────────────────────────────────────────
