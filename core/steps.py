@@ -37,7 +37,6 @@ from core.settings import Settings
 from core.settle import (
     STORE_TIMEOUT,
     Settler,
-    SettleResult,
     noted,
     outcome_of,
     outcome_of_record,
@@ -238,9 +237,9 @@ class JobSteps:
         was asked to start it (its trigger replayed after an outage longer
         than the deadline, a queued job promoted late, the deadline passing
         between two tries): `timed_out` by the settle the watchdog makes
-        (`time_out`), never asking the backend for a run it would stop
+        (`Settler.time_out`), never asking the backend for a run it would stop
         moments later. The workflow's finish then tells the plugins."""
-        result = await time_out(self.settler, rec)
+        result = await self.settler.time_out(rec)
         if result == "accepted":
             log.info(
                 "job %s timed out before it was triggered", rec.id, extra=rec.log_extra(promise_id)
@@ -738,28 +737,6 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
         return None
-
-
-async def time_out(settler: Settler, rec: JobRecord) -> SettleResult:
-    """Settle attempt `rec.attempt` of the job `timed_out` for its deadline,
-    as the watchdog does (`Watchdog.look_at`, whose settle this repeats):
-    the same outcome (`error.type` `timeout`), `by`, and `timed_out` event,
-    so the history reads the same whoever found the deadline passed (a test
-    compares the two)."""
-    outcome = Outcome(
-        status="timed_out",
-        error=ErrorInfo(message=f"no callback within {rec.timeout:g} seconds", type="timeout"),
-    )
-    deadline = {"timeout": rec.timeout}
-    result, _ = await settler.settle(
-        rec.id,
-        outcome,
-        by="timeout",
-        note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
-        attempt=rec.attempt,
-        wait_stop=True,
-    )
-    return result
 
 
 def stopped_with(state: str, value: Any) -> bool:

@@ -529,19 +529,21 @@ async def test_a_job_past_its_deadline_times_out_as_the_watchdog_ends_it_never_t
 
 
 async def test_a_job_out_of_the_queue_past_its_deadline_times_out_never_triggered(rig: Rig):
-    """A slot freed before the watchdog looked at the queued job's deadline:
-    promoted to `pending`, its workflow's trigger ends it `timed_out` (a job
-    queued past its timeout is never triggered, docs/lifecycle.md)."""
+    """A slot freed a moment before the queued job's deadline: promoted to
+    `pending` (never one past it), its deadline passes before its workflow's
+    trigger, which ends it `timed_out` (a job queued past its timeout is
+    never triggered, docs/lifecycle.md)."""
     jobs = rig.parts.jobs
     jobs.limits = {"scripted": 1}
     await rig.parts.add_job("holder")
-    rec = await rig.parts.add_job("j", deadline=now_ms() - 5_000)
+    rec = await rig.parts.add_job("j", deadline=now_ms() + 400)
     assert rec.state == "queued"
     promoted: list[Any] = []
     jobs.on_ready = promoted.extend
     await jobs.end("holder", DONE, now_ms())
     assert [p.id for p in promoted] == ["j"]
     await rig.parts.add_promise("j")  # its workflow starts
+    await asyncio.sleep(max(0.0, (rec.deadline - now_ms()) / 1000 + 0.05))
 
     await rig.steps.trigger("j", "j:1")
 
