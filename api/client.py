@@ -211,10 +211,12 @@ class Api:
 
 A_JOB = ("id", "state")
 """The fields the commands read of a job, as `GET /jobs/ID` answers it."""
-A_PAGE = ("items",)
+A_PAGE = ("items", "next_cursor")
 """... of a page of jobs or events."""
 A_SETTLE = ("outcome", "message", "job")
 """... of a callback's answer."""
+A_BEAT = ("state", "deadline")
+"""... of a heartbeat's answer."""
 
 
 def payload(response: httpx.Response, shape: tuple[str, ...]) -> Any:
@@ -1068,7 +1070,7 @@ def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool)
     The URL carries its own token: the API token is not sent, and the token is
     never printed. A job that has ended is an error (exit 4)."""
     body = {"progress": progress} if progress is not None else None
-    answer = asyncio.run(post_to(heartbeat_url(callback_url), body, A_JOB, retry_for))
+    answer = asyncio.run(post_to(heartbeat_url(callback_url), body, A_BEAT, retry_for))
 
     def table() -> RenderableType:
         return job_table(answer)

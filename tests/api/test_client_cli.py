@@ -366,7 +366,13 @@ def test_another_service_answering_json_is_exit_4_in_one_line():
         for args, where in cases.items():
             done = cli(url, *args)
             assert done.exit_code == 4, (args, done.output)
-            field = {"list": "items", "events": "items", "complete": "outcome"}.get(args[0], "id")
+            fields = {
+                "list": "items",
+                "events": "items",
+                "complete": "outcome",
+                "heartbeat": "state",
+            }
+            field = fields.get(args[0], "id")
             assert done.stderr == (
                 f"tether: {where} answered 200 with JSON that is not Tether's (no {field!r}):"
                 " is it a Tether service?\n"
