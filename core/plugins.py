@@ -66,11 +66,11 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 pm.load_setuptools_entrypoints(hookspecs.PROJECT, name=ep.name)
                 pm.check_pending()  # this plugin's hooks: each matches a spec
             except pluggy.PluginValidationError as exc:
-                raise PluginError(_invalid(pm, exc, dist)) from None
+                raise PluginError(_invalid(pm, exc, dist, ep.name)) from None
             except Exception as exc:
                 raise PluginError(
                     f"plugin {ep.name!r}{_of(dist)} cannot be loaded:"
-                    f" {type(exc).__name__}: {exc}{_remedy(dist)}"
+                    f" {_one_line(f'{type(exc).__name__}: {exc}')}{_remedy(dist)}"
                 ) from None
 
 
@@ -78,16 +78,24 @@ def _invalid(
     pm: pluggy.PluginManager,
     exc: pluggy.PluginValidationError,
     dist: importlib.metadata.Distribution | None = None,
+    entry_point: str | None = None,
 ) -> str:
     """pluggy's refusal of a plugin, with the plugin named as Tether names it
     and, for a hook Tether has no spec for, the nearest hook it has."""
-    name = pm.get_name(exc.plugin) or repr(exc.plugin)
-    said = str(exc).replace(f" in plugin {exc.plugin!r}", "")
+    name = pm.get_name(exc.plugin) or entry_point or repr(exc.plugin)  # refused at register
+    said = _one_line(str(exc).replace(f" in plugin {exc.plugin!r}", ""))
     unknown = said.removeprefix("unknown hook ").strip("'")
     if unknown != said:
         near = difflib.get_close_matches(unknown, HOOK_NAMES, n=1)
         said += f" (did you mean {near[0]}?)" if near else " (no such hook: docs/plugins.md)"
     return f"plugin {name!r}{_of(dist)} cannot be used: {said}{_remedy(dist)}"
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line (pluggy's refusal of a hook's arguments spans three),
+    at most 300 characters: an import's error may quote a whole file's line."""
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def _of(dist: importlib.metadata.Distribution | None) -> str:

@@ -228,6 +228,9 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
         _fsync(tmp)
         if replacing:  # the old one goes first: cut short, no database beside new secrets
             to.unlink(missing_ok=True)
+            for path_of, _ in SECRET_FILES:  # nor its secrets beside a copy that has none
+                if path_of not in {written for written, _ in kept}:
+                    path_of(to).unlink(missing_ok=True)
         secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:

@@ -121,6 +121,10 @@ def test_a_plugin_is_found_through_the_tether_entry_point_group(tmp_path, monkey
 
 
 BROKEN = {
+    "argument": (
+        "from core.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef tether_job_finished(job, extra):\n    pass\n"
+    ),
     "import": "import not_a_real_dependency_xyz\n",
     "hook": (
         "from core.hookspecs import hookimpl\n\n@hookimpl\ndef tether_job_finishd(job):\n    pass\n"
@@ -143,6 +147,9 @@ def test_an_installed_plugin_that_cannot_be_used_is_named_in_one_line(
     with pytest.raises(PluginError) as refused:
         make_plugin_manager()
     said = {
+        "argument": "cannot be used: Plugin 'bad' for hook 'tether_job_finished' hookimpl"
+        " definition: tether_job_finished(job, extra) Argument(s) {'extra'} are declared in"
+        " the hookimpl but can not be found in the hookspec",
         "import": "cannot be loaded: ModuleNotFoundError: No module named"
         " 'not_a_real_dependency_xyz'",
         "hook": "cannot be used: unknown hook 'tether_job_finishd'"

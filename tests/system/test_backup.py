@@ -375,3 +375,8 @@ def test_a_secret_given_as_a_setting_is_said_to_be_kept_apart_not_copied(
         "copy.db.notify-secret",
         "copy.db.secret",
     ]
+    # and a backup replacing that one (--force) with the settings set leaves
+    # none of its files beside the new copy, to be restored as its secrets
+    done = tether("backup", str(copy), "--store", f"sqlite:///{store}", "--force", **env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
