@@ -155,11 +155,15 @@ class Backend:
         return await self.trigger(trigger)
 
     async def cancel(self, job: Job) -> None:
-        """Stop the external run of `job`, which was canceled or timed out.
+        """Stop the external run of `job`, which was canceled or timed out,
+        or is not wanted: the job failed by its trigger's failure while another
+        process's trigger started the run, or the attempt ended (and perhaps
+        was retried) while its trigger waited for the run (`job` is the
+        attempt as it ended; `job.state` says which).
 
         Called after the job's wait ended, only if `trigger` had returned
         (`job.external` is what it returned). Best effort: an exception is
-        logged and the job stays `canceled`/`timed_out`; a call not answered
+        logged and the job's state stays as it ended; a call not answered
         within 5 minutes (`core.steps.CANCEL_TIMEOUT`) is given up so. The default does nothing,
         for backends whose runs cannot be stopped.
         """
