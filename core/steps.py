@@ -104,8 +104,10 @@ class JobSteps:
     ) -> None:
         """Start attempt `attempt` of the external job through its backend,
         unless it was triggered already (a replay) or ended (canceled before
-        it was triggered), or its deadline passed (it is timed out instead:
-        `_past_deadline`). `ended_settled`: a row that ended after it was
+        it was triggered). Past its deadline too: a replay after an outage
+        asks the backend again with the same key, to record (and so stop) a
+        run a crashed try may have started; the watchdog times the job out.
+        `ended_settled`: a row that ended after it was
         triggered has its promise settled, as every row this code writes does
         (see below); the durable trigger step of versions 1-3 passes False,
         for rows an earlier release wrote in the other order."""
@@ -129,9 +131,6 @@ class JobSteps:
             return
         if rec.finished:
             await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
-            return
-        if rec.deadline <= now_ms():  # replayed after an outage, or out of the queue late
-            await self._past_deadline(rec, promise_id)
             return
         try:
             backend, params = self._backend_and_params(rec)
@@ -160,7 +159,7 @@ class JobSteps:
             return
         if tried is None:  # the row went between two tries (deleted by hand)
             return
-        if isinstance(tried, JobRecord):  # ended, triggered elsewhere or overdue, between two tries
+        if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
             if tried.finished and tried.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
             elif tried.attempt == attempt and tried.external is not None:
@@ -169,8 +168,6 @@ class JobSteps:
                     job_id,
                     extra=rec.log_extra(promise_id),
                 )
-            elif tried.attempt == attempt:
-                await self._past_deadline(tried, promise_id)
             return
         receipt, tries = tried
         interval = backend.check_interval(params)
@@ -213,13 +210,13 @@ class JobSteps:
                 # receipt, and the job may have ended under that run). A
                 # cancel may so come twice, as on a replay.
                 if recorded is not None and (
-                    unwanted or self._another_run(backend, recorded, keys)
+                    unwanted or self._other_run(backend, recorded.external, keys)
                 ):
                     await self._cancel_run(backend, replace(recorded, external=receipt))
             elif ended is not None:
-                await self._stop_stale_run(backend, rec, promise_id, receipt, ended.attempt)
+                await self._stop_stale_run(backend, rec, promise_id, receipt, keys, ended)
                 return
-        elif written.attempt == attempt and self._another_run(backend, written, keys):
+        elif written.attempt == attempt and self._other_run(backend, written.external, keys):
             # Another process recorded a run of its own for the attempt (a
             # backend that ignored the idempotency key): the job is that
             # run's, and this one is stopped.
@@ -232,46 +229,71 @@ class JobSteps:
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
-    async def _past_deadline(self, rec: JobRecord, promise_id: str) -> None:
-        """End attempt `rec.attempt`, past its deadline before its backend
-        was asked to start it (its trigger replayed after an outage longer
-        than the deadline, a queued job promoted late, the deadline passing
-        between two tries): `timed_out` by the settle the watchdog makes
-        (`Settler.time_out`), never asking the backend for a run it would stop
-        moments later. The workflow's finish then tells the plugins."""
-        result = await self.settler.time_out(rec)
-        if result == "accepted":
-            log.info(
-                "job %s timed out before it was triggered", rec.id, extra=rec.log_extra(promise_id)
-            )
-
     async def _stop_stale_run(
         self,
         backend: Backend,
         rec: JobRecord,
         promise_id: str,
         receipt: dict[str, Any],
-        now_at: int,
+        keys: Sequence[str],
+        now: JobRecord,
     ) -> None:
-        """Stop the run the backend started for attempt `rec.attempt`, which
-        ended (and the job was retried, now at attempt `now_at`) while it
-        was being asked: the run is recorded nowhere (the row is the later
-        attempt's) and no finish would stop it. The backend is asked as for
-        any unwanted run, with the job as that attempt ended; a stop that
-        fails is a `cancel_failed` event, filed under the attempt the job is
-        at, its `external` naming the run."""
+        """The run the backend answered attempt `rec.attempt`'s trigger with,
+        the attempt having ended (and the job been retried: `now`) while it
+        was being asked. Stopped only when it is recorded nowhere and not
+        over: not the run that attempt recorded (another process's trigger,
+        asked with the same key: its finish decided) nor the one the job now
+        runs (a backend that reruns in place, as Databricks' repair), and the
+        attempt ended so that its run is to be stopped (`stopped_with`: not
+        by its run's own callback). Asked as for any unwanted run, with the
+        job as that attempt ended; a stop that fails is a `cancel_failed`
+        event, filed under the attempt the job is at, its `external` naming
+        the run."""
+        ended = await self._ended_as(rec.id, rec.attempt)
+        promise = await store_call(self.settler.resonate.promises.get(promise_id))
+        value = promise.value.data if promise.state == "resolved" else None
+        recorded, running = ended.get("external"), now.external
+        if (
+            not stopped_with(ended["state"], value)
+            or (recorded is not None and not self._other_run(backend, recorded, keys))
+            or (running is not None and not self._other_run(backend, running, keys, receipt))
+        ):
+            log.info(
+                "job %s: attempt %d ended while its trigger was under way; the run its backend"
+                " answered with is recorded or over, and is left as it is",
+                rec.id,
+                rec.attempt,
+                extra=rec.log_extra(promise_id),
+            )
+            return
         log.warning(
             "job %s: attempt %d ended and the job was retried (attempt %d) while its trigger"
             " was under way; the run its backend started is stopped",
             rec.id,
             rec.attempt,
-            now_at,
+            now.attempt,
             extra=rec.log_extra(promise_id),
         )
-        ended = await self._ended_as(rec.id, rec.attempt)
         error = msgspec.convert(ended.get("error"), ErrorInfo | None)
         stale = replace(rec, state=ended["state"], error=error, external=receipt)
         await self._cancel_run(backend, stale)
+
+    @staticmethod
+    def _other_run(
+        backend: Backend,
+        external: dict[str, Any] | None,
+        keys: Sequence[str],
+        receipt: dict[str, Any] | None = None,
+    ) -> bool:
+        """Whether the run `external` records is surely another than this
+        trigger's (of run `keys`): both have run keys and none in common.
+        Without keys: the same when the answers are equal, or, with no
+        `receipt` to compare, taken as the same (a run asked with the same
+        idempotency key)."""
+        theirs = run_keys_of(backend, external)
+        if keys and theirs:
+            return not set(keys) & set(theirs)
+        return receipt is not None and external != receipt
 
     async def _failure_settled(self, rec: JobRecord, failed: Outcome) -> None:
         """The settle that fails attempt `rec.attempt` after its trigger's
@@ -280,10 +302,18 @@ class JobSteps:
         raised, the whole trigger would run again with the row still
         `pending` and call the backend for a job already failed (a run the
         finish would only stop). Tried again, it ends the row from the
-        promise's value, as any settle that lost does."""
+        promise's value, as any settle that lost does. Before each try
+        again, a run another process recorded for the attempt meanwhile (it
+        took this workflow over, this one's lease having run out while the
+        store failed) wins, while the promise is still pending: this late
+        failure is not the job's, as after the last try (`trigger`)."""
         delay = RETRY_BACKOFF
+        first = True
         while True:
             try:
+                if not first and await self._run_recorded_meanwhile(rec):
+                    return
+                first = False
                 await self.settler.settle(
                     rec.id, failed, by="trigger", attempt=rec.attempt, salt=rec.salt
                 )
@@ -299,24 +329,36 @@ class JobSteps:
             await self.sleep(delay)
             delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
+    async def _run_recorded_meanwhile(self, rec: JobRecord) -> bool:
+        """Whether another process recorded a run for attempt `rec.attempt`
+        while its callback promise is still pending (a settle of it that
+        failed may have been applied: then the job is failed, and the finish
+        stops the run)."""
+        latest = await store_call(self.jobs.get(rec.id))
+        if latest is None or latest.attempt != rec.attempt or latest.external is None:
+            return False
+        promise_id = callback_promise_id(rec.id, rec.attempt)
+        promise = await store_call(self.settler.resonate.promises.get(promise_id))
+        if promise.state != "pending":
+            return False
+        log.warning(
+            "job %s: a trigger's failure not yet recorded, and another process triggered it"
+            " meanwhile; the job is left to that run",
+            rec.id,
+            extra=rec.log_extra(promise_id),
+        )
+        return True
+
     async def _run_unwanted(self, rec: JobRecord, promise_id: str) -> bool:
         """Whether the run of a job that ended while its trigger was under
         way is to be stopped (`stopped_with`; failed: by its promise's
         value). Not when it succeeded or its callback failed it (if it is
-        the run the job ended under: `_another_run` tells another process's
+        the run the job ended under: `_other_run` tells another process's
         apart)."""
         if rec.state != "failed":
             return stopped_with(rec.state, None)
         promise = await self.settler.resonate.promises.get(promise_id)
         return stopped_with(rec.state, promise.value.data if promise.value is not None else None)
-
-    @staticmethod
-    def _another_run(backend: Backend, rec: JobRecord, keys: Sequence[str]) -> bool:
-        """Whether the run `rec` records is another than the one of `keys`
-        (this trigger's): both have run keys, and none in common. Without
-        keys the two cannot be told apart (the same run, answered twice)."""
-        theirs = run_keys_of(backend, rec.external)
-        return bool(keys) and bool(theirs) and not set(keys) & set(theirs)
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,
@@ -375,7 +417,7 @@ class JobSteps:
         it, and the try that got it; or, when the attempt ended while it waited
         to try again (canceled, timed out), was triggered and recorded by
         another process (which took the workflow over while this one
-        stalled), or is past its deadline, the job's row (None: it is gone):
+        stalled), the job's row (None: it is gone):
         it is not tried again. Each failed try is a `trigger_failed` event."""
         trigger = Trigger(
             job=backend_view(rec),
@@ -429,7 +471,7 @@ class JobSteps:
             now = await self.jobs.get(rec.id)
             if now is None or now.finished or now.attempt != rec.attempt:
                 return now
-            if now.external is not None or now.deadline <= now_ms():
+            if now.external is not None:
                 return now
         raise AssertionError("unreachable")
 

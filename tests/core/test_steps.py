@@ -25,7 +25,6 @@ from core.steps import JobSteps
 from core.store.jobs import NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
-from core.watchdog import Watchdog
 from core.workflow import callback_promise_id
 from tests.core.parts import Parts, logs_of, open_parts
 
@@ -444,6 +443,45 @@ async def test_a_run_started_for_an_attempt_ended_and_retried_meanwhile_is_stopp
     assert "job j triggered" not in "\n".join(logs.lines)
 
 
+async def test_a_stale_triggers_run_that_its_attempt_recorded_and_that_is_over_is_left(rig: Rig):
+    """Another process took the workflow over, got the same run (the same
+    key) and recorded it; its callback failed the job (the run is over), and
+    the job was retried. This stalled trigger's answer, that run, is not
+    asked to stop: nothing is filed under attempt 2."""
+    await start(rig)
+    rig.backend.cancel_error = BackendError("run 1 already finished", code="conflict")
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await elsewhere(rig, run=1)
+        await rig.parts.settler.settle("j", Outcome("failed"), by="callback", attempt=1)
+        await retried(rig, {"state": "failed", "external": {"run": 1}})
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    assert rig.backend.canceled == []
+    assert "cancel_failed" not in [t for t, _ in await history(rig)]
+
+
+async def test_a_stale_trigger_leaves_the_run_the_next_attempt_reruns_in_place(rig: Rig):
+    """A backend that reruns in place (Databricks' repair: the same run id)
+    runs attempt 2 in attempt 1's run; the stalled attempt-1 trigger's
+    answer names that run, which is attempt 2's live run: left going."""
+    rig.backend.run_keys = lambda external: [str(external["run"])]  # type: ignore[method-assign]
+    await start(rig)
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled", "external": None})
+        event = NewEvent("triggered", {"try": 1, "external": {"run": 1, "repair": 5}})
+        external = {"run": 1, "repair": 5}
+        await rig.parts.jobs.set_external("j", external, now_ms(), None, event, attempt=2)
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.external) == (2, {"run": 1, "repair": 5})
+    assert rig.backend.canceled == []
+
+
 @pytest.mark.parametrize("ended_settled", [True, False])
 async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_step(
     rig: Rig, ended_settled: bool
@@ -496,88 +534,31 @@ async def test_a_workflow_whose_job_row_is_gone_and_promise_settled_ends(rig: Ri
 # ── a deadline passed before the trigger ─────────────────────────────────────
 
 
-async def test_a_job_past_its_deadline_times_out_as_the_watchdog_ends_it_never_triggered(
-    rig: Rig,
+async def test_a_replay_past_the_deadline_asks_again_and_records_the_run_a_crashed_try_started(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):
-    """Its trigger replayed after an outage longer than its deadline: the
-    backend is not asked for a run the watchdog would stop moments later;
-    the job times out with the outcome and history the watchdog's deadline
-    gives any job (here job w, ended by a watchdog's look)."""
-    for job_id in ("j", "w"):
-        await rig.parts.add_job(job_id, timeout=5, deadline=now_ms() - 1_000)
-        await rig.parts.add_promise(job_id)
-    watchdog = Watchdog(rig.parts.settings, rig.steps.plugins, rig.parts.store, rig.parts.settler)
-    await watchdog.look_at(await rig.parts.row("w"), now_ms())
-    with logs_of("tether") as logs:
+    """The backend started run 1, then the process died before the index
+    write; the replay comes after the deadline (an outage). It asks the
+    backend again with the same key and records the run, so the job's
+    timeout stops it: skipped, that run was recorded nowhere and went on."""
+    await rig.parts.add_job("j", deadline=now_ms() + 300)
+    await rig.parts.add_promise("j")
+    set_external = rig.parts.jobs.set_external
+
+    async def died(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(rig.parts.jobs, "set_external", died)
+    with pytest.raises(RuntimeError):
         await rig.steps.trigger("j", "j:1")
+    monkeypatch.setattr(rig.parts.jobs, "set_external", set_external)
+    await asyncio.sleep(0.35)  # down past the deadline
 
-    assert rig.backend.triggers == []
-    rec, by_watchdog = await rig.parts.row("j"), await rig.parts.row("w")
-    assert (rec.state, rec.error, rec.external) == ("timed_out", by_watchdog.error, None)
-    assert rec.error == ErrorInfo("no callback within 5 seconds", "timeout")
-    assert await history(rig) == await history(rig, "w")
-    assert await history(rig) == [
-        ("timed_out", {"timeout": 5.0}),
-        ("finished", {"state": "timed_out", "error_type": "timeout"}),
-    ]
-    value = (await rig.parts.promise("j")).value.data
-    assert (value["status"], value["by"]) == ("timed_out", "timeout")
-    assert logs.fields() == [("job j timed out before it was triggered", "j", "j:1")]
+    await rig.steps.trigger("j", "j:1")  # the replay
 
-    await rig.steps.finish("j", value, 1)
-    assert rig.backend.canceled == [] and [j.state for j in rig.plugin.finished] == ["timed_out"]
-
-
-async def test_a_job_out_of_the_queue_past_its_deadline_times_out_never_triggered(rig: Rig):
-    """A slot freed a moment before the queued job's deadline: promoted to
-    `pending` (never one past it), its deadline passes before its workflow's
-    trigger, which ends it `timed_out` (a job queued past its timeout is
-    never triggered, docs/lifecycle.md)."""
-    jobs = rig.parts.jobs
-    jobs.limits = {"scripted": 1}
-    await rig.parts.add_job("holder")
-    rec = await rig.parts.add_job("j", deadline=now_ms() + 400)
-    assert rec.state == "queued"
-    promoted: list[Any] = []
-    jobs.on_ready = promoted.extend
-    await jobs.end("holder", DONE, now_ms())
-    assert [p.id for p in promoted] == ["j"]
-    await rig.parts.add_promise("j")  # its workflow starts
-    await asyncio.sleep(max(0.0, (rec.deadline - now_ms()) / 1000 + 0.05))
-
-    await rig.steps.trigger("j", "j:1")
-
-    assert rig.backend.triggers == []
-    rec = await rig.parts.row("j")
-    assert (rec.state, rec.external) == ("timed_out", None)
-    assert [t for t, _ in await history(rig)][-2:] == ["timed_out", "finished"]
-
-
-async def test_a_deadline_that_passes_between_two_tries_times_the_job_out(rig: Rig):
-    """The watchdog has not looked yet: the next try is not made."""
-    await start(rig)
-    rig.backend.answers = [retryable("busy"), {"run": 7}]
-
-    async def sleep(seconds: float) -> None:  # the deadline passes while the trigger waits
-        rig.waits.append(seconds)
-        await rig.parts.jobs.db.execute(
-            "UPDATE tether_jobs SET deadline = ? WHERE id = 'j'", (now_ms() - 1,)
-        )
-
-    rig.steps.sleep = sleep
-    await rig.steps.trigger("j", "j:1")
-
-    assert len(rig.backend.triggers) == 1
-    rec = await rig.parts.row("j")
-    assert (rec.state, rec.external, rec.error) == (
-        "timed_out",
-        None,
-        ErrorInfo("no callback within 60 seconds", "timeout"),
-    )
-    assert [t for t, _ in await history(rig)] == ["trigger_failed", "timed_out", "finished"]
-
-
-# ── retries ──────────────────────────────────────────────────────────────────
+    keys = {t.idempotency_key for t in rig.backend.triggers}
+    assert len(rig.backend.triggers) == 2 and keys == {"j:1"}
+    assert (await rig.parts.row("j")).external is not None  # recorded: the timeout stops it
 
 
 async def test_retryable_errors_are_retried_with_the_wait_doubling(rig: Rig):
@@ -867,6 +848,43 @@ async def test_a_trigger_failure_whose_record_failed_is_recorded_again_not_trigg
     )
     await rig.steps.finish("j", value, 1)
     assert rig.backend.canceled == [] and len(rig.plugin.finished) == 1
+
+
+async def test_a_trigger_failure_not_yet_recorded_gives_way_to_a_run_recorded_meanwhile(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """This process's trigger failed, and its settle failed without reaching
+    the store; while it waits to settle again (its lease run out), another
+    process takes the workflow over, triggers and records run 8. The late
+    failure is dropped: it ended the job `failed`, and the finish stopped
+    that healthy run."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    settle = rig.parts.settler.settle
+    failures = [StoreUnavailable("the store did not answer: TimeoutError")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await settle(*args, **kwargs)
+
+    async def sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        await elsewhere(rig, run=8)
+
+    monkeypatch.setattr(rig.parts.settler, "settle", flaky)
+    rig.steps.sleep = sleep
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("running", {"run": 8})
+    assert (await rig.parts.promise("j")).state == "pending"
+    assert rig.backend.canceled == []
+    assert logs.lines[-1] == (
+        "WARNING job j: a trigger's failure not yet recorded, and another process triggered it"
+        " meanwhile; the job is left to that run"
+    )
 
 
 async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(

@@ -179,6 +179,6 @@ def test_tether_serve_knows_the_credential_variables_and_never_logs_them(tmp_pat
         assert f"unknown setting {name}" not in log
     assert (
         "unknown setting TETHER_WEBHOOK_AUTH_partner is ignored;"
-        " did you mean TETHER_WEBHOOK_AUTH_PARTNER?"
+        " setting names are upper case: TETHER_WEBHOOK_AUTH_PARTNER"
     ) in log
     texts_without((TOKEN, "Ymls", "lower-case-is-no-name"), log)
