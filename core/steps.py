@@ -307,27 +307,18 @@ class JobSteps:
         took this workflow over, this one's lease having run out while the
         store failed) wins, while the promise is still pending: this late
         failure is not the job's, as after the last try (`trigger`)."""
-        delay = RETRY_BACKOFF
         first = True
-        while True:
-            try:
-                if not first and await self._run_recorded_meanwhile(rec):
-                    return
-                first = False
-                await self.settler.settle(
-                    rec.id, failed, by="trigger", attempt=rec.attempt, salt=rec.salt
-                )
+
+        async def settle_unless_triggered_elsewhere() -> None:
+            nonlocal first
+            if not first and await self._run_recorded_meanwhile(rec):
                 return
-            except StoreUnavailable as exc:
-                log.warning(
-                    "job %s: recording its trigger's failure failed (%s); again in %gs",
-                    rec.id,
-                    exc.message,
-                    delay,
-                    extra=rec.log_extra(),
-                )
-            await self.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX)
+            first = False
+            await self.settler.settle(
+                rec.id, failed, by="trigger", attempt=rec.attempt, salt=rec.salt
+            )
+
+        await self._until_stored(rec, "its trigger's failure", settle_unless_triggered_elsewhere)
 
     async def _run_recorded_meanwhile(self, rec: JobRecord) -> bool:
         """Whether another process recorded a run for attempt `rec.attempt`
@@ -365,14 +356,23 @@ class JobSteps:
         tried again while the index does not answer (a store locked by
         another process): raised, the whole trigger would run again, the
         backend's call included (the same key, but once more each time)."""
+        return await self._until_stored(rec, "its triggered run", write)
+
+    async def _until_stored[T](
+        self, rec: JobRecord, what: str, write: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`write()`, tried again (`RETRY_BACKOFF` doubled, at most
+        `RETRY_BACKOFF_MAX`) while the store does not answer; each failure is
+        logged as "recording WHAT failed"."""
         delay = RETRY_BACKOFF
         while True:
             try:
                 return await write()
             except StoreUnavailable as exc:
                 log.warning(
-                    "job %s: recording its triggered run failed (%s); again in %gs",
+                    "job %s: recording %s failed (%s); again in %gs",
                     rec.id,
+                    what,
                     exc.message,
                     delay,
                     extra=rec.log_extra(),
