@@ -240,24 +240,21 @@ class JobSteps:
     ) -> None:
         """The run the backend answered attempt `rec.attempt`'s trigger with,
         the attempt having ended (and the job been retried: `now`) while it
-        was being asked. Stopped only when it is recorded nowhere and not
-        over: not the run that attempt recorded (another process's trigger,
-        asked with the same key: its finish decided) nor the one the job now
-        runs (a backend that reruns in place, as Databricks' repair), and the
-        attempt ended so that its run is to be stopped (`stopped_with`: not
-        by its run's own callback). Asked as for any unwanted run, with the
-        job as that attempt ended; a stop that fails is a `cancel_failed`
-        event, filed under the attempt the job is at, its `external` naming
-        the run."""
-        ended = await self._ended_as(rec.id, rec.attempt)
-        promise = await store_call(self.settler.resonate.promises.get(promise_id))
-        value = promise.value.data if promise.state == "resolved" else None
-        recorded, running = ended.get("external"), now.external
-        if (
-            not stopped_with(ended["state"], value)
-            or (recorded is not None and not self._other_run(backend, recorded, keys))
-            or (running is not None and not self._other_run(backend, running, keys, receipt))
-        ):
+        was being asked: recorded nowhere, no finish stops it, so it is
+        stopped here, unless `_stale_run_kept` says it is another's to stop
+        or over. Asked as for any unwanted run, with the job as that attempt
+        ended; a stop that fails is a `cancel_failed` event, filed under the
+        attempt the job is at, its `external` naming the run. What it reads
+        is read again while the store fails: raised, the replay finds the
+        attempt over and would leave the run going for good."""
+
+        async def read() -> tuple[dict[str, Any], Any]:
+            ended = await self._ended_as(rec.id, rec.attempt)
+            promise = await store_call(self.settler.resonate.promises.get(promise_id))
+            return ended, promise.value.data if promise.state == "resolved" else None
+
+        ended, value = await self._until_stored(rec, "reading how its attempt ended", read)
+        if self._stale_run_kept(backend, keys, ended, value, now):
             log.info(
                 "job %s: attempt %d ended while its trigger was under way; the run its backend"
                 " answered with is recorded or over, and is left as it is",
@@ -279,21 +276,36 @@ class JobSteps:
         await self._cancel_run(backend, stale)
 
     @staticmethod
-    def _other_run(
+    def _stale_run_kept(
         backend: Backend,
-        external: dict[str, Any] | None,
         keys: Sequence[str],
-        receipt: dict[str, Any] | None = None,
+        ended: dict[str, Any],
+        value: Any,
+        now: JobRecord,
     ) -> bool:
-        """Whether the run `external` records is surely another than this
-        trigger's (of run `keys`): both have run keys and none in common.
-        Without keys: the same when the answers are equal, or, with no
-        `receipt` to compare, taken as the same (a run asked with the same
-        idempotency key)."""
+        """Whether a stale trigger's run (of run `keys`) is left going: it is
+        the run the job now runs (a backend that reruns in place, as
+        Databricks' repair: told by run keys only), or the run its attempt
+        recorded (its finish decided), or, when that cannot be told (no
+        keys), the attempt ended so that its run is not to be stopped (by
+        its run's callback: `stopped_with`; a run surely another is stopped
+        whatever the end)."""
+        running = run_keys_of(backend, now.external)
+        if keys and running and set(keys) & set(running):
+            return True
+        recorded = run_keys_of(backend, ended.get("external"))
+        if keys and recorded:
+            return bool(set(keys) & set(recorded))
+        return not stopped_with(ended["state"], value)
+
+    @staticmethod
+    def _other_run(backend: Backend, external: dict[str, Any] | None, keys: Sequence[str]) -> bool:
+        """Whether the run `external` records is another than the one of
+        `keys` (this trigger's): both have run keys, and none in common.
+        Without keys the two cannot be told apart (the same run, answered
+        twice)."""
         theirs = run_keys_of(backend, external)
-        if keys and theirs:
-            return not set(keys) & set(theirs)
-        return receipt is not None and external != receipt
+        return bool(keys) and bool(theirs) and not set(keys) & set(theirs)
 
     async def _failure_settled(self, rec: JobRecord, failed: Outcome) -> None:
         """The settle that fails attempt `rec.attempt` after its trigger's
@@ -318,7 +330,9 @@ class JobSteps:
                 rec.id, failed, by="trigger", attempt=rec.attempt, salt=rec.salt
             )
 
-        await self._until_stored(rec, "its trigger's failure", settle_unless_triggered_elsewhere)
+        await self._until_stored(
+            rec, "recording its trigger's failure", settle_unless_triggered_elsewhere
+        )
 
     async def _run_recorded_meanwhile(self, rec: JobRecord) -> bool:
         """Whether another process recorded a run for attempt `rec.attempt`
@@ -356,21 +370,21 @@ class JobSteps:
         tried again while the index does not answer (a store locked by
         another process): raised, the whole trigger would run again, the
         backend's call included (the same key, but once more each time)."""
-        return await self._until_stored(rec, "its triggered run", write)
+        return await self._until_stored(rec, "recording its triggered run", write)
 
     async def _until_stored[T](
         self, rec: JobRecord, what: str, write: Callable[[], Awaitable[T]]
     ) -> T:
         """`write()`, tried again (`RETRY_BACKOFF` doubled, at most
         `RETRY_BACKOFF_MAX`) while the store does not answer; each failure is
-        logged as "recording WHAT failed"."""
+        logged as "WHAT failed"."""
         delay = RETRY_BACKOFF
         while True:
             try:
                 return await write()
             except StoreUnavailable as exc:
                 log.warning(
-                    "job %s: recording %s failed (%s); again in %gs",
+                    "job %s: %s failed (%s); again in %gs",
                     rec.id,
                     what,
                     exc.message,

@@ -482,6 +482,80 @@ async def test_a_stale_trigger_leaves_the_run_the_next_attempt_reruns_in_place(r
     assert rig.backend.canceled == []
 
 
+async def test_a_keyless_stale_run_is_stopped_though_its_answer_looks_like_the_next_attempts(
+    rig: Rig,
+):
+    """A backend without run keys whose runs all answer alike (a webhook
+    answering 202 with no body): an equal answer says nothing of the run,
+    so attempt 1's stale run is stopped, attempt 2's recorded run left."""
+    rig.backend.run_keys = lambda external: []  # type: ignore[method-assign]
+    await start(rig)
+    answer = {"status_code": 202, "response": None}
+    rig.backend.answers = [dict(answer)]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled", "external": None})
+        event = NewEvent("triggered", {"try": 1, "external": answer})
+        await rig.parts.jobs.set_external("j", dict(answer), now_ms(), None, event, attempt=2)
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [(j.attempt, j.state) for j in rig.backend.canceled] == [(1, "canceled")]
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+async def test_a_stale_run_surely_another_than_its_attempts_recorded_run_is_stopped(
+    rig: Rig, keyed: bool
+):
+    """A backend that ignored the idempotency key: another process recorded
+    run 8 for attempt 1, this stalled trigger got run 1. Keyed, run 1 is
+    surely another, and is stopped however attempt 1 ended (here by run 8's
+    callback); keyless, it cannot be told from run 8, and is stopped when
+    the attempt's end stops runs (canceled: a second cancel is safe)."""
+    if not keyed:
+        rig.backend.run_keys = lambda external: []  # type: ignore[method-assign]
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+        if keyed:
+            await rig.parts.settler.settle("j", Outcome("failed"), by="callback", attempt=1)
+            await retried(rig, {"state": "failed", "external": {"run": 8}})
+        else:
+            await retried(rig, {"state": "canceled", "external": {"run": 8}})
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [j.external for j in rig.backend.canceled] == [{"run": 1}]
+
+
+async def test_a_stale_runs_stop_reads_again_while_the_store_fails(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Raised, the replay would find attempt 1 over and leave its run going
+    for good: what the stop reads is read again."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled"})
+
+    rig.backend.during = meanwhile
+    promises = rig.parts.settler.resonate.promises
+    get = promises.get
+    failures = [TimeoutError()]
+
+    async def flaky(promise_id: str) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await get(promise_id)
+
+    monkeypatch.setattr(promises, "get", flaky)
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
+
+
 @pytest.mark.parametrize("ended_settled", [True, False])
 async def test_a_row_an_earlier_release_wrote_is_settled_by_the_durable_trigger_step(
     rig: Rig, ended_settled: bool
@@ -885,6 +959,36 @@ async def test_a_trigger_failure_not_yet_recorded_gives_way_to_a_run_recorded_me
         "WARNING job j: a trigger's failure not yet recorded, and another process triggered it"
         " meanwhile; the job is left to that run"
     )
+
+
+async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_was_recorded(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The failing settle resolved the promise, then its index write
+    failed; another process recorded run 8 meanwhile. The promise is no
+    longer pending: the failure stands (the row ends `failed` from the
+    promise's value), and the workflow's finish stops run 8."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    end = rig.parts.jobs.end
+    failures = [StoreUnavailable("the store did not answer: TimeoutError")]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await end(*args, **kwargs)
+
+    async def sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        await elsewhere(rig, run=8)
+
+    monkeypatch.setattr(rig.parts.jobs, "end", flaky)
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 8})
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("failed", "trigger")
 
 
 async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(
