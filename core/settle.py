@@ -226,10 +226,10 @@ class Settler:
 
     async def time_out(self, rec: JobRecord) -> SettleResult:
         """Settle attempt `rec.attempt` of the job `timed_out` for its
-        deadline, whoever found it passed (the watchdog's look, a trigger
-        replayed past it): the same outcome (`error.type` `timeout`), `by`,
-        and `timed_out` event, so the history reads the same. Any run's stop
-        is awaited (`wait_stop`): the caller's work is bounded already."""
+        deadline (the watchdog's look): the outcome (`error.type`
+        `timeout`), `by` and `timed_out` event every timed-out job's history
+        shows. Any run's stop is awaited (`wait_stop`): the caller's work is
+        bounded already."""
         outcome = Outcome(
             status="timed_out",
             error=ErrorInfo(message=f"no callback within {rec.timeout:g} seconds", type="timeout"),

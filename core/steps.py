@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 from msgspec.structs import replace
+from resonate.error import ServerError
 
 from core.errors import BackendError, StoreUnavailable, reason
 from core.hookspecs import Backend
@@ -41,6 +42,7 @@ from core.settle import (
     outcome_of,
     outcome_of_record,
     store_call,
+    store_refusal,
     store_timed_out,
 )
 from core.store import STORE_CALL_TIMEOUT
@@ -197,7 +199,11 @@ class JobSteps:
             # leaves the run unrecorded (and so not canceled), as one between
             # the backend's answer and the index write always did. Ended and
             # retried meanwhile: the run is stopped, recorded nowhere.
-            ended = await self.jobs.get(job_id)
+            # Read again while the store fails: raised, the replay would find
+            # the attempt over (or ended) and leave the run going for good.
+            ended = await self._until_stored(
+                rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
+            )
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
                 # Decided before the run is recorded: once it is, a replay of
@@ -213,6 +219,13 @@ class JobSteps:
                     unwanted or self._other_run(backend, recorded.external, keys)
                 ):
                     await self._cancel_run(backend, replace(recorded, external=receipt))
+                elif recorded is None:  # retried meanwhile (the write is the attempt's only)
+                    later = await self._until_stored(
+                        rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
+                    )
+                    if later is not None and later.attempt > attempt:
+                        await self._stop_stale_run(backend, rec, promise_id, receipt, keys, later)
+                        return
             elif ended is not None:
                 await self._stop_stale_run(backend, rec, promise_id, receipt, keys, ended)
                 return
@@ -249,9 +262,7 @@ class JobSteps:
         attempt over and would leave the run going for good."""
 
         async def read() -> tuple[dict[str, Any], Any]:
-            ended = await self._ended_as(rec.id, rec.attempt)
-            promise = await store_call(self.settler.resonate.promises.get(promise_id))
-            return ended, promise.value.data if promise.state == "resolved" else None
+            return await self._ended_as(rec.id, rec.attempt), await self._settled_value(promise_id)
 
         ended, value = await self._until_stored(rec, "reading how its attempt ended", read)
         if self._stale_run_kept(backend, keys, ended, value, now):
@@ -362,8 +373,22 @@ class JobSteps:
         apart)."""
         if rec.state != "failed":
             return stopped_with(rec.state, None)
-        promise = await self.settler.resonate.promises.get(promise_id)
-        return stopped_with(rec.state, promise.value.data if promise.value is not None else None)
+        value = await self._until_stored(
+            rec, "reading how its attempt ended", lambda: self._settled_value(promise_id)
+        )
+        return stopped_with(rec.state, value)
+
+    async def _settled_value(self, promise_id: str) -> Any:
+        """The value callback promise `promise_id` was resolved with (None:
+        pending, rejected or gone); a store that fails or answers an error
+        is `StoreUnavailable` (the callers try again)."""
+        try:
+            promise = await store_call(self.settler.resonate.promises.get(promise_id))
+        except ServerError as exc:
+            if exc.code == 404:
+                return None
+            raise StoreUnavailable(f"the store refused the read ({store_refusal(exc)})") from None
+        return promise.value.data if promise.state == "resolved" and promise.value else None
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,

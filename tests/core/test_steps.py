@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from resonate.error import ServerError
 from resonate.types import Value
 
 from core.errors import BackendError, StoreUnavailable
@@ -552,6 +553,77 @@ async def test_a_stale_runs_stop_reads_again_while_the_store_fails(
         return await get(promise_id)
 
     monkeypatch.setattr(promises, "get", flaky)
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
+
+
+async def test_a_run_whose_attempt_was_retried_before_its_record_is_stopped_as_a_stale_one(
+    rig: Rig,
+):
+    """Attempt 1 was canceled while its trigger was under way, and retried
+    (another process finished its workflow) between this trigger's read of
+    the row and its record of the run, which writes attempt 1's row only:
+    the run is recorded nowhere, and is stopped."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await rig.parts.settler.settle("j", Outcome("canceled"), by="api", attempt=1)
+
+    rig.backend.during = meanwhile
+    unwanted = rig.steps._run_unwanted
+
+    async def then_retried(rec: Any, promise_id: str) -> bool:
+        said = await unwanted(rec, promise_id)
+        await retried(rig, {"state": "canceled"})
+        return said
+
+    rig.steps._run_unwanted = then_retried  # type: ignore[method-assign]
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [(j.attempt, j.external) for j in rig.backend.canceled] == [(1, {"run": 1})]
+
+
+@pytest.mark.parametrize("fault", ["row", "promise"])
+async def test_a_stale_runs_reads_are_made_again_while_the_store_fails(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, fault: str
+):
+    """The row read that finds the attempt retried, and the read of how the
+    attempt ended (a Resonate server answering 503), each fail once: read
+    again, not raised (the replay would find the attempt over and leave the
+    run going for good)."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled"})
+
+    rig.backend.during = meanwhile
+    if fault == "row":
+        get, recorded = rig.parts.jobs.get, rig.parts.jobs.set_external
+        after_record: list[str] = []
+
+        async def record(*args: Any, **kwargs: Any) -> Any:
+            after_record.append("armed")
+            return await recorded(*args, **kwargs)
+
+        async def flaky_row(job_id: str) -> Any:
+            if after_record == ["armed"]:
+                after_record.append("failed")
+                raise StoreUnavailable("the store did not answer: TimeoutError")
+            return await get(job_id)
+
+        monkeypatch.setattr(rig.parts.jobs, "set_external", record)
+        monkeypatch.setattr(rig.parts.jobs, "get", flaky_row)
+    else:
+        promises = rig.parts.settler.resonate.promises
+        get_promise, failures = promises.get, [ServerError(503, "unavailable")]
+
+        async def flaky_promise(promise_id: str) -> Any:
+            if failures:
+                raise failures.pop(0)
+            return await get_promise(promise_id)
+
+        monkeypatch.setattr(promises, "get", flaky_promise)
     await rig.steps.trigger("j", "j:1", 1)
     assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
 
