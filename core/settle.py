@@ -224,27 +224,6 @@ class Settler:
         after the backend's `cancel` and its retries. None: `settle` awaits
         it."""
 
-    async def time_out(self, rec: JobRecord) -> SettleResult:
-        """Settle attempt `rec.attempt` of the job `timed_out` for its
-        deadline (the watchdog's look): the outcome (`error.type`
-        `timeout`), `by` and `timed_out` event every timed-out job's history
-        shows. Any run's stop is awaited (`wait_stop`): the caller's work is
-        bounded already."""
-        outcome = Outcome(
-            status="timed_out",
-            error=ErrorInfo(message=f"no callback within {rec.timeout:g} seconds", type="timeout"),
-        )
-        deadline = {"timeout": rec.timeout}
-        result, _ = await self.settle(
-            rec.id,
-            outcome,
-            by="timeout",
-            note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
-            attempt=rec.attempt,
-            wait_stop=True,
-        )
-        return result
-
     async def settle(
         self,
         job_id: str,

@@ -199,11 +199,7 @@ class JobSteps:
             # leaves the run unrecorded (and so not canceled), as one between
             # the backend's answer and the index write always did. Ended and
             # retried meanwhile: the run is stopped, recorded nowhere.
-            # Read again while the store fails: raised, the replay would find
-            # the attempt over (or ended) and leave the run going for good.
-            ended = await self._until_stored(
-                rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
-            )
+            ended = await self._row(rec)
             if ended is not None and ended.attempt == attempt:
                 await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
                 # Decided before the run is recorded: once it is, a replay of
@@ -220,9 +216,7 @@ class JobSteps:
                 ):
                     await self._cancel_run(backend, replace(recorded, external=receipt))
                 elif recorded is None:  # retried meanwhile (the write is the attempt's only)
-                    later = await self._until_stored(
-                        rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
-                    )
+                    later = await self._row(rec)
                     if later is not None and later.attempt > attempt:
                         await self._stop_stale_run(backend, rec, promise_id, receipt, keys, later)
                         return
@@ -354,8 +348,8 @@ class JobSteps:
         if latest is None or latest.attempt != rec.attempt or latest.external is None:
             return False
         promise_id = callback_promise_id(rec.id, rec.attempt)
-        promise = await store_call(self.settler.resonate.promises.get(promise_id))
-        if promise.state != "pending":
+        promise = await self._promise(promise_id)
+        if promise is None or promise.state != "pending":
             return False
         log.warning(
             "job %s: a trigger's failure not yet recorded, and another process triggered it"
@@ -380,15 +374,29 @@ class JobSteps:
 
     async def _settled_value(self, promise_id: str) -> Any:
         """The value callback promise `promise_id` was resolved with (None:
-        pending, rejected or gone); a store that fails or answers an error
-        is `StoreUnavailable` (the callers try again)."""
+        pending, rejected or gone)."""
+        promise = await self._promise(promise_id)
+        if promise is None or promise.state != "resolved" or not promise.value:
+            return None
+        return promise.value.data
+
+    async def _promise(self, promise_id: str) -> Any:
+        """Callback promise `promise_id` (None: gone); a store that fails or
+        answers an error is `StoreUnavailable` (the callers try again)."""
         try:
-            promise = await store_call(self.settler.resonate.promises.get(promise_id))
+            return await store_call(self.settler.resonate.promises.get(promise_id))
         except ServerError as exc:
             if exc.code == 404:
                 return None
             raise StoreUnavailable(f"the store refused the read ({store_refusal(exc)})") from None
-        return promise.value.data if promise.state == "resolved" and promise.value else None
+
+    async def _row(self, rec: JobRecord) -> JobRecord | None:
+        """The job's row now, read again while the store fails: a read that
+        raised would have the trigger's replay find the attempt over and
+        leave the run it got going for good."""
+        return await self._until_stored(
+            rec, "reading its job", lambda: store_call(self.jobs.get(rec.id))
+        )
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,

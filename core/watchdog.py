@@ -310,8 +310,21 @@ class Watchdog:
             await self.stop_again(rec)
             return
         if rec.deadline <= now:
-            # its run's stop awaited in this look: bounded by the sweep, cancelled with it
-            result = await self.settler.time_out(rec)
+            outcome = Outcome(
+                status="timed_out",
+                error=ErrorInfo(
+                    message=f"no callback within {rec.timeout:g} seconds", type="timeout"
+                ),
+            )
+            deadline = {"timeout": rec.timeout}
+            result, _ = await self.settler.settle(
+                rec.id,
+                outcome,
+                by="timeout",
+                note=lambda r: NewEvent("timed_out", deadline) if r == "accepted" else None,
+                attempt=rec.attempt,
+                wait_stop=True,  # in this look: bounded by the sweep, cancelled with it
+            )
             if result == "accepted":
                 log.info("job %s timed out", rec.id, extra=rec.log_extra())
             return

@@ -32,10 +32,11 @@ from core.settings import Settings
 from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
 from core.store.embedded import notify_secret_path
-from core.store.jobs import JobIndex, JobRecord, Notification, now_ms
+from core.store.jobs import JobIndex, Notification, now_ms
 from core.views import origin
 from tests.conftest import POLL, Receiver, Service, eventually
 from tests.core.parts import logs_of, open_parts
+from tests.core.store.test_index_writes import job
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"a test key of the notifications!").decode()
@@ -435,20 +436,7 @@ async def two_claims_in_turn(
         jobs = parts.jobs
         jobs.message = lambda rec: "{}"
         at = now_ms()
-        rec = JobRecord(
-            id="n",
-            backend="b",
-            state="pending",
-            params={},
-            metadata={},
-            timeout=60.0,
-            fingerprint="f",
-            deadline=at + 60_000,
-            created_at=at,
-            updated_at=at,
-            notify_url=notified.url(),
-        )
-        await jobs.insert(rec)
+        await jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=notified.url()))
         await jobs.end("n", Outcome(status="canceled"), at)
         first, second = (Notifier(parts.settings, jobs, [SECRET]) for _ in range(2))
         claimed: list[Notification] = []

@@ -137,6 +137,18 @@ async def start(rig: Rig, job_id: str = "j", **params: Any) -> None:
     await rig.parts.add_promise(job_id)
 
 
+def failing_first(call: Callable[..., Awaitable[Any]], *errors: Exception) -> Any:
+    """`call`, raising `errors` first, one a call, then answering as itself."""
+    left = list(errors)
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if left:
+            raise left.pop(0)
+        return await call(*args, **kwargs)
+
+    return flaky
+
+
 def retryable(message: str = "busy", **more: Any) -> BackendError:
     return BackendError(message, retryable=True, code="busy", **more)
 
@@ -544,15 +556,7 @@ async def test_a_stale_runs_stop_reads_again_while_the_store_fails(
 
     rig.backend.during = meanwhile
     promises = rig.parts.settler.resonate.promises
-    get = promises.get
-    failures = [TimeoutError()]
-
-    async def flaky(promise_id: str) -> Any:
-        if failures:
-            raise failures.pop(0)
-        return await get(promise_id)
-
-    monkeypatch.setattr(promises, "get", flaky)
+    monkeypatch.setattr(promises, "get", failing_first(promises.get, TimeoutError()))
     await rig.steps.trigger("j", "j:1", 1)
     assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
 
@@ -616,14 +620,8 @@ async def test_a_stale_runs_reads_are_made_again_while_the_store_fails(
         monkeypatch.setattr(rig.parts.jobs, "get", flaky_row)
     else:
         promises = rig.parts.settler.resonate.promises
-        get_promise, failures = promises.get, [ServerError(503, "unavailable")]
-
-        async def flaky_promise(promise_id: str) -> Any:
-            if failures:
-                raise failures.pop(0)
-            return await get_promise(promise_id)
-
-        monkeypatch.setattr(promises, "get", flaky_promise)
+        unavailable = ServerError(503, "unavailable")
+        monkeypatch.setattr(promises, "get", failing_first(promises.get, unavailable))
     await rig.steps.trigger("j", "j:1", 1)
     assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
 
@@ -968,15 +966,8 @@ async def test_a_trigger_failure_whose_record_failed_is_recorded_again_not_trigg
     `pending` and started a run for a job already failed."""
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
-    end = rig.parts.jobs.end
-    failures = [StoreUnavailable("database is locked")]
-
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop(0)
-        return await end(*args, **kwargs)
-
-    monkeypatch.setattr(rig.parts.jobs, "end", flaky)
+    locked = StoreUnavailable("database is locked")
+    monkeypatch.setattr(rig.parts.jobs, "end", failing_first(rig.parts.jobs.end, locked))
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1")
 
@@ -1006,13 +997,8 @@ async def test_a_trigger_failure_not_yet_recorded_gives_way_to_a_run_recorded_me
     that healthy run."""
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
-    settle = rig.parts.settler.settle
-    failures = [StoreUnavailable("the store did not answer: TimeoutError")]
-
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop(0)
-        return await settle(*args, **kwargs)
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    flaky = failing_first(rig.parts.settler.settle, unanswered)
 
     async def sleep(seconds: float) -> None:
         rig.waits.append(seconds)
@@ -1042,13 +1028,8 @@ async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_wa
     promise's value), and the workflow's finish stops run 8."""
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
-    end = rig.parts.jobs.end
-    failures = [StoreUnavailable("the store did not answer: TimeoutError")]
-
-    async def flaky(*args: Any, **kwargs: Any) -> Any:
-        if failures:
-            raise failures.pop(0)
-        return await end(*args, **kwargs)
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    flaky = failing_first(rig.parts.jobs.end, unanswered)
 
     async def sleep(seconds: float) -> None:
         rig.waits.append(seconds)
