@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from api.auth import READ
 from core.metrics import JobsCollector, job_gauges, prime
+from core.scratch import Scratch
 from core.service import Tether
 from core.settle import store_call
 from core.store.jobs import now_ms
@@ -49,8 +49,10 @@ UNMATCHED = "unmatched"
 @contextlib.contextmanager
 def multiprocess_dir(workers: int) -> Iterator[None]:
     """Around `tether serve`'s uvicorn run: with more than one worker, a new
-    private directory (mode 0700, empty) in PROMETHEUS_MULTIPROC_DIR for the
-    workers' metric files, removed at exit; with one, nothing.
+    private directory (mode 0700) in PROMETHEUS_MULTIPROC_DIR for the
+    workers' metric files, removed at exit; with one, nothing. The
+    directories a killed `tether serve` left are deleted as it is made
+    (`core.scratch`).
 
     Enter it before the workers start: prometheus_client reads the variable
     when a worker imports it. This process imported it earlier, so it keeps
@@ -61,15 +63,19 @@ def multiprocess_dir(workers: int) -> Iterator[None]:
         yield
         return
     previous = os.environ.get(MULTIPROC_ENV)
-    with tempfile.TemporaryDirectory(prefix="tether-metrics-") as path:
-        os.environ[MULTIPROC_ENV] = path
-        try:
-            yield
-        finally:
-            if previous is None:
-                del os.environ[MULTIPROC_ENV]
-            else:
-                os.environ[MULTIPROC_ENV] = previous
+    scratch = Scratch(METRICS_PREFIX)
+    os.environ[MULTIPROC_ENV] = str(scratch.path)
+    try:
+        yield
+    finally:
+        scratch.remove()
+        if previous is None:
+            del os.environ[MULTIPROC_ENV]
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+
+
+METRICS_PREFIX = "tether-metrics-"
 
 
 _series: dict[tuple[str, str, int], Callable[[float], None]] = {}

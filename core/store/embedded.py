@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
-import shutil
 import sqlite3
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.errors import StoreConfigError, StoreUnavailable
+from core.scratch import Scratch
 from core.settings import Settings, listed
 from core.store.base import (
     STORE_WAIT,
@@ -66,7 +64,7 @@ class EmbeddedStore(Store):
 
 class MemoryStore(EmbeddedStore):
     """`memory://`: the embedded store on a file of its own, deleted on close
-    (or by the next `memory://` process once this one is gone: `sweep_scratch`).
+    (or by the next `memory://` process once this one is gone: `core.scratch`).
 
     Nothing outlives the process, and it stays as fast as the embedded store
     however many jobs it has seen (resonate's LocalConnection scans every
@@ -81,84 +79,31 @@ class MemoryStore(EmbeddedStore):
         callback_secret: str,
         callback_secret_previous: tuple[str, ...],
         notify_secrets: tuple[str, ...],
-        scratch: Path,
-        held: int,
+        scratch: Scratch,
     ) -> None:
         super().__init__(
             connection, jobs, callback_secret, callback_secret_previous, notify_secrets
         )
         self.scratch = scratch
-        self._held = held
-        """The descriptor of `scratch`'s `SCRATCH_LOCK`, held shared until close."""
 
     @classmethod
     async def open(cls, settings: Settings, pid: str) -> MemoryStore:
-        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
-        held = os.open(scratch / SCRATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(held, fcntl.LOCK_SH)
-        sweep_scratch(scratch.parent)
+        scratch = Scratch(SCRATCH_PREFIX)
         try:
-            opened = await _open(scratch / "tether.db", settings, pid)
-            return cls(*opened, scratch=scratch, held=held)
+            opened = await _open(scratch.path / "tether.db", settings, pid)
+            return cls(*opened, scratch=scratch)
         except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            os.close(held)
+            scratch.remove()
             raise
 
     async def close(self) -> None:
         try:
             await super().close()
         finally:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            if self._held >= 0:
-                os.close(self._held)
-                self._held = -1
+            self.scratch.remove()
 
 
 SCRATCH_PREFIX = "tether-memory-"
-SCRATCH_LOCK = "in-use.lock"
-"""In each `memory://` directory: a file its process holds a shared `flock`
-on for as long as it has the store open. The kernel lets go of it when the
-process ends, however it ends, and the lock is seen from any process on the
-machine (pid namespaces, containers sharing the directory, included)."""
-SCRATCH_ORPHAN_AGE = 3600.0
-"""Seconds after which a `memory://` directory without `SCRATCH_LOCK` (made
-by a release before it, or caught in the moment before its lock file was
-made) counts as left behind."""
-
-
-def sweep_scratch(where: Path) -> list[Path]:
-    """Delete the `memory://` directories in `where` that a process killed
-    without a chance to clean up (SIGKILL, the OOM killer, a container's
-    stop timeout) left behind, each a whole store file: this user's, whose
-    `SCRATCH_LOCK` nobody holds (or that have none and are older than
-    `SCRATCH_ORPHAN_AGE`). Those deleted."""
-    swept = []
-    for scratch in where.glob(SCRATCH_PREFIX + "*"):
-        try:
-            if scratch.is_symlink() or scratch.stat().st_uid != os.getuid():
-                continue
-            if not _abandoned(scratch):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(scratch, ignore_errors=True)
-        swept.append(scratch)
-    return swept
-
-
-def _abandoned(scratch: Path) -> bool:
-    try:
-        fd = os.open(scratch / SCRATCH_LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return time.time() - scratch.stat().st_mtime >= SCRATCH_ORPHAN_AGE
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False  # its process has it open
-    finally:
-        os.close(fd)  # lets go of the lock taken, if any
-    return True
 
 
 class SqliteIndex(SqlJobIndex):

@@ -18,6 +18,7 @@ import api.app
 from api.auth import api_token_guard
 from api.metrics import MULTIPROC_ENV, install, metrics, multiprocess_dir
 from core.metrics import on_event
+from core.scratch import LOCK
 from core.settings import Settings
 from core.store.jobs import JobRecord, now_ms
 from tests.conftest import eventually
@@ -233,7 +234,7 @@ def test_multiprocess_dir_is_fresh_private_and_removed(monkeypatch):
     for _ in range(2):
         with multiprocess_dir(2):
             path = Path(os.environ[MULTIPROC_ENV])
-            assert path.is_dir() and list(path.iterdir()) == []
+            assert path.is_dir() and [p.name for p in path.iterdir()] == [LOCK]
             assert path.stat().st_mode & 0o077 == 0
             (path / "counter_1.db").write_bytes(b"x")
             seen.append(path)

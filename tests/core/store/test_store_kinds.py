@@ -38,10 +38,10 @@ async def test_the_memory_store_is_the_embedded_one_on_a_scratch_file():
     store = await open_store(settings("memory://", callback_secret="s"), "p1")
     assert isinstance(store, MemoryStore) and store.kind == "memory"
     assert store.callback_secret == "s"
-    assert (store.scratch / "tether.db").exists()
+    assert (store.scratch.path / "tether.db").exists()
     assert await store.delete_promises(0) == 0
     await store.close()
-    assert not store.scratch.exists()
+    assert not store.scratch.path.exists()
 
 
 async def test_the_postgres_store_refuses_retention_without_resonate_gc(fresh_pg_url):

@@ -1,7 +1,9 @@
-"""`memory://` keeps its store in a directory of its own under the temporary
-directory, deleted on close. A process killed without a chance to close
-(SIGKILL, the OOM killer) left it behind, a whole store file each time: the
-next `memory://` process deletes those no process holds open."""
+"""Private directories under the temporary directory, deleted by their
+process when it ends (`core.scratch`): `memory://` keeps its store in one,
+`tether serve --workers N` its metric files. A process killed without a
+chance to clean up (SIGKILL, the OOM killer) left them behind, a whole store
+file each time: the next process that makes one deletes those no process
+holds open."""
 
 from __future__ import annotations
 
@@ -11,14 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from api.metrics import METRICS_PREFIX
+from core.scratch import LOCK, ORPHAN_AGE, sweep
 from core.settings import Settings
 from core.store import open_store
-from core.store.embedded import (
-    SCRATCH_LOCK,
-    SCRATCH_ORPHAN_AGE,
-    SCRATCH_PREFIX,
-    sweep_scratch,
-)
+from core.store.embedded import SCRATCH_PREFIX
 from tests.process import TetherProcess
 
 
@@ -30,7 +29,7 @@ def _scratch(where: Path, name: str, locked: bool | None, age: float = 0.0) -> P
     scratch.mkdir()
     (scratch / "tether.db").write_bytes(b"x" * 4096)
     if locked is not None:
-        lock = scratch / SCRATCH_LOCK
+        lock = scratch / LOCK
         lock.touch()
         if locked:
             HELD.append(subprocess.Popen([*HOLDER, str(lock)], stdout=subprocess.PIPE))
@@ -53,18 +52,18 @@ HELD: list[subprocess.Popen[bytes]] = []
 def test_only_directories_no_process_holds_are_deleted(tmp_path):
     try:
         gone = _scratch(tmp_path, "gone", locked=False, age=5)
-        live = _scratch(tmp_path, "live", locked=True, age=SCRATCH_ORPHAN_AGE + 60)
+        live = _scratch(tmp_path, "live", locked=True, age=ORPHAN_AGE + 60)
         young = _scratch(tmp_path, "young", locked=None)  # caught before its lock file
-        old = _scratch(tmp_path, "old", locked=None, age=SCRATCH_ORPHAN_AGE + 60)
+        old = _scratch(tmp_path, "old", locked=None, age=ORPHAN_AGE + 60)
         other = tmp_path / "tether-other"
         other.mkdir()
-        assert sorted(sweep_scratch(tmp_path)) == sorted([gone, old])
+        assert sorted(sweep(tmp_path, SCRATCH_PREFIX)) == sorted([gone, old])
         assert not gone.exists() and not old.exists()
         assert live.exists() and young.exists() and other.exists()
-        assert sweep_scratch(tmp_path) == []  # the look let go of nothing it found held
+        assert sweep(tmp_path, SCRATCH_PREFIX) == []  # the look let go of nothing it found held
         HELD[-1].kill()
         HELD[-1].wait()
-        assert sweep_scratch(tmp_path) == [live]  # its holder gone, however it ended
+        assert sweep(tmp_path, SCRATCH_PREFIX) == [live]  # its holder gone, however it ended
     finally:
         for holder in HELD:
             holder.kill()
@@ -81,7 +80,7 @@ async def test_a_memory_store_of_this_process_is_never_swept(tmp_path, monkeypat
     first = await open_store(settings, "p1")
     second = await open_store(settings, "p2")
     try:
-        assert first.scratch.exists() and second.scratch.exists()
+        assert first.scratch.path.exists() and second.scratch.path.exists()
         assert await first.jobs.get("nothing") is None
     finally:
         await second.close()
@@ -108,3 +107,27 @@ def test_the_next_memory_service_deletes_what_a_killed_one_left(tmp_path):
     finally:
         second.terminate()
     assert list(scratch_root.glob(SCRATCH_PREFIX + "*")) == []
+
+
+def test_the_next_service_deletes_the_metric_files_a_killed_one_left(tmp_path):
+    """`tether serve --workers 2` keeps its workers' metric files in a
+    directory of its own (`api.metrics.multiprocess_dir`), left behind by a
+    SIGKILL as a `memory://` store's is."""
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TMPDIR": str(scratch_root)}
+    first = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
+    try:
+        (left,) = scratch_root.glob(METRICS_PREFIX + "*")
+        assert (left / LOCK).exists()
+    finally:
+        first.kill()
+    assert left.exists()  # SIGKILL: nothing cleaned up
+    second = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
+    try:
+        assert not left.exists()
+        (kept,) = scratch_root.glob(METRICS_PREFIX + "*")
+    finally:
+        second.terminate()
+    assert not kept.exists()
+    assert list(scratch_root.iterdir()) == []
