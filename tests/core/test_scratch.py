@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from api.metrics import METRICS_PREFIX
+from api.metrics import METRICS_PREFIX, multiprocess_dir
 from core.scratch import LOCK, ORPHAN_AGE, sweep
 from core.settings import Settings
 from core.store import open_store
@@ -109,10 +109,11 @@ def test_the_next_memory_service_deletes_what_a_killed_one_left(tmp_path):
     assert list(scratch_root.glob(SCRATCH_PREFIX + "*")) == []
 
 
-def test_the_next_service_deletes_the_metric_files_a_killed_one_left(tmp_path):
+def test_the_next_service_deletes_the_metric_files_a_killed_one_left(tmp_path, monkeypatch):
     """`tether serve --workers 2` keeps its workers' metric files in a
-    directory of its own (`api.metrics.multiprocess_dir`), left behind by a
-    SIGKILL as a `memory://` store's is."""
+    directory of its own, left behind by a SIGKILL as a `memory://` store's
+    is; the next `tether serve --workers N` deletes it as it makes its own
+    (`multiprocess_dir`, which `tether serve` enters before its workers start)."""
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     env = {"TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TMPDIR": str(scratch_root)}
@@ -123,11 +124,10 @@ def test_the_next_service_deletes_the_metric_files_a_killed_one_left(tmp_path):
     finally:
         first.kill()
     assert left.exists()  # SIGKILL: nothing cleaned up
-    second = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
-    try:
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    with multiprocess_dir(2):
         assert not left.exists()
         (kept,) = scratch_root.glob(METRICS_PREFIX + "*")
-    finally:
-        second.terminate()
     assert not kept.exists()
     assert list(scratch_root.iterdir()) == []
