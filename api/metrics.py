@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
@@ -63,7 +65,7 @@ def multiprocess_dir(workers: int) -> Iterator[None]:
         yield
         return
     previous = os.environ.get(MULTIPROC_ENV)
-    scratch = Scratch(METRICS_PREFIX)
+    scratch = Scratch(METRICS_PREFIX, unlocked_in_use=workers_alive)
     os.environ[MULTIPROC_ENV] = str(scratch.path)
     try:
         yield
@@ -76,6 +78,28 @@ def multiprocess_dir(workers: int) -> Iterator[None]:
 
 
 METRICS_PREFIX = "tether-metrics-"
+
+_WORKER_FILE = re.compile(r"_(\d+)\.db$")
+
+
+def workers_alive(path: Path) -> bool:
+    """Whether a process whose metric files are in `path` lives (pids are in
+    prometheus_client's file names, `counter_<pid>.db`): a directory made
+    without `core.scratch`'s lock (a release before it) is swept once it is
+    old only if none does, as a service of that release may still serve
+    from it. A pid used again since keeps it, which is harmless."""
+    for file in path.iterdir():
+        found = _WORKER_FILE.search(file.name)
+        if found is None:
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except (ProcessLookupError, OverflowError):  # no such process (or pid)
+            continue
+        except PermissionError:  # another user's process: alive
+            return True
+        return True
+    return False
 
 
 _series: dict[tuple[str, str, int], Callable[[float], None]] = {}

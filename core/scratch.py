@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK = "in-use.lock"
@@ -29,13 +30,14 @@ behind."""
 class Scratch:
     """A new private directory (mode 0700) named `prefix` + a random part,
     held by this process until `remove`. Making it deletes the directories
-    of the same `prefix` that dead processes left (`sweep`)."""
+    of the same `prefix` that dead processes left (`sweep`, with
+    `unlocked_in_use`)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, unlocked_in_use: Callable[[Path], bool] | None = None) -> None:
         self.path = Path(tempfile.mkdtemp(prefix=prefix))
         self._held = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._held, fcntl.LOCK_SH)
-        sweep(self.path.parent, prefix)
+        sweep(self.path.parent, prefix, unlocked_in_use)
 
     def remove(self) -> None:
         """Delete the directory and let go of it (again: nothing)."""
@@ -45,16 +47,20 @@ class Scratch:
             self._held = -1
 
 
-def sweep(where: Path, prefix: str) -> list[Path]:
+def sweep(
+    where: Path, prefix: str, unlocked_in_use: Callable[[Path], bool] | None = None
+) -> list[Path]:
     """Delete the directories named `prefix`… in `where` that are this user's
-    and that no process holds (`LOCK` free, or missing and older than
-    `ORPHAN_AGE`). Those deleted."""
+    and that no process holds: `LOCK` free, or missing and older than
+    `ORPHAN_AGE` and, when `unlocked_in_use` is given, not in use by what it
+    tells (a directory of a release before `LOCK` may still be in use).
+    Those deleted."""
     swept = []
     for scratch in where.glob(prefix + "*"):
         try:
             if scratch.is_symlink() or scratch.stat().st_uid != os.getuid():
                 continue
-            if not _abandoned(scratch):
+            if not _abandoned(scratch, unlocked_in_use):
                 continue
         except OSError:
             continue
@@ -63,11 +69,13 @@ def sweep(where: Path, prefix: str) -> list[Path]:
     return swept
 
 
-def _abandoned(scratch: Path) -> bool:
+def _abandoned(scratch: Path, unlocked_in_use: Callable[[Path], bool] | None) -> bool:
     try:
         fd = os.open(scratch / LOCK, os.O_RDONLY)
     except FileNotFoundError:
-        return time.time() - scratch.stat().st_mtime >= ORPHAN_AGE
+        if time.time() - scratch.stat().st_mtime < ORPHAN_AGE:
+            return False
+        return unlocked_in_use is None or not unlocked_in_use(scratch)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from api.metrics import METRICS_PREFIX, multiprocess_dir
+from api.metrics import METRICS_PREFIX, multiprocess_dir, workers_alive
 from core.scratch import LOCK, ORPHAN_AGE, sweep
 from core.settings import Settings
 from core.store import open_store
@@ -131,3 +131,24 @@ def test_the_next_service_deletes_the_metric_files_a_killed_one_left(tmp_path, m
         (kept,) = scratch_root.glob(METRICS_PREFIX + "*")
     assert not kept.exists()
     assert list(scratch_root.iterdir()) == []
+
+
+def test_a_metric_directory_of_an_older_release_is_swept_only_once_its_workers_are_gone(
+    tmp_path,
+):
+    """Directories made before the lock file existed have none: an old one
+    goes only when no worker named in its files (`counter_<pid>.db`) lives."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    made = {}
+    for name, pid in [("live", os.getpid()), ("dead", dead.pid), ("huge", 10**30)]:
+        made[name] = tmp_path / f"{METRICS_PREFIX}{name}"
+        made[name].mkdir()
+        (made[name] / f"counter_{pid}.db").write_bytes(b"x")
+        old = time.time() - ORPHAN_AGE - 60
+        os.utime(made[name], (old, old))
+    young = tmp_path / f"{METRICS_PREFIX}young"
+    young.mkdir()
+    swept = sweep(tmp_path, METRICS_PREFIX, workers_alive)
+    assert sorted(swept) == sorted([made["dead"], made["huge"]])
+    assert made["live"].exists() and young.exists()
