@@ -732,7 +732,14 @@ async def test_a_renewal_whose_write_did_not_answer_leaves_both_values_to_the_st
             await lease.renew()
         applied = (await parts.row("j")).stop_due
         assert applied is not None and lease.claims == [rec.stop_due, applied]
-        assert any("renewing the lease" in line for line in logs.lines), logs.lines
+        assert logs.fields() == [
+            (
+                "job j: renewing the lease on its run's stop failed (the store did not"
+                f" answer: OSError); the lease lasts until {rec.stop_due}",  # the later one
+                "j",
+                None,
+            )
+        ]
 
         parts.jobs.claim_stop = claim  # type: ignore[method-assign]
         await asyncio.sleep(0.002)
@@ -763,8 +770,35 @@ async def test_a_lease_taken_over_is_no_longer_renewed():
             async with lease.kept():
                 await asyncio.sleep(0.2)  # a renewal or more
         assert lease.claims == []
-        assert any("taken over" in line for line in logs.lines), logs.lines
+        assert logs.fields() == [
+            (
+                "job j: the lease on its run's stop is no longer this process's (taken over"
+                " by another process, or the stop's outcome recorded)",
+                "j",
+                None,
+            )
+        ]
         assert (await parts.row("j")).stop_due == taken.stop_due
+
+
+async def test_a_lease_is_renewed_a_third_of_its_length_after_it_began(monkeypatch):
+    """The first renewal of an hour's lease comes 20 minutes on (the naps
+    of a second or more are recorded, not slept)."""
+    sleep = asyncio.sleep
+    naps: list[float] = []
+
+    async def nap(seconds: float, *args: Any) -> Any:
+        if seconds < 1:
+            return await sleep(seconds, *args)
+        naps.append(seconds)
+        await asyncio.Event().wait()
+
+    async with open_parts(watchdog_interval=0) as parts:
+        rec = await stop_due_at(parts, now_ms() + HOUR)
+        monkeypatch.setattr(asyncio, "sleep", nap)
+        async with StopLease(parts.jobs, rec, HOUR).kept():
+            await eventually(lambda: naps, timeout=2)
+    assert naps == [pytest.approx(HOUR / 3 / 1000, abs=0.05)]
 
 
 async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop():

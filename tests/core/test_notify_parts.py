@@ -1,0 +1,485 @@
+"""The parts of completion notifications (`core/notify.py`), in this process
+and without a service: one try's request (`Notifier.post`), how each outcome
+of a try is recorded and logged (`_tried`, `_deliver`), the loop's waits
+(`round`, `_run`), its start and stop, against a receiver of our own
+(aiohttp's server on 127.0.0.1) and the memory store. Whole deliveries
+through the service are in test_notify.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+import core.notify
+from core.models import Outcome
+from core.notify import LEASE_MARGIN, REQUEST_TIMEOUT, Notifier, failure, signature
+from core.store.jobs import Event, JobIndex, Notification, now_ms
+from tests.conftest import eventually
+from tests.core.parts import Parts, logs_of, open_parts
+from tests.core.store.test_index_writes import job
+from tests.core.test_notify import SECRET, TOKEN
+from tests.core.test_watchdog import HOUR
+
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Hook:
+    """A receiver on 127.0.0.1: each request's path, headers and body are
+    kept; `answer` makes the answers (200 unless set)."""
+
+    port: int = 0
+    got: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
+    answer: Answer | None = None
+
+    def url(self, host: str = "127.0.0.1", path: str = f"/hooks/{TOKEN}") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.got.append((request.path, headers, await request.text()))
+        if self.answer is not None:
+            return await self.answer(request)
+        return web.Response(status=200)
+
+
+@contextlib.asynccontextmanager
+async def hook() -> AsyncIterator[Hook]:
+    receiver = Hook()
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    receiver.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def notifier(
+    concurrency: int = 16, loop: bool = True, **given: Any
+) -> AsyncIterator[tuple[Parts, Notifier]]:
+    """The memory store and a started Notifier on it (`notify_backoff` 5 s,
+    `notify_retry_for` 60 s unless set; its loop looks at the outbox as it
+    starts, then once a minute, unless woken; with `loop` False there is
+    none: the test makes the rounds)."""
+    settings = {"notify_backoff": 5.0, "notify_retry_for": 60.0, "watchdog_interval": 60.0}
+    settings.update(given)
+    async with open_parts(**settings) as parts:
+        parts.jobs.message = lambda rec: '{"type": "job.finished"}'
+        sender = Notifier(parts.settings, parts.jobs, [SECRET], concurrency)
+        sender.start()
+        if not loop:
+            assert sender._task is not None
+            sender._task.cancel()
+        try:
+            yield parts, sender
+        finally:
+            await sender.stop()
+
+
+async def ended(jobs: JobIndex, url: str, job_id: str, at: int) -> None:
+    """Job `job_id`, with a notify URL, ended at `at`: its notification is due then."""
+    await jobs.insert(msgspec.structs.replace(job(job_id, at=at), notify_url=url))
+    await jobs.end(job_id, Outcome(status="canceled"), at)
+
+
+async def claimed(jobs: JobIndex, url: str, job_id: str = "n") -> Notification:
+    """The notification of job `job_id`'s end, claimed for its first try
+    (for a minute: the Notifier's own loop leaves it be)."""
+    at = now_ms()
+    await ended(jobs, url, job_id, at)
+    return await claim(jobs, job_id, now_ms() + 60_000, at)
+
+
+async def claim(jobs: JobIndex, job_id: str, until: int, now: int | None = None) -> Notification:
+    """A claim of `job_id`'s notification, due at `now` (another process's
+    claim may have run out by then), until `until`."""
+    due = await jobs.notifications_due(now_ms() if now is None else now, 10)
+    [note] = [n for n in due if n.job_id == job_id]
+    assert await jobs.claim_notification(note, until)
+    return msgspec.structs.replace(note, due_at=until, tries=note.tries + 1)
+
+
+def signed(secret: str, msg_id: str, seconds: int, body: str) -> str:
+    """A Standard Webhooks `v1,` signature, by hand."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{seconds}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """`clock(ms)`: the time the Notifier reads from now on."""
+
+    def at(ms: int) -> None:
+        monkeypatch.setattr(core.notify, "now_ms", lambda: ms)
+
+    return at
+
+
+@pytest.fixture
+def kathmandu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's local time 5:45 ahead of UTC (a POSIX TZ, no tzdata needed)."""
+    monkeypatch.setenv("TZ", "NPT-5:45")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+# ── one try ───────────────────────────────────────────────────────────────────
+
+
+async def test_a_try_posts_the_stored_body_signed_under_the_notifications_own_headers():
+    async with hook() as receiver, notifier() as (parts, sender):
+        note = await claimed(parts.jobs, receiver.url())
+        before = int(time.time())
+        assert await sender.post(note) == (200, None)
+    [(path, headers, body)] = receiver.got
+    assert (path, body) == (f"/hooks/{TOKEN}", note.body)
+    assert headers["user-agent"] == "tether-notify"
+    assert headers["content-type"] == "application/json"
+    assert headers["webhook-id"] == note.id
+    seconds = int(headers["webhook-timestamp"])
+    assert before <= seconds <= int(time.time())
+    assert headers["webhook-signature"] == signed(SECRET, note.id, seconds, note.body)
+
+
+def test_a_signature_is_of_the_unix_time_whatever_the_hosts_time_zone(kathmandu):
+    assert time.localtime(0).tm_hour == 5  # the zone is in effect
+    [one] = [Webhook(SECRET)]
+    assert signature([one], "msg_1", 1_700_000_000, "{}") == signed(
+        SECRET, "msg_1", 1_700_000_000, "{}"
+    )
+
+
+async def test_only_a_2xx_answer_delivers_and_a_redirect_is_not_followed():
+    async with hook() as receiver, notifier() as (parts, sender):
+        note = await claimed(parts.jobs, receiver.url())
+        answers = {"/hooks/204": 204, "/hooks/299": 299, "/hooks/300": 300}
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            if request.path == "/hooks/302":
+                return web.Response(status=302, headers={"location": "/hooks/204"})
+            return web.Response(status=answers[request.path])
+
+        receiver.answer = answer
+        tries = {
+            path: await sender.post(msgspec.structs.replace(note, url=receiver.url(path=path)))
+            for path in ("/hooks/204", "/hooks/299", "/hooks/300", "/hooks/302")
+        }
+    assert tries == {
+        "/hooks/204": (204, None),
+        "/hooks/299": (299, None),
+        "/hooks/300": (300, "answered 300"),
+        "/hooks/302": (302, "answered 302"),
+    }
+    assert [path for path, _, _ in receiver.got] == list(tries)  # /hooks/204 once
+
+
+async def test_a_try_past_its_timeout_fails_as_timed_out(monkeypatch):
+    monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 0.1)
+    async with hook() as receiver, notifier() as (parts, sender):
+
+        async def slow(request: web.Request) -> web.StreamResponse:
+            await asyncio.sleep(0.5)
+            return web.Response(status=200)
+
+        receiver.answer = slow
+        note = await claimed(parts.jobs, receiver.url())
+        assert await sender.post(note) == (None, "timed out after 0.1s")
+
+
+async def test_a_try_keeps_no_cookie_and_takes_no_proxy_from_the_environment(monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, nowhere)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with hook() as receiver, notifier() as (parts, sender):
+
+        async def cookie(request: web.Request) -> web.StreamResponse:
+            answer = web.Response(status=200)
+            answer.set_cookie("session", "s1")
+            return answer
+
+        receiver.answer = cookie
+        note = await claimed(parts.jobs, receiver.url(host="localhost"))
+        assert await sender.post(note) == (200, None)
+        assert await sender.post(note) == (200, None)
+    assert [headers.get("cookie") for _, headers, _ in receiver.got] == [None, None]
+
+
+def test_a_failure_names_the_errno_of_any_exception_it_came_from():
+    refused = ConnectionRefusedError(111, f"connect to /hooks/{TOKEN}")
+    caused, context = ValueError(f"/hooks/{TOKEN}"), ValueError(f"/hooks/{TOKEN}")
+    caused.__cause__ = refused
+    context.__context__ = refused
+    assert failure(caused) == "ValueError: connection refused"
+    assert failure(context) == "ValueError: connection refused"
+    assert failure(PermissionError(1, "x")) == "PermissionError: operation not permitted"
+    assert failure(OSError(0, "x")) == "OSError"  # errno 0 is no error's
+
+
+# ── recording a try ───────────────────────────────────────────────────────────
+
+
+async def test_each_outcome_of_a_try_is_recorded_and_logged_with_its_job_and_origin(clock):
+    """Delivered; failed, due again after the backoff; failed at the very end
+    of the retry window, given up. Logs name the job (also as a field) and
+    the URL's origin, never its path."""
+    async with hook() as receiver, notifier() as (parts, sender):
+        jobs, where = parts.jobs, receiver.origin
+        delivered = await claimed(jobs, receiver.url(), "d")
+        note = await claimed(jobs, receiver.url(), "n")
+        with logs_of("tether.notify") as logs:
+            await sender._tried(delivered, 204, None)
+            clock(note.created_at + 1_000)
+            await sender._tried(note, 503, "answered 503")
+            again = await jobs.next_notification_at()
+            retried = await claim(jobs, "n", now_ms() + 60_000, note.created_at + 6_000)
+            clock(note.created_at + 60_000)  # the window's end, to the millisecond
+            await sender._tried(retried, 502, "answered 502")
+        assert await jobs.next_notification_at() is None  # both out of the outbox
+        _, history, _ = await jobs.history("n", 0, 10)
+    assert again == note.created_at + 6_000
+    assert logs.fields() == [
+        (f"job d: notification {delivered.id} delivered to {where} (try 1, HTTP 204)", "d", None),
+        (
+            f"job n: notification {note.id} to {where} failed (try 1: answered 503); again in 5s",
+            "n",
+            None,
+        ),
+        (
+            f"job n: notification {note.id} to {where} given up after 2 tries: answered 502",
+            "n",
+            None,
+        ),
+    ]
+    assert [r.levelname for r in logs.records] == ["INFO", "WARNING", "WARNING"]
+    assert [(e.type, e.data) for e in history[1:]] == [
+        ("notified", {"webhook_id": note.id, "try": 1, "status": 503, "error": "answered 503"}),
+        ("notified", {"webhook_id": note.id, "try": 2, "status": 502, "error": "answered 502"}),
+        ("notify_failed", {"webhook_id": note.id, "tries": 2, "error": "answered 502"}),
+    ]
+
+
+async def test_a_failed_try_whose_claim_another_process_took_is_not_rescheduled():
+    async with hook() as receiver, notifier() as (parts, sender):
+        jobs = parts.jobs
+        lost = await claimed(jobs, receiver.url())
+        held = await claim(jobs, "n", lost.due_at + 60_000, lost.due_at)  # this one's ran out
+        with logs_of("tether.notify") as logs:
+            await sender._tried(lost, 503, "answered 503")
+        assert await jobs.next_notification_at() == held.due_at  # the holder's, untouched
+    assert logs.fields() == [
+        (
+            f"job n: notification {lost.id} to {receiver.origin} failed (try 1: answered 503);"
+            " its claim ran out meanwhile, so another process has it (or delivered it)",
+            "n",
+            None,
+        )
+    ]
+
+
+async def test_a_try_whose_record_fails_is_logged_and_left_to_its_claim():
+    async with hook() as receiver, notifier() as (parts, sender):
+        note = await claimed(parts.jobs, receiver.url())
+
+        async def fails(*args: Any, **kwargs: Any) -> bool:
+            raise OSError("the store did not answer")
+
+        parts.jobs.notification_tried = fails  # type: ignore[method-assign]
+        with logs_of("tether.notify") as logs:
+            await sender._deliver(note)  # a delivery this process did not claim: none in flight
+    assert len(receiver.got) == 1
+    assert logs.fields() == [
+        (
+            f"job n: notification {note.id} to {receiver.origin}: recording the try failed"
+            " (OSError); it is tried again once its claim runs out",
+            "n",
+            None,
+        )
+    ]
+    assert TOKEN not in logs.lines[0]
+
+
+# ── the loop ──────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(("interval", "poll"), [(0.0, 10.0), (0.5, 0.5)])
+async def test_an_empty_outbox_is_looked_at_again_every_watchdog_interval(interval, poll):
+    async with notifier(watchdog_interval=interval) as (_, sender):
+        assert await sender.round(now_ms()) == poll
+
+
+async def test_a_store_that_does_not_answer_is_asked_again_within_a_second(monkeypatch):
+    monkeypatch.setattr(core.notify, "RETRY_AFTER", 0.05)
+    async with open_parts(watchdog_interval=0) as parts:
+        looked: list[int] = []
+
+        async def fails(now: int, limit: int) -> list[Notification]:
+            looked.append(now)
+            raise OSError("the store did not answer")
+
+        parts.jobs.notifications_due = fails  # type: ignore[method-assign]
+        sender = Notifier(parts.settings, parts.jobs, [SECRET])
+        with logs_of("tether.notify") as logs:
+            sender.start()
+            try:
+                await eventually(lambda: len(looked) >= 3, timeout=2)
+            finally:
+                await sender.stop()
+    assert logs.lines[0] == "WARNING notifications: the store did not answer: OSError"
+
+
+CLAIM = int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
+"""How long a round claims a notification for, in ms."""
+
+
+def held(receiver: Hook) -> Callable[[], None]:
+    """The receiver holds each try until the function returned is called."""
+    release = asyncio.Event()
+
+    async def holds(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=200)
+
+    receiver.answer = holds
+    return release.set
+
+
+async def test_a_round_claims_what_it_has_room_for_each_for_a_try_and_its_margin(clock):
+    """Three notifications due and room for two: the round claims two, for a
+    try's time and a margin, and says more may be due; the next, with no
+    room, reads nothing; once both are delivered, the third is claimed, and
+    the loop is to look again when that claim runs out."""
+    async with hook() as receiver, notifier(concurrency=2, loop=False) as (parts, sender):
+        jobs, release = parts.jobs, held(receiver)
+        at = now_ms()
+        for i, job_id in enumerate("abc"):
+            await ended(jobs, receiver.url(), job_id, at + i)
+        now = at + 1_000
+        clock(now)
+        assert await sender.round(now) == 0.0
+        await eventually(lambda: len(receiver.got) == 2)
+        outbox = {n.job_id: n.due_at for n in await jobs.notifications_due(now + HOUR, 10)}
+        assert outbox == {"a": now + CLAIM, "b": now + CLAIM, "c": at + 2}
+        assert await sender.round(now) == sender.poll == 60.0
+        assert len(await jobs.notifications_due(now, 10)) == 1  # c, still unclaimed
+
+        release()
+        await eventually(lambda: not sender._inflight)
+        release = held(receiver)
+        assert await sender.round(now) == CLAIM / 1000
+        await eventually(lambda: len(receiver.got) == 3)
+        assert await jobs.next_notification_at() == now + CLAIM
+        release()
+
+
+async def test_a_round_passes_over_what_this_process_still_delivers(clock):
+    """A delivery still going on here past its claim: the next round claims
+    the notifications due after it, not it again; with room to read it alone,
+    the round starts nothing and looks again after the poll."""
+    async with hook() as receiver, notifier(concurrency=3, loop=False) as (parts, sender):
+        jobs, release = parts.jobs, held(receiver)
+        at = now_ms()
+        await ended(jobs, receiver.url(), "a", at)
+        clock(at)
+        assert await sender.round(at) == CLAIM / 1000  # room for more: looks when it runs out
+        await ended(jobs, receiver.url(), "b", at + CLAIM + 1)
+        clock(at + CLAIM + 1)
+        assert await sender.round(at + CLAIM + 1) == 0.0  # a passed over, b claimed
+        await eventually(lambda: len(receiver.got) == 2)
+        assert len(sender._inflight) == 2
+        assert await jobs.next_notification_at() == at + CLAIM  # a's claim, not moved
+        assert await sender.round(at + CLAIM + 1) == sender.poll  # room for one: a
+        assert len(receiver.got) == 2
+        release()
+
+
+async def test_a_notification_due_while_a_round_ran_is_looked_at_at_once(clock):
+    """Due after the round read the outbox but before it ended: look again
+    now. Due, but another process claimed it first: look after the poll."""
+    async with notifier(loop=False) as (parts, sender):
+        at = now_ms()
+        await ended(parts.jobs, "http://127.0.0.1:9/h", "a", at)
+        clock(at + 500)
+        assert await sender.round(at - 500) == 0.0
+
+        async def taken(note: Notification, until: int) -> bool:
+            return False
+
+        parts.jobs.claim_notification = taken  # type: ignore[method-assign]
+        assert await sender.round(at + 500) == sender.poll
+
+
+def test_only_an_attempt_that_ended_with_a_notify_url_wakes_the_loop():
+    sender = Notifier(core.notify.Settings.from_env({}), None, [SECRET])  # type: ignore[arg-type]
+    with_url = msgspec.structs.replace(job("n"), notify_url="http://127.0.0.1:1/h")
+    woken = []
+    for rec, kind in [(with_url, "finished"), (with_url, "started"), (job("n"), "finished")]:
+        sender._wake.clear()
+        sender.on_event(rec, Event(job_id="n", seq=1, at=0, type=kind, attempt=1, data={}))
+        woken.append(sender._wake.is_set())
+    assert woken == [True, False, False]
+
+
+async def test_a_notifier_needs_a_secret_and_stops_its_loop_and_deliveries():
+    async with open_parts() as parts:
+        with pytest.raises(ValueError, match=r"^a Notifier needs a notification secret$"):
+            Notifier(parts.settings, parts.jobs, [])
+        idle = Notifier(parts.settings, parts.jobs, [SECRET])
+        with pytest.raises(AssertionError, match=r"^Notifier\.start did not run$"):
+            await idle.post(
+                Notification(id="m", job_id="n", attempt=1, url="", body="", created_at=0, due_at=0)
+            )
+        await idle.stop()  # never started: nothing to stop
+
+    async with hook() as receiver, notifier() as (parts, sender):
+        hung, release = asyncio.Event(), asyncio.Event()
+
+        async def hangs(request: web.Request) -> web.StreamResponse:
+            hung.set()
+            await release.wait()
+            return web.Response(status=200)
+
+        receiver.answer = hangs
+        at = now_ms()
+        url = receiver.url()
+        await parts.jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=url))
+        await parts.jobs.end("n", Outcome(status="canceled"), at)
+        sender._wake.set()
+        await asyncio.wait_for(hung.wait(), 5)
+        tasks = {t.get_name(): t for t in asyncio.all_tasks()}
+        assert "tether-notifier" in tasks
+        [delivery] = [t for name, t in tasks.items() if name.startswith("tether-notify-")]
+        session = sender._session
+        await asyncio.wait_for(sender.stop(), 5)
+        release.set()
+        assert tasks["tether-notifier"].cancelled() and delivery.cancelled()
+        assert session is not None and session.closed
