@@ -401,6 +401,29 @@ async def test_a_round_claims_what_it_has_room_for_each_for_a_try_and_its_margin
         release()
 
 
+async def test_a_try_a_round_started_is_recorded_as_the_claims_try(clock):
+    """Room for one, and one due: the round claims it and says more may be
+    due; the try fails, and is filed as try 1, due again after the backoff
+    (the claim the round made holds, so the try's outcome is written)."""
+    async with hook() as receiver, notifier(concurrency=1, loop=False) as (parts, sender):
+
+        async def unavailable(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=503)
+
+        receiver.answer = unavailable
+        at = now_ms()
+        await ended(parts.jobs, receiver.url(), "a", at)
+        clock(at)
+        assert await sender.round(at) == 0.0
+        await eventually(lambda: receiver.got and not sender._inflight)
+        assert await parts.jobs.next_notification_at() == at + 5_000
+        _, history, _ = await parts.jobs.history("a", 0, 10)
+    [note_id] = {e.data["webhook_id"] for e in history[1:]}
+    assert [(e.type, e.data) for e in history[1:]] == [
+        ("notified", {"webhook_id": note_id, "try": 1, "status": 503, "error": "answered 503"})
+    ]
+
+
 async def test_a_round_passes_over_what_this_process_still_delivers(clock):
     """A delivery still going on here past its claim: the next round claims
     the notifications due after it, not it again; with room to read it alone,
