@@ -23,7 +23,7 @@ from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settle import STORE_TIMEOUT, settled_value
 from core.steps import JobSteps
-from core.store.jobs import NewEvent, now_ms
+from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
 from core.workflow import callback_promise_id
@@ -1617,3 +1617,334 @@ async def test_an_attempt_whose_retried_event_is_gone_reruns_after_a_failure(rig
 
     [(_, previous)] = rig.backend.reruns
     assert (previous.attempt, previous.state, previous.external) == (1, "failed", None)
+
+
+# ── the stop of a job no workflow finishes ───────────────────────────────────
+
+HOUR = 3_600_000
+
+
+async def stop_due(rig: Rig, state: str = "timed_out", due: int | None = None) -> JobRecord:
+    """Job j, running run 1, ended `state` with its run's stop due at `due`
+    (an hour from now), as a settle of a job no workflow finishes ends it."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    until = now_ms() + HOUR if due is None else due
+    rec, _ = await rig.parts.jobs.end("j", Outcome(status=state), now_ms(), stop_due=until)  # type: ignore[arg-type]
+    assert rec is not None and (rec.stop_due, rec.stop_attempt) == (until, 1)
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("attempts", "backoff", "within"),
+    [(4, 0.5, 60 + 300 + 300.5 + 301 + 302), (1, 0.5, 360), (0, 0.5, 360), (2000, 1.0, 86_400)],
+)
+async def test_a_stop_takes_at_most_every_tries_cancel_and_wait_and_a_day(
+    attempts: int, backoff: float, within: float
+):
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=backoff) as parts:
+        assert make_rig(parts).steps.stop_within() == within
+
+
+@pytest.mark.parametrize(("ttl", "lease"), [(30.0, 30_000), (0.0015, 1), (0.0001, 1)])
+async def test_a_stops_lease_is_the_task_ttl_at_least_a_millisecond(ttl: float, lease: int):
+    async with open_parts(task_ttl=ttl) as parts:
+        assert make_rig(parts).steps.stop_lease_ms() == lease
+
+
+@pytest.mark.parametrize(
+    ("state", "stopped"),
+    [("canceled", True), ("timed_out", True), ("failed", False), ("succeeded", False)],
+)
+async def test_an_orphans_stop_asks_the_backend_files_the_outcome_and_clears_it(
+    rig: Rig, state: str, stopped: bool
+):
+    """Canceled or timed out: its run is asked to stop, the failure filed in
+    the write that clears the stop; else the run is over. The plugins are
+    told either way."""
+    rec = await stop_due(rig, state)
+    rig.backend.cancel_error = BackendError("no", code="refused")
+    with logs_of("tether") as logs:
+        await rig.steps.finish_orphan(rec)
+    row = await rig.parts.row("j")
+    assert (row.state, row.stop_due, row.stop_attempt) == (state, None, None)
+    assert rig.backend.canceled == ([view(rec)] if stopped else [])
+    assert rig.plugin.finished == [view(rec)]
+    events = await history(rig)
+    assert [t for t, _ in events] == ["finished"] + (["cancel_failed"] if stopped else [])
+    if stopped:
+        error = {"type": "refused", "message": "no"}
+        assert events[-1][1] == {"tries": 1, "error": error, "external": {"run": 1}}
+    assert logs.fields()[-1] == (f"job j finished: {state}", "j", None)
+    assert not any("taken over" in line for line in logs.lines)
+
+
+async def test_an_orphans_stop_of_an_uninstalled_backend_still_tells_the_plugins(rig: Rig):
+    await rig.parts.add_job("j", backend="gone", state="running", external={"run": 1})
+    rec, _ = await rig.parts.jobs.end("j", CANCELED, now_ms(), stop_due=now_ms() + HOUR)
+    assert rec is not None and rec.stop_due is not None
+    await rig.steps.finish_orphan(rec)
+    assert rig.backend.canceled == [] and rig.plugin.finished == [view(rec)]
+    assert (await rig.parts.row("j")).stop_due is None
+
+
+async def test_an_orphan_without_a_stop_due_is_finished_as_its_workflow_would(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    rec, _ = await rig.parts.jobs.end("j", CANCELED, now_ms())
+    assert rec is not None and rec.stop_due is None
+    await rig.steps.finish_orphan(rec)
+    assert rig.backend.canceled == [view(rec)] and rig.plugin.finished == [view(rec)]
+
+
+@pytest.mark.parametrize("second", ["pending", "timed_out"])
+async def test_an_orphans_stop_left_due_by_an_attempt_retried_since_stops_nothing(
+    rig: Rig, second: str
+):
+    """A host of an earlier release retried the job while attempt 1's stop was
+    due: the row's run (if any) is attempt 2's, its workflow's to stop, and
+    its plugins its own finish's to tell. The stop is only cleared."""
+    await stop_due(rig)
+    again = NewEvent("retried", {"previous": {"state": "timed_out"}})
+    retried_ = await rig.parts.jobs.retry("j", 1, now_ms() + HOUR, now_ms(), again)
+    assert retried_ is not None and (retried_.attempt, retried_.stop_attempt) == (2, 1)
+    if second == "timed_out":
+        await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
+        await rig.parts.jobs.end("j", TIMED_OUT, now_ms(), attempt=2)
+    rec = await rig.parts.row("j")
+    with logs_of("tether") as logs:
+        await rig.steps.finish_orphan(rec)
+    assert rig.backend.canceled == [] and rig.plugin.finished == []
+    row = await rig.parts.row("j")
+    assert (row.attempt, row.state, row.stop_due) == (2, second, None)
+    assert "cancel_failed" not in [t for t, _ in await history(rig)]
+    assert logs.fields() == [
+        (
+            "job j: the run of its attempt 1 was not asked to stop again: the job was retried"
+            " (by a host of a release before the stop was recorded in the job's row) before"
+            " the stop was made, and that run is no longer recorded",
+            "j",
+            None,
+        )
+    ]
+
+
+async def test_an_orphans_stop_is_recorded_again_while_the_store_fails(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    rec = await stop_due(rig)
+    rig.backend.cancel_error = BackendError("no")
+    stopped = failing_first(rig.parts.jobs.stopped, OSError("gone"), TimeoutError())
+    monkeypatch.setattr(rig.parts.jobs, "stopped", stopped)
+    with logs_of("tether") as logs:
+        await rig.steps.finish_orphan(rec)
+    assert rig.waits == [1.0, 2.0]
+    assert (await rig.parts.row("j")).stop_due is None
+    assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+    assert len(rig.backend.canceled) == 1 and len(rig.plugin.finished) == 1
+    assert logs.fields()[-2:] == [
+        (
+            "job j: recording its run's stop failed (the store did not answer: OSError);"
+            " again in 1s",
+            "j",
+            None,
+        ),
+        (
+            "job j: recording its run's stop failed (the store did not answer: TimeoutError);"
+            " again in 2s",
+            "j",
+            None,
+        ),
+    ]
+    assert not any("taken over" in line for line in logs.lines)
+
+
+async def test_an_orphans_stop_record_waits_doubling_up_to_a_minute():
+    async with open_parts(trigger_attempts=1, task_ttl=3600.0) as parts:
+        rig = make_rig(parts)
+        rec = await stop_due(rig)
+        failures = [OSError("gone")] * 8
+        parts.jobs.stopped = failing_first(parts.jobs.stopped, *failures)  # type: ignore[method-assign]
+        await rig.steps.finish_orphan(rec)
+        assert rig.waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+        assert (await parts.row("j")).stop_due is None
+
+
+async def test_an_orphans_stop_record_gives_up_by_the_lease_the_row_surely_holds():
+    """The store fails every write, the lease's renewals too: one of those
+    may have been applied, but the record is tried no longer than the
+    oldest value the row may hold (9.5 s from now): a try of 1 s (and the
+    store's 8 s) fits, one of 2 s does not. The stop is then the
+    watchdog's, once the lease ran out."""
+    async with open_parts(trigger_attempts=1, task_ttl=3600.0) as parts:
+        rig = make_rig(parts)
+        rec = await stop_due(rig, due=now_ms() + 9_500)
+
+        async def unanswered(*args: Any) -> Any:
+            raise OSError("gone")
+
+        parts.jobs.stopped = unanswered  # type: ignore[method-assign]
+        parts.jobs.claim_stop = unanswered  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await rig.steps.finish_orphan(rec)
+        assert rig.waits == [1.0]
+
+
+async def test_an_orphans_stop_taken_over_while_its_record_failed_files_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The record failed, and meanwhile another process took the stop over
+    (this one's lease ran out): the renewal finds it gone, and this process
+    files nothing (the other one files its own outcome)."""
+    rec = await stop_due(rig)
+    assert rec.stop_due is not None
+    rig.backend.cancel_error = BackendError("no")
+    taken: list[int] = []
+
+    async def failed_and_taken_over(*args: Any) -> Any:
+        assert rec.stop_due is not None
+        claimed = await rig.parts.jobs.claim_stop("j", rec.stop_due, now_ms() + 2 * HOUR)
+        assert claimed is not None and claimed.stop_due is not None
+        taken.append(claimed.stop_due)
+        raise OSError("gone")
+
+    monkeypatch.setattr(rig.parts.jobs, "stopped", failed_and_taken_over)
+    with logs_of("tether") as logs:
+        await rig.steps.finish_orphan(rec)
+    assert rig.waits == [] and len(taken) == 1
+    assert (await rig.parts.row("j")).stop_due == taken[0]
+    assert "cancel_failed" not in [t for t, _ in await history(rig)]
+    assert logs.lines[-1] == (
+        "WARNING job j: its run's stop was taken over by another process (this one stalled"
+        " past its lease), which records its outcome; or a write of this one's whose answer"
+        " was lost recorded it"
+    )
+
+
+async def test_an_orphans_stop_taken_over_before_its_record_files_nothing(rig: Rig):
+    rec = await stop_due(rig)
+    assert rec.stop_due is not None
+    rig.backend.cancel_error = BackendError("no")
+    taken = await rig.parts.jobs.claim_stop("j", rec.stop_due, now_ms() + 2 * HOUR)
+    assert taken is not None
+    with logs_of("tether") as logs:
+        await rig.steps.finish_orphan(rec)
+    assert len(rig.backend.canceled) == 1 and rig.waits == []
+    assert (await rig.parts.row("j")).stop_due == taken.stop_due
+    assert "cancel_failed" not in [t for t, _ in await history(rig)]
+    assert logs.fields()[-1] == (
+        "job j: its run's stop was taken over by another process (this one stalled past its"
+        " lease), which records its outcome; or a write of this one's whose answer was lost"
+        " recorded it",
+        "j",
+        None,
+    )
+
+
+@pytest.mark.parametrize(("retry_after", "tries"), [(933.0, 2), (934.0, 1)])
+async def test_a_stop_under_a_lease_tries_no_later_than_its_bound(
+    rig: Rig, retry_after: float, tries: int
+):
+    """The stop's bound is `stop_within` (1263.5 s here): another try, its
+    wait, its cancel's 300 s and 30 s to record it, must end by then."""
+    rec = await stop_due(rig)
+    rig.backend.cancel_errors = [retryable("slow down", retry_after=retry_after)]
+    rig.backend.cancel_error = BackendError("no")
+    await rig.steps.finish_orphan(rec)
+    assert len(rig.backend.canceled) == tries
+    assert rig.waits == [retry_after] * (tries - 1)
+    [failed] = [data for t, data in await history(rig) if t == "cancel_failed"]
+    assert failed["tries"] == tries
+
+
+async def test_a_stop_whose_lease_was_taken_over_asks_the_backend_no_more():
+    """A renewal (every 10 ms of a 30 ms lease here) finds the stop another
+    process's: no more tries, and nothing filed."""
+    async with open_parts(trigger_attempts=4, trigger_backoff=0.5, task_ttl=0.03) as parts:
+        rig = make_rig(parts)
+        rec = await stop_due(rig)
+        lost = "the lease on its run's stop is no longer this process's"
+
+        async def sleep(seconds: float) -> None:  # until a renewal found the lease gone
+            rig.waits.append(seconds)
+            async with asyncio.timeout(5):
+                while not any(lost in line for line in logs.lines):
+                    await asyncio.sleep(0.01)
+
+        rig.steps.sleep = sleep
+        cancel = rig.backend.cancel
+
+        async def taken_over(job: Job) -> None:
+            await cancel(job)
+            claimed = None
+            while claimed is None:  # (a renewal may move it between the read and the claim)
+                row = await parts.row("j")
+                assert row.stop_due is not None
+                claimed = await parts.jobs.claim_stop("j", row.stop_due, now_ms() + 2 * HOUR)
+            raise retryable("slow down")
+
+        rig.backend.cancel = taken_over  # type: ignore[method-assign]
+        with logs_of("tether") as logs:
+            await rig.steps.finish_orphan(rec)
+        assert len(rig.backend.canceled) == 1 and rig.waits == [0.5]
+        assert "cancel_failed" not in [t for t, _ in await history(rig)]
+
+
+async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop(rig: Rig):
+    rec = await stop_due(rig)
+
+    async def leaks(job: Job) -> None:
+        raise asyncio.CancelledError
+
+    rig.backend.cancel = leaks  # type: ignore[method-assign]
+    await rig.steps.finish_orphan(rec)
+    [failed] = [data for t, data in await history(rig) if t == "cancel_failed"]
+    assert failed["error"] == {"type": "CancelledError", "message": "CancelledError"}
+    assert (await rig.parts.row("j")).stop_due is None
+
+
+@pytest.mark.parametrize("release", ["given up", "failed", "taken over"])
+async def test_a_stop_cut_short_gives_its_lease_up(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, release: str
+):
+    """The service stops while the backend's `cancel` is under way: the stop
+    is made due now, for the next sweep of any watchdog, and the
+    cancellation goes on. A release that fails leaves the lease to run out;
+    one of a stop another process took over changes nothing."""
+    rec = await stop_due(rig)
+    assert rec.stop_due is not None
+    asked = asyncio.Event()
+
+    async def hangs(job: Job) -> None:
+        asked.set()
+        await asyncio.Event().wait()
+
+    rig.backend.cancel = hangs  # type: ignore[method-assign]
+    if release == "failed":
+        unanswered = failing_first(rig.parts.jobs.release_stop, OSError("gone"))
+        monkeypatch.setattr(rig.parts.jobs, "release_stop", unanswered)
+    stopping = asyncio.create_task(rig.steps.finish_orphan(rec))
+    await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(asked.wait())), 5)
+    if release == "taken over":
+        taken = await rig.parts.jobs.claim_stop("j", rec.stop_due, now_ms() + 2 * HOUR)
+        assert taken is not None
+    with logs_of("tether") as logs:
+        before = now_ms()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+    due = (await rig.parts.row("j")).stop_due
+    assert due is not None
+    if release == "given up":
+        assert before <= due <= now_ms()
+        assert logs.lines == [
+            "WARNING job j: its run's stop was cut short (the service is stopping): the next"
+            " watchdog sweep of any process stops it again"
+        ]
+    elif release == "failed":
+        assert due == rec.stop_due
+        assert logs.lines == [
+            "WARNING job j: its run's stop was cut short, and giving it up failed (OSError):"
+            " another process stops the run once its lease runs out"
+        ]
+    else:
+        assert due > now_ms() + HOUR and logs.lines == []
+    assert [t for t, _ in await history(rig)] == ["finished"]
