@@ -16,6 +16,7 @@ import pytest
 from resonate.error import ServerError
 from resonate.types import Value
 
+import core.steps
 from core.errors import BackendError, StoreUnavailable
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger
@@ -157,7 +158,7 @@ def retryable(message: str = "busy", **more: Any) -> BackendError:
 
 
 async def test_a_trigger_hands_the_backend_the_job_and_records_its_receipt(rig: Rig):
-    await start(rig, interval=2.5)
+    await start(rig, interval=250.0)
     rig.backend.answers = [types.MappingProxyType({"run_id": 42})]  # any mapping
     before = now_ms()
     with logs_of("tether") as logs:
@@ -168,13 +169,13 @@ async def test_a_trigger_hands_the_backend_the_job_and_records_its_receipt(rig: 
     rec = await rig.parts.row("j")
     assert trigger.job.id == "j" and trigger.job.backend == "scripted"
     assert trigger.job.state == "pending"
-    assert trigger.params == ScriptedParams(interval=2.5)
+    assert trigger.params == ScriptedParams(interval=250.0)
     assert trigger.promise_id == "j:1"
     assert trigger.callback_url == f"{BASE}/callbacks/j%3A1?token={TOKEN}"
     assert trigger.idempotency_key == idempotency_key("j:1") == "j:1"
     assert (rec.state, rec.external) == ("running", {"run_id": 42})
     assert rec.next_check_at is not None
-    assert before + 2500 <= rec.next_check_at <= after + 2500
+    assert before + 250_000 <= rec.next_check_at <= after + 250_000
     assert before <= rec.updated_at <= after
     assert rig.waits == []
     assert logs.lines == ["INFO job j triggered"]
@@ -430,7 +431,7 @@ async def test_a_run_started_for_an_attempt_ended_and_retried_meanwhile_is_stopp
     rig.backend.cancel_error = BackendError(f"no such run ({url})", code="gone")
 
     async def ended_and_retried(trigger: Trigger) -> None:
-        await retried(rig, {"state": ended})
+        await retried(rig, {"state": ended, "error": {"message": "late", "type": "timeout"}})
 
     rig.backend.during = ended_and_retried
     with logs_of("tether") as logs:
@@ -441,6 +442,7 @@ async def test_a_run_started_for_an_attempt_ended_and_retried_meanwhile_is_stopp
     receipt = {"run": 1, "echo": f"{BASE}/callbacks/j%3A1?token=***"}
     [stopped] = rig.backend.canceled
     assert (stopped.attempt, stopped.state, stopped.external) == (1, ended, receipt)
+    assert stopped.error == ErrorInfo("late", "timeout")  # the job as attempt 1 ended
     assert (await rig.parts.promise("j")).state == "pending"  # not settled from attempt 2's row
     events = await history(rig)
     assert [t for t, _ in events] == ["finished", "retried", "cancel_failed"]
@@ -470,29 +472,63 @@ async def test_a_stale_triggers_run_that_its_attempt_recorded_and_that_is_over_i
         await retried(rig, {"state": "failed", "external": {"run": 1}})
 
     rig.backend.during = meanwhile
-    await rig.steps.trigger("j", "j:1", 1)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", 1)
     assert rig.backend.canceled == []
     assert "cancel_failed" not in [t for t, _ in await history(rig)]
+    assert logs.fields() == [
+        (
+            "job j: attempt 1 ended while its trigger was under way; the run its backend"
+            " answered with is recorded or over, and is left as it is",
+            "j",
+            "j:1",
+        )
+    ]
+    assert logs.lines[0].startswith("INFO ")
 
 
-async def test_a_stale_trigger_leaves_the_run_the_next_attempt_reruns_in_place(rig: Rig):
+@pytest.mark.parametrize(("by", "stopped"), [("trigger", True), ("callback", False)])
+async def test_a_stale_run_of_an_attempt_failed_with_no_run_recorded_is_stopped_as_the_end_says(
+    rig: Rig, by: str, stopped: bool
+):
+    """Attempt 1 failed with no run recorded, and was retried: failed by a
+    trigger's failure (a process that stalled past its lease gave up), the
+    run this stalled trigger got is stopped; by its run's callback, it is
+    over and left."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await rig.parts.settler.settle("j", Outcome("failed"), by=by, attempt=1)
+        await retried(rig, {"state": "failed"})
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    assert [j.external for j in rig.backend.canceled] == ([{"run": 1}] if stopped else [])
+
+
+@pytest.mark.parametrize("rerun", [1, 2])
+async def test_a_stale_trigger_leaves_the_run_the_next_attempt_reruns_in_place(
+    rig: Rig, rerun: int
+):
     """A backend that reruns in place (Databricks' repair: the same run id)
     runs attempt 2 in attempt 1's run; the stalled attempt-1 trigger's
-    answer names that run, which is attempt 2's live run: left going."""
+    answer names that run, which is attempt 2's live run: left going. A
+    rerun in another run (2) leaves attempt 1's stale run to be stopped."""
     rig.backend.run_keys = lambda external: [str(external["run"])]  # type: ignore[method-assign]
     await start(rig)
+    external = {"run": rerun, "repair": 5}
 
     async def meanwhile(trigger: Trigger) -> None:
         await retried(rig, {"state": "canceled", "external": None})
-        event = NewEvent("triggered", {"try": 1, "external": {"run": 1, "repair": 5}})
-        external = {"run": 1, "repair": 5}
+        event = NewEvent("triggered", {"try": 1, "external": external})
         await rig.parts.jobs.set_external("j", external, now_ms(), None, event, attempt=2)
 
     rig.backend.during = meanwhile
     await rig.steps.trigger("j", "j:1", 1)
     rec = await rig.parts.row("j")
-    assert (rec.attempt, rec.external) == (2, {"run": 1, "repair": 5})
-    assert rig.backend.canceled == []
+    assert (rec.attempt, rec.external) == (2, external)
+    assert [j.external for j in rig.backend.canceled] == ([] if rerun == 1 else [{"run": 1}])
 
 
 async def test_a_keyless_stale_run_is_stopped_though_its_answer_looks_like_the_next_attempts(
@@ -583,8 +619,39 @@ async def test_a_run_whose_attempt_was_retried_before_its_record_is_stopped_as_a
         return said
 
     rig.steps._run_unwanted = then_retried  # type: ignore[method-assign]
-    await rig.steps.trigger("j", "j:1", 1)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", 1)
     assert [(j.attempt, j.external) for j in rig.backend.canceled] == [(1, {"run": 1})]
+    assert logs.fields()[-1][1:] == ("j", "j:1")  # the stop's warning
+
+
+@pytest.mark.parametrize("meanwhile", ["recorded by another", "deleted"])
+async def test_a_run_whose_attempt_moved_on_before_its_record_is_left_when_it_must_be(
+    rig: Rig, meanwhile: str
+):
+    """As above, but the retried attempt 1 had recorded this very run (another
+    process got it, the same key): it is left. Or the row was deleted by
+    hand meanwhile: there is nothing to record or stop, and the trigger ends."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def canceled(trigger: Trigger) -> None:
+        await rig.parts.settler.settle("j", Outcome("canceled"), by="api", attempt=1)
+
+    rig.backend.during = canceled
+    unwanted = rig.steps._run_unwanted
+
+    async def then(rec: Any, promise_id: str) -> bool:
+        said = await unwanted(rec, promise_id)
+        if meanwhile == "deleted":
+            await rig.parts.jobs.db.execute("DELETE FROM tether_jobs WHERE id = 'j'", ())
+        else:
+            await retried(rig, {"state": "canceled", "external": {"run": 1}})
+        return said
+
+    rig.steps._run_unwanted = then  # type: ignore[method-assign]
+    await rig.steps.trigger("j", "j:1", 1)
+    assert rig.backend.canceled == []
 
 
 @pytest.mark.parametrize("fault", ["row", "promise"])
@@ -622,8 +689,41 @@ async def test_a_stale_runs_reads_are_made_again_while_the_store_fails(
         promises = rig.parts.settler.resonate.promises
         unavailable = ServerError(503, "unavailable")
         monkeypatch.setattr(promises, "get", failing_first(promises.get, unavailable))
-    await rig.steps.trigger("j", "j:1", 1)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", 1)
     assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
+    said = {
+        "row": "reading its job failed (the store did not answer: TimeoutError)",
+        "promise": "reading how its attempt ended failed (the store refused the read"
+        " (status 503: unavailable))",
+    }[fault]
+    assert logs.fields()[0] == (f"job j: {said}; again in 1s", "j", None)
+
+
+async def test_how_a_failed_attempt_ended_is_read_again_while_the_store_fails(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Failed by a trigger's failure while this trigger was under way: its
+    run is stopped once the promise's value is read, tried again."""
+    await start(rig)
+    promises = rig.parts.settler.resonate.promises
+
+    async def ended(trigger: Trigger) -> None:
+        failed = Outcome(status="failed", error=ErrorInfo(message="no"))
+        await rig.parts.settler.settle("j", failed, by="trigger", attempt=1)
+        monkeypatch.setattr(promises, "get", failing_first(promises.get, TimeoutError()))
+
+    rig.backend.during = ended
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert rig.backend.canceled == [view(rec)] and rig.waits == [1.0]
+    assert logs.fields()[0] == (
+        "job j: reading how its attempt ended failed (the store did not answer: TimeoutError);"
+        " again in 1s",
+        "j",
+        None,
+    )
 
 
 @pytest.mark.parametrize("ended_settled", [True, False])
@@ -799,8 +899,9 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_quietly(r
     await start(rig)
     rig.backend.answers = [retryable("timed out")]
 
-    async def sleep(seconds: float) -> None:  # canceled and retried while it waited
+    async def sleep(seconds: float) -> None:  # canceled, retried and triggered meanwhile
         await retried(rig, {"state": "canceled"})
+        await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
 
     rig.steps.sleep = sleep
     with logs_of("tether") as logs:
@@ -809,7 +910,7 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_quietly(r
     assert len(rig.backend.triggers) == 1
     assert logs.lines == ["WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s"]
     rec = await rig.parts.row("j")
-    assert (rec.attempt, rec.state, rec.external) == (2, "pending", None)
+    assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
 
 
 @pytest.mark.parametrize("refusal", [BackendError("no", code="http_503"), retryable("busy")])
@@ -1017,6 +1118,70 @@ async def test_a_trigger_failure_not_yet_recorded_gives_way_to_a_run_recorded_me
         "WARNING job j: a trigger's failure not yet recorded, and another process triggered it"
         " meanwhile; the job is left to that run"
     )
+    assert logs.fields()[-1][1:] == ("j", "j:1")
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "retried and triggered"])
+async def test_a_trigger_failure_whose_settle_failed_is_settled_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+):
+    """The settle failed without reaching the store, and no run was recorded
+    for the attempt meanwhile (none at all, or one of a later attempt): the
+    failure is settled again, and the attempt's promise holds it."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    monkeypatch.setattr(
+        rig.parts.settler, "settle", failing_first(rig.parts.settler.settle, unanswered)
+    )
+
+    async def sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        if meanwhile != "nothing":
+            await retried(rig, {"state": "canceled"})
+            await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+    assert rig.waits == [1.0]
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["status"], value["by"]) == ("failed", "trigger")
+    rec = await rig.parts.row("j")
+    if meanwhile == "nothing":
+        assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: no", "http_400"))
+    else:
+        assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
+
+
+async def test_a_run_recorded_before_a_trigger_failures_first_settle_does_not_stop_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The first settle of the failure is made whatever the row says by then
+    (its last read was just before): a run recorded meanwhile is the failed
+    job's, stopped by its finish, as when the settle lands after it."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    failure_settled = rig.steps._failure_settled
+
+    async def after_a_run(*args: Any) -> None:
+        await elsewhere(rig, run=8)
+        await failure_settled(*args)
+
+    monkeypatch.setattr(rig.steps, "_failure_settled", after_a_run)
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", {"run": 8})
+
+
+async def test_a_salted_jobs_trigger_failure_is_masked_with_its_own_tokens(rig: Rig):
+    await start(rig)
+    await rig.parts.jobs.db.execute("UPDATE tether_jobs SET salt = 's4lt' WHERE id = 'j'", ())
+    token = SIGNER.token("j:1", "s4lt")
+    rig.parts.settler.tokens = SIGNER.tokens  # as the service wires it
+    rig.backend.answers = [BackendError("refused", code=f"echo {token}")]
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert rec.error == ErrorInfo("trigger failed: refused", "echo ***")
 
 
 async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_was_recorded(
@@ -1244,6 +1409,33 @@ async def test_finish_records_the_outcome_and_tells_the_plugins(rig: Rig):
     assert logs.lines == ["INFO job j finished: succeeded"]
 
 
+async def test_finish_files_the_event_the_settles_value_notes(rig: Rig):
+    """The settle's own index write never happened (it answered too late):
+    the finish files its note before `finished`."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    note = NewEvent("callback", {"status": "succeeded"})
+    await rig.steps.finish("j", settled_value(DONE, "callback", "n", note))
+    assert [t for t, _ in await history(rig)][-2:] == ["callback", "finished"]
+
+
+async def test_finish_ends_only_its_own_attempt(rig: Rig, monkeypatch: pytest.MonkeyPatch):
+    """The job was ended and retried between the finish's read of the row and
+    its write: attempt 2 is left as it is."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    end = rig.parts.jobs.end
+
+    async def retried_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(rig.parts.jobs, "end", end)
+        await retried(rig, {"state": "canceled"})
+        return await end(*args, **kwargs)
+
+    monkeypatch.setattr(rig.parts.jobs, "end", retried_first)
+    await rig.steps.finish("j", {"status": "succeeded"}, 1)
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state) == (2, "pending")
+    assert rig.plugin.finished == []
+
+
 async def test_finish_keeps_what_the_settle_recorded(rig: Rig):
     await rig.parts.add_job("j", state="running", external={"run": 1})
     await rig.parts.jobs.finish("j", DONE, now_ms())
@@ -1318,6 +1510,31 @@ async def test_a_failed_cancel_keeps_no_callback_token_in_its_event_or_log(rig: 
     assert events[-1].type == "cancel_failed"
     assert events[-1].data["error"] == {"type": "ECHO", "message": "echoed ?token=***"}
     assert token not in "\n".join(logs.lines)
+
+
+async def test_a_salted_jobs_failed_cancel_is_masked_with_its_own_tokens(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.parts.jobs.db.execute("UPDATE tether_jobs SET salt = 's4lt' WHERE id = 'j'", ())
+    token = SIGNER.token("j:1", "s4lt")
+    rig.backend.cancel_error = BackendError(f"echoed ?token={token}", code="ECHO")
+    await rig.steps.finish("j", {"status": "canceled"})
+    assert (await history(rig))[-1][1]["error"] == {"type": "ECHO", "message": "echoed ?token=***"}
+
+
+async def test_a_cancel_not_answered_in_time_has_failed(rig: Rig, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(core.steps, "CANCEL_TIMEOUT", 0.05)
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+
+    async def hangs(job: Job) -> None:
+        await asyncio.Event().wait()
+
+    rig.backend.cancel = hangs  # type: ignore[method-assign]
+    await asyncio.wait_for(rig.steps.finish("j", {"status": "canceled"}), 5)
+    error = {"type": "TimeoutError", "message": "no answer within 0.05 s"}
+    assert (await history(rig))[-1] == (
+        "cancel_failed",
+        {"tries": 1, "error": error, "external": {"run": 1}},
+    )
 
 
 async def test_a_cancel_tried_again_keeps_no_callback_token_in_its_warning(rig: Rig):
@@ -1853,6 +2070,19 @@ async def test_a_stop_under_a_lease_tries_no_later_than_its_bound(
     assert rig.waits == [retry_after] * (tries - 1)
     [failed] = [data for t, data in await history(rig) if t == "cancel_failed"]
     assert failed["tries"] == tries
+
+
+async def test_a_stop_whose_next_try_would_end_just_at_its_bound_tries_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """At a clock that stands still: a try that ends exactly at the bound
+    (933.5 s of wait) is made; past it, not."""
+    rec = await stop_due(rig)
+    monkeypatch.setattr(core.steps, "now_ms", lambda: 1_000_000)
+    rig.backend.cancel_errors = [retryable("slow down", retry_after=933.5)]
+    rig.backend.cancel_error = BackendError("no")
+    await rig.steps.finish_orphan(rec)
+    assert len(rig.backend.canceled) == 2 and rig.waits == [933.5]
 
 
 async def test_a_stop_whose_lease_was_taken_over_asks_the_backend_no_more():
