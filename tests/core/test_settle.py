@@ -25,6 +25,7 @@ from core.settle import (
     STORE_TIMEOUT,
     Settler,
     judge,
+    noted,
     outcome_of,
     outcome_of_record,
     settled_value,
@@ -110,6 +111,17 @@ def test_a_settled_value_is_the_outcome_who_and_the_nonce():
         "by": "timeout",
         "nonce": "n2",
     }
+
+
+@pytest.mark.parametrize(
+    "note",
+    [{"type": "callback", "data": "text"}, {"type": "exploded", "data": {}}, "callback", None],
+)
+def test_a_note_that_is_not_an_event_with_its_data_is_none(note: Any):
+    assert noted({"status": "failed", "note": note}) == []
+    assert noted({"note": {"type": "callback", "data": {"a": 1}}}) == [
+        NewEvent("callback", {"a": 1})
+    ]
 
 
 def test_the_outcome_of_a_settled_value_is_read_back():
@@ -810,6 +822,40 @@ async def test_a_job_the_store_timed_out_is_finished_here_when_its_workflow_is_o
     _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
     assert rec.state == "timed_out"
     assert seen == ([] if root == "waiting" else [("j", "timed_out")])
+    assert (rec.stop_due is None) == (root == "waiting")  # its workflow's finish stops the run
+
+
+@pytest.mark.parametrize("wait_stop", [False, True])
+async def test_an_orphans_run_stop_is_due_a_lease_from_its_end_and_run_apart(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, wait_stop: bool
+):
+    """A job the store timed out, its workflow over: the write that ends it
+    makes its run's stop due a lease from now (`stop_lease_ms`, 30 s
+    unless wired), held by this process, and its finish runs in a task of
+    the service's (`spawn`), unless the caller awaits it (`wait_stop`, the
+    watchdog). A job with no run has no stop due, and its finish is awaited."""
+    seen = orphans_of(parts)
+    spawned: list[Any] = []
+    parts.settler.spawn = spawned.append
+    now = now_ms()
+    monkeypatch.setattr(core.settle, "now_ms", lambda: now)
+    await parts.add_job("j", state="running", external={"run": 1})
+    await parts.add_promise("j", timeout_ms=1)
+    await asyncio.sleep(0.05)
+    given = {"wait_stop": True} if wait_stop else {}  # False is the default
+    _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout", **given)
+    assert rec.stop_due == now + 30_000 == (await parts.row("j")).stop_due
+    if wait_stop:
+        assert (spawned, seen) == ([], [("j", "timed_out")])
+    else:
+        assert seen == [] and len(spawned) == 1
+        await spawned[0]
+        assert seen == [("j", "timed_out")]
+
+    await parts.add_job("p", state="pending")  # no run: nothing due, the finish awaited
+    _, rec = await parts.settler.settle("p", CANCELED, by="cancel")
+    assert rec.stop_due is None and seen[-1] == ("p", "canceled")
+    assert len(spawned) == (0 if wait_stop else 1)
 
 
 @pytest.mark.parametrize("root", ["gone", "waiting"])
@@ -883,6 +929,34 @@ async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Par
         failed = Outcome(status="failed", error=ErrorInfo(message=f"for url: {url}", type="x"))
         _, rec = await settler.settle(job_id, failed, by="callback", attempt=1, salt=salt)
         assert rec.error is not None and rec.error.message.endswith("?token=***"), rec.error
+
+
+async def test_a_settle_that_notes_nothing_is_masked_as_any(parts: Parts):
+    """A note that files nothing for a result, with the job's tokens to mask."""
+    signer = CallbackSigner("a-secret", "http://t")
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    result, rec = await settler.settle("j", DONE, by="callback", note=lambda result: None)
+    assert (result, rec.state) == ("accepted", "succeeded")
+    assert [e.type for e in (await parts.jobs.events_after("j", 0, 10))[1]] == ["finished"]
+
+
+async def test_a_settle_that_lost_and_ends_the_job_files_the_winners_note_first(parts: Parts):
+    """The winner's index write never happened (it answered too late): the
+    settle that lost ends the job from the winner's value, its note first."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    note = NewEvent("callback", {"status": "succeeded"})
+    won = Value(data=settled_value(DONE, "callback", "n", note))
+    await parts.resonate.promises.resolve(callback_promise_id("j"), won)
+    result, rec = await parts.settler.settle("j", CANCELED, by="cancel", attempt=1)
+    assert (result, rec.state) == ("conflict", "succeeded")
+    _, events = await parts.jobs.events_after("j", 0, 10)
+    assert [(e.type, e.data) for e in events] == [
+        ("callback", {"status": "succeeded"}),
+        ("finished", {"state": "succeeded"}),
+    ]
 
 
 async def test_a_settle_that_finds_the_job_ended_otherwise_is_noted_as_gone(parts: Parts):
