@@ -487,6 +487,20 @@ async def test_a_stale_triggers_run_that_its_attempt_recorded_and_that_is_over_i
     assert logs.lines[0].startswith("INFO ")
 
 
+async def test_a_stale_run_whose_attempts_promise_is_gone_is_stopped_as_the_end_says(rig: Rig):
+    """Attempt 1's callback promise is gone (404): its end is the row's alone
+    (canceled), and its stale run is stopped."""
+    await rig.parts.add_job("j")
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        await retried(rig, {"state": "canceled"})
+
+    rig.backend.during = meanwhile
+    await asyncio.wait_for(rig.steps.trigger("j", "j:1", 1), 5)
+    assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == []
+
+
 @pytest.mark.parametrize(("by", "stopped"), [("trigger", True), ("callback", False)])
 async def test_a_stale_run_of_an_attempt_failed_with_no_run_recorded_is_stopped_as_the_end_says(
     rig: Rig, by: str, stopped: bool
@@ -1182,6 +1196,36 @@ async def test_a_salted_jobs_trigger_failure_is_masked_with_its_own_tokens(rig: 
     await rig.steps.trigger("j", "j:1")
     rec = await rig.parts.row("j")
     assert rec.error == ErrorInfo("trigger failed: refused", "echo ***")
+
+
+async def test_a_later_attempts_trigger_failure_gives_way_to_a_run_recorded_meanwhile(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """As above at attempt 2: it is attempt 2's promise that is still pending
+    (attempt 1's is long settled, here gone)."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await retried(rig, {"state": "canceled"})
+    second = callback_promise_id("j", 2)
+    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    async def refused(trigger: Trigger, previous: Job) -> Any:
+        raise BackendError("no", code="http_400")
+
+    rig.backend.rerun = refused  # type: ignore[method-assign]
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    settle = failing_first(rig.parts.settler.settle, unanswered)
+    monkeypatch.setattr(rig.parts.settler, "settle", settle)
+
+    async def sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        triggered = NewEvent("triggered", {"try": 1, "external": {"run": 8}})
+        await rig.parts.jobs.set_external("j", {"run": 8}, now_ms(), None, triggered, attempt=2)
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", second, 2)
+    rec = await rig.parts.row("j")
+    assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 8})
+    assert (await rig.parts.resonate.promises.get(second)).state == "pending"
 
 
 async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_was_recorded(
