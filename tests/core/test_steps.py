@@ -1565,6 +1565,16 @@ async def test_a_salted_jobs_failed_cancel_is_masked_with_its_own_tokens(rig: Ri
     assert (await history(rig))[-1][1]["error"] == {"type": "ECHO", "message": "echoed ?token=***"}
 
 
+async def test_a_later_attempts_failed_cancel_is_masked_with_its_own_tokens(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await retried(rig, {"state": "canceled"})
+    await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
+    token = SIGNER.token(callback_promise_id("j", 2))
+    rig.backend.cancel_error = BackendError(f"echoed ?token={token}", code="ECHO")
+    await rig.steps.finish("j", {"status": "canceled"}, 2)
+    assert (await history(rig))[-1][1]["error"] == {"type": "ECHO", "message": "echoed ?token=***"}
+
+
 async def test_a_cancel_not_answered_in_time_has_failed(rig: Rig, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(core.steps, "CANCEL_TIMEOUT", 0.05)
     await rig.parts.add_job("j", state="running", external={"run": 1})
@@ -1948,10 +1958,16 @@ async def test_an_orphans_stop_of_an_uninstalled_backend_still_tells_the_plugins
     assert (await rig.parts.row("j")).stop_due is None
 
 
-async def test_an_orphan_without_a_stop_due_is_finished_as_its_workflow_would(rig: Rig):
+@pytest.mark.parametrize("attempt", [1, 2])
+async def test_an_orphan_without_a_stop_due_is_finished_as_its_workflow_would(
+    rig: Rig, attempt: int
+):
     await rig.parts.add_job("j", state="running", external={"run": 1})
-    rec, _ = await rig.parts.jobs.end("j", CANCELED, now_ms())
-    assert rec is not None and rec.stop_due is None
+    if attempt == 2:
+        await retried(rig, {"state": "canceled"})
+        await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
+    rec, _ = await rig.parts.jobs.end("j", CANCELED, now_ms(), attempt=attempt)
+    assert rec is not None and rec.stop_due is None and rec.attempt == attempt
     await rig.steps.finish_orphan(rec)
     assert rig.backend.canceled == [view(rec)] and rig.plugin.finished == [view(rec)]
 
@@ -2047,6 +2063,29 @@ async def test_an_orphans_stop_record_gives_up_by_the_lease_the_row_surely_holds
         with pytest.raises(StoreUnavailable):
             await rig.steps.finish_orphan(rec)
         assert rig.waits == [1.0]
+
+
+@pytest.mark.parametrize(("lease", "waits"), [(10_000, [1.0]), (10_005, [1.0, 2.0])])
+async def test_an_orphans_stop_record_is_tried_while_a_try_ends_before_the_lease(
+    monkeypatch: pytest.MonkeyPatch, lease: int, waits: list[float]
+):
+    """At a clock that stands still, the store failing every write: a try
+    after 2 s that may take the store's 8 s ends 10 s from now, at the
+    lease (not tried) or just before it (tried)."""
+    async with open_parts(trigger_attempts=1, task_ttl=3600.0) as parts:
+        rig = make_rig(parts)
+        now = now_ms()
+        rec = await stop_due(rig, due=now + lease)
+        monkeypatch.setattr(core.steps, "now_ms", lambda: now)
+
+        async def unanswered(*args: Any) -> Any:
+            raise OSError("gone")
+
+        parts.jobs.stopped = unanswered  # type: ignore[method-assign]
+        parts.jobs.claim_stop = unanswered  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await rig.steps.finish_orphan(rec)
+        assert rig.waits == waits
 
 
 async def test_an_orphans_stop_taken_over_while_its_record_failed_files_nothing(
@@ -2175,14 +2214,15 @@ async def test_a_cancelled_error_a_backend_raises_of_its_own_is_a_failed_stop(ri
     assert (await rig.parts.row("j")).stop_due is None
 
 
-@pytest.mark.parametrize("release", ["given up", "failed", "taken over"])
+@pytest.mark.parametrize("release", ["given up", "failed", "hangs", "taken over"])
 async def test_a_stop_cut_short_gives_its_lease_up(
     rig: Rig, monkeypatch: pytest.MonkeyPatch, release: str
 ):
     """The service stops while the backend's `cancel` is under way: the stop
     is made due now, for the next sweep of any watchdog, and the
-    cancellation goes on. A release that fails leaves the lease to run out;
-    one of a stop another process took over changes nothing."""
+    cancellation goes on. A release that fails, or is not answered within
+    `RELEASE_TIMEOUT`, leaves the lease to run out; one of a stop another
+    process took over changes nothing. No release is left held."""
     rec = await stop_due(rig)
     assert rec.stop_due is not None
     asked = asyncio.Event()
@@ -2195,6 +2235,9 @@ async def test_a_stop_cut_short_gives_its_lease_up(
     if release == "failed":
         unanswered = failing_first(rig.parts.jobs.release_stop, OSError("gone"))
         monkeypatch.setattr(rig.parts.jobs, "release_stop", unanswered)
+    elif release == "hangs":
+        monkeypatch.setattr(core.steps, "RELEASE_TIMEOUT", 0.05)
+        monkeypatch.setattr(rig.parts.jobs, "release_stop", lambda *args: hangs(rec))
     stopping = asyncio.create_task(rig.steps.finish_orphan(rec))
     await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(asked.wait())), 5)
     if release == "taken over":
@@ -2204,20 +2247,30 @@ async def test_a_stop_cut_short_gives_its_lease_up(
         before = now_ms()
         stopping.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await stopping
+            await asyncio.wait_for(stopping, 5)
     due = (await rig.parts.row("j")).stop_due
     assert due is not None
+    assert core.steps._releasing == set()
     if release == "given up":
         assert before <= due <= now_ms()
-        assert logs.lines == [
-            "WARNING job j: its run's stop was cut short (the service is stopping): the next"
-            " watchdog sweep of any process stops it again"
+        assert logs.fields() == [
+            (
+                "job j: its run's stop was cut short (the service is stopping): the next"
+                " watchdog sweep of any process stops it again",
+                "j",
+                None,
+            )
         ]
-    elif release == "failed":
+    elif release in ("failed", "hangs"):
         assert due == rec.stop_due
-        assert logs.lines == [
-            "WARNING job j: its run's stop was cut short, and giving it up failed (OSError):"
-            " another process stops the run once its lease runs out"
+        said = "OSError" if release == "failed" else "TimeoutError"
+        assert logs.fields() == [
+            (
+                f"job j: its run's stop was cut short, and giving it up failed ({said}):"
+                " another process stops the run once its lease runs out",
+                "j",
+                None,
+            )
         ]
     else:
         assert due > now_ms() + HOUR and logs.lines == []
