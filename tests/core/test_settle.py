@@ -578,6 +578,120 @@ async def test_the_look_for_a_winners_note_reads_no_more_than_the_history_keeps(
     assert mine == [end - 1]  # found, not filed again
     pages = -(-(HISTORY_LIMIT - HISTORY_HEAD) // core.settle.FILED_PAGE) + 1  # the tail, the head
     assert len(reads) <= pages, reads
+    # each kept event asked for once: the tail down to where trimming began, then the head
+    assert sum(limit for _, limit in reads) == HISTORY_LIMIT, reads
+    assert reads[-1] == (0, HISTORY_HEAD) and min(first for first, _ in reads[:-1]) == (
+        rec.events - (HISTORY_LIMIT - HISTORY_HEAD)
+    )
+
+
+async def test_the_look_for_a_winners_note_overtaken_by_the_historys_trimming_still_finds_it(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The job was ended from the winner's value (its note just before
+    `finished`, in the history's tail) and filled its history up to the
+    limit; then, as the winner looks, five more events come and trim the
+    tail's oldest five. The page that holds the end is read past the gap:
+    the events it returns beyond the page are passed over, the end and the
+    note in it still found, and the note not filed again."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    before = [NewEvent("heartbeat", {"n": n}) for n in range(20)]  # the end past the head
+    await parts.jobs.record("j", before, now_ms())
+    promises = parts.settler.resonate.promises
+    resolve = promises.resolve
+
+    async def then_end(promise_id: str, value: Value) -> Any:
+        record = await resolve(promise_id, value)
+        events = core.settle.noted(value.data)
+        rec, _ = await parts.jobs.end("j", DONE, now_ms(), events=events, attempt=1)
+        assert rec is not None
+        late = [NewEvent("heartbeat", {"n": n}) for n in range(HISTORY_LIMIT - rec.events)]
+        await parts.jobs.record("j", late, now_ms())  # the history full, nothing trimmed yet
+        return record
+
+    events_after = parts.jobs.events_after
+    overtaken = False
+
+    async def overtaking(job_id: str, first: int, limit: int) -> Any:
+        nonlocal overtaken
+        if not overtaken:
+            overtaken = True
+            await parts.jobs.record("j", AFTER_THE_END[:5], now_ms())
+        return await events_after(job_id, first, limit)
+
+    def note(verdict: str) -> NewEvent:
+        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
+
+    monkeypatch.setattr(promises, "resolve", then_end)
+    monkeypatch.setattr(parts.jobs, "events_after", overtaking)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+
+    assert (result, rec.state, overtaken) == ("accepted", "succeeded", True)
+    monkeypatch.undo()
+    _, events = await parts.jobs.events_after("j", 0, HISTORY_LIMIT + 1)
+    assert len(events) == HISTORY_LIMIT and events[HISTORY_HEAD].seq == HISTORY_HEAD + 6
+    mine = [e.seq for e in events if e.type == "callback" and "body_sha256" not in e.data]
+    [end] = [e.seq for e in events if e.type == "finished"]
+    assert mine == [end - 1] == [len(before) + 1]  # found, not filed again
+
+
+async def test_a_winners_note_is_looked_for_only_in_the_write_that_ended_its_attempt(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The job was ended, not from the winner's value, with no event of its
+    own: what comes before its `finished` is an earlier write's (an event
+    filed a second before) or, when the end came in the millisecond of the
+    retry that started the attempt, that retry's `retried` and then the
+    previous attempt's events. Neither is the winner's note: it is filed
+    after the end, as a settle that lost files it, and told how it compares."""
+    then = now_ms() - 1_000
+    await parts.add_job("j", state="running")
+    await parts.jobs.record("j", [NewEvent("heartbeat", {})], then)  # a second before
+    await parts.add_job("k", state="running")
+    await parts.jobs.end("k", FAILED, then, attempt=1)
+    again = NewEvent("retried", {"previous": {"state": "failed"}})
+    assert await parts.jobs.retry("k", 1, now_ms() + 60_000, then, again)
+    for job_id, attempt in (("j", 1), ("k", 2)):
+        await parts.resonate.promises.create(
+            callback_promise_id(job_id, attempt), now_ms() + 60_000, Value(data=None), {}
+        )
+    promises = parts.settler.resonate.promises
+    resolve = promises.resolve
+
+    async def then_end(promise_id: str, value: Value) -> Any:
+        record = await resolve(promise_id, value)
+        job_id, attempt = ("j", 1) if promise_id == callback_promise_id("j") else ("k", 2)
+        at = now_ms() if job_id == "j" else then  # k: in the retry's millisecond
+        await parts.jobs.end(job_id, DONE, at, attempt=attempt)
+        return record
+
+    monkeypatch.setattr(promises, "resolve", then_end)
+    for job_id, attempt in (("j", 1), ("k", 2)):
+        said: list[str] = []
+        result, rec = await parts.settler.settle(
+            job_id, DONE, by="callback", note=noting(said), attempt=attempt
+        )
+        assert (result, rec.state, said) == ("duplicate", "succeeded", ["accepted", "duplicate"])
+        assert (await types_and_results(parts, job_id))[-1] == ("finished", None)  # None: none
+
+
+async def test_a_winner_that_notes_nothing_for_a_win_is_told_how_it_compares(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """Its value won, but the job was ended by another (not from its value):
+    with no event of a win to look for, it is judged against the row and
+    files the event it has for that."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    parts.ended_as_it_settles(monkeypatch, from_its_value=False)
+
+    def note(result: str) -> NewEvent | None:
+        return None if result == "accepted" else NewEvent("callback", {"result": result})
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    assert (result, rec.state) == ("duplicate", "succeeded")
+    assert (await types_and_results(parts))[-2:] == [("finished", None), ("callback", "duplicate")]
 
 
 async def test_the_note_of_a_settle_that_lost_comes_after_and_none_is_recorded_for_none(
@@ -619,6 +733,58 @@ async def test_the_note_of_a_second_settle_of_an_unborn_promise_compares_with_th
     said.clear()  # the same cancel again lost as well, as it does once the promise exists
     assert (await parts.settler.settle("j", CANCELED, by="x", note=noting(said)))[0] == "gone"
     assert said == ["accepted", "gone"]
+
+
+async def test_a_settle_of_an_unborn_promise_that_differs_from_the_first_is_a_conflict(
+    parts: Parts,
+):
+    """The first ended the job in the index with its note; a second, with
+    another result and the same note, is told it conflicts and files its
+    note for that after the end (the first's note is not its own)."""
+    await parts.add_job("j")
+    said: list[str] = []
+    await parts.settler.settle("j", DONE, by="callback", note=noting(said))
+    said.clear()
+
+    result, rec = await parts.settler.settle("j", OTHER, by="callback", note=noting(said))
+
+    assert (result, rec.result) == ("conflict", DONE.result)
+    assert said == ["accepted", "conflict"]
+    assert await types_and_results(parts) == [
+        ("callback", "accepted"),
+        ("finished", None),
+        ("callback", "conflict"),
+    ]
+
+
+async def test_a_settle_whose_caller_saw_the_job_ended_did_not_end_it_whatever_it_won(
+    parts: Parts,
+):
+    """A cancel ended the job before its promise was born (the index alone,
+    its note before `finished`); the promise born since, a callback that
+    read the ended row (`seen`) settles it, repeating that note: its value
+    wins the promise but ended nothing, so it is told how it compares and
+    files its note after the end: the one before `finished` is not its own."""
+    await parts.add_job("j")
+
+    def note(result: str) -> NewEvent:
+        return NewEvent("callback", {"status": "canceled", "result": result})
+
+    await parts.settler.settle("j", CANCELED, by="cancel", note=note)
+    seen = await parts.row("j")
+    await parts.add_promise("j")
+
+    result, rec = await parts.settler.settle(
+        "j", CANCELED, by="callback", note=note, attempt=1, seen=seen
+    )
+
+    assert (result, rec.state) == ("gone", "canceled")
+    assert (await parts.promise("j")).state == "resolved"  # its value won the promise
+    assert await types_and_results(parts) == [
+        ("callback", "accepted"),
+        ("finished", None),
+        ("callback", "gone"),
+    ]
 
 
 async def test_a_queued_job_is_ended_in_the_index(parts: Parts):
@@ -856,6 +1022,33 @@ async def test_an_orphans_run_stop_is_due_a_lease_from_its_end_and_run_apart(
     _, rec = await parts.settler.settle("p", CANCELED, by="cancel")
     assert rec.stop_due is None and seen[-1] == ("p", "canceled")
     assert len(spawned) == (0 if wait_stop else 1)
+
+
+async def test_an_unborn_attempts_end_awaits_its_finish_for_the_watchdog_whatever_is_due(
+    parts: Parts,
+):
+    """Attempt 1 was finished here with its run's stop due (held by a task
+    of the service's, still under way) when the job was retried; attempt 2
+    times out before its workflow made its promise. The row still carries
+    attempt 1's stop (`stop_due`), but the watchdog (`wait_stop`) awaits
+    the finish it hands over, as it does any other."""
+    seen = orphans_of(parts)
+    spawned: list[Any] = []
+    parts.settler.spawn = spawned.append
+    await parts.add_job("j", state="running", external={"run": 1})
+    await parts.add_promise("j", timeout_ms=1)
+    await asyncio.sleep(0.05)
+    _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
+    assert rec.stop_due is not None and len(spawned) == 1 and seen == []
+    again = NewEvent("retried", {"previous": {"state": "timed_out"}})
+    assert await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+
+    _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout", attempt=2, wait_stop=True)
+
+    assert (rec.attempt, rec.state, rec.stop_due) == (2, "timed_out", rec.stop_due)
+    assert rec.stop_due is not None and rec.stop_attempt == 1  # attempt 1's, still
+    assert (len(spawned), seen) == (1, [("j", "timed_out")])
+    spawned[0].close()
 
 
 @pytest.mark.parametrize("root", ["gone", "waiting"])
