@@ -521,6 +521,28 @@ async def test_a_stale_run_of_an_attempt_failed_with_no_run_recorded_is_stopped_
     assert [j.external for j in rig.backend.canceled] == ([{"run": 1}] if stopped else [])
 
 
+async def test_a_stale_run_of_an_attempt_whose_promise_was_rejected_is_judged_by_the_row_alone(
+    rig: Rig,
+):
+    """Attempt 1 failed with no run recorded, and was retried; its callback
+    promise was rejected (Tether only resolves: the store's doing, or
+    another client's), with a value that says the trigger failed it. A
+    rejected promise's value is none of Tether's: the end is the row's
+    alone, a failure, whose run is over and left."""
+    await start(rig)
+    rig.backend.answers = [{"run": 1}]
+
+    async def meanwhile(trigger: Trigger) -> None:
+        said = settled_value(Outcome("failed"), "trigger", "n")
+        await rig.parts.resonate.promises.reject("j:1", Value(data=said))
+        await retried(rig, {"state": "failed"})
+
+    rig.backend.during = meanwhile
+    await rig.steps.trigger("j", "j:1", 1)
+    assert (await rig.parts.promise("j")).state == "rejected"
+    assert rig.backend.canceled == []
+
+
 @pytest.mark.parametrize("rerun", [1, 2])
 async def test_a_stale_trigger_leaves_the_run_the_next_attempt_reruns_in_place(
     rig: Rig, rerun: int
