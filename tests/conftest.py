@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import CodeType
@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from aiohttp import web
 
 from api.app import create_app
 from api.http import SERVER_OPTIONS
@@ -49,6 +50,24 @@ for _name in [
 ]:
     del os.environ[_name]
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """`handler` answering every method and path on 127.0.0.1 (aiohttp's
+    server, in this loop), on a free port it yields; stopped on the way out."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

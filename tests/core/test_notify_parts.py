@@ -27,7 +27,7 @@ import core.notify
 from core.models import Outcome
 from core.notify import LEASE_MARGIN, REQUEST_TIMEOUT, Notifier, failure, signature
 from core.store.jobs import Event, JobIndex, Notification, now_ms
-from tests.conftest import eventually
+from tests.conftest import aiohttp_serving, eventually
 from tests.core.parts import Parts, logs_of, open_parts
 from tests.core.store.test_index_writes import job
 from tests.core.test_notify import SECRET, TOKEN
@@ -63,17 +63,8 @@ class Hook:
 @contextlib.asynccontextmanager
 async def hook() -> AsyncIterator[Hook]:
     receiver = Hook()
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with aiohttp_serving(receiver.handle) as receiver.port:
         yield receiver
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

@@ -35,6 +35,7 @@ from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id, root_promise_id
+from tests.conftest import aiohttp_serving
 from tests.core.parts import Parts, logs_of, open_parts
 
 DONE = Outcome(status="succeeded", result={"rows": 3})
@@ -42,6 +43,12 @@ OTHER = Outcome(status="succeeded", result={"rows": 4})
 FAILED = Outcome(status="failed", error=ErrorInfo(message="boom", type="external"))
 CANCELED = Outcome(status="canceled")
 TIMED_OUT = Outcome(status="timed_out", error=ErrorInfo(message="late", type="timeout"))
+
+
+def call_note(verdict: str) -> NewEvent:
+    """A callback's note of its settle (`Settler.settle`'s `note`), as the
+    callback endpoint files it."""
+    return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
 
 
 @pytest.fixture
@@ -428,24 +435,18 @@ async def test_a_store_that_refuses_the_settle_is_unavailable(caplog: pytest.Log
         head = {"corrId": body["head"]["corrId"], "status": 500, "version": "v"}
         return web.json_response({"kind": body["kind"], "head": head, "data": refusal})
 
-    app = web.Application()
-    app.router.add_post("/", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    resonate = Resonate(
-        network=HttpConnection(f"http://127.0.0.1:{port}"), sources=[], subscription_refresh_secs=0
-    )
-    async with open_parts() as parts:
+    async with aiohttp_serving(refuse) as port, open_parts() as parts:
+        resonate = Resonate(
+            network=HttpConnection(f"http://127.0.0.1:{port}"),
+            sources=[],
+            subscription_refresh_secs=0,
+        )
         await parts.add_job("j", state="running")
         try:
             with pytest.raises(StoreUnavailable) as raised:
                 await Settler(resonate, parts.jobs).settle("j", DONE, by="callback")
         finally:
             await resonate.stop()
-            await runner.cleanup()
         said = f"the store refused the settle (status 500: {refusal[:200]})"  # cut: it may be long
         assert raised.value.message == said
         [record] = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -510,10 +511,7 @@ async def test_a_settle_that_won_files_its_note_once_however_many_events_followe
     await parts.add_promise("j")
     parts.ended_as_it_settles(monkeypatch, from_its_value=from_its_value, after=AFTER_THE_END)
 
-    def note(verdict: str) -> NewEvent:
-        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
-
-    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
 
     assert (result, rec.state) == ("accepted" if from_its_value else "duplicate", "succeeded")
     _, events = await parts.jobs.events_after("j", 0, 100)
@@ -561,12 +559,9 @@ async def test_the_look_for_a_winners_note_reads_no_more_than_the_history_keeps(
         reads.append((first, limit))
         return await events_after(job_id, first, limit)
 
-    def note(verdict: str) -> NewEvent:
-        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
-
     monkeypatch.setattr(promises, "resolve", then_end)
     monkeypatch.setattr(parts.jobs, "events_after", counted)
-    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
 
     assert (result, rec.state) == ("accepted", "succeeded")
     monkeypatch.undo()
@@ -620,12 +615,9 @@ async def test_the_look_for_a_winners_note_overtaken_by_the_historys_trimming_st
             await parts.jobs.record("j", AFTER_THE_END[:5], now_ms())
         return await events_after(job_id, first, limit)
 
-    def note(verdict: str) -> NewEvent:
-        return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
-
     monkeypatch.setattr(promises, "resolve", then_end)
     monkeypatch.setattr(parts.jobs, "events_after", overtaking)
-    result, rec = await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
 
     assert (result, rec.state, overtaken) == ("accepted", "succeeded", True)
     monkeypatch.undo()

@@ -633,6 +633,25 @@ async def test_a_stale_runs_stop_reads_again_while_the_store_fails(
     assert [j.external for j in rig.backend.canceled] == [{"run": 1}] and rig.waits == [1.0]
 
 
+def canceled_while_triggering(rig: Rig, then: Callable[[], Awaitable[Any]]) -> None:
+    """Attempt 1 of "j" is canceled (by the API) while the backend starts its
+    run; `then` runs once the trigger has asked whether the run is still
+    wanted (`_run_unwanted`), before it records the run."""
+
+    async def canceled(trigger: Trigger) -> None:
+        await rig.parts.settler.settle("j", Outcome("canceled"), by="api", attempt=1)
+
+    rig.backend.during = canceled
+    unwanted = rig.steps._run_unwanted
+
+    async def asked_then(rec: Any, promise_id: str) -> bool:
+        said = await unwanted(rec, promise_id)
+        await then()
+        return said
+
+    rig.steps._run_unwanted = asked_then  # type: ignore[method-assign]
+
+
 async def test_a_run_whose_attempt_was_retried_before_its_record_is_stopped_as_a_stale_one(
     rig: Rig,
 ):
@@ -642,19 +661,7 @@ async def test_a_run_whose_attempt_was_retried_before_its_record_is_stopped_as_a
     the run is recorded nowhere, and is stopped."""
     await start(rig)
     rig.backend.answers = [{"run": 1}]
-
-    async def meanwhile(trigger: Trigger) -> None:
-        await rig.parts.settler.settle("j", Outcome("canceled"), by="api", attempt=1)
-
-    rig.backend.during = meanwhile
-    unwanted = rig.steps._run_unwanted
-
-    async def then_retried(rec: Any, promise_id: str) -> bool:
-        said = await unwanted(rec, promise_id)
-        await retried(rig, {"state": "canceled"})
-        return said
-
-    rig.steps._run_unwanted = then_retried  # type: ignore[method-assign]
+    canceled_while_triggering(rig, lambda: retried(rig, {"state": "canceled"}))
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1", 1)
     assert [(j.attempt, j.external) for j in rig.backend.canceled] == [(1, {"run": 1})]
@@ -671,21 +678,13 @@ async def test_a_run_whose_attempt_moved_on_before_its_record_is_left_when_it_mu
     await start(rig)
     rig.backend.answers = [{"run": 1}]
 
-    async def canceled(trigger: Trigger) -> None:
-        await rig.parts.settler.settle("j", Outcome("canceled"), by="api", attempt=1)
-
-    rig.backend.during = canceled
-    unwanted = rig.steps._run_unwanted
-
-    async def then(rec: Any, promise_id: str) -> bool:
-        said = await unwanted(rec, promise_id)
+    async def then() -> None:
         if meanwhile == "deleted":
             await rig.parts.jobs.db.execute("DELETE FROM tether_jobs WHERE id = 'j'", ())
         else:
             await retried(rig, {"state": "canceled", "external": {"run": 1}})
-        return said
 
-    rig.steps._run_unwanted = then  # type: ignore[method-assign]
+    canceled_while_triggering(rig, then)
     await rig.steps.trigger("j", "j:1", 1)
     assert rig.backend.canceled == []
 
@@ -814,6 +813,21 @@ async def test_a_workflow_whose_job_row_is_gone_and_promise_settled_ends(rig: Ri
 # ── a deadline passed before the trigger ─────────────────────────────────────
 
 
+async def trigger_dying_in(rig: Rig, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Run attempt 1's trigger of "j" as a process that dies inside the job
+    index's `name` (nothing after it runs), then put `name` back for the
+    replay."""
+    kept = getattr(rig.parts.jobs, name)
+
+    async def died(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(rig.parts.jobs, name, died)
+    with pytest.raises(RuntimeError):
+        await rig.steps.trigger("j", "j:1")
+    monkeypatch.setattr(rig.parts.jobs, name, kept)
+
+
 async def test_a_replay_past_the_deadline_asks_again_and_records_the_run_a_crashed_try_started(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):
@@ -823,15 +837,7 @@ async def test_a_replay_past_the_deadline_asks_again_and_records_the_run_a_crash
     timeout stops it: skipped, that run was recorded nowhere and went on."""
     await rig.parts.add_job("j", deadline=now_ms() + 300)
     await rig.parts.add_promise("j")
-    set_external = rig.parts.jobs.set_external
-
-    async def died(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("the process died here")
-
-    monkeypatch.setattr(rig.parts.jobs, "set_external", died)
-    with pytest.raises(RuntimeError):
-        await rig.steps.trigger("j", "j:1")
-    monkeypatch.setattr(rig.parts.jobs, "set_external", set_external)
+    await trigger_dying_in(rig, monkeypatch, "set_external")
     await asyncio.sleep(0.35)  # down past the deadline
 
     await rig.steps.trigger("j", "j:1")  # the replay
@@ -886,6 +892,18 @@ async def elsewhere(rig: Rig, run: int) -> None:
     await rig.parts.jobs.set_external("j", {"run": run}, now_ms(), None, triggered, attempt=1)
 
 
+def recorded_elsewhere_while_waiting(rig: Rig, run: int = 8) -> None:
+    """While this process waits to try again (`JobSteps.sleep`, the wait
+    kept in `rig.waits`), another process takes the workflow over, triggers
+    the job and records run `run`."""
+
+    async def sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        await elsewhere(rig, run=run)
+
+    rig.steps.sleep = sleep  # type: ignore[method-assign]
+
+
 async def test_a_stalled_trigger_stops_trying_once_another_process_recorded_the_run(rig: Rig):
     """A process that stalled past its lease inside the trigger (its POST
     timed out) while another took the workflow over and triggered the job:
@@ -894,11 +912,7 @@ async def test_a_stalled_trigger_stops_trying_once_another_process_recorded_the_
     await start(rig)
     rig.backend.answers = [retryable("timed out"), {"run": 9}]
 
-    async def sleep(seconds: float) -> None:  # the other process triggers meanwhile
-        rig.waits.append(seconds)
-        await elsewhere(rig, run=8)
-
-    rig.steps.sleep = sleep
+    recorded_elsewhere_while_waiting(rig)
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1")
 
@@ -1137,12 +1151,8 @@ async def test_a_trigger_failure_not_yet_recorded_gives_way_to_a_run_recorded_me
     unanswered = StoreUnavailable("the store did not answer: TimeoutError")
     flaky = failing_first(rig.parts.settler.settle, unanswered)
 
-    async def sleep(seconds: float) -> None:
-        rig.waits.append(seconds)
-        await elsewhere(rig, run=8)
-
     monkeypatch.setattr(rig.parts.settler, "settle", flaky)
-    rig.steps.sleep = sleep
+    recorded_elsewhere_while_waiting(rig)
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1")
 
@@ -1262,12 +1272,8 @@ async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_wa
     unanswered = StoreUnavailable("the store did not answer: TimeoutError")
     flaky = failing_first(rig.parts.jobs.end, unanswered)
 
-    async def sleep(seconds: float) -> None:
-        rig.waits.append(seconds)
-        await elsewhere(rig, run=8)
-
     monkeypatch.setattr(rig.parts.jobs, "end", flaky)
-    rig.steps.sleep = sleep
+    recorded_elsewhere_while_waiting(rig)
     await rig.steps.trigger("j", "j:1")
     rec = await rig.parts.row("j")
     assert (rec.state, rec.external) == ("failed", {"run": 8})
@@ -1284,15 +1290,7 @@ async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(
     a run. The job was failed by its trigger, so the finish stops that run."""
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
-    end = rig.parts.jobs.end
-
-    async def crash(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("the process died here")
-
-    monkeypatch.setattr(rig.parts.jobs, "end", crash)
-    with pytest.raises(RuntimeError):
-        await rig.steps.trigger("j", "j:1")
-    monkeypatch.setattr(rig.parts.jobs, "end", end)
+    await trigger_dying_in(rig, monkeypatch, "end")
     await rig.steps.trigger("j", "j:1")  # the replay
     value = (await rig.parts.promise("j")).value.data
     await rig.steps.finish("j", value, 1)

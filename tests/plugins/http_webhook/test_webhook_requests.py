@@ -38,6 +38,7 @@ from plugins.http_webhook import (
     credentials_from_env,
     tether_backends,
 )
+from tests.conftest import aiohttp_serving
 
 CALLBACK = "http://tether.test/callbacks/j%3A1?token=secret-token"
 
@@ -120,17 +121,10 @@ class Server:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     srv = Server()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", srv.handle)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    srv.base = f"http://127.0.0.1:{port}"
-    yield srv
-    srv.release.set()
-    await runner.cleanup()
+    async with aiohttp_serving(srv.handle) as port:
+        srv.base = f"http://127.0.0.1:{port}"
+        yield srv
+        srv.release.set()
 
 
 @pytest.fixture
