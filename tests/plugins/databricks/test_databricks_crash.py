@@ -38,8 +38,11 @@ def test_a_kill_after_run_now_before_its_record_still_makes_one_run(
             job = wait_for(client, "crash", "running", recorded=True)
             assert job["external"]["run_id"] == run.run_id
             calls = workspace.calls(RUN_NOW)
-            assert len(calls) == 2
-            assert calls[0].body["idempotency_token"] == calls[1].body["idempotency_token"]
+            # the killed try's and the replay's; one more where the replay's
+            # answer came late on a loaded machine and the SDK asked again
+            # (once in a CI run at -n 3): the same key each time, one run
+            assert len(calls) >= 2
+            assert len({call.body["idempotency_token"] for call in calls}) == 1
             assert len(workspace.runs) == 1
 
             workspace.end(run.run_id, "SUCCESS")
