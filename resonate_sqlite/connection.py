@@ -545,6 +545,23 @@ class SqliteConnection:
             self._flush_handle = loop.call_soon(self._flush)
         return await fut
 
+    def request_in(
+        self, db: sqlite3.Connection, kind: str, data: dict[str, Any]
+    ) -> tuple[int, Any, list[str]]:
+        """Answer one protocol request inside the transaction an
+        :meth:`atomic` ``fn`` runs in (``db``, the one it was handed): its
+        writes are ``fn``'s, committed with the host's own or rolled back
+        with them when ``fn`` raises. Returns the status, the answer's data
+        (the reason, for a status >= 400) and the messages it made, for
+        :meth:`deliver` from ``fn``'s ``after`` (once committed)."""
+        return self._engine.request_in(db, kind, data)
+
+    def deliver(self, msgs: list[str]) -> None:
+        """Hand the messages of committed :meth:`request_in` calls to this
+        process's receivers."""
+        if msgs:
+            self._deliver_soon(msgs)
+
     def _close_when_idle(self) -> None:
         """After ``stop``, a late request reopened the file: close it again
         once nothing has been sent for a second."""

@@ -490,6 +490,33 @@ class Engine(Transitions):
             answers.append(answer)
         return answers
 
+    def request_in(
+        self, db: sqlite3.Connection, kind: str, data: dict[str, Any]
+    ) -> tuple[int, Any, list[str]]:
+        """Answer one protocol request inside a transaction already open on
+        ``db``: a batch's extra (:meth:`run_batch`), so that the host's own
+        writes and protocol requests commit together, or not at all (the
+        extra raises: its savepoint takes both back). Returns the status, the
+        answer's data (the reason for a status >= 400, as a refusal's) and
+        the messages it made for in-process delivery, which the caller hands
+        on only once the transaction committed. A refused request is rolled
+        back alone, as in a batch."""
+        handler = HANDLERS.get(kind)
+        if handler is None:
+            return 501, f"unknown request kind {kind!r}", []
+        saved, self._out = self._out, []
+        db.execute("SAVEPOINT q")
+        try:
+            status, answer = handler(self, db, self.clock(), data)
+        except Refusal as exc:
+            status, answer = exc.status, exc.reason
+            self._out = []
+            db.execute("ROLLBACK TO q")
+        finally:
+            msgs, self._out = self._out, saved
+        db.execute("RELEASE q")
+        return status, answer, msgs
+
     def _run(self, db: sqlite3.Connection, req: _Request) -> tuple[Answer, bool]:
         """Run one request; also whether it was refused (to be rolled back)."""
         refused = False

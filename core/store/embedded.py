@@ -112,6 +112,12 @@ class SqliteIndex(SqlJobIndex):
 
     db: SqliteDriver
 
+    @property
+    def settles_together(self) -> bool:  # type: ignore[override]
+        """On the store engine's own connection (the service's), the
+        index's writes run in the engine's transactions."""
+        return self.db.shared
+
     async def ping(self) -> None:
         await self.db.check_writable()
 
@@ -148,6 +154,11 @@ class SqliteDriver:
         self.path = path
         self._shared = shared
         self._conn: sqlite3.Connection | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether it runs on the store engine's connection."""
+        return self._shared is not None
 
     def _connected(self) -> sqlite3.Connection:
         conn = self._connect()
@@ -262,8 +273,20 @@ class SqliteDriver:
             if after is not None:
                 after(result)
             return result
+        shared = self._shared
+        sessions: list[_Inline] = []
+
+        def run(db: sqlite3.Connection) -> T:
+            sessions.append(inline := _Inline(db, shared))
+            return _to_the_end(body(inline))
+
+        def committed(result: T) -> None:
+            shared.deliver(sessions[-1].msgs)  # an `_Inline.request`'s messages
+            if after is not None:
+                after(result)
+
         try:
-            return await self._shared.atomic(lambda db: _to_the_end(body(_Inline(db))), after)
+            return await shared.atomic(run, committed)
         except SqliteStoreError as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
@@ -277,10 +300,24 @@ class SqliteDriver:
 
 class _Inline:
     """The statements of a body `SqliteDriver.atomic` runs inside the store
-    engine's transaction: run at once (the write lock is held)."""
+    engine's transaction: run at once (the write lock is held). Protocol
+    requests too (`request`: `core.store.jobs.Requests`), which commit with
+    them or not at all."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, shared: SqliteConnection) -> None:
         self._db = db
+        self._shared = shared
+        self.msgs: list[str] = []
+        """What its requests have for this process's receivers, handed on
+        once committed."""
+
+    def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            status, answer, msgs = self._shared.request_in(self._db, kind, data)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+        self.msgs += msgs
+        return status, answer
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:

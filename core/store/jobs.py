@@ -13,7 +13,7 @@ so a replayed step records nothing twice (docs/architecture.md, "Job history").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -138,6 +138,28 @@ Listener = Callable[[JobRecord, Event], None]
 recorded it, with the job's row as that transaction left it."""
 
 
+class Requests(Protocol):
+    """A transaction of the job index that also answers Resonate protocol
+    requests (the embedded store's: its promises and the index share a
+    file, `JobIndex.settles_together`)."""
+
+    def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+        """The status and the answer's data (the reason, for a status >=
+        400) of one protocol request, made inside the transaction."""
+        ...
+
+
+Together = Callable[[Requests], Awaitable[None]]
+"""Protocol requests an index write makes in its own transaction
+(`JobIndex.end`'s `together`). It raises `NotTogether` when the store is not
+as it needs: nothing of the write is then committed."""
+
+
+class NotTogether(Exception):
+    """A write's protocol requests (`Together`) found the store not as they
+    need it, or the write itself changed nothing: it was rolled back whole."""
+
+
 class JobIndex(Protocol):
     """What the service needs of a job index. The implementation: SQL
     (`core.store.sql`) on SQLite and Postgres."""
@@ -152,6 +174,12 @@ class JobIndex(Protocol):
     """The completion notification's body for the attempt a row ended."""
     on_ready: Callable[[list[JobRecord]], None] | None
     """Told of the queued jobs a write moved to `pending`, after it committed."""
+
+    @property
+    def settles_together(self) -> bool:
+        """Whether `end` can make protocol requests in its own transaction
+        (`together`): the embedded store, whose promises share the file."""
+        ...
 
     async def promote(self, backend: str, now: int) -> list[JobRecord]:
         """Move queued jobs of `backend` to `pending` while it has free slots."""
@@ -278,12 +306,16 @@ class JobIndex(Protocol):
         events: Sequence[NewEvent] = (),
         attempt: int | None = None,
         stop_due: int | None = None,
+        together: Together | None = None,
     ) -> tuple[JobRecord | None, bool]:
         """`finish`, and whether this call ended the job: if it did, `events`
         then a `finished` event are recorded with the change. With
         `stop_due`, a job with a run recorded gets it as its `stop_due` in
         the same write, and its attempt as its `stop_attempt` (no workflow
-        will stop that run: see `claim_stop`)."""
+        will stop that run: see `claim_stop`). `together` (only where
+        `settles_together`): protocol requests made first in the same
+        transaction; `NotTogether` when they raise it, or when the job was
+        not open at `attempt`, and then nothing was written."""
         ...
 
     async def retry(

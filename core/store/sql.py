@@ -19,12 +19,22 @@ import hashlib
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import msgspec
 
 from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
-from core.store.jobs import Event, JobRecord, Listener, NewEvent, Notification, now_ms
+from core.store.jobs import (
+    Event,
+    JobRecord,
+    Listener,
+    NewEvent,
+    Notification,
+    NotTogether,
+    Requests,
+    Together,
+    now_ms,
+)
 from core.store.schema import EVENT_ROWS, JOB_ROWS, NOTIFICATION_ROWS, json_text
 
 HISTORY_LIMIT = 1000
@@ -161,6 +171,8 @@ class Written(NamedTuple):
 
 
 class SqlJobIndex:
+    settles_together = False
+
     def __init__(self, driver: Driver) -> None:
         self.db = driver
         self.on_event: Listener | None = None
@@ -609,6 +621,7 @@ class SqlJobIndex:
         events: Sequence[NewEvent] = (),
         attempt: int | None = None,
         stop_due: int | None = None,
+        together: Together | None = None,
     ) -> tuple[JobRecord | None, bool]:
         marks = ", ".join("?" for _ in from_states)
         of_attempt = "" if attempt is None else " AND attempt = ?"
@@ -622,6 +635,8 @@ class SqlJobIndex:
 
         async def body(tx: Session) -> Written:
             filed: list[Event] = []
+            if together is not None:
+                await together(cast(Requests, tx))
             if self.limits:  # the backend's turn before the job's row: one lock order
                 current = await tx.fetch("SELECT backend FROM tether_jobs WHERE id = ?", (job_id,))
                 if current and current[0][0] in self.limits:
@@ -651,6 +666,8 @@ class SqlJobIndex:
                     await self._post(tx, ended, now)
                 if ended.backend in self.limits:
                     promoted = await self._promote(tx, ended.backend, now)
+            elif together is not None:
+                raise NotTogether(f"job {job_id!r} was not open at attempt {attempt}")
             else:
                 rows = await tx.fetch(_SELECT, (job_id,))
             return Written(rows, filed, promoted)
