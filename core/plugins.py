@@ -220,6 +220,11 @@ class Plugins:
             ) from None
         return converted
 
+    @property
+    def told_of_finish(self) -> bool:
+        """Whether any plugin implements `tether_job_finished`."""
+        return bool(self._job_finished)
+
     def job_finished(self, job: Job) -> None:
         """Tell every plugin; one that raises is logged and does not stop the others."""
         for plugin_name, call in self._job_finished:

@@ -166,6 +166,7 @@ class Tether:
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
         self._settler.on_orphan = steps.finish_orphan
         self._settler.spawn = self._spawn_stop
+        self._settler.finishes_alone = steps.finishes_alone
         self._settler.stop_lease_ms = steps.stop_lease_ms()
         workflow.register(r, steps)
         self.events.attempt_running = functools.partial(workflow.attempt_running, r)

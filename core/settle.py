@@ -39,7 +39,15 @@ from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
-from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
+from core.store.jobs import (
+    Event,
+    JobIndex,
+    JobRecord,
+    NewEvent,
+    NotTogether,
+    Requests,
+    now_ms,
+)
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.workflow import callback_promise_id, root_promise_id
 
@@ -216,6 +224,13 @@ class Settler:
         """The lease on the stop of such a job's run (`stop_due`: this
         process's, renewed while the stop runs, `core.lease`), from the write
         that ends the job: `JobSteps.stop_lease_ms`, wired by the service."""
+        self.finishes_alone: Callable[[str, dict[str, Any]], bool] | None = None
+        """Whether a job ended `state` by a settle of that value needs nothing
+        of its workflow's finish but the index write: no run to stop, no
+        plugin to tell (`JobSteps.finishes_alone`, wired by the service).
+        On a store that `settles_together` such a settle then ends the
+        workflow too, in the transaction that ends the job
+        (`_finish_together`). None: never."""
         self.spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None
         """Runs a durable such finish (its stop recorded as due, `stop_due`) in
         a task the service owns (`Tether._spawn_stop`: cancelled as it stops,
@@ -268,6 +283,13 @@ class Settler:
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)
         value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
+        if self.jobs.settles_together and not (
+            seen is not None and seen.attempt == attempt and seen.finished
+        ):
+            alone = self.finishes_alone is not None and self.finishes_alone(outcome.status, value)
+            rec = await self._settle_together(job_id, attempt, outcome, value, note, alone)
+            if rec is not None:
+                return "accepted", rec
         for _ in range(UNBORN_PROMISE_TRIES):
             try:
                 record = await store_call(
@@ -326,6 +348,71 @@ class Settler:
         if ended and orphan:
             await self._orphaned(rec, wait_stop)
         return result, rec
+
+    async def _settle_together(
+        self,
+        job_id: str,
+        attempt: int,
+        outcome: Outcome,
+        value: dict[str, Any],
+        note: Note | None,
+        alone: bool,
+    ) -> JobRecord | None:
+        """Settle the callback promise with `value` and end the job in one
+        transaction, when the promise is pending and the job open at
+        `attempt` (a settle that wins, in the common case): the end written
+        as `_end` writes a winner's (the note's event, then `finished`).
+        With `alone` (`finishes_alone`: its finish would do nothing more),
+        and its workflow waiting (its task suspended on that promise), the
+        workflow is ended too: its root promise settled with what it would
+        return (the same value), so it never runs again. That saves a
+        resume (the task's acquire, a replay, its fulfill) and the wait for
+        it. A workflow still running (its trigger: the callback came
+        quickly) finishes the job itself, as always. None, with nothing
+        written, when the promise or the job is not so (an unborn promise,
+        another settle first, a retry): the caller settles step by step."""
+        root, promise_id = root_promise_id(job_id, attempt), callback_promise_id(job_id, attempt)
+        encoded = msgspec.to_builtins(self.resonate.promises.codec.encode(value))
+
+        def settle(tx: Requests, pid: str) -> None:
+            status, _ = tx.request(
+                "promise.settle", {"id": pid, "state": "resolved", "value": encoded}
+            )
+            if status != 200:
+                raise NotTogether(f"{pid!r} was not settled ({status})")
+
+        workflow_ended = False
+
+        async def settle_together(tx: Requests) -> None:
+            nonlocal workflow_ended
+            status, answer = tx.request("promise.get", {"id": promise_id})
+            if status != 200 or answer["promise"]["state"] != "pending":
+                raise NotTogether(f"{promise_id!r} is not pending")
+            workflow_ended = False  # (a batch the store retried runs this again)
+            if alone:
+                status, answer = tx.request("task.get", {"id": root})
+                if status == 200 and answer["task"]["state"] == "suspended":
+                    settle(tx, root)  # first: its callback on the promise goes with it
+                    workflow_ended = True
+            settle(tx, promise_id)
+
+        event = None if note is None else note("accepted")
+        try:
+            rec, _ = await store_call(
+                self.jobs.end(
+                    job_id,
+                    outcome,
+                    now_ms(),
+                    events=[] if event is None else [event],
+                    attempt=attempt,
+                    together=settle_together,
+                )
+            )
+        except NotTogether:
+            return None
+        if workflow_ended and rec is not None:  # its finish's, which will not run
+            log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
+        return rec
 
     async def _workflow_alive(self, job_id: str, attempt: int) -> bool:
         """Whether the workflow of that attempt of job `job_id` (its root

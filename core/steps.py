@@ -582,6 +582,13 @@ class JobSteps:
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
 
+    def finishes_alone(self, state: str, value: Any) -> bool:
+        """Whether `finish` would do nothing but the index write for an
+        attempt ended `state`, its callback promise settled with `value`:
+        no run to stop (`stopped_with`) and no plugin to tell. A settle that
+        ends such a job ends its workflow too (`Settler.finishes_alone`)."""
+        return not stopped_with(state, value) and not self.plugins.told_of_finish
+
     def stop_within(self) -> float:
         """Seconds a finish that stops a run takes at most (a backend's
         `retry_after` longer than the backoff aside): every try's

@@ -76,6 +76,13 @@ class Parts:
             callback_promise_id(job_id), now_ms() + timeout_ms, Value(data=None), {}
         )
 
+    def step_by_step(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """From now on a settle resolves the promise, then writes the index,
+        as on a store whose index cannot settle promises in its own
+        transactions (Postgres, a Resonate server's): the embedded store's
+        settle does both in one (`Settler._settle_together`)."""
+        monkeypatch.setattr(type(self.jobs), "settles_together", False)
+
     def ended_as_it_settles(
         self,
         monkeypatch: pytest.MonkeyPatch,
@@ -86,7 +93,9 @@ class Parts:
         """From now on, between a settle's resolve of a job's promise and its
         own index write, the job is ended (attempt 1): from the settle's
         value (its note filed with the end, `noted`, as the workflow's
-        finish files it), or not; then `after` is filed."""
+        finish files it), or not; then `after` is filed. Step by step
+        (`step_by_step`): in one transaction nothing comes between."""
+        self.step_by_step(monkeypatch)
         promises = self.resonate.promises
         resolve = promises.resolve
 

@@ -51,9 +51,16 @@ def call_note(verdict: str) -> NewEvent:
     return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
 
 
-@pytest.fixture
-async def parts() -> AsyncIterator[Parts]:
+@pytest.fixture(params=["together", "step by step"])
+async def parts(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Parts]:
+    """The embedded store's parts; each test runs twice: with a settle that
+    wins settling the promise and ending the job in one transaction (the
+    embedded store's), and step by step (other stores')."""
     async with open_parts() as p:
+        if request.param == "step by step":
+            p.step_by_step(monkeypatch)
         yield p
 
 
@@ -323,6 +330,57 @@ async def test_resolve_quietly_settles_with_the_outcome_and_first_settle_wins(pa
     assert (await parts.row("j")).state == "running"  # the index is the caller's business
 
 
+# ── one transaction: the embedded store ──────────────────────────────────────
+
+
+async def together_only(parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's own settle request fails from now on (`StoreUnavailable`, a
+    503): a settle that comes through used the index's transaction."""
+    if not parts.jobs.settles_together:
+        pytest.skip("step by step: the settle is the SDK's request")
+
+    async def refused(promise_id: str, value: Value) -> Any:
+        raise ConnectorError("the settle was not to be asked on its own")
+
+    monkeypatch.setattr(parts.resonate.promises, "resolve", refused)
+
+
+async def test_a_winning_settle_settles_the_promise_and_ends_the_job_in_one_transaction(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await together_only(parts, monkeypatch)
+
+    result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
+
+    assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
+    promise = await parts.promise("j")
+    assert (promise.state, promise.value.data["by"]) == ("resolved", "callback")
+    assert promise.value.data["note"] == {"type": "callback", "data": call_note("accepted").data}
+    assert [t for t, _ in await types_and_results(parts)][-2:] == ["callback", "finished"]
+    assert await parts.row("j") == rec
+
+
+async def test_a_settle_of_a_job_ended_in_the_index_alone_keeps_nothing_of_its_transaction(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The job was ended in the index while its promise is pending (a cancel
+    of the unborn promise, whose trigger settles it): the transaction that
+    settled the promise finds no open row to end, and takes the settle back;
+    the settle goes on step by step (here refused: the promise stays pending)."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    ended, _ = await parts.jobs.end("j", CANCELED, now_ms(), attempt=1)
+    await together_only(parts, monkeypatch)
+
+    with pytest.raises(StoreUnavailable):
+        await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
+
+    assert (await parts.promise("j")).state == "pending"
+    assert await parts.row("j") == ended
+
+
 # ── the unborn promise: the workflow has not created it yet ──────────────────
 
 
@@ -417,6 +475,7 @@ async def test_the_unborn_promise_is_looked_for_the_set_number_of_times(parts: P
         asked.append(promise_id)
         return await resolve(promise_id, value)
 
+    parts.step_by_step(monkeypatch)  # (together, a transaction that rolls back first)
     monkeypatch.setattr(parts.resonate.promises, "resolve", counting)
     with pytest.raises(StoreUnavailable):
         await parts.settler.settle("j", DONE, by="callback")
@@ -559,6 +618,7 @@ async def test_the_look_for_a_winners_note_reads_no_more_than_the_history_keeps(
         reads.append((first, limit))
         return await events_after(job_id, first, limit)
 
+    parts.step_by_step(monkeypatch)
     monkeypatch.setattr(promises, "resolve", then_end)
     monkeypatch.setattr(parts.jobs, "events_after", counted)
     result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
@@ -615,6 +675,7 @@ async def test_the_look_for_a_winners_note_overtaken_by_the_historys_trimming_st
             await parts.jobs.record("j", AFTER_THE_END[:5], now_ms())
         return await events_after(job_id, first, limit)
 
+    parts.step_by_step(monkeypatch)
     monkeypatch.setattr(promises, "resolve", then_end)
     monkeypatch.setattr(parts.jobs, "events_after", overtaking)
     result, rec = await parts.settler.settle("j", DONE, by="callback", note=call_note, attempt=1)
@@ -658,6 +719,7 @@ async def test_a_winners_note_is_looked_for_only_in_the_write_that_ended_its_att
         await parts.jobs.end(job_id, DONE, at, attempt=attempt)
         return record
 
+    parts.step_by_step(monkeypatch)
     monkeypatch.setattr(promises, "resolve", then_end)
     for job_id, attempt in (("j", 1), ("k", 2)):
         said: list[str] = []

@@ -112,8 +112,10 @@ def test_a_job_waiting_under_an_earlier_version_finishes_on_today_s_after_a_sigk
                 assert (answer.status_code, answer.json()["outcome"]) == (200, "accepted")
                 assert wait_for(client, job_id, "succeeded")["result"] == job_id
             wait_until(lambda: promise_state(db, "old") == promise_state(db, "new") == "resolved")
-            # Version 2's finish was its third durable op; versions 3 and 4 have none.
-            assert promise_state(db, "old:3") == ("resolved" if version == 2 else None)
+            # The callbacks ended the workflows in their own transactions
+            # (nothing else to finish): version 2's finish step, its third
+            # durable op, was never made (test_workflow_versions runs it).
+            assert promise_state(db, "old:3") is None
             assert (promise_state(db, "new:2"), promise_state(db, "new:3")) == (None, None)
             wait_until(lambda: finished_lines(second, "old") == 1, holds=HOLD)
             assert (finished_events(client, "old"), finished_events(client, "new")) == (1, 1)

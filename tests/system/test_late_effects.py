@@ -4,6 +4,7 @@ ended it (docs/operations.md, "Job history")."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 import core.settle
 from core.store.embedded import sqlite_path
+from tests.conftest import HOLD, Finished
 
 LATE = "may have taken effect"
 
@@ -53,7 +55,10 @@ def patience(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_a_callback_the_store_took_after_a_503_is_in_the_history(
     start_service, receiver, tmp_path, patience
 ):
-    svc = await start_service(store=f"sqlite:///{tmp_path}/late.db")
+    # A plugin told of finishes: the callback settles the promise and the
+    # workflow finishes the job (a settle that ends the workflow in its own
+    # transaction is not run once its caller gave up: the next test).
+    svc = await start_service(store=f"sqlite:///{tmp_path}/late.db", plugins=[Finished()])
     url = await _waiting(svc, receiver, "late")
     path = url.removeprefix(svc.settings.base_url)
     body = b'{"status": "succeeded", "result": {"rows": 42}}'
@@ -74,6 +79,30 @@ async def test_a_callback_the_store_took_after_a_503_is_in_the_history(
     assert again.json()["outcome"] == "duplicate"
     verdicts = [d["verdict"] for t, d in await _events(svc, "late") if t == "callback"]
     assert verdicts == ["accepted", "duplicate"]
+
+
+async def test_a_callback_that_ends_its_workflow_too_is_not_run_after_its_503(
+    start_service, receiver, tmp_path, patience
+):
+    # Nothing to finish but the index write (no plugin told of finishes):
+    # the callback ends the job and its workflow in one transaction, which
+    # the store does not run once the caller stopped waiting for it. The 503
+    # says it may have taken effect; it did not, and the repeat ends the job.
+    svc = await start_service(store=f"sqlite:///{tmp_path}/late.db")
+    url = await _waiting(svc, receiver, "late")
+    path = url.removeprefix(svc.settings.base_url)
+    body = b'{"status": "succeeded", "result": {"rows": 42}}'
+    await _late(svc, lambda: svc.client.post(path, content=body, timeout=30))
+
+    await asyncio.sleep(HOLD)  # the lock let go: nothing runs late
+    assert (await svc.client.get("/jobs/late")).json()["state"] == "running"
+    assert "callback" not in [t for t, _ in await _events(svc, "late")]
+    again = await svc.client.post(path, content=body)
+    assert again.json()["outcome"] == "accepted"
+    assert (await svc.client.get("/jobs/late")).json()["result"] == {"rows": 42}
+    events = await _events(svc, "late")
+    assert [t for t, _ in events][-2:] == ["callback", "finished"], events
+    assert (await svc.tether.resonate.promises.get("late")).state == "resolved"
 
 
 async def test_a_cancel_the_store_took_after_a_503_is_in_the_history(

@@ -46,9 +46,11 @@ def run_batch(self, reqs, extras):
 
 
 engine.Engine.run_batch = run_batch
-from core import workflow
+from core import steps, workflow
 
 workflow.VERSION = int(os.environ["PRELOAD_TEST_VERSION"])
+if os.environ.get("PRELOAD_TEST_RESUME"):  # the workflow finishes every job
+    steps.JobSteps.finishes_alone = lambda self, state, value: False
 """
 
 
@@ -103,7 +105,9 @@ def test_a_resumed_workflow_takes_its_settled_step_from_the_preload(
     """Two jobs: one resumed by a callback after it suspended (task.acquire's
     preload), one whose callback lands inside its trigger, before it suspends
     (task.suspend's 300 and its preload: the body runs again on the same
-    lease, task version 1)."""
+    lease, task version 1). The workflow finishes both jobs (as it does when
+    a run is to be stopped or a plugin told of finishes): a callback does not
+    end it in its own transaction (the next test)."""
 
     def respond(hit: Hit) -> tuple[int, Any]:
         if hit.path == "/hook" and hit.body["job_id"] == "early":
@@ -122,6 +126,7 @@ def test_a_resumed_workflow_takes_its_settled_step_from_the_preload(
         "TETHER_STORE": f"sqlite:///{db}",
         "PRELOAD_TEST_REQUESTS": str(log),
         "PRELOAD_TEST_VERSION": str(version),
+        "PRELOAD_TEST_RESUME": "1",
     }
     service = Recorded(tmp_path, env).start()
     try:
@@ -161,3 +166,52 @@ def test_a_resumed_workflow_takes_its_settled_step_from_the_preload(
     # settles the promise from the row, as every version did.)
     settles = [kind for kind, _ in requests(log, "late") if kind == "promise.settle"]
     assert settles == ["promise.settle"], requests(log, "late")
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_a_callback_to_a_waiting_workflow_ends_it_without_a_resume(
+    tmp_path: Path, receiver: Receiver, version: int
+) -> None:
+    """Nothing to finish but the index write (no run to stop, no plugin told
+    of finishes): the callback settles the callback promise and the root
+    promise and ends the job in one transaction, under any version. The
+    workflow is never acquired again: no request about it after it
+    suspended, its task at version 1, no finish step (version 2's "{root}:3")."""
+    db, log = tmp_path / "tether.db", tmp_path / "requests.jsonl"
+    env = {
+        "TETHER_STORE": f"sqlite:///{db}",
+        "PRELOAD_TEST_REQUESTS": str(log),
+        "PRELOAD_TEST_VERSION": str(version),
+    }
+    service = Recorded(tmp_path, env).start()
+    try:
+        with service.client() as client:
+            body = {"id": "one", "backend": "http_webhook", "params": {"url": receiver.url()}}
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "one", "running", recorded=True)
+            wait_until(lambda: ["task.suspend", None] in requests(log, "one"))
+            suspended = len(requests(log, "one"))
+            answer = httpx.post(
+                callback_of(receiver, "one"),
+                json={"status": "succeeded", "result": "one"},
+                trust_env=False,
+                timeout=10,
+            )
+            assert (answer.status_code, answer.json()["outcome"]) == (200, "accepted")
+            # ended with the answer: the job, its callback promise and its root
+            assert client.get("/jobs/one").json()["result"] == "one"
+            assert (promise_state(db, "one:1"), promise_state(db, "one")) == ("resolved",) * 2
+            wait_until(lambda: len(requests(log, "one")) == suspended, holds=1.0)
+            events = client.get("/jobs/one/events").json()["items"]
+            assert [e["type"] for e in events][-2:] == ["callback", "finished"]
+    finally:
+        service.kill()
+    assert requests(log, "one")[-1] == ["task.suspend", None]
+    assert task_version(db, "one") == 1
+    assert promise_state(db, "one:3") is None
+    with sqlite3.connect(db) as conn:
+        (root,) = conn.execute("SELECT value FROM r_promises WHERE id = 'one'").fetchone()
+        (waited,) = conn.execute("SELECT value FROM r_promises WHERE id = 'one:1'").fetchone()
+    conn.close()
+    assert root == waited  # what the workflow returns: the value it waited for
+    assert "one finished: succeeded" in service.log.read_text()
