@@ -11,6 +11,8 @@ job(job_id, deadline, attempt)                root promise "{job_id}" (attempt 1
   steps.finish(job_id, outcome, N)            record it; backend cancel on cancel/timeout
   return outcome                              the root promise is resolved
 ```
+(or the settle that ends a waiting job resolves the root promise itself,
+with `p`, in its own transaction, when the finish has nothing to do: below)
 
 Whoever ends a job settles `p` with an outcome Tether builds (see
 `core.settle`): the callback endpoint, cancel, the watchdog (timeout, status
@@ -35,6 +37,19 @@ that needs no durable record of its own (version 4):
   finishes again (at least once, as `cancel` and `tether_job_finished` always
   were; the conditional write records one `finished`). Versions 1 and 2 ran
   it as a durable step ("{root}:3").
+
+- **A settle may end the workflow itself** (the embedded store only:
+  `core.settle.Settler._settle_together`). A settle that wins settles `p`
+  and ends the job in the index in one transaction; when the finish would
+  do nothing more (no run to stop, no plugin implementing
+  `tether_job_finished`: `JobSteps.finishes_alone`) and the workflow waits
+  (its task suspended on `p`), the same transaction settles the root
+  promise with what the body would return (`p`'s value) first, so the
+  workflow never runs again: no acquire, no replay, no fulfill. Any
+  version: the durable ops of versions 1 and 2 after the wait (their finish
+  step) are then never made. A workflow still running (its trigger, when
+  the callback came quickly) or whose finish has work to do resumes as
+  always.
 
 Neither may raise into the SDK, which would reject the root promise for good:
 each is tried again until it succeeds (`until_done`), the task's lease kept.

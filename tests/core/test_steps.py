@@ -1118,6 +1118,7 @@ async def test_a_trigger_failure_whose_record_failed_is_recorded_again_not_trigg
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
     locked = StoreUnavailable("database is locked")
+    rig.parts.step_by_step(monkeypatch)  # (in one transaction the promise fails with the write)
     monkeypatch.setattr(rig.parts.jobs, "end", failing_first(rig.parts.jobs.end, locked))
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1")
@@ -1272,6 +1273,7 @@ async def test_a_trigger_failure_whose_settle_was_applied_stands_though_a_run_wa
     unanswered = StoreUnavailable("the store did not answer: TimeoutError")
     flaky = failing_first(rig.parts.jobs.end, unanswered)
 
+    rig.parts.step_by_step(monkeypatch)  # (in one transaction the promise fails with the write)
     monkeypatch.setattr(rig.parts.jobs, "end", flaky)
     recorded_elsewhere_while_waiting(rig)
     await rig.steps.trigger("j", "j:1")
@@ -1287,9 +1289,12 @@ async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(
     """The process died between the settle that failed the job (its promise
     resolved) and that settle's index write: the trigger, run again by the
     process that took the workflow over, finds the row `pending` and starts
-    a run. The job was failed by its trigger, so the finish stops that run."""
+    a run. The job was failed by its trigger, so the finish stops that run.
+    Step by step (other stores than the embedded one, whose settle is one
+    transaction)."""
     await start(rig)
     rig.backend.answers = [BackendError("no", code="http_400")]
+    rig.parts.step_by_step(monkeypatch)
     await trigger_dying_in(rig, monkeypatch, "end")
     await rig.steps.trigger("j", "j:1")  # the replay
     value = (await rig.parts.promise("j")).value.data
