@@ -6,6 +6,7 @@ ended in the index alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -379,6 +380,119 @@ async def test_a_settle_of_a_job_ended_in_the_index_alone_keeps_nothing_of_its_t
 
     assert (await parts.promise("j")).state == "pending"
     assert await parts.row("j") == ended
+
+
+async def protocol(parts: Parts, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+    """One protocol request to the embedded store, as the SDK sends it."""
+    req = {"kind": kind, "head": {"corrId": "t", "version": "v"}, "data": data}
+    answer = json.loads(await parts.store.connection.send(json.dumps(req)))  # type: ignore[attr-defined]
+    return answer["head"]["status"], answer["data"]
+
+
+async def waiting_workflow(
+    parts: Parts, job_id: str, attempt: int = 1, suspend: bool = True
+) -> str:
+    """Attempt `attempt` of `job_id`'s workflow as a worker leaves it: its
+    root promise with a task (sent to a group nobody serves), acquired, its
+    callback promise made, then (`suspend`) suspended on it. Returns the
+    root's id."""
+    root = root_promise_id(job_id, attempt)
+    tags = {"resonate:target": "poll://any@nobody", "resonate:scope": "global"}
+    await parts.resonate.promises.create(root, now_ms() + 60_000, Value(data={"w": 1}), tags)
+    status, _ = await protocol(
+        parts, "task.acquire", {"id": root, "version": 0, "pid": "w", "ttl": 60_000}
+    )
+    assert status == 200
+    await parts.resonate.promises.create(
+        callback_promise_id(job_id, attempt), now_ms() + 60_000, Value(data=None), {}
+    )
+    if suspend:
+        awaited = {"awaited": callback_promise_id(job_id, attempt), "awaiter": root}
+        action = {"kind": "promise.register_callback", "data": awaited}
+        status, _ = await protocol(
+            parts, "task.suspend", {"id": root, "version": 1, "actions": [action]}
+        )
+        assert status == 200
+    return root
+
+
+async def task_state(parts: Parts, root: str) -> str:
+    status, answer = await protocol(parts, "task.get", {"id": root})
+    assert status == 200
+    return str(answer["task"]["state"])
+
+
+@pytest.mark.parametrize("attempt", [1, 2])
+async def test_a_settle_ends_a_waiting_workflow_with_nothing_to_finish_in_its_transaction(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, attempt: int
+):
+    if not parts.jobs.settles_together:
+        pytest.skip("step by step: the workflow finishes the job")
+    await parts.add_job("j", state="running")
+    if attempt == 2:
+        await parts.jobs.end("j", FAILED, now_ms(), attempt=1)
+        again = NewEvent("retried", {"previous": {"state": "failed"}})
+        assert await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    root = await waiting_workflow(parts, "j", attempt)
+    asked: list[tuple[str, Any]] = []
+
+    def alone(state: str, value: Any) -> bool:
+        asked.append((state, value["by"]))
+        return True
+
+    parts.settler.finishes_alone = alone
+    with logs_of("tether") as logs:
+        result, rec = await parts.settler.settle(
+            "j", DONE, by="callback", note=call_note, attempt=attempt
+        )
+
+    assert (result, rec.state, rec.attempt) == ("accepted", "succeeded", attempt)
+    assert asked == [("succeeded", "callback")]
+    promises = parts.resonate.promises
+    waited = await promises.get(callback_promise_id("j", attempt))
+    returned = await promises.get(root)
+    assert (waited.state, returned.state) == ("resolved", "resolved")
+    assert returned.value.data == waited.value.data  # what the workflow returns
+    assert await task_state(parts, root) == "fulfilled"
+    assert logs.fields() == [("job j finished: succeeded", "j", None)]
+    assert [t for t, _ in await types_and_results(parts)][-2:] == ["callback", "finished"]
+
+
+@pytest.mark.parametrize("why", ["its finish has work", "it is not waiting"])
+async def test_a_workflow_with_a_finish_to_run_or_not_waiting_is_left_to_run(
+    parts: Parts, why: str
+):
+    """Its promise settled and the job ended all the same, in one transaction."""
+    await parts.add_job("j", state="running")
+    root = await waiting_workflow(parts, "j", suspend=why != "it is not waiting")
+    parts.settler.finishes_alone = lambda state, value: why != "its finish has work"
+    with logs_of("tether") as logs:
+        result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    assert (result, rec.state) == ("accepted", "succeeded")
+    assert (await parts.promise("j")).state == "resolved"
+    assert (await parts.resonate.promises.get(root)).state == "pending"
+    resumed = "pending" if why == "its finish has work" else "acquired"
+    assert await task_state(parts, root) == resumed  # the workflow finishes the job
+    assert logs.fields() == []
+
+
+async def test_a_late_settle_of_an_attempt_ended_alone_leaves_the_next_attempt_be(parts: Parts):
+    """Attempt 1 was ended in the index alone (its promise still pending, as
+    a cancel of its unborn promise leaves it) and retried: a settle of
+    attempt 1 settles its promise, and ends nothing of attempt 2."""
+    await parts.add_job("j")
+    await parts.add_promise("j")
+    await parts.jobs.end("j", CANCELED, now_ms(), attempt=1)
+    again = NewEvent("retried", {"previous": {"state": "canceled"}})
+    retried = await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    assert retried is not None
+
+    _, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    assert (rec.attempt, rec.state) == (2, "pending")
+    assert await parts.row("j") == retried
+    assert (await parts.promise("j")).state == "resolved"
 
 
 # ── the unborn promise: the workflow has not created it yet ──────────────────
