@@ -388,7 +388,8 @@ class Settler:
             status, answer = tx.request("promise.get", {"id": promise_id})
             if status != 200 or answer["promise"]["state"] != "pending":
                 raise NotTogether(f"{promise_id!r} is not pending")
-            workflow_ended = False  # (a batch the store retried runs this again)
+            # (again: a batch the store retried runs this again)
+            workflow_ended = False
             if alone:
                 status, answer = tx.request("task.get", {"id": root})
                 if status == 200 and answer["task"]["state"] == "suspended":

@@ -2300,3 +2300,34 @@ async def test_a_stop_cut_short_gives_its_lease_up(
     else:
         assert due > now_ms() + HOUR and logs.lines == []
     assert [t for t, _ in await history(rig)] == ["finished"]
+
+
+class BackendOnly:
+    """A plugin that offers a backend and is told of no finish."""
+
+    @hookimpl
+    def tether_backends(self) -> list[Backend]:
+        return [Scripted()]
+
+
+@pytest.mark.parametrize(
+    ("state", "by", "alone"),
+    [
+        ("succeeded", "callback", True),
+        ("failed", "callback", True),
+        ("failed", "check", True),
+        ("failed", "trigger", False),  # its run, if another process started one, is stopped
+        ("canceled", "cancel", False),
+        ("timed_out", "deadline", False),
+    ],
+)
+def test_a_finish_has_nothing_to_do_but_the_index_without_a_run_to_stop_or_plugin_to_tell(
+    rig: Rig, state: str, by: str, alone: bool
+):
+    """`finishes_alone`: a settle may then end the workflow itself
+    (`Settler._settle_together`)."""
+    quiet = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[BackendOnly()]))
+    steps = JobSteps(rig.parts.settings, quiet, rig.parts.jobs, SIGNER, rig.parts.settler)
+    value = {"status": state, "by": by}
+    assert steps.finishes_alone(state, value) is alone
+    assert rig.steps.finishes_alone(state, value) is False  # a plugin is told of finishes
