@@ -139,6 +139,15 @@ class JobSteps:
             tried = await self._trigger_with_retries(backend, rec, params, promise_id)
         except BackendError as exc:
             latest = await self.jobs.get(job_id)
+            if _another_job(rec, latest):
+                log.warning(
+                    "job %s: a stale trigger failed (%s) after the job was deleted and a new one"
+                    " created under its id; the new job is left as it is",
+                    job_id,
+                    exc.message,
+                    extra=rec.log_extra(promise_id),
+                )
+                return
             if latest is not None and latest.attempt == attempt and latest.external is not None:
                 # Triggered and recorded meanwhile by another process, which
                 # took this workflow over while this one stalled (its lease
@@ -189,6 +198,7 @@ class JobSteps:
             due,
             keys,
             attempt=attempt,
+            created_at=rec.created_at,
         )
         written = await self._until_written(rec, lambda: record(open_only=True))
         if written is None:
@@ -345,6 +355,14 @@ class JobSteps:
         failed may have been applied: then the job is failed, and the finish
         stops the run)."""
         latest = await store_call(self.jobs.get(rec.id))
+        if _another_job(rec, latest):
+            log.warning(
+                "job %s: a trigger's failure not yet recorded, and the job was deleted and a new"
+                " one created under its id meanwhile; the new job is left as it is",
+                rec.id,
+                extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
+            )
+            return True
         if latest is None or latest.attempt != rec.attempt or latest.external is None:
             return False
         promise_id = callback_promise_id(rec.id, rec.attempt)
@@ -394,9 +412,12 @@ class JobSteps:
         """The job's row now, read again while the store fails: a read that
         raised would have the trigger's replay find the attempt over and
         leave the run it got going for good."""
-        return await self._until_stored(
-            rec, "reading its job", lambda: store_call(self.jobs.get(rec.id))
-        )
+
+        async def read() -> JobRecord | None:
+            now = await store_call(self.jobs.get(rec.id))
+            return None if _another_job(rec, now) else now
+
+        return await self._until_stored(rec, "reading its job", read)
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,
@@ -516,6 +537,8 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
             now = await self.jobs.get(rec.id)
+            if _another_job(rec, now):
+                return None
             if now is None or now.finished or now.attempt != rec.attempt:
                 return now
             if now.external is not None:
@@ -550,7 +573,9 @@ class JobSteps:
         trigger while another ended the job or triggered it): a finished
         attempt's history ends with it, and a triggered one's tries are over."""
         now = await self.jobs.get(rec.id)
-        if now is None or now.finished or now.attempt != rec.attempt or now.external is not None:
+        if now is None or _another_job(rec, now):
+            return
+        if now.finished or now.attempt != rec.attempt or now.external is not None:
             return
         data = {"try": attempt, "error": error, "retry_in": retry_in}
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
@@ -833,6 +858,15 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
         return None
+
+
+def _another_job(rec: JobRecord, now: JobRecord | None) -> bool:
+    """Whether `now`, the row under `rec`'s id, is another job than
+    `rec`'s: one created under the same id after retention deleted that
+    one (at least a day after it ended), while a trigger of it stalled (its
+    store failing for this process alone). Nothing of that trigger may land
+    on it: its run, its failure, its tries."""
+    return now is not None and now.created_at != rec.created_at
 
 
 def stopped_with(state: str, value: Any) -> bool:

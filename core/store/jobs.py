@@ -261,6 +261,7 @@ class JobIndex(Protocol):
         keys: Sequence[str] = (),
         open_only: bool = False,
         attempt: int | None = None,
+        created_at: int | None = None,
     ) -> JobRecord | None:
         """Record what the trigger returned; a `pending` job becomes `running`
         (a job that ended meanwhile keeps its state), its first heartbeat due
@@ -272,7 +273,10 @@ class JobIndex(Protocol):
         key another job had moves to this one). Returns the row; with
         `open_only`, writes only while the job is `pending` or `running`, and
         with `attempt` only while it is at that attempt (None otherwise: a
-        trigger that stalled past its lease never writes onto a later attempt)."""
+        trigger that stalled past its lease never writes onto a later attempt),
+        and with `created_at` only to the job created then (None otherwise:
+        nor onto a new job under the same id, made after retention deleted
+        the one it triggered)."""
         ...
 
     async def jobs_of_run_keys(

@@ -568,9 +568,12 @@ class SqlJobIndex:
         keys: Sequence[str] = (),
         open_only: bool = False,
         attempt: int | None = None,
+        created_at: int | None = None,
     ) -> JobRecord | None:
         which: tuple[Any, ...] = (job_id,) if attempt is None else (job_id, attempt)
         where = "WHERE id = ?" if attempt is None else "WHERE id = ? AND attempt = ?"
+        if created_at is not None:
+            which, where = (*which, created_at), f"{where} AND created_at = ?"
         args = (json_text(external), now, next_check_at, heartbeat_due, *which)
         if open_only:
             where = f"{where} AND state IN ('pending', 'running')"

@@ -1865,6 +1865,123 @@ async def test_a_row_deleted_between_tries_ends_the_trigger(rig: Rig):
     assert len(rig.backend.triggers) == 1
 
 
+async def made_anew(rig: Rig) -> JobRecord:
+    """Job j deleted (as retention deletes it, a day after it ended) and a
+    new job created under its id, while a trigger of the old one stalled."""
+    old = await rig.parts.row("j")
+    await rig.parts.jobs.db.execute("DELETE FROM tether_jobs WHERE id = 'j'", ())
+    return await rig.parts.add_job("j", created_at=old.created_at + 2 * 86_400_000)
+
+
+async def the_new_job_is_untouched(rig: Rig, new: JobRecord) -> None:
+    """Nothing of the old job's trigger landed on the new job: its row as it
+    was made, no history, its promise (the same id) pending."""
+    assert await rig.parts.row("j") == new
+    assert await history(rig) == []
+    assert (await rig.parts.promise("j")).state == "pending"
+
+
+async def test_a_stale_triggers_run_is_not_recorded_on_a_new_job_under_its_id(rig: Rig):
+    await start(rig)
+    made: list[JobRecord] = []
+
+    async def during(trigger: Trigger) -> None:
+        made.append(await made_anew(rig))
+
+    rig.backend.during = during
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    await the_new_job_is_untouched(rig, made[0])
+
+
+async def test_a_stale_triggers_failure_does_not_fail_a_new_job_under_its_id(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    made: list[JobRecord] = []
+
+    async def during(trigger: Trigger) -> None:
+        made.append(await made_anew(rig))
+
+    rig.backend.during = during
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    await the_new_job_is_untouched(rig, made[0])
+    assert logs.fields()[-1] == (
+        "job j: a stale trigger failed (no) after the job was deleted and a new one created"
+        " under its id; the new job is left as it is",
+        "j",
+        "j:1",
+    )
+
+
+async def test_a_stale_trigger_stops_between_tries_when_a_new_job_has_its_id(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+    made: list[JobRecord] = []
+
+    async def sleep(seconds: float) -> None:
+        if not made:
+            made.append(await made_anew(rig))
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    await the_new_job_is_untouched(rig, made[0])
+
+
+async def test_a_stale_triggers_last_try_is_not_filed_on_a_new_job_under_its_id(rig: Rig):
+    """The old job's row went between its last try's failure and its filing."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    made: list[JobRecord] = []
+    get = rig.parts.jobs.get
+
+    async def get_after_the_try(job_id: str) -> JobRecord | None:
+        if rig.backend.triggers and not made:
+            rig.parts.jobs.get = get  # type: ignore[method-assign]
+            made.append(await made_anew(rig))
+        return await get(job_id)
+
+    rig.parts.jobs.get = get_after_the_try  # type: ignore[method-assign]
+    await rig.steps.trigger("j", "j:1")
+
+    await the_new_job_is_untouched(rig, made[0])
+
+
+async def test_a_stale_trigger_failures_settle_again_gives_way_to_a_new_job_under_its_id(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The old job's failure was not settled (its store failing for this
+    process), and it was deleted and made anew while this process waited to
+    settle again: the failure is dropped, not settled on the new job."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    monkeypatch.setattr(
+        rig.parts.settler, "settle", failing_first(rig.parts.settler.settle, unanswered)
+    )
+    made: list[JobRecord] = []
+
+    async def sleep(seconds: float) -> None:
+        if not made:
+            made.append(await made_anew(rig))
+
+    rig.steps.sleep = sleep
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    await the_new_job_is_untouched(rig, made[0])
+    assert logs.fields()[-1] == (
+        "job j: a trigger's failure not yet recorded, and the job was deleted and a new one"
+        " created under its id meanwhile; the new job is left as it is",
+        "j",
+        "j:1",
+    )
+
+
 async def test_finish_of_an_attempt_that_is_over_does_nothing(rig: Rig):
     await rig.parts.add_job("j", state="running", external={"run": 1})
     await retried(rig, {"state": "canceled"})
