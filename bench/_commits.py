@@ -24,10 +24,11 @@ then ``--jobs`` jobs at ``--concurrency`` (bench/_load.py's e2e phase), and
 prints the difference per job: statements by kind, transactions, requests by
 kind, the engine's CPU and the whole service's (user + system, from
 ``/proc``). Tracing statements costs CPU: take CPU figures from ``--plain``
-runs. ``--root`` runs another checkout's code (a clone of the last commit, for
-before/after); ``--py-spy`` profiles the measured jobs; ``--callback-delay``
-holds each callback that long after its trigger, so that every workflow has
-suspended first, as a real job's has (at 0 the callback often lands before).
+runs. ``--store`` serves from another store (a Postgres database). ``--root``
+runs another checkout's code (a clone of the last commit, for before/after);
+``--py-spy`` profiles the measured jobs; ``--callback-delay`` holds each
+callback that long after its trigger, so that every workflow has suspended
+first, as a real job's has (at 0 the callback often lands before).
 
 ``replay`` answers a recorded stream again, in process, on a fresh file and
 the recorded clock: the engine's CPU per request (the best and the median of
@@ -214,7 +215,7 @@ def drive(args: argparse.Namespace) -> int:
         stderr=subprocess.STDOUT,
     )
     senv = env | {
-        "TETHER_STORE": f"sqlite:///{out / 'tether.db'}",
+        "TETHER_STORE": args.store or f"sqlite:///{out / 'tether.db'}",
         "TETHER_PUBLIC_URL": base,
         "TETHER_CALLBACK_SECRET": "bench-callback-secret",
         "TETHER_BENCH_ROOT": str(root),
@@ -277,6 +278,7 @@ def drive(args: argparse.Namespace) -> int:
             "errors": r["errors"],
             "jobs_per_s": jobs / r["wall_s"],
             "service_cpu_ms_per_job": cpu / max(jobs, 1) * 1e3,
+            "callback_to_get_succeeded_ms (p50, p99)": _p50_p99([j[3] for j in r["jobs"]]),
         }
         if spy is not None:
             report["profile"] = str(profile)
@@ -290,6 +292,11 @@ def drive(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return 0
+
+
+def _p50_p99(values: list[float]) -> list[float]:
+    ordered = sorted(values) or [0.0]
+    return [round(ordered[len(ordered) // 2], 1), round(ordered[int(len(ordered) * 0.99)], 1)]
 
 
 # -- replay -----------------------------------------------------------------------
@@ -387,6 +394,12 @@ def main() -> int:
         " after the workflow suspended; at 0 it often comes before)",
     )
     d.add_argument("--root", default=str(BENCH.parent), help="the checkout whose code runs")
+    d.add_argument(
+        "--store",
+        help="TETHER_STORE for the service instead of a fresh SQLite file (an empty"
+        " postgresql://... database with resonate.sql applied: the statement and request"
+        " counts are then the embedded engine's only, so zero)",
+    )
     d.add_argument(
         "--plain",
         action="store_true",

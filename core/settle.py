@@ -180,6 +180,15 @@ def judge(status: str, same: bool) -> SettleResult:
     return "duplicate" if same else "conflict"
 
 
+def _value_data(answer: Any) -> Any:
+    """The encoded value of the promise a settle answered with (None: none)."""
+    promise = answer.get("promise") if isinstance(answer, dict) else None
+    value = promise.get("value") if isinstance(promise, dict) else None
+    if isinstance(value, msgspec.Raw):  # the embedded engine's, as stored
+        value = msgspec.json.decode(value)
+    return value.get("data") if isinstance(value, dict) else None
+
+
 def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
     error = outcome.error
     parts = [outcome.result, None if error is None else [error.message, error.type]]
@@ -230,7 +239,7 @@ class Settler:
         plugin to tell (`JobSteps.finishes_alone`, wired by the service).
         On a store that `settles_together` such a settle then ends the
         workflow too, in the transaction that ends the job
-        (`_finish_together`). None: never."""
+        (`_settle_together`). None: never."""
         self.spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None
         """Runs a durable such finish (its stop recorded as due, `stop_due`) in
         a task the service owns (`Tether._spawn_stop`: cancelled as it stops,
@@ -374,28 +383,34 @@ class Settler:
         root, promise_id = root_promise_id(job_id, attempt), callback_promise_id(job_id, attempt)
         encoded = msgspec.to_builtins(self.resonate.promises.codec.encode(value))
 
-        def settle(tx: Requests, pid: str) -> None:
-            status, _ = tx.request(
+        async def settle(tx: Requests, pid: str) -> None:
+            status, answer = await tx.request(
                 "promise.settle", {"id": pid, "state": "resolved", "value": encoded}
             )
-            if status != 200:
-                raise NotTogether(f"{pid!r} was not settled ({status})")
+            # Settled with this value, not found so: a settle answers a
+            # promise settled already with its value (on Postgres another
+            # transaction may settle it after the `promise.get` below).
+            if status != 200 or _value_data(answer) != encoded.get("data"):
+                raise NotTogether(f"{pid!r} was not settled by this settle ({status})")
 
         workflow_ended = False
 
         async def settle_together(tx: Requests) -> None:
             nonlocal workflow_ended
-            status, answer = tx.request("promise.get", {"id": promise_id})
+            status, answer = await tx.request("promise.get", {"id": promise_id})
             if status != 200 or answer["promise"]["state"] != "pending":
                 raise NotTogether(f"{promise_id!r} is not pending")
             # (again: a batch the store retried runs this again)
             workflow_ended = False
             if alone:
-                status, answer = tx.request("task.get", {"id": root})
+                status, answer = await tx.request("task.get", {"id": root})
                 if status == 200 and answer["task"]["state"] == "suspended":
-                    settle(tx, root)  # first: its callback on the promise goes with it
+                    # First: its callback on the promise goes with it (and
+                    # the root's id sorts before the promise's, the order
+                    # resonate-pg takes their locks in).
+                    await settle(tx, root)
                     workflow_ended = True
-            settle(tx, promise_id)
+            await settle(tx, promise_id)
 
         event = None if note is None else note("accepted")
         try:

@@ -38,7 +38,8 @@ that needs no durable record of its own (version 4):
   were; the conditional write records one `finished`). Versions 1 and 2 ran
   it as a durable step ("{root}:3").
 
-- **A settle may end the workflow itself** (the embedded store only:
+- **A settle may end the workflow itself** (the embedded store and
+  Postgres, whose promises share the index's database:
   `core.settle.Settler._settle_together`). A settle that wins settles `p`
   and ends the job in the index in one transaction; when the finish would
   do nothing more (no run to stop, no plugin implementing

@@ -311,7 +311,7 @@ class _Inline:
         """What its requests have for this process's receivers, handed on
         once committed."""
 
-    def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+    async def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
         try:
             status, answer, msgs = self._shared.request_in(self._db, kind, data)
         except sqlite3.Error as exc:

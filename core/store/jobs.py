@@ -140,10 +140,11 @@ recorded it, with the job's row as that transaction left it."""
 
 class Requests(Protocol):
     """A transaction of the job index that also answers Resonate protocol
-    requests (the embedded store's: its promises and the index share a
-    file, `JobIndex.settles_together`)."""
+    requests: where the promises and the index share a database
+    (`JobIndex.settles_together`: the embedded store's file, Postgres with
+    resonate-pg's schema)."""
 
-    def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+    async def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
         """The status and the answer's data (the reason, for a status >=
         400) of one protocol request, made inside the transaction."""
         ...
@@ -178,7 +179,8 @@ class JobIndex(Protocol):
     @property
     def settles_together(self) -> bool:
         """Whether `end` can make protocol requests in its own transaction
-        (`together`): the embedded store, whose promises share the file."""
+        (`together`): the embedded store, whose promises share the file, and
+        Postgres, whose promises are resonate-pg's in the same database."""
         ...
 
     async def promote(self, backend: str, now: int) -> list[JobRecord]:

@@ -6,6 +6,8 @@ creates and migrates its own tables on start (`core.store.migrations`).
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +15,7 @@ from urllib.parse import parse_qsl, unquote
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
+from resonate_base import PROTOCOL_VERSION
 from resonate_pg import PostgresConnection, PsycopgSessions
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
@@ -32,6 +35,10 @@ MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 
 RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
 """resonate-pg's functions the store calls (`resonate_pg.connection`)."""
+
+RPC = "SELECT resonate.resonate_rpc(%s::text::jsonb)::text"
+"""One protocol request, answered by resonate-pg's stored procedure in the
+transaction it runs in (`PgSession.request`)."""
 
 
 async def _missing_functions(driver: PostgresDriver, names: Sequence[str]) -> list[str]:
@@ -94,7 +101,7 @@ class PostgresStore(Store):
         notify = listed(settings.notify_secret_previous)
         return cls(
             connection,
-            SqlJobIndex(driver),
+            PostgresIndex(driver),
             settings.callback_secret,
             previous,
             signing_secrets(settings.notify_secret, notify),
@@ -172,12 +179,35 @@ class PgConnection(PostgresConnection):
         await self._own.close()
 
 
+class PostgresIndex(SqlJobIndex):
+    """The job index in resonate-pg's own database: a settle that wins
+    settles its promises and ends the job in one transaction (`end`'s
+    `together`, `PgSession.request`), as on the embedded store."""
+
+    settles_together = True
+
+
 class PgSession:
     """Runs `?`-placeholder SQL on one psycopg connection. SQL without
     arguments goes as written (a `%` in it is no placeholder)."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
+
+    async def request(self, kind: str, data: dict[str, Any]) -> tuple[int, Any]:
+        """One protocol request made in this session's transaction
+        (`core.store.jobs.Requests`), by `resonate.resonate_rpc` as the SDK's
+        are: it commits with the transaction or not at all, and so do the
+        messages it leaves in resonate-pg's outbox (their `NOTIFY` is sent on
+        commit). resonate-pg's locks on the promises it touches are held
+        until then."""
+        head = {"corrId": f"tether-{uuid.uuid4().hex}", "version": PROTOCOL_VERSION}
+        envelope = json.dumps({"kind": kind, "head": head, "data": data})
+        row = await (await self.conn.execute(RPC, (envelope,))).fetchone()
+        if row is None or row[0] is None:
+            raise StoreUnavailable("resonate.resonate_rpc returned no row")
+        answer = json.loads(row[0])
+        return int(answer["head"]["status"]), answer.get("data")
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await (await self._run(sql, args)).fetchall()

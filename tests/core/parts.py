@@ -79,8 +79,8 @@ class Parts:
     def step_by_step(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """From now on a settle resolves the promise, then writes the index,
         as on a store whose index cannot settle promises in its own
-        transactions (Postgres, a Resonate server's): the embedded store's
-        settle does both in one (`Settler._settle_together`)."""
+        transactions (a Resonate server's): the embedded store's and
+        Postgres's settle does both in one (`Settler._settle_together`)."""
         monkeypatch.setattr(type(self.jobs), "settles_together", False)
 
     def ended_as_it_settles(

@@ -1,5 +1,6 @@
 """Settling (`core.settle`), in process, on real parts: the embedded engine and
-its job index (`memory://`) and a Resonate client on them. First settle wins;
+its job index (`memory://`), or Postgres with resonate-pg's schema when
+TETHER_TEST_PG_DSN is set, and a Resonate client on them. First settle wins;
 the others are told how they compare; a job whose promise is not born yet is
 ended in the index alone."""
 
@@ -33,6 +34,7 @@ from core.settle import (
     store_call,
 )
 from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.store.postgres import PgSession
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id, root_promise_id
@@ -52,14 +54,17 @@ def call_note(verdict: str) -> NewEvent:
     return NewEvent("callback", {"verdict": verdict, "status": "succeeded"})
 
 
-@pytest.fixture(params=["together", "step by step"])
+@pytest.fixture(params=["together", "step by step", "postgres"])
 async def parts(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Parts]:
     """The embedded store's parts; each test runs twice: with a settle that
     wins settling the promise and ending the job in one transaction (the
-    embedded store's), and step by step (other stores')."""
-    async with open_parts() as p:
+    embedded store's), and step by step (a Resonate server's). And a third
+    time on Postgres (resonate-pg's schema: one transaction too) when
+    TETHER_TEST_PG_DSN names one."""
+    on = {"store": request.getfixturevalue("fresh_pg_url")} if request.param == "postgres" else {}
+    async with open_parts(**on) as p:
         if request.param == "step by step":
             p.step_by_step(monkeypatch)
         yield p
@@ -331,7 +336,7 @@ async def test_resolve_quietly_settles_with_the_outcome_and_first_settle_wins(pa
     assert (await parts.row("j")).state == "running"  # the index is the caller's business
 
 
-# ── one transaction: the embedded store ──────────────────────────────────────
+# ── one transaction: the embedded store and Postgres ──────────────────────────
 
 
 async def together_only(parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -403,8 +408,9 @@ async def waiting_workflow(
         parts, "task.acquire", {"id": root, "version": 0, "pid": "w", "ttl": 60_000}
     )
     assert status == 200
+    external = {"resonate:external": "true"}  # as `ctx.promise` tags it: awaitable
     await parts.resonate.promises.create(
-        callback_promise_id(job_id, attempt), now_ms() + 60_000, Value(data=None), {}
+        callback_promise_id(job_id, attempt), now_ms() + 60_000, Value(data=None), external
     )
     if suspend:
         awaited = {"awaited": callback_promise_id(job_id, attempt), "awaiter": root}
@@ -475,6 +481,71 @@ async def test_a_workflow_with_a_finish_to_run_or_not_waiting_is_left_to_run(
     resumed = "pending" if why == "its finish has work" else "acquired"
     assert await task_state(parts, root) == resumed  # the workflow finishes the job
     assert logs.fields() == []
+
+
+@pytest.mark.parametrize("alone", [True, False])
+async def test_settles_of_a_waiting_workflow_at_once_end_it_once_with_the_winners_value(
+    parts: Parts, alone: bool
+):
+    """Eight settles at once (callbacks, cancels): on Postgres each in a
+    transaction of its own connection, racing for the promise's lock after
+    all read it pending. One wins; the job, the promise and (`alone`) the
+    workflow's root end with its value; every other settle is told so."""
+    await parts.add_job("j", state="running")
+    root = await waiting_workflow(parts, "j")
+    parts.settler.finishes_alone = lambda state, value: alone
+    outcomes = [DONE, CANCELED, OTHER, FAILED] * 2
+
+    settled = await asyncio.gather(
+        *(
+            parts.settler.settle("j", o, by="cancel" if o is CANCELED else "callback", attempt=1)
+            for o in outcomes
+        )
+    )
+
+    results = [result for result, _ in settled]
+    assert results.count("accepted") == 1
+    won = outcomes[results.index("accepted")]
+    rec = await parts.row("j")
+    assert (rec.state, rec.result) == (won.status, won.result)
+    waited = await parts.promise("j")
+    assert outcome_of(waited.value.data) == outcome_of_record(rec)
+    returned = await parts.resonate.promises.get(root)
+    if alone and parts.jobs.settles_together:
+        assert (returned.state, returned.value.data) == ("resolved", waited.value.data)
+        assert await task_state(parts, root) == "fulfilled"
+    else:  # resumed: its finish ends it
+        assert returned.state == "pending"
+        assert await task_state(parts, root) == "pending"
+    assert [t for t, _ in await types_and_results(parts)].count("finished") == 1
+
+
+async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not_taken_as_won(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """Postgres: between the transaction's look at the promise (pending) and
+    its settle, another process settles it on its own (a host of an earlier
+    release settles step by step). resonate-pg answers that settle 200 with
+    the other's value: the transaction is taken back, and the settle goes on
+    step by step, which finds the other's value the winner."""
+    if parts.store.kind != "postgresql":
+        pytest.skip("the embedded store runs one transaction at a time")
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    request = PgSession.request
+
+    async def settled_meanwhile(self: PgSession, kind: str, data: dict[str, Any]) -> Any:
+        answer = await request(self, kind, data)
+        if kind == "promise.get":
+            value = settled_value(OTHER, "callback", "n" * 32)
+            await parts.resonate.promises.resolve("j:1", Value(data=value))
+        return answer
+
+    monkeypatch.setattr(PgSession, "request", settled_meanwhile)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    assert (result, rec.state, rec.result) == ("conflict", "succeeded", {"rows": 4})
+    assert outcome_of((await parts.promise("j")).value.data) == OTHER
 
 
 async def test_a_late_settle_of_an_attempt_ended_alone_leaves_the_next_attempt_be(parts: Parts):
