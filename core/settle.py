@@ -180,13 +180,14 @@ def judge(status: str, same: bool) -> SettleResult:
     return "duplicate" if same else "conflict"
 
 
-def _value_data(answer: Any) -> Any:
-    """The encoded value of the promise a settle answered with (None: none)."""
-    promise = answer.get("promise") if isinstance(answer, dict) else None
-    value = promise.get("value") if isinstance(promise, dict) else None
-    if isinstance(value, msgspec.Raw):  # the embedded engine's, as stored
+def settled_data(answer: dict[str, Any]) -> Any:
+    """The encoded value of the promise a settle answered with (status 200):
+    resonate-pg's answer holds it decoded, the embedded engine's as stored
+    (`msgspec.Raw`)."""
+    value = answer["promise"]["value"]
+    if isinstance(value, msgspec.Raw):
         value = msgspec.json.decode(value)
-    return value.get("data") if isinstance(value, dict) else None
+    return value.get("data")
 
 
 def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
@@ -390,7 +391,7 @@ class Settler:
             # Settled with this value, not found so: a settle answers a
             # promise settled already with its value (on Postgres another
             # transaction may settle it after the `promise.get` below).
-            if status != 200 or _value_data(answer) != encoded.get("data"):
+            if status != 200 or settled_data(answer) != encoded.get("data"):
                 raise NotTogether(f"{pid!r} was not settled by this settle ({status})")
 
         workflow_ended = False

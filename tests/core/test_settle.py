@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from resonate.connections.http import HttpConnection
@@ -30,9 +31,11 @@ from core.settle import (
     noted,
     outcome_of,
     outcome_of_record,
+    settled_data,
     settled_value,
     store_call,
 )
+from core.store.embedded import _Inline
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.store.postgres import PgSession
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
@@ -71,6 +74,13 @@ async def parts(
 
 
 # ── the pure parts ───────────────────────────────────────────────────────────
+
+
+def test_settled_data_reads_the_value_of_both_stores_answers():
+    value = {"headers": {}, "data": "eyJhIjoxfQ=="}
+    as_pg = {"promise": {"id": "p", "state": "resolved", "value": value}}
+    as_engine = {"promise": {"id": "p", "value": msgspec.Raw(msgspec.json.encode(value))}}
+    assert settled_data(as_pg) == settled_data(as_engine) == "eyJhIjoxfQ=="
 
 
 async def test_store_call_passes_answers_and_errors_that_are_not_the_stores():
@@ -546,6 +556,38 @@ async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not
 
     assert (result, rec.state, rec.result) == ("conflict", "succeeded", {"rows": 4})
     assert outcome_of((await parts.promise("j")).value.data) == OTHER
+
+
+async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_back_with_it(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The embedded store: its transactions do not interleave, so the promise
+    is settled here with another value inside the transaction, between its
+    look at the promise and its settle (what another process does on
+    Postgres). The settle's answer carries that other value: the transaction
+    is taken back whole (the other settle with it), and the settle goes on
+    step by step. The promise and the row end with one and the same value."""
+    if parts.store.kind == "postgresql" or not parts.jobs.settles_together:
+        pytest.skip("the embedded store's transaction")
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    request = _Inline.request
+    other = msgspec.to_builtins(
+        parts.resonate.promises.codec.encode(settled_value(OTHER, "callback", "n" * 32))
+    )
+
+    async def settled_meanwhile(self: _Inline, kind: str, data: dict[str, Any]) -> Any:
+        answer = await request(self, kind, data)
+        if kind == "promise.get":
+            settle = {"id": "j:1", "state": "resolved", "value": other}
+            assert (await request(self, "promise.settle", settle))[0] == 200
+        return answer
+
+    monkeypatch.setattr(_Inline, "request", settled_meanwhile)
+    result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
+    assert outcome_of((await parts.promise("j")).value.data) == DONE
 
 
 async def test_a_late_settle_of_an_attempt_ended_alone_leaves_the_next_attempt_be(parts: Parts):
