@@ -229,6 +229,9 @@ class SqliteConnection:
         self._timer_at = 0.0
         self._swept_at = -timer_interval
         self._dirty = False
+        #: a request was answered inside an extra (`request_in`) of the batch
+        #: being run: stirred as a batch's own once it committed
+        self._asked_in = False
         self._doorbell = Doorbell(self._path) if wake else None
         self._ring_loop: asyncio.AbstractEventLoop | None = None  # where it is watched
         #: a ring came, or a commit of ours wrote to the outbox (to ring)
@@ -554,6 +557,7 @@ class SqliteConnection:
         with them when ``fn`` raises. Returns the status, the answer's data
         (the reason, for a status >= 400) and the messages it made, for
         :meth:`deliver` from ``fn``'s ``after`` (once committed)."""
+        self._asked_in = True
         return self._engine.request_in(db, kind, data)
 
     def deliver(self, msgs: list[str]) -> None:
@@ -594,6 +598,7 @@ class SqliteConnection:
         # transaction cancelled before its BEGIN), so nothing is committed
         # that its caller will never follow up on
         live = [extra for extra in extras if not extra.fut.done()]
+        self._asked_in = False
         try:
             self._engine.local_room = self._room()
             answers, done = self._engine.run_batch(
@@ -621,7 +626,9 @@ class SqliteConnection:
             del self._queue[: len(batch)]
             del self._extras[: len(extras)]
             self._ring()
-            if batch:  # committed now: a sweep since may have missed a timer it set
+            # committed now: a sweep since may have missed a timer a request
+            # set (the batch's, or one made inside an extra: `request_in`)
+            if batch or self._asked_in:
                 self._stir()
             self._answer(batch, answers)
             for extra, (ok, result) in zip(live, done, strict=True):

@@ -512,6 +512,10 @@ class Engine(Transitions):
             status, answer = exc.status, exc.reason
             self._out = []
             db.execute("ROLLBACK TO q")
+        except BaseException:  # a failure part way: none of it stays, whoever catches it
+            db.execute("ROLLBACK TO q")
+            db.execute("RELEASE q")
+            raise
         finally:
             msgs, self._out = self._out, saved
         db.execute("RELEASE q")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -588,6 +589,43 @@ async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_bac
 
     assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
     assert outcome_of((await parts.promise("j")).value.data) == DONE
+
+
+async def test_a_promise_that_times_out_between_the_look_and_the_settle_is_not_taken_as_won(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """The promise is pending when the transaction looks, and past its
+    timeout when it settles it (each request reads the clock): the store
+    answers that settle 200 with the timed-out promise and writes nothing.
+    The transaction is taken back, and the settle, step by step, finds the
+    store's timeout the winner: the job does not end as the callback said
+    while its promise says otherwise (found in review, 2026-12-03)."""
+    if not parts.jobs.settles_together:
+        pytest.skip("step by step: the settle is the SDK's request")
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j", timeout_ms=300)
+    due = (await parts.promise("j")).timeout_at
+
+    def wrapped(request: Any, wait: Any) -> Any:
+        async def late(self: Any, kind: str, data: dict[str, Any]) -> Any:
+            answer = await request(self, kind, data)
+            if kind == "promise.get":
+                await wait(max(due - now_ms(), 0) / 1000 + 0.05)
+            return answer
+
+        return late
+
+    async def blocking(seconds: float) -> None:  # the engine's batch may not wait on the loop
+        time.sleep(seconds)
+
+    monkeypatch.setattr(_Inline, "request", wrapped(_Inline.request, blocking))
+    monkeypatch.setattr(PgSession, "request", wrapped(PgSession.request, asyncio.sleep))
+    result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
+
+    promise = await parts.promise("j")
+    assert promise.state == "rejected_timedout"
+    assert result != "accepted"
+    assert (rec.state, rec.result) == ("timed_out", None)
 
 
 async def test_a_late_settle_of_an_attempt_ended_alone_leaves_the_next_attempt_be(parts: Parts):

@@ -17,6 +17,7 @@ import pytest
 
 from resonate_sqlite.busy import BusyBackoff
 from resonate_sqlite.engine import Engine, StoreBusy
+from resonate_sqlite.transitions import HANDLERS, Transitions
 from tests.resonate_sqlite.protocol_server import (
     GROUP,
     HOUR,
@@ -41,6 +42,32 @@ def test_unknown_kinds_and_searches_are_501(server: Server) -> None:
         status, data = server(kind, state="pending")
         assert status == 501
         assert data.startswith("not implemented: search is not implemented")
+
+
+def test_a_request_in_a_hosts_transaction_that_fails_part_way_leaves_nothing(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``request_in`` under a host's open transaction: a handler that fails
+    after a write (a bug, a storage error) takes its writes back and closes
+    its savepoint before the error goes on, so a host that catches it and
+    commits commits none of the request."""
+    server("promise.create", id="p", timeoutAt=T0 + HOUR)
+    db = server.engine.db
+    assert db is not None
+
+    def part_way(self: Transitions, db: Any, now: int, data: dict[str, Any]) -> Any:
+        db.execute("UPDATE r_promises SET state = 'resolved' WHERE id = 'p'")
+        raise ValueError("part way")
+
+    monkeypatch.setitem(HANDLERS, "promise.settle", part_way)
+    db.execute("BEGIN IMMEDIATE")
+    with pytest.raises(ValueError, match="part way"):
+        server.engine.request_in(db, "promise.settle", {"id": "p", "state": "resolved"})
+    db.execute("COMMIT")  # the host caught it and went on
+    monkeypatch.undo()
+
+    assert not db.in_transaction
+    assert server("promise.get", id="p")[1]["promise"]["state"] == "pending"
 
 
 def test_malformed_requests_are_400(server: Server) -> None:
