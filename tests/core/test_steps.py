@@ -1982,6 +1982,45 @@ async def test_a_stale_trigger_failures_settle_again_gives_way_to_a_new_job_unde
     )
 
 
+async def test_a_stale_attempt_twos_failure_gives_way_to_a_new_job_naming_its_promise(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """As above, for a job at attempt 2: the log line names that attempt's
+    promise, and nothing lands on the new job."""
+    await rig.parts.add_job("j")
+    await retried(rig, {"state": "failed"})
+    second = callback_promise_id("j", 2)
+    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    async def refused(trigger: Trigger, previous: Any) -> Any:
+        raise BackendError("no", code="http_400")
+
+    monkeypatch.setattr(rig.backend, "rerun", refused)
+    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
+    monkeypatch.setattr(
+        rig.parts.settler, "settle", failing_first(rig.parts.settler.settle, unanswered)
+    )
+    made: list[JobRecord] = []
+
+    async def sleep(seconds: float) -> None:
+        if not made:
+            made.append(await made_anew(rig))
+
+    rig.steps.sleep = sleep
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", second, 2)
+
+    assert await rig.parts.row("j") == made[0]
+    assert await history(rig) == []
+    assert (await rig.parts.resonate.promises.get(second)).state == "pending"
+    assert logs.fields()[-1] == (
+        "job j: a trigger's failure not yet recorded, and the job was deleted and a new one"
+        " created under its id meanwhile; the new job is left as it is",
+        "j",
+        second,
+    )
+
+
 async def test_finish_of_an_attempt_that_is_over_does_nothing(rig: Rig):
     await rig.parts.add_job("j", state="running", external={"run": 1})
     await retried(rig, {"state": "canceled"})
