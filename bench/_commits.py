@@ -199,7 +199,7 @@ def _per_job(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[s
 
 def drive(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(BENCH))
-    from _common import free_port, tree_cpu_seconds, wait_http
+    from _common import free_port, percentile, tree_cpu_seconds, wait_http
 
     py = sys.executable
     root = Path(args.root).resolve()
@@ -278,7 +278,9 @@ def drive(args: argparse.Namespace) -> int:
             "errors": r["errors"],
             "jobs_per_s": jobs / r["wall_s"],
             "service_cpu_ms_per_job": cpu / max(jobs, 1) * 1e3,
-            "callback_to_get_succeeded_ms (p50, p99)": _p50_p99([j[3] for j in r["jobs"]]),
+            "callback_to_get_succeeded_ms (p50, p99)": [
+                round(percentile([j[3] for j in r["jobs"]], q), 1) for q in (50, 99)
+            ],
         }
         if spy is not None:
             report["profile"] = str(profile)
@@ -292,11 +294,6 @@ def drive(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
     return 0
-
-
-def _p50_p99(values: list[float]) -> list[float]:
-    ordered = sorted(values) or [0.0]
-    return [round(ordered[len(ordered) // 2], 1), round(ordered[int(len(ordered) * 0.99)], 1)]
 
 
 # -- replay -----------------------------------------------------------------------

@@ -388,9 +388,10 @@ class Settler:
             status, answer = await tx.request(
                 "promise.settle", {"id": pid, "state": "resolved", "value": encoded}
             )
-            # Settled with this value, not found so: a settle answers a
-            # promise settled already with its value (on Postgres another
-            # transaction may settle it after the `promise.get` below).
+            # Settled by this settle only if the promise now holds its value:
+            # a settle of a promise settled already (on Postgres by another
+            # transaction after the `promise.get` below) or timed out since
+            # (each request reads the clock) answers 200 all the same.
             if status != 200 or settled_data(answer) != encoded.get("data"):
                 raise NotTogether(f"{pid!r} was not settled by this settle ({status})")
 

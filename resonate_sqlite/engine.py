@@ -514,11 +514,10 @@ class Engine(Transitions):
             db.execute("ROLLBACK TO q")
         except BaseException:  # a failure part way: none of it stays, whoever catches it
             db.execute("ROLLBACK TO q")
-            db.execute("RELEASE q")
             raise
         finally:
             msgs, self._out = self._out, saved
-        db.execute("RELEASE q")
+            db.execute("RELEASE q")
         return status, answer, msgs
 
     def _run(self, db: sqlite3.Connection, req: _Request) -> tuple[Answer, bool]:

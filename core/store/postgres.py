@@ -17,6 +17,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from resonate_base import PROTOCOL_VERSION
 from resonate_pg import PostgresConnection, PsycopgSessions
+from resonate_pg.connection import RPC_SQL
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.redact import redact
@@ -35,10 +36,6 @@ MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 
 RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
 """resonate-pg's functions the store calls (`resonate_pg.connection`)."""
-
-RPC = "SELECT resonate.resonate_rpc(%s::text::jsonb)::text"
-"""One protocol request, answered by resonate-pg's stored procedure in the
-transaction it runs in (`PgSession.request`)."""
 
 
 async def _missing_functions(driver: PostgresDriver, names: Sequence[str]) -> list[str]:
@@ -203,7 +200,7 @@ class PgSession:
         until then."""
         head = {"corrId": f"tether-{uuid.uuid4().hex}", "version": PROTOCOL_VERSION}
         envelope = json.dumps({"kind": kind, "head": head, "data": data})
-        row = await (await self.conn.execute(RPC, (envelope,))).fetchone()
+        row = await (await self.conn.execute(RPC_SQL, (envelope,))).fetchone()
         if row is None or row[0] is None:
             raise StoreUnavailable("resonate.resonate_rpc returned no row")
         answer = json.loads(row[0])

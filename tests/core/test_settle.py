@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -531,6 +531,27 @@ async def test_settles_of_a_waiting_workflow_at_once_end_it_once_with_the_winner
     assert [t for t, _ in await types_and_results(parts)].count("finished") == 1
 
 
+def after_the_look(
+    monkeypatch: pytest.MonkeyPatch, then: Callable[[Any, Any], Awaitable[None]]
+) -> None:
+    """From now on, right after a settle's transaction looked at its promise
+    (its `promise.get`), `then(tx, request)` runs: `tx` the transaction
+    (the embedded store's `_Inline`, Postgres's `PgSession`), `request` its
+    store's own request."""
+    for kind_of_tx in (_Inline, PgSession):
+
+        def looking(request: Any) -> Any:
+            async def looked(self: Any, kind: str, data: dict[str, Any]) -> Any:
+                answer = await request(self, kind, data)
+                if kind == "promise.get":
+                    await then(self, request)
+                return answer
+
+            return looked
+
+        monkeypatch.setattr(kind_of_tx, "request", looking(kind_of_tx.request))
+
+
 async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not_taken_as_won(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ):
@@ -543,16 +564,12 @@ async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not
         pytest.skip("the embedded store runs one transaction at a time")
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
-    request = PgSession.request
 
-    async def settled_meanwhile(self: PgSession, kind: str, data: dict[str, Any]) -> Any:
-        answer = await request(self, kind, data)
-        if kind == "promise.get":
-            value = settled_value(OTHER, "callback", "n" * 32)
-            await parts.resonate.promises.resolve("j:1", Value(data=value))
-        return answer
+    async def settled_by_another(tx: Any, request: Any) -> None:
+        value = settled_value(OTHER, "callback", "n" * 32)
+        await parts.resonate.promises.resolve("j:1", Value(data=value))
 
-    monkeypatch.setattr(PgSession, "request", settled_meanwhile)
+    after_the_look(monkeypatch, settled_by_another)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     assert (result, rec.state, rec.result) == ("conflict", "succeeded", {"rows": 4})
@@ -572,19 +589,15 @@ async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_bac
         pytest.skip("the embedded store's transaction")
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
-    request = _Inline.request
     other = msgspec.to_builtins(
         parts.resonate.promises.codec.encode(settled_value(OTHER, "callback", "n" * 32))
     )
 
-    async def settled_meanwhile(self: _Inline, kind: str, data: dict[str, Any]) -> Any:
-        answer = await request(self, kind, data)
-        if kind == "promise.get":
-            settle = {"id": "j:1", "state": "resolved", "value": other}
-            assert (await request(self, "promise.settle", settle))[0] == 200
-        return answer
+    async def settled_inside(tx: Any, request: Any) -> None:
+        settle = {"id": "j:1", "state": "resolved", "value": other}
+        assert (await request(tx, "promise.settle", settle))[0] == 200
 
-    monkeypatch.setattr(_Inline, "request", settled_meanwhile)
+    after_the_look(monkeypatch, settled_inside)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
@@ -606,20 +619,14 @@ async def test_a_promise_that_times_out_between_the_look_and_the_settle_is_not_t
     await parts.add_promise("j", timeout_ms=300)
     due = (await parts.promise("j")).timeout_at
 
-    def wrapped(request: Any, wait: Any) -> Any:
-        async def late(self: Any, kind: str, data: dict[str, Any]) -> Any:
-            answer = await request(self, kind, data)
-            if kind == "promise.get":
-                await wait(max(due - now_ms(), 0) / 1000 + 0.05)
-            return answer
+    async def past_its_timeout(tx: Any, request: Any) -> None:
+        seconds = max(due - now_ms(), 0) / 1000 + 0.05
+        if isinstance(tx, _Inline):  # inside the engine's batch: nothing may wait on the loop
+            time.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
 
-        return late
-
-    async def blocking(seconds: float) -> None:  # the engine's batch may not wait on the loop
-        time.sleep(seconds)
-
-    monkeypatch.setattr(_Inline, "request", wrapped(_Inline.request, blocking))
-    monkeypatch.setattr(PgSession, "request", wrapped(PgSession.request, asyncio.sleep))
+    after_the_look(monkeypatch, past_its_timeout)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     promise = await parts.promise("j")

@@ -1951,14 +1951,30 @@ async def test_a_stale_triggers_last_try_is_not_filed_on_a_new_job_under_its_id(
     await the_new_job_is_untouched(rig, made[0])
 
 
+@pytest.mark.parametrize("attempt", [1, 2])
 async def test_a_stale_trigger_failures_settle_again_gives_way_to_a_new_job_under_its_id(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, attempt: int
 ):
     """The old job's failure was not settled (its store failing for this
     process), and it was deleted and made anew while this process waited to
-    settle again: the failure is dropped, not settled on the new job."""
-    await start(rig)
-    rig.backend.answers = [BackendError("no", code="http_400")]
+    settle again: the failure is dropped, not settled on the new job, and
+    the log line names the old attempt's promise."""
+    refused = BackendError("no", code="http_400")
+    promise_id = callback_promise_id("j", attempt)
+    if attempt == 1:
+        await start(rig)
+        rig.backend.answers = [refused]
+    else:  # attempt 2 reruns
+        await rig.parts.add_job("j")
+        await retried(rig, {"state": "failed"})
+        await rig.parts.resonate.promises.create(
+            promise_id, now_ms() + 60_000, Value(data=None), {}
+        )
+
+        async def rerun(trigger: Trigger, previous: Any) -> Any:
+            raise refused
+
+        monkeypatch.setattr(rig.backend, "rerun", rerun)
     unanswered = StoreUnavailable("the store did not answer: TimeoutError")
     monkeypatch.setattr(
         rig.parts.settler, "settle", failing_first(rig.parts.settler.settle, unanswered)
@@ -1971,53 +1987,16 @@ async def test_a_stale_trigger_failures_settle_again_gives_way_to_a_new_job_unde
 
     rig.steps.sleep = sleep
     with logs_of("tether") as logs:
-        await rig.steps.trigger("j", "j:1")
-
-    await the_new_job_is_untouched(rig, made[0])
-    assert logs.fields()[-1] == (
-        "job j: a trigger's failure not yet recorded, and the job was deleted and a new one"
-        " created under its id meanwhile; the new job is left as it is",
-        "j",
-        "j:1",
-    )
-
-
-async def test_a_stale_attempt_twos_failure_gives_way_to_a_new_job_naming_its_promise(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
-):
-    """As above, for a job at attempt 2: the log line names that attempt's
-    promise, and nothing lands on the new job."""
-    await rig.parts.add_job("j")
-    await retried(rig, {"state": "failed"})
-    second = callback_promise_id("j", 2)
-    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
-
-    async def refused(trigger: Trigger, previous: Any) -> Any:
-        raise BackendError("no", code="http_400")
-
-    monkeypatch.setattr(rig.backend, "rerun", refused)
-    unanswered = StoreUnavailable("the store did not answer: TimeoutError")
-    monkeypatch.setattr(
-        rig.parts.settler, "settle", failing_first(rig.parts.settler.settle, unanswered)
-    )
-    made: list[JobRecord] = []
-
-    async def sleep(seconds: float) -> None:
-        if not made:
-            made.append(await made_anew(rig))
-
-    rig.steps.sleep = sleep
-    with logs_of("tether") as logs:
-        await rig.steps.trigger("j", second, 2)
+        await rig.steps.trigger("j", promise_id, attempt)
 
     assert await rig.parts.row("j") == made[0]
     assert await history(rig) == []
-    assert (await rig.parts.resonate.promises.get(second)).state == "pending"
+    assert (await rig.parts.resonate.promises.get(promise_id)).state == "pending"
     assert logs.fields()[-1] == (
         "job j: a trigger's failure not yet recorded, and the job was deleted and a new one"
         " created under its id meanwhile; the new job is left as it is",
         "j",
-        second,
+        promise_id,
     )
 
 
