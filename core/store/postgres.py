@@ -6,17 +6,19 @@ creates and migrates its own tables on start (`core.store.migrations`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from resonate_base import PROTOCOL_VERSION
-from resonate_pg import PostgresConnection, PsycopgSessions
+from resonate_base import PROTOCOL_VERSION, ConnectorError
+from resonate_pg import PostgresConnection
+from resonate_pg.client import DEFAULT_MAX_POOL_SIZE, PgConn
 from resonate_pg.connection import RPC_SQL
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
@@ -138,20 +140,58 @@ class PostgresStore(Store):
             await self.connection.close()
 
 
-class _KeptOpen:
-    """Sessions whose `close` waits for `PgConnection.close`."""
+class _Sessions:
+    """resonate-pg's sessions (`resonate_pg.client.PgSessions`) on a pool of
+    autocommit connections, opened on first use (a database down at start
+    heals, as with resonate-pg's own). Its message pump gets one transaction
+    a session (`session`), as from resonate-pg's; a protocol request runs as
+    one statement on its own (`autocommit`, `PgConnection.send`): one round
+    trip to Postgres, where a session's is three (`BEGIN`, the call,
+    `COMMIT`). `close` waits for `shut` (`PgConnection.close`)."""
 
-    def __init__(self, sessions: PsycopgSessions) -> None:
-        self.sessions = sessions
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._pool: AsyncConnectionPool | None = None
+        self._lock = asyncio.Lock()
 
-    def session(self) -> Any:
-        return self.sessions.session()
+    async def _opened(self) -> AsyncConnectionPool:
+        async with self._lock:
+            if self._pool is None:
+                pool = AsyncConnectionPool(
+                    self._url,
+                    min_size=1,
+                    max_size=DEFAULT_MAX_POOL_SIZE,
+                    open=False,
+                    kwargs={"autocommit": True},
+                )
+                await pool.open()
+                self._pool = pool
+            return self._pool
 
-    async def dedicated(self) -> Any:
-        return await self.sessions.dedicated()
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; each statement commits on its own."""
+        async with (await self._opened()).connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[PgConn]:
+        """A pooled connection in one transaction, committed when the block
+        ends (rolled back if it raises)."""
+        async with self.autocommit() as conn, conn.transaction():
+            yield cast(PgConn, conn)
+
+    async def dedicated(self) -> PgConn:
+        """A connection of its own, for `LISTEN`."""
+        return cast(PgConn, await psycopg.AsyncConnection.connect(self._url, autocommit=True))
 
     async def close(self) -> None:
         pass
+
+    async def shut(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
 
 class PgConnection(PostgresConnection):
@@ -164,8 +204,23 @@ class PgConnection(PostgresConnection):
     Postgres, which hang without it.)"""
 
     def __init__(self, url: str, *, pid: str, group: str) -> None:
-        self._own = PsycopgSessions(url)
-        super().__init__(sessions=_KeptOpen(self._own), pid=pid, group=group)
+        self._own = _Sessions(url)
+        super().__init__(sessions=self._own, pid=pid, group=group)
+
+    async def send(self, req: str, headers: dict[str, str] | None = None) -> str:
+        """resonate-pg's `send` (`resonate.resonate_rpc`, the request bound
+        as one parameter), in autocommit: the call is its own transaction
+        either way, and so costs one round trip instead of three."""
+        if self._stopped:
+            raise ConnectorError(RuntimeError("connection has been stopped"))
+        try:
+            async with self._own.autocommit() as conn:
+                row = await (await conn.execute(RPC_SQL, (req,))).fetchone()
+        except Exception as exc:
+            raise ConnectorError(exc) from exc
+        if row is None or row[0] is None:
+            raise ConnectorError(RuntimeError("resonate.resonate_rpc returned no row"))
+        return str(row[0])
 
     async def stop(self) -> None:
         await super().stop()  # the message pump and LISTEN end; requests still run
@@ -173,7 +228,7 @@ class PgConnection(PostgresConnection):
 
     async def close(self) -> None:
         await super().stop()
-        await self._own.close()
+        await self._own.shut()
 
 
 class PostgresIndex(SqlJobIndex):
@@ -234,8 +289,10 @@ def dsn_secrets(dsn: str) -> list[str]:
 
 
 class PostgresDriver:
-    """Runs the job index's SQL on a psycopg pool: each call on a connection
-    of its own, committed when it returns."""
+    """Runs the job index's SQL on a psycopg pool of autocommit connections:
+    a statement on its own (`fetch`, `execute`) commits by itself, in one
+    round trip; `transaction` and `atomic` wrap theirs in `BEGIN` and
+    `COMMIT`."""
 
     dialect = POSTGRES
 
@@ -250,7 +307,7 @@ class PostgresDriver:
             max_size=max_size,
             timeout=timeout,
             open=False,
-            kwargs={"prepare_threshold": None},
+            kwargs={"prepare_threshold": None, "autocommit": True},
         )
 
     async def open(self) -> None:
@@ -267,16 +324,20 @@ class PostgresDriver:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PgSession]:
-        """A pooled connection; what the block ran is committed when it ends
-        (rolled back if it raises)."""
+        """A pooled connection; each statement the block runs commits on
+        its own."""
         try:
             async with self._pool.connection() as conn:
                 yield PgSession(conn)
         except psycopg.OperationalError as exc:  # server gone, pool timed out
             raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
 
-    transaction = session
-    """A session is a transaction: what the block ran commits together."""
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PgSession]:
+        """A pooled connection in one transaction: what the block ran
+        commits together when it ends (rolled back if it raises)."""
+        async with self.session() as session, session.conn.transaction():
+            yield session
 
     async def atomic[T](
         self,
@@ -284,7 +345,7 @@ class PostgresDriver:
         after: Callable[[T], None] | None = None,
     ) -> T:
         """`body`'s statements in one transaction (`Driver.atomic`)."""
-        async with self.session() as session:
+        async with self.transaction() as session:
             result = await body(session)
         if after is not None:
             after(result)
@@ -293,7 +354,7 @@ class PostgresDriver:
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[PgSession]:
         """A transaction holding the advisory lock migrations take."""
-        async with self.session() as session:
+        async with self.transaction() as session:
             await session.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
             yield session
 
