@@ -155,7 +155,9 @@ class _Sessions:
         self._lock = asyncio.Lock()
 
     async def _opened(self) -> AsyncConnectionPool:
-        async with self._lock:
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:  # two first calls at once make one pool
             if self._pool is None:
                 pool = AsyncConnectionPool(
                     self._url,
