@@ -389,9 +389,12 @@ class Settler:
                 "promise.settle", {"id": pid, "state": "resolved", "value": encoded}
             )
             # Settled by this settle only if the promise now holds its value:
-            # a settle of a promise settled already (on Postgres by another
-            # transaction after the `promise.get` below) or timed out since
-            # (each request reads the clock) answers 200 all the same.
+            # a settle of a promise settled already (by an earlier settle, or
+            # on Postgres by another transaction that holds no lock we wait
+            # on) or timed out (each request reads the clock) answers 200
+            # all the same; one not born yet answers 404. No read comes
+            # first: the common case is a settle that wins, and a loser's
+            # transaction is rolled back whole.
             if status != 200 or settled_data(answer) != encoded.get("data"):
                 raise NotTogether(f"{pid!r} was not settled by this settle ({status})")
 
@@ -399,11 +402,7 @@ class Settler:
 
         async def settle_together(tx: Requests) -> None:
             nonlocal workflow_ended
-            status, answer = await tx.request("promise.get", {"id": promise_id})
-            if status != 200 or answer["promise"]["state"] != "pending":
-                raise NotTogether(f"{promise_id!r} is not pending")
-            # (again: a batch the store retried runs this again)
-            workflow_ended = False
+            workflow_ended = False  # (again: a batch the store retried runs this again)
             if alone:
                 status, answer = await tx.request("task.get", {"id": root})
                 if status == 200 and answer["task"]["state"] == "suspended":

@@ -531,32 +531,31 @@ async def test_settles_of_a_waiting_workflow_at_once_end_it_once_with_the_winner
     assert [t for t, _ in await types_and_results(parts)].count("finished") == 1
 
 
-def after_the_look(
+def before_the_settle(
     monkeypatch: pytest.MonkeyPatch, then: Callable[[Any, Any], Awaitable[None]]
 ) -> None:
-    """From now on, right after a settle's transaction looked at its promise
-    (its `promise.get`), `then(tx, request)` runs: `tx` the transaction
-    (the embedded store's `_Inline`, Postgres's `PgSession`), `request` its
-    store's own request."""
+    """From now on, inside a settle's transaction, right before it settles
+    the callback promise ("j:1"), `then(tx, request)` runs: `tx` the
+    transaction (the embedded store's `_Inline`, Postgres's `PgSession`),
+    `request` its store's own request."""
     for kind_of_tx in (_Inline, PgSession):
 
-        def looking(request: Any) -> Any:
-            async def looked(self: Any, kind: str, data: dict[str, Any]) -> Any:
-                answer = await request(self, kind, data)
-                if kind == "promise.get":
+        def settling(request: Any) -> Any:
+            async def settled(self: Any, kind: str, data: dict[str, Any]) -> Any:
+                if kind == "promise.settle" and data.get("id") == "j:1":
                     await then(self, request)
-                return answer
+                return await request(self, kind, data)
 
-            return looked
+            return settled
 
-        monkeypatch.setattr(kind_of_tx, "request", looking(kind_of_tx.request))
+        monkeypatch.setattr(kind_of_tx, "request", settling(kind_of_tx.request))
 
 
-async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not_taken_as_won(
+async def test_a_promise_settled_by_another_inside_the_transaction_is_not_taken_as_won(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ):
-    """Postgres: between the transaction's look at the promise (pending) and
-    its settle, another process settles it on its own (a host of an earlier
+    """Postgres: after the transaction began (the promise pending) and
+    before its settle, another process settles it on its own (a host of an earlier
     release settles step by step). resonate-pg answers that settle 200 with
     the other's value: the transaction is taken back, and the settle goes on
     step by step, which finds the other's value the winner."""
@@ -569,7 +568,7 @@ async def test_a_promise_settled_by_another_after_the_transaction_read_it_is_not
         value = settled_value(OTHER, "callback", "n" * 32)
         await parts.resonate.promises.resolve("j:1", Value(data=value))
 
-    after_the_look(monkeypatch, settled_by_another)
+    before_the_settle(monkeypatch, settled_by_another)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     assert (result, rec.state, rec.result) == ("conflict", "succeeded", {"rows": 4})
@@ -580,8 +579,8 @@ async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_bac
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ):
     """The embedded store: its transactions do not interleave, so the promise
-    is settled here with another value inside the transaction, between its
-    look at the promise and its settle (what another process does on
+    is settled here with another value inside the transaction, right
+    before its own settle (what another process does on
     Postgres). The settle's answer carries that other value: the transaction
     is taken back whole (the other settle with it), and the settle goes on
     step by step. The promise and the row end with one and the same value."""
@@ -597,17 +596,17 @@ async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_bac
         settle = {"id": "j:1", "state": "resolved", "value": other}
         assert (await request(tx, "promise.settle", settle))[0] == 200
 
-    after_the_look(monkeypatch, settled_inside)
+    before_the_settle(monkeypatch, settled_inside)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
     assert outcome_of((await parts.promise("j")).value.data) == DONE
 
 
-async def test_a_promise_that_times_out_between_the_look_and_the_settle_is_not_taken_as_won(
+async def test_a_promise_that_times_out_inside_the_transaction_is_not_taken_as_won(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ):
-    """The promise is pending when the transaction looks, and past its
+    """The promise is pending when the transaction begins, and past its
     timeout when it settles it (each request reads the clock): the store
     answers that settle 200 with the timed-out promise and writes nothing.
     The transaction is taken back, and the settle, step by step, finds the
@@ -626,7 +625,7 @@ async def test_a_promise_that_times_out_between_the_look_and_the_settle_is_not_t
         else:
             await asyncio.sleep(seconds)
 
-    after_the_look(monkeypatch, past_its_timeout)
+    before_the_settle(monkeypatch, past_its_timeout)
     result, rec = await parts.settler.settle("j", DONE, by="callback", attempt=1)
 
     promise = await parts.promise("j")
