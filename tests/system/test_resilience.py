@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from core.store.embedded import sqlite_path
@@ -81,7 +82,10 @@ async def test_a_hanging_backend_fails_its_job_and_blocks_no_other(start_service
         assert hang["error"]["type"] == "timeout"
         assert "timed out after 1s" in hang["error"]["message"]
         assert len(receiver.on("/hang")) == 2  # each attempt given up after its timeout
-        assert fast["finished_at"] < hang["finished_at"]
+        # (as times: one on a whole second is written without a fraction)
+        assert datetime.fromisoformat(fast["finished_at"]) < datetime.fromisoformat(
+            hang["finished_at"]
+        )
     finally:
         hung.set()
 
