@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from resonate_base import PROTOCOL_VERSION, ConnectorError
 from resonate_pg import PostgresConnection
 from resonate_pg.client import DEFAULT_MAX_POOL_SIZE, PgConn
-from resonate_pg.connection import RPC_SQL
+from resonate_pg.connection import PROCESS_TIMEOUTS_SQL, RPC_SQL
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.redact import redact
@@ -30,11 +31,17 @@ from core.store.migrations import migrate
 from core.store.schema import POSTGRES
 from core.store.sql import SqlJobIndex
 
+log = logging.getLogger("tether")
+
 GC_BATCH = 10_000
 """Promises one call of `resonate.gc` deletes, at most."""
 MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 """The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
+
+TIMERS_REFUSED = (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction)
+"""What `resonate.process_timeouts()` answers a role that may not run it (or
+a schema without it): the message pump leaves the timers to pg_cron."""
 
 RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
 """resonate-pg's functions the store calls (`resonate_pg.connection`)."""
@@ -143,11 +150,12 @@ class PostgresStore(Store):
 class _Sessions:
     """resonate-pg's sessions (`resonate_pg.client.PgSessions`) on a pool of
     autocommit connections, opened on first use (a database down at start
-    heals, as with resonate-pg's own). Its message pump gets one transaction
-    a session (`session`), as from resonate-pg's; a protocol request runs as
-    one statement on its own (`autocommit`, `PgConnection.send`): one round
-    trip to Postgres, where a session's is three (`BEGIN`, the call,
-    `COMMIT`). `close` waits for `shut` (`PgConnection.close`)."""
+    heals, as with resonate-pg's own). A protocol request and each statement
+    of the message pump run on their own (`autocommit`, `PgConnection.send`
+    and `_drain`): one round trip to Postgres, where a session's is three
+    (`BEGIN`, the call, `COMMIT`). `session` (one transaction) is what
+    resonate-pg's code that Tether does not replace would get. `close` waits
+    for `shut` (`PgConnection.close`)."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -223,6 +231,45 @@ class PgConnection(PostgresConnection):
         if row is None or row[0] is None:
             raise ConnectorError(RuntimeError("resonate.resonate_rpc returned no row"))
         return str(row[0])
+
+    async def _drain(self) -> None:
+        """resonate-pg's drain (`PostgresConnection._drain`: advance its
+        timers, claim this node's messages, then hand them to the SDK), each
+        statement in autocommit. Each is one atomic statement
+        (`resonate.process_timeouts()`, each `resonate.dequeue_*` a
+        `DELETE … RETURNING`), its own transaction either way: one round
+        trip apiece, where resonate-pg's sessions cost three for the timers
+        and five for the three dequeues. The messages are still handed over
+        only after the last dequeue; a crash between a dequeue and the
+        handing over loses them to the task's retry timeout, as a crash after
+        resonate-pg's commit did. (Relies on resonate-pg 0.8's `_drain`,
+        `_drive_timers`, `_dequeue_*`, `_deliver`, `_anycast`, `_unicast`;
+        `tests/core/store/test_pg_sessions.py`.)
+
+        A role that may not run the timers' function (resonate-pg's
+        `resonate_worker`) leaves them to pg_cron from then on, as
+        resonate-pg does; but where resonate-pg gives them up on any error,
+        here a lost connection or a restarting database only fails this
+        drain (resonate-pg's pump logs it and drains again at its next
+        wake): given up for good, this process would never again expire the
+        leases of a dead host's workflows."""
+        if self._drive_timers:
+            try:
+                async with self._own.autocommit() as conn:
+                    await conn.execute(PROCESS_TIMEOUTS_SQL)
+            except TIMERS_REFUSED as exc:
+                self._drive_timers = False
+                log.warning(
+                    "resonate.process_timeouts() unavailable (%s), leaving timers to pg_cron",
+                    type(exc).__name__,
+                )
+        async with self._own.autocommit() as autocommit:
+            pg = cast(PgConn, autocommit)
+            messages = await self._dequeue_executes(pg, self._anycast)
+            messages += await self._dequeue_executes(pg, self._unicast)
+            messages += await self._dequeue_unblocks(pg, self._unicast)
+        for message in messages:
+            self._deliver(message)
 
     async def stop(self) -> None:
         await super().stop()  # the message pump and LISTEN end; requests still run

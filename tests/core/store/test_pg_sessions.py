@@ -1,22 +1,39 @@
 """How the Postgres store talks to Postgres: a statement on its own commits
 by itself (autocommit, one round trip), a transaction's statements commit
-together or not at all, and resonate-pg's message pump keeps its one
-transaction a drain. Run with TETHER_TEST_PG_DSN (skipped without it)."""
+together or not at all, and resonate-pg's message pump runs each of its
+statements on its own too. Run with TETHER_TEST_PG_DSN (skipped without it)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import pq
 
-from core.store.postgres import PgConnection, PgSession, PostgresDriver
+import core.store.postgres
+from core.store.postgres import PgConnection, PgSession, PostgresDriver, _Sessions
+
+
+def _request(kind: str, data: dict[str, Any]) -> str:
+    return json.dumps({"kind": kind, "head": {"corrId": "1", "version": "v"}, "data": data})
 
 
 def _ping() -> str:
-    head = {"corrId": "1", "version": "v"}
-    return json.dumps({"kind": "promise.get", "head": head, "data": {"id": "nowhere"}})
+    return _request("promise.get", {"id": "nowhere"})
+
+
+def _work_for(conn: PgConnection, promise_id: str) -> str:
+    """A workflow promise whose task is addressed to `conn`'s group: an
+    `execute` message in resonate-pg's outbox for its pump."""
+    tags = {"resonate:target": conn._anycast}
+    timeout = int(time.time() * 1000) + 60_000
+    return _request(
+        "promise.create", {"id": promise_id, "timeoutAt": timeout, "param": {}, "tags": tags}
+    )
 
 
 async def _rows(url: str) -> list[str]:
@@ -64,9 +81,7 @@ async def test_a_statement_on_its_own_commits_by_itself_and_a_transaction_all_or
         await driver.close()
 
 
-async def test_protocol_requests_go_alone_and_the_pump_drains_in_one_transaction(
-    fresh_pg_url: str,
-) -> None:
+async def test_protocol_requests_go_alone(fresh_pg_url: str) -> None:
     conn = PgConnection(fresh_pg_url, pid="p1", group="g")
     try:
         answer = json.loads(await conn.send(_ping()))
@@ -75,7 +90,7 @@ async def test_protocol_requests_go_alone_and_the_pump_drains_in_one_transaction
         async with sessions.autocommit() as c:
             await c.execute("SELECT 1")
             assert c.info.transaction_status == pq.TransactionStatus.IDLE
-        async with sessions.session() as c:
+        async with sessions.session() as c:  # what resonate-pg's own code would get
             await c.execute("SELECT 1")
             assert c.info.transaction_status == pq.TransactionStatus.INTRANS
         # stopped (the SDK stops its connections before its steps end), it
@@ -86,3 +101,66 @@ async def test_protocol_requests_go_alone_and_the_pump_drains_in_one_transaction
         await conn.close()
     with pytest.raises(Exception, match="stopped"):
         await conn.send(_ping())
+
+
+async def test_the_pump_runs_each_statement_alone_timers_first_and_hands_over_after(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drain opens no transaction (`BEGIN`/`COMMIT` cost two round trips
+    each time): its timers' statement commits on its own, then the dequeues
+    claim this node's messages, which reach the SDK after the last one. A
+    lost connection fails that one drain; a database that refuses the
+    timers' function (a role not granted `resonate.process_timeouts`) is
+    said once and left to pg_cron; the messages still flow."""
+
+    def no_session(self: _Sessions) -> Any:
+        raise AssertionError("the drain opened a transaction")
+
+    monkeypatch.setattr(_Sessions, "session", no_session)
+    async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
+        await other.execute("CREATE TABLE ticks (n INT)")
+    # the timers' statement, seen from another connection once it has run
+    monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", "INSERT INTO ticks VALUES (1)")
+    conn = PgConnection(fresh_pg_url, pid="p1", group="g")
+    got: list[str] = []
+    conn.recv(got.append)
+    try:
+        assert json.loads(await conn.send(_work_for(conn, "w1")))["head"]["status"] == 200
+        await conn._drain()
+        assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1"]
+        async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
+            assert await (await other.execute("SELECT count(*) FROM ticks")).fetchone() == (1,)
+        await conn._drain()  # nothing left to claim
+        assert len(got) == 1
+
+        # a connection lost under the timers' statement (Postgres restarting)
+        # fails that drain only: the next one drives the timers again
+        monkeypatch.setattr(
+            core.store.postgres,
+            "PROCESS_TIMEOUTS_SQL",
+            "SELECT pg_terminate_backend(pg_backend_pid())",
+        )
+        with pytest.raises(psycopg.OperationalError):
+            await conn._drain()
+        monkeypatch.setattr(
+            core.store.postgres, "PROCESS_TIMEOUTS_SQL", "INSERT INTO ticks VALUES (2)"
+        )
+        await conn._drain()
+        async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
+            ticks = await (await other.execute("SELECT n FROM ticks ORDER BY n")).fetchall()
+            assert ticks == [(1,), (1,), (2,)]  # each drain, but the failed one
+
+        monkeypatch.setattr(
+            core.store.postgres, "PROCESS_TIMEOUTS_SQL", "SELECT resonate.no_such_function()"
+        )
+        assert json.loads(await conn.send(_work_for(conn, "w2")))["head"]["status"] == 200
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            await conn._drain()
+            await conn._drain()
+        said = [r.getMessage() for r in caplog.records if "process_timeouts" in r.getMessage()]
+        assert said == [
+            "resonate.process_timeouts() unavailable (UndefinedFunction), leaving timers to pg_cron"
+        ]
+        assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1", "w2"]
+    finally:
+        await conn.close()
