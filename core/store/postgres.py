@@ -150,12 +150,11 @@ class PostgresStore(Store):
 class _Sessions:
     """resonate-pg's sessions (`resonate_pg.client.PgSessions`) on a pool of
     autocommit connections, opened on first use (a database down at start
-    heals, as with resonate-pg's own). A protocol request and each statement
-    of the message pump run on their own (`autocommit`, `PgConnection.send`
-    and `_drain`): one round trip to Postgres, where a session's is three
-    (`BEGIN`, the call, `COMMIT`). `session` (one transaction) is what
-    resonate-pg's code that Tether does not replace would get. `close` waits
-    for `shut` (`PgConnection.close`)."""
+    heals, as with resonate-pg's own). Its message pump gets one transaction
+    a session (`session`), as from resonate-pg's; a protocol request runs as
+    one statement on its own (`autocommit`, `PgConnection.send`): one round
+    trip to Postgres, where a session's is three (`BEGIN`, the call,
+    `COMMIT`). `close` waits for `shut` (`PgConnection.close`)."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -232,44 +231,29 @@ class PgConnection(PostgresConnection):
             raise ConnectorError(RuntimeError("resonate.resonate_rpc returned no row"))
         return str(row[0])
 
-    async def _drain(self) -> None:
-        """resonate-pg's drain (`PostgresConnection._drain`: advance its
-        timers, claim this node's messages, then hand them to the SDK), each
-        statement in autocommit. Each is one atomic statement
-        (`resonate.process_timeouts()`, each `resonate.dequeue_*` a
-        `DELETE … RETURNING`), its own transaction either way: one round
-        trip apiece, where resonate-pg's sessions cost three for the timers
-        and five for the three dequeues. The messages are still handed over
-        only after the last dequeue; a crash between a dequeue and the
-        handing over loses them to the task's retry timeout, as a crash after
-        resonate-pg's commit did. (Relies on resonate-pg 0.8's `_drain`,
-        `_drive_timers`, `_dequeue_*`, `_deliver`, `_anycast`, `_unicast`;
-        `tests/core/store/test_pg_sessions.py`.)
-
-        A role that may not run the timers' function (resonate-pg's
-        `resonate_worker`) leaves them to pg_cron from then on, as
+    async def _fire_timers(self) -> None:
+        """resonate-pg's first step of each drain of its message pump
+        (`PostgresConnection._fire_timers`): `resonate.process_timeouts()`
+        in a session of its own. A role that may not run it (resonate-pg's
+        `resonate_worker`) leaves the timers to pg_cron from then on, as
         resonate-pg does; but where resonate-pg gives them up on any error,
         here a lost connection or a restarting database only fails this
         drain (resonate-pg's pump logs it and drains again at its next
         wake): given up for good, this process would never again expire the
-        leases of a dead host's workflows."""
-        if self._drive_timers:
-            try:
-                async with self._own.autocommit() as conn:
-                    await conn.execute(PROCESS_TIMEOUTS_SQL)
-            except TIMERS_REFUSED as exc:
-                self._drive_timers = False
-                log.warning(
-                    "resonate.process_timeouts() unavailable (%s), leaving timers to pg_cron",
-                    type(exc).__name__,
-                )
-        async with self._own.autocommit() as autocommit:
-            pg = cast(PgConn, autocommit)
-            messages = await self._dequeue_executes(pg, self._anycast)
-            messages += await self._dequeue_executes(pg, self._unicast)
-            messages += await self._dequeue_unblocks(pg, self._unicast)
-        for message in messages:
-            self._deliver(message)
+        leases of a dead host's workflows. (Relies on resonate-pg 0.8's
+        `_fire_timers` and `_drive_timers`;
+        `tests/core/store/test_pg_sessions.py`.)"""
+        if not self._drive_timers:
+            return
+        try:
+            async with self._own.session() as conn:
+                await conn.execute(PROCESS_TIMEOUTS_SQL)
+        except TIMERS_REFUSED as exc:
+            self._drive_timers = False
+            log.warning(
+                "resonate.process_timeouts() unavailable (%s), leaving timers to pg_cron",
+                type(exc).__name__,
+            )
 
     async def stop(self) -> None:
         await super().stop()  # the message pump and LISTEN end; requests still run

@@ -1,7 +1,8 @@
 """How the Postgres store talks to Postgres: a statement on its own commits
 by itself (autocommit, one round trip), a transaction's statements commit
-together or not at all, and resonate-pg's message pump runs each of its
-statements on its own too. Run with TETHER_TEST_PG_DSN (skipped without it)."""
+together or not at all, and resonate-pg's message pump keeps its one
+transaction a drain and its timers. Run with TETHER_TEST_PG_DSN (skipped
+without it)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from psycopg import pq
 
 import core.store.postgres
-from core.store.postgres import PgConnection, PgSession, PostgresDriver, _Sessions
+from core.store.postgres import PgConnection, PgSession, PostgresDriver
 
 
 def _request(kind: str, data: dict[str, Any]) -> str:
@@ -90,7 +91,7 @@ async def test_protocol_requests_go_alone(fresh_pg_url: str) -> None:
         async with sessions.autocommit() as c:
             await c.execute("SELECT 1")
             assert c.info.transaction_status == pq.TransactionStatus.IDLE
-        async with sessions.session() as c:  # what resonate-pg's own code would get
+        async with sessions.session() as c:  # the message pump's, one a drain
             await c.execute("SELECT 1")
             assert c.info.transaction_status == pq.TransactionStatus.INTRANS
         # stopped (the SDK stops its connections before its steps end), it
@@ -103,33 +104,35 @@ async def test_protocol_requests_go_alone(fresh_pg_url: str) -> None:
         await conn.send(_ping())
 
 
-async def test_the_pump_runs_each_statement_alone_timers_first_and_hands_over_after(
+async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
     fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A drain opens no transaction (`BEGIN`/`COMMIT` cost two round trips
-    each time): its timers' statement commits on its own, then the dequeues
-    claim this node's messages, which reach the SDK after the last one. A
-    lost connection fails that one drain; a database that refuses the
-    timers' function (a role not granted `resonate.process_timeouts`) is
-    said once and left to pg_cron; the messages still flow."""
-
-    def no_session(self: _Sessions) -> Any:
-        raise AssertionError("the drain opened a transaction")
-
-    monkeypatch.setattr(_Sessions, "session", no_session)
+    """Each drain of resonate-pg's message pump drives the timers, then
+    claims this node's messages and hands them to the SDK. A lost
+    connection under the timers fails that one drain, and the next drives
+    them again (resonate-pg gave them up for good on any error); a database
+    that refuses the timers' function (a role not granted
+    `resonate.process_timeouts`) is said once and left to pg_cron; the
+    messages still flow."""
     async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
-        await other.execute("CREATE TABLE ticks (n INT)")
+        await other.execute("CREATE TABLE ticks (at TIMESTAMPTZ)")
     # the timers' statement, seen from another connection once it has run
-    monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", "INSERT INTO ticks VALUES (1)")
+    tick = "INSERT INTO ticks VALUES (now())"
+    monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", tick)
     conn = PgConnection(fresh_pg_url, pid="p1", group="g")
     got: list[str] = []
     conn.recv(got.append)
+
+    async def ticks() -> int:
+        async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
+            row = await (await other.execute("SELECT count(*) FROM ticks")).fetchone()
+            return int(row[0]) if row else 0
+
     try:
         assert json.loads(await conn.send(_work_for(conn, "w1")))["head"]["status"] == 200
         await conn._drain()
         assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1"]
-        async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
-            assert await (await other.execute("SELECT count(*) FROM ticks")).fetchone() == (1,)
+        assert await ticks() == 1
         await conn._drain()  # nothing left to claim
         assert len(got) == 1
 
@@ -142,13 +145,9 @@ async def test_the_pump_runs_each_statement_alone_timers_first_and_hands_over_af
         )
         with pytest.raises(psycopg.OperationalError):
             await conn._drain()
-        monkeypatch.setattr(
-            core.store.postgres, "PROCESS_TIMEOUTS_SQL", "INSERT INTO ticks VALUES (2)"
-        )
+        monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", tick)
         await conn._drain()
-        async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
-            ticks = await (await other.execute("SELECT n FROM ticks ORDER BY n")).fetchall()
-            assert ticks == [(1,), (1,), (2,)]  # each drain, but the failed one
+        assert await ticks() == 3  # each drain, but the failed one
 
         monkeypatch.setattr(
             core.store.postgres, "PROCESS_TIMEOUTS_SQL", "SELECT resonate.no_such_function()"
