@@ -616,6 +616,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "heavy: minutes long; only `./dev test --all` runs it")
     config.addinivalue_line(
         "markers",
+        "postgres: needs TETHER_TEST_PG_DSN (given to every test that takes `fresh_pg_url`),"
+        " so that `-k postgres` selects it",
+    )
+    config.addinivalue_line(
+        "markers",
         "resonate_server: also run on a Resonate server store (the stand-in);"
         " resonate_server(False) opts a test of a marked module out",
     )
@@ -642,7 +647,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tests of modules that start processes (5-30 s each, some of them) run
     first, so that the last ones left, which keep one worker busy while the
     other has none, are short: `./dev test` has pytest-xdist's workers steal
-    from each other's queues (--dist worksteal), the ends of the queues first."""
+    from each other's queues (--dist worksteal), the ends of the queues first.
+    A test that takes `fresh_pg_url` is marked `postgres`, which `-k postgres`
+    matches whatever the test is called."""
+    for item in items:
+        if "fresh_pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
     if not config.getoption("--all"):
         heavy = [item for item in items if item.get_closest_marker("heavy")]
         if heavy:

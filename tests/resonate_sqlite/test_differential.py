@@ -42,6 +42,8 @@ import pytest
 from resonate_sqlite.engine import Engine
 from tests.pg import drop_pg_database, fresh_pg_database, pg_dsn
 
+pytestmark = pytest.mark.postgres  # every test here runs against resonate.sql
+
 SEED = 20260401
 SEQUENCES = 150
 STEPS = 80
