@@ -27,10 +27,10 @@ def _ping() -> str:
     return _request("promise.get", {"id": "nowhere"})
 
 
-def _work_for(conn: PgConnection, promise_id: str) -> str:
-    """A workflow promise whose task is addressed to `conn`'s group: an
+def _work_for(conn: PgConnection, group: str, promise_id: str) -> str:
+    """A workflow promise whose task is addressed to `group` (`conn`'s): an
     `execute` message in resonate-pg's outbox for its pump."""
-    tags = {"resonate:target": conn._anycast}
+    tags = {"resonate:target": conn.resolve_target(group)}
     timeout = int(time.time() * 1000) + 60_000
     return _request(
         "promise.create", {"id": promise_id, "timeoutAt": timeout, "param": {}, "tags": tags}
@@ -129,7 +129,7 @@ async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
             return int(row[0]) if row else 0
 
     try:
-        assert json.loads(await conn.send(_work_for(conn, "w1")))["head"]["status"] == 200
+        assert json.loads(await conn.send(_work_for(conn, "g", "w1")))["head"]["status"] == 200
         await conn._drain()
         assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1"]
         assert await ticks() == 1
@@ -152,7 +152,7 @@ async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
         monkeypatch.setattr(
             core.store.postgres, "PROCESS_TIMEOUTS_SQL", "SELECT resonate.no_such_function()"
         )
-        assert json.loads(await conn.send(_work_for(conn, "w2")))["head"]["status"] == 200
+        assert json.loads(await conn.send(_work_for(conn, "g", "w2")))["head"]["status"] == 200
         with caplog.at_level(logging.WARNING, logger="tether"):
             await conn._drain()
             await conn._drain()
