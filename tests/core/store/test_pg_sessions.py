@@ -109,9 +109,13 @@ async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
 ) -> None:
     """Each drain of resonate-pg's message pump drives the timers, then
     claims this node's messages and hands them to the SDK. A lost
-    connection under the timers fails that one drain, and the next drives
-    them again (resonate-pg gave them up for good on any error); a database
-    that refuses the timers' function (a role not granted
+    connection under the timers, or a timers' statement that fails every
+    time (a `statement_timeout` over a long outage's backlog), skips the
+    timers of that drain only, said once a minute at most; the messages are
+    still claimed and handed on, and the next drain drives the timers again
+    (resonate-pg gave them up for good on any error, and a failure here that
+    stopped the drain would hold every message up while it lasts); a
+    database that refuses the timers' function (a role not granted
     `resonate.process_timeouts`) is said once and left to pg_cron; the
     messages still flow."""
     async with await psycopg.AsyncConnection.connect(fresh_pg_url, autocommit=True) as other:
@@ -136,23 +140,44 @@ async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
         await conn._drain()  # nothing left to claim
         assert len(got) == 1
 
-        # a connection lost under the timers' statement (Postgres restarting)
-        # fails that drain only: the next one drives the timers again
-        monkeypatch.setattr(
-            core.store.postgres,
-            "PROCESS_TIMEOUTS_SQL",
-            "SELECT pg_terminate_backend(pg_backend_pid())",
-        )
-        with pytest.raises(psycopg.OperationalError):
-            await conn._drain()
+        # a connection lost under the timers' statement (Postgres restarting),
+        # then a statement that fails each time: the messages still flow, the
+        # failures are said once, and the next drain drives the timers again
+        failing = ("SELECT pg_terminate_backend(pg_backend_pid())", "SELECT 1/0", "SELECT 1/0")
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            for n, statement in enumerate(failing, start=3):
+                monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", statement)
+                assert (
+                    json.loads(await conn.send(_work_for(conn, "g", f"w{n}")))["head"]["status"]
+                    == 200
+                )
+                await conn._drain()
+        assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1", "w3", "w4", "w5"]
+        said = [r.getMessage() for r in caplog.records if "process_timeouts" in r.getMessage()]
+        assert said == [
+            "resonate.process_timeouts() failed (AdminShutdown): task leases and promise"
+            " timeouts wait for the next drain that runs it; messages are still delivered"
+        ]
+        caplog.clear()
         monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", tick)
         await conn._drain()
-        assert await ticks() == 3  # each drain, but the failed one
+        assert await ticks() == 3  # each drain, but the failed ones
+        monkeypatch.setattr(core.store.postgres, "TIMERS_FAILED_EVERY", 0.0)
+        monkeypatch.setattr(core.store.postgres, "PROCESS_TIMEOUTS_SQL", "SELECT 1/0")
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            await conn._drain()
+        said = [r.getMessage() for r in caplog.records if "process_timeouts" in r.getMessage()]
+        assert said == [
+            "resonate.process_timeouts() failed (DivisionByZero; 2 more since): task leases"
+            " and promise timeouts wait for the next drain that runs it; messages are still"
+            " delivered"
+        ]
+        caplog.clear()
 
         monkeypatch.setattr(
             core.store.postgres, "PROCESS_TIMEOUTS_SQL", "SELECT resonate.no_such_function()"
         )
-        assert json.loads(await conn.send(_work_for(conn, "g", "w2")))["head"]["status"] == 200
+        assert json.loads(await conn.send(_work_for(conn, "g", "w6")))["head"]["status"] == 200
         with caplog.at_level(logging.WARNING, logger="tether"):
             await conn._drain()
             await conn._drain()
@@ -160,6 +185,6 @@ async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
         assert said == [
             "resonate.process_timeouts() unavailable (UndefinedFunction), leaving timers to pg_cron"
         ]
-        assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1", "w2"]
+        assert [json.loads(m)["data"]["task"]["id"] for m in got] == ["w1", "w3", "w4", "w5", "w6"]
     finally:
         await conn.close()
