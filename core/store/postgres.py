@@ -159,17 +159,22 @@ class _Sessions:
     a session (`session`), as from resonate-pg's; a protocol request runs as
     one statement on its own (`autocommit`, `PgConnection.send`): one round
     trip to Postgres, where a session's is three (`BEGIN`, the call,
-    `COMMIT`). `close` waits for `shut` (`PgConnection.close`)."""
+    `COMMIT`). `close` waits for `shut` (`PgConnection.close`), after which
+    no pool opens again: a request that raced the close fails, rather than
+    leave a pool nothing closes."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._pool: AsyncConnectionPool | None = None
         self._lock = asyncio.Lock()
+        self._shut = False
 
     async def _opened(self) -> AsyncConnectionPool:
         if self._pool is not None:
             return self._pool
         async with self._lock:  # two first calls at once make one pool
+            if self._shut:
+                raise ConnectorError(RuntimeError("connection has been closed"))
             if self._pool is None:
                 pool = AsyncConnectionPool(
                     self._url,
@@ -203,6 +208,7 @@ class _Sessions:
         pass
 
     async def shut(self) -> None:
+        self._shut = True
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

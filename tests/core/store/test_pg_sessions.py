@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import pq
+from resonate_base import ConnectorError
 
 import core.store.postgres
 from core.store.postgres import PgConnection, PgSession, PostgresDriver
@@ -102,6 +103,12 @@ async def test_protocol_requests_go_alone(fresh_pg_url: str) -> None:
         await conn.close()
     with pytest.raises(Exception, match="stopped"):
         await conn.send(_ping())
+    # a request that passed that check as the store closed opens no pool
+    # again (one nothing would close)
+    with pytest.raises(ConnectorError, match="closed"):
+        async with conn._own.autocommit():
+            pass
+    assert conn._own._pool is None
 
 
 async def test_the_pump_gives_up_the_timers_only_when_postgres_refuses_them(
