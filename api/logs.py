@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from resonate.error import ResonateError, ServerError
@@ -102,13 +102,20 @@ class StaleLeases(logging.Filter):
 
 
 class Repeats(logging.Filter):
-    """The SDK's warnings each time its message stream from a Resonate
-    server fails to connect again (every 5 s per worker while the server is
-    down: thousands an hour): the first, then at most one each `EVERY`
-    seconds, saying how many like it were left out."""
+    """Warnings that repeat while something outside stays broken: the SDK's
+    each time its message stream from a Resonate server fails to connect
+    again (every 5 s per worker while the server is down: thousands an
+    hour), and the Postgres store's each time its message pump's timers
+    fail (four times a second, `core.store.postgres.PgConnection`): the
+    first, then at most one each `EVERY` seconds, saying how many like it
+    were left out."""
 
     EVERY = 60.0
-    MESSAGES = ("SSE connection failed, retrying", "SSE endpoint returned")
+    MESSAGES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "resonate.connections.sse": ("SSE connection failed, retrying", "SSE endpoint returned"),
+        "tether": ("resonate.process_timeouts() failed",),
+    }
+    """The lines thinned: their logger, and how their message starts."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,7 +124,7 @@ class Repeats(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        if record.name != "resonate.connections.sse" or not message.startswith(self.MESSAGES):
+        if not message.startswith(self.MESSAGES.get(record.name, ())):
             return True
         now = time.monotonic()
         shown = self._shown.get(message)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -43,10 +42,6 @@ MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 TIMERS_REFUSED = (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction)
 """What `resonate.process_timeouts()` answers a role that may not run it (or
 a schema without it): the message pump leaves the timers to pg_cron."""
-
-TIMERS_FAILED_EVERY = 60.0
-"""Seconds between two log lines of the timers' statement failing otherwise
-(`PgConnection._timers_failed`)."""
 
 RESONATE_FUNCTIONS = ("resonate_rpc", "dequeue_execute", "dequeue_unblock")
 """resonate-pg's functions the store calls (`resonate_pg.connection`)."""
@@ -225,8 +220,6 @@ class PgConnection(PostgresConnection):
 
     def __init__(self, url: str, *, pid: str, group: str) -> None:
         self._own = _Sessions(url)
-        self._timers_said: float | None = None  # when a timers' failure was last logged
-        self._timers_unsaid = 0  # failures since, not logged
         super().__init__(sessions=self._own, pid=pid, group=group)
 
     async def send(self, req: str, headers: dict[str, str] | None = None) -> str:
@@ -252,8 +245,9 @@ class PgConnection(PostgresConnection):
         resonate-pg does; but where resonate-pg gives them up on any error,
         here any other failure (a lost connection, a restarting database, a
         `statement_timeout` the backlog of a long outage outlasts) skips
-        the timers of this drain only, logged at most once a
-        `TIMERS_FAILED_EVERY`: given up for good, this process would never
+        the timers of this drain only, logged each time (`tether serve`'s
+        log filter `api.logs.Repeats` shows one line a minute, with a
+        count): given up for good, this process would never
         again expire the leases of a dead host's workflows. It never
         raises: the drain goes on to claim and hand on its messages, which a
         timers' statement that fails every time would otherwise hold up for
@@ -271,24 +265,11 @@ class PgConnection(PostgresConnection):
                 type(exc).__name__,
             )
         except Exception as exc:
-            self._timers_failed(exc)
-
-    def _timers_failed(self, exc: Exception) -> None:
-        """Log a failure of the timers' statement: the first, then at most
-        one each `TIMERS_FAILED_EVERY` seconds, saying how many were left
-        out (the pump drains four times a second)."""
-        now = time.monotonic()
-        if self._timers_said is not None and now - self._timers_said < TIMERS_FAILED_EVERY:
-            self._timers_unsaid += 1
-            return
-        unsaid, self._timers_unsaid, self._timers_said = self._timers_unsaid, 0, now
-        more = f"; {unsaid} more since" if unsaid else ""
-        log.warning(
-            "resonate.process_timeouts() failed (%s%s): task leases and promise timeouts"
-            " wait for the next drain that runs it; messages are still delivered",
-            type(exc).__name__,
-            more,
-        )
+            log.warning(
+                "resonate.process_timeouts() failed (%s): task leases and promise timeouts"
+                " wait for the next drain that runs it; messages are still delivered",
+                type(exc).__name__,
+            )
 
     async def stop(self) -> None:
         await super().stop()  # the message pump and LISTEN end; requests still run

@@ -231,3 +231,24 @@ def test_the_sdks_reconnect_warnings_are_shown_once_a_minute_with_a_count(monkey
         "tether", logging.WARNING, __file__, 1, "x", (), None
     )
     assert all(repeats.filter(other) for _ in range(3))  # other lines pass as they are
+
+
+def test_the_postgres_pumps_timer_failures_are_shown_once_a_minute_with_a_count(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(api.logs.time, "monotonic", lambda: now[0])
+    repeats = Repeats()
+    said = (
+        "resonate.process_timeouts() failed (%s): task leases and promise timeouts"
+        " wait for the next drain that runs it; messages are still delivered"
+    )
+    shown = []
+    for n in range(250):  # four drains a second for a minute and a bit
+        error = "AdminShutdown" if n == 0 else "QueryCanceled"
+        line = record(said, error)
+        if repeats.filter(line):
+            shown.append(line.getMessage())
+        now[0] += 0.25
+    assert shown == [
+        said % "AdminShutdown",
+        said % "QueryCanceled" + " (239 more like it in the last 60 s)",
+    ]
