@@ -406,12 +406,12 @@ async def protocol(parts: Parts, kind: str, data: dict[str, Any]) -> tuple[int, 
 
 
 async def waiting_workflow(
-    parts: Parts, job_id: str, attempt: int = 1, suspend: bool = True
+    parts: Parts, job_id: str, attempt: int = 1, suspend: bool = True, timeout_ms: int = 60_000
 ) -> str:
     """Attempt `attempt` of `job_id`'s workflow as a worker leaves it: its
     root promise with a task (sent to a group nobody serves), acquired, its
-    callback promise made, then (`suspend`) suspended on it. Returns the
-    root's id."""
+    callback promise made (timing out in `timeout_ms`), then (`suspend`)
+    suspended on it. Returns the root's id."""
     root = root_promise_id(job_id, attempt)
     tags = {"resonate:target": "poll://any@nobody", "resonate:scope": "global"}
     await parts.resonate.promises.create(root, now_ms() + 60_000, Value(data={"w": 1}), tags)
@@ -421,7 +421,7 @@ async def waiting_workflow(
     assert status == 200
     external = {"resonate:external": "true"}  # as `ctx.promise` tags it: awaitable
     await parts.resonate.promises.create(
-        callback_promise_id(job_id, attempt), now_ms() + 60_000, Value(data=None), external
+        callback_promise_id(job_id, attempt), now_ms() + timeout_ms, Value(data=None), external
     )
     if suspend:
         awaited = {"awaited": callback_promise_id(job_id, attempt), "awaiter": root}
@@ -575,19 +575,23 @@ async def test_a_promise_settled_by_another_inside_the_transaction_is_not_taken_
     assert outcome_of((await parts.promise("j")).value.data) == OTHER
 
 
+@pytest.mark.parametrize("alone", [False, True])
 async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_back_with_it(
-    parts: Parts, monkeypatch: pytest.MonkeyPatch
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, alone: bool
 ):
     """The embedded store: its transactions do not interleave, so the promise
     is settled here with another value inside the transaction, right
     before its own settle (what another process does on
     Postgres). The settle's answer carries that other value: the transaction
-    is taken back whole (the other settle with it), and the settle goes on
-    step by step. The promise and the row end with one and the same value."""
+    is taken back whole (the other settle with it, and with `alone` the
+    waiting workflow's end, settled first), and the settle goes on step by
+    step. The promise and the row end with one and the same value, and the
+    workflow, never ended, is resumed to finish the job."""
     if parts.store.kind == "postgresql" or not parts.jobs.settles_together:
         pytest.skip("the embedded store's transaction")
     await parts.add_job("j", state="running")
-    await parts.add_promise("j")
+    root = await waiting_workflow(parts, "j")
+    parts.settler.finishes_alone = lambda state, value: alone
     other = msgspec.to_builtins(
         parts.resonate.promises.codec.encode(settled_value(OTHER, "callback", "n" * 32))
     )
@@ -601,21 +605,28 @@ async def test_a_promise_settled_another_way_inside_the_transaction_is_taken_bac
 
     assert (result, rec.state, rec.result) == ("accepted", "succeeded", {"rows": 3})
     assert outcome_of((await parts.promise("j")).value.data) == DONE
+    assert (await parts.resonate.promises.get(root)).state == "pending"
+    assert await task_state(parts, root) == "pending"  # resumed: its finish ends it
 
 
+@pytest.mark.parametrize("alone", [False, True])
 async def test_a_promise_that_times_out_inside_the_transaction_is_not_taken_as_won(
-    parts: Parts, monkeypatch: pytest.MonkeyPatch
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, alone: bool
 ):
     """The promise is pending when the transaction begins, and past its
     timeout when it settles it (each request reads the clock): the store
     answers that settle 200 with the timed-out promise and writes nothing.
     The transaction is taken back, and the settle, step by step, finds the
     store's timeout the winner: the job does not end as the callback said
-    while its promise says otherwise (found in review, 2026-12-03)."""
+    while its promise says otherwise (found in review, 2026-12-03). With
+    `alone` the waiting workflow's root, settled first in the transaction,
+    is taken back with it: the workflow is not ended with an outcome the
+    job did not have, and finishes the job itself once resumed."""
     if not parts.jobs.settles_together:
         pytest.skip("step by step: the settle is the SDK's request")
     await parts.add_job("j", state="running")
-    await parts.add_promise("j", timeout_ms=300)
+    root = await waiting_workflow(parts, "j", timeout_ms=300)
+    parts.settler.finishes_alone = lambda state, value: alone
     due = (await parts.promise("j")).timeout_at
 
     async def past_its_timeout(tx: Any, request: Any) -> None:
@@ -632,6 +643,8 @@ async def test_a_promise_that_times_out_inside_the_transaction_is_not_taken_as_w
     assert promise.state == "rejected_timedout"
     assert result != "accepted"
     assert (rec.state, rec.result) == ("timed_out", None)
+    assert (await parts.resonate.promises.get(root)).state == "pending"
+    assert await task_state(parts, root) != "fulfilled"
 
 
 async def test_a_late_settle_of_an_attempt_ended_alone_leaves_the_next_attempt_be(parts: Parts):
