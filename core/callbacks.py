@@ -43,6 +43,7 @@ from core.models import (
     field_of,
 )
 from core.plugins import Plugins
+from core.redact import redact_value
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner
@@ -94,23 +95,27 @@ class HeartbeatGone(msgspec.Struct, frozen=True):
     details: dict[str, Any]
 
 
-def learnt(rec: JobRecord, found: Running | None) -> tuple[int, dict[str, Any]] | None:
+def learnt(
+    rec: JobRecord, found: Running | None, tokens: list[str]
+) -> tuple[int, dict[str, Any]] | None:
     """What a status check of `rec` that found the run going changes in its
-    `external` (`Running.external`), for `JobIndex.record`."""
+    `external` (`Running.external`), for `JobIndex.record`; without the
+    job's callback tokens (`tokens`: a backend may echo what it was sent)."""
     if found is None or not found.external:
         return None
-    return rec.attempt, found.external
+    return rec.attempt, redact_value(found.external, tokens)
 
 
-def status_said(found: Running | None) -> dict[str, Any]:
+def status_said(found: Running | None, tokens: list[str]) -> dict[str, Any]:
     """A `status_check` (or `heartbeat_missed`) event's data for a run the
     backend says is going (`running`, with its progress when that is at most
-    `PROGRESS_LIMIT` bytes of JSON) or cannot tell about (`unknown`)."""
+    `PROGRESS_LIMIT` bytes of JSON, without the job's callback tokens) or
+    cannot tell about (`unknown`)."""
     if found is None:
         return {"said": "unknown"}
     said: dict[str, Any] = {"said": "running"}
     if found.progress is not None and len(msgspec.json.encode(found.progress)) <= PROGRESS_LIMIT:
-        said["progress"] = found.progress
+        said["progress"] = redact_value(found.progress, tokens)
     return said
 
 
@@ -209,8 +214,9 @@ class Callbacks:
             )
             found = None
         if found is None or isinstance(found, Running):
-            said = NewEvent("status_check", status_said(found))
-            found_now = learnt(rec, found)
+            tokens = self.settler.job_tokens(rec)
+            said = NewEvent("status_check", status_said(found, tokens))
+            found_now = learnt(rec, found, tokens)
             await store_call(
                 self.jobs.record(rec.id, [said], now_ms(), found_now, open_at=rec.attempt)
             )
@@ -234,7 +240,8 @@ class Callbacks:
         nothing changes."""
         rec = await self._job_of(promise_id, token)
         job_id = rec.id
-        progress = _progress(body)
+        # A run may report what it was sent (its callback URL, by mistake)
+        progress = redact_value(_progress(body), self.settler.job_tokens(rec))
         attempt = workflow.attempt_of(promise_id) or 1
         if attempt > rec.attempt:  # its URL was never handed out (as `take` has it)
             raise NotFound.promise(promise_id)

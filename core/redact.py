@@ -2,8 +2,11 @@
 receiver's answer, a run's state message, an error) may quote a secret Tether
 sent, in more forms than the one it sent.
 
-`redact` masks each form `forms` knows, and a secret's beginning left at the
-text's end by a cut (an error cut to its limit before it got here). The
+`redact` masks each form `forms` knows, and what a cut left of a secret's
+one-word forms: any piece of at least `FRAGMENT` characters wherever it is
+(a log's tail that begins inside a URL), and a shorter beginning left at the
+text's end or an ending at its start (an error cut to its limit before it
+got here, from either side). The
 secrets are the callback tokens a job's URLs carry (`CallbackSigner.tokens`)
 and the `Authorization` values backends send (http_webhook's credentials).
 """
@@ -22,9 +25,14 @@ import msgspec
 
 MASK = "***"
 MIN_CUT = 4
-"""The fewest characters of a secret's beginning, at the end of a text, that
-are masked as a cut secret: fewer tell next to nothing of it, and would mask
-ordinary text that happens to end like one."""
+"""The fewest characters of a secret's beginning, at the end of a text (or its
+ending, at the start), that are masked as a cut secret: fewer tell next to
+nothing of it, and would mask ordinary text that happens to end like one."""
+
+FRAGMENT = 8
+"""The fewest characters of a secret's one-word form masked wherever they
+stand: 8 characters of a callback token are 48 bits of it, which no
+ordinary text holds by chance."""
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.~-]+")
@@ -81,9 +89,11 @@ CUT_MARKS = ("…", "...")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every form of each of `secrets` masked, and the beginning
-    (at least `MIN_CUT` characters) of a secret's one-word form where a text
-    was cut: at its end, or before a cut mark (`CUT_MARKS`)."""
+    """`text` with every form of each of `secrets` masked, and what a cut left
+    of a secret's one-word form: any piece of it of `FRAGMENT` characters or
+    more, wherever it is; a shorter beginning (from `MIN_CUT` characters)
+    at the text's end or before a cut mark (`CUT_MARKS`); a shorter ending
+    at its start or after a cut mark."""
     for secret in secrets:
         if not secret:
             continue
@@ -91,15 +101,38 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         for form in whole:
             text = text.replace(form, MASK)
         for form in cuttable:
-            if form[:MIN_CUT] not in text:
-                continue
-            for size in range(len(form) - 1, MIN_CUT - 1, -1):
-                head = form[:size]
+            text = _mask_pieces(text, form)
+            for size in range(min(len(form) - 1, FRAGMENT - 1), MIN_CUT - 1, -1):
+                head, tail = form[:size], form[-size:]
                 if text.endswith(head):
                     text = text[:-size] + MASK
+                if text.startswith(tail):
+                    text = MASK + text[size:]
                 for mark in CUT_MARKS:
                     text = text.replace(head + mark, MASK + mark)
+                    text = text.replace(mark + tail, mark + MASK)
     return text
+
+
+def _mask_pieces(text: str, form: str) -> str:
+    """`text` with each piece of `form` of at least `FRAGMENT` characters
+    masked: the places of each of its `FRAGMENT`-character windows, those
+    of one piece overlapping, joined."""
+    spans: list[tuple[int, int]] = []
+    for k in range(len(form) - FRAGMENT + 1):
+        window = form[k : k + FRAGMENT]
+        at = text.find(window)
+        while at != -1:
+            spans.append((at, at + FRAGMENT))
+            at = text.find(window, at + 1)
+    if not spans:
+        return text
+    kept, done = [], 0
+    for start, end in sorted(spans):
+        if start >= done:
+            kept.append(text[done:start] + MASK)
+        done = max(done, end)
+    return "".join(kept) + text[done:]
 
 
 def redact_value(value: Any, secrets: Sequence[str]) -> Any:
@@ -112,9 +145,23 @@ def redact_value(value: Any, secrets: Sequence[str]) -> Any:
 
 
 def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
-    """Whether `data` holds the beginning of a form of a secret: every whole
-    and every cut quote of one does."""
-    return any(form[:MIN_CUT].encode() in data for s in secrets if s for form in forms(s))
+    """Whether `data` holds what `redact` would mask: the beginning of a form
+    of a secret (in every whole quote and every cut beginning), the ending
+    of a one-word form (in every cut ending), or one of its pieces of
+    `MIN_CUT` characters that start where `MIN_CUT` divides the place (any
+    piece of `FRAGMENT` characters holds one)."""
+    return any(
+        piece.encode() in data for secret in secrets if secret for piece in _looked_for(secret)
+    )
+
+
+def _looked_for(secret: str) -> set[str]:
+    whole, cuttable = _forms(secret)
+    found = {form[:MIN_CUT] for form in whole}
+    for form in cuttable:
+        found.add(form[-MIN_CUT:])
+        found.update(form[k : k + MIN_CUT] for k in range(0, len(form) - MIN_CUT + 1, MIN_CUT))
+    return found
 
 
 def _walk(value: Any, secrets: Sequence[str]) -> Any:

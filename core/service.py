@@ -162,7 +162,8 @@ class Tether:
             max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
         )
-        self._settler = Settler(r, self.jobs, self.settings.max_result_bytes, self.signer.tokens)
+        bound = self.settings.max_result_bytes
+        self._settler = Settler(r, self.jobs, bound, self.signer.job_tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
         self._settler.on_orphan = steps.finish_orphan
         self._settler.spawn = self._spawn_stop

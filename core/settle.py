@@ -210,7 +210,7 @@ class Settler:
         resonate: Resonate,
         jobs: JobIndex,
         max_result_bytes: int | None = None,
-        tokens: Callable[[str, str | None], list[str]] | None = None,
+        tokens: Callable[[str, int, str | None], list[str]] | None = None,
     ) -> None:
         self.resonate = resonate
         self.jobs = jobs
@@ -218,7 +218,8 @@ class Settler:
         """`TETHER_MAX_RESULT_BYTES`: every outcome is cut to it before it is
         stored (`core.bounds`); None: no bound."""
         self.tokens = tokens
-        """The callback tokens of a promise (`CallbackSigner.tokens`): masked
+        """The callback tokens of a job up to an attempt, with its salt
+        (`CallbackSigner.job_tokens`): masked
         in every outcome before it is stored, wherever it came from (a run's
         error may quote the callback URL it was given)."""
         self.on_orphan: Callable[[JobRecord], Awaitable[None]] | None = None
@@ -248,6 +249,11 @@ class Settler:
         API cancel or a callback answers once the job's end is recorded, not
         after the backend's `cancel` and its retries. None: `settle` awaits
         it."""
+
+    def job_tokens(self, rec: JobRecord) -> list[str]:
+        """The callback tokens of job `rec` up to its attempt (`tokens`):
+        what to mask in anything from outside that is kept of it."""
+        return [] if self.tokens is None else self.tokens(rec.id, rec.attempt, rec.salt)
 
     async def settle(
         self,
@@ -286,7 +292,7 @@ class Settler:
                 raise NotFound.job(job_id)
             attempt, seen = current.attempt, current
         promise_id = callback_promise_id(job_id, attempt)
-        tokens = self.tokens(promise_id, salt) if self.tokens is not None else []
+        tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
         # masked, then bounded: no whole token is left for the bound to cut
         outcome = bound_outcome(_redacted(outcome, tokens), self.max_result_bytes)
         nonce = uuid.uuid4().hex

@@ -33,7 +33,7 @@ from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
 from core.plugins import Plugins
-from core.redact import redact, redact_bytes
+from core.redact import redact, redact_bytes, redact_value
 from core.settings import Settings
 from core.settle import (
     STORE_TIMEOUT,
@@ -498,7 +498,7 @@ class JobSteps:
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
-        tokens = self.signer.tokens(promise_id, rec.salt)
+        tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         previous = None if rec.attempt == 1 else await self._previous(rec)
         for attempt in range(1, attempts + 1):
             try:
@@ -507,8 +507,9 @@ class JobSteps:
                 else:
                     started = await backend.rerun(trigger, previous)
                 receipt = msgspec.json.encode(dict(started))
-                redacted: dict[str, Any] = msgspec.json.decode(redact_bytes(receipt, tokens))
-                return redacted, attempt
+                # each form whole, in the bytes (escapes as sent), then any cut piece
+                whole: dict[str, Any] = msgspec.json.decode(redact_bytes(receipt, tokens))
+                return redact_value(whole, tokens), attempt
             except BackendError as exc:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
@@ -826,7 +827,7 @@ class JobSteps:
                 said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
-                tokens = self.signer.tokens(callback_promise_id(rec.id, rec.attempt), rec.salt)
+                tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
                 said = redact(said, tokens)  # a backend may echo what it was sent
                 retryable = isinstance(exc, BackendError) and exc.retryable
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None

@@ -17,6 +17,8 @@ import hmac
 from collections.abc import Iterable
 from urllib.parse import quote
 
+from core.workflow import callback_promise_id
+
 
 class CallbackSigner:
     """Signs with `secret`; verifies against `secret` and each of `previous`."""
@@ -55,6 +57,18 @@ class CallbackSigner:
         """`promise_id`'s token under the secret and under each previous one:
         every token a URL handed out for it may carry (what to mask)."""
         return [signer.token(promise_id, salt) for signer in (self, *self._previous)]
+
+    def job_tokens(self, job_id: str, attempt: int, salt: str | None = None) -> list[str]:
+        """The tokens of every callback URL job `job_id` was handed up to
+        attempt `attempt` (`tokens` of each attempt's promise): what to mask
+        in anything kept of it. An earlier attempt's URL no longer settles
+        anything, but its token is a secret all the same, and a receiver or
+        a run may quote it in a later attempt's answer."""
+        return [
+            token
+            for at in range(1, max(attempt, 1) + 1)
+            for token in self.tokens(callback_promise_id(job_id, at), salt)
+        ]
 
     def verify(self, promise_id: str, token: str | None, salt: str | None = None) -> bool:
         """Whether `token` is `promise_id`'s token under the secret or a previous

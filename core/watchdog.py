@@ -52,7 +52,7 @@ from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.views import backend_view
-from core.workflow import ROOT_GRACE_MS, callback_promise_id
+from core.workflow import ROOT_GRACE_MS
 
 log = logging.getLogger("tether")
 
@@ -298,8 +298,7 @@ class Watchdog:
             return f"the store answered status {exc.code}"
         if not isinstance(exc, BackendError):
             return type(exc).__name__
-        tokens = self.settler.tokens or (lambda _, __: [])
-        said = redact(exc.message, tokens(callback_promise_id(rec.id, rec.attempt), rec.salt))
+        said = redact(exc.message, self.settler.job_tokens(rec))
         return f"BackendError: {said}"
 
     async def look_at(self, rec: JobRecord, now: int) -> None:
@@ -346,8 +345,9 @@ class Watchdog:
             return  # another process took this check
         found = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
         if found is None or isinstance(found, Running):
-            said = NewEvent("status_check", status_said(found))
-            learnt_now = learnt(rec, found)
+            tokens = self.settler.job_tokens(rec)
+            said = NewEvent("status_check", status_said(found, tokens))
+            learnt_now = learnt(rec, found, tokens)
             await self.store.jobs.record(rec.id, [said], now_ms(), learnt_now, open_at=rec.attempt)
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
@@ -429,8 +429,9 @@ class Watchdog:
                 await self.store.jobs.record(rec.id, [event], now_ms(), open_at=rec.attempt)
                 return
         if isinstance(found, Running):
-            event = NewEvent("heartbeat_missed", {**missed, **status_said(found)})
-            learnt_now = learnt(rec, found)
+            tokens = self.settler.job_tokens(rec)
+            event = NewEvent("heartbeat_missed", {**missed, **status_said(found, tokens)})
+            learnt_now = learnt(rec, found, tokens)
             await self.store.jobs.record(rec.id, [event], now_ms(), learnt_now, open_at=rec.attempt)
             return
         if found is None:

@@ -23,7 +23,7 @@ from resonate_pg.client import DEFAULT_MAX_POOL_SIZE, PgConn
 from resonate_pg.connection import PROCESS_TIMEOUTS_SQL, RPC_SQL
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
-from core.redact import redact
+from core.redact import MIN_CUT, redact
 from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store, signing_secrets
 from core.store.jobs import now_ms
@@ -326,15 +326,19 @@ def dsn_secrets(dsn: str) -> list[str]:
     """What a libpq error about `dsn` may quote of its secrets: the password
     of `user:password@` (all between the first `:` and the last `@`, as
     `describe` masks it) and of each `?password=`, as written and decoded,
-    and with its runs of spaces squeezed (as the error is shown)."""
+    and with its runs of spaces squeezed (as the error is shown). A password
+    with an `@` not percent-encoded is also each of its parts of at least
+    `MIN_CUT` characters: libpq ends the password at the first `@` and
+    quotes the rest as the host's name (found in an audit, 2026-12-04)."""
     rest = dsn.partition("://")[2]
     userinfo, at, host = rest.rpartition("@")
     found = [userinfo.partition(":")[2]] if at else []
+    found += [part for part in found[0].split("@") if len(part) >= MIN_CUT] if found else []
     query = (host if at else rest).partition("#")[0].partition("?")[2]
     found += [v for k, v in parse_qsl(query) if "password" in k.lower()]
     found += [unquote(f) for f in found]
     found += [" ".join(f.split()) for f in found]
-    return [f for f in found if f]
+    return list(dict.fromkeys(f for f in found if f))
 
 
 class PostgresDriver:

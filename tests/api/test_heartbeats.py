@@ -329,3 +329,61 @@ def test_the_heartbeat_command_reports_progress_and_never_shows_the_token(tmp_pa
         assert "takes no more heartbeats (HTTP 410)" in late.stderr and token not in late.output
     finally:
         service.kill()
+
+
+async def test_progress_that_quotes_the_jobs_urls_is_kept_without_their_token(
+    start_service, receiver
+):
+    """A run that reports what it was sent (its callback and heartbeat URLs,
+    whole or cut) shows them on the job, in its history and in its
+    notification without the token (found in an audit, 2026-12-04)."""
+    svc = await start_service()
+    _, url = await start_job(svc, receiver, "echo", timeout=60, heartbeat_timeout=30)
+    [hit] = receiver.on("/hook")
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    said = {"callback": hit.body["callback_url"], "tail": f"…{token[5:]}", "beat": url}
+
+    answer = await svc.client.post(url, json={"progress": said})
+
+    assert answer.status_code == 200, answer.text
+    job = await svc.job("echo")
+    assert job["progress"] == {
+        "callback": hit.body["callback_url"].replace(token, "***"),
+        "tail": "…***",
+        "beat": url.replace(token, "***"),
+    }
+    [noted] = of_type(await events(svc, "echo"), "heartbeat")
+    assert noted["data"] == {"progress": job["progress"]}
+    listed = await svc.client.get("/jobs", params={"limit": 10})
+    assert token[:8] not in listed.text
+    assert token[:8] not in (await svc.client.get("/jobs/echo/events")).text
+
+
+async def test_a_status_check_that_quotes_the_jobs_url_is_kept_without_its_token(
+    start_service, receiver
+):
+    """`status_url` answering that the run goes on, with progress and run
+    details that echo the callback URL the run was sent."""
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/status":
+            return 202, {"accepted": True}
+        [trigger] = receiver.on("/hook")
+        sent = trigger.body["callback_url"]
+        return 200, {"status": "running", "progress": {"sent": sent}, "external": {"url": sent}}
+
+    receiver.respond = respond
+    svc = await start_service()
+    params = {"status_url": receiver.url("/status"), "status_interval": 3600}
+    await start_job(svc, receiver, "told", timeout=60, heartbeat_timeout=1, params=params)
+    [trigger] = receiver.on("/hook")
+    token = parse_qs(urlsplit(trigger.body["callback_url"]).query)["token"][0]
+
+    async def missed() -> list[dict[str, Any]] | None:
+        return of_type(await events(svc, "told"), "heartbeat_missed") or None
+
+    [first, *_] = await eventually(missed, timeout=10)
+    assert first["data"]["progress"] == {"sent": trigger.body["callback_url"].replace(token, "***")}
+    job = await svc.job("told")
+    assert token[:8] not in str(job)
+    assert token[:8] not in (await svc.client.get("/jobs/told/events")).text

@@ -486,3 +486,23 @@ async def test_a_job_whose_backend_is_not_installed_is_not_retried(start_service
     assert answer.json()["error"]["details"]["backend"] == "rerunnable"
     assert await svc.job("u") == ended
     assert (await svc.client.get("/jobs/u/events")).json()["items"] == events
+
+
+async def test_an_earlier_attempts_token_quoted_in_a_later_attempts_answer_is_masked(
+    start_service, receiver
+):
+    """A receiver refusing attempt 2 with a body that quotes attempt 1's
+    callback URL (it logs what it was sent): attempt 1's token is a secret
+    too, masked in the job's error and history (found in an audit,
+    2026-12-04)."""
+    svc = await start_service()
+    old_url = await failed_job(svc, receiver, "q")
+    receiver.respond = lambda hit: (400, {"error": f"already ran for {old_url}"})
+    answer = await retry(svc, "q")
+    assert answer.status_code == 200, answer.text
+    job = await svc.wait_state("q", "failed")
+    old_token = old_url.partition("?token=")[2]
+    assert job["attempt"] == 2
+    assert "***" in job["error"]["message"]
+    assert old_token[:8] not in str(job)
+    assert old_token[:8] not in (await svc.client.get("/jobs/q/events")).text

@@ -1,15 +1,17 @@
-"""`core.redact`: every form of a secret a text may quote is masked, and a
-secret's beginning left at the end of a cut text; nothing else is."""
+"""`core.redact`: every form of a secret a text may quote is masked, and what
+a cut left of one: a piece of it anywhere, a beginning at the end of a cut
+text, an ending at its start; nothing else is."""
 
 from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from core.redact import MASK, MIN_CUT, forms, redact, redact_bytes, redact_value
+from core.redact import FRAGMENT, MASK, MIN_CUT, forms, redact, redact_bytes, redact_value
 
 TOKEN = "nbcaslPdf-OnkSfhnYAW6By053zklYzE3nJtVHfvVBY"
 BEARER = "Bearer s3cr3t/t0k+en="
@@ -86,9 +88,56 @@ def test_a_secret_cut_at_the_end_loses_its_beginning_from_four_characters(kept: 
         assert said == text  # three characters tell next to nothing of it
 
 
-def test_a_secret_beginning_anywhere_but_the_end_is_left():
-    text = f"{TOKEN[:10]} is not a cut"
+def test_a_short_beginning_anywhere_but_the_end_is_left():
+    text = f"{TOKEN[: FRAGMENT - 1]} is not a cut"
     assert redact(text, [TOKEN]) == text
+
+
+@pytest.mark.parametrize("kept", range(1, len(TOKEN)))
+def test_a_secret_cut_at_the_start_loses_its_ending_from_four_characters(kept: int):
+    """A text cut from the front (a log's last lines, a trace's tail)."""
+    text = TOKEN[-kept:] + " HTTP/1.1 500"
+    said = redact(text, [TOKEN])
+    if kept >= MIN_CUT:
+        assert said == MASK + " HTTP/1.1 500"
+    else:
+        assert said == text
+
+
+@pytest.mark.parametrize("size", range(FRAGMENT, len(TOKEN)))
+@pytest.mark.parametrize("at", [0, 9, "end"])
+def test_a_piece_of_a_secret_anywhere_is_masked_from_eight_characters(size: int, at: Any):
+    """Cut from the front and left in the middle of a text (a log's tail
+    quoted in an error: found in an audit, 2026-12-04), or from both sides."""
+    start = len(TOKEN) - size if at == "end" else min(at, len(TOKEN) - size)
+    piece = TOKEN[start : start + size]
+    text = f"last log lines: {piece}\nexit 1"
+    assert redact(text, [TOKEN]) == f"last log lines: {MASK}\nexit 1"
+    assert redact_value({"error": {"message": text}}, [TOKEN]) == {
+        "error": {"message": f"last log lines: {MASK}\nexit 1"}
+    }
+
+
+def test_pieces_of_a_secret_that_overlap_or_repeat_are_masked_as_one_each():
+    a, b = TOKEN[:20], TOKEN[10:30]
+    assert redact(f"{a}|{b}|{a}|{a}", [TOKEN]) == f"{MASK}|{MASK}|{MASK}|{MASK}"
+    assert redact(f"{a}{a}", [TOKEN]) == f"{MASK}{MASK}"
+    assert redact(f"x{TOKEN[5:25]}{TOKEN[30:]}y", [TOKEN]) == f"x{MASK}{MASK}y"
+    assert redact(f"{TOKEN[3:12]}", [TOKEN]) == MASK
+
+
+@pytest.mark.parametrize("kept", range(MIN_CUT, FRAGMENT))
+def test_a_short_ending_at_the_start_is_masked_in_json_too(kept: int):
+    """`redact_value` walks a value only when its JSON holds what `redact`
+    masks: a short ending, at a string's start, too."""
+    value = {"log": f"{TOKEN[-kept:]} refused"}
+    assert redact_value(value, [TOKEN]) == {"log": f"{MASK} refused"}
+
+
+def test_an_ending_after_a_cut_mark_is_masked_too():
+    for mark in ("…", "..."):
+        text = f"(cut){mark}{TOKEN[-5:]} was refused"
+        assert redact(text, [TOKEN]) == f"(cut){mark}{MASK} was refused"
 
 
 def test_redact_value_walks_json_and_leaves_what_holds_no_secret_as_it_is():
@@ -133,3 +182,13 @@ def test_a_secret_of_one_word_with_escapable_characters_is_masked_where_cut():
     secret = "s3cr3t/t0k+en="  # no scheme: the whole of it is the credential
     assert redact("cut at s3cr3t/t0", [secret]) == f"cut at {MASK}"
     assert redact("cut at s3cr3t%2Ft0", [secret]) == f"cut at {MASK}"
+
+
+def test_a_short_secret_cut_by_one_character_is_masked():
+    """Shorter than `FRAGMENT`: the cut rules alone find what is left."""
+    assert redact("refused: s3cr3tp", ["s3cr3tpw"]) == f"refused: {MASK}"
+    assert redact("3cr3tpw was refused", ["s3cr3tpw"]) == f"{MASK} was refused"
+
+
+def test_a_piece_of_a_secret_of_one_repeated_character_is_masked_whole():
+    assert redact("x" + "a" * 9 + "x", ["b" + "a" * 10 + "b"]) == f"x{MASK}x"

@@ -1193,7 +1193,7 @@ async def test_no_outcome_keeps_a_callback_token_whole_or_cut(parts: Parts):
     previous one; a result's preview may end inside a token. Every outcome is
     stored without them, whoever reports it."""
     signer = CallbackSigner("new-secret", "http://t", previous=["old-secret"])
-    settler = Settler(parts.resonate, parts.jobs, max_result_bytes=400, tokens=signer.tokens)
+    settler = Settler(parts.resonate, parts.jobs, max_result_bytes=400, tokens=signer.job_tokens)
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
     new, old = signer.tokens(callback_promise_id("j", 1))
@@ -1235,7 +1235,7 @@ async def test_a_cancels_reason_that_quotes_the_callback_url_is_kept_without_its
     """A settle's event (a cancel's reason) is filed in the history and kept
     in the promise's value (`settled_value`'s note): both without the token."""
     signer = CallbackSigner("new-secret", "http://t")
-    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
     url = signer.url(callback_promise_id("j", 1))
@@ -1452,7 +1452,7 @@ async def test_only_a_timeout_by_the_store_files_a_timed_out_event(parts: Parts)
 
 async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Parts):
     signer = CallbackSigner("a-secret", "http://t")
-    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
     for job_id, salt in (("plain", None), ("salted", "s4lt")):
         await parts.add_job(job_id, state="running")
         await parts.add_promise(job_id)
@@ -1465,7 +1465,7 @@ async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Par
 async def test_a_settle_that_notes_nothing_is_masked_as_any(parts: Parts):
     """A note that files nothing for a result, with the job's tokens to mask."""
     signer = CallbackSigner("a-secret", "http://t")
-    settler = Settler(parts.resonate, parts.jobs, tokens=signer.tokens)
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
     result, rec = await settler.settle("j", DONE, by="callback", note=lambda result: None)

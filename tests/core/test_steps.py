@@ -1224,7 +1224,7 @@ async def test_a_salted_jobs_trigger_failure_is_masked_with_its_own_tokens(rig: 
     await start(rig)
     await rig.parts.jobs.db.execute("UPDATE tether_jobs SET salt = 's4lt' WHERE id = 'j'", ())
     token = SIGNER.token("j:1", "s4lt")
-    rig.parts.settler.tokens = SIGNER.tokens  # as the service wires it
+    rig.parts.settler.tokens = SIGNER.job_tokens  # as the service wires it
     rig.backend.answers = [BackendError("refused", code=f"echo {token}")]
     await rig.steps.trigger("j", "j:1")
     rec = await rig.parts.row("j")

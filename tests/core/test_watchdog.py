@@ -512,7 +512,7 @@ async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
         "UPDATE tether_jobs SET attempt = 2, salt = ? WHERE id = 'd'", (salt,)
     )
     signer = CallbackSigner("test-secret", "http://t")
-    rig.watchdog.settler.tokens = signer.tokens
+    rig.watchdog.settler.tokens = signer.job_tokens
     url = signer.url(callback_promise_id("d", 2), salt)
 
     async def before(job: Job) -> None:
@@ -551,7 +551,7 @@ async def test_a_status_checks_outcome_keeps_no_token_of_a_retried_salted_job(ri
         callback_promise_id("s", 2), now + 60_000, Value(data=None), {}
     )
     signer = CallbackSigner("test-secret", "http://t")
-    rig.watchdog.settler.tokens = signer.tokens
+    rig.watchdog.settler.tokens = signer.job_tokens
     url = signer.url(callback_promise_id("s", 2), "s4lt")
     rig.backend.found["s"] = Outcome(
         status="failed", error=ErrorInfo(message=f"502 for url: {url}", type="x")

@@ -209,6 +209,8 @@ def test_the_start_up_line_hides_store_credentials():
         ("postgresql://u:pg/secret@127.0.0.1:1/db", "postgresql://***@127.0.0.1:1/db"),
         # libpq quotes a password with spaces, squeezed: "pg secret"
         ("postgresql://u:pg  secret@127.0.0.1:1/db", "postgresql://***@127.0.0.1:1/db"),
+        # libpq ends the password at the first "@" and quotes the rest as the host
+        ("postgresql://u:pgpw@secret@127.0.0.1:1/db", "postgresql://***@127.0.0.1:1/db"),
     ],
 )
 def test_a_store_setting_python_cannot_read_is_refused_without_its_password(
@@ -224,7 +226,7 @@ def test_a_store_setting_python_cannot_read_is_refused_without_its_password(
     )
     assert done.returncode == 2, done.stderr
     assert shown in done.stderr, done.stderr
-    for secret in ("pg-secret", "pg secret", "pg  secret", "pg/secret", "secret"):
+    for secret in ("pg-secret", "pg secret", "pg  secret", "pg/secret", "secret", "pgpw"):
         assert secret not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -264,6 +266,12 @@ def test_the_secrets_a_postgres_error_may_quote_are_each_password_as_written_and
     ):
         assert {"a  b", "a b"} <= set(dsn_secrets(dsn)), dsn
     assert set(dsn_secrets("postgresql://u:p/w?d@h/db")) == {"p/w?d"}
+    assert dsn_secrets("postgresql://u:PwA@Secret2tail@h/db") == ["PwA@Secret2tail", "Secret2tail"]
+    assert set(dsn_secrets("postgresql://u:pgpw@a@secret@h/db")) == {
+        "pgpw@a@secret",
+        "pgpw",
+        "secret",
+    }
     assert dsn_secrets("postgresql://h/db") == []
 
 
