@@ -121,6 +121,22 @@ class ServiceError(click.ClickException):
         click.echo(f"tether: {printable(self.message)}", err=True)
 
 
+def checked(url: str, hint: str) -> str:
+    """`url`, if it is an http:// or https:// URL whose host and port can be
+    read; else `click.BadParameter` for the option or argument `hint`,
+    without the URL (a callback URL's token is in it)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (it raises for a port out of range)
+    except ValueError:
+        raise click.BadParameter(
+            "not a URL: its host or port cannot be read", param_hint=hint
+        ) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter("not an http:// or https:// URL", param_hint=hint)
+    return url
+
+
 def public(url: str) -> str:
     """`url` as it may be shown: no query string (a callback URL's token is
     there) and no user or password."""
@@ -182,7 +198,7 @@ class Api:
     """One service, reached over HTTP with the API token."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+        self.url = checked(url, "'--url'").rstrip("/")
         token = api_token()
         try:
             self.http = httpx.AsyncClient(
@@ -1006,6 +1022,7 @@ async def post_to(url: str, body: Any, shape: tuple[str, ...], retry_for: float 
     the service cannot be reached or answers 502-504 (its `Retry-After`, or
     0.5 s doubling to 10 s), for up to `retry_for` seconds; each wait is said
     on stderr."""
+    checked(url, "'CALLBACK_URL'")
     deadline = time.monotonic() + retry_for
     delay = 0.5
     async with httpx.AsyncClient(timeout=30) as http:
@@ -1046,7 +1063,7 @@ def heartbeat_url(callback_url: str) -> str:
     query (the token). A heartbeat URL (the trigger hands out both) as it is:
     a callback URL's path ends in its promise id, whose last part is the
     attempt's number."""
-    parts = urlsplit(callback_url)
+    parts = urlsplit(checked(callback_url, "'CALLBACK_URL'"))
     path = parts.path.rstrip("/")
     if path.endswith("/heartbeat"):
         return urlunsplit(parts._replace(path=path))

@@ -272,6 +272,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 " external systems reach this service at: http(s)://HOST[:PORT][/PATH], with no"
                 " user:password@, ?query or #fragment"
             )
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.store_token):  # never the value
+            raise ValueError(
+                "invalid setting TETHER_STORE_TOKEN: it holds a control character (a line"
+                " break?), which no HTTP header can carry; set the token alone"
+            )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(
                 f"invalid setting TETHER_LOG_LEVEL: {self.log_level!r}; use one of"

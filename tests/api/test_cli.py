@@ -175,6 +175,15 @@ def test_a_plugins_setting_refused_is_one_line_as_a_core_one(env: dict[str, str]
     assert len(told.splitlines()) == 1 and "Traceback" not in told
 
 
+@pytest.mark.parametrize("token", ["s3cret\nmore", "s3cret\r", "\x7fs3cret"])
+def test_a_store_token_no_header_can_carry_is_refused_without_showing_it(token: str) -> None:
+    """A token pasted with its line break went into aiohttp's headers, which
+    refused it with a traceback at start-up (found in an audit, 2026-12-04)."""
+    said = serve_refused(TETHER_STORE="http://127.0.0.1:1", TETHER_STORE_TOKEN=token)
+    assert said.startswith("tether: invalid setting TETHER_STORE_TOKEN: "), said
+    assert "control character" in said and "s3cret" not in said and "Traceback" not in said
+
+
 @pytest.mark.parametrize("seconds", ["3600", "-1", "nan", "1e17"])  # (inf: not finite)
 def test_a_retention_under_a_day_or_over_a_century_is_refused(seconds: str) -> None:
     said = serve_refused(TETHER_RETENTION=seconds)

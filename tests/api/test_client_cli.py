@@ -834,3 +834,31 @@ def test_standin_watch_reads_the_state_of_a_service_without_events(stand_in):
     assert len(done.stdout.splitlines()) == 2  # no events, no error
     assert stand_in.job_reads == 4
     assert stand_in.last_event_ids == []
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://127.0.0.1:99999/callbacks/j%3A1?token=S3CRETTOKEN", "host or port cannot be"),
+        ("http://[::1/callbacks/j%3A1?token=S3CRETTOKEN", "host or port cannot be read"),
+        ("ftp://h/callbacks/j%3A1?token=S3CRETTOKEN", "not an http:// or https:// URL"),
+        ("http:///callbacks/j%3A1?token=S3CRETTOKEN", "not an http:// or https:// URL"),
+    ],
+)
+@pytest.mark.parametrize("verb", [["complete", "--status", "succeeded"], ["heartbeat"]])
+def test_a_callback_url_that_cannot_be_sent_to_is_a_usage_error_without_its_token(
+    url: str, said: str, verb: list[str]
+):
+    """A port out of range and a broken host raised from deep in the client
+    with a traceback (found in an audit, 2026-12-04)."""
+    done = cli("http://127.0.0.1:1", verb[0], url, *verb[1:])
+    assert done.exit_code == 2, done.output
+    assert "'CALLBACK_URL'" in done.stderr and said in done.stderr, done.stderr
+    assert "S3CRET" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://[::1", "ftp://h"])
+def test_a_service_url_that_cannot_be_sent_to_is_a_usage_error(url: str):
+    done = cli(url, "get", "j")
+    assert done.exit_code == 2, done.output
+    assert "'--url'" in done.stderr, done.stderr
