@@ -102,9 +102,9 @@ def assets_dir() -> Path:
 
 
 ASSET_TYPES = {
-    "swagger-ui.css": "text/css; charset=utf-8",
-    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
-    "swagger-ui-standalone-preset.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css",  # (Litestar adds the charset to text/*)
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui-standalone-preset.js": "text/javascript",
     "favicon-32x32.png": "image/png",
 }
 """The files the page uses; nothing else from the package is served."""

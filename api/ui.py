@@ -33,7 +33,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template import TemplateConfig
 
 from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
-from core.errors import MalformedBody, NotFound
+from core.errors import MalformedBody, NotFound, shown
 from core.metrics import job_gauges
 from core.models import (
     OPEN_STATES,
@@ -205,9 +205,32 @@ async def list_page(
     backends: Sequence[str],
     tags: Sequence[str],
     cursor: str | None,
+    window: dict[str, datetime | None],
 ) -> JobPage:
-    """One page of the job list, filtered as the URL says."""
-    return await tether.list_jobs(states, backends, PAGE_SIZE, cursor, tags=tags)
+    """One page of the job list, filtered as the URL says (`window`: its
+    `created_after` and `created_before`)."""
+    return await tether.list_jobs(states, backends, PAGE_SIZE, cursor, tags=tags, **window)
+
+
+WINDOW = ("created_after", "created_before")
+"""The time window's filters, as `GET /jobs` names them."""
+
+
+def read_window(given: dict[str, str | None]) -> dict[str, datetime | None]:
+    """The time window the URL gives, read as `GET /jobs` reads it; a value
+    that is no date-time is `MalformedBody` naming the filter."""
+    window: dict[str, datetime | None] = {}
+    for name in WINDOW:
+        value = given.get(name) or ""
+        try:
+            window[name] = msgspec.convert(value, datetime) if value else None
+        except msgspec.ValidationError:
+            raise MalformedBody(
+                f"invalid {name} {shown(value)}: give an ISO 8601 date-time such as"
+                " 2026-11-24T02:14:07Z",
+                {"field": name},
+            ) from None
+    return window
 
 
 async def summary(tether: Tether) -> dict[str, Any]:
@@ -253,6 +276,8 @@ class Dashboard(Controller):
         job_state: Annotated[list[str] | None, QueryParameter(name="state")] = None,
         backend: Strings = None,
         tag: Strings = None,
+        created_after: FromQuery[str | None] = None,
+        created_before: FromQuery[str | None] = None,
         cursor: FromQuery[str | None] = None,
     ) -> Template:
         """The job list, newest first, filtered as the URL says, with the summary."""
@@ -266,11 +291,14 @@ class Dashboard(Controller):
             return bad_filter(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}", who)
         if cursor is not None and not re.match(CURSOR_PATTERN, cursor):
             return bad_filter("invalid cursor: follow the page links", who)
+        given = {"created_after": created_after, "created_before": created_before}
         try:
-            listed_jobs = await list_page(tether, states, backends, tags, cursor)
-        except MalformedBody as exc:  # a tag no job could have, too many backends
+            window = read_window(given)
+            listed_jobs = await list_page(tether, states, backends, tags, cursor, window)
+        except MalformedBody as exc:  # a tag no job could have, too many backends, no time
             return bad_filter(exc.message, who)
         filters = {"state": states, "backend": backends, "tag": tags}
+        filters |= {name: [value] for name, value in given.items() if value}
         return page(
             "jobs.html",
             {

@@ -263,10 +263,11 @@ class Callbacks:
                 gone = _replaced(attempt, rec)
             elif rec.finished:  # it ended meanwhile
                 gone = _ended(rec)
+        timeout = rec.heartbeat_timeout
         answer = Heartbeat(
             state=rec.state,
             deadline=_at(rec.deadline),
-            heartbeat_timeout=rec.heartbeat_timeout,
+            heartbeat_timeout=None if timeout is None else float(timeout),  # as the job shows it
             heartbeat_due=None if rec.heartbeat_due is None else _at(rec.heartbeat_due),
         )
         return answer, gone

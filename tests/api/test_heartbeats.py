@@ -54,6 +54,7 @@ async def test_a_heartbeat_shows_its_progress_and_time_on_the_job(start_service,
     body = answer.json()
     assert body["state"] == "running"
     assert body["heartbeat_timeout"] == 30.0
+    assert '"heartbeat_timeout":30.0' in answer.text  # written as the job writes it
     assert body["heartbeat_due"] < body["deadline"]  # 30 s from now, and 60 s from the start
     job = await svc.job("beat")
     assert job["progress"] == {"done": 3, "of": 10}

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -246,6 +247,38 @@ def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Re
     deadline = page.locator('time[data-field="deadline"]')
     expect(deadline).to_have_attribute("datetime", job["deadline"])
     expect(page.locator('[data-block="deadline"]')).to_have_count(0)
+
+
+def test_the_time_window_narrows_the_list_live_and_a_bad_time_is_named(
+    page, service, client, hooks: Receiver
+):
+    """`created_after` and `created_before`, as `GET /jobs` takes them (the
+    dashboard ignored them: found in an audit, 2026-12-04)."""
+    tag = unique("window")
+    older, newer = unique("window-older"), unique("window-newer")
+    start_job(client, hooks, older, tags=[tag])
+    start_job(client, hooks, newer, tags=[tag])
+    after = client.get(f"/jobs/{older}").json()["created_at"]
+    page.goto(f"{service.url}/ui?tag={tag}")
+    expect(row(page, older)).to_be_visible()
+
+    page.get_by_label("created after").fill(after)
+    page.get_by_role("button", name="Filter").click()
+    expect(row(page, newer)).to_be_visible()
+    expect(row(page, older)).to_have_count(0)
+    expect(page.get_by_label("created after")).to_have_value(after)
+    expect(page.locator("#live")).to_have_text("live")
+    newest = unique("window-newest")
+    start_job(client, hooks, newest, tags=[tag])
+    expect(row(page, newest)).to_be_visible()  # the stream takes the window too
+
+    page.goto(f"{service.url}/ui?tag={tag}&created_before={quote(after)}")
+    expect(page.locator("#jobs tr")).to_have_count(0)
+    expect(page.locator("#empty")).to_have_text("No jobs match these filters.")
+
+    refused = client.get("/ui", params={"created_after": "yesterday"})
+    assert refused.status_code == 400
+    assert "invalid created_after &#39;yesterday&#39;: give an ISO 8601 date-time" in refused.text
 
 
 def test_a_job_pushed_off_the_list_by_a_newer_one_leaves_it(page, service, client, hooks):
