@@ -170,6 +170,12 @@ def moment(value: str | None, name: str) -> datetime | None:
         ) from None
 
 
+def wants_stream(request: Request[Any, Any, Any]) -> bool:
+    """Whether the request asks for `text/event-stream` (in any case: media
+    types are case-insensitive)."""
+    return "text/event-stream" in request.headers.get("accept", "").lower()
+
+
 async def require_json(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
@@ -178,10 +184,11 @@ async def require_json(
     headers = connection.headers
     if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
         return
-    media = connection.headers.get("content-type", "application/json").split(";")[0].strip()
+    given = connection.headers.get("content-type", "application/json").split(";")[0].strip()
+    media = given.lower()  # media types are case-insensitive (RFC 9110)
     if media != "application/json" and not media.endswith("+json"):
         raise HTTPException(
-            status_code=415, detail=f"send the body as application/json, not {media[:100]!r}"
+            status_code=415, detail=f"send the body as application/json, not {given[:100]!r}"
         )
 
 
@@ -368,7 +375,7 @@ class JobController(Controller):
             )
 
         first = await page()  # a bad filter is refused before a stream begins
-        if "text/event-stream" in request.headers.get("accept", ""):
+        if wants_stream(request):
             return self.changes(tether, page, first)
         return Response(first)
 
@@ -512,7 +519,7 @@ class JobController(Controller):
         "end"}` and no `id`; the response's `Tether-Stream-Ends: end` header
         says so (a service without it ends a finished job's stream without
         a word)."""
-        if "text/event-stream" not in request.headers.get("accept", ""):
+        if not wants_stream(request):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:
             after = int(last_event_id)

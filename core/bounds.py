@@ -21,6 +21,11 @@ cut value, as Databricks' `truncated` output) keeps its keys and only has its
 `preview` cut further. An `error.message` longer than the bound is cut too,
 ending in `… (cut from N bytes)`. The same outcome always becomes the same
 bounded outcome, so a repeated callback still compares as a duplicate.
+
+Nothing Tether keeps is nested more than `MAX_DEPTH` levels deep: a request
+body deeper is refused (`deeper_than`), and a result deeper, from wherever
+it came (a backend's status check), is replaced by the marker, with
+`"nested_deeper_than": 64` in it (`shallow`), before anything else reads it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,48 @@ from core.models import ErrorInfo, Outcome
 
 MARK_ROOM = 512
 """Bytes left for the marker's own keys when its preview is first sized."""
+
+MAX_DEPTH = 64
+"""The most levels of arrays and objects a kept JSON value has. Deeper ones
+broke what reads values recursively (the dashboard's JSON, the masking of
+secrets) short of Python's recursion limit (found in an audit, 2026-12-04)."""
+
+PREVIEW_BYTES = 1024
+"""The preview a too-deep result's marker shows of its JSON."""
+
+
+def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether `value` (JSON: dicts, lists, scalars) nests arrays and objects
+    more than `limit` levels deep; found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def shallow(outcome: Outcome) -> Outcome:
+    """`outcome`, its result replaced by the marker when it is nested deeper
+    than `MAX_DEPTH` (its `preview` the first `PREVIEW_BYTES` of its JSON)."""
+    if not deeper_than(outcome.result):
+        return outcome
+    marker: dict[str, Any] = {"truncated": True, "nested_deeper_than": MAX_DEPTH}
+    try:
+        data = msgspec.json.encode(outcome.result)
+    except (TypeError, OverflowError, RecursionError):  # too deep even to write out
+        result = {**marker, "preview": ""}
+    else:
+        marker |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        result = {**marker, "preview": data[:PREVIEW_BYTES].decode("utf-8", "ignore")}
+    return Outcome(status=outcome.status, result=result, error=outcome.error)
 
 
 def bound_outcome(outcome: Outcome, limit: int | None) -> Outcome:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
+from core.bounds import MAX_DEPTH, deeper_than
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
 from core.models import (
@@ -321,17 +322,26 @@ def not_json(exc: msgspec.DecodeError | UnicodeDecodeError) -> str:
 
 
 def decode_json(what: str, body: bytes, empty: Any) -> Any:
-    """A `what` body's JSON; `empty` for a body of white space only."""
+    """A `what` body's JSON; `empty` for a body of white space only. One
+    nested more than `MAX_DEPTH` levels deep is refused."""
     try:
-        return msgspec.json.decode(body) if body.strip(JSON_SPACE) else empty
+        decoded = msgspec.json.decode(body) if body.strip(JSON_SPACE) else empty
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         raise MalformedBody(
             f"the {what} body is not valid JSON: {not_json(exc)}", {"field": "body"}
         ) from None
     except RecursionError:
+        decoded = DEEP
+    if decoded is DEEP or deeper_than(decoded):
         raise MalformedBody(
-            f"the {what} body is JSON nested too deeply", {"field": "body"}
-        ) from None
+            f"the {what} body is JSON nested more than {MAX_DEPTH} levels deep; nothing changed",
+            {"field": "body", "limit_depth": MAX_DEPTH},
+        )
+    return decoded
+
+
+DEEP = object()
+"""What `decode_json` read of a body too deep for the decoder itself."""
 
 
 def _progress(body: bytes) -> Any:

@@ -24,6 +24,7 @@ from resonate.error import DecodingError, ServerError
 from resonate.resonate import Resonate
 
 from core import metrics, workflow
+from core.bounds import MAX_DEPTH, deeper_than
 from core.callbacks import CallbackResult, Callbacks, Heartbeat, HeartbeatGone
 from core.errors import (
     Conflict,
@@ -355,7 +356,7 @@ class Tether:
         `MalformedBody` (400); an unknown backend or params its plugin refuses
         are `InvalidRequest` (422)."""
         self._in_service()
-        if req.id is not None and not JOB_ID_PATTERN.match(req.id):
+        if req.id is not None and not JOB_ID_PATTERN.fullmatch(req.id):  # ($ passes a last \n)
             raise MalformedBody(f"invalid job id: use {JOB_ID_RULE}", {"field": "id"})
         timeout = float(self.settings.default_timeout if req.timeout is None else req.timeout)
         if not 0 < timeout <= self.settings.max_timeout:
@@ -373,6 +374,12 @@ class Tether:
                 f"heartbeat_timeout must be at most {duration(self.settings.max_timeout)}",
                 {"field": "heartbeat_timeout"},
             )
+        for name, value in (("params", req.params), ("metadata", req.metadata)):
+            if deeper_than(value, MAX_DEPTH - 1):  # (one level: the body's own object)
+                raise MalformedBody(
+                    f"invalid {name}: JSON nested more than {MAX_DEPTH} levels deep",
+                    {"field": name, "limit_depth": MAX_DEPTH},
+                )
         tags = sorted(req.tags)
         if len(set(tags)) < len(tags) or not all(TAG_PATTERN.fullmatch(t) for t in tags):
             # msgspec checked each tag's pattern with `re.search` (a trailing

@@ -34,7 +34,7 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 from resonate_base import ConnectorError
 
-from core.bounds import bound_outcome
+from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
 from core.redact import redact_value
@@ -293,8 +293,9 @@ class Settler:
             attempt, seen = current.attempt, current
         promise_id = callback_promise_id(job_id, attempt)
         tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
-        # masked, then bounded: no whole token is left for the bound to cut
-        outcome = bound_outcome(_redacted(outcome, tokens), self.max_result_bytes)
+        # no deeper than what reads it recursively, masked, then bounded: no
+        # whole token is left for the bound to cut
+        outcome = bound_outcome(_redacted(shallow(outcome), tokens), self.max_result_bytes)
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)

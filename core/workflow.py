@@ -150,6 +150,13 @@ def stop_promise_id(job_id: str, attempt: int = 1) -> str:
     return f"{root_promise_id(job_id, attempt)}{STOP_MARK}"
 
 
+ATTEMPT_DIGITS = 18
+"""The most digits of an attempt's number a promise id is read with: more
+name no attempt (the index keeps it in 64 bits), and Python refuses to read
+an integer of over 4,300 digits at all (a 500, found in an audit,
+2026-12-04)."""
+
+
 def parse_promise_id(promise_id: str) -> tuple[str, int] | None:
     """The job and attempt a callback promise id belongs to, or None if it
     names none (only the ids `callback_promise_id` makes are read)."""
@@ -159,7 +166,7 @@ def parse_promise_id(promise_id: str) -> tuple[str, int] | None:
         return None
     if not mark:
         return job_id, 1
-    if not (number.isascii() and number.isdigit()):
+    if not (number.isascii() and number.isdigit()) or len(number) > ATTEMPT_DIGITS:
         return None
     attempt = int(number)
     return (job_id, attempt) if attempt > 1 and root_promise_id(job_id, attempt) == root else None

@@ -7,8 +7,10 @@ import hmac
 import pickle
 from typing import Any
 
+import msgspec
 import pytest
 
+from core.bounds import MAX_DEPTH
 from core.models import Outcome
 from core.plugin import hookimpl
 from core.tokens import CallbackSigner
@@ -149,6 +151,22 @@ async def test_an_unknown_promise_is_404(start_service):
         url = signer.url(promise_id).removeprefix(svc.settings.base_url)
         response = await svc.client.post(url, json={"status": "succeeded"})
         assert response.status_code == 404, promise_id
+
+
+@pytest.mark.parametrize("path", ["", "/heartbeat"])
+async def test_a_promise_id_with_an_attempt_of_any_length_is_answered(start_service, path: str):
+    """Over 4,300 digits Python refuses to read an integer: that was a 500
+    for anyone, before the token (found in an audit, 2026-12-04)."""
+    svc = await start_service()
+    signer = CallbackSigner(svc.settings.callback_secret, svc.settings.base_url)
+    for digits in (18, 19, 4300, 4301, 10_000):
+        promise_id = f"x~{'9' * digits}:1"
+        unsigned = await svc.client.post(f"/callbacks/{promise_id}{path}?token=x", json={})
+        assert unsigned.status_code == 401, (digits, unsigned.text)
+        url = signer.url(promise_id).removeprefix(svc.settings.base_url)
+        base, _, query = url.partition("?")
+        signed = await svc.client.post(f"{base}{path}?{query}", json={"status": "succeeded"})
+        assert signed.status_code == 404, (digits, signed.text)
 
 
 async def test_missing_or_wrong_tokens_are_401_without_a_hint(start_service, receiver):
@@ -337,3 +355,49 @@ def test_the_readme_lists_every_callback_answer() -> None:
         assert f"{status} `{outcome}`" in answers, outcome
     for status in (400, 401, 404, 422):
         assert f"{status} (" in answers, status
+
+
+def deep(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_json_nested_past_the_bound_is_refused_wherever_it_comes_in(start_service, receiver):
+    """Values about 990 levels deep were taken, then broke the dashboard's
+    page of the job and the masking of its secrets (found in an audit,
+    2026-12-04): nothing deeper than `MAX_DEPTH` levels is taken now (the
+    body's own object counts)."""
+    svc = await start_service()
+    body = {"backend": "http_webhook", "params": {"url": receiver.url()}}
+    too_deep = {
+        "params": {"url": receiver.url(), "payload": deep(MAX_DEPTH - 1)},
+        "metadata": {"m": deep(MAX_DEPTH - 1)},
+    }
+    for name, value in too_deep.items():
+        refused = await svc.client.post("/jobs", json={**body, "id": f"deep-{name}", name: value})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["details"] == {"field": name, "limit_depth": MAX_DEPTH}, error
+        assert f"nested more than {MAX_DEPTH} levels deep" in error["message"]
+        assert (await svc.client.get(f"/jobs/deep-{name}")).status_code == 404
+    kept = {"m": deep(MAX_DEPTH - 2)}  # the body, metadata's object, "m": MAX_DEPTH levels
+    taken = await svc.client.post("/jobs", json={**body, "id": "deep-ok", "metadata": kept})
+    assert taken.status_code == 201, taken.text
+
+    path = await started(svc, receiver)
+    beat_path = path.replace("?", "/heartbeat?")
+    headers = {"content-type": "application/json"}
+    result = msgspec.json.encode({"status": "succeeded", "result": deep(MAX_DEPTH)})
+    for sent in (result, b"[" * 5_000 + b"]" * 5_000):
+        answer = await svc.client.post(path, content=sent, headers=headers)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["details"] == {"field": "body", "limit_depth": MAX_DEPTH}
+        beat = await svc.client.post(beat_path, content=sent, headers=headers)
+        assert beat.status_code == 400, beat.text
+    assert (await svc.job("cb"))["state"] == "running"
+    done = await svc.client.post(path, json={"status": "succeeded", "result": deep(MAX_DEPTH - 1)})
+    assert done.status_code == 200, done.text
+    assert (await svc.client.get("/ui/jobs/deep-ok")).status_code == 200
+    assert (await svc.client.get("/ui/jobs/cb")).status_code == 200

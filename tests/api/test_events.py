@@ -355,7 +355,9 @@ async def test_a_quiet_stream_sends_keep_alive_comments(start_service, receiver,
     await start(svc, receiver, "quiet")
     await svc.wait_state("quiet", "running")
     got: list[dict[str, Any]] = []
-    async with svc.client.stream("GET", "/jobs/quiet/events", headers=SSE) as response:
+    upper = {"accept": "TEXT/EVENT-STREAM"}  # media types are case-insensitive
+    async with svc.client.stream("GET", "/jobs/quiet/events", headers=upper) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
         async for message in messages(response):
             got.append(message)
             if sum("comment" in m for m in got) == 2:

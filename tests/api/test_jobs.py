@@ -206,6 +206,7 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         ({**WEBHOOK, "id": "a:b"}, 400, "id", ["1 to 128"]),
         ({**WEBHOOK, "id": "x" * 129}, 400, "id", ["1 to 128"]),
         ({**WEBHOOK, "id": ""}, 400, "id", ["1 to 128"]),
+        ({**WEBHOOK, "id": "nl\n"}, 400, "id", ["1 to 128"]),  # (a regex's $ passes it)
         # URLs collapse `.` and `..`: such a job could not be reached at /jobs/{id}
         ({**WEBHOOK, "id": "."}, 400, "id", ["not only dots"]),
         ({**WEBHOOK, "id": ".."}, 400, "id", ["not only dots"]),
@@ -634,6 +635,7 @@ async def test_cancel_keeps_the_reason_on_the_job(start_service, receiver):
         (b"[]", "application/json", 400, "body"),
         (b"{nope", "application/json", 400, None),
         (b"reason=x", "application/x-www-form-urlencoded", 415, None),
+        (b'{"reson": "typo"}', "APPLICATION/JSON", 400, "reson"),  # not 415: any case
     ],
 )
 async def test_a_malformed_cancel_is_refused_and_changes_nothing(

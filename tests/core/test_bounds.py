@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from core.bounds import bound_outcome, bound_result
+from core.bounds import MAX_DEPTH, PREVIEW_BYTES, bound_outcome, bound_result, deeper_than, shallow
 from core.models import ErrorInfo, Outcome
 from core.settings import Settings
 
@@ -85,3 +85,51 @@ def test_the_setting_defaults_to_a_mebibyte_and_refuses_less_than_a_kibibyte():
     assert Settings.from_env({"TETHER_MAX_RESULT_BYTES": "4096"}).max_result_bytes == 4096
     with pytest.raises(ValueError, match="TETHER_MAX_RESULT_BYTES"):
         Settings.from_env({"TETHER_MAX_RESULT_BYTES": "100"})
+
+
+def nested(levels: int, leaf: Any = 1) -> Any:
+    """`levels` of alternating objects and arrays around `leaf`."""
+    value = leaf
+    for n in range(levels):
+        value = {"k": value} if n % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, MAX_DEPTH - 1, MAX_DEPTH])
+def test_a_value_within_the_depth_is_not_deeper(levels: int):
+    assert not deeper_than(nested(levels))
+    if levels:
+        assert not deeper_than({"a": 1, "b": nested(levels - 1)})
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 5_000, 200_000])
+def test_a_value_past_the_depth_is_deeper_at_any_depth_without_recursion(levels: int):
+    assert deeper_than(nested(levels))
+    assert deeper_than([1, {"x": "y"}, nested(levels)])  # past siblings
+    assert not deeper_than(nested(levels), levels)
+
+
+def test_the_depth_counts_objects_and_arrays_not_scalars():
+    assert deeper_than([[1]], 1) and not deeper_than([1, "two", None], 1)
+    assert not deeper_than("text", 0) and deeper_than({}, 0)
+
+
+def test_a_result_nested_too_deeply_is_the_marker_with_its_preview():
+    result = nested(MAX_DEPTH + 1, "x" * 5_000)
+    data = msgspec.json.encode(result)
+    kept = shallow(Outcome(status="succeeded", result=result, error=ErrorInfo("e", "t")))
+    assert kept.result == {
+        "truncated": True,
+        "nested_deeper_than": MAX_DEPTH,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "preview": data[:PREVIEW_BYTES].decode(),
+    }
+    assert (kept.status, kept.error) == ("succeeded", ErrorInfo("e", "t"))
+    within = Outcome(status="succeeded", result=nested(MAX_DEPTH))
+    assert shallow(within) is within
+
+
+def test_a_result_too_deep_even_to_write_out_is_the_marker_without_a_preview():
+    kept = shallow(Outcome(status="failed", result=nested(200_000)))
+    assert kept.result == {"truncated": True, "nested_deeper_than": MAX_DEPTH, "preview": ""}

@@ -21,7 +21,7 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 
 import core.settle
-from core.bounds import bound_result
+from core.bounds import MAX_DEPTH, bound_result
 from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
 from core.redact import MIN_CUT
@@ -1172,6 +1172,27 @@ async def test_a_settle_of_attempt_two_settles_its_own_promise(parts: Parts):
     assert (result, rec.attempt, rec.state) == ("accepted", 2, "succeeded")
     assert (await parts.resonate.promises.get(second)).value.data["status"] == "succeeded"
     assert (await parts.promise("j")).value.data["status"] == "failed"
+
+
+async def test_a_result_nested_past_the_bound_is_kept_as_its_marker_masked(parts: Parts):
+    """From a backend's status check, say: deeper than `MAX_DEPTH` it was
+    masked recursively, past Python's limit (found in an audit, 2026-12-04)."""
+    signer = CallbackSigner("s" * 32, "http://t")
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    token = signer.token(callback_promise_id("j", 1))
+    value: Any = f"sent {token}"
+    for _ in range(2_000):
+        value = {"v": [value]}
+
+    result, rec = await settler.settle("j", Outcome(status="succeeded", result=value), "check")
+
+    assert (result, rec.state) == ("accepted", "succeeded")
+    assert rec.result["truncated"] is True and rec.result["nested_deeper_than"] == MAX_DEPTH
+    assert token[:8] not in str(rec.result) and "sent" not in rec.result["preview"]
+    stored = (await parts.promise("j")).value.data
+    assert stored["result"] == rec.result
 
 
 async def test_every_outcome_is_cut_to_the_result_bound_before_it_is_stored(parts: Parts):

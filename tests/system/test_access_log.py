@@ -3,12 +3,14 @@ callbacks name the promise and the client, never the token."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
 import pytest
 
 from core.settings import Settings
+from tests.conftest import eventually
 
 
 class Capture(logging.Handler):
@@ -114,3 +116,34 @@ async def test_control_characters_in_a_path_cannot_forge_a_line(start_service, a
     assert "GET /jobs/x\\u2028y" in text
     assert "GET /jobs/x\\u202ey\\u2066" in text
     assert "GET /jobs/t\\U000e0041\\xad\\u206ez" in text  # a tag character, a soft hyphen
+
+
+async def test_a_client_that_leaves_before_its_answer_is_told_as_499_not_500(start_service, access):
+    """Its body cut short by a closed connection: no answer was sent, and
+    nothing failed in the service. Told as a 500 before, it raised the
+    5xx rate operators alert on (found in an audit, 2026-12-04)."""
+    svc = await start_service()
+    port = int(svc.settings.base_url.rsplit(":", 1)[1])
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /jobs HTTP/1.1\r\nHost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the service reads the head and waits for the body
+        writer.close()
+        await writer.wait_closed()
+
+    async def told() -> list[str] | None:
+        lines = [line for line in access if line.startswith("tether.access INFO POST /jobs")]
+        return lines if len(lines) == 3 else None
+
+    lines = await eventually(told, timeout=5)
+    assert [line.rsplit(" ", 2)[0] for line in lines] == ["tether.access INFO POST /jobs 499"] * 3
+    metrics = (await svc.client.get("/metrics")).text
+    assert 'status="500"' not in metrics
+    assert (
+        'tether_http_request_duration_seconds_count{method="POST",route="/jobs",status="499"} 3.0'
+        in metrics
+    )
