@@ -235,6 +235,13 @@ other processes (this process's own wake it at once)."""
 CHANGES_SETTLE = 0.1
 """Seconds a job-list stream waits after each read, so a burst of changes
 costs one read."""
+LIST_STREAMS_MAX = 100
+"""Job-list streams a worker keeps open at once; one more is answered 503.
+Each reads its page on every change and every `CHANGES_POLL`: a thousand
+open made the service answer nothing else (found in an audit, 2026-12-04).
+A dashboard open in a browser holds one."""
+_list_streams = 0
+"""Job-list streams open in this process."""
 
 
 class JobController(Controller):
@@ -375,9 +382,15 @@ class JobController(Controller):
             )
 
         first = await page()  # a bad filter is refused before a stream begins
-        if wants_stream(request):
-            return self.changes(tether, page, first)
-        return Response(first)
+        if not wants_stream(request):
+            return Response(first)
+        if _list_streams >= LIST_STREAMS_MAX:
+            message = (
+                f"{LIST_STREAMS_MAX} job-list streams are open on this worker, the most it"
+                " keeps; close one, or read pages without the stream"
+            )
+            return error_response(503, "too_many_streams", message, {"limit": LIST_STREAMS_MAX})
+        return self.changes(tether, page, first)
 
     def changes(
         self, tether: Tether, page: Callable[[], Awaitable[JobPage]], first: JobPage
@@ -390,11 +403,13 @@ class JobController(Controller):
         for. Ends when the service stops, as the job history streams do."""
 
         async def jobs() -> AsyncIterator[Job | str | list[str] | None]:
+            global _list_streams
             wake = asyncio.Event()
 
             def recorded(rec: Any, event: Any) -> None:
                 wake.set()
 
+            _list_streams += 1  # counted while it runs: one never begun holds nothing
             tether.events.listeners.append(recorded)
             seen: dict[str, Any] = {}
             quiet_since = time.monotonic()
@@ -429,6 +444,7 @@ class JobController(Controller):
                         await asyncio.wait_for(wake.wait(), CHANGES_POLL)
                     await asyncio.sleep(CHANGES_SETTLE)  # one read for a burst of changes
             finally:
+                _list_streams -= 1
                 tether.events.listeners.remove(recorded)
 
         async def messages() -> AsyncIterator[ServerSentEventMessage]:

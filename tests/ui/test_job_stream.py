@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+import api.controllers
 from tests.api.test_events import messages
 from tests.conftest import Receiver, Service, eventually
 from tests.process import wait_for
@@ -166,3 +167,29 @@ def test_a_job_on_the_page_is_read_by_its_process(tmp_path: Path, receiver):
     finally:
         first.kill()
         second.kill()
+
+
+async def test_a_worker_keeps_so_many_list_streams_open_and_answers_503_past_them(
+    start_service, monkeypatch
+):
+    """A thousand open streams, each reading its page on every change, left
+    the service answering nothing else (found in an audit, 2026-12-04)."""
+    monkeypatch.setattr(api.controllers, "LIST_STREAMS_MAX", 2)
+    svc = await start_service()
+
+    async with follow(svc) as first, follow(svc, "state=running") as second:
+        await eventually(lambda: first and second, timeout=10)  # both read their page
+        assert api.controllers._list_streams == 2
+        refused = await svc.client.get("/jobs", headers=SSE)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == {
+            "code": "too_many_streams",
+            "message": "2 job-list streams are open on this worker, the most it keeps;"
+            " close one, or read pages without the stream",
+            "details": {"limit": 2},
+        }
+        assert (await svc.client.get("/jobs")).status_code == 200  # pages still read
+    await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
+    async with follow(svc) as again:
+        await eventually(lambda: again, timeout=10)  # room again once they closed
