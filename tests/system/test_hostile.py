@@ -88,7 +88,7 @@ async def test_a_deeply_nested_callback_is_refused(start_service, receiver):
         path, content=DEEP.encode(), headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
-    assert "nested too deeply" in response.json()["error"]["message"]
+    assert "nested more than 64 levels deep" in response.json()["error"]["message"]
     assert (await svc.job("cb"))["state"] == "running"
 
 
