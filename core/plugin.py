@@ -48,17 +48,7 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 
 from core.errors import BackendError, NotFound, Unauthorized
 from core.hookspecs import Backend, Readiness, hookimpl
-from core.models import (
-    CheckNow,
-    ErrorInfo,
-    Job,
-    Notice,
-    NoticeAbout,
-    Outcome,
-    Running,
-    Trigger,
-    is_http_url,
-)
+from core.models import CheckNow, ErrorInfo, Job, Notice, NoticeAbout, Outcome, Running, Trigger
 from core.redact import redact, redact_bytes
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
@@ -79,7 +69,6 @@ __all__ = [
     "Unauthorized",
     "callback_promise_id",
     "hookimpl",
-    "is_http_url",
     "redact",
     "redact_bytes",
     "settings_from_env",

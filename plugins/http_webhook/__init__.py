@@ -65,7 +65,6 @@ from core.plugin import (
     Trigger,
     callback_promise_id,
     hookimpl,
-    is_http_url,
     redact_bytes,
 )
 
@@ -269,12 +268,6 @@ class HttpWebhook(Backend):
                     f"{name} must not carry user:password@: params are stored and shown"
                     " with the job; name a credential of the service in `auth` instead"
                     f" ({AUTH_PREFIX}<NAME>)"
-                )
-            if value is not None and not is_http_url(value):
-                raise ValueError(
-                    f"{name} names no host and port a request can be sent to: a port is"
-                    " a number up to 65535, a bracketed host an IP address, a host name"
-                    " labels of 1 to 63 characters without `%` or format characters"
                 )
         for header, value in params.headers.items():  # as HTTP allows (else sent as is)
             if not HEADER_NAME.fullmatch(header):
