@@ -72,15 +72,20 @@ def shallow(outcome: Outcome) -> Outcome:
     than `MAX_DEPTH` (its `preview` the first `PREVIEW_BYTES` of its JSON)."""
     if not deeper_than(outcome.result):
         return outcome
-    marker: dict[str, Any] = {"truncated": True, "nested_deeper_than": MAX_DEPTH}
+    deep = {"nested_deeper_than": MAX_DEPTH}
     try:
         data = msgspec.json.encode(outcome.result)
     except (TypeError, OverflowError, RecursionError):  # too deep even to write out
-        result = {**marker, "preview": ""}
+        result = {"truncated": True, **deep, "preview": ""}
     else:
-        marker |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        result = {**marker, "preview": data[:PREVIEW_BYTES].decode("utf-8", "ignore")}
+        preview = data[:PREVIEW_BYTES].decode("utf-8", "ignore")
+        result = {**_marker(data), **deep, "preview": preview}
     return Outcome(status=outcome.status, result=result, error=outcome.error)
+
+
+def _marker(data: bytes) -> dict[str, Any]:
+    """The marker's keys for a result whose JSON is `data`, but its preview."""
+    return {"truncated": True, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def bound_outcome(outcome: Outcome, limit: int | None) -> Outcome:
@@ -112,13 +117,8 @@ def bound_result(value: Any, limit: int) -> Any:
         rest = {k: v for k, v in value.items() if k != "preview"}
         if len(msgspec.json.encode(rest)) <= limit - MARK_ROOM:
             return _fit(rest, value["preview"].encode(), limit)
-    marker = {
-        "truncated": True,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
     text = value.encode() if isinstance(value, str) else data
-    return _fit(marker, text, limit)
+    return _fit(_marker(data), text, limit)
 
 
 def _is_marker(value: Any) -> bool:

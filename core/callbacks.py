@@ -330,18 +330,18 @@ def decode_json(what: str, body: bytes, empty: Any) -> Any:
         raise MalformedBody(
             f"the {what} body is not valid JSON: {not_json(exc)}", {"field": "body"}
         ) from None
-    except RecursionError:
-        decoded = DEEP
-    if decoded is DEEP or deeper_than(decoded):
-        raise MalformedBody(
-            f"the {what} body is JSON nested more than {MAX_DEPTH} levels deep; nothing changed",
-            {"field": "body", "limit_depth": MAX_DEPTH},
-        )
+    except RecursionError:  # too deep for the decoder itself
+        raise _too_deep(what) from None
+    if deeper_than(decoded):
+        raise _too_deep(what)
     return decoded
 
 
-DEEP = object()
-"""What `decode_json` read of a body too deep for the decoder itself."""
+def _too_deep(what: str) -> MalformedBody:
+    return MalformedBody(
+        f"the {what} body is JSON nested more than {MAX_DEPTH} levels deep; nothing changed",
+        {"field": "body", "limit_depth": MAX_DEPTH},
+    )
 
 
 def _progress(body: bytes) -> Any:
