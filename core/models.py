@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import msgspec
 
@@ -270,26 +270,55 @@ class EventPage(msgspec.Struct, frozen=True):
 
 
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
-HTTP_URL = re.compile(
-    r"^[Hh][Tt][Tt][Pp][Ss]?://"
-    r"(?:[^/?#@:\[\]\x00-\x20\x7f]+|\[[0-9A-Fa-f:.]+\])"
-    rf"(?::{_PORT})?"
-    r"(?:[/?#][^\x00-\x20\x7f]*)?$"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_OCTET}(?:\.{_OCTET}){{3}})"
+_IPV6 = "|".join(  # RFC 3986's IPv6address, one line per form
+    (
+        rf"(?:{_H16}:){{6}}{_LS32}",
+        rf"::(?:{_H16}:){{5}}{_LS32}",
+        rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+        rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+        rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+        rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+        rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+    )
 )
-"""An http(s) URL: a host (a name or a bracketed IPv6 address), an optional
-port, no `user:password@` part, no spaces or control characters."""
+_LABEL = r"[A-Za-z0-9_-]{1,63}"
+HOST_RULE = (
+    "the host is dot-separated labels of 1 to 63 of A-Z a-z 0-9 _ - (an internationalized"
+    " name in its xn-- form) or a bracketed IPv6 address, the port, if any, 1 to 65535"
+)
+SENDABLE_URL_START = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{_LABEL}(?:\.{_LABEL})*\.?|\[(?:{_IPV6})\])(?::{_PORT})?"
+)
+"""How a URL Tether sends requests to begins, as a new job's may be: the
+scheme (any case), a host the HTTP client reads (`HOST_RULE`) and a port of 1
+to 65535, without `user:password@`. Stated in the schema as a pattern; jobs
+stored before keep theirs."""
+SENDABLE_URL = re.compile(SENDABLE_URL_START + r"(?:[/?#]|$)")
+"""`SENDABLE_URL_START`, then the path, query or fragment, or the end."""
+HTTP_URL = re.compile(SENDABLE_URL_START + r"(?:[/?#][^\x00-\x20\x7f]*)?$")
+"""An http(s) URL a notification is sent to: `SENDABLE_URL_START`, then no
+spaces or control characters."""
 
 
-def is_http_url(url: str) -> bool:
-    """`HTTP_URL`, with a host Python's URL parser reads: a bracketed one must
-    be an IP address (`[1:2:3]` fits the pattern, and `urlsplit` refuses it)."""
-    if not HTTP_URL.fullmatch(url):
-        return False
-    try:
-        urlsplit(url).port  # noqa: B018 - reading it checks the host and port
-    except ValueError:
-        return False
-    return True
+def url_fault(url: str, whole: re.Pattern[str] = HTTP_URL) -> str:
+    """What keeps `url` from matching `whole` (a pattern that begins with
+    `SENDABLE_URL_START`), in words that do not quote it (it may carry a
+    credential); "" when nothing does."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return "is not an http or https URL"
+    if "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        return "carries user:password@"
+    if not SENDABLE_URL.match(url):
+        return f"names no host and port a request can be sent to ({HOST_RULE})"
+    if not whole.match(url):
+        return "holds a space or a control character"
+    return ""
 
 
 class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

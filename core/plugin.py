@@ -48,12 +48,24 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 
 from core.errors import BackendError, NotFound, Unauthorized
 from core.hookspecs import Backend, Readiness, hookimpl
-from core.models import CheckNow, ErrorInfo, Job, Notice, NoticeAbout, Outcome, Running, Trigger
+from core.models import (
+    SENDABLE_URL,
+    CheckNow,
+    ErrorInfo,
+    Job,
+    Notice,
+    NoticeAbout,
+    Outcome,
+    Running,
+    Trigger,
+    url_fault,
+)
 from core.redact import redact, redact_bytes
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
 __all__ = [
+    "SENDABLE_URL",
     "Backend",
     "BackendError",
     "CheckNow",
@@ -72,4 +84,5 @@ __all__ = [
     "redact",
     "redact_bytes",
     "settings_from_env",
+    "url_fault",
 ]

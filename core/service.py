@@ -51,7 +51,7 @@ from core.models import (
     JobPage,
     JobRequest,
     Outcome,
-    is_http_url,
+    url_fault,
 )
 from core.notices import NoticeResult, Notices
 from core.notify import Notifier
@@ -389,11 +389,8 @@ class Tether:
                 {"field": "tags"},
             )
         notify = None if req.notify is None else req.notify.url
-        if notify is not None and not is_http_url(notify):
-            raise MalformedBody(
-                "invalid notify.url: an http or https URL without user:password@",
-                {"field": "notify.url"},
-            )
+        if notify is not None and (fault := url_fault(notify)):
+            raise MalformedBody(f"invalid notify.url: it {fault}", {"field": "notify.url"})
         if notify is not None and not self.store.notify_secrets:
             raise InvalidRequest(
                 "notify needs a notification secret, and this service has none: set"

@@ -56,6 +56,7 @@ import msgspec
 from msgspec import Meta
 
 from core.plugin import (
+    SENDABLE_URL,
     Backend,
     BackendError,
     ErrorInfo,
@@ -66,6 +67,7 @@ from core.plugin import (
     callback_promise_id,
     hookimpl,
     redact_bytes,
+    url_fault,
 )
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -82,10 +84,10 @@ more, so its connection can be reused; past that the connection is closed."""
 
 
 HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\x00-\x20\x7f]+(?:[/?#]|$)")
-"""An absolute http(s) URL: the scheme (any case), `://` and a host. In the
-params' schema and checked with it, so what the schema allows is accepted. A
-new job's URLs may not carry `user:password@` (`HttpWebhook.check_new_params`);
-jobs stored before that rule keep theirs for their requests (clients see `***@`)."""
+"""An absolute http(s) URL: the scheme (any case), `://` and a host. What a
+stored job's params convert with; a new job's URLs are held to `HttpUrl` (the
+schema's pattern) by `HttpWebhook.check_new_params`: jobs stored before its
+rules keep theirs for their requests (clients see `***@`)."""
 MAX_INTERVAL = 86400.0
 """The longest `status_interval`, a day: checks back off to ten times it."""
 
@@ -93,11 +95,9 @@ AUTH_PREFIX = "TETHER_WEBHOOK_AUTH_"
 CREDENTIAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What NAME in `TETHER_WEBHOOK_AUTH_<NAME>` may be."""
 
-NEW_HTTP_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\x00-\x20\x7f]+(?:[/?#]|$)")
-"""`HTTP_URL` without `user:password@`: what a new job's URL may be, as the
-params' schema states it (`check_new_params` checks it)."""
-
-HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": NEW_HTTP_URL.pattern})]
+HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": SENDABLE_URL.pattern})]
+"""What a new job's URL may be, as the params' schema states it: a host and
+port a request can be sent to, no `user:password@` (`check_new_params`)."""
 
 
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -263,12 +263,15 @@ class HttpWebhook(Backend):
         characters (a line break would end the header)."""
         for name in ("url", "cancel_url", "status_url"):
             value = getattr(params, name)
-            if value is not None and not NEW_HTTP_URL.match(value):  # `HTTP_URL` did
+            fault = "" if value is None else url_fault(value, SENDABLE_URL)
+            if fault == "carries user:password@":
                 raise ValueError(
                     f"{name} must not carry user:password@: params are stored and shown"
                     " with the job; name a credential of the service in `auth` instead"
                     f" ({AUTH_PREFIX}<NAME>)"
                 )
+            if fault:
+                raise ValueError(f"{name} {fault}")
         for header, value in params.headers.items():  # as HTTP allows (else sent as is)
             if not HEADER_NAME.fullmatch(header):
                 raise ValueError(

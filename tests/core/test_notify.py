@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 from core.errors import StoreConfigError
-from core.models import Outcome, is_http_url
+from core.models import Outcome, url_fault
 from core.notify import Notifier, backoff, failure
 from core.settings import Settings
 from core.store import open_store
@@ -363,6 +363,9 @@ BAD_URLS = (
     "http://[::1::]:18513/x",  # bracketed, but not an IP address: Python's parser refuses it
     "http://[1:2:3]/hook",
     "http://[:]/x",
+    "http://hooks.example.com:99999/x",  # no request can be sent to these
+    "http://bücher.example/x",
+    "http://a%41.example/x",
 )
 
 
@@ -600,4 +603,4 @@ def test_a_notify_url_whose_host_cannot_be_read_is_shown_without_failing():
     # its notification) must not fail on it, nor show its path or query.
     assert origin("http://[::1::]:18513/x?tok=SECRET") == "http://(unreadable host)"
     assert origin("HTTPS://[::1]:8443/x?tok=SECRET") == "https://[::1]:8443"
-    assert is_http_url("http://[::1]:8443/x") and not is_http_url("http://[1:2:3]/x")
+    assert not url_fault("http://[::1]:8443/x") and url_fault("http://[1:2:3]/x")

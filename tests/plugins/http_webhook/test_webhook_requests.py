@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
 from core.errors import BackendError
-from core.models import ErrorInfo, Job, Outcome, Running, Trigger
+from core.models import HOST_RULE, ErrorInfo, Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import env_names, unknown_env
 from core.store.jobs import JobRecord, now_ms
@@ -241,6 +241,24 @@ def test_credentials_in_a_new_jobs_urls_are_refused_stored_ones_kept(name: str, 
     with pytest.raises(ValueError) as refused:
         HttpWebhook().check_new_params(stored)
     assert str(refused.value) == f"{name} {NO_USER}"
+
+
+UNSENDABLE = ("http://x:99999/p", "http://x:0", "http://bücher.example/", "http://[1:2:3]/p")
+
+
+@pytest.mark.parametrize("name", ["url", "cancel_url", "status_url"])
+@pytest.mark.parametrize("url", UNSENDABLE)
+def test_a_new_jobs_url_no_request_can_be_sent_to_is_refused_stored_ones_kept(name: str, url: str):
+    """A port past 65535 or a host the HTTP client refuses was taken and failed
+    at every trigger; a new job's is refused, naming the rule the params'
+    schema states. A job stored before still converts (it fails as before)."""
+    params = {"url": "http://x", name: url}
+    stored = msgspec.convert(params, WebhookParams)
+    with pytest.raises(ValueError) as refused:
+        HttpWebhook().check_new_params(stored)
+    assert str(refused.value) == f"{name} names no host and port a request can be sent to" + (
+        f" ({HOST_RULE})"
+    )
 
 
 @pytest.mark.parametrize(
