@@ -253,6 +253,7 @@ class JobEvent(msgspec.Struct, frozen=True):
     seq: int
     """1, 2, ... in the order things happened to the job, without gaps."""
     at: datetime
+    """When it was recorded: never before the event before it (`seq - 1`)."""
     type: EventType
     attempt: int
     """The job's attempt the event belongs to (a trigger's retries are `data.try`)."""

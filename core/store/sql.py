@@ -274,11 +274,21 @@ class SqlJobIndex:
         self, tx: Session, rec: JobRecord, events: Sequence[NewEvent], now: int
     ) -> list[Event]:
         """Insert `events`, already counted in `rec.events` (they are its last
-        ones), and keep the job's history within `HISTORY_LIMIT`."""
+        ones), and keep the job's history within `HISTORY_LIMIT`. Their `at`
+        is `now`, or the job's last event's if later: `now` is taken before
+        the transaction, and a write of another process or of the same group
+        commit may have come in between with a later one (found in an audit,
+        2026-12-04), so a history read by `seq` never goes back in time."""
         first = rec.events - len(events) + 1
+        at = now
+        if first > 1:  # none when a test deleted it; `HISTORY_LIMIT` keeps the tail
+            last = await tx.fetch(
+                "SELECT at FROM tether_events WHERE job_id = ? AND seq = ?", (rec.id, first - 1)
+            )
+            at = max([now, *(int(r[0]) for r in last)])
         filed = [
             Event(
-                job_id=rec.id, seq=first + i, at=now, type=e.type, attempt=rec.attempt, data=e.data
+                job_id=rec.id, seq=first + i, at=at, type=e.type, attempt=rec.attempt, data=e.data
             )
             for i, e in enumerate(events)
         ]

@@ -494,3 +494,25 @@ async def test_a_promotion_reads_the_backends_queue_and_its_jobs_by_id_only(data
         "SEARCH tether_jobs USING INDEX tether_jobs_queue (backend=?)",
     ], steps
     assert (await jobs.get("j2")).state == "pending"  # type: ignore[union-attr]
+
+
+async def test_a_jobs_history_never_goes_back_in_time(database):
+    """An event's time is taken before its write's transaction, and another
+    write with a later time may commit first (another process, or the same
+    group commit): the later-filed event is timed at its predecessor's, so a
+    history read by `seq` is also in time order (audit, 2026-12-04)."""
+    jobs = await index_on(database)
+    await jobs.insert(job("t", at=5_000), [NewEvent("accepted", {})])
+    await jobs.record("t", [NewEvent("heartbeat", {})], 9_000)
+    await jobs.record("t", [NewEvent("heartbeat", {}), NewEvent("heartbeat", {})], 7_000)
+    await jobs.end("t", Outcome("succeeded"), 8_000)
+    await jobs.record("t", [NewEvent("callback", {})], 12_000)
+    _, events = await jobs.events_after("t", 0, 100)
+    assert [(e.seq, e.at) for e in events] == [
+        (1, 5_000),
+        (2, 9_000),
+        (3, 9_000),
+        (4, 9_000),
+        (5, 9_000),
+        (6, 12_000),
+    ]
