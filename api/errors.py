@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from resonate.error import DecodingError, ServerError
 
 from api.access import shown_path
+from core.bounds import MAX_DEPTH
 from core.errors import (
     Conflict,
     InvalidRequest,
@@ -168,9 +169,17 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
     return response
 
 
-def too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
-    details = {"field": "body", "in": "body"}
-    return error_response(400, "invalid_request", "JSON nested too deeply", details)
+def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    """A body too deep for msgspec's decoder (thousands of levels; what is
+    decoded is refused past `MAX_DEPTH` where it is read) is the client's
+    400, as the callbacks say it. Any other RecursionError is a fault of the
+    service: 500, logged."""
+    if "while deserializing" not in str(exc):  # msgspec's own words
+        return internal_error(request, exc)
+    message = f"invalid body: JSON nested more than {MAX_DEPTH} levels deep"
+    return error_response(
+        400, "invalid_request", message, {"field": "body", "limit_depth": MAX_DEPTH}
+    )
 
 
 def store_error(request: Request[Any, Any, Any], exc: ServerError | DecodingError) -> Response[Any]:

@@ -382,6 +382,14 @@ async def test_json_nested_past_the_bound_is_refused_wherever_it_comes_in(start_
         assert error["details"] == {"field": name, "limit_depth": MAX_DEPTH}, error
         assert f"nested more than {MAX_DEPTH} levels deep" in error["message"]
         assert (await svc.client.get(f"/jobs/deep-{name}")).status_code == 404
+    # too deep for the decoder itself: the same answer, from `api.errors.too_deep`
+    sent = b'{"backend": "http_webhook", "params": {"payload": %s}}' % (b"[" * 5_000 + b"]" * 5_000)
+    refused = await svc.client.post(
+        "/jobs", content=sent, headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["details"] == {"field": "body", "limit_depth": MAX_DEPTH}
+    assert f"nested more than {MAX_DEPTH} levels deep" in refused.json()["error"]["message"]
     kept = {"m": deep(MAX_DEPTH - 2)}  # the body, metadata's object, "m": MAX_DEPTH levels
     taken = await svc.client.post("/jobs", json={**body, "id": "deep-ok", "metadata": kept})
     assert taken.status_code == 201, taken.text

@@ -20,7 +20,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from api.errors import tether_error
+from api.errors import tether_error, too_deep
 from api.http import SERVER_OPTIONS
 from core.errors import StoreUnavailable
 
@@ -189,3 +189,17 @@ def test_a_503_to_a_post_the_store_may_apply_late_says_so_and_asks_for_a_wait():
         assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
         message = answer.content.error.message
         assert ("may have taken effect all the same" in message) is says, (request, message)
+
+
+def test_only_a_body_too_deep_for_the_decoder_is_the_clients_400(caplog):
+    """msgspec's RecursionError decoding a body is the client's: 400. Any
+    other is the service's own fault, never blamed on the request: 500, logged."""
+    request = SimpleNamespace(method="POST", url=SimpleNamespace(path="/jobs"))
+    decoder = RecursionError("maximum recursion depth exceeded while deserializing an object")
+    answer = too_deep(request, decoder)  # type: ignore[arg-type]
+    assert answer.status_code == 400 and answer.content.error.details["field"] == "body"
+    assert caplog.records == []
+    ours = RecursionError("maximum recursion depth exceeded")
+    answer = too_deep(request, ours)  # type: ignore[arg-type]
+    assert answer.status_code == 500 and answer.content.error.code == "internal"
+    assert "unhandled RecursionError on POST /jobs" in caplog.text
