@@ -178,7 +178,7 @@ def too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[A
         return internal_error(request, exc)
     message = f"invalid body: JSON nested more than {MAX_DEPTH} levels deep"
     return error_response(
-        400, "invalid_request", message, {"field": "body", "limit_depth": MAX_DEPTH}
+        400, "invalid_request", message, {"field": "body", "in": "body", "limit_depth": MAX_DEPTH}
     )
 
 

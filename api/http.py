@@ -2,7 +2,11 @@
 
 httptools parses requests at about twice h11's speed, but unlike h11 it puts no
 bound on a request's head: one connection could make the server buffer a
-header of any size. `HttpProtocol` adds h11's kind of bound.
+header of any size. `HttpProtocol` adds h11's kind of bound, and one on time:
+a request must arrive whole within `READ_TIMEOUT` (uvicorn bounds only the
+idle time between requests, so a client sending a head a byte at a time, or
+nothing at all, held its connection for ever). What it refuses before the
+app sees the request is answered as the app's errors are, in JSON.
 
 It also answers with one socket write where uvicorn makes two: uvicorn writes
 a response's head as soon as the app starts it and the body when it comes, two
@@ -15,15 +19,25 @@ once, as before, so a client sees it open before the first event.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from api.errors import ErrorBody, ErrorResponse
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
 
 MAX_HEAD_BYTES = 64 * 1024
 """A request line and headers longer than this get 400 and the connection closes."""
+READ_TIMEOUT = 30.0
+"""Seconds a request may take to arrive whole, head and body, from its first
+byte (a new connection's from its opening): past it, a request whose head is
+incomplete gets 408, one whose body is incomplete is dropped (the app sees the
+client leave, 499), and the connection closes. Time the service itself holds
+the body back (its reads paused) does not count."""
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -39,6 +53,57 @@ class HttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0  # parsed parts of the current head
         self._raw_bytes = 0  # received while the current head is incomplete
+        self._reading: asyncio.TimerHandle | None = None  # a request still arriving
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_from_now()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._read_done()
+        super().connection_lost(exc)
+
+    def on_message_complete(self) -> None:
+        self._read_done()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, "Bad Request", "invalid_request", msg)
+
+    def _read_from_now(self) -> None:
+        self._read_done()
+        self._reading = self.loop.call_later(READ_TIMEOUT, self._read_timed_out)
+
+    def _read_done(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
+
+    def _read_timed_out(self) -> None:
+        self._reading = None
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            message = f"the request did not arrive whole within {READ_TIMEOUT:g} seconds"
+            self._refuse(408, "Request Timeout", "request_timeout", message)
+        elif self.flow.read_paused:  # the app holds its body back: not the client's time
+            self._read_from_now()
+        else:
+            self.transport.close()  # the app is running: it sees the client leave
+
+    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        """Answer `status` with an error as the app's are, and close."""
+        body = msgspec.json.encode(ErrorResponse(ErrorBody(code, message)))
+        head = [f"HTTP/1.1 {status} {reason}".encode(), b"\r\n"]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join([*head, body]))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -51,6 +116,8 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head, self._head_bytes, self._raw_bytes = True, 0, 0
+        if self._reading is None:  # (a new connection's clock runs from its opening)
+            self._read_from_now()
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:

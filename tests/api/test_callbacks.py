@@ -388,7 +388,11 @@ async def test_json_nested_past_the_bound_is_refused_wherever_it_comes_in(start_
         "/jobs", content=sent, headers={"content-type": "application/json"}
     )
     assert refused.status_code == 400, refused.text
-    assert refused.json()["error"]["details"] == {"field": "body", "limit_depth": MAX_DEPTH}
+    assert refused.json()["error"]["details"] == {
+        "field": "body",
+        "in": "body",
+        "limit_depth": MAX_DEPTH,
+    }
     assert f"nested more than {MAX_DEPTH} levels deep" in refused.json()["error"]["message"]
     kept = {"m": deep(MAX_DEPTH - 2)}  # the body, metadata's object, "m": MAX_DEPTH levels
     taken = await svc.client.post("/jobs", json={**body, "id": "deep-ok", "metadata": kept})

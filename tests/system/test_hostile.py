@@ -48,7 +48,8 @@ async def test_hostile_job_requests_are_refused_and_change_nothing(
     assert response.json()["error"]["message"]
     if status == 400:
         field = "timeout" if b"1e400" in body else "body"  # out of range: its field is named
-        assert response.json()["error"]["details"] == {"field": field, "in": "body"}
+        deep = {"limit_depth": 64} if DEEP.encode() in body else {}  # `api.errors.too_deep`
+        assert response.json()["error"]["details"] == {"field": field, "in": "body", **deep}
     assert (await svc.client.get("/jobs")).json()["items"] == []
     assert receiver.hits == []
 
@@ -145,3 +146,78 @@ async def test_oversized_headers_are_refused_and_the_service_goes_on(start_servi
     answer = await asyncio.to_thread(send_raw, 30_000)  # big, but allowed
     assert answer.startswith(b"HTTP/1.1 200")
     assert (await svc.client.get("/health")).status_code == 200
+
+
+def _raw(port: int, *parts: bytes, pause: float = 0.0, wait: float = 5.0) -> tuple[bytes, float]:
+    """Send `parts` to the service, `pause` seconds apart; what it answered
+    until it closed the connection, and the seconds that took."""
+    import socket
+    import time
+
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
+        for part in parts:
+            try:
+                conn.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):  # it answered and closed
+                break
+            time.sleep(pause)
+        answer = b""
+        try:
+            while chunk := conn.recv(4096):
+                answer += chunk
+        except ConnectionResetError:  # it closed with our bytes unread: what came is kept
+            pass
+    return answer, time.monotonic() - began
+
+
+async def test_a_request_that_does_not_arrive_in_time_is_dropped_and_the_service_goes_on(
+    start_service, monkeypatch
+):
+    """uvicorn bounds only the idle time between requests: a connection that
+    sent nothing, or a head a byte at a time, was held for ever (found in an
+    audit, 2026-12-04). A request must now arrive whole within
+    `READ_TIMEOUT`: a head still incomplete gets 408 in the API's JSON, a
+    body still incomplete is dropped, and the service goes on."""
+    import asyncio
+
+    from api import http
+
+    monkeypatch.setattr(http, "READ_TIMEOUT", 0.6)
+    svc = await start_service()
+    port = svc.settings.port
+
+    silent, took = await asyncio.to_thread(_raw, port)
+    assert silent.startswith(b"HTTP/1.1 408 "), silent
+    assert took > 0.5
+    head, _, body = silent.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head and b"connection: close" in head
+    assert msgspec.json.decode(body)["error"]["code"] == "request_timeout"
+
+    trickle = [bytes([b]) for b in b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"]
+    slow, _ = await asyncio.to_thread(_raw, port, *trickle, pause=0.05)  # 34 bytes: 1.7 s
+    assert slow.startswith(b"HTTP/1.1 408 "), slow  # (a 200 had it waited for them all)
+
+    head_only = b"POST /jobs HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    partial, _ = await asyncio.to_thread(
+        _raw, port, head_only + b"content-length: 100\r\n\r\n", b'{"backend"'
+    )
+    assert partial == b""  # the app was reading its body: the connection just closes
+
+    # in time, though slowly, and one after the other on one connection: answered
+    steady = [b"GET /health HTTP/1.1\r\n", b"Host: x\r\n\r\n"] * 2
+    answered, _ = await asyncio.to_thread(_raw, port, *steady, pause=0.2, wait=10)
+    assert answered.count(b"HTTP/1.1 200 ") == 2, answered
+    assert (await svc.client.get("/jobs")).json()["items"] == []
+    assert (await svc.client.get("/health")).status_code == 200
+
+
+async def test_a_request_the_parser_refuses_is_answered_in_the_apis_json(start_service):
+    import asyncio
+
+    svc = await start_service()
+    answer, _ = await asyncio.to_thread(_raw, svc.settings.port, b"NOT HTTP AT ALL\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request") and b"application/json" in head
+    error = msgspec.json.decode(body)["error"]
+    assert error == {"code": "invalid_request", "message": "Invalid HTTP request received."}
