@@ -76,6 +76,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """`http://127.0.0.1:PORT` where nothing listens, and nothing can while
+    the test runs: the port is held by a bound socket that does not listen
+    (a connection is refused). A port only picked (`free_port`) can be taken
+    meanwhile by another test's server (pytest-xdist), which then answers."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
 def listening_socket(port: int = 0) -> socket.socket:
     """A socket listening on 127.0.0.1:`port` (0: a free one), for a server in
     this process to serve on. Bound here rather than by the server: a port

@@ -86,8 +86,8 @@ def test_every_client_verb_is_a_command_of_tether() -> None:
         assert cli.commands[str(command.name)] is command
 
 
-def test_the_tether_command_runs_client_verbs_and_local_commands() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+def test_the_tether_command_runs_client_verbs_and_local_commands(refused_url: str) -> None:
+    url = refused_url
     env = {**os.environ, "TETHER_URL": url}
     got = subprocess.run([TETHER, "get", "x"], env=env, capture_output=True, text=True, timeout=60)
     assert got.returncode == 4  # the client's own exit status, through `main`

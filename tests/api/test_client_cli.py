@@ -38,7 +38,7 @@ from api import client as client_module
 from api.cli import cli as main_group
 from api.client import client
 from tests.api.test_events import answering
-from tests.conftest import POLL, Receiver, free_port, wait_until
+from tests.conftest import POLL, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,8 +319,8 @@ def test_follow_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, rec
     assert "cancel_failed" not in watch_out, watch_out  # it ends with the job
 
 
-def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line():
-    url = f"http://127.0.0.1:{free_port()}"
+def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str):
+    url = refused_url
     for args in (["watch", "x"], ["get", "x"], ["list"], ["submit", "http_webhook"]):
         done = tether(url, *args)
         assert done.returncode == 4, (args, done.stderr)
@@ -462,7 +462,7 @@ def test_the_api_token_is_the_first_of_tether_api_token_and_never_shown(tmp_path
 # ── complete: a callback as the external system sends it ─────────────────────
 
 
-def test_complete_settles_the_job_and_never_shows_the_token(service, receiver):
+def test_complete_settles_the_job_and_never_shows_the_token(service, receiver, refused_url):
     cli(
         service.url, "submit", "http_webhook", "--id", "cli-complete", "--params", webhook(receiver)
     )
@@ -495,7 +495,7 @@ def test_complete_settles_the_job_and_never_shows_the_token(service, receiver):
     refused = cli(service.url, "complete", forged, "--status", "failed", "--error", "x")
     assert refused.exit_code == 4
     assert refused.stderr == "tether: missing or invalid callback token (HTTP 401)\n"
-    gone = url.replace(f":{service.port}/", f":{free_port()}/")
+    gone = url.replace(f"http://127.0.0.1:{service.port}/", f"{refused_url}/")
     unreachable = tether(service.url, "complete", gone, "--status", "failed", "--retry-for", "3")
     assert unreachable.returncode == 4
     said = f"tether: cannot reach {gone.split('?')[0]}: connection refused"

@@ -25,7 +25,7 @@ from core.settings import Settings
 from core.store import open_store
 from core.store.remote import RemoteConnection, RemoteStore
 from core.store.sql import SqlJobIndex
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually
 from tests.core.store.test_store_kinds import _job
 from tests.resonate_server.stand_in import StandIn
 
@@ -103,10 +103,10 @@ async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(t
     ],
 )
 async def test_a_missing_or_wrong_setting_is_refused_before_the_server_is_asked(
-    tmp_path, more, says
+    tmp_path, more, says, refused_url
 ):
     # the port listens to nothing: a refusal names the setting, not the server
-    url = f"http://127.0.0.1:{free_port()}"
+    url = refused_url
     with pytest.raises(StoreConfigError) as refused:
         await open_store(settings(url, **{"index": f"sqlite:///{tmp_path}/i.db", **more}), "p")
     assert says in str(refused.value) and "pw" not in str(refused.value)
@@ -137,13 +137,11 @@ async def test_an_index_with_another_store_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-async def test_a_server_that_does_not_answer_is_refused_at_once(tmp_path):
+async def test_a_server_that_does_not_answer_is_refused_at_once(tmp_path, refused_url):
     started = time.monotonic()
     refused = r"the Resonate server at http://127\.0\.0\.1:[0-9]+ did not answer: "
     with pytest.raises(StoreUnavailable, match=refused):  # down for now: not a setting's fault
-        await open_store(
-            settings(f"http://127.0.0.1:{free_port()}", index=f"sqlite:///{tmp_path}/i.db"), "p"
-        )
+        await open_store(settings(refused_url, index=f"sqlite:///{tmp_path}/i.db"), "p")
     assert time.monotonic() - started < 3
     assert not (tmp_path / "i.db").exists()
 

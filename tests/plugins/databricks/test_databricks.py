@@ -22,7 +22,7 @@ from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
 from plugins.databricks.runs import outcome_of_run
 from plugins.databricks.workspace import NO_WORKSPACE, DatabricksSettings, Workspace
-from tests.conftest import HOLD, eventually, free_port
+from tests.conftest import HOLD, eventually
 from tests.plugins.databricks.workspace import (
     EXAMPLE_NOTEBOOK,
     FakeWorkspace,
@@ -529,9 +529,9 @@ async def test_missing_credentials_fail_the_job_saying_so(
 
 
 async def test_an_unreachable_workspace_fails_the_trigger_after_bounded_retries(
-    start_databricks, workspace: FakeWorkspace, monkeypatch
+    start_databricks, workspace: FakeWorkspace, monkeypatch, refused_url: str
 ):
-    monkeypatch.setenv("DATABRICKS_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DATABRICKS_HOST", refused_url)
     monkeypatch.setenv("TETHER_DATABRICKS_RETRY_TIMEOUT", "1")
     svc = await start_databricks(trigger_attempts=2)
     started = time.monotonic()
