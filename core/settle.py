@@ -410,15 +410,16 @@ class Settler:
         async def settle_together(tx: Requests) -> None:
             nonlocal workflow_ended
             workflow_ended = False  # (again: a batch the store retried runs this again)
+            first = self.jobs.root_settled_first
             if alone:
                 status, answer = await tx.request("task.get", {"id": root})
-                if status == 200 and answer["task"]["state"] == "suspended":
-                    # First: its callback on the promise goes with it (and
-                    # the root's id sorts before the promise's, the order
-                    # resonate-pg takes their locks in).
-                    await settle(tx, root)
-                    workflow_ended = True
+                workflow_ended = status == 200 and answer["task"]["state"] == "suspended"
+            # In the order the store takes their locks in (`root_settled_first`)
+            if workflow_ended and first:
+                await settle(tx, root)
             await settle(tx, promise_id)
+            if workflow_ended and not first:
+                await settle(tx, root)
 
         event = None if note is None else note("accepted")
         try:

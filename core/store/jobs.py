@@ -183,6 +183,13 @@ class JobIndex(Protocol):
         Postgres, whose promises are resonate-pg's in the same database."""
         ...
 
+    @property
+    def root_settled_first(self) -> bool:
+        """In a settle that ends the waiting workflow too, whether its root
+        promise is settled before the callback promise (the order the
+        store's locks need: `SqlJobIndex.root_settled_first`)."""
+        ...
+
     async def promote(self, backend: str, now: int) -> list[JobRecord]:
         """Move queued jobs of `backend` to `pending` while it has free slots."""
         ...

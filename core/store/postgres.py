@@ -36,6 +36,18 @@ log = logging.getLogger("tether")
 GC_BATCH = 10_000
 """Promises one call of `resonate.gc` deletes, at most."""
 MIGRATION_LOCK = int.from_bytes(b"tetherdb")
+ROLLED_BACK_TRIES = 3
+"""Runs of a transaction Postgres rolled back on its own (a deadlock, a
+serialization failure: `RolledBack`) before `PostgresDriver.atomic` says the
+store is unavailable."""
+
+
+class RolledBack(StoreUnavailable):
+    """Postgres rolled the transaction back to break a deadlock or a
+    serialization failure: nothing of it was committed, and running it again
+    may well go through."""
+
+
 """The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
 
@@ -286,6 +298,13 @@ class PostgresIndex(SqlJobIndex):
     `together`, `PgSession.request`), as on the embedded store."""
 
     settles_together = True
+    root_settled_first = False
+    """resonate-pg's settle of a promise locks it, then each promise awaiting
+    it (its root): a transaction that settled the root first took those
+    locks the other way round, and deadlocked with a plain settle of the
+    same promise (a cancel racing a callback: found in an audit,
+    2026-12-04). The promise goes first; the root's settle then drops the
+    resume that pushed (its outbox message is never delivered)."""
 
 
 class PgSession:
@@ -382,6 +401,9 @@ class PostgresDriver:
         try:
             async with self._pool.connection() as conn:
                 yield PgSession(conn)
+        except psycopg.errors.TransactionRollback as exc:
+            name = type(exc).__name__
+            raise RolledBack(f"Postgres rolled the transaction back: {name}") from None
         except psycopg.OperationalError as exc:  # server gone, pool timed out
             raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
 
@@ -397,9 +419,19 @@ class PostgresDriver:
         body: Callable[[PgSession], Coroutine[Any, Any, T]],
         after: Callable[[T], None] | None = None,
     ) -> T:
-        """`body`'s statements in one transaction (`Driver.atomic`)."""
-        async with self.transaction() as session:
-            result = await body(session)
+        """`body`'s statements in one transaction (`Driver.atomic`), run
+        again at once when Postgres rolled it back (`RolledBack`), up to
+        `ROLLED_BACK_TRIES` runs: `body` only makes statements, so a run
+        again is the whole of it again."""
+        for tried in range(1, ROLLED_BACK_TRIES + 1):
+            try:
+                async with self.transaction() as session:
+                    result = await body(session)
+                break
+            except RolledBack as exc:
+                if tried == ROLLED_BACK_TRIES:
+                    raise
+                log.warning("%s; running it again (%d of %d)", exc, tried + 1, ROLLED_BACK_TRIES)
         if after is not None:
             after(result)
         return result

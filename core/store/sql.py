@@ -172,6 +172,12 @@ class Written(NamedTuple):
 
 class SqlJobIndex:
     settles_together = False
+    root_settled_first = True
+    """In a settle that also ends the waiting workflow (`core.settle`,
+    `_settle_together`), whether its root promise is settled before the
+    callback promise: on one writer (the embedded engine) it is, so the
+    callback on the promise goes with the root and no resume is pushed. On
+    Postgres it is not (`PostgresIndex`)."""
 
     def __init__(self, driver: Driver) -> None:
         self.db = driver

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from aiohttp import web
 from resonate.connections.http import HttpConnection
@@ -529,6 +530,96 @@ async def test_settles_of_a_waiting_workflow_at_once_end_it_once_with_the_winner
         assert returned.state == "pending"
         assert await task_state(parts, root) == "pending"
     assert [t for t, _ in await types_and_results(parts)].count("finished") == 1
+
+
+async def test_a_callback_ending_the_workflow_and_a_cancel_at_once_do_not_deadlock(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """A callback whose settle also ends the waiting workflow (`alone`)
+    racing a cancel's (whose finish has work: it settles the promise only),
+    on many jobs at once. On Postgres the first settled the root, then the
+    promise, and the second the promise, then (resonate-pg's cascade) the
+    root: the same two locks the other way round, a deadlock that Postgres
+    broke after a second, and 503s (found in an audit, 2026-12-04). Every
+    settle now answers, one of each pair wins, and every job ends once."""
+    broken: list[str] = []  # statements Postgres broke off (a deadlock), by anyone: none
+    execute = psycopg.AsyncCursor.execute
+
+    async def spied(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await execute(self, *args, **kwargs)
+        except psycopg.errors.TransactionRollback as exc:
+            broken.append(type(exc).__name__)
+            raise
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", spied)
+    parts.settler.finishes_alone = lambda state, value: value["by"] == "callback"
+    ids = [f"j{i}" for i in range(12)]
+    for job_id in ids:
+        await parts.add_job(job_id, state="running")
+        await waiting_workflow(parts, job_id)
+
+    settled = await asyncio.gather(
+        *(
+            parts.settler.settle(job_id, outcome, by=by, attempt=1)
+            for job_id in ids
+            for outcome, by in ((DONE, "callback"), (CANCELED, "cancel"), (FAILED, "callback"))
+        )
+    )
+
+    results = [result for result, _ in settled]
+    for i, job_id in enumerate(ids):
+        assert results[3 * i : 3 * i + 3].count("accepted") == 1, (job_id, results)
+        assert (await parts.row(job_id)).finished
+        kinds = [t for t, _ in await types_and_results(parts, job_id)]
+        assert kinds.count("finished") == 1, (job_id, kinds)
+    assert broken == []
+
+
+async def test_on_postgres_a_settle_from_elsewhere_during_a_workflows_end_waits_its_turn(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """Another transaction (the SDK's connection: a cancel's, a host's of an
+    earlier release) settles the promise while a settle that ends the
+    waiting workflow is under way. resonate-pg's settle locks the promise,
+    then the root awaiting it; the settle here settled the root first, so
+    the two took the same locks the other way round: a deadlock, which
+    Postgres broke after a second (a 503 when it hit the callback's;
+    found in an audit, 2026-12-04). It now settles the promise first: the
+    other waits its turn or goes first, nothing is broken off, and the
+    promise and the row agree."""
+    if parts.store.kind != "postgresql":
+        pytest.skip("resonate-pg's locks")
+    broken: list[str] = []  # statements Postgres broke off (a deadlock), anyone's: none
+    execute = psycopg.AsyncCursor.execute
+
+    async def spied(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await execute(self, *args, **kwargs)
+        except psycopg.errors.TransactionRollback as exc:
+            broken.append(type(exc).__name__)
+            raise
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", spied)
+    await parts.add_job("j", state="running")
+    await waiting_workflow(parts, "j")
+    parts.settler.finishes_alone = lambda state, value: True
+    other = Value(data=msgspec.json.encode(settled_value(OTHER, "cancel", "n" * 32)).decode())
+    elsewhere: list[asyncio.Task[Any]] = []
+
+    async def meanwhile(tx: Any, request: Any) -> None:
+        if not elsewhere:  # once: the step-by-step settle that may follow settles "j:1" too
+            elsewhere.append(asyncio.create_task(parts.resonate.promises.resolve("j:1", other)))
+            await asyncio.sleep(0.5)  # it waits on a lock this transaction holds, if any
+
+    before_the_settle(monkeypatch, meanwhile)
+    await parts.settler.settle("j", DONE, by="callback", attempt=1)
+    await elsewhere[0]
+
+    assert broken == []
+    rec = await parts.row("j")
+    assert rec.finished
+    assert outcome_of((await parts.promise("j")).value.data) == outcome_of_record(rec)
 
 
 def before_the_settle(
