@@ -72,6 +72,18 @@ def finite(seconds: float) -> float:
     return seconds
 
 
+def finite_or_none(seconds: float | None) -> float | None:
+    """`finite`, for an option that may be left out; `inf` is refused too:
+    JSON has no such number, so the request could not be sent."""
+    if seconds is not None and not math.isfinite(seconds):
+        raise click.BadParameter("not a finite number of seconds")
+    return seconds
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 retry_for_option = click.option(
     "--retry-for",
     type=click.FloatRange(min=0, max=RETRY_FOR_MAX),
@@ -729,7 +741,7 @@ class JsonValue(click.ParamType[Any]):
             except OSError as exc:
                 self.fail(f"cannot read {value[1:]}: {exc.strerror}", param, ctx)
         try:
-            parsed = json.loads(text)
+            parsed = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity
         except ValueError as exc:
             self.fail(f"not valid JSON{where}: {exc}", param, ctx)
         if self.objects and not isinstance(parsed, dict):
@@ -775,6 +787,7 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
+    callback=lambda ctx, param, value: finite_or_none(value),
     metavar="S",
     help="Seconds the job may wait for its outcome (the service's default if absent).",
 )
@@ -787,6 +800,7 @@ def service_options[F: Callable[..., Any]](function: F) -> F:
 @click.option(
     "--heartbeat-timeout",
     type=click.FloatRange(min=HEARTBEAT_TIMEOUT_MIN),
+    callback=lambda ctx, param, value: finite_or_none(value),
     metavar="S",
     help=f"Seconds (at least {HEARTBEAT_TIMEOUT_MIN:g}) the run may go without a heartbeat"
     " before Tether asks its backend.",

@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, overload
+from typing import Annotated, Any, Literal, get_args, overload
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -305,7 +305,9 @@ class JobController(Controller):
         job_state: Annotated[
             list[JobState] | None,
             QueryParameter(
-                name="state", max_items=6, description="Only jobs in one of these states"
+                name="state",
+                max_items=len(get_args(JobState)),
+                description="Only jobs in one of these states",
             ),
         ] = None,
         backend: Annotated[

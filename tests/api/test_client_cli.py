@@ -399,6 +399,20 @@ def test_usage_errors_are_exit_2_naming_the_option(service):
         ),
         ("list", "--state", "sleeping"): "'--state'",
         ("complete", "http://x/cb?token=t", "--status", "succeeded", "--error", "m"): "'--error'",
+        # JSON has no NaN or Infinity: a traceback and exit 1 ("the job failed") before
+        ("submit", "http_webhook", "--id", "cli-bad", "--timeout", "nan"): "'--timeout'",
+        ("submit", "http_webhook", "--id", "cli-bad", "--timeout", "inf"): "not a finite",
+        ("submit", "http_webhook", "--id", "cli-bad", "--heartbeat-timeout", "inf"): "finite",
+        ("submit", "http_webhook", "--id", "cli-bad", "--params", '{"payload": NaN}'): (
+            "'--params': not valid JSON: NaN is not a JSON value"
+        ),
+        ("submit", "http_webhook", "--id", "cli-bad", "--metadata", '{"x": -Infinity}'): (
+            "-Infinity is not a JSON value"
+        ),
+        ("complete", "http://x/cb?token=t", "--status", "succeeded", "--result", "[NaN]"): (
+            "'--result': not valid JSON"
+        ),
+        ("heartbeat", "http://x/cb?token=t", "--progress", "Infinity"): "'--progress'",
     }
     for args, expected in cases.items():
         done = cli(service.url, *args)

@@ -5,13 +5,14 @@ tested in tests/plugins/http_webhook.)"""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote
 
 import pytest
 
 import core.service
 from core.errors import SHOWN_MAX, shown
+from core.models import JobState
 from core.plugin import hookimpl
 from plugins.http_webhook import HttpWebhook
 from tests.conftest import HOLD, eventually
@@ -546,6 +547,9 @@ async def test_state_and_backend_may_repeat_and_match_any(start_service, receive
         "o1",
         "w1",
     ]
+    # every state named at once (the bound was 6 when `queued` made 7: a 400)
+    every = [("state", s) for s in get_args(JobState)]
+    assert await ids(every) == ["w3", "o2", "w2", "o1", "w1"]
 
 
 async def test_cancel_stops_the_wait_and_calls_the_backend(start_service, receiver):
