@@ -72,6 +72,11 @@ SECRET_ENV = (
 )
 
 
+HTTP_TIMEOUT_MAX = 3600.0
+"""The longest `TETHER_DATABRICKS_HTTP_TIMEOUT`, an hour (the HTTP client
+cannot wait for ever: `inf` failed every call)."""
+
+
 class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
     """The plugin's own settings, from `TETHER_DATABRICKS_<FIELD>` variables.
     Credentials are not here: they come from databricks-sdk's unified auth."""
@@ -89,7 +94,8 @@ class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
     and 503 are not the SDK's to retry: Tether does, visibly.)"""
 
     http_timeout: float = 30.0
-    """`TETHER_DATABRICKS_HTTP_TIMEOUT`: seconds one HTTP request may take."""
+    """`TETHER_DATABRICKS_HTTP_TIMEOUT`: seconds one HTTP request may take,
+    more than 0 and at most `HTTP_TIMEOUT_MAX`."""
 
     threads: int = 8
     """`TETHER_DATABRICKS_THREADS`: the SDK is synchronous; at most this many calls
@@ -100,11 +106,14 @@ class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
         settings = settings_from_env(cls, ENV_PREFIX, env)
         for name, ok in (
             ("retry_timeout", settings.retry_timeout >= 1),
-            ("http_timeout", settings.http_timeout > 0),
+            ("http_timeout", 0 < settings.http_timeout <= HTTP_TIMEOUT_MAX),
             ("threads", settings.threads >= 1),
         ):
-            if not ok:
-                raise ValueError(f"invalid setting {ENV_PREFIX}{name.upper()}: must be positive")
+            if not ok:  # (`inf` was taken, and every call failed: an audit, 2026-12-04)
+                bound = f", at most {HTTP_TIMEOUT_MAX:g}" if name == "http_timeout" else ""
+                raise ValueError(
+                    f"invalid setting {ENV_PREFIX}{name.upper()}: must be positive{bound}"
+                )
         return settings
 
 

@@ -448,12 +448,20 @@ def test_settings_come_from_tether_databricks_variables():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("RETRY_TIMEOUT", "0"), ("HTTP_TIMEOUT", "0"), ("HTTP_TIMEOUT", "-1"), ("THREADS", "0")],
+    [
+        ("RETRY_TIMEOUT", "0"),
+        ("HTTP_TIMEOUT", "0"),
+        ("HTTP_TIMEOUT", "-1"),
+        ("HTTP_TIMEOUT", "inf"),  # taken before, and every call failed
+        ("HTTP_TIMEOUT", "3601"),
+        ("THREADS", "0"),
+    ],
 )
 def test_settings_that_cannot_work_are_refused_naming_the_variable(name: str, value: str):
     with pytest.raises(ValueError) as raised:
         DatabricksSettings.from_env({f"TETHER_DATABRICKS_{name}": value})
-    assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: must be positive"
+    bound = ", at most 3600" if name == "HTTP_TIMEOUT" else ""
+    assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: must be positive{bound}"
 
 
 # ── the workspace client ─────────────────────────────────────────────────────
