@@ -122,6 +122,8 @@ NOT_RESERVED = {"propertyNames": {"minLength": 1, "not": {"enum": list(RESERVED_
 """In a schema: an object that sets none of Tether's own parameters, and no
 parameter without a name."""
 JobParameters = Annotated[dict[str, str], Meta(extra_json_schema=NOT_RESERVED)]
+TASK_PARAMETERS = {"type": ["object", "null"], "additionalProperties": {"type": "string"}}
+"""In a schema: a task's parameters (`TASK_PARAMETER_FIELDS`), names to strings."""
 Task = Annotated[
     dict[str, Any],
     Meta(
@@ -130,7 +132,7 @@ Task = Annotated[
             "properties": {
                 "task_key": {"type": "string", "minLength": 1},
                 **{
-                    kind: {"properties": {field: NOT_RESERVED}}
+                    kind: {"properties": {field: {**TASK_PARAMETERS, **NOT_RESERVED}}}
                     for kind, field in TASK_PARAMETER_FIELDS.items()
                 },
             },
@@ -174,8 +176,13 @@ class SubmitRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             for kind, field in TASK_PARAMETER_FIELDS.items():
                 section = task.get(kind)
                 given = section.get(field) if isinstance(section, dict) else None
+                where = f"tasks[{i}].{kind}.{field}"
+                if given is not None and not (
+                    isinstance(given, dict) and all(isinstance(v, str) for v in given.values())
+                ):  # (taken before, then every try failed with a TypeError)
+                    raise ValueError(f"{where} must be an object of names to strings")
                 if isinstance(given, dict):
-                    _check_not_reserved(given, f"tasks[{i}].{kind}.{field}")
+                    _check_not_reserved(given, where)
 
 
 class DatabricksParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -470,14 +477,18 @@ class Databricks(Backend):
             raise ValueError(
                 f"a Databricks notification ({event}) needs `run.run_id`; nothing changed"
             )
-        try:  # as the notification destination reads it: never `int()` (1067.5, true, "1_067")
-            run_id = int(notifications.run_id(given, "run.run_id"))
+        try:  # as the notification destination reads them (`notifications.read`): a task's
+            # notification names its job run in `run.parent_run_id`; never `int()` (1067.5)
+            about = [int(key) for key in notifications.read(body).keys]
         except ValueError as exc:
             raise ValueError(
                 f"a Databricks notification ({event}): {exc}; nothing changed"
             ) from None
+        run_id = about[0]  # the job run's: the parent's when named
         expected = _run_id(job)
-        if expected is not None and run_id != expected:
+        if expected is not None and expected in about:
+            run_id = expected
+        elif expected is not None:
             raise ValueError(
                 f"the notification ({event}) is about run {run_id}, but this job's run is"
                 f" {expected}; nothing changed"

@@ -203,6 +203,15 @@ def test_params_name_a_job_or_a_one_time_run():
             "tasks[1].notebook_task.base_parameters must not set tether_job_id: Tether sets it"
             " - at `$.submit`",
         ),
+        # taken before, then every try of the trigger failed with a TypeError
+        *(
+            (
+                {"submit": {"tasks": [{"task_key": "a", "notebook_task": {"base_parameters": v}}]}},
+                "tasks[0].notebook_task.base_parameters must be an object of names to strings"
+                " - at `$.submit`",
+            )
+            for v in ("oops", ["x"], {"n": 1})
+        ),
     ],
 )
 def test_params_that_cannot_work_are_refused(params: dict[str, Any], message: str):
@@ -1232,3 +1241,20 @@ def test_a_notification_about_another_run_is_refused():
         "the notification (jobs.on_success) is about run 9, but this job's run is 1001;"
         " nothing changed"
     )
+
+
+def test_a_task_notification_is_read_by_its_job_run_as_the_notification_endpoint_reads_it():
+    """A task's notification names its task run in `run.run_id` and the job's
+    run in `run.parent_run_id`; posted to the callback URL it was refused,
+    naming the task run (an audit, 2026-12-04), where the notification
+    endpoint took it."""
+    task = {
+        "event_type": "jobs.on_success",
+        "run": {"parent_run_id": "1001", "run_id": "1067"},
+        "task": {"task_key": "main"},
+    }
+    checked = Databricks(SETTINGS).parse_callback(job(external={"run_id": 1001}), task)
+    assert isinstance(checked, CheckNow) and "for run 1001" in checked.reason
+    with pytest.raises(ValueError) as raised:
+        Databricks(SETTINGS).parse_callback(job(external={"run_id": 5}), task)
+    assert "is about run 1001, but this job's run is 5" in str(raised.value)
