@@ -309,12 +309,13 @@ class Watchdog:
             await self.stop_again(rec)
             return
         if rec.deadline <= now:
-            outcome = Outcome(
-                status="timed_out",
-                error=ErrorInfo(
-                    message=f"no callback within {rec.timeout:g} seconds", type="timeout"
-                ),
-            )
+            message = f"no callback within {rec.timeout:g} seconds"
+            if rec.state == "queued":  # never triggered: no callback was ever asked for
+                message = (
+                    f"still queued after {rec.timeout:g} seconds: its backend stayed at its"
+                    " limit of running jobs (TETHER_MAX_RUNNING)"
+                )
+            outcome = Outcome(status="timed_out", error=ErrorInfo(message=message, type="timeout"))
             deadline = {"timeout": rec.timeout}
             result, _ = await self.settler.settle(
                 rec.id,

@@ -122,6 +122,10 @@ async def test_a_queued_jobs_deadline_counts_from_acceptance(start_service, rece
     await submit(svc, receiver, "late", timeout=0.5)
     job = await svc.wait_state("late", "timed_out", timeout=5)
     assert job["external"] is None and job["error"]["type"] == "timeout"
+    assert job["error"]["message"] == (  # not "no callback": none was asked for
+        "still queued after 0.5 seconds: its backend stayed at its limit of running jobs"
+        " (TETHER_MAX_RUNNING)"
+    )
     await asyncio.sleep(0.3)
     assert triggered(receiver) == ["holder"]  # the timed-out job took no slot
     await submit(svc, receiver, "next")
