@@ -77,6 +77,12 @@ HTTP_TIMEOUT_MAX = 3600.0
 cannot wait for ever: `inf` failed every call)."""
 
 
+OAUTH_TRANSIENT = frozenset({"temporarily_unavailable", "server_error"})
+"""OAuth error codes (RFC 6749, 5.2 and 4.1.2.1) by which a token endpoint
+says it cannot answer for now: a call failing so is retried, not taken for
+a configuration error."""
+
+
 class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
     """The plugin's own settings, from `TETHER_DATABRICKS_<FIELD>` variables.
     Credentials are not here: they come from databricks-sdk's unified auth."""
@@ -257,6 +263,15 @@ class Workspace:
             said = str(getattr(exc, "msg", None) or type(exc).__name__)
             return BackendError(
                 f"Databricks' answer was not JSON ({said})", retryable=True, code="bad_answer"
+            )
+        if isinstance(exc, ValueError) and str(exc).partition(":")[0] in OAUTH_TRANSIENT:
+            # The token endpoint's own error (the SDK wraps it in a ValueError):
+            # down for now, as a 503 from the API is (found in an audit,
+            # 2026-12-04: it failed the job at once as a configuration error)
+            return BackendError(
+                f"Databricks' token endpoint: {self.scrub(str(exc), secrets)}",
+                retryable=True,
+                code="timeout",
             )
         if isinstance(exc, ValueError):  # the SDK could not configure itself (auth, profile)
             return BackendError(

@@ -614,6 +614,27 @@ async def test_another_error_raised_in_a_call_is_translated(workspace):
 
 
 @pytest.mark.parametrize(
+    ("said", "retryable"),
+    [
+        ("temporarily_unavailable: try later", True),
+        ("server_error: the token service failed", True),
+        ("invalid_client: Client authentication failed", False),
+        ("cannot configure default credentials", False),
+    ],
+)
+def test_the_token_endpoint_down_for_now_is_retried_not_a_configuration_error(
+    said: str, retryable: bool
+):
+    """databricks-sdk wraps an OAuth token endpoint's error in a ValueError:
+    one that says it cannot answer for now (RFC 6749's codes) failed the job
+    at once as `databricks_config` (found in an audit, 2026-12-04)."""
+    error = Workspace(SETTINGS).translate(ValueError(said))
+    assert error.retryable is retryable
+    assert error.code == ("timeout" if retryable else "databricks_config")
+    assert said in error.message
+
+
+@pytest.mark.parametrize(
     ("exc", "code", "retryable"),
     [
         (errors.TooManyRequests("slow down"), "TOO_MANY_REQUESTS", True),
