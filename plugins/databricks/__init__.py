@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, urlsplit
@@ -93,6 +94,12 @@ JOB_ID_PARAM = "tether_job_id"
 RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
 
 OUTPUT_CONCURRENCY = 4
+OUTPUT_PATIENCE = 600.0
+"""Seconds after a run ended (its `end_time`) that its tasks' outputs are
+waited for when Databricks cannot give them now (429, 5xx): a check then
+fails and is tried again. Past it the run's end settles the job without
+them, as for an output Databricks refuses: a finished run's job is never
+held open by its outputs (an audit, 2026-12-04: until the job's timeout)."""
 """`runs/get-output` calls one status check makes at once (one per task of
 an ended run: its exit value, or its error)."""
 
@@ -410,7 +417,8 @@ class Databricks(Backend):
         values of a run that succeeded, the errors of the tasks that failed
         (see `runs.with_outputs`). An output Databricks refuses (deleted, a
         task kind without one) is left out; one it cannot give now (429,
-        5xx) fails the check, which is tried again later."""
+        5xx) fails the check, which is tried again later, until
+        `OUTPUT_PATIENCE` after the run ended: then it is left out too."""
         tasks = latest_tasks(run)
         wanted = (
             [t for t in tasks if has_output(t)]
@@ -419,14 +427,20 @@ class Databricks(Backend):
         )
         ids = [t.run_id for t in wanted if t.run_id is not None]
         limit = asyncio.Semaphore(OUTPUT_CONCURRENCY)
+        waited = time.time() - (run.end_time or 0) / 1000 if run.end_time else 0.0
 
         async def output(task_run_id: int) -> tuple[int, RunOutput | None]:
             async with limit:
                 try:
                     got = await self.workspace.call(lambda w: w.jobs.get_run_output(task_run_id))
                 except BackendError as exc:
-                    if exc.retryable:
-                        raise
+                    if exc.retryable and waited < OUTPUT_PATIENCE:
+                        raise BackendError(  # said so: reading the run itself went well
+                            f"the output of task run {task_run_id}: {exc.message}",
+                            retryable=True,
+                            code=exc.code,
+                            retry_after=exc.retry_after,
+                        ) from None
                     log.warning(
                         "databricks: run %s: task run %s has no output: %s",
                         run.run_id,

@@ -262,3 +262,30 @@ async def test_no_output_is_read_while_a_run_goes_on_nor_after_a_callback(
     await eventually(checked, timeout=20)
     await eventually(lambda: all(r.code for r in workspace.runs.values() if r.job_id == 8))
     assert workspace.calls(GET_OUTPUT, "GET") == []
+
+
+async def test_a_finished_runs_job_is_not_held_open_by_outputs_that_keep_failing(
+    start_databricks, workspace: FakeWorkspace, logs, monkeypatch
+):
+    """`runs/get-output` failing with a 5xx for good kept a run that ended
+    SUCCESS a job `running` until its timeout, logged as "reading run N
+    failed" (an audit, 2026-12-04). Within `OUTPUT_PATIENCE` of the run's end
+    a check fails and is tried again, saying it was the output; past it the
+    run's end settles the job without the output."""
+    import plugins.databricks
+
+    workspace.notebooks["quick"] = ends_with("SUCCESS", {"main": "[1, 2]"})
+    workspace.add_job(7, notebook="quick")
+    workspace.fail(
+        GET_OUTPUT, 500, "INTERNAL_ERROR", "output service broken", times=10**6, method="GET"
+    )
+    svc = await start_databricks()
+    await start_job(svc, "patient", {"job_id": 7, "check_interval": 1})
+    await eventually(lambda: len(workspace.calls(GET_OUTPUT, "GET")) >= 2, timeout=20)
+    assert (await svc.job("patient"))["state"] == "running"
+    assert "the output of task run" in logs.text and "output service broken" in logs.text
+
+    monkeypatch.setattr(plugins.databricks, "OUTPUT_PATIENCE", 0.0)
+    job = await svc.wait_state("patient", "succeeded", timeout=20)
+    assert job["result"] is None
+    assert "has no output: output service broken" in logs.text

@@ -134,6 +134,8 @@ class Run:
     """`status.queue_details` while it is `QUEUED`."""
     notebook_params: dict[str, str] | None = None
     """`overriding_parameters.notebook_params` of its latest repair."""
+    end_time: int = 0
+    """When it ended, in Unix milliseconds (`end_time`; 0 while it goes on)."""
 
     def start(self) -> None:
         with self.lock:
@@ -146,12 +148,14 @@ class Run:
             if self.status == "TERMINATED":
                 return False
             self.status, self.code, self.message = "TERMINATED", code, message
+            self.end_time = int(time.time() * 1000)
         self.ended.set()
         return True
 
     def as_json(self, base_url: str) -> dict[str, Any]:
         with self.lock:
             status, code, message = self.status, self.code, self.message
+            end_time = self.end_time
         state, run_status = state_json(status, code, message)
         body: dict[str, Any] = {
             "run_id": self.run_id,
@@ -162,6 +166,7 @@ class Run:
             "state": state,
             "status": run_status,
             "job_parameters": [{"name": k, "value": v} for k, v in self.parameters.items()],
+            "end_time": end_time,
         }
         if self.job_id:
             body["job_id"] = self.job_id
