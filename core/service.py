@@ -317,8 +317,9 @@ class Tether:
                 await asyncio.wait_for(self.resonate.stop(), STOP_GRACE)
             except TimeoutError:
                 log.warning(
-                    "steps still running after %gs (the store did not answer?): stopped"
-                    " anyway; another worker takes them over when their leases run out",
+                    "steps still running after %gs (a backend's request not yet answered, or"
+                    " the store): stopped anyway; another worker takes them over when their"
+                    " leases run out (TETHER_TASK_TTL)",
                     STOP_GRACE,
                 )
         await self._cut_stops()  # spawned meanwhile (a late callback, a step's settle)
