@@ -36,6 +36,8 @@ log = logging.getLogger("tether")
 GC_BATCH = 10_000
 """Promises one call of `resonate.gc` deletes, at most."""
 MIGRATION_LOCK = int.from_bytes(b"tetherdb")
+"""The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
+
 ROLLED_BACK_TRIES = 3
 """Runs of a transaction Postgres rolled back on its own (a deadlock, a
 serialization failure: `RolledBack`) before `PostgresDriver.atomic` says the
@@ -46,9 +48,6 @@ class RolledBack(StoreUnavailable):
     """Postgres rolled the transaction back to break a deadlock or a
     serialization failure: nothing of it was committed, and running it again
     may well go through."""
-
-
-"""The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
 
 TIMERS_REFUSED = (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction)

@@ -427,7 +427,7 @@ class Databricks(Backend):
         )
         ids = [t.run_id for t in wanted if t.run_id is not None]
         limit = asyncio.Semaphore(OUTPUT_CONCURRENCY)
-        waited = time.time() - (run.end_time or 0) / 1000 if run.end_time else 0.0
+        waited = time.time() - run.end_time / 1000 if run.end_time else 0.0
 
         async def output(task_run_id: int) -> tuple[int, RunOutput | None]:
             async with limit:
