@@ -35,6 +35,8 @@ Delivery guarantees a backend must live with:
   `trigger` runs again with the *same* `idempotency_key`: pass it to the
   external system so the second call returns the first run.
 - `cancel` and `tether_job_finished` run at least once (again after a crash).
+  So does `cancel_unrecorded`, for an attempt that ended with no run
+  recorded after a try that may have started one.
 - `check_status` and `parse_callback` may run in any process, any number of
   times, concurrently; they must not change anything.
 - `receive_notification` is called for every request to the backend's
@@ -166,6 +168,23 @@ class Backend:
         logged and the job's state stays as it ended; a call not answered
         within 5 minutes (`core.steps.CANCEL_TIMEOUT`) is given up so. The default does nothing,
         for backends whose runs cannot be stopped.
+        """
+        return None
+
+    async def cancel_unrecorded(self, trigger: Trigger) -> None:
+        """Stop the run `trigger` may have started though no answer of it was
+        recorded: the job ended canceled, timed out, or failed by its trigger
+        after a try that may have reached the external system (it timed out,
+        the connection dropped, a 5xx, or the process died mid-try), and
+        `job.external` is None. `trigger` is the one the tries were made
+        with (`trigger.job` as the attempt ended): find the run by what they
+        sent (the promise id, the idempotency key) and stop it. There may be
+        no such run (no try got through): then do nothing.
+
+        Called once the attempt's wait is over, in its finish, at least once
+        (again after a crash), best effort as `cancel`. Not called when every
+        try was a clear refusal (`BackendError(retryable=False)` only). The
+        default does nothing, for backends that cannot find such a run.
         """
         return None
 

@@ -13,6 +13,14 @@ again. A trigger interrupted before its index write does try the backend
 again: its failures are new tries and are recorded as such. A replayed finish
 calls the backend's `cancel` and `tether_job_finished` again, which both are
 documented to allow (`core.hookspecs`).
+
+A try whose answer never came (it timed out, the process died inside it)
+may have started a run nothing recorded. The finish of an attempt that
+ended with no run recorded asks the backend to find and stop it
+(`cancel_unrecorded`), unless no try can have reached it: every try was a
+clear refusal (`trigger_failed`'s `retryable`), or the job ended before its
+callback promise existed (settled `by: index`), which the workflow makes
+before its first try.
 """
 
 from __future__ import annotations
@@ -487,13 +495,7 @@ class JobSteps:
         another process (which took the workflow over while this one
         stalled), the job's row (None: it is gone):
         it is not tried again. Each failed try is a `trigger_failed` event."""
-        trigger = Trigger(
-            job=backend_view(rec),
-            params=params,
-            promise_id=promise_id,
-            callback_url=self.signer.url(promise_id, rec.salt),
-            idempotency_key=idempotency_key(promise_id, rec.salt),
-        )
+        trigger = self._trigger_of(rec, params, promise_id)
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
@@ -514,7 +516,7 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
-                    await self._trigger_failed(rec, attempt, error, None)
+                    await self._trigger_failed(rec, attempt, error, None, exc.retryable)
                     raise
                 wait = max(delay, exc.retry_after or 0)
                 reason = exc.message
@@ -522,10 +524,10 @@ class JobSteps:
                 message = redact(f"{type(exc).__name__}: {exc}", tokens)
                 error = {"type": type(exc).__name__, "message": message}
                 if attempt == attempts:
-                    await self._trigger_failed(rec, attempt, error, None)
+                    await self._trigger_failed(rec, attempt, error, None, True)
                     raise BackendError(message, code="trigger") from None
                 wait, reason = delay, f"{type(exc).__name__}"
-            await self._trigger_failed(rec, attempt, error, wait)
+            await self._trigger_failed(rec, attempt, error, wait, True)
             log.warning(
                 "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
                 rec.id,
@@ -545,6 +547,16 @@ class JobSteps:
             if now.external is not None:
                 return now
         raise AssertionError("unreachable")
+
+    def _trigger_of(self, rec: JobRecord, params: Any, promise_id: str) -> Trigger:
+        """What the backend's trigger of attempt `rec.attempt` is handed."""
+        return Trigger(
+            job=backend_view(rec),
+            params=params,
+            promise_id=promise_id,
+            callback_url=self.signer.url(promise_id, rec.salt),
+            idempotency_key=idempotency_key(promise_id, rec.salt),
+        )
 
     async def _ended_as(self, job_id: str, attempt: int) -> dict[str, Any]:
         """How attempt `attempt` of the job ended (`state`, `error`,
@@ -567,9 +579,16 @@ class JobSteps:
         )
 
     async def _trigger_failed(
-        self, rec: JobRecord, attempt: int, error: dict[str, str], retry_in: float | None
+        self,
+        rec: JobRecord,
+        attempt: int,
+        error: dict[str, str],
+        retry_in: float | None,
+        retryable: bool,
     ) -> None:
-        """Record a failed try; `retry_in` None: no more tries. Not once the
+        """Record a failed try; `retry_in` None: no more tries; `retryable`
+        False: a clear refusal (no run started), else the try may have
+        started one (`_tries_unsure` reads it). Not once the
         attempt has ended or was triggered (a process that stalled inside the
         trigger while another ended the job or triggered it): a finished
         attempt's history ends with it, and a triggered one's tries are over."""
@@ -578,7 +597,7 @@ class JobSteps:
             return
         if now.finished or now.attempt != rec.attempt or now.external is not None:
             return
-        data = {"try": attempt, "error": error, "retry_in": retry_in}
+        data = {"try": attempt, "error": error, "retry_in": retry_in, "retryable": retryable}
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:
@@ -603,10 +622,63 @@ class JobSteps:
         if rec is None or rec.attempt != attempt:
             return
         backend = self.plugins.backends.get(rec.backend)
-        if stopped_with(rec.state, value) and rec.external is not None and backend:
-            await self._cancel_run(backend, rec)
+        if stopped_with(rec.state, value) and backend:
+            if rec.external is not None:
+                await self._cancel_run(backend, rec)
+            elif await self._may_have_started(rec, value):
+                await self._cancel_unrecorded(backend, rec)
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
+
+    async def _may_have_started(self, rec: JobRecord, value: Any) -> bool:
+        """Whether the trigger of attempt `rec.attempt`, which ended with no run recorded,
+        may have started one all the same. Not when its callback promise was
+        settled from an ended row (`by: index`: by its trigger, which found the
+        job ended before the promise existed, so before any try), nor for an
+        attempt no workflow finishes (an orphan's: a job ended while queued, or
+        after its workflow was over, its trigger long done or never begun); for
+        a job its trigger failed, only after a try that was not a clear refusal
+        (`_tries_unsure`). Else (canceled or timed out while a try was under way
+        or between tries, or while the process that tried died) it may have."""
+        by = value.get("by") if isinstance(value, dict) else None
+        if by in (None, "index"):  # None: an orphan's finish (`finish_orphan`)
+            return False
+        if by == "trigger":
+            return await self._tries_unsure(rec)
+        return True
+
+    async def _tries_unsure(self, rec: JobRecord) -> bool:
+        """Whether a try of attempt `rec.attempt`'s trigger failed so that
+        it may have started a run (`retryable`; a try recorded by an earlier
+        release: one followed by another)."""
+        _, events = await self.jobs.events_after(rec.id, 0, HISTORY_LIMIT)
+        return any(
+            e.data.get("retryable", e.data.get("retry_in") is not None)
+            for e in events
+            if e.type == "trigger_failed" and e.attempt == rec.attempt
+        )
+
+    async def _cancel_unrecorded(self, backend: Backend, rec: JobRecord) -> None:
+        """`backend.cancel_unrecorded` for the run attempt `rec.attempt`'s
+        trigger may have started, as `_cancel_run` asks `cancel` (a failure
+        is its `cancel_failed` event, `external` null)."""
+        try:
+            params = msgspec.convert(rec.params, backend.params_type)
+        except msgspec.ValidationError:  # never tried: the trigger refused them
+            return
+        trigger = self._trigger_of(rec, params, callback_promise_id(rec.id, rec.attempt))
+        log.warning(
+            "job %s: ended with no run recorded after a trigger try that may have started one;"
+            " %s is asked to stop it",
+            rec.id,
+            rec.backend,
+            extra=rec.log_extra(),
+        )
+        failed = await self._cancel_failure(
+            backend, rec, ask=lambda: backend.cancel_unrecorded(trigger)
+        )
+        if failed is not None:
+            await self.jobs.record(rec.id, [failed], now_ms())
 
     def finishes_alone(self, state: str, value: Any) -> bool:
         """Whether `finish` would do nothing but the index write for an
@@ -793,6 +865,7 @@ class JobSteps:
         rec: JobRecord,
         bound: int | None = None,
         lease: StopLease | None = None,
+        ask: Callable[[], Awaitable[None]] | None = None,
     ) -> NewEvent | None:
         """`backend.cancel`, tried as a trigger is while it fails with a
         retryable error (`trigger_attempts` tries, `trigger_backoff` doubled,
@@ -810,7 +883,8 @@ class JobSteps:
         backend now, and files the outcome (None here). A `CancelledError`
         the backend raises of its own (this task is not being cancelled) is
         a failure like any other: only a real cancellation (the service
-        stopping) goes up."""
+        stopping) goes up. `ask`: the call to make instead of `cancel`
+        (`cancel_unrecorded`)."""
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         for attempt in range(1, attempts + 1):
@@ -819,7 +893,7 @@ class JobSteps:
             limit = asyncio.timeout(CANCEL_TIMEOUT)
             try:
                 async with limit:
-                    await backend.cancel(backend_view(rec))
+                    await (backend.cancel(backend_view(rec)) if ask is None else ask())
                 return None
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _cancelling():

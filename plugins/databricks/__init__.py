@@ -39,6 +39,7 @@ docs/databricks.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -81,7 +82,7 @@ from plugins.databricks.workspace import (
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
-    from databricks.sdk.service.jobs import Run, RunOutput
+    from databricks.sdk.service.jobs import BaseRun, Run, RunOutput
 
 log = logging.getLogger("tether.databricks")
 
@@ -93,15 +94,20 @@ JOB_ID_PARAM = "tether_job_id"
 """The job parameter holding Tether's job id (for logs and tables)."""
 RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
 
+LOOKUP_LIMIT = 1000
+"""The most active runs `cancel_unrecorded` looks through for one a lost
+trigger try started (40 pages of `runs/list`)."""
+
 OUTPUT_CONCURRENCY = 4
+"""`runs/get-output` calls one status check makes at once (one per task of
+an ended run: its exit value, or its error)."""
+
 OUTPUT_PATIENCE = 600.0
 """Seconds after a run ended (its `end_time`) that its tasks' outputs are
 waited for when Databricks cannot give them now (429, 5xx): a check then
 fails and is tried again. Past it the run's end settles the job without
 them, as for an output Databricks refuses: a finished run's job is never
 held open by its outputs (an audit, 2026-12-04: until the job's timeout)."""
-"""`runs/get-output` calls one status check makes at once (one per task of
-an ended run: its exit value, or its error)."""
 
 DEFAULT_CHECK_INTERVAL = 60.0
 MIN_CHECK_INTERVAL = 1.0
@@ -382,6 +388,60 @@ class Databricks(Backend):
             extra={"job_id": job.id, "backend": self.name},
         )
 
+    async def cancel_unrecorded(self, trigger: Trigger) -> None:
+        """Cancels the active runs whose parameters carry this attempt's
+        `tether_promise_id` (`runs/list`: the job's runs, or the one-time
+        runs, started since the job was created, `LOOKUP_LIMIT` at most): a
+        run a trigger try started though its answer was lost. A repair of
+        the previous attempt's run carries the new attempt's parameters too."""
+        params: DatabricksParams = trigger.params
+        job_id = None if params.job_id is None else int(params.job_id)
+        since = round(trigger.job.created_at.timestamp() * 1000)
+        extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+
+        def find(w: WorkspaceClient) -> list[int]:
+            from databricks.sdk.service.jobs import RunType
+
+            runs = w.jobs.list_runs(
+                job_id=job_id,
+                active_only=True,
+                start_time_from=since,
+                run_type=RunType.SUBMIT_RUN if job_id is None else None,
+                expand_tasks=job_id is None or None,
+            )
+            found = []
+            for seen, run in enumerate(runs, 1):
+                if trigger.promise_id in _promise_ids(run) and run.run_id is not None:
+                    found.append(run.run_id)
+                if seen >= LOOKUP_LIMIT:
+                    log.warning(
+                        "databricks: job %s: looked through %d active runs for one its trigger"
+                        " may have started, and no further",
+                        trigger.job.id,
+                        seen,
+                        extra=extra,
+                    )
+                    break
+            return found
+
+        found = await self.workspace.call(find, _callback_token(trigger))
+        if not found:
+            log.info(
+                "databricks: job %s: no active run of its attempt %d found to cancel",
+                trigger.job.id,
+                trigger.job.attempt,
+                extra=extra,
+            )
+        for run_id in found:
+            await self.workspace.call(functools.partial(_cancel_run, run_id=run_id))
+            log.info(
+                "databricks: job %s: asked to cancel run %s, started by a trigger try whose"
+                " answer was lost",
+                trigger.job.id,
+                run_id,
+                extra=extra,
+            )
+
     async def check_status(self, job: Job) -> Outcome | Running | None:
         run_id = _run_id(job)
         if run_id is None:
@@ -567,6 +627,24 @@ def _ours(trigger: Trigger) -> dict[str, str]:
         PROMISE_ID_PARAM: trigger.promise_id,
         JOB_ID_PARAM: trigger.job.id,
     }
+
+
+def _cancel_run(w: WorkspaceClient, run_id: int) -> None:
+    w.jobs.cancel_run(run_id)
+
+
+def _promise_ids(run: BaseRun) -> set[str]:
+    """The `tether_promise_id` values a run was started or repaired with: its
+    job parameters, its latest repair's notebook parameters, and its
+    notebook tasks' base parameters (a one-time run's)."""
+    found = {p.value for p in run.job_parameters or [] if p.name == PROMISE_ID_PARAM}
+    overriding = run.overriding_parameters
+    if overriding is not None and overriding.notebook_params:
+        found.add(overriding.notebook_params.get(PROMISE_ID_PARAM))
+    for task in run.tasks or []:
+        if task.notebook_task is not None and task.notebook_task.base_parameters:
+            found.add(task.notebook_task.base_parameters.get(PROMISE_ID_PARAM))
+    return {value for value in found if value}
 
 
 def _callback_token(trigger: Trigger) -> str:

@@ -25,14 +25,17 @@ request of the job (trigger, `cancel_url`, `status_url`); the job keeps only
 the name, and the value is scrubbed from every answer Tether reads, so a
 receiver echoing it puts it in no job record or error.
 
-`cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the
-job is canceled or times out; `status_url` is polled with GET every
-`status_interval` seconds (default 30) while the job waits, and answers with the callback
-body shape (`{"status": "running"|"succeeded"|"failed", "result"?, "error"?,
-"progress"?}`), so a lost callback is noticed. `running` confirms the run is
-going (a missed heartbeat then only delays); without a `status_url`, or with an
-answer it does not understand, the backend cannot tell (a missed heartbeat then
-times the job out).
+`cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the job is
+canceled or times out (also when no answer of its trigger arrived: a try that
+timed out or got a 5xx may have started the run, so the receiver may get a
+cancel for a promise id it never saw, which it answers 2xx). `status_url` is
+polled with GET every `status_interval` seconds (default 30) while the job
+waits, and answers with the callback body shape (`{"status":
+"running"|"succeeded"|"failed", "result"?, "error"?, "progress"?}`), so a lost
+callback is noticed. `running` confirms the run is going (a missed heartbeat
+then only delays); without a `status_url`, or with an answer it does not
+understand, the backend cannot tell (a missed heartbeat then times the job
+out).
 
 Requests go through one pooled aiohttp session, closed when the service stops. Redirects are
 not followed (a 3xx answer is an error), proxy environment variables are
@@ -325,6 +328,11 @@ class HttpWebhook(Backend):
         body = {"job_id": job.id, "promise_id": promise_id, "reason": job.state}
         headers = self._headers(params)
         await self._send("POST", params.cancel_url, params.timeout, 0, json=body, headers=headers)
+
+    async def cancel_unrecorded(self, trigger: Trigger) -> None:
+        """`cancel_url` names the run by its promise id, whatever the
+        trigger's answer was: the same POST as `cancel`."""
+        await self.cancel(trigger.job)
 
     async def check_status(self, job: Job) -> Outcome | Running | None:
         params: WebhookParams = msgspec.convert(job.params, self.params_type)

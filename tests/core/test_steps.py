@@ -59,6 +59,9 @@ class Scripted(Backend):
         """Raised by the next cancels, one each."""
         self.during: Callable[[Trigger], Awaitable[None]] | None = None
         self.reruns: list[tuple[Trigger, Job]] = []
+        self.unrecorded: list[Trigger] = []
+        """What `cancel_unrecorded` was handed, each call."""
+        self.unrecorded_error: Exception | None = None
 
     def check_interval(self, params: ScriptedParams) -> float | None:
         return params.interval
@@ -78,6 +81,11 @@ class Scripted(Backend):
 
     def run_keys(self, external: Any) -> list[str]:
         return [f"run-{external['run']}"] if "run" in external else []
+
+    async def cancel_unrecorded(self, trigger: Trigger) -> None:
+        self.unrecorded.append(trigger)
+        if self.unrecorded_error is not None:
+            raise self.unrecorded_error
 
     async def cancel(self, job: Job) -> None:
         self.canceled.append(job)
@@ -1305,6 +1313,167 @@ async def test_a_run_started_after_the_trigger_failed_is_stopped_by_the_finish(
     assert rig.backend.canceled == [view(rec)]
 
 
+# ── a run a try may have started, with no answer recorded ────────────────────
+
+
+async def finish_as_settled(rig: Rig, job_id: str = "j") -> JobRecord:
+    """The workflow's finish, with what its callback promise was settled with."""
+    value = (await rig.parts.promise(job_id)).value.data
+    await rig.steps.finish(job_id, value, 1)
+    return await rig.parts.row(job_id)
+
+
+async def test_unrecorded_every_try_unanswered_has_the_finish_stop_what_a_try_started(rig: Rig):
+    """Each try timed out (Databricks made the run, its answer was lost):
+    the job fails, and its finish asks the backend to stop the run by what
+    the tries sent, once."""
+    await start(rig)
+    rig.backend.answers = [retryable(f"timed out {i}") for i in range(4)]
+    await rig.steps.trigger("j", "j:1")
+    with logs_of("tether") as logs:
+        rec = await finish_as_settled(rig)
+
+    assert (rec.state, rec.external) == ("failed", None)
+    [asked] = rig.backend.unrecorded
+    tried = rig.backend.triggers[-1]
+    assert (asked.promise_id, asked.idempotency_key, asked.callback_url) == (
+        tried.promise_id,
+        tried.idempotency_key,
+        tried.callback_url,
+    )
+    assert (asked.job.state, asked.params) == ("failed", ScriptedParams())
+    assert rig.backend.canceled == []
+    assert (
+        "WARNING job j: ended with no run recorded after a trigger try that may have started"
+        " one; scripted is asked to stop it"
+    ) in logs.lines
+    _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+    tries = [e.data for e in events if e.type == "trigger_failed"]
+    assert [(t["retry_in"], t["retryable"]) for t in tries] == [
+        (0.5, True),
+        (1.0, True),
+        (2.0, True),
+        (None, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answers", "asked"),
+    [
+        ([BackendError("no such job", code="http_404")], 0),  # a clear refusal
+        ([retryable(), BackendError("no such job", code="http_404")], 1),  # try 1 may have
+        ([RuntimeError("a plugin bug")] * 4, 1),  # any other exception: may have
+    ],
+)
+async def test_unrecorded_a_trigger_failure_is_stopped_unless_every_try_was_refused(
+    rig: Rig, answers: list[Exception], asked: int
+):
+    await start(rig)
+    rig.backend.answers = list(answers)
+    await rig.steps.trigger("j", "j:1")
+    rec = await finish_as_settled(rig)
+
+    assert rec.state == "failed"
+    assert len(rig.backend.unrecorded) == asked
+
+
+async def test_unrecorded_a_job_canceled_between_tries_has_its_finish_stop_what_they_started(
+    rig: Rig,
+):
+    await start(rig)
+    rig.backend.answers = [retryable("a"), {"run": 7}]
+
+    async def sleep(seconds: float) -> None:  # canceled while the trigger waits to retry
+        await rig.parts.settler.settle("j", CANCELED, by="cancel")
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+    rec = await finish_as_settled(rig)
+
+    assert (rec.state, rec.external) == ("canceled", None)
+    assert len(rig.backend.triggers) == 1
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.state) == ("j:1", "canceled")
+
+
+@pytest.mark.parametrize("ending", [CANCELED, TIMED_OUT])
+async def test_unrecorded_a_replay_that_finds_the_job_ended_has_its_finish_stop_a_dead_try(
+    rig: Rig, ending: Outcome
+):
+    """The process died inside a try (its promise made, nothing recorded);
+    the job was canceled or timed out meanwhile; the replay finds it ended:
+    the finish asks the backend to stop what the dead try may have started."""
+    await start(rig)
+    await rig.parts.settler.settle("j", ending, by="cancel" if ending is CANCELED else "timeout")
+
+    await rig.steps.trigger("j", "j:1")  # the replay
+    rec = await finish_as_settled(rig)
+
+    assert rig.backend.triggers == []
+    assert (rec.state, rec.external) == (ending.status, None)
+    [asked] = rig.backend.unrecorded
+    assert asked.promise_id == "j:1"
+
+
+async def test_unrecorded_nothing_is_stopped_for_a_job_that_ended_before_its_promise(rig: Rig):
+    """Canceled before its workflow made its promise: no try was ever made."""
+    await rig.parts.add_job("j")
+    await rig.parts.settler.settle("j", CANCELED, by="cancel")  # the index only
+    await rig.parts.add_promise("j")
+    await rig.steps.trigger("j", "j:1")
+    rec = await finish_as_settled(rig)
+
+    assert rec.state == "canceled"
+    assert rig.backend.unrecorded == [] and rig.backend.canceled == []
+
+
+async def test_unrecorded_a_recorded_run_is_canceled_not_looked_for(rig: Rig):
+    await start(rig)
+    await rig.steps.trigger("j", "j:1")
+    await rig.parts.settler.settle("j", CANCELED, by="cancel")
+    rec = await finish_as_settled(rig)
+
+    assert rig.backend.canceled == [view(rec)]
+    assert rig.backend.unrecorded == []
+
+
+async def test_unrecorded_a_stop_that_fails_is_a_cancel_failed_event_without_a_run(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable(f"timed out {i}") for i in range(4)]
+    rig.backend.unrecorded_error = BackendError("workspace refused", code="PERMISSION_DENIED")
+    await rig.steps.trigger("j", "j:1")
+    await finish_as_settled(rig)
+
+    _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+    [failed] = [e.data for e in events if e.type == "cancel_failed"]
+    assert failed == {
+        "tries": 1,
+        "error": {"type": "PERMISSION_DENIED", "message": "workspace refused"},
+        "external": None,
+    }
+
+
+async def test_unrecorded_tries_an_earlier_release_recorded_count_when_one_followed(rig: Rig):
+    """Events of a release before `retryable`: a try followed by another
+    (`retry_in` set) may have started a run; a lone last one is not known."""
+    await start(rig)
+    old = {"error": {"type": "busy", "message": "x"}}
+    await rig.parts.jobs.record(
+        "j", [NewEvent("trigger_failed", {"try": 1, "retry_in": None, **old})], now_ms()
+    )
+    await rig.parts.settler.settle("j", Outcome("failed"), by="trigger", attempt=1)
+    await finish_as_settled(rig)
+    assert rig.backend.unrecorded == []
+
+    await start(rig, "k")
+    await rig.parts.jobs.record(
+        "k", [NewEvent("trigger_failed", {"try": 1, "retry_in": 0.5, **old})], now_ms()
+    )
+    await rig.parts.settler.settle("k", Outcome("failed"), by="trigger", attempt=1)
+    await finish_as_settled(rig, "k")
+    assert [t.job.id for t in rig.backend.unrecorded] == ["k"]
+
+
 async def test_a_longer_retry_after_wins_over_the_backoff(rig: Rig):
     await start(rig)
     rig.backend.answers = [
@@ -1691,30 +1860,48 @@ async def test_each_failed_try_and_the_trigger_are_in_the_history(rig: Rig):
     await rig.steps.trigger("j", "j:1")
 
     assert (await history(rig))[-3:] == [
-        ("trigger_failed", {"try": 1, "error": {"type": "busy", "message": "a"}, "retry_in": 0.5}),
         (
             "trigger_failed",
-            {"try": 2, "error": {"type": "KeyError", "message": "KeyError: 'k'"}, "retry_in": 1.0},
+            {
+                "try": 1,
+                "error": {"type": "busy", "message": "a"},
+                "retry_in": 0.5,
+                "retryable": True,
+            },
+        ),
+        (
+            "trigger_failed",
+            {
+                "try": 2,
+                "error": {"type": "KeyError", "message": "KeyError: 'k'"},
+                "retry_in": 1.0,
+                "retryable": True,
+            },
         ),
         ("triggered", {"try": 3, "external": {"run": 7}}),
     ]
 
 
 @pytest.mark.parametrize(
-    ("answers", "error"),
+    ("answers", "error", "unsure"),
     [
-        ([BackendError("nope")], {"type": "backend", "message": "nope"}),
-        ([retryable("x")] * 3 + [OSError("down")], {"type": "OSError", "message": "OSError: down"}),
+        ([BackendError("nope")], {"type": "backend", "message": "nope"}, False),
+        (
+            [retryable("x")] * 3 + [OSError("down")],
+            {"type": "OSError", "message": "OSError: down"},
+            True,
+        ),
+        ([retryable("x")] * 4, {"type": "busy", "message": "x"}, True),
     ],
 )
-async def test_the_last_failed_try_is_recorded_with_no_retry(rig: Rig, answers, error):
+async def test_the_last_failed_try_is_recorded_with_no_retry(rig: Rig, answers, error, unsure):
     await start(rig)
     rig.backend.answers = list(answers)
     await rig.steps.trigger("j", "j:1")
     tries = len(answers)
     assert (await history(rig))[-2] == (
         "trigger_failed",
-        {"try": tries, "error": error, "retry_in": None},
+        {"try": tries, "error": error, "retry_in": None, "retryable": unsure},
     )
     assert (await history(rig))[-1][0] == "finished"
 

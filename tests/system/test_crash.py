@@ -104,6 +104,51 @@ def test_kill_inside_the_trigger_step_repeats_it_with_the_same_key(tmp_path, rec
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["mid:1", "mid:1"]
 
 
+def test_kill_inside_a_try_then_a_timeout_stops_what_the_try_may_have_started(tmp_path, receiver):
+    """The service dies inside the trigger's one try (the receiver took it,
+    no answer came back); the job's deadline passes while it is down. After
+    the restart the job times out with no run recorded, and the receiver is
+    asked to stop the run that try started (`cancel_url`), not left to run
+    it unrecorded. Tries after the restart are refused with 503, so no run
+    of the job is ever recorded."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/hook":
+            return 200, {}
+        if len(receiver.on("/hook")) == 1:
+            release.wait(20)  # hold the first try until the service is dead
+            return 202, {}
+        return 503, {}
+
+    receiver.respond = respond
+    env = {"TETHER_TRIGGER_ATTEMPTS": "100", "TETHER_TRIGGER_BACKOFF": "0.2"}
+    first = service(tmp_path, **env).start()
+    with first.client() as client:
+        start_job(
+            client,
+            receiver,
+            "gone",
+            timeout=1,
+            params={"url": receiver.url(), "cancel_url": receiver.url("/cancel")},
+        )
+        wait_until(lambda: receiver.on("/hook"), every=0.02)
+    first.kill()
+    release.set()
+    time.sleep(1.2)  # past the deadline
+
+    second = service(tmp_path, port=first.port, **env).start()
+    try:
+        with second.client() as client:
+            job = wait_for(client, "gone", "timed_out")
+            assert job["external"] is None
+            wait_until(lambda: receiver.on("/cancel"))
+    finally:
+        second.kill()
+    assert {h.body["promise_id"] for h in receiver.on("/cancel")} == {"gone:1"}
+    assert {h.body["idempotency_key"] for h in receiver.on("/hook")} == {"gone:1"}
+
+
 def test_kill_during_a_callback_then_its_retry_settles_once(tmp_path, receiver):
     first = service(tmp_path).start()
     with first.client() as client:

@@ -161,11 +161,13 @@ async def test_throttled_triggers_are_trigger_failed_events_until_they_pass(
         "try": 1,
         "error": {"type": "REQUEST_LIMIT_EXCEEDED", "message": "Too many requests."},
         "retry_in": 1.0,
+        "retryable": True,
     }
     assert second["data"] == {
         "try": 2,
         "error": {"type": "RESOURCE_EXHAUSTED", "message": full},
         "retry_in": 1.0,  # its Retry-After: Tether's own backoff is 0.05 s here
+        "retryable": True,
     }
     calls = workspace.calls(RUN_NOW)
     assert len(calls) == 3  # one per try: the SDK retried none of them

@@ -328,6 +328,41 @@ async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
     assert external["run_id"] == workspace.only_run().run_id
 
 
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        (RUN_NOW, {"job_id": 7}),
+        (
+            SUBMIT,
+            {
+                "submit": {
+                    "tasks": [{"task_key": "main", "notebook_task": {"notebook_path": "hang"}}]
+                }
+            },
+        ),
+    ],
+    ids=["job", "one-time"],
+)
+async def test_a_run_whose_every_trigger_answer_was_lost_is_found_and_canceled(
+    start_databricks, workspace: FakeWorkspace, path: str, params: dict[str, Any]
+):
+    """Databricks started the run, and every try's answer came back cut
+    short: the job fails, and its finish finds the run by its promise id
+    (`runs/list`) and cancels it, rather than leave it going unrecorded."""
+    workspace.notebooks["hang"] = hang
+    workspace.add_job(7, notebook="hang")
+    workspace.garble(path, times=10)
+    svc = await start_databricks(trigger_attempts=2, trigger_backoff=0.05)
+    await start_job(svc, "lost", params)
+
+    job = await svc.wait_state("lost", "failed", timeout=30)
+    assert job["external"] is None
+    run = workspace.only_run()
+    await eventually(lambda: run.code == "USER_CANCELED", timeout=20)
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run.run_id}]
+    assert len(workspace.calls(path)) == 2  # one run for both tries: the same token
+
+
 async def test_an_answer_to_run_now_cut_short_is_tried_again_for_the_same_run(
     start_databricks, workspace: FakeWorkspace
 ):

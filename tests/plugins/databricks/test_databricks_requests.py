@@ -1102,6 +1102,87 @@ async def test_cancel_leaves_alone_what_has_no_run_or_ended_there(
     assert workspace.calls(CANCEL) == []
 
 
+def other_trigger(params: dict[str, Any], n: int) -> Trigger:
+    """Another job's trigger (its own promise id, key and callback URL)."""
+    return Trigger(
+        job=msgspec.structs.replace(job("pending", params), id=f"o{n}"),
+        params=msgspec.convert(params, DatabricksParams),
+        promise_id=f"o{n}:1",
+        callback_url=CALLBACK.replace("j%3A1", f"o{n}%3A1"),
+        idempotency_key=f"o{n}:1",
+    )
+
+
+SUBMIT_PARAMS = {"submit": {"run_name": "adhoc", "tasks": [NOTEBOOK]}}
+
+
+@pytest.mark.parametrize("params", [{"job_id": 7}, SUBMIT_PARAMS], ids=["job", "one-time"])
+async def test_cancel_unrecorded_finds_the_attempts_active_run_among_pages_of_others(
+    backend, workspace: FakeWorkspace, sdk_logs, params
+):
+    """A run the trigger started, its answer lost: found by the promise id in
+    its parameters (a job's `job_parameters`, a one-time run's notebook
+    tasks' `base_parameters`), past a page of 25 newer runs, and canceled;
+    the others are left going."""
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    ours = (await backend.trigger(trigger(params)))["run_id"]
+    others = [(await backend.trigger(other_trigger(params, n)))["run_id"] for n in range(30)]
+
+    await backend.cancel_unrecorded(
+        msgspec.structs.replace(trigger(params), job=job("canceled", params))
+    )
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": ours}]
+    assert workspace.runs[ours].code == "USER_CANCELED"
+    assert all(workspace.runs[r].status != "TERMINATED" for r in others)
+    lists = workspace.calls("/api/2.2/jobs/runs/list", "GET")
+    assert len(lists) == 2  # two pages
+    assert (
+        f"INFO databricks: job j: asked to cancel run {ours}, started by a trigger try whose"
+        " answer was lost"
+    ) in sdk_logs
+
+
+async def test_cancel_unrecorded_without_such_a_run_cancels_nothing(
+    backend, workspace: FakeWorkspace, sdk_logs
+):
+    """No try got through (or its run already ended): nothing is canceled."""
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    ended = (await backend.trigger(trigger({"job_id": 7})))["run_id"]
+    workspace.end(ended, "SUCCESS")
+    await backend.trigger(other_trigger({"job_id": 7}, 1))
+
+    await backend.cancel_unrecorded(trigger({"job_id": 7}))
+
+    assert workspace.calls(CANCEL) == []
+    assert "INFO databricks: job j: no active run of its attempt 1 found to cancel" in sdk_logs
+
+
+async def test_cancel_unrecorded_finds_a_repair_made_for_the_attempt(
+    backend, workspace: FakeWorkspace
+):
+    """Attempt 2 repairs attempt 1's run, the answer lost: the run, running
+    again with attempt 2's parameters, is found by its promise id."""
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    first = await backend.trigger(trigger({"job_id": 7}))
+    workspace.end(first["run_id"], "FAILED", "boom")
+    second = msgspec.structs.replace(
+        trigger({"job_id": 7}),
+        job=msgspec.structs.replace(job("pending", {"job_id": 7}), attempt=2),
+        promise_id="j~2:1",
+        idempotency_key="j~2:1",
+    )
+    previous = job("failed", {"job_id": 7}, external=first)
+    assert (await backend.rerun(second, previous))["run_id"] == first["run_id"]
+
+    await backend.cancel_unrecorded(second)
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": first["run_id"]}]
+
+
 async def test_a_run_that_ended_elsewhere_is_recognised_only_by_its_termination_code(
     backend, workspace: FakeWorkspace
 ):

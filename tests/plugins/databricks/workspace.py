@@ -7,6 +7,8 @@ of the Jobs 2.2 API that the databricks-sdk `WorkspaceClient` uses for Tether.
 - `GET /api/2.2/jobs/runs/get` → the run with both `state` (deprecated) and
   `status`;
 - `POST /api/2.2/jobs/runs/cancel` → the run ends `USER_CANCELED`;
+- `GET /api/2.2/jobs/runs/list` → runs newest first, 25 a page, filtered by
+  `job_id`, `active_only`, `run_type`, `start_time_from` (`expand_tasks`);
 - `POST /api/2.0/notification-destinations` → a webhook destination (URL, basic
   auth); `POST /api/2.2/jobs/update` → a job's `webhook_notifications`. A run
   of such a job POSTs Databricks' job notifications (`jobs.on_start` when it
@@ -136,6 +138,7 @@ class Run:
     """`overriding_parameters.notebook_params` of its latest repair."""
     end_time: int = 0
     """When it ended, in Unix milliseconds (`end_time`; 0 while it goes on)."""
+    start_time: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def start(self) -> None:
         with self.lock:
@@ -166,6 +169,7 @@ class Run:
             "state": state,
             "status": run_status,
             "job_parameters": [{"name": k, "value": v} for k, v in self.parameters.items()],
+            "start_time": self.start_time,
             "end_time": end_time,
         }
         if self.job_id:
@@ -557,6 +561,45 @@ class FakeWorkspace:
             return 400, _error("INVALID_PARAMETER_VALUE", f"Run {run_id} does not exist.")
         return 200, self._paged(run, run.as_json(self.url), query)
 
+    runs_page = 25
+    """Runs `runs/list` answers per page, as Databricks does at most."""
+
+    def list_runs(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """`runs/list`, newest first: by `job_id`, `active_only`, `run_type`,
+        `start_time_from`; tasks with `expand_tasks`; a one-time run without
+        `job_parameters` (Databricks gives them only for a job's runs)."""
+
+        def flag(name: str) -> bool:
+            return query.get(name, [""])[0].lower() == "true"
+
+        job_id = int(query.get("job_id", ["0"])[0])
+        since = int(query.get("start_time_from", ["0"])[0])
+        kind = query.get("run_type", [""])[0]
+        runs = [
+            run
+            for run in sorted(list(self.runs.values()), key=lambda r: -r.run_id)
+            if (not job_id or run.job_id == job_id)
+            and (not flag("active_only") or run.status != "TERMINATED")
+            and (not kind or (kind == "SUBMIT_RUN") == (run.job_id is None))
+            and run.start_time >= since
+        ]
+        start = int(query.get("page_token", ["0"])[0])
+        page = []
+        for run in runs[start : start + self.runs_page]:
+            body = run.as_json(self.url)
+            if run.job_id is None:
+                body.pop("job_parameters")
+            if flag("expand_tasks"):
+                body["tasks"] = [self._task_json(run, t) for t in run.tasks]
+            with run.lock:
+                if run.notebook_params is not None:
+                    body["overriding_parameters"] = {"notebook_params": dict(run.notebook_params)}
+            page.append(body)
+        answer: dict[str, Any] = {"runs": page, "has_more": start + self.runs_page < len(runs)}
+        if answer["has_more"]:
+            answer["next_page_token"] = str(start + self.runs_page)
+        return 200, answer
+
     def me(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """`current_user.me`: who the credentials belong to."""
         return 200, {"id": "1", "userName": "tether@example.com"}
@@ -860,6 +903,8 @@ def _handler(ws: FakeWorkspace) -> type[BaseHTTPRequestHandler]:
                 status, answer = ws.get_run(parse_qs(parts.query))
             elif self.command == "GET" and parts.path == "/api/2.2/jobs/runs/get-output":
                 status, answer = ws.get_output(parse_qs(parts.query))
+            elif self.command == "GET" and parts.path == "/api/2.2/jobs/runs/list":
+                status, answer = ws.list_runs(parse_qs(parts.query))
             elif (self.command, parts.path) in ROUTES:
                 status, answer = getattr(ws, ROUTES[self.command, parts.path])(body)
             else:

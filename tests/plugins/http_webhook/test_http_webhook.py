@@ -4,6 +4,7 @@ errors, through the real service and a real receiver on 127.0.0.1."""
 
 from __future__ import annotations
 
+import threading
 from itertools import pairwise
 from typing import Any
 
@@ -200,6 +201,44 @@ async def test_a_trigger_answered_5xx_is_retried_then_fails(start_service, recei
     gaps = [b.at - a.at for a, b in pairwise(receiver.hits)]
     for n, gap in enumerate(gaps):  # the backoff, doubling from one attempt to the next
         assert gap >= 0.1 * 2**n, gaps
+
+
+async def test_hook_cancel_unrecorded_posts_cancel_url_when_no_trigger_answer_came(
+    start_service, receiver
+):
+    """Every try timed out (the receiver may have started the run each time):
+    the job fails, and `cancel_url` is POSTed once, naming the promise id
+    the tries carried."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook":
+            release.wait(2)  # past params.timeout: no answer reaches Tether
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start_service(trigger_attempts=2, trigger_backoff=0.05)
+    params = {"timeout": 0.3, "cancel_url": receiver.url("/cancel")}
+    await svc.client.post("/jobs", json=webhook_job("x", receiver.url(), **params))
+    try:
+        job = await svc.wait_state("x", "failed")
+        assert job["error"]["type"] == "timeout"
+        await eventually(lambda: receiver.on("/cancel"))
+        await eventually(lambda: len(receiver.on("/cancel")) == 1, holds=HOLD)
+    finally:
+        release.set()
+    [cancel] = receiver.on("/cancel")
+    assert cancel.body == {"job_id": "x", "promise_id": "x:1", "reason": "failed"}
+    assert {h.body["promise_id"] for h in receiver.on("/hook")} == {"x:1"}
+
+
+async def test_a_trigger_refused_outright_gets_no_cancel(start_service, receiver):
+    receiver.respond = lambda hit: (422, {}) if hit.path == "/hook" else (200, {})
+    svc = await start_service()
+    params = {"cancel_url": receiver.url("/cancel")}
+    await svc.client.post("/jobs", json=webhook_job("x", receiver.url(), **params))
+    await svc.wait_state("x", "failed")
+    await eventually(lambda: receiver.on("/cancel") == [], holds=HOLD)
 
 
 async def test_a_retry_after_longer_than_the_backoff_is_waited_for(start_service, receiver):
