@@ -135,3 +135,43 @@ def test_a_host_dies_and_the_other_finishes_every_job_exactly_once(
     finally:
         a.kill()
         b.kill()
+
+
+def test_a_job_canceled_while_its_trigger_died_with_its_host_has_that_run_stopped(
+    tmp_path, receiver: Receiver, fresh_pg_url
+):
+    """Host A dies inside a trigger's try (the receiver took it, no answer
+    came back), and the job is canceled through host B before B takes the
+    workflow over. B's replay finds the job ended with no run recorded:
+    its finish POSTs `cancel_url` for the run A's try started (before
+    2026-12-04 nothing stopped it), and the trigger is not sent again."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook":
+            release.wait(30)  # in flight when host A dies
+        return 202, {}
+
+    receiver.respond = respond
+    a = host(tmp_path, "a", fresh_pg_url).start()
+    b = host(tmp_path, "b", fresh_pg_url)
+    try:
+        with a.client() as ca, b.client() as cb:
+            params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+            body = {"id": "c0", "backend": "http_webhook", "params": params}
+            assert ca.post("/jobs", json=body).status_code == 201
+            wait_until(lambda: receiver.on("/hook"))
+            b.start()
+            a.kill()
+            release.set()
+            assert cb.post("/jobs/c0/cancel").json()["state"] == "canceled"
+
+            wait_until(lambda: receiver.on("/cancel"), timeout=TTL + 30)
+            job = cb.get("/jobs/c0").json()
+            assert (job["state"], job["external"]) == ("canceled", None)
+            assert finished_once(cb, "c0")
+        assert {h.body["promise_id"] for h in receiver.on("/cancel")} == {"c0:1"}
+        assert len(receiver.on("/hook")) == 1
+    finally:
+        a.kill()
+        b.kill()
