@@ -144,30 +144,45 @@ class JobGauges(msgspec.Struct, frozen=True):
     """Jobs in each state (every known state, 0 included)."""
     oldest: dict[str, int]
     """The creation time (Unix ms) of the oldest job in each waiting state that has one."""
+    entered: dict[str, int]
+    """When (Unix ms) the job longest in each waiting state entered it (its
+    row's `updated_at`, which only a change of state or the run's record
+    sets), among the first `ENTERED_SCAN` of the state by creation."""
     overdue: int
     """Waiting jobs past their deadline: the watchdog times these out within
     seconds, so a number that stays above 0 means no worker sweeps."""
 
 
+ENTERED_SCAN = 1000
+"""Jobs of a state `job_gauges` reads for when the one longest in it
+entered it: exact below that many, else among the oldest by creation (a
+job retried or out of its queue since is among them, as is one that
+entered the state long ago), at a bounded cost with a million waiting."""
+
+
 async def job_gauges(index: JobIndex, now: int) -> JobGauges:
-    """Read the gauges from the job index: three queries, each on an index of
-    `tether_jobs`."""
+    """Read the gauges from the job index: a query for the counts, one for
+    each waiting state (on the index of states), one for the overdue (on
+    the deadlines')."""
     if not isinstance(index, SqlJobIndex):  # the one implementation there is
         raise TypeError(f"no gauges for a {type(index).__name__}")
     db = index.db
     rows = await db.fetch("SELECT state, count(*) FROM tether_jobs GROUP BY state", ())
     counts = dict.fromkeys(get_args(JobState), 0) | {state: int(n) for state, n in rows}
     oldest: dict[str, int] = {}
+    entered: dict[str, int] = {}
     for state in OPEN_STATES:
-        first = await db.fetch(
-            "SELECT created_at FROM tether_jobs WHERE state = ? ORDER BY seq LIMIT 1", (state,)
+        [(created, since)] = await db.fetch(
+            "SELECT min(created_at), min(updated_at) FROM (SELECT created_at, updated_at"
+            " FROM tether_jobs WHERE state = ? ORDER BY seq LIMIT ?) AS first",
+            (state, ENTERED_SCAN),
         )
-        if first:
-            oldest[state] = int(first[0][0])
+        if created is not None:
+            oldest[state], entered[state] = int(created), int(since)
     late = await db.fetch(
         "SELECT count(*) FROM tether_jobs WHERE finished_at IS NULL AND deadline <= ?", (now,)
     )
-    return JobGauges(counts, oldest, int(late[0][0]))
+    return JobGauges(counts, oldest, entered, int(late[0][0]))
 
 
 class JobsCollector:
@@ -190,9 +205,18 @@ class JobsCollector:
         )
         for state, at in sorted(self.gauges.oldest.items()):
             oldest.add_metric([state], at / 1000)
+        entered = GaugeMetricFamily(
+            "tether_jobs_oldest_entered_timestamp_seconds",
+            "When the job longest in each waiting state entered it (Unix seconds): a"
+            " job's time in the queue or before a retry not counted; absent when the"
+            " state has no job.",
+            labels=["state"],
+        )
+        for state, at in sorted(self.gauges.entered.items()):
+            entered.add_metric([state], at / 1000)
         overdue = GaugeMetricFamily(
             "tether_jobs_overdue",
             "Waiting jobs past their deadline, not yet timed out by the watchdog.",
             value=self.gauges.overdue,
         )
-        return [jobs, oldest, overdue]
+        return [jobs, oldest, entered, overdue]

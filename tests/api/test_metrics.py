@@ -4,8 +4,11 @@ request durations by route template, and the API token."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +161,39 @@ async def test_jobs_in_each_state_come_from_the_store(start, receiver):
         "tether_jobs_oldest_created_timestamp_seconds",
         frozenset({("state", "pending")}),
     ) not in samples
+
+
+async def test_a_retried_jobs_time_in_its_state_counts_from_the_retry(start, receiver):
+    """A job that failed and was retried a while later is `pending` from the
+    retry: the stuck-jobs gauge counts from then, not from its creation."""
+    held = asyncio.Event()
+    release = threading.Event()
+
+    def respond(hit: Any) -> tuple[int, Any]:
+        if len(receiver.hits) == 1:
+            return 400, {}  # attempt 1 is refused
+        held.set()
+        release.wait(10)  # attempt 2's trigger stays under way: the job stays pending
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start()
+    body = {"id": "again", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    created = (await svc.wait_state("again", "failed"))["created_at"]
+    await asyncio.sleep(1.1)
+    retried_at = now_ms() / 1000
+    try:
+        assert (await svc.client.post("/jobs/again/retry")).status_code == 200
+        await eventually(held.is_set)
+        samples = await scrape(svc)
+    finally:
+        release.set()
+    assert value(samples, "tether_jobs", state="pending") == 1
+    oldest = value(samples, "tether_jobs_oldest_created_timestamp_seconds", state="pending")
+    entered = value(samples, "tether_jobs_oldest_entered_timestamp_seconds", state="pending")
+    assert abs(oldest - datetime.fromisoformat(created).timestamp()) < 0.002
+    assert oldest < retried_at - 1 and retried_at - 0.01 <= entered <= now_ms() / 1000
 
 
 async def test_a_job_past_its_deadline_is_overdue_while_no_watchdog_ends_it(start, receiver):
