@@ -555,8 +555,14 @@ class Settler:
             last = HISTORY_HEAD if first == kept else first  # past the tail: to the head
         return False
 
-    async def resolve_quietly(self, promise_id: str, outcome: Outcome, by: str) -> None:
+    async def resolve_quietly(
+        self, promise_id: str, outcome: Outcome, by: str, tried: bool = False
+    ) -> None:
         """Settle `promise_id` with an outcome already recorded in the index
-        (the workflow then finishes); whoever settled first still wins."""
+        (the workflow then finishes); whoever settled first still wins.
+        `tried`: the trigger settling it made a try that may have started a
+        run (kept in the value as `tried`: `JobSteps.finish` stops it)."""
         value = settled_value(outcome, by, uuid.uuid4().hex)
+        if tried:
+            value["tried"] = True
         await self.resonate.promises.resolve(promise_id, Value(data=value))

@@ -19,8 +19,10 @@ may have started a run nothing recorded. The finish of an attempt that
 ended with no run recorded asks the backend to find and stop it
 (`cancel_unrecorded`), unless no try can have reached it: every try was a
 clear refusal (`trigger_failed`'s `retryable`), or the job ended before its
-callback promise existed (settled `by: index`), which the workflow makes
-before its first try.
+callback promise existed (settled `by: index` without `tried`), which the
+workflow makes before its first try. A trigger whose tries end because the
+attempt ended asks for that stop itself when the finish is over already (it
+stalled past its lease while another process ran it; the job was retried).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import backend_view, view
-from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX, callback_promise_id
+from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX, callback_promise_id, root_promise_id
 
 log = logging.getLogger("tether")
 
@@ -142,6 +144,7 @@ class JobSteps:
         if rec.finished:
             await self.settler.resolve_quietly(promise_id, outcome_of_record(rec), "index")
             return
+        backend: Backend | None = None
         try:
             backend, params = self._backend_and_params(rec)
             tried = await self._trigger_with_retries(backend, rec, params, promise_id)
@@ -175,13 +178,26 @@ class JobSteps:
             )
             failed = Outcome(status="failed", error=error)
             await self._failure_settled(rec, failed)
+            if (
+                backend is not None
+                and latest is not None
+                and (latest.finished or latest.attempt != attempt)
+            ):
+                # It ended (or was retried) while the tries went on: stop
+                # what they may have started, should its finish be over.
+                await self._stop_when_finished(backend, rec, latest)
             return
         if tried is None:  # the row went between two tries (deleted by hand)
             return
         if isinstance(tried, JobRecord):  # ended, or triggered elsewhere, between two tries
+            # A try failed before (retryable: it may have started a run).
             if tried.finished and tried.attempt == attempt:
-                await self.settler.resolve_quietly(promise_id, outcome_of_record(tried), "index")
-            elif tried.attempt == attempt and tried.external is not None:
+                outcome = outcome_of_record(tried)
+                await self.settler.resolve_quietly(promise_id, outcome, "index", tried=True)
+                await self._stop_when_finished(backend, rec, tried)
+            elif tried.attempt != attempt:
+                await self._stop_when_finished(backend, rec, tried)
+            elif tried.external is not None:
                 log.warning(
                     "job %s: triggered meanwhile by another process; this trigger stops",
                     job_id,
@@ -253,6 +269,39 @@ class JobSteps:
             )
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    async def _stop_when_finished(self, backend: Backend, rec: JobRecord, now: JobRecord) -> None:
+        """Tries of attempt `rec.attempt` that may have started a run ended
+        because the attempt ended (`now`: the job's row, ended, or at a
+        later attempt): its finish stops that run (`_may_have_started`),
+        unless the finish is over already (this process stalled past its
+        lease while another ran it, or the job was retried since): then the
+        run is asked to stop here (`cancel_unrecorded`), with the attempt's
+        end."""
+        root = root_promise_id(rec.id, rec.attempt)
+
+        async def finished() -> bool:
+            try:
+                promise = await store_call(self.settler.resonate.promises.get(root))
+            except ServerError as exc:
+                if exc.code == 404:
+                    return True
+                raise StoreUnavailable(
+                    f"the store refused the read ({store_refusal(exc)})"
+                ) from None
+            return bool(promise.state != "pending")
+
+        if not await self._until_stored(rec, "reading its workflow", finished):
+            return
+        if now.attempt == rec.attempt:
+            ended = now
+        else:
+            how = await self._until_stored(
+                rec, "reading how its attempt ended", lambda: self._ended_as(rec.id, rec.attempt)
+            )
+            error = msgspec.convert(how.get("error"), ErrorInfo | None)
+            ended = replace(rec, state=how["state"], error=error)
+        await self._cancel_unrecorded(backend, ended)
 
     async def _stop_stale_run(
         self,
@@ -642,9 +691,9 @@ class JobSteps:
         or between tries, or while the process that tried died) it may have."""
         by = value.get("by") if isinstance(value, dict) else None
         if by in (None, "index"):  # None: an orphan's finish (`finish_orphan`)
-            return False
-        if by == "trigger":
-            return await self._tries_unsure(rec)
+            return isinstance(value, dict) and value.get("tried") is True
+        if by == "trigger":  # (ended otherwise: by a settle of the row alone meanwhile)
+            return rec.state != "failed" or await self._tries_unsure(rec)
         return True
 
     async def _tries_unsure(self, rec: JobRecord) -> bool:
@@ -727,7 +776,10 @@ class JobSteps:
         row's run is the later attempt's, and its plugins were told by its
         own finish; the stop is only cleared."""
         if rec.stop_due is None:
-            await self.finish(rec.id, {"status": rec.state}, rec.attempt)
+            value: dict[str, Any] = {"status": rec.state}
+            if rec.external is None and await self._promise_timed_out(rec):
+                value["by"] = "store"  # its trigger may have been under way
+            await self.finish(rec.id, value, rec.attempt)
             return
         attempt = rec.attempt if rec.stop_attempt is None else rec.stop_attempt
         lease = StopLease(self.jobs, rec, self.stop_lease_ms())
@@ -744,6 +796,14 @@ class JobSteps:
                 rec.id,
                 extra=rec.log_extra(),
             )
+
+    async def _promise_timed_out(self, rec: JobRecord) -> bool:
+        """Whether the callback promise of attempt `rec.attempt` exists and
+        the store timed it out: its workflow made it, so its trigger may
+        have been under way (an orphan after an outage past the deadline
+        and `ROOT_GRACE_MS`), not one that never began."""
+        promise = await self._promise(callback_promise_id(rec.id, rec.attempt))
+        return promise is not None and promise.state == "rejected_timedout"
 
     async def _stop(self, rec: JobRecord, attempt: int, lease: StopLease) -> JobRecord | None:
         """`finish_orphan`'s stop of the run of attempt `attempt`, its

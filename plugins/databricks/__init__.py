@@ -95,8 +95,12 @@ JOB_ID_PARAM = "tether_job_id"
 RESERVED_PARAMS = (CALLBACK_URL_PARAM, PROMISE_ID_PARAM, JOB_ID_PARAM)
 
 LOOKUP_LIMIT = 1000
-"""The most active runs `cancel_unrecorded` looks through for one a lost
-trigger try started (40 pages of `runs/list`)."""
+"""The most runs `cancel_unrecorded` looks through for one a lost trigger
+try started (40 pages of `runs/list`)."""
+LOOKUP_SLACK = 3600.0
+"""Seconds before the job's creation (Tether's clock) that runs are looked
+through from (`start_time`: Databricks' clock): the two clocks may
+disagree, and the promise id tells the runs apart."""
 
 OUTPUT_CONCURRENCY = 4
 """`runs/get-output` calls one status check makes at once (one per task of
@@ -389,14 +393,15 @@ class Databricks(Backend):
         )
 
     async def cancel_unrecorded(self, trigger: Trigger) -> None:
-        """Cancels the active runs whose parameters carry this attempt's
-        `tether_promise_id` (`runs/list`: the job's runs, or the one-time
-        runs, started since the job was created, `LOOKUP_LIMIT` at most): a
-        run a trigger try started though its answer was lost. A repair of
-        the previous attempt's run carries the new attempt's parameters too."""
+        """Cancels the runs not yet ended whose parameters carry this
+        attempt's `tether_promise_id` (`runs/list`: the job's runs, or the
+        one-time runs, started since the job was created, less
+        `LOOKUP_SLACK` for the two clocks; `LOOKUP_LIMIT` at most): a run a
+        trigger try started though its answer was lost. A repair of the
+        previous attempt's run carries the new attempt's parameters too."""
         params: DatabricksParams = trigger.params
         job_id = None if params.job_id is None else int(params.job_id)
-        since = round(trigger.job.created_at.timestamp() * 1000)
+        since = round((trigger.job.created_at.timestamp() - LOOKUP_SLACK) * 1000)
         extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
 
         def find(w: WorkspaceClient) -> list[int]:
@@ -404,18 +409,19 @@ class Databricks(Backend):
 
             runs = w.jobs.list_runs(
                 job_id=job_id,
-                active_only=True,
                 start_time_from=since,
                 run_type=RunType.SUBMIT_RUN if job_id is None else None,
                 expand_tasks=job_id is None or None,
+                limit=25,  # the most a page holds
             )
             found = []
             for seen, run in enumerate(runs, 1):
-                if trigger.promise_id in _promise_ids(run) and run.run_id is not None:
+                ours = trigger.promise_id in _promise_ids(run)
+                if ours and run.run_id is not None and not _run_over(run):
                     found.append(run.run_id)
                 if seen >= LOOKUP_LIMIT:
                     log.warning(
-                        "databricks: job %s: looked through %d active runs for one its trigger"
+                        "databricks: job %s: looked through %d runs for one its trigger"
                         " may have started, and no further",
                         trigger.job.id,
                         seen,
@@ -427,7 +433,7 @@ class Databricks(Backend):
         found = await self.workspace.call(find, _callback_token(trigger))
         if not found:
             log.info(
-                "databricks: job %s: no active run of its attempt %d found to cancel",
+                "databricks: job %s: no run of its attempt %d found going, to cancel",
                 trigger.job.id,
                 trigger.job.attempt,
                 extra=extra,
@@ -631,6 +637,16 @@ def _ours(trigger: Trigger) -> dict[str, str]:
 
 def _cancel_run(w: WorkspaceClient, run_id: int) -> None:
     w.jobs.cancel_run(run_id)
+
+
+def _run_over(run: BaseRun) -> bool:
+    """Whether a listed run has ended (nothing to cancel): by its `status`,
+    else its deprecated `state`. Anything else (queued, blocked, waiting to
+    retry, running, terminating) is stopped."""
+    if run.status is not None and run.status.state is not None:
+        return run.status.state.value == "TERMINATED"
+    life = run.state.life_cycle_state if run.state is not None else None
+    return life is not None and life.value in ("TERMINATED", "SKIPPED", "INTERNAL_ERROR")
 
 
 def _promise_ids(run: BaseRun) -> set[str]:

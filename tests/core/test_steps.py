@@ -953,7 +953,13 @@ async def test_a_trigger_whose_row_went_between_tries_stops_quietly(rig: Rig):
     assert (await rig.parts.promise("j")).state == "pending"
 
 
-async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_quietly(rig: Rig):
+async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_what_they_started(
+    rig: Rig,
+):
+    """Its try timed out (it may have started a run), and the attempt ended
+    and was retried before the next: no finish of that attempt is to come,
+    so the trigger asks the backend to stop that run itself, by attempt 1's
+    promise id and as it ended; the next attempt's run is left alone."""
     await start(rig)
     rig.backend.answers = [retryable("timed out")]
 
@@ -966,7 +972,14 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_quietly(r
         await rig.steps.trigger("j", "j:1")
 
     assert len(rig.backend.triggers) == 1
-    assert logs.lines == ["WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s"]
+    assert logs.lines == [
+        "WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s",
+        "WARNING job j: ended with no run recorded after a trigger try that may have started"
+        " one; scripted is asked to stop it",
+    ]
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.attempt, asked.job.state) == ("j:1", 1, "canceled")
+    assert rig.backend.canceled == []
     rec = await rig.parts.row("j")
     assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
 
@@ -1377,10 +1390,16 @@ async def test_unrecorded_a_trigger_failure_is_stopped_unless_every_try_was_refu
     assert len(rig.backend.unrecorded) == asked
 
 
+async def add_root(rig: Rig, job_id: str = "j") -> None:
+    """The workflow's root promise, pending while the workflow runs."""
+    await rig.parts.resonate.promises.create(job_id, now_ms() + 60_000, Value(data=None), {})
+
+
 async def test_unrecorded_a_job_canceled_between_tries_has_its_finish_stop_what_they_started(
     rig: Rig,
 ):
     await start(rig)
+    await add_root(rig)
     rig.backend.answers = [retryable("a"), {"run": 7}]
 
     async def sleep(seconds: float) -> None:  # canceled while the trigger waits to retry
@@ -1394,6 +1413,112 @@ async def test_unrecorded_a_job_canceled_between_tries_has_its_finish_stop_what_
     assert len(rig.backend.triggers) == 1
     [asked] = rig.backend.unrecorded
     assert (asked.promise_id, asked.job.state) == ("j:1", "canceled")
+
+
+async def test_unrecorded_a_row_ended_alone_between_tries_has_the_finish_stop_them(rig: Rig):
+    """A cancel that found no promise yet ends the row alone; the workflow
+    made its promise meanwhile and tried: the trigger's settle of the
+    promise from the row says it tried, and the finish stops the run."""
+    await start(rig)
+    await add_root(rig)
+    rig.backend.answers = [retryable("a")]
+
+    async def sleep(seconds: float) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())  # the row alone
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+    value = (await rig.parts.promise("j")).value.data
+    assert (value["by"], value["tried"]) == ("index", True)
+    assert rig.backend.unrecorded == []  # the finish is to come: it stops the run
+    await finish_as_settled(rig)
+    [asked] = rig.backend.unrecorded
+    assert asked.job.state == "canceled"
+
+
+async def test_unrecorded_a_row_ended_alone_during_the_only_try_has_the_finish_stop_it():
+    """The same, the row ended while the one try (`TETHER_TRIGGER_ATTEMPTS`
+    1) was under way: the trigger's failure settles the promise (`by:
+    trigger`, no try recorded: the attempt had ended), and the finish stops
+    the run all the same."""
+    async with open_parts(trigger_attempts=1) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        await add_root(rig)
+        rig.backend.answers = [retryable("timed out")]
+
+        async def during(trigger: Trigger) -> None:
+            await rig.parts.jobs.finish("j", CANCELED, now_ms())  # the row alone
+
+        rig.backend.during = during
+        await rig.steps.trigger("j", "j:1")
+        rec = await finish_as_settled(rig)
+
+        assert rec.state == "canceled"
+        assert (await rig.parts.promise("j")).value.data["by"] == "trigger"
+        _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+        assert "trigger_failed" not in [e.type for e in events]
+        assert len(rig.backend.unrecorded) == 1
+
+
+async def test_unrecorded_a_stalled_trigger_whose_finish_is_over_stops_the_run_itself(rig: Rig):
+    """This process stalled between tries past its lease; another took the
+    workflow over, the job was canceled and that process's finish is over
+    (the root promise resolved): the tries' run is stopped here."""
+    await start(rig)
+    await add_root(rig)
+    rig.backend.answers = [retryable("a")]
+
+    async def sleep(seconds: float) -> None:
+        await rig.parts.settler.settle("j", CANCELED, by="cancel")
+        await rig.parts.resonate.promises.resolve("j", Value(data={"status": "canceled"}))
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.state) == ("j:1", "canceled")
+
+
+async def test_unrecorded_a_last_try_that_fails_after_a_retry_stops_its_run_itself(rig: Rig):
+    """The attempt ended and was retried while the last try was under way
+    (this process stalled): that attempt's finish is over, so its trigger
+    asks for the stop of what the try may have started, as it ended."""
+    await start(rig)
+    rig.backend.answers = [retryable(f"t{i}") for i in range(4)]
+
+    async def during(trigger: Trigger) -> None:
+        if len(rig.backend.triggers) == 4:
+            await retried(rig, {"state": "timed_out"})
+
+    rig.backend.during = during
+    await rig.steps.trigger("j", "j:1")
+
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.attempt, asked.job.state) == ("j:1", 1, "timed_out")
+    assert (await rig.parts.row("j")).attempt == 2
+
+
+async def test_unrecorded_an_orphan_whose_promise_the_store_timed_out_is_stopped(rig: Rig):
+    """Every host down past the deadline and an hour, the trigger under way
+    when they went: the store timed the promise out, and the watchdog's
+    end of the job finishes it as an orphan, which asks for the stop."""
+    await rig.parts.add_job("j")
+    await rig.parts.add_promise("j", timeout_ms=1)
+    await asyncio.sleep(0.01)
+    rec, _ = await rig.parts.jobs.end("j", TIMED_OUT, now_ms(), attempt=1)
+    assert rec is not None
+    await rig.steps.finish_orphan(rec)
+    [asked] = rig.backend.unrecorded
+    assert asked.job.state == "timed_out"
+
+
+async def test_unrecorded_an_orphan_that_never_made_its_promise_is_not_stopped(rig: Rig):
+    await rig.parts.add_job("j")
+    rec, _ = await rig.parts.jobs.end("j", TIMED_OUT, now_ms(), attempt=1)
+    assert rec is not None
+    await rig.steps.finish_orphan(rec)
+    assert rig.backend.unrecorded == []
 
 
 @pytest.mark.parametrize("ending", [CANCELED, TIMED_OUT])

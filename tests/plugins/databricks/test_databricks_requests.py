@@ -1157,7 +1157,7 @@ async def test_cancel_unrecorded_without_such_a_run_cancels_nothing(
     await backend.cancel_unrecorded(trigger({"job_id": 7}))
 
     assert workspace.calls(CANCEL) == []
-    assert "INFO databricks: job j: no active run of its attempt 1 found to cancel" in sdk_logs
+    assert "INFO databricks: job j: no run of its attempt 1 found going, to cancel" in sdk_logs
 
 
 async def test_cancel_unrecorded_finds_a_repair_made_for_the_attempt(
