@@ -229,13 +229,14 @@ class JobSteps:
             # Ended while the trigger was under way, maybe before the promise
             # existed (the row alone was ended): settle it first, then record
             # the run, then stop it. In this order a replay that finds
-            # `external` never leaves it unsettled; a crash between the two
-            # leaves the run unrecorded (and so not canceled), as one between
-            # the backend's answer and the index write always did. Ended and
+            # `external` never leaves it unsettled; the settle says the
+            # trigger tried, so after a crash between the two the finish
+            # stops the unrecorded run (`cancel_unrecorded`). Ended and
             # retried meanwhile: the run is stopped, recorded nowhere.
             ended = await self._row(rec)
             if ended is not None and ended.attempt == attempt:
-                await self.settler.resolve_quietly(promise_id, outcome_of_record(ended), "index")
+                outcome = outcome_of_record(ended)
+                await self.settler.resolve_quietly(promise_id, outcome, "index", tried=True)
                 # Decided before the run is recorded: once it is, a replay of
                 # this trigger (after a failure below) returns at once.
                 unwanted = await self._run_unwanted(ended, promise_id)

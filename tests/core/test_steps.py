@@ -390,7 +390,7 @@ async def test_a_job_that_ends_while_it_is_triggered_is_settled_before_its_run_i
     rig.backend.during = ended
     real = rig.parts.settler.resolve_quietly
 
-    async def crash(promise_id: str, outcome: Outcome, by: str) -> None:
+    async def crash(promise_id: str, outcome: Outcome, by: str, tried: bool = False) -> None:
         raise ConnectionError("the process died here")
 
     monkeypatch.setattr(rig.parts.settler, "resolve_quietly", crash)
@@ -1459,6 +1459,43 @@ async def test_unrecorded_a_row_ended_alone_during_the_only_try_has_the_finish_s
         _, events, _ = await rig.parts.jobs.history("j", 0, 100)
         assert "trigger_failed" not in [e.type for e in events]
         assert len(rig.backend.unrecorded) == 1
+
+
+async def test_unrecorded_a_run_started_for_a_row_ended_alone_is_stopped_after_a_crash(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The row was ended alone while the one try was under way, and the try
+    started run 7: the trigger settles the promise from the row, then the
+    process dies before it records the run. The replay finds the job ended,
+    and the finish stops the run by what the try sent. Before, the settle
+    did not say it tried, and run 7 was left going."""
+    await start(rig)
+    await add_root(rig)
+    rig.backend.answers = [{"run": 7}]
+
+    async def during(trigger: Trigger) -> None:
+        await rig.parts.jobs.finish("j", CANCELED, now_ms())  # the row alone
+
+    rig.backend.during = during
+    kept = rig.parts.jobs.set_external
+
+    async def dies_recording(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("open_only"):
+            return await kept(*args, **kwargs)  # refused: the row has ended
+        raise RuntimeError("the process died here")
+
+    monkeypatch.setattr(rig.parts.jobs, "set_external", dies_recording)
+    with pytest.raises(RuntimeError):
+        await rig.steps.trigger("j", "j:1")
+    monkeypatch.setattr(rig.parts.jobs, "set_external", kept)
+    rig.backend.during = None
+    await rig.steps.trigger("j", "j:1")  # the replay
+    rec = await finish_as_settled(rig)
+
+    assert (rec.state, rec.external) == ("canceled", None)
+    assert [t.idempotency_key for t in rig.backend.triggers] == ["j:1"]
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.state) == ("j:1", "canceled")
 
 
 async def test_unrecorded_a_stalled_trigger_whose_finish_is_over_stops_the_run_itself(rig: Rig):
