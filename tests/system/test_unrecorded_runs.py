@@ -1,0 +1,132 @@
+"""The real `tether serve`: a trigger try that reached the receiver but whose
+answer Tether never recorded (the answer came too late, was a 503, or the
+service died inside the try) may have started a run. When the job then ends
+canceled or timed out, that run is asked to stop (`cancel_url`), once per
+job, whatever the way its answer was lost. Several jobs at once, so the
+cancels land at different points of their tries. On the code before
+`Backend.cancel_unrecorded` every one of these runs was left going."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import HOLD, Hit, Receiver, wait_until
+from tests.process import wait_for
+from tests.system.test_crash import service
+
+JOBS = 3
+TRIES = {"TETHER_TRIGGER_ATTEMPTS": "100", "TETHER_TRIGGER_BACKOFF": "0.2"}
+
+
+def start(
+    client: httpx.Client, receiver: Receiver, ids: list[str], tries: Any = None, **job: Any
+) -> None:
+    """Jobs `ids`, each try of whose trigger gets `tries` seconds (the
+    webhook's `timeout`); `job`: more of the new job's fields."""
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+    if tries is not None:
+        params["timeout"] = tries
+    for job_id in ids:
+        body = {"id": job_id, "backend": "http_webhook", "params": params, **job}
+        response = client.post("/jobs", json=body)
+        assert response.status_code == 201, response.text
+
+
+def tried(receiver: Receiver, job_id: str) -> int:
+    return sum(h.body.get("job_id") == job_id for h in receiver.on("/hook"))
+
+
+def cancel(client: httpx.Client, ids: list[str]) -> None:
+    for job_id in ids:
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+
+
+def assert_each_run_stopped(client: httpx.Client, receiver: Receiver, ids: list[str]) -> None:
+    for job_id in ids:
+        assert client.get(f"/jobs/{job_id}").json()["external"] is None  # no answer recorded
+    wait_until(lambda: {h.body["job_id"] for h in receiver.on("/cancel")} == set(ids), holds=HOLD)
+    stops = [h.body["promise_id"] for h in receiver.on("/cancel")]
+    assert sorted(stops) == sorted(f"{job_id}:1" for job_id in ids)  # once each
+    started = {h.body["idempotency_key"] for h in receiver.on("/hook")}
+    assert started == {f"{job_id}:1" for job_id in ids}  # one run each, however many tries
+
+
+def test_answers_that_come_after_the_tries_timeout_then_a_cancel(tmp_path: Path, receiver):
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook":
+            time.sleep(1.0)  # the run started; the answer comes after the try's 0.5 s
+        return 202, {}
+
+    receiver.respond = respond
+    ids = [f"late-{n}" for n in range(JOBS)]
+    svc = service(tmp_path, **TRIES).start()
+    try:
+        with svc.client() as client:
+            start(client, receiver, ids, tries=0.5)
+            wait_until(lambda: all(tried(receiver, job_id) for job_id in ids))
+            cancel(client, ids)
+            for job_id in ids:
+                wait_for(client, job_id, "canceled")
+            assert_each_run_stopped(client, receiver, ids)
+    finally:
+        svc.kill()
+
+
+def test_a_503_on_every_try_then_a_cancel_between_tries(tmp_path: Path, receiver):
+    receiver.respond = lambda hit: (503, {}) if hit.path == "/hook" else (202, {})
+    ids = [f"refused-{n}" for n in range(JOBS)]
+    svc = service(tmp_path, **TRIES).start()
+    try:
+        with svc.client() as client:
+            start(client, receiver, ids)
+            wait_until(lambda: all(tried(receiver, job_id) >= 2 for job_id in ids))
+            cancel(client, ids)
+            for job_id in ids:
+                wait_for(client, job_id, "canceled")
+            assert_each_run_stopped(client, receiver, ids)
+    finally:
+        svc.kill()
+
+
+@pytest.mark.parametrize("end", ["canceled", "timed_out"])
+def test_the_service_killed_inside_the_first_try(tmp_path: Path, receiver, end: str):
+    """The first try of each job is held until the service is dead; later
+    tries are refused with 503, so no run is ever recorded."""
+    release = threading.Event()
+    held: set[str] = set()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/hook":
+            return 202, {}
+        if hit.body["job_id"] not in held:
+            held.add(hit.body["job_id"])
+            release.wait(20)
+            return 202, {}
+        return 503, {}
+
+    receiver.respond = respond
+    ids = [f"killed-{end}-{n}" for n in range(JOBS)]
+    first = service(tmp_path, **TRIES).start()
+    with first.client() as client:
+        start(client, receiver, ids, **({"timeout": 2} if end == "timed_out" else {}))
+        wait_until(lambda: held == set(ids), every=0.02)
+    first.kill()
+    release.set()
+    time.sleep(2.2)  # past a deadline while the service is down
+
+    second = service(tmp_path, port=first.port, **TRIES).start()
+    try:
+        with second.client() as client:
+            if end == "canceled":
+                cancel(client, ids)
+            for job_id in ids:
+                wait_for(client, job_id, end)
+            assert_each_run_stopped(client, receiver, ids)
+    finally:
+        second.kill()
