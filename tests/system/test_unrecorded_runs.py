@@ -47,6 +47,24 @@ def cancel(client: httpx.Client, ids: list[str]) -> None:
         assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
 
 
+def cancel_while_tried(
+    tmp_path: Path, receiver: Receiver, ids: list[str], after: int, **webhook: Any
+) -> None:
+    """Start `ids` (`webhook`: `start`'s options), cancel them once each
+    trigger was tried `after` times, and check that each run was stopped."""
+    svc = service(tmp_path, **TRIES).start()
+    try:
+        with svc.client() as client:
+            start(client, receiver, ids, **webhook)
+            wait_until(lambda: all(tried(receiver, job_id) >= after for job_id in ids))
+            cancel(client, ids)
+            for job_id in ids:
+                wait_for(client, job_id, "canceled")
+            assert_each_run_stopped(client, receiver, ids)
+    finally:
+        svc.kill()
+
+
 def assert_each_run_stopped(client: httpx.Client, receiver: Receiver, ids: list[str]) -> None:
     for job_id in ids:
         assert client.get(f"/jobs/{job_id}").json()["external"] is None  # no answer recorded
@@ -64,34 +82,12 @@ def test_answers_that_come_after_the_tries_timeout_then_a_cancel(tmp_path: Path,
         return 202, {}
 
     receiver.respond = respond
-    ids = [f"late-{n}" for n in range(JOBS)]
-    svc = service(tmp_path, **TRIES).start()
-    try:
-        with svc.client() as client:
-            start(client, receiver, ids, tries=0.5)
-            wait_until(lambda: all(tried(receiver, job_id) for job_id in ids))
-            cancel(client, ids)
-            for job_id in ids:
-                wait_for(client, job_id, "canceled")
-            assert_each_run_stopped(client, receiver, ids)
-    finally:
-        svc.kill()
+    cancel_while_tried(tmp_path, receiver, [f"late-{n}" for n in range(JOBS)], 1, tries=0.5)
 
 
 def test_a_503_on_every_try_then_a_cancel_between_tries(tmp_path: Path, receiver):
     receiver.respond = lambda hit: (503, {}) if hit.path == "/hook" else (202, {})
-    ids = [f"refused-{n}" for n in range(JOBS)]
-    svc = service(tmp_path, **TRIES).start()
-    try:
-        with svc.client() as client:
-            start(client, receiver, ids)
-            wait_until(lambda: all(tried(receiver, job_id) >= 2 for job_id in ids))
-            cancel(client, ids)
-            for job_id in ids:
-                wait_for(client, job_id, "canceled")
-            assert_each_run_stopped(client, receiver, ids)
-    finally:
-        svc.kill()
+    cancel_while_tried(tmp_path, receiver, [f"refused-{n}" for n in range(JOBS)], 2)
 
 
 @pytest.mark.parametrize("end", ["canceled", "timed_out"])
