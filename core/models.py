@@ -299,11 +299,17 @@ SENDABLE_URL_START = (
 scheme (any case), a host the HTTP client reads (`HOST_RULE`) and a port of 1
 to 65535, without `user:password@`. Stated in the schema as a pattern; jobs
 stored before keep theirs."""
-SENDABLE_URL = re.compile(SENDABLE_URL_START + r"(?:[/?#]|$)")
-"""`SENDABLE_URL_START`, then the path, query or fragment, or the end."""
-HTTP_URL = re.compile(SENDABLE_URL_START + r"(?:[/?#][^\x00-\x20\x7f]*)?$")
+SENDABLE_URL_SCHEMA = SENDABLE_URL_START + r"(?:[/?#]|$)"
+"""`SENDABLE_URL_START`, then the path, query or fragment, or the end: the
+schema's pattern (ECMAScript's, whose `$` is the string's end only)."""
+HTTP_URL_SCHEMA = SENDABLE_URL_START + r"(?:[/?#][^\x00-\x20\x7f]*)?$"
 """An http(s) URL a notification is sent to: `SENDABLE_URL_START`, then no
-spaces or control characters."""
+spaces or control characters (the schema's pattern)."""
+SENDABLE_URL = re.compile(SENDABLE_URL_SCHEMA.replace("$", r"\Z"))
+"""`SENDABLE_URL_SCHEMA` for Python, whose `$` also matches before a last
+newline (`\\Z` does not): before, `http://host\\n` was taken."""
+HTTP_URL = re.compile(HTTP_URL_SCHEMA.replace("$", r"\Z"))
+"""`HTTP_URL_SCHEMA` for Python."""
 
 
 def url_fault(url: str, whole: re.Pattern[str] = HTTP_URL) -> str:
@@ -328,7 +334,7 @@ class Notify(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: Annotated[
         str,
         msgspec.Meta(  # the pattern is checked by `Tether.create_job`, saying what it means
-            max_length=2048, extra_json_schema={"format": "uri", "pattern": HTTP_URL.pattern}
+            max_length=2048, extra_json_schema={"format": "uri", "pattern": HTTP_URL_SCHEMA}
         ),
     ]
     """An http or https URL without `user:password@`; Tether POSTs a signed

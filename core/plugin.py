@@ -50,6 +50,7 @@ from core.errors import BackendError, NotFound, Unauthorized
 from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import (
     SENDABLE_URL,
+    SENDABLE_URL_SCHEMA,
     CheckNow,
     ErrorInfo,
     Job,
@@ -66,6 +67,7 @@ from core.workflow import callback_promise_id
 
 __all__ = [
     "SENDABLE_URL",
+    "SENDABLE_URL_SCHEMA",
     "Backend",
     "BackendError",
     "CheckNow",

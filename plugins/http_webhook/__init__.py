@@ -60,6 +60,7 @@ from msgspec import Meta
 
 from core.plugin import (
     SENDABLE_URL,
+    SENDABLE_URL_SCHEMA,
     Backend,
     BackendError,
     ErrorInfo,
@@ -98,7 +99,7 @@ AUTH_PREFIX = "TETHER_WEBHOOK_AUTH_"
 CREDENTIAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What NAME in `TETHER_WEBHOOK_AUTH_<NAME>` may be."""
 
-HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": SENDABLE_URL.pattern})]
+HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": SENDABLE_URL_SCHEMA})]
 """What a new job's URL may be, as the params' schema states it: a host and
 port a request can be sent to, no `user:password@` (`check_new_params`)."""
 

@@ -74,6 +74,8 @@ NO_HOST = f"names no host and port a request can be sent to ({HOST_RULE})"
         ("http://[fe80::1%25eth0]/", NO_HOST),
         ("https://", NO_HOST),
         ("http://x/a b", "holds a space or a control character"),
+        ("http://x\n", NO_HOST),  # Python's `$` matches before a last newline
+        ("http://x/a\n", "holds a space or a control character"),
     ],
 )
 def test_url_fault_names_what_is_wrong_without_quoting_the_url(url: str, fault: str):
