@@ -12,8 +12,9 @@ with the headers `Tether-Callback-Url` (the same URL) and `Idempotency-Key`. Any
 callback URL. While it works it may POST `{"progress"?: ...}` to
 `heartbeat_url` (the callback URL's path and `/heartbeat`, the same token): a
 job started with a `heartbeat_timeout` needs one at least that often. 4xx
-answers (but 408, 425 and 429) fail the job at once; 408, 425, 429, 5xx,
-timeouts and connection errors are retried by Tether with backoff.
+answers (but 408, 409, 425 and 429) fail the job at once; 408, 409 (the
+Idempotency-Key draft's "still being processed"), 425, 429, 5xx, timeouts and
+connection errors are retried by Tether with backoff.
 
 The URLs (`url`, `cancel_url`, `status_url`) are absolute http(s) URLs with
 no `user:password@`: params are stored and shown with the job, so a
@@ -74,7 +75,10 @@ from core.plugin import (
     url_fault,
 )
 
-RETRYABLE_STATUS = frozenset({408, 425, 429})
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+"""4xx answers tried again. 409: the IETF Idempotency-Key draft's answer to a
+request whose key is still being processed (a try the service died inside,
+answered after the restart's replay): the run may be going."""
 RECEIPT_LIMIT = 4096
 """A trigger's answer is kept in its receipt if it is at most this many bytes."""
 STATUS_LIMIT = 1 << 20

@@ -126,3 +126,43 @@ def test_the_service_killed_inside_the_first_try(tmp_path: Path, receiver, end: 
             assert_each_run_stopped(client, receiver, ids)
     finally:
         second.kill()
+
+
+def test_a_replay_answered_409_after_a_kill_inside_the_try(tmp_path: Path, receiver):
+    """The service dies inside the first try; the receiver, still working on
+    that request, answers the restart's replay (the same Idempotency-Key)
+    409, as the IETF Idempotency-Key draft says. That is tried again, not a
+    refusal: when the tries run out the job fails and the run the first try
+    started is stopped. Before, the 409 failed the job at once as a clear
+    refusal, and the run was left going (an audit, 2026-12-04)."""
+    release = threading.Event()
+    held: set[str] = set()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/hook":
+            return 202, {}
+        if hit.body["job_id"] not in held:
+            held.add(hit.body["job_id"])
+            release.wait(20)
+            return 202, {}
+        return 409, {"error": "a request with this key is being processed"}
+
+    receiver.respond = respond
+    ids = [f"busy-{n}" for n in range(JOBS)]
+    few = {"TETHER_TRIGGER_ATTEMPTS": "3", "TETHER_TRIGGER_BACKOFF": "0.2"}
+    first = service(tmp_path, **few).start()
+    with first.client() as client:
+        start(client, receiver, ids)
+        wait_until(lambda: held == set(ids), every=0.02)
+    first.kill()
+    release.set()
+
+    second = service(tmp_path, port=first.port, **few).start()
+    try:
+        with second.client() as client:
+            for job_id in ids:
+                job = wait_for(client, job_id, "failed")
+                assert job["error"]["type"] == "http_409"
+            assert_each_run_stopped(client, receiver, ids)
+    finally:
+        second.kill()

@@ -409,7 +409,7 @@ async def test_a_redirect_is_an_error_and_never_followed(server, webhook):
         (404, False),
         (407, False),
         (408, True),
-        (409, False),
+        (409, True),  # the Idempotency-Key draft: the key is still being processed
         (425, True),
         (429, True),
         (499, False),
