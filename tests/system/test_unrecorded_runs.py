@@ -75,6 +75,28 @@ def assert_each_run_stopped(client: httpx.Client, receiver: Receiver, ids: list[
     assert started == {f"{job_id}:1" for job_id in ids}  # one run each, however many tries
 
 
+def hold_first_tries(
+    receiver: Receiver, status: int, body: Any
+) -> tuple[threading.Event, set[str]]:
+    """Have `receiver` hold each job's first try until the event is set (the
+    service is dead by then), and answer `status`, `body` to later tries;
+    the set: the jobs whose first try it holds."""
+    release = threading.Event()
+    held: set[str] = set()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path != "/hook":
+            return 202, {}
+        if hit.body["job_id"] not in held:
+            held.add(hit.body["job_id"])
+            release.wait(20)
+            return 202, {}
+        return status, body
+
+    receiver.respond = respond
+    return release, held
+
+
 def test_answers_that_come_after_the_tries_timeout_then_a_cancel(tmp_path: Path, receiver):
     def respond(hit: Hit) -> tuple[int, Any]:
         if hit.path == "/hook":
@@ -94,19 +116,7 @@ def test_a_503_on_every_try_then_a_cancel_between_tries(tmp_path: Path, receiver
 def test_the_service_killed_inside_the_first_try(tmp_path: Path, receiver, end: str):
     """The first try of each job is held until the service is dead; later
     tries are refused with 503, so no run is ever recorded."""
-    release = threading.Event()
-    held: set[str] = set()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/hook":
-            return 202, {}
-        if hit.body["job_id"] not in held:
-            held.add(hit.body["job_id"])
-            release.wait(20)
-            return 202, {}
-        return 503, {}
-
-    receiver.respond = respond
+    release, held = hold_first_tries(receiver, 503, {})
     ids = [f"killed-{end}-{n}" for n in range(JOBS)]
     first = service(tmp_path, **TRIES).start()
     with first.client() as client:
@@ -135,19 +145,9 @@ def test_a_replay_answered_409_after_a_kill_inside_the_try(tmp_path: Path, recei
     refusal: when the tries run out the job fails and the run the first try
     started is stopped. Before, the 409 failed the job at once as a clear
     refusal, and the run was left going (an audit, 2026-12-04)."""
-    release = threading.Event()
-    held: set[str] = set()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path != "/hook":
-            return 202, {}
-        if hit.body["job_id"] not in held:
-            held.add(hit.body["job_id"])
-            release.wait(20)
-            return 202, {}
-        return 409, {"error": "a request with this key is being processed"}
-
-    receiver.respond = respond
+    release, held = hold_first_tries(
+        receiver, 409, {"error": "a request with this key is being processed"}
+    )
     ids = [f"busy-{n}" for n in range(JOBS)]
     few = {"TETHER_TRIGGER_ATTEMPTS": "3", "TETHER_TRIGGER_BACKOFF": "0.2"}
     first = service(tmp_path, **few).start()
