@@ -282,15 +282,8 @@ class JobSteps:
         root = root_promise_id(rec.id, rec.attempt)
 
         async def finished() -> bool:
-            try:
-                promise = await store_call(self.settler.resonate.promises.get(root))
-            except ServerError as exc:
-                if exc.code == 404:
-                    return True
-                raise StoreUnavailable(
-                    f"the store refused the read ({store_refusal(exc)})"
-                ) from None
-            return bool(promise.state != "pending")
+            promise = await self._promise(root)
+            return promise is None or promise.state != "pending"
 
         if not await self._until_stored(rec, "reading its workflow", finished):
             return
@@ -457,7 +450,7 @@ class JobSteps:
         return promise.value.data
 
     async def _promise(self, promise_id: str) -> Any:
-        """Callback promise `promise_id` (None: gone); a store that fails or
+        """Promise `promise_id` (None: gone); a store that fails or
         answers an error is `StoreUnavailable` (the callers try again)."""
         try:
             return await store_call(self.settler.resonate.promises.get(promise_id))
