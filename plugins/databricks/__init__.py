@@ -416,7 +416,7 @@ class Databricks(Backend):
             )
             found = []
             for seen, run in enumerate(runs, 1):
-                ours = trigger.promise_id in _promise_ids(run)
+                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or [])
                 if ours and run.run_id is not None and not _run_over(run):
                     found.append(run.run_id)
                 if seen >= LOOKUP_LIMIT:
@@ -647,20 +647,6 @@ def _run_over(run: BaseRun) -> bool:
         return run.status.state.value == "TERMINATED"
     life = run.state.life_cycle_state if run.state is not None else None
     return life is not None and life.value in ("TERMINATED", "SKIPPED", "INTERNAL_ERROR")
-
-
-def _promise_ids(run: BaseRun) -> set[str]:
-    """The `tether_promise_id` values a run was started or repaired with: its
-    job parameters, its latest repair's notebook parameters, and its
-    notebook tasks' base parameters (a one-time run's)."""
-    found = {p.value for p in run.job_parameters or [] if p.name == PROMISE_ID_PARAM}
-    overriding = run.overriding_parameters
-    if overriding is not None and overriding.notebook_params:
-        found.add(overriding.notebook_params.get(PROMISE_ID_PARAM))
-    for task in run.tasks or []:
-        if task.notebook_task is not None and task.notebook_task.base_parameters:
-            found.add(task.notebook_task.base_parameters.get(PROMISE_ID_PARAM))
-    return {value for value in found if value}
 
 
 def _callback_token(trigger: Trigger) -> str:

@@ -41,7 +41,9 @@ from plugins.databricks.runs import _name, latest_tasks, outcome_of_run
 from plugins.databricks.workspace import Workspace
 
 if TYPE_CHECKING:
-    from databricks.sdk.service.jobs import Run
+    from collections.abc import Iterable
+
+    from databricks.sdk.service.jobs import BaseRun, Run, RunTask
 
 log = logging.getLogger("tether.databricks")
 
@@ -164,18 +166,24 @@ def carries(run: Run, promise_id: str) -> bool | None:
     are those of the attempt of `promise_id`: its job parameters, its
     notebook parameters, its notebook tasks' parameters. None: they name no
     Tether attempt at all."""
+    named = promise_ids(run, latest_tasks(run))
+    return promise_id in named if named else None
+
+
+def promise_ids(run: BaseRun | Run, tasks: Iterable[RunTask]) -> set[str]:
+    """The `tether_promise_id` values a run names: its job parameters, its
+    latest repair's notebook parameters, and `tasks`' notebook parameters."""
     from plugins.databricks import PROMISE_ID_PARAM  # the package imports this module
 
     seen = [p.value for p in run.job_parameters or [] if p.name == PROMISE_ID_PARAM]
     given = run.overriding_parameters
     if given is not None and given.notebook_params:
         seen.append(given.notebook_params.get(PROMISE_ID_PARAM))
-    for task in latest_tasks(run):
+    for task in tasks:
         notebook = task.notebook_task
         if notebook is not None and notebook.base_parameters:
             seen.append(notebook.base_parameters.get(PROMISE_ID_PARAM))
-    named = [value for value in seen if value]
-    return promise_id in named if named else None
+    return {value for value in seen if value}
 
 
 def _code(outcome: Outcome) -> str:
