@@ -18,7 +18,9 @@ A try whose answer never came (it timed out, the process died inside it)
 may have started a run nothing recorded. The finish of an attempt that
 ended with no run recorded asks the backend to find and stop it
 (`cancel_unrecorded`), unless no try can have reached it: every try was a
-clear refusal (`trigger_failed`'s `retryable`), or the job ended before its
+clear refusal (`trigger_failed`'s `retryable`) in a run of the body that
+made its callback promise itself (a replay's refusal may refuse a repeat of
+a try an earlier run died inside: `replayed`), or the job ended before its
 callback promise existed (settled `by: index` without `tried`), which the
 workflow makes before its first try. A trigger whose tries end because the
 attempt ended asks for that stop itself when the finish is over already (it
@@ -73,6 +75,12 @@ for a backend that hangs, which would otherwise hold the finish (the
 workflow's, or the watchdog's look at a job without one) for good."""
 
 
+REPLAY_MARGIN = 1.0
+"""Seconds by which a callback promise must predate the run of the body
+that found it to tell a replay (`JobSteps._replayed`), at most: a quarter
+of `task_ttl` when that is shorter (a replay by another host comes a lease
+after the run that made it)."""
+
 STOP_MARGIN = 60.0
 """Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
 `tether_job_finished`)."""
@@ -112,7 +120,13 @@ class JobSteps:
         """How the trigger waits between attempts (tests record the waits)."""
 
     async def trigger(
-        self, job_id: str, promise_id: str, attempt: int = 1, *, ended_settled: bool = True
+        self,
+        job_id: str,
+        promise_id: str,
+        attempt: int = 1,
+        *,
+        ended_settled: bool = True,
+        began: int | None = None,
     ) -> None:
         """Start attempt `attempt` of the external job through its backend,
         unless it was triggered already (a replay) or ended (canceled before
@@ -122,7 +136,9 @@ class JobSteps:
         `ended_settled`: a row that ended after it was
         triggered has its promise settled, as every row this code writes does
         (see below); the durable trigger step of versions 1-3 passes False,
-        for rows an earlier release wrote in the other order."""
+        for rows an earlier release wrote in the other order. `began`: when
+        this run of the workflow's body began (version 4), to tell a replay
+        (`_replayed`); None: not known (the durable step of versions 1-3)."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             await self._without_a_row(job_id, promise_id)
@@ -147,7 +163,7 @@ class JobSteps:
         backend: Backend | None = None
         try:
             backend, params = self._backend_and_params(rec)
-            tried = await self._trigger_with_retries(backend, rec, params, promise_id)
+            tried = await self._trigger_with_retries(backend, rec, params, promise_id, began)
         except BackendError as exc:
             latest = await self.jobs.get(job_id)
             if _another_job(rec, latest):
@@ -527,7 +543,7 @@ class JobSteps:
             raise BackendError(f"invalid params: {exc}", code="invalid_params") from None
 
     async def _trigger_with_retries(
-        self, backend: Backend, rec: JobRecord, params: Any, promise_id: str
+        self, backend: Backend, rec: JobRecord, params: Any, promise_id: str, began: int | None
     ) -> tuple[dict[str, Any], int] | JobRecord | None:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
@@ -537,7 +553,9 @@ class JobSteps:
         to try again (canceled, timed out), was triggered and recorded by
         another process (which took the workflow over while this one
         stalled), the job's row (None: it is gone):
-        it is not tried again. Each failed try is a `trigger_failed` event."""
+        it is not tried again. Each failed try is a `trigger_failed` event; a
+        clear refusal in a replayed run of the body (`_replayed`) says so
+        (`replayed`): the try it repeats may have started a run."""
         trigger = self._trigger_of(rec, params, promise_id)
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
@@ -559,7 +577,8 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
-                    await self._trigger_failed(rec, attempt, error, None, exc.retryable)
+                    replayed = not exc.retryable and await self._replayed(promise_id, began)
+                    await self._trigger_failed(rec, attempt, error, None, exc.retryable, replayed)
                     raise
                 wait = max(delay, exc.retry_after or 0)
                 reason = exc.message
@@ -590,6 +609,31 @@ class JobSteps:
             if now.external is not None:
                 return now
         raise AssertionError("unreachable")
+
+    async def _replayed(self, promise_id: str, began: int | None) -> bool:
+        """Whether the run of the workflow's body that began at `began` is a
+        replay: its callback promise was made by an earlier run (before
+        `began`, by more than `replay_margin_ms`). That run went on to try
+        the trigger, so it may have died inside a try (no `trigger_failed`
+        records it) whose run this run's try, with the same idempotency key,
+        was refused as a repeat of. A store that cannot tell counts as a
+        replay: a stop of a run that never started is harmless, a run left
+        going is not."""
+        if began is None:
+            return False
+        try:
+            promise = await self._promise(promise_id)
+        except Exception:
+            return True
+        return promise is None or promise.created_at < began - self.replay_margin_ms
+
+    @property
+    def replay_margin_ms(self) -> int:
+        """How much earlier than a run's start its callback promise must be
+        made to count as an earlier run's: the clocks of the store and of
+        this host may differ a little, and a replay comes a lease's time
+        (`task_ttl`) or a restart after the run that made it."""
+        return int(min(REPLAY_MARGIN, self.settings.task_ttl / 4) * 1000)
 
     def _trigger_of(self, rec: JobRecord, params: Any, promise_id: str) -> Trigger:
         """What the backend's trigger of attempt `rec.attempt` is handed."""
@@ -628,10 +672,13 @@ class JobSteps:
         error: dict[str, str],
         retry_in: float | None,
         retryable: bool,
+        replayed: bool = False,
     ) -> None:
         """Record a failed try; `retry_in` None: no more tries; `retryable`
         False: a clear refusal (no run started), else the try may have
-        started one (`_tries_unsure` reads it). Not once the
+        started one (`_tries_unsure` reads it); `replayed`: a refusal of a
+        try an earlier run of the body may have made (`_replayed`), which
+        may have started one too. Not once the
         attempt has ended or was triggered (a process that stalled inside the
         trigger while another ended the job or triggered it): a finished
         attempt's history ends with it, and a triggered one's tries are over."""
@@ -641,6 +688,8 @@ class JobSteps:
         if now.finished or now.attempt != rec.attempt or now.external is not None:
             return
         data = {"try": attempt, "error": error, "retry_in": retry_in, "retryable": retryable}
+        if replayed:
+            data["replayed"] = True
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:
@@ -693,10 +742,13 @@ class JobSteps:
     async def _tries_unsure(self, rec: JobRecord) -> bool:
         """Whether a try of attempt `rec.attempt`'s trigger failed so that
         it may have started a run (`retryable`; a try recorded by an earlier
-        release: one followed by another)."""
+        release: one followed by another), or a refusal came in a replayed
+        run of the body (`replayed`: an earlier run may have died inside a
+        try)."""
         _, events = await self.jobs.events_after(rec.id, 0, HISTORY_LIMIT)
         return any(
             e.data.get("retryable", e.data.get("retry_in") is not None)
+            or e.data.get("replayed", False)
             for e in events
             if e.type == "trigger_failed" and e.attempt == rec.attempt
         )

@@ -188,7 +188,13 @@ class Steps(Protocol):
     """What the workflow's trigger and finish call."""
 
     async def trigger(
-        self, job_id: str, promise_id: str, attempt: int, *, ended_settled: bool = True
+        self,
+        job_id: str,
+        promise_id: str,
+        attempt: int,
+        *,
+        ended_settled: bool = True,
+        began: int | None = None,
     ) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
@@ -262,10 +268,15 @@ def register(r: Resonate, steps: Steps) -> None:
         ctx: Context, job_id: str, deadline_ms: int, attempt: int
     ) -> dict[str, Any]:
         """Version 4: the trigger in the body, the wait, the finish in the body."""
+        # This run of the body began then: a callback promise made before it
+        # was made by an earlier run, which may have died inside a try.
+        began = now_ms()
         p, promise_id = await callback_promise(ctx, job_id, deadline_ms, attempt)
-        await until_done(
-            "triggering", job_id, attempt, lambda: steps.trigger(job_id, promise_id, attempt)
-        )
+
+        async def trigger() -> None:
+            await steps.trigger(job_id, promise_id, attempt, began=began)
+
+        await until_done("triggering", job_id, attempt, trigger)
         value = await outcome(p)
         await until_done("finishing", job_id, attempt, lambda: steps.finish(job_id, value, attempt))
         return dict(value)

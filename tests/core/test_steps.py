@@ -1390,6 +1390,55 @@ async def test_unrecorded_a_trigger_failure_is_stopped_unless_every_try_was_refu
     assert len(rig.backend.unrecorded) == asked
 
 
+@pytest.mark.parametrize(
+    ("began", "replayed"),
+    [
+        (None, False),  # not known (the durable trigger step of versions 1-3)
+        (-5, False),  # the run began, then made its promise: a first run
+        (1_000, False),  # within the margin (clocks of two hosts)
+        (1_001, True),  # an earlier run made it: it may have died inside a try
+    ],
+)
+async def test_unrecorded_a_refusal_in_a_replayed_run_has_the_finish_stop_what_a_dead_try_started(
+    rig: Rig, began: int | None, replayed: bool
+):
+    """A run of the workflow's body that finds its callback promise made by
+    an earlier run (before it began) repeats a try that run may have died
+    inside, which no event records. A clear refusal of the repeat (a
+    receiver refusing an idempotency key it has seen) then says so, and the
+    finish looks for the run the dead try may have started."""
+    await start(rig)
+    made = (await rig.parts.promise("j")).created_at
+    rig.backend.answers = [BackendError("key already used", code="http_422")]
+    await rig.steps.trigger("j", "j:1", began=None if began is None else made + began)
+    rec = await finish_as_settled(rig)
+
+    assert rec.state == "failed"
+    assert len(rig.backend.unrecorded) == replayed
+    _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+    [tried] = [e.data for e in events if e.type == "trigger_failed"]
+    assert (tried["retryable"], tried.get("replayed", False)) == (False, replayed)
+
+
+async def test_unrecorded_a_refusal_whose_promise_cannot_be_read_counts_as_a_replays(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Whether the run is a replay cannot be told (the store fails the
+    read): the finish looks for a run, since a stop of one that never
+    started is harmless and a run left going is not."""
+    await start(rig)
+    rig.backend.answers = [BackendError("key already used", code="http_422")]
+
+    async def unreadable(promise_id: str) -> Any:
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(rig.steps, "_promise", unreadable)
+    await rig.steps.trigger("j", "j:1", began=now_ms())
+    monkeypatch.undo()
+    await finish_as_settled(rig)
+    assert len(rig.backend.unrecorded) == 1
+
+
 async def add_root(rig: Rig, job_id: str = "j") -> None:
     """The workflow's root promise, pending while the workflow runs."""
     await rig.parts.resonate.promises.create(job_id, now_ms() + 60_000, Value(data=None), {})

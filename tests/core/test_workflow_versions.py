@@ -157,10 +157,12 @@ async def test_a_failing_trigger_is_tried_again_in_the_body_not_given_up(
     real = JobSteps.trigger
     failures = [RuntimeError("the index did not answer")]
 
-    async def flaky(self: JobSteps, job_id: str, promise_id: str, attempt: int = 1) -> None:
+    async def flaky(
+        self: JobSteps, job_id: str, promise_id: str, attempt: int = 1, **kw: Any
+    ) -> None:
         if failures:
             raise failures.pop()
-        await real(self, job_id, promise_id, attempt)
+        await real(self, job_id, promise_id, attempt, **kw)
 
     monkeypatch.setattr(JobSteps, "trigger", flaky)
     svc = await start_service()

@@ -138,17 +138,23 @@ def test_the_service_killed_inside_the_first_try(tmp_path: Path, receiver, end: 
         second.kill()
 
 
-def test_a_replay_answered_409_after_a_kill_inside_the_try(tmp_path: Path, receiver):
-    """The service dies inside the first try; the receiver, still working on
-    that request, answers the restart's replay (the same Idempotency-Key)
-    409, as the IETF Idempotency-Key draft says. That is tried again, not a
-    refusal: when the tries run out the job fails and the run the first try
-    started is stopped. Before, the 409 failed the job at once as a clear
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [(409, "a request with this key is being processed"), (422, "this key was used already")],
+)
+def test_a_replay_refused_after_a_kill_inside_the_try(
+    tmp_path: Path, receiver, status: int, said: str
+):
+    """The service dies inside the first try; the receiver refuses the
+    restart's replay (the same Idempotency-Key). A 409, the IETF
+    Idempotency-Key draft's answer while that request is still being
+    processed, is tried again, and the job fails when the tries run out;
+    any other 4xx fails it at once, a refusal of a repeat (the replayed run
+    of the workflow says so). Either way the run the first try started is
+    stopped. Before, the 409 and the 422 failed the job at once as a clear
     refusal, and the run was left going (an audit, 2026-12-04)."""
-    release, held = hold_first_tries(
-        receiver, 409, {"error": "a request with this key is being processed"}
-    )
-    ids = [f"busy-{n}" for n in range(JOBS)]
+    release, held = hold_first_tries(receiver, status, {"error": said})
+    ids = [f"replay-{status}-{n}" for n in range(JOBS)]
     few = {"TETHER_TRIGGER_ATTEMPTS": "3", "TETHER_TRIGGER_BACKOFF": "0.2"}
     first = service(tmp_path, **few).start()
     with first.client() as client:
@@ -162,7 +168,7 @@ def test_a_replay_answered_409_after_a_kill_inside_the_try(tmp_path: Path, recei
         with second.client() as client:
             for job_id in ids:
                 job = wait_for(client, job_id, "failed")
-                assert job["error"]["type"] == "http_409"
+                assert job["error"]["type"] == f"http_{status}"
             assert_each_run_stopped(client, receiver, ids)
     finally:
         second.kill()
