@@ -616,16 +616,20 @@ class JobSteps:
         `began`, by more than `replay_margin_ms`). That run went on to try
         the trigger, so it may have died inside a try (no `trigger_failed`
         records it) whose run this run's try, with the same idempotency key,
-        was refused as a repeat of. A store that cannot tell counts as a
-        replay: a stop of a run that never started is harmless, a run left
-        going is not."""
+        was refused as a repeat of. A read that fails counts as a replay: a
+        stop of a run that never started is harmless, a run left going is
+        not. A promise without a creation time (0: a store that does not
+        say; each store Tether is tested on does) tells nothing."""
         if began is None:
             return False
         try:
             promise = await self._promise(promise_id)
         except Exception:
             return True
-        return promise is None or promise.created_at < began - self.replay_margin_ms
+        if promise is None:
+            return True
+        made: int = promise.created_at
+        return 0 < made < began - self.replay_margin_ms
 
     @property
     def replay_margin_ms(self) -> int:

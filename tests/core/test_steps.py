@@ -1439,6 +1439,26 @@ async def test_unrecorded_a_refusal_whose_promise_cannot_be_read_counts_as_a_rep
     assert len(rig.backend.unrecorded) == 1
 
 
+async def test_unrecorded_a_promise_without_a_creation_time_tells_no_replay(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A store that does not say when a promise was made (`createdAt`
+    missing: 0) tells nothing: a refusal stays a clear one."""
+    await start(rig)
+    rig.backend.answers = [BackendError("key already used", code="http_422")]
+    made = await rig.parts.promise("j")
+    unstamped = msgspec.structs.replace(made, created_at=0)
+
+    async def read(promise_id: str) -> Any:
+        return unstamped
+
+    monkeypatch.setattr(rig.steps, "_promise", read)
+    await rig.steps.trigger("j", "j:1", began=now_ms() + 60_000)
+    monkeypatch.undo()
+    await finish_as_settled(rig)
+    assert rig.backend.unrecorded == []
+
+
 async def add_root(rig: Rig, job_id: str = "j") -> None:
     """The workflow's root promise, pending while the workflow runs."""
     await rig.parts.resonate.promises.create(job_id, now_ms() + 60_000, Value(data=None), {})
