@@ -137,8 +137,9 @@ class JobSteps:
         triggered has its promise settled, as every row this code writes does
         (see below); the durable trigger step of versions 1-3 passes False,
         for rows an earlier release wrote in the other order. `began`: when
-        this run of the workflow's body began (version 4), to tell a replay
-        (`_replayed`); None: not known (the durable step of versions 1-3)."""
+        this run of the workflow's body began (version 4), or this call, one
+        made again after a call that raised: to tell a replay (`_replayed`);
+        None: not known (the durable step of versions 1-3)."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             await self._without_a_row(job_id, promise_id)

@@ -272,9 +272,15 @@ def register(r: Resonate, steps: Steps) -> None:
         # was made by an earlier run, which may have died inside a try.
         began = now_ms()
         p, promise_id = await callback_promise(ctx, job_id, deadline_ms, attempt)
+        calls = 0
 
         async def trigger() -> None:
-            await steps.trigger(job_id, promise_id, attempt, began=began)
+            nonlocal calls
+            calls += 1
+            # Made again after a call that raised (the index failed), which may
+            # have tried with no record: as a replay, the promise predates it.
+            since = began if calls == 1 else now_ms()
+            await steps.trigger(job_id, promise_id, attempt, began=since)
 
         await until_done("triggering", job_id, attempt, trigger)
         value = await outcome(p)

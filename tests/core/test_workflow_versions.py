@@ -173,6 +173,34 @@ async def test_a_failing_trigger_is_tried_again_in_the_body_not_given_up(
     assert retried == ["job flaky: triggering attempt 1 failed (RuntimeError); again in 0.05s"]
 
 
+async def test_a_trigger_made_again_after_a_call_that_raised_takes_a_refusal_as_unsure(
+    start_service, receiver, monkeypatch
+):
+    """The body's trigger tried (a 503) and raised before that try was
+    recorded (the index failed). Made again a second later, its try is
+    refused outright (a receiver refusing a key it has seen): that refusal
+    may refuse a repeat, so the failed job's finish looks for the run the
+    first try may have started (`cancel_url`), as after a replay."""
+    answers = iter([(503, {}), (422, {"error": "this key was used already"})])
+    receiver.respond = lambda hit: next(answers) if hit.path == "/hook" else (200, {})
+    real = JobSteps._trigger_failed
+    failures = [RuntimeError("the index did not answer")]
+
+    async def unrecorded(self: JobSteps, *args: Any, **kw: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await real(self, *args, **kw)
+
+    monkeypatch.setattr(JobSteps, "_trigger_failed", unrecorded)
+    svc = await start_service(trigger_backoff=0.05)
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+    job = {"id": "again", "backend": "http_webhook", "params": params}
+    assert (await svc.client.post("/jobs", json=job)).status_code == 201
+    await svc.wait_state("again", "failed")
+    await eventually(lambda: [h.body["promise_id"] for h in receiver.on("/cancel")] == ["again:1"])
+    assert failures == [] and len(receiver.on("/hook")) == 2
+
+
 async def test_until_done_backs_off_doubling_up_to_the_max(monkeypatch):
     monkeypatch.setattr(workflow, "RETRY_BACKOFF_MAX", 4.0)
     calls: list[int] = []
