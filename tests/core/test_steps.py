@@ -1420,16 +1420,19 @@ async def test_unrecorded_a_refusal_in_a_replayed_run_has_the_finish_stop_what_a
     assert (tried["retryable"], tried.get("replayed", False)) == (False, replayed)
 
 
+@pytest.mark.parametrize("read", ["fails", "gone"])
 async def test_unrecorded_a_refusal_whose_promise_cannot_be_read_counts_as_a_replays(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, read: str
 ):
     """Whether the run is a replay cannot be told (the store fails the
-    read): the finish looks for a run, since a stop of one that never
-    started is harmless and a run left going is not."""
+    read, or has no such promise): the finish looks for a run, since a stop
+    of one that never started is harmless and a run left going is not."""
     await start(rig)
     rig.backend.answers = [BackendError("key already used", code="http_422")]
 
     async def unreadable(promise_id: str) -> Any:
+        if read == "gone":
+            return None
         raise StoreUnavailable("down")
 
     monkeypatch.setattr(rig.steps, "_promise", unreadable)
@@ -1437,6 +1440,12 @@ async def test_unrecorded_a_refusal_whose_promise_cannot_be_read_counts_as_a_rep
     monkeypatch.undo()
     await finish_as_settled(rig)
     assert len(rig.backend.unrecorded) == 1
+
+
+@pytest.mark.parametrize(("ttl", "margin"), [(30.0, 1_000), (4.0, 1_000), (2.0, 500)])
+async def test_the_replay_margin_is_a_second_or_a_quarter_of_a_short_lease(ttl: float, margin: int):
+    async with open_parts(task_ttl=ttl) as parts:
+        assert make_rig(parts).steps.replay_margin_ms == margin
 
 
 async def test_unrecorded_a_promise_without_a_creation_time_tells_no_replay(
