@@ -183,8 +183,11 @@ class Backend:
 
         Called once the attempt's wait is over, in its finish, at least once
         (again after a crash), best effort as `cancel`. Not called when every
-        try was a clear refusal (`BackendError(retryable=False)` only). The
-        default does nothing, for backends that cannot find such a run.
+        try was a clear refusal (`BackendError(retryable=False)` only), unless
+        the refusal came in a replayed run of the workflow (an earlier run may
+        have died inside a try the refusal repeats: `trigger_failed`'s
+        `replayed`). The default does nothing, for backends that cannot find
+        such a run.
         """
         return None
 

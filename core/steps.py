@@ -127,6 +127,7 @@ class JobSteps:
         *,
         ended_settled: bool = True,
         began: int | None = None,
+        again: bool = False,
     ) -> None:
         """Start attempt `attempt` of the external job through its backend,
         unless it was triggered already (a replay) or ended (canceled before
@@ -137,9 +138,11 @@ class JobSteps:
         triggered has its promise settled, as every row this code writes does
         (see below); the durable trigger step of versions 1-3 passes False,
         for rows an earlier release wrote in the other order. `began`: when
-        this run of the workflow's body began (version 4), or this call, one
-        made again after a call that raised: to tell a replay (`_replayed`);
-        None: not known (the durable step of versions 1-3)."""
+        this run of the workflow's body began (version 4; versions 1-3: this
+        run of their trigger step), to tell a replay (`_replayed`); None: not
+        known. `again`: a call made again after one of the same run that
+        raised (the index failed), which may have tried with no record: its
+        refusals are unsure, as a replay's."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             await self._without_a_row(job_id, promise_id)
@@ -164,7 +167,8 @@ class JobSteps:
         backend: Backend | None = None
         try:
             backend, params = self._backend_and_params(rec)
-            tried = await self._trigger_with_retries(backend, rec, params, promise_id, began)
+            replay = (began, again)
+            tried = await self._trigger_with_retries(backend, rec, params, promise_id, replay)
         except BackendError as exc:
             latest = await self.jobs.get(job_id)
             if _another_job(rec, latest):
@@ -544,7 +548,12 @@ class JobSteps:
             raise BackendError(f"invalid params: {exc}", code="invalid_params") from None
 
     async def _trigger_with_retries(
-        self, backend: Backend, rec: JobRecord, params: Any, promise_id: str, began: int | None
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        params: Any,
+        promise_id: str,
+        replay: tuple[int | None, bool],
     ) -> tuple[dict[str, Any], int] | JobRecord | None:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
@@ -578,7 +587,7 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
-                    replayed = not exc.retryable and await self._replayed(promise_id, began)
+                    replayed = not exc.retryable and await self._replayed(promise_id, *replay)
                     await self._trigger_failed(rec, attempt, error, None, exc.retryable, replayed)
                     raise
                 wait = max(delay, exc.retry_after or 0)
@@ -611,16 +620,19 @@ class JobSteps:
                 return now
         raise AssertionError("unreachable")
 
-    async def _replayed(self, promise_id: str, began: int | None) -> bool:
+    async def _replayed(self, promise_id: str, began: int | None, again: bool) -> bool:
         """Whether the run of the workflow's body that began at `began` is a
         replay: its callback promise was made by an earlier run (before
         `began`, by more than `replay_margin_ms`). That run went on to try
         the trigger, so it may have died inside a try (no `trigger_failed`
         records it) whose run this run's try, with the same idempotency key,
-        was refused as a repeat of. A read that fails counts as a replay: a
-        stop of a run that never started is harmless, a run left going is
-        not. A promise without a creation time (0: a store that does not
-        say; each store Tether is tested on does) tells nothing."""
+        was refused as a repeat of. So is a call made `again` in one run.
+        What cannot be told counts as a replay (a read that fails, a promise
+        gone or without a creation time: a store that does not say; each
+        store Tether is tested on does): a stop of a run that never started
+        is harmless, a run left going is not."""
+        if again:
+            return True
         if began is None:
             return False
         try:
@@ -630,14 +642,14 @@ class JobSteps:
         if promise is None:
             return True
         made: int = promise.created_at
-        return 0 < made < began - self.replay_margin_ms
+        return made <= 0 or made < began - self.replay_margin_ms
 
     @property
     def replay_margin_ms(self) -> int:
         """How much earlier than a run's start its callback promise must be
-        made to count as an earlier run's: the clocks of the store and of
-        this host may differ a little, and a replay comes a lease's time
-        (`task_ttl`) or a restart after the run that made it."""
+        made to count as an earlier run's: the store's clock (it stamps the
+        promise) and this host's may differ a little, and a replay comes a
+        lease's time (`task_ttl`) or a restart after the run that made it."""
         return int(min(REPLAY_MARGIN, self.settings.task_ttl / 4) * 1000)
 
     def _trigger_of(self, rec: JobRecord, params: Any, promise_id: str) -> Trigger:

@@ -195,6 +195,7 @@ class Steps(Protocol):
         *,
         ended_settled: bool = True,
         began: int | None = None,
+        again: bool = False,
     ) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
@@ -278,9 +279,8 @@ def register(r: Resonate, steps: Steps) -> None:
             nonlocal calls
             calls += 1
             # Made again after a call that raised (the index failed), which may
-            # have tried with no record: as a replay, the promise predates it.
-            since = began if calls == 1 else now_ms()
-            await steps.trigger(job_id, promise_id, attempt, began=since)
+            # have tried with no record: its refusals are unsure, as a replay's.
+            await steps.trigger(job_id, promise_id, attempt, began=began, again=calls > 1)
 
         await until_done("triggering", job_id, attempt, trigger)
         value = await outcome(p)
@@ -320,9 +320,12 @@ def register(r: Resonate, steps: Steps) -> None:
         return await job_workflow_v2(ctx, job_id, deadline_ms, 1)
 
     async def trigger_step(ctx: Context, job_id: str, promise_id: str, attempt: int) -> None:
-        # Run again only after a crash: rows from before version 4 may hold
-        # `external` beside an unsettled promise, so an ended row settles it.
-        await steps.trigger(job_id, promise_id, attempt, ended_settled=False)
+        # Run again only after a crash (or a failure, by the SDK's retries):
+        # rows from before version 4 may hold `external` beside an unsettled
+        # promise, so an ended row settles it. It starts right after the
+        # callback promise is made, so a promise older than this run of it was
+        # made by an earlier one (`began`).
+        await steps.trigger(job_id, promise_id, attempt, ended_settled=False, began=now_ms())
 
     async def finish_step(ctx: Context, job_id: str, value: dict[str, Any], attempt: int) -> None:
         await steps.finish(job_id, value, attempt)

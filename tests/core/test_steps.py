@@ -1448,11 +1448,11 @@ async def test_the_replay_margin_is_a_second_or_a_quarter_of_a_short_lease(ttl: 
         assert make_rig(parts).steps.replay_margin_ms == margin
 
 
-async def test_unrecorded_a_promise_without_a_creation_time_tells_no_replay(
+async def test_unrecorded_a_promise_without_a_creation_time_counts_as_a_replays(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):
     """A store that does not say when a promise was made (`createdAt`
-    missing: 0) tells nothing: a refusal stays a clear one."""
+    missing: 0) cannot tell a replay: the finish looks for a run."""
     await start(rig)
     rig.backend.answers = [BackendError("key already used", code="http_422")]
     made = await rig.parts.promise("j")
@@ -1462,10 +1462,22 @@ async def test_unrecorded_a_promise_without_a_creation_time_tells_no_replay(
         return unstamped
 
     monkeypatch.setattr(rig.steps, "_promise", read)
-    await rig.steps.trigger("j", "j:1", began=now_ms() + 60_000)
+    await rig.steps.trigger("j", "j:1", began=made.created_at)
     monkeypatch.undo()
     await finish_as_settled(rig)
-    assert rig.backend.unrecorded == []
+    assert len(rig.backend.unrecorded) == 1
+
+
+async def test_unrecorded_a_refusal_in_a_call_made_again_counts_as_a_replays(rig: Rig):
+    """A call of the trigger made again in the same run, after one that
+    raised (which may have tried with no record): unsure, whatever the
+    promise's time."""
+    await start(rig)
+    made = (await rig.parts.promise("j")).created_at
+    rig.backend.answers = [BackendError("key already used", code="http_422")]
+    await rig.steps.trigger("j", "j:1", began=made - 5, again=True)
+    await finish_as_settled(rig)
+    assert len(rig.backend.unrecorded) == 1
 
 
 async def add_root(rig: Rig, job_id: str = "j") -> None:

@@ -118,6 +118,27 @@ async def test_a_job_started_under_an_earlier_version_still_runs_its_steps(
     assert await finished_events(svc, "old") == 1
 
 
+@pytest.mark.parametrize("version", [2, 3, 4])
+async def test_a_first_run_refused_outright_is_no_replay(
+    start_service, receiver, monkeypatch, version
+):
+    """A trigger refused outright in the first run of the workflow, under
+    every version: a clear refusal (no `replayed` in the history), and no
+    stop asked of a run no try started."""
+    receiver.respond = lambda hit: (422, {}) if hit.path == "/hook" else (200, {})
+    svc = await start_service()
+    monkeypatch.setattr(workflow, "VERSION", version)
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+    job = {"id": "no", "backend": "http_webhook", "params": params}
+    assert (await svc.client.post("/jobs", json=job)).status_code == 201
+    await svc.wait_state("no", "failed")
+    assert (await promise(svc, "no")).param.data["version"] == version
+    events = (await svc.client.get("/jobs/no/events")).json()["items"]
+    [tried] = [e["data"] for e in events if e["type"] == "trigger_failed"]
+    assert tried["retryable"] is False and "replayed" not in tried
+    await eventually(lambda: receiver.on("/cancel") == [], holds=HOLD)
+
+
 async def test_a_failing_finish_is_tried_again_in_the_body_not_given_up(
     start_service, receiver, monkeypatch, caplog
 ):
