@@ -6,7 +6,9 @@ check learns merged into a running job's `external`. On SQLite and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -437,13 +439,9 @@ async def test_a_stop_given_up_is_due_at_once_only_for_the_holder_of_its_lease(d
     assert (await jobs.get("r")).stop_due is None  # type: ignore[union-attr]
 
 
-async def test_the_watchdogs_looks_read_index_ranges_only(database):
-    """Every statement of a sweep's look (`due`) and of the next due time
-    (`next_due`), the run's stop among them, reads its partial index: no
-    scan of the job table, however many ended jobs it holds."""
-    if database.kind != "sqlite":
-        pytest.skip("the plans are SQLite's (EXPLAIN QUERY PLAN)")
-    jobs = await index_on(database)
+@contextlib.contextmanager
+def statements(jobs: SqlJobIndex) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (with their arguments) `jobs` reads with, meanwhile."""
     ran: list[tuple[str, Any]] = []
     fetch = jobs.db.fetch
 
@@ -452,13 +450,31 @@ async def test_the_watchdogs_looks_read_index_ranges_only(database):
         return await fetch(sql, args)
 
     jobs.db.fetch = recording  # type: ignore[method-assign]
-    await jobs.due(5_000, 10)
-    await jobs.next_due(5_000)
-    jobs.db.fetch = fetch  # type: ignore[method-assign]
+    try:
+        yield ran
+    finally:
+        jobs.db.fetch = fetch  # type: ignore[method-assign]
+
+
+async def plan(jobs: SqlJobIndex, sql: str, args: Any) -> list[str]:
+    """SQLite's plan of a statement: its steps' words."""
+    return [r[3] for r in await jobs.db.fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+
+
+async def test_the_watchdogs_looks_read_index_ranges_only(database):
+    """Every statement of a sweep's look (`due`) and of the next due time
+    (`next_due`), the run's stop among them, reads its partial index: no
+    scan of the job table, however many ended jobs it holds."""
+    if database.kind != "sqlite":
+        pytest.skip("the plans are SQLite's (EXPLAIN QUERY PLAN)")
+    jobs = await index_on(database)
+    with statements(jobs) as ran:
+        await jobs.due(5_000, 10)
+        await jobs.next_due(5_000)
     stops = ("stop_due <=", "stop_due >")  # (every row read names the column)
     assert len(ran) == 5 and all(any(s in sql for sql, _ in ran) for s in stops), ran
     for sql, args in ran:
-        steps = [r[3] for r in await fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+        steps = await plan(jobs, sql, args)
         reads = [step for step in steps if "tether_jobs" in step]
         assert len(reads) == (4 if "(SELECT" in sql else 1), steps
         assert all(step.startswith("SEARCH tether_jobs USING") for step in reads), steps
@@ -478,19 +494,11 @@ async def test_the_missing_backends_count_reads_the_open_jobs_partial_indexes_on
     for i in ("j1", "j2", "j3"):
         await jobs.insert(job(i, backend="gone"))
     await jobs.insert(job("k", backend="here"))
-    ran: list[tuple[str, Any]] = []
-    fetch = jobs.db.fetch
-
-    async def recording(sql: str, args: Any) -> list[tuple[Any, ...]]:
-        ran.append((sql, args))
-        return await fetch(sql, args)
-
-    jobs.db.fetch = recording  # type: ignore[method-assign]
-    assert await jobs.waiting_backends(["here"]) == {"gone": 3}
-    jobs.db.fetch = fetch  # type: ignore[method-assign]
+    with statements(jobs) as ran:
+        assert await jobs.waiting_backends(["here"]) == {"gone": 3}
     assert len(ran) == 4, ran  # the open jobs' backends, their count; the queue's, its count
     for sql, args in ran:
-        steps = [r[3] for r in await fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+        steps = await plan(jobs, sql, args)
         reads = [step for step in steps if "tether_jobs" in step]
         assert reads and all(
             step.startswith("SEARCH tether_jobs USING")
@@ -507,20 +515,12 @@ async def test_a_promotion_reads_the_backends_queue_and_its_jobs_by_id_only(data
         pytest.skip("the plans are SQLite's (EXPLAIN QUERY PLAN)")
     jobs = await index_on(database)
     jobs.limits = {"b": 1}
-    ran: list[tuple[str, Any]] = []
-    fetch = jobs.db.fetch
-
-    async def recording(sql: str, args: Any) -> list[tuple[Any, ...]]:
-        ran.append((sql, args))
-        return await fetch(sql, args)
-
     for i in ("j1", "j2", "j3"):
         await jobs.insert(job(i, backend="b"))
-    jobs.db.fetch = recording  # type: ignore[method-assign]
-    await jobs.end("j1", Outcome("succeeded"), 3_000)
-    jobs.db.fetch = fetch  # type: ignore[method-assign]
+    with statements(jobs) as ran:
+        await jobs.end("j1", Outcome("succeeded"), 3_000)
     [(sql, args)] = [(sql, args) for sql, args in ran if "SET state = 'pending'" in sql]
-    steps = [r[3] for r in await fetch(f"EXPLAIN QUERY PLAN {sql}", args)]
+    steps = await plan(jobs, sql, args)
     reads = [step for step in steps if "tether_jobs" in step]
     assert reads == [
         "SEARCH tether_jobs USING INDEX sqlite_autoindex_tether_jobs_1 (id=?)",
