@@ -167,8 +167,9 @@ class JobSteps:
         backend: Backend | None = None
         try:
             backend, params = self._backend_and_params(rec)
-            replay = (began, again)
-            tried = await self._trigger_with_retries(backend, rec, params, promise_id, replay)
+            tried = await self._trigger_with_retries(
+                backend, rec, params, promise_id, began=began, again=again
+            )
         except BackendError as exc:
             latest = await self.jobs.get(job_id)
             if _another_job(rec, latest):
@@ -553,7 +554,9 @@ class JobSteps:
         rec: JobRecord,
         params: Any,
         promise_id: str,
-        replay: tuple[int | None, bool],
+        *,
+        began: int | None,
+        again: bool,
     ) -> tuple[dict[str, Any], int] | JobRecord | None:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
@@ -587,7 +590,7 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
-                    replayed = not exc.retryable and await self._replayed(promise_id, *replay)
+                    replayed = not exc.retryable and await self._replayed(promise_id, began, again)
                     await self._trigger_failed(rec, attempt, error, None, exc.retryable, replayed)
                     raise
                 wait = max(delay, exc.retry_after or 0)

@@ -486,14 +486,18 @@ class SqlJobIndex:
         return sql, [*args, limit]
 
     @property
+    def _dialect(self) -> str:
+        """The database's dialect name (`sqlite`, `postgresql`)."""
+        return str(getattr(getattr(self.db, "dialect", None), "name", ""))
+
+    @property
     def _checked(self) -> str:
         """Written before a column, makes a condition one SQLite checks on each
         row instead of reading an index for it (its planner has no statistics,
         and may drive a page by the longer of two lists): `+`. Nothing on
         Postgres, whose planner chooses by its statistics (and misjudges a
         condition spelled otherwise)."""
-        dialect = getattr(self.db, "dialect", None)
-        return "+" if getattr(dialect, "name", "") == "sqlite" else ""
+        return "+" if self._dialect == "sqlite" else ""
 
     def _indexed_by(self, index: str) -> str:
         """Written after a table, has SQLite read it through `index` (a
@@ -502,8 +506,7 @@ class SqlJobIndex:
         million waiting jobs, `waiting_backends` took 0.8-4.5 s so, delaying
         `tether serve`'s start and the first callback after it; found by
         the scale benchmark, 2026-12-04). Nothing on Postgres."""
-        dialect = getattr(self.db, "dialect", None)
-        return f" INDEXED BY {index}" if getattr(dialect, "name", "") == "sqlite" else ""
+        return f" INDEXED BY {index}" if self._dialect == "sqlite" else ""
 
     _DAY = "created_at / 86400000"
     """A job's day of creation (UTC days since 1970, rounded toward zero), as
@@ -1144,8 +1147,7 @@ class SqlJobIndex:
         """What locks the rows a select in a transaction reads until it ends:
         Postgres' `FOR UPDATE`; nothing on SQLite, whose transactions take the
         write lock first."""
-        postgres = getattr(getattr(self.db, "dialect", None), "name", "") == "postgresql"
-        return " FOR UPDATE" if postgres else ""
+        return " FOR UPDATE" if self._dialect == "postgresql" else ""
 
     async def close(self) -> None:
         await self.db.close()
