@@ -161,14 +161,13 @@ entered the state long ago), at a bounded cost with a million waiting."""
 
 
 async def job_gauges(index: JobIndex, now: int) -> JobGauges:
-    """Read the gauges from the job index: a query for the counts, one for
-    each waiting state (on the index of states), one for the overdue (on
-    the deadlines')."""
+    """Read the gauges from the job index: the counts per state
+    (`SqlJobIndex.state_counts`), a query for each waiting state (on the
+    index of states), one for the overdue (on the deadlines')."""
     if not isinstance(index, SqlJobIndex):  # the one implementation there is
         raise TypeError(f"no gauges for a {type(index).__name__}")
     db = index.db
-    rows = await db.fetch("SELECT state, count(*) FROM tether_jobs GROUP BY state", ())
-    counts = dict.fromkeys(get_args(JobState), 0) | {state: int(n) for state, n in rows}
+    counts = dict.fromkeys(get_args(JobState), 0) | await index.state_counts()
     oldest: dict[str, int] = {}
     entered: dict[str, int] = {}
     for state in OPEN_STATES:

@@ -245,6 +245,17 @@ class SqlJobIndex:
 
         return list((await self._write(body)).promoted)
 
+    async def state_counts(self) -> dict[str, int]:
+        """How many jobs are in each state, of the states any job is or was in.
+        On SQLite a read of the counts the job table's triggers keep
+        (`core.store.schema.COUNTS`): the same at a million jobs as at ten.
+        On Postgres a count of the state index, on the database server."""
+        if self._dialect == "sqlite":
+            rows = await self.db.fetch("SELECT state, n FROM tether_job_counts", ())
+        else:
+            rows = await self.db.fetch("SELECT state, count(*) FROM tether_jobs GROUP BY state", ())
+        return {str(state): int(n) for state, n in rows}
+
     async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
         """How many open jobs each backend not in `excluding` has. The
         backends with open jobs are found by skipping through the indexes of
