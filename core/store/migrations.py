@@ -33,7 +33,6 @@ from core.store.schema import (
     TAGS,
     TOMBSTONES,
     Dialect,
-    counted,
 )
 from core.store.sql import Session
 
@@ -112,12 +111,6 @@ MIGRATIONS: tuple[Migration, ...] = (
         "durable stops: each job's stop_due, when the stop of the run of a job no workflow"
         " finishes may be claimed (indexed), and stop_attempt, the attempt whose run it is",
         lambda d: JOBS.migrate(d, 11),
-    ),
-    Migration(
-        12,
-        "the count of jobs per state: tether_job_counts, kept by triggers on tether_jobs"
-        " (SQLite; Postgres counts the jobs when asked)",
-        counted,
     ),
 )
 

@@ -273,52 +273,6 @@ TOMBSTONES = Table(
 such an id gets a `salt` (`JobRecord.salt`), so the deleted job's callback
 URLs and idempotency keys are not its own."""
 
-COUNTS = Table(
-    "tether_job_counts",
-    (Column("state", "text"), Column("n", "int")),
-    since=12,
-    primary_key="state",
-)
-"""SQLite only: how many jobs are in each state (a state may show 0), kept by
-`COUNT_TRIGGERS` in the transaction of every insert, change of state and
-delete of a job, so the `tether_jobs` gauge reads a few rows instead of the
-whole state index (78-100 ms at a million jobs, on the worker's event loop).
-Postgres counts with `GROUP BY` instead: its count runs on the database
-server while the worker's loop goes on, and one row per state would be a
-lock every host's transactions queue on."""
-
-_COUNT_IN = (
-    "INSERT INTO tether_job_counts (state, n) VALUES (NEW.state, 1)"
-    " ON CONFLICT (state) DO UPDATE SET n = n + 1;"
-)
-_COUNT_OUT = "UPDATE tether_job_counts SET n = n - 1 WHERE state = OLD.state;"
-COUNT_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_insert AFTER INSERT ON tether_jobs"
-    f" BEGIN {_COUNT_IN} END",
-    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_state AFTER UPDATE OF state ON tether_jobs"
-    f" WHEN NEW.state IS NOT OLD.state BEGIN {_COUNT_OUT} {_COUNT_IN} END",
-    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_delete AFTER DELETE ON tether_jobs"
-    f" BEGIN {_COUNT_OUT} END",
-)
-"""SQLite's triggers keeping `COUNTS`: row by row, so a statement that
-changes or deletes many jobs counts each."""
-
-
-def counted(dialect: Dialect) -> list[str]:
-    """Migration 12: on SQLite, `COUNTS` filled from the jobs there are and
-    kept from then on by `COUNT_TRIGGERS` (the migration's transaction holds
-    the write lock, so no job changes between the fill and the triggers);
-    nothing on Postgres."""
-    if dialect.name != "sqlite":
-        return []
-    return [
-        *COUNTS.migrate(dialect, 12),
-        "INSERT INTO tether_job_counts (state, n)"
-        " SELECT state, count(*) FROM tether_jobs GROUP BY state",
-        *COUNT_TRIGGERS,
-    ]
-
-
 _encode_json = msgspec.json.encode
 
 

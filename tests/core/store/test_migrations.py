@@ -65,8 +65,6 @@ async def test_a_database_written_before_versioning_is_version_1_unchanged(datab
     assert [r.id for r in await index.due(1700000070000, 10)] == ["busy"]
     new, created = await index.insert(_job("new"))
     assert created and new.seq == 4
-    # counted from the jobs that were there, and from then on
-    assert await index.state_counts() == {"succeeded": 1, "failed": 1, "running": 1, "pending": 1}
 
 
 async def test_old_and_new_databases_end_with_the_same_layout(database):
