@@ -217,6 +217,24 @@ class SqliteDriver:
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         return await self._run(lambda c: c.execute(sql, args).rowcount)
 
+    async def fetch_aside(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """A long read (one that reads a whole index) on a read-only
+        connection of its own, on a thread: the sqlite3 module lets go of
+        the GIL while SQLite reads, so the event loop goes on serving
+        requests meanwhile. WAL readers take no lock a writer waits on."""
+
+        def read() -> list[tuple[Any, ...]]:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                return conn.execute(sql, args).fetchall()
+            finally:
+                conn.close()
+
+        try:
+            return await asyncio.to_thread(read)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
     async def check_writable(self) -> None:
         """Take the write lock and let it go."""
 
