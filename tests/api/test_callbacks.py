@@ -132,12 +132,15 @@ async def test_after_timeout_the_callback_is_gone(start_service, receiver):
         json={
             "id": "cb",
             "backend": "http_webhook",
-            "timeout": 0.3,
+            # long enough for the trigger to land first on a slow CI moment
+            # (at 0.3 s the job once timed out with its try still in flight)
+            "timeout": 1.5,
             "params": {"url": receiver.url()},
         },
     )
-    await svc.wait_state("cb", "timed_out")
+    await svc.wait_state("cb", "running")
     [hit] = receiver.hits
+    await svc.wait_state("cb", "timed_out")
     path = str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
     response = await svc.client.post(path, json={"status": "succeeded"})
     assert response.status_code == 410
