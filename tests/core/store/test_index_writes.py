@@ -170,11 +170,11 @@ async def test_open_jobs_are_counted_by_backend_for_the_backends_not_excluded(da
 
 
 async def test_the_counts_per_state_follow_every_write_of_a_jobs_state(database):
-    """`state_counts` (the `tether_jobs` gauge, read aside on SQLite)
-    agrees with a count of the jobs after each kind of write: an insert (pending, or queued over the
-    limit), an insert of an id already there, the trigger (running), an end
-    that promotes a queued job, a retry into the queue, a write that keeps
-    the state, retention's delete of several at once."""
+    """`state_counts` (the `tether_jobs` gauge), read aside from the
+    index's connection, sees every write that connection committed: an
+    insert (pending, or queued over the limit), an insert of an id already
+    there, the trigger (running), an end that promotes a queued job, a retry
+    into the queue, retention's delete of several at once."""
     jobs = await index_on(database)
     jobs.limits = {"b": 2}
 
