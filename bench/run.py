@@ -850,6 +850,18 @@ def time_callbacks(runner: Runner, svc: Service, targets: list[tuple[str, str]])
     }
 
 
+def time_scrapes(svc: Service, n: int = 6) -> list[float]:
+    """`GET /metrics` `n` times in a row (ms each), as Prometheus scrapes:
+    each reads the job gauges, whose count per state reads the whole state
+    index unless nothing was committed since the worker's last count."""
+    took = []
+    for _ in range(n):
+        start = time.perf_counter()
+        status, _body = http("GET", f"{svc.base}/metrics", timeout=30)
+        took.append((time.perf_counter() - start) * 1e3 if status == 200 else math.nan)
+    return took
+
+
 def restart(svc: Service, how: str, target: tuple[str, str]) -> dict[str, Any]:
     """Stop the service (`how`: "SIGTERM" or "SIGKILL"), start it on the same
     database: seconds from the spawn until `/health` answers 200, until a
@@ -941,6 +953,7 @@ def run_scale(runner: Runner, args: argparse.Namespace, mode: Mode, out: Path) -
         time.sleep(3.0)
         res["rss_warm_mb"] = svc.rss_kb() / 1024
         targets = recorded(record)
+        res["scrapes_warm"] = time_scrapes(svc)
         res["warm"] = {
             "waiting": w["created"],
             "pages": time_pages(svc.base, mode.scale_samples),
@@ -977,6 +990,7 @@ def run_scale(runner: Runner, args: argparse.Namespace, mode: Mode, out: Path) -
         res["db_mb"] = sum(p.stat().st_size for p in db.parent.glob("tether.db*")) / 1e6
         step(f"scale: idle with {waiting:,} waiting, {mode.idle_s:g} s")
         res["idle_full"] = idle_cpu(svc, mode.idle_s)
+        res["scrapes_full"] = time_scrapes(svc)
         step(f"scale: pages and callbacks at {waiting:,} waiting")
         targets = [t for t in recorded(record) if t[0] not in done_ids]
         half = mode.scale_samples // 2
@@ -1050,6 +1064,13 @@ def scale_report(r: dict[str, Any]) -> str:
         f"{fmt(iw.get('cpu_pct', math.nan), 2)}%",
         f"{verdict(_ok(ie.get('cpu_pct', math.nan), lambda v: v <= 0.2))} empty,"
         f" {verdict(_ok(iw.get('cpu_pct', math.nan), lambda v: v <= 1))} full",
+    )
+    row(
+        "`GET /metrics` six times in a row, idle (ms each; either worker may answer)",
+        "",
+        ", ".join(fmt(v, 1) for v in r.get("scrapes_warm", [])),
+        ", ".join(fmt(v, 1) for v in r.get("scrapes_full", [])),
+        "",
     )
     row(
         "idle wake-ups (voluntary context switches/s, all threads)",

@@ -13,6 +13,7 @@ import os
 import secrets
 import sqlite3
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,11 @@ class SqliteDriver:
         self.path = path
         self._shared = shared
         self._conn: sqlite3.Connection | None = None
+        # `fetch_aside`'s connection (used on threads, one at a time) and the
+        # answers it keeps, by statement, with the `data_version` read at.
+        self._aside: sqlite3.Connection | None = None
+        self._aside_lock = threading.Lock()
+        self._aside_kept: dict[tuple[str, tuple[Any, ...]], tuple[int, list[tuple[Any, ...]]]] = {}
 
     @property
     def shared(self) -> bool:
@@ -221,19 +227,44 @@ class SqliteDriver:
         """A long read (one that reads a whole index) on a read-only
         connection of its own, on a thread: the sqlite3 module lets go of
         the GIL while SQLite reads, so the event loop goes on serving
-        requests meanwhile. WAL readers take no lock a writer waits on."""
+        requests meanwhile. WAL readers take no lock a writer waits on.
+
+        The answer is kept, and given again while nothing was committed to
+        the file since it was read: `PRAGMA data_version` on that connection
+        changes with every commit of any other connection (this process's or
+        another's), and the connection itself never writes. So a count read
+        at each `/metrics` scrape of an idle store with a million jobs costs
+        one pragma, and an answer is never older than the last commit."""
 
         def read() -> list[tuple[Any, ...]]:
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-            try:
-                return conn.execute(sql, args).fetchall()
-            finally:
-                conn.close()
+            with self._aside_lock:
+                conn = self._aside
+                if conn is None:
+                    uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                    self._aside = conn
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                key = (sql, tuple(args))
+                kept = self._aside_kept.get(key)
+                if kept is not None and kept[0] == version:
+                    return kept[1]
+                rows = conn.execute(sql, args).fetchall()
+                self._aside_kept[key] = (version, rows)
+                return rows
 
         try:
-            return await asyncio.to_thread(read)
+            return list(await asyncio.to_thread(read))
         except sqlite3.Error as exc:
+            self._close_aside()
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
+    def _close_aside(self) -> None:
+        with self._aside_lock:
+            conn, self._aside = self._aside, None
+            self._aside_kept.clear()
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     async def check_writable(self) -> None:
         """Take the write lock and let it go."""
@@ -309,7 +340,8 @@ class SqliteDriver:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
     async def close(self) -> None:
-        """Close the driver's own connection (a shared one is the engine's to close)."""
+        """Close the driver's own connections (a shared one is the engine's to close)."""
+        self._close_aside()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):

@@ -563,6 +563,32 @@ async def test_the_counts_per_state_are_read_aside_from_the_event_loops_connecti
         await gone.fetch_aside("SELECT 1", ())
 
 
+async def test_a_count_is_read_again_only_after_a_commit_of_any_connection(database):
+    """Between commits, the count per state is the last one read (an idle
+    store's scrapes cost a pragma, not a read of the whole state index); a
+    commit of the index's own connection or of another one (another worker
+    on the same file) makes the next count read the index again."""
+    if database.kind != "sqlite":
+        pytest.skip("Postgres counts on its server, every time")
+    jobs, other = await index_on(database), await index_on(database)
+    await jobs.insert(job("j1"))
+    assert await jobs.state_counts() == {"pending": 1}
+    aside = jobs.db._aside  # type: ignore[attr-defined]
+    read: list[str] = []
+    aside.set_trace_callback(read.append)
+    assert await jobs.state_counts() == {"pending": 1}
+    assert read == ["PRAGMA data_version"]  # nothing committed: kept
+
+    await other.insert(job("j2"))  # the other worker
+    assert await jobs.state_counts() == {"pending": 2}
+    await jobs.end("j1", Outcome("succeeded"), 3_000)  # its own connection
+    assert await jobs.state_counts() == {"pending": 1, "succeeded": 1}
+    assert sum("GROUP BY state" in sql for sql in read) == 2
+    await other.end("j2", Outcome("failed"), 3_000)
+    assert await other.state_counts() == {"failed": 1, "succeeded": 1}
+    assert await jobs.state_counts() == {"failed": 1, "succeeded": 1}
+
+
 async def test_a_promotion_reads_the_backends_queue_and_its_jobs_by_id_only(database):
     """However many jobs are queued (of any backend), a promotion reads the
     oldest few of its backend's queue, then those rows by id: SQLite read the
