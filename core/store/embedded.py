@@ -252,13 +252,21 @@ class SqliteDriver:
                 self._aside_kept[key] = (version, rows)
                 return rows
 
+        def read_or_drop() -> list[tuple[Any, ...]]:
+            try:
+                return read()
+            except sqlite3.Error:
+                self._close_aside()  # the next read opens a new one
+                raise
+
         try:
-            return list(await asyncio.to_thread(read))
+            return list(await asyncio.to_thread(read_or_drop))
         except sqlite3.Error as exc:
-            self._close_aside()
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
     def _close_aside(self) -> None:
+        """Close `fetch_aside`'s connection and forget its answers. Waits for
+        a read in progress on another thread (at most one)."""
         with self._aside_lock:
             conn, self._aside = self._aside, None
             self._aside_kept.clear()
