@@ -19,7 +19,7 @@ from core.models import Outcome
 from core.store.embedded import SqliteDriver
 from core.store.jobs import JobRecord, NewEvent, Notification
 from core.store.migrations import migrate
-from core.store.sql import COLUMNS, NOTE_CLOCK_SLACK_MS, SqlJobIndex
+from core.store.sql import COLUMNS, COUNTS_REUSE_S, NOTE_CLOCK_SLACK_MS, SqlJobIndex
 from tests.conftest import eventually
 
 
@@ -587,6 +587,29 @@ async def test_a_count_is_read_again_only_after_a_commit_of_any_connection(datab
     await other.end("j2", Outcome("failed"), 3_000)
     assert await other.state_counts() == {"failed": 1, "succeeded": 1}
     assert await jobs.state_counts() == {"failed": 1, "succeeded": 1}
+
+
+async def test_with_many_jobs_a_count_is_reused_for_a_few_seconds_whatever_changed(database):
+    """From `counts_many` jobs stored, a count per state is the answer for
+    `COUNTS_REUSE_S` even after writes (a dashboard's summary reloads every
+    1.5 s while jobs change: each would read the whole state index); then
+    it is read again. Below that, each count is exact (the test above)."""
+    jobs = await index_on(database)
+    jobs.counts_many = 2
+    now = [100.0]
+    jobs.clock = lambda: now[0]
+    await jobs.insert(job("j1"))
+    assert await jobs.state_counts() == {"pending": 1}  # 1 job: not kept
+    await jobs.insert(job("j2"))
+    assert await jobs.state_counts() == {"pending": 2}  # 2 jobs: kept
+    await jobs.insert(job("j3"))
+    got = await jobs.state_counts()
+    assert got == {"pending": 2}
+    got["pending"] = 99  # the caller's copy
+    now[0] += COUNTS_REUSE_S - 0.1
+    assert await jobs.state_counts() == {"pending": 2}
+    now[0] += 0.1
+    assert await jobs.state_counts() == {"pending": 3}
 
 
 async def test_a_promotion_reads_the_backends_queue_and_its_jobs_by_id_only(database):
