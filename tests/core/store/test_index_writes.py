@@ -606,9 +606,9 @@ async def test_with_many_jobs_a_count_is_reused_for_a_few_seconds_whatever_chang
     got = await jobs.state_counts()
     assert got == {"pending": 2}
     got["pending"] = 99  # the caller's copy
-    now[0] += COUNTS_REUSE_S - 0.1
+    now[0] = 100.0 + COUNTS_REUSE_S - 0.5
     assert await jobs.state_counts() == {"pending": 2}
-    now[0] += 0.1
+    now[0] = 100.0 + COUNTS_REUSE_S  # kept for exactly that long
     assert await jobs.state_counts() == {"pending": 3}
 
 
