@@ -39,7 +39,7 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,6 +178,18 @@ class _InBatch:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Session]:
         yield self
+
+    async def atomic[T](
+        self,
+        body: Callable[[Session], Coroutine[Any, Any, T]],
+        after: Callable[[T], None] | None = None,
+    ) -> T:
+        """`body` inside the batch's transaction; `after` at once, not after
+        the batch's commit (the fill has nothing that waits for a commit)."""
+        result = await body(self)
+        if after is not None:
+            after(result)
+        return result
 
     async def close(self) -> None:
         pass

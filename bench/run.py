@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -1479,14 +1480,24 @@ def main(argv: list[str] | None = None) -> int:
     results: list[StoreResult] = []
     if {"e2e", "get", "waiting"} - skip:
         run_services(runner, args, mode, stores, skip, pyspy, out, results)
+    # A phase that fails is reported with the others' figures, not instead of them.
+    failed: list[str] = []
     pages = None
     if "pages" not in skip:
         step(f"pages: GET /jobs filters at {mode.page_jobs:,} jobs")
-        pages = run_pages(out, mode.page_jobs, Path(args.cache), args.workers)
+        try:
+            pages = run_pages(out, mode.page_jobs, Path(args.cache), args.workers)
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(f"pages: {exc}")
     scale = None
     if "scale" not in skip:
         step(f"scale: {mode.scale_jobs:,} waiting jobs through POST /jobs")
-        scale = run_scale(runner, args, mode, out)
+        try:
+            scale = run_scale(runner, args, mode, out)
+        except Exception as exc:
+            traceback.print_exc()
+            failed.append(f"scale: {exc}")
 
     took = time.perf_counter() - started
     print()
@@ -1515,8 +1526,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(scale_report(scale))
         print()
+    for what in failed:
+        print(f"**phase failed** ({what}): its traceback is above")
     print(f"logs, load results and profiles: {out}")
-    return 0
+    return 1 if failed else 0
 
 
 def run_services(
