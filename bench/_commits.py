@@ -299,6 +299,18 @@ def drive(args: argparse.Namespace) -> int:
 # -- replay -----------------------------------------------------------------------
 
 
+def _roots(batches: list[dict[str, Any]]) -> int:
+    """The jobs a recorded stream started: its creates of a root promise (a
+    job's id, or "{id}~N"; its other promises' ids have a ':')."""
+    n = 0
+    for b in batches:
+        for raw in b["reqs"]:
+            req = json.loads(raw)
+            if req.get("kind") == "promise.create" and ":" not in req["data"]["id"]:
+                n += 1
+    return n
+
+
 def replay(args: argparse.Namespace) -> int:
     """Run a recorded request stream against a fresh engine, in process."""
     if Path(args.root).resolve() != ROOT:  # import the other checkout's engine
@@ -356,7 +368,7 @@ def replay(args: argparse.Namespace) -> int:
     counts: Counter[str] = Counter()
     run(counts, None)
     times = sorted(run(None, None) for _ in range(args.repeat)) or [0.0]
-    jobs = args.jobs or requests / 12
+    jobs = args.jobs or _roots(batches) or 1
     report = {
         "root": str(ROOT),
         "batches": len(batches),
@@ -366,7 +378,7 @@ def replay(args: argparse.Namespace) -> int:
             round(times[len(times) // 2] / requests * 1e6, 2),
         ],
         "statements_per_request": round(sum(counts.values()) / requests, 3),
-        "per_job (requests / 12 unless --jobs)": {
+        "per_job (root promises created, unless --jobs)": {
             k: round(v / jobs, 3) for k, v in sorted(counts.items())
         },
     }
@@ -408,7 +420,9 @@ def main() -> int:
     r.add_argument("file")
     r.add_argument("--root", default=str(ROOT), help="the checkout whose engine runs")
     r.add_argument("--repeat", type=int, default=5)
-    r.add_argument("--jobs", type=int, help="jobs in the stream (default: requests / 12)")
+    r.add_argument(
+        "--jobs", type=int, help="jobs in the stream (default: the root promises it creates)"
+    )
     r.add_argument("--answers", help="write every answer and the final tables here")
     r.add_argument(
         "--alone", action="store_true", help="no commit by another connection between batches"
