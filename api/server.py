@@ -286,7 +286,7 @@ class TetherServer(Server):
         # (~76,000) live as long as the process, so the collector stops
         # scanning them. A full collection then takes 11-45 ms instead of
         # 55-163, and one that lands inside a write transaction holds the
-        # other worker's writes up that much less (bench/README.md).
+        # other worker's writes up that much less (bench/HISTORY.md).
         gc.collect()
         gc.freeze()
         self._loop = asyncio.get_running_loop()
