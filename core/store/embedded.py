@@ -223,26 +223,40 @@ class SqliteDriver:
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         return await self._run(lambda c: c.execute(sql, args).rowcount)
 
-    async def fetch_aside(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """A long read (one that reads a whole index) on a read-only
-        connection of its own, on a thread: the sqlite3 module lets go of
-        the GIL while SQLite reads, so the event loop goes on serving
-        requests meanwhile. WAL readers take no lock a writer waits on.
+    async def fetch_aside(
+        self, sql: str, args: Sequence[Any], *, keep: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """A read that may be long (one that reads a whole index, a page
+        whose filters rarely meet) on a connection of its own that only
+        reads, on a thread: the sqlite3 module lets go of the GIL while SQLite reads,
+        so the event loop goes on serving requests meanwhile. WAL readers
+        take no lock a writer waits on. The connection reads one statement
+        at a time, so however many such reads are asked at once, a process
+        spends at most one thread's worth of CPU on them. It sees every
+        commit made before the read began, this process's and others'.
 
-        The answer is kept, and given again while nothing was committed to
-        the file since it was read: `PRAGMA data_version` on that connection
-        changes with every commit of any other connection (this process's or
-        another's), and the connection itself never writes. So a count read
-        at each `/metrics` scrape of an idle store with a million jobs costs
-        one pragma, and an answer is never older than the last commit."""
+        With `keep`, the answer is kept, and given again while nothing was
+        committed to the file since it was read: `PRAGMA data_version` on
+        that connection changes with every commit of any other connection
+        (this process's or another's), and the connection itself never
+        writes. So a count read at each `/metrics` scrape of an idle store
+        with a million jobs costs one pragma, and an answer is never older
+        than the last commit. Without it (a page of jobs: many different
+        statements), nothing is kept."""
 
         def read() -> list[tuple[Any, ...]]:
             with self._aside_lock:
                 conn = self._aside
                 if conn is None:
-                    uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                    # Never writes, but not `mode=ro`: at shutdown the engine's
+                    # connection closes first (`Resonate.stop`), and the last
+                    # to close checkpoints the WAL and removes it, which a
+                    # read-only one cannot (it left the WAL behind).
+                    uri = f"{self.path.resolve().as_uri()}?mode=rw"
                     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
                     self._aside = conn
+                if not keep:
+                    return conn.execute(sql, args).fetchall()
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
                 key = (sql, tuple(args))
                 kept = self._aside_kept.get(key)

@@ -446,8 +446,11 @@ class PostgresDriver:
         async with self.session() as session:
             return await session.fetch(sql, args)
 
-    async def fetch_aside(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """As `fetch`: Postgres reads on its server while the loop goes on."""
+    async def fetch_aside(
+        self, sql: str, args: Sequence[Any], *, keep: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """As `fetch`: Postgres reads on its server while the loop goes on
+        (`keep` is the embedded store's)."""
         return await self.fetch(sql, args)
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:

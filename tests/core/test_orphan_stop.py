@@ -29,7 +29,9 @@ from core.models import ErrorInfo, Job, JobRequest, Outcome
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.steps import JobSteps
+from core.store.embedded import SqliteDriver
 from core.store.jobs import JobRecord, NewEvent, now_ms
+from core.store.sql import SqlJobIndex
 from core.tokens import CallbackSigner
 from core.watchdog import MIN_RETENTION, Watchdog, collect_garbage
 from tests.conftest import Hit, Receiver, eventually, test_settings
@@ -615,11 +617,17 @@ async def test_a_service_stopped_mid_stop_leaves_it_to_the_next_sweep_not_the_le
             await asyncio.wait_for(first.close(), 30)  # the cancel still held
         release.set()
     assert any("cut short" in line for line in logs.lines), logs.lines
+    # Read with no service running: the next one's first sweep may come
+    # before its `open` returns, and takes the stop again under a new lease.
+    driver = SqliteDriver(tmp_path / "tether.db")
+    try:
+        rec = await SqlJobIndex(driver).get("j")
+    finally:
+        await driver.close()
+    assert rec is not None and rec.stop_due is not None and rec.stop_due < lease
 
     second = await Tether.open(settings, plugins)
     try:
-        rec = await second.jobs.get("j")
-        assert rec is not None and rec.stop_due is not None and rec.stop_due < lease
         await eventually(lambda: len(cancels) == 2)  # its first sweep's: the lease runs on
 
         async def recorded() -> bool:

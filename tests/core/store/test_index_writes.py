@@ -16,6 +16,8 @@ import pytest
 
 from core.errors import StoreUnavailable
 from core.models import Outcome
+from core.settings import Settings
+from core.store import open_store
 from core.store.embedded import SqliteDriver
 from core.store.jobs import JobRecord, NewEvent, Notification
 from core.store.migrations import migrate
@@ -547,7 +549,7 @@ async def test_the_counts_per_state_are_read_aside_from_the_event_loops_connecti
 ):
     """The `tether_jobs` gauge (every `/metrics` scrape and dashboard
     summary) reads the whole state index: 78-100 ms at a million jobs. On
-    SQLite that read runs on a read-only connection of its own on a thread,
+    SQLite that read runs on a connection of its own that only reads, on a thread,
     not on the connection the event loop runs its statements on; a store
     that cannot be read is the store's error, not a crash."""
     if database.kind != "sqlite":
@@ -561,6 +563,24 @@ async def test_the_counts_per_state_are_read_aside_from_the_event_loops_connecti
     gone = SqliteDriver(tmp_path / "nowhere" / "tether.db")
     with pytest.raises(StoreUnavailable, match="the embedded store failed"):
         await gone.fetch_aside("SELECT 1", ())
+
+
+async def test_a_store_closed_after_reads_aside_leaves_no_wal(tmp_path):
+    """The service stops its store engine first (`Resonate.stop` closes the
+    engine's connection), then the store, whose index closes its aside
+    connection last. The last connection to close checkpoints the WAL and
+    removes it; a read-only one could not, and every service that had
+    listed a page or counted jobs left its WAL behind at a clean stop."""
+    settings = Settings.from_env({}, store=f"sqlite:///{tmp_path}/tether.db")
+    store = await open_store(settings, "p")
+    await store.jobs.insert(job("j1"))
+    assert [j.id for j in await store.jobs.pages([(None, None)], 10, None)] == ["j1"]
+    assert await store.jobs.state_counts() == {"pending": 1}
+    assert store.jobs.db._aside is not None  # type: ignore[attr-defined]
+    await store.connection.stop()  # type: ignore[attr-defined]  # as `Resonate.stop` does
+    await store.close()
+    assert not (tmp_path / "tether.db-wal").exists()
+    assert not (tmp_path / "tether.db-shm").exists()
 
 
 async def test_a_count_is_read_again_only_after_a_commit_of_any_connection(database):

@@ -163,7 +163,12 @@ class Meddling:
         return getattr(self.driver, name)
 
     async def fetch(self, sql: str, args: Any) -> list[Any]:
-        rows = await self.driver.fetch(sql, args)
+        return await self._meddled(sql, await self.driver.fetch(sql, args))
+
+    async def fetch_aside(self, sql: str, args: Any, *, keep: bool = True) -> list[Any]:
+        return await self._meddled(sql, await self.driver.fetch_aside(sql, args, keep=keep))
+
+    async def _meddled(self, sql: str, rows: list[Any]) -> list[Any]:
         if "DESC LIMIT" in sql and self.meddle is not None:
             meddle, self.meddle = self.meddle, None
             await meddle()
@@ -205,6 +210,53 @@ async def test_a_window_with_no_job_is_an_empty_page(database):
     assert await index.pages([(None, None)], 10, None, (), START + 2 * DAY, START + DAY) == []
 
 
+async def test_a_page_that_walks_a_long_list_leaves_the_event_loop_free(tmp_path: Path) -> None:
+    """Two tags each on half of 200,000 jobs, never on the same one: their
+    page finds nothing only after walking one tag's list whole (at a million
+    jobs, 0.27 s). The embedded store reads it on its aside connection's
+    thread (`Driver.fetch_aside`), so the event loop goes on meanwhile: on
+    the loop, that read held up every request and heartbeat of the process
+    (a client asking for it in a loop kept `/health` at 255 ms). Counted in
+    turns of the loop, not timed: read on the loop, the page lets no other
+    task run until it is done."""
+    driver = SqliteDriver(tmp_path / "t.db")
+    await migrate(driver)
+    index = SqlJobIndex(driver)
+    await index.insert(pending_job("seed", at=1_000))
+    names = [r[1] for r in await driver.fetch("PRAGMA table_info(tether_jobs)", ())]
+    copied = ", ".join("id || '-' || n" if c == "id" else c for c in names if c != "seq")
+    await driver.execute(
+        f"INSERT INTO tether_jobs ({', '.join(c for c in names if c != 'seq')})"
+        " WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 200000)"
+        f" SELECT {copied} FROM tether_jobs, k",
+        (),
+    )
+    await driver.execute(
+        "INSERT INTO tether_job_tags (tag, seq, job_id)"
+        " SELECT CASE seq % 2 WHEN 0 THEN 'a' ELSE 'b' END, seq, id FROM tether_jobs",
+        (),
+    )
+    turns = 0
+    reading = True
+
+    async def turn() -> None:
+        nonlocal turns
+        while reading:
+            turns += 1
+            await asyncio.sleep(0)
+
+    turning = asyncio.create_task(turn())
+    await asyncio.sleep(0)
+    try:
+        page = await index.pages([(None, None)], 100, None, ["a", "b"])
+    finally:
+        reading = False
+        await turning
+    await driver.close()
+    assert page == []
+    assert turns > 50, f"the loop turned {turns} times while the page was read"
+
+
 # ── the plans (SQLite) ───────────────────────────────────────────────────────
 
 
@@ -217,10 +269,17 @@ class Recorded(SqliteDriver):
         self.last: tuple[str, Any] = ("", ())
 
     async def fetch(self, sql: str, args: Any) -> list[tuple[Any, ...]]:
+        self._record(sql, args)
+        return await super().fetch(sql, args)
+
+    async def fetch_aside(self, sql: str, args: Any, *, keep: bool = True) -> list[tuple[Any, ...]]:
+        self._record(sql, args)
+        return await super().fetch_aside(sql, args, keep=keep)
+
+    def _record(self, sql: str, args: Any) -> None:
         self.ran.append((sql, args))
         if sql.startswith("SELECT j."):
             self.last = (sql, args)
-        return await super().fetch(sql, args)
 
 
 @pytest.fixture(scope="module")
