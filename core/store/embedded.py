@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,8 @@ class SqliteDriver:
         # `fetch_aside`'s connection (used on threads, one at a time) and the
         # answers it keeps, by statement, with the `data_version` read at.
         self._aside: sqlite3.Connection | None = None
+        self._aside_pool: ThreadPoolExecutor | None = None  # its one thread
+        self._aside_closed = False
         self._aside_lock = threading.Lock()
         self._aside_kept: dict[tuple[str, tuple[Any, ...]], tuple[int, list[tuple[Any, ...]]]] = {}
 
@@ -228,12 +231,14 @@ class SqliteDriver:
     ) -> list[tuple[Any, ...]]:
         """A read that may be long (one that reads a whole index, a page
         whose filters rarely meet) on a connection of its own that only
-        reads, on a thread: the sqlite3 module lets go of the GIL while SQLite reads,
-        so the event loop goes on serving requests meanwhile. WAL readers
-        take no lock a writer waits on. The connection reads one statement
-        at a time, so however many such reads are asked at once, a process
-        spends at most one thread's worth of CPU on them. It sees every
-        commit made before the read began, this process's and others'.
+        reads, on a thread of its own: the sqlite3 module lets go of the GIL
+        while SQLite reads, so the event loop goes on serving requests
+        meanwhile. WAL readers take no lock a writer waits on. The thread
+        reads one statement at a time, so however many such reads are asked
+        at once, a process spends at most one thread's worth of CPU on them,
+        and those waiting hold no thread of the loop's default executor
+        (which resolves the triggers' host names). It sees every commit made
+        before the read began, this process's and others'.
 
         With `keep`, the answer is kept, and given again while nothing was
         committed to the file since it was read: `PRAGMA data_version` on
@@ -246,6 +251,8 @@ class SqliteDriver:
 
         def read() -> list[tuple[Any, ...]]:
             with self._aside_lock:
+                if self._aside_closed:
+                    raise sqlite3.ProgrammingError("closed")
                 conn = self._aside
                 if conn is None:
                     # Never writes, but not `mode=ro`: at shutdown the engine's
@@ -273,8 +280,11 @@ class SqliteDriver:
                 self._close_aside()  # the next read opens a new one
                 raise
 
+        pool = self._aside_pool
+        if pool is None:
+            pool = self._aside_pool = ThreadPoolExecutor(1, thread_name_prefix="tether-aside")
         try:
-            return list(await asyncio.to_thread(read_or_drop))
+            return list(await asyncio.get_running_loop().run_in_executor(pool, read_or_drop))
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
@@ -362,8 +372,14 @@ class SqliteDriver:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
     async def close(self) -> None:
-        """Close the driver's own connections (a shared one is the engine's to close)."""
+        """Close the driver's own connections (a shared one is the engine's to
+        close). A read aside asked later fails as the store's error."""
+        with self._aside_lock:
+            self._aside_closed = True
         self._close_aside()
+        pool, self._aside_pool = self._aside_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)  # reads still queued find it closed
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -581,6 +582,36 @@ async def test_a_store_closed_after_reads_aside_leaves_no_wal(tmp_path):
     await store.close()
     assert not (tmp_path / "tether.db-wal").exists()
     assert not (tmp_path / "tether.db-shm").exists()
+    # A read asked once it is closed (a late scrape) fails, and opens nothing.
+    with pytest.raises(StoreUnavailable):
+        await store.jobs.state_counts()
+    assert not (tmp_path / "tether.db-wal").exists()
+
+
+async def test_reads_waiting_aside_hold_no_thread_of_the_loops_default_executor(database):
+    """Reads aside queue for the driver's own thread, not on the loop's
+    default executor, which other work needs meanwhile (aiohttp resolves a
+    trigger's host name there): while one read is held, however many more
+    are asked, a call handed to the default executor still runs."""
+    if database.kind != "sqlite":
+        pytest.skip("Postgres reads on its server")
+    jobs = await index_on(database)
+    await jobs.insert(job("j1"))
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    driver = jobs.db
+    driver._aside_lock.acquire()  # type: ignore[attr-defined]  # a read in progress
+    try:
+        waiting = [asyncio.create_task(jobs.state_counts()) for _ in range(4)]
+        waiting += [asyncio.create_task(jobs.pages([(None, None)], 10, None)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 5) == "ran"
+        assert not any(task.done() for task in waiting)
+    finally:
+        driver._aside_lock.release()  # type: ignore[attr-defined]
+    done = await asyncio.gather(*waiting)
+    assert done[0] == {"pending": 1}
+    assert [j.id for j in done[-1]] == ["j1"]
 
 
 async def test_a_count_is_read_again_only_after_a_commit_of_any_connection(database):
