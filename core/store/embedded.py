@@ -288,10 +288,12 @@ class SqliteDriver:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
-    def _close_aside(self) -> None:
-        """Close `fetch_aside`'s connection and forget its answers. Waits for
-        a read in progress on another thread (at most one)."""
+    def _close_aside(self, *, for_good: bool = False) -> None:
+        """Close `fetch_aside`'s connection and forget its answers (`for_good`:
+        and open none again). Waits for a read in progress on another thread
+        (at most one)."""
         with self._aside_lock:
+            self._aside_closed = self._aside_closed or for_good
             conn, self._aside = self._aside, None
             self._aside_kept.clear()
         if conn is not None:
@@ -374,9 +376,7 @@ class SqliteDriver:
     async def close(self) -> None:
         """Close the driver's own connections (a shared one is the engine's to
         close). A read aside asked later fails as the store's error."""
-        with self._aside_lock:
-            self._aside_closed = True
-        self._close_aside()
+        self._close_aside(for_good=True)
         pool, self._aside_pool = self._aside_pool, None
         if pool is not None:
             pool.shutdown(wait=False)  # reads still queued find it closed

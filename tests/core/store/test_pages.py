@@ -252,7 +252,7 @@ async def test_a_page_that_walks_a_long_list_leaves_the_event_loop_free(tmp_path
     finally:
         reading = False
         await turning
-    await driver.close()
+        await driver.close()
     assert page == []
     assert turns > 50, f"the loop turned {turns} times while the page was read"
 
