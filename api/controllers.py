@@ -356,8 +356,11 @@ class JobController(Controller):
         times (a job matches any of them); `tag` too (a job matches when it has
         them all); `created_after` and `created_before` are exclusive, and UTC
         when they carry no offset. Pass `next_cursor` back as `cursor` for the
-        next page. An unknown query parameter, or `limit` or `cursor`
-        given twice, is refused (400).
+        next page, until it is null: a page may hold fewer than `limit` jobs,
+        none even, and still have one, when its filters rarely meet (a page
+        reads at most 10,000 jobs of the shortest list its filters name, then
+        says where the next one goes on). An unknown query parameter, or
+        `limit` or `cursor` given twice, is refused (400).
 
         With `Accept: text/event-stream`: the jobs of the page these parameters
         name, then each job again whenever it changes while on that page (its

@@ -643,7 +643,9 @@ class Tether:
         `updated_before`, if given), a page at time; how many."""
         before, started = None, 0
         while True:
-            rows = await store_call(self.jobs.pages([("pending", None)], RESUME_PAGE, before))
+            rows = (
+                await store_call(self.jobs.pages([("pending", None)], RESUME_PAGE, before))
+            ).rows
             for rec in rows:
                 if updated_before is None or rec.updated_at < updated_before:
                     await self._start(rec)
@@ -697,10 +699,14 @@ class Tether:
         ]
         after, until = (None if t is None else unix_ms(t) for t in (created_after, created_before))
         wanted = list(dict.fromkeys(tags))
-        rows = await store_call(self.jobs.pages(pairs, limit + 1, before, wanted, after, until))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = encode_cursor(rows[-1].seq) if more else None
+        listed = await store_call(self.jobs.pages(pairs, limit + 1, before, wanted, after, until))
+        rows = listed.rows[:limit]
+        if len(listed.rows) > limit:
+            next_cursor: str | None = encode_cursor(rows[-1].seq)
+        elif listed.resume_before is not None:  # filters that rarely meet: go on there
+            next_cursor = encode_cursor(listed.resume_before)
+        else:
+            next_cursor = None
         return JobPage(items=[view(r) for r in rows], next_cursor=next_cursor)
 
     async def cancel_job(self, job_id: str, reason: str | None = None) -> Job:

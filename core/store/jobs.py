@@ -138,6 +138,20 @@ Listener = Callable[[JobRecord, Event], None]
 recorded it, with the job's row as that transaction left it."""
 
 
+class Listed(NamedTuple):
+    """A page of the job list as the index read it."""
+
+    rows: list[JobRecord]
+    """Newest first, at most the `limit` asked for."""
+    resume_before: int | None = None
+    """Set when the read stopped short of a full page: the filters met so
+    rarely that the page read its budget of the lists they name
+    (`SqlJobIndex.SCAN`) first. The page holds every match with a `seq` from
+    this one up (to the `before_seq` asked for); the next page reads
+    `before_seq=resume_before`. None: `rows` is every match there is, or a
+    full page."""
+
+
 class Requests(Protocol):
     """A transaction of the job index that also answers Resonate protocol
     requests: where the promises and the index share a database
@@ -252,11 +266,12 @@ class JobIndex(Protocol):
         tags: Sequence[str] = (),
         created_after: int | None = None,
         created_before: int | None = None,
-    ) -> list[JobRecord]:
+    ) -> Listed:
         """Newest first, at most `limit` rows with `seq < before_seq`, of any
         of `pairs` (a state and a backend; None: any), having every one of
-        `tags`, created strictly between the two times (if given). Read in one
-        snapshot: a job that changes state meanwhile is listed once."""
+        `tags`, created strictly between the two times (if given). A job that
+        changes state meanwhile is listed once. Filters that rarely meet may
+        give a short page that says where to go on (`Listed.resume_before`)."""
         ...
 
     async def set_external(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import Any
 
@@ -179,6 +180,36 @@ async def test_paging_through_a_tag_filter(start_service, receiver):
             break
     assert seen == ["j6", "j4", "j2", "j0"]
     assert pages == 2
+
+
+async def test_a_page_whose_tags_rarely_meet_stops_short_and_the_next_goes_on(
+    start_service, receiver
+):
+    """With the index's budget made tiny (2 entries, then 2 more), tags `a`
+    (the even jobs) and `b` (the odd ones, and j0): the newest page reads its
+    budget, finds nothing and says where to go on; the next one finds j0 and
+    ends the list. The CLI follows the cursor past the empty page."""
+    svc = await start_service()
+    for i in range(10):
+        tags = ["a"] if i % 2 == 0 else ["b"]
+        await svc.client.post("/jobs", json=body(receiver, f"j{i}", [*tags, *(["b"] * (i == 0))]))
+    index = svc.tether.jobs
+    index.FIRST_STRETCH, index.SCAN = 2, 4
+    first = (await svc.client.get("/jobs", params={"tag": ["a", "b"], "limit": 2})).json()
+    assert first["items"] == [] and first["next_cursor"]
+    params = {"tag": ["a", "b"], "limit": 2, "cursor": first["next_cursor"]}
+    second = (await svc.client.get("/jobs", params=params)).json()
+    assert [job["id"] for job in second["items"]] == ["j0"]
+    assert second["next_cursor"] is None
+    page = (await svc.client.get("/ui", params={"tag": ["a", "b"]})).text
+    assert "No jobs match these filters in this stretch of the list; older ones may." in page
+    assert 'rel="next"' in page
+    env = {"TETHER_URL": svc.settings.base_url, "TETHER_API_TOKEN": None}
+    result = await asyncio.to_thread(
+        CliRunner().invoke, main_group, ["list", "--tag", "a", "--tag", "b", "--json"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert [job["id"] for job in json.loads(result.output)["items"]] == ["j0"]
 
 
 async def test_the_change_stream_takes_the_tag_filter(start_service, receiver):

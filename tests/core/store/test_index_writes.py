@@ -575,7 +575,7 @@ async def test_a_store_closed_after_reads_aside_leaves_no_wal(tmp_path):
     settings = Settings.from_env({}, store=f"sqlite:///{tmp_path}/tether.db")
     store = await open_store(settings, "p")
     await store.jobs.insert(job("j1"))
-    assert [j.id for j in await store.jobs.pages([(None, None)], 10, None)] == ["j1"]
+    assert [j.id for j in (await store.jobs.pages([(None, None)], 10, None)).rows] == ["j1"]
     assert await store.jobs.state_counts() == {"pending": 1}
     assert store.jobs.db._aside is not None  # type: ignore[attr-defined]
     await store.connection.stop()  # type: ignore[attr-defined]  # as `Resonate.stop` does
@@ -611,7 +611,7 @@ async def test_reads_waiting_aside_hold_no_thread_of_the_loops_default_executor(
         driver._aside_lock.release()  # type: ignore[attr-defined]
     done = await asyncio.gather(*waiting)
     assert done[0] == {"pending": 1}
-    assert [j.id for j in done[-1]] == ["j1"]
+    assert [j.id for j in done[-1].rows] == ["j1"]
 
 
 async def test_a_count_is_read_again_only_after_a_commit_of_any_connection(database):

@@ -17,7 +17,7 @@ import pytest
 
 from core.models import Outcome
 from core.store.embedded import SqliteDriver
-from core.store.jobs import JobRecord
+from core.store.jobs import JobRecord, Listed
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
 from tests.core.store.test_index_writes import job as pending_job
@@ -92,8 +92,14 @@ async def filled(database: Any, n: int, seed: int) -> tuple[SqlJobIndex, list[Jo
     return index, jobs
 
 
-async def test_every_filter_combination_pages_exactly_as_a_scan_does(database):
+@pytest.mark.parametrize("budget", [None, (7, 40)], ids=["whole", "stretches"])
+async def test_every_filter_combination_pages_exactly_as_a_scan_does(database, budget):
+    """With `budget` (`FIRST_STRETCH`, `SCAN`) small, pages whose filters
+    are checked on a driving list stop short and go on where they said."""
     index, jobs = await filled(database, 360, seed=16)
+    if budget is not None:
+        index.FIRST_STRETCH, index.SCAN = budget
+    short = 0
     assert any(
         a.seq < b.seq and a.created_at > b.created_at for a, b in itertools.pairwise(jobs)
     ), "created_at is out of seq order somewhere"
@@ -144,12 +150,20 @@ async def test_every_filter_combination_pages_exactly_as_a_scan_does(database):
         cursor = None
         while True:
             page = await index.pages(pairs, limit, cursor, tags, after, before)
-            assert len(page) <= limit
-            got += [job.id for job in page]
-            if len(page) < limit:
+            assert len(page.rows) <= limit
+            got += [job.id for job in page.rows]
+            if page.resume_before is not None:  # stopped short: from there on
+                assert len(page.rows) < limit
+                assert all(job.seq >= page.resume_before for job in page.rows)
+                assert cursor is None or page.resume_before < cursor
+                cursor = page.resume_before
+                short += 1
+            elif len(page.rows) < limit:
                 break
-            cursor = page[-1].seq
+            else:
+                cursor = page.rows[-1].seq
         assert got == want, (state, backend, tags, after, before, limit)
+    assert (short > 50) == (budget is not None), short
 
 
 class Meddling:
@@ -197,45 +211,62 @@ async def test_several_states_are_listed_in_one_snapshot(database):
     for meddle, states, want in cases:
         reader = SqlJobIndex(Meddling(await database.driver(), meddle))  # type: ignore[arg-type]
         listed = await reader.pages([(state, None) for state in states], 10, None)
-        assert sorted(job.id for job in listed) == want, states
-    final = {job.id: job.state for job in await writer.pages([(None, None)], 10, None)}
+        assert sorted(job.id for job in listed.rows) == want, states
+    final = {job.id: job.state for job in (await writer.pages([(None, None)], 10, None)).rows}
     assert final == {"j0": "pending", "j1": "canceled", "j2": "canceled", "j3": "running"}
 
 
 async def test_a_window_with_no_job_is_an_empty_page(database):
     index, _ = await filled(database, 40, seed=3)
-    assert await index.pages([(None, None)], 10, None, (), START + 20 * DAY, None) == []
-    assert await index.pages([(None, None)], 10, None, (), None, -10 * DAY) == []
-    assert await index.pages([(None, None)], 10, None, ["a"], START + DAY, START + DAY) == []
-    assert await index.pages([(None, None)], 10, None, (), START + 2 * DAY, START + DAY) == []
+    nothing = Listed([])
+    assert await index.pages([(None, None)], 10, None, (), START + 20 * DAY, None) == nothing
+    assert await index.pages([(None, None)], 10, None, (), None, -10 * DAY) == nothing
+    assert await index.pages([(None, None)], 10, None, ["a"], START + DAY, START + DAY) == nothing
+    assert await index.pages([(None, None)], 10, None, (), START + 2 * DAY, START + DAY) == nothing
 
 
-async def test_a_page_that_walks_a_long_list_leaves_the_event_loop_free(tmp_path: Path) -> None:
-    """Two tags each on half of 200,000 jobs, never on the same one: their
-    page finds nothing only after walking one tag's list whole (at a million
-    jobs, 0.27 s). The embedded store reads it on its aside connection's
-    thread (`Driver.fetch_aside`), so the event loop goes on meanwhile: on
-    the loop, that read held up every request and heartbeat of the process
-    (a client asking for it in a loop kept `/health` at 255 ms). Counted in
-    turns of the loop, not timed: read on the loop, the page lets no other
-    task run until it is done."""
-    driver = SqliteDriver(tmp_path / "t.db")
-    await migrate(driver)
+@pytest.fixture(scope="module")
+def two_tags_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200,001 jobs; tag `a` on each even `seq`, `b` on each odd one: a page
+    asking for both finds nothing, and only after walking a list whole."""
+    path = tmp_path_factory.mktemp("two-tags") / "t.db"
+
+    async def fill() -> None:
+        driver = SqliteDriver(path)
+        try:
+            await migrate(driver)
+            await SqlJobIndex(driver).insert(pending_job("seed", at=1_000))
+            names = [r[1] for r in await driver.fetch("PRAGMA table_info(tether_jobs)", ())]
+            copied = ", ".join("id || '-' || n" if c == "id" else c for c in names if c != "seq")
+            await driver.execute(
+                f"INSERT INTO tether_jobs ({', '.join(c for c in names if c != 'seq')})"
+                " WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 200000)"
+                f" SELECT {copied} FROM tether_jobs, k",
+                (),
+            )
+            await driver.execute(
+                "INSERT INTO tether_job_tags (tag, seq, job_id)"
+                " SELECT CASE seq % 2 WHEN 0 THEN 'a' ELSE 'b' END, seq, id FROM tether_jobs",
+                (),
+            )
+        finally:
+            await driver.close()
+
+    asyncio.run(fill())
+    return path
+
+
+async def test_a_page_that_walks_a_long_list_leaves_the_event_loop_free(two_tags_db: Path) -> None:
+    """The page for both tags, with no budget (`SCAN`) to stop it, walks one
+    tag's list whole (at a million jobs, 0.27 s). The embedded store reads it
+    on its aside connection's thread (`Driver.fetch_aside`), so the event
+    loop goes on meanwhile: on the loop, that read held up every request and
+    heartbeat of the process (a client asking for it in a loop kept
+    `/health` at 255 ms). Counted in turns of the loop, not timed: read on
+    the loop, the page lets no other task run until it is done."""
+    driver = SqliteDriver(two_tags_db)
     index = SqlJobIndex(driver)
-    await index.insert(pending_job("seed", at=1_000))
-    names = [r[1] for r in await driver.fetch("PRAGMA table_info(tether_jobs)", ())]
-    copied = ", ".join("id || '-' || n" if c == "id" else c for c in names if c != "seq")
-    await driver.execute(
-        f"INSERT INTO tether_jobs ({', '.join(c for c in names if c != 'seq')})"
-        " WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 200000)"
-        f" SELECT {copied} FROM tether_jobs, k",
-        (),
-    )
-    await driver.execute(
-        "INSERT INTO tether_job_tags (tag, seq, job_id)"
-        " SELECT CASE seq % 2 WHEN 0 THEN 'a' ELSE 'b' END, seq, id FROM tether_jobs",
-        (),
-    )
+    index.SCAN = 10**9
     turns = 0
     reading = True
 
@@ -253,8 +284,48 @@ async def test_a_page_that_walks_a_long_list_leaves_the_event_loop_free(tmp_path
         reading = False
         await turning
         await driver.close()
-    assert page == []
+    assert page == Listed([])
     assert turns > 50, f"the loop turned {turns} times while the page was read"
+
+
+async def test_a_page_whose_filters_never_meet_stops_at_its_budget(two_tags_db: Path) -> None:
+    """The same page, with the budget: it reads `SCAN` entries of the driving
+    list (of `a`: the even seqs), no more, and says where the next page goes
+    on; pages followed from there cover the list exactly once, to its end."""
+    driver = SqliteDriver(two_tags_db)
+    index = SqlJobIndex(driver)
+    try:
+        top = (await driver.fetch("SELECT max(seq) FROM tether_jobs", ()))[0][0]
+        evens = list(range(top - top % 2, 0, -2))  # tag `a`, newest first
+        walks: list[str] = []
+        real_fetch_aside = driver.fetch_aside
+
+        async def counted(sql: str, args: Any, *, keep: bool = True) -> list[Any]:
+            walks.append(sql)
+            return await real_fetch_aside(sql, args, keep=keep)
+
+        driver.fetch_aside = counted  # type: ignore[method-assign]
+        page = await index.pages([(None, None)], 100, None, ["a", "b"])
+        assert page == Listed([], evens[index.SCAN - 1])
+        # a stretch of FIRST_STRETCH, then the rest of SCAN: two floors, two reads
+        assert len(walks) == 4, walks
+        stops = [page.resume_before]
+        while stops[-1] is not None:
+            page = await index.pages([(None, None)], 100, stops[-1], ["a", "b"])
+            assert page.rows == []
+            stops.append(page.resume_before)
+        assert stops[:-1] == evens[index.SCAN - 1 :: index.SCAN]
+        # a page whose filters meet at once walks only its first stretch
+        walks.clear()
+        page = await index.pages([(None, None)], 100, None, ["a", "b"][:1])
+        assert [job.seq for job in page.rows] == evens[:100]
+        assert len(walks) == 1  # one list, nothing checked: no floor at all
+        walks.clear()
+        page = await index.pages([("pending", None)], 100, None, ["a"])
+        assert [job.seq for job in page.rows] == evens[:100] and page.resume_before is None
+        assert len(walks) == 2  # the first stretch's floor, then the read
+    finally:
+        await driver.close()
 
 
 # ── the plans (SQLite) ───────────────────────────────────────────────────────

@@ -153,7 +153,7 @@ async def test_a_job_row_goes_in_and_comes_back_whole(tmp_path):
             finished_at=10,
         )
         assert await jobs.get("a") == rec
-        assert await jobs.pages([("failed", "http_webhook")], 10, None) == [rec]
+        assert (await jobs.pages([("failed", "http_webhook")], 10, None)).rows == [rec]
     finally:
         await store.close()
 
