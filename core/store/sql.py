@@ -537,17 +537,9 @@ class SqlJobIndex:
         `before_seq` (in [`low`, `high`]) ends: the greatest of their last
         entries' `seq`, or None when each has fewer entries there (the
         stretch then reads them to their end). One statement of index walks."""
-        ranged, bounds = self._ranged(before_seq, low, high)
-        picks: list[str] = []
-        args: list[Any] = []
-        for kind, value in drives:
-            table = "tether_job_tags" if kind == "tag" else "tether_jobs"
-            picks.append(
-                f"(SELECT seq FROM {table} WHERE {kind} = ?{ranged}"
-                " ORDER BY seq DESC LIMIT 1 OFFSET ?)"
-            )
-            args += [value, *bounds, stretch - 1]
-        found = await self.db.fetch_aside(f"SELECT {', '.join(picks)}", args, keep=False)
+        last = "(SELECT seq {list} ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+        sql, args = self._each_list(last, drives, stretch - 1, before_seq, low, high)
+        found = await self.db.fetch_aside(sql, args, keep=False)
         ends = [seq for seq in found[0] if seq is not None]
         return max(ends) if ends else None
 
@@ -693,30 +685,37 @@ class SqlJobIndex:
         `LIST_PROBE` of each (of lists as long as that, the first): reading
         it until the page is full reads the fewest rows that fail the other
         filters. One statement, each count a walk of one index range."""
-        ranged, bounds = self._ranged(before_seq, low, high)
-        counts: list[str] = []
-        args: list[Any] = []
-        for kind, value in lists:
-            table = "tether_job_tags" if kind == "tag" else "tether_jobs"
-            counts.append(
-                f"(SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {kind} = ?{ranged}"
-                " LIMIT ?) AS n)"
-            )
-            args += [value, *bounds, self.LIST_PROBE]
-        found = (await self.db.fetch(f"SELECT {', '.join(counts)}", args))[0]
+        count = "(SELECT count(*) FROM (SELECT 1 {list} LIMIT ?) AS n)"
+        sql, args = self._each_list(count, lists, self.LIST_PROBE, before_seq, low, high)
+        found = (await self.db.fetch(sql, args))[0]
         return lists[min(range(len(lists)), key=lambda i: found[i])]
 
     @staticmethod
-    def _ranged(before_seq: int | None, low: int | None, high: int | None) -> tuple[str, list[Any]]:
-        """` AND seq < ? AND seq >= ? AND seq <= ?`, with the bounds given, for
-        a read of one list, and their values."""
+    def _each_list(
+        template: str,
+        lists: Sequence[tuple[str, str]],
+        n: int,
+        before_seq: int | None,
+        low: int | None,
+        high: int | None,
+    ) -> tuple[str, list[Any]]:
+        """A statement of one column per list of `lists`, each `template`
+        with `{list}` spelled as that list's jobs below `before_seq` in
+        [`low`, `high`] (`FROM <table> WHERE <kind> = ? AND seq < ? ...`) and
+        its last `?` being `n`; and its values."""
         ranged = ""
         bounds: list[Any] = []
         for condition, bound in (("seq < ?", before_seq), ("seq >= ?", low), ("seq <= ?", high)):
             if bound is not None:
                 ranged += f" AND {condition}"
                 bounds.append(bound)
-        return ranged, bounds
+        columns: list[str] = []
+        args: list[Any] = []
+        for kind, value in lists:
+            table = "tether_job_tags" if kind == "tag" else "tether_jobs"
+            columns.append(template.format(list=f"FROM {table} WHERE {kind} = ?{ranged}"))
+            args += [value, *bounds, n]
+        return f"SELECT {', '.join(columns)}", args
 
     async def set_external(
         self,
