@@ -188,6 +188,19 @@ class Written(NamedTuple):
         return next((p for p in self.promoted if p.id == rec.id), rec)
 
 
+class _Span(NamedTuple):
+    """Where one read of a list page looks: `seq` below `before_seq`, in
+    [`low`, `high`] (a time window's range), from `floor` up on the driving
+    list (a stretch's end), and created strictly between the two times."""
+
+    before_seq: int | None
+    low: int | None
+    high: int | None
+    floor: int | None
+    created_after: int | None
+    created_before: int | None
+
+
 class SqlJobIndex:
     settles_together = False
     root_settled_first = True
@@ -488,10 +501,10 @@ class SqlJobIndex:
         walked = [drive for lists, drive in plans if len(lists) > 1 and drive is not None]
         rows: list[JobRecord] = []
         upper, read, stretch = before_seq, 0, self.FIRST_STRETCH
-        times = (created_after, created_before)
         while True:
             floor = await self._floor(walked, stretch, upper, low, high) if walked else None
-            found = await self._read(plans, limit - len(rows), upper, low, high, floor, *times)
+            span = _Span(upper, low, high, floor, created_after, created_before)
+            found = await self._read(plans, limit - len(rows), span)
             rows += found
             if len(rows) >= limit or floor is None:
                 return Listed(rows)
@@ -509,18 +522,11 @@ class SqlJobIndex:
         self,
         plans: Sequence[tuple[list[tuple[str, str]], tuple[str, str] | None]],
         limit: int,
-        before_seq: int | None,
-        low: int | None,
-        high: int | None,
-        floor: int | None,
-        created_after: int | None,
-        created_before: int | None,
+        span: _Span,
     ) -> list[JobRecord]:
-        """The newest `limit` matches of any of `plans` with `seq` in
-        [`low`, `before_seq`), at most `high` and from `floor` up, in one
+        """The newest `limit` matches of any of `plans` in `span`, in one
         statement."""
-        bounds = (before_seq, low, high, floor, created_after, created_before)
-        arms = [self._page_query(lists, drive, limit, *bounds) for lists, drive in plans]
+        arms = [self._page_query(lists, drive, limit, span) for lists, drive in plans]
         if len(arms) == 1:
             sql, args = arms[0]
         else:
@@ -557,16 +563,10 @@ class SqlJobIndex:
         lists: Sequence[tuple[str, str]],
         drive: tuple[str, str] | None,
         limit: int,
-        before_seq: int | None,
-        low: int | None,
-        high: int | None,
-        floor: int | None,
-        created_after: int | None,
-        created_before: int | None,
+        span: _Span,
     ) -> tuple[str, list[Any]]:
-        """The statement reading one (state, backend)'s page, and its values:
-        `lists`, the lists its filters name, read along `drive`; `floor`, where
-        its stretch of the driving list ends (on that list's side only)."""
+        """The statement reading one (state, backend)'s page in `span`, and
+        its values: `lists`, the lists its filters name, read along `drive`."""
         order = "j.seq"
         source = "tether_jobs j"
         where: list[str] = []
@@ -595,16 +595,16 @@ class SqlJobIndex:
         # from the newest down to it.
         seqs = ["t.seq", "j.seq"] if order == "t.seq" else ["j.seq"]
         conditions = (
-            ([f"{self._checked}j.created_at > ?"], created_after),
-            ([f"{self._checked}j.created_at < ?"], created_before),
-            ([f"{seq} < ?" for seq in seqs], before_seq),
-            ([f"{seq} >= ?" for seq in seqs], low),
-            ([f"{seq} <= ?" for seq in seqs], high),
+            ([f"{self._checked}j.created_at > ?"], span.created_after),
+            ([f"{self._checked}j.created_at < ?"], span.created_before),
+            ([f"{seq} < ?" for seq in seqs], span.before_seq),
+            ([f"{seq} >= ?" for seq in seqs], span.low),
+            ([f"{seq} <= ?" for seq in seqs], span.high),
             # The stretch's end on the driving list alone: on both sides,
             # Postgres merge-joins every job of the stretch's range of seq
             # (four times the list's entries for a tag on a quarter of them)
             # before checking the other filters.
-            ([f"{seqs[0]} >= ?"], floor),
+            ([f"{seqs[0]} >= ?"], span.floor),
         )
         for spelled, bound in conditions:
             if bound is not None:
