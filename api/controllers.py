@@ -23,6 +23,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
+from api.http import JsonAnswer
 from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound
 from core.events import END, KEEP_ALIVE
@@ -255,6 +256,7 @@ class JobController(Controller):
         operation_id="createJob",
         summary="Start a job",
         responses={
+            201: ResponseSpec(Job, description="A new job", generate_examples=False),
             200: ResponseSpec(
                 Job, description="The same request again: the existing job", generate_examples=False
             ),
@@ -263,7 +265,7 @@ class JobController(Controller):
     )
     async def create(
         self, tether: NamedDependency[Tether], request: Request[Any, Any, Any]
-    ) -> Response[Job]:
+    ) -> JsonAnswer:
         """Start a job on a backend: Tether triggers it, hands the external
         system a callback URL, and waits for that URL to be called.
 
@@ -281,7 +283,7 @@ class JobController(Controller):
             request, JobRequest, empty='send a JSON object: {"backend": ..., "params": {...}}'
         )
         job, created = await tether.create_job(data)
-        return Response(job, status_code=201 if created else 200)
+        return JsonAnswer(job, 201 if created else 200)
 
     @get(
         "/",
@@ -473,12 +475,15 @@ class JobController(Controller):
         opt=READ,
         operation_id="getJob",
         summary="Read a job",
-        responses=errors(400, 401, 404, 503),
+        responses={
+            200: ResponseSpec(Job, description="The job", generate_examples=False),
+            **errors(400, 401, 404, 503),
+        },
     )
-    async def get_job(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> Job:
+    async def get_job(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> JsonAnswer:
         """One job: its state, what its backend returned when triggered
         (`external`), and once it ended, its `result` or `error`."""
-        return await tether.get_job(job_id)
+        return JsonAnswer(await tether.get_job(job_id))
 
     @get(
         "/{job_id:str}/events",
@@ -671,7 +676,7 @@ class CallbackController(Controller):
         tether: NamedDependency[Tether],
         promise_id: FromPath[str],
         token: FromQuery[str | None] = None,
-    ) -> Response[CallbackResponse]:
+    ) -> JsonAnswer:
         """The callback URL a backend hands the external system. The token
         comes from the URL (`?token=`) or as `Authorization: Bearer`; a missing
         or wrong one is 401, whether or not the promise exists.
@@ -688,9 +693,9 @@ class CallbackController(Controller):
         error = None
         if result.outcome in ("conflict", "gone"):
             error = ErrorBody(code=result.outcome, message=result.message)
-        return Response(
+        return JsonAnswer(
             CallbackResponse(result.outcome, result.job, result.message, error),
-            status_code=CALLBACK_STATUS[result.outcome],
+            CALLBACK_STATUS[result.outcome],
         )
 
     @post(
