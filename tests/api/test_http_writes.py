@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
+from uuid import UUID
 
 import httpx
 from litestar import Litestar, get
@@ -21,7 +23,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from api.errors import tether_error, too_deep
-from api.http import SERVER_OPTIONS
+from api.http import SERVER_OPTIONS, JsonAnswer
 from core.errors import StoreUnavailable
 
 SSE = {"accept": "text/event-stream"}
@@ -65,6 +67,19 @@ async def small() -> dict[str, str]:
     return {"hello": "world"}
 
 
+VALUE = {"hello": "world", "at": datetime(2026, 12, 5, 2, 30, tzinfo=UTC), "id": UUID(int=7)}
+
+
+@get("/litestars", status_code=201)
+async def litestars() -> dict[str, Any]:
+    return VALUE
+
+
+@get("/ours")
+async def ours() -> JsonAnswer:
+    return JsonAnswer(VALUE, 201)
+
+
 @get("/stream")
 async def stream() -> ServerSentEvent:
     async def events() -> AsyncIterator[ServerSentEventMessage]:
@@ -76,7 +91,10 @@ async def stream() -> ServerSentEvent:
 
 def connect() -> tuple[Any, Recorder]:
     config = Config(
-        Litestar([small, stream]), http=SERVER_OPTIONS["http"], log_config=None, access_log=False
+        Litestar([small, litestars, ours, stream]),
+        http=SERVER_OPTIONS["http"],
+        log_config=None,
+        access_log=False,
     )
     config.load()
     protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
@@ -107,6 +125,26 @@ async def test_a_json_answer_is_one_write_of_head_and_body():
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"content-length: 17" in head.lower()
     assert body == b'{"hello":"world"}'
+
+
+async def test_a_json_answer_made_by_its_handler_is_the_answer_litestar_makes():
+    """`JsonAnswer` (the routes every job passes through) sends what
+    Litestar's own answer for the same value sends: status, headers, bytes
+    (a date-time and a UUID encoded as Litestar encodes them)."""
+    answers = []
+    for path in ("/litestars", "/ours"):
+        protocol, transport = connect()
+        protocol.data_received(request("GET", path))
+        await answered(protocol)
+        assert len(transport.writes) == 1
+        lines = transport.writes[0].split(b"\r\n")
+        answers.append([line for line in lines if not line.lower().startswith(b"date:")])
+    assert answers[0] == answers[1]
+    assert answers[1][0] == b"HTTP/1.1 201 Created"
+    assert b"content-type: application/json" in answers[1]
+    assert answers[1][-1] == (
+        b'{"hello":"world","at":"2026-12-05T02:30:00Z","id":"00000000-0000-0000-0000-000000000007"}'
+    )
 
 
 async def test_pipelined_answers_are_one_write_each_in_order():
