@@ -17,7 +17,7 @@ from resonate.error import PlatformError, ServerError
 
 import api.logs
 from api.cli import log_config
-from api.logs import TEXT_FORMAT, JsonFormatter, Repeats, StaleLeases, formatter
+from api.logs import TEXT_FORMAT, JsonFormatter, Repeats, StaleLeases, TextFormatter, formatter
 
 
 def record(msg: str, *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:
@@ -86,6 +86,25 @@ def test_extras_never_replace_the_lines_own_keys():
     assert "_private" not in line
 
 
+def test_the_time_written_once_a_second_is_the_time_each_record_has(monkeypatch):
+    """The formatters write a second's text once and reuse it: each line's
+    time is still its record's, to the millisecond, across seconds and back
+    (a clock set back), the text as the standard formatter writes it and
+    the JSON `ts` in UTC."""
+    text, ours, as_json = logging.Formatter(TEXT_FORMAT), TextFormatter(), JsonFormatter()
+    base = 1_764_901_800  # 2025-12-05 02:30:00 UTC
+    for ms in (123, 987, 999, 1_000, 1_004, 2_500, 500, 61_000, 3_600_001):
+        monkeypatch.setattr(time, "time", lambda ms=ms: base + ms / 1000)
+        rec = record("job %s accepted", "j1")
+        assert ours.format(rec) == text.format(rec)
+        second = datetime.fromtimestamp(base + ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        # the record's milliseconds, as the text line has them (a float's
+        # 0.123 may be 122 of them: the line and the JSON agree)
+        assert abs(rec.msecs - ms % 1000) <= 1
+        assert json.loads(as_json.format(rec))["ts"] == f"{second}.{int(rec.msecs):03d}Z"
+        assert text.format(rec).split(" ")[1].endswith(f",{int(rec.msecs):03d}")
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_formatter_plugs_into_dict_config(log_format):
     stream = io.StringIO()
@@ -110,7 +129,7 @@ def test_formatter_plugs_into_dict_config(log_format):
             logger.removeHandler(handler)
     out = stream.getvalue()
     if log_format == "text":
-        assert formatter("text") == {"format": TEXT_FORMAT}
+        assert formatter("text") == {"()": TextFormatter}
         assert out.endswith(" INFO tether.test_json_logs: job j3 accepted\n")
     else:
         line = json.loads(out)
