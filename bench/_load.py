@@ -188,6 +188,7 @@ async def rps(spec: dict[str, Any]) -> dict[str, Any]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     counter = count()
+    answered = 0  # warm-up included: the service's CPU is read over the whole phase
     async with _session(concurrency) as http:
         start = time.perf_counter()
         measure_from = start + warmup
@@ -195,7 +196,7 @@ async def rps(spec: dict[str, Any]) -> dict[str, Any]:
         cpu0 = 0.0
 
         async def worker() -> None:
-            nonlocal cpu0
+            nonlocal cpu0, answered
             while True:
                 a = time.perf_counter()
                 if a >= end:
@@ -209,6 +210,7 @@ async def rps(spec: dict[str, Any]) -> dict[str, Any]:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     continue
                 b = time.perf_counter()
+                answered += 1
                 if a >= measure_from:
                     if status == expect:
                         latencies.append((b - a) * 1e3)
@@ -226,6 +228,7 @@ async def rps(spec: dict[str, Any]) -> dict[str, Any]:
         cpu_s = _cpu() - cpu0
     return {
         "requests": len(latencies),
+        "answered": answered,
         "rps": len(latencies) / duration,
         "latencies": latencies,
         "errors": errors,

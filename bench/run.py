@@ -309,6 +309,7 @@ class Ceiling:
     rss_mb: float = math.nan
     ready_s: float = math.nan
     load_cpu: float = math.nan
+    cpu_us: float = math.nan  # the server's CPU per request under the aiohttp load
     wrk_rps: float = math.nan  # the same endpoint measured by wrk (when installed)
     wrk_p50: float = math.nan
     wrk_p99: float = math.nan
@@ -358,6 +359,7 @@ class StoreResult:
     get_p50: float = math.nan
     get_p99: float = math.nan
     get_load_cpu: float = math.nan
+    get_cpu_us: float = math.nan  # the service's CPU per GET, all processes
     get_note: str = ""
     rss_idle_mb: float = math.nan
     rss_warm_mb: float = math.nan
@@ -421,9 +423,11 @@ def measure_ceiling(
                 "concurrency": concurrency,
                 "duration": mode.get_seconds,
                 "warmup": 1.0,
-            }
+            },
+            watch=_Watched(child.pid),
         )
         c.rps = r["rps"]
+        c.cpu_us = per_request_us(r)
         c.p50, c.p99 = percentile(r["latencies"], 50), percentile(r["latencies"], 99)
         c.load_cpu = r["load_cpu_s"] / r["wall_s"]
         wrk = run_wrk(base + "/c", concurrency, mode.get_seconds)
@@ -434,6 +438,14 @@ def measure_ceiling(
     if receiver is not None:
         c.shape = measure_shape(runner, workers, concurrency, mode, out, receiver)
     return c
+
+
+def per_request_us(r: dict[str, Any]) -> float:
+    """The service's CPU per answered request over an `rps` phase (its
+    warm-up included on both sides): steadier than req/s, which the aiohttp
+    load process bounds when it runs at a whole core."""
+    answered = r.get("answered", 0)
+    return r["service_cpu_s"] / answered * 1e6 if answered and "service_cpu_s" in r else math.nan
 
 
 class _Watched:
@@ -602,6 +614,7 @@ def run_get(
     res.get_rps = r["rps"]
     res.get_p50, res.get_p99 = percentile(r["latencies"], 50), percentile(r["latencies"], 99)
     res.get_load_cpu = r["load_cpu_s"] / r["wall_s"]
+    res.get_cpu_us = per_request_us(r)
     if r["errors"]:
         res.get_note = "errors: " + ", ".join(f"{k} x{v}" for k, v in r["errors"].items())
 
@@ -1315,6 +1328,11 @@ def table(results: list[StoreResult], mode: Mode, concurrency: int) -> str:
             )
             for r in results
         ],
+    )
+    row(
+        "service CPU per `GET /jobs/{id}` (µs, all processes); vs: the ceiling's per `GET`",
+        "",
+        [(fmt(r.get_cpu_us), ratio(r.get_cpu_us, r.ceiling.cpu_us, True), "") for r in results],
     )
     row(
         "RSS idle, fresh start (MB, all processes)",
