@@ -226,6 +226,9 @@ class OneWriteCycle(RequestResponseCycle):
             first.flush()  # nothing written (a HEAD request, an empty body)
 
 
+JSON = b"application/json"
+
+
 class JsonAnswer:
     """A JSON answer encoded by its handler, returned as it is: Litestar sends
     an ASGI app a handler returns without building a `Response` around it.
@@ -255,8 +258,6 @@ class JsonAnswer:
         )
         await send({"type": "http.response.body", "body": body})
 
-
-JSON = b"application/json"
 
 SERVER_OPTIONS: dict[str, Any] = {"loop": "uvloop", "http": HttpProtocol}
 """uvicorn options `tether serve` and the tests' in-process services share."""

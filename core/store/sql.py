@@ -188,6 +188,12 @@ class Written(NamedTuple):
         return next((p for p in self.promoted if p.id == rec.id), rec)
 
 
+type _Plan = tuple[list[tuple[str, str]], tuple[str, str] | None]
+"""How one (state, backend) of a list page is read: the lists its filters
+name (`(kind, value)`: a tag, a state, a backend), and the one that drives
+(None: the table itself, by `seq`)."""
+
+
 class _Span(NamedTuple):
     """Where one read of a list page looks: `seq` below `before_seq`, in
     [`low`, `high`] (a time window's range), from `floor` up on the driving
@@ -485,7 +491,7 @@ class SqlJobIndex:
             if window is None:
                 return Listed([])
             low, high = window
-        plans: list[tuple[list[tuple[str, str]], tuple[str, str] | None]] = []
+        plans: list[_Plan] = []
         for state, backend in pairs:
             if "\0" not in (state or "") + (backend or ""):
                 named = [*(("tag", tag) for tag in tags), ("state", state), ("backend", backend)]
@@ -524,7 +530,7 @@ class SqlJobIndex:
 
     async def _read(
         self,
-        plans: Sequence[tuple[list[tuple[str, str]], tuple[str, str] | None]],
+        plans: Sequence[_Plan],
         limit: int,
         span: _Span,
     ) -> list[JobRecord]:
