@@ -177,8 +177,9 @@ class TetherProcess:
     def _start(self, port: int, wait: float) -> TetherProcess:
         if port != self.port:  # the last port was taken: this process moves
             url = f"http://127.0.0.1:{port}"
-            if self.env.get("TETHER_PUBLIC_URL") == self.url:  # ours, not the test's
-                self.env["TETHER_PUBLIC_URL"] = url
+            public = self.env.get("TETHER_PUBLIC_URL", "")
+            if public == self.url or public.startswith(self.url + "/"):  # ours, or ours + a path
+                self.env["TETHER_PUBLIC_URL"] = url + public[len(self.url) :]
             self.env["TETHER_PORT"] = str(port)
             self.port, self.url = port, url
         exe = self._command()
