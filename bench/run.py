@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 BENCH = Path(__file__).resolve().parent
@@ -154,6 +154,10 @@ class Child:
             self.proc.wait(10)
 
 
+BENCH_SETS = ("TETHER_STORE", "TETHER_PUBLIC_URL", "TETHER_CALLBACK_SECRET")
+"""The settings each service gets from the benchmark itself."""
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without any TETHER_* of the caller's (the service runs
     with its defaults), plus `extra`."""
@@ -170,6 +174,8 @@ class Service:
     port: int
     log: Path
     child: Child | None = None
+    settings: ClassVar[dict[str, str]] = {}
+    """`--set` settings every service of the run gets (TETHER_* names)."""
 
     @property
     def base(self) -> str:
@@ -179,6 +185,7 @@ class Service:
         """Start `tether serve`; return the seconds until /health answered."""
         exe = shutil.which("tether", path=str(Path(PY).parent)) or "tether"
         env = clean_env(
+            **self.settings,
             TETHER_STORE=self.url,
             TETHER_PUBLIC_URL=self.base,
             TETHER_CALLBACK_SECRET=SECRET,
@@ -1466,7 +1473,23 @@ def main(argv: list[str] | None = None) -> int:
         " (costs CPU: the figures of a profiled run are lower)",
     )
     parser.add_argument("--py-spy", default=None, help="path of py-spy (default: on PATH)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TETHER_NAME=VALUE",
+        help="a setting for every service the run starts (repeatable), for instance"
+        " --set TETHER_ACCESS_LOG=0 to measure what a setting costs; the report names them",
+    )
     args = parser.parse_args(argv)
+    for item in args.set:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("TETHER_") or name in BENCH_SETS:
+            parser.error(
+                f"--set {item!r}: give TETHER_NAME=VALUE, a setting other than"
+                f" {', '.join(BENCH_SETS)} (the benchmark sets those)"
+            )
+        Service.settings[name] = value
 
     mode = QUICK if args.quick else FULL
     if args.jobs:
@@ -1524,6 +1547,10 @@ def main(argv: list[str] | None = None) -> int:
         f" {os.cpu_count()} CPUs, took {took / 60:.1f} min"
     )
     print()
+    if Service.settings:
+        shown = ", ".join(f"`{k}={v}`" for k, v in sorted(Service.settings.items()))
+        print(f"Services ran with {shown} (`--set`), not only their defaults.")
+        print()
     if results:
         print(table(results, mode, args.concurrency))
         print()
