@@ -175,7 +175,7 @@ class Service:
     log: Path
     child: Child | None = None
     settings: ClassVar[dict[str, str]] = {}
-    """`--set` settings every service of the run gets (TETHER_* names)."""
+    """`--set` settings every `tether serve` of the run gets (TETHER_* names)."""
 
     @property
     def base(self) -> str:
@@ -1478,7 +1478,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="TETHER_NAME=VALUE",
-        help="a setting for every service the run starts (repeatable), for instance"
+        help="a setting for every `tether serve` the run starts (repeatable), for instance"
         " --set TETHER_ACCESS_LOG=0 to measure what a setting costs; the report names them",
     )
     args = parser.parse_args(argv)
