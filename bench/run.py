@@ -1482,6 +1482,7 @@ def main(argv: list[str] | None = None) -> int:
         " --set TETHER_ACCESS_LOG=0 to measure what a setting costs; the report names them",
     )
     args = parser.parse_args(argv)
+    settings: dict[str, str] = {}
     for item in args.set:
         name, eq, value = item.partition("=")
         if not eq or not name.startswith("TETHER_") or name in BENCH_SETS:
@@ -1489,7 +1490,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"--set {item!r}: give TETHER_NAME=VALUE, a setting other than"
                 f" {', '.join(BENCH_SETS)} (the benchmark sets those)"
             )
-        Service.settings[name] = value
+        settings[name] = value
+    Service.settings = settings  # this run's, not added to a class-wide dict
 
     mode = QUICK if args.quick else FULL
     if args.jobs:
