@@ -28,12 +28,14 @@ import contextlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -156,6 +158,23 @@ class Child:
 
 BENCH_SETS = ("TETHER_STORE", "TETHER_PUBLIC_URL", "TETHER_CALLBACK_SECRET")
 """The settings each service gets from the benchmark itself."""
+
+
+def interpreter() -> str:
+    """The report's line on the interpreter every process of the run used:
+    its build moves every figure (HISTORY.md, thirty-second pass)."""
+    options = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    flags = [f for f in ("--enable-optimizations", "--with-lto") if f in options]
+    build = (
+        f"configured with {' and '.join(f'`{f}`' for f in flags)}"
+        if flags
+        else "its configure options name neither `--enable-optimizations` nor `--with-lto`"
+        " (pyenv's default build; a distribution's may use both without saying so)"
+    )
+    return (
+        f"Every process ran {platform.python_implementation()} {platform.python_version()}"
+        f" ({Path(sys.base_prefix)}); {build}."
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -1548,6 +1567,8 @@ def main(argv: list[str] | None = None) -> int:
         f"## Tether benchmark — {mode.name} mode, {datetime.now():%Y-%m-%d %H:%M},"
         f" {os.cpu_count()} CPUs, took {took / 60:.1f} min"
     )
+    print()
+    print(interpreter())
     print()
     if Service.settings:
         shown = ", ".join(f"`{k}={v}`" for k, v in sorted(Service.settings.items()))
