@@ -123,6 +123,11 @@ TASK_PARAMETER_FIELDS = {"notebook_task": "base_parameters"}
 notebooks: they ignore parameters they do not read, while a Python wheel or
 script would get them as command-line arguments it may reject."""
 
+RUN_NAME_MARK = "[tether {}]"
+"""Written at the end of a one-time run's name (after the name given, if
+any) when none of its tasks takes Tether's parameters: `cancel_unrecorded`
+finds such a run by it, as it finds the others by their parameters."""
+
 WholeFloat = Annotated[float, Meta(extra_json_schema={"multipleOf": 1})]
 """An integer written with a fraction (`7.0`): JSON Schema counts it an integer,
 msgspec's `int` does not, so an `int` field takes it too (`__post_init__` makes
@@ -393,9 +398,10 @@ class Databricks(Backend):
         )
 
     async def cancel_unrecorded(self, trigger: Trigger) -> None:
-        """Cancels the runs not yet ended whose parameters carry this
-        attempt's `tether_promise_id` (`runs/list`: the job's runs, or the
-        one-time runs, started since the job was created, less
+        """Cancels the runs not yet ended that carry this attempt's
+        `tether_promise_id`, in their parameters or (a one-time run with no
+        notebook task) in their name, `RUN_NAME_MARK` (`runs/list`: the job's
+        runs, or the one-time runs, started since the job was created, less
         `LOOKUP_SLACK` for the two clocks; `LOOKUP_LIMIT` at most): a run a
         trigger try started though its answer was lost. A repair of the
         previous attempt's run carries the new attempt's parameters too."""
@@ -416,7 +422,9 @@ class Databricks(Backend):
             )
             found = []
             for seen, run in enumerate(runs, 1):
-                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or [])
+                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or []) or _named_for(
+                    run, trigger.promise_id
+                )
                 if ours and run.run_id is not None and not _run_over(run):
                     found.append(run.run_id)
                 if seen >= LOOKUP_LIMIT:
@@ -592,17 +600,29 @@ def _check_task_keys(submit: SubmitRun) -> None:
 
 def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, Any]:
     """The one-time run spec as JSON (a copy), with Tether's parameters added to
-    its notebook tasks."""
+    its notebook tasks; when no task takes them, the attempt's promise id is
+    written into the run's name instead (`RUN_NAME_MARK`)."""
     spec: dict[str, Any] = msgspec.to_builtins(submit)
     tasks = []
+    given = False
     for task in spec["tasks"]:
         task = dict(task)
         for kind, field in TASK_PARAMETER_FIELDS.items():
             section = task.get(kind)
             if isinstance(section, dict):
                 task[kind] = {**section, field: {**(section.get(field) or {}), **ours}}
+                given = True
         tasks.append(task)
+    promise_id = ours.get(PROMISE_ID_PARAM)
+    if not given and promise_id:
+        mark = RUN_NAME_MARK.format(promise_id)
+        spec["run_name"] = f"{spec['run_name']} {mark}" if spec.get("run_name") else mark
     return {**spec, "tasks": tasks}
+
+
+def _named_for(run: BaseRun, promise_id: str) -> bool:
+    """Whether a one-time run's name carries this promise id's mark."""
+    return (run.run_name or "").endswith(RUN_NAME_MARK.format(promise_id))
 
 
 def _describe(w: WorkspaceClient, run_id: int, job_id: int | None) -> dict[str, Any]:

@@ -936,6 +936,22 @@ def test_tethers_parameters_go_to_notebook_tasks_only():
     assert submit.tasks[0]["notebook_task"]["base_parameters"] == {"a": "1"}  # a copy
 
 
+@pytest.mark.parametrize(("given", "named"), [("r", "r [tether j:1]"), (None, "[tether j:1]")])
+def test_a_one_time_run_no_task_of_which_takes_parameters_is_named_for_its_attempt(given, named):
+    """Tether's parameters go to no task of a run without a notebook task,
+    so the attempt's promise id goes into the run's name: `cancel_unrecorded`
+    finds it there. A run with a notebook task keeps its name."""
+    wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+    ours = {"tether_promise_id": "j:1", "tether_job_id": "j"}
+    spec = _with_parameters(SubmitRun(tasks=[wheel], run_name=given), ours)
+    assert spec["run_name"] == named
+    assert spec["tasks"] == [wheel]
+    assert (
+        _with_parameters(SubmitRun(tasks=[wheel, NOTEBOOK], run_name=given), ours).get("run_name")
+        == given
+    )
+
+
 # ── the backend against the workspace ────────────────────────────────────────
 
 
@@ -1138,6 +1154,33 @@ async def test_cancel_unrecorded_finds_the_attempts_active_run_among_pages_of_ot
     assert all(workspace.runs[r].status != "TERMINATED" for r in others)
     lists = workspace.calls("/api/2.2/jobs/runs/list", "GET")
     assert len(lists) == 2  # two pages
+    assert (
+        f"INFO databricks: job j: asked to cancel run {ours}, started by a trigger try whose"
+        " answer was lost"
+    ) in sdk_logs
+
+
+async def test_cancel_unrecorded_finds_a_one_time_run_without_a_notebook_task_by_its_name(
+    backend, workspace: FakeWorkspace, sdk_logs
+):
+    """A one-time run of a Python wheel carries no parameters of Tether's: it
+    is found by the promise id in its name, among other jobs' such runs
+    (whose names differ only past the mark's start: `j:1` is not `oj:1`,
+    nor `j:10`), and canceled."""
+    wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+    params = {"submit": {"run_name": "nightly", "tasks": [wheel]}}
+    ours = (await backend.trigger(trigger(params)))["run_id"]
+    others = [(await backend.trigger(other_trigger(params, n)))["run_id"] for n in range(3)]
+    ten = msgspec.structs.replace(trigger(params), promise_id="j:10", idempotency_key="j:10")
+    others.append((await backend.trigger(ten))["run_id"])
+    assert workspace.runs[ours].run_name == "nightly [tether j:1]"
+
+    await backend.cancel_unrecorded(
+        msgspec.structs.replace(trigger(params), job=job("canceled", params))
+    )
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": ours}]
+    assert all(workspace.runs[r].status != "TERMINATED" for r in others)
     assert (
         f"INFO databricks: job j: asked to cancel run {ours}, started by a trigger try whose"
         " answer was lost"
