@@ -340,15 +340,29 @@ async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
                 }
             },
         ),
+        (
+            SUBMIT,
+            {
+                "submit": {
+                    "tasks": [
+                        {
+                            "task_key": "main",
+                            "python_wheel_task": {"package_name": "p", "entry_point": "e"},
+                        }
+                    ]
+                }
+            },
+        ),
     ],
-    ids=["job", "one-time"],
+    ids=["job", "one-time", "one-time-wheel"],
 )
 async def test_a_run_whose_every_trigger_answer_was_lost_is_found_and_canceled(
     start_databricks, workspace: FakeWorkspace, path: str, params: dict[str, Any]
 ):
     """Databricks started the run, and every try's answer came back cut
     short: the job fails, and its finish finds the run by its promise id
-    (`runs/list`) and cancels it, rather than leave it going unrecorded."""
+    (`runs/list`) and cancels it, rather than leave it going unrecorded. A
+    wheel's run takes no parameters of Tether's: it is found by its name."""
     workspace.notebooks["hang"] = hang
     workspace.add_job(7, notebook="hang")
     workspace.garble(path, times=10)
