@@ -144,14 +144,23 @@ class Workspace:
     def __repr__(self) -> str:  # never show the client's config
         return f"Workspace(profile={self.settings.profile!r})"
 
-    async def call[T](self, fn: Callable[[WorkspaceClient], T], *secrets: str) -> T:
+    async def call[T](
+        self, fn: Callable[[WorkspaceClient], T], *secrets: str, once: bool = False
+    ) -> T:
         """`fn(client)` in a worker thread. `secrets` are scrubbed from errors
-        besides the client's own credentials."""
+        besides the client's own credentials. `once`: the SDK sends each
+        request once, never again after a dropped connection or a timeout
+        (for a request that starts something and takes no idempotency
+        token: the caller looks before it tries again)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(self._run, fn, secrets))
+        run = functools.partial(self._run, fn, secrets, once)
+        return await loop.run_in_executor(self._pool, run)
 
-    def _run[T](self, fn: Callable[[WorkspaceClient], T], secrets: tuple[str, ...]) -> T:
+    def _run[T](
+        self, fn: Callable[[WorkspaceClient], T], secrets: tuple[str, ...], once: bool
+    ) -> T:
         try:
+            _sending.once = once
             return fn(self.client())
         except BackendError as exc:
             message = self.scrub(exc.message, secrets)
@@ -160,6 +169,8 @@ class Workspace:
             ) from None
         except Exception as exc:
             raise self.translate(exc, secrets) from None
+        finally:
+            _sending.once = False
 
     def client(self) -> WorkspaceClient:
         """The client, built on first use (in a worker thread: building it makes
@@ -322,6 +333,9 @@ _SCRUB = (
 )
 
 
+_sending = threading.local()
+"""`once`: the call this worker thread runs must not be sent again by the SDK."""
+
 RETRY_AFTER_KEY = "tether_retry_after"
 """Where an error's `Retry-After` is kept, out of the SDK's sight."""
 
@@ -354,6 +368,8 @@ def hand_back_throttling(client: WorkspaceClient) -> None:
     sdk_test = base._is_retryable
 
     def connection_errors_only(err: BaseException) -> str | None:
+        if getattr(_sending, "once", False):  # `Workspace.call(..., once=True)`
+            return None
         return None if isinstance(err, DatabricksError) else sdk_test(err)
 
     base._is_retryable = connection_errors_only  # type: ignore[method-assign]  # see above

@@ -36,22 +36,29 @@ method, `TETHER_DATABRICKS_PROFILE`, `_RETRY_TIMEOUT`, `_HTTP_TIMEOUT`,
 `_THREADS`); its own setting is `TETHER_DATABRICKS_SQL_WAREHOUSE_ID`, the
 warehouse of jobs that name none, which readiness checks (`warehouses.get`).
 
-**Exactly once is not possible here.** The Statement Execution API takes no
-idempotency token, and a statement cannot be found again by anything the
-caller chose (statements are not listed; the query history API filters by
-neither statement text nor tag). So a statement may run twice: when the
-process dies after Databricks accepted it but before Tether recorded its id
-(the trigger step runs again), and when the answer to `execute_statement` is
-lost (a timeout or a reset connection: databricks-sdk and then Tether try
-again). Write statements that are safe to repeat (`MERGE`, `INSERT
-OVERWRITE`, `CREATE OR REPLACE`), or check the warehouse's query history
-after a crash.
+**Once, by its tag.** The Statement Execution API takes no idempotency
+token, and the trigger runs again after a crash, or after a try whose answer
+was lost (a timeout, a dropped connection). So each statement carries a query
+tag, `tether` = the attempt's idempotency key, and the statement is sent once
+per try (the SDK does not send it again, `Workspace.call(once=True)`); before
+each try the warehouse's query history is read (`query_history.list`, this
+warehouse, since the job was created, newest first, at most `HISTORY_PAGES`
+pages) for a statement carrying that tag: one found is the job's, and none is
+submitted. `cancel_unrecorded` cancels such a statement when the job ended
+with none recorded. What this cannot see: a statement the query history does
+not list yet when the next try looks (Databricks does not say how soon a
+statement appears there), and any statement when the history cannot be read
+(a refusal submits as before, and the log says so; a failure worth trying
+again fails the try). Statements safe to repeat (`MERGE`, `INSERT OVERWRITE`,
+`CREATE OR REPLACE`) stay the safe choice.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -92,6 +99,21 @@ MAX_CHECK_INTERVAL = 86400.0
 DEFAULT_ROW_LIMIT = 1000
 MAX_ROW_LIMIT = 10_000
 MAX_PARAMETERS = 256
+
+TAG_KEY = "tether"
+"""The query tag each statement carries, its value the attempt's idempotency
+key: how a statement whose submission's answer was lost is found again in
+the warehouse's query history (before the next try, and to cancel it)."""
+HISTORY_PAGE = 500
+"""Queries a page of the query history (the API takes fewer than 1,000)."""
+HISTORY_PAGES = 20
+"""Pages read at most when looking for a statement: the 10,000 queries the
+warehouse ran last since the job was created."""
+HISTORY_SPAN_MS = 29 * 86_400_000
+"""The query history takes a time range of at most 30 days."""
+CLOCK_MARGIN_MS = 300_000
+"""How far the window reaches past the job's creation and now: this host's
+clock and Databricks' may differ."""
 
 WAREHOUSE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 """A SQL warehouse id (16 hex digits in practice); it goes into URL paths."""
@@ -257,11 +279,36 @@ class DatabricksSql(Backend):
         params: DatabricksSqlParams = trigger.params
         warehouse_id = params.warehouse_id or self.settings.warehouse_id
         parameters = sql_parameters(params.parameters)
+        extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+
+        earlier = await self._look_for_earlier(trigger, warehouse_id)
+        if earlier:
+            statement_id = earlier[0]
+            log.info(
+                "databricks_sql: job %s: statement %s on warehouse %s was submitted by an"
+                " earlier try (the query history lists it): not submitted again",
+                trigger.job.id,
+                statement_id,
+                warehouse_id,
+                extra=extra,
+            )
+            if len(earlier) > 1:
+                log.warning(
+                    "databricks_sql: job %s: %d statements carry its tag (%s); statement %s,"
+                    " the first, is the job's",
+                    trigger.job.id,
+                    len(earlier),
+                    ", ".join(earlier),
+                    statement_id,
+                    extra=extra,
+                )
+            return {"statement_id": statement_id, "warehouse_id": warehouse_id}
 
         def execute(w: WorkspaceClient) -> str:
             from databricks.sdk.service.sql import (
                 Disposition,
                 Format,
+                QueryTag,
                 StatementParameterListItem,
             )
 
@@ -276,6 +323,7 @@ class DatabricksSql(Backend):
                 byte_limit=min(self.max_result_bytes, INLINE_LIMIT),
                 disposition=Disposition.INLINE,
                 format=Format.JSON_ARRAY,
+                query_tags=[QueryTag(key=TAG_KEY, value=trigger.idempotency_key)],
             )
             if not response.statement_id:  # accepted, perhaps: never send it again
                 raise BackendError(
@@ -284,19 +332,82 @@ class DatabricksSql(Backend):
                 )
             return response.statement_id
 
-        statement_id = await self.workspace.call(execute)
+        # Sent once: a try whose answer was lost is looked for before the next.
+        statement_id = await self.workspace.call(execute, once=True)
         log.info(
             "databricks_sql: job %s started statement %s on warehouse %s",
             trigger.job.id,
             statement_id,
             warehouse_id,
-            extra={
-                "job_id": trigger.job.id,
-                "promise_id": trigger.promise_id,
-                "backend": self.name,
-            },
+            extra=extra,
         )
         return {"statement_id": statement_id, "warehouse_id": warehouse_id}
+
+    async def cancel_unrecorded(self, trigger: Trigger) -> None:
+        """Cancels the statements the query history lists with this attempt's
+        tag: submitted by a try whose answer was lost, not recorded."""
+        params: DatabricksSqlParams = trigger.params
+        warehouse_id = params.warehouse_id or self.settings.warehouse_id
+        found = await self._find(trigger, warehouse_id)
+        for statement_id in found:
+            cancel = functools.partial(_cancel_statement, statement_id=statement_id)
+            await self.workspace.call(cancel)
+            log.info(
+                "databricks_sql: job %s: asked to cancel statement %s, which no try's answer"
+                " recorded (found in the query history by its tag)",
+                trigger.job.id,
+                statement_id,
+                extra={"job_id": trigger.job.id, "backend": self.name},
+            )
+
+    async def _look_for_earlier(self, trigger: Trigger, warehouse_id: str) -> list[str]:
+        """`_find`, before a statement is submitted. A refusal of the look
+        (no such API, no permission) submits as if nothing was found, and
+        says so; a failure worth trying again fails this try."""
+        try:
+            return await self._find(trigger, warehouse_id)
+        except BackendError as exc:
+            if exc.retryable:
+                raise
+            log.warning(
+                "databricks_sql: job %s: the query history cannot be read (%s): the statement"
+                " is submitted without looking for an earlier try's",
+                trigger.job.id,
+                exc,
+                extra={"job_id": trigger.job.id, "backend": self.name},
+            )
+            return []
+
+    async def _find(self, trigger: Trigger, warehouse_id: str) -> list[str]:
+        """The statements on `warehouse_id` tagged with this attempt's key,
+        first submitted first: the warehouse's query history since the job
+        was created, newest first, at most `HISTORY_PAGES` pages."""
+        key = trigger.idempotency_key
+        now_ms = int(time.time() * 1000)
+        created_ms = int(trigger.job.created_at.timestamp() * 1000)
+        since = max(created_ms - CLOCK_MARGIN_MS, now_ms - HISTORY_SPAN_MS)
+
+        def look(w: WorkspaceClient) -> list[str]:
+            from databricks.sdk.service.sql import QueryFilter, TimeRange
+
+            window = TimeRange(start_time_ms=since, end_time_ms=now_ms + CLOCK_MARGIN_MS)
+            wanted = QueryFilter(warehouse_ids=[warehouse_id], query_start_time_range=window)
+            found: dict[str, int] = {}
+            token = None
+            for _ in range(HISTORY_PAGES):
+                page = w.query_history.list(
+                    filter_by=wanted, max_results=HISTORY_PAGE, page_token=token
+                )
+                for query in page.res or ():
+                    tags = query.query_tags or ()
+                    if query.query_id and any(t.key == TAG_KEY and t.value == key for t in tags):
+                        found[query.query_id] = query.query_start_time_ms or 0
+                token = page.next_page_token
+                if not page.has_next_page or not token:
+                    break
+            return sorted(found, key=lambda sid: (found[sid], sid))
+
+        return await self.workspace.call(look)
 
     async def cancel(self, job: Job) -> None:
         statement_id = _statement_id(job)
@@ -375,6 +486,10 @@ class DatabricksSql(Backend):
         if state in ("DELETED", "DELETING"):
             return Readiness("error", f"{shown} is {state}")
         return Readiness("ok", f"{shown} is {state}")
+
+
+def _cancel_statement(w: WorkspaceClient, statement_id: str) -> None:
+    w.statement_execution.cancel_execution(statement_id)
 
 
 def _statement_id(job: Job) -> str | None:

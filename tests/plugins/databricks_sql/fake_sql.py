@@ -9,7 +9,15 @@
   404 for a statement it never had or has forgotten;
 - `POST /api/2.0/sql/statements/{id}/cancel` → a live statement is `CANCELED`;
 - `GET /api/2.0/sql/warehouses/{id}` → the warehouse, or 404;
-- `GET /api/2.0/preview/scim/v2/Me` → who the token belongs to.
+- `GET /api/2.0/preview/scim/v2/Me` → who the token belongs to;
+- `GET /api/2.0/sql/history/queries` → the statements, newest first, with
+  their query tags, filtered by `filter_by.warehouse_ids` and
+  `filter_by.query_start_time_range`, in pages of `max_results` (the
+  `page_token` is the index of the page's first).
+
+Faults, on the next matching request: `drop` (a statement is made, then the
+connection closes unanswered), `hold` (made, then the request hangs until
+released, then closes unanswered), `refuse` (an error status, nothing done).
 
 Every `/api/` request needs `Authorization: Bearer <token>`. Statements move
 only on the test's command: `run` (→ `RUNNING`), `succeed`, `fail`,
@@ -25,13 +33,14 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tests.conftest import POLL
 
 TOKEN = "dapi5e1ec7f00dba11c0ffee5e1ec7f00dba11"
 WAREHOUSE = "abcdef1234567890"
 STATEMENTS = "/api/2.0/sql/statements"
+HISTORY = "/api/2.0/sql/history/queries"
 LIVE = ("PENDING", "RUNNING")
 
 
@@ -45,6 +54,21 @@ class Statement:
     chunks: int = 1
     error: dict[str, str] | None = None
     sql_state: str | None = None
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    def as_query(self) -> dict[str, Any]:
+        """The statement as the query history lists it."""
+        status = {"PENDING": "QUEUED", "SUCCEEDED": "FINISHED"}.get(self.state, self.state)
+        query: dict[str, Any] = {
+            "query_id": self.statement_id,
+            "warehouse_id": self.request.get("warehouse_id"),
+            "query_text": self.request.get("statement"),
+            "query_start_time_ms": self.started_ms,
+            "status": status,
+        }
+        if self.request.get("query_tags"):
+            query["query_tags"] = self.request["query_tags"]
+        return query
 
     def as_json(self) -> dict[str, Any]:
         status: dict[str, Any] = {"state": self.state}
@@ -88,11 +112,23 @@ class Statement:
 
 
 @dataclass
+class Fault:
+    method: str
+    path: str
+    kind: str  # "drop", "hold" or "refuse"
+    status: int = 500
+    error_code: str = ""
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class Seen:
     method: str
     path: str
     body: Any
     authorized: bool
+    query: dict[str, list[str]] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -108,6 +144,7 @@ class FakeSqlApi:
         }
         self.statements: dict[str, Statement] = {}
         self.seen: list[Seen] = []
+        self.faults: list[Fault] = []
         self.echo_credentials = False
         """When set, a refused token is quoted in the answer (as a careless
         proxy might), to prove Tether scrubs it."""
@@ -185,11 +222,40 @@ class FakeSqlApi:
     def calls(self, path: str, method: str = "POST") -> list[Seen]:
         return [s for s in self.seen if s.path == path and s.method == method]
 
+    def drop(self, path: str = STATEMENTS) -> Fault:
+        """The next request is done, its answer lost (the connection closes)."""
+        return self._fault(Fault("POST", path, "drop"))
+
+    def hold(self, path: str = STATEMENTS) -> Fault:
+        """The next request is done, then hangs until `release`, unanswered."""
+        return self._fault(Fault("POST", path, "hold"))
+
+    def refuse(self, path: str, status: int, error_code: str, method: str = "GET") -> Fault:
+        """The next request is refused with `status`, and nothing done."""
+        return self._fault(Fault(method, path, "refuse", status, error_code))
+
+    def _fault(self, fault: Fault) -> Fault:
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.path == path:
+                    self.faults.remove(fault)
+                    return fault
+        return None
+
     # ── the API ─────────────────────────────────────────────────────────────
 
-    def answer(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+    def answer(
+        self, method: str, path: str, body: Any, query: dict[str, list[str]]
+    ) -> tuple[int, dict[str, Any]]:
         if method == "POST" and path == STATEMENTS:
             return self.execute(body)
+        if method == "GET" and path == HISTORY:
+            return self.history(query)
         if path.startswith(STATEMENTS + "/"):
             statement_id, _, action = path.removeprefix(STATEMENTS + "/").partition("/")
             with self.lock:
@@ -212,6 +278,28 @@ class FakeSqlApi:
         if method == "GET" and path == "/api/2.0/preview/scim/v2/Me":
             return 200, {"id": "1", "userName": "tether@example.com"}
         return 404, _error("ENDPOINT_NOT_FOUND", f"No API found for {method} {path}")
+
+    def history(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        warehouses = query.get("filter_by.warehouse_ids")
+        start = int(query.get("filter_by.query_start_time_range.start_time_ms", ["0"])[0])
+        end = int(query.get("filter_by.query_start_time_range.end_time_ms", [str(2**62)])[0])
+        size = int(query.get("max_results", ["100"])[0])
+        if not 1 <= size < 1000:
+            return 400, _error("INVALID_PARAMETER_VALUE", "max_results must be less than 1000")
+        first = int(query.get("page_token", ["0"])[0])
+        with self.lock:
+            listed = [
+                stmt.as_query()
+                for stmt in reversed(self.statements.values())
+                if (warehouses is None or stmt.request.get("warehouse_id") in warehouses)
+                and start <= stmt.started_ms <= end
+            ]
+        page = listed[first : first + size]
+        more = first + size < len(listed)
+        answer: dict[str, Any] = {"res": page, "has_next_page": more}
+        if more:
+            answer["next_page_token"] = str(first + size)
+        return 200, answer
 
     def execute(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         warehouse_id = body.get("warehouse_id")
@@ -243,7 +331,8 @@ def _handler(api: FakeSqlApi) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _handle(self) -> None:
-            path = urlsplit(self.path).path
+            parts = urlsplit(self.path)
+            path = parts.path
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length) if length else b""
             body = json.loads(raw) if raw else {}
@@ -252,14 +341,27 @@ def _handler(api: FakeSqlApi) -> type[BaseHTTPRequestHandler]:
                 return
             given = self.headers.get("authorization", "")
             authorized = given == f"Bearer {api.token}"
-            api.seen.append(Seen(self.command, path, body, authorized))
+            query = parse_qs(parts.query)
+            api.seen.append(Seen(self.command, path, body, authorized, query))
             if not authorized:
                 message = "Invalid access token."
                 if api.echo_credentials:
                     message += f" (got {given!r} for {self.command} {self.path})"
                 self._answer(403, _error("PERMISSION_DENIED", message))
                 return
-            self._answer(*api.answer(self.command, path, body))
+            fault = api.take_fault(self.command, path)
+            if fault is not None and fault.kind == "refuse":
+                fault.reached.set()
+                self._answer(fault.status, _error(fault.error_code, "refused by the test"))
+                return
+            answer = api.answer(self.command, path, body, query)
+            if fault is not None:  # the work is done, the answer is lost
+                fault.reached.set()
+                if fault.kind == "hold":
+                    fault.release.wait(60)
+                self.close_connection = True
+                return
+            self._answer(*answer)
 
         do_GET = do_POST = _handle
 

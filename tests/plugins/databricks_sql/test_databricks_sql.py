@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from core.workflow import callback_promise_id
 from plugins.databricks_sql.statements import MAX_RESULT_BYTES
 from tests.conftest import HOLD, eventually
-from tests.plugins.databricks_sql.fake_sql import STATEMENTS, TOKEN, WAREHOUSE, FakeSqlApi
+from tests.plugins.databricks_sql.fake_sql import HISTORY, STATEMENTS, TOKEN, WAREHOUSE, FakeSqlApi
 
 FAST = {"check_interval": 0.1}
 """Status checks as often as the backend allows, so that tests take little time."""
@@ -89,7 +90,12 @@ async def test_a_statement_succeeds_and_the_job_holds_its_rows_and_columns(
         "byte_limit": MAX_RESULT_BYTES,
         "disposition": "INLINE",
         "format": "JSON_ARRAY",
+        # how a statement whose answer was lost is found again
+        "query_tags": [{"key": "tether", "value": callback_promise_id("daily")}],
     }
+    # looked for first, in the warehouse's query history since the job was made
+    [look] = sql_api.calls(HISTORY, "GET")
+    assert look.query["filter_by.warehouse_ids"] == [WAREHOUSE]
 
     sql_api.run(statement_id)
 

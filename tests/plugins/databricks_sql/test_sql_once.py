@@ -1,0 +1,142 @@
+"""A statement is submitted once, even when the answer to its submission is
+lost: the Statement Execution API takes no idempotency token, so each
+statement carries a query tag naming its attempt, and before each try (and
+to cancel an unrecorded statement) Tether looks for it in the warehouse's
+query history. The real service and the real databricks-sdk client against
+the fake API (tests/plugins/databricks_sql/fake_sql.py); the crash case
+kills the real `tether serve` process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.workflow import callback_promise_id
+from tests.conftest import HOLD, eventually
+from tests.plugins.databricks_sql.fake_sql import HISTORY, STATEMENTS, WAREHOUSE, FakeSqlApi
+from tests.plugins.databricks_sql.test_databricks_sql import (
+    FAST,
+    events_of,
+    start_job,
+    statement_of,
+)
+from tests.process import TetherProcess, wait_for
+
+PARAMS = {"warehouse_id": WAREHOUSE, "statement": "MERGE INTO t USING s ON t.k = s.k", **FAST}
+
+
+async def test_a_statement_whose_answer_was_lost_is_found_not_run_again(
+    start_sql, sql_api: FakeSqlApi
+):
+    """Databricks accepted the statement and the connection dropped before
+    its answer: the SDK does not send it again, Tether's next try finds it
+    in the query history by its tag, and the job follows that statement."""
+    dropped = sql_api.drop()
+    svc = await start_sql()
+    await start_job(svc, "merge", PARAMS)
+
+    statement_id = await statement_of(svc, sql_api, "merge")
+    assert dropped.reached.is_set()
+    assert len(sql_api.calls(STATEMENTS)) == 1
+    assert list(sql_api.statements) == [statement_id]
+    assert len(sql_api.calls(HISTORY, "GET")) == 2  # before each try
+    [failed] = [e for e in await events_of(svc, "merge") if e["type"] == "trigger_failed"]
+    assert failed["data"]["retry_in"] is not None  # a lost answer is tried again
+
+    sql_api.succeed(statement_id, [("rows", "BIGINT")], [["3"]])
+    job = await svc.wait_state("merge", "succeeded")
+    assert (job["result"]["statement_id"], job["result"]["rows"]) == (statement_id, [["3"]])
+    await eventually(lambda: len(sql_api.statements) == 1, holds=HOLD)
+
+
+async def test_a_statement_of_another_job_is_not_taken(start_sql, sql_api: FakeSqlApi):
+    """Only a statement tagged with this attempt's key counts: an earlier
+    job's statement, with the same text on the same warehouse, does not."""
+    svc = await start_sql()
+    await start_job(svc, "first", PARAMS)
+    first = await statement_of(svc, sql_api, "first")
+    await start_job(svc, "second", PARAMS)
+    second = await statement_of(svc, sql_api, "second")
+    assert first != second and len(sql_api.statements) == 2
+    tags = [s.request["query_tags"] for s in sql_api.statements.values()]
+    assert tags == [
+        [{"key": "tether", "value": callback_promise_id("first")}],
+        [{"key": "tether", "value": callback_promise_id("second")}],
+    ]
+
+
+async def test_an_unrecorded_statement_is_canceled_when_the_job_fails(
+    start_sql, sql_api: FakeSqlApi
+):
+    """The only try's answer was lost: the job fails by its trigger, and its
+    finish finds the statement by its tag and cancels it, rather than leave
+    it running with no job to show it."""
+    sql_api.drop()
+    svc = await start_sql(trigger_attempts=1)
+    await start_job(svc, "once", PARAMS)
+
+    job = await svc.wait_state("once", "failed", timeout=30)
+    assert job["external"] is None
+    [statement] = sql_api.statements.values()
+    await eventually(lambda: statement.state == "CANCELED", timeout=20)
+    assert len(sql_api.calls(f"{STATEMENTS}/{statement.statement_id}/cancel")) >= 1
+    assert len(sql_api.calls(STATEMENTS)) == 1
+
+
+async def test_a_query_history_that_cannot_be_read_does_not_stop_the_job(
+    start_sql, sql_api: FakeSqlApi, logs: Any
+):
+    """A refusal of the look (no permission, no such API) submits the
+    statement as before and says so in the log; a failure worth retrying
+    fails the try, which is tried again (looking again first)."""
+    sql_api.refuse(HISTORY, 403, "PERMISSION_DENIED")
+    svc = await start_sql()
+    await start_job(svc, "blind", PARAMS)
+    await statement_of(svc, sql_api, "blind")
+    assert "the query history cannot be read" in logs.text
+    assert len(sql_api.calls(HISTORY, "GET")) == 1
+
+    sql_api.refuse(HISTORY, 503, "TEMPORARILY_UNAVAILABLE")
+    await start_job(svc, "later", PARAMS)
+    await statement_of(svc, sql_api, "later")
+    assert len(sql_api.calls(HISTORY, "GET")) == 3  # refused once, then read
+    assert len(sql_api.statements) == 2
+    [failed] = [e for e in await events_of(svc, "later") if e["type"] == "trigger_failed"]
+    assert failed["data"]["error"]["type"] == "TEMPORARILY_UNAVAILABLE"
+
+
+def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
+    tmp_path: Path, sql_api: FakeSqlApi
+):
+    """The real `tether serve`, killed with SIGKILL after Databricks accepted
+    the statement but before its answer came: on restart the replayed
+    trigger finds the statement by its tag; still one statement."""
+    held = sql_api.hold()  # the statement is made; its answer never comes
+    env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
+        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
+        "TETHER_TASK_TTL": "2",
+    }
+    first = TetherProcess(tmp_path, env).start(wait=60)
+    try:
+        with first.client() as client:
+            body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
+            response = client.post("/jobs", json={"id": "crash", **body})
+            assert response.status_code == 201, response.text
+            assert held.reached.wait(60), "the statement never arrived"
+    finally:
+        first.kill()
+    held.release.set()
+    [statement] = sql_api.statements.values()
+
+    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
+    try:
+        with second.client() as client:
+            job = wait_for(client, "crash", "running", recorded=True)
+            assert job["external"]["statement_id"] == statement.statement_id
+            assert len(sql_api.calls(STATEMENTS)) == 1
+            sql_api.succeed(statement.statement_id, [("n", "INT")], [["1"]])
+            wait_for(client, "crash", "succeeded", recorded=True)
+    finally:
+        second.kill()
+    assert len(sql_api.statements) == 1
+    assert "was submitted by an earlier try" in second.log.read_text()
