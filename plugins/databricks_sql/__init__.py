@@ -36,21 +36,21 @@ method, `TETHER_DATABRICKS_PROFILE`, `_RETRY_TIMEOUT`, `_HTTP_TIMEOUT`,
 `_THREADS`); its own setting is `TETHER_DATABRICKS_SQL_WAREHOUSE_ID`, the
 warehouse of jobs that name none, which readiness checks (`warehouses.get`).
 
-**Once, by its tag.** The Statement Execution API takes no idempotency
-token, and the trigger runs again after a crash, or after a try whose answer
-was lost (a timeout, a dropped connection). So each statement carries a query
-tag, `tether` = the attempt's idempotency key, and the statement is sent once
-per try (the SDK does not send it again, `Workspace.call(once=True)`); before
-each try the warehouse's query history is read (`query_history.list`, this
-warehouse, since the job was created, newest first, at most `HISTORY_PAGES`
-pages) for a statement carrying that tag: one found is the job's, and none is
-submitted. `cancel_unrecorded` cancels such a statement when the job ended
-with none recorded. What this cannot see: a statement the query history does
-not list yet when the next try looks (Databricks does not say how soon a
-statement appears there), and any statement when the history cannot be read
-(a refusal submits as before, and the log says so; a failure worth trying
-again fails the try). Statements safe to repeat (`MERGE`, `INSERT OVERWRITE`,
-`CREATE OR REPLACE`) stay the safe choice.
+**Once, by its tag.** The Statement Execution API takes no idempotency token,
+and the trigger runs again after a crash, or after a try whose answer was lost
+(a timeout, a dropped connection). So each statement carries a query tag,
+`tether` = the attempt's idempotency key, and the statement is sent once per
+try (the SDK does not send it again, `Workspace.call(once=True)`); before each
+try the warehouse's query history is read (`query_history.list`, this
+warehouse, the credentials' own user, since the job was created, newest first,
+at most `HISTORY_PAGES` pages) for a statement carrying that tag: one found is
+the job's, and none is submitted. `cancel_unrecorded` cancels such a statement
+when the job ended with none recorded. What this cannot see: a statement the
+query history does not list yet when the next try looks (Databricks does not
+say how soon a statement appears there), and any statement when the history
+cannot be read (a refusal submits as before, and the log says so; a failure
+worth trying again fails the try). Statements safe to repeat (`MERGE`, `INSERT
+OVERWRITE`, `CREATE OR REPLACE`) stay the safe choice.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ HISTORY_PAGES = 20
 warehouse ran last since the job was created."""
 HISTORY_SPAN_MS = 29 * 86_400_000
 """The query history takes a time range of at most 30 days."""
-CLOCK_MARGIN_MS = 300_000
+CLOCK_MARGIN_MS = 60_000
 """How far the window reaches past the job's creation and now: this host's
 clock and Databricks' may differ."""
 
@@ -265,6 +265,7 @@ class DatabricksSql(Backend):
     ) -> None:
         self.settings = settings or DatabricksSqlSettings.from_env()
         self.workspace = Workspace(client_settings or DatabricksSettings.from_env())
+        self._user: list[int] | None = None
         self.max_result_bytes = result_bound()
         """The core's bound on a result (`TETHER_MAX_RESULT_BYTES`): rows are
         cut to fit it here, so that the core never has to cut the table."""
@@ -380,8 +381,9 @@ class DatabricksSql(Backend):
 
     async def _find(self, trigger: Trigger, warehouse_id: str) -> list[str]:
         """The statements on `warehouse_id` tagged with this attempt's key,
-        first submitted first: the warehouse's query history since the job
-        was created, newest first, at most `HISTORY_PAGES` pages."""
+        first submitted first: the warehouse's query history of the
+        credentials' own user since the job was created, newest first, at
+        most `HISTORY_PAGES` pages."""
         key = trigger.idempotency_key
         now_ms = int(time.time() * 1000)
         created_ms = int(trigger.job.created_at.timestamp() * 1000)
@@ -391,7 +393,11 @@ class DatabricksSql(Backend):
             from databricks.sdk.service.sql import QueryFilter, TimeRange
 
             window = TimeRange(start_time_ms=since, end_time_ms=now_ms + CLOCK_MARGIN_MS)
-            wanted = QueryFilter(warehouse_ids=[warehouse_id], query_start_time_range=window)
+            wanted = QueryFilter(
+                warehouse_ids=[warehouse_id],
+                query_start_time_range=window,
+                user_ids=self._own_user(w),
+            )
             found: dict[str, int] = {}
             token = None
             for _ in range(HISTORY_PAGES):
@@ -408,6 +414,15 @@ class DatabricksSql(Backend):
             return sorted(found, key=lambda sid: (found[sid], sid))
 
         return await self.workspace.call(look)
+
+    def _own_user(self, w: WorkspaceClient) -> list[int] | None:
+        """The credentials' own user id (`current_user.me`, asked once), which
+        the statements they submit run as: the look reads only those. None
+        (every user's) when it is not a number."""
+        if self._user is None:
+            found = w.current_user.me().id or ""
+            self._user = [int(found)] if found.isdigit() else []
+        return self._user or None
 
     async def cancel(self, job: Job) -> None:
         statement_id = _statement_id(job)

@@ -11,8 +11,8 @@
 - `GET /api/2.0/sql/warehouses/{id}` → the warehouse, or 404;
 - `GET /api/2.0/preview/scim/v2/Me` → who the token belongs to;
 - `GET /api/2.0/sql/history/queries` → the statements, newest first, with
-  their query tags, filtered by `filter_by.warehouse_ids` and
-  `filter_by.query_start_time_range`, in pages of `max_results` (the
+  their query tags, filtered by `filter_by.warehouse_ids`,
+  `filter_by.user_ids` and `filter_by.query_start_time_range`, in pages of `max_results` (the
   `page_token` is the index of the page's first).
 
 Faults, on the next matching request: `drop` (a statement is made, then the
@@ -41,6 +41,8 @@ TOKEN = "dapi5e1ec7f00dba11c0ffee5e1ec7f00dba11"
 WAREHOUSE = "abcdef1234567890"
 STATEMENTS = "/api/2.0/sql/statements"
 HISTORY = "/api/2.0/sql/history/queries"
+USER_ID = 1
+"""Who the token belongs to, and whom every statement runs as."""
 LIVE = ("PENDING", "RUNNING")
 
 
@@ -65,6 +67,7 @@ class Statement:
             "query_text": self.request.get("statement"),
             "query_start_time_ms": self.started_ms,
             "status": status,
+            "user_id": USER_ID,
         }
         if self.request.get("query_tags"):
             query["query_tags"] = self.request["query_tags"]
@@ -276,11 +279,12 @@ class FakeSqlApi:
                 )
             return 200, warehouse
         if method == "GET" and path == "/api/2.0/preview/scim/v2/Me":
-            return 200, {"id": "1", "userName": "tether@example.com"}
+            return 200, {"id": str(USER_ID), "userName": "tether@example.com"}
         return 404, _error("ENDPOINT_NOT_FOUND", f"No API found for {method} {path}")
 
     def history(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         warehouses = query.get("filter_by.warehouse_ids")
+        users = query.get("filter_by.user_ids")
         start = int(query.get("filter_by.query_start_time_range.start_time_ms", ["0"])[0])
         end = int(query.get("filter_by.query_start_time_range.end_time_ms", [str(2**62)])[0])
         size = int(query.get("max_results", ["100"])[0])
@@ -292,6 +296,7 @@ class FakeSqlApi:
                 stmt.as_query()
                 for stmt in reversed(self.statements.values())
                 if (warehouses is None or stmt.request.get("warehouse_id") in warehouses)
+                and (users is None or str(USER_ID) in users)
                 and start <= stmt.started_ms <= end
             ]
         page = listed[first : first + size]

@@ -93,9 +93,10 @@ async def test_a_statement_succeeds_and_the_job_holds_its_rows_and_columns(
         # how a statement whose answer was lost is found again
         "query_tags": [{"key": "tether", "value": callback_promise_id("daily")}],
     }
-    # looked for first, in the warehouse's query history since the job was made
+    # looked for first, in the query history of this warehouse and of Tether's user
     [look] = sql_api.calls(HISTORY, "GET")
     assert look.query["filter_by.warehouse_ids"] == [WAREHOUSE]
+    assert look.query["filter_by.user_ids"] == ["1"]
 
     sql_api.run(statement_id)
 
