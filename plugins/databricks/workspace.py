@@ -150,8 +150,9 @@ class Workspace:
         """`fn(client)` in a worker thread. `secrets` are scrubbed from errors
         besides the client's own credentials. `once`: the SDK sends each
         request once, never again after a dropped connection or a timeout
-        (for a request that starts something and takes no idempotency
-        token: the caller looks before it tries again)."""
+        once it may have left (for a request that starts something and
+        takes no idempotency token: the caller looks before it tries
+        again); a connection never made is tried again as usual."""
         loop = asyncio.get_running_loop()
         run = functools.partial(self._run, fn, secrets, once)
         return await loop.run_in_executor(self._pool, run)
@@ -368,11 +369,25 @@ def hand_back_throttling(client: WorkspaceClient) -> None:
     sdk_test = base._is_retryable
 
     def connection_errors_only(err: BaseException) -> str | None:
-        if getattr(_sending, "once", False):  # `Workspace.call(..., once=True)`
-            return None
+        if getattr(_sending, "once", False) and not _never_sent(err):
+            return None  # `Workspace.call(..., once=True)`
         return None if isinstance(err, DatabricksError) else sdk_test(err)
 
     base._is_retryable = connection_errors_only  # type: ignore[method-assign]  # see above
+
+
+def _never_sent(err: BaseException) -> bool:
+    """Whether the request failed before any of it left: no connection was
+    made (refused, unresolved, its connect timed out). Sending it again
+    cannot repeat it."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(err, requests.exceptions.ConnectionError) or not err.args:
+        return False
+    return isinstance(getattr(err.args[0], "reason", None), NewConnectionError)
 
 
 def _screaming(name: str) -> str:

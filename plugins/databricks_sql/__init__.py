@@ -38,24 +38,27 @@ warehouse of jobs that name none, which readiness checks (`warehouses.get`).
 
 **Once, by its tag.** The Statement Execution API takes no idempotency token,
 and the trigger runs again after a crash, or after a try whose answer was lost
-(a timeout, a dropped connection). So each statement carries a query tag,
-`tether` = the attempt's idempotency key, and the statement is sent once per
-try (the SDK does not send it again, `Workspace.call(once=True)`); before each
-try the warehouse's query history is read (`query_history.list`, this
-warehouse, the credentials' own user, since the job was created, newest first,
-at most `HISTORY_PAGES` pages) for a statement carrying that tag: one found is
-the job's, and none is submitted. `cancel_unrecorded` cancels such a statement
-when the job ended with none recorded. What this cannot see: a statement the
-query history does not list yet when the next try looks (Databricks does not
-say how soon a statement appears there), and any statement when the history
-cannot be read (a refusal submits as before, and the log says so; a failure
-worth trying again fails the try). Statements safe to repeat (`MERGE`, `INSERT
-OVERWRITE`, `CREATE OR REPLACE`) stay the safe choice.
+(a timeout, a dropped connection). So each statement carries the query tag
+`tether` = `tag_value(idempotency key)` and is sent once per try (the SDK does
+not send it again, `Workspace.call(once=True)`); before each try the
+warehouse's query history is read (`query_history.list`: this warehouse, the
+credentials' own user, since the job was created, newest first, at most
+`HISTORY_PAGES` pages) for a statement carrying that tag: the first found is
+the job's (a repeat is canceled), and none is submitted. A try that lost its
+answer keeps its key "unsure" for `SETTLE` seconds, in which a later try that
+finds nothing waits (the history may list it late). `cancel_unrecorded`
+cancels such statements when the job ended with none recorded. What this
+cannot see (docs/databricks.md): a statement listed later than that, or after
+a restart; any statement when the history cannot be read (a refusal submits as
+before, and the log says so; a failure worth trying again fails the try).
+Statements safe to repeat (`MERGE`, `INSERT OVERWRITE`, `CREATE OR REPLACE`)
+stay the safe choice.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import time
@@ -101,19 +104,26 @@ MAX_ROW_LIMIT = 10_000
 MAX_PARAMETERS = 256
 
 TAG_KEY = "tether"
-"""The query tag each statement carries, its value the attempt's idempotency
-key: how a statement whose submission's answer was lost is found again in
-the warehouse's query history (before the next try, and to cancel it)."""
+"""The query tag each statement carries, its value `tag_value` of the
+attempt's idempotency key: how a statement whose submission's answer was
+lost is found again in the warehouse's query history (before the next try,
+and to cancel it)."""
+JOB_TAG_KEY = "tether_job"
+"""A second tag, the job's id, for people reading the query history."""
 HISTORY_PAGE = 500
 """Queries a page of the query history (the API takes fewer than 1,000)."""
 HISTORY_PAGES = 20
-"""Pages read at most when looking for a statement: the 10,000 queries the
-warehouse ran last since the job was created."""
+"""Pages read at most when looking for a statement: the 10,000 newest
+queries of the credentials' user on the warehouse since the job was made."""
 HISTORY_SPAN_MS = 29 * 86_400_000
 """The query history takes a time range of at most 30 days."""
-CLOCK_MARGIN_MS = 60_000
+CLOCK_MARGIN_MS = 300_000
 """How far the window reaches past the job's creation and now: this host's
-clock and Databricks' may differ."""
+clock (the job's `created_at`) and Databricks' (a query's start) may differ."""
+SETTLE = 30.0
+"""Seconds a statement whose submission's answer was lost is given to appear
+in the query history: until then this process does not submit it again (a
+try fails with `retry_after`, and the next one looks again)."""
 
 WAREHOUSE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 """A SQL warehouse id (16 hex digits in practice); it goes into URL paths."""
@@ -266,6 +276,8 @@ class DatabricksSql(Backend):
         self.settings = settings or DatabricksSqlSettings.from_env()
         self.workspace = Workspace(client_settings or DatabricksSettings.from_env())
         self._user: list[int] | None = None
+        self._unsure: dict[str, float] = {}
+        """Keys of statements this process sent whose answer was lost, and when."""
         self.max_result_bytes = result_bound()
         """The core's bound on a result (`TETHER_MAX_RESULT_BYTES`): rows are
         cut to fit it here, so that the core never has to cut the table."""
@@ -282,28 +294,20 @@ class DatabricksSql(Backend):
         parameters = sql_parameters(params.parameters)
         extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
 
+        key = trigger.idempotency_key
         earlier = await self._look_for_earlier(trigger, warehouse_id)
         if earlier:
-            statement_id = earlier[0]
-            log.info(
-                "databricks_sql: job %s: statement %s on warehouse %s was submitted by an"
-                " earlier try (the query history lists it): not submitted again",
-                trigger.job.id,
-                statement_id,
-                warehouse_id,
-                extra=extra,
+            self._unsure.pop(key, None)
+            return await self._take(trigger, warehouse_id, earlier)
+        wait = self._still_settling(key)
+        if wait > 0:
+            raise BackendError(
+                "an earlier try's statement may have been accepted (its answer was lost) and"
+                f" the query history does not list it yet: looking again in {wait:.0f}s",
+                retryable=True,
+                code="statement_unsure",
+                retry_after=wait,
             )
-            if len(earlier) > 1:
-                log.warning(
-                    "databricks_sql: job %s: %d statements carry its tag (%s); statement %s,"
-                    " the first, is the job's",
-                    trigger.job.id,
-                    len(earlier),
-                    ", ".join(earlier),
-                    statement_id,
-                    extra=extra,
-                )
-            return {"statement_id": statement_id, "warehouse_id": warehouse_id}
 
         def execute(w: WorkspaceClient) -> str:
             from databricks.sdk.service.sql import (
@@ -324,7 +328,10 @@ class DatabricksSql(Backend):
                 byte_limit=min(self.max_result_bytes, INLINE_LIMIT),
                 disposition=Disposition.INLINE,
                 format=Format.JSON_ARRAY,
-                query_tags=[QueryTag(key=TAG_KEY, value=trigger.idempotency_key)],
+                query_tags=[
+                    QueryTag(key=TAG_KEY, value=tag_value(key)),
+                    QueryTag(key=JOB_TAG_KEY, value=trigger.job.id),
+                ],
             )
             if not response.statement_id:  # accepted, perhaps: never send it again
                 raise BackendError(
@@ -334,7 +341,13 @@ class DatabricksSql(Backend):
             return response.statement_id
 
         # Sent once: a try whose answer was lost is looked for before the next.
-        statement_id = await self.workspace.call(execute, once=True)
+        try:
+            statement_id = await self.workspace.call(execute, once=True)
+        except BackendError as exc:
+            if exc.retryable:  # it may have got through
+                self._unsure.setdefault(key, time.monotonic())
+            raise
+        self._unsure.pop(key, None)
         log.info(
             "databricks_sql: job %s started statement %s on warehouse %s",
             trigger.job.id,
@@ -343,6 +356,47 @@ class DatabricksSql(Backend):
             extra=extra,
         )
         return {"statement_id": statement_id, "warehouse_id": warehouse_id}
+
+    async def _take(
+        self, trigger: Trigger, warehouse_id: str, earlier: list[str]
+    ) -> dict[str, Any]:
+        """The job's statement is the first an earlier try submitted; any
+        later one (a repeat nothing could find in time) is canceled."""
+        statement_id, *repeats = earlier
+        extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+        log.info(
+            "databricks_sql: job %s: statement %s on warehouse %s was submitted by an"
+            " earlier try (the query history lists it): not submitted again",
+            trigger.job.id,
+            statement_id,
+            warehouse_id,
+            extra=extra,
+        )
+        for repeat in repeats:
+            log.warning(
+                "databricks_sql: job %s: statement %s repeats its statement %s (both carry"
+                " its tag): asking to cancel the repeat",
+                trigger.job.id,
+                repeat,
+                statement_id,
+                extra=extra,
+            )
+            await self.workspace.call(functools.partial(_cancel_statement, statement_id=repeat))
+        return {"statement_id": statement_id, "warehouse_id": warehouse_id}
+
+    def _still_settling(self, key: str) -> float:
+        """Seconds left before a statement this process sent with `key`, whose
+        answer was lost, may be sent again (0: none, or `SETTLE` is over)."""
+        now = time.monotonic()
+        for old in [k for k, t in self._unsure.items() if now - t > 20 * SETTLE]:
+            del self._unsure[old]  # the jobs those were for have long ended
+        sent = self._unsure.get(key)
+        if sent is None:
+            return 0.0
+        left = SETTLE - (now - sent)
+        if left <= 0:
+            del self._unsure[key]
+        return max(left, 0.0)
 
     async def cancel_unrecorded(self, trigger: Trigger) -> None:
         """Cancels the statements the query history lists with this attempt's
@@ -384,7 +438,7 @@ class DatabricksSql(Backend):
         first submitted first: the warehouse's query history of the
         credentials' own user since the job was created, newest first, at
         most `HISTORY_PAGES` pages."""
-        key = trigger.idempotency_key
+        value = tag_value(trigger.idempotency_key)
         now_ms = int(time.time() * 1000)
         created_ms = int(trigger.job.created_at.timestamp() * 1000)
         since = max(created_ms - CLOCK_MARGIN_MS, now_ms - HISTORY_SPAN_MS)
@@ -399,18 +453,27 @@ class DatabricksSql(Backend):
                 user_ids=self._own_user(w),
             )
             found: dict[str, int] = {}
-            token = None
-            for _ in range(HISTORY_PAGES):
-                page = w.query_history.list(
-                    filter_by=wanted, max_results=HISTORY_PAGE, page_token=token
-                )
+            page = w.query_history.list(filter_by=wanted, max_results=HISTORY_PAGE)
+            for number in range(2, HISTORY_PAGES + 2):
                 for query in page.res or ():
                     tags = query.query_tags or ()
-                    if query.query_id and any(t.key == TAG_KEY and t.value == key for t in tags):
+                    if query.query_id and any(t.key == TAG_KEY and t.value == value for t in tags):
                         found[query.query_id] = query.query_start_time_ms or 0
                 token = page.next_page_token
-                if not page.has_next_page or not token:
+                if not page.has_next_page or not token or number > HISTORY_PAGES:
                     break
+                try:  # the token alone: it stands for the filter (which Databricks
+                    # has refused beside a token, even the same one)
+                    page = w.query_history.list(max_results=HISTORY_PAGE, page_token=token)
+                except Exception as exc:
+                    if found:
+                        break
+                    said = self.workspace.translate(exc).message
+                    raise BackendError(
+                        f"the query history's page {number} could not be read: {said}",
+                        retryable=True,
+                        code="query_history",
+                    ) from None
             return sorted(found, key=lambda sid: (found[sid], sid))
 
         return await self.workspace.call(look)
@@ -420,8 +483,11 @@ class DatabricksSql(Backend):
         the statements they submit run as: the look reads only those. None
         (every user's) when it is not a number."""
         if self._user is None:
-            found = w.current_user.me().id or ""
-            self._user = [int(found)] if found.isdigit() else []
+            try:
+                found = w.current_user.me().id or ""
+            except Exception:  # looked for among every user's queries; asked again next time
+                return None
+            self._user = [int(found)] if found.isdecimal() and found.isascii() else []
         return self._user or None
 
     async def cancel(self, job: Job) -> None:
@@ -501,6 +567,12 @@ class DatabricksSql(Backend):
         if state in ("DELETED", "DELETING"):
             return Readiness("error", f"{shown} is {state}")
         return Readiness("ok", f"{shown} is {state}")
+
+
+def tag_value(key: str) -> str:
+    """The `tether` tag's value for an attempt's idempotency key: 32 hex
+    digits (a key has `:` and `~`, which the tags' text form gives meaning)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _cancel_statement(w: WorkspaceClient, statement_id: str) -> None:

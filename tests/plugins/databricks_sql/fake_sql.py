@@ -12,8 +12,10 @@
 - `GET /api/2.0/preview/scim/v2/Me` → who the token belongs to;
 - `GET /api/2.0/sql/history/queries` → the statements, newest first, with
   their query tags, filtered by `filter_by.warehouse_ids`,
-  `filter_by.user_ids` and `filter_by.query_start_time_range`, in pages of `max_results` (the
-  `page_token` is the index of the page's first).
+  `filter_by.user_ids` and `filter_by.query_start_time_range`, in pages of
+  `max_results`; a `page_token` stands for its filter, and a request giving
+  both is refused, as Databricks has; a statement is listed
+  `history_delay` seconds after it was made.
 
 Faults, on the next matching request: `drop` (a statement is made, then the
 connection closes unanswered), `hold` (made, then the request hangs until
@@ -148,6 +150,9 @@ class FakeSqlApi:
         self.statements: dict[str, Statement] = {}
         self.seen: list[Seen] = []
         self.faults: list[Fault] = []
+        self.pages: dict[str, tuple[dict[str, list[str]], int]] = {}
+        self.history_delay = 0.0
+        """Seconds before the query history lists a new statement."""
         self.echo_credentials = False
         """When set, a refused token is quoted in the answer (as a careless
         proxy might), to prove Tether scrubs it."""
@@ -283,28 +288,52 @@ class FakeSqlApi:
         return 404, _error("ENDPOINT_NOT_FOUND", f"No API found for {method} {path}")
 
     def history(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
-        warehouses = query.get("filter_by.warehouse_ids")
-        users = query.get("filter_by.user_ids")
-        start = int(query.get("filter_by.query_start_time_range.start_time_ms", ["0"])[0])
-        end = int(query.get("filter_by.query_start_time_range.end_time_ms", [str(2**62)])[0])
         size = int(query.get("max_results", ["100"])[0])
         if not 1 <= size < 1000:
             return 400, _error("INVALID_PARAMETER_VALUE", "max_results must be less than 1000")
-        first = int(query.get("page_token", ["0"])[0])
+        given = {k: v for k, v in query.items() if k.startswith("filter_by.")}
+        token = query.get("page_token", [None])[0]
+        if token is not None:
+            if given:  # as Databricks has answered, even for the same filter
+                return 400, _error(
+                    "INVALID_PARAMETER_VALUE",
+                    "When providing a page token and a filter, the filter must match the"
+                    " filter represented by the page token",
+                )
+            if token not in self.pages:
+                return 400, _error("INVALID_PARAMETER_VALUE", "invalid page token")
+            given, first = self.pages[token]
+        else:
+            first = 0
+        warehouses = given.get("filter_by.warehouse_ids")
+        users = given.get("filter_by.user_ids")
+        start = int(given.get("filter_by.query_start_time_range.start_time_ms", ["0"])[0])
+        end = int(given.get("filter_by.query_start_time_range.end_time_ms", [str(2**62)])[0])
+        shown_by = time.time() * 1000 - self.history_delay * 1000
         with self.lock:
             listed = [
                 stmt.as_query()
-                for stmt in reversed(self.statements.values())
+                for stmt in sorted(self.statements.values(), key=lambda s: -s.started_ms)
                 if (warehouses is None or stmt.request.get("warehouse_id") in warehouses)
                 and (users is None or str(USER_ID) in users)
                 and start <= stmt.started_ms <= end
+                and stmt.started_ms <= shown_by
             ]
         page = listed[first : first + size]
         more = first + size < len(listed)
         answer: dict[str, Any] = {"res": page, "has_next_page": more}
         if more:
-            answer["next_page_token"] = str(first + size)
+            token = uuid.uuid4().hex
+            self.pages[token] = (given, first + size)
+            answer["next_page_token"] = token
         return 200, answer
+
+    def add_statement(self, request: dict[str, Any], started_ms: int) -> Statement:
+        """A statement submitted earlier, as an earlier try might have."""
+        stmt = Statement(f"01f0seed-{uuid.uuid4()}", request, started_ms=started_ms)
+        with self.lock:
+            self.statements[stmt.statement_id] = stmt
+        return stmt
 
     def execute(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         warehouse_id = body.get("warehouse_id")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from core.workflow import callback_promise_id
+from plugins.databricks_sql import tag_value
 from plugins.databricks_sql.statements import MAX_RESULT_BYTES
 from tests.conftest import HOLD, eventually
 from tests.plugins.databricks_sql.fake_sql import HISTORY, STATEMENTS, TOKEN, WAREHOUSE, FakeSqlApi
@@ -91,7 +92,10 @@ async def test_a_statement_succeeds_and_the_job_holds_its_rows_and_columns(
         "disposition": "INLINE",
         "format": "JSON_ARRAY",
         # how a statement whose answer was lost is found again
-        "query_tags": [{"key": "tether", "value": callback_promise_id("daily")}],
+        "query_tags": [
+            {"key": "tether", "value": tag_value(callback_promise_id("daily"))},
+            {"key": "tether_job", "value": "daily"},
+        ],
     }
     # looked for first, in the query history of this warehouse and of Tether's user
     [look] = sql_api.calls(HISTORY, "GET")

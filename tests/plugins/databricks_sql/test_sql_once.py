@@ -8,10 +8,15 @@ kills the real `tether serve` process."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from core.workflow import callback_promise_id
+from plugins import databricks_sql
+from plugins.databricks_sql import tag_value
 from tests.conftest import HOLD, eventually
 from tests.plugins.databricks_sql.fake_sql import HISTORY, STATEMENTS, WAREHOUSE, FakeSqlApi
 from tests.plugins.databricks_sql.test_databricks_sql import (
@@ -58,11 +63,62 @@ async def test_a_statement_of_another_job_is_not_taken(start_sql, sql_api: FakeS
     await start_job(svc, "second", PARAMS)
     second = await statement_of(svc, sql_api, "second")
     assert first != second and len(sql_api.statements) == 2
-    tags = [s.request["query_tags"] for s in sql_api.statements.values()]
+    tags = [s.request["query_tags"][0] for s in sql_api.statements.values()]
     assert tags == [
-        [{"key": "tether", "value": callback_promise_id("first")}],
-        [{"key": "tether", "value": callback_promise_id("second")}],
+        {"key": "tether", "value": tag_value(callback_promise_id("first"))},
+        {"key": "tether", "value": tag_value(callback_promise_id("second"))},
     ]
+
+
+async def test_a_lost_statement_the_history_lists_late_is_waited_for_not_run_again(
+    start_sql, sql_api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch
+):
+    """The query history lists a statement a while after it was made: a try
+    after a lost answer that does not find it yet fails with `retry_after`
+    rather than submit again, until `SETTLE` is over; the next finds it,
+    pages through newer statements of other jobs to reach it (the page
+    token alone, which Databricks wants), and takes it."""
+    monkeypatch.setattr(databricks_sql, "SETTLE", 2.0)
+    monkeypatch.setattr(databricks_sql, "HISTORY_PAGE", 1)
+    sql_api.history_delay = 0.5
+    dropped = sql_api.drop()
+    svc = await start_sql()
+    await start_job(svc, "late", PARAMS)
+    await eventually(dropped.reached.is_set)
+    for other in ("a", "b"):  # newer: the late one's is on the third page
+        await start_job(svc, other, PARAMS)
+        await statement_of(svc, sql_api, other)
+
+    statement_id = await statement_of(svc, sql_api, "late")
+    assert len(sql_api.statements) == 3
+    assert len(sql_api.calls(STATEMENTS)) == 3  # one each
+    failed = [e for e in await events_of(svc, "late") if e["type"] == "trigger_failed"]
+    assert [e["data"]["error"]["type"] for e in failed][-1] == "statement_unsure"
+    pages = [c.query for c in sql_api.calls(HISTORY, "GET") if "page_token" in c.query]
+    assert pages and not any(k.startswith("filter_by.") for q in pages for k in q)
+    sql_api.succeed(statement_id, [("n", "INT")], [["1"]])
+    await svc.wait_state("late", "succeeded")
+
+
+async def test_a_repeat_is_canceled_and_a_statement_stamped_minutes_early_is_found(
+    start_sql, sql_api: FakeSqlApi
+):
+    """Two statements carry the job's tag (one was repeated before anything
+    could find it): the first is the job's, the repeat is canceled. The
+    first was stamped four minutes before the job was made (Databricks'
+    clock behind this host's): still found."""
+    tag = {"key": "tether", "value": tag_value(callback_promise_id("twice"))}
+    request = {"warehouse_id": WAREHOUSE, "statement": PARAMS["statement"], "query_tags": [tag]}
+    now_ms = int(time.time() * 1000)
+    first = sql_api.add_statement(request, started_ms=now_ms - 240_000)
+    repeat = sql_api.add_statement(request, started_ms=now_ms - 1_000)
+    svc = await start_sql()
+    await start_job(svc, "twice", PARAMS)
+
+    assert await statement_of(svc, sql_api, "twice") == first.statement_id
+    await eventually(lambda: repeat.state == "CANCELED")
+    assert first.state == "PENDING"
+    assert sql_api.calls(STATEMENTS) == []  # nothing submitted
 
 
 async def test_an_unrecorded_statement_is_canceled_when_the_job_fails(
