@@ -277,6 +277,9 @@ class DatabricksSql(Backend):
         self.workspace = Workspace(client_settings or DatabricksSettings.from_env())
         self._user: list[int] | None = None
         self._unsure: dict[str, float] = {}
+        self._last_sent = ""
+        """The last statement this process submitted, until a look's page lists it."""
+        self._said_tags_dropped = False
         """Keys of statements this process sent whose answer was lost, and when."""
         self.max_result_bytes = result_bound()
         """The core's bound on a result (`TETHER_MAX_RESULT_BYTES`): rows are
@@ -348,6 +351,7 @@ class DatabricksSql(Backend):
                 self._unsure.setdefault(key, time.monotonic())
             raise
         self._unsure.pop(key, None)
+        self._last_sent = statement_id
         log.info(
             "databricks_sql: job %s started statement %s on warehouse %s",
             trigger.job.id,
@@ -459,6 +463,8 @@ class DatabricksSql(Backend):
                     tags = query.query_tags or ()
                     if query.query_id and any(t.key == TAG_KEY and t.value == value for t in tags):
                         found[query.query_id] = query.query_start_time_ms or 0
+                    elif query.query_id == self._last_sent and self._last_sent:
+                        self._tags_seen(any(t.key == TAG_KEY for t in tags))
                 token = page.next_page_token
                 if not page.has_next_page or not token or number > HISTORY_PAGES:
                     break
@@ -477,6 +483,19 @@ class DatabricksSql(Backend):
             return sorted(found, key=lambda sid: (found[sid], sid))
 
         return await self.workspace.call(look)
+
+    def _tags_seen(self, kept: bool) -> None:
+        """The query history listed the last statement this process sent:
+        whether with its `tether` tag. Without it, the workspace drops query
+        tags, and a lost answer's statement cannot be found: said once."""
+        self._last_sent = ""
+        if not kept and not self._said_tags_dropped:
+            self._said_tags_dropped = True
+            log.warning(
+                "databricks_sql: the query history lists statements without the query tags"
+                " Tether gave them (this workspace does not keep query tags): a statement"
+                " whose submission's answer is lost cannot be found, and may run twice"
+            )
 
     def _own_user(self, w: WorkspaceClient) -> list[int] | None:
         """The credentials' own user id (`current_user.me`, asked once), which

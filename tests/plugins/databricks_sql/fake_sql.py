@@ -59,6 +59,7 @@ class Statement:
     error: dict[str, str] | None = None
     sql_state: str | None = None
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    drop_tags: bool = False
 
     def as_query(self) -> dict[str, Any]:
         """The statement as the query history lists it."""
@@ -71,7 +72,7 @@ class Statement:
             "status": status,
             "user_id": USER_ID,
         }
-        if self.request.get("query_tags"):
+        if self.request.get("query_tags") and not self.drop_tags:
             query["query_tags"] = self.request["query_tags"]
         return query
 
@@ -153,6 +154,9 @@ class FakeSqlApi:
         self.pages: dict[str, tuple[dict[str, list[str]], int]] = {}
         self.history_delay = 0.0
         """Seconds before the query history lists a new statement."""
+        self.drop_tags = False
+        """When set, statements made from now on are listed without their
+        query tags (a workspace without the feature)."""
         self.echo_credentials = False
         """When set, a refused token is quoted in the answer (as a careless
         proxy might), to prove Tether scrubs it."""
@@ -349,6 +353,7 @@ class FakeSqlApi:
                 "INVALID_PARAMETER_VALUE", f"wait_timeout {wait!r} is not 0s or 5s-50s"
             )
         stmt = Statement(f"01f0{uuid.uuid4().hex[4:8]}-{uuid.uuid4()}", body)
+        stmt.drop_tags = self.drop_tags
         with self.lock:
             self.statements[stmt.statement_id] = stmt
         return 200, {"statement_id": stmt.statement_id, "status": {"state": "PENDING"}}

@@ -161,6 +161,29 @@ async def test_a_query_history_that_cannot_be_read_does_not_stop_the_job(
     assert failed["data"]["error"]["type"] == "TEMPORARILY_UNAVAILABLE"
 
 
+async def test_a_workspace_that_drops_query_tags_is_said_once(
+    start_sql, sql_api: FakeSqlApi, logs: Any
+):
+    """Where the query history lists Tether's statements without their tags
+    (a workspace without the feature), nothing can be found again: the log
+    says so, once, as soon as a look lists a statement this process sent."""
+    sql_api.drop_tags = True
+    svc = await start_sql()
+    for job_id in ("one", "two", "three"):
+        await start_job(svc, job_id, PARAMS)
+        await statement_of(svc, sql_api, job_id)
+    assert logs.text.count("this workspace does not keep query tags") == 1
+
+
+async def test_a_workspace_that_keeps_them_says_nothing(start_sql, sql_api: FakeSqlApi, logs: Any):
+    svc = await start_sql()
+    for job_id in ("one", "two"):
+        await start_job(svc, job_id, PARAMS)
+        await statement_of(svc, sql_api, job_id)
+    assert "query tags" not in logs.text
+    assert "databricks_sql: job two started statement" in logs.text
+
+
 def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
     tmp_path: Path, sql_api: FakeSqlApi
 ):
