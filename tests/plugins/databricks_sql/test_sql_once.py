@@ -70,6 +70,35 @@ async def test_a_statement_of_another_job_is_not_taken(start_sql, sql_api: FakeS
     ]
 
 
+async def test_a_retried_job_runs_a_new_statement_not_the_failed_attempts(
+    start_sql, sql_api: FakeSqlApi
+):
+    """`POST /jobs/{id}/retry` of a failed job: attempt 2 carries its own tag,
+    so the look does not take attempt 1's statement for it."""
+    svc = await start_sql()
+    await start_job(svc, "again", PARAMS)
+    first = await statement_of(svc, sql_api, "again")
+    sql_api.fail(first, "[DELTA_CONCURRENT_APPEND] try again", "CONCURRENT_APPEND")
+    await svc.wait_state("again", "failed")
+
+    response = await svc.client.post("/jobs/again/retry")
+    assert response.status_code == 200, response.text
+
+    async def second_recorded() -> Any:
+        job = await svc.job("again")
+        return job["attempt"] == 2 and (job["external"] or {}).get("statement_id")
+
+    second = await eventually(second_recorded)
+    assert second != first and len(sql_api.statements) == 2
+    assert sql_api.statements[second].request["query_tags"][0] == {
+        "key": "tether",
+        "value": tag_value(callback_promise_id("again", 2)),
+    }
+    sql_api.succeed(second, [("n", "INT")], [["1"]])
+    job = await svc.wait_state("again", "succeeded")
+    assert job["attempt"] == 2
+
+
 async def test_a_lost_statement_the_history_lists_late_is_waited_for_not_run_again(
     start_sql, sql_api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch
 ):
