@@ -104,6 +104,13 @@ class Backend:
     settings_prefix: ClassVar[str] = ""
     """Prefix of `settings_type`'s variables, e.g. `TETHER_DATABRICKS_`."""
 
+    asks_if_replayed: ClassVar[bool] = False
+    """True: `trigger` and `rerun` are told whether an earlier run of the
+    trigger may have made a try nothing recorded (`Trigger.replayed`), which
+    costs a store read a trigger. For a backend that cannot hand the external
+    system an idempotency key and looks for an earlier try's run itself
+    (`databricks_sql`)."""
+
     def check_new_params(self, params: Any) -> None:
         """Called when a job is created, with its converted params, and never
         again: raise `ValueError` (its message names the field) to refuse

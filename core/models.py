@@ -425,7 +425,12 @@ class Trigger(msgspec.Struct, frozen=True):
       to the external system, never log it);
     - `idempotency_key`: derived from the promise id, at most 64 characters;
       pass it to the external system wherever it supports one, so a retried
-      trigger never starts a second run.
+      trigger never starts a second run;
+    - `replayed`: for a backend that sets `asks_if_replayed` (else always
+      False), whether an earlier run of this attempt's trigger may have made
+      a try that nothing recorded: the process died or stalled inside it (a
+      replay after a restart or a lease), or a call of the same run raised.
+      Tries made earlier in this same call are the backend's own to count.
     """
 
     job: Job
@@ -433,6 +438,7 @@ class Trigger(msgspec.Struct, frozen=True):
     promise_id: str
     callback_url: str
     idempotency_key: str
+    replayed: bool = False
 
     @property
     def heartbeat_url(self) -> str:

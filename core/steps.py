@@ -570,6 +570,8 @@ class JobSteps:
         clear refusal in a replayed run of the body (`_replayed`) says so
         (`replayed`): the try it repeats may have started a run."""
         trigger = self._trigger_of(rec, params, promise_id)
+        if backend.asks_if_replayed:
+            trigger = replace(trigger, replayed=await self._replayed(promise_id, began, again))
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may

@@ -44,15 +44,15 @@ not send it again, `Workspace.call(once=True)`); before each try the
 warehouse's query history is read (`query_history.list`: this warehouse, the
 credentials' own user, since the job was created, newest first, at most
 `HISTORY_PAGES` pages) for a statement carrying that tag: the first found is
-the job's (a repeat is canceled), and none is submitted. A try that lost its
-answer keeps its key "unsure" for `SETTLE` seconds, in which a later try that
-finds nothing waits (the history may list it late). `cancel_unrecorded`
-cancels such statements when the job ended with none recorded. What this
-cannot see (docs/databricks.md): a statement listed later than that, or after
-a restart; any statement when the history cannot be read (a refusal submits as
-before, and the log says so; a failure worth trying again fails the try).
-Statements safe to repeat (`MERGE`, `INSERT OVERWRITE`, `CREATE OR REPLACE`)
-stay the safe choice.
+the job's (a repeat is canceled), and none is submitted. A statement that may
+have been sent (a try's answer was lost; a replay, `Trigger.replayed`, which
+the backend asks for with `asks_if_replayed`) is given `settle` seconds to
+appear in the history before it is sent again. `cancel_unrecorded` cancels
+such statements when the job ended with none recorded. What this cannot see
+(docs/databricks.md): a statement listed later than that; any statement when
+the history cannot be read (a refusal submits as before, and the log says so;
+a failure worth trying again fails the try). Statements safe to repeat
+(`MERGE`, `INSERT OVERWRITE`, `CREATE OR REPLACE`) stay the safe choice.
 """
 
 from __future__ import annotations
@@ -121,9 +121,8 @@ CLOCK_MARGIN_MS = 300_000
 """How far the window reaches past the job's creation and now: this host's
 clock (the job's `created_at`) and Databricks' (a query's start) may differ."""
 SETTLE = 30.0
-"""Seconds a statement whose submission's answer was lost is given to appear
-in the query history: until then this process does not submit it again (a
-try fails with `retry_after`, and the next one looks again)."""
+"""The default of `TETHER_DATABRICKS_SQL_SETTLE`."""
+MAX_SETTLE = 3600.0
 
 WAREHOUSE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 """A SQL warehouse id (16 hex digits in practice); it goes into URL paths."""
@@ -218,10 +217,18 @@ class DatabricksSqlSettings(msgspec.Struct, frozen=True, kw_only=True):
     warehouse_id: str = ""
     """`TETHER_DATABRICKS_SQL_WAREHOUSE_ID`: the SQL warehouse of jobs that
     name none, and the one readiness checks. Empty: every job names its own."""
+    settle: float = SETTLE
+    """`TETHER_DATABRICKS_SQL_SETTLE`: seconds a statement that may have been
+    submitted (a try's answer was lost, or a replay after a crash) is given
+    to appear in the query history before it is submitted again: until then
+    a try that does not find it fails with `retry_after`, and the next one
+    looks again. 0 to 3600."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSqlSettings:
         settings = settings_from_env(cls, ENV_PREFIX, env)
+        if not 0 <= settings.settle <= MAX_SETTLE:
+            raise ValueError(f"invalid setting {ENV_PREFIX}SETTLE: 0 to {MAX_SETTLE:g} seconds")
         if settings.warehouse_id and not WAREHOUSE_ID.fullmatch(settings.warehouse_id):
             raise ValueError(
                 f"invalid setting {ENV_PREFIX}WAREHOUSE_ID: a warehouse id is letters,"
@@ -265,6 +272,7 @@ def _as_sql(value: Value) -> tuple[str | None, str | None]:
 class DatabricksSql(Backend):
     name = "databricks_sql"
     params_type = DatabricksSqlParams
+    asks_if_replayed = True  # a replay waits for a statement the history lists late
     settings_type = DatabricksSqlSettings
     settings_prefix = ENV_PREFIX
 
@@ -277,6 +285,9 @@ class DatabricksSql(Backend):
         self.workspace = Workspace(client_settings or DatabricksSettings.from_env())
         self._user: list[int] | None = None
         self._unsure: dict[str, float] = {}
+        """Keys of statements that may have been sent unanswered, and since when."""
+        self._waited: dict[str, float] = {}
+        """Keys whose settling time this process has begun, and when."""
         self._last_sent = ""
         """The last statement this process submitted, until a look's page lists it."""
         self._said_tags_dropped = False
@@ -302,11 +313,12 @@ class DatabricksSql(Backend):
         if earlier:
             self._unsure.pop(key, None)
             return await self._take(trigger, warehouse_id, earlier)
-        wait = self._still_settling(key)
+        wait = self._still_settling(key, trigger.replayed)
         if wait > 0:
             raise BackendError(
-                "an earlier try's statement may have been accepted (its answer was lost) and"
-                f" the query history does not list it yet: looking again in {wait:.0f}s",
+                "an earlier try's statement may have been accepted (its answer was lost, or"
+                " the process died inside it) and the query history does not list it yet:"
+                f" looking again in {wait:.0f}s",
                 retryable=True,
                 code="statement_unsure",
                 retry_after=wait,
@@ -388,16 +400,23 @@ class DatabricksSql(Backend):
             await self.workspace.call(functools.partial(_cancel_statement, statement_id=repeat))
         return {"statement_id": statement_id, "warehouse_id": warehouse_id}
 
-    def _still_settling(self, key: str) -> float:
-        """Seconds left before a statement this process sent with `key`, whose
-        answer was lost, may be sent again (0: none, or `SETTLE` is over)."""
+    def _still_settling(self, key: str, replayed: bool) -> float:
+        """Seconds left before the statement with `key` may be submitted: one
+        this process sent lost its answer, or (`replayed`) an earlier run of
+        the trigger may have sent one, when is unknown, so the wait starts
+        now, once. 0: none, or the settling time is over."""
         now = time.monotonic()
-        for old in [k for k, t in self._unsure.items() if now - t > 20 * SETTLE]:
-            del self._unsure[old]  # the jobs those were for have long ended
+        settle = self.settings.settle
+        for marks in (self._unsure, self._waited):
+            for old in [k for k, t in marks.items() if now - t > 20 * settle + 600]:
+                del marks[old]  # the jobs those were for have long ended
         sent = self._unsure.get(key)
         if sent is None:
-            return 0.0
-        left = SETTLE - (now - sent)
+            if not replayed or key in self._waited:
+                return 0.0
+            sent = self._unsure[key] = now
+        self._waited[key] = now
+        left = settle - (now - sent)
         if left <= 0:
             del self._unsure[key]
         return max(left, 0.0)

@@ -104,10 +104,10 @@ async def test_a_lost_statement_the_history_lists_late_is_waited_for_not_run_aga
 ):
     """The query history lists a statement a while after it was made: a try
     after a lost answer that does not find it yet fails with `retry_after`
-    rather than submit again, until `SETTLE` is over; the next finds it,
+    rather than submit again, until `TETHER_DATABRICKS_SQL_SETTLE` is over; the next finds it,
     pages through newer statements of other jobs to reach it (the page
     token alone, which Databricks wants), and takes it."""
-    monkeypatch.setattr(databricks_sql, "SETTLE", 2.0)
+    monkeypatch.setenv("TETHER_DATABRICKS_SQL_SETTLE", "2")
     monkeypatch.setattr(databricks_sql, "HISTORY_PAGE", 1)
     sql_api.history_delay = 0.5
     dropped = sql_api.drop()
@@ -248,3 +248,44 @@ def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
         second.kill()
     assert len(sql_api.statements) == 1
     assert "was submitted by an earlier try" in second.log.read_text()
+
+
+def test_after_a_kill_a_statement_the_history_lists_late_is_waited_for(
+    tmp_path: Path, sql_api: FakeSqlApi
+):
+    """As above, and the query history lists the statement only 10 s after
+    it was made, longer than the restart takes: the replayed trigger, told
+    it is a replay (`Trigger.replayed`), waits for it (`statement_unsure`)
+    rather than submit it again."""
+    sql_api.history_delay = 10
+    held = sql_api.hold()
+    env = {
+        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
+        "TETHER_TASK_TTL": "2",
+        "TETHER_TRIGGER_BACKOFF": "0.2",
+        "TETHER_DATABRICKS_SQL_SETTLE": "12",
+    }
+    first = TetherProcess(tmp_path, env).start(wait=60)
+    try:
+        with first.client() as client:
+            body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
+            response = client.post("/jobs", json={"id": "slow", **body})
+            assert response.status_code == 201, response.text
+            assert held.reached.wait(60), "the statement never arrived"
+    finally:
+        first.kill()
+    held.release.set()
+    [statement] = sql_api.statements.values()
+
+    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
+    try:
+        with second.client() as client:
+            job = wait_for(client, "slow", "running", recorded=True, timeout=60)
+            assert job["external"]["statement_id"] == statement.statement_id
+            assert len(sql_api.calls(STATEMENTS)) == 1
+            events = client.get("/jobs/slow/events").json()["items"]
+            unsure = [e for e in events if e["type"] == "trigger_failed"]
+            assert [e["data"]["error"]["type"] for e in unsure] == ["statement_unsure"]
+    finally:
+        second.kill()
+    assert len(sql_api.statements) == 1
