@@ -592,7 +592,9 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 if not exc.retryable or attempt == attempts:
-                    replayed = not exc.retryable and await self._replayed(promise_id, began, again)
+                    replayed = not exc.retryable and (
+                        trigger.replayed or await self._replayed(promise_id, began, again)
+                    )
                     await self._trigger_failed(rec, attempt, error, None, exc.retryable, replayed)
                     raise
                 wait = max(delay, exc.retry_after or 0)

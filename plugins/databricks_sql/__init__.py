@@ -291,7 +291,6 @@ class DatabricksSql(Backend):
         self._last_sent = ""
         """The last statement this process submitted, until a look's page lists it."""
         self._said_tags_dropped = False
-        """Keys of statements this process sent whose answer was lost, and when."""
         self.max_result_bytes = result_bound()
         """The core's bound on a result (`TETHER_MAX_RESULT_BYTES`): rows are
         cut to fit it here, so that the core never has to cut the table."""
@@ -408,13 +407,13 @@ class DatabricksSql(Backend):
         now = time.monotonic()
         settle = self.settings.settle
         for marks in (self._unsure, self._waited):
-            for old in [k for k, t in marks.items() if now - t > 20 * settle + 600]:
-                del marks[old]  # the jobs those were for have long ended
+            _prune(marks, now - (20 * settle + 600))  # the jobs those were for have long ended
         sent = self._unsure.get(key)
         if sent is None:
             if not replayed or key in self._waited:
                 return 0.0
             sent = self._unsure[key] = now
+        self._waited.pop(key, None)  # to the end: the marks stay in the order made
         self._waited[key] = now
         left = settle - (now - sent)
         if left <= 0:
@@ -605,6 +604,16 @@ class DatabricksSql(Backend):
         if state in ("DELETED", "DELETING"):
             return Readiness("error", f"{shown} is {state}")
         return Readiness("ok", f"{shown} is {state}")
+
+
+def _prune(marks: dict[str, float], before: float) -> None:
+    """Drops the marks made before `before`: the oldest first (a mark is
+    made later than every one before it), stopping at the first newer."""
+    while marks:
+        key, made = next(iter(marks.items()))
+        if made >= before:
+            return
+        del marks[key]
 
 
 def tag_value(key: str) -> str:

@@ -213,30 +213,38 @@ async def test_a_workspace_that_keeps_them_says_nothing(start_sql, sql_api: Fake
     assert "databricks_sql: job two started statement" in logs.text
 
 
-def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
-    tmp_path: Path, sql_api: FakeSqlApi
-):
+def killed_inside_the_submission(
+    tmp_path: Path, sql_api: FakeSqlApi, job_id: str, **settings: str
+) -> TetherProcess:
     """The real `tether serve`, killed with SIGKILL after Databricks accepted
-    the statement but before its answer came: on restart the replayed
-    trigger finds the statement by its tag; still one statement."""
+    job `job_id`'s statement but before its answer came (`hold`): the
+    process restarted on the same store and port."""
     held = sql_api.hold()  # the statement is made; its answer never comes
     env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
         "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
         "TETHER_TASK_TTL": "2",
+        **settings,
     }
     first = TetherProcess(tmp_path, env).start(wait=60)
     try:
         with first.client() as client:
             body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
-            response = client.post("/jobs", json={"id": "crash", **body})
+            response = client.post("/jobs", json={"id": job_id, **body})
             assert response.status_code == 201, response.text
             assert held.reached.wait(60), "the statement never arrived"
     finally:
         first.kill()
     held.release.set()
-    [statement] = sql_api.statements.values()
+    return TetherProcess(tmp_path, env, port=first.port).start(wait=60)
 
-    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
+
+def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
+    tmp_path: Path, sql_api: FakeSqlApi
+):
+    """Killed between accept and record: on restart the replayed trigger
+    finds the statement by its tag; still one statement."""
+    second = killed_inside_the_submission(tmp_path, sql_api, "crash")
+    [statement] = sql_api.statements.values()
     try:
         with second.client() as client:
             job = wait_for(client, "crash", "running", recorded=True)
@@ -258,26 +266,14 @@ def test_after_a_kill_a_statement_the_history_lists_late_is_waited_for(
     it is a replay (`Trigger.replayed`), waits for it (`statement_unsure`)
     rather than submit it again."""
     sql_api.history_delay = 10
-    held = sql_api.hold()
-    env = {
-        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
-        "TETHER_TASK_TTL": "2",
-        "TETHER_TRIGGER_BACKOFF": "0.2",
-        "TETHER_DATABRICKS_SQL_SETTLE": "12",
-    }
-    first = TetherProcess(tmp_path, env).start(wait=60)
-    try:
-        with first.client() as client:
-            body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
-            response = client.post("/jobs", json={"id": "slow", **body})
-            assert response.status_code == 201, response.text
-            assert held.reached.wait(60), "the statement never arrived"
-    finally:
-        first.kill()
-    held.release.set()
+    second = killed_inside_the_submission(
+        tmp_path,
+        sql_api,
+        "slow",
+        TETHER_TRIGGER_BACKOFF="0.2",
+        TETHER_DATABRICKS_SQL_SETTLE="12",
+    )
     [statement] = sql_api.statements.values()
-
-    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
     try:
         with second.client() as client:
             job = wait_for(client, "slow", "running", recorded=True, timeout=60)
