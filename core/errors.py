@@ -97,6 +97,13 @@ class BackendError(Exception):
     `retryable=False` (bad parameters, permission denied, not found) fails the job
     at once. `code` is the external system's own error code, if it has one. Never
     put a credential in the message: it ends up in the job record.
+
+    `tried=False`, with `retryable=True`, says the trigger sent nothing: it
+    waits to see what an earlier try did (a run the external system lists
+    late) and asks to be called again after `retry_after` seconds. Such a
+    wait is recorded as a failed try but not counted against
+    `TETHER_TRIGGER_ATTEMPTS`; the backend must end it (try, or fail) in a
+    bounded time, else the job waits until its deadline.
     """
 
     def __init__(
@@ -106,12 +113,14 @@ class BackendError(Exception):
         retryable: bool = False,
         code: str | None = None,
         retry_after: float | None = None,
+        tried: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.code = code
         self.retry_after = retry_after
+        self.tried = tried
 
 
 class StoreConfigError(ValueError):

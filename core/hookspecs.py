@@ -107,9 +107,10 @@ class Backend:
     asks_if_replayed: ClassVar[bool] = False
     """True: `trigger` and `rerun` are told whether an earlier run of the
     trigger may have made a try nothing recorded (`Trigger.replayed`), which
-    costs a store read a trigger. For a backend that cannot hand the external
-    system an idempotency key and looks for an earlier try's run itself
-    (`databricks_sql`)."""
+    costs an index write a trigger (the run's mark, `JobRecord.tries_run`).
+    For a backend that cannot hand the external system an idempotency key
+    and looks for an earlier try's run itself (`databricks_sql`); such a
+    backend waits for a lagging list with `BackendError(tried=False)`."""
 
     def check_new_params(self, params: Any) -> None:
         """Called when a job is created, with its converted params, and never

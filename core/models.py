@@ -429,8 +429,10 @@ class Trigger(msgspec.Struct, frozen=True):
     - `replayed`: for a backend that sets `asks_if_replayed` (else always
       False), whether an earlier run of this attempt's trigger may have made
       a try that nothing recorded: the process died or stalled inside it (a
-      replay after a restart or a lease), or a call of the same run raised.
-      Tries made earlier in this same call are the backend's own to count.
+      replay after a restart, or a run beside it after a lease ran out).
+      Told by the mark each run writes in the job's row, not by clocks.
+      Tries made earlier in this same run (this call's, or those of a call
+      of the run that raised) are the backend's own to remember.
     """
 
     job: Job

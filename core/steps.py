@@ -128,6 +128,7 @@ class JobSteps:
         ended_settled: bool = True,
         began: int | None = None,
         again: bool = False,
+        run: str | None = None,
     ) -> None:
         """Start attempt `attempt` of the external job through its backend,
         unless it was triggered already (a replay) or ended (canceled before
@@ -142,7 +143,10 @@ class JobSteps:
         run of their trigger step), to tell a replay (`_replayed`); None: not
         known. `again`: a call made again after one of the same run that
         raised (the index failed), which may have tried with no record: its
-        refusals are unsure, as a replay's."""
+        refusals are unsure, as a replay's. `run`: a token of this run of
+        the body (or of the trigger step), the same for each call it makes,
+        which marks the job's row before the first try for a backend that
+        asks to be told of a replay (`_mark_tries`)."""
         rec = await self.jobs.get(job_id)
         if rec is None:
             await self._without_a_row(job_id, promise_id)
@@ -168,7 +172,7 @@ class JobSteps:
         try:
             backend, params = self._backend_and_params(rec)
             tried = await self._trigger_with_retries(
-                backend, rec, params, promise_id, began=began, again=again
+                backend, rec, params, promise_id, began=began, again=again, run=run
             )
         except BackendError as exc:
             latest = await self.jobs.get(job_id)
@@ -557,6 +561,7 @@ class JobSteps:
         *,
         began: int | None,
         again: bool,
+        run: str | None = None,
     ) -> tuple[dict[str, Any], int] | JobRecord | None:
         """`backend.trigger` (`backend.rerun` from attempt 2 on), tried
         `trigger_attempts` times while it fails with a retryable error, waiting
@@ -568,17 +573,22 @@ class JobSteps:
         stalled), the job's row (None: it is gone):
         it is not tried again. Each failed try is a `trigger_failed` event; a
         clear refusal in a replayed run of the body (`_replayed`) says so
-        (`replayed`): the try it repeats may have started a run."""
+        (`replayed`): the try it repeats may have started a run. A failure
+        that says the backend sent nothing (`BackendError.tried` False: it
+        waits to see what an earlier try did) is recorded too, but is not
+        counted against the tries: the backend says when to ask again."""
         trigger = self._trigger_of(rec, params, promise_id)
-        if backend.asks_if_replayed:
-            trigger = replace(trigger, replayed=await self._replayed(promise_id, began, again))
+        if backend.asks_if_replayed and run is not None:
+            trigger = replace(trigger, replayed=await self._mark_tries(rec, run))
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         previous = None if rec.attempt == 1 else await self._previous(rec)
-        for attempt in range(1, attempts + 1):
+        tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
+        while True:
+            this = tries + 1
             try:
                 if previous is None:
                     started = await backend.trigger(trigger)
@@ -587,37 +597,42 @@ class JobSteps:
                 receipt = msgspec.json.encode(dict(started))
                 # each form whole, in the bytes (escapes as sent), then any cut piece
                 whole: dict[str, Any] = msgspec.json.decode(redact_bytes(receipt, tokens))
-                return redact_value(whole, tokens), attempt
+                return redact_value(whole, tokens), this
             except BackendError as exc:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
-                if not exc.retryable or attempt == attempts:
+                counted = exc.tried or not exc.retryable
+                if counted and (not exc.retryable or this == attempts):
                     replayed = not exc.retryable and (
                         trigger.replayed or await self._replayed(promise_id, began, again)
                     )
-                    await self._trigger_failed(rec, attempt, error, None, exc.retryable, replayed)
+                    await self._trigger_failed(rec, this, error, None, exc.retryable, replayed)
                     raise
-                wait = max(delay, exc.retry_after or 0)
+                backoff = delay if counted else self.settings.trigger_backoff
+                wait = max(backoff, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
                 message = redact(f"{type(exc).__name__}: {exc}", tokens)
                 error = {"type": type(exc).__name__, "message": message}
-                if attempt == attempts:
-                    await self._trigger_failed(rec, attempt, error, None, True)
+                if this == attempts:
+                    await self._trigger_failed(rec, this, error, None, True)
                     raise BackendError(message, code="trigger") from None
-                wait, reason = delay, f"{type(exc).__name__}"
-            await self._trigger_failed(rec, attempt, error, wait, True)
+                wait, reason, counted = delay, f"{type(exc).__name__}", True
+            if counted:
+                tries += 1
+                delay *= 2
+            await self._trigger_failed(rec, this, error, wait, True, counted=counted)
             log.warning(
-                "job %s: trigger attempt %d/%d failed (%s); again in %.1fs",
+                "job %s: trigger attempt %d/%d %s (%s); again in %.1fs",
                 rec.id,
-                attempt,
+                this,
                 attempts,
+                "failed" if counted else "waits (not counted)",
                 reason,
                 wait,
                 extra=rec.log_extra(promise_id),
             )
             await self.sleep(wait)
-            delay *= 2
             now = await self.jobs.get(rec.id)
             if _another_job(rec, now):
                 return None
@@ -625,7 +640,25 @@ class JobSteps:
                 return now
             if now.external is not None:
                 return now
-        raise AssertionError("unreachable")
+
+    async def _mark_tries(self, rec: JobRecord, run: str) -> bool:
+        """Mark the job's row as tried by this run of the body (`run`) before
+        its first try; whether another run marked it first: a replay (that
+        run may have died inside a try nothing recorded) or a run beside
+        this one (a lease that ran out). Told by the row, so no clock is
+        compared (`_replayed` compares the store's with this host's). A call
+        made again in the same run finds its own mark: not a replay (what
+        its earlier call's tries may have started, the backend's process
+        knows itself). The write is made again while the store fails."""
+        mark = f"{rec.attempt}:{run}"
+        if rec.tries_run == mark:
+            return False
+        earlier = rec.tries_run is not None and rec.tries_run.startswith(f"{rec.attempt}:")
+
+        async def write() -> bool:
+            return await store_call(self.jobs.mark_tries(rec.id, rec.attempt, rec.tries_run, mark))
+
+        return not await self._until_stored(rec, "marking its tries", write) or earlier
 
     async def _replayed(self, promise_id: str, began: int | None, again: bool) -> bool:
         """Whether the run of the workflow's body that began at `began` is a
@@ -697,12 +730,16 @@ class JobSteps:
         retry_in: float | None,
         retryable: bool,
         replayed: bool = False,
+        *,
+        counted: bool = True,
     ) -> None:
         """Record a failed try; `retry_in` None: no more tries; `retryable`
         False: a clear refusal (no run started), else the try may have
         started one (`_tries_unsure` reads it); `replayed`: a refusal of a
         try an earlier run of the body may have made (`_replayed`), which
-        may have started one too. Not once the
+        may have started one too; `counted` False: the backend sent nothing
+        (it waits for an earlier try's run to show), so the next try has the
+        same number. Not once the
         attempt has ended or was triggered (a process that stalled inside the
         trigger while another ended the job or triggered it): a finished
         attempt's history ends with it, and a triggered one's tries are over."""
@@ -714,6 +751,8 @@ class JobSteps:
         data = {"try": attempt, "error": error, "retry_in": retry_in, "retryable": retryable}
         if replayed:
             data["replayed"] = True
+        if not counted:
+            data["counted"] = False
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:

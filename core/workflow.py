@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Protocol
@@ -196,6 +197,7 @@ class Steps(Protocol):
         ended_settled: bool = True,
         began: int | None = None,
         again: bool = False,
+        run: str | None = None,
     ) -> None: ...
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
@@ -271,7 +273,7 @@ def register(r: Resonate, steps: Steps) -> None:
         """Version 4: the trigger in the body, the wait, the finish in the body."""
         # This run of the body began then: a callback promise made before it
         # was made by an earlier run, which may have died inside a try.
-        began = now_ms()
+        began, run = now_ms(), uuid.uuid4().hex
         p, promise_id = await callback_promise(ctx, job_id, deadline_ms, attempt)
         calls = 0
 
@@ -280,7 +282,8 @@ def register(r: Resonate, steps: Steps) -> None:
             calls += 1
             # Made again after a call that raised (the index failed), which may
             # have tried with no record: its refusals are unsure, as a replay's.
-            await steps.trigger(job_id, promise_id, attempt, began=began, again=calls > 1)
+            again = calls > 1
+            await steps.trigger(job_id, promise_id, attempt, began=began, again=again, run=run)
 
         await until_done("triggering", job_id, attempt, trigger)
         value = await outcome(p)
@@ -325,7 +328,8 @@ def register(r: Resonate, steps: Steps) -> None:
         # promise, so an ended row settles it. It starts right after the
         # callback promise is made, so a promise older than this run of it was
         # made by an earlier one (`began`).
-        await steps.trigger(job_id, promise_id, attempt, ended_settled=False, began=now_ms())
+        began, run = now_ms(), uuid.uuid4().hex
+        await steps.trigger(job_id, promise_id, attempt, ended_settled=False, began=began, run=run)
 
     async def finish_step(ctx: Context, job_id: str, value: dict[str, Any], attempt: int) -> None:
         await steps.finish(job_id, value, attempt)

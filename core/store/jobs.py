@@ -83,6 +83,13 @@ class JobRecord(msgspec.Struct, kw_only=True):
     """The attempt whose run `stop_due` is the stop of, set with it: a host
     of a release before it may retry the job meanwhile (it does not see
     `stop_due`), and the row's `external` is then another attempt's run."""
+    tries_run: str | None = None
+    """`"{attempt}:{run}"`: the run of the workflow's body (a random token
+    each run) that began the trigger tries of that attempt, written before
+    its first try for a backend that asks to be told of a replay
+    (`Backend.asks_if_replayed`; None otherwise). A run that finds another
+    run's mark for its attempt is a replay: that run may have died inside a
+    try (`JobSteps._mark_tries`). Told without comparing clocks."""
 
     @property
     def finished(self) -> bool:
@@ -415,6 +422,14 @@ class JobIndex(Protocol):
         job is unknown, ended, or at another attempt: a heartbeat of an
         attempt that ended (and was retried) after its caller read the row
         never sets the next attempt's `heartbeat_due`."""
+        ...
+
+    async def mark_tries(self, job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
+        """Set the job's `tries_run` to `mark` where the job is at attempt
+        `attempt` and its `tries_run` is `seen` (as the caller read it) or
+        `mark` already (a write whose answer was lost, made again). False
+        (nothing written) otherwise: another run marked it meanwhile, or the
+        attempt is over."""
         ...
 
     async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:

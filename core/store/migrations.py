@@ -112,6 +112,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         " finishes may be claimed (indexed), and stop_attempt, the attempt whose run it is",
         lambda d: JOBS.migrate(d, 11),
     ),
+    Migration(
+        12,
+        "replays told without clocks: each job's tries_run, the run of its workflow that"
+        " began the attempt's trigger tries",
+        lambda d: JOBS.migrate(d, 12),
+    ),
 )
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (

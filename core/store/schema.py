@@ -155,6 +155,7 @@ JOBS = Table(
         Column("salt", "text", null=True, since=9),
         Column("stop_due", "int", null=True, since=11),
         Column("stop_attempt", "int", null=True, since=11),
+        Column("tries_run", "text", null=True, since=12),
     ),
     (
         Index("tether_jobs_state", "state, seq"),
@@ -178,7 +179,8 @@ each heartbeat, for jobs with a `heartbeat_timeout`); `heartbeat_noted_at` and
 are throttled against. `tags` is the job's tags as shown; `TAGS` indexes them.
 `stop_due` is set while the run of a job no workflow finishes is to be
 stopped (`JobRecord.stop_due`), `stop_attempt` to the attempt whose run it
-is; the watchdog finds those through its index."""
+is; the watchdog finds those through its index. `tries_run` names the run of
+the workflow that began the attempt's trigger tries (`JobRecord.tries_run`)."""
 
 EVENTS = Table(
     "tether_events",

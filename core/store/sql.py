@@ -1045,6 +1045,14 @@ class SqlJobIndex:
 
         return (await self._write(body)).rec
 
+    async def mark_tries(self, job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
+        changed = await self.db.execute(
+            "UPDATE tether_jobs SET tries_run = ? WHERE id = ? AND attempt = ?"
+            " AND COALESCE(tries_run, '') IN (?, ?)",
+            (mark, job_id, attempt, seen or "", mark),
+        )
+        return changed == 1
+
     async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:
         changed = await self.db.execute(
             "UPDATE tether_jobs SET heartbeat_due = ? WHERE id = ? AND heartbeat_due = ?",

@@ -47,7 +47,9 @@ credentials' own user, since the job was created, newest first, at most
 the job's (a repeat is canceled), and none is submitted. A statement that may
 have been sent (a try's answer was lost; a replay, `Trigger.replayed`, which
 the backend asks for with `asks_if_replayed`) is given `settle` seconds to
-appear in the history before it is sent again. `cancel_unrecorded` cancels
+appear in the history before it is sent again (each look a wait the core
+does not count against its tries: `BackendError.tried`); the core tells a
+replay by a mark in the job's row, not by clocks. `cancel_unrecorded` cancels
 such statements when the job ended with none recorded. What this cannot see
 (docs/databricks.md): a statement listed later than that; any statement when
 the history cannot be read (a refusal submits as before, and the log says so;
@@ -312,7 +314,8 @@ class DatabricksSql(Backend):
         if earlier:
             self._unsure.pop(key, None)
             return await self._take(trigger, warehouse_id, earlier)
-        wait = self._still_settling(key, trigger.replayed)
+        # Unreadable (None): waiting would show nothing more.
+        wait = 0.0 if earlier is None else self._still_settling(key, trigger.replayed)
         if wait > 0:
             raise BackendError(
                 "an earlier try's statement may have been accepted (its answer was lost, or"
@@ -321,6 +324,7 @@ class DatabricksSql(Backend):
                 retryable=True,
                 code="statement_unsure",
                 retry_after=wait,
+                tried=False,  # a wait, not a try: not counted against TETHER_TRIGGER_ATTEMPTS
             )
 
         def execute(w: WorkspaceClient) -> str:
@@ -437,10 +441,11 @@ class DatabricksSql(Backend):
                 extra={"job_id": trigger.job.id, "backend": self.name},
             )
 
-    async def _look_for_earlier(self, trigger: Trigger, warehouse_id: str) -> list[str]:
+    async def _look_for_earlier(self, trigger: Trigger, warehouse_id: str) -> list[str] | None:
         """`_find`, before a statement is submitted. A refusal of the look
-        (no such API, no permission) submits as if nothing was found, and
-        says so; a failure worth trying again fails this try."""
+        (no such API, no permission) is None: the statement is submitted
+        at once (no settling: nothing would show), and that is said; a
+        failure worth trying again fails this try."""
         try:
             return await self._find(trigger, warehouse_id)
         except BackendError as exc:
@@ -453,7 +458,7 @@ class DatabricksSql(Backend):
                 exc,
                 extra={"job_id": trigger.job.id, "backend": self.name},
             )
-            return []
+            return None
 
     async def _find(self, trigger: Trigger, warehouse_id: str) -> list[str]:
         """The statements on `warehouse_id` tagged with this attempt's key,

@@ -1480,6 +1480,190 @@ async def test_unrecorded_a_refusal_in_a_call_made_again_counts_as_a_replays(rig
     assert len(rig.backend.unrecorded) == 1
 
 
+# ── telling a backend of a replay (`asks_if_replayed`) ───────────────────────
+
+
+@pytest.fixture
+def asking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Scripted, "asks_if_replayed", True)
+
+
+@pytest.mark.usefixtures("asking")
+@pytest.mark.parametrize("ahead_ms", [0, 5_000, 3_600_000])
+async def test_a_first_run_is_no_replay_however_far_the_hosts_clock_runs_ahead(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, ahead_ms: int
+):
+    """A run whose host's clock runs ahead of the store's (which stamps the
+    callback promise) is told apart from a replay by the row's mark, not by
+    the clocks: a backend that asks is told it is no replay, and the
+    promise is not even read."""
+    await start(rig)
+
+    async def unread(promise_id: str) -> Any:
+        raise AssertionError("the promise was read")
+
+    monkeypatch.setattr(rig.steps, "_promise", unread)
+    await rig.steps.trigger("j", "j:1", began=now_ms() + ahead_ms, run="a")
+
+    assert [t.replayed for t in rig.backend.triggers] == [False]
+    rec = await rig.parts.row("j")
+    assert (rec.tries_run, rec.external) == ("1:a", {"run": 1})
+
+
+@pytest.mark.usefixtures("asking")
+async def test_a_run_that_finds_another_runs_mark_is_a_replay_and_its_own_mark_is_not(rig: Rig):
+    """Run `a` died inside its try (its mark is written, nothing recorded):
+    run `b`, the replay, is told. A call made again within one run (after
+    one that raised) finds its own mark: what its earlier call's tries may
+    have started, the backend's process knows itself."""
+    for job_id in ("k", "r"):
+        await start(rig, job_id)
+        assert await rig.parts.jobs.mark_tries(job_id, 1, None, "1:a")  # a's mark, no record
+
+    await rig.steps.trigger("k", "k:1", run="a", again=True)
+    await rig.steps.trigger("r", "r:1", run="b")
+
+    assert [(t.job.id, t.replayed) for t in rig.backend.triggers] == [("k", False), ("r", True)]
+    assert (await rig.parts.row("k")).tries_run == "1:a"
+    assert (await rig.parts.row("r")).tries_run == "1:b"
+
+
+@pytest.mark.usefixtures("asking")
+async def test_an_earlier_attempts_mark_makes_no_replay_of_the_next(rig: Rig):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    await rig.parts.jobs.mark_tries("j", 1, None, "1:a")
+    await retried(rig, {"state": "failed", "external": {"run": 1}})
+    second = callback_promise_id("j", 2)
+    await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
+
+    await rig.steps.trigger("j", second, 2, run="b")
+
+    [(trigger, _)] = rig.backend.reruns
+    assert trigger.replayed is False
+    assert (await rig.parts.row("j")).tries_run == "2:b"
+
+
+@pytest.mark.usefixtures("asking")
+async def test_a_mark_whose_answer_was_lost_is_written_again_and_is_still_its_own(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    await start(rig)
+    write = rig.parts.jobs.mark_tries
+
+    async def applied_then_lost(*args: Any) -> bool:
+        monkeypatch.setattr(rig.parts.jobs, "mark_tries", write)
+        await write(*args)
+        raise StoreUnavailable("the answer was lost")
+
+    monkeypatch.setattr(rig.parts.jobs, "mark_tries", applied_then_lost)
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1", run="a")
+
+    assert [t.replayed for t in rig.backend.triggers] == [False]
+    assert rig.waits == [core.steps.RETRY_BACKOFF]
+    assert "marking its tries failed (the answer was lost)" in logs.lines[0]
+
+
+@pytest.mark.usefixtures("asking")
+async def test_a_run_beside_another_that_marked_the_row_after_it_read_it_is_told(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Another run (a lease that ran out under a stalled one) marked the row
+    between this run's read and its mark: this run is not alone."""
+    await start(rig)
+    write = rig.parts.jobs.mark_tries
+
+    async def raced(job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
+        await write(job_id, attempt, seen, "1:other")
+        return await write(job_id, attempt, seen, mark)
+
+    monkeypatch.setattr(rig.parts.jobs, "mark_tries", raced)
+    await rig.steps.trigger("j", "j:1", run="a")
+    assert [t.replayed for t in rig.backend.triggers] == [True]
+
+
+async def test_a_backend_that_does_not_ask_costs_no_write_and_is_told_nothing(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    await start(rig)
+    await rig.parts.jobs.mark_tries("j", 1, None, "1:a")  # as if another run had asked
+
+    async def unwritten(*args: Any) -> bool:
+        raise AssertionError("the row was marked")
+
+    monkeypatch.setattr(rig.parts.jobs, "mark_tries", unwritten)
+    await rig.steps.trigger("j", "j:1", began=now_ms() + 3_600_000, run="b")
+    assert [t.replayed for t in rig.backend.triggers] == [False]
+
+
+# ── a wait that is not a try (`BackendError.tried`) ──────────────────────────
+
+
+def waiting(seconds: float | None) -> BackendError:
+    return BackendError(
+        "not listed yet", retryable=True, code="unsure", retry_after=seconds, tried=False
+    )
+
+
+@pytest.mark.parametrize("attempts", [0, 1, 4])
+async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
+    """A backend that sent nothing (it waits for an earlier try's run to
+    show) asks again after its `retry_after` as often as it says, however
+    few tries there are; each wait is recorded, with the same try number,
+    and the backoff of real failures is not doubled by it."""
+    async with open_parts(trigger_attempts=attempts, trigger_backoff=0.5) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        rig.backend.answers = [waiting(7.0), waiting(None), waiting(0.1)]
+        if attempts > 1:
+            rig.backend.answers += [retryable("busy"), waiting(2.0)]
+        with logs_of("tether") as logs:
+            await rig.steps.trigger("j", "j:1")
+
+        rec = await rig.parts.row("j")
+        assert (rec.state, rec.external) == ("running", {"run": 1})
+        _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+        tries = [
+            (e.data["try"], e.data.get("counted", True))
+            for e in events
+            if e.type == "trigger_failed"
+        ]
+        if attempts > 1:
+            assert rig.waits == [7.0, 0.5, 0.5, 0.5, 2.0]
+            assert tries == [(1, False), (1, False), (1, False), (1, True), (2, False)]
+            assert events[-1].data["try"] == 2
+        else:
+            assert rig.waits == [7.0, 0.5, 0.5]
+            assert tries == [(1, False)] * 3
+            assert events[-1].data["try"] == 1
+        assert logs.lines[0] == (
+            f"WARNING job j: trigger attempt 1/{max(attempts, 1)} waits (not counted)"
+            " (not listed yet); again in 7.0s"
+        )
+
+
+async def test_a_refusal_that_sent_nothing_still_fails_the_job(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="bad", tried=False)]
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).state == "failed"
+    assert rig.waits == []
+
+
+async def test_a_job_canceled_during_a_wait_is_not_tried_again(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [waiting(30.0)]
+
+    async def cancel_then_sleep(seconds: float) -> None:
+        rig.waits.append(seconds)
+        await rig.parts.jobs.end("j", CANCELED, now_ms())
+
+    rig.steps.sleep = cancel_then_sleep
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1 and rig.waits == [30.0]
+    assert (await rig.parts.row("j")).state == "canceled"
+
+
 async def add_root(rig: Rig, job_id: str = "j") -> None:
     """The workflow's root promise, pending while the workflow runs."""
     await rig.parts.resonate.promises.create(job_id, now_ms() + 60_000, Value(data=None), {})

@@ -9,14 +9,18 @@ kills the real `tether serve` process."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from core.errors import BackendError
+from core.models import Job, Trigger
 from core.workflow import callback_promise_id
 from plugins import databricks_sql
-from plugins.databricks_sql import tag_value
+from plugins.databricks_sql import DatabricksSql, tag_value
 from tests.conftest import HOLD, eventually
 from tests.plugins.databricks_sql.fake_sql import HISTORY, STATEMENTS, WAREHOUSE, FakeSqlApi
 from tests.plugins.databricks_sql.test_databricks_sql import (
@@ -213,6 +217,53 @@ async def test_a_workspace_that_keeps_them_says_nothing(start_sql, sql_api: Fake
     assert "databricks_sql: job two started statement" in logs.text
 
 
+def a_trigger(job_id: str, *, replayed: bool) -> Trigger:
+    """What the core hands `databricks_sql`'s trigger for attempt 1 of a job made now."""
+    now = datetime.now(UTC).isoformat()
+    job = {"id": job_id, "backend": "databricks_sql", "state": "pending", "params": PARAMS}
+    job |= {"metadata": {}, "timeout": 60.0, "created_at": now, "updated_at": now}
+    job |= {"external": None, "result": None, "error": None, "finished_at": None}
+    promise_id = callback_promise_id(job_id)
+    return Trigger(
+        job=msgspec.convert(job, Job),
+        params=msgspec.convert(PARAMS, DatabricksSql().params_type),
+        promise_id=promise_id,
+        callback_url="http://tether.test/callbacks/x",
+        idempotency_key=promise_id,
+        replayed=replayed,
+    )
+
+
+async def test_a_replay_waits_for_the_history_without_a_counted_try(sql_api: FakeSqlApi):
+    """Told it is a replay, the trigger finds nothing in the history and
+    sends nothing: it asks to be called again (`tried` False: the core does
+    not count it against `TETHER_TRIGGER_ATTEMPTS`). A first run submits."""
+    backend = DatabricksSql()
+    with pytest.raises(BackendError) as waited:
+        await backend.trigger(a_trigger("replayed", replayed=True))
+    assert (waited.value.code, waited.value.retryable, waited.value.tried) == (
+        "statement_unsure",
+        True,
+        False,
+    )
+    assert 0 < (waited.value.retry_after or 0) <= 30
+    assert sql_api.calls(STATEMENTS) == []
+
+    receipt = await backend.trigger(a_trigger("fresh", replayed=False))
+    assert list(sql_api.statements) == [receipt["statement_id"]]
+
+
+async def test_a_replay_that_cannot_read_the_history_submits_at_once(
+    sql_api: FakeSqlApi, logs: Any
+):
+    """Waiting for a history that cannot be read would show nothing: the
+    replay submits as a first run does, and the log says it could not look."""
+    sql_api.refuse(HISTORY, 403, "PERMISSION_DENIED")
+    receipt = await DatabricksSql().trigger(a_trigger("blind", replayed=True))
+    assert list(sql_api.statements) == [receipt["statement_id"]]
+    assert "the query history cannot be read" in logs.text
+
+
 def killed_inside_the_submission(
     tmp_path: Path, sql_api: FakeSqlApi, job_id: str, **settings: str
 ) -> TetherProcess:
@@ -264,13 +315,15 @@ def test_after_a_kill_a_statement_the_history_lists_late_is_waited_for(
     """As above, and the query history lists the statement only 10 s after
     it was made, longer than the restart takes: the replayed trigger, told
     it is a replay (`Trigger.replayed`), waits for it (`statement_unsure`)
-    rather than submit it again."""
+    rather than submit it again. With a single try allowed: the waits are
+    not tries."""
     sql_api.history_delay = 10
     second = killed_inside_the_submission(
         tmp_path,
         sql_api,
         "slow",
         TETHER_TRIGGER_BACKOFF="0.2",
+        TETHER_TRIGGER_ATTEMPTS="1",
         TETHER_DATABRICKS_SQL_SETTLE="12",
     )
     [statement] = sql_api.statements.values()
@@ -280,8 +333,12 @@ def test_after_a_kill_a_statement_the_history_lists_late_is_waited_for(
             assert job["external"]["statement_id"] == statement.statement_id
             assert len(sql_api.calls(STATEMENTS)) == 1
             events = client.get("/jobs/slow/events").json()["items"]
-            unsure = [e for e in events if e["type"] == "trigger_failed"]
-            assert [e["data"]["error"]["type"] for e in unsure] == ["statement_unsure"]
+            unsure = [e["data"] for e in events if e["type"] == "trigger_failed"]
+            assert {(e["error"]["type"], e["try"], e["counted"]) for e in unsure} == {
+                ("statement_unsure", 1, False)
+            }
+            [triggered] = [e["data"] for e in events if e["type"] == "triggered"]
+            assert triggered["try"] == 1
     finally:
         second.kill()
     assert len(sql_api.statements) == 1
