@@ -104,7 +104,8 @@ def on_event(job: JobRecord, event: EventLike) -> None:
         case "triggered":
             series(TRIGGER_ATTEMPTS, job.backend, "ok").inc()
         case "trigger_failed":
-            series(TRIGGER_ATTEMPTS, job.backend, "failed").inc()
+            if event.data.get("counted", True):  # (not a wait that sent nothing)
+                series(TRIGGER_ATTEMPTS, job.backend, "failed").inc()
         case "callback":
             series(CALLBACKS, str(event.data.get("verdict", "unknown"))).inc()
         case "notified":

@@ -9,10 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -246,6 +247,31 @@ def tether(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+class Hold(Protocol):
+    """A request a fake external system holds (made, its answer not sent)."""
+
+    release: threading.Event
+
+
+def killed_inside(
+    tmp: Path, inside: Callable[[httpx.Client], Hold], **settings: str
+) -> tuple[TetherProcess, TetherProcess]:
+    """The real `tether serve` on a store in `tmp` (a 2 s lease, `settings`
+    added), killed with SIGKILL once `inside(client)` returns: it makes the
+    service send a request the fake holds, and returns that hold, released
+    after the kill. Then started again on the same store and port. Both
+    processes; the second serves (the caller kills it)."""
+    env = {"TETHER_STORE": f"sqlite:///{tmp}/t.db", "TETHER_TASK_TTL": "2", **settings}
+    first = TetherProcess(tmp, env).start(wait=60)
+    try:
+        with first.client() as client:
+            held = inside(client)
+    finally:
+        first.kill()
+    held.release.set()
+    return first, TetherProcess(tmp, env, port=first.port).start(wait=60)
 
 
 def wait_for(

@@ -101,6 +101,8 @@ async def test_events_move_the_counters_and_the_duration_histogram(start):
     before = await scrape(svc)
     on_event(record("http_webhook", "pending"), Event("accepted"))
     on_event(record("http_webhook", "pending"), Event("trigger_failed", {"try": 1}))
+    waited = {"try": 2, "counted": False}  # a wait that sent nothing: not a try
+    on_event(record("http_webhook", "pending"), Event("trigger_failed", waited))
     on_event(record("http_webhook", "running"), Event("triggered"))
     on_event(record("http_webhook", "running"), Event("callback", {"verdict": "accepted"}))
     on_event(record("http_webhook", "succeeded", 90), Event("finished"))

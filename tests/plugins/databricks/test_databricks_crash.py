@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+
 from tests.plugins.databricks.workspace import FakeWorkspace
-from tests.process import TetherProcess, wait_for
+from tests.process import Hold, killed_inside, wait_for
 
 RUN_NOW = "/api/2.2/jobs/run-now"
 
@@ -15,24 +17,17 @@ def test_a_kill_after_run_now_before_its_record_still_makes_one_run(
     tmp_path: Path, workspace: FakeWorkspace
 ):
     workspace.add_job(7, notebook="hang")
-    held = workspace.hold(RUN_NOW)  # the run is created; the answer never comes
-    env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
-        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
-        "TETHER_TASK_TTL": "2",
-    }
-    first = TetherProcess(tmp_path, env).start(wait=60)
-    try:
-        with first.client() as client:
-            body = {"backend": "databricks", "params": {"job_id": 7, "check_interval": 1}}
-            response = client.post("/jobs", json={"id": "crash", **body})
-            assert response.status_code == 201, response.text
-            assert held.reached.wait(60), "run-now never arrived"
-    finally:
-        first.kill()
-    held.release.set()
-    [run] = workspace.runs.values()
 
-    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
+    def inside(client: httpx.Client) -> Hold:
+        held = workspace.hold(RUN_NOW)  # the run is created; the answer never comes
+        body = {"backend": "databricks", "params": {"job_id": 7, "check_interval": 1}}
+        response = client.post("/jobs", json={"id": "crash", **body})
+        assert response.status_code == 201, response.text
+        assert held.reached.wait(60), "run-now never arrived"
+        return held
+
+    first, second = killed_inside(tmp_path, inside)
+    [run] = workspace.runs.values()
     try:
         with second.client() as client:
             job = wait_for(client, "crash", "running", recorded=True)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+
 from core.workflow import callback_promise_id
 from tests.plugins.databricks.workspace import FakeWorkspace, Run, hang, silent
-from tests.process import TetherProcess, wait_for
+from tests.process import Hold, killed_inside, wait_for
 
 REPAIR = "/api/2.2/jobs/runs/repair"
 
@@ -26,27 +28,21 @@ def test_a_kill_after_runs_repair_before_its_record_still_makes_one_repair(
 ):
     workspace.notebooks["flaky"] = fails_then_hangs
     workspace.add_job(7, notebook="flaky")
-    env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
-        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
-        "TETHER_TASK_TTL": "2",
-    }
-    first = TetherProcess(tmp_path, env).start(wait=60)
-    try:
-        with first.client() as client:
-            body = {"backend": "databricks", "params": {"job_id": 7, "check_interval": 1}}
-            assert client.post("/jobs", json={"id": "crash", **body}).status_code == 201
-            wait_for(client, "crash", "failed")
-            held = workspace.hold(REPAIR)  # the repair is made; its answer never comes
-            assert client.post("/jobs/crash/retry").status_code == 200
-            assert held.reached.wait(60), "runs/repair never arrived"
-    finally:
-        first.kill()
-    held.release.set()
+
+    def inside(client: httpx.Client) -> Hold:
+        body = {"backend": "databricks", "params": {"job_id": 7, "check_interval": 1}}
+        assert client.post("/jobs", json={"id": "crash", **body}).status_code == 201
+        wait_for(client, "crash", "failed")
+        held = workspace.hold(REPAIR)  # the repair is made; its answer never comes
+        assert client.post("/jobs/crash/retry").status_code == 200
+        assert held.reached.wait(60), "runs/repair never arrived"
+        return held
+
+    first, second = killed_inside(tmp_path, inside)
     run = workspace.only_run()
     [made] = [r for r in run.repairs if r["type"] == "REPAIR"]
     assert run.parameters["tether_promise_id"] == callback_promise_id("crash", 2)
 
-    second = TetherProcess(tmp_path, env, port=first.port).start(wait=60)
     try:
         with second.client() as client:
             job = wait_for(client, "crash", "running", recorded=True)

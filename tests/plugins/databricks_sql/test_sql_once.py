@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -29,7 +30,7 @@ from tests.plugins.databricks_sql.test_databricks_sql import (
     start_job,
     statement_of,
 )
-from tests.process import TetherProcess, wait_for
+from tests.process import Hold, TetherProcess, killed_inside, wait_for
 
 PARAMS = {"warehouse_id": WAREHOUSE, "statement": "MERGE INTO t USING s ON t.k = s.k", **FAST}
 
@@ -270,23 +271,17 @@ def killed_inside_the_submission(
     """The real `tether serve`, killed with SIGKILL after Databricks accepted
     job `job_id`'s statement but before its answer came (`hold`): the
     process restarted on the same store and port."""
-    held = sql_api.hold()  # the statement is made; its answer never comes
-    env = {  # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
-        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
-        "TETHER_TASK_TTL": "2",
-        **settings,
-    }
-    first = TetherProcess(tmp_path, env).start(wait=60)
-    try:
-        with first.client() as client:
-            body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
-            response = client.post("/jobs", json={"id": job_id, **body})
-            assert response.status_code == 201, response.text
-            assert held.reached.wait(60), "the statement never arrived"
-    finally:
-        first.kill()
-    held.release.set()
-    return TetherProcess(tmp_path, env, port=first.port).start(wait=60)
+
+    def inside(client: httpx.Client) -> Hold:
+        held = sql_api.hold()  # the statement is made; its answer never comes
+        body = {"backend": "databricks_sql", "params": {**PARAMS, "check_interval": 0.5}}
+        response = client.post("/jobs", json={"id": job_id, **body})
+        assert response.status_code == 201, response.text
+        assert held.reached.wait(60), "the statement never arrived"
+        return held
+
+    # DATABRICKS_HOST/TOKEN, HOME and TETHER_DATABRICKS_* come from the fixture
+    return killed_inside(tmp_path, inside, **settings)[1]
 
 
 def test_a_kill_after_the_statement_was_accepted_still_runs_it_once(
