@@ -430,9 +430,10 @@ class Trigger(msgspec.Struct, frozen=True):
       False), whether an earlier run of this attempt's trigger may have made
       a try that nothing recorded: the process died or stalled inside it (a
       replay after a restart, or a run beside it after a lease ran out).
-      Told by the mark each run writes in the job's row, not by clocks.
-      Tries made earlier in this same run (this call's, or those of a call
-      of the run that raised) are the backend's own to remember.
+      Told by the mark each run writes in the job's row, not by clocks;
+      a call made again in one run after one that got to its tries (and
+      raised) is told it is a replay too. Tries made earlier in this call
+      are the backend's own to count.
     """
 
     job: Job

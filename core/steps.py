@@ -81,6 +81,11 @@ that found it to tell a replay (`JobSteps._replayed`), at most: a quarter
 of `task_ttl` when that is shorter (a replay by another host comes a lease
 after the run that made it)."""
 
+WAIT_MIN = 0.5
+"""Seconds a trigger's wait that sent nothing (`BackendError.tried` False)
+lasts at least, whatever its `retry_after` and `TETHER_TRIGGER_BACKOFF`
+(which may be 0): a backend that asks again at once does not spin."""
+
 STOP_MARGIN = 60.0
 """Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
 `tether_job_finished`)."""
@@ -578,14 +583,18 @@ class JobSteps:
         waits to see what an earlier try did) is recorded too, but is not
         counted against the tries: the backend says when to ask again."""
         trigger = self._trigger_of(rec, params, promise_id)
+        previous = None if rec.attempt == 1 else await self._previous(rec)
+        # Marked right before the first try: a call of this run that finds
+        # the mark its earlier call wrote knows that one got to its tries.
+        marked = False
         if backend.asks_if_replayed and run is not None:
             trigger = replace(trigger, replayed=await self._mark_tries(rec, run))
+            marked = True
         attempts = max(self.settings.trigger_attempts, 1)
         delay = self.settings.trigger_backoff
         # An external system may echo the request back, and a plugin's error may
         # quote it: never keep the callback token in the job record or the log.
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
-        previous = None if rec.attempt == 1 else await self._previous(rec)
         tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
         while True:
             this = tries + 1
@@ -604,11 +613,13 @@ class JobSteps:
                 counted = exc.tried or not exc.retryable
                 if counted and (not exc.retryable or this == attempts):
                     replayed = not exc.retryable and (
-                        trigger.replayed or await self._replayed(promise_id, began, again)
+                        (trigger.replayed or again)
+                        if marked
+                        else await self._replayed(promise_id, began, again)
                     )
                     await self._trigger_failed(rec, this, error, None, exc.retryable, replayed)
                     raise
-                backoff = delay if counted else self.settings.trigger_backoff
+                backoff = delay if counted else max(self.settings.trigger_backoff, WAIT_MIN)
                 wait = max(backoff, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
@@ -642,21 +653,24 @@ class JobSteps:
                 return now
 
     async def _mark_tries(self, rec: JobRecord, run: str) -> bool:
-        """Mark the job's row as tried by this run of the body (`run`) before
-        its first try; whether another run marked it first: a replay (that
-        run may have died inside a try nothing recorded) or a run beside
-        this one (a lease that ran out). Told by the row, so no clock is
-        compared (`_replayed` compares the store's with this host's). A call
-        made again in the same run finds its own mark: not a replay (what
-        its earlier call's tries may have started, the backend's process
-        knows itself). The write is made again while the store fails."""
+        """Mark the job's row as tried by this run of the body (`run`) right
+        before its first try; whether an earlier call may have made a try
+        nothing recorded: another run marked it first (a replay, whose run
+        may have died inside a try; or a run beside this one, after a lease
+        ran out), or this run's own earlier call did (it got to its tries,
+        then raised). Told by the row, so no clock is compared (`_replayed`
+        compares the store's with this host's). A call made again after one
+        that raised before its mark (the index failed on an earlier read) is
+        no replay. The write is made again while the store fails; one whose
+        answer was lost finds its own mark, as written by this call."""
         mark = f"{rec.attempt}:{run}"
         if rec.tries_run == mark:
-            return False
+            return True
         earlier = rec.tries_run is not None and rec.tries_run.startswith(f"{rec.attempt}:")
 
         async def write() -> bool:
-            return await store_call(self.jobs.mark_tries(rec.id, rec.attempt, rec.tries_run, mark))
+            marking = self.jobs.mark_tries(rec.id, rec.created_at, rec.attempt, rec.tries_run, mark)
+            return await store_call(marking)
 
         return not await self._until_stored(rec, "marking its tries", write) or earlier
 

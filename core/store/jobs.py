@@ -424,12 +424,15 @@ class JobIndex(Protocol):
         never sets the next attempt's `heartbeat_due`."""
         ...
 
-    async def mark_tries(self, job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
-        """Set the job's `tries_run` to `mark` where the job is at attempt
-        `attempt` and its `tries_run` is `seen` (as the caller read it) or
-        `mark` already (a write whose answer was lost, made again). False
-        (nothing written) otherwise: another run marked it meanwhile, or the
-        attempt is over."""
+    async def mark_tries(
+        self, job_id: str, created_at: int, attempt: int, seen: str | None, mark: str
+    ) -> bool:
+        """Set the job's `tries_run` to `mark` where the job is the one
+        created at `created_at` (not another made under its id since), at
+        attempt `attempt`, and its `tries_run` is `seen` (as the caller read
+        it) or `mark` already (a write whose answer was lost, made again).
+        False (nothing written) otherwise: another run marked it meanwhile,
+        or the attempt is over."""
         ...
 
     async def claim_heartbeat(self, job_id: str, expected: int, next_due: int) -> bool:

@@ -13,7 +13,9 @@ version 0 and goes through migration 1, which is written `IF NOT EXISTS`
 throughout: it changes nothing there, and the database is then at version 1.
 
 To change the schema, append a `Migration` (and declare what it adds in
-`core.store.schema` with `since=` its version). Never edit a shipped one.
+`core.store.schema` with `since=` its version). Never edit a shipped one,
+and never use a number again: a build that shipped a migration and was
+withdrawn left databases at its version (migration 12 undoes one).
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ class Migration(NamedTuple):
     what: str
     statements: Callable[[Dialect], Sequence[str]]
     """The SQL that takes the schema from `version - 1` to `version`."""
+
+
+def withdrawn_counts(dialect: Dialect) -> list[str]:
+    """Drop what the withdrawn migration 12 of commit 7398711 (2026-12-04,
+    removed by 434f069 the same day) made on SQLite: a table of counts per
+    state and the triggers keeping it, which would otherwise go on running in
+    every write of a job. Nothing where it made nothing (Postgres, or a
+    database never opened by that build)."""
+    if dialect.name != "sqlite":
+        return []
+    triggers = ("insert", "state", "delete")
+    return [
+        *(f"DROP TRIGGER IF EXISTS tether_jobs_count_{t}" for t in triggers),
+        "DROP TABLE IF EXISTS tether_job_counts",
+    ]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -114,11 +131,19 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         12,
+        "withdrawn: the counts per state a build of 2026-12-04 kept in tether_job_counts"
+        " by triggers (SQLite), dropped where that build made them",
+        withdrawn_counts,
+    ),
+    Migration(
+        13,
         "replays told without clocks: each job's tries_run, the run of its workflow that"
-        " began the attempt's trigger tries",
-        lambda d: JOBS.migrate(d, 12),
+        " began the attempt's trigger tries (and migration 12's drops, for a database"
+        " that build took to its own version 12)",
+        lambda d: [*withdrawn_counts(d), *JOBS.migrate(d, 13)],
     ),
 )
+
 
 SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS tether_schema (
     name TEXT PRIMARY KEY,

@@ -155,7 +155,7 @@ JOBS = Table(
         Column("salt", "text", null=True, since=9),
         Column("stop_due", "int", null=True, since=11),
         Column("stop_attempt", "int", null=True, since=11),
-        Column("tries_run", "text", null=True, since=12),
+        Column("tries_run", "text", null=True, since=13),
     ),
     (
         Index("tether_jobs_state", "state, seq"),

@@ -1045,11 +1045,13 @@ class SqlJobIndex:
 
         return (await self._write(body)).rec
 
-    async def mark_tries(self, job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
+    async def mark_tries(
+        self, job_id: str, created_at: int, attempt: int, seen: str | None, mark: str
+    ) -> bool:
         changed = await self.db.execute(
-            "UPDATE tether_jobs SET tries_run = ? WHERE id = ? AND attempt = ?"
-            " AND COALESCE(tries_run, '') IN (?, ?)",
-            (mark, job_id, attempt, seen or "", mark),
+            "UPDATE tether_jobs SET tries_run = ? WHERE id = ? AND created_at = ?"
+            " AND attempt = ? AND COALESCE(tries_run, '') IN (?, ?)",
+            (mark, job_id, created_at, attempt, seen or "", mark),
         )
         return changed == 1
 

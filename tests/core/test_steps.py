@@ -1488,6 +1488,12 @@ def asking(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Scripted, "asks_if_replayed", True)
 
 
+async def mark(rig: Rig, job_id: str, value: str) -> bool:
+    """The job's row marked as a run of its workflow marks it (`tries_run`)."""
+    rec = await rig.parts.row(job_id)
+    return await rig.parts.jobs.mark_tries(job_id, rec.created_at, rec.attempt, None, value)
+
+
 @pytest.mark.usefixtures("asking")
 @pytest.mark.parametrize("ahead_ms", [0, 5_000, 3_600_000])
 async def test_a_first_run_is_no_replay_however_far_the_hosts_clock_runs_ahead(
@@ -1511,27 +1517,31 @@ async def test_a_first_run_is_no_replay_however_far_the_hosts_clock_runs_ahead(
 
 
 @pytest.mark.usefixtures("asking")
-async def test_a_run_that_finds_another_runs_mark_is_a_replay_and_its_own_mark_is_not(rig: Rig):
+async def test_a_run_that_finds_another_runs_mark_or_its_own_is_a_replay(rig: Rig):
     """Run `a` died inside its try (its mark is written, nothing recorded):
-    run `b`, the replay, is told. A call made again within one run (after
-    one that raised) finds its own mark: what its earlier call's tries may
-    have started, the backend's process knows itself."""
-    for job_id in ("k", "r"):
+    run `b`, the replay, is told. So is a call made again in run `a`
+    (after one that raised) that finds `a`'s own mark: that call got to
+    its tries. A call made again after one that raised before its mark
+    (an earlier read failed) is no replay."""
+    for job_id in ("k", "r", "n"):
         await start(rig, job_id)
-        assert await rig.parts.jobs.mark_tries(job_id, 1, None, "1:a")  # a's mark, no record
+    for job_id in ("k", "r"):
+        assert await mark(rig, job_id, "1:a")  # a's mark, no record
 
     await rig.steps.trigger("k", "k:1", run="a", again=True)
     await rig.steps.trigger("r", "r:1", run="b")
+    await rig.steps.trigger("n", "n:1", run="a", again=True)
 
-    assert [(t.job.id, t.replayed) for t in rig.backend.triggers] == [("k", False), ("r", True)]
-    assert (await rig.parts.row("k")).tries_run == "1:a"
+    replayed = [(t.job.id, t.replayed) for t in rig.backend.triggers]
+    assert replayed == [("k", True), ("r", True), ("n", False)]
     assert (await rig.parts.row("r")).tries_run == "1:b"
+    assert (await rig.parts.row("n")).tries_run == "1:a"
 
 
 @pytest.mark.usefixtures("asking")
 async def test_an_earlier_attempts_mark_makes_no_replay_of_the_next(rig: Rig):
     await rig.parts.add_job("j", state="running", external={"run": 1})
-    await rig.parts.jobs.mark_tries("j", 1, None, "1:a")
+    await mark(rig, "j", "1:a")
     await retried(rig, {"state": "failed", "external": {"run": 1}})
     second = callback_promise_id("j", 2)
     await rig.parts.resonate.promises.create(second, now_ms() + 60_000, Value(data=None), {})
@@ -1573,20 +1583,34 @@ async def test_a_run_beside_another_that_marked_the_row_after_it_read_it_is_told
     await start(rig)
     write = rig.parts.jobs.mark_tries
 
-    async def raced(job_id: str, attempt: int, seen: str | None, mark: str) -> bool:
-        await write(job_id, attempt, seen, "1:other")
-        return await write(job_id, attempt, seen, mark)
+    async def raced(job_id: str, created: int, attempt: int, seen: str | None, to: str) -> bool:
+        await write(job_id, created, attempt, seen, "1:other")
+        return await write(job_id, created, attempt, seen, to)
 
     monkeypatch.setattr(rig.parts.jobs, "mark_tries", raced)
     await rig.steps.trigger("j", "j:1", run="a")
     assert [t.replayed for t in rig.backend.triggers] == [True]
 
 
+@pytest.mark.usefixtures("asking")
+async def test_a_first_runs_refusal_is_no_replay_however_far_the_clock_runs_ahead(rig: Rig):
+    """For a backend that asks, the mark decides a refusal's `replayed` too:
+    a first run's clear refusal on a host an hour ahead of the store does
+    not send the finish looking for a run."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no such warehouse", code="bad")]
+    await rig.steps.trigger("j", "j:1", began=now_ms() + 3_600_000, run="a")
+    await finish_as_settled(rig)
+    _, events, _ = await rig.parts.jobs.history("j", 0, 100)
+    [tried] = [e.data for e in events if e.type == "trigger_failed"]
+    assert "replayed" not in tried and rig.backend.unrecorded == []
+
+
 async def test_a_backend_that_does_not_ask_costs_no_write_and_is_told_nothing(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):
     await start(rig)
-    await rig.parts.jobs.mark_tries("j", 1, None, "1:a")  # as if another run had asked
+    await mark(rig, "j", "1:a")  # as if another run had asked
 
     async def unwritten(*args: Any) -> bool:
         raise AssertionError("the row was marked")
@@ -1615,8 +1639,8 @@ async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
         rig = make_rig(parts)
         await start(rig)
         rig.backend.answers = [waiting(7.0), waiting(None), waiting(0.1)]
-        if attempts > 1:
-            rig.backend.answers += [retryable("busy"), waiting(2.0)]
+        if attempts > 1:  # the backoff of real failures doubles; a wait's stays
+            rig.backend.answers += [retryable("busy"), waiting(None), waiting(2.0)]
         with logs_of("tether") as logs:
             await rig.steps.trigger("j", "j:1")
 
@@ -1629,8 +1653,8 @@ async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
             if e.type == "trigger_failed"
         ]
         if attempts > 1:
-            assert rig.waits == [7.0, 0.5, 0.5, 0.5, 2.0]
-            assert tries == [(1, False), (1, False), (1, False), (1, True), (2, False)]
+            assert rig.waits == [7.0, 0.5, 0.5, 0.5, 0.5, 2.0]
+            assert tries == [(1, False)] * 3 + [(1, True), (2, False), (2, False)]
             assert events[-1].data["try"] == 2
         else:
             assert rig.waits == [7.0, 0.5, 0.5]
@@ -1640,6 +1664,17 @@ async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
             f"WARNING job j: trigger attempt 1/{max(attempts, 1)} waits (not counted)"
             " (not listed yet); again in 7.0s"
         )
+
+
+async def test_a_wait_asked_at_once_still_waits_a_little():
+    """`TETHER_TRIGGER_BACKOFF=0` and a `retry_after` of 0: a wait lasts
+    `WAIT_MIN` all the same, so a backend that asks again at once does not spin."""
+    async with open_parts(trigger_backoff=0) as parts:
+        rig = make_rig(parts)
+        await start(rig)
+        rig.backend.answers = [waiting(0), waiting(None)]
+        await rig.steps.trigger("j", "j:1")
+        assert rig.waits == [core.steps.WAIT_MIN] * 2
 
 
 async def test_a_refusal_that_sent_nothing_still_fails_the_job(rig: Rig):

@@ -710,15 +710,17 @@ async def test_a_jobs_history_never_goes_back_in_time(database):
 async def test_a_trigger_marks_its_tries_where_the_row_is_as_it_read_it(database):
     """`mark_tries` writes a run's mark only over the one its caller read
     (or over its own, a write made again after its answer was lost), and
-    only for the attempt the row is at: a second run that read the row
-    before the first marked it is told so (False), and learns it is not alone."""
+    only for the attempt the row is at and the job it read (not one created
+    under its id since): a second run that read the row before the first
+    marked it is told so (False), and learns it is not alone."""
     jobs = await index_on(database)
     await jobs.insert(job("m"))
-    assert await jobs.mark_tries("m", 1, None, "1:a")
-    assert await jobs.mark_tries("m", 1, None, "1:a")  # made again: its own mark
-    assert not await jobs.mark_tries("m", 1, None, "1:b")  # read before "1:a" was written
-    assert not await jobs.mark_tries("m", 2, "1:a", "2:b")  # not the row's attempt
-    assert not await jobs.mark_tries("gone", 1, None, "1:b")
+    assert await jobs.mark_tries("m", 1_000, 1, None, "1:a")
+    assert await jobs.mark_tries("m", 1_000, 1, None, "1:a")  # made again: its own mark
+    assert not await jobs.mark_tries("m", 1_000, 1, None, "1:b")  # read before "1:a" was written
+    assert not await jobs.mark_tries("m", 1_000, 2, "1:a", "2:b")  # not the row's attempt
+    assert not await jobs.mark_tries("m", 999, 1, "1:a", "1:b")  # another job under its id
+    assert not await jobs.mark_tries("gone", 1_000, 1, None, "1:b")
     assert (await jobs.get("m")).tries_run == "1:a"  # type: ignore[union-attr]
-    assert await jobs.mark_tries("m", 1, "1:a", "1:b")  # a replay, having read "1:a"
+    assert await jobs.mark_tries("m", 1_000, 1, "1:a", "1:b")  # a replay, having read "1:a"
     assert (await jobs.get("m")).tries_run == "1:b"  # type: ignore[union-attr]

@@ -175,6 +175,53 @@ async def test_the_next_schema_version_is_one_list_entry(database):
     assert await database.layout() == upgraded
 
 
+WITHDRAWN_12 = (
+    "CREATE TABLE IF NOT EXISTS tether_job_counts (\n    state TEXT NOT NULL,\n"
+    "    n INTEGER NOT NULL,\n    PRIMARY KEY (state)\n) WITHOUT ROWID",
+    "INSERT INTO tether_job_counts (state, n)"
+    " SELECT state, count(*) FROM tether_jobs GROUP BY state",
+    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_insert AFTER INSERT ON tether_jobs BEGIN"
+    " INSERT INTO tether_job_counts (state, n) VALUES (NEW.state, 1)"
+    " ON CONFLICT (state) DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_state AFTER UPDATE OF state ON tether_jobs"
+    " WHEN NEW.state IS NOT OLD.state BEGIN"
+    " UPDATE tether_job_counts SET n = n - 1 WHERE state = OLD.state;"
+    " INSERT INTO tether_job_counts (state, n) VALUES (NEW.state, 1)"
+    " ON CONFLICT (state) DO UPDATE SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS tether_jobs_count_delete AFTER DELETE ON tether_jobs BEGIN"
+    " UPDATE tether_job_counts SET n = n - 1 WHERE state = OLD.state; END",
+)
+"""What the withdrawn migration 12 of commit 7398711 (2026-12-04) ran on SQLite."""
+
+
+async def test_a_database_at_the_withdrawn_version_12_is_cleaned_and_moves_on(database):
+    """A build of 2026-12-04 shipped a migration 12 (counts per state kept by
+    triggers, SQLite only) that was withdrawn the same day. A database it
+    took to its version 12 gets the later migrations all the same, and
+    loses that build's table and triggers: the same layout as a database
+    made today."""
+    await database.ship_v1()  # with rows: the counts were filled from them
+    driver = await database.driver()
+    await migrate(driver, MIGRATIONS[:11])
+    if database.kind == "sqlite":
+        await database.run(*WITHDRAWN_12)
+    await database.run("UPDATE tether_schema SET version = 12")
+
+    assert await migrate(driver) == list(range(13, LATEST + 1))
+    upgraded = await database.layout()
+    names = {str(row[1]) for row in await database.objects()}
+    assert not any("count" in name for name in names), names
+    index = SqlJobIndex(driver)
+    busy = await index.get("busy")
+    assert busy is not None and busy.tries_run is None
+    assert await index.mark_tries("busy", busy.created_at, 1, None, "1:a")
+    assert (await index.get("busy")).tries_run == "1:a"  # type: ignore[union-attr]
+
+    await database.drop_tables()
+    assert await migrate(await database.driver()) == list(range(1, LATEST + 1))
+    assert await database.layout() == upgraded
+
+
 _ALL_ROWS = "SELECT * FROM tether_jobs ORDER BY seq"
 
 
