@@ -148,7 +148,8 @@ class JobSteps:
         run of their trigger step), to tell a replay (`_replayed`); None: not
         known. `again`: a call made again after one of the same run that
         raised (the index failed), which may have tried with no record: its
-        refusals are unsure, as a replay's. `run`: a token of this run of
+        refusals are unsure, as a replay's (the workflow calls again after
+        anything the call raised). `run`: a token of this run of
         the body (or of the trigger step), the same for each call it makes,
         which marks the job's row before the first try for a backend that
         asks to be told of a replay (`_mark_tries`)."""
@@ -613,7 +614,7 @@ class JobSteps:
                 counted = exc.tried or not exc.retryable
                 if counted and (not exc.retryable or this == attempts):
                     replayed = not exc.retryable and (
-                        (trigger.replayed or again)
+                        trigger.replayed
                         if marked
                         else await self._replayed(promise_id, began, again)
                     )
@@ -644,9 +645,9 @@ class JobSteps:
                 extra=rec.log_extra(promise_id),
             )
             await self.sleep(wait)
-            now = await self.jobs.get(rec.id)
-            if _another_job(rec, now):
-                return None
+            # Read again while the store fails: raised, the trigger would be
+            # called again, and find its own mark (a replay's wait).
+            now = await self._row(rec)  # (None: gone, or another job's)
             if now is None or now.finished or now.attempt != rec.attempt:
                 return now
             if now.external is not None:
@@ -757,8 +758,8 @@ class JobSteps:
         attempt has ended or was triggered (a process that stalled inside the
         trigger while another ended the job or triggered it): a finished
         attempt's history ends with it, and a triggered one's tries are over."""
-        now = await self.jobs.get(rec.id)
-        if now is None or _another_job(rec, now):
+        now = await self._row(rec)  # read again while the store fails
+        if now is None:
             return
         if now.finished or now.attempt != rec.attempt or now.external is not None:
             return

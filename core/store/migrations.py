@@ -15,7 +15,10 @@ throughout: it changes nothing there, and the database is then at version 1.
 To change the schema, append a `Migration` (and declare what it adds in
 `core.store.schema` with `since=` its version). Never edit a shipped one,
 and never use a number again: a build that shipped a migration and was
-withdrawn left databases at its version (migration 12 undoes one).
+withdrawn left databases at its version (migration 12 undoes one). (For
+an hour on 2026-12-05, commits 835b637 and b23eb9f numbered `tries_run`'s
+migration 12; no kept database ran them, and a database they made is
+refused by migration 13's `ADD COLUMN`: start it afresh.)
 """
 
 from __future__ import annotations

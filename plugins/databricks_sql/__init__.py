@@ -366,6 +366,9 @@ class DatabricksSql(Backend):
                 self._unsure.setdefault(key, time.monotonic())
             raise
         self._unsure.pop(key, None)
+        # Sent: a later replay of this trigger (the job's record failed) waits
+        # for it again, though this process waited once before sending it.
+        self._waited.pop(key, None)
         self._last_sent = statement_id
         log.info(
             "databricks_sql: job %s started statement %s on warehouse %s",

@@ -1606,6 +1606,31 @@ async def test_a_first_runs_refusal_is_no_replay_however_far_the_clock_runs_ahea
     assert "replayed" not in tried and rig.backend.unrecorded == []
 
 
+@pytest.mark.usefixtures("asking")
+async def test_a_read_between_two_tries_that_fails_is_made_again_not_the_trigger(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The store fails the read after a wait between two tries: it is read
+    again. Raised, the trigger would be called again, find its own mark,
+    and be told it is a replay (a `databricks_sql` statement would wait its
+    settling time for a try that sent nothing)."""
+    await start(rig)
+    rig.backend.answers = [retryable("history: 503")]
+    read = rig.parts.jobs.get
+
+    async def sleep_then_fail_a_read(seconds: float) -> None:
+        rig.waits.append(seconds)
+        if len(rig.waits) == 1:  # the wait between the tries
+            failing = failing_first(read, StoreUnavailable("locked"))
+            monkeypatch.setattr(rig.parts.jobs, "get", failing)
+
+    rig.steps.sleep = sleep_then_fail_a_read
+    await rig.steps.trigger("j", "j:1", run="a")
+    assert [t.replayed for t in rig.backend.triggers] == [False, False]
+    assert rig.waits == [0.5, core.steps.RETRY_BACKOFF]
+    assert (await rig.parts.row("j")).external == {"run": 1}
+
+
 async def test_a_backend_that_does_not_ask_costs_no_write_and_is_told_nothing(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ):

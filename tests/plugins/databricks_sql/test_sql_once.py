@@ -254,6 +254,27 @@ async def test_a_replay_waits_for_the_history_without_a_counted_try(sql_api: Fak
     assert list(sql_api.statements) == [receipt["statement_id"]]
 
 
+async def test_a_statement_sent_after_a_wait_is_waited_for_again_on_the_next_replay(
+    sql_api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch
+):
+    """A replay waited its settling time, then sent the statement; its
+    record failed, and the trigger is called again (a replay once more)
+    while the history does not list the statement yet: it waits again,
+    rather than take the earlier wait for this one and send it twice."""
+    monkeypatch.setenv("TETHER_DATABRICKS_SQL_SETTLE", "0.3")
+    sql_api.history_delay = 30
+    backend = DatabricksSql()
+    trigger = a_trigger("again", replayed=True)
+    with pytest.raises(BackendError):
+        await backend.trigger(trigger)  # the wait begins
+    time.sleep(0.4)
+    await backend.trigger(trigger)  # over: sent
+    with pytest.raises(BackendError) as waited:
+        await backend.trigger(trigger)
+    assert waited.value.code == "statement_unsure"
+    assert len(sql_api.statements) == 1
+
+
 async def test_a_replay_that_cannot_read_the_history_submits_at_once(
     sql_api: FakeSqlApi, logs: Any
 ):
