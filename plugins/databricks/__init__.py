@@ -62,6 +62,7 @@ from core.plugin import (
     Readiness,
     Running,
     Trigger,
+    callback_promise_id,
     hookimpl,
 )
 from plugins.databricks import notifications, repair
@@ -404,11 +405,18 @@ class Databricks(Backend):
         runs, or the one-time runs, started since the job was created, less
         `LOOKUP_SLACK` for the two clocks; `LOOKUP_LIMIT` at most): a run a
         trigger try started though its answer was lost. A repair of the
-        previous attempt's run carries the new attempt's parameters too."""
+        previous attempt's run carries the new attempt's parameters too,
+        but a one-time run with no notebook task may name no attempt after
+        its repair but by its name, its first attempt's: a run named for an
+        earlier attempt of this job that is going again is canceled as
+        well (the earlier attempts ended before this one began, their runs
+        stopped or over, and the next attempt waits for this finish)."""
         params: DatabricksParams = trigger.params
         job_id = None if params.job_id is None else int(params.job_id)
         since = round((trigger.job.created_at.timestamp() - LOOKUP_SLACK) * 1000)
         extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+        named = [callback_promise_id(trigger.job.id, k) for k in range(1, trigger.job.attempt)]
+        named.append(trigger.promise_id)
 
         def find(w: WorkspaceClient) -> list[int]:
             from databricks.sdk.service.jobs import RunType
@@ -422,8 +430,8 @@ class Databricks(Backend):
             )
             found = []
             for seen, run in enumerate(runs, 1):
-                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or []) or _named_for(
-                    run, trigger.promise_id
+                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or []) or any(
+                    _named_for(run, promise_id) for promise_id in named
                 )
                 if ours and run.run_id is not None and not _run_over(run):
                     found.append(run.run_id)

@@ -1226,6 +1226,39 @@ async def test_cancel_unrecorded_finds_a_repair_made_for_the_attempt(
     assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": first["run_id"]}]
 
 
+@pytest.mark.parametrize("dropped", [False, True], ids=["params-kept", "params-dropped"])
+async def test_cancel_unrecorded_finds_a_repair_of_a_one_time_run_without_a_notebook_task(
+    backend, workspace: FakeWorkspace, dropped: bool
+):
+    """A one-time run of a Python wheel takes no parameters of Tether's: its
+    repair by attempt 2 sends them as `notebook_params`, which Databricks
+    may keep (found by them) or drop (the run names no attempt but by its
+    name, attempt 1's). Attempt 2 ended with no run recorded (the repair's
+    answer lost): a run named for an earlier attempt of the job that is
+    going again was repaired since, and is canceled. Another job's such run
+    is left."""
+    workspace.drops_unused_notebook_params = dropped
+    wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+    params = {"submit": {"run_name": "nightly", "tasks": [wheel]}}
+    first = await backend.trigger(trigger(params))
+    other = (await backend.trigger(other_trigger(params, 1)))["run_id"]
+    workspace.end(first["run_id"], "FAILED", "boom")
+    second = msgspec.structs.replace(
+        trigger(params),
+        job=msgspec.structs.replace(job("canceled", params), attempt=2),
+        promise_id="j~2:1",
+        idempotency_key="j~2:1",
+    )
+    previous = job("failed", params, external=first)
+    assert (await backend.rerun(second, previous))["run_id"] == first["run_id"]
+    assert workspace.runs[first["run_id"]].status != "TERMINATED"  # going again
+
+    await backend.cancel_unrecorded(second)
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": first["run_id"]}]
+    assert workspace.runs[other].status != "TERMINATED"
+
+
 async def test_a_run_that_ended_elsewhere_is_recognised_only_by_its_termination_code(
     backend, workspace: FakeWorkspace
 ):

@@ -344,6 +344,10 @@ class FakeWorkspace:
         """Notification destinations by id: their `generic_webhook` config."""
         self.deliveries: list[Delivery] = []
         self.workspace_id = "1234567890123456"
+        self.drops_unused_notebook_params = False
+        """When set, a repair's `notebook_params` are kept only where the
+        run has a notebook task (what Databricks does with them elsewhere
+        is not documented): a wheel's repaired run then names no attempt."""
         self.echo_credentials = False
         """When set, an auth failure echoes the credentials it got (as a careless
         proxy might), to prove Tether scrubs them."""
@@ -810,6 +814,10 @@ class FakeWorkspace:
             repair_id = next(self._ids)
             new = []
             notebook_params = body.get("notebook_params")
+            if self.drops_unused_notebook_params and all(
+                t.kind != "notebook_task" for t in run.tasks
+            ):
+                notebook_params = None
             for i in failed:
                 old = run.tasks[i]
                 task = TaskRun(
