@@ -433,7 +433,12 @@ class Trigger(msgspec.Struct, frozen=True):
       Told by the mark each run writes in the job's row, not by clocks;
       a call made again in one run after one that got to its tries (and
       raised) is told it is a replay too. Tries made earlier in this call
-      are the backend's own to count.
+      are the backend's own to count;
+    - `retried`: for `cancel_unrecorded` only (else always False), the job
+      was retried since this attempt ended (a process that stalled inside
+      the attempt's trigger stops what its tries may have started): a run
+      of the job that does not name this attempt may be a later attempt's,
+      so only runs that do are to be stopped.
     """
 
     job: Job
@@ -442,6 +447,7 @@ class Trigger(msgspec.Struct, frozen=True):
     callback_url: str
     idempotency_key: str
     replayed: bool = False
+    retried: bool = False
 
     @property
     def heartbeat_url(self) -> str:

@@ -181,7 +181,11 @@ class JobSteps:
                 backend, rec, params, promise_id, began=began, again=again, run=run
             )
         except BackendError as exc:
-            latest = await self.jobs.get(job_id)
+            # Read again while the store fails: raised, the trigger would be
+            # called again, and make a new set of tries.
+            latest = await self._until_stored(
+                rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
+            )
             if _another_job(rec, latest):
                 log.warning(
                     "job %s: a stale trigger failed (%s) after the job was deleted and a new one"
@@ -327,7 +331,7 @@ class JobSteps:
             )
             error = msgspec.convert(how.get("error"), ErrorInfo | None)
             ended = replace(rec, state=how["state"], error=error)
-        await self._cancel_unrecorded(backend, ended)
+        await self._cancel_unrecorded(backend, ended, retried=now.attempt != rec.attempt)
 
     async def _stop_stale_run(
         self,
@@ -831,15 +835,19 @@ class JobSteps:
             if e.type == "trigger_failed" and e.attempt == rec.attempt
         )
 
-    async def _cancel_unrecorded(self, backend: Backend, rec: JobRecord) -> None:
+    async def _cancel_unrecorded(
+        self, backend: Backend, rec: JobRecord, *, retried: bool = False
+    ) -> None:
         """`backend.cancel_unrecorded` for the run attempt `rec.attempt`'s
         trigger may have started, as `_cancel_run` asks `cancel` (a failure
-        is its `cancel_failed` event, `external` null)."""
+        is its `cancel_failed` event, `external` null). `retried`: the job
+        is at a later attempt now (`Trigger.retried`)."""
         try:
             params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError:  # never tried: the trigger refused them
             return
         trigger = self._trigger_of(rec, params, callback_promise_id(rec.id, rec.attempt))
+        trigger = replace(trigger, retried=retried)
         log.warning(
             "job %s: ended with no run recorded after a trigger try that may have started one;"
             " %s is asked to stop it",

@@ -410,12 +410,16 @@ class Databricks(Backend):
         its repair but by its name, its first attempt's: a run named for an
         earlier attempt of this job that is going again is canceled as
         well (the earlier attempts ended before this one began, their runs
-        stopped or over, and the next attempt waits for this finish)."""
+        stopped or over, and a retry waits for the attempt's finish, which
+        asks this). Not when the job was retried since (`trigger.retried`:
+        a process that stalled inside this attempt's trigger asks, and such
+        a run may be the later attempt's, repaired by it)."""
         params: DatabricksParams = trigger.params
         job_id = None if params.job_id is None else int(params.job_id)
         since = round((trigger.job.created_at.timestamp() - LOOKUP_SLACK) * 1000)
         extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
-        named = [callback_promise_id(trigger.job.id, k) for k in range(1, trigger.job.attempt)]
+        earlier = 1 if trigger.retried else trigger.job.attempt
+        named = [callback_promise_id(trigger.job.id, k) for k in range(1, earlier)]
         named.append(trigger.promise_id)
 
         def find(w: WorkspaceClient) -> list[int]:

@@ -979,6 +979,7 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_what_they
     ]
     [asked] = rig.backend.unrecorded
     assert (asked.promise_id, asked.job.attempt, asked.job.state) == ("j:1", 1, "canceled")
+    assert asked.retried is True  # only runs naming attempt 1 are its to stop
     assert rig.backend.canceled == []
     rec = await rig.parts.row("j")
     assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
@@ -1348,6 +1349,7 @@ async def test_unrecorded_every_try_unanswered_has_the_finish_stop_what_a_try_st
 
     assert (rec.state, rec.external) == ("failed", None)
     [asked] = rig.backend.unrecorded
+    assert asked.retried is False  # the job's finish: no later attempt
     tried = rig.backend.triggers[-1]
     assert (asked.promise_id, asked.idempotency_key, asked.callback_url) == (
         tried.promise_id,
@@ -1629,6 +1631,28 @@ async def test_a_read_between_two_tries_that_fails_is_made_again_not_the_trigger
     assert [t.replayed for t in rig.backend.triggers] == [False, False]
     assert rig.waits == [0.5, core.steps.RETRY_BACKOFF]
     assert (await rig.parts.row("j")).external == {"run": 1}
+
+
+async def test_a_read_after_the_last_try_that_fails_is_made_again_not_the_tries(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The store fails the read of the job after its trigger was refused:
+    read again, the job fails; raised, the trigger would be called again
+    and make its tries once more."""
+    await start(rig)
+    rig.backend.answers = [BackendError("no", code="http_400")]
+    read, reads = rig.parts.jobs.get, []
+
+    async def third_fails(job_id: str) -> Any:
+        reads.append(job_id)
+        if len(reads) == 3:  # the trigger's, the failed try's record's, then this
+            raise StoreUnavailable("locked")
+        return await read(job_id)
+
+    monkeypatch.setattr(rig.parts.jobs, "get", third_fails)
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1 and rig.waits == [core.steps.RETRY_BACKOFF]
+    assert (await rig.parts.row("j")).state == "failed"
 
 
 async def test_a_backend_that_does_not_ask_costs_no_write_and_is_told_nothing(

@@ -1259,6 +1259,38 @@ async def test_cancel_unrecorded_finds_a_repair_of_a_one_time_run_without_a_note
     assert workspace.runs[other].status != "TERMINATED"
 
 
+async def test_a_stale_cancel_unrecorded_leaves_a_wheel_run_a_later_attempt_repaired(
+    backend, workspace: FakeWorkspace
+):
+    """Attempts 2 and 3 each repaired the wheel's run (its name still
+    attempt 1's; the repairs' parameters not listed), and attempt 3's
+    repair is going. A process that stalled inside attempt 2's trigger asks
+    to stop what its tries may have started, the job retried since
+    (`retried`): the run is left to attempt 3. The same ask from attempt 3's
+    own finish would stop it."""
+    workspace.drops_unused_notebook_params = True
+    wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+    params = {"submit": {"run_name": "nightly", "tasks": [wheel]}}
+    run = await backend.trigger(trigger(params))
+    attempts = {}
+    for n in (2, 3):
+        workspace.end(run["run_id"], "FAILED", "boom")
+        attempts[n] = msgspec.structs.replace(
+            trigger(params),
+            job=msgspec.structs.replace(job("canceled", params), attempt=n),
+            promise_id=f"j~{n}:1",
+            idempotency_key=f"j~{n}:1",
+        )
+        previous = job("failed", params, external=run)
+        run = await backend.rerun(attempts[n], previous)
+
+    await backend.cancel_unrecorded(msgspec.structs.replace(attempts[2], retried=True))
+    assert workspace.calls(CANCEL) == []
+
+    await backend.cancel_unrecorded(attempts[3])
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run["run_id"]}]
+
+
 async def test_a_run_that_ended_elsewhere_is_recognised_only_by_its_termination_code(
     backend, workspace: FakeWorkspace
 ):
