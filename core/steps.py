@@ -86,6 +86,11 @@ WAIT_MIN = 0.5
 lasts at least, whatever its `retry_after` and `TETHER_TRIGGER_BACKOFF`
 (which may be 0): a backend that asks again at once does not spin."""
 
+WAIT_SLICE = 5.0
+"""Seconds a wait between two trigger tries sleeps before it looks at the
+job's row again: a job canceled or timed out during a long wait (a
+`retry_after`, a backoff grown large) stops waiting within this."""
+
 STOP_MARGIN = 60.0
 """Seconds `JobSteps.stop_within` adds for the rest of a finish (the index,
 `tether_job_finished`)."""
@@ -648,14 +653,31 @@ class JobSteps:
                 wait,
                 extra=rec.log_extra(promise_id),
             )
-            await self.sleep(wait)
-            # Read again while the store fails: raised, the trigger would be
-            # called again, and find its own mark (a replay's wait).
-            now = await self._row(rec)  # (None: gone, or another job's)
+            now = await self._wait_between_tries(rec, wait)
+            if now is not rec:
+                return now
+
+    async def _wait_between_tries(self, rec: JobRecord, wait: float) -> JobRecord | None:
+        """Sleep `wait` seconds, looking at the job's row every `WAIT_SLICE`
+        and at the end: `rec` when the tries go on; else the row (None:
+        gone, or another job's) once the attempt ended (a cancel, a
+        timeout: its finish then stops what the tries may have started
+        without waiting out the rest), moved on, or was triggered by
+        another process. Each look is read again while the store fails:
+        raised, the trigger would be called again, and find its own mark (a
+        replay's wait)."""
+        left = wait
+        while True:
+            step = min(left, WAIT_SLICE)
+            await self.sleep(step)
+            left -= step
+            now = await self._row(rec)
             if now is None or now.finished or now.attempt != rec.attempt:
                 return now
             if now.external is not None:
                 return now
+            if left <= 0:
+                return rec
 
     async def _mark_tries(self, rec: JobRecord, run: str) -> bool:
         """Mark the job's row as tried by this run of the body (`run`) right

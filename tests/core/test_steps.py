@@ -1702,11 +1702,11 @@ async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
             if e.type == "trigger_failed"
         ]
         if attempts > 1:
-            assert rig.waits == [7.0, 0.5, 0.5, 0.5, 0.5, 2.0]
+            assert rig.waits == [5.0, 2.0, 0.5, 0.5, 0.5, 0.5, 2.0]  # 7 s in two slices
             assert tries == [(1, False)] * 3 + [(1, True), (2, False), (2, False)]
             assert events[-1].data["try"] == 2
         else:
-            assert rig.waits == [7.0, 0.5, 0.5]
+            assert rig.waits == [5.0, 2.0, 0.5, 0.5]
             assert tries == [(1, False)] * 3
             assert events[-1].data["try"] == 1
         assert logs.lines[0] == (
@@ -1734,9 +1734,16 @@ async def test_a_refusal_that_sent_nothing_still_fails_the_job(rig: Rig):
     assert rig.waits == []
 
 
-async def test_a_job_canceled_during_a_wait_is_not_tried_again(rig: Rig):
+@pytest.mark.parametrize("answer", [waiting(30.0), retryable("busy", retry_after=30.0)])
+async def test_a_job_canceled_during_a_long_wait_stops_waiting_within_a_slice(
+    rig: Rig, answer: BackendError
+):
+    """A wait between two tries (a wait that sent nothing, or a backoff a
+    `retry_after` made long) looks at the job every `WAIT_SLICE` seconds:
+    canceled during the first slice, it is not tried again, and its finish
+    need not wait out the other 25 s."""
     await start(rig)
-    rig.backend.answers = [waiting(30.0)]
+    rig.backend.answers = [answer]
 
     async def cancel_then_sleep(seconds: float) -> None:
         rig.waits.append(seconds)
@@ -1744,8 +1751,15 @@ async def test_a_job_canceled_during_a_wait_is_not_tried_again(rig: Rig):
 
     rig.steps.sleep = cancel_then_sleep
     await rig.steps.trigger("j", "j:1")
-    assert len(rig.backend.triggers) == 1 and rig.waits == [30.0]
+    assert len(rig.backend.triggers) == 1 and rig.waits == [core.steps.WAIT_SLICE]
     assert (await rig.parts.row("j")).state == "canceled"
+
+
+async def test_a_long_wait_is_slept_in_slices_and_whole(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [retryable("busy", retry_after=12.5)]
+    await rig.steps.trigger("j", "j:1")
+    assert rig.waits == [5.0, 5.0, 2.5] and len(rig.backend.triggers) == 2
 
 
 async def add_root(rig: Rig, job_id: str = "j") -> None:
