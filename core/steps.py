@@ -188,9 +188,7 @@ class JobSteps:
         except BackendError as exc:
             # Read again while the store fails: raised, the trigger would be
             # called again, and make a new set of tries.
-            latest = await self._until_stored(
-                rec, "reading its job", lambda: store_call(self.jobs.get(job_id))
-            )
+            latest = await self._latest(rec)
             if _another_job(rec, latest):
                 log.warning(
                     "job %s: a stale trigger failed (%s) after the job was deleted and a new one"
@@ -501,15 +499,19 @@ class JobSteps:
             raise StoreUnavailable(f"the store refused the read ({store_refusal(exc)})") from None
 
     async def _row(self, rec: JobRecord) -> JobRecord | None:
-        """The job's row now, read again while the store fails: a read that
-        raised would have the trigger's replay find the attempt over and
-        leave the run it got going for good."""
+        """The job's row now (None: gone, or another job's under its id),
+        read again while the store fails: a read that raised would have the
+        trigger's replay find the attempt over and leave the run it got
+        going for good."""
+        now = await self._latest(rec)
+        return None if _another_job(rec, now) else now
 
-        async def read() -> JobRecord | None:
-            now = await store_call(self.jobs.get(rec.id))
-            return None if _another_job(rec, now) else now
-
-        return await self._until_stored(rec, "reading its job", read)
+    async def _latest(self, rec: JobRecord) -> JobRecord | None:
+        """The row under the job's id now, whoever's, read again while the
+        store fails."""
+        return await self._until_stored(
+            rec, "reading its job", lambda: store_call(self.jobs.get(rec.id))
+        )
 
     async def _until_written[T](self, rec: JobRecord, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, the index write recording a run the backend started,
@@ -868,8 +870,8 @@ class JobSteps:
             params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError:  # never tried: the trigger refused them
             return
-        trigger = self._trigger_of(rec, params, callback_promise_id(rec.id, rec.attempt))
-        trigger = replace(trigger, retried=retried)
+        promise_id = callback_promise_id(rec.id, rec.attempt)
+        trigger = replace(self._trigger_of(rec, params, promise_id), retried=retried)
         log.warning(
             "job %s: ended with no run recorded after a trigger try that may have started one;"
             " %s is asked to stop it",
