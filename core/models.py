@@ -6,10 +6,12 @@ and is what the API returns. Nothing here knows about HTTP or the durable store.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import msgspec
 
@@ -415,6 +417,19 @@ class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return Outcome(status=self.status, result=self.result, error=error)
 
 
+def job_mark(job_id: str, created_at: datetime) -> str:
+    """A short mark of a job, not secret: the same for each of its attempts,
+    and another for any other job, here or in another Tether deployment,
+    even one under the same id (the job's creation time, to the
+    millisecond, tells them apart). A backend that finds what it started by
+    looking through the external system's lists writes it where a run can
+    carry it (a tag, a name: `Trigger.mark`) and takes as its own only what
+    carries it: two deployments sharing a workspace may both have a job
+    `nightly-2026-12-05`."""
+    created = round(created_at.timestamp() * 1000)
+    return hashlib.sha256(f"tether-mark:{job_id}@{created}".encode()).hexdigest()[:16]
+
+
 class Trigger(msgspec.Struct, frozen=True):
     """What a backend's `trigger` is handed.
 
@@ -438,7 +453,13 @@ class Trigger(msgspec.Struct, frozen=True):
       was retried since this attempt ended (a process that stalled inside
       the attempt's trigger stops what its tries may have started): a run
       of the job that does not name this attempt may be a later attempt's,
-      so only runs that do are to be stopped.
+      so only runs that do are to be stopped;
+    - `tokens`: every token this attempt's callback URL may carry (the
+      callback secret's, then each previous secret's during a rotation);
+      secrets like the URL. A callback URL read back from an external run
+      with none of them was handed out by another Tether deployment (its
+      own secret), even for a job under the same id (`signed_here`). Empty
+      when not known: then any is taken for this deployment's.
     """
 
     job: Job
@@ -448,6 +469,21 @@ class Trigger(msgspec.Struct, frozen=True):
     idempotency_key: str
     replayed: bool = False
     retried: bool = False
+    tokens: tuple[str, ...] = ()
+
+    @property
+    def mark(self) -> str:
+        """The job's mark (`job_mark`)."""
+        return job_mark(self.job.id, self.job.created_at)
+
+    def signed_here(self, callback_url: str) -> bool:
+        """Whether a callback URL read back from an external run (its
+        parameters, say) is this attempt's as this deployment handed it out:
+        its token is one of `tokens` (any, when those are not known)."""
+        if not self.tokens:
+            return True
+        token = parse_qs(urlsplit(callback_url).query).get("token", [""])[0]
+        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens)
 
     @property
     def heartbeat_url(self) -> str:

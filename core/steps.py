@@ -743,6 +743,7 @@ class JobSteps:
             promise_id=promise_id,
             callback_url=self.signer.url(promise_id, rec.salt),
             idempotency_key=idempotency_key(promise_id, rec.salt),
+            tokens=tuple(self.signer.tokens(promise_id, rec.salt)),
         )
 
     async def _ended_as(self, job_id: str, attempt: int) -> dict[str, Any]:

@@ -124,10 +124,15 @@ TASK_PARAMETER_FIELDS = {"notebook_task": "base_parameters"}
 notebooks: they ignore parameters they do not read, while a Python wheel or
 script would get them as command-line arguments it may reject."""
 
-RUN_NAME_MARK = "[tether {}]"
+RUN_NAME_MARK = "[tether {} {}]"
 """Written at the end of a one-time run's name (after the name given, if
-any) when none of its tasks takes Tether's parameters: `cancel_unrecorded`
-finds such a run by it, as it finds the others by their parameters."""
+any) when none of its tasks takes Tether's parameters: the attempt's promise
+id and the job's `Trigger.mark`. `cancel_unrecorded` finds such a run by it,
+as it finds the others by their parameters; the mark keeps it from taking
+another Tether deployment's run of a job under the same id."""
+RUN_NAME_MARK_BEFORE = "[tether {}]"
+"""The same, as releases before 2026-12-06 wrote it (no job mark): still
+taken for the attempt's, for runs those releases started."""
 
 WholeFloat = Annotated[float, Meta(extra_json_schema={"multipleOf": 1})]
 """An integer written with a fraction (`7.0`): JSON Schema counts it an integer,
@@ -321,7 +326,8 @@ class Databricks(Backend):
             else:
                 assert params.submit is not None
                 try:
-                    arguments = submit_arguments(_with_parameters(params.submit, ours))
+                    spec = _with_parameters(params.submit, ours, trigger.mark)
+                    arguments = submit_arguments(spec)
                 except ValueError as exc:
                     raise BackendError(
                         f"invalid params.submit: {exc}", code="INVALID_PARAMETER_VALUE"
@@ -434,8 +440,8 @@ class Databricks(Backend):
             )
             found = []
             for seen, run in enumerate(runs, 1):
-                ours = trigger.promise_id in repair.promise_ids(run, run.tasks or []) or any(
-                    _named_for(run, promise_id) for promise_id in named
+                ours = repair.started_for(run, run.tasks or [], trigger) or any(
+                    _named_for(run, promise_id, trigger.mark) for promise_id in named
                 )
                 if ours and run.run_id is not None and not _run_over(run):
                     found.append(run.run_id)
@@ -610,10 +616,10 @@ def _check_task_keys(submit: SubmitRun) -> None:
         seen.add(key)
 
 
-def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, Any]:
+def _with_parameters(submit: SubmitRun, ours: Mapping[str, str], mark: str) -> dict[str, Any]:
     """The one-time run spec as JSON (a copy), with Tether's parameters added to
-    its notebook tasks; when no task takes them, the attempt's promise id is
-    written into the run's name instead (`RUN_NAME_MARK`)."""
+    its notebook tasks; when no task takes them, the attempt's promise id and
+    the job's mark are written into the run's name instead (`RUN_NAME_MARK`)."""
     spec: dict[str, Any] = msgspec.to_builtins(submit)
     tasks = []
     given = False
@@ -627,14 +633,18 @@ def _with_parameters(submit: SubmitRun, ours: Mapping[str, str]) -> dict[str, An
         tasks.append(task)
     promise_id = ours.get(PROMISE_ID_PARAM)
     if not given and promise_id:
-        mark = RUN_NAME_MARK.format(promise_id)
-        spec["run_name"] = f"{spec['run_name']} {mark}" if spec.get("run_name") else mark
+        named = RUN_NAME_MARK.format(promise_id, mark)
+        spec["run_name"] = f"{spec['run_name']} {named}" if spec.get("run_name") else named
     return {**spec, "tasks": tasks}
 
 
-def _named_for(run: BaseRun, promise_id: str) -> bool:
-    """Whether a one-time run's name carries this promise id's mark."""
-    return (run.run_name or "").endswith(RUN_NAME_MARK.format(promise_id))
+def _named_for(run: BaseRun, promise_id: str, mark: str) -> bool:
+    """Whether a one-time run's name carries this promise id's mark, with
+    this job's mark (or none: an earlier release's run)."""
+    name = run.run_name or ""
+    return name.endswith(RUN_NAME_MARK.format(promise_id, mark)) or name.endswith(
+        RUN_NAME_MARK_BEFORE.format(promise_id)
+    )
 
 
 def _describe(w: WorkspaceClient, run_id: int, job_id: int | None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from core.plugin import BackendError, Outcome, Running
+from core.plugin import BackendError, Outcome, Running, Trigger
 from plugins.databricks.runs import _name, latest_tasks, outcome_of_run
 from plugins.databricks.workspace import Workspace
 
@@ -175,14 +175,34 @@ def promise_ids(run: BaseRun | Run, tasks: Iterable[RunTask]) -> set[str]:
     latest repair's notebook parameters, and `tasks`' notebook parameters."""
     from plugins.databricks import PROMISE_ID_PARAM  # the package imports this module
 
-    seen = [p.value for p in run.job_parameters or [] if p.name == PROMISE_ID_PARAM]
+    return _given(run, tasks, PROMISE_ID_PARAM)
+
+
+def started_for(run: BaseRun | Run, tasks: Iterable[RunTask], trigger: Trigger) -> bool:
+    """Whether a run's parameters (as `promise_ids` reads them) are those
+    this deployment gave the trigger's attempt: its promise id, and, of the
+    callback URLs they carry, one this deployment signed for it
+    (`Trigger.signed_here`). Another Tether deployment's run of a job under
+    the same id, on the same workspace, names the promise id too."""
+    from plugins.databricks import CALLBACK_URL_PARAM, PROMISE_ID_PARAM  # (as above)
+
+    if trigger.promise_id not in _given(run, tasks, PROMISE_ID_PARAM):
+        return False
+    urls = _given(run, tasks, CALLBACK_URL_PARAM)
+    return not urls or any(trigger.signed_here(url) for url in urls)
+
+
+def _given(run: BaseRun | Run, tasks: Iterable[RunTask], name: str) -> set[str]:
+    """The values of Tether's parameter `name` in a run: its job parameters,
+    its latest repair's notebook parameters, and `tasks`' notebook parameters."""
+    seen = [p.value for p in run.job_parameters or [] if p.name == name]
     given = run.overriding_parameters
     if given is not None and given.notebook_params:
-        seen.append(given.notebook_params.get(PROMISE_ID_PARAM))
+        seen.append(given.notebook_params.get(name))
     for task in tasks:
         notebook = task.notebook_task
         if notebook is not None and notebook.base_parameters:
-            seen.append(notebook.base_parameters.get(PROMISE_ID_PARAM))
+            seen.append(notebook.base_parameters.get(name))
     return {value for value in seen if value}
 
 

@@ -91,8 +91,10 @@ from plugins.databricks_sql.statements import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from databricks.sdk import WorkspaceClient
-    from databricks.sdk.service.sql import StatementResponse
+    from databricks.sdk.service.sql import QueryTag, StatementResponse
 
 log = logging.getLogger("tether.databricks_sql")
 
@@ -112,6 +114,12 @@ lost is found again in the warehouse's query history (before the next try,
 and to cancel it)."""
 JOB_TAG_KEY = "tether_job"
 """A second tag, the job's id, for people reading the query history."""
+MARK_TAG_KEY = "tether_mark"
+"""A third, the job's `Trigger.mark`: a statement tagged with the attempt's key
+is taken for the job's only when it carries this job's mark (or none: a
+release before 2026-12-06 sent it). Another Tether deployment's job under
+the same id, on the same warehouse and user, tags its statements with the
+same key."""
 HISTORY_PAGE = 500
 """Queries a page of the query history (the API takes fewer than 1,000)."""
 HISTORY_PAGES = 20
@@ -349,6 +357,7 @@ class DatabricksSql(Backend):
                 query_tags=[
                     QueryTag(key=TAG_KEY, value=tag_value(key)),
                     QueryTag(key=JOB_TAG_KEY, value=trigger.job.id),
+                    QueryTag(key=MARK_TAG_KEY, value=trigger.mark),
                 ],
             )
             if not response.statement_id:  # accepted, perhaps: never send it again
@@ -464,11 +473,13 @@ class DatabricksSql(Backend):
             return None
 
     async def _find(self, trigger: Trigger, warehouse_id: str) -> list[str]:
-        """The statements on `warehouse_id` tagged with this attempt's key,
-        first submitted first: the warehouse's query history of the
-        credentials' own user since the job was created, newest first, at
-        most `HISTORY_PAGES` pages."""
+        """The statements on `warehouse_id` tagged with this attempt's key
+        (and this job's mark, or none: `MARK_TAG_KEY`), first submitted
+        first: the warehouse's query history of the credentials' own user
+        since the job was created, newest first, at most `HISTORY_PAGES`
+        pages."""
         value = tag_value(trigger.idempotency_key)
+        mark = trigger.mark
         now_ms = int(time.time() * 1000)
         created_ms = int(trigger.job.created_at.timestamp() * 1000)
         since = max(created_ms - CLOCK_MARGIN_MS, now_ms - HISTORY_SPAN_MS)
@@ -487,7 +498,7 @@ class DatabricksSql(Backend):
             for number in range(2, HISTORY_PAGES + 2):
                 for query in page.res or ():
                     tags = query.query_tags or ()
-                    if query.query_id and any(t.key == TAG_KEY and t.value == value for t in tags):
+                    if query.query_id and _tagged(tags, value, mark):
                         found[query.query_id] = query.query_start_time_ms or 0
                     elif query.query_id == self._last_sent and self._last_sent:
                         self._tags_seen(any(t.key == TAG_KEY for t in tags))
@@ -622,6 +633,14 @@ def _prune(marks: dict[str, float], before: float) -> None:
         if made >= before:
             return
         del marks[key]
+
+
+def _tagged(tags: Iterable[QueryTag], value: str, mark: str) -> bool:
+    """Whether a statement's tags are this attempt's: the key's `tether`
+    tag, and the job's mark unless it carries none."""
+    marks = [t.value for t in tags if t.key == MARK_TAG_KEY]
+    keyed = any(t.key == TAG_KEY and t.value == value for t in tags)
+    return keyed and (not marks or mark in marks)
 
 
 def tag_value(key: str) -> str:

@@ -19,7 +19,7 @@ from resonate.types import Value
 import core.steps
 from core.errors import BackendError, StoreUnavailable
 from core.hookspecs import Backend
-from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.models import ErrorInfo, Job, Outcome, Trigger, job_mark
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
 from core.settle import STORE_TIMEOUT, settled_value
@@ -127,7 +127,7 @@ async def rig() -> AsyncIterator[Rig]:
         yield make_rig(parts)
 
 
-def make_rig(parts: Parts) -> Rig:
+def make_rig(parts: Parts, signer: CallbackSigner = SIGNER) -> Rig:
     plugin = Plugin()
     plugins = Plugins(make_plugin_manager(builtins=False, entry_points=False, extra=[plugin]))
     waits: list[float] = []
@@ -136,7 +136,7 @@ def make_rig(parts: Parts) -> Rig:
         waits.append(seconds)
         await asyncio.sleep(0)
 
-    steps = JobSteps(parts.settings, plugins, parts.jobs, SIGNER, parts.settler, sleep=sleep)
+    steps = JobSteps(parts.settings, plugins, parts.jobs, signer, parts.settler, sleep=sleep)
     return Rig(parts, plugin, steps, waits)
 
 
@@ -181,6 +181,9 @@ async def test_a_trigger_hands_the_backend_the_job_and_records_its_receipt(rig: 
     assert trigger.promise_id == "j:1"
     assert trigger.callback_url == f"{BASE}/callbacks/j%3A1?token={TOKEN}"
     assert trigger.idempotency_key == idempotency_key("j:1") == "j:1"
+    assert trigger.tokens == (TOKEN,) and trigger.signed_here(trigger.callback_url)
+    assert not trigger.signed_here(CallbackSigner("another-deployment", BASE).url("j:1"))
+    assert trigger.mark == job_mark("j", trigger.job.created_at)
     assert (rec.state, rec.external) == ("running", {"run_id": 42})
     assert rec.next_check_at is not None
     assert before + 250_000 <= rec.next_check_at <= after + 250_000
@@ -227,8 +230,25 @@ async def test_a_salted_job_is_triggered_with_its_own_url_and_key_and_they_are_s
     [trigger] = rig.backend.triggers
     assert trigger.callback_url == url != SIGNER.url("j:1")
     assert trigger.idempotency_key == "j:1.s4lt"
+    assert trigger.tokens == (SIGNER.token("j:1", "s4lt"),)
+    assert not trigger.signed_here(SIGNER.url("j:1"))  # the earlier job's under that id
     rec = await rig.parts.row("j")
     assert rec.external == {"echo": f"{BASE}/callbacks/j%3A1?token=***"}
+
+
+async def test_during_a_rotation_a_trigger_knows_the_token_of_every_accepted_secret():
+    """Signed with the new secret, and the old one still accepted: a run
+    started before the rotation carries the old secret's token, and is
+    still taken for this attempt's (`Trigger.signed_here`)."""
+    old = CallbackSigner("old-secret", BASE)
+    async with open_parts() as parts:
+        rig = make_rig(parts, CallbackSigner("new-secret", BASE, ["old-secret"]))
+        await start(rig)
+        await rig.steps.trigger("j", "j:1")
+    [trigger] = rig.backend.triggers
+    assert trigger.tokens == (CallbackSigner("new-secret", BASE).token("j:1"), old.token("j:1"))
+    assert trigger.signed_here(old.url("j:1")) and trigger.signed_here(trigger.callback_url)
+    assert not trigger.signed_here(old.url("j:2"))
 
 
 async def test_a_job_that_ended_before_its_trigger_is_not_triggered(rig: Rig):

@@ -7,9 +7,11 @@ import base64
 import hashlib
 import hmac
 import itertools
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from core.models import job_mark
 from core.tokens import CallbackSigner, agree, idempotency_key
 
 SECRET = "test-secret"
@@ -242,3 +244,15 @@ def test_every_step_of_a_rotation_agrees_and_a_stray_secret_does_not():
     assert not agree(fingerprints(SECRET), fingerprints(new))
     assert not agree(fingerprints(SECRET, stray), fingerprints(new, SECRET))  # NEW refused here
     assert not agree(fingerprints(new, SECRET), fingerprints(SECRET, stray))
+
+
+def test_a_job_mark_names_the_job_by_its_id_and_its_creation_to_the_millisecond():
+    """`job_mark`: the first 16 hex digits of SHA-256 of "tether-mark:" +
+    the job's id + "@" + its creation in milliseconds. Not secret; another
+    for the same id made a millisecond later (another deployment's job)."""
+    made = datetime(2026, 12, 5, 10, 0, 0, 123000, tzinfo=UTC)
+    seed = f"tether-mark:nightly@{round(made.timestamp() * 1000)}"
+    expected = hashlib.sha256(seed.encode()).hexdigest()[:16]
+    assert job_mark("nightly", made) == expected
+    assert job_mark("nightly", made + timedelta(milliseconds=1)) != expected
+    assert job_mark("nightly2", made) != expected

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -925,7 +925,7 @@ def test_tethers_parameters_go_to_notebook_tasks_only():
         run_name="r",
     )
     ours = {"tether_job_id": "j"}
-    spec = _with_parameters(submit, ours)
+    spec = _with_parameters(submit, ours, "m0")
     assert spec["run_name"] == "r"
     assert [t.get("notebook_task", {}).get("base_parameters") for t in spec["tasks"]] == [
         {"a": "1", "tether_job_id": "j"},
@@ -936,20 +936,21 @@ def test_tethers_parameters_go_to_notebook_tasks_only():
     assert submit.tasks[0]["notebook_task"]["base_parameters"] == {"a": "1"}  # a copy
 
 
-@pytest.mark.parametrize(("given", "named"), [("r", "r [tether j:1]"), (None, "[tether j:1]")])
+@pytest.mark.parametrize(
+    ("given", "named"), [("r", "r [tether j:1 m0]"), (None, "[tether j:1 m0]")]
+)
 def test_a_one_time_run_no_task_of_which_takes_parameters_is_named_for_its_attempt(given, named):
     """Tether's parameters go to no task of a run without a notebook task,
-    so the attempt's promise id goes into the run's name: `cancel_unrecorded`
-    finds it there. A run with a notebook task keeps its name."""
+    so the attempt's promise id and the job's mark go into the run's name:
+    `cancel_unrecorded` finds it there. A run with a notebook task keeps its
+    name."""
     wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
     ours = {"tether_promise_id": "j:1", "tether_job_id": "j"}
-    spec = _with_parameters(SubmitRun(tasks=[wheel], run_name=given), ours)
+    spec = _with_parameters(SubmitRun(tasks=[wheel], run_name=given), ours, "m0")
     assert spec["run_name"] == named
     assert spec["tasks"] == [wheel]
-    assert (
-        _with_parameters(SubmitRun(tasks=[wheel, NOTEBOOK], run_name=given), ours).get("run_name")
-        == given
-    )
+    with_notebook = _with_parameters(SubmitRun(tasks=[wheel, NOTEBOOK], run_name=given), ours, "m0")
+    assert with_notebook.get("run_name") == given
 
 
 # ── the backend against the workspace ────────────────────────────────────────
@@ -1173,7 +1174,7 @@ async def test_cancel_unrecorded_finds_a_one_time_run_without_a_notebook_task_by
     others = [(await backend.trigger(other_trigger(params, n)))["run_id"] for n in range(3)]
     ten = msgspec.structs.replace(trigger(params), promise_id="j:10", idempotency_key="j:10")
     others.append((await backend.trigger(ten))["run_id"])
-    assert workspace.runs[ours].run_name == "nightly [tether j:1]"
+    assert workspace.runs[ours].run_name == f"nightly [tether j:1 {trigger(params).mark}]"
 
     await backend.cancel_unrecorded(
         msgspec.structs.replace(trigger(params), job=job("canceled", params))
@@ -1289,6 +1290,80 @@ async def test_a_stale_cancel_unrecorded_leaves_a_wheel_run_a_later_attempt_repa
 
     await backend.cancel_unrecorded(attempts[3])
     assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run["run_id"]}]
+
+
+WHEEL = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+
+
+def deployed(params: dict[str, Any], secret: str, *, later_ms: int = 0, **given: Any) -> Trigger:
+    """Attempt 1 of job `j` as the Tether deployment signing with `secret`
+    hands it over: its callback URL carries that secret's token (`tokens`:
+    the ones it accepts), the job made `later_ms` after `CREATED`."""
+    made = job("pending", params)
+    made = msgspec.structs.replace(made, created_at=CREATED + timedelta(milliseconds=later_ms))
+    return msgspec.structs.replace(
+        trigger(params, callback_url=CALLBACK.replace("the-callback-token", secret)),
+        job=made,
+        tokens=given.get("tokens", (secret,)),
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"job_id": 7}, SUBMIT_PARAMS, {"submit": {"run_name": "nightly", "tasks": [WHEEL]}}],
+    ids=["job", "one-time", "one-time-wheel"],
+)
+async def test_cancel_unrecorded_leaves_another_deployments_run_of_a_job_under_the_same_id(
+    backend, workspace: FakeWorkspace, params
+):
+    """Two Tether deployments share a workspace, and each has a job `j`:
+    their runs name the same promise id. A run is taken for this
+    deployment's only when the callback URL in its parameters was signed
+    here (`Trigger.signed_here`), or, for a run that takes no parameters,
+    when its name carries this job's mark (`Trigger.mark`). The other
+    deployment's run goes on."""
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    ours = deployed(params, "ours")
+    theirs = (await backend.trigger(deployed(params, "theirs", later_ms=1)))["run_id"]
+    mine = (await backend.trigger(ours))["run_id"]
+
+    await backend.cancel_unrecorded(msgspec.structs.replace(ours, job=job("canceled", params)))
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": mine}]
+    assert workspace.runs[theirs].status != "TERMINATED"
+
+
+async def test_cancel_unrecorded_takes_a_run_signed_before_a_secret_rotation(
+    backend, workspace: FakeWorkspace
+):
+    """The run's callback URL carries the token of the secret the
+    deployment signed with then, which it still accepts (a rotation under
+    way): the run is the attempt's."""
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    run = (await backend.trigger(deployed({"job_id": 7}, "old")))["run_id"]
+
+    rotated = deployed({"job_id": 7}, "new", tokens=("new", "old"))
+    await backend.cancel_unrecorded(msgspec.structs.replace(rotated, job=job("canceled")))
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run}]
+
+
+async def test_cancel_unrecorded_takes_a_run_named_by_a_release_before_the_job_mark(
+    backend, workspace: FakeWorkspace
+):
+    """A one-time wheel run named `[tether j:1]`, as releases before the job
+    mark named it, is still found by it."""
+    params = {"submit": {"run_name": "nightly", "tasks": [WHEEL]}}
+    run = (await backend.trigger(trigger(params)))["run_id"]
+    workspace.runs[run].run_name = "nightly [tether j:1]"
+
+    await backend.cancel_unrecorded(
+        msgspec.structs.replace(trigger(params), job=job("canceled", params))
+    )
+
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run}]
 
 
 async def test_a_run_that_ended_elsewhere_is_recognised_only_by_its_termination_code(

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from typing import Any
 
 import pytest
 
+from core.models import job_mark
 from core.workflow import callback_promise_id
 from plugins.databricks_sql import tag_value
 from plugins.databricks_sql.statements import MAX_RESULT_BYTES
@@ -72,6 +74,7 @@ async def test_a_statement_succeeds_and_the_job_holds_its_rows_and_columns(
     await start_job(svc, "daily", params)
     statement_id = await statement_of(svc, sql_api, "daily")
 
+    created = datetime.fromisoformat((await svc.job("daily"))["created_at"])
     [request] = sql_api.calls(STATEMENTS)
     assert request.body == {
         "warehouse_id": WAREHOUSE,
@@ -95,6 +98,8 @@ async def test_a_statement_succeeds_and_the_job_holds_its_rows_and_columns(
         "query_tags": [
             {"key": "tether", "value": tag_value(callback_promise_id("daily"))},
             {"key": "tether_job", "value": "daily"},
+            # and which job under that id: another deployment may have one
+            {"key": "tether_mark", "value": job_mark("daily", created)},
         ],
     }
     # looked for first, in the query history of this warehouse and of Tether's user

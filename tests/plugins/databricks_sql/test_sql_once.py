@@ -9,7 +9,7 @@ kills the real `tether serve` process."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +218,10 @@ async def test_a_workspace_that_keeps_them_says_nothing(start_sql, sql_api: Fake
     assert "databricks_sql: job two started statement" in logs.text
 
 
-def a_trigger(job_id: str, *, replayed: bool) -> Trigger:
-    """What the core hands `databricks_sql`'s trigger for attempt 1 of a job made now."""
-    now = datetime.now(UTC).isoformat()
+def a_trigger(job_id: str, *, replayed: bool, created: datetime | None = None) -> Trigger:
+    """What the core hands `databricks_sql`'s trigger for attempt 1 of a job
+    made now (or at `created`)."""
+    now = (created or datetime.now(UTC)).isoformat()
     job = {"id": job_id, "backend": "databricks_sql", "state": "pending", "params": PARAMS}
     job |= {"metadata": {}, "timeout": 60.0, "created_at": now, "updated_at": now}
     job |= {"external": None, "result": None, "error": None, "finished_at": None}
@@ -233,6 +234,37 @@ def a_trigger(job_id: str, *, replayed: bool) -> Trigger:
         idempotency_key=promise_id,
         replayed=replayed,
     )
+
+
+async def test_another_deployments_statement_under_the_same_job_id_is_not_taken(
+    sql_api: FakeSqlApi,
+):
+    """Two Tether deployments sharing a warehouse (and its user) both have a
+    job `nightly`: their statements carry the same key tag, and only the
+    job's mark (`tether_mark`: its creation time) tells them apart. Each
+    submits its own statement; neither takes the other's for its own. A
+    statement with no mark (sent by a release before the mark) is still
+    taken by the job its key names."""
+    backend = DatabricksSql()
+    made = datetime.now(UTC)
+    theirs = (await backend.trigger(a_trigger("nightly", replayed=False, created=made)))[
+        "statement_id"
+    ]
+    later = made + timedelta(milliseconds=1)
+    ours = (await backend.trigger(a_trigger("nightly", replayed=False, created=later)))[
+        "statement_id"
+    ]
+    assert ours != theirs and len(sql_api.statements) == 2
+    assert ours not in await backend._find(a_trigger("nightly", replayed=False), WAREHOUSE)
+    assert await backend._find(a_trigger("nightly", replayed=False, created=later), WAREHOUSE) == [
+        ours
+    ]
+
+    # (the same as a release before the mark sent it)
+    tags = sql_api.statements[theirs].request["query_tags"]
+    tags[:] = [t for t in tags if t["key"] != "tether_mark"]
+    found = await backend._find(a_trigger("nightly", replayed=False, created=later), WAREHOUSE)
+    assert found == [theirs, ours]
 
 
 async def test_a_replay_waits_for_the_history_without_a_counted_try(sql_api: FakeSqlApi):
