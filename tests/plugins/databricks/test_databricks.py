@@ -328,7 +328,7 @@ async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
     assert external["run_id"] == workspace.only_run().run_id
 
 
-@pytest.mark.parametrize(
+LOST_ANSWER_CASES = pytest.mark.parametrize(
     ("path", "params"),
     [
         (RUN_NOW, {"job_id": 7}),
@@ -356,6 +356,11 @@ async def test_a_dropped_answer_to_run_now_still_makes_exactly_one_run(
     ],
     ids=["job", "one-time", "one-time-wheel"],
 )
+"""A job run, a one-time run with a notebook task (both carry Tether's
+parameters) and one without (named by its mark)."""
+
+
+@LOST_ANSWER_CASES
 async def test_a_run_whose_every_trigger_answer_was_lost_is_found_and_canceled(
     start_databricks, workspace: FakeWorkspace, path: str, params: dict[str, Any]
 ):
@@ -375,6 +380,36 @@ async def test_a_run_whose_every_trigger_answer_was_lost_is_found_and_canceled(
     await eventually(lambda: run.code == "USER_CANCELED", timeout=20)
     assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run.run_id}]
     assert len(workspace.calls(path)) == 2  # one run for both tries: the same token
+
+
+@LOST_ANSWER_CASES
+async def test_another_deployments_run_of_a_job_under_the_same_id_is_left_going(
+    start_databricks, workspace: FakeWorkspace, path: str, params: dict[str, Any]
+):
+    """Staging and production share a workspace, each with a job `nightly`
+    (the same promise id): production's run goes on. Staging's tries' every
+    answer is lost, so its job fails and its finish looks for the run its
+    tries started: it cancels its own, not production's (which it would
+    take by the promise id alone)."""
+    workspace.notebooks["hang"] = hang
+    workspace.add_job(7, notebook="hang")
+    production = await start_databricks(callback_secret="production-secret")
+    staging = await start_databricks(
+        callback_secret="staging-secret", trigger_attempts=2, trigger_backoff=0.05
+    )
+    await start_job(production, "nightly", params)
+    theirs = (await external_of(production, "nightly"))["run_id"]
+
+    workspace.garble(path, times=10)
+    await start_job(staging, "nightly", params)
+    job = await staging.wait_state("nightly", "failed", timeout=30)
+    assert job["external"] is None
+    [ours] = [run for run in workspace.runs.values() if run.run_id != theirs]
+    await eventually(lambda: ours.code == "USER_CANCELED", timeout=20)
+    await eventually(lambda: len(workspace.calls(CANCEL)) == 1, holds=HOLD)
+    assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": ours.run_id}]
+    assert workspace.runs[theirs].status != "TERMINATED"
+    assert (await production.job("nightly"))["state"] == "running"
 
 
 async def test_an_answer_to_run_now_cut_short_is_tried_again_for_the_same_run(
