@@ -184,9 +184,13 @@ class Backend:
         recorded: the job ended canceled, timed out, or failed by its trigger
         after a try that may have reached the external system (it timed out,
         the connection dropped, a 5xx, or the process died mid-try), and
-        `job.external` is None. `trigger` is the one the tries were made
-        with (`trigger.job` as the attempt ended): find the run by what they
-        sent (the promise id, the idempotency key) and stop it. There may be
+        `job.external` is None (but with `trigger.retried`: then it is what
+        the attempt recorded, if anything). `trigger` is the one the tries
+        were made with (`trigger.job` as the attempt ended): find the run by
+        what they sent (the promise id, the idempotency key) and stop it.
+        Another Tether deployment's job under the same id sends the same:
+        take as this job's only a run that carries `trigger.mark`, or a
+        callback URL for which `trigger.signed_here` is true. There may be
         no such run (no try got through): then do nothing.
 
         Called once the attempt's wait is over, in its finish, at least once

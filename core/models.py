@@ -453,7 +453,9 @@ class Trigger(msgspec.Struct, frozen=True):
       was retried since this attempt ended (a process that stalled inside
       the attempt's trigger stops what its tries may have started): a run
       of the job that does not name this attempt may be a later attempt's,
-      so only runs that do are to be stopped;
+      so only runs that do are to be stopped. `job.external` is then what
+      the attempt recorded, if anything (another process triggered it): a
+      later attempt may have taken that run up again (a repair in place);
     - `tokens`: every token this attempt's callback URL may carry (the
       callback secret's, then each previous secret's during a rotation);
       secrets like the URL. A callback URL read back from an external run

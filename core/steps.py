@@ -333,7 +333,7 @@ class JobSteps:
                 rec, "reading how its attempt ended", lambda: self._ended_as(rec.id, rec.attempt)
             )
             error = msgspec.convert(how.get("error"), ErrorInfo | None)
-            ended = replace(rec, state=how["state"], error=error)
+            ended = replace(rec, state=how["state"], error=error, external=how.get("external"))
         await self._cancel_unrecorded(backend, ended, retried=now.attempt != rec.attempt)
 
     async def _stop_stale_run(

@@ -406,8 +406,10 @@ class Databricks(Backend):
 
     async def cancel_unrecorded(self, trigger: Trigger) -> None:
         """Cancels the runs not yet ended that carry this attempt's
-        `tether_promise_id`, in their parameters or (a one-time run with no
-        notebook task) in their name, `RUN_NAME_MARK` (`runs/list`: the job's
+        `tether_promise_id`, in their parameters (beside a callback URL this
+        deployment signed: `repair.started_for`) or (a one-time run with no
+        notebook task) in their name, with the job's mark, `RUN_NAME_MARK`
+        (`runs/list`: the job's
         runs, or the one-time runs, started since the job was created, less
         `LOOKUP_SLACK` for the two clocks; `LOOKUP_LIMIT` at most): a run a
         trigger try started though its answer was lost. A repair of the
@@ -419,11 +421,28 @@ class Databricks(Backend):
         stopped or over, and a retry waits for the attempt's finish, which
         asks this). Not when the job was retried since (`trigger.retried`:
         a process that stalled inside this attempt's trigger asks, and such
-        a run may be the later attempt's, repaired by it)."""
+        a run may be the later attempt's, repaired by it); and then nothing
+        at all if the attempt recorded a run (another process triggered
+        it): the tries could only have started that run (its idempotency
+        token; a repair of it), which a later attempt may have repaired."""
         params: DatabricksParams = trigger.params
         job_id = None if params.job_id is None else int(params.job_id)
         since = round((trigger.job.created_at.timestamp() - LOOKUP_SLACK) * 1000)
         extra = {"job_id": trigger.job.id, "promise_id": trigger.promise_id, "backend": self.name}
+        recorded = _run_id(trigger.job)
+        if trigger.retried and recorded is not None:
+            # Another process recorded the attempt's run: this one's tries
+            # (the same idempotency token, or a repair of that run) could
+            # only have started that run, which a later attempt may repair.
+            log.info(
+                "databricks: job %s: attempt %d recorded run %s, the only one its tries could"
+                " have started; the job was retried since, so it is left to the job",
+                trigger.job.id,
+                trigger.job.attempt,
+                recorded,
+                extra=extra,
+            )
+            return
         earlier = 1 if trigger.retried else trigger.job.attempt
         named = [callback_promise_id(trigger.job.id, k) for k in range(1, earlier)]
         named.append(trigger.promise_id)

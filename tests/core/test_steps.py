@@ -1005,6 +1005,28 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_what_they
     assert (rec.attempt, rec.state, rec.external) == (2, "running", {"run": 2})
 
 
+async def test_a_stale_trigger_asks_to_stop_its_tries_runs_with_what_its_attempt_recorded(
+    rig: Rig,
+):
+    """As above, but another process had recorded attempt 1's run before it
+    ended: the ask carries that run (`job.external`), which the backend may
+    know its tries could only have started again (an idempotency token)
+    and a later attempt may have taken up."""
+    await start(rig)
+    rig.backend.answers = [retryable("timed out")]
+
+    async def sleep(seconds: float) -> None:
+        await rig.parts.jobs.set_external("j", {"run": 1}, now_ms(), None, attempt=1)
+        await retried(rig, {"state": "canceled", "external": {"run": 1}})
+
+    rig.steps.sleep = sleep
+    await rig.steps.trigger("j", "j:1")
+
+    [asked] = rig.backend.unrecorded
+    assert (asked.promise_id, asked.job.attempt, asked.retried) == ("j:1", 1, True)
+    assert (asked.job.state, asked.job.external) == ("canceled", {"run": 1})
+
+
 @pytest.mark.parametrize("refusal", [BackendError("no", code="http_503"), retryable("busy")])
 async def test_a_stalled_triggers_last_failure_leaves_a_run_another_process_recorded(
     rig: Rig, refusal: BackendError

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from core import views
 from core.models import job_mark
 from core.tokens import CallbackSigner, agree, idempotency_key
 
@@ -256,3 +257,12 @@ def test_a_job_mark_names_the_job_by_its_id_and_its_creation_to_the_millisecond(
     assert job_mark("nightly", made) == expected
     assert job_mark("nightly", made + timedelta(milliseconds=1)) != expected
     assert job_mark("nightly2", made) != expected
+
+
+@pytest.mark.parametrize("ms", [1086696834212, 1764929212345, 1796000000001])
+def test_a_job_mark_is_of_the_stored_millisecond_through_the_jobs_view(ms: int):
+    """The job's creation is stored in milliseconds and handed to backends
+    as a datetime (`core.views`): the mark is of that same millisecond (a
+    float's truncation would be one off for some, 1086696834212 among them)."""
+    seed = f"tether-mark:j@{ms}"
+    assert job_mark("j", views._dt(ms)) == hashlib.sha256(seed.encode()).hexdigest()[:16]

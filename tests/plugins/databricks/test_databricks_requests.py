@@ -1132,6 +1132,21 @@ def other_trigger(params: dict[str, Any], n: int) -> Trigger:
 
 SUBMIT_PARAMS = {"submit": {"run_name": "adhoc", "tasks": [NOTEBOOK]}}
 
+WHEEL = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
+
+
+def deployed(params: dict[str, Any], secret: str, *, later_ms: int = 0, **given: Any) -> Trigger:
+    """Attempt 1 of job `j` as the Tether deployment signing with `secret`
+    hands it over: its callback URL carries that secret's token (`tokens`:
+    the ones it accepts), the job made `later_ms` after `CREATED`."""
+    made = job("pending", params)
+    made = msgspec.structs.replace(made, created_at=CREATED + timedelta(milliseconds=later_ms))
+    return msgspec.structs.replace(
+        trigger(params, callback_url=CALLBACK.replace("the-callback-token", secret)),
+        job=made,
+        tokens=given.get("tokens", (secret,)),
+    )
+
 
 @pytest.mark.parametrize("params", [{"job_id": 7}, SUBMIT_PARAMS], ids=["job", "one-time"])
 async def test_cancel_unrecorded_finds_the_attempts_active_run_among_pages_of_others(
@@ -1204,22 +1219,27 @@ async def test_cancel_unrecorded_without_such_a_run_cancels_nothing(
     assert "INFO databricks: job j: no run of its attempt 1 found going, to cancel" in sdk_logs
 
 
+@pytest.mark.parametrize("params", [{"job_id": 7}, SUBMIT_PARAMS], ids=["job", "one-time"])
 async def test_cancel_unrecorded_finds_a_repair_made_for_the_attempt(
-    backend, workspace: FakeWorkspace
+    backend, workspace: FakeWorkspace, params
 ):
     """Attempt 2 repairs attempt 1's run, the answer lost: the run, running
-    again with attempt 2's parameters, is found by its promise id."""
+    again with attempt 2's parameters, is found by its promise id and the
+    callback URL signed for attempt 2 (each attempt's URL has a token of its
+    own), though its first parameters still carry attempt 1's."""
     workspace.add_job(7, notebook="quiet")
     workspace.notebooks["quiet"] = hang
-    first = await backend.trigger(trigger({"job_id": 7}))
+    first = await backend.trigger(deployed(params, "token-1"))
     workspace.end(first["run_id"], "FAILED", "boom")
+    url = CALLBACK.replace("j%3A1", "j~2%3A1").replace("the-callback-token", "token-2")
     second = msgspec.structs.replace(
-        trigger({"job_id": 7}),
-        job=msgspec.structs.replace(job("pending", {"job_id": 7}), attempt=2),
+        trigger(params, callback_url=url),
+        job=msgspec.structs.replace(job("pending", params), attempt=2),
         promise_id="j~2:1",
         idempotency_key="j~2:1",
+        tokens=("token-2",),
     )
-    previous = job("failed", {"job_id": 7}, external=first)
+    previous = job("failed", params, external=first)
     assert (await backend.rerun(second, previous))["run_id"] == first["run_id"]
 
     await backend.cancel_unrecorded(second)
@@ -1267,12 +1287,15 @@ async def test_a_stale_cancel_unrecorded_leaves_a_wheel_run_a_later_attempt_repa
     attempt 1's; the repairs' parameters not listed), and attempt 3's
     repair is going. A process that stalled inside attempt 2's trigger asks
     to stop what its tries may have started, the job retried since
-    (`retried`): the run is left to attempt 3. The same ask from attempt 3's
-    own finish would stop it."""
+    (`retried`): the run is left to attempt 3. So it is when attempt 1's
+    stalled process asks, whose mark the run's name carries: attempt 1
+    recorded the run, the only one its tries could have started (the same
+    idempotency token). The same ask from attempt 3's own finish would stop
+    it."""
     workspace.drops_unused_notebook_params = True
     wheel = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
     params = {"submit": {"run_name": "nightly", "tasks": [wheel]}}
-    run = await backend.trigger(trigger(params))
+    run = first = await backend.trigger(trigger(params))
     attempts = {}
     for n in (2, 3):
         workspace.end(run["run_id"], "FAILED", "boom")
@@ -1287,25 +1310,14 @@ async def test_a_stale_cancel_unrecorded_leaves_a_wheel_run_a_later_attempt_repa
 
     await backend.cancel_unrecorded(msgspec.structs.replace(attempts[2], retried=True))
     assert workspace.calls(CANCEL) == []
+    # attempt 1's stalled process (the run's name is its), the run recorded by another
+    recorded = msgspec.structs.replace(job("canceled", params), external=first)
+    stale = msgspec.structs.replace(trigger(params), job=recorded, retried=True)
+    await backend.cancel_unrecorded(stale)
+    assert workspace.calls(CANCEL) == []
 
     await backend.cancel_unrecorded(attempts[3])
     assert [c.body for c in workspace.calls(CANCEL)] == [{"run_id": run["run_id"]}]
-
-
-WHEEL = {"task_key": "w", "python_wheel_task": {"package_name": "p", "entry_point": "e"}}
-
-
-def deployed(params: dict[str, Any], secret: str, *, later_ms: int = 0, **given: Any) -> Trigger:
-    """Attempt 1 of job `j` as the Tether deployment signing with `secret`
-    hands it over: its callback URL carries that secret's token (`tokens`:
-    the ones it accepts), the job made `later_ms` after `CREATED`."""
-    made = job("pending", params)
-    made = msgspec.structs.replace(made, created_at=CREATED + timedelta(milliseconds=later_ms))
-    return msgspec.structs.replace(
-        trigger(params, callback_url=CALLBACK.replace("the-callback-token", secret)),
-        job=made,
-        tokens=given.get("tokens", (secret,)),
-    )
 
 
 @pytest.mark.parametrize(

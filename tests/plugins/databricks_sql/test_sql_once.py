@@ -255,7 +255,9 @@ async def test_another_deployments_statement_under_the_same_job_id_is_not_taken(
         "statement_id"
     ]
     assert ours != theirs and len(sql_api.statements) == 2
-    assert ours not in await backend._find(a_trigger("nightly", replayed=False), WAREHOUSE)
+    assert await backend._find(a_trigger("nightly", replayed=False, created=made), WAREHOUSE) == [
+        theirs
+    ]
     assert await backend._find(a_trigger("nightly", replayed=False, created=later), WAREHOUSE) == [
         ours
     ]
