@@ -235,6 +235,10 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     # (SO_REUSEADDR) until the first worker listened, and no worker could.
     flag = "--port" if port is not None else ""
     sock = listening_socket(settings.host, settings.port, flag, listen=workers > 1)
+    if settings.port == 0 and not settings.public_url:  # any free port: URLs name the one bound
+        import msgspec
+
+        settings = msgspec.structs.replace(settings, port=sock.getsockname()[1])
     plugins = installed_plugins()
     for name, closest in unknown_env(plugins.setting_names()):
         hint = f"; did you mean {closest}?" if closest else ""

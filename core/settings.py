@@ -67,6 +67,7 @@ def _public_url_ok(url: str) -> bool:
     return (
         parts.scheme in ("http", "https")
         and bool(parts.hostname)
+        and parts.port != 0
         and "@" not in parts.netloc
         and not (parts.query or parts.fragment or "?" in url or "#" in url)
         and not any(c.isspace() or ord(c) < 32 for c in url)
@@ -269,8 +270,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.public_url and not _public_url_ok(self.public_url):
             raise ValueError(
                 f"invalid setting TETHER_PUBLIC_URL: {describe(self.public_url)!r}; use the URL"
-                " external systems reach this service at: http(s)://HOST[:PORT][/PATH], with no"
-                " user:password@, ?query or #fragment"
+                " external systems reach this service at: http(s)://HOST[:PORT][/PATH] (PORT"
+                " 1-65535), with no user:password@, ?query or #fragment"
             )
         if any(ord(c) < 32 or ord(c) == 127 for c in self.store_token):  # never the value
             raise ValueError(

@@ -4,8 +4,10 @@ holds the local commands and the client verbs (`api/client.py`)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,7 @@ def test_an_unknown_log_level_is_refused_naming_the_known_ones() -> None:
         "https://tether.example.com#top",
         "https://u:pw@tether.example.com",
         "https://tether.example.com:port",
+        "https://tether.example.com:0",
         "https://tether example.com",
     ],
 )
@@ -256,3 +259,28 @@ def test_a_wildcard_host_names_the_flag_or_the_variable_it_came_from(tmp_path: P
     assert refused("--host", "0.0.0.0").startswith("tether: --host 0.0.0.0 listens on every")
     by_env = refused(TETHER_HOST="0.0.0.0")
     assert by_env.startswith("tether: TETHER_HOST=0.0.0.0 listens on every interface")
+
+
+def test_serve_on_any_free_port_hands_out_callback_urls_naming_the_port_bound(
+    tmp_path: Path,
+) -> None:
+    """`--port 0` with no TETHER_PUBLIC_URL: the callback URLs (the public
+    URL the start-up line names) carry the port the service listens on, not
+    0, which no external system could call back."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env |= {"TETHER_STORE": "memory://", "TETHER_CALLBACK_SECRET": "s"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        service = subprocess.Popen([TETHER, "serve", "--port", "0"], env=env, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while "running on" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text()
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    public = re.search(r"public URL http://127\.0\.0\.1:(\d+),", text)
+    bound = re.search(r"running on http://127\.0\.0\.1:(\d+)", text)
+    assert public and bound, text
+    assert public.group(1) == bound.group(1) != "0"
