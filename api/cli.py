@@ -675,6 +675,8 @@ def _print_secret(copied: Copied, settings: Settings) -> None:
         click.echo(
             "no callback secret file came with it: callback URLs handed out before will answer 401"
         )
+    if copied.notify_secret is not None:
+        click.echo(f"notification secrets copied to {copied.notify_secret} (mode 0600)")
     if settings.notify_secret:
         click.echo(
             "the notification secret is TETHER_NOTIFY_SECRET (no file): keep it, and"

@@ -61,6 +61,8 @@ class Copied(NamedTuple):
     """Jobs not finished: their callback URLs are still to be called."""
     secret: Path | None
     """The secret file written beside it; None when there was none to copy."""
+    notify_secret: Path | None = None
+    """The notification secret's file written beside it, the same way."""
 
 
 def embedded_db(settings: Settings, command: str) -> Path:
@@ -143,15 +145,17 @@ def _secrets_of(db: Path) -> Kept:
     return kept
 
 
-def _put_secrets(db: Path, kept: Kept) -> Path | None:
+def _put_secrets(db: Path, kept: Kept) -> tuple[Path | None, Path | None]:
     """Write the secret files `kept` beside where the database `db` goes;
-    the callback secret's file, if one was."""
+    the callback secret's file and the notification secret's, each if one was."""
     for path_of, secrets in kept:
         try:
             write_secrets(path_of(db), secrets)
         except OSError as exc:
             raise StoreFileError(f"cannot write {path_of(db)}: {exc.strerror}") from None
-    return secret_path(db) if any(path_of is secret_path for path_of, _ in kept) else None
+    written = {path_of for path_of, _ in kept}
+    secret = secret_path(db) if secret_path in written else None
+    return secret, notify_secret_path(db) if notify_secret_path in written else None
 
 
 def _refuse_in_use(db: Path) -> None:
@@ -231,7 +235,7 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
             for path_of, _ in SECRET_FILES:  # nor its secrets beside a copy that has none
                 if path_of not in {written for written, _ in kept}:
                     path_of(to).unlink(missing_ok=True)
-        secret = _put_secrets(to, kept)
+        secret, notify_secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -240,7 +244,7 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
         if isinstance(exc, OSError):
             raise StoreFileError(f"cannot copy {source} to {to}: {exc.strerror}") from None
         raise
-    return Copied(to, to.stat().st_size, jobs, waiting, secret)
+    return Copied(to, to.stat().st_size, jobs, waiting, secret, notify_secret)
 
 
 @contextlib.contextmanager

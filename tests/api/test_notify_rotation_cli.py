@@ -106,10 +106,13 @@ def test_backup_and_restore_carry_every_notification_secret(tmp_path: Path) -> N
     done = run("backup", str(backup), "--store", store)
     assert done.exit_code == 0, done.output
     assert notify_secret_path(backup).read_text() == kept
+    said = f"notification secrets copied to {notify_secret_path(backup)} (mode 0600)"
+    assert said in done.output  # every path written is named
     restored = tmp_path / "restored" / "tether.db"
     done = run("restore", str(backup), "--store", f"sqlite:///{restored}")
     assert done.exit_code == 0, done.output
     assert notify_secret_path(restored).read_text() == kept
+    assert f"notification secrets copied to {notify_secret_path(restored)}" in done.output
     assert stat.S_IMODE(notify_secret_path(restored).stat().st_mode) == 0o600
     for key in keys(*kept.split()):
         assert key not in done.output
