@@ -684,6 +684,8 @@ class Tether:
         bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
         if bad is not None:  # no job has it: say so rather than list none
             raise MalformedBody(f"invalid tag {shown(bad)}: a tag is {TAG_RULE}", {"field": "tag"})
+        if "" in backends:  # no backend has an empty name: a filter that matches nothing
+            raise MalformedBody("invalid backend '': name one", {"field": "backend"})
         if len(set(backends)) > LIST_BACKENDS_MAX:
             raise MalformedBody(
                 f"at most {LIST_BACKENDS_MAX} backends in one list", {"field": "backend"}

@@ -276,3 +276,16 @@ async def test_a_list_naming_more_than_20_backends_is_400(start_service):
     assert page.status_code == 400 and "at most 20 backends in one list" in page.text
     fine = await svc.client.get("/ui", params={"backend": backends[:20]})
     assert fine.status_code == 200
+
+
+async def test_a_list_naming_an_empty_backend_is_400_as_an_empty_tag_or_state(start_service):
+    """`backend=` names no backend (none has an empty name): refused as `tag=`
+    and `state=` are, rather than answered with an empty list."""
+    svc = await start_service()
+    for name in ("backend", "tag", "state"):
+        answer = await svc.client.get("/jobs", params={name: ""})
+        assert answer.status_code == 400, (name, answer.text)
+    answer = await svc.client.get("/jobs", params={"backend": ["http_webhook", ""]})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "invalid backend '': name one"
+    assert answer.json()["error"]["details"] == {"field": "backend"}
