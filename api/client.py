@@ -202,6 +202,14 @@ def api_token() -> str:
     return next((t for t in tokens if t), "")
 
 
+def an_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A job ID argument as given: an empty one names no job (its requests
+    would go to the list's route, `/jobs/`, and be answered confusingly)."""
+    if not value:
+        raise click.BadParameter("an empty ID names no job", ctx=ctx, param=param)
+    return value
+
+
 def job_path(job_id: str, *rest: str) -> str:
     return "/".join(("/jobs", job_segment(job_id), *rest))
 
@@ -859,7 +867,7 @@ def submit(
 
 
 @click.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", callback=an_id)
 @service_options
 def get(job_id: str, url: str, as_json: bool) -> None:
     """Show one job (GET /jobs/ID)."""
@@ -927,7 +935,7 @@ def list_jobs(
 
 
 @click.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", callback=an_id)
 @click.option(
     "--follow",
     is_flag=True,
@@ -960,7 +968,7 @@ def events(job_id: str, follow: bool, url: str, as_json: bool) -> None:
 
 
 @click.command("watch")
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", callback=an_id)
 @service_options
 def watch_command(job_id: str, url: str, as_json: bool) -> None:
     """Follow a job live until it ends: its state, elapsed time and latest events.
@@ -974,7 +982,7 @@ def watch_command(job_id: str, url: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", callback=an_id)
 @click.option("--reason", help="Why; kept in the job's error message.")
 @service_options
 def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
@@ -1110,7 +1118,7 @@ def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool)
 
 
 @click.command()
-@click.argument("job_id", metavar="ID")
+@click.argument("job_id", metavar="ID", callback=an_id)
 @click.option(
     "--attempt",
     type=click.IntRange(min=1),

@@ -284,3 +284,12 @@ def test_serve_on_any_free_port_hands_out_callback_urls_naming_the_port_bound(
     bound = re.search(r"running on http://127\.0\.0\.1:(\d+)", text)
     assert public and bound, text
     assert public.group(1) == bound.group(1) != "0"
+
+
+@pytest.mark.parametrize("verb", ["get", "watch", "events", "cancel", "retry"])
+def test_an_empty_id_is_a_usage_error_naming_it(verb: str) -> None:
+    """Not a request to `/jobs/` (the list's route) answered confusingly:
+    refused before any request, exit 2, naming the ID."""
+    done = CliRunner().invoke(cli, [verb, "", "--url", "http://127.0.0.1:9"])
+    assert done.exit_code == 2, done.output
+    assert "Invalid value for 'ID': an empty ID names no job" in done.output
