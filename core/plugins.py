@@ -214,9 +214,10 @@ class Plugins:
             reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
             if " - at `" not in reason:
                 reason += " - at `params`"
+            field = reason.rpartition(" - at `")[2].removesuffix("`")  # e.g. params.timeout
             raise InvalidRequest(
                 f"invalid params for backend {backend.name!r}: {reason}",
-                {"field": "params", "backend": backend.name},
+                {"field": field, "backend": backend.name},
             ) from None
         return converted
 

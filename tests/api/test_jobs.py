@@ -199,7 +199,7 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         (
             {**WEBHOOK, "params": {"url": "http://x", "timeout": "soon"}},
             422,
-            "params",
+            "params.timeout",
             ["params.timeout"],
         ),
         # malformed (outside what the OpenAPI document states): 400

@@ -185,6 +185,11 @@ async def test_hook_trigger_and_parse_callback_of_the_example_plugin(start_servi
     bad = await svc.client.post("/jobs", json={"backend": "echo", "params": {"msg": "hi"}})
     assert bad.status_code == 422
     assert "unknown field `msg` - at `params`" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["details"] == {"field": "params", "backend": "echo"}
+    wrong = await svc.client.post("/jobs", json={"backend": "echo", "params": {"message": 5}})
+    assert wrong.status_code == 422
+    assert wrong.json()["error"]["message"].endswith("got `int` - at `params.message`")
+    assert wrong.json()["error"]["details"] == {"field": "params.message", "backend": "echo"}
 
     path = svc.tether.signer.url("e:1").removeprefix(svc.settings.base_url)
     native = await svc.client.post(path, json={"echo_done": "bye"})
