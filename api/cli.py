@@ -22,7 +22,6 @@ import click
 
 from api.client import COMMANDS as CLIENT_COMMANDS
 from api.client import add_client_commands
-from api.http import SERVER_OPTIONS
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
 from core.errors import StoreConfigError, StoreUnavailable, TetherError
@@ -259,6 +258,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         raise Refused(problem)
     log.info("%s", startup_line(settings, plugins, workers))
     import uvicorn
+
+    from api.http import SERVER_OPTIONS  # the web stack: not for the client commands
 
     config = uvicorn.Config(
         functools.partial(serving_app, settings),  # each worker builds its app from these
