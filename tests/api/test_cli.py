@@ -293,3 +293,12 @@ def test_an_empty_id_is_a_usage_error_naming_it(verb: str) -> None:
     done = CliRunner().invoke(cli, [verb, "", "--url", "http://127.0.0.1:9"])
     assert done.exit_code == 2, done.output
     assert "Invalid value for 'ID': an empty ID names no job" in done.output
+
+
+def test_the_client_commands_do_not_load_the_web_stack() -> None:
+    """`tether get` and the other client verbs start fast: importing the
+    command loads neither Litestar nor the durable SDK (`tether serve`
+    imports them itself)."""
+    code = "import sys, api.cli; print(sorted({'litestar', 'resonate'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
