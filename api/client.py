@@ -219,6 +219,13 @@ class Api:
 
     def __init__(self, url: str) -> None:
         self.url = checked(url, "'--url'").rstrip("/")
+        parts = urlsplit(self.url)
+        if parts.query or parts.fragment or "@" in parts.netloc or "?" in url or "#" in url:
+            raise click.BadParameter(
+                "give the service's base URL alone, with no ?query, #fragment or"
+                " user:password@ (the API token goes in $TETHER_API_TOKEN)",
+                param_hint="'--url'",
+            )
         token = api_token()
         try:
             self.http = httpx.AsyncClient(

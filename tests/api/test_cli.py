@@ -302,3 +302,14 @@ def test_the_client_commands_do_not_load_the_web_stack() -> None:
     code = "import sys, api.cli; print(sorted({'litestar', 'resonate'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9?x=1", "http://127.0.0.1:9/#top", "http://u:pw@127.0.0.1:9"]
+)
+def test_a_service_url_with_a_query_or_credentials_is_a_usage_error(url: str) -> None:
+    """Not sent: a query would be dropped or mangled, and credentials in the
+    URL would replace the API token with Basic auth (a bare 401)."""
+    done = CliRunner().invoke(cli, ["get", "j", "--url", url])
+    assert done.exit_code == 2, done.output
+    assert "give the service's base URL alone" in done.output and "pw" not in done.output
