@@ -160,6 +160,12 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
             message = "the body is not valid JSON: " + message.removeprefix("JSON is malformed: ")
         else:
             message = "invalid body: " + message.split(" - at `")[0]
+    if exc.status_code == 404 and message == "Not Found":  # no route has this path
+        message = (
+            f"nothing at {shown_path(request.url.path)}: the API's routes are listed at /schema"
+        )
+        if request.url.path.startswith("/jobs/"):
+            message += " (a job's id holds no '/')"
     if exc.status_code == 413:
         limit = request.route_handler.resolve_request_max_body_size()
         message = f"the body is larger than this service takes: at most {limit} bytes"

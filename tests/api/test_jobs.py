@@ -469,6 +469,22 @@ async def test_unknown_job_is_404(start_service):
     assert response.json()["error"]["code"] == "not_found"
 
 
+async def test_a_path_no_route_has_is_404_saying_where_the_routes_are(start_service):
+    """Not Litestar's bare "Not Found": the path, and where the routes are
+    listed; under `/jobs/`, that an id holds no `/` (an encoded one, too)."""
+    svc = await start_service()
+    response = await svc.client.get("/jobs/a%2Fb")
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "code": "not_found",
+        "message": "nothing at /jobs/a/b: the API's routes are listed at /schema"
+        " (a job's id holds no '/')",
+    }
+    elsewhere = (await svc.client.get("/nowhere")).json()["error"]["message"]
+    assert elsewhere == "nothing at /nowhere: the API's routes are listed at /schema"
+    assert (await svc.client.get("/jobs/nope")).json()["error"]["message"] == "no job 'nope'"
+
+
 async def test_jobs_are_listed_newest_first_filtered_and_paginated(start_service, receiver):
     svc = await start_service()
     receiver.respond = lambda hit: (400, {}) if hit.path == "/fail" else (202, {})
