@@ -894,6 +894,8 @@ class Document:
             schema = {"type": "string", "pattern": JOB_ID_PATTERN.pattern}
         if param.get("in") == "query" and param.get("name") == "tag":
             schema["items"] = msgspec.json.schema(Tag)  # checked by `Tether.list_jobs`
+        if param.get("in") == "query" and param.get("name") == "backend":
+            schema["items"] = {"type": "string", "minLength": 1}  # (as `Tether.list_jobs`)
         if schema.get("type") == "array":
             param["style"], param["explode"] = "form", True
         if param.get("in") == "query" and "integer" in (schema.get("type"), items.get("type")):

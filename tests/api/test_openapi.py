@@ -171,7 +171,8 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     ]
     assert params["state"]["explode"] is True
     assert params["tag"]["schema"]["items"]["pattern"] == TAG_PATTERN.pattern, params["tag"]
-    assert params["backend"]["schema"]["items"] == {"type": "string"}  # any name, to find orphans
+    # any name but an empty one (none has it), to find orphans
+    assert params["backend"]["schema"]["items"] == {"type": "string", "minLength": 1}
     assert params["cursor"]["schema"]["pattern"] == CURSOR_PATTERN
     assert params["tag"]["explode"] is True
     assert params["tag"]["schema"]["maxItems"] == 16
