@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import click
+import msgspec
 
 from api.client import COMMANDS as CLIENT_COMMANDS
 from api.client import add_client_commands
@@ -235,8 +236,6 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     flag = "--port" if port is not None else ""
     sock = listening_socket(settings.host, settings.port, flag, listen=workers > 1)
     if settings.port == 0 and not settings.public_url:  # any free port: URLs name the one bound
-        import msgspec
-
         settings = msgspec.structs.replace(settings, port=sock.getsockname()[1])
     plugins = installed_plugins()
     for name, closest in unknown_env(plugins.setting_names()):

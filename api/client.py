@@ -219,8 +219,7 @@ class Api:
 
     def __init__(self, url: str) -> None:
         self.url = checked(url, "'--url'").rstrip("/")
-        parts = urlsplit(self.url)
-        if parts.query or parts.fragment or "@" in parts.netloc or "?" in url or "#" in url:
+        if "?" in url or "#" in url or "@" in urlsplit(self.url).netloc:
             raise click.BadParameter(
                 "give the service's base URL alone, with no ?query, #fragment or"
                 " user:password@ (the API token goes in $TETHER_API_TOKEN)",

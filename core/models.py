@@ -417,6 +417,11 @@ class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return Outcome(status=self.status, result=self.result, error=error)
 
 
+def token_of(callback_url: str) -> str:
+    """The `token` a callback URL carries ("" if none)."""
+    return parse_qs(urlsplit(callback_url).query).get("token", [""])[0]
+
+
 def job_mark(job_id: str, created_at: datetime) -> str:
     """A short mark of a job, not secret: the same for each of its attempts,
     and another for any other job, here or in another Tether deployment,
@@ -478,14 +483,20 @@ class Trigger(msgspec.Struct, frozen=True):
         """The job's mark (`job_mark`)."""
         return job_mark(self.job.id, self.job.created_at)
 
+    @property
+    def callback_token(self) -> str:
+        """The token `callback_url` carries: a secret, to scrub from what an
+        external system answers."""
+        return token_of(self.callback_url)
+
     def signed_here(self, callback_url: str) -> bool:
         """Whether a callback URL read back from an external run (its
         parameters, say) is this attempt's as this deployment handed it out:
         its token is one of `tokens` (any, when those are not known)."""
         if not self.tokens:
             return True
-        token = parse_qs(urlsplit(callback_url).query).get("token", [""])[0]
-        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens)
+        token = token_of(callback_url).encode()
+        return any(hmac.compare_digest(token, t.encode()) for t in self.tokens)
 
     @property
     def heartbeat_url(self) -> str:

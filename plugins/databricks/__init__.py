@@ -45,7 +45,6 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -315,7 +314,7 @@ class Databricks(Backend):
         # An int already (`__post_init__`); typed `int | float` for the schema's sake.
         job_id = None if params.job_id is None else int(params.job_id)
         token = idempotency_token(trigger)
-        callback_token = _callback_token(trigger)
+        callback_token = trigger.callback_token
 
         def start(w: WorkspaceClient) -> dict[str, Any]:
             if job_id is not None:
@@ -371,7 +370,7 @@ class Databricks(Backend):
                 _repair_id(previous),
                 trigger.promise_id,
                 parameters,
-                _callback_token(trigger),
+                trigger.callback_token,
             )
         except repair.NotRepaired as why:
             log.info(
@@ -475,7 +474,7 @@ class Databricks(Backend):
                     break
             return found
 
-        found = await self.workspace.call(find, _callback_token(trigger))
+        found = await self.workspace.call(find, trigger.callback_token)
         if not found:
             log.info(
                 "databricks: job %s: no run of its attempt %d found going, to cancel",
@@ -708,11 +707,6 @@ def _run_over(run: BaseRun) -> bool:
         return run.status.state.value == "TERMINATED"
     life = run.state.life_cycle_state if run.state is not None else None
     return life is not None and life.value in ("TERMINATED", "SKIPPED", "INTERNAL_ERROR")
-
-
-def _callback_token(trigger: Trigger) -> str:
-    """The callback URL's token: scrubbed from any error message."""
-    return parse_qs(urlsplit(trigger.callback_url).query).get("token", [""])[0]
 
 
 def _ended_in_databricks(job: Job) -> bool:
