@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from resonate.error import DecodingError, ServerError
 
 from api.access import shown_path
+from api.ui import is_page, missing_page
 from core.bounds import MAX_DEPTH
 from core.errors import (
     Conflict,
@@ -161,6 +162,8 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
         else:
             message = "invalid body: " + message.split(" - at `")[0]
     if exc.status_code == 404 and message == "Not Found":  # no route has this path
+        if is_page(request.url.path):
+            return missing_page(shown_path(request.url.path))
         message = (
             f"nothing at {shown_path(request.url.path)}: the API's routes are listed at /schema"
         )

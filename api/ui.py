@@ -132,14 +132,44 @@ def took(job: dict[str, Any]) -> str:
     return "" if start is None or end is None else span((end - start).total_seconds())
 
 
+def json_escape(char: str) -> str:
+    """`char` as a JSON string escape (a surrogate pair past U+FFFF)."""
+    n = ord(char)
+    if n <= 0xFFFF:
+        return f"\\u{n:04x}"
+    n -= 0x10000
+    return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+
+
+def visible(text: str) -> str:
+    """JSON text with each character `str.isprintable` refuses but the
+    layout's newlines (a bidirectional override, a zero-width or tag
+    character) written as its escape: still the same JSON, and caller text
+    can neither reorder nor hide what the page shows (ui.js's `visible`)."""
+    return "".join(c if c.isprintable() or c == "\n" else json_escape(c) for c in text)
+
+
 def pretty(value: Any) -> str:
-    """JSON as ui.js's `JSON.stringify(value, null, 2)` writes it."""
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    """JSON as ui.js's `pretty` writes it (`JSON.stringify(value, null, 2)`)."""
+    return visible(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def compact(value: Any) -> str:
-    """JSON as ui.js's `JSON.stringify(value)` writes it."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """JSON as ui.js's `compact` writes it (`JSON.stringify(value)`)."""
+    return visible(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def outcome(event: dict[str, Any]) -> str:
+    """What an event of the timeline says of the job, for its dot's colour
+    (ui.js's `outcome`): a `finished` event's final state; a callback's
+    status when it was taken (`accepted`, `duplicate`), else its verdict."""
+    data = event.get("data") or {}
+    if event.get("type") == "finished":
+        return str(data.get("state", ""))
+    if event.get("type") == "callback":
+        verdict = data.get("verdict")
+        return str(data.get("status", "")) if verdict in ("accepted", "duplicate") else str(verdict)
+    return ""
 
 
 def clock(value: Any) -> str:
@@ -181,6 +211,7 @@ def environment() -> Environment:
         autoescape=select_autoescape(default=True, default_for_string=True),
     )
     env.filters.update(age=age, took=took, pretty=pretty, compact=compact, clock=clock, span=span)
+    env.filters.update(outcome=outcome)
     env.filters.update(segment=job_segment)
     env.globals.update(states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES)
     return env
@@ -256,6 +287,23 @@ async def summary(tether: Tether) -> dict[str, Any]:
 
 def bad_filter(message: str, viewer: Viewer) -> Template:
     return page("error.html", {"message": message, "viewer": viewer}, 400)
+
+
+def is_page(path: str) -> bool:
+    """Whether `path` is the dashboard's to answer, a page it lacks included
+    (not its static files)."""
+    return (path == "/ui" or path.startswith("/ui/")) and not path.startswith("/ui/static/")
+
+
+def missing_page(path: str) -> Template:
+    """The dashboard's 404 page for a path under `/ui` that no page has (the
+    API's is JSON). `path`: as a log shows it (escaped, no token)."""
+    message = f"no page at {path}"
+    if path.startswith("/ui/jobs/"):
+        message += " (a job's id holds no '/')"
+    context = {"message": message, "viewer": None}
+    headers = {header.name: header.value for header in SECURITY_HEADERS}
+    return Template(template_name="error.html", context=context, status_code=404, headers=headers)
 
 
 # ── routes ────────────────────────────────────────────────────────────────────

@@ -23,7 +23,26 @@
   const age = (iso) => (iso ? span((Date.now() - Date.parse(iso)) / 1000) : "");
   const took = (job) =>
     job.finished_at ? span((Date.parse(job.finished_at) - Date.parse(job.created_at)) / 1000) : "";
-  const clock = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+  const clock = (iso) => (iso ? new Date(iso).toLocaleString(undefined, { timeZoneName: "short" }) : "");
+
+  // JSON as api/ui.py's `pretty` and `compact` write it: each character
+  // Python's str.isprintable refuses but the layout's newlines (a
+  // bidirectional override, a zero-width or tag character) as its escape.
+  const unit = (code) => `\\u${code.toString(16).padStart(4, "0")}`;
+  const visible = (text) =>
+    text.replace(/(?![ \n])[\p{C}\p{Z}]/gu, (c) =>
+      [...Array(c.length).keys()].map((i) => unit(c.charCodeAt(i))).join(""),
+    );
+  const pretty = (value) => visible(JSON.stringify(value, null, 2));
+  const compact = (value) => visible(JSON.stringify(value));
+
+  // What an event says of the job, for its dot's colour (api/ui.py's `outcome`).
+  function outcome(event) {
+    const data = event.data || {};
+    if (event.type === "finished") return String(data.state ?? "");
+    if (event.type !== "callback") return "";
+    return ["accepted", "duplicate"].includes(data.verdict) ? String(data.status ?? "") : String(data.verdict);
+  }
 
   function make(tag, props = {}, ...children) {
     const node = document.createElement(tag);
@@ -56,6 +75,60 @@
       live.classList.toggle("off", !on);
       live.textContent = on ? "live" : "reconnecting…";
     }
+  }
+
+  // The session ended (its token was removed, it expired): the page says so
+  // and how to go on, where it said "live".
+  const signInAgain = () => make("a", { href: location.pathname + location.search, text: "sign in again" });
+  function showSignedOut() {
+    const live = document.getElementById("live");
+    if (live) {
+      live.hidden = false;
+      live.classList.add("off");
+      live.replaceChildren("signed out: ", signInAgain());
+    }
+  }
+  async function sessionEnded() {
+    const answer = await fetch("/jobs?limit=1", { credentials: "same-origin" }).catch(() => null);
+    return answer !== null && answer.status === 401;
+  }
+
+  // A stream of the service's (`url()` names it, read again at each opening;
+  // `on`: a listener per event type). The browser's EventSource reconnects by
+  // itself after a network error, never after an HTTP error (a 503
+  // `too_many_streams`, a 401 once the session ended): then it is closed, and
+  // opened again here after a wait, unless the session ended. `failed`, if
+  // given, is asked first on each error and ends the stream by returning true.
+  const REOPEN = [1000, 2000, 5000, 10000, 30000]; // ms, one after another, then the last
+  function watch(url, on, failed = () => false) {
+    let source = null;
+    let tries = 0;
+    let timer = null;
+    let over = false;
+    function open() {
+      source = new EventSource(url());
+      source.addEventListener("open", () => {
+        tries = 0;
+        showLive(true);
+      });
+      source.addEventListener("error", async () => {
+        if (over || failed()) return;
+        if (source.readyState !== EventSource.CLOSED) return showLive(false);
+        source.close();
+        if (await sessionEnded()) return over || showSignedOut();
+        showLive(false);
+        if (!over) timer = setTimeout(open, REOPEN[Math.min(tries++, REOPEN.length - 1)]);
+      });
+      for (const [type, listener] of Object.entries(on)) source.addEventListener(type, listener);
+    }
+    open();
+    return {
+      close() {
+        over = true;
+        clearTimeout(timer);
+        source.close();
+      },
+    };
   }
 
   // ── the jobs list ──────────────────────────────────────────────────────────
@@ -129,27 +202,26 @@
     }
     query.set("limit", limit);
     if (cursor) query.set("cursor", cursor);
-    const stream = new EventSource(`/jobs?${query}`);
-    stream.addEventListener("open", () => showLive(true));
-    stream.addEventListener("error", () => showLive(false));
-    stream.addEventListener("job", (message) => {
-      upsert(JSON.parse(message.data));
-      reloadSummary();
-    });
-    // Off the page: changed out of the filters, pushed off by newer jobs, deleted.
-    stream.addEventListener("left", (message) => {
-      const { id } = JSON.parse(message.data);
-      const old = [...body.rows].find((tr) => tr.dataset.id === id);
-      if (old) old.remove();
-      empty.hidden = body.rows.length > 0;
-      reloadSummary();
-    });
-    // The page as the stream (re)opened on it: rows that left it before (while
-    // the page loaded, or the stream was down) go.
-    stream.addEventListener("page", (message) => {
-      const ids = new Set(JSON.parse(message.data).ids);
-      for (const tr of [...body.rows]) if (!ids.has(tr.dataset.id)) tr.remove();
-      empty.hidden = body.rows.length > 0;
+    watch(() => `/jobs?${query}`, {
+      job: (message) => {
+        upsert(JSON.parse(message.data));
+        reloadSummary();
+      },
+      // Off the page: changed out of the filters, pushed off by newer jobs, deleted.
+      left: (message) => {
+        const { id } = JSON.parse(message.data);
+        const old = [...body.rows].find((tr) => tr.dataset.id === id);
+        if (old) old.remove();
+        empty.hidden = body.rows.length > 0;
+        reloadSummary();
+      },
+      // The page as the stream (re)opened on it: rows that left it before
+      // (while the page loaded, or the stream was down) go.
+      page: (message) => {
+        const ids = new Set(JSON.parse(message.data).ids);
+        for (const tr of [...body.rows]) if (!ids.has(tr.dataset.id)) tr.remove();
+        empty.hidden = body.rows.length > 0;
+      },
     });
 
     // Empty filter inputs stay out of the URL.
@@ -170,17 +242,31 @@
     const ended = (j) => !data.cancelable.includes(j.state);
     const events = document.getElementById("events");
 
-    function message(text, error = false) {
+    function message(text, error = false, ...more) {
       const node = document.getElementById("message");
       node.hidden = !text;
-      node.textContent = text;
+      node.replaceChildren(text, ...more);
       node.classList.toggle("error", error);
+    }
+
+    // The job is no longer stored (retention deleted it): nothing more to
+    // follow or do.
+    let deleted = false;
+    function gone() {
+      deleted = true;
+      stop();
+      for (const id of ["cancel", "retry"]) {
+        const button = document.getElementById(id);
+        if (button) button.hidden = true;
+      }
+      message(`Job ${job.id} is no longer stored (retention deletes finished jobs): what this page shows is as it was.`, true);
     }
 
     function setTime(name, iso) {
       const node = document.querySelector(`[data-field="${name}"]`);
       if (node) {
         node.setAttribute("datetime", iso || "");
+        node.setAttribute("title", iso || "");
         node.textContent = clock(iso);
       }
     }
@@ -212,7 +298,7 @@
       for (const block of document.querySelectorAll("[data-block]")) {
         const value = job[block.dataset.block];
         block.hidden = value === null || value === undefined;
-        block.querySelector("pre").textContent = JSON.stringify(value ?? null, null, 2);
+        block.querySelector("pre").textContent = pretty(value ?? null);
       }
       const cancel = document.getElementById("cancel");
       const retry = document.getElementById("retry");
@@ -225,9 +311,10 @@
       at.textContent = clock(event.at);
       const verdict = event.data && event.data.verdict !== undefined;
       const hasData = event.data && Object.keys(event.data).length > 0;
+      const said = outcome(event);
       return make(
         "li",
-        { class: `event type-${event.type}`, "data-seq": event.seq },
+        { class: `event type-${event.type}` + (said ? ` outcome-${said}` : ""), "data-seq": event.seq },
         at,
         " ",
         make("span", { class: "etype", text: event.type }),
@@ -236,7 +323,7 @@
         " ",
         make("span", { class: "attempt", text: `attempt ${event.attempt}` }),
         hasData ? " " : null,
-        hasData ? make("code", { class: "edata", text: JSON.stringify(event.data) }) : null,
+        hasData ? make("code", { class: "edata", text: compact(event.data) }) : null,
       );
     }
 
@@ -249,6 +336,7 @@
         const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}`, {
           credentials: "same-origin",
         }).catch(() => null);
+        if (answer && answer.status === 404) return gone();
         if (!answer || !answer.ok) return;
         const fresh = await answer.json();
         // Unchanged: leave the page as it is (a redraw loses what is selected).
@@ -264,26 +352,25 @@
     }
 
     function follow() {
-      if (stream) return;
-      const cursor = after.toString(16).padStart(16, "0");
-      stream = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events?cursor=${cursor}`);
-      stream.addEventListener("open", () => showLive(true));
+      if (stream || deleted) return;
       // The server ends the stream with `end` once nothing more is due after
       // `finished` (the notification's tries, a run that could not be
       // stopped). A stream that breaks on an ended job is left to the
       // interval below, which reads what came after `after`; on a running
-      // one the browser reconnects, after the last event it had.
-      stream.addEventListener("end", stop);
-      stream.addEventListener("error", () => (ended(job) ? stop() : showLive(false)));
+      // one it is opened again, after the last event the page has.
+      const on = { end: stop };
       for (const type of data.event_types) {
-        stream.addEventListener(type, (message) => {
+        on[type] = (message) => {
           const event = JSON.parse(message.data);
           if (event.seq <= after) return;
           after = event.seq;
           events.append(item(event));
           reread();
-        });
+        };
       }
+      const cursor = () => after.toString(16).padStart(16, "0");
+      const id = encodeURIComponent(job.id);
+      stream = watch(() => `/jobs/${id}/events?cursor=${cursor()}`, on, () => ended(job) && (stop(), true));
     }
 
     async function act(action) {
@@ -293,16 +380,27 @@
           ? `Cancel job ${job.id}? Its backend is asked to stop the run.`
           : `Run job ${job.id} again, as attempt ${next}?`;
       if (!window.confirm(question)) return;
+      const name = action === "cancel" ? "Cancel" : "Retry";
       const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}/${action}`, {
         method: "POST",
         credentials: "same-origin",
         headers: { "content-type": "application/json", "x-csrf-token": csrf },
         body: JSON.stringify(action === "retry" ? { attempt: next } : {}),
-      });
+      }).catch(() => null);
+      if (answer === null) {
+        // Not sent, or sent and its answer lost: the job's page tells which.
+        message(`${name}: no answer from the service. Reload to see whether the job changed.`, true);
+        return;
+      }
       const body = await answer.json().catch(() => null);
+      if (answer.status === 401) {
+        message(`${name} refused: the session has ended: `, true, signInAgain());
+        return;
+      }
+      if (answer.status === 404) return gone();
       if (!answer.ok) {
         const why = body && body.error ? body.error.message : `the service answered ${answer.status}`;
-        message(`${action === "cancel" ? "Cancel" : "Retry"} refused: ${why}`, true);
+        message(`${name} refused: ${why}`, true);
         return;
       }
       const hadRun = action === "retry" && ended(body);  // that attempt was started elsewhere
@@ -321,13 +419,14 @@
     // that could not be stopped) come on the stream while it lasts; a page
     // opened on an ended job, or a stream that broke, reads them here.
     setInterval(async () => {
-      if (document.hidden) return;
+      if (document.hidden || deleted) return;
       if (stream) {
         if (job.state === "running") reread();
         return;
       }
       const id = encodeURIComponent(job.id);
       const answer = await fetch(`/jobs/${id}`, { credentials: "same-origin" }).catch(() => null);
+      if (answer && answer.status === 404) return gone();
       if (!answer || !answer.ok) return;
       const fresh = await answer.json();
       if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {

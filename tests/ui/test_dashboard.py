@@ -5,7 +5,9 @@ data shown as text, a phone's width."""
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -394,3 +396,106 @@ def test_a_notify_url_shows_only_its_origin(page, service, client, hooks: Receiv
     page.goto(f"{service.url}/ui/jobs/{job_id}")
     expect(page.locator('[data-field="notify"]')).to_have_text("https://hooks.example.com:8443")
     assert "XXXXsecretXXXX" not in page.content()
+
+
+def test_a_dot_on_the_timeline_has_the_colour_of_what_its_event_says(
+    page, service, client, hooks: Receiver
+):
+    job_id = unique("outcome")
+    callback_url = start_job(client, hooks, job_id)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    settle(callback_url, status="failed", error={"message": "disk full"})  # drawn by the script
+    dots = page.locator("#events li")
+    expect(dots.locator(".etype")).to_have_text(["accepted", "triggered", "callback", "finished"])
+
+    def colours() -> list[str]:
+        return list(
+            page.evaluate(
+                """() => [...document.querySelectorAll("#events li")].map(
+                    li => getComputedStyle(li, "::before").backgroundColor)"""
+            )
+        )
+
+    bad = page.evaluate(  # a failed state's colour
+        """() => {
+            const probe = document.body.appendChild(document.createElement("span"));
+            probe.className = "state-failed";
+            const colour = getComputedStyle(probe).color;
+            probe.remove();
+            return colour;
+        }"""
+    )
+    for drawn_by in ("the script", "the server"):
+        expect(page.locator("li.type-callback.outcome-failed")).to_have_count(1)
+        expect(page.locator("li.type-finished.outcome-failed")).to_have_count(1)
+        assert colours()[2:] == [bad, bad], drawn_by  # a failure is not drawn as a success
+        page.reload()
+
+
+def test_caller_text_cannot_reorder_or_hide_what_a_page_shows(page, service, client, hooks):
+    """A bidirectional override or a zero-width character in a job's data is
+    shown as its JSON escape, by the server and by the script alike."""
+    job_id = unique("bidi")
+    callback_url = start_job(client, hooks, job_id, metadata={"note": "\u202eevil\u200b"})
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('pre[data-json="metadata"]')).to_have_text(
+        '{\n  "note": "\\u202eevil\\u200b"\n}'
+    )
+    expect(page.locator("#live")).to_have_text("live")
+    settle(callback_url, status="succeeded", result={"by": "\u2067x\u2069 \U000e0041 é"})
+    shown = '{\n  "by": "\\u2067x\\u2069 \\udb40\\udc41 é"\n}'
+    expect(page.locator('pre[data-json="result"]')).to_have_text(shown)  # by the script
+    page.reload()
+    expect(page.locator('pre[data-json="result"]')).to_have_text(shown)  # by the server
+
+
+def test_a_path_no_page_has_is_the_dashboards_own_404(page, service):
+    for path, said in (
+        ("/ui/nothing", "no page at /ui/nothing"),
+        ("/ui/jobs/a%2Fb", "no page at /ui/jobs/a/b (a job's id holds no '/')"),
+        ("/ui/jobs/", "no page at /ui/jobs/ (a job's id holds no '/')"),
+    ):
+        answer = page.goto(service.url + path)
+        assert answer.status == 404, path
+        assert answer.headers["content-type"].startswith("text/html"), path
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], path
+        expect(page.get_by_role("alert")).to_have_text(said)
+        expect(page.get_by_role("link", name="All jobs")).to_be_visible()
+    answer = page.goto(service.url + "/ui/static/nothing.js")  # not a page: the API's answer
+    assert answer.status == 404 and answer.headers["content-type"] == "application/json"
+
+
+def test_an_open_page_of_a_job_deleted_since_says_so(page, dialogs, service, client, hooks):
+    """Retention deletes a finished job while its page is open (here, its row
+    is deleted from the job index, as `tether gc` does): the page says the job
+    is gone and offers nothing more to do with it."""
+    job_id = unique("deleted")
+    start_job(client, hooks, job_id, path=FAIL)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#retry")).to_be_visible()
+    with closing(sqlite3.connect(service.log.parent / "tether.db")) as db, db:
+        db.execute("DELETE FROM tether_jobs WHERE id = ?", (job_id,))
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    expect(page.locator("#message")).to_have_text(
+        f"Job {job_id} is no longer stored (retention deletes finished jobs):"
+        " what this page shows is as it was.",
+        timeout=15_000,  # the page looks every 5 s
+    )
+    expect(page.locator("#retry")).to_be_hidden()
+    expect(page.locator("#cancel")).to_be_hidden()
+
+
+def test_times_name_their_zone(browser, service, client, hooks: Receiver):
+    job_id = unique("zone")
+    start_job(client, hooks, job_id)
+    context = browser.new_context(timezone_id="Asia/Tokyo", locale="en-US")
+    try:
+        page = context.new_page()
+        page.goto(f"{service.url}/ui/jobs/{job_id}")
+        created = page.locator("dt:text-is('Created') + dd time")
+        expect(created).to_have_text(re.compile(r"GMT\+9$"))
+        created_at = client.get(f"/jobs/{job_id}").json()["created_at"]
+        expect(created).to_have_attribute("title", created_at)
+    finally:
+        context.close()

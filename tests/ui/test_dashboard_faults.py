@@ -1,0 +1,139 @@
+"""The dashboard when things go wrong around it, each test on a service of
+its own: a stream the service refused, a session that ended while its pages
+were open, a button clicked while the service is down, a job id as long as
+ids go on a phone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from playwright.sync_api import expect
+
+from tests.conftest import Receiver
+from tests.process import TetherProcess
+from tests.ui.parts import serve, start_job, unique
+
+ONE_STREAM = "import api.controllers\n\napi.controllers.LIST_STREAMS_MAX = 1\n"
+"""A preamble for a service that keeps one job-list stream open at most."""
+
+
+class OneStream(TetherProcess):
+    preamble = ONE_STREAM
+
+
+def test_the_list_opens_its_stream_again_after_the_service_refused_it(
+    tmp_path: Path, context: Any, hooks: Receiver
+):
+    """A 503 `too_many_streams` is an HTTP error, after which a browser's
+    EventSource never reconnects: the page opens the stream again itself."""
+    service = OneStream(tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"}).start()
+    try:
+        page = context.new_page()
+        with service.client() as client:
+            held = {"accept": "text/event-stream"}
+            with client.stream("GET", "/jobs", headers=held) as stream:  # the one stream
+                assert stream.status_code == 200
+                page.goto(f"{service.url}/ui")
+                expect(page.locator("#live")).to_have_text("reconnecting…")
+            job_id = unique("after-503")
+            start_job(client, hooks, job_id)
+            expect(page.locator(f'tr[data-id="{job_id}"]')).to_be_visible(timeout=20_000)
+            expect(page.locator("#live")).to_have_text("live")
+    finally:
+        service.kill()
+
+
+TOKEN = "ui-faults-api-token-0d5b7e21"
+
+
+def test_pages_whose_session_ended_say_so_and_how_to_go_on(
+    tmp_path: Path, context: Any, hooks: Receiver
+):
+    env = {"TETHER_API_TOKEN": TOKEN}
+    service = serve(tmp_path, env)
+    try:
+        with service.client(headers={"authorization": f"Bearer {TOKEN}"}) as api:
+            job_id = unique("session")
+            start_job(api, hooks, job_id)
+        listed, one = context.new_page(), context.new_page()
+        one.on("dialog", lambda dialog: dialog.accept())
+        listed.goto(f"{service.url}/ui")
+        listed.get_by_label("Token").fill(TOKEN)
+        listed.get_by_role("button", name="Sign in").click()
+        expect(listed.locator("#live")).to_have_text("live")
+        one.goto(f"{service.url}/ui/jobs/{job_id}")
+        expect(one.locator("#live")).to_have_text("live")
+
+        service.terminate()  # back with another token: the session's is gone
+        service = serve(tmp_path, {"TETHER_API_TOKEN": "another-token"}, port=service.port)
+        for page in (listed, one):
+            expect(page.locator("#live")).to_have_text("signed out: sign in again")
+        one.locator("#cancel").click()
+        expect(one.locator("#message")).to_have_text(
+            "Cancel refused: the session has ended: sign in again"
+        )
+        listed.get_by_role("link", name="sign in again").click()
+        expect(listed.get_by_role("heading", name="Sign in")).to_be_visible()
+    finally:
+        service.kill()
+
+
+def test_a_button_clicked_while_the_service_is_down_says_so(
+    tmp_path: Path, context: Any, hooks: Receiver
+):
+    service = serve(tmp_path)
+    try:
+        with service.client() as client:
+            job_id = unique("down")
+            start_job(client, hooks, job_id)
+        page = context.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.goto(f"{service.url}/ui/jobs/{job_id}")
+        expect(page.locator("#live")).to_have_text("live")
+        service.kill()
+        expect(page.locator("#live")).to_have_text("reconnecting…")
+        page.locator("#cancel").click()
+        expect(page.locator("#message")).to_have_text(
+            "Cancel: no answer from the service. Reload to see whether the job changed."
+        )
+        expect(page.locator('[data-field="state"]')).to_have_text("running")
+    finally:
+        service.kill()
+
+
+def test_the_longest_job_id_fits_a_phone(tmp_path: Path, context: Any, hooks: Receiver):
+    """An id as long as ids go (128 characters, no break in it), on the list,
+    in its summary of the jobs waiting longest, and on the error page of a
+    long path."""
+    service = serve(tmp_path)
+    try:
+        job_id = unique("w" * 100)[:128]
+        with service.client() as client:
+            start_job(client, hooks, job_id)
+        phone = context.new_page()
+        phone.set_viewport_size({"width": 375, "height": 800})
+        phone.goto(f"{service.url}/ui")
+        expect(phone.locator(".longest li")).to_contain_text(job_id)
+        for path in ("/ui", f"/ui/jobs/{job_id}", "/ui/jobs/" + "y" * 300 + "/x"):
+            phone.goto(service.url + path)
+            expect(phone.locator("main")).to_be_visible()
+            wide = phone.evaluate("document.documentElement.scrollWidth")
+            assert wide <= 375, f"{path[:40]}… is {wide}px wide on a 375px screen"
+    finally:
+        service.kill()
+
+
+def test_a_refused_stream_is_answered_503(tmp_path: Path):
+    """What the first test's page met: the stream past the limit is refused."""
+    service = OneStream(tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"}).start()
+    try:
+        with service.client() as client, service.client() as other:
+            held = {"accept": "text/event-stream"}
+            with client.stream("GET", "/jobs", headers=held) as stream:
+                assert stream.status_code == 200
+                refused = other.get("/jobs", headers=held)
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "too_many_streams"
+    finally:
+        service.kill()
