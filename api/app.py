@@ -107,6 +107,16 @@ def token_problem(settings: Settings) -> str | None:
     the settings, never their values: `tether serve` can refuse before it
     starts workers, and `create_app` refuses, so no entry point serves them."""
     api, read = set(listed(settings.api_token)), set(listed(settings.read_token))
+    for name, value, tokens in (
+        ("TETHER_API_TOKEN", settings.api_token, api),
+        ("TETHER_READ_TOKEN", settings.read_token, read),
+    ):
+        if value.strip() and not tokens:  # `${A},${B}` with both empty
+            return (
+                f"{name} is set but lists no token (only commas and spaces): is a variable"
+                " it was made of empty? Without an API token every route is open to anyone;"
+                f" give it a token, or unset {name}"
+            )
     if read and not api:
         return (
             "TETHER_READ_TOKEN is set but TETHER_API_TOKEN is not: without an API token"

@@ -108,6 +108,11 @@ def limits_of(value: str) -> dict[str, int]:
     return limits
 
 
+GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What `TETHER_GROUP` may be: a Resonate group is part of addresses
+(`poll://any@{group}`) and of the poll path (`/poll/{group}/{pid}`)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     store: str = "sqlite:///.tether/tether.db"
     """Durable store URL: `sqlite:///PATH` (default, embedded), `memory://`
@@ -278,6 +283,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "invalid setting TETHER_STORE_TOKEN: it holds a control character (a line"
                 " break?), which no HTTP header can carry; set the token alone"
             )
+        if not GROUP.fullmatch(self.group):
+            raise ValueError(
+                f"invalid setting TETHER_GROUP: {self.group!r}; use 1-64 of A-Z a-z 0-9 . _ -"
+                " (every host on one store the same)"
+            )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(
                 f"invalid setting TETHER_LOG_LEVEL: {self.log_level!r}; use one of"
@@ -315,6 +325,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return from_env(cls, PREFIX, env, **overrides)
 
 
+NOT_READ = {
+    "Expected `int`, got `str`": "not a whole number",
+    "Expected `float`, got `str`": "not a number",
+    "Expected `bool`, got `str`": "not 0, 1, true or false",
+}
+"""msgspec's words for a variable it could not read as its field's type
+(an environment variable is always a string), and what is said instead."""
+
+
 def from_env[S: msgspec.Struct](
     cls: type[S], prefix: str, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> S:
@@ -339,9 +358,9 @@ def from_env[S: msgspec.Struct](
         if "$." not in str(exc):  # raised by the Struct's own check, which names it
             raise ValueError(str(exc)) from None
         field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
-        raise ValueError(
-            f"invalid setting {prefix}{field.upper()}: {str(exc).split(' - ')[0]}"
-        ) from None
+        said = str(exc).split(" - ")[0]
+        said = NOT_READ.get(said, said)  # every variable's value is a string
+        raise ValueError(f"invalid setting {prefix}{field.upper()}: {said}") from None
 
 
 def env_names(cls: type[msgspec.Struct], prefix: str) -> set[str]:

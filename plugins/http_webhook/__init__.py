@@ -202,13 +202,20 @@ def credentials_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]
     variables `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`).
     NAME is capitals, digits and `_`; an empty value is no credential."""
     env = os.environ if env is None else env
-    return {
+    found = {
         key.removeprefix(AUTH_PREFIX): value
         for key, value in env.items()
         if key.startswith(AUTH_PREFIX)
         and value
         and CREDENTIAL_NAME.fullmatch(key.removeprefix(AUTH_PREFIX))
     }
+    for name, value in found.items():
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):  # never the value
+            raise ValueError(
+                f"invalid setting {AUTH_PREFIX}{name}: it holds a control character (a line"
+                " break?), which no HTTP header can carry; set the Authorization value alone"
+            )
+    return found
 
 
 class StatusBody(msgspec.Struct, frozen=True):

@@ -194,6 +194,10 @@ def test_a_read_token_without_an_api_token_stops_tether_serve(tmp_path: Path):
             READ_TOKEN,
             "a token is listed in both TETHER_API_TOKEN and TETHER_READ_TOKEN",
         ),
+        # a list of empty variables: the API open, silently (an exploratory QA pass)
+        (" , ", "", "TETHER_API_TOKEN is set but lists no token \\(only commas and spaces\\)"),
+        (",", READ_TOKEN, "TETHER_API_TOKEN is set but lists no token"),
+        (API_TOKENS[0], ",", "TETHER_READ_TOKEN is set but lists no token"),
     ],
 )
 def test_the_app_refuses_tokens_it_cannot_honour(api: str, read: str, says: str):

@@ -313,3 +313,37 @@ def test_a_service_url_with_a_query_or_credentials_is_a_usage_error(url: str) ->
     done = CliRunner().invoke(cli, ["get", "j", "--url", url])
     assert done.exit_code == 2, done.output
     assert "give the service's base URL alone" in done.output and "pw" not in done.output
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"TETHER_GROUP": ""}, "invalid setting TETHER_GROUP: ''; use 1-64 of A-Z a-z 0-9 . _ -"),
+        ({"TETHER_GROUP": "a b/c"}, "invalid setting TETHER_GROUP: 'a b/c'; use 1-64 of"),
+        ({"TETHER_GROUP": "g" * 65}, "invalid setting TETHER_GROUP: 'ggg"),
+        ({"TETHER_DATABRICKS_THREADS": "1.5"}, "TETHER_DATABRICKS_THREADS: not a whole number"),
+        ({"TETHER_DATABRICKS_HTTP_TIMEOUT": "abc"}, "TETHER_DATABRICKS_HTTP_TIMEOUT: not a number"),
+        ({"TETHER_ACCESS_LOG": "maybe"}, "TETHER_ACCESS_LOG: not 0, 1, true or false"),
+    ],
+)
+def test_a_setting_of_the_wrong_kind_is_refused_in_plain_words(env: dict[str, str], said: str):
+    """A group the embedded store refused with a traceback (exit 1), and
+    msgspec's "Expected `int`, got `str`" for a variable, which is always a
+    string (found by an exploratory QA pass)."""
+    told = serve_refused(**env)
+    assert told.startswith("tether: ") and said in told, told
+    assert len(told.splitlines()) == 1 and "Traceback" not in told
+
+
+@pytest.mark.parametrize("value", ["Bearer s3cret\nmore", "Bearer s3cret\r", "\x7fs3cret"])
+def test_a_webhook_credential_no_header_can_carry_is_refused_without_showing_it(value: str):
+    """Taken, every trigger using it failed as a ValueError, tried again as if
+    it could pass (found by an exploratory QA pass)."""
+    said = serve_refused(TETHER_WEBHOOK_AUTH_PARTNER=value)
+    assert said.startswith("tether: invalid setting TETHER_WEBHOOK_AUTH_PARTNER: "), said
+    assert "control character" in said and "s3cret" not in said
+
+
+def test_the_settings_a_group_may_take() -> None:
+    for group in ("tether", "team-a.prod_2", "g" * 64):
+        assert Settings(group=group).group == group
