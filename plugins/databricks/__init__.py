@@ -14,8 +14,8 @@ must define (notebooks read them as widgets). `submit` starts a one-time run
 names to the `base_parameters` of its notebook tasks. Either way the
 request carries an `idempotency_token` derived from the job's promise id, so a
 retried or replayed trigger never starts a second run. The job's `external` is
-`{"run_id", "run_page_url", "state"}` (`state`: the run's as it started,
-`QUEUED` when the workspace queued it).
+`{"run_id", "run_page_url", "state"}` (`state`: the run's at the last look:
+as it started, then as each status check finds it).
 
 The notebook POSTs the outcome to `tether_callback_url` when it ends (see
 `examples/databricks_notebook.py`). If that callback is lost, Tether asks
