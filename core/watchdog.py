@@ -52,7 +52,7 @@ from core.settle import Settler
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.views import backend_view
-from core.workflow import ROOT_GRACE_MS
+from core.workflow import ATTEMPT_MARK, ROOT_GRACE_MS, root_promise_id
 
 log = logging.getLogger("tether")
 
@@ -90,6 +90,26 @@ RETRY_AFTER = 1.0
 did not answer, or a sweep found a full batch due (more may be)."""
 
 
+class JobWorkflowIds:
+    """`core.workflow`'s promise ids, as retention reads them (`WorkflowIds`):
+    attempt N's workflow is `{id}` (N = 1) or `{id}~N`, and its promises
+    `{root}:...`."""
+
+    def root(self, job_id: str, attempt: int) -> str:
+        return root_promise_id(job_id, attempt)
+
+    def job(self, root_id: str) -> str:
+        # `:` too: a callback promise made alone (no workflow) is its own root
+        return root_id.partition(":")[0].partition(ATTEMPT_MARK)[0]
+
+
+WORKFLOW_IDS = JobWorkflowIds()
+
+KEPT_MARGIN_MS = ROOT_GRACE_MS
+"""How much further back than `Store.kept_since` retention keeps promises:
+the hosts' clocks (and the store's) need not agree to the millisecond."""
+
+
 async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     """Delete jobs finished more than `older_than` seconds ago, with their
     history and their promises; nothing open is touched. Returns (jobs, promises) deleted.
@@ -98,13 +118,37 @@ async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     workflow ends at most `ROOT_GRACE_MS` after the job does): a job row is
     never gone while its workflow's promises remain, or a later start with the
     same id would find an old, finished workflow and never run.
+
+    Nor do the promises of a job the index holds open go, whatever the
+    store says of them: a workflow the store timed out (no process ran from before
+    its job's deadline until `ROOT_GRACE_MS` after it: an outage, a backup
+    restored late) is settled, and within reach a day after, while its job
+    waits for the watchdog to time it out, which settles the job's callback
+    promise (one deleted would leave the job open for good). The store keeps
+    them as it deletes (the embedded store, lineage by lineage), or says how
+    far back it must keep everything (`Store.kept_since`: Postgres, whose
+    `resonate.gc` takes only a time), and then neither promises nor job rows
+    go from further back than that, until the watchdog has ended the job.
     """
     if not MIN_RETENTION <= older_than <= MAX_RETENTION:
         raise InvalidRequest(
             f"keep finished jobs at least {MIN_RETENTION:g} and at most {MAX_RETENTION:g} seconds"
         )
-    promises = await store.delete_promises(int(older_than * 1000) - ROOT_GRACE_MS)
-    before, jobs = now_ms() - int(older_than * 1000), 0
+    now = now_ms()
+    rows = int(older_than * 1000)  # a job row goes once it finished this long ago
+    reach = rows - ROOT_GRACE_MS  # its promises once they settled this long ago
+    kept = await store.kept_since(WORKFLOW_IDS, now)
+    if kept is not None and now - reach > kept - KEPT_MARGIN_MS:
+        reach = now - kept + KEPT_MARGIN_MS
+        rows = reach + ROOT_GRACE_MS
+        log.info(
+            "retention: going back no further than %s: a job open past its deadline"
+            " has promises from then (the watchdog times it out; tether_jobs_overdue counts"
+            " such jobs)",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((now - reach) / 1000)) + " UTC",
+        )
+    promises = await store.delete_promises(reach, WORKFLOW_IDS)
+    before, jobs = now - rows, 0
     while ids := await store.jobs.delete_finished(before, GC_BATCH):
         jobs += len(ids)
     if jobs or promises:

@@ -981,7 +981,13 @@ class SqliteConnection:
 
     # -- retention -------------------------------------------------------------------
 
-    async def gc(self, older_than_ms: int, *, batch: int = 100) -> int:
+    async def gc(
+        self,
+        older_than_ms: int,
+        *,
+        batch: int = 100,
+        keep: Callable[[sqlite3.Connection, str], bool] | None = None,
+    ) -> int:
         """Delete finished work: every promise (with its task, callbacks,
         listeners and undelivered messages) of a lineage whose root promise
         settled at least ``older_than_ms`` ago, provided nothing in that
@@ -989,6 +995,13 @@ class SqliteConnection:
         transactions of ``batch`` lineages. Returns the number of promises
         deleted. Ids become reusable: keep ``older_than_ms`` longer than any
         window in which a duplicate start must still reattach.
+
+        ``keep(db, root_id)``, if given, is asked about each lineage due, on
+        the store's connection inside the transaction that deletes it: true
+        keeps the whole lineage. An application with tables of its own in
+        the file reads them there, consistent with the deletion (a root that
+        timed out is settled, yet the application may still need its
+        lineage). It must only read, and be quick: the write lock is held.
         """
         if older_than_ms < 0:
             msg = "older_than_ms must be >= 0"
@@ -998,7 +1011,7 @@ class SqliteConnection:
         cursor: tuple[int, str] | None = (-1, "")
         total = 0
         while cursor is not None:
-            deleted, cursor = await self._call(self._engine.gc_batch, cutoff, cursor, batch)
+            deleted, cursor = await self._call(self._engine.gc_batch, cutoff, cursor, batch, keep)
             total += deleted
             await asyncio.sleep(0)  # let requests through between batches
         return total

@@ -657,15 +657,23 @@ class Engine(Transitions):
     # -- retention --------------------------------------------------------------------------
 
     def gc_batch(
-        self, cutoff: int, after: tuple[int, str], limit: int
+        self,
+        cutoff: int,
+        after: tuple[int, str],
+        limit: int,
+        keep: Callable[[sqlite3.Connection, str], bool] | None = None,
     ) -> tuple[int, tuple[int, str] | None]:
         """Collect up to ``limit`` finished lineages whose root settled at or
-        before ``cutoff``. Returns (promises deleted, cursor for the next batch)."""
+        before ``cutoff``, but those ``keep(db, root_id)`` is true of (asked
+        in the same transaction). Returns (promises deleted, cursor for the
+        next batch)."""
 
         def fn(db: sqlite3.Connection, now: int) -> tuple[int, tuple[int, str] | None]:
             roots = db.execute(SQL_GC_ROOTS, (after[0], after[1], cutoff, limit)).fetchall()
             deleted = 0
             for root_id, _settled_at, origin in roots:
+                if keep is not None and keep(db, root_id):
+                    continue  # the application still needs it
                 members: list[tuple[str, str | None]] = [(root_id, "fulfilled")]
                 if origin is not None:
                     lineage = db.execute(SQL_GC_LINEAGE, (root_id + ":", root_id + ";")).fetchall()

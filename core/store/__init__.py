@@ -30,6 +30,7 @@ from core.store.base import (
     STORE_CALL_TIMEOUT,
     STORE_WAIT,
     Store,
+    WorkflowIds,
     check_notify_secret,
     check_previous_notify_secrets,
     scheme_of,
@@ -42,6 +43,7 @@ __all__ = [
     "JobIndex",
     "Store",
     "StoreConfigError",
+    "WorkflowIds",
     "open_store",
 ]
 

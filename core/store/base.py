@@ -7,7 +7,7 @@ import binascii
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from core.errors import StoreConfigError
@@ -95,6 +95,22 @@ def signing_secrets(current: str, previous: Iterable[str] = ()) -> tuple[str, ..
     return tuple(dict.fromkeys((current, *previous)))
 
 
+class WorkflowIds(Protocol):
+    """How a job's workflows name their promises (`core.workflow`, which
+    hands this in): what retention needs to find the promises of a job the
+    index holds open, which it must not delete (`Store.delete_promises`,
+    `Store.kept_since`)."""
+
+    def root(self, job_id: str, attempt: int) -> str:
+        """The root promise id of attempt `attempt` of job `job_id`: its
+        workflow's; every other promise of the workflow is `{root}:...`."""
+        ...
+
+    def job(self, root_id: str) -> str:
+        """The job the workflow whose root promise is `root_id` belongs to."""
+        ...
+
+
 class Store(ABC):
     """A Resonate connection and the job index, in one durable place.
 
@@ -140,10 +156,30 @@ class Store(ABC):
         return self.notify_secrets[0] if self.notify_secrets else None
 
     @abstractmethod
-    async def delete_promises(self, older_than_ms: int) -> int:
+    async def delete_promises(self, older_than_ms: int, ids: WorkflowIds | None = None) -> int:
         """Delete the promises of work that finished more than `older_than_ms`
         ago (never anything pending); return how many went. Raises
-        `core.errors.InvalidRequest` where the store cannot do it."""
+        `core.errors.InvalidRequest` where the store cannot do it.
+
+        A promise that *timed out* is settled all the same, at its timeout,
+        whether or not its job is over: a workflow the store timed out (no
+        process ran from before its job's deadline until an hour after it)
+        belongs to a job the index may still hold open, which the watchdog
+        has yet to time out (it settles the job's callback promise: one
+        deleted leaves the job open for good). So, with `ids`, nothing of a
+        job the index holds open goes: a store that can tell which promises
+        are whose as it deletes them keeps them here; one that cannot says
+        how far back it must keep everything (`kept_since`), and the caller
+        reaches no further."""
+
+    async def kept_since(self, ids: WorkflowIds, now: int) -> int | None:
+        """For a store whose `delete_promises` cannot keep the promises of
+        jobs the index holds open by itself: the earliest time (Unix ms) a
+        promise of such a job may have settled that the store's retention
+        could reach, and nothing settled since may be deleted (retention then
+        reaches no further back, for job rows as for promises). None: nothing
+        to keep, or `delete_promises` keeps them itself (the default)."""
+        return None
 
     def out_of_service(self) -> str:
         """Why this process must start no workflow, or '' (a Resonate server

@@ -25,6 +25,7 @@ from core.settings import Settings, listed
 from core.store.base import (
     STORE_WAIT,
     Store,
+    WorkflowIds,
     check_notify_secret,
     new_notify_secret,
     signing_secrets,
@@ -56,12 +57,27 @@ class EmbeddedStore(Store):
             raise StoreConfigError(str(exc)) from None
         return cls(*await _open(path, settings, pid))
 
-    async def delete_promises(self, older_than_ms: int) -> int:
-        return await self.connection.gc(older_than_ms)
+    async def delete_promises(self, older_than_ms: int, ids: WorkflowIds | None = None) -> int:
+        """The engine's `gc`: whole lineages whose root settled `older_than_ms`
+        ago. With `ids`, a lineage whose job the index holds open is kept,
+        read in the transaction that would delete it (`gc`'s `keep`): one
+        that the store timed out, a job the watchdog has yet to time out;
+        and those of its earlier attempts with it."""
+        if ids is None:
+            return await self.connection.gc(older_than_ms)
+
+        def open_job(db: sqlite3.Connection, root_id: str) -> bool:
+            return db.execute(OPEN_JOB, (ids.job(root_id),)).fetchone() is not None
+
+        return await self.connection.gc(older_than_ms, keep=open_job)
 
     async def close(self) -> None:
         await self.jobs.close()
         await self.connection.stop()
+
+
+OPEN_JOB = "SELECT 1 FROM tether_jobs WHERE id = ? AND finished_at IS NULL"
+"""A row if the index holds job `?` open (a primary-key read)."""
 
 
 class MemoryStore(EmbeddedStore):

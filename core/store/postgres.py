@@ -25,7 +25,7 @@ from resonate_pg.connection import PROCESS_TIMEOUTS_SQL, RPC_SQL
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.redact import MIN_CUT, redact
 from core.settings import Settings, describe, listed
-from core.store.base import STORE_WAIT, Store, signing_secrets
+from core.store.base import STORE_WAIT, Store, WorkflowIds, signing_secrets
 from core.store.jobs import now_ms
 from core.store.migrations import migrate
 from core.store.schema import POSTGRES
@@ -35,6 +35,8 @@ log = logging.getLogger("tether")
 
 GC_BATCH = 10_000
 """Promises one call of `resonate.gc` deletes, at most."""
+KEPT_BATCH = 1_000
+"""Root promise ids one read of `kept_since` looks for."""
 MIGRATION_LOCK = int.from_bytes(b"tetherdb")
 """The advisory lock key migrations take (any constant; this one reads "tetherdb")."""
 
@@ -124,14 +126,20 @@ class PostgresStore(Store):
             signing_secrets(settings.notify_secret, notify),
         )
 
-    async def delete_promises(self, older_than_ms: int) -> int:
-        """Delete promises settled more than `older_than_ms` ago, with
-        resonate-pg's own `resonate.gc` (a settled promise goes only once the
-        workflow it belongs to has ended), `GC_BATCH` at a time. A schema
-        without it (an older `resonate.sql`) is refused naming what to do."""
+    def _driver(self) -> PostgresDriver:
         jobs = self.jobs
         assert isinstance(jobs, SqlJobIndex) and isinstance(jobs.db, PostgresDriver)
-        driver = jobs.db
+        return jobs.db
+
+    async def delete_promises(self, older_than_ms: int, ids: WorkflowIds | None = None) -> int:
+        """Delete promises settled more than `older_than_ms` ago, with
+        resonate-pg's own `resonate.gc` (a settled promise goes only once the
+        root of the workflow it belongs to is settled), `GC_BATCH` at a
+        time. A schema without it (an older `resonate.sql`) is refused
+        naming what to do. `resonate.gc` takes a time and nothing else, so
+        `ids` changes nothing here: the caller keeps the promises of open
+        jobs by asking `kept_since` first and reaching no further back."""
+        driver = self._driver()
         if await _missing_functions(driver, ("gc",)):
             raise InvalidRequest(
                 "retention on Postgres needs resonate-pg's resonate.gc, which this database"
@@ -150,6 +158,45 @@ class PostgresStore(Store):
             deleted += count
             if count < GC_BATCH:
                 return deleted
+
+    async def kept_since(self, ids: WorkflowIds, now: int) -> int | None:
+        """When the earliest attempt began among the jobs the index holds open
+        past their deadline whose workflow's root promise is still there.
+
+        `resonate.gc` deletes each settled promise of a workflow whose root
+        is settled, and a root the store timed out is (an outage from before
+        the job's deadline until an hour past it), so a job open past its
+        deadline may have every promise of its attempt within reach, all
+        settled since that attempt began. Such a job is one the watchdog
+        times out at its next look, so this holds retention back for as long
+        as that takes. A job whose workflow is gone (never started, or
+        deleted by an earlier release's retention) holds nothing back. Nor do
+        a job's earlier attempts: nothing reads their promises once the job
+        is at a later one (a callback of one is answered `gone`), and keeping
+        them would hold retention back for as long as the job runs."""
+        driver = self._driver()
+        overdue = await driver.fetch(
+            "SELECT id, attempt, deadline, timeout FROM tether_jobs"
+            " WHERE finished_at IS NULL AND deadline <= ?",
+            (now,),
+        )
+        began = {
+            ids.root(job_id, attempt): deadline - int(timeout * 1000)
+            for job_id, attempt, deadline, timeout in overdue
+        }
+        roots, there = list(began), []
+        try:
+            for i in range(0, len(roots), KEPT_BATCH):
+                there += await driver.fetch(
+                    "SELECT id FROM resonate.promises WHERE id = ANY(?)",
+                    (roots[i : i + KEPT_BATCH],),
+                )
+        except psycopg.Error as exc:  # a user that may not read resonate-pg's rows
+            raise InvalidRequest(
+                f"reading resonate.promises failed: {' '.join(str(exc).split())}; run Tether"
+                ' as the role that owns resonate-pg\'s tables (docs/deploy.md, "The database")'
+            ) from None
+        return min((began[root] for (root,) in there), default=None)
 
     async def close(self) -> None:
         """Close the job index and resonate-pg's connection's sessions."""

@@ -48,7 +48,7 @@ from resonate_base import PROTOCOL_VERSION
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
-from core.store.base import STORE_WAIT, Store, scheme_of, signing_secrets
+from core.store.base import STORE_WAIT, Store, WorkflowIds, scheme_of, signing_secrets
 from core.store.embedded import SqliteDriver, SqliteIndex
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
@@ -522,7 +522,7 @@ class RemoteStore(Store):
     def out_of_service(self) -> str:
         return self.connection.unpaired
 
-    async def delete_promises(self, older_than_ms: int) -> int:
+    async def delete_promises(self, older_than_ms: int, ids: WorkflowIds | None = None) -> int:
         raise InvalidRequest(
             "the Resonate server store does not support retention: the Resonate protocol"
             " has no request that deletes promises"

@@ -7,15 +7,21 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from resonate.types import Value
 
 from core.errors import InvalidRequest
+from core.models import Outcome
 from core.store.jobs import now_ms
+from core.watchdog import collect_garbage
+from core.workflow import ROOT_GRACE_MS
 from tests.conftest import eventually, wait_until
+from tests.core.parts import logs_of, open_parts
 from tests.process import TetherProcess
 
 TETHER = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
@@ -271,3 +277,217 @@ def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, wher
             assert done.stderr.startswith("tether: memory:// keeps nothing"), done.stderr
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert made == [Path("missing")], made  # no store, no secret file, no .tether
+
+
+# ── an outage past a waiting job's deadline ──────────────────────────────────
+
+OUTAGE_DAYS = 2
+"""How long no process ran, from before the waiting jobs' deadlines: past their
+workflows' own timeouts (`ROOT_GRACE_MS`) and past a day's retention."""
+
+
+async def waiting_jobs(svc: Any, receiver: Any, *job_ids: str) -> None:
+    """Jobs that wait for a callback that never comes (600 s), each stopped at `/stop`."""
+    for job_id in job_ids:
+        params = {"url": receiver.url("/wait"), "cancel_url": receiver.url("/stop")}
+        body = {"id": job_id, "backend": "http_webhook", "params": params, "timeout": 600}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    for job_id in job_ids:
+        await svc.wait_state(job_id, "running")
+
+
+async def an_outage(svc: Any, job_ids: tuple[str, ...], postgres: bool) -> None:
+    """As if no process had run from before the jobs' deadlines until
+    `OUTAGE_DAYS` later: their rows and their promises moved that far back
+    (the callback promise's and the workflow's own timeout with them), then
+    the store's timers fired, as the first process to open it fires them."""
+    shift = OUTAGE_DAYS * 86_400_000
+    db = svc.tether.jobs.db
+    for job_id in job_ids:
+        await db.execute(
+            "UPDATE tether_jobs SET deadline = deadline - ?, created_at = created_at - ?,"
+            " updated_at = updated_at - ? WHERE id = ?",
+            (shift, shift, shift, job_id),
+        )
+        await db.execute(
+            f"UPDATE {'resonate.promises' if postgres else 'r_promises'}"
+            " SET timeout_at = timeout_at - ?, created_at = created_at - ?"
+            " WHERE id = ? OR id LIKE ?",
+            (shift, shift, job_id, f"{job_id}:%"),
+        )
+    if postgres:
+        await db.fetch("SELECT resonate.process_timeouts(?)", (now_ms(),))
+    else:
+        await svc.tether.store.connection._fire_timers()
+    for job_id in job_ids:
+        root = await svc.tether.resonate.promises.get(job_id)
+        assert root.state == "rejected_timedout"  # the store timed the workflow out
+
+
+async def test_retention_after_an_outage_keeps_what_waiting_jobs_need(
+    start_service, receiver, store_url
+):
+    """No process ran from before two jobs' deadlines until two days after
+    (an outage; a backup restored two days late): the store timed their
+    workflows out, a day past retention. Retention must not delete their
+    promises while the index holds them open, or neither the watchdog nor a
+    cancel can end them (`StoreUnavailable` for good). It keeps them: the
+    watchdog times one out and stops its run, a cancel of the other is
+    answered (the deadline came first)."""
+    store = store_url()  # the embedded store, and Postgres with TETHER_TEST_PG_DSN
+    postgres = store.startswith("postgresql")
+    svc = await start_service(store=store, watchdog_interval=0)  # the test looks itself
+    await waiting_jobs(svc, receiver, "late", "caught")
+    await an_outage(svc, ("late", "caught"), postgres)
+
+    assert await svc.tether.collect_garbage(86_400) == (0, 0)
+    for job_id in ("late", "caught"):
+        assert (await svc.tether.resonate.promises.get(f"{job_id}:1")).state != "pending"
+
+    with logs_of("tether") as logs:
+        answer = await svc.client.post("/jobs/caught/cancel", json={})
+        assert answer.status_code == 409, answer.text  # answered: the deadline came first
+        assert (await svc.job("caught"))["state"] == "timed_out"
+        await svc.tether.watchdog.sweep(now_ms())
+        late = await svc.wait_state("late", "timed_out")
+    assert late["error"]["type"] == "timeout", late
+    stops = sorted((h.body["job_id"], h.body["reason"]) for h in receiver.on("/stop"))
+    assert stops == [("caught", "timed_out"), ("late", "timed_out")]  # their runs stopped
+    assert not [line for line in logs.lines if "StoreUnavailable" in line], logs.lines
+
+
+def clock_ahead(tmp_path: Path, days: float) -> str:
+    """A directory whose `sitecustomize` sets a process's clock `days` ahead
+    (for PYTHONPATH), as LATER does."""
+    ahead = tmp_path / f"ahead-{days:g}"
+    ahead.mkdir(exist_ok=True)
+    (ahead / "sitecustomize.py").write_text(LATER.replace("8 * 86400", f"{days:g} * 86400"))
+    return str(ahead)
+
+
+def test_tether_gc_and_retention_after_an_outage_leave_a_waiting_job_to_the_watchdog(
+    tmp_path, receiver
+):
+    """The operator's case: a store whose service is down from before a job's
+    deadline (600 s) until two days later (an outage; a backup restored two
+    days late). `tether gc --older-than 1`, run twice then (the first run's
+    opening of the store times the job's workflow out), deletes nothing of
+    it; nor does the service's own retention as it starts on that store
+    (`TETHER_RETENTION`, a day): its watchdog times the job out and stops
+    its run, and never says `StoreUnavailable`."""
+    store = f"sqlite:///{tmp_path}/outage.db"
+    service = TetherProcess(tmp_path, {"TETHER_STORE": store}).start()
+    try:
+        with service.client() as client:
+            params = {"url": receiver.url("/wait"), "cancel_url": receiver.url("/stop")}
+            body = {"id": "late", "backend": "http_webhook", "params": params, "timeout": 600}
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_until(lambda: client.get("/jobs/late").json()["state"] == "running")
+    finally:
+        service.terminate()
+
+    ahead = clock_ahead(tmp_path, OUTAGE_DAYS)
+    for _ in range(2):
+        done = subprocess.run(
+            [TETHER, "gc", "--older-than", "1"],
+            env={"TETHER_STORE": store, "PATH": "/usr/bin:/bin", "PYTHONPATH": ahead},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "deleted 0 finished jobs and 0 promises"
+
+    later = {"TETHER_STORE": store, "TETHER_RETENTION": "86400", "PYTHONPATH": ahead}
+    service = TetherProcess(tmp_path, later, port=service.port).start()
+    try:
+        with service.client() as client:
+            wait_until(lambda: client.get("/jobs/late").json()["state"] == "timed_out")
+            job = client.get("/jobs/late").json()
+            assert job["error"]["type"] == "timeout", job
+        wait_until(lambda: len(receiver.on("/stop")) == 1)
+        assert receiver.on("/stop")[0].body["reason"] == "timed_out"
+    finally:
+        service.terminate()
+    assert "StoreUnavailable" not in service.log.read_text()
+
+
+DAY = 86_400_000
+
+
+async def a_workflow(parts: Any, root: str, settled_at: int) -> None:
+    """Promises as a job's workflow leaves them: its root and its callback
+    promise, both settled at `settled_at`."""
+    postgres = parts.store.kind == "postgresql"
+    for promise_id in (root, f"{root}:1"):
+        tags = {"resonate:origin": root}
+        await parts.resonate.promises.create(promise_id, now_ms() + DAY, Value(data=None), tags)
+        await parts.resonate.promises.resolve(promise_id, Value(data=None))
+    await parts.jobs.db.execute(
+        f"UPDATE {'resonate.promises' if postgres else 'r_promises'} SET settled_at = ?"
+        " WHERE id = ? OR id LIKE ?",
+        (settled_at, root, f"{root}:%"),
+    )
+
+
+async def promise_ids(parts: Any) -> set[str]:
+    postgres = parts.store.kind == "postgresql"
+    rows = await parts.jobs.db.fetch(
+        f"SELECT id FROM {'resonate.promises' if postgres else 'r_promises'}", ()
+    )
+    return {r[0] for r in rows}
+
+
+async def job_ids(parts: Any) -> set[str]:
+    return {r[0] for r in await parts.jobs.db.fetch("SELECT id FROM tether_jobs", ())}
+
+
+@pytest.mark.parametrize("kind", ["embedded", "postgres"])
+async def test_retention_keeps_the_workflows_of_jobs_the_index_holds_open(request, kind):
+    """`open` waits, three days past its deadline (600 s): its workflow, timed
+    out by the store, settled then. `done` finished two days ago, `old` just
+    over three; `gone` waits too, its workflow deleted.
+    The embedded store keeps `open`'s lineages as it deletes (read in its
+    transaction) and deletes the rest; Postgres's `resonate.gc` takes only a
+    time, so retention goes back no further than `open`'s attempt began
+    (`kept_since`, less an hour), for promises and job rows alike: `done`
+    waits too. Once `open` has ended, the next run takes what was held
+    back; `open`'s own row stays its day."""
+    store = request.getfixturevalue("fresh_pg_url") if kind == "postgres" else "memory://"
+    now = now_ms()
+    async with open_parts(store=store) as parts:
+        began = now - 3 * DAY
+        await parts.add_job("open", created_at=began, timeout=600)
+        await a_workflow(parts, "open", began + 600_000 + ROOT_GRACE_MS)
+        # open as long, its workflow deleted (by an earlier release's retention): it holds nothing
+        await parts.add_job("gone", created_at=now - 4 * DAY, timeout=600)
+        for job_id, ago in (("done", 2 * DAY), ("old", 3 * DAY + 3 * ROOT_GRACE_MS)):
+            await parts.add_job(job_id, created_at=now - ago - 60_000, timeout=600)
+            await parts.jobs.finish(job_id, Outcome(status="succeeded"), now - ago)
+            await a_workflow(parts, job_id, now - ago + 1_000)
+
+        with logs_of("tether") as logs:
+            assert await collect_garbage(parts.store, 86_400) == (
+                (1, 2) if kind == "postgres" else (2, 4)
+            )
+        held = [line for line in logs.lines if "going back no further" in line]
+        if kind == "postgres":  # `open` began three days ago: an hour before that
+            since = time.strftime("%Y-%m-%d %H:%M", time.gmtime((began - ROOT_GRACE_MS) / 1000))
+            assert len(held) == 1 and held[0].startswith(
+                f"INFO retention: going back no further than {since}"
+            ), logs.lines
+            assert held[0].endswith(
+                " UTC: a job open past its deadline has promises from then (the watchdog"
+                " times it out; tether_jobs_overdue counts such jobs)"
+            )
+        else:
+            assert held == []
+        kept = {"open", "open:1"} | ({"done", "done:1"} if kind == "postgres" else set())
+        assert await promise_ids(parts) == kept
+        rows = {"open", "gone"} | ({"done"} if kind == "postgres" else set())
+        assert await job_ids(parts) == rows
+
+        await parts.jobs.finish("open", Outcome(status="timed_out"), now_ms())
+        await collect_garbage(parts.store, 86_400)
+        assert await promise_ids(parts) == set()
+        assert await job_ids(parts) == {"open", "gone"}

@@ -654,7 +654,7 @@ async def test_the_watchdog_applies_retention_once_an_hour(monkeypatch):
 async def test_retention_that_fails_is_logged_and_sweeps_go_on(monkeypatch):
     async with open_parts(watchdog_interval=0.01, retention=MIN_RETENTION) as parts:
         # a store that refuses (Postgres without resonate.gc, or a user that may not run it)
-        async def refused(older_than_ms: int) -> int:
+        async def refused(older_than_ms: int, ids: Any = None) -> int:
             raise InvalidRequest("resonate.gc failed: permission denied for table promises")
 
         monkeypatch.setattr(parts.store, "delete_promises", refused)
@@ -780,7 +780,7 @@ async def test_when_promises_cannot_be_deleted_no_job_row_goes(rig: Rig, monkeyp
     await rig.parts.add_job("old", timeout=3600)
     await rig.parts.jobs.finish("old", DONE, now_ms() - 30 * DAY)
 
-    async def cannot(older_than_ms: int) -> int:
+    async def cannot(older_than_ms: int, ids: Any = None) -> int:
         raise InvalidRequest("this store cannot delete promises")
 
     monkeypatch.setattr(rig.parts.store, "delete_promises", cannot)
