@@ -673,14 +673,22 @@ def _print_secret(copied: Copied, settings: Settings) -> None:
         )
     else:
         click.echo(
-            "no callback secret file came with it: callback URLs handed out before will answer 401"
+            "no callback secret file came with it (its services took theirs from"
+            " TETHER_CALLBACK_SECRET?): give that secret to the services, or the callback URLs"
+            " handed out before will answer 401"
         )
     if copied.notify_secret is not None:
         click.echo(f"notification secrets copied to {copied.notify_secret} (mode 0600)")
-    if settings.notify_secret:
+    elif settings.notify_secret:
         click.echo(
             "the notification secret is TETHER_NOTIFY_SECRET (no file): keep it, and"
             " TETHER_NOTIFY_SECRET_PREVIOUS, with the backup"
+        )
+    else:
+        click.echo(
+            "no notification secret file came with it (its services took theirs from"
+            " TETHER_NOTIFY_SECRET?): give that secret to the services, or a new one is made"
+            " and receivers refuse what it signs"
         )
 
 

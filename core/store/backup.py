@@ -198,7 +198,10 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
     database at `to` is a whole copy (a copy killed before that leaves only a
     hidden `.NAME.tether-tmp-*` file, which a backup to `to` an hour later
     deletes). `replacing`: an existing `to` (a backup) is deleted before the
-    secrets are written, so no old database is left beside new secrets."""
+    secrets are written, so no old database is left beside new secrets. A
+    secret file `kept` lacks is deleted beside `to`, backup or store: a
+    restored store's old file would pass for the backup's (its services took
+    theirs from the environment)."""
     prefix = f".{to.name}.tether-tmp-"
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
@@ -232,9 +235,9 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
         _fsync(tmp)
         if replacing:  # the old one goes first: cut short, no database beside new secrets
             to.unlink(missing_ok=True)
-            for path_of, _ in SECRET_FILES:  # nor its secrets beside a copy that has none
-                if path_of not in {written for written, _ in kept}:
-                    path_of(to).unlink(missing_ok=True)
+        for path_of, _ in SECRET_FILES:  # nor its secrets beside a copy that has none
+            if path_of not in {written for written, _ in kept}:
+                path_of(to).unlink(missing_ok=True)
         secret, notify_secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:

@@ -380,3 +380,31 @@ def test_a_secret_given_as_a_setting_is_said_to_be_kept_apart_not_copied(
     done = tether("backup", str(copy), "--store", f"sqlite:///{store}", "--force", **env)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+
+
+def test_a_restore_of_a_backup_without_secret_files_leaves_none_of_the_stores_old_ones(
+    tmp_path: Path, store: Path
+) -> None:
+    """The store's old files stayed beside the restored database, and would
+    pass for the backup's secrets; the restore said nothing of notifications
+    (found by an exploratory QA pass)."""
+    notify = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    env = {"TETHER_CALLBACK_SECRET": "a-callback-s3cret", "TETHER_NOTIFY_SECRET": notify}
+    copy = tmp_path / "b" / "copy.db"
+    assert tether("backup", str(copy), "--store", f"sqlite:///{store}", **env).returncode == 0
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
+    assert store.with_name(store.name + ".secret").exists()  # the store's own, from before
+
+    unset = {"TETHER_CALLBACK_SECRET": "", "TETHER_NOTIFY_SECRET": ""}
+    done = tether("restore", str(copy), "--store", f"sqlite:///{store}", "--force", **unset)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [
+        "no callback secret file came with it (its services took theirs from"
+        " TETHER_CALLBACK_SECRET?): give that secret to the services, or the callback URLs"
+        " handed out before will answer 401",
+        "no notification secret file came with it (its services took theirs from"
+        " TETHER_NOTIFY_SECRET?): give that secret to the services, or a new one is made"
+        " and receivers refuse what it signs",
+    ]
+    assert not store.with_name(store.name + ".secret").exists()
+    assert not store.with_name(store.name + ".notify-secret").exists()
