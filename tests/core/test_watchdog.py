@@ -541,6 +541,43 @@ async def test_a_check_refused_is_logged_in_its_words_by_a_process_without_token
     assert logs.lines == ["WARNING watchdog: job d: BackendError: GET h answered 501"]
 
 
+class Odd:
+    """An answer of a type `check_status` may not give."""
+
+
+WRONG_ANSWERS = [
+    ({"status": "succeeded", "token": "s3cret-token"}, "a dict"),
+    ("succeeded s3cret-token", "a str"),
+    (Odd, "the class Odd"),
+    (Odd(), "an Odd"),
+]
+"""What a backend's `check_status` may wrongly return, and how the log names it."""
+
+
+@pytest.mark.parametrize(("answer", "kind"), WRONG_ANSWERS)
+async def test_a_check_answered_with_a_wrong_type_is_logged_by_its_type_alone(
+    rig: Rig, answer: Any, kind: str, caplog: pytest.LogCaptureFixture
+):
+    """A `check_status` that returns none of its answers (an `Outcome`,
+    `Running` or None) is a failed check, as one that raises: one line
+    naming the backend and the type it returned, never its value (it may
+    hold a secret); the job waits on, its next check as planned. It was
+    logged `watchdog: job c: AttributeError`."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+    await rig.parts.add_promise("c")
+    rig.backend.found["c"] = answer
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    said = f"returned {kind}, not Outcome or Running or None"
+    assert logs.lines == [f"WARNING watchdog: job c: backend checked: check_status {said}"]
+    assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
+    row = await rig.parts.row("c")
+    assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
+    assert [t for t, _ in await history(rig, "c")] == []  # as after a check that raised
+    assert "s3cret" not in caplog.text
+
+
 async def test_a_status_checks_outcome_keeps_no_token_of_a_retried_salted_job(rig: Rig):
     now = now_ms()
     await rig.running("s", next_check_at=now)
@@ -1007,6 +1044,32 @@ async def test_a_missed_heartbeat_whose_check_fails_waits_on(rig: Rig):
     assert logs.fields() == [
         ("job j: no heartbeat, and the status check failed: RuntimeError", "j", None)
     ]
+
+
+@pytest.mark.parametrize(("answer", "kind"), WRONG_ANSWERS)
+async def test_a_missed_heartbeat_whose_check_answers_a_wrong_type_waits_on(
+    rig: Rig, answer: Any, kind: str, caplog: pytest.LogCaptureFixture
+):
+    """An answer of a type `check_status` may not give is a failed check,
+    as a raise is: `heartbeat_missed` `said: error` (`error_type`
+    `TypeError`, as Python would call it), the job waits on, and one line
+    names the backend and the type, never the value. It recorded nothing."""
+    rec = await beating(rig)
+    rig.backend.found["j"] = answer
+    now = now_ms()
+    with logs_of("tether") as logs:
+        await rig.watchdog.heartbeat_missed(rec, now)
+    assert (await history(rig))[-1] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "error", "error_type": "TypeError"},
+    )
+    row = await rig.parts.row("j")
+    assert (row.state, row.heartbeat_due) == ("running", now + 5000)
+    said = f"backend checked: check_status returned {kind}, not Outcome or Running or None"
+    assert logs.fields() == [
+        (f"job j: no heartbeat, and the status check failed: {said}", "j", None)
+    ]
+    assert "s3cret" not in caplog.text
 
 
 async def test_a_missed_heartbeat_whose_check_hangs_waits_on(rig: Rig, monkeypatch):
