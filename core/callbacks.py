@@ -43,7 +43,7 @@ from core.models import (
     Running,
     field_of,
 )
-from core.plugins import Plugins
+from core.plugins import Plugins, contract_answer
 from core.redact import redact_value
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -202,18 +202,31 @@ class Callbacks:
         message = f"noted ({escaped(reason)}); " if reason else "noted; "
         if rec.finished or backend is None or rec.external is None:
             return CallbackResult("noted", view(rec), message + f"the job is {rec.state}")
+        found: Outcome | Running | None
+        fault: str | None
         try:
-            found = await asyncio.wait_for(
+            answer = await asyncio.wait_for(
                 backend.check_status(backend_view(rec)), CHECK_NOW_TIMEOUT
             )
-        except Exception as exc:
+        except Exception as exc:  # its words may quote a secret: its type only
+            found, fault, error_type = None, f"raised {type(exc).__name__}", type(exc).__name__
+        else:  # an answer of another type: a bug, told as Python tells one
+            (found, fault), error_type = contract_answer(answer, Outcome, Running), "TypeError"
+        if fault is not None:
             log.warning(
-                "job %s: status check on a hint failed: %s",
+                "job %s: backend %s: check_status on a hint %s",
                 rec.id,
-                type(exc).__name__,
+                rec.backend,
+                fault,
                 extra=rec.log_extra(),
             )
-            found = None
+            failed = NewEvent("status_check", {"said": "error", "error_type": error_type})
+            await store_call(self.jobs.record(rec.id, [failed], now_ms(), open_at=rec.attempt))
+            return CallbackResult(
+                "noted",
+                view(rec),
+                message + "the backend's status check failed; the job waits on",
+            )
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             said = NewEvent("status_check", status_said(found, tokens))
@@ -275,26 +288,48 @@ class Callbacks:
 
     def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
         """The outcome a callback body reports. An empty body reads as `{}`:
-        the backend may claim it; Tether's uniform body needs `status`."""
+        the backend may claim it; Tether's uniform body needs `status`. A
+        backend whose `parse_callback` raises anything but `ValueError`, or
+        answers something else than it may, is logged (its name and the
+        exception's or answer's type: its words may quote a secret) and the
+        body read as the uniform one, which settles the job whatever its
+        plugin does."""
         decoded = decode_json("callback", body, empty={})
         backend = self.plugins.backends.get(rec.backend)
+        native: Outcome | CheckNow | None = None
+        fault = None
         if backend is not None:
             try:
-                native = backend.parse_callback(backend_view(rec), decoded)
+                answer = backend.parse_callback(backend_view(rec), decoded)
+                native, fault = contract_answer(answer, Outcome, CheckNow)
             except ValueError as exc:
                 raise InvalidRequest(  # its words may quote the body: escaped
                     f"invalid {rec.backend} callback: {escaped(str(exc))}",
                     {"field": "body", "backend": rec.backend},
                 ) from None
-            if native is not None:
+            except Exception as exc:
+                fault = f"raised {type(exc).__name__}"
+            if fault is not None:
+                log.warning(
+                    "job %s: backend %s: parse_callback %s (a bug in its plugin);"
+                    " the callback is read as Tether's uniform body",
+                    rec.id,
+                    rec.backend,
+                    fault,
+                    extra=rec.log_extra(),
+                )
+            elif native is not None:
                 return native
         try:
             return msgspec.convert(decoded, CallbackBody).outcome()
         except msgspec.ValidationError as exc:
+            unread = ""
+            if fault is not None:
+                unread = f" (backend {rec.backend!r} could not read it: parse_callback {fault})"
             raise InvalidRequest(
                 f"invalid callback body: {str(exc).replace('`$.', '`')}; expected"
-                ' {"status": "succeeded"|"failed", "result"?, "error"?: {"message", "type"?}};'
-                " nothing changed",
+                ' {"status": "succeeded"|"failed", "result"?, "error"?: {"message", "type"?}}'
+                f"{unread}; nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
 

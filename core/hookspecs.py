@@ -83,9 +83,12 @@ class Backend:
     """
 
     name: ClassVar[str]
-    """The backend's name as clients write it in `POST /jobs {"backend": ...}`.
+    """The backend's name as clients write it in `POST /jobs {"backend": ...}`:
+    1 to 64 of `a-z 0-9 _ -`, beginning with a letter (it is a path segment
+    of `/backends/{name}/notifications`, a key of `TETHER_MAX_RUNNING`).
     Unique across all installed plugins: two backends with one name stop the
-    service at start-up, naming both plugins."""
+    service at start-up, naming both plugins, and so does a backend with no
+    name, or another name."""
 
     params_type: ClassVar[type[Any]]
     """A msgspec Struct (or any type `msgspec.convert` accepts) describing the
@@ -119,6 +122,8 @@ class Backend:
         rule tightened in a release: their stored params are converted with
         `params_type` at every trigger, cancel and status check, where a
         refusal would strand them). `POST /jobs` answers 422 with the message.
+        Any other exception is a bug, not a refusal: 500, no job made, logged
+        naming the backend and the exception's type (never its message).
         The default accepts everything. Must not block."""
 
     def check_interval(self, params: Any) -> float | None:
@@ -223,8 +228,11 @@ class Backend:
         - `None` when it cannot tell (no way to ask, an answer it does not
           understand): a missed heartbeat then ends the job `timed_out`.
 
-        Must not change anything. An exception is logged and decides nothing:
-        the check is tried again later. The default returns `None`.
+        Must not change anything. An exception is logged (its type, never its
+        message) and decides nothing: the check is tried again later. An
+        answer of another type is a bug, taken as an exception on a hint
+        (the callback is answered `noted`, saying the check failed). The
+        default returns `None`.
         """
         return None
 
@@ -238,8 +246,12 @@ class Backend:
         once and settles only on what that returns; the caller gets 202);
         `None` to let Tether read it as its uniform body (`{"status", "result",
         "error"}`). Raise `ValueError` with a message for a body in the native
-        shape that is malformed (the caller gets 422, nothing changes). Must not
-        block (no I/O). The default returns `None`.
+        shape that is malformed (the caller gets 422, nothing changes). Any
+        other exception, or an answer of another type, is a bug: logged
+        naming the backend and the exception's or answer's type (never its
+        message), and the body read as the uniform one, which so settles the
+        job whatever the plugin does. Must not block (no I/O). The default
+        returns `None`.
         """
         return None
 
@@ -323,6 +335,13 @@ class TetherHookSpecs:
         (instances of :class:`Backend` subclasses), or an empty sequence. Build
         clients lazily or cheaply here: it runs before the service answers
         anything. Must not block on the network.
+
+        Raise `ValueError` naming the variable to refuse the plugin's
+        settings (as `settings_from_env` does): its message is what `tether
+        serve` says, so never quote a secret. Any other exception, or an
+        answer that is not a sequence of usable backends (each with a `name`
+        and a `params_type`), stops the service too, in one line naming the
+        plugin and its package.
         """
 
     @hookspec

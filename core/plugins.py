@@ -6,14 +6,17 @@ import difflib
 import importlib
 import importlib.metadata
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
+import msgspec.inspect
+import msgspec.structs
 import pluggy
 
 from core import hookspecs
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, shown
 from core.hookspecs import Backend
 from core.models import Job
 from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names
@@ -51,9 +54,59 @@ HOOK_NAMES = [name for name in vars(hookspecs.TetherHookSpecs) if name.startswit
 
 
 class PluginError(ValueError):
-    """An installed plugin that cannot be used: one that fails to import, or
-    implements a hook Tether has no spec for (a misspelt name). Said in one
-    line naming the plugin, its package and how to remove it."""
+    """An installed plugin that cannot be used: one that fails to import,
+    implements a hook Tether has no spec for (a misspelt name), or whose
+    `tether_backends` raises or offers what is not a usable backend (no
+    `name` or `params_type`, a name `BACKEND_NAME` refuses, one another
+    backend has). Said in one line naming the plugin, its package and how to
+    remove it."""
+
+
+class PluginFault(RuntimeError):
+    """A backend method that broke its contract at run time (raised what it
+    may not, returned a wrong type): a bug in its plugin. Its message names
+    the backend, the method and the exception's or answer's type, never the
+    plugin's own words (they may quote a secret); the caller has logged it."""
+
+
+BACKEND_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+"""A backend's name (fullmatch): 1 to 64 of `a-z 0-9 _ -`, beginning with a
+letter. It is a path segment (`/backends/{name}/notifications`), a key of
+`TETHER_MAX_RUNNING` (`name=N,...`), a word on the command line and a metric
+label, unescaped in each; no two names differ by case alone."""
+BACKEND_NAME_RULE = "1 to 64 of `a-z 0-9 _ -`, beginning with a letter"
+
+
+def contract_answer(answer: Any, *types: type[msgspec.Struct]) -> tuple[Any, str | None]:
+    """`answer`, what a backend method returned, as Tether reads it, and
+    None; or None and why it breaks the method's contract, in words naming
+    only types (never a value: it may quote a secret). It may be None or one
+    of `types` whose typed fields fit their types (an `Outcome`'s `status`
+    one of its four, its `error` an `ErrorInfo`: one given as a dict is read
+    as one)."""
+    if answer is None:
+        return None, None
+    expected = " or ".join(t.__name__ for t in types)
+    if not isinstance(answer, types):
+        return None, f"returned {_kind(answer)}, not {expected} or None"
+    # Its typed fields only: what may be any JSON (a result, progress) is
+    # bounded and masked where it is kept, whatever it is.
+    anything = {f.name for f in msgspec.structs.fields(answer) if f.type is Any}
+    typed = msgspec.structs.replace(answer, **dict.fromkeys(anything))
+    try:
+        read = msgspec.convert(msgspec.to_builtins(typed), type(answer))
+    except (msgspec.ValidationError, TypeError, ValueError):
+        return None, f"returned a malformed {type(answer).__name__} (a field of another type)"
+    return msgspec.structs.replace(read, **{n: getattr(answer, n) for n in anything}), None
+
+
+def _kind(value: Any) -> str:
+    """What `value` is, by its type alone: `a dict`, `the class Echo`."""
+    if isinstance(value, type):
+        return f"the class {value.__qualname__}"
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -116,17 +169,19 @@ class Plugins:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self.backends: dict[str, Backend] = {}
-        offered = [b for result in pm.hook.tether_backends() for b in result or ()]
-        for backend in offered:
-            if not isinstance(backend, Backend):
-                raise TypeError(f"a plugin offered {backend!r}, not a core.plugin.Backend")
-            if backend.name in self.backends:
-                owners = self._owners(backend.name)
-                raise ValueError(
-                    f"backend {backend.name!r} is offered by two plugins: "
-                    + " and ".join(repr(o) for o in owners)
-                )
-            self.backends[backend.name] = backend
+        self._dists = {pm.get_name(p): d for p, d in pm.list_plugin_distributions()}
+        self._offered: dict[str, list[Backend]] = {}
+        owner: dict[str, str] = {}
+        # Each plugin asked on its own (in the order one hook call asks
+        # them), so that what one of them does wrong is said naming it.
+        for impl in reversed(pm.hook.tether_backends.get_hookimpls()):
+            plugin = impl.plugin_name
+            self._offered[plugin] = self._backends_of(impl)
+            for backend in self._offered[plugin]:
+                if backend.name in self.backends:
+                    raise self._clash(backend.name, plugin, owner[backend.name])
+                self.backends[backend.name] = backend
+                owner[backend.name] = plugin
         # `tether_job_finished` is called one plugin at a time: pluggy stops a
         # hook call at the first exception, and one plugin's failure must not
         # keep the others from hearing that a job finished.
@@ -138,22 +193,58 @@ class Plugins:
     def _others(self, impl: pluggy.HookImpl) -> list[object]:
         return [p for p in self.pm.get_plugins() if p is not impl.plugin]
 
-    def _offered_by(self) -> dict[str, list[Any]]:
-        """What each plugin's `tether_backends` offers, each asked on its own
-        (only to name plugins in an error or a listing)."""
-        offered = {}
-        for impl in self.pm.hook.tether_backends.get_hookimpls():
-            alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
-            offered[impl.plugin_name] = [b for got in alone() for b in got or ()]
+    def _refused(self, plugin: str, said: str) -> PluginError:
+        """Plugin `plugin` refused at start-up, in one line naming its package
+        and how to remove it (as an import's failure is)."""
+        dist = self._dists.get(plugin)
+        return PluginError(f"plugin {plugin!r}{_of(dist)} cannot be used: {said}{_remedy(dist)}")
+
+    def _backends_of(self, impl: pluggy.HookImpl) -> list[Backend]:
+        """What one plugin's `tether_backends` offers, each checked: a
+        `Backend` instance with a `name` `BACKEND_NAME` takes and a
+        `params_type` msgspec can convert to. `PluginError` naming the
+        plugin for anything else, or for the hook raising. A `ValueError`
+        of a plugin that is not an installed package's (a built-in's
+        setting refused, naming its variable) is said as it is, as a core
+        setting's refusal is."""
+        plugin = impl.plugin_name
+        alone = self.pm.subset_hook_caller("tether_backends", self._others(impl))
+        try:
+            answers = alone()
+        except ValueError as exc:
+            if plugin not in self._dists:
+                raise
+            raise self._refused(plugin, _one_line(str(exc))) from None
+        except Exception as exc:
+            said = _one_line(f"tether_backends raised {type(exc).__name__}: {exc}")
+            raise self._refused(plugin, said) from None
+        offered: list[Backend] = []
+        for answer in answers:  # none when it returned None: it offers nothing
+            if isinstance(answer, str | bytes | Mapping) or not isinstance(answer, Iterable):
+                raise self._refused(
+                    plugin,
+                    f"tether_backends returned {_kind(answer)}, not a list of"
+                    " core.plugin.Backend instances",
+                )
+            for backend in answer:
+                fault = _backend_fault(backend)
+                if fault:
+                    raise self._refused(plugin, fault)
+                offered.append(backend)
         return offered
 
-    def _owners(self, name: str) -> list[str]:
-        """The plugins offering a backend called `name`."""
-        return [
-            plugin
-            for plugin, backends in self._offered_by().items()
-            if any(getattr(b, "name", None) == name for b in backends)
-        ]
+    def _clash(self, name: str, plugin: str, other: str) -> PluginError:
+        """Two backends called `name`: offered by `plugin` (registered
+        first) and `other`, or twice by one plugin."""
+        if plugin == other:
+            return self._refused(plugin, f"it offers two backends named {name!r}")
+        named = " and ".join(f"{p!r}{_of(self._dists.get(p))}" for p in (plugin, other))
+        packages = [self._dists[p].metadata["Name"] for p in (plugin, other) if p in self._dists]
+        remedy = " or ".join(f"`tether uninstall {p}`" for p in packages)
+        return PluginError(
+            f"backend {name!r} is offered by two plugins: {named}"
+            + (f"; remove one with {remedy}" if remedy else "")
+        )
 
     def setting_names(self) -> set[str]:
         """Every `TETHER_*` variable something expects: core's settings, those
@@ -167,14 +258,21 @@ class Plugins:
 
     def versions(self) -> dict[str, str]:
         """Each backend's plugin distribution and version, e.g. `"tether-echo
-        0.1.0"`: the distribution that installed the plugin's module, or Tether's
-        own for the built-in plugins."""
+        0.1.0"`: the distribution whose entry point registered the plugin, or
+        that installed the plugin's module, or Tether's own for the built-in
+        plugins."""
         # Which distribution installed a module is a scan of every installed
         # distribution's files (~0.2 s, on each `tether serve`'s start): made only
-        # when a backend is not built in.
+        # for a backend neither built in nor of an entry point's plugin.
         by_module: Mapping[str, list[str]] = {}
+        of_plugin = {
+            b.name: self._package(p) for p, backends in self._offered.items() for b in backends
+        }
         shown = {}
         for name, backend in self.backends.items():
+            if of_plugin.get(name):
+                shown[name] = of_plugin[name]
+                continue
             top = type(backend).__module__.split(".")[0]
             if top != "plugins" and not by_module:
                 by_module = importlib.metadata.packages_distributions()
@@ -182,14 +280,22 @@ class Plugins:
             shown[name] = next((f"{d} {_version(d)}" for d in dists), "unknown version")
         return shown
 
+    def _package(self, plugin: str) -> str:
+        """`plugin`'s distribution and version if an entry point registered
+        it, else ""."""
+        dist = self._dists.get(plugin)
+        return "" if dist is None else f"{dist.metadata['Name']} {dist.version}"
+
     def by_plugin(self) -> dict[str, tuple[str, list[str]]]:
-        """Each plugin that offers backends: its distribution with version (as
-        `versions` shows it) and its backends' names."""
+        """Each plugin that implements `tether_backends`: its distribution
+        with version (as `versions` shows it; an entry point's plugin that
+        offers none its own) and its backends' names."""
         shown = self.versions()
         found: dict[str, tuple[str, list[str]]] = {}
-        for plugin, backends in self._offered_by().items():
+        for plugin, backends in self._offered.items():
             names = sorted(b.name for b in backends)
-            found[plugin] = (shown[names[0]] if names else "unknown version", names)
+            package = shown[names[0]] if names else self._package(plugin) or "unknown version"
+            found[plugin] = (package, names)
         return found
 
     def backend(self, name: str) -> Backend:
@@ -206,19 +312,21 @@ class Plugins:
     def convert_params(self, backend: Backend, params: dict[str, Any]) -> Any:
         """A new job's `params` converted to the backend's `params_type` and
         checked by its `check_new_params`, or `InvalidRequest` naming the
-        field that does not fit."""
+        field that does not fit. Anything else either raises is a bug in
+        the plugin: logged in one line naming the backend and the
+        exception's type (not its words), and `PluginFault`."""
         try:
             converted = msgspec.convert(params, backend.params_type)
+        except msgspec.ValidationError as exc:
+            raise _refusal(backend, exc) from None
+        except Exception as exc:  # __post_init__ may raise anything
+            raise _fault(backend, "converting params to its params_type raised", exc) from None
+        try:
             backend.check_new_params(converted)
-        except (msgspec.ValidationError, ValueError) as exc:
-            reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
-            if " - at `" not in reason:
-                reason += " - at `params`"
-            field = reason.rpartition(" - at `")[2].removesuffix("`")  # e.g. params.timeout
-            raise InvalidRequest(
-                f"invalid params for backend {backend.name!r}: {reason}",
-                {"field": field, "backend": backend.name},
-            ) from None
+        except ValueError as exc:
+            raise _refusal(backend, exc) from None
+        except Exception as exc:
+            raise _fault(backend, "check_new_params raised", exc) from None
         return converted
 
     @property
@@ -235,6 +343,63 @@ class Plugins:
                 log.exception(
                     "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
                 )
+
+
+AT = re.compile(r" - at (?:a key in )?`(?P<path>[^`]*)`$")
+"""Where a refusal's message says the error is, after the words: `params.a.b`,
+or a key in `params.a` for a key of that dict (the field is then the dict)."""
+
+
+def _refusal(backend: Backend, exc: Exception) -> InvalidRequest:
+    """A new job's params refused (by `params_type` or `check_new_params`):
+    422 naming the field at fault, `params` itself when the message names
+    none (a `check_new_params` refusal)."""
+    reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
+    reason = reason.replace(" - at `key` in `", " - at a key in `")  # msgspec's words
+    at = AT.search(reason)
+    if at is None:
+        reason += " - at `params`"
+    field = at["path"] if at else "params"  # e.g. params.timeout
+    return InvalidRequest(
+        f"invalid params for backend {backend.name!r}: {reason}",
+        {"field": field, "backend": backend.name},
+    )
+
+
+def _fault(backend: Backend, what: str, exc: Exception) -> PluginFault:
+    """A backend method's failure at run time (`what`: `check_new_params
+    raised`), logged once naming the backend and the exception's type."""
+    said = f"backend {backend.name!r}: {what} {type(exc).__name__} (a bug in its plugin)"
+    log.error("%s", said)
+    return PluginFault(said)
+
+
+def _backend_fault(backend: Any) -> str | None:
+    """Why `backend`, offered by `tether_backends`, cannot be used; None if
+    it can."""
+    if isinstance(backend, type):
+        instance = f" (offer {backend.__qualname__}())" if issubclass(backend, Backend) else ""
+        return f"tether_backends offered {_kind(backend)}, not an instance of it{instance}"
+    if not isinstance(backend, Backend):
+        return f"tether_backends offered {_kind(backend)}, not a core.plugin.Backend"
+    kind = type(backend).__qualname__
+    name = getattr(backend, "name", None)
+    if name is None:
+        return f"backend {kind} has no `name`"
+    if not isinstance(name, str) or not BACKEND_NAME.fullmatch(name):
+        named = shown(name) if isinstance(name, str) else _kind(name)
+        return f"backend {kind} is named {named}; a backend's name is {BACKEND_NAME_RULE}"
+    params_type = getattr(backend, "params_type", None)
+    if params_type is None:
+        return f"backend {name!r} has no `params_type` (a msgspec Struct of its jobs' params)"
+    try:
+        msgspec.inspect.type_info(params_type)
+    except Exception as exc:
+        return (
+            f"backend {name!r}'s params_type is {_kind(params_type)}, not a type msgspec"
+            f" converts to ({type(exc).__name__})"
+        )
+    return None
 
 
 def _version(dist: str) -> str:

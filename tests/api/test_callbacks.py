@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from core.bounds import MAX_DEPTH
-from core.models import Outcome
-from core.plugin import hookimpl
+from core.models import CheckNow, Outcome, Running
+from core.plugin import Backend, hookimpl
 from core.tokens import CallbackSigner
 from plugins.http_webhook import HttpWebhook
 from tests.conftest import Service, eventually
@@ -421,3 +421,131 @@ async def test_json_nested_past_the_bound_is_refused_wherever_it_comes_in(start_
     assert done.status_code == 200, done.text
     assert (await svc.client.get("/ui/jobs/deep-ok")).status_code == 200
     assert (await svc.client.get("/ui/jobs/cb")).status_code == 200
+
+
+# ── a backend's plugin that misbehaves ───────────────────────────────────────
+
+SECRET = "s3cret-in-a-plugins-words"
+"""What a misbehaving plugin's exception says: no log line or answer may
+quote it (a plugin's words may quote a credential)."""
+
+
+class Misbehaving(Backend):
+    """A backend whose `parse_callback` and `check_status` break their
+    contract as the job's `params.mode` says."""
+
+    name = "misbehaving"
+    params_type = dict[str, str]
+
+    async def trigger(self, trigger: Any) -> dict[str, Any]:
+        return {"run": 1}
+
+    def parse_callback(self, job: Any, body: Any) -> Outcome | CheckNow | None:
+        mode = job.params["mode"]
+        if isinstance(body, dict) and "ended" in body:  # its native hint
+            return CheckNow(reason="the run says it ended")
+        if mode == "parse_raises":
+            raise KeyError(SECRET)
+        if mode == "parse_returns_str":
+            return "succeeded"  # type: ignore[return-value]
+        if mode == "parse_returns_bad_outcome":
+            return Outcome(status=SECRET)  # type: ignore[arg-type]
+        return None
+
+    async def check_status(self, job: Any) -> Outcome | Running | None:
+        if job.params["mode"] == "status_raises":
+            raise LookupError(SECRET)
+        return {"status": "succeeded", "said": SECRET}  # type: ignore[return-value]
+
+
+class OffersMisbehaving:
+    @hookimpl
+    def tether_backends(self) -> list[Backend]:
+        return [Misbehaving()]
+
+
+def plugin_lines(caplog: Any, method: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if method in r.getMessage()]
+
+
+@pytest.mark.resonate_server(False)  # checks of the callback's reading: the store plays no part
+@pytest.mark.parametrize(
+    ("mode", "fault"),
+    [
+        ("parse_raises", "raised KeyError"),
+        ("parse_returns_str", "returned a str, not Outcome or CheckNow or None"),
+        ("parse_returns_bad_outcome", "returned a malformed Outcome"),
+    ],
+)
+async def test_hook_parse_callback_failing_leaves_the_uniform_body_working(
+    start_service, caplog, mode, fault
+):
+    """A `parse_callback` raising anything but ValueError, or answering
+    something it may not, made every callback to its jobs a 500, the uniform
+    body's too: no callback could settle them (found by an exploratory QA
+    pass). Now the failure is one log line naming the backend and what it
+    did, and the body is read as the uniform one."""
+    svc = await start_service(plugins=[OffersMisbehaving()])
+    await svc.client.post(
+        "/jobs", json={"id": "m", "backend": "misbehaving", "params": {"mode": mode}}
+    )
+    await svc.wait_state("m", "running")
+    path = svc.tether.signer.url("m:1").removeprefix(svc.settings.base_url)
+
+    unread = await svc.client.post(path, json={"native": "done"})
+    assert unread.status_code == 422, unread.text
+    message = unread.json()["error"]["message"]
+    assert f"backend 'misbehaving' could not read it: parse_callback {fault}" in message, message
+    assert message.startswith("invalid callback body: ") and message.endswith("; nothing changed")
+    assert (await svc.job("m"))["state"] == "running"
+
+    settled = await svc.client.post(path, json={"status": "succeeded", "result": 1})
+    assert settled.status_code == 200, settled.text
+    assert settled.json()["outcome"] == "accepted"
+    assert (await svc.job("m"))["result"] == 1
+    said = plugin_lines(caplog, "parse_callback")
+    assert len(said) == 2, said  # one line for each of the two callbacks
+    assert all(f"job m: backend misbehaving: parse_callback {fault}" in s for s in said), said
+    assert SECRET not in caplog.text and SECRET not in unread.text
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault", "error_type"),
+    [
+        ("status_raises", "raised LookupError", "LookupError"),
+        ("status_returns_dict", "returned a dict, not Outcome or Running or None", "TypeError"),
+    ],
+)
+async def test_hook_check_status_failing_on_a_hint_is_noted_and_the_job_waits(
+    start_service, caplog, mode, fault, error_type
+):
+    """A `check_status` that returned a dict on a `CheckNow` hint made the
+    callback a 500, though it was recorded `noted` (found by an exploratory
+    QA pass). Now: 202 `noted`, saying the check failed, a `status_check`
+    event `said: error`, one log line; the job waits for its outcome."""
+    svc = await start_service(plugins=[OffersMisbehaving()])
+    await svc.client.post(
+        "/jobs", json={"id": "h", "backend": "misbehaving", "params": {"mode": mode}}
+    )
+    await svc.wait_state("h", "running")
+    path = svc.tether.signer.url("h:1").removeprefix(svc.settings.base_url)
+
+    hint = await svc.client.post(path, json={"ended": True})
+    assert hint.status_code == 202, hint.text
+    assert hint.json()["outcome"] == "noted"
+    assert hint.json()["message"] == (
+        "noted (the run says it ended); the backend's status check failed; the job waits on"
+    )
+    assert hint.json()["job"]["state"] == "running"
+    events = (await svc.client.get("/jobs/h/events")).json()["items"]
+    checks = [e["data"] for e in events if e["type"] == "status_check"]
+    assert checks == [{"said": "error", "error_type": error_type}]
+    assert plugin_lines(caplog, "check_status") == [
+        f"job h: backend misbehaving: check_status on a hint {fault}"
+    ]
+    assert SECRET not in caplog.text and SECRET not in hint.text
+
+    settled = await svc.client.post(path, json={"status": "failed"})
+    assert settled.json()["outcome"] == "accepted"
+    assert (await svc.job("h"))["state"] == "failed"

@@ -16,10 +16,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
+from api.packages import table
 from core import hookspecs
 from core.hookspecs import Backend, TetherHookSpecs
 from core.plugin import BackendError, Outcome, hookimpl
-from core.plugins import PluginError, Plugins, make_plugin_manager
+from core.plugins import BACKEND_NAME, PluginError, Plugins, make_plugin_manager
 from core.store.jobs import now_ms
 from tests.conftest import (
     HOLD,
@@ -70,8 +71,11 @@ def test_hook_tether_backends_two_plugins_with_one_backend_name_fail_naming_both
     pm = make_plugin_manager(entry_points=False)
     pm.register(first, name="team-a-plugin")
     pm.register(second, name="team-b-plugin")
-    with pytest.raises(ValueError, match=r"'dup'.*'team-a-plugin'.*'team-b-plugin'"):
+    with pytest.raises(PluginError) as refused:
         Plugins(pm)
+    assert str(refused.value) == (
+        "backend 'dup' is offered by two plugins: 'team-a-plugin' and 'team-b-plugin'"
+    )
 
 
 def test_hook_tether_backends_a_plugin_clashing_with_a_builtin_fails():
@@ -81,9 +85,105 @@ def test_hook_tether_backends_a_plugin_clashing_with_a_builtin_fails():
 
 
 def test_hook_tether_backends_must_return_backends():
-    pm = make_plugin_manager(entry_points=False, extra=[Offers("not a backend")])
-    with pytest.raises(TypeError, match=r"not a core\.plugin\.Backend"):
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(Offers("not a backend"), name="qa")
+    with pytest.raises(PluginError) as refused:
         Plugins(pm)
+    assert str(refused.value) == (
+        "plugin 'qa' cannot be used: tether_backends offered a str, not a core.plugin.Backend"
+    )
+
+
+class NoName(Backend):
+    params_type = Params
+
+
+class NoParams(Backend):
+    name = "no_params"
+
+
+class Good(Backend):
+    name = "good"
+    params_type = Params
+
+
+class Exploding:
+    @hookimpl
+    def tether_backends(self) -> Any:
+        raise RuntimeError("cannot start\n  (a second line)")
+
+
+class ReturnsDict:
+    @hookimpl
+    def tether_backends(self) -> Any:
+        return {"good": Good()}
+
+
+class ReturnsOne:
+    @hookimpl
+    def tether_backends(self) -> Any:
+        return Good()
+
+
+REFUSED_BACKENDS = {
+    "raises": (Exploding(), "tether_backends raised RuntimeError: cannot start (a second line)"),
+    "dict": (
+        ReturnsDict(),
+        "tether_backends returned a dict, not a list of core.plugin.Backend instances",
+    ),
+    "one": (
+        ReturnsOne(),
+        "tether_backends returned a Good, not a list of core.plugin.Backend instances",
+    ),
+    "class": (
+        Offers(Good),
+        "tether_backends offered the class Good, not an instance of it (offer Good())",
+    ),
+    "plain": (Offers(object()), "tether_backends offered a object, not a core.plugin.Backend"),
+    "no name": (Offers(NoName()), "backend NoName has no `name`"),
+    "no params_type": (
+        Offers(NoParams()),
+        "backend 'no_params' has no `params_type` (a msgspec Struct of its jobs' params)",
+    ),
+    "params_type no type": (
+        Offers(type("B", (Backend,), {"name": "b", "params_type": "Params"})()),
+        "backend 'b''s params_type is a str, not a type msgspec converts to (TypeError)",
+    ),
+    "twice": (Offers(Good(), Good()), "it offers two backends named 'good'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BACKENDS))
+def test_hook_tether_backends_offering_what_cannot_be_used_is_refused_naming_the_plugin(case):
+    """Each was taken at start-up and failed later (a backend without
+    `params_type`: a 500 for its jobs, and for everyone's OpenAPI document),
+    or ended start-up with a traceback; one plugin offering a name twice was
+    said to be two plugins (found by an exploratory QA pass)."""
+    plugin, said = REFUSED_BACKENDS[case]
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(plugin, name="qa")
+    with pytest.raises(PluginError) as refused:
+        Plugins(pm)
+    assert str(refused.value) == f"plugin 'qa' cannot be used: {said}"
+
+
+@pytest.mark.parametrize(
+    "name", ["qa weird/name", "Echo", "", "9lives", "x" * 65, "a.b", "a b", "é", "a\n", 5]
+)
+def test_hook_tether_backends_a_name_no_route_or_setting_can_carry_is_refused(name):
+    """ "qa weird/name" was taken, and its notifications' route could never
+    be reached (found by an exploratory QA pass)."""
+    pm = make_plugin_manager(entry_points=False, extra=[Offers(backend_named(name))])
+    with pytest.raises(PluginError, match=r"a backend's name is 1 to 64 of `a-z 0-9 _ -`,"):
+        Plugins(pm)
+
+
+def test_hook_tether_backends_names_route_and_settings_can_carry_are_taken():
+    names = ["a", "team-a_2", "x" * 64]
+    pm = make_plugin_manager(extra=[Offers(*map(backend_named, names))], entry_points=False)
+    plugins = Plugins(pm)
+    assert set(names) < set(plugins.backends)
+    assert all(BACKEND_NAME.fullmatch(name) for name in plugins.backends)  # the built-ins too
 
 
 def test_a_hookimpl_matching_no_spec_fails_at_start_up():
@@ -130,6 +230,27 @@ BROKEN = {
         "from core.hookspecs import hookimpl\n\n@hookimpl\ndef tether_job_finishd(job):\n    pass\n"
     ),
 }
+OFFERING = (
+    "import msgspec\nfrom core.plugin import Backend, hookimpl\n\n"
+    "class P(msgspec.Struct):\n    pass\n\n"
+    "class Good(Backend):\n    name = 'qa_good'\n    params_type = P\n\n"
+    "class NoParams(Backend):\n    name = 'qa_noparams'\n\n"
+    "class NoName(Backend):\n    params_type = P\n\n"
+    "class Weird(Backend):\n    name = 'qa weird/name'\n    params_type = P\n\n"
+    "@hookimpl\ndef tether_backends():\n"
+)
+"""A plugin module whose `tether_backends` body is to follow (the QA pass's
+`bad_modes` plugin)."""
+BROKEN |= {
+    "raises": OFFERING + "    raise RuntimeError('tether_backends exploded')\n",
+    "settings": OFFERING + "    raise ValueError('invalid setting TETHER_QA_X: not a number')\n",
+    "dict": OFFERING + "    return {'qa_good': Good()}\n",
+    "class": OFFERING + "    return [Good]\n",
+    "noname": OFFERING + "    return [NoName()]\n",
+    "noparams": OFFERING + "    return [NoParams()]\n",
+    "weird": OFFERING + "    return [Weird()]\n",
+    "twice": OFFERING + "    return [Good(), Good()]\n",
+}
 
 
 @pytest.mark.parametrize("broken", sorted(BROKEN))
@@ -145,7 +266,7 @@ def test_an_installed_plugin_that_cannot_be_used_is_named_in_one_line(
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     with pytest.raises(PluginError) as refused:
-        make_plugin_manager()
+        Plugins(make_plugin_manager())
     said = {
         "argument": "cannot be used: Plugin 'bad' for hook 'tether_job_finished' hookimpl"
         " definition: tether_job_finished(job, extra) Argument(s) {'extra'} are declared in"
@@ -154,6 +275,20 @@ def test_an_installed_plugin_that_cannot_be_used_is_named_in_one_line(
         " 'not_a_real_dependency_xyz'",
         "hook": "cannot be used: unknown hook 'tether_job_finishd'"
         " (did you mean tether_job_finished?)",
+        # a backend its tether_backends offers, or the hook itself, that
+        # cannot be used: a traceback (exit 1), or taken and a 500 later
+        "raises": "cannot be used: tether_backends raised RuntimeError: tether_backends exploded",
+        "settings": "cannot be used: invalid setting TETHER_QA_X: not a number",
+        "dict": "cannot be used: tether_backends returned a dict, not a list of"
+        " core.plugin.Backend instances",
+        "class": "cannot be used: tether_backends offered the class Good, not an instance of"
+        " it (offer Good())",
+        "noname": "cannot be used: backend NoName has no `name`",
+        "noparams": "cannot be used: backend 'qa_noparams' has no `params_type` (a msgspec"
+        " Struct of its jobs' params)",
+        "weird": "cannot be used: backend Weird is named 'qa weird/name'; a backend's name is"
+        " 1 to 64 of `a-z 0-9 _ -`, beginning with a letter",
+        "twice": "cannot be used: it offers two backends named 'qa_good'",
     }[broken]
     assert str(refused.value) == (
         f"plugin 'bad' of package tether-bad 0.2.0 {said}; fix it, or remove it with"
@@ -169,6 +304,28 @@ def test_an_installed_plugin_that_cannot_be_used_is_named_in_one_line(
             [tether, *command], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
         )
         assert (done.returncode, done.stderr) == (2, f"tether: {refused.value}\n"), done
+
+
+def test_hook_tether_backends_of_an_installed_plugin_offering_none_lists_its_version(
+    tmp_path, monkeypatch
+):
+    """`tether plugins` said "unknown version" of it (found by an exploratory
+    QA pass): its package is known whatever it offers."""
+    dist = tmp_path / "tether_none-0.3.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tether-none\nVersion: 0.3.0\n")
+    (dist / "entry_points.txt").write_text("[tether]\nnone = tether_none_offered\n")
+    (tmp_path / "tether_none_offered.py").write_text(
+        "from core.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef tether_backends():\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    plugins = Plugins(make_plugin_manager())
+    assert plugins.by_plugin()["none"] == ("tether-none 0.3.0", [])
+    assert ["none", "tether-none", "0.3.0", "-"] in [
+        row.split() for row in table(plugins).splitlines()
+    ]
 
 
 # ── each hook and backend method, through the running service ────────────────
@@ -195,6 +352,54 @@ async def test_hook_trigger_and_parse_callback_of_the_example_plugin(start_servi
     native = await svc.client.post(path, json={"echo_done": "bye"})
     assert native.json()["outcome"] == "accepted"
     assert (await svc.job("e"))["result"] == "bye"
+
+
+async def test_a_bad_key_of_a_dict_in_params_names_the_dict(start_service):
+    """`details.field` was "`key` in `params.parameters": cut out of
+    msgspec's message at its last " - at `", which its words for a dict's
+    key break (found by an exploratory QA pass)."""
+    svc = await start_service()
+    params = {"warehouse_id": "abcdef1234567890", "statement": "select 1"}
+    for parameters, field, key in (
+        ({"a b": "x"}, "params.parameters", True),  # a key: the dict it is in
+        ({"a": ["x"]}, "params.parameters[...]", False),  # a value: msgspec's word for its key
+    ):
+        body = {"backend": "databricks_sql", "params": {**params, "parameters": parameters}}
+        refused = await svc.client.post("/jobs", json=body)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["details"] == {"field": field, "backend": "databricks_sql"}, error
+        assert error["message"].startswith("invalid params for backend 'databricks_sql': ")
+        assert error["message"].endswith(
+            " - at a key in `params.parameters`" if key else " - at `params.parameters[...]`"
+        )
+
+
+async def test_hook_check_new_params_raising_a_bug_is_a_500_said_in_one_line(start_service, caplog):
+    """A `check_new_params` raising anything but `ValueError` (its way to
+    refuse params) is a bug in its plugin, not the client's fault: 500
+    `internal`, as before, no job made, and now one log line naming the
+    backend and the exception's type; its words (which may quote a secret)
+    are in no line, no traceback (found by an exploratory QA pass)."""
+
+    class Buggy(Backend):
+        name = "buggy"
+        params_type = Params
+
+        async def trigger(self, trigger: Any) -> dict[str, Any]:
+            return {}
+
+        def check_new_params(self, params: Any) -> None:
+            raise KeyError("s3cret-in-its-words")
+
+    svc = await start_service(plugins=[Offers(Buggy())])
+    response = await svc.client.post("/jobs", json={"id": "b", "backend": "buggy"})
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["code"] == "internal"
+    assert (await svc.client.get("/jobs/b")).status_code == 404
+    said = [r.getMessage() for r in caplog.records if "check_new_params" in r.getMessage()]
+    assert said == ["backend 'buggy': check_new_params raised KeyError (a bug in its plugin)"]
+    assert "s3cret" not in caplog.text
 
 
 async def test_hook_trigger_errors_never_keep_the_callback_token(start_service):
