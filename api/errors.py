@@ -24,6 +24,7 @@ from core.errors import (
     Unauthorized,
 )
 from core.models import field_of
+from core.plugins import PluginFault
 from core.settle import store_refusal
 
 log = logging.getLogger("tether.api")
@@ -215,7 +216,14 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return error_response(500, "internal", "internal error; the service log has the details")
 
 
+def plugin_fault(request: Request[Any, Any, Any], exc: PluginFault) -> Response[Any]:
+    """A backend's plugin broke its contract (core has logged it, in one line
+    naming the backend): 500, with no traceback of Tether's to add."""
+    return error_response(500, "internal", "internal error; the service log has the details")
+
+
 EXCEPTION_HANDLERS: Any = {
+    PluginFault: plugin_fault,
     TetherError: tether_error,
     ServerError: store_error,
     DecodingError: store_error,

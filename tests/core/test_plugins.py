@@ -400,6 +400,7 @@ async def test_hook_check_new_params_raising_a_bug_is_a_500_said_in_one_line(sta
     said = [r.getMessage() for r in caplog.records if "check_new_params" in r.getMessage()]
     assert said == ["backend 'buggy': check_new_params raised KeyError (a bug in its plugin)"]
     assert "s3cret" not in caplog.text
+    assert [r for r in caplog.records if r.exc_info or "unhandled" in r.getMessage()] == []
 
 
 async def test_hook_trigger_errors_never_keep_the_callback_token(start_service):
