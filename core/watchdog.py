@@ -17,7 +17,7 @@ that ended settles the job with its outcome; one the backend confirms is going
 (`Running`) is a `heartbeat_missed` event and the job waits on; a backend
 that cannot tell (`None`) ends the job `timed_out` (`error.type`
 `heartbeat_timeout`). A check that fails (the backend raised or did not
-answer, or answered none of the three: a bug in its plugin, `wrong_answer`)
+answer, or answered none of the three: a bug in its plugin, `read_status`)
 decides nothing. Either way the backend is asked again once the run has been
 silent twice as long (`recheck_in`: a run silent for hours is asked about,
 and filed, a few times and then hourly, not every `heartbeat_timeout`).
@@ -39,7 +39,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 import msgspec
 from resonate.error import ServerError
@@ -47,7 +46,7 @@ from resonate.error import ServerError
 from core.callbacks import learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.models import ErrorInfo, Outcome, Running
-from core.plugins import Plugins
+from core.plugins import Plugins, contract_answer
 from core.redact import redact
 from core.settings import MAX_RETENTION, MIN_RETENTION, Settings
 from core.settle import Settler
@@ -158,20 +157,16 @@ async def collect_garbage(store: Store, older_than: float) -> tuple[int, int]:
     return jobs, promises
 
 
-def wrong_answer(backend: str, answer: object) -> str | None:
-    """What the log says of `answer`, what backend `backend`'s `check_status`
-    returned, when it is none of the answers it may give (an `Outcome`,
-    `Running` or None): a bug in its plugin, a failed check as a raise is.
-    Its type alone, never its value (a dict the backend built may hold a
-    token). None when it is one of them."""
-    if answer is None or isinstance(answer, Outcome | Running):
-        return None
-    if isinstance(answer, type):
-        kind = f"the class {answer.__qualname__}"
-    else:
-        name = type(answer).__name__
-        kind = f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-    return f"backend {backend}: check_status returned {kind}, not Outcome or Running or None"
+def read_status(backend: str, answer: object) -> tuple[Outcome | Running | None, str | None]:
+    """What backend `backend`'s `check_status` answered, as Tether reads it
+    (`contract_answer`), and None; or None and what the log says of an
+    answer it may not give (of another type, or a malformed `Outcome` or
+    `Running`): a bug in its plugin, a failed check as a raise is. Said by
+    type alone, never by value (a dict the backend built may hold a token)."""
+    found, fault = contract_answer(answer, Outcome, Running)
+    if fault is not None:
+        return None, f"backend {backend}: check_status {fault}"
+    return found, None
 
 
 def recheck_in(rec: JobRecord, now: int) -> int:
@@ -406,14 +401,11 @@ class Watchdog:
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        answer: object = await asyncio.wait_for(
-            backend.check_status(backend_view(rec)), CHECK_TIMEOUT
-        )
-        fault = wrong_answer(rec.backend, answer)
+        answer = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
+        found, fault = read_status(rec.backend, answer)
         if fault is not None:  # as a check that raised: logged, the next one as planned
             log.warning("watchdog: job %s: %s", rec.id, fault, extra=rec.log_extra())
             return
-        found = cast(Outcome | Running | None, answer)
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             said = NewEvent("status_check", status_said(found, tokens))
@@ -485,13 +477,13 @@ class Watchdog:
         if backend is not None and rec.external is not None:
             fault: str | None
             try:
-                answer: object = await asyncio.wait_for(
+                answer = await asyncio.wait_for(
                     backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
                 )
             except Exception as exc:
                 fault, error_type = type(exc).__name__, type(exc).__name__
             else:  # an answer it may not give: failed, as Python would say of it
-                fault, error_type = wrong_answer(rec.backend, answer), "TypeError"
+                (found, fault), error_type = read_status(rec.backend, answer), "TypeError"
             if fault is not None:
                 log.warning(
                     "job %s: no heartbeat, and the status check failed: %s",
@@ -503,7 +495,6 @@ class Watchdog:
                 event = NewEvent("heartbeat_missed", {**missed, **error})
                 await self.store.jobs.record(rec.id, [event], now_ms(), open_at=rec.attempt)
                 return
-            found = cast(Outcome | Running | None, answer)
         if isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             event = NewEvent("heartbeat_missed", {**missed, **status_said(found, tokens)})

@@ -546,12 +546,15 @@ class Odd:
 
 
 WRONG_ANSWERS = [
-    ({"status": "succeeded", "token": "s3cret-token"}, "a dict"),
-    ("succeeded s3cret-token", "a str"),
-    (Odd, "the class Odd"),
-    (Odd(), "an Odd"),
+    ({"status": "succeeded", "token": "s3cret-token"}, "a dict, not Outcome or Running or None"),
+    ("succeeded s3cret-token", "a str, not Outcome or Running or None"),
+    (Odd, "the class Odd, not Outcome or Running or None"),
+    (Odd(), "a Odd, not Outcome or Running or None"),
+    # fields of the wrong type, on purpose:
+    (Outcome(status="s3cret-token"), "a malformed Outcome (a field of another type)"),  # type: ignore[arg-type]
+    (Running(external=["s3cret-token"]), "a malformed Running (a field of another type)"),  # type: ignore[arg-type]
 ]
-"""What a backend's `check_status` may wrongly return, and how the log names it."""
+"""What a backend's `check_status` may wrongly return, and how the log says it."""
 
 
 @pytest.mark.parametrize(("answer", "kind"), WRONG_ANSWERS)
@@ -569,8 +572,8 @@ async def test_a_check_answered_with_a_wrong_type_is_logged_by_its_type_alone(
     rig.backend.found["c"] = answer
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
-    said = f"returned {kind}, not Outcome or Running or None"
-    assert logs.lines == [f"WARNING watchdog: job c: backend checked: check_status {said}"]
+    said = f"WARNING watchdog: job c: backend checked: check_status returned {kind}"
+    assert logs.lines == [said]
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
     row = await rig.parts.row("c")
     assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
@@ -1065,7 +1068,7 @@ async def test_a_missed_heartbeat_whose_check_answers_a_wrong_type_waits_on(
     )
     row = await rig.parts.row("j")
     assert (row.state, row.heartbeat_due) == ("running", now + 5000)
-    said = f"backend checked: check_status returned {kind}, not Outcome or Running or None"
+    said = f"backend checked: check_status returned {kind}"
     assert logs.fields() == [
         (f"job j: no heartbeat, and the status check failed: {said}", "j", None)
     ]
