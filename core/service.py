@@ -108,6 +108,7 @@ class Tether:
         self.resonate: Resonate | None = None
         self.watchdog: Watchdog | None = None
         self._settler: Settler | None = None
+        self._steps: JobSteps | None = None
         self._target = ""
         self.checks = Health(plugins, self.jobs, settings.readiness_interval)
         self.jobs.limits = settings.limits
@@ -166,6 +167,7 @@ class Tether:
         bound = self.settings.max_result_bytes
         self._settler = Settler(r, self.jobs, bound, self.signer.job_tokens)
         steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
+        self._steps = steps
         self._settler.on_orphan = steps.finish_orphan
         self._settler.spawn = self._spawn_stop
         self._settler.finishes_alone = steps.finishes_alone
@@ -300,14 +302,17 @@ class Tether:
 
     async def close(self) -> None:
         """End open event streams, cut short the stops under way (each gives
-        its lease up for the next watchdog sweep: `_spawn_stop`), stop the
-        watchdog and the worker, close the backends and the store."""
+        its lease up for the next watchdog sweep: `_spawn_stop`) and the
+        trigger calls answering late (`JobSteps.close`), stop the watchdog
+        and the worker, close the backends and the store."""
         self.events.stop()
         await self.checks.stop()
         for task in list(self._starting):
             with contextlib.suppress(Exception):
                 await task
         await self._cut_stops()
+        if self._steps is not None:
+            await self._steps.close()
         if self.watchdog is not None:
             await self.watchdog.stop()
         if self.notifier is not None:
@@ -323,6 +328,8 @@ class Tether:
                     STOP_GRACE,
                 )
         await self._cut_stops()  # spawned meanwhile (a late callback, a step's settle)
+        if self._steps is not None:
+            await self._steps.close()  # left by a step that ran on meanwhile
         for backend in self.plugins.backends.values():
             try:
                 await backend.close()

@@ -25,20 +25,35 @@ callback promise existed (settled `by: index` without `tried`), which the
 workflow makes before its first try. A trigger whose tries end because the
 attempt ended asks for that stop itself when the finish is over already (it
 stalled past its lease while another process ran it; the job was retried).
+
+A backend that breaks its contract costs its own job alone: a call of its
+`trigger` is not waited for once its attempt ended, nor past
+`TRIGGER_TIMEOUT`; an answer that is no mapping JSON can write fails the
+job at once (its finish stops what the try may have started); one past
+`max_result_bytes` is kept cut (`core.bounds.bound_external`); a
+`check_interval` that raises or is no number means no status checks.
+None of these runs the trigger again (docs/lifecycle.md, "A trigger's
+bounds").
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import math
+import numbers
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from traceback import format_exception
 from typing import Any
 
 import msgspec
 from msgspec.structs import replace
 from resonate.error import ServerError
 
+from core.bounds import bound_external
 from core.errors import BackendError, StoreUnavailable, reason
 from core.hookspecs import Backend
 from core.lease import StopLease
@@ -75,6 +90,28 @@ for a backend that hangs, which would otherwise hold the finish (the
 workflow's, or the watchdog's look at a job without one) for good."""
 
 
+TRIGGER_TIMEOUT = 900.0
+"""Seconds one call of a backend's `trigger` (or `rerun`) may take: then the
+call is abandoned (cancelled) as a try whose answer was lost, since it may
+have started a run. It is not tried again (a backend that hangs would hang
+again): the job fails (`error.type` `trigger_timeout`), and its finish asks
+the backend to stop what the try may have started (`cancel_unrecorded`).
+Three times the longest request `http_webhook` makes (its `timeout`, at most
+300 s); a backend bounds its own calls well below it. It is there for a
+trigger that hangs, which would otherwise hold a task slot
+(`TETHER_MAX_CONCURRENT_TASKS`) for good."""
+
+TRIGGER_WATCH = 5.0
+"""Seconds between looks at the job's row while a call of its backend's
+`trigger` is under way (the first after this long, so a prompt answer costs
+no read): once its attempt ended (timed out, canceled, or its run's
+callback came) or moved on (retried), the workflow no longer waits for the
+call, and frees its task slot; its finish asks the backend to stop what the
+call may have started, as after a try whose answer was lost, and the call
+may still answer until `TRIGGER_TIMEOUT` (`JobSteps._answered_late`). Not
+once another process recorded a run for the attempt: this call's answer
+may name a second run, which the trigger stops when it comes."""
+
 REPLAY_MARGIN = 1.0
 """Seconds by which a callback promise must predate the run of the body
 that found it to tell a replay (`JobSteps._replayed`), at most: a quarter
@@ -103,6 +140,9 @@ instead."""
 _releasing: set[asyncio.Future[bool]] = set()
 """Those writes under way (shielded: nothing else may hold them)."""
 
+_abandoned: set[asyncio.Future[Any]] = set()
+"""Trigger calls cancelled, until they end (`_abandon`)."""
+
 STOP_WITHIN_MAX = 86_400.0
 """The most `JobSteps.stop_within` answers (a day): `TETHER_TRIGGER_ATTEMPTS`
 has no upper bound, and a doubling backoff over a thousand tries is past a
@@ -128,6 +168,20 @@ class JobSteps:
         self.settler = settler
         self.sleep = sleep
         """How the trigger waits between attempts (tests record the waits)."""
+        self.detached: set[asyncio.Task[None]] = set()
+        """Trigger calls no longer waited for, their attempt over, whose
+        answer is still taken (`_answered_late`); cut short by `close`."""
+
+    async def close(self) -> None:
+        """Cancel the trigger calls still answering late (`detached`), and
+        wait for them: the service is stopping. The run such a call may
+        start is its finish's `cancel_unrecorded`'s to find, as a try whose
+        process died."""
+        while self.detached:
+            late = list(self.detached)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def trigger(
         self,
@@ -244,9 +298,25 @@ class JobSteps:
                 )
             return
         receipt, tries = tried
-        interval = backend.check_interval(params)
+        await self._record_run(backend, rec, params, promise_id, receipt, tries)
+
+    async def _record_run(
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        params: Any,
+        promise_id: str,
+        receipt: dict[str, Any],
+        tries: int,
+    ) -> None:
+        """Record the run `backend` answered try `tries` of attempt
+        `rec.attempt`'s trigger with (`receipt`), and stop it when it is
+        not wanted: the attempt ended, or was retried, while the backend
+        was being asked, or another process recorded a run of its own."""
+        job_id, attempt = rec.id, rec.attempt
+        interval = self._check_interval(backend, rec, params)  # never raises: the run is started
         now = now_ms()
-        next_check = None if not interval else now + int(interval * 1000)
+        next_check = None if interval is None else now + int(interval * 1000)
         triggered = NewEvent("triggered", {"try": tries, "external": receipt})
         beat = rec.heartbeat_timeout  # counted from the trigger until the first heartbeat
         due = None if beat is None else now + int(beat * 1000)
@@ -309,6 +379,44 @@ class JobSteps:
             )
             await self._cancel_run(backend, replace(written, external=receipt))
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
+
+    def _check_interval(self, backend: Backend, rec: JobRecord, params: Any) -> float | None:
+        """`backend.check_interval(params)` for a run just started, or None
+        (no status checks, the default's answer) when it raises or answers
+        what is no number of seconds (a string, a negative number, NaN):
+        a warning names the backend, and the run is recorded all the same
+        (raised, the trigger would be run again, and ask the backend for a
+        run it started already). At most `max_timeout` (the job ends first):
+        a larger one would not fit the store's timestamp."""
+        try:
+            seconds = backend.check_interval(params)
+        except Exception as exc:  # its type alone, as for the other hooks' bugs
+            log.warning(
+                "job %s: backend %r: check_interval raised %s; the job gets no status checks",
+                rec.id,
+                rec.backend,
+                type(exc).__name__,
+                extra=rec.log_extra(),
+            )
+            return None
+        if seconds is None:
+            return None
+        if (
+            isinstance(seconds, numbers.Real)
+            and not isinstance(seconds, bool)
+            and math.isfinite(seconds)
+            and seconds >= 0
+        ):
+            return min(float(seconds), self.settings.max_timeout) or None
+        log.warning(
+            "job %s: backend %r: check_interval returned %s, not a number of seconds"
+            " (or None); the job gets no status checks",
+            rec.id,
+            rec.backend,
+            _said(seconds),
+            extra=rec.log_extra(),
+        )
+        return None
 
     async def _stop_when_finished(self, backend: Backend, rec: JobRecord, now: JobRecord) -> None:
         """Tries of attempt `rec.attempt` that may have started a run ended
@@ -608,17 +716,50 @@ class JobSteps:
         # quote it: never keep the callback token in the job record or the log.
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
+        told: set[tuple[str, str, int]] = set()  # the unexpected failures logged with a traceback
+        which = "trigger" if previous is None else "rerun"
+
+        def call() -> Any:
+            if previous is None:
+                return backend.trigger(trigger)
+            return backend.rerun(trigger, previous)
+
         while True:
             this = tries + 1
             try:
-                if previous is None:
-                    started = await backend.trigger(trigger)
+                started = await self._answer(rec, call)
+                return self._receipt(backend, rec, which, started, tokens), this
+            except _Abandoned as ended:
+                log.warning(
+                    "job %s: attempt %d ended while backend %r's %s had not answered; the"
+                    " attempt goes on without it, as after a try whose answer was lost",
+                    rec.id,
+                    rec.attempt,
+                    rec.backend,
+                    which,
+                    extra=rec.log_extra(promise_id),
+                )
+                late = self._answered_late(
+                    ended.answering, ended.until, backend, rec, params, promise_id, which, this
+                )
+                task = asyncio.get_running_loop().create_task(late)
+                self.detached.add(task)  # (a strong reference: the loop keeps a weak one)
+                task.add_done_callback(self.detached.discard)
+                return ended.now
+            except (_Unanswered, _BadReceipt) as exc:
+                # The try may have started a run (retryable), which no answer
+                # names: the job fails, and its finish asks the backend to
+                # stop that run (`cancel_unrecorded`). Not tried again: the
+                # backend would hang again, or answer so again.
+                if isinstance(exc, _Unanswered):
+                    message = f"backend {rec.backend!r}: {which} did not answer within"
+                    message += f" {TRIGGER_TIMEOUT:g} s; the call was cancelled"
+                    code = "trigger_timeout"
                 else:
-                    started = await backend.rerun(trigger, previous)
-                receipt = msgspec.json.encode(dict(started))
-                # each form whole, in the bytes (escapes as sent), then any cut piece
-                whole: dict[str, Any] = msgspec.json.decode(redact_bytes(receipt, tokens))
-                return redact_value(whole, tokens), this
+                    message, code = redact(exc.message, tokens), "invalid_receipt"
+                error = {"type": code, "message": message}
+                await self._trigger_failed(rec, this, error, None, True)
+                raise BackendError(message, code=code) from None
             except BackendError as exc:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
@@ -637,6 +778,22 @@ class JobSteps:
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
                 message = redact(f"{type(exc).__name__}: {exc}", tokens)
                 error = {"type": type(exc).__name__, "message": message}
+                if _where(exc) not in told:  # once for each kind and place: tries repeat it
+                    told.add(_where(exc))
+                    _log_traceback(
+                        logging.ERROR,
+                        exc,
+                        tokens,
+                        "job %s: backend %r: %s raised %s, not a BackendError (a bug of its"
+                        " plugin?); try %d/%d",
+                        rec.id,
+                        rec.backend,
+                        which,
+                        type(exc).__name__,
+                        this,
+                        attempts,
+                        extra=rec.log_extra(promise_id),
+                    )
                 if this == attempts:
                     await self._trigger_failed(rec, this, error, None, True)
                     raise BackendError(message, code="trigger") from None
@@ -658,6 +815,139 @@ class JobSteps:
             now = await self._wait_between_tries(rec, wait)
             if now is not rec:
                 return now
+
+    async def _answer(self, rec: JobRecord, call: Callable[[], Any]) -> Any:
+        """What `call()`, one try of attempt `rec.attempt`'s trigger, answers,
+        bounded: raises `_Unanswered` after `TRIGGER_TIMEOUT` (the call
+        cancelled), and `_Abandoned` once the attempt ended or moved on
+        meanwhile (the job's row, looked at every `TRIGGER_WATCH` seconds,
+        read again while the store fails), the call left to answer late
+        (`_answered_late`). Either way the workflow goes on, and frees its
+        task slot; what the try may have started is its attempt's finish's
+        to stop, as a try whose answer was lost (`_may_have_started`). A
+        `CancelledError` the call raises of its own (this task is not being
+        cancelled) is a failure like any other. A backend whose `trigger`
+        is no coroutine function (it blocks the loop) is answered by what
+        it returns."""
+        loop = asyncio.get_running_loop()
+        called = call()
+        if not inspect.isawaitable(called):  # a plugin's `trigger` not async: its answer
+            return called
+        answering = asyncio.ensure_future(called)
+        until = loop.time() + TRIGGER_TIMEOUT
+        detached = False
+        try:
+            while True:
+                left = until - loop.time()
+                if left > 0:
+                    await _settled_within(answering, min(TRIGGER_WATCH, left))
+                if answering.done():
+                    break
+                if loop.time() >= until:
+                    raise _Unanswered
+                now = await self._row(rec)
+                if now is None or now.finished or now.attempt != rec.attempt:
+                    detached = True
+                    raise _Abandoned(now, answering, until)
+        finally:
+            if not answering.done() and not detached:
+                _abandon(answering, rec)
+        try:
+            return answering.result()
+        except asyncio.CancelledError:
+            raise RuntimeError("the call was cancelled, by the backend itself") from None
+
+    async def _answered_late(
+        self,
+        answering: asyncio.Future[Any],
+        until: float,
+        backend: Backend,
+        rec: JobRecord,
+        params: Any,
+        promise_id: str,
+        which: str,
+        tries: int,
+    ) -> None:
+        """Take the answer of a call of attempt `rec.attempt`'s trigger that
+        the workflow no longer waits for (`_Abandoned`: the attempt ended or
+        moved on), up to `until` (the loop's time: the call's
+        `TRIGGER_TIMEOUT`), then cancel it. A run it answers with is
+        recorded and stopped as any run answered after its attempt ended
+        (`_record_run`: after a cancel or a timeout stopped with `cancel`,
+        after a retry as a stale trigger's run), so a slow backend's call
+        (one in a thread cannot be cancelled) leaves no run going unseen;
+        the finish has asked the backend to look for it too
+        (`cancel_unrecorded`), which is harmless. Nothing it raises goes
+        further than the log."""
+        loop = asyncio.get_running_loop()
+        try:
+            await _settled_within(answering, max(until - loop.time(), 0))
+        finally:
+            if not answering.done():
+                _abandon(answering, rec)
+        if not answering.done() or answering.cancelled() or answering.exception() is not None:
+            return
+        tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
+        try:
+            receipt = self._receipt(backend, rec, which, answering.result(), tokens)
+            log.warning(
+                "job %s: backend %r's %s answered after attempt %d ended; its run is recorded"
+                " and stopped as a late answer's",
+                rec.id,
+                rec.backend,
+                which,
+                rec.attempt,
+                extra=rec.log_extra(promise_id),
+            )
+            await self._record_run(backend, rec, params, promise_id, receipt, tries)
+        except Exception as exc:
+            log.warning(
+                "job %s: the late answer of backend %r's %s could not be taken (%s)",
+                rec.id,
+                rec.backend,
+                which,
+                reason(exc),
+                extra=rec.log_extra(promise_id),
+            )
+
+    def _receipt(
+        self, backend: Backend, rec: JobRecord, which: str, started: Any, tokens: Sequence[str]
+    ) -> dict[str, Any]:
+        """What `backend.trigger` (`which`: or `rerun`) answered (`started`),
+        as the job keeps it (`external`): a JSON object without the callback
+        tokens (each form whole, in the bytes, escapes as sent; then any cut
+        piece), within `max_result_bytes` (`bound_external`: its largest
+        fields cut, with a warning). Anything but a mapping that JSON can
+        write is `_BadReceipt`, naming the backend and what it answered."""
+        if not isinstance(started, Mapping):
+            raise _BadReceipt(
+                f"backend {rec.backend!r}: {which} returned {_said(started)}, not a mapping"
+                " (what identifies the run it started)"
+            )
+        try:
+            data = msgspec.json.encode(dict(started))
+        except Exception as exc:  # (a value JSON cannot write, a mapping that raises)
+            raise _BadReceipt(
+                f"backend {rec.backend!r}: {which} returned a mapping that is not JSON"
+                f" ({type(exc).__name__}: {exc})"
+            ) from None
+        whole: dict[str, Any] = msgspec.json.decode(redact_bytes(data, tokens))
+        limit = self.settings.max_result_bytes
+        bounded, cut = bound_external(whole, limit)
+        if cut:
+            log.warning(
+                "job %s: backend %r: %s returned %d bytes of JSON; the job's external is"
+                " kept with these fields cut (past the bound of %d bytes,"
+                " TETHER_MAX_RESULT_BYTES, or nested too deep): %s",
+                rec.id,
+                rec.backend,
+                which,
+                len(data),
+                limit,
+                redact(", ".join(cut), tokens)[:1000],
+                extra=rec.log_extra(),
+            )
+        return dict(redact_value(bounded, tokens))
 
     async def _wait_between_tries(self, rec: JobRecord, wait: float) -> JobRecord | None:
         """Sleep `wait` seconds, looking at the job's row every `WAIT_SLICE`
@@ -1124,13 +1414,20 @@ class JobSteps:
                 retry_after = exc.retry_after if isinstance(exc, BackendError) else None
                 wait = max(delay, retry_after or 0)
                 if not retryable or attempt == attempts or _past_bound(bound, wait):
-                    log.error(
+                    # Another library's words, or a plugin's bug: the traceback
+                    # goes to the log (masked), the event keeps the type alone.
+                    unexpected = not isinstance(exc, BackendError) and not limit.expired()
+                    _log_traceback(
+                        logging.ERROR,
+                        exc,
+                        tokens if unexpected else (),
                         "job %s: cancelling the external run failed (%s); it may still be"
                         " running: stop it in %s",
                         rec.id,
                         said,
                         rec.backend,
                         extra=rec.log_extra(),
+                        traceback=unexpected,
                     )
                     kind = type(exc).__name__
                     if isinstance(exc, BackendError):
@@ -1150,6 +1447,121 @@ class JobSteps:
             await self.sleep(wait)
             delay *= 2
         return None
+
+
+class _Abandoned(Exception):
+    """A trigger's call no longer waited for because its attempt ended or
+    moved on: `now`, the job's row (None: gone, or another job's);
+    `answering`, the call, to be answered by `until` (the loop's time)."""
+
+    def __init__(self, now: JobRecord | None, answering: asyncio.Future[Any], until: float) -> None:
+        super().__init__()
+        self.now, self.answering, self.until = now, answering, until
+
+
+class _Unanswered(Exception):
+    """A trigger's call that did not answer within `TRIGGER_TIMEOUT`."""
+
+
+class _BadReceipt(Exception):
+    """A trigger's answer that is no receipt (not a mapping, not JSON)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _abandon(answering: asyncio.Future[Any], rec: JobRecord) -> None:
+    """Cancel a trigger's call past `TRIGGER_TIMEOUT` (or whose workflow
+    is being cancelled), and keep it until it ends. A call that answers all
+    the same (a plugin that ignores its cancellation) is logged: the run it
+    names is recorded nowhere."""
+    answering.cancel()
+    _abandoned.add(answering)
+
+    def ended(done: asyncio.Future[Any]) -> None:
+        _abandoned.discard(done)
+        if done.cancelled() or done.exception() is not None:
+            return  # (its exception is retrieved: nobody waits for it)
+        log.warning(
+            "job %s: backend %r answered a trigger call abandoned before (it did not stop when"
+            " cancelled); what it started is recorded nowhere: look for it in the external"
+            " system",
+            rec.id,
+            rec.backend,
+            extra=rec.log_extra(),
+        )
+
+    answering.add_done_callback(ended)
+
+
+async def _settled_within(future: asyncio.Future[Any], seconds: float) -> None:
+    """Wait until `future` is done, for `seconds` at most (`asyncio.wait`'s
+    work for one future, with less of its cost: this is in every trigger)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(seconds, wake)
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
+
+
+def _where(exc: BaseException) -> tuple[str, str, int]:
+    """An exception's type, and the file and line it was raised at."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(exc).__qualname__, "", 0
+    return type(exc).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+"""A URL's `user:password@`, wherever it stands in a text."""
+
+
+def _log_traceback(
+    level: int,
+    exc: BaseException,
+    tokens: Sequence[str],
+    message: str,
+    *args: Any,
+    extra: Mapping[str, Any],
+    traceback: bool = True,
+) -> None:
+    """Log `message` with `exc`'s traceback (`exc_text`: the text formatter
+    appends it, the JSON one files it as `exc`), of which the messages of
+    `exc` and of what it chains may quote a secret: a job's callback tokens
+    (`tokens`, every form `redact` knows) and any URL's `user:password@` are
+    masked. The log record never holds the exception itself, whose words a
+    formatter would write as they are. `traceback` False: the line alone."""
+    if not log.isEnabledFor(level):
+        return
+    path, line, function, _ = log.findCaller(stacklevel=2)  # the line that called this
+    record = log.makeRecord(
+        log.name, level, path, line, message, args, None, function, extra=dict(extra)
+    )
+    if traceback:
+        text = "".join(format_exception(exc)).rstrip()
+        record.exc_text = USERINFO.sub(r"\1***@", redact(text, tokens))
+    log.handle(record)
+
+
+def _said(value: Any) -> str:
+    """What a backend answered, as a log line or a job's error names it: a
+    number itself, anything else by its type (its words are not Tether's
+    to show)."""
+    if isinstance(value, numbers.Real) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _another_job(rec: JobRecord, now: JobRecord | None) -> bool:

@@ -8,9 +8,21 @@ from typing import Any
 import msgspec
 import pytest
 
-from core.bounds import MAX_DEPTH, PREVIEW_BYTES, bound_outcome, bound_result, deeper_than, shallow
+from core.bounds import (
+    FIELD_BYTES,
+    MAX_DEPTH,
+    PREVIEW_BYTES,
+    bound_change,
+    bound_external,
+    bound_learnt,
+    bound_outcome,
+    bound_result,
+    deeper_than,
+    shallow,
+)
 from core.models import ErrorInfo, Outcome
 from core.settings import Settings
+from core.store.jobs import JobRecord
 
 
 def size(value: Any) -> int:
@@ -133,3 +145,103 @@ def test_a_result_nested_too_deeply_is_the_marker_with_its_preview():
 def test_a_result_too_deep_even_to_write_out_is_the_marker_without_a_preview():
     kept = shallow(Outcome(status="failed", result=nested(200_000)))
     assert kept.result == {"truncated": True, "nested_deeper_than": MAX_DEPTH, "preview": ""}
+
+
+# ── a run's `external` ───────────────────────────────────────────────────────
+
+MIB = 1_048_576
+
+
+def test_an_external_within_the_bound_is_itself():
+    external = {"run_id": 42, "state": "QUEUED", "note": "x" * 5_000}
+    assert bound_external(external, MIB) == (external, [])
+    assert bound_external(external, None) == (external, [])
+
+
+def test_an_external_past_the_bound_has_its_largest_fields_cut_and_keeps_the_rest_whole():
+    """What names the run (its id) stays as the backend wrote it: its
+    `cancel` and `check_status` read it. 20 MB: what a QA plugin returned."""
+    external = {"run_id": 42, "blob": "x" * 20_000_000, "logs": ["y" * 100] * 9_000, "s": "ok"}
+    bounded, cut = bound_external(external, MIB)
+    assert cut == ["blob"]  # the largest alone was enough
+    assert size(bounded) <= MIB
+    assert (bounded["run_id"], bounded["logs"], bounded["s"]) == (42, external["logs"], "ok")
+    data = msgspec.json.encode(external["blob"])
+    marker = bounded["blob"]
+    assert (marker["truncated"], marker["bytes"]) == (True, len(data))
+    assert marker["sha256"] == hashlib.sha256(data).hexdigest()
+    assert external["blob"].startswith(marker["preview"]) and marker["preview"]
+    assert size(marker) <= FIELD_BYTES
+    assert bound_external(external, MIB) == (bounded, cut)  # the same every time
+
+    tighter, cut = bound_external(external, 4096)
+    assert cut == ["blob", "logs"] and size(tighter) <= 4096
+    assert (tighter["run_id"], tighter["s"]) == (42, "ok")
+
+
+def test_an_external_of_many_small_fields_past_the_bound_is_the_marker_whole():
+    external = {f"k{n}": n for n in range(200_000)}
+    bounded, cut = bound_external(external, MIB)
+    assert bounded["truncated"] is True and size(bounded) <= MIB
+    assert len(cut) == len(external)
+
+
+def test_an_external_field_nested_too_deeply_is_the_marker_whatever_its_size():
+    external = {"run_id": 1, "tree": nested(MAX_DEPTH), "fine": nested(MAX_DEPTH - 1)}
+    bounded, cut = bound_external(external, MIB)
+    assert cut == ["tree"]
+    assert bounded["tree"]["nested_deeper_than"] == MAX_DEPTH
+    assert (bounded["run_id"], bounded["fine"]) == (1, external["fine"])
+    assert not deeper_than(bounded)
+
+
+def test_a_change_that_keeps_the_external_within_the_bound_is_itself():
+    changed = {"state": "RUNNING"}
+    assert bound_change(changed, {"run_id": 1, "state": "QUEUED"}, MIB) == (changed, [])
+    assert bound_change(changed, None, MIB) == (changed, [])
+    assert bound_change(changed, {"run_id": 1}, None) == (changed, [])
+
+
+def test_a_change_past_the_bound_has_its_largest_fields_cut():
+    """`Running(external={...5 MB})`, merged into the job's `external` at
+    every status check: before, stored as it was."""
+    external = {"run_id": 1, "state": "QUEUED"}
+    changed = {"state": "RUNNING", "blob2": "e" * 5_000_000}
+    kept, cut = bound_change(changed, external, MIB)
+    assert cut == ["blob2"] and kept["state"] == "RUNNING"
+    assert kept["blob2"]["bytes"] == 5_000_002 and size({**external, **kept}) <= MIB
+
+
+def test_a_change_that_would_grow_a_full_external_past_the_bound_leaves_its_new_fields_out():
+    """Each field fits, but the job's `external` has little room left: a
+    check adding a field at a time would grow it without end."""
+    external = {"run_id": 1, "state": "QUEUED", "big": "b" * (MIB - 200)}
+    changed = {"state": "RUNNING", "extra": "x" * 2_000}
+    kept, cut = bound_change(changed, external, MIB)
+    assert kept == {"state": "RUNNING"} and cut == ["extra"]
+
+
+def test_learnt_fields_are_bounded_with_a_warning_naming_the_job_and_its_backend(caplog):
+    rec = JobRecord(
+        id="j",
+        backend="mysys",
+        state="running",
+        params={},
+        metadata={},
+        timeout=60.0,
+        fingerprint="f",
+        deadline=0,
+        created_at=0,
+        updated_at=0,
+        external={"run": 1},
+    )
+    assert bound_learnt(rec, None, MIB) is None
+    assert bound_learnt(rec, (1, {"state": "RUNNING"}), MIB) == (1, {"state": "RUNNING"})
+    assert not caplog.records
+    attempt, kept = bound_learnt(rec, (1, {"blob": "e" * 2 * MIB}), MIB) or (0, {})
+    assert attempt == 1 and kept["blob"]["truncated"] is True
+    [warning] = caplog.records
+    assert warning.getMessage() == (
+        "job j: backend 'mysys' reported run details (Running.external) past the bound of"
+        " 1048576 bytes (TETHER_MAX_RESULT_BYTES); kept cut or left out: blob"
+    )

@@ -6,6 +6,8 @@ receipts, errors and logs, and the finish step. The backend is a small real
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import view
 from core.workflow import callback_promise_id
+from tests.conftest import eventually
 from tests.core.parts import Parts, logs_of, open_parts
 
 BASE = "http://tether.test"
@@ -62,8 +65,12 @@ class Scripted(Backend):
         self.unrecorded: list[Trigger] = []
         """What `cancel_unrecorded` was handed, each call."""
         self.unrecorded_error: Exception | None = None
+        self.interval: Callable[[ScriptedParams], Any] | None = None
+        """What `check_interval` answers instead of `params.interval`."""
 
     def check_interval(self, params: ScriptedParams) -> float | None:
+        if self.interval is not None:
+            return self.interval(params)  # type: ignore[no-any-return]
         return params.interval
 
     async def trigger(self, trigger: Trigger) -> Any:
@@ -2100,10 +2107,18 @@ async def test_other_exceptions_are_retried_with_the_backoff_then_fail(rig: Rig)
     assert rig.waits == [0.5, 1.0, 2.0]
     rec = await rig.parts.row("j")
     assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: OSError: x", "trigger"))
-    assert logs.lines[:3] == [
+    assert [line for line in logs.lines if not line.startswith("ERROR")][:3] == [
         "WARNING job j: trigger attempt 1/4 failed (KeyError); again in 0.5s",
         "WARNING job j: trigger attempt 2/4 failed (ConnectionError); again in 1.0s",
         "WARNING job j: trigger attempt 3/4 failed (ValueError); again in 2.0s",
+    ]
+    # each with its traceback, once: not a BackendError (a plugin's bug?)
+    raised = [line for line in logs.lines if line.startswith("ERROR")]
+    assert [line.split(" raised ")[1].split(",")[0] for line in raised] == [
+        "KeyError",
+        "ConnectionError",
+        "ValueError",
+        "OSError",
     ]
 
 
@@ -2115,12 +2130,15 @@ async def test_an_exception_then_success(rig: Rig):
     assert (await rig.parts.row("j")).external == {"ok": True}
 
 
-async def test_a_receipt_that_is_not_json_counts_as_a_failed_attempt(rig: Rig):
+async def test_a_receipt_that_is_not_json_fails_the_job_at_once(rig: Rig):
+    """A plugin's bug: asked again, it would answer so again (see
+    `test_a_trigger_answering_no_receipt_fails_at_once_and_its_finish_stops_what_it_started`)."""
     await start(rig)
     rig.backend.answers = [{"when": object()}, {"ok": 1}]
     await rig.steps.trigger("j", "j:1")
-    assert rig.waits == [0.5]
-    assert (await rig.parts.row("j")).external == {"ok": 1}
+    assert rig.waits == [] and len(rig.backend.triggers) == 1
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("failed", None)
 
 
 @pytest.mark.parametrize("attempts", [0, 1])
@@ -3229,3 +3247,339 @@ def test_a_finish_has_nothing_to_do_but_the_index_without_a_run_to_stop_or_plugi
     value = {"status": state, "by": by}
     assert steps.finishes_alone(state, value) is alone
     assert rig.steps.finishes_alone(state, value) is False  # a plugin is told of finishes
+
+
+# ── a backend that misbehaves ────────────────────────────────────────────────
+
+
+def no_interval(params: ScriptedParams) -> Any:
+    raise ValueError("no interval for these params")
+
+
+@pytest.mark.parametrize(
+    ("interval", "said"),
+    [
+        (no_interval, "raised ValueError"),
+        (lambda params: "soon", "returned a str"),
+        (lambda params: float("nan"), "returned nan"),
+        (lambda params: float("inf"), "returned inf"),
+        (lambda params: -1, "returned -1"),
+    ],
+)
+async def test_a_check_interval_that_raises_or_is_no_number_leaves_the_run_recorded_unchecked(
+    rig: Rig, interval: Callable[[ScriptedParams], Any], said: str
+):
+    """The run is started: it is recorded (the job `running`, its
+    `triggered` event filed), with no status checks (the default's answer)
+    and a warning naming the backend, and the trigger is not called again.
+    Before, the trigger step raised after the run started, and the workflow
+    ran the whole trigger again, with no end."""
+    await start(rig)
+    rig.backend.interval = interval
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external, rec.next_check_at) == ("running", {"run": 1}, None)
+    assert [t for t, _ in await history(rig)] == ["triggered"]
+    if said.startswith("returned"):
+        said += ", not a number of seconds (or None)"
+    assert [line for line in logs.lines if line.startswith("WARNING")] == [
+        f"WARNING job j: backend 'scripted': check_interval {said}; the job gets no status checks"
+    ]
+
+
+async def test_a_check_interval_longer_than_any_job_lives_is_cut_to_the_longest_timeout(
+    rig: Rig,
+):
+    """1e300 seconds: before, its time in ms did not fit the store's integer,
+    and the trigger was run again and again."""
+    await start(rig)
+    rig.backend.interval = lambda params: 1e300
+    before = now_ms()
+    await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    longest = int(rig.parts.settings.max_timeout * 1000)
+    assert rec.state == "running" and rec.next_check_at is not None
+    assert before + longest <= rec.next_check_at <= now_ms() + longest
+    assert len(rig.backend.triggers) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (["not", "a", "mapping"], "returned a list, not a mapping"),
+        (None, "returned None, not a mapping"),
+        ("run-7", "returned a str, not a mapping"),
+        ({"when": object()}, "returned a mapping that is not JSON (TypeError: "),
+    ],
+)
+async def test_a_trigger_answering_no_receipt_fails_at_once_and_its_finish_stops_what_it_started(
+    rig: Rig, answer: Any, said: str
+):
+    """A plugin's bug: asking again would get the same answer. The try may
+    have started a run all the same (`retryable`), which the job's finish
+    asks the backend to stop."""
+    await start(rig)
+    rig.backend.answers = [answer]
+    await rig.steps.trigger("j", "j:1")
+
+    assert len(rig.backend.triggers) == 1 and rig.waits == []
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed" and rec.error is not None
+    assert rec.error.type == "invalid_receipt"
+    assert rec.error.message.startswith(f"trigger failed: backend 'scripted': trigger {said}")
+    [tried] = [d for t, d in await history(rig) if t == "trigger_failed"]
+    assert (tried["try"], tried["retry_in"], tried["retryable"]) == (1, None, True)
+    assert tried["error"]["type"] == "invalid_receipt"
+
+    await finish_as_settled(rig)
+    [asked] = rig.backend.unrecorded
+    assert asked.idempotency_key == rig.backend.triggers[0].idempotency_key
+
+
+def failure(kind: type[Exception], message: str) -> Exception:
+    """An exception raised and caught, chained to one that quotes the
+    callback URL too (a library's error about the request it sent)."""
+    try:
+        raise ConnectionError(f"reset while posting to {SIGNER.url('j:1')}")
+    except ConnectionError as cause:
+        error = kind(message)
+        error.__cause__ = cause
+        return error
+
+
+async def test_an_unexpected_exception_of_trigger_is_logged_once_with_its_traceback_masked(
+    rig: Rig,
+):
+    """Not a `BackendError`: a bug of the plugin, or a library's error it let
+    through. Its traceback is logged at ERROR once (the tries that repeat it
+    only say its type), each quote of the callback token masked; the job's
+    record keeps its message masked, as before."""
+    await start(rig)
+    url = SIGNER.url("j:1")
+    rig.backend.answers = [
+        failure(RuntimeError, f"failed to start, callback was {url}"),
+        failure(RuntimeError, f"failed to start, callback was {url}"),
+    ]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    assert (await rig.parts.row("j")).state == "running"
+    [error] = [r for r in logs.records if r.levelname == "ERROR"]
+    assert error.getMessage() == (
+        "job j: backend 'scripted': trigger raised RuntimeError, not a BackendError (a bug of"
+        " its plugin?); try 1/4"
+    )
+    assert error.exc_info is None  # the exception's own words are never formatted
+    shown = logging.Formatter().format(error)
+    assert shown.startswith(error.getMessage() + "\nTraceback (most recent call last):")
+    assert (
+        "ConnectionError: reset while posting to http://tether.test/callbacks/j%3A1?token=***"
+        in shown
+    )
+    assert shown.endswith(
+        "RuntimeError: failed to start, callback was " + url.replace(TOKEN, "***")
+    )
+    assert TOKEN not in shown
+    assert logs.lines[1:] == [
+        "WARNING job j: trigger attempt 1/4 failed (RuntimeError); again in 0.5s",
+        "WARNING job j: trigger attempt 2/4 failed (RuntimeError); again in 1.0s",
+        "INFO job j triggered",
+    ]
+
+
+async def test_a_cancel_that_raises_is_logged_with_its_traceback_masked_and_filed_by_its_type(
+    rig: Rig,
+):
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    rig.backend.cancel_error = failure(
+        RuntimeError, f"cancel exploded for {SIGNER.url('j:1')} via https://ops:hunter2@api.test/x"
+    )
+    with logs_of("tether") as logs:
+        await rig.steps.finish("j", {"status": "canceled"})
+
+    [error] = [r for r in logs.records if r.levelname == "ERROR"]
+    assert error.getMessage() == (
+        "job j: cancelling the external run failed (RuntimeError); it may still be running:"
+        " stop it in scripted"
+    )
+    shown = logging.Formatter().format(error)
+    assert shown.endswith(
+        "RuntimeError: cancel exploded for http://tether.test/callbacks/j%3A1?token=***"
+        " via https://***@api.test/x"
+    )
+    assert "ConnectionError: reset while posting to" in shown
+    assert TOKEN not in shown and "hunter2" not in shown
+    error_said = {"type": "RuntimeError", "message": "RuntimeError"}  # the event: its type alone
+    assert (await history(rig))[-1] == (
+        "cancel_failed",
+        {"tries": 1, "error": error_said, "external": {"run": 1}},
+    )
+
+
+async def test_a_receipt_past_the_bound_is_kept_with_its_largest_fields_cut(rig: Rig):
+    """As a result past `max_result_bytes` is: before, 20 MB went into the
+    job's row and its `triggered` event as they were."""
+    await start(rig)
+    blob = "x" * 2_000_000
+    rig.backend.answers = [{"run": 7, "blob": blob, "state": "QUEUED"}]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert rec.state == "running" and rec.external is not None
+    assert (rec.external["run"], rec.external["state"]) == (7, "QUEUED")  # the run's name: whole
+    whole = msgspec.json.encode(blob)
+    cut = rec.external["blob"]
+    assert (cut["truncated"], cut["bytes"]) == (True, len(whole))
+    assert cut["sha256"] == hashlib.sha256(whole).hexdigest()
+    assert cut["preview"].startswith("xxxx")
+    assert len(msgspec.json.encode(rec.external)) <= 2048
+    assert (await history(rig))[-1] == ("triggered", {"try": 1, "external": rec.external})
+    assert (
+        "WARNING job j: backend 'scripted': trigger returned 2000036 bytes of JSON; the job's"
+        " external is kept with these fields cut (past the bound of 1048576 bytes,"
+        " TETHER_MAX_RESULT_BYTES, or nested too deep): blob"
+    ) in logs.lines
+
+
+def hangs(cancelled: list[bool]) -> Callable[[Trigger], Awaitable[None]]:
+    """A trigger's call that never answers; `cancelled` notes its cancellation."""
+
+    async def during(trigger: Trigger) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    return during
+
+
+async def trigger_ended_meanwhile(rig: Rig, end: Outcome) -> list[str]:
+    """Trigger job `j`, whose backend's call waits on `rig.backend.during`,
+    and end it with `end` once the call is under way; its log lines."""
+    await start(rig)
+    # Its workflow, which runs the trigger: its finish is still to come.
+    await rig.parts.resonate.promises.create("j", now_ms() + 60_000, Value(data=None), {})
+    triggering = asyncio.create_task(rig.steps.trigger("j", "j:1"))
+    await eventually(lambda: rig.backend.triggers)
+    by = {"succeeded": "callback"}.get(end.status, "timeout")
+    await rig.parts.settler.settle("j", end, by=by, attempt=1)
+    with logs_of("tether") as logs:
+        await asyncio.wait_for(triggering, 5)
+    return logs.lines
+
+
+@pytest.mark.parametrize("end", [TIMED_OUT, CANCELED, DONE])
+async def test_a_trigger_call_waiting_when_its_job_ended_is_left_and_its_finish_stops_its_run(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, end: Outcome
+):
+    """The workflow no longer waits for the call once its job ended (its
+    task slot freed), and the run the call may have started is the
+    finish's to stop, as a try whose answer was lost: `cancel_unrecorded`,
+    unless the run ended the job itself (its callback came while the
+    trigger hung). The call may still answer (below) until
+    `TRIGGER_TIMEOUT`, or the service stops. Before, a call that hung held
+    the workflow, and its task slot, for good."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    cancelled: list[bool] = []
+    rig.backend.during = hangs(cancelled)
+    lines = await trigger_ended_meanwhile(rig, end)
+
+    assert lines == [
+        "WARNING job j: attempt 1 ended while backend 'scripted''s trigger had not answered;"
+        " the attempt goes on without it, as after a try whose answer was lost"
+    ]
+    rec = await finish_as_settled(rig)
+    assert (rec.state, rec.external) == (end.status, None)
+    assert len(rig.backend.unrecorded) == (0 if end.status == "succeeded" else 1)
+    assert [t for t, _ in await history(rig)] == ["finished"]
+    assert cancelled == [] and len(rig.steps.detached) == 1  # still answering
+    await rig.steps.close()  # the service stops
+    assert cancelled == [True] and not rig.steps.detached
+    assert len(rig.backend.triggers) == 1
+
+
+@pytest.mark.parametrize(("end", "stopped"), [(TIMED_OUT, True), (DONE, False)])
+async def test_a_trigger_call_that_answers_after_its_job_ended_has_its_run_recorded_and_stopped(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, end: Outcome, stopped: bool
+):
+    """A slow backend's call (one in a thread cannot be cancelled) answered
+    after the workflow went on: its run is recorded after the end, and
+    stopped (`cancel`) unless the job ended by its run's own callback, as a
+    run answered after its attempt ended always was."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    answer = asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+
+    rig.backend.during = slow
+    await trigger_ended_meanwhile(rig, end)
+    await finish_as_settled(rig)
+    with logs_of("tether") as logs:
+        answer.set()
+        await eventually(lambda: not rig.steps.detached)
+
+    assert logs.lines[0] == (
+        "WARNING job j: backend 'scripted''s trigger answered after attempt 1 ended; its run is"
+        " recorded and stopped as a late answer's"
+    )
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == (end.status, {"run": 1})
+    assert [t for t, _ in await history(rig)] == ["finished", "triggered"]
+    assert [job.external for job in rig.backend.canceled] == ([{"run": 1}] if stopped else [])
+
+
+async def test_a_trigger_call_that_never_answers_is_abandoned_and_fails_the_job(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """After `TRIGGER_TIMEOUT`, as a try whose answer was lost: not tried
+    again (it would hang again), the job failed, and the run the try may
+    have started asked to stop by the finish."""
+    monkeypatch.setattr(core.steps, "TRIGGER_TIMEOUT", 0.1)
+    await start(rig)
+    cancelled: list[bool] = []
+    rig.backend.during = hangs(cancelled)
+    await asyncio.wait_for(rig.steps.trigger("j", "j:1"), 5)
+
+    assert cancelled == [True] and len(rig.backend.triggers) == 1 and rig.waits == []
+    rec = await rig.parts.row("j")
+    message = "backend 'scripted': trigger did not answer within 0.1 s; the call was cancelled"
+    assert (rec.state, rec.error) == (
+        "failed",
+        ErrorInfo(f"trigger failed: {message}", "trigger_timeout"),
+    )
+    error = {"type": "trigger_timeout", "message": message}
+    assert await history(rig) == [
+        ("trigger_failed", {"try": 1, "error": error, "retry_in": None, "retryable": True}),
+        ("finished", {"state": "failed", "error_type": "trigger_timeout"}),
+    ]
+    await finish_as_settled(rig)
+    assert len(rig.backend.unrecorded) == 1
+
+
+async def test_a_trigger_call_that_raises_cancelled_of_its_own_is_a_failed_try(rig: Rig):
+    await start(rig)
+    rig.backend.answers = [asyncio.CancelledError(), {"run": 3}]
+    await rig.steps.trigger("j", "j:1")
+    assert (await rig.parts.row("j")).external == {"run": 3}
+    assert rig.waits == [0.5]
+
+
+async def test_a_trigger_that_is_no_coroutine_function_is_answered_by_what_it_returns(rig: Rig):
+    """Before, awaiting its answer raised, and the run it started was asked
+    for again at every try."""
+    await start(rig)
+
+    def trigger(trigger: Trigger) -> dict[str, Any]:
+        rig.backend.triggers.append(trigger)
+        return {"run": 5}
+
+    rig.backend.trigger = trigger  # type: ignore[assignment, method-assign]
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 1
+    assert (await rig.parts.row("j")).external == {"run": 5}
