@@ -137,7 +137,7 @@ class Doorbell:
         for _ in range(3):  # the directory may be removed by a peer's close() meanwhile
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             try:
-                self.dir.mkdir(exist_ok=True)
+                self.dir.mkdir(mode=0o700, exist_ok=True)  # its doorbells: the owner's
                 self._reset_dirfd()
                 sock.bind(self._addr(name))
             except FileNotFoundError:

@@ -505,6 +505,17 @@ def write_secrets(path: Path, kept: Sequence[str]) -> None:
         raise
 
 
+def private_database(path: Path) -> None:
+    """Make the database file `path`, empty and private to its owner (0600),
+    unless it exists: SQLite then opens it as a new database, and makes its
+    `-wal` and `-shm` files with the same mode. (Made by SQLite, all three
+    took the umask's mode, 0644 as a rule: a job's params, results and
+    history readable by every user of the host.) An existing file keeps its
+    mode: the operator's to choose."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _write_once(path: Path, text: str) -> None:
     """Make `path` (mode 0600) holding `text` unless it exists. Two processes
     starting at once agree: the file appears atomically, whole, and the first
@@ -615,6 +626,7 @@ async def _open(
     notify, notify_previous = settings.notify_secret, listed(settings.notify_secret_previous)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)
         if not secret:
             secret, *kept = callback_secrets(path)
             previous = (*kept, *previous)

@@ -49,7 +49,7 @@ from resonate_base import PROTOCOL_VERSION
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
 from core.store.base import STORE_WAIT, Store, WorkflowIds, scheme_of, signing_secrets
-from core.store.embedded import SqliteDriver, SqliteIndex
+from core.store.embedded import SqliteDriver, SqliteIndex, private_database
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
 
@@ -654,6 +654,7 @@ async def _ping_beside(index: SqlJobIndex, server: RemoteConnection) -> None:
 async def _sqlite_index(path: Path, server: RemoteConnection) -> SqlJobIndex:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)
         _wal(path)
     except (OSError, sqlite3.Error) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)

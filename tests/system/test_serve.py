@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 from pathlib import Path
 
 from tests.process import TetherProcess, wait_for
@@ -57,5 +59,28 @@ def test_an_installed_plugin_is_served_without_changing_tether(tmp_path):
             client.post("/jobs", json={"id": "x", "backend": "echo", "params": {"message": "m"}})
             assert wait_for(client, "x", "running")["external"] == {"echoed": "m"}
         service.terminate()  # memory:// deletes its temporary file on the way out
+    finally:
+        service.kill()
+
+
+def test_a_new_embedded_store_is_private_to_its_owner(tmp_path, receiver):
+    """Made by SQLite, the database and its -wal and -shm took the umask's
+    mode (0644): a job's params, results and history readable by any user
+    of the host (found by an exploratory QA pass). The umask here is the
+    usual 022."""
+    old = os.umask(0o022)
+    try:
+        db = tmp_path / "store" / "tether.db"
+        service = TetherProcess(tmp_path, {"TETHER_STORE": f"sqlite:///{db}"}).start()
+    finally:
+        os.umask(old)
+    try:
+        with service.client() as client:
+            body = {"id": "private", "backend": "http_webhook", "params": {"url": receiver.url()}}
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "private", "running")
+        made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in db.parent.iterdir()}
+        assert {"tether.db", "tether.db-wal", "tether.db-shm"} <= set(made), made
+        assert {name: mode for name, mode in made.items() if mode & 0o077} == {}, made
     finally:
         service.kill()
