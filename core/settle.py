@@ -36,7 +36,7 @@ from resonate_base import ConnectorError
 
 from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
-from core.models import OPEN_STATES, ErrorInfo, EventType, Outcome
+from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import (
@@ -322,7 +322,9 @@ class Settler:
             # (no workflow yet) or pending. Ending it in the index is enough
             # (the trigger reads it first), but only while it is still
             # one of those; else the promise exists now.
-            early = ("queued", "pending")
+            early: tuple[JobState, ...] = ("queued", "pending")
+            if await self._promises_gone(job_id, attempt):
+                early += ("running",)
             rec, ended, _ = await self._end(job_id, outcome, early, note, "accepted", attempt)
             # A queued one is the service's (listener); a workflow that is
             # only slow to make its promise finishes the job itself (its
@@ -448,6 +450,22 @@ class Settler:
         except (ServerError, StoreUnavailable):
             return False
         return bool(root.state == "pending")
+
+    async def _promises_gone(self, job_id: str, attempt: int) -> bool:
+        """Whether the attempt's workflow is gone for good: its root promise
+        is not in the store (404, not a store that did not answer). A running
+        job's callback promise was made before its trigger, so a settle that
+        finds neither may end a `running` row itself, as it ends an early
+        one: nothing else would (retention before 2026-12-05 deleted the
+        promises of jobs an outage had left waiting past their deadlines,
+        and they stayed `running`, every settle a 503)."""
+        try:
+            await store_call(self.resonate.promises.get(root_promise_id(job_id, attempt)))
+        except ServerError as exc:
+            return exc.code == 404
+        except StoreUnavailable:
+            return False
+        return False
 
     async def _orphaned(self, rec: JobRecord, wait: bool) -> None:
         """`orphaned(rec)`, in a task of the service's (`spawn`) when its

@@ -21,7 +21,7 @@ from core.settings import Settings
 from core.settle import Settler, noted, outcome_of
 from core.store import JobIndex, Store, open_store
 from core.store.jobs import JobRecord, NewEvent, now_ms
-from core.workflow import callback_promise_id, job_id_of
+from core.workflow import callback_promise_id, job_id_of, root_promise_id
 
 
 @dataclass
@@ -74,6 +74,14 @@ class Parts:
         """The job's callback promise, as its workflow creates it."""
         await self.resonate.promises.create(
             callback_promise_id(job_id), now_ms() + timeout_ms, Value(data=None), {}
+        )
+
+    async def add_root(self, job_id: str, timeout_ms: int = 60_000) -> None:
+        """The job's workflow (attempt 1's root promise), as `POST /jobs`
+        starts it: a job past `pending` always has one, unless something
+        deleted it (a settle then ends the row itself)."""
+        await self.resonate.promises.create(
+            root_promise_id(job_id, 1), now_ms() + timeout_ms, Value(data=None), {}
         )
 
     def step_by_step(self, monkeypatch: pytest.MonkeyPatch) -> None:

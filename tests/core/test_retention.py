@@ -491,3 +491,39 @@ async def test_retention_keeps_the_workflows_of_jobs_the_index_holds_open(reques
         await collect_garbage(parts.store, 86_400)
         assert await promise_ids(parts) == set()
         assert await job_ids(parts) == {"open", "gone"}
+
+
+async def test_a_running_job_whose_promises_are_gone_is_ended_by_its_settle(
+    start_service, receiver, store_url
+):
+    """A store the retention of releases before 2026-12-05 damaged: the
+    promises of jobs an outage had left waiting were deleted while the index
+    held them `running`. Every settle was then a 503 for good ("did not
+    create its promise in time"): the job could be neither completed,
+    canceled nor timed out. A settle that finds the attempt's workflow gone
+    now ends the row itself, and the run is stopped as for any orphan."""
+    store = store_url()
+    postgres = store.startswith("postgresql")
+    svc = await start_service(store=store, watchdog_interval=0)
+    await waiting_jobs(svc, receiver, "late", "lost")
+    await an_outage(svc, ("late",), postgres)
+    table = "resonate.promises" if postgres else "r_promises"
+    for job_id in ("late", "lost"):  # what the old retention did (and Postgres' gc)
+        await svc.tether.jobs.db.execute(
+            f"DELETE FROM {table} WHERE id = ? OR id LIKE ?", (job_id, f"{job_id}:%")
+        )
+
+    with logs_of("tether") as logs:
+        await svc.tether.watchdog.sweep(now_ms())  # past its deadline: timed out
+        late = await svc.wait_state("late", "timed_out")
+        callback = next(h for h in receiver.on("/wait") if h.body["job_id"] == "lost")
+        answer = await svc.client.post(
+            callback.body["callback_url"].removeprefix(svc.settings.base_url),
+            json={"status": "succeeded", "result": {"rows": 1}},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outcome"] == "accepted"
+        lost = await svc.wait_state("lost", "succeeded")
+    assert late["error"]["type"] == "timeout" and lost["result"] == {"rows": 1}
+    assert [h.body["job_id"] for h in receiver.on("/stop")] == ["late"]  # its run stopped
+    assert not [line for line in logs.lines if "StoreUnavailable" in line], logs.lines

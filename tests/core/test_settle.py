@@ -827,6 +827,7 @@ async def test_an_unknown_job_is_not_found(parts: Parts):
 async def test_a_running_job_whose_promise_comes_late_is_settled_through_it(parts: Parts):
     """Past `pending` the workflow is creating the promise: the settle waits for it."""
     await parts.add_job("j", state="running")
+    await parts.add_root("j")  # its workflow runs
     settle = asyncio.create_task(parts.settler.settle("j", DONE, by="callback"))
     await asyncio.sleep(0.3)
     assert not settle.done()
@@ -842,6 +843,7 @@ async def test_a_running_job_whose_promise_comes_late_is_settled_through_it(part
 async def test_a_promise_that_never_comes_is_the_store_not_keeping_up(parts: Parts, monkeypatch):
     monkeypatch.setattr(core.settle, "UNBORN_PROMISE_WAIT", 0.001)
     await parts.add_job("j", state="running")
+    await parts.add_root("j")  # its workflow runs
 
     with pytest.raises(StoreUnavailable) as raised:
         await parts.settler.settle("j", DONE, by="callback")
@@ -854,6 +856,7 @@ async def test_the_unborn_promise_is_looked_for_the_set_number_of_times(parts: P
     monkeypatch.setattr(core.settle, "UNBORN_PROMISE_WAIT", 0.001)
     monkeypatch.setattr(core.settle, "UNBORN_PROMISE_TRIES", 3)
     await parts.add_job("j", state="running")
+    await parts.add_root("j")  # its workflow runs
     asked: list[str] = []
     resolve = parts.resonate.promises.resolve
 
