@@ -28,7 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
-from core.bounds import MAX_DEPTH, deeper_than
+from core.bounds import MAX_DEPTH, bound_learnt, deeper_than
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
 from core.models import (
@@ -230,7 +230,7 @@ class Callbacks:
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             said = NewEvent("status_check", status_said(found, tokens))
-            found_now = learnt(rec, found, tokens)
+            found_now = bound_learnt(rec, learnt(rec, found, tokens), self.settler.max_result_bytes)
             await store_call(
                 self.jobs.record(rec.id, [said], now_ms(), found_now, open_at=rec.attempt)
             )

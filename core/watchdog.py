@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from resonate.error import ServerError
 
+from core.bounds import bound_learnt
 from core.callbacks import learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.models import ErrorInfo, Outcome, Running
@@ -409,7 +410,9 @@ class Watchdog:
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             said = NewEvent("status_check", status_said(found, tokens))
-            learnt_now = learnt(rec, found, tokens)
+            learnt_now = bound_learnt(
+                rec, learnt(rec, found, tokens), self.settler.max_result_bytes
+            )
             await self.store.jobs.record(rec.id, [said], now_ms(), learnt_now, open_at=rec.attempt)
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
@@ -498,7 +501,9 @@ class Watchdog:
         if isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
             event = NewEvent("heartbeat_missed", {**missed, **status_said(found, tokens)})
-            learnt_now = learnt(rec, found, tokens)
+            learnt_now = bound_learnt(
+                rec, learnt(rec, found, tokens), self.settler.max_result_bytes
+            )
             await self.store.jobs.record(rec.id, [event], now_ms(), learnt_now, open_at=rec.attempt)
             return
         if found is None:

@@ -114,11 +114,6 @@ async def test_a_receipt_of_20_mb_is_kept_cut_to_the_result_bound(start_service)
     assert len((await svc.client.get("/jobs")).content) < 10_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Running.external is merged by core/watchdog.py (and core/callbacks.py's hint),"
-    " which are to pass it through core.bounds.bound_learnt: drop this mark then",
-)
 async def test_run_details_of_5_mb_a_status_check_reports_are_kept_cut(start_service):
     svc = await start_service(plugins=(Offers(Misbehaving()),))
     await submit(svc, "details", params={"answer": "huge_running", "interval": 0.2})
