@@ -671,7 +671,15 @@ class JobSteps:
     def _backend_and_params(self, rec: JobRecord) -> tuple[Backend, Any]:
         backend = self.plugins.backends.get(rec.backend)
         if backend is None:
-            raise BackendError(f"backend {rec.backend!r} is not installed", code="unknown_backend")
+            message = f"backend {rec.backend!r} is not installed"
+            if rec.tries_run is not None and rec.tries_run.startswith(f"{rec.attempt}:"):
+                # a run of the workflow got to its tries before (a restart
+                # after the plugin was removed): one may have started a run
+                message += (
+                    "; a try made before it was removed may have started a run, which nothing"
+                    " here can stop: look for it in the external system"
+                )
+            raise BackendError(message, code="unknown_backend")
         try:
             return backend, msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError as exc:

@@ -2214,6 +2214,23 @@ async def test_an_uninstalled_backend_fails_the_job(rig: Rig):
     )
 
 
+async def test_an_uninstalled_backend_of_a_job_tried_before_says_a_run_may_be_going(rig: Rig):
+    """Its plugin removed while a trigger was in flight (then a restart): the
+    job failed saying only that the backend is not installed, though the try
+    may have started a run nothing can stop now (found by an exploratory QA
+    pass with a third-party plugin)."""
+    await rig.parts.add_job("j", backend="nope")
+    await rig.parts.add_promise("j")
+    assert await mark(rig, "j", "1:a")  # run a got to its tries, then the process died
+    await rig.steps.trigger("j", "j:1", run="b")
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed" and rec.error is not None
+    assert rec.error.message == (
+        "trigger failed: backend 'nope' is not installed; a try made before it was removed may"
+        " have started a run, which nothing here can stop: look for it in the external system"
+    )
+
+
 async def test_params_that_no_longer_fit_fail_the_job(rig: Rig):
     await start(rig, interval="soon")
     await rig.steps.trigger("j", "j:1")
