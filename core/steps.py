@@ -176,10 +176,21 @@ class JobSteps:
         """Cancel the trigger calls still answering late (`detached`), and
         wait for them: the service is stopping. The run such a call may
         start is its finish's `cancel_unrecorded`'s to find, as a try whose
-        process died."""
+        process died, if it started before that look; one started after (a
+        call in a thread, which no cancel stops) is said in a warning, not
+        found: a known gap (a durable stop lease for such calls would close
+        it)."""
         while self.detached:
             late = list(self.detached)
             for task in late:
+                log.warning(
+                    "job %s: its trigger's call, which its attempt no longer waited for, was"
+                    " still answering as the service stopped; a run it starts after this (a"
+                    " call in a thread goes on) is recorded nowhere: look for it in the"
+                    " external system",
+                    task.get_name(),
+                    extra={"job_id": task.get_name()},
+                )
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
@@ -750,7 +761,7 @@ class JobSteps:
                 late = self._answered_late(
                     ended.answering, ended.until, backend, rec, params, promise_id, which, this
                 )
-                task = asyncio.get_running_loop().create_task(late)
+                task = asyncio.get_running_loop().create_task(late, name=rec.id)
                 self.detached.add(task)  # (a strong reference: the loop keeps a weak one)
                 task.add_done_callback(self.detached.discard)
                 return ended.now
@@ -784,7 +795,7 @@ class JobSteps:
                 wait = max(backoff, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
-                message = redact(f"{type(exc).__name__}: {exc}", tokens)
+                message = unquoted(redact(f"{type(exc).__name__}: {exc}", tokens))
                 error = {"type": type(exc).__name__, "message": message}
                 if _where(exc) not in told:  # once for each kind and place: tries repeat it
                     told.add(_where(exc))
@@ -914,7 +925,7 @@ class JobSteps:
                 rec.id,
                 rec.backend,
                 which,
-                reason(exc),
+                unquoted(redact(reason(exc), tokens)),
                 extra=rec.log_extra(promise_id),
             )
 
@@ -1534,6 +1545,26 @@ def _where(exc: BaseException) -> tuple[str, str, int]:
 
 USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
 """A URL's `user:password@`, wherever it stands in a text."""
+QUERY = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+"""A URL's query, wherever it stands in a text (`?api_key=…`, `?code=…`):
+its values are masked, its names kept."""
+
+
+def unquoted(text: str) -> str:
+    """`text` with any URL's `user:password@` and query masked: the words of
+    a library's exception (a plugin's) often quote the URL it called."""
+
+    def masked(url: re.Match[str]) -> str:
+        query = url.group(0)[len(url.group(1)) + 1 :]
+        return url.group(1) + "?" + "&".join(_masked_pair(p) for p in query.split("&"))
+
+    return QUERY.sub(masked, USERINFO.sub(r"\1***@", text))
+
+
+def _masked_pair(pair: str) -> str:
+    """A query's `name=value` as `name=***` (a value alone: `***`)."""
+    name, equals, _ = pair.partition("=")
+    return f"{name}=***" if equals else "***"
 
 
 def _log_traceback(
@@ -1559,7 +1590,7 @@ def _log_traceback(
     )
     if traceback:
         text = "".join(format_exception(exc)).rstrip()
-        record.exc_text = USERINFO.sub(r"\1***@", redact(text, tokens))
+        record.exc_text = unquoted(redact(text, tokens))
     log.handle(record)
 
 

@@ -3407,6 +3407,32 @@ async def test_an_unexpected_exception_of_trigger_is_logged_once_with_its_traceb
     ]
 
 
+async def test_a_credential_in_a_urls_query_is_masked_in_the_traceback_and_the_record(rig: Rig):
+    """A library's error quoting the URL a plugin called, with a credential
+    in its query (`?api_key=`, an Azure `?code=`): only the job's tokens and
+    `user:password@` were masked, the rest logged and kept as said (found in
+    review)."""
+    await start(rig)
+    try:
+        raise OSError("401 for url 'https://api.test/run?api_key=SUPERSECRET123&v=2'")
+    except OSError as cause:
+        error = RuntimeError("could not start: https://api.test/run?code=ALSOSECRET")
+        error.__cause__ = cause
+    rig.backend.answers = [error] * 4
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed" and rec.error is not None
+    assert rec.error.message == (
+        "trigger failed: RuntimeError: could not start: https://api.test/run?code=***"
+    )
+    [logged] = [r for r in logs.records if r.levelname == "ERROR" and r.exc_text]
+    shown = logging.Formatter().format(logged)
+    assert "401 for url 'https://api.test/run?api_key=***&v=***'" in shown
+    assert "SECRET" not in shown + "".join(logs.lines)
+
+
 async def test_a_cancel_that_raises_is_logged_with_its_traceback_masked_and_filed_by_its_type(
     rig: Rig,
 ):
@@ -3515,9 +3541,15 @@ async def test_a_trigger_call_waiting_when_its_job_ended_is_left_and_its_finish_
     assert len(rig.backend.unrecorded) == (0 if end.status == "succeeded" else 1)
     assert [t for t, _ in await history(rig)] == ["finished"]
     assert cancelled == [] and len(rig.steps.detached) == 1  # still answering
-    await rig.steps.close()  # the service stops
+    with logs_of("tether") as logs:
+        await rig.steps.close()  # the service stops
     assert cancelled == [True] and not rig.steps.detached
     assert len(rig.backend.triggers) == 1
+    assert logs.lines == [  # what the call may start after this is found by nobody: said
+        "WARNING job j: its trigger's call, which its attempt no longer waited for, was still"
+        " answering as the service stopped; a run it starts after this (a call in a thread"
+        " goes on) is recorded nowhere: look for it in the external system"
+    ]
 
 
 @pytest.mark.parametrize(("end", "stopped"), [(TIMED_OUT, True), (DONE, False)])
