@@ -664,6 +664,10 @@ def restore_command(store: str | None, backup: str, force: bool) -> None:
 
 
 def _print_secret(copied: Copied, settings: Settings) -> None:
+    for aside in copied.set_aside:
+        click.echo(
+            f"the store's own {aside.name.removesuffix('.before-restore')} is kept as {aside}"
+        )
     if copied.secret is not None:
         click.echo(f"callback secrets copied to {copied.secret} (mode 0600)")
     elif settings.callback_secret:

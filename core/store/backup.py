@@ -63,6 +63,9 @@ class Copied(NamedTuple):
     """The secret file written beside it; None when there was none to copy."""
     notify_secret: Path | None = None
     """The notification secret's file written beside it, the same way."""
+    set_aside: tuple[Path, ...] = ()
+    """A restore's: the store's secret files the backup brought none of,
+    renamed (`*.before-restore`) rather than left to pass for its own."""
 
 
 def embedded_db(settings: Settings, command: str) -> Path:
@@ -199,9 +202,9 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
     hidden `.NAME.tether-tmp-*` file, which a backup to `to` an hour later
     deletes). `replacing`: an existing `to` (a backup) is deleted before the
     secrets are written, so no old database is left beside new secrets. A
-    secret file `kept` lacks is deleted beside `to`, backup or store: a
-    restored store's old file would pass for the backup's (its services took
-    theirs from the environment)."""
+    secret file `kept` lacks would pass for the copy's own beside `to`: an
+    old backup's is deleted, a store's (a restore's `to`) renamed
+    `*.before-restore`."""
     prefix = f".{to.name}.tether-tmp-"
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
@@ -235,9 +238,15 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
         _fsync(tmp)
         if replacing:  # the old one goes first: cut short, no database beside new secrets
             to.unlink(missing_ok=True)
+        set_aside: list[Path] = []
         for path_of, _ in SECRET_FILES:  # nor its secrets beside a copy that has none
-            if path_of not in {written for written, _ in kept}:
-                path_of(to).unlink(missing_ok=True)
+            old = path_of(to)
+            if path_of in {written for written, _ in kept} or not old.exists():
+                continue
+            if replacing:  # an old backup's
+                old.unlink()
+            else:  # the store's, renamed: a secret nobody else has is not lost
+                set_aside.append(old.replace(old.with_name(old.name + ".before-restore")))
         secret, notify_secret = _put_secrets(to, kept)
         tmp.replace(to)
     except BaseException as exc:
@@ -247,7 +256,7 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
         if isinstance(exc, OSError):
             raise StoreFileError(f"cannot copy {source} to {to}: {exc.strerror}") from None
         raise
-    return Copied(to, to.stat().st_size, jobs, waiting, secret, notify_secret)
+    return Copied(to, to.stat().st_size, jobs, waiting, secret, notify_secret, tuple(set_aside))
 
 
 @contextlib.contextmanager

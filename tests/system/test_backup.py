@@ -382,7 +382,7 @@ def test_a_secret_given_as_a_setting_is_said_to_be_kept_apart_not_copied(
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
 
 
-def test_a_restore_of_a_backup_without_secret_files_leaves_none_of_the_stores_old_ones(
+def test_a_restore_of_a_backup_without_secret_files_sets_the_stores_old_ones_aside(
     tmp_path: Path, store: Path
 ) -> None:
     """The store's old files stayed beside the restored database, and would
@@ -393,12 +393,16 @@ def test_a_restore_of_a_backup_without_secret_files_leaves_none_of_the_stores_ol
     copy = tmp_path / "b" / "copy.db"
     assert tether("backup", str(copy), "--store", f"sqlite:///{store}", **env).returncode == 0
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy.db"]
-    assert store.with_name(store.name + ".secret").exists()  # the store's own, from before
+    before = store.with_name(store.name + ".secret").read_text()  # the store's own, from before
 
     unset = {"TETHER_CALLBACK_SECRET": "", "TETHER_NOTIFY_SECRET": ""}
     done = tether("restore", str(copy), "--store", f"sqlite:///{store}", "--force", **unset)
     assert done.returncode == 0, done.stderr
+    secret_file = store.with_name(store.name + ".secret")
     assert done.stdout.splitlines()[1:] == [
+        f"the store's own {secret_file.name} is kept as {secret_file}.before-restore",
+        f"the store's own {store.name}.notify-secret is kept as"
+        f" {store.with_name(store.name + '.notify-secret')}.before-restore",
         "no callback secret file came with it (its services took theirs from"
         " TETHER_CALLBACK_SECRET?): give that secret to the services, or the callback URLs"
         " handed out before will answer 401",
@@ -408,3 +412,5 @@ def test_a_restore_of_a_backup_without_secret_files_leaves_none_of_the_stores_ol
     ]
     assert not store.with_name(store.name + ".secret").exists()
     assert not store.with_name(store.name + ".notify-secret").exists()
+    # set aside, not lost: a secret nobody else may have
+    assert Path(f"{secret_file}.before-restore").read_text() == before
