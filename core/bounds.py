@@ -226,13 +226,17 @@ def bound_learnt(
 ) -> tuple[int, dict[str, Any]] | None:
     """`learnt` (`core.callbacks.learnt`: the attempt and the fields of
     `rec.external` a status check of `rec` found changed) bounded by
-    `bound_change`, for `JobIndex.record`; a warning names the job, its
-    backend and the fields cut or left out."""
+    `bound_change`, for `JobIndex.record`, without the fields whose (cut)
+    value the job has already; a warning names the job, its backend and the
+    fields cut or left out."""
     if learnt is None:
         return None
     attempt, changed = learnt
     kept, cut = bound_change(changed, rec.external, limit)
-    if cut:
+    before = rec.external or {}
+    kept = {key: value for key, value in kept.items() if before.get(key, kept) != value}
+    cut = [key for key in cut if key in kept or key not in before]
+    if cut:  # said once for a run that reports the same large details at every check
         log.warning(
             "job %s: backend %r reported run details (Running.external) past the bound of"
             " %s bytes (TETHER_MAX_RESULT_BYTES); kept cut or left out: %s",

@@ -245,3 +245,12 @@ def test_learnt_fields_are_bounded_with_a_warning_naming_the_job_and_its_backend
         "job j: backend 'mysys' reported run details (Running.external) past the bound of"
         " 1048576 bytes (TETHER_MAX_RESULT_BYTES); kept cut or left out: blob"
     )
+
+    # the same details at the next check: nothing to write, nothing said again
+    # (found in review: a warning and a row write at every check, for good)
+    again = msgspec.structs.replace(rec, external={"run": 1, "blob": kept["blob"]})
+    assert bound_learnt(again, (1, {"blob": "e" * 2 * MIB}), MIB) is None
+    assert len(caplog.records) == 1
+    other = bound_learnt(again, (1, {"blob": "f" * 2 * MIB}), MIB)  # changed: kept, said
+    assert other is not None and other[1]["blob"] != kept["blob"]
+    assert len(caplog.records) == 2
