@@ -108,9 +108,13 @@ def limits_of(value: str) -> dict[str, int]:
     return limits
 
 
-GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
-"""What `TETHER_GROUP` may be: a Resonate group is part of addresses
-(`poll://any@{group}`) and of the poll path (`/poll/{group}/{pid}`)."""
+GROUP = re.compile(r"(?=.*\S)[^/@\x00-\x1f\x7f]+")
+"""What `TETHER_GROUP` may be (fullmatch): a Resonate group is part of
+addresses (`poll://any@{group}`) and of the poll path (`/poll/{group}/{pid}`),
+so no `/` or `@` (the embedded store refused them with a traceback), no
+control character, not empty or blank. Nothing more is refused: a store's
+group cannot change while jobs are in flight, so a rule stricter than
+earlier releases' would strand a deployment's jobs at its upgrade."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,8 +289,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if not GROUP.fullmatch(self.group):
             raise ValueError(
-                f"invalid setting TETHER_GROUP: {self.group!r}; use 1-64 of A-Z a-z 0-9 . _ -"
-                " (every host on one store the same)"
+                f"invalid setting TETHER_GROUP: {self.group!r}; give a name without '/', '@'"
+                " or control characters (every host on one store the same)"
             )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(
