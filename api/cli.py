@@ -336,9 +336,14 @@ def address_url(sock: socket.socket) -> str:
 @click.option(
     "--older-than", type=float, required=True, metavar="DAYS", help="Age in days (at least 1)."
 )
-def gc(older_than: float) -> None:
+@click.option(
+    "--store",
+    metavar="URL",
+    help="The store (TETHER_STORE, default sqlite:///.tether/tether.db).",
+)
+def gc(older_than: float, store: str | None) -> None:
     """Delete finished jobs older than a number of days."""
-    settings = load_settings()
+    settings = load_settings(store=store or None)
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     if not older_than * 86400 >= MIN_RETENTION:  # NaN too
         raise Refused(f"keep finished jobs at least {duration(MIN_RETENTION)}")  # "1 day"

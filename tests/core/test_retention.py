@@ -258,9 +258,13 @@ def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, wher
     (whose notification secret no service signs with), and say 0 deleted."""
     (tmp_path / "missing").mkdir()
     store = f"sqlite:///{tmp_path / where}"
-    for env in ({"TETHER_STORE": store}, {"TETHER_STORE": "memory://"}):
+    for env, flag in (
+        ({"TETHER_STORE": store}, []),
+        ({"TETHER_STORE": "memory://"}, []),
+        ({}, ["--store", store]),  # as the other store commands take it (an exploratory QA pass)
+    ):
         done = subprocess.run(
-            [TETHER, "gc", "--older-than", "7"],
+            [TETHER, "gc", "--older-than", "7", *flag],
             env={"PATH": "/usr/bin:/bin", **env},
             capture_output=True,
             text=True,
@@ -268,7 +272,7 @@ def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, wher
             cwd=tmp_path,
         )
         assert done.returncode == 2 and done.stdout == "", done
-        if env["TETHER_STORE"] == store:
+        if env.get("TETHER_STORE", store) == store:
             assert done.stderr == (
                 f"tether: no embedded store at {tmp_path / where}: set TETHER_STORE to the store"
                 " the services use (a service makes it when it first starts)\n"
