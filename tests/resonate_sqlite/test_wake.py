@@ -148,7 +148,9 @@ async def test_a_timer_far_off_fires_on_time_and_nothing_polls_meanwhile(tmp_pat
         for pid, (came, msg) in fired.items():
             assert msg["data"]["promise"]["state"] == "rejected_timedout"
             late = time.time() - (time.monotonic() - came) - deadlines[pid] / 1000
-            assert -0.01 < late < 0.25, f"{pid} fired {late:+.3f} s from its deadline"
+            # (0.5: a prompt timer was once 0.26 s late in a loaded CI run, 2026-12-05;
+            # one riding on the naps fires t1 0.9 s late)
+            assert -0.01 < late < 0.5, f"{pid} fired {late:+.3f} s from its deadline"
         # one round per deadline, and the looks of a 1 s nap
         assert rounds() - start <= 6, rounds() - start
     finally:
