@@ -183,3 +183,27 @@ def redact_bytes(data: bytes, secrets: Iterable[str | None]) -> bytes:
             for form in forms(secret):
                 data = data.replace(form.encode(), MASK.encode())
     return data
+
+
+USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+"""A URL's `user:password@`, wherever it stands in a text."""
+QUERY = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+"""A URL's query, wherever it stands in a text (`?api_key=…`, `?code=…`):
+its values are masked, its names kept."""
+
+
+def unquoted(text: str) -> str:
+    """`text` with any URL's `user:password@` and query masked: the words of
+    a library's exception (a plugin's) often quote the URL it called."""
+
+    def masked(url: re.Match[str]) -> str:
+        query = url.group(0)[len(url.group(1)) + 1 :]
+        return url.group(1) + "?" + "&".join(_masked_pair(p) for p in query.split("&"))
+
+    return QUERY.sub(masked, USERINFO.sub(r"\1***@", text))
+
+
+def _masked_pair(pair: str) -> str:
+    """A query's `name=value` as `name=***` (a value alone: `***`)."""
+    name, equals, _ = pair.partition("=")
+    return f"{name}=***" if equals else "***"

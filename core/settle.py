@@ -323,7 +323,9 @@ class Settler:
             # (the trigger reads it first), but only while it is still
             # one of those; else the promise exists now.
             early: tuple[JobState, ...] = ("queued", "pending")
-            if await self._promises_gone(job_id, attempt):
+            if (seen is None or seen.state == "running") and await self._promises_gone(
+                job_id, attempt
+            ):  # (a row seen queued or pending waits for its promise: no read of the root)
                 early += ("running",)
             rec, ended, _ = await self._end(job_id, outcome, early, note, "accepted", attempt)
             # A queued one is the service's (listener); a workflow that is

@@ -44,7 +44,6 @@ import inspect
 import logging
 import math
 import numbers
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from traceback import format_exception
 from typing import Any
@@ -60,7 +59,7 @@ from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
 from core.plugins import Plugins
-from core.redact import redact, redact_bytes, redact_value
+from core.redact import redact, redact_bytes, redact_value, unquoted
 from core.settings import Settings
 from core.settle import (
     STORE_TIMEOUT,
@@ -1541,30 +1540,6 @@ def _where(exc: BaseException) -> tuple[str, str, int]:
     if tb is None:
         return type(exc).__qualname__, "", 0
     return type(exc).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
-
-
-USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
-"""A URL's `user:password@`, wherever it stands in a text."""
-QUERY = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
-"""A URL's query, wherever it stands in a text (`?api_key=…`, `?code=…`):
-its values are masked, its names kept."""
-
-
-def unquoted(text: str) -> str:
-    """`text` with any URL's `user:password@` and query masked: the words of
-    a library's exception (a plugin's) often quote the URL it called."""
-
-    def masked(url: re.Match[str]) -> str:
-        query = url.group(0)[len(url.group(1)) + 1 :]
-        return url.group(1) + "?" + "&".join(_masked_pair(p) for p in query.split("&"))
-
-    return QUERY.sub(masked, USERINFO.sub(r"\1***@", text))
-
-
-def _masked_pair(pair: str) -> str:
-    """A query's `name=value` as `name=***` (a value alone: `***`)."""
-    name, equals, _ = pair.partition("=")
-    return f"{name}=***" if equals else "***"
 
 
 def _log_traceback(
