@@ -1,7 +1,9 @@
 """A process's hold on the stop of a job's run, kept alive while the stop runs.
 
 A job that ended with no workflow to finish it has its run's stop recorded as
-due in its row (`JobRecord.stop_due`, see `core.steps.JobSteps.finish_orphan`).
+due in its row (`JobRecord.stop_due`, see `core.steps.JobSteps.finish_orphan`);
+so does one canceled or timed out while its trigger's call was under way, for
+what that call may start (`JobIndex.hold_stop`, `JobSteps._answered_late`).
 The value of `stop_due` is the lease: whoever wrote it holds the stop until
 then, and any process's watchdog may take the stop over once it passed
 (`Watchdog.stop_again`, by compare-and-set on that value). The lease is short

@@ -39,12 +39,14 @@ bounds").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from traceback import format_exception
 from typing import Any
 
@@ -173,23 +175,14 @@ class JobSteps:
 
     async def close(self) -> None:
         """Cancel the trigger calls still answering late (`detached`), and
-        wait for them: the service is stopping. The run such a call may
-        start is its finish's `cancel_unrecorded`'s to find, as a try whose
-        process died, if it started before that look; one started after (a
-        call in a thread, which no cancel stops) is said in a warning, not
-        found: a known gap (a durable stop lease for such calls would close
-        it)."""
+        wait for them: the service is stopping. Each that holds the stop of
+        what it may start (`_answered_late`) makes it due once the call has
+        surely ended, for any watchdog; one that holds none (its job
+        succeeded meanwhile, or was retried) says in a warning that a run it
+        starts after this is recorded nowhere."""
         while self.detached:
             late = list(self.detached)
             for task in late:
-                log.warning(
-                    "job %s: its trigger's call, which its attempt no longer waited for, was"
-                    " still answering as the service stopped; a run it starts after this (a"
-                    " call in a thread goes on) is recorded nowhere: look for it in the"
-                    " external system",
-                    task.get_name(),
-                    extra={"job_id": task.get_name()},
-                )
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
@@ -757,9 +750,7 @@ class JobSteps:
                     which,
                     extra=rec.log_extra(promise_id),
                 )
-                late = self._answered_late(
-                    ended.answering, ended.until, backend, rec, params, promise_id, which, this
-                )
+                late = self._answered_late(ended, backend, rec, params, promise_id, which, this)
                 task = asyncio.get_running_loop().create_task(late, name=rec.id)
                 self.detached.add(task)  # (a strong reference: the loop keeps a weak one)
                 task.add_done_callback(self.detached.discard)
@@ -877,8 +868,7 @@ class JobSteps:
 
     async def _answered_late(
         self,
-        answering: asyncio.Future[Any],
-        until: float,
+        ended: _Abandoned,
         backend: Backend,
         rec: JobRecord,
         params: Any,
@@ -887,24 +877,87 @@ class JobSteps:
         tries: int,
     ) -> None:
         """Take the answer of a call of attempt `rec.attempt`'s trigger that
-        the workflow no longer waits for (`_Abandoned`: the attempt ended or
-        moved on), up to `until` (the loop's time: the call's
-        `TRIGGER_TIMEOUT`), then cancel it. A run it answers with is
-        recorded and stopped as any run answered after its attempt ended
-        (`_record_run`: after a cancel or a timeout stopped with `cancel`,
-        after a retry as a stale trigger's run), so a slow backend's call
-        (one in a thread cannot be cancelled) leaves no run going unseen;
-        the finish has asked the backend to look for it too
-        (`cancel_unrecorded`), which is harmless. Nothing it raises goes
-        further than the log."""
-        loop = asyncio.get_running_loop()
+        the workflow no longer waits for (`ended`: the attempt ended or
+        moved on), up to the call's `TRIGGER_TIMEOUT`, then cancel it. A run
+        it answers with is recorded and stopped as any run answered after its
+        attempt ended (`_record_run`: after a cancel or a timeout stopped with
+        `cancel`, after a retry as a stale trigger's run), so a slow
+        backend's call (one in a thread cannot be cancelled) leaves no run
+        going unseen; the finish has asked the backend to look for it too
+        (`cancel_unrecorded`), which is harmless.
+
+        The stop of what the call may start is durable (`_hold_stop`) for an
+        attempt canceled or timed out with no run recorded: held in the
+        job's row while the call runs, so a process that dies meanwhile
+        leaves it to any watchdog once the lease ran out (`finish_orphan`:
+        `cancel_unrecorded` again); a call that ends with no run taken (it
+        failed, or was abandoned) has it asked again here, as it may have
+        started one after the finish asked; a service that stops first
+        makes it due when the call has surely ended (its `TRIGGER_TIMEOUT`:
+        a call in a thread goes on). Nothing it raises goes further than the
+        log."""
+        answering, until, loop = ended.answering, ended.until, asyncio.get_running_loop()
+        over = False
+        lease = await self._hold_stop(rec, ended.now)
+        outcome: list[NewEvent] = []
         try:
-            await _settled_within(answering, max(until - loop.time(), 0))
-        finally:
-            if not answering.done():
-                _abandon(answering, rec)
+            async with contextlib.AsyncExitStack() as kept:
+                if lease is not None:
+                    await kept.enter_async_context(lease.kept())
+                try:
+                    await _settled_within(answering, max(until - loop.time(), 0))
+                finally:
+                    over = answering.done()  # of itself: else cancelled, and maybe going on
+                    if not over:
+                        _abandon(answering, rec)
+                taken = await self._late_answer(
+                    answering, backend, rec, params, promise_id, which, tries
+                )
+                if lease is not None and not taken and _may_have_started_late(answering):
+                    failed = await self._unrecorded_failure(backend, rec, lease=lease)
+                    outcome = [] if failed is None else [failed]
+        except asyncio.CancelledError:  # the service is stopping (`close`)
+            if lease is None:
+                log.warning(
+                    "job %s: its trigger's call, which its attempt no longer waited for, was"
+                    " still answering as the service stopped; a run it starts after this (a"
+                    " call in a thread goes on) is recorded nowhere: look for it in the"
+                    " external system",
+                    rec.id,
+                    extra=rec.log_extra(promise_id),
+                )
+            else:  # due once the call surely ended (a call in a thread goes on)
+                left = 0.0 if over else max(until - loop.time(), 0)
+                await self._release_stop(rec, rec.attempt, lease, now_ms() + int(left * 1000))
+            raise
+        if lease is not None:
+            try:
+                await self._stop_recorded(rec, rec.attempt, lease, outcome)
+            except Exception as exc:
+                log.warning(
+                    "job %s: recording the stop of what its late trigger call may have started"
+                    " failed (%s); another process's watchdog asks the backend again once its"
+                    " lease runs out",
+                    rec.id,
+                    reason(exc),
+                    extra=rec.log_extra(promise_id),
+                )
+
+    async def _late_answer(
+        self,
+        answering: asyncio.Future[Any],
+        backend: Backend,
+        rec: JobRecord,
+        params: Any,
+        promise_id: str,
+        which: str,
+        tries: int,
+    ) -> bool:
+        """`_answered_late`'s take of the call's answer, if it answered:
+        whether a run it named was recorded (and stopped as a late
+        answer's)."""
         if not answering.done() or answering.cancelled() or answering.exception() is not None:
-            return
+            return False
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         try:
             receipt = self._receipt(backend, rec, which, answering.result(), tokens)
@@ -918,6 +971,7 @@ class JobSteps:
                 extra=rec.log_extra(promise_id),
             )
             await self._record_run(backend, rec, params, promise_id, receipt, tries)
+            return True
         except Exception as exc:
             log.warning(
                 "job %s: the late answer of backend %r's %s could not be taken (%s)",
@@ -927,6 +981,32 @@ class JobSteps:
                 unquoted(redact(reason(exc), tokens)),
                 extra=rec.log_extra(promise_id),
             )
+            return False
+
+    async def _hold_stop(self, rec: JobRecord, now: JobRecord | None) -> StopLease | None:
+        """This process's lease on the stop of what a call of attempt
+        `rec.attempt`'s trigger, left to answer late, may start
+        (`jobs.hold_stop`), when the attempt (`now`: the row as the call was
+        left) was canceled or timed out with no run recorded: the runs its
+        finish stops. None when not, or when the write failed (said in the
+        log: the call is then followed in memory alone, as a process that
+        dies would leave it)."""
+        if now is None or now.attempt != rec.attempt or now.external is not None:
+            return None
+        if now.state not in ("canceled", "timed_out") or now.stop_due is not None:
+            return None
+        length = self.stop_lease_ms()
+        try:
+            held = await store_call(self.jobs.hold_stop(rec.id, rec.attempt, now_ms() + length))
+        except Exception as exc:
+            log.warning(
+                "job %s: holding the stop of what its late trigger call may start failed (%s)",
+                rec.id,
+                reason(exc),
+                extra=rec.log_extra(),
+            )
+            return None
+        return None if held is None else StopLease(self.jobs, held, length)
 
     def _receipt(
         self, backend: Backend, rec: JobRecord, which: str, started: Any, tokens: Sequence[str]
@@ -1175,10 +1255,25 @@ class JobSteps:
         trigger may have started, as `_cancel_run` asks `cancel` (a failure
         is its `cancel_failed` event, `external` null). `retried`: the job
         is at a later attempt now (`Trigger.retried`)."""
+        failed = await self._unrecorded_failure(backend, rec, retried=retried)
+        if failed is not None:
+            await self.jobs.record(rec.id, [failed], now_ms())
+
+    async def _unrecorded_failure(
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        *,
+        retried: bool = False,
+        bound: int | None = None,
+        lease: StopLease | None = None,
+    ) -> NewEvent | None:
+        """`_cancel_unrecorded`'s ask, its failure returned (`_cancel_failure`,
+        with its `bound` and `lease`) for the caller to file."""
         try:
             params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError:  # never tried: the trigger refused them
-            return
+            return None
         promise_id = callback_promise_id(rec.id, rec.attempt)
         trigger = replace(self._trigger_of(rec, params, promise_id), retried=retried)
         log.warning(
@@ -1188,11 +1283,9 @@ class JobSteps:
             rec.backend,
             extra=rec.log_extra(),
         )
-        failed = await self._cancel_failure(
-            backend, rec, ask=lambda: backend.cancel_unrecorded(trigger)
+        return await self._cancel_failure(
+            backend, rec, bound, lease, ask=lambda: backend.cancel_unrecorded(trigger)
         )
-        if failed is not None:
-            await self.jobs.record(rec.id, [failed], now_ms())
 
     def finishes_alone(self, state: str, value: Any) -> bool:
         """Whether `finish` would do nothing but the index write for an
@@ -1239,7 +1332,11 @@ class JobSteps:
         (`stop_attempt`) is no longer the job's (a host of an earlier
         release retried it meanwhile) stops nothing and files nothing: the
         row's run is the later attempt's, and its plugins were told by its
-        own finish; the stop is only cleared."""
+        own finish; the stop is only cleared. A stop with no run recorded is
+        a late trigger call's (`_answered_late`, taken over from a holder
+        that died or stopped): the backend is asked to stop what that call
+        may have started (`cancel_unrecorded`), and the plugins are not told
+        again (the job's workflow finish told them)."""
         if rec.stop_due is None:
             value: dict[str, Any] = {"status": rec.state}
             if rec.external is None and await self._promise_timed_out(rec):
@@ -1276,12 +1373,20 @@ class JobSteps:
         failed = None
         if rec.attempt == attempt and rec.finished:
             backend = self.plugins.backends.get(rec.backend)
-            if rec.state in ("canceled", "timed_out") and rec.external is not None and backend:
-                bound = now_ms() + int(self.stop_within() * 1000)
-                async with lease.kept():
-                    failed = await self._cancel_failure(backend, rec, bound, lease)
-            log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
-            self.plugins.job_finished(view(rec))
+            stops = rec.state in ("canceled", "timed_out") and backend is not None
+            bound = now_ms() + int(self.stop_within() * 1000)
+            if rec.external is None:  # a late trigger call's hold (`_hold_stop`), taken over
+                if stops and backend is not None:  # (its workflow's finish told the plugins)
+                    async with lease.kept():
+                        failed = await self._unrecorded_failure(
+                            backend, rec, bound=bound, lease=lease
+                        )
+            else:
+                if stops and backend is not None:
+                    async with lease.kept():
+                        failed = await self._cancel_failure(backend, rec, bound, lease)
+                log.info("job %s finished: %s", rec.id, rec.state, extra=rec.log_extra())
+                self.plugins.job_finished(view(rec))
         else:  # the row's run (if any) is a later attempt's: its workflow's to stop
             log.warning(
                 "job %s: the run of its attempt %d was not asked to stop again: the job was"
@@ -1294,17 +1399,21 @@ class JobSteps:
         outcome = [] if failed is None else [failed]
         return await self._stop_recorded(rec, attempt, lease, outcome)
 
-    async def _release_stop(self, rec: JobRecord, attempt: int, lease: StopLease) -> None:
+    async def _release_stop(
+        self, rec: JobRecord, attempt: int, lease: StopLease, due: int | None = None
+    ) -> None:
         """Give up the stop held under `lease`, cut short (its task
         cancelled: the service is stopping): `jobs.release_stop` makes it
         due now, so the next sweep of any process's watchdog (the restarted
-        service's first) takes it over, rather than the lease's end.
+        service's first) takes it over, rather than the lease's end; or at
+        `due` (Unix ms: a late trigger call's hold, due once the call has
+        surely ended).
         Shielded from the cancellation, within `RELEASE_TIMEOUT`; one that
         fails leaves the lease to run out, as a process that dies does. The
         caller raises the cancellation again (as it does when cancelled
         again meanwhile)."""
         releasing = asyncio.ensure_future(
-            asyncio.wait_for(self._release_any(rec, attempt, lease), RELEASE_TIMEOUT)
+            asyncio.wait_for(self._release_any(rec, attempt, lease, due), RELEASE_TIMEOUT)
         )
         _releasing.add(releasing)  # (a strong reference, should this task go first)
         releasing.add_done_callback(_releasing.discard)
@@ -1319,7 +1428,16 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
             return
-        if released:
+        if released and due is not None:
+            log.warning(
+                "job %s: its trigger's call, which its attempt no longer waited for, was still"
+                " answering as the service stopped: what it may start is asked to stop by the"
+                " first watchdog sweep of any process from %s, when the call has surely ended",
+                rec.id,
+                _utc(due),
+                extra=rec.log_extra(),
+            )
+        elif released:
             log.warning(
                 "job %s: its run's stop was cut short (the service is stopping): the next"
                 " watchdog sweep of any process stops it again",
@@ -1327,11 +1445,13 @@ class JobSteps:
                 extra=rec.log_extra(),
             )
 
-    async def _release_any(self, rec: JobRecord, attempt: int, lease: StopLease) -> bool:
+    async def _release_any(
+        self, rec: JobRecord, attempt: int, lease: StopLease, due: int | None = None
+    ) -> bool:
         """`jobs.release_stop` under whichever of the lease's values is the
-        row's."""
+        row's, due now (or at `due`)."""
         for claim in lease.claims:
-            if await self.jobs.release_stop(rec.id, attempt, claim, now_ms()):
+            if await self.jobs.release_stop(rec.id, attempt, claim, due or now_ms()):
                 return True
         return False
 
@@ -1597,6 +1717,21 @@ def stopped_with(state: str, value: Any) -> bool:
     if state in ("canceled", "timed_out"):
         return True
     return state == "failed" and isinstance(value, dict) and value.get("by") == "trigger"
+
+
+def _may_have_started_late(answering: asyncio.Future[Any]) -> bool:
+    """Whether a trigger's call left to answer late (`_answered_late`), over
+    with no run taken, may have started one: unless it refused clearly (a
+    `BackendError` not `retryable`) or sent nothing (not `tried`)."""
+    if answering.cancelled():
+        return True
+    exc = answering.exception()
+    return not isinstance(exc, BackendError) or (exc.retryable and exc.tried)
+
+
+def _utc(ms: int) -> str:
+    """Unix ms as the log says a time: ISO 8601, UTC, to the second."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _past_bound(bound: int | None, wait: float) -> bool:

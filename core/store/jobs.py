@@ -441,6 +441,18 @@ class JobIndex(Protocol):
         handle here)."""
         ...
 
+    async def hold_stop(self, job_id: str, attempt: int, until: int) -> JobRecord | None:
+        """Hold the stop of what a call of attempt `attempt`'s trigger, still
+        under way after the attempt was canceled or timed out with no run
+        recorded, may start (`core.steps.JobSteps._answered_late`):
+        `stop_due` becomes `until` (this process's lease, renewed while the
+        call runs: `core.lease`) and `stop_attempt` `attempt`, so a process
+        that dies first leaves that stop to any watchdog
+        (`claim_stop`). The row as held; None (nothing written) unless the
+        job is at `attempt`, canceled or timed out, with no run recorded and
+        no stop due."""
+        ...
+
     async def claim_stop(self, job_id: str, expected: int, until: int) -> JobRecord | None:
         """Take over the stop of a job's run whose `stop_due` is `expected`
         (passed: the process that held it died, or stalled), or renew this
@@ -464,12 +476,13 @@ class JobIndex(Protocol):
         lease ran out, and records its own outcome."""
         ...
 
-    async def release_stop(self, job_id: str, attempt: int, claim: int, now: int) -> bool:
+    async def release_stop(self, job_id: str, attempt: int, claim: int, due: int) -> bool:
         """Give up the stop of the run of the job's attempt `attempt` held
         until `claim` (its `stop_due`), unfinished (the process stopping it
-        is shutting down): `stop_due` becomes `now`, so the next sweep of any
-        process's watchdog takes the stop over (`claim_stop`) instead of
-        waiting the lease out. False (nothing written) when the job's
+        is shutting down): `stop_due` becomes `due` (now, or for a trigger
+        call's hold the time by which that call has surely ended: `hold_stop`),
+        so the first sweep of any process's watchdog from then takes the stop
+        over (`claim_stop`) instead of waiting the lease out. False (nothing written) when the job's
         `stop_due` is no longer `claim`, or not for that attempt, as
         `stopped`: another process holds the stop, or it was recorded."""
         ...

@@ -1062,6 +1062,15 @@ class SqlJobIndex:
         )
         return changed == 1
 
+    async def hold_stop(self, job_id: str, attempt: int, until: int) -> JobRecord | None:
+        rows = await self.db.fetch(
+            "UPDATE tether_jobs SET stop_due = ?, stop_attempt = attempt WHERE id = ?"
+            " AND attempt = ? AND state IN ('canceled', 'timed_out') AND external IS NULL"
+            f" AND stop_due IS NULL RETURNING {COLUMNS}",
+            (until, job_id, attempt),
+        )
+        return _row(rows[0]) if rows else None
+
     async def claim_stop(self, job_id: str, expected: int, until: int) -> JobRecord | None:
         rows = await self.db.fetch(
             "UPDATE tether_jobs SET stop_due = ? WHERE id = ? AND stop_due = ?"
@@ -1089,11 +1098,11 @@ class SqlJobIndex:
 
         return (await self._write(body)).rec
 
-    async def release_stop(self, job_id: str, attempt: int, claim: int, now: int) -> bool:
+    async def release_stop(self, job_id: str, attempt: int, claim: int, due: int) -> bool:
         changed = await self.db.execute(
             "UPDATE tether_jobs SET stop_due = ? WHERE id = ? AND stop_due = ?"
             " AND COALESCE(stop_attempt, attempt) = ?",
-            (now, job_id, claim, attempt),
+            (due, job_id, claim, attempt),
         )
         return changed == 1
 

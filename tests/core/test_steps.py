@@ -11,6 +11,7 @@ import logging
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -3501,6 +3502,12 @@ def hangs(cancelled: list[bool]) -> Callable[[Trigger], Awaitable[None]]:
     return during
 
 
+async def stop_held(rig: Rig, held: bool = True) -> JobRecord | None:
+    """Job `j`'s row, once a stop is held in it (`held`; else once none is)."""
+    rec = await rig.parts.row("j")
+    return rec if (rec.stop_due is not None) == held else None
+
+
 async def trigger_ended_meanwhile(rig: Rig, end: Outcome) -> list[str]:
     """Trigger job `j`, whose backend's call waits on `rig.backend.during`,
     and end it with `end` once the call is under way; its log lines."""
@@ -3541,14 +3548,35 @@ async def test_a_trigger_call_waiting_when_its_job_ended_is_left_and_its_finish_
     assert len(rig.backend.unrecorded) == (0 if end.status == "succeeded" else 1)
     assert [t for t, _ in await history(rig)] == ["finished"]
     assert cancelled == [] and len(rig.steps.detached) == 1  # still answering
+    held = end.status != "succeeded"  # the stop of what it may start: the runs a finish stops
+    await eventually(lambda: stop_held(rig, held))
+    rec = await rig.parts.row("j")
+    if held:
+        assert rec.stop_attempt == 1 and rec.stop_due is not None
+        assert now_ms() < rec.stop_due <= now_ms() + rig.steps.stop_lease_ms()
     with logs_of("tether") as logs:
+        before = now_ms()
         await rig.steps.close()  # the service stops
     assert cancelled == [True] and not rig.steps.detached
     assert len(rig.backend.triggers) == 1
-    assert logs.lines == [  # what the call may start after this is found by nobody: said
+    rec = await rig.parts.row("j")
+    if not held:  # what the call may start after this is found by nobody: said
+        assert rec.stop_due is None
+        assert logs.lines == [
+            "WARNING job j: its trigger's call, which its attempt no longer waited for, was"
+            " still answering as the service stopped; a run it starts after this (a call in a"
+            " thread goes on) is recorded nowhere: look for it in the external system"
+        ]
+        return
+    # Due for any watchdog once the call has surely ended (a call in a thread
+    # goes on): its `TRIGGER_TIMEOUT`, counted from its start.
+    assert rec.stop_due is not None and rec.stop_attempt == 1
+    assert before + 880_000 <= rec.stop_due <= now_ms() + 900_000
+    when = datetime.fromtimestamp(rec.stop_due / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert logs.lines == [
         "WARNING job j: its trigger's call, which its attempt no longer waited for, was still"
-        " answering as the service stopped; a run it starts after this (a call in a thread"
-        " goes on) is recorded nowhere: look for it in the external system"
+        " answering as the service stopped: what it may start is asked to stop by the first"
+        f" watchdog sweep of any process from {when}, when the call has surely ended"
     ]
 
 
@@ -3581,6 +3609,117 @@ async def test_a_trigger_call_that_answers_after_its_job_ended_has_its_run_recor
     assert (rec.state, rec.external) == (end.status, {"run": 1})
     assert [t for t, _ in await history(rig)] == ["finished", "triggered"]
     assert [job.external for job in rig.backend.canceled] == ([{"run": 1}] if stopped else [])
+    assert (rec.stop_due, rec.stop_attempt) == (None, None)  # the stop held meanwhile is over
+    assert len(rig.backend.unrecorded) == (1 if stopped else 0)  # the finish's: not again
+
+
+@pytest.mark.parametrize(
+    ("late", "again"),
+    [
+        (RuntimeError("connection reset"), True),  # sent, its answer lost
+        (retryable("timed out"), True),
+        (BackendError("no such cluster", retryable=False), False),  # a clear refusal
+        (BackendError("throttled", retryable=True, tried=False), False),  # sent nothing
+    ],
+)
+async def test_a_late_trigger_call_that_fails_has_what_it_may_have_started_asked_to_stop_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, late: Exception, again: bool
+):
+    """A call left to answer late that fails may have started a run after
+    its job's finish asked the backend to stop one (`cancel_unrecorded`):
+    the backend is asked again once the call is over, unless it refused
+    clearly or sent nothing; then the stop held meanwhile is recorded.
+    Before, nothing asked after the finish's look."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    answer = asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+        raise late
+
+    rig.backend.during = slow
+    await trigger_ended_meanwhile(rig, CANCELED)
+    await finish_as_settled(rig)
+    assert len(rig.backend.unrecorded) == 1  # the finish's
+    await eventually(lambda: stop_held(rig))
+    answer.set()
+    await eventually(lambda: not rig.steps.detached)
+
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external, rec.stop_due, rec.stop_attempt) == (
+        "canceled",
+        None,
+        None,
+        None,
+    )
+    assert len(rig.backend.unrecorded) == (2 if again else 1)
+    assert [t for t, _ in await history(rig)] == ["finished"]
+    assert len(rig.plugin.finished) == 1  # the finish's alone
+
+
+async def test_a_late_trigger_calls_stop_whose_holder_died_is_taken_over_by_a_watchdog(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The holder of a late call's stop dies (here: stalls) before its call
+    is over: once its lease ran out, another process's watchdog claims the
+    stop (`claim_stop`) and finishes it as an orphan's (`finish_orphan`):
+    the backend is asked to stop what the call may have started
+    (`cancel_unrecorded`, with the same trigger), the plugins are not told
+    again (the job's workflow finish did), and the stop is cleared. The
+    first holder, when its call fails at last, finds its lease gone: it
+    asks again (harmless) and records nothing more."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    answer = asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+        raise RuntimeError("connection reset")
+
+    rig.backend.during = slow
+    await trigger_ended_meanwhile(rig, TIMED_OUT)
+    await finish_as_settled(rig)
+    held = await eventually(lambda: stop_held(rig))
+    assert held.stop_due is not None
+
+    other = make_rig(rig.parts)  # another process, whose watchdog found the lease run out
+    claimed = await rig.parts.jobs.claim_stop("j", held.stop_due, now_ms() + 60_000)
+    assert claimed is not None
+    with logs_of("tether") as logs:
+        await other.steps.finish_orphan(claimed)
+    assert logs.lines == [
+        "WARNING job j: ended with no run recorded after a trigger try that may have started"
+        " one; scripted is asked to stop it"
+    ]
+    [asked] = other.backend.unrecorded
+    assert (asked.promise_id, asked.idempotency_key) == ("j:1", rig.backend.triggers[0].promise_id)
+    assert other.plugin.finished == [] and other.backend.canceled == []
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.stop_due, rec.stop_attempt) == ("timed_out", None, None)
+    assert [t for t, _ in await history(rig)] == ["finished"]
+
+    answer.set()
+    await eventually(lambda: not rig.steps.detached)
+    assert (await rig.parts.row("j")).stop_due is None
+    assert [t for t, _ in await history(rig)] == ["finished"]
+
+
+async def test_a_late_trigger_calls_stop_taken_over_files_a_failure_once(rig: Rig):
+    """A watchdog's takeover of a late call's stop whose `cancel_unrecorded`
+    fails files `cancel_failed` (no run named: `external` null) in the
+    write that clears the stop, once."""
+    await start(rig)
+    await rig.parts.jobs.finish("j", CANCELED, now_ms())
+    held = await rig.parts.jobs.hold_stop("j", 1, now_ms() - 1)  # its holder died
+    assert held is not None and held.stop_due is not None
+    rig.backend.unrecorded_error = BackendError("workspace gone", retryable=False)
+    claimed = await rig.parts.jobs.claim_stop("j", held.stop_due, now_ms() + 60_000)
+    assert claimed is not None
+    await rig.steps.finish_orphan(claimed)
+    rec = await rig.parts.row("j")
+    assert rec.stop_due is None and len(rig.backend.unrecorded) == 1
+    [(kind, data)] = (await history(rig))[1:]
+    assert kind == "cancel_failed" and data["external"] is None
+    assert data["error"] == {"type": "backend", "message": "workspace gone"}
 
 
 async def test_a_trigger_call_that_never_answers_is_abandoned_and_fails_the_job(

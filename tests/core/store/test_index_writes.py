@@ -448,6 +448,41 @@ async def test_a_runs_stop_is_due_from_the_write_that_ends_its_job_until_its_out
         ], plan
 
 
+async def test_a_late_trigger_calls_stop_is_held_only_where_a_finish_would_look_for_its_run(
+    database,
+):
+    """`hold_stop`: only a job at that attempt, canceled or timed out, with
+    no run recorded and no stop due; the hold is then a stop as any other
+    (due, claimed, given up at a later time, recorded)."""
+    jobs = await index_on(database)
+    for job_id in ("c", "s", "r", "open", "twice"):
+        await jobs.insert(job(job_id))
+    await jobs.set_external("r", {"run": "r"}, 1_500, None)
+    for job_id in ("c", "r", "twice"):
+        await jobs.end(job_id, Outcome("canceled"), 2_000)
+    await jobs.end("s", Outcome("succeeded"), 2_000)
+
+    assert await jobs.hold_stop("c", 2, 9_000) is None  # not its attempt
+    assert await jobs.hold_stop("s", 1, 9_000) is None  # its run ended it: nothing to stop
+    assert await jobs.hold_stop("r", 1, 9_000) is None  # a run recorded: `cancel` stops it
+    assert await jobs.hold_stop("open", 1, 9_000) is None  # its workflow waits for the call
+    assert await jobs.hold_stop("gone", 1, 9_000) is None
+    held = await jobs.hold_stop("c", 1, 9_000)
+    assert held is not None and (held.stop_due, held.stop_attempt) == (9_000, 1)
+    assert await jobs.hold_stop("c", 1, 9_500) is None  # once: held already
+    assert [r.id for r in await jobs.due(9_000, 10)] == ["c"]
+
+    assert await jobs.release_stop("c", 1, 9_000, 900_000)  # the service stopping: due later
+    assert "c" not in [r.id for r in await jobs.due(899_999, 10)]
+    assert "c" in [r.id for r in await jobs.due(900_000, 10)]
+    claimed = await jobs.claim_stop("c", 900_000, 990_000)
+    assert claimed is not None and claimed.external is None
+    done = await jobs.stopped("c", 1, 990_000, [], 991_000)
+    assert done is not None and (done.stop_due, done.stop_attempt) == (None, None)
+    timed_out = await jobs.get("twice")
+    assert timed_out is not None and await jobs.hold_stop("twice", 1, 5_000) is not None
+
+
 async def test_a_stop_given_up_is_due_at_once_only_for_the_holder_of_its_lease(database):
     """A process shutting down mid-stop gives its lease up (`release_stop`):
     `stop_due` becomes now, so the next sweep of any watchdog claims it,
