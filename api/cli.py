@@ -59,6 +59,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tether")
 
+WEAK_SECRET = 32
+"""Characters below which a configured `TETHER_CALLBACK_SECRET` is warned
+about at start (not refused: an upgraded deployment's waiting jobs hold URLs
+signed with it). A generated one is 43 (`secrets.token_urlsafe(32)`)."""
+
 RENAMED_LOGGERS = {"uvicorn.error": "tether.http", "uvicorn": "tether.http"}
 """uvicorn logs its start, stop and worker lines as `uvicorn.error`, which reads
 as a fault: they are shown as `tether.http`."""
@@ -243,6 +248,14 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         if closest == name.upper():
             hint = f"; setting names are upper case: {closest}"
         log.warning("unknown setting %s is ignored%s", name, hint)
+    if 0 < len(settings.callback_secret) < WEAK_SECRET:
+        log.warning(
+            "TETHER_CALLBACK_SECRET is %d characters: whoever guesses it can settle any job."
+            " Use at least %d random ones (python3 -c 'import secrets;"
+            " print(secrets.token_urlsafe(32))'), rotated in as docs/operations.md says",
+            len(settings.callback_secret),
+            WEAK_SECRET,
+        )
     for backend in settings.limits.keys() - plugins.backends.keys():
         near = difflib.get_close_matches(backend, sorted(plugins.backends), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""

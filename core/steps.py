@@ -1180,6 +1180,8 @@ class JobSteps:
             return
         if now.finished or now.attempt != rec.attempt or now.external is not None:
             return
+        if retry_in is not None:  # to the millisecond: not 0.30000000000000004
+            retry_in = round(retry_in, 3)
         data = {"try": attempt, "error": error, "retry_in": retry_in, "retryable": retryable}
         if replayed:
             data["replayed"] = True

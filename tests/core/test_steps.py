@@ -3771,3 +3771,13 @@ async def test_a_trigger_that_is_no_coroutine_function_is_answered_by_what_it_re
     await rig.steps.trigger("j", "j:1")
     assert len(rig.backend.triggers) == 1
     assert (await rig.parts.row("j")).external == {"run": 5}
+
+
+async def test_a_failed_tries_retry_in_is_kept_to_the_millisecond(rig: Rig):
+    """A backend's `retry_after` of 0.1 + 0.6 seconds is filed as 0.7, not
+    0.7000000000000001 (the wait itself is as asked)."""
+    await start(rig)
+    rig.backend.answers = [retryable("busy", retry_after=0.1 + 0.6), {"run": 1}]
+    await rig.steps.trigger("j", "j:1")
+    [(_, data)] = [e for e in await history(rig) if e[0] == "trigger_failed"]
+    assert data["retry_in"] == 0.7 and rig.waits == [0.1 + 0.6]

@@ -331,6 +331,9 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
         " TETHER_WEBHOOK_AUTH_PARTNER" in log
     )
     assert "partner-s3cret" not in log
+    assert (  # "process-secret": a guessable key signs every callback URL
+        "TETHER_CALLBACK_SECRET is 14 characters: whoever guesses it can settle any job." in log
+    )
     assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
     # a typo in a limit's backend took no limit at all, silently
     assert (
