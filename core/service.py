@@ -63,7 +63,7 @@ from core.steps import JobSteps
 from core.store import Store, open_store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.store.sql import SqlJobIndex
-from core.tokens import CallbackSigner, agree
+from core.tokens import CallbackSigner, agree, notify_fingerprints
 from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
 
@@ -227,6 +227,31 @@ class Tether:
             f" end first (or cancel them) with the hosts still in {recorded!r}"
         )
 
+    @staticmethod
+    def _notify_disagreement(
+        mine: list[str], theirs: list[str], other: str, shared: bool
+    ) -> list[str]:
+        """`compare_with_last_host`'s line on the notification secrets, as
+        fingerprints (current first), if any. Hosts up together: none signs
+        with a secret the other does, so no receiver verifies both hosts'
+        messages (during a rotation's restarts they share the old one). The
+        last start of a store no other host shares: the secret it signed
+        with (the one receivers were given) is not signed with now."""
+        if shared and not set(mine) & set(theirs):
+            return [
+                f"TETHER_NOTIFY_SECRET disagrees with {other}: no secret signs the completion"
+                " notifications of both, so a receiver refuses one host's or the other's."
+                " Every host must have the same (rotate as docs/operations.md says)"
+            ]
+        if not shared and theirs[0] not in mine:
+            return [
+                f"the notification secret disagrees with {other}: receivers given the old one"
+                " refuse the completion notifications signed now. Give it in"
+                " TETHER_NOTIFY_SECRET_PREVIOUS until every receiver has the new one"
+                " (docs/operations.md, changing the secret)"
+            ]
+        return []
+
     async def compare_with_last_host(self) -> list[str]:
         """Compare this process's shared settings with those of the host that
         started last on the shared store, and leave this one's in their place
@@ -236,7 +261,8 @@ class Tether:
         docs/operations.md says agrees at every step), another
         `TETHER_PUBLIC_URL` (the callback URLs handed out name the other),
         another `TETHER_GROUP` (each host's workflows wait on its own group
-        alone). On a store no other host shares, the same record is this
+        alone), notification secrets that disagree (`_notify_disagreement`).
+        On a store no other host shares, the same record is this
         store's last start: another callback secret or public URL there
         strands the jobs that were waiting (`take_group` refuses another
         group itself). Nothing for the first start, or a record this release
@@ -246,7 +272,9 @@ class Tether:
             return []
         signs, accepts = self.signer.fingerprints()
         group, url = self.settings.group, self.settings.base_url
+        notify = notify_fingerprints(self.store.notify_secrets)
         mine = {"signs": signs, "accepts": accepts, "group": group, "at": now_ms(), "url": url}
+        mine["notify"] = notify
         before = await jobs.swap_meta(LAST_HOST, msgspec.json.encode(mine).decode())
         try:
             theirs = msgspec.json.decode(before or "null")
@@ -262,7 +290,8 @@ class Tether:
             else:  # the last start is over: its URLs are what must still work
                 secrets_agree = theirs["signs"] in accepts
             their_group = str(theirs["group"])
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            their_notify = [str(f) for f in theirs.get("notify") or []]  # (not before 2026-12-06)
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
             return []
         said = []
         if not secrets_agree:
@@ -291,6 +320,8 @@ class Tether:
                 " then are called back at the old URL, which must keep reaching this service"
                 " until they end"
             )
+        if notify and their_notify:
+            said += self._notify_disagreement(notify, their_notify, other, shared)
         if their_group != group and shared:
             said.append(
                 f"TETHER_GROUP={group!r} differs from {other}, in {their_group!r}: a workflow is"

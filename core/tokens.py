@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from urllib.parse import quote
 
 from core.workflow import callback_promise_id
@@ -86,6 +86,16 @@ class CallbackSigner:
         """The callback URL for `promise_id`, token included."""
         path = quote(promise_id, safe="")
         return f"{self._base_url}/callbacks/{path}?token={self.token(promise_id, salt)}"
+
+
+def notify_fingerprints(secrets: Sequence[str]) -> list[str]:
+    """One-way fingerprints of the notification secrets a host signs with
+    (`Store.notify_secrets`, current first), compared between hosts as the
+    callback secrets' are (`fingerprints`)."""
+    return [
+        hmac.new(s.encode(), b"tether-notify-fingerprint", hashlib.sha256).hexdigest()[:16]
+        for s in secrets
+    ]
 
 
 def agree(mine: tuple[str, list[str]], theirs: tuple[str, list[str]]) -> bool:

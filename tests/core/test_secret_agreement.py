@@ -11,7 +11,13 @@ from api.cli import preflight
 from core.plugins import Plugins, make_plugin_manager
 from core.service import Tether
 from core.settings import Settings
-from core.store.embedded import drop_previous_secrets, rotate_secret
+from core.store.base import new_notify_secret
+from core.store.embedded import (
+    drop_previous_notify_secrets,
+    drop_previous_secrets,
+    rotate_notify_secret,
+    rotate_secret,
+)
 
 OLD, NEW, STRAY = "old-secret-" + "o" * 22, "new-secret-" + "n" * 22, "stray-" + "s" * 27
 
@@ -141,3 +147,69 @@ async def test_one_host_is_told_of_a_secret_or_url_changed_since_its_last_start(
     [said] = await start("", url="https://b")
     assert said.startswith("TETHER_PUBLIC_URL='https://b' differs from this store's last start")
     assert "called back at the old URL" in said
+
+
+N_OLD, N_NEW, N_STRAY = (new_notify_secret() for _ in range(3))
+
+
+async def test_a_host_with_another_notification_secret_is_named_at_start(fresh_pg_url):
+    """Hosts on one Postgres that share no notification secret: no receiver
+    verifies both hosts' messages. Each step of a rotation (a host restarted
+    with the new secret and the old as previous, while the others still
+    sign with the old; then the old dropped) shares one, and is not named."""
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+
+    async def start(current: str, previous: str = "") -> list[str]:
+        settings = Settings.from_env(
+            {},
+            store=fresh_pg_url,
+            callback_secret=OLD,
+            notify_secret=current,
+            notify_secret_previous=previous,
+            public_url="https://a",
+        )
+        tether = await Tether.open(settings, plugins, worker=False)
+        try:
+            return await tether.compare_with_last_host()
+        finally:
+            await tether.close()
+
+    assert await start(N_OLD) == [] and await start(N_OLD) == []
+    [said] = await start(N_STRAY)
+    assert said.startswith("TETHER_NOTIFY_SECRET disagrees with the host that started before")
+    assert N_OLD not in said and N_STRAY not in said
+    assert len(await start(N_OLD)) == 1  # the next finds the stray one
+    for current, previous in ((N_NEW, N_OLD), (N_OLD, ""), (N_NEW, N_OLD), (N_NEW, "")):
+        assert await start(current, previous) == []
+    assert await start("") == []  # none: no notifications to compare
+
+
+async def test_one_host_is_told_of_a_notification_secret_changed_since_its_last_start(
+    tmp_path, caplog
+):
+    """The embedded store: a start that no longer signs with the secret the
+    last one signed with (receivers were given that one) is named; the
+    rotation docs/operations.md gives (through the environment, or the
+    store's file) is not."""
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    store = f"sqlite:///{tmp_path / 't.db'}"
+
+    async def start(current: str = "", previous: str = "") -> list[str]:
+        settings = Settings.from_env(
+            {}, store=store, notify_secret=current, notify_secret_previous=previous
+        )
+        assert await preflight(settings, plugins) is None  # it serves all the same
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        caplog.clear()
+        return said
+
+    assert await start() == [] and await start() == []  # the file's own
+    rotate_notify_secret(tmp_path / "t.db")
+    assert await start() == []
+    drop_previous_notify_secrets(tmp_path / "t.db")
+    assert await start() == []
+    [said] = await start(N_STRAY)
+    assert said.startswith("the notification secret disagrees with this store's last start")
+    assert "TETHER_NOTIFY_SECRET_PREVIOUS" in said and N_STRAY not in said
+    for current, previous in ((N_NEW, N_STRAY), (N_NEW, "")):  # a rotation through the env
+        assert await start(current, previous) == []
