@@ -27,7 +27,10 @@ of the Jobs 2.2 API that the databricks-sdk `WorkspaceClient` uses for Tether.
 Every `/api/` request needs `Authorization: Bearer <token>`. Faults are queued
 per path: an error status (with `Retry-After`), a dropped answer (the run is
 created, then the connection closes unanswered), a held answer (the run is
-created, then the request hangs until released, then closes unanswered).
+created, then the request hangs until released, then closes unanswered), a
+late request (`late`: nothing is done until it is released, as a request
+that reached the workspace but is acted on late: a `run-now` creates its run
+only then; its answer is then sent once `respond` is set).
 
 Each run is played by a *notebook*, a function run in a thread: by default the
 repository's `examples/databricks_notebook.py`, executed with a stub `dbutils`
@@ -37,6 +40,7 @@ whose widgets are the run's parameters and a stub `spark`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import runpy
@@ -194,7 +198,7 @@ class Job:
 class Fault:
     method: str
     path: str
-    kind: str  # "status", "drop", "garble", "hold" or "delay"
+    kind: str  # "status", "drop", "garble", "hold", "delay" or "late"
     times: int = 1
     status: int = 500
     error_code: str = ""
@@ -205,6 +209,8 @@ class Fault:
     reached: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     answered: threading.Event = field(default_factory=threading.Event)
+    respond: threading.Event = field(default_factory=threading.Event)
+    """A `late` fault's answer, the work done, waits for this."""
 
 
 @dataclass
@@ -367,6 +373,7 @@ class FakeWorkspace:
     def stop(self) -> None:
         for fault in self.faults:
             fault.release.set()
+            fault.respond.set()
         for run in list(self.runs.values()):
             run.end("USER_CANCELED", "the fake workspace stopped")
         self._server.shutdown()
@@ -424,6 +431,15 @@ class FakeWorkspace:
     def delay(self, path: str, method: str = "GET") -> Fault:
         """The next answer on `path` is computed, then held until `release`."""
         fault = Fault(method, path, "delay", 1)
+        self.faults.append(fault)
+        return fault
+
+    def late(self, path: str) -> Fault:
+        """The next request on `path` is held undone (`reached` set) until
+        `release`: only then is its work done (a `run-now`'s run created);
+        its answer then waits for `respond`, and closes the connection (a
+        client gone meanwhile gets nothing)."""
+        fault = Fault("POST", path, "late", 1)
         self.faults.append(fault)
         return fault
 
@@ -907,6 +923,9 @@ def _handler(ws: FakeWorkspace) -> type[BaseHTTPRequestHandler]:
                     headers["Retry-After"] = str(fault.retry_after)
                 self._answer(fault.status, _error(fault.error_code, fault.message), headers)
                 return
+            if fault is not None and fault.kind == "late":  # nothing done until released
+                fault.reached.set()
+                fault.release.wait(60)
             if self.command == "GET" and parts.path == "/api/2.2/jobs/runs/get":
                 status, answer = ws.get_run(parse_qs(parts.query))
             elif self.command == "GET" and parts.path == "/api/2.2/jobs/runs/get-output":
@@ -917,6 +936,13 @@ def _handler(ws: FakeWorkspace) -> type[BaseHTTPRequestHandler]:
                 status, answer = getattr(ws, ROUTES[self.command, parts.path])(body)
             else:
                 status, answer = 404, _error("ENDPOINT_NOT_FOUND", f"No API found for {parts.path}")
+            if fault is not None and fault.kind == "late":
+                fault.respond.wait(60)
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # its client may be gone (killed) by now
+                    self._answer(status, answer)
+                    fault.answered.set()
+                return
             if fault is not None:
                 fault.reached.set()
                 if fault.kind in ("hold", "delay"):
