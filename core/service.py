@@ -90,6 +90,22 @@ def unix_ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
 
+def _still_winding_up(rec: JobRecord) -> Conflict:
+    """A retry's 409 for an ended attempt still winding up (`_winding_up`)."""
+    at = f"job {shown(rec.id)}: attempt {rec.attempt} is {rec.state} but still winding up"
+    details: dict[str, Any] = {"attempt": rec.attempt, "state": rec.state}
+    if rec.stop_due is not None and rec.external is None:  # a late trigger call's hold
+        due = datetime.fromtimestamp(rec.stop_due / 1000, UTC).isoformat(timespec="seconds")
+        return Conflict(
+            f"{at}: a call of its trigger, left to answer late, may still start a run, which"
+            " is to be stopped before another attempt begins: the call may take up to 15"
+            " minutes from its start (TRIGGER_TIMEOUT), its stop a watchdog sweep after a"
+            " restart; retry after that",
+            {**details, "stop_due": due},
+        )
+    return Conflict(f"{at} (stopping its external run); retry again in a moment", details)
+
+
 class Tether:
     """The service: its use cases, and the parts `open` put together."""
 
@@ -543,7 +559,10 @@ class Tether:
         retried = NewEvent("retried", {"previous": previous, "timeout": rec.timeout})
         deadline = now + int(rec.timeout * 1000)
         started = await store_call(self.jobs.retry(job_id, rec.attempt, deadline, now, retried))
-        if started is None:  # another retry got there first
+        if started is None:  # another retry got there first, or a stop is due since
+            latest = await store_call(self.jobs.get(job_id))
+            if latest is not None and latest.attempt == rec.attempt and latest.stop_due is not None:
+                raise _still_winding_up(latest)
             if wanted is not None:
                 return await self.retry_job(job_id, wanted)
             return await self._refuse_now(job_id)
@@ -566,11 +585,16 @@ class Tether:
 
     async def _winding_up(self, rec: JobRecord) -> bool:
         """Whether the ended attempt `rec` is at is still winding up: its
-        workflow has yet to return, or, for one no workflow finishes, its
-        run's stop is due (`stop_due`)."""
+        workflow has yet to return, or a stop is due (`stop_due`): of the
+        run of a job no workflow finishes, or of what a trigger call left to
+        answer late may start (held before its workflow returns: read again
+        once it has)."""
         if rec.stop_due is not None:
             return True
-        return await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt))
+        if await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt)):
+            return True
+        now = await store_call(self.jobs.get(rec.id))
+        return now is not None and now.attempt == rec.attempt and now.stop_due is not None
 
     async def _await_attempt(self, rec: JobRecord) -> None:
         """Wait (at most `ATTEMPT_END_WAIT` seconds) for the ended attempt's
@@ -586,11 +610,8 @@ class Tether:
                 return  # deleted, or retried by another: the retry's update says
             if not await self._winding_up(latest):
                 return
-        raise Conflict(
-            f"job {shown(rec.id)}: attempt {rec.attempt} is {rec.state} but still winding up"
-            " (stopping its external run); retry again in a moment",
-            {"attempt": rec.attempt, "state": rec.state},
-        )
+            rec = latest
+        raise _still_winding_up(rec)
 
     async def _start(self, rec: JobRecord) -> None:
         """Start the workflow of the job's current attempt, unless it is

@@ -176,11 +176,12 @@ class JobSteps:
     async def close(self) -> None:
         """Cancel the trigger calls still answering late (`detached`), and
         wait for them: the service is stopping. Each that holds the stop of
-        what it may start (`_answered_late`) makes it due once the call has
-        surely ended, for any watchdog; one that holds none (its job
+        what it may start (`_answered_late`) makes it due once the call
+        should have ended, for any watchdog; one that holds none (its job
         succeeded meanwhile, or was retried) says in a warning that a run it
         starts after this is recorded nowhere."""
         while self.detached:
+            await asyncio.sleep(0)  # each begun (its `except`s in force) first
             late = list(self.detached)
             for task in late:
                 task.cancel()
@@ -750,7 +751,14 @@ class JobSteps:
                     which,
                     extra=rec.log_extra(promise_id),
                 )
-                late = self._answered_late(ended, backend, rec, params, promise_id, which, this)
+                try:  # held before the workflow goes on: a retry and a stream wait for it
+                    lease = await self._hold_stop(rec, ended.now)
+                except asyncio.CancelledError:
+                    _abandon(ended.answering, rec)
+                    raise
+                late = self._answered_late(
+                    ended, lease, backend, rec, params, promise_id, which, this
+                )
                 task = asyncio.get_running_loop().create_task(late, name=rec.id)
                 self.detached.add(task)  # (a strong reference: the loop keeps a weak one)
                 task.add_done_callback(self.detached.discard)
@@ -869,6 +877,7 @@ class JobSteps:
     async def _answered_late(
         self,
         ended: _Abandoned,
+        lease: StopLease | None,
         backend: Backend,
         rec: JobRecord,
         params: Any,
@@ -886,19 +895,20 @@ class JobSteps:
         going unseen; the finish has asked the backend to look for it too
         (`cancel_unrecorded`), which is harmless.
 
-        The stop of what the call may start is durable (`_hold_stop`) for an
-        attempt canceled or timed out with no run recorded: held in the
-        job's row while the call runs, so a process that dies meanwhile
+        For an attempt canceled or timed out with no run recorded (the runs
+        its finish looks for: `_stops_late`), a call that ends with no run
+        taken (it failed after it may have sent its request, or was
+        abandoned at its bound) has the backend asked again, as it may have
+        started one after the finish asked. That stop is durable: `lease`,
+        held in the job's row from before the workflow went on (`_hold_stop`)
+        and renewed while the call runs, so a process that dies meanwhile
         leaves it to any watchdog once the lease ran out (`finish_orphan`:
-        `cancel_unrecorded` again); a call that ends with no run taken (it
-        failed, or was abandoned) has it asked again here, as it may have
-        started one after the finish asked; a service that stops first
-        makes it due when the call has surely ended (its `TRIGGER_TIMEOUT`:
-        a call in a thread goes on). Nothing it raises goes further than the
-        log."""
+        `cancel_unrecorded` again); a service that stops first makes it due
+        when the call should have ended (its `TRIGGER_TIMEOUT`, which a
+        backend's own bounds stay within: a call in a thread goes on).
+        Nothing it raises goes further than the log."""
         answering, until, loop = ended.answering, ended.until, asyncio.get_running_loop()
         over = False
-        lease = await self._hold_stop(rec, ended.now)
         outcome: list[NewEvent] = []
         try:
             async with contextlib.AsyncExitStack() as kept:
@@ -913,9 +923,13 @@ class JobSteps:
                 taken = await self._late_answer(
                     answering, backend, rec, params, promise_id, which, tries
                 )
-                if lease is not None and not taken and _may_have_started_late(answering):
-                    failed = await self._unrecorded_failure(backend, rec, lease=lease)
-                    outcome = [] if failed is None else [failed]
+                if _stops_late(rec, ended.now) and not taken and _may_have_started_late(answering):
+                    over = True  # (the call is done with: a stop cut short is due at once)
+                    if lease is not None and lease.claims:
+                        failed = await self._unrecorded_failure(backend, rec, lease=lease)
+                        outcome = [] if failed is None else [failed]
+                    else:  # held by nobody (the write failed), or taken over meanwhile
+                        await self._cancel_unrecorded(backend, rec)
         except asyncio.CancelledError:  # the service is stopping (`close`)
             if lease is None:
                 log.warning(
@@ -926,11 +940,23 @@ class JobSteps:
                     rec.id,
                     extra=rec.log_extra(promise_id),
                 )
-            else:  # due once the call surely ended (a call in a thread goes on)
+            else:  # due once the call should have ended (a call in a thread goes on)
                 left = 0.0 if over else max(until - loop.time(), 0)
                 await self._release_stop(rec, rec.attempt, lease, now_ms() + int(left * 1000))
             raise
-        if lease is not None:
+        except Exception as exc:  # (a store that failed, a plugin's bug): the log's alone
+            log.warning(
+                "job %s: following its late trigger call failed (%s)%s",
+                rec.id,
+                type(exc).__name__,
+                "; another process's watchdog asks the backend to stop what it may have"
+                " started once the lease runs out"
+                if lease is not None
+                else "",
+                extra=rec.log_extra(promise_id),
+            )
+            return
+        if lease is not None and lease.claims:
             try:
                 await self._stop_recorded(rec, rec.attempt, lease, outcome)
             except Exception as exc:
@@ -987,13 +1013,10 @@ class JobSteps:
         """This process's lease on the stop of what a call of attempt
         `rec.attempt`'s trigger, left to answer late, may start
         (`jobs.hold_stop`), when the attempt (`now`: the row as the call was
-        left) was canceled or timed out with no run recorded: the runs its
-        finish stops. None when not, or when the write failed (said in the
-        log: the call is then followed in memory alone, as a process that
-        dies would leave it)."""
-        if now is None or now.attempt != rec.attempt or now.external is not None:
-            return None
-        if now.state not in ("canceled", "timed_out") or now.stop_due is not None:
+        left) ended so that its finish looks for such a run (`_stops_late`).
+        None when not, or when the write failed (said in the log: the call is
+        then followed in memory alone, as a process that dies would leave it)."""
+        if not _stops_late(rec, now) or now is None or now.stop_due is not None:
             return None
         length = self.stop_lease_ms()
         try:
@@ -1408,8 +1431,8 @@ class JobSteps:
         cancelled: the service is stopping): `jobs.release_stop` makes it
         due now, so the next sweep of any process's watchdog (the restarted
         service's first) takes it over, rather than the lease's end; or at
-        `due` (Unix ms: a late trigger call's hold, due once the call has
-        surely ended).
+        `due` (Unix ms: a late trigger call's hold, due once the call should
+        have ended).
         Shielded from the cancellation, within `RELEASE_TIMEOUT`; one that
         fails leaves the lease to run out, as a process that dies does. The
         caller raises the cancellation again (as it does when cancelled
@@ -1434,7 +1457,7 @@ class JobSteps:
             log.warning(
                 "job %s: its trigger's call, which its attempt no longer waited for, was still"
                 " answering as the service stopped: what it may start is asked to stop by the"
-                " first watchdog sweep of any process from %s, when the call has surely ended",
+                " first watchdog sweep of any process from %s, when the call should have ended",
                 rec.id,
                 _utc(due),
                 extra=rec.log_extra(),
@@ -1721,11 +1744,24 @@ def stopped_with(state: str, value: Any) -> bool:
     return state == "failed" and isinstance(value, dict) and value.get("by") == "trigger"
 
 
+def _stops_late(rec: JobRecord, now: JobRecord | None) -> bool:
+    """Whether what a call of attempt `rec.attempt`'s trigger, left to
+    answer late, may start is to be stopped (`_answered_late`): the attempt
+    (`now`: the row as the call was left) was canceled or timed out with no
+    run recorded, the runs its finish looks for (`cancel_unrecorded`). Not
+    one retried meanwhile (a run the call names is stopped as a stale
+    trigger's), nor one its run's callback ended."""
+    if now is None or now.attempt != rec.attempt or now.external is not None:
+        return False
+    return now.state in ("canceled", "timed_out")
+
+
 def _may_have_started_late(answering: asyncio.Future[Any]) -> bool:
     """Whether a trigger's call left to answer late (`_answered_late`), over
     with no run taken, may have started one: unless it refused clearly (a
-    `BackendError` not `retryable`) or sent nothing (not `tried`)."""
-    if answering.cancelled():
+    `BackendError` not `retryable`) or sent nothing (not `tried`). One
+    cancelled (`_abandon`: done only at the loop's next turn) may have."""
+    if not answering.done() or answering.cancelled():
         return True
     exc = answering.exception()
     return not isinstance(exc, BackendError) or (exc.retryable and exc.tried)

@@ -356,8 +356,9 @@ class JobIndex(Protocol):
     async def retry(
         self, job_id: str, attempt: int, deadline: int, now: int, event: NewEvent
     ) -> JobRecord | None:
-        """Start the job's next attempt if it is at `attempt` and in one of
-        `RETRYABLE_STATES`: `pending` again, the attempt one more, `deadline`
+        """Start the job's next attempt if it is at `attempt`, in one of
+        `RETRYABLE_STATES`, and no stop is due (`stop_due`: the ended
+        attempt is still winding up): `pending` again, the attempt one more, `deadline`
         new, what the ended attempt recorded (external, result, error,
         heartbeats) cleared, and `event` recorded as the new attempt's first.
         One conditional update: of two racing retries exactly one starts the
@@ -480,10 +481,11 @@ class JobIndex(Protocol):
         """Give up the stop of the run of the job's attempt `attempt` held
         until `claim` (its `stop_due`), unfinished (the process stopping it
         is shutting down): `stop_due` becomes `due` (now, or for a trigger
-        call's hold the time by which that call has surely ended: `hold_stop`),
-        so the first sweep of any process's watchdog from then takes the stop
-        over (`claim_stop`) instead of waiting the lease out. False (nothing written) when the job's
-        `stop_due` is no longer `claim`, or not for that attempt, as
+        call's hold the time by which that call should have ended:
+        `hold_stop`), so the first sweep of any process's watchdog from then
+        takes the stop over (`claim_stop`) instead of waiting the lease out.
+        False (nothing written) when the job's `stop_due` is no longer
+        `claim`, or not for that attempt, as
         `stopped`: another process holds the stop, or it was recorded."""
         ...
 

@@ -894,7 +894,8 @@ class SqlJobIndex:
                 " finished_at = NULL, next_check_at = NULL, heartbeat_at = NULL,"
                 " heartbeat_due = NULL, progress = NULL, heartbeat_noted_at = NULL,"
                 f" progress_noted = NULL, events = events + {1 if admitted else 2}"
-                f" WHERE id = ? AND attempt = ? AND state IN ({marks}) RETURNING {COLUMNS}",
+                f" WHERE id = ? AND attempt = ? AND state IN ({marks}) AND stop_due IS NULL"
+                f" RETURNING {COLUMNS}",
                 (state, queued_at, deadline, now, job_id, attempt, *RETRYABLE_STATES),
             )
             new = [event] if admitted else [event, NewEvent("queued", queued)]

@@ -5,6 +5,7 @@ canceled job, over real HTTP against a real webhook receiver
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import httpx
@@ -13,13 +14,14 @@ import pytest
 from resonate.types import Value
 
 import core.service
+import core.steps
 from api.client import heartbeat_url
 from core import workflow
 from core.hookspecs import Backend
 from core.models import Job, Trigger
 from core.plugin import hookimpl
 from core.store.jobs import now_ms
-from tests.conftest import Receiver, Service, eventually
+from tests.conftest import Hit, Receiver, Service, eventually
 
 
 async def start(svc: Service, receiver: Receiver, job_id: str, **extra: Any) -> dict[str, Any]:
@@ -506,3 +508,47 @@ async def test_an_earlier_attempts_token_quoted_in_a_later_attempts_answer_is_ma
     assert "***" in job["error"]["message"]
     assert old_token[:8] not in str(job)
     assert old_token[:8] not in (await svc.client.get("/jobs/q/events")).text
+
+
+async def test_a_retry_waits_for_a_trigger_call_left_to_answer_late(
+    start_service, receiver, monkeypatch
+):
+    """A job canceled while its webhook's trigger request was held open:
+    its workflow went on without the call, whose stop is held in the row
+    (`stop_due`) until it answers. A retry meanwhile answers 409, saying
+    why (a run may still start, to be stopped first); once the request is
+    answered, its run recorded and stopped, the retry goes through. Before,
+    attempt 2 could start while attempt 1's call might still start a run."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook" and not release.is_set():
+            release.wait(30)
+        return 202, {"run": hit.path}
+
+    receiver.respond = respond
+    svc = await start_service()
+    try:
+        params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel"), "timeout": 60}
+        body = {"id": "h", "backend": "http_webhook", "params": params}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+        await eventually(lambda: receiver.on("/hook"))
+        assert (await svc.client.post("/jobs/h/cancel")).status_code == 200
+        await eventually(lambda: receiver.on("/cancel"))  # the finish's `cancel_unrecorded`
+
+        answer = await retry(svc, "h")
+        assert answer.status_code == 409, answer.text
+        error = answer.json()["error"]
+        assert (
+            "a call of its trigger, left to answer late, may still start a run" in error["message"]
+        )
+        assert error["details"]["attempt"] == 1 and error["details"]["stop_due"]
+        assert (await svc.job("h"))["attempt"] == 1
+    finally:
+        release.set()
+    await eventually(lambda: len(receiver.on("/cancel")) == 2)  # the late run's, stopped
+    monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 10.0)
+    answer = await retry(svc, "h")
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2), answer.text

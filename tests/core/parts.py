@@ -122,6 +122,19 @@ class Parts:
     async def promise(self, job_id: str) -> PromiseRecord:
         return await self.resonate.promises.get(callback_promise_id(job_id))
 
+    async def retry_as_before(self, job_id: str, attempt: int, event: NewEvent) -> JobRecord | None:
+        """`jobs.retry` as a host of a release before `stop_due` did it: one
+        due does not hold the retry back, and stays (for another attempt)."""
+        held = await self.row(job_id)
+        db = self.jobs.db  # type: ignore[attr-defined]
+        await db.execute("UPDATE tether_jobs SET stop_due = NULL WHERE id = ?", (job_id,))
+        retried = await self.jobs.retry(job_id, attempt, now_ms() + 3_600_000, now_ms(), event)
+        await db.execute(
+            "UPDATE tether_jobs SET stop_due = ?, stop_attempt = ? WHERE id = ?",
+            (held.stop_due, held.stop_attempt, job_id),
+        )
+        return None if retried is None else await self.row(job_id)
+
     async def row(self, job_id: str) -> JobRecord:
         rec = await self.jobs.get(job_id)
         assert rec is not None

@@ -434,7 +434,7 @@ async def test_a_stop_left_due_by_an_attempt_an_older_host_retried_stops_nothing
         first, _ = await parts.jobs.end("j", TIMED_OUT, now_ms(), stop_due=now_ms() - 1)
         assert first.stop_due is not None
         retried = NewEvent("retried", {"previous": {"state": "timed_out"}, "timeout": 60})
-        second = await parts.jobs.retry("j", 1, now_ms() + HOUR, now_ms(), retried)  # as before
+        second = await parts.retry_as_before("j", 1, retried)
         assert second is not None and (second.attempt, second.stop_due) == (2, first.stop_due)
         await parts.jobs.set_external("j", {"run": "two"}, now_ms(), None, attempt=2)
         await parts.jobs.end("j", TIMED_OUT, now_ms(), attempt=2)  # its workflow's finish

@@ -1492,7 +1492,8 @@ async def test_an_unborn_attempts_end_awaits_its_finish_for_the_watchdog_whateve
     parts: Parts,
 ):
     """Attempt 1 was finished here with its run's stop due (held by a task
-    of the service's, still under way) when the job was retried; attempt 2
+    of the service's, still under way) when the job was retried (by a host
+    of an earlier release: a retry now waits for the stop); attempt 2
     times out before its workflow made its promise. The row still carries
     attempt 1's stop (`stop_due`), but the watchdog (`wait_stop`) awaits
     the finish it hands over, as it does any other."""
@@ -1505,7 +1506,7 @@ async def test_an_unborn_attempts_end_awaits_its_finish_for_the_watchdog_whateve
     _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout")
     assert rec.stop_due is not None and len(spawned) == 1 and seen == []
     again = NewEvent("retried", {"previous": {"state": "timed_out"}})
-    assert await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), again)
+    assert await parts.retry_as_before("j", 1, again)  # (a retry now waits for the stop)
 
     _, rec = await parts.settler.settle("j", TIMED_OUT, by="timeout", attempt=2, wait_stop=True)
 

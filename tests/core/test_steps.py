@@ -2940,7 +2940,7 @@ async def test_an_orphans_stop_left_due_by_an_attempt_retried_since_stops_nothin
     its plugins its own finish's to tell. The stop is only cleared."""
     await stop_due(rig)
     again = NewEvent("retried", {"previous": {"state": "timed_out"}})
-    retried_ = await rig.parts.jobs.retry("j", 1, now_ms() + HOUR, now_ms(), again)
+    retried_ = await rig.parts.retry_as_before("j", 1, again)
     assert retried_ is not None and (retried_.attempt, retried_.stop_attempt) == (2, 1)
     if second == "timed_out":
         await rig.parts.jobs.set_external("j", {"run": 2}, now_ms(), None, attempt=2)
@@ -3568,7 +3568,7 @@ async def test_a_trigger_call_waiting_when_its_job_ended_is_left_and_its_finish_
             " thread goes on) is recorded nowhere: look for it in the external system"
         ]
         return
-    # Due for any watchdog once the call has surely ended (a call in a thread
+    # Due for any watchdog once the call should have ended (a call in a thread
     # goes on): its `TRIGGER_TIMEOUT`, counted from its start.
     assert rec.stop_due is not None and rec.stop_attempt == 1
     assert before + 880_000 <= rec.stop_due <= now_ms() + 900_000
@@ -3576,7 +3576,7 @@ async def test_a_trigger_call_waiting_when_its_job_ended_is_left_and_its_finish_
     assert logs.lines == [
         "WARNING job j: its trigger's call, which its attempt no longer waited for, was still"
         " answering as the service stopped: what it may start is asked to stop by the first"
-        f" watchdog sweep of any process from {when}, when the call has surely ended"
+        f" watchdog sweep of any process from {when}, when the call should have ended"
     ]
 
 
@@ -3699,8 +3699,102 @@ async def test_a_late_trigger_calls_stop_whose_holder_died_is_taken_over_by_a_wa
 
     answer.set()
     await eventually(lambda: not rig.steps.detached)
+    assert len(rig.backend.unrecorded) == 2  # the finish's, then its own once the call failed
     assert (await rig.parts.row("j")).stop_due is None
     assert [t for t, _ in await history(rig)] == ["finished"]
+
+
+async def test_a_late_call_whose_stop_was_taken_over_asks_again_once_it_ended(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The holder stalled past its lease (here: the store refused its
+    renewal after a watchdog took the stop over and recorded it): once its
+    call fails at last, it asks the backend again all the same (a run may
+    have started after the takeover's look), filing a failure as any ask
+    does, and records no stop. Before, it asked nothing."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    monkeypatch.setattr(rig.steps, "stop_lease_ms", lambda: 90)  # renewed every 30 ms
+    answer = asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+        raise RuntimeError("connection reset")
+
+    rig.backend.during = slow
+    await trigger_ended_meanwhile(rig, CANCELED)
+    await finish_as_settled(rig)
+    held = await eventually(lambda: stop_held(rig))
+    other = make_rig(rig.parts)
+    claimed = await rig.parts.jobs.claim_stop("j", held.stop_due, now_ms() + HOUR)
+    assert claimed is not None
+    await other.steps.finish_orphan(claimed)  # asked, and recorded
+    assert len(other.backend.unrecorded) == 1 and (await rig.parts.row("j")).stop_due is None
+    rig.backend.unrecorded_error = BackendError("workspace gone", retryable=False)
+    with logs_of("tether") as logs:
+        await asyncio.sleep(0.1)  # a renewal finds the stop gone
+        answer.set()
+        await eventually(lambda: not rig.steps.detached)
+    assert len(rig.backend.unrecorded) == 2  # the finish's, and its own
+    assert (await rig.parts.row("j")).stop_due is None
+    assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+    assert any("is no longer this process's" in line for line in logs.lines)
+
+
+async def test_a_late_call_abandoned_at_its_bound_has_its_run_asked_to_stop_and_lets_go(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A call left to answer late that never answers is cancelled at its
+    `TRIGGER_TIMEOUT` (as a try whose answer was lost): the backend is asked
+    to stop what it may have started, and the stop held meanwhile is
+    recorded. Before, the cancelled call's answer was read before it was
+    done (`InvalidStateError`), the task died, and the hold stayed until a
+    watchdog took it over a lease later."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    monkeypatch.setattr(core.steps, "TRIGGER_TIMEOUT", 0.5)
+    cancelled: list[bool] = []
+    rig.backend.during = hangs(cancelled)
+    await trigger_ended_meanwhile(rig, TIMED_OUT)
+    await finish_as_settled(rig)
+    assert len(rig.backend.unrecorded) == 1
+    with logs_of("tether") as logs:
+        await eventually(lambda: not rig.steps.detached)
+    assert cancelled == [True] and len(rig.backend.unrecorded) == 2
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.stop_due, rec.stop_attempt) == ("timed_out", None, None)
+    assert not any("failed" in line for line in logs.lines), logs.lines
+
+
+async def test_a_late_calls_stop_cut_short_after_the_call_ended_is_due_at_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The service stops while the backend is being asked to stop what a
+    late call (over now: it failed) may have started: the call no longer
+    runs, so the stop is due at once for any watchdog, not a
+    `TRIGGER_TIMEOUT` later."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    answer, asking = asyncio.Event(), asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+        raise RuntimeError("connection reset")
+
+    rig.backend.during = slow
+    await trigger_ended_meanwhile(rig, CANCELED)
+    await finish_as_settled(rig)
+    await eventually(lambda: stop_held(rig))
+
+    async def held_open(trigger: Trigger) -> None:
+        rig.backend.unrecorded.append(trigger)
+        asking.set()
+        await asyncio.Event().wait()
+
+    rig.backend.cancel_unrecorded = held_open  # type: ignore[method-assign]
+    answer.set()
+    await asyncio.wait_for(asking.wait(), 5)
+    before = now_ms()
+    await rig.steps.close()
+    rec = await rig.parts.row("j")
+    assert rec.stop_due is not None and before <= rec.stop_due <= now_ms()
 
 
 async def test_a_late_trigger_calls_stop_taken_over_files_a_failure_once(rig: Rig):

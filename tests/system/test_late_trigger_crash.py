@@ -13,9 +13,9 @@ stop of that run in the job's row while the call is under way
   the lease (`TETHER_TASK_TTL`, 2 s here) ran out, which asks the backend
   again: the run is stopped. Before, nothing asked after the finish's look,
   and the run went on, recorded nowhere.
-- Stopped by SIGTERM, it makes the stop due once the call has surely ended
-  (its `TRIGGER_TIMEOUT`, 8 s here: a call in a thread goes on), and the next
-  service asks then, not before.
+- Stopped by SIGTERM, it makes the stop due once the call should have ended
+  (its `TRIGGER_TIMEOUT` from its start, 20 s here: a call in a thread goes
+  on), and the next service asks then, not before.
 
 The service runs with shorter bounds than its own (a module patched before
 it starts, as `test_orphan_stop_crash` does)."""
@@ -38,7 +38,7 @@ SHORT_BOUNDS = """
 from core import steps
 
 steps.TRIGGER_WATCH = 0.2  # the call is left within this of the cancel
-steps.TRIGGER_TIMEOUT = 8.0  # the call's bound: its stop is due then at the latest
+steps.TRIGGER_TIMEOUT = 20.0  # the call's bound: more than the tests hold it
 """
 
 SECRET = "Bearer late-trigger-s3cret"
@@ -67,12 +67,15 @@ class LateBackend:
     def __init__(self) -> None:
         self.cancels: list[tuple[float, Hit]] = []
         self.first, self.started, self.release = (threading.Event() for _ in range(3))
+        self.called = 0.0
+        """When the trigger's request came (Unix time)."""
 
     def __call__(self, hit: Hit) -> tuple[int, Any]:
         if hit.path == "/cancel":
             self.cancels.append((time.time(), hit))
             self.first.set()
             return 200, {}
+        self.called = time.time()
         self.first.wait(20)
         self.started.set()  # after the finish asked to stop it
         self.release.wait(30)
@@ -152,7 +155,7 @@ def test_a_late_trigger_calls_run_is_stopped_after_its_service_was_killed(
         assert secret not in json.dumps(items)
 
 
-def test_a_late_trigger_calls_stop_is_due_once_the_call_surely_ended_after_sigterm(
+def test_a_late_trigger_calls_stop_is_due_once_the_call_should_have_ended_after_sigterm(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     first = ShortBounds(tmp_path)
@@ -168,8 +171,8 @@ def test_a_late_trigger_calls_stop_is_due_once_the_call_surely_ended_after_sigte
         backend.release.set()
     state, due, _ = row(db)
     assert state == "canceled" and due is not None
-    assert stopped < due <= stopped + 8_000  # the call's bound, from its start
-    assert "when the call has surely ended" in first.log.read_text()
+    assert stopped < due <= backend.called * 1000 + 20_000  # the call's bound, from its start
+    assert "when the call should have ended" in first.log.read_text()
     assert run is not None
 
     second = ShortBounds(tmp_path, port=first.port).start()
@@ -178,7 +181,7 @@ def test_a_late_trigger_calls_stop_is_due_once_the_call_surely_ended_after_sigte
         wait_until(lambda: row(db)[1] is None, timeout=15)
     finally:
         second.kill()
-    assert backend.cancels[1][0] * 1000 >= due  # not before the call surely ended
+    assert backend.cancels[1][0] * 1000 >= due  # not before the call should have ended
     assert [hit.body["promise_id"] for _, hit in backend.cancels] == ["late:1", "late:1"]
     logs = first.log.read_text() + second.log.read_text()
     for secret in ("late-trigger-s3cret", "process-secret", "token="):

@@ -458,8 +458,9 @@ async def test_a_late_trigger_calls_stop_is_held_only_where_a_finish_would_look_
     for job_id in ("c", "s", "r", "open", "twice"):
         await jobs.insert(job(job_id))
     await jobs.set_external("r", {"run": "r"}, 1_500, None)
-    for job_id in ("c", "r", "twice"):
+    for job_id in ("c", "r"):
         await jobs.end(job_id, Outcome("canceled"), 2_000)
+    await jobs.end("twice", Outcome("timed_out"), 2_000)
     await jobs.end("s", Outcome("succeeded"), 2_000)
 
     assert await jobs.hold_stop("c", 2, 9_000) is None  # not its attempt
@@ -479,8 +480,12 @@ async def test_a_late_trigger_calls_stop_is_held_only_where_a_finish_would_look_
     assert claimed is not None and claimed.external is None
     done = await jobs.stopped("c", 1, 990_000, [], 991_000)
     assert done is not None and (done.stop_due, done.stop_attempt) == (None, None)
-    timed_out = await jobs.get("twice")
-    assert timed_out is not None and await jobs.hold_stop("twice", 1, 5_000) is not None
+    assert await jobs.hold_stop("twice", 1, 5_000) is not None  # timed out: held too
+    again = NewEvent("retried", {})
+    assert await jobs.retry("twice", 1, 90_000, 3_000, again) is None  # winding up: not yet
+    assert await jobs.stopped("twice", 1, 5_000, [], 4_000) is not None
+    retried = await jobs.retry("twice", 1, 90_000, 4_000, again)
+    assert retried is not None and retried.attempt == 2
 
 
 async def test_a_stop_given_up_is_due_at_once_only_for_the_holder_of_its_lease(database):
