@@ -354,12 +354,7 @@ class HttpWebhook(Backend):
         answer = await self._send(
             "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=headers
         )
-        if answer.body is None:
-            return None  # too long to be an answer we understand: keep waiting
-        try:
-            status = msgspec.json.decode(answer.body, type=StatusBody)
-        except (msgspec.MsgspecError, UnicodeDecodeError):
-            return None  # not an answer we understand: keep waiting
+        status = _status_of(answer, _host(params.status_url))
         if status.status == "running":
             return Running(progress=status.progress)
         error = status.error or (
@@ -471,6 +466,31 @@ def _url_credential(url: str) -> str | None:
         return None
     pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
     return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def _status_of(answer: _Answer, host: str) -> StatusBody:
+    """A `status_url`'s 2xx answer as a `StatusBody`. One it cannot read (no
+    JSON, a `status` of another word, more than `STATUS_LIMIT` bytes) is a
+    failed check (a `BackendError`, retryable: the job waits on, logged), not
+    "cannot tell": the endpoint answered, so the run is not lost, and a
+    missed heartbeat is not to stop a run that may be going. What is wrong is
+    named by where, never by value (an answer may hold anything)."""
+    expected = '{"status": "running"|"succeeded"|"failed", ...}'
+    if answer.body is None:
+        problem = f"more than {STATUS_LIMIT} bytes"
+    else:
+        try:
+            return msgspec.json.decode(answer.body, type=StatusBody)
+        except msgspec.ValidationError as exc:
+            problem, _, at = str(exc).partition(" - at `$")
+            problem = "JSON of another shape" + (f" (at `{at.lstrip('.')})" if at else "")
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            problem = "what is not JSON"
+    raise BackendError(
+        f"GET {host} answered {answer.status} with {problem}, not a status ({expected})",
+        retryable=True,
+        code="invalid_status",
+    )
 
 
 def _host(url: str) -> str:

@@ -390,3 +390,29 @@ async def test_a_status_check_that_quotes_the_jobs_url_is_kept_without_its_token
     job = await svc.job("told")
     assert token[:8] not in str(job)
     assert token[:8] not in (await svc.client.get("/jobs/told/events")).text
+
+
+async def test_a_silent_run_whose_status_answer_cannot_be_read_waits_on(start_service, receiver):
+    """A `status_url` that answers 200 with a status Tether does not know
+    (`{"status": "queued"}`) is a failed check, as a 503 is: the missed
+    heartbeat is noted (`said: error`) and the job waits on, its run not
+    asked to stop. Before, it was read as "cannot tell": the job timed out
+    and its live run was cancelled (found by an exploratory QA pass)."""
+    receiver.respond = lambda hit: (
+        (200, {"status": "queued"}) if hit.path == "/status" else (202, {"accepted": True})
+    )
+    svc = await start_service()
+    params = {"cancel_url": receiver.url("/cancel"), "status_url": receiver.url("/status")}
+    await start_job(svc, receiver, "queued", timeout=60, heartbeat_timeout=1, params=params)
+
+    async def missed() -> list[dict[str, Any]]:
+        return of_type(await events(svc, "queued"), "heartbeat_missed")
+
+    [first, *_] = await eventually(missed)
+    assert first["data"] == {
+        "heartbeat_timeout": 1.0,
+        "said": "error",
+        "error_type": "BackendError",
+    }
+    assert (await svc.job("queued"))["state"] == "running"
+    assert receiver.on("/cancel") == []

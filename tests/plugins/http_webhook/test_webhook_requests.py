@@ -677,9 +677,6 @@ async def test_cancel_uses_the_jobs_timeout(server, webhook):
             {"status": "failed", "error": {"message": "disk", "type": "io"}, "result": 2},
             Outcome(status="failed", result=2, error=ErrorInfo("disk", "io")),
         ),
-        ({"status": "exploded"}, None),
-        ({"state": "succeeded"}, None),
-        (["succeeded"], None),
     ],
 )
 async def test_a_status_answer_is_read_as_an_outcome(server, webhook, answer, outcome):
@@ -693,11 +690,30 @@ async def test_a_status_answer_is_read_as_an_outcome(server, webhook, answer, ou
     assert seen.headers["X-A"] == "b"
 
 
-async def test_a_status_answer_that_is_not_json_is_not_understood(server, webhook):
-    server.answer("/status", 200, b"<html>busy</html>")
-    assert (
-        await webhook.check_status(job(url=server.url(), status_url=server.url("/status"))) is None
-    )
+EXPECTED = '{"status": "running"|"succeeded"|"failed", ...})'
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"<html>busy</html>", "what is not JSON"),
+        ({"status": "queued", "token": "s3cret"}, "JSON of another shape (at `status`)"),
+        ({"state": "succeeded"}, "JSON of another shape"),
+        (["succeeded"], "JSON of another shape"),
+        ({"status": "running", "progress": 1, "error": 5}, "JSON of another shape (at `error`)"),
+    ],
+)
+async def test_a_status_answer_it_cannot_read_is_a_failed_check(server, webhook, answer, said):
+    """Not "cannot tell" (None): the endpoint answered, so the run may well
+    be going, and a missed heartbeat is not to stop it (found by an
+    exploratory QA pass: `{"status": "queued"}` timed a live run out and
+    POSTed its `cancel_url`). What is wrong is named by where, not by value."""
+    server.answer("/status", 200, answer)
+    with pytest.raises(BackendError) as raised:
+        await webhook.check_status(job(url=server.url(), status_url=server.url("/status")))
+    host = host_of(server)
+    assert raised.value.message == f"GET {host} answered 200 with {said}, not a status ({EXPECTED}"
+    assert (raised.value.retryable, raised.value.code) == (True, "invalid_status")
 
 
 async def test_a_status_answer_is_read_up_to_a_mebibyte(server, webhook):
@@ -706,7 +722,8 @@ async def test_a_status_answer_is_read_up_to_a_mebibyte(server, webhook):
     server.answer("/long", 200, {"status": "succeeded", "result": "r" * (STATUS_LIMIT - shell + 1)})
     found = await webhook.check_status(job(url=server.url(), status_url=server.url("/fits")))
     assert found is not None and found.status == "succeeded"
-    assert await webhook.check_status(job(url=server.url(), status_url=server.url("/long"))) is None
+    with pytest.raises(BackendError, match="answered 200 with more than 1048576 bytes, not a"):
+        await webhook.check_status(job(url=server.url(), status_url=server.url("/long")))
 
 
 async def test_no_status_url_no_check(server, webhook):
