@@ -292,10 +292,16 @@ _IPV6 = "|".join(  # RFC 3986's IPv6address, one line per form
 _LABEL = r"[A-Za-z0-9_-]{1,63}"
 HOST_RULE = (
     "the host is dot-separated labels of 1 to 63 of A-Z a-z 0-9 _ - (an internationalized"
-    " name in its xn-- form) or a bracketed IPv6 address, the port, if any, 1 to 65535"
+    " name in its xn-- form; digits and dots alone only as an IPv4 address, four numbers of"
+    " 0 to 255) or a bracketed IPv6 address, the port, if any, 1 to 65535"
 )
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_NOT_ALL_DIGITS = r"(?![0-9.]+(?:[:/?#]|$))"
+"""Digits and dots alone are an IPv4 address or nothing the client sends to
+(`999.0.0.1`, `1.2.3`: aiohttp's InvalidUrlClientError)."""
 SENDABLE_URL_START = (
-    rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{_LABEL}(?:\.{_LABEL})*\.?|\[(?:{_IPV6})\])(?::{_PORT})?"
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://(?:{_IPV4}|{_NOT_ALL_DIGITS}{_LABEL}(?:\.{_LABEL})*\.?"
+    rf"|\[(?:{_IPV6})\])(?::{_PORT})?"
 )
 """How a URL Tether sends requests to begins, as a new job's may be: the
 scheme (any case), a host the HTTP client reads (`HOST_RULE`) and a port of 1

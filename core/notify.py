@@ -71,6 +71,11 @@ def backoff(settings: Settings, tries: int) -> float:
     return float(min(settings.notify_backoff * 2 ** (tries - 1), MAX_BACKOFF))
 
 
+UNSENDABLE = "the HTTP client refuses this URL (InvalidUrlClientError)"
+"""A try's error that no later try mends (a host such as `999.0.0.1`,
+stored before such URLs were refused): the notification is given up at once."""
+
+
 def failure(exc: BaseException) -> str:
     """A failed request, said briefly: never the exception's text, which may
     quote the URL's path and query."""
@@ -219,6 +224,8 @@ class Notifier:
                 allow_redirects=False,
             ) as response:
                 status = response.status
+        except aiohttp.InvalidURL:
+            return None, UNSENDABLE
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # timeouts are OSErrors
             return None, failure(exc)
         if 200 <= status < 300:
@@ -246,7 +253,7 @@ class Notifier:
             return
         tried = NewEvent("notified", {**told, "error": error})
         window_end = note.created_at + int(self.settings.notify_retry_for * 1000)
-        if now >= window_end:
+        if now >= window_end or error == UNSENDABLE:
             given_up = {"webhook_id": note.id, "tries": note.tries, "error": error}
             failed = NewEvent("notify_failed", given_up)
             if not await self.jobs.notification_tried(note, None, [tried], now, failed):

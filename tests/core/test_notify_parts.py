@@ -25,7 +25,14 @@ from standardwebhooks import Webhook
 
 import core.notify
 from core.models import Outcome
-from core.notify import LEASE_MARGIN, REQUEST_TIMEOUT, Notifier, failure, signature
+from core.notify import (
+    LEASE_MARGIN,
+    REQUEST_TIMEOUT,
+    UNSENDABLE,
+    Notifier,
+    failure,
+    signature,
+)
 from core.store.jobs import Event, JobIndex, Notification, now_ms
 from tests.conftest import aiohttp_serving, eventually
 from tests.core.parts import Parts, logs_of, open_parts
@@ -497,3 +504,20 @@ async def test_a_notifier_needs_a_secret_and_stops_its_loop_and_deliveries():
         release.set()
         assert tasks["tether-notifier"].cancelled() and delivery.cancelled()
         assert session is not None and session.closed
+
+
+async def test_a_url_the_http_client_refuses_is_given_up_at_its_first_try():
+    """A notification stored before hosts of digits and dots had to be an
+    IPv4 address (`999.0.0.1`): aiohttp refuses to send it, which no later
+    try mends. Given up at once (`notify_failed`), not retried for the whole
+    window with a warning at every try (found by an exploratory QA pass)."""
+    async with notifier() as (parts, sender):
+        note = await claimed(parts.jobs, "http://999.0.0.1/hooks")
+        assert await sender.post(note) == (None, UNSENDABLE)
+        await sender._tried(note, None, UNSENDABLE)
+        assert await parts.jobs.next_notification_at() is None  # out of the outbox
+        _, history, _ = await parts.jobs.history("n", 0, 10)
+    assert [(e.type, e.data) for e in history[1:]] == [
+        ("notified", {"webhook_id": note.id, "try": 1, "status": None, "error": UNSENDABLE}),
+        ("notify_failed", {"webhook_id": note.id, "tries": 1, "error": UNSENDABLE}),
+    ]

@@ -4,6 +4,7 @@ them (`SENDABLE_URL`, `HTTP_URL`), and `url_fault` saying what is wrong."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,6 +32,8 @@ def test_every_url_the_patterns_allow_is_one_the_http_client_can_send_to(url: st
         assert ipaddress.ip_address(parts.hostname or "").version == 6
     sent = yarl.URL(url)
     assert sent.host and sent.port
+    if re.fullmatch(r"[0-9.]+", sent.host):  # aiohttp: "not a canonical IPv4 address"
+        assert str(ipaddress.IPv4Address(sent.host)) == sent.host
     yarl.URL.build(scheme=sent.scheme, host=sent.raw_host or "", port=sent.port)  # validates
 
 
@@ -70,6 +73,14 @@ NO_HOST = f"names no host and port a request can be sent to ({HOST_RULE})"
         ("http://e\u200bvil.example/", NO_HOST),  # a format character
         ("http://" + "a" * 64 + ".example/", NO_HOST),
         ("http://a..b/", NO_HOST),
+        ("http://1.2.3.4/", ""),
+        ("http://a.1/", ""),  # (a name: looked up)
+        ("http://999.0.0.1/", NO_HOST),  # digits and dots: an IPv4 address or nothing
+        ("http://1.2.3.4.5/", NO_HOST),
+        ("http://1.2.3/", NO_HOST),
+        ("http://123:80/", NO_HOST),
+        ("http://10.0.0.256/", NO_HOST),
+        ("http://10.0.0.1./", NO_HOST),
         ("http://[1:2:3]/", NO_HOST),
         ("http://[fe80::1%25eth0]/", NO_HOST),
         ("https://", NO_HOST),
