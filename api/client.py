@@ -544,15 +544,27 @@ def cell(value: Any) -> Text:
     return Text(printable(json.dumps(value, ensure_ascii=False)))
 
 
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """`text` with its control characters (but newline and tab) written as
-    escapes (`\\x1b`). What a job holds came from outside (an error message
-    a callback sent, a backend's answer), and a terminal obeys an escape
-    sequence: it could clear the line, recolour it, or set the title."""
-    return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+    """`text` with its control characters (but tab) written as escapes
+    (`\\x1b`, `\\x0a`), and its format and line-separator characters too
+    (`\\u202e`, a bidirectional override; `\\u200b`, zero width). What a job
+    holds came from outside (an error message a callback sent, a backend's
+    answer): a terminal obeys an escape sequence (it could clear the line,
+    recolour it, or set the title), a newline would print a line of the
+    sender's choosing (`FAKE: job … succeeded`), and an override would show
+    text other than what is there (found by an exploratory QA pass)."""
+    text = _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+    if text.replace("\t", " ").isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def moment(value: str | None) -> str | None:

@@ -199,6 +199,23 @@ def test_an_error_message_with_escape_sequences_is_printed_escaped(service, rece
     assert "\x1b" not in got.stdout and "\x9b" not in got.stdout
 
 
+def test_an_error_message_with_newlines_or_overrides_cannot_fake_a_line(service, receiver):
+    """A newline would print a line of the sender's choosing, a bidirectional
+    override text other than what is there, a zero-width space a name that
+    looks like another: each is written as its escape (found by an
+    exploratory QA pass; before, only controls but newline and tab were)."""
+    message = "disk\nFAKE: job cli-fake succeeded\u202e.exe\u200b"
+    receiver.callback = {"status": "failed", "error": {"message": message}}
+    args = ["submit", "http_webhook", "--id", "cli-fake", "--params", webhook(receiver)]
+    done = cli(service.url, *args, "--wait")
+    assert done.exit_code == 1, done.stderr
+    got = cli(service.url, "get", "cli-fake")
+    for shown in (done.stdout, cli(service.url, "watch", "cli-fake").stdout, got.stdout):
+        assert "\u202e" not in shown and "\u200b" not in shown, repr(shown)
+        assert not any(line.startswith("FAKE") for line in shown.splitlines()), shown
+    assert "disk\\x0aFAKE: job cli-fake succeeded\\u202e.exe\\u200b" in done.stdout
+
+
 def test_watch_exits_1_when_the_job_times_out(service, receiver):
     args = ["submit", "http_webhook", "--id", "cli-timeout", "--timeout", "1"]
     cli(service.url, *args, "--params", webhook(receiver))
