@@ -248,6 +248,13 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         if closest == name.upper():
             hint = f"; setting names are upper case: {closest}"
         log.warning("unknown setting %s is ignored%s", name, hint)
+    if settings.watchdog_interval == 0:
+        log.warning(
+            "TETHER_WATCHDOG_INTERVAL=0: this process's watchdog is off. Unless another"
+            " process on the store runs one, no heartbeat miss is acted on, no status check is"
+            " made, and a deadline is noticed only when the store times the wait out, a minute"
+            " late (completion notifications are still sent)"
+        )
     if 0 < len(settings.callback_secret) < WEAK_SECRET:
         log.warning(
             "TETHER_CALLBACK_SECRET is %d characters: whoever guesses it can settle any job."
@@ -257,7 +264,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             WEAK_SECRET,
         )
     for backend in settings.limits.keys() - plugins.backends.keys():
-        near = difflib.get_close_matches(backend, sorted(plugins.backends), n=1, cutoff=0.6)
+        near = difflib.get_close_matches(backend.lower(), sorted(plugins.backends), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""
         log.warning(
             "TETHER_MAX_RUNNING names %r, which is no installed backend: it limits nothing%s",
@@ -567,12 +574,15 @@ def _secret_file_of(kind: SecretFile, settings: Settings) -> Path:
 @cli.command("notify-secret")
 @store_option
 def notify_secret_command(store: str | None) -> None:
-    """Print the secret completion notifications are signed with.
+    """Print the current notification secret, the one to give receivers.
 
     Receivers verify each notification's `webhook-signature` with it
     (docs/lifecycle.md, "Completion notifications"). It is
     TETHER_NOTIFY_SECRET when set, else the one the embedded store keeps
-    beside its database. Only the secret is printed, on a line of its own."""
+    beside its database. After `tether rotate-notify-secret` it is the new
+    one, which a service signs with only from its next start: give it to
+    receivers once every service has restarted (docs/operations.md). Only
+    the secret is printed, on a line of its own."""
     settings = load_settings(store=store or None)
     try:
         click.echo(_notify_secret(settings))

@@ -310,7 +310,8 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
             "TETHER_DATABRICKS_THREDS": "2",
             "TETHER_WEBHOOK_AUTH_partner": "Bearer partner-s3cret",
             "TETHER_API_TOKEN": "api-secret-value",
-            "TETHER_MAX_RUNNING": "http-webhook=1,databricks=2,nothing_like_it=3",
+            "TETHER_MAX_RUNNING": "http-webhook=1,databricks=2,nothing_like_it=3,HTTP_WEBHOOK=4",
+            "TETHER_WATCHDOG_INTERVAL": "0",
         },
     )
     try:
@@ -341,6 +342,11 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
         " nothing; did you mean http_webhook?" in log
     )
     assert "TETHER_MAX_RUNNING names 'nothing_like_it', which is no installed backend" in log
+    assert (
+        "TETHER_MAX_RUNNING names 'HTTP_WEBHOOK', which is no installed backend: it limits"
+        " nothing; did you mean http_webhook?" in log
+    )
+    assert "TETHER_WATCHDOG_INTERVAL=0: this process's watchdog is off." in log
     assert "names 'databricks'" not in log
     assert f"store {store}, public URL {proc.url}, backends: databricks (tether " in log
     assert "1 worker(s)" in log
