@@ -388,9 +388,12 @@ def _progress(body: bytes) -> Any:
     try:
         progress = msgspec.convert(decoded, HeartbeatBody).progress
     except msgspec.ValidationError as exc:
+        hint = ""
+        if isinstance(decoded, dict) and "status" in decoded:  # an outcome, sent here
+            hint = " (an outcome goes to the job's callback URL, not its heartbeat URL)"
         raise InvalidRequest(
             f"invalid heartbeat body: {str(exc).replace('`$.', '`')}; expected"
-            ' {"progress"?: any JSON}; nothing changed',
+            f' {{"progress"?: any JSON}}{hint}; nothing changed',
             {"field": field_of(str(exc)) or "body"},
         ) from None
     size = len(msgspec.json.encode(progress))

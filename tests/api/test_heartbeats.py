@@ -163,6 +163,14 @@ async def test_a_bad_heartbeat_body_is_refused_and_changes_nothing(start_service
     unknown = await svc.client.post(url, json={"progres": 1})
     assert unknown.status_code == 422, unknown.text
     assert unknown.json()["error"]["details"]["field"] == "progres"
+    assert "callback URL" not in unknown.json()["error"]["message"]
+    outcome = await svc.client.post(url, json={"status": "succeeded"})  # `tether complete` here
+    assert outcome.status_code == 422, outcome.text
+    assert (
+        "(an outcome goes to the job's callback URL, not its heartbeat URL)"
+        in outcome.json()["error"]["message"]
+    )
+    assert (await svc.job("bodies"))["state"] == "running"
     fits = {"progress": "x" * (PROGRESS_LIMIT - 2)}  # its JSON is exactly the limit
     assert (await svc.client.post(url, json=fits)).status_code == 200
     job = await svc.job("bodies")
