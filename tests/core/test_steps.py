@@ -3502,6 +3502,17 @@ def hangs(cancelled: list[bool]) -> Callable[[Trigger], Awaitable[None]]:
     return during
 
 
+def fails_once(answer: asyncio.Event, error: Exception) -> Callable[[Trigger], Awaitable[None]]:
+    """A trigger's call that fails with `error` once `answer` is set (one
+    left to answer late: it may have sent its request)."""
+
+    async def during(trigger: Trigger) -> None:
+        await answer.wait()
+        raise error
+
+    return during
+
+
 async def stop_held(rig: Rig, held: bool = True) -> JobRecord | None:
     """Job `j`'s row, once a stop is held in it (`held`; else once none is)."""
     rec = await rig.parts.row("j")
@@ -3632,12 +3643,7 @@ async def test_a_late_trigger_call_that_fails_has_what_it_may_have_started_asked
     Before, nothing asked after the finish's look."""
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
     answer = asyncio.Event()
-
-    async def slow(trigger: Trigger) -> None:
-        await answer.wait()
-        raise late
-
-    rig.backend.during = slow
+    rig.backend.during = fails_once(answer, late)
     await trigger_ended_meanwhile(rig, CANCELED)
     await finish_as_settled(rig)
     assert len(rig.backend.unrecorded) == 1  # the finish's
@@ -3670,12 +3676,7 @@ async def test_a_late_trigger_calls_stop_whose_holder_died_is_taken_over_by_a_wa
     asks again (harmless) and records nothing more."""
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
     answer = asyncio.Event()
-
-    async def slow(trigger: Trigger) -> None:
-        await answer.wait()
-        raise RuntimeError("connection reset")
-
-    rig.backend.during = slow
+    rig.backend.during = fails_once(answer, RuntimeError("connection reset"))
     await trigger_ended_meanwhile(rig, TIMED_OUT)
     await finish_as_settled(rig)
     held = await eventually(lambda: stop_held(rig))
@@ -3715,12 +3716,7 @@ async def test_a_late_call_whose_stop_was_taken_over_asks_again_once_it_ended(
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
     monkeypatch.setattr(rig.steps, "stop_lease_ms", lambda: 90)  # renewed every 30 ms
     answer = asyncio.Event()
-
-    async def slow(trigger: Trigger) -> None:
-        await answer.wait()
-        raise RuntimeError("connection reset")
-
-    rig.backend.during = slow
+    rig.backend.during = fails_once(answer, RuntimeError("connection reset"))
     await trigger_ended_meanwhile(rig, CANCELED)
     await finish_as_settled(rig)
     held = await eventually(lambda: stop_held(rig))
@@ -3773,12 +3769,7 @@ async def test_a_late_calls_stop_cut_short_after_the_call_ended_is_due_at_once(
     `TRIGGER_TIMEOUT` later."""
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
     answer, asking = asyncio.Event(), asyncio.Event()
-
-    async def slow(trigger: Trigger) -> None:
-        await answer.wait()
-        raise RuntimeError("connection reset")
-
-    rig.backend.during = slow
+    rig.backend.during = fails_once(answer, RuntimeError("connection reset"))
     await trigger_ended_meanwhile(rig, CANCELED)
     await finish_as_settled(rig)
     await eventually(lambda: stop_held(rig))
