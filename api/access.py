@@ -84,9 +84,12 @@ def _log(scope: Any, status: int, ms: float) -> None:
     path = shown_path(scope["path"])
     log.info(LINE, scope["method"], path, status, ms)  # no caller lookup: api.logs.lean_records
     if status in (401, 404) and path.startswith(CALLBACKS):
-        promise_id = path[len(CALLBACKS) :].split("/", 1)[0].removesuffix("?…")
+        promise_id, _, route = path[len(CALLBACKS) :].partition("/")
+        promise_id = promise_id.removesuffix("?…")
+        what = "heartbeat" if route.startswith("heartbeat") else "callback"
         log.warning(
-            "callback for promise %r refused (%d) from %s",
+            "%s for promise %r refused (%d) from %s",
+            what,
             promise_id,
             status,
             _client(scope),

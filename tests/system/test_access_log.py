@@ -45,6 +45,8 @@ async def test_one_line_per_request_without_the_query_string(start_service, acce
         "/callbacks/job-8:1", headers={"Authorization": "Bearer forged-bearer"}, json={}
     )
     assert bearer.status_code == 401
+    beat = await svc.client.post("/callbacks/job-9:1/heartbeat?token=forged-beat", json={})
+    assert beat.status_code == 401
 
     lines = [line for line in access if " INFO " in line]
     assert [line.rsplit(" ", 2)[0] for line in lines] == [
@@ -53,15 +55,26 @@ async def test_one_line_per_request_without_the_query_string(start_service, acce
         "tether.access INFO POST /callbacks/nope:1 404",
         "tether.access INFO POST /callbacks/job-7:1 401",
         "tether.access INFO POST /callbacks/job-8:1 401",
+        "tether.access INFO POST /callbacks/job-9:1/heartbeat 401",
     ]
     assert all(line.endswith(" ms") for line in lines)
     warnings = [line for line in access if " WARNING " in line]
-    assert len(warnings) == 3
-    for promise_id, line in zip(("nope:1", "job-7:1", "job-8:1"), warnings, strict=True):
-        assert f"callback for promise {promise_id!r} refused" in line
+    assert len(warnings) == 4
+    said = [("callback", "nope:1"), ("callback", "job-7:1"), ("callback", "job-8:1")]
+    said.append(("heartbeat", "job-9:1"))  # before, "callback" too
+    for (what, promise_id), line in zip(said, warnings, strict=True):
+        assert f"{what} for promise {promise_id!r} refused" in line
         assert "from 127.0.0.1:" in line
     text = "\n".join(access)
-    for secret in (token, "forged-token", "forged-bearer", "state=", "limit=", "x=1"):
+    for secret in (
+        token,
+        "forged-token",
+        "forged-bearer",
+        "forged-beat",
+        "state=",
+        "limit=",
+        "x=1",
+    ):
         assert secret not in text
 
 
