@@ -482,8 +482,8 @@ def _status_of(answer: _Answer, host: str) -> StatusBody:
         try:
             return msgspec.json.decode(answer.body, type=StatusBody)
         except msgspec.ValidationError as exc:
-            problem, _, at = str(exc).partition(" - at `$")
-            problem = "JSON of another shape" + (f" (at `{at.lstrip('.')})" if at else "")
+            at = str(exc).partition(" - at `$")[2].lstrip(".")  # where, never the value
+            problem = "JSON of another shape" + (f" (at `{at})" if at else "")
         except (msgspec.DecodeError, UnicodeDecodeError):
             problem = "what is not JSON"
     raise BackendError(

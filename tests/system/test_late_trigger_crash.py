@@ -27,8 +27,9 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.conftest import Hit, Receiver, wait_until
 from tests.process import TetherProcess
@@ -46,14 +47,18 @@ SECRET = "Bearer late-trigger-s3cret"
 
 
 class ShortBounds(TetherProcess):
+    """`tether serve` on `tmp_path`'s store with the bounds above, a stop's
+    lease of 2 s (`TETHER_TASK_TTL`), one trigger try, and `more` settings."""
+
     preamble = SHORT_BOUNDS
+    more: ClassVar[Mapping[str, str]] = {"TETHER_WEBHOOK_AUTH_RUNNER": SECRET}
 
     def __init__(self, tmp_path: Path, port: int | None = None) -> None:
         env = {
             "TETHER_STORE": f"sqlite:///{tmp_path / 'tether.db'}",
             "TETHER_TASK_TTL": "2",
             "TETHER_TRIGGER_ATTEMPTS": "1",
-            "TETHER_WEBHOOK_AUTH_RUNNER": SECRET,
+            **self.more,
         }
         super().__init__(tmp_path, env, port)
 

@@ -28,53 +28,31 @@ before it starts, as `tests/system/test_late_trigger_crash.py` does)."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
 from tests.conftest import wait_until
 from tests.plugins.databricks.workspace import FakeWorkspace, Fault, Run
-from tests.process import TetherProcess
 from tests.system.test_events_crash import history
+from tests.system.test_late_trigger_crash import ShortBounds as WebhookBounds
+from tests.system.test_late_trigger_crash import row
 
 RUN_NOW = "/api/2.2/jobs/run-now"
 RUNS_LIST = "/api/2.2/jobs/runs/list"
 RUNS_CANCEL = "/api/2.2/jobs/runs/cancel"
 
-SHORT_BOUNDS = """
-from core import steps
 
-steps.TRIGGER_WATCH = 0.2  # the call is left within this of the cancel
-steps.TRIGGER_TIMEOUT = 20.0  # the call's bound: more than these tests hold it
-"""
-
-
-class ShortBounds(TetherProcess):
-    preamble = SHORT_BOUNDS
-
-    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
-        env = {
-            "TETHER_STORE": f"sqlite:///{tmp_path / 'tether.db'}",
-            "TETHER_TASK_TTL": "2",
-            "TETHER_TRIGGER_ATTEMPTS": "1",
-            # The SDK's own bounds: no request of it times out (and is sent
-            # again) while the workspace holds `run-now`.
-            "TETHER_DATABRICKS_HTTP_TIMEOUT": "30",
-            "TETHER_DATABRICKS_RETRY_TIMEOUT": "30",
-        }
-        super().__init__(tmp_path, env, port)
-
-
-def row(db: Path) -> tuple[str, int | None, Any]:
-    with sqlite3.connect(db) as conn:
-        found = conn.execute(
-            "SELECT state, stop_due, external FROM tether_jobs WHERE id = 'late'"
-        ).fetchone()
-    conn.close()
-    return str(found[0]), found[1], found[2]
+class ShortBounds(WebhookBounds):
+    more: ClassVar[Mapping[str, str]] = {
+        # The SDK's own bounds: no request of it times out (and is sent
+        # again) while the workspace holds `run-now`.
+        "TETHER_DATABRICKS_HTTP_TIMEOUT": "30",
+        "TETHER_DATABRICKS_RETRY_TIMEOUT": "30",
+    }
 
 
 def stop_held(db: Path) -> int:
