@@ -352,6 +352,8 @@ class TetherHookSpecs:
         Called for every job of every backend, in the process that ran the job's
         workflow, after the job record was updated and, for a canceled or timed
         out job, after its backend's `cancel`. At least once per job. Return
-        nothing. Must not block: hand slow work to a queue. An exception is
-        logged and does not change the job.
+        nothing. A plain `def` (an `async def` stops the service at start-up:
+        its body would never run). Must not block: it runs on the event loop,
+        so hand slow work to a queue; a call of 0.1 s or more is logged as a
+        warning. An exception is logged and does not change the job.
         """

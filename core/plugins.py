@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,6 +51,11 @@ def make_plugin_manager(
         raise PluginError(_invalid(pm, exc)) from None
     return pm
 
+
+SLOW_HOOK = 0.1
+"""Seconds a `tether_job_finished` call may take before it is warned of: it
+runs on the event loop, so a blocking one (an HTTP request, a file on a
+network disk) stalls every job, callback and page of its process."""
 
 HOOK_NAMES = [name for name in vars(hookspecs.TetherHookSpecs) if name.startswith("tether_")]
 
@@ -172,6 +179,14 @@ class Plugins:
         self._dists = {pm.get_name(p): d for p, d in pm.list_plugin_distributions()}
         self._offered: dict[str, list[Backend]] = {}
         owner: dict[str, str] = {}
+        for hook in HOOK_NAMES:
+            for impl in getattr(pm.hook, hook).get_hookimpls():
+                if inspect.iscoroutinefunction(impl.function):
+                    said = (
+                        f"its {hook} is an async def; Tether calls it without awaiting it,"
+                        " so its body would never run: make it a plain def"
+                    )
+                    raise self._refused(impl.plugin_name, said)
         # Each plugin asked on its own (in the order one hook call asks
         # them), so that what one of them does wrong is said naming it.
         for impl in reversed(pm.hook.tether_backends.get_hookimpls()):
@@ -335,13 +350,26 @@ class Plugins:
         return bool(self._job_finished)
 
     def job_finished(self, job: Job) -> None:
-        """Tell every plugin; one that raises is logged and does not stop the others."""
+        """Tell every plugin; one that raises is logged and does not stop the
+        others. One that took `SLOW_HOOK` seconds or more is warned of: it
+        held every job of this process meanwhile (the hook must not block)."""
         for plugin_name, call in self._job_finished:
+            began = time.monotonic()
             try:
                 call(job=job)
             except Exception:
                 log.exception(
                     "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
+                )
+            took = time.monotonic() - began
+            if took >= SLOW_HOOK:
+                log.warning(
+                    "plugin %r took %.0f ms in tether_job_finished for job %s, holding every"
+                    " job of this process meanwhile: the hook must not block (hand slow work"
+                    " to a queue or a thread)",
+                    plugin_name,
+                    took * 1000,
+                    job.id,
                 )
 
 
@@ -399,7 +427,27 @@ def _backend_fault(backend: Any) -> str | None:
             f"backend {name!r}'s params_type is {_kind(params_type)}, not a type msgspec"
             f" converts to ({type(exc).__name__})"
         )
+    for method in PLAIN_METHODS:
+        if inspect.iscoroutinefunction(getattr(backend, method)):
+            return (
+                f"backend {name!r}'s {method} is an async def; Tether calls it without"
+                " awaiting it, so its answer would be lost: make it a plain def"
+            )
     return None
+
+
+PLAIN_METHODS = sorted(
+    name
+    for name, value in vars(Backend).items()
+    if inspect.isfunction(value)
+    and not name.startswith("_")
+    and not inspect.iscoroutinefunction(value)
+)
+"""The `Backend` methods Tether calls without awaiting: one a plugin wrote as
+`async def` would answer a coroutine that never runs (a `check_new_params`
+that refuses nothing, an outcome never read), so it is refused at start-up.
+The awaited ones are not checked: a plain def answering an awaitable is
+as good as an async def."""
 
 
 def _version(dist: str) -> str:
