@@ -251,7 +251,7 @@ def sql_parameters(given: Mapping[str, Value | SqlParameter]) -> list[dict[str, 
     """The API's `parameters` list: `{"name", "value"?, "type"?}` each, the
     value as text (`value` left out for NULL). A JSON number or boolean with no
     type gets the one its JSON implies (`INT`, `BIGINT`, `DECIMAL(38,0)`,
-    `DOUBLE`, `BOOLEAN`)."""
+    `DOUBLE`, `BOOLEAN`): a whole number of 39 digits or more is a `DOUBLE`."""
     out = []
     for name, item in given.items():
         value, kind = (item.value, item.type) if isinstance(item, SqlParameter) else (item, None)
@@ -275,7 +275,11 @@ def _as_sql(value: Value) -> tuple[str | None, str | None]:
     if isinstance(value, int):
         if -(2**31) <= value < 2**31:
             return str(value), "INT"
-        return str(value), "BIGINT" if -(2**63) <= value < 2**63 else "DECIMAL(38,0)"
+        if -(2**63) <= value < 2**63:
+            return str(value), "BIGINT"
+        # Past 38 digits no DECIMAL fits: a DOUBLE, as the same number written
+        # `1e40` is (JSON does not tell them apart); its type keeps every digit.
+        return str(value), "DECIMAL(38,0)" if abs(value) < 10**38 else "DOUBLE"
     return repr(value), "DOUBLE"
 
 

@@ -94,13 +94,25 @@ def test_a_result_is_cut_to_fit_1_mib_exactly():
 
 
 def test_parameters_get_the_sql_type_their_json_implies():
-    given = {"i": 2**31, "j": -(2**31), "d": 10**20, "t": {"value": 5, "type": "TINYINT"}}
-    params = msgspec.convert({**BASE, "parameters": given}, DatabricksSqlParams)
+    given = {
+        "i": 2**31,
+        "j": -(2**31),
+        "d": 10**20,
+        "widest": -(10**38) + 1,
+        "past": 10**38,  # no DECIMAL holds it: it was sent as a DECIMAL(38,0) all the same
+        "t": {"value": 5, "type": "TINYINT"},
+        "kept": {"value": 10**40, "type": "DECIMAL(38,0)"},  # as given: Databricks says
+    }
+    body = msgspec.json.encode({**BASE, "parameters": given})  # as the API reads it
+    params = msgspec.convert(msgspec.json.decode(body), DatabricksSqlParams)
     assert sql_parameters(params.parameters) == [
         {"name": "i", "value": str(2**31), "type": "BIGINT"},
         {"name": "j", "value": str(-(2**31)), "type": "INT"},
         {"name": "d", "value": str(10**20), "type": "DECIMAL(38,0)"},
+        {"name": "widest", "value": str(-(10**38) + 1), "type": "DECIMAL(38,0)"},
+        {"name": "past", "value": str(10**38), "type": "DOUBLE"},
         {"name": "t", "value": "5", "type": "TINYINT"},
+        {"name": "kept", "value": str(10**40), "type": "DECIMAL(38,0)"},
     ]
 
 
