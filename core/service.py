@@ -91,7 +91,7 @@ def unix_ms(at: datetime) -> int:
 
 
 def _still_winding_up(rec: JobRecord) -> Conflict:
-    """A retry's 409 for an ended attempt still winding up (`_winding_up`)."""
+    """A retry's 409 for an ended attempt still winding up (`_wound_up`)."""
     at = f"job {shown(rec.id)}: attempt {rec.attempt} is {rec.state} but still winding up"
     details: dict[str, Any] = {"attempt": rec.attempt, "state": rec.state}
     if rec.stop_due is not None and rec.external is None:  # a late trigger call's hold
@@ -548,8 +548,7 @@ class Tether:
                 " install its plugin (`tether install`), restart, then retry",
                 {"backend": rec.backend, "valid": sorted(self.plugins.backends)},
             )
-        if await self._winding_up(rec):
-            await self._await_attempt(rec)
+        rec = await self._wound_up(rec) or await self._await_attempt(rec)
         previous: dict[str, Any] = {"state": rec.state}
         if rec.error is not None:
             previous["error"] = msgspec.to_builtins(rec.error)
@@ -583,33 +582,39 @@ class Tether:
             raise NotFound.job(job_id)
         raise self._not_retryable(rec, None)
 
-    async def _winding_up(self, rec: JobRecord) -> bool:
-        """Whether the ended attempt `rec` is at is still winding up: its
-        workflow has yet to return, or a stop is due (`stop_due`): of the
-        run of a job no workflow finishes, or of what a trigger call left to
-        answer late may start (held before its workflow returns: read again
-        once it has)."""
+    async def _wound_up(self, rec: JobRecord) -> JobRecord | None:
+        """The ended attempt `rec` is at, read again once it has wound up (what
+        it recorded while it did, a late run's `external`, goes into the
+        retry's `previous`); None while it still winds up: its workflow has
+        yet to return, or a stop is due (`stop_due`): of the run of a job no
+        workflow finishes, or of what a trigger call left to answer late may
+        start (held before its workflow returns: read again once it has).
+        `rec` itself when the row is gone or at another attempt: the retry's
+        conditional write then says."""
         if rec.stop_due is not None:
-            return True
+            return None
         if await store_call(workflow.attempt_running(self._worker(), rec.id, rec.attempt)):
-            return True
+            return None
         now = await store_call(self.jobs.get(rec.id))
-        return now is not None and now.attempt == rec.attempt and now.stop_due is not None
+        if now is None or now.attempt != rec.attempt:
+            return rec
+        return None if now.stop_due is not None else now
 
-    async def _await_attempt(self, rec: JobRecord) -> None:
+    async def _await_attempt(self, rec: JobRecord) -> JobRecord:
         """Wait (at most `ATTEMPT_END_WAIT` seconds) for the ended attempt's
         workflow to return, or its run's stop to be recorded: its finish
         stops the external run of a canceled or timed-out attempt and tells
-        the plugins, and must see the job still at that attempt. `Conflict`
-        if it does not end in time."""
+        the plugins, and must see the job still at that attempt. The row
+        then (`_wound_up`); `Conflict` if it does not end in time."""
         deadline = time.monotonic() + ATTEMPT_END_WAIT
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             latest = await store_call(self.jobs.get(rec.id))
             if latest is None or latest.attempt != rec.attempt:
-                return  # deleted, or retried by another: the retry's update says
-            if not await self._winding_up(latest):
-                return
+                return rec  # deleted, or retried by another: the retry's update says
+            wound_up = await self._wound_up(latest)
+            if wound_up is not None:
+                return wound_up
             rec = latest
         raise _still_winding_up(rec)
 

@@ -552,3 +552,42 @@ async def test_a_retry_waits_for_a_trigger_call_left_to_answer_late(
     monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 10.0)
     answer = await retry(svc, "h")
     assert (answer.status_code, answer.json()["attempt"]) == (200, 2), answer.text
+
+
+async def test_a_retry_that_waited_for_a_late_run_names_it_in_previous(
+    start_service, receiver, monkeypatch
+):
+    """The retry came while attempt 1's trigger call was left to answer
+    late, and waited; the call's run was recorded meanwhile. Its `retried`
+    event's `previous` had no `external`: it was built from the row read
+    before the wait (found by an exploratory QA pass)."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook" and not release.is_set():
+            release.wait(30)
+        return 202, {"run": "late"}
+
+    receiver.respond = respond
+    svc = await start_service()
+    try:
+        params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel"), "timeout": 60}
+        body = {"id": "h", "backend": "http_webhook", "params": params}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+        await eventually(lambda: receiver.on("/hook"))
+        assert (await svc.client.post("/jobs/h/cancel")).status_code == 200
+        await eventually(lambda: receiver.on("/cancel"))
+        waiting = asyncio.create_task(retry(svc, "h"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+    finally:
+        release.set()
+    answer = await waiting
+    assert (answer.status_code, answer.json()["attempt"]) == (200, 2), answer.text
+    events = (await svc.client.get("/jobs/h/events")).json()["items"]
+    late = [e for e in events if e["type"] == "triggered" and e["attempt"] == 1]
+    assert late and late[0]["data"]["external"]["response"] == {"run": "late"}
+    [retried] = [e for e in events if e["type"] == "retried"]
+    assert retried["data"]["previous"]["state"] == "canceled"
+    assert retried["data"]["previous"]["external"] == late[0]["data"]["external"]
