@@ -43,7 +43,7 @@ from core.models import (
 )
 from core.notices import NoticeResult
 from core.service import Tether
-from core.views import CURSOR_PATTERN, decode_cursor
+from core.views import CURSOR_PATTERN, decode_cursor, read_time
 
 
 def errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -155,14 +155,13 @@ def strict_query(rules: QueryRules) -> Guard:
     return refuse_unknown_query
 
 
-def moment(value: str | None, name: str) -> datetime | None:
-    """A date-time query parameter, read as msgspec reads one (RFC 3339, the
-    ISO 8601 profile the document's `date-time` names). Not declared as a
+def moment(value: str | None, name: str, *, up: bool = False) -> datetime | None:
+    """A date-time query parameter (`read_time`). Not declared as a
     `datetime`: Litestar would read `null` as absent."""
     if value is None:
         return None
     try:
-        return msgspec.convert(value, datetime)
+        return read_time(value, up=up)
     except msgspec.ValidationError:
         raise bad_request(
             f"invalid query parameter {name!r}: give an ISO 8601 date-time such as"
@@ -385,7 +384,7 @@ class JobController(Controller):
                 cursor,
                 tags=tag or (),
                 created_after=moment(created_after, "created_after"),
-                created_before=moment(created_before, "created_before"),
+                created_before=moment(created_before, "created_before", up=True),
             )
 
         first = await page()  # a bad filter is refused before a stream begins

@@ -45,7 +45,7 @@ from core.models import (
 )
 from core.service import Tether
 from core.store.jobs import now_ms
-from core.views import CURSOR_PATTERN
+from core.views import CURSOR_PATTERN, read_time
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -254,7 +254,7 @@ def read_window(given: dict[str, str | None]) -> dict[str, datetime | None]:
     for name in WINDOW:
         value = given.get(name) or ""
         try:
-            window[name] = msgspec.convert(value, datetime) if value else None
+            window[name] = read_time(value, up=name == "created_before") if value else None
         except msgspec.ValidationError:
             raise MalformedBody(
                 f"invalid {name} {shown(value)}: give an ISO 8601 date-time such as"

@@ -83,11 +83,18 @@ STALE_PENDING_MS = 10_000
 """A job pending this long may have lost its workflow start (`resume_stale`)."""
 
 
-def unix_ms(at: datetime) -> int:
-    """`at` as Unix milliseconds, as the store keeps times; UTC without a zone."""
+def unix_ms(at: datetime, *, up: bool = False) -> int:
+    """`at` as Unix milliseconds, as the store keeps times (UTC without a
+    zone): the millisecond it falls in, or with `up` the first at or after
+    it. Exclusive bounds in whole milliseconds: `> t` is `> unix_ms(t)`,
+    `< t` is `< unix_ms(t, up=True)`."""
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    return int(at.timestamp() * 1000)
+    micros = (at - EPOCH) // timedelta(microseconds=1)
+    return -(-micros // 1000) if up else micros // 1000
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _still_winding_up(rec: JobRecord) -> Conflict:
@@ -763,7 +770,8 @@ class Tether:
             for state in (list(dict.fromkeys(states)) or any_of)
             for backend in (list(dict.fromkeys(backends)) or any_of)
         ]
-        after, until = (None if t is None else unix_ms(t) for t in (created_after, created_before))
+        after = None if created_after is None else unix_ms(created_after)
+        until = None if created_before is None else unix_ms(created_before, up=True)
         wanted = list(dict.fromkeys(tags))
         listed = await store_call(self.jobs.pages(pairs, limit + 1, before, wanted, after, until))
         rows = listed.rows[:limit]

@@ -4,7 +4,7 @@ the list cursor."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +13,28 @@ import msgspec
 from core.errors import MalformedBody
 from core.models import Job, JobEvent, NotifyShown
 from core.store.jobs import Event, JobRecord
+
+SUB_MICROSECONDS = re.compile(r"(?<=[.,][0-9]{6})[0-9]+")
+"""The digits of a date-time's fraction past the sixth."""
+MAX_MOMENT = datetime.max - timedelta(days=1)
+"""Past it a microsecond more may not fit (an offset's day aside)."""
+
+
+def read_time(value: str, *, up: bool = False) -> datetime:
+    """A date-time a client gives (a list's `created_after`, `created_before`),
+    read as msgspec reads one (RFC 3339, the ISO 8601 profile the OpenAPI
+    document's `date-time` names), but a fraction past microseconds cut
+    (msgspec rounds it, which may cross into the next second): to the
+    microsecond before, or with `up` the one after, so that an exclusive
+    upper bound leaves out nothing before it. `msgspec.ValidationError` for
+    what is no date-time."""
+    finer = SUB_MICROSECONDS.search(value)
+    if finer is not None:
+        value = value[: finer.start()] + value[finer.end() :]
+    at = msgspec.convert(value, datetime)
+    if up and finer is not None and finer[0].strip("0") and at.replace(tzinfo=None) < MAX_MOMENT:
+        at += timedelta(microseconds=1)
+    return at
 
 
 def _dt(ms: int) -> datetime:

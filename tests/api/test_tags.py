@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -128,6 +128,41 @@ async def test_filters_by_tags_state_backend_and_creation_time(start_service, re
     assert await listed(svc, created_after=shifted) == ["none", "ab2"]
     naive = datetime.fromisoformat(at["b"]).replace(tzinfo=None).isoformat()
     assert await listed(svc, created_after=naive) == ["none", "ab2"]
+
+
+async def test_creation_time_bounds_finer_than_a_millisecond_are_exclusive(start_service, receiver):
+    """Times are kept to the millisecond: a bound inside a job's millisecond
+    left it out on both sides (`created_before` was cut down to it), and
+    msgspec rounded a seventh digit up into the next second (found by an
+    exploratory QA pass)."""
+    svc = await start_service()
+    created = (await svc.client.post("/jobs", json=body(receiver, "j", []))).json()["created_at"]
+    at = datetime.fromisoformat(created)
+    assert at.microsecond % 1000 == 0
+
+    def text(moment: datetime, extra: str = "") -> str:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + extra + "Z"
+
+    just_after = [text(at + timedelta(microseconds=m)) for m in (1, 500, 999)]
+    for bound in [*just_after, text(at, "0001"), text(at + timedelta(milliseconds=1))]:
+        assert await listed(svc, created_before=bound) == ["j"], bound
+        assert await listed(svc, created_after=bound) == [], bound
+    assert await listed(svc, created_before=text(at)) == []
+    assert await listed(svc, created_before=text(at, "0000")) == []
+    just_before = [
+        text(at - timedelta(microseconds=1), "9999"),
+        text(at - timedelta(microseconds=1)),
+    ]
+    for bound in [*just_before, text(at - timedelta(milliseconds=1))]:
+        assert await listed(svc, created_after=bound) == ["j"], bound
+        assert await listed(svc, created_before=bound) == [], bound
+    assert await listed(svc, created_after=text(at)) == []
+    assert await listed(svc, created_after="9999-12-31T23:59:59.9999999Z") == []
+    for bound, shown in ((text(at, "0001"), True), (text(at), False)):  # the dashboard too
+        page = await svc.client.get("/ui", params={"created_before": bound})
+        row = 'class="id"><a href="/ui/jobs/j"'
+        assert page.status_code == 200 and (row in page.text) is shown, bound
+    assert await listed(svc, created_before="9999-12-31T23:59:59.9999999Z") == ["j"]
 
 
 @pytest.mark.parametrize(
