@@ -442,14 +442,16 @@ class Tether:
                     f"invalid {name}: JSON nested more than {MAX_DEPTH} levels deep",
                     {"field": name, "limit_depth": MAX_DEPTH},
                 )
+        # msgspec cannot check `uniqueItems`, and the pattern is stated, not checked
+        # (msgspec's `re.search` would pass a trailing newline and quote the regex).
+        for at, tag in enumerate(req.tags):
+            if not TAG_PATTERN.fullmatch(tag):
+                said = f"invalid tags: tags[{at}] {shown(tag)} is not a tag; a tag is {TAG_RULE}"
+                raise MalformedBody(said, {"field": f"tags[{at}]"})
+            if tag in req.tags[:at]:
+                said = f"invalid tags: tags[{at}] {shown(tag)} is given twice; no two alike"
+                raise MalformedBody(said, {"field": f"tags[{at}]"})
         tags = sorted(req.tags)
-        if len(set(tags)) < len(tags) or not all(TAG_PATTERN.fullmatch(t) for t in tags):
-            # msgspec checked each tag's pattern with `re.search` (a trailing
-            # newline passes `$`) and cannot check `uniqueItems`.
-            raise MalformedBody(
-                f"invalid tags: each {TAG_RULE}, no two alike",
-                {"field": "tags"},
-            )
         notify = None if req.notify is None else req.notify.url
         if notify is not None and (fault := url_fault(notify)):
             raise MalformedBody(f"invalid notify.url: it {fault}", {"field": "notify.url"})

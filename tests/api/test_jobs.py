@@ -223,8 +223,17 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         ({**WEBHOOK, "id": 7}, 400, "id", ["Expected `str | null`, got `int`"]),
         ({**WEBHOOK, "tags": ["a", 1]}, 400, "tags[1]", ["got `int`"]),
         # what a tag or a notify URL may be is said, not quoted as a regex
-        ({**WEBHOOK, "tags": ["a b"]}, 400, "tags", ["each 1 to 64 of A-Z", "no two alike"]),
-        ({**WEBHOOK, "tags": [""]}, 400, "tags", ["each 1 to 64 of A-Z"]),
+        # which tag, and why (all were "invalid tags: each ..., no two alike": QA pass)
+        (
+            {**WEBHOOK, "tags": ["ok", "a b"]},
+            400,
+            "tags[1]",
+            ["tags[1] 'a b' is not a tag; a tag is 1 to 64 of A-Z"],
+        ),
+        ({**WEBHOOK, "tags": [""]}, 400, "tags[0]", ["tags[0] '' is not a tag"]),
+        ({**WEBHOOK, "tags": ["x" * 65]}, 400, "tags[0]", ["is not a tag"]),
+        ({**WEBHOOK, "tags": ["a\n"]}, 400, "tags[0]", ["tags[0] 'a\\n' is not a tag"]),
+        ({**WEBHOOK, "tags": ["b", "a", "b"]}, 400, "tags[2]", ["tags[2] 'b' is given twice"]),
         (
             {**WEBHOOK, "notify": {"url": "http://u:pw@x/hook"}},
             400,
