@@ -510,6 +510,30 @@ async def test_an_earlier_attempts_token_quoted_in_a_later_attempts_answer_is_ma
     assert old_token[:8] not in (await svc.client.get("/jobs/q/events")).text
 
 
+async def canceled_while_triggering(
+    start_service: Any, receiver: Receiver, monkeypatch: Any, release: threading.Event
+) -> Service:
+    """A service whose job `h` was canceled while its webhook's trigger
+    request was held open (until `release`): its workflow went on without
+    the call (`TRIGGER_WATCH`), whose run is then stopped as unrecorded."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hook" and not release.is_set():
+            release.wait(30)
+        return 202, {"run": hit.path}
+
+    receiver.respond = respond
+    svc: Service = await start_service()
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel"), "timeout": 60}
+    body = {"id": "h", "backend": "http_webhook", "params": params}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    await eventually(lambda: receiver.on("/hook"))
+    assert (await svc.client.post("/jobs/h/cancel")).status_code == 200
+    await eventually(lambda: receiver.on("/cancel"))  # the finish's `cancel_unrecorded`
+    return svc
+
+
 async def test_a_retry_waits_for_a_trigger_call_left_to_answer_late(
     start_service, receiver, monkeypatch
 ):
@@ -519,25 +543,10 @@ async def test_a_retry_waits_for_a_trigger_call_left_to_answer_late(
     why (a run may still start, to be stopped first); once the request is
     answered, its run recorded and stopped, the retry goes through. Before,
     attempt 2 could start while attempt 1's call might still start a run."""
-    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
     monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 0.3)
     release = threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path == "/hook" and not release.is_set():
-            release.wait(30)
-        return 202, {"run": hit.path}
-
-    receiver.respond = respond
-    svc = await start_service()
+    svc = await canceled_while_triggering(start_service, receiver, monkeypatch, release)
     try:
-        params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel"), "timeout": 60}
-        body = {"id": "h", "backend": "http_webhook", "params": params}
-        assert (await svc.client.post("/jobs", json=body)).status_code == 201
-        await eventually(lambda: receiver.on("/hook"))
-        assert (await svc.client.post("/jobs/h/cancel")).status_code == 200
-        await eventually(lambda: receiver.on("/cancel"))  # the finish's `cancel_unrecorded`
-
         answer = await retry(svc, "h")
         assert answer.status_code == 409, answer.text
         error = answer.json()["error"]
@@ -561,23 +570,9 @@ async def test_a_retry_that_waited_for_a_late_run_names_it_in_previous(
     late, and waited; the call's run was recorded meanwhile. Its `retried`
     event's `previous` had no `external`: it was built from the row read
     before the wait (found by an exploratory QA pass)."""
-    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
     release = threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path == "/hook" and not release.is_set():
-            release.wait(30)
-        return 202, {"run": "late"}
-
-    receiver.respond = respond
-    svc = await start_service()
+    svc = await canceled_while_triggering(start_service, receiver, monkeypatch, release)
     try:
-        params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel"), "timeout": 60}
-        body = {"id": "h", "backend": "http_webhook", "params": params}
-        assert (await svc.client.post("/jobs", json=body)).status_code == 201
-        await eventually(lambda: receiver.on("/hook"))
-        assert (await svc.client.post("/jobs/h/cancel")).status_code == 200
-        await eventually(lambda: receiver.on("/cancel"))
         waiting = asyncio.create_task(retry(svc, "h"))
         await asyncio.sleep(0.3)
         assert not waiting.done()
@@ -587,7 +582,7 @@ async def test_a_retry_that_waited_for_a_late_run_names_it_in_previous(
     assert (answer.status_code, answer.json()["attempt"]) == (200, 2), answer.text
     events = (await svc.client.get("/jobs/h/events")).json()["items"]
     late = [e for e in events if e["type"] == "triggered" and e["attempt"] == 1]
-    assert late and late[0]["data"]["external"]["response"] == {"run": "late"}
+    assert late and late[0]["data"]["external"]["response"] == {"run": "/hook"}
     [retried] = [e for e in events if e["type"] == "retried"]
     assert retried["data"]["previous"]["state"] == "canceled"
     assert retried["data"]["previous"]["external"] == late[0]["data"]["external"]
