@@ -380,18 +380,80 @@ or a key in `params.a` for a key of that dict (the field is then the dict)."""
 
 def _refusal(backend: Backend, exc: Exception) -> InvalidRequest:
     """A new job's params refused (by `params_type` or `check_new_params`):
-    422 naming the field at fault, `params` itself when the message names
-    none (a `check_new_params` refusal)."""
+    422 naming the field at fault. msgspec names the struct whose
+    `__post_init__` refused (`params` for a `check_new_params` refusal,
+    which names none): a message that begins with one of that struct's
+    fields (`` `row_limit` must ``, `url must`, `tasks[0] needs`) names
+    that field."""
     reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
     reason = reason.replace(" - at `key` in `", " - at a key in `")  # msgspec's words
     at = AT.search(reason)
-    if at is None:
-        reason += " - at `params`"
     field = at["path"] if at else "params"  # e.g. params.timeout
+    # The plugin's own words (a `ValueError` of `__post_init__`, which msgspec
+    # chains, or of `check_new_params`), not msgspec's ("Object contains ...").
+    its_own = not isinstance(exc, msgspec.ValidationError) or exc.__cause__ is not None
+    if its_own and (at is None or not at[0].startswith(" - at a key")):
+        head = reason[: at.start()] if at else reason
+        field = _named_field(backend.params_type, field, head) or field
+        reason = f"{head} - at `{field}`"
+    elif at is None:
+        reason += " - at `params`"
     return InvalidRequest(
         f"invalid params for backend {backend.name!r}: {reason}",
         {"field": field, "backend": backend.name},
     )
+
+
+LEADING_FIELD = re.compile(
+    r"`?([A-Za-z_][A-Za-z0-9_]*)((?:\[[0-9]+\]|\.[A-Za-z_][A-Za-z0-9_]*)*)`?[ :]"
+)
+"""A refusal's message that begins with a field's name, and maybe a path
+within it: `` `row_limit` must ``, `auth: unknown`, `tasks[0].notebook_task
+must`."""
+PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
+
+
+def _named_field(params_type: Any, path: str, head: str) -> str | None:
+    """`path` and the field of the struct there that `head` (a refusal's
+    message) begins with, e.g. `params.submit.tasks[0]`; None if it begins
+    with no field of it (`give exactly one of ...`)."""
+    named = LEADING_FIELD.match(head)
+    if named is None:
+        return None
+    try:
+        info = msgspec.inspect.type_info(params_type)
+        for step in PATH_STEP.finditer(path.removeprefix("params")):
+            info = _step(_struct_or_list(info), step[1], step[2])
+        struct = _struct_or_list(info)
+    except (LookupError, TypeError, ValueError):
+        return None
+    if not isinstance(struct, msgspec.inspect.StructType):
+        return None
+    if named[1] not in {f.encode_name for f in struct.fields}:
+        return None
+    return f"{path}.{named[1]}{named[2]}"
+
+
+def _struct_or_list(info: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """`info` without its constraints, and of a union the one struct or list
+    in it (`SubmitRun | None`)."""
+    while isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        kinds = (msgspec.inspect.StructType, msgspec.inspect.ListType)
+        [info] = [t for t in info.types if isinstance(t, kinds)]  # ValueError unless one
+    return info
+
+
+def _step(info: msgspec.inspect.Type, name: str | None, index: str | None) -> msgspec.inspect.Type:
+    """The type one step of a path leads to: a struct's field, a list's item."""
+    if name is not None and isinstance(info, msgspec.inspect.StructType):
+        found = next((f.type for f in info.fields if f.encode_name == name), None)
+        if found is not None:
+            return found
+    elif index is not None and isinstance(info, msgspec.inspect.ListType):
+        return info.item_type
+    raise LookupError(name or index)
 
 
 def _fault(backend: Backend, what: str, exc: Exception) -> PluginFault:

@@ -192,8 +192,8 @@ WEBHOOK = {"backend": "http_webhook", "params": {"url": "http://x"}}
         (
             {"backend": "http_webhook", "params": {"url": "file:///etc/passwd"}},
             422,
-            "params",
-            ["url"],
+            "params.url",
+            ["url must be an absolute http(s) URL - at `params.url`"],
         ),
         ({**WEBHOOK, "params": {"url": "http://x", "bogus": 1}}, 422, "params", ["bogus"]),
         (
