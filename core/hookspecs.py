@@ -163,8 +163,10 @@ class Backend:
         `trigger` is the new attempt's (`trigger.job.attempt`, a new callback
         URL and a new idempotency key, so the external system starts a new
         run); `previous` is the job as the previous attempt ended: its
-        `state`, `error` and `external` (None if it was never triggered), for
-        a backend that can resume or repair a run instead of starting afresh.
+        `state` and `error`, and the `external` of the latest attempt that
+        recorded one (None if none was ever triggered: an attempt whose
+        trigger failed leaves the run before it), for a backend that can
+        resume or repair a run instead of starting afresh.
         The default calls `self.trigger(trigger)`.
         """
         return await self.trigger(trigger)

@@ -1167,14 +1167,24 @@ class JobSteps:
         return retried[0].data["previous"] if retried else {"state": "failed"}
 
     async def _previous(self, rec: JobRecord) -> Job:
-        """The job as its previous attempt ended, for `Backend.rerun`."""
-        ended = await self._ended_as(rec.id, rec.attempt - 1)
+        """The job as its previous attempt ended, for `Backend.rerun`; its
+        `external` the run the latest attempt that recorded one recorded:
+        an attempt whose trigger failed (a repair refused while its run went
+        on) recorded none, and the run before is still the one to repair."""
+        _, events = await self.jobs.events_after(rec.id, 0, HISTORY_LIMIT)
+        ended = [
+            e.data["previous"]
+            for e in events
+            if e.type == "retried" and e.attempt <= rec.attempt  # (one per attempt)
+        ]
+        last = ended[-1] if ended else {"state": "failed"}  # (trimmed from the history)
+        external = next((p["external"] for p in reversed(ended) if p.get("external")), None)
         return msgspec.structs.replace(
             backend_view(rec),
             attempt=rec.attempt - 1,
-            state=ended["state"],
-            external=ended.get("external"),
-            error=msgspec.convert(ended.get("error"), ErrorInfo | None),
+            state=last["state"],
+            external=external,
+            error=msgspec.convert(last.get("error"), ErrorInfo | None),
         )
 
     async def _trigger_failed(

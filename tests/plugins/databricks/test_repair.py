@@ -302,3 +302,52 @@ async def test_a_run_still_ending_is_repaired_once_it_has_ended(
     assert len(workspace.calls(REPAIR)) == 1
     workspace.end(job["external"]["run_id"], "SUCCESS")
     await svc.wait_state("slow", "succeeded", timeout=20)
+
+
+async def test_a_retry_after_an_attempt_whose_repair_failed_repairs_the_same_run(
+    start_databricks, workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch
+):
+    """Attempt 2's repair was refused while the run went on (the notebook
+    reported a failure and kept running): attempt 2 failed with no run
+    recorded. Attempt 3 started a second run beside the first, and nothing
+    stopped the first: `rerun` was handed attempt 2's `external`, none
+    (found by an exploratory QA pass)."""
+    monkeypatch.setattr("plugins.databricks.repair.ENDING_WAIT", 0.05)
+    going = threading.Event()
+
+    def reports_failure_and_goes_on(ws: FakeWorkspace, run: Run) -> None:
+        run.start()
+        httpx.post(
+            run.parameters["tether_callback_url"], json={"status": "failed"}, trust_env=False
+        )
+        going.wait(30)
+        run.end("RUN_EXECUTION_ERROR", "boom")
+
+    workspace.notebooks["on"] = by_repair(reports_failure_and_goes_on, hang)
+    workspace.add_job(7, notebook="on")
+    svc = await start_databricks()
+
+    async def failed(attempt: int) -> dict[str, Any]:
+        async def check() -> Any:
+            job = await svc.job("on")
+            return job["attempt"] == attempt and job["state"] == "failed" and job
+
+        job: dict[str, Any] = await eventually(check, timeout=20)
+        return job
+
+    try:
+        await start_job(svc, "on", {"job_id": 7, "check_interval": 600})
+        await failed(1)
+        for attempt in (2, 3):  # the run still going: each repair refused, no run started
+            await retry(svc, "on")
+            job = await failed(attempt)
+            assert job["error"].get("type") == "RUN_NOT_ENDED" and job["external"] is None, job
+            run = workspace.only_run()
+    finally:
+        going.set()
+    await eventually(lambda: run.status == "TERMINATED")
+    await retry(svc, "on")  # the run ended: attempt 4 repairs it
+    job = await recorded(svc, "on", 4)
+    assert job["external"]["run_id"] == run.run_id and job["external"]["repair_id"] is not None
+    assert workspace.only_run() is run and len(workspace.calls(REPAIR)) == 1
+    assert len(workspace.calls(RUN_NOW)) == 1
