@@ -260,7 +260,8 @@ class Workspace:
             retry_after = exc.retry_after_secs
             if retry_after is None:  # kept from the SDK's retries (`hand_back_throttling`)
                 retry_after = exc.kwargs.get(RETRY_AFTER_KEY)
-            return BackendError(
+            refused = Throttled if isinstance(exc, errors.TooManyRequests) else BackendError
+            return refused(
                 self.scrub(str(exc) or kind, secrets),
                 retryable=retryable,
                 code=exc.error_code or _screaming(kind),
@@ -336,6 +337,11 @@ _SCRUB = (
 
 _sending = threading.local()
 """`once`: the call this worker thread runs must not be sent again by the SDK."""
+
+class Throttled(BackendError):
+    """A 429: Databricks read the request and did nothing, for now (retryable).
+    Unlike a 5xx or a lost answer, no statement or run can have started."""
+
 
 RETRY_AFTER_KEY = "tether_retry_after"
 """Where an error's `Retry-After` is kept, out of the SDK's sight."""

@@ -82,7 +82,7 @@ from core.plugin import (
     hookimpl,
     settings_from_env,
 )
-from plugins.databricks.workspace import DatabricksSettings, Workspace
+from plugins.databricks.workspace import DatabricksSettings, Throttled, Workspace
 from plugins.databricks_sql.statements import (
     FINAL_STATES,
     INLINE_LIMIT,
@@ -375,7 +375,7 @@ class DatabricksSql(Backend):
         try:
             statement_id = await self.workspace.call(execute, once=True)
         except BackendError as exc:
-            if exc.retryable:  # it may have got through
+            if exc.retryable and not isinstance(exc, Throttled):  # it may have got through
                 self._unsure.setdefault(key, time.monotonic())
             raise
         self._unsure.pop(key, None)

@@ -104,6 +104,28 @@ async def test_a_retried_job_runs_a_new_statement_not_the_failed_attempts(
     assert job["attempt"] == 2
 
 
+@pytest.mark.parametrize(("status", "waits"), [(429, False), (503, True)])
+async def test_a_throttled_submit_is_tried_again_without_waiting_for_the_history(
+    start_sql, sql_api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch, status: int, waits: bool
+):
+    """A 429 is Databricks refusing the request, nothing started: the next
+    try submits at once. It was read as a lost answer, and the job waited
+    `TETHER_DATABRICKS_SQL_SETTLE` (30 s) for the query history, with a
+    `statement_unsure` event (found by an exploratory QA pass). A 503 may
+    come from past the API: still waited for."""
+    monkeypatch.setenv("TETHER_DATABRICKS_SQL_SETTLE", "3")  # past the 1 s Retry-After
+    code = "REQUEST_LIMIT_EXCEEDED" if status == 429 else "TEMPORARILY_UNAVAILABLE"
+    sql_api.refuse(STATEMENTS, status, code, method="POST")
+    svc = await start_sql()
+    await start_job(svc, "busy", PARAMS)
+
+    await statement_of(svc, sql_api, "busy")
+    failed = [e["data"] for e in await events_of(svc, "busy") if e["type"] == "trigger_failed"]
+    assert failed[0]["error"]["type"] == code
+    assert ("statement_unsure" in [f["error"]["type"] for f in failed]) is waits, failed
+    assert len(sql_api.statements) == 1
+
+
 async def test_a_lost_statement_the_history_lists_late_is_waited_for_not_run_again(
     start_sql, sql_api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch
 ):
