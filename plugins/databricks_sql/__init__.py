@@ -562,6 +562,22 @@ class DatabricksSql(Backend):
             extra={"job_id": job.id, "backend": self.name},
         )
 
+    async def _cancel_if_any(self, job: Job, statement_id: str) -> None:
+        """Ask to cancel a statement Databricks said it does not know, before
+        its job fails: a 404 from a proxy or in an incident may hide one
+        still running, which a retry would run beside. Its failure (a 404:
+        gone indeed) is logged, not raised."""
+        try:
+            await self.cancel(job)
+        except BackendError as exc:
+            log.info(
+                "databricks_sql: job %s: statement %s is not there to cancel: %s",
+                job.id,
+                statement_id,
+                exc,
+                extra={"job_id": job.id, "backend": self.name},
+            )
+
     async def check_status(self, job: Job) -> Outcome | Running | None:
         """Reads the statement (`get_statement`): this backend's only way to
         learn that it ended."""
@@ -595,6 +611,7 @@ class DatabricksSql(Backend):
                 f"Databricks SQL statement {statement_id} no longer exists (a warehouse"
                 " forgets a statement 12 hours after it ended): how it ended is unknown"
             )
+            await self._cancel_if_any(job, statement_id)
             return Outcome(status="failed", error=ErrorInfo(message, type="statement_gone"))
         found = outcome_of_statement(
             statement, statement_id, _row_limit(job), self.max_result_bytes

@@ -272,6 +272,23 @@ async def test_a_statement_the_warehouse_forgot_fails_the_job(start_sql, sql_api
     job = await svc.wait_state("lost", "failed")
     assert job["error"]["type"] == "statement_gone"
     assert statement_id in job["error"]["message"]
+    assert len(sql_api.calls(f"{STATEMENTS}/{statement_id}/cancel")) == 1  # in case: a 404
+
+
+async def test_a_statement_a_stray_404_hid_is_canceled_before_its_job_fails(
+    start_sql, sql_api: FakeSqlApi
+):
+    """One 404 (a proxy, an incident) for a statement still running failed
+    the job and left the statement going, so a retry ran a second one beside
+    it (found by an exploratory QA pass)."""
+    svc = await start_sql()
+    await start_job(svc, "hidden", {"warehouse_id": WAREHOUSE, "statement": "SELECT 1", **FAST})
+    statement_id = await statement_of(svc, sql_api, "hidden")
+    sql_api.refuse(f"{STATEMENTS}/{statement_id}", 404, "NOT_FOUND")
+
+    job = await svc.wait_state("hidden", "failed")
+    assert job["error"]["type"] == "statement_gone"
+    assert sql_api.statements[statement_id].state == "CANCELED"
 
 
 async def test_a_statement_databricks_refuses_fails_the_job_without_a_retry(
