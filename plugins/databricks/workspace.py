@@ -9,6 +9,7 @@ inside the worker threads: starting Tether and validating params never pay it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -338,6 +339,7 @@ _SCRUB = (
 _sending = threading.local()
 """`once`: the call this worker thread runs must not be sent again by the SDK."""
 
+
 class Throttled(BackendError):
     """A 429: Databricks read the request and did nothing, for now (retryable).
     Unlike a 5xx or a lost answer, no statement or run can have started."""
@@ -438,7 +440,7 @@ def submit_arguments(spec: Mapping[str, Any]) -> dict[str, Any]:
         if name not in hints or name == "idempotency_token":
             raise ValueError(f"`submit.{name}` is not a field of a one-time run")
         converted = _to_sdk(hints[name], value, f"submit.{name}")
-        lost = _lost_field(value, _to_json(converted), f"submit.{name}")
+        lost = _lost_field(value, _to_json(converted), f"submit.{name}", converted)
         if lost:
             raise ValueError(f"unknown field `{lost}`")
         out[name] = converted
@@ -479,21 +481,31 @@ def _to_json(value: Any) -> Any:
     return as_dict() if callable(as_dict) else value
 
 
-def _lost_field(given: Any, kept: Any, path: str) -> str | None:
-    """The first field of `given` missing from `kept` (empty values aside: the SDK
-    leaves those out on purpose)."""
+def _lost_field(given: Any, kept: Any, path: str, sdk: Any = None) -> str | None:
+    """The first field of `given` missing from `kept` (its SDK object `sdk`
+    as JSON). An empty value (`null`, `{}`, `[]`) the SDK leaves out on
+    purpose is not lost, but `{}` or `[]` under a name the SDK's class there
+    has no field of is (a misspelt `base_paramters: {}`, dropped unsaid)."""
     if isinstance(given, dict) and isinstance(kept, dict):
+        names = {f.name for f in dataclasses.fields(sdk)} if _is_record(sdk) else None
         for key, value in given.items():
+            inner = getattr(sdk, key, None) if names else None
             if key not in kept:
-                if value in (None, {}, []):
+                if value is None or (value in ({}, []) and (names is None or key in names)):
                     continue
                 return f"{path}.{key}"
-            lost = _lost_field(value, kept[key], f"{path}.{key}")
+            lost = _lost_field(value, kept[key], f"{path}.{key}", inner)
             if lost:
                 return lost
     elif isinstance(given, list) and isinstance(kept, list):
-        for i, (g, k) in enumerate(zip(given, kept, strict=False)):
-            lost = _lost_field(g, k, f"{path}[{i}]")
+        items = sdk if isinstance(sdk, list) else [None] * len(given)
+        for i, (g, k, o) in enumerate(zip(given, kept, items, strict=False)):
+            lost = _lost_field(g, k, f"{path}[{i}]", o)
             if lost:
                 return lost
     return None
+
+
+def _is_record(value: Any) -> bool:
+    """Whether `value` is an SDK dataclass instance (not the class)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

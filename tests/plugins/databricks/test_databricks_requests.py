@@ -900,6 +900,26 @@ def test_empty_values_the_sdk_leaves_out_are_not_lost_fields():
     assert len(submit_arguments(spec)["tasks"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("task", "lost"),
+    [
+        (
+            {"notebook_task": {"notebook_path": "/n", "base_paramters": {}}},
+            "notebook_task.base_paramters",
+        ),
+        ({"notebook_task": {"notebook_path": "/n"}, "librarie": []}, "librarie"),
+    ],
+)
+def test_a_misspelt_field_with_an_empty_value_is_lost_too(task: dict[str, Any], lost: str):
+    """The SDK leaves empty values out, so an empty one was taken for one it
+    left out, and dropped unsaid: docs/databricks.md's own example of a
+    refused field, `base_paramters`, went through given `{}` (found by an
+    exploratory QA pass)."""
+    with pytest.raises(ValueError) as refused:
+        submit_arguments({"tasks": [{"task_key": "a", **task}]})
+    assert str(refused.value) == f"unknown field `submit.tasks[0].{lost}`"
+
+
 def test_lost_fields_are_found_at_any_depth():
     assert _lost_field({"a": {"b": 1}}, {"a": {"b": 1}}, "p") is None
     assert _lost_field({"a": {"b": 1}}, {"a": {}}, "p") == "p.a.b"
