@@ -140,11 +140,22 @@ PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 """A named parameter marker's name, as `:name` writes it in the statement."""
 
 WarehouseId = Annotated[str, Meta(pattern=WAREHOUSE_ID.pattern, max_length=128)]
-ParameterName = Annotated[str, Meta(pattern=PARAMETER_NAME.pattern, max_length=255)]
+ParameterName = Annotated[
+    str, Meta(max_length=255, extra_json_schema={"pattern": PARAMETER_NAME.pattern})
+]
+"""Its pattern stated here, checked by `__post_init__`, which names the key
+(msgspec says only "a key in `params.parameters`")."""
 SqlName = Annotated[str, Meta(min_length=1, max_length=255)]
 SqlType = Annotated[str, Meta(min_length=1, max_length=255)]
-Statement = Annotated[str, Meta(pattern=r"[^ \t\n\r]")]
-"""Not blank. (An explicit class: Python's and JSON Schema's `\\s` differ.)"""
+NOT_BLANK = re.compile(
+    r"[^\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
+"""A character that is no white space of JavaScript's `\\s` (which JSON
+Schema's patterns use), Unicode's spaces included. (An explicit class:
+Python's and JSON Schema's `\\s` differ, at U+FEFF and U+001C-U+001F.)"""
+Statement = Annotated[str, Meta(extra_json_schema={"pattern": NOT_BLANK.pattern})]
+"""Not blank: stated here, checked by `__post_init__` (msgspec would quote
+the class)."""
 RowLimit = (
     Annotated[int, Meta(ge=1, le=MAX_ROW_LIMIT)]
     | Annotated[float, Meta(ge=1, le=MAX_ROW_LIMIT, extra_json_schema={"multipleOf": 1})]
@@ -195,6 +206,8 @@ class DatabricksSqlParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             if not self.row_limit.is_integer():
                 raise ValueError("`row_limit` must be a whole number")
             msgspec.structs.force_setattr(self, "row_limit", int(self.row_limit))
+        if not NOT_BLANK.search(self.statement):
+            raise ValueError("`statement` is blank: give the SQL statement to run")
         # Python's `$` also matches before a final newline, JSON Schema's does not.
         if self.warehouse_id is not None and not WAREHOUSE_ID.fullmatch(self.warehouse_id):
             raise ValueError("`warehouse_id` must be letters, digits, `_` and `-` only")

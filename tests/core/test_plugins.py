@@ -395,7 +395,7 @@ async def test_a_bad_key_of_a_dict_in_params_names_the_dict(start_service):
     svc = await start_service()
     params = {"warehouse_id": "abcdef1234567890", "statement": "select 1"}
     for parameters, field, key in (
-        ({"a b": "x"}, "params.parameters", True),  # a key: the dict it is in
+        ({"a" * 256: "x"}, "params.parameters", True),  # a key: the dict it is in
         ({"a": ["x"]}, "params.parameters[...]", False),  # a value: msgspec's word for its key
     ):
         body = {"backend": "databricks_sql", "params": {**params, "parameters": parameters}}
@@ -417,6 +417,12 @@ NAMED_IN_WORDS = [
         "databricks_sql",
         {"warehouse_id": "a", "statement": "x", "row_limit": 2.5},
         "params.row_limit",
+    ),
+    ("databricks_sql", {"warehouse_id": "a", "statement": "\u00a0"}, "params.statement"),
+    (
+        "databricks_sql",
+        {"warehouse_id": "a", "statement": "x", "parameters": {"1x": 1}},
+        "params.parameters",
     ),
     ("databricks", {"job_id": 7.5}, "params.job_id"),
     (

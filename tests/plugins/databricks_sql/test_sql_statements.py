@@ -133,6 +133,8 @@ EDGES: list[Any] = [
     {**BASE, "statement": "\x0b"},
     {**BASE, "statement": "\x1c"},
     {**BASE, "statement": "\u00a0"},
+    {**BASE, "statement": "\u2003\u00a0\ufeff\u3000"},
+    {**BASE, "statement": "\u2003SELECT 1"},
     {**BASE, "row_limit": 1},
     {**BASE, "row_limit": 10_000},
     {**BASE, "row_limit": 10_000.0},
