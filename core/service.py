@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -297,16 +299,19 @@ class Tether:
         group, url = self.settings.group, self.settings.base_url
         notify = notify_fingerprints(self.store.notify_secrets)
         mine = {"signs": signs, "accepts": accepts, "group": group, "at": now_ms(), "url": url}
-        mine["notify"] = notify
+        mine |= {"notify": notify, "host": f"{socket.gethostname()}, pid {os.getpid()}"}
         before = await jobs.swap_meta(LAST_HOST, msgspec.json.encode(mine).decode())
         try:
             theirs = msgspec.json.decode(before or "null")
             at = datetime.fromtimestamp(int(theirs["at"]) / 1000, UTC).isoformat(timespec="seconds")
             shared = self.settings.shared
+            # Which machine and process, where the record says (not before 2026-12-06):
+            # every host has the same public URL, which names none of them.
+            on = f" on {shown(str(theirs['host']))}," if theirs.get("host") else ""
             other = (
-                f"the host that started before this one on the same store (at {at}, public URL"
+                f"the host that started before this one on the same store (at {at},{on} public URL"
                 if shared
-                else f"this store's last start (at {at}, with public URL"
+                else f"this store's last start (at {at},{on} with public URL"
             ) + f" {theirs['url']!r})"
             if shared:  # hosts up together: each takes the other's URLs
                 secrets_agree = agree((signs, accepts), (theirs["signs"], list(theirs["accepts"])))

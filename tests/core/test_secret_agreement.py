@@ -6,6 +6,8 @@ docs/operations.md says agrees."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
 from api.cli import preflight
 from core.plugins import Plugins, make_plugin_manager
@@ -48,6 +50,8 @@ async def test_a_host_with_another_secret_is_named_at_start(fresh_pg_url):
     assert said.startswith("TETHER_CALLBACK_SECRET (or TETHER_CALLBACK_SECRET_PREVIOUS)")
     assert "disagrees with the host that started before this one" in said
     assert "public URL 'https://a'" in said and OLD not in said and STRAY not in said
+    # which machine and process, since every host has one public URL (a QA pass)
+    assert f" on '{socket.gethostname()}, pid {os.getpid()}', public URL" in said
     assert len(await start(OLD)) == 1  # the next to start finds the stray one, too
     for current, previous in ((OLD, NEW), (NEW, OLD), (NEW, "")):
         assert await start(current, previous) == []
