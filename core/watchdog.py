@@ -367,7 +367,8 @@ class Watchdog:
             await self.stop_again(rec)
             return
         if rec.deadline <= now:
-            message = f"no callback within {rec.timeout:g} seconds"
+            # (Not "no callback": a backend may have none, and learn the end by status checks.)
+            message = f"not finished within {rec.timeout:g} seconds, the job's timeout"
             if rec.state == "queued":  # never triggered: no callback was ever asked for
                 message = (
                     f"still queued after {rec.timeout:g} seconds: its backend stayed at its"

@@ -154,6 +154,17 @@ def authenticate(settings: NotifySettings, notice: Notice) -> None:
         raise Unauthorized(REFUSED)
 
 
+JSON_KINDS = {
+    str: "a string of other characters",
+    float: "a number with a fraction or an exponent",
+    bool: "true or false",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
+"""What a value that is no run id is, in JSON's words."""
+
+
 def run_id(value: Any, where: str) -> str:
     """A run id as its key: the number's decimal digits. Databricks sends ids
     as numbers or as strings of digits."""
@@ -167,9 +178,9 @@ def run_id(value: Any, where: str) -> str:
     elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         text = value.strip().lstrip("0") or "0"  # its digits, as int() would, at any length
     else:
+        given = JSON_KINDS.get(type(value), type(value).__name__)
         raise ValueError(
-            f"`{where}` must be a run id (a whole number, or a string of digits), not"
-            f" {type(value).__name__}"
+            f"`{where}` must be a run id (a whole number, or a string of digits), not {given}"
         )
     if len(text) > MAX_ID_DIGITS:
         raise too_long

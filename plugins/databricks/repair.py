@@ -94,7 +94,9 @@ async def repair(
     if found is None or isinstance(found, Running):
         state = found.progress.get("state") if isinstance(found, Running) else "unknown"
         raise BackendError(
-            f"Databricks run {run_id} has not ended yet ({state}); it is repaired once it has",
+            f"Databricks run {run_id} has not ended yet ({state}): only an ended run is"
+            " repaired (this attempt tries again; once it failed, retry the job once the"
+            " run ended)",
             retryable=True,
             code="RUN_NOT_ENDED",
             retry_after=ENDING_WAIT,

@@ -128,7 +128,7 @@ async def test_a_job_at_or_past_its_deadline_times_out(rig: Rig, past: int):
     row = await rig.parts.row("j")
     assert (row.state, row.error) == (
         "timed_out",
-        ErrorInfo(message="no callback within 1.5 seconds", type="timeout"),
+        ErrorInfo(message="not finished within 1.5 seconds, the job's timeout", type="timeout"),
     )
     value = (await rig.parts.promise("j")).value.data
     assert (value["status"], value["by"]) == ("timed_out", "timeout")

@@ -1505,14 +1505,17 @@ def test_a_notification_without_a_run_id_is_refused(run_part: Any):
 @pytest.mark.parametrize(
     ("given", "type_name"),
     [
-        (1001.5, "float"),  # was read as run 1001 (int() of it)
-        (1001.0, "float"),  # Databricks sends integers: no float is a run id
-        (True, "bool"),  # was read as run 1
-        ("1_001", "str"),  # int() reads it as 1001
-        ("1001.0", "str"),
-        ("1e3", "str"),
-        ("x", "str"),
-        ([1001], "list"),
+        (1001.5, "a number with a fraction or an exponent"),  # was read as run 1001 (int() of it)
+        (
+            1001.0,
+            "a number with a fraction or an exponent",
+        ),  # Databricks sends integers: no float is a run id
+        (True, "true or false"),  # was read as run 1
+        ("1_001", "a string of other characters"),  # int() reads it as 1001
+        ("1001.0", "a string of other characters"),
+        ("1e3", "a string of other characters"),
+        ("x", "a string of other characters"),
+        ([1001], "a list"),
     ],
 )
 def test_a_notification_whose_run_id_is_not_a_whole_number_is_refused(given: Any, type_name: str):

@@ -428,23 +428,23 @@ def test_run_id_refuses_a_negative_number_saying_so():
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
-        (True, "bool"),
-        (False, "bool"),
-        (1.5, "float"),
-        (1.0, "float"),
-        (None, "NoneType"),
-        ("", "str"),
-        ("  ", "str"),
-        ("12a", "str"),
-        ("-1", "str"),
-        ("+1", "str"),
-        ("1.0", "str"),
-        ("1 2", "str"),
-        ("\u0663", "str"),  # ARABIC-INDIC DIGIT THREE: a digit, not ASCII
-        ("4\u0662", "str"),
-        ("²", "str"),
-        ([1], "list"),
-        ({"id": 1}, "dict"),
+        (True, "true or false"),
+        (False, "true or false"),
+        (1.5, "a number with a fraction or an exponent"),
+        (1.0, "a number with a fraction or an exponent"),
+        (None, "null"),
+        ("", "a string of other characters"),
+        ("  ", "a string of other characters"),
+        ("12a", "a string of other characters"),
+        ("-1", "a string of other characters"),
+        ("+1", "a string of other characters"),
+        ("1.0", "a string of other characters"),
+        ("1 2", "a string of other characters"),
+        ("\u0663", "a string of other characters"),  # ARABIC-INDIC DIGIT THREE: a digit, not ASCII
+        ("4\u0662", "a string of other characters"),
+        ("²", "a string of other characters"),
+        ([1], "a list"),
+        ({"id": 1}, "an object"),
     ],
 )
 def test_run_id_refuses_other_values_naming_the_field(value, type_name):
@@ -563,10 +563,10 @@ def test_read_without_run_cuts_the_kind_at_100():
 def test_read_names_the_bad_id_field():
     with pytest.raises(ValueError) as caught:
         read({"event_type": "jobs.on_start", "run": {"run_id": 1, "parent_run_id": True}})
-    assert str(caught.value) == f"`run.parent_run_id` {ID_ERROR} bool"
+    assert str(caught.value) == f"`run.parent_run_id` {ID_ERROR} true or false"
     with pytest.raises(ValueError) as caught:
         read({"event_type": "jobs.on_start", "run": {"run_id": "12a", "parent_run_id": 1}})
-    assert str(caught.value) == f"`run.run_id` {ID_ERROR} str"
+    assert str(caught.value) == f"`run.run_id` {ID_ERROR} a string of other characters"
     with pytest.raises(ValueError) as caught:
         read({"event_type": "jobs.on_start", "run": {"run_id": "1" * 21}})
     assert str(caught.value) == "`run.run_id` has more than 20 digits: not a run id"

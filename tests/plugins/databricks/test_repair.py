@@ -292,8 +292,9 @@ async def test_a_run_still_ending_is_repaired_once_it_has_ended(
     [first, *_] = await eventually(waited, timeout=20)
     assert first["data"]["error"] == {
         "type": "RUN_NOT_ENDED",
-        "message": f"Databricks run {workspace.only_run().run_id} has not ended yet (RUNNING);"
-        " it is repaired once it has",
+        "message": f"Databricks run {workspace.only_run().run_id} has not ended yet (RUNNING):"
+        " only an ended run is repaired (this attempt tries again; once it failed, retry the"
+        " job once the run ended)",
     }
     assert first["data"]["retry_in"] == 0.2
     ending.set()

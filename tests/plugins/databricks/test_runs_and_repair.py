@@ -720,7 +720,8 @@ async def test_a_run_that_has_not_ended_is_repaired_later(
         await repair()
     error = raised.value
     assert error.message == (
-        f"Databricks run 501 has not ended yet ({named}); it is repaired once it has"
+        f"Databricks run 501 has not ended yet ({named}): only an ended run is repaired"
+        " (this attempt tries again; once it failed, retry the job once the run ended)"
     )
     assert (error.retryable, error.code, error.retry_after) == (True, "RUN_NOT_ENDED", 5.0)
     assert workspace.calls(REPAIR) == []
