@@ -147,8 +147,9 @@ class Repeats(logging.Filter):
     """Warnings that repeat while something outside stays broken: the SDK's
     each time its message stream from a Resonate server fails to connect
     again (every 5 s per worker while the server is down: thousands an
-    hour), and the Postgres store's each time its message pump's timers
-    fail (four times a second, `core.store.postgres.PgConnection`): the
+    hour), the Postgres store's each time its message pump's timers fail
+    (four times a second, `core.store.postgres.PgConnection`) and each time
+    a pool fails to connect (`psycopg.pool`): the
     first, then at most one each `EVERY` seconds, saying how many like it
     were left out."""
 
@@ -156,6 +157,9 @@ class Repeats(logging.Filter):
     MESSAGES: ClassVar[dict[str, tuple[str, ...]]] = {
         "resonate.connections.sse": ("SSE connection failed, retrying", "SSE endpoint returned"),
         "tether": ("resonate.process_timeouts() failed",),
+        # A Postgres pool's each connection attempt while the server is down
+        # (`core.store.postgres.RECONNECT_SPAN`: one every few seconds a pool).
+        "psycopg.pool": ("error connecting in", "reconnection attempt in pool"),
     }
     """The lines thinned: their logger, and how their message starts."""
 

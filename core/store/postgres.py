@@ -207,40 +207,45 @@ class PostgresStore(Store):
 
 RECONNECT_SPAN = 10.0
 """Seconds a pool's connection attempt backs off for (psycopg_pool doubles
-its wait from 1 s) before it gives up and the next request starts afresh
-(`reconnect_timeout`). psycopg_pool's 300 s spaced its attempts 1, 3, 7,
-... 127 s after the failure, so an outage of a minute went unnoticed for
-another minute once Postgres was back (found by an exploratory QA pass);
-now each attempt comes within about 4 s of the one before."""
+its wait from 1 s) before it gives up and the next request that waits for
+a connection starts afresh (`reconnect_timeout`). psycopg_pool's 300 s
+spaced its attempts 1, 3, 7, ... 127 s after the failure, so an outage of
+a minute went unnoticed for another minute once Postgres was back (found
+by an exploratory QA pass); while requests come, each attempt now comes
+within about 4 s of the one before. (A request already waiting when an
+attempt gives up waits out its own bound: `STORE_WAIT` for the index's.)
+psycopg_pool's warning each attempt is thinned (`api.logs.Repeats`)."""
 
 _purging: dict[int, asyncio.Task[None]] = {}
-"""The pool checks under way, by `id` of their pool: one at a time each."""
+"""The pool drains under way, by `id` of their pool: one at a time each."""
 
 
 @asynccontextmanager
 async def purged_when_lost(pool: AsyncConnectionPool) -> AsyncIterator[None]:
-    """Once a request finds its connection lost (a Postgres restart
-    ended every one, `AdminShutdown`), check the pool's idle connections
-    in the background (`AsyncConnectionPool.check`), each replaced if it
-    is lost too: each would otherwise fail a request of its own, seconds
-    after Postgres was back (found by an exploratory QA pass). Costs
-    nothing while connections work."""
+    """Once a request finds its connection lost (a Postgres restart ended
+    every one, `AdminShutdown`), replace the pool's idle connections in the
+    background (`AsyncConnectionPool.drain`; one in use is replaced when
+    it comes back): each would otherwise fail a request of its own, seconds
+    after Postgres was back (found by an exploratory QA pass). Closed, not
+    tested one by one (`check`, whose test of a connection the network
+    silently dropped waits for TCP to give up, minutes, holding the rest).
+    Costs nothing while connections work."""
     try:
         yield
     except psycopg.OperationalError as exc:
         if _lost(exc) and id(pool) not in _purging:
-            task = asyncio.get_running_loop().create_task(pool.check())
+            task = asyncio.get_running_loop().create_task(pool.drain())
             _purging[id(pool)] = task
             task.add_done_callback(lambda done: _purged(id(pool), done))
         raise
 
 
 def _purged(key: int, task: asyncio.Task[None]) -> None:
-    """A pool check ended: its failure (the pool closed meanwhile, Postgres
-    gone again) is the next request's to find, not an unretrieved error."""
+    """A pool's drain ended: its failure (the pool closed meanwhile) is the
+    next request's to find, not an unretrieved error."""
     _purging.pop(key, None)
     if not task.cancelled() and task.exception() is not None:
-        log.debug("checking a Postgres pool's connections failed", exc_info=task.exception())
+        log.debug("replacing a Postgres pool's connections failed", exc_info=task.exception())
 
 
 def _lost(exc: psycopg.OperationalError) -> bool:

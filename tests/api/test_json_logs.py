@@ -273,3 +273,30 @@ def test_the_postgres_pumps_timer_failures_are_shown_once_a_minute_with_a_count(
         said % "AdminShutdown",
         said % "QueryCanceled" + " (239 more like it in the last 60 s)",
     ]
+
+
+def test_a_postgres_pools_connection_attempts_are_shown_once_a_minute_with_a_count(monkeypatch):
+    """While Postgres is down each pool tries to connect every few seconds
+    (`core.store.postgres.RECONNECT_SPAN`), each try a psycopg_pool warning."""
+    now = [1000.0]
+    monkeypatch.setattr(api.logs.time, "monotonic", lambda: now[0])
+    repeats = Repeats()
+    pool = logging.getLogger("psycopg.pool")
+    lines = [
+        ("error connecting in %r: %s", ("pool-1", "connection refused")),
+        ("reconnection attempt in pool %r failed after %s sec", ("pool-1", 10.0)),
+    ]
+    shown = []
+    for _ in range(31):  # every 2 s for a minute and a bit
+        for msg, args in lines:
+            line = pool.makeRecord("psycopg.pool", logging.WARNING, __file__, 1, msg, args, None)
+            if repeats.filter(line):
+                shown.append(line.getMessage())
+        now[0] += 2.0
+    assert shown == [
+        "error connecting in 'pool-1': connection refused",
+        "reconnection attempt in pool 'pool-1' failed after 10.0 sec",
+        "error connecting in 'pool-1': connection refused (29 more like it in the last 60 s)",
+        "reconnection attempt in pool 'pool-1' failed after 10.0 sec"
+        " (29 more like it in the last 60 s)",
+    ]
