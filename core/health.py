@@ -67,32 +67,10 @@ async def store_answers(jobs: JobIndex, store: str) -> None:
             _LET_GO.add(ping)
             ping.add_done_callback(_let_go)
     if not ping.done():
-        said = f"the store ({store}) did not answer within {STORE_CHECK_TIMEOUT:g} s"
-        raise StoreUnavailable(said + await _refusal(jobs))
-    try:
-        ping.result()
-    except StoreUnavailable as exc:
-        raise StoreUnavailable(str(exc) + await _refusal(jobs)) from None
-
-
-REFUSAL_TIMEOUT = 0.5
-"""Seconds `/health` gives a connection of its own to learn why a pool does
-not answer: a refusal (a password) comes at once, a server down does not."""
-
-
-async def _refusal(jobs: JobIndex) -> str:
-    """Why the store refuses a new connection, in words for the operator (its
-    driver's `refusal`: Postgres, whose pool only times out while the server
-    refuses every connection, a changed password say); "" when it does not,
-    or cannot say in time."""
-    ask = getattr(getattr(jobs, "db", None), "refusal", None)
-    if ask is None:
-        return ""
-    try:
-        why = await asyncio.wait_for(ask(), REFUSAL_TIMEOUT)
-    except (TimeoutError, OSError):
-        return ""
-    return f"; a new connection is refused: {why}" if why else ""
+        raise StoreUnavailable(
+            f"the store ({store}) did not answer within {STORE_CHECK_TIMEOUT:g} s"
+        )
+    ping.result()
 
 
 async def orphans(plugins: Plugins, jobs: JobIndex) -> dict[str, int]:

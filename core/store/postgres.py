@@ -485,23 +485,14 @@ class PostgresDriver:
     async def open(self) -> None:
         """Connect once to fail fast with the server's reason, then open the
         pool. Raises `StoreUnavailable` without the password."""
-        why = await self.refusal(wait=5)
-        if why is not None:
-            raise StoreUnavailable(why)
-        await self._pool.open(wait=True, timeout=self._pool.timeout)
-
-    async def refusal(self, wait: int = 2) -> str | None:
-        """Why Postgres refuses a new connection now (without the password),
-        or None if it takes one (within `wait` seconds): the pool's own
-        failures only time out (`PoolTimeout`), and only its log says why
-        (`/health` asks this)."""
         try:
-            conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=wait)
+            conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=5)
+            await conn.close()
         except psycopg.Error as exc:
             secrets = dsn_secrets(self._dsn)
-            return redact(" ".join(redact(str(exc), secrets).split()), secrets)
-        await conn.close()
-        return None
+            reason = redact(" ".join(redact(str(exc), secrets).split()), secrets)
+            raise StoreUnavailable(reason) from None
+        await self._pool.open(wait=True, timeout=self._pool.timeout)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PgSession]:
