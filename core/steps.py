@@ -1178,7 +1178,9 @@ class JobSteps:
             if e.type == "retried" and e.attempt <= rec.attempt  # (one per attempt)
         ]
         last = ended[-1] if ended else {"state": "failed"}  # (trimmed from the history)
-        external = next((p["external"] for p in reversed(ended) if p.get("external")), None)
+        external = next(
+            (p["external"] for p in reversed(ended) if p.get("external") is not None), None
+        )
         return msgspec.structs.replace(
             backend_view(rec),
             attempt=rec.attempt - 1,
