@@ -261,7 +261,11 @@ class Workspace:
             retry_after = exc.retry_after_secs
             if retry_after is None:  # kept from the SDK's retries (`hand_back_throttling`)
                 retry_after = exc.kwargs.get(RETRY_AFTER_KEY)
-            refused = Throttled if isinstance(exc, errors.TooManyRequests) else BackendError
+            # A 429 itself: the SDK maps its error codes for throttling
+            # (`REQUEST_LIMIT_EXCEEDED`) to `TooManyRequests` whatever the status.
+            status = exc.kwargs.get(STATUS_KEY)
+            throttled = status == 429 if status else isinstance(exc, errors.TooManyRequests)
+            refused = Throttled if throttled else BackendError
             return refused(
                 self.scrub(str(exc) or kind, secrets),
                 retryable=retryable,
@@ -347,6 +351,8 @@ class Throttled(BackendError):
 
 RETRY_AFTER_KEY = "tether_retry_after"
 """Where an error's `Retry-After` is kept, out of the SDK's sight."""
+STATUS_KEY = "tether_status"
+"""Where an error's HTTP status is kept (`Throttled` is a 429's alone)."""
 
 
 def hand_back_throttling(client: WorkspaceClient) -> None:
@@ -371,6 +377,7 @@ def hand_back_throttling(client: WorkspaceClient) -> None:
             seconds = kwargs.pop("retry_after_secs", None)
             if seconds is not None:
                 kwargs[RETRY_AFTER_KEY] = seconds
+            kwargs[STATUS_KEY] = getattr(response, "status_code", None)
 
     base = client.api_client._api_client
     base._error_parser._error_customizers.append(HandBack())
