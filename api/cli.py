@@ -5,6 +5,7 @@ this machine (serve, gc, the store's files, plugins) and the client verbs of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import errno
 import functools
@@ -12,6 +13,7 @@ import importlib.metadata
 import logging
 import logging.config
 import socket
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -585,11 +587,42 @@ def notify_secret_command(store: str | None) -> None:
     the secret is printed, on a line of its own."""
     settings = load_settings(store=store or None)
     try:
-        click.echo(_notify_secret(settings))
+        secret = _notify_secret(settings)
     except (StoreConfigError, StoreFileError) as exc:
         raise Refused(str(exc)) from None
     except OSError as exc:
         raise Refused(f"cannot read the notification secret: {exc.strerror}") from None
+    click.echo(secret)
+    if not _signed_at_last_start(settings, secret):
+        click.echo(
+            "tether: warning: the services of this store started last before this secret"
+            " was theirs (`tether rotate-notify-secret`, or a new TETHER_NOTIFY_SECRET):"
+            " they sign with it from their next start. Restart every `tether serve`"
+            " before giving it to receivers",
+            err=True,
+        )
+
+
+def _signed_at_last_start(settings: Settings, secret: str) -> bool:
+    """Whether the last `tether serve` of the embedded store `settings` names
+    signed with `secret` (its `tether_meta` record, one-way fingerprints);
+    True when that cannot be told (no start yet, another store, a record of
+    a release before 2026-12-06)."""
+    from core.service import LAST_HOST
+    from core.tokens import notify_fingerprints
+
+    if not settings.store.startswith("sqlite:"):
+        return True
+    try:
+        db = embedded_db(settings, "notify-secret")
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            row = conn.execute(
+                "SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)
+            ).fetchone()
+        signed = msgspec.json.decode(row[0])["notify"] if row else None
+    except (sqlite3.Error, StoreFileError, msgspec.DecodeError, KeyError, TypeError):
+        return True
+    return not signed or notify_fingerprints([secret])[0] in signed
 
 
 def _notify_secret(settings: Settings) -> str:
