@@ -615,7 +615,9 @@ def _signed_at_last_start(settings: Settings, secret: str) -> bool:
         return True
     try:
         db = embedded_db(settings, "notify-secret")
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(
+            sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        ) as conn:
             row = conn.execute(
                 "SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)
             ).fetchone()
