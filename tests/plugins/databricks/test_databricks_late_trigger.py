@@ -102,6 +102,18 @@ def canceled_while_triggering(first: ShortBounds, workspace: FakeWorkspace) -> t
         raise
 
 
+def canceled_once(
+    service: ShortBounds, run: Run, db: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Once `service` canceled the late run and let go of the stop (and a
+    moment more: canceled once, no more), job `late` and its history."""
+    assert run.ended.wait(30), f"the late run was never canceled\n{service.log.read_text()}"
+    wait_until(lambda: row(db)[1] is None, timeout=15)
+    time.sleep(1.0)
+    with service.client() as client:
+        return job(client), history(client, "late")
+
+
 def assert_quiet(workspace: FakeWorkspace, *logs: Path) -> None:
     text = "".join(log.read_text() for log in logs)
     for secret in (workspace.token, "process-secret", "token="):
@@ -131,12 +143,7 @@ def test_a_late_run_nows_run_is_canceled_after_its_service_was_killed(
 
     second = ShortBounds(tmp_path, port=first.port).start()
     try:
-        assert run.ended.wait(30), f"the late run was never canceled\n{second.log.read_text()}"
-        wait_until(lambda: row(db)[1] is None, timeout=15)
-        time.sleep(1.0)  # canceled once, no more
-        with second.client() as client:
-            found = job(client)
-            items = history(client, "late")
+        found, items = canceled_once(second, run, db)
     finally:
         second.kill()
     [cancel] = workspace.calls(RUNS_CANCEL)
@@ -161,12 +168,7 @@ def test_a_late_run_nows_answer_is_recorded_and_its_run_canceled(
     try:
         stop_held(db)
         held.respond.set()  # run-now answers, late
-        assert run.ended.wait(30), f"the late run was never canceled\n{first.log.read_text()}"
-        wait_until(lambda: row(db)[1] is None, timeout=15)
-        time.sleep(1.0)  # canceled once, no more
-        with first.client() as client:
-            found = job(client)
-            items = history(client, "late")
+        found, items = canceled_once(first, run, db)
     finally:
         first.kill()
     [cancel] = workspace.calls(RUNS_CANCEL)

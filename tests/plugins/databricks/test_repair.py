@@ -59,6 +59,21 @@ def by_repair(*plays: Callable[[FakeWorkspace, Run], None]) -> Callable[[FakeWor
     return play
 
 
+def fails_and_goes_on(until: threading.Event) -> Callable[[FakeWorkspace, Run], None]:
+    """A notebook that reports a failure on its callback URL and goes on
+    running, until `until`, then fails."""
+
+    def play(ws: FakeWorkspace, run: Run) -> None:
+        run.start()
+        httpx.post(
+            run.parameters["tether_callback_url"], json={"status": "failed"}, trust_env=False
+        )
+        until.wait(30)
+        run.end("RUN_EXECUTION_ERROR", "boom")
+
+    return play
+
+
 def tasks_end(**codes: str | tuple[str, str]) -> Callable[[FakeWorkspace, Run], None]:
     """The run's tasks (those rerun) end with these codes (or (code, exit value));
     the run fails if one of them failed."""
@@ -268,16 +283,7 @@ async def test_a_run_still_ending_is_repaired_once_it_has_ended(
 ):
     monkeypatch.setattr("plugins.databricks.repair.ENDING_WAIT", 0.2)
     ending = threading.Event()
-
-    def slow_failure(ws: FakeWorkspace, run: Run) -> None:
-        run.start()
-        httpx.post(
-            run.parameters["tether_callback_url"], json={"status": "failed"}, trust_env=False
-        )
-        ending.wait(20)
-        run.end("RUN_EXECUTION_ERROR", "boom")
-
-    workspace.notebooks["slow"] = by_repair(slow_failure, hang)
+    workspace.notebooks["slow"] = by_repair(fails_and_goes_on(ending), hang)
     workspace.add_job(7, notebook="slow")
     svc = await start_databricks()
     await start_job(svc, "slow", {"job_id": 7, "check_interval": 1})
@@ -315,16 +321,7 @@ async def test_a_retry_after_an_attempt_whose_repair_failed_repairs_the_same_run
     (found by an exploratory QA pass)."""
     monkeypatch.setattr("plugins.databricks.repair.ENDING_WAIT", 0.05)
     going = threading.Event()
-
-    def reports_failure_and_goes_on(ws: FakeWorkspace, run: Run) -> None:
-        run.start()
-        httpx.post(
-            run.parameters["tether_callback_url"], json={"status": "failed"}, trust_env=False
-        )
-        going.wait(30)
-        run.end("RUN_EXECUTION_ERROR", "boom")
-
-    workspace.notebooks["on"] = by_repair(reports_failure_and_goes_on, hang)
+    workspace.notebooks["on"] = by_repair(fails_and_goes_on(going), hang)
     workspace.add_job(7, notebook="on")
     svc = await start_databricks()
 
