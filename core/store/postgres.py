@@ -213,7 +213,9 @@ spaced its attempts 1, 3, 7, ... 127 s after the failure, so an outage of
 a minute went unnoticed for another minute once Postgres was back (found
 by an exploratory QA pass); while requests come, each attempt now comes
 within about 4 s of the one before. (A request already waiting when an
-attempt gives up waits out its own bound: `STORE_WAIT` for the index's.)
+attempt gives up waits out its own bound, `STORE_WAIT` in both pools, as
+`STORE_WAIT` says; psycopg_pool's own 30 s held a workflow's request to
+the sessions' pool that long.)
 psycopg_pool's warning each attempt is thinned (`api.logs.Repeats`)."""
 
 _purging: dict[int, asyncio.Task[None]] = {}
@@ -286,6 +288,7 @@ class _Sessions:
                     max_size=DEFAULT_MAX_POOL_SIZE,
                     open=False,
                     kwargs={"autocommit": True},
+                    timeout=STORE_WAIT,
                     reconnect_timeout=RECONNECT_SPAN,
                 )
                 await pool.open()

@@ -237,3 +237,33 @@ async def test_connections_a_restart_ended_fail_one_request_not_one_each(
     finally:
         await sessions.close()
         await driver.close()
+
+
+async def test_a_request_waits_for_a_sessions_connection_no_longer_than_store_wait(
+    fresh_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resonate-pg's sessions' pool waits `STORE_WAIT` for a connection, as
+    the index's does (`STORE_WAIT`'s word), not psycopg_pool's 30 s: a
+    workflow's request waiting through a Postgres outage was held so."""
+    monkeypatch.setattr(core.store.postgres, "STORE_WAIT", 0.5)
+    monkeypatch.setattr(core.store.postgres, "DEFAULT_MAX_POOL_SIZE", 1)
+    sessions = PgConnection(fresh_pg_url, pid="p", group="g")
+    try:
+        held = asyncio.Event()
+
+        async def hold() -> None:  # the pool's one connection, for 10 s
+            async with sessions._own.autocommit() as conn:
+                held.set()
+                await conn.execute("SELECT pg_sleep(10)")
+
+        holder = asyncio.create_task(hold())
+        await held.wait()
+        began = time.monotonic()
+        with pytest.raises(ConnectorError):
+            async with asyncio.timeout(5):
+                await sessions.send(_ping())
+        assert time.monotonic() - began < 3
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+    finally:
+        await sessions.close()
