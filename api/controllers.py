@@ -39,6 +39,7 @@ from core.models import (
     JobRequest,
     JobState,
     RetryRequest,
+    far_number_field,
     field_of,
 )
 from core.notices import NoticeResult
@@ -220,7 +221,7 @@ async def strict_body[T](
         return msgspec.json.decode(raw, type=kind if empty is not None else kind | None)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        field = field_of(text)
+        field = far_number_field(raw, text) or field_of(text)
         about = "invalid body" if field is None else f"invalid body field {field!r}"
         details = {"field": field or "body", "in": "body"}
         raise MalformedBody(f"{about}: {text.split(' - at `')[0]}", details) from None

@@ -41,6 +41,7 @@ from core.models import (
     JobState,
     Outcome,
     Running,
+    far_number_field,
     field_of,
 )
 from core.plugins import Plugins, contract_answer
@@ -362,6 +363,13 @@ def decode_json(what: str, body: bytes, empty: Any) -> Any:
     try:
         decoded = msgspec.json.decode(body) if body.strip(JSON_SPACE) else empty
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
+        far = far_number_field(body, str(exc))
+        if far is not None:
+            why = str(exc).split(" - at `")[0]
+            raise MalformedBody(
+                f"the {what} body holds a number out of range at {far}: {why}; nothing changed",
+                {"field": far},
+            ) from None
         raise MalformedBody(
             f"the {what} body is not valid JSON: {not_json(exc)}", {"field": "body"}
         ) from None

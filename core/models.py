@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -99,6 +100,78 @@ def field_of(message: str) -> str | None:
     if named:
         path = f"{path}.{named['name']}" if path else named["name"]
     return path or None
+
+
+OUT_OF_RANGE = ("Number out of range", "Integer value out of range")
+"""How msgspec's refusals of a number it cannot hold begin (`1e400`, an
+integer of thousands of digits)."""
+
+_STEP = re.compile(r"\.(?P<name>[^.\[`]+)|\[(?P<index>\.\.\.|\d+)\]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """An object's members in the order sent, a key given twice kept twice."""
+
+
+class _Far:
+    """A number msgspec cannot hold, where the walk below finds it."""
+
+
+def _number(literal: str) -> Any:
+    try:
+        return msgspec.json.decode(literal)
+    except msgspec.DecodeError:
+        return _Far()
+
+
+def far_number_field(raw: bytes, message: str) -> str | None:
+    """The field a refusal of a number out of range is about, with the keys
+    msgspec writes `[...]` named (`params.a[1].b`, where it says
+    `params[...][1][...]`): the first such number in `raw` at a place of
+    that shape. None when `message` is not such a refusal, or the place
+    cannot be found (found by an exploratory QA pass: a client could not tell
+    which of its keys held the number)."""
+    at = _AT.search(message)
+    if not message.startswith(OUT_OF_RANGE) or at is None or "[...]" not in at["path"]:
+        return None
+    shape = [m["name"] or m["index"] for m in _STEP.finditer("." + at["path"])]
+    try:
+        body = json.loads(raw, parse_int=_number, parse_float=_number, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return None
+    found = _far_in(body, shape)
+    if found is None:
+        return None
+    field = ""
+    for step in found:
+        if isinstance(step, int):
+            field += f"[{step}]"
+        elif _NAME.fullmatch(step):
+            field += f".{step}" if field else step
+        else:
+            field += f"[{json.dumps(step)}]"
+    return field
+
+
+def _far_in(value: Any, shape: list[str]) -> list[str | int] | None:
+    """The path of the first number msgspec cannot hold in `value` whose
+    path fits `shape` (msgspec's steps: a field's name, `...` for any key,
+    a list's index)."""
+    if not shape:
+        return [] if isinstance(value, _Far) else None
+    step, rest = shape[0], shape[1:]
+    if isinstance(value, _Pairs):
+        for key, item in value:
+            if step in ("...", key):
+                found = _far_in(item, rest)
+                if found is not None:
+                    return [key, *found]
+    elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+        found = _far_in(value[int(step)], rest)
+        if found is not None:
+            return [int(step), *found]
+    return None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):

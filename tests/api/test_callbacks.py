@@ -249,6 +249,12 @@ async def test_the_token_may_come_as_a_bearer_header(start_service, receiver, qu
         (b'{"status": "failed", "error": {"type": "x"}}', 422, "error.message"),
         (b'{"status": "succeeded", "surprise": 1}', 422, "surprise"),
         (b"[1, 2]", 422, "body"),
+        # a number msgspec cannot hold: its key named, not `result[...][1][...]`
+        (
+            b'{"status": "succeeded", "result": {"a": [1, {"b c": 1e400}]}}',
+            400,
+            'result.a[1]["b c"]',
+        ),
     ],
 )
 async def test_a_malformed_body_is_refused_and_changes_nothing(

@@ -421,6 +421,27 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
     assert (await svc.client.get("/jobs")).json()["items"] == []
 
 
+async def test_a_number_out_of_range_in_params_is_refused_naming_its_key(start_service, receiver):
+    """msgspec names the place of a number it cannot hold by its shape alone,
+    `params[...][...]`; the refusal names the keys."""
+    svc = await start_service()
+    for number, why in ((b"1e400", "Number out of range"), (b"9" * 5000, "Integer value out of")):
+        body = (
+            b'{"backend": "http_webhook", "params": {"url": "%s", "payload": {"n": 1, "m": [%s]}}}'
+        )
+        response = await svc.client.post(
+            "/jobs",
+            content=body % (receiver.url().encode(), number),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["details"] == {"field": "params.payload.m[0]", "in": "body"}
+        assert error["message"].startswith(f"invalid body field 'params.payload.m[0]': {why}")
+    assert (await svc.client.get("/jobs")).json()["items"] == []
+    assert receiver.hits == []
+
+
 async def test_retry_and_cancel_bodies_are_read_strictly_and_may_be_left_out(
     start_service, receiver
 ):
