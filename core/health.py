@@ -67,8 +67,10 @@ async def store_answers(jobs: JobIndex, store: str) -> None:
             _LET_GO.add(ping)
             ping.add_done_callback(_let_go)
     if not ping.done():
+        refused = jobs.refused()  # what the timeout hides: a refused password, ...
+        said = f"; {refused}" if refused else ""
         raise StoreUnavailable(
-            f"the store ({store}) did not answer within {STORE_CHECK_TIMEOUT:g} s"
+            f"the store ({store}) did not answer within {STORE_CHECK_TIMEOUT:g} s{said}"
         )
     ping.result()
 

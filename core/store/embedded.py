@@ -389,6 +389,10 @@ class SqliteDriver:
         except SqliteStoreError as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
+    def refused(self) -> str | None:
+        """A file is opened, not connected to: nothing refuses."""
+        return None
+
     async def close(self) -> None:
         """Close the driver's own connections (a shared one is the engine's to
         close). A read aside asked later fails as the store's error."""

@@ -499,4 +499,10 @@ class JobIndex(Protocol):
         """Raise if the store does not answer."""
         ...
 
+    def refused(self) -> str | None:
+        """Why the store's last attempt to connect failed, if it did, in words
+        that name no address or credential (Postgres: `core.store.postgres.
+        Attempts`); None where there is nothing to connect to."""
+        ...
+
     async def close(self) -> None: ...

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -462,6 +464,73 @@ def dsn_secrets(dsn: str) -> list[str]:
     return list(dict.fromkeys(f for f in found if f))
 
 
+REFUSALS = tuple(
+    (re.compile(pattern), said)
+    for pattern, said in (
+        (r"password authentication failed", "Postgres refused the password"),
+        (r"no password supplied", "Postgres asked for a password and none was given"),
+        (r"no pg_hba\.conf entry", "Postgres's pg_hba.conf admits no such connection"),
+        (r"fatal: +database \".*\" does not exist", "the database does not exist"),
+        (r"fatal: +role \".*\" does not exist", "the role does not exist"),
+        (r"not currently accepting connections", "the database takes no connections now"),
+        (r"the database system is", "Postgres is starting up, shutting down or recovering"),
+        (r"connection slots|too many connections", "Postgres has no connection slot left"),
+        (r"connection refused", "the connection was refused: is Postgres running there?"),
+        (r"resolve host|translate host name", "the host name does not resolve"),
+        (r"timeout expired", "connecting timed out"),
+        (r"ssl|certificate", "the TLS (SSL) negotiation failed"),
+    )
+)
+"""What a failed connection attempt is said to be, by what libpq's message
+(in lower case) holds. The message itself names the server's address, the
+role and the database: it goes to the log alone, never into an answer
+(`/health` takes no token)."""
+
+
+def refusal_of(exc: psycopg.OperationalError) -> str:
+    """Why a connection attempt failed, in words that name no address, role
+    or database (`REFUSALS`)."""
+    text = str(exc).lower()
+    for pattern, said in REFUSALS:
+        if pattern.search(text):
+            return said
+    return f"connecting failed ({type(exc).__name__})"
+
+
+class Attempts:
+    """The last failure of a pool's connection attempts (`refusal_of`),
+    cleared by one that succeeds: what `/health` and a request that waited
+    out its bound say, where psycopg_pool says only that it timed out."""
+
+    def __init__(self) -> None:
+        self._why: str | None = None
+        self._at = 0.0
+
+    def refused(self) -> str | None:
+        """The last attempt's failure and how long ago, if it failed."""
+        if self._why is None:
+            return None
+        ago = time.monotonic() - self._at
+        return f"its last connection attempt, {ago:.0f} s ago, failed: {self._why}"
+
+    def connection_class(self) -> type[psycopg.AsyncConnection[Any]]:
+        """A connection class for the pool whose `connect` keeps score."""
+        attempts = self
+
+        class Watched(psycopg.AsyncConnection[Any]):
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                try:
+                    conn = await super().connect(conninfo, **kwargs)
+                except psycopg.OperationalError as exc:
+                    attempts._why, attempts._at = refusal_of(exc), time.monotonic()
+                    raise
+                attempts._why = None
+                return conn
+
+        return Watched
+
+
 class PostgresDriver:
     """Runs the job index's SQL on a psycopg pool of autocommit connections:
     a statement on its own (`fetch`, `execute`) commits by itself, in one
@@ -475,6 +544,7 @@ class PostgresDriver:
         # Never prepared: after five runs psycopg prepares a query, and
         # Postgres then may switch to a generic plan that ignores the values;
         # a list page with a time window went from 1 ms to ~450 ms so.
+        self.attempts = Attempts()
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=1,
@@ -483,7 +553,13 @@ class PostgresDriver:
             open=False,
             kwargs={"prepare_threshold": None, "autocommit": True},
             reconnect_timeout=RECONNECT_SPAN,
+            connection_class=self.attempts.connection_class(),
         )
+
+    def refused(self) -> str | None:
+        """Why the pool's last connection attempt failed, if it did
+        (`Attempts`)."""
+        return self.attempts.refused()
 
     async def open(self) -> None:
         """Connect once to fail fast with the server's reason, then open the
@@ -508,7 +584,9 @@ class PostgresDriver:
             name = type(exc).__name__
             raise RolledBack(f"Postgres rolled the transaction back: {name}") from None
         except psycopg.OperationalError as exc:  # server gone, pool timed out
-            raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}") from None
+            refused = self.refused() if isinstance(exc, PoolTimeout) else None
+            said = f"; {refused}" if refused else ""
+            raise StoreUnavailable(f"Postgres did not answer: {type(exc).__name__}{said}") from None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgSession]:

@@ -92,6 +92,10 @@ class Driver(Session, Protocol):
 
     async def close(self) -> None: ...
 
+    def refused(self) -> str | None:
+        """`JobIndex.refused`."""
+        ...
+
 
 COUNTS_MANY = 100_000
 """Jobs stored from which a count per state is reused for `COUNTS_REUSE_S`
@@ -1240,6 +1244,9 @@ class SqlJobIndex:
 
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())
+
+    def refused(self) -> str | None:
+        return self.db.refused()
 
     async def identity(self) -> str:
         """This index's id: a random one, made the first time it is asked for

@@ -93,6 +93,9 @@ class SlowToLetGo:
         self.linger = linger
         self.let_go = asyncio.Event()
 
+    def refused(self) -> str | None:
+        return None
+
     async def ping(self) -> None:
         try:
             await asyncio.Event().wait()

@@ -1,8 +1,9 @@
 """How the Postgres store talks to Postgres: a statement on its own commits
 by itself (autocommit, one round trip), a transaction's statements commit
 together or not at all, and resonate-pg's message pump keeps its one
-transaction a drain and its timers. Run with TETHER_TEST_PG_DSN (skipped
-without it)."""
+transaction a drain and its timers, and a refused connection is said. Run
+with TETHER_TEST_PG_DSN (skipped without it, but for a connection nothing
+listens for)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from psycopg import pq
 from resonate_base import ConnectorError
 
 import core.store.postgres
-from core.store.postgres import PgConnection, PgSession, PostgresDriver
+from core.store.postgres import PgConnection, PgSession, PostgresDriver, refusal_of
+from tests.conftest import free_port
 
 
 def _request(kind: str, data: dict[str, Any]) -> str:
@@ -267,3 +269,83 @@ async def test_a_request_waits_for_a_sessions_connection_no_longer_than_store_wa
         await asyncio.gather(holder, return_exceptions=True)
     finally:
         await sessions.close()
+
+
+async def _refusal(dsn: str) -> tuple[str, str]:
+    """What a connection to `dsn` is refused with: libpq's words, and Tether's."""
+    with pytest.raises(psycopg.OperationalError) as refused:
+        await psycopg.AsyncConnection.connect(dsn, connect_timeout=3)
+    return str(refused.value), refusal_of(refused.value)
+
+
+async def test_a_refused_connection_is_said_in_words_that_name_no_address_role_or_database(
+    fresh_pg_url: str,
+) -> None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(fresh_pg_url)
+    for dsn, said in (
+        (url._replace(path="/tether_no_such_db").geturl(), "the database does not exist"),
+        (
+            url._replace(netloc=f"tether_no_role@{url.hostname}:{url.port}").geturl(),
+            "the role does not exist",
+        ),
+    ):
+        libpq, words = await _refusal(dsn)
+        assert words == said, (words, libpq)
+        assert "tether_no_" in libpq and "tether_no_" not in words
+
+
+async def test_a_connection_nothing_listens_for_is_said_so_without_its_address() -> None:
+    """(Needs no Postgres: nothing listens at the port.)"""
+    port = free_port()
+    libpq, words = await _refusal(f"postgresql://tether_user@127.0.0.1:{port}/tether_db")
+    assert words == "the connection was refused: is Postgres running there?", libpq
+    assert str(port) in libpq and str(port) not in words
+
+
+async def test_health_and_a_request_that_waited_say_why_connecting_failed(
+    fresh_pg_url: str,
+) -> None:
+    """A refused password after start showed in `/health` as a timeout: the
+    pool's attempts fail in the background while the request waits for a
+    connection (found by an exploratory QA pass). Now the last attempt's
+    failure is said, in words that name no address or credential."""
+    from urllib.parse import urlsplit
+
+    from core.health import store_answers
+    from core.store.sql import SqlJobIndex
+
+    name = urlsplit(fresh_pg_url).path.lstrip("/")
+    admin = fresh_pg_url.rsplit("/", 1)[0] + "/postgres"
+    driver = PostgresDriver(fresh_pg_url, max_size=2, timeout=3.0)  # past 2 s
+    await driver.open()
+    index = SqlJobIndex(driver)
+    held = asyncio.Event()
+
+    async def hold() -> None:  # the pool's one connection, so a request needs another
+        async with driver.session() as session:
+            held.set()
+            await session.fetch("SELECT pg_sleep(30)", ())
+
+    holder = asyncio.create_task(hold())
+    await held.wait()
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as other:
+        await other.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        assert driver.refused() is None
+        with pytest.raises(core.store.postgres.StoreUnavailable) as health:
+            await store_answers(index, "postgresql://db")
+        said = str(health.value)
+        assert said.startswith("the store (postgresql://db) did not answer within 2 s; ")
+        assert "ago, failed: the database takes no connections now" in said, said
+        with pytest.raises(core.store.postgres.StoreUnavailable) as waited:
+            await driver.fetch("SELECT 1", ())
+        assert "PoolTimeout; its last connection attempt" in str(waited.value)
+        assert name not in said + str(waited.value)
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as other:
+            await other.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        await driver.close()
