@@ -153,7 +153,8 @@ class Listed(NamedTuple):
     resume_before: int | None = None
     """Set when the read stopped short of a full page: the filters met so
     rarely that the page read its budget of the lists they name
-    (`SqlJobIndex.SCAN`) first. The page holds every match with a `seq` from
+    (`SqlJobIndex.SCAN`) first, or its jobs weighed `SqlJobIndex.PAGE_BYTES`
+    first. The page holds every match with a `seq` from
     this one up (to the `before_seq` asked for); the next page reads
     `before_seq=resume_before`. None: `rows` is every match there is, or a
     full page."""

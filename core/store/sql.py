@@ -198,6 +198,11 @@ name (`(kind, value)`: a tag, a state, a backend), and the one that drives
 (None: the table itself, by `seq`)."""
 
 
+def _weight(row: tuple[Any, ...]) -> int:
+    """A job row's size as `SqlJobIndex.PAGE_BYTES` counts it: its text."""
+    return sum(len(value) for value in row if isinstance(value, str))
+
+
 class _Span(NamedTuple):
     """Where one read of a list page looks: `seq` below `before_seq`, in
     [`low`, `high`] (a time window's range), from `floor` up on the driving
@@ -452,6 +457,19 @@ class SqlJobIndex:
     (half again, at least this many, at most the rest of `SCAN`): a page
     whose filters often meet walks little further than it must."""
 
+    PAGE_BYTES = 8 << 20
+    """The JSON a page reads, at most, about (its rows' text; a page holds
+    one row at least, whatever its size): a page stops there, short,
+    and says where the next one goes on (`Listed.resume_before`). Jobs may
+    hold up to a body's size of params and metadata each: a page of a
+    thousand such read a gigabyte, and a few dozen read at once (or job-list
+    streams, which read their page every second) took the worker's memory
+    into gigabytes and the store from every other request (found by a
+    security QA pass)."""
+    PAGE_CHUNK = 100
+    """Rows one read of a page takes at most, so a page of large rows stops
+    within a read of `PAGE_BYTES`: a page of 100 rows or fewer is one read."""
+
     async def pages(
         self,
         pairs: Sequence[tuple[str | None, str | None]],
@@ -514,12 +532,14 @@ class SqlJobIndex:
             dict.fromkeys(drive for lists, drive in plans if len(lists) > 1 and drive is not None)
         )
         rows: list[JobRecord] = []
-        upper, read, stretch = before_seq, 0, self.FIRST_STRETCH
+        upper, read, stretch, size = before_seq, 0, self.FIRST_STRETCH, 0
         while True:
             floor = await self._floor(walked, stretch, upper, low, high) if walked else None
             span = _Span(upper, low, high, floor, created_after, created_before)
-            found = await self._read(plans, limit - len(rows), span)
+            found, cut, size = await self._read_within(plans, limit - len(rows), span, size)
             rows += found
+            if cut:  # `PAGE_BYTES` read: short, and the next page goes on below
+                return Listed(rows, rows[-1].seq)
             if len(rows) >= limit or floor is None:
                 return Listed(rows)
             read += stretch
@@ -532,14 +552,40 @@ class SqlJobIndex:
             wanted = (limit - len(rows)) * stretch * 3 // (2 * len(found)) if found else self.SCAN
             upper, stretch = floor, min(self.SCAN - read, max(self.FIRST_STRETCH, wanted))
 
+    async def _read_within(
+        self, plans: Sequence[_Plan], limit: int, span: _Span, size: int
+    ) -> tuple[list[JobRecord], bool, int]:
+        """The newest `limit` matches of any of `plans` in `span`, read
+        `PAGE_CHUNK` rows at a time (fewer once the rows so far say how large
+        they are) until the page's rows weigh `PAGE_BYTES` (`size`: what its
+        earlier reads weighed); whether that cut the read short of `limit`
+        with more to read; and what the page's rows weigh now."""
+        rows: list[JobRecord] = []
+        while True:
+            left = limit - len(rows)
+            chunk = min(left, self.PAGE_CHUNK)
+            if rows:  # as many as the rows so far say fit, and one
+                chunk = min(chunk, max(self.PAGE_BYTES - size, 0) * len(rows) // size + 1)
+            found = await self._read(plans, chunk, span)
+            for rec, weight in found:
+                if size and size + weight > self.PAGE_BYTES:
+                    return rows, True, size
+                rows.append(rec)
+                size += weight
+            if len(found) < chunk or len(rows) >= limit:
+                return rows, False, size
+            if size >= self.PAGE_BYTES:
+                return rows, True, size
+            span = span._replace(before_seq=rows[-1].seq)
+
     async def _read(
         self,
         plans: Sequence[_Plan],
         limit: int,
         span: _Span,
-    ) -> list[JobRecord]:
+    ) -> list[tuple[JobRecord, int]]:
         """The newest `limit` matches of any of `plans` in `span`, in one
-        statement."""
+        statement, each with its weight: the length of its text."""
         arms = [self._page_query(lists, drive, limit, span) for lists, drive in plans]
         if len(arms) == 1:
             sql, args = arms[0]
@@ -551,8 +597,8 @@ class SqlJobIndex:
         # Aside: a stretch whose filters rarely meet still reads its thousands
         # of entries, and on the event loop that held up every request and
         # heartbeat of the process meanwhile.
-        rows = [_row(r) for r in await self.db.fetch_aside(sql, args, keep=False)]
-        return rows if len(arms) == 1 else sorted(rows, key=lambda r: -r.seq)[:limit]
+        rows = [(_row(r), _weight(r)) for r in await self.db.fetch_aside(sql, args, keep=False)]
+        return rows if len(arms) == 1 else sorted(rows, key=lambda r: -r[0].seq)[:limit]
 
     async def _floor(
         self,

@@ -851,3 +851,29 @@ async def test_a_job_shows_its_deadline_and_a_retry_moves_it(start_service, rece
     later = datetime.fromisoformat(retried["deadline"])
     assert retried["attempt"] == 2 and later > deadline
     assert later - datetime.fromisoformat(retried["updated_at"]) == timedelta(hours=1)
+
+
+async def test_a_page_of_large_jobs_stops_at_its_bytes_and_goes_on_where_it_said(
+    start_service, receiver, monkeypatch
+):
+    """A page reads about `PAGE_BYTES` of its jobs' JSON at most: a thousand
+    jobs of a megabyte each made one page read a gigabyte (found by a
+    security QA pass). Short pages carry a `next_cursor` that goes on."""
+    from core.store.sql import SqlJobIndex
+
+    monkeypatch.setattr(SqlJobIndex, "PAGE_BYTES", 50_000)
+    svc = await start_service()
+    big = {"url": receiver.url(), "payload": "x" * 20_000}
+    for n in range(7):
+        body = {"id": f"big-{n}", "backend": "http_webhook", "params": big}
+        assert (await svc.client.post("/jobs", json=body)).status_code == 201
+    seen, sizes, cursor = [], [], ""
+    while True:
+        page = (await svc.client.get(f"/jobs?limit=1000{cursor}")).json()
+        seen += [job["id"] for job in page["items"]]
+        sizes.append(len(page["items"]))
+        if page["next_cursor"] is None:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert seen == [f"big-{n}" for n in reversed(range(7))]
+    assert max(sizes) == 2, sizes  # two jobs of 20 kB each within 50 kB

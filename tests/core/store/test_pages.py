@@ -92,13 +92,19 @@ async def filled(database: Any, n: int, seed: int) -> tuple[SqlJobIndex, list[Jo
     return index, jobs
 
 
-@pytest.mark.parametrize("budget", [None, (7, 40)], ids=["whole", "stretches"])
+@pytest.mark.parametrize(
+    "budget",
+    [None, {"FIRST_STRETCH": 7, "SCAN": 40}, {"PAGE_BYTES": 400, "PAGE_CHUNK": 3}],
+    ids=["whole", "stretches", "bytes"],
+)
 async def test_every_filter_combination_pages_exactly_as_a_scan_does(database, budget):
     """With `budget` (`FIRST_STRETCH`, `SCAN`) small, pages whose filters
-    are checked on a driving list stop short and go on where they said."""
+    are checked on a driving list stop short and go on where they said; so
+    do pages whose rows weigh `PAGE_BYTES` (about four rows here), read
+    `PAGE_CHUNK` rows at a time."""
     index, jobs = await filled(database, 360, seed=16)
-    if budget is not None:
-        index.FIRST_STRETCH, index.SCAN = budget
+    for name, value in (budget or {}).items():
+        setattr(index, name, value)
     short = 0
     assert any(
         a.seq < b.seq and a.created_at > b.created_at for a, b in itertools.pairwise(jobs)
