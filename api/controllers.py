@@ -25,7 +25,7 @@ from api.auth import READ, Guard, bearer, guarding
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from api.http import JsonAnswer
 from core.callbacks import Heartbeat, not_json
-from core.errors import MalformedBody, NotFound
+from core.errors import MalformedBody, NotFound, StoreUnavailable
 from core.events import END, KEEP_ALIVE
 from core.models import (
     JSON_SPACE,
@@ -242,7 +242,29 @@ Each reads its page on every change and every `CHANGES_POLL`: a thousand
 open made the service answer nothing else (found in an audit, 2026-12-04).
 A dashboard open in a browser holds one."""
 _list_streams = 0
-"""Job-list streams open in this process."""
+"""Job-list streams open in this process, or being opened (`_StreamSlot`)."""
+
+
+class _StreamSlot:
+    """A job-list stream's place in `_list_streams`, taken before its first
+    page is read (a stream refused for want of room reads nothing, and many
+    opened at once never overrun `LIST_STREAMS_MAX`: found by a security QA
+    pass) and given back once: when the stream ends, when its first read
+    fails, or when a stream never begun is let go."""
+
+    def __init__(self) -> None:
+        global _list_streams
+        _list_streams += 1
+        self._held = True
+
+    def release(self) -> None:
+        global _list_streams
+        if self._held:
+            self._held = False
+            _list_streams -= 1
+
+    def __del__(self) -> None:
+        self.release()
 
 
 class JobController(Controller):
@@ -361,7 +383,8 @@ class JobController(Controller):
         next page, until it is null: a page may hold fewer than `limit` jobs,
         none even, and still have one, when its filters rarely meet (a page
         reads at most 10,000 jobs of the shortest list its filters name, then
-        says where the next one goes on). An unknown query parameter, or
+        says where the next one goes on), or when its jobs are large (a page
+        holds about 8 MB of jobs at most, one job at least). An unknown query parameter, or
         `limit` or `cursor` given twice, is refused (400).
 
         With `Accept: text/event-stream`: the jobs of the page these parameters
@@ -388,35 +411,44 @@ class JobController(Controller):
                 created_before=moment(created_before, "created_before", up=True),
             )
 
-        first = await page()  # a bad filter is refused before a stream begins
         if not wants_stream(request):
-            return Response(first)
+            return Response(await page())
         if _list_streams >= LIST_STREAMS_MAX:
             message = (
                 f"{LIST_STREAMS_MAX} job-list streams are open on this worker, the most it"
                 " keeps; close one, or read pages without the stream"
             )
             return error_response(503, "too_many_streams", message, {"limit": LIST_STREAMS_MAX})
-        return self.changes(tether, page, first)
+        slot = _StreamSlot()
+        try:
+            first = await page()  # a bad filter is refused before a stream begins
+        except BaseException:
+            slot.release()
+            raise
+        return self.changes(tether, page, first, slot)
 
     def changes(
-        self, tether: Tether, page: Callable[[], Awaitable[JobPage]], first: JobPage
+        self,
+        tether: Tether,
+        page: Callable[[], Awaitable[JobPage]],
+        first: JobPage,
+        slot: _StreamSlot,
     ) -> ServerSentEvent:
         """`GET /jobs` as a stream of job changes (see `list_jobs`): the page is
         read only while a stream is open, so with none open it costs nothing. A
         job is sent when its `updated_at` differs from the one last seen; a job
         that left the page is read once more, sent if it changed, and named as
         gone (`left`). `first`: the page as read when the stream was asked
-        for. Ends when the service stops, as the job history streams do."""
+        for; `slot`: its place, given back when it ends. A read the store
+        fails is tried again at the next poll (the stream goes on). Ends when
+        the service stops, as the job history streams do."""
 
         async def jobs() -> AsyncIterator[Job | str | list[str] | None]:
-            global _list_streams
             wake = asyncio.Event()
 
             def recorded(rec: Any, event: Any) -> None:
                 wake.set()
 
-            _list_streams += 1  # counted while it runs: one never begun holds nothing
             tether.events.listeners.append(recorded)
             seen: dict[str, Any] = {}
             quiet_since = time.monotonic()
@@ -425,7 +457,11 @@ class JobController(Controller):
                 announced = False
                 while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
                     wake.clear()
-                    items = (read or await page()).items
+                    try:
+                        items = (read or await page()).items
+                    except StoreUnavailable:  # the store is busy or down: the next poll
+                        await asyncio.sleep(CHANGES_POLL)
+                        continue
                     read = None
                     changed: list[Job | str] = [
                         job for job in items if seen.get(job.id) != job.updated_at
@@ -451,7 +487,7 @@ class JobController(Controller):
                         await asyncio.wait_for(wake.wait(), CHANGES_POLL)
                     await asyncio.sleep(CHANGES_SETTLE)  # one read for a burst of changes
             finally:
-                _list_streams -= 1
+                slot.release()
                 tether.events.listeners.remove(recorded)
 
         async def messages() -> AsyncIterator[ServerSentEventMessage]:

@@ -193,3 +193,41 @@ async def test_a_worker_keeps_so_many_list_streams_open_and_answers_503_past_the
     await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
     async with follow(svc) as again:
         await eventually(lambda: again, timeout=10)  # room again once they closed
+
+
+async def test_a_stream_refused_for_want_of_room_reads_no_page_and_a_failed_read_is_tried_again(
+    start_service, receiver, monkeypatch
+):
+    """A refused stream had read its whole page first, and many opened at once
+    overran the cap; a read the store failed ended a stream with a traceback
+    (found by a security QA pass). Now the room is taken before the first
+    read, and a failed read is tried again at the next poll."""
+    from core.errors import StoreUnavailable
+
+    monkeypatch.setattr(api.controllers, "LIST_STREAMS_MAX", 1)
+    svc = await start_service()
+    listed = svc.tether.list_jobs
+    failing = {"left": 0}
+
+    async def list_jobs(*args: Any, **kwargs: Any) -> Any:
+        if "boom" in kwargs.get("tags", ()):
+            raise AssertionError("a refused stream read its page")
+        if failing["left"]:
+            failing["left"] -= 1
+            raise StoreUnavailable("the store did not answer: TimeoutError")
+        return await listed(*args, **kwargs)
+
+    monkeypatch.setattr(svc.tether, "list_jobs", list_jobs)
+    async with follow(svc) as got:
+        await eventually(lambda: got, timeout=10)  # the first page was read
+        answers = await asyncio.gather(
+            *(svc.client.get("/jobs?tag=boom", headers=SSE) for _ in range(20))
+        )
+        assert {answer.status_code for answer in answers} == {503}
+        assert {answer.json()["error"]["code"] for answer in answers} == {"too_many_streams"}
+        assert api.controllers._list_streams == 1
+        failing["left"] = 2  # the next two reads fail; the stream goes on
+        await start(svc, receiver, "after")
+        await eventually(lambda: states(got, "after"), timeout=10)
+        assert failing["left"] == 0
+    await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
