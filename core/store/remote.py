@@ -35,6 +35,7 @@ import logging
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,15 @@ PAIRING = "tether:index"
 their tag (`RemoteConnection.pairing`). Every host on one server must use the
 index it names: a host with another would take workflows whose jobs it
 cannot see."""
+
+SERVER_ID = "tether:server"
+"""A Resonate server's id for Tether: a random one, the tag of the same name
+on its promise `tether:server` (`RemoteConnection.identity`), kept in the
+job index it is paired with (the fact `server_id`): an index serves one
+server, as a server one index (found by an exploratory QA pass: a host with
+the right TETHER_INDEX and another TETHER_STORE paired a second server with
+the index, and ended its jobs there while their workflows waited on the
+first)."""
 
 PAIRING_UNTIL = 253_402_300_799_000
 """The pairing promises' deadline: the last millisecond of the year 9999."""
@@ -362,6 +372,27 @@ class RemoteConnection:
             paired = self._paired_id(promise)
         raise StoreConfigError(f"{self._where} was re-paired {MAX_PAIRINGS} times: refusing more")
 
+    async def identity(self) -> str:
+        """This server's id (`SERVER_ID`): made by the first process that
+        asks (`promise.create` answers the promise already there, so processes
+        starting together agree on the first one made)."""
+        promise = await self._pairing_call("promise.get", {"id": SERVER_ID})
+        if promise is None:
+            create = {
+                "id": SERVER_ID,
+                "timeoutAt": PAIRING_UNTIL,
+                "param": {},
+                "tags": {SERVER_ID: uuid.uuid4().hex},
+            }
+            promise = await self._pairing_call("promise.create", create)
+        found = None if promise is None else (promise.get("tags") or {}).get(SERVER_ID)
+        if not isinstance(found, str):
+            raise StoreConfigError(
+                f"{self._where} keeps a promise {SERVER_ID!r} that Tether did not make"
+                f" (no {SERVER_ID!r} tag): it cannot tell which server this is"
+            )
+        return found
+
     async def pair(self, generation: int, index_id: str) -> str:
         """Pair the server with the index `index_id` as pairing `generation`;
         the id it is paired with then: another process's, if one made that
@@ -553,6 +584,16 @@ async def _paired_index(
     jobs = await open_index(server)
     try:
         mine = await jobs.identity()
+        server_id, kept = await server.identity(), await jobs.meta("server_id")
+        if kept is not None and kept != server_id and not force:  # before any pairing
+            raise StoreConfigError(
+                f"TETHER_INDEX={describe(index)!r} is the job index of another Resonate"
+                f" server (id {kept}), not of the one at {describe(server.url)} (id"
+                f" {server_id}): its jobs' workflows are on that one. Every host of one"
+                " index must use the same TETHER_STORE; nothing was changed. If that server"
+                " is gone for good and this one replaces it, run `tether pair-index --force`"
+                " (docs/operations.md)"
+            )
         if theirs is None or (theirs != mine and force):
             before, theirs = theirs, await server.pair(generation, mine)
             if before is not None and theirs == mine:
@@ -572,6 +613,8 @@ async def _paired_index(
                 )
         if theirs != mine:
             raise _not_paired(server, index, theirs, f"its id is {mine}")
+        if kept != server_id:  # the first start since this was kept, or a re-pairing
+            await jobs.swap_meta("server_id", server_id)
     except BaseException:
         await jobs.close()
         raise

@@ -60,9 +60,10 @@ async def test_it_opens_with_the_job_index_beside_it_and_refuses_retention(tmp_p
             await store.delete_promises(86_400_000)
     finally:
         await store.close()
-    # the check when it opened, then the pairing: none yet, so this index's
-    assert (server.kinds["promise.get"], server.kinds["promise.create"]) == (2, 1)
-    assert server.authorizations == [f"Bearer {TOKEN}"] * 3
+    # the check when it opened, the server's id (none yet: made), then the
+    # pairing: none yet, so this index's
+    assert (server.kinds["promise.get"], server.kinds["promise.create"]) == (3, 2)
+    assert server.authorizations == [f"Bearer {TOKEN}"] * 5
 
 
 async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(tmp_path, server):
@@ -85,7 +86,8 @@ async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(t
     finally:
         await conn.stop()
         await store.close()
-    assert len(server.authorizations) == 5  # the check, the pairing (2), the stream, the request
+    # the check, the server's id (2), the pairing (2), the stream, the request
+    assert len(server.authorizations) == 7
     assert set(server.authorizations) == {f"Bearer {TOKEN}"}
     assert TOKEN not in repr(store) + repr(conn)
     assert TOKEN not in repr(settings(server.url, store_token=TOKEN))
@@ -286,6 +288,36 @@ async def test_the_first_index_pairs_the_server_and_any_other_is_refused(tmp_pat
     finally:
         await store.close()
     assert _pairings(server) == [("tether:index.1", "pending", paired)]
+
+
+async def test_an_index_of_one_server_is_refused_beside_another_until_re_paired(tmp_path, server):
+    """A host with the right TETHER_INDEX and another TETHER_STORE paired the
+    second server with the index, and ended jobs there whose workflows waited
+    on the first (found by an exploratory QA pass). It is refused at start,
+    naming both servers' ids, and pairs nothing; `pair-index --force` moves
+    the index to the new server."""
+    index = tmp_path / "jobs.db"
+    store = await _open(server, index)
+    try:
+        first = await store.connection.identity()
+        assert first == await store.connection.identity()  # kept
+    finally:
+        await store.close()
+    other = StandIn(tmp_path / "other.db", token=TOKEN).start()
+    try:
+        with pytest.raises(StoreConfigError) as refused:
+            await _open(other, index)
+        message = str(refused.value)
+        assert f"is the job index of another Resonate server (id {first})" in message
+        assert "tether pair-index --force" in message and TOKEN not in message
+        assert _pairings(other) == []  # nothing paired
+        moved = await _repair(other, index)
+        await moved.close()
+        assert [paired for *_, paired in _pairings(other)] == [await _identity(other, index)]
+        with pytest.raises(StoreConfigError, match="another Resonate server"):
+            await _open(server, index)  # the first server is now the other one
+    finally:
+        other.stop()
 
 
 async def test_hosts_starting_together_with_different_indexes_pair_one(tmp_path, server):
