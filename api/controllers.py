@@ -657,8 +657,10 @@ class JobController(Controller):
 class CallbackResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     outcome: Literal["accepted", "duplicate", "noted", "conflict", "gone"]
     """`accepted`, `duplicate`, `noted` (a hint: the backend was asked), `conflict` or `gone`."""
-    job: Job
     message: str
+    job: Job | None = None
+    """The job as the callback left it; left out of a `gone` for an earlier
+    attempt's URL (`error.details`: `attempt`, `current_attempt`)."""
     error: ErrorBody | None = None
 
 
@@ -728,9 +730,9 @@ class CallbackController(Controller):
         result = await tether.callback(promise_id, token, body)
         error = None
         if result.outcome in ("conflict", "gone"):
-            error = ErrorBody(code=result.outcome, message=result.message)
+            error = ErrorBody(code=result.outcome, message=result.message, details=result.details)
         return JsonAnswer(
-            CallbackResponse(result.outcome, result.job, result.message, error),
+            CallbackResponse(result.outcome, result.message, result.job, error),
             CALLBACK_STATUS[result.outcome],
         )
 

@@ -72,8 +72,13 @@ CALLBACK_MESSAGES = {
 
 class CallbackResult(msgspec.Struct, frozen=True):
     outcome: CallbackOutcome
-    job: Job
+    job: Job | None
+    """The job as this callback left it; None for an earlier attempt's URL,
+    which a retry replaced (the job's state is the new attempt's)."""
     message: str = ""
+    details: dict[str, Any] | None = None
+    """What a `gone` for an earlier attempt's URL names: `attempt`, and the
+    job's `current_attempt`."""
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -188,12 +193,16 @@ class Callbacks:
 
     async def _gone(self, rec: JobRecord, attempt: int, digest: dict[str, Any]) -> CallbackResult:
         """The answer to a callback for an attempt a retry has replaced (410
-        `gone`), recorded as a `callback` event of the job's current attempt."""
+        `gone`), recorded as a `callback` event of the job's current attempt.
+        It names the attempts, not the job: the job's state is the new
+        attempt's, which an old URL's holder has no business reading (as a
+        heartbeat's 410 has it; found by a security QA pass)."""
         late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
         recorded = await store_call(self.jobs.record(rec.id, [late], now_ms()))
         rec = recorded or rec
         message = f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
-        return CallbackResult(outcome="gone", job=view(rec), message=message)
+        details = {"attempt": attempt, "current_attempt": rec.attempt}
+        return CallbackResult(outcome="gone", job=None, message=message, details=details)
 
     async def check_now(self, rec: JobRecord, reason: str) -> CallbackResult:
         """A hint that the run ended (a callback its backend reads as

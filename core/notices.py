@@ -206,4 +206,5 @@ class Notices:
                 "about a run that is not the job's current one; recorded, nothing checked",
             )
         checked = await self.callbacks.check_now(rec, about.kind)
-        return NoticeJob(checked.job.id, checked.job.state, checked.message)
+        state = rec.state if checked.job is None else checked.job.state  # (always a job)
+        return NoticeJob(rec.id, state, checked.message)

@@ -70,9 +70,19 @@ async def test_a_failed_job_runs_again_as_attempt_2_with_a_new_url_and_key(start
     assert receiver.hits[-1].headers["idempotency-key"] == "r~2:1"
 
     # The first attempt's URL is gone, and says why; the job is untouched.
+    # It names the attempts, never the job: its state is attempt 2's, which
+    # an old URL's holder has no business reading (found by a security QA pass).
     late = await svc.client.post(old_url, json={"status": "succeeded"})
     assert late.status_code == 410
-    assert late.json()["message"] == "attempt 1 of this job has ended; the job is at attempt 2"
+    assert late.json() == {
+        "outcome": "gone",
+        "message": "attempt 1 of this job has ended; the job is at attempt 2",
+        "error": {
+            "code": "gone",
+            "message": "attempt 1 of this job has ended; the job is at attempt 2",
+            "details": {"attempt": 1, "current_attempt": 2},
+        },
+    }
     assert (await svc.job("r"))["state"] == "running"
 
     done = await svc.client.post(second["callback_url"], json={"status": "succeeded", "result": 5})
@@ -154,7 +164,8 @@ async def test_a_callback_that_a_retry_overtakes_is_gone_and_recorded(
     assert late.status_code == 410, late.text
     assert late.json()["outcome"] == "gone"
     assert late.json()["message"] == "attempt 1 of this job has ended; the job is at attempt 2"
-    assert late.json()["job"]["attempt"] == 2
+    assert "job" not in late.json()
+    assert late.json()["error"]["details"] == {"attempt": 1, "current_attempt": 2}
     events = (await svc.client.get("/jobs/o/events")).json()["items"]
     said = [e for e in events if e["type"] == "callback"][-1]
     assert (said["attempt"], said["data"]["verdict"], said["data"]["attempt"]) == (2, "gone", 1)
