@@ -143,6 +143,10 @@ def test_a_cancel_with_the_cookie_needs_the_csrf_token(service, api, hooks: Rece
         # nor sends anyone elsewhere afterwards
         away = elsewhere.post("/ui/sign-in", data={"token": API_TOKEN, "next": "//evil.test/"})
         assert away.headers["location"] == "/ui"
+        # nor signs anyone out: the cookie stays (found by a security QA pass)
+        out = elsewhere.post("/ui/sign-out", data={}, headers={"sec-fetch-site": "cross-site"})
+        assert out.status_code == 403
+        assert "set-cookie" not in out.headers
 
 
 def test_a_read_only_session_shows_no_buttons_and_changes_nothing(
