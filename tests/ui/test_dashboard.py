@@ -499,3 +499,21 @@ def test_times_name_their_zone(browser, service, client, hooks: Receiver):
         expect(created).to_have_attribute("title", created_at)
     finally:
         context.close()
+
+
+def test_the_api_docs_page_renders_under_its_content_security_policy(context, service, client):
+    """`/schema` shares the dashboard's origin: it had none of its headers, and
+    an inline script (found by a security QA pass). Swagger UI still renders
+    the document with no inline script allowed, and nothing is refused."""
+    answer = client.get("/schema")
+    policy = answer.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "'unsafe-inline'" not in policy.split(";")[0]
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in answer.text  # every script a file of the service's
+    refused: list[str] = []
+    docs = context.new_page()
+    docs.on("console", lambda message: refused.append(message.text))
+    docs.goto(f"{service.url}/schema")
+    docs.locator(".swagger-ui .info .title").filter(has_text="Tether").wait_for()
+    docs.locator(".opblock-summary-path", has_text="/jobs").first.wait_for()
+    assert not [text for text in refused if "Content Security Policy" in text], refused
