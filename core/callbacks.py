@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -61,6 +63,40 @@ CHECK_NOW_TIMEOUT = 30.0
 HEARTBEAT_EVENT_EVERY = 60.0
 """Seconds between a job's `heartbeat` events, at least: heartbeats in between
 change the job, not its history."""
+
+REPEAT_EVENT_EVERY = 60.0
+"""Seconds between a job's `callback` events of one verdict that changed
+nothing (`duplicate`, `conflict`, `gone`, `invalid`) for one attempt's URL,
+at least, in each process (`Repeats`)."""
+REPEATS_KEPT = 10_000
+"""(job, attempt, verdict) keys `Repeats` remembers, the least recent let go."""
+
+
+class Repeats:
+    """Which callbacks that changed nothing are recorded: the first of each
+    job, attempt and verdict (an invalid body's with its why), then one every `REPEAT_EVENT_EVERY` seconds,
+    with how many were left out since (`repeats`). An external system posting
+    an old or finished job's URL in a loop pushed everything but the job's
+    first events out of its bounded history, a store write each (found by a
+    security QA pass). In memory, per process: each worker records its own."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
+
+    def admit(self, job_id: str, attempt: int, verdict: str) -> int | None:
+        """None: leave this one out; else record it, saying how many were
+        left out before it."""
+        key, now = (job_id, attempt, verdict), time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < REPEAT_EVENT_EVERY:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        if len(self._seen) > REPEATS_KEPT:
+            self._seen.popitem(last=False)
+        return 0 if last is None else last[1]
+
 
 CALLBACK_MESSAGES = {
     "accepted": "outcome recorded",
@@ -134,6 +170,16 @@ class Callbacks:
         self.jobs = jobs
         self.signer = signer
         self.settler = settler
+        self.repeats = Repeats()
+
+    def _repeat(self, job_id: str, attempt: int, data: dict[str, Any]) -> NewEvent | None:
+        """The `callback` event `data` of a callback that changed nothing, or
+        None when `Repeats` leaves it out."""
+        kind = f"{data['verdict']} {data.get('error_type', '')}"  # (an invalid body's why)
+        left_out = self.repeats.admit(job_id, attempt, kind)
+        if left_out is None:
+            return None
+        return NewEvent("callback", {**data, "repeats": left_out} if left_out else data)
 
     async def _job_of(self, promise_id: str, token: str | None) -> JobRecord:
         """The job a callback URL names, once its token is checked: a wrong
@@ -165,17 +211,26 @@ class Callbacks:
             outcome = self._parse(rec, body)
         except InvalidRequest as exc:  # not JSON (400), or neither shape (422)
             why = "not_json" if isinstance(exc, MalformedBody) else "invalid_body"
-            invalid = {"verdict": "invalid", **digest, "error_type": why}
-            await store_call(self.jobs.record(job_id, [NewEvent("callback", invalid)], now_ms()))
+            invalid = self._repeat(
+                job_id, attempt, {"verdict": "invalid", **digest, "error_type": why}
+            )
+            if invalid is not None:
+                await store_call(self.jobs.record(job_id, [invalid], now_ms()))
             raise
         if isinstance(outcome, CheckNow):
             noted = NewEvent("callback", {"verdict": "noted", **digest})
             await store_call(self.jobs.record(job_id, [noted], now_ms()))
             return await self.check_now(rec, outcome.reason)
         status = outcome.status
+        decided: dict[str, NewEvent | None] = {}
 
-        def note(verdict: SettleResult) -> NewEvent:
-            return NewEvent("callback", {"verdict": verdict, "status": status, **digest})
+        def note(verdict: SettleResult) -> NewEvent | None:
+            data = {"verdict": verdict, "status": status, **digest}
+            if verdict == "accepted":
+                return NewEvent("callback", data)
+            if verdict not in decided:  # once a callback: a settle may ask twice
+                decided[verdict] = self._repeat(job_id, attempt, data)
+            return decided[verdict]
 
         result, rec = await self.settler.settle(
             job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt, seen=rec
@@ -197,9 +252,10 @@ class Callbacks:
         It names the attempts, not the job: the job's state is the new
         attempt's, which an old URL's holder has no business reading (as a
         heartbeat's 410 has it; found by a security QA pass)."""
-        late = NewEvent("callback", {"verdict": "gone", "attempt": attempt, **digest})
-        recorded = await store_call(self.jobs.record(rec.id, [late], now_ms()))
-        rec = recorded or rec
+        late = self._repeat(rec.id, attempt, {"verdict": "gone", "attempt": attempt, **digest})
+        if late is not None:
+            recorded = await store_call(self.jobs.record(rec.id, [late], now_ms()))
+            rec = recorded or rec
         message = f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
         details = {"attempt": attempt, "current_attempt": rec.attempt}
         return CallbackResult(outcome="gone", job=None, message=message, details=details)

@@ -184,6 +184,40 @@ async def test_every_callback_verdict_is_recorded_and_none_keeps_the_body_or_tok
     assert secret not in text and token not in text
 
 
+async def test_callbacks_that_change_nothing_are_recorded_once_a_minute_with_a_count(
+    start_service, receiver, monkeypatch
+):
+    """A finished job's URL posted in a loop filed an event each, and pushed
+    everything but the job's first events out of its bounded history (found
+    by a security QA pass). Each verdict that changes nothing is recorded
+    once per `REPEAT_EVENT_EVERY`, the next one saying how many were left
+    out; every one is still answered as before."""
+    import core.callbacks
+
+    svc = await start_service()
+    await start(svc, receiver, "loop")
+    await svc.wait_state("loop", "running")
+    path = callback_path(svc, receiver, "loop")
+    assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
+    for _ in range(30):
+        assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
+        assert (await svc.client.post(path, json={"status": "failed"})).status_code == 409
+        assert (await svc.client.post(path, json={"result": 1})).status_code == 422
+    monkeypatch.setattr(core.callbacks, "REPEAT_EVENT_EVERY", 0.0)  # a minute later, as it were
+    assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
+    items = (await history(svc, "loop"))["items"]
+    calls = [
+        (e["data"]["verdict"], e["data"].get("repeats")) for e in items if e["type"] == "callback"
+    ]
+    assert calls == [
+        ("accepted", None),
+        ("duplicate", None),
+        ("conflict", None),
+        ("invalid", None),
+        ("duplicate", 29),
+    ]
+
+
 async def test_a_wrong_token_records_nothing(start_service, receiver):
     svc = await start_service()
     await start(svc, receiver, "w")
