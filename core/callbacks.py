@@ -33,6 +33,7 @@ from core import workflow
 from core.bounds import MAX_DEPTH, bound_learnt, deeper_than
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
+from core.metrics import CALLBACKS, series
 from core.models import (
     JSON_SPACE,
     PROGRESS_LIMIT,
@@ -74,11 +75,13 @@ REPEATS_KEPT = 10_000
 
 class Repeats:
     """Which callbacks that changed nothing are recorded: the first of each
-    job, attempt and verdict (an invalid body's with its why), then one every `REPEAT_EVENT_EVERY` seconds,
-    with how many were left out since (`repeats`). An external system posting
-    an old or finished job's URL in a loop pushed everything but the job's
-    first events out of its bounded history, a store write each (found by a
-    security QA pass). In memory, per process: each worker records its own."""
+    job, attempt and verdict (an invalid body's with its why), then one
+    every `REPEAT_EVENT_EVERY` seconds, with how many were left out since
+    (`repeats`; each is counted in `tether_callbacks_total` all the same).
+    An external system posting an old or finished job's URL in a loop pushed
+    everything but the job's first events out of its bounded history, a store
+    write each (found by a security QA pass). In memory, per process: each
+    worker records its own."""
 
     def __init__(self) -> None:
         self._seen: OrderedDict[tuple[str, int, str], tuple[float, int]] = OrderedDict()
@@ -177,7 +180,8 @@ class Callbacks:
         None when `Repeats` leaves it out."""
         kind = f"{data['verdict']} {data.get('error_type', '')}"  # (an invalid body's why)
         left_out = self.repeats.admit(job_id, attempt, kind)
-        if left_out is None:
+        if left_out is None:  # counted all the same, as a recorded one is (`on_event`)
+            series(CALLBACKS, data["verdict"]).inc()
             return None
         return NewEvent("callback", {**data, "repeats": left_out} if left_out else data)
 

@@ -199,10 +199,12 @@ async def test_callbacks_that_change_nothing_are_recorded_once_a_minute_with_a_c
     await svc.wait_state("loop", "running")
     path = callback_path(svc, receiver, "loop")
     assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
+    before = await callbacks_counted(svc)
     for _ in range(30):
         assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
         assert (await svc.client.post(path, json={"status": "failed"})).status_code == 409
         assert (await svc.client.post(path, json={"result": 1})).status_code == 422
+    counted = await callbacks_counted(svc)
     monkeypatch.setattr(core.callbacks, "REPEAT_EVENT_EVERY", 0.0)  # a minute later, as it were
     assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
     items = (await history(svc, "loop"))["items"]
@@ -216,6 +218,15 @@ async def test_callbacks_that_change_nothing_are_recorded_once_a_minute_with_a_c
         ("invalid", None),
         ("duplicate", 29),
     ]
+    for verdict in ("duplicate", "conflict", "invalid"):  # every one counted
+        assert counted[verdict] - before.get(verdict, 0) == 30, (verdict, before, counted)
+
+
+async def callbacks_counted(svc: Service) -> dict[str, float]:
+    """`tether_callbacks_total` by verdict, as `/metrics` says now."""
+    text = (await svc.client.get("/metrics")).text
+    found = re.findall(r'^tether_callbacks_total\{verdict="(\w+)"\} (\S+)$', text, re.M)
+    return {verdict: float(value) for verdict, value in found}
 
 
 async def test_a_wrong_token_records_nothing(start_service, receiver):
