@@ -36,6 +36,7 @@ from core.settings import (
     WILDCARD_HOSTS,
     Settings,
     describe,
+    listed,
     unknown_env,
 )
 from core.store.backup import Copied, StoreFileError, embedded_db
@@ -65,6 +66,11 @@ WEAK_SECRET = 32
 """Characters below which a configured `TETHER_CALLBACK_SECRET` is warned
 about at start (not refused: an upgraded deployment's waiting jobs hold URLs
 signed with it). A generated one is 43 (`secrets.token_urlsafe(32)`)."""
+
+WEAK_TOKEN = 16
+"""Characters below which a token of `TETHER_API_TOKEN` or `TETHER_READ_TOKEN`
+is warned about at start (found by a security QA pass: `TETHER_API_TOKEN=a`
+started unsaid). Not refused: clients hold it."""
 
 RENAMED_LOGGERS = {"uvicorn.error": "tether.http", "uvicorn": "tether.http"}
 """uvicorn logs its start, stop and worker lines as `uvicorn.error`, which reads
@@ -265,6 +271,18 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             len(settings.callback_secret),
             WEAK_SECRET,
         )
+    for name, value in (("API", settings.api_token), ("READ", settings.read_token)):
+        short = min((len(token) for token in listed(value)), default=WEAK_TOKEN)
+        if short < WEAK_TOKEN:  # its length only, never the token
+            log.warning(
+                "TETHER_%s_TOKEN lists a token of %d characters: a short one can be guessed"
+                " by trying, and nothing slows tries down. Use at least %d random ones"
+                " (python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), replaced"
+                " as docs/operations.md says",
+                name,
+                short,
+                WEAK_TOKEN,
+            )
     for backend in settings.limits.keys() - plugins.backends.keys():
         near = difflib.get_close_matches(backend.lower(), sorted(plugins.backends), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""

@@ -310,6 +310,7 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
             "TETHER_DATABRICKS_THREDS": "2",
             "TETHER_WEBHOOK_AUTH_partner": "Bearer partner-s3cret",
             "TETHER_API_TOKEN": "api-secret-value",
+            "TETHER_READ_TOKEN": "rd-s3cret",  # short: warned of, by its length
             "TETHER_MAX_RUNNING": "http-webhook=1,databricks=2,nothing_like_it=3,HTTP_WEBHOOK=4",
             "TETHER_WATCHDOG_INTERVAL": "0",
         },
@@ -335,6 +336,8 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     assert (  # "process-secret": a guessable key signs every callback URL
         "TETHER_CALLBACK_SECRET is 14 characters: whoever guesses it can settle any job." in log
     )
+    assert "TETHER_READ_TOKEN lists a token of 9 characters: a short one can be guessed" in log
+    assert "TETHER_API_TOKEN lists" not in log and "rd-s3cret" not in log
     assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
     # a typo in a limit's backend took no limit at all, silently
     assert (
