@@ -113,6 +113,11 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROLS = r"\x00-\x08\x0a-\x1f\x7f"
 HEADER_VALUE_REFUSED = re.compile(f"[{_CONTROLS}]")
 """What a header's value may not hold: control characters but tab (RFC 9110, 5.5)."""
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization")
+"""Headers that carry a credential by definition: a new job's are refused, as
+`user:password@` in its URLs is (params are stored and shown with the job;
+found by a security QA pass). Jobs stored before keep theirs."""
+
 FRAMING_HEADERS = ("content-length", "transfer-encoding")
 """Headers that say how the body is framed: the HTTP client sets them for the
 body it sends, and another value would break every request."""
@@ -272,8 +277,9 @@ class HttpWebhook(Backend):
 
     def check_new_params(self, params: WebhookParams) -> None:
         """A new job's URLs carry no `user:password@`: params are stored and
-        shown with the job (a credential goes in `auth`). Jobs stored before
-        this rule keep theirs, and their requests still send them. Its headers
+        shown with the job (a credential goes in `auth`), nor do its headers
+        (`CREDENTIAL_HEADERS`). Jobs stored before these rules keep theirs,
+        and their requests still send them. Its headers
         are ones HTTP allows: a name that is a token, a value without control
         characters (a line break would end the header)."""
         for name in ("url", "cancel_url", "status_url"):
@@ -292,6 +298,11 @@ class HttpWebhook(Backend):
                 raise ValueError(
                     f"headers: {header[:64]!r} is not a header name (1 or more of A-Z a-z 0-9"
                     " and !#$%&'*+-.^_`|~)"
+                )
+            if header.lower() in CREDENTIAL_HEADERS:  # the value is not repeated
+                raise ValueError(
+                    f"headers: {header!r} would be stored and shown with the job; name a"
+                    f" credential of the service in `auth` instead ({AUTH_PREFIX}<NAME>)"
                 )
             if header.lower() in FRAMING_HEADERS:
                 raise ValueError(

@@ -185,6 +185,19 @@ async def test_hook_check_new_params_refuses_credentials_without_echoing_them(
         assert answer.status_code == 422, answer.text
         assert f"{name} must not carry user:password@" in answer.json()["error"]["message"]
         assert "s3cret" not in answer.text and "alice" not in answer.text
+    for header in ("Authorization", "proxy-authorization"):  # found by a security QA pass
+        params = {"url": receiver.url(), "headers": {header: "Bearer s3cret"}}
+        answer = await svc.client.post(
+            "/jobs", json={"id": "x", "backend": "http_webhook", "params": params}
+        )
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert error["details"]["field"] == "params.headers"
+        assert (
+            f"headers: {header!r} would be stored and shown with the job; name a credential"
+            " of the service in `auth` instead (TETHER_WEBHOOK_AUTH_<NAME>)"
+        ) in error["message"]
+        assert "s3cret" not in answer.text
     assert (await svc.client.get("/jobs/x")).status_code == 404
     assert receiver.hits == []
 
