@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import logging
 import logging.config
+import shlex
 import socket
 import sqlite3
 import sys
@@ -47,10 +48,12 @@ from core.store.embedded import (
     drop_previous_notify_secrets,
     drop_previous_secrets,
     notify_secret_path,
+    open_to_all,
     read_notify_secret,
     rotate_notify_secret,
     rotate_secret,
     secret_path,
+    sqlite_path,
 )
 from core.views import duration
 
@@ -271,6 +274,20 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             len(settings.callback_secret),
             WEAK_SECRET,
         )
+    stores = [url for url in (settings.store, settings.index) if url.startswith("sqlite:")]
+    for url in stores:
+        with contextlib.suppress(ValueError):
+            readable = open_to_all(sqlite_path(url))
+            if readable:
+                shown = " ".join(shlex.quote(str(path)) for path in readable)
+                log.warning(
+                    "the store's files %s are readable by every user of this host (made"
+                    " before Tether made them private, it keeps their modes): they hold the"
+                    " jobs' params, results and history, and the secrets. Unless that is"
+                    " meant, run: chmod go-rwx %s",
+                    shown,
+                    shown,
+                )
     for name, value in (("API", settings.api_token), ("READ", settings.read_token)):
         short = min((len(token) for token in listed(value)), default=WEAK_TOKEN)
         if short < WEAK_TOKEN:  # its length only, never the token

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import stat
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -518,6 +519,20 @@ def private_database(path: Path) -> None:
     mode: the operator's to choose."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def open_to_all(db: Path) -> list[Path]:
+    """The store's files (the database, its `-wal` and `-shm`, its secret
+    files) that every user of the host may read: a store made before its
+    files were made private (0600) keeps the umask's mode (0644 as a rule)
+    through an upgrade (found by an exploratory QA pass)."""
+    names = (db, *(db.with_name(db.name + end) for end in ("-wal", "-shm")))
+    found = []
+    for path in (*names, secret_path(db), notify_secret_path(db)):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mode & stat.S_IROTH:
+                found.append(path)
+    return found
 
 
 def _write_once(path: Path, text: str) -> None:

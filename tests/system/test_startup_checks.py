@@ -301,6 +301,7 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     async with AsyncTestClient(app) as client:
         for job_id in ("a", "b"):
             assert (await client.post("/jobs", json={"id": job_id, "backend": "gone"})).is_success
+    (tmp_path / "tether.db").chmod(0o644)  # as a store made before its files were private
 
     proc = TetherProcess(
         tmp_path,
@@ -338,6 +339,11 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     )
     assert "TETHER_READ_TOKEN lists a token of 9 characters: a short one can be guessed" in log
     assert "TETHER_API_TOKEN lists" not in log and "rd-s3cret" not in log
+    db = tmp_path / "tether.db"
+    assert (  # the secret file is the owner's alone: not named
+        f"the store's files {db} are readable by every user of this host" in log
+        and f"run: chmod go-rwx {db}\n" in log
+    )
     assert "backend 'gone' is not installed, and 2 waiting job(s) use it" in log
     # a typo in a limit's backend took no limit at all, silently
     assert (
