@@ -336,7 +336,20 @@ class Tether:
                 " (docs/operations.md, rotating the callback secret); if none was waiting,"
                 " this goes away at the next start"
             )
-        if self.settings.public_url and theirs["url"] != url:  # unset: warned of already
+        if not self.settings.public_url and not shared and theirs["url"] != url:
+            # One host, its URLs made of TETHER_HOST and TETHER_PORT (found by an
+            # exploratory QA pass): said only with jobs waiting, which a new port
+            # strands (`./dev serve --port 9000` on a store of another port is fine).
+            waiting = sum((await jobs.waiting_backends(())).values())
+            if waiting:
+                said.append(
+                    f"callback URLs now begin {url!r} (TETHER_PUBLIC_URL is not set: made of"
+                    f" TETHER_HOST and TETHER_PORT), which differs from {other}: the"
+                    f" {waiting} job(s) waiting are called back at the old address, which must"
+                    " keep reaching this service until they end; set TETHER_PUBLIC_URL to it,"
+                    " or serve on it again"
+                )
+        if self.settings.public_url and theirs["url"] != url:  # unset, shared: warned of already
             said.append(
                 f"TETHER_PUBLIC_URL={url!r} differs from {other}: each job's callback URL"
                 " names the public URL of the host that triggered it, so jobs waiting now are"

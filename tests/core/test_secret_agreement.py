@@ -15,11 +15,14 @@ from core.service import Tether
 from core.settings import Settings
 from core.store.base import new_notify_secret
 from core.store.embedded import (
+    SqliteDriver,
     drop_previous_notify_secrets,
     drop_previous_secrets,
     rotate_notify_secret,
     rotate_secret,
 )
+from core.store.sql import SqlJobIndex
+from tests.core.store.test_store_kinds import _job
 
 OLD, NEW, STRAY = "old-secret-" + "o" * 22, "new-secret-" + "n" * 22, "stray-" + "s" * 27
 
@@ -121,13 +124,16 @@ async def test_one_host_is_told_of_a_secret_or_url_changed_since_its_last_start(
     plugins = Plugins(make_plugin_manager(entry_points=False))
     store = f"sqlite:///{tmp_path / 't.db'}"
 
-    async def start(current: str, previous: str = "", url: str = "https://a") -> list[str]:
+    async def start(
+        current: str, previous: str = "", url: str = "https://a", port: int = 8000
+    ) -> list[str]:
         settings = Settings.from_env(
             {},
             store=store,
             callback_secret=current,
             callback_secret_previous=previous,
             public_url=url,
+            port=port,
         )
         assert await preflight(settings, plugins) is None  # it serves all the same
         said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -151,6 +157,19 @@ async def test_one_host_is_told_of_a_secret_or_url_changed_since_its_last_start(
     [said] = await start("", url="https://b")
     assert said.startswith("TETHER_PUBLIC_URL='https://b' differs from this store's last start")
     assert "called back at the old URL" in said
+    # unset: the URLs are made of the host and port, and a new port strands
+    # the jobs waiting as well (found by an exploratory QA pass of upgrades)
+    assert await start("", url="", port=8000) == []  # (from https://b: no job waits)
+    assert await start("", url="", port=9000) == []
+    index = SqlJobIndex(SqliteDriver(tmp_path / "t.db"))
+    await index.insert(_job("waiting"))
+    await index.close()
+    [said] = await start("", url="", port=8000)
+    assert said.startswith(
+        "callback URLs now begin 'http://127.0.0.1:8000' (TETHER_PUBLIC_URL is not set: made of"
+        " TETHER_HOST and TETHER_PORT), which differs from this store's last start"
+    )
+    assert "public URL 'http://127.0.0.1:9000'" in said and "the 1 job(s) waiting" in said
 
 
 N_OLD, N_NEW, N_STRAY = (new_notify_secret() for _ in range(3))
