@@ -430,9 +430,15 @@ async def collect_garbage(settings: Settings, older_than: float) -> None:
 def _refuse_no_store(settings: Settings, command: str) -> None:
     """Refuse a store with nothing in it for `tether COMMAND`: an embedded
     store no service has made (opening it would make an empty one, and its
-    secret files, where a typo or a relative path pointed), or memory://."""
+    secret files, where a typo or a relative path pointed), or memory://;
+    and a Resonate server's, which keeps every promise."""
     if settings.store.startswith("memory:"):
         raise Refused(f"memory:// keeps nothing beyond its process: tether {command} has no jobs")
+    if settings.store.lower().startswith(("http:", "https:")):  # before it opens (and pairs) any
+        raise Refused(  # (found by an exploratory QA pass: it made the index, paired the server)
+            "the Resonate server store does not support retention: the Resonate protocol"
+            f" has no request that deletes promises; tether {command} opened nothing"
+        )
     if settings.store.startswith("sqlite:"):
         try:
             db = embedded_db(settings, command)

@@ -258,9 +258,12 @@ def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, wher
     (whose notification secret no service signs with), and say 0 deleted."""
     (tmp_path / "missing").mkdir()
     store = f"sqlite:///{tmp_path / where}"
+    index = f"sqlite:///{tmp_path / 'missing' / 'index.db'}"
     for env, flag in (
         ({"TETHER_STORE": store}, []),
         ({"TETHER_STORE": "memory://"}, []),
+        # a Resonate server: refused before the index is made or the server paired
+        ({"TETHER_STORE": "http://127.0.0.1:9", "TETHER_INDEX": index}, []),
         ({}, ["--store", store]),  # as the other store commands take it (an exploratory QA pass)
     ):
         done = subprocess.run(
@@ -277,6 +280,10 @@ def test_tether_gc_refuses_a_store_no_service_made_and_makes_none(tmp_path, wher
                 f"tether: no embedded store at {tmp_path / where}: set TETHER_STORE to the store"
                 " the services use (a service makes it when it first starts)\n"
             )
+        elif env["TETHER_STORE"].startswith("http"):
+            assert done.stderr.startswith(
+                "tether: the Resonate server store does not support retention"
+            ), done.stderr
         else:
             assert done.stderr.startswith("tether: memory:// keeps nothing"), done.stderr
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
