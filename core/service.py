@@ -63,6 +63,7 @@ from core.settings import Settings, describe
 from core.settle import Settler, store_call
 from core.steps import JobSteps
 from core.store import Store, open_store
+from core.store.base import STOP_GRACE
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.store.sql import SqlJobIndex
 from core.tokens import CallbackSigner, agree, notify_fingerprints
@@ -79,8 +80,6 @@ ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
 RESUME_PAGE = 500
-STOP_GRACE = 20.0
-"""Seconds `close` waits for the workflow steps under way to end."""
 STALE_PENDING_MS = 10_000
 """A job pending this long may have lost its workflow start (`resume_stale`)."""
 

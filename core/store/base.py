@@ -32,6 +32,11 @@ STORE_WAIT = DEFAULT_LOCK_TIMEOUT
 (the embedded engine and the job index) or a connection of the Postgres pool.
 Past it the call fails as `StoreUnavailable`."""
 
+STOP_GRACE = 20.0
+"""Seconds a stopping service waits for the workflow steps under way to end
+(`core.service.Tether.close`); a Resonate server's requests go on that long
+after its message stream closed (`RemoteConnection.stop`)."""
+
 STORE_CALL_TIMEOUT = STORE_WAIT + 3.0
 """The API's backstop for one store call, for calls with no bound of their own:
 longer than `STORE_WAIT`, so a store that is only waiting says so itself."""

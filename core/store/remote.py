@@ -49,7 +49,14 @@ from resonate_base import PROTOCOL_VERSION
 
 from core.errors import InvalidRequest, StoreConfigError, StoreUnavailable
 from core.settings import Settings, describe, listed
-from core.store.base import STORE_WAIT, Store, WorkflowIds, scheme_of, signing_secrets
+from core.store.base import (
+    STOP_GRACE,
+    STORE_WAIT,
+    Store,
+    WorkflowIds,
+    scheme_of,
+    signing_secrets,
+)
 from core.store.embedded import SqliteDriver, SqliteIndex, private_database
 from core.store.migrations import migrate
 from core.store.sql import SqlJobIndex
@@ -198,9 +205,13 @@ class RemoteConnection:
 
     After `stop()` (the SDK stops its connections before it waits for its
     in-flight work) the message stream is closed and requests still go for
-    `STORE_WAIT` seconds, so steps under way can fulfil or suspend their
-    tasks; then, or at `close()`, the HTTP half stops and a request still
-    waiting for the server fails (`ConnectorError`) instead of retrying."""
+    `STOP_GRACE` seconds, as long as the service waits for the steps under
+    way, so they can fulfil or suspend their tasks (after `STORE_WAIT`, a
+    trigger answering later failed its task's suspend with a traceback, and
+    one answering past the service's wait was sent again by another host:
+    found by an exploratory QA pass); then, or at `close()`, the HTTP half
+    stops and a request still waiting for the server fails (`ConnectorError`)
+    instead of retrying."""
 
     def __init__(self, url: str, *, group: str, pid: str, token: str | None = None) -> None:
         self.url = url
@@ -222,10 +233,10 @@ class RemoteConnection:
         await self.sse.start()
 
     async def stop(self) -> None:
-        """Stop receiving work; requests still go for `STORE_WAIT` seconds."""
+        """Stop receiving work; requests still go for `STOP_GRACE` seconds."""
         await self.sse.stop()
         if self._winding_down is None:
-            self._winding_down = asyncio.create_task(self._stop_http(after=STORE_WAIT))
+            self._winding_down = asyncio.create_task(self._stop_http(after=STOP_GRACE))
 
     async def _stop_http(self, after: float) -> None:
         await asyncio.sleep(after)

@@ -196,9 +196,10 @@ async def test_a_request_waiting_for_a_gone_server_fails_soon_after_stop(
     tmp_path, server, monkeypatch
 ):
     """While running, a request retries until the server answers; once the
-    SDK stops the connection, requests get `STORE_WAIT` more, then fail, so
-    a service stops promptly with its server gone."""
-    monkeypatch.setattr(core.store.remote, "STORE_WAIT", 0.3)
+    SDK stops the connection, requests get `STOP_GRACE` more (the steps
+    under way finish as long as the service waits for them), then fail, so
+    a service stops within that wait with its server gone."""
+    monkeypatch.setattr(core.store.remote, "STOP_GRACE", 0.3)
     conn = RemoteConnection(server.url, group="g", pid="p", token=TOKEN)
     await conn.start()
     server.stop()
