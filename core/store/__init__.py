@@ -56,6 +56,11 @@ async def open_store(settings: Settings, pid: str) -> Store:
     if settings.notify_secret:
         check_notify_secret(settings.notify_secret)
     scheme = scheme_of("TETHER_STORE", settings.store)
+    if scheme not in ("sqlite", "memory", "postgresql", "postgres", "http", "https"):
+        raise StoreConfigError(
+            f"TETHER_STORE={describe(settings.store)!r} is not supported; use sqlite:///PATH,"
+            " memory://, postgresql://... or http(s)://HOST:PORT (a Resonate server)"
+        )
     if check_previous_notify_secrets(settings.notify_secret_previous) and not (
         settings.notify_secret or scheme in ("sqlite", "memory")
     ):
@@ -82,11 +87,6 @@ async def open_store(settings: Settings, pid: str) -> Store:
         from core.store.postgres import PostgresStore
 
         return await PostgresStore.open(settings, pid)
-    if scheme in ("http", "https"):
-        from core.store.remote import RemoteStore
+    from core.store.remote import RemoteStore  # http(s): the others are refused above
 
-        return await RemoteStore.open(settings, pid)
-    raise StoreConfigError(
-        f"TETHER_STORE={describe(settings.store)!r} is not supported; use sqlite:///PATH,"
-        " memory://, postgresql://... or http(s)://HOST:PORT (a Resonate server)"
-    )
+    return await RemoteStore.open(settings, pid)

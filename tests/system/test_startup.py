@@ -76,6 +76,21 @@ def test_an_unsupported_or_unreachable_store_url_is_refused(store, says):
     assert says in err and "Traceback" not in err
 
 
+def test_an_unsupported_store_is_named_before_the_index_beside_it(tmp_path):
+    """It was told to unset TETHER_INDEX, which led only to this refusal
+    (found by an exploratory QA pass)."""
+    index = f"sqlite:///{tmp_path}/index.db"
+    env = {
+        "TETHER_STORE": "ftp://127.0.0.1:1",
+        "TETHER_INDEX": index,
+        "TETHER_CALLBACK_SECRET": "s",
+    }
+    code, err, _ = serve(env)
+    assert code == 2
+    assert "TETHER_STORE='ftp://127.0.0.1:1' is not supported" in err, err
+    assert "unset TETHER_INDEX" not in err
+
+
 def test_a_bad_setting_is_refused_naming_the_variable():
     code, err, _ = serve({"TETHER_WATCHDOG_INTERVAL": "soon"})
     assert code == 2
