@@ -885,8 +885,9 @@ def startup_line(settings: Settings, plugins: Plugins, workers: int) -> str:
     """What this service runs, in one line: store (no credentials), public URL,
     backends with their plugins' versions, worker processes."""
     backends = ", ".join(f"{n} ({v})" for n, v in sorted(plugins.versions().items()))
+    index = f", job index {describe(settings.index)}" if settings.index else ""
     return (
-        f"tether {version()}: store {describe(settings.store)}, public URL"
+        f"tether {version()}: store {describe(settings.store)}{index}, public URL"
         f" {settings.base_url}, backends: {backends or 'none'}, {workers} worker(s)"
     )
 

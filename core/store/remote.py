@@ -438,7 +438,15 @@ class RemoteConnection:
     def _unanswered(self, exc: BaseException) -> str:
         """What to say of a request `_ask` could not make (a timeout says only so)."""
         reason = "" if isinstance(exc, TimeoutError) else str(exc)
-        return f"{self._silent}{reason or type(exc).__name__}"
+        said = f"{self._silent}{reason or type(exc).__name__}"
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # (found by a QA pass)
+            said += (
+                " (its certificate is not trusted here: a private CA's goes in SSL_CERT_FILE,"
+                " docs/operations.md)"
+            )
+        elif isinstance(exc, aiohttp.ClientSSLError) and self.url.lower().startswith("https:"):
+            said += " (no TLS there: does it serve plain http://?)"
+        return said
 
     def _paired_id(self, promise: dict[str, Any]) -> str:
         paired = (promise.get("tags") or {}).get(PAIRING)

@@ -216,6 +216,18 @@ async def test_a_request_waiting_for_a_gone_server_fails_soon_after_stop(
     await conn.close()
 
 
+async def test_https_to_a_plain_http_server_says_so(server):
+    """It said only that the server did not answer (found by an exploratory
+    QA pass): it answered, in plain HTTP."""
+    conn = RemoteConnection(server.url.replace("http://", "https://"), group="g", pid="p")
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await conn.check()
+    finally:
+        await conn.close()
+    assert str(refused.value).endswith("(no TLS there: does it serve plain http://?)")
+
+
 # ── the pairing of the server with one job index ─────────────────────────────
 
 
