@@ -189,8 +189,30 @@ class Sections(click.Group):
                 formatter.write_dl(rows)
 
 
+def print_version(context: click.Context, _: click.Parameter, value: bool) -> None:
+    """`tether --version`: the release, and what tells builds of one release
+    apart (found by an exploratory QA pass: every build since 2026-11-30 said
+    0.1.0): the store's schema version it migrates to, and the workflow
+    version it starts jobs under (CHANGELOG.md)."""
+    if not value or context.resilient_parsing:
+        return
+    from core.store.migrations import MIGRATIONS
+    from core.workflow import VERSION
+
+    schema = MIGRATIONS[-1].version
+    click.echo(f"tether {version()} (store schema {schema}, workflow version {VERSION})")
+    context.exit()
+
+
 @click.group("tether", cls=Sections, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version(), prog_name="tether", message="%(prog)s %(version)s")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=print_version,
+    help="Show the version, the store schema and the workflow version, and exit.",
+)
 def cli() -> None:
     """Run jobs on external systems and wait for them durably."""
 

@@ -107,7 +107,7 @@ def test_the_tether_command_runs_client_verbs_and_local_commands(refused_url: st
 
 def test_main_returns_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"tether {version()}\n"
+    assert capsys.readouterr().out == f"tether {version()} (store schema 13, workflow version 4)\n"
     assert main(["serve", "--port", "eighty"]) == 2  # a usage error, as click reports it
     assert "Invalid value for '--port'" in capsys.readouterr().err
     assert main(["install"]) == 2
