@@ -195,6 +195,34 @@ class Meddling:
         return rows
 
 
+class Counting:
+    """A driver that counts the page reads (`... DESC LIMIT ?`) it runs."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    async def fetch_aside(self, sql: str, args: Any, *, keep: bool = True) -> list[Any]:
+        self.reads += "DESC LIMIT" in sql
+        return await self.driver.fetch_aside(sql, args, keep=keep)
+
+
+async def test_a_page_of_a_hundred_is_one_read_and_one_of_large_jobs_several(database):
+    """A page of 100 (and the row past it that says another follows) is one
+    statement: `PAGE_CHUNK` at 100 made each such page read a second time
+    for that row. A page of a thousand reads `PAGE_CHUNK` rows at a time."""
+    await filled(database, 360, seed=3)
+    counted = Counting(await database.driver())
+    reader = SqlJobIndex(counted)  # type: ignore[arg-type]
+    assert len((await reader.pages([(None, None)], 101, None)).rows) == 101
+    assert counted.reads == 1
+    assert len((await reader.pages([(None, None)], 1001, None)).rows) == 360
+    assert counted.reads == 1 + 4  # 101 + 101 + 101 + 57
+
+
 async def test_several_states_are_listed_in_one_snapshot(database):
     """A job that changes state while a list of several states is read (by
     another process) is in the list once: never in both states' pages, nor
