@@ -44,6 +44,7 @@ from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin, Yaml
 from litestar.params import FromPath
 
 from api.controllers import INTEGER_RULE
+from api.ui import SECURITY_HEADERS
 from core.errors import SHOWN_MAX
 from core.hookspecs import Backend
 from core.models import (
@@ -129,8 +130,7 @@ DOCS_HEADERS = [
         value="default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline';"
         " object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     ),
-    ResponseHeader(name="x-content-type-options", value="nosniff"),
-    ResponseHeader(name="referrer-policy", value="same-origin"),
+    *(h for h in SECURITY_HEADERS if h.name in ("x-content-type-options", "referrer-policy")),
 ]
 """Every answer under `/schema`, as the dashboard's pages (`api.ui.
 SECURITY_HEADERS`): no script but the service's own files, never framed,
