@@ -16,6 +16,7 @@ asking for `seq > n` misses nothing.
 from __future__ import annotations
 
 import hashlib
+import operator
 import time
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
@@ -198,9 +199,15 @@ name (`(kind, value)`: a tag, a state, a backend), and the one that drives
 (None: the table itself, by `seq`)."""
 
 
+_JSON = operator.itemgetter(*(n for n, c in enumerate(JOB_ROWS.table.columns) if c.type == "json"))
+"""A job row's JSON columns (params, metadata, the run, the outcome, progress,
+tags): what may be large."""
+
+
 def _weight(row: tuple[Any, ...]) -> int:
-    """A job row's size as `SqlJobIndex.PAGE_BYTES` counts it: its text."""
-    return sum(len(value) for value in row if isinstance(value, str))
+    """A job row's size as `SqlJobIndex.PAGE_BYTES` counts it: its JSON's
+    text (about 1 µs a row: every column's took 4, a tenth of a page's read)."""
+    return sum(map(len, filter(None, _JSON(row))))
 
 
 class _Span(NamedTuple):
