@@ -38,6 +38,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from core.errors import tls_failure
 from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -174,8 +175,8 @@ def unreachable(url: str, exc: httpx.TransportError) -> ServiceError:
 def os_reason(exc: BaseException) -> str:
     """What the operating system said, deepest in the chain (`connection
     refused`, `name or service not known`), if it said anything."""
-    reason = ""
-    cause: BaseException | None = exc
+    reason = tls_failure(exc)
+    cause: BaseException | None = None if reason else exc
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno:
             reason = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)

@@ -3,6 +3,7 @@ speaks HTTP itself."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 SHOWN_MAX = 160
@@ -125,3 +126,17 @@ class BackendError(Exception):
 
 class StoreConfigError(ValueError):
     """`TETHER_STORE` names a store Tether cannot open; the message says why."""
+
+
+def tls_failure(exc: BaseException) -> str:
+    """`TLS failed (wrong version number)` when an `ssl.SSLError` is in
+    `exc`'s chain, else ''. Its `errno` is OpenSSL's code, not the OS's: read
+    as the OS's, 1 said `operation not permitted` (found by a security QA
+    pass, https:// sent to a plain http port)."""
+    tls, why = False, ""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):  # (aiohttp's wrapper is one, without a reason)
+            tls, why = True, why or str(getattr(cause, "reason", None) or "")
+        cause = cause.__cause__ or cause.__context__
+    return f"TLS failed ({(why or 'handshake').replace('_', ' ').lower()})" if tls else ""

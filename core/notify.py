@@ -43,6 +43,7 @@ import aiohttp
 import msgspec
 from standardwebhooks import Webhook
 
+from core.errors import tls_failure
 from core.settings import Settings
 from core.store.base import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, Notification, now_ms
@@ -81,8 +82,8 @@ def failure(exc: BaseException) -> str:
     quote the URL's path and query."""
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
         return f"timed out after {REQUEST_TIMEOUT:g}s"
-    reason = ""
-    cause: BaseException | None = exc
+    reason = tls_failure(exc)
+    cause: BaseException | None = None if reason else exc
     while cause is not None:
         errno = getattr(cause, "errno", None)
         if isinstance(errno, int) and errno > 0:

@@ -243,6 +243,36 @@ def test_a_failure_names_the_errno_of_any_exception_it_came_from():
     assert failure(OSError(0, "x")) == "OSError"  # errno 0 is no error's
 
 
+async def test_https_to_a_plain_http_port_is_said_a_tls_failure_in_the_service_and_the_cli():
+    """OpenSSL's error code 1, read as the OS's errno, said `operation not
+    permitted` (found by a security QA pass)."""
+    import aiohttp
+    import httpx
+
+    from api.client import unreachable
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/{TOKEN}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientError) as sent:
+                await session.post(url)
+        assert failure(sent.value) == "ClientConnectorSSLError: TLS failed (wrong version number)"
+        callback = url.replace(f"/hooks/{TOKEN}", f"/callbacks/j%3A1?token={TOKEN}")
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.TransportError) as called:
+                await client.post(callback)
+        said = str(unreachable(callback, called.value))
+        assert said.endswith(": tls failed (wrong version number)") and TOKEN not in said
+    finally:
+        server.close()
+
+
 # ── recording a try ───────────────────────────────────────────────────────────
 
 
