@@ -347,9 +347,10 @@ class Tether:
                 said.append(
                     f"callback URLs now begin {url!r} (TETHER_PUBLIC_URL is not set: made of"
                     f" TETHER_HOST and TETHER_PORT), which differs from {other}: the"
-                    f" {waiting} job(s) waiting are called back at the old address, which must"
-                    " keep reaching this service until they end; set TETHER_PUBLIC_URL to it,"
-                    " or serve on it again"
+                    f" {waiting} job(s) waiting may be called back at the old address, which"
+                    " must keep reaching this service until they end; set TETHER_PUBLIC_URL to"
+                    " it, or serve on it again (said at this start only: the next takes this"
+                    " address as the last)"
                 )
         if self.settings.public_url and theirs["url"] != url:  # unset, shared: warned of already
             said.append(
@@ -736,16 +737,17 @@ class Tether:
         `updated_before`, if given), a page at time; how many."""
         before, started = None, 0
         while True:
-            rows = (
-                await store_call(self.jobs.pages([("pending", None)], RESUME_PAGE, before))
-            ).rows
-            for rec in rows:
+            listed = await store_call(self.jobs.pages([("pending", None)], RESUME_PAGE, before))
+            for rec in listed.rows:
                 if updated_before is None or rec.updated_at < updated_before:
                     await self._start(rec)
                     started += 1
-            if len(rows) < RESUME_PAGE:
+            if listed.resume_before is not None:  # a page cut short (its jobs' bytes)
+                before = listed.resume_before
+            elif len(listed.rows) < RESUME_PAGE:
                 return started
-            before = rows[-1].seq
+            else:
+                before = listed.rows[-1].seq
 
     def _worker(self) -> Resonate:
         assert self.resonate is not None, "Tether.open(worker=True) did not run"

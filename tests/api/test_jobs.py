@@ -4,6 +4,7 @@ tested in tests/plugins/http_webhook.)"""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from typing import Any, get_args
 from urllib.parse import quote
@@ -877,3 +878,26 @@ async def test_a_page_of_large_jobs_stops_at_its_bytes_and_goes_on_where_it_said
         cursor = f"&cursor={page['next_cursor']}"
     assert seen == [f"big-{n}" for n in reversed(range(7))]
     assert max(sizes) == 2, sizes  # two jobs of 20 kB each within 50 kB
+
+
+async def test_every_pending_job_is_started_again_though_pages_stop_at_their_bytes(
+    start_service, receiver, monkeypatch
+):
+    """`resume_pending` (and the watchdog's `resume_stale`) read the pending
+    jobs page by page: a page cut short by its jobs' bytes ended the walk,
+    leaving the older ones unstarted (found by a review)."""
+    import msgspec
+
+    from core.store.sql import SqlJobIndex
+    from tests.core.store.test_index_writes import job as pending_job
+
+    monkeypatch.setattr(SqlJobIndex, "PAGE_BYTES", 50_000)  # two of these jobs a page
+    svc = await start_service()
+    params = {"url": receiver.url(), "payload": "x" * 20_000}
+    for n in range(5):  # as a process killed before their workflows started left them
+        made = pending_job(f"lost-{n}", "http_webhook", at=int(time.time() * 1000))
+        made = msgspec.structs.replace(made, params=params)
+        await svc.tether.jobs.insert(made)
+    assert await svc.tether.resume_pending() == 5
+    for n in range(5):
+        await svc.wait_state(f"lost-{n}", "running")
