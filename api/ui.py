@@ -272,9 +272,17 @@ async def summary(tether: Tether) -> dict[str, Any]:
     gauges = await job_gauges(tether.jobs, now)
     waiting = sum(gauges.counts.get(state, 0) for state in OPEN_STATES)
     longest: list[dict[str, Any]] | None = None
-    if waiting <= WAITING_SCAN:
-        listed_now = await tether.list_jobs(OPEN_STATES, (), WAITING_SCAN)
-        longest = [msgspec.to_builtins(j) for j in listed_now.items[::-1][:WAITING_SHOWN]]
+    if waiting <= WAITING_SCAN:  # newest first: the page's last are the longest waiting
+        kept: list[Any] = []
+        cursor, read = None, 0
+        while read < WAITING_SCAN:  # pages cut short by their jobs' bytes go on
+            page = await tether.list_jobs(OPEN_STATES, (), WAITING_SCAN - read, cursor)
+            kept = (kept + page.items)[-WAITING_SHOWN:]
+            read += len(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        longest = [msgspec.to_builtins(j) for j in kept[::-1]]
     oldest = {state: span((now - at) / 1000) for state, at in gauges.oldest.items()}
     return {
         "counts": gauges.counts,
