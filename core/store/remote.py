@@ -605,14 +605,13 @@ async def _paired_index(
         mine = await jobs.identity()
         server_id, kept = await server.identity(), await jobs.meta("server_id")
         if kept is not None and kept != server_id and not force:  # before any pairing
-            raise StoreConfigError(
-                f"TETHER_INDEX={describe(index)!r} is the job index of another Resonate"
-                f" server (id {kept}), not of the one at {describe(server.url)} (id"
-                f" {server_id}): its jobs' workflows are on that one. Every host of one"
-                " index must use the same TETHER_STORE; nothing was changed. If that server"
-                " is gone for good and this one replaces it, run `tether pair-index --force`"
-                " (docs/operations.md)"
-            )
+            raise _another_server(server, index, f"another Resonate server (id {kept})", server_id)
+        if kept is None and theirs is None and not force and await jobs.has_jobs():
+            # An index with jobs, from before the server's id was kept, and a
+            # server paired with none: the first host of this release to start
+            # must not be one on a wrong TETHER_STORE (found by a review).
+            other = "the Resonate server its jobs' workflows are on (this one is paired with none)"
+            raise _another_server(server, index, other, server_id)
         if theirs is None or (theirs != mine and force):
             before, theirs = theirs, await server.pair(generation, mine)
             if before is not None and theirs == mine:
@@ -632,12 +631,30 @@ async def _paired_index(
                 )
         if theirs != mine:
             raise _not_paired(server, index, theirs, f"its id is {mine}")
-        if kept != server_id:  # the first start since this was kept, or a re-pairing
+        if force and kept != server_id:  # a re-pairing: the index moves to this server
             await jobs.swap_meta("server_id", server_id)
+        elif kept is None:  # the first start since it is kept: hosts starting together agree
+            claimed = await jobs.claim_meta("server_id", server_id)
+            if claimed != server_id:
+                raise _another_server(
+                    server, index, f"another Resonate server (id {claimed})", server_id
+                )
     except BaseException:
         await jobs.close()
         raise
     return jobs
+
+
+def _another_server(
+    server: RemoteConnection, index: str, other: str, server_id: str
+) -> StoreConfigError:
+    return StoreConfigError(
+        f"TETHER_INDEX={describe(index)!r} is the job index of {other}, not of the one"
+        f" at {describe(server.url)} (id {server_id}): its jobs' workflows are on that"
+        " one. Every host of one index must use the same TETHER_STORE. If that server is"
+        " gone for good and this one replaces it, run `tether pair-index --force`"
+        " (docs/operations.md)"
+    )
 
 
 def _new_file(index: str) -> bool:

@@ -465,9 +465,13 @@ class SqlJobIndex:
     whose filters often meet walks little further than it must."""
 
     PAGE_BYTES = 8 << 20
-    """The JSON a page reads, at most, about (its rows' text; a page holds
-    one row at least, whatever its size): a page stops there, short,
-    and says where the next one goes on (`Listed.resume_before`). Jobs may
+    """The JSON a page keeps and answers with, at most, about (its rows'
+    JSON text; a page holds one row at least, whatever its size): a page
+    stops there, short, and says where the next one goes on
+    (`Listed.resume_before`). What it reads may be more: its first read takes
+    up to `PAGE_CHUNK` rows of each (state, backend) it lists, whatever their
+    size, since sizes are known only once read; later reads take as many as
+    the rows so far say fit. Jobs may
     hold up to a body's size of params and metadata each: a page of a
     thousand such read a gigabyte, and a few dozen read at once (or job-list
     streams, which read their page every second) took the worker's memory
@@ -1319,6 +1323,19 @@ class SqlJobIndex:
             )
             found = await self.meta("index_id")
         return str(found)
+
+    async def claim_meta(self, name: str, value: str) -> str:
+        """The fact `name` of `tether_meta`, made `value` if it has none yet:
+        of processes claiming it at once, the first one's (as `identity`)."""
+        await self.db.execute(
+            "INSERT INTO tether_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, value),
+        )
+        return str(await self.meta(name))
+
+    async def has_jobs(self) -> bool:
+        """Whether any job is kept (one index lookup)."""
+        return bool(await self.db.fetch("SELECT 1 FROM tether_jobs LIMIT 1", ()))
 
     async def swap_meta(self, name: str, value: str) -> str | None:
         """Set the fact `name` of `tether_meta` to `value`; the value it had

@@ -333,6 +333,34 @@ async def test_an_index_of_one_server_is_refused_beside_another_until_re_paired(
         other.stop()
 
 
+async def test_an_index_with_jobs_and_no_server_kept_is_not_claimed_by_a_fresh_server(
+    tmp_path, server
+):
+    """An index from before the server's id was kept, with jobs: a host on a
+    fresh server (a wrong TETHER_STORE) starting first would claim it (found
+    by a review). Refused, pairing nothing; the server the index is paired
+    with opens it and is kept."""
+    index = tmp_path / "jobs.db"
+    store = await _open(server, index)
+    try:
+        await store.jobs.insert(_job("a"))
+        await store.jobs.db.execute("DELETE FROM tether_meta WHERE name = 'server_id'", ())
+    finally:
+        await store.close()
+    fresh = StandIn(tmp_path / "fresh.db", token=TOKEN).start()
+    try:
+        with pytest.raises(StoreConfigError, match="paired with none"):
+            await _open(fresh, index)
+        assert _pairings(fresh) == []
+    finally:
+        fresh.stop()
+    store = await _open(server, index)  # its own server: kept now
+    try:
+        assert await store.jobs.meta("server_id") == await store.connection.identity()
+    finally:
+        await store.close()
+
+
 async def test_hosts_starting_together_with_different_indexes_pair_one(tmp_path, server):
     """Two fresh indexes opened at once: `promise.create` answers the promise
     already there, so exactly one index is paired and the other refused."""
