@@ -457,21 +457,21 @@ class JobController(Controller):
                 announced = False
                 while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
                     wake.clear()
-                    try:
+                    try:  # the store busy or down: this round again at the next poll
                         items = (read or await page()).items
-                    except StoreUnavailable:  # the store is busy or down: the next poll
+                        read = None
+                        changed: list[Job | str] = [
+                            job for job in items if seen.get(job.id) != job.updated_at
+                        ]
+                        for job_id in seen.keys() - {job.id for job in items}:
+                            with contextlib.suppress(NotFound):  # deleted: only gone
+                                left = await tether.get_job(job_id)
+                                if left.updated_at != seen[job_id]:
+                                    changed.append(left)
+                            changed.append(job_id)  # off the page (changed, pushed off, deleted)
+                    except StoreUnavailable:
                         await asyncio.sleep(CHANGES_POLL)
                         continue
-                    read = None
-                    changed: list[Job | str] = [
-                        job for job in items if seen.get(job.id) != job.updated_at
-                    ]
-                    for job_id in seen.keys() - {job.id for job in items}:
-                        with contextlib.suppress(NotFound):  # deleted: only gone
-                            left = await tether.get_job(job_id)
-                            if left.updated_at != seen[job_id]:
-                                changed.append(left)
-                        changed.append(job_id)  # off the page (changed, pushed off, deleted)
                     seen = {job.id: job.updated_at for job in items}
                     for job in changed:
                         yield job

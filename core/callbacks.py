@@ -93,6 +93,7 @@ class Repeats:
         last = self._seen.get(key)
         if last is not None and now - last[0] < REPEAT_EVENT_EVERY:
             self._seen[key] = (last[0], last[1] + 1)
+            self._seen.move_to_end(key)  # kept while it repeats
             return None
         self._seen[key] = (now, 0)
         self._seen.move_to_end(key)
@@ -222,8 +223,13 @@ class Callbacks:
                 await store_call(self.jobs.record(job_id, [invalid], now_ms()))
             raise
         if isinstance(outcome, CheckNow):
-            noted = NewEvent("callback", {"verdict": "noted", **digest})
-            await store_call(self.jobs.record(job_id, [noted], now_ms()))
+            data = {"verdict": "noted", **digest}
+            # A hint for a job that ended asks nothing: a repeat, as a duplicate is
+            noted = (
+                self._repeat(job_id, attempt, data) if rec.finished else NewEvent("callback", data)
+            )
+            if noted is not None:
+                await store_call(self.jobs.record(job_id, [noted], now_ms()))
             return await self.check_now(rec, outcome.reason)
         status = outcome.status
         decided: dict[str, NewEvent | None] = {}
