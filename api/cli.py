@@ -9,7 +9,6 @@ import contextlib
 import difflib
 import errno
 import functools
-import importlib.metadata
 import logging
 import logging.config
 import shlex
@@ -28,6 +27,7 @@ from api.client import COMMANDS as CLIENT_COMMANDS
 from api.client import add_client_commands
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
+from core import version
 from core.errors import StoreConfigError, StoreUnavailable, TetherError
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import (
@@ -86,13 +86,6 @@ class RenameLoggers(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.name = RENAMED_LOGGERS.get(record.name, record.name)
         return True
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("tether")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def log_config(level: str, log_format: str = "text") -> dict[str, Any]:

@@ -45,6 +45,7 @@ from litestar.params import FromPath
 
 from api.controllers import INTEGER_RULE
 from api.ui import SECURITY_HEADERS
+from core import version
 from core.errors import SHOWN_MAX
 from core.hookspecs import Backend
 from core.models import (
@@ -64,7 +65,7 @@ from core.views import duration
 
 log = logging.getLogger("tether.api")
 
-VERSION = importlib.metadata.version("tether")
+VERSION = version()
 SCHEMA_PATH = "/schema"
 ASSETS = f"{SCHEMA_PATH}/assets"
 REF = "#/components/schemas/{name}"

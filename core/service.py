@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import os
 import socket
@@ -26,7 +25,7 @@ import msgspec
 from resonate.error import DecodingError, ServerError
 from resonate.resonate import Resonate
 
-from core import metrics, workflow
+from core import metrics, version, workflow
 from core.bounds import MAX_DEPTH, deeper_than
 from core.callbacks import CallbackResult, Callbacks, Heartbeat, HeartbeatGone
 from core.errors import (
@@ -81,8 +80,6 @@ ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
 RESUME_PAGE = 500
-TETHER_VERSION = importlib.metadata.version("tether")
-"""This release (`/health`; CHANGELOG.md)."""
 STALE_PENDING_MS = 10_000
 """A job pending this long may have lost its workflow start (`resume_stale`)."""
 
@@ -876,7 +873,7 @@ class Tether:
         await store_answers(self.jobs, describe(self.settings.store))
         return {
             "status": "ok",
-            "version": TETHER_VERSION,
+            "version": version(),
             "store": self.store.kind,
             "backends": sorted(self.plugins.backends),
             **self.checks.body(),
