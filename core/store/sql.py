@@ -1314,24 +1314,20 @@ class SqlJobIndex:
         (by whichever process gets there first) and the same ever after, in a
         copy or a restore of it too. A Resonate server is paired with it, and
         each health check reads it again (a read; the write only the once)."""
-        found = await self.meta("index_id")
-        if found is None:
-            await self.db.execute(
-                "INSERT INTO tether_meta (name, value) VALUES ('index_id', ?)"
-                " ON CONFLICT (name) DO NOTHING",
-                (uuid.uuid4().hex,),
-            )
-            found = await self.meta("index_id")
-        return str(found)
+        return await self.claim_meta("index_id", uuid.uuid4().hex)
 
     async def claim_meta(self, name: str, value: str) -> str:
         """The fact `name` of `tether_meta`, made `value` if it has none yet:
-        of processes claiming it at once, the first one's (as `identity`)."""
-        await self.db.execute(
-            "INSERT INTO tether_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-            (name, value),
-        )
-        return str(await self.meta(name))
+        of processes claiming it at once, the first one's. A read while it
+        has one; the write only the once."""
+        found = await self.meta(name)
+        if found is None:
+            await self.db.execute(
+                "INSERT INTO tether_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, value),
+            )
+            found = await self.meta(name)
+        return str(found)
 
     async def has_jobs(self) -> bool:
         """Whether any job is kept (one index lookup)."""
