@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -101,6 +102,17 @@ class Repeats:
             self._seen.popitem(last=False)
         return 0 if last is None else last[1]
 
+    def unrecorded(self, job_id: str, attempt: int, verdict: str, left_out: int) -> None:
+        """A recorded one's write failed: the next one is recorded, counting
+        this one and those before it as left out."""
+        self._seen[(job_id, attempt, verdict)] = (-math.inf, left_out + 1)
+
+
+def _repeat_kind(data: dict[str, Any]) -> str:
+    """What `Repeats` tells repeats apart by: the verdict, and an invalid
+    body's why."""
+    return f"{data['verdict']} {data.get('error_type', '')}"
+
 
 CALLBACK_MESSAGES = {
     "accepted": "outcome recorded",
@@ -179,12 +191,30 @@ class Callbacks:
     def _repeat(self, job_id: str, attempt: int, data: dict[str, Any]) -> NewEvent | None:
         """The `callback` event `data` of a callback that changed nothing, or
         None when `Repeats` leaves it out."""
-        kind = f"{data['verdict']} {data.get('error_type', '')}"  # (an invalid body's why)
-        left_out = self.repeats.admit(job_id, attempt, kind)
+        left_out = self.repeats.admit(job_id, attempt, _repeat_kind(data))
         if left_out is None:  # counted all the same, as a recorded one is (`on_event`)
             series(CALLBACKS, data["verdict"]).inc()
             return None
         return NewEvent("callback", {**data, "repeats": left_out} if left_out else data)
+
+    def _unrecorded(self, job_id: str, attempt: int, event: NewEvent | None) -> None:
+        """`event`, of `_repeat`, was not written (the store failed): the
+        next repeat is recorded, counting it."""
+        if event is not None:
+            left_out = event.data.get("repeats", 0)
+            self.repeats.unrecorded(job_id, attempt, _repeat_kind(event.data), left_out)
+
+    async def _record_repeat(
+        self, job_id: str, attempt: int, event: NewEvent | None
+    ) -> JobRecord | None:
+        """Write `event`, of `_repeat`, if any: the job as recorded, or None."""
+        if event is None:
+            return None
+        try:
+            return await store_call(self.jobs.record(job_id, [event], now_ms()))
+        except BaseException:
+            self._unrecorded(job_id, attempt, event)
+            raise
 
     async def _job_of(self, promise_id: str, token: str | None) -> JobRecord:
         """The job a callback URL names, once its token is checked: a wrong
@@ -219,17 +249,15 @@ class Callbacks:
             invalid = self._repeat(
                 job_id, attempt, {"verdict": "invalid", **digest, "error_type": why}
             )
-            if invalid is not None:
-                await store_call(self.jobs.record(job_id, [invalid], now_ms()))
+            await self._record_repeat(job_id, attempt, invalid)
             raise
         if isinstance(outcome, CheckNow):
             data = {"verdict": "noted", **digest}
             # A hint for a job that ended asks nothing: a repeat, as a duplicate is
-            noted = (
-                self._repeat(job_id, attempt, data) if rec.finished else NewEvent("callback", data)
-            )
-            if noted is not None:
-                await store_call(self.jobs.record(job_id, [noted], now_ms()))
+            if rec.finished:
+                await self._record_repeat(job_id, attempt, self._repeat(job_id, attempt, data))
+            else:
+                await store_call(self.jobs.record(job_id, [NewEvent("callback", data)], now_ms()))
             return await self.check_now(rec, outcome.reason)
         status = outcome.status
         decided: dict[str, NewEvent | None] = {}
@@ -242,9 +270,14 @@ class Callbacks:
                 decided[verdict] = self._repeat(job_id, attempt, data)
             return decided[verdict]
 
-        result, rec = await self.settler.settle(
-            job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt, seen=rec
-        )
+        try:
+            result, rec = await self.settler.settle(
+                job_id, outcome, by="callback", note=note, attempt=attempt, salt=rec.salt, seen=rec
+            )
+        except BaseException:
+            for event in decided.values():
+                self._unrecorded(job_id, attempt, event)
+            raise
         if result != "accepted" and rec.attempt > attempt:
             # A retry came between the read above and the settle: the
             # attempt had ended, as it would have been found had it come first.
@@ -263,9 +296,7 @@ class Callbacks:
         attempt's, which an old URL's holder has no business reading (as a
         heartbeat's 410 has it; found by a security QA pass)."""
         late = self._repeat(rec.id, attempt, {"verdict": "gone", "attempt": attempt, **digest})
-        if late is not None:
-            recorded = await store_call(self.jobs.record(rec.id, [late], now_ms()))
-            rec = recorded or rec
+        rec = await self._record_repeat(rec.id, attempt, late) or rec
         message = f"attempt {attempt} of this job has ended; the job is at attempt {rec.attempt}"
         details = {"attempt": attempt, "current_attempt": rec.attempt}
         return CallbackResult(outcome="gone", job=None, message=message, details=details)

@@ -222,6 +222,36 @@ async def test_callbacks_that_change_nothing_are_recorded_once_a_minute_with_a_c
         assert counted[verdict] - before.get(verdict, 0) == 30, (verdict, before, counted)
 
 
+async def test_a_repeat_whose_write_failed_is_counted_by_the_next_one_recorded(
+    start_service, receiver
+):
+    """The store fails writing a repeat's event: the next repeat is recorded
+    (not left out for a minute), counting the lost one."""
+    svc = await start_service()
+    await start(svc, receiver, "lost")
+    await svc.wait_state("lost", "running")
+    path = callback_path(svc, receiver, "lost")
+    assert (await svc.client.post(path, json={"status": "succeeded"})).status_code == 200
+    jobs = svc.tether.callbacks.jobs
+    real = jobs.record
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("the embedded store failed: disk I/O error")
+
+    jobs.record = failing
+    try:
+        assert (await svc.client.post(path, json={"result": 1})).status_code == 503
+    finally:
+        jobs.record = real
+    for _ in range(3):
+        assert (await svc.client.post(path, json={"result": 1})).status_code == 422
+    items = (await history(svc, "lost"))["items"]
+    calls = [
+        (e["data"]["verdict"], e["data"].get("repeats")) for e in items if e["type"] == "callback"
+    ]
+    assert calls == [("accepted", None), ("invalid", 1)]
+
+
 async def callbacks_counted(svc: Service) -> dict[str, float]:
     """`tether_callbacks_total` by verdict, as `/metrics` says now."""
     text = (await svc.client.get("/metrics")).text
