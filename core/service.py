@@ -339,7 +339,7 @@ class Tether:
             # One host, its URLs made of TETHER_HOST and TETHER_PORT (found by an
             # exploratory QA pass): said only with jobs waiting, which a new port
             # strands (`./dev serve --port 9000` on a store of another port is fine).
-            waiting = sum((await jobs.waiting_backends(())).values())
+            waiting = sum((await jobs.waiting_backends((), queued=False)).values())
             if waiting:
                 said.append(
                     f"callback URLs now begin {url!r} (TETHER_PUBLIC_URL is not set: made of"

@@ -216,9 +216,12 @@ class JobIndex(Protocol):
         """Move queued jobs of `backend` to `pending` while it has free slots."""
         ...
 
-    async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
-        """Open jobs by backend, for the backends not in `excluding`; one
-        index lookup per backend that has open jobs."""
+    async def waiting_backends(
+        self, excluding: Collection[str], *, queued: bool = True
+    ) -> dict[str, int]:
+        """Open jobs by backend, for the backends not in `excluding` (without
+        `queued`: only those triggered or triggering); one index lookup per
+        backend that has open jobs."""
         ...
 
     async def queued_backends(self) -> list[str]:

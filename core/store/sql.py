@@ -323,16 +323,19 @@ class SqlJobIndex:
         self._counts = (counts, self.clock() + COUNTS_REUSE_S) if many else None
         return dict(counts)
 
-    async def waiting_backends(self, excluding: Collection[str]) -> dict[str, int]:
-        """How many open jobs each backend not in `excluding` has. The
-        backends with open jobs are found by skipping through the indexes of
-        the slots taken and of the queue, one lookup per backend (never a read
-        of every open job); only those not excluded are counted."""
+    async def waiting_backends(
+        self, excluding: Collection[str], *, queued: bool = True
+    ) -> dict[str, int]:
+        """How many open jobs each backend not in `excluding` has (without
+        `queued`: only those triggered or triggering, which hold a callback
+        URL). The backends with open jobs are found by skipping through the
+        indexes of the slots taken and of the queue, one lookup per backend
+        (never a read of every open job); only those not excluded are counted."""
         found: dict[str, int] = {}
         for index, where in (
             ("tether_jobs_active", "state IN ('pending', 'running')"),
             ("tether_jobs_queue", "state = 'queued'"),
-        ):
+        )[: 2 if queued else 1]:
             jobs = f"tether_jobs{self._indexed_by(index)}"
             rows = await self.db.fetch(
                 "WITH RECURSIVE b(name) AS ("
