@@ -400,16 +400,18 @@ class JobController(Controller):
         stream is open, and at once when a job changes in the process serving
         it."""
 
+        query = tether.list_query(  # a bad filter is refused (400) before anything is read
+            job_state or (),
+            backend or (),
+            limit,
+            cursor,
+            tags=tag or (),
+            created_after=moment(created_after, "created_after"),
+            created_before=moment(created_before, "created_before", up=True),
+        )
+
         async def page() -> JobPage:
-            return await tether.list_jobs(
-                job_state or (),
-                backend or (),
-                limit,
-                cursor,
-                tags=tag or (),
-                created_after=moment(created_after, "created_after"),
-                created_before=moment(created_before, "created_before", up=True),
-            )
+            return await tether.list_page(query)
 
         if not wants_stream(request):
             return Response(await page())
@@ -421,7 +423,7 @@ class JobController(Controller):
             return error_response(503, "too_many_streams", message, {"limit": LIST_STREAMS_MAX})
         slot = _StreamSlot()
         try:
-            first = await page()  # a bad filter is refused before a stream begins
+            first = await page()
         except BaseException:
             slot.release()
             raise

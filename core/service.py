@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from resonate.error import DecodingError, ServerError
@@ -96,6 +96,18 @@ def unix_ms(at: datetime, *, up: bool = False) -> int:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class ListQuery(NamedTuple):
+    """A job list's filters, checked (`Tether.list_query`): what the index's
+    `pages` is asked."""
+
+    pairs: list[tuple[str | None, str | None]]
+    limit: int
+    before: int | None
+    tags: list[str]
+    after: int | None
+    until: int | None
 
 
 def _still_winding_up(rec: JobRecord) -> Conflict:
@@ -771,6 +783,30 @@ class Tether:
         empty: all), having every one of `tags`, created strictly after
         `created_after` and before `created_before` (a time without a zone is
         UTC), at most `limit`, after the place `cursor` names."""
+        query = self.list_query(
+            states,
+            backends,
+            limit,
+            cursor,
+            tags=tags,
+            created_after=created_after,
+            created_before=created_before,
+        )
+        return await self.list_page(query)
+
+    def list_query(
+        self,
+        states: Sequence[str] = (),
+        backends: Sequence[str] = (),
+        limit: int = 100,
+        cursor: str | None = None,
+        *,
+        tags: Sequence[str] = (),
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> ListQuery:
+        """`list_jobs`'s filters checked (`MalformedBody` names a bad one),
+        nothing read: a page of them is `list_page`."""
         if not 1 <= limit <= MAX_PAGE:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
@@ -782,21 +818,29 @@ class Tether:
             raise MalformedBody(
                 f"at most {LIST_BACKENDS_MAX} backends in one list", {"field": "backend"}
             )
-        before = decode_cursor(cursor) if cursor else None
         # The index reads each (state, backend) pair's newest `limit + 1` rows,
         # all in one snapshot, and keeps the newest `limit + 1` of them.
         any_of: list[str | None] = [None]
-        pairs = [
-            (state, backend)
-            for state in (list(dict.fromkeys(states)) or any_of)
-            for backend in (list(dict.fromkeys(backends)) or any_of)
-        ]
-        after = None if created_after is None else unix_ms(created_after)
-        until = None if created_before is None else unix_ms(created_before, up=True)
-        wanted = list(dict.fromkeys(tags))
-        listed = await store_call(self.jobs.pages(pairs, limit + 1, before, wanted, after, until))
-        rows = listed.rows[:limit]
-        if len(listed.rows) > limit:
+        return ListQuery(
+            pairs=[
+                (state, backend)
+                for state in (list(dict.fromkeys(states)) or any_of)
+                for backend in (list(dict.fromkeys(backends)) or any_of)
+            ],
+            limit=limit,
+            before=decode_cursor(cursor) if cursor else None,
+            tags=list(dict.fromkeys(tags)),
+            after=None if created_after is None else unix_ms(created_after),
+            until=None if created_before is None else unix_ms(created_before, up=True),
+        )
+
+    async def list_page(self, q: ListQuery) -> JobPage:
+        """The page of jobs `q` (of `list_query`) names, as the store has it now."""
+        listed = await store_call(
+            self.jobs.pages(q.pairs, q.limit + 1, q.before, q.tags, q.after, q.until)
+        )
+        rows = listed.rows[: q.limit]
+        if len(listed.rows) > q.limit:
             next_cursor: str | None = encode_cursor(rows[-1].seq)
         elif listed.resume_before is not None:  # filters that rarely meet: go on there
             next_cursor = encode_cursor(listed.resume_before)

@@ -190,6 +190,10 @@ async def test_a_worker_keeps_so_many_list_streams_open_and_answers_503_past_the
             "details": {"limit": 2},
         }
         assert (await svc.client.get("/jobs")).status_code == 200  # pages still read
+        # a bad filter is named first, as it would be with room
+        bad = await svc.client.get("/jobs?tag=a%20b", headers=SSE)
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["details"] == {"field": "tag"}
     await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
     async with follow(svc) as again:
         await eventually(lambda: again, timeout=10)  # room again once they closed
@@ -206,18 +210,18 @@ async def test_a_stream_refused_for_want_of_room_reads_no_page_and_a_failed_read
 
     monkeypatch.setattr(api.controllers, "LIST_STREAMS_MAX", 1)
     svc = await start_service()
-    listed = svc.tether.list_jobs
+    listed = svc.tether.list_page
     failing = {"left": 0}
 
-    async def list_jobs(*args: Any, **kwargs: Any) -> Any:
-        if "boom" in kwargs.get("tags", ()):
+    async def list_page(query: Any) -> Any:
+        if "boom" in query.tags:
             raise AssertionError("a refused stream read its page")
         if failing["left"]:
             failing["left"] -= 1
             raise StoreUnavailable("the store did not answer: TimeoutError")
-        return await listed(*args, **kwargs)
+        return await listed(query)
 
-    monkeypatch.setattr(svc.tether, "list_jobs", list_jobs)
+    monkeypatch.setattr(svc.tether, "list_page", list_page)
     async with follow(svc) as got:
         await eventually(lambda: got, timeout=10)  # the first page was read
         answers = await asyncio.gather(
