@@ -38,7 +38,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from core.errors import tls_failure
+from core.errors import os_reason
 from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -170,18 +170,6 @@ def unreachable(url: str, exc: httpx.TransportError) -> ServiceError:
     else:
         why = os_reason(exc) or "the connection broke"
     return ServiceError(f"cannot reach {public(url)}: {why}")
-
-
-def os_reason(exc: BaseException) -> str:
-    """What the operating system said, deepest in the chain (`connection
-    refused`, `name or service not known`), if it said anything."""
-    reason = tls_failure(exc)
-    cause: BaseException | None = None if reason else exc
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno:
-            reason = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
-        cause = cause.__cause__ or cause.__context__
-    return reason.lower()
 
 
 def error_answer(response: httpx.Response) -> ServiceError:

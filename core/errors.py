@@ -3,6 +3,7 @@ speaks HTTP itself."""
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 
@@ -140,3 +141,18 @@ def tls_failure(exc: BaseException) -> str:
             tls, why = True, why or str(getattr(cause, "reason", None) or "")
         cause = cause.__cause__ or cause.__context__
     return f"TLS failed ({(why or 'handshake').replace('_', ' ').lower()})" if tls else ""
+
+
+def os_reason(exc: BaseException) -> str:
+    """Why a connection failed, as the operating system or TLS said it,
+    deepest in `exc`'s chain (`connection refused`, `name or service not
+    known`, `TLS failed (…)`), or '' when neither said anything. Never the
+    exception's text, which may quote a URL's path and query."""
+    reason = tls_failure(exc)
+    cause: BaseException | None = None if reason else exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            said = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+            reason = said.lower()
+        cause = cause.__cause__ or cause.__context__
+    return reason

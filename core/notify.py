@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -43,7 +42,7 @@ import aiohttp
 import msgspec
 from standardwebhooks import Webhook
 
-from core.errors import tls_failure
+from core.errors import os_reason
 from core.settings import Settings
 from core.store.base import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, Notification, now_ms
@@ -82,13 +81,7 @@ def failure(exc: BaseException) -> str:
     quote the URL's path and query."""
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
         return f"timed out after {REQUEST_TIMEOUT:g}s"
-    reason = tls_failure(exc)
-    cause: BaseException | None = None if reason else exc
-    while cause is not None:
-        errno = getattr(cause, "errno", None)
-        if isinstance(errno, int) and errno > 0:
-            reason = os.strerror(errno).lower()
-        cause = cause.__cause__ or cause.__context__
+    reason = os_reason(exc)
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 

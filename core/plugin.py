@@ -46,7 +46,7 @@ echo = "tether_echo"
 Every hook and backend method is documented in :mod:`core.hookspecs`.
 """
 
-from core.errors import BackendError, NotFound, Unauthorized
+from core.errors import BackendError, NotFound, Unauthorized, os_reason
 from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import (
     SENDABLE_URL,
@@ -83,6 +83,7 @@ __all__ = [
     "Unauthorized",
     "callback_promise_id",
     "hookimpl",
+    "os_reason",
     "redact",
     "redact_bytes",
     "settings_from_env",

@@ -71,6 +71,7 @@ from core.plugin import (
     Trigger,
     callback_promise_id,
     hookimpl,
+    os_reason,
     redact_bytes,
     url_fault,
 )
@@ -424,8 +425,11 @@ class HttpWebhook(Backend):
                 f"{method} {host}: timed out after {timeout:g}s", retryable=True, code="timeout"
             ) from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a bad header
+            why = os_reason(exc)
             raise BackendError(
-                f"{method} {host}: {type(exc).__name__}", retryable=True, code="connection"
+                f"{method} {host}: {type(exc).__name__}{f': {why}' if why else ''}",
+                retryable=True,
+                code="connection",
             ) from None
         # A receiver may echo the Authorization sent: the header's, or the
         # Basic one aiohttp makes of a stored URL's user:password.

@@ -268,7 +268,7 @@ async def test_https_to_a_plain_http_port_is_said_a_tls_failure_in_the_service_a
             with pytest.raises(httpx.TransportError) as called:
                 await client.post(callback)
         said = str(unreachable(callback, called.value))
-        assert said.endswith(": tls failed (wrong version number)") and TOKEN not in said
+        assert said.endswith(": TLS failed (wrong version number)") and TOKEN not in said
     finally:
         server.close()
 

@@ -471,10 +471,33 @@ async def test_an_answer_that_takes_too_long_times_out(server, webhook):
     assert (raised.value.code, raised.value.retryable) == ("timeout", True)
 
 
+async def test_https_to_a_plain_http_port_says_tls_failed(webhook):
+    """It said only `ClientConnectorSSLError`; the OS's or TLS's reason is
+    named, as a notification's try and the CLI name it."""
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(BackendError) as raised:
+            await webhook.trigger(trigger(url=f"https://127.0.0.1:{port}/hook?key=abc"))
+    finally:
+        server.close()
+    assert raised.value.message == (
+        f"POST 127.0.0.1:{port}: ClientConnectorSSLError: TLS failed (wrong version number)"
+    )
+    assert (raised.value.code, raised.value.retryable) == ("connection", True)
+
+
 async def test_a_refused_connection_is_retryable(webhook):
     with socket_bound() as port, pytest.raises(BackendError) as raised:
         await webhook.trigger(trigger(url=f"http://127.0.0.1:{port}/hook"))
-    assert raised.value.message == f"POST 127.0.0.1:{port}: ClientConnectorError"
+    said = f"POST 127.0.0.1:{port}: ClientConnectorError: connection refused"
+    assert raised.value.message == said
     assert (raised.value.code, raised.value.retryable) == ("connection", True)
 
 
