@@ -40,6 +40,7 @@ from rich.text import Text
 
 from core.errors import os_reason
 from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
+from core.settings import listed, unsendable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -187,8 +188,13 @@ def error_answer(response: httpx.Response) -> ServiceError:
 def api_token() -> str:
     """The first token of `$TETHER_API_TOKEN` (the service takes several,
     comma-separated, while one replaces another)."""
-    tokens = (t.strip() for t in os.environ.get("TETHER_API_TOKEN", "").split(","))
-    return next((t for t in tokens if t), "")
+    token = next(iter(listed(os.environ.get("TETHER_API_TOKEN", ""))), "")
+    if unsendable(token):  # httpx refused it as the request went out: "the connection broke"
+        raise click.UsageError(
+            "TETHER_API_TOKEN holds a control character (a line break?), which no HTTP"
+            " header can carry; set the token alone"
+        )
+    return token
 
 
 def an_id(ctx: click.Context, param: click.Parameter, value: str) -> str:

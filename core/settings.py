@@ -91,6 +91,12 @@ def listed(value: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in value.split(",")) if item)
 
 
+def unsendable(token: str) -> bool:
+    """Whether `token` holds a control character (a line break, pasted with
+    it), which no HTTP header carries: no client could send it."""
+    return any(ord(char) < 32 or ord(char) == 127 for char in token)
+
+
 def limits_of(value: str) -> dict[str, int]:
     """`TETHER_MAX_RUNNING`'s `backend=N,...` as a dict; `ValueError` naming
     the item that is not `name=N` with N a whole number of at least 1."""
@@ -282,11 +288,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 " external systems reach this service at: http(s)://HOST[:PORT][/PATH] (PORT"
                 " 1-65535), with no user:password@, ?query or #fragment"
             )
-        if any(ord(c) < 32 or ord(c) == 127 for c in self.store_token):  # never the value
-            raise ValueError(
-                "invalid setting TETHER_STORE_TOKEN: it holds a control character (a line"
-                " break?), which no HTTP header can carry; set the token alone"
-            )
+        for name, tokens in (
+            ("TETHER_STORE_TOKEN", [self.store_token]),
+            ("TETHER_API_TOKEN", listed(self.api_token)),  # (each of them stripped)
+            ("TETHER_READ_TOKEN", listed(self.read_token)),
+        ):
+            if any(unsendable(token) for token in tokens):  # never the value
+                raise ValueError(
+                    f"invalid setting {name}: it holds a control character (a line break?),"
+                    " which no HTTP header can carry; set the token alone"
+                )
         if not GROUP.fullmatch(self.group):
             raise ValueError(
                 f"invalid setting TETHER_GROUP: {self.group!r}; give a name without '/', '@'"

@@ -187,6 +187,22 @@ def test_a_store_token_no_header_can_carry_is_refused_without_showing_it(token: 
     assert "control character" in said and "s3cret" not in said and "Traceback" not in said
 
 
+@pytest.mark.parametrize("name", ["TETHER_API_TOKEN", "TETHER_READ_TOKEN"])
+def test_an_access_token_no_header_can_carry_is_refused_by_serve_and_the_cli(name: str) -> None:
+    """No client could send it; the CLI said "the connection broke", as
+    httpx refused the header on its way out."""
+    token = "s3cret-4f1c\nline-two"
+    other = {"TETHER_API_TOKEN": "api-token-5e8a6b7c9d"} if name == "TETHER_READ_TOKEN" else {}
+    said = serve_refused(**{name: token, **other})
+    assert said.startswith(f"tether: invalid setting {name}: "), said
+    assert "control character" in said and "s3cret" not in said and "Traceback" not in said
+    listed = CliRunner().invoke(
+        cli, ["list", "--url", "http://127.0.0.1:1"], env={"TETHER_API_TOKEN": token}
+    )
+    assert listed.exit_code == 2 and "s3cret" not in listed.output, listed.output
+    assert "TETHER_API_TOKEN holds a control character" in listed.output
+
+
 @pytest.mark.parametrize("seconds", ["3600", "-1", "nan", "1e17"])  # (inf: not finite)
 def test_a_retention_under_a_day_or_over_a_century_is_refused(seconds: str) -> None:
     said = serve_refused(TETHER_RETENTION=seconds)
