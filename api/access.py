@@ -88,7 +88,7 @@ def _log(scope: Any, status: int, ms: float) -> None:
         promise_id = promise_id.removesuffix("?…")
         what = "heartbeat" if route.startswith("heartbeat") else "callback"
         log.warning(
-            "%s for promise %r refused (%d) from %s",
+            "%s for promise '%s' refused (%d) from %s",  # (`shown_path` escaped it: not %r)
             what,
             promise_id,
             status,
