@@ -20,6 +20,8 @@ from api.controllers import (
     JobController,
     QueryRules,
     health,
+    health_head,
+    health_options,
     query_rules,
     strict_query,
 )
@@ -78,7 +80,13 @@ def create_app(
         route_handlers=[JobController, metrics],
         middleware=[guarding(api_token_guard(settings, sessions), strict)],
     )
-    others = Router("/", route_handlers=[CallbackController, health], middleware=[guarding(strict)])
+    others = Router(
+        "/",
+        # `health_options` before `health`: registered after it, Litestar's own
+        # OPTIONS handler (204, whatever the store does) would win
+        route_handlers=[CallbackController, health_options, health, health_head],
+        middleware=[guarding(strict)],
+    )
     # A backend's notifications: its plugin authenticates them, and reads
     # every query parameter (no strict guard).
     notices = Router("/", route_handlers=[BackendController])

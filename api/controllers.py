@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, get_args, overload
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, HttpMethod, Request, Response, get, head, post
+from litestar import route as any_route
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
@@ -846,4 +847,19 @@ async def health(tether: NamedDependency[Tether]) -> dict[str, Any]:
     """200 `{"status": "ok", "store": ..., "backends": [...]}` when the store
     answers, else 503: also when it takes over 2 s (probe with a timeout of
     3 s or more). Needs no token: it is for probes."""
+    return await tether.health()
+
+
+@head("/health", include_in_schema=False)
+async def health_head(tether: NamedDependency[Tether]) -> None:
+    """`GET /health`'s status, without its body: a probe sent as `HEAD` was
+    answered 405 (found by an exploratory QA pass)."""
+    await tether.health()
+
+
+@any_route("/health", http_method=[HttpMethod.OPTIONS], include_in_schema=False)
+async def health_options(tether: NamedDependency[Tether]) -> dict[str, Any]:
+    """`GET /health`, for HAProxy's `option httpchk /health`, which probes
+    with OPTIONS: Litestar answered every OPTIONS 204, a dead store's too
+    (found by an exploratory QA pass)."""
     return await tether.health()

@@ -167,3 +167,25 @@ async def test_jobs_of_a_backend_no_longer_installed(tmp_path: Path, logs: Captu
         assert (await client.get("/health")).json()["missing"] == [
             {"backend": "gone", "waiting": 1}
         ]
+
+
+async def test_head_and_options_probes_answer_as_get_does(start_service, monkeypatch):
+    """`HEAD /health` was 405, and `OPTIONS /health` (HAProxy's `option
+    httpchk /health` probes with it) Litestar's 204 whatever the store did
+    (found by an exploratory QA pass)."""
+    from core.errors import StoreUnavailable
+
+    svc = await start_service()
+    for method in ("GET", "HEAD", "OPTIONS"):
+        answer = await svc.client.request(method, "/health")
+        assert answer.status_code == 200, (method, answer.text)
+        assert (answer.content == b"") == (method == "HEAD")
+
+    async def down() -> None:
+        raise StoreUnavailable("the embedded store failed: disk I/O error")
+
+    monkeypatch.setattr(svc.tether, "health", down)
+    for method in ("GET", "HEAD", "OPTIONS"):
+        answer = await svc.client.request(method, "/health")
+        assert answer.status_code == 503, (method, answer.text)
+        assert (answer.content == b"") == (method == "HEAD")
