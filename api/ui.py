@@ -317,6 +317,8 @@ def missing_page(path: str) -> Template:
 # ── routes ────────────────────────────────────────────────────────────────────
 
 Strings = Annotated[list[str] | None, QueryParameter(required=False)]
+LIST_PARAMETERS = ("state", "backend", "tag", "created_after", "created_before", "cursor")
+"""What the job list's URL may hold: any other name is refused, as `GET /jobs` refuses it."""
 
 
 class Dashboard(Controller):
@@ -340,6 +342,12 @@ class Dashboard(Controller):
         who = viewer(request, sessions)
         if who is None:
             return sign_in_page(request)
+        odd = next((name for name in request.query_params if name not in LIST_PARAMETERS), None)
+        if odd is not None:  # a mistyped bookmark (`?tags=`) showed every job, unfiltered
+            takes = ", ".join(LIST_PARAMETERS)
+            said = f"unknown query parameter {odd[:100]!r} (this page takes: {takes})"
+            return bad_filter(said, who)
+        # (the form sends an empty tag and times: no filter)
         states, backends = [s for s in job_state or [] if s], [b for b in backend or [] if b]
         tags = [t for t in tag or [] if t]
         unknown = [s for s in states if s not in STATES]

@@ -281,6 +281,10 @@ def test_the_time_window_narrows_the_list_live_and_a_bad_time_is_named(
     refused = client.get("/ui", params={"created_after": "yesterday"})
     assert refused.status_code == 400
     assert "invalid created_after &#39;yesterday&#39;: give an ISO 8601 date-time" in refused.text
+    # a mistyped name showed every job as if filtered (found by an exploratory QA pass)
+    refused = client.get("/ui", params={"tags": tag})
+    assert refused.status_code == 400
+    assert "unknown query parameter &#39;tags&#39; (this page takes: state," in refused.text
 
 
 def test_a_job_pushed_off_the_list_by_a_newer_one_leaves_it(page, service, client, hooks):
