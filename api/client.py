@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any, NoReturn, get_args
 from urllib.parse import urlsplit, urlunsplit
@@ -903,48 +904,85 @@ def get(job_id: str, url: str, as_json: bool) -> None:
     "--tag", "tags", multiple=True, help="Only jobs having this tag; repeat for jobs having all."
 )
 @click.option(
+    "--created-after",
+    metavar="TIME",
+    help="Only jobs created after this ISO 8601 time (UTC when it has no offset).",
+)
+@click.option(
+    "--created-before",
+    metavar="TIME",
+    help="Only jobs created before this ISO 8601 time (UTC when it has no offset).",
+)
+@click.option(
     "--limit",
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
     help="At most this many jobs, fetched page by page.",
 )
+@click.option(
+    "--cursor",
+    help="Go on where a listing stopped: the `next_cursor` it printed, with the same filters.",
+)
 @service_options
 def list_jobs(
     states: tuple[str, ...],
     backends: tuple[str, ...],
     tags: tuple[str, ...],
+    created_after: str | None,
+    created_before: str | None,
     limit: int,
+    cursor: str | None,
     url: str,
     as_json: bool,
 ) -> None:
     """List jobs, newest first (GET /jobs).
 
     With --json, one `{"items", "next_cursor"}` document holding every page
-    fetched; `next_cursor` continues past --limit."""
+    fetched; `next_cursor`, given back as --cursor with the same filters,
+    continues past --limit. A backend no job has lists none: when none is
+    found, a note on stderr says whether the service has that backend."""
+    window = {"created_after": created_after, "created_before": created_before}
 
     async def pages(api: Api) -> dict[str, Any]:
         items: list[Any] = []
-        cursor = None
+        at = cursor
         while True:
             params: dict[str, Any] = {"state": states, "backend": backends, "tag": tags}
+            params |= {name: value for name, value in window.items() if value}
             params["limit"] = min(limit - len(items), PAGE)
-            if cursor:
-                params["cursor"] = cursor
+            if at:
+                params["cursor"] = at
             page = await api.call("GET", "/jobs", A_PAGE, params=params)
             items += page["items"]
-            cursor = page["next_cursor"]
-            if not cursor or len(items) >= limit:
+            at = page["next_cursor"]
+            if not at or len(items) >= limit:
+                if not items and backends:
+                    await note_unknown_backends(api, backends)
                 return {**page, "items": items}
 
     found = run(pages, url)
 
     def table() -> RenderableType:
-        more = "  (more: raise --limit)" if found["next_cursor"] else ""
+        more = f"  (more: --cursor {found['next_cursor']})" if found["next_cursor"] else ""
         count = len(found["items"])
         return Group(jobs_table(found["items"]), Text(f"{count} job(s){more}", "dim"))
 
     emit(found, as_json, table)
+
+
+async def note_unknown_backends(api: Api, backends: Sequence[str]) -> None:
+    """Say on stderr which of `backends` the service has no plugin for (a
+    typo lists no job, as a backend with none does), with the nearest name."""
+    try:
+        offered = (await api.send("GET", "/health")).json().get("backends", [])
+    except (ServiceError, ValueError, AttributeError):  # a note only: nothing to say
+        return
+    for name in backends:
+        if name not in offered:
+            near = difflib.get_close_matches(name, offered, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            click.echo(f"tether: the service has no backend '{printable(name)}'{hint}", err=True)
 
 
 @click.command()

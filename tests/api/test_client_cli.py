@@ -157,6 +157,35 @@ def test_list_follows_pages_up_to_the_limit(service, receiver, monkeypatch):
     assert "cli-list-4" in table.stdout and "cli-list-3" in table.stdout
     assert "cli-list-2" not in table.stdout
     assert "failed" in table.stdout
+    assert "(more: --cursor " in table.stdout  # how to go on
+    # going on where it stopped, and a time window: as the API lists them
+    went_on = cli(
+        service.url, "list", "--json", "--state", "failed", "--cursor", fewer["next_cursor"]
+    )
+    assert went_on.exit_code == 0, went_on.stderr
+    cursor = fewer["next_cursor"]
+    assert json.loads(went_on.stdout) == served(service, f"/jobs?state=failed&cursor={cursor}")
+    assert [job["id"] for job in json.loads(went_on.stdout)["items"]][:2] == ids[3:]
+    after = expected["items"][2]["created_at"]  # cli-list-2's
+    window = cli(service.url, "list", "--json", "--state", "failed", "--created-after", after)
+    assert [job["id"] for job in json.loads(window.stdout)["items"]] == ids[:2]
+    assert window.stderr == ""
+    refused = cli(service.url, "list", "--created-before", "yesterday")
+    assert refused.exit_code == 4 and "created_before" in refused.stderr, refused.stderr
+
+
+def test_list_names_a_backend_the_service_lacks_when_it_finds_no_job(service):
+    typo = cli(service.url, "list", "--backend", "http-webhook")
+    assert typo.exit_code == 0, typo.stderr
+    assert "0 job(s)" in typo.stdout
+    assert typo.stderr == (
+        "tether: the service has no backend 'http-webhook'; did you mean http_webhook?\n"
+    )
+    as_json = cli(service.url, "list", "--json", "--backend", "nothing-near")
+    assert json.loads(as_json.stdout) == {"items": [], "next_cursor": None}
+    assert as_json.stderr == "tether: the service has no backend 'nothing-near'\n"
+    installed = cli(service.url, "list", "--backend", "http_webhook", "--tag", "none-has-it")
+    assert installed.stderr == ""
 
 
 # ── watch and submit --wait: exit statuses ───────────────────────────────────
