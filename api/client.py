@@ -56,7 +56,14 @@ SAFETY_POLL = 5.0
 rereads it at once, this only covers a state change that brings no event."""
 RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 """Pauses before each new try once a service stops answering mid-watch or
-mid-stream (a restart): then the command gives up with exit status 4."""
+mid-stream (a restart), the last repeated until `OUTAGE_FOR` has passed:
+then the command gives up with exit status 4."""
+OUTAGE_FOR = 120.0
+"""Seconds `watch`, `submit --wait` and `events --follow` go on trying while
+their service cannot be reached or answers `RESTARTING` (a restart, a deploy:
+they gave up after about 8 s, and a CI job waiting on a job that then
+succeeded reported a service error; found by an exploratory QA pass), as
+`tether complete` goes on for `RETRY_FOR`."""
 RETRY_FOR = 120.0
 """Seconds `tether complete` (and `tether heartbeat`) go on trying when the
 service cannot be reached or answers `RESTARTING` (`--retry-for`): an
@@ -293,16 +300,26 @@ or briefly without its store: tried again, as silence is."""
 
 async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
     """`call()`, tried again while the service cannot be reached or answers
-    `RESTARTING` (it may be restarting), pausing `RECONNECT_DELAYS`; then its
-    `ServiceError`."""
-    for delay in RECONNECT_DELAYS:
+    `RESTARTING` (it may be restarting), pausing `RECONNECT_DELAYS`; its
+    `ServiceError` once they are spent and `OUTAGE_FOR` has passed."""
+    tries, since = 0, time.monotonic()
+    while True:
         try:
             return await call()
         except ServiceError as exc:
             if exc.status is not None and exc.status not in RESTARTING:  # an answer
                 raise
-        await asyncio.sleep(delay)
-    return await call()
+            if given_up(tries, since):
+                raise
+        await asyncio.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)])
+        tries += 1
+
+
+def given_up(tries: int, since: float) -> bool:
+    """Whether an outage is given up after `tries` tries again since the
+    monotonic time `since`: every pause of `RECONNECT_DELAYS` made, and
+    `OUTAGE_FOR` passed."""
+    return tries >= len(RECONNECT_DELAYS) and time.monotonic() - since >= OUTAGE_FOR
 
 
 # ── events: pages, or a server-sent event stream ──────────────────────────────
@@ -360,12 +377,13 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
     dropped connection, a service or proxy restarting: `RESTARTING`) is
     resumed after the last event seen (`Last-Event-ID`), so none is missed or
     repeated; after `RECONNECT_DELAYS` tries in a row that brought no event
-    and lasted less than `HEALTHY_STREAM`, `ServiceError`. A service older
+    and lasted less than `HEALTHY_STREAM`, and `OUTAGE_FOR` since the first
+    of them, `ServiceError`. A service older
     than `end` (its stream has no `STREAM_ENDS` header) ends a stream after
     `finished`, saying nothing: that close is the end. `ServiceError` too
     when the job was deleted before its `finished` was seen."""
     last_id: str | None = None
-    tries = 0
+    tries, since = 0, time.monotonic()
     finished: int | None = None
     """The attempt of the last `finished` seen, unless a later attempt's event
     followed it (a retry, which the stream follows)."""
@@ -409,10 +427,13 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
         else:  # closed without its end: a dropped connection, a service stopping
             failure = ServiceError(f"the event stream from {public(api.url)} keeps ending early")
         healthy = got_one or time.monotonic() - opened >= HEALTHY_STREAM
-        tries = 0 if healthy else tries + 1
-        if tries > len(RECONNECT_DELAYS):
+        if healthy:
+            tries, since = 0, time.monotonic()
+        elif given_up(tries, since):
             raise failure
-        await asyncio.sleep(RECONNECT_DELAYS[tries - 1] if tries else 0)
+        else:
+            tries += 1
+        await asyncio.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS)) - 1] if tries else 0)
 
 
 async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:

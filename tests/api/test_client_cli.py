@@ -13,6 +13,7 @@ tested against it (`tests/api/test_cli_output.py`, `tests/api/test_events.py`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -867,10 +868,36 @@ def test_standin_follow_of_a_job_deleted_after_its_end_ends_there(stand_in):
 def test_standin_follow_gives_up_with_exit_4_when_the_stream_keeps_breaking(stand_in, monkeypatch):
     stand_in.drops, stand_in.drop_after = 1000, 0  # every stream cut before an event
     monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(client_module, "OUTAGE_FOR", 0.0)
     done = cli(stand_in.url, "events", "job-1", "--follow")
     assert done.exit_code == 4
     assert done.stderr.startswith(f"tether: cannot reach {stand_in.url}: ")
     assert stand_in.last_event_ids == [None, None, None]  # the first try and two more
+
+
+def test_standin_follow_and_a_watchs_reads_go_on_through_an_outage(stand_in, monkeypatch):
+    """They gave up after `RECONNECT_DELAYS` (about 8 s), where `complete`
+    goes on for two minutes: a slow deploy made a CI job's `submit --wait`
+    report a service error for a job that then succeeded (found by an
+    exploratory QA pass). Now they go on for `OUTAGE_FOR`."""
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.02))
+    monkeypatch.setattr(client_module, "OUTAGE_FOR", 10.0)
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    stand_in.refusals = dict.fromkeys(range(2, 22), 503)  # 20 tries, well past the two pauses
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert len(stand_in.last_event_ids) == 22
+    # a watch's reads of the job, the same
+    answers = iter([client_module.ServiceError("cannot reach", None)] * 20)
+
+    async def flaky() -> str:
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return "read"
+
+    assert asyncio.run(client_module.patiently(flaky)) == "read"
 
 
 def test_standin_watch_prefers_the_event_stream(stand_in):
