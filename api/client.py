@@ -1053,14 +1053,62 @@ def watch_command(job_id: str, url: str, as_json: bool) -> None:
     watch(url, job_id, as_json)
 
 
+def some_ids(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Job ID arguments, none of them empty (`an_id`)."""
+    return tuple(an_id(ctx, param, job_id) for job_id in value)
+
+
+def on_each(
+    job_ids: Sequence[str], action: str, body: Any, url: str, as_json: bool, done_as: str
+) -> None:
+    """`POST /jobs/ID/<action>` for each of several jobs, in order: the jobs
+    as they became, a table or one `{"items", "refused"}` document (each
+    refusal `{"id", "error", "status"}`, also said on stderr); exit 4 when any
+    was refused. A service that cannot be reached stops the rest (each then
+    refused, status null)."""
+
+    async def work(api: Api) -> tuple[list[Any], list[dict[str, Any]]]:
+        done: list[Any] = []
+        refused: list[dict[str, Any]] = []
+        for n, job_id in enumerate(job_ids):
+            try:
+                done.append(await api.call("POST", job_path(job_id, action), A_JOB, json=body))
+            except ServiceError as exc:
+                refused.append({"id": job_id, "error": exc.message, "status": exc.status})
+                if exc.status is None:  # not reached: the rest would not be either
+                    why = "not tried: the service could not be reached"
+                    refused += [{"id": i, "error": why, "status": None} for i in job_ids[n + 1 :]]
+                    break
+        return done, refused
+
+    done, refused = run(work, url)
+    for failure in refused:
+        click.echo(f"tether: {printable(failure['id'])}: {printable(failure['error'])}", err=True)
+
+    def table() -> RenderableType:
+        said = f"{len(done)} {done_as}" + (f", {len(refused)} refused" if refused else "")
+        return Group(jobs_table(done), Text(said, "dim"))
+
+    emit({"items": done, "refused": refused}, as_json, table)
+    if refused:
+        sys.exit(SERVICE_ERROR)
+
+
 @click.command()
-@click.argument("job_id", metavar="ID", callback=an_id)
+@click.argument("job_ids", metavar="ID...", nargs=-1, required=True, callback=some_ids)
 @click.option("--reason", help="Why; kept in the job's error message.")
 @service_options
-def cancel(job_id: str, reason: str | None, url: str, as_json: bool) -> None:
+def cancel(job_ids: tuple[str, ...], reason: str | None, url: str, as_json: bool) -> None:
     """Cancel a waiting job (POST /jobs/ID/cancel); its backend is asked to
-    stop the external run. A job that already finished is an error (exit 4)."""
+    stop the external run. A job that already finished is an error (exit 4).
+
+    Several IDs are cancelled one after another, each whatever the others
+    did: a table of those cancelled (with --json, `{"items", "refused"}`),
+    each refusal on stderr, and exit 4 if there was any."""
     body = {"reason": reason} if reason is not None else None
+    if len(job_ids) > 1:
+        return on_each(job_ids, "cancel", body, url, as_json, "canceled")
+    [job_id] = job_ids
     job = run(lambda api: api.call("POST", job_path(job_id, "cancel"), A_JOB, json=body), url)
     emit(job, as_json, lambda: job_table(job))
 
@@ -1190,7 +1238,7 @@ def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool)
 
 
 @click.command()
-@click.argument("job_id", metavar="ID", callback=an_id)
+@click.argument("job_ids", metavar="ID...", nargs=-1, required=True, callback=some_ids)
 @click.option(
     "--attempt",
     type=click.IntRange(min=1),
@@ -1204,10 +1252,21 @@ def heartbeat(callback_url: str, progress: Any, retry_for: float, as_json: bool)
     help="Then watch the job until it ends, with the exit status of `tether watch`.",
 )
 @service_options
-def retry(job_id: str, attempt: int | None, wait: bool, url: str, as_json: bool) -> None:
+def retry(
+    job_ids: tuple[str, ...], attempt: int | None, wait: bool, url: str, as_json: bool
+) -> None:
     """Run a failed, timed-out or canceled job again (POST /jobs/ID/retry): its
     next attempt, with a new callback URL and a fresh deadline. A job that is
-    waiting or succeeded is an error (exit 4)."""
+    waiting or succeeded is an error (exit 4).
+
+    Several IDs are retried one after another, as `cancel` does them
+    (without --attempt or --wait, which name one job)."""
+    if len(job_ids) > 1:
+        for option, given in (("--attempt", attempt is not None), ("--wait", wait)):
+            if given:
+                raise click.BadParameter("names one job: give one ID", param_hint=f"'{option}'")
+        return on_each(job_ids, "retry", None, url, as_json, "retried")
+    [job_id] = job_ids
     body = {"attempt": attempt} if attempt is not None else None
     job = run(lambda api: api.call("POST", job_path(job_id, "retry"), A_JOB, json=body), url)
     if wait:

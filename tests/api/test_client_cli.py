@@ -285,6 +285,41 @@ def test_watch_exits_3_when_the_job_is_canceled(service, receiver):
     assert job["error"]["message"] == "canceled by request: not needed"
 
 
+def test_cancel_and_retry_take_several_ids_each_whatever_the_others_did(service, receiver):
+    """Cancelling what a filter lists took one `tether cancel` a job (found
+    by an exploratory QA pass): several IDs now, each tried, the refused
+    ones named on stderr, exit 4 if any was."""
+    ids = [f"cli-many-{n}" for n in range(3)]
+    for job_id in ids:
+        args = ["--id", job_id, "--params", webhook(receiver)]
+        assert cli(service.url, "submit", "http_webhook", *args).exit_code == 0
+        settled(service, job_id, "running")
+    done = cli(service.url, "cancel", ids[0], "cli-many-none", ids[1], "--reason", "bulk")
+    assert done.exit_code == 4
+    assert ids[0] in done.stdout and ids[1] in done.stdout and ids[2] not in done.stdout
+    assert "2 canceled, 1 refused" in done.stdout
+    assert done.stderr.startswith("tether: cli-many-none: no job 'cli-many-none'"), done.stderr
+    for job_id in ids[:2]:
+        assert served(service, f"/jobs/{job_id}")["state"] == "canceled"
+    assert served(service, f"/jobs/{ids[2]}")["state"] == "running"
+
+    retried = cli(service.url, "retry", *ids, "--json")  # the third is still waiting
+    assert retried.exit_code == 4
+    found = json.loads(retried.stdout)
+    assert [job["id"] for job in found["items"]] == ids[:2]
+    assert [job["attempt"] for job in found["items"]] == [2, 2]
+    [refusal] = found["refused"]
+    assert (refusal["id"], refusal["status"]) == (ids[2], 409)
+    assert cli(service.url, "cancel", *ids, "--json").exit_code == 0  # all waiting: all canceled
+    for option in ("--wait", "--attempt=2"):
+        refused = cli(service.url, "retry", *ids, option)
+        assert refused.exit_code == 2 and "names one job: give one ID" in refused.stderr
+    stopped = cli("http://127.0.0.1:1", "cancel", *ids, "--json")  # nothing listens there
+    assert stopped.exit_code == 4
+    assert [r["status"] for r in json.loads(stopped.stdout)["refused"]] == [None] * 3
+    assert "not tried: the service could not be reached" in stopped.stderr
+
+
 def following(*args: str, url: str) -> subprocess.Popen[str]:
     """`tether ARGS` as a process, its output piped (a line per change)."""
     env = {**os.environ, "TETHER_URL": url}
