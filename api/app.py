@@ -119,7 +119,7 @@ def token_problem(settings: Settings) -> str | None:
         ("TETHER_API_TOKEN", settings.api_token, api),
         ("TETHER_READ_TOKEN", settings.read_token, read),
     ):
-        if value.strip() and not tokens:  # `${A},${B}` with both empty
+        if value and not tokens:  # `${A},${B}` with both empty, `"${A} "`
             return (
                 f"{name} is set but lists no token (only commas and spaces): is a variable"
                 " it was made of empty? Without an API token every route is open to anyone;"

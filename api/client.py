@@ -199,8 +199,8 @@ def api_token() -> str:
     token = next(iter(listed(os.environ.get("TETHER_API_TOKEN", ""))), "")
     if unsendable(token):  # httpx refused it as the request went out: "the connection broke"
         raise click.UsageError(
-            "TETHER_API_TOKEN holds a control character (a line break?), which no HTTP"
-            " header can carry; set the token alone"
+            "TETHER_API_TOKEN holds a control character (a line break?) or one past ASCII,"
+            " which no Authorization header can carry; set the token alone"
         )
     return token
 

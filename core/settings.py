@@ -91,10 +91,14 @@ def listed(value: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in value.split(",")) if item)
 
 
-def unsendable(token: str) -> bool:
+def unsendable(token: str, *, ascii_only: bool = True) -> bool:
     """Whether `token` holds a control character (a line break, pasted with
-    it), which no HTTP header carries: no client could send it."""
-    return any(ord(char) < 32 or ord(char) == 127 for char in token)
+    it), which no HTTP header carries, or (`ascii_only`) a character past
+    ASCII, which a bearer client cannot send as it is: a client could not
+    send it."""
+    return any(
+        ord(char) < 32 or ord(char) == 127 or (ascii_only and ord(char) > 127) for char in token
+    )
 
 
 def limits_of(value: str) -> dict[str, int]:
@@ -288,15 +292,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 " external systems reach this service at: http(s)://HOST[:PORT][/PATH] (PORT"
                 " 1-65535), with no user:password@, ?query or #fragment"
             )
-        for name, tokens in (
-            ("TETHER_STORE_TOKEN", [self.store_token]),
-            ("TETHER_API_TOKEN", listed(self.api_token)),  # (each of them stripped)
-            ("TETHER_READ_TOKEN", listed(self.read_token)),
+        if unsendable(self.store_token, ascii_only=False):  # never the value
+            raise ValueError(
+                "invalid setting TETHER_STORE_TOKEN: it holds a control character (a line"
+                " break?), which no HTTP header can carry; set the token alone"
+            )
+        for name, value in (
+            ("TETHER_API_TOKEN", self.api_token),
+            ("TETHER_READ_TOKEN", self.read_token),
         ):
-            if any(unsendable(token) for token in tokens):  # never the value
+            if any(unsendable(token) for token in listed(value)):  # (each stripped)
                 raise ValueError(
-                    f"invalid setting {name}: it holds a control character (a line break?),"
-                    " which no HTTP header can carry; set the token alone"
+                    f"invalid setting {name}: a token holds a control character (a line"
+                    " break?) or one past ASCII, which clients cannot send in an"
+                    " Authorization header (the dashboard's sign-in could, the API not);"
+                    " use printable ASCII"
                 )
         if not GROUP.fullmatch(self.group):
             raise ValueError(

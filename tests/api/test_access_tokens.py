@@ -196,6 +196,8 @@ def test_a_read_token_without_an_api_token_stops_tether_serve(tmp_path: Path):
         ),
         # a list of empty variables: the API open, silently (an exploratory QA pass)
         (" , ", "", "TETHER_API_TOKEN is set but lists no token \\(only commas and spaces\\)"),
+        ("   ", "", "TETHER_API_TOKEN is set but lists no token"),  # every route was open
+        (API_TOKENS[0], " ", "TETHER_READ_TOKEN is set but lists no token"),
         (",", READ_TOKEN, "TETHER_API_TOKEN is set but lists no token"),
         (API_TOKENS[0], ",", "TETHER_READ_TOKEN is set but lists no token"),
     ],
