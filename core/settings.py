@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
+import msgspec.inspect
 
 PREFIX = "TETHER_"
 
@@ -31,6 +32,11 @@ MIN_RETENTION = 86_400.0
 """The shortest `TETHER_RETENTION` (and `tether gc --older-than`): a day."""
 MAX_RETENTION = 100 * 365 * 86_400.0
 """The longest: a hundred years (past it, a time in milliseconds overflows the store)."""
+MAX_SECONDS = MAX_RETENTION
+"""The most seconds any setting takes (a timeout, an interval, a backoff): a
+`TETHER_MAX_TIMEOUT` past it let a job's deadline overflow the dates it is
+read as, and every list holding the job failed (found by an exploratory QA
+pass)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 """Hosts that listen on every interface: no external system can call back to them."""
@@ -273,6 +279,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(
                     f"invalid setting {PREFIX}{name.upper()}: {value}; use a finite number"
                 )
+            if isinstance(value, float) and value > MAX_SECONDS and name != "retention":
+                # (each float is seconds; the retention's check below says more)
+                raise ValueError(
+                    f"invalid setting {PREFIX}{name.upper()}: {value:g}; at most"
+                    f" {MAX_SECONDS:g} seconds (a hundred years: past it, a time in"
+                    " milliseconds overflows the store)"
+                )
         if self.default_timeout > self.max_timeout:
             raise ValueError(
                 f"invalid settings: TETHER_DEFAULT_TIMEOUT ({self.default_timeout:g} s) is more"
@@ -371,11 +384,17 @@ def from_env[S: msgspec.Struct](
     settings with it (`core.plugin.settings_from_env`).
     """
     env = os.environ if env is None else env
+    types = _field_types(cls)
     raw: dict[str, Any] = {}
     for name in cls.__struct_fields__:
         value = env.get(prefix + name.upper())
-        if value is not None:
-            raw[name] = value
+        if value is None:
+            continue
+        if isinstance(types[name], msgspec.inspect.IntType) and not WHOLE.fullmatch(value):
+            # msgspec reads `1e3` and `8000.0` as whole numbers (TETHER_PORT=1e3
+            # listened on port 1000: an exploratory QA pass)
+            raise ValueError(f"invalid setting {prefix}{name.upper()}: not a whole number")
+        raw[name] = value
     raw.update(overrides)
     try:
         return msgspec.convert(raw, cls, strict=False)
@@ -385,7 +404,27 @@ def from_env[S: msgspec.Struct](
         field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
         said = str(exc).split(" - ")[0]
         said = NOT_READ.get(said, said)  # every variable's value is a string
+        kind = types.get(field)
+        if isinstance(kind, msgspec.inspect.LiteralType):
+            said = f"{said}; use one of {', '.join(map(str, kind.values))}"
+        elif (bound := BOUND.fullmatch(said)) is not None:
+            whole = "a whole number" if bound[1] == "int" else "a number"
+            said = f"must be {whole} {bound[2]} {float(bound[3]):g}"
         raise ValueError(f"invalid setting {prefix}{field.upper()}: {said}") from None
+
+
+WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
+"""A whole-number setting as written: decimal digits only."""
+BOUND = re.compile(r"Expected `(int|float)` ([<>]=?) (\S+)")
+"""msgspec's words for a number out of its field's range."""
+
+
+@functools.cache
+def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    """Each field's type as `msgspec.inspect` describes it."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {field.name: field.type for field in info.fields}
 
 
 def env_names(cls: type[msgspec.Struct], prefix: str) -> set[str]:
