@@ -77,6 +77,13 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
     async def require_api_token(  # async: Litestar runs a sync guard in a thread
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
+        method = connection.scope.get("method", "")
+        if method not in READ_METHODS and another_sites(connection):
+            raise PermissionDeniedException(
+                f"a change asked by a page of another site ({CROSS_SITE_WHY}) is refused: a"
+                " web page's script may not start, cancel or retry jobs; call the API from"
+                " a program, or from the dashboard"
+            )
         if not api:
             return
         given = bearer(connection)
@@ -100,6 +107,27 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
             )
 
     return require_api_token
+
+
+CROSS_SITE_WHY = "its browser says so in Sec-Fetch-Site or Origin"
+
+
+def another_sites(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """Whether a browser says a page of another origin made this request:
+    `Sec-Fetch-Site` other than `same-origin` (or `none`: typed by its user),
+    or, from a browser too old to send it, an `Origin` not the request's own
+    host. A program (curl, the CLI, an SDK) sends neither. Without an API
+    token every route is open, and a page anyone opens in a browser on the
+    service's host could start, cancel and retry jobs by a POST no CORS
+    preflight stops (found by an exploratory QA pass of the dashboard)."""
+    headers = connection.headers
+    fetched = headers.get("sec-fetch-site")
+    if fetched is not None:
+        return fetched.lower() not in ("same-origin", "none")
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    return origin.lower().partition("://")[2] != headers.get("host", "").lower()
 
 
 def session_access(

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote
 
@@ -521,3 +523,58 @@ def test_the_api_docs_page_renders_under_its_content_security_policy(context, se
     docs.locator(".swagger-ui .info .title").filter(has_text="Tether").wait_for()
     docs.locator(".opblock-summary-path", has_text="/jobs").first.wait_for()
     assert not [text for text in refused if "Content Security Policy" in text], refused
+
+
+def test_a_page_of_another_site_cannot_change_jobs_on_a_service_without_tokens(
+    context, service, client, hooks
+):
+    """Without TETHER_API_TOKEN every route is open: a page the operator
+    opened elsewhere cancelled, retried and created jobs by `fetch` POSTs no
+    CORS preflight stops (no body, or a Blob body: no Content-Type). Found by
+    an exploratory QA pass of the dashboard. The browser names the page's
+    site (`Sec-Fetch-Site`), and a change it did not make on the service's
+    own pages is refused; programs send no such header."""
+    running = unique("cross-site")
+    start_job(client, hooks, running)
+    planted = unique("planted")
+    script = f"""
+      const api = "{service.url}";
+      const body = new Blob([JSON.stringify({{id: "{planted}", backend: "http_webhook",
+                             params: {{url: "{hooks.url("/hook")}"}}}})]);
+      Promise.all([
+        fetch(api + "/jobs/{running}/cancel", {{method: "POST", mode: "no-cors"}}),
+        fetch(api + "/jobs", {{method: "POST", mode: "no-cors", body}}),
+      ]).then(() => {{ document.title = "sent"; }}, () => {{ document.title = "failed"; }});
+    """
+    page_html = f"<!doctype html><title>evil</title><script>{script}</script>".encode()
+
+    class Evil(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(page_html)))
+            self.end_headers()
+            self.wfile.write(page_html)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        for host in ("localhost", "127.0.0.1"):  # another site; the same site, another port
+            page = context.new_page()
+            page.goto(f"http://{host}:{evil.server_address[1]}/evil.html")
+            expect(page).to_have_title("sent")
+            page.close()
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    assert client.get(f"/jobs/{running}").json()["state"] == "running"
+    assert client.get(f"/jobs/{planted}").status_code == 404
+    refused = client.post(
+        f"/jobs/{running}/cancel", headers={"origin": "http://localhost:1"}
+    )  # a browser too old to send Sec-Fetch-Site
+    assert refused.status_code == 403, refused.text
+    assert "a page of another site" in refused.json()["error"]["message"]
+    assert client.post(f"/jobs/{running}/cancel").status_code == 200  # a program: as ever
