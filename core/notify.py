@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -58,6 +59,12 @@ MAX_BACKOFF = 3600.0
 """The longest wait between two tries of a notification, in seconds."""
 CONCURRENCY = 16
 """Notifications one process delivers at once."""
+PER_SITE = 8
+"""Of those, to one site (scheme and host, `notify_site`) at most: a
+receiver that hangs (each try waits `REQUEST_TIMEOUT`) held every place, and
+other receivers' notifications waited behind its backlog, round after round
+of retries (48 to a hung receiver held a healthy one's 32 s: found by an
+exploratory QA pass)."""
 DEFAULT_POLL = 10.0
 """Seconds between looks at the outbox when `watchdog_interval` is not positive."""
 RETRY_AFTER = 1.0
@@ -85,6 +92,15 @@ def failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
+def notify_site(url: str) -> str:
+    """A notification URL's scheme and host as written (up to the path, the
+    query or the fragment): what `PER_SITE` counts, and what the outbox's
+    read skips by its text."""
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    return f"{scheme}{sep}{rest[:end]}"
+
+
 def signature(webhooks: list[Webhook], msg_id: str, seconds: int, body: str) -> str:
     """The `webhook-signature` header: `v1,<base64>` under each key, current
     first, separated by spaces (Standard Webhooks)."""
@@ -103,6 +119,7 @@ class Notifier:
         jobs: JobIndex,
         secrets: Sequence[str],
         concurrency: int = CONCURRENCY,
+        per_site: int = PER_SITE,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
@@ -110,10 +127,13 @@ class Notifier:
         if not self.webhooks:
             raise ValueError("a Notifier needs a notification secret")
         self.concurrency = concurrency
+        self.per_site = per_site
         self.poll = settings.watchdog_interval if settings.watchdog_interval > 0 else DEFAULT_POLL
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._per_site: Counter[str] = Counter()
+        """Deliveries in flight to each site (`notify_site`)."""
         self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -161,26 +181,34 @@ class Notifier:
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return self.poll  # each delivery that ends wakes the loop
-        due = await self.jobs.notifications_due(now, free)
+        full = [site for site, count in self._per_site.items() if count >= self.per_site]
+        due = await self.jobs.notifications_due(now, free, full)
         until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
         started = 0
         for note in due:
+            site = notify_site(note.url)
+            if self._per_site[site] >= self.per_site:
+                continue  # its site's places filled in this round: a later one
             if note.id in self._inflight or not await self.jobs.claim_notification(note, until):
                 continue  # another process took it (or this one still has it)
             claimed = msgspec.structs.replace(note, due_at=until, tries=note.tries + 1)
-            task = asyncio.create_task(self._deliver(claimed), name=f"tether-notify-{note.id}")
+            task = asyncio.create_task(
+                self._deliver(claimed, site), name=f"tether-notify-{note.id}"
+            )
             self._inflight[note.id] = task
+            self._per_site[site] += 1
             started += 1
         if started and len(due) == free:
             return 0.0  # more may be due
         if due and not started:
             return self.poll  # others have them now
-        at = await self.jobs.next_notification_at()
+        # (a site whose places are taken: a delivery that ends wakes the loop)
+        at = await self.jobs.next_notification_at(full)
         if at is None:
             return self.poll
         return min(self.poll, max(at - now_ms(), 0) / 1000)
 
-    async def _deliver(self, note: Notification) -> None:
+    async def _deliver(self, note: Notification, site: str) -> None:
         try:
             status, error = await self.post(note)
             await self._tried(note, status, error)
@@ -196,6 +224,10 @@ class Notifier:
             )
         finally:
             self._inflight.pop(note.id, None)
+            if self._per_site[site] > 1:
+                self._per_site[site] -= 1
+            else:
+                self._per_site.pop(site, None)
             self._wake.set()
 
     async def post(self, note: Notification) -> tuple[int | None, str | None]:

@@ -228,12 +228,15 @@ class JobIndex(Protocol):
         """The backends that have queued jobs."""
         ...
 
-    async def notifications_due(self, now: int, limit: int) -> list[Notification]:
-        """Outbox: notifications due to be tried, the longest due first. The
+    async def notifications_due(
+        self, now: int, limit: int, skipping: Sequence[str] = ()
+    ) -> list[Notification]:
+        """Outbox: notifications due to be tried, the longest due first, but
+        those to a URL beginning with one of `skipping` (`notify_site`). The
         end of an attempt of a job with a notify URL puts one there."""
         ...
 
-    async def next_notification_at(self) -> int | None: ...
+    async def next_notification_at(self, skipping: Sequence[str] = ()) -> int | None: ...
 
     async def notification_waiting(self, job_id: str, created_at: int) -> bool:
         """Whether a notification of the job made at `created_at` (not of a

@@ -204,6 +204,17 @@ _JSON = operator.itemgetter(*(n for n, c in enumerate(JOB_ROWS.table.columns) if
 tags): what may be large."""
 
 
+def _skipping(sites: Sequence[str]) -> tuple[str, list[Any]]:
+    """The outbox's condition (` AND ...`, and its arguments) that passes over
+    the notifications whose URL begins with one of `sites` (a scheme and host
+    as written, then the end, a path, a query or a fragment)."""
+    where, args = "", []
+    for site in sites:
+        where += " AND NOT (url = ? OR substr(url, 1, ?) IN (?, ?, ?))"
+        args += [site, len(site) + 1, f"{site}/", f"{site}?", f"{site}#"]
+    return where, args
+
+
 def _weight(row: tuple[Any, ...]) -> int:
     """A job row's size as `SqlJobIndex.PAGE_BYTES` counts it: its JSON's
     text (about 1 µs a row: every column's took 4, a tenth of a page's read)."""
@@ -1210,18 +1221,31 @@ class SqlJobIndex:
 
         return await self.db.atomic(body)
 
-    async def notifications_due(self, now: int, limit: int) -> list[Notification]:
-        """Notifications whose time to be tried has come, the longest due first."""
+    async def notifications_due(
+        self, now: int, limit: int, skipping: Sequence[str] = ()
+    ) -> list[Notification]:
+        """Notifications whose time to be tried has come, the longest due
+        first, but those to a URL beginning with one of `skipping` (a scheme
+        and host as written, `notify_site`)."""
+        where, args = _skipping(skipping)
         rows = await self.db.fetch(
-            f"SELECT {_N_COLUMNS} FROM tether_notifications WHERE due_at <= ?"
+            f"SELECT {_N_COLUMNS} FROM tether_notifications WHERE due_at <= ?{where}"
             " ORDER BY due_at LIMIT ?",
-            (now, limit),
+            (now, *args, limit),
         )
         return [NOTIFICATION_ROWS.decode(r) for r in rows]
 
-    async def next_notification_at(self) -> int | None:
-        """When the next notification is due (None: none waits)."""
-        rows = await self.db.fetch("SELECT min(due_at) FROM tether_notifications", ())
+    async def next_notification_at(self, skipping: Sequence[str] = ()) -> int | None:
+        """When the next notification is due (None: none waits), but those
+        to a URL beginning with one of `skipping`."""
+        if not skipping:  # the first entry of the index
+            rows = await self.db.fetch("SELECT min(due_at) FROM tether_notifications", ())
+            return rows[0][0] if rows else None
+        where, args = _skipping(skipping)
+        rows = await self.db.fetch(
+            f"SELECT due_at FROM tether_notifications WHERE 1 = 1{where} ORDER BY due_at LIMIT 1",
+            tuple(args),
+        )
         return rows[0][0] if rows else None
 
     async def notification_waiting(self, job_id: str, created_at: int) -> bool:

@@ -31,6 +31,7 @@ from core.notify import (
     UNSENDABLE,
     Notifier,
     failure,
+    notify_site,
     signature,
 )
 from core.store.jobs import Event, JobIndex, Notification, now_ms
@@ -76,7 +77,7 @@ async def hook() -> AsyncIterator[Hook]:
 
 @contextlib.asynccontextmanager
 async def notifier(
-    concurrency: int = 16, loop: bool = True, **given: Any
+    concurrency: int = 16, loop: bool = True, per_site: int = 8, **given: Any
 ) -> AsyncIterator[tuple[Parts, Notifier]]:
     """The memory store and a started Notifier on it (`notify_backoff` 5 s,
     `notify_retry_for` 60 s unless set; its loop looks at the outbox as it
@@ -86,7 +87,7 @@ async def notifier(
     settings.update(given)
     async with open_parts(**settings) as parts:
         parts.jobs.message = lambda rec: '{"type": "job.finished"}'
-        sender = Notifier(parts.settings, parts.jobs, [SECRET], concurrency)
+        sender = Notifier(parts.settings, parts.jobs, [SECRET], concurrency, per_site)
         sender.start()
         if not loop:
             assert sender._task is not None
@@ -343,7 +344,8 @@ async def test_a_try_whose_record_fails_is_logged_and_left_to_its_claim():
 
         parts.jobs.notification_tried = fails  # type: ignore[method-assign]
         with logs_of("tether.notify") as logs:
-            await sender._deliver(note)  # a delivery this process did not claim: none in flight
+            # a delivery this process did not claim: none in flight
+            await sender._deliver(note, notify_site(note.url))
     assert len(receiver.got) == 1
     assert logs.fields() == [
         (
@@ -370,7 +372,7 @@ async def test_a_store_that_does_not_answer_is_asked_again_within_a_second(monke
     async with open_parts(watchdog_interval=0) as parts:
         looked: list[int] = []
 
-        async def fails(now: int, limit: int) -> list[Notification]:
+        async def fails(now: int, limit: int, skipping: Any = ()) -> list[Notification]:
             looked.append(now)
             raise OSError("the store did not answer")
 
@@ -427,6 +429,37 @@ async def test_a_round_claims_what_it_has_room_for_each_for_a_try_and_its_margin
         await eventually(lambda: len(receiver.got) == 3)
         assert await jobs.next_notification_at() == now + CLAIM
         release()
+
+
+async def test_a_hung_receiver_holds_only_its_sites_places(clock):
+    """48 notifications to a receiver that hangs held every place, and a
+    healthy receiver's waited behind them, round after round (found by an
+    exploratory QA pass). A site takes `per_site` places at most, and the
+    outbox's read passes over a site whose places are taken."""
+    async with (
+        hook() as hung,
+        hook() as healthy,
+        notifier(concurrency=4, per_site=2, loop=False) as (parts, sender),
+    ):
+        jobs, release = parts.jobs, held(hung)
+        at = now_ms()
+        for i in range(5):  # the longest due
+            await ended(jobs, hung.url(), f"hung-{i}", at + i)
+        await ended(jobs, healthy.url(path="/h?x=1"), "ok", at + 10)
+        now = at + 1_000
+        clock(now)
+        assert await sender.round(now) == 0.0  # two of the hung site's claimed; more may be due
+        assert await sender.round(now) == CLAIM / 1000  # its site full: the healthy one claimed
+        await eventually(lambda: len(healthy.got) == 1 and len(hung.got) == 2)
+        await eventually(lambda: len(sender._inflight) == 2)  # the healthy one delivered
+        assert dict(sender._per_site) == {hung.origin: 2}
+        assert await sender.round(now) == sender.poll  # room, but only the hung site is due
+        assert len(hung.got) == 2
+        release()
+        await eventually(lambda: not sender._inflight)
+        assert not sender._per_site
+    assert notify_site("https://h.example:8443/p?q#f") == "https://h.example:8443"
+    assert notify_site("http://h?token=x") == "http://h"
 
 
 async def test_a_try_a_round_started_is_recorded_as_the_claims_try(clock):
