@@ -22,7 +22,7 @@ from typing import Any
 
 from core.errors import StoreConfigError, StoreUnavailable
 from core.scratch import Scratch
-from core.settings import Settings, listed
+from core.settings import Settings, describe, listed
 from core.store.base import (
     STORE_WAIT,
     Store,
@@ -473,7 +473,8 @@ def sqlite_path(url: str) -> Path:
     """`sqlite:///relative/path` or `sqlite:////absolute/path` → the path."""
     if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
         raise ValueError(
-            f"TETHER_STORE={url!r}: write sqlite:///PATH (four slashes for an absolute path)"
+            f"TETHER_STORE={describe(url)!r}: write sqlite:///PATH (four slashes for an"
+            " absolute path)"
         )
     return Path(url.removeprefix("sqlite:///"))
 

@@ -685,7 +685,8 @@ def index_opener(index: str) -> Callable[[RemoteConnection], Awaitable[SqlJobInd
     if scheme == "sqlite":
         if not index.startswith("sqlite:///") or len(index) == len("sqlite:///"):
             raise StoreConfigError(
-                f"TETHER_INDEX={index!r}: write sqlite:///PATH (four slashes for an absolute path)"
+                f"TETHER_INDEX={describe(index)!r}: write sqlite:///PATH (four slashes for an"
+                " absolute path)"
             )
         return functools.partial(_sqlite_index, Path(index.removeprefix("sqlite:///")))
     if scheme in ("postgresql", "postgres"):

@@ -181,6 +181,12 @@ def test_a_plugins_setting_refused_is_one_line_as_a_core_one(env: dict[str, str]
     assert len(told.splitlines()) == 1 and "Traceback" not in told
 
 
+def test_a_store_url_with_a_password_is_refused_with_it_masked() -> None:
+    said = serve_refused(TETHER_STORE="sqlite://u:secretpw@x/db")
+    assert said.startswith("tether: TETHER_STORE='sqlite://***@x/db': write sqlite:///"), said
+    assert "secretpw" not in said
+
+
 @pytest.mark.parametrize("token", ["s3cret\nmore", "s3cret\r", "\x7fs3cret"])
 def test_a_store_token_no_header_can_carry_is_refused_without_showing_it(token: str) -> None:
     """A token pasted with its line break went into aiohttp's headers, which

@@ -101,6 +101,7 @@ async def test_the_token_goes_on_every_request_and_the_stream_and_nowhere_else(t
         ({"retention": 86400.0 * 30}, "TETHER_RETENTION cannot be used"),
         ({"index": "memory://"}, "TETHER_INDEX='memory://' is not supported"),
         ({"index": "sqlite://x.db"}, "write sqlite:///PATH"),
+        ({"index": "sqlite://u:pw@x/db"}, "TETHER_INDEX='sqlite://***@x/db': write sqlite:///"),
         ({"index": "redis://u:pw@h/0"}, "TETHER_INDEX='redis://***@h/0'"),
     ],
 )
