@@ -744,7 +744,7 @@ def backup_command(store: str | None, path: str, force: bool) -> None:
     """Copy the embedded store and its secrets (services may run).
 
     The copy is consistent and integrity checked; the store's callback secrets
-    go to PATH.secret."""
+    go to PATH.secret, its notification secrets to PATH.notify-secret."""
     settings = load_settings(store=store or None)
     unused = [secret_path] if settings.callback_secret else []
     unused += [notify_secret_path] if settings.notify_secret else []

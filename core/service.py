@@ -527,9 +527,10 @@ class Tether:
             # of the raw request: compare field by field, which also names them.
             differ = stored_request(self.plugins, stored).differences(normal)
             if differ:
+                verb = "differs" if len(differ) == 1 else "differ"
                 raise Conflict(
                     f"job {stored.id!r} exists with a different request ({', '.join(differ)}"
-                    " differ); use another id",
+                    f" {verb}); use another id",
                     {"field": "id", "differs": differ},
                 )
         try:

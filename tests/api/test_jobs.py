@@ -120,7 +120,8 @@ async def test_the_same_id_with_another_request_is_a_conflict_naming_what_differ
         error = response.json()["error"]
         assert error["code"] == "conflict"
         assert error["details"] == {"field": "id", "differs": differs}, change
-        assert f"({', '.join(differs)} differ)" in error["message"]
+        verb = "differs" if len(differs) == 1 else "differ"
+        assert f"({', '.join(differs)} {verb})" in error["message"]
     job = await svc.job("c")
     assert job["params"] == {"url": receiver.url()}
 
