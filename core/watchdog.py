@@ -39,12 +39,13 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from resonate.error import ServerError
 
 from core.bounds import bound_learnt
-from core.callbacks import learnt, status_said
+from core.callbacks import Repeats, learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins, contract_answer
@@ -221,6 +222,8 @@ class Watchdog:
         """When the sleeping loop sweeps next (Unix ms); while it sweeps, the
         earliest due this process wrote meanwhile (`inf`: none)."""
         self.started = now_ms()
+        self._failed_checks = Repeats()
+        """Which failed status checks are filed (`_check_failed`)."""
         """When this process's watchdog started (Unix ms): a heartbeat is not
         missed until `heartbeat_timeout` after it (`heartbeat_missed`)."""
         self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
@@ -403,10 +406,16 @@ class Watchdog:
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        answer = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
+        try:
+            answer = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
+        except Exception as exc:  # logged and filed; the next check as planned
+            log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
+            await self._check_failed(rec, type(exc).__name__)
+            return
         found, fault = read_status(rec.backend, answer)
-        if fault is not None:  # as a check that raised: logged, the next one as planned
+        if fault is not None:  # as a check that raised
             log.warning("watchdog: job %s: %s", rec.id, fault, extra=rec.log_extra())
+            await self._check_failed(rec, "TypeError")
             return
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
@@ -430,6 +439,21 @@ class Watchdog:
                 log.info(
                     "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
                 )
+
+    async def _check_failed(self, rec: JobRecord, error_type: str) -> None:
+        """File a routine status check that failed (`said: error`), at most
+        once a minute per job, attempt and error type, with `repeats` (it was
+        only logged, where the history promised it: found by an exploratory
+        QA pass; a check every second that keeps failing would flood the
+        history)."""
+        left_out = self._failed_checks.admit(rec.id, rec.attempt, error_type)
+        if left_out is None:
+            return
+        data: dict[str, Any] = {"said": "error", "error_type": error_type}
+        if left_out:
+            data["repeats"] = left_out
+        event = NewEvent("status_check", data)
+        await self.store.jobs.record(rec.id, [event], now_ms(), open_at=rec.attempt)
 
     async def stop_again(self, rec: JobRecord) -> None:
         """Stop the run of a job no workflow finishes whose stop's lease ran
@@ -484,8 +508,8 @@ class Watchdog:
                 answer = await asyncio.wait_for(
                     backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
                 )
-            except Exception as exc:
-                fault, error_type = type(exc).__name__, type(exc).__name__
+            except Exception as exc:  # the log says why (its tokens masked), the event what
+                fault, error_type = self._said(rec, exc), type(exc).__name__
             else:  # an answer it may not give: failed, as Python would say of it
                 (found, fault), error_type = read_status(rec.backend, answer), "TypeError"
             if fault is not None:

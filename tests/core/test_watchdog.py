@@ -577,8 +577,44 @@ async def test_a_check_answered_with_a_wrong_type_is_logged_by_its_type_alone(
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
     row = await rig.parts.row("c")
     assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
-    assert [t for t, _ in await history(rig, "c")] == []  # as after a check that raised
-    assert "s3cret" not in caplog.text
+    said_error = {"said": "error", "error_type": "TypeError"}
+    assert await history(rig, "c") == [("status_check", said_error)]  # as a raise's
+    assert "s3cret" not in caplog.text and "s3cret" not in repr(await history(rig, "c"))
+
+
+async def test_a_failed_status_check_is_filed_once_a_minute_with_its_repeats(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A routine check that raised was logged only, where the history
+    promised a `status_check` `said: error` (found by an exploratory QA
+    pass). It is filed, at most once a minute per job, attempt and error
+    type, the next one filed counting those left out; the log says why."""
+    import core.callbacks
+
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+    await rig.parts.add_promise("c")
+
+    async def down(job: Job) -> None:
+        raise BackendError("GET 127.0.0.1:9 answered 503", retryable=True)
+
+    rig.backend.before = down
+    with logs_of("tether") as logs:
+        for _ in range(3):
+            row = await rig.parts.row("c")
+            assert row.next_check_at is not None
+            await rig.watchdog.look_at(row, row.next_check_at)
+        monkeypatch.setattr(core.callbacks, "REPEAT_EVENT_EVERY", 0.0)  # a minute on
+        row = await rig.parts.row("c")
+        assert row.next_check_at is not None
+        await rig.watchdog.look_at(row, row.next_check_at)
+    error = {"said": "error", "error_type": "BackendError"}
+    assert await history(rig, "c") == [
+        ("status_check", error),
+        ("status_check", {**error, "repeats": 2}),
+    ]
+    assert logs.lines[0] == ("WARNING watchdog: job c: BackendError: GET 127.0.0.1:9 answered 503")
+    assert (await rig.parts.row("c")).state == "running"
 
 
 async def test_a_status_checks_outcome_keeps_no_token_of_a_retried_salted_job(rig: Rig):
