@@ -820,7 +820,7 @@ class JobSteps:
                 delay *= 2
             await self._trigger_failed(rec, this, error, wait, True, counted=counted)
             log.warning(
-                "job %s: trigger attempt %d/%d %s (%s); again in %.1fs",
+                "job %s: trigger try %d/%d %s (%s); again in %.1fs",
                 rec.id,
                 this,
                 attempts,
@@ -1611,7 +1611,7 @@ class JobSteps:
                     tried = {"tries": attempt, "error": error, "external": rec.external}
                     return NewEvent("cancel_failed", tried)
                 log.warning(
-                    "job %s: cancel attempt %d/%d of the external run failed (%s); again in %.1fs",
+                    "job %s: cancel try %d/%d of the external run failed (%s); again in %.1fs",
                     rec.id,
                     attempt,
                     attempts,

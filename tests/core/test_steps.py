@@ -893,9 +893,9 @@ async def test_retryable_errors_are_retried_with_the_wait_doubling(rig: Rig):
     assert rig.waits == [0.5, 1.0, 2.0]
     assert (await rig.parts.row("j")).external == {"run": 7}
     assert logs.lines == [
-        "WARNING job j: trigger attempt 1/4 failed (a); again in 0.5s",
-        "WARNING job j: trigger attempt 2/4 failed (b); again in 1.0s",
-        "WARNING job j: trigger attempt 3/4 failed (c); again in 2.0s",
+        "WARNING job j: trigger try 1/4 failed (a); again in 0.5s",
+        "WARNING job j: trigger try 2/4 failed (b); again in 1.0s",
+        "WARNING job j: trigger try 3/4 failed (c); again in 2.0s",
         "INFO job j triggered",
     ]
 
@@ -977,7 +977,7 @@ async def test_a_trigger_whose_row_went_between_tries_stops_quietly(rig: Rig):
         await rig.steps.trigger("j", "j:1")
 
     assert len(rig.backend.triggers) == 1
-    assert logs.lines == ["WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s"]
+    assert logs.lines == ["WARNING job j: trigger try 1/4 failed (timed out); again in 0.5s"]
     assert (await rig.parts.promise("j")).state == "pending"
 
 
@@ -1001,7 +1001,7 @@ async def test_a_trigger_whose_attempt_was_retried_between_tries_stops_what_they
 
     assert len(rig.backend.triggers) == 1
     assert logs.lines == [
-        "WARNING job j: trigger attempt 1/4 failed (timed out); again in 0.5s",
+        "WARNING job j: trigger try 1/4 failed (timed out); again in 0.5s",
         "WARNING job j: ended with no run recorded after a trigger try that may have started"
         " one; scripted is asked to stop it",
     ]
@@ -1760,7 +1760,7 @@ async def test_a_wait_is_not_counted_against_the_tries(attempts: int):
             assert tries == [(1, False)] * 3
             assert events[-1].data["try"] == 1
         assert logs.lines[0] == (
-            f"WARNING job j: trigger attempt 1/{max(attempts, 1)} waits (not counted)"
+            f"WARNING job j: trigger try 1/{max(attempts, 1)} waits (not counted)"
             " (not listed yet); again in 7.0s"
         )
 
@@ -2109,9 +2109,9 @@ async def test_other_exceptions_are_retried_with_the_backoff_then_fail(rig: Rig)
     rec = await rig.parts.row("j")
     assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: OSError: x", "trigger"))
     assert [line for line in logs.lines if not line.startswith("ERROR")][:3] == [
-        "WARNING job j: trigger attempt 1/4 failed (KeyError); again in 0.5s",
-        "WARNING job j: trigger attempt 2/4 failed (ConnectionError); again in 1.0s",
-        "WARNING job j: trigger attempt 3/4 failed (ValueError); again in 2.0s",
+        "WARNING job j: trigger try 1/4 failed (KeyError); again in 0.5s",
+        "WARNING job j: trigger try 2/4 failed (ConnectionError); again in 1.0s",
+        "WARNING job j: trigger try 3/4 failed (ValueError); again in 2.0s",
     ]
     # each with its traceback, once: not a BackendError (a plugin's bug?)
     raised = [line for line in logs.lines if line.startswith("ERROR")]
@@ -2406,7 +2406,7 @@ async def test_a_cancel_tried_again_keeps_no_callback_token_in_its_warning(rig: 
         await rig.steps.finish("j", {"status": "timed_out"})
     assert len(rig.backend.canceled) == 2  # tried again, and the second try stopped it
     assert logs.lines[0] == (
-        "WARNING job j: cancel attempt 1/4 of the external run failed (echoed ?token=***);"
+        "WARNING job j: cancel try 1/4 of the external run failed (echoed ?token=***);"
         " again in 0.5s"
     )
     assert token not in "\n".join(logs.lines)
@@ -2426,8 +2426,8 @@ async def test_a_cancel_the_backend_could_not_take_yet_is_tried_again(rig: Rig):
     assert len(rig.backend.canceled) == 3 and rig.waits == [2.0, 1.0]
     assert [f[1] for f in logs.fields()] == ["j", "j", "j"]  # the job's id on each record
     assert logs.lines == [
-        "WARNING job j: cancel attempt 1/4 of the external run failed (throttled); again in 2.0s",
-        "WARNING job j: cancel attempt 2/4 of the external run failed (unavailable); again in 1.0s",
+        "WARNING job j: cancel try 1/4 of the external run failed (throttled); again in 2.0s",
+        "WARNING job j: cancel try 2/4 of the external run failed (unavailable); again in 1.0s",
         "INFO job j finished: timed_out",
     ]
     rig.backend.cancel_error = BackendError("still throttled", retryable=True)
@@ -2550,7 +2550,7 @@ async def test_every_line_of_a_trigger_and_a_finish_names_its_job_and_promise(ri
         await rig.steps.trigger("j", "j:1")
         await rig.steps.finish("j", {"status": "canceled"})
     assert logs.fields() == [
-        ("job j: trigger attempt 1/4 failed (a); again in 0.5s", "j", "j:1"),
+        ("job j: trigger try 1/4 failed (a); again in 0.5s", "j", "j:1"),
         ("job j triggered", "j", "j:1"),
         ("job j finished: canceled", "j", None),
     ]
@@ -3402,8 +3402,8 @@ async def test_an_unexpected_exception_of_trigger_is_logged_once_with_its_traceb
     )
     assert TOKEN not in shown
     assert logs.lines[1:] == [
-        "WARNING job j: trigger attempt 1/4 failed (RuntimeError); again in 0.5s",
-        "WARNING job j: trigger attempt 2/4 failed (RuntimeError); again in 1.0s",
+        "WARNING job j: trigger try 1/4 failed (RuntimeError); again in 0.5s",
+        "WARNING job j: trigger try 2/4 failed (RuntimeError); again in 1.0s",
         "INFO job j triggered",
     ]
 

@@ -642,8 +642,8 @@ async def test_throttling_and_unavailability_are_retried_by_tether_honouring_ret
     await external_of(svc, "throttled")
     first, second, third = workspace.calls(RUN_NOW)
     assert second.at - first.at >= 1 and third.at - second.at >= 1
-    assert "job throttled: trigger attempt 1/4 failed (try later" in logs.text
-    assert "job throttled: trigger attempt 2/4 failed (slow down" in logs.text
+    assert "job throttled: trigger try 1/4 failed (try later" in logs.text
+    assert "job throttled: trigger try 2/4 failed (slow down" in logs.text
     assert "again in 1.0s" in logs.text
     assert first.body["idempotency_token"] == third.body["idempotency_token"]
     assert len(workspace.runs) == 1
