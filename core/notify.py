@@ -70,6 +70,10 @@ DEFAULT_POLL = 10.0
 RETRY_AFTER = 1.0
 """Seconds (at most the poll) before looking again when the store did not answer."""
 USER_AGENT = "tether-notify"
+INTERRUPTED = "interrupted: the service stopped during the try"
+"""A try's `error` when a stop (SIGTERM) cut it short."""
+STOP_RECORD_WAIT = 2.0
+"""Seconds a stop waits for the store to file each interrupted try."""
 
 
 def backoff(settings: Settings, tries: int) -> float:
@@ -132,6 +136,8 @@ class Notifier:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._claimed: dict[str, Notification] = {}
+        """The notifications being tried now, as claimed, until their try is recorded."""
         self._per_site: Counter[str] = Counter()
         """Deliveries in flight to each site (`notify_site`)."""
         self._session: aiohttp.ClientSession | None = None
@@ -146,8 +152,13 @@ class Notifier:
         self._task = asyncio.create_task(self._run(), name="tether-notifier")
 
     async def stop(self) -> None:
-        """Stop looking and delivering. A delivery cut short is tried again
-        by any process once its claim runs out."""
+        """Stop looking and delivering. A delivery cut short is filed as a try
+        (`notified`, `status` null, `error` `INTERRUPTED`: its message may have
+        reached the receiver) and due again at once, for any process (its
+        claim held it 20 s, and the try was missing from the history: found by
+        an exploratory QA pass). A store that does not answer within
+        `STOP_RECORD_WAIT` leaves it to its claim, as a killed process does."""
+        cut = dict(self._claimed)
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -156,6 +167,21 @@ class Notifier:
                 await task
         if self._session is not None:
             await self._session.close()
+        now = now_ms()
+        for note in cut.values():
+            told = {"webhook_id": note.id, "try": note.tries, "status": None, "error": INTERRUPTED}
+            record = self.jobs.notification_tried(note, now, [NewEvent("notified", told)], now)
+            try:
+                await asyncio.wait_for(record, STOP_RECORD_WAIT)
+            except Exception as exc:
+                log.warning(
+                    "job %s: notification %s: its interrupted try was not recorded (%s); it"
+                    " is tried again once its claim runs out",
+                    note.job_id,
+                    note.id,
+                    type(exc).__name__,
+                    extra={"job_id": note.job_id},
+                )
 
     def on_event(self, rec: JobRecord, event: Event) -> None:
         """A `JobHistory` listener: an attempt of a job with a notify URL
@@ -196,6 +222,7 @@ class Notifier:
                 self._deliver(claimed, site), name=f"tether-notify-{note.id}"
             )
             self._inflight[note.id] = task
+            self._claimed[note.id] = claimed
             self._per_site[site] += 1
             started += 1
         if started and len(due) == free:
@@ -211,6 +238,7 @@ class Notifier:
     async def _deliver(self, note: Notification, site: str) -> None:
         try:
             status, error = await self.post(note)
+            self._claimed.pop(note.id, None)  # tried: recorded below, or left to its claim
             await self._tried(note, status, error)
         except Exception as exc:
             log.warning(
@@ -224,6 +252,8 @@ class Notifier:
             )
         finally:
             self._inflight.pop(note.id, None)
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self._claimed.pop(note.id, None)
             if self._per_site[site] > 1:
                 self._per_site[site] -= 1
             else:

@@ -462,6 +462,31 @@ async def test_a_hung_receiver_holds_only_its_sites_places(clock):
     assert notify_site("http://h?token=x") == "http://h"
 
 
+async def test_a_try_a_stop_cut_short_is_filed_and_due_again_at_once(clock):
+    """SIGTERM during a try: the receiver may have the message, and the try
+    was missing from the history while its claim held it 20 s (found by an
+    exploratory QA pass). It is filed, `status` null, and due at once."""
+    async with hook() as receiver, notifier(loop=False) as (parts, sender):
+        release = held(receiver)  # answers only once the service stopped
+        at = now_ms()
+        await ended(parts.jobs, receiver.url(), "a", at)
+        clock(at)
+        await sender.round(at)
+        await eventually(lambda: receiver.got)
+        await sender.stop()
+        release()
+        stopped = now_ms()
+        [note] = await parts.jobs.notifications_due(stopped, 10)
+        assert at <= note.due_at <= stopped and note.tries == 1
+        _, history, _ = await parts.jobs.history("a", 0, 10)
+    assert [(e.type, e.data) for e in history[1:]] == [
+        (
+            "notified",
+            {"webhook_id": note.id, "try": 1, "status": None, "error": core.notify.INTERRUPTED},
+        )
+    ]
+
+
 async def test_a_try_a_round_started_is_recorded_as_the_claims_try(clock):
     """Room for one, and one due: the round claims it and says more may be
     due; the try fails, and is filed as try 1, due again after the backoff
