@@ -151,21 +151,23 @@ def outcome_of(value: Any) -> Outcome:
         )
 
 
-STORE_TIMEOUT = Outcome(
-    status="timed_out",
-    error=ErrorInfo(
-        message="no callback before the job's deadline (the store timed its wait out)",
-        type="timeout",
-    ),
-)
-"""How a job ends whose callback promise the store timed out (no watchdog
-got there first: the service was down past the deadline and its grace)."""
+def store_timeout(timeout: float) -> Outcome:
+    """How a job ends whose callback promise the store timed out (no watchdog
+    got there first: the service was down past the deadline and its grace):
+    in the watchdog's words, the outage said after them (a timeout found two
+    ways read two ways, which alerts matching the words missed: an
+    exploratory QA pass)."""
+    message = (
+        f"not finished within {timeout:g} seconds, the job's timeout (the store timed its"
+        " wait out: the service was down past the deadline)"
+    )
+    return Outcome(status="timed_out", error=ErrorInfo(message=message, type="timeout"))
 
 
-def store_timed_out() -> NewEvent:
+def store_timed_out(timeout: float) -> NewEvent:
     """The event such a job's history gets before `finished`, as the
-    watchdog's deadline files `timed_out`."""
-    return NewEvent("timed_out", {"by": "store"})
+    watchdog's deadline files `timed_out` (`timeout`), and `by: store`."""
+    return NewEvent("timed_out", {"timeout": timeout, "by": "store"})
 
 
 def outcome_of_record(rec: JobRecord) -> Outcome:
@@ -343,7 +345,11 @@ class Settler:
         else:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
         data = record.value.data if record.state == "resolved" else None
-        settled = outcome_of(data) if data is not None else STORE_TIMEOUT
+        timeout = 0.0
+        if data is None:  # the store timed the wait out: in the job's own words (rarely)
+            row = seen if seen is not None else await store_call(self.jobs.get(job_id))
+            timeout = row.timeout if row is not None else 0.0
+        settled = outcome_of(data) if data is not None else store_timeout(timeout)
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
         # Ended before this settle came (on the unborn path, its promise born
@@ -354,7 +360,7 @@ class Settler:
             won = False
         # Lost: the winner's own event first, should this settle be the one
         # that ends the job (the winner's index write timed out, or is late).
-        before = [store_timed_out()] if data is None else noted(data) if not won else []
+        before = [store_timed_out(timeout)] if data is None else noted(data) if not won else []
         # The store timed the wait out: a settle that ends the job finishes
         # it too when its workflow is over (the service was down past the
         # deadline and `ROOT_GRACE_MS`). Its run's stop is due from the

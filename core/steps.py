@@ -64,7 +64,6 @@ from core.plugins import Plugins
 from core.redact import redact, redact_bytes, redact_value, unquoted
 from core.settings import Settings
 from core.settle import (
-    STORE_TIMEOUT,
     Settler,
     noted,
     outcome_of,
@@ -72,6 +71,7 @@ from core.settle import (
     store_call,
     store_refusal,
     store_timed_out,
+    store_timeout,
 )
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -1240,8 +1240,8 @@ class JobSteps:
             # Not ended by its settle's index write (it timed out, a 503 to
             # the caller, though the store took the settle): that settle's
             # event (a `callback`, a `cancel_requested`), kept in the value.
-            events = [store_timed_out()] if late else noted(value)
-            outcome = STORE_TIMEOUT if late else outcome_of(value)
+            events = [store_timed_out(rec.timeout)] if late else noted(value)
+            outcome = store_timeout(rec.timeout) if late else outcome_of(value)
             rec, _ = await self.jobs.end(job_id, outcome, now_ms(), events=events, attempt=attempt)
         if rec is None or rec.attempt != attempt:
             return

@@ -27,7 +27,6 @@ from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
 from core.redact import MIN_CUT
 from core.settle import (
-    STORE_TIMEOUT,
     Settler,
     judge,
     noted,
@@ -36,6 +35,7 @@ from core.settle import (
     settled_data,
     settled_value,
     store_call,
+    store_timeout,
 )
 from core.store.embedded import _Inline
 from core.store.jobs import JobRecord, NewEvent, now_ms
@@ -277,12 +277,13 @@ async def test_a_promise_the_store_timed_out_ends_the_job_timed_out(parts: Parts
 
     assert result == "gone"
     assert rec.state == "timed_out"
-    assert rec.error == STORE_TIMEOUT.error and rec.error.type == "timeout"
+    assert rec.error == store_timeout(rec.timeout).error and rec.error.type == "timeout"
+    assert rec.error.message.startswith(f"not finished within {rec.timeout:g} seconds")
     assert (await parts.promise("j")).state == "rejected_timedout"
     _, events = await parts.jobs.events_after("j", 0, 10)
     # the history says why, as a timeout by the watchdog's does
     assert [(e.type, e.data) for e in events][-2:] == [
-        ("timed_out", {"by": "store"}),
+        ("timed_out", {"timeout": rec.timeout, "by": "store"}),
         ("finished", {"state": "timed_out", "error_type": "timeout"}),
     ]
 

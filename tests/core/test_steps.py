@@ -25,7 +25,7 @@ from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger, job_mark
 from core.plugin import hookimpl
 from core.plugins import Plugins, make_plugin_manager
-from core.settle import STORE_TIMEOUT, settled_value
+from core.settle import settled_value, store_timeout
 from core.steps import JobSteps
 from core.store.jobs import JobRecord, NewEvent, now_ms
 from core.tokens import CallbackSigner, idempotency_key
@@ -2816,9 +2816,10 @@ async def test_a_timeout_by_the_store_is_recorded_as_such(rig: Rig, by: str, not
     await rig.steps.finish("j", {"status": "timed_out", "by": by})
     events = await history(rig)
     assert events[-1][0] == "finished"
-    assert (("timed_out", {"by": "store"}) in events) is noted
-    if noted:  # with the deadline's error type, as the watchdog's timeout has
-        assert (await rig.parts.row("j")).error == STORE_TIMEOUT.error
+    rec = await rig.parts.row("j")
+    assert (("timed_out", {"timeout": rec.timeout, "by": "store"}) in events) is noted
+    if noted:  # with the deadline's error type and words, as the watchdog's timeout has
+        assert rec.error == store_timeout(rec.timeout).error
 
 
 async def test_attempt_three_reruns_with_attempt_two_as_it_ended(rig: Rig):
