@@ -433,10 +433,20 @@ class Callbacks:
             unread = ""
             if fault is not None:
                 unread = f" (backend {rec.backend!r} could not read it: parse_callback {fault})"
+            hint = ""
+            if isinstance(decoded, dict) and (
+                "progress" in decoded
+                or decoded.get("status")
+                in (
+                    "running",
+                    "pending",
+                )
+            ):  # progress, sent here
+                hint = " (progress goes to the job's heartbeat URL, this URL plus /heartbeat)"
             raise InvalidRequest(
                 f"invalid callback body: {str(exc).replace('`$.', '`')}; expected"
                 ' {"status": "succeeded"|"failed", "result"?, "error"?: {"message", "type"?}}'
-                f"{unread}; nothing changed",
+                f"{unread}{hint}; nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
 

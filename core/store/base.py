@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -56,6 +57,10 @@ def new_notify_secret() -> str:
     return NOTIFY_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+"""The standard base64 alphabet, padding optional."""
+
+
 def check_notify_secret(value: str, source: str = "TETHER_NOTIFY_SECRET") -> str:
     """`value` if it is a Standard Webhooks signing secret: `whsec_` then the
     base64 (standard alphabet, padding optional) of 24 to 64 bytes. Else
@@ -70,6 +75,8 @@ def check_notify_secret(value: str, source: str = "TETHER_NOTIFY_SECRET") -> str
             size = len(base64.b64decode(key + "=" * (-len(key) % 4), validate=True))
         except binascii.Error:
             problem = "is not whsec_ followed by base64 (A-Z a-z 0-9 + /)"
+            if BASE64.fullmatch(key):  # the alphabet's: too short to be whole bytes
+                problem = f"is whsec_ and {len(key)} base64 characters, which make no whole bytes"
         else:
             problem = "" if low <= size <= high else f"holds {size} bytes, not {low} to {high}"
     if problem:

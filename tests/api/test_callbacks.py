@@ -61,6 +61,23 @@ async def test_a_body_without_status_is_refused_naming_it_and_changes_nothing(
     assert ok.json()["outcome"] == "accepted"
 
 
+@pytest.mark.resonate_server(False)
+@pytest.mark.parametrize("body", [{"status": "running"}, {"progress": 0.5}])
+async def test_progress_sent_to_the_callback_url_points_to_the_heartbeat_url(
+    start_service, receiver, body
+):
+    """The heartbeat URL names the callback URL to an outcome sent there;
+    the reverse said only `Invalid enum value 'running'` (found by an
+    exploratory QA pass)."""
+    svc = await start_service()
+    path = await started(svc, receiver)
+    response = await svc.client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "(progress goes to the job's heartbeat URL, this URL plus /heartbeat)" in message
+    assert (await svc.job("cb"))["state"] == "running"
+
+
 async def test_hook_parse_callback_may_claim_a_body_without_status(start_service, receiver):
     """A backend whose native callback is an empty POST: its plugin claims the
     body, so the uniform body's required `status` does not apply."""

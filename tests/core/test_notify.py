@@ -525,6 +525,7 @@ async def test_a_failed_try_whose_claim_was_taken_over_leaves_the_notification_t
     [
         ("s3cr3t-value", "does not start with whsec_"),
         ("whsec_s3cr3t-value_", "is not whsec_ followed by base64"),
+        ("whsec_short", "is whsec_ and 5 base64 characters, which make no whole bytes"),
         ("whsec_" + base64.b64encode(b"short").decode(), "holds 5 bytes, not 24 to 64"),
         ("whsec_" + base64.b64encode(bytes(65)).decode(), "holds 65 bytes, not 24 to 64"),
     ],
