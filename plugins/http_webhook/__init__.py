@@ -208,6 +208,14 @@ def credentials_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]
     variables `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`).
     NAME is capitals, digits and `_`; an empty value is no credential."""
     env = os.environ if env is None else env
+    for key in env:
+        name = key.removeprefix(AUTH_PREFIX)
+        if key.startswith(AUTH_PREFIX) and not CREDENTIAL_NAME.fullmatch(name.upper()):
+            # it was "unknown setting ... is ignored", which said nothing of why
+            raise ValueError(
+                f"invalid setting {key[:100]!r}: NAME in {AUTH_PREFIX}<NAME> is capitals,"
+                " digits and _, not beginning with a digit"
+            )
     found = {
         key.removeprefix(AUTH_PREFIX): value
         for key, value in env.items()
@@ -250,8 +258,12 @@ class HttpWebhook(Backend):
         # them class variables: the params' schema lists the names, and the
         # variables are declared so that start-up does not call them unknown.
         self.params_type = params_type(self.credentials)  # type: ignore[misc]
+        # (an empty one is known too, though no credential: not "unknown setting")
+        given = os.environ if env is None else env
+        named = {key.removeprefix(AUTH_PREFIX) for key in given if key.startswith(AUTH_PREFIX)}
+        named = {name for name in named if CREDENTIAL_NAME.fullmatch(name)} | set(self.credentials)
         self.settings_type = msgspec.defstruct(  # type: ignore[misc]
-            "WebhookCredentials", [(name.lower(), str) for name in self.credentials]
+            "WebhookCredentials", [(name.lower(), str) for name in sorted(named)]
         )
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -891,11 +891,16 @@ def test_credentials_are_the_tether_webhook_auth_variables_with_a_value():
         **CREDENTIALS,
         f"{AUTH_PREFIX}EMPTY": "",
         f"{AUTH_PREFIX}lower": "x",  # not a NAME: left to the unknown-variable warning
-        f"{AUTH_PREFIX}": "x",
         "TETHER_WEBHOOK_AUTHX": "x",
         "PARTNER": "x",
     }
     assert credentials_from_env(env) == {"PARTNER": SECRET, "OTHER_2": "Basic b3RoZXI="}
+    # an empty one is declared all the same: not "unknown setting ... is ignored"
+    assert f"{AUTH_PREFIX}EMPTY" in env_names(HttpWebhook(env).settings_type, AUTH_PREFIX)
+    # no NAME in any case: said why, at start (it was "unknown setting ... is ignored")
+    for name in ("", "1X", "MY-CRED"):
+        with pytest.raises(ValueError, match="NAME in TETHER_WEBHOOK_AUTH_<NAME> is capitals"):
+            credentials_from_env({**env, f"{AUTH_PREFIX}{name}": "x"})
 
 
 def test_a_credential_is_named_in_any_case_and_only_the_name_is_kept():
