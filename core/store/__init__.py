@@ -74,6 +74,11 @@ async def open_store(settings: Settings, pid: str) -> Store:
             f"TETHER_INDEX is only for a Resonate server store (TETHER_STORE=http(s)://...);"
             f" {describe(settings.store)} keeps its job index itself: unset TETHER_INDEX"
         )
+    if settings.store_token and scheme not in ("http", "https"):  # it was ignored, unsaid
+        raise StoreConfigError(
+            "TETHER_STORE_TOKEN is only for a Resonate server store (TETHER_STORE=http(s)://...);"
+            f" {describe(settings.store)} takes no token: unset TETHER_STORE_TOKEN"
+        )
     # Each kind is imported only when asked for: psycopg is slow to import.
     if scheme == "sqlite":
         from core.store.embedded import EmbeddedStore

@@ -181,6 +181,12 @@ def test_a_plugins_setting_refused_is_one_line_as_a_core_one(env: dict[str, str]
     assert len(told.splitlines()) == 1 and "Traceback" not in told
 
 
+def test_a_store_token_for_a_store_that_takes_none_is_refused() -> None:
+    said = serve_refused(TETHER_STORE_TOKEN="s3cret-token-4f1c")  # (on memory://)
+    assert said.startswith("tether: TETHER_STORE_TOKEN is only for a Resonate server store")
+    assert "s3cret" not in said
+
+
 def test_a_store_url_with_a_password_is_refused_with_it_masked() -> None:
     said = serve_refused(TETHER_STORE="sqlite://u:secretpw@x/db")
     assert said.startswith("tether: TETHER_STORE='sqlite://***@x/db': write sqlite:///"), said
