@@ -922,7 +922,14 @@ class Document:
         schema = without_null(param.get("schema", {}))
         items = schema.get("items", {})
         if param.get("in") == "path" and param.get("name") == "job_id":
-            schema = {"type": "string", "pattern": JOB_ID_PATTERN.pattern}
+            # Looked up as given: an id no job can have (outside `JOB_ID_PATTERN`)
+            # is a 404 naming it, as an unknown one is, not the 400 the pattern
+            # stated (found by an exploratory QA pass).
+            schema = {"type": "string", "minLength": 1}
+            param["description"] = (
+                "The job's id, as given when it was created; one no job has (an id"
+                f" outside the pattern ids are made of, {JOB_ID_PATTERN.pattern}, too) is 404"
+            )
         if param.get("in") == "query" and param.get("name") == "tag":
             schema["items"] = msgspec.json.schema(Tag)  # checked by `Tether.list_jobs`
         if param.get("in") == "query" and param.get("name") == "backend":

@@ -191,7 +191,12 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     assert schemas["CancelRequest"]["properties"]["reason"]["anyOf"][0]["maxLength"] == 1000
     assert schemas["CallbackBody"]["required"] == ["status"]
     assert schemas["CallbackBody"]["additionalProperties"] is False
-    assert ops["getJob"]["parameters"][0]["schema"]["pattern"] == JOB_ID_PATTERN.pattern
+    # a path's id is looked up as given: one outside the pattern is 404, as the document says
+    path_id = ops["getJob"]["parameters"][0]
+    assert path_id["schema"] == {"type": "string", "minLength": 1}
+    assert JOB_ID_PATTERN.pattern in path_id["description"]
+    odd = await svc.client.get("/jobs/a%20b")
+    assert odd.status_code == 404 and odd.json()["error"]["message"] == "no job 'a b'"
     links = ops["createJob"]["responses"]["201"]["links"]
     assert links["getJob"]["parameters"] == {"job_id": "$response.body#/id"}
 
