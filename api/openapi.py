@@ -951,6 +951,13 @@ class Document:
         if operation_id == "settleJob" and str(status) in CALLBACK_EXAMPLES:
             media["examples"] = CALLBACK_EXAMPLES[str(status)]
         elif status >= 400:
+            if status == 503:  # every 503 asks to come back (`Retry-After: 1`)
+                response["headers"] = {
+                    "Retry-After": {
+                        "description": "Seconds to wait before asking again",
+                        "schema": {"type": "integer"},
+                    }
+                }
             example = OPERATION_ERRORS.get((operation_id, status)) or ERROR_EXAMPLES.get(status)
             if example is not None:
                 media["examples"] = {"error": {"value": example}}
@@ -969,6 +976,11 @@ class Document:
         elif operation_id == "listJobs":
             example = {"items": [JOB_EXAMPLE], "next_cursor": "00000000000004d2"}
             media["examples"] = {"page": {"value": example}}
+            response["content"]["text/event-stream"] = {  # with `Accept: text/event-stream`
+                "schema": {"type": "string"},
+                "example": f"event: job\ndata: {json.dumps(JOB_EXAMPLE)}\n\n"
+                f'event: page\ndata: {{"ids": [{json.dumps(JOB_EXAMPLE["id"])}]}}\n\n',
+            }
         elif operation_id == "jobEvents":
             media["examples"] = {"page": {"value": EVENTS_EXAMPLE}}
             response["content"]["text/event-stream"] = {

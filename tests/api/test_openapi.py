@@ -191,6 +191,11 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     assert schemas["CancelRequest"]["properties"]["reason"]["anyOf"][0]["maxLength"] == 1000
     assert schemas["CallbackBody"]["required"] == ["status"]
     assert schemas["CallbackBody"]["additionalProperties"] is False
+    # the job list's stream, and the wait a 503 asks for, are stated (an exploratory QA pass)
+    assert "text/event-stream" in ops["listJobs"]["responses"]["200"]["content"]
+    for op in ops.values():
+        if "503" in op["responses"]:
+            assert op["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
     # a path's id is looked up as given: one outside the pattern is 404, as the document says
     path_id = ops["getJob"]["parameters"][0]
     assert path_id["schema"] == {"type": "string", "minLength": 1}
