@@ -140,6 +140,7 @@ def session_access(
     session = sessions.read(connection) if sessions is not None else None
     if session is None or sessions is None:
         return False, False
+    connection.scope["state"][SESSION_ENDS] = session.expires
     method = connection.scope.get("method", "")
     if method not in READ_METHODS and not sessions.csrf_ok(
         connection.headers.get(CSRF_HEADER, ""), session
@@ -149,6 +150,23 @@ def session_access(
             " that changes something must carry the CSRF token of its page"
         )
     return session.kind == "api", session.kind == "read"
+
+
+SESSION_ENDS = "tether_session_ends"
+"""Where `session_access` leaves, in the request's scope state, when the
+session a request came with ends (Unix seconds)."""
+
+
+def session_ends(connection: ASGIConnection[Any, Any, Any, Any]) -> float | None:
+    """When the session a request was let in with ends; None when it came
+    with a bearer token, or the service has no tokens. A stream opened with
+    the cookie ends then (`GET /jobs` and `GET /jobs/{id}/events`): read once
+    at the opening, so it costs the stream nothing after. A page left open
+    past its session's end went on receiving every job change, saying
+    "live", until the service stopped (found by an exploratory QA pass of
+    the dashboard)."""
+    ends = connection.scope["state"].get(SESSION_ENDS)
+    return float(ends) if ends is not None else None
 
 
 def token_digest(token: str) -> bytes:

@@ -22,7 +22,7 @@ from litestar.openapi.spec.enums import OpenAPIFormat
 from litestar.params import FromPath, FromQuery, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from api.auth import READ, Guard, bearer, guarding
+from api.auth import READ, Guard, bearer, guarding, session_ends
 from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from api.http import JsonAnswer
 from core.callbacks import Heartbeat, not_json
@@ -399,7 +399,8 @@ class JobController(Controller):
         left`, `data: {"id": <its id>}`. A `: keep-alive` comment comes every
         15 s of silence. The service reads the page about once a second while a
         stream is open, and at once when a job changes in the process serving
-        it."""
+        it. A stream opened with the dashboard's session cookie ends when the
+        session does."""
 
         query = tether.list_query(  # a bad filter is refused (400) before anything is read
             job_state or (),
@@ -428,7 +429,7 @@ class JobController(Controller):
         except BaseException:
             slot.release()
             raise
-        return self.changes(tether, page, first, slot)
+        return self.changes(tether, page, first, slot, session_ends(request))
 
     def changes(
         self,
@@ -436,6 +437,7 @@ class JobController(Controller):
         page: Callable[[], Awaitable[JobPage]],
         first: JobPage,
         slot: _StreamSlot,
+        until: float | None = None,
     ) -> ServerSentEvent:
         """`GET /jobs` as a stream of job changes (see `list_jobs`): the page is
         read only while a stream is open, so with none open it costs nothing. A
@@ -444,7 +446,9 @@ class JobController(Controller):
         gone (`left`). `first`: the page as read when the stream was asked
         for; `slot`: its place, given back when it ends. A read the store
         fails is tried again at the next poll (the stream goes on). Ends when
-        the service stops, as the job history streams do."""
+        the service stops, as the job history streams do, and at `until`
+        (Unix seconds): when the session it was opened with ends, so that a
+        browser's EventSource reconnects, is refused and says so."""
 
         async def jobs() -> AsyncIterator[Job | str | list[str] | None]:
             wake = asyncio.Event()
@@ -458,7 +462,8 @@ class JobController(Controller):
             try:
                 read: JobPage | None = first
                 announced = False
-                while not tether.events.stopping:  # set by `JobHistory.stop` (SIGTERM)
+                # `stopping`: set by `JobHistory.stop` (SIGTERM)
+                while not tether.events.stopping and (until is None or time.time() < until):
                     wake.clear()
                     try:  # the store busy or down: this round again at the next poll
                         items = (read or await page()).items
@@ -583,14 +588,15 @@ class JobController(Controller):
         then, with `Last-Event-ID`), is `event: end` with `data: {"type":
         "end"}` and no `id`; the response's `Tether-Stream-Ends: end` header
         says so (a service without it ends a finished job's stream without
-        a word)."""
+        a word). A stream opened with the dashboard's session cookie ends,
+        without `end`, when the session does."""
         if not wants_stream(request):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:
             after = int(last_event_id)
         else:
             after = decode_cursor(cursor) if cursor else 0
-        followed = await tether.follow_job(job_id, after)
+        followed = await tether.follow_job(job_id, after, session_ends(request))
 
         async def messages(
             events: AsyncIterator[JobEvent | Literal["end"] | None],

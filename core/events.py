@@ -117,7 +117,7 @@ class JobHistory:
         )
 
     async def follow(
-        self, job_id: str, after: int = 0
+        self, job_id: str, after: int = 0, until: float | None = None
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         """The job's events after `seq` `after`, then each new one as it is
         recorded. After the `finished` of the attempt the job is at, it goes
@@ -127,11 +127,14 @@ class JobHistory:
         nothing due. It also ends when the job is deleted, or when the
         service stops. A retry while it waits is followed like any attempt.
         When it has ended (not when the service stops) it yields `END` last.
-        `None` is yielded after `KEEP_ALIVE` seconds without an event.
-        `NotFound` (before anything is yielded) for an unknown job."""
+        `None` is yielded after `KEEP_ALIVE` seconds without an event. At
+        `until` (Unix seconds; the end of the dashboard session that opened
+        the stream) it stops, without `END`, at its next look: the client is
+        to ask again (and is refused). `NotFound` (before anything is
+        yielded) for an unknown job."""
         if await store_call(self.jobs.get(job_id)) is None:
             raise NotFound.job(job_id)
-        return self._follow(job_id, after)
+        return self._follow(job_id, after, until)
 
     async def follow_ups_due(self, rec: JobRecord) -> bool:
         """Whether an event may still be filed for the ended attempt of `rec`
@@ -160,7 +163,7 @@ class JobHistory:
             return True
 
     async def _follow(
-        self, job_id: str, after: int
+        self, job_id: str, after: int, until: float | None = None
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
@@ -170,7 +173,7 @@ class JobHistory:
         ended and every event sent: from then on, the stream ends at the first
         look that finds nothing more due, nothing new, and the same attempt."""
         try:
-            while not self._stopping:
+            while not self._stopping and (until is None or time.time() < until):
                 wake.clear()
                 # Asked before the read: a follow-up files its event before it
                 # stops being due (in the same transaction, or before its

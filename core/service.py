@@ -881,11 +881,12 @@ class Tether:
         return await self.events.page(job_id, limit, cursor)
 
     async def follow_job(
-        self, job_id: str, after: int = 0
+        self, job_id: str, after: int = 0, until: float | None = None
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         """A job's events after `seq` `after`, then live ones until it finishes
-        and nothing more is due, then `"end"` (`JobHistory.follow`)."""
-        return await self.events.follow(job_id, after)
+        and nothing more is due, then `"end"`; or until `until` (Unix
+        seconds), without `"end"` (`JobHistory.follow`)."""
+        return await self.events.follow(job_id, after, until)
 
     async def callback(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
         """Settle a job's wait from its callback URL (see `core.callbacks`)."""

@@ -77,10 +77,15 @@
     }
   }
 
-  // The session ended (its token was removed, it expired): the page says so
-  // and how to go on, where it said "live".
+  // The session ended (its token was removed, it expired, it was signed out
+  // of in another tab): the page says so and how to go on, where it said
+  // "live", and follows nothing more (`streams`: what `watch` holds open).
   const signInAgain = () => make("a", { href: location.pathname + location.search, text: "sign in again" });
+  const streams = new Set();
+  let signedOut = false;
   function showSignedOut() {
+    signedOut = true;
+    for (const stream of [...streams]) stream.close();
     const live = document.getElementById("live");
     if (live) {
       live.hidden = false;
@@ -91,6 +96,25 @@
   async function sessionEnded() {
     const answer = await fetch("/jobs?limit=1", { credentials: "same-origin" }).catch(() => null);
     return answer !== null && answer.status === 401;
+  }
+  // A read of the page's answered 401: the session ended. Each read says so,
+  // not only a stream's: a summary reload, a job's reread and the look at an
+  // ended job's page failed silently, the counts froze and an ended job's
+  // page said nothing (found by an exploratory QA pass of the dashboard).
+  function refused(answer) {
+    if (answer === null || answer.status !== 401) return false;
+    showSignedOut();
+    return true;
+  }
+  // A page shown without a session (the sign-in form, where "Sign out" leads)
+  // tells the service's other tabs, which ask whether theirs ended too: their
+  // streams, opened with the cookie, would go on until it expires.
+  const tabs = typeof BroadcastChannel === "function" ? new BroadcastChannel("tether-session") : null;
+  if (tabs && page === "sign-in") tabs.postMessage("signed-out");
+  else if (tabs) {
+    tabs.addEventListener("message", async () => {
+      if (!signedOut && (await sessionEnded())) showSignedOut();
+    });
   }
 
   // A stream of the service's (`url()` names it, read again at each opening;
@@ -122,13 +146,16 @@
       for (const [type, listener] of Object.entries(on)) source.addEventListener(type, listener);
     }
     open();
-    return {
+    const handle = {
       close() {
         over = true;
         clearTimeout(timer);
         source.close();
+        streams.delete(handle);
       },
     };
+    streams.add(handle);
+    return handle;
   }
 
   // ── the jobs list ──────────────────────────────────────────────────────────
@@ -164,11 +191,11 @@
   let summaryTimer = null;
   function reloadSummary() {
     // The summary is server-rendered (and escaped there): swap the fresh one in.
-    if (summaryTimer) return;
+    if (summaryTimer || signedOut) return;
     summaryTimer = setTimeout(async () => {
       summaryTimer = null;
-      const answer = await fetch("/ui/summary", { credentials: "same-origin" });
-      if (!answer.ok) return;
+      const answer = await fetch("/ui/summary", { credentials: "same-origin" }).catch(() => null);
+      if (refused(answer) || !answer || !answer.ok) return;
       const doc = new DOMParser().parseFromString(await answer.text(), "text/html");
       const fresh = doc.getElementById("summary");
       const old = document.getElementById("summary");
@@ -337,7 +364,7 @@
           credentials: "same-origin",
         }).catch(() => null);
         if (answer && answer.status === 404) return gone();
-        if (!answer || !answer.ok) return;
+        if (refused(answer) || !answer || !answer.ok) return;
         const fresh = await answer.json();
         // Unchanged: leave the page as it is (a redraw loses what is selected).
         if (JSON.stringify(fresh) !== JSON.stringify(job)) show(fresh);
@@ -419,7 +446,7 @@
     // that could not be stopped) come on the stream while it lasts; a page
     // opened on an ended job, or a stream that broke, reads them here.
     setInterval(async () => {
-      if (document.hidden || deleted) return;
+      if (document.hidden || deleted || signedOut) return;
       if (stream) {
         if (job.state === "running") reread();
         return;
@@ -427,7 +454,7 @@
       const id = encodeURIComponent(job.id);
       const answer = await fetch(`/jobs/${id}`, { credentials: "same-origin" }).catch(() => null);
       if (answer && answer.status === 404) return gone();
-      if (!answer || !answer.ok) return;
+      if (refused(answer) || !answer || !answer.ok) return;
       const fresh = await answer.json();
       if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {
         show(fresh);
@@ -439,7 +466,7 @@
         credentials: "same-origin",
         headers: { accept: "application/json" },
       }).catch(() => null);
-      if (!later || !later.ok || stream) return;
+      if (refused(later) || !later || !later.ok || stream) return;
       for (const event of (await later.json()).items) {
         if (event.seq <= after) continue;
         after = event.seq;

@@ -7,14 +7,18 @@ service runs two workers, so every answer may come from either."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from playwright.sync_api import expect
 
+from api.auth import Sessions
+from core.settings import Settings
 from tests.conftest import Receiver
 from tests.process import TetherProcess
 from tests.ui.parts import serve, start_job, unique
@@ -22,6 +26,7 @@ from tests.ui.parts import serve, start_job, unique
 API_TOKEN = "ui-api-token-4f0c2d9e8b7a6"
 READ_TOKEN = "ui-read-token-91d3e5f7a2c4b"
 TOKENS = {"TETHER_API_TOKEN": API_TOKEN, "TETHER_READ_TOKEN": READ_TOKEN}
+SETTINGS = {"api_token": API_TOKEN, "read_token": READ_TOKEN}
 COOKIE = "tether_session"
 
 
@@ -198,3 +203,77 @@ def test_a_session_outlives_a_restart_and_ends_with_its_token(tmp_path: Path):
             assert "Sign in" in removed.get("/ui").text
     finally:
         served.kill()
+
+
+def forged(seconds: float, token: str = API_TOKEN) -> str:
+    """A session cookie for `token` that ends in `seconds`, signed with the
+    service's own key (derived from its callback secret, which
+    `tests.process` sets): what a 12-hour session is when it nears its end."""
+    sessions = Sessions(Settings(**SETTINGS), lambda: "process-secret")
+    session = sessions.sign_in(token)
+    assert session is not None
+    return sessions.cookie(msgspec.structs.replace(session, expires=int(time.time() + seconds)))
+
+
+def test_a_stream_opened_with_a_session_ends_when_the_session_does(service, api, hooks):
+    """Both streams a page holds: the session is read when a stream opens,
+    and a stream went on sending job changes long after its session ended
+    (found by an exploratory QA pass of the dashboard)."""
+    job_id = unique("expiring")
+    start_job(api, hooks, job_id)  # running: its history's stream would go on
+    for path in ("/jobs", f"/jobs/{job_id}/events"):
+        cookie = {"cookie": f"{COOKIE}={forged(3)}"}
+        timeout = httpx.Timeout(10, read=12)  # a keep-alive comes every 15 s
+        with service.client(headers=cookie) as session:
+            began = time.monotonic()
+            asked = {"headers": {"accept": "text/event-stream"}, "timeout": timeout}
+            with session.stream("GET", path, **asked) as stream:
+                assert stream.status_code == 200
+                lines = list(stream.iter_lines())  # until the service ends it
+            assert 1.5 < time.monotonic() - began < 8, path
+            assert "event: end" not in lines  # not the job's end: ask again
+            assert session.get(path, headers={"accept": "text/event-stream"}).status_code == 401
+
+
+def test_pages_open_when_their_session_ends_say_so(context, service, api, hooks: Receiver):
+    """The list, a running job's page and an ended one's (which holds no
+    stream, and whose look at the job was refused without a word)."""
+    running, ended = unique("expiring-running"), unique("expiring-ended")
+    start_job(api, hooks, running)
+    start_job(api, hooks, ended)
+    assert api.post(f"/jobs/{ended}/cancel", json={}).status_code == 200
+    host = service.url.removeprefix("http://").partition(":")[0]
+    context.add_cookies([{"name": COOKIE, "value": forged(4), "domain": host, "path": "/"}])
+    pages = [context.new_page() for _ in range(3)]
+    for page, path in zip(pages, ("/ui", f"/ui/jobs/{running}", f"/ui/jobs/{ended}"), strict=True):
+        page.goto(service.url + path)
+        expect(page.locator("h1")).to_be_visible()
+    expect(pages[0].locator("#live")).to_have_text("live")
+    expect(pages[1].locator("#live")).to_have_text("live")
+
+    for page in pages:
+        expect(page.locator("#live")).to_have_text("signed out: sign in again", timeout=20_000)
+    late = unique("after-the-session")
+    start_job(api, hooks, late)
+    pages[0].wait_for_timeout(2500)
+    expect(pages[0].locator(f'tr[data-id="{late}"]')).to_have_count(0)
+
+
+def test_signing_out_in_one_tab_signs_out_the_others(context, service, api, hooks: Receiver):
+    """Sessions are stateless: a page's streams, opened with the cookie, went
+    on after Sign out in another tab; a page shown without a session tells
+    the others."""
+    job_id = unique("other-tab")
+    start_job(api, hooks, job_id)
+    listed = context.new_page()
+    listed.goto(f"{service.url}/ui/jobs/{job_id}")
+    listed.get_by_label("Token").fill(API_TOKEN)
+    listed.get_by_role("button", name="Sign in").click()
+    expect(listed.locator("#live")).to_have_text("live")
+    other = context.new_page()
+    other.goto(f"{service.url}/ui")
+    expect(other.locator("#live")).to_have_text("live")
+
+    other.get_by_role("button", name="Sign out").click()
+    expect(other.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(listed.locator("#live")).to_have_text("signed out: sign in again", timeout=3000)
