@@ -578,3 +578,16 @@ def test_a_page_of_another_site_cannot_change_jobs_on_a_service_without_tokens(
     assert refused.status_code == 403, refused.text
     assert "a page of another site" in refused.json()["error"]["message"]
     assert client.post(f"/jobs/{running}/cancel").status_code == 200  # a program: as ever
+
+
+def test_a_filtered_views_summary_follows_every_job(page, service, client, hooks: Receiver):
+    """The counts and the jobs waiting longest are of every job: on a view
+    whose stream sends none of the jobs that changed, they were reloaded
+    never (found by an exploratory QA pass of the dashboard)."""
+    page.goto(f"{service.url}/ui?tag={unique('no-such-job')}")
+    expect(page.locator("#live")).to_have_text("live")
+    running = page.locator("#summary .state-running .n")
+    before = int(running.inner_text())
+    job_id = unique("elsewhere")
+    start_job(client, hooks, job_id)
+    expect(running).to_have_text(str(before + 1), timeout=10_000)
