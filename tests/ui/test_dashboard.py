@@ -591,3 +591,27 @@ def test_a_filtered_views_summary_follows_every_job(page, service, client, hooks
     job_id = unique("elsewhere")
     start_job(client, hooks, job_id)
     expect(running).to_have_text(str(before + 1), timeout=10_000)
+
+
+def test_a_long_tag_leaves_the_ids_readable(page, service, client, hooks: Receiver):
+    """Tags as long as tags go (64 characters, no break in them) on one job
+    squeezed the Job column of every row to a few characters a line (found
+    by an exploratory QA pass of the dashboard)."""
+    both, alone = unique("squeeze"), unique("plain")
+    plain = unique("ok-succeeded-job")
+    long_tags = [f"t{n:02d}-" + "y" * 60 for n in range(3)]
+    start_job(client, hooks, plain, tags=[both, alone])
+    start_job(client, hooks, unique("long-tags"), tags=[both, *long_tags])
+
+    def id_width(tag: str) -> float:
+        page.goto(f"{service.url}/ui?tag={tag}")
+        expect(page.locator("#live")).to_have_text("live")  # rows as the stream left them
+        return float(row(page, plain).locator("td.id").evaluate("td => td.clientWidth"))
+
+    without, beside = id_width(alone), id_width(both)
+    assert beside >= min(without, 170), (without, beside)  # 20ch and padding, at least
+    # an id of 31 characters on two lines at most
+    lines = row(page, plain).locator("td.id a").evaluate("a => a.getClientRects().length")
+    assert lines <= 2, lines
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    assert wide <= 1280, wide
