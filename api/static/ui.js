@@ -413,7 +413,30 @@
       stream = watch(() => `/jobs/${id}/events?cursor=${cursor()}`, on, () => ended(job) && (stop(), true));
     }
 
+    // From the confirmation to the answer, the buttons take no click: a
+    // double-click on Cancel asked twice, sent two requests, and the second's
+    // 409 said "Cancel refused" of a cancel that worked (found by an
+    // exploratory QA pass of the dashboard).
+    let acting = false;
+    function buttons(disabled) {
+      for (const id of ["cancel", "retry"]) {
+        const button = document.getElementById(id);
+        if (button) button.disabled = disabled;
+      }
+    }
     async function act(action) {
+      if (acting) return;
+      acting = true;
+      buttons(true);
+      try {
+        await ask(action);
+      } finally {
+        acting = false;
+        buttons(false);
+      }
+    }
+
+    async function ask(action) {
       const next = (job.attempt || 1) + 1;
       const question =
         action === "cancel"
@@ -435,9 +458,18 @@
       const body = await answer.json().catch(() => null);
       if (answer.status === 401) {
         message(`${name} refused: the session has ended: `, true, signInAgain());
+        showSignedOut();
         return;
       }
       if (answer.status === 404) return gone();
+      const state = body && body.error && body.error.details ? body.error.details.state : null;
+      if (answer.status === 409 && action === "cancel" && state === "canceled") {
+        // Canceled already (by another page, the API, or this page's own
+        // request whose answer was lost): what was asked is done.
+        message("Already canceled.");
+        reread();
+        return;
+      }
       if (!answer.ok) {
         const why = body && body.error ? body.error.message : `the service answered ${answer.status}`;
         message(`${name} refused: ${why}`, true);

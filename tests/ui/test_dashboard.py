@@ -615,3 +615,39 @@ def test_a_long_tag_leaves_the_ids_readable(page, service, client, hooks: Receiv
     assert lines <= 2, lines
     wide = page.evaluate("document.documentElement.scrollWidth")
     assert wide <= 1280, wide
+
+
+def test_a_double_click_on_cancel_cancels_once_and_says_so(
+    page, dialogs, service, client, hooks: Receiver
+):
+    """A second click while the first one's answer was due sent a second
+    request, whose 409 said "Cancel refused" of a cancel that worked; a
+    cancel made elsewhere meanwhile is "already canceled" too (found by an
+    exploratory QA pass of the dashboard)."""
+    job_id = unique("double")
+    start_job(client, hooks, job_id)
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    dialogs.accept = True
+    page.locator("#cancel").dblclick()
+    expect(page.locator('[data-field="state"]')).to_have_text("canceled")
+    expect(page.locator("#message")).to_have_text("Canceled.")
+    page.wait_for_timeout(500)
+    expect(page.locator("#message")).to_have_text("Canceled.")
+    assert posted == [f"{service.url}/jobs/{job_id}/cancel"]
+    assert len(dialogs.asked) == 1
+
+    other = unique("canceled-meanwhile")
+    start_job(client, hooks, other)
+    page.goto(f"{service.url}/ui/jobs/{other}")
+
+    def elsewhere_first(route: Any) -> None:  # canceled while the question was open
+        assert client.post(f"/jobs/{other}/cancel", json={}).status_code == 200
+        route.continue_()
+
+    page.route(f"**/jobs/{other}/cancel", elsewhere_first)
+    page.locator("#cancel").click()
+    expect(page.locator("#message")).to_have_text("Already canceled.")
+    expect(page.locator("#message")).not_to_have_class(re.compile("error"))
+    expect(page.locator('[data-field="state"]')).to_have_text("canceled")
