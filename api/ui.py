@@ -258,7 +258,8 @@ def read_window(given: dict[str, str | None]) -> dict[str, datetime | None]:
         except msgspec.ValidationError:
             raise MalformedBody(
                 f"invalid {name} {shown(value)}: give an ISO 8601 date-time such as"
-                " 2026-11-24T02:14:07Z",
+                " 2026-11-24T02:14:07Z, with its seconds; UTC unless it names its offset"
+                " (2026-11-24T03:14:07+01:00)",
                 {"field": name},
             ) from None
     return window
@@ -293,8 +294,14 @@ async def summary(tether: Tether) -> dict[str, Any]:
     }
 
 
-def bad_filter(message: str, viewer: Viewer) -> Template:
-    return page("error.html", {"message": message, "viewer": viewer}, 400)
+def bad_filter(
+    message: str, viewer: Viewer, filters: dict[str, list[str]], backends: list[str]
+) -> Template:
+    """The 400 page of a list URL the service refuses, with the filter form
+    as the URL filled it: a mistyped time is mended there, not by going
+    Back (found by an exploratory QA pass of the dashboard)."""
+    context = {"message": message, "viewer": viewer, "filters": filters, "backends": backends}
+    return page("error.html", context, 400)
 
 
 def is_page(path: str) -> bool:
@@ -342,27 +349,31 @@ class Dashboard(Controller):
         who = viewer(request, sessions)
         if who is None:
             return sign_in_page(request)
-        odd = next((name for name in request.query_params if name not in LIST_PARAMETERS), None)
-        if odd is not None:  # a mistyped bookmark (`?tags=`) showed every job, unfiltered
-            takes = ", ".join(LIST_PARAMETERS)
-            said = f"unknown query parameter {odd[:100]!r} (this page takes: {takes})"
-            return bad_filter(said, who)
         # (the form sends an empty tag and times: no filter)
         states, backends = [s for s in job_state or [] if s], [b for b in backend or [] if b]
         tags = [t for t in tag or [] if t]
+        given = {"created_after": created_after, "created_before": created_before}
+        filters = {"state": states, "backend": backends, "tag": tags}
+        filters |= {name: [value] for name, value in given.items() if value}
+        shown_backends = sorted(set(tether.plugins.backends) | set(backends))
+
+        def bad(message: str) -> Template:
+            return bad_filter(message, who, filters, shown_backends)
+
+        odd = next((name for name in request.query_params if name not in LIST_PARAMETERS), None)
+        if odd is not None:  # a mistyped bookmark (`?tags=`) showed every job, unfiltered
+            takes = ", ".join(LIST_PARAMETERS)
+            return bad(f"unknown query parameter {odd[:100]!r} (this page takes: {takes})")
         unknown = [s for s in states if s not in STATES]
         if unknown:
-            return bad_filter(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}", who)
+            return bad(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}")
         if cursor is not None and not re.match(CURSOR_PATTERN, cursor):
-            return bad_filter("invalid cursor: follow the page links", who)
-        given = {"created_after": created_after, "created_before": created_before}
+            return bad("invalid cursor: follow the page links")
         try:
             window = read_window(given)
             listed_jobs = await list_page(tether, states, backends, tags, cursor, window)
         except MalformedBody as exc:  # a tag no job could have, too many backends, no time
-            return bad_filter(exc.message, who)
-        filters = {"state": states, "backend": backends, "tag": tags}
-        filters |= {name: [value] for name, value in given.items() if value}
+            return bad(exc.message)
         return page(
             "jobs.html",
             {
@@ -371,7 +382,7 @@ class Dashboard(Controller):
                 "next_cursor": listed_jobs.next_cursor,
                 "cursor": cursor,
                 "filters": filters,
-                "backends": sorted(set(tether.plugins.backends) | set(backends)),
+                "backends": shown_backends,
                 "summary": await summary(tether),
                 "newest_url": query(filters),
                 "older_url": query(filters, listed_jobs.next_cursor),

@@ -651,3 +651,39 @@ def test_a_double_click_on_cancel_cancels_once_and_says_so(
     expect(page.locator("#message")).to_have_text("Already canceled.")
     expect(page.locator("#message")).not_to_have_class(re.compile("error"))
     expect(page.locator('[data-field="state"]')).to_have_text("canceled")
+
+
+def test_the_time_filter_says_its_zone_and_a_refused_one_keeps_the_form(
+    page, service, client, hooks: Receiver
+):
+    """A time without an offset is UTC, and is written with its seconds, as
+    `GET /jobs` reads it; the inputs said neither, their placeholder was cut,
+    and a refused time's page had no form (found by an exploratory QA pass
+    of the dashboard)."""
+    tag = unique("zone")
+    job_id = unique("zone-job")
+    start_job(client, hooks, job_id, tags=[tag])
+    page.goto(f"{service.url}/ui?tag={tag}")
+    after = page.get_by_label("created after")
+    expect(page.locator("form.filters")).to_contain_text("UTC")
+    expect(after).to_have_accessible_name(re.compile("UTC"))
+    for name in ("created_after", "created_before"):
+        box = page.locator(f'input[name="{name}"]')
+        fits = box.evaluate(
+            "i => { i.value = i.placeholder; const f = i.scrollWidth <= i.clientWidth;"
+            " i.value = ''; return f; }"
+        )
+        assert fits, f"{name}'s placeholder is cut"
+
+    after.fill("2026-12-06T07:00")  # no seconds: refused, as `GET /jobs` refuses it
+    page.get_by_role("button", name="Filter").click()
+    expect(page.get_by_role("alert")).to_contain_text("invalid created_after '2026-12-06T07:00'")
+    expect(page.get_by_role("alert")).to_contain_text("with its seconds; UTC unless")
+    expect(page.get_by_role("link", name="All jobs")).to_have_attribute("href", "/ui")
+    expect(page.get_by_label("created after")).to_have_value("2026-12-06T07:00")
+    expect(page.locator('input[name="tag"]').first).to_have_value(tag)
+    assert client.get("/jobs", params={"created_after": "2026-12-06T07:00"}).status_code == 400
+
+    page.get_by_label("created after").fill("2000-01-01T00:00:00")
+    page.get_by_role("button", name="Filter").click()
+    expect(row(page, job_id)).to_be_visible()
