@@ -479,6 +479,19 @@ class Dashboard(Controller):
         )
         return response
 
+    @get("/sign-out")
+    async def sign_out_form(
+        self, request: Request[Any, Any, Any], sessions: NamedDependency[Sessions]
+    ) -> Response[Any]:
+        """The address of Sign out, typed or followed: a page whose button
+        signs out (a GET changes nothing), or the list when there is no
+        session to end. It was the API's JSON 405 (found by an exploratory QA
+        pass of the dashboard)."""
+        who = viewer(request, sessions)
+        if who is None or not who.signed_in:
+            return Redirect("/ui")
+        return page("sign_out.html", {"viewer": who})
+
     @post("/sign-out", status_code=303)
     async def sign_out(
         self, request: Request[Any, Any, Any], sessions: NamedDependency[Sessions]

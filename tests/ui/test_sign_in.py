@@ -277,3 +277,23 @@ def test_signing_out_in_one_tab_signs_out_the_others(context, service, api, hook
     other.get_by_role("button", name="Sign out").click()
     expect(other.get_by_role("heading", name="Sign in")).to_be_visible()
     expect(listed.locator("#live")).to_have_text("signed out: sign in again", timeout=3000)
+
+
+def test_the_sign_out_address_typed_is_the_dashboards_page(context, service):
+    """`GET /ui/sign-out` answered the API's JSON 405 (found by an
+    exploratory QA pass of the dashboard): signed in, it is a page whose
+    button signs out; without a session, the list (here: its sign-in form)."""
+    with service.client() as stranger:
+        answer = stranger.get("/ui/sign-out")
+        assert answer.status_code in (302, 303, 307)
+        assert answer.headers["location"] == "/ui"
+    page = context.new_page()
+    page.goto(f"{service.url}/ui")
+    page.get_by_label("Token").fill(READ_TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator(".read-only")).to_be_visible()
+    page.goto(f"{service.url}/ui/sign-out")
+    expect(page.get_by_role("heading", name="Sign out")).to_be_visible()
+    page.locator("main").get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert context.cookies() == []
