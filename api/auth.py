@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from litestar.connection import ASGIConnection
@@ -73,18 +74,22 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
     wrong one is 401; a read token anywhere else is 403, naming what it would
     need. A bearer token, when given, is what counts, cookie or not."""
     api, read = digests(settings.api_token), digests(settings.read_token)
+    public = urlsplit(settings.public_url).netloc.lower() if settings.public_url else ""
 
     async def require_api_token(  # async: Litestar runs a sync guard in a thread
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
         method = connection.scope.get("method", "")
-        if method not in READ_METHODS and another_sites(connection):
-            raise PermissionDeniedException(
-                f"a change asked by a page of another site ({CROSS_SITE_WHY}) is refused: a"
-                " web page's script may not start, cancel or retry jobs; call the API from"
-                " a program, or from the dashboard"
-            )
         if not api:
+            # Every route open: a page of another site must not change jobs. (With
+            # tokens, a bearer token no page holds, or the session's SameSite
+            # cookie and its CSRF header, stop it already.)
+            if method not in READ_METHODS and another_sites(connection, public):
+                raise PermissionDeniedException(
+                    f"a change asked by a page of another site ({CROSS_SITE_WHY}) is"
+                    " refused: without TETHER_API_TOKEN, a web page's script may not start,"
+                    " cancel or retry jobs; call the API from a program, or from the dashboard"
+                )
             return
         given = bearer(connection)
         if given is None:
@@ -112,14 +117,17 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
 CROSS_SITE_WHY = "its browser says so in Sec-Fetch-Site or Origin"
 
 
-def another_sites(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+def another_sites(connection: ASGIConnection[Any, Any, Any, Any], public: str = "") -> bool:
     """Whether a browser says a page of another origin made this request:
     `Sec-Fetch-Site` other than `same-origin` (or `none`: typed by its user),
-    or, from a browser too old to send it, an `Origin` not the request's own
-    host. A program (curl, the CLI, an SDK) sends neither. Without an API
-    token every route is open, and a page anyone opens in a browser on the
-    service's host could start, cancel and retry jobs by a POST no CORS
-    preflight stops (found by an exploratory QA pass of the dashboard)."""
+    or, where it sends none (a plain-http address other than localhost, an
+    older browser), an `Origin` whose host is neither the request's `Host`,
+    nor `X-Forwarded-Host` (a proxy that rewrites `Host`), nor `public`'s
+    (TETHER_PUBLIC_URL's host and port). A program (curl, the CLI, an SDK)
+    sends neither header. Without an API token every route is open, and a
+    page anyone opens in a browser on the service's host could start, cancel
+    and retry jobs by a POST no CORS preflight stops (found by an
+    exploratory QA pass of the dashboard)."""
     headers = connection.headers
     fetched = headers.get("sec-fetch-site")
     if fetched is not None:
@@ -127,7 +135,8 @@ def another_sites(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return False
-    return origin.lower().partition("://")[2] != headers.get("host", "").lower()
+    ours = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").lower(), public}
+    return origin.lower().partition("://")[2] not in ours - {""}
 
 
 def session_access(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from litestar import Litestar, Router, get, post
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.auth import READ, api_token_guard
+from api.auth import READ, another_sites, api_token_guard
 from core.plugins import make_plugin_manager
 from tests.conftest import HOLD, eventually, free_port, test_settings
 from tests.process import TetherProcess, wait_for
@@ -45,6 +46,40 @@ async def tokened_service(start_service: Any) -> Any:
     svc = await start_service(api_token=" , ".join(API_TOKENS), read_token=READ_TOKEN)
     svc.client.headers.update(bearer(API_TOKENS[0]))
     return svc
+
+
+@pytest.mark.resonate_server(False)  # the web layer's
+async def test_a_change_a_page_of_another_site_asks_is_refused_only_where_nothing_else_stops_it(
+    start_service,
+):
+    """Without tokens every route is open, and a browser's page of another
+    site could change jobs (found by an exploratory QA pass): refused, by
+    `Sec-Fetch-Site`, or where a browser sends none (plain http, not
+    localhost) by `Origin` against `Host`, `X-Forwarded-Host` and the public
+    URL's host (a proxy that rewrites `Host`: found by a review). With
+    tokens, a bearer token no page holds, or the session's SameSite cookie
+    and CSRF header, stop it already: not refused for its headers."""
+    svc = await start_service()
+    cancel = "/jobs/nope/cancel"
+    for headers, status in [
+        ({"sec-fetch-site": "cross-site"}, 403),
+        ({"sec-fetch-site": "same-site"}, 403),
+        ({"sec-fetch-site": "same-origin"}, 404),
+        ({"origin": "http://evil.example"}, 403),
+        ({"origin": "null"}, 403),
+        ({"origin": "http://127.0.0.1:9", "x-forwarded-host": "127.0.0.1:9"}, 404),
+        ({}, 404),  # a program
+    ]:
+        answer = await svc.client.post(cancel, headers=headers)
+        assert answer.status_code == status, (headers, answer.text)
+    assert (await svc.client.get("/jobs", headers={"sec-fetch-site": "cross-site"})).is_success
+    tokened = await tokened_service(start_service)
+    let_in = {**bearer(API_TOKENS[0]), "origin": "http://evil.example"}
+    assert (await tokened.client.post(cancel, headers=let_in)).status_code == 404
+    # the public URL's host is the service's own (a proxy in front, Host rewritten)
+    page = SimpleNamespace(headers={"origin": "https://tether.example", "host": "10.0.0.5:8000"})
+    assert another_sites(page)  # type: ignore[arg-type]
+    assert not another_sites(page, "tether.example")  # type: ignore[arg-type]
 
 
 async def test_a_read_token_lists_and_reads_jobs(start_service, receiver):
