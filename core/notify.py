@@ -73,7 +73,7 @@ USER_AGENT = "tether-notify"
 INTERRUPTED = "interrupted: the service stopped during the try"
 """A try's `error` when a stop (SIGTERM) cut it short."""
 STOP_RECORD_WAIT = 2.0
-"""Seconds a stop waits for the store to file each interrupted try."""
+"""Seconds a stop waits for the store to file the interrupted tries."""
 
 
 def backoff(settings: Settings, tries: int) -> float:
@@ -138,6 +138,8 @@ class Notifier:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._claimed: dict[str, Notification] = {}
         """The notifications being tried now, as claimed, until their try is recorded."""
+        self._sending: set[str] = set()
+        """Of those, the ones whose request began."""
         self._per_site: Counter[str] = Counter()
         """Deliveries in flight to each site (`notify_site`)."""
         self._session: aiohttp.ClientSession | None = None
@@ -156,8 +158,9 @@ class Notifier:
         (`notified`, `status` null, `error` `INTERRUPTED`: its message may have
         reached the receiver) and due again at once, for any process (its
         claim held it 20 s, and the try was missing from the history: found by
-        an exploratory QA pass). A store that does not answer within
-        `STOP_RECORD_WAIT` leaves it to its claim, as a killed process does."""
+        an exploratory QA pass); one whose request had not begun is given
+        back without an event. A store that does not answer within
+        `STOP_RECORD_WAIT` leaves them to their claims, as a killed process does."""
         cut = dict(self._claimed)
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
@@ -168,19 +171,25 @@ class Notifier:
         if self._session is not None:
             await self._session.close()
         now = now_ms()
-        for note in cut.values():
+
+        async def release(note: Notification) -> None:
             told = {"webhook_id": note.id, "try": note.tries, "status": None, "error": INTERRUPTED}
-            record = self.jobs.notification_tried(note, now, [NewEvent("notified", told)], now)
-            try:
-                await asyncio.wait_for(record, STOP_RECORD_WAIT)
-            except Exception as exc:
+            # (a try never begun is only given back: there is nothing to file)
+            events = [NewEvent("notified", told)] if note.id in self._sending else []
+            await self.jobs.notification_tried(note, now, events, now)
+
+        # all at once, under one bound (one after another, a store that hangs
+        # held the stop STOP_RECORD_WAIT a notification: found by a review)
+        releases = asyncio.gather(*(release(note) for note in cut.values()))
+        try:
+            await asyncio.wait_for(releases, STOP_RECORD_WAIT)
+        except Exception as exc:
+            if cut:
                 log.warning(
-                    "job %s: notification %s: its interrupted try was not recorded (%s); it"
-                    " is tried again once its claim runs out",
-                    note.job_id,
-                    note.id,
+                    "notifications: %d interrupted tries were not all recorded (%s); they are"
+                    " tried again once their claims run out",
+                    len(cut),
                     type(exc).__name__,
-                    extra={"job_id": note.job_id},
                 )
 
     def on_event(self, rec: JobRecord, event: Event) -> None:
@@ -236,6 +245,7 @@ class Notifier:
         return min(self.poll, max(at - now_ms(), 0) / 1000)
 
     async def _deliver(self, note: Notification, site: str) -> None:
+        self._sending.add(note.id)
         try:
             status, error = await self.post(note)
             self._claimed.pop(note.id, None)  # tried: recorded below, or left to its claim
@@ -254,6 +264,7 @@ class Notifier:
             self._inflight.pop(note.id, None)
             if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 self._claimed.pop(note.id, None)
+                self._sending.discard(note.id)
             if self._per_site[site] > 1:
                 self._per_site[site] -= 1
             else:

@@ -23,6 +23,7 @@ attempt, so a late settle of an ended attempt never touches a retried job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -151,23 +152,25 @@ def outcome_of(value: Any) -> Outcome:
         )
 
 
-def store_timeout(timeout: float) -> Outcome:
+def store_timeout(timeout: float | None) -> Outcome:
     """How a job ends whose callback promise the store timed out (no watchdog
     got there first: the service was down past the deadline and its grace):
     in the watchdog's words, the outage said after them (a timeout found two
     ways read two ways, which alerts matching the words missed: an
     exploratory QA pass)."""
+    within = "by its deadline" if timeout is None else f"within {timeout:g} seconds"
     message = (
-        f"not finished within {timeout:g} seconds, the job's timeout (the store timed its"
-        " wait out: the service was down past the deadline)"
+        f"not finished {within}, the job's timeout (the store timed its wait out: the"
+        " service was down past the deadline)"
     )
     return Outcome(status="timed_out", error=ErrorInfo(message=message, type="timeout"))
 
 
-def store_timed_out(timeout: float) -> NewEvent:
+def store_timed_out(timeout: float | None) -> NewEvent:
     """The event such a job's history gets before `finished`, as the
-    watchdog's deadline files `timed_out` (`timeout`), and `by: store`."""
-    return NewEvent("timed_out", {"timeout": timeout, "by": "store"})
+    watchdog's deadline files `timed_out` (`timeout`, when known), and `by: store`."""
+    known = {} if timeout is None else {"timeout": timeout}
+    return NewEvent("timed_out", {**known, "by": "store"})
 
 
 def outcome_of_record(rec: JobRecord) -> Outcome:
@@ -345,10 +348,13 @@ class Settler:
         else:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
         data = record.value.data if record.state == "resolved" else None
-        timeout = 0.0
+        timeout: float | None = None
         if data is None:  # the store timed the wait out: in the job's own words (rarely)
-            row = seen if seen is not None else await store_call(self.jobs.get(job_id))
-            timeout = row.timeout if row is not None else 0.0
+            row = seen
+            if row is None:  # a read that fails (after an outage) costs the words only
+                with contextlib.suppress(Exception):
+                    row = await store_call(self.jobs.get(job_id))
+            timeout = row.timeout if row is not None else None
         settled = outcome_of(data) if data is not None else store_timeout(timeout)
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))

@@ -222,10 +222,10 @@ class Watchdog:
         """When the sleeping loop sweeps next (Unix ms); while it sweeps, the
         earliest due this process wrote meanwhile (`inf`: none)."""
         self.started = now_ms()
-        self._failed_checks = Repeats()
-        """Which failed status checks are filed (`_check_failed`)."""
         """When this process's watchdog started (Unix ms): a heartbeat is not
         missed until `heartbeat_timeout` after it (`heartbeat_missed`)."""
+        self._failed_checks = Repeats()
+        """Which failed status checks are filed (`_check_failed`)."""
         self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
         """The looks under way, by job id and whether it is the job's deadline
         (one that outlived its sweep: a backend slow to answer)."""
