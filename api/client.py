@@ -135,9 +135,11 @@ class ServiceError(click.ClickException):
 
     exit_code = SERVICE_ERROR
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, reached: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        self.reached = reached
+        """False: no answer came (`unreachable`)."""
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"tether: {printable(self.message)}", err=True)
@@ -178,7 +180,7 @@ def unreachable(url: str, exc: httpx.TransportError) -> ServiceError:
         why = os_reason(exc) or "could not connect"
     else:
         why = os_reason(exc) or "the connection broke"
-    return ServiceError(f"cannot reach {public(url)}: {why}")
+    return ServiceError(f"cannot reach {public(url)}: {why}", reached=False)
 
 
 def error_answer(response: httpx.Response) -> ServiceError:
@@ -1075,7 +1077,7 @@ def on_each(
                 done.append(await api.call("POST", job_path(job_id, action), A_JOB, json=body))
             except ServiceError as exc:
                 refused.append({"id": job_id, "error": exc.message, "status": exc.status})
-                if exc.status is None:  # not reached: the rest would not be either
+                if not exc.reached:  # no answer: the rest would have none either
                     why = "not tried: the service could not be reached"
                     refused += [{"id": i, "error": why, "status": None} for i in job_ids[n + 1 :]]
                     break

@@ -180,6 +180,8 @@ async def test_head_and_options_probes_answer_as_get_does(start_service, monkeyp
         answer = await svc.client.request(method, "/health")
         assert answer.status_code == 200, (method, answer.text)
         assert (answer.content == b"") == (method == "HEAD")
+        if method == "HEAD":  # (it said 4, the length of `null`)
+            assert answer.headers.get("content-length", "0") == "0"
 
     async def down() -> None:
         raise StoreUnavailable("the embedded store failed: disk I/O error")
