@@ -76,6 +76,12 @@ SECRET_ENV = (
 HTTP_TIMEOUT_MAX = 3600.0
 """The longest `TETHER_DATABRICKS_HTTP_TIMEOUT`, an hour (the HTTP client
 cannot wait for ever: `inf` failed every call)."""
+RETRY_TIMEOUT_MAX = 3600
+"""The longest `TETHER_DATABRICKS_RETRY_TIMEOUT`, an hour: past the SDK's
+dates it failed every call (`OverflowError`), and a trigger's call is bounded
+at 15 minutes anyway."""
+THREADS_MAX = 256
+"""The most `TETHER_DATABRICKS_THREADS`: each is a thread of the process."""
 
 
 OAUTH_TRANSIENT = frozenset({"temporarily_unavailable", "server_error"})
@@ -111,15 +117,16 @@ class DatabricksSettings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSettings:
         settings = settings_from_env(cls, ENV_PREFIX, env)
-        for name, ok in (
-            ("retry_timeout", settings.retry_timeout >= 1),
-            ("http_timeout", 0 < settings.http_timeout <= HTTP_TIMEOUT_MAX),
-            ("threads", settings.threads >= 1),
+        for name, ok, most in (
+            ("retry_timeout", 1 <= settings.retry_timeout <= RETRY_TIMEOUT_MAX, RETRY_TIMEOUT_MAX),
+            ("http_timeout", 0 < settings.http_timeout <= HTTP_TIMEOUT_MAX, HTTP_TIMEOUT_MAX),
+            ("threads", 1 <= settings.threads <= THREADS_MAX, THREADS_MAX),
         ):
-            if not ok:  # (`inf` was taken, and every call failed: an audit, 2026-12-04)
-                bound = f", at most {HTTP_TIMEOUT_MAX:g}" if name == "http_timeout" else ""
+            if not ok:  # (`inf` was taken, and every call failed: an audit, 2026-12-04; a
+                # retry timeout of 1e23 failed every call too: an exploratory QA pass)
                 raise ValueError(
-                    f"invalid setting {ENV_PREFIX}{name.upper()}: must be positive{bound}"
+                    f"invalid setting {ENV_PREFIX}{name.upper()}: must be positive, at most"
+                    f" {most:g}"
                 )
         return settings
 

@@ -463,13 +463,15 @@ def test_settings_come_from_tether_databricks_variables():
         ("HTTP_TIMEOUT", "-1"),
         ("HTTP_TIMEOUT", "inf"),  # taken before, and every call failed
         ("HTTP_TIMEOUT", "3601"),
+        ("RETRY_TIMEOUT", "99999999999999999999999"),  # every call failed: an exploratory QA pass
         ("THREADS", "0"),
+        ("THREADS", "257"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_naming_the_variable(name: str, value: str):
     with pytest.raises(ValueError) as raised:
         DatabricksSettings.from_env({f"TETHER_DATABRICKS_{name}": value})
-    bound = ", at most 3600" if name == "HTTP_TIMEOUT" else ""
+    bound = ", at most 256" if name == "THREADS" else ", at most 3600"
     assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: must be positive{bound}"
 
 
