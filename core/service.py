@@ -769,31 +769,10 @@ class Tether:
             raise NotFound.job(job_id)
         return view(rec)
 
-    async def list_jobs(
-        self,
-        states: Sequence[str] = (),
-        backends: Sequence[str] = (),
-        limit: int = 100,
-        cursor: str | None = None,
-        *,
-        tags: Sequence[str] = (),
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-    ) -> JobPage:
-        """Jobs newest first, in any of `states` and of any of `backends` (each
-        empty: all), having every one of `tags`, created strictly after
-        `created_after` and before `created_before` (a time without a zone is
-        UTC), at most `limit`, after the place `cursor` names."""
-        query = self.list_query(
-            states,
-            backends,
-            limit,
-            cursor,
-            tags=tags,
-            created_after=created_after,
-            created_before=created_before,
-        )
-        return await self.list_page(query)
+    async def list_jobs(self, *filters: Any, **named: Any) -> JobPage:
+        """A page of jobs as `list_query`'s filters name it: `list_page` of
+        `list_query`."""
+        return await self.list_page(self.list_query(*filters, **named))
 
     def list_query(
         self,
@@ -806,8 +785,12 @@ class Tether:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
     ) -> ListQuery:
-        """`list_jobs`'s filters checked (`MalformedBody` names a bad one),
-        nothing read: a page of them is `list_page`."""
+        """Jobs newest first, in any of `states` and of any of `backends` (each
+        empty: all), having every one of `tags`, created strictly after
+        `created_after` and before `created_before` (a time without a zone is
+        UTC), at most `limit`, after the place `cursor` names: the filters
+        checked (`MalformedBody` names a bad one), nothing read; a page of
+        them is `list_page`."""
         if not 1 <= limit <= MAX_PAGE:
             raise MalformedBody(f"limit must be from 1 to {MAX_PAGE}", {"field": "limit"})
         bad = next((tag for tag in tags if not TAG_PATTERN.fullmatch(tag)), None)
