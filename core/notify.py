@@ -161,13 +161,13 @@ class Notifier:
         an exploratory QA pass); one whose request had not begun is given
         back without an event. A store that does not answer within
         `STOP_RECORD_WAIT` leaves them to their claims, as a killed process does."""
-        cut = dict(self._claimed)
         tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        cut = dict(self._claimed)  # (read now: a try that ended meanwhile left it)
         if self._session is not None:
             await self._session.close()
         now = now_ms()
