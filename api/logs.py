@@ -136,7 +136,12 @@ class StaleLeases(logging.Filter):
         gave another process (409 conflict, after a stall or an outage longer
         than the lease), as a WARNING saying so."""
         cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        conflict = isinstance(cause, BaseException) and _is_conflict(cause)
+        # resonate-sdk 0.8 hands the cause over as its text (`BackgroundTaskFailed`:
+        # `server error (code=409): ...`), not the exception: a Postgres soak found
+        # the 409 logged at ERROR all the same
+        conflict = (isinstance(cause, BaseException) and _is_conflict(cause)) or (
+            isinstance(cause, str) and cause.startswith(CONFLICT_SAID)
+        )
         if conflict and str(record.msg).startswith("background task failed"):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = f"{record.msg} (the task had passed to another process)"
@@ -182,6 +187,10 @@ class Repeats(logging.Filter):
         if left:
             record.msg = f"{message} ({left} more like it in the last {self.EVERY:g} s)"
         return True
+
+
+CONFLICT_SAID = str(ServerError(409, ""))[: -len(": ")]
+"""How a 409 `ServerError` begins as text: `server error (code=409)`."""
 
 
 def _is_conflict(exc: BaseException) -> bool:

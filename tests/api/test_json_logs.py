@@ -18,6 +18,7 @@ from resonate.error import PlatformError, ServerError
 import api.logs
 from api.cli import log_config
 from api.logs import TEXT_FORMAT, JsonFormatter, Repeats, StaleLeases, TextFormatter, formatter
+from tests.core.parts import logs_of
 
 
 def record(msg: str, *args: Any, exc: bool = False, **extra: Any) -> logging.LogRecord:
@@ -219,6 +220,18 @@ def test_the_sdks_background_409_is_a_warning_and_other_failures_stay_errors():
     other = background(ServerError(500, "boom"))
     assert StaleLeases().filter(other)
     assert other.levelno == logging.ERROR and other.getMessage().endswith("boom")
+    # as the SDK itself logs it: the cause as text (a Postgres soak found it at ERROR)
+    from resonate.observability import BackgroundTaskFailed, logging_observer
+
+    for cause, level in [
+        (ServerError(409, "conflict"), logging.WARNING),
+        (ServerError(500, "x"), logging.ERROR),
+    ]:
+        with logs_of("resonate.observability") as logs:
+            logging_observer(BackgroundTaskFailed(cause=str(cause)))
+        [record] = logs.records
+        assert StaleLeases().filter(record)
+        assert record.levelno == level, record.getMessage()
 
 
 def test_the_sdks_reconnect_warnings_are_shown_once_a_minute_with_a_count(monkeypatch):
