@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import errno
 import functools
 import logging
@@ -28,7 +27,7 @@ from api.client import add_client_commands
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
 from core import version
-from core.errors import StoreConfigError, StoreUnavailable, TetherError
+from core.errors import StoreConfigError, StoreUnavailable, TetherError, near_hint
 from core.plugins import Plugins, make_plugin_manager
 from core.settings import (
     MAX_RETENTION,
@@ -316,8 +315,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
                 WEAK_TOKEN,
             )
     for backend in settings.limits.keys() - plugins.backends.keys():
-        near = difflib.get_close_matches(backend.lower(), sorted(plugins.backends), n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]}?" if near else ""
+        hint = near_hint(backend.lower(), plugins.backends)
         log.warning(
             "TETHER_MAX_RUNNING names %r, which is no installed backend: it limits nothing%s",
             backend,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from core.errors import os_reason
+from core.errors import near_hint, os_reason
 from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
 from core.settings import listed, unsendable
 
@@ -1003,8 +1002,7 @@ async def note_unknown_backends(api: Api, backends: Sequence[str]) -> None:
         return
     for name in backends:
         if name not in offered:
-            near = difflib.get_close_matches(name, offered, n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]}?" if near else ""
+            hint = near_hint(name, offered)
             click.echo(f"tether: the service has no backend '{printable(name)}'{hint}", err=True)
 
 

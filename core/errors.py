@@ -3,8 +3,10 @@ speaks HTTP itself."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
 SHOWN_MAX = 160
@@ -156,3 +158,9 @@ def os_reason(exc: BaseException) -> str:
             reason = said.lower()
         cause = cause.__cause__ or cause.__context__
     return reason
+
+
+def near_hint(name: str, known: Iterable[str]) -> str:
+    """`; did you mean X?` naming the closest of `known` to `name`, or ''."""
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""

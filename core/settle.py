@@ -152,16 +152,22 @@ def outcome_of(value: Any) -> Outcome:
         )
 
 
+def deadline_message(timeout: float | None) -> str:
+    """How a job that reached its deadline ends, in words (`error.message`),
+    whoever found it: the watchdog, or the store (`store_timeout`)."""
+    within = "by its deadline" if timeout is None else f"within {timeout:g} seconds"
+    return f"not finished {within}, the job's timeout"
+
+
 def store_timeout(timeout: float | None) -> Outcome:
     """How a job ends whose callback promise the store timed out (no watchdog
     got there first: the service was down past the deadline and its grace):
     in the watchdog's words, the outage said after them (a timeout found two
     ways read two ways, which alerts matching the words missed: an
     exploratory QA pass)."""
-    within = "by its deadline" if timeout is None else f"within {timeout:g} seconds"
     message = (
-        f"not finished {within}, the job's timeout (the store timed its wait out: the"
-        " service was down past the deadline)"
+        f"{deadline_message(timeout)} (the store timed its wait out: the service was down"
+        " past the deadline)"
     )
     return Outcome(status="timed_out", error=ErrorInfo(message=message, type="timeout"))
 

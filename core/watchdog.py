@@ -51,7 +51,7 @@ from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins, contract_answer
 from core.redact import redact
 from core.settings import MAX_RETENTION, MIN_RETENTION, Settings
-from core.settle import Settler
+from core.settle import Settler, deadline_message
 from core.store import Store
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.views import backend_view
@@ -371,7 +371,7 @@ class Watchdog:
             return
         if rec.deadline <= now:
             # (Not "no callback": a backend may have none, and learn the end by status checks.)
-            message = f"not finished within {rec.timeout:g} seconds, the job's timeout"
+            message = deadline_message(rec.timeout)
             if rec.state == "queued":  # never triggered: no callback was ever asked for
                 message = (
                     f"still queued after {rec.timeout:g} seconds: its backend stayed at its"

@@ -207,29 +207,36 @@ def credentials_from_env(env: Mapping[str, str] | None = None) -> dict[str, str]
     """The service's webhook credentials, NAME → `Authorization` value, from the
     variables `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`).
     NAME is capitals, digits and `_`; an empty value is no credential."""
+    return {name: value for name, value in declared_credentials(env).items() if value}
+
+
+def declared_credentials(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`) with a
+    NAME, empty or not (an empty one is declared, though no credential: not an
+    "unknown setting"). A NAME that is none in any case (`1X`, `MY-CRED`), or
+    a value with a control character, is a `ValueError` saying why, never
+    the value. Lower-case names are left to the unknown-setting warning."""
     env = os.environ if env is None else env
-    for key in env:
+    declared: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(AUTH_PREFIX):
+            continue
         name = key.removeprefix(AUTH_PREFIX)
-        if key.startswith(AUTH_PREFIX) and not CREDENTIAL_NAME.fullmatch(name.upper()):
+        if not CREDENTIAL_NAME.fullmatch(name.upper()):
             # it was "unknown setting ... is ignored", which said nothing of why
             raise ValueError(
                 f"invalid setting {key[:100]!r}: NAME in {AUTH_PREFIX}<NAME> is capitals,"
                 " digits and _, not beginning with a digit"
             )
-    found = {
-        key.removeprefix(AUTH_PREFIX): value
-        for key, value in env.items()
-        if key.startswith(AUTH_PREFIX)
-        and value
-        and CREDENTIAL_NAME.fullmatch(key.removeprefix(AUTH_PREFIX))
-    }
-    for name, value in found.items():
+        if not CREDENTIAL_NAME.fullmatch(name):
+            continue
         if any(ord(c) < 32 or ord(c) == 127 for c in value):  # never the value
             raise ValueError(
-                f"invalid setting {AUTH_PREFIX}{name}: it holds a control character (a line"
+                f"invalid setting {key}: it holds a control character (a line"
                 " break?), which no HTTP header can carry; set the Authorization value alone"
             )
-    return found
+        declared[name] = value
+    return declared
 
 
 class StatusBody(msgspec.Struct, frozen=True):
@@ -252,18 +259,15 @@ class HttpWebhook(Backend):
     settings_prefix = AUTH_PREFIX
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self.credentials = credentials_from_env(env)
+        declared = declared_credentials(env)
+        self.credentials = {name: value for name, value in declared.items() if value}
         """NAME → `Authorization` value; read once, so a change needs a restart."""
         # Both depend on the credentials configured, though `Backend` declares
         # them class variables: the params' schema lists the names, and the
         # variables are declared so that start-up does not call them unknown.
         self.params_type = params_type(self.credentials)  # type: ignore[misc]
-        # (an empty one is known too, though no credential: not "unknown setting")
-        given = os.environ if env is None else env
-        named = {key.removeprefix(AUTH_PREFIX) for key in given if key.startswith(AUTH_PREFIX)}
-        named = {name for name in named if CREDENTIAL_NAME.fullmatch(name)} | set(self.credentials)
         self.settings_type = msgspec.defstruct(  # type: ignore[misc]
-            "WebhookCredentials", [(name.lower(), str) for name in sorted(named)]
+            "WebhookCredentials", [(name.lower(), str) for name in sorted(declared)]
         )
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
