@@ -39,6 +39,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -328,6 +329,20 @@ class TetherProcess(Process):
         self.supervisor = os.getpid()  # made in the supervisor
         self.store_down_before = store_down_before
         super().__init__(config, sockets)
+
+    def _healthcheck(self, timeout: float) -> bool | None:
+        """uvicorn's ping, ended also by the worker's exit: the supervisor
+        holds the pipe's other end too, so a worker killed before it answers
+        would leave uvicorn's `poll` waiting the whole timeout (5 s), with
+        its replacement and the supervisor's signals waiting behind it."""
+        try:
+            self.parent_conn.send(b"ping")
+            if self.parent_conn in wait([self.parent_conn, self.process.sentinel], timeout):
+                started: bool = self.parent_conn.recv()
+                return started
+            return None
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
 
     @property
     def server(self) -> Server:
