@@ -65,6 +65,8 @@ receiver that hangs (each try waits `REQUEST_TIMEOUT`) held every place, and
 other receivers' notifications waited behind its backlog, round after round
 of retries (48 to a hung receiver held a healthy one's 32 s: found by an
 exploratory QA pass)."""
+SLOW_SITES_MAX = 1024
+"""Sites remembered as slow (`Notifier._slow`), the longest known dropped first."""
 DEFAULT_POLL = 10.0
 """Seconds between looks at the outbox when `watchdog_interval` is not positive."""
 RETRY_AFTER = 1.0
@@ -87,11 +89,15 @@ UNSENDABLE = "the HTTP client refuses this URL (InvalidUrlClientError)"
 stored before such URLs were refused): the notification is given up at once."""
 
 
+TIMED_OUT = "timed out after "
+"""How a try's error begins when the receiver did not answer in time."""
+
+
 def failure(exc: BaseException) -> str:
     """A failed request, said briefly: never the exception's text, which may
     quote the URL's path and query."""
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
-        return f"timed out after {REQUEST_TIMEOUT:g}s"
+        return f"{TIMED_OUT}{REQUEST_TIMEOUT:g}s"
     reason = os_reason(exc)
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
@@ -115,7 +121,15 @@ def signature(webhooks: list[Webhook], msg_id: str, seconds: int, body: str) -> 
 class Notifier:
     """Delivers the outbox's notifications, at most `concurrency` at once.
     `secrets` are `Store.notify_secrets`: one key, or during a rotation
-    several, current first, each message being signed with every one."""
+    several, current first, each message being signed with every one.
+
+    Places are shared out so that receivers that hang cannot hold them all
+    (two hung sites took every place, and the others' notifications waited
+    behind their backlogs: found by a review): a site takes at most
+    `per_site`; a site whose last try timed out takes one, until a try to it
+    ends in time; and a site that already has a try in flight takes another
+    only while more than a quarter of the places are free, the rest kept for
+    sites with none."""
 
     def __init__(
         self,
@@ -132,6 +146,8 @@ class Notifier:
             raise ValueError("a Notifier needs a notification secret")
         self.concurrency = concurrency
         self.per_site = per_site
+        self.reserve = concurrency // 4
+        """Places kept for sites with no try in flight."""
         self.poll = settings.watchdog_interval if settings.watchdog_interval > 0 else DEFAULT_POLL
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -142,6 +158,8 @@ class Notifier:
         """Of those, the ones whose request began."""
         self._per_site: Counter[str] = Counter()
         """Deliveries in flight to each site (`notify_site`)."""
+        self._slow: dict[str, None] = {}
+        """Sites whose last try timed out, oldest first (at most `SLOW_SITES_MAX`)."""
         self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -216,13 +234,13 @@ class Notifier:
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return self.poll  # each delivery that ends wakes the loop
-        full = [site for site, count in self._per_site.items() if count >= self.per_site]
+        full = [site for site in self._per_site if not self._room(site)]
         due = await self.jobs.notifications_due(now, free, full)
         until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
         started = 0
         for note in due:
             site = notify_site(note.url)
-            if self._per_site[site] >= self.per_site:
+            if not self._room(site):
                 continue  # its site's places filled in this round: a later one
             if note.id in self._inflight or not await self.jobs.claim_notification(note, until):
                 continue  # another process took it (or this one still has it)
@@ -244,10 +262,22 @@ class Notifier:
             return self.poll
         return min(self.poll, max(at - now_ms(), 0) / 1000)
 
+    def _room(self, site: str) -> bool:
+        """Whether a try to `site` may start now (the class's rules)."""
+        held = self._per_site[site]
+        if held >= (1 if site in self._slow else self.per_site):
+            return False
+        return held == 0 or self.concurrency - len(self._inflight) > self.reserve
+
     async def _deliver(self, note: Notification, site: str) -> None:
         self._sending.add(note.id)
         try:
             status, error = await self.post(note)
+            self._slow.pop(site, None)
+            if error is not None and error.startswith(TIMED_OUT):
+                self._slow[site] = None
+                if len(self._slow) > SLOW_SITES_MAX:
+                    del self._slow[next(iter(self._slow))]
             self._claimed.pop(note.id, None)  # tried: recorded below, or left to its claim
             await self._tried(note, status, error)
         except Exception as exc:

@@ -462,6 +462,53 @@ async def test_a_hung_receiver_holds_only_its_sites_places(clock):
     assert notify_site("http://h?token=x") == "http://h"
 
 
+async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(clock, monkeypatch):
+    """Two receivers that hang took all 16 places, their backlogs before any
+    other site's (found by a review). A site with tries in flight takes
+    another only while more than a quarter of the places are free; a site
+    whose last try timed out gets one place, until a try to it ends in time."""
+    monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 0.5)
+    async with (
+        hook() as a,
+        hook() as b,
+        hook() as healthy,
+        notifier(concurrency=8, per_site=4, loop=False) as (parts, sender),
+    ):
+        jobs, release_a, release_b = parts.jobs, held(a), held(b)
+        at = now_ms()
+        for i in range(6):  # the longest due: a's, then b's, then the healthy site's
+            await ended(jobs, a.url(), f"a-{i}", at + i)
+            await ended(jobs, b.url(), f"b-{i}", at + 10 + i)
+            await ended(jobs, healthy.url(), f"h-{i}", at + 20 + i)
+        now = at + 1_000
+        clock(now)
+        await sender.round(now)  # a: its four; b: two, till a quarter is left
+        assert dict(sender._per_site) == {a.origin: 4, b.origin: 2}
+        await sender.round(now)  # the quarter: one place to the healthy site
+        await eventually(lambda: len(healthy.got) == 1)
+        assert len(a.got) == 4 and len(b.got) == 2
+
+        # Every try to a and b timed out (due again after the backoff): each
+        # gets one place now, and the healthy site the rest.
+        await eventually(lambda: not sender._inflight)
+        assert list(sender._slow) == [a.origin, b.origin]
+        monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 60.0)  # held till released now
+        await sender.round(now)
+        assert sender._per_site[a.origin] == sender._per_site[b.origin] == 1
+        for _ in range(5):  # (no loop: the test makes the rounds)
+            await eventually(lambda: len(sender._inflight) == 2)
+            await sender.round(now)
+        assert len(healthy.got) == 6
+        assert len(a.got) == 5 and len(b.got) == 3
+
+        # a answers again: in time, so no longer slow.
+        release_a()
+        await eventually(lambda: a.origin not in sender._slow)
+        assert list(sender._slow) == [b.origin]
+        release_b()
+        await eventually(lambda: not sender._inflight)
+
+
 async def test_a_try_a_stop_cut_short_is_filed_and_due_again_at_once(clock):
     """SIGTERM during a try: the receiver may have the message, and the try
     was missing from the history while its claim held it 20 s (found by an
