@@ -74,6 +74,13 @@ RETRY_AFTER = 1.0
 USER_AGENT = "tether-notify"
 INTERRUPTED = "interrupted: the service stopped during the try"
 """A try's `error` when a stop (SIGTERM) cut it short."""
+ROUND_SHARE = 0.2
+"""At most this share of the time goes to the outbox's reads: after a round
+that took longer than `SLOW_ROUND`, the next waits until it would. A site
+whose places are taken is read past, row by row (`_skipping`): 100,000 due
+to a hung receiver took 80 ms a read, and each delivery to another site that
+ended began a round, holding the store's connection from every request."""
+SLOW_ROUND = 0.01
 STOP_RECORD_WAIT = 2.0
 """Seconds a stop waits for the store to file the interrupted tries."""
 
@@ -219,13 +226,17 @@ class Notifier:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
+            began = time.monotonic()
             try:
                 delay = await self.round(now_ms())
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
                 delay = min(self.poll, RETRY_AFTER)
+            spent = time.monotonic() - began
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            if spent > SLOW_ROUND:
+                await asyncio.sleep(began + spent / ROUND_SHARE - time.monotonic())
 
     async def round(self, now: int) -> float:
         """Claim and start the deliveries due at `now` that this process has

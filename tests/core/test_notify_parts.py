@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -507,6 +508,33 @@ async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(cl
         assert list(sender._slow) == [b.origin]
         release_b()
         await eventually(lambda: not sender._inflight)
+
+
+async def test_slow_reads_of_the_outbox_take_a_fifth_of_the_time_at_most(monkeypatch):
+    """Each delivery that ends begins a round; a read that passes over a full
+    site's backlog took 80 ms at 100,000 (`_skipping`), so rounds back to
+    back held the store's connection all the time. After a slow round the
+    next waits till the rounds took `ROUND_SHARE` of the time."""
+    async with notifier() as (parts, sender):
+        reads: list[float] = []
+        real = parts.jobs.notifications_due
+
+        async def slow(*args: Any) -> list[Notification]:
+            reads.append(time.monotonic())
+            await asyncio.sleep(0.05)
+            return await real(*args)
+
+        monkeypatch.setattr(parts.jobs, "notifications_due", slow)
+        sender._wake.set()
+        await eventually(lambda: reads)
+        first = len(reads)
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:  # deliveries ending, one after another
+            sender._wake.set()
+            await asyncio.sleep(0.005)
+        # back to back: ~30 reads; a fifth of 1.5 s: 6 (and one begun)
+        assert 1 <= len(reads) - first <= 8, reads
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(reads[first:]))
 
 
 async def test_a_try_a_stop_cut_short_is_filed_and_due_again_at_once(clock):
