@@ -1,6 +1,8 @@
 """Many jobs waiting at once in the real service, then their callbacks 200 at a
 time: no error, no lost or doubled settle, memory bounded. The suite runs it
-with 1,000 jobs; `./dev test --all` adds the 10,000-job run (about two minutes)."""
+with 500 jobs (1,000 took 25-48 s of the suite's 10 minutes; the benchmark's
+scale phase measures a million); `./dev test --all` adds the 10,000-job run
+(about two minutes)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.parametrize("jobs", [1_000, pytest.param(10_000, marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("jobs", [500, pytest.param(10_000, marks=pytest.mark.heavy)])
 async def test_many_waiting_jobs_then_their_callbacks(tmp_path, receiver, capsys, jobs):
     urls: dict[str, str] = {}
 
@@ -57,13 +59,13 @@ async def test_many_waiting_jobs_then_their_callbacks(tmp_path, receiver, capsys
             assert set(statuses) == {201}
             await eventually(lambda: len(urls) == jobs, timeout=60, every=0.1)
 
-            async def thousand_running() -> bool:
+            async def all_running() -> bool:
                 # A job is listed as running once the backend's answer is recorded, a moment
                 # after the receiver saw the trigger.
                 page = await client.get("/jobs", params={"state": "running", "limit": 1000})
-                return len(page.json()["items"]) == 1000
+                return len(page.json()["items"]) == min(jobs, 1000)
 
-            await eventually(thousand_running, timeout=30, every=0.1)
+            await eventually(all_running, timeout=30, every=0.1)
             rss_waiting = rss_kib(service.proc.pid)
 
             async def settle(job_id: str) -> str:
