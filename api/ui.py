@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
-from litestar.datastructures import ResponseHeader
+from litestar.datastructures import MultiDict, ResponseHeader
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.plugins.jinja import JinjaTemplateEngine
@@ -205,6 +205,14 @@ def query(filters: dict[str, list[str]], cursor: str | None = None) -> str:
     return "/ui" + (f"?{urlencode(pairs)}" if pairs else "")
 
 
+def count_urls(filters: dict[str, list[str]]) -> dict[str, str]:
+    """Where each of the summary's counts leads: the list in that state, every
+    other filter kept (a count's link dropped the backend, tag and time
+    window: found by a QA pass of the dashboard), from its newest job."""
+    kept = {name: values for name, values in filters.items() if name != "state"}
+    return {state: query({"state": [state], **kept}) for state in STATES}
+
+
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"),
@@ -245,6 +253,13 @@ async def list_page(
 
 WINDOW = ("created_after", "created_before")
 """The time window's filters, as `GET /jobs` names them."""
+
+
+def list_filters(params: MultiDict[Any]) -> dict[str, list[str]]:
+    """The filters of a list URL's query that a count's link keeps (all but
+    the state), the form's empty values left out."""
+    names = ("backend", "tag", *WINDOW)
+    return {name: [v for v in params.getall(name, []) if v] for name in names}
 
 
 def read_window(given: dict[str, str | None]) -> dict[str, datetime | None]:
@@ -384,6 +399,7 @@ class Dashboard(Controller):
                 "filters": filters,
                 "backends": shown_backends,
                 "summary": await summary(tether),
+                "count_urls": count_urls(filters),
                 "newest_url": query(filters),
                 "older_url": query(filters, listed_jobs.next_cursor),
                 "live": {"filters": filters, "limit": PAGE_SIZE, "cursor": cursor},
@@ -397,10 +413,12 @@ class Dashboard(Controller):
         tether: NamedDependency[Tether],
         sessions: NamedDependency[Sessions],
     ) -> Response[Any]:
-        """The list's summary alone, which the list page reloads as jobs change."""
+        """The list's summary alone, which the list page reloads as jobs change;
+        its query is the list's, whose filters its counts' links keep."""
         if viewer(request, sessions) is None:
             return Response("sign in", status_code=401, media_type="text/plain")
-        return page("_summary.html", {"summary": await summary(tether)})
+        urls = count_urls(list_filters(request.query_params))
+        return page("_summary.html", {"summary": await summary(tether), "count_urls": urls})
 
     @get("/jobs/{job_id:str}")
     async def job(

@@ -195,7 +195,9 @@
     if (summaryTimer || signedOut) return;
     summaryTimer = setTimeout(async () => {
       summaryTimer = null;
-      const answer = await fetch("/ui/summary", { credentials: "same-origin" }).catch(() => null);
+      // The list's own query: the counts' links keep its filters.
+      const url = `/ui/summary${location.search}`;
+      const answer = await fetch(url, { credentials: "same-origin" }).catch(() => null);
       if (refused(answer) || !answer || !answer.ok) return;
       const doc = new DOMParser().parseFromString(await answer.text(), "text/html");
       const fresh = doc.getElementById("summary");

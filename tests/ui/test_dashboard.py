@@ -12,7 +12,7 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
@@ -124,6 +124,37 @@ def test_a_filter_narrows_the_list_and_is_in_the_url(page, service, client, hook
     expect(page.locator("#live")).to_have_text("live")
     assert client.post(f"/jobs/{running}/cancel").status_code == 200
     expect(row(page, running).locator(".badge")).to_have_text("canceled")
+
+
+def test_a_count_keeps_every_other_filter(page, service, client, hooks: Receiver):
+    """A count's link set the state and dropped the backend, tag and time
+    window (found by a QA pass of the dashboard); the summary the page
+    reloads keeps them too."""
+    tag = unique("counted")
+    failed, running = unique("counted-failed"), unique("counted-running")
+    start_job(client, hooks, failed, path=FAIL, tags=[tag])
+    start_job(client, hooks, unique("counted-untagged"), path=FAIL)
+    kept = {"backend": "http_webhook", "tag": tag, "created_after": "2000-01-01T00:00:00Z"}
+    page.goto(f"{service.url}/ui?{urlencode({'state': 'running', **kept})}")
+    link = page.locator("#summary a.state-failed")
+    wanted = f"/ui?{urlencode({'state': 'failed', **kept})}"
+    expect(link).to_have_attribute("href", wanted)
+
+    expect(page.locator("#live")).to_have_text("live")
+    counted = page.locator("#summary .state-running .n")
+    before = int(counted.inner_text())
+    start_job(client, hooks, running, tags=[tag])  # joins the page: the summary is reloaded
+    expect(counted).to_have_text(str(before + 1))
+    expect(link).to_have_attribute("href", wanted)
+
+    link.click()
+    expect(page).to_have_url(f"{service.url}{wanted}")
+    expect(page.locator("#jobs tr")).to_have_count(1)
+    expect(row(page, failed)).to_be_visible()
+    expect(page.get_by_label("failed", exact=True)).to_be_checked()
+    expect(page.get_by_label("running", exact=True)).not_to_be_checked()
+    expect(page.get_by_label("http_webhook", exact=True)).to_be_checked()
+    expect(page.get_by_label("created after")).to_have_value(kept["created_after"])
 
 
 def test_the_tag_filter_narrows_the_list_live(page, service, client, hooks: Receiver):
