@@ -36,6 +36,7 @@ from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
 from core.errors import MalformedBody, NotFound, shown
 from core.metrics import job_gauges
 from core.models import (
+    CANCEL_REASON_MAX,
     OPEN_STATES,
     RETRYABLE_STATES,
     EventType,
@@ -454,6 +455,7 @@ class Dashboard(Controller):
                     "event_types": get_args(EventType),
                     "cancelable": OPEN_STATES,
                     "retryable": RETRYABLE_STATES,
+                    "reason_max": CANCEL_REASON_MAX,
                 },
             },
         )

@@ -438,33 +438,52 @@
       }
     }
 
-    async function ask(action) {
+    // The question, then the request's body; null when the answer was no.
+    // Cancel's question takes a reason, kept in the job's error message, as
+    // long as the API takes it (counted in characters, as it counts them).
+    function question(action) {
       const next = (job.attempt || 1) + 1;
-      const question =
-        action === "cancel"
-          ? `Cancel job ${job.id}? Its backend is asked to stop the run.`
-          : `Run job ${job.id} again, as attempt ${next}?`;
-      if (!window.confirm(question)) return;
+      if (action === "retry") {
+        return window.confirm(`Run job ${job.id} again, as attempt ${next}?`) ? { attempt: next } : null;
+      }
+      const said = window.prompt(
+        `Cancel job ${job.id}? Its backend is asked to stop the run.\n\n` +
+          `Reason (optional, at most ${data.reason_max} characters):`,
+        "",
+      );
+      if (said === null) return null;
+      const reason = said.trim();
+      const length = [...reason].length;
+      if (length > data.reason_max) {
+        message(`Not canceled: a reason may have ${data.reason_max} characters, this one has ${length}.`, true);
+        return null;
+      }
+      return reason ? { reason } : {};
+    }
+
+    async function ask(action) {
+      const body = question(action);
+      if (body === null) return;
       const name = action === "cancel" ? "Cancel" : "Retry";
       const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}/${action}`, {
         method: "POST",
         credentials: "same-origin",
         headers: { "content-type": "application/json", "x-csrf-token": csrf },
-        body: JSON.stringify(action === "retry" ? { attempt: next } : {}),
+        body: JSON.stringify(body),
       }).catch(() => null);
       if (answer === null) {
         // Not sent, or sent and its answer lost: the job's page tells which.
         message(`${name}: no answer from the service. Reload to see whether the job changed.`, true);
         return;
       }
-      const body = await answer.json().catch(() => null);
+      const said = await answer.json().catch(() => null);
       if (answer.status === 401) {
         message(`${name} refused: the session has ended: `, true, signInAgain());
         showSignedOut();
         return;
       }
       if (answer.status === 404) return gone();
-      const state = body && body.error && body.error.details ? body.error.details.state : null;
+      const state = said && said.error && said.error.details ? said.error.details.state : null;
       if (answer.status === 409 && action === "cancel" && state === "canceled") {
         // Canceled already (by another page, the API, or this page's own
         // request whose answer was lost): what was asked is done.
@@ -473,15 +492,17 @@
         return;
       }
       if (!answer.ok) {
-        const why = body && body.error ? body.error.message : `the service answered ${answer.status}`;
+        const why = said && said.error ? said.error.message : `the service answered ${answer.status}`;
         message(`${name} refused: ${why}`, true);
         return;
       }
-      const hadRun = action === "retry" && ended(body);  // that attempt was started elsewhere
-      show(body);
+      show(said);
+      // A retry naming its attempt is answered 200 whether this request
+      // started it or another had (the CLI, another page): "started" was
+      // untrue of the second (found by a QA pass of the dashboard).
       if (action === "cancel") message("Canceled.");
-      else if (hadRun) message(`Attempt ${body.attempt} was already run: ${body.state}.`);
-      else message(`Attempt ${body.attempt} started.`);
+      else if (ended(said)) message(`Attempt ${said.attempt} was already run: ${said.state}.`);
+      else message(`Attempt ${said.attempt} is under way.`);
       follow();
     }
 

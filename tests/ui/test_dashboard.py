@@ -37,16 +37,18 @@ def client(service: TetherProcess) -> Iterator[httpx.Client]:
 
 
 class Dialogs:
-    """Every question (`confirm`, `alert`) a page asked, answered with `accept`."""
+    """Every question (`confirm`, `prompt`, `alert`) a page asked, answered
+    with `accept` (and a prompt with `text`)."""
 
     def __init__(self) -> None:
         self.asked: list[str] = []
         self.accept = False
+        self.text = ""
 
     def __call__(self, dialog: Any) -> None:
         self.asked.append(dialog.message)
         if self.accept:
-            dialog.accept()
+            dialog.accept(self.text)
         else:
             dialog.dismiss()
 
@@ -245,21 +247,44 @@ def test_cancel_asks_first_then_cancels(page, dialogs, service, client, hooks: R
     page.goto(f"{service.url}/ui/jobs/{job_id}")
     expect(page.locator("#retry")).to_be_hidden()
 
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+
     page.locator("#cancel").click()  # and say no
-    question = f"Cancel job {job_id}? Its backend is asked to stop the run."
+    question = (
+        f"Cancel job {job_id}? Its backend is asked to stop the run.\n\n"
+        "Reason (optional, at most 1000 characters):"
+    )
     expect(page.locator('[data-field="state"]')).to_have_text("running")
     assert dialogs.asked == [question]
     assert client.get(f"/jobs/{job_id}").json()["state"] == "running"
 
-    dialogs.accept = True
+    # A reason longer than the API keeps (characters, not UTF-16 units) is not sent.
+    dialogs.accept, dialogs.text = True, "\U0001f642" * 1001
+    page.locator("#cancel").click()
+    expect(page.locator("#message")).to_have_text(
+        "Not canceled: a reason may have 1000 characters, this one has 1001."
+    )
+    expect(page.locator("#message")).to_have_class(re.compile("error"))
+    assert posted == []
+
+    reason = "db01 moved, <b>rerun</b> tonight"  # the cancel's answer shows it, as text
+    dialogs.text = f"  {reason}  "
     page.locator("#cancel").click()
     expect(page.locator('[data-field="state"]')).to_have_text("canceled")
     expect(page.locator("#message")).to_have_text("Canceled.")
     expect(page.locator("#cancel")).to_be_hidden()
     expect(page.locator("#retry")).to_be_visible()
+    expect(page.locator('pre[data-json="error"]')).to_contain_text(
+        f'"message": "canceled by request: {reason}"'
+    )
+    expect(page.locator(".type-cancel_requested .edata")).to_have_text(f'{{"reason":"{reason}"}}')
     expect(page.locator("#events .etype").last).to_have_text("finished")
-    assert client.get(f"/jobs/{job_id}").json()["state"] == "canceled"
-    assert dialogs.asked == [question, question]
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "canceled"
+    assert job["error"]["message"] == f"canceled by request: {reason}"
+    assert dialogs.asked == [question] * 3
+    assert posted == [f"{service.url}/jobs/{job_id}/cancel"]
 
 
 def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Receiver):
@@ -272,7 +297,7 @@ def test_retry_starts_the_next_attempt(page, dialogs, service, client, hooks: Re
     dialogs.accept = True
     page.locator("#retry").click()
     expect(page.locator('[data-field="attempt"]')).to_have_text("2")
-    expect(page.locator("#message")).to_have_text("Attempt 2 started.")
+    expect(page.locator("#message")).to_have_text("Attempt 2 is under way.")
     expect(page.locator("#events .etype", has_text="retried")).to_have_count(1)
     job = wait_for(client, job_id, "failed")  # the receiver refuses attempt 2 as well
     assert job["attempt"] == 2
@@ -377,6 +402,30 @@ def test_retry_on_a_stale_page_says_the_attempt_already_ran(
     expect(page.locator('[data-field="attempt"]')).to_have_text("2")
     assert dialogs.asked == [f"Run job {job_id} again, as attempt 2?"]
     assert client.get(f"/jobs/{job_id}").json()["attempt"] == 2  # nothing started
+
+
+def test_retry_on_a_stale_page_does_not_claim_an_attempt_started_elsewhere(
+    page, dialogs, service, client, hooks: Receiver
+):
+    """Attempt 2 started by another (the API answers 200 all the same): the
+    page said "Attempt 2 started." (found by a QA pass of the dashboard)."""
+    job_id = unique("stale-running")
+    callback_url = start_job(client, hooks, job_id)
+    settle(callback_url, status="failed", error={"message": "first try"})
+    wait_for(client, job_id, "failed")
+    page.clock.install()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("failed")
+    page.clock.pause_at(datetime.now(UTC) + timedelta(seconds=1))  # no look at the job
+    assert client.post(f"/jobs/{job_id}/retry", json={"attempt": 2}).status_code == 200
+    wait_for(client, job_id, "running")
+
+    dialogs.accept = True
+    page.locator("#retry").click()  # asks for attempt 2, which runs already
+    expect(page.locator("#message")).to_have_text("Attempt 2 is under way.")
+    expect(page.locator('[data-field="attempt"]')).to_have_text("2")
+    expect(page.locator('[data-field="state"]')).to_have_text("running")
+    assert client.get(f"/jobs/{job_id}").json()["attempt"] == 2
 
 
 def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):
