@@ -522,7 +522,15 @@
       const id = encodeURIComponent(job.id);
       const answer = await fetch(`/jobs/${id}`, { credentials: "same-origin" }).catch(() => null);
       if (answer && answer.status === 404) return gone();
-      if (refused(answer) || !answer || !answer.ok) return;
+      if (refused(answer)) return;
+      // With no stream, this look is what tells that the service cannot be
+      // reached: it says so where a stream would ("reconnecting…"), and
+      // hides that again once answered. An ended job's page said nothing,
+      // as if what it showed were current (found by a QA pass of the dashboard).
+      const lost = answer === null || answer.status >= 500;
+      if (lost) showLive(false);
+      else if (!stream) document.getElementById("live").hidden = true;
+      if (!answer || !answer.ok) return;
       const fresh = await answer.json();
       if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {
         show(fresh);
