@@ -428,6 +428,40 @@ def test_retry_on_a_stale_page_does_not_claim_an_attempt_started_elsewhere(
     assert client.get(f"/jobs/{job_id}").json()["attempt"] == 2
 
 
+def test_a_skip_link_leads_the_keyboard_past_the_summary_and_filters(
+    page, service, client, hooks: Receiver
+):
+    """A keyboard user pressed Tab some 32 times to reach the first job
+    (found by a QA pass of the dashboard): the first Tab shows a skip link."""
+    tag = unique("keyboard")
+    job_id = unique("keyboard-job")
+    start_job(client, hooks, job_id, tags=[tag])
+
+    def focused() -> dict[str, Any]:
+        return dict(
+            page.evaluate(
+                """() => { const e = document.activeElement, r = e.getBoundingClientRect();
+                    return {text: e.textContent.trim(), top: r.top, bottom: r.bottom,
+                            row: e.closest("tr")?.dataset.id ?? null}; }"""
+            )
+        )
+
+    for path, skip, first in (
+        (f"/ui?tag={tag}", "Skip to jobs", {"text": job_id, "row": job_id}),
+        (f"/ui/jobs/{job_id}", "Skip to content", {"text": "Jobs", "row": None}),
+    ):
+        page.goto(service.url + path)
+        link = page.get_by_role("link", name=skip)
+        assert link.bounding_box()["y"] + link.bounding_box()["height"] <= 0  # unseen
+        page.keyboard.press("Tab")
+        shown = focused()
+        assert shown["text"] == skip and shown["top"] >= 0, shown  # first, and seen
+        page.keyboard.press("Enter")
+        page.keyboard.press("Tab")
+        shown = focused()
+        assert {name: shown[name] for name in first} == first, shown
+
+
 def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):
     hostile = "<script>alert(1)</script>"
     job_id = unique("hostile")
