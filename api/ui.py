@@ -403,7 +403,12 @@ class Dashboard(Controller):
                 "count_urls": count_urls(filters),
                 "newest_url": query(filters),
                 "older_url": query(filters, listed_jobs.next_cursor),
-                "live": {"filters": filters, "limit": PAGE_SIZE, "cursor": cursor},
+                "live": {
+                    "filters": filters,
+                    "limit": PAGE_SIZE,
+                    "cursor": cursor,
+                    "retryable": RETRYABLE_STATES,
+                },
             },
         )
 

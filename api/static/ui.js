@@ -167,7 +167,7 @@
     created.textContent = age(job.created_at);
     const tr = make(
       "tr",
-      { "data-id": job.id, "data-created": job.created_at },
+      { "data-id": job.id, "data-created": job.created_at, "data-state": job.state, "data-attempt": job.attempt },
       make("td", { "data-label": "Job", class: "id" }, make("a", { href: jobLink(job.id), text: job.id })),
       cell("State", badge(job.state)),
       cell("Backend", job.backend),
@@ -211,6 +211,72 @@
     const empty = document.getElementById("empty");
     const { filters, limit, cursor } = data;
 
+    // Retry all on this page: the failed, timed-out and canceled jobs the
+    // list shows, each with the attempt it should be at afterwards (so a
+    // job retried elsewhere meanwhile starts nothing more), one request at
+    // a time; the button shows while there is one.
+    const retryAll = document.getElementById("retry-all");
+    const ended = () => [...body.rows].filter((tr) => data.retryable.includes(tr.dataset.state));
+    function offer() {
+      if (retryAll) retryAll.hidden = ended().length === 0;
+    }
+    const retried = document.getElementById("retried");
+    function report(done, refusals, asked, ...more) {
+      retried.hidden = false;
+      retried.classList.toggle("error", refusals.length > 0);
+      const items = refusals.map(([id, why]) => make("li", {}, make("a", { href: jobLink(id), text: id }), `: ${why}`));
+      retried.replaceChildren(
+        `${done} of ${asked} job${asked === 1 ? "" : "s"} run again, each at its next attempt.`,
+        ...more,
+        ...(refusals.length ? [` Refused (${refusals.length}):`, make("ul", {}, ...items)] : []),
+      );
+    }
+    async function retryEach() {
+      const chosen = ended().map((tr) => [tr.dataset.id, Number(tr.dataset.attempt || 1) + 1]);
+      const n = chosen.length;
+      const question = `Run the ${n} failed, timed-out or canceled job${n === 1 ? "" : "s"} on this page again, each as its next attempt?`;
+      if (n === 0 || !window.confirm(question)) return;
+      let done = 0;
+      const refusals = [];
+      for (const [i, [id, attempt]] of chosen.entries()) {
+        retried.hidden = false;
+        retried.classList.remove("error");
+        retried.textContent = `Retrying ${i + 1} of ${n}…`;
+        const answer = await fetch(`/jobs/${encodeURIComponent(id)}/retry`, {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { "content-type": "application/json", "x-csrf-token": csrf },
+          body: JSON.stringify({ attempt }),
+        }).catch(() => null);
+        if (refused(answer)) {
+          return report(done, refusals, n, " The session has ended, the others were not sent: ", signInAgain(), ".");
+        }
+        if (answer && answer.ok) {
+          done += 1;
+          continue;
+        }
+        const error = answer && ((await answer.json().catch(() => null)) || {}).error;
+        const why =
+          answer === null
+            ? "no answer from the service (reload to see whether it changed)"
+            : error
+              ? error.message
+              : `the service answered ${answer.status}`;
+        refusals.push([id, why]);
+      }
+      report(done, refusals, n);
+    }
+    if (retryAll) {
+      retryAll.addEventListener("click", async () => {
+        retryAll.disabled = true;  // a double-click asks once
+        try {
+          await retryEach();
+        } finally {
+          retryAll.disabled = false;
+        }
+      });
+    }
+
     function upsert(job) {
       const old = [...body.rows].find((tr) => tr.dataset.id === job.id);
       if (!matches(job, filters)) {
@@ -224,6 +290,7 @@
         else body.append(row(job));
       }
       empty.hidden = body.rows.length > 0;
+      offer();
     }
 
     const query = new URLSearchParams();
@@ -255,6 +322,7 @@
         const old = [...body.rows].find((tr) => tr.dataset.id === id);
         if (old) old.remove();
         empty.hidden = body.rows.length > 0;
+        offer();
         reloadSummary();
       },
       // The page as the stream (re)opened on it: rows that left it before
@@ -263,6 +331,7 @@
         const ids = new Set(JSON.parse(message.data).ids);
         for (const tr of [...body.rows]) if (!ids.has(tr.dataset.id)) tr.remove();
         empty.hidden = body.rows.length > 0;
+        offer();
       },
     });
 

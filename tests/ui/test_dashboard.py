@@ -462,6 +462,65 @@ def test_a_skip_link_leads_the_keyboard_past_the_summary_and_filters(
         assert {name: shown[name] for name in first} == first, shown
 
 
+def test_retry_all_runs_the_pages_ended_jobs_again(page, dialogs, service, client, hooks):
+    """One click for the failed, timed-out and canceled jobs a page shows,
+    each retried as its next attempt; what was refused is listed."""
+    tag = unique("retry-all")
+    running, deleted = unique("retry-all-running"), unique("retry-all-deleted")
+    failed = [unique("retry-all-failed") for _ in range(2)]
+    start_job(client, hooks, running, tags=[tag])
+    page.goto(f"{service.url}/ui?tag={tag}")
+    expect(page.locator("#live")).to_have_text("live")
+    button = page.get_by_role("button", name="Retry all on this page")
+    expect(button).to_be_hidden()  # nothing to retry
+    for job_id in (*failed, deleted):
+        start_job(client, hooks, job_id, path=FAIL, tags=[tag])
+    expect(page.locator("#jobs tr")).to_have_count(4)
+    expect(button).to_be_visible()  # live: failed jobs joined the page
+
+    posted: list[tuple[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: posted.append((r.url, r.post_data_json)) if r.method == "POST" else None,
+    )
+
+    def retention_first(route: Any) -> None:  # deleted while the question was open
+        with closing(sqlite3.connect(service.log.parent / "tether.db")) as db, db:
+            db.execute("DELETE FROM tether_jobs WHERE id = ?", (deleted,))
+        route.continue_()
+
+    page.route(f"**/jobs/{deleted}/retry", retention_first)
+    dialogs.accept = True
+    button.click()
+    retried = page.locator("#retried")
+    why = client.get(f"/jobs/{deleted}").json()["error"]["message"]
+    expect(retried).to_have_text(
+        f"2 of 3 jobs run again, each at its next attempt. Refused (1):{deleted}: {why}"
+    )
+    expect(retried.get_by_role("link", name=deleted)).to_have_attribute(
+        "href", f"/ui/jobs/{deleted}"
+    )
+    assert dialogs.asked == [
+        "Run the 3 failed, timed-out or canceled jobs on this page again, each as its next attempt?"
+    ]
+    asked = [(f"{service.url}/jobs/{id_}/retry", {"attempt": 2}) for id_ in (*failed, deleted)]
+    assert sorted(posted) == sorted(asked)
+    for job_id in failed:
+        assert wait_for(client, job_id, "failed")["attempt"] == 2  # refused again by the receiver
+        expect(row(page, job_id).locator('td[data-label="Attempt"]')).to_have_text("2")
+        expect(row(page, job_id).locator(".badge")).to_have_text("failed")
+    assert client.get(f"/jobs/{running}").json()["attempt"] == 1
+
+    button.click()  # once more: each at attempt 3
+    expect(retried).to_have_text("2 of 2 jobs run again, each at its next attempt.")
+    for job_id in failed:
+        assert wait_for(client, job_id, "failed")["attempt"] == 3
+
+    page.goto(f"{service.url}/ui?tag={tag}&state=running")  # no ended job shown: no button
+    expect(row(page, running)).to_be_visible()
+    expect(button).to_be_hidden()
+
+
 def test_a_hostile_result_is_shown_as_text(page, dialogs, service, client, hooks: Receiver):
     hostile = "<script>alert(1)</script>"
     job_id = unique("hostile")

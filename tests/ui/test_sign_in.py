@@ -21,7 +21,7 @@ from api.auth import Sessions
 from core.settings import Settings
 from tests.conftest import Receiver
 from tests.process import TetherProcess
-from tests.ui.parts import serve, start_job, unique
+from tests.ui.parts import FAIL, serve, start_job, unique
 
 API_TOKEN = "ui-api-token-4f0c2d9e8b7a6"
 READ_TOKEN = "ui-read-token-91d3e5f7a2c4b"
@@ -167,6 +167,10 @@ def test_a_read_only_session_shows_no_buttons_and_changes_nothing(
     expect(page.locator(".read-only")).to_have_text("read-only")
     expect(page.locator("#live")).to_have_text("live")
     assert page.locator("#cancel, #retry").count() == 0
+    start_job(api, hooks, unique("read-failed"), path=FAIL)
+    page.goto(f"{service.url}/ui")
+    expect(page.locator('#jobs .badge:text-is("failed")').first).to_be_visible()
+    assert page.locator("#retry-all").count() == 0
 
     session, csrf = signed_in(service, READ_TOKEN)
     with closing(session):
