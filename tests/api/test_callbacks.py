@@ -121,14 +121,21 @@ async def test_a_different_outcome_after_settle_is_a_conflict(start_service, rec
     path = await started(svc, receiver)
     await svc.client.post(path, json={"status": "succeeded", "result": 1})
     before = await svc.wait_state("cb", "succeeded")
-    for other in (
-        {"status": "failed", "error": {"message": "no"}},
-        {"status": "succeeded", "result": 2},
+    for other, said in (
+        (
+            {"status": "failed", "error": {"message": "no"}},
+            "a different outcome was already recorded (succeeded); nothing changed",
+        ),
+        (  # "a different outcome (succeeded)" to this one read as a fault
+            {"status": "succeeded", "result": 2},
+            "the job already ended succeeded, with another result or error; nothing changed",
+        ),
     ):
         response = await svc.client.post(path, json=other)
         assert response.status_code == 409
         assert response.json()["outcome"] == "conflict"
         assert response.json()["error"]["code"] == "conflict"
+        assert response.json()["error"]["message"] == said
     assert await svc.job("cb") == before
 
 
