@@ -45,7 +45,7 @@ import msgspec
 from resonate.error import ServerError
 
 from core.bounds import bound_learnt
-from core.callbacks import Repeats, learnt, status_said
+from core.callbacks import GoingChecks, Repeats, learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins, contract_answer
@@ -226,6 +226,8 @@ class Watchdog:
         missed until `heartbeat_timeout` after it (`heartbeat_missed`)."""
         self._failed_checks = Repeats()
         """Which failed status checks are filed (`_check_failed`)."""
+        self._going_checks = GoingChecks()
+        """Which status checks that found the run going are filed."""
         self._looking: dict[tuple[str, bool], asyncio.Task[None]] = {}
         """The looks under way, by job id and whether it is the job's deadline
         (one that outlived its sweep: a backend slow to answer)."""
@@ -419,11 +421,18 @@ class Watchdog:
             return
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
-            said = NewEvent("status_check", status_said(found, tokens))
+            data = status_said(found, tokens)
             learnt_now = bound_learnt(
                 rec, learnt(rec, found, tokens), self.settler.max_result_bytes
             )
-            await self.store.jobs.record(rec.id, [said], now_ms(), learnt_now, open_at=rec.attempt)
+            left_out = self._going_checks.admit(rec.id, rec.attempt, data)
+            if left_out:
+                data["repeats"] = left_out
+            events = [] if left_out is None else [NewEvent("status_check", data)]
+            if events or learnt_now is not None:
+                await self.store.jobs.record(
+                    rec.id, events, now_ms(), learnt_now, open_at=rec.attempt
+                )
         else:
             said = NewEvent("status_check", {"said": "ended", "status": found.status})
             result, _ = await self.settler.settle(

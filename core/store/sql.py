@@ -381,6 +381,8 @@ class SqlJobIndex:
         the transaction, and a write of another process or of the same group
         commit may have come in between with a later one (found in an audit,
         2026-12-04), so a history read by `seq` never goes back in time."""
+        if not events:
+            return []
         first = rec.events - len(events) + 1
         at = now
         if first > 1:  # none when a test deleted it; `HISTORY_LIMIT` keeps the tail

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import core.callbacks
 from core.errors import BackendError
 from plugins.databricks.workspace import DatabricksSettings, Workspace
 from tests.conftest import eventually
@@ -95,7 +96,11 @@ async def test_a_wide_run_that_succeeds_gives_every_tasks_value(
 # ── queued and blocked runs ──────────────────────────────────────────────────
 
 
-async def test_queued_and_blocked_runs_show_as_such(start_databricks, workspace: FakeWorkspace):
+async def test_queued_and_blocked_runs_show_as_such(
+    start_databricks, workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch
+):
+    # each change of the run's state filed at once (checks every second)
+    monkeypatch.setattr(core.callbacks, "GOING_CHANGED_EVERY", 0.0)
     go = {"blocked": threading.Event(), "running": threading.Event()}
     limit = "The workspace has reached its limit of 2000 concurrent active runs."
 
