@@ -31,7 +31,8 @@ canceled or times out (also when no answer of its trigger arrived: a try that
 timed out or got a 5xx may have started the run, so the receiver may get a
 cancel for a promise id it never saw, which it answers 2xx). `status_url` is
 polled with GET every `status_interval` seconds (default 30) while the job
-waits, and answers with the callback body shape (`{"status":
+waits, with the header `Tether-Promise-Id` naming the attempt's run (the
+trigger's `promise_id`), and answers with the callback body shape (`{"status":
 "running"|"succeeded"|"failed", "result"?, "error"?, "progress"?}`), so a lost
 callback is noticed. `running` confirms the run is going (a missed heartbeat
 then only delays); without a `status_url`, or with an answer it does not
@@ -378,7 +379,11 @@ class HttpWebhook(Backend):
         params: WebhookParams = msgspec.convert(job.params, self.params_type)
         if params.status_url is None:
             return None
-        headers = self._headers(params)
+        # Which run is asked about: after a retry the same URL is polled for
+        # the next attempt, whose run the endpoint may not know of yet (it
+        # answered with the last attempt's end: found by a QA pass).
+        ours = {"Tether-Promise-Id": callback_promise_id(job.id, job.attempt)}
+        headers = self._headers(params, ours)
         answer = await self._send(
             "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=headers
         )

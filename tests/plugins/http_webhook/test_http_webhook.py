@@ -68,7 +68,12 @@ async def test_params_headers_go_with_every_request_and_never_replace_tethers_ow
         (200, {"status": "running"}) if hit.path == "/status" else (202, {})
     )
     svc = await start_service()
-    headers = {"X-Team": "data", "Idempotency-Key": "mine", "Tether-Callback-Url": "http://evil"}
+    headers = {
+        "X-Team": "data",
+        "Idempotency-Key": "mine",
+        "Tether-Callback-Url": "http://evil",
+        "Tether-Promise-Id": "mine",
+    }
     job = webhook_job(
         "h",
         receiver.url(),
@@ -92,6 +97,7 @@ async def test_params_headers_go_with_every_request_and_never_replace_tethers_ow
     assert cancel.body == {"job_id": "h", "promise_id": "h:1", "reason": "canceled"}
     status = receiver.on("/status")[0]
     assert status.method == "GET"
+    assert status.headers["tether-promise-id"] == trigger.body["promise_id"] == "h:1"
     for hit in (cancel, status):
         assert hit.headers["x-team"] == "data"
 
