@@ -125,6 +125,10 @@ class MemoryStore(EmbeddedStore):
 SCRATCH_PREFIX = "tether-memory-"
 
 
+_MARK = "PRAGMA data_version"
+"""`fetch_aside`'s statement for `change_mark`."""
+
+
 class SqliteIndex(SqlJobIndex):
     """The job index on SQLite; its health check also needs the write lock, so
     a database another process holds locked reads as unavailable."""
@@ -139,6 +143,9 @@ class SqliteIndex(SqlJobIndex):
 
     async def ping(self) -> None:
         await self.db.check_writable()
+
+    async def change_mark(self) -> object:
+        return await self.db.change_mark()
 
 
 class SqliteDriver:
@@ -180,6 +187,7 @@ class SqliteDriver:
         self._aside_closed = False
         self._aside_lock = threading.Lock()
         self._aside_kept: dict[tuple[str, tuple[Any, ...]], tuple[int, list[tuple[Any, ...]]]] = {}
+        self._aside_opened = 0  # connections opened so far: which one a `change_mark` is of
 
     @property
     def shared(self) -> bool:
@@ -279,6 +287,10 @@ class SqliteDriver:
                     uri = f"{self.path.resolve().as_uri()}?mode=rw"
                     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
                     self._aside = conn
+                    self._aside_opened += 1
+                if sql == _MARK:
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    return [(self._aside_opened, version)]
                 if not keep:
                     return conn.execute(sql, args).fetchall()
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -304,6 +316,13 @@ class SqliteDriver:
             return list(await asyncio.get_running_loop().run_in_executor(pool, read_or_drop))
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+
+    async def change_mark(self) -> tuple[int, int]:
+        """A value that differs once anything was committed to the file since
+        it was read (by this process or another): `PRAGMA data_version` on
+        `fetch_aside`'s connection, and which connection that was."""
+        [(opened, version)] = await self.fetch_aside(_MARK, ())
+        return opened, version
 
     def _close_aside(self, *, for_good: bool = False) -> None:
         """Close `fetch_aside`'s connection and forget its answers (`for_good`:

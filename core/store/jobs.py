@@ -506,6 +506,13 @@ class JobIndex(Protocol):
         """Raise if the store does not answer."""
         ...
 
+    async def change_mark(self) -> object:
+        """A value that differs once anything was committed to the index
+        since it was read, by any process; None where that cannot be told
+        cheaply (Postgres): a reader that would read again only after a
+        change then reads each time."""
+        ...
+
     def refused(self) -> str | None:
         """Why the store's last attempt to connect failed, if it did, in words
         that name no address or credential (Postgres: `core.store.postgres.

@@ -1335,6 +1335,9 @@ class SqlJobIndex:
     async def ping(self) -> None:
         await self.db.fetch("SELECT 1", ())
 
+    async def change_mark(self) -> object:
+        return None  # SQLite's: `SqliteIndex`
+
     def refused(self) -> str | None:
         return self.db.refused()
 
