@@ -66,7 +66,8 @@ other receivers' notifications waited behind its backlog, round after round
 of retries (48 to a hung receiver held a healthy one's 32 s: found by an
 exploratory QA pass)."""
 SLOW_SITES_MAX = 1024
-"""Sites remembered as slow (`Notifier._slow`), the longest known dropped first."""
+"""Sites remembered as slow (`Notifier._slow`); past it, the one whose last
+timeout is the oldest is forgotten."""
 DEFAULT_POLL = 10.0
 """Seconds between looks at the outbox when `watchdog_interval` is not positive."""
 RETRY_AFTER = 1.0
@@ -75,12 +76,13 @@ USER_AGENT = "tether-notify"
 INTERRUPTED = "interrupted: the service stopped during the try"
 """A try's `error` when a stop (SIGTERM) cut it short."""
 ROUND_SHARE = 0.2
-"""At most this share of the time goes to the outbox's reads: after a round
-that took longer than `SLOW_ROUND`, the next waits until it would. A site
-whose places are taken is read past, row by row (`_skipping`): 100,000 due
-to a hung receiver took 80 ms a read, and each delivery to another site that
-ended began a round, holding the store's connection from every request."""
-SLOW_ROUND = 0.01
+"""At most this share of the time goes to the outbox's reads that pass over
+full sites: after a round whose such reads took longer than `SLOW_READ`, the
+next waits until they would have (at most the poll). A site whose places are
+taken is read past, row by row (`_skipping`): 100,000 due to a hung receiver
+took 80 ms a read, and each delivery to another site that ended began a
+round, holding the store's connection from every request."""
+SLOW_READ = 0.01
 STOP_RECORD_WAIT = 2.0
 """Seconds a stop waits for the store to file the interrupted tries."""
 
@@ -130,13 +132,14 @@ class Notifier:
     `secrets` are `Store.notify_secrets`: one key, or during a rotation
     several, current first, each message being signed with every one.
 
-    Places are shared out so that receivers that hang cannot hold them all
-    (two hung sites took every place, and the others' notifications waited
-    behind their backlogs: found by a review): a site takes at most
-    `per_site`; a site whose last try timed out takes one, until a try to it
-    ends in time; and a site that already has a try in flight takes another
-    only while more than a quarter of the places are free, the rest kept for
-    sites with none."""
+    Places are shared out so that a few receivers that hang do not hold
+    them all (two hung sites took every place, and the others'
+    notifications waited behind their backlogs: found by a review): a site
+    takes at most `per_site`; a site whose last try timed out takes one,
+    until a try to it ends in time; and a site that already has a try in
+    flight takes another only while more than a quarter of the places are
+    free, the rest kept for sites with none. So once their first tries timed
+    out, hung sites hold one place each: sixteen of them still hold all."""
 
     def __init__(
         self,
@@ -166,7 +169,10 @@ class Notifier:
         self._per_site: Counter[str] = Counter()
         """Deliveries in flight to each site (`notify_site`)."""
         self._slow: dict[str, None] = {}
-        """Sites whose last try timed out, oldest first (at most `SLOW_SITES_MAX`)."""
+        """Sites whose last try timed out, the one whose last timeout is the
+        oldest first (at most `SLOW_SITES_MAX`)."""
+        self._read_for = 0.0
+        """Seconds this round's reads passing over full sites took (`ROUND_SHARE`)."""
         self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -226,17 +232,17 @@ class Notifier:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            began = time.monotonic()
+            began, self._read_for = time.monotonic(), 0.0
             try:
                 delay = await self.round(now_ms())
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
-                delay = min(self.poll, RETRY_AFTER)
-            spent = time.monotonic() - began
+                delay, self._read_for = min(self.poll, RETRY_AFTER), 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            if spent > SLOW_ROUND:
-                await asyncio.sleep(began + spent / ROUND_SHARE - time.monotonic())
+            if self._read_for > SLOW_READ:
+                pause = min(self._read_for / ROUND_SHARE, self.poll)
+                await asyncio.sleep(began + pause - time.monotonic())
 
     async def round(self, now: int) -> float:
         """Claim and start the deliveries due at `now` that this process has
@@ -246,7 +252,10 @@ class Notifier:
         if free <= 0:
             return self.poll  # each delivery that ends wakes the loop
         full = [site for site in self._per_site if not self._room(site)]
+        reading = time.monotonic()
         due = await self.jobs.notifications_due(now, free, full)
+        if full:  # read past the full sites' rows (`ROUND_SHARE`)
+            self._read_for += time.monotonic() - reading
         until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
         started = 0
         for note in due:
@@ -268,7 +277,10 @@ class Notifier:
         if due and not started:
             return self.poll  # others have them now
         # (a site whose places are taken: a delivery that ends wakes the loop)
+        reading = time.monotonic()
         at = await self.jobs.next_notification_at(full)
+        if full:
+            self._read_for += time.monotonic() - reading
         if at is None:
             return self.poll
         return min(self.poll, max(at - now_ms(), 0) / 1000)

@@ -468,7 +468,7 @@ async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(cl
     other site's (found by a review). A site with tries in flight takes
     another only while more than a quarter of the places are free; a site
     whose last try timed out gets one place, until a try to it ends in time."""
-    monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 1.5)  # the healthy site answers in it
     async with (
         hook() as a,
         hook() as b,
@@ -492,7 +492,7 @@ async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(cl
         # Every try to a and b timed out (due again after the backoff): each
         # gets one place now, and the healthy site the rest.
         await eventually(lambda: not sender._inflight)
-        assert list(sender._slow) == [a.origin, b.origin]
+        assert set(sender._slow) == {a.origin, b.origin}
         monkeypatch.setattr(core.notify, "REQUEST_TIMEOUT", 60.0)  # held till released now
         await sender.round(now)
         assert sender._per_site[a.origin] == sender._per_site[b.origin] == 1
@@ -505,16 +505,21 @@ async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(cl
         # a answers again: in time, so no longer slow.
         release_a()
         await eventually(lambda: a.origin not in sender._slow)
-        assert list(sender._slow) == [b.origin]
+        assert set(sender._slow) == {b.origin}
         release_b()
         await eventually(lambda: not sender._inflight)
 
 
-async def test_slow_reads_of_the_outbox_take_a_fifth_of_the_time_at_most(monkeypatch):
+@pytest.mark.parametrize("site_full", [True, False])
+async def test_slow_reads_past_a_full_site_take_a_fifth_of_the_time_at_most(
+    monkeypatch, site_full
+):
     """Each delivery that ends begins a round; a read that passes over a full
     site's backlog took 80 ms at 100,000 (`_skipping`), so rounds back to
-    back held the store's connection all the time. After a slow round the
-    next waits till the rounds took `ROUND_SHARE` of the time."""
+    back held the store's connection all the time. After such a read the
+    next round waits till those reads took `ROUND_SHARE` of the time; reads
+    that pass over no site are not held back (a review: timing the whole
+    round slowed a healthy backlog's claims)."""
     async with notifier() as (parts, sender):
         reads: list[float] = []
         real = parts.jobs.notifications_due
@@ -525,16 +530,22 @@ async def test_slow_reads_of_the_outbox_take_a_fifth_of_the_time_at_most(monkeyp
             return await real(*args)
 
         monkeypatch.setattr(parts.jobs, "notifications_due", slow)
+        if site_full:  # its places taken (by tries this test does not make)
+            sender._per_site["http://hung.example"] = sender.per_site
         sender._wake.set()
         await eventually(lambda: reads)
         first = len(reads)
-        until = time.monotonic() + 1.5
+        until = time.monotonic() + 3
         while time.monotonic() < until:  # deliveries ending, one after another
             sender._wake.set()
             await asyncio.sleep(0.005)
-        # back to back: ~30 reads; a fifth of 1.5 s: 6 (and one begun)
-        assert 1 <= len(reads) - first <= 8, reads
-        assert all(b - a >= 0.2 for a, b in itertools.pairwise(reads[first:]))
+        sender._per_site.clear()
+        # back to back: ~50 reads; a fifth of 3 s: 12 (and one begun)
+        if site_full:
+            assert 1 <= len(reads) - first <= 14, reads
+            assert all(b - a >= 0.2 for a, b in itertools.pairwise(reads[first:]))
+        else:
+            assert len(reads) - first > 14
 
 
 async def test_a_try_a_stop_cut_short_is_filed_and_due_again_at_once(clock):
