@@ -7,7 +7,8 @@ Triggering POSTs JSON to `params.url`:
  "idempotency_key": "...", "payload": <params.payload>}
 ```
 
-with the headers `Tether-Callback-Url` (the same URL) and `Idempotency-Key`. Any
+with the headers `Tether-Callback-Url` (the same URL), `Idempotency-Key` and
+`Tether-Promise-Id`. Any
 2xx answer means the job started; the service later POSTs the outcome to the
 callback URL. While it works it may POST `{"progress"?: ...}` to
 `heartbeat_url` (the callback URL's path and `/heartbeat`, the same token): a
@@ -26,13 +27,16 @@ request of the job (trigger, `cancel_url`, `status_url`); the job keeps only
 the name, and the value is scrubbed from every answer Tether reads, so a
 receiver echoing it puts it in no job record or error.
 
+Every request of a job (trigger, `cancel_url`, `status_url`) carries the
+header `Tether-Promise-Id`, naming the attempt's run, in place of any of the
+job's own headers of that name.
+
 `cancel_url` is POSTed `{"job_id", "promise_id", "reason"}` when the job is
 canceled or times out (also when no answer of its trigger arrived: a try that
 timed out or got a 5xx may have started the run, so the receiver may get a
 cancel for a promise id it never saw, which it answers 2xx). `status_url` is
 polled with GET every `status_interval` seconds (default 30) while the job
-waits, with the header `Tether-Promise-Id` naming the attempt's run (the
-trigger's `promise_id`), and answers with the callback body shape (`{"status":
+waits, and answers with the callback body shape (`{"status":
 "running"|"succeeded"|"failed", "result"?, "error"?, "progress"?}`), so a lost
 callback is noticed. `running` confirms the run is going (a missed heartbeat
 then only delays); without a `status_url`, or with an answer it does not
@@ -349,6 +353,7 @@ class HttpWebhook(Backend):
         ours = {
             "Tether-Callback-Url": trigger.callback_url,
             "Idempotency-Key": trigger.idempotency_key,
+            "Tether-Promise-Id": trigger.promise_id,
         }
         answer = await self._send(
             "POST",
@@ -367,7 +372,7 @@ class HttpWebhook(Backend):
             return
         promise_id = callback_promise_id(job.id, job.attempt)
         body = {"job_id": job.id, "promise_id": promise_id, "reason": job.state}
-        headers = self._headers(params)
+        headers = self._headers(params, {"Tether-Promise-Id": promise_id})
         await self._send("POST", params.cancel_url, params.timeout, 0, json=body, headers=headers)
 
     async def cancel_unrecorded(self, trigger: Trigger) -> None:
