@@ -159,7 +159,9 @@ CALLBACK_MESSAGES = {
     "conflict": "a different outcome was already recorded ({state}); nothing changed",
     "gone": "the job is {state}; its wait accepts nothing more",
 }
-SAME_STATE_CONFLICT = "the job already ended {state}, with another result or error; nothing changed"
+SAME_STATE_CONFLICT = (
+    "the job already ended as {state}, with another result or error; nothing changed"
+)
 """A `conflict` of a callback whose status is the job's (a status check, say,
 ended it first with its own result): "a different outcome was already
 recorded (succeeded)" to one saying succeeded read as a fault (found by a QA

@@ -128,7 +128,7 @@ async def test_a_different_outcome_after_settle_is_a_conflict(start_service, rec
         ),
         (  # "a different outcome (succeeded)" to this one read as a fault
             {"status": "succeeded", "result": 2},
-            "the job already ended succeeded, with another result or error; nothing changed",
+            "the job already ended as succeeded, with another result or error; nothing changed",
         ),
     ):
         response = await svc.client.post(path, json=other)
