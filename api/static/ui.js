@@ -221,14 +221,17 @@
       if (retryAll) retryAll.hidden = ended().length === 0;
     }
     const retried = document.getElementById("retried");
-    function report(done, refusals, asked, ...more) {
+    function report(done, already, refusals, asked, ...more) {
       retried.hidden = false;
       retried.classList.toggle("error", refusals.length > 0);
-      const items = refusals.map(([id, why]) => make("li", {}, make("a", { href: jobLink(id), text: id }), `: ${why}`));
+      const list = (pairs) =>
+        make("ul", {}, ...pairs.map(([id, why]) => make("li", {}, make("a", { href: jobLink(id), text: id }), `: ${why}`)));
       retried.replaceChildren(
         `${done} of ${asked} job${asked === 1 ? "" : "s"} run again, each at its next attempt.`,
         ...more,
-        ...(refusals.length ? [` Refused (${refusals.length}):`, make("ul", {}, ...items)] : []),
+        // answered 200 as well: another request had run that attempt, and it ended
+        ...(already.length ? [` Already run again elsewhere (${already.length}):`, list(already)] : []),
+        ...(refusals.length ? [` Refused (${refusals.length}):`, list(refusals)] : []),
       );
     }
     async function retryEach() {
@@ -237,6 +240,7 @@
       const question = `Run the ${n} failed, timed-out or canceled job${n === 1 ? "" : "s"} on this page again, each as its next attempt?`;
       if (n === 0 || !window.confirm(question)) return;
       let done = 0;
+      const already = [];
       const refusals = [];
       for (const [i, [id, attempt]] of chosen.entries()) {
         retried.hidden = false;
@@ -249,10 +253,12 @@
           body: JSON.stringify({ attempt }),
         }).catch(() => null);
         if (refused(answer)) {
-          return report(done, refusals, n, " The session has ended, the others were not sent: ", signInAgain(), ".");
+          return report(done, already, refusals, n, " The session has ended, the others were not sent: ", signInAgain(), ".");
         }
         if (answer && answer.ok) {
-          done += 1;
+          const job = await answer.json().catch(() => null);
+          if (job && data.retryable.includes(job.state)) already.push([id, `attempt ${job.attempt} ended ${job.state}`]);
+          else done += 1;
           continue;
         }
         const error = answer && ((await answer.json().catch(() => null)) || {}).error;
@@ -264,7 +270,7 @@
               : `the service answered ${answer.status}`;
         refusals.push([id, why]);
       }
-      report(done, refusals, n);
+      report(done, already, refusals, n);
     }
     if (retryAll) {
       retryAll.addEventListener("click", async () => {
@@ -582,14 +588,18 @@
     // Events filed after `finished` (the completion notification's, a run
     // that could not be stopped) come on the stream while it lasts; a page
     // opened on an ended job, or a stream that broke, reads them here.
+    let looking = false;  // one look at a time: a service that never answers piles up none
     setInterval(async () => {
-      if (document.hidden || deleted || signedOut) return;
+      if (document.hidden || deleted || signedOut || looking) return;
       if (stream) {
         if (job.state === "running") reread();
         return;
       }
       const id = encodeURIComponent(job.id);
+      looking = true;
       const answer = await fetch(`/jobs/${id}`, { credentials: "same-origin" }).catch(() => null);
+      looking = false;
+      if (stream) return;  // opened meanwhile (a retry): it says whether the page is live
       if (answer && answer.status === 404) return gone();
       if (refused(answer)) return;
       // With no stream, this look is what tells that the service cannot be

@@ -516,6 +516,23 @@ def test_retry_all_runs_the_pages_ended_jobs_again(page, dialogs, service, clien
     for job_id in failed:
         assert wait_for(client, job_id, "failed")["attempt"] == 3
 
+    # Attempt 4 of one is run (and ends) elsewhere as this page asks for it:
+    # answered 200 too, it is not counted as run again by this click.
+    other = failed[0]
+
+    def retried_elsewhere(route: Any) -> None:
+        assert client.post(f"/jobs/{other}/retry", json={"attempt": 4}).status_code == 200
+        assert wait_for(client, other, "failed")["attempt"] == 4
+        route.continue_()
+
+    page.route(f"**/jobs/{other}/retry", retried_elsewhere)
+    button.click()
+    expect(retried).to_have_text(
+        "1 of 2 jobs run again, each at its next attempt."
+        f" Already run again elsewhere (1):{other}: attempt 4 ended failed"
+    )
+    assert wait_for(client, failed[1], "failed")["attempt"] == 4
+
     page.goto(f"{service.url}/ui?tag={tag}&state=running")  # no ended job shown: no button
     expect(row(page, running)).to_be_visible()
     expect(button).to_be_hidden()
