@@ -136,7 +136,7 @@ def test_a_ping_ends_when_its_worker_dies_before_answering() -> None:
     ping's whole timeout (a CI run once took 5 s to replace one)."""
     worker = Worker(uvicorn.Config(app=None), [], None)
     # A worker that never answers a ping and exits after a moment.
-    worker.process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0.5,))
+    worker.process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(2.0,))
     worker.process.start()
     asked = time.monotonic()
     try:
