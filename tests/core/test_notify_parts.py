@@ -511,9 +511,7 @@ async def test_hung_sites_leave_places_to_others_and_a_timed_out_one_gets_one(cl
 
 
 @pytest.mark.parametrize("site_full", [True, False])
-async def test_slow_reads_past_a_full_site_take_a_fifth_of_the_time_at_most(
-    monkeypatch, site_full
-):
+async def test_slow_reads_past_a_full_site_take_a_fifth_of_the_time_at_most(monkeypatch, site_full):
     """Each delivery that ends begins a round; a read that passes over a full
     site's backlog took 80 ms at 100,000 (`_skipping`), so rounds back to
     back held the store's connection all the time. After such a read the
