@@ -899,8 +899,12 @@ def startup_line(settings: Settings, plugins: Plugins, workers: int) -> str:
     backends with their plugins' versions, worker processes."""
     backends = ", ".join(f"{n} ({v})" for n, v in sorted(plugins.versions().items()))
     index = f", job index {describe(settings.index)}" if settings.index else ""
+    store = describe(settings.store)
+    with contextlib.suppress(StoreFileError):  # the embedded store's file, resolved:
+        # `sqlite:///tmp/x.db` reads as /tmp/x.db and is ./tmp/x.db (found by a QA pass)
+        store += f" (the file {embedded_db(settings, 'serve').resolve()})"
     return (
-        f"tether {version()}: store {describe(settings.store)}{index}, public URL"
+        f"tether {version()}: store {store}{index}, public URL"
         f" {settings.base_url}, backends: {backends or 'none'}, {workers} worker(s)"
     )
 

@@ -197,6 +197,18 @@ def test_the_start_up_line_hides_store_credentials():
     assert "3 worker(s)" in line
 
 
+def test_the_start_up_line_names_the_embedded_stores_file_resolved(tmp_path: Path, monkeypatch):
+    """`sqlite:///tmp/x.db` reads as /tmp/x.db and is ./tmp/x.db (found by a
+    QA pass): the line says which file."""
+    monkeypatch.chdir(tmp_path)
+    plugins = Plugins(make_plugin_manager(entry_points=False))
+    relative = Settings.from_env({}, store="sqlite:///tmp/x.db")
+    line = startup_line(relative, plugins, 1)
+    assert f"store sqlite:///tmp/x.db (the file {tmp_path.resolve()}/tmp/x.db)," in line
+    line = startup_line(Settings.from_env({}, store="memory://"), plugins, 1)
+    assert "store memory://, public URL" in line
+
+
 @pytest.mark.parametrize(
     ("store", "shown"),
     [
