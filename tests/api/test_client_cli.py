@@ -984,3 +984,21 @@ def test_a_service_url_that_cannot_be_sent_to_is_a_usage_error(url: str):
     done = cli(url, "get", "j")
     assert done.exit_code == 2, done.output
     assert "'--url'" in done.stderr, done.stderr
+
+
+def test_an_events_table_marks_where_the_history_dropped_events():
+    """`tether events` said the events dropped from the middle after the
+    table, the seq jumping from 2 to 351 unmarked (found by a QA pass)."""
+    from rich.console import Console
+
+    from api.client import events_table
+
+    def event(seq: int) -> dict[str, Any]:
+        at = "2026-12-06T10:00:00Z"
+        return {"seq": seq, "at": at, "type": "heartbeat", "attempt": 1, "data": {}}
+
+    console = Console(width=120, record=True, color_system=None)
+    console.print(events_table([event(1), event(2), event(351), event(352)]))
+    lines = [line.strip() for line in console.export_text().splitlines() if line.strip()]
+    assert [line.split()[0] for line in lines] == ["seq", "1", "2", "…", "351", "352"]
+    assert "… 348 events no longer kept …" in lines[3]
