@@ -152,6 +152,10 @@ class JobGauges(msgspec.Struct, frozen=True):
     overdue: int
     """Waiting jobs past their deadline: the watchdog times these out within
     seconds, so a number that stays above 0 means no worker sweeps."""
+    notes_due: int = 0
+    """Completion notifications due and not being tried (the outbox's)."""
+    notes_oldest_due: int | None = None
+    """When (Unix ms) the one longest due became due; None when none is."""
 
 
 ENTERED_SCAN = 1000
@@ -182,7 +186,15 @@ async def job_gauges(index: JobIndex, now: int) -> JobGauges:
     late = await db.fetch(
         "SELECT count(*) FROM tether_jobs WHERE finished_at IS NULL AND deadline <= ?", (now,)
     )
-    return JobGauges(counts, oldest, entered, int(late[0][0]))
+    # A try in flight holds its notification's `due_at` at its claim's end:
+    # counted only once it is due again. (A hung receiver's backlog grew for a
+    # day with nothing to show it: found by a QA pass.)
+    [(due, first)] = await db.fetch(
+        "SELECT count(*), min(due_at) FROM tether_notifications WHERE due_at <= ?", (now,)
+    )
+    return JobGauges(
+        counts, oldest, entered, int(late[0][0]), int(due), None if first is None else int(first)
+    )
 
 
 class JobsCollector:
@@ -219,4 +231,20 @@ class JobsCollector:
             "Waiting jobs past their deadline, not yet timed out by the watchdog.",
             value=self.gauges.overdue,
         )
-        return [jobs, oldest, entered, overdue]
+        notes_due = GaugeMetricFamily(
+            "tether_notifications_due",
+            "Completion notifications due and not being tried: a backlog that grows"
+            " means receivers are slow or hang.",
+            value=self.gauges.notes_due,
+        )
+        families = [jobs, oldest, entered, overdue, notes_due]
+        if self.gauges.notes_oldest_due is not None:
+            families.append(
+                GaugeMetricFamily(
+                    "tether_notifications_oldest_due_timestamp_seconds",
+                    "When the notification longest due became due (Unix seconds);"
+                    " absent when none is.",
+                    value=self.gauges.notes_oldest_due / 1000,
+                )
+            )
+        return families

@@ -693,3 +693,24 @@ async def test_a_url_the_http_client_refuses_is_given_up_at_its_first_try():
         ("notified", {"webhook_id": note.id, "try": 1, "status": None, "error": UNSENDABLE}),
         ("notify_failed", {"webhook_id": note.id, "tries": 1, "error": UNSENDABLE}),
     ]
+
+
+async def test_the_outbox_backlog_is_a_gauge():
+    """A hung receiver's backlog grew for its whole retry window and nothing
+    showed it (found by a QA pass): `/metrics` says how many notifications
+    are due and not being tried, and since when the oldest is."""
+    from core.metrics import JobsCollector, job_gauges
+
+    async with open_parts() as parts:
+        parts.jobs.message = lambda rec: "{}"
+        jobs, at = parts.jobs, now_ms() - 5_000
+        gauges = await job_gauges(jobs, now_ms())
+        assert (gauges.notes_due, gauges.notes_oldest_due) == (0, None)
+        for i in range(3):
+            await ended(jobs, "http://hung.example/hook", f"n{i}", at + i)
+        await claim(jobs, "n0", now_ms() + 60_000)  # a try in flight: not waiting
+        gauges = await job_gauges(jobs, now_ms())
+        assert (gauges.notes_due, gauges.notes_oldest_due) == (2, at + 1)
+        shown = {f.name: f.samples[0].value for f in JobsCollector(gauges).collect() if f.samples}
+        assert shown["tether_notifications_due"] == 2
+        assert shown["tether_notifications_oldest_due_timestamp_seconds"] == (at + 1) / 1000
