@@ -369,7 +369,8 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     )
     assert "TETHER_WATCHDOG_INTERVAL=0: this process's watchdog is off." in log
     assert "names 'databricks'" not in log
-    assert f"store {store}, public URL {proc.url}, backends: databricks (tether " in log
+    shown = f"store {store} (the file {(tmp_path / 'tether.db').resolve()}), public URL {proc.url}"
+    assert f"{shown}, backends: databricks (tether " in log
     assert "1 worker(s)" in log
     assert "uvicorn.error" not in log
     assert "tether.http: Uvicorn running on" in log or "tether.http: Application startup" in log

@@ -515,6 +515,8 @@ def test_retry_all_runs_the_pages_ended_jobs_again(page, dialogs, service, clien
     expect(retried).to_have_text("2 of 2 jobs run again, each at its next attempt.")
     for job_id in failed:
         assert wait_for(client, job_id, "failed")["attempt"] == 3
+        expect(row(page, job_id).locator('td[data-label="Attempt"]')).to_have_text("3")
+        expect(row(page, job_id).locator(".badge")).to_have_text("failed")
 
     # Attempt 4 of one is run (and ends) elsewhere as this page asks for it:
     # answered 200 too, it is not counted as run again by this click.
