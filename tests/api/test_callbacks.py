@@ -485,6 +485,8 @@ class Misbehaving(Backend):
     async def check_status(self, job: Any) -> Outcome | Running | None:
         if job.params["mode"] == "status_raises":
             raise LookupError(SECRET)
+        if job.params["mode"] == "status_running":  # (not misbehaving)
+            return Running(progress={"step": 1})
         return {"status": "succeeded", "said": SECRET}  # type: ignore[return-value]
 
 
@@ -579,3 +581,25 @@ async def test_hook_check_status_failing_on_a_hint_is_noted_and_the_job_waits(
     settled = await svc.client.post(path, json={"status": "failed"})
     assert settled.json()["outcome"] == "accepted"
     assert (await svc.job("h"))["state"] == "failed"
+
+
+async def test_hints_that_find_the_run_going_are_filed_once_then_counted(start_service):
+    """A receiver hinting every 0.1 s filed two events a hint, a `callback`
+    `noted` and a `status_check` (found by a review): each is filed once,
+    later ones within the minute counted in the next one's `repeats`."""
+    svc = await start_service(plugins=[OffersMisbehaving()])
+    await svc.client.post(
+        "/jobs", json={"id": "h", "backend": "misbehaving", "params": {"mode": "status_running"}}
+    )
+    await svc.wait_state("h", "running")
+    path = svc.tether.signer.url("h:1").removeprefix(svc.settings.base_url)
+    for _ in range(5):
+        hint = await svc.client.post(path, json={"ended": True})
+        assert hint.status_code == 202, hint.text
+        assert hint.json()["message"].endswith("the run has not ended; Tether keeps checking")
+    events = (await svc.client.get("/jobs/h/events")).json()["items"]
+    noted = [e for e in events if e["type"] == "callback"]
+    checks = [e["data"] for e in events if e["type"] == "status_check"]
+    assert [e["data"]["verdict"] for e in noted] == ["noted"]
+    assert checks == [{"said": "running", "progress": {"step": 1}}]
+    assert (await svc.job("h"))["state"] == "running"
