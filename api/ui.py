@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Any, get_args
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
@@ -26,7 +26,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
 from litestar.datastructures import MultiDict, ResponseHeader
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
@@ -257,10 +257,13 @@ WINDOW = ("created_after", "created_before")
 
 
 def list_filters(params: MultiDict[Any]) -> dict[str, list[str]]:
-    """The filters of a list URL's query that a count's link keeps (all but
-    the state), the form's empty values left out."""
-    names = ("backend", "tag", *WINDOW)
-    return {name: [v for v in params.getall(name, []) if v] for name in names}
+    """The filters a list URL's query gives, as the list page and the
+    summary's count links read them: each state, backend and tag, and the
+    time window's first value; the form's empty values left out."""
+    filters = {
+        name: [v for v in params.getall(name, []) if v] for name in ("state", "backend", "tag")
+    }
+    return filters | {name: [params[name]] for name in WINDOW if params.get(name)}
 
 
 def read_window(given: dict[str, str | None]) -> dict[str, datetime | None]:
@@ -339,7 +342,6 @@ def missing_page(path: str) -> Template:
 
 # ── routes ────────────────────────────────────────────────────────────────────
 
-Strings = Annotated[list[str] | None, QueryParameter(required=False)]
 LIST_PARAMETERS = ("state", "backend", "tag", "created_after", "created_before", "cursor")
 """What the job list's URL may hold: any other name is refused, as `GET /jobs` refuses it."""
 
@@ -354,11 +356,6 @@ class Dashboard(Controller):
         request: Request[Any, Any, Any],
         tether: NamedDependency[Tether],
         sessions: NamedDependency[Sessions],
-        job_state: Annotated[list[str] | None, QueryParameter(name="state")] = None,
-        backend: Strings = None,
-        tag: Strings = None,
-        created_after: FromQuery[str | None] = None,
-        created_before: FromQuery[str | None] = None,
         cursor: FromQuery[str | None] = None,
     ) -> Template:
         """The job list, newest first, filtered as the URL says, with the summary."""
@@ -366,11 +363,9 @@ class Dashboard(Controller):
         if who is None:
             return sign_in_page(request)
         # (the form sends an empty tag and times: no filter)
-        states, backends = [s for s in job_state or [] if s], [b for b in backend or [] if b]
-        tags = [t for t in tag or [] if t]
-        given = {"created_after": created_after, "created_before": created_before}
-        filters = {"state": states, "backend": backends, "tag": tags}
-        filters |= {name: [value] for name, value in given.items() if value}
+        filters = list_filters(request.query_params)
+        states, backends, tags = filters["state"], filters["backend"], filters["tag"]
+        given = {name: filters[name][0] if name in filters else None for name in WINDOW}
         shown_backends = sorted(set(tether.plugins.backends) | set(backends))
 
         def bad(message: str) -> Template:

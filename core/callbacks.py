@@ -146,6 +146,15 @@ class GoingChecks:
             self._seen.popitem(last=False)
         return 0 if last is None else last[2]
 
+    def events(self, job_id: str, attempt: int, data: dict[str, Any]) -> list[NewEvent]:
+        """The `status_check` event to file for a check that found the run
+        going and answered `data` (`status_said`): none when `admit` leaves it
+        out, else it with the `repeats` left out before it."""
+        left_out = self.admit(job_id, attempt, data)
+        if left_out is None:
+            return []
+        return [NewEvent("status_check", {**data, "repeats": left_out} if left_out else data)]
+
 
 def _repeat_kind(data: dict[str, Any]) -> str:
     """What `Repeats` tells repeats apart by: the verdict, and an invalid
@@ -388,10 +397,7 @@ class Callbacks:
             tokens = self.settler.job_tokens(rec)
             data = status_said(found, tokens)
             found_now = bound_learnt(rec, learnt(rec, found, tokens), self.settler.max_result_bytes)
-            left_out = self.going.admit(rec.id, rec.attempt, data)  # as the watchdog's checks
-            if left_out:
-                data["repeats"] = left_out
-            going = [] if left_out is None else [NewEvent("status_check", data)]
+            going = self.going.events(rec.id, rec.attempt, data)  # as the watchdog's checks
             if going or found_now is not None:
                 await store_call(
                     self.jobs.record(rec.id, going, now_ms(), found_now, open_at=rec.attempt)

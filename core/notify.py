@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 
 import aiohttp
@@ -252,10 +252,7 @@ class Notifier:
         if free <= 0:
             return self.poll  # each delivery that ends wakes the loop
         full = [site for site in self._per_site if not self._room(site)]
-        reading = time.monotonic()
-        due = await self.jobs.notifications_due(now, free, full)
-        if full:  # read past the full sites' rows (`ROUND_SHARE`)
-            self._read_for += time.monotonic() - reading
+        due = await self._timed(full, self.jobs.notifications_due(now, free, full))
         until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
         started = 0
         for note in due:
@@ -277,13 +274,20 @@ class Notifier:
         if due and not started:
             return self.poll  # others have them now
         # (a site whose places are taken: a delivery that ends wakes the loop)
-        reading = time.monotonic()
-        at = await self.jobs.next_notification_at(full)
-        if full:
-            self._read_for += time.monotonic() - reading
+        at = await self._timed(full, self.jobs.next_notification_at(full))
         if at is None:
             return self.poll
         return min(self.poll, max(at - now_ms(), 0) / 1000)
+
+    async def _timed[T](self, full: Sequence[str], read: Awaitable[T]) -> T:
+        """`read` of the outbox, its time counted in `_read_for` when it
+        passes over the `full` sites' rows (`ROUND_SHARE`)."""
+        began = time.monotonic()
+        try:
+            return await read
+        finally:
+            if full:
+                self._read_for += time.monotonic() - began
 
     def _room(self, site: str) -> bool:
         """Whether a try to `site` may start now (the class's rules)."""

@@ -425,10 +425,7 @@ class Watchdog:
             learnt_now = bound_learnt(
                 rec, learnt(rec, found, tokens), self.settler.max_result_bytes
             )
-            left_out = self._going_checks.admit(rec.id, rec.attempt, data)
-            if left_out:
-                data["repeats"] = left_out
-            events = [] if left_out is None else [NewEvent("status_check", data)]
+            events = self._going_checks.events(rec.id, rec.attempt, data)
             if events or learnt_now is not None:
                 await self.store.jobs.record(
                     rec.id, events, now_ms(), learnt_now, open_at=rec.attempt

@@ -125,10 +125,6 @@ class MemoryStore(EmbeddedStore):
 SCRATCH_PREFIX = "tether-memory-"
 
 
-_MARK = "PRAGMA data_version"
-"""`fetch_aside`'s statement for `change_mark`."""
-
-
 class SqliteIndex(SqlJobIndex):
     """The job index on SQLite; its health check also needs the write lock, so
     a database another process holds locked reads as unavailable."""
@@ -274,37 +270,51 @@ class SqliteDriver:
         than the last commit. Without it (a page of jobs: many different
         statements), nothing is kept."""
 
-        def read() -> list[tuple[Any, ...]]:
-            with self._aside_lock:
-                if self._aside_closed:
-                    raise sqlite3.ProgrammingError("closed")
-                conn = self._aside
-                if conn is None:
-                    # Never writes, but not `mode=ro`: at shutdown the engine's
-                    # connection closes first (`Resonate.stop`), and the last
-                    # to close checkpoints the WAL and removes it, which a
-                    # read-only one cannot (it left the WAL behind).
-                    uri = f"{self.path.resolve().as_uri()}?mode=rw"
-                    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                    self._aside = conn
-                    self._aside_opened += 1
-                if sql == _MARK:
-                    version = conn.execute("PRAGMA data_version").fetchone()[0]
-                    return [(self._aside_opened, version)]
-                if not keep:
-                    return conn.execute(sql, args).fetchall()
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                key = (sql, tuple(args))
-                kept = self._aside_kept.get(key)
-                if kept is not None and kept[0] == version:
-                    return kept[1]
-                rows = conn.execute(sql, args).fetchall()
-                self._aside_kept[key] = (version, rows)
-                return rows
+        def read(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            if not keep:
+                return conn.execute(sql, args).fetchall()
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            key = (sql, tuple(args))
+            kept = self._aside_kept.get(key)
+            if kept is not None and kept[0] == version:
+                return kept[1]
+            rows = conn.execute(sql, args).fetchall()
+            self._aside_kept[key] = (version, rows)
+            return rows
 
-        def read_or_drop() -> list[tuple[Any, ...]]:
+        return list(await self._aside_run(read))
+
+    async def change_mark(self) -> tuple[int, int]:
+        """A value that differs once anything was committed to the file since
+        it was read (by this process or another): `PRAGMA data_version` on
+        `fetch_aside`'s connection, and which connection that was."""
+
+        def mark(conn: sqlite3.Connection) -> tuple[int, int]:
+            return self._aside_opened, conn.execute("PRAGMA data_version").fetchone()[0]
+
+        return await self._aside_run(mark)
+
+    async def _aside_run[T](self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on `fetch_aside`'s connection (opened if need be), on its
+        thread; a connection that failed is closed, the next call opening
+        another."""
+
+        def run() -> T:
             try:
-                return read()
+                with self._aside_lock:
+                    if self._aside_closed:
+                        raise sqlite3.ProgrammingError("closed")
+                    conn = self._aside
+                    if conn is None:
+                        # Never writes, but not `mode=ro`: at shutdown the engine's
+                        # connection closes first (`Resonate.stop`), and the last
+                        # to close checkpoints the WAL and removes it, which a
+                        # read-only one cannot (it left the WAL behind).
+                        uri = f"{self.path.resolve().as_uri()}?mode=rw"
+                        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                        self._aside = conn
+                        self._aside_opened += 1
+                    return work(conn)
             except sqlite3.Error:
                 self._close_aside()  # the next read opens a new one
                 raise
@@ -313,16 +323,9 @@ class SqliteDriver:
         if pool is None:
             pool = self._aside_pool = ThreadPoolExecutor(1, thread_name_prefix="tether-aside")
         try:
-            return list(await asyncio.get_running_loop().run_in_executor(pool, read_or_drop))
+            return await asyncio.get_running_loop().run_in_executor(pool, run)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the embedded store failed: {exc}") from None
-
-    async def change_mark(self) -> tuple[int, int]:
-        """A value that differs once anything was committed to the file since
-        it was read (by this process or another): `PRAGMA data_version` on
-        `fetch_aside`'s connection, and which connection that was."""
-        [(opened, version)] = await self.fetch_aside(_MARK, ())
-        return opened, version
 
     def _close_aside(self, *, for_good: bool = False) -> None:
         """Close `fetch_aside`'s connection and forget its answers (`for_good`:

@@ -56,3 +56,9 @@ def settle(callback_url: str, **body: Any) -> None:
 def unique(name: str) -> str:
     """A job id no other test of the module uses."""
     return f"{name}-{time.monotonic_ns()}"
+
+
+def sign_in(page: Any, token: str) -> None:
+    """Sign in on the page that asks for a token (the page shown)."""
+    page.get_by_label("Token").fill(token)
+    page.get_by_role("button", name="Sign in").click()

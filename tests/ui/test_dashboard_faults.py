@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 
 from tests.conftest import Receiver
 from tests.process import TetherProcess
-from tests.ui.parts import FAIL, serve, start_job, unique
+from tests.ui.parts import FAIL, serve, sign_in, start_job, unique
 
 ONE_STREAM = "import api.controllers\n\napi.controllers.LIST_STREAMS_MAX = 1\n"
 """A preamble for a service that keeps one job-list stream open at most."""
@@ -72,8 +72,7 @@ def test_pages_whose_session_ended_say_so_and_how_to_go_on(
         listed, one = context.new_page(), context.new_page()
         one.on("dialog", lambda dialog: dialog.accept())
         listed.goto(f"{service.url}/ui")
-        listed.get_by_label("Token").fill(TOKEN)
-        listed.get_by_role("button", name="Sign in").click()
+        sign_in(listed, TOKEN)
         expect(listed.locator("#live")).to_have_text("live")
         one.goto(f"{service.url}/ui/jobs/{job_id}")
         expect(one.locator("#live")).to_have_text("live")

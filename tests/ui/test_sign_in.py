@@ -21,7 +21,7 @@ from api.auth import Sessions
 from core.settings import Settings
 from tests.conftest import Receiver
 from tests.process import TetherProcess
-from tests.ui.parts import FAIL, serve, start_job, unique
+from tests.ui.parts import FAIL, serve, sign_in, start_job, unique
 
 API_TOKEN = "ui-api-token-4f0c2d9e8b7a6"
 READ_TOKEN = "ui-read-token-91d3e5f7a2c4b"
@@ -67,13 +67,11 @@ def test_the_pages_ask_for_a_token_first(context, service, api, hooks: Receiver)
     assert hooks.url() not in page.content()  # nothing of the job before signing in
     assert "http_webhook" not in page.content()
 
-    page.get_by_label("Token").fill("not-a-token")
-    page.get_by_role("button", name="Sign in").click()
+    sign_in(page, "not-a-token")
     expect(page.get_by_role("alert")).to_have_text("That token is not accepted.")
     assert context.cookies() == []
 
-    page.get_by_label("Token").fill(API_TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    sign_in(page, API_TOKEN)
     expect(page).to_have_url(f"{service.url}/ui/jobs/{job_id}")  # back where it was asked
     expect(page.locator("h1")).to_have_text(job_id)
     expect(page.locator("#cancel")).to_be_visible()
@@ -161,8 +159,7 @@ def test_a_read_only_session_shows_no_buttons_and_changes_nothing(
     start_job(api, hooks, job_id)
     page = context.new_page()
     page.goto(f"{service.url}/ui/jobs/{job_id}")
-    page.get_by_label("Token").fill(READ_TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    sign_in(page, READ_TOKEN)
     expect(page.locator("h1")).to_have_text(job_id)
     expect(page.locator(".read-only")).to_have_text("read-only")
     expect(page.locator("#live")).to_have_text("live")
@@ -271,8 +268,7 @@ def test_signing_out_in_one_tab_signs_out_the_others(context, service, api, hook
     start_job(api, hooks, job_id)
     listed = context.new_page()
     listed.goto(f"{service.url}/ui/jobs/{job_id}")
-    listed.get_by_label("Token").fill(API_TOKEN)
-    listed.get_by_role("button", name="Sign in").click()
+    sign_in(listed, API_TOKEN)
     expect(listed.locator("#live")).to_have_text("live")
     other = context.new_page()
     other.goto(f"{service.url}/ui")
@@ -293,8 +289,7 @@ def test_the_sign_out_address_typed_is_the_dashboards_page(context, service):
         assert answer.headers["location"] == "/ui"
     page = context.new_page()
     page.goto(f"{service.url}/ui")
-    page.get_by_label("Token").fill(READ_TOKEN)
-    page.get_by_role("button", name="Sign in").click()
+    sign_in(page, READ_TOKEN)
     expect(page.locator(".read-only")).to_be_visible()
     page.goto(f"{service.url}/ui/sign-out")
     expect(page.get_by_role("heading", name="Sign out")).to_be_visible()
