@@ -4,9 +4,10 @@ live (docs/architecture.md, "Job history").
 The store records each event in the same transaction as the change it
 describes (`core.store.sql`); the steps, the settler, callbacks and the
 watchdog say which events to record. This module reads them back, follows a
-job's history as it grows (from any process sharing the store: it polls, and
-wakes at once for this process's own events), and tells the listeners (the
-metrics) of every event this process records.
+job's history as it grows (from any process sharing the store: one look at
+the store's change mark wakes every stream of this process when anything was
+committed, and a stream wakes at once for this process's own events), and
+tells the listeners (the metrics) of every event this process records.
 
 A followed job's stream goes on past the `finished` of its attempt while
 something is still due that files an event: a completion notification in the
@@ -44,8 +45,10 @@ log = logging.getLogger("tether")
 
 MAX_EVENT_PAGE = 1000
 POLL_INTERVAL = 0.3
-"""Seconds between a stream's looks at the store, for events other processes
-record (this process's own wake the stream at once)."""
+"""Seconds between the looks at the store's change mark (`JobIndex.change_mark`)
+for events other processes record: one look for every stream of this process,
+which wakes them all once something was committed (this process's own events
+wake their streams at once)."""
 KEEP_ALIVE = 15.0
 """Seconds of silence after which a stream sends a comment, so proxies and
 clients see the connection is alive."""
@@ -82,6 +85,8 @@ class JobHistory:
         (`core.workflow.attempt_running`): set by a worker process; without
         it, a stream waits past `finished` for the notification alone."""
         self._wakers: dict[str, set[asyncio.Event]] = {}
+        self._watch: asyncio.Task[None] | None = None
+        """Looks at the store's change mark while a stream is open (`_watching`)."""
         self._stopping = False
         jobs.on_event = self._recorded
 
@@ -89,6 +94,28 @@ class JobHistory:
     def stopping(self) -> bool:
         """Whether `stop` ran (the service is stopping): streams end."""
         return self._stopping
+
+    async def _watching(self) -> None:
+        """Every `POLL_INTERVAL` while a stream is open, one look at the
+        store's change mark for all of them; once it moved (something was
+        committed, by any process), every stream is woken to read its job's
+        events. Where the mark cannot be told (None: Postgres) or the look
+        fails, every look wakes them, and each reads as before the mark. (A
+        thousand streams on one waiting job each read it three times a second:
+        a third of a core, with nothing to send.)"""
+        mark: object = None
+        while self._wakers and not self._stopping:
+            await asyncio.sleep(POLL_INTERVAL)
+            was = mark
+            try:
+                mark = await self.jobs.change_mark()
+            except Exception as exc:  # the streams' own reads tell the store's trouble
+                log.debug("looking at the store's change mark failed: %s", type(exc).__name__)
+                mark = None
+            if mark is None or mark != was:
+                for waiting in self._wakers.values():
+                    for wake in waiting:
+                        wake.set()
 
     def _recorded(self, rec: JobRecord, event: Event) -> None:
         for wake in self._wakers.get(rec.id, ()):
@@ -167,6 +194,8 @@ class JobHistory:
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watching())
         quiet_since = time.monotonic()
         sent: JobRecord | None = None
         """The job as the last look found it, when that look found its attempt
@@ -209,7 +238,13 @@ class JobHistory:
                 if silent >= KEEP_ALIVE:
                     yield None
                     quiet_since, silent = time.monotonic(), 0.0
-                pace = POLL_INTERVAL if sent is None else FOLLOW_UP_POLL
+                # Woken by this process's events and by `_watching` once
+                # something was committed; a follow-up's end may not be (a
+                # workflow on a Resonate server), so it is looked for on a
+                # timer too; and the session's end, `until`, at its time.
+                pace = KEEP_ALIVE - silent if sent is None else FOLLOW_UP_POLL
+                if until is not None:
+                    pace = min(pace, max(until - time.time(), 0.0))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(pace, KEEP_ALIVE - silent))
         finally:
@@ -218,11 +253,17 @@ class JobHistory:
                 waiting.discard(wake)
                 if not waiting:
                     del self._wakers[job_id]
+            if not self._wakers and self._watch is not None:
+                self._watch.cancel()  # the last stream: nothing to look for
+                self._watch = None
 
     def stop(self) -> None:
         """End every stream: the service is stopping, and its server waits
         for open responses before it stops."""
         self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for waiting in self._wakers.values():
             for wake in waiting:
                 wake.set()

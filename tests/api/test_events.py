@@ -8,8 +8,10 @@ import asyncio
 import hashlib
 import json
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
@@ -441,6 +443,56 @@ async def test_a_quiet_stream_sends_keep_alive_comments(start_service, receiver,
                 break
     assert [m.get("event") for m in got[:2]] == ["accepted", "triggered"]
     assert {"comment": "keep-alive"} in got[2:]
+
+
+async def test_open_streams_read_their_job_again_only_once_something_was_committed(
+    start_service, receiver
+):
+    """Each open stream read its job's events three times a second: a
+    thousand on one waiting job took a third of a core with nothing to send
+    (measured, 2026-12-06). One look at the store's change mark now wakes
+    every stream of the process once anything was committed, by any
+    connection; this process's own events wake their streams at once."""
+    svc = await start_service()
+    if await svc.tether.jobs.change_mark() is None:
+        pytest.skip("this store cannot tell cheaply whether anything was committed")
+    await start(svc, receiver, "idle")
+    await svc.wait_state("idle", "running")
+    await settled_history(svc, "idle", 2)
+    jobs = svc.tether.events.jobs
+    real = jobs.events_after
+    reads: list[float] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(time.monotonic())
+        return await real(*args, **kwargs)
+
+    jobs.events_after = counted
+    streams = [asyncio.create_task(stream(svc, "idle")) for _ in range(5)]
+    try:
+        await eventually(lambda: len(reads) >= 5)
+        await asyncio.sleep(1.0)  # the first look at the mark wakes them once
+        quiet = len(reads)
+        await asyncio.sleep(3.0)  # ten looks: 50 reads before
+        # none, or one each for the store's process beat (a commit every few seconds)
+        assert len(reads) - quiet in (0, 5)
+        # A commit by another connection (as another process's would be):
+        # each stream reads once more, and sends nothing new.
+        before = len(reads)
+        store = svc.settings.index or svc.settings.store
+        with closing(sqlite3.connect(store.removeprefix("sqlite:///"))) as db, db:
+            db.execute("CREATE TABLE test_poke (x)")
+        await eventually(lambda: len(reads) >= before + 5, timeout=5)
+        assert not any(task.done() for task in streams)
+        await svc.client.post(callback_path(svc, receiver, "idle"), json={"status": "succeeded"})
+        got = await asyncio.wait_for(asyncio.gather(*streams), 10)
+    finally:
+        jobs.events_after = real
+        for task in streams:
+            task.cancel()
+    assert [[m["event"] for m in messages] for messages in got] == [
+        ["accepted", "triggered", "callback", "finished"]
+    ] * 5
 
 
 # ── past `finished`: the events still due ─────────────────────────────────────
