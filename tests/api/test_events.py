@@ -473,7 +473,7 @@ async def test_open_streams_read_their_job_again_only_once_something_was_committ
         await eventually(lambda: len(reads) >= 5)
         await asyncio.sleep(1.0)  # the first look at the mark wakes them once
         quiet = len(reads)
-        await asyncio.sleep(3.0)  # ten looks: 50 reads before
+        await asyncio.sleep(2.0)  # six looks: 30 reads before
         # none, or one each for the store's process beat (a commit every few seconds)
         assert len(reads) - quiet in (0, 5)
         # A commit by another connection (as another process's would be):
