@@ -194,8 +194,9 @@ class JobHistory:
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
-        if self._watch is None or self._watch.done():
-            self._watch = asyncio.get_running_loop().create_task(self._watching())
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.done() or self._watch.get_loop() is not loop:
+            self._watch = loop.create_task(self._watching())
         quiet_since = time.monotonic()
         sent: JobRecord | None = None
         """The job as the last look found it, when that look found its attempt
