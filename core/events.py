@@ -87,6 +87,10 @@ class JobHistory:
         self._wakers: dict[str, set[asyncio.Event]] = {}
         self._watch: asyncio.Task[None] | None = None
         """Looks at the store's change mark while a stream is open (`_watching`)."""
+        self._unmarked = False
+        """Whether the index cannot tell cheaply that something was committed
+        (`change_mark` is None: Postgres): each stream then reads every
+        `POLL_INTERVAL` on its own timer (woken together, they read at once)."""
         self._stopping = False
         jobs.on_event = self._recorded
 
@@ -99,8 +103,9 @@ class JobHistory:
         """Every `POLL_INTERVAL` while a stream is open, one look at the
         store's change mark for all of them; once it moved (something was
         committed, by any process), every stream is woken to read its job's
-        events. Where the mark cannot be told (None: Postgres) or the look
-        fails, every look wakes them, and each reads as before the mark. (A
+        events. A look that fails wakes them too (their reads tell the
+        store's trouble). Where the mark cannot be told (None: Postgres), the
+        streams go back to reading on their own timers (`_unmarked`). (A
         thousand streams on one waiting job each read it three times a second:
         a third of a core, with nothing to send.)"""
         mark: object = None
@@ -109,13 +114,25 @@ class JobHistory:
             was = mark
             try:
                 mark = await self.jobs.change_mark()
-            except Exception as exc:  # the streams' own reads tell the store's trouble
+                self._unmarked = mark is None
+            except Exception as exc:
                 log.debug("looking at the store's change mark failed: %s", type(exc).__name__)
-                mark = None
-            if mark is None or mark != was:
+                mark = object()
+            if self._unmarked or mark != was:
                 for waiting in self._wakers.values():
                     for wake in waiting:
                         wake.set()
+            if self._unmarked:
+                return  # nothing more to look for
+
+    def _watch_store(self) -> None:
+        """Start `_watching`, unless it runs on this loop already or the
+        index cannot tell a change."""
+        loop = asyncio.get_running_loop()
+        task = self._watch
+        if self._unmarked or (task is not None and not task.done() and task.get_loop() is loop):
+            return
+        self._watch = loop.create_task(self._watching())
 
     def _recorded(self, rec: JobRecord, event: Event) -> None:
         for wake in self._wakers.get(rec.id, ()):
@@ -194,9 +211,7 @@ class JobHistory:
     ) -> AsyncIterator[JobEvent | Literal["end"] | None]:
         wake = asyncio.Event()
         self._wakers.setdefault(job_id, set()).add(wake)
-        loop = asyncio.get_running_loop()
-        if self._watch is None or self._watch.done() or self._watch.get_loop() is not loop:
-            self._watch = loop.create_task(self._watching())
+        self._watch_store()
         quiet_since = time.monotonic()
         sent: JobRecord | None = None
         """The job as the last look found it, when that look found its attempt
@@ -243,7 +258,9 @@ class JobHistory:
                 # something was committed; a follow-up's end may not be (a
                 # workflow on a Resonate server), so it is looked for on a
                 # timer too; and the session's end, `until`, at its time.
-                pace = KEEP_ALIVE - silent if sent is None else FOLLOW_UP_POLL
+                pace = FOLLOW_UP_POLL if sent is not None else KEEP_ALIVE - silent
+                if self._unmarked and sent is None:
+                    pace = POLL_INTERVAL
                 if until is not None:
                     pace = min(pace, max(until - time.time(), 0.0))
                 with contextlib.suppress(TimeoutError):

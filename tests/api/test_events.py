@@ -495,6 +495,49 @@ async def test_open_streams_read_their_job_again_only_once_something_was_committ
     ] * 5
 
 
+async def test_where_the_store_cannot_tell_a_change_each_stream_reads_on_its_own_timer(
+    start_service, receiver, monkeypatch
+):
+    """Postgres has no cheap change mark (`change_mark` is None): there each
+    stream reads its job every `POLL_INTERVAL` on its own, so events other
+    processes file still arrive within it."""
+    svc = await start_service()
+    jobs = svc.tether.events.jobs
+
+    async def unmarked() -> None:
+        return None
+
+    monkeypatch.setattr(jobs, "change_mark", unmarked)
+    await start(svc, receiver, "unmarked")
+    await svc.wait_state("unmarked", "running")
+    await settled_history(svc, "unmarked", 2)
+    real = jobs.events_after
+    reads: list[float] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(time.monotonic())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "events_after", counted)
+    streams = [asyncio.create_task(stream(svc, "unmarked")) for _ in range(2)]
+    try:
+        await eventually(lambda: len(reads) >= 2)
+        await asyncio.sleep(0.5)
+        quiet = len(reads)
+        await asyncio.sleep(2.0)  # about 13 reads in all
+        assert len(reads) - quiet >= 8, reads
+        await svc.client.post(
+            callback_path(svc, receiver, "unmarked"), json={"status": "succeeded"}
+        )
+        got = await asyncio.wait_for(asyncio.gather(*streams), 10)
+    finally:
+        for task in streams:
+            task.cancel()
+    assert [[m["event"] for m in messages] for messages in got] == [
+        ["accepted", "triggered", "callback", "finished"]
+    ] * 2
+
+
 # ── past `finished`: the events still due ─────────────────────────────────────
 
 
