@@ -955,6 +955,13 @@ def get(job_id: str, url: str, as_json: bool) -> None:
     "--cursor",
     help="Go on where a listing stopped: the `next_cursor` it printed, with the same filters.",
 )
+@click.option(
+    "--ids",
+    "ids_only",
+    is_flag=True,
+    help="Print only the jobs' IDs, one a line, for another command:"
+    " `tether list --state failed --tag nightly --ids | xargs -r tether retry`.",
+)
 @service_options
 def list_jobs(
     states: tuple[str, ...],
@@ -964,6 +971,7 @@ def list_jobs(
     created_before: str | None,
     limit: int,
     cursor: str | None,
+    ids_only: bool,
     url: str,
     as_json: bool,
 ) -> None:
@@ -971,8 +979,12 @@ def list_jobs(
 
     With --json, one `{"items", "next_cursor"}` document holding every page
     fetched; `next_cursor`, given back as --cursor with the same filters,
-    continues past --limit. A backend no job has lists none: when none is
-    found, a note on stderr says whether the service has that backend."""
+    continues past --limit. With --ids, the IDs alone, one a line; where
+    more jobs match past --limit, a note on stderr gives the cursor. A
+    backend no job has lists none: when none is found, a note on stderr says
+    whether the service has that backend."""
+    if ids_only and as_json:
+        raise click.UsageError("give --ids or --json, not both")
     window = {"created_after": created_after, "created_before": created_before}
 
     async def pages(api: Api) -> dict[str, Any]:
@@ -993,6 +1005,12 @@ def list_jobs(
                 return {**page, "items": items}
 
     found = run(pages, url)
+    if ids_only:
+        for job in found["items"]:
+            click.echo(job["id"])
+        if found["next_cursor"]:
+            click.echo(f"tether: more jobs match: --cursor {found['next_cursor']}", err=True)
+        return
 
     def table() -> RenderableType:
         more = f"  (more: --cursor {found['next_cursor']})" if found["next_cursor"] else ""

@@ -189,6 +189,41 @@ def test_list_names_a_backend_the_service_lacks_when_it_finds_no_job(service):
     assert installed.stderr == ""
 
 
+def test_list_ids_feed_another_command_through_xargs(service, receiver):
+    """`tether list --ids`: the IDs alone, one a line, so that the jobs a
+    filter finds are retried (or canceled) in one line of shell, as the
+    dashboard's "Retry all on this page" does them."""
+    receiver.respond = lambda hit: (400, {"refused": True})  # the job fails at once
+    tag = "cli-ids"
+    for n in range(3):
+        args = ["--id", f"cli-ids-{n}", "--tag", tag, "--params", webhook(receiver)]
+        assert cli(service.url, "submit", "http_webhook", *args).exit_code == 0
+        settled(service, f"cli-ids-{n}", "failed")
+    listed = cli(service.url, "list", "--state", "failed", "--tag", tag, "--ids")
+    assert (listed.exit_code, listed.stdout, listed.stderr) == (
+        0,
+        "cli-ids-2\ncli-ids-1\ncli-ids-0\n",
+        "",
+    )
+    fewer = cli(service.url, "list", "--tag", tag, "--ids", "--limit", "2")
+    assert fewer.stdout == "cli-ids-2\ncli-ids-1\n"
+    assert fewer.stderr.startswith("tether: more jobs match: --cursor "), fewer.stderr
+    both = cli(service.url, "list", "--ids", "--json")
+    assert both.exit_code == 2 and "give --ids or --json, not both" in both.stderr
+
+    env = {**os.environ, "TETHER_URL": service.url}
+    for tagged, retried in ((tag, 3), ("none-has-it", 0)):
+        line = f"{TETHER} list --state failed --tag {tagged} --ids | xargs -r {TETHER} retry"
+        done = subprocess.run(
+            line, shell=True, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("cli-ids-") == retried, done.stdout
+    for n in range(3):
+        wait_until(lambda n=n: served(service, f"/jobs/cli-ids-{n}")["attempt"] == 2)
+        assert settled(service, f"cli-ids-{n}", "failed")["attempt"] == 2
+
+
 # ── watch and submit --wait: exit statuses ───────────────────────────────────
 
 
