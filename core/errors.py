@@ -94,6 +94,36 @@ class StoreUnavailable(TetherError):
     it may have applied the request late. False where nothing was asked."""
 
 
+RETRY_AFTER_MAX = 86_400.0
+"""Seconds a `BackendError.retry_after` asks for at most: a longer one (an
+infinite one) is read as this; the job's deadline ends the wait anyway."""
+
+
+def _message(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "the backend gave no message" if value is None else str(value)
+
+
+def _code(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _seconds(value: Any) -> float | None:
+    """A `retry_after` as seconds to wait: a number, or a number's text (an
+    HTTP `Retry-After` header as it came); None for anything else (a date,
+    NaN, a flag), at least 0, at most `RETRY_AFTER_MAX`."""
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
 class BackendError(Exception):
     """Raised by a backend's `trigger` or `cancel` when the external system refused.
 
@@ -108,7 +138,20 @@ class BackendError(Exception):
     wait is recorded as a failed try but not counted against
     `TETHER_TRIGGER_ATTEMPTS`; the backend must end it (try, or fail) in a
     bounded time, else the job waits until its deadline.
+
+    Each field is read as its type says whatever it is given, when given and
+    when set later: a `code` of `resp.status_code` is its text (`"403"`), a
+    `message` of None says there was none, a `retry_after` of a `Retry-After`
+    header's text is its number of seconds (a date, or anything else, none),
+    at most `RETRY_AFTER_MAX`. (Kept as given, they made the step that
+    caught the error fail, and try again without end: found by a QA pass.)
     """
+
+    message: str
+    retryable: bool
+    code: str | None
+    retry_after: float | None
+    tried: bool
 
     def __init__(
         self,
@@ -119,12 +162,26 @@ class BackendError(Exception):
         retry_after: float | None = None,
         tried: bool = True,
     ) -> None:
-        super().__init__(message)
         self.message = message
+        super().__init__(self.message)
         self.retryable = retryable
         self.code = code
         self.retry_after = retry_after
         self.tried = tried
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        read = _READ.get(name)
+        super().__setattr__(name, value if read is None else read(value))
+
+
+_READ: dict[str, Any] = {
+    "message": _message,
+    "code": _code,
+    "retry_after": _seconds,
+    "retryable": bool,
+    "tried": bool,
+}
+"""How `BackendError` reads each of its fields."""
 
 
 class StoreConfigError(ValueError):

@@ -20,7 +20,7 @@ from resonate.error import ServerError
 from resonate.types import Value
 
 import core.steps
-from core.errors import BackendError, StoreUnavailable
+from core.errors import RETRY_AFTER_MAX, BackendError, StoreUnavailable
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Job, Outcome, Trigger, job_mark
 from core.plugin import hookimpl
@@ -164,6 +164,12 @@ def failing_first(call: Callable[..., Awaitable[Any]], *errors: Exception) -> An
         return await call(*args, **kwargs)
 
     return flaky
+
+
+UNEXPECTED = (
+    "{} (raised by backend 'scripted', not a BackendError; its traceback is in the service's log)"
+)
+"""What a job's error and events keep of an exception that is not a `BackendError`."""
 
 
 def retryable(message: str = "busy", **more: Any) -> BackendError:
@@ -2091,6 +2097,46 @@ async def test_a_refusal_fails_the_job_at_once(rig: Rig):
     )
 
 
+async def test_a_backend_errors_fields_are_read_as_their_types_say(rig: Rig):
+    """`code=resp.status_code`, a message of None, a `Retry-After` header's
+    text: each made the trigger step fail on its own error handling, and the
+    step was run again without end, `trigger` with it (found by a QA pass)."""
+    await start(rig)
+    rig.backend.answers = [
+        BackendError("busy", retryable=True, code=503, retry_after="3"),  # type: ignore[arg-type]
+        BackendError(None, retryable=True, retry_after=float("inf")),  # type: ignore[arg-type]
+        BackendError("refused", code=403),  # type: ignore[arg-type]
+    ]
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 3
+    assert rig.waits[0] == 3.0 and sum(rig.waits[1:]) == RETRY_AFTER_MAX  # (in slices)
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: refused", "403"))
+    failed = [data for t, data in await history(rig) if t == "trigger_failed"]
+    assert [f["error"] for f in failed] == [
+        {"type": "503", "message": "busy"},
+        {"type": "backend", "message": "the backend gave no message"},
+        {"type": "403", "message": "refused"},
+    ]
+    late = BackendError("x")
+    late.retry_after, late.code = "soon", 409  # type: ignore[assignment]
+    assert (late.retry_after, late.code) == (None, "409")
+
+
+async def test_a_cancel_errors_fields_are_read_as_their_types_say(rig: Rig):
+    """The same for `cancel`: its finish was run again without end, and a
+    `cancel_failed` event kept an int as its error's type."""
+    await rig.parts.add_job("j", state="running", external={"run": 1})
+    rig.backend.cancel_errors = [
+        BackendError("throttled", retryable=True, retry_after="2"),  # type: ignore[arg-type]
+    ]
+    rig.backend.cancel_error = BackendError("gone", code=409)  # type: ignore[arg-type]
+    await rig.steps.finish("j", {"status": "timed_out"})
+    assert len(rig.backend.canceled) == 2 and rig.waits == [2.0]
+    [failed] = [data for t, data in await history(rig) if t == "cancel_failed"]
+    assert failed["error"]["type"] == "409", failed
+
+
 async def test_a_refusal_without_a_code_is_a_trigger_error(rig: Rig):
     await start(rig)
     rig.backend.answers = [BackendError("nope")]
@@ -2107,7 +2153,10 @@ async def test_other_exceptions_are_retried_with_the_backoff_then_fail(rig: Rig)
     assert len(rig.backend.triggers) == 4
     assert rig.waits == [0.5, 1.0, 2.0]
     rec = await rig.parts.row("j")
-    assert (rec.state, rec.error) == ("failed", ErrorInfo("trigger failed: OSError: x", "trigger"))
+    assert (rec.state, rec.error) == (
+        "failed",
+        ErrorInfo("trigger failed: " + UNEXPECTED.format("OSError"), "trigger"),
+    )
     assert [line for line in logs.lines if not line.startswith("ERROR")][:3] == [
         "WARNING job j: trigger try 1/4 failed (KeyError); again in 0.5s",
         "WARNING job j: trigger try 2/4 failed (ConnectionError); again in 1.0s",
@@ -2199,8 +2248,9 @@ async def test_the_token_is_scrubbed_from_the_last_exception(rig: Rig):
     await start(rig)
     rig.backend.answers = [RuntimeError(f"quoted {TOKEN}") for _ in range(4)]
     await rig.steps.trigger("j", "j:1")
+    # its type alone: its words may quote any secret, not only the token
     assert (await rig.parts.row("j")).error == ErrorInfo(
-        "trigger failed: RuntimeError: quoted ***", "trigger"
+        "trigger failed: " + UNEXPECTED.format("RuntimeError"), "trigger"
     )
 
 
@@ -2485,7 +2535,7 @@ async def test_each_failed_try_and_the_trigger_are_in_the_history(rig: Rig):
             "trigger_failed",
             {
                 "try": 2,
-                "error": {"type": "KeyError", "message": "KeyError: 'k'"},
+                "error": {"type": "KeyError", "message": UNEXPECTED.format("KeyError")},
                 "retry_in": 1.0,
                 "retryable": True,
             },
@@ -2500,7 +2550,7 @@ async def test_each_failed_try_and_the_trigger_are_in_the_history(rig: Rig):
         ([BackendError("nope")], {"type": "backend", "message": "nope"}, False),
         (
             [retryable("x")] * 3 + [OSError("down")],
-            {"type": "OSError", "message": "OSError: down"},
+            {"type": "OSError", "message": UNEXPECTED.format("OSError")},
             True,
         ),
         ([retryable("x")] * 4, {"type": "busy", "message": "x"}, True),
@@ -3426,9 +3476,7 @@ async def test_a_credential_in_a_urls_query_is_masked_in_the_traceback_and_the_r
 
     rec = await rig.parts.row("j")
     assert rec.state == "failed" and rec.error is not None
-    assert rec.error.message == (
-        "trigger failed: RuntimeError: could not start: https://api.test/run?code=***"
-    )
+    assert rec.error.message == "trigger failed: " + UNEXPECTED.format("RuntimeError")
     [logged] = [r for r in logs.records if r.levelname == "ERROR" and r.exc_text]
     shown = logging.Formatter().format(logged)
     assert "401 for url 'https://api.test/run?api_key=***&v=***'" in shown
