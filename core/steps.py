@@ -793,7 +793,14 @@ class JobSteps:
                 wait = max(backoff, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
-                message = unquoted(redact(f"{type(exc).__name__}: {exc}", tokens))
+                # Its type alone, as for every other backend method: its words
+                # (a plugin's own token, quoted) would reach the job record,
+                # the events, the dashboard and the notification (found by a
+                # QA pass). The log has its traceback, callback tokens masked.
+                message = (
+                    f"{type(exc).__name__} (raised by backend {rec.backend!r}, not a"
+                    " BackendError; its traceback is in the service's log)"
+                )
                 error = {"type": type(exc).__name__, "message": message}
                 if _where(exc) not in told:  # once for each kind and place: tries repeat it
                     told.add(_where(exc))
