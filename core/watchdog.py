@@ -309,9 +309,13 @@ class Watchdog:
 
     async def _sleep(self, delay: float) -> None:
         """Sleep `delay` seconds, or until a job this process writes is due if
-        that is sooner (`on_event` moves `_planned`)."""
+        that is sooner (`on_event` moves `_planned`). The end is kept on the
+        monotonic clock too: one kept on the wall clock alone, stepped back
+        during the sleep (and set right again), slept as long as the step
+        (an hour's: heartbeats went unchecked for an hour; found by a QA pass)."""
         self._planned = now_ms() + int(delay * 1000)
-        while (left := (self._planned - now_ms()) / 1000) > 0:
+        ends = time.monotonic() + delay
+        while (left := min((self._planned - now_ms()) / 1000, ends - time.monotonic())) > 0:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)

@@ -6,6 +6,7 @@ claimed, and retention's minimum and order. The backend is a small real
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -676,6 +677,28 @@ async def test_a_status_checks_outcome_keeps_no_token_of_a_retried_salted_job(ri
     assert rec.error == ErrorInfo(
         message="502 for url: http://t/callbacks/s~2%3A1?token=***", type="x"
     )
+
+
+async def test_a_sleep_ends_on_time_whatever_the_wall_clock_does(rig: Rig, monkeypatch):
+    """The wall clock stepped back an hour during the watchdog's sleep, then
+    set right: the sleep, kept on the wall clock, lasted the hour (heartbeats
+    unchecked meanwhile; found by a QA pass). It ends on the monotonic
+    clock's time too."""
+    step = {"ms": 0}
+    monkeypatch.setattr(core.watchdog, "now_ms", lambda: now_ms() + step["ms"])
+
+    async def step_back_then_right() -> None:
+        await asyncio.sleep(0.05)
+        step["ms"] = -3_600_000
+        rig.watchdog._wake.set()  # a look during the step: the sleep starts again
+        await asyncio.sleep(0.05)
+        step["ms"] = 0
+
+    began = time.monotonic()
+    stepping = asyncio.create_task(step_back_then_right())
+    await asyncio.wait_for(rig.watchdog._sleep(0.3), 5)
+    await stepping
+    assert 0.29 <= time.monotonic() - began < 1.0
 
 
 async def test_the_watchdog_runs_sweeps_until_stopped():
