@@ -7,10 +7,12 @@ import importlib
 import importlib.metadata
 import inspect
 import logging
+import math
+import numbers
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.inspect
@@ -23,7 +25,12 @@ from core.hookspecs import Backend
 from core.models import Job
 from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names
 
+if TYPE_CHECKING:
+    from core.store.jobs import JobRecord
+
 log = logging.getLogger(__name__)
+job_log = logging.getLogger("tether")
+"""Where a line about one job goes: with that job's other lines."""
 
 
 BUILTIN_PLUGINS = ("plugins.databricks", "plugins.databricks_sql", "plugins.http_webhook")
@@ -343,6 +350,49 @@ class Plugins:
         except Exception as exc:
             raise _fault(backend, "check_new_params raised", exc) from None
         return converted
+
+    def check_interval(
+        self, backend: Backend, rec: JobRecord, params: Any, longest: float
+    ) -> float | None:
+        """`backend.check_interval(params)` for job `rec` (its `params`
+        converted), asked right after the trigger answered and again at each
+        routine status check: seconds, at most `longest` (`max_timeout`: the
+        job ends first, and a larger one would not fit the store's
+        timestamp), or None (no status checks, the default's answer). One
+        that raises, or answers what is no number of seconds (a string, a
+        bool, a negative number, NaN), is a bug in its plugin: a warning
+        names the backend, and None (raised, the trigger would be run again
+        and ask for a run it started already; the watchdog would ask again
+        at every sweep)."""
+        try:
+            seconds = backend.check_interval(params)
+        except Exception as exc:  # its type alone, as for the other hooks' bugs
+            job_log.warning(
+                "job %s: backend %r: check_interval raised %s; the job gets no status checks",
+                rec.id,
+                rec.backend,
+                type(exc).__name__,
+                extra=rec.log_extra(),
+            )
+            return None
+        if seconds is None:
+            return None
+        if (
+            isinstance(seconds, numbers.Real)
+            and not isinstance(seconds, bool)
+            and math.isfinite(seconds)
+            and seconds >= 0
+        ):
+            return min(float(seconds), longest) or None
+        job_log.warning(
+            "job %s: backend %r: check_interval returned %s, not a number of seconds"
+            " (or None); the job gets no status checks",
+            rec.id,
+            rec.backend,
+            repr(seconds) if isinstance(seconds, numbers.Real) else _kind(seconds),
+            extra=rec.log_extra(),
+        )
+        return None
 
     @property
     def told_of_finish(self) -> bool:

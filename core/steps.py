@@ -43,7 +43,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import math
 import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -385,42 +384,12 @@ class JobSteps:
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
     def _check_interval(self, backend: Backend, rec: JobRecord, params: Any) -> float | None:
-        """`backend.check_interval(params)` for a run just started, or None
-        (no status checks, the default's answer) when it raises or answers
-        what is no number of seconds (a string, a negative number, NaN):
-        a warning names the backend, and the run is recorded all the same
-        (raised, the trigger would be run again, and ask the backend for a
-        run it started already). At most `max_timeout` (the job ends first):
-        a larger one would not fit the store's timestamp."""
-        try:
-            seconds = backend.check_interval(params)
-        except Exception as exc:  # its type alone, as for the other hooks' bugs
-            log.warning(
-                "job %s: backend %r: check_interval raised %s; the job gets no status checks",
-                rec.id,
-                rec.backend,
-                type(exc).__name__,
-                extra=rec.log_extra(),
-            )
-            return None
-        if seconds is None:
-            return None
-        if (
-            isinstance(seconds, numbers.Real)
-            and not isinstance(seconds, bool)
-            and math.isfinite(seconds)
-            and seconds >= 0
-        ):
-            return min(float(seconds), self.settings.max_timeout) or None
-        log.warning(
-            "job %s: backend %r: check_interval returned %s, not a number of seconds"
-            " (or None); the job gets no status checks",
-            rec.id,
-            rec.backend,
-            _said(seconds),
-            extra=rec.log_extra(),
-        )
-        return None
+        """`backend.check_interval(params)` for a run just started, guarded
+        as the watchdog's later asks are (`Plugins.check_interval`): None
+        (no status checks) when it raises or answers what is no number of
+        seconds, with a warning naming the backend, and the run is recorded
+        all the same."""
+        return self.plugins.check_interval(backend, rec, params, self.settings.max_timeout)
 
     async def _stop_when_finished(self, backend: Backend, rec: JobRecord, now: JobRecord) -> None:
         """Tries of attempt `rec.attempt` that may have started a run ended

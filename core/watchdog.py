@@ -403,10 +403,15 @@ class Watchdog:
         if rec.next_check_at is None or backend is None:
             return
         try:
-            seconds = backend.check_interval(msgspec.convert(rec.params, backend.params_type))
+            params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError:
             return
-        if not seconds:
+        # Guarded as at the trigger: a bug in its plugin is one warning and
+        # None, no more routine checks (it was logged at every sweep, the
+        # job due for good and its backend never asked again).
+        seconds = self.plugins.check_interval(backend, rec, params, self.settings.max_timeout)
+        if seconds is None:
+            await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, None)
             return
         interval = seconds * 1000
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))

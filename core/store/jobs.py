@@ -414,9 +414,10 @@ class JobIndex(Protocol):
         indexes, never a scan."""
         ...
 
-    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
-        """Move a running job's next check from `expected` to `next_check_at`;
-        False if another process moved it first (it then owns this check)."""
+    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int | None) -> bool:
+        """Move a running job's next check from `expected` to `next_check_at`
+        (None: no more checks); False if another process moved it first (it
+        then owns this check)."""
         ...
 
     async def beat(

@@ -1088,7 +1088,7 @@ class SqlJobIndex:
         found = [at for at in rows[0] if at is not None] if rows else []
         return min(found, default=None)
 
-    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int) -> bool:
+    async def reschedule_check(self, job_id: str, expected: int, next_check_at: int | None) -> bool:
         changed = await self.db.execute(
             "UPDATE tether_jobs SET next_check_at = ? WHERE id = ? AND next_check_at = ?",
             (next_check_at, job_id, expected),

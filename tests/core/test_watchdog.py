@@ -44,7 +44,9 @@ class CheckParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Checked(Backend):
     """`check_status` answers `found[job id]` (None: still running), after
     `before` if set; records each job it was asked about, and each it was
-    asked to stop (`cancel`, which runs `stopping` first if set)."""
+    asked to stop (`cancel`, which runs `stopping` first if set).
+    `check_interval` answers the params' `interval`, or `interval(params)`
+    if set."""
 
     name = "checked"
     params_type = CheckParams
@@ -55,8 +57,11 @@ class Checked(Backend):
         self.before: Callable[[Job], Awaitable[None]] | None = None
         self.stopped: list[Job] = []
         self.stopping: Callable[[Job], Awaitable[None]] | None = None
+        self.interval: Callable[[CheckParams], Any] | None = None
 
     def check_interval(self, params: CheckParams) -> float | None:
+        if self.interval is not None:
+            return self.interval(params)  # type: ignore[no-any-return]
         return params.interval
 
     async def check_status(self, job: Job) -> Outcome | Running | None:
@@ -240,7 +245,10 @@ async def test_no_check_is_made_when_none_is_due_or_possible(rig: Rig, how: str)
     await rig.watchdog.look_at(rec, now)
     assert rig.backend.asked == []
     row = await rig.parts.row("j")
-    assert (row.state, row.next_check_at) == ("running", next_check)
+    # An interval of None (or 0) at a later check: no more checks, as at the
+    # trigger (the job stayed due, and was looked at at every sweep).
+    stopped = how in ("no interval", "zero interval")
+    assert (row.state, row.next_check_at) == ("running", None if stopped else next_check)
 
 
 # ── sweeps ───────────────────────────────────────────────────────────────────
@@ -581,6 +589,66 @@ async def test_a_check_answered_with_a_wrong_type_is_logged_by_its_type_alone(
     said_error = {"said": "error", "error_type": "TypeError"}
     assert await history(rig, "c") == [("status_check", said_error)]  # as a raise's
     assert "s3cret" not in caplog.text and "s3cret" not in repr(await history(rig, "c"))
+
+
+def interval_raises(params: CheckParams) -> Any:
+    raise RuntimeError("no interval: s3cret-token")
+
+
+@pytest.mark.parametrize(
+    ("interval", "said"),
+    [
+        (interval_raises, "raised RuntimeError"),
+        (lambda params: "abc", "returned a str"),
+        (lambda params: -1, "returned -1"),
+        (lambda params: True, "returned True"),
+        (lambda params: float("nan"), "returned nan"),
+    ],
+)
+async def test_a_check_interval_that_breaks_at_a_later_check_ends_the_checks_with_one_warning(
+    rig: Rig, interval: Callable[[CheckParams], Any], said: str, caplog: pytest.LogCaptureFixture
+):
+    """`check_interval` is asked again at each routine check, to plan the
+    next. One that raised or answered no number of seconds there was
+    logged at every sweep (`watchdog: job c: RuntimeError`), the job due
+    for good and its backend never asked again (found by a QA pass). Now
+    it is guarded as at the trigger: one warning naming the backend, and
+    no more routine checks (`None`, as docs/plugins.md has it)."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+    rig.backend.interval = interval
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+        await rig.watchdog.sweep(now_ms())  # not due again: not logged again
+    if said.startswith("returned"):
+        said += ", not a number of seconds (or None)"
+    assert logs.lines == [
+        f"WARNING job c: backend 'checked': check_interval {said}; the job gets no status checks"
+    ]
+    assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
+    row = await rig.parts.row("c")
+    assert (row.state, row.next_check_at) == ("running", None)
+    assert rig.backend.asked == []
+    assert "s3cret" not in caplog.text
+
+
+async def test_a_check_interval_past_any_job_at_a_later_check_is_cut_to_the_longest_timeout(
+    rig: Rig,
+):
+    """1e308 seconds: its time in ms overflowed (`OverflowError`, logged at
+    every sweep, the job never checked again). Cut to `max_timeout`, as at
+    the trigger: the check goes on, the next one that far on."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+    rig.backend.interval = lambda params: 1e308
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == []
+    assert [job.id for job in rig.backend.asked] == ["c"]
+    longest = int(rig.parts.settings.max_timeout * 1000)
+    row = await rig.parts.row("c")
+    assert row.next_check_at is not None
+    assert now + longest <= row.next_check_at <= now_ms() + longest
 
 
 async def test_a_failed_status_check_is_filed_once_a_minute_with_its_repeats(
