@@ -97,20 +97,31 @@ def contract_answer(answer: Any, *types: type[msgspec.Struct]) -> tuple[Any, str
     only types (never a value: it may quote a secret). It may be None or one
     of `types` whose typed fields fit their types (an `Outcome`'s `status`
     one of its four, its `error` an `ErrorInfo`: one given as a dict is read
-    as one)."""
+    as one), and whose other fields (a result, progress) JSON can write."""
     if answer is None:
         return None, None
     expected = " or ".join(t.__name__ for t in types)
     if not isinstance(answer, types):
         return None, f"returned {_kind(answer)}, not {expected} or None"
-    # Its typed fields only: what may be any JSON (a result, progress) is
-    # bounded and masked where it is kept, whatever it is.
+    name = type(answer).__name__
     anything = {f.name for f in msgspec.structs.fields(answer) if f.type is Any}
     typed = msgspec.structs.replace(answer, **dict.fromkeys(anything))
     try:
         read = msgspec.convert(msgspec.to_builtins(typed), type(answer))
     except (msgspec.ValidationError, TypeError, ValueError):
-        return None, f"returned a malformed {type(answer).__name__} (a field of another type)"
+        return None, f"returned a malformed {name} (a field of another type)"
+    # What may be any JSON (a result, progress) is bounded and masked where
+    # it is kept, whatever it is, but it must be JSON: a value JSON cannot
+    # write (an `object()`) failed where it was kept, a callback's 500 and a
+    # status check's `TypeError` at every interval (found by a QA pass).
+    for field in sorted(anything):
+        try:
+            msgspec.json.encode(getattr(answer, field))
+        except RecursionError:  # nested too deep: kept as a marker (`core.bounds.shallow`)
+            pass
+        except (TypeError, ValueError, OverflowError) as exc:
+            said = f"its {field} is not JSON: {type(exc).__name__}"
+            return None, f"returned a malformed {name} ({said})"
     return msgspec.structs.replace(read, **{n: getattr(answer, n) for n in anything}), None
 
 

@@ -480,6 +480,8 @@ class Misbehaving(Backend):
             return "succeeded"  # type: ignore[return-value]
         if mode == "parse_returns_bad_outcome":
             return Outcome(status=SECRET)  # type: ignore[arg-type]
+        if mode == "parse_returns_no_json":
+            return Outcome(status="succeeded", result={"o": object()})
         return None
 
     async def check_status(self, job: Any) -> Outcome | Running | None:
@@ -487,6 +489,10 @@ class Misbehaving(Backend):
             raise LookupError(SECRET)
         if job.params["mode"] == "status_running":  # (not misbehaving)
             return Running(progress={"step": 1})
+        if job.params["mode"] == "status_result_no_json":
+            return Outcome(status="succeeded", result={"o": object()})
+        if job.params["mode"] == "status_progress_no_json":
+            return Running(progress={"o": object()})
         return {"status": "succeeded", "said": SECRET}  # type: ignore[return-value]
 
 
@@ -507,6 +513,8 @@ def plugin_lines(caplog: Any, method: str) -> list[str]:
         ("parse_raises", "raised KeyError"),
         ("parse_returns_str", "returned a str, not Outcome or CheckNow or None"),
         ("parse_returns_bad_outcome", "returned a malformed Outcome"),
+        # was a 500 (`unhandled TypeError`), the uniform body unread
+        ("parse_returns_no_json", "returned a malformed Outcome (its result is not JSON"),
     ],
 )
 async def test_hook_parse_callback_failing_leaves_the_uniform_body_working(
@@ -547,6 +555,17 @@ async def test_hook_parse_callback_failing_leaves_the_uniform_body_working(
     [
         ("status_raises", "raised LookupError", "LookupError"),
         ("status_returns_dict", "returned a dict, not Outcome or Running or None", "TypeError"),
+        # values JSON cannot write: a 500, the event unrecorded
+        (
+            "status_result_no_json",
+            "returned a malformed Outcome (its result is not JSON: TypeError)",
+            "TypeError",
+        ),
+        (
+            "status_progress_no_json",
+            "returned a malformed Running (its progress is not JSON: TypeError)",
+            "TypeError",
+        ),
     ],
 )
 async def test_hook_check_status_failing_on_a_hint_is_noted_and_the_job_waits(

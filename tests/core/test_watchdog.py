@@ -562,6 +562,15 @@ WRONG_ANSWERS = [
     # fields of the wrong type, on purpose:
     (Outcome(status="s3cret-token"), "a malformed Outcome (a field of another type)"),  # type: ignore[arg-type]
     (Running(external=["s3cret-token"]), "a malformed Running (a field of another type)"),  # type: ignore[arg-type]
+    # values JSON cannot write (a `TypeError` at every interval, and no event):
+    (
+        Outcome(status="succeeded", result={"o": object()}),
+        "a malformed Outcome (its result is not JSON: TypeError)",
+    ),
+    (
+        Running(progress={"o": object()}),
+        "a malformed Running (its progress is not JSON: TypeError)",
+    ),
 ]
 """What a backend's `check_status` may wrongly return, and how the log says it."""
 
