@@ -374,7 +374,9 @@ class Callbacks:
             answer = await asyncio.wait_for(
                 backend.check_status(backend_view(rec)), CHECK_NOW_TIMEOUT
             )
-        except Exception as exc:  # its words may quote a secret: its type only
+        except (Exception, asyncio.CancelledError) as exc:  # its words may quote a secret
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise  # this request's own, not the backend's
             found, fault, error_type = None, f"raised {type(exc).__name__}", type(exc).__name__
         else:  # an answer of another type: a bug, told as Python tells one
             (found, fault), error_type = contract_answer(answer, Outcome, Running), "TypeError"
@@ -510,6 +512,14 @@ class Callbacks:
                 f"{unread}{hint}; nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
+
+
+def cancelling() -> bool:
+    """Whether the running task is being cancelled: a `CancelledError` is
+    then its own, not one a backend raised of its own (a failure like any
+    other)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _replaced(attempt: int, rec: JobRecord) -> HeartbeatGone:

@@ -45,8 +45,9 @@ import msgspec
 from resonate.error import ServerError
 
 from core.bounds import bound_learnt
-from core.callbacks import GoingChecks, Repeats, learnt, status_said
+from core.callbacks import GoingChecks, Repeats, cancelling, learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
+from core.hookspecs import Backend
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import Plugins, contract_answer
 from core.redact import redact
@@ -167,7 +168,7 @@ def read_status(backend: str, answer: object) -> tuple[Outcome | Running | None,
     type alone, never by value (a dict the backend built may hold a token)."""
     found, fault = contract_answer(answer, Outcome, Running)
     if fault is not None:
-        return None, f"backend {backend}: check_status {fault}"
+        return None, f"backend {backend!r}: check_status {fault}"
     return found, None
 
 
@@ -417,16 +418,10 @@ class Watchdog:
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
-        try:
-            answer = await asyncio.wait_for(backend.check_status(backend_view(rec)), CHECK_TIMEOUT)
-        except Exception as exc:  # logged and filed; the next check as planned
-            log.warning("watchdog: job %s: %s", rec.id, self._said(rec, exc), extra=rec.log_extra())
-            await self._check_failed(rec, type(exc).__name__)
-            return
-        found, fault = read_status(rec.backend, answer)
-        if fault is not None:  # as a check that raised
+        found, fault, error_type = await self._ask(backend, rec, CHECK_TIMEOUT)
+        if fault is not None:  # logged and filed; the next check as planned
             log.warning("watchdog: job %s: %s", rec.id, fault, extra=rec.log_extra())
-            await self._check_failed(rec, "TypeError")
+            await self._check_failed(rec, error_type)
             return
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
@@ -454,6 +449,35 @@ class Watchdog:
                 log.info(
                     "job %s %s (found by status check)", rec.id, found.status, extra=rec.log_extra()
                 )
+
+    async def _ask(
+        self, backend: Backend, rec: JobRecord, within: float
+    ) -> tuple[Outcome | Running | None, str | None, str]:
+        """What `backend.check_status` says of `rec`'s run within `within`
+        seconds, read (`read_status`), and None; or None and what the log
+        says of a check that failed, naming the backend and the method (an
+        exception by its type, a `BackendError` in its words, tokens
+        masked: `_said`); and the `error_type` its event files (`TypeError`
+        for an answer it may not give, as Python would say of it). A
+        `CancelledError` the backend raises of its own (this look is not
+        being cancelled) fails the check as any other exception: it ended
+        the look silently."""
+        limit = asyncio.timeout(within)
+        try:
+            async with limit:
+                answer = await backend.check_status(backend_view(rec))
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise  # this look's own: the service stops
+            if limit.expired():  # (not a timeout of the backend's own)
+                said = f"did not answer within {within:g} s"
+            elif isinstance(exc, BackendError):
+                said = f"raised {self._said(rec, exc)}"
+            else:  # never its words: they may quote a secret
+                said = f"raised {type(exc).__name__}"
+            return None, f"backend {rec.backend!r}: check_status {said}", type(exc).__name__
+        found, fault = read_status(rec.backend, answer)
+        return found, fault, "TypeError"
 
     async def _check_failed(self, rec: JobRecord, error_type: str) -> None:
         """File a routine status check that failed (`said: error`), at most
@@ -518,16 +542,8 @@ class Watchdog:
         backend = self.plugins.backends.get(rec.backend)
         found: Outcome | Running | None = None
         if backend is not None and rec.external is not None:
-            fault: str | None
-            try:
-                answer = await asyncio.wait_for(
-                    backend.check_status(backend_view(rec)), HEARTBEAT_CHECK_TIMEOUT
-                )
-            except Exception as exc:  # the log says why (its tokens masked), the event what
-                fault, error_type = self._said(rec, exc), type(exc).__name__
-            else:  # an answer it may not give: failed, as Python would say of it
-                (found, fault), error_type = read_status(rec.backend, answer), "TypeError"
-            if fault is not None:
+            found, fault, error_type = await self._ask(backend, rec, HEARTBEAT_CHECK_TIMEOUT)
+            if fault is not None:  # the log says why (its tokens masked), the event what
                 log.warning(
                     "job %s: no heartbeat, and the status check failed: %s",
                     rec.id,

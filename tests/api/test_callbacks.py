@@ -487,6 +487,8 @@ class Misbehaving(Backend):
     async def check_status(self, job: Any) -> Outcome | Running | None:
         if job.params["mode"] == "status_raises":
             raise LookupError(SECRET)
+        if job.params["mode"] == "status_cancelled":  # of its own: not Tether's cancellation
+            raise asyncio.CancelledError
         if job.params["mode"] == "status_running":  # (not misbehaving)
             return Running(progress={"step": 1})
         if job.params["mode"] == "status_result_no_json":
@@ -554,6 +556,7 @@ async def test_hook_parse_callback_failing_leaves_the_uniform_body_working(
     ("mode", "fault", "error_type"),
     [
         ("status_raises", "raised LookupError", "LookupError"),
+        ("status_cancelled", "raised CancelledError", "CancelledError"),  # went up unhandled
         ("status_returns_dict", "returned a dict, not Outcome or Running or None", "TypeError"),
         # values JSON cannot write: a 500, the event unrecorded
         (

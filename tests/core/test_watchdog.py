@@ -320,7 +320,9 @@ async def test_a_sweep_checks_jobs_at_once_and_one_failure_stops_no_other(rig: R
         await rig.watchdog.sweep(now)
 
     assert [(await rig.parts.row(j)).state for j in "abc"] == ["succeeded", "running", "succeeded"]
-    assert "WARNING watchdog: job b: RuntimeError" in logs.lines
+    assert (
+        "WARNING watchdog: job b: backend 'checked': check_status raised RuntimeError" in logs.lines
+    )
 
 
 async def test_backends_slow_to_answer_hold_up_no_deadline_and_no_next_sweep(
@@ -473,7 +475,9 @@ async def test_a_status_check_that_does_not_answer_in_time_is_given_up_and_logge
     rig.backend.before = before
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
-    assert logs.lines == ["WARNING watchdog: job hung: TimeoutError"]
+    assert logs.lines == [
+        "WARNING watchdog: job hung: backend 'checked': check_status did not answer within 0.05 s"
+    ]
     row = await rig.parts.row("hung")
     assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
 
@@ -496,15 +500,20 @@ async def test_stop_ends_the_looks_still_under_way(rig: Rig, monkeypatch: pytest
     assert ended.is_set() and not rig.watchdog._looking
 
 
-async def test_a_check_the_store_refused_is_logged_with_its_status_only(rig: Rig):
+async def test_a_check_the_store_refused_is_logged_with_its_status_only(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The run ended, and the store refuses the settle (a Resonate server's
+    `ServerError`): the log says its status, not its words."""
     now = now_ms()
     await rig.running("s", next_check_at=now)
     await rig.parts.add_promise("s")
+    rig.backend.found["s"] = DONE
 
-    async def before(job: Job) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
         raise ServerError(401, "unauthorized: what the server says may hold anything")
 
-    rig.backend.before = before
+    monkeypatch.setattr(rig.watchdog.settler, "settle", refuse)
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
     assert logs.lines == ["WARNING watchdog: job s: the store answered status 401"]
@@ -531,7 +540,8 @@ async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
 
-    said = "WARNING watchdog: job d: BackendError: GET h answered 501 (asked about"
+    said = "WARNING watchdog: job d: backend 'checked': check_status raised BackendError: GET h"
+    said += " answered 501 (asked about"
     assert logs.lines == [f"{said} http://t/callbacks/d~2%3A1?token=***)"], logs.lines
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["d"]
 
@@ -547,7 +557,36 @@ async def test_a_check_refused_is_logged_in_its_words_by_a_process_without_token
     rig.backend.before = before
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
-    assert logs.lines == ["WARNING watchdog: job d: BackendError: GET h answered 501"]
+    assert logs.lines == [
+        "WARNING watchdog: job d: backend 'checked': check_status raised BackendError:"
+        " GET h answered 501"
+    ]
+
+
+async def test_a_check_whose_backend_raises_cancelled_error_of_its_own_is_a_failed_check(
+    rig: Rig,
+):
+    """A `CancelledError` that `check_status` raises (the look is not being
+    cancelled) ended the look silently: no log line, no event (found by a
+    QA pass). It is a failed check like any other: logged naming the
+    backend, the method and the type, filed, the next check as planned."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+
+    async def before(job: Job) -> None:
+        raise asyncio.CancelledError
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == [
+        "WARNING watchdog: job c: backend 'checked': check_status raised CancelledError"
+    ]
+    assert await history(rig, "c") == [
+        ("status_check", {"said": "error", "error_type": "CancelledError"})
+    ]
+    row = await rig.parts.row("c")
+    assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
 
 
 class Odd:
@@ -590,7 +629,7 @@ async def test_a_check_answered_with_a_wrong_type_is_logged_by_its_type_alone(
     rig.backend.found["c"] = answer
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
-    said = f"WARNING watchdog: job c: backend checked: check_status returned {kind}"
+    said = f"WARNING watchdog: job c: backend 'checked': check_status returned {kind}"
     assert logs.lines == [said]
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
     row = await rig.parts.row("c")
@@ -691,7 +730,10 @@ async def test_a_failed_status_check_is_filed_once_a_minute_with_its_repeats(
         ("status_check", error),
         ("status_check", {**error, "repeats": 2}),
     ]
-    assert logs.lines[0] == ("WARNING watchdog: job c: BackendError: GET 127.0.0.1:9 answered 503")
+    assert logs.lines[0] == (
+        "WARNING watchdog: job c: backend 'checked': check_status raised BackendError:"
+        " GET 127.0.0.1:9 answered 503"
+    )
     assert (await rig.parts.row("c")).state == "running"
 
 
@@ -1219,7 +1261,37 @@ async def test_a_missed_heartbeat_whose_check_fails_waits_on(rig: Rig):
     row = await rig.parts.row("j")
     assert (row.state, row.heartbeat_due) == ("running", now + 5000)
     assert logs.fields() == [
-        ("job j: no heartbeat, and the status check failed: RuntimeError", "j", None)
+        (
+            "job j: no heartbeat, and the status check failed:"
+            " backend 'checked': check_status raised RuntimeError",
+            "j",
+            None,
+        )
+    ]
+
+
+async def test_a_missed_heartbeat_whose_check_raises_cancelled_error_of_its_own_waits_on(
+    rig: Rig,
+):
+    """As a routine check's: it went up silently, nothing filed."""
+    rec = await beating(rig)
+
+    async def cancelled(job: Job) -> None:
+        raise asyncio.CancelledError
+
+    rig.backend.before = cancelled
+    now = now_ms()
+    with logs_of("tether") as logs:
+        await rig.watchdog.heartbeat_missed(rec, now)
+    assert (await history(rig))[-1] == (
+        "heartbeat_missed",
+        {"heartbeat_timeout": 5.0, "said": "error", "error_type": "CancelledError"},
+    )
+    row = await rig.parts.row("j")
+    assert (row.state, row.heartbeat_due) == ("running", now + 5000)
+    assert logs.lines == [
+        "WARNING job j: no heartbeat, and the status check failed:"
+        " backend 'checked': check_status raised CancelledError"
     ]
 
 
@@ -1242,7 +1314,7 @@ async def test_a_missed_heartbeat_whose_check_answers_a_wrong_type_waits_on(
     )
     row = await rig.parts.row("j")
     assert (row.state, row.heartbeat_due) == ("running", now + 5000)
-    said = f"backend checked: check_status returned {kind}"
+    said = f"backend 'checked': check_status returned {kind}"
     assert logs.fields() == [
         (f"job j: no heartbeat, and the status check failed: {said}", "j", None)
     ]
