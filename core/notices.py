@@ -49,6 +49,10 @@ MAX_KEYS = 16
 """Run keys one notification may name: more are cut (and logged)."""
 MAX_KEY_LENGTH = 200
 """Characters a run key may have; a longer one is not indexed or looked up."""
+MAX_RUN_KEYS = 64
+"""Run keys one run may be indexed by (`run_keys`): the first are kept, the
+rest logged. (Some 11,000 made the write that records the run fail on every
+try, and the trigger's step tried it again without end; found by a QA pass.)"""
 NOTICE_TIMEOUT = 10.0
 """Seconds a backend's `receive_notification` may take."""
 
@@ -81,12 +85,17 @@ def _usable(keys: Sequence[Any]) -> list[str]:
 
 def run_keys_of(backend: Backend, external: Mapping[str, Any] | None) -> list[str]:
     """The backend's `run_keys` of a run (none for a job not triggered):
-    strings of 1 to `MAX_KEY_LENGTH` characters, each once. A backend that
-    fails is logged and gives none: a key index never fails a trigger."""
+    strings of 1 to `MAX_KEY_LENGTH` characters, each once, the first
+    `MAX_RUN_KEYS` of them. A backend that fails, or answers a string (which
+    would be read as one key a character), is logged and gives none: a key
+    index never fails a trigger."""
     if external is None:
         return []
     try:
-        keys = list(backend.run_keys(external))
+        answer = backend.run_keys(external)
+        if isinstance(answer, str | bytes):
+            raise TypeError("a string, not a list of keys")
+        keys = list(answer)
     except Exception as exc:
         log.warning("backend %s: run_keys failed: %s", backend.name, type(exc).__name__)
         return []
@@ -99,7 +108,14 @@ def run_keys_of(backend: Backend, external: Mapping[str, Any] | None) -> list[st
             len(keys) - len(usable),
             MAX_KEY_LENGTH,
         )
-    return usable
+    if len(usable) > MAX_RUN_KEYS:
+        log.warning(
+            "backend %s: run_keys gave %d keys; the first %d are indexed",
+            backend.name,
+            len(usable),
+            MAX_RUN_KEYS,
+        )
+    return usable[:MAX_RUN_KEYS]
 
 
 class Notices:

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from core.models import Notice, NoticeAbout, Outcome, Running
+from core.notices import MAX_RUN_KEYS
 from core.plugin import Backend, ErrorInfo, Job, Trigger, Unauthorized, hookimpl
 from core.store.jobs import now_ms
 from tests.conftest import Service
@@ -47,6 +48,8 @@ class Beacon(Backend):
         self.checked: list[str] = []
         self.notices: list[Notice] = []
         self.keys_fail = False
+        self.keys: Any = None
+        """What `run_keys` answers instead of the run's own key."""
 
     async def trigger(self, trigger: Trigger) -> dict[str, Any]:
         params: BeaconParams = trigger.params
@@ -55,7 +58,7 @@ class Beacon(Backend):
     def run_keys(self, external: Any) -> list[str]:
         if self.keys_fail:
             raise RuntimeError("no keys today")
-        return [external["run"]]
+        return [external["run"]] if self.keys is None else self.keys
 
     async def check_status(self, job: Job) -> Outcome | Running | None:
         assert job.external is not None
@@ -354,6 +357,23 @@ async def test_hook_run_keys_failing_indexes_nothing_and_the_job_runs_on(start, 
     assert rows[0][0] == 0
     response = await notify(svc, {"runs": ["r1.1"]})
     assert response.json()["jobs"] == []
+
+
+async def test_run_keys_past_the_most_a_run_takes_are_cut_and_a_string_is_none(start, beacon):
+    """100,000 keys made the write recording the run fail on every try (too
+    many SQL variables), retried without end with the job pending; a string
+    was indexed one key a character (found by a QA pass)."""
+    svc = await start()
+    count = "SELECT count(*) FROM tether_run_keys"
+    beacon.keys = [f"k{n}" for n in range(100_000)]
+    await running(svc, "many", run="r1")
+    assert (await svc.tether.jobs.db.fetch(count, ()))[0][0] == MAX_RUN_KEYS
+    assert (await notify(svc, {"runs": [f"k{MAX_RUN_KEYS - 1}"]})).json()["jobs"] != []
+    assert (await notify(svc, {"runs": [f"k{MAX_RUN_KEYS}"]})).json()["jobs"] == []
+    beacon.keys = "abc"
+    await running(svc, "letters", run="r2")
+    assert (await svc.tether.jobs.db.fetch(count, ()))[0][0] == MAX_RUN_KEYS
+    assert (await notify(svc, {"runs": ["a"]})).json()["jobs"] == []
 
 
 async def test_run_keys_go_with_their_job_when_it_is_deleted(start, beacon):
