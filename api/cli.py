@@ -10,6 +10,7 @@ import errno
 import functools
 import logging
 import logging.config
+import os
 import shlex
 import socket
 import sqlite3
@@ -211,6 +212,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`tether ARGV`; its exit status (click ends every run with SystemExit)."""
+    standard_streams_open()
     try:
         cli.main(argv, prog_name="tether")
     except SystemExit as done:
@@ -218,6 +220,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ── the service ───────────────────────────────────────────────────────────────
+
+
+def standard_streams_open() -> None:
+    """Open the null device on each of descriptors 0-2 that a starter left
+    closed, as daemons do: the next file opened took it, and with stderr
+    closed the workers wrote their logs into the supervisor's shared memory
+    (its table of connections, in RAM, without bound; found by a QA pass).
+    The logs of such a service go nowhere, as its starter chose."""
+    for fd in range(3):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest descriptor free: `fd`
+            os.set_inheritable(opened, True)  # as a standard stream is: the workers' too
+    for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:  # Python found it closed at start
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 @cli.command()

@@ -229,3 +229,50 @@ def test_the_workers_share_a_burst_of_connections_evenly_and_a_stopped_one_holds
         for conn in opened:
             conn.close()
         service.kill()
+
+
+def test_a_service_started_with_its_output_closed_writes_nothing_into_its_shared_memory(
+    tmp_path: Path,
+) -> None:
+    """Started with stdout and stderr closed (by tooling that closes what it
+    does not pass on), the supervisor's table of connections in shared
+    memory took descriptor 2, and the workers wrote their logs into it, in
+    RAM without bound (found by a QA pass). Each closed one is the null
+    device now."""
+    import os
+    import shutil
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
+        "TETHER_PORT": str(port),
+    }
+    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+
+    def close_output() -> None:
+        os.close(1)
+        os.close(2)
+
+    proc = subprocess.Popen(
+        [exe, "serve", "--workers", "2"], env=env, cwd=tmp_path, preexec_fn=close_output
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30)
+        for _ in range(50):  # each logs an access line
+            assert httpx.get(url, trust_env=False).status_code == 200
+        wait_until(lambda: len(workers(proc.pid)) == 2, timeout=10)
+        for pid in (proc.pid, *workers(proc.pid)):
+            for fd in (1, 2):
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") == os.devnull, (pid, fd)
+    finally:
+        proc.kill()
+        proc.wait(10)
