@@ -92,7 +92,7 @@ def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     """One logging set-up for the `tether` process and each of its uvicorn
     workers (a spawned worker starts with no logging of its own): everything,
     uvicorn's lines included, goes to stderr in one format."""
-    from api.logs import Repeats, StaleLeases, formatter
+    from api.logs import LogQueue, Repeats, StaleLeases, formatter
 
     return {
         "version": 1,
@@ -105,7 +105,7 @@ def log_config(level: str, log_format: str = "text") -> dict[str, Any]:
         },
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "()": LogQueue,  # written by a thread: a full pipe never blocks the loop
                 "formatter": "plain",
                 "filters": ["rename", "stale", "repeats"],
                 "stream": "ext://sys.stderr",

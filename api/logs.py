@@ -11,7 +11,11 @@ never put in log messages in the first place.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import logging.handlers
+import queue
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -231,3 +235,68 @@ def formatter(log_format: str) -> dict[str, Any]:
     if log_format == "json":
         return {"()": JsonFormatter}
     return {"()": TextFormatter}
+
+
+LOG_QUEUE = 5000
+"""Log lines a process holds for its writer thread at most; past that, lines
+are dropped (and counted) rather than wait."""
+LOG_FLUSH_WAIT = 2.0
+"""Seconds a process that ends waits for its writer thread to write what it
+holds."""
+
+
+class LogQueue(logging.handlers.QueueHandler):
+    """The service's log handler: formats each line where it is logged and
+    hands it to a writer thread through a bounded queue, which writes it to
+    `stream` (stderr). A line that finds the queue full is dropped, and the
+    writer says how many were once it writes again. (A plain stream handler
+    wrote from the event loop: with stderr a pipe nobody read, a stuck log
+    shipper, the first write past the pipe's 64 KB blocked the loop, and the
+    service answered nothing until the reader came back; found by a QA pass.)
+    At exit it waits `LOG_FLUSH_WAIT` at most for what it holds."""
+
+    def __init__(self, stream: Any = None, size: int = LOG_QUEUE) -> None:
+        super().__init__(queue.Queue(size))
+        self.dropped = 0
+        """Lines dropped since the writer last said so."""
+        self.writer = logging.handlers.QueueListener(self.queue, _Writer(self, stream))
+        self.writer.start()
+        atexit.register(self.flush_and_stop)
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:  # logging configured again, or at exit
+        self.flush_and_stop()
+        super().close()
+
+    def flush_and_stop(self) -> None:
+        """Let the writer write what is queued, for `LOG_FLUSH_WAIT` at most."""
+        thread = self.writer._thread
+        if thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(self.writer._sentinel)  # type: ignore[attr-defined]
+        thread.join(LOG_FLUSH_WAIT)
+        self.writer._thread = None
+
+
+class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines `LogQueue` formatted (each record's message is its
+    whole line), first saying how many were dropped since it last wrote."""
+
+    def __init__(self, lines: LogQueue, stream: Any) -> None:
+        super().__init__(stream)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        dropped, self.lines.dropped = self.lines.dropped, 0
+        if dropped:
+            self.stream.write(
+                f"tether: {dropped} log line(s) dropped: the log output was not read"
+                " (a full pipe?) and the service went on without them\n"
+            )
+        super().emit(record)

@@ -313,3 +313,47 @@ def test_a_postgres_pools_connection_attempts_are_shown_once_a_minute_with_a_cou
         "reconnection attempt in pool 'pool-1' failed after 10.0 sec"
         " (29 more like it in the last 60 s)",
     ]
+
+
+def test_a_log_output_nobody_reads_holds_up_nothing_and_what_was_dropped_is_said():
+    """A stream handler wrote from the event loop: with stderr a pipe nobody
+    read, the service stopped answering once the pipe was full (found by a
+    QA pass). Lines go through a bounded queue to a writer thread; past it
+    they are dropped, and the writer says how many once it writes again."""
+    import threading
+
+    class Stuck(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.go.wait(10)
+            return super().write(text)
+
+    out = Stuck()
+    lines = api.logs.LogQueue(out, size=3)
+    lines.setFormatter(TextFormatter())
+    logger = logging.getLogger("tether.test_log_queue")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(lines)
+    try:
+        began = time.monotonic()
+        for n in range(10):
+            logger.info("line %d", n)
+        assert time.monotonic() - began < 1.0  # none waited for the stream
+        assert lines.dropped >= 5
+        out.go.set()
+        for _ in range(100):  # the writer catches up
+            if lines.queue.empty():
+                break
+            time.sleep(0.01)
+        logger.info("after")
+        lines.flush_and_stop()
+    finally:
+        logger.removeHandler(lines)
+    written = out.getvalue().splitlines()
+    assert any(line.endswith("line 0") for line in written)  # queued before it was full
+    dropped = [line for line in written if "log line(s) dropped" in line]
+    assert len(dropped) == 1 and written[-1].endswith("tether.test_log_queue: after")
+    assert int(dropped[0].split()[1]) == 10 - sum("line " in line for line in written)

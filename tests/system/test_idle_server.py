@@ -276,3 +276,42 @@ def test_a_service_started_with_its_output_closed_writes_nothing_into_its_shared
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_log_output_nobody_reads_holds_up_no_request(tmp_path: Path) -> None:
+    """`tether serve … | sleep 100000` (a stuck log shipper): the workers
+    blocked writing to the full pipe and answered nothing more, after some
+    950 requests (found by a QA pass). Lines wait in a queue for a writer
+    thread, or are dropped, and are written once the pipe is read."""
+    import os
+    import shutil
+
+    port = free_port()
+    env = {**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TETHER_PORT": str(port)}
+    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+    proc = subprocess.Popen(
+        [exe, "serve", "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # never read until the end
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30)
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            for _ in range(1500):  # an access line each: some 100 KB, past the pipe's 64 KB
+                assert client.get(url).status_code == 200
+    finally:
+        proc.terminate()
+        assert proc.stderr is not None
+        said = proc.stderr.read().decode()  # read at last: the rest is written
+        proc.wait(20)
+    assert said.count(" GET /health 200 ") >= 1500
