@@ -150,8 +150,12 @@ class Backend:
         Raise :class:`core.errors.BackendError` when the external system refuses:
         `retryable=True` for timeouts, 5xx and 429 (Tether retries with backoff,
         `settings.trigger_attempts` times in all), `retryable=False` to fail the
-        job at once. Any other exception counts as retryable. May block for as
-        long as one request takes; bound it with a timeout.
+        job at once. Any other exception counts as retryable. It may wait
+        (await) for as long as one request takes; bound it with a timeout.
+        It must never block the event loop (no blocking client, no
+        `time.sleep`: use an async client or `asyncio.to_thread`): every
+        request and job of the process waits meanwhile, and one blocked past
+        a task's lease has its trigger run again by another worker.
         """
         raise NotImplementedError
 

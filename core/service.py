@@ -79,6 +79,10 @@ MAX_PAGE = 1000
 ATTEMPT_END_WAIT = 10.0
 """Seconds a retry waits for the ended attempt's workflow to finish winding up
 (the backend's cancel) before answering 409."""
+BACKEND_CLOSE_TIMEOUT = 10.0
+"""Seconds a backend's `close` may take when the service (or a command that
+opened it) stops: one that hung held up start-up and shutdown silently
+(found by a QA pass)."""
 RESUME_PAGE = 500
 STALE_PENDING_MS = 10_000
 """A job pending this long may have lost its workflow start (`resume_stale`)."""
@@ -416,7 +420,13 @@ class Tether:
             await self._steps.close()  # left by a step that ran on meanwhile
         for backend in self.plugins.backends.values():
             try:
-                await backend.close()
+                await asyncio.wait_for(backend.close(), BACKEND_CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.warning(
+                    "backend %s: close did not end within %g s; going on without it",
+                    backend.name,
+                    BACKEND_CLOSE_TIMEOUT,
+                )
             except Exception as exc:
                 log.warning("backend %s: close failed: %s", backend.name, type(exc).__name__)
         await self.store.close()

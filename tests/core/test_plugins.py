@@ -765,3 +765,27 @@ def test_the_docs_list_every_hook():
     for name in contract_names():
         assert f"`{name}" in docs, f"docs/plugins.md does not mention {name}"
     assert hookspecs.PROJECT == "tether"
+
+
+async def test_hook_close_that_hangs_is_given_up_after_its_bound(monkeypatch, caplog):
+    """A `close` that never returned hung `tether serve` at start-up (its
+    checks open and close the store) and at shutdown, saying nothing (found
+    by a QA pass). It is given up after `BACKEND_CLOSE_TIMEOUT`, logged."""
+    import asyncio
+
+    import core.service
+    from core.service import Tether
+
+    class Hangs(Backend):
+        name = "hangs"
+        params_type = Params
+
+        async def close(self) -> None:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(core.service, "BACKEND_CLOSE_TIMEOUT", 0.2)
+    plugins = Plugins(make_plugin_manager(entry_points=False, extra=[Offers(Hangs())]))
+    tether = await Tether.open(test_settings(), plugins, worker=False)
+    await asyncio.wait_for(tether.close(), 5)
+    said = [r.getMessage() for r in caplog.records if "close" in r.getMessage()]
+    assert said == ["backend hangs: close did not end within 0.2 s; going on without it"]
