@@ -44,6 +44,20 @@ from resonate_sqlite import (
 )
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at `path`; None if there is none."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return found.st_dev, found.st_ino
+
+
+DISK_LEFT_MIN = 1 << 20
+"""Bytes free on the store's disk below which `/health` says the store is
+unavailable: a write of a job and its history needs some tens of KB."""
+
+
 class EmbeddedStore(Store):
     """`sqlite:///PATH`: the Resonate protocol and the job index in one file."""
 
@@ -184,6 +198,8 @@ class SqliteDriver:
         self._aside_lock = threading.Lock()
         self._aside_kept: dict[tuple[str, tuple[Any, ...]], tuple[int, list[tuple[Any, ...]]]] = {}
         self._aside_opened = 0  # connections opened so far: which one a `change_mark` is of
+        self._file = _identity(path)
+        """The file's device and inode as opened (`check_writable` compares)."""
 
     @property
     def shared(self) -> bool:
@@ -340,13 +356,37 @@ class SqliteDriver:
                 conn.close()
 
     async def check_writable(self) -> None:
-        """Take the write lock and let it go."""
+        """Take the write lock and let it go; `StoreUnavailable` when the
+        disk holding the file has less than `DISK_LEFT_MIN` bytes free. (A
+        full disk failed every write with 503 while `/health` said ok: the
+        lock needs no space; found by a QA pass.)"""
 
         def check(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
 
         await self._run(check)
+        if self._file is not None and _identity(self.path) != self._file:
+            # Replaced (`mv` of a copy over it) or deleted while open: this
+            # process writes on to the old file, one started now opens
+            # another: jobs answered by one and not the other, lost at the
+            # next start (found by a QA pass).
+            raise StoreUnavailable(
+                f"the embedded store's file {self.path} was replaced or deleted while this"
+                " process had it open, and it still uses the old one: stop every service on"
+                " it; to put a copy in place, use `tether restore` (docs/operations.md)"
+            )
+        if str(self.path) != ":memory:":
+            try:
+                disk = os.statvfs(self.path.parent)
+            except OSError:
+                return  # the lock was taken: the file is there
+            left = disk.f_bavail * disk.f_frsize
+            if left < DISK_LEFT_MIN:
+                raise StoreUnavailable(
+                    f"the disk holding the embedded store ({self.path.parent}) is full:"
+                    f" {left} bytes free; writes fail until space is freed"
+                )
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteDriver]:

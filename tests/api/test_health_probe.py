@@ -150,3 +150,46 @@ async def test_a_backend_slow_to_say_it_is_ready_leaves_the_others_shown():
         assert health.body()["readiness"]["slow"]["status"] == "unknown"
     finally:
         refresh.cancel()
+
+
+async def test_a_full_disk_under_the_embedded_store_is_503(start_service, monkeypatch):
+    """With the disk full every write failed (503) while `/health` said ok:
+    taking the write lock needs no space (found by a QA pass)."""
+    import os
+
+    import core.store.embedded
+
+    svc = await start_service()
+    if svc.tether.store.kind != "sqlite":
+        pytest.skip("the embedded store's own check")
+    assert (await svc.client.get("/health")).status_code == 200
+    real = os.statvfs
+
+    def full(path: Any) -> Any:
+        disk = real(path)
+        return os.statvfs_result((disk.f_bsize, disk.f_frsize, *disk[2:4], 100, *disk[5:]))
+
+    monkeypatch.setattr(core.store.embedded.os, "statvfs", full)
+    answer = await svc.client.get("/health")
+    assert answer.status_code == 503, answer.text
+    assert "is full: " in answer.text and "bytes free" in answer.text, answer.text
+    monkeypatch.setattr(core.store.embedded.os, "statvfs", real)
+    assert (await svc.client.get("/health")).status_code == 200
+
+
+async def test_an_embedded_store_file_replaced_under_the_service_is_503(start_service):
+    """A copy moved over the file (or the file deleted) while the service ran
+    went unseen: it wrote on to the old file, a worker started since to the
+    new one, and jobs were lost at the next start (found by a QA pass)."""
+    import shutil
+
+    svc = await start_service()
+    if svc.tether.store.kind != "sqlite" or not svc.settings.store.startswith("sqlite:///"):
+        pytest.skip("the embedded store's own check")
+    path = svc.settings.store.removeprefix("sqlite:///")
+    assert (await svc.client.get("/health")).status_code == 200
+    shutil.copy(path, path + ".copy")
+    shutil.move(path + ".copy", path)
+    answer = await svc.client.get("/health")
+    assert answer.status_code == 503, answer.text
+    assert "was replaced or deleted while this process had it open" in answer.text
