@@ -823,10 +823,13 @@ class JobSteps:
         is no coroutine function (it blocks the loop) is answered by what
         it returns."""
         loop = asyncio.get_running_loop()
-        called = call()
+        try:
+            called = call()
+        except _EXITS as exc:
+            raise _exited(exc) from exc
         if not inspect.isawaitable(called):  # a plugin's `trigger` not async: its answer
             return called
-        answering = asyncio.ensure_future(called)
+        answering = asyncio.ensure_future(_contained(called))
         until = loop.time() + TRIGGER_TIMEOUT
         detached = False
         try:
@@ -1553,9 +1556,11 @@ class JobSteps:
                 async with limit:
                     await (backend.cancel(backend_view(rec)) if ask is None else ask())
                 return None
-            except (Exception, asyncio.CancelledError) as exc:
+            except (Exception, asyncio.CancelledError, *_EXITS) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _cancelling():
                     raise
+                if isinstance(exc, _EXITS):
+                    exc = _exited(exc)
                 said = reason(exc)
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
@@ -1673,6 +1678,27 @@ def _where(exc: BaseException) -> tuple[str, str, int]:
     if tb is None:
         return type(exc).__qualname__, "", 0
     return type(exc).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+_EXITS = (SystemExit, KeyboardInterrupt)
+"""What a backend may raise that is no `Exception`, and that, raised in a
+task, stops the event loop and the service (a plugin's `sys.exit`; after a
+restart its trigger's replay stopped it again: found by a QA pass)."""
+
+
+def _exited(exc: BaseException) -> RuntimeError:
+    """A backend's `SystemExit` or `KeyboardInterrupt` as the plugin bug it is."""
+    error = RuntimeError(f"the backend raised {type(exc).__name__}")
+    error.__cause__ = exc  # (its traceback, logged)
+    return error
+
+
+async def _contained[T](call: Awaitable[T]) -> T:
+    """`call` awaited (in a task of its own), `_EXITS` made `_exited`."""
+    try:
+        return await call
+    except _EXITS as exc:
+        raise _exited(exc) from exc
 
 
 def _log_traceback(

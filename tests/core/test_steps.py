@@ -2137,6 +2137,24 @@ async def test_a_cancel_errors_fields_are_read_as_their_types_say(rig: Rig):
     assert failed["error"]["type"] == "409", failed
 
 
+async def test_a_backend_that_exits_is_a_failed_try_not_a_stopped_service(rig: Rig):
+    """A plugin's `sys.exit` (or a `KeyboardInterrupt` of its own) raised in
+    the trigger's task stopped the event loop and the service; after a
+    restart the trigger's replay stopped it again (found by a QA pass)."""
+    await start(rig)
+    rig.backend.answers = [SystemExit(3), KeyboardInterrupt()]
+    await rig.steps.trigger("j", "j:1")
+    assert len(rig.backend.triggers) == 3
+    assert (await rig.parts.row("j")).state == "running"
+    failed = [data for t, data in await history(rig) if t == "trigger_failed"]
+    assert [f["error"]["type"] for f in failed] == ["RuntimeError", "RuntimeError"]
+
+    rig.backend.cancel_error = SystemExit(3)  # type: ignore[assignment]
+    await rig.steps.finish("j", {"status": "timed_out"})
+    [stop] = [data for t, data in await history(rig) if t == "cancel_failed"]
+    assert stop["error"]["type"] == "RuntimeError", stop
+
+
 async def test_a_refusal_without_a_code_is_a_trigger_error(rig: Rig):
     await start(rig)
     rig.backend.answers = [BackendError("nope")]
