@@ -157,8 +157,9 @@ class Repeats(logging.Filter):
     each time its message stream from a Resonate server fails to connect
     again (every 5 s per worker while the server is down: thousands an
     hour), the Postgres store's each time its message pump's timers fail
-    (four times a second, `core.store.postgres.PgConnection`) and each time
-    a pool fails to connect (`psycopg.pool`): the
+    (four times a second, `core.store.postgres.PgConnection`), each time
+    a pool fails to connect (`psycopg.pool`), and the embedded store's pump
+    and the notifier while it cannot write (a full disk): the
     first, then at most one each `EVERY` seconds, saying how many like it
     were left out."""
 
@@ -169,6 +170,11 @@ class Repeats(logging.Filter):
         # A Postgres pool's each connection attempt while the server is down
         # (`core.store.postgres.RECONNECT_SPAN`: one every few seconds a pool).
         "psycopg.pool": ("error connecting in", "reconnection attempt in pool"),
+        # While the embedded store cannot write (a full disk): the pump's each
+        # round (20 a second a worker) and the notifier's each poll, which
+        # filled the log (and a disk it shares) faster than anything else.
+        "resonate_sqlite.connection": ("sqlite store: pump failed",),
+        "tether.notify": ("notifications: the store did not answer",),
     }
     """The lines thinned: their logger, and how their message starts."""
 

@@ -315,6 +315,35 @@ def test_a_postgres_pools_connection_attempts_are_shown_once_a_minute_with_a_cou
     ]
 
 
+def test_a_full_disks_store_errors_are_shown_once_a_minute_with_a_count(monkeypatch):
+    """With the disk full, the embedded store's pump logged its failure 20
+    times a second a worker, and the notifier each poll: over a thousand lines
+    a minute, on a disk the log may share (found by a QA pass)."""
+    now = [1000.0]
+    monkeypatch.setattr(api.logs.time, "monotonic", lambda: now[0])
+    repeats = Repeats()
+    lines = [
+        ("resonate_sqlite.connection", "sqlite store: pump failed: %s", "database or disk is full"),
+        ("tether.notify", "notifications: the store did not answer: %s", "StoreUnavailable"),
+    ]
+    shown = []
+    for n in range(1210):  # every 0.05 s for a minute and a bit
+        now[0] = 1000.0 + n / 20
+        for name, msg, arg in lines:
+            line = logging.getLogger(name).makeRecord(
+                name, logging.WARNING, __file__, 1, msg, (arg,), None
+            )
+            if repeats.filter(line):
+                shown.append(line.getMessage())
+    assert shown == [
+        "sqlite store: pump failed: database or disk is full",
+        "notifications: the store did not answer: StoreUnavailable",
+        "sqlite store: pump failed: database or disk is full (1199 more like it in the last 60 s)",
+        "notifications: the store did not answer: StoreUnavailable"
+        " (1199 more like it in the last 60 s)",
+    ]
+
+
 def test_a_log_output_nobody_reads_holds_up_nothing_and_what_was_dropped_is_said():
     """A stream handler wrote from the event loop: with stderr a pipe nobody
     read, the service stopped answering once the pipe was full (found by a
