@@ -275,6 +275,14 @@ class LogQueue(logging.handlers.QueueHandler):
         except queue.Full:
             self.dropped += 1
 
+    def flush(self) -> None:
+        """Wait until the writer has written what is queued, for
+        `LOG_FLUSH_WAIT` at most (a process that ends by its own signal, as
+        uvicorn's does after a graceful stop, runs no exit handler)."""
+        until = time.monotonic() + LOG_FLUSH_WAIT
+        while self.queue.unfinished_tasks and time.monotonic() < until:  # type: ignore[attr-defined]
+            time.sleep(0.005)
+
     def close(self) -> None:  # logging configured again, or at exit
         self.flush_and_stop()
         super().close()

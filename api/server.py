@@ -44,7 +44,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from types import FrameType
 from typing import Any
@@ -306,6 +306,19 @@ class TetherServer(Server):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), math.floor(now / TICK + 1) * TICK - now)
             self._wake.clear()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, and the log lines still queued written (`LogQueue`)
+        before it raises the signal that stopped it again: that ends the
+        process as the signal does, with no exit handler run (its last
+        lines, "Application shutdown complete" among them, were lost)."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)

@@ -8,6 +8,8 @@ counts them (`voluntary_ctxt_switches` in /proc)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -231,6 +234,23 @@ def test_the_workers_share_a_burst_of_connections_evenly_and_a_stopped_one_holds
         service.kill()
 
 
+def serve_two(tmp_path: Path, **popen: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """`tether serve --workers 2` on a store in `tmp_path`, started as `popen`
+    says; with its port."""
+    port = free_port()
+    env = {**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TETHER_PORT": str(port)}
+    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
+    return subprocess.Popen([exe, "serve", "--workers", "2"], env=env, cwd=tmp_path, **popen), port
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 (not at all while its service starts)."""
+    try:
+        return httpx.get(url, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_a_service_started_with_its_output_closed_writes_nothing_into_its_shared_memory(
     tmp_path: Path,
 ) -> None:
@@ -239,34 +259,16 @@ def test_a_service_started_with_its_output_closed_writes_nothing_into_its_shared
     memory took descriptor 2, and the workers wrote their logs into it, in
     RAM without bound (found by a QA pass). Each closed one is the null
     device now."""
-    import os
-    import shutil
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "TETHER_STORE": f"sqlite:///{tmp_path}/t.db",
-        "TETHER_PORT": str(port),
-    }
-    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
 
     def close_output() -> None:
         os.close(1)
         os.close(2)
 
-    proc = subprocess.Popen(
-        [exe, "serve", "--workers", "2"], env=env, cwd=tmp_path, preexec_fn=close_output
-    )
+    proc, port = serve_two(tmp_path, preexec_fn=close_output)
     try:
         url = f"http://127.0.0.1:{port}/health"
 
-        def up() -> bool:
-            try:
-                return httpx.get(url, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout=30)
+        wait_until(lambda: answers(url), timeout=30)
         for _ in range(50):  # each logs an access line
             assert httpx.get(url, trust_env=False).status_code == 200
         wait_until(lambda: len(workers(proc.pid)) == 2, timeout=10)
@@ -283,29 +285,12 @@ def test_a_log_output_nobody_reads_holds_up_no_request(tmp_path: Path) -> None:
     blocked writing to the full pipe and answered nothing more, after some
     950 requests (found by a QA pass). Lines wait in a queue for a writer
     thread, or are dropped, and are written once the pipe is read."""
-    import os
-    import shutil
-
-    port = free_port()
-    env = {**os.environ, "TETHER_STORE": f"sqlite:///{tmp_path}/t.db", "TETHER_PORT": str(port)}
-    exe = shutil.which("tether", path=str(Path(sys.executable).parent)) or "tether"
-    proc = subprocess.Popen(
-        [exe, "serve", "--workers", "2"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,  # never read until the end
-    )
+    proc, port = serve_two(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # (stderr never read until the end)
     try:
         url = f"http://127.0.0.1:{port}/health"
 
-        def up() -> bool:
-            try:
-                return httpx.get(url, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout=30)
+        wait_until(lambda: answers(url), timeout=30)
         with httpx.Client(trust_env=False, timeout=10) as client:
             for _ in range(1500):  # an access line each: some 100 KB, past the pipe's 64 KB
                 assert client.get(url).status_code == 200
