@@ -16,6 +16,7 @@ import contextlib
 import logging
 import logging.handlers
 import queue
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -265,7 +266,9 @@ class LogQueue(logging.handlers.QueueHandler):
         super().__init__(queue.Queue(size))
         self.dropped = 0
         """Lines dropped since the writer last said so."""
-        self.writer = logging.handlers.QueueListener(self.queue, _Writer(self, stream))
+        # (any object with `handle` will do: `respect_handler_level` is off)
+        writer = _Writer(self, stream)
+        self.writer = logging.handlers.QueueListener(self.queue, writer)  # type: ignore[arg-type]
         self.writer.start()
         atexit.register(self.flush_and_stop)
 
@@ -280,7 +283,11 @@ class LogQueue(logging.handlers.QueueHandler):
         `LOG_FLUSH_WAIT` at most (a process that ends by its own signal, as
         uvicorn's does after a graceful stop, runs no exit handler)."""
         until = time.monotonic() + LOG_FLUSH_WAIT
-        while self.queue.unfinished_tasks and time.monotonic() < until:  # type: ignore[attr-defined]
+        while (
+            self.writer._thread is not None
+            and self.queue.unfinished_tasks  # type: ignore[attr-defined]
+            and time.monotonic() < until
+        ):
             time.sleep(0.005)
 
     def close(self) -> None:  # logging configured again, or at exit
@@ -298,19 +305,27 @@ class LogQueue(logging.handlers.QueueHandler):
         self.writer._thread = None
 
 
-class _Writer(logging.StreamHandler):  # type: ignore[type-arg]
+class _Writer:
     """Writes the lines `LogQueue` formatted (each record's message is its
-    whole line), first saying how many were dropped since it last wrote."""
+    whole line), first saying how many were dropped since it last wrote.
+    Not a logging handler: one would be flushed and closed by
+    `logging.shutdown` at exit, under its lock, which a write stuck on a full
+    pipe holds (an exit then hung however long the pipe stayed full)."""
 
     def __init__(self, lines: LogQueue, stream: Any) -> None:
-        super().__init__(stream)
         self.lines = lines
+        self.stream = sys.stderr if stream is None else stream
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def handle(self, record: logging.LogRecord) -> None:  # `QueueListener` calls it
         dropped, self.lines.dropped = self.lines.dropped, 0
+        said = f"{record.getMessage()}\n"
         if dropped:
-            self.stream.write(
+            said = (
                 f"tether: {dropped} log line(s) dropped: the log output was not read"
-                " (a full pipe?) and the service went on without them\n"
+                f" (a full pipe?) and the service went on without them\n{said}"
             )
-        super().emit(record)
+        try:
+            self.stream.write(said)
+            self.stream.flush()
+        except (OSError, ValueError):  # a pipe gone: nowhere to say anything
+            pass
