@@ -33,6 +33,13 @@ job_log = logging.getLogger("tether")
 """Where a line about one job goes: with that job's other lines."""
 
 
+PLUGIN_EXITS = (SystemExit, KeyboardInterrupt)
+"""What a plugin may raise that is no `Exception` and that, left to its task,
+stops the event loop and so the service (a plugin's `sys.exit`; after a
+restart, the replay of its trigger stopped it again: found by a QA pass).
+Every call into a plugin's code while the service runs catches these
+beside `Exception`, as the plugin bugs they are."""
+
 BUILTIN_PLUGINS = ("plugins.databricks", "plugins.databricks_sql", "plugins.http_webhook")
 """The plugins shipped with Tether, registered before entry points. Named by
 module path and imported only here, so `core` itself never depends on a plugin."""
@@ -352,18 +359,23 @@ class Plugins:
             converted = msgspec.convert(params, backend.params_type)
         except msgspec.ValidationError as exc:
             raise _refusal(backend, exc) from None
-        except Exception as exc:  # __post_init__ may raise anything
+        except (Exception, *PLUGIN_EXITS) as exc:  # __post_init__ may raise anything
             raise _fault(backend, "converting params to its params_type raised", exc) from None
         try:
             backend.check_new_params(converted)
         except ValueError as exc:
             raise _refusal(backend, exc) from None
-        except Exception as exc:
+        except (Exception, *PLUGIN_EXITS) as exc:
             raise _fault(backend, "check_new_params raised", exc) from None
         return converted
 
     def check_interval(
-        self, backend: Backend, rec: JobRecord, params: Any, longest: float
+        self,
+        backend: Backend,
+        rec: JobRecord,
+        params: Any,
+        longest: float,
+        on_bug: float | None = None,
     ) -> float | None:
         """`backend.check_interval(params)` for job `rec` (its `params`
         converted), asked right after the trigger answered and again at each
@@ -372,20 +384,26 @@ class Plugins:
         timestamp), or None (no status checks, the default's answer). One
         that raises, or answers what is no number of seconds (a string, a
         bool, a negative number, NaN), is a bug in its plugin: a warning
-        names the backend, and None (raised, the trigger would be run again
-        and ask for a run it started already; the watchdog would ask again
-        at every sweep)."""
+        names the backend, and `on_bug` (raised, the trigger would be run
+        again and ask for a run it started already). The trigger's `on_bug`
+        is None; the watchdog's is a long wait, so that a plugin fixed since
+        is asked again (None there stopped the job's checks for good, found
+        by a review), and not at every sweep."""
+        after = (
+            "the job gets no status checks" if on_bug is None else f"asked again in {on_bug:g} s"
+        )
         try:
             seconds = backend.check_interval(params)
-        except Exception as exc:  # its type alone, as for the other hooks' bugs
+        except (Exception, *PLUGIN_EXITS) as exc:  # its type alone, as for the other hooks' bugs
             job_log.warning(
-                "job %s: backend %r: check_interval raised %s; the job gets no status checks",
+                "job %s: backend %r: check_interval raised %s; %s",
                 rec.id,
                 rec.backend,
                 type(exc).__name__,
+                after,
                 extra=rec.log_extra(),
             )
-            return None
+            return on_bug
         if seconds is None:
             return None
         if (
@@ -396,14 +414,14 @@ class Plugins:
         ):
             return min(float(seconds), longest) or None
         job_log.warning(
-            "job %s: backend %r: check_interval returned %s, not a number of seconds"
-            " (or None); the job gets no status checks",
+            "job %s: backend %r: check_interval returned %s, not a number of seconds (or None); %s",
             rec.id,
             rec.backend,
             repr(seconds) if isinstance(seconds, numbers.Real) else _kind(seconds),
+            after,
             extra=rec.log_extra(),
         )
-        return None
+        return on_bug
 
     @property
     def told_of_finish(self) -> bool:
@@ -418,7 +436,7 @@ class Plugins:
             began = time.monotonic()
             try:
                 call(job=job)
-            except Exception:
+            except (Exception, *PLUGIN_EXITS):
                 log.exception(
                     "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
                 )
@@ -517,7 +535,7 @@ def _step(info: msgspec.inspect.Type, name: str | None, index: str | None) -> ms
     raise LookupError(name or index)
 
 
-def _fault(backend: Backend, what: str, exc: Exception) -> PluginFault:
+def _fault(backend: Backend, what: str, exc: BaseException) -> PluginFault:
     """A backend method's failure at run time (`what`: `check_new_params
     raised`), logged once naming the backend and the exception's type."""
     said = f"backend {backend.name!r}: {what} {type(exc).__name__} (a bug in its plugin)"

@@ -59,7 +59,7 @@ from core.hookspecs import Backend
 from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
-from core.plugins import Plugins
+from core.plugins import PLUGIN_EXITS, Plugins
 from core.redact import redact, redact_bytes, redact_value, unquoted
 from core.settings import Settings
 from core.settle import (
@@ -825,7 +825,7 @@ class JobSteps:
         loop = asyncio.get_running_loop()
         try:
             called = call()
-        except _EXITS as exc:
+        except PLUGIN_EXITS as exc:
             raise _exited(exc) from exc
         if not inspect.isawaitable(called):  # a plugin's `trigger` not async: its answer
             return called
@@ -1556,12 +1556,14 @@ class JobSteps:
                 async with limit:
                     await (backend.cancel(backend_view(rec)) if ask is None else ask())
                 return None
-            except (Exception, asyncio.CancelledError, *_EXITS) as exc:
+            except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
                 if isinstance(exc, asyncio.CancelledError) and _cancelling():
                     raise
-                if isinstance(exc, _EXITS):
+                if isinstance(exc, PLUGIN_EXITS):
                     exc = _exited(exc)
-                said = reason(exc)
+                # A BackendError's words are written for the job's readers;
+                # another exception's may quote a secret: its type alone.
+                said = reason(exc) if isinstance(exc, BackendError) else type(exc).__name__
                 if limit.expired():  # (not a timeout of the backend's own)
                     said = f"no answer within {CANCEL_TIMEOUT:g} s"
                 tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
@@ -1680,12 +1682,6 @@ def _where(exc: BaseException) -> tuple[str, str, int]:
     return type(exc).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
-_EXITS = (SystemExit, KeyboardInterrupt)
-"""What a backend may raise that is no `Exception`, and that, raised in a
-task, stops the event loop and the service (a plugin's `sys.exit`; after a
-restart its trigger's replay stopped it again: found by a QA pass)."""
-
-
 def _exited(exc: BaseException) -> RuntimeError:
     """A backend's `SystemExit` or `KeyboardInterrupt` as the plugin bug it is."""
     error = RuntimeError(f"the backend raised {type(exc).__name__}")
@@ -1694,10 +1690,10 @@ def _exited(exc: BaseException) -> RuntimeError:
 
 
 async def _contained[T](call: Awaitable[T]) -> T:
-    """`call` awaited (in a task of its own), `_EXITS` made `_exited`."""
+    """`call` awaited (in a task of its own), `PLUGIN_EXITS` made `_exited`."""
     try:
         return await call
-    except _EXITS as exc:
+    except PLUGIN_EXITS as exc:
         raise _exited(exc) from exc
 
 

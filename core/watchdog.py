@@ -49,7 +49,7 @@ from core.callbacks import GoingChecks, Repeats, cancelling, learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Outcome, Running
-from core.plugins import Plugins, contract_answer
+from core.plugins import PLUGIN_EXITS, Plugins, contract_answer
 from core.redact import redact
 from core.settings import MAX_RETENTION, MIN_RETENTION, Settings
 from core.settle import Settler, deadline_message
@@ -78,6 +78,10 @@ GC_BATCH = 500
 """Job rows one retention statement deletes."""
 MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
+BUGGY_CHECK_INTERVAL = 3600.0
+"""Seconds until a job is looked at again after its plugin's `check_interval`
+raised or answered what is no number of seconds at a routine check: a plugin
+fixed and redeployed meanwhile is asked again."""
 HEARTBEAT_CHECK_TIMEOUT = 30.0
 """Seconds a backend may take to answer the status check a missed heartbeat asks for."""
 CHECK_TIMEOUT = 300.0
@@ -407,10 +411,12 @@ class Watchdog:
             params = msgspec.convert(rec.params, backend.params_type)
         except msgspec.ValidationError:
             return
-        # Guarded as at the trigger: a bug in its plugin is one warning and
-        # None, no more routine checks (it was logged at every sweep, the
-        # job due for good and its backend never asked again).
-        seconds = self.plugins.check_interval(backend, rec, params, self.settings.max_timeout)
+        # Guarded as at the trigger: a bug in its plugin is a warning and a
+        # check an hour on (it was logged at every sweep, the job due for
+        # good); a valid None or 0 ends the job's routine checks.
+        seconds = self.plugins.check_interval(
+            backend, rec, params, self.settings.max_timeout, on_bug=BUGGY_CHECK_INTERVAL
+        )
         if seconds is None:
             await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, None)
             return
@@ -466,7 +472,7 @@ class Watchdog:
         try:
             async with limit:
                 answer = await backend.check_status(backend_view(rec))
-        except (Exception, asyncio.CancelledError) as exc:
+        except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
             if isinstance(exc, asyncio.CancelledError) and cancelling():
                 raise  # this look's own: the service stops
             if limit.expired():  # (not a timeout of the backend's own)

@@ -47,7 +47,8 @@ class Beacon(Backend):
         """What `check_status` says of each run (default: `Running`)."""
         self.checked: list[str] = []
         self.notices: list[Notice] = []
-        self.keys_fail = False
+        self.keys_fail: bool | BaseException = False
+        """Whether `run_keys` raises (a RuntimeError, or this exception)."""
         self.keys: Any = None
         """What `run_keys` answers instead of the run's own key."""
 
@@ -56,6 +57,8 @@ class Beacon(Backend):
         return {"run": f"{params.run or trigger.job.id}.{trigger.job.attempt}"}
 
     def run_keys(self, external: Any) -> list[str]:
+        if isinstance(self.keys_fail, BaseException):
+            raise self.keys_fail
         if self.keys_fail:
             raise RuntimeError("no keys today")
         return [external["run"]] if self.keys is None else self.keys
@@ -72,6 +75,8 @@ class Beacon(Backend):
         body = notice.body
         if isinstance(body, dict) and body.get("crash"):
             raise RuntimeError(f"crashed holding {KEY}")
+        if isinstance(body, dict) and body.get("exit"):
+            raise SystemExit(f"exited holding {KEY}")
         if not isinstance(body, dict) or not isinstance(body.get("runs"), list):
             raise ValueError("`runs` is missing")
         return NoticeAbout(keys=body["runs"], kind=str(body.get("what", "")))
@@ -318,11 +323,15 @@ async def test_a_body_over_the_services_limit_is_413_before_the_backend_is_asked
     assert beacon.notices == []
 
 
-async def test_a_plugin_failing_is_500_without_its_message(start):
+@pytest.mark.parametrize("how", ["crash", "exit"])
+async def test_a_plugin_failing_is_500_without_its_message(start, how):
+    """Its `sys.exit` too: it left the request's task and stopped the
+    service (found by a review)."""
     svc = await start()
-    response = await notify(svc, {"crash": True})
+    response = await notify(svc, {how: True})
     assert response.status_code == 500
     assert KEY not in response.text
+    assert (await svc.client.get("/health")).status_code == 200
 
 
 async def test_a_notification_about_an_earlier_attempts_run_is_recorded_not_checked(start, beacon):
@@ -349,8 +358,9 @@ async def test_a_notification_about_an_earlier_attempts_run_is_recorded_not_chec
     assert beacon.checked == [*checked, "r1.2"]
 
 
-async def test_hook_run_keys_failing_indexes_nothing_and_the_job_runs_on(start, beacon):
-    beacon.keys_fail = True
+@pytest.mark.parametrize("fail", [True, SystemExit(3)], ids=["raises", "exits"])
+async def test_hook_run_keys_failing_indexes_nothing_and_the_job_runs_on(start, beacon, fail):
+    beacon.keys_fail = fail
     svc = await start()
     await running(svc, "j", run="r1")
     rows = await svc.tether.jobs.db.fetch("SELECT count(*) FROM tether_run_keys", ())

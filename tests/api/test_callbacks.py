@@ -476,6 +476,8 @@ class Misbehaving(Backend):
             return CheckNow(reason="the run says it ended")
         if mode == "parse_raises":
             raise KeyError(SECRET)
+        if mode == "parse_exits":  # stopped the service (found by a review)
+            raise SystemExit(SECRET)
         if mode == "parse_returns_str":
             return "succeeded"  # type: ignore[return-value]
         if mode == "parse_returns_bad_outcome":
@@ -487,6 +489,8 @@ class Misbehaving(Backend):
     async def check_status(self, job: Any) -> Outcome | Running | None:
         if job.params["mode"] == "status_raises":
             raise LookupError(SECRET)
+        if job.params["mode"] == "status_exits":  # stopped the service (found by a review)
+            raise SystemExit(SECRET)
         if job.params["mode"] == "status_cancelled":  # of its own: not Tether's cancellation
             raise asyncio.CancelledError
         if job.params["mode"] == "status_running":  # (not misbehaving)
@@ -513,6 +517,7 @@ def plugin_lines(caplog: Any, method: str) -> list[str]:
     ("mode", "fault"),
     [
         ("parse_raises", "raised KeyError"),
+        ("parse_exits", "raised SystemExit"),
         ("parse_returns_str", "returned a str, not Outcome or CheckNow or None"),
         ("parse_returns_bad_outcome", "returned a malformed Outcome"),
         # was a 500 (`unhandled TypeError`), the uniform body unread
@@ -556,6 +561,7 @@ async def test_hook_parse_callback_failing_leaves_the_uniform_body_working(
     ("mode", "fault", "error_type"),
     [
         ("status_raises", "raised LookupError", "LookupError"),
+        ("status_exits", "raised SystemExit", "SystemExit"),
         ("status_cancelled", "raised CancelledError", "CancelledError"),  # went up unhandled
         ("status_returns_dict", "returned a dict, not Outcome or Running or None", "TypeError"),
         # values JSON cannot write: a 500, the event unrecorded

@@ -789,3 +789,33 @@ async def test_hook_close_that_hangs_is_given_up_after_its_bound(monkeypatch, ca
     await asyncio.wait_for(tether.close(), 5)
     said = [r.getMessage() for r in caplog.records if "close" in r.getMessage()]
     assert said == ["backend hangs: close did not end within 0.2 s; going on without it"]
+
+
+async def test_hook_close_that_exits_is_logged_and_the_others_close(caplog):
+    """A `close` that called `sys.exit` left `Tether.close` there: the
+    store stayed open (found by a review). It is a failed close, logged by
+    its type, and the store is closed after it."""
+    from core.service import Tether
+
+    class Exits(Backend):
+        name = "exits"
+        params_type = Params
+
+        async def close(self) -> None:
+            raise SystemExit("s3cret")
+
+    plugins = Plugins(make_plugin_manager(entry_points=False, extra=[Offers(Exits())]))
+    tether = await Tether.open(test_settings(), plugins, worker=False)
+    closed: list[bool] = []
+    close_store = tether.store.close
+
+    async def store_closes() -> None:
+        closed.append(True)
+        await close_store()
+
+    tether.store.close = store_closes  # type: ignore[method-assign]
+    await tether.close()
+    said = [r.getMessage() for r in caplog.records if "close" in r.getMessage()]
+    assert said == ["backend exits: close failed: SystemExit"]
+    assert "s3cret" not in caplog.text
+    assert closed == [True]

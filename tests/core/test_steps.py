@@ -2391,9 +2391,22 @@ async def test_finish_stops_nothing_that_was_never_started(rig: Rig):
     assert len(rig.plugin.finished) == 1
 
 
+class MessageError(Exception):
+    """An error of another library that keeps its words in `message`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @pytest.mark.parametrize(
     ("error", "said"),
-    [(BackendError("it said no"), "it said no"), (RuntimeError("boom"), "RuntimeError")],
+    [
+        (BackendError("it said no"), "it said no"),
+        (RuntimeError("boom"), "RuntimeError"),
+        # another library's error with a `message` of its own (it was kept)
+        (MessageError("GET ?token=s3cret failed"), "MessageError"),
+    ],
 )
 async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig, error, said):
     await rig.parts.add_job("j", state="running", external={"run": 1})
@@ -2408,7 +2421,7 @@ async def test_a_failed_external_cancel_is_logged_and_the_job_finishes(rig: Rig,
     assert len(rig.plugin.finished) == 1 and len(rig.backend.canceled) == 1  # not retried
     assert rig.waits == []
     _, events = await rig.parts.jobs.events_after("j", 0, 100)
-    kind = "backend" if isinstance(error, BackendError) else "RuntimeError"
+    kind = "backend" if isinstance(error, BackendError) else type(error).__name__
     assert [(e.type, e.data) for e in events][-2:] == [
         ("finished", {"state": "canceled"}),
         (

@@ -589,6 +589,28 @@ async def test_a_check_whose_backend_raises_cancelled_error_of_its_own_is_a_fail
     assert row.state == "running" and now + 2000 <= row.next_check_at <= now_ms() + 2000
 
 
+@pytest.mark.parametrize("exit_", [SystemExit(3), KeyboardInterrupt()])
+async def test_a_check_whose_backend_exits_is_a_failed_check_not_a_stopped_service(
+    rig: Rig, exit_: BaseException
+):
+    """A plugin's `sys.exit` (or a `KeyboardInterrupt` of its own) in
+    `check_status` left the look's task and stopped the event loop, and so
+    the service (found by a review). It is a failed check like any other."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+
+    async def before(job: Job) -> None:
+        raise exit_
+
+    rig.backend.before = before
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    name = type(exit_).__name__
+    assert logs.lines == [f"WARNING watchdog: job c: backend 'checked': check_status raised {name}"]
+    assert await history(rig, "c") == [("status_check", {"said": "error", "error_type": name})]
+    assert (await rig.parts.row("c")).state == "running"
+
+
 class Odd:
     """An answer of a type `check_status` may not give."""
 
@@ -653,17 +675,18 @@ def interval_raises(params: CheckParams) -> Any:
         (lambda params: float("nan"), "returned nan"),
     ],
 )
-async def test_a_check_interval_that_breaks_at_a_later_check_ends_the_checks_with_one_warning(
+async def test_a_check_interval_that_breaks_at_a_later_check_asks_again_an_hour_on(
     rig: Rig, interval: Callable[[CheckParams], Any], said: str, caplog: pytest.LogCaptureFixture
 ):
     """`check_interval` is asked again at each routine check, to plan the
     next. One that raised or answered no number of seconds there was
     logged at every sweep (`watchdog: job c: RuntimeError`), the job due
-    for good and its backend never asked again (found by a QA pass). Now
-    it is guarded as at the trigger: one warning naming the backend, and
-    no more routine checks (`None`, as docs/plugins.md has it)."""
+    for good (found by a QA pass); then its checks ended for good, even
+    once the plugin was fixed (found by a review). Now it is guarded as at
+    the trigger: one warning naming the backend, the due check made, and
+    the next an hour on, when a plugin fixed meanwhile plans again."""
     now = now_ms()
-    await rig.running("c", next_check_at=now)
+    await rig.running("c", next_check_at=now, timeout=86400)
     rig.backend.interval = interval
     with logs_of("tether") as logs:
         await rig.watchdog.sweep(now)
@@ -671,13 +694,34 @@ async def test_a_check_interval_that_breaks_at_a_later_check_ends_the_checks_wit
     if said.startswith("returned"):
         said += ", not a number of seconds (or None)"
     assert logs.lines == [
-        f"WARNING job c: backend 'checked': check_interval {said}; the job gets no status checks"
+        f"WARNING job c: backend 'checked': check_interval {said}; asked again in 3600 s"
     ]
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["c"]
+    assert [job.id for job in rig.backend.asked] == ["c"]
     row = await rig.parts.row("c")
-    assert (row.state, row.next_check_at) == ("running", None)
-    assert rig.backend.asked == []
+    assert row.state == "running" and row.next_check_at is not None
+    assert now + 3_600_000 <= row.next_check_at <= now_ms() + 36_000_000
     assert "s3cret" not in caplog.text
+    rig.backend.interval = lambda params: 5  # fixed and redeployed
+    later = row.next_check_at
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(later)
+    assert logs.lines == []
+    assert [job.id for job in rig.backend.asked] == ["c", "c"]
+    row = await rig.parts.row("c")
+    assert row.next_check_at is not None and later + 5000 <= row.next_check_at
+
+
+async def test_a_check_interval_of_none_at_a_later_check_ends_the_checks(rig: Rig):
+    """None (or 0) at a routine check is a plugin's valid answer: no more
+    routine checks, and nothing logged."""
+    now = now_ms()
+    await rig.running("c", next_check_at=now)
+    rig.backend.interval = lambda params: None
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+    assert logs.lines == [] and rig.backend.asked == []
+    assert (await rig.parts.row("c")).next_check_at is None
 
 
 async def test_a_check_interval_past_any_job_at_a_later_check_is_cut_to_the_longest_timeout(
