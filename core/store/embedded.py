@@ -58,6 +58,23 @@ DISK_LEFT_MIN = 1 << 20
 unavailable: a write of a job and its history needs some tens of KB."""
 
 
+def disk_left(path: Path) -> int | None:
+    """Bytes this process may still write on the filesystem holding `path`
+    (the file's own, links resolved); None when it cannot tell. Root may
+    write into the blocks reserved for it (`f_bfree`), others not
+    (`f_bavail`): a root service on a disk 95% full still writes. A
+    filesystem reporting no blocks at all (some FUSE and network ones)
+    tells nothing."""
+    try:
+        disk = os.statvfs(os.path.realpath(path))
+    except (OSError, ValueError):
+        return None  # the lock was taken: the file is there
+    if disk.f_blocks == 0:
+        return None
+    free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail
+    return free * disk.f_frsize
+
+
 class EmbeddedStore(Store):
     """`sqlite:///PATH`: the Resonate protocol and the job index in one file."""
 
@@ -377,12 +394,8 @@ class SqliteDriver:
                 " it; to put a copy in place, use `tether restore` (docs/operations.md)"
             )
         if str(self.path) != ":memory:":
-            try:
-                disk = os.statvfs(self.path.parent)
-            except OSError:
-                return  # the lock was taken: the file is there
-            left = disk.f_bavail * disk.f_frsize
-            if left < DISK_LEFT_MIN:
+            left = disk_left(self.path)
+            if left is not None and left < DISK_LEFT_MIN:
                 raise StoreUnavailable(
                     f"the disk holding the embedded store ({self.path.parent}) is full:"
                     f" {left} bytes free; writes fail until space is freed"

@@ -167,7 +167,7 @@ async def test_a_full_disk_under_the_embedded_store_is_503(start_service, monkey
 
     def full(path: Any) -> Any:
         disk = real(path)
-        return os.statvfs_result((disk.f_bsize, disk.f_frsize, *disk[2:4], 100, *disk[5:]))
+        return os.statvfs_result((disk.f_bsize, disk.f_frsize, disk.f_blocks, 100, 100, *disk[5:]))
 
     monkeypatch.setattr(core.store.embedded.os, "statvfs", full)
     answer = await svc.client.get("/health")
@@ -175,6 +175,37 @@ async def test_a_full_disk_under_the_embedded_store_is_503(start_service, monkey
     assert "is full: " in answer.text and "bytes free" in answer.text, answer.text
     monkeypatch.setattr(core.store.embedded.os, "statvfs", real)
     assert (await svc.client.get("/health")).status_code == 200
+
+
+def test_the_disk_left_counts_roots_reserve_for_root_and_nothing_where_no_blocks_are_told(
+    monkeypatch, tmp_path
+):
+    """`f_bavail` leaves out the blocks reserved for root: a root service on a
+    disk 95% full answered 503 while its writes still worked; some FUSE
+    filesystems report no blocks at all (found by a review)."""
+    import os
+
+    import core.store.embedded
+    from core.store.embedded import disk_left
+
+    told: dict[str, int] = {}
+
+    def statvfs(path: Any) -> Any:
+        told["path"] = path
+        return os.statvfs_result((4096, 4096, told["blocks"], 50, 0, 10, 10, 10, 0, 255))
+
+    monkeypatch.setattr(core.store.embedded.os, "statvfs", statvfs)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "jobs.db").touch()
+    (tmp_path / "link.db").symlink_to(tmp_path / "real" / "jobs.db")
+    told["blocks"] = 1000
+    monkeypatch.setattr(core.store.embedded.os, "geteuid", lambda: 0)
+    assert disk_left(tmp_path / "link.db") == 50 * 4096
+    assert told["path"] == str(tmp_path / "real" / "jobs.db")  # the file's own disk
+    monkeypatch.setattr(core.store.embedded.os, "geteuid", lambda: 1000)
+    assert disk_left(tmp_path / "link.db") == 0
+    told["blocks"] = 0
+    assert disk_left(tmp_path / "link.db") is None
 
 
 async def test_an_embedded_store_file_replaced_under_the_service_is_503(start_service):
