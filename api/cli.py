@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(argv, prog_name="tether")
     except SystemExit as done:
         return int(done.code or 0)
+    finally:  # a command's log lines out before its own words end it (`LogQueue`)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
 
 
 # ── the service ───────────────────────────────────────────────────────────────

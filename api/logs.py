@@ -319,11 +319,18 @@ class _Writer:
     def handle(self, record: logging.LogRecord) -> None:  # `QueueListener` calls it
         dropped, self.lines.dropped = self.lines.dropped, 0
         said = f"{record.getMessage()}\n"
-        if dropped:
-            said = (
-                f"tether: {dropped} log line(s) dropped: the log output was not read"
-                f" (a full pipe?) and the service went on without them\n{said}"
+        if dropped:  # a line of the process's own format (JSON with TETHER_LOG_FORMAT=json)
+            notice = logging.LogRecord(
+                "tether",
+                logging.WARNING,
+                __file__,
+                0,
+                "%d log line(s) dropped: the log output was not read (a full pipe?) and the"
+                " service went on without them",
+                (dropped,),
+                None,
             )
+            said = f"{self.lines.format(notice)}\n{said}"
         try:
             self.stream.write(said)
             self.stream.flush()

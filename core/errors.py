@@ -162,8 +162,8 @@ class BackendError(Exception):
         retry_after: float | None = None,
         tried: bool = True,
     ) -> None:
-        self.message = message
-        super().__init__(self.message)
+        super().__init__()
+        self.message = message  # (and `args`, what `str()` and tracebacks show)
         self.retryable = retryable
         self.code = code
         self.retry_after = retry_after
@@ -171,7 +171,10 @@ class BackendError(Exception):
 
     def __setattr__(self, name: str, value: Any) -> None:
         read = _READ.get(name)
-        super().__setattr__(name, value if read is None else read(value))
+        value = value if read is None else read(value)
+        super().__setattr__(name, value)
+        if name == "message":  # one text: a message masked later is masked in both
+            self.args = (value,)
 
 
 _READ: dict[str, Any] = {

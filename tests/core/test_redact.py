@@ -192,3 +192,15 @@ def test_a_short_secret_cut_by_one_character_is_masked():
 
 def test_a_piece_of_a_secret_of_one_repeated_character_is_masked_whole():
     assert redact("x" + "a" * 9 + "x", ["b" + "a" * 10 + "b"]) == f"x{MASK}x"
+
+
+def test_a_backend_errors_message_set_later_is_the_one_its_text_shows():
+    """`str()` and a traceback show `args`: a message masked by setting it
+    again kept the unmasked text there (found by a review)."""
+    from core.errors import BackendError
+
+    error = BackendError("GET ?token=s3cret answered 500", code=500)  # type: ignore[arg-type]
+    error.message = "GET ?token=*** answered 500"
+    assert str(error) == error.message and error.args == (error.message,)
+    assert "s3cret" not in repr(error)
+    assert BackendError(None).args == ("the backend gave no message",)  # type: ignore[arg-type]
