@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pluggy
-from litestar import Litestar, Router
+from litestar import Litestar
 from litestar.di import Provide
 
 import api.server
@@ -29,6 +29,7 @@ from api.errors import EXCEPTION_HANDLERS
 from api.metrics import install as install_metrics
 from api.metrics import metrics, observe_request
 from api.openapi import openapi_config
+from api.routers import AppRouter
 from api.ui import TEMPLATES, ui_router
 from core.errors import StoreUnavailable
 from core.plugins import Plugins, make_plugin_manager
@@ -75,12 +76,12 @@ def create_app(
     # route declares `opt=READ` (api.auth.READ). Callbacks carry their
     # own token; /health is for probes. The guards run as one route
     # middleware each (`guarding`: no copy of the handler per guard).
-    guarded = Router(
+    guarded = AppRouter(
         "/",
         route_handlers=[JobController, metrics],
         middleware=[guarding(api_token_guard(settings, sessions), strict)],
     )
-    others = Router(
+    others = AppRouter(
         "/",
         # `health_options` before `health`: registered after it, Litestar's own
         # OPTIONS handler (204, whatever the store does) would win
@@ -89,7 +90,7 @@ def create_app(
     )
     # A backend's notifications: its plugin authenticates them, and reads
     # every query parameter (no strict guard).
-    notices = Router("/", route_handlers=[BackendController])
+    notices = AppRouter("/", route_handlers=[BackendController])
     app = Litestar(
         route_handlers=[guarded, others, notices, ui_router(sessions)],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},

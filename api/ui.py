@@ -33,6 +33,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template import TemplateConfig
 
 from api.auth import SESSION_COOKIE, SESSION_TTL, Sessions
+from api.routers import AppRouter
 from core.errors import MalformedBody, NotFound, shown
 from core.metrics import job_gauges
 from core.models import (
@@ -542,7 +543,7 @@ def ui_router(sessions: Sessions) -> Router:
     """The dashboard's routes and static files, outside the API's token guard:
     a page without a session answers the sign-in form instead of 401."""
     static = create_static_files_router(path="/ui/static", directories=[HERE / "static"])
-    return Router(
+    return AppRouter(
         "/",
         route_handlers=[Dashboard, root, static],
         dependencies={"sessions": Provide(lambda: sessions, sync_to_thread=False)},

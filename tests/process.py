@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import TLS, free_port, wait_until
 
 PORT_TRIES = 3
 """Ports a server started on a free port tries before its test fails: each
@@ -232,6 +232,7 @@ class TetherProcess:
         return self.proc.wait(wait)
 
     def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("verify", TLS)  # (one context: httpx loads the certificates for each)
         return httpx.Client(base_url=self.url, trust_env=False, timeout=10, **kwargs)
 
 

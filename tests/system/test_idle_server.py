@@ -220,12 +220,13 @@ def test_the_workers_share_a_burst_of_connections_evenly_and_a_stopped_one_holds
         # A stopped worker holding fewer takes nothing, and keeps no one waiting long.
         subprocess.run(["kill", "-STOP", str(a)], check=True)
         try:
-            before = connections_held(b, service.port, opened)
             started = time.monotonic()
-            for _ in range(10):
-                opened.append(open_connection(service.port))
+            new = [open_connection(service.port) for _ in range(10)]
+            opened += new
             assert time.monotonic() - started < 2.0
-            assert connections_held(b, service.port, opened) == before + 10
+            # (the new ones alone: on a busy machine an idle one of the burst
+            # may have reached its keep-alive timeout meanwhile, and closed)
+            assert connections_held(b, service.port, new) == 10
         finally:
             subprocess.run(["kill", "-CONT", str(a)], check=True)
     finally:
