@@ -23,8 +23,6 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 import msgspec
 
-from api.client import COMMANDS as CLIENT_COMMANDS
-from api.client import add_client_commands
 from api.packages import run as run_installer
 from api.packages import table as plugin_table
 from core import version
@@ -167,11 +165,45 @@ def flag(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+CLIENT_VERBS = (
+    "submit",
+    "get",
+    "list",
+    "events",
+    "watch",
+    "cancel",
+    "retry",
+    "complete",
+    "heartbeat",
+)
+"""The verbs of `api/client.py` (its `COMMANDS`, in their order), which talk
+to a running service over HTTP: imported only when one is run or the help
+lists them. `tether serve` and each of its workers never load the HTTP
+client and Rich (about 80 of 500 ms of a process's imports)."""
+
+
 class Sections(click.Group):
     """A group whose help lists its commands under the headings of `SECTIONS`
-    (in their order there) instead of in one alphabetical list."""
+    (in their order there) instead of in one alphabetical list, and which
+    mounts the client verbs (`CLIENT_VERBS`) when they are first asked for."""
+
+    def _with_client_verbs(self) -> None:
+        if CLIENT_VERBS[0] not in self.commands:
+            from api.client import add_client_commands
+
+            add_client_commands(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in CLIENT_VERBS:
+            self._with_client_verbs()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._with_client_verbs()
+        return super().list_commands(ctx)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._with_client_verbs()
         width = max(map(len, self.commands))  # one column width across the sections
         limit = formatter.width - 6 - width  # as click's own list
         for title, names in SECTIONS.items():
@@ -865,11 +897,9 @@ def plugins() -> None:
 
 # ── the client verbs, and how `tether --help` lists everything ────────────────
 
-add_client_commands(cli)
-
 SECTIONS = {
     "Service": ("serve", "gc", "pair-index"),
-    "Jobs (talk to a running service)": tuple(str(command.name) for command in CLIENT_COMMANDS),
+    "Jobs (talk to a running service)": CLIENT_VERBS,
     "Store files": (
         "rotate-secret",
         "notify-secret",

@@ -400,3 +400,17 @@ def test_a_webhook_credential_no_header_can_carry_is_refused_without_showing_it(
 def test_the_settings_a_group_may_take() -> None:
     for group in ("tether", "team-a.prod_2", "g" * 200, "team a", "équipe"):  # as before
         assert Settings(group=group).group == group
+
+
+def test_the_service_loads_neither_the_http_client_nor_rich() -> None:
+    """`tether serve` and each of its workers import `api.cli`: the client
+    verbs (httpx, Rich) are mounted only when one is asked for, about 80 ms
+    of each process's start."""
+    code = (
+        "import sys, api.cli, api.app;"
+        " print(sorted({'api.client', 'httpx', 'rich'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
