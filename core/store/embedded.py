@@ -214,7 +214,8 @@ class SqliteDriver:
         self._aside_closed = False
         self._aside_lock = threading.Lock()
         self._aside_kept: dict[tuple[str, tuple[Any, ...]], tuple[int, list[tuple[Any, ...]]]] = {}
-        self._aside_opened = 0  # connections opened so far: which one a `change_mark` is of
+        self._marker: sqlite3.Connection | None = None  # `change_mark`'s, used on the loop
+        self._markers = 0  # its connections opened so far: which one a mark is of
         self._file = _identity(path)
         """The file's device and inode as opened (`check_writable` compares)."""
 
@@ -319,13 +320,31 @@ class SqliteDriver:
 
     async def change_mark(self) -> tuple[int, int]:
         """A value that differs once anything was committed to the file since
-        it was read (by this process or another): `PRAGMA data_version` on
-        `fetch_aside`'s connection, and which connection that was."""
+        it was read (by this process or another): `PRAGMA data_version` on a
+        connection of its own that nothing else uses (so every commit is
+        another connection's), and which connection that was. Read on the
+        loop: it reads the WAL's index and waits on no lock, some
+        microseconds. (On `fetch_aside`'s thread it waited behind any slow
+        read there, and streams learnt of other processes' events late;
+        found by a review.)"""
+        if self._aside_closed:
+            raise StoreUnavailable(f"the embedded store at {self.path} is closed")
+        try:
+            if self._marker is None:
+                # not `mode=ro`, for the reason `_aside_run` gives
+                uri = f"{self.path.resolve().as_uri()}?mode=rw"
+                self._marker = sqlite3.connect(uri, uri=True)
+                self._markers += 1
+            return self._markers, self._marker.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            self._close_marker()  # the next look opens a new one
+            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
 
-        def mark(conn: sqlite3.Connection) -> tuple[int, int]:
-            return self._aside_opened, conn.execute("PRAGMA data_version").fetchone()[0]
-
-        return await self._aside_run(mark)
+    def _close_marker(self) -> None:
+        conn, self._marker = self._marker, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     async def _aside_run[T](self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` on `fetch_aside`'s connection (opened if need be), on its
@@ -346,7 +365,6 @@ class SqliteDriver:
                         uri = f"{self.path.resolve().as_uri()}?mode=rw"
                         conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
                         self._aside = conn
-                        self._aside_opened += 1
                     return work(conn)
             except sqlite3.Error:
                 self._close_aside()  # the next read opens a new one
@@ -473,6 +491,7 @@ class SqliteDriver:
         """Close the driver's own connections (a shared one is the engine's to
         close). A read aside asked later fails as the store's error."""
         self._close_aside(for_good=True)
+        self._close_marker()
         pool, self._aside_pool = self._aside_pool, None
         if pool is not None:
             pool.shutdown(wait=False)  # reads still queued find it closed
