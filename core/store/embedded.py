@@ -218,6 +218,8 @@ class SqliteDriver:
         self._markers = 0  # its connections opened so far: which one a mark is of
         self._file = _identity(path)
         """The file's device and inode as opened (`check_writable` compares)."""
+        self._wal: tuple[int, int] | None = None
+        """Its write-ahead log's, as `check_writable` first found it."""
 
     @property
     def shared(self) -> bool:
@@ -410,6 +412,19 @@ class SqliteDriver:
                 f"the embedded store's file {self.path} was replaced or deleted while this"
                 " process had it open, and it still uses the old one: stop every service on"
                 " it; to put a copy in place, use `tether restore` (docs/operations.md)"
+            )
+        wal = _identity(Path(f"{self.path}-wal"))  # there while any connection is open
+        if self._wal is None:
+            self._wal = wal
+        elif wal != self._wal:
+            # Deleted (a clean-up of "stray" files) or replaced: this process
+            # writes on to the old log, one started now makes a new one, and
+            # the commits since the last checkpoint are lost to it.
+            raise StoreUnavailable(
+                f"the embedded store's write-ahead log {self.path}-wal was replaced or deleted"
+                " while this process had it open: a process started now would not see the"
+                " jobs written since the last checkpoint; stop every service on it, then"
+                " check its jobs (restore a backup if some are missing; docs/operations.md)"
             )
         if str(self.path) != ":memory:":
             left = disk_left(self.path)
