@@ -12,11 +12,11 @@ never put in log messages in the first place.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import logging.handlers
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -252,40 +252,93 @@ LOG_FLUSH_WAIT = 2.0
 holds."""
 
 
-class LogQueue(logging.handlers.QueueHandler):
+class LogQueue(logging.Handler):
     """The service's log handler: formats each line where it is logged and
-    hands it to a writer thread through a bounded queue, which writes it to
-    `stream` (stderr). A line that finds the queue full is dropped, and the
-    writer says how many were once it writes again. (A plain stream handler
-    wrote from the event loop: with stderr a pipe nobody read, a stuck log
-    shipper, the first write past the pipe's 64 KB blocked the loop, and the
-    service answered nothing until the reader came back; found by a QA pass.)
-    At exit it waits `LOG_FLUSH_WAIT` at most for what it holds."""
+    hands it to a writer thread, which writes what has gathered to `stream`
+    (stderr) in one call. Past `size` lines not yet written, a line is
+    dropped, and the writer says how many were once it writes again. (A
+    plain stream handler wrote from the event loop: with stderr a pipe
+    nobody read, a stuck log shipper, the first write past the pipe's 64 KB
+    blocked the loop, and the service answered nothing until the reader came
+    back; found by a QA pass.) At exit it waits `LOG_FLUSH_WAIT` at most for
+    what it holds.
+
+    Logging's own queue handler cost twice a stream handler's CPU a line (a
+    copy of each record, a `queue.Queue`'s locks, a write a line): lines go
+    as text through a `SimpleQueue`, counted by two counters each written
+    by one side alone (`emit` runs under the handler's lock)."""
 
     def __init__(self, stream: Any = None, size: int = LOG_QUEUE) -> None:
-        super().__init__(queue.Queue(size))
+        super().__init__()
+        self.stream = sys.stderr if stream is None else stream
+        self.size = size
         self.dropped = 0
         """Lines dropped since the writer last said so."""
-        # (any object with `handle` will do: `respect_handler_level` is off)
-        writer = _Writer(self, stream)
-        self.writer = logging.handlers.QueueListener(self.queue, writer)  # type: ignore[arg-type]
-        self.writer.start()
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queued = 0  # lines handed to the writer (`emit`, under the lock)
+        self._written = 0  # lines it wrote, or gave up writing (the writer)
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._write, name="tether-log-writer", daemon=True
+        )
+        self._thread.start()
         atexit.register(self.flush_and_stop)
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
+    @property
+    def held(self) -> int:
+        """Lines handed to the writer and not yet written."""
+        return self._queued - self._written
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._queued - self._written >= self.size:
             self.dropped += 1
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._queued += 1
+        self._lines.put(line)
+
+    def _write(self) -> None:
+        """The writer thread: what has gathered, in one write (a stream
+        that fails drops it: nowhere to say anything), until `None`."""
+        while True:
+            batch = [self._lines.get()]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(self._lines.get_nowait())
+                except queue.Empty:
+                    break
+            ending = None in batch
+            lines = [line for line in batch if line is not None]
+            self.acquire()  # (`emit`'s lock: the count, and the formatter's cache)
+            try:
+                dropped, self.dropped = self.dropped, 0
+                if dropped:  # in the process's own format (JSON with TETHER_LOG_FORMAT=json)
+                    lines.insert(0, self.format(_dropped_notice(dropped)))
+            finally:
+                self.release()
+            if lines:
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # a pipe gone
+                    pass
+            self._written += len(batch) - ending
+            if ending:
+                return
 
     def flush(self) -> None:
-        """Wait until the writer has written what is queued, for
-        `LOG_FLUSH_WAIT` at most (a process that ends by its own signal, as
-        uvicorn's does after a graceful stop, runs no exit handler)."""
+        """Wait until the writer has written what was handed to it before,
+        for `LOG_FLUSH_WAIT` at most (a process that ends by its own signal,
+        as uvicorn's does after a graceful stop, runs no exit handler)."""
+        target = self._queued
         until = time.monotonic() + LOG_FLUSH_WAIT
         while (
-            self.writer._thread is not None
-            and self.queue.unfinished_tasks  # type: ignore[attr-defined]
+            self._thread is not None
+            and self._thread.is_alive()
+            and self._written < target
             and time.monotonic() < until
         ):
             time.sleep(0.005)
@@ -295,44 +348,26 @@ class LogQueue(logging.handlers.QueueHandler):
         super().close()
 
     def flush_and_stop(self) -> None:
-        """Let the writer write what is queued, for `LOG_FLUSH_WAIT` at most."""
-        thread = self.writer._thread
+        """Let the writer write what it holds, for `LOG_FLUSH_WAIT` at most."""
+        thread, self._thread = self._thread, None
         if thread is None:
             return
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(self.writer._sentinel)  # type: ignore[attr-defined]
+        self._lines.put(None)
         thread.join(LOG_FLUSH_WAIT)
-        self.writer._thread = None
 
 
-class _Writer:
-    """Writes the lines `LogQueue` formatted (each record's message is its
-    whole line), first saying how many were dropped since it last wrote.
-    Not a logging handler: one would be flushed and closed by
-    `logging.shutdown` at exit, under its lock, which a write stuck on a full
-    pipe holds (an exit then hung however long the pipe stayed full)."""
+WRITE_BATCH = 512
+"""Lines the writer gathers into one write at most."""
 
-    def __init__(self, lines: LogQueue, stream: Any) -> None:
-        self.lines = lines
-        self.stream = sys.stderr if stream is None else stream
 
-    def handle(self, record: logging.LogRecord) -> None:  # `QueueListener` calls it
-        dropped, self.lines.dropped = self.lines.dropped, 0
-        said = f"{record.getMessage()}\n"
-        if dropped:  # a line of the process's own format (JSON with TETHER_LOG_FORMAT=json)
-            notice = logging.LogRecord(
-                "tether",
-                logging.WARNING,
-                __file__,
-                0,
-                "%d log line(s) dropped: the log output was not read (a full pipe?) and the"
-                " service went on without them",
-                (dropped,),
-                None,
-            )
-            said = f"{self.lines.format(notice)}\n{said}"
-        try:
-            self.stream.write(said)
-            self.stream.flush()
-        except (OSError, ValueError):  # a pipe gone: nowhere to say anything
-            pass
+def _dropped_notice(dropped: int) -> logging.LogRecord:
+    return logging.LogRecord(
+        "tether",
+        logging.WARNING,
+        __file__,
+        0,
+        "%d log line(s) dropped: the log output was not read (a full pipe?) and the"
+        " service went on without them",
+        (dropped,),
+        None,
+    )
