@@ -40,6 +40,11 @@ restart, the replay of its trigger stopped it again: found by a QA pass).
 Every call into a plugin's code while the service runs catches these
 beside `Exception`, as the plugin bugs they are."""
 
+BUGGY_CHECK_INTERVAL = 3600.0
+"""Seconds until a job is looked at again after its plugin's `check_interval`
+raised or answered what is no number of seconds: a plugin fixed and
+redeployed meanwhile is asked again."""
+
 BUILTIN_PLUGINS = ("plugins.databricks", "plugins.databricks_sql", "plugins.http_webhook")
 """The plugins shipped with Tether, registered before entry points. Named by
 module path and imported only here, so `core` itself never depends on a plugin."""
@@ -370,28 +375,21 @@ class Plugins:
         return converted
 
     def check_interval(
-        self,
-        backend: Backend,
-        rec: JobRecord,
-        params: Any,
-        longest: float,
-        on_bug: float | None = None,
-    ) -> float | None:
+        self, backend: Backend, rec: JobRecord, params: Any, longest: float
+    ) -> tuple[float | None, bool]:
         """`backend.check_interval(params)` for job `rec` (its `params`
         converted), asked right after the trigger answered and again at each
         routine status check: seconds, at most `longest` (`max_timeout`: the
         job ends first, and a larger one would not fit the store's
-        timestamp), or None (no status checks, the default's answer). One
-        that raises, or answers what is no number of seconds (a string, a
-        bool, a negative number, NaN), is a bug in its plugin: a warning
-        names the backend, and `on_bug` (raised, the trigger would be run
-        again and ask for a run it started already). The trigger's `on_bug`
-        is None; the watchdog's is a long wait, so that a plugin fixed since
-        is asked again (None there stopped the job's checks for good, found
-        by a review), and not at every sweep."""
-        after = (
-            "the job gets no status checks" if on_bug is None else f"asked again in {on_bug:g} s"
-        )
+        timestamp), or None (no status checks, the default's answer); and
+        whether that was a bug's. One that raises (a `SystemExit` too), or
+        answers what is no number of seconds (a string, a bool, a negative
+        number, NaN), is a bug in its plugin: a warning names the backend,
+        and the job is looked at again `BUGGY_CHECK_INTERVAL` on, whatever
+        its age, when a plugin fixed meanwhile plans again (raised, the
+        trigger would be run again and ask for a run it started already;
+        None stopped the job's checks for good, found by a review)."""
+        after = f"the job is looked at again in {BUGGY_CHECK_INTERVAL:g} s"
         try:
             seconds = backend.check_interval(params)
         except (Exception, *PLUGIN_EXITS) as exc:  # its type alone, as for the other hooks' bugs
@@ -403,16 +401,16 @@ class Plugins:
                 after,
                 extra=rec.log_extra(),
             )
-            return on_bug
+            return BUGGY_CHECK_INTERVAL, True
         if seconds is None:
-            return None
+            return None, False
         if (
             isinstance(seconds, numbers.Real)
             and not isinstance(seconds, bool)
             and math.isfinite(seconds)
             and seconds >= 0
         ):
-            return min(float(seconds), longest) or None
+            return min(float(seconds), longest) or None, False
         job_log.warning(
             "job %s: backend %r: check_interval returned %s, not a number of seconds (or None); %s",
             rec.id,
@@ -421,7 +419,7 @@ class Plugins:
             after,
             extra=rec.log_extra(),
         )
-        return on_bug
+        return BUGGY_CHECK_INTERVAL, True
 
     @property
     def told_of_finish(self) -> bool:

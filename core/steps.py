@@ -385,11 +385,11 @@ class JobSteps:
 
     def _check_interval(self, backend: Backend, rec: JobRecord, params: Any) -> float | None:
         """`backend.check_interval(params)` for a run just started, guarded
-        as the watchdog's later asks are (`Plugins.check_interval`): None
-        (no status checks) when it raises or answers what is no number of
-        seconds, with a warning naming the backend, and the run is recorded
+        as the watchdog's later asks are (`Plugins.check_interval`): one that
+        raises or answers what is no number of seconds is a warning naming
+        the backend and a look at the job an hour on; the run is recorded
         all the same."""
-        return self.plugins.check_interval(backend, rec, params, self.settings.max_timeout)
+        return self.plugins.check_interval(backend, rec, params, self.settings.max_timeout)[0]
 
     async def _stop_when_finished(self, backend: Backend, rec: JobRecord, now: JobRecord) -> None:
         """Tries of attempt `rec.attempt` that may have started a run ended

@@ -78,10 +78,6 @@ GC_BATCH = 500
 """Job rows one retention statement deletes."""
 MAX_CHECK_BACKOFF = 10
 """A status check comes at most this many check intervals after the last."""
-BUGGY_CHECK_INTERVAL = 3600.0
-"""Seconds until a job is looked at again after its plugin's `check_interval`
-raised or answered what is no number of seconds at a routine check: a plugin
-fixed and redeployed meanwhile is asked again."""
 HEARTBEAT_CHECK_TIMEOUT = 30.0
 """Seconds a backend may take to answer the status check a missed heartbeat asks for."""
 CHECK_TIMEOUT = 300.0
@@ -414,14 +410,16 @@ class Watchdog:
         # Guarded as at the trigger: a bug in its plugin is a warning and a
         # check an hour on (it was logged at every sweep, the job due for
         # good); a valid None or 0 ends the job's routine checks.
-        seconds = self.plugins.check_interval(
-            backend, rec, params, self.settings.max_timeout, on_bug=BUGGY_CHECK_INTERVAL
+        seconds, buggy = self.plugins.check_interval(
+            backend, rec, params, self.settings.max_timeout
         )
         if seconds is None:
             await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, None)
             return
         interval = seconds * 1000
         delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
+        if buggy:  # (not backed off with the job's age: the hour the log says)
+            delay = int(interval)
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
         found, fault, error_type = await self._ask(backend, rec, CHECK_TIMEOUT)

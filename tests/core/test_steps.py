@@ -3366,27 +3366,32 @@ def no_interval(params: ScriptedParams) -> Any:
         (lambda params: -1, "returned -1"),
     ],
 )
-async def test_a_check_interval_that_raises_or_is_no_number_leaves_the_run_recorded_unchecked(
+async def test_a_check_interval_that_raises_or_is_no_number_leaves_the_run_recorded_looked_at_later(
     rig: Rig, interval: Callable[[ScriptedParams], Any], said: str
 ):
     """The run is started: it is recorded (the job `running`, its
-    `triggered` event filed), with no status checks (the default's answer)
-    and a warning naming the backend, and the trigger is not called again.
-    Before, the trigger step raised after the run started, and the workflow
-    ran the whole trigger again, with no end."""
+    `triggered` event filed) with a warning naming the backend, its next
+    look an hour on (when a plugin fixed meanwhile plans its checks; it
+    had none for good), and the trigger is not called again. Before, the
+    trigger step raised after the run started, and the workflow ran the
+    whole trigger again, with no end."""
     await start(rig)
     rig.backend.interval = interval
+    before = now_ms()
     with logs_of("tether") as logs:
         await rig.steps.trigger("j", "j:1")
 
     assert len(rig.backend.triggers) == 1
     rec = await rig.parts.row("j")
-    assert (rec.state, rec.external, rec.next_check_at) == ("running", {"run": 1}, None)
+    assert (rec.state, rec.external) == ("running", {"run": 1})
+    assert rec.next_check_at is not None
+    assert before + 3_600_000 <= rec.next_check_at <= now_ms() + 3_600_000
     assert [t for t, _ in await history(rig)] == ["triggered"]
     if said.startswith("returned"):
         said += ", not a number of seconds (or None)"
     assert [line for line in logs.lines if line.startswith("WARNING")] == [
-        f"WARNING job j: backend 'scripted': check_interval {said}; the job gets no status checks"
+        f"WARNING job j: backend 'scripted': check_interval {said};"
+        " the job is looked at again in 3600 s"
     ]
 
 
