@@ -49,7 +49,7 @@ from core.models import (
     far_number_field,
     field_of,
 )
-from core.plugins import PLUGIN_EXITS, Plugins, contract_answer
+from core.plugins import PLUGIN_EXITS, Plugins, cancelling, contract_answer
 from core.redact import redact_value
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -516,14 +516,6 @@ class Callbacks:
                 f"{unread}{hint}; nothing changed",
                 {"field": field_of(str(exc)) or "body"},
             ) from None
-
-
-def cancelling() -> bool:
-    """Whether the running task is being cancelled: a `CancelledError` is
-    then its own, not one a backend raised of its own (a failure like any
-    other)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 def _replaced(attempt: int, rec: JobRecord) -> HeartbeatGone:

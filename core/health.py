@@ -18,7 +18,7 @@ from typing import Any
 
 from core.errors import StoreUnavailable, reason
 from core.hookspecs import Backend, Readiness
-from core.plugins import Plugins
+from core.plugins import PLUGIN_EXITS, Plugins, cancelling
 from core.settle import store_call
 from core.store.jobs import JobIndex
 
@@ -95,12 +95,18 @@ def warn_orphans(missing: dict[str, int]) -> None:
 
 async def check(backend: Backend) -> Readiness:
     """`backend.readiness()`, bounded; an exception is an `error` naming its type
-    only (its message may hold a secret)."""
+    only (its message may hold a secret). A `SystemExit` of the plugin's, or
+    a `CancelledError` of its own, is one too: the check runs in a task of
+    its own, which the first stopped the service from (a crash at each
+    restart's first `/health`), and the second ended the checks of the
+    process for good (found by a review)."""
     try:
         found = await asyncio.wait_for(backend.readiness(), READINESS_TIMEOUT)
     except TimeoutError:
         return Readiness("error", f"no answer within {READINESS_TIMEOUT:g} s")
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+        if isinstance(exc, asyncio.CancelledError) and cancelling():
+            raise  # the check's own: the service stops
         return Readiness("error", f"readiness check failed: {type(exc).__name__}")
     if not isinstance(found, Readiness):
         return Readiness("error", f"readiness returned {type(found).__name__}, not Readiness")

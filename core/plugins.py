@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import importlib
 import importlib.metadata
@@ -39,6 +40,33 @@ stops the event loop and so the service (a plugin's `sys.exit`; after a
 restart, the replay of its trigger stopped it again: found by a QA pass).
 Every call into a plugin's code while the service runs catches these
 beside `Exception`, as the plugin bugs they are."""
+
+
+def cancelling() -> bool:
+    """Whether the running task is being cancelled: a `CancelledError` is
+    then its own, not one a plugin raised of its own (a failure like any
+    other)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def stored_params(backend: Backend, raw: Any) -> Any:
+    """A stored job's `raw` params converted with `backend.params_type`;
+    `msgspec.ValidationError` when they no longer fit, or when the type's
+    own checks (`__post_init__`) raise anything else, a `SystemExit` too,
+    named by its type alone: params the plugin cannot take, whatever the
+    reason. (A `SystemExit` left the step's or the look's task and stopped
+    the service, again at each restart; another exception had the trigger
+    step run again and again; found by a review.)"""
+    try:
+        return msgspec.convert(raw, backend.params_type)
+    except msgspec.ValidationError:
+        raise
+    except (Exception, *PLUGIN_EXITS) as exc:
+        raise msgspec.ValidationError(
+            f"backend {backend.name!r}: its params_type raised {type(exc).__name__}"
+        ) from None
+
 
 BUGGY_CHECK_INTERVAL = 3600.0
 """Seconds until a job is looked at again after its plugin's `check_interval`

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from core.plugins import Plugins
+from core.plugins import Plugins, stored_params
 from core.store.jobs import JobRecord
 
 
@@ -68,8 +68,8 @@ def stored_request(plugins: Plugins, rec: JobRecord) -> NormalRequest:
     params: Any = rec.params
     backend = plugins.backends.get(rec.backend)
     if backend is not None:
-        with contextlib.suppress(msgspec.ValidationError, TypeError, ValueError):
-            params = msgspec.to_builtins(msgspec.convert(rec.params, backend.params_type))
+        with contextlib.suppress(msgspec.ValidationError):
+            params = msgspec.to_builtins(stored_params(backend, rec.params))
     beat = None if rec.heartbeat_timeout is None else float(rec.heartbeat_timeout)
     return NormalRequest(
         rec.backend,

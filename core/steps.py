@@ -59,7 +59,7 @@ from core.hookspecs import Backend
 from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
-from core.plugins import PLUGIN_EXITS, Plugins
+from core.plugins import PLUGIN_EXITS, Plugins, cancelling, stored_params
 from core.redact import redact, redact_bytes, redact_value, unquoted
 from core.settings import Settings
 from core.settle import (
@@ -654,7 +654,7 @@ class JobSteps:
                 )
             raise BackendError(message, code="unknown_backend")
         try:
-            return backend, msgspec.convert(rec.params, backend.params_type)
+            return backend, stored_params(backend, rec.params)
         except msgspec.ValidationError as exc:
             raise BackendError(f"invalid params: {exc}", code="invalid_params") from None
 
@@ -1287,7 +1287,7 @@ class JobSteps:
         """`_cancel_unrecorded`'s ask, its failure returned (`_cancel_failure`,
         with its `bound` and `lease`) for the caller to file."""
         try:
-            params = msgspec.convert(rec.params, backend.params_type)
+            params = stored_params(backend, rec.params)
         except msgspec.ValidationError:  # never tried: the trigger refused them
             return None
         promise_id = callback_promise_id(rec.id, rec.attempt)
@@ -1557,7 +1557,7 @@ class JobSteps:
                     await (backend.cancel(backend_view(rec)) if ask is None else ask())
                 return None
             except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
-                if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
                     raise
                 if isinstance(exc, PLUGIN_EXITS):
                     exc = _exited(exc)
@@ -1791,10 +1791,3 @@ def _past_bound(bound: int | None, wait: float) -> bool:
         return False
     ends = now_ms() + (wait + CANCEL_TIMEOUT + STOP_MARGIN / 2) * 1000
     return ends > bound
-
-
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (a `CancelledError` is
-    then the cancellation's, not raised by the code it awaited)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0

@@ -45,11 +45,18 @@ import msgspec
 from resonate.error import ServerError
 
 from core.bounds import bound_learnt
-from core.callbacks import GoingChecks, Repeats, cancelling, learnt, status_said
+from core.callbacks import GoingChecks, Repeats, learnt, status_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Outcome, Running
-from core.plugins import PLUGIN_EXITS, Plugins, contract_answer
+from core.plugins import (
+    BUGGY_CHECK_INTERVAL,
+    PLUGIN_EXITS,
+    Plugins,
+    cancelling,
+    contract_answer,
+    stored_params,
+)
 from core.redact import redact
 from core.settings import MAX_RETENTION, MIN_RETENTION, Settings
 from core.settle import Settler, deadline_message
@@ -404,8 +411,21 @@ class Watchdog:
         if rec.next_check_at is None or backend is None:
             return
         try:
-            params = msgspec.convert(rec.params, backend.params_type)
-        except msgspec.ValidationError:
+            params = stored_params(backend, rec.params)
+        except msgspec.ValidationError:  # no longer taken, or its type's own checks' bug
+            # No check can be asked with them: looked at again an hour on,
+            # once logged (the job stayed due, looked at every sweep, found
+            # by a QA pass; a `SystemExit` stopped the service, by a review).
+            log.warning(
+                "watchdog: job %s: backend %r: its stored params could not be read with its"
+                " params_type; no status check; looked at again in %g s",
+                rec.id,
+                rec.backend,
+                BUGGY_CHECK_INTERVAL,
+                extra=rec.log_extra(),
+            )
+            later = now + int(BUGGY_CHECK_INTERVAL * 1000)
+            await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, later)
             return
         # Guarded as at the trigger: a bug in its plugin is a warning and a
         # check an hour on (it was logged at every sweep, the job due for

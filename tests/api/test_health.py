@@ -5,6 +5,7 @@ those jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ class Checked(Backend):
 
     params_type = Params
 
-    def __init__(self, name: str, answer: Readiness | Exception) -> None:
+    def __init__(self, name: str, answer: Readiness | BaseException) -> None:
         self.name = name  # type: ignore[misc]  # one class, several names
         self.answer = answer
         self.asked = 0
@@ -49,7 +50,7 @@ class Checked(Backend):
 
     async def readiness(self) -> Readiness:
         self.asked += 1
-        if isinstance(self.answer, Exception):
+        if isinstance(self.answer, BaseException):
             raise self.answer
         return self.answer
 
@@ -70,14 +71,23 @@ async def test_hook_readiness_shows_per_backend_and_health_stays_200(start_servi
         Checked("bare", Readiness("unconfigured", "set FINE_TOKEN")),
         Checked("down", Readiness("error", "the API answered 503")),
         Checked("broken", RuntimeError("token=hunter2 leaked")),
+        # in the check's own task: it stopped the service, at each restart's
+        # first /health; and ended the process's checks (found by a review)
+        Checked("exits", SystemExit("token=hunter2")),
+        Checked("cancels", asyncio.CancelledError()),
     )
     svc = await start_service(plugins=[Offers(*backends)])
-    assert [b.asked for b in backends] == [0, 0, 0, 0]  # not at start-up: at the first /health
+    assert [b.asked for b in backends] == [0] * 6  # not at start-up: at the first /health
     found = await readiness_of(svc)
     assert found["fine"] == {"status": "ok", "reason": ""}
     assert found["bare"] == {"status": "unconfigured", "reason": "set FINE_TOKEN"}
     assert found["down"] == {"status": "error", "reason": "the API answered 503"}
     assert found["broken"] == {"status": "error", "reason": "readiness check failed: RuntimeError"}
+    assert found["exits"] == {"status": "error", "reason": "readiness check failed: SystemExit"}
+    assert found["cancels"] == {
+        "status": "error",
+        "reason": "readiness check failed: CancelledError",
+    }
     assert found["http_webhook"] == {"status": "ok", "reason": ""}  # the default
     health = (await svc.client.get("/health")).json()
     assert health["status"] == "ok" and health["missing"] == []

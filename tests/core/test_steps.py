@@ -3951,3 +3951,28 @@ async def test_a_failed_tries_retry_in_is_kept_to_the_millisecond(rig: Rig):
     await rig.steps.trigger("j", "j:1")
     [(_, data)] = [e for e in await history(rig) if e[0] == "trigger_failed"]
     assert data["retry_in"] == 0.7 and rig.waits == [0.1 + 0.6]
+
+
+class ExitingParams(msgspec.Struct):
+    """A params type whose own checks call `sys.exit` (a plugin's bug)."""
+
+    def __post_init__(self) -> None:
+        raise SystemExit("s3cret-token")
+
+
+async def test_a_params_type_that_exits_at_the_trigger_fails_it_not_the_service(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A `SystemExit` of the params type's own checks, when a stored job's
+    params are read, left the step's task and stopped the service (found by
+    a review): it is the plugin's bug, as any exception is."""
+    await start(rig)
+    monkeypatch.setattr(rig.backend, "params_type", ExitingParams, raising=False)
+    with logs_of("tether"):
+        await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert rec.state == "failed" and rig.backend.triggers == []
+    assert rec.error == ErrorInfo(
+        "trigger failed: invalid params: backend 'scripted': its params_type raised SystemExit",
+        "invalid_params",
+    )

@@ -248,7 +248,9 @@ async def test_no_check_is_made_when_none_is_due_or_possible(rig: Rig, how: str)
     # An interval of None (or 0) at a later check: no more checks, as at the
     # trigger (the job stayed due, and was looked at at every sweep).
     stopped = how in ("no interval", "zero interval")
-    assert (row.state, row.next_check_at) == ("running", None if stopped else next_check)
+    later = how == "unreadable params"  # an hour on (below)
+    assert row.state == "running"
+    assert row.next_check_at == (None if stopped else next_check) or later
 
 
 # ── sweeps ───────────────────────────────────────────────────────────────────
@@ -712,6 +714,42 @@ async def test_a_check_interval_that_breaks_at_a_later_check_asks_again_an_hour_
     assert [job.id for job in rig.backend.asked] == ["c", "c"]
     row = await rig.parts.row("c")
     assert row.next_check_at is not None and later + 5000 <= row.next_check_at
+
+
+class ExitingParams(msgspec.Struct):
+    """A params type whose own checks call `sys.exit` (a plugin's bug)."""
+
+    interval: float | None = 2.0
+
+    def __post_init__(self) -> None:
+        raise SystemExit("s3cret-token")
+
+
+@pytest.mark.parametrize("how", ["exits", "unfit"])
+async def test_stored_params_its_type_cannot_read_are_one_warning_and_a_look_an_hour_on(
+    rig: Rig, how: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Params stored before a release tightened the type stayed due, looked
+    at every sweep (found by a QA pass); a `SystemExit` of the type's own
+    checks left the look's task and stopped the service (found by a review).
+    Either is one warning by its type, and the next look an hour on."""
+    now = now_ms()
+    params = {"interval": "soon"} if how == "unfit" else {}
+    await rig.running("c", next_check_at=now, timeout=86400, params=params)
+    if how == "exits":
+        monkeypatch.setattr(rig.backend, "params_type", ExitingParams, raising=False)
+    with logs_of("tether") as logs:
+        await rig.watchdog.sweep(now)
+        await rig.watchdog.sweep(now_ms())  # not due again: not logged again
+    assert logs.lines == [
+        "WARNING watchdog: job c: backend 'checked': its stored params could not be read with"
+        " its params_type; no status check; looked at again in 3600 s"
+    ]
+    assert rig.backend.asked == []
+    row = await rig.parts.row("c")
+    assert row.state == "running" and row.next_check_at is not None
+    assert now + 3_600_000 <= row.next_check_at <= now_ms() + 3_600_000
+    assert "s3cret" not in caplog.text
 
 
 async def test_a_check_interval_of_none_at_a_later_check_ends_the_checks(rig: Rig):
