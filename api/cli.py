@@ -194,8 +194,8 @@ class Sections(click.Group):
             add_client_commands(self)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in CLIENT_VERBS:
-            self._with_client_verbs()
+        if cmd_name in CLIENT_VERBS or cmd_name not in self.commands:
+            self._with_client_verbs()  # (an unknown name: "did you mean" reads them all)
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(argv, prog_name="tether")
     except SystemExit as done:
-        return int(done.code or 0)
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        print(done.code, file=sys.stderr)  # `sys.exit("text")`, as Python ends one
+        return 1
     finally:  # a command's log lines out before its own words end it (`LogQueue`)
         for handler in logging.getLogger().handlers:
             handler.flush()

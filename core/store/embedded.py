@@ -53,6 +53,18 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+def _hosts_root(uid_map: str = "/proc/self/uid_map") -> bool:
+    """Whether this process is root of the host's user namespace (its uid 0
+    is the kernel's 0: `uid_map` maps 0 to 0)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open(uid_map) as mapped:
+            return any(line.split()[:2] == ["0", "0"] for line in mapped)
+    except OSError:
+        return True  # no /proc: no namespaces to tell
+
+
 DISK_LEFT_MIN = 1 << 20
 """Bytes free on the store's disk below which `/health` says the store is
 unavailable: a write of a job and its history needs some tens of KB."""
@@ -62,7 +74,9 @@ def disk_left(path: Path) -> int | None:
     """Bytes this process may still write on the filesystem holding `path`
     (the file's own, links resolved); None when it cannot tell. Root may
     write into the blocks reserved for it (`f_bfree`), others not
-    (`f_bavail`): a root service on a disk 95% full still writes. A
+    (`f_bavail`): a root service on a disk 95% full still writes. Only the
+    host's root, not a container's mapped one (a user namespace), whose
+    writes failed while this counted the reserve (found by a review). A
     filesystem reporting no blocks at all (some FUSE and network ones)
     tells nothing."""
     try:
@@ -71,7 +85,7 @@ def disk_left(path: Path) -> int | None:
         return None  # the lock was taken: the file is there
     if disk.f_blocks == 0:
         return None
-    free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail
+    free = disk.f_bfree if _hosts_root() else disk.f_bavail
     return free * disk.f_frsize
 
 
@@ -413,7 +427,9 @@ class SqliteDriver:
                 " process had it open, and it still uses the old one: stop every service on"
                 " it; to put a copy in place, use `tether restore` (docs/operations.md)"
             )
-        wal = _identity(Path(f"{self.path}-wal"))  # there while any connection is open
+        # next to the file itself (SQLite resolves links); there while any
+        # connection is open
+        wal = _identity(Path(f"{os.path.realpath(self.path)}-wal"))
         if self._wal is None:
             self._wal = wal
         elif wal != self._wal:

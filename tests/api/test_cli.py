@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -414,3 +415,27 @@ def test_the_service_loads_neither_the_http_client_nor_rich() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_a_mistyped_client_verb_is_named_with_the_one_meant() -> None:
+    """The client verbs are mounted when asked for: click's "did you mean"
+    read only what was mounted, and `tether sumbit` lost its hint (found by
+    a review)."""
+    got = subprocess.run(
+        [TETHER, "sumbit"], capture_output=True, text=True, timeout=60, env=os.environ.copy()
+    )
+    assert got.returncode == 2
+    assert "No such command 'sumbit'. Did you mean 'submit'?" in got.stderr, got.stderr
+
+
+def test_an_exit_with_words_is_status_1_and_the_words(monkeypatch, capsys) -> None:
+    """`sys.exit("text")` (a plugin's, at start-up) ended in a ValueError
+    traceback from reading its code as a number (found by a review)."""
+    import api.cli
+
+    def exits(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("the plugin gave up")
+
+    monkeypatch.setattr(api.cli.cli, "main", exits)
+    assert api.cli.main(["plugins"]) == 1
+    assert capsys.readouterr().err == "the plugin gave up\n"
