@@ -345,18 +345,33 @@ def _fresh_pg_database(template_dsn: str, name: str) -> str:
     return fresh_pg_database(template_dsn, name)
 
 
+def _drop_pg_databases(names: list[str]) -> None:
+    """Drop the databases a test made (each a copy of the template: a full
+    run left a gigabyte of them behind); a server a test stopped keeps them."""
+    from tests.pg import drop_pg_database
+
+    for name in names:
+        with contextlib.suppress(Exception):
+            drop_pg_database(PG_TEMPLATE_DSN, name)
+
+
 @pytest.fixture
-def fresh_pg_url() -> str:
-    """A new database copied from TETHER_TEST_PG_DSN; skips the test without it."""
+def fresh_pg_url() -> Iterator[str]:
+    """A new database copied from TETHER_TEST_PG_DSN, dropped after the test;
+    skips the test without it."""
     if not PG_TEMPLATE_DSN:
         pytest.skip("set TETHER_TEST_PG_DSN to a Postgres with resonate-pg's schema to run")
-    return _fresh_pg_database(PG_TEMPLATE_DSN, f"tether_test_{os.getpid()}_{free_port()}")
+    name = f"tether_test_{os.getpid()}_{free_port()}"
+    yield _fresh_pg_database(PG_TEMPLATE_DSN, name)
+    _drop_pg_databases([name])
 
 
 @pytest.fixture(params=STORES)
-def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str]:
-    """A function making a new, empty store URL of this test's store kind."""
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Callable[[], str]]:
+    """A function making a new, empty store URL of this test's store kind
+    (Postgres databases dropped after the test)."""
     count = iter(range(1000))
+    made: list[str] = []
     stand_ins = None
     if request.param == "resonate":
         stand_ins = request.getfixturevalue("resonate_stand_ins")
@@ -368,10 +383,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], str
         if stand_ins is not None:
             return stand_ins(tmp_path / f"resonate-{n}.db").url
         if request.param == "postgres":
-            return _fresh_pg_database(PG_TEMPLATE_DSN, f"tether_test_{os.getpid()}_{n}")
+            made.append(f"tether_test_{os.getpid()}_{n}")
+            return _fresh_pg_database(PG_TEMPLATE_DSN, made[-1])
         return "memory://"
 
-    return make
+    yield make
+    _drop_pg_databases(made)
 
 
 @pytest.fixture
