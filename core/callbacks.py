@@ -49,7 +49,7 @@ from core.models import (
     far_number_field,
     field_of,
 )
-from core.plugins import PLUGIN_EXITS, Plugins, cancelling, contract_answer
+from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, contract_answer
 from core.redact import redact_value
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -481,7 +481,7 @@ class Callbacks:
                     f"invalid {rec.backend} callback: {escaped(str(exc))}",
                     {"field": "body", "backend": rec.backend},
                 ) from None
-            except (Exception, *PLUGIN_EXITS) as exc:
+            except PLUGIN_FAULTS as exc:
                 fault = f"raised {type(exc).__name__}"
             if fault is not None:
                 log.warning(

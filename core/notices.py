@@ -39,7 +39,7 @@ from core.errors import SHOWN_MAX, InvalidRequest, NotFound, Unauthorized, escap
 from core.events import body_digest
 from core.hookspecs import Backend
 from core.models import JobState, Notice, NoticeAbout
-from core.plugins import PLUGIN_EXITS, Plugins
+from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling
 from core.settle import store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 
@@ -96,7 +96,7 @@ def run_keys_of(backend: Backend, external: Mapping[str, Any] | None) -> list[st
         if isinstance(answer, str | bytes):
             raise TypeError("a string, not a list of keys")
         keys = list(answer)
-    except (Exception, *PLUGIN_EXITS) as exc:
+    except PLUGIN_FAULTS as exc:
         log.warning("backend %s: run_keys failed: %s", backend.name, type(exc).__name__)
         return []
     usable = _usable(keys)
@@ -188,10 +188,10 @@ class Notices:
             raise InvalidRequest(
                 f"invalid {name} notification: {exc}", {"field": "body", "backend": name}
             ) from None
-        except (
-            Exception,
-            *PLUGIN_EXITS,
-        ) as exc:  # a plugin bug or a stall: no message (it may quote secrets)
+        except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:  # a bug or a stall
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise  # the request's own
+            # no message: it may quote secrets
             log.warning("backend %s: receive_notification failed: %s", name, type(exc).__name__)
             raise RuntimeError(
                 f"backend {name!r} could not read a notification ({type(exc).__name__})"

@@ -42,6 +42,13 @@ Every call into a plugin's code while the service runs catches these
 beside `Exception`, as the plugin bugs they are."""
 
 
+PLUGIN_FAULTS = (Exception, asyncio.CancelledError, *PLUGIN_EXITS)
+"""What a call of a plugin's synchronous code may raise, each a bug of the
+plugin's: a `CancelledError` raised there is its own (a task's cancellation
+arrives at an `await`, never inside such a call), and left to the task it
+cancelled the request or step that made the call."""
+
+
 def cancelling() -> bool:
     """Whether the running task is being cancelled: a `CancelledError` is
     then its own, not one a plugin raised of its own (a failure like any
@@ -62,7 +69,7 @@ def stored_params(backend: Backend, raw: Any) -> Any:
         return msgspec.convert(raw, backend.params_type)
     except msgspec.ValidationError:
         raise
-    except (Exception, *PLUGIN_EXITS) as exc:
+    except PLUGIN_FAULTS as exc:
         raise msgspec.ValidationError(
             f"backend {backend.name!r}: its params_type raised {type(exc).__name__}"
         ) from None
@@ -392,13 +399,13 @@ class Plugins:
             converted = msgspec.convert(params, backend.params_type)
         except msgspec.ValidationError as exc:
             raise _refusal(backend, exc) from None
-        except (Exception, *PLUGIN_EXITS) as exc:  # __post_init__ may raise anything
+        except PLUGIN_FAULTS as exc:  # __post_init__ may raise anything
             raise _fault(backend, "converting params to its params_type raised", exc) from None
         try:
             backend.check_new_params(converted)
         except ValueError as exc:
             raise _refusal(backend, exc) from None
-        except (Exception, *PLUGIN_EXITS) as exc:
+        except PLUGIN_FAULTS as exc:
             raise _fault(backend, "check_new_params raised", exc) from None
         return converted
 
@@ -420,7 +427,7 @@ class Plugins:
         after = f"the job is looked at again in {BUGGY_CHECK_INTERVAL:g} s"
         try:
             seconds = backend.check_interval(params)
-        except (Exception, *PLUGIN_EXITS) as exc:  # its type alone, as for the other hooks' bugs
+        except PLUGIN_FAULTS as exc:  # its type alone, as for the other hooks' bugs
             job_log.warning(
                 "job %s: backend %r: check_interval raised %s; %s",
                 rec.id,
@@ -462,7 +469,7 @@ class Plugins:
             began = time.monotonic()
             try:
                 call(job=job)
-            except (Exception, *PLUGIN_EXITS):
+            except PLUGIN_FAULTS:
                 log.exception(
                     "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
                 )

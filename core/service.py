@@ -57,7 +57,7 @@ from core.models import (
 )
 from core.notices import NoticeResult, Notices
 from core.notify import Notifier
-from core.plugins import PLUGIN_EXITS, Plugins
+from core.plugins import PLUGIN_EXITS, Plugins, cancelling
 from core.requests import NormalRequest, stored_request
 from core.settings import Settings, describe
 from core.settle import Settler, store_call
@@ -427,7 +427,9 @@ class Tether:
                     backend.name,
                     BACKEND_CLOSE_TIMEOUT,
                 )
-            except (Exception, *PLUGIN_EXITS) as exc:
+            except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise  # the stop's own
                 log.warning("backend %s: close failed: %s", backend.name, type(exc).__name__)
         await self.store.close()
 

@@ -4,6 +4,7 @@ external system's own notifications (`Backend.receive_notification`,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -77,6 +78,8 @@ class Beacon(Backend):
             raise RuntimeError(f"crashed holding {KEY}")
         if isinstance(body, dict) and body.get("exit"):
             raise SystemExit(f"exited holding {KEY}")
+        if isinstance(body, dict) and body.get("cancel"):  # of its own
+            raise asyncio.CancelledError
         if not isinstance(body, dict) or not isinstance(body.get("runs"), list):
             raise ValueError("`runs` is missing")
         return NoticeAbout(keys=body["runs"], kind=str(body.get("what", "")))
@@ -323,7 +326,7 @@ async def test_a_body_over_the_services_limit_is_413_before_the_backend_is_asked
     assert beacon.notices == []
 
 
-@pytest.mark.parametrize("how", ["crash", "exit"])
+@pytest.mark.parametrize("how", ["crash", "exit", "cancel"])
 async def test_a_plugin_failing_is_500_without_its_message(start, how):
     """Its `sys.exit` too: it left the request's task and stopped the
     service (found by a review)."""
@@ -358,7 +361,9 @@ async def test_a_notification_about_an_earlier_attempts_run_is_recorded_not_chec
     assert beacon.checked == [*checked, "r1.2"]
 
 
-@pytest.mark.parametrize("fail", [True, SystemExit(3)], ids=["raises", "exits"])
+@pytest.mark.parametrize(
+    "fail", [True, SystemExit(3), asyncio.CancelledError()], ids=["raises", "exits", "cancels"]
+)
 async def test_hook_run_keys_failing_indexes_nothing_and_the_job_runs_on(start, beacon, fail):
     beacon.keys_fail = fail
     svc = await start()

@@ -478,6 +478,8 @@ class Misbehaving(Backend):
             raise KeyError(SECRET)
         if mode == "parse_exits":  # stopped the service (found by a review)
             raise SystemExit(SECRET)
+        if mode == "parse_cancels":  # of its own: cancelled the request (found by a QA pass)
+            raise asyncio.CancelledError
         if mode == "parse_returns_str":
             return "succeeded"  # type: ignore[return-value]
         if mode == "parse_returns_bad_outcome":
@@ -518,6 +520,7 @@ def plugin_lines(caplog: Any, method: str) -> list[str]:
     [
         ("parse_raises", "raised KeyError"),
         ("parse_exits", "raised SystemExit"),
+        ("parse_cancels", "raised CancelledError"),
         ("parse_returns_str", "returned a str, not Outcome or CheckNow or None"),
         ("parse_returns_bad_outcome", "returned a malformed Outcome"),
         # was a 500 (`unhandled TypeError`), the uniform body unread
