@@ -460,17 +460,18 @@ class Supervisor(Multiprocess):
         for idx, process in enumerate(self.processes):
             if gone[idx] or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
-            if not self._replace(idx):  # hung: killed and replaced
+            if not self._replace(idx, hung=True):  # killed and replaced
                 return
         # Every worker serves (a worker still starting answers pings too: its
         # count is set only once it serves): the store is back.
         if not any(gone) and all(c != NO_WORKER for c in self.counts[: len(self.processes)]):
             self.gap, self.store_down = RESTART_GAP, 0
 
-    def _replace(self, idx: int) -> bool:
-        """Kill (a no-op if it exited) and replace worker `idx`; False when
-        the supervisor must stop instead."""
+    def _replace(self, idx: int, hung: bool = False) -> bool:
+        """Kill (a no-op if it exited) and replace worker `idx` (`hung`: it
+        did not answer a ping); False when the supervisor must stop instead."""
         process = self.processes[idx]
+        exited = process.exitcode  # before the kill: how it ended by itself
         process.kill()
         process.join()
         if process.exitcode == STARTUP_FAILURE:
@@ -496,8 +497,10 @@ class Supervisor(Multiprocess):
             waited, self.gap = self.gap, min(self.gap * 2, RESTART_GAP_MAX)
             if wait([self._wake_r], waited):
                 return True  # a signal: handled first (the exited worker is seen again)
-        else:
-            logger.info(f"Child process [{process.pid}] died")
+        else:  # why, for the operator (uvicorn's line said only "died")
+            logger.warning(
+                f"worker [{process.pid}] {_ended(exited, hung, self.config)}; starting another"
+            )
         process = self._process(idx)
         process.start()
         self.processes[idx] = process
@@ -533,3 +536,20 @@ class Supervisor(Multiprocess):
         super().handle_ttou()
         if len(self.processes) < SLOTS:
             self.counts[len(self.processes)] = NO_WORKER  # the worker it stopped
+
+
+def _ended(exitcode: int | None, hung: bool, config: Any) -> str:
+    """How a worker the supervisor replaces ended: by a signal (its name),
+    with a status, or killed for want of an answer to a ping."""
+    if hung or exitcode is None:
+        return (
+            f"did not answer a ping within {config.timeout_worker_healthcheck:g} s"
+            " (a blocked event loop?) and was killed"
+        )
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was ended by {name}"
+    return f"exited with status {exitcode}"

@@ -122,6 +122,9 @@ def test_the_supervisor_sleeps_yet_replaces_a_killed_worker_and_stops(tmp_path: 
         # supervisor's ping of that worker took its whole 5 s timeout.
         assert time.monotonic() - killed < 2.5
         assert victim not in workers(pid)
+        # why, in the log (uvicorn's line said only "Child process [N] died")
+        line = f"worker [{victim}] was ended by SIGKILL; starting another"
+        wait_until(lambda: line in service.log.read_text(), timeout=5)  # (a thread writes it)
         with service.client() as http:
             for _ in range(4):  # whichever worker takes the connection
                 assert http.get("/health", headers={"connection": "close"}).status_code == 200
@@ -303,3 +306,18 @@ def test_a_log_output_nobody_reads_holds_up_no_request(tmp_path: Path) -> None:
         said = proc.stderr.read().decode()  # read at last: the rest is written
         proc.wait(20)
     assert said.count(" GET /health 200 ") >= 1200
+
+
+@pytest.mark.parametrize(
+    ("exitcode", "hung", "said"),
+    [
+        (-9, False, "was ended by SIGKILL"),
+        (-64, False, "was ended by signal 64"),
+        (3, False, "exited with status 3"),
+        (-9, True, "did not answer a ping within 5 s (a blocked event loop?) and was killed"),
+    ],
+)
+def test_a_replaced_workers_end_is_said(exitcode: int, hung: bool, said: str) -> None:
+    from api.server import _ended
+
+    assert _ended(exitcode, hung, uvicorn.Config(app=None, timeout_worker_healthcheck=5)) == said
