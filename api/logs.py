@@ -266,7 +266,7 @@ class LogQueue(logging.Handler):
     Logging's own queue handler cost twice a stream handler's CPU a line (a
     copy of each record, a `queue.Queue`'s locks, a write a line): lines go
     as text through a `SimpleQueue`, counted by two counters each written
-    by one side alone (`emit` runs under the handler's lock)."""
+    by one side alone."""
 
     def __init__(self, stream: Any = None, size: int = LOG_QUEUE) -> None:
         super().__init__()
@@ -275,7 +275,9 @@ class LogQueue(logging.Handler):
         self.dropped = 0
         """Lines dropped since the writer last said so."""
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._queued = 0  # lines handed to the writer (`emit`, under the lock)
+        self._counting = threading.Lock()
+        """`emit`'s and the writer's, for `dropped` and the formatter."""
+        self._queued = 0  # lines handed to the writer (`emit`)
         self._written = 0  # lines it wrote, or gave up writing (the writer)
         self._thread: threading.Thread | None = threading.Thread(
             target=self._write, name="tether-log-writer", daemon=True
@@ -289,15 +291,16 @@ class LogQueue(logging.Handler):
         return self._queued - self._written
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._queued - self._written >= self.size:
-            self.dropped += 1
-            return
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        self._queued += 1
+        with self._counting:
+            if self._queued - self._written >= self.size:
+                self.dropped += 1
+                return
+            try:
+                line = self.format(record)
+            except Exception:
+                self.handleError(record)
+                return
+            self._queued += 1
         self._lines.put(line)
 
     def _write(self) -> None:
@@ -312,13 +315,14 @@ class LogQueue(logging.Handler):
                     break
             ending = None in batch
             lines = [line for line in batch if line is not None]
-            self.acquire()  # (`emit`'s lock: the count, and the formatter's cache)
-            try:
+            # Not the handler's own lock: `logging.shutdown` (at exit, and
+            # when logging is configured again) holds it while it flushes,
+            # and the flush waits for this thread (each start of `tether
+            # serve` waited 4 s so: found by a CI run).
+            with self._counting:  # (the count, and the formatter's cache)
                 dropped, self.dropped = self.dropped, 0
                 if dropped:  # in the process's own format (JSON with TETHER_LOG_FORMAT=json)
                     lines.insert(0, self.format(_dropped_notice(dropped)))
-            finally:
-                self.release()
             if lines:
                 try:
                     self.stream.write("\n".join(lines) + "\n")
