@@ -252,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             return done.code or 0
         print(done.code, file=sys.stderr)  # `sys.exit("text")`, as Python ends one
         return 1
-    finally:  # a command's log lines out before its own words end it (`LogQueue`)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+    finally:  # a command's log lines out before its own words end it
+        from api.logs import flush_logs
+
+        flush_logs()
 
 
 # ── the service ───────────────────────────────────────────────────────────────

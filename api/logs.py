@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import logging.handlers
 import queue
 import sys
 import threading
@@ -292,7 +291,7 @@ class LogQueue(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._counting:
-            if self._queued - self._written >= self.size:
+            if self.held >= self.size:
                 self.dropped += 1
                 return
             try:
@@ -358,6 +357,13 @@ class LogQueue(logging.Handler):
             return
         self._lines.put(None)
         thread.join(LOG_FLUSH_WAIT)
+
+
+def flush_logs() -> None:
+    """Write what the process's log handlers hold (a `LogQueue`'s writer
+    thread), before the process ends in a way that runs no exit handler."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 WRITE_BATCH = 512

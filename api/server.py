@@ -53,6 +53,8 @@ from uvicorn import Server
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess, Process, logger
 
+from api.logs import flush_logs
+
 TICK = 1.0
 """Seconds between a worker's ticks (`date` header, request limit)."""
 PING_INTERVAL = 5.0
@@ -317,8 +319,7 @@ class TetherServer(Server):
             try:
                 yield
             finally:
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
+                flush_logs()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -499,7 +500,8 @@ class Supervisor(Multiprocess):
                 return True  # a signal: handled first (the exited worker is seen again)
         else:  # why, for the operator (uvicorn's line said only "died")
             logger.warning(
-                f"worker [{process.pid}] {_ended(exited, hung, self.config)}; starting another"
+                f"worker [{process.pid}]"
+                f" {_ended(exited, hung, self.config.timeout_worker_healthcheck)}; starting another"
             )
         process = self._process(idx)
         process.start()
@@ -538,12 +540,12 @@ class Supervisor(Multiprocess):
             self.counts[len(self.processes)] = NO_WORKER  # the worker it stopped
 
 
-def _ended(exitcode: int | None, hung: bool, config: Any) -> str:
+def _ended(exitcode: int | None, hung: bool, ping_timeout: float) -> str:
     """How a worker the supervisor replaces ended: by a signal (its name),
     with a status, or killed for want of an answer to a ping."""
     if hung or exitcode is None:
         return (
-            f"did not answer a ping within {config.timeout_worker_healthcheck:g} s"
+            f"did not answer a ping within {ping_timeout:g} s"
             " (a blocked event loop?) and was killed"
         )
     if exitcode < 0:

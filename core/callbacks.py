@@ -49,7 +49,7 @@ from core.models import (
     far_number_field,
     field_of,
 )
-from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, contract_answer
+from core.plugins import PLUGIN_FAULTS, Plugins, cancelling, contract_answer
 from core.redact import redact_value
 from core.settle import Settler, SettleResult, store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
@@ -374,11 +374,7 @@ class Callbacks:
             answer = await asyncio.wait_for(
                 backend.check_status(backend_view(rec)), CHECK_NOW_TIMEOUT
             )
-        except (
-            Exception,
-            asyncio.CancelledError,
-            *PLUGIN_EXITS,
-        ) as exc:  # its words may quote a secret
+        except PLUGIN_FAULTS as exc:  # its words may quote a secret
             if isinstance(exc, asyncio.CancelledError) and cancelling():
                 raise  # this request's own, not the backend's
             found, fault, error_type = None, f"raised {type(exc).__name__}", type(exc).__name__

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.errors import StoreUnavailable, reason
 from core.hookspecs import Backend, Readiness
-from core.plugins import PLUGIN_EXITS, Plugins, cancelling
+from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
 from core.settle import store_call
 from core.store.jobs import JobIndex
 
@@ -104,7 +104,7 @@ async def check(backend: Backend) -> Readiness:
         found = await asyncio.wait_for(backend.readiness(), READINESS_TIMEOUT)
     except TimeoutError:
         return Readiness("error", f"no answer within {READINESS_TIMEOUT:g} s")
-    except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+    except PLUGIN_FAULTS as exc:
         if isinstance(exc, asyncio.CancelledError) and cancelling():
             raise  # the check's own: the service stops
         return Readiness("error", f"readiness check failed: {type(exc).__name__}")

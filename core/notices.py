@@ -39,7 +39,7 @@ from core.errors import SHOWN_MAX, InvalidRequest, NotFound, Unauthorized, escap
 from core.events import body_digest
 from core.hookspecs import Backend
 from core.models import JobState, Notice, NoticeAbout
-from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling
+from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
 from core.settle import store_call
 from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
 
@@ -188,7 +188,7 @@ class Notices:
             raise InvalidRequest(
                 f"invalid {name} notification: {exc}", {"field": "body", "backend": name}
             ) from None
-        except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:  # a bug or a stall
+        except PLUGIN_FAULTS as exc:  # a bug or a stall
             if isinstance(exc, asyncio.CancelledError) and cancelling():
                 raise  # the request's own
             # no message: it may quote secrets

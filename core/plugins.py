@@ -43,10 +43,11 @@ beside `Exception`, as the plugin bugs they are."""
 
 
 PLUGIN_FAULTS = (Exception, asyncio.CancelledError, *PLUGIN_EXITS)
-"""What a call of a plugin's synchronous code may raise, each a bug of the
-plugin's: a `CancelledError` raised there is its own (a task's cancellation
-arrives at an `await`, never inside such a call), and left to the task it
-cancelled the request or step that made the call."""
+"""What a call into a plugin's code may raise, each a bug of the plugin's.
+A `CancelledError` from synchronous code is its own (a task's cancellation
+arrives at an `await`, never inside such a call; left to the task, it
+cancelled the request or step that made the call); from an awaited call it
+is the plugin's unless the task is being cancelled (`cancelling()`)."""
 
 
 def cancelling() -> bool:

@@ -57,7 +57,7 @@ from core.models import (
 )
 from core.notices import NoticeResult, Notices
 from core.notify import Notifier
-from core.plugins import PLUGIN_EXITS, Plugins, cancelling
+from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
 from core.requests import NormalRequest, stored_request
 from core.settings import Settings, describe
 from core.settle import Settler, store_call
@@ -427,7 +427,7 @@ class Tether:
                     backend.name,
                     BACKEND_CLOSE_TIMEOUT,
                 )
-            except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+            except PLUGIN_FAULTS as exc:
                 if isinstance(exc, asyncio.CancelledError) and cancelling():
                     raise  # the stop's own
                 log.warning("backend %s: close failed: %s", backend.name, type(exc).__name__)

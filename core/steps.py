@@ -59,7 +59,7 @@ from core.hookspecs import Backend
 from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
-from core.plugins import PLUGIN_EXITS, Plugins, cancelling, stored_params
+from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, stored_params
 from core.redact import redact, redact_bytes, redact_value, unquoted
 from core.settings import Settings
 from core.settle import (
@@ -1556,7 +1556,7 @@ class JobSteps:
                 async with limit:
                     await (backend.cancel(backend_view(rec)) if ask is None else ask())
                 return None
-            except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+            except PLUGIN_FAULTS as exc:
                 if isinstance(exc, asyncio.CancelledError) and cancelling():
                     raise
                 if isinstance(exc, PLUGIN_EXITS):

@@ -51,7 +51,7 @@ from core.hookspecs import Backend
 from core.models import ErrorInfo, Outcome, Running
 from core.plugins import (
     BUGGY_CHECK_INTERVAL,
-    PLUGIN_EXITS,
+    PLUGIN_FAULTS,
     Plugins,
     cancelling,
     contract_answer,
@@ -437,9 +437,9 @@ class Watchdog:
             await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, None)
             return
         interval = seconds * 1000
-        delay = int(min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2)))
-        if buggy:  # (not backed off with the job's age: the hour the log says)
-            delay = int(interval)
+        # backed off with the job's age, but for a bug's hour (as the log says)
+        backoff = min(MAX_CHECK_BACKOFF * interval, max(interval, (now - rec.updated_at) / 2))
+        delay = int(interval if buggy else backoff)
         if not await self.store.jobs.reschedule_check(rec.id, rec.next_check_at, now + delay):
             return  # another process took this check
         found, fault, error_type = await self._ask(backend, rec, CHECK_TIMEOUT)
@@ -490,7 +490,7 @@ class Watchdog:
         try:
             async with limit:
                 answer = await backend.check_status(backend_view(rec))
-        except (Exception, asyncio.CancelledError, *PLUGIN_EXITS) as exc:
+        except PLUGIN_FAULTS as exc:
             if isinstance(exc, asyncio.CancelledError) and cancelling():
                 raise  # this look's own: the service stops
             if limit.expired():  # (not a timeout of the backend's own)

@@ -320,4 +320,4 @@ def test_a_log_output_nobody_reads_holds_up_no_request(tmp_path: Path) -> None:
 def test_a_replaced_workers_end_is_said(exitcode: int, hung: bool, said: str) -> None:
     from api.server import _ended
 
-    assert _ended(exitcode, hung, uvicorn.Config(app=None, timeout_worker_healthcheck=5)) == said
+    assert _ended(exitcode, hung, 5.0) == said
