@@ -43,6 +43,26 @@ from resonate_sqlite import (
     retry_briefly,
 )
 
+BESIDE = (
+    (
+        "-wal",
+        "write-ahead log",
+        "a process started now would not see the jobs written since the last checkpoint",
+    ),
+    (
+        "-shm",
+        "write-ahead log's index",
+        "a process started now would make another, and the two would write over each"
+        " other's commits in the log",
+    ),
+)
+"""The files SQLite keeps beside the store's while it is open, what each is,
+and what is lost when one is deleted (a clean-up of "stray" files) or
+replaced under a running service: this process goes on with the old one, a
+process started since makes a new one (`check_writable` finds it). A deleted
+`-shm` lost a third of the commits of two processes, measured: each wrote
+its frames where the other's were, with `integrity_check` still ok."""
+
 
 def _identity(path: Path) -> tuple[int, int] | None:
     """The device and inode of the file at `path`; None if there is none."""
@@ -232,8 +252,9 @@ class SqliteDriver:
         self._markers = 0  # its connections opened so far: which one a mark is of
         self._file = _identity(path)
         """The file's device and inode as opened (`check_writable` compares)."""
-        self._wal: tuple[int, int] | None = None
-        """Its write-ahead log's, as `check_writable` first found it."""
+        self._beside: dict[str, tuple[int, int] | None] = {}
+        """Its `-wal` and `-shm` files' (the write-ahead log and its index), as
+        `check_writable` first found them."""
 
     @property
     def shared(self) -> bool:
@@ -429,19 +450,18 @@ class SqliteDriver:
             )
         # next to the file itself (SQLite resolves links); there while any
         # connection is open
-        wal = _identity(Path(f"{os.path.realpath(self.path)}-wal"))
-        if self._wal is None:
-            self._wal = wal
-        elif wal != self._wal:
-            # Deleted (a clean-up of "stray" files) or replaced: this process
-            # writes on to the old log, one started now makes a new one, and
-            # the commits since the last checkpoint are lost to it.
-            raise StoreUnavailable(
-                f"the embedded store's write-ahead log {self.path}-wal was replaced or deleted"
-                " while this process had it open: a process started now would not see the"
-                " jobs written since the last checkpoint; stop every service on it, then"
-                " check its jobs (restore a backup if some are missing; docs/operations.md)"
-            )
+        real = os.path.realpath(self.path)
+        for end, what, lost in BESIDE:
+            found = _identity(Path(f"{real}{end}"))
+            if end not in self._beside:
+                self._beside[end] = found
+            elif found != self._beside[end]:
+                raise StoreUnavailable(
+                    f"the embedded store's {what} {self.path}{end} was replaced or deleted"
+                    f" while this process had it open: {lost}; stop every service on it,"
+                    " then check its jobs (restore a backup if some are missing;"
+                    " docs/operations.md)"
+                )
         if str(self.path) != ":memory:":
             left = disk_left(self.path)
             if left is not None and left < DISK_LEFT_MIN:

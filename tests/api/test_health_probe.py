@@ -243,15 +243,18 @@ async def test_an_embedded_store_file_replaced_under_the_service_is_503(start_se
     assert "was replaced or deleted while this process had it open" in answer.text
 
 
+@pytest.mark.parametrize("end", ["-wal", "-shm"])
 @pytest.mark.parametrize("linked", [False, True], ids=["file", "link"])
 async def test_an_embedded_store_write_ahead_log_deleted_under_the_service_is_503(
-    start_service, store_url, tmp_path, linked
+    start_service, store_url, tmp_path, linked, end
 ):
     """A deleted `-wal` went unseen: this process wrote on to the unlinked
     log, and a process started since made a new one, without the commits
     since the last checkpoint (found by a QA pass). The log is next to the
     file itself when the store's path is a link (it was not looked for
-    there: found by a review)."""
+    there: found by a review). A deleted `-shm` (the log's index) went
+    unseen too: a process started since made another, and the two wrote
+    over each other's commits."""
     import os
 
     store = store_url()
@@ -263,8 +266,9 @@ async def test_an_embedded_store_write_ahead_log_deleted_under_the_service_is_50
         store = f"sqlite:///{tmp_path / 'link.db'}"
     svc = await start_service(store=store)
     assert (await svc.client.get("/health")).status_code == 200
-    assert (await svc.client.get("/health")).status_code == 200  # the same log
-    os.remove(path + "-wal")
+    assert (await svc.client.get("/health")).status_code == 200  # the same files
+    os.remove(path + end)
     answer = await svc.client.get("/health")
     assert answer.status_code == 503, answer.text
+    assert f"{path}{end}" in answer.text or f"link.db{end}" in answer.text, answer.text
     assert "write-ahead log" in answer.text and "was replaced or deleted" in answer.text
