@@ -596,11 +596,17 @@ def _backend_fault(backend: Any) -> str | None:
     if params_type is None:
         return f"backend {name!r} has no `params_type` (a msgspec Struct of its jobs' params)"
     try:
-        msgspec.inspect.type_info(params_type)
+        info = msgspec.inspect.type_info(params_type)
     except Exception as exc:
         return (
             f"backend {name!r}'s params_type is {_kind(params_type)}, not a type msgspec"
             f" converts to ({type(exc).__name__})"
+        )
+    if not _takes_an_object(info):
+        named = params_type.__qualname__ if isinstance(params_type, type) else repr(params_type)
+        return (
+            f"backend {name!r}'s params_type {named} takes no JSON object, and a job's params"
+            " are one: every job would be refused (make it a msgspec Struct)"
         )
     for method in PLAIN_METHODS:
         if inspect.iscoroutinefunction(getattr(backend, method)):
@@ -609,6 +615,29 @@ def _backend_fault(backend: Any) -> str | None:
                 " awaiting it, so its answer would be lost: make it a plain def"
             )
     return None
+
+
+def _takes_an_object(info: msgspec.inspect.Type) -> bool:
+    """Whether a type (as `msgspec.inspect` describes it) takes a JSON
+    object, as every job's `params` are: a Struct (not `array_like`), a
+    dataclass, a TypedDict, an attrs class, a dict, `Any`, or a union or an
+    `Annotated` of one. (`params_type = int` was taken at start, and every
+    job refused with 422.)"""
+    match info:
+        case msgspec.inspect.StructType():
+            return not info.array_like
+        case (
+            msgspec.inspect.DataclassType()
+            | msgspec.inspect.TypedDictType()
+            | msgspec.inspect.DictType()
+            | msgspec.inspect.AnyType()
+        ):
+            return True
+        case msgspec.inspect.Metadata():
+            return _takes_an_object(info.type)
+        case msgspec.inspect.UnionType():
+            return any(_takes_an_object(member) for member in info.types)
+    return False
 
 
 PLAIN_METHODS = sorted(

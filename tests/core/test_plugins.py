@@ -9,8 +9,9 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import msgspec
 import pytest
@@ -49,6 +50,19 @@ def echo() -> Any:
 
 class Params(msgspec.Struct):
     pass
+
+
+class TypedParams(TypedDict, total=False):
+    x: int
+
+
+@dataclass
+class DataParams:
+    x: int = 0
+
+
+class ArrayParams(msgspec.Struct, array_like=True):
+    x: int = 0
 
 
 def backend_named(name: str) -> Backend:
@@ -165,6 +179,21 @@ REFUSED_BACKENDS = {
         Offers(type("B", (Backend,), {"name": "b", "params_type": "Params"})()),
         "backend 'b''s params_type is a str, not a type msgspec converts to (TypeError)",
     ),
+    "params_type no object": (
+        Offers(type("B", (Backend,), {"name": "b", "params_type": int})()),
+        "backend 'b''s params_type int takes no JSON object, and a job's params are one:"
+        " every job would be refused (make it a msgspec Struct)",
+    ),
+    "params_type a list": (
+        Offers(type("B", (Backend,), {"name": "b", "params_type": list[str]})()),
+        "backend 'b''s params_type list[str] takes no JSON object, and a job's params are"
+        " one: every job would be refused (make it a msgspec Struct)",
+    ),
+    "params_type array_like": (
+        Offers(type("B", (Backend,), {"name": "b", "params_type": ArrayParams})()),
+        "backend 'b''s params_type ArrayParams takes no JSON object, and a job's params"
+        " are one: every job would be refused (make it a msgspec Struct)",
+    ),
     "twice": (Offers(Good(), Good()), "it offers two backends named 'good'"),
     "async plain method": (
         Offers(AsyncParse()),
@@ -186,6 +215,28 @@ def test_hook_tether_backends_offering_what_cannot_be_used_is_refused_naming_the
     with pytest.raises(PluginError) as refused:
         Plugins(pm)
     assert str(refused.value) == f"plugin 'qa' cannot be used: {said}"
+
+
+@pytest.mark.parametrize(
+    "params_type",
+    [
+        Params,
+        dict[str, Any],
+        Any,
+        Params | None,
+        Annotated[Params, msgspec.Meta(title="p")],
+        TypedParams,
+        DataParams,
+    ],
+    ids=repr,
+)
+def test_a_params_type_that_takes_an_object_is_taken(params_type):
+    """The check that refuses `params_type = int` takes every type a JSON
+    object converts to."""
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(Offers(type("B", (Backend,), {"name": "b", "params_type": params_type})()))
+    assert "b" in Plugins(pm).backends
+    assert msgspec.convert({}, params_type) is not None or params_type is Any
 
 
 def test_an_async_hookimpl_is_refused_at_start_up():
