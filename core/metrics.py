@@ -42,6 +42,11 @@ TRIGGER_ATTEMPTS = Counter(
     "Tries to trigger a job on its backend: ok, or failed (retried or not).",
     ["backend", "result"],
 )
+TRIGGERS_SLOW = Counter(
+    "tether_triggers_slow_total",
+    "Trigger calls that had not answered after TRIGGER_SLOW (30 s): each a trigger_slow event.",
+    ["backend"],
+)
 NOTIFICATIONS = Counter(
     "tether_notifications_total",
     "Tries to deliver a completion notification: ok (a 2xx answer), or failed.",
@@ -106,6 +111,8 @@ def on_event(job: JobRecord, event: EventLike) -> None:
         case "trigger_failed":
             if event.data.get("counted", True):  # (not a wait that sent nothing)
                 series(TRIGGER_ATTEMPTS, job.backend, "failed").inc()
+        case "trigger_slow":
+            series(TRIGGERS_SLOW, job.backend).inc()
         case "callback":
             series(CALLBACKS, str(event.data.get("verdict", "unknown"))).inc()
         case "notified":
@@ -132,6 +139,7 @@ def prime(backends: Iterable[str]) -> None:
         for result in ("ok", "failed"):
             TRIGGER_ATTEMPTS.labels(backend, result)
             NOTIFICATIONS.labels(backend, result)
+        TRIGGERS_SLOW.labels(backend)
         NOTIFICATIONS_FAILED.labels(backend)
         CANCELS_FAILED.labels(backend)
         for state in sorted(FINAL_STATES):

@@ -304,6 +304,7 @@ EventType = Literal[
     "accepted",
     "queued",
     "trigger_failed",
+    "trigger_slow",
     "triggered",
     "heartbeat",
     "heartbeat_missed",

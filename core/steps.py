@@ -101,6 +101,13 @@ Three times the longest request `http_webhook` makes (its `timeout`, at most
 trigger that hangs, which would otherwise hold a task slot
 (`TETHER_MAX_CONCURRENT_TASKS`) for good."""
 
+TRIGGER_SLOW = 30.0
+"""Seconds a call of a backend's `trigger` (or `rerun`) may take before the
+job's history says so (`trigger_slow`: once a call, at the first look at
+the job's row past this) and the log warns: a job `pending` for minutes
+shows why (its backend has not answered) where it showed nothing until
+`TRIGGER_TIMEOUT`. A call that answers within this costs nothing more."""
+
 TRIGGER_WATCH = 5.0
 """Seconds between looks at the job's row while a call of its backend's
 `trigger` is under way (the first after this long, so a prompt answer costs
@@ -708,7 +715,7 @@ class JobSteps:
         while True:
             this = tries + 1
             try:
-                started = await self._answer(rec, call)
+                started = await self._answer(rec, call, this, which)
                 return self._receipt(backend, rec, which, started, tokens), this
             except _Abandoned as ended:
                 log.warning(
@@ -809,13 +816,14 @@ class JobSteps:
             if now is not rec:
                 return now
 
-    async def _answer(self, rec: JobRecord, call: Callable[[], Any]) -> Any:
-        """What `call()`, one try of attempt `rec.attempt`'s trigger, answers,
-        bounded: raises `_Unanswered` after `TRIGGER_TIMEOUT` (the call
-        cancelled), and `_Abandoned` once the attempt ended or moved on
-        meanwhile (the job's row, looked at every `TRIGGER_WATCH` seconds,
-        read again while the store fails), the call left to answer late
-        (`_answered_late`). Either way the workflow goes on, and frees its
+    async def _answer(self, rec: JobRecord, call: Callable[[], Any], this: int, which: str) -> Any:
+        """What `call()`, try `this` of attempt `rec.attempt`'s trigger (its
+        `which`: `trigger` or `rerun`), answers, bounded: raises `_Unanswered`
+        after `TRIGGER_TIMEOUT` (the call cancelled), and `_Abandoned` once
+        the attempt ended or moved on meanwhile (the job's row, looked at
+        every `TRIGGER_WATCH` seconds, read again while the store fails), the
+        call left to answer late (`_answered_late`). Past `TRIGGER_SLOW`, a
+        `trigger_slow` event (`_trigger_slow`). Either way the workflow goes on, and frees its
         task slot; what the try may have started is its attempt's finish's
         to stop, as a try whose answer was lost (`_may_have_started`). A
         `CancelledError` the call raises of its own (this task is not being
@@ -830,8 +838,9 @@ class JobSteps:
         if not inspect.isawaitable(called):  # a plugin's `trigger` not async: its answer
             return called
         answering = asyncio.ensure_future(_contained(called))
-        until = loop.time() + TRIGGER_TIMEOUT
-        detached = False
+        began = loop.time()
+        until = began + TRIGGER_TIMEOUT
+        detached = slow = False
         try:
             while True:
                 left = until - loop.time()
@@ -845,6 +854,9 @@ class JobSteps:
                 if now is None or now.finished or now.attempt != rec.attempt:
                     detached = True
                     raise _Abandoned(now, answering, until)
+                if not slow and loop.time() - began >= TRIGGER_SLOW:
+                    slow = True
+                    await self._trigger_slow(now, this, which, loop.time() - began)
         finally:
             if not answering.done() and not detached:
                 _abandon(answering, rec)
@@ -1167,6 +1179,36 @@ class JobSteps:
             external=external,
             error=msgspec.convert(last.get("error"), ErrorInfo | None),
         )
+
+    async def _trigger_slow(self, rec: JobRecord, this: int, which: str, took: float) -> None:
+        """Say that try `this` of the job's trigger has not answered in
+        `took` seconds (`TRIGGER_SLOW`): a `trigger_slow` event (`try`,
+        `seconds`, `timeout`: when the call is given up) and a warning. Not
+        once another process recorded a run for the attempt. A store that
+        fails to record it is logged, and the call goes on: the event is
+        what an operator reads, the call is the job."""
+        if rec.external is not None:
+            return
+        data = {"try": this, "seconds": round(took, 1), "timeout": TRIGGER_TIMEOUT}
+        log.warning(
+            "job %s: backend %r's %s has not answered in %.0f s (try %d); it is given up"
+            " %g s from its start",
+            rec.id,
+            rec.backend,
+            which,
+            took,
+            this,
+            TRIGGER_TIMEOUT,
+            extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
+        )
+        try:
+            await self.jobs.record(rec.id, [NewEvent("trigger_slow", data)], now_ms())
+        except Exception as exc:
+            log.warning(
+                "job %s: its trigger_slow event was not recorded (%s); the call goes on",
+                rec.id,
+                type(exc).__name__,
+            )
 
     async def _trigger_failed(
         self,

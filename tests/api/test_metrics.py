@@ -198,6 +198,46 @@ async def test_a_retried_jobs_time_in_its_state_counts_from_the_retry(start, rec
     assert oldest < retried_at - 1 and retried_at - 0.01 <= entered <= now_ms() / 1000
 
 
+async def test_a_slow_trigger_is_counted_and_in_the_jobs_history(start, receiver, monkeypatch):
+    """A backend that takes long to answer a trigger (`TRIGGER_SLOW`): the
+    job's history says so while it is `pending`, and a counter an alert can
+    watch moves, once a call."""
+    import core.steps
+
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
+    monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 0.3)
+    release = threading.Event()
+
+    def respond(hit: Any) -> tuple[int, Any]:
+        release.wait(10)  # the external system takes its time to start the run
+        return 202, {}
+
+    receiver.respond = respond
+    svc = await start()
+    before = await scrape(svc)
+    body = {"id": "slow", "backend": "http_webhook", "params": {"url": receiver.url()}}
+    assert (await svc.client.post("/jobs", json=body)).status_code == 201
+
+    async def slow_events() -> list[dict[str, Any]]:
+        items = (await svc.client.get("/jobs/slow/events")).json()["items"]
+        return [e for e in items if e["type"] == "trigger_slow"]
+
+    try:
+        [event] = await eventually(slow_events)
+        assert (await svc.client.get("/jobs/slow")).json()["state"] == "pending"
+        assert event["data"]["try"] == 1 and event["data"]["seconds"] >= 0.3
+        after = await scrape(svc)
+    finally:
+        release.set()
+    await svc.wait_state("slow", "running")
+    assert len(await slow_events()) == 1
+    moved = value(after, "tether_triggers_slow_total", backend="http_webhook") - value(
+        before, "tether_triggers_slow_total", backend="http_webhook"
+    )
+    assert moved == 1
+    assert ("tether_triggers_slow_total", frozenset({("backend", "http_webhook")})) in before
+
+
 async def test_a_job_past_its_deadline_is_overdue_while_no_watchdog_ends_it(start, receiver):
     svc = await start(watchdog_interval=0)  # no watchdog
     body = {"id": "late", "backend": "http_webhook", "params": {"url": receiver.url()}}

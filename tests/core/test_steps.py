@@ -3920,6 +3920,88 @@ async def test_a_trigger_call_that_never_answers_is_abandoned_and_fails_the_job(
     assert len(rig.backend.unrecorded) == 1
 
 
+async def test_a_trigger_call_slow_to_answer_is_a_trigger_slow_event_and_a_warning(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A job `pending` for minutes showed nothing of why until the call's
+    `TRIGGER_TIMEOUT`: past `TRIGGER_SLOW` the history says its backend has
+    not answered, once a call, and the call goes on to its answer."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 0.1)
+    await start(rig)
+    answer = asyncio.Event()
+
+    async def slow(trigger: Trigger) -> None:
+        await answer.wait()
+
+    rig.backend.during = slow
+    with logs_of("tether") as logs:
+        triggering = asyncio.ensure_future(rig.steps.trigger("j", "j:1"))
+        await eventually(lambda: logs.lines)
+        await asyncio.sleep(0.2)  # twenty looks more: still one event
+        assert not triggering.done()
+        answer.set()
+        await asyncio.wait_for(triggering, 5)
+
+    assert logs.lines[:-1] == [
+        "WARNING job j: backend 'scripted''s trigger has not answered in 0 s (try 1); it is"
+        " given up 900 s from its start"
+    ]
+    assert logs.lines[-1] == "INFO job j triggered"
+    kinds = await history(rig)
+    assert [kind for kind, _ in kinds] == ["trigger_slow", "triggered"]
+    data = kinds[0][1]
+    assert data["try"] == 1 and data["timeout"] == core.steps.TRIGGER_TIMEOUT
+    assert 0.1 <= data["seconds"] < 5
+    assert (await rig.parts.row("j")).state == "running"
+
+
+async def test_a_trigger_call_answered_within_trigger_slow_records_no_trigger_slow(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 5.0)
+    await start(rig)
+
+    async def prompt(trigger: Trigger) -> None:
+        await asyncio.sleep(0.2)  # twenty looks at the row, none past the mark
+
+    rig.backend.during = prompt
+    await asyncio.wait_for(rig.steps.trigger("j", "j:1"), 5)
+    assert [kind for kind, _ in await history(rig)] == ["triggered"]
+
+
+async def test_a_trigger_slow_event_the_store_fails_to_record_leaves_the_call_going(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """The event is what an operator reads; the call is the job: a store
+    that fails to record it is logged, and the call is not abandoned."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.01)
+    monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 0.05)
+    await start(rig)
+    real = rig.steps.jobs.record
+
+    async def record(job_id: str, events: list[NewEvent], now: int) -> Any:
+        if any(e.type == "trigger_slow" for e in events):
+            raise StoreUnavailable("the store is down")
+        return await real(job_id, events, now)
+
+    monkeypatch.setattr(rig.steps.jobs, "record", record)
+
+    async def slow(trigger: Trigger) -> None:
+        await asyncio.sleep(0.3)
+
+    rig.backend.during = slow
+    with logs_of("tether") as logs:
+        await asyncio.wait_for(rig.steps.trigger("j", "j:1"), 5)
+    assert logs.lines[1:-1] == [
+        "WARNING job j: its trigger_slow event was not recorded (StoreUnavailable); the call"
+        " goes on"
+    ]
+    assert [kind for kind, _ in await history(rig)] == ["triggered"]
+    assert (await rig.parts.row("j")).state == "running"
+
+
 async def test_a_trigger_call_that_raises_cancelled_of_its_own_is_a_failed_try(rig: Rig):
     await start(rig)
     rig.backend.answers = [asyncio.CancelledError(), {"run": 3}]
