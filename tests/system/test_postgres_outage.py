@@ -81,7 +81,9 @@ def job(job_id: str, url: str) -> dict[str, Any]:
     return {"id": job_id, "backend": "http_webhook", "params": {"url": url}}
 
 
-@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)  # once; the store is given
+# once, on the Postgres behind the proxy: `start_service`'s own store is not used
+# (it ran as `[sqlite]`, which it is not)
+@pytest.mark.parametrize("store_url", [pytest.param("sqlite", id="postgres")], indirect=True)
 async def test_postgres_down_answers_503_and_work_resumes_when_it_is_back(
     start_service, receiver, proxied_pg
 ):
