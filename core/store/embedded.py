@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import sqlite3
@@ -62,6 +63,32 @@ replaced under a running service: this process goes on with the old one, a
 process started since makes a new one (`check_writable` finds it). A deleted
 `-shm` lost a third of the commits of two processes, measured: each wrote
 its frames where the other's were, with `integrity_check` still ok."""
+
+
+log = logging.getLogger("tether")
+
+DAMAGE_CODES = (11, 26)
+"""SQLite's result codes for a damaged file: `SQLITE_CORRUPT` ("database
+disk image is malformed") and `SQLITE_NOTADB` ("file is not a database")."""
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether a store error (or one it was raised from, or wraps: the
+    engine's `SqliteStoreError`) is SQLite finding the file damaged."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        err = todo.pop()
+        if not isinstance(err, BaseException) or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if getattr(err, "sqlite_errorcode", None) in DAMAGE_CODES:
+            return True
+        text = str(err)
+        if "database disk image is malformed" in text or "file is not a database" in text:
+            return True
+        todo += [err.__cause__, err.__context__, *err.args]
+    return False
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -252,6 +279,9 @@ class SqliteDriver:
         self._markers = 0  # its connections opened so far: which one a mark is of
         self._file = _identity(path)
         """The file's device and inode as opened (`check_writable` compares)."""
+        self._damage: str | None = None
+        """What SQLite said when it first found the file damaged (`_failed`):
+        every later `check_writable` fails with it."""
         self._beside: dict[str, tuple[int, int] | None] = {}
         """Its `-wal` and `-shm` files' (the write-ahead log and its index), as
         `check_writable` first found them."""
@@ -292,15 +322,39 @@ class SqliteDriver:
                 return retry_briefly(lambda: fn(self._connected()), _lock_taken)
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
-                    raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+                    raise self._failed(exc) from None
                 delay = backoff.next_delay()
                 if delay is None:
                     raise StoreUnavailable(
                         f"the embedded store failed: {exc} (gave up after {STORE_WAIT:g} s)"
                     ) from None
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+                raise self._failed(exc) from None
             await asyncio.sleep(delay)
+
+    def _failed(self, exc: BaseException) -> StoreUnavailable:
+        """The error to raise for SQLite's `exc`. A damaged file (`damaged`)
+        is logged once, as an ERROR saying what to do, and from then on
+        `/health` answers 503 with it (`check_writable`): it went unseen,
+        each request that read a damaged page answering 503 while `/health`
+        said ok, and nothing in the log. Not found at start: checking the
+        whole file takes minutes at a million jobs."""
+        if not damaged(exc):
+            return StoreUnavailable(f"the embedded store failed: {exc}")
+        if self._damage is None:
+            self._damage = str(exc)
+            log.error(
+                "the embedded store %s is damaged (%s): the jobs on its damaged pages cannot"
+                " be read, and writing on may spread the damage; stop every service on it,"
+                " then restore the latest backup (tether restore) or recover what can be read"
+                ' (docs/operations.md, "A damaged store")',
+                self.path,
+                exc,
+            )
+        return StoreUnavailable(
+            f"the embedded store {self.path} is damaged ({exc}); stop every service on it and"
+            ' restore a backup (docs/operations.md, "A damaged store")'
+        )
 
     async def _reopen(self) -> None:
         """The shared connection, after `stop` closed it: a step still
@@ -310,7 +364,7 @@ class SqliteDriver:
         try:
             await self._shared.reopen_db()
         except SqliteStoreError as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await self._run(lambda c: c.execute(sql, args).fetchall())
@@ -375,7 +429,7 @@ class SqliteDriver:
             return self._markers, self._marker.execute("PRAGMA data_version").fetchone()[0]
         except sqlite3.Error as exc:
             self._close_marker()  # the next look opens a new one
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
     def _close_marker(self) -> None:
         conn, self._marker = self._marker, None
@@ -413,7 +467,7 @@ class SqliteDriver:
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, run)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
     def _close_aside(self, *, for_good: bool = False) -> None:
         """Close `fetch_aside`'s connection and forget its answers (`for_good`:
@@ -438,6 +492,12 @@ class SqliteDriver:
             conn.execute("ROLLBACK")
 
         await self._run(check)
+        if self._damage is not None:
+            raise StoreUnavailable(
+                f"the embedded store {self.path} is damaged ({self._damage}), found by a read"
+                " since this process started; stop every service on it and restore a backup"
+                ' (docs/operations.md, "A damaged store")'
+            )
         if self._file is not None and _identity(self.path) != self._file:
             # Replaced (`mv` of a copy over it) or deleted while open: this
             # process writes on to the old file, one started now opens
@@ -521,7 +581,7 @@ class SqliteDriver:
         sessions: list[_Inline] = []
 
         def run(db: sqlite3.Connection) -> T:
-            sessions.append(inline := _Inline(db, shared))
+            sessions.append(inline := _Inline(db, shared, self._failed))
             return _to_the_end(body(inline))
 
         def committed(result: T) -> None:
@@ -532,7 +592,7 @@ class SqliteDriver:
         try:
             return await shared.atomic(run, committed)
         except SqliteStoreError as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
     def refused(self) -> str | None:
         """A file is opened, not connected to: nothing refuses."""
@@ -558,9 +618,15 @@ class _Inline:
     requests too (`request`: `core.store.jobs.Requests`), which commit with
     them or not at all."""
 
-    def __init__(self, db: sqlite3.Connection, shared: SqliteConnection) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        shared: SqliteConnection,
+        failed: Callable[[BaseException], StoreUnavailable],
+    ) -> None:
         self._db = db
         self._shared = shared
+        self._failed = failed
         self.msgs: list[str] = []
         """What its requests have for this process's receivers, handed on
         once committed."""
@@ -569,7 +635,7 @@ class _Inline:
         try:
             status, answer, msgs = self._shared.request_in(self._db, kind, data)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
         self.msgs += msgs
         return status, answer
 
@@ -577,13 +643,13 @@ class _Inline:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
     async def execute(self, sql: str, args: Sequence[Any]) -> int:
         try:
             return self._db.execute(sql, args).rowcount
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the embedded store failed: {exc}") from None
+            raise self._failed(exc) from None
 
 
 def _to_the_end[T](coro: Coroutine[Any, Any, T]) -> T:

@@ -272,3 +272,65 @@ async def test_an_embedded_store_write_ahead_log_deleted_under_the_service_is_50
     assert answer.status_code == 503, answer.text
     assert f"{path}{end}" in answer.text or f"link.db{end}" in answer.text, answer.text
     assert "write-ahead log" in answer.text and "was replaced or deleted" in answer.text
+
+
+async def test_an_embedded_store_found_damaged_is_logged_once_and_503_on_health(
+    start_service, store_url, receiver, caplog
+):
+    """A damaged page of the file (a disk's bad sector, a copy cut short)
+    went unseen: each request that read it answered 503 while `/health` said
+    ok, and nothing was logged. Now the first read that finds it logs an
+    ERROR saying what to do, each such request says the store is damaged,
+    and `/health` answers 503 from then on."""
+    import sqlite3
+
+    store = store_url()
+    if not store.startswith("sqlite:///"):
+        pytest.skip("the embedded store's own check")
+    path = store.removeprefix("sqlite:///")
+    svc = await start_service(store=store)
+    pad = {"pad": "x" * 1500}  # two or three jobs a page: many leaves
+    for n in range(60):
+        body = {"id": f"d{n}", "backend": "http_webhook", "params": {"url": receiver.url()}}
+        answer = await svc.client.post("/jobs", json={**body, "metadata": pad})
+        assert answer.status_code == 201, answer.text
+    await svc.wait_state("d59", "running")
+    assert (await svc.client.get("/health")).status_code == 200
+
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            leaves = [
+                page
+                for (page,) in db.execute(
+                    "SELECT pageno FROM dbstat WHERE name = 'tether_jobs' AND pagetype = 'leaf'"
+                    " ORDER BY pageno"
+                )
+            ]
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table to find the job rows' pages by")
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    assert len(leaves) >= 10, leaves
+    with open(path, "r+b") as file:  # the middle leaves: garbage
+        for page in leaves[3:-3]:
+            file.seek((page - 1) * size)
+            file.write(b"\xa5" * size)
+    with sqlite3.connect(path) as db:  # a commit: every connection reads the file again
+        db.execute(f"PRAGMA user_version = {version}")
+
+    caplog.set_level("ERROR", logger="tether")
+    answers = [(await svc.client.get(f"/jobs/d{n}")) for n in range(60)]
+    broken = [a for a in answers if a.status_code != 200]
+    assert broken, "no read found the damage"
+    for answer in broken:
+        assert answer.status_code == 503, answer.text
+        assert f"the embedded store {path} is damaged" in answer.text
+        assert "restore a backup" in answer.text
+    health = await svc.client.get("/health")
+    assert health.status_code == 503, health.text
+    assert "is damaged" in health.text and "found by a read" in health.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"the embedded store {path} is damaged (")
+    assert "tether restore" in errors[0]
