@@ -61,7 +61,7 @@ from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
 from core.requests import NormalRequest, stored_request
 from core.settings import Settings, describe
 from core.settle import Settler, store_call
-from core.steps import JobSteps
+from core.steps import JobSteps, Slots
 from core.store import Store, open_store
 from core.store.base import STOP_GRACE
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
@@ -206,7 +206,14 @@ class Tether:
         )
         bound = self.settings.max_result_bytes
         self._settler = Settler(r, self.jobs, bound, self.signer.job_tokens)
-        steps = JobSteps(self.settings, self.plugins, self.jobs, self.signer, self._settler)
+        steps = JobSteps(
+            self.settings,
+            self.plugins,
+            self.jobs,
+            self.signer,
+            self._settler,
+            slots=Slots.of(r, conn),
+        )
         self._steps = steps
         self._settler.on_orphan = steps.finish_orphan
         self._settler.spawn = self._spawn_stop

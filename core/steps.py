@@ -44,7 +44,7 @@ import functools
 import inspect
 import logging
 import numbers
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from traceback import format_exception
 from typing import Any
@@ -156,6 +156,75 @@ has no upper bound, and a doubling backoff over a thousand tries is past a
 float (`OverflowError` at start-up) or a store's timestamp."""
 
 
+class Slots:
+    """This process's workflow task slots (`TETHER_MAX_CONCURRENT_TASKS`):
+    the SDK's semaphore, which each workflow task holds from its claim to
+    its suspension, trigger step included. A step lends its slot back while
+    it waits between two trigger tries (`lent`), as a workflow engine's
+    timers hold none: a backoff or a backend's `retry_after` (a target
+    answering 429 with `Retry-After: 60`) held a slot for the whole wait,
+    so as many jobs throttled as there are slots kept every other job of
+    the process `pending` (found by a QA pass: 3 slots, a healthy target's
+    job triggered 3 minutes late). A call under way keeps its slot (it holds
+    a connection); `TRIGGER_SLOW` says when one is slow."""
+
+    def __init__(
+        self,
+        held: asyncio.Semaphore | None,
+        room: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> None:
+        self.held = held
+        self.room = room
+        """The store's own count of the tasks it handed this process, where
+        it keeps one (the embedded store's `room_lent`), lent back too."""
+
+    @classmethod
+    def of(cls, resonate: Any, connection: Any) -> Slots:
+        """The slots of a `Resonate` and its store connection (none when its
+        SDK keeps them elsewhere: a test checks that this one does)."""
+        sema = getattr(getattr(resonate, "_runtime", None), "execute_sema", None)
+        if not isinstance(sema, asyncio.Semaphore):
+            log.warning(
+                "resonate-sdk keeps its task slots where Tether does not look: a trigger's"
+                " waits between tries hold their slot"
+            )
+            return cls(None)
+        return cls(sema, getattr(connection, "room_lent", None))
+
+    @contextlib.asynccontextmanager
+    async def lent(self) -> AsyncIterator[None]:
+        """The running task's slot, given back for the block and taken again
+        after it (waiting for one, as any task does). A block that raises
+        (cancelled: the service stops) or a take cut short by a cancel
+        leaves the take to a future of its own, so that the SDK's release
+        of the task's slot, as it ends, leaves the count as it was."""
+        sema = self.held
+        if sema is None:
+            yield
+            return
+        with self.room() if self.room is not None else contextlib.nullcontext():
+            sema.release()
+            try:
+                yield
+            except BaseException:
+                _take(sema)
+                raise
+        await asyncio.shield(_take(sema))  # cancelled: the take goes on
+
+
+_taking: set[asyncio.Future[Any]] = set()
+"""The takes of slots under way (`_take`; a strong reference: the loop
+keeps a weak one)."""
+
+
+def _take(sema: asyncio.Semaphore) -> asyncio.Future[Any]:
+    """A slot of `sema`, taken by a task of its own (kept until it has)."""
+    taking = asyncio.ensure_future(sema.acquire())
+    _taking.add(taking)
+    taking.add_done_callback(_taking.discard)
+    return taking
+
+
 class JobSteps:
     """What the workflow's steps do (`core.workflow.Steps`)."""
 
@@ -167,8 +236,11 @@ class JobSteps:
         signer: CallbackSigner,
         settler: Settler,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        slots: Slots | None = None,
     ) -> None:
         self.settings = settings
+        self.slots = slots or Slots(None)
+        """The process's task slots, lent back while a trigger waits between tries."""
         self.plugins = plugins
         self.jobs = jobs
         self.signer = signer
@@ -812,7 +884,8 @@ class JobSteps:
                 wait,
                 extra=rec.log_extra(promise_id),
             )
-            now = await self._wait_between_tries(rec, wait)
+            async with self.slots.lent():
+                now = await self._wait_between_tries(rec, wait)
             if now is not rec:
                 return now
 

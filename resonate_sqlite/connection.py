@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -310,6 +310,21 @@ class SqliteConnection:
         if db is None:  # closed again while this waited for the open
             raise SqliteStoreError(StoreFailure(f"sqlite store {self._path}: closed"))
         return db
+
+    @contextlib.contextmanager
+    def room_lent(self) -> Iterator[None]:
+        """Room for one execute more while the block runs: a task this
+        process holds lends its room back while it waits on nothing of the
+        store's (Tether's trigger between two tries), as it lends the SDK's
+        slot back, so that a job created meanwhile runs here at once, and
+        group work is claimed (see ``max_inflight``)."""
+        self._max_inflight += 1
+        self._update_room()
+        try:
+            yield
+        finally:
+            self._max_inflight -= 1
+            self._update_room()
 
     @property
     def inflight(self) -> int:

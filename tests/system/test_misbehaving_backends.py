@@ -202,3 +202,31 @@ async def test_a_webhook_trigger_held_past_its_jobs_deadline_frees_its_slot_and_
         assert len(receiver.on("/hang")) == 1
     finally:
         release.set()
+
+
+async def test_a_trigger_waiting_between_tries_lends_its_task_slot(start_service, receiver):
+    """One task slot, a job whose target answers 429 with `Retry-After: 3`:
+    its trigger waits 3 s before its next try, and before, it held the
+    slot all that time, so a job to a healthy target waited too (3 jobs
+    throttled with `Retry-After: 60` held a third job back 3 minutes: found
+    by a QA pass). Now the wait gives the slot back: the healthy job is
+    triggered and succeeds before the throttled one's next try."""
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if hit.path == "/throttled" and len(receiver.on("/throttled")) == 1:
+            return 429, {"error": "slow down"}, {"Retry-After": "3"}
+        return 202, {}
+
+    receiver.respond = respond
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
+    svc = await start_service(max_concurrent_tasks=1)
+    await submit(svc, "throttled", "http_webhook", params={"url": receiver.url("/throttled")})
+    await eventually(lambda: receiver.on("/throttled"))
+    await submit(svc, "fast", "http_webhook", params={"url": receiver.url("/fast")})
+    await svc.wait_state("fast", "succeeded", timeout=15)
+    assert len(receiver.on("/throttled")) == 1  # still waiting out its Retry-After
+    await svc.wait_state("throttled", "running", timeout=15)  # then it took a slot again
+    assert len(receiver.on("/throttled")) == 2
+    events = (await svc.client.get("/jobs/throttled/events")).json()["items"]
+    [failed] = [e for e in events if e["type"] == "trigger_failed"]
+    assert failed["data"]["retry_in"] == 3
