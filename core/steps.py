@@ -1045,10 +1045,12 @@ class JobSteps:
     ) -> bool:
         """`_answered_late`'s take of the call's answer, if it answered:
         whether a run it named was recorded (and stopped as a late
-        answer's)."""
-        if not answering.done() or answering.cancelled() or answering.exception() is not None:
-            return False
+        answer's). A call that failed, or was abandoned at its bound, is
+        its try's `trigger_failed` (`_failed_late`)."""
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
+        if not answering.done() or answering.cancelled() or answering.exception() is not None:
+            await self._failed_late(answering, rec, which, tries, tokens)
+            return False
         try:
             receipt = self._receipt(backend, rec, which, answering.result(), tokens)
             log.warning(
@@ -1252,6 +1254,63 @@ class JobSteps:
             external=external,
             error=msgspec.convert(last.get("error"), ErrorInfo | None),
         )
+
+    async def _failed_late(
+        self,
+        answering: asyncio.Future[Any],
+        rec: JobRecord,
+        which: str,
+        tries: int,
+        tokens: Sequence[str],
+    ) -> None:
+        """File try `tries` of attempt `rec.attempt`, which the attempt no
+        longer waited for, as failed once its call did, or was abandoned at
+        `TRIGGER_TIMEOUT`: a `trigger_failed` after `finished` (`late`:
+        true; `retryable` and `counted` as for any try), as a late answer is
+        a `triggered` after it, and a warning. Before, such a try
+        was filed nowhere: a target that hung past its jobs' timeouts left
+        `tether_trigger_attempts_total` at 0 and its alert silent (found by
+        a QA pass). Not once the job was retried (its history is the new
+        attempt's), nor when the store fails (the log has it)."""
+        retryable, counted = True, True
+        if not answering.done() or answering.cancelled():
+            message = f"backend {rec.backend!r}: {which} did not answer within"
+            message += f" {TRIGGER_TIMEOUT:g} s; the call was cancelled"
+            error = {"type": "trigger_timeout", "message": message}
+        else:
+            exc = answering.exception()
+            if isinstance(exc, BackendError):
+                error = {"type": exc.code or "backend", "message": redact(exc.message, tokens)}
+                retryable, counted = exc.retryable, exc.tried or not exc.retryable
+            else:  # its type alone, as at any try (`_trigger_with_retries`)
+                name = type(exc).__name__
+                error = {
+                    "type": name,
+                    "message": f"{name} (raised by backend {rec.backend!r}, not a BackendError)",
+                }
+        log.warning(
+            "job %s: backend %r's %s, which attempt %d no longer waited for, failed: %s",
+            rec.id,
+            rec.backend,
+            which,
+            rec.attempt,
+            unquoted(error["message"]),
+            extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
+        )
+        data = {"try": tries, "error": error, "retry_in": None, "retryable": retryable}
+        data["late"] = True
+        if not counted:  # it sent nothing (`BackendError.tried` False)
+            data["counted"] = False
+        try:
+            now = await self._row(rec)
+            if now is not None and now.attempt == rec.attempt:
+                await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
+        except Exception as exc:
+            log.warning(
+                "job %s: the late failure of its trigger's call was not filed (%s)",
+                rec.id,
+                type(exc).__name__,
+            )
 
     async def _trigger_slow(self, rec: JobRecord, this: int, which: str, took: float) -> None:
         """Say that try `this` of the job's trigger has not answered in

@@ -3744,7 +3744,17 @@ async def test_a_late_trigger_call_that_fails_has_what_it_may_have_started_asked
         None,
     )
     assert len(rig.backend.unrecorded) == (2 if again else 1)
-    assert [t for t, _ in await history(rig)] == ["finished"]
+    # the try is filed, late: before, a target that hung past its jobs'
+    # deadlines was counted nowhere (found by a QA pass)
+    [(kind, data)] = (await history(rig))[1:]
+    assert kind == "trigger_failed" and data["late"] is True and data["retry_in"] is None
+    refused = isinstance(late, BackendError)
+    assert data["retryable"] == (not refused or late.retryable)
+    assert data.get("counted", True) == (not refused or late.tried or not late.retryable)
+    assert data["error"]["message"] in (
+        "RuntimeError (raised by backend 'scripted', not a BackendError)",
+        str(late),
+    )
     assert len(rig.plugin.finished) == 1  # the finish's alone
 
 
@@ -3787,7 +3797,7 @@ async def test_a_late_trigger_calls_stop_whose_holder_died_is_taken_over_by_a_wa
     await eventually(lambda: not rig.steps.detached)
     assert len(rig.backend.unrecorded) == 2  # the finish's, then its own once the call failed
     assert (await rig.parts.row("j")).stop_due is None
-    assert [t for t, _ in await history(rig)] == ["finished"]
+    assert [t for t, _ in await history(rig)] == ["finished", "trigger_failed"]
 
 
 async def test_a_late_call_whose_stop_was_taken_over_asks_again_once_it_ended(
@@ -3817,7 +3827,7 @@ async def test_a_late_call_whose_stop_was_taken_over_asks_again_once_it_ended(
         await eventually(lambda: not rig.steps.detached)
     assert len(rig.backend.unrecorded) == 2  # the finish's, and its own
     assert (await rig.parts.row("j")).stop_due is None
-    assert [t for t, _ in await history(rig)] == ["finished", "cancel_failed"]
+    assert [t for t, _ in await history(rig)] == ["finished", "trigger_failed", "cancel_failed"]
     assert any("is no longer this process's" in line for line in logs.lines)
 
 
@@ -3842,7 +3852,14 @@ async def test_a_late_call_abandoned_at_its_bound_has_its_run_asked_to_stop_and_
     assert cancelled == [True] and len(rig.backend.unrecorded) == 2
     rec = await rig.parts.row("j")
     assert (rec.state, rec.stop_due, rec.stop_attempt) == ("timed_out", None, None)
-    assert not any("failed" in line for line in logs.lines), logs.lines
+    said = (
+        "WARNING job j: backend 'scripted''s trigger, which attempt 1 no longer waited for,"
+        " failed: backend 'scripted': trigger did not answer within 0.5 s; the call was cancelled"
+    )
+    assert [line for line in logs.lines if "failed" in line] == [said], logs.lines
+    [(kind, data)] = (await history(rig))[1:]
+    assert (kind, data["error"]["type"]) == ("trigger_failed", "trigger_timeout")
+    assert data["late"] is True
 
 
 async def test_a_late_calls_stop_cut_short_after_the_call_ended_is_due_at_once(
