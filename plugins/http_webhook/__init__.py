@@ -219,8 +219,9 @@ def declared_credentials(env: Mapping[str, str] | None = None) -> dict[str, str]
     """Every `TETHER_WEBHOOK_AUTH_<NAME>` of `env` (default `os.environ`) with a
     NAME, empty or not (an empty one is declared, though no credential: not an
     "unknown setting"). A NAME that is none in any case (`1X`, `MY-CRED`), or
-    a value with a control character, is a `ValueError` saying why, never
-    the value. Lower-case names are left to the unknown-setting warning."""
+    a value with a control character or nothing but spaces, is a
+    `ValueError` saying why, never the value. Lower-case names are left to
+    the unknown-setting warning."""
     env = os.environ if env is None else env
     declared: dict[str, str] = {}
     for key, value in env.items():
@@ -239,6 +240,13 @@ def declared_credentials(env: Mapping[str, str] | None = None) -> dict[str, str]
             raise ValueError(
                 f"invalid setting {key}: it holds a control character (a line"
                 " break?), which no HTTP header can carry; set the Authorization value alone"
+            )
+        if value and not value.strip():  # never the value (nor its length)
+            # it was taken, and its jobs' requests sent `Authorization: ` unauthenticated
+            # (found by a QA pass)
+            raise ValueError(
+                f"invalid setting {key}: it holds nothing but spaces; set the Authorization"
+                " value (such as `Bearer <token>`), or leave it empty to declare no credential"
             )
         declared[name] = value
     return declared

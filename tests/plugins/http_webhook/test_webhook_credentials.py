@@ -182,3 +182,23 @@ def test_tether_serve_knows_the_credential_variables_and_never_logs_them(tmp_pat
         " setting names are upper case: TETHER_WEBHOOK_AUTH_PARTNER"
     ) in log
     texts_without((TOKEN, "Ymls", "lower-case-is-no-name"), log)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("   ", "it holds nothing but spaces; set the Authorization value"),
+        ("Bearer s3cret\n", "it holds a control character"),
+    ],
+)
+def test_a_credential_no_header_can_carry_is_refused_never_shown(value: str, said: str):
+    """A value of spaces alone was taken, and its jobs sent `Authorization: `
+    unauthenticated (found by a QA pass). An empty one declares the name,
+    no credential."""
+    from plugins.http_webhook import declared_credentials
+
+    with pytest.raises(ValueError) as refused:
+        declared_credentials({"TETHER_WEBHOOK_AUTH_SP": value})
+    assert str(refused.value).startswith(f"invalid setting TETHER_WEBHOOK_AUTH_SP: {said}")
+    assert "s3cret" not in str(refused.value)
+    assert declared_credentials({"TETHER_WEBHOOK_AUTH_SP": ""}) == {"SP": ""}
