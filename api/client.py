@@ -168,9 +168,19 @@ def public(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def unreachable(url: str, exc: httpx.TransportError) -> ServiceError:
+def unreachable(url: str, exc: httpx.TransportError, method: str = "GET") -> ServiceError:
     """`cannot reach URL: why`. The reason is chosen here, never the exception's
-    own text, which may quote the URL with its token."""
+    own text, which may quote the URL with its token. A change (`method`
+    other than GET) that was sent and not answered in time may have been
+    made: said so, where "cannot reach" said it was not (found by a QA
+    pass)."""
+    sent = not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
+    if isinstance(exc, httpx.TimeoutException) and sent and method not in ("GET", "HEAD"):
+        return ServiceError(
+            f"{public(url)} took the request and did not answer in time: it may have been"
+            " made; look (tether get ID) before sending it again",
+            reached=False,
+        )
     if isinstance(exc, httpx.TimeoutException):
         why = "no answer in time"
     elif isinstance(exc, httpx.UnsupportedProtocol):
@@ -244,7 +254,7 @@ class Api:
         try:
             response = await self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise unreachable(self.url, exc) from None
+            raise unreachable(self.url, exc, method) from None
         if response.is_error:
             raise error_answer(response)
         return response
@@ -905,7 +915,18 @@ def submit(
         "notify": None if notify is None else {"url": notify},
     }
     body.update((name, value) for name, value in given.items() if value is not None)
-    job: dict[str, Any] = run(lambda api: api.call("POST", "/jobs", A_JOB, json=body), url)
+
+    async def post(api: Api) -> tuple[dict[str, Any], int]:
+        response = await api.send("POST", "/jobs", json=body)
+        return payload(response, A_JOB), response.status_code
+
+    job, status = run(post, url)
+    if status == 200:  # the API's reattach: it looked like a new job (found by a QA pass)
+        click.echo(
+            f"tether: job {printable(str(job['id']))} already existed with this request:"
+            " nothing new was started",
+            err=True,
+        )
     if wait:
         watch(url, job["id"], as_json, started=job)
     emit(job, as_json, lambda: job_table(job))

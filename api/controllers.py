@@ -27,6 +27,7 @@ from api.errors import ErrorBody, ErrorResponse, bad_request, error_response
 from api.http import JsonAnswer
 from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound, StoreUnavailable
+from core.errors import shown as shown_value
 from core.events import END, KEEP_ALIVE
 from core.models import (
     JSON_SPACE,
@@ -145,14 +146,22 @@ def strict_query(rules: QueryRules) -> Guard:
                 raise bad_request(
                     f"query parameter {shown!r} given {count} times; give it once", shown
                 )
-            if name in rule.integers and not all(
-                DECIMAL.fullmatch(value) for value in given.getall(name)
-            ):
-                raise bad_request(
-                    f"invalid query parameter {shown!r}: write a whole number in decimal"
-                    " digits, such as 100",
-                    shown,
-                )
+            if name in rule.integers:
+                for value in given.getall(name):
+                    if DECIMAL.fullmatch(value):
+                        continue
+                    # -1 is a whole number: what is wrong with it is its sign (found
+                    # by a QA pass, which read "write a whole number" as wrong)
+                    signed = value[:1] == "-" and DECIMAL.fullmatch(value[1:])
+                    raise bad_request(
+                        f"invalid query parameter {shown!r}: "
+                        + (
+                            f"{value} is negative"
+                            if signed
+                            else "write a whole number in decimal digits, such as 100"
+                        ),
+                        shown,
+                    )
 
     return refuse_unknown_query
 
@@ -165,9 +174,11 @@ def moment(value: str | None, name: str, *, up: bool = False) -> datetime | None
     try:
         return read_time(value, up=up)
     except msgspec.ValidationError:
+        # quoted, so that the space a `+` of an offset became in the query shows
+        plus = " (a + in a query string is read as a space: write it %2B)" if " " in value else ""
         raise bad_request(
-            f"invalid query parameter {name!r}: give an ISO 8601 date-time such as"
-            " 2026-11-24T02:14:07Z",
+            f"invalid query parameter {name!r}: {shown_value(value)} is no ISO 8601"
+            f" date-time such as 2026-11-24T02:14:07Z{plus}",
             name,
         ) from None
 

@@ -108,6 +108,7 @@ def test_submit_prints_the_job_and_its_json_is_the_services_payload(service, rec
     args += ["--timeout", "60", "--metadata", "@-"]
     shown = cli(service.url, *args, stdin='{"team": "sales"}')
     assert shown.exit_code == 0, shown.stderr
+    assert shown.stderr == ""
     assert "cli-submit" in shown.stdout
     assert "pending" in shown.stdout or "running" in shown.stdout
     job = settled(service, "cli-submit", "succeeded")
@@ -118,6 +119,9 @@ def test_submit_prints_the_job_and_its_json_is_the_services_payload(service, rec
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout) == served(service, "/jobs/cli-submit") == job
     assert len(receiver.hits) == 1  # nothing triggered again
+    assert again.stderr == (
+        "tether: job cli-submit already existed with this request: nothing new was started\n"
+    )
 
 
 def test_get_shows_the_job_as_a_table_or_as_the_services_json(service, receiver):
@@ -1037,3 +1041,27 @@ def test_an_events_table_marks_where_the_history_dropped_events():
     lines = [line.strip() for line in console.export_text().splitlines() if line.strip()]
     assert [line.split()[0] for line in lines] == ["seq", "1", "2", "…", "351", "352"]
     assert "… 348 events no longer kept …" in lines[3]
+
+
+@pytest.mark.parametrize(
+    ("method", "exc", "said"),
+    [
+        ("GET", httpx.ReadTimeout("t"), "cannot reach http://h:1/x: no answer in time"),
+        ("POST", httpx.ConnectTimeout("t"), "cannot reach http://h:1/x: no answer in time"),
+        (
+            "POST",
+            httpx.ReadTimeout("t"),
+            "http://h:1/x took the request and did not answer in time: it may have been made;"
+            " look (tether get ID) before sending it again",
+        ),
+    ],
+)
+def test_a_change_sent_and_not_answered_is_said_to_maybe_have_been_made(method, exc, said):
+    """`tether cancel` against a service that took the request and never
+    answered said "cannot reach", as if nothing had been sent (found by a QA
+    pass); a connection never made is still "cannot reach". The URL's query
+    (a callback token) is never shown."""
+    from api.client import unreachable
+
+    error = unreachable("http://u:p@h:1/x?token=secret", exc, method)
+    assert error.message == said and error.reached is False

@@ -360,6 +360,32 @@ async def test_an_integer_query_parameter_is_decimal_digits_only(start_service, 
             assert (await svc.client.get(f"{route}?limit={value}")).status_code == 200
 
 
+async def test_a_query_value_refused_is_named_with_what_is_wrong_with_it(start_service):
+    """`limit=-1` was told to "write a whole number", which it is; an
+    offset's `+` left unencoded (read as a space) was told to give a
+    date-time, with no sign of what was read (found by a QA pass)."""
+    svc = await start_service()
+    answer = await svc.client.get("/jobs?limit=-1")
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "invalid query parameter 'limit': -1 is negative"
+    answer = await svc.client.get("/jobs?created_after=2026-12-06T18:49:08+00:00")
+    assert answer.status_code == 400
+    assert answer.json()["error"] == {
+        "code": "invalid_request",
+        "message": "invalid query parameter 'created_after': '2026-12-06T18:49:08 00:00' is no"
+        " ISO 8601 date-time such as 2026-11-24T02:14:07Z (a + in a query string is read as a"
+        " space: write it %2B)",
+        "details": {"field": "created_after", "in": "query"},
+    }
+    answer = await svc.client.get("/jobs?created_after=2026-12-06T18:49:08%2B00:00")
+    assert answer.status_code == 200, answer.text
+    answer = await svc.client.get("/jobs?created_before=yesterday")
+    assert answer.json()["error"]["message"] == (
+        "invalid query parameter 'created_before': 'yesterday' is no ISO 8601 date-time such"
+        " as 2026-11-24T02:14:07Z"
+    )
+
+
 @pytest.mark.parametrize(
     "given", ["x" * 10_000, "a\nb\x1b[31mc\x00d\u2028e\u202ef"], ids=["10kB", "controls"]
 )
