@@ -758,7 +758,15 @@ class CallbackController(Controller):
         neither the uniform body nor the backend's is 422."""
         if not token:  # none, or `?token=` empty: the header's
             token = bearer(request)
-        body = await request.body()
+        try:
+            body = await request.body()
+        except HTTPException as exc:
+            if exc.status_code == 413:  # filed on the job, then the 413 as it was
+                length = request.headers.get("content-length", "")
+                size = int(length) if DECIMAL.fullmatch(length) else None
+                with contextlib.suppress(Exception):
+                    await tether.callback_too_large(promise_id, token, size)
+            raise
         result = await tether.callback(promise_id, token, body)
         error = None
         if result.outcome in ("conflict", "gone"):

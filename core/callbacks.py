@@ -289,6 +289,26 @@ class Callbacks:
             raise NotFound.promise(promise_id)
         return rec
 
+    async def too_large(self, promise_id: str, token: str | None, size: int | None) -> None:
+        """A callback whose body was over `TETHER_MAX_BODY_BYTES`, refused
+        413 unread: filed on its job, with a good token, as an `invalid`
+        verdict (`error_type` `too_large`, `body_bytes` when the request said
+        its length), once a minute as any. Before, nothing was: the run's
+        report was lost, and the job waited for its deadline with no word of
+        why (found by a QA pass). A token or promise refused files nothing,
+        and the 413 stands either way."""
+        try:
+            rec = await self._job_of(promise_id, token)
+        except (Unauthorized, NotFound):
+            return
+        attempt = workflow.attempt_of(promise_id) or 1
+        if attempt != rec.attempt:
+            return
+        data: dict[str, Any] = {"verdict": "invalid", "error_type": "too_large"}
+        if size is not None:
+            data["body_bytes"] = size
+        await self._record_repeat(rec.id, attempt, self._repeat(rec.id, attempt, data))
+
     async def take(self, promise_id: str, token: str | None, body: bytes) -> CallbackResult:
         """Settle a job's wait from its callback URL."""
         rec = await self._job_of(promise_id, token)

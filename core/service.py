@@ -894,6 +894,12 @@ class Tether:
         """Settle a job's wait from its callback URL (see `core.callbacks`)."""
         return await self.callbacks.take(promise_id, token, body)
 
+    async def callback_too_large(
+        self, promise_id: str, token: str | None, size: int | None
+    ) -> None:
+        """A callback refused 413, filed on its job (see `core.callbacks`)."""
+        await self.callbacks.too_large(promise_id, token, size)
+
     async def heartbeat(
         self, promise_id: str, token: str | None, body: bytes
     ) -> tuple[Heartbeat, HeartbeatGone | None]:

@@ -634,3 +634,32 @@ async def test_hints_that_find_the_run_going_are_filed_once_then_counted(start_s
     assert [e["data"]["verdict"] for e in noted] == ["noted"]
     assert checks == [{"said": "running", "progress": {"step": 1}}]
     assert (await svc.job("h"))["state"] == "running"
+
+
+async def test_a_callback_over_the_body_limit_is_413_and_filed_on_its_job(start_service, receiver):
+    """Refused 413 unread, as before; but before, nothing was filed, and the
+    job waited for its deadline with no word of why its run's report was
+    lost (found by a QA pass). A wrong token files nothing."""
+    svc = await start_service(max_body_bytes=2048)
+    path = await started(svc, receiver)
+    big = {"status": "succeeded", "result": "x" * 4000}
+    wrong = path.split("?")[0] + "?token=wrong"
+    assert (await svc.client.post(wrong, json=big)).status_code == 413
+    response = await svc.client.post(path, json=big)
+    assert response.status_code == 413, response.text
+    assert "at most 2048 bytes" in response.json()["error"]["message"]
+
+    async def chunks() -> Any:  # no content-length: its size is not known
+        yield msgspec.json.encode(big)
+
+    response = await svc.client.post(
+        path, content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413, response.text
+    items = (await svc.client.get("/jobs/cb/events")).json()["items"]
+    filed = [e["data"] for e in items if e["type"] == "callback"]
+    size = len(msgspec.json.encode(big))
+    assert filed == [{"verdict": "invalid", "error_type": "too_large", "body_bytes": size}]
+    assert (await svc.job("cb"))["state"] == "running"
+    ok = await svc.client.post(path, json={"status": "succeeded", "result": 1})
+    assert ok.status_code == 200 and ok.json()["job"]["result"] == 1
