@@ -212,7 +212,7 @@ class Tether:
             self.jobs,
             self.signer,
             self._settler,
-            slots=Slots.of(r, conn),
+            slots=Slots.of(r, conn, self.settings.max_concurrent_tasks),
         )
         self._steps = steps
         self._settler.on_orphan = steps.finish_orphan

@@ -165,21 +165,31 @@ class Slots:
     answering 429 with `Retry-After: 60`) held a slot for the whole wait,
     so as many jobs throttled as there are slots kept every other job of
     the process `pending` (found by a QA pass: 3 slots, a healthy target's
-    job triggered 3 minutes late). A call under way keeps its slot (it holds
-    a connection); `TRIGGER_SLOW` says when one is slow."""
+    job triggered 3 minutes late). A call under way keeps its slot for
+    `TRIGGER_SLOW`, then lends it too, while fewer slow calls than there
+    are slots do (each holds a connection): 64 calls to a target that hangs
+    held every slot for their whole timeout (up to 300 s a try), and a
+    healthy target's job waited 4 minutes (the same QA pass)."""
 
     def __init__(
         self,
         held: asyncio.Semaphore | None,
         room: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+        size: int = 64,
     ) -> None:
         self.held = held
         self.room = room
         """The store's own count of the tasks it handed this process, where
         it keeps one (the embedded store's `room_lent`), lent back too."""
+        self.size = size
+        """The slots (`TETHER_MAX_CONCURRENT_TASKS`): as many slow calls at
+        most lend theirs (`lent(call=True)`), so a process holds at most
+        twice as many tasks, each slow call a connection."""
+        self.calls = 0
+        """Slow calls lending their slots now."""
 
     @classmethod
-    def of(cls, resonate: Any, connection: Any) -> Slots:
+    def of(cls, resonate: Any, connection: Any, size: int) -> Slots:
         """The slots of a `Resonate` and its store connection (none when its
         SDK keeps them elsewhere: a test checks that this one does)."""
         sema = getattr(getattr(resonate, "_runtime", None), "execute_sema", None)
@@ -189,18 +199,27 @@ class Slots:
                 " waits between tries hold their slot"
             )
             return cls(None)
-        return cls(sema, getattr(connection, "room_lent", None))
+        return cls(sema, getattr(connection, "room_lent", None), size)
 
     @contextlib.asynccontextmanager
-    async def lent(self) -> AsyncIterator[None]:
+    async def lent(self, *, call: bool = False) -> AsyncIterator[None]:
         """The running task's slot, given back for the block and taken again
         after it (waiting for one, as any task does). A block that raises
-        (cancelled: the service stops) or a take cut short by a cancel
-        leaves the take to a future of its own, so that the SDK's release
-        of the task's slot, as it ends, leaves the count as it was."""
+        (cancelled: the service stops; a call abandoned) or a take cut short
+        by a cancel leaves the take to a future of its own, so that the
+        SDK's release of the task's slot, as it ends, leaves the count as it
+        was. `call`: a slow call's, lent only while fewer than `size` are."""
         sema = self.held
-        if sema is None:
+        if sema is None or (call and self.calls >= self.size):
             yield
+            return
+        if call:
+            self.calls += 1
+            try:
+                async with self.lent():
+                    yield
+            finally:
+                self.calls -= 1
             return
         with self.room() if self.room is not None else contextlib.nullcontext():
             sema.release()
@@ -896,7 +915,8 @@ class JobSteps:
         the attempt ended or moved on meanwhile (the job's row, looked at
         every `TRIGGER_WATCH` seconds, read again while the store fails), the
         call left to answer late (`_answered_late`). Past `TRIGGER_SLOW`, a
-        `trigger_slow` event (`_trigger_slow`). Either way the workflow goes on, and frees its
+        `trigger_slow` event (`_trigger_slow`), and the task's slot lent
+        (`Slots`). Either way the workflow goes on, and frees its
         task slot; what the try may have started is its attempt's finish's
         to stop, as a try whose answer was lost (`_may_have_started`). A
         `CancelledError` the call raises of its own (this task is not being
@@ -913,23 +933,16 @@ class JobSteps:
         answering = asyncio.ensure_future(_contained(called))
         began = loop.time()
         until = began + TRIGGER_TIMEOUT
-        detached = slow = False
+        detached = False
         try:
-            while True:
-                left = until - loop.time()
-                if left > 0:
-                    await _settled_within(answering, min(TRIGGER_WATCH, left))
-                if answering.done():
-                    break
-                if loop.time() >= until:
-                    raise _Unanswered
-                now = await self._row(rec)
-                if now is None or now.finished or now.attempt != rec.attempt:
-                    detached = True
-                    raise _Abandoned(now, answering, until)
-                if not slow and loop.time() - began >= TRIGGER_SLOW:
-                    slow = True
-                    await self._trigger_slow(now, this, which, loop.time() - began)
+            now = await self._watched(rec, answering, began + TRIGGER_SLOW, until)
+            if now is not None:  # slow: said, and its slot lent while it goes on
+                await self._trigger_slow(now, this, which, loop.time() - began)
+                async with self.slots.lent(call=True):
+                    await self._watched(rec, answering, until, until)
+        except _Abandoned:
+            detached = True
+            raise
         finally:
             if not answering.done() and not detached:
                 _abandon(answering, rec)
@@ -937,6 +950,29 @@ class JobSteps:
             return answering.result()
         except asyncio.CancelledError:
             raise RuntimeError("the call was cancelled, by the backend itself") from None
+
+    async def _watched(
+        self, rec: JobRecord, answering: asyncio.Future[Any], stop_at: float, until: float
+    ) -> JobRecord | None:
+        """Watch a trigger's call (`_answer`) until it is done (None) or
+        `stop_at` (a `loop.time()`) has passed (the job's row as last read):
+        `_Unanswered` at `until`, `_Abandoned` once the attempt ended or
+        moved on, the row looked at every `TRIGGER_WATCH` seconds (not
+        before the first: a prompt answer costs no read)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = min(stop_at, until) - loop.time()
+            if left > 0:
+                await _settled_within(answering, min(TRIGGER_WATCH, left))
+            if answering.done():
+                return None
+            if loop.time() >= until:
+                raise _Unanswered
+            now = await self._row(rec)
+            if now is None or now.finished or now.attempt != rec.attempt:
+                raise _Abandoned(now, answering, until)
+            if loop.time() >= stop_at:
+                return now
 
     async def _answered_late(
         self,

@@ -80,6 +80,20 @@ async def test_a_lent_slot_cancelled_leaves_the_count_as_it_was(where: str):
     assert sema._value == 1 and not sema._waiters
 
 
+async def test_no_more_slow_calls_lend_their_slots_than_there_are_slots():
+    """Each slow call holds a connection: at most `size` lend their slots,
+    so a process holds at most twice as many tasks; the next keeps its own."""
+    sema = asyncio.Semaphore(2)
+    await sema.acquire()
+    await sema.acquire()  # two tasks, each in a slow call
+    slots = Slots(sema, size=1)
+    async with slots.lent(call=True):
+        assert (slots.calls, sema._value) == (1, 1)  # the first lends its slot
+        async with slots.lent(call=True):
+            assert (slots.calls, sema._value) == (1, 1)  # the second keeps its own
+    assert (slots.calls, sema._value) == (0, 0)
+
+
 async def test_the_sdks_slots_and_the_embedded_stores_room_are_found(tmp_path: Path):
     """Where resonate-sdk keeps its slots is its own: an upgrade that moves
     them fails here, not silently in the service (the waits would hold
@@ -88,7 +102,7 @@ async def test_the_sdks_slots_and_the_embedded_stores_room_are_found(tmp_path: P
     await conn.start()
     try:
         r = Resonate(network=conn, group="g", pid="p", max_concurrent_tasks=3)
-        slots = Slots.of(r, conn)
+        slots = Slots.of(r, conn, 3)
         assert isinstance(slots.held, asyncio.Semaphore) and slots.held._value == 3
         assert slots.room is not None
         room = conn._room()
@@ -101,7 +115,7 @@ async def test_the_sdks_slots_and_the_embedded_stores_room_are_found(tmp_path: P
 
 def test_no_slots_found_is_a_warning_and_lends_nothing(caplog: pytest.LogCaptureFixture):
     caplog.set_level("WARNING", logger="tether")
-    slots = Slots.of(object(), object())
+    slots = Slots.of(object(), object(), 1)
     assert slots.held is None
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "resonate-sdk keeps its task slots where Tether does not look"

@@ -230,3 +230,37 @@ async def test_a_trigger_waiting_between_tries_lends_its_task_slot(start_service
     events = (await svc.client.get("/jobs/throttled/events")).json()["items"]
     [failed] = [e for e in events if e["type"] == "trigger_failed"]
     assert failed["data"]["retry_in"] == 3
+
+
+async def test_a_slow_trigger_call_lends_its_task_slot(start_service, receiver, monkeypatch):
+    """One task slot, a job whose target holds its trigger request open
+    (its `timeout` 60 s): before, the slot was held for the whole call, and
+    a job to a healthy target waited (64 calls to a hung target held a
+    healthy one's job 4 minutes: found by a QA pass). Past `TRIGGER_SLOW`
+    the call lends its slot: the healthy job succeeds while the call hangs."""
+    monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
+    monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 0.3)
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hang":
+            release.wait(60)
+        return 202, {}
+
+    receiver.respond = respond
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
+    svc = await start_service(max_concurrent_tasks=1)
+    try:
+        params = {"url": receiver.url("/hang"), "timeout": 60}
+        await submit(svc, "hung", "http_webhook", params=params)
+        await eventually(lambda: receiver.on("/hang"))
+        await submit(svc, "fast", "http_webhook", params={"url": receiver.url("/fast")})
+        await svc.wait_state("fast", "succeeded", timeout=15)
+        hung = await svc.job("hung")
+        assert hung["state"] == "pending" and not release.is_set()
+        events = (await svc.client.get("/jobs/hung/events")).json()["items"]
+        assert [e["type"] for e in events] == ["accepted", "trigger_slow"]
+    finally:
+        release.set()
+    await svc.wait_state("hung", "running", timeout=15)  # its slot taken back, its run recorded
+    assert len(receiver.on("/hang")) == 1
