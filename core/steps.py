@@ -159,17 +159,18 @@ float (`OverflowError` at start-up) or a store's timestamp."""
 class Slots:
     """This process's workflow task slots (`TETHER_MAX_CONCURRENT_TASKS`):
     the SDK's semaphore, which each workflow task holds from its claim to
-    its suspension, trigger step included. A step lends its slot back while
-    it waits between two trigger tries (`lent`), as a workflow engine's
-    timers hold none: a backoff or a backend's `retry_after` (a target
-    answering 429 with `Retry-After: 60`) held a slot for the whole wait,
-    so as many jobs throttled as there are slots kept every other job of
-    the process `pending` (found by a QA pass: 3 slots, a healthy target's
-    job triggered 3 minutes late). A call under way keeps its slot for
-    `TRIGGER_SLOW`, then lends it too, while fewer slow calls than there
-    are slots do (each holds a connection): 64 calls to a target that hangs
-    held every slot for their whole timeout (up to 300 s a try), and a
-    healthy target's job waited 4 minutes (the same QA pass)."""
+    its suspension, trigger step included. A trigger lends its task's slot
+    back (`lent`) while it waits between two tries, as a workflow engine's
+    timers hold none, and while a call goes on past `TRIGGER_SLOW`: a
+    backoff or a backend's `retry_after` (a target answering 429 with
+    `Retry-After: 60`), or a call to a target that hangs, held a slot
+    throughout, so as many such jobs as there are slots kept every other
+    job of the process `pending` (found by a QA pass: 3 slots, a healthy
+    target's job triggered 3 minutes late; 64 calls hung for their 60 s
+    `timeout`, 4 minutes late). At most `size` lend at once: a lent task
+    is still in memory (and a slow call holds a connection), so a process
+    holds at most twice its slots in tasks, as the slots bound a burst's
+    memory; the next keep theirs."""
 
     def __init__(
         self,
@@ -182,11 +183,9 @@ class Slots:
         """The store's own count of the tasks it handed this process, where
         it keeps one (the embedded store's `room_lent`), lent back too."""
         self.size = size
-        """The slots (`TETHER_MAX_CONCURRENT_TASKS`): as many slow calls at
-        most lend theirs (`lent(call=True)`), so a process holds at most
-        twice as many tasks, each slow call a connection."""
-        self.calls = 0
-        """Slow calls lending their slots now."""
+        """The slots (`TETHER_MAX_CONCURRENT_TASKS`), and so the most that lend theirs."""
+        self.lending = 0
+        """Tasks lending their slots now."""
 
     @classmethod
     def of(cls, resonate: Any, connection: Any, size: int) -> Slots:
@@ -196,38 +195,34 @@ class Slots:
         if not isinstance(sema, asyncio.Semaphore):
             log.warning(
                 "resonate-sdk keeps its task slots where Tether does not look: a trigger's"
-                " waits between tries hold their slot"
+                " waits and slow calls hold their slot"
             )
             return cls(None)
         return cls(sema, getattr(connection, "room_lent", None), size)
 
     @contextlib.asynccontextmanager
-    async def lent(self, *, call: bool = False) -> AsyncIterator[None]:
+    async def lent(self) -> AsyncIterator[None]:
         """The running task's slot, given back for the block and taken again
-        after it (waiting for one, as any task does). A block that raises
-        (cancelled: the service stops; a call abandoned) or a take cut short
-        by a cancel leaves the take to a future of its own, so that the
-        SDK's release of the task's slot, as it ends, leaves the count as it
-        was. `call`: a slow call's, lent only while fewer than `size` are."""
+        after it (waiting for one, as any task does), unless `size` are lent
+        already (then kept). A block that raises (cancelled: the service
+        stops; a call abandoned) or a take cut short by a cancel leaves the
+        take to a future of its own, so that the SDK's release of the task's
+        slot, as it ends, leaves the count as it was."""
         sema = self.held
-        if sema is None or (call and self.calls >= self.size):
+        if sema is None or self.lending >= self.size:
             yield
             return
-        if call:
-            self.calls += 1
-            try:
-                async with self.lent():
+        self.lending += 1
+        try:
+            with self.room() if self.room is not None else contextlib.nullcontext():
+                sema.release()
+                try:
                     yield
-            finally:
-                self.calls -= 1
-            return
-        with self.room() if self.room is not None else contextlib.nullcontext():
-            sema.release()
-            try:
-                yield
-            except BaseException:
-                _take(sema)
-                raise
+                except BaseException:
+                    _take(sema)
+                    raise
+        finally:
+            self.lending -= 1
         await asyncio.shield(_take(sema))  # cancelled: the take goes on
 
 
@@ -938,7 +933,7 @@ class JobSteps:
             now = await self._watched(rec, answering, began + TRIGGER_SLOW, until)
             if now is not None:  # slow: said, and its slot lent while it goes on
                 await self._trigger_slow(now, this, which, loop.time() - began)
-                async with self.slots.lent(call=True):
+                async with self.slots.lent():
                     await self._watched(rec, answering, until, until)
         except _Abandoned:
             detached = True

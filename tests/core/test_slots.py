@@ -80,18 +80,19 @@ async def test_a_lent_slot_cancelled_leaves_the_count_as_it_was(where: str):
     assert sema._value == 1 and not sema._waiters
 
 
-async def test_no_more_slow_calls_lend_their_slots_than_there_are_slots():
-    """Each slow call holds a connection: at most `size` lend their slots,
-    so a process holds at most twice as many tasks; the next keeps its own."""
+async def test_no_more_tasks_lend_their_slots_than_there_are_slots():
+    """A lent task is still in memory (a slow call holds a connection too):
+    at most `size` lend at once, so a process holds at most twice its slots
+    in tasks, as the slots bound a burst's memory; the next keeps its own."""
     sema = asyncio.Semaphore(2)
     await sema.acquire()
-    await sema.acquire()  # two tasks, each in a slow call
+    await sema.acquire()  # two tasks, each waiting
     slots = Slots(sema, size=1)
-    async with slots.lent(call=True):
-        assert (slots.calls, sema._value) == (1, 1)  # the first lends its slot
-        async with slots.lent(call=True):
-            assert (slots.calls, sema._value) == (1, 1)  # the second keeps its own
-    assert (slots.calls, sema._value) == (0, 0)
+    async with slots.lent():
+        assert (slots.lending, sema._value) == (1, 1)  # the first lends its slot
+        async with slots.lent():
+            assert (slots.lending, sema._value) == (1, 1)  # the second keeps its own
+    assert (slots.lending, sema._value) == (0, 0)
 
 
 async def test_the_sdks_slots_and_the_embedded_stores_room_are_found(tmp_path: Path):
