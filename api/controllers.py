@@ -152,7 +152,7 @@ def strict_query(rules: QueryRules) -> Guard:
                         continue
                     # -1 is a whole number: what is wrong with it is its sign (found
                     # by a QA pass, which read "write a whole number" as wrong)
-                    signed = value[:1] == "-" and DECIMAL.fullmatch(value[1:])
+                    signed = value[:1] == "-" and value != "-0" and DECIMAL.fullmatch(value[1:])
                     raise bad_request(
                         f"invalid query parameter {shown!r}: "
                         + (

@@ -633,6 +633,8 @@ def _takes_an_object(info: msgspec.inspect.Type) -> bool:
             | msgspec.inspect.AnyType()
         ):
             return True
+        case msgspec.inspect.CustomType():  # `object` converts as `Any` does (a review)
+            return info.cls is object
         case msgspec.inspect.Metadata():
             return _takes_an_object(info.type)
         case msgspec.inspect.UnionType():

@@ -226,6 +226,23 @@ class Slots:
         await asyncio.shield(_take(sema))  # cancelled: the take goes on
 
 
+def _unanswered(backend: str, which: str) -> dict[str, str]:
+    """A try's error when its call did not answer within `TRIGGER_TIMEOUT`."""
+    message = f"backend {backend!r}: {which} did not answer within {TRIGGER_TIMEOUT:g} s;"
+    return {"type": "trigger_timeout", "message": f"{message} the call was cancelled"}
+
+
+def _plugin_bug(backend: str, exc: BaseException) -> dict[str, str]:
+    """A try's error when the backend raised what is no `BackendError`: its
+    type alone, as for every other backend method. Its words (a plugin's
+    own token, quoted) would reach the job record, the events, the
+    dashboard and the notification (found by a QA pass); the log has its
+    traceback, callback tokens masked (`_log_traceback`)."""
+    name = type(exc).__name__
+    message = f"{name} (raised by backend {backend!r}, not a BackendError; its traceback is"
+    return {"type": name, "message": f"{message} in the service's log)"}
+
+
 _taking: set[asyncio.Future[Any]] = set()
 """The takes of slots under way (`_take`; a strong reference: the loop
 keeps a weak one)."""
@@ -474,6 +491,20 @@ class JobSteps:
                 extra=rec.log_extra(promise_id),
             )
             await self._cancel_run(backend, replace(written, external=receipt))
+            return
+        elif written.attempt == attempt and written.external != receipt:
+            # Another process recorded its answer first, and the two cannot be
+            # told apart (a backend without run keys, as `http_webhook`: the
+            # same idempotency key is to answer the same run). Its receipt is
+            # the job's; this one is not kept, nor said as a second
+            # "triggered" (found by a QA pass).
+            log.info(
+                "job %s: another process recorded this attempt's run first; this trigger's"
+                " answer (the same run, by its idempotency key) is not kept",
+                job_id,
+                extra=rec.log_extra(promise_id),
+            )
+            return
         log.info("job %s triggered", job_id, extra=rec.log_extra(promise_id))
 
     def _check_interval(self, backend: Backend, rec: JobRecord, params: Any) -> float | None:
@@ -831,14 +862,11 @@ class JobSteps:
                 # stop that run (`cancel_unrecorded`). Not tried again: the
                 # backend would hang again, or answer so again.
                 if isinstance(exc, _Unanswered):
-                    message = f"backend {rec.backend!r}: {which} did not answer within"
-                    message += f" {TRIGGER_TIMEOUT:g} s; the call was cancelled"
-                    code = "trigger_timeout"
+                    error = _unanswered(rec.backend, which)
                 else:
-                    message, code = redact(exc.message, tokens), "invalid_receipt"
-                error = {"type": code, "message": message}
+                    error = {"type": "invalid_receipt", "message": redact(exc.message, tokens)}
                 await self._trigger_failed(rec, this, error, None, True)
-                raise BackendError(message, code=code) from None
+                raise BackendError(error["message"], code=error["type"]) from None
             except BackendError as exc:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
@@ -855,15 +883,7 @@ class JobSteps:
                 wait = max(backoff, exc.retry_after or 0)
                 reason = exc.message
             except Exception as exc:  # a plugin bug or a network error: retry, then fail
-                # Its type alone, as for every other backend method: its words
-                # (a plugin's own token, quoted) would reach the job record,
-                # the events, the dashboard and the notification (found by a
-                # QA pass). The log has its traceback, callback tokens masked.
-                message = (
-                    f"{type(exc).__name__} (raised by backend {rec.backend!r}, not a"
-                    " BackendError; its traceback is in the service's log)"
-                )
-                error = {"type": type(exc).__name__, "message": message}
+                error = _plugin_bug(rec.backend, exc)
                 if _where(exc) not in told:  # once for each kind and place: tries repeat it
                     told.add(_where(exc))
                     _log_traceback(
@@ -882,7 +902,7 @@ class JobSteps:
                     )
                 if this == attempts:
                     await self._trigger_failed(rec, this, error, None, True)
-                    raise BackendError(message, code="trigger") from None
+                    raise BackendError(error["message"], code="trigger") from None
                 wait, reason, counted = delay, f"{type(exc).__name__}", True
             if counted:
                 tries += 1
@@ -1304,21 +1324,27 @@ class JobSteps:
         a QA pass). Not once the job was retried (its history is the new
         attempt's), nor when the store fails (the log has it)."""
         retryable, counted = True, True
-        if not answering.done() or answering.cancelled():
-            message = f"backend {rec.backend!r}: {which} did not answer within"
-            message += f" {TRIGGER_TIMEOUT:g} s; the call was cancelled"
-            error = {"type": "trigger_timeout", "message": message}
+        exc = None if not answering.done() or answering.cancelled() else answering.exception()
+        if exc is None:  # abandoned at its bound (an answer was taken before this)
+            error = _unanswered(rec.backend, which)
         else:
-            exc = answering.exception()
             if isinstance(exc, BackendError):
                 error = {"type": exc.code or "backend", "message": redact(exc.message, tokens)}
                 retryable, counted = exc.retryable, exc.tried or not exc.retryable
             else:  # its type alone, as at any try (`_trigger_with_retries`)
-                name = type(exc).__name__
-                error = {
-                    "type": name,
-                    "message": f"{name} (raised by backend {rec.backend!r}, not a BackendError)",
-                }
+                error = _plugin_bug(rec.backend, exc)
+                _log_traceback(
+                    logging.ERROR,
+                    exc,
+                    tokens,
+                    "job %s: backend %r: %s raised %s, not a BackendError (a bug of its"
+                    " plugin?), after its attempt ended",
+                    rec.id,
+                    rec.backend,
+                    which,
+                    type(exc).__name__,
+                    extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
+                )
         log.warning(
             "job %s: backend %r's %s, which attempt %d no longer waited for, failed: %s",
             rec.id,
@@ -1336,11 +1362,11 @@ class JobSteps:
             now = await self._row(rec)
             if now is not None and now.attempt == rec.attempt:
                 await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
-        except Exception as exc:
+        except Exception as failed:
             log.warning(
                 "job %s: the late failure of its trigger's call was not filed (%s)",
                 rec.id,
-                type(exc).__name__,
+                type(failed).__name__,
             )
 
     async def _trigger_slow(self, rec: JobRecord, this: int, which: str, took: float) -> None:

@@ -261,6 +261,10 @@ class SqliteConnection:
         #: task id -> monotonic deadline: executes handed to the SDK that it
         #: has not yet suspended, fulfilled or released (see _note_*).
         self._inflight: dict[str, float] = {}
+        self.on_failure: Callable[[BaseException], object] | None = None
+        """Told of each failure of the engine's own (a request's, a batch's,
+        the pump's), so that its owner may tell a damaged file from the
+        rest (Tether's `SqliteDriver`); what it raises is dropped."""
         self._max_inflight = max_inflight
         self._full = False
 
@@ -310,6 +314,14 @@ class SqliteConnection:
         if db is None:  # closed again while this waited for the open
             raise SqliteStoreError(StoreFailure(f"sqlite store {self._path}: closed"))
         return db
+
+    def _told(self, exc: BaseException) -> None:
+        """`on_failure(exc)`, if set; never raises."""
+        if self.on_failure is not None:
+            try:
+                self.on_failure(exc)
+            except Exception:
+                logger.exception("sqlite store: on_failure failed")
 
     @contextlib.contextmanager
     def room_lent(self) -> Iterator[None]:
@@ -693,6 +705,7 @@ class SqliteConnection:
         *,
         drop: bool = True,
     ) -> None:
+        self._told(exc)
         if drop:
             del self._queue[: len(batch)]
             del self._extras[: len(extras)]
@@ -705,6 +718,7 @@ class SqliteConnection:
         for (_, fut, _), answer in zip(batch, answers, strict=True):
             if isinstance(answer, Exception):
                 logger.error("sqlite store: request failed: %r", answer)
+                self._told(answer)
                 if not fut.done():
                     fut.set_exception(SqliteStoreError(answer))
                 continue
@@ -743,6 +757,7 @@ class SqliteConnection:
                     raise SqliteStoreError(StoreFailure(msg)) from exc
                 await asyncio.sleep(delay)
             except StoreFailure as exc:
+                self._told(exc)
                 raise SqliteStoreError(exc) from exc
             except Exception as exc:  # a bug must not kill the SDK's worker
                 logger.exception("sqlite store: internal error")
@@ -883,6 +898,7 @@ class SqliteConnection:
                 raise
             except Exception as exc:  # the pump is the runtime: never die
                 logger.warning("sqlite store: pump failed: %s", exc)
+                self._told(exc)
                 # look at everything again after a nap; retry what failed in a second
                 first, more, self._rung, self._recheck = True, False, False, False
                 next_beat, next_reap = max(next_beat, now + 1.0), max(next_reap, now + 1.0)

@@ -279,6 +279,8 @@ class SqliteDriver:
         self._markers = 0  # its connections opened so far: which one a mark is of
         self._file = _identity(path)
         """The file's device and inode as opened (`check_writable` compares)."""
+        if shared is not None:  # the engine's own reads find damage too (found by a review)
+            shared.on_failure = self._failed
         self._damage: str | None = None
         """What SQLite said when it first found the file damaged (`_failed`):
         every later `check_writable` fails with it."""

@@ -334,3 +334,25 @@ async def test_an_embedded_store_found_damaged_is_logged_once_and_503_on_health(
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"the embedded store {path} is damaged (")
     assert "tether restore" in errors[0]
+
+
+async def test_damage_the_store_engine_found_is_503_on_health_too(start_service, store_url, caplog):
+    """The engine's own reads (its pump's liveness beat, the SDK's
+    requests) found damage the index never read: each was a WARNING or an
+    ERROR of its own, and `/health` said ok (found by a review). They are
+    told to the index's driver, which says the store is damaged."""
+    from resonate_sqlite.engine import StoreFailure
+
+    store = store_url()
+    if not store.startswith("sqlite:///"):
+        pytest.skip("the embedded store's own check")
+    svc = await start_service(store=store)
+    assert (await svc.client.get("/health")).status_code == 200
+    conn = svc.tether.store.connection
+    caplog.set_level("ERROR", logger="tether")
+    conn._told(StoreFailure("sqlite store x: database disk image is malformed"))  # the pump's
+    conn._told(StoreFailure("sqlite store x: database disk image is malformed"))
+    health = await svc.client.get("/health")
+    assert health.status_code == 503, health.text
+    assert "is damaged (sqlite store x: database disk image is malformed)" in health.text
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1

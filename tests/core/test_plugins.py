@@ -223,6 +223,7 @@ def test_hook_tether_backends_offering_what_cannot_be_used_is_refused_naming_the
         Params,
         dict[str, Any],
         Any,
+        object,
         Params | None,
         Annotated[Params, msgspec.Meta(title="p")],
         TypedParams,

@@ -1171,6 +1171,33 @@ async def test_a_second_run_of_a_running_attempt_is_stopped(
     assert ((said, "j", "j:1") in logs.fields()) == stopped
 
 
+async def test_a_second_answer_a_backend_without_run_keys_gave_is_not_kept_nor_said_triggered(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """Without run keys two receipts cannot be told apart (the same
+    idempotency key is to answer the same run): the one another process
+    recorded first is the job's, nothing is stopped, and this trigger does
+    not say "triggered" a second time for an answer it did not keep (a
+    stalled worker did: found by a QA pass)."""
+    await start(rig)
+    monkeypatch.setattr(rig.backend, "run_keys", lambda receipt: [])
+
+    async def during(trigger: Trigger) -> None:
+        await elsewhere(rig, run=8)
+
+    rig.backend.during = during
+    rig.backend.answers = [{"run": 9}]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    rec = await rig.parts.row("j")
+    assert (rec.state, rec.external) == ("running", {"run": 8})
+    assert rig.backend.canceled == []
+    assert logs.lines == [
+        "INFO job j: another process recorded this attempt's run first; this trigger's answer"
+        " (the same run, by its idempotency key) is not kept"
+    ]
+
+
 async def test_every_attempt_failing_fails_the_job_without_a_last_wait(rig: Rig):
     await start(rig)
     rig.backend.answers = [retryable(f"no {i}") for i in range(4)]
@@ -3752,7 +3779,8 @@ async def test_a_late_trigger_call_that_fails_has_what_it_may_have_started_asked
     assert data["retryable"] == (not refused or late.retryable)
     assert data.get("counted", True) == (not refused or late.tried or not late.retryable)
     assert data["error"]["message"] in (
-        "RuntimeError (raised by backend 'scripted', not a BackendError)",
+        "RuntimeError (raised by backend 'scripted', not a BackendError; its traceback is in the"
+        " service's log)",
         str(late),
     )
     assert len(rig.plugin.finished) == 1  # the finish's alone

@@ -8,10 +8,11 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
 
-from resonate_sqlite.connection import SqliteConnection
+from resonate_sqlite.connection import SqliteConnection, SqliteStoreError
 from resonate_sqlite.engine import now_ms
 from tests.resonate_sqlite.conformance.helpers import stays, until
 
@@ -148,3 +149,32 @@ async def test_a_burst_of_work_waits_on_disk_beyond_max_inflight(tmp_path: Path)
         for gate in gates.values():  # so a failing run does not hang in stop()
             gate.set()
         await asyncio.wait_for(r.stop(), 10)
+
+
+async def test_the_engines_own_failures_are_told_to_its_owner(tmp_path: Path) -> None:
+    """A request the engine fails (here: its file damaged under it) is told
+    to `on_failure`, as the pump's own failures are, so that Tether's
+    driver sees damage only the engine's reads found (it did not: found by
+    a review). What `on_failure` raises is dropped."""
+    from resonate_sqlite.engine import StoreFailure
+
+    conn = SqliteConnection(tmp_path / "told.db")
+    await conn.start()
+    told: list[BaseException] = []
+
+    def on_failure(exc: BaseException) -> None:
+        told.append(exc)
+        raise RuntimeError("the owner's own bug")
+
+    conn.on_failure = on_failure
+
+    def damaged(*_: object) -> object:
+        raise StoreFailure("sqlite store told.db: database disk image is malformed")
+
+    conn._engine.run_batch = damaged  # type: ignore[method-assign]
+    with pytest.raises(SqliteStoreError):
+        await conn.send(create(0))
+    [exc] = told
+    assert str(exc).endswith("sqlite store told.db: database disk image is malformed")
+    await conn.stop()
+    conn.close()
