@@ -212,18 +212,21 @@ class Slots:
         if sema is None or self.lending >= self.size:
             yield
             return
-        self.lending += 1
-        try:
-            with self.room() if self.room is not None else contextlib.nullcontext():
-                sema.release()
-                try:
-                    yield
-                except BaseException:
-                    _take(sema)
-                    raise
-        finally:
+        self.lending += 1  # until it has its slot back: waiting for one, it is still here
+
+        def back(_: object) -> None:
             self.lending -= 1
-        await asyncio.shield(_take(sema))  # cancelled: the take goes on
+
+        with self.room() if self.room is not None else contextlib.nullcontext():
+            sema.release()
+            try:
+                yield
+            except BaseException:
+                _take(sema).add_done_callback(back)
+                raise
+        taking = _take(sema)
+        taking.add_done_callback(back)
+        await asyncio.shield(taking)  # cancelled: the take goes on
 
 
 def _unanswered(backend: str, which: str) -> dict[str, str]:

@@ -84,9 +84,12 @@ def damaged(exc: BaseException) -> bool:
         seen.add(id(err))
         if getattr(err, "sqlite_errorcode", None) in DAMAGE_CODES:
             return True
-        text = str(err)
-        if "database disk image is malformed" in text or "file is not a database" in text:
-            return True
+        # SQLite's words, as its errors and the engine's (which quote them)
+        # say them: not any exception's, which might quote a request (a review)
+        if isinstance(err, sqlite3.Error) or type(err).__module__.startswith("resonate_sqlite"):
+            text = str(err)
+            if "database disk image is malformed" in text or "file is not a database" in text:
+                return True
         todo += [err.__cause__, err.__context__, *err.args]
     return False
 

@@ -121,3 +121,27 @@ def test_no_slots_found_is_a_warning_and_lends_nothing(caplog: pytest.LogCapture
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "resonate-sdk keeps its task slots where Tether does not look"
     ]
+
+
+async def test_a_process_holds_at_most_twice_its_slots_in_tasks():
+    """A task waiting to take its slot back is still in memory: it counts
+    against the lenders' bound until it has its slot, so tasks the freed
+    slots let in never make more than twice the slots (12 of 2 slots did,
+    before: found by a review)."""
+    sema = asyncio.Semaphore(2)
+    slots = Slots(sema, size=2)
+    live = peak = 0
+
+    async def task() -> None:
+        nonlocal live, peak
+        async with sema:  # the SDK's `_bounded_execute`
+            live += 1
+            peak = max(peak, live)
+            await asyncio.sleep(0.03)  # a call's first `TRIGGER_SLOW`
+            async with slots.lent():
+                await asyncio.sleep(0.04)  # the call goes on, its slot lent
+            await asyncio.sleep(0.001)
+            live -= 1
+
+    await asyncio.gather(*(task() for _ in range(20)))
+    assert peak == 4 and slots.lending == 0 and sema._value == 2
