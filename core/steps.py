@@ -1363,14 +1363,10 @@ class JobSteps:
             data["counted"] = False
         try:
             now = await self._row(rec)
-            if now is not None and now.attempt == rec.attempt:
-                await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
-        except Exception as failed:
-            log.warning(
-                "job %s: the late failure of its trigger's call was not filed (%s)",
-                rec.id,
-                type(failed).__name__,
-            )
+        except Exception:
+            now = None  # (the store fails: the warning above is what is left)
+        if now is not None and now.attempt == rec.attempt:
+            await self._file_aside(rec, NewEvent("trigger_failed", data), "")
 
     async def _trigger_slow(self, rec: JobRecord, this: int, which: str, took: float) -> None:
         """Say that try `this` of the job's trigger has not answered in
@@ -1393,13 +1389,21 @@ class JobSteps:
             TRIGGER_TIMEOUT,
             extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
         )
+        await self._file_aside(rec, NewEvent("trigger_slow", data), "; the call goes on")
+
+    async def _file_aside(self, rec: JobRecord, event: NewEvent, then: str) -> None:
+        """Record `event`, one an operator reads while the job goes on
+        without it (`trigger_slow`, a late `trigger_failed`): a store that
+        fails is a warning, never raised into the step."""
         try:
-            await self.jobs.record(rec.id, [NewEvent("trigger_slow", data)], now_ms())
+            await self.jobs.record(rec.id, [event], now_ms())
         except Exception as exc:
             log.warning(
-                "job %s: its trigger_slow event was not recorded (%s); the call goes on",
+                "job %s: its %s event was not recorded (%s)%s",
                 rec.id,
+                event.type,
                 type(exc).__name__,
+                then,
             )
 
     async def _trigger_failed(

@@ -135,6 +135,21 @@ def quick_watch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.1)
 
 
+def held_and_fast(receiver: Any) -> threading.Event:
+    """A receiver that holds a trigger to `/hang` open until the event is
+    set, and calls back `succeeded` for one to `/fast`: the event."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[int, Any]:
+        if hit.path == "/hang":
+            release.wait(60)
+        return 202, {}
+
+    receiver.respond = respond
+    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
+    return release
+
+
 async def test_hung_triggers_free_their_task_slots_when_their_jobs_time_out(
     start_service, quick_watch
 ):
@@ -168,15 +183,7 @@ async def test_a_webhook_trigger_held_past_its_jobs_deadline_frees_its_slot_and_
     the held request may have started. When the receiver answers at last,
     the run it names is recorded and stopped again, as any answer that came
     after its job ended."""
-    release = threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path == "/hang":
-            release.wait(60)
-        return 202, {}
-
-    receiver.respond = respond
-    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
+    release = held_and_fast(receiver)
     svc = await start_service(max_concurrent_tasks=1)
     try:
         params = {
@@ -240,15 +247,7 @@ async def test_a_slow_trigger_call_lends_its_task_slot(start_service, receiver, 
     the call lends its slot: the healthy job succeeds while the call hangs."""
     monkeypatch.setattr(core.steps, "TRIGGER_WATCH", 0.05)
     monkeypatch.setattr(core.steps, "TRIGGER_SLOW", 0.3)
-    release = threading.Event()
-
-    def respond(hit: Hit) -> tuple[int, Any]:
-        if hit.path == "/hang":
-            release.wait(60)
-        return 202, {}
-
-    receiver.respond = respond
-    receiver.callback = lambda hit: {"status": "succeeded"} if hit.path == "/fast" else None
+    release = held_and_fast(receiver)
     svc = await start_service(max_concurrent_tasks=1)
     try:
         params = {"url": receiver.url("/hang"), "timeout": 60}
