@@ -1357,16 +1357,7 @@ class JobSteps:
             unquoted(error["message"]),
             extra=rec.log_extra(callback_promise_id(rec.id, rec.attempt)),
         )
-        data = {"try": tries, "error": error, "retry_in": None, "retryable": retryable}
-        data["late"] = True
-        if not counted:  # it sent nothing (`BackendError.tried` False)
-            data["counted"] = False
-        try:
-            now = await self._row(rec)
-        except Exception:
-            now = None  # (the store fails: the warning above is what is left)
-        if now is not None and now.attempt == rec.attempt:
-            await self._file_aside(rec, NewEvent("trigger_failed", data), "")
+        await self._trigger_failed(rec, tries, error, None, retryable, counted=counted, late=True)
 
     async def _trigger_slow(self, rec: JobRecord, this: int, which: str, took: float) -> None:
         """Say that try `this` of the job's trigger has not answered in
@@ -1416,6 +1407,7 @@ class JobSteps:
         replayed: bool = False,
         *,
         counted: bool = True,
+        late: bool = False,
     ) -> None:
         """Record a failed try; `retry_in` None: no more tries; `retryable`
         False: a clear refusal (no run started), else the try may have
@@ -1426,11 +1418,19 @@ class JobSteps:
         same number. Not once the
         attempt has ended or was triggered (a process that stalled inside the
         trigger while another ended the job or triggered it): a finished
-        attempt's history ends with it, and a triggered one's tries are over."""
-        now = await self._row(rec)  # read again while the store fails
-        if now is None:
+        attempt's history ends with it, and a triggered one's tries are over.
+        But a `late` try (`_failed_late`: one its attempt no longer waited
+        for) is filed after the end, unless the job was retried since, and
+        a store that fails is a warning (`_file_aside`), not raised."""
+        try:
+            now = await self._row(rec)  # read again while the store fails
+        except Exception:
+            if not late:
+                raise
+            now = None  # (the store fails: `_failed_late`'s warning is what is left)
+        if now is None or now.attempt != rec.attempt:
             return
-        if now.finished or now.attempt != rec.attempt or now.external is not None:
+        if not late and (now.finished or now.external is not None):
             return
         if retry_in is not None:  # to the millisecond: not 0.30000000000000004
             retry_in = round(retry_in, 3)
@@ -1439,6 +1439,10 @@ class JobSteps:
             data["replayed"] = True
         if not counted:
             data["counted"] = False
+        if late:
+            data["late"] = True
+            await self._file_aside(rec, NewEvent("trigger_failed", data), "")
+            return
         await self.jobs.record(rec.id, [NewEvent("trigger_failed", data)], now_ms())
 
     async def finish(self, job_id: str, value: Any, attempt: int = 1) -> None:

@@ -356,9 +356,14 @@ class SqliteDriver:
                 self.path,
                 exc,
             )
+        return self._damaged(str(exc))
+
+    def _damaged(self, said: str, found: str = "") -> StoreUnavailable:
+        """What a request (or `/health`, `found` saying when) answers about
+        a file SQLite `said` is damaged."""
         return StoreUnavailable(
-            f"the embedded store {self.path} is damaged ({exc}); stop every service on it and"
-            ' restore a backup (docs/operations.md, "A damaged store")'
+            f"the embedded store {self.path} is damaged ({said}){found}; stop every service"
+            ' on it and restore a backup (docs/operations.md, "A damaged store")'
         )
 
     async def _reopen(self) -> None:
@@ -498,11 +503,7 @@ class SqliteDriver:
 
         await self._run(check)
         if self._damage is not None:
-            raise StoreUnavailable(
-                f"the embedded store {self.path} is damaged ({self._damage}), found by a read"
-                " since this process started; stop every service on it and restore a backup"
-                ' (docs/operations.md, "A damaged store")'
-            )
+            raise self._damaged(self._damage, ", found by a read since this process started")
         if self._file is not None and _identity(self.path) != self._file:
             # Replaced (`mv` of a copy over it) or deleted while open: this
             # process writes on to the old file, one started now opens
