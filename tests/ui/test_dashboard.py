@@ -805,7 +805,14 @@ def test_a_long_tag_leaves_the_ids_readable(page, service, client, hooks: Receiv
     def id_width(tag: str) -> float:
         page.goto(f"{service.url}/ui?tag={tag}")
         expect(page.locator("#live")).to_have_text("live")  # rows as the stream left them
-        return float(row(page, plain).locator("td.id").evaluate("td => td.clientWidth"))
+        # Read in one evaluation of a cell in the page: the stream replaces a
+        # row it updates, and a cell found before that and read after is
+        # detached (0 wide).
+        cell = f'tr[data-id="{plain}"] td.id'
+        width = page.wait_for_function(
+            "s => { const td = document.querySelector(s); return td && td.clientWidth; }", arg=cell
+        )
+        return float(width.json_value())
 
     without, beside = id_width(alone), id_width(both)
     assert beside >= min(without, 170), (without, beside)  # 20ch and padding, at least
