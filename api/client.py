@@ -168,17 +168,25 @@ def public(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def unreachable(url: str, exc: httpx.TransportError, method: str = "GET") -> ServiceError:
+def unreachable(
+    url: str, exc: httpx.TransportError, method: str = "GET", repeatable: bool = False
+) -> ServiceError:
     """`cannot reach URL: why`. The reason is chosen here, never the exception's
     own text, which may quote the URL with its token. A change (`method`
     other than GET) that was sent and not answered in time may have been
     made: said so, where "cannot reach" said it was not (found by a QA
-    pass)."""
+    pass), with whether to look first or send it again (`repeatable`: a
+    callback's or heartbeat's report, which is a duplicate the second time)."""
     sent = not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout))
     if isinstance(exc, httpx.TimeoutException) and sent and method not in ("GET", "HEAD"):
+        then = (
+            "sending it again is safe (the same report again is a duplicate)"
+            if repeatable
+            else "look (tether get ID) before sending it again"
+        )
         return ServiceError(
             f"{public(url)} took the request and did not answer in time: it may have been"
-            " made; look (tether get ID) before sending it again",
+            f" made; {then}",
             reached=False,
         )
     if isinstance(exc, httpx.TimeoutException):
@@ -1224,7 +1232,7 @@ async def post_to(url: str, body: Any, shape: tuple[str, ...], retry_for: float 
                     "not an http:// or https:// URL", param_hint="'CALLBACK_URL'"
                 ) from None  # no text of its own: it may quote the token
             except httpx.TransportError as exc:
-                failure, wait = unreachable(url, exc), delay
+                failure, wait = unreachable(url, exc, "POST", repeatable=True), delay
             else:
                 if response.status_code not in RESTARTING:
                     break

@@ -239,7 +239,7 @@ async def strict_body[T](
         raise MalformedBody(f"{about}: {text.split(' - at `')[0]}", details) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         details = {"field": "body", "in": "body"}
-        raise MalformedBody(f"the body is not valid JSON: {not_json(exc)}", details) from None
+        raise MalformedBody(f"the body is not valid JSON: {not_json(exc, raw)}", details) from None
 
 
 CHANGES_POLL = 1.0

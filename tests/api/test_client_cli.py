@@ -1044,24 +1044,35 @@ def test_an_events_table_marks_where_the_history_dropped_events():
 
 
 @pytest.mark.parametrize(
-    ("method", "exc", "said"),
+    ("method", "exc", "repeatable", "said"),
     [
-        ("GET", httpx.ReadTimeout("t"), "cannot reach http://h:1/x: no answer in time"),
-        ("POST", httpx.ConnectTimeout("t"), "cannot reach http://h:1/x: no answer in time"),
+        ("GET", httpx.ReadTimeout("t"), False, "cannot reach http://h:1/x: no answer in time"),
+        ("POST", httpx.ConnectTimeout("t"), True, "cannot reach http://h:1/x: no answer in time"),
         (
             "POST",
             httpx.ReadTimeout("t"),
+            False,
             "http://h:1/x took the request and did not answer in time: it may have been made;"
             " look (tether get ID) before sending it again",
         ),
+        (
+            "POST",
+            httpx.ReadTimeout("t"),
+            True,
+            "http://h:1/x took the request and did not answer in time: it may have been made;"
+            " sending it again is safe (the same report again is a duplicate)",
+        ),
     ],
 )
-def test_a_change_sent_and_not_answered_is_said_to_maybe_have_been_made(method, exc, said):
+def test_a_change_sent_and_not_answered_is_said_to_maybe_have_been_made(
+    method, exc, repeatable, said
+):
     """`tether cancel` against a service that took the request and never
     answered said "cannot reach", as if nothing had been sent (found by a QA
-    pass); a connection never made is still "cannot reach". The URL's query
+    pass); so did `tether complete` (`repeatable`: a report is safe to send
+    again). A connection never made is still "cannot reach". The URL's query
     (a callback token) is never shown."""
     from api.client import unreachable
 
-    error = unreachable("http://u:p@h:1/x?token=secret", exc, method)
+    error = unreachable("http://u:p@h:1/x?token=secret", exc, method, repeatable)
     assert error.message == said and error.reached is False

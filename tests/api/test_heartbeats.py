@@ -160,6 +160,12 @@ async def test_a_bad_heartbeat_body_is_refused_and_changes_nothing(start_service
             400,
             {"field": "body"},
         )
+    lone = await svc.client.post(url, content=b'{"progress": "\\udbff"}')  # msgspec: "truncated"
+    assert lone.json()["error"]["message"] == (
+        "the heartbeat body is not valid JSON: the escape \\udbff at byte 14 is half a"
+        " surrogate pair, with no \\udc00-\\udfff escape after it: a lone surrogate is not"
+        " a character"
+    )
     unknown = await svc.client.post(url, json={"progres": 1})
     assert unknown.status_code == 422, unknown.text
     assert unknown.json()["error"]["details"]["field"] == "progres"

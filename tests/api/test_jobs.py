@@ -437,6 +437,11 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
         (b"  \n", "the body is empty: send a JSON object"),
         (b"null", "invalid body: Expected `object`, got `null`"),
         (b'{"backend": "http_webhook", "id": "caf\xe9"}', "the body is not valid JSON: not UTF-8"),
+        (  # msgspec's own words: "Input data was truncated"
+            b'{"backend": "http_webhook", "id": "a\\\\ud800\\ud800"}',
+            "the body is not valid JSON: the escape \\ud800 at byte 43 is half a surrogate pair",
+        ),
+        (b'{"id": "a\\ud800\\udc00', "the body is not valid JSON: Input data was truncated"),
     ):
         response = await svc.client.post(
             "/jobs", content=content, headers={"content-type": "application/json"}
