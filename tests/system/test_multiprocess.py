@@ -56,6 +56,15 @@ def test_two_processes_share_the_work_and_a_job_started_in_one_finishes_in_the_o
                 ca.get("/jobs", params={"state": "succeeded"}).json()["items"]
                 == cb.get("/jobs", params={"state": "succeeded"}).json()["items"]
             )
+
+            # A job reads succeeded before its finish is told (the workflow
+            # may tell it after), and a thread writes the log: the lines
+            # counted below are waited for, as a SIGKILL loses what is unwritten.
+            def told() -> tuple[int, int]:
+                text = a.log.read_text() + b.log.read_text()
+                return text.count(" triggered"), text.count(" finished: succeeded")
+
+            wait_until(lambda: told() == (20, 20), holds=HOLD)
     finally:
         a.kill()
         b.kill()

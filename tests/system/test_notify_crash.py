@@ -104,6 +104,9 @@ def test_running_out_of_the_retry_window_records_notify_failed_and_counts_it(tmp
         with proc.client() as client:
             canceled_job(client, receiver, "w", notified.url())
             wait_until(lambda: events(client, "w", "notify_failed"), timeout=15)
+            # Told just after it is filed, and written by a thread: in the log
+            # before the kill, which loses what is unwritten.
+            wait_until(lambda: "given up" in proc.log.read_text())
             tries = events(client, "w", "notified")
             (given_up,) = events(client, "w", "notify_failed")
             metrics = client.get("/metrics").text
