@@ -4,7 +4,8 @@ token is traded for. The API's guard (`api_token_guard`) and the dashboard's
 sign-in (`api.ui`) both take their answers from here.
 
 Tokens are compared as SHA-256 digests, every configured one each time, so the
-time taken tells neither which token matched nor how long any is.
+time taken tells neither which token matched nor how long any is. An address
+that gives too many wrong ones is refused for a while (`WrongTokens`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,22 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
+import math
 import secrets
 import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import (
+    NotAuthorizedException,
+    PermissionDeniedException,
+    TooManyRequestsException,
+)
 from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -29,6 +37,84 @@ from core.errors import SHOWN_MAX, escaped
 from core.settings import Settings, listed
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitable[None]]
+
+log = logging.getLogger("tether.api")
+
+WRONG_WINDOW = 60.0
+"""Seconds over which `WrongTokens` counts an address's wrong tokens."""
+ADDRESSES_KEPT = 10_000
+"""Addresses `WrongTokens` remembers at most (those heard from longest ago
+are forgotten first): its memory is bounded whoever calls."""
+
+
+class WrongTokens:
+    """Wrong tokens, bearer or signed in with, from each client address over
+    the last `WRONG_WINDOW` seconds. An address that gave `limit` of them
+    gets 429 for any token it gives, unread, until the oldest of them is a
+    window old (`refused`): a right one too, or the limit would slow no
+    guessing. A session cookie is not a token given (its MAC is checked,
+    and no one guesses it), so a signed-in dashboard goes on. Counted in
+    each worker process; `limit` 0 counts nothing."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._wrong: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str) -> deque[float] | None:
+        times = self._wrong.get(address)
+        if times is not None:
+            while times and times[0] <= self._clock() - WRONG_WINDOW:
+                times.popleft()
+            if not times:
+                del self._wrong[address]
+                return None
+        return times
+
+    def check(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """Refuse (429, `Retry-After`) a token from an address that gave
+        too many wrong ones; before the token is compared."""
+        if not self.limit:
+            return
+        times = self._recent(address_of(connection))
+        if times is not None and len(times) >= self.limit:
+            wait = max(math.ceil(times[0] + WRONG_WINDOW - self._clock()), 1)
+            raise TooManyRequestsException(
+                f"{self.limit} wrong tokens from this address in the last"
+                f" {WRONG_WINDOW:g} s: no token from it is read for {wait} s more;"
+                " check the token the client sends",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def wrong(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+        """Count a wrong token from the request's address; say once, as the
+        address reaches the limit, that its tokens are refused."""
+        if not self.limit:
+            return
+        address = address_of(connection)
+        times = self._recent(address)
+        if times is None:
+            times = self._wrong[address] = deque(maxlen=self.limit)
+            if len(self._wrong) > ADDRESSES_KEPT:
+                self._wrong.popitem(last=False)
+        self._wrong.move_to_end(address)
+        times.append(self._clock())
+        if len(times) == self.limit:
+            log.warning(
+                "%d wrong API tokens from %s in %g s: its tokens are refused (429) until"
+                " fewer than %d came in the last %g s (TETHER_WRONG_TOKENS_PER_MINUTE)",
+                self.limit,
+                address,
+                WRONG_WINDOW,
+                self.limit,
+                WRONG_WINDOW,
+            )
+
+
+def address_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The address the request came from (a proxy's, behind one)."""
+    client = connection.scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def guarding(*guards: Guard) -> Callable[[ASGIApp], ASGIApp]:
@@ -95,6 +181,8 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
         if given is None:
             writes, reads = session_access(connection, sessions)
         else:
+            if sessions is not None:
+                sessions.wrong.check(connection)
             digest = token_digest(given)
             # Both lists in full, whatever matched: the time taken tells nothing
             # about which token matched, or how far along the list it is.
@@ -102,6 +190,8 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
         if writes:
             return
         if not reads:
+            if given is not None and sessions is not None:
+                sessions.wrong.wrong(connection)
             raise NotAuthorizedException("missing or invalid API token")
         method = connection.scope.get("method", "")
         if handler.opt.get("access") != "read" or method not in READ_METHODS:
@@ -248,6 +338,8 @@ class Sessions:
         """Whether the service has tokens at all (else every route is open)."""
         self.secure = settings.base_url.startswith("https:")
         self._tokens = {"api": digests(settings.api_token), "read": digests(settings.read_token)}
+        self.wrong = WrongTokens(settings.wrong_tokens_per_minute)
+        """Wrong tokens by address, bearer and signed in with alike."""
         self._secret = secret
         self._key: bytes | None = None
         self._ids: dict[str, tuple[str, ...]] = {}

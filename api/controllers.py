@@ -73,6 +73,9 @@ ERROR_TEXT = {
     415: "The body is not sent as application/json",
     422: "Well formed, but it cannot be done; the message says why and `details.field` names"
     " the field. Nothing changed",
+    429: "This client address gave too many wrong tokens in the last minute"
+    " (`TETHER_WRONG_TOKENS_PER_MINUTE`): its tokens are not read until `Retry-After` has"
+    " passed. Nothing changed",
     503: "The store did not answer; nothing is retried on the caller's behalf",
 }
 
@@ -294,7 +297,7 @@ class JobController(Controller):
             200: ResponseSpec(
                 Job, description="The same request again: the existing job", generate_examples=False
             ),
-            **errors(400, 401, 403, 409, 413, 415, 422, 503),
+            **errors(400, 401, 403, 409, 413, 415, 422, 429, 503),
         },
     )
     async def create(
@@ -331,7 +334,7 @@ class JobController(Controller):
                 " a stream of the page's changes instead",
                 generate_examples=False,
             ),
-            **errors(400, 401, 503),
+            **errors(400, 401, 429, 503),
         },
     )
     async def list_jobs(
@@ -544,7 +547,7 @@ class JobController(Controller):
         summary="Read a job",
         responses={
             200: ResponseSpec(Job, description="The job", generate_examples=False),
-            **errors(400, 401, 404, 503),
+            **errors(400, 401, 404, 429, 503),
         },
     )
     async def get_job(self, tether: NamedDependency[Tether], job_id: FromPath[str]) -> JsonAnswer:
@@ -564,7 +567,7 @@ class JobController(Controller):
                 " a stream of server-sent events instead",
                 generate_examples=False,
             ),
-            **errors(400, 401, 404, 503),
+            **errors(400, 401, 404, 429, 503),
         },
     )
     async def events(
@@ -641,7 +644,7 @@ class JobController(Controller):
         middleware=[JSON_ONLY],
         operation_id="cancelJob",
         summary="Cancel a job",
-        responses=errors(400, 401, 403, 404, 409, 413, 415, 503),
+        responses=errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
     )
     async def cancel(
         self,
@@ -662,7 +665,7 @@ class JobController(Controller):
         middleware=[JSON_ONLY],
         operation_id="retryJob",
         summary="Run a job again",
-        responses=errors(400, 401, 403, 404, 409, 413, 415, 503),
+        responses=errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
     )
     async def retry(
         self,

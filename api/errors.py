@@ -50,6 +50,7 @@ HTTP_CODES = {
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
+    429: "too_many_requests",
 }
 
 

@@ -389,6 +389,11 @@ ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
         {"field": "body", "limit_bytes": 1048576},
     ),
     415: error("unsupported_media_type", "send the body as application/json, not 'text/plain'"),
+    429: error(
+        "too_many_requests",
+        "30 wrong tokens from this address in the last 60 s: no token from it is read for 42 s"
+        " more; check the token the client sends",
+    ),
     503: error("store_unavailable", "the store did not answer: TimeoutError"),
 }
 """An example of each error answer; `OPERATION_ERRORS` has the ones particular
@@ -951,7 +956,7 @@ class Document:
         if operation_id == "settleJob" and str(status) in CALLBACK_EXAMPLES:
             media["examples"] = CALLBACK_EXAMPLES[str(status)]
         elif status >= 400:
-            if status == 503:  # every 503 asks to come back (`Retry-After: 1`)
+            if status in (429, 503):  # each asks to come back (a 503: `Retry-After: 1`)
                 response["headers"] = {
                     "Retry-After": {
                         "description": "Seconds to wait before asking again",

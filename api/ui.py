@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
 from litestar.datastructures import MultiDict, ResponseHeader
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import TooManyRequestsException
 from litestar.params import FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -481,8 +482,23 @@ class Dashboard(Controller):
             return Redirect(target, status_code=303)
         if cross_site(request):
             return sign_in_page(request, "Sign in from this page.", 403)
+        try:
+            sessions.wrong.check(request)
+        except TooManyRequestsException as exc:
+            said = page(
+                "sign_in.html",
+                {
+                    "next": target,
+                    "error": f"{exc.detail[0].upper()}{exc.detail[1:]}.",
+                    "viewer": None,
+                },
+                429,
+            )
+            said.headers.update(exc.headers or {})
+            return said
         session = sessions.sign_in(str(form.get("token", "")).strip())
         if session is None:
+            sessions.wrong.wrong(request)
             return page(
                 "sign_in.html",
                 {"next": target, "error": "That token is not accepted.", "viewer": None},

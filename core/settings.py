@@ -179,6 +179,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens, comma-separated, that may read jobs, their history, `/metrics`
     and the dashboard but change nothing. Needs `api_token`."""
 
+    wrong_tokens_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 30
+    """Wrong API or read tokens (bearer, or at the dashboard's sign-in) a
+    client address may give in a minute, in each worker process; past it,
+    any token it gives is 429 unread until the minute has passed since the
+    oldest. 0: no limit. Behind a proxy every client has the proxy's
+    address."""
+
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1_048_576
     """Requests with a larger body are refused with 413."""
 

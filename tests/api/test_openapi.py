@@ -62,12 +62,15 @@ async def test_every_answer_is_declared_with_a_realistic_example(start_service):
     ops = operations(await document(svc))
     declared = {name: set(op["responses"]) for name, op in ops.items()}
     assert declared["createJob"] >= {"200", "201", "400", "409", "413", "415", "422", "503"}
+    for guarded in ("createJob", "listJobs", "getJob", "jobEvents", "cancelJob", "retryJob"):
+        assert "429" in declared[guarded], guarded  # too many wrong tokens (test_wrong_tokens)
     assert declared["cancelJob"] >= {"200", "400", "404", "409", "413", "415", "503"}
     assert declared["settleJob"] >= {"200", "202", "400", "401", "404", "409", "410", "422"}
     assert declared["settleJob"] >= {str(s) for s in CALLBACK_STATUS.values()}
     assert declared["heartbeat"] >= {"200", "400", "401", "404", "410", "413", "422", "503"}
     codes = {"invalid_request", "unauthorized", "not_found", "conflict", "body_too_large"}
     codes |= {"unsupported_media_type", "store_unavailable", "forbidden", "gone"}
+    codes |= {"too_many_requests"}
     for name, op in ops.items():
         for status, response in op["responses"].items():
             media = response["content"]["application/json"]
@@ -194,8 +197,10 @@ async def test_the_document_states_what_the_server_refuses(start_service):
     # the job list's stream, and the wait a 503 asks for, are stated (an exploratory QA pass)
     assert "text/event-stream" in ops["listJobs"]["responses"]["200"]["content"]
     for op in ops.values():
-        if "503" in op["responses"]:
-            assert op["responses"]["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
+        for status in ("429", "503"):
+            if status in op["responses"]:
+                retry_after = op["responses"][status]["headers"]["Retry-After"]
+                assert retry_after["schema"] == {"type": "integer"}
     # a path's id is looked up as given: one outside the pattern is 404, as the document says
     path_id = ops["getJob"]["parameters"][0]
     assert path_id["schema"] == {"type": "string", "minLength": 1}
