@@ -194,10 +194,18 @@ BLOCKS = ("result", "error", "progress", "params", "metadata", "external", "noti
 """A job's fields shown as JSON on its page, in this order."""
 FIELDS = frozenset(
     {"id", "backend", "state", "timeout", "created_at", "updated_at", "finished_at"}
-    | {"heartbeat_timeout", "heartbeat_at", "attempt", "tags", "deadline"}
+    | {"heartbeat_timeout", "heartbeat_at", "attempt", "tags", "deadline", "winding_up"}
 )
 """A job's fields shown in its page's list; any other (one added later) is a
 JSON block after `BLOCKS`."""
+WINDING_UP = {
+    "stopping_run": "Still winding up: its external run is being stopped. A retry waits"
+    " until that is done.",
+    "late_trigger_call": "Still winding up: a call of its trigger, left to answer late, may"
+    " still start a run, which is then stopped. A retry waits until that is done (up to 15"
+    " minutes from the call's start).",
+}
+"""What a job page says of an ended job's `winding_up`."""
 
 
 def query(filters: dict[str, list[str]], cursor: str | None = None) -> str:
@@ -224,7 +232,9 @@ def environment() -> Environment:
     env.filters.update(age=age, took=took, pretty=pretty, compact=compact, clock=clock, span=span)
     env.filters.update(outcome=outcome)
     env.filters.update(segment=job_segment)
-    env.globals.update(states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES)
+    env.globals.update(
+        states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES, winding_up=WINDING_UP
+    )
     return env
 
 
@@ -457,6 +467,7 @@ class Dashboard(Controller):
                     "event_types": get_args(EventType),
                     "cancelable": OPEN_STATES,
                     "retryable": RETRYABLE_STATES,
+                    "winding_up": WINDING_UP,
                     "reason_max": CANCEL_REASON_MAX,
                 },
             },

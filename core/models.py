@@ -31,6 +31,8 @@ RETRYABLE_STATES: tuple[JobState, ...] = ("failed", "timed_out", "canceled")
 """The final states a retry starts a new attempt from (not `succeeded`)."""
 
 OutcomeStatus = Literal["succeeded", "failed", "canceled", "timed_out"]
+WindingUp = Literal["stopping_run", "late_trigger_call"]
+"""What an ended job still does before it may be retried (`Job.winding_up`)."""
 
 JOB_ID_PATTERN = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,128}$")
 JOB_ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -, not only dots"
@@ -279,6 +281,14 @@ class Job(msgspec.Struct, frozen=True):
     deadline: datetime | None = None
     """When the job times out if it is still waiting: its attempt's start
     (accepted, or retried) plus `timeout`."""
+    winding_up: WindingUp | None = None
+    """An ended job whose external run is still to be stopped: `stopping_run`
+    (its run, canceled or timed out, with no workflow left to stop it: a
+    process holds the stop, and another takes it over if that one dies), or
+    `late_trigger_call` (a call of its trigger, left to answer late, may
+    still start a run, which is then stopped; up to 15 minutes from the
+    call's start). A retry is refused (409) until it is done. None
+    otherwise, and in completion notifications (the job as it ended)."""
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from core.errors import MalformedBody
-from core.models import Job, JobEvent, NotifyShown
+from core.models import Job, JobEvent, NotifyShown, WindingUp
 from core.store.jobs import Event, JobRecord
 
 SUB_MICROSECONDS = re.compile(r"(?<=[.,][0-9]{6})[0-9]+")
@@ -89,7 +89,19 @@ def _job(rec: JobRecord, params: Any) -> Job:
         tags=rec.tags,
         notify=None if rec.notify_url is None else NotifyShown(origin(rec.notify_url)),
         deadline=_dt(rec.deadline),
+        winding_up=winding_up(rec),
     )
+
+
+def winding_up(rec: JobRecord) -> WindingUp | None:
+    """What an ended job's row says is still to be done before a retry: a
+    stop held (`stop_due`) of a run recorded, or of what a late trigger call
+    may start (no run recorded: `core.steps.JobSteps._hold_stop`). Not of
+    an open attempt a host of an earlier release started meanwhile (the stop
+    is then an earlier attempt's, `stop_attempt`)."""
+    if rec.stop_due is None or not rec.finished or rec.stop_attempt not in (None, rec.attempt):
+        return None
+    return "late_trigger_call" if rec.external is None else "stopping_run"
 
 
 def origin(url: str) -> str:
@@ -104,7 +116,8 @@ def origin(url: str) -> str:
 
 def finished_message(rec: JobRecord) -> str:
     """The body of the completion notification for the attempt `rec` ended."""
-    return msgspec.json.encode({"type": "job.finished", "job": view(rec)}).decode()
+    job = msgspec.structs.replace(view(rec), winding_up=None)  # as it ended, whatever follows
+    return msgspec.json.encode({"type": "job.finished", "job": job}).decode()
 
 
 def event_view(event: Event) -> JobEvent:

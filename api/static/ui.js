@@ -421,6 +421,9 @@
       const retry = document.getElementById("retry");
       if (cancel) cancel.hidden = !data.cancelable.includes(job.state);
       if (retry) retry.hidden = !data.retryable.includes(job.state);
+      const winding = document.getElementById("winding-up");
+      winding.textContent = data.winding_up[job.winding_up] || "";
+      winding.hidden = !job.winding_up;
     }
 
     function item(event) {
@@ -611,7 +614,9 @@
       else if (!stream) document.getElementById("live").hidden = true;
       if (!answer || !answer.ok) return;
       const fresh = await answer.json();
-      if (fresh.attempt !== job.attempt || fresh.updated_at !== job.updated_at) {
+      // (A stop recorded moves no `updated_at`: `winding_up` says it.)
+      const moved = fresh.updated_at !== job.updated_at || fresh.winding_up !== job.winding_up;
+      if (fresh.attempt !== job.attempt || moved) {
         show(fresh);
         follow();
         return;

@@ -349,7 +349,8 @@ async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finishe
     answer = await retry(svc, "s")
     assert answer.status_code == 409, answer.text
     assert "still winding up" in answer.json()["error"]["message"]
-    assert (await svc.job("s"))["attempt"] == 1
+    shown = await svc.job("s")
+    assert (shown["attempt"], shown["winding_up"]) == (1, "stopping_run")
 
     async def stop_recorded() -> None:
         await asyncio.sleep(0.1)
@@ -360,6 +361,7 @@ async def test_a_retry_waits_for_the_runs_stop_of_an_attempt_no_workflow_finishe
     answer = await retry(svc, "s")
     await recording
     assert (answer.status_code, answer.json()["attempt"]) == (200, 2)
+    assert answer.json()["winding_up"] is None
 
 
 async def test_a_retry_waits_for_the_stop_promise_a_host_of_an_earlier_release_made(
@@ -565,10 +567,16 @@ async def test_a_retry_waits_for_a_trigger_call_left_to_answer_late(
             "a call of its trigger, left to answer late, may still start a run" in error["message"]
         )
         assert error["details"]["attempt"] == 1 and error["details"]["stop_due"]
-        assert (await svc.job("h"))["attempt"] == 1
+        shown = await svc.job("h")
+        assert (shown["attempt"], shown["winding_up"]) == (1, "late_trigger_call")
     finally:
         release.set()
     await eventually(lambda: len(receiver.on("/cancel")) == 2)  # the late run's, stopped
+
+    async def wound_up() -> bool:
+        return (await svc.job("h"))["winding_up"] is None
+
+    await eventually(wound_up)
     monkeypatch.setattr(core.service, "ATTEMPT_END_WAIT", 10.0)
     answer = await retry(svc, "h")
     assert (answer.status_code, answer.json()["attempt"]) == (200, 2), answer.text

@@ -32,8 +32,8 @@ from core.settings import Settings
 from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
 from core.store.embedded import notify_secret_path
-from core.store.jobs import JobIndex, Notification, now_ms
-from core.views import origin
+from core.store.jobs import JobIndex, JobRecord, Notification, now_ms
+from core.views import finished_message, origin, view
 from tests.conftest import POLL, Receiver, Service, eventually
 from tests.core.parts import logs_of, open_parts
 from tests.core.store.test_index_writes import job
@@ -605,3 +605,23 @@ def test_a_notify_url_whose_host_cannot_be_read_is_shown_without_failing():
     assert origin("http://[::1::]:18513/x?tok=SECRET") == "http://(unreadable host)"
     assert origin("HTTPS://[::1]:8443/x?tok=SECRET") == "https://[::1]:8443"
     assert not url_fault("http://[::1]:8443/x") and url_fault("http://[1:2:3]/x")
+
+
+def test_a_job_winding_up_says_so_and_its_notification_shows_it_as_it_ended():
+    """`winding_up` says what an ended job's row holds still to do; the
+    notification, written in the same transaction as the end (with the
+    stop due, for a job no workflow finishes), is the job as it ended."""
+    base = JobRecord(
+        id="w", backend="http_webhook", state="canceled", params={}, metadata={}, timeout=60.0,
+        fingerprint="f", deadline=2_000, created_at=1_000, updated_at=1_500,
+        notify_url="https://hooks.example/x", stop_due=9_000,
+    )  # fmt: skip
+    ran = msgspec.structs.replace(base, external={"run": 1})
+    assert (view(base).winding_up, view(ran).winding_up) == ("late_trigger_call", "stopping_run")
+    stopped = msgspec.structs.replace(ran, stop_due=None)
+    running = msgspec.structs.replace(ran, state="running")
+    earlier = msgspec.structs.replace(ran, attempt=2, stop_attempt=1)  # a mixed release's retry
+    assert [view(r).winding_up for r in (stopped, running, earlier)] == [None, None, None]
+    message = json.loads(finished_message(ran))
+    assert message["job"]["winding_up"] is None
+    assert message["job"]["state"] == "canceled"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -665,6 +666,31 @@ def test_a_path_no_page_has_is_the_dashboards_own_404(page, service):
         expect(page.get_by_role("link", name="All jobs")).to_be_visible()
     answer = page.goto(service.url + "/ui/static/nothing.js")  # not a page: the API's answer
     assert answer.status == 404 and answer.headers["content-type"] == "application/json"
+
+
+def test_a_job_still_winding_up_says_so_until_it_is_done(page, service, client, hooks):
+    """An ended job whose run's stop is still due (here written into its row
+    as the process holding the stop writes it, a lease an hour long) says
+    so above its fields, and no longer once the stop is recorded."""
+    job_id = unique("winding")
+    start_job(client, hooks, job_id)  # triggered: a run recorded
+    assert client.post(f"/jobs/{job_id}/cancel").json()["state"] == "canceled"
+    due = int((time.time() + 3600) * 1000)
+    with closing(sqlite3.connect(service.log.parent / "tether.db")) as db, db:
+        db.execute("UPDATE tether_jobs SET stop_due = ? WHERE id = ?", (due, job_id))
+    assert client.get(f"/jobs/{job_id}").json()["winding_up"] == "stopping_run"
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    winding = page.locator("#winding-up")
+    expect(winding).to_have_text(
+        "Still winding up: its external run is being stopped. A retry waits until that is done."
+    )
+    expect(page.locator('[data-block="winding_up"]')).to_have_count(0)  # not a JSON block
+    with closing(sqlite3.connect(service.log.parent / "tether.db")) as db, db:
+        db.execute("UPDATE tether_jobs SET stop_due = NULL WHERE id = ?", (job_id,))
+    expect(winding).to_be_hidden(timeout=15_000)  # the page looks every 5 s
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("canceled")
+    expect(winding).to_be_hidden()
 
 
 def test_an_open_page_of_a_job_deleted_since_says_so(page, dialogs, service, client, hooks):
