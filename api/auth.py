@@ -14,11 +14,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -40,81 +41,138 @@ Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Awaitab
 
 log = logging.getLogger("tether.api")
 
-WRONG_WINDOW = 60.0
-"""Seconds over which `WrongTokens` counts an address's wrong tokens."""
+WRONG_SLICE = 10.0
+"""Seconds of each slice `WrongTokens` counts in: six make its minute."""
+WRONG_SLICES = 6
 ADDRESSES_KEPT = 10_000
 """Addresses `WrongTokens` remembers at most (those heard from longest ago
-are forgotten first): its memory is bounded whoever calls."""
+are forgotten first): its memory is bounded whoever calls, each address
+taking six counts whatever the limit."""
+
+
+class _Wrong:
+    """An address's wrong tokens: a count for each of the last
+    `WRONG_SLICES` slices of `WRONG_SLICE` seconds (by slice number modulo
+    their number), the newest counted, and whether the address was said to
+    have reached the limit since it last had none counted."""
+
+    __slots__ = ("counts", "newest", "warned")
+
+    def __init__(self, now: int) -> None:
+        self.counts = [0] * WRONG_SLICES
+        self.newest = now
+        self.warned = False
+
+    def total(self, now: int) -> int:
+        """The wrong tokens of the slices still counted at slice `now`."""
+        for gone in range(self.newest + 1, min(now, self.newest + WRONG_SLICES) + 1):
+            self.counts[gone % WRONG_SLICES] = 0
+        self.newest = max(self.newest, now)
+        return sum(self.counts)
 
 
 class WrongTokens:
-    """Wrong tokens, bearer or signed in with, from each client address over
-    the last `WRONG_WINDOW` seconds. An address that gave `limit` of them
-    gets 429 for any token it gives, unread, until the oldest of them is a
-    window old (`refused`): a right one too, or the limit would slow no
-    guessing. A session cookie is not a token given (its MAC is checked,
-    and no one guesses it), so a signed-in dashboard goes on. Counted in
-    each worker process; `limit` 0 counts nothing."""
+    """Wrong tokens, bearer or signed in with, from each client address (an
+    IPv6 one by its /64: `address_of`) over the last minute, counted in six
+    slices of ten seconds. An address that gave `limit` of them gets 429 for
+    any token it gives, unread (`wait`), until enough slices have passed: a
+    right token too, or the limit would slow no guessing. A session cookie
+    is not a token given (its MAC is checked, and no one guesses it), so a
+    signed-in dashboard goes on. Counted in each worker process; `limit` 0
+    counts nothing."""
 
     def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self._clock = clock
-        self._wrong: OrderedDict[str, deque[float]] = OrderedDict()
+        self._wrong: OrderedDict[str, _Wrong] = OrderedDict()
 
-    def _recent(self, address: str) -> deque[float] | None:
-        times = self._wrong.get(address)
-        if times is not None:
-            while times and times[0] <= self._clock() - WRONG_WINDOW:
-                times.popleft()
-            if not times:
-                del self._wrong[address]
-                return None
-        return times
+    def _slice(self) -> tuple[float, int]:
+        now = self._clock()
+        return now, int(now // WRONG_SLICE)
+
+    def _counted(self, address: str, at: int) -> _Wrong | None:
+        """The address's counts at slice `at`; None (and forgotten) once none is left."""
+        wrong = self._wrong.get(address)
+        if wrong is not None and not wrong.total(at):
+            del self._wrong[address]
+            return None
+        return wrong
+
+    def wait(self, connection: ASGIConnection[Any, Any, Any, Any]) -> int:
+        """Seconds until a token from the request's address is read again
+        (0: now). Nothing is looked up while no address has a wrong token
+        counted: the common case costs one test. Addresses with none left
+        are forgotten, those quiet longest first."""
+        if not self._wrong:
+            return 0
+        now, at = self._slice()
+        while self._wrong and not next(iter(self._wrong.values())).total(at):
+            self._wrong.popitem(last=False)  # the longest quiet: those with none left go
+        wrong = self._counted(address_of(connection), at) if self._wrong else None
+        if wrong is None:
+            return 0
+        left = wrong.total(at)
+        if left < self.limit:
+            return 0
+        for oldest in range(at - WRONG_SLICES + 1, at + 1):  # the oldest slice first
+            left -= wrong.counts[oldest % WRONG_SLICES]
+            if left < self.limit:  # counted no more from its slice's end a minute on
+                return max(math.ceil((oldest + WRONG_SLICES) * WRONG_SLICE - now), 1)
+        raise AssertionError("a limit of at least 1 is reached before no count is left")
 
     def check(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         """Refuse (429, `Retry-After`) a token from an address that gave
         too many wrong ones; before the token is compared."""
-        if not self.limit:
-            return
-        times = self._recent(address_of(connection))
-        if times is not None and len(times) >= self.limit:
-            wait = max(math.ceil(times[0] + WRONG_WINDOW - self._clock()), 1)
+        wait = self.wait(connection)
+        if wait:
             raise TooManyRequestsException(
-                f"{self.limit} wrong tokens from this address in the last"
-                f" {WRONG_WINDOW:g} s: no token from it is read for {wait} s more;"
-                " check the token the client sends",
+                f"{self.limit} wrong tokens from this address (yours or another client's"
+                f" at the same address) in the last minute: no token from it is read for"
+                f" {wait} s more",
                 headers={"Retry-After": str(wait)},
             )
 
     def wrong(self, connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         """Count a wrong token from the request's address; say once, as the
-        address reaches the limit, that its tokens are refused."""
+        address reaches the limit, that its tokens are refused (once until
+        it has had none counted for a minute: a client that goes on guessing
+        at the limit is not said again at each guess)."""
         if not self.limit:
             return
         address = address_of(connection)
-        times = self._recent(address)
-        if times is None:
-            times = self._wrong[address] = deque(maxlen=self.limit)
+        _, at = self._slice()
+        wrong = self._counted(address, at)
+        if wrong is None:
+            wrong = self._wrong[address] = _Wrong(at)
             if len(self._wrong) > ADDRESSES_KEPT:
                 self._wrong.popitem(last=False)
         self._wrong.move_to_end(address)
-        times.append(self._clock())
-        if len(times) == self.limit:
+        wrong.counts[at % WRONG_SLICES] += 1
+        if not wrong.warned and wrong.total(at) >= self.limit:
+            wrong.warned = True
             log.warning(
-                "%d wrong API tokens from %s in %g s: its tokens are refused (429) until"
-                " fewer than %d came in the last %g s (TETHER_WRONG_TOKENS_PER_MINUTE)",
+                "%d wrong API tokens from %s in a minute: its tokens are refused (429) until"
+                " it gave fewer in the last minute (TETHER_WRONG_TOKENS_PER_MINUTE)",
                 self.limit,
                 address,
-                WRONG_WINDOW,
-                self.limit,
-                WRONG_WINDOW,
             )
 
 
 def address_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
-    """The address the request came from (a proxy's, behind one)."""
+    """The address the request came from as `WrongTokens` counts it: a
+    proxy's unless `TETHER_TRUSTED_PROXIES` names it; an IPv6 address by
+    its /64 (a client often has a whole one), an IPv4 one mapped into IPv6
+    as itself; what is no IP address (a Unix socket) as one address."""
     client = connection.scope.get("client")
-    return str(client[0]) if client else ""
+    try:
+        ip = ipaddress.ip_address(client[0] if client else "")
+    except ValueError:
+        return "(no IP address)"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def guarding(*guards: Guard) -> Callable[[ASGIApp], ASGIApp]:

@@ -365,8 +365,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         if short < WEAK_TOKEN:  # its length only, never the token
             log.warning(
                 "TETHER_%s_TOKEN lists a token of %d characters: a short one can be guessed"
-                " by trying (TETHER_WRONG_TOKENS_PER_MINUTE slows each address, not"
-                " many together). Use at least %d random ones"
+                " by trying (TETHER_WRONG_TOKENS_PER_MINUTE, when set, slows each address,"
+                " not many together). Use at least %d random ones"
                 " (python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), replaced"
                 " as docs/operations.md says",
                 name,
@@ -387,7 +387,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     log.info("%s", startup_line(settings, plugins, workers))
     import uvicorn
 
-    from api.http import SERVER_OPTIONS  # the web stack: not for the client commands
+    from api.http import SERVER_OPTIONS, proxy_options  # the web stack: not for the client commands
 
     config = uvicorn.Config(
         functools.partial(serving_app, settings),  # each worker builds its app from these
@@ -398,6 +398,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         log_config=log_config(settings.log_level, settings.log_format),
         log_level=settings.log_level.lower(),
         **SERVER_OPTIONS,
+        **proxy_options(settings.trusted_proxies),
         access_log=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=30,

@@ -315,18 +315,23 @@ def run[T](work: Callable[[Api], Awaitable[T]], url: str) -> T:
 RESTARTING = (502, 503, 504)
 """Answers that mean a service (or the proxy in front of it) is restarting
 or briefly without its store: tried again, as silence is."""
+WAITED_OUT = (*RESTARTING, 429)
+"""What `watch`, `submit --wait` and `events --follow` wait out within
+`OUTAGE_FOR`: a restart, and a 429 the address's wrong tokens (another
+client's, since a wrong token of their own is a 401 first) made (found by
+a review)."""
 
 
 async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
     """`call()`, tried again while the service cannot be reached or answers
-    `RESTARTING` (it may be restarting), pausing `RECONNECT_DELAYS`; its
+    `WAITED_OUT` (it may be restarting), pausing `RECONNECT_DELAYS`; its
     `ServiceError` once they are spent and `OUTAGE_FOR` has passed."""
     tries, since = 0, time.monotonic()
     while True:
         try:
             return await call()
         except ServiceError as exc:
-            if exc.status is not None and exc.status not in RESTARTING:  # an answer
+            if exc.status is not None and exc.status not in WAITED_OUT:  # an answer
                 raise
             if given_up(tries, since):
                 raise
@@ -440,7 +445,7 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
         except ServiceError as exc:
             if exc.status == 404 and finished is not None:
                 return  # deleted after its end was seen (retention)
-            if exc.status not in RESTARTING:
+            if exc.status not in WAITED_OUT:
                 raise
             failure = exc
         else:  # closed without its end: a dropped connection, a service stopping

@@ -27,6 +27,7 @@ from litestar.serialization import encode_json
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from api.errors import ErrorBody, ErrorResponse
+from core.settings import listed
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
@@ -261,3 +262,16 @@ class JsonAnswer:
 
 SERVER_OPTIONS: dict[str, Any] = {"loop": "uvloop", "http": HttpProtocol}
 """uvicorn options `tether serve` and the tests' in-process services share."""
+
+
+def proxy_options(trusted_proxies: str) -> dict[str, Any]:
+    """The uvicorn options that believe `X-Forwarded-For` and `-Proto` from
+    the proxies `TETHER_TRUSTED_PROXIES` lists, and from no one else:
+    uvicorn's default believes them from 127.0.0.1 and ::1, so that any
+    client of a proxy on the same host that passes the header on could name
+    any address (and guess tokens past `TETHER_WRONG_TOKENS_PER_MINUTE`:
+    found by a review)."""
+    proxies = ",".join(listed(trusted_proxies))
+    if not proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}

@@ -26,7 +26,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
 from litestar.datastructures import MultiDict, ResponseHeader
 from litestar.di import NamedDependency, Provide
-from litestar.exceptions import TooManyRequestsException
 from litestar.params import FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -246,9 +245,13 @@ def page(name: str, context: dict[str, Any], status: int = 200) -> Template:
     return Template(template_name=name, context=context, status_code=status)
 
 
-def sign_in_page(request: Request[Any, Any, Any], error: str = "", status: int = 401) -> Template:
+def sign_in_page(
+    request: Request[Any, Any, Any], error: str = "", status: int = 401, then: str | None = None
+) -> Template:
+    """The sign-in form, in the place of the page asked for (or going on to `then`)."""
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return page("sign_in.html", {"next": local_path(here), "error": error, "viewer": None}, status)
+    target = then or local_path(here)
+    return page("sign_in.html", {"next": target, "error": error, "viewer": None}, status)
 
 
 async def list_page(
@@ -493,28 +496,24 @@ class Dashboard(Controller):
             return Redirect(target, status_code=303)
         if cross_site(request):
             return sign_in_page(request, "Sign in from this page.", 403)
-        try:
-            sessions.wrong.check(request)
-        except TooManyRequestsException as exc:
-            said = page(
-                "sign_in.html",
-                {
-                    "next": target,
-                    "error": f"{exc.detail[0].upper()}{exc.detail[1:]}.",
-                    "viewer": None,
-                },
+        token = str(form.get("token", "")).strip()
+        if not token:  # no guess: not counted
+            return sign_in_page(request, "Give a token.", 401, target)
+        wait = sessions.wrong.wait(request)
+        if wait:
+            said = sign_in_page(
+                request,
+                "Too many wrong tokens came from this address (yours or another's at the same"
+                f" address) in the last minute: try again in {wait} s.",
                 429,
+                target,
             )
-            said.headers.update(exc.headers or {})
+            said.headers["Retry-After"] = str(wait)
             return said
-        session = sessions.sign_in(str(form.get("token", "")).strip())
+        session = sessions.sign_in(token)
         if session is None:
             sessions.wrong.wrong(request)
-            return page(
-                "sign_in.html",
-                {"next": target, "error": "That token is not accepted.", "viewer": None},
-                401,
-            )
+            return sign_in_page(request, "That token is not accepted.", 401, target)
         response = Redirect(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -179,12 +180,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens, comma-separated, that may read jobs, their history, `/metrics`
     and the dashboard but change nothing. Needs `api_token`."""
 
-    wrong_tokens_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 30
+    wrong_tokens_per_minute: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 30
     """Wrong API or read tokens (bearer, or at the dashboard's sign-in) a
-    client address may give in a minute, in each worker process; past it,
-    any token it gives is 429 unread until the minute has passed since the
-    oldest. 0: no limit. Behind a proxy every client has the proxy's
-    address."""
+    client address (an IPv6 one by its /64) may give in a minute, in each
+    worker process; past it, any token it gives is 429 unread for up to a
+    minute. 0: no limit. Behind a proxy every client has the proxy's
+    address, unless `trusted_proxies` names it."""
+
+    trusted_proxies: str = ""
+    """Addresses or networks (comma-separated: `10.0.0.5,10.1.0.0/16`) of
+    proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed: a
+    request from one of them is counted (`wrong_tokens_per_minute`) and
+    logged as from the client the header names. Empty: no header is
+    believed, every request is from the address it came from."""
 
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1_048_576
     """Requests with a larger body are refused with 413."""
@@ -328,6 +336,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     " Authorization header (the dashboard's sign-in could, the API not);"
                     " use printable ASCII"
                 )
+        for proxy in listed(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"invalid setting TETHER_TRUSTED_PROXIES: {proxy!r} is neither an IP"
+                    " address nor a network (10.0.0.5, 10.1.0.0/16, fd00::/8); list them"
+                    " comma-separated"
+                ) from None
         if not GROUP.fullmatch(self.group):
             raise ValueError(
                 f"invalid setting TETHER_GROUP: {self.group!r}; give a name without '/', '@'"

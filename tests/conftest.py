@@ -35,7 +35,7 @@ import uvicorn
 from aiohttp import web
 
 from api.app import create_app
-from api.http import SERVER_OPTIONS
+from api.http import SERVER_OPTIONS, proxy_options
 from core.hookspecs import Backend, TetherHookSpecs, hookimpl
 from core.plugins import make_plugin_manager
 from core.settings import Settings
@@ -524,6 +524,7 @@ async def start_service(store_url: Callable[[], str]) -> AsyncIterator[Callable[
             log_level="warning",
             lifespan="on",
             http=SERVER_OPTIONS["http"],  # the loop is the test's own
+            **proxy_options(settings.trusted_proxies),
         )
         server = QuickServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))

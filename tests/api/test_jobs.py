@@ -9,9 +9,11 @@ from datetime import datetime, timedelta
 from typing import Any, get_args
 from urllib.parse import quote
 
+import msgspec
 import pytest
 
 import core.service
+from core.callbacks import not_json
 from core.errors import SHOWN_MAX, shown
 from core.models import JobState
 from core.plugin import hookimpl
@@ -452,6 +454,34 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
         assert error["message"].startswith(said), (content, error)
         assert error["details"] == {"field": "body", "in": "body"}
     assert (await svc.client.get("/jobs")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "at"),
+    [
+        (rb'{"a": "\ud800"}', 7),
+        (rb'{"a": "\uDBFF"}', 7),  # upper case
+        (rb'{"a": "\\\ud800"}', 9),  # after an escaped backslash, an escape
+        (rb'{"a": "\\ud800 \ud801"}', 15),  # the first is text
+        (rb'{"a": "\ud800\\"}', 7),  # an escaped backslash is no low surrogate
+        (rb'{"a": "\\ud800"', None),  # text, cut short
+        (rb'{"a": "\ud800\udc00', None),  # a pair, cut short
+        (rb'{"a": "\uD800\uDC00', None),
+        (rb'{"a": "\ud800\udc', None),  # cut short where a low one could follow
+        (rb'{"a": "\ud800\u', None),
+        (rb'{"a": "\ud800', None),
+    ],
+)
+def test_a_lone_high_surrogate_is_named_and_a_body_cut_short_is_not(body: bytes, at: int | None):
+    """msgspec says "Input data was truncated" of both; only the first is a
+    lone surrogate (found by a review: a body cut inside a pair was named)."""
+    with pytest.raises(msgspec.DecodeError) as refused:
+        msgspec.json.decode(body)
+    said = not_json(refused.value, body)
+    if at is None:
+        assert said == "Input data was truncated"
+    else:
+        assert said.startswith(f"the escape {body[at : at + 6].decode()} at byte {at} is half")
 
 
 async def test_a_number_out_of_range_in_params_is_refused_naming_its_key(start_service, receiver):
