@@ -365,7 +365,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         if short < WEAK_TOKEN:  # its length only, never the token
             log.warning(
                 "TETHER_%s_TOKEN lists a token of %d characters: a short one can be guessed"
-                " by trying (TETHER_WRONG_TOKENS_PER_MINUTE, when set, slows each address,"
+                " by trying (TETHER_WRONG_TOKENS_PER_MINUTE, unless 0, slows each address,"
                 " not many together). Use at least %d random ones"
                 " (python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), replaced"
                 " as docs/operations.md says",

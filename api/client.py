@@ -134,11 +134,20 @@ class ServiceError(click.ClickException):
 
     exit_code = SERVICE_ERROR
 
-    def __init__(self, message: str, status: int | None = None, *, reached: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        *,
+        reached: bool = True,
+        retry_after: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reached = reached
         """False: no answer came (`unreachable`)."""
+        self.retry_after = retry_after
+        """Seconds a 429 asked to wait before the next try (`Retry-After`)."""
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"tether: {printable(self.message)}", err=True)
@@ -206,7 +215,9 @@ def error_answer(response: httpx.Response) -> ServiceError:
         message = str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = response.reason_phrase or "error"
-    return ServiceError(f"{message} (HTTP {response.status_code})", response.status_code)
+    status = response.status_code
+    wait = _retry_after(response) if status == 429 else 0.0
+    return ServiceError(f"{message} (HTTP {status})", status, retry_after=wait)
 
 
 # ── the service ───────────────────────────────────────────────────────────────
@@ -335,7 +346,8 @@ async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
                 raise
             if given_up(tries, since):
                 raise
-        await asyncio.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)])
+            asked = exc.retry_after  # a 429's: its wrong tokens are read no sooner
+        await asyncio.sleep(max(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)], asked))
         tries += 1
 
 
@@ -457,7 +469,8 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
             raise failure
         else:
             tries += 1
-        await asyncio.sleep(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS)) - 1] if tries else 0)
+        pause = RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS)) - 1] if tries else 0
+        await asyncio.sleep(max(pause, failure.retry_after))  # a 429 asks for a wait
 
 
 async def explained[T](api: Api, job_id: str, work: Awaitable[T]) -> T:

@@ -20,6 +20,7 @@ once, as before, so a client sees it open before the first event.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -271,7 +272,10 @@ def proxy_options(trusted_proxies: str) -> dict[str, Any]:
     client of a proxy on the same host that passes the header on could name
     any address (and guess tokens past `TETHER_WRONG_TOKENS_PER_MINUTE`:
     found by a review)."""
-    proxies = ",".join(listed(trusted_proxies))
+    # As networks written plain (`10.1.2.3/16` is 10.1.0.0/16): uvicorn reads
+    # one with host bits set as a name no client has, and believed no one
+    # (found by a review). `Settings` refused what is no address or network.
+    proxies = [str(ipaddress.ip_network(p, strict=False)) for p in listed(trusted_proxies)]
     if not proxies:
         return {"proxy_headers": False}
-    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
+    return {"proxy_headers": True, "forwarded_allow_ips": ",".join(proxies)}

@@ -468,6 +468,7 @@ async def test_a_body_that_is_not_json_is_refused(start_service):
         (rb'{"a": "\ud800\udc00', None),  # a pair, cut short
         (rb'{"a": "\uD800\uDC00', None),
         (rb'{"a": "\ud800\udc', None),  # cut short where a low one could follow
+        (rb'{"a": "\ud800\udc0', None),
         (rb'{"a": "\ud800\u', None),
         (rb'{"a": "\ud800', None),
     ],

@@ -8,16 +8,26 @@ believed only from `TETHER_TRUSTED_PROXIES`."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from litestar.exceptions import TooManyRequestsException
+from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 from api import auth
 from api.auth import WrongTokens, address_of
+from api.client import Api, ServiceError, patiently, stream_events
+from api.http import proxy_options
+from core.settings import Settings
 from tests.api.test_access_tokens import API_TOKENS, bearer, job_body
 from tests.process import TetherProcess
 
@@ -164,6 +174,48 @@ def test_a_client_guessing_at_the_limit_for_ten_minutes_is_warned_of_once(caplog
     assert len(warned) == 2
 
 
+def test_the_count_matches_a_plain_model_over_random_steps():
+    """Each token counted is forgotten once its 10-second slice is six
+    slices old: `wait` is 0 exactly while fewer than the limit are
+    remembered, and otherwise the whole seconds until then, no more; no
+    address with none left is kept. Fractional steps, several addresses."""
+    rng = random.Random(71)
+    clock = Clock()
+    limit = 4
+    wrong = WrongTokens(limit, clock=clock)
+    counted: dict[str, list[float]] = {f"10.0.0.{n}": [] for n in range(3)}
+
+    def remembered(address: str, at: float) -> int:
+        return sum(int(at // 10) < int(t // 10) + 6 for t in counted[address])
+
+    for _ in range(3000):
+        clock.now += rng.choice([0.0, 0.3, 1.7, 9.999, 10.0, 25.5])
+        address = rng.choice(list(counted))
+        wait = wrong.wait(asked_from(address))
+        assert (wait == 0) == (remembered(address, clock.now) < limit)
+        if wait:
+            assert remembered(address, clock.now + wait) < limit
+            assert wait == 1 or remembered(address, clock.now + wait - 1) >= limit
+        elif rng.random() < 0.7:  # read, and wrong
+            wrong.wrong(asked_from(address))
+            counted[address].append(clock.now)
+        at = int(clock.now // 10)
+        assert all(kept.total(at) for kept in wrong._wrong.values())
+
+
+def test_forgetting_the_quiet_leaves_an_address_at_the_limit_refused():
+    clock = Clock()
+    wrong = WrongTokens(2, clock=clock)
+    quiet, locked, other = (asked_from(f"10.2.0.{n}") for n in range(3))
+    wrong.wrong(quiet)
+    clock.now += 55
+    wrong.wrong(locked)
+    wrong.wrong(locked)
+    clock.now += 10  # the quiet one has none left: forgotten by the next look
+    assert wrong.wait(other) == 0
+    assert list(wrong._wrong) == ["10.2.0.1"] and wrong.wait(locked) > 0
+
+
 def test_an_ipv6_client_is_counted_by_its_64_and_a_mapped_ipv4_one_as_ipv4():
     assert address_of(asked_from("2001:db8:1:2:aaaa::1")) == "2001:db8:1:2::/64"
     assert address_of(asked_from("2001:db8:1:2:ffff::9")) == "2001:db8:1:2::/64"
@@ -220,20 +272,28 @@ def test_x_forwarded_for_is_believed_from_the_trusted_proxies_alone(tmp_path: Pa
 
 
 def test_a_trusted_proxy_that_is_no_address_stops_the_service_at_start():
-    from core.settings import Settings
-
     with pytest.raises(ValueError, match=r"TETHER_TRUSTED_PROXIES: 'proxy\.local' is neither"):
         Settings(trusted_proxies="10.0.0.5, proxy.local")
     assert Settings(trusted_proxies="10.0.0.5, 10.1.0.0/16, fd00::/8").trusted_proxies
 
 
+def test_a_network_written_with_host_bits_is_handed_to_uvicorn_plain():
+    """uvicorn reads `127.0.0.5/8` as a name no client has, and believed no
+    one (found by a review): it gets `127.0.0.0/8`."""
+    options = proxy_options(" 127.0.0.5/8, 10.0.0.5 ,fd00::1/8")
+    assert options == {
+        "proxy_headers": True,
+        "forwarded_allow_ips": "127.0.0.0/8,10.0.0.5/32,fd00::/8",
+    }
+    trusted = _TrustedHosts(options["forwarded_allow_ips"])
+    assert "127.0.0.1" in trusted and "10.0.0.5" in trusted and "fd00::9" in trusted
+    assert "10.0.0.6" not in trusted
+    assert proxy_options(" , ") == {"proxy_headers": False}
+
+
 def test_the_cli_waits_out_a_429_as_a_restart():
     """`tether watch` and `submit --wait` stopped on a 429 another client's
     wrong tokens made at the same address (found by a review)."""
-    import asyncio
-
-    from api.client import ServiceError, patiently
-
     answers = iter([ServiceError("busy", status=429), ServiceError("down", status=503)])
 
     async def call() -> str:
@@ -245,6 +305,45 @@ def test_the_cli_waits_out_a_429_as_a_restart():
     assert asyncio.run(patiently(call)) == "done"
     with pytest.raises(ServiceError):
         asyncio.run(patiently(lambda: _raise(ServiceError("no", status=401))))
+
+
+def test_an_event_stream_answered_429_is_asked_again_after_its_retry_after(monkeypatch):
+    """`events --follow` and `watch` stopped on a 429, then asked again
+    every few seconds whatever it said (found by two reviews)."""
+    asked: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(time.monotonic())
+            if len(asked) == 1:
+                data, status = b'{"error": {"message": "wrong tokens"}}', 429
+                kind, extra = "application/json", {"retry-after": "2"}
+            else:
+                event = {"seq": 1, "type": "finished", "attempt": 1, "data": {}}
+                data, status = f"id: 1\ndata: {json.dumps(event)}\n\n".encode(), 200
+                kind, extra = "text/event-stream", {}
+            self.send_response(status)
+            for name, value in {"content-type": kind, **extra}.items():
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    events: list[dict[str, Any]] = []
+    try:
+        monkeypatch.delenv("TETHER_API_TOKEN", raising=False)
+        api = Api(f"http://127.0.0.1:{server.server_address[1]}")
+        asyncio.run(stream_events(api, "j", events.append))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [e["type"] for e in events] == ["finished"]
+    assert len(asked) == 2 and asked[1] - asked[0] >= 1.9  # not the first pause, 0.2 s
 
 
 async def _raise(exc: Exception) -> None:
