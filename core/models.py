@@ -288,7 +288,10 @@ class Job(msgspec.Struct, frozen=True):
     `late_trigger_call` (a call of its trigger, left to answer late, may
     still start a run, which is then stopped; up to 15 minutes from the
     call's start). A retry is refused (409) until it is done. None
-    otherwise, and in completion notifications (the job as it ended)."""
+    otherwise, and in completion notifications (the job as it ended). It
+    changes with no `updated_at` of its own (the job's end is its last
+    change): a job-list stream, which sends a job when that moves, does
+    not send it; a job's history stream ends once it is null."""
 
     @property
     def finished(self) -> bool:
