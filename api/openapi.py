@@ -391,8 +391,8 @@ ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     415: error("unsupported_media_type", "send the body as application/json, not 'text/plain'"),
     429: error(
         "too_many_requests",
-        "30 wrong tokens from this address in the last 60 s: no token from it is read for 42 s"
-        " more; check the token the client sends",
+        "30 wrong tokens from this address (yours or another client's at the same address) in"
+        " the last minute: no token from it is read for 42 s more",
     ),
     503: error("store_unavailable", "the store did not answer: TimeoutError"),
 }
