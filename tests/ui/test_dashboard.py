@@ -828,23 +828,26 @@ def test_a_long_tag_leaves_the_ids_readable(page, service, client, hooks: Receiv
     start_job(client, hooks, plain, tags=[both, alone])
     start_job(client, hooks, unique("long-tags"), tags=[both, *long_tags])
 
-    def id_width(tag: str) -> float:
+    def id_cell(tag: str) -> list[int]:
+        """The id cell's width and its link's lines, read in one evaluation in
+        the page, once it is shown: the stream replaces a row it updates, and
+        a cell found before that and read after is detached (0 wide, and no
+        lines, which `<= 2` passed)."""
         page.goto(f"{service.url}/ui?tag={tag}")
         expect(page.locator("#live")).to_have_text("live")  # rows as the stream left them
-        # Read in one evaluation of a cell in the page: the stream replaces a
-        # row it updates, and a cell found before that and read after is
-        # detached (0 wide).
-        cell = f'tr[data-id="{plain}"] td.id'
-        width = page.wait_for_function(
-            "s => { const td = document.querySelector(s); return td && td.clientWidth; }", arg=cell
+        read = page.wait_for_function(
+            """s => {
+                const a = document.querySelector(s);
+                const lines = a ? a.getClientRects().length : 0;
+                return lines > 0 && [a.closest("td").clientWidth, lines];
+            }""",
+            arg=f'tr[data-id="{plain}"] td.id a',
         )
-        return float(width.json_value())
+        return [int(n) for n in read.json_value()]
 
-    without, beside = id_width(alone), id_width(both)
+    (without, _), (beside, lines) = id_cell(alone), id_cell(both)
     assert beside >= min(without, 170), (without, beside)  # 20ch and padding, at least
-    # an id of 31 characters on two lines at most
-    lines = row(page, plain).locator("td.id a").evaluate("a => a.getClientRects().length")
-    assert lines <= 2, lines
+    assert lines <= 2, lines  # an id of 31 characters on two lines at most
     wide = page.evaluate("document.documentElement.scrollWidth")
     assert wide <= 1280, wide
 
