@@ -90,13 +90,15 @@ class WrongTokens:
         now = self._clock()
         return now, int(now // WRONG_SLICE)
 
-    def _counted(self, address: str, at: int) -> _Wrong | None:
-        """The address's counts at slice `at`; None (and forgotten) once none is left."""
+    def _counted(self, address: str, at: int) -> tuple[_Wrong | None, int]:
+        """The address's counts at slice `at` and their total; None (and
+        forgotten) once none is left."""
         wrong = self._wrong.get(address)
-        if wrong is not None and not wrong.total(at):
+        total = 0 if wrong is None else wrong.total(at)
+        if wrong is not None and not total:
             del self._wrong[address]
-            return None
-        return wrong
+            return None, 0
+        return wrong, total
 
     def wait(self, connection: ASGIConnection[Any, Any, Any, Any]) -> int:
         """Seconds until a token from the request's address is read again
@@ -108,11 +110,8 @@ class WrongTokens:
         now, at = self._slice()
         while self._wrong and not next(iter(self._wrong.values())).total(at):
             self._wrong.popitem(last=False)  # the longest quiet: those with none left go
-        wrong = self._counted(address_of(connection), at) if self._wrong else None
-        if wrong is None:
-            return 0
-        left = wrong.total(at)
-        if left < self.limit:
+        wrong, left = self._counted(address_of(connection), at) if self._wrong else (None, 0)
+        if wrong is None or left < self.limit:
             return 0
         for oldest in range(at - WRONG_SLICES + 1, at + 1):  # the oldest slice first
             left -= wrong.counts[oldest % WRONG_SLICES]
@@ -141,7 +140,7 @@ class WrongTokens:
             return
         address = address_of(connection)
         _, at = self._slice()
-        wrong = self._counted(address, at)
+        wrong, _ = self._counted(address, at)
         if wrong is None:
             wrong = self._wrong[address] = _Wrong(at)
             if len(self._wrong) > ADDRESSES_KEPT:

@@ -189,7 +189,8 @@ class Hit:
 class Receiver:
     """Records every request. `respond(hit)` decides the answer: (status, body)
     or (status, body, headers); a body of bytes is sent as it is, anything else
-    as JSON. With `callback` set (a body, or a function of the hit returning one or None),
+    as JSON (`content-type` is JSON's unless the headers name another). With
+    `callback` set (a body, or a function of the hit returning one or None),
     each trigger is followed by a POST of that body to the callback URL it
     carried, from another thread, as a real external system would."""
 
@@ -227,11 +228,11 @@ def _serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
             receiver.hits.append(hit)
             status, answer, *more = receiver.respond(hit)
             data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+            headers = {"content-type": "application/json", **(more[0] if more else {})}
             try:
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
-                for name, value in (more[0] if more else {}).items():
+                for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)

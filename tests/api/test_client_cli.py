@@ -39,7 +39,7 @@ from api import client as client_module
 from api.cli import cli as main_group
 from api.client import client
 from tests.api.test_events import answering
-from tests.conftest import POLL, Receiver, wait_until
+from tests.conftest import POLL, Hit, Receiver, wait_until
 from tests.process import TetherProcess, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -648,41 +648,22 @@ def test_complete_settles_the_job_and_never_shows_the_token(service, receiver, r
     assert token not in unreachable.stdout + unreachable.stderr
 
 
-def test_complete_goes_on_through_a_restart_answered_503(monkeypatch):
+def test_complete_goes_on_through_a_restart_answered_503(receiver: Receiver):
     """A service (or its proxy) restarting answers 503: `complete` waits as
     `Retry-After` says and tries again; the outcome is delivered once."""
-    posted: list[Any] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            posted.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            if len(posted) <= 2:
-                data, status, extra = b'{"error": {"message": "down"}}', 503, {"retry-after": "0"}
-            else:
-                job = {"id": "j", "backend": "http_webhook", "state": "succeeded"}
-                answer = {"outcome": "accepted", "message": "ok", "job": job}
-                data, status, extra = json.dumps(answer).encode(), 200, {}
-            self.send_response(status)
-            for name, value in {"content-type": "application/json", **extra}.items():
-                self.send_header(name, value)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) <= 2:
+            return 503, {"error": {"message": "down"}}, {"retry-after": "0"}
+        job = {"id": "j", "backend": "http_webhook", "state": "succeeded"}
+        return 200, {"outcome": "accepted", "message": "ok", "job": job}
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/callbacks/j:1?token=secret-t"
-        done = cli("http://unused", "complete", url, "--status", "succeeded", "--json")
-    finally:
-        server.shutdown()
-        server.server_close()
+    receiver.respond = respond
+    url = receiver.url("/callbacks/j:1?token=secret-t")
+    done = cli("http://unused", "complete", url, "--status", "succeeded", "--json")
     assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout)["outcome"] == "accepted"
-    assert posted == [{"status": "succeeded"}] * 3
+    assert [hit.body for hit in receiver.hits] == [{"status": "succeeded"}] * 3
     assert done.stderr.count("down (HTTP 503); trying again in 0.5s") == 1
     assert "secret-t" not in done.stderr
 

@@ -12,9 +12,6 @@ import asyncio
 import json
 import logging
 import random
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +26,7 @@ from api.client import Api, ServiceError, patiently, stream_events
 from api.http import proxy_options
 from core.settings import Settings
 from tests.api.test_access_tokens import API_TOKENS, bearer, job_body
+from tests.conftest import Hit, Receiver
 from tests.process import TetherProcess
 
 LIMIT = 3
@@ -307,43 +305,27 @@ def test_the_cli_waits_out_a_429_as_a_restart():
         asyncio.run(patiently(lambda: _raise(ServiceError("no", status=401))))
 
 
-def test_an_event_stream_answered_429_is_asked_again_after_its_retry_after(monkeypatch):
+def test_an_event_stream_answered_429_is_asked_again_after_its_retry_after(
+    monkeypatch, receiver: Receiver
+):
     """`events --follow` and `watch` stopped on a 429, then asked again
     every few seconds whatever it said (found by two reviews)."""
-    asked: list[float] = []
+    event = {"seq": 1, "type": "finished", "attempt": 1, "data": {}}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            asked.append(time.monotonic())
-            if len(asked) == 1:
-                data, status = b'{"error": {"message": "wrong tokens"}}', 429
-                kind, extra = "application/json", {"retry-after": "2"}
-            else:
-                event = {"seq": 1, "type": "finished", "attempt": 1, "data": {}}
-                data, status = f"id: 1\ndata: {json.dumps(event)}\n\n".encode(), 200
-                kind, extra = "text/event-stream", {}
-            self.send_response(status)
-            for name, value in {"content-type": kind, **extra}.items():
-                self.send_header(name, value)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) == 1:
+            return 429, {"error": {"message": "wrong tokens"}}, {"retry-after": "2"}
+        stream = f"id: 1\ndata: {json.dumps(event)}\n\n".encode()
+        return 200, stream, {"content-type": "text/event-stream"}
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    receiver.respond = respond
     events: list[dict[str, Any]] = []
-    try:
-        monkeypatch.delenv("TETHER_API_TOKEN", raising=False)
-        api = Api(f"http://127.0.0.1:{server.server_address[1]}")
-        asyncio.run(stream_events(api, "j", events.append))
-    finally:
-        server.shutdown()
-        server.server_close()
+    monkeypatch.delenv("TETHER_API_TOKEN", raising=False)
+    api = Api(receiver.url(""))
+    asyncio.run(stream_events(api, "j", events.append))
     assert [e["type"] for e in events] == ["finished"]
-    assert len(asked) == 2 and asked[1] - asked[0] >= 1.9  # not the first pause, 0.2 s
+    first, second = receiver.hits
+    assert second.at - first.at >= 1.9  # not the first pause, 0.2 s
 
 
 async def _raise(exc: Exception) -> None:
