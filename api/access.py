@@ -1,8 +1,12 @@
 """The access log: one line per request on the `tether.access` logger.
 
-`GET /jobs 200 3.1 ms`: method, path *without* the query string (callback
-tokens travel in it as `?token=`; a `?` percent-encoded into the path cuts it
-too, `shown_path`), status, milliseconds. A callback refused
+`GET /jobs 200 3.1 ms from 10.0.0.7`: method, path *without* the query string
+(callback tokens travel in it as `?token=`; a `?` percent-encoded into the
+path cuts it too, `shown_path`), status, milliseconds, and the client's address
+(without its port: one client's connections differ only there), which a JSON
+line also holds as `client`. Behind a proxy that address is the proxy's,
+unless `TETHER_TRUSTED_PROXIES` lists it: then it is the client its
+`X-Forwarded-For` names (uvicorn's reading). A callback refused
 with 401 or 404 gets a warning naming the promise id and the client's address,
 so an operator can tell a misconfigured caller from a probe; the token is never
 logged (neither the query string nor the `Authorization` header is read here).
@@ -21,7 +25,7 @@ from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Sen
 log = logging.getLogger("tether.access")
 
 CALLBACKS = "/callbacks/"
-LINE = "%s %s %d %.1f ms"
+LINE = "%s %s %d %.1f ms from %s"
 
 
 type Observer = Callable[[Any, int, float], None]
@@ -82,7 +86,10 @@ def log_request(scope: Any, status: int, seconds: float) -> None:
 
 def _log(scope: Any, status: int, ms: float) -> None:
     path = shown_path(scope["path"])
-    log.info(LINE, scope["method"], path, status, ms)  # no caller lookup: api.logs.lean_records
+    client = scope.get("client")
+    address = client[0] if client else "unknown address"
+    # no caller lookup: api.logs.lean_records
+    log.info(LINE, scope["method"], path, status, ms, address, extra={"client": address})
     if status in (401, 404) and path.startswith(CALLBACKS):
         promise_id, _, route = path[len(CALLBACKS) :].partition("/")
         promise_id = promise_id.removesuffix("?…")

@@ -251,8 +251,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     access_log: bool = True
     """One log line per request (`tether.access`): method, path without the
-    query string (callback tokens travel there), status, milliseconds. `0`
-    turns it off."""
+    query string (callback tokens travel there), status, milliseconds, the
+    client's address. `0` turns it off."""
 
     max_running: str = ""
     """Per-backend limits, `databricks=20,http_webhook=200`: at most that many

@@ -266,7 +266,15 @@ def test_x_forwarded_for_is_believed_from_the_trusted_proxies_alone(tmp_path: Pa
                 else:  # all from 127.0.0.1
                     assert statuses == [401, 401, 429, 429]
         finally:
-            served.kill()
+            served.terminate()  # (a SIGKILL may lose the log thread's lines)
+        access = [line for line in served.log.read_text().splitlines() if "GET /jobs " in line]
+        assert len(access) == (4 if refused_at else 7)
+        if refused_at is None:  # the access log names the client the proxy named
+            named_by_proxy = [line for line in access if " ms from 10.9.9." in line]
+            assert len(named_by_proxy) == 6 and access[-1].endswith(" ms from 127.0.0.1")
+            assert sum(line.endswith(" ms from 10.9.9.0") for line in access) == 3
+        else:
+            assert all(line.endswith(" ms from 127.0.0.1") for line in access)
 
 
 def test_a_trusted_proxy_that_is_no_address_stops_the_service_at_start():

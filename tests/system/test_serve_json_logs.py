@@ -39,6 +39,10 @@ def test_every_line_of_a_json_run_is_a_json_object(tmp_path, receiver):
     assert {"INFO", "WARNING"} <= levels
     loggers = {line["logger"] for line in lines}
     assert {"tether", "tether.http", "tether.access"} <= loggers
+    access = [line for line in lines if line["logger"] == "tether.access"]
+    access = [line for line in access if line["level"] == "INFO"]
+    assert access and all(line["client"] == "127.0.0.1" for line in access)
+    assert all(line["msg"].endswith(" ms from 127.0.0.1") for line in access)
     ours = [line for line in lines if line.get("job_id") == "j-json"]
     assert ours and all(line["backend"] == "http_webhook" for line in ours)
     assert any("finished" in line["msg"] for line in ours)
