@@ -77,6 +77,7 @@ from plugins.databricks.workspace import (
     ENV_PREFIX,
     DatabricksSettings,
     Workspace,
+    shown_host,
     submit_arguments,
 )
 
@@ -677,7 +678,7 @@ def _describe(w: WorkspaceClient, run_id: int, job_id: int | None) -> dict[str, 
         run = None
     described: dict[str, Any] = {"run_page_url": run.run_page_url if run else None}
     if not described["run_page_url"]:
-        host = (w.config.host or "").rstrip("/")
+        host = (shown_host(w.config.host) or "").rstrip("/")
         if host and job_id is not None:
             described["run_page_url"] = f"{host}/#job/{job_id}/run/{run_id}"
     state = run_state(run) if run is not None else None

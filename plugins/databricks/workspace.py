@@ -145,6 +145,8 @@ class Workspace:
         sdk_log = logging.getLogger("databricks.sdk")
         if sdk_log.getEffectiveLevel() < logging.INFO:
             sdk_log.setLevel(logging.INFO)
+        if not any(isinstance(f, HideUserinfo) for f in sdk_log.filters):
+            sdk_log.addFilter(HideUserinfo())  # its warnings name the host
         self._client: WorkspaceClient | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="tether-databricks")
@@ -201,7 +203,13 @@ class Workspace:
                 )
                 self._client = WorkspaceClient(config=config)
                 hand_back_throttling(self._client)
-                log.info("databricks: using workspace %s", config.host)
+                log.info("databricks: using workspace %s", shown_host(config.host))
+                if shown_host(config.host) != config.host:
+                    log.warning(
+                        "databricks: the workspace's host names a user or a password"
+                        " (user:password@): the SDK does not sign in with them (it uses its"
+                        " own credentials), and Tether never shows them; take them out"
+                    )
             return self._client
 
     def names_a_workspace(self) -> bool:
@@ -231,8 +239,10 @@ class Workspace:
     def translate(self, exc: BaseException, secrets: Iterable[str] = ()) -> BackendError:
         """A `BackendError` saying what Databricks answered, with no secret in it:
         its `error_code` as `code` and its message. Retryable: 429, 500, 503,
-        504, `ABORTED`, statuses the SDK does not map, and a retry budget spent
-        on any of these or on connection errors (`Retry-After` kept). Not
+        504, `ABORTED`, statuses the SDK does not map, an answer whose words the
+        SDK itself takes for a passing fault whatever its status (`_transient`),
+        and a retry budget spent on any of these or on connection errors
+        (`Retry-After` kept). Not
         retryable: 400, 401, 403, 404, 409, 501, and a client the SDK could not
         configure (`databricks_config`)."""
         from databricks.sdk import errors
@@ -255,15 +265,19 @@ class Workspace:
             )
         if isinstance(exc, DatabricksError):
             kind = type(exc).__name__
-            retryable = type(exc) is DatabricksError or isinstance(
-                exc,
-                (
-                    errors.TooManyRequests,
-                    errors.TemporarilyUnavailable,
-                    errors.InternalError,
-                    errors.DeadlineExceeded,
-                    errors.Aborted,
-                ),
+            retryable = (
+                type(exc) is DatabricksError
+                or isinstance(
+                    exc,
+                    (
+                        errors.TooManyRequests,
+                        errors.TemporarilyUnavailable,
+                        errors.InternalError,
+                        errors.DeadlineExceeded,
+                        errors.Aborted,
+                    ),
+                )
+                or _transient(exc)
             )
             retry_after = exc.retry_after_secs
             if retry_after is None:  # kept from the SDK's retries (`hand_back_throttling`)
@@ -334,7 +348,12 @@ class Workspace:
         return found
 
 
+USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]*@")
+"""A URL's `user:password@` (a workspace host written with them: the SDK
+shows its host in its errors and warnings)."""
+
 _SCRUB = (
+    (USERINFO, r"\1***@"),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
     (re.compile(r"(?i)([?&]token=)[^&\s\"'<>]+"), r"\1***"),
     (re.compile(r"\bdapi[0-9a-f]{16,}(-\d+)?\b"), "***"),
@@ -396,6 +415,41 @@ def hand_back_throttling(client: WorkspaceClient) -> None:
         return None if isinstance(err, DatabricksError) else sdk_test(err)
 
     base._is_retryable = connection_errors_only  # type: ignore[method-assign]  # see above
+
+
+def shown_host(host: str | None) -> str | None:
+    """The workspace's host as Tether shows it (a log line, a run's page
+    when Databricks gave none): without a `user:password@` written into it."""
+    return USERINFO.sub(r"\1", host) if host else host
+
+
+class HideUserinfo(logging.Filter):
+    """On the SDK's logger (`databricks.sdk`, where nearly all of its lines
+    are made): a URL's `user:password@` in a line is written `***@`. Found
+    by a review (2026-12-06): a host written with them reached the SDK's
+    warning that its host metadata could not be fetched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "@" in message and USERINFO.search(message):
+            record.msg, record.args = USERINFO.sub(r"\1***@", message), ()
+        return True
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether the SDK itself would have retried this answer as a passing
+    fault, by its words (its `_is_retryable`: "RPC token bucket limit has
+    been exceeded", "ClusterNotReadyException", "Please try again later…",
+    whatever the status). `hand_back_throttling` takes every answer out of
+    the SDK's retries, so these are Tether's to retry (found by a review,
+    2026-12-06: sent as a 400 they failed the job at once, where the SDK's
+    own client retried and succeeded)."""
+    from databricks.sdk._base_client import _BaseClient
+
+    try:
+        return _BaseClient._is_retryable(exc) is not None
+    except Exception:  # a later SDK's test: never a reason to fail a job
+        return False
 
 
 def _never_sent(err: BaseException) -> bool:

@@ -548,6 +548,34 @@ async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
     assert [getattr(r, "job_id", None) for r in caplog.records] == ["d"]
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "next_in"),
+    [
+        (30, 30_000),  # a throttled check: not asked again sooner than it said
+        (1, 2_000),  # sooner than the interval's: the interval
+        (None, 2_000),
+        (86_400, 3_600_000),  # at most the hour a plugin's bug gets
+    ],
+)
+async def test_a_check_refused_with_a_retry_after_comes_no_sooner(
+    rig: Rig, retry_after: float | None, next_in: int
+):
+    """A review (2026-12-06): a job checked every second was checked 6 times
+    in 20 s through Databricks' `Retry-After: 30`."""
+    now = now_ms()
+    await rig.running("d", next_check_at=now)
+
+    async def before(job: Job) -> None:
+        raise BackendError("GET h answered 429", retryable=True, retry_after=retry_after)
+
+    rig.backend.before = before
+    with logs_of("tether"):
+        await rig.watchdog.sweep(now)
+    later = (await rig.parts.row("d")).next_check_at
+    assert later is not None and 0 <= later - (now + next_in) < 1000  # (the look's own now)
+    assert len(rig.backend.asked) == 1
+
+
 async def test_a_check_refused_is_logged_in_its_words_by_a_process_without_tokens(rig: Rig):
     now = now_ms()
     await rig.running("d", next_check_at=now)

@@ -708,6 +708,25 @@ def test_a_spent_retry_budget_says_what_was_retried():
     assert (error.code, error.retryable) == ("timeout", True)
 
 
+@pytest.mark.parametrize(
+    "words",
+    [
+        "RPC token bucket limit has been exceeded",
+        "Workspace 1 does not have any associated worker environments",
+        "ClusterNotReadyException: not yet",
+        "Please try again later or try a faster operation.",
+    ],
+)
+def test_an_answer_the_sdk_takes_for_a_passing_fault_is_retryable_whatever_its_status(words):
+    """The SDK retries these by their words; `hand_back_throttling` takes
+    every answer out of its retries, so Tether retries them (a review,
+    2026-12-06: as a 400 they failed the job at once)."""
+    error = Workspace(SETTINGS).translate(errors.BadRequest(words, error_code="INVALID_STATE"))
+    assert (error.code, error.retryable) == ("INVALID_STATE", True)
+    plain = Workspace(SETTINGS).translate(errors.BadRequest("no such job", error_code="X"))
+    assert plain.retryable is False
+
+
 def test_a_client_that_cannot_configure_itself_is_not_retried():
     error = Workspace(SETTINGS).translate(
         ValueError(f"default auth: cannot configure: token={TOKEN} for dsn-secret"), ["dsn-secret"]
@@ -781,6 +800,11 @@ def test_a_kind_is_named_in_screaming_case(name: str, screaming: str):
         ("dapi0123 is short", "dapi0123 is short"),
         ("run XXXX-1 ended", "run XXXX-1 ended"),
         ("a Request log: b Request log: c", "a"),
+        (
+            "Config: host=http://qa-user:pw-x@127.0.0.1:9, auth_type=pat",
+            "Config: host=http://***@127.0.0.1:9, auth_type=pat",
+        ),
+        ("from https://:only-pw@h/x and http://h/y@z", "from https://***@h/x and http://h/y@z"),
     ],
 )
 def test_secrets_are_scrubbed_from_text(text: str, clean: str, monkeypatch):
@@ -1096,6 +1120,32 @@ async def test_a_run_page_url_is_built_when_the_run_cannot_be_read(
     run_id = workspace.only_run().run_id
     assert external == {"run_id": run_id, "run_page_url": f"{workspace.url}/#job/7/run/{run_id}"}
     assert f"WARNING databricks: run {run_id}: no run page URL (NotFound)" in sdk_logs
+    workspace.end(run_id, "SUCCESS")
+
+
+async def test_a_host_written_with_a_user_and_password_never_shows_them(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs
+):
+    """`DATABRICKS_HOST=http://user:password@host`: the SDK does not sign in
+    with them (its own credentials win), and they reached the run's page
+    (built from the host when the run could not be read), the job's events,
+    the log and the SDK's warnings (found by a review, 2026-12-06). The real
+    SDK client against the fake workspace; its host metadata is not served,
+    so the SDK warns naming the host."""
+    monkeypatch.setenv("DATABRICKS_HOST", workspace.url.replace("://", "://qa-user:pw-in-url@"))
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    workspace.fail(GET_RUN, 500, "INTERNAL_ERROR", "x", method="GET")
+    backend = Databricks(SETTINGS)
+    external = await backend.trigger(trigger({"job_id": 7}))
+    run_id = workspace.only_run().run_id
+    assert external["run_page_url"] == f"{workspace.url}/#job/7/run/{run_id}"
+    assert "using workspace " + workspace.url in logs.text
+    assert "names a user or a password" in logs.text  # said, without them
+    assert "Failed to automatically resolve config from host metadata" in logs.text
+    assert "http://***@127.0.0.1" in logs.text  # the SDK's warning, masked
+    assert "pw-in-url" not in logs.text and "qa-user" not in logs.text
+    assert all(seen.authorized for seen in workspace.seen if seen.path.startswith("/api/"))
     workspace.end(run_id, "SUCCESS")
 
 
