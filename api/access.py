@@ -86,8 +86,7 @@ def log_request(scope: Any, status: int, seconds: float) -> None:
 
 def _log(scope: Any, status: int, ms: float) -> None:
     path = shown_path(scope["path"])
-    client = scope.get("client")
-    address = client[0] if client else "unknown address"
+    address = _client(scope)
     # no caller lookup: api.logs.lean_records
     log.info(LINE, scope["method"], path, status, ms, address, extra={"client": address})
     if status in (401, 404) and path.startswith(CALLBACKS):
@@ -99,7 +98,7 @@ def _log(scope: Any, status: int, ms: float) -> None:
             what,
             promise_id,
             status,
-            _client(scope),
+            address,
             extra={"promise_id": promise_id},
         )
 
@@ -139,5 +138,14 @@ def _escape(char: str) -> str:
 
 
 def _client(scope: Any) -> str:
+    """The client's address, without its port (one client's connections
+    differ only there). Behind a trusted proxy it is what `X-Forwarded-For`
+    said, text a client may have written: escaped as a path is, cut at 64
+    characters (no address is longer)."""
     client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "unknown address"
+    if not client:
+        return "unknown address"
+    address = str(client[0])
+    if len(address) > 64 or not address.isprintable() or " " in address:
+        address = "".join(c if c.isprintable() and c != " " else _escape(c) for c in address[:64])
+    return address

@@ -607,8 +607,9 @@ def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
         click.echo(
             f"rotated the callback secret in {secrets}; {count} previous secret(s) still"
             f" accepted. {restart}: until then they sign with the old secret. Once no job"
-            " waits on a URL handed out before the restart (each has ended or its timeout"
-            " has passed), run `tether rotate-secret --drop-previous` and restart again."
+            " waits on a URL handed out before the restart (each has ended: wait for its"
+            " finish, not only its deadline), run `tether rotate-secret --drop-previous`"
+            " and restart again."
         )
 
 

@@ -319,7 +319,10 @@ class Plugins:
         first) and `other`, or twice by one plugin."""
         if plugin == other:
             return self._refused(plugin, f"it offers two backends named {name!r}")
-        named = " and ".join(f"{p!r}{_of(self._dists.get(p))}" for p in (plugin, other))
+        named = " and ".join(
+            f"{p!r}{' (built into tether)' if p in BUILTIN_PLUGINS else _of(self._dists.get(p))}"
+            for p in (plugin, other)
+        )
         packages = [self._dists[p].metadata["Name"] for p in (plugin, other) if p in self._dists]
         remedy = " or ".join(f"`tether uninstall {p}`" for p in packages)
         return PluginError(
@@ -599,19 +602,19 @@ def _backend_fault(backend: Any) -> str | None:
         info = msgspec.inspect.type_info(params_type)
     except Exception as exc:
         return (
-            f"backend {name!r}'s params_type is {_kind(params_type)}, not a type msgspec"
+            f"backend {name!r}: its params_type is {_kind(params_type)}, not a type msgspec"
             f" converts to ({type(exc).__name__})"
         )
     if not _takes_an_object(info):
         named = params_type.__qualname__ if isinstance(params_type, type) else repr(params_type)
         return (
-            f"backend {name!r}'s params_type {named} takes no JSON object, and a job's params"
+            f"backend {name!r}: its params_type {named} takes no JSON object, and a job's params"
             " are one: every job would be refused (make it a msgspec Struct)"
         )
     for method in PLAIN_METHODS:
         if inspect.iscoroutinefunction(getattr(backend, method)):
             return (
-                f"backend {name!r}'s {method} is an async def; Tether calls it without"
+                f"backend {name!r}: its {method} is an async def; Tether calls it without"
                 " awaiting it, so its answer would be lost: make it a plain def"
             )
     return None

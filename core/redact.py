@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -207,3 +208,57 @@ def _masked_pair(pair: str) -> str:
     """A query's `name=value` as `name=***` (a value alone: `***`)."""
     name, equals, _ = pair.partition("=")
     return f"{name}=***" if equals else "***"
+
+
+SECRET_NAME = re.compile(
+    r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|(?:^|_)(?:API)?KEY(?:$|_)|(?:^|_)AUTH"
+)
+"""An environment variable's name that says its value is a secret:
+`TETHER_API_TOKEN`, `TETHER_WEBHOOK_AUTH_RUNNER`, `DATABRICKS_TOKEN`, a
+plugin's `TETHER_ACME_PASSWORD`, `AWS_SECRET_ACCESS_KEY`."""
+ENV_SECRET_MIN = 8
+"""Values shorter than this are not masked as secrets (a `1`, a `true`)."""
+NOT_SECRET_ENDINGS = ("_FILE", "_PATH", "_DIR")
+"""Names that say their value is where a secret is kept, not the secret (a
+path masked would garble every traceback's file names): left alone, as is
+any value that begins as a path does."""
+
+
+def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The values of the environment variables whose names say they are
+    secrets (`SECRET_NAME`), at least `ENV_SECRET_MIN` characters: what a
+    traceback from a plugin or another library may quote (a plugin's own
+    password in its exception's words: found by a QA pass, 2026-12-06, in
+    the log of a trigger that raised). Read once a process (`_ENVIRONMENT`)
+    unless `env` is given."""
+    if env is None:
+        global _ENVIRONMENT
+        if _ENVIRONMENT is None:
+            _ENVIRONMENT = environment_secrets(os.environ)
+        return _ENVIRONMENT
+    found = {
+        value.strip()
+        for name, value in env.items()
+        if SECRET_NAME.search(name.upper())
+        and not name.upper().endswith(NOT_SECRET_ENDINGS)
+        and len(value.strip()) >= ENV_SECRET_MIN
+        and not value.strip().startswith(("/", "~"))
+    }
+    return tuple(sorted(found, key=len, reverse=True))  # the longest first: none cut by another
+
+
+_ENVIRONMENT: tuple[str, ...] | None = None
+
+
+def without_environment_secrets(text: str) -> str:
+    """`text` with each of `environment_secrets` masked where it stands whole
+    (as written, or percent-encoded): not its pieces, as `redact` masks a
+    callback token's, since such a value may be made of words a traceback
+    holds too."""
+    for secret in environment_secrets():
+        if secret in text:
+            text = text.replace(secret, MASK)
+        quoted = quote(secret, safe="")
+        if quoted != secret and quoted in text:
+            text = text.replace(quoted, MASK)
+    return text

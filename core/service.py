@@ -364,13 +364,20 @@ class Tether:
             # strands (`./dev serve --port 9000` on a store of another port is fine).
             waiting = sum((await jobs.waiting_backends((), queued=False)).values())
             if waiting:
+                # Which address a waiting job was given is not kept (its URL
+                # holds its token): it may be this one, when the service is
+                # back where it served before (found by a QA pass, 2026-12-06:
+                # the advice was to point TETHER_PUBLIC_URL at the other).
                 said.append(
                     f"callback URLs now begin {url!r} (TETHER_PUBLIC_URL is not set: made of"
-                    f" TETHER_HOST and TETHER_PORT), which differs from {other}: the"
-                    f" {waiting} job(s) waiting may be called back at the old address, which"
-                    " must keep reaching this service until they end; set TETHER_PUBLIC_URL to"
-                    " it, or serve on it again (said at this start only: the next takes this"
-                    " address as the last)"
+                    f" TETHER_HOST and TETHER_PORT), which differs from {other}: the jobs"
+                    " triggered while it ran were handed callback URLs at its address, and"
+                    f" {waiting} job(s) are waiting now (given that address, an earlier one,"
+                    " or this one). Until they end, a job's callbacks must reach this service"
+                    " at the address it was given: serve at it again, or forward it here."
+                    " Nothing is wrong if they were given this address (the service is back"
+                    " where it served before). Said at this start only: the next takes this"
+                    " address as the last"
                 )
         if self.settings.public_url and theirs["url"] != url:  # unset, shared: warned of already
             said.append(

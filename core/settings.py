@@ -284,7 +284,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     readiness_interval: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     """Seconds between background checks of each backend's readiness (shown
-    in `GET /health`); the first runs right after start-up."""
+    in `GET /health`); the first runs in the background at the first `GET
+    /health` or 10 s after start-up, whichever comes first."""
 
     def __post_init__(self) -> None:
         limits_of(self.max_running)  # refuse a malformed limit at start-up
@@ -414,10 +415,18 @@ def from_env[S: msgspec.Struct](
         value = env.get(prefix + name.upper())
         if value is None:
             continue
-        if isinstance(types[name], msgspec.inspect.IntType) and not WHOLE.fullmatch(value):
+        kind = types[name]
+        if isinstance(kind, msgspec.inspect.IntType) and not WHOLE.fullmatch(value):
             # msgspec reads `1e3` and `8000.0` as whole numbers (TETHER_PORT=1e3
             # listened on port 1000: an exploratory QA pass)
             raise ValueError(f"invalid setting {prefix}{name.upper()}: not a whole number")
+        if isinstance(kind, msgspec.inspect.FloatType) and not _finite(value):
+            # `nan` and `-inf` were said to be out of range (a QA pass, 2026-12-06)
+            raise ValueError(f"invalid setting {prefix}{name.upper()}: not a finite number")
+        if isinstance(kind, msgspec.inspect.LiteralType) and all(
+            isinstance(v, str) and v == v.lower() for v in kind.values
+        ):
+            value = value.lower()  # `TETHER_LOG_FORMAT=JSON`, as TETHER_LOG_LEVEL takes any case
         raw[name] = value
     raw.update(overrides)
     try:
@@ -429,8 +438,8 @@ def from_env[S: msgspec.Struct](
         said = str(exc).split(" - ")[0]
         said = NOT_READ.get(said, said)  # every variable's value is a string
         kind = types.get(field)
-        if isinstance(kind, msgspec.inspect.LiteralType):
-            said = f"{said}; use one of {', '.join(map(str, kind.values))}"
+        if isinstance(kind, msgspec.inspect.LiteralType):  # (not msgspec's "Invalid enum value")
+            said = f"not one of {', '.join(map(str, kind.values))}"
         elif (bound := BOUND.fullmatch(said)) is not None:
             whole = "a whole number" if bound[1] == "int" else "a number"
             said = f"must be {whole} {bound[2]} {float(bound[3]):g}"
@@ -439,6 +448,17 @@ def from_env[S: msgspec.Struct](
 
 WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")
 """A whole-number setting as written: decimal digits only."""
+
+
+def _finite(value: str) -> bool:
+    """Whether a number setting as written is finite, or no number at all
+    (which msgspec then names)."""
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return True
+
+
 BOUND = re.compile(r"Expected `(int|float)` ([<>]=?) (\S+)")
 """msgspec's words for a number out of its field's range."""
 

@@ -60,7 +60,7 @@ from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger
 from core.notices import run_keys_of
 from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, stored_params
-from core.redact import redact, redact_bytes, redact_value, unquoted
+from core.redact import redact, redact_bytes, redact_value, unquoted, without_environment_secrets
 from core.settings import Settings
 from core.settle import (
     Settler,
@@ -1951,9 +1951,12 @@ def _log_traceback(
     """Log `message` with `exc`'s traceback (`exc_text`: the text formatter
     appends it, the JSON one files it as `exc`), of which the messages of
     `exc` and of what it chains may quote a secret: a job's callback tokens
-    (`tokens`, every form `redact` knows) and any URL's `user:password@` are
-    masked. The log record never holds the exception itself, whose words a
-    formatter would write as they are. `traceback` False: the line alone."""
+    (`tokens`, every form `redact` knows), the value of each environment
+    variable whose name says it is a secret (`environment_secrets`: a
+    plugin's own password, a backend's token) and any URL's
+    `user:password@` are masked. The log record never holds the exception
+    itself, whose words a formatter would write as they are. `traceback`
+    False: the line alone."""
     if not log.isEnabledFor(level):
         return
     path, line, function, _ = log.findCaller(stacklevel=2)  # the line that called this
@@ -1962,7 +1965,7 @@ def _log_traceback(
     )
     if traceback:
         text = "".join(format_exception(exc)).rstrip()
-        record.exc_text = unquoted(redact(text, tokens))
+        record.exc_text = unquoted(without_environment_secrets(redact(text, tokens)))
     log.handle(record)
 
 

@@ -415,3 +415,12 @@ def test_logging_configured_again_does_not_wait_on_the_writer() -> None:
         lines.release()
     assert time.monotonic() - began < 1.0
     assert out.getvalue().endswith("tether: before\n")
+
+
+@pytest.mark.parametrize("written", ["json", "JSON", "Json"])
+def test_the_log_format_is_read_in_any_case_as_the_log_level_is(written: str):
+    """`TETHER_LOG_FORMAT=JSON` was refused ("Invalid enum value 'JSON'"), where
+    `TETHER_LOG_LEVEL` takes any case (a QA pass, 2026-12-06)."""
+    from core.settings import Settings
+
+    assert Settings.from_env({"TETHER_LOG_FORMAT": written}).log_format == "json"

@@ -169,7 +169,8 @@ async def test_one_host_is_told_of_a_secret_or_url_changed_since_its_last_start(
         "callback URLs now begin 'http://127.0.0.1:8000' (TETHER_PUBLIC_URL is not set: made of"
         " TETHER_HOST and TETHER_PORT), which differs from this store's last start"
     )
-    assert "public URL 'http://127.0.0.1:9000'" in said and "the 1 job(s) waiting" in said
+    assert "public URL 'http://127.0.0.1:9000'" in said and "1 job(s) are waiting now" in said
+    assert "TETHER_PUBLIC_URL to" not in said  # (it advised pointing it at the other address)
 
 
 N_OLD, N_NEW, N_STRAY = (new_notify_secret() for _ in range(3))

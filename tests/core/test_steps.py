@@ -3522,6 +3522,42 @@ async def test_an_unexpected_exception_of_trigger_is_logged_once_with_its_traceb
     ]
 
 
+async def test_a_secret_of_the_environment_is_masked_in_the_traceback(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+):
+    """A plugin's own password (a setting it declares, `TETHER_RELAY_PASSWORD`)
+    in its exception's words reached the log whole (found by a QA pass,
+    2026-12-06). Each variable whose name says it is a secret is masked; a
+    path, and a short value, are not."""
+    import core.redact
+
+    env = {
+        "TETHER_RELAY_PASSWORD": "Pa55-relay-xyz-SECRET",
+        "ACME_API_KEY": "key with spaces/and+signs",
+        "GOOGLE_APPLICATION_CREDENTIALS_FILE": "/srv/creds/the-file.json",
+        "TETHER_RELAY_AUTH": "short",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)  # read again, with these
+    await start(rig)
+    quoted = "key%20with%20spaces%2Fand%2Bsigns"
+    said = (
+        f"login failed with password=Pa55-relay-xyz-SECRET, key {quoted},"
+        " from /srv/creds/the-file.json as short"
+    )
+    rig.backend.answers = [failure(RuntimeError, said)] * 2
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+    [error] = [r for r in logs.records if r.levelname == "ERROR"]
+    shown = logging.Formatter().format(error)
+    assert shown.endswith(
+        "RuntimeError: login failed with password=***, key ***, from /srv/creds/the-file.json"
+        " as short"
+    ), shown
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)
+
+
 async def test_a_credential_in_a_urls_query_is_masked_in_the_traceback_and_the_record(rig: Rig):
     """A library's error quoting the URL a plugin called, with a credential
     in its query (`?api_key=`, an Azure `?code=`): only the job's tokens and
