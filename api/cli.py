@@ -17,6 +17,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -48,10 +49,12 @@ from core.store.embedded import (
     notify_secret_path,
     open_to_all,
     read_notify_secret,
+    read_secrets,
     rotate_notify_secret,
     rotate_secret,
     secret_path,
     sqlite_path,
+    waiting_on_previous_secrets,
 )
 from core.views import duration
 
@@ -590,12 +593,19 @@ def _size(size: int) -> str:
     is_flag=True,
     help="Instead, forget the previous secrets (their URLs then answer 401).",
 )
-def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --drop-previous: drop them even while jobs may wait on their URLs.",
+)
+def rotate_secret_command(store: str | None, drop_previous: bool, force: bool) -> None:
     """Rotate the callback secret; previous ones stay accepted.
 
     New callback URLs are signed with a new secret kept beside the embedded
     store, and URLs signed with the old ones still work (docs/operations.md).
     No secret is printed."""
+    if drop_previous and not force:
+        _refuse_stranding(store)
     secrets, count = _rewrite(CALLBACK_SECRETS, store, drop_previous)
     restart = "Restart every `tether serve` using this store now (stop them all, then start)"
     if drop_previous:
@@ -610,6 +620,37 @@ def rotate_secret_command(store: str | None, drop_previous: bool) -> None:
             " waits on a URL handed out before the restart (each has ended: wait for its"
             " finish, not only its deadline), run `tether rotate-secret --drop-previous`"
             " and restart again."
+        )
+
+
+def _refuse_stranding(store: str | None) -> None:
+    """Refuse `rotate-secret --drop-previous` while jobs may wait on URLs
+    signed with a previous secret: their callbacks would answer 401, and
+    their outcomes be lost (found by a QA pass, 2026-12-06: nothing checked,
+    and the next start said nothing)."""
+    try:
+        db = _secret_file_of(CALLBACK_SECRETS, load_settings(store=store or None))
+        if len(read_secrets(secret_path(db))) < 2:
+            return  # nothing to drop
+        restarted, waiting, since = waiting_on_previous_secrets(db)
+    except (ValueError, StoreFileError) as exc:
+        raise Refused(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise Refused(f"cannot read the store to see which jobs wait: {exc}") from None
+    if not restarted:
+        raise Refused(
+            "the service has not started since the callback secret was rotated: it still signs"
+            " callback URLs with a secret this would drop, so the callbacks of the jobs waiting"
+            f" ({waiting} now) would answer 401. Restart every `tether serve` of this store, let"
+            " the jobs waiting then end, and run this again (--force drops them anyway)"
+        )
+    if waiting:
+        before = datetime.fromtimestamp(since / 1000, UTC).isoformat(timespec="seconds")
+        raise Refused(
+            f"{waiting} job(s) created before the last start ({before}) still wait: their"
+            " callback URLs may be signed with a previous secret, and would answer 401."
+            " Wait until they end (`tether list --state pending --state running"
+            f" --created-before {before}`), then run this again (--force drops them anyway)"
         )
 
 

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from core.errors import StoreConfigError, StoreUnavailable
 from core.scratch import Scratch
 from core.settings import Settings, describe, listed
@@ -842,6 +844,37 @@ def rotate_secret(db: Path) -> int:
     kept = read_secrets(path)
     write_secrets(path, [secrets.token_urlsafe(32), *kept])
     return len(kept)
+
+
+def waiting_on_previous_secrets(db: Path) -> tuple[bool, int, int]:
+    """Before the previous callback secrets are dropped: whether the store's
+    last start signed with the current one (else the service has not started
+    since the rotation, and every URL it handed out is signed with one about
+    to go), how many jobs wait (`pending` or `running`) that were created
+    before that start, whose URLs may be signed with a previous secret (more
+    than are: a retry since gets a new URL; never fewer), and when that start
+    was (ms). Read only, beside a running service; a store not made yet has
+    none."""
+    from core.tokens import CallbackSigner
+
+    if not db.exists():
+        return True, 0, 0
+    current = read_secrets(secret_path(db))[0]
+    signs = CallbackSigner(current, "http://x").fingerprints()[0]
+    uri = f"{db.resolve().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
+        row = conn.execute("SELECT value FROM tether_meta WHERE name = 'last_host'").fetchone()
+        try:
+            last = msgspec.json.decode(row[0]) if row else {}
+            restarted, since = last.get("signs") == signs, int(last.get("at") or 0)
+        except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+            restarted, since = False, 0
+        query = "SELECT count(*) FROM tether_jobs WHERE state IN ('pending', 'running')"
+        if restarted:
+            (waiting,) = conn.execute(query + " AND created_at < ?", (since,)).fetchone()
+        else:
+            (waiting,) = conn.execute(query).fetchone()
+    return restarted, int(waiting), since
 
 
 def drop_previous_secrets(db: Path) -> int:

@@ -67,6 +67,13 @@ def test_rotate_secret_keeps_waiting_jobs_and_drop_previous_ends_the_old_urls(
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
         assert old not in rotated.stdout + rotated.stderr
         assert new not in rotated.stdout + rotated.stderr
+        # Dropped now, every waiting job's URL would answer 401: refused (it
+        # was done without a word, a QA pass, 2026-12-06)
+        not_yet = tether("rotate-secret", "--drop-previous", "--store", store)
+        assert not_yet.returncode == 2, not_yet.stdout
+        assert "has not started since the callback secret was rotated" in not_yet.stderr
+        assert "(2 now)" in not_yet.stderr
+        assert secret_file.read_text().split() == [new, old]
 
         service = restart(service, env)
         with service.client() as client:
@@ -76,7 +83,12 @@ def test_rotate_secret_keeps_waiting_jobs_and_drop_previous_ends_the_old_urls(
             assert token_of(late) == CallbackSigner(new, service.url).token("late:1")
             assert token_of(late) != CallbackSigner(old, service.url).token("late:1")
 
-        dropped = tether("rotate-secret", "--drop-previous", TETHER_STORE=store)
+        waits = tether("rotate-secret", "--drop-previous", TETHER_STORE=store)
+        assert waits.returncode == 2, waits.stdout  # also-early waits on an old URL
+        assert "1 job(s) created before the last start" in waits.stderr, waits.stderr
+        assert "--created-before" in waits.stderr and "--force" in waits.stderr
+        assert secret_file.read_text().split() == [new, old]
+        dropped = tether("rotate-secret", "--drop-previous", "--force", TETHER_STORE=store)
         assert dropped.returncode == 0, dropped.stderr
         assert dropped.stdout.startswith("dropped 1 previous callback secret(s)")
         assert secret_file.read_text().split() == [new]
