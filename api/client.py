@@ -1051,7 +1051,11 @@ def list_jobs(
                     await note_unknown_backends(api, backends)
                 return {**page, "items": items}
 
-    found = run(pages, url)
+    try:
+        found = run(pages, url)
+    except ServiceError as exc:  # named as the user wrote it (a QA pass, 2026-12-06)
+        said = as_options(exc.message, ("state", "backend", "tag", *window, "cursor"))
+        raise ServiceError(said, exc.status, reached=exc.reached) from None
     if ids_only:
         for job in found["items"]:
             click.echo(job["id"])
@@ -1065,6 +1069,17 @@ def list_jobs(
         return Group(jobs_table(found["items"]), Text(f"{count} job(s){more}", "dim"))
 
     emit(found, as_json, table)
+
+
+def as_options(message: str, names: Sequence[str]) -> str:
+    """The service's words of a query parameter (`invalid query parameter
+    'created_after': …`) as the command's option (`invalid --created-after:
+    …`): the user typed the option."""
+    for name in names:
+        message = message.replace(
+            f"invalid query parameter {name!r}", f"invalid --{name.replace('_', '-')}"
+        )
+    return message
 
 
 async def note_unknown_backends(api: Api, backends: Sequence[str]) -> None:

@@ -446,7 +446,7 @@ class Watchdog:
         if fault is not None:  # logged and filed; the next check as planned, or as asked
             log.warning("watchdog: job %s: %s", rec.id, fault, extra=rec.log_extra())
             if wait is not None and wait * 1000 > delay:  # a `Retry-After`: not asked sooner
-                later = now + int(min(wait, BUGGY_CHECK_INTERVAL) * 1000)
+                later = now + max(delay, int(min(wait, BUGGY_CHECK_INTERVAL) * 1000))
                 await self.store.jobs.reschedule_check(rec.id, now + delay, later)
             await self._check_failed(rec, error_type)
             return

@@ -145,8 +145,7 @@ class Workspace:
         sdk_log = logging.getLogger("databricks.sdk")
         if sdk_log.getEffectiveLevel() < logging.INFO:
             sdk_log.setLevel(logging.INFO)
-        if not any(isinstance(f, HideUserinfo) for f in sdk_log.filters):
-            sdk_log.addFilter(HideUserinfo())  # its warnings name the host
+        hide_userinfo_in_sdk_logs()  # its warnings name the host
         self._client: WorkspaceClient | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="tether-databricks")
@@ -203,6 +202,7 @@ class Workspace:
                 )
                 self._client = WorkspaceClient(config=config)
                 hand_back_throttling(self._client)
+                hide_userinfo_in_sdk_logs()  # the child loggers the SDK made on import
                 log.info("databricks: using workspace %s", shown_host(config.host))
                 if shown_host(config.host) != config.host:
                     log.warning(
@@ -340,6 +340,7 @@ class Workspace:
 
     def _secrets(self) -> list[str]:
         found = [os.environ.get(name, "") for name in SECRET_ENV]
+        found += _userinfo(os.environ.get("DATABRICKS_HOST", ""))
         config = self._client.config if self._client is not None else None
         for name in SECRET_ATTRIBUTES if config is not None else ():
             value = getattr(config, name, None)
@@ -348,9 +349,12 @@ class Workspace:
         return found
 
 
-USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]*@")
+USERINFO = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]{0,31}://)[^/\s?#]*@")
 """A URL's `user:password@` (a workspace host written with them: the SDK
-shows its host in its errors and warnings)."""
+shows its host in its errors and warnings), to its last `@` (a password may
+hold one: the HTTP client splits there). The scheme is anchored and bounded:
+unanchored, a text of `a.a.a.…` took seconds for 40 KB (found by a review,
+2026-12-06); now 1 MB takes milliseconds."""
 
 _SCRUB = (
     (USERINFO, r"\1***@"),
@@ -417,6 +421,20 @@ def hand_back_throttling(client: WorkspaceClient) -> None:
     base._is_retryable = connection_errors_only  # type: ignore[method-assign]  # see above
 
 
+def _userinfo(host: str) -> list[str]:
+    """A host's `user:password` and its password, as written and decoded: a
+    password with a `/`, `?`, `#` or space (pasted base64) is no URL's
+    userinfo to `USERINFO`, and the SDK then quotes the whole host in its
+    configuration error (a review, 2026-12-06)."""
+    from urllib.parse import unquote
+
+    info = host.partition("://")[2].rpartition("@")[0] if "@" in host else ""
+    if not info:
+        return []
+    password = info.partition(":")[2]
+    return [s for s in {info, password, unquote(info), unquote(password)} if s]
+
+
 def shown_host(host: str | None) -> str | None:
     """The workspace's host as Tether shows it (a log line, a run's page
     when Databricks gave none): without a `user:password@` written into it."""
@@ -424,10 +442,12 @@ def shown_host(host: str | None) -> str | None:
 
 
 class HideUserinfo(logging.Filter):
-    """On the SDK's logger (`databricks.sdk`, where nearly all of its lines
-    are made): a URL's `user:password@` in a line is written `***@`. Found
-    by a review (2026-12-06): a host written with them reached the SDK's
-    warning that its host metadata could not be fetched."""
+    """On the SDK's loggers (`databricks.sdk`, where nearly all of its lines
+    are made, and each of its children: a logger's filter sees only its own
+    records, `hide_userinfo_in_sdk_logs`): a URL's `user:password@` in a line
+    is written `***@`. Found by a review (2026-12-06): a host written with
+    them reached the SDK's warning that its host metadata could not be
+    fetched."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -436,16 +456,34 @@ class HideUserinfo(logging.Filter):
         return True
 
 
+def hide_userinfo_in_sdk_logs() -> None:
+    """`HideUserinfo` on `databricks.sdk` and each of its child loggers made
+    so far (the SDK makes them as its modules are imported: called again
+    once the client is built)."""
+    manager = logging.Logger.manager
+    names = [n for n in list(manager.loggerDict) if n.startswith("databricks.sdk.")]
+    for name in ("databricks.sdk", *names):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideUserinfo) for f in logger.filters):
+            logger.addFilter(HideUserinfo())
+
+
 def _transient(exc: BaseException) -> bool:
     """Whether the SDK itself would have retried this answer as a passing
     fault, by its words (its `_is_retryable`: "RPC token bucket limit has
     been exceeded", "ClusterNotReadyException", "Please try again later…",
-    whatever the status). `hand_back_throttling` takes every answer out of
-    the SDK's retries, so these are Tether's to retry (found by a review,
-    2026-12-06: sent as a 400 they failed the job at once, where the SDK's
-    own client retried and succeeded)."""
+    "Unexpected error"), for a 400 alone. `hand_back_throttling` takes every
+    answer out of the SDK's retries, so these are Tether's to retry (found by
+    a review, 2026-12-06: sent as a 400 they failed the job at once, where
+    the SDK's own client retried and succeeded). Not a 401, 403 or 404,
+    though the SDK would: their words may quote what a client chose (a
+    notebook path "…/Unexpected error"), which would make a refusal tried
+    again and again."""
+    from databricks.sdk import errors
     from databricks.sdk._base_client import _BaseClient
 
+    if not isinstance(exc, errors.BadRequest):
+        return False
     try:
         return _BaseClient._is_retryable(exc) is not None
     except Exception:  # a later SDK's test: never a reason to fail a job

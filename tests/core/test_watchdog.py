@@ -557,13 +557,15 @@ async def test_a_check_a_backend_refused_is_logged_in_its_words_without_a_token(
         (86_400, 3_600_000),  # at most the hour a plugin's bug gets
     ],
 )
+@pytest.mark.parametrize("interval", [2.0, 7200.0])  # (past the hour: never sooner than planned)
 async def test_a_check_refused_with_a_retry_after_comes_no_sooner(
-    rig: Rig, retry_after: float | None, next_in: int
+    rig: Rig, retry_after: float | None, next_in: int, interval: float
 ):
     """A review (2026-12-06): a job checked every second was checked 6 times
     in 20 s through Databricks' `Retry-After: 30`."""
     now = now_ms()
-    await rig.running("d", next_check_at=now)
+    await rig.running("d", next_check_at=now, params={"interval": interval})
+    next_in = max(next_in, int(interval * 1000))
 
     async def before(job: Job) -> None:
         raise BackendError("GET h answered 429", retryable=True, retry_after=retry_after)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
@@ -472,7 +473,8 @@ def test_settings_that_cannot_work_are_refused_naming_the_variable(name: str, va
     with pytest.raises(ValueError) as raised:
         DatabricksSettings.from_env({f"TETHER_DATABRICKS_{name}": value})
     bound = ", at most 256" if name == "THREADS" else ", at most 3600"
-    assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: must be positive{bound}"
+    said = "not a finite number" if value == "inf" else f"must be positive{bound}"
+    assert str(raised.value) == f"invalid setting TETHER_DATABRICKS_{name}: {said}"
 
 
 # ── the workspace client ─────────────────────────────────────────────────────
@@ -725,6 +727,9 @@ def test_an_answer_the_sdk_takes_for_a_passing_fault_is_retryable_whatever_its_s
     assert (error.code, error.retryable) == ("INVALID_STATE", True)
     plain = Workspace(SETTINGS).translate(errors.BadRequest("no such job", error_code="X"))
     assert plain.retryable is False
+    # not a refusal whose words quote what a client chose (a notebook path)
+    quoted = errors.NotFound('Unable to access the notebook "/Users/a/Unexpected error"')
+    assert Workspace(SETTINGS).translate(quoted).retryable is False
 
 
 def test_a_client_that_cannot_configure_itself_is_not_retried():
@@ -805,6 +810,8 @@ def test_a_kind_is_named_in_screaming_case(name: str, screaming: str):
             "Config: host=http://***@127.0.0.1:9, auth_type=pat",
         ),
         ("from https://:only-pw@h/x and http://h/y@z", "from https://***@h/x and http://h/y@z"),
+        ("HTTPS://U:P@ss@h.example/x", "HTTPS://***@h.example/x"),  # to the last @, any case
+        ("a-a.a+a" * 3 + "://u:p@h", "a-a.a+aa-a.a+aa-a.a+a://***@h"),
     ],
 )
 def test_secrets_are_scrubbed_from_text(text: str, clean: str, monkeypatch):
@@ -1147,6 +1154,41 @@ async def test_a_host_written_with_a_user_and_password_never_shows_them(
     assert "pw-in-url" not in logs.text and "qa-user" not in logs.text
     assert all(seen.authorized for seen in workspace.seen if seen.path.startswith("/api/"))
     workspace.end(run_id, "SUCCESS")
+
+
+@pytest.mark.parametrize("password", ["pw@in-url", "pw/in?url"])
+async def test_a_password_with_an_at_or_a_slash_in_the_host_never_shows(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs, password: str
+):
+    """`@` in the password: the HTTP client splits at the last `@` (the host
+    works), and the mask stopped at the first, showing the rest. `/` or `?`
+    in it: the SDK refuses the host and quotes it whole in its configuration
+    error (a review, 2026-12-06)."""
+    host = workspace.url.replace("://", f"://qa-user:{password}@")
+    monkeypatch.setenv("DATABRICKS_HOST", host)
+    workspace.add_job(7, notebook="quiet")
+    workspace.notebooks["quiet"] = hang
+    workspace.fail(GET_RUN, 500, "INTERNAL_ERROR", "x", method="GET")
+    backend = Databricks(SETTINGS)
+    try:
+        said = str(await backend.trigger(trigger({"job_id": 7})))
+        workspace.end(workspace.only_run().run_id, "SUCCESS")
+    except BackendError as exc:
+        said = f"{exc.code}: {exc.message}"
+        assert exc.code == "databricks_config"
+    readiness = await backend.workspace.readiness()
+    for text in (said, logs.text, str(readiness.reason)):
+        assert "in-url" not in text and "in?url" not in text and "qa-user" not in text, text
+
+
+def test_the_userinfo_mask_takes_linear_time():
+    """Unanchored, `a.a.a.…` made it retry from every word boundary: 40 KB
+    took 5 s and 1 MB would have taken most of an hour (a review,
+    2026-12-06). 200 KB here: seconds at the least with the old pattern."""
+    text = "a." * 100_000
+    started = time.process_time()
+    assert Workspace(SETTINGS).scrub(text).startswith("a.a.")
+    assert time.process_time() - started < 2.0  # (the old pattern: about 2 minutes)
 
 
 async def test_a_one_time_run_whose_page_cannot_be_read_has_none(backend, workspace):
