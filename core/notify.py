@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
@@ -344,7 +345,9 @@ class Notifier:
                 note.url,
                 data=note.body.encode(),
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+                # exact: aiohttp rounds a timeout of 5 s or more up to the next
+                # whole second (an answer after 10.8 s counted as delivered)
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, ceil_threshold=math.inf),
                 allow_redirects=False,
             ) as response:
                 status = response.status

@@ -138,11 +138,14 @@ def _mask_pieces(text: str, form: str) -> str:
 
 def redact_value(value: Any, secrets: Sequence[str]) -> Any:
     """`value` (JSON: a result, an error) with `redact` applied to each string
-    in it, keys too; `value` itself when none mentions a secret (the usual
-    case, found with one look at its JSON)."""
-    if not secrets or not _mentions(msgspec.json.encode(value), secrets):
-        return value
-    return _walk(value, secrets)
+    in it, keys too, and the secrets of the environment masked where they
+    stand whole (`value_without_environment_secrets`: a run may echo the
+    credential a backend sent it); `value` itself when none mentions a
+    secret (the usual case, found with one look at its JSON)."""
+    data: bytes | None = msgspec.json.encode(value)
+    if secrets and data is not None and _mentions(data, secrets):
+        value, data = _walk(value, secrets), None
+    return value_without_environment_secrets(value, data)
 
 
 def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
@@ -248,6 +251,36 @@ def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]
 
 
 _ENVIRONMENT: tuple[str, ...] | None = None
+
+
+def value_without_environment_secrets(value: Any, data: bytes | None = None) -> Any:
+    """`value` (JSON: a callback's result or error; `data`, its JSON when
+    the caller has it) with each of `environment_secrets` masked where it
+    stands whole in a string of it, keys too; `value` itself when none is in
+    it (one look at its JSON). A run may echo what it was sent
+    (`TETHER_WEBHOOK_AUTH_<NAME>`: found by a QA pass, 2026-12-06, kept
+    whole in a job's result)."""
+    secrets = environment_secrets()
+    if not secrets:
+        return value
+    data = msgspec.json.encode(value) if data is None else data
+    if not any(_json_form(s) in data or quote(s, safe="").encode() in data for s in secrets):
+        return value
+    return _walk_environment(value)
+
+
+def _json_form(secret: str) -> bytes:
+    return msgspec.json.encode(secret)[1:-1]
+
+
+def _walk_environment(value: Any) -> Any:
+    if isinstance(value, str):
+        return without_environment_secrets(value)
+    if isinstance(value, list):
+        return [_walk_environment(v) for v in value]
+    if isinstance(value, dict):
+        return {without_environment_secrets(str(k)): _walk_environment(v) for k, v in value.items()}
+    return value
 
 
 def without_environment_secrets(text: str) -> str:

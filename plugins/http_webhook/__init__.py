@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import re
 from collections.abc import Collection, Mapping
@@ -446,7 +447,8 @@ class HttpWebhook(Backend):
                 url,
                 json=json,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                # exact: aiohttp rounds 5 s or more up to the next whole second
+                timeout=aiohttp.ClientTimeout(total=timeout, ceil_threshold=math.inf),
                 allow_redirects=False,
             ) as response:
                 code = response.status

@@ -350,3 +350,39 @@ async def test_a_status_answer_too_long_or_not_understood_keeps_the_job_waiting(
     failed = await svc.wait_state("s", "failed")
     assert failed["error"] == {"message": "the service reported a failure"}
     assert len(receiver.on("/status")) == 4
+
+
+async def test_a_credential_the_run_echoes_in_its_callback_is_kept_masked(
+    start_service, receiver, monkeypatch
+):
+    """The receiver's credential (`TETHER_WEBHOOK_AUTH_<NAME>`) was masked in
+    the trigger's answer but kept whole when the run sent it back in its
+    callback's result or error: in the job, the list and its notification
+    (found by a QA pass, 2026-12-06). Every environment secret is masked
+    in what a run reports, where it stands whole."""
+    import core.redact
+
+    credential = "Bearer echo-cred-0123456789"
+    monkeypatch.setenv("TETHER_WEBHOOK_AUTH_RCV", credential)
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)  # read again, with it
+    svc = await start_service()
+    for job_id, body in (
+        ("echo-ok", {"status": "succeeded", "result": {"headers": {"auth": credential}}}),
+        ("echo-no", {"status": "failed", "error": {"message": f"refused: {credential}"}}),
+    ):
+        job = webhook_job(job_id, receiver.url(), auth="RCV")
+        created = await svc.client.post("/jobs", json=job)
+        assert created.status_code == 201, created.text
+        await svc.wait_state(job_id, "running")
+        [hit] = [h for h in receiver.hits if h.body["job_id"] == job_id]
+        assert hit.headers["authorization"] == credential  # sent as it is
+        path = str(hit.body["callback_url"]).removeprefix(svc.settings.base_url)
+        answer = await svc.client.post(path, json=body)
+        assert answer.status_code == 200, answer.text
+    ok = await svc.wait_state("echo-ok", "succeeded")
+    assert ok["result"] == {"headers": {"auth": "***"}}
+    failed = await svc.wait_state("echo-no", "failed")
+    assert failed["error"]["message"] == "refused: ***"
+    listed = (await svc.client.get("/jobs")).text
+    assert credential not in listed and "echo-cred" not in listed
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)
