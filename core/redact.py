@@ -240,12 +240,12 @@ def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]
             _ENVIRONMENT = environment_secrets(os.environ)
         return _ENVIRONMENT
     found = {
-        value.strip()
+        piece
         for name, value in env.items()
-        if SECRET_NAME.search(name.upper())
-        and not name.upper().endswith(NOT_SECRET_ENDINGS)
-        and len(value.strip()) >= ENV_SECRET_MIN
-        and not value.strip().startswith(("/", "~"))
+        if SECRET_NAME.search(name.upper()) and not name.upper().endswith(NOT_SECRET_ENDINGS)
+        # a list (TETHER_API_TOKEN, ..._PREVIOUS: comma-separated) by each of its own too
+        for piece in {value.strip(), *(p.strip() for p in value.split(","))}
+        if len(piece) >= ENV_SECRET_MIN and not piece.startswith(("/", "~"))
     }
     return tuple(sorted(found, key=len, reverse=True))  # the longest first: none cut by another
 

@@ -204,3 +204,31 @@ def test_a_backend_errors_message_set_later_is_the_one_its_text_shows():
     assert str(error) == error.message and error.args == (error.message,)
     assert "s3cret" not in repr(error)
     assert BackendError(None).args == ("the backend gave no message",)  # type: ignore[arg-type]
+
+
+def test_the_secrets_of_the_environment_are_those_their_names_say():
+    """What tracebacks and what a run reports are cleaned of: the values of
+    variables named as secrets, each of a comma-separated list too; not a
+    path, not a short value, not a name ending `_FILE`."""
+    from core.redact import environment_secrets
+
+    env = {
+        "TETHER_API_TOKEN": "first-token-111,second-token-222",
+        "TETHER_WEBHOOK_AUTH_RUNNER": "Bearer runner-cred",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+        "ACME_APIKEY": "acme-key-value",
+        "TETHER_WRONG_TOKENS_PER_MINUTE": "30",
+        "SSH_AUTH_SOCK": "/tmp/ssh-agent.1",
+        "GOOGLE_APPLICATION_CREDENTIALS_FILE": "creds.json-not-a-path-but-named-so",
+        "XAUTHORITY": "not-a-secret-word",
+        "KEYBOARD_LAYOUT": "not-a-key-word",
+        "PATH": "/usr/bin:/bin",
+    }
+    assert set(environment_secrets(env)) == {
+        "first-token-111,second-token-222",
+        "first-token-111",
+        "second-token-222",
+        "Bearer runner-cred",
+        "aws-secret-value",
+        "acme-key-value",
+    }
