@@ -644,8 +644,17 @@ def _refuse_stranding(store: str | None) -> None:
             f" ({waiting} now) would answer 401. Restart every `tether serve` of this store, let"
             " the jobs waiting then end, and run this again (--force drops them anyway)"
         )
+    if waiting and not since:
+        raise Refused(
+            f"{waiting} job(s) still wait, and the store does not say when the service last"
+            " started: their callback URLs may be signed with a previous secret, and would"
+            " answer 401. Wait until they end (`tether list --state pending --state running`),"
+            " then run this again (--force drops them anyway)"
+        )
     if waiting:
-        before = datetime.fromtimestamp(since / 1000, UTC).isoformat(timespec="seconds")
+        # (the list's times are read to the second: rounded up, it shows them all)
+        second = datetime.fromtimestamp(-(-since // 1000), UTC)
+        before = second.isoformat(timespec="seconds").replace("+00:00", "Z")
         raise Refused(
             f"{waiting} job(s) created before the last start ({before}) still wait: their"
             " callback URLs may be signed with a previous secret, and would answer 401."

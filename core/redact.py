@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import re
@@ -171,7 +172,7 @@ def _looked_for(secret: str) -> set[str]:
 def _walk(value: Any, secrets: Sequence[str]) -> Any:
     if isinstance(value, str):
         return redact(value, secrets)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):  # (a plugin's answer may hold a tuple)
         return [_walk(v, secrets) for v in value]
     if isinstance(value, dict):
         return {_walk(k, secrets): _walk(v, secrets) for k, v in value.items()}
@@ -213,41 +214,62 @@ def _masked_pair(pair: str) -> str:
     return f"{name}=***" if equals else "***"
 
 
-SECRET_NAME = re.compile(
-    r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|(?:^|_)(?:API)?KEY(?:$|_)|(?:^|_)AUTH"
+TETHER_SECRETS = (
+    "TETHER_API_TOKEN",
+    "TETHER_READ_TOKEN",
+    "TETHER_CALLBACK_SECRET",
+    "TETHER_CALLBACK_SECRET_PREVIOUS",
+    "TETHER_NOTIFY_SECRET",
+    "TETHER_NOTIFY_SECRET_PREVIOUS",
 )
-"""An environment variable's name that says its value is a secret:
-`TETHER_API_TOKEN`, `TETHER_WEBHOOK_AUTH_RUNNER`, `DATABRICKS_TOKEN`, a
-plugin's `TETHER_ACME_PASSWORD`, `AWS_SECRET_ACCESS_KEY`."""
+"""Tether's own secret settings: each a comma-separated list (or one)."""
+AUTHORIZATION_PREFIX = "TETHER_WEBHOOK_AUTH_"
+"""`http_webhook`'s credentials: whole `Authorization` values, masked in
+each form `forms` knows (the credentials alone, a `Basic` one decoded)."""
+SECRET_ENDINGS = (
+    "_TOKEN",
+    "_SECRET",
+    "_PASSWORD",
+    "_API_KEY",
+    "_APIKEY",
+    "_ACCESS_KEY",
+    "_SECRET_KEY",
+    "_PRIVATE_KEY",
+)
+"""Any other variable whose name ends so holds a secret: a plugin's own
+`TETHER_ACME_PASSWORD`, `DATABRICKS_TOKEN`, `DATABRICKS_CLIENT_SECRET`,
+`AWS_SECRET_ACCESS_KEY`, `GITHUB_TOKEN`. Only endings: a name that merely
+holds such a word is no secret (`GIT_AUTHOR_NAME`, `DATABRICKS_AUTH_TYPE`,
+`SORT_KEY`, `TETHER_WRONG_TOKENS_PER_MINUTE`: a review found them masked in
+job results, 2026-12-07, when any name with AUTH or KEY in it counted)."""
 ENV_SECRET_MIN = 8
 """Values shorter than this are not masked as secrets (a `1`, a `true`)."""
-NOT_SECRET_ENDINGS = ("_FILE", "_PATH", "_DIR")
-"""Names that say their value is where a secret is kept, not the secret (a
-path masked would garble every traceback's file names): left alone, as is
-any value that begins as a path does."""
 
 
 def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """The values of the environment variables whose names say they are
-    secrets (`SECRET_NAME`), at least `ENV_SECRET_MIN` characters: what a
-    traceback from a plugin or another library may quote (a plugin's own
-    password in its exception's words: found by a QA pass, 2026-12-06, in
-    the log of a trigger that raised). Read once a process (`_ENVIRONMENT`)
-    unless `env` is given."""
+    """The secrets the environment holds, at least `ENV_SECRET_MIN`
+    characters each, longest first: Tether's own (`TETHER_SECRETS`, each
+    of a list), `http_webhook`'s credentials in each of their forms, and the
+    value of any variable named as a secret (`SECRET_ENDINGS`). What a
+    traceback from a plugin may quote (a plugin's own password in its
+    exception's words: found by a QA pass, 2026-12-06), and what a run may
+    send back (the credential it was sent). Read once a process
+    (`_ENVIRONMENT`) unless `env` is given."""
     if env is None:
         global _ENVIRONMENT
         if _ENVIRONMENT is None:
             _ENVIRONMENT = environment_secrets(os.environ)
         return _ENVIRONMENT
-    found = {
-        piece
-        for name, value in env.items()
-        if SECRET_NAME.search(name.upper()) and not name.upper().endswith(NOT_SECRET_ENDINGS)
-        # a list (TETHER_API_TOKEN, ..._PREVIOUS: comma-separated) by each of its own too
-        for piece in {value.strip(), *(p.strip() for p in value.split(","))}
-        if len(piece) >= ENV_SECRET_MIN and not piece.startswith(("/", "~"))
-    }
-    return tuple(sorted(found, key=len, reverse=True))  # the longest first: none cut by another
+    found: set[str] = set()
+    for name, value in env.items():
+        name, value = name.upper(), value.strip()
+        if name in TETHER_SECRETS:
+            found.update(piece.strip() for piece in value.split(","))
+        elif name.startswith(AUTHORIZATION_PREFIX):
+            found.update(forms(value))
+        elif name.endswith(SECRET_ENDINGS):
+            found.add(value)
+    return tuple(sorted((f for f in found if len(f) >= ENV_SECRET_MIN), key=len, reverse=True))
 
 
 _ENVIRONMENT: tuple[str, ...] | None = None
@@ -256,30 +278,34 @@ _ENVIRONMENT: tuple[str, ...] | None = None
 def value_without_environment_secrets(value: Any, data: bytes | None = None) -> Any:
     """`value` (JSON: a callback's result or error; `data`, its JSON when
     the caller has it) with each of `environment_secrets` masked where it
-    stands whole in a string of it, keys too; `value` itself when none is in
-    it (one look at its JSON). A run may echo what it was sent
-    (`TETHER_WEBHOOK_AUTH_<NAME>`: found by a QA pass, 2026-12-06, kept
-    whole in a job's result)."""
+    stands whole in a string of it; `value` itself when none is in it (one
+    look at its JSON). Keys are left as they are: two masked alike would
+    become one, and a value lost (a review, 2026-12-07). A run may echo what
+    it was sent (`TETHER_WEBHOOK_AUTH_<NAME>`: found by a QA pass,
+    2026-12-06, kept whole in a job's result)."""
     secrets = environment_secrets()
     if not secrets:
         return value
     data = msgspec.json.encode(value) if data is None else data
-    if not any(_json_form(s) in data or quote(s, safe="").encode() in data for s in secrets):
+    if not any(form in data for secret in secrets for form in _encoded(secret)):
         return value
     return _walk_environment(value)
 
 
-def _json_form(secret: str) -> bytes:
-    return msgspec.json.encode(secret)[1:-1]
+@functools.cache
+def _encoded(secret: str) -> tuple[bytes, ...]:
+    """How `secret` may stand in a JSON text: escaped as JSON writes it, or
+    percent-encoded."""
+    return msgspec.json.encode(secret)[1:-1], quote(secret, safe="").encode()
 
 
 def _walk_environment(value: Any) -> Any:
     if isinstance(value, str):
         return without_environment_secrets(value)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):  # (a plugin's answer may hold a tuple)
         return [_walk_environment(v) for v in value]
     if isinstance(value, dict):
-        return {without_environment_secrets(str(k)): _walk_environment(v) for k, v in value.items()}
+        return {k: _walk_environment(v) for k, v in value.items()}
     return value
 
 

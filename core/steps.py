@@ -1952,7 +1952,7 @@ def _log_traceback(
     appends it, the JSON one files it as `exc`), of which the messages of
     `exc` and of what it chains may quote a secret: a job's callback tokens
     (`tokens`, every form `redact` knows), the value of each environment
-    variable whose name says it is a secret (`environment_secrets`: a
+    secret (`environment_secrets`, declared or named as one: a
     plugin's own password, a backend's token) and any URL's
     `user:password@` are masked. The log record never holds the exception
     itself, whose words a formatter would write as they are. `traceback`

@@ -34,6 +34,7 @@ from core.store.base import (
     new_notify_secret,
     signing_secrets,
 )
+from core.store.jobs import now_ms
 from core.store.migrations import migrate
 from core.store.schema import SQLITE
 from core.store.sql import Session, SqlJobIndex
@@ -853,8 +854,11 @@ def waiting_on_previous_secrets(db: Path) -> tuple[bool, int, int]:
     to go), how many jobs wait (`pending` or `running`) that were created
     before that start, whose URLs may be signed with a previous secret (more
     than are: a retry since gets a new URL; never fewer), and when that start
-    was (ms). Read only, beside a running service; a store not made yet has
-    none."""
+    was (ms; 0 when the record does not say, and every waiting job is
+    counted). Read only, beside a running service; a store not made yet has
+    none. The last start is the store's: with two `tether serve` on one
+    file (docs/embedded-store.md advises against it), jobs the one not
+    restarted signs with the old secret are not counted."""
     from core.tokens import CallbackSigner
 
     if not db.exists():
@@ -867,10 +871,12 @@ def waiting_on_previous_secrets(db: Path) -> tuple[bool, int, int]:
         try:
             last = msgspec.json.decode(row[0]) if row else {}
             restarted, since = last.get("signs") == signs, int(last.get("at") or 0)
-        except (msgspec.DecodeError, AttributeError, TypeError, ValueError):
+        except (msgspec.DecodeError, AttributeError, TypeError, ValueError, OverflowError):
             restarted, since = False, 0
+        if not 0 < since <= now_ms():  # a damaged record: every waiting job counts
+            since = 0
         query = "SELECT count(*) FROM tether_jobs WHERE state IN ('pending', 'running')"
-        if restarted:
+        if restarted and since:
             (waiting,) = conn.execute(query + " AND created_at < ?", (since,)).fetchone()
         else:
             (waiting,) = conn.execute(query).fetchone()

@@ -428,11 +428,14 @@ def _userinfo(host: str) -> list[str]:
     configuration error (a review, 2026-12-06)."""
     from urllib.parse import unquote
 
-    info = host.partition("://")[2].rpartition("@")[0] if "@" in host else ""
+    authority = host.partition("://")[2] or host  # (the SDK adds `https://` to a bare host)
+    info = authority.rpartition("@")[0] if "@" in authority else ""
     if not info:
         return []
     password = info.partition(":")[2]
-    return [s for s in {info, password, unquote(info), unquote(password)} if s]
+    # a short password alone is not masked: "pass" would mask "password" in Databricks' words
+    alone = [p for p in (password, unquote(password)) if len(p) >= 8]
+    return [s for s in {info, unquote(info), *alone} if s]
 
 
 def shown_host(host: str | None) -> str | None:

@@ -206,29 +206,57 @@ def test_a_backend_errors_message_set_later_is_the_one_its_text_shows():
     assert BackendError(None).args == ("the backend gave no message",)  # type: ignore[arg-type]
 
 
-def test_the_secrets_of_the_environment_are_those_their_names_say():
-    """What tracebacks and what a run reports are cleaned of: the values of
-    variables named as secrets, each of a comma-separated list too; not a
-    path, not a short value, not a name ending `_FILE`."""
+def test_the_secrets_of_the_environment_are_those_declared_or_named_as_secrets():
+    """What tracebacks and what a run reports are cleaned of: Tether's own
+    secrets (each of a list), `http_webhook`'s credentials in their forms,
+    and variables whose names end as a secret's. A name that merely holds
+    such a word is no secret (a review, 2026-12-07: `GIT_AUTHOR_NAME`,
+    `DATABRICKS_AUTH_TYPE`, `SORT_KEY` were masked in job results)."""
     from core.redact import environment_secrets
 
     env = {
         "TETHER_API_TOKEN": "first-token-111,second-token-222",
-        "TETHER_WEBHOOK_AUTH_RUNNER": "Bearer runner-cred",
+        "TETHER_WEBHOOK_AUTH_RUNNER": "Bearer runner-cred-1",
+        "TETHER_ACME_PASSWORD": "/starts-with-a-slash",  # base64 may
         "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
-        "ACME_APIKEY": "acme-key-value",
-        "TETHER_WRONG_TOKENS_PER_MINUTE": "30",
-        "SSH_AUTH_SOCK": "/tmp/ssh-agent.1",
-        "GOOGLE_APPLICATION_CREDENTIALS_FILE": "creds.json-not-a-path-but-named-so",
-        "XAUTHORITY": "not-a-secret-word",
-        "KEYBOARD_LAYOUT": "not-a-key-word",
-        "PATH": "/usr/bin:/bin",
+        "TETHER_WRONG_TOKENS_PER_MINUTE": "30000000",
+        "GIT_AUTHOR_NAME": "Jonathan Smith",
+        "DATABRICKS_AUTH_TYPE": "azure-cli-auth",
+        "SORT_KEY": "created_at_key",
+        "KEY_COLUMNS": "customer_id,order_id",
+        "PRIVATE_REGISTRY": "registry.example.com",
+        "SHORT_TOKEN": "short",
     }
-    assert set(environment_secrets(env)) == {
-        "first-token-111,second-token-222",
+    found = set(environment_secrets(env))
+    assert {
         "first-token-111",
         "second-token-222",
-        "Bearer runner-cred",
+        "Bearer runner-cred-1",
+        "runner-cred-1",  # what a receiver parses out of the header
+        "/starts-with-a-slash",
         "aws-secret-value",
-        "acme-key-value",
+    } <= found
+    for value in ("30000000", "Jonathan Smith", "azure-cli-auth", "created_at_key", "short"):
+        assert value not in found
+    assert not any("customer_id" in f or "registry" in f for f in found)
+
+
+def test_a_result_keeps_its_keys_and_its_shape_when_a_secret_is_masked(monkeypatch):
+    """Keys were masked too, and two masked alike became one: a value lost
+    (a review, 2026-12-07). A tuple's strings are masked as a list's."""
+    import core.redact
+
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("Bearer runner-cred-1", "runner-cred-1"))
+    value = {
+        "runner-cred-1": 1,
+        "Bearer runner-cred-1": 2,
+        "seen": "runner-cred-1",
+        "args": ("Bearer runner-cred-1",),
     }
+    assert redact_value(value, ["some-callback-token"]) == {
+        "runner-cred-1": 1,
+        "Bearer runner-cred-1": 2,
+        "seen": "***",
+        "args": ["***"],
+    }
+    assert redact_value({"plain": "text"}, []) == {"plain": "text"}

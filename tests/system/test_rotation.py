@@ -102,6 +102,14 @@ def test_rotate_secret_keeps_waiting_jobs_and_drop_previous_ends_the_old_urls(
             wait_for(client, "late", "succeeded")
         again = tether("rotate-secret", "--drop-previous", "--store", store)
         assert again.stdout.startswith("dropped 0 previous callback secret(s)")
+        # once no job waits from before the last start, a plain drop goes through
+        with service.client() as client:
+            assert client.post("/jobs/also-early/cancel").status_code == 200
+        assert tether("rotate-secret", "--store", store).returncode == 0
+        service = restart(service, env)
+        dropped = tether("rotate-secret", "--drop-previous", "--store", store)
+        assert dropped.returncode == 0, dropped.stderr
+        assert dropped.stdout.startswith("dropped 1 previous callback secret(s)")
     finally:
         service.kill()
     logged = service.log.read_text()

@@ -1181,6 +1181,25 @@ async def test_a_password_with_an_at_or_a_slash_in_the_host_never_shows(
         assert "in-url" not in text and "in?url" not in text and "qa-user" not in text, text
 
 
+def test_the_sdks_child_loggers_hide_a_hosts_password_too(workspace: FakeWorkspace, logs):
+    """A logger's filter sees its own records alone: the SDK's children
+    (`databricks.sdk.oauth`, whose warning quotes an exception) need their
+    own (a review, 2026-12-07)."""
+    Workspace(SETTINGS).client()
+    for name in ("databricks.sdk", "databricks.sdk.oauth", "databricks.sdk.retries"):
+        logging.getLogger(name).warning("failed: https://qa-user:pw-in-url@h.example/x")
+    assert "pw-in-url" not in logs.text
+    assert logs.text.count("https://***@h.example/x") == 3
+
+
+def test_a_bare_hosts_password_is_a_secret_and_a_short_one_alone_is_not(monkeypatch):
+    monkeypatch.setenv("DATABRICKS_HOST", "qa-user:pw-in-a-bare-host@h.example")
+    said = Workspace(SETTINGS).scrub("host=qa-user:pw-in-a-bare-host@h.example pw-in-a-bare-host")
+    assert "pw-in-a-bare-host" not in said
+    monkeypatch.setenv("DATABRICKS_HOST", "https://admin:pass@h.example")
+    assert Workspace(SETTINGS).scrub("the password passed") == "the password passed"
+
+
 def test_the_userinfo_mask_takes_linear_time():
     """Unanchored, `a.a.a.…` made it retry from every word boundary: 40 KB
     took 5 s and 1 MB would have taken most of an hour (a review,

@@ -367,7 +367,13 @@ async def test_a_credential_the_run_echoes_in_its_callback_is_kept_masked(
     monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)  # read again, with it
     svc = await start_service()
     for job_id, body in (
-        ("echo-ok", {"status": "succeeded", "result": {"headers": {"auth": credential}}}),
+        (
+            "echo-ok",
+            {
+                "status": "succeeded",
+                "result": {"auth": credential, "token": "echo-cred-0123456789"},
+            },
+        ),
         ("echo-no", {"status": "failed", "error": {"message": f"refused: {credential}"}}),
     ):
         job = webhook_job(job_id, receiver.url(), auth="RCV")
@@ -380,7 +386,7 @@ async def test_a_credential_the_run_echoes_in_its_callback_is_kept_masked(
         answer = await svc.client.post(path, json=body)
         assert answer.status_code == 200, answer.text
     ok = await svc.wait_state("echo-ok", "succeeded")
-    assert ok["result"] == {"headers": {"auth": "***"}}
+    assert ok["result"] == {"auth": "***", "token": "***"}  # the header, and what it carries
     failed = await svc.wait_state("echo-no", "failed")
     assert failed["error"]["message"] == "refused: ***"
     listed = (await svc.client.get("/jobs")).text
