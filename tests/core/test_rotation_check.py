@@ -76,3 +76,19 @@ def test_no_record_or_one_that_is_no_object_is_no_start_since_the_rotation(tmp_p
 
 def test_a_store_not_made_yet_has_nothing_waiting(tmp_path):
     assert waiting_on_previous_secrets(tmp_path / "none.db") == (True, 0, 0)
+
+
+def test_a_store_that_cannot_be_read_refuses_the_drop(tmp_path):
+    """`tether rotate-secret --drop-previous` on a file that is no database:
+    refused, saying why, and the secrets kept (nothing is known of the jobs
+    waiting)."""
+    from tests.process import tether
+
+    db = tmp_path / "t.db"
+    db.write_bytes(b"not a database, " * 100)
+    write_secrets(secret_path(db), [NEW, OLD])
+    refused = tether("rotate-secret", "--drop-previous", "--store", f"sqlite:///{db}")
+    assert refused.returncode == 2, refused.stdout
+    assert refused.stderr.startswith("tether: cannot read the store to see which jobs wait:")
+    assert "Traceback" not in refused.stderr
+    assert secret_path(db).read_text().split() == [NEW, OLD]
