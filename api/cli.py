@@ -46,9 +46,11 @@ from core.store.base import check_notify_secret, check_previous_notify_secrets
 from core.store.embedded import (
     drop_previous_notify_secrets,
     drop_previous_secrets,
+    last_start,
     notify_secret_path,
     open_to_all,
     read_notify_secret,
+    read_only,
     read_secrets,
     rotate_notify_secret,
     rotate_secret,
@@ -604,9 +606,8 @@ def rotate_secret_command(store: str | None, drop_previous: bool, force: bool) -
     New callback URLs are signed with a new secret kept beside the embedded
     store, and URLs signed with the old ones still work (docs/operations.md).
     No secret is printed."""
-    if drop_previous and not force:
-        _refuse_stranding(store)
-    secrets, count = _rewrite(CALLBACK_SECRETS, store, drop_previous)
+    check = None if force else _refuse_stranding
+    secrets, count = _rewrite(CALLBACK_SECRETS, store, drop_previous, check)
     restart = "Restart every `tether serve` using this store now (stop them all, then start)"
     if drop_previous:
         click.echo(
@@ -623,18 +624,15 @@ def rotate_secret_command(store: str | None, drop_previous: bool, force: bool) -
         )
 
 
-def _refuse_stranding(store: str | None) -> None:
+def _refuse_stranding(db: Path) -> None:
     """Refuse `rotate-secret --drop-previous` while jobs may wait on URLs
-    signed with a previous secret: their callbacks would answer 401, and
-    their outcomes be lost (found by a QA pass, 2026-12-06: nothing checked,
-    and the next start said nothing)."""
+    signed with a previous secret of store `db`: their callbacks would
+    answer 401, and their outcomes be lost (found by a QA pass, 2026-12-06:
+    nothing checked, and the next start said nothing)."""
     try:
-        db = _secret_file_of(CALLBACK_SECRETS, load_settings(store=store or None))
         if len(read_secrets(secret_path(db))) < 2:
             return  # nothing to drop
         restarted, waiting, since = waiting_on_previous_secrets(db)
-    except (ValueError, StoreFileError) as exc:
-        raise Refused(str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
         raise Refused(f"cannot read the store to see which jobs wait: {exc}") from None
     if not restarted:
@@ -700,12 +698,20 @@ NOTIFY_SECRETS = SecretFile(
 )
 
 
-def _rewrite(kind: SecretFile, store: str | None, drop_previous: bool) -> tuple[Path, int]:
-    """Rotate `kind`'s file (or drop its previous secrets): its path, and how
-    many secrets are previous now (or went). Refused when the services of
-    the store do not sign with that file."""
+def _rewrite(
+    kind: SecretFile,
+    store: str | None,
+    drop_previous: bool,
+    check: Callable[[Path], None] | None = None,
+) -> tuple[Path, int]:
+    """Rotate `kind`'s file (or drop its previous secrets, once `check` of the
+    store's database, if given, has not refused): its path, and how many
+    secrets are previous now (or went). Refused when the services of the
+    store do not sign with that file."""
     try:
         db = _secret_file_of(kind, load_settings(store=store or None))
+        if drop_previous and check is not None:
+            check(db)
         return kind.path(db), (kind.drop if drop_previous else kind.rotate)(db)
     except (ValueError, StoreFileError) as exc:  # StoreConfigError: a damaged secret file
         raise Refused(str(exc)) from None
@@ -773,20 +779,14 @@ def _signed_at_last_start(settings: Settings, secret: str) -> bool:
     signed with `secret` (its `tether_meta` record, one-way fingerprints);
     True when that cannot be told (no start yet, another store, a record of
     a release before 2026-12-06)."""
-    from core.service import LAST_HOST
     from core.tokens import notify_fingerprints
 
     if not settings.store.startswith("sqlite:"):
         return True
     try:
-        db = embedded_db(settings, "notify-secret")
-        with contextlib.closing(
-            sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        ) as conn:
-            row = conn.execute(
-                "SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)
-            ).fetchone()
-        signed = msgspec.json.decode(row[0])["notify"] if row else None
+        with read_only(embedded_db(settings, "notify-secret")) as conn:
+            last = last_start(conn)
+        signed = last["notify"] if last else None
     except (sqlite3.Error, StoreFileError, msgspec.DecodeError, KeyError, TypeError):
         return True
     return not signed or notify_fingerprints([secret])[0] in signed

@@ -61,13 +61,14 @@ from core.models import (
     Trigger,
     url_fault,
 )
-from core.redact import redact, redact_bytes
+from core.redact import USERINFO, redact, redact_bytes
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
 __all__ = [
     "SENDABLE_URL",
     "SENDABLE_URL_SCHEMA",
+    "USERINFO",
     "Backend",
     "BackendError",
     "CheckNow",

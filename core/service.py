@@ -63,15 +63,12 @@ from core.settings import Settings, describe
 from core.settle import Settler, store_call
 from core.steps import JobSteps, Slots
 from core.store import Store, open_store
-from core.store.base import STOP_GRACE
+from core.store.base import LAST_HOST, STOP_GRACE
 from core.store.jobs import Event, JobRecord, NewEvent, now_ms
 from core.store.sql import SqlJobIndex
 from core.tokens import CallbackSigner, agree, notify_fingerprints
 from core.views import decode_cursor, duration, encode_cursor, finished_message, view
 from core.watchdog import Watchdog, collect_garbage
-
-LAST_HOST = "last_host"
-"""The `tether_meta` fact `Tether.compare_with_last_host` keeps."""
 
 log = logging.getLogger("tether")
 

@@ -20,6 +20,12 @@ from urllib.parse import quote
 from core.workflow import callback_promise_id
 
 
+def fingerprint(secret: str) -> str:
+    """A one-way fingerprint of a callback secret: what the store keeps of
+    the secret a start signed with (`CallbackSigner.fingerprints`)."""
+    return hmac.new(secret.encode(), b"tether-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
 class CallbackSigner:
     """Signs with `secret`; verifies against `secret` and each of `previous`."""
 
@@ -51,7 +57,7 @@ class CallbackSigner:
         return self._fingerprint(), [s._fingerprint() for s in (self, *self._previous)]
 
     def _fingerprint(self) -> str:
-        return hmac.new(self._key, b"tether-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
+        return fingerprint(self._key.decode())
 
     def tokens(self, promise_id: str, salt: str | None = None) -> list[str]:
         """`promise_id`'s token under the secret and under each previous one:

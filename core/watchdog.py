@@ -445,9 +445,9 @@ class Watchdog:
         found, fault, error_type, wait = await self._ask(backend, rec, CHECK_TIMEOUT)
         if fault is not None:  # logged and filed; the next check as planned, or as asked
             log.warning("watchdog: job %s: %s", rec.id, fault, extra=rec.log_extra())
-            if wait is not None and wait * 1000 > delay:  # a `Retry-After`: not asked sooner
-                later = now + max(delay, int(min(wait, BUGGY_CHECK_INTERVAL) * 1000))
-                await self.store.jobs.reschedule_check(rec.id, now + delay, later)
+            asked = 0 if wait is None else int(min(wait, BUGGY_CHECK_INTERVAL) * 1000)
+            if asked > delay:  # a `Retry-After` past the plan: not asked sooner
+                await self.store.jobs.reschedule_check(rec.id, now + delay, now + asked)
             await self._check_failed(rec, error_type)
             return
         if found is None or isinstance(found, Running):

@@ -33,6 +33,10 @@ STORE_WAIT = DEFAULT_LOCK_TIMEOUT
 (the embedded engine and the job index) or a connection of the Postgres pool.
 Past it the call fails as `StoreUnavailable`."""
 
+LAST_HOST = "last_host"
+"""The `tether_meta` fact `core.service.Tether.compare_with_last_host` keeps
+(read by `tether rotate-secret --drop-previous` too)."""
+
 STOP_GRACE = 20.0
 """Seconds a stopping service waits for the workflow steps under way to end
 (`core.service.Tether.close`); a Resonate server's requests go on that long

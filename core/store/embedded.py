@@ -27,6 +27,7 @@ from core.errors import StoreConfigError, StoreUnavailable
 from core.scratch import Scratch
 from core.settings import Settings, describe, listed
 from core.store.base import (
+    LAST_HOST,
     STORE_WAIT,
     Store,
     WorkflowIds,
@@ -847,6 +848,22 @@ def rotate_secret(db: Path) -> int:
     return len(kept)
 
 
+def read_only(db: Path) -> contextlib.closing[sqlite3.Connection]:
+    """A read-only connection to the store's database, beside a running
+    service (WAL: its writes do not block this)."""
+    return contextlib.closing(
+        sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    )
+
+
+def last_start(conn: sqlite3.Connection) -> Any:
+    """The store's record of its last start (`LAST_HOST`, as
+    `Tether.compare_with_last_host` writes it), decoded; None when there is
+    none. Raises `msgspec.DecodeError` for a damaged one."""
+    row = conn.execute("SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)).fetchone()
+    return msgspec.json.decode(row[0]) if row else None
+
+
 def waiting_on_previous_secrets(db: Path) -> tuple[bool, int, int]:
     """Before the previous callback secrets are dropped: whether the store's
     last start signed with the current one (else the service has not started
@@ -859,17 +876,14 @@ def waiting_on_previous_secrets(db: Path) -> tuple[bool, int, int]:
     none. The last start is the store's: with two `tether serve` on one
     file (docs/embedded-store.md advises against it), jobs the one not
     restarted signs with the old secret are not counted."""
-    from core.tokens import CallbackSigner
+    from core.tokens import fingerprint
 
     if not db.exists():
         return True, 0, 0
-    current = read_secrets(secret_path(db))[0]
-    signs = CallbackSigner(current, "http://x").fingerprints()[0]
-    uri = f"{db.resolve().as_uri()}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
-        row = conn.execute("SELECT value FROM tether_meta WHERE name = 'last_host'").fetchone()
+    signs = fingerprint(read_secrets(secret_path(db))[0])
+    with read_only(db) as conn:
         try:
-            last = msgspec.json.decode(row[0]) if row else {}
+            last = last_start(conn) or {}
             restarted, since = last.get("signs") == signs, int(last.get("at") or 0)
         except (msgspec.DecodeError, AttributeError, TypeError, ValueError, OverflowError):
             restarted, since = False, 0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import BackendError, Readiness, settings_from_env
+from core.plugin import USERINFO, BackendError, Readiness, settings_from_env
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -203,8 +203,9 @@ class Workspace:
                 self._client = WorkspaceClient(config=config)
                 hand_back_throttling(self._client)
                 hide_userinfo_in_sdk_logs()  # the child loggers the SDK made on import
-                log.info("databricks: using workspace %s", shown_host(config.host))
-                if shown_host(config.host) != config.host:
+                shown = shown_host(config.host)
+                log.info("databricks: using workspace %s", shown)
+                if shown != config.host:
                     log.warning(
                         "databricks: the workspace's host names a user or a password"
                         " (user:password@): the SDK does not sign in with them (it uses its"
@@ -239,10 +240,9 @@ class Workspace:
     def translate(self, exc: BaseException, secrets: Iterable[str] = ()) -> BackendError:
         """A `BackendError` saying what Databricks answered, with no secret in it:
         its `error_code` as `code` and its message. Retryable: 429, 500, 503,
-        504, `ABORTED`, statuses the SDK does not map, an answer whose words the
-        SDK itself takes for a passing fault whatever its status (`_transient`),
-        and a retry budget spent on any of these or on connection errors
-        (`Retry-After` kept). Not
+        504, `ABORTED`, statuses the SDK does not map, a 400 whose words the SDK
+        itself takes for a passing fault (`_transient`), and a retry budget
+        spent on any of these or on connection errors (`Retry-After` kept). Not
         retryable: 400, 401, 403, 404, 409, 501, and a client the SDK could not
         configure (`databricks_config`)."""
         from databricks.sdk import errors
@@ -349,15 +349,8 @@ class Workspace:
         return found
 
 
-USERINFO = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]{0,31}://)[^/\s?#]*@")
-"""A URL's `user:password@` (a workspace host written with them: the SDK
-shows its host in its errors and warnings), to its last `@` (a password may
-hold one: the HTTP client splits there). The scheme is anchored and bounded:
-unanchored, a text of `a.a.a.…` took seconds for 40 KB (found by a review,
-2026-12-06); now 1 MB takes milliseconds."""
-
 _SCRUB = (
-    (USERINFO, r"\1***@"),
+    (USERINFO, r"\1***@"),  # a workspace host written with them: the SDK quotes its host
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
     (re.compile(r"(?i)([?&]token=)[^&\s\"'<>]+"), r"\1***"),
     (re.compile(r"\bdapi[0-9a-f]{16,}(-\d+)?\b"), "***"),

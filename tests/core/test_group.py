@@ -13,7 +13,8 @@ import pytest
 
 from api.cli import preflight
 from core.plugins import Plugins, make_plugin_manager
-from core.service import LAST_HOST, Tether
+from core.service import Tether
+from core.store.base import LAST_HOST
 from tests.conftest import Receiver, test_settings
 
 pytestmark = pytest.mark.resonate_server

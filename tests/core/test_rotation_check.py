@@ -15,7 +15,7 @@ import pytest
 
 from core.store.embedded import secret_path, waiting_on_previous_secrets, write_secrets
 from core.store.jobs import now_ms
-from core.tokens import CallbackSigner
+from core.tokens import fingerprint
 
 NEW, OLD = "new-secret-" + "n" * 32, "old-secret-" + "o" * 32
 
@@ -36,8 +36,7 @@ def store(tmp_path: Path, last: object, jobs: list[tuple[str, int]]) -> Path:
     return db
 
 
-SIGNS_NEW = CallbackSigner(NEW, "http://x").fingerprints()[0]
-SIGNS_OLD = CallbackSigner(OLD, "http://x").fingerprints()[0]
+SIGNS_NEW, SIGNS_OLD = fingerprint(NEW), fingerprint(OLD)
 
 
 def test_jobs_from_before_the_last_start_count_when_it_signed_with_the_new_secret(tmp_path):
