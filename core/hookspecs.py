@@ -102,7 +102,10 @@ class Backend:
     (read it with `core.plugin.settings_from_env(settings_type,
     settings_prefix)`). At start-up `tether serve` warns about each `TETHER_*`
     variable that no core setting and no declared plugin setting uses, naming
-    the closest known name. `None` (the default): the plugin has no settings."""
+    the closest known name. Type a field that holds a secret
+    `core.plugin.Secret`: its value is then masked wherever it stands whole
+    in what Tether logs, keeps and reports, whatever its variable is called.
+    `None` (the default): the plugin has no settings."""
 
     settings_prefix: ClassVar[str] = ""
     """Prefix of `settings_type`'s variables, e.g. `TETHER_DATABRICKS_`."""

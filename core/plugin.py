@@ -62,6 +62,7 @@ from core.models import (
     url_fault,
 )
 from core.redact import USERINFO, redact, redact_bytes
+from core.settings import Secret
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
@@ -80,6 +81,7 @@ __all__ = [
     "Outcome",
     "Readiness",
     "Running",
+    "Secret",
     "Trigger",
     "Unauthorized",
     "callback_promise_id",

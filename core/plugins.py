@@ -24,7 +24,8 @@ from core import hookspecs
 from core.errors import InvalidRequest, shown
 from core.hookspecs import Backend
 from core.models import Job
-from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names
+from core.redact import declare_secret_settings
+from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names, secret_env_names
 
 if TYPE_CHECKING:
     from core.store.jobs import JobRecord
@@ -263,6 +264,10 @@ class Plugins:
                     raise self._clash(backend.name, plugin, owner[backend.name])
                 self.backends[backend.name] = backend
                 owner[backend.name] = plugin
+                if backend.settings_type is not None:
+                    declare_secret_settings(
+                        secret_env_names(backend.settings_type, backend.settings_prefix)
+                    )
         # `tether_job_finished` is called one plugin at a time: pluggy stops a
         # hook call at the first exception, and one plugin's failure must not
         # keep the others from hearing that a job finished.

@@ -251,13 +251,27 @@ holds such a word is no secret (`GIT_AUTHOR_NAME`, `DATABRICKS_AUTH_TYPE`,
 job results, 2026-12-07, when any name with AUTH or KEY in it counted)."""
 ENV_SECRET_MIN = 8
 """Values shorter than this are not masked as secrets (a `1`, a `true`)."""
+_declared: set[str] = set()
+"""Variables plugins declare secret (`declare_secret_settings`)."""
+
+
+def declare_secret_settings(names: Iterable[str]) -> None:
+    """Count these variables among the environment's secrets, whatever
+    their names: the settings a plugin marks secret (`core.settings.SECRET`),
+    declared when its backends are loaded (`core.plugins.Plugins`)."""
+    global _ENVIRONMENT
+    new = {name.upper() for name in names} - _declared
+    if new:
+        _declared.update(new)
+        _ENVIRONMENT = None  # read again, with them
 
 
 def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The secrets the environment holds, at least `ENV_SECRET_MIN`
     characters each, longest first: Tether's own (`TETHER_SECRETS`, each
     of a list), `http_webhook`'s credentials in each of their forms, and the
-    value of any variable named as a secret (`SECRET_ENDINGS`). What a
+    value of any variable named as a secret (`SECRET_ENDINGS`) or declared
+    one by a plugin (`declare_secret_settings`). What a
     traceback from a plugin may quote (a plugin's own password in its
     exception's words: found by a QA pass, 2026-12-06), and what a run may
     send back (the credential it was sent). Read once a process
@@ -274,7 +288,7 @@ def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]
             found.update(piece.strip() for piece in value.split(","))
         elif name.startswith(AUTHORIZATION_PREFIX):
             found.update(forms(value))
-        elif name.endswith(SECRET_ENDINGS):
+        elif name.endswith(SECRET_ENDINGS) or name in _declared:
             found.add(value)
     return tuple(sorted((f for f in found if len(f) >= ENV_SECRET_MIN), key=len, reverse=True))
 

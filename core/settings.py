@@ -471,6 +471,33 @@ def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
     return {field.name: field.type for field in info.fields}
 
 
+SECRET = msgspec.Meta(extra={"secret": True})
+"""The mark of a settings field whose variable holds a secret: a plugin
+writes `password: core.plugin.Secret = ""` (`Annotated[str, SECRET]`).
+Tether then masks the variable's value wherever it stands whole in what it
+logs, keeps or reports (`core.redact.environment_secrets`), whatever the
+variable is called; a name that ends as a secret's (`_TOKEN`, `_PASSWORD`,
+...) is masked without the mark."""
+
+type Secret = Annotated[str, SECRET]
+"""A settings field holding a secret (`SECRET`)."""
+
+
+def secret_env_names(cls: type[msgspec.Struct], prefix: str) -> set[str]:
+    """The variables of `cls`'s fields marked `SECRET`."""
+    return {
+        prefix + name.upper() for name, kind in _field_types(cls).items() if _marked_secret(kind)
+    }
+
+
+def _marked_secret(kind: Any) -> bool:
+    if isinstance(kind, msgspec.inspect.Metadata):
+        return bool((kind.extra or {}).get("secret")) or _marked_secret(kind.type)
+    if isinstance(kind, msgspec.inspect.UnionType):  # `Secret | None`
+        return any(_marked_secret(member) for member in kind.types)
+    return False
+
+
 def env_names(cls: type[msgspec.Struct], prefix: str) -> set[str]:
     """The variables `from_env(cls, prefix)` reads."""
     return {prefix + name.upper() for name in cls.__struct_fields__}

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from core.plugin import NotFound, Notice, NoticeAbout, Unauthorized, settings_from_env
+from core.plugin import NotFound, Notice, NoticeAbout, Secret, Unauthorized, settings_from_env
 
 NOTIFY_PREFIX = "TETHER_DATABRICKS_"
 """The notification settings share the plugin's prefix: `TETHER_DATABRICKS_NOTIFY_*`."""
@@ -72,9 +72,9 @@ class NotifySettings(msgspec.Struct, frozen=True, kw_only=True):
 
     notify_user: str = ""
     """`TETHER_DATABRICKS_NOTIFY_USER`: the destination's basic-auth user name."""
-    notify_password: str = ""
+    notify_password: Secret = ""
     """`TETHER_DATABRICKS_NOTIFY_PASSWORD`: its password (both or neither)."""
-    notify_token: str = ""
+    notify_token: Secret = ""
     """`TETHER_DATABRICKS_NOTIFY_TOKEN`: a token the destination's URL carries
     (`...?token=`), for destinations without basic auth."""
 

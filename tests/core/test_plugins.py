@@ -22,8 +22,9 @@ from api.packages import table
 from core import hookspecs
 from core.errors import InvalidRequest
 from core.hookspecs import Backend, TetherHookSpecs
-from core.plugin import BackendError, Outcome, hookimpl
+from core.plugin import BackendError, Outcome, Secret, hookimpl
 from core.plugins import BACKEND_NAME, PluginError, Plugins, make_plugin_manager
+from core.settings import secret_env_names
 from core.store.jobs import now_ms
 from tests.conftest import (
     HOLD,
@@ -285,6 +286,57 @@ def test_a_hookimpl_matching_no_spec_fails_at_start_up():
     assert str(refused.value).endswith(
         "cannot be used: unknown hook 'tether_backend' (did you mean tether_backends?)"
     ), refused.value
+
+
+class RelaySettings(msgspec.Struct, frozen=True):
+    credential: Secret = ""  # a name no secret ends with
+    region: str = ""
+    spare: Secret | None = None
+
+
+class Relay(Backend):
+    name = "relay"
+    params_type = Params
+    settings_type = RelaySettings
+    settings_prefix = "TETHER_RELAY_"
+
+
+def test_a_setting_a_plugin_marks_secret_is_masked_whatever_its_name(monkeypatch):
+    """A plugin's settings marked `Secret` count among the environment's
+    secrets once its backend is loaded: masked in what Tether logs, keeps
+    and reports, though `TETHER_RELAY_CREDENTIAL` ends as no secret's name
+    does. Its unmarked settings are not."""
+    import core.redact
+
+    monkeypatch.setattr(core.redact, "_declared", set())
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)
+    monkeypatch.setenv("TETHER_RELAY_CREDENTIAL", "relay-cred-0451")
+    monkeypatch.setenv("TETHER_RELAY_SPARE", "relay-spare-0452")
+    monkeypatch.setenv("TETHER_RELAY_REGION", "eu-west-0453")
+    said = "login as relay-cred-0451 (spare relay-spare-0452) in eu-west-0453 failed"
+    assert core.redact.without_environment_secrets(said) == said  # not yet declared
+
+    Plugins(make_plugin_manager(entry_points=False, extra=[Offers(Relay())]))
+
+    assert core.redact._declared == {
+        "TETHER_RELAY_CREDENTIAL",
+        "TETHER_RELAY_SPARE",
+        "TETHER_DATABRICKS_NOTIFY_PASSWORD",  # the built-ins' (below)
+        "TETHER_DATABRICKS_NOTIFY_TOKEN",
+    }
+    masked = "login as *** (spare ***) in eu-west-0453 failed"
+    assert core.redact.without_environment_secrets(said) == masked
+    assert core.redact.redact_value({"said": said}, ()) == {"said": masked}
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)
+
+
+def test_the_builtin_plugins_mark_their_secret_settings():
+    from plugins.databricks import Databricks
+
+    assert secret_env_names(Databricks.settings_type, Databricks.settings_prefix) == {
+        "TETHER_DATABRICKS_NOTIFY_PASSWORD",
+        "TETHER_DATABRICKS_NOTIFY_TOKEN",
+    }
 
 
 def test_a_fresh_manager_has_only_the_builtins():

@@ -19,6 +19,7 @@ import pytest
 
 from core.errors import NotFound, Unauthorized
 from core.models import Notice, NoticeAbout
+from core.plugin import Secret
 from plugins.databricks import Databricks
 from plugins.databricks.notifications import (
     EVENT_TYPES,
@@ -611,8 +612,8 @@ def test_with_notify_settings_adds_the_notify_fields_after_the_base():
         ("host", str, "h"),
         ("port", int, 1),
         ("notify_user", str, ""),
-        ("notify_password", str, ""),
-        ("notify_token", str, ""),
+        ("notify_password", Secret, ""),  # marked, so masked wherever they stand
+        ("notify_token", Secret, ""),
     ]
     assert combined.__struct_config__.frozen is True
 
