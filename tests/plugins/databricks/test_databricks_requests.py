@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
@@ -1184,12 +1185,18 @@ async def test_a_password_with_an_at_or_a_slash_in_the_host_never_shows(
 def test_the_sdks_child_loggers_hide_a_hosts_password_too(workspace: FakeWorkspace, logs):
     """A logger's filter sees its own records alone: the SDK's children
     (`databricks.sdk.oauth`, whose warning quotes an exception) need their
-    own (a review, 2026-12-07)."""
-    Workspace(SETTINGS).client()
-    for name in ("databricks.sdk", "databricks.sdk.oauth", "databricks.sdk.retries"):
+    own (a review, 2026-12-07). One the SDK makes after the backend was
+    made (a module imported as the client is built) gets its filter when
+    the client is built."""
+    ws = Workspace(SETTINGS)
+    late = f"databricks.sdk.qa_late_{uuid.uuid4().hex}"
+    logging.getLogger(late)  # made as the SDK makes its loggers, on a module's import
+    ws.client()
+    names = ("databricks.sdk", "databricks.sdk.oauth", "databricks.sdk.retries", late)
+    for name in names:
         logging.getLogger(name).warning("failed: https://qa-user:pw-in-url@h.example/x")
     assert "pw-in-url" not in logs.text
-    assert logs.text.count("https://***@h.example/x") == 3
+    assert logs.text.count("https://***@h.example/x") == len(names)
 
 
 def test_a_bare_hosts_password_is_a_secret_and_a_short_one_alone_is_not(monkeypatch):
