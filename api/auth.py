@@ -217,7 +217,7 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
     wrong one is 401; a read token anywhere else is 403, naming what it would
     need. A bearer token, when given, is what counts, cookie or not."""
     api, read = digests(settings.api_token), digests(settings.read_token)
-    public = urlsplit(settings.public_url).netloc.lower() if settings.public_url else ""
+    public = public_host(settings)
 
     async def require_api_token(  # async: Litestar runs a sync guard in a thread
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
@@ -262,6 +262,11 @@ def api_token_guard(settings: Settings, sessions: Sessions | None = None) -> Gua
 
 
 CROSS_SITE_WHY = "its browser says so in Sec-Fetch-Site or Origin"
+
+
+def public_host(settings: Settings) -> str:
+    """TETHER_PUBLIC_URL's host and port (`another_sites`' `public`)."""
+    return urlsplit(settings.public_url).netloc.lower() if settings.public_url else ""
 
 
 def another_sites(connection: ASGIConnection[Any, Any, Any, Any], public: str = "") -> bool:
@@ -394,6 +399,8 @@ class Sessions:
         self.required = bool(listed(settings.api_token))
         """Whether the service has tokens at all (else every route is open)."""
         self.secure = settings.base_url.startswith("https:")
+        self.public = public_host(settings)
+        """The service's own host and port as clients know it (`another_sites`)."""
         self._tokens = {"api": digests(settings.api_token), "read": digests(settings.read_token)}
         self.wrong = WrongTokens(settings.wrong_tokens_per_minute)
         """Wrong tokens by address, bearer and signed in with alike."""
