@@ -382,6 +382,26 @@ STREAM_ENDS = "tether-stream-ends"
 for; a stream closed without it was dropped or its service stopped."""
 
 
+SSE_LINE_END = re.compile(r"\r\n|\r(?!\Z)|\n")
+"""Where a line of an event stream ends: CR LF, or CR or LF alone (a CR
+last in what has come so far may be the first half of a CR LF)."""
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An event stream's lines, ended as the SSE format ends them and
+    nowhere else. httpx's `aiter_lines` also splits at U+2028, U+2029 and
+    U+0085, as `str.splitlines` does, and an event whose data held one (a
+    cancel's reason, a webhook's answer) broke `tether events --follow` for
+    good: "not JSON" (found by a QA pass, 2026-12-07)."""
+    rest = ""
+    async for chunk in chunks:
+        *lines, rest = SSE_LINE_END.split(rest + chunk)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest.removesuffix("\r")
+
+
 async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:
     """Server-sent events as (`id`, `data` parsed as JSON). The `event:` field
     repeats the item's `type`; comments (keep-alives) carry nothing."""
@@ -438,7 +458,7 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise ServiceError("the service answered the event stream with something else")
                 says_end = response.headers.get(STREAM_ENDS) == "end"
-                async for event_id, item in sse_items(response.aiter_lines()):
+                async for event_id, item in sse_items(sse_lines(response.aiter_text())):
                     if event_id is None and item.get("type") == "end":
                         if finished is None:
                             raise ServiceError(f"job {job_id!r} was deleted", 404)

@@ -245,6 +245,11 @@ async def strict_body[T](
         raise MalformedBody(f"the body is not valid JSON: {not_json(exc, raw)}", details) from None
 
 
+LINE_LIKE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+"""An event's JSON as a stream sends it: the characters many line readers
+end a line at, though the SSE format does not (httpx's, Python's
+`splitlines`), written as JSON escapes. They stand only inside strings."""
+
 CHANGES_POLL = 1.0
 """Seconds between a job-list stream's reads of its page, for changes made by
 other processes (this process's own wake it at once)."""
@@ -535,7 +540,7 @@ class JobController(Controller):
                     data = msgspec.json.encode({"ids": job}).decode()
                     yield ServerSentEventMessage(data=data, event="page")
                 else:
-                    data = msgspec.json.encode(job).decode()
+                    data = msgspec.json.encode(job).decode().translate(LINE_LIKE)
                     yield ServerSentEventMessage(data=data, event="job")
 
         return ServerSentEvent(messages())
@@ -633,7 +638,7 @@ class JobController(Controller):
                 elif event == END:
                     yield ServerSentEventMessage(data='{"type": "end"}', event=END)
                 else:
-                    data = msgspec.json.encode(event).decode()
+                    data = msgspec.json.encode(event).decode().translate(LINE_LIKE)
                     yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
 
         return ServerSentEvent(messages(followed), headers={"tether-stream-ends": "end"})

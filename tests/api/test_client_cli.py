@@ -442,6 +442,48 @@ def test_follow_shows_that_a_canceled_jobs_run_could_not_be_stopped(service, rec
     assert "cancel_failed" not in watch_out, watch_out  # it ends with the job
 
 
+def test_follow_reads_an_event_holding_characters_other_readers_end_lines_at(service, receiver):
+    """U+2028, U+2029 and U+0085 in an event (here a cancel's reason): httpx's
+    line reader ends a line at each, and `events --follow` said "not JSON",
+    exit 4, for good (found by a QA pass, 2026-12-07). The service now sends
+    them as JSON escapes, and the client ends lines where SSE does."""
+    reason = "a\u2028b\u2029c\x85d"
+    args = ["submit", "http_webhook", "--id", "cli-lines", "--params", webhook(receiver)]
+    assert cli(service.url, *args).exit_code == 0
+    settled(service, "cli-lines", "running")
+    url = f"{service.url}/jobs/cli-lines/cancel"
+    assert httpx.post(url, json={"reason": reason}, trust_env=False).status_code == 200
+    events, stream = f"{service.url}/jobs/cli-lines/events", {"accept": "text/event-stream"}
+    with httpx.stream("GET", events, headers=stream, trust_env=False) as raw:
+        sent = b"".join(raw.iter_bytes())
+    assert "\\u2028" in sent.decode() and not any(c in sent.decode() for c in "\u2028\u2029\x85")
+    done = cli(service.url, "events", "cli-lines", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    [asked] = [
+        e for e in map(json.loads, done.stdout.splitlines()) if e["type"] == "cancel_requested"
+    ]
+    assert asked["data"]["reason"] == reason
+
+
+async def test_sse_lines_end_where_the_format_ends_them():
+    """CR LF, CR or LF alone, a CR LF split between two chunks: never at
+    the characters `str.splitlines` ends lines at too (an older service
+    sends them raw)."""
+
+    async def chunks(*parts: str) -> Any:
+        for part in parts:
+            yield part
+
+    async def lines(*parts: str) -> list[str]:
+        return [line async for line in client_module.sse_lines(chunks(*parts))]
+
+    assert await lines('data: {"a": "x\u2028y\x85z"}\n\n') == ['data: {"a": "x\u2028y\x85z"}', ""]
+    assert await lines("id: 1\r", "\ndata: 2\r\r", "\n", "x") == ["id: 1", "data: 2", "", "x"]
+    assert await lines("a\r", "b\r") == ["a", "b"]
+    items = client_module.sse_items(client_module.sse_lines(chunks('id: 7\ndata: "\u2029"\n\n')))
+    assert [item async for item in items] == [("7", "\u2029")]
+
+
 def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str):
     url = refused_url
     for args in (["watch", "x"], ["get", "x"], ["list"], ["submit", "http_webhook"]):
