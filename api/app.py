@@ -13,7 +13,7 @@ from litestar.di import Provide
 
 import api.server
 from api.access import Observer, log_request, observed
-from api.auth import Sessions, api_token_guard, guarding
+from api.auth import Sessions, api_token_guard, guarding, known_hosts_guard
 from api.controllers import (
     BackendController,
     CallbackController,
@@ -91,8 +91,10 @@ def create_app(
     # A backend's notifications: its plugin authenticates them, and reads
     # every query parameter (no strict guard).
     notices = AppRouter("/", route_handlers=[BackendController])
+    known_host = known_hosts_guard(settings)  # without tokens: DNS rebinding
     app = Litestar(
         route_handlers=[guarded, others, notices, ui_router(sessions)],
+        middleware=[guarding(known_host)] if known_host else [],
         dependencies={"tether": Provide(provide_tether, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -291,6 +291,57 @@ def another_sites(connection: ASGIConnection[Any, Any, Any, Any], public: str = 
     return origin.lower().partition("://")[2] not in ours - {""}
 
 
+def known_hosts_guard(settings: Settings) -> Guard | None:
+    """Without TETHER_API_TOKEN (every route open): a browser's request
+    (it says `Sec-Fetch-Site` or `Origin`) for a host the service is not
+    known by is 403. Known: an IP address, `localhost` and its subdomains
+    (browsers resolve them to loopback themselves), TETHER_PUBLIC_URL's
+    host. A page of a site whose name is made to lead here (DNS rebinding)
+    is the same origin to the browser, so `another_sites` lets it through,
+    and it could read, start, cancel and retry every job (found by a QA pass
+    of the dashboard, 2026-12-07). Programs send neither header: never
+    refused. With tokens, such a page holds no token and the session cookie
+    is the real host's: `None`, no guard."""
+    if listed(settings.api_token):
+        return None
+    public = urlsplit(settings.public_url).hostname if settings.public_url else None
+
+    async def known_host(
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
+        headers = connection.headers
+        if "sec-fetch-site" not in headers and "origin" not in headers:
+            return
+        given = headers.get("host", "")
+        try:
+            host = urlsplit(f"//{given}").hostname
+        except ValueError:
+            host = None
+        if host is not None and (host == public or _local_name(host)):
+            return
+        shown = escaped(given)
+        shown = shown if len(shown) <= SHOWN_MAX else f"{shown[:SHOWN_MAX]}…"
+        raise PermissionDeniedException(
+            f"a browser's request for {shown!r} is refused: without TETHER_API_TOKEN the"
+            " service answers browsers only at an IP address, localhost or TETHER_PUBLIC_URL's"
+            " host, so that a page of a site whose name leads here cannot read or change jobs;"
+            " open it at one of those, or set TETHER_API_TOKEN"
+        )
+
+    return known_host
+
+
+def _local_name(host: str) -> bool:
+    """An IP address, or `localhost` and its subdomains."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def session_access(
     connection: ASGIConnection[Any, Any, Any, Any], sessions: Sessions | None
 ) -> tuple[bool, bool]:

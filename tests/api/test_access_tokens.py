@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 from litestar import Litestar, Router, get, post
+from litestar.exceptions import PermissionDeniedException
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.auth import READ, another_sites, api_token_guard
+from api.auth import READ, another_sites, api_token_guard, known_hosts_guard
 from core.plugins import make_plugin_manager
 from tests.conftest import HOLD, eventually, free_port, test_settings
 from tests.process import TetherProcess, wait_for
@@ -80,6 +81,51 @@ async def test_a_change_a_page_of_another_site_asks_is_refused_only_where_nothin
     page = SimpleNamespace(headers={"origin": "https://tether.example", "host": "10.0.0.5:8000"})
     assert another_sites(page)  # type: ignore[arg-type]
     assert not another_sites(page, "tether.example")  # type: ignore[arg-type]
+
+
+@pytest.mark.resonate_server(False)  # the web layer's
+async def test_without_tokens_a_browser_is_answered_only_at_the_services_own_names(
+    start_service, receiver
+):
+    """DNS rebinding: a page of a site whose name is made to lead to the
+    service is the same origin to the browser, and without tokens it read,
+    started, canceled and retried jobs (found by a QA pass, 2026-12-07). A
+    browser's request (Sec-Fetch-Site or Origin) for a name the service is
+    not known by is 403; a program's is not; with tokens nothing changes."""
+    svc = await start_service()
+    port = svc.settings.base_url.rsplit(":", 1)[1]
+    rebound = {"host": f"rebind.example:{port}", "sec-fetch-site": "same-origin"}
+    before = (await svc.client.get("/jobs")).json()
+    for method, path, body in [
+        ("GET", "/jobs", None),
+        ("POST", "/jobs", job_body("rebound", receiver)),
+        ("GET", "/ui", None),
+        ("GET", "/metrics", None),
+    ]:
+        for headers in (rebound, {"host": rebound["host"], "origin": "http://x"}):
+            answer = await svc.client.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 403, (method, path, headers, answer.text)
+    said = (await svc.client.get("/jobs", headers=rebound)).json()["error"]["message"]
+    assert (
+        said.startswith("a browser's request for 'rebind.example:") and "TETHER_API_TOKEN" in said
+    )
+    assert (await svc.client.get("/jobs")).json() == before  # nothing made
+    program = await svc.client.get("/jobs", headers={"host": rebound["host"]})
+    assert program.status_code == 200
+    for host in (f"localhost:{port}", f"app.localhost:{port}", f"[::1]:{port}", "10.0.0.5"):
+        seen = await svc.client.get("/jobs", headers={"host": host, "sec-fetch-site": "none"})
+        assert seen.status_code == 200, host
+    # TETHER_PUBLIC_URL's host is the service's own name (the guard alone:
+    # no name here leads to 127.0.0.1)
+    guard = known_hosts_guard(test_settings(public_url="http://tether.example:8080"))
+    assert guard is not None
+    named = SimpleNamespace(headers={"host": "Tether.Example:8080", "origin": "http://x"})
+    await guard(named, None)  # type: ignore[arg-type]
+    with pytest.raises(PermissionDeniedException):
+        await guard(SimpleNamespace(headers={**named.headers, "host": "other.example"}), None)  # type: ignore[arg-type]
+    assert known_hosts_guard(test_settings(api_token="t" * 32)) is None
+    tokened = await tokened_service(start_service)
+    assert (await tokened.client.get("/jobs", headers=rebound)).status_code == 200
 
 
 async def test_a_read_token_lists_and_reads_jobs(start_service, receiver):
