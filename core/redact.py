@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -175,8 +175,26 @@ def _walk(value: Any, secrets: Sequence[str]) -> Any:
     if isinstance(value, list | tuple):  # (a plugin's answer may hold a tuple)
         return [_walk(v, secrets) for v in value]
     if isinstance(value, dict):
-        return {_walk(k, secrets): _walk(v, secrets) for k, v in value.items()}
+        return _keys_apart(value, lambda k: redact(k, secrets), lambda v: _walk(v, secrets))
     return value
+
+
+def _keys_apart(
+    value: dict[Any, Any], key: Callable[[str], str], walk: Callable[[Any], Any]
+) -> dict[Any, Any]:
+    """A dict with its keys masked too (a secret may stand as one), each kept
+    apart: a masked key that meets one before it is numbered (`*** (2)`), so
+    no value is lost (two masked alike became one: a review, 2026-12-07)."""
+    out: dict[Any, Any] = {}
+    for k, v in value.items():
+        name = key(k) if isinstance(k, str) else k
+        if name in out:  # (only a masked key can meet another)
+            n = 2
+            while f"{name} ({n})" in out:
+                n += 1
+            name = f"{name} ({n})"
+        out[name] = walk(v)
+    return out
 
 
 def redact_bytes(data: bytes, secrets: Iterable[str | None]) -> bytes:
@@ -300,8 +318,8 @@ def value_without_environment_secrets(value: Any, data: bytes | None = None) -> 
     """`value` (JSON: a callback's result or error; `data`, its JSON when
     the caller has it) with each of `environment_secrets` masked where it
     stands whole in a string of it; `value` itself when none is in it (one
-    look at its JSON). Keys are left as they are: two masked alike would
-    become one, and a value lost (a review, 2026-12-07). A run may echo what
+    look at its JSON). Keys too, each kept apart (`_keys_apart`): a secret
+    as a key was kept whole (a QA pass, 2026-12-07). A run may echo what
     it was sent (`TETHER_WEBHOOK_AUTH_<NAME>`: found by a QA pass,
     2026-12-06, kept whole in a job's result)."""
     secrets = environment_secrets()
@@ -326,7 +344,7 @@ def _walk_environment(value: Any) -> Any:
     if isinstance(value, list | tuple):  # (a plugin's answer may hold a tuple)
         return [_walk_environment(v) for v in value]
     if isinstance(value, dict):
-        return {k: _walk_environment(v) for k, v in value.items()}
+        return _keys_apart(value, without_environment_secrets, _walk_environment)
     return value
 
 

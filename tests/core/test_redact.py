@@ -241,23 +241,33 @@ def test_the_secrets_of_the_environment_are_those_declared_or_named_as_secrets()
     assert not any("customer_id" in f or "registry" in f for f in found)
 
 
-def test_a_result_keeps_its_keys_and_its_shape_when_a_secret_is_masked(monkeypatch):
-    """Keys were masked too, and two masked alike became one: a value lost
-    (a review, 2026-12-07). A tuple's strings are masked as a list's."""
+def test_a_results_keys_are_masked_and_kept_apart(monkeypatch):
+    """A secret as a key was kept whole in the job (a QA pass, 2026-12-07);
+    masked, two keys alike became one, a value lost (a review, the day
+    before): each masked key that meets one before it is numbered. A
+    callback token as a key too. A tuple's strings are masked as a list's."""
     import core.redact
 
     monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("Bearer runner-cred-1", "runner-cred-1"))
     value = {
         "runner-cred-1": 1,
         "Bearer runner-cred-1": 2,
+        "***": 3,
         "seen": "runner-cred-1",
         "args": ("Bearer runner-cred-1",),
+        "nested": {"runner-cred-1": {"runner-cred-1": "runner-cred-1"}},
+        "cb-token-0123456789": 4,
+        "cb-token-0123456789 ": 5,
     }
-    assert redact_value(value, ["some-callback-token"]) == {
-        "runner-cred-1": 1,
-        "Bearer runner-cred-1": 2,
+    assert redact_value(value, ["cb-token-0123456789"]) == {
+        "***": 1,
+        "*** (2)": 2,
+        "*** (3)": 3,
         "seen": "***",
         "args": ["***"],
+        "nested": {"***": {"***": "***"}},
+        "*** (2) (2)": 4,  # numbered by each of the two masks in turn
+        "*** ": 5,
     }
     assert redact_value({"plain": "text"}, []) == {"plain": "text"}
 
