@@ -261,6 +261,18 @@ def test_a_new_jobs_url_no_request_can_be_sent_to_is_refused_stored_ones_kept(na
     )
 
 
+@pytest.mark.parametrize("name", ["url", "cancel_url", "status_url"])
+@pytest.mark.parametrize("url", ["http://x/a b", "http://x/hook\r\nX: y", "http://x/\x7f"])
+def test_a_new_jobs_url_holding_a_space_or_a_control_character_is_refused(name: str, url: str):
+    """Only the URL's start was checked: a space or a line break in its path
+    was taken (201) and sent percent-encoded, to a path nobody asked for (a
+    QA pass, 2026-12-07); a notification's URL was refused so already."""
+    stored = msgspec.convert({"url": "http://x", name: url}, WebhookParams)
+    with pytest.raises(ValueError) as refused:
+        HttpWebhook().check_new_params(stored)
+    assert str(refused.value) == f"{name} holds a space or a control character"
+
+
 @pytest.mark.parametrize(
     ("headers", "said"),
     [
