@@ -123,8 +123,17 @@ def shown_path(path: str) -> str:
     if path.startswith(CALLBACKS):
         head, _, rest = path[len(CALLBACKS) :].partition("/")
         if rest not in CALLBACK_ROUTES:
-            return f"{CALLBACKS}{head}/…"
+            path, query = f"{CALLBACKS}{head}/…", ""
+    if len(path) > PATH_SHOWN:  # a request head may be 64 KiB, twice logged
+        return f"{path[:PATH_SHOWN]}…"
     return f"{path}?…" if query else path
+
+
+PATH_SHOWN = 300
+"""The most characters of a path the log shows (every route's own is
+shorter: an id is at most 128): a refused callback's path of 20,000
+characters was logged whole twice, 40 KB of log a request (a QA pass,
+2026-12-07)."""
 
 
 def _escape(char: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from api.access import _client
+from api.access import PATH_SHOWN, _client
 from core.settings import Settings
 from tests.conftest import eventually
 
@@ -102,6 +102,20 @@ async def test_a_token_in_the_path_is_not_logged(start_service, access):
     warnings = [line for line in access if " WARNING " in line]
     assert warnings and all("promise 'a-ok:1' refused" in line for line in warnings)
     assert token not in "\n".join(access)
+
+
+async def test_a_long_path_is_logged_cut(start_service, access):
+    """A refused callback's 20,000-character path was logged whole, in the
+    access line and its warning: 40 KB of log a request (a QA pass,
+    2026-12-07). Cut at `PATH_SHOWN` characters."""
+    svc = await start_service()
+    assert (await svc.client.post(f"/callbacks/{'A' * 20_000}:1?token=x", json={})).status_code in (
+        401,
+        404,
+    )
+    assert len(access) == 2 and all(len(line) < PATH_SHOWN + 200 for line in access), access
+    assert f"POST /callbacks/{'A' * (PATH_SHOWN - len('/callbacks/'))}… 4" in access[0]
+    assert "promise 'AAAA" in access[1] and "A…' refused (401)" in access[1]
 
 
 async def test_tether_access_log_0_turns_it_off(start_service, access):
