@@ -1076,15 +1076,18 @@ def list_jobs(
     except ServiceError as exc:  # named as the user wrote it (a QA pass, 2026-12-06)
         said = as_options(exc.message, ("state", "backend", "tag", *window, "cursor"))
         raise ServiceError(said, exc.status, reached=exc.reached) from None
+    # what a service answered, written as escapes where a terminal would
+    # obey it (a proxy, or a service that is not Tether: a QA pass, 2026-12-07)
+    cursor_after = printable(str(found["next_cursor"])) if found["next_cursor"] else ""
     if ids_only:
         for job in found["items"]:
-            click.echo(job["id"])
-        if found["next_cursor"]:
-            click.echo(f"tether: more jobs match: --cursor {found['next_cursor']}", err=True)
+            click.echo(printable(str(job["id"])))
+        if cursor_after:
+            click.echo(f"tether: more jobs match: --cursor {cursor_after}", err=True)
         return
 
     def table() -> RenderableType:
-        more = f"  (more: --cursor {found['next_cursor']})" if found["next_cursor"] else ""
+        more = f"  (more: --cursor {cursor_after})" if cursor_after else ""
         count = len(found["items"])
         return Group(jobs_table(found["items"]), Text(f"{count} job(s){more}", "dim"))
 

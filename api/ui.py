@@ -235,7 +235,7 @@ def environment() -> Environment:
     )
     env.filters.update(age=age, took=took, pretty=pretty, compact=compact, clock=clock, span=span)
     env.filters.update(outcome=outcome)
-    env.filters.update(segment=job_segment)
+    env.filters.update(segment=job_segment, visible=visible)
     env.globals.update(
         states=STATES, open_states=OPEN_STATES, retryable=RETRYABLE_STATES, winding_up=WINDING_UP
     )

@@ -290,8 +290,12 @@
       } else if (old) {
         old.replaceWith(row(job));
       } else {
+        // Before the first row not newer: the list is newest first by when
+        // each job was made, and a job made in the same millisecond as one
+        // shown is, when it arrives live, almost always the later one (a QA
+        // pass, 2026-12-07, saw a burst's twins in the other order).
         const created = Date.parse(job.created_at);
-        const later = [...body.rows].find((tr) => Date.parse(tr.dataset.created) < created);
+        const later = [...body.rows].find((tr) => Date.parse(tr.dataset.created) <= created);
         if (later) later.before(row(job));
         else body.append(row(job));
       }

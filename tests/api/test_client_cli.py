@@ -548,6 +548,52 @@ def test_another_service_answering_json_is_exit_4_in_one_line():
         server.server_close()
 
 
+def test_list_prints_a_cursor_and_ids_another_service_sent_escaped():
+    """A proxy or a service that is not Tether may answer a page whose ids
+    and cursor hold escape sequences: `tether list` printed them raw (an
+    OSC 52 writes the terminal's clipboard; a QA pass, 2026-12-07)."""
+    hostile = "x\x1b]52;c;aGk=\x07\u202e\x9b2J"
+    page = {
+        "items": [
+            {
+                "id": hostile,
+                "backend": "b",
+                "state": "running",
+                "attempt": 1,
+                "created_at": "2026-12-07T00:00:00Z",
+                "updated_at": "2026-12-07T00:00:00Z",
+                "tags": [],
+            }
+        ],
+        "next_cursor": hostile,
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(page).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for args in (["list", "--limit", "1", "--ids"], ["list", "--limit", "1"]):
+            done = cli(url, *args)
+            assert done.exit_code == 0, (args, done.output)
+            assert not any(c in done.output for c in "\x1b\x07\u202e\x9b"), (args, done.output)
+            assert "\\x1b]52;c;aGk=\\x07\\u202e\\x9b2J" in done.output, (args, done.output)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_usage_errors_are_exit_2_naming_the_option(service):
     ids_before = [job["id"] for job in served(service, "/jobs")["items"]]
     cases = {

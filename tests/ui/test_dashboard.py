@@ -129,6 +129,17 @@ def test_a_filter_narrows_the_list_and_is_in_the_url(page, service, client, hook
     expect(row(page, running).locator(".badge")).to_have_text("canceled")
 
 
+def test_a_backend_the_url_names_is_shown_escaped(client):
+    """A shared link's backend (`?backend=abc%E2%80%AEx`) is a checkbox of
+    the filters: its label showed the bidirectional override raw, which
+    reorders what follows (a QA pass, 2026-12-07); its value stays as given,
+    so the filter is the one asked for."""
+    html = client.get("/ui", params={"backend": "abc\u202ex"}).text
+    assert "> abc\\u202ex</label>" in html
+    assert "> abc\u202ex</label>" not in html
+    assert 'value="abc\u202ex" checked' in html
+
+
 def test_a_count_keeps_every_other_filter(page, service, client, hooks: Receiver):
     """A count's link set the state and dropped the backend, tag and time
     window (found by a QA pass of the dashboard); the summary the page
