@@ -109,8 +109,8 @@ def _code(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _seconds(value: Any) -> float | None:
-    """A `retry_after` as seconds to wait: a number, or a number's text (an
+def retry_after_seconds(value: Any) -> float | None:
+    """A `retry_after` (a `Retry-After` header) as seconds to wait: a number, or a number's text (an
     HTTP `Retry-After` header as it came); None for anything else (a date,
     NaN, a flag), at least 0, at most `RETRY_AFTER_MAX`."""
     if isinstance(value, bool):
@@ -180,7 +180,7 @@ class BackendError(Exception):
 _READ: dict[str, Any] = {
     "message": _message,
     "code": _code,
-    "retry_after": _seconds,
+    "retry_after": retry_after_seconds,
     "retryable": bool,
     "tried": bool,
 }

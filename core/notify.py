@@ -44,7 +44,7 @@ import aiohttp
 import msgspec
 from standardwebhooks import Webhook
 
-from core.errors import os_reason
+from core.errors import os_reason, retry_after_seconds
 from core.settings import Settings
 from core.store.base import STORE_CALL_TIMEOUT
 from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, Notification, now_ms
@@ -93,6 +93,11 @@ def backoff(settings: Settings, tries: int) -> float:
     doubling, at most an hour."""
     return float(min(settings.notify_backoff * 2 ** (tries - 1), MAX_BACKOFF))
 
+
+THROTTLED = frozenset({429, 503})
+"""Answers whose `Retry-After` says when to try again: the next try comes no
+sooner (found by a QA pass, 2026-12-07: a receiver asking 8 s was tried
+again after 1, 3 and 7)."""
 
 UNSENDABLE = "the HTTP client refuses this URL (InvalidUrlClientError)"
 """A try's error that no later try mends (a host such as `999.0.0.1`,
@@ -300,14 +305,14 @@ class Notifier:
     async def _deliver(self, note: Notification, site: str) -> None:
         self._sending.add(note.id)
         try:
-            status, error = await self.post(note)
+            status, error, asked = await self.post(note)
             self._slow.pop(site, None)
             if error is not None and error.startswith(TIMED_OUT):
                 self._slow[site] = None
                 if len(self._slow) > SLOW_SITES_MAX:
                     del self._slow[next(iter(self._slow))]
             self._claimed.pop(note.id, None)  # tried: recorded below, or left to its claim
-            await self._tried(note, status, error)
+            await self._tried(note, status, error, asked)
         except Exception as exc:
             log.warning(
                 "job %s: notification %s to %s: recording the try failed (%s); it is tried"
@@ -329,9 +334,10 @@ class Notifier:
                 self._per_site.pop(site, None)
             self._wake.set()
 
-    async def post(self, note: Notification) -> tuple[int | None, str | None]:
+    async def post(self, note: Notification) -> tuple[int | None, str | None, float | None]:
         """One try: POST the stored body, signed. Returns the status (None when
-        there was no answer) and, unless it is 2xx, a short reason."""
+        there was no answer), unless it is 2xx a short reason, and the seconds
+        a 429 or 503 asked to wait in its `Retry-After` (None: it asked none)."""
         assert self._session is not None, "Notifier.start did not run"
         seconds = int(time.time())
         headers = {
@@ -351,17 +357,25 @@ class Notifier:
                 allow_redirects=False,
             ) as response:
                 status = response.status
+                asked = response.headers.get("retry-after") if status in THROTTLED else None
         except aiohttp.InvalidURL:
-            return None, UNSENDABLE
+            return None, UNSENDABLE, None
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # timeouts are OSErrors
-            return None, failure(exc)
+            return None, failure(exc), None
         if 200 <= status < 300:
-            return status, None
-        return status, f"answered {status}"
+            return status, None, None
+        return status, f"answered {status}", retry_after_seconds(asked)
 
-    async def _tried(self, note: Notification, status: int | None, error: str | None) -> None:
-        """Record a try: delivered, due again after the backoff, or given up
-        once the retry window has passed."""
+    async def _tried(
+        self,
+        note: Notification,
+        status: int | None,
+        error: str | None,
+        asked: float | None = None,
+    ) -> None:
+        """Record a try: delivered, due again after the backoff (or the wait
+        the receiver asked for, when longer, at most `MAX_BACKOFF`), or given
+        up once the retry window has passed."""
         now = now_ms()
         where = origin(note.url)
         extra = {"job_id": note.job_id}
@@ -396,7 +410,8 @@ class Notifier:
                 extra=extra,
             )
             return
-        again = min(now + int(backoff(self.settings, note.tries) * 1000), window_end)
+        wait = max(backoff(self.settings, note.tries), min(asked or 0.0, MAX_BACKOFF))
+        again = min(now + int(wait * 1000), window_end)
         if not await self.jobs.notification_tried(note, again, [tried], now):
             self._claim_lost(note, error)
             return

@@ -68,6 +68,7 @@ class NotifyReceiver:
 
     answers: list[int] = field(default_factory=list)
     then: int = 200
+    retry_after: str | None = None  # sent with each 429 and 503
     got: list[Delivery] = field(default_factory=list)
     port: int = 0
     server: ThreadingHTTPServer | None = None
@@ -92,6 +93,8 @@ class NotifyReceiver:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.got.append(Delivery(headers, body, self.path, status))
                 self.send_response(status)
+                if status in (429, 503) and receiver.retry_after is not None:
+                    self.send_header("retry-after", receiver.retry_after)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -216,6 +219,22 @@ async def test_a_receiver_failing_twice_then_accepting_gets_three_tries_of_one_m
     assert message["job"]["notify"] == {"origin": notified.origin}
     finished = await events(svc, "n1", "finished")
     assert finished[0]["seq"] < tries[0]["seq"]
+
+
+async def test_a_throttled_receiver_is_tried_again_no_sooner_than_it_asked(
+    start_service, receiver, notified
+):
+    """429 with `Retry-After: 1.5` while the backoff is 0.1 s: the next try
+    waits the 1.5 s asked (tries came at the backoff's pace, whatever the
+    receiver said: a QA pass, 2026-12-07); a 500's plain backoff is kept."""
+    svc = await serve(start_service)
+    notified.answers, notified.retry_after = [429, 500], "1.5"
+    await canceled_job(svc, receiver, "n-throttled", notified.url())
+    tries = await until_events(svc, "n-throttled", "notified", 3)
+    assert [t["data"]["status"] for t in tries] == [429, 500, 200]
+    first, second, third = (d.at for d in notified.got[:3])
+    assert second - first >= 1.5
+    assert third - second < 1.5  # 0.2 s: the backoff after the second try
 
 
 async def test_a_notification_is_signed_with_the_stores_own_secret_when_none_is_set(
@@ -470,8 +489,8 @@ async def test_a_notification_delivered_by_a_lost_claim_is_not_given_up_by_a_fai
         second,
         failing,
     ):
-        assert await first.post(delivered) == (200, None)
-        assert await second.post(failing) == (503, "answered 503")
+        assert await first.post(delivered) == (200, None, None)
+        assert await second.post(failing) == (503, "answered 503", None)
         await first._tried(delivered, 200, None)
         with logs_of("tether.notify") as logs:
             await second._tried(failing, 503, "answered 503")

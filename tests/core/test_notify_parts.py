@@ -156,7 +156,7 @@ async def test_a_try_posts_the_stored_body_signed_under_the_notifications_own_he
     async with hook() as receiver, notifier() as (parts, sender):
         note = await claimed(parts.jobs, receiver.url())
         before = int(time.time())
-        assert await sender.post(note) == (200, None)
+        assert await sender.post(note) == (200, None, None)
     [(path, headers, body)] = receiver.got
     assert (path, body) == (f"/hooks/{TOKEN}", note.body)
     assert headers["user-agent"] == "tether-notify"
@@ -191,12 +191,41 @@ async def test_only_a_2xx_answer_delivers_and_a_redirect_is_not_followed():
             for path in ("/hooks/204", "/hooks/299", "/hooks/300", "/hooks/302")
         }
     assert tries == {
-        "/hooks/204": (204, None),
-        "/hooks/299": (299, None),
-        "/hooks/300": (300, "answered 300"),
-        "/hooks/302": (302, "answered 302"),
+        "/hooks/204": (204, None, None),
+        "/hooks/299": (299, None, None),
+        "/hooks/300": (300, "answered 300", None),
+        "/hooks/302": (302, "answered 302", None),
     }
     assert [path for path, _, _ in receiver.got] == list(tries)  # /hooks/204 once
+
+
+async def test_a_throttled_answer_says_how_long_it_asked_to_wait():
+    """A 429 or 503's `Retry-After` in seconds is handed on (the next try
+    comes no sooner: `_tried`); another status's, or a date, is not."""
+    async with hook() as receiver, notifier() as (parts, sender):
+        note = await claimed(parts.jobs, receiver.url())
+        answers = {
+            "/hooks/429": (429, "8"),
+            "/hooks/503": (503, "120.5"),
+            "/hooks/500": (500, "8"),
+            "/hooks/date": (429, "Wed, 21 Oct 2015 07:28:00 GMT"),
+        }
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            status, after = answers[request.path]
+            return web.Response(status=status, headers={"retry-after": after})
+
+        receiver.answer = answer
+        tries = {
+            path: await sender.post(msgspec.structs.replace(note, url=receiver.url(path=path)))
+            for path in answers
+        }
+    assert tries == {
+        "/hooks/429": (429, "answered 429", 8.0),
+        "/hooks/503": (503, "answered 503", 120.5),
+        "/hooks/500": (500, "answered 500", None),
+        "/hooks/date": (429, "answered 429", None),
+    }
 
 
 async def test_a_try_past_its_timeout_fails_as_timed_out(monkeypatch):
@@ -209,7 +238,7 @@ async def test_a_try_past_its_timeout_fails_as_timed_out(monkeypatch):
 
         receiver.answer = slow
         note = await claimed(parts.jobs, receiver.url())
-        assert await sender.post(note) == (None, "timed out after 0.1s")
+        assert await sender.post(note) == (None, "timed out after 0.1s", None)
 
 
 async def test_a_try_keeps_no_cookie_and_takes_no_proxy_from_the_environment(monkeypatch):
@@ -229,8 +258,8 @@ async def test_a_try_keeps_no_cookie_and_takes_no_proxy_from_the_environment(mon
 
         receiver.answer = cookie
         note = await claimed(parts.jobs, receiver.url(host="localhost"))
-        assert await sender.post(note) == (200, None)
-        assert await sender.post(note) == (200, None)
+        assert await sender.post(note) == (200, None, None)
+        assert await sender.post(note) == (200, None, None)
     assert [headers.get("cookie") for _, headers, _ in receiver.got] == [None, None]
 
 
@@ -685,7 +714,7 @@ async def test_a_url_the_http_client_refuses_is_given_up_at_its_first_try():
     window with a warning at every try (found by an exploratory QA pass)."""
     async with notifier() as (parts, sender):
         note = await claimed(parts.jobs, "http://999.0.0.1/hooks")
-        assert await sender.post(note) == (None, UNSENDABLE)
+        assert await sender.post(note) == (None, UNSENDABLE, None)
         await sender._tried(note, None, UNSENDABLE)
         assert await parts.jobs.next_notification_at() is None  # out of the outbox
         _, history, _ = await parts.jobs.history("n", 0, 10)
