@@ -49,6 +49,7 @@ Every hook and backend method is documented in :mod:`core.hookspecs`.
 from core.errors import BackendError, NotFound, Unauthorized, os_reason
 from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import (
+    HTTP_URL_SCHEMA,
     SENDABLE_URL,
     SENDABLE_URL_SCHEMA,
     CheckNow,
@@ -67,6 +68,7 @@ from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
 
 __all__ = [
+    "HTTP_URL_SCHEMA",
     "SENDABLE_URL",
     "SENDABLE_URL_SCHEMA",
     "USERINFO",

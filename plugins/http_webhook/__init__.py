@@ -66,7 +66,7 @@ import msgspec
 from msgspec import Meta
 
 from core.plugin import (
-    SENDABLE_URL_SCHEMA,
+    HTTP_URL_SCHEMA,
     Backend,
     BackendError,
     ErrorInfo,
@@ -109,9 +109,10 @@ AUTH_PREFIX = "TETHER_WEBHOOK_AUTH_"
 CREDENTIAL_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What NAME in `TETHER_WEBHOOK_AUTH_<NAME>` may be."""
 
-HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": SENDABLE_URL_SCHEMA})]
+HttpUrl = Annotated[str, Meta(extra_json_schema={"pattern": HTTP_URL_SCHEMA})]
 """What a new job's URL may be, as the params' schema states it: a host and
-port a request can be sent to, no `user:password@` (`check_new_params`)."""
+port a request can be sent to, no `user:password@`, no space or control
+character (`check_new_params`)."""
 
 
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
