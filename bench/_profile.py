@@ -69,11 +69,14 @@ ACTIVITIES: tuple[tuple[str, str], ...] = (
 # Leaf frames that mean "waiting", not "working" (py-spy's own idle detection is
 # unreliable with --nonblocking: every sampled thread counts as running): the
 # event loop's poll, idle pool threads, the log writer's wait, the
-# checkpointer's sleep.
+# checkpointer's sleep, the sleep between two tries of a store call that found
+# the other process's write lock taken (`retry_briefly`'s own line is its
+# `time.sleep`: the call it retries is a frame of its own).
 IDLE_LEAVES = re.compile(
     r"^((EpollSelector\.select|select|Condition\.wait|Event\.wait|Queue\.get|_worker) "
     r"\((selectors|threading|queue|concurrent/futures/thread)\.py\)"
-    r"|LogQueue\._wait \(.*api/logs\.py\))$"
+    r"|LogQueue\._wait \(.*api/logs\.py\)"
+    r"|retry_briefly \(.*resonate_sqlite/busy\.py\))$"
 )
 
 # uvloop's loop is C: a sample whose innermost Python frame is the call that
