@@ -292,43 +292,69 @@ def another_sites(connection: ASGIConnection[Any, Any, Any, Any], public: str = 
 
 
 def known_hosts_guard(settings: Settings) -> Guard | None:
-    """Without TETHER_API_TOKEN (every route open): a browser's request
-    (it says `Sec-Fetch-Site` or `Origin`) for a host the service is not
-    known by is 403. Known: an IP address, `localhost` and its subdomains
-    (browsers resolve them to loopback themselves), TETHER_PUBLIC_URL's
-    host. A page of a site whose name is made to lead here (DNS rebinding)
-    is the same origin to the browser, so `another_sites` lets it through,
-    and it could read, start, cancel and retry every job (found by a QA pass
-    of the dashboard, 2026-12-07). Programs send neither header: never
-    refused. With tokens, such a page holds no token and the session cookie
-    is the real host's: `None`, no guard."""
+    """Without TETHER_API_TOKEN (every route open): a request for a host the
+    service is not known by is 403, whoever sends it. Known: an IP address,
+    `localhost` and its subdomains (browsers resolve them to loopback
+    themselves), TETHER_PUBLIC_URL's host, and TETHER_ALLOWED_HOSTS (`*`:
+    any). A page of a site whose name is made to lead here (DNS rebinding)
+    is the same origin to the browser: it could read, start, cancel and
+    retry every job (found by a QA pass of the dashboard, 2026-12-07). It
+    cannot be told from a program by its headers (a browser sends no
+    `Sec-Fetch-Site` to a plain-http name, and no `Origin` with a GET: a
+    review found the first version, which looked for them, let every read
+    through). `X-Forwarded-Host` must name a known host too: a proxy that
+    sends its upstream's address as `Host` passes the client's there.
+    Callbacks and heartbeats (their own token), a backend's notifications
+    (its plugin authenticates them) and `/health` (probes, often by a
+    name of the platform's) are not checked. With tokens, such a page holds
+    no token and the session cookie is the real host's: `None`, no guard."""
     if listed(settings.api_token):
         return None
-    public = urlsplit(settings.public_url).hostname if settings.public_url else None
+    allowed = {_bare(name) for name in listed(settings.allowed_hosts)}
+    if "*" in allowed:
+        return None
+    if settings.public_url:
+        allowed.add(_bare(urlsplit(settings.public_url).hostname or ""))
+
+    def known(given: str) -> bool:
+        try:
+            host = urlsplit(f"//{given.strip()}").hostname
+        except ValueError:
+            return False
+        return host is not None and (_bare(host) in allowed or _local_name(_bare(host)))
 
     async def known_host(
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
+        if connection.scope["path"].startswith(UNCHECKED_PATHS):
+            return
         headers = connection.headers
-        if "sec-fetch-site" not in headers and "origin" not in headers:
+        forwarded = headers.get("x-forwarded-host")
+        named = [headers.get("host", ""), *(forwarded.split(",") if forwarded else ())]
+        unknown = next((given for given in named if not known(given)), None)
+        if unknown is None:
             return
-        given = headers.get("host", "")
-        try:
-            host = urlsplit(f"//{given}").hostname
-        except ValueError:
-            host = None
-        if host is not None and (host == public or _local_name(host)):
-            return
-        shown = escaped(given)
+        shown = escaped(unknown.strip())
         shown = shown if len(shown) <= SHOWN_MAX else f"{shown[:SHOWN_MAX]}…"
         raise PermissionDeniedException(
-            f"a browser's request for {shown!r} is refused: without TETHER_API_TOKEN the"
-            " service answers browsers only at an IP address, localhost or TETHER_PUBLIC_URL's"
-            " host, so that a page of a site whose name leads here cannot read or change jobs;"
-            " open it at one of those, or set TETHER_API_TOKEN"
+            f"a request for host {shown!r} is refused: without TETHER_API_TOKEN the service"
+            " answers only at an IP address, localhost, TETHER_PUBLIC_URL's host and"
+            " TETHER_ALLOWED_HOSTS, so that a web page of a site whose name leads here cannot"
+            " read or change jobs; use one of those, list this name in TETHER_ALLOWED_HOSTS,"
+            " or set TETHER_API_TOKEN"
         )
 
     return known_host
+
+
+UNCHECKED_PATHS = ("/callbacks/", "/backends/", "/health")
+"""What `known_hosts_guard` lets through at any host: what carries its own
+authentication, and the probes' route."""
+
+
+def _bare(host: str) -> str:
+    """A host name as compared: lower case, without a last dot."""
+    return host.lower().removesuffix(".")
 
 
 def _local_name(host: str) -> bool:

@@ -22,6 +22,9 @@ import msgspec.inspect
 
 PREFIX = "TETHER_"
 
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+"""A host name as `TETHER_ALLOWED_HOSTS` lists it: no port, no address."""
+
 OTHER_KNOWN = frozenset(
     {"TETHER_URL", "TETHER_TEST_PG_DSN", "TETHER_TEST_STORES", "TETHER_TEST_WORKERS"}
 )
@@ -194,6 +197,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     logged as from the client the header names. Empty: no header is
     believed, every request is from the address it came from."""
 
+    allowed_hosts: str = ""
+    """Without `api_token`: host names (comma-separated, `*` for any) the
+    service answers at besides an IP address, `localhost` and
+    `public_url`'s host (`api.auth.known_hosts_guard`: DNS rebinding).
+    Unused with tokens."""
+
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1_048_576
     """Requests with a larger body are refused with 413."""
 
@@ -337,6 +346,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     " Authorization header (the dashboard's sign-in could, the API not);"
                     " use printable ASCII"
                 )
+        for name in listed(self.allowed_hosts):
+            if name != "*" and not HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"invalid setting TETHER_ALLOWED_HOSTS: {name[:64]!r} is not a host name"
+                    " (dot-separated labels of A-Z a-z 0-9 _ -, no port), nor `*`; list them"
+                    " comma-separated"
+                )
         for proxy in listed(self.trusted_proxies):
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -476,8 +492,10 @@ SECRET = msgspec.Meta(extra={"secret": True})
 writes `password: core.plugin.Secret = ""` (`Annotated[str, SECRET]`).
 Tether then masks the variable's value wherever it stands whole in what it
 logs, keeps or reports (`core.redact.environment_secrets`), whatever the
-variable is called; a name that ends as a secret's (`_TOKEN`, `_PASSWORD`,
-...) is masked without the mark."""
+variable is called, when it is at least `core.redact.ENV_SECRET_MIN` (8)
+characters long; a name that ends as a secret's (`_TOKEN`, `_PASSWORD`,
+...) is masked without the mark. Declared through a backend's
+`settings_type`: a plugin with hooks alone marks none."""
 
 type Secret = Annotated[str, SECRET]
 """A settings field holding a secret (`SECRET`)."""

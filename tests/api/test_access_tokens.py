@@ -84,48 +84,74 @@ async def test_a_change_a_page_of_another_site_asks_is_refused_only_where_nothin
 
 
 @pytest.mark.resonate_server(False)  # the web layer's
-async def test_without_tokens_a_browser_is_answered_only_at_the_services_own_names(
-    start_service, receiver
-):
+async def test_without_tokens_the_service_answers_only_at_its_own_names(start_service, receiver):
     """DNS rebinding: a page of a site whose name is made to lead to the
     service is the same origin to the browser, and without tokens it read,
     started, canceled and retried jobs (found by a QA pass, 2026-12-07). A
-    browser's request (Sec-Fetch-Site or Origin) for a name the service is
-    not known by is 403; a program's is not; with tokens nothing changes."""
+    browser sends such a page's reads with no `Sec-Fetch-Site` (a plain-http
+    name) and no `Origin` (a GET): the first version, which looked for them,
+    let every read through (a review). So any request for a host the service
+    is not known by is 403, `X-Forwarded-Host` too; what carries its own
+    authentication, and /health, are not checked; with tokens nothing is."""
     svc = await start_service()
     port = svc.settings.base_url.rsplit(":", 1)[1]
-    rebound = {"host": f"rebind.example:{port}", "sec-fetch-site": "same-origin"}
+    rebound = {"host": f"rebind.example:{port}"}  # as a browser sends a read
     before = (await svc.client.get("/jobs")).json()
     for method, path, body in [
         ("GET", "/jobs", None),
+        ("GET", "/jobs/x", None),
+        ("GET", "/jobs/x/events", None),
         ("POST", "/jobs", job_body("rebound", receiver)),
         ("GET", "/ui", None),
         ("GET", "/metrics", None),
     ]:
-        for headers in (rebound, {"host": rebound["host"], "origin": "http://x"}):
+        for headers in (
+            rebound,
+            {**rebound, "sec-fetch-site": "same-origin"},
+            {"host": f"127.0.0.1:{port}", "x-forwarded-host": rebound["host"]},  # a proxy's
+            {"host": f"127.0.0.1:{port}", "x-forwarded-host": f"localhost, {rebound['host']}"},
+        ):
             answer = await svc.client.request(method, path, json=body, headers=headers)
             assert answer.status_code == 403, (method, path, headers, answer.text)
     said = (await svc.client.get("/jobs", headers=rebound)).json()["error"]["message"]
-    assert (
-        said.startswith("a browser's request for 'rebind.example:") and "TETHER_API_TOKEN" in said
-    )
+    assert said.startswith("a request for host 'rebind.example:") and "TETHER_ALLOWED_HOSTS" in said
     assert (await svc.client.get("/jobs")).json() == before  # nothing made
-    program = await svc.client.get("/jobs", headers={"host": rebound["host"]})
-    assert program.status_code == 200
-    for host in (f"localhost:{port}", f"app.localhost:{port}", f"[::1]:{port}", "10.0.0.5"):
-        seen = await svc.client.get("/jobs", headers={"host": host, "sec-fetch-site": "none"})
+    assert (await svc.client.get("/health", headers=rebound)).status_code == 200
+    refused = await svc.client.post("/callbacks/x:1?token=t", json={}, headers=rebound)
+    assert refused.status_code == 401  # its own token decides
+    for host in (
+        f"localhost:{port}",
+        f"LOCALHOST.:{port}",
+        f"app.localhost:{port}",
+        f"[::1]:{port}",
+        "10.0.0.5",
+    ):
+        seen = await svc.client.get("/jobs", headers={"host": host, "x-forwarded-host": host})
         assert seen.status_code == 200, host
+    named = await start_service(allowed_hosts="tether.internal, other.example.")
+    for host in ("tether.internal:8000", "Other.Example", "other.example."):
+        assert (await named.client.get("/jobs", headers={"host": host})).status_code == 200, host
+    assert (await named.client.get("/jobs", headers=rebound)).status_code == 403
+    anyone = await start_service(allowed_hosts="*")
+    assert (await anyone.client.get("/jobs", headers=rebound)).status_code == 200
     # TETHER_PUBLIC_URL's host is the service's own name (the guard alone:
     # no name here leads to 127.0.0.1)
     guard = known_hosts_guard(test_settings(public_url="http://tether.example:8080"))
     assert guard is not None
-    named = SimpleNamespace(headers={"host": "Tether.Example:8080", "origin": "http://x"})
-    await guard(named, None)  # type: ignore[arg-type]
+    public = SimpleNamespace(headers={"host": "Tether.Example.:8080"}, scope={"path": "/jobs"})
+    await guard(public, None)  # type: ignore[arg-type]
+    other = SimpleNamespace(headers={"host": "other.example"}, scope={"path": "/jobs"})
     with pytest.raises(PermissionDeniedException):
-        await guard(SimpleNamespace(headers={**named.headers, "host": "other.example"}), None)  # type: ignore[arg-type]
+        await guard(other, None)  # type: ignore[arg-type]
     assert known_hosts_guard(test_settings(api_token="t" * 32)) is None
     tokened = await tokened_service(start_service)
     assert (await tokened.client.get("/jobs", headers=rebound)).status_code == 200
+
+
+@pytest.mark.parametrize("listed", ["tether:8000", "http://tether", "a b", "x..y"])
+def test_an_allowed_host_that_is_no_host_name_stops_the_settings(listed: str):
+    with pytest.raises(ValueError, match="invalid setting TETHER_ALLOWED_HOSTS"):
+        test_settings(allowed_hosts=f"ok.example,{listed}")
 
 
 async def test_a_read_token_lists_and_reads_jobs(start_service, receiver):

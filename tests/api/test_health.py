@@ -132,7 +132,7 @@ async def test_jobs_of_a_backend_no_longer_installed(tmp_path: Path, logs: Captu
     settings = test_settings(store=f"sqlite:///{tmp_path}/tether.db")
     gone = Checked("gone", Readiness("ok"))
     before = create_app(settings, make_plugin_manager(entry_points=False, extra=[Offers(gone)]))
-    async with AsyncTestClient(before) as client:
+    async with AsyncTestClient(before, base_url="http://127.0.0.1") as client:
         for job_id in ("a", "b", "c"):
             response = await client.post("/jobs", json={"id": job_id, "backend": "gone"})
             assert response.status_code == 201
@@ -149,7 +149,7 @@ async def test_jobs_of_a_backend_no_longer_installed(tmp_path: Path, logs: Captu
     assert "backend 'gone' is not installed, and 3 waiting job(s) use it" in logs.text
 
     after = create_app(settings, make_plugin_manager(entry_points=False))
-    async with AsyncTestClient(after) as client:
+    async with AsyncTestClient(after, base_url="http://127.0.0.1") as client:
         # from the first answer on (it was [] until the first background check)
         first = (await client.get("/health")).json()
         assert first["missing"] == [{"backend": "gone", "waiting": 3}]

@@ -772,7 +772,7 @@ async def test_hook_close_runs_once_when_the_service_stops(tmp_path):
 
     settings = test_settings(store=f"sqlite:///{tmp_path}/close.db")
     app = create_app(settings, make_plugin_manager(entry_points=False, extra=[Offers(Holder())]))
-    async with AsyncTestClient(app) as client:
+    async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
         assert (await client.post("/jobs", json={"backend": "holder"})).status_code == 201
         assert closed == []
     assert closed == ["holder"]  # the test client runs the app's lifespan on its own loop

@@ -310,7 +310,7 @@ async def test_serve_says_what_it_runs_and_warns(tmp_path: Path):
     app = create_app(
         test_settings(store=store), make_plugin_manager(entry_points=False, extra=[GonePlugin()])
     )
-    async with AsyncTestClient(app) as client:
+    async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
         for job_id in ("a", "b"):
             assert (await client.post("/jobs", json={"id": job_id, "backend": "gone"})).is_success
     (tmp_path / "tether.db").chmod(0o644)  # as a store made before its files were private
