@@ -397,9 +397,19 @@ stored before keep theirs."""
 SENDABLE_URL_SCHEMA = SENDABLE_URL_START + r"(?:[/?#]|$)"
 """`SENDABLE_URL_START`, then the path, query or fragment, or the end: the
 schema's pattern (ECMAScript's, whose `$` is the string's end only)."""
-HTTP_URL_SCHEMA = SENDABLE_URL_START + r"(?:[/?#][^\x00-\x20\x7f]*)?$"
-"""An http(s) URL a notification is sent to: `SENDABLE_URL_START`, then no
-spaces or control characters (the schema's pattern)."""
+_UNSENT = (
+    r"\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f"
+    r"\u3000\ufeff"
+)
+"""What no URL Tether sends to may hold: a space (Unicode's too), a control
+character (C1 too: U+0085, U+009B), an invisible format character (a
+bidirectional override). In a character class, written alike for
+ECMAScript's and Python's expressions; a review found U+0085, U+00A0 and
+U+2028 taken, 2026-12-07."""
+HTTP_URL_SCHEMA = SENDABLE_URL_START + rf"(?:[/?#][^{_UNSENT}]*)?$"
+"""An http(s) URL a notification or a webhook is sent to:
+`SENDABLE_URL_START`, then no space, control or format character (`_UNSENT`;
+the schema's pattern)."""
 SENDABLE_URL = re.compile(SENDABLE_URL_SCHEMA.replace("$", r"\Z"))
 """`SENDABLE_URL_SCHEMA` for Python, whose `$` also matches before a last
 newline (`\\Z` does not): before, `http://host\\n` was taken."""

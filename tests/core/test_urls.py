@@ -87,6 +87,12 @@ NO_HOST = f"names no host and port a request can be sent to ({HOST_RULE})"
         ("http://x/a b", "holds a space or a control character"),
         ("http://x\n", NO_HOST),  # Python's `$` matches before a last newline
         ("http://x/a\n", "holds a space or a control character"),
+        # C1 controls, Unicode's spaces, an invisible override: a review, 2026-12-07
+        *(
+            (f"http://x/a{c}b", "holds a space or a control character")
+            for c in "\x85\x9b\xa0\u2028\u3000\u202e\ufeff"
+        ),
+        ("http://x/\u00e9?q=\u00fc#f", ""),  # other characters past ASCII are sent encoded
     ],
 )
 def test_url_fault_names_what_is_wrong_without_quoting_the_url(url: str, fault: str):
