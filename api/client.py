@@ -382,9 +382,8 @@ STREAM_ENDS = "tether-stream-ends"
 for; a stream closed without it was dropped or its service stopped."""
 
 
-SSE_LINE_END = re.compile(r"\r\n|\r(?!\Z)|\n")
-"""Where a line of an event stream ends: CR LF, or CR or LF alone (a CR
-last in what has come so far may be the first half of a CR LF)."""
+SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+"""Where a line of an event stream ends: CR LF, or CR or LF alone."""
 
 
 async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -392,14 +391,27 @@ async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     nowhere else. httpx's `aiter_lines` also splits at U+2028, U+2029 and
     U+0085, as `str.splitlines` does, and an event whose data held one (a
     cancel's reason, a webhook's answer) broke `tether events --follow` for
-    good: "not JSON" (found by a QA pass, 2026-12-07)."""
-    rest = ""
+    good: "not JSON" (found by a QA pass, 2026-12-07). Each chunk is read
+    once (a long line in many chunks is not read again at each: a review),
+    and a CR last in a chunk ends its line, an LF first in the next then
+    being the rest of that CR LF."""
+    partial: list[str] = []
+    after_cr = False
     async for chunk in chunks:
-        *lines, rest = SSE_LINE_END.split(rest + chunk)
-        for line in lines:
-            yield line
-    if rest:
-        yield rest.removesuffix("\r")
+        if not chunk:
+            continue
+        if after_cr and chunk[0] == "\n":
+            chunk = chunk[1:]
+        after_cr = chunk.endswith("\r")
+        *ended, rest = SSE_LINE_END.split(chunk)
+        for piece in ended:
+            partial.append(piece)
+            yield "".join(partial)
+            partial = []
+        if rest:
+            partial.append(rest)
+    if partial:
+        yield "".join(partial)
 
 
 async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:

@@ -480,6 +480,8 @@ async def test_sse_lines_end_where_the_format_ends_them():
     assert await lines('data: {"a": "x\u2028y\x85z"}\n\n') == ['data: {"a": "x\u2028y\x85z"}', ""]
     assert await lines("id: 1\r", "\ndata: 2\r\r", "\n", "x") == ["id: 1", "data: 2", "", "x"]
     assert await lines("a\r", "b\r") == ["a", "b"]
+    assert await lines("a\r", "\r\n", "\n") == ["a", "", ""]
+    assert await lines("x" * 10, "", "y\n") == ["x" * 10 + "y"]
     items = client_module.sse_items(client_module.sse_lines(chunks('id: 7\ndata: "\u2029"\n\n')))
     assert [item async for item in items] == [("7", "\u2029")]
 
