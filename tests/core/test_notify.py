@@ -27,7 +27,7 @@ import pytest
 
 from core.errors import StoreConfigError
 from core.models import Outcome, url_fault
-from core.notify import Notifier, backoff, failure
+from core.notify import MAX_BACKOFF, Notifier, backoff, failure
 from core.settings import Settings
 from core.store import open_store
 from core.store.base import check_notify_secret, new_notify_secret
@@ -473,6 +473,32 @@ async def two_claims_in_turn(
         finally:
             await first.stop()
             await second.stop()
+
+
+@pytest.mark.parametrize(
+    ("asked", "waits"),
+    [(None, 5.0), (1.0, 5.0), (30.0, 30.0), (86_400.0, MAX_BACKOFF)],
+)
+async def test_a_throttled_try_waits_what_was_asked_past_the_backoff_at_most_an_hour(
+    notified, asked: float | None, waits: float
+):
+    """The next try after a 429 or 503: the backoff (5 s after the first), or
+    the `Retry-After` asked when longer, never past `MAX_BACKOFF` (a day
+    asked: an hour; the retry window is a day)."""
+    async with open_parts(notify_retry_for=86_400.0) as parts:
+        jobs = parts.jobs
+        jobs.message = lambda rec: "{}"
+        at = now_ms()
+        await jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=notified.url()))
+        await jobs.end("n", Outcome(status="canceled"), at)
+        [note] = await jobs.notifications_due(at + 60_000, 10)
+        assert await jobs.claim_notification(note, at + 60_000)
+        note = msgspec.structs.replace(note, due_at=at + 60_000, tries=note.tries + 1)
+        before = now_ms()
+        await Notifier(parts.settings, jobs, [SECRET])._tried(note, 429, "answered 429", asked)
+        due = await jobs.next_notification_at()
+    assert due is not None
+    assert before + waits * 1000 <= due <= now_ms() + waits * 1000
 
 
 async def test_a_notification_delivered_by_a_lost_claim_is_not_given_up_by_a_failed_try(notified):
