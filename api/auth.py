@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -316,6 +317,7 @@ def known_hosts_guard(settings: Settings) -> Guard | None:
     if settings.public_url:
         allowed.add(_bare(urlsplit(settings.public_url).hostname or ""))
 
+    @functools.lru_cache(maxsize=256)  # a few names come again and again
     def known(given: str) -> bool:
         try:
             host = urlsplit(f"//{given.strip()}").hostname
