@@ -362,6 +362,9 @@ async def test_retention_after_an_outage_keeps_what_waiting_jobs_need(
         await svc.tether.watchdog.sweep(now_ms())
         late = await svc.wait_state("late", "timed_out")
     assert late["error"]["type"] == "timeout", late
+    # each stop is sent by its job's winding up, after its state is written
+    # (a loaded CI run looked before caught's had come)
+    await eventually(lambda: len(receiver.on("/stop")) >= 2)
     stops = sorted((h.body["job_id"], h.body["reason"]) for h in receiver.on("/stop"))
     assert stops == [("caught", "timed_out"), ("late", "timed_out")]  # their runs stopped
     assert not [line for line in logs.lines if "StoreUnavailable" in line], logs.lines

@@ -157,7 +157,7 @@ async def test_a_client_that_leaves_before_its_answer_is_told_as_499_not_500(sta
     for _ in range(3):
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"POST /jobs HTTP/1.1\r\nHost: t\r\ncontent-type: application/json\r\n"
+            b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"content-length: 100\r\n\r\n{"
         )
         await writer.drain()

@@ -198,7 +198,7 @@ async def test_a_request_that_does_not_arrive_in_time_is_dropped_and_the_service
     slow, _ = await asyncio.to_thread(_raw, port, *trickle, pause=0.05)  # 34 bytes: 1.7 s
     assert slow.startswith(b"HTTP/1.1 408 "), slow  # (a 200 had it waited for them all)
 
-    head_only = b"POST /jobs HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    head_only = b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
     partial, _ = await asyncio.to_thread(
         _raw, port, head_only + b"content-length: 100\r\n\r\n", b'{"backend"'
     )
