@@ -250,6 +250,12 @@ LINE_LIKE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\
 end a line at, though the SSE format does not (httpx's, Python's
 `splitlines`), written as JSON escapes. They stand only inside strings."""
 
+
+def line_safe(data: str) -> str:
+    """`data` with `LINE_LIKE`'s characters escaped (most is ASCII: as it is)."""
+    return data if data.isascii() else data.translate(LINE_LIKE)
+
+
 CHANGES_POLL = 1.0
 """Seconds between a job-list stream's reads of its page, for changes made by
 other processes (this process's own wake it at once)."""
@@ -540,7 +546,7 @@ class JobController(Controller):
                     data = msgspec.json.encode({"ids": job}).decode()
                     yield ServerSentEventMessage(data=data, event="page")
                 else:
-                    data = msgspec.json.encode(job).decode().translate(LINE_LIKE)
+                    data = line_safe(msgspec.json.encode(job).decode())
                     yield ServerSentEventMessage(data=data, event="job")
 
         return ServerSentEvent(messages())
@@ -638,7 +644,7 @@ class JobController(Controller):
                 elif event == END:
                     yield ServerSentEventMessage(data='{"type": "end"}', event=END)
                 else:
-                    data = msgspec.json.encode(event).decode().translate(LINE_LIKE)
+                    data = line_safe(msgspec.json.encode(event).decode())
                     yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
 
         return ServerSentEvent(messages(followed), headers={"tether-stream-ends": "end"})
