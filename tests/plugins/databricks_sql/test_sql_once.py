@@ -279,7 +279,9 @@ async def test_another_deployments_statement_under_the_same_job_id_is_not_taken(
     statement with no mark (sent by a release before the mark) is still
     taken by the job its key names."""
     backend = DatabricksSql()
-    made = datetime.now(UTC)
+    now = datetime.now(UTC)  # to the millisecond, as a job's time is stored: with
+    # 500 µs past an odd one, it and the next rounded alike (a CI run, 2026-12-07)
+    made = now.replace(microsecond=now.microsecond // 1000 * 1000)
     theirs = (await backend.trigger(a_trigger("nightly", replayed=False, created=made)))[
         "statement_id"
     ]
