@@ -12,7 +12,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from resonate.error import DecodingError, ServerError
 
 from api.access import shown_path
-from api.ui import is_page, missing_page
+from api.ui import error_page, is_page, missing_page
 from core.bounds import MAX_DEPTH
 from core.errors import (
     Conflict,
@@ -163,6 +163,8 @@ def http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[
             message = "the body is not valid JSON: " + message.removeprefix("JSON is malformed: ")
         else:
             message = "invalid body: " + message.split(" - at `")[0]
+    if exc.status_code == 403 and is_page(request.url.path):  # a host not known: a page
+        return error_page(message, 403)
     if exc.status_code == 404 and message == "Not Found":  # no route has this path
         if is_page(request.url.path):
             return missing_page(shown_path(request.url.path))

@@ -355,9 +355,18 @@ def missing_page(path: str) -> Template:
     message = f"no page at {path}"
     if path.startswith("/ui/jobs/"):
         message += " (a job's id holds no '/')"
+    return error_page(message, 404)
+
+
+def error_page(message: str, status: int) -> Template:
+    """The dashboard's page for a refusal of a path under `/ui` made before
+    any page's own code ran (the API's is JSON): a missing page, a host the
+    service is not known by (`api.auth.known_hosts_guard`)."""
     context = {"message": message, "viewer": None}
     headers = {header.name: header.value for header in SECURITY_HEADERS}
-    return Template(template_name="error.html", context=context, status_code=404, headers=headers)
+    return Template(
+        template_name="error.html", context=context, status_code=status, headers=headers
+    )
 
 
 # ── routes ────────────────────────────────────────────────────────────────────

@@ -116,6 +116,9 @@ async def test_without_tokens_the_service_answers_only_at_its_own_names(start_se
     said = (await svc.client.get("/jobs", headers=rebound)).json()["error"]["message"]
     assert said.startswith("a request for host 'rebind.example:") and "TETHER_ALLOWED_HOSTS" in said
     assert (await svc.client.get("/jobs")).json() == before  # nothing made
+    page = await svc.client.get("/ui", headers=rebound)  # a page, for the person at the browser
+    assert page.headers["content-type"].startswith("text/html"), page.headers
+    assert "TETHER_ALLOWED_HOSTS" in page.text
     assert (await svc.client.get("/health", headers=rebound)).status_code == 200
     refused = await svc.client.post("/callbacks/x:1?token=t", json={}, headers=rebound)
     assert refused.status_code == 401  # its own token decides
