@@ -323,7 +323,7 @@ def known_hosts_guard(settings: Settings) -> Guard | None:
             host = urlsplit(f"//{given.strip()}").hostname
         except ValueError:
             return False
-        return host is not None and (_bare(host) in allowed or _local_name(_bare(host)))
+        return host is not None and ((bare := _bare(host)) in allowed or _local_name(bare))
 
     async def known_host(
         connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler

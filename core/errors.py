@@ -110,7 +110,7 @@ def _code(value: Any) -> str | None:
 
 
 def retry_after_seconds(value: Any) -> float | None:
-    """A `retry_after` (a `Retry-After` header) as seconds to wait: a number, or a number's text (an
+    """A `retry_after` as seconds to wait: a number, or a number's text (an
     HTTP `Retry-After` header as it came); None for anything else (a date,
     NaN, a flag), at least 0, at most `RETRY_AFTER_MAX`."""
     if isinstance(value, bool):

@@ -495,14 +495,14 @@ def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str
         assert done.stdout == ""
 
 
-def test_another_service_answering_json_is_exit_4_in_one_line():
-    """A wrong port or URL that reaches some other service answering 200 with
-    JSON of its own: each command says so, no traceback (a KeyError before)."""
+def answering_json(answer: Any) -> tuple[ThreadingHTTPServer, str]:
+    """A real HTTP server on 127.0.0.1 that is not Tether: 200 with `answer`
+    as JSON to every GET and POST. Shut it down when done."""
+    body = json.dumps(answer).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def answer(self) -> None:
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            body = b'{"ok": true}'
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -516,7 +516,14 @@ def test_another_service_answering_json_is_exit_4_in_one_line():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_another_service_answering_json_is_exit_4_in_one_line():
+    """A wrong port or URL that reaches some other service answering 200 with
+    JSON of its own: each command says so, no traceback (a KeyError before)."""
+
+    server, url = answering_json({"ok": True})
     callback = f"{url}/callbacks/j:1?token=secret-t"
     cases = {
         ("list",): f"{url}/jobs",
@@ -570,21 +577,7 @@ def test_list_prints_a_cursor_and_ids_another_service_sent_escaped():
         "next_cursor": hostile,
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(page).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = answering_json(page)
     try:
         for args in (["list", "--limit", "1", "--ids"], ["list", "--limit", "1"]):
             done = cli(url, *args)

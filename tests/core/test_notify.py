@@ -448,6 +448,23 @@ async def test_the_docs_verification_examples_accept_a_real_message_and_refuse_a
         assert check(SECRET, stale, delivery.body) is None
 
 
+async def ended_with_a_notification(jobs: JobIndex, notified: NotifyReceiver) -> int:
+    """Job `n`, ended now with a notification to `notified` in the outbox:
+    when it ended."""
+    jobs.message = lambda rec: "{}"
+    at = now_ms()
+    await jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=notified.url()))
+    await jobs.end("n", Outcome(status="canceled"), at)
+    return at
+
+
+async def claim(jobs: JobIndex, until: int) -> Notification:
+    """The notification due by `until`, claimed until then, as a try holds it."""
+    [note] = await jobs.notifications_due(until, 10)
+    assert await jobs.claim_notification(note, until)
+    return msgspec.structs.replace(note, due_at=until, tries=note.tries + 1)
+
+
 async def two_claims_in_turn(
     notified: NotifyReceiver,
 ) -> AsyncIterator[tuple[JobIndex, Notifier, Notification, Notifier, Notification]]:
@@ -456,16 +473,10 @@ async def two_claims_in_turn(
     the end of the retry window (`notify_retry_for` 0: a failed try gives up)."""
     async with open_parts(notify_retry_for=0.0) as parts:
         jobs = parts.jobs
-        jobs.message = lambda rec: "{}"
-        at = now_ms()
-        await jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=notified.url()))
-        await jobs.end("n", Outcome(status="canceled"), at)
+        at = await ended_with_a_notification(jobs, notified)
         first, second = (Notifier(parts.settings, jobs, [SECRET]) for _ in range(2))
-        claimed: list[Notification] = []
-        for until in (at + 600_000, at + 1_200_000):  # far off: their loops leave it be
-            [note] = await jobs.notifications_due(until, 10)  # due: the claim before ran out
-            assert await jobs.claim_notification(note, until)
-            claimed.append(msgspec.structs.replace(note, due_at=until, tries=note.tries + 1))
+        # far off: their loops leave it be; the second due once the first claim ran out
+        claimed = [await claim(jobs, until) for until in (at + 600_000, at + 1_200_000)]
         first.start()
         second.start()
         try:
@@ -487,13 +498,7 @@ async def test_a_throttled_try_waits_what_was_asked_past_the_backoff_at_most_an_
     asked: an hour; the retry window is a day)."""
     async with open_parts(notify_retry_for=86_400.0) as parts:
         jobs = parts.jobs
-        jobs.message = lambda rec: "{}"
-        at = now_ms()
-        await jobs.insert(msgspec.structs.replace(job("n", at=at), notify_url=notified.url()))
-        await jobs.end("n", Outcome(status="canceled"), at)
-        [note] = await jobs.notifications_due(at + 60_000, 10)
-        assert await jobs.claim_notification(note, at + 60_000)
-        note = msgspec.structs.replace(note, due_at=at + 60_000, tries=note.tries + 1)
+        note = await claim(jobs, await ended_with_a_notification(jobs, notified) + 60_000)
         before = now_ms()
         await Notifier(parts.settings, jobs, [SECRET])._tried(note, 429, "answered 429", asked)
         due = await jobs.next_notification_at()
