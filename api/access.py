@@ -85,16 +85,19 @@ def log_request(scope: Any, status: int, seconds: float) -> None:
 
 
 def _log(scope: Any, status: int, ms: float) -> None:
-    path = shown_path(scope["path"])
+    raw = scope["path"]
+    path = shown_path(raw)
     address = _client(scope)
     # no caller lookup: api.logs.lean_records
     log.info(LINE, scope["method"], path, status, ms, address, extra={"client": address})
-    if status in (401, 404) and path.startswith(CALLBACKS):
-        promise_id, _, route = path[len(CALLBACKS) :].partition("/")
-        promise_id = promise_id.removesuffix("?…")
+    if status in (401, 404) and raw.startswith(CALLBACKS):
+        # read from the path as it came, not as shown: a long id's cut took
+        # the route's word with it, and a heartbeat was logged as a callback
+        promise_id, _, route = raw[len(CALLBACKS) :].partition("/")
+        promise_id = _printable(_cut(promise_id.partition("?")[0]))
         what = "heartbeat" if route.startswith("heartbeat") else "callback"
         log.warning(
-            "%s for promise '%s' refused (%d) from %s",  # (`shown_path` escaped it: not %r)
+            "%s for promise '%s' refused (%d) from %s",  # (`_printable` escaped it: not %r)
             what,
             promise_id,
             status,
@@ -111,22 +114,34 @@ def shown_path(path: str) -> str:
     """The (decoded) path as it is logged: cut at a `?` in it (a callback URL
     whose `?token=` was percent-encoded into the path: `%3Ftoken%3D…`), shown
     as `?…`; and under `/callbacks/`, anything past the id that is not a
-    route's own word shown as `/…` (a token put in the path). Control
-    characters, invisible format characters (a bidirectional override, a
-    tag character) and any other character `str.isprintable` refuses are
-    written as escapes (`\\x0a`, `\\u202e`, `\\U000e0041`): a path is
-    anyone's to choose, and a decoded `%0A` would start a forged line of the
-    log."""
-    if not path.isprintable():
-        path = "".join(c if c.isprintable() else _escape(c) for c in path)
+    route's own word shown as `/…` (a token put in the path). Past
+    `PATH_SHOWN` characters it is cut, shown as `…`. Control characters,
+    invisible format characters (a bidirectional override, a tag character)
+    and any other character `str.isprintable` refuses are written as escapes
+    (`\\x0a`, `\\u202e`, `\\U000e0041`), after the cut, so that no escape
+    is cut in two: a path is anyone's to choose, and a decoded `%0A` would
+    start a forged line of the log."""
     path, query, _ = path.partition("?")
+    tail = "?…" if query else ""
     if path.startswith(CALLBACKS):
         head, _, rest = path[len(CALLBACKS) :].partition("/")
         if rest not in CALLBACK_ROUTES:
-            path, query = f"{CALLBACKS}{head}/…", ""
+            path, tail = f"{CALLBACKS}{head}", "/…"
     if len(path) > PATH_SHOWN:  # a request head may be 64 KiB, twice logged
-        return f"{path[:PATH_SHOWN]}…"
-    return f"{path}?…" if query else path
+        return f"{_printable(path[:PATH_SHOWN])}…"
+    return _printable(path) + tail
+
+
+def _cut(text: str) -> str:
+    """`text`, or its first `PATH_SHOWN` characters and `…`."""
+    return f"{text[:PATH_SHOWN]}…" if len(text) > PATH_SHOWN else text
+
+
+def _printable(text: str) -> str:
+    """`text` with the characters `str.isprintable` refuses as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 PATH_SHOWN = 300

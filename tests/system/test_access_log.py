@@ -118,6 +118,20 @@ async def test_a_long_path_is_logged_cut(start_service, access):
     assert "promise 'AAAA" in access[1] and "A…' refused (401)" in access[1]
 
 
+async def test_a_long_paths_cut_keeps_escapes_whole_and_the_route_told(start_service, access):
+    """The cut came after the escaping, so it could split an escape (`A\\…`),
+    and a long id's cut took the route's word with it: a refused heartbeat
+    was warned of as a callback (a review, 2026-12-07)."""
+    svc = await start_service()
+    at_the_cut = "A" * (PATH_SHOWN - len("/callbacks/") - 1)  # the newline is the last kept
+    path = f"/callbacks/{at_the_cut}%0A{'B' * 500}:1/heartbeat?token=x"
+    assert (await svc.client.post(path, json={})).status_code in (401, 404)
+    assert len(access) == 2, access
+    assert f"POST /callbacks/{at_the_cut}\\x0a… 4" in access[0]
+    warned = f"tether.access WARNING heartbeat for promise '{at_the_cut}\\x0aBBB"
+    assert access[1].startswith(warned) and "B…' refused (401)" in access[1], access[1]
+
+
 async def test_tether_access_log_0_turns_it_off(start_service, access):
     assert Settings.from_env({"TETHER_ACCESS_LOG": "0"}).access_log is False
     assert Settings.from_env({}).access_log is True
