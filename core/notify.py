@@ -97,7 +97,8 @@ def backoff(settings: Settings, tries: int) -> float:
 THROTTLED = frozenset({429, 503})
 """Answers whose `Retry-After` says when to try again: the next try comes no
 sooner (found by a QA pass, 2026-12-07: a receiver asking 8 s was tried
-again after 1, 3 and 7)."""
+again after 1, 3 and 7), and until then this process sends its site
+nothing else either (`Notifier._paused`)."""
 
 UNSENDABLE = "the HTTP client refuses this URL (InvalidUrlClientError)"
 """A try's error that no later try mends (a host such as `999.0.0.1`,
@@ -177,6 +178,11 @@ class Notifier:
         self._slow: dict[str, None] = {}
         """Sites whose last try timed out, the one whose last timeout is the
         oldest first (at most `SLOW_SITES_MAX`)."""
+        self._paused: dict[str, float] = {}
+        """Sites that asked to wait (a 429 or 503 with a `Retry-After`), and
+        until when (`time.monotonic`): at most `SLOW_SITES_MAX`, past it the
+        wait that ends first forgotten. Held in each process: another process learns it
+        from its own try."""
         self._read_for = 0.0
         """Seconds this round's reads passing over full sites took (`ROUND_SHARE`)."""
         self._session: aiohttp.ClientSession | None = None
@@ -241,6 +247,8 @@ class Notifier:
             began, self._read_for = time.monotonic(), 0.0
             try:
                 delay = await self.round(now_ms())
+                if self._paused:  # a site's wait that ends first: its notifications are due
+                    delay = min(delay, max(min(self._paused.values()) - time.monotonic(), 0.0))
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
                 delay, self._read_for = min(self.poll, RETRY_AFTER), 0.0
@@ -257,7 +265,7 @@ class Notifier:
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return self.poll  # each delivery that ends wakes the loop
-        full = [site for site in self._per_site if not self._room(site)]
+        full = [site for site in {**self._per_site, **self._paused} if not self._room(site)]
         due = await self._timed(full, self.jobs.notifications_due(now, free, full))
         until = now + int((REQUEST_TIMEOUT + LEASE_MARGIN) * 1000)
         started = 0
@@ -296,7 +304,13 @@ class Notifier:
                 self._read_for += time.monotonic() - began
 
     def _room(self, site: str) -> bool:
-        """Whether a try to `site` may start now (the class's rules)."""
+        """Whether a try to `site` may start now (the class's rules, and no
+        wait it asked for running)."""
+        paused = self._paused.get(site)
+        if paused is not None:
+            if time.monotonic() < paused:
+                return False
+            del self._paused[site]
         held = self._per_site[site]
         if held >= (1 if site in self._slow else self.per_site):
             return False
@@ -311,6 +325,8 @@ class Notifier:
                 self._slow[site] = None
                 if len(self._slow) > SLOW_SITES_MAX:
                     del self._slow[next(iter(self._slow))]
+            if asked:
+                self._pause(site, asked)
             self._claimed.pop(note.id, None)  # tried: recorded below, or left to its claim
             await self._tried(note, status, error, asked)
         except Exception as exc:
@@ -333,6 +349,13 @@ class Notifier:
             else:
                 self._per_site.pop(site, None)
             self._wake.set()
+
+    def _pause(self, site: str, seconds: float) -> None:
+        """`site` asked to be sent nothing for `seconds` (at most `MAX_BACKOFF`)."""
+        until = time.monotonic() + min(seconds, MAX_BACKOFF)
+        self._paused[site] = max(until, self._paused.get(site, until))
+        if len(self._paused) > SLOW_SITES_MAX:
+            del self._paused[min(self._paused, key=self._paused.__getitem__)]
 
     async def post(self, note: Notification) -> tuple[int | None, str | None, float | None]:
         """One try: POST the stored body, signed. Returns the status (None when

@@ -237,6 +237,31 @@ async def test_a_throttled_receiver_is_tried_again_no_sooner_than_it_asked(
     assert third - second < 1.5  # 0.2 s: the backoff after the second try
 
 
+async def test_a_receiver_that_asked_to_wait_is_sent_no_other_notification_meanwhile(
+    start_service, receiver, notified
+):
+    """A 429 asking 1.5 s for one job's notification: another job's, due
+    meanwhile at the same receiver (another path), waits too (it was sent at
+    once: a review, 2026-12-07); a receiver elsewhere is not held up."""
+    svc = await serve(start_service)
+    notified.answers, notified.retry_after = [429], "1.5"
+    elsewhere = NotifyReceiver().start()
+    try:
+        await canceled_job(svc, receiver, "n-asked", notified.url())
+        await eventually(lambda: notified.got)
+        await canceled_job(svc, receiver, "n-same-site", notified.url("/other"))
+        await canceled_job(svc, receiver, "n-other-site", elsewhere.url())
+        await until_events(svc, "n-same-site", "notified", 1)
+        await until_events(svc, "n-asked", "notified", 2)
+        asked_at = notified.got[0].at
+        same_site = [d for d in notified.got if d.path == "/other"]
+        assert len(same_site) == 1 and same_site[0].status == 200
+        assert same_site[0].at - asked_at >= 1.5
+        assert elsewhere.got[0].at - asked_at < 1.5
+    finally:
+        elsewhere.stop()
+
+
 async def test_a_notification_is_signed_with_the_stores_own_secret_when_none_is_set(
     start_service, receiver, notified, tmp_path
 ):
