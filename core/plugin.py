@@ -46,7 +46,7 @@ echo = "tether_echo"
 Every hook and backend method is documented in :mod:`core.hookspecs`.
 """
 
-from core.errors import BackendError, NotFound, Unauthorized, os_reason
+from core.errors import BackendError, NotFound, Unauthorized, os_reason, retry_after_seconds
 from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import (
     HTTP_URL_SCHEMA,
@@ -91,6 +91,7 @@ __all__ = [
     "os_reason",
     "redact",
     "redact_bytes",
+    "retry_after_seconds",
     "settings_from_env",
     "url_fault",
 ]

@@ -78,6 +78,7 @@ from core.plugin import (
     hookimpl,
     os_reason,
     redact_bytes,
+    retry_after_seconds,
     url_fault,
 )
 
@@ -568,10 +569,9 @@ def _small_json(body: bytes | None) -> Any:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    try:
-        return min(float(headers.get("retry-after", "")), 60.0)
-    except ValueError:
-        return None
+    """The seconds a `Retry-After` asks for (a date is not read), at most a minute."""
+    seconds = retry_after_seconds(headers.get("retry-after"))
+    return None if seconds is None else min(seconds, 60.0)
 
 
 @hookimpl

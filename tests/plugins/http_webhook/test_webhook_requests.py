@@ -464,6 +464,9 @@ def test_retry_after_is_read_from_the_headers():
     assert _retry_after({"retry-after": "3"}) == 3.0
     assert _retry_after({}) is None
     assert _retry_after({"retry-after": "61"}) == 60.0
+    # what `core.plugin.retry_after_seconds` refuses or bounds, as every backend's
+    for given, kept in (("nan", None), ("-5", 0.0), ("inf", 60.0), ("Wed, 21 Oct 2015", None)):
+        assert _retry_after({"retry-after": given}) == kept
 
 
 async def test_an_answer_that_takes_too_long_times_out(server, webhook):
