@@ -98,6 +98,30 @@ def test_the_list_shows_a_new_job_live(page, service, client, hooks: Receiver):
     assert unreloaded(page)
 
 
+def test_a_job_arriving_live_in_the_same_millisecond_as_one_shown_goes_before_it(
+    page, service, client, hooks: Receiver
+):
+    """Jobs made in one millisecond are listed by the API in an order the
+    page cannot know; one that arrives live is almost always the later, so
+    it goes first (it went after: a QA pass, 2026-12-07). Two jobs of one
+    millisecond cannot be made on purpose: the shown one's time is set to
+    the arriving one's in the page."""
+    shown, arriving = unique("tie-shown"), unique("tie-arriving")
+    callback_url = start_job(client, hooks, arriving)  # running: not in a failed view
+    start_job(client, hooks, shown, path=FAIL)  # the newest failed job
+    made = client.get(f"/jobs/{arriving}").json()["created_at"]
+    page.goto(f"{service.url}/ui?state=failed")
+    expect(page.locator("#jobs tr").first).to_have_attribute("data-id", shown)
+    expect(row(page, arriving)).to_have_count(0)
+    expect(page.locator("#live")).to_have_text("live")
+    row(page, shown).evaluate("(tr, made) => { tr.dataset.created = made; }", made)
+
+    settle(callback_url, status="failed")
+    expect(row(page, arriving)).to_be_visible()
+    expect(page.locator("#jobs tr").first).to_have_attribute("data-id", arriving)
+    expect(page.locator("#jobs tr").nth(1)).to_have_attribute("data-id", shown)
+
+
 def test_a_filter_narrows_the_list_and_is_in_the_url(page, service, client, hooks: Receiver):
     running, failed = unique("filter-running"), unique("filter-failed")
     start_job(client, hooks, running)
