@@ -276,16 +276,24 @@ class Callbacks:
 
     async def _job_of(self, promise_id: str, token: str | None) -> JobRecord:
         """The job a callback URL names, once its token is checked: a wrong
-        token and an unknown promise look alike to a stranger (401 first)."""
+        token and an unknown promise look alike to a stranger, in the answer
+        (401 first) and in the time it takes. A wrong token reads only the
+        job's salt, found or not; reading the whole row only when the job
+        existed told, over 2,000 tries, whether it did (a QA pass, 2026-12-07:
+        about 20 µs)."""
         job_id = workflow.job_id_of(promise_id)
-        if job_id is None or not token:  # no job could be named, no token given: no read
-            rec = None
-        else:
+        if self.signer.verify(promise_id, token):  # the token of a job without a salt
+            rec = None if job_id is None else await store_call(self.jobs.get(job_id))
+            if rec is not None and rec.salt:
+                # the id was used before (retention): the earlier job's URLs are not its own
+                raise Unauthorized("missing or invalid callback token")
+        else:  # a salted job's token, or a wrong one
+            if job_id is None or not token:
+                raise Unauthorized("missing or invalid callback token")
+            salt = await store_call(self.jobs.salt_of(job_id))
+            if not salt or not self.signer.verify(promise_id, token, salt):
+                raise Unauthorized("missing or invalid callback token")
             rec = await store_call(self.jobs.get(job_id))
-        # A job whose id was used before (retention) has a salt: the earlier
-        # job's URLs are not its own.
-        if not self.signer.verify(promise_id, token, None if rec is None else rec.salt):
-            raise Unauthorized("missing or invalid callback token")
         if rec is None:
             raise NotFound.promise(promise_id)
         return rec

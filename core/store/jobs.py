@@ -272,6 +272,10 @@ class JobIndex(Protocol):
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 
+    async def salt_of(self, job_id: str) -> str | None:
+        """The job's `salt` alone: None when it has none, or there is no such job."""
+        ...
+
     async def pages(
         self,
         pairs: Sequence[tuple[str | None, str | None]],

@@ -115,6 +115,7 @@ external system that remembers an idempotency key for longer would take the
 new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
+_SALT = "SELECT salt FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
 _COUNT_OPEN = (
     "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
@@ -466,6 +467,12 @@ class SqlJobIndex:
             return None
         rows = await self.db.fetch(_SELECT, (job_id,))
         return _row(rows[0]) if rows else None
+
+    async def salt_of(self, job_id: str) -> str | None:
+        if "\0" in job_id:
+            return None
+        rows = await self.db.fetch(_SALT, (job_id,))
+        return rows[0][0] if rows else None
 
     SCAN = 10_000
     """The most entries of its driving lists (below) one page reads. A page
