@@ -1041,12 +1041,26 @@ async def test_a_receiver_echoing_the_credential_gets_it_into_no_receipt_or_erro
     )
 
 
+def escaped(text: str, hex_digits: str = "04x") -> str:
+    """`text` with every character a JSON `\\u` escape."""
+    return "".join(f"\\u{ord(c):{hex_digits}}" for c in text)
+
+
 @pytest.mark.parametrize(
     ("credential", "echoed"),
     [
         ("Bearer s3cr3t/t0k+en=", '{"got": "Bearer s3cr3t\\/t0k+en="}'),  # PHP's json_encode
         ("Bearer s3cr3t/t0k+en=", "token=s3cr3t%2Ft0k%2Ben%3D"),  # percent-encoded
         ("Bearer s3cr3t-t0k\u00e9n", '{"got": "s3cr3t-t0k\\u00e9n"}'),  # JSON's \u escape
+        # every character escaped (a QA pass, 2026-12-07)
+        (
+            "Bearer s3cr3t-t0ken",
+            f'{{"got": "{escaped("s3cr3t-t0ken")}"}}',
+        ),
+        (
+            "Bearer s3cr3t-t0ken",
+            f'{{"got": "{escaped("Bearer s3cr3t-t0ken", "04X")}"}}',
+        ),
         ("Basic aG9va3VzZXI6czNjcjN0cHc=", "credentials hookuser:s3cr3tpw not accepted"),
         ("Basic aG9va3VzZXI6czNjcjN0cHc=", "wrong password s3cr3tpw"),
     ],
