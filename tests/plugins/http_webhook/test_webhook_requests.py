@@ -1061,6 +1061,19 @@ def escaped(text: str, hex_digits: str = "04x") -> str:
             "Bearer s3cr3t-t0ken",
             f'{{"got": "{escaped("Bearer s3cr3t-t0ken", "04X")}"}}',
         ),
+        # a credential with a character JSON escapes beside a non-ASCII one, as
+        # json.dumps writes it (`t\\u00f6k\\\\en`), and wholly escaped: the fix above
+        # showed both for a while (a review, 2026-12-07)
+        (
+            "Bearer t\u00f6k\\en-s3cr3t",
+            json.dumps({"error": "bad token Bearer t\u00f6k\\en-s3cr3t"}),
+        ),
+        ('Bearer t\u00f6k"en-s3cr3t', f'{{"got": "{escaped('t\u00f6k"en-s3cr3t')}"}}'),
+        # past the 4 KiB of the answer kept: no longer JSON, read escape by escape
+        (
+            "Bearer s3cr3t-t0ken",
+            f'{{"got": "{escaped("s3cr3t-t0ken")}", "pad": "{"x" * 4200}"}}',
+        ),
         ("Basic aG9va3VzZXI6czNjcjN0cHc=", "credentials hookuser:s3cr3tpw not accepted"),
         ("Basic aG9va3VzZXI6czNjcjN0cHc=", "wrong password s3cr3tpw"),
     ],
