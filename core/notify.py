@@ -69,6 +69,12 @@ exploratory QA pass)."""
 SLOW_SITES_MAX = 1024
 """Sites remembered as slow (`Notifier._slow`); past it, the one whose last
 timeout is the oldest is forgotten."""
+PAUSED_SITES_MAX = 64
+"""Sites remembered as having asked to wait (`Notifier._paused`); past it,
+the wait that ends first is forgotten (that site's other notifications go at
+their own times again). Each is a clause of the outbox's read: with 1,000 of
+them SQLite refused the read (its expression depth), and no notification
+went out (a review, 2026-12-07)."""
 DEFAULT_POLL = 10.0
 """Seconds between looks at the outbox when `watchdog_interval` is not positive."""
 RETRY_AFTER = 1.0
@@ -180,9 +186,8 @@ class Notifier:
         oldest first (at most `SLOW_SITES_MAX`)."""
         self._paused: dict[str, float] = {}
         """Sites that asked to wait (a 429 or 503 with a `Retry-After`), and
-        until when (`time.monotonic`): at most `SLOW_SITES_MAX`, past it the
-        wait that ends first forgotten. Held in each process: another process learns it
-        from its own try."""
+        until when (`time.monotonic`): at most `PAUSED_SITES_MAX`. Held in
+        each process: another process learns it from its own try."""
         self._read_for = 0.0
         """Seconds this round's reads passing over full sites took (`ROUND_SHARE`)."""
         self._session: aiohttp.ClientSession | None = None
@@ -246,9 +251,7 @@ class Notifier:
             self._wake.clear()
             began, self._read_for = time.monotonic(), 0.0
             try:
-                delay = await self.round(now_ms())
-                if self._paused:  # a site's wait that ends first: its notifications are due
-                    delay = min(delay, max(min(self._paused.values()) - time.monotonic(), 0.0))
+                delay = min(await self.round(now_ms()), self._pause_left())
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
                 delay, self._read_for = min(self.poll, RETRY_AFTER), 0.0
@@ -354,8 +357,18 @@ class Notifier:
         """`site` asked to be sent nothing for `seconds` (at most `MAX_BACKOFF`)."""
         until = time.monotonic() + min(seconds, MAX_BACKOFF)
         self._paused[site] = max(until, self._paused.get(site, until))
-        if len(self._paused) > SLOW_SITES_MAX:
+        if len(self._paused) > PAUSED_SITES_MAX:
             del self._paused[min(self._paused, key=self._paused.__getitem__)]
+
+    def _pause_left(self) -> float:
+        """Seconds until the first site's wait ends (its notifications are due
+        then), the waits that have ended forgotten; `math.inf` with none.
+        (One that had ended, counted as 0, spun the loop while every place
+        was taken: a review, 2026-12-07.)"""
+        now = time.monotonic()
+        for site in [site for site, until in self._paused.items() if until <= now]:
+            del self._paused[site]
+        return min(self._paused.values(), default=math.inf) - now
 
     async def post(self, note: Notification) -> tuple[int | None, str | None, float | None]:
         """One try: POST the stored body, signed. Returns the status (None when

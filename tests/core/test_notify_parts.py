@@ -28,6 +28,7 @@ import core.notify
 from core.models import Outcome
 from core.notify import (
     LEASE_MARGIN,
+    PAUSED_SITES_MAX,
     REQUEST_TIMEOUT,
     UNSENDABLE,
     Notifier,
@@ -743,3 +744,54 @@ async def test_the_outbox_backlog_is_a_gauge():
         shown = {f.name: f.samples[0].value for f in JobsCollector(gauges).collect() if f.samples}
         assert shown["tether_notifications_due"] == 2
         assert shown["tether_notifications_oldest_due_timestamp_seconds"] == (at + 1) / 1000
+
+
+async def test_a_wait_that_ended_while_every_place_was_taken_does_not_spin_the_loop():
+    """One place: site A asks 1 s (429), then a try to site B holds the place
+    for 2.5 s. A's wait ended meanwhile, was counted as due now, and the loop
+    went round tens of thousands of times until B answered (a review,
+    2026-12-07); a delivery that ends wakes it, so it may sleep."""
+
+    async def throttled(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=429, headers={"Retry-After": "1"})
+
+    async def hangs(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(2.5)
+        return web.Response(status=200)
+
+    async with hook() as a, hook() as b, notifier(concurrency=1) as (parts, sender):
+        a.answer, b.answer = throttled, hangs
+        rounds = 0
+        real = sender.round
+
+        async def counted(now: int) -> float:
+            nonlocal rounds
+            rounds += 1
+            return await real(now)
+
+        sender.round = counted  # type: ignore[method-assign]
+        await ended(parts.jobs, a.url(), "asks", now_ms())
+        sender._wake.set()
+        await eventually(lambda: a.got)
+        await ended(parts.jobs, b.url(), "hangs", now_ms())
+        sender._wake.set()
+        await eventually(lambda: b.got)
+        before = rounds
+        await asyncio.sleep(2.0)  # A's wait ends while B holds the place
+        assert rounds - before < 10, rounds - before
+        assert len(a.got) == 1  # and A waits for the place, as asked
+
+
+async def test_sites_that_asked_to_wait_are_remembered_up_to_a_bound_and_others_go_on():
+    """Each site that asked to wait is a clause of the outbox's read: with
+    1,000 of them SQLite refused it, and no notification went out for up to
+    an hour (a review, 2026-12-07). At most `PAUSED_SITES_MAX` are kept, the
+    waits that end first forgotten."""
+    async with hook() as receiver, notifier(loop=False) as (parts, sender):
+        for i in range(1_000):
+            sender._pause(f"http://127.0.{i // 250}.{i % 250 + 2}:{receiver.port}", 3600 - i)
+        assert len(sender._paused) == PAUSED_SITES_MAX
+        assert f"http://127.0.0.2:{receiver.port}" in sender._paused  # the longest kept
+        await ended(parts.jobs, receiver.url(), "healthy", now_ms() - 10)
+        await sender.round(now_ms())
+        await eventually(lambda: receiver.got)
