@@ -95,7 +95,7 @@ def _log(scope: Any, status: int, ms: float) -> None:
         # the route's word with it, and a heartbeat was logged as a callback
         promise_id, _, route = raw[len(CALLBACKS) :].partition("/")
         promise_id = _printable(_cut(promise_id.partition("?")[0]))
-        what = "heartbeat" if route.startswith("heartbeat") else "callback"
+        what = "heartbeat" if route.partition("?")[0] == "heartbeat" else "callback"
         log.warning(
             "%s for promise '%s' refused (%d) from %s",  # (`_printable` escaped it: not %r)
             what,

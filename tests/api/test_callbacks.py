@@ -247,34 +247,69 @@ async def test_tokens_are_compared_in_constant_time(start_service, receiver, mon
     assert (token.encode(), token.encode()) in compared
 
 
-async def test_a_wrong_token_reads_the_same_whether_the_job_exists_or_not(
+async def test_a_wrong_token_takes_the_same_work_whether_the_job_exists_or_not(
     start_service, receiver, monkeypatch
 ):
     """The answer did not tell an existing job from a missing one, but its
     time did: the whole row was read (and decoded) only for one that
     existed, about 20 µs over HTTP, which 2,000 tries told apart (a QA pass,
-    2026-12-07). A wrong token now reads the job's salt alone, found or not."""
+    2026-12-07). A wrong token now reads the job's salt alone, found or not,
+    and is compared as often whether the job has a salt (an id used again
+    after retention), none, or does not exist (a review, 2026-12-07)."""
     svc = await start_service()
-    path = await started(svc, receiver)
-    base, token = path.split("?token=")
-    wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
+    await started(svc, receiver)
+    await started(svc, receiver, "salted")
     db = svc.tether.jobs.db
-    real = db.fetch
+    await db.execute("UPDATE tether_jobs SET salt = ? WHERE id = ?", ("0123456789abcdef", "salted"))
+    real_fetch, real_compare = db.fetch, hmac.compare_digest
     read: list[str] = []
+    compared = 0
 
     async def fetch(sql: str, args: Any) -> Any:
         if sql.endswith("FROM tether_jobs WHERE id = ?"):  # (not the watchdog's looks)
             read.append(sql)
-        return await real(sql, args)
+        return await real_fetch(sql, args)
+
+    def compare_digest(a: Any, b: Any) -> bool:
+        nonlocal compared
+        compared += 1
+        return real_compare(a, b)
 
     monkeypatch.setattr(db, "fetch", fetch)
-    for promise_id in ("cb%3A1", "nope%3A1"):
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    work = set()
+    for promise_id in ("cb%3A1", "salted%3A1", "nope%3A1"):
         read.clear()
-        answer = await svc.client.post(f"/callbacks/{promise_id}?token={wrong}", json={})
+        compared = 0
+        answer = await svc.client.post(f"/callbacks/{promise_id}?token={'A' * 43}", json={})
         assert answer.status_code == 401
         assert read == ["SELECT salt FROM tether_jobs WHERE id = ?"], (promise_id, read)
-    right = await svc.client.post(f"{base}?token={token}", json={"status": "succeeded"})
-    assert right.json()["outcome"] == "accepted"
+        work.add(compared)
+    assert len(work) == 1 and work.pop() > 0
+
+
+async def test_a_salted_job_made_again_between_the_two_reads_refuses_the_old_token(
+    start_service, receiver, monkeypatch
+):
+    """A salted job's token is checked against its salt, read alone, and the
+    row read after: a job deleted and made again under the same id in between
+    has another salt, and the earlier job's token is not its own (a review,
+    2026-12-07)."""
+    svc = await start_service()
+    await started(svc, receiver, "again")
+    db = svc.tether.jobs.db
+    await db.execute("UPDATE tether_jobs SET salt = ? WHERE id = ?", ("bbbbbbbbbbbbbbbb", "again"))
+    earlier = svc.tether.signer.token("again:1", "aaaaaaaaaaaaaaaa")
+
+    async def salt_of(job_id: str) -> str:
+        return "aaaaaaaaaaaaaaaa"  # read before the job was made again
+
+    monkeypatch.setattr(svc.tether.jobs, "salt_of", salt_of)
+    answer = await svc.client.post(
+        f"/callbacks/again%3A1?token={earlier}", json={"status": "failed"}
+    )
+    assert answer.status_code == 401
+    assert (await svc.job("again"))["state"] == "running"
 
 
 @pytest.mark.parametrize("query", ["", "?token="])  # an empty ?token= is none

@@ -130,6 +130,12 @@ async def test_a_long_paths_cut_keeps_escapes_whole_and_the_route_told(start_ser
     assert f"POST /callbacks/{at_the_cut}\\x0a… 4" in access[0]
     warned = f"tether.access WARNING heartbeat for promise '{at_the_cut}\\x0aBBB"
     assert access[1].startswith(warned) and "B…' refused (401)" in access[1], access[1]
+    access.clear()
+    for path in ("/callbacks/x:1/heartbeatXYZ", "/callbacks/x:1/heartbeat/t0ken"):  # no such route
+        assert (await svc.client.post(path, json={})).status_code in (401, 404, 405)
+    warnings = [line for line in access if " WARNING " in line]
+    assert len(warnings) == 2, access
+    assert all("callback for promise 'x:1'" in line for line in warnings), warnings
 
 
 async def test_tether_access_log_0_turns_it_off(start_service, access):
