@@ -234,6 +234,10 @@ def status_said(found: Running | None, tokens: list[str]) -> dict[str, Any]:
     return said
 
 
+REFUSAL_TIME = 0.005
+"""Seconds after its check began that a refused callback token is answered,
+at least: far more than the check's work varies (microseconds), so the time
+does not tell whether the job named exists."""
 NO_SALT = "-"
 """What a wrong token is checked under when the job named has no salt (or
 does not exist): no job's salt (`JobRecord.salt`) is this."""
@@ -282,10 +286,22 @@ class Callbacks:
     async def _job_of(self, promise_id: str, token: str | None) -> JobRecord:
         """The job a callback URL names, once its token is checked: a wrong
         token and an unknown promise look alike to a stranger, in the answer
-        (401 first) and in the time it takes. A wrong token reads only the
-        job's salt, found or not; reading the whole row only when the job
-        existed told, over 2,000 tries, whether it did (a QA pass, 2026-12-07:
-        about 20 µs)."""
+        (401 first) and in the time it takes: a refusal is answered
+        `REFUSAL_TIME` after the check began, whatever the check did. (Reading
+        the whole row only when the job existed told, over 2,000 tries on
+        loopback, whether it did: about 20 µs, a QA pass, 2026-12-07. Reading
+        the salt alone, found or not, left 3 µs, which a client with less
+        jitter still told.)"""
+        began = time.monotonic()
+        try:
+            return await self._checked(promise_id, token)
+        except Unauthorized:
+            await asyncio.sleep(began + REFUSAL_TIME - time.monotonic())
+            raise
+
+    async def _checked(self, promise_id: str, token: str | None) -> JobRecord:
+        """`_job_of`'s check. A wrong token reads only the job's salt, and is
+        compared under a salt whether the job has one or not."""
         job_id = workflow.job_id_of(promise_id)
         if self.signer.verify(promise_id, token):  # the token of a job without a salt
             rec = None if job_id is None else await store_call(self.jobs.get(job_id))
@@ -296,8 +312,6 @@ class Callbacks:
             if job_id is None or not token:
                 raise Unauthorized("missing or invalid callback token")
             salt = await store_call(self.jobs.salt_of(job_id))
-            # checked under a salt whether the job has one or not, so that the
-            # time does not tell either (a review, 2026-12-07)
             if not self.signer.verify(promise_id, token, salt or NO_SALT) or not salt:
                 raise Unauthorized("missing or invalid callback token")
             rec = await store_call(self.jobs.get(job_id))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import pickle
+import time
 from typing import Any
 
 import msgspec
 import pytest
 
+import core.callbacks
 from core.bounds import MAX_DEPTH
 from core.models import CheckNow, Outcome, Running
 from core.plugin import Backend, hookimpl
@@ -286,6 +288,23 @@ async def test_a_wrong_token_takes_the_same_work_whether_the_job_exists_or_not(
         assert read == ["SELECT salt FROM tether_jobs WHERE id = ?"], (promise_id, read)
         work.add(compared)
     assert len(work) == 1 and work.pop() > 0
+
+
+async def test_a_refused_token_is_answered_no_sooner_than_the_refusal_time(
+    start_service, receiver, monkeypatch
+):
+    """Whatever the check did (a job found or not, with a salt or not), a
+    refusal is answered a fixed time after the check began: the few
+    microseconds of difference left were still told apart over 2,500 tries
+    on loopback (a review, 2026-12-07)."""
+    monkeypatch.setattr(core.callbacks, "REFUSAL_TIME", 0.3)
+    svc = await start_service()
+    await started(svc, receiver)
+    for promise_id in ("cb%3A1", "nope%3A1"):
+        began = time.monotonic()
+        answer = await svc.client.post(f"/callbacks/{promise_id}?token={'A' * 43}", json={})
+        assert answer.status_code == 401
+        assert time.monotonic() - began >= 0.3
 
 
 async def test_a_salted_job_made_again_between_the_two_reads_refuses_the_old_token(
