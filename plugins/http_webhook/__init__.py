@@ -92,8 +92,8 @@ RECEIPT_LIMIT = 4096
 STATUS_LIMIT = 1 << 20
 """A status_url answer longer than this is not understood."""
 REASON_LIMIT = 1024
-"""Of a trigger refused with a 4xx, this many characters of the answer go
-into the job's error: the receiver's reason."""
+"""Of a trigger refused with a 4xx, this many bytes of the answer go into the
+job's error: the receiver's reason."""
 DRAIN_LIMIT = 1 << 16
 """An answer longer than its limit is read on (and dropped) up to this many bytes
 more, so its connection can be reused; past that the connection is closed."""
@@ -474,13 +474,17 @@ class HttpWebhook(Backend):
         # A receiver may echo the Authorization sent: the header's, or the
         # Basic one aiohttp makes of a stored URL's user:password.
         sent = [headers.get("Authorization"), _url_credential(url)]
+        secrets = [secret for secret in sent if secret]
         body = redact_bytes(raw, sent)
         if 200 <= code < 300:
             return _Answer(code, body if len(raw) <= limit else None)
         reason = ""
         if reason_on_4xx and 400 <= code < 500 and body:
-            text = _unescaped_masked(body.decode("utf-8", "replace"), sent)
-            text = " ".join(text[:REASON_LIMIT].split())
+            # masked as a text too, before the cut: what the read's 4 KiB cut
+            # left of a credential at its end (its head) was kept whole
+            text = redact(_unescaped_masked(body.decode("utf-8", "replace"), secrets), secrets)
+            said = text.encode()[:REASON_LIMIT].decode("utf-8", "replace")
+            text = " ".join(said.split())
             reason = f": {text}" if text else ""
         raise BackendError(
             f"{method} {host} answered {code}{reason}",
@@ -579,7 +583,7 @@ JSON_ESCAPE = re.compile(
 SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _unescaped_masked(text: str, secrets: Sequence[str | None]) -> str:
+def _unescaped_masked(text: str, secrets: Sequence[str]) -> str:
     """`text`, an answer's (already masked where a secret stood in a form
     `core.plugin.redact` knows); if a secret stands in it once JSON's escapes
     are read (written wholly in `\\u` escapes, or as a mix such as
@@ -589,7 +593,7 @@ def _unescaped_masked(text: str, secrets: Sequence[str | None]) -> str:
     if "\\" not in text:
         return text
     plain = JSON_ESCAPE.sub(_one_escape, text)
-    masked = redact(plain, [secret for secret in secrets if secret])
+    masked = redact(plain, secrets)
     return masked if masked != plain else text
 
 

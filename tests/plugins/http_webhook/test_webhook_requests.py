@@ -1096,6 +1096,28 @@ async def test_a_credential_echoed_in_another_form_is_kept_out_of_the_error(
         assert part not in message
 
 
+@pytest.mark.parametrize("before", [1013, 1015, 1020])
+async def test_a_credential_cut_by_the_answers_read_leaves_nothing_in_the_error(
+    server, before: int
+):
+    """Four-byte characters before an echoed credential that the 4 KiB read
+    cuts: no form of it stood whole, and with the reason cut at 1,024
+    characters its head showed (a review, 2026-12-07). The reason is cut at
+    1,024 bytes, and what a cut left at the end is masked."""
+    backend = HttpWebhook({f"{AUTH_PREFIX}PARTNER": "Bearer tok_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"})
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        echoed = request.headers["Authorization"].partition(" ")[2]
+        return web.Response(status=403, text="\U0001f600" * before + echoed + " rest")
+
+    server.answers["/hook"] = respond
+    with pytest.raises(BackendError) as raised:
+        await backend.trigger(authed_trigger(backend, url=server.url("/hook"), auth="PARTNER"))
+    await backend.close()
+    assert "tok_" not in raised.value.message
+    assert len(raised.value.message.encode()) < 1024 + 100
+
+
 async def test_a_stored_urls_credential_echoed_back_is_kept_out_of_the_error(server):
     """A job stored before URLs were refused `user:password@` still sends it
     (as Basic); a receiver that echoes it, decoded or not, puts it nowhere."""
