@@ -251,7 +251,7 @@ class Notifier:
             self._wake.clear()
             began, self._read_for = time.monotonic(), 0.0
             try:
-                delay = min(await self.round(now_ms()), self._pause_left())
+                delay = min(await self.round(now_ms()), self._pause_left(began))
             except Exception as exc:
                 log.warning("notifications: the store did not answer: %s", type(exc).__name__)
                 delay, self._read_for = min(self.poll, RETRY_AFTER), 0.0
@@ -360,15 +360,17 @@ class Notifier:
         if len(self._paused) > PAUSED_SITES_MAX:
             del self._paused[min(self._paused, key=self._paused.__getitem__)]
 
-    def _pause_left(self) -> float:
+    def _pause_left(self, looked: float) -> float:
         """Seconds until the first site's wait ends (its notifications are due
-        then), the waits that have ended forgotten; `math.inf` with none.
-        (One that had ended, counted as 0, spun the loop while every place
-        was taken: a review, 2026-12-07.)"""
-        now = time.monotonic()
-        for site in [site for site, until in self._paused.items() if until <= now]:
+        then; `math.inf` with none): 0 for one that ended during the round
+        that began at `looked`, which left its notifications out (forgotten
+        then, they waited for the next poll: a review, 2026-12-07). The waits
+        that ended before `looked` are forgotten (counted as 0, a wait that
+        a round had not looked at since spun the loop while every place was
+        taken: the same review)."""
+        for site in [site for site, until in self._paused.items() if until <= looked]:
             del self._paused[site]
-        return min(self._paused.values(), default=math.inf) - now
+        return max(min(self._paused.values(), default=math.inf) - time.monotonic(), 0.0)
 
     async def post(self, note: Notification) -> tuple[int | None, str | None, float | None]:
         """One try: POST the stored body, signed. Returns the status (None when

@@ -795,3 +795,27 @@ async def test_sites_that_asked_to_wait_are_remembered_up_to_a_bound_and_others_
         await ended(parts.jobs, receiver.url(), "healthy", now_ms() - 10)
         await sender.round(now_ms())
         await eventually(lambda: receiver.got)
+
+
+async def test_a_wait_that_ends_during_a_round_is_looked_at_when_it_ends():
+    """A site asked to wait 0.5 s with a notification due; the loop is woken
+    just before the wait ends, and the round's reads take 20 ms: the round
+    leaves the site out, and the wait, ended by then, was forgotten, so the
+    notification waited for the next poll (a minute here: a review,
+    2026-12-07)."""
+    async with hook() as receiver, notifier(concurrency=4) as (parts, sender):
+        await asyncio.sleep(0.2)  # the first round: nothing due
+        real = sender.jobs.next_notification_at
+
+        async def slow(full: Any) -> Any:
+            await asyncio.sleep(0.02)
+            return await real(full)
+
+        sender.jobs.next_notification_at = slow  # type: ignore[method-assign]
+        site = notify_site(receiver.url())
+        sender._pause(site, 0.5)
+        await ended(parts.jobs, receiver.url(), "held", now_ms())
+        asyncio.get_running_loop().call_at(sender._paused[site] - 0.01, sender._wake.set)
+        began = time.monotonic()
+        await eventually(lambda: receiver.got, timeout=5)
+        assert time.monotonic() - began < 1.5
