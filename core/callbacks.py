@@ -238,6 +238,7 @@ REFUSAL_TIME = 0.005
 """Seconds after its check began that a refused callback token is answered,
 at least: far more than the check's work varies (microseconds), so the time
 does not tell whether the job named exists."""
+WRONG_TOKEN = "missing or invalid callback token"
 NO_SALT = "-"
 """What a wrong token is checked under when the job named has no salt (or
 does not exist): no job's salt (`JobRecord.salt`) is this."""
@@ -304,20 +305,19 @@ class Callbacks:
         compared under a salt whether the job has one or not."""
         job_id = workflow.job_id_of(promise_id)
         if self.signer.verify(promise_id, token):  # the token of a job without a salt
+            salt = None
             rec = None if job_id is None else await store_call(self.jobs.get(job_id))
-            if rec is not None and rec.salt:
-                # the id was used before (retention): the earlier job's URLs are not its own
-                raise Unauthorized("missing or invalid callback token")
+        elif job_id is None or not token:
+            raise Unauthorized(WRONG_TOKEN)
         else:  # a salted job's token, or a wrong one
-            if job_id is None or not token:
-                raise Unauthorized("missing or invalid callback token")
             salt = await store_call(self.jobs.salt_of(job_id))
             if not self.signer.verify(promise_id, token, salt or NO_SALT) or not salt:
-                raise Unauthorized("missing or invalid callback token")
+                raise Unauthorized(WRONG_TOKEN)
             rec = await store_call(self.jobs.get(job_id))
-            if rec is not None and rec.salt != salt:
-                # deleted and made again between the two reads: another job's URL
-                raise Unauthorized("missing or invalid callback token")
+        if rec is not None and rec.salt != salt:
+            # the id was used before (retention), or the job was deleted and
+            # made again between the two reads: the URL is another job's
+            raise Unauthorized(WRONG_TOKEN)
         if rec is None:
             raise NotFound.promise(promise_id)
         return rec

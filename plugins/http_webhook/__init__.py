@@ -473,16 +473,13 @@ class HttpWebhook(Backend):
             ) from None
         # A receiver may echo the Authorization sent: the header's, or the
         # Basic one aiohttp makes of a stored URL's user:password.
-        sent = [headers.get("Authorization"), _url_credential(url)]
-        secrets = [secret for secret in sent if secret]
+        sent = [s for s in (headers.get("Authorization"), _url_credential(url)) if s]
         body = redact_bytes(raw, sent)
         if 200 <= code < 300:
             return _Answer(code, body if len(raw) <= limit else None)
         reason = ""
         if reason_on_4xx and 400 <= code < 500 and body:
-            # masked as a text too, before the cut: what the read's 4 KiB cut
-            # left of a credential at its end (its head) was kept whole
-            text = redact(_unescaped_masked(body.decode("utf-8", "replace"), secrets), secrets)
+            text = _reason_masked(body.decode("utf-8", "replace"), sent)
             said = text.encode()[:REASON_LIMIT].decode("utf-8", "replace")
             text = " ".join(said.split())
             reason = f": {text}" if text else ""
@@ -583,18 +580,20 @@ JSON_ESCAPE = re.compile(
 SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
-def _unescaped_masked(text: str, secrets: Sequence[str]) -> str:
-    """`text`, an answer's (already masked where a secret stood in a form
-    `core.plugin.redact` knows); if a secret stands in it once JSON's escapes
-    are read (written wholly in `\\u` escapes, or as a mix such as
-    `t\\u00f6k\\\\en` of `tök\\en`), that reading, masked: a 4xx's reason
-    kept it (a QA pass, 2026-12-07). Read escape by escape, so a body cut
-    short or not JSON at all is read too. Otherwise `text` as it came."""
+def _reason_masked(text: str, secrets: Sequence[str]) -> str:
+    """`text`, an answer's, masked as a text before it is cut (`redact`: what
+    the read's 4 KiB cut left of a credential at its end, its head, was kept
+    whole). If a secret stands in it once JSON's escapes are read (written
+    wholly in `\\u` escapes, or as a mix such as `t\\u00f6k\\\\en` of
+    `tök\\en`), that reading, masked: a 4xx's reason kept it (a QA pass,
+    2026-12-07). Read escape by escape, so a body cut short or not JSON at
+    all is read too."""
+    masked = redact(text, secrets)
     if "\\" not in text:
-        return text
+        return masked
     plain = JSON_ESCAPE.sub(_one_escape, text)
-    masked = redact(plain, secrets)
-    return masked if masked != plain else text
+    unescaped = redact(plain, secrets)
+    return unescaped if unescaped != plain else masked
 
 
 def _one_escape(escape: re.Match[str]) -> str:
