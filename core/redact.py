@@ -78,8 +78,21 @@ def _forms(secret: str) -> tuple[list[str], list[str]]:
     for group in (found, cut):
         for form in list(group):
             escaped = json.dumps(form)[1:-1]
-            group.update((escaped, escaped.replace("/", "\\/"), quote(form, safe="")))
+            group.update((escaped, escaped.replace("/", "\\/"), *_percent_encoded(form)))
     return _longest_first(found), _longest_first(cut)
+
+
+_HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
+
+
+def _percent_encoded(form: str) -> tuple[str, ...]:
+    """`form` percent-encoded, with the hex digits as `quote` writes them
+    (`%C3%B6`) and in lowercase (`%c3%b6`, as many other encoders write
+    them: a review, 2026-12-07, found that form of a non-ASCII credential
+    kept whole)."""
+    upper = quote(form, safe="")
+    lower = _HEX_ESCAPE.sub(lambda escape: escape.group(0).lower(), upper)
+    return (upper, lower) if lower != upper else (upper,)
 
 
 def _longest_first(found: set[str]) -> list[str]:
@@ -95,15 +108,34 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     of a secret's one-word form: any piece of it of `FRAGMENT` characters or
     more, wherever it is; a shorter beginning (from `MIN_CUT` characters)
     at the text's end or before a cut mark (`CUT_MARKS`); a shorter ending
-    at its start or after a cut mark."""
+    at its start or after a cut mark.
+
+    If a secret stands in `text` once JSON's escapes are read (`unescaped`:
+    written wholly in `\\u` escapes, or as a mix no encoder's form is, such
+    as msgspec's `t\u00f6k\\\\en` of `t\u00f6k\\en`), that reading is
+    returned, masked: an answer a plugin quotes kept it (a QA pass,
+    2026-12-07, in `http_webhook`'s 4xx reason; every caller gets it now).
+    Any other text comes back as it was, but for its masks."""
+    secrets = [secret for secret in secrets if secret]
+    masked = _masked(text, secrets)
+    if "\\" not in text:
+        return masked
+    # a secret that itself holds an escape (`a\\u0041`) is read so too
+    read = [unescaped(secret) for secret in secrets if "\\" in secret] + secrets
+    plain = unescaped(text)
+    again = _masked(plain, read)
+    if again == plain or unescaped(masked) == again:
+        return masked  # the escapes hide no secret the text's masks missed
+    return again
+
+
+def _masked(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
-        if not secret:
-            continue
         whole, cuttable = _forms(secret)
         for form in whole:
             text = text.replace(form, MASK)
+        text = _mask_pieces(text, cuttable)
         for form in cuttable:
-            text = _mask_pieces(text, form)
             for size in range(min(len(form) - 1, FRAGMENT - 1), MIN_CUT - 1, -1):
                 head, tail = form[:size], form[-size:]
                 if text.endswith(head):
@@ -116,17 +148,43 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _mask_pieces(text: str, form: str) -> str:
-    """`text` with each piece of `form` of at least `FRAGMENT` characters
-    masked: the places of each of its `FRAGMENT`-character windows, those
-    of one piece overlapping, joined."""
+JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|u([0-9a-fA-F]{4})|([\"\\\\/bfnrt]))"
+)
+"""A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
+SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def unescaped(text: str) -> str:
+    """`text` with each of JSON's escapes read, one by one: a text cut short,
+    or not JSON at all, is read too. A lone surrogate reads as U+FFFD."""
+    return JSON_ESCAPE.sub(_one_escape, text)
+
+
+def _one_escape(escape: re.Match[str]) -> str:
+    high, low, code, short = escape.groups()
+    if high:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+    if code:
+        char = int(code, 16)
+        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
+    return SHORT_ESCAPES.get(short, short)
+
+
+def _mask_pieces(text: str, cuttable: Sequence[str]) -> str:
+    """`text` with each piece of a form in `cuttable` of at least `FRAGMENT`
+    characters masked: the places of each of their `FRAGMENT`-character
+    windows, those that overlap joined (also those of two forms: a piece
+    written partly as `%2F` and partly as `%2f` is one)."""
     spans: list[tuple[int, int]] = []
-    for k in range(len(form) - FRAGMENT + 1):
-        window = form[k : k + FRAGMENT]
-        at = text.find(window)
-        while at != -1:
-            spans.append((at, at + FRAGMENT))
-            at = text.find(window, at + 1)
+    for form in cuttable:
+        for k in range(len(form) - FRAGMENT + 1):
+            window = form[k : k + FRAGMENT]
+            at = text.find(window)
+            while at != -1:
+                spans.append((at, at + FRAGMENT))
+                at = text.find(window, at + 1)
     if not spans:
         return text
     kept, done = [], 0
@@ -334,8 +392,8 @@ def value_without_environment_secrets(value: Any, data: bytes | None = None) -> 
 @functools.cache
 def _encoded(secret: str) -> tuple[bytes, ...]:
     """How `secret` may stand in a JSON text: escaped as JSON writes it, or
-    percent-encoded."""
-    return msgspec.json.encode(secret)[1:-1], quote(secret, safe="").encode()
+    percent-encoded (`_percent_encoded`)."""
+    return (msgspec.json.encode(secret)[1:-1], *(q.encode() for q in _percent_encoded(secret)))
 
 
 def _walk_environment(value: Any) -> Any:
@@ -350,13 +408,13 @@ def _walk_environment(value: Any) -> Any:
 
 def without_environment_secrets(text: str) -> str:
     """`text` with each of `environment_secrets` masked where it stands whole
-    (as written, or percent-encoded): not its pieces, as `redact` masks a
-    callback token's, since such a value may be made of words a traceback
-    holds too."""
+    (as written, or percent-encoded either way, `_percent_encoded`): not
+    its pieces, as `redact` masks a callback token's, since such a value may
+    be made of words a traceback holds too."""
     for secret in environment_secrets():
         if secret in text:
             text = text.replace(secret, MASK)
-        quoted = quote(secret, safe="")
-        if quoted != secret and quoted in text:
-            text = text.replace(quoted, MASK)
+        for quoted in _percent_encoded(secret):
+            if quoted != secret and quoted in text:
+                text = text.replace(quoted, MASK)
     return text

@@ -57,7 +57,7 @@ import base64
 import math
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -479,7 +479,9 @@ class HttpWebhook(Backend):
             return _Answer(code, body if len(raw) <= limit else None)
         reason = ""
         if reason_on_4xx and 400 <= code < 500 and body:
-            text = _reason_masked(body.decode("utf-8", "replace"), sent)
+            # masked as a text before it is cut (`redact`: what the read's 4 KiB
+            # cut left of a credential at its end, its head, was kept whole)
+            text = redact(body.decode("utf-8", "replace"), sent)
             said = text.encode()[:REASON_LIMIT].decode("utf-8", "replace")
             text = " ".join(said.split())
             reason = f": {text}" if text else ""
@@ -570,40 +572,6 @@ def _small_json(body: bytes | None) -> Any:
         return msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):  # bad UTF-8 in a string: the latter
         return None
-
-
-JSON_ESCAPE = re.compile(
-    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
-    r"|u([0-9a-fA-F]{4})|([\"\\\\/bfnrt]))"
-)
-"""A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
-SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-
-
-def _reason_masked(text: str, secrets: Sequence[str]) -> str:
-    """`text`, an answer's, masked as a text before it is cut (`redact`: what
-    the read's 4 KiB cut left of a credential at its end, its head, was kept
-    whole). If a secret stands in it once JSON's escapes are read (written
-    wholly in `\\u` escapes, or as a mix such as `t\\u00f6k\\\\en` of
-    `tök\\en`), that reading, masked: a 4xx's reason kept it (a QA pass,
-    2026-12-07). Read escape by escape, so a body cut short or not JSON at
-    all is read too."""
-    masked = redact(text, secrets)
-    if "\\" not in text:
-        return masked
-    plain = JSON_ESCAPE.sub(_one_escape, text)
-    unescaped = redact(plain, secrets)
-    return unescaped if unescaped != plain else masked
-
-
-def _one_escape(escape: re.Match[str]) -> str:
-    high, low, code, short = escape.groups()
-    if high:
-        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
-    if code:
-        char = int(code, 16)
-        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)  # a lone surrogate
-    return SHORT_ESCAPES.get(short, short)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -301,3 +301,54 @@ def test_the_url_masks_read_each_position_a_bounded_number_of_times():
         started = time.process_time()
         assert unquoted(text) == text
         assert time.process_time() - started < 2.0, text[:20]
+
+
+def test_a_percent_encoding_in_lowercase_is_masked_too():
+    """`%c3%b6` is as common as `%C3%B6` (a review, 2026-12-07, found a
+    non-ASCII credential so encoded kept whole)."""
+    secret = "Bearer t\u00f6k/en-s3cr3t"
+    lower = "t%c3%b6k%2fen-s3cr3t"
+    assert lower in forms(secret) and "t%C3%B6k%2Fen-s3cr3t" in forms(secret)
+    assert redact(f"got {lower} back", [secret]) == f"got {MASK} back"
+    assert redact_bytes(f"got {lower}".encode(), [secret]) == f"got {MASK}".encode()
+    mixed = "t%C3%B6k%2fen-s3cr3t"  # one piece, two forms: masked as one
+    assert redact(f"cut at {mixed[:-3]}", [secret]) == f"cut at {MASK}"
+
+
+def test_a_secret_of_the_environment_percent_encoded_in_lowercase_is_masked(monkeypatch):
+    import core.redact
+
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("p\u00e4ssw\u00f6rd-of-acme",))
+    lower = "p%c3%a4ssw%c3%b6rd-of-acme"
+    assert core.redact.without_environment_secrets(f"echo {lower}") == f"echo {MASK}"
+    assert core.redact.value_without_environment_secrets({"echo": lower}) == {"echo": MASK}
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "".join(f"\\u{ord(c):04x}" for c in "s3cr3t/t0k+en="),  # wholly in escapes
+        json.dumps("t\u00f6k\\en-s3cr3t", ensure_ascii=False)[1:-1],  # msgspec's mix
+    ],
+)
+def test_a_secret_written_in_json_escapes_is_masked_in_its_reading(echo: str):
+    secret = "Bearer t\u00f6k\\en-s3cr3t" if "\u00f6" in echo else BEARER
+    text = f'{{"error": "bad credential {echo}", "hint": "line\\nbreak"}}'
+    shown = redact(text, [secret])
+    assert shown == '{"error": "bad credential ***", "hint": "line\nbreak"}'
+
+
+def test_a_text_whose_escapes_hold_no_secret_comes_back_as_it_was():
+    text = '{"error": "t\\u00f6ken \\"expired\\"", "path": "a\\/b"}'
+    assert redact(text, [BEARER, TOKEN]) == text
+    assert redact(f"{text} {BEARER}", [BEARER]) == f"{text} {MASK}"
+
+
+def test_a_secret_that_holds_an_escape_is_masked_in_either_reading():
+    """A secret with a literal `\\u0041` in it, echoed raw beside another
+    secret in escapes: the reading masks both."""
+    odd = "odd\\u0041-secret-value"
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    shown = redact(f"raw {odd} and {escaped}", [odd, TOKEN])
+    assert shown == f"raw {MASK} and {MASK}"
+    assert "oddA" not in shown

@@ -4139,3 +4139,20 @@ async def test_a_params_type_that_exits_at_the_trigger_fails_it_not_the_service(
         "trigger failed: invalid params: backend 'scripted': its params_type raised SystemExit",
         "invalid_params",
     )
+
+
+async def test_a_token_a_plugin_quotes_in_json_escapes_is_masked_too(rig: Rig):
+    """Any plugin's message is read with JSON's escapes too (`core.redact`):
+    a run's state message that quotes its callback URL with every character
+    written `\\uXXXX` kept the token (only `http_webhook`'s reason was read
+    so, 2026-12-07)."""
+    await start(rig)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    rig.backend.answers = [BackendError(f'refused {{"url": "?token={escaped}"}}', code="bad")]
+    with logs_of("tether") as logs:
+        await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert rec.error == ErrorInfo('trigger failed: refused {"url": "?token=***"}', "bad")
+    shown = "\n".join(logs.lines) + str(await history(rig))
+    assert TOKEN not in shown and escaped not in shown and escaped[:60] not in shown
