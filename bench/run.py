@@ -894,7 +894,7 @@ def resident(db: Path) -> float | None:
     """The share of the database files' bytes in the page cache now
     (util-linux's `fincore`), or None where it cannot be told. A callback
     to a job whose pages were evicted waits for a read of each from the
-    disk: on this benchmark's VM about 1 ms a page, against 2 us for one
+    disk: on this benchmark's VM 60-150 us a page, against 2 us for one
     cached (the forty-eighth pass in bench/HISTORY.md)."""
     exe = shutil.which("fincore")
     files = [str(p) for p in db.parent.glob("tether.db*") if p.is_file()]
