@@ -104,87 +104,99 @@ CUT_MARKS = ("…", "...")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every form of each of `secrets` masked, and what a cut left
+    r"""`text` with every form of each of `secrets` masked, and what a cut left
     of a secret's one-word form: any piece of it of `FRAGMENT` characters or
     more, wherever it is; a shorter beginning (from `MIN_CUT` characters)
     at the text's end or before a cut mark (`CUT_MARKS`); a shorter ending
     at its start or after a cut mark.
 
-    If a secret stands in `text` once JSON's escapes are read (`unescaped`:
-    written wholly in `\\u` escapes, or as a mix no encoder's form is, such
-    as msgspec's `t\u00f6k\\\\en` of `t\u00f6k\\en`), that reading is
-    returned, masked: an answer a plugin quotes kept it (a QA pass,
-    2026-12-07, in `http_webhook`'s 4xx reason; every caller gets it now).
-    Any other text comes back as it was, but for its masks."""
+    The text is also read with JSON's escapes undone, twice (JSON in JSON:
+    `READINGS`), and what masks there masks the escapes it was read from: a
+    secret written wholly in `\uXXXX` escapes, or as a mix no encoder's
+    form is (msgspec's `t\u00f6k\\en`, non-ASCII as it is and `\` escaped),
+    which a plugin's message kept (a QA pass, 2026-12-07). All masks are
+    found first and put in at once (`_spans`), so one form's mask never
+    breaks another's; the text comes back as it was but for them."""
     secrets = [secret for secret in secrets if secret]
-    masked = _masked(text, secrets)
-    if "\\" not in text:
-        return masked
-    # a secret that itself holds an escape (`a\\u0041`) is read so too
-    read = [unescaped(secret) for secret in secrets if "\\" in secret] + secrets
-    plain = unescaped(text)
-    again = _masked(plain, read)
-    if again == plain or unescaped(masked) == again:
-        return masked  # the escapes hide no secret the text's masks missed
-    return again
+    if not secrets:
+        return text
+    spans = _spans(text, secrets)
+    # a secret that itself holds an escape (`a\u0041`) is read so too
+    read = secrets + [unescaped(secret) for secret in secrets if "\\" in secret]
+    if "\\" in text and _read_mentions(text, read, READINGS):
+        reading, starts, ends = text, list(range(len(text))), list(range(1, len(text) + 1))
+        for _ in range(READINGS):
+            if "\\" not in reading:
+                break
+            reading, back, forth = _read_escapes(reading)
+            starts = [starts[i] for i in back]
+            ends = [ends[i - 1] for i in forth]
+            spans += [(starts[a], ends[b - 1]) for a, b in _spans(reading, read) if b > a]
+    return _masked(text, spans)
 
 
-def _masked(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        whole, cuttable = _forms(secret)
+READINGS = 2
+"""How many times a text's JSON escapes are undone: a secret in JSON that was
+written in JSON again (a receiver's error quoting a request's body)."""
+
+
+def _spans(text: str, secrets: Sequence[str]) -> list[tuple[int, int]]:
+    """Where `redact` masks `text`, as `[start, end)` places, overlapping.
+    The whole forms are found first, and blanked (`BLANK`, one for each of
+    their characters, so every place stays where it is) in the text the
+    cuts and pieces are looked for in: none is looked for inside a whole
+    secret, as a mask put in at once would have it (a text made of one
+    token repeated has a place for each of its windows in each)."""
+    formed = [_forms(secret) for secret in secrets]
+    spans: list[tuple[int, int]] = []
+    for whole, _ in formed:
         for form in whole:
-            text = text.replace(form, MASK)
-        text = _mask_pieces(text, cuttable)
+            if form in text:
+                spans += ((at, at + len(form)) for at in _places(text, form))
+                text = text.replace(form, BLANK * len(form))
+    for _, cuttable in formed:
+        spans += _pieces(text, cuttable)
         for form in cuttable:
             for size in range(min(len(form) - 1, FRAGMENT - 1), MIN_CUT - 1, -1):
                 head, tail = form[:size], form[-size:]
                 if text.endswith(head):
-                    text = text[:-size] + MASK
+                    spans.append((len(text) - size, len(text)))
                 if text.startswith(tail):
-                    text = MASK + text[size:]
+                    spans.append((0, size))
                 for mark in CUT_MARKS:
-                    text = text.replace(head + mark, MASK + mark)
-                    text = text.replace(mark + tail, mark + MASK)
-    return text
+                    spans += ((at, at + size) for at in _places(text, head + mark))
+                    after = len(mark)
+                    spans += ((at + after, at + after + size) for at in _places(text, mark + tail))
+    return spans
 
 
-JSON_ESCAPE = re.compile(
-    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
-    r"|u([0-9a-fA-F]{4})|([\"\\\\/bfnrt]))"
-)
-"""A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
-SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+BLANK = "\x00"
+"""What stands for a whole secret's characters while `_spans` looks for cuts
+and pieces of others."""
 
 
-def unescaped(text: str) -> str:
-    """`text` with each of JSON's escapes read, one by one: a text cut short,
-    or not JSON at all, is read too. A lone surrogate reads as U+FFFD."""
-    return JSON_ESCAPE.sub(_one_escape, text)
+def _places(text: str, part: str) -> list[int]:
+    """Where `part` begins in `text`, overlapping places too."""
+    found, at = [], text.find(part)
+    while at != -1:
+        found.append(at)
+        at = text.find(part, at + 1)
+    return found
 
 
-def _one_escape(escape: re.Match[str]) -> str:
-    high, low, code, short = escape.groups()
-    if high:
-        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
-    if code:
-        char = int(code, 16)
-        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
-    return SHORT_ESCAPES.get(short, short)
+def _pieces(text: str, cuttable: Sequence[str]) -> list[tuple[int, int]]:
+    """The places in `text` of each piece of a form in `cuttable` of at least
+    `FRAGMENT` characters: those of each of their `FRAGMENT`-character
+    windows, which `_masked` joins where they overlap (also those of two
+    forms: a piece written partly as `%2F` and partly as `%2f` is one).
+    Each distinct window is looked for once (a secret of one repeated
+    character has one)."""
+    windows = {form[k : k + FRAGMENT] for form in cuttable for k in range(len(form) - FRAGMENT + 1)}
+    return [(at, at + FRAGMENT) for window in windows for at in _places(text, window)]
 
 
-def _mask_pieces(text: str, cuttable: Sequence[str]) -> str:
-    """`text` with each piece of a form in `cuttable` of at least `FRAGMENT`
-    characters masked: the places of each of their `FRAGMENT`-character
-    windows, those that overlap joined (also those of two forms: a piece
-    written partly as `%2F` and partly as `%2f` is one)."""
-    spans: list[tuple[int, int]] = []
-    for form in cuttable:
-        for k in range(len(form) - FRAGMENT + 1):
-            window = form[k : k + FRAGMENT]
-            at = text.find(window)
-            while at != -1:
-                spans.append((at, at + FRAGMENT))
-                at = text.find(window, at + 1)
+def _masked(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with each run of overlapping `spans` put as one `MASK`."""
     if not spans:
         return text
     kept, done = [], 0
@@ -195,16 +207,82 @@ def _mask_pieces(text: str, cuttable: Sequence[str]) -> str:
     return "".join(kept) + text[done:]
 
 
+JSON_ESCAPE = re.compile(
+    r"\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|u([0-9a-fA-F]{4})|([\"\\\\/bfnrt]))"
+)
+"""A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
+SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+ESCAPE_OR_CUT = re.compile(JSON_ESCAPE.pattern + r"|(\\(?:u[0-9a-fA-F]{0,3})?(?=…|\.\.\.|\Z))")
+r"""An escape, or one a cut left unfinished (`\u00`) at a text's end or
+before a cut mark (`CUT_MARKS`): its last group."""
+
+
+def unescaped(text: str) -> str:
+    """`text` with each of JSON's escapes read, one by one: a text cut short,
+    or not JSON at all, is read too. A lone surrogate reads as U+FFFD."""
+    return JSON_ESCAPE.sub(_one_escape, text)
+
+
+def _read_escapes(text: str) -> tuple[str, list[int], list[int]]:
+    r"""`unescaped(text)`, and for each of its characters the place in `text`
+    where what it was read from begins, and where that ends (one past). An
+    escape a cut left unfinished (`ESCAPE_OR_CUT`) is left out of the
+    reading and belongs to the character before it: what masks a cut
+    secret's head there masks it too (a head followed by `\u00` was kept,
+    a QA pass, 2026-12-07)."""
+    out: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    done = 0
+    for escape in ESCAPE_OR_CUT.finditer(text):
+        out.append(text[done : escape.start()])
+        starts += range(done, escape.start())
+        ends += range(done + 1, escape.start() + 1)
+        done = escape.end()
+        if escape.group(5) is None:
+            out.append(_one_escape(escape))
+            starts.append(escape.start())
+            ends.append(done)
+        elif ends:
+            ends[-1] = done
+    out.append(text[done:])
+    starts += range(done, len(text))
+    ends += range(done + 1, len(text) + 1)
+    return "".join(out), starts, ends
+
+
+def _one_escape(escape: re.Match[str]) -> str:
+    high, low, code, short = escape.groups()[:4]
+    if high:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+    if code:
+        char = int(code, 16)
+        return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
+    return SHORT_ESCAPES.get(short, short)
+
+
 def redact_value(value: Any, secrets: Sequence[str]) -> Any:
     """`value` (JSON: a result, an error) with `redact` applied to each string
     in it, keys too, and the secrets of the environment masked where they
     stand whole (`value_without_environment_secrets`: a run may echo the
     credential a backend sent it); `value` itself when none mentions a
-    secret (the usual case, found with one look at its JSON)."""
+    secret (the usual case, found with a look at its JSON: `_value_mentions`)."""
     data: bytes | None = msgspec.json.encode(value)
-    if secrets and data is not None and _mentions(data, secrets):
+    if secrets and data is not None and _value_mentions(data, secrets):
         value, data = _walk(value, secrets), None
     return value_without_environment_secrets(value, data)
+
+
+def _value_mentions(data: bytes, secrets: Sequence[str]) -> bool:
+    """Whether a value's JSON, `data`, holds what `redact` would mask in one
+    of its strings: as it stands, or in a string's escapes (`redact` reads
+    them: a receipt kept a token written in `\\u` escapes, a QA pass,
+    2026-12-07), found in the JSON's readings (one more than a string's,
+    for the JSON's own escapes)."""
+    if _mentions(data, secrets):
+        return True
+    return b"\\\\" in data and _read_mentions(data.decode(), secrets, READINGS + 1)
 
 
 def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
@@ -216,6 +294,20 @@ def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
     return any(
         piece.encode() in data for secret in secrets if secret for piece in _looked_for(secret)
     )
+
+
+def _read_mentions(text: str, secrets: Sequence[str], readings: int) -> bool:
+    """Whether one of the first `readings` readings of `text` with JSON's
+    escapes undone holds what `redact` would mask (`_mentions`): the cheap
+    look before `redact` maps its readings' places back, and before
+    `redact_value` walks a value whose JSON holds an escaped backslash."""
+    for _ in range(readings):
+        if "\\" not in text:
+            break
+        text = unescaped(text)
+        if _mentions(text.encode(), secrets):
+            return True
+    return False
 
 
 def _looked_for(secret: str) -> set[str]:

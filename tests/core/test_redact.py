@@ -332,10 +332,51 @@ def test_a_secret_of_the_environment_percent_encoded_in_lowercase_is_masked(monk
     ],
 )
 def test_a_secret_written_in_json_escapes_is_masked_in_its_reading(echo: str):
+    r"""What masks in the reading masks the escapes it was read from; the
+    rest of the text is as it was, escapes and all."""
     secret = "Bearer t\u00f6k\\en-s3cr3t" if "\u00f6" in echo else BEARER
     text = f'{{"error": "bad credential {echo}", "hint": "line\\nbreak"}}'
     shown = redact(text, [secret])
-    assert shown == '{"error": "bad credential ***", "hint": "line\nbreak"}'
+    assert shown == '{"error": "bad credential ***", "hint": "line\\nbreak"}'
+
+
+def test_a_json_escape_a_cut_left_unfinished_hides_no_head():
+    r"""A non-ASCII credential in `json.dumps`'s escapes, cut inside one (at
+    the end, or before a cut mark): its head is masked in both readings
+    (a QA pass, 2026-12-07: `\u00fc\u00e9…fhd` then `\u00` kept 7
+    characters of it)."""
+    secret = "Bearer \u00fc\u00e9\u00fc\u00e9fhd\u00fc\u00f6e\u00fc\u00fc"
+    text = "got " + json.dumps(secret.partition(" ")[2])[:32]
+    assert text.endswith("fhd\\u00")
+    assert redact(text, [secret]) == 'got "***'
+    assert redact(text + "\u2026 more", [secret]) == 'got "***\u2026 more'
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)[: 6 * 7 + 3]  # 7 and a part
+    assert redact(f"?token={escaped}", [TOKEN]) == f"?token={MASK}"
+    assert redact(f"?token={escaped}...", [TOKEN]) == f"?token={MASK}..."
+
+
+def test_a_secret_in_json_in_json_is_masked_whole_whatever_it_holds():
+    r"""Two readings (`READINGS`), and the masks of every form and reading
+    put in at once: a credential holding `\f` lost its own windows to
+    its unescaped variant's masks (a QA pass, 2026-12-07)."""
+    for credential in ("k6Gmw_x=h\\ffuC~6", "s3cr3tA\\bcdefgh-k3y", "t\u00f6k/en+s3cr3t"):
+        for ascii_only in (True, False):
+            twice = json.dumps(json.dumps(credential, ensure_ascii=ascii_only))[1:-1]
+            shown = redact(f"got {twice} back", [f"Bearer {credential}"])
+            assert shown == f"got \\\"{MASK}\\\" back", (credential, shown)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    assert redact(json.dumps(f"url ?token={escaped}"), [TOKEN]) == '"url ?token=***"'
+
+
+def test_a_value_with_a_token_in_json_escapes_is_walked_and_masked():
+    r"""`redact_value` looked only for a form's pieces in the value's JSON,
+    so a string holding the token in `\u` escapes was never walked (a QA
+    pass, 2026-12-07: kept in a receipt)."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    value = {"echo": f'{{"url": "?token={escaped}"}}', "n": 1}
+    assert redact_value(value, [TOKEN]) == {"echo": '{"url": "?token=***"}', "n": 1}
+    plain = {"path": "C:\\tmp\\new", "n": 1}
+    assert redact_value(plain, [TOKEN]) == plain
 
 
 def test_a_text_whose_escapes_hold_no_secret_comes_back_as_it_was():

@@ -4156,3 +4156,16 @@ async def test_a_token_a_plugin_quotes_in_json_escapes_is_masked_too(rig: Rig):
     assert rec.error == ErrorInfo('trigger failed: refused {"url": "?token=***"}', "bad")
     shown = "\n".join(logs.lines) + str(await history(rig))
     assert TOKEN not in shown and escaped not in shown and escaped[:60] not in shown
+
+
+async def test_a_token_a_receipt_holds_in_json_escapes_is_masked(rig: Rig):
+    """A receipt (`external`) is masked through `redact_value`, whose first
+    look at the value's JSON saw no piece of the token written in `\\u`
+    escapes, and kept it (a QA pass, 2026-12-07)."""
+    await start(rig)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    rig.backend.answers = [{"echo": f'{{"url": "?token={escaped}"}}'}]
+    await rig.steps.trigger("j", "j:1")
+
+    rec = await rig.parts.row("j")
+    assert rec.external == {"echo": '{"url": "?token=***"}'}
