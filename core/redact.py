@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import msgspec
 
@@ -85,14 +85,17 @@ def _forms(secret: str) -> tuple[list[str], list[str]]:
 _HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 
 
+@functools.cache
 def _percent_encoded(form: str) -> tuple[str, ...]:
-    """`form` percent-encoded, with the hex digits as `quote` writes them
-    (`%C3%B6`) and in lowercase (`%c3%b6`, as many other encoders write
-    them: a review, 2026-12-07, found that form of a non-ASCII credential
-    kept whole)."""
-    upper = quote(form, safe="")
-    lower = _HEX_ESCAPE.sub(lambda escape: escape.group(0).lower(), upper)
-    return (upper, lower) if lower != upper else (upper,)
+    """`form` percent-encoded as encoders write it: every character but the
+    unreserved ones (`quote`), or `/` kept (a path's), or a space as `+` (a
+    form's, `urlencode`); each with the hex digits in uppercase (`%C3%B6`)
+    and in lowercase (`%c3%b6`). Longest first. (A review, 2026-12-07,
+    found a non-ASCII credential in lowercase, and an environment's secret
+    in a form's encoding, kept whole.)"""
+    encoded = {quote(form, safe=""), quote(form, safe="/"), quote_plus(form, safe="")}
+    encoded |= {_HEX_ESCAPE.sub(lambda escape: escape.group(0).lower(), e) for e in encoded}
+    return tuple(sorted(encoded, key=len, reverse=True))
 
 
 def _longest_first(found: set[str]) -> list[str]:
@@ -482,10 +485,18 @@ def value_without_environment_secrets(value: Any, data: bytes | None = None) -> 
 
 
 @functools.cache
+def _environment_forms(secret: str) -> tuple[str, ...]:
+    """How an environment's `secret` may stand in a text, whole: as it is,
+    escaped as JSON writes it with `ensure_ascii` (`\\u00e4`), or
+    percent-encoded (`_percent_encoded`). Longest first."""
+    forms = {secret, json.dumps(secret)[1:-1], *_percent_encoded(secret)}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+@functools.cache
 def _encoded(secret: str) -> tuple[bytes, ...]:
-    """How `secret` may stand in a JSON text: escaped as JSON writes it, or
-    percent-encoded (`_percent_encoded`)."""
-    return (msgspec.json.encode(secret)[1:-1], *(q.encode() for q in _percent_encoded(secret)))
+    """How each of `_environment_forms` of `secret` stands in a JSON text."""
+    return tuple(msgspec.json.encode(form)[1:-1] for form in _environment_forms(secret))
 
 
 def _walk_environment(value: Any) -> Any:
@@ -500,13 +511,11 @@ def _walk_environment(value: Any) -> Any:
 
 def without_environment_secrets(text: str) -> str:
     """`text` with each of `environment_secrets` masked where it stands whole
-    (as written, or percent-encoded either way, `_percent_encoded`): not
+    (as written, JSON-escaped or percent-encoded: `_environment_forms`): not
     its pieces, as `redact` masks a callback token's, since such a value may
     be made of words a traceback holds too."""
     for secret in environment_secrets():
-        if secret in text:
-            text = text.replace(secret, MASK)
-        for quoted in _percent_encoded(secret):
-            if quoted != secret and quoted in text:
-                text = text.replace(quoted, MASK)
+        for form in _environment_forms(secret):
+            if form in text:
+                text = text.replace(form, MASK)
     return text

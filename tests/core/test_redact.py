@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -48,6 +48,7 @@ def test_a_basic_credential_is_known_decoded_and_its_password_alone():
             "Basic not-base64!",
             "not-base64!",
             quote("Basic not-base64!", safe=""),
+            quote_plus("Basic not-base64!"),  # a form's encoding: `+` for the space
             quote("not-base64!", safe=""),
         },
         key=len,
@@ -327,6 +328,25 @@ def test_a_secret_of_the_environment_percent_encoded_in_lowercase_is_masked(monk
 @pytest.mark.parametrize(
     "echo",
     [
+        quote_plus("p\u00e4ss/w rd+of-acme"),  # what `urlencode` writes
+        quote("p\u00e4ss/w rd+of-acme"),  # `/` kept, as a path's
+        quote("p\u00e4ss/w rd+of-acme").lower(),
+        json.dumps("p\u00e4ss/w rd+of-acme")[1:-1],  # `\u00e4`
+    ],
+)
+def test_a_secret_of_the_environment_is_masked_as_encoders_write_it(monkeypatch, echo: str):
+    """A review, 2026-12-07, found these forms of a secret of the
+    environment kept whole, in a text and in what a run reports."""
+    import core.redact
+
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("p\u00e4ss/w rd+of-acme",))
+    assert core.redact.without_environment_secrets(f"echo {echo}!") == f"echo {MASK}!"
+    assert core.redact.value_without_environment_secrets({"echo": echo}) == {"echo": MASK}
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
         "".join(f"\\u{ord(c):04x}" for c in "s3cr3t/t0k+en="),  # wholly in escapes
         json.dumps("t\u00f6k\\en-s3cr3t", ensure_ascii=False)[1:-1],  # msgspec's mix
     ],
@@ -363,7 +383,7 @@ def test_a_secret_in_json_in_json_is_masked_whole_whatever_it_holds():
         for ascii_only in (True, False):
             twice = json.dumps(json.dumps(credential, ensure_ascii=ascii_only))[1:-1]
             shown = redact(f"got {twice} back", [f"Bearer {credential}"])
-            assert shown == f"got \\\"{MASK}\\\" back", (credential, shown)
+            assert shown == f'got \\"{MASK}\\" back', (credential, shown)
     escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
     assert redact(json.dumps(f"url ?token={escaped}"), [TOKEN]) == '"url ?token=***"'
 
