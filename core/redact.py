@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import functools
 import json
 import os
@@ -127,14 +128,18 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     # a secret that itself holds an escape (`a\u0041`) is read so too
     read = secrets + [unescaped(secret) for secret in secrets if "\\" in secret]
     if "\\" in text and _read_mentions(text, read, READINGS):
-        reading, starts, ends = text, list(range(len(text))), list(range(1, len(text) + 1))
-        for _ in range(READINGS):
+        reading, places = text, list[_Places]()
+        for level in range(READINGS):
             if "\\" not in reading:
                 break
-            reading, back, forth = _read_escapes(reading)
-            starts = [starts[i] for i in back]
-            ends = [ends[i - 1] for i in forth]
-            spans += [(starts[a], ends[b - 1]) for a, b in _spans(reading, read) if b > a]
+            reading, where = _read_escapes(reading, cut_bare=level == 0)
+            places.insert(0, where)
+            for a, b in _spans(reading, read):
+                if b > a:
+                    start, last = a, b - 1
+                    for where in places:  # back to the text, a reading at a time
+                        start, last = where.start(start), where.end(last) - 1
+                    spans.append((start, last + 1))
     return _masked(text, spans)
 
 
@@ -216,6 +221,8 @@ JSON_ESCAPE = re.compile(
 )
 """A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
 SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+SHORT_READ = {f"\\{c}": SHORT_ESCAPES.get(c, c) for c in '"\\/bfnrt'}
+"""Each short escape, as written, to what it reads as."""
 ESCAPE_OR_CUT = re.compile(JSON_ESCAPE.pattern + r"|(\\(?:u[0-9a-fA-F]{0,3})?(?=…|\.\.\.|\Z))")
 r"""An escape, or one a cut left unfinished (`\u00`) at a text's end or
 before a cut mark (`CUT_MARKS`): its last group."""
@@ -227,32 +234,75 @@ def unescaped(text: str) -> str:
     return JSON_ESCAPE.sub(_one_escape, text)
 
 
-def _read_escapes(text: str) -> tuple[str, list[int], list[int]]:
-    r"""`unescaped(text)`, and for each of its characters the place in `text`
-    where what it was read from begins, and where that ends (one past). An
-    escape a cut left unfinished (`ESCAPE_OR_CUT`) is left out of the
-    reading and belongs to the character before it: what masks a cut
-    secret's head there masks it too (a head followed by `\u00` was kept,
-    a QA pass, 2026-12-07)."""
+class _Places:
+    """Where each character of a reading (`_read_escapes`) was read from in
+    the text before it: kept for its escapes only (a reading's characters
+    between two escapes stand as they were), found by bisection."""
+
+    def __init__(self) -> None:
+        self.at: list[int] = []
+        """The reading's place of each escape's character."""
+        self.begins: list[int] = []
+        self.ends: list[int] = []
+        """Where in the text that escape begins, and ends (one past)."""
+        self.cut: dict[int, int] = {}
+        """A character an unfinished escape followed: where that escape ends."""
+
+    def start(self, place: int) -> int:
+        """Where the reading's character at `place` begins in the text."""
+        i = bisect.bisect_right(self.at, place) - 1
+        if i < 0:
+            return place
+        if self.at[i] == place:
+            return self.begins[i]
+        return self.ends[i] + place - self.at[i] - 1
+
+    def end(self, place: int) -> int:
+        """Where it ends in the text (one past), with an unfinished escape
+        after it."""
+        if place in self.cut:
+            return self.cut[place]
+        i = bisect.bisect_right(self.at, place) - 1
+        if i >= 0 and self.at[i] == place:
+            return self.ends[i]
+        return self.start(place) + 1
+
+
+def _read_escapes(text: str, cut_bare: bool = True) -> tuple[str, _Places]:
+    r"""`unescaped(text)`, and where each of its characters was read from
+    (`_Places`). An escape a cut left unfinished (`ESCAPE_OR_CUT`) is left
+    out of the reading and belongs to the character before it: what masks a
+    cut secret's head there masks it too (a head followed by `\u00` was
+    kept, a QA pass, 2026-12-07). A bare `\` so placed counts only if
+    `cut_bare` (in a text's first reading: in the second, it is what an
+    escaped backslash right after a secret reads as, not part of it)."""
     out: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
+    places = _Places()
     done = 0
+    length = 0  # of the reading so far
+    short = SHORT_READ
     for escape in ESCAPE_OR_CUT.finditer(text):
-        out.append(text[done : escape.start()])
-        starts += range(done, escape.start())
-        ends += range(done + 1, escape.start() + 1)
-        done = escape.end()
-        if escape.group(5) is None:
-            out.append(_one_escape(escape))
-            starts.append(escape.start())
-            ends.append(done)
-        elif ends:
-            ends[-1] = done
+        begin, end = escape.span()
+        if begin > done:
+            out.append(text[done:begin])
+            length += begin - done
+        if escape.lastindex == 5:  # unfinished
+            if end - begin == 1 and not cut_bare:
+                out.append("\\")
+                length += 1
+            elif length:
+                places.cut[length - 1] = end
+            done = end
+            continue
+        char = short.get(escape.group()) or _one_escape(escape)
+        out.append(char)
+        places.at.append(length)
+        places.begins.append(begin)
+        places.ends.append(end)
+        length += 1
+        done = end
     out.append(text[done:])
-    starts += range(done, len(text))
-    ends += range(done + 1, len(text) + 1)
-    return "".join(out), starts, ends
+    return "".join(out), places
 
 
 def _one_escape(escape: re.Match[str]) -> str:
@@ -308,7 +358,7 @@ def _read_mentions(text: str, secrets: Sequence[str], readings: int) -> bool:
         if "\\" not in text:
             break
         text = unescaped(text)
-        if _mentions(text.encode(), secrets):
+        if _mentions(text.encode("utf-8", "surrogatepass"), secrets):
             return True
     return False
 

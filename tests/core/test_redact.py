@@ -413,3 +413,20 @@ def test_a_secret_that_holds_an_escape_is_masked_in_either_reading():
     shown = redact(f"raw {odd} and {escaped}", [odd, TOKEN])
     assert shown == f"raw {MASK} and {MASK}"
     assert "oddA" not in shown
+
+
+def test_a_text_with_a_lone_surrogate_and_an_escape_is_read_without_error():
+    """A plugin's message may hold a lone surrogate (a file name decoded
+    with `surrogateescape`): the reading's first look encoded the text and
+    raised, and the trigger step's log line with it (a QA pass, 2026-12-07)."""
+    text = "no file caf\udce9 under C:\\tmp"
+    assert redact(text, [TOKEN]) == text
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TOKEN)
+    assert redact(f"caf\udce9 {escaped}", [TOKEN]) == f"caf\udce9 {MASK}"
+
+
+def test_an_escaped_backslash_after_a_secret_is_kept():
+    """In the second reading an escaped backslash reads as a lone one: it
+    is not an escape left unfinished, and stays (a QA pass, 2026-12-07)."""
+    for after in ("\\\\", "\\u005c", "\\\\\u2026"):
+        assert redact(f"path {TOKEN}{after}", [TOKEN]) == f"path {MASK}{after}"
