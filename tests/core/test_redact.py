@@ -430,3 +430,16 @@ def test_an_escaped_backslash_after_a_secret_is_kept():
     is not an escape left unfinished, and stays (a QA pass, 2026-12-07)."""
     for after in ("\\\\", "\\u005c", "\\\\\u2026"):
         assert redact(f"path {TOKEN}{after}", [TOKEN]) == f"path {MASK}{after}"
+
+
+def test_a_tokens_readings_are_made_only_where_an_escape_could_hide_it():
+    """A callback token's characters are read from no short escape: a text
+    with only those is not read (a megabyte of them cost 0.5 s), and one
+    with a `\\u` escape, or an odd backslash at a cut, still is."""
+    from core.redact import _may_hide
+
+    assert not _may_hide(TOKEN[:4] + "\\n\\\\" * 1000, [TOKEN])
+    assert _may_hide("x \\u0041", [TOKEN]) and _may_hide("a\\", [TOKEN])
+    assert _may_hide("a\\\\\\\u2026", [TOKEN]) and not _may_hide("a\\\\\u2026", [TOKEN])
+    assert _may_hide("plain\\n", [BEARER])  # `/` reads from `\/`: always read
+    assert redact(f"cut {TOKEN[:7]}\\", [TOKEN]) == f"cut {MASK}"
