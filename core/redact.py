@@ -127,13 +127,15 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     spans = _spans(text, secrets)
     # a secret that itself holds an escape (`a\u0041`) is read so too
     read = secrets + [unescaped(secret) for secret in secrets if "\\" in secret]
-    if "\\" in text and _may_hide(text, read) and _read_mentions(text, read, READINGS):
+    if "\\" in text and _may_hide(text, read):
         reading, places = text, list[_Places]()
         for level in range(READINGS):
             if "\\" not in reading:
                 break
             reading, where = _read_escapes(reading, cut_bare=level == 0)
             places.insert(0, where)
+            if not _mentions(reading.encode("utf-8", "surrogatepass"), read):
+                continue  # (a look far cheaper than `_spans`)
             for a, b in _spans(reading, read):
                 if b > a:
                     start, last = a, b - 1
@@ -237,8 +239,16 @@ JSON_ESCAPE = re.compile(
     r"|u([0-9a-fA-F]{4})|([\"\\\\/bfnrt]))"
 )
 """A JSON string's escape: a surrogate pair's two, one `\\uXXXX`, or a short one."""
-SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-SHORT_READ = {f"\\{c}": SHORT_ESCAPES.get(c, c) for c in '"\\/bfnrt'}
+SHORT_ESCAPES = {
+    '\\"': '"',
+    "\\\\": "\\",
+    "\\/": "/",
+    "\\b": "\b",
+    "\\f": "\f",
+    "\\n": "\n",
+    "\\r": "\r",
+    "\\t": "\t",
+}
 """Each short escape, as written, to what it reads as."""
 ESCAPE_OR_CUT = re.compile(JSON_ESCAPE.pattern + r"|(\\(?:u[0-9a-fA-F]{0,3})?(?=…|\.\.\.|\Z))")
 r"""An escape, or one a cut left unfinished (`\u00`) at a text's end or
@@ -297,7 +307,7 @@ def _read_escapes(text: str, cut_bare: bool = True) -> tuple[str, _Places]:
     places = _Places()
     done = 0
     length = 0  # of the reading so far
-    short = SHORT_READ
+    short = SHORT_ESCAPES
     for escape in ESCAPE_OR_CUT.finditer(text):
         begin, end = escape.span()
         if begin > done:
@@ -323,13 +333,13 @@ def _read_escapes(text: str, cut_bare: bool = True) -> tuple[str, _Places]:
 
 
 def _one_escape(escape: re.Match[str]) -> str:
-    high, low, code, short = escape.groups()[:4]
+    high, low, code = escape.groups()[:3]
     if high:
         return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
     if code:
         char = int(code, 16)
         return "\ufffd" if 0xD800 <= char <= 0xDFFF else chr(char)
-    return SHORT_ESCAPES.get(short, short)
+    return SHORT_ESCAPES[escape.group()]
 
 
 def redact_value(value: Any, secrets: Sequence[str]) -> Any:
@@ -368,9 +378,9 @@ def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
 
 def _read_mentions(text: str, secrets: Sequence[str], readings: int) -> bool:
     """Whether one of the first `readings` readings of `text` with JSON's
-    escapes undone holds what `redact` would mask (`_mentions`): the cheap
-    look before `redact` maps its readings' places back, and before
-    `redact_value` walks a value whose JSON holds an escaped backslash."""
+    escapes undone holds what `redact` would mask (`_mentions`): the look
+    before `redact_value` walks a value whose JSON holds an escaped
+    backslash."""
     for _ in range(readings):
         if "\\" not in text:
             break
