@@ -38,7 +38,7 @@ from resonate_base import ConnectorError
 from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome
-from core.redact import redact_value
+from core.redact import redact_value, redact_value_aside
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import (
     Event,
@@ -201,10 +201,11 @@ def settled_data(answer: dict[str, Any]) -> Any:
     return value.get("data")
 
 
-def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
+async def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
+    """`outcome` without `secrets`: a large one masked aside, as the loop goes on."""
     error = outcome.error
     parts = [outcome.result, None if error is None else [error.message, error.type]]
-    redacted = redact_value(parts, secrets)
+    redacted = await redact_value_aside(parts, secrets)
     if redacted is parts:
         return outcome
     result, said = redacted
@@ -306,7 +307,7 @@ class Settler:
         tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
         # no deeper than what reads it recursively, masked, then bounded: no
         # whole token is left for the bound to cut
-        outcome = bound_outcome(_redacted(shallow(outcome), tokens), self.max_result_bytes)
+        outcome = bound_outcome(await _redacted(shallow(outcome), tokens), self.max_result_bytes)
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)

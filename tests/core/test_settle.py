@@ -25,7 +25,7 @@ import core.settle
 from core.bounds import MAX_DEPTH, bound_result
 from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
-from core.redact import MIN_CUT
+from core.redact import ASIDE_BYTES, MASK, MIN_CUT
 from core.settle import (
     Settler,
     judge,
@@ -1588,6 +1588,25 @@ async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Par
         failed = Outcome(status="failed", error=ErrorInfo(message=f"for url: {url}", type="x"))
         _, rec = await settler.settle(job_id, failed, by="callback", attempt=1, salt=salt)
         assert rec.error is not None and rec.error.message.endswith("?token=***"), rec.error
+
+
+async def test_a_large_result_is_masked_aside_and_a_repeat_of_it_is_a_duplicate(parts: Parts):
+    """A result over `ASIDE_BYTES` that quotes the token in `\\u` escapes
+    is masked on a thread (`redact_value_aside`), kept masked, and the
+    same callback again is judged against what was kept: a duplicate."""
+    signer = CallbackSigner("a-secret", "http://t")
+    settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    [token] = signer.job_tokens("j", 1, None)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in token)
+    lines = 2 * ASIDE_BYTES // len(escaped)
+    big = Outcome(status="succeeded", result={"log": "\n".join([f"sent {escaped}"] * lines)})
+    result, rec = await settler.settle("j", big, by="callback", attempt=1)
+    assert (result, rec.state) == ("accepted", "succeeded")
+    assert rec.result == {"log": "\n".join([f"sent {MASK}"] * lines)}
+    again, rec = await settler.settle("j", big, by="callback", attempt=1, seen=rec)
+    assert again == "duplicate"
 
 
 async def test_a_settle_that_notes_nothing_is_masked_as_any(parts: Parts):
