@@ -371,10 +371,12 @@ event loop alone (each further thread would take another turn from it)."""
 async def redact_value_aside(value: Any, secrets: Sequence[str]) -> Any:
     """`redact_value(value, secrets)`, on a thread of its own when the
     value's JSON is over `ASIDE_BYTES`, so that the event loop goes on
-    meanwhile. What a callback or a heartbeat brings is masked so: its
-    sender holds the job's token, and a megabyte that hints at it in every
-    escape or before every cut mark takes a third of a second to mask here
-    (measured 2026-12-07), which held every other request of the worker."""
+    meanwhile. Every outcome a settle keeps is masked so (`core.settle`:
+    a callback's, a status check's): a callback's sender holds the job's
+    token, and a megabyte that hints at it in every escape or before every
+    cut mark takes a third of a second to mask here (measured 2026-12-07),
+    which held every other request of the worker. (A heartbeat's progress
+    is at most `PROGRESS_LIMIT`, 16 KiB: masked in place.)"""
     data = msgspec.json.encode(value)
     if len(data) <= ASIDE_BYTES:
         return _redact_value(value, data, secrets)
