@@ -33,6 +33,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
+from core.aside import ASIDE_BYTES, aside
 from core.bounds import MAX_DEPTH, bound_learnt, deeper_than
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
@@ -221,6 +222,32 @@ def learnt(
     return rec.attempt, redact_value(found.external, tokens)
 
 
+async def going_said(
+    rec: JobRecord, found: Running | None, tokens: list[str], limit: int | None
+) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+    """What a status check of `rec` that found the run going (or could not
+    tell) files and changes: its event's data (`status_said`), and what it
+    learnt of the run (`learnt`), bounded (`bound_learnt`). Worked aside
+    when the backend's answer is large (`core.aside`): the backend's
+    target, holding the job's token, writes it."""
+    size = 0 if found is None else _answer_bytes(found)
+    return await aside(size, _going_said, rec, found, tokens, limit)
+
+
+def _going_said(
+    rec: JobRecord, found: Running | None, tokens: list[str], limit: int | None
+) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
+    return status_said(found, tokens), bound_learnt(rec, learnt(rec, found, tokens), limit)
+
+
+def _answer_bytes(found: Running) -> int:
+    """About how many bytes of JSON a going run's answer holds."""
+    try:
+        return len(msgspec.json.encode([found.progress, found.external]))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return ASIDE_BYTES + 1
+
+
 def status_said(found: Running | None, tokens: list[str]) -> dict[str, Any]:
     """A `status_check` (or `heartbeat_missed`) event's data for a run the
     backend says is going (`running`, with its progress when that is at most
@@ -353,7 +380,7 @@ class Callbacks:
         if attempt < rec.attempt:  # a re-run has its own URL
             return await self._gone(rec, attempt, digest)
         try:
-            outcome = self._parse(rec, body)
+            outcome = self._parse(rec, await aside(len(body), decode_json, "callback", body, {}))
         except InvalidRequest as exc:  # not JSON (400), or neither shape (422)
             why = "not_json" if isinstance(exc, MalformedBody) else "invalid_body"
             invalid = self._repeat(
@@ -450,8 +477,7 @@ class Callbacks:
             )
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
-            data = status_said(found, tokens)
-            found_now = bound_learnt(rec, learnt(rec, found, tokens), self.settler.max_result_bytes)
+            data, found_now = await going_said(rec, found, tokens, self.settler.max_result_bytes)
             going = self.going.events(rec.id, rec.attempt, data)  # as the watchdog's checks
             if going or found_now is not None:
                 await store_call(
@@ -478,7 +504,8 @@ class Callbacks:
         rec = await self._job_of(promise_id, token)
         job_id = rec.id
         # A run may report what it was sent (its callback URL, by mistake)
-        progress = redact_value(_progress(body), self.settler.job_tokens(rec))
+        tokens = self.settler.job_tokens(rec)
+        progress = await aside(len(body), _masked_progress, body, tokens)
         attempt = workflow.attempt_of(promise_id) or 1
         if attempt > rec.attempt:  # its URL was never handed out (as `take` has it)
             raise NotFound.promise(promise_id)
@@ -509,15 +536,15 @@ class Callbacks:
         )
         return answer, gone
 
-    def _parse(self, rec: JobRecord, body: bytes) -> Outcome | CheckNow:
-        """The outcome a callback body reports. An empty body reads as `{}`:
+    def _parse(self, rec: JobRecord, decoded: Any) -> Outcome | CheckNow:
+        """The outcome a callback body reports (`decoded`: its JSON, read
+        by `decode_json`). An empty body reads as `{}`:
         the backend may claim it; Tether's uniform body needs `status`. A
         backend whose `parse_callback` raises anything but `ValueError`, or
         answers something else than it may, is logged (its name and the
         exception's or answer's type: its words may quote a secret) and the
         body read as the uniform one, which settles the job whatever its
         plugin does."""
-        decoded = decode_json("callback", body, empty={})
         backend = self.plugins.backends.get(rec.backend)
         native: Outcome | CheckNow | None = None
         fault = None
@@ -684,6 +711,11 @@ def _progress(body: bytes) -> Any:
             {"field": "progress", "limit_bytes": PROGRESS_LIMIT},
         )
     return progress
+
+
+def _masked_progress(body: bytes, tokens: list[str]) -> Any:
+    """A heartbeat body's progress (`_progress`) without the job's tokens."""
+    return redact_value(_progress(body), tokens)
 
 
 def _at(ms: int) -> datetime:

@@ -13,7 +13,6 @@ and the `Authorization` values backends send (http_webhook's credentials).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import bisect
@@ -22,7 +21,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -124,8 +122,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     found first and put in at once (`_spans`), so one form's mask never
     breaks another's; the text comes back as it was but for them."""
     secrets = [secret for secret in secrets if secret]
-    if not secrets:
-        return text
+    if not secrets or ("\\" not in text and not _said(text, secrets)):
+        return text  # (the usual case, found in a microsecond where `_spans` takes 25)
     spans = _spans(text, secrets)
     # a secret that itself holds an escape (`a\u0041`) is read so too
     read = secrets + [unescaped(secret) for secret in secrets if "\\" in secret]
@@ -363,31 +361,6 @@ def _redact_value(value: Any, data: bytes | None, secrets: Sequence[str]) -> Any
     return value_without_environment_secrets(value, data)
 
 
-ASIDE_BYTES = 64 * 1024
-"""A value whose JSON is longer is masked on `_ASIDE`'s thread
-(`redact_value_aside`)."""
-
-_ASIDE = ThreadPoolExecutor(1, thread_name_prefix="tether-redact")
-"""One thread, so that masks run aside share the interpreter with the
-event loop alone (each further thread would take another turn from it)."""
-
-
-async def redact_value_aside(value: Any, secrets: Sequence[str]) -> Any:
-    """`redact_value(value, secrets)`, on a thread of its own when the
-    value's JSON is over `ASIDE_BYTES`, so that the event loop goes on
-    meanwhile. Every outcome a settle keeps is masked so (`core.settle`:
-    a callback's, a status check's): a callback's sender holds the job's
-    token, and a megabyte that hints at it in every escape or before every
-    cut mark takes a third of a second to mask here (measured 2026-12-07),
-    which held every other request of the worker. (A heartbeat's progress
-    is at most `PROGRESS_LIMIT`, 16 KiB: masked in place.)"""
-    data = msgspec.json.encode(value)
-    if len(data) <= ASIDE_BYTES:
-        return _redact_value(value, data, secrets)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_ASIDE, _redact_value, value, data, secrets)
-
-
 def _value_mentions(data: bytes, secrets: Sequence[str]) -> bool:
     """Whether a value's JSON, `data`, holds what `redact` would mask in one
     of its strings: as it stands, or in a string's escapes (`redact` reads
@@ -405,9 +378,13 @@ def _mentions(data: bytes, secrets: Sequence[str]) -> bool:
     of a one-word form (in every cut ending), or one of its pieces of
     `MIN_CUT` characters that start where `MIN_CUT` divides the place (any
     piece of `FRAGMENT` characters holds one)."""
-    return any(
-        piece.encode() in data for secret in secrets if secret for piece in _looked_for(secret)
-    )
+    return any(piece in data for secret in secrets if secret for piece in _looked_for(secret)[1])
+
+
+def _said(text: str, secrets: Sequence[str]) -> bool:
+    """`_mentions` for a text as it stands: none of its pieces in `text`
+    means `_spans` finds nothing in it."""
+    return any(piece in text for secret in secrets for piece in _looked_for(secret)[0])
 
 
 def _read_mentions(text: str, secrets: Sequence[str], readings: int) -> bool:
@@ -424,13 +401,20 @@ def _read_mentions(text: str, secrets: Sequence[str], readings: int) -> bool:
     return False
 
 
-def _looked_for(secret: str) -> set[str]:
+@functools.lru_cache(maxsize=1024)
+def _looked_for(secret: str) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    """The pieces `_mentions` looks for, as text and as UTF-8: each whole
+    form's first `MIN_CUT` characters, and each cuttable one's last and
+    those that start where `MIN_CUT` divides the place. A head or tail a
+    cut left holds one, and so does any window of `FRAGMENT` characters.
+    (Kept for the secrets of the last 1,024 looks: a callback token is a
+    job's, masked again in each of its outcomes and events.)"""
     whole, cuttable = _forms(secret)
     found = {form[:MIN_CUT] for form in whole}
     for form in cuttable:
         found.add(form[-MIN_CUT:])
         found.update(form[k : k + MIN_CUT] for k in range(0, len(form) - MIN_CUT + 1, MIN_CUT))
-    return found
+    return tuple(found), tuple(piece.encode("utf-8", "surrogatepass") for piece in found)
 
 
 def _walk(value: Any, secrets: Sequence[str]) -> Any:
@@ -560,9 +544,10 @@ def environment_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]
     (`_ENVIRONMENT`) unless `env` is given."""
     if env is None:
         global _ENVIRONMENT
-        if _ENVIRONMENT is None:
-            _ENVIRONMENT = environment_secrets(os.environ)
-        return _ENVIRONMENT
+        known = _ENVIRONMENT
+        if known is None:  # (read into a local: a declaration may reset it meanwhile)
+            known = _ENVIRONMENT = environment_secrets(os.environ)
+        return known
     found: set[str] = set()
     for name, value in env.items():
         name, value = name.upper(), value.strip()

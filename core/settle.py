@@ -35,10 +35,11 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 from resonate_base import ConnectorError
 
+from core.aside import ASIDE_BYTES, aside
 from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome
-from core.redact import redact_value, redact_value_aside
+from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import (
     Event,
@@ -201,11 +202,27 @@ def settled_data(answer: dict[str, Any]) -> Any:
     return value.get("data")
 
 
-async def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
-    """`outcome` without `secrets`: a large one masked aside, as the loop goes on."""
+def _kept(outcome: Outcome, secrets: list[str], limit: int | None) -> Outcome:
+    """What a settle keeps of `outcome`: no deeper than what reads it
+    recursively, without `secrets`, then bounded to `limit` (no whole token
+    is left for the bound to cut). Worked aside when large (`core.aside`)."""
+    return bound_outcome(_redacted(shallow(outcome), secrets), limit)
+
+
+def _outcome_bytes(outcome: Outcome) -> int:
+    """About how many bytes `_kept` works on (any JSON nested past what
+    can be written out: as many as `aside` sends to its thread)."""
+    try:
+        size = len(msgspec.json.encode(outcome.result))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return ASIDE_BYTES + 1
+    return size + (0 if outcome.error is None else len(outcome.error.message))
+
+
+def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
     error = outcome.error
     parts = [outcome.result, None if error is None else [error.message, error.type]]
-    redacted = await redact_value_aside(parts, secrets)
+    redacted = redact_value(parts, secrets)
     if redacted is parts:
         return outcome
     result, said = redacted
@@ -305,9 +322,8 @@ class Settler:
             attempt, seen = current.attempt, current
         promise_id = callback_promise_id(job_id, attempt)
         tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
-        # no deeper than what reads it recursively, masked, then bounded: no
-        # whole token is left for the bound to cut
-        outcome = bound_outcome(await _redacted(shallow(outcome), tokens), self.max_result_bytes)
+        kept = (outcome, tokens, self.max_result_bytes)
+        outcome = await aside(_outcome_bytes(outcome), _kept, *kept)
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)

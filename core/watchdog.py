@@ -44,8 +44,7 @@ from typing import Any
 import msgspec
 from resonate.error import ServerError
 
-from core.bounds import bound_learnt
-from core.callbacks import GoingChecks, Repeats, learnt, status_said
+from core.callbacks import GoingChecks, Repeats, going_said
 from core.errors import BackendError, InvalidRequest, reason
 from core.hookspecs import Backend
 from core.models import ErrorInfo, Outcome, Running
@@ -452,10 +451,7 @@ class Watchdog:
             return
         if found is None or isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
-            data = status_said(found, tokens)
-            learnt_now = bound_learnt(
-                rec, learnt(rec, found, tokens), self.settler.max_result_bytes
-            )
+            data, learnt_now = await going_said(rec, found, tokens, self.settler.max_result_bytes)
             events = self._going_checks.events(rec.id, rec.attempt, data)
             if events or learnt_now is not None:
                 await self.store.jobs.record(
@@ -588,10 +584,8 @@ class Watchdog:
                 return
         if isinstance(found, Running):
             tokens = self.settler.job_tokens(rec)
-            event = NewEvent("heartbeat_missed", {**missed, **status_said(found, tokens)})
-            learnt_now = bound_learnt(
-                rec, learnt(rec, found, tokens), self.settler.max_result_bytes
-            )
+            data, learnt_now = await going_said(rec, found, tokens, self.settler.max_result_bytes)
+            event = NewEvent("heartbeat_missed", {**missed, **data})
             await self.store.jobs.record(rec.id, [event], now_ms(), learnt_now, open_at=rec.attempt)
             return
         if found is None:

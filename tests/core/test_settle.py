@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,10 +23,11 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 
 import core.settle
+from core.aside import ASIDE_BYTES
 from core.bounds import MAX_DEPTH, bound_result
 from core.errors import NotFound, StoreUnavailable
 from core.models import ErrorInfo, Outcome
-from core.redact import ASIDE_BYTES, MASK, MIN_CUT
+from core.redact import MASK, MIN_CUT
 from core.settle import (
     Settler,
     judge,
@@ -1590,10 +1592,22 @@ async def test_a_salted_jobs_tokens_are_masked_when_its_salt_is_given(parts: Par
         assert rec.error is not None and rec.error.message.endswith("?token=***"), rec.error
 
 
-async def test_a_large_result_is_masked_aside_and_a_repeat_of_it_is_a_duplicate(parts: Parts):
+async def test_a_large_result_is_kept_aside_and_a_repeat_of_it_is_a_duplicate(
+    parts: Parts, monkeypatch
+):
     """A result over `ASIDE_BYTES` that quotes the token in `\\u` escapes
-    is masked on a thread (`redact_value_aside`), kept masked, and the
-    same callback again is judged against what was kept: a duplicate."""
+    is worked on the aside thread (`core.aside`: its depth, its mask, its
+    bound), not on the event loop; kept masked; and the same callback again
+    is judged against what was kept: a duplicate. A small one is worked
+    where it stands."""
+    ran_on: list[str] = []
+    kept = core.settle._kept
+
+    def watched(*args: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return kept(*args)
+
+    monkeypatch.setattr(core.settle, "_kept", watched)
     signer = CallbackSigner("a-secret", "http://t")
     settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
     await parts.add_job("j", state="running")
@@ -1607,6 +1621,11 @@ async def test_a_large_result_is_masked_aside_and_a_repeat_of_it_is_a_duplicate(
     assert rec.result == {"log": "\n".join([f"sent {MASK}"] * lines)}
     again, rec = await settler.settle("j", big, by="callback", attempt=1, seen=rec)
     assert again == "duplicate"
+    assert ran_on == ["tether-aside_0"] * 2
+    await parts.add_job("k", state="running")
+    await parts.add_promise("k")
+    await settler.settle("k", DONE, by="callback", attempt=1)
+    assert ran_on[-1] == threading.current_thread().name
 
 
 async def test_a_settle_that_notes_nothing_is_masked_as_any(parts: Parts):

@@ -1,0 +1,61 @@
+"""A callback's and a heartbeat's body over `core.aside.ASIDE_BYTES` is
+read on the aside thread, not on the worker's event loop: decoded, checked
+for its depth and masked of the job's token there (the real service, in
+process). A body of many small strings that quotes the token held the loop
+for 0.4 s at 64 KiB (a review, 2026-12-07)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import core.callbacks
+from core.aside import ASIDE_BYTES
+from core.redact import MASK
+from tests.api.test_heartbeats import start_job
+
+
+def watch(monkeypatch: Any, name: str) -> list[str]:
+    """Where each call of `core.callbacks.<name>` ran: its thread's name."""
+    ran_on: list[str] = []
+    work = getattr(core.callbacks, name)
+
+    def watched(*args: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return work(*args)
+
+    monkeypatch.setattr(core.callbacks, name, watched)
+    return ran_on
+
+
+async def test_a_large_callback_body_is_read_aside(start_service, receiver, monkeypatch):
+    ran_on = watch(monkeypatch, "decode_json")
+    svc = await start_service()
+    _, beat = await start_job(svc, receiver, "big")
+    url = beat.removesuffix("/heartbeat").replace("/heartbeat?", "?")
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    words = ["a"] * ASIDE_BYTES + [f"sent {token}"]
+    answer = await svc.client.post(url, json={"status": "succeeded", "result": words})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "accepted"
+    job = await svc.job("big")
+    assert job["result"] == ["a"] * ASIDE_BYTES + [f"sent {MASK}"]
+    again = await svc.client.post(url, json={"status": "succeeded", "result": words})
+    assert again.json()["outcome"] == "duplicate"
+    assert ran_on == ["tether-aside_0"] * 2
+
+
+async def test_a_large_heartbeat_is_read_aside(start_service, receiver, monkeypatch):
+    ran_on = watch(monkeypatch, "_masked_progress")
+    svc = await start_service()
+    _, url = await start_job(svc, receiver, "beat", heartbeat_timeout=60)
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    words = ["a"] * (ASIDE_BYTES // 4) + [f"sent {token}"]
+    answer = await svc.client.post(url, json={"progress": words})
+    assert answer.status_code == 200, answer.text
+    assert (await svc.job("beat"))["progress"] == ["a"] * (ASIDE_BYTES // 4) + [f"sent {MASK}"]
+    small = await svc.client.post(url, json={"progress": [f"sent {token}"]})
+    assert small.status_code == 200, small.text
+    assert (await svc.job("beat"))["progress"] == [f"sent {MASK}"]
+    assert ran_on == ["tether-aside_0", threading.current_thread().name]
