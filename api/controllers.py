@@ -43,6 +43,7 @@ from core.models import (
     RetryRequest,
     far_number_field,
     field_of,
+    read_json,
 )
 from core.notices import NoticeResult
 from core.service import Tether
@@ -233,7 +234,8 @@ async def strict_body[T](
             raise MalformedBody(f"the body is empty: {empty}", {"field": "body", "in": "body"})
         return None
     try:
-        return msgspec.json.decode(raw, type=kind if empty is not None else kind | None)
+        body: T | None = read_json(raw, kind if empty is not None else kind | None)
+        return body
     except msgspec.ValidationError as exc:
         text = str(exc)
         field = far_number_field(raw, text) or field_of(text)

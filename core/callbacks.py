@@ -50,6 +50,7 @@ from core.models import (
     Running,
     far_number_field,
     field_of,
+    read_json,
 )
 from core.plugins import PLUGIN_FAULTS, Plugins, cancelling, contract_answer
 from core.redact import redact_value
@@ -660,7 +661,7 @@ def decode_json(what: str, body: bytes, empty: Any) -> Any:
     """A `what` body's JSON; `empty` for a body of white space only. One
     nested more than `MAX_DEPTH` levels deep is refused."""
     try:
-        decoded = msgspec.json.decode(body) if body.strip(JSON_SPACE) else empty
+        decoded = read_json(body) if body.strip(JSON_SPACE) else empty
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: the latter
         far = far_number_field(body, str(exc))
         if far is not None:

@@ -60,6 +60,7 @@ from core.models import (
     Outcome,
     Running,
     Trigger,
+    read_json,
     url_fault,
 )
 from core.redact import USERINFO, redact, redact_bytes
@@ -89,6 +90,7 @@ __all__ = [
     "callback_promise_id",
     "hookimpl",
     "os_reason",
+    "read_json",
     "redact",
     "redact_bytes",
     "retry_after_seconds",

@@ -38,7 +38,7 @@ from resonate_base import ConnectorError
 from core.aside import ASIDE_BYTES, aside
 from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
-from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome
+from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome, read_json
 from core.redact import redact_value
 from core.store import STORE_CALL_TIMEOUT
 from core.store.jobs import (
@@ -198,7 +198,7 @@ def settled_data(answer: dict[str, Any]) -> Any:
     (`msgspec.Raw`)."""
     value = answer["promise"]["value"]
     if isinstance(value, msgspec.Raw):
-        value = msgspec.json.decode(value)
+        value = read_json(value)
     return value.get("data")
 
 

@@ -57,7 +57,7 @@ from core.bounds import bound_external
 from core.errors import BackendError, StoreUnavailable, reason
 from core.hookspecs import Backend
 from core.lease import StopLease
-from core.models import ErrorInfo, Job, Outcome, Trigger
+from core.models import ErrorInfo, Job, Outcome, Trigger, read_json
 from core.notices import run_keys_of
 from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, stored_params
 from core.redact import redact, redact_bytes, redact_value, unquoted, without_environment_secrets
@@ -1172,7 +1172,7 @@ class JobSteps:
                 f"backend {rec.backend!r}: {which} returned a mapping that is not JSON"
                 f" ({type(exc).__name__}: {exc})"
             ) from None
-        whole: dict[str, Any] = msgspec.json.decode(redact_bytes(data, tokens))
+        whole: dict[str, Any] = read_json(redact_bytes(data, tokens))
         limit = self.settings.max_result_bytes
         bounded, cut = bound_external(whole, limit)
         if cut:

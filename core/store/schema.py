@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from core.models import json_decoder
 from core.store.jobs import Event, JobRecord, Notification
 
 type LogicalType = Literal["serial", "text", "int", "real", "json"]
@@ -322,7 +323,7 @@ def _row_decoder[T](
     for c in table.columns:
         value = f"c_{c.name}"
         if c.type == "json":
-            scope[f"decode_{c.name}"] = msgspec.json.Decoder(fields[c.name]).decode
+            scope[f"decode_{c.name}"] = json_decoder(fields[c.name]).decode  # (floats: `read_json`)
             value = f"decode_{c.name}({value})"
             if c.null:
                 value = f"None if c_{c.name} is None else {value}"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import ErrorInfo, Outcome, Running
+from core.plugin import ErrorInfo, Outcome, Running, read_json
 
 if TYPE_CHECKING:
     from databricks.sdk.service.jobs import Run, RunOutput, RunState, RunStatus, RunTask
@@ -204,7 +204,7 @@ def exit_value(output: RunOutput | None) -> Any:
     if notebook.truncated:
         return {"truncated": True, "preview": notebook.result, "truncated_by": "databricks"}
     try:
-        return msgspec.json.decode(notebook.result)
+        return read_json(notebook.result)
     except (msgspec.DecodeError, RecursionError):
         return notebook.result
 

@@ -77,6 +77,7 @@ from core.plugin import (
     callback_promise_id,
     hookimpl,
     os_reason,
+    read_json,
     redact,
     redact_bytes,
     retry_after_seconds,
@@ -540,7 +541,8 @@ def _status_of(answer: _Answer, host: str) -> StatusBody:
         problem = f"more than {STATUS_LIMIT} bytes"
     else:
         try:
-            return msgspec.json.decode(answer.body, type=StatusBody)
+            status: StatusBody = read_json(answer.body, StatusBody)
+            return status
         except msgspec.ValidationError as exc:
             at = str(exc).partition(" - at `$")[2].lstrip(".")  # where, never the value
             problem = "JSON of another shape" + (f" (at `{at})" if at else "")
@@ -569,7 +571,7 @@ def _small_json(body: bytes | None) -> Any:
     if body is None:
         return None
     try:
-        return msgspec.json.decode(body)
+        return read_json(body)
     except (msgspec.DecodeError, UnicodeDecodeError):  # bad UTF-8 in a string: the latter
         return None
 
