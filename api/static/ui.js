@@ -33,7 +33,16 @@
     text.replace(/(?![ \n])[\p{C}\p{Z}]/gu, (c) =>
       [...Array(c.length).keys()].map((i) => unit(c.charCodeAt(i))).join(""),
     );
-  const pretty = (value) => visible(JSON.stringify(value, null, 2));
+  // At most SHOWN characters of it, as api/ui.py's `pretty` (a megabyte
+  // nested deep is tens of megabytes indented).
+  const SHOWN = 100000;
+  const CUT_NOTE = "\n… (cut: the page shows the first 100,000 characters; GET /jobs/{id} has it whole)";
+  const pretty = (value) => {
+    const text = JSON.stringify(value, null, 2) ?? "null";
+    if (text.length <= SHOWN) return visible(text);
+    const end = /[\uD800-\uDBFF]/.test(text[SHOWN - 1]) ? SHOWN - 1 : SHOWN;
+    return visible(text.slice(0, end)) + CUT_NOTE;
+  };
   const compact = (value) => visible(JSON.stringify(value));
 
   // What an event says of the job, for its dot's colour (api/ui.py's `outcome`).

@@ -694,6 +694,34 @@ def test_caller_text_cannot_reorder_or_hide_what_a_page_shows(page, service, cli
     expect(page.locator('pre[data-json="result"]')).to_have_text(shown)  # by the server
 
 
+def test_a_huge_value_is_shown_cut_alike_by_the_server_and_the_script(
+    page, service, client, hooks
+):
+    """A result nested deep is tens of megabytes indented: the page shows
+    its first `api.ui.SHOWN` characters and says where the rest is, when
+    the script writes it (the live update) and when the server does (a
+    QA pass saw a 67 MB page that took the worker 5 s)."""
+    from api.ui import CUT_NOTE, SHOWN
+
+    job_id = unique("deep")
+    callback_url = start_job(client, hooks, job_id)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    deep: Any = 0
+    for _ in range(60):
+        deep = [deep]
+    settle(callback_url, status="succeeded", result=[deep] * 200)
+    result = page.locator('pre[data-json="result"]')
+    expect(result).to_contain_text(CUT_NOTE.strip())  # by the script
+    by_script = result.text_content()
+    page.reload()
+    expect(result).to_contain_text(CUT_NOTE.strip())  # by the server
+    by_server = result.text_content()
+    assert by_script == by_server
+    assert by_server is not None and len(by_server) == SHOWN + len(CUT_NOTE)
+    assert by_server.startswith("[\n  [\n    [")
+
+
 def test_a_path_no_page_has_is_the_dashboards_own_404(page, service):
     for path, said in (
         ("/ui/nothing", "no page at /ui/nothing"),
