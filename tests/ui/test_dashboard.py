@@ -694,9 +694,7 @@ def test_caller_text_cannot_reorder_or_hide_what_a_page_shows(page, service, cli
     expect(page.locator('pre[data-json="result"]')).to_have_text(shown)  # by the server
 
 
-def test_a_huge_value_is_shown_cut_alike_by_the_server_and_the_script(
-    page, service, client, hooks
-):
+def test_a_huge_value_is_shown_cut_alike_by_the_server_and_the_script(page, service, client, hooks):
     """A result nested deep is tens of megabytes indented: the page shows
     its first `api.ui.SHOWN` characters and says where the rest is, when
     the script writes it (the live update) and when the server does (a
