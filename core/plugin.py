@@ -46,6 +46,7 @@ echo = "tether_echo"
 Every hook and backend method is documented in :mod:`core.hookspecs`.
 """
 
+from core.aside import aside
 from core.errors import BackendError, NotFound, Unauthorized, os_reason, retry_after_seconds
 from core.hookspecs import Backend, Readiness, hookimpl
 from core.models import (
@@ -87,6 +88,7 @@ __all__ = [
     "Secret",
     "Trigger",
     "Unauthorized",
+    "aside",
     "callback_promise_id",
     "hookimpl",
     "os_reason",

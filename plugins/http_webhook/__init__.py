@@ -74,6 +74,7 @@ from core.plugin import (
     Outcome,
     Running,
     Trigger,
+    aside,
     callback_promise_id,
     hookimpl,
     os_reason,
@@ -406,7 +407,9 @@ class HttpWebhook(Backend):
         answer = await self._send(
             "GET", params.status_url, params.timeout, STATUS_LIMIT, headers=headers
         )
-        status = _status_of(answer, _host(params.status_url))
+        # read aside when large: the target writes it, up to `STATUS_LIMIT`
+        size = len(answer.body or b"")
+        status = await aside(size, _status_of, answer, _host(params.status_url))
         if status.status == "running":
             return Running(progress=status.progress)
         error = status.error or (
