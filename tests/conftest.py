@@ -129,6 +129,20 @@ def _judge(timeout: float, holds: float) -> Generator[None, Any, Any]:
     return first
 
 
+def threads_of(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[str]:
+    """The name of the thread each call of `module.<name>` runs on, from now
+    on (`core.aside`'s work: its thread or the event loop's)."""
+    ran_on: list[str] = []
+    work = getattr(module, name)
+
+    def watched(*args: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return work(*args)
+
+    monkeypatch.setattr(module, name, watched)
+    return ran_on
+
+
 async def eventually(
     check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05, holds: float = 0.0
 ) -> Any:

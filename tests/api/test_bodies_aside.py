@@ -7,30 +7,17 @@ for 0.4 s at 64 KiB (a review, 2026-12-07)."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import core.callbacks
 from core.aside import ASIDE_BYTES
 from core.redact import MASK
 from tests.api.test_heartbeats import start_job
-
-
-def watch(monkeypatch: Any, name: str) -> list[str]:
-    """Where each call of `core.callbacks.<name>` ran: its thread's name."""
-    ran_on: list[str] = []
-    work = getattr(core.callbacks, name)
-
-    def watched(*args: Any) -> Any:
-        ran_on.append(threading.current_thread().name)
-        return work(*args)
-
-    monkeypatch.setattr(core.callbacks, name, watched)
-    return ran_on
+from tests.conftest import threads_of
 
 
 async def test_a_large_callback_body_is_read_aside(start_service, receiver, monkeypatch):
-    ran_on = watch(monkeypatch, "decode_json")
+    ran_on = threads_of(monkeypatch, core.callbacks, "decode_json")
     svc = await start_service()
     _, beat = await start_job(svc, receiver, "big")
     url = beat.removesuffix("/heartbeat").replace("/heartbeat?", "?")
@@ -47,7 +34,7 @@ async def test_a_large_callback_body_is_read_aside(start_service, receiver, monk
 
 
 async def test_a_large_heartbeat_is_read_aside(start_service, receiver, monkeypatch):
-    ran_on = watch(monkeypatch, "_masked_progress")
+    ran_on = threads_of(monkeypatch, core.callbacks, "_masked_progress")
     svc = await start_service()
     _, url = await start_job(svc, receiver, "beat", heartbeat_timeout=60)
     token = parse_qs(urlsplit(url).query)["token"][0]

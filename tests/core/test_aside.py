@@ -6,7 +6,6 @@ heartbeat's body in tests/api/test_bodies_aside.py)."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import core.callbacks
 from core.aside import ASIDE_BYTES, aside
@@ -14,6 +13,7 @@ from core.callbacks import going_said
 from core.models import Running
 from core.redact import MASK
 from core.store.jobs import JobRecord
+from tests.conftest import threads_of
 
 TOKEN = "nbcaslPdf-OnkSfhnYAW6By053zklYzE3nJtVHfvVBY"
 
@@ -30,14 +30,7 @@ async def test_a_large_status_answer_is_read_aside_and_masked(monkeypatch):
     """A status check that found the run going: its progress and what it
     learnt of the run are masked and bounded on the thread when the
     backend's answer is large (its target holds the job's token)."""
-    ran_on: list[str] = []
-    said = core.callbacks._going_said
-
-    def watched(*args: Any) -> Any:
-        ran_on.append(threading.current_thread().name)
-        return said(*args)
-
-    monkeypatch.setattr(core.callbacks, "_going_said", watched)
+    ran_on = threads_of(monkeypatch, core.callbacks, "_going_said")
     rec = JobRecord(
         id="j", backend="b", state="running", params={}, metadata={}, timeout=60.0,
         fingerprint="f", deadline=0, created_at=0, updated_at=0, external={"run": 1},

@@ -45,7 +45,7 @@ from core.store.postgres import PgSession
 from core.store.sql import HISTORY_HEAD, HISTORY_LIMIT
 from core.tokens import CallbackSigner
 from core.workflow import callback_promise_id, root_promise_id
-from tests.conftest import aiohttp_serving, eventually
+from tests.conftest import aiohttp_serving, eventually, threads_of
 from tests.core.parts import Parts, logs_of, open_parts
 
 DONE = Outcome(status="succeeded", result={"rows": 3})
@@ -1600,14 +1600,7 @@ async def test_a_large_result_is_kept_aside_and_a_repeat_of_it_is_a_duplicate(
     bound), not on the event loop; kept masked; and the same callback again
     is judged against what was kept: a duplicate. A small one is worked
     where it stands."""
-    ran_on: list[str] = []
-    kept = core.settle._kept
-
-    def watched(*args: Any) -> Any:
-        ran_on.append(threading.current_thread().name)
-        return kept(*args)
-
-    monkeypatch.setattr(core.settle, "_kept", watched)
+    ran_on = threads_of(monkeypatch, core.settle, "_kept")
     signer = CallbackSigner("a-secret", "http://t")
     settler = Settler(parts.resonate, parts.jobs, tokens=signer.job_tokens)
     await parts.add_job("j", state="running")

@@ -770,15 +770,9 @@ async def test_a_large_status_answer_is_read_aside(server, webhook, monkeypatch)
     import threading
 
     import plugins.http_webhook
+    from tests.conftest import threads_of
 
-    ran_on: list[str] = []
-    status_of = plugins.http_webhook._status_of
-
-    def watched(*args: Any) -> Any:
-        ran_on.append(threading.current_thread().name)
-        return status_of(*args)
-
-    monkeypatch.setattr(plugins.http_webhook, "_status_of", watched)
+    ran_on = threads_of(monkeypatch, plugins.http_webhook, "_status_of")
     server.answer("/big", 200, {"status": "running", "progress": [[[0]]] * 2000})
     server.answer("/small", 200, {"status": "running", "progress": 1})
     found = await webhook.check_status(job(url=server.url(), status_url=server.url("/big")))
