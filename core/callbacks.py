@@ -21,12 +21,14 @@ every second never pushes how the job started out of its bounded history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import re
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -283,6 +285,27 @@ class Callbacks:
         self.repeats = Repeats()
         self.going = GoingChecks()
         """Which checks a hint asked for that found the run going are filed."""
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        """The heartbeats of each callback URL under way here, and the lock
+        they take turns on (`_in_turn`)."""
+
+    @contextlib.asynccontextmanager
+    async def _in_turn(self, key: str) -> AsyncIterator[None]:
+        """Heartbeats to one URL handled one after another, in the order they
+        came: a large one is read aside (`core.aside`), where it may wait
+        behind other jobs' work, and a later small one overtook it, and then
+        the older progress was kept (a review, 2026-12-07)."""
+        lock, waiting = self._turns.get(key, (asyncio.Lock(), 0))
+        self._turns[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._turns[key]
+            if waiting == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, waiting - 1)
 
     def _repeat(self, job_id: str, attempt: int, data: dict[str, Any]) -> NewEvent | None:
         """The `callback` event `data` of a callback that changed nothing, or
@@ -501,7 +524,13 @@ class Callbacks:
         came too late (this attempt's wait ended: a re-run has its own URL;
         or the job ended). A body that is not JSON is `MalformedBody`; one of
         another shape, or progress over `PROGRESS_LIMIT`, is `InvalidRequest`:
-        nothing changes."""
+        nothing changes. Heartbeats to one URL take turns (`_in_turn`)."""
+        async with self._in_turn(promise_id):
+            return await self._heartbeat(promise_id, token, body)
+
+    async def _heartbeat(
+        self, promise_id: str, token: str | None, body: bytes
+    ) -> tuple[Heartbeat, HeartbeatGone | None]:
         rec = await self._job_of(promise_id, token)
         job_id = rec.id
         # A run may report what it was sent (its callback URL, by mistake)

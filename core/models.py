@@ -111,8 +111,11 @@ def read_json(data: bytes | str, type: Any = Any) -> Any:
     type leaves it open (a result, params, progress) read by Python's
     `float`: msgspec's own reading of one near the ends of the double range
     (`1.7976931348623157e308`, 17 digits at `e-300`, as a p-value may be)
-    took 0.3-0.45 s a MiB, where `float` takes 15-30 ms (an ordinary float
-    costs a little more: 6 ms a MiB against 2). A job's JSON is read again
+    took 0.3-1 s a MiB, where `float` takes 15-30 ms. An ordinary float
+    costs more so: a MiB of nothing but floats takes 6-25 ms against 2-3,
+    and each read of such a job's row pays it (a review, 2026-12-07).
+    Bounded, where msgspec's was not; reading with msgspec's own unless a
+    far exponent is in the text is left for later. A job's JSON is read again
     at every look at it (`GET /jobs`, a list page, the dashboard), so one
     such job cost each of them that much of its worker's event loop (a QA
     pass, 2026-12-07). A number out of range is refused as msgspec refuses

@@ -46,3 +46,29 @@ async def test_a_large_heartbeat_is_read_aside(start_service, receiver, monkeypa
     assert small.status_code == 200, small.text
     assert (await svc.job("beat"))["progress"] == [f"sent {MASK}"]
     assert ran_on == ["tether-aside_0", threading.current_thread().name]
+
+
+async def test_heartbeats_to_one_url_keep_their_order_when_one_waits_aside(start_service, receiver):
+    """A large heartbeat read aside may wait behind other work there; a
+    later small one waits its turn, so the newer progress is the one kept
+    (a review saw the older kept in 5 of 5 rounds)."""
+    import asyncio
+
+    from core.aside import _THREAD
+
+    svc = await start_service()
+    _, url = await start_job(svc, receiver, "order", heartbeat_timeout=60)
+    busy = threading.Event()
+    _THREAD.submit(busy.wait, 10)  # other work holds the thread
+    try:
+        large = asyncio.create_task(
+            svc.client.post(url, json={"progress": ["older"] * (ASIDE_BYTES // 6)})
+        )
+        await asyncio.sleep(0.2)
+        small = asyncio.create_task(svc.client.post(url, json={"progress": "newer"}))
+        await asyncio.sleep(0.2)
+    finally:
+        busy.set()
+    assert (await large).status_code == 200
+    assert (await small).status_code == 200
+    assert (await svc.job("order"))["progress"] == "newer"
