@@ -120,11 +120,17 @@ def read_json(data: bytes | str, type: Any = Any) -> Any:
     such job cost each of them that much of its worker's event loop (a QA
     pass, 2026-12-07). A number out of range is refused as msgspec refuses
     it (`OUT_OF_RANGE`)."""
-    return json_decoder(type).decode(data)
+    try:
+        decoder = json_decoder(type)
+    except TypeError:  # a type that cannot be a key (`Annotated[int, {...}]`)
+        decoder = msgspec.json.Decoder(type, float_hook=_float)
+    return decoder.decode(data)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def json_decoder(type: Any) -> msgspec.json.Decoder[Any]:
+    """msgspec's decoder for `type`, its open floats read by `_float`
+    (kept for the last 256 types: a plugin may make its own)."""
     return msgspec.json.Decoder(type, float_hook=_float)
 
 
