@@ -44,3 +44,19 @@ async def test_a_large_status_answer_is_read_aside_and_masked(monkeypatch):
     data, _ = await going_said(rec, small, [TOKEN], 1 << 20)
     assert data == {"said": "running", "progress": [f"see {MASK}"]}
     assert ran_on == ["tether-aside_0", threading.current_thread().name]
+
+
+async def test_a_large_job_row_is_read_aside(monkeypatch):
+    """A job is read at each callback, heartbeat and look at it: a large
+    row's JSON is read on the thread, a small one's here."""
+    import core.store.sql
+    from tests.core.parts import open_parts
+
+    ran_on = threads_of(monkeypatch, core.store.sql, "_row")
+    async with open_parts() as parts:
+        await parts.add_job("big", params={"floats": [0.5] * ASIDE_BYTES})
+        await parts.add_job("small")
+        ran_on.clear()  # (the writes' own reads)
+        assert (await parts.jobs.get("big")).params == {"floats": [0.5] * ASIDE_BYTES}
+        assert (await parts.jobs.get("small")).id == "small"
+    assert ran_on == ["tether-aside_0", threading.current_thread().name]
