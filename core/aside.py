@@ -22,12 +22,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
+
 ASIDE_BYTES = 4096
 """Work on more bytes than this goes on the thread. At most this much,
 made to be slow (every string a head of the token), costs about 12 ms
 where it stands; the hop to the thread and back about 0.1 ms."""
 
 _THREAD = ThreadPoolExecutor(1, thread_name_prefix="tether-aside")
+
+
+def json_bytes(value: Any) -> int:
+    """How many bytes `value`'s JSON takes: the size `aside` is told of the
+    work on it. Past `ASIDE_BYTES` for a value JSON cannot write out (nested
+    past msgspec's depth: the work on it is its refusal, a long walk)."""
+    try:
+        return len(msgspec.json.encode(value))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return ASIDE_BYTES + 1
 
 
 async def aside[T](size: int, work: Callable[..., T], *args: Any) -> T:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import msgspec
 
 from core import workflow
-from core.aside import ASIDE_BYTES, aside
+from core.aside import aside, json_bytes
 from core.bounds import MAX_DEPTH, bound_learnt, deeper_than
 from core.errors import InvalidRequest, MalformedBody, NotFound, Unauthorized, escaped
 from core.events import body_digest
@@ -233,7 +233,7 @@ async def going_said(
     learnt of the run (`learnt`), bounded (`bound_learnt`). Worked aside
     when the backend's answer is large (`core.aside`): the backend's
     target, holding the job's token, writes it."""
-    size = 0 if found is None else _answer_bytes(found)
+    size = 0 if found is None else json_bytes([found.progress, found.external])
     return await aside(size, _going_said, rec, found, tokens, limit)
 
 
@@ -241,14 +241,6 @@ def _going_said(
     rec: JobRecord, found: Running | None, tokens: list[str], limit: int | None
 ) -> tuple[dict[str, Any], tuple[int, dict[str, Any]] | None]:
     return status_said(found, tokens), bound_learnt(rec, learnt(rec, found, tokens), limit)
-
-
-def _answer_bytes(found: Running) -> int:
-    """About how many bytes of JSON a going run's answer holds."""
-    try:
-        return len(msgspec.json.encode([found.progress, found.external]))
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return ASIDE_BYTES + 1
 
 
 def status_said(found: Running | None, tokens: list[str]) -> dict[str, Any]:

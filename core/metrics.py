@@ -189,9 +189,11 @@ async def longest_waiting(index: JobIndex, limit: int) -> list[dict[str, Any]]:
             (state, limit),
         )
     found: dict[str, dict[str, Any]] = {}  # (a job that moved on between two reads: once)
-    for _, id, state, backend, created in sorted(rows):
-        found.setdefault(id, {"id": id, "state": state, "backend": backend, "created_at": created})
-    return [job | {"created_at": int(job["created_at"])} for job in list(found.values())[:limit]]
+    for _, id, state, backend, made in sorted(rows):
+        found.setdefault(
+            id, {"id": id, "state": state, "backend": backend, "created_at": int(made)}
+        )
+    return list(found.values())[:limit]
 
 
 async def job_gauges(index: JobIndex, now: int) -> JobGauges:

@@ -352,10 +352,7 @@ def redact_value(value: Any, secrets: Sequence[str]) -> Any:
     stand whole (`value_without_environment_secrets`: a run may echo the
     credential a backend sent it); `value` itself when none mentions a
     secret (the usual case, found with a look at its JSON: `_value_mentions`)."""
-    return _redact_value(value, msgspec.json.encode(value), secrets)
-
-
-def _redact_value(value: Any, data: bytes | None, secrets: Sequence[str]) -> Any:
+    data: bytes | None = msgspec.json.encode(value)
     if secrets and data is not None and _value_mentions(data, secrets):
         value, data = _walk(value, secrets), None
     return value_without_environment_secrets(value, data)

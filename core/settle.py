@@ -35,7 +35,7 @@ from resonate.resonate import Resonate
 from resonate.types import Value
 from resonate_base import ConnectorError
 
-from core.aside import ASIDE_BYTES, aside
+from core.aside import aside, json_bytes
 from core.bounds import bound_outcome, shallow
 from core.errors import NotFound, StoreUnavailable, reason
 from core.models import OPEN_STATES, ErrorInfo, EventType, JobState, Outcome, read_json
@@ -210,13 +210,8 @@ def _kept(outcome: Outcome, secrets: list[str], limit: int | None) -> Outcome:
 
 
 def _outcome_bytes(outcome: Outcome) -> int:
-    """About how many bytes `_kept` works on (any JSON nested past what
-    can be written out: as many as `aside` sends to its thread)."""
-    try:
-        size = len(msgspec.json.encode(outcome.result))
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        return ASIDE_BYTES + 1
-    return size + (0 if outcome.error is None else len(outcome.error.message))
+    """About how many bytes `_kept` works on."""
+    return json_bytes(outcome.result) + (0 if outcome.error is None else len(outcome.error.message))
 
 
 def _redacted(outcome: Outcome, secrets: list[str]) -> Outcome:
