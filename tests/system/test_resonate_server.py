@@ -232,8 +232,15 @@ async def test_a_job_sent_while_the_server_is_down_is_accepted_and_triggered_onc
     assert answer.status_code == 201, answer.text
     job = answer.json()
     assert job["state"] == "pending" and (await svc.job(job["id"]))["state"] == "pending"
-    resonate_stand_ins(server.db, port=server.port)
-    await svc.wait_state(job["id"], "running", timeout=15)
+    # A task's `execute` pushed before the worker's message stream is back is
+    # dropped and pushed again every `retry_ms`: 1 s here, not the default 5 s,
+    # so a slow reconnect on a busy machine costs a second, not ten.
+    back = resonate_stand_ins(server.db, port=server.port, retry_ms=1000)
+    try:
+        await svc.wait_state(job["id"], "running", timeout=30)
+    except AssertionError as exc:
+        seen = f"delivered {back.delivered}, dropped {back.dropped}, kinds {dict(back.kinds)}"
+        raise AssertionError(f"{exc}; the stand-in: {seen}, streams {len(back.streams)}") from exc
     await asyncio.sleep(1.5)  # resumes go on: none triggers again
     assert [h.body["job_id"] for h in receiver.hits] == [job["id"]]
 
