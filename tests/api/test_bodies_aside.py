@@ -72,3 +72,36 @@ async def test_heartbeats_to_one_url_keep_their_order_when_one_waits_aside(start
     assert (await large).status_code == 200
     assert (await small).status_code == 200
     assert (await svc.job("order"))["progress"] == "newer"
+
+
+async def test_a_large_row_is_decoded_aside_once_a_write(start_service, receiver, monkeypatch):
+    """A duplicate of a large callback decoded the job's row five times on
+    the loop (two writes, each read in its transaction, by its listeners and
+    by its caller). Now each write's row is decoded once, on the aside
+    thread, and its events' listeners are still told (the duplicate is
+    counted)."""
+    import core.store.sql
+    from tests.api.test_events import callbacks_counted
+
+    svc = await start_service()
+    _, beat = await start_job(svc, receiver, "rows")
+    url = beat.removesuffix("/heartbeat").replace("/heartbeat?", "?")
+    words = [[]] * ASIDE_BYTES  # a row of many small lists: slow to decode
+    answer = await svc.client.post(url, json={"status": "succeeded", "result": words})
+    assert answer.json()["outcome"] == "accepted"
+    before = await callbacks_counted(svc)
+    decoded: list[tuple[str, bool]] = []  # (thread, whether the large row)
+    row = core.store.sql._row
+
+    def watched(r: tuple[object, ...]) -> object:
+        decoded.append((threading.current_thread().name, "rows" in r))
+        return row(r)
+
+    monkeypatch.setattr(core.store.sql, "_row", watched)
+    again = await svc.client.post(url, json={"status": "succeeded", "result": words})
+    assert again.json()["outcome"] == "duplicate"
+    assert again.json()["job"]["result"] == words
+    large = [thread for thread, ours in decoded if ours]
+    # the look before the settle, the end that found it ended, the note's write
+    assert large == ["tether-aside_0"] * 3
+    assert (await callbacks_counted(svc)).get("duplicate", 0) == before.get("duplicate", 0) + 1
