@@ -188,7 +188,7 @@ class Written:
     duplicate of a 1 MiB callback of 340,000 small lists decoded its row
     five times on the loop, 0.1 s each (a review, 2026-12-07)."""
 
-    __slots__ = ("_reading", "_rec", "created", "filed", "promoted", "rows")
+    __slots__ = ("_reading", "_rec", "_weight", "created", "filed", "promoted", "rows")
 
     def __init__(
         self,
@@ -201,11 +201,16 @@ class Written:
         self.rows, self.filed, self.promoted, self.created = rows, filed, promoted, created
         self._rec = rec
         self._reading: asyncio.Future[JobRecord] | None = None
+        self._weight = -1  # (not yet weighed)
 
     @property
     def heavy(self) -> bool:
         """Whether the row is still to be decoded, and large (`ASIDE_BYTES`)."""
-        return bool(self.rows) and self._rec is None and _weight(self.rows[0]) > ASIDE_BYTES
+        if not self.rows or self._rec is not None:
+            return False
+        if self._weight < 0:
+            self._weight = _weight(self.rows[0])
+        return self._weight > ASIDE_BYTES
 
     @property
     def rec(self) -> JobRecord | None:
@@ -222,8 +227,7 @@ class Written:
         if not self.heavy:
             return self.rec
         if self._reading is None:
-            row = self.rows[0]
-            self._reading = asyncio.ensure_future(aside(_weight(row), _row, row))
+            self._reading = asyncio.ensure_future(aside(self._weight, _row, self.rows[0]))
         self._rec = await asyncio.shield(self._reading)
         return self._as_promoted(self._rec)
 
