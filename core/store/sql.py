@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import operator
 import time
 import uuid
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import msgspec
 
 from core.aside import ASIDE_BYTES, aside
-from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome
+from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome, read_json
 from core.store.jobs import (
     Event,
     JobRecord,
@@ -99,6 +100,8 @@ class Driver(Session, Protocol):
         """`JobIndex.refused`."""
         ...
 
+
+log = logging.getLogger("tether")
 
 COUNTS_MANY = 100_000
 """Jobs stored from which a count per state is reused for `COUNTS_REUSE_S`
@@ -242,12 +245,13 @@ name (`(kind, value)`: a tag, a state, a backend), and the one that drives
 
 
 _COLUMN = {column.name: n for n, column in enumerate(JOB_ROWS.table.columns)}
-_ID, _SEQ, _BACKEND, _ATTEMPT, _EVENTS, _NOTIFY_URL = (
-    _COLUMN[name] for name in ("id", "seq", "backend", "attempt", "events", "notify_url")
+_ID, _SEQ, _BACKEND, _STATE, _ATTEMPT, _EVENTS, _NOTIFY_URL, _EXTERNAL = (
+    _COLUMN[name]
+    for name in ("id", "seq", "backend", "state", "attempt", "events", "notify_url", "external")
 )
 _HEARTBEAT_NOTED_AT, _PROGRESS_NOTED = _COLUMN["heartbeat_noted_at"], _COLUMN["progress_noted"]
 """Where a job row holds what a write reads of it before its commit (the
-events' place, its backend): read there, not decoded with the rest."""
+events' place, its backend, the run): read there, not decoded with the rest."""
 _JSON = operator.itemgetter(*(n for n, c in enumerate(JOB_ROWS.table.columns) if c.type == "json"))
 """A job row's JSON columns (params, metadata, the run, the outcome, progress,
 tags): what may be large."""
@@ -482,7 +486,7 @@ class SqlJobIndex:
         return await self.db.atomic(body, self._committed)
 
     def _committed(self, done: Written) -> None:
-        if done.filed:  # (nothing to tell: the row is not decoded for it)
+        if done.filed and self.on_event is not None:  # (else the row is not decoded for it)
             if done.heavy:
                 self._tell_later(done)
             else:
@@ -495,13 +499,18 @@ class SqlJobIndex:
         """Tell the listeners of a large row's events once it is decoded
         aside, in a task of the index's own: still told if the writer is
         cancelled meanwhile (`close` waits for it). Listeners may hear of
-        another write's events first: none relies on their order (they
-        count, wake, and look at times)."""
+        a later write's events first, of the same job too (a small row's,
+        told at once; the queued jobs it promoted start first): none relies
+        on their order (they count, wake, and look at times). A listener's
+        error is logged, as the embedded store logs one after its commit."""
 
         async def tell() -> None:
-            rec = await done.read()
-            if rec is not None:
-                self._tell(rec, done.filed)
+            try:
+                rec = await done.read()
+                if rec is not None:
+                    self._tell(rec, done.filed)
+            except Exception as exc:
+                log.warning("telling of a job's events failed: %s", type(exc).__name__)
 
         task = asyncio.get_running_loop().create_task(tell())
         self._telling.add(task)  # (a strong reference: the loop keeps a weak one)
@@ -1101,24 +1110,26 @@ class SqlJobIndex:
                 rows = await tx.fetch(_COUNT_OPEN, (len(events), job_id, open_at, *OPEN_STATES))
             filed = await self._file(tx, rows[0], events, now) if rows else []
             if rows and external is not None:
-                rows = await self._merge_external(tx, _row(rows[0]), *external) or rows
+                rows = await self._merge_external(tx, rows[0], *external) or rows
             return Written(rows, filed)
 
         return await (await self._write(body)).read()
 
     async def _merge_external(
-        self, tx: Session, rec: JobRecord, attempt: int, changed: Mapping[str, Any]
+        self, tx: Session, row: tuple[Any, ...], attempt: int, changed: Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
-        """Merge `changed` into the `external` of a running job still at
-        `attempt` (the row is locked by the caller's update); [] otherwise."""
-        if rec.attempt != attempt or rec.state != "running" or rec.external is None:
+        """Merge `changed` into the `external` of the job's `row`, running and
+        still at `attempt` (the row is locked by the caller's update); []
+        otherwise. Only the run's column is decoded (the row may be large)."""
+        if row[_ATTEMPT] != attempt or row[_STATE] != "running" or row[_EXTERNAL] is None:
             return []
-        merged = {**rec.external, **changed}
-        if merged == rec.external:
+        external = read_json(row[_EXTERNAL], dict[str, Any])
+        merged = {**external, **changed}
+        if merged == external:
             return []
         return await tx.fetch(
             f"UPDATE tether_jobs SET external = ? WHERE id = ? RETURNING {COLUMNS}",
-            (json_text(merged), rec.id),
+            (json_text(merged), row[_ID]),
         )
 
     async def events_after(
@@ -1528,7 +1539,8 @@ class SqlJobIndex:
         return " FOR UPDATE" if self._dialect == "postgresql" else ""
 
     async def close(self) -> None:
-        await asyncio.gather(*self._telling, return_exceptions=True)
+        while self._telling:  # (a write that commits meanwhile may start one more)
+            await asyncio.gather(*self._telling, return_exceptions=True)
         await self.db.close()
 
     async def _index_run_keys(

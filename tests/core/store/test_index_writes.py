@@ -766,3 +766,38 @@ async def test_a_trigger_marks_its_tries_where_the_row_is_as_it_read_it(database
     assert (await jobs.get("m")).tries_run == "1:a"  # type: ignore[union-attr]
     assert await jobs.mark_tries("m", 1_000, 1, "1:a", "1:b")  # a replay, having read "1:a"
     assert (await jobs.get("m")).tries_run == "1:b"  # type: ignore[union-attr]
+
+
+async def test_a_large_rows_listeners_are_told_once_it_is_decoded_aside(
+    database, caplog, monkeypatch
+):
+    """A write's row over `ASIDE_BYTES` is decoded on the aside thread,
+    once for its caller and its listeners; they are told once it is, before
+    `close` ends; a listener's error is logged, not lost in a task nobody
+    reads."""
+    import core.store.sql
+    from core.aside import ASIDE_BYTES
+    from tests.conftest import threads_of
+
+    jobs = await index_on(database)
+    told: list[tuple[str, int]] = []
+    jobs.on_event = lambda rec, event: told.append((event.type, event.seq))
+    decoded = threads_of(monkeypatch, core.store.sql, "_row")
+    large = msgspec.structs.replace(job("big"), params={"words": ["w"] * ASIDE_BYTES})
+    rec, created = await jobs.insert(large, [NewEvent("accepted", {})])
+    assert created and rec.params == large.params
+    await eventually(lambda: told == [("accepted", 1)])
+    assert decoded == ["tether-aside_0"]
+    again = await jobs.record("big", [NewEvent("status_check", {})], 2_000)
+    assert again is not None and again.events == 2
+    await eventually(lambda: told == [("accepted", 1), ("status_check", 2)])
+    assert decoded == ["tether-aside_0"] * 2
+
+    def broken(rec: Any, event: Any) -> None:
+        raise RuntimeError("a listener's bug")
+
+    jobs.on_event = broken
+    await jobs.record("big", [NewEvent("status_check", {})], 3_000)
+    await jobs.close()  # waits for the tell
+    assert "telling of a job's events failed: RuntimeError" in caplog.text
+    assert not jobs._telling
