@@ -187,9 +187,11 @@ class Written:
     `JobRecord` when the transaction decoded it already.
 
     The row is decoded once, however many read it (the caller, the
-    listeners); a large one on the worker's own thread (`read`). A
-    duplicate of a 1 MiB callback of 340,000 small lists decoded its row
-    five times on the loop, 0.1 s each (a review, 2026-12-07)."""
+    listeners); a large one on the worker's own thread (`read`: the loop
+    goes on between the floats of a large result, read by Python's
+    `float`, not during a decode of lists or strings, which holds the
+    interpreter's lock). A duplicate of a 1 MiB callback of 340,000 small
+    lists decoded its row five times on the loop, 0.1 s each (2026-12-07)."""
 
     __slots__ = ("_reading", "_rec", "_weight", "created", "filed", "promoted", "rows")
 
