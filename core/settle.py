@@ -317,13 +317,12 @@ class Settler:
             attempt, seen = current.attempt, current
         promise_id = callback_promise_id(job_id, attempt)
         tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
-        kept, size = (outcome, tokens, self.max_result_bytes), _outcome_bytes(outcome)
-        outcome = await aside(size, _kept, *kept)
+        kept = (outcome, tokens, self.max_result_bytes)
+        outcome = await aside(_outcome_bytes(outcome), _kept, *kept)
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)
-        first_note = None if note is None else note("accepted")
-        value = await aside(size, settled_value, outcome, by, nonce, first_note)
+        value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
         if self.jobs.settles_together and not (
             seen is not None and seen.attempt == attempt and seen.finished
         ):

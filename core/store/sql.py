@@ -561,8 +561,10 @@ class SqlJobIndex:
         if not rows:
             return None
         # a large row read aside (`core.aside`): a job is read at each
-        # callback, heartbeat and look at it, and a megabyte of floats or of
-        # small lists took 15-60 ms of the loop each time (a review, 2026-12-07)
+        # callback, heartbeat and look at it, and a megabyte of floats took
+        # 15-60 ms of the loop each time (a review, 2026-12-07); on the thread
+        # the loop goes on between them (not during a decode of lists or
+        # strings: one C call that holds the interpreter's lock)
         return await aside(_weight(rows[0]), _row, rows[0])
 
     async def salt_of(self, job_id: str) -> str | None:

@@ -90,18 +90,10 @@ async def test_a_large_row_is_decoded_aside_once_a_write(start_service, receiver
     answer = await svc.client.post(url, json={"status": "succeeded", "result": words})
     assert answer.json()["outcome"] == "accepted"
     before = await callbacks_counted(svc)
-    decoded: list[tuple[str, bool]] = []  # (thread, whether the large row)
-    row = core.store.sql._row
-
-    def watched(r: tuple[object, ...]) -> object:
-        decoded.append((threading.current_thread().name, "rows" in r))
-        return row(r)
-
-    monkeypatch.setattr(core.store.sql, "_row", watched)
+    decoded = threads_of(monkeypatch, core.store.sql, "_row")  # (the job's row: the only one)
     again = await svc.client.post(url, json={"status": "succeeded", "result": words})
     assert again.json()["outcome"] == "duplicate"
     assert again.json()["job"]["result"] == words
-    large = [thread for thread, ours in decoded if ours]
     # the look before the settle, the end that found it ended, the note's write
-    assert large == ["tether-aside_0"] * 3
+    assert decoded == ["tether-aside_0"] * 3
     assert (await callbacks_counted(svc)).get("duplicate", 0) == before.get("duplicate", 0) + 1
