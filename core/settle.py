@@ -322,10 +322,10 @@ class Settler:
         nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)
+        if seen is not None and seen.attempt == attempt and seen.finished:
+            return await self._after_the_end(seen, outcome, note)
         value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
-        if self.jobs.settles_together and not (
-            seen is not None and seen.attempt == attempt and seen.finished
-        ):
+        if self.jobs.settles_together:
             alone = self.finishes_alone is not None and self.finishes_alone(outcome.status, value)
             rec = await self._settle_together(job_id, attempt, outcome, value, note, alone)
             if rec is not None:
@@ -376,12 +376,6 @@ class Settler:
         settled = outcome_of(data) if data is not None else store_timeout(timeout)
         won = isinstance(data, dict) and data.get("nonce") == nonce
         result = "accepted" if won else judge(settled.status, settled.same_as(outcome))
-        # Ended before this settle came (on the unborn path, its promise born
-        # since and not yet settled by the trigger): this settle's value
-        # ended nothing, and an identical note before `finished` is another
-        # settle's (a first callback's, this one repeating it), not its own.
-        if won and seen is not None and seen.attempt == attempt and seen.finished:
-            won = False
         # Lost: the winner's own event first, should this settle be the one
         # that ends the job (the winner's index write timed out, or is late).
         before = [store_timed_out(timeout)] if data is None else noted(data) if not won else []
@@ -398,6 +392,35 @@ class Settler:
         )
         if ended and orphan:
             await self._orphaned(rec, wait_stop)
+        return result, rec
+
+    async def _after_the_end(
+        self, seen: JobRecord, outcome: Outcome, note: Note | None
+    ) -> tuple[SettleResult, JobRecord]:
+        """A settle of job `seen`'s attempt, which its caller read ended: it
+        can change nothing, and the row says how it compares (its outcome is
+        the one its callback promise holds, bounded and masked alike). The
+        promise is not touched: the SDK's answer to a settle of a settled
+        promise is its value decoded on the loop (a megabyte of floats at
+        the double's ends took 0.5 s a duplicate, 2026-12-07), and one the
+        job's end left unborn (the index alone: a cancel first) is its
+        trigger's to settle, from the row, saying whether it tried a run
+        (`JobSteps`: a value of this settle's winning it said not). Its note
+        is filed after the end as a loser's, in one write, unless the job is
+        at a later attempt by then (its row then returned as it is now);
+        with no note to file (a repeat left out), nothing is written and the
+        row is `seen`."""
+        same = seen.state == outcome.status and outcome_of_record(seen).same_as(outcome)
+        result = judge(seen.state, same)
+        late = None if note is None else note(result)
+        if late is None:
+            return result, seen
+        at = seen.attempt
+        rec = await store_call(self.jobs.record(seen.id, [late], now_ms(), ended_at=at))
+        if rec is None:  # retried since (or deleted): as it is now
+            rec = await store_call(self.jobs.get(seen.id))
+        if rec is None:
+            raise NotFound.job(seen.id)
         return result, rec
 
     async def _settle_together(

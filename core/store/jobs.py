@@ -384,13 +384,16 @@ class JobIndex(Protocol):
         external: tuple[int, Mapping[str, Any]] | None = None,
         *,
         open_at: int | None = None,
+        ended_at: int | None = None,
     ) -> JobRecord | None:
         """Record events that change nothing else (but, with `external` as
         `(attempt, fields)`, those fields merged into the job's `external`
         while it is running at that attempt: what a status check learnt); the
         row after (None: no such job). With `open_at`, only while the job is
         open at that attempt (None otherwise, nothing filed): what a look at a
-        running job found is not filed after the job's `finished`."""
+        running job found is not filed after the job's `finished`. With
+        `ended_at`, only while the job is ended at that attempt: a late
+        callback's note is not filed under a retry's attempt."""
         ...
 
     async def events_after(

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Protocol, cast
 import msgspec
 
 from core.aside import ASIDE_BYTES, aside
-from core.models import OPEN_STATES, RETRYABLE_STATES, Outcome, read_json
+from core.models import FINAL_STATES, OPEN_STATES, RETRYABLE_STATES, Outcome, read_json
 from core.store.jobs import (
     Event,
     JobRecord,
@@ -125,6 +125,10 @@ _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {CO
 _COUNT_OPEN = (
     "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
     f" AND state IN ({', '.join('?' for _ in OPEN_STATES)}) RETURNING {COLUMNS}"
+)
+_COUNT_ENDED = (
+    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
+    f" AND state IN ({', '.join('?' for _ in FINAL_STATES)}) RETURNING {COLUMNS}"
 )
 NOTE_CLOCK_SLACK_MS = 12 * 3_600_000
 """How much later than a notification's making its job's creation may seem
@@ -1105,13 +1109,16 @@ class SqlJobIndex:
         external: tuple[int, Mapping[str, Any]] | None = None,
         *,
         open_at: int | None = None,
+        ended_at: int | None = None,
     ) -> JobRecord | None:
 
         async def body(tx: Session) -> Written:
-            if open_at is None:
-                rows = await tx.fetch(_COUNT, (len(events), job_id))
-            else:
+            if open_at is not None:
                 rows = await tx.fetch(_COUNT_OPEN, (len(events), job_id, open_at, *OPEN_STATES))
+            elif ended_at is not None:
+                rows = await tx.fetch(_COUNT_ENDED, (len(events), job_id, ended_at, *FINAL_STATES))
+            else:
+                rows = await tx.fetch(_COUNT, (len(events), job_id))
             filed = await self._file(tx, rows[0], events, now) if rows else []
             if rows and external is not None:
                 rows = await self._merge_external(tx, rows[0], *external) or rows

@@ -156,6 +156,29 @@ async def test_a_status_check_merges_what_it_learnt_into_a_running_jobs_external
     assert (after.events, after.state) == (4, "succeeded")  # three checks and `finished`
 
 
+async def test_a_note_for_an_ended_attempt_is_filed_only_while_the_job_is_ended_at_it(database):
+    """`record(..., ended_at=)`: a late callback's note, filed only while the
+    job is ended at the attempt its caller read; neither while it is open
+    nor once a retry moved it to the next attempt (None, nothing filed)."""
+    jobs = await index_on(database)
+    await jobs.insert(job("j"))
+    late = NewEvent("callback", {"verdict": "duplicate"})
+    assert await jobs.record("j", [late], 1_500, ended_at=1) is None  # open
+    await jobs.end("j", Outcome("failed"), 2_000)
+    filed = await jobs.record("j", [late], 2_100, ended_at=1)
+    assert filed is not None and (filed.events, filed.state) == (2, "failed")
+    await jobs.retry("j", 1, 90_000, 2_200, NewEvent("retried", {}))
+    assert await jobs.record("j", [late], 2_300, ended_at=1) is None  # at attempt 2
+    assert await jobs.record("gone", [late], 2_300, ended_at=1) is None
+    rec, events = await jobs.events_after("j", 0, 10)
+    assert rec is not None and rec.events == 3
+    assert [(e.type, e.attempt) for e in events] == [
+        ("finished", 1),
+        ("callback", 1),
+        ("retried", 2),
+    ]
+
+
 async def test_open_jobs_are_counted_by_backend_for_the_backends_not_excluded(database):
     jobs = await index_on(database)
     jobs.limits = {"gone": 1}
