@@ -308,7 +308,8 @@ class Settler:
         `cancel_failed`) is an event filed later, which the job's stream
         waits for (`stop_due`). `seen`: the job's row as the caller read it
         before this settle (pass it whenever it read the row): one ended at
-        `attempt` already was ended by another settle, whatever this one wins.
+        `attempt` already was ended by another settle, and this one is
+        judged by it, settling nothing (`_after_the_end`).
         """
         if attempt is None:
             current = await store_call(self.jobs.get(job_id))
@@ -319,11 +320,11 @@ class Settler:
         tokens = self.tokens(job_id, attempt, salt) if self.tokens is not None else []
         kept = (outcome, tokens, self.max_result_bytes)
         outcome = await aside(_outcome_bytes(outcome), _kept, *kept)
-        nonce = uuid.uuid4().hex
         if note is not None:  # asked first how a win is noted: kept in the value
             note = _first_kept(note, tokens)
         if seen is not None and seen.attempt == attempt and seen.finished:
             return await self._after_the_end(seen, outcome, note)
+        nonce = uuid.uuid4().hex
         value = settled_value(outcome, by, nonce, None if note is None else note("accepted"))
         if self.jobs.settles_together:
             alone = self.finishes_alone is not None and self.finishes_alone(outcome.status, value)
