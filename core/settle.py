@@ -400,27 +400,30 @@ class Settler:
     ) -> tuple[SettleResult, JobRecord]:
         """A settle of job `seen`'s attempt, which its caller read ended: it
         can change nothing, and the row says how it compares (its outcome is
-        the one its callback promise holds, bounded and masked alike). The
-        promise is not touched: the SDK's answer to a settle of a settled
-        promise is its value decoded on the loop (a megabyte of floats at
-        the double's ends took 0.5 s a duplicate, 2026-12-07), and one the
-        job's end left unborn (the index alone: a cancel first) is its
-        trigger's to settle, from the row, saying whether it tried a run
-        (`JobSteps`: a value of this settle's winning it said not). Its note
-        is filed after the end as a loser's, in one write, unless the job is
-        at a later attempt by then (its row then returned as it is now);
-        with no note to file (a repeat left out), nothing is written and the
-        row is `seen`."""
+        the one a settle ended it with, bounded and masked alike; the
+        promise holds the same, or a store's timeout that the row words as
+        its own, or nothing yet). The promise is not touched: the SDK's
+        answer to a settle of a settled promise is its value decoded on the
+        loop (a megabyte of floats at the double's ends took 0.5 s a
+        duplicate, 2026-12-07), and one the job's end left unborn (the index
+        alone: a cancel first) is its trigger's to settle, from the row,
+        saying whether it tried a run (`JobSteps`: a value of this settle's
+        winning it said not). Its note is filed after the end as a loser's,
+        in one write that holds only while the job is ended at that attempt
+        (a retry meanwhile: nothing filed). The row returned is the job as
+        it is now, so that a caller sees a retry that came meanwhile; a job
+        deleted meanwhile, or made again under its id (retention, then a new
+        job), is not found."""
         same = seen.state == outcome.status and outcome_of_record(seen).same_as(outcome)
         result = judge(seen.state, same)
         late = None if note is None else note(result)
-        if late is None:
-            return result, seen
-        at = seen.attempt
-        rec = await store_call(self.jobs.record(seen.id, [late], now_ms(), ended_at=at))
-        if rec is None:  # retried since (or deleted): as it is now
+        rec = None
+        if late is not None:
+            at = seen.attempt
+            rec = await store_call(self.jobs.record(seen.id, [late], now_ms(), ended_at=at))
+        if rec is None:  # nothing to file (a repeat left out), or retried since
             rec = await store_call(self.jobs.get(seen.id))
-        if rec is None:
+        if rec is None or rec.created_at != seen.created_at:
             raise NotFound.job(seen.id)
         return result, rec
 

@@ -392,8 +392,9 @@ class JobIndex(Protocol):
         row after (None: no such job). With `open_at`, only while the job is
         open at that attempt (None otherwise, nothing filed): what a look at a
         running job found is not filed after the job's `finished`. With
-        `ended_at`, only while the job is ended at that attempt: a late
-        callback's note is not filed under a retry's attempt."""
+        `ended_at` (and no `open_at`), only while the job is ended at that
+        attempt: a late callback's note is not filed under a retry's
+        attempt."""
         ...
 
     async def events_after(

@@ -1275,27 +1275,55 @@ async def test_a_settle_whose_caller_saw_the_job_ended_is_judged_by_the_row_alon
     ]
 
 
+@pytest.mark.parametrize("left_out", [False, True])
 async def test_a_settle_whose_caller_saw_an_attempt_ended_that_was_retried_files_nothing(
-    parts: Parts,
+    parts: Parts, left_out: bool
 ):
     """Retried between the callback's read and its settle: the settle of the
-    ended attempt files no note under the new one (its caller answers
-    `gone`, saying so)."""
+    ended attempt files no note under the new one, and returns the row as
+    it is now, so that its caller answers `gone`; also when it has no note
+    to file (a repeat the endpoint leaves out: found by a review)."""
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
     await parts.settler.settle("j", FAILED, by="callback", note=call_note)
     seen = await parts.row("j")
     retried = await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), NewEvent("retried", {}))
     assert retried is not None and retried.attempt == 2
+    note = (lambda _: None) if left_out else call_note
 
     got, rec = await parts.settler.settle(
-        "j", FAILED, by="callback", note=call_note, attempt=1, seen=seen
+        "j", FAILED, by="callback", note=note, attempt=1, seen=seen
     )
 
     assert (got, rec.attempt, rec.state) == ("duplicate", 2, retried.state)
     assert [e for e in await types_and_verdicts(parts) if e[0] == "callback"] == [
         ("callback", "accepted")
     ]
+
+
+@pytest.mark.parametrize("left_out", [False, True])
+async def test_a_settle_whose_caller_saw_a_job_since_made_again_under_its_id_finds_none(
+    parts: Parts, left_out: bool
+):
+    """The job ended, was deleted (retention) and made again under its id
+    between a callback's read and its settle: the old URL's settle is not
+    found, and shows nothing of the new job (a review: it returned the new
+    job's row, which the callback answers with)."""
+    await parts.add_job("j", state="running", external={"who": "old"})
+    await parts.add_promise("j")
+    await parts.settler.settle("j", DONE, by="callback", note=call_note)
+    seen = await parts.row("j")
+    assert await parts.jobs.delete_finished(now_ms() + 1, 10)
+    await parts.add_job(
+        "j", state="running", external={"who": "new"}, created_at=seen.created_at + 1
+    )
+    note = (lambda _: None) if left_out else call_note
+
+    with pytest.raises(NotFound):
+        await parts.settler.settle("j", DONE, by="callback", note=note, attempt=1, seen=seen)
+
+    assert (await parts.row("j")).state == "running"
+    assert await types_and_verdicts(parts) == []
 
 
 async def types_and_verdicts(parts: Parts) -> list[tuple[str, Any]]:
