@@ -411,17 +411,20 @@ class Settler:
         winning it said not). Its note is filed after the end as a loser's,
         in one write that holds only while the job is ended at that attempt
         (a retry meanwhile: nothing filed). The row returned is the job as
-        it is now, so that a caller sees a retry that came meanwhile; a job
-        deleted meanwhile, or made again under its id (retention, then a new
-        job), is not found."""
+        it is now, so that a caller sees a retry that came meanwhile (with
+        nothing to file, `seen` itself once a look at the job's attempt
+        alone found it unchanged: the row is not read and decoded again); a
+        job deleted meanwhile, or made again under its id (retention, then a
+        new job), is not found."""
         same = seen.state == outcome.status and outcome_of_record(seen).same_as(outcome)
         result = judge(seen.state, same)
         late = None if note is None else note(result)
-        rec = None
+        rec, at = None, seen.attempt
         if late is not None:
-            at = seen.attempt
             rec = await store_call(self.jobs.record(seen.id, [late], now_ms(), ended_at=at))
-        if rec is None:  # nothing to file (a repeat left out), or retried since
+        elif await store_call(self.jobs.attempt_of(seen.id)) == (at, seen.created_at):
+            return result, seen  # nothing to file (a repeat left out): the row unread
+        if rec is None:  # retried since, deleted, or made again
             rec = await store_call(self.jobs.get(seen.id))
         if rec is None or rec.created_at != seen.created_at:
             raise NotFound.job(seen.id)

@@ -276,6 +276,12 @@ class JobIndex(Protocol):
         """The job's `salt` alone: None when it has none, or there is no such job."""
         ...
 
+    async def attempt_of(self, job_id: str) -> tuple[int, int] | None:
+        """The job's `attempt` and `created_at` alone (None: no such job):
+        whether a row read before is still the job's attempt, without
+        reading (and decoding) the row again."""
+        ...
+
     async def pages(
         self,
         pairs: Sequence[tuple[str | None, str | None]],

@@ -121,6 +121,7 @@ new job's trigger for the old one's."""
 _INSERT = f"{JOB_ROWS.insert} ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
 _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _SALT = "SELECT salt FROM tether_jobs WHERE id = ?"
+_ATTEMPT_OF = "SELECT attempt, created_at FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
 _COUNT_OPEN = (
     "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
@@ -576,6 +577,12 @@ class SqlJobIndex:
             return None
         rows = await self.db.fetch(_SALT, (job_id,))
         return rows[0][0] if rows else None
+
+    async def attempt_of(self, job_id: str) -> tuple[int, int] | None:
+        if "\0" in job_id:
+            return None
+        rows = await self.db.fetch(_ATTEMPT_OF, (job_id,))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     SCAN = 10_000
     """The most entries of its driving lists (below) one page reads. A page

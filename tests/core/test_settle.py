@@ -1275,6 +1275,30 @@ async def test_a_settle_whose_caller_saw_the_job_ended_is_judged_by_the_row_alon
     ]
 
 
+async def test_a_settle_after_the_end_with_nothing_to_file_reads_the_attempt_alone(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+):
+    """A repeat the callback endpoint leaves out (no note) writes nothing,
+    and, the job still at the attempt its caller read, reads nothing of the
+    row but its attempt: the row it returns is the one it was given (a
+    large row's decode, again, was most of such a repeat's time)."""
+    await parts.add_job("j", state="running")
+    await parts.add_promise("j")
+    await parts.settler.settle("j", DONE, by="callback", note=call_note)
+    seen = await parts.row("j")
+    rows: list[str] = []
+    monkeypatch.setattr(parts.jobs, "get", lambda job_id: rows.append(job_id))
+
+    got, rec = await parts.settler.settle(
+        "j", OTHER, by="callback", note=lambda _: None, attempt=1, seen=seen
+    )
+
+    assert (got, rows) == ("conflict", [])
+    assert rec is seen
+    monkeypatch.undo()
+    assert (await parts.row("j")).events == seen.events
+
+
 @pytest.mark.parametrize("left_out", [False, True])
 async def test_a_settle_whose_caller_saw_an_attempt_ended_that_was_retried_files_nothing(
     parts: Parts, left_out: bool

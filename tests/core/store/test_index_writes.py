@@ -170,6 +170,7 @@ async def test_a_note_for_an_ended_attempt_is_filed_only_while_the_job_is_ended_
     await jobs.retry("j", 1, 90_000, 2_200, NewEvent("retried", {}))
     assert await jobs.record("j", [late], 2_300, ended_at=1) is None  # at attempt 2
     assert await jobs.record("gone", [late], 2_300, ended_at=1) is None
+    assert (await jobs.attempt_of("j"), await jobs.attempt_of("gone")) == ((2, 1_000), None)
     rec, events = await jobs.events_after("j", 0, 10)
     assert rec is not None and rec.events == 3
     assert [(e.type, e.attempt) for e in events] == [
