@@ -5,8 +5,34 @@
 (() => {
   const page = document.body.dataset.page;
   const csrf = document.body.dataset.csrf || "";
+
+  // JSON read as its text says: a number JavaScript writes otherwise is
+  // kept as api/ui.py's `pretty` (Python) writes it, where the browser can
+  // (`JSON.rawJSON` and a reviver's `source`): an integer past 2^53 whole,
+  // a float as Python's `repr` (`1.0`, `1e+16`). Else a live redraw showed
+  // an order id rounded and `1.0` as `1` (found by a QA pass, 2026-12-07).
+  function pyFloat(value) {
+    if (Object.is(value, -0)) return "-0.0";
+    const [mantissa, power] = value.toExponential().split("e");
+    const e = Number(power);
+    const sign = value < 0 ? "-" : "";
+    const digits = mantissa.replace("-", "").replace(".", "");
+    if (e < -4 || e >= 16) {
+      const m = digits.length > 1 ? `${digits[0]}.${digits.slice(1)}` : digits;
+      return `${sign}${m}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
+    }
+    if (e < 0) return `${sign}0.${"0".repeat(-e - 1)}${digits}`;
+    return `${sign}${digits.slice(0, e + 1).padEnd(e + 1, "0")}.${digits.slice(e + 1) || "0"}`;
+  }
+  function exact(key, value, context) {
+    if (typeof value !== "number" || !JSON.rawJSON || !context || context.source === undefined) return value;
+    const source = context.source;
+    const written = /[.eE]/.test(source) ? pyFloat(value) : Number.isSafeInteger(value) ? null : source;
+    return written === null || written === String(value) ? value : JSON.rawJSON(written);
+  }
+  const readJSON = (text) => JSON.parse(text, exact);
   const dataNode = document.getElementById("page-data");
-  const data = dataNode ? JSON.parse(dataNode.textContent) : {};
+  const data = dataNode ? readJSON(dataNode.textContent) : {};
 
   // ── formatting: as api/ui.py's `span`, `took`, `clock` ─────────────────────
 
@@ -198,6 +224,21 @@
     );
   }
 
+  // `old` replaced by `fresh`, unless they are alike; a link or button
+  // focused in it is focused again in the new one (the same `href`, or
+  // `id`): the summary is reloaded every 5 s, and a keyboard's place in it
+  // was lost each time (found by a QA pass, 2026-12-07).
+  function swap(old, fresh) {
+    if (old.isEqualNode(fresh)) return;
+    const focused = old.contains(document.activeElement) ? document.activeElement : null;
+    const key = (node) => node.getAttribute("href") ?? node.id;
+    const was = focused && focused !== old ? key(focused) : null;
+    old.replaceWith(fresh);
+    if (was === null) return;
+    const again = [...fresh.querySelectorAll("a[href], button, [tabindex]")].find((n) => key(n) === was);
+    if (again) again.focus({ preventScroll: true });
+  }
+
   let summaryTimer = null;
   function reloadSummary() {
     // The summary is server-rendered (and escaped there): swap the fresh one in.
@@ -211,7 +252,7 @@
       const doc = new DOMParser().parseFromString(await answer.text(), "text/html");
       const fresh = doc.getElementById("summary");
       const old = document.getElementById("summary");
-      if (fresh && old) old.replaceWith(document.adoptNode(fresh));
+      if (fresh && old) swap(old, document.adoptNode(fresh));
     }, 1500);
   }
 
@@ -297,7 +338,7 @@
       if (!matches(job, filters)) {
         if (old) old.remove();
       } else if (old) {
-        old.replaceWith(row(job));
+        swap(old, row(job));
       } else {
         // Before the first row not newer: the list is newest first by when
         // each job was made, and a job made in the same millisecond as one
@@ -428,7 +469,11 @@
       for (const block of document.querySelectorAll("[data-block]")) {
         const value = job[block.dataset.block];
         block.hidden = value === null || value === undefined;
-        block.querySelector("pre").textContent = pretty(value ?? null);
+        // Only a block that changed: a redraw loses what is selected in it
+        // (a running job's heartbeats move the job, not its params).
+        const pre = block.querySelector("pre");
+        const text = pretty(value ?? null);
+        if (pre.textContent !== text) pre.textContent = text;
       }
       const cancel = document.getElementById("cancel");
       const retry = document.getElementById("retry");
@@ -471,7 +516,7 @@
         }).catch(() => null);
         if (answer && answer.status === 404) return gone();
         if (refused(answer) || !answer || !answer.ok) return;
-        const fresh = await answer.json();
+        const fresh = readJSON(await answer.text());
         // Unchanged: leave the page as it is (a redraw loses what is selected).
         if (JSON.stringify(fresh) !== JSON.stringify(job)) show(fresh);
       }, 100);
@@ -494,7 +539,7 @@
       const on = { end: stop };
       for (const type of data.event_types) {
         on[type] = (message) => {
-          const event = JSON.parse(message.data);
+          const event = readJSON(message.data);
           if (event.seq <= after) return;
           after = event.seq;
           events.append(item(event));
@@ -556,6 +601,9 @@
       const body = question(action);
       if (body === null) return;
       const name = action === "cancel" ? "Cancel" : "Retry";
+      // A retry of a job still winding up waits for it, up to 10 s: say so
+      // (the button stayed disabled with nothing said, a QA pass, 2026-12-07).
+      if (action === "retry" && job.winding_up) message("Retrying: waiting for the job to wind up (at most 10 s)…");
       const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}/${action}`, {
         method: "POST",
         credentials: "same-origin",
@@ -567,7 +615,7 @@
         message(`${name}: no answer from the service. Reload to see whether the job changed.`, true);
         return;
       }
-      const said = await answer.json().catch(() => null);
+      const said = await answer.text().then(readJSON).catch(() => null);
       if (answer.status === 401) {
         message(`${name} refused: the session has ended: `, true, signInAgain());
         showSignedOut();
@@ -608,7 +656,10 @@
     setInterval(async () => {
       if (document.hidden || deleted || signedOut || looking) return;
       if (stream) {
-        if (job.state === "running") reread();
+        // An ended job's `winding_up` comes with no event (a stop held after
+        // the end): look for it while the stream lasts (a cancel's page
+        // never said "Still winding up", a QA pass, 2026-12-07).
+        if (job.state === "running" || ended(job)) reread();
         return;
       }
       const id = encodeURIComponent(job.id);
@@ -626,7 +677,7 @@
       if (lost) showLive(false);
       else if (!stream) document.getElementById("live").hidden = true;
       if (!answer || !answer.ok) return;
-      const fresh = await answer.json();
+      const fresh = readJSON(await answer.text());
       // (A stop recorded moves no `updated_at`: `winding_up` says it.)
       const moved = fresh.updated_at !== job.updated_at || fresh.winding_up !== job.winding_up;
       if (fresh.attempt !== job.attempt || moved) {
@@ -640,7 +691,7 @@
         headers: { accept: "application/json" },
       }).catch(() => null);
       if (refused(later) || !later || !later.ok || stream) return;
-      for (const event of (await later.json()).items) {
+      for (const event of readJSON(await later.text()).items) {
         if (event.seq <= after) continue;
         after = event.seq;
         events.append(item(event));

@@ -16,10 +16,16 @@ from tests.process import TetherProcess, wait_for
 CHROMIUM = shutil.which("chromium")
 FAIL = "/fail"
 """Receiver paths under this answer 400: the job fails at its trigger."""
+SLOW = "/slow"
+"""Receiver paths under this answer 202 after `SLOW_S` seconds."""
+SLOW_S = 12.0
 
 
 def answer(hit: Hit) -> tuple[int, dict[str, Any]]:
-    """How the tests' webhook receiver answers a trigger: 202, or 400 under `FAIL`."""
+    """How the tests' webhook receiver answers a trigger: 202, or 400 under
+    `FAIL`, or 202 late under `SLOW`."""
+    if hit.path.startswith(SLOW):
+        time.sleep(SLOW_S)
     return (400, {"error": "no"}) if hit.path.startswith(FAIL) else (202, {})
 
 

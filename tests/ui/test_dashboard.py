@@ -4,6 +4,7 @@ data shown as text, a phone's width."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from playwright.sync_api import expect
 
 from tests.conftest import Receiver
 from tests.process import TetherProcess, wait_for
-from tests.ui.parts import FAIL, serve, settle, start_job, unique
+from tests.ui.parts import FAIL, SLOW, serve, settle, start_job, unique
 
 
 @pytest.fixture(scope="module")
@@ -993,3 +994,100 @@ def test_the_time_filter_says_its_zone_and_a_refused_one_keeps_the_form(
     page.get_by_label("created after").fill("2000-01-01T00:00:00")
     page.get_by_role("button", name="Filter").click()
     expect(row(page, job_id)).to_be_visible()
+
+
+def test_a_live_redraw_shows_numbers_as_the_server_writes_them(page, service, client, hooks):
+    """A job's page redrawn live writes each number as the server's page
+    does (and the API holds it): an integer past 2^53 whole, floats as
+    Python's `repr` (`1.0`, `1e-07`, `1e+16`). The browser's own reading
+    rounded `1234567890123456789` and wrote `1.0` as `1`, also in blocks
+    that had not changed (found by a QA pass, 2026-12-07)."""
+    job_id = unique("numbers")
+    big = 1234567890123456789
+    callback_url = start_job(client, hooks, job_id, metadata={"account": big, "ratio": 1.0})
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    metadata, result = (
+        page.locator('pre[data-json="metadata"]'),
+        page.locator('pre[data-json="result"]'),
+    )
+    served = metadata.text_content()
+    assert str(big) in served and "1.0" in served
+
+    numbers = {"order_id": big, "ratio": 1.0, "tiny": 1e-07, "huge": 1e16, "plain": 2.5, "n": 3}
+    settle(callback_url, status="succeeded", result=numbers)
+    expect(page.locator('[data-field="state"]')).to_have_text("succeeded")
+    shown = json.dumps(client.get(f"/jobs/{job_id}").json()["result"], indent=2)
+    assert '"huge": 1e+16' in shown and f'"order_id": {big}' in shown
+    expect(result).to_have_text(shown)
+    expect(metadata).to_have_text(served)
+    page.reload()
+    expect(result).to_have_text(shown)  # the server's page, alike
+
+
+def test_a_focused_count_keeps_the_focus_as_the_summary_is_reloaded(page, service, client, hooks):
+    """The summary is swapped for a fresh one as jobs change (and every 5
+    s): the link a keyboard was on is focused again in the new one (it was
+    lost, and the next Tab and Enter opened another filter: a QA pass,
+    2026-12-07)."""
+    start_job(client, hooks, unique("summed"))
+    page.goto(f"{service.url}/ui")
+    link = page.locator("#summary a[href]").first
+    link.focus()
+    href = link.get_attribute("href")
+    page.evaluate("window.oldSummary = document.getElementById('summary')")
+    start_job(client, hooks, unique("summed"))  # the counts change: a new summary
+    swapped = "document.getElementById('summary') !== window.oldSummary"
+    deadline = time.monotonic() + 10
+    while not page.evaluate(swapped) and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert page.evaluate(swapped)
+    assert page.evaluate("document.activeElement.closest('#summary') !== null")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == href
+
+
+def test_a_running_jobs_blocks_that_did_not_change_are_not_redrawn(page, service, client, hooks):
+    """Each look at a running job that beats finds it changed (its last
+    heartbeat): only the blocks that changed are written again, so what is
+    selected in the others stays selected (it was cleared every 5 s: a QA
+    pass, 2026-12-07)."""
+    job_id = unique("selected")
+    callback_url = start_job(client, hooks, job_id, heartbeat_timeout=600)
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    params = "document.querySelector('pre[data-json=\"params\"]')"
+    page.evaluate(f"window.kept = {params}.firstChild; getSelection().selectAllChildren({params})")
+    beat = callback_url.replace("?token=", "/heartbeat?token=")
+    answer = httpx.post(beat, json={"progress": {"n": 1}}, timeout=5, trust_env=False)
+    assert answer.status_code == 200, answer.text
+    expect(page.locator('pre[data-json="progress"]')).to_have_text('{\n  "n": 1\n}', timeout=15_000)
+    assert page.evaluate(f"{params}.firstChild === window.kept")
+    assert (
+        page.evaluate("getSelection().toString()")
+        == page.locator('pre[data-json="params"]').text_content()
+    )
+
+
+def test_an_open_page_of_a_job_canceled_during_its_trigger_says_it_is_winding_up(
+    page, dialogs, service, client, hooks
+):
+    """Canceled from its page while its trigger's call is under way (the
+    receiver answers 12 s late), the job holds the stop of what that call
+    may start (`winding_up`: `late_trigger_call`, with no event): the open
+    page, its stream still open, says so once the service does (it never
+    did: a QA pass, 2026-12-07)."""
+    job_id = unique("late-call")
+    body = {
+        "id": job_id,
+        "backend": "http_webhook",
+        "params": {"url": hooks.url(f"{SLOW}/{job_id}"), "timeout": 30},
+    }
+    assert client.post("/jobs", json=body).status_code == 201
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(page.locator("#live")).to_have_text("live")
+    dialogs.accept = True
+    page.locator("#cancel").click()
+    expect(page.locator('[data-field="state"]')).to_have_text("canceled")
+    winding = page.locator("#winding-up")
+    expect(winding).to_contain_text("Still winding up", timeout=12_000)
+    assert client.get(f"/jobs/{job_id}").json()["winding_up"] == "late_trigger_call"
