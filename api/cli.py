@@ -606,6 +606,8 @@ def rotate_secret_command(store: str | None, drop_previous: bool, force: bool) -
     New callback URLs are signed with a new secret kept beside the embedded
     store, and URLs signed with the old ones still work (docs/operations.md).
     No secret is printed."""
+    if force and not drop_previous:  # (a rotation, the opposite of what was meant)
+        raise click.UsageError("--force goes with --drop-previous")
     check = None if force else _refuse_stranding
     secrets, count = _rewrite(CALLBACK_SECRETS, store, drop_previous, check)
     restart = "Restart every `tether serve` using this store now (stop them all, then start)"

@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, NoReturn, get_args
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,7 +39,13 @@ from rich.table import Table
 from rich.text import Text
 
 from core.errors import near_hint, os_reason
-from core.models import FINAL_STATES, HEARTBEAT_TIMEOUT_MIN, JobState, job_segment
+from core.models import (
+    CANCEL_REASON_MAX,
+    FINAL_STATES,
+    HEARTBEAT_TIMEOUT_MIN,
+    JobState,
+    job_segment,
+)
 from core.settings import listed, unsendable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -247,16 +253,22 @@ def job_path(job_id: str, *rest: str) -> str:
     return "/".join(("/jobs", job_segment(job_id), *rest))
 
 
+URL_HINT = "'--url' (or $TETHER_URL)"
+"""Where a bad service URL came from, as an error names it: the option, or
+the environment it defaults to (a bad $TETHER_URL was called a bad
+'--url', which no one had given: a QA pass, 2026-12-07)."""
+
+
 class Api:
     """One service, reached over HTTP with the API token."""
 
     def __init__(self, url: str) -> None:
-        self.url = checked(url, "'--url'").rstrip("/")
+        self.url = checked(url, URL_HINT).rstrip("/")
         if "?" in url or "#" in url or "@" in urlsplit(self.url).netloc:
             raise click.BadParameter(
                 "give the service's base URL alone, with no ?query, #fragment or"
                 " user:password@ (the API token goes in $TETHER_API_TOKEN)",
-                param_hint="'--url'",
+                param_hint=URL_HINT,
             )
         token = api_token()
         try:
@@ -266,7 +278,7 @@ class Api:
                 timeout=30,
             )
         except httpx.InvalidURL:
-            raise click.BadParameter(f"not a URL: {public(url)}", param_hint="'--url'") from None
+            raise click.BadParameter(f"not a URL: {public(url)}", param_hint=URL_HINT) from None
 
     async def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The answer to one request; `ServiceError` when there is none or it is an error."""
@@ -342,13 +354,23 @@ async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
         except ServiceError as exc:
-            if exc.status is not None and exc.status not in WAITED_OUT:  # an answer
-                raise
+            if exc.reached and exc.status not in WAITED_OUT:  # an answer (another
+                raise  # service's 200 too: it was read as an outage, a QA pass)
             if given_up(tries, since):
                 raise
             asked = exc.retry_after  # a 429's: its wrong tokens are read no sooner
+            if tries == 0:
+                say_waiting(exc)
         await asyncio.sleep(max(RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS) - 1)], asked))
         tries += 1
+
+
+def say_waiting(failure: ServiceError) -> None:
+    """Say on stderr, once an outage begins, that the command waits it out
+    (`events --follow` at an address that never answers said nothing for
+    two minutes: a QA pass, 2026-12-07)."""
+    said = printable(failure.message)
+    click.echo(f"tether: {said}; trying again for up to {OUTAGE_FOR:g}s", err=True)
 
 
 def given_up(tries: int, since: float) -> bool:
@@ -500,6 +522,8 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
         elif given_up(tries, since):
             raise failure
         else:
+            if tries == 0:
+                say_waiting(failure)
             tries += 1
         pause = RECONNECT_DELAYS[min(tries, len(RECONNECT_DELAYS)) - 1] if tries else 0
         await asyncio.sleep(max(pause, failure.retry_after))  # a 429 asks for a wait
@@ -527,7 +551,10 @@ async def watch_job(
     the ended job. Events come from the job's event stream; a service without
     one (404 for a job that exists) shows none, and the state is read every
     `POLL` seconds instead."""
-    job: dict[str, Any] = await api.call("GET", job_path(job_id), A_JOB)
+    # waited out as every later read is (a watch begun during a restart, or
+    # behind an address another client's wrong tokens locked out, gave up at
+    # once: a QA pass, 2026-12-07)
+    job: dict[str, Any] = await patiently(lambda: api.call("GET", job_path(job_id), A_JOB))
     events: list[dict[str, Any]] = []
     changed = asyncio.Event()
 
@@ -760,8 +787,13 @@ def event_line(event: dict[str, Any]) -> Text:
 
 
 def elapsed(job: dict[str, Any]) -> str:
-    """Time since the job was created, up to when it finished."""
+    """Time since the job's attempt began (its creation, or the retry that
+    began it: its `deadline` less its `timeout`), up to when it finished. (A
+    retry's run showed the time since the job's creation: a day at once,
+    found by a QA pass, 2026-12-07.)"""
     start = datetime.fromisoformat(job["created_at"])
+    if job.get("attempt", 1) > 1 and job.get("deadline") and job.get("timeout") is not None:
+        start = datetime.fromisoformat(job["deadline"]) - timedelta(seconds=job["timeout"])
     end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
     seconds = int(((end or datetime.now(UTC)) - start).total_seconds())
     minutes, secs = divmod(max(seconds, 0), 60)
@@ -1218,9 +1250,24 @@ def on_each(
         sys.exit(SERVICE_ERROR)
 
 
+def reason_kept(_ctx: click.Context, _param: click.Parameter, reason: str | None) -> str | None:
+    """`--reason`, refused before anything is sent when longer than the
+    service keeps (its error named the API's body field: a QA pass,
+    2026-12-07)."""
+    if reason is not None and len(reason) > CANCEL_REASON_MAX:
+        raise click.BadParameter(
+            f"at most {CANCEL_REASON_MAX} characters, this one has {len(reason)}"
+        )
+    return reason
+
+
 @click.command()
 @click.argument("job_ids", metavar="ID...", nargs=-1, required=True, callback=some_ids)
-@click.option("--reason", help="Why; kept in the job's error message.")
+@click.option(
+    "--reason",
+    callback=reason_kept,
+    help=f"Why; kept in the job's error message (at most {CANCEL_REASON_MAX} characters).",
+)
 @service_options
 def cancel(job_ids: tuple[str, ...], reason: str | None, url: str, as_json: bool) -> None:
     """Cancel a waiting job (POST /jobs/ID/cancel); its backend is asked to

@@ -486,13 +486,21 @@ async def test_sse_lines_end_where_the_format_ends_them():
     assert [item async for item in items] == [("7", "\u2029")]
 
 
-def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str):
+def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str, monkeypatch):
     url = refused_url
-    for args in (["watch", "x"], ["get", "x"], ["list"], ["submit", "http_webhook"]):
+    for args in (["get", "x"], ["list"], ["submit", "http_webhook"]):
         done = tether(url, *args)
         assert done.returncode == 4, (args, done.stderr)
         assert done.stderr == f"tether: cannot reach {url}: connection refused\n"
         assert done.stdout == ""
+    # a watch waits an outage out (`OUTAGE_FOR`), saying so, then gives up so
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(client_module, "OUTAGE_FOR", 0.1)
+    done = cli(url, "watch", "x")
+    assert done.exit_code == 4
+    refused = f"tether: cannot reach {url}: connection refused"
+    assert done.stderr.splitlines() == [f"{refused}; trying again for up to 0.1s", refused]
+    assert done.stdout == ""
 
 
 def answering_json(answer: Any) -> tuple[ThreadingHTTPServer, str]:
@@ -842,6 +850,8 @@ class EventsStandIn:
     """The first this many streams close without `end` (a service stopping)."""
     refusals: dict[int, int] = field(default_factory=dict)
     """Stream number (1, 2, ...) → the status it is refused with instead."""
+    job_refusals: dict[int, int] = field(default_factory=dict)
+    """Job read number (1, 2, ...) → the status it is refused with instead."""
     ends_at_read: int = 0
     drop_after: int = 2
     drops: int = 1
@@ -869,6 +879,9 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
             path, _, query = self.path.partition("?")
             if path == "/jobs/job-1":
                 stand_in.job_reads += 1
+                refused = stand_in.job_refusals.get(stand_in.job_reads)
+                if refused is not None:
+                    return self.answer(refused, {"error": {"code": "x", "message": "refused"}})
                 if stand_in.job_reads == stand_in.ends_at_read:
                     stand_in.finished = True
                 return self.answer(200, stand_in.job())
@@ -1029,7 +1042,7 @@ def test_standin_follow_and_a_watchs_reads_go_on_through_an_outage(stand_in, mon
     assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
     assert len(stand_in.last_event_ids) == 22
     # a watch's reads of the job, the same
-    answers = iter([client_module.ServiceError("cannot reach", None)] * 20)
+    answers = iter([client_module.ServiceError("cannot reach", reached=False)] * 20)
 
     async def flaky() -> str:
         failure = next(answers, None)
@@ -1038,6 +1051,64 @@ def test_standin_follow_and_a_watchs_reads_go_on_through_an_outage(stand_in, mon
         return "read"
 
     assert asyncio.run(client_module.patiently(flaky)) == "read"
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_standin_watch_waits_out_a_service_restarting_as_it_starts(stand_in, monkeypatch, status):
+    """A watch begun while its service restarts (or behind an address
+    another client's wrong tokens locked out: 429) waits it out as its later
+    reads do, saying so once on stderr; it gave up at once, exit 4 (found
+    by a QA pass, 2026-12-07). `submit --wait` and `retry --wait` read so."""
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.02))
+    stand_in.job_refusals = {1: status, 2: status, 3: status}
+    done = cli(stand_in.url, "watch", "job-1")
+    assert done.exit_code == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("job job-1  succeeded")
+    waits = [line for line in done.stderr.splitlines() if "trying again" in line]
+    assert waits == [f"tether: refused (HTTP {status}); trying again for up to 120s"]
+
+
+def test_standin_follow_says_once_that_it_waits_out_an_outage(stand_in, monkeypatch):
+    """`events --follow` at a service that does not answer said nothing for
+    the two minutes it waits (found by a QA pass, 2026-12-07): once an
+    outage begins, one line on stderr; stdout stays the events alone."""
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.01))
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    stand_in.refusals = {2: 503, 3: 503, 4: 503}
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert done.stderr.splitlines() == ["tether: refused (HTTP 503); trying again for up to 120s"]
+
+
+def test_a_retried_jobs_elapsed_time_is_its_attempts():
+    """`watch` showed a retried job's elapsed time since its creation (a
+    day at once for a job retried the next day: a QA pass, 2026-12-07):
+    its attempt's, from the retry (`deadline` less `timeout`)."""
+    first = {"id": "j", "attempt": 1, "created_at": "2026-01-01T00:00:00+00:00"}
+    first |= {"finished_at": "2026-01-01T00:01:05+00:00", "timeout": 600.0}
+    first |= {"deadline": "2026-01-01T00:10:00+00:00"}
+    assert client_module.elapsed(first) == "1m05s"
+    second = {**first, "attempt": 2, "deadline": "2026-01-02T00:10:00+00:00"}
+    second |= {"finished_at": "2026-01-02T00:00:30+00:00"}
+    assert client_module.elapsed(second) == "0m30s"
+
+
+def test_a_bad_service_url_from_the_environment_is_named_so():
+    done = cli("localhost:8000", "get", "j")
+    assert done.exit_code == 2, done.output
+    assert "'--url' (or $TETHER_URL)" in done.stderr, done.stderr
+
+
+def test_a_cancel_reason_longer_than_the_service_keeps_is_a_usage_error(refused_url: str):
+    """Refused before anything is sent (the service is not even reachable),
+    naming the option; it was the service's words for its body field."""
+    done = cli(refused_url, "cancel", "j", "--reason", "é" * 1001)
+    assert done.exit_code == 2, done.output
+    assert "'--reason'" in done.stderr and "at most 1000 characters, this one has 1001" in (
+        done.stderr
+    )
+    assert cli(refused_url, "cancel", "j", "--reason", "é" * 1000).exit_code == 4  # sent
 
 
 def test_standin_watch_prefers_the_event_stream(stand_in):

@@ -270,3 +270,16 @@ def test_notify_secret_warns_while_the_services_sign_with_the_secret_before(
     assert "Restart every `tether serve`" in printed.stderr
     serve_starts()
     assert run("notify-secret", "--store", store).stderr == ""
+
+
+def test_rotate_secret_force_without_drop_previous_is_a_usage_error(tmp_path: Path) -> None:
+    """`--force` goes with `--drop-previous`; alone it was ignored, and the
+    command rotated the secret again, the opposite of what was meant (found
+    by a QA pass, 2026-12-07). Nothing is changed."""
+    db = tmp_path / "tether.db"
+    opened_once(db)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    done = run("rotate-secret", "--force", "--store", f"sqlite:///{db}")
+    assert done.exit_code == 2, done.output
+    assert "--force goes with --drop-previous" in done.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
