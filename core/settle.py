@@ -408,22 +408,26 @@ class Settler:
         duplicate, 2026-12-07), and one the job's end left unborn (the index
         alone: a cancel first) is its trigger's to settle, from the row,
         saying whether it tried a run (`JobSteps`: a value of this settle's
-        winning it said not). Its note is filed after the end as a loser's,
-        in one write that holds only while the job is ended at that attempt
-        (a retry meanwhile: nothing filed). The row returned is the job as
-        it is now, so that a caller sees a retry that came meanwhile (with
-        nothing to file, `seen` itself once a look at the job's attempt
-        alone found it unchanged: the row is not read and decoded again); a
-        job deleted meanwhile, or made again under its id (retention, then a
-        new job), is not found."""
+        winning it said not). A look at the job's attempt alone comes first
+        (`attempt_of`): only while it is unchanged is the note asked for and
+        filed after the end as a loser's, in one write that holds only while
+        the job is still ended at that attempt. The row returned is the job
+        as it is now, so that a caller sees a retry that came meanwhile; with
+        nothing to file, `seen` itself (the row is not read and decoded
+        again). A job deleted meanwhile, or made again under its id
+        (retention, then a new job), is not found."""
         same = seen.state == outcome.status and outcome_of_record(seen).same_as(outcome)
         result = judge(seen.state, same)
-        late = None if note is None else note(result)
-        rec, at = None, seen.attempt
-        if late is not None:
+        at, rec = seen.attempt, None
+        # The note is asked for only while the job is still at that attempt:
+        # asking counts a repeat the endpoint leaves out (`tether_callbacks_total`),
+        # and one retried meanwhile is answered `gone`, counted as that (a
+        # crash and duplicates QA pass counted 4 duplicates too many).
+        if await store_call(self.jobs.attempt_of(seen.id)) == (at, seen.created_at):
+            late = None if note is None else note(result)
+            if late is None:
+                return result, seen  # nothing to file (a repeat left out): the row unread
             rec = await store_call(self.jobs.record(seen.id, [late], now_ms(), ended_at=at))
-        elif await store_call(self.jobs.attempt_of(seen.id)) == (at, seen.created_at):
-            return result, seen  # nothing to file (a repeat left out): the row unread
         if rec is None:  # retried since, deleted, or made again
             rec = await store_call(self.jobs.get(seen.id))
         if rec is None or rec.created_at != seen.created_at:

@@ -1306,20 +1306,28 @@ async def test_a_settle_whose_caller_saw_an_attempt_ended_that_was_retried_files
     """Retried between the callback's read and its settle: the settle of the
     ended attempt files no note under the new one, and returns the row as
     it is now, so that its caller answers `gone`; also when it has no note
-    to file (a repeat the endpoint leaves out: found by a review)."""
+    to file (a repeat the endpoint leaves out: found by a review). The note
+    is not even asked how the settle compared: asking counts a repeat left
+    out as its verdict (`tether_callbacks_total`), and the caller answers
+    and counts `gone`."""
     await parts.add_job("j", state="running")
     await parts.add_promise("j")
     await parts.settler.settle("j", FAILED, by="callback", note=call_note)
     seen = await parts.row("j")
     retried = await parts.jobs.retry("j", 1, now_ms() + 60_000, now_ms(), NewEvent("retried", {}))
     assert retried is not None and retried.attempt == 2
-    note = (lambda _: None) if left_out else call_note
+    asked: list[str] = []
+
+    def note(result: str) -> NewEvent | None:
+        asked.append(result)
+        return None if left_out else call_note(result)
 
     got, rec = await parts.settler.settle(
         "j", FAILED, by="callback", note=note, attempt=1, seen=seen
     )
 
     assert (got, rec.attempt, rec.state) == ("duplicate", 2, retried.state)
+    assert asked == ["accepted"]  # (what a win would note: asked first, counting nothing)
     assert [e for e in await types_and_verdicts(parts) if e[0] == "callback"] == [
         ("callback", "accepted")
     ]
