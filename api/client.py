@@ -286,6 +286,8 @@ class Api:
             response = await self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise unreachable(self.url, exc, method) from None
+        except httpx.DecodingError:
+            raise undecodable(self.url) from None
         if response.is_error:
             raise error_answer(response)
         return response
@@ -304,6 +306,16 @@ A_SETTLE = ("outcome", "message", "job")
 """... of a callback's answer."""
 A_BEAT = ("state", "deadline")
 """... of a heartbeat's answer."""
+
+
+def undecodable(url: str) -> ServiceError:
+    """An answer whose body its own `Content-Encoding` cannot undo (not a
+    Tether there): said in one line, not an `httpx.DecodingError`'s
+    traceback (found by a review, 2026-12-07)."""
+    return ServiceError(
+        f"{public(url)} answered with a body its Content-Encoding cannot undo:"
+        " is it a Tether service?"
+    )
 
 
 def payload(response: httpx.Response, shape: tuple[str, ...]) -> Any:
@@ -329,6 +341,7 @@ def run[T](work: Callable[[Api], Awaitable[T]], url: str) -> T:
 
     async def session() -> T:
         api = Api(url)
+        _SAID_WAITING[0] = -math.inf  # (a command's own: tests run many in one process)
         async with api.http:
             return await work(api)
 
@@ -365,10 +378,20 @@ async def patiently[T](call: Callable[[], Awaitable[T]]) -> T:
         tries += 1
 
 
+_SAID_WAITING = [-math.inf]
+"""When (`time.monotonic`) `say_waiting` last said so."""
+
+
 def say_waiting(failure: ServiceError) -> None:
     """Say on stderr, once an outage begins, that the command waits it out
     (`events --follow` at an address that never answers said nothing for
-    two minutes: a QA pass, 2026-12-07)."""
+    two minutes: a QA pass, 2026-12-07); once for a watch's stream and its
+    reads together, which meet the same outage (at most once in
+    `OUTAGE_FOR`)."""
+    now = time.monotonic()
+    if now - _SAID_WAITING[0] < OUTAGE_FOR:
+        return
+    _SAID_WAITING[0] = now
     said = printable(failure.message)
     click.echo(f"tether: {said}; trying again for up to {OUTAGE_FOR:g}s", err=True)
 
@@ -508,6 +531,8 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
                     return  # an older service: its stream ends after `finished`
         except httpx.TransportError as exc:
             failure = unreachable(api.url, exc)
+        except httpx.DecodingError:
+            raise undecodable(api.url) from None
         except ServiceError as exc:
             if exc.status == 404 and finished is not None:
                 return  # deleted after its end was seen (retention)

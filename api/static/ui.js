@@ -231,7 +231,7 @@
   function swap(old, fresh) {
     if (old.isEqualNode(fresh)) return;
     const focused = old.contains(document.activeElement) ? document.activeElement : null;
-    const key = (node) => node.getAttribute("href") ?? node.id;
+    const key = (node) => node.getAttribute("href") ?? (node.id || null);
     const was = focused && focused !== old ? key(focused) : null;
     old.replaceWith(fresh);
     if (was === null) return;

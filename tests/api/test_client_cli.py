@@ -1068,6 +1068,54 @@ def test_standin_watch_waits_out_a_service_restarting_as_it_starts(stand_in, mon
     assert waits == [f"tether: refused (HTTP {status}); trying again for up to 120s"]
 
 
+def test_standin_watch_says_once_that_it_waits_though_its_stream_and_reads_both_wait(
+    stand_in, monkeypatch
+):
+    """A watch's event stream and its reads of the job meet the same outage:
+    one line says so, not one each (found by a review, 2026-12-07)."""
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01, 0.02))
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    stand_in.refusals = dict.fromkeys(range(2, 8), 503)
+    stand_in.job_refusals = dict.fromkeys(range(2, 8), 503)
+    done = cli(stand_in.url, "watch", "job-1")
+    assert done.exit_code == 0, done.stderr
+    assert stand_in.job_reads > 7 and len(stand_in.last_event_ids) > 7  # both waited
+    waits = [line for line in done.stderr.splitlines() if "trying again" in line]
+    assert waits == ["tether: refused (HTTP 503); trying again for up to 120s"]
+
+
+def test_an_answer_whose_encoding_cannot_be_undone_is_exit_4_in_one_line():
+    """Another service answering 200 with `Content-Encoding: gzip` and a body
+    that is not: a traceback and exit 1 before (found by a review)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-encoding", "gzip")
+            self.send_header("content-length", "9")
+            self.end_headers()
+            self.wfile.write(b"not gzip!")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(POLL,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for args in (["get", "x"], ["watch", "x"], ["list"]):
+            done = cli(url, *args)
+            assert done.exit_code == 4, (args, done.output)
+            assert done.stderr == (
+                f"tether: {url} answered with a body its Content-Encoding cannot undo:"
+                " is it a Tether service?\n"
+            ), args
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_standin_follow_says_once_that_it_waits_out_an_outage(stand_in, monkeypatch):
     """`events --follow` at a service that does not answer said nothing for
     the two minutes it waits (found by a QA pass, 2026-12-07): once an
