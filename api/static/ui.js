@@ -30,6 +30,9 @@
     const written = /[.eE]/.test(source) ? pyFloat(value) : Number.isSafeInteger(value) ? null : source;
     return written === null || written === String(value) ? value : JSON.rawJSON(written);
   }
+  // (A number so kept is a raw JSON object, not a number: a float field such
+  // as `timeout` read for arithmetic takes `Number(x.rawJSON ?? x)`. Safe
+  // integers, as `attempt` and `seq`, stay numbers.)
   const readJSON = (text) => JSON.parse(text, exact);
   const dataNode = document.getElementById("page-data");
   const data = dataNode ? readJSON(dataNode.textContent) : {};
