@@ -192,6 +192,12 @@ def judge(status: str, same: bool) -> SettleResult:
     return "duplicate" if same else "conflict"
 
 
+def judged(rec: JobRecord, outcome: Outcome) -> SettleResult:
+    """How a settle of `outcome` compares with the end finished job `rec`
+    records (`same_as` compares the state too)."""
+    return judge(rec.state, outcome_of_record(rec).same_as(outcome))
+
+
 def settled_data(answer: dict[str, Any]) -> Any:
     """The encoded value of the promise a settle answered with (status 200):
     resonate-pg's answer holds it decoded, the embedded engine's as stored
@@ -361,8 +367,7 @@ class Settler:
             if rec.attempt != attempt:  # its promise never came: the attempt is over
                 return "gone", rec
             if rec.finished:  # by this settle, or by another that came first
-                same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
-                return ("accepted" if ended else judge(rec.state, same)), rec
+                return ("accepted" if ended else judged(rec, outcome)), rec
             await asyncio.sleep(UNBORN_PROMISE_WAIT)
         else:
             raise StoreUnavailable(f"job {job_id!r} did not create its promise in time")
@@ -416,8 +421,7 @@ class Settler:
         nothing to file, `seen` itself (the row is not read and decoded
         again). A job deleted meanwhile, or made again under its id
         (retention, then a new job), is not found."""
-        same = seen.state == outcome.status and outcome_of_record(seen).same_as(outcome)
-        result = judge(seen.state, same)
+        result = judged(seen, outcome)
         at, rec = seen.attempt, None
         # The note is asked for only while the job is still at that attempt:
         # asking counts a repeat the endpoint leaves out (`tether_callbacks_total`),
@@ -595,8 +599,7 @@ class Settler:
             if won and await self._filed(rec, note("accepted")):
                 return rec, ended, result
             if result == "accepted":  # another settle ended it first, not from this one's value
-                same = rec.state == outcome.status and outcome_of_record(rec).same_as(outcome)
-                result = judge(rec.state, same)
+                result = judged(rec, outcome)
             late = note(result)
             if late is not None:
                 rec = await store_call(self.jobs.record(job_id, [late], now_ms())) or rec

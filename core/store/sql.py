@@ -123,14 +123,18 @@ _SELECT = f"SELECT {COLUMNS} FROM tether_jobs WHERE id = ?"
 _SALT = "SELECT salt FROM tether_jobs WHERE id = ?"
 _ATTEMPT_OF = "SELECT attempt, created_at FROM tether_jobs WHERE id = ?"
 _COUNT = f"UPDATE tether_jobs SET events = events + ? WHERE id = ? RETURNING {COLUMNS}"
-_COUNT_OPEN = (
-    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
-    f" AND state IN ({', '.join('?' for _ in OPEN_STATES)}) RETURNING {COLUMNS}"
-)
-_COUNT_ENDED = (
-    "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
-    f" AND state IN ({', '.join('?' for _ in FINAL_STATES)}) RETURNING {COLUMNS}"
-)
+
+
+def _count_at(states: Collection[str]) -> str:
+    """`_COUNT`, only while the job is at an attempt and in one of `states`."""
+    marks = ", ".join("?" for _ in states)
+    return (
+        "UPDATE tether_jobs SET events = events + ? WHERE id = ? AND attempt = ?"
+        f" AND state IN ({marks}) RETURNING {COLUMNS}"
+    )
+
+
+_COUNT_OPEN, _COUNT_ENDED = _count_at(OPEN_STATES), _count_at(FINAL_STATES)
 NOTE_CLOCK_SLACK_MS = 12 * 3_600_000
 """How much later than a notification's making its job's creation may seem
 (the two times from two hosts' clocks): a new job under a deleted one's id
