@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import IO, Any, NoReturn, get_args
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +44,7 @@ from core.models import (
     FINAL_STATES,
     HEARTBEAT_TIMEOUT_MIN,
     JobState,
+    attempt_began,
     job_segment,
 )
 from core.settings import listed, unsendable
@@ -816,11 +817,8 @@ def elapsed(job: dict[str, Any]) -> str:
     began it: its `deadline` less its `timeout`), up to when it finished. (A
     retry's run showed the time since the job's creation: a day at once,
     found by a QA pass, 2026-12-07.)"""
-    start = datetime.fromisoformat(job["created_at"])
-    if job.get("attempt", 1) > 1 and job.get("deadline") and job.get("timeout") is not None:
-        start = datetime.fromisoformat(job["deadline"]) - timedelta(seconds=job["timeout"])
     end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
-    seconds = int(((end or datetime.now(UTC)) - start).total_seconds())
+    seconds = int(((end or datetime.now(UTC)) - attempt_began(job)).total_seconds())
     minutes, secs = divmod(max(seconds, 0), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -43,6 +43,7 @@ from core.models import (
     EventType,
     JobPage,
     JobState,
+    attempt_began,
     job_segment,
 )
 from core.service import Tether
@@ -134,9 +135,11 @@ def age(value: Any) -> str:
 
 
 def took(job: dict[str, Any]) -> str:
-    """How long a finished job took from creation to its end; blank while open."""
-    start, end = parse_time(job.get("created_at")), parse_time(job.get("finished_at"))
-    return "" if start is None or end is None else span((end - start).total_seconds())
+    """How long a finished job's attempt took, from its start (`attempt_began`:
+    a retried job's Duration counted from its creation, a day at once for a
+    job retried the next day) to its end; blank while open."""
+    end = parse_time(job.get("finished_at"))
+    return "" if end is None else span((end - attempt_began(job)).total_seconds())
 
 
 def json_escape(char: str) -> str:

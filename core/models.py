@@ -12,7 +12,7 @@ import hmac
 import json
 import math
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -333,6 +333,18 @@ class Job(msgspec.Struct, frozen=True):
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
+
+
+def attempt_began(job: dict[str, Any]) -> datetime:
+    """When a job's attempt began, from the job as the API writes it: its
+    creation, or for a later attempt the retry that began it (its `deadline`
+    less its `timeout`). The dashboard's Duration and `tether watch`'s elapsed
+    time count from it."""
+    began = datetime.fromisoformat(job["created_at"])
+    deadline, timeout = job.get("deadline"), job.get("timeout")
+    if job.get("attempt", 1) > 1 and isinstance(deadline, str) and isinstance(timeout, int | float):
+        began = datetime.fromisoformat(deadline) - timedelta(seconds=timeout)
+    return began
 
 
 class NotifyShown(msgspec.Struct, frozen=True):

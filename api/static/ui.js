@@ -50,8 +50,14 @@
     return s >= 60 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${s}s`;
   }
   const age = (iso) => (iso ? span((Date.now() - Date.parse(iso)) / 1000) : "");
-  const took = (job) =>
-    job.finished_at ? span((Date.parse(job.finished_at) - Date.parse(job.created_at)) / 1000) : "";
+  // When the job's attempt began, as core/models.py's `attempt_began`: its
+  // creation, or for a later attempt its deadline less its timeout (a raw
+  // JSON object when the exact reader kept it: a float such as `3600.0`).
+  const began = (job) =>
+    job.attempt > 1 && job.deadline && job.timeout != null
+      ? Date.parse(job.deadline) - 1000 * Number(job.timeout.rawJSON ?? job.timeout)
+      : Date.parse(job.created_at);
+  const took = (job) => (job.finished_at ? span((Date.parse(job.finished_at) - began(job)) / 1000) : "");
   const clock = (iso) => (iso ? new Date(iso).toLocaleString(undefined, { timeZoneName: "short" }) : "");
 
   // JSON as api/ui.py's `pretty` and `compact` write it: each character

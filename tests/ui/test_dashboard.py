@@ -427,6 +427,36 @@ def test_an_ended_jobs_page_follows_a_retry_made_elsewhere(page, service, client
     assert unreloaded(page)
 
 
+def test_a_retried_jobs_duration_is_its_attempts(page, service, client, hooks: Receiver):
+    """A retried job's Duration counted from the job's creation (a day at
+    once for a job retried the next day), where `tether watch` counts its
+    attempt's: now both count from the attempt's start, live and drawn by
+    the server alike."""
+    tag = unique("took")
+    job_id = unique("took")
+    start_job(client, hooks, job_id, path=FAIL, tags=[tag])
+    page.goto(f"{service.url}/ui?tag={tag}")
+    expect(page.locator("#live")).to_have_text("live")
+    job_page = page.context.new_page()
+    job_page.goto(f"{service.url}/ui/jobs/{job_id}")
+    expect(job_page.locator("#live")).to_have_text("live")
+    time.sleep(4)  # the first attempt's end is 4 s behind the retry
+    assert client.post(f"/jobs/{job_id}/retry", json={}).status_code == 200
+    job = wait_for(client, job_id, "failed")  # the receiver refuses attempt 2 at once
+    assert job["attempt"] == 2
+    quick = re.compile(r"^[0-2]s$")
+    expect(job_page.locator('[data-field="attempt"]')).to_have_text("2", timeout=15_000)
+    expect(job_page.locator('[data-field="duration"]')).to_have_text(quick)  # ui.js
+    drawn = row(page, job_id)
+    expect(drawn.locator('td[data-label="Attempt"]')).to_have_text("2")
+    expect(drawn.locator('td[data-label="Duration"]')).to_have_text(quick)  # ui.js
+    for shown in (page, job_page):  # api/ui.py
+        shown.reload()
+    expect(row(page, job_id).locator('td[data-label="Duration"]')).to_have_text(quick)
+    expect(job_page.locator('[data-field="duration"]')).to_have_text(quick)
+    job_page.close()
+
+
 def test_retry_on_a_stale_page_says_the_attempt_already_ran(
     page, dialogs, service, client, hooks: Receiver
 ):
