@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import core.callbacks
 from api.cli import cli as main_group
 from core.models import PROGRESS_LIMIT
+from core.store.jobs import now_ms
 from tests.conftest import Hit, Receiver, Service, eventually
 
 
@@ -211,24 +212,31 @@ async def test_heartbeat_timeout_is_bounded_and_part_of_the_request(start_servic
 async def test_heartbeat_events_are_throttled_and_only_for_new_progress(
     start_service, receiver, monkeypatch
 ):
-    monkeypatch.setattr(core.callbacks, "HEARTBEAT_EVENT_EVERY", 1.0)
+    # The heartbeat's clock, moved on by hand: a one-second window with 20
+    # heartbeats "well within" it failed on a slow machine (2026-12-07).
+    later = 0
+    monkeypatch.setattr(core.callbacks, "now_ms", lambda: now_ms() + later)
+    every = int(core.callbacks.HEARTBEAT_EVENT_EVERY * 1000)
     svc = await start_service()
     _, url = await start_job(svc, receiver, "chatty")
-    for n in range(20):  # well within a second
+    for n in range(20):  # within the window
         assert (await svc.client.post(url, json={"progress": n})).status_code == 200
     assert (await svc.job("chatty"))["progress"] == 19
     assert [e["data"] for e in of_type(await events(svc, "chatty"), "heartbeat")] == [
         {"progress": 0}
     ]
-    await asyncio.sleep(1.1)
+    later = every + 1
     await svc.client.post(url, json={"progress": 0})  # the progress last recorded: no event
     await svc.client.post(url)  # no progress: no event
     assert len(of_type(await events(svc, "chatty"), "heartbeat")) == 1
     await svc.client.post(url, json={"progress": 20})
-    await svc.client.post(url, json={"progress": 21})  # within a second of the last event
+    await svc.client.post(url, json={"progress": 21})  # within the window of the last event
     noted = [e["data"] for e in of_type(await events(svc, "chatty"), "heartbeat")]
     assert noted == [{"progress": 0}, {"progress": 20}]
     assert (await svc.job("chatty"))["progress"] == 21
+    later = 2 * every + 2
+    await svc.client.post(url, json={"progress": 22})  # a window past it: an event
+    assert len(of_type(await events(svc, "chatty"), "heartbeat")) == 3
 
 
 def status_answer(status: dict[str, Any]) -> Any:
