@@ -9,6 +9,8 @@ import ssl
 from collections.abc import Iterable
 from typing import Any
 
+from core.redact import without_environment_secrets
+
 SHOWN_MAX = 160
 """At most this many characters of an id (or a name) from a request are
 quoted back in an error message: every id this service makes fits whole (a
@@ -100,9 +102,15 @@ infinite one) is read as this; the job's deadline ends the wait anyway."""
 
 
 def _message(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return "the backend gave no message" if value is None else str(value)
+    """A `BackendError`'s message, with each of the environment's secrets
+    masked where it stands whole (`without_environment_secrets`: as written,
+    JSON-escaped or percent-encoded). The message is filed in the job's
+    events and logged as it is: a workspace's error quoting the
+    Databricks token percent-encoded was masked in the job's error alone
+    (found by a QA pass, 2026-12-07)."""
+    if value is None:
+        return "the backend gave no message"
+    return without_environment_secrets(value if isinstance(value, str) else str(value))
 
 
 def _code(value: Any) -> str | None:

@@ -64,7 +64,7 @@ from core.models import (
     read_json,
     url_fault,
 )
-from core.redact import USERINFO, redact, redact_bytes
+from core.redact import USERINFO, forms, redact, redact_bytes
 from core.settings import Secret
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
@@ -90,6 +90,7 @@ __all__ = [
     "Unauthorized",
     "aside",
     "callback_promise_id",
+    "forms",
     "hookimpl",
     "os_reason",
     "read_json",

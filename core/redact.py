@@ -580,9 +580,11 @@ def value_without_environment_secrets(value: Any, data: bytes | None = None) -> 
 @functools.cache
 def _environment_forms(secret: str) -> tuple[str, ...]:
     """How an environment's `secret` may stand in a text, whole: as it is,
-    escaped as JSON writes it with `ensure_ascii` (`\\u00e4`), or
-    percent-encoded (`_percent_encoded`). Longest first."""
-    forms = {secret, json.dumps(secret)[1:-1], *_percent_encoded(secret)}
+    escaped as JSON writes it with `ensure_ascii` (`\\u00e4`, and `/` as
+    `\\/` as PHP's json_encode writes it), or percent-encoded
+    (`_percent_encoded`). Longest first."""
+    escaped = json.dumps(secret)[1:-1]
+    forms = {secret, escaped, escaped.replace("/", "\\/"), *_percent_encoded(secret)}
     return tuple(sorted(forms, key=len, reverse=True))
 
 

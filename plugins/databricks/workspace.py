@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import USERINFO, BackendError, Readiness, settings_from_env
+from core.plugin import USERINFO, BackendError, Readiness, forms, redact, settings_from_env
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -328,25 +328,37 @@ class Workspace:
         )
 
     def scrub(self, text: str, secrets: Iterable[str] = ()) -> str:
-        """`text` without credentials or callback tokens, and short."""
+        """`text` without credentials or callback tokens, and short. Each in
+        every form `redact` knows (percent-encoded, JSON-escaped): a
+        workspace's error quoting the token percent-encoded kept it whole
+        (found by a QA pass, 2026-12-07). Random ones (callback tokens,
+        the workspace's token) also where a cut left a piece of them, as
+        `redact` masks a callback token's; a password, a client secret or
+        a credentials file whole alone, since such a value may hold words an
+        error holds too."""
         text = text.split("Request log:", 1)[0]  # the SDK's dump of an unreadable answer
-        for secret in (*secrets, *self._secrets()):
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
+        tokens, others = self._secrets()
+        text = redact(text, [s for s in (*secrets, *tokens) if s and len(s) >= 4])
+        for secret in others:
+            for form in forms(secret) if len(secret) >= 4 else ():
+                text = text.replace(form, "***")
         for pattern, replacement in _SCRUB:
             text = pattern.sub(replacement, text)
         text = text.strip()
         return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 
-    def _secrets(self) -> list[str]:
-        found = [os.environ.get(name, "") for name in SECRET_ENV]
-        found += _userinfo(os.environ.get("DATABRICKS_HOST", ""))
+    def _secrets(self) -> tuple[list[str], list[str]]:
+        """The workspace's credentials, from the environment and the SDK's
+        configuration (a profile's): its tokens, and the others."""
+        tokens, others = [os.environ.get("DATABRICKS_TOKEN", "")], list[str]()
+        others += [os.environ.get(name, "") for name in SECRET_ENV if name != "DATABRICKS_TOKEN"]
+        others += _userinfo(os.environ.get("DATABRICKS_HOST", ""))
         config = self._client.config if self._client is not None else None
         for name in SECRET_ATTRIBUTES if config is not None else ():
             value = getattr(config, name, None)
             if isinstance(value, str):
-                found.append(value)
-        return found
+                (tokens if name == "token" else others).append(value)
+        return tokens, [s for s in others if s]
 
 
 _SCRUB = (

@@ -215,6 +215,21 @@ def test_a_backend_errors_message_set_later_is_the_one_its_text_shows():
     assert BackendError(None).args == ("the backend gave no message",)  # type: ignore[arg-type]
 
 
+def test_a_backend_errors_message_holds_no_secret_of_the_environment(monkeypatch):
+    """A `BackendError`'s message is filed in events and logged as it is: a
+    workspace quoting the Databricks token percent-encoded left it whole
+    there (found by a QA pass, 2026-12-07). Every plugin's, given or set."""
+    import core.redact
+    from core.errors import BackendError
+
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("Zk9/q+Xw=Lm2Rt8sVb4",))
+    error = BackendError("bad credential Zk9%2Fq%2BXw%3DLm2Rt8sVb4", retryable=True)
+    assert error.message == f"bad credential {MASK}" and error.args == (error.message,)
+    error.message = "again: Zk9/q+Xw=Lm2Rt8sVb4"
+    assert str(error) == f"again: {MASK}"
+    assert BackendError(ValueError("Zk9\\/q+Xw=Lm2Rt8sVb4")).message == MASK  # type: ignore[arg-type]
+
+
 def test_the_secrets_of_the_environment_are_those_declared_or_named_as_secrets():
     """What tracebacks and what a run reports are cleaned of: Tether's own
     secrets (each of a list), `http_webhook`'s credentials in their forms,

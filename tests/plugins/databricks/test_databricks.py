@@ -11,12 +11,14 @@ import time
 import typing
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
 import pytest
 from databricks.sdk.service.jobs import JobsAPI, Run
 
+import core.redact
 from core.models import Job, Outcome, Running, Trigger
 from core.plugins import Plugins, make_plugin_manager
 from plugins.databricks import DatabricksParams, SubmitRun, idempotency_token
@@ -594,6 +596,33 @@ async def test_a_wrong_token_fails_the_job_and_appears_nowhere(
         assert workspace.token not in text
 
 
+async def test_a_token_quoted_percent_encoded_by_the_workspace_appears_nowhere(
+    start_databricks, workspace: FakeWorkspace, monkeypatch, logs
+):
+    """A workspace (or a proxy) quoting the token percent-encoded in its
+    error: the job's error was masked, its `trigger_failed` events and the
+    log lines kept it whole (found by a QA pass, 2026-12-07)."""
+    token = "Zk9/q+Xw=Lm2Rt8sVb4Nc7Hd1Jf6Gk3Pa5"
+    workspace.token = token
+    monkeypatch.setenv("DATABRICKS_TOKEN", token)
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)  # read again, with it
+    encoded = quote(token, safe="")
+    workspace.add_job(7)
+    said = f"proxy says: bad credential {encoded} (or {token[5:]}, {json.dumps(token)[1:-1]})"
+    workspace.fail(RUN_NOW, 503, "TEMPORARILY_UNAVAILABLE", said, times=10)
+    svc = await start_databricks(trigger_attempts=2)
+    await start_job(svc, "quoted", {"job_id": 7})
+    job = await svc.wait_state("quoted", "failed", timeout=30)
+    assert "proxy says: bad credential ***" in job["error"]["message"]
+    events = (await svc.client.get("/jobs/quoted/events")).json()["items"]
+    assert [e["type"] for e in events].count("trigger_failed") == 2
+    await eventually(lambda: "job quoted finished: failed" in logs.text)
+    for text in (json.dumps(job), json.dumps(events), logs.text):
+        assert "proxy says: bad credential" in text
+        for form in (token, encoded, token[5:], json.dumps(token)[1:-1], token[:12]):
+            assert form not in text
+
+
 async def test_missing_credentials_fail_the_job_saying_so(
     start_databricks, workspace: FakeWorkspace, monkeypatch, tmp_path
 ):
@@ -678,6 +707,13 @@ def test_error_messages_are_scrubbed_of_credentials(monkeypatch):
     )
     for secret in ("s3cr3t-token-value", "abc.def", "T0K", "zzz", "dapi0123", "job_parameters"):
         assert secret not in text
+    # every form `core.redact` knows: percent-encoded, JSON-escaped, and what
+    # a cut left (found by a QA pass, 2026-12-07: the token as written alone)
+    token = "Zk9/q+Xw=Lm2Rt8sVb4Nc7Hd1Jf6Gk3Pa5"
+    monkeypatch.setenv("DATABRICKS_TOKEN", token)
+    for form in (quote(token, safe=""), token.replace("/", "\\/")):
+        assert scrub(f"denied: {form}!") == "denied: ***!"
+    assert "Lm2Rt8sVb4" not in scrub("denied: Xw=Lm2Rt8sVb4Nc7…")
     assert scrub("x" * 5000).endswith("…") and len(scrub("x" * 5000)) == 1000
 
 

@@ -51,7 +51,7 @@ RUN_NOW = "/api/2.2/jobs/run-now"
 SUBMIT = "/api/2.2/jobs/runs/submit"
 GET_RUN = "/api/2.2/jobs/runs/get"
 CANCEL = "/api/2.2/jobs/runs/cancel"
-CALLBACK = "http://tether.test/callbacks/j%3A1?token=the-callback-token"
+CALLBACK = "http://tether.test/callbacks/j%3A1?token=cbTk7q2Zx9Lw4Rn8Vb3y"
 CREATED = datetime(2026, 11, 24, 10, 0, 0, 123456, tzinfo=UTC)
 SETTINGS = DatabricksSettings(retry_timeout=2, http_timeout=5, threads=2)
 
@@ -589,14 +589,14 @@ async def test_a_backend_error_raised_in_a_call_is_scrubbed(workspace):
 
     def fail(w: Any) -> None:
         raise BackendError(
-            f"echo {CALLBACK} and {TOKEN}; the-callback-token",
+            f"echo {CALLBACK} and {TOKEN}; cbTk7q2Zx9Lw4Rn8Vb3y",
             retryable=True,
             code="X",
             retry_after=3.0,
         )
 
     with pytest.raises(BackendError) as raised:
-        await ws.call(fail, "the-callback-token")
+        await ws.call(fail, "cbTk7q2Zx9Lw4Rn8Vb3y")
     error = raised.value
     assert error.message == "echo http://tether.test/callbacks/j%3A1?token=*** and ***; ***"
     assert (error.retryable, error.code, error.retry_after) == (True, "X", 3.0)
@@ -607,10 +607,10 @@ async def test_another_error_raised_in_a_call_is_translated(workspace):
     ws = Workspace(SETTINGS)
 
     def fail(w: Any) -> None:
-        raise errors.NotFound("job 9 has the-callback-token", error_code="RESOURCE_DOES_NOT_EXIST")
+        raise errors.NotFound("job 9 has cbTk7q2Zx9Lw4Rn8Vb3y", error_code="RESOURCE_DOES_NOT_EXIST")
 
     with pytest.raises(BackendError) as raised:
-        await ws.call(fail, "the-callback-token")
+        await ws.call(fail, "cbTk7q2Zx9Lw4Rn8Vb3y")
     assert raised.value.message == "job 9 has ***"
     assert (raised.value.code, raised.value.retryable) == ("RESOURCE_DOES_NOT_EXIST", False)
 
@@ -1102,11 +1102,11 @@ async def test_a_task_key_used_twice_fails_at_once(backend, workspace):
 async def test_a_refused_trigger_never_shows_the_callback_token(backend, workspace: FakeWorkspace):
     workspace.add_job(7)
     workspace.fail(
-        RUN_NOW, 400, "INVALID_PARAMETER_VALUE", f"bad value {CALLBACK} (the-callback-token)"
+        RUN_NOW, 400, "INVALID_PARAMETER_VALUE", f"bad value {CALLBACK} (cbTk7q2Zx9Lw4Rn8Vb3y)"
     )
     with pytest.raises(BackendError) as raised:
         await backend.trigger(trigger({"job_id": 7}))
-    assert "the-callback-token" not in raised.value.message
+    assert "cbTk7q2Zx9Lw4Rn8Vb3y" not in raised.value.message
     assert raised.value.message == ("bad value http://tether.test/callbacks/j%3A1?token=*** (***)")
     assert (raised.value.code, raised.value.retryable) == ("INVALID_PARAMETER_VALUE", False)
 
@@ -1282,7 +1282,7 @@ def deployed(params: dict[str, Any], secret: str, *, later_ms: int = 0, **given:
     made = job("pending", params)
     made = msgspec.structs.replace(made, created_at=CREATED + timedelta(milliseconds=later_ms))
     return msgspec.structs.replace(
-        trigger(params, callback_url=CALLBACK.replace("the-callback-token", secret)),
+        trigger(params, callback_url=CALLBACK.replace("cbTk7q2Zx9Lw4Rn8Vb3y", secret)),
         job=made,
         tokens=given.get("tokens", (secret,)),
     )
@@ -1371,7 +1371,7 @@ async def test_cancel_unrecorded_finds_a_repair_made_for_the_attempt(
     workspace.notebooks["quiet"] = hang
     first = await backend.trigger(deployed(params, "token-1"))
     workspace.end(first["run_id"], "FAILED", "boom")
-    url = CALLBACK.replace("j%3A1", "j~2%3A1").replace("the-callback-token", "token-2")
+    url = CALLBACK.replace("j%3A1", "j~2%3A1").replace("cbTk7q2Zx9Lw4Rn8Vb3y", "token-2")
     second = msgspec.structs.replace(
         trigger(params, callback_url=url),
         job=msgspec.structs.replace(job("pending", params), attempt=2),
