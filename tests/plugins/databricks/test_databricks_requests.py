@@ -607,7 +607,8 @@ async def test_another_error_raised_in_a_call_is_translated(workspace):
     ws = Workspace(SETTINGS)
 
     def fail(w: Any) -> None:
-        raise errors.NotFound("job 9 has cbTk7q2Zx9Lw4Rn8Vb3y", error_code="RESOURCE_DOES_NOT_EXIST")
+        said = "job 9 has cbTk7q2Zx9Lw4Rn8Vb3y"
+        raise errors.NotFound(said, error_code="RESOURCE_DOES_NOT_EXIST")
 
     with pytest.raises(BackendError) as raised:
         await ws.call(fail, "cbTk7q2Zx9Lw4Rn8Vb3y")
