@@ -662,6 +662,11 @@ def test_backoff_doubles_from_the_setting_up_to_an_hour():
     settings = Settings.from_env({}, notify_backoff=5)
     assert [backoff(settings, n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert backoff(settings, 11) == 3600 and backoff(settings, 40) == 3600
+    # from the 1,025th try an int's power made no float: OverflowError, and
+    # each later try went unrecorded (a QA pass, 2026-12-07)
+    assert backoff(settings, 1025) == 3600 and backoff(settings, 10**9) == 3600
+    tiny = Settings.from_env({}, notify_backoff=1e-300)  # doubling to past a float's range
+    assert backoff(tiny, 1) == 1e-300 and backoff(tiny, 2000) == 3600
 
 
 def test_a_failure_is_said_without_the_exceptions_text():
