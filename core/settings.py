@@ -111,16 +111,26 @@ def unsendable(token: str, *, ascii_only: bool = True) -> bool:
     )
 
 
+MAX_RUNNING_MOST = 1_000_000
+"""The largest limit `TETHER_MAX_RUNNING` takes for a backend (a backend left
+out has none). 2**63 or more was taken, then failed every job end of its
+backend in the store, and the start-up with jobs queued (a QA pass,
+2026-12-07)."""
+
+
 def limits_of(value: str) -> dict[str, int]:
     """`TETHER_MAX_RUNNING`'s `backend=N,...` as a dict; `ValueError` naming
-    the item that is not `name=N` with N a whole number of at least 1."""
+    the item that is not `name=N` with N a whole number from 1 to
+    `MAX_RUNNING_MOST`."""
     limits: dict[str, int] = {}
     for item in listed(value):
         name, sep, number = (part.strip() for part in item.partition("="))
-        if not (sep and name and number.isascii() and number.isdigit() and int(number) >= 1):
+        whole = number.isascii() and number.isdigit()
+        if not (sep and name and whole and 1 <= int(number) <= MAX_RUNNING_MOST):
             raise ValueError(
                 f"invalid setting TETHER_MAX_RUNNING: {item!r} is not backend=N"
-                " (N a whole number of at least 1)"
+                f" (N a whole number from 1 to {MAX_RUNNING_MOST:,}; leave a backend out"
+                " for no limit)"
             )
         if name in limits:
             raise ValueError(f"invalid setting TETHER_MAX_RUNNING: {name!r} is named twice")

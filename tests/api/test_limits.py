@@ -185,7 +185,17 @@ async def test_a_raised_limit_starts_queued_jobs_at_restart(store_url, start_ser
 
 @pytest.mark.parametrize(
     "value",
-    ["http_webhook", "http_webhook=0", "http_webhook=-1", "http_webhook=2.5", "a=1,a=2", "=3"],
+    [
+        "http_webhook",
+        "http_webhook=0",
+        "http_webhook=-1",
+        "http_webhook=2.5",
+        "a=1,a=2",
+        "=3",
+        "http_webhook=1000001",
+        # taken, then past the store's 64-bit integers at every job end (a QA pass)
+        "http_webhook=99999999999999999999999",
+    ],
 )
 def test_a_malformed_limit_is_refused_naming_the_setting(value):
     with pytest.raises(ValueError, match="TETHER_MAX_RUNNING") as refused:
@@ -196,6 +206,8 @@ def test_a_malformed_limit_is_refused_naming_the_setting(value):
 def test_limits_are_read_with_spaces_and_blanks():
     settings = Settings.from_env({"TETHER_MAX_RUNNING": " databricks = 20 , http_webhook=200,"})
     assert settings.limits == {"databricks": 20, "http_webhook": 200}
+    most = Settings.from_env({"TETHER_MAX_RUNNING": "http_webhook=1000000"})
+    assert most.limits == {"http_webhook": 1_000_000}
 
 
 async def test_a_promotion_whose_workflow_start_was_lost_is_started_at_restart(
