@@ -908,8 +908,12 @@ class Tether:
         self, promise_id: str, token: str | None, body: bytes
     ) -> tuple[Heartbeat, HeartbeatGone | None]:
         """A run saying it is alive, and how far along; with why it changed
-        nothing when it came too late (see `core.callbacks`)."""
-        return await self.callbacks.heartbeat(promise_id, token, body)
+        nothing when it came too late (see `core.callbacks`). Its next miss
+        wakes this process's watchdog, should it be due before its look."""
+        beat, gone = await self.callbacks.heartbeat(promise_id, token, body)
+        if gone is None and beat.heartbeat_due is not None and self.watchdog is not None:
+            self.watchdog.due_by(round(beat.heartbeat_due.timestamp() * 1000))
+        return beat, gone
 
     async def backend_notification(
         self,

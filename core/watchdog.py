@@ -269,7 +269,15 @@ class Watchdog:
             rec.stop_due,
         )
         due = min((t for t in times if t is not None), default=None)
-        if due is not None and due < self._planned:
+        if due is not None:
+            self.due_by(due)
+
+    def due_by(self, due: int) -> None:
+        """Sweep by `due` (Unix ms) at the latest: a job this process wrote
+        is due then (`on_event`; a heartbeat, which files no event, moving
+        its next miss before the look planned after a miss: it was found up
+        to `watchdog_interval` late, found by a QA pass, 2026-12-07)."""
+        if due < self._planned:
             self._planned = due
             self._wake.set()  # read only while the loop sleeps
 

@@ -271,6 +271,28 @@ async def test_hook_check_status_confirms_a_silent_run_is_going(start_service, r
     assert asked[1] - asked[0] >= 0.35  # asked again after another heartbeat_timeout
 
 
+async def test_a_heartbeat_after_a_miss_brings_the_next_miss_on_time(start_service, receiver):
+    """After a miss the next look is put off (S, 2S, 4S ... of silence); a
+    heartbeat moves the next miss to S after it, and the watchdog, which no
+    event woke, found it up to its nap late (a QA pass, 2026-12-07)."""
+    receiver.respond = status_answer({"status": "running"})
+    svc = await start_service(watchdog_interval=60)  # a nap longer than the test
+    params = {"status_url": receiver.url("/status"), "status_interval": 3600}
+    _, url = await start_job(svc, receiver, "late", timeout=60, heartbeat_timeout=1, params=params)
+
+    async def missed(n: int) -> list[dict[str, Any]] | None:
+        found = of_type(await events(svc, "late"), "heartbeat_missed")
+        return found if len(found) >= n else None
+
+    await eventually(lambda: missed(3), timeout=15)  # after 1, 2 and 4 s: the next after 8
+    beat = await svc.client.post(url)
+    assert beat.status_code == 200, beat.text
+    due = datetime.fromisoformat(beat.json()["heartbeat_due"])
+    fourth = (await eventually(lambda: missed(4), timeout=15))[3]
+    late = (datetime.fromisoformat(fourth["at"]) - due).total_seconds()
+    assert 0 <= late < 1.5, late
+
+
 async def test_hook_check_status_settles_a_silent_run_that_ended(start_service, receiver):
     receiver.respond = status_answer({"status": "succeeded", "result": {"rows": 7}})
     svc = await start_service()
