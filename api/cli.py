@@ -340,8 +340,9 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         log.warning(
             "TETHER_WATCHDOG_INTERVAL=0: this process's watchdog is off. Unless another"
             " process on the store runs one, no heartbeat miss is acted on, no status check is"
-            " made, and a deadline is noticed only when the store times the wait out, a minute"
-            " late (completion notifications are still sent)"
+            " made, a deadline is noticed only when the store times the wait out, a minute"
+            " late, and a queued job's never (it has no wait yet): completion notifications"
+            " are still sent"
         )
     if 0 < len(settings.callback_secret) < WEAK_SECRET:
         log.warning(
