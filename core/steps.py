@@ -1168,9 +1168,13 @@ class JobSteps:
         try:
             data = msgspec.json.encode(dict(started))
         except Exception as exc:  # (a value JSON cannot write, a mapping that raises)
+            # Its type alone, as any exception not a `BackendError`
+            # (`_plugin_bug`): its words, a plugin's mapping's, may quote a
+            # secret, and were filed in `trigger_failed` whole (a review,
+            # 2026-12-07).
             raise _BadReceipt(
                 f"backend {rec.backend!r}: {which} returned a mapping that is not JSON"
-                f" ({type(exc).__name__}: {exc})"
+                f" ({type(exc).__name__})"
             ) from None
         whole: dict[str, Any] = read_json(redact_bytes(data, tokens))
         limit = self.settings.max_result_bytes

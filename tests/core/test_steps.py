@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import logging
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -3438,13 +3438,29 @@ async def test_a_check_interval_longer_than_any_job_lives_is_cut_to_the_longest_
     assert len(rig.backend.triggers) == 1
 
 
+class Unreadable(Mapping[str, Any]):
+    """A plugin's lazy mapping whose read fails quoting what it asked."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["run"])
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError("GET https://api.example/runs?key=Zk9q7Xw3Lm2Rt8sVb4Nc7Hd1 failed")
+
+
 @pytest.mark.parametrize(
     ("answer", "said"),
     [
         (["not", "a", "mapping"], "returned a list, not a mapping"),
         (None, "returned None, not a mapping"),
         ("run-7", "returned a str, not a mapping"),
-        ({"when": object()}, "returned a mapping that is not JSON (TypeError: "),
+        ({"when": object()}, "returned a mapping that is not JSON (TypeError)"),
+        # its words are the plugin's, which may quote a secret: its type alone
+        # (a review, 2026-12-07, found this one whole in `trigger_failed`)
+        (Unreadable(), "returned a mapping that is not JSON (KeyError)"),
     ],
 )
 async def test_a_trigger_answering_no_receipt_fails_at_once_and_its_finish_stops_what_it_started(
@@ -3465,6 +3481,7 @@ async def test_a_trigger_answering_no_receipt_fails_at_once_and_its_finish_stops
     [tried] = [d for t, d in await history(rig) if t == "trigger_failed"]
     assert (tried["try"], tried["retry_in"], tried["retryable"]) == (1, None, True)
     assert tried["error"]["type"] == "invalid_receipt"
+    assert f"trigger {said}" in tried["error"]["message"] and "api.example" not in str(rec)
 
     await finish_as_settled(rig)
     [asked] = rig.backend.unrecorded
