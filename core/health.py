@@ -19,6 +19,7 @@ from typing import Any
 from core.errors import StoreUnavailable, reason
 from core.hookspecs import Backend, Readiness
 from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
+from core.redact import unquoted, without_environment_secrets
 from core.settle import store_call
 from core.store.jobs import JobIndex
 
@@ -110,7 +111,11 @@ async def check(backend: Backend) -> Readiness:
         return Readiness("error", f"readiness check failed: {type(exc).__name__}")
     if not isinstance(found, Readiness):
         return Readiness("error", f"readiness returned {type(found).__name__}, not Readiness")
-    return found
+    # A plugin's words, shown by the open `GET /health` and logged: without
+    # the environment's secrets and a URL's `user:password@` (a review,
+    # 2026-12-07, found a third party's API key kept whole there).
+    said = unquoted(without_environment_secrets(str(found.reason)))
+    return found if said == found.reason else Readiness(found.status, said)
 
 
 class Health:

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
+import core.redact
 from api.app import create_app
 from api.cli import preflight
 from core.plugin import Backend, Readiness, hookimpl
@@ -91,6 +92,17 @@ async def test_hook_readiness_shows_per_backend_and_health_stays_200(start_servi
     assert found["http_webhook"] == {"status": "ok", "reason": ""}  # the default
     health = (await svc.client.get("/health")).json()
     assert health["status"] == "ok" and health["missing"] == []
+
+
+async def test_a_readiness_reason_quoting_a_secret_is_shown_without_it(start_service, monkeypatch):
+    """The open `GET /health` showed a plugin's reason as it was, an API key
+    of the environment in a URL included (a review, 2026-12-07)."""
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", ("Zk9q7Xw3Lm2Rt8sVb4Nc7Hd1",))
+    said = "login to https://u:pw@acme.example?api_key=Zk9q7Xw3Lm2Rt8sVb4Nc7Hd1 refused"
+    svc = await start_service(plugins=[Offers(Checked("acme", Readiness("error", said)))])
+    found = await readiness_of(svc)
+    shown = "login to https://***@acme.example?api_key=*** refused"
+    assert found["acme"] == {"status": "error", "reason": shown}
 
 
 async def test_readiness_is_checked_in_the_background_and_cached(start_service):
