@@ -64,7 +64,7 @@ from core.models import (
     read_json,
     url_fault,
 )
-from core.redact import USERINFO, forms, redact, redact_bytes
+from core.redact import USERINFO, redact, redact_bytes, whole_forms
 from core.settings import Secret
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
@@ -90,7 +90,6 @@ __all__ = [
     "Unauthorized",
     "aside",
     "callback_promise_id",
-    "forms",
     "hookimpl",
     "os_reason",
     "read_json",
@@ -99,4 +98,5 @@ __all__ = [
     "retry_after_seconds",
     "settings_from_env",
     "url_fault",
+    "whole_forms",
 ]

@@ -578,20 +578,34 @@ def value_without_environment_secrets(value: Any, data: bytes | None = None) -> 
 
 
 @functools.cache
-def _environment_forms(secret: str) -> tuple[str, ...]:
-    """How an environment's `secret` may stand in a text, whole: as it is,
-    escaped as JSON writes it with `ensure_ascii` (`\\u00e4`, and `/` as
-    `\\/` as PHP's json_encode writes it), or percent-encoded
-    (`_percent_encoded`). Longest first."""
-    escaped = json.dumps(secret)[1:-1]
-    forms = {secret, escaped, escaped.replace("/", "\\/"), *_percent_encoded(secret)}
-    return tuple(sorted(forms, key=len, reverse=True))
+def whole_forms(secret: str) -> tuple[str, ...]:
+    """How `secret` may stand in a text, whole: as it is, or percent-encoded
+    (`_percent_encoded`), and each of those as JSON encoders escape it
+    (`_json_escaped`). Longest first. (An environment's secret: not its
+    pieces, as `redact` masks a callback token's, since such a value may be
+    made of words a text holds too.)"""
+    written = {secret, *_percent_encoded(secret)}
+    forms = {escaped for form in written for escaped in _json_escaped(form)}
+    return tuple(sorted(forms | written, key=len, reverse=True))
+
+
+def _json_escaped(text: str) -> set[str]:
+    """`text` inside a JSON string as encoders write it: Python's
+    `ensure_ascii` (`\\u00e4`, as PHP's too), the UTF-8 of JavaScript's,
+    msgspec's or serde's, Go's (`&`, `<`, `>` as `\\u0026` ...), each also
+    with `/` as `\\/` (PHP's). (A review, 2026-12-07, found Go's and
+    JavaScript's forms of a secret of the environment kept whole.)"""
+    ascii_only = json.dumps(text)[1:-1]
+    utf8 = json.dumps(text, ensure_ascii=False)[1:-1]
+    go = utf8.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    escaped = {ascii_only, utf8, go}
+    return escaped | {form.replace("/", "\\/") for form in escaped}
 
 
 @functools.cache
 def _encoded(secret: str) -> tuple[bytes, ...]:
-    """How each of `_environment_forms` of `secret` stands in a JSON text."""
-    return tuple(msgspec.json.encode(form)[1:-1] for form in _environment_forms(secret))
+    """How each of `whole_forms` of `secret` stands in a JSON text."""
+    return tuple(msgspec.json.encode(form)[1:-1] for form in whole_forms(secret))
 
 
 def _walk_environment(value: Any) -> Any:
@@ -606,11 +620,11 @@ def _walk_environment(value: Any) -> Any:
 
 def without_environment_secrets(text: str) -> str:
     """`text` with each of `environment_secrets` masked where it stands whole
-    (as written, JSON-escaped or percent-encoded: `_environment_forms`): not
+    (as written, JSON-escaped or percent-encoded: `whole_forms`): not
     its pieces, as `redact` masks a callback token's, since such a value may
     be made of words a traceback holds too."""
     for secret in environment_secrets():
-        for form in _environment_forms(secret):
+        for form in whole_forms(secret):
             if form in text:
                 text = text.replace(form, MASK)
     return text

@@ -230,6 +230,26 @@ def test_a_backend_errors_message_holds_no_secret_of_the_environment(monkeypatch
     assert BackendError(ValueError("Zk9\\/q+Xw=Lm2Rt8sVb4")).message == MASK  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("secret", "echo"),
+    [
+        ("pass&word<long>", "pass\\u0026word\\u003clong\\u003e"),  # Go's encoding/json
+        ('p\u00e4ss"word-long', 'p\u00e4ss\\"word-long'),  # JavaScript's, msgspec's: UTF-8
+        ("pass/word-long!", "pass\\/word-long%21"),  # PHP's \/ of a path's encoding
+    ],
+)
+def test_a_secret_of_the_environment_is_masked_as_json_encoders_write_it(
+    monkeypatch, secret: str, echo: str
+):
+    """Forms a review (2026-12-07) found kept whole in a backend's error."""
+    import core.redact
+    from core.errors import BackendError
+
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", (secret,))
+    assert BackendError(f"the server said: {echo}").message == f"the server said: {MASK}"
+    assert core.redact.value_without_environment_secrets({"echo": echo}) == {"echo": MASK}
+
+
 def test_the_secrets_of_the_environment_are_those_declared_or_named_as_secrets():
     """What tracebacks and what a run reports are cleaned of: Tether's own
     secrets (each of a list), `http_webhook`'s credentials in their forms,
