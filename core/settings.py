@@ -125,7 +125,7 @@ def limits_of(value: str) -> dict[str, int]:
     limits: dict[str, int] = {}
     for item in listed(value):
         name, sep, number = (part.strip() for part in item.partition("="))
-        whole = number.isascii() and number.isdigit()
+        whole = number.isascii() and number.isdigit() and len(number) <= 12  # (before `int`)
         if not (sep and name and whole and 1 <= int(number) <= MAX_RUNNING_MOST):
             raise ValueError(
                 f"invalid setting TETHER_MAX_RUNNING: {item!r} is not backend=N"

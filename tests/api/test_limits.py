@@ -195,6 +195,7 @@ async def test_a_raised_limit_starts_queued_jobs_at_restart(store_url, start_ser
         "http_webhook=1000001",
         # taken, then past the store's 64-bit integers at every job end (a QA pass)
         "http_webhook=99999999999999999999999",
+        "http_webhook=" + "9" * 5000,  # past what Python's int() reads (a review)
     ],
 )
 def test_a_malformed_limit_is_refused_naming_the_setting(value):
