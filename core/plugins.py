@@ -24,7 +24,12 @@ from core import hookspecs
 from core.errors import InvalidRequest, shown
 from core.hookspecs import Backend
 from core.models import Job
-from core.redact import declare_secret_settings
+from core.redact import (
+    declare_secret_settings,
+    log_traceback,
+    unquoted,
+    without_environment_secrets,
+)
 from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names, secret_env_names
 
 if TYPE_CHECKING:
@@ -300,9 +305,9 @@ class Plugins:
         except ValueError as exc:
             if plugin not in self._dists:
                 raise
-            raise self._refused(plugin, _one_line(str(exc))) from None
-        except Exception as exc:
-            said = _one_line(f"tether_backends raised {type(exc).__name__}: {exc}")
+            raise self._refused(plugin, _one_line(_masked(str(exc)))) from None
+        except Exception as exc:  # (its words masked: a QA pass saw an API token in them)
+            said = _one_line(f"tether_backends raised {type(exc).__name__}: {_masked(str(exc))}")
             raise self._refused(plugin, said) from None
         offered: list[Backend] = []
         for answer in answers:  # none when it returned None: it offers nothing
@@ -465,6 +470,15 @@ class Plugins:
         )
         return BUGGY_CHECK_INTERVAL, True
 
+    def not_stopped(self, backend: str, external: Any) -> str:
+        """What an ended job's error adds when its run (`external`: one was
+        recorded) cannot be stopped: its backend is not installed here. A
+        cancel said so; a timeout said nothing, and the run went on unseen
+        (a QA pass, 2026-12-07)."""
+        if external is None or backend in self.backends:
+            return ""
+        return f"; the external run could not be stopped: backend {backend!r} is not installed"
+
     @property
     def told_of_finish(self) -> bool:
         """Whether any plugin implements `tether_job_finished`."""
@@ -478,9 +492,15 @@ class Plugins:
             began = time.monotonic()
             try:
                 call(job=job)
-            except PLUGIN_FAULTS:
-                log.exception(
-                    "plugin %r failed in tether_job_finished for job %s", plugin_name, job.id
+            except PLUGIN_FAULTS as exc:
+                log_traceback(
+                    log,
+                    logging.ERROR,
+                    exc,
+                    (),
+                    "plugin %r failed in tether_job_finished for job %s",
+                    plugin_name,
+                    job.id,
                 )
             took = time.monotonic() - began
             if took >= SLOW_HOOK:
@@ -497,6 +517,12 @@ class Plugins:
 AT = re.compile(r" - at (?:a key in )?`(?P<path>[^`]*)`$")
 """Where a refusal's message says the error is, after the words: `params.a.b`,
 or a key in `params.a` for a key of that dict (the field is then the dict)."""
+
+
+def _masked(text: str) -> str:
+    """A plugin's words without the environment's secrets and a URL's
+    `user:password@`."""
+    return unquoted(without_environment_secrets(text))
 
 
 def _refusal(backend: Backend, exc: Exception) -> InvalidRequest:

@@ -18,9 +18,11 @@ import binascii
 import bisect
 import functools
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from traceback import format_exception
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -628,3 +630,35 @@ def without_environment_secrets(text: str) -> str:
             if form in text:
                 text = text.replace(form, MASK)
     return text
+
+
+def log_traceback(
+    logger: logging.Logger,
+    level: int,
+    exc: BaseException,
+    tokens: Sequence[str],
+    message: str,
+    *args: Any,
+    extra: Mapping[str, Any] | None = None,
+    traceback: bool = True,
+) -> None:
+    """Log `message` with `exc`'s traceback (`exc_text`: the text formatter
+    appends it, the JSON one files it as `exc`), of which the messages of
+    `exc` and of what it chains may quote a secret: a job's callback tokens
+    (`tokens`, every form `redact` knows), the value of each environment
+    secret (`environment_secrets`, declared or named as one: a
+    plugin's own password, a backend's token, Tether's API tokens) and any
+    URL's `user:password@` are masked. The log record never holds the
+    exception itself, whose words a formatter would write as they are.
+    `traceback` False: the line alone. (`log.exception` wrote a plugin's
+    `tether_job_finished` failure whole: a QA pass, 2026-12-07.)"""
+    if not logger.isEnabledFor(level):
+        return
+    path, line, function, _ = logger.findCaller(stacklevel=2)  # the line that called this
+    record = logger.makeRecord(
+        logger.name, level, path, line, message, args, None, function, extra=dict(extra or {})
+    )
+    if traceback:
+        text = "".join(format_exception(exc)).rstrip()
+        record.exc_text = unquoted(without_environment_secrets(redact(text, tokens)))
+    logger.handle(record)

@@ -46,7 +46,6 @@ import logging
 import numbers
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from traceback import format_exception
 from typing import Any
 
 import msgspec
@@ -60,7 +59,13 @@ from core.lease import StopLease
 from core.models import ErrorInfo, Job, Outcome, Trigger, read_json
 from core.notices import run_keys_of
 from core.plugins import PLUGIN_EXITS, PLUGIN_FAULTS, Plugins, cancelling, stored_params
-from core.redact import redact, redact_bytes, redact_value, unquoted, without_environment_secrets
+from core.redact import (
+    log_traceback,
+    redact,
+    redact_bytes,
+    redact_value,
+    unquoted,
+)
 from core.settings import Settings
 from core.settle import (
     Settler,
@@ -80,6 +85,8 @@ from core.views import backend_view, view
 from core.workflow import RETRY_BACKOFF, RETRY_BACKOFF_MAX, callback_promise_id, root_promise_id
 
 log = logging.getLogger("tether")
+_log_traceback = functools.partial(log_traceback, log)
+"""`log_traceback` on this module's logger."""
 
 CANCEL_TIMEOUT = 300.0
 """Seconds a backend's `cancel` may take to answer, each try: then the try
@@ -1476,6 +1483,14 @@ class JobSteps:
                 await self._cancel_run(backend, rec)
             elif await self._may_have_started(rec, value):
                 await self._cancel_unrecorded(backend, rec)
+        elif stopped_with(rec.state, value) and rec.external is not None:
+            log.warning(
+                "job %s: its external run was not stopped: backend %r is not installed here;"
+                " stop it in the external system",
+                job_id,
+                rec.backend,
+                extra=rec.log_extra(),
+            )
         log.info("job %s finished: %s", job_id, rec.state, extra=rec.log_extra())
         self.plugins.job_finished(view(rec))
 
@@ -1941,36 +1956,6 @@ async def _contained[T](call: Awaitable[T]) -> T:
         return await call
     except PLUGIN_EXITS as exc:
         raise _exited(exc) from exc
-
-
-def _log_traceback(
-    level: int,
-    exc: BaseException,
-    tokens: Sequence[str],
-    message: str,
-    *args: Any,
-    extra: Mapping[str, Any],
-    traceback: bool = True,
-) -> None:
-    """Log `message` with `exc`'s traceback (`exc_text`: the text formatter
-    appends it, the JSON one files it as `exc`), of which the messages of
-    `exc` and of what it chains may quote a secret: a job's callback tokens
-    (`tokens`, every form `redact` knows), the value of each environment
-    secret (`environment_secrets`, declared or named as one: a
-    plugin's own password, a backend's token) and any URL's
-    `user:password@` are masked. The log record never holds the exception
-    itself, whose words a formatter would write as they are. `traceback`
-    False: the line alone."""
-    if not log.isEnabledFor(level):
-        return
-    path, line, function, _ = log.findCaller(stacklevel=2)  # the line that called this
-    record = log.makeRecord(
-        log.name, level, path, line, message, args, None, function, extra=dict(extra)
-    )
-    if traceback:
-        text = "".join(format_exception(exc)).rstrip()
-        record.exc_text = unquoted(without_environment_secrets(redact(text, tokens)))
-    log.handle(record)
 
 
 def _said(value: Any) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import logging
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -17,11 +19,13 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
+import core.redact
 from api.app import create_app
 from api.packages import table
 from core import hookspecs
 from core.errors import InvalidRequest
 from core.hookspecs import Backend, TetherHookSpecs
+from core.models import Job
 from core.plugin import BackendError, Outcome, Secret, hookimpl
 from core.plugins import BACKEND_NAME, PluginError, Plugins, make_plugin_manager
 from core.settings import secret_env_names
@@ -218,6 +222,45 @@ def test_hook_tether_backends_offering_what_cannot_be_used_is_refused_naming_the
     with pytest.raises(PluginError) as refused:
         Plugins(pm)
     assert str(refused.value) == f"plugin 'qa' cannot be used: {said}"
+
+
+def test_a_plugins_failure_with_a_secret_in_its_words_is_said_without_it(monkeypatch, caplog):
+    """A QA pass (2026-12-07) found a secret of the environment (Tether's
+    API token among them) whole in `tether_backends`' refusal, the one line
+    `tether serve` prints, and in the traceback of a `tether_job_finished`
+    that raised, where the same words from `trigger` were masked."""
+    secret = "tetherapitoken-987654321"
+    monkeypatch.setenv("TETHER_API_TOKEN", secret)
+    monkeypatch.setattr(core.redact, "_ENVIRONMENT", None)  # read again, with it
+
+    class Leaky:
+        @hookimpl
+        def tether_backends(self) -> Any:
+            raise RuntimeError(f"bad token {secret}")
+
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(Leaky(), name="qa")
+    with pytest.raises(PluginError) as refused:
+        Plugins(pm)
+    assert str(refused.value) == "plugin 'qa' cannot be used: tether_backends raised" + (
+        " RuntimeError: bad token ***"
+    )
+
+    class Finished:
+        @hookimpl
+        def tether_job_finished(self, job: Any) -> None:
+            raise RuntimeError(f"finished hook exploded {secret}")
+
+    pm = make_plugin_manager(entry_points=False)
+    pm.register(Finished(), name="qa")
+    at = datetime.now(UTC)
+    job = Job("j", "http_webhook", "failed", {}, {}, 60.0, None, None, None, at, at, at)
+    with caplog.at_level(logging.ERROR, logger="tether"):
+        Plugins(pm).job_finished(job)
+    [record] = [r for r in caplog.records if "tether_job_finished" in r.getMessage()]
+    assert record.getMessage() == "plugin 'qa' failed in tether_job_finished for job j"
+    assert "RuntimeError: finished hook exploded ***" in caplog.text
+    assert secret not in caplog.text and record.exc_info is None
 
 
 @pytest.mark.parametrize(
