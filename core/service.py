@@ -865,11 +865,7 @@ class Tether:
             message = "canceled by request"
             if reason and reason.strip():
                 message += f": {reason.strip()}"
-            if rec.external is not None and rec.backend not in self.plugins.backends:
-                message += (
-                    f"; the external run could not be stopped: backend {rec.backend!r}"
-                    " is not installed"
-                )
+            message += self.plugins.not_stopped(rec.backend, rec.external)
             outcome = Outcome(status="canceled", error=ErrorInfo(message=message, type="canceled"))
             asked = NewEvent("cancel_requested", {"reason": (reason or "").strip() or None})
             result, rec = await self.settler.settle(

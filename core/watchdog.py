@@ -398,6 +398,7 @@ class Watchdog:
                     f"still queued after {rec.timeout:g} seconds: its backend stayed at its"
                     " limit of running jobs (TETHER_MAX_RUNNING)"
                 )
+            message += self.plugins.not_stopped(rec.backend, rec.external)
             outcome = Outcome(status="timed_out", error=ErrorInfo(message=message, type="timeout"))
             deadline = {"timeout": rec.timeout}
             result, _ = await self.settler.settle(
@@ -602,7 +603,8 @@ class Watchdog:
                 status="timed_out",
                 error=ErrorInfo(
                     message=f"no heartbeat within {timeout:g} seconds, and its backend"
-                    " cannot tell whether the run is still going",
+                    " cannot tell whether the run is still going"
+                    + self.plugins.not_stopped(rec.backend, rec.external),
                     type="heartbeat_timeout",
                 ),
             )

@@ -191,6 +191,38 @@ async def test_jobs_of_a_backend_no_longer_installed(tmp_path: Path, logs: Captu
         ]
 
 
+async def test_a_job_timed_out_with_its_backend_gone_says_its_run_was_not_stopped(
+    tmp_path: Path, logs: Capture
+):
+    """A cancel said the run could not be stopped; a timeout said nothing,
+    and the run went on unseen (found by a QA pass, 2026-12-07)."""
+    settings = test_settings(store=f"sqlite:///{tmp_path}/tether.db")
+    gone = Checked("gone", Readiness("ok"))
+    before = create_app(settings, make_plugin_manager(entry_points=False, extra=[Offers(gone)]))
+    async with AsyncTestClient(before, base_url="http://127.0.0.1") as client:
+        made = await client.post("/jobs", json={"id": "t", "backend": "gone", "timeout": 2})
+        assert made.status_code == 201, made.text
+
+        async def running() -> bool:
+            return (await client.get("/jobs/t")).json()["state"] == "running"
+
+        await eventually(running)
+
+    after = create_app(settings, make_plugin_manager(entry_points=False))
+    async with AsyncTestClient(after, base_url="http://127.0.0.1") as client:
+
+        async def ended() -> dict[str, Any] | None:
+            job = (await client.get("/jobs/t")).json()
+            return job if job["state"] == "timed_out" else None
+
+        job = await eventually(ended, timeout=15)
+        assert job["error"]["message"] == (
+            "not finished within 2 seconds, the job's timeout; the external run could not be"
+            " stopped: backend 'gone' is not installed"
+        )
+        await eventually(lambda: "its external run was not stopped" in logs.text)
+
+
 async def test_head_and_options_probes_answer_as_get_does(start_service, monkeypatch):
     """`HEAD /health` was 405, and `OPTIONS /health` (HAProxy's `option
     httpchk /health` probes with it) Litestar's 204 whatever the store did
