@@ -102,9 +102,12 @@ def test_a_job_waiting_under_an_earlier_version_finishes_on_today_s_after_a_sigk
     first.start()
     with first.client() as client:
         start_job(client, receiver, "old")
+    # Its trigger step ("{root}:2") records itself after the step wrote the
+    # job running (a kill between the two left it pending once on a slow
+    # machine, 2026-12-07); version 4 has none.
+    wait_until(lambda: promise_state(db, "old:2") == "resolved")
     first.kill()
     assert task(db, "old")["version"] == version
-    # Its trigger step ("{root}:2") recorded itself; version 4 has none.
     assert (promise_state(db, "old:1"), promise_state(db, "old:2")) == ("pending", "resolved")
 
     second = service(tmp_path, port=first.port).start()
