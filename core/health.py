@@ -19,7 +19,7 @@ from typing import Any
 from core.errors import StoreUnavailable, reason
 from core.hookspecs import Backend, Readiness
 from core.plugins import PLUGIN_FAULTS, Plugins, cancelling
-from core.redact import unquoted, without_environment_secrets
+from core.redact import without_secrets
 from core.settle import store_call
 from core.store.jobs import JobIndex
 
@@ -114,7 +114,7 @@ async def check(backend: Backend) -> Readiness:
     # A plugin's words, shown by the open `GET /health` and logged: without
     # the environment's secrets and a URL's `user:password@` (a review,
     # 2026-12-07, found a third party's API key kept whole there).
-    said = unquoted(without_environment_secrets(str(found.reason)))
+    said = without_secrets(str(found.reason))
     return found if said == found.reason else Readiness(found.status, said)
 
 

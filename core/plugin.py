@@ -64,7 +64,7 @@ from core.models import (
     read_json,
     url_fault,
 )
-from core.redact import USERINFO, redact, redact_bytes, whole_forms
+from core.redact import USERINFO, redact, redact_bytes, without_whole
 from core.settings import Secret
 from core.settings import from_env as settings_from_env
 from core.workflow import callback_promise_id
@@ -98,5 +98,5 @@ __all__ = [
     "retry_after_seconds",
     "settings_from_env",
     "url_fault",
-    "whole_forms",
+    "without_whole",
 ]

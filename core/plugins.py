@@ -24,12 +24,7 @@ from core import hookspecs
 from core.errors import InvalidRequest, shown
 from core.hookspecs import Backend
 from core.models import Job
-from core.redact import (
-    declare_secret_settings,
-    log_traceback,
-    unquoted,
-    without_environment_secrets,
-)
+from core.redact import declare_secret_settings, log_traceback, without_secrets
 from core.settings import OTHER_KNOWN, PREFIX, Settings, env_names, secret_env_names
 
 if TYPE_CHECKING:
@@ -305,9 +300,10 @@ class Plugins:
         except ValueError as exc:
             if plugin not in self._dists:
                 raise
-            raise self._refused(plugin, _one_line(_masked(str(exc)))) from None
+            raise self._refused(plugin, _one_line(without_secrets(str(exc)))) from None
         except Exception as exc:  # (its words masked: a QA pass saw an API token in them)
-            said = _one_line(f"tether_backends raised {type(exc).__name__}: {_masked(str(exc))}")
+            words = without_secrets(str(exc))
+            said = _one_line(f"tether_backends raised {type(exc).__name__}: {words}")
             raise self._refused(plugin, said) from None
         offered: list[Backend] = []
         for answer in answers:  # none when it returned None: it offers nothing
@@ -517,12 +513,6 @@ class Plugins:
 AT = re.compile(r" - at (?:a key in )?`(?P<path>[^`]*)`$")
 """Where a refusal's message says the error is, after the words: `params.a.b`,
 or a key in `params.a` for a key of that dict (the field is then the dict)."""
-
-
-def _masked(text: str) -> str:
-    """A plugin's words without the environment's secrets and a URL's
-    `user:password@`."""
-    return unquoted(without_environment_secrets(text))
 
 
 def _refusal(backend: Backend, exc: Exception) -> InvalidRequest:

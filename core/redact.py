@@ -622,14 +622,27 @@ def _walk_environment(value: Any) -> Any:
 
 def without_environment_secrets(text: str) -> str:
     """`text` with each of `environment_secrets` masked where it stands whole
-    (as written, JSON-escaped or percent-encoded: `whole_forms`): not
-    its pieces, as `redact` masks a callback token's, since such a value may
-    be made of words a traceback holds too."""
-    for secret in environment_secrets():
+    (`without_whole`): not its pieces, as `redact` masks a callback token's,
+    since such a value may be made of words a traceback holds too."""
+    return without_whole(text, environment_secrets())
+
+
+def without_whole(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of `secrets` masked where it stands whole (as
+    written, JSON-escaped or percent-encoded: `whole_forms`)."""
+    for secret in secrets:
         for form in whole_forms(secret):
             if form in text:
                 text = text.replace(form, MASK)
     return text
+
+
+def without_secrets(text: str, tokens: Sequence[str] = ()) -> str:
+    """A text from outside (a plugin's words, a traceback) as Tether logs or
+    shows it: without callback tokens (`tokens`, `redact`), the
+    environment's secrets (`without_environment_secrets`) and a URL's
+    `user:password@` (`unquoted`)."""
+    return unquoted(without_environment_secrets(redact(text, tokens)))
 
 
 def log_traceback(
@@ -660,5 +673,5 @@ def log_traceback(
     )
     if traceback:
         text = "".join(format_exception(exc)).rstrip()
-        record.exc_text = unquoted(without_environment_secrets(redact(text, tokens)))
+        record.exc_text = without_secrets(text, tokens)
     logger.handle(record)

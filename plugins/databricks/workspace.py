@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from core.plugin import USERINFO, BackendError, Readiness, redact, settings_from_env, whole_forms
+from core.plugin import (
+    USERINFO,
+    BackendError,
+    Readiness,
+    redact,
+    settings_from_env,
+    without_whole,
+)
 
 if TYPE_CHECKING:
     from databricks.sdk import WorkspaceClient
@@ -339,9 +346,8 @@ class Workspace:
         text = text.split("Request log:", 1)[0]  # the SDK's dump of an unreadable answer
         tokens, others = self._secrets()
         text = redact(text, [s for s in (*secrets, *tokens) if s and len(s) >= 4])
-        for secret in others:  # (not `forms`: a password's word after a space is no secret)
-            for form in whole_forms(secret) if len(secret) >= 4 else ():
-                text = text.replace(form, "***")
+        # (not `forms`: a password's word after a space is no secret)
+        text = without_whole(text, [s for s in others if len(s) >= 4])
         for pattern, replacement in _SCRUB:
             text = pattern.sub(replacement, text)
         text = text.strip()
