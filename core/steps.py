@@ -291,6 +291,10 @@ class JobSteps:
         self.detached: set[asyncio.Task[None]] = set()
         """Trigger calls no longer waited for, their attempt over, whose
         answer is still taken (`_answered_late`); cut short by `close`."""
+        self.waiting: set[asyncio.Task[Any]] = set()
+        """Workflows whose trigger waits between two tries; their waits are
+        cut short by `close`, and so is any begun after it (`closing`)."""
+        self.closing = False
 
     async def close(self) -> None:
         """Cancel the trigger calls still answering late (`detached`), and
@@ -298,7 +302,18 @@ class JobSteps:
         what it may start (`_answered_late`) makes it due once the call
         should have ended, for any watchdog; one that holds none (its job
         succeeded meanwhile, or was retried) says in a warning that a run it
-        starts after this is recorded nowhere."""
+        starts after this is recorded nowhere.
+
+        And cancel the workflows waiting between two tries (`waiting`; the
+        SDK's stop waits for every workflow under way): a stop waited out
+        each backoff and `Retry-After`, up to `STOP_GRACE`, then made the
+        next try while stopping. Cut short, a workflow ends as if killed
+        there, with nothing in flight: its task goes back to the store,
+        and the restart (or another process) runs it again, whose tries
+        start again from the first with the same key."""
+        self.closing = True
+        for task in list(self.waiting):
+            task.cancel()
         while self.detached:
             await asyncio.sleep(0)  # each begun (its `except`s in force) first
             late = list(self.detached)
@@ -1211,9 +1226,17 @@ class JobSteps:
         raised, the trigger would be called again, and find its own mark (a
         replay's wait)."""
         left = wait
+        task = asyncio.current_task()
         while True:
             step = min(left, WAIT_SLICE)
-            await self.sleep(step)
+            if task is not None:
+                self.waiting.add(task)
+                if self.closing:
+                    task.cancel()
+            try:
+                await self.sleep(step)
+            finally:
+                self.waiting.discard(task)
             left -= step
             now = await self._row(rec)
             if now is None or now.finished or now.attempt != rec.attempt:

@@ -477,19 +477,6 @@ class QuickServer(uvicorn.Server):
             said = [line for line in map(_traceback_text, "".join(failed).splitlines()) if line]
             raise ServiceDidNotStart(said[-1] if said else "see uvicorn's log") from None
 
-
-def _traceback_text(line: str) -> str:
-    """A line of a formatted traceback (of an exception group too, whose lines
-    start with `|`) without its frame: empty for a frame, a marker or a rule."""
-    text = line.strip().lstrip("|").strip()
-    if not text[:1].isalpha() or text.startswith(("File ", "Traceback ", "During ", "The ")):
-        return ""
-    return text
-
-
-class ServiceDidNotStart(Exception):
-    """The app's start-up failed: the message is its error's last line."""
-
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self.server_state
         for _ in range(20):  # the connections of clients just closed go first
@@ -505,6 +492,19 @@ class ServiceDidNotStart(Exception):
             sock.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+
+def _traceback_text(line: str) -> str:
+    """A line of a formatted traceback (of an exception group too, whose lines
+    start with `|`) without its frame: empty for a frame, a marker or a rule."""
+    text = line.strip().lstrip("|").strip()
+    if not text[:1].isalpha() or text.startswith(("File ", "Traceback ", "During ", "The ")):
+        return ""
+    return text
+
+
+class ServiceDidNotStart(Exception):
+    """The app's start-up failed: the message is its error's last line."""
 
 
 TLS = ssl.create_default_context()

@@ -213,6 +213,32 @@ def test_sigterm_drains_and_loses_nothing(tmp_path, receiver):
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["term:1"]
 
 
+def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
+    """A target answering 503 with `Retry-After: 60`: the stop waited out the
+    wait (up to its 20 s for its steps), then made the next try while
+    stopping. Now the wait is cut short, and the restart tries again, with
+    the same key, once."""
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) == 1:
+            return 503, {"busy": True}, {"retry-after": "60"}
+        return 202, {}
+
+    receiver.respond = respond
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "backoff")
+        wait_until(lambda: receiver.hits, every=0.02)
+        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/backoff/events").text)
+    started = time.monotonic()
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
+    assert len(receiver.hits) == 1  # no try while stopping
+
+    restart_and_finish(tmp_path, first, receiver, "backoff")
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
+
+
 def restart_and_finish(
     tmp_path: Path, dead: TetherProcess, receiver: Receiver, job_id: str, **env: str
 ) -> None:

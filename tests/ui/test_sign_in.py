@@ -259,7 +259,9 @@ def test_pages_open_when_their_session_ends_say_so(context, service, api, hooks:
     start_job(api, hooks, ended)
     assert api.post(f"/jobs/{ended}/cancel", json={}).status_code == 200
     host = service.url.removeprefix("http://").partition(":")[0]
-    context.add_cookies([{"name": COOKIE, "value": forged(4), "domain": host, "path": "/"}])
+    # Long enough for three pages to open their streams on a slow machine (4 s
+    # was not, once, on CI: the streams opened after the session had ended).
+    context.add_cookies([{"name": COOKIE, "value": forged(8), "domain": host, "path": "/"}])
     pages = [context.new_page() for _ in range(3)]
     for page, path in zip(pages, ("/ui", f"/ui/jobs/{running}", f"/ui/jobs/{ended}"), strict=True):
         page.goto(service.url + path)
