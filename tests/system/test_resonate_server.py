@@ -213,6 +213,40 @@ def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["term:1"]
 
 
+def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, receiver):
+    """A trigger waiting out a target's `Retry-After: 60` at SIGTERM: the
+    stop does not wait for it; the task's lease runs out on the server, and
+    the restart tries again with the same key, once."""
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) == 1:
+            return 503, {"busy": True}, {"retry-after": "60"}
+        return 202, {}
+
+    receiver.respond = respond
+    server = StandIn(tmp_path / "resonate.db", token=TOKEN).start()
+    try:
+        first = service(tmp_path, server).start()
+        with first.client() as client:
+            start_job(client, receiver, "backoff")
+            wait_until(lambda: '"trigger_failed"' in client.get("/jobs/backoff/events").text)
+        started = time.monotonic()
+        assert first.terminate(wait=30) == -signal.SIGTERM
+        assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
+        assert len(receiver.hits) == 1
+        second = service(tmp_path, server, port=first.port).start()
+        try:
+            with second.client() as client:
+                wait_for(client, "backoff", "running")
+                callback(receiver, "backoff", {"status": "succeeded"})
+                wait_for(client, "backoff", "succeeded")
+        finally:
+            second.kill()
+    finally:
+        server.stop()
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
+
+
 @pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
 async def test_a_job_sent_while_the_server_is_down_is_accepted_and_triggered_once_back(
     start_service, receiver, resonate_stand_ins, monkeypatch
