@@ -292,8 +292,9 @@ class JobSteps:
         """Trigger calls no longer waited for, their attempt over, whose
         answer is still taken (`_answered_late`); cut short by `close`."""
         self.waiting: set[asyncio.Task[Any]] = set()
-        """Workflows whose trigger waits between two tries; their waits are
-        cut short by `close`, and so is any begun after it (`closing`)."""
+        """Tasks waiting between two tries of a trigger or a cancel
+        (`_pause`); cut short by `close`, and so is any wait begun after it
+        (`closing`)."""
         self.closing = False
 
     async def close(self) -> None:
@@ -304,13 +305,15 @@ class JobSteps:
         succeeded meanwhile, or was retried) says in a warning that a run it
         starts after this is recorded nowhere.
 
-        And cancel the workflows waiting between two tries (`waiting`; the
-        SDK's stop waits for every workflow under way): a stop waited out
-        each backoff and `Retry-After`, up to `STOP_GRACE`, then made the
-        next try while stopping. Cut short, a workflow ends as if killed
-        there, with nothing in flight: its task goes back to the store,
-        and the restart (or another process) runs it again, whose tries
-        start again from the first with the same key."""
+        And cancel the tasks waiting between two tries of a trigger or a
+        cancel (`waiting`, `_pause`; the SDK's stop waits for every
+        workflow under way): a stop waited out each backoff and
+        `Retry-After`, up to `STOP_GRACE`, and made the next tries while
+        stopping. Cut short, a workflow ends as if killed there, with
+        nothing in flight: its task's lease runs out, and the restart (or
+        another process) runs it again, whose tries start again from the
+        first with the same key; a stop under a lease gives it up for the
+        next sweep (`_spawn_stop`)."""
         self.closing = True
         for task in list(self.waiting):
             task.cancel()
@@ -320,6 +323,20 @@ class JobSteps:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds` between two tries of a backend's call (the
+        trigger's, a cancel's: a backoff, or the backend's `retry_after`),
+        cut short by `close`: the service is stopping."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.waiting.add(task)
+            if self.closing:
+                task.cancel()
+        try:
+            await self.sleep(seconds)
+        finally:
+            self.waiting.discard(task)
 
     async def trigger(
         self,
@@ -1226,17 +1243,9 @@ class JobSteps:
         raised, the trigger would be called again, and find its own mark (a
         replay's wait)."""
         left = wait
-        task = asyncio.current_task()
         while True:
             step = min(left, WAIT_SLICE)
-            if task is not None:
-                self.waiting.add(task)
-                if self.closing:
-                    task.cancel()
-            try:
-                await self.sleep(step)
-            finally:
-                self.waiting.discard(task)
+            await self._pause(step)
             left -= step
             now = await self._row(rec)
             if now is None or now.finished or now.attempt != rec.attempt:
@@ -1886,7 +1895,7 @@ class JobSteps:
                     wait,
                     extra=rec.log_extra(),
                 )
-            await self.sleep(wait)
+            await self._pause(wait)
             delay *= 2
         return None
 

@@ -239,6 +239,48 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
 
 
+def test_sigterm_does_not_wait_out_a_cancels_backoff(tmp_path, receiver):
+    """The same for a canceled job's stop of its run: a `cancel_url`
+    answering 500 is tried again after 5 s, then 10 s; the stop waited them
+    out, up to its 20 s, asking the target twice more while stopping (a QA
+    pass). Now it stops at once, and the restart asks again until it is done."""
+    refusing = threading.Event()
+    refusing.set()
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if hit.path == "/cancel" and refusing.is_set():
+            return 500, {}
+        return 202, {}
+
+    receiver.respond = respond
+    env = {"TETHER_TRIGGER_BACKOFF": "5"}
+    first = service(tmp_path, **env).start()
+    params = {"url": receiver.url(), "cancel_url": receiver.url("/cancel")}
+    with first.client() as client:
+        start_job(client, receiver, "stopping", params=params)
+        wait_for(client, "stopping", "running")
+        assert client.post("/jobs/stopping/cancel", json={}).status_code == 200
+        wait_until(lambda: receiver.on("/cancel"), every=0.02)
+    started = time.monotonic()
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    assert time.monotonic() - started < 4  # not the 5 s wait, nor the 20 s for the steps
+    assert len(receiver.on("/cancel")) == 1  # no try while stopping
+
+    refusing.clear()
+    second = service(tmp_path, port=first.port, **env).start()
+    try:
+        with second.client() as client:
+            wait_until(lambda: len(receiver.on("/cancel")) == 2, timeout=30)
+            wait_until(lambda: client.get("/jobs/stopping").json().get("winding_up") is None)
+            job = client.get("/jobs/stopping").json()
+            assert job["state"] == "canceled", job
+            events = [e["type"] for e in client.get("/jobs/stopping/events").json()["items"]]
+            assert "cancel_failed" not in events and events.count("finished") == 1, events
+    finally:
+        second.kill()
+    assert len(receiver.on("/hook")) == 1 and len(receiver.on("/cancel")) == 2
+
+
 def restart_and_finish(
     tmp_path: Path, dead: TetherProcess, receiver: Receiver, job_id: str, **env: str
 ) -> None:
