@@ -553,6 +553,13 @@ class HeartbeatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     `progress`. Absent or null: the job keeps the progress it has."""
 
 
+class CallbackError(ErrorInfo, frozen=True, forbid_unknown_fields=True):
+    """A callback's `error`, read as strictly as the body around it: a key
+    other than `message` and `type` is refused, naming it. It was dropped
+    (`{"message": "disk full", "code": "E1"}` accepted, the code lost) where
+    an unknown key beside `status` was refused (found by a QA pass)."""
+
+
 class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Tether's uniform callback body (`POST /callbacks/{promise_id}`). `status`
     is required: a body without it settles nothing (a stray POST to the URL
@@ -560,10 +567,10 @@ class CallbackBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     status: Literal["succeeded", "failed"]
     result: Any = None
-    error: ErrorInfo | None = None
+    error: CallbackError | None = None
 
     def outcome(self) -> Outcome:
-        error = self.error
+        error = None if self.error is None else ErrorInfo(self.error.message, self.error.type)
         if self.status == "failed" and error is None:
             error = ErrorInfo(message="the external job reported a failure")
         return Outcome(status=self.status, result=self.result, error=error)
