@@ -315,6 +315,13 @@ class JobSteps:
         first with the same key; a stop under a lease gives it up for the
         next sweep (`_spawn_stop`)."""
         self.closing = True
+        if self.waiting:
+            log.warning(
+                "stopping: %d wait(s) between two tries of a backend's trigger or cancel cut"
+                " short; those tries start again from the first once their leases run out"
+                " (TETHER_TASK_TTL), on this host when it is back or on another",
+                len(self.waiting),
+            )
         for task in list(self.waiting):
             task.cancel()
         while self.detached:

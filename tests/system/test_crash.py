@@ -234,6 +234,7 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
     assert first.terminate(wait=30) == -signal.SIGTERM
     assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
     assert len(receiver.hits) == 1  # no try while stopping
+    assert "stopping: 1 wait(s) between two tries of a backend's trigger" in first.log.read_text()
 
     restart_and_finish(tmp_path, first, receiver, "backoff")
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
