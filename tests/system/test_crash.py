@@ -214,14 +214,15 @@ def test_sigterm_drains_and_loses_nothing(tmp_path, receiver):
 
 
 def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
-    """A target answering 503 with `Retry-After: 60`: the stop waited out the
+    """A target answering 503 with `Retry-After: 6`: the stop waited out the
     wait (up to its 20 s for its steps), then made the next try while
     stopping. Now the wait is cut short, and the restart tries again, with
-    the same key, once."""
+    the same key, once, no sooner than the target asked (its lease, 2 s
+    here, runs out before that)."""
 
     def respond(hit: Hit) -> tuple[Any, ...]:
         if len(receiver.hits) == 1:
-            return 503, {"busy": True}, {"retry-after": "60"}
+            return 503, {"busy": True}, {"retry-after": "6"}
         return 202, {}
 
     receiver.respond = respond
@@ -238,6 +239,7 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
 
     restart_and_finish(tmp_path, first, receiver, "backoff")
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
+    assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
 
 
 def test_sigterm_does_not_wait_out_a_cancels_backoff(tmp_path, receiver):

@@ -214,13 +214,13 @@ def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_
 
 
 def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, receiver):
-    """A trigger waiting out a target's `Retry-After: 60` at SIGTERM: the
+    """A trigger waiting out a target's `Retry-After: 6` at SIGTERM: the
     stop does not wait for it; the task's lease runs out on the server, and
-    the restart tries again with the same key, once."""
+    the restart tries again with the same key, once, no sooner than asked."""
 
     def respond(hit: Hit) -> tuple[Any, ...]:
         if len(receiver.hits) == 1:
-            return 503, {"busy": True}, {"retry-after": "60"}
+            return 503, {"busy": True}, {"retry-after": "6"}
         return 202, {}
 
     receiver.respond = respond
@@ -245,6 +245,7 @@ def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, re
     finally:
         server.stop()
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
+    assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
 
 
 @pytest.mark.parametrize("store_url", ["resonate"], indirect=True)
