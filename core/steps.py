@@ -1254,13 +1254,14 @@ class JobSteps:
         a first run of a job taken at once reads nothing more."""
         if rec.events <= 1:
             return rec
-        _, [*last] = await store_call(self.jobs.events_after(rec.id, rec.events - 1, 1))
-        if not last or last[0].type != "trigger_failed" or last[0].attempt != rec.attempt:
+        _, events = await store_call(self.jobs.events_after(rec.id, rec.events - 1, 1))
+        last = events[0] if events else None
+        if last is None or last.type != "trigger_failed" or last.attempt != rec.attempt:
             return rec
-        retry_in = last[0].data.get("retry_in")
-        if not isinstance(retry_in, int | float) or last[0].data.get("late"):
+        retry_in = last.data.get("retry_in")  # null when it gave up, and for a late try
+        if retry_in is None:
             return rec
-        left = (last[0].at + retry_in * 1000 - now_ms()) / 1000
+        left = (last.at + retry_in * 1000 - now_ms()) / 1000
         if left <= 0:
             return rec
         log.info(
