@@ -124,6 +124,12 @@ def _still_winding_up(rec: JobRecord) -> Conflict:
             " restart; retry after that",
             {**details, "stop_due": due},
         )
+    if rec.external is None:  # no run to stop: its workflow has yet to return
+        return Conflict(
+            f"{at}: its workflow has yet to end (one a host that died held is taken over once"
+            " its lease runs out: TETHER_TASK_TTL); retry again in a moment",
+            details,
+        )
     return Conflict(f"{at} (stopping its external run); retry again in a moment", details)
 
 
@@ -200,6 +206,7 @@ class Tether:
             ttl=timedelta(seconds=self.settings.task_ttl),
             max_concurrent_tasks=self.settings.max_concurrent_tasks,
             subscription_refresh_secs=0,
+            observer=workflow.observe,
         )
         bound = self.settings.max_result_bytes
         self._settler = Settler(r, self.jobs, bound, self.signer.job_tokens)
@@ -417,8 +424,12 @@ class Tether:
         if self.notifier is not None:
             await self.notifier.stop()
         if self.resonate is not None:
+            stopping = asyncio.ensure_future(self.resonate.stop())
+            await asyncio.sleep(0)  # its first step: the SDK runs no task pushed to it from here
+            if self._steps is not None:
+                self._steps.hand_back()  # the tasks of the waits cut short
             try:
-                await asyncio.wait_for(self.resonate.stop(), STOP_GRACE)
+                await asyncio.wait_for(stopping, STOP_GRACE)
             except TimeoutError:
                 log.warning(
                     "steps still running after %gs (a backend's request not yet answered, or"

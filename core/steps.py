@@ -296,6 +296,10 @@ class JobSteps:
         (`_pause`); cut short by `close`, and so is any wait begun after it
         (`closing`)."""
         self.closing = False
+        self.cut: set[asyncio.Task[Any]] = set()
+        """The tasks whose waits `close` cut short: each hands its workflow's
+        task back to the store (`cut_short`) once `hand_back` is called."""
+        self._handing_back = asyncio.Event()
 
     async def close(self) -> None:
         """Cancel the trigger calls still answering late (`detached`), and
@@ -313,16 +317,20 @@ class JobSteps:
         nothing in flight: its task's lease runs out, and the restart (or
         another process) runs it again, whose tries start again from the
         first with the same key; a stop under a lease gives it up for the
-        next sweep (`_spawn_stop`)."""
+        next sweep (`_spawn_stop`). A workflow's body (version 4) hands its
+        task back to the store once the SDK's stop has begun (`cut_short`,
+        `hand_back`), for the next process to take over at once rather than
+        when the lease runs out."""
         self.closing = True
         if self.waiting:
             log.warning(
                 "stopping: %d wait(s) between two tries of a backend's trigger or cancel cut"
-                " short; those tries start again from the first once their leases run out"
-                " (TETHER_TASK_TTL), on this host when it is back or on another",
+                " short; their workflows are handed back to the store, and those tries start"
+                " again from the first on another host, or on this one when it is back",
                 len(self.waiting),
             )
         for task in list(self.waiting):
+            self.cut.add(task)
             task.cancel()
         while self.detached:
             await asyncio.sleep(0)  # each begun (its `except`s in force) first
@@ -339,11 +347,32 @@ class JobSteps:
         if task is not None:
             self.waiting.add(task)
             if self.closing:
+                self.cut.add(task)
                 task.cancel()
         try:
             await self.sleep(seconds)
         finally:
             self.waiting.discard(task)
+
+    async def cut_short(self) -> bool:
+        """Whether the running task's wait between two tries was cut short by
+        `close` (its `CancelledError` is the stop's); if so, returns once the
+        SDK's stop has begun (`hand_back`), when it runs no task the store
+        pushes to this process any more: a task handed back then goes to
+        another process, or to this host's next start, and is not run again
+        here while stopping."""
+        task = asyncio.current_task()
+        if task not in self.cut:
+            return False
+        self.cut.discard(task)
+        task.uncancel()  # the stop's cancel, turned into a hand-back by the caller
+        await self._handing_back.wait()
+        return True
+
+    def hand_back(self) -> None:
+        """The SDK's stop has begun: the workflows whose waits were cut
+        short hand their tasks back (`cut_short`)."""
+        self._handing_back.set()
 
     async def trigger(
         self,

@@ -72,6 +72,7 @@ registered until no job runs under them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -79,7 +80,8 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from resonate.context import Context, ResonateFuture
-from resonate.error import ServerError
+from resonate.error import PlatformError, ResonateError, ServerError
+from resonate.observability import BackgroundTaskFailed, Event, logging_observer
 from resonate.resonate import Resonate
 from resonate.types import TaskData, Value
 
@@ -202,6 +204,44 @@ class Steps(Protocol):
 
     async def finish(self, job_id: str, value: Any, attempt: int) -> None: ...
 
+    async def cut_short(self) -> bool: ...
+
+
+CUT_SHORT = "a wait between two tries cut short by a stop: the task is handed back"
+
+
+class CutShort(ResonateError):
+    """Raised to the SDK (in a `PlatformError`, which it lets past the body
+    and answers by releasing the task: `resonate/core.py`) when a stop cut
+    short the body's wait between two tries (`Steps.cut_short`): the task
+    goes back to the store at once, for the next process to run the body
+    again, instead of held until its lease runs out (`TETHER_TASK_TTL`)."""
+
+    def __str__(self) -> str:
+        return CUT_SHORT
+
+
+def observe(event: Event) -> None:
+    """The SDK's observer (`Resonate(observer=...)`): its own, without the
+    error a task handed back by a stop would log (`CutShort`)."""
+    if isinstance(event, BackgroundTaskFailed) and event.cause == CUT_SHORT:
+        return
+    logging_observer(event)
+
+
+class _HandedBack(logging.Filter):
+    """Keeps the SDK's "execution failed, releasing task" error (and its
+    traceback) out of the log for a task handed back by a stop (`CutShort`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(exc, PlatformError) and any(isinstance(c, CutShort) for c in exc.causes)
+        )
+
+
+HANDED_BACK = _HandedBack()
+
 
 async def callback_promise(
     ctx: Context, job_id: str, deadline_ms: int, attempt: int
@@ -285,9 +325,16 @@ def register(r: Resonate, steps: Steps) -> None:
             again = calls > 1
             await steps.trigger(job_id, promise_id, attempt, began=began, again=again, run=run)
 
-        await until_done("triggering", job_id, attempt, trigger)
-        value = await outcome(p)
-        await until_done("finishing", job_id, attempt, lambda: steps.finish(job_id, value, attempt))
+        try:
+            await until_done("triggering", job_id, attempt, trigger)
+            value = await outcome(p)
+            finish = functools.partial(steps.finish, job_id, value, attempt)
+            await until_done("finishing", job_id, attempt, finish)
+        except asyncio.CancelledError:
+            if await steps.cut_short():  # nothing in flight: the next process runs it again
+                handed_back = PlatformError([CutShort()])
+                raise handed_back from handed_back.cause
+            raise
         return dict(value)
 
     async def durable_trigger(
@@ -334,6 +381,7 @@ def register(r: Resonate, steps: Steps) -> None:
     async def finish_step(ctx: Context, job_id: str, value: dict[str, Any], attempt: int) -> None:
         await steps.finish(job_id, value, attempt)
 
+    logging.getLogger("resonate.core").addFilter(HANDED_BACK)
     r.register(job_workflow_v1, name=WORKFLOW, version=1)
     r.register(job_workflow_v2, name=WORKFLOW, version=2)
     r.register(job_workflow_v3, name=WORKFLOW, version=3)

@@ -242,6 +242,61 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
     assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
 
 
+def test_a_stop_hands_a_cut_workflow_back_to_be_taken_over_at_once(tmp_path, receiver):
+    """A workflow whose wait a stop cut short was held until its task's lease
+    ran out (`TETHER_TASK_TTL`, a minute here): the restart tried again only
+    then, and a retry of such a job, canceled after the restart, waited 10 s
+    and was refused 409 "still winding up" until then (a QA pass). Now the
+    stop hands the task back: the restart takes both over at once, the
+    first tries again as its target asked, the second's retry starts its
+    next attempt. Nothing of the hand-back is logged as an error."""
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        key = hit.body["idempotency_key"]
+        if key == "later:1" and len(receiver.on("/hook")) == 1:
+            return 503, {"busy": True}, {"retry-after": "3"}
+        if key == "held:1":
+            return 503, {"busy": True}, {"retry-after": "60"}
+        return 202, {}
+
+    receiver.respond = respond
+    env = {"TETHER_TASK_TTL": "60"}
+    first = service(tmp_path, **env).start()
+    with first.client() as client:
+        start_job(client, receiver, "later")
+        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/later/events").text)
+        start_job(client, receiver, "held")
+        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/held/events").text)
+    started = time.monotonic()
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    assert time.monotonic() - started < 8
+    assert len(receiver.hits) == 2  # no try while stopping
+    log = first.log.read_text()
+    assert "stopping: 2 wait(s) between two tries" in log, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+    second = service(tmp_path, port=first.port, **env).start()
+    try:
+        with second.client() as client:
+            wait_until(lambda: len(receiver.hits) == 3, timeout=20)  # not the lease's minute
+            later = [h for h in receiver.hits if h.body["job_id"] == "later"]
+            assert [h.body["idempotency_key"] for h in later] == ["later:1", "later:1"]
+            assert later[1].at - later[0].at >= 2.9  # as the target asked
+            wait_for(client, "later", "running")
+            wait_until(lambda: "cut short by a stop" in second.log.read_text(), timeout=20)
+            assert client.post("/jobs/held/cancel", json={}).status_code == 200
+            asked = time.monotonic()
+            retried = client.post("/jobs/held/retry", json={"attempt": 2}, timeout=30)
+            assert retried.status_code in (200, 201), retried.text
+            assert retried.json()["attempt"] == 2
+            assert time.monotonic() - asked < 10  # its workflow ended within the retry's wait
+            wait_until(lambda: receiver.on("/hook")[-1].body["idempotency_key"] == "held~2:1")
+    finally:
+        second.kill()
+    held = [h.body["idempotency_key"] for h in receiver.hits if h.body["job_id"] == "held"]
+    assert held == ["held:1", "held~2:1"], held
+
+
 def test_sigterm_does_not_wait_out_a_cancels_backoff(tmp_path, receiver):
     """The same for a canceled job's stop of its run: a `cancel_url`
     answering 500 is tried again after 5 s, then 10 s; the stop waited them

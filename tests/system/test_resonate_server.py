@@ -34,14 +34,16 @@ from tests.system.test_notify_workers import worker_pids
 TOKEN = "t0ken-the-log-must-never-show"
 
 
-def service(tmp_path: Path, server: StandIn, port: int | None = None) -> TetherProcess:
+def service(
+    tmp_path: Path, server: StandIn, port: int | None = None, ttl: int = 2
+) -> TetherProcess:
     return TetherProcess(
         tmp_path,
         {
             "TETHER_STORE": server.url,
             "TETHER_INDEX": f"sqlite:///{tmp_path}/index.db",
             "TETHER_STORE_TOKEN": TOKEN,
-            "TETHER_TASK_TTL": "2",
+            "TETHER_TASK_TTL": str(ttl),
         },
         port=port,
     )
@@ -215,8 +217,9 @@ def test_sigterm_on_a_resonate_server_lets_the_step_under_way_record_itself(tmp_
 
 def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, receiver):
     """A trigger waiting out a target's `Retry-After: 6` at SIGTERM: the
-    stop does not wait for it; the task's lease runs out on the server, and
-    the restart tries again with the same key, once, no sooner than asked."""
+    stop does not wait for it and hands the task back to the server (its
+    lease, a minute here, does not run out first), and the restart tries
+    again with the same key, once, no sooner than asked."""
 
     def respond(hit: Hit) -> tuple[Any, ...]:
         if len(receiver.hits) == 1:
@@ -226,7 +229,7 @@ def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, re
     receiver.respond = respond
     server = StandIn(tmp_path / "resonate.db", token=TOKEN).start()
     try:
-        first = service(tmp_path, server).start()
+        first = service(tmp_path, server, ttl=60).start()
         with first.client() as client:
             start_job(client, receiver, "backoff")
             wait_until(lambda: '"trigger_failed"' in client.get("/jobs/backoff/events").text)
@@ -234,9 +237,10 @@ def test_sigterm_on_a_resonate_server_cuts_a_triggers_backoff_short(tmp_path, re
         assert first.terminate(wait=30) == -signal.SIGTERM
         assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
         assert len(receiver.hits) == 1
-        second = service(tmp_path, server, port=first.port).start()
+        second = service(tmp_path, server, port=first.port, ttl=60).start()
         try:
             with second.client() as client:
+                wait_until(lambda: len(receiver.hits) == 2, timeout=20)  # not the lease's minute
                 wait_for(client, "backoff", "running")
                 callback(receiver, "backoff", {"status": "succeeded"})
                 wait_for(client, "backoff", "succeeded")
