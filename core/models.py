@@ -119,7 +119,14 @@ def read_json(data: bytes | str, type: Any = Any) -> Any:
     at every look at it (`GET /jobs`, a list page, the dashboard), so one
     such job cost each of them that much of its worker's event loop (a QA
     pass, 2026-12-07). A number out of range is refused as msgspec refuses
-    it (`OUT_OF_RANGE`)."""
+    it (`OUT_OF_RANGE`). A UTF-8 byte order mark before the JSON is
+    skipped, as RFC 8259 lets a reader do: .NET and PowerShell write one,
+    and a callback sent so was refused as "invalid character (byte 0)",
+    its job then waiting for its timeout (a QA pass)."""
+    if isinstance(data, bytes):
+        data = data.removeprefix(b"\xef\xbb\xbf")
+    elif isinstance(data, str):
+        data = data.removeprefix("\ufeff")
     try:
         decoder = json_decoder(type)
     except TypeError:  # a type that cannot be a key (`Annotated[int, {...}]`)
@@ -520,7 +527,13 @@ class JobRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where to POST a signed `job.finished` message when the job ends."""
 
 
-WholeNumber = Annotated[float, msgspec.Meta(ge=1, extra_json_schema={"multipleOf": 1})]
+MAX_ATTEMPT = 2**31 - 1
+"""The largest attempt a retry may name: the store keeps attempts in a
+32-bit `int` (Postgres), and a larger one was quoted whole (a `1e300`, 301
+digits) in the 409 that refused it (a QA pass)."""
+WholeNumber = Annotated[
+    float, msgspec.Meta(ge=1, le=MAX_ATTEMPT, extra_json_schema={"multipleOf": 1})
+]
 """A whole number written with a fraction (`2.0`): JSON Schema counts it an
 integer, msgspec's `int` does not, so an attempt takes it too."""
 
@@ -528,7 +541,7 @@ integer, msgspec's `int` does not, so an attempt takes it too."""
 class RetryRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of `POST /jobs/{id}/retry`; the body itself is optional."""
 
-    attempt: Annotated[int, msgspec.Meta(ge=1)] | WholeNumber | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPT)] | WholeNumber | None = None
     """The attempt that should exist afterwards. Already there: nothing new
     starts (a repeated request is safe); the next one: it starts; else 409.
     Absent: the next attempt, whatever the current one is."""

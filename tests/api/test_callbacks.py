@@ -44,6 +44,29 @@ async def test_first_settle_is_accepted(start_service, receiver):
     assert body["job"]["result"] == [1, 2]
 
 
+async def test_a_body_after_a_byte_order_mark_is_read(start_service, receiver):
+    """.NET and PowerShell write a UTF-8 byte order mark before the JSON: it
+    was refused as "invalid character (byte 0)", and the job waited for its
+    timeout (a QA pass). RFC 8259 lets a reader skip it; Tether does, for
+    every JSON body."""
+    svc = await start_service()
+    path = await started(svc, receiver)
+    body = '\ufeff{"status": "succeeded", "result": "été"}'.encode()
+    response = await svc.client.post(
+        path, content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    job = (await svc.client.get("/jobs/cb")).json()
+    assert (job["state"], job["result"]) == ("succeeded", "été")
+    created = await svc.client.post(
+        "/jobs",
+        content=b'\xef\xbb\xbf{"id": "bom", "backend": "http_webhook", "params": {"url": "%s"}}'
+        % receiver.url().encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert created.status_code == 201, created.text
+
+
 @pytest.mark.resonate_server(False)  # checks of the web layer: the store plays no part
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"result": 1}', b'{"error": {"message": "m"}}'])
 async def test_a_body_without_status_is_refused_naming_it_and_changes_nothing(
