@@ -128,6 +128,10 @@ def serving_app(settings: Settings) -> Litestar:
     return create_app(settings)
 
 
+INTERRUPTED = 130
+"""The exit status of a command Ctrl-C (SIGINT) ended: 128 + SIGINT's 2."""
+
+
 class Refused(click.ClickException):
     """A setting, flag or store the command cannot work with: `tether: MESSAGE`
     on stderr and exit status 2, before anything is changed."""
@@ -206,6 +210,17 @@ class Sections(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._with_client_verbs()
         return super().list_commands(ctx)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; Ctrl-C (SIGINT) ends it with status 130, as a shell
+        reports a command a SIGINT ended. Click said "Aborted!" and exited 1,
+        which `tether watch` and `submit --wait` use for a failed job, and
+        `serve` for a failure (a QA pass)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(err=True)  # ends the line the terminal's ^C is on
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         self._with_client_verbs()

@@ -1225,10 +1225,11 @@ def watch_command(job_id: str, url: str, as_json: bool) -> None:
     """Follow a job live until it ends: its state, elapsed time and latest events.
 
     Exit status: 0 succeeded, 1 failed or timed_out, 3 canceled, 4 the service
-    could not be reached or answered an error. With --json, prints the ended
-    job instead of the live display. It ends with the job: what is filed
-    after the end (the completion notification's tries, a run the backend
-    could not stop) is shown by `tether events ID --follow`."""
+    could not be reached or answered an error, 130 Ctrl-C (the job goes on).
+    With --json, prints the ended job instead of the live display. It ends
+    with the job: what is filed after the end (the completion notification's
+    tries, a run the backend could not stop) is shown by `tether events ID
+    --follow`."""
     watch(url, job_id, as_json)
 
 

@@ -226,9 +226,9 @@ class TetherProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def terminate(self, wait: float = 20) -> int:
+    def terminate(self, wait: float = 20, how: signal.Signals = signal.SIGTERM) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(how)
         return self.proc.wait(wait)
 
     def client(self, **kwargs: Any) -> httpx.Client:

@@ -18,6 +18,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -293,6 +294,34 @@ def test_watch_exits_1_when_the_job_times_out(service, receiver):
     done = tether(service.url, "watch", "cli-timeout")
     assert done.returncode == 1, done.stderr
     assert "timed_out" in done.stdout
+
+
+def test_ctrl_c_ends_a_watch_with_status_130_and_the_job_goes_on(service, receiver):
+    """Click said "Aborted!" and exited 1, the status of a failed job (a QA
+    pass): a script could not tell an interrupted watch from a failure."""
+    args = ["submit", "http_webhook", "--id", "cli-interrupted", "--params", webhook(receiver)]
+    assert cli(service.url, *args).exit_code == 0
+    settled(service, "cli-interrupted", "running")
+    env = {**os.environ, "TETHER_URL": service.url}
+    watching = subprocess.Popen(
+        [TETHER, "watch", "cli-interrupted"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watching.stdout is not None
+        assert select.select([watching.stdout], [], [], 30)[0], "the watch printed nothing"
+        assert watching.stdout.readline().startswith("job cli-interrupted  running")
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=20)
+    finally:
+        watching.kill()
+    assert watching.returncode == 130, err
+    assert "Aborted" not in err and "Traceback" not in err, err
+    assert served(service, "/jobs/cli-interrupted")["state"] == "running"
 
 
 def test_watch_exits_3_when_the_job_is_canceled(service, receiver):

@@ -242,6 +242,22 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
     assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
 
 
+def test_ctrl_c_stops_the_service_with_status_130(tmp_path, receiver):
+    """A single-worker `tether serve` stopped by Ctrl-C (SIGINT) stopped as
+    SIGTERM stops it, then said "Aborted!" and exited 1, the status of a
+    failure (a QA pass). Now 130, as a shell reports a command SIGINT ended;
+    the job waits on, and the restart finishes it."""
+    first = service(tmp_path).start()
+    with first.client() as client:
+        start_job(client, receiver, "interrupted")
+        wait_for(client, "interrupted", "running")
+    assert first.terminate(wait=30, how=signal.SIGINT) == 130
+    log = first.log.read_text()
+    assert "Aborted" not in log and "Traceback" not in log, log
+    restart_and_finish(tmp_path, first, receiver, "interrupted")
+    assert len(receiver.hits) == 1
+
+
 def test_a_stop_hands_a_cut_workflow_back_to_be_taken_over_at_once(tmp_path, receiver):
     """A workflow whose wait a stop cut short was held until its task's lease
     ran out (`TETHER_TASK_TTL`, a minute here): the restart tried again only
