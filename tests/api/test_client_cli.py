@@ -14,6 +14,7 @@ tested against it (`tests/api/test_cli_output.py`, `tests/api/test_events.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -296,15 +297,13 @@ def test_watch_exits_1_when_the_job_times_out(service, receiver):
     assert "timed_out" in done.stdout
 
 
-def test_ctrl_c_ends_a_watch_with_status_130_and_the_job_goes_on(service, receiver):
-    """Click said "Aborted!" and exited 1, the status of a failed job (a QA
-    pass): a script could not tell an interrupted watch from a failure."""
-    args = ["submit", "http_webhook", "--id", "cli-interrupted", "--params", webhook(receiver)]
-    assert cli(service.url, *args).exit_code == 0
-    settled(service, "cli-interrupted", "running")
+@contextlib.contextmanager
+def watching_running(service: TetherProcess, job_id: str) -> Iterator[subprocess.Popen[str]]:
+    """A real `tether watch` of a running job, once it has printed its first
+    line (as it happens, not when the watch ends); killed at the end."""
     env = {**os.environ, "TETHER_URL": service.url}
     watching = subprocess.Popen(
-        [TETHER, "watch", "cli-interrupted"],
+        [TETHER, "watch", job_id],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -314,11 +313,22 @@ def test_ctrl_c_ends_a_watch_with_status_130_and_the_job_goes_on(service, receiv
     try:
         assert watching.stdout is not None
         assert select.select([watching.stdout], [], [], 30)[0], "the watch printed nothing"
-        assert watching.stdout.readline().startswith("job cli-interrupted  running")
-        watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=20)
+        first = watching.stdout.readline()
+        assert first.startswith(f"job {job_id}  running"), first
+        yield watching
     finally:
         watching.kill()
+
+
+def test_ctrl_c_ends_a_watch_with_status_130_and_the_job_goes_on(service, receiver):
+    """Click said "Aborted!" and exited 1, the status of a failed job (a QA
+    pass): a script could not tell an interrupted watch from a failure."""
+    args = ["submit", "http_webhook", "--id", "cli-interrupted", "--params", webhook(receiver)]
+    assert cli(service.url, *args).exit_code == 0
+    settled(service, "cli-interrupted", "running")
+    with watching_running(service, "cli-interrupted") as watching:
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=20)
     assert watching.returncode == 130, err
     assert "Aborted" not in err and "Traceback" not in err, err
     assert served(service, "/jobs/cli-interrupted")["state"] == "running"
@@ -328,25 +338,10 @@ def test_watch_exits_3_when_the_job_is_canceled(service, receiver):
     args = ["submit", "http_webhook", "--id", "cli-cancel", "--params", webhook(receiver)]
     assert cli(service.url, *args).exit_code == 0
     settled(service, "cli-cancel", "running")
-    env = {**os.environ, "TETHER_URL": service.url}
-    watching = subprocess.Popen(
-        [TETHER, "watch", "cli-cancel"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert watching.stdout is not None
-        assert select.select([watching.stdout], [], [], 30)[0], "the watch printed nothing"
-        first = watching.stdout.readline()  # printed as it happens, not when the watch ends
-        assert first.startswith("job cli-cancel  running"), first
+    with watching_running(service, "cli-cancel") as watching:
         canceled = cli(service.url, "cancel", "cli-cancel", "--reason", "not needed", "--json")
         assert canceled.exit_code == 0, canceled.stderr
         out, err = watching.communicate(timeout=20)
-    finally:
-        watching.kill()
     assert watching.returncode == 3, err
     assert out.splitlines()[-2].startswith("job cli-cancel  canceled")
     assert "canceled by request: not needed" in out
