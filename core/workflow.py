@@ -54,6 +54,11 @@ that needs no durable record of its own (version 4):
 
 Neither may raise into the SDK, which would reject the root promise for good:
 each is tried again until it succeeds (`until_done`), the task's lease kept.
+But a stop (SIGTERM) cuts short their waits between two tries of a backend
+(`JobSteps.close`): the body (version 4) then hands its task back to the
+store (`CutShort`, which the SDK answers by releasing the task), once the
+SDK's stop has begun, for another process or the next start to run it
+again at once; the older versions' tasks wait for their leases to run out.
 
 Each attempt of a job (`POST /jobs/{id}/retry` starts the next) is a workflow
 of its own, with its own root and callback promise: a new callback URL and a
