@@ -286,11 +286,12 @@ class JobHistory:
             for wake in waiting:
                 wake.set()
 
-    def stop_on_signals(self) -> None:
+    def stop_on_signals(self, *also: Callable[[], None]) -> None:
         """End every stream as soon as SIGTERM or SIGINT arrives, before the
         server's graceful shutdown waits for open responses to end (uvicorn
-        waits for them before it stops the app). Chained in front of the
-        handlers installed now (the server's own), which still run."""
+        waits for them before it stops the app), and call each of `also`
+        (in the loop). Chained in front of the handlers installed now (the
+        server's own), which still run."""
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread gets signals (and a server there installs its handlers)
         loop = asyncio.get_running_loop()
@@ -300,7 +301,8 @@ class JobHistory:
                 continue  # no server handling it: the signal ends the process anyway
 
             def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-                loop.call_soon_threadsafe(self.stop)
+                for call in (self.stop, *also):
+                    loop.call_soon_threadsafe(call)
                 previous(signum, frame)
 
             signal.signal(sig, handler)

@@ -162,6 +162,10 @@ class Tether:
         self._stopping: set[asyncio.Task[None]] = set()
         """The stops of runs of jobs no workflow finishes under way (`_spawn_stop`)."""
         self.notifier: Notifier | None = None
+        self._signals = 0
+        self._hurry = asyncio.Event()
+        """Set by a second SIGTERM or SIGINT: the stop waits no more for the
+        steps still running (`close`)."""
 
     def __repr__(self) -> str:
         return f"Tether(store={self.store.kind!r}, pid={self.pid!r})"
@@ -236,7 +240,7 @@ class Tether:
             self.events.listeners.append(self.notifier.on_event)
             self.notifier.start()
         self.checks.start()
-        self.events.stop_on_signals()
+        self.events.stop_on_signals(self._signalled)
 
     async def take_group(self) -> str | None:
         """Why this process may not serve in its `TETHER_GROUP`, or None.
@@ -428,14 +432,18 @@ class Tether:
             await asyncio.sleep(0)  # its first step: the SDK runs no task pushed to it from here
             if self._steps is not None:
                 self._steps.hand_back()  # the tasks of the waits cut short
-            try:
-                await asyncio.wait_for(stopping, STOP_GRACE)
-            except TimeoutError:
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait((stopping, hurry), timeout=STOP_GRACE, return_when="FIRST_COMPLETED")
+            hurry.cancel()
+            if not stopping.done():
+                stopping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stopping
                 log.warning(
-                    "steps still running after %gs (a backend's request not yet answered, or"
-                    " the store): stopped anyway; another worker takes them over when their"
+                    "steps still running %s (a backend's request not yet answered, or the"
+                    " store): stopped anyway; another worker takes them over when their"
                     " leases run out (TETHER_TASK_TTL)",
-                    STOP_GRACE,
+                    "at a second signal" if self._hurry.is_set() else f"after {STOP_GRACE:g}s",
                 )
         await self._cut_stops()  # spawned meanwhile (a late callback, a step's settle)
         if self._steps is not None:
@@ -454,6 +462,12 @@ class Tether:
                     raise  # the stop's own
                 log.warning("backend %s: close failed: %s", backend.name, type(exc).__name__)
         await self.store.close()
+
+    def _signalled(self) -> None:
+        """A SIGTERM or SIGINT: the second one hurries the stop (`_hurry`)."""
+        self._signals += 1
+        if self._signals == 2:
+            self._hurry.set()
 
     @property
     def settler(self) -> Settler:

@@ -258,6 +258,39 @@ def test_ctrl_c_stops_the_service_with_status_130(tmp_path, receiver):
     assert len(receiver.hits) == 1
 
 
+def test_a_second_sigterm_does_not_wait_for_a_hung_trigger(tmp_path, receiver):
+    """The stop waits up to 20 s for the steps still running, here a trigger
+    its target holds; a second SIGTERM (or Ctrl-C) waited as long (a QA
+    pass). Now it stops at once, as a SIGKILL would there: the restart
+    sends the trigger again with the same key once the lease runs out."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) == 1:
+            release.wait(40)
+            return 503, {}
+        return 202, {}
+
+    receiver.respond = respond
+    first = service(tmp_path).start()
+    try:
+        with first.client() as client:
+            start_job(client, receiver, "hung")
+            wait_until(lambda: receiver.hits, every=0.02)
+        assert first.proc is not None
+        started = time.monotonic()
+        first.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "Shutting down" in first.log.read_text(), every=0.05)
+        time.sleep(0.5)  # the stop waits for the trigger
+        assert first.terminate(wait=30) == -signal.SIGTERM
+        assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
+    finally:
+        release.set()
+    assert "steps still running at a second signal" in first.log.read_text()
+    restart_and_finish(tmp_path, first, receiver, "hung")
+    assert [h.body["idempotency_key"] for h in receiver.hits] == ["hung:1", "hung:1"]
+
+
 def test_a_stop_hands_a_cut_workflow_back_to_be_taken_over_at_once(tmp_path, receiver):
     """A workflow whose wait a stop cut short was held until its task's lease
     ran out (`TETHER_TASK_TTL`, a minute here): the restart tried again only
