@@ -468,6 +468,25 @@ class Supervisor(Multiprocess):
         if not any(gone) and all(c != NO_WORKER for c in self.counts[: len(self.processes)]):
             self.gap, self.store_down = RESTART_GAP, 0
 
+    def join_all(self) -> None:
+        """Wait for every worker to exit. A signal meanwhile (a second
+        SIGTERM or SIGINT) is passed on to those still running, whose stop
+        then waits no more for their steps (`Tether.close`); uvicorn's join
+        left it unhandled, so the workers waited out their 20 s."""
+        while running := [p.process for p in self.processes if p.process.exitcode is None]:
+            ready = wait([self._wake_r, *(p.sentinel for p in running)])
+            if self._wake_r not in ready:
+                continue
+            os.read(self._wake_r, 4096)
+            if not self.signal_queue:
+                continue
+            self.signal_queue.clear()
+            logger.info("Received a second signal: the workers stop, waiting no more for steps")
+            for process in running:
+                if process.pid is not None and process.exitcode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGTERM)
+
     def _replace(self, idx: int, hung: bool = False) -> bool:
         """Kill (a no-op if it exited) and replace worker `idx` (`hung`: it
         did not answer a ping); False when the supervisor must stop instead."""

@@ -275,7 +275,8 @@ def test_a_second_sigterm_does_not_wait_for_a_hung_trigger(tmp_path, receiver):
     first = service(tmp_path).start()
     try:
         with first.client() as client:
-            start_job(client, receiver, "hung")
+            params = {"url": receiver.url(), "timeout": 60}  # the stop's 20 s bound it
+            start_job(client, receiver, "hung", params=params)
             wait_until(lambda: receiver.hits, every=0.02)
         assert first.proc is not None
         started = time.monotonic()

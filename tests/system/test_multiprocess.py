@@ -6,11 +6,14 @@ import contextlib
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.conftest import HOLD, wait_until
+from tests.conftest import HOLD, Hit, wait_until
 from tests.process import TetherProcess, wait_for
 from tests.system.test_notify_workers import worker_pids
 
@@ -146,3 +149,37 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path, receiver):
         for pid in workers:  # those the supervisor left, should they not have stopped
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_sigterm_to_the_supervisor_reaches_its_workers(tmp_path, receiver):
+    """The supervisor passed SIGTERM on once, then only joined its workers:
+    a second one was left unhandled, and a worker whose trigger its target
+    holds waited its 20 s for it (a QA pass). Now the second reaches the
+    workers, whose stop waits no more."""
+    release = threading.Event()
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        release.wait(40)
+        return 503, {}
+
+    receiver.respond = respond
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/w.db", "TETHER_TASK_TTL": "2"}
+    proc = TetherProcess(tmp_path, env, args=("--workers", "2")).start()
+    try:
+        with proc.client() as client:
+            params = {"url": receiver.url(), "timeout": 60}  # the stop's 20 s bound it
+            body = {"id": "held", "backend": "http_webhook", "params": params}
+            assert client.post("/jobs", json=body).status_code == 201
+        wait_until(lambda: receiver.hits, every=0.02)
+        assert proc.proc is not None
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "Terminated child process" in proc.log.read_text(), every=0.05)
+        time.sleep(0.5)  # a worker's stop waits for the trigger
+        assert proc.terminate(wait=30) == 0
+        assert time.monotonic() - started < 8  # not the 20 s a worker waits for its steps
+    finally:
+        release.set()
+        proc.kill()
+    log = proc.log.read_text()
+    assert "Received a second signal" in log and "steps still running at a second signal" in log
