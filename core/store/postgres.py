@@ -326,24 +326,28 @@ class _Sessions:
 
 
 class PgConnection(PostgresConnection):
-    """resonate-pg's connection, answering requests after `stop` as the
-    embedded store's does: the SDK stops its connections before it waits for
-    the steps still running, and a step may need the store to end (a trigger
-    that failed settles its job); refused, the SDK retried the step for ever
-    and `tether serve` never stopped. Its sessions close with the store.
-    (Relies on resonate-pg 0.8's `_stopped`; `tests/system` stop services on
-    Postgres, which hang without it.)"""
+    """resonate-pg's connection, answering requests during and after `stop`
+    as the embedded store's does, until `close`: the SDK stops its
+    connections before it waits for the steps still running, and a step may
+    need the store to end (a trigger that failed settles its job); refused,
+    the SDK retried the step for ever and `tether serve` never stopped. Its
+    sessions close with the store. (resonate-pg's own `send` refuses once
+    its `stop` begins, `_stopped`: a workflow a stop hands back, whose
+    release went while the stop ran, was refused and held until its lease
+    ran out, found by a QA pass; `tests/system` stop services on Postgres,
+    which hang without it.)"""
 
     def __init__(self, url: str, *, pid: str, group: str) -> None:
         self._own = _Sessions(url)
+        self._closed = False
         super().__init__(sessions=self._own, pid=pid, group=group)
 
     async def send(self, req: str, headers: dict[str, str] | None = None) -> str:
         """resonate-pg's `send` (`resonate.resonate_rpc`, the request bound
         as one parameter), in autocommit: the call is its own transaction
         either way, and so costs one round trip instead of three."""
-        if self._stopped:
-            raise ConnectorError(RuntimeError("connection has been stopped"))
+        if self._closed:
+            raise ConnectorError(RuntimeError("connection has been closed"))
         try:
             async with self._own.autocommit() as conn:
                 row = await (await conn.execute(RPC_SQL, (req,))).fetchone()
@@ -387,11 +391,8 @@ class PgConnection(PostgresConnection):
                 type(exc).__name__,
             )
 
-    async def stop(self) -> None:
-        await super().stop()  # the message pump and LISTEN end; requests still run
-        self._stopped = False
-
     async def close(self) -> None:
+        self._closed = True
         await super().stop()
         await self._own.shut()
 

@@ -11,6 +11,7 @@ Needs TETHER_TEST_PG_DSN (docs/testing.md); skipped without it."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -27,10 +28,12 @@ WAITING = [f"w{i}" for i in range(6)]
 IN_FLIGHT = ["f0", "f1"]
 
 
-def host(tmp_path: Path, name: str, store: str, port: int | None = None) -> TetherProcess:
+def host(
+    tmp_path: Path, name: str, store: str, port: int | None = None, ttl: float = TTL
+) -> TetherProcess:
     home = tmp_path / name  # a working directory of its own: nothing shared but Postgres
     home.mkdir(exist_ok=True)
-    env = {"TETHER_STORE": store, "TETHER_TASK_TTL": str(TTL)}
+    env = {"TETHER_STORE": store, "TETHER_TASK_TTL": str(ttl)}
     return TetherProcess(home, env, port=port, cwd=home)
 
 
@@ -178,3 +181,43 @@ def test_a_job_canceled_while_its_trigger_died_with_its_host_has_that_run_stoppe
     finally:
         a.kill()
         b.kill()
+
+
+def test_a_host_stopped_during_backoffs_hands_them_to_the_other_at_once(
+    tmp_path, receiver: Receiver, fresh_pg_url
+):
+    """SIGTERM to host A while its triggers wait between two tries (a
+    target's `Retry-After: 3`): A hands the workflows back, and B tries
+    again as the target asked, not once the lease (a minute here) runs out.
+    On Postgres the hand-back was refused while resonate-pg's connection
+    stopped, logged as an error, and held for the lease (a QA pass)."""
+    ids = [f"b{i}" for i in range(4)]
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len([h for h in receiver.hits if h.body["job_id"] == hit.body["job_id"]]) == 1:
+            return 503, {"busy": True}, {"retry-after": "3"}
+        return 202, {}
+
+    receiver.respond = respond
+    a = host(tmp_path, "a", fresh_pg_url, ttl=60).start()
+    b = host(tmp_path, "b", fresh_pg_url, ttl=60)
+    try:
+        with a.client() as ca:
+            for job_id in ids:
+                body = {"id": job_id, "backend": "http_webhook", "params": {"url": receiver.url()}}
+                assert ca.post("/jobs", json=body).status_code == 201
+            for job_id in ids:
+                wait_until(lambda j=job_id: '"trigger_failed"' in ca.get(f"/jobs/{j}/events").text)
+        b.start()
+        assert a.terminate(wait=30) == -signal.SIGTERM
+        log = a.log.read_text()
+        assert "ERROR" not in log and "Traceback" not in log, log
+        with b.client() as cb:
+            for job_id in ids:  # not the lease's minute
+                wait_for(cb, job_id, "running", recorded=True, timeout=20)
+    finally:
+        a.kill()
+        b.kill()
+    for job_id in ids:
+        keys = [h.body["idempotency_key"] for h in receiver.hits if h.body["job_id"] == job_id]
+        assert keys == [f"{job_id}:1", f"{job_id}:1"], keys
