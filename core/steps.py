@@ -78,7 +78,7 @@ from core.settle import (
     store_timeout,
 )
 from core.store import STORE_CALL_TIMEOUT
-from core.store.jobs import JobIndex, JobRecord, NewEvent, now_ms
+from core.store.jobs import Event, JobIndex, JobRecord, NewEvent, now_ms
 from core.store.sql import HISTORY_LIMIT
 from core.tokens import CallbackSigner, idempotency_key
 from core.views import backend_view, view
@@ -236,6 +236,17 @@ class Slots:
         await asyncio.shield(taking)  # cancelled: the take goes on
 
 
+def _say_cut(waits: int, which: str = "") -> None:
+    """The log line of `waits` waits between two tries a stop cut short."""
+    log.warning(
+        "stopping: %d wait(s) between two tries of a backend's trigger or cancel %scut short;"
+        " their workflows are handed back to the store, and those tries go on on another"
+        " host, or on this one when it is back",
+        waits,
+        which,
+    )
+
+
 def _unanswered(backend: str, which: str) -> dict[str, str]:
     """A try's error when its call did not answer within `TRIGGER_TIMEOUT`."""
     message = f"backend {backend!r}: {which} did not answer within {TRIGGER_TIMEOUT:g} s;"
@@ -323,12 +334,7 @@ class JobSteps:
         when the lease runs out."""
         self.closing = True
         if self.waiting:
-            log.warning(
-                "stopping: %d wait(s) between two tries of a backend's trigger or cancel cut"
-                " short; their workflows are handed back to the store, and those tries start"
-                " again from the first on another host, or on this one when it is back",
-                len(self.waiting),
-            )
+            _say_cut(len(self.waiting))
         for task in list(self.waiting):
             self.cut.add(task)
             task.cancel()
@@ -347,6 +353,7 @@ class JobSteps:
         if task is not None:
             self.waiting.add(task)
             if self.closing:
+                _say_cut(1, "begun while stopping ")
                 self.cut.add(task)
                 task.cancel()
         try:
@@ -900,9 +907,13 @@ class JobSteps:
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
         told: set[tuple[str, str, int]] = set()  # the unexpected failures logged with a traceback
-        waited = await self._rest_of_a_wait(rec, promise_id)
-        if waited is not rec:
-            return waited
+        last = await self._last_try(rec)
+        if last is not None:  # an earlier run of the body's tries go on
+            tries = last.data["try"] - (0 if last.data.get("counted", True) else 1)
+            delay *= 2.0 ** min(tries, 64)
+            waited = await self._rest_of_a_wait(rec, last, promise_id)
+            if waited is not rec:
+                return waited
         which = "trigger" if previous is None else "rerun"
 
         def call() -> Any:
@@ -952,7 +963,7 @@ class JobSteps:
                 exc.message = redact(exc.message, tokens)  # whole, or cut at its end
                 error = {"type": exc.code or "backend", "message": exc.message}
                 counted = exc.tried or not exc.retryable
-                if counted and (not exc.retryable or this == attempts):
+                if counted and (not exc.retryable or this >= attempts):
                     replayed = not exc.retryable and (
                         trigger.replayed
                         if marked
@@ -981,7 +992,7 @@ class JobSteps:
                         attempts,
                         extra=rec.log_extra(promise_id),
                     )
-                if this == attempts:
+                if this >= attempts:
                     await self._trigger_failed(rec, this, error, None, True)
                     raise BackendError(error["message"], code="trigger") from None
                 wait, reason, counted = delay, f"{type(exc).__name__}", True
@@ -1272,31 +1283,43 @@ class JobSteps:
             )
         return dict(redact_value(bounded, tokens))
 
-    async def _rest_of_a_wait(self, rec: JobRecord, promise_id: str) -> JobRecord | None:
-        """Before the first try of this run of the body: when the job's last
-        event is a `trigger_failed` of this attempt that asked for a wait
-        (`retry_in`: a backoff, a target's `Retry-After`) not over yet, wait
-        the rest of it (`_wait_between_tries`'s answer). A stop cuts such a
-        wait short (`close`), and the run of the body that takes the job
-        over tried again at once, earlier than the target asked (found by a
-        QA pass). Read only when the job has more events than `accepted`:
-        a first run of a job taken at once reads nothing more."""
+    async def _last_try(self, rec: JobRecord) -> Event | None:
+        """The job's last event when it is a `trigger_failed` of this
+        attempt that asked for another try (`retry_in`): an earlier run of
+        the body made tries and was waiting for the next when a stop cut it
+        short (`close`) or its process died. This run's tries go on from
+        there: numbered after it, counted against the same
+        `trigger_attempts`, after the rest of its wait. They started again
+        from the first, so a host stopped again and again tried without end
+        (found by a QA pass). Read only when the job has more events than
+        `accepted`: a first run of a job taken at once reads nothing more."""
         if rec.events <= 1:
-            return rec
+            return None
         _, events = await store_call(self.jobs.events_after(rec.id, rec.events - 1, 1))
         last = events[0] if events else None
         if last is None or last.type != "trigger_failed" or last.attempt != rec.attempt:
-            return rec
-        retry_in = last.data.get("retry_in")  # null when it gave up, and for a late try
-        if retry_in is None:
-            return rec
+            return None
+        if last.data.get("retry_in") is None:  # it gave up, or a late try's
+            return None
+        return last
+
+    async def _rest_of_a_wait(
+        self, rec: JobRecord, last: Event, promise_id: str
+    ) -> JobRecord | None:
+        """Wait what is left of the wait `last` (`_last_try`) asked for (its
+        `retry_in`: a backoff, a target's `Retry-After`), if any
+        (`_wait_between_tries`'s answer): the run of the body that took the
+        job over tried again at once, earlier than the target asked (found
+        by a QA pass)."""
+        retry_in = last.data["retry_in"]
         left = (last.at + retry_in * 1000 - now_ms()) / 1000
         if left <= 0:
             return rec
         log.info(
-            "job %s: its last try asked for a wait of %gs before the next, %.1fs of it left"
-            " (cut short by a stop); waiting before trying again",
+            "job %s: its last try (%d) asked for a wait of %gs before the next, %.1fs of it"
+            " left (cut short by a stop); waiting before trying again",
             rec.id,
+            last.data["try"],
             retry_in,
             left,
             extra=rec.log_extra(promise_id),

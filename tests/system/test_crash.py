@@ -240,6 +240,38 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
     restart_and_finish(tmp_path, first, receiver, "backoff")
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
     assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
+    second = service(tmp_path, port=first.port).start()
+    try:
+        with second.client() as client:  # the tries go on from the first run's
+            events = client.get("/jobs/backoff/events").json()["items"]
+    finally:
+        second.kill()
+    tries = [(e["type"], e["data"]["try"]) for e in events if "try" in e["data"]]
+    assert tries == [("trigger_failed", 1), ("triggered", 2)], tries
+
+
+def test_a_stop_does_not_give_a_trigger_more_tries(tmp_path, receiver):
+    """A trigger's tries were counted afresh by each run of the body, so a
+    host stopped during each wait made `TETHER_TRIGGER_ATTEMPTS` more tries
+    at every start, without end (a QA pass). Now the run that takes the job
+    over goes on from the last try its history holds: two in all here."""
+    receiver.respond = lambda hit: (503, {"busy": True}, {"retry-after": "2"})
+    env = {"TETHER_TRIGGER_ATTEMPTS": "2"}
+    first = service(tmp_path, **env).start()
+    with first.client() as client:
+        start_job(client, receiver, "bounded")
+        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/bounded/events").text)
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    second = service(tmp_path, port=first.port, **env).start()
+    try:
+        with second.client() as client:
+            job = wait_for(client, "bounded", "failed")
+            events = client.get("/jobs/bounded/events").json()["items"]
+    finally:
+        second.kill()
+    assert len(receiver.hits) == 2, job
+    failed = [e["data"] for e in events if e["type"] == "trigger_failed"]
+    assert [(f["try"], f["retry_in"]) for f in failed] == [(1, 2.0), (2, None)], failed
 
 
 def test_ctrl_c_stops_the_service_with_status_130(tmp_path, receiver):
