@@ -126,8 +126,8 @@ def _still_winding_up(rec: JobRecord) -> Conflict:
         )
     if rec.external is None:  # no run to stop: its workflow has yet to return
         return Conflict(
-            f"{at}: its workflow has yet to end (one a host that died held is taken over once"
-            " its lease runs out: TETHER_TASK_TTL); retry again in a moment",
+            f"{at}: its workflow has yet to end (one its host held as it died is taken over"
+            " once its lease runs out, TETHER_TASK_TTL); retry again in a moment",
             details,
         )
     return Conflict(f"{at} (stopping its external run); retry again in a moment", details)
