@@ -909,7 +909,9 @@ class JobSteps:
         told: set[tuple[str, str, int]] = set()  # the unexpected failures logged with a traceback
         last = await self._last_try(rec)
         if last is not None:  # an earlier run of the body's tries go on
-            tries = last.data["try"] - (0 if last.data.get("counted", True) else 1)
+            made = last.data.get("try")
+            made = made if isinstance(made, int) else 0
+            tries = max(made - (0 if last.data.get("counted", True) else 1), 0)
             delay *= 2.0 ** min(tries, 64)
             waited = await self._rest_of_a_wait(rec, last, promise_id)
             if waited is not rec:
@@ -1316,10 +1318,10 @@ class JobSteps:
         if left <= 0:
             return rec
         log.info(
-            "job %s: its last try (%d) asked for a wait of %gs before the next, %.1fs of it"
+            "job %s: its last try (%s) asked for a wait of %gs before the next, %.1fs of it"
             " left (cut short by a stop); waiting before trying again",
             rec.id,
-            last.data["try"],
+            last.data.get("try"),
             retry_in,
             left,
             extra=rec.log_extra(promise_id),
