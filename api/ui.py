@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Controller, Request, Response, Router, get, post
 from litestar.datastructures import MultiDict, ResponseHeader
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -269,7 +270,7 @@ TEMPLATES = TemplateConfig(instance=JinjaTemplateEngine.from_environment(environ
 
 
 def page(name: str, context: dict[str, Any], status: int = 200) -> Template:
-    return Template(template_name=name, context=context, status_code=status)
+    return Template(template_name=name, context={"status": status, **context}, status_code=status)
 
 
 def sign_in_page(
@@ -378,7 +379,7 @@ def error_page(message: str, status: int) -> Template:
     """The dashboard's page for a refusal of a path under `/ui` made before
     any page's own code ran (the API's is JSON): a missing page, a host the
     service is not known by (`api.auth.known_hosts_guard`)."""
-    context = {"message": message, "viewer": None}
+    context = {"message": message, "viewer": None, "status": status}
     headers = {header.name: header.value for header in SECURITY_HEADERS}
     return Template(
         template_name="error.html", context=context, status_code=status, headers=headers
@@ -590,6 +591,21 @@ class Dashboard(Controller):
         return response
 
 
+NAME_MAX = 255
+"""The longest file name (in bytes) a Linux file system holds."""
+
+
+def _a_file_name(request: Request[Any, Any, Any]) -> None:
+    """Refuse, as a file that is not there (404), a static path the file
+    system cannot look up: one with a NUL byte (`ValueError: embedded null
+    byte`) or a name longer than `NAME_MAX` (`OSError`). Both answered
+    500, the first with a traceback in the log at each request, for anyone
+    (an exploratory QA pass of the dashboard)."""
+    path = request.scope["path"]
+    if "\x00" in path or any(len(part.encode()) > NAME_MAX for part in path.split("/")):
+        raise NotFoundException(f"no static file at {shown(path)}")
+
+
 @get("/", include_in_schema=False)
 async def root() -> Redirect:
     return Redirect("/ui")
@@ -598,7 +614,9 @@ async def root() -> Redirect:
 def ui_router(sessions: Sessions) -> Router:
     """The dashboard's routes and static files, outside the API's token guard:
     a page without a session answers the sign-in form instead of 401."""
-    static = create_static_files_router(path="/ui/static", directories=[HERE / "static"])
+    static = create_static_files_router(
+        path="/ui/static", directories=[HERE / "static"], before_request=_a_file_name
+    )
     return AppRouter(
         "/",
         route_handlers=[Dashboard, root, static],

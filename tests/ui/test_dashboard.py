@@ -761,10 +761,25 @@ def test_a_path_no_page_has_is_the_dashboards_own_404(page, service):
         assert answer.status == 404, path
         assert answer.headers["content-type"].startswith("text/html"), path
         assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], path
+        expect(page.get_by_role("heading", level=1)).to_have_text("Not found")  # (it had none)
         expect(page.get_by_role("alert")).to_have_text(said)
         expect(page.get_by_role("link", name="All jobs")).to_be_visible()
     answer = page.goto(service.url + "/ui/static/nothing.js")  # not a page: the API's answer
     assert answer.status == 404 and answer.headers["content-type"] == "application/json"
+
+
+def test_a_static_path_the_file_system_cannot_look_up_is_not_found(service, client):
+    """A NUL byte (`ValueError: embedded null byte`, its traceback logged at
+    each request) and a name too long for the file system (`OSError`, in
+    another error shape, without the security headers) answered 500 to
+    anyone (an exploratory QA pass of the dashboard)."""
+    for path in ("/ui/static/ui.css%00", "/ui/static/%00", "/ui/static/" + "b" * 256):
+        answer = client.get(path)
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.json()["error"]["code"] == "not_found", answer.text
+        assert answer.json()["error"]["message"].startswith("no static file at '/ui/static/")
+    assert client.get("/ui/static/ui.css").status_code == 200
+    assert "embedded null byte" not in service.log.read_text()
 
 
 def test_a_job_still_winding_up_says_so_until_it_is_done(page, service, client, hooks):
