@@ -5,6 +5,8 @@ id as long as ids go on a phone."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,41 @@ def test_pages_say_when_the_service_is_down(tmp_path: Path, context: Any, hooks:
         service.kill()
 
 
+def test_pages_of_a_service_that_stops_answering_say_so(
+    tmp_path: Path, context: Any, hooks: Receiver
+):
+    """A service that keeps its connections but answers nothing (paused
+    here with SIGSTOP; a hung process) left the list and a running job's
+    page saying "live" for good: a stream's keep-alives are comments, which
+    a page cannot see (an exploratory QA pass). Now a page that says "live"
+    asks `/health` every 15 s, says "reconnecting…" when 10 s bring no
+    answer, and "live" again once its stream opens again."""
+    service = serve(tmp_path)
+    try:
+        with service.client() as client:
+            job_id = unique("paused")
+            start_job(client, hooks, job_id)
+        pages = [context.new_page(), context.new_page()]
+        for page, path in zip(pages, ("/ui", f"/ui/jobs/{job_id}"), strict=True):
+            page.clock.install()  # the looks, brought forward
+            page.goto(service.url + path)
+            expect(page.locator("#live")).to_have_text("live")
+        assert service.proc is not None
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        try:
+            for page in pages:
+                page.clock.fast_forward(15_000)  # the look at /health goes out
+                page.clock.fast_forward(10_000)  # and gets no answer
+                expect(page.locator("#live")).to_have_text("reconnecting…")
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        for page in pages:
+            page.clock.fast_forward(1_000)  # the stream opened again
+            expect(page.locator("#live")).to_have_text("live", timeout=15_000)
+    finally:
+        service.kill()
+
+
 def test_the_longest_job_id_fits_a_phone(tmp_path: Path, context: Any, hooks: Receiver):
     """An id as long as ids go (128 characters, no break in it), on the list,
     in its summary of the jobs waiting longest, and on the error page of a
@@ -139,11 +176,13 @@ def test_the_longest_job_id_fits_a_phone(tmp_path: Path, context: Any, hooks: Re
         phone.set_viewport_size({"width": 375, "height": 800})
         phone.goto(f"{service.url}/ui")
         expect(phone.locator(".longest li")).to_contain_text(job_id)
-        for path in ("/ui", f"/ui/jobs/{job_id}", "/ui/jobs/" + "y" * 300 + "/x"):
-            phone.goto(service.url + path)
-            expect(phone.locator("main")).to_be_visible()
-            wide = phone.evaluate("document.documentElement.scrollWidth")
-            assert wide <= 375, f"{path[:40]}… is {wide}px wide on a 375px screen"
+        for width in (375, 320):  # a job's cards ran 12 px past a 320 px screen (a QA pass)
+            phone.set_viewport_size({"width": width, "height": 800})
+            for path in ("/ui", f"/ui/jobs/{job_id}", "/ui/jobs/" + "y" * 300 + "/x"):
+                phone.goto(service.url + path)
+                expect(phone.locator("main")).to_be_visible()
+                wide = phone.evaluate("document.documentElement.scrollWidth")
+                assert wide <= width, f"{path[:40]}… is {wide}px wide on a {width}px screen"
     finally:
         service.kill()
 
