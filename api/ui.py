@@ -226,11 +226,11 @@ FIELDS = frozenset(
 """A job's fields shown in its page's list; any other (one added later) is a
 JSON block after `BLOCKS`."""
 WINDING_UP = {
-    "stopping_run": "Still winding up: its external run is being stopped. A retry waits"
-    " until that is done.",
+    "stopping_run": "Still winding up: its external run is being stopped. A retry waits for"
+    " that (at most 10 s each time).",
     "late_trigger_call": "Still winding up: a call of its trigger, left to answer late, may"
-    " still start a run, which is then stopped. A retry waits until that is done (up to 15"
-    " minutes from the call's start).",
+    " still start a run, which is then stopped. A retry is refused until that is done (up to"
+    " 15 minutes from the call's start).",
 }
 """What a job page says of an ended job's `winding_up`."""
 
@@ -421,6 +421,11 @@ class Dashboard(Controller):
         if odd is not None:  # a mistyped bookmark (`?tags=`) showed every job, unfiltered
             takes = ", ".join(LIST_PARAMETERS)
             return bad(f"unknown query parameter {odd[:100]!r} (this page takes: {takes})")
+        params = request.query_params
+        for name in (*WINDOW, "cursor"):  # the first was used, silently (a QA pass)
+            count = len(params.getall(name, []))
+            if count > 1:  # as `GET /jobs` says it
+                return bad(f"query parameter {name!r} given {count} times; give it once")
         unknown = [s for s in states if s not in STATES]
         if unknown:
             return bad(f"unknown state {unknown[0]!r}; one of: {', '.join(STATES)}")

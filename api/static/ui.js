@@ -634,14 +634,19 @@
       if (body === null) return;
       const name = action === "cancel" ? "Cancel" : "Retry";
       // A retry of a job still winding up waits for it, up to 10 s: say so
-      // (the button stayed disabled with nothing said, a QA pass, 2026-12-07).
-      if (action === "retry" && job.winding_up) message("Retrying: waiting for the job to wind up (at most 10 s)…");
+      // (the button stayed disabled with nothing said, a QA pass, 2026-12-07),
+      // also when the page has not heard of it yet: a retry just after a
+      // cancel may wait before the job says so (a second QA pass).
+      const WAITING = "Retrying: waiting for the job to wind up (at most 10 s)…";
+      if (action === "retry" && job.winding_up) message(WAITING);
+      const slow = action === "retry" ? setTimeout(() => message(WAITING), 1000) : null;
       const answer = await fetch(`/jobs/${encodeURIComponent(job.id)}/${action}`, {
         method: "POST",
         credentials: "same-origin",
         headers: { "content-type": "application/json", "x-csrf-token": csrf },
         body: JSON.stringify(body),
       }).catch(() => null);
+      clearTimeout(slow);
       if (answer === null) {
         // Not sent, or sent and its answer lost: the job's page tells which.
         message(`${name}: no answer from the service. Reload to see whether the job changed.`, true);

@@ -387,6 +387,11 @@ def test_the_time_window_narrows_the_list_live_and_a_bad_time_is_named(
     refused = client.get("/ui", params={"tags": tag})
     assert refused.status_code == 400
     assert "unknown query parameter &#39;tags&#39; (this page takes: state," in refused.text
+    # the first of two was used, silently, where the API refuses (a QA pass)
+    twice = [("created_after", after), ("created_after", "2030-11-25T02:14:07Z")]
+    refused = client.get("/ui", params=twice)
+    assert refused.status_code == 400
+    assert "query parameter &#39;created_after&#39; given 2 times; give it once" in refused.text
 
 
 def test_a_job_pushed_off_the_list_by_a_newer_one_leaves_it(page, service, client, hooks):
@@ -796,7 +801,8 @@ def test_a_job_still_winding_up_says_so_until_it_is_done(page, service, client, 
     page.goto(f"{service.url}/ui/jobs/{job_id}")
     winding = page.locator("#winding-up")
     expect(winding).to_have_text(
-        "Still winding up: its external run is being stopped. A retry waits until that is done."
+        "Still winding up: its external run is being stopped. A retry waits for that (at most 10 s"
+        " each time)."
     )
     expect(page.locator('[data-block="winding_up"]')).to_have_count(0)  # not a JSON block
     with closing(sqlite3.connect(service.log.parent / "tether.db")) as db, db:
