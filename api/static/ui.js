@@ -131,6 +131,9 @@
   function showSignedOut() {
     signedOut = true;
     for (const stream of [...streams]) stream.close();
+    // Its buttons too: they went on working after a sign-in in another tab
+    // (that session's), each refused for this page's CSRF token (a QA pass).
+    for (const button of document.querySelectorAll("#cancel, #retry, #retry-all")) button.disabled = true;
     const live = document.getElementById("live");
     if (live) {
       live.hidden = false;
@@ -151,6 +154,11 @@
     showSignedOut();
     return true;
   }
+  // A change refused for this page's CSRF token: the session the page was
+  // made in was replaced (signed out, and in again in another tab).
+  const replaced = (answer, said) =>
+    answer.status === 403 && typeof said?.error?.message === "string" && said.error.message.startsWith("missing or wrong X-CSRF-Token");
+  const reloadLink = () => make("a", { href: location.pathname + location.search, text: "reload the page" });
   // A page shown without a session (the sign-in form, where "Sign out" leads)
   // tells the service's other tabs, which ask whether theirs ended too: their
   // streams, opened with the cookie, would go on until it expires.
@@ -343,7 +351,12 @@
           else done += 1;
           continue;
         }
-        const error = answer && ((await answer.json().catch(() => null)) || {}).error;
+        const said = answer && (await answer.json().catch(() => null));
+        if (answer && replaced(answer, said)) {
+          const why = " This page's session was replaced by a newer sign-in, the others were not sent: ";
+          return report(done, already, refusals, n, why, reloadLink(), ".");
+        }
+        const error = said && said.error;
         const why =
           answer === null
             ? "no answer from the service (reload to see whether it changed)"
@@ -360,7 +373,7 @@
         try {
           await retryEach();
         } finally {
-          retryAll.disabled = false;
+          retryAll.disabled = signedOut;
         }
       });
     }
@@ -591,7 +604,7 @@
     function buttons(disabled) {
       for (const id of ["cancel", "retry"]) {
         const button = document.getElementById(id);
-        if (button) button.disabled = disabled;
+        if (button) button.disabled = disabled || signedOut;
       }
     }
     async function act(action) {
@@ -659,6 +672,10 @@
         return;
       }
       if (answer.status === 404) return gone();
+      if (replaced(answer, said)) {
+        message(`${name} refused: this page's session was replaced by a newer sign-in: `, true, reloadLink());
+        return;
+      }
       const state = said && said.error && said.error.details ? said.error.details.state : null;
       if (answer.status === 409 && action === "cancel" && state === "canceled") {
         // Canceled already (by another page, the API, or this page's own

@@ -294,6 +294,32 @@ def test_signing_out_in_one_tab_signs_out_the_others(context, service, api, hook
     other.get_by_role("button", name="Sign out").click()
     expect(other.get_by_role("heading", name="Sign in")).to_be_visible()
     expect(listed.locator("#live")).to_have_text("signed out: sign in again", timeout=3000)
+    # its buttons with it: they went on working once another tab signed in
+    # again, each refused for the page's CSRF token (a QA pass)
+    expect(listed.locator("#cancel")).to_be_disabled()
+
+
+def test_a_page_whose_session_a_new_sign_in_replaced_says_so(
+    context, service, api, hooks: Receiver
+):
+    """Signed in again in another tab, with no sign-out between: the page's
+    CSRF token is the old session's, and a change answered the raw "missing
+    or wrong X-CSRF-Token" (a QA pass). It says to reload the page."""
+    job_id = unique("replaced")
+    start_job(api, hooks, job_id)
+    page = context.new_page()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    sign_in(page, API_TOKEN)
+    expect(page.locator("#live")).to_have_text("live")
+    again = {"token": API_TOKEN, "next": "/ui"}  # as another tab's form, sharing the cookies
+    answer = context.request.post(f"{service.url}/ui/sign-in", form=again, max_redirects=0)
+    assert answer.status == 303, answer.text()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel").click()
+    expect(page.locator("#message")).to_have_text(
+        "Cancel refused: this page's session was replaced by a newer sign-in: reload the page"
+    )
+    assert api.get(f"/jobs/{job_id}").json()["state"] == "running"
 
 
 def test_the_sign_out_address_typed_is_the_dashboards_page(context, service):
