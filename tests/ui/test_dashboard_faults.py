@@ -83,6 +83,9 @@ def test_pages_whose_session_ended_say_so_and_how_to_go_on(
         service = serve(tmp_path, {"TETHER_API_TOKEN": "another-token"}, port=service.port)
         for page in (listed, one):
             expect(page.locator("#live")).to_have_text("signed out: sign in again")
+        expect(one.locator("#cancel")).to_be_disabled()
+        # a click the page let by before it heard (enabled again by hand) says so
+        one.evaluate("document.getElementById('cancel').disabled = false")
         one.locator("#cancel").click()
         expect(one.locator("#message")).to_have_text(
             "Cancel refused: the session has ended: sign in again"
