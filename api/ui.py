@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -95,9 +95,19 @@ def viewer(request: Request[Any, Any, Any], sessions: Sessions) -> Viewer | None
 
 
 def local_path(target: Any) -> str:
-    """Where to go after signing in: a dashboard path, never another site."""
+    """Where to go after signing in: a dashboard path, never another site,
+    nor another path of the service's through a `..` (`/ui/../jobs`, which
+    a browser follows to `/jobs`: a QA pass) or a name that only begins as
+    the dashboard's (`/uix`)."""
     text = target if isinstance(target, str) else ""
-    if text.startswith("/ui") and not text.startswith("//") and "\\" not in text:
+    path = text.partition("?")[0].partition("#")[0]
+    steps = set(unquote(path).split("/"))
+    if (
+        (path == "/ui" or path.startswith("/ui/"))
+        and "\\" not in text
+        and text.isprintable()
+        and not steps & {".", ".."}
+    ):
         return text
     return "/ui"
 
