@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -278,16 +279,24 @@ def test_pages_open_when_their_session_ends_say_so(context, service, api, hooks:
     expect(pages[0].locator(f'tr[data-id="{late}"]')).to_have_count(0)
 
 
+def a_job_signed_in(
+    context: Any, service: TetherProcess, api: httpx.Client, hooks: Receiver, name: str
+) -> tuple[Any, str]:
+    """A running job's page, signed in with the API token and live; its id."""
+    job_id = unique(name)
+    start_job(api, hooks, job_id)
+    page = context.new_page()
+    page.goto(f"{service.url}/ui/jobs/{job_id}")
+    sign_in(page, API_TOKEN)
+    expect(page.locator("#live")).to_have_text("live")
+    return page, job_id
+
+
 def test_signing_out_in_one_tab_signs_out_the_others(context, service, api, hooks: Receiver):
     """Sessions are stateless: a page's streams, opened with the cookie, went
     on after Sign out in another tab; a page shown without a session tells
     the others."""
-    job_id = unique("other-tab")
-    start_job(api, hooks, job_id)
-    listed = context.new_page()
-    listed.goto(f"{service.url}/ui/jobs/{job_id}")
-    sign_in(listed, API_TOKEN)
-    expect(listed.locator("#live")).to_have_text("live")
+    listed, _ = a_job_signed_in(context, service, api, hooks, "other-tab")
     other = context.new_page()
     other.goto(f"{service.url}/ui")
     expect(other.locator("#live")).to_have_text("live")
@@ -306,12 +315,7 @@ def test_a_page_whose_session_a_new_sign_in_replaced_says_so(
     """Signed in again in another tab, with no sign-out between: the page's
     CSRF token is the old session's, and a change answered the raw "missing
     or wrong X-CSRF-Token" (a QA pass). It says to reload the page."""
-    job_id = unique("replaced")
-    start_job(api, hooks, job_id)
-    page = context.new_page()
-    page.goto(f"{service.url}/ui/jobs/{job_id}")
-    sign_in(page, API_TOKEN)
-    expect(page.locator("#live")).to_have_text("live")
+    page, job_id = a_job_signed_in(context, service, api, hooks, "replaced")
     again = {"token": API_TOKEN, "next": "/ui"}  # as another tab's form, sharing the cookies
     answer = context.request.post(f"{service.url}/ui/sign-in", form=again, max_redirects=0)
     assert answer.status == 303, answer.text()
