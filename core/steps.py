@@ -372,7 +372,12 @@ class JobSteps:
         if task not in self.cut:
             return False
         self.cut.discard(task)
-        task.uncancel()  # the stop's cancel, turned into a hand-back by the caller
+        # The stop's cancel, turned into a hand-back by the caller; not one
+        # more (the loop's own at its end, after a second Ctrl-C cut the
+        # stop short): swallowed, its task waited for good, and `tether
+        # serve` with it (a QA pass).
+        if task.uncancel() > 0:
+            return False
         await self._handing_back.wait()
         return True
 

@@ -324,6 +324,27 @@ def test_a_second_sigterm_does_not_wait_for_a_hung_trigger(tmp_path, receiver):
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["hung:1", "hung:1"]
 
 
+def test_two_quick_ctrl_cs_during_backoffs_end_the_service(tmp_path, receiver):
+    """A second Ctrl-C 50 ms after the first cuts the stop itself short; the
+    workflows whose waits the first cut swallowed the loop's own cancel at
+    its end, and `tether serve` hung for good (a QA pass, 11 runs of 14)."""
+    busy = threading.Event()
+    busy.set()
+    receiver.respond = lambda hit: (503, {}, {"retry-after": "3"}) if busy.is_set() else (202, {})
+    first = service(tmp_path).start()
+    with first.client() as client:
+        for job_id in ("cc1", "cc2", "cc3"):
+            start_job(client, receiver, job_id)
+        for job_id in ("cc1", "cc2", "cc3"):
+            wait_until(lambda j=job_id: '"trigger_failed"' in client.get(f"/jobs/{j}/events").text)
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    assert first.terminate(wait=15, how=signal.SIGINT) == 130
+    busy.clear()
+    restart_and_finish(tmp_path, first, receiver, "cc1")
+
+
 def test_a_stop_hands_a_cut_workflow_back_to_be_taken_over_at_once(tmp_path, receiver):
     """A workflow whose wait a stop cut short was held until its task's lease
     ran out (`TETHER_TASK_TTL`, a minute here): the restart tried again only
