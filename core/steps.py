@@ -325,13 +325,13 @@ class JobSteps:
         workflow under way): a stop waited out each backoff and
         `Retry-After`, up to `STOP_GRACE`, and made the next tries while
         stopping. Cut short, a workflow ends as if killed there, with
-        nothing in flight: its task's lease runs out, and the restart (or
-        another process) runs it again, whose tries start again from the
-        first with the same key; a stop under a lease gives it up for the
-        next sweep (`_spawn_stop`). A workflow's body (version 4) hands its
-        task back to the store once the SDK's stop has begun (`cut_short`,
-        `hand_back`), for the next process to take over at once rather than
-        when the lease runs out."""
+        nothing in flight; its body (version 4) hands its task back to the
+        store once the SDK's stop has begun (`cut_short`, `hand_back`), for
+        another process or the restart to run it again at once, whose
+        trigger tries go on from the last its job's history holds
+        (`_tries_made`) with the same key (a workflow of versions 1-3 waits
+        for its task's lease to run out); a stop under a lease gives it up
+        for the next sweep (`_spawn_stop`)."""
         self.closing = True
         if self.waiting:
             _say_cut(len(self.waiting))
@@ -912,12 +912,11 @@ class JobSteps:
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
         told: set[tuple[str, str, int]] = set()  # the unexpected failures logged with a traceback
-        last = await self._last_try(rec)
-        if last is not None:  # an earlier run of the body's tries go on
-            made = last.data.get("try")
-            made = made if isinstance(made, int) else 0
-            tries = max(made - (0 if last.data.get("counted", True) else 1), 0)
+        made, last = await self._tries_made(rec, attempts)
+        if made:  # an earlier run of the body's tries go on
+            tries = made
             delay *= 2.0 ** min(tries, 64)
+        if last is not None:
             waited = await self._rest_of_a_wait(rec, last, promise_id)
             if waited is not rec:
                 return waited
@@ -1290,30 +1289,42 @@ class JobSteps:
             )
         return dict(redact_value(bounded, tokens))
 
-    async def _last_try(self, rec: JobRecord) -> Event | None:
-        """The job's last event when it is a `trigger_failed` of this
-        attempt that asked for another try (`retry_in`): an earlier run of
-        the body made tries and was waiting for the next when a stop cut it
-        short (`close`) or its process died. This run's tries go on from
-        there: numbered after it, counted against the same
-        `trigger_attempts`, after the rest of its wait. They started again
-        from the first, so a host stopped again and again tried without end
-        (found by a QA pass). Read only when the job has more events than
+    async def _tries_made(self, rec: JobRecord, attempts: int) -> tuple[int, Event | None]:
+        """The tries of this attempt's trigger its history counts (each
+        `trigger_failed` counted, and a `trigger_slow`: a try under way
+        when its run of the body ended), and its last `trigger_failed` when
+        that one asked for another try (`retry_in`): an earlier run of the
+        body made tries, and a stop cut it short (`close`) or its process
+        died. This run's tries go on from there: numbered after them,
+        counted against the same `trigger_attempts` (at least one try in
+        each run), after the rest of that wait. They started again from the
+        first, so a host stopped again and again tried without end (found
+        by a QA pass; and by a second one, a slow try's event after the
+        last failure). Read only when the job has more events than
         `accepted`: a first run of a job taken at once reads nothing more."""
         if rec.events <= 1:
-            return None
-        _, events = await store_call(self.jobs.events_after(rec.id, rec.events - 1, 1))
-        last = events[0] if events else None
-        if last is None or last.type != "trigger_failed" or last.attempt != rec.attempt:
-            return None
-        if last.data.get("retry_in") is None:  # it gave up, or a late try's
-            return None
-        return last
+            return 0, None
+        lookback = 2 * attempts + 8  # each try's failure and slow call, and a few others
+        after = max(rec.events - lookback, 0)
+        _, events = await store_call(self.jobs.events_after(rec.id, after, lookback))
+        made, last = 0, None
+        for event in events:  # oldest first
+            if event.attempt != rec.attempt or event.type not in ("trigger_failed", "trigger_slow"):
+                continue
+            if event.data.get("late"):  # a try its attempt no longer waited for
+                continue
+            number = event.data.get("try")
+            number = number if isinstance(number, int) else 0
+            if event.type == "trigger_failed":
+                last = event if event.data.get("retry_in") is not None else None
+                number -= 0 if event.data.get("counted", True) else 1
+            made = max(made, number)
+        return made, last
 
     async def _rest_of_a_wait(
         self, rec: JobRecord, last: Event, promise_id: str
     ) -> JobRecord | None:
-        """Wait what is left of the wait `last` (`_last_try`) asked for (its
+        """Wait what is left of the wait `last` (`_tries_made`) asked for (its
         `retry_in`: a backoff, a target's `Retry-After`), if any
         (`_wait_between_tries`'s answer): the run of the body that took the
         job over tried again at once, earlier than the target asked (found

@@ -274,6 +274,47 @@ def test_a_stop_does_not_give_a_trigger_more_tries(tmp_path, receiver):
     assert [(f["try"], f["retry_in"]) for f in failed] == [(1, 2.0), (2, None)], failed
 
 
+class SlowSoon(TetherProcess):
+    """`tether serve` whose trigger calls are slow after half a second."""
+
+    preamble = "from core import steps\n\nsteps.TRIGGER_SLOW = 0.5\n"
+
+
+def test_a_try_under_way_as_its_host_died_counts(tmp_path, receiver):
+    """A try that outlived `TRIGGER_SLOW` files `trigger_slow` after the
+    failures before it; its host SIGKILLed during it, the next run read
+    only the job's last event, and counted its tries from the first again
+    (a QA pass): a target that holds every try was tried without end."""
+    held = threading.Event()
+
+    def respond(hit: Hit) -> tuple[Any, ...]:
+        if len(receiver.hits) == 2:  # the second try: held until its host dies
+            held.wait(30)
+        return 503, {}, {"retry-after": "1"}
+
+    receiver.respond = respond
+    env = {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db", "TETHER_TASK_TTL": "2"}
+    env["TETHER_TRIGGER_ATTEMPTS"] = "3"
+    first = SlowSoon(tmp_path, env).start()
+    try:
+        with first.client() as client:
+            start_job(client, receiver, "slow")
+            wait_until(lambda: '"trigger_slow"' in client.get("/jobs/slow/events").text)
+        first.kill()
+    finally:
+        held.set()
+    second = SlowSoon(tmp_path, env, port=first.port).start()
+    try:
+        with second.client() as client:
+            wait_for(client, "slow", "failed")
+            events = client.get("/jobs/slow/events").json()["items"]
+    finally:
+        second.kill()
+    tries = [(e["type"], e["data"]["try"]) for e in events if "try" in e["data"]]
+    assert tries == [("trigger_failed", 1), ("trigger_slow", 2), ("trigger_failed", 3)], tries
+    assert len(receiver.hits) == 3
+
+
 def test_ctrl_c_stops_the_service_with_status_130(tmp_path, receiver):
     """A single-worker `tether serve` stopped by Ctrl-C (SIGINT) stopped as
     SIGTERM stops it, then said "Aborted!" and exited 1, the status of a
