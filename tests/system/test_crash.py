@@ -379,9 +379,12 @@ def test_two_quick_ctrl_cs_during_backoffs_end_the_service(tmp_path, receiver):
         for job_id in ("cc1", "cc2", "cc3"):
             wait_until(lambda j=job_id: '"trigger_failed"' in client.get(f"/jobs/{j}/events").text)
     assert first.proc is not None
-    first.proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    assert first.terminate(wait=15, how=signal.SIGINT) == 130
+    try:
+        first.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        assert first.terminate(wait=15, how=signal.SIGINT) == 130
+    finally:
+        first.kill()  # (one that hung)
     busy.clear()
     restart_and_finish(tmp_path, first, receiver, "cc1")
 
