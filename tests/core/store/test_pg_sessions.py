@@ -104,7 +104,7 @@ async def test_protocol_requests_go_alone(fresh_pg_url: str) -> None:
         assert json.loads(await conn.send(_ping()))["head"]["status"] == 404
     finally:
         await conn.close()
-    with pytest.raises(Exception, match="stopped"):
+    with pytest.raises(Exception, match="connection has been closed"):
         await conn.send(_ping())
     # a request that passed that check as the store closed opens no pool
     # again (one nothing would close)
