@@ -177,33 +177,11 @@
   // opened again here after a wait, unless the session ended. `failed`, if
   // given, is asked first on each error and ends the stream by returning true.
   const REOPEN = [1000, 2000, 5000, 10000, 30000]; // ms, one after another, then the last
-  // An open stream says nothing when the service stops answering but keeps
-  // its connections (a hung or paused process): its keep-alives are
-  // comments, which a page cannot see. So a page that says "live" asks
-  // `/health` every PROBE ms; one that gets no answer within PROBE_WAIT
-  // (a 503 is an answer) says "reconnecting…" and opens its stream again,
-  // which says "live" once the service answers (found by an exploratory QA
-  // pass: a page of a service stopped with SIGSTOP said "live" for good).
-  const PROBE = 15000;
-  const PROBE_WAIT = 10000;
   function watch(url, on, failed = () => false) {
     let source = null;
     let tries = 0;
     let timer = null;
     let over = false;
-    const probe = setInterval(async () => {
-      if (over || signedOut || source === null || source.readyState !== EventSource.OPEN) return;
-      const looked = source;
-      const abort = new AbortController();
-      const giveUp = setTimeout(() => abort.abort(), PROBE_WAIT);
-      const answer = await fetch("/health", { cache: "no-store", signal: abort.signal }).catch(() => null);
-      clearTimeout(giveUp);
-      if (answer !== null || over || signedOut || source !== looked) return;
-      looked.close();
-      showLive(false);
-      clearTimeout(timer);
-      timer = setTimeout(open, REOPEN[0]);
-    }, PROBE);
     function open() {
       source = new EventSource(url());
       source.addEventListener("open", () => {
@@ -225,7 +203,6 @@
       close() {
         over = true;
         clearTimeout(timer);
-        clearInterval(probe);
         source.close();
         streams.delete(handle);
       },
