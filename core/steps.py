@@ -912,7 +912,7 @@ class JobSteps:
         tokens = self.signer.job_tokens(rec.id, rec.attempt, rec.salt)
         tries = 0  # those counted against `attempts`: each but a wait (`tried` False)
         told: set[tuple[str, str, int]] = set()  # the unexpected failures logged with a traceback
-        made, last = await self._tries_made(rec, attempts)
+        made, last = await self._tries_made(rec)
         if made:  # an earlier run of the body's tries go on
             tries = made
             delay *= 2.0 ** min(tries, 64)
@@ -1289,7 +1289,7 @@ class JobSteps:
             )
         return dict(redact_value(bounded, tokens))
 
-    async def _tries_made(self, rec: JobRecord, attempts: int) -> tuple[int, Event | None]:
+    async def _tries_made(self, rec: JobRecord) -> tuple[int, Event | None]:
         """The tries of this attempt's trigger its history counts (each
         `trigger_failed` counted, and a `trigger_slow`: a try under way
         when its run of the body ended), and its last `trigger_failed` when
@@ -1304,13 +1304,12 @@ class JobSteps:
         `accepted`: a first run of a job taken at once reads nothing more."""
         if rec.events <= 1:
             return 0, None
-        lookback = 2 * attempts + 8  # each try's failure and slow call, and a few others
-        after = max(rec.events - lookback, 0)
-        _, events = await store_call(self.jobs.events_after(rec.id, after, lookback))
+        # The last few tries' events, found by type: other events between
+        # them (callbacks refused, heartbeats) hid them from a look at the
+        # job's last events (a third QA pass).
+        events = await store_call(self.jobs.last_tries(rec.id, rec.attempt, 4))
         made, last = 0, None
         for event in events:  # oldest first
-            if event.attempt != rec.attempt or event.type not in ("trigger_failed", "trigger_slow"):
-                continue
             if event.data.get("late"):  # a try its attempt no longer waited for
                 continue
             number = event.data.get("try")
@@ -1318,7 +1317,9 @@ class JobSteps:
             if event.type == "trigger_failed":
                 last = event if event.data.get("retry_in") is not None else None
                 number -= 0 if event.data.get("counted", True) else 1
-            made = max(made, number)
+            # The last says: a slow try's failure not counted (a wait)
+            # undoes the slow event's count of it (a third QA pass).
+            made = max(number, 0)
         return made, last
 
     async def _rest_of_a_wait(

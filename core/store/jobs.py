@@ -409,6 +409,12 @@ class JobIndex(Protocol):
         """The job and its events with `seq > after`, oldest first, at most `limit`."""
         ...
 
+    async def last_tries(self, job_id: str, attempt: int, limit: int) -> list[Event]:
+        """The last `limit` `trigger_failed` and `trigger_slow` events of the
+        job's attempt, oldest first: what its trigger's tries so far were
+        (`JobSteps._tries_made`), whatever other events came between."""
+        ...
+
     async def history(
         self, job_id: str, after: int, limit: int
     ) -> tuple[JobRecord | None, list[Event], int]:

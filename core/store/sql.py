@@ -1168,6 +1168,15 @@ class SqlJobIndex:
         )
         return rec, [_event(r) for r in rows]
 
+    async def last_tries(self, job_id: str, attempt: int, limit: int) -> list[Event]:
+        trying = "('trigger_failed', 'trigger_slow')"
+        rows = await self.db.fetch(
+            f"SELECT {EVENT_ROWS.columns} FROM tether_events WHERE job_id = ? AND attempt = ?"
+            f" AND type IN {trying} ORDER BY seq DESC LIMIT ?",
+            (job_id, attempt, limit),
+        )
+        return [_event(r) for r in reversed(rows)]
+
     async def history(
         self, job_id: str, after: int, limit: int
     ) -> tuple[JobRecord | None, list[Event], int]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,39 @@ def test_a_stop_does_not_give_a_trigger_more_tries(tmp_path, receiver):
     assert len(receiver.hits) == 2, job
     failed = [e["data"] for e in events if e["type"] == "trigger_failed"]
     assert [(f["try"], f["retry_in"]) for f in failed] == [(1, 2.0), (2, None)], failed
+
+
+def test_tries_are_counted_whatever_events_came_between(tmp_path, receiver):
+    """The tries made were read from the job's last events, which other
+    events between two tries pushed them out of (refused callbacks, filed
+    once a minute a kind but by each worker and after each restart;
+    heartbeats; callbacks of an earlier attempt): the restart tried from the
+    first again, at once (a QA pass). Such events are written here into the
+    stopped service's store, as many restarts would have filed them."""
+    receiver.respond = lambda hit: (503, {}, {"retry-after": "2"})
+    env = {"TETHER_TRIGGER_ATTEMPTS": "2"}
+    first = service(tmp_path, **env).start()
+    with first.client() as client:
+        start_job(client, receiver, "noisy")
+        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/noisy/events").text)
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    with closing(sqlite3.connect(tmp_path / "tether.db")) as db, db:
+        [(seq, at)] = db.execute(
+            "SELECT MAX(seq), MAX(at) FROM tether_events WHERE job_id = ?", ("noisy",)
+        )
+        for n in range(1, 21):
+            row = ("noisy", seq + n, at + n, "heartbeat", 1, '{"progress": 0.5}')
+            db.execute("INSERT INTO tether_events VALUES (?, ?, ?, ?, ?, ?)", row)
+        db.execute("UPDATE tether_jobs SET events = ? WHERE id = ?", (seq + 20, "noisy"))
+    second = service(tmp_path, port=first.port, **env).start()
+    try:
+        with second.client() as client:
+            wait_for(client, "noisy", "failed")
+            events = client.get("/jobs/noisy/events").json()["items"]
+    finally:
+        second.kill()
+    failed = [e["data"]["try"] for e in events if e["type"] == "trigger_failed"]
+    assert failed == [1, 2] and len(receiver.hits) == 2, (failed, [e["type"] for e in events])
 
 
 class SlowSoon(TetherProcess):
