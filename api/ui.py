@@ -608,16 +608,26 @@ class Dashboard(Controller):
 
 NAME_MAX = 255
 """The longest file name (in bytes) a Linux file system holds."""
+PATH_MAX = 1024
+"""The longest static path (in bytes) looked up: well past any of the
+dashboard's files, well short of the 4,096 Linux looks up with the
+directory's own path before it (a longer path of short names answered 500
+too: a third QA pass)."""
 
 
 def _a_file_name(request: Request[Any, Any, Any]) -> None:
     """Refuse, as a file that is not there (404), a static path the file
     system cannot look up: one with a NUL byte (`ValueError: embedded null
-    byte`) or a name longer than `NAME_MAX` (`OSError`). Both answered
+    byte`), a name longer than `NAME_MAX` or a path longer than `PATH_MAX`
+    (`OSError`). Both answered
     500, the first with a traceback in the log at each request, for anyone
     (an exploratory QA pass of the dashboard)."""
     path = request.scope["path"]
-    if "\x00" in path or any(len(part.encode()) > NAME_MAX for part in path.split("/")):
+    if (
+        "\x00" in path
+        or len(path.encode()) > PATH_MAX
+        or any(len(part.encode()) > NAME_MAX for part in path.split("/"))
+    ):
         raise NotFoundException(f"no static file at {shown(path)}")
 
 

@@ -778,7 +778,12 @@ def test_a_static_path_the_file_system_cannot_look_up_is_not_found(service, clie
     each request) and a name too long for the file system (`OSError`, in
     another error shape, without the security headers) answered 500 to
     anyone (an exploratory QA pass of the dashboard)."""
-    for path in ("/ui/static/ui.css%00", "/ui/static/%00", "/ui/static/" + "b" * 256):
+    for path in (
+        "/ui/static/ui.css%00",
+        "/ui/static/%00",
+        "/ui/static/" + "b" * 256,
+        "/ui/static/" + "a/" * 2040,
+    ):
         answer = client.get(path)
         assert answer.status_code == 404, (path, answer.text)
         assert answer.json()["error"]["code"] == "not_found", answer.text
