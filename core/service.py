@@ -433,8 +433,12 @@ class Tether:
             if self._steps is not None:
                 self._steps.hand_back()  # the tasks of the waits cut short
             hurry = asyncio.ensure_future(self._hurry.wait())
-            await asyncio.wait((stopping, hurry), timeout=STOP_GRACE, return_when="FIRST_COMPLETED")
-            hurry.cancel()
+            try:
+                await asyncio.wait(
+                    (stopping, hurry), timeout=STOP_GRACE, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                hurry.cancel()  # (also when the close itself is cancelled)
             if not stopping.done():
                 stopping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -1308,19 +1308,19 @@ class JobSteps:
         # them (callbacks refused, heartbeats) hid them from a look at the
         # job's last events (a third QA pass).
         events = await store_call(self.jobs.last_tries(rec.id, rec.attempt, 4))
-        made, last = 0, None
-        for event in events:  # oldest first
-            if event.data.get("late"):  # a try its attempt no longer waited for
-                continue
-            number = event.data.get("try")
-            number = number if isinstance(number, int) else 0
-            if event.type == "trigger_failed":
-                last = event if event.data.get("retry_in") is not None else None
-                number -= 0 if event.data.get("counted", True) else 1
-            # The last says: a slow try's failure not counted (a wait)
-            # undoes the slow event's count of it (a third QA pass).
-            made = max(number, 0)
-        return made, last
+        # The last says (a try its attempt no longer waited for, `late`, aside):
+        # a slow try's failure not counted (a wait) undoes the slow event's
+        # count of it (a third QA pass).
+        newest = next((e for e in reversed(events) if not e.data.get("late")), None)
+        if newest is None:
+            return 0, None
+        number = newest.data.get("try")
+        made = number if isinstance(number, int) else 0
+        if newest.type == "trigger_slow":  # under way after the last wait: it is over
+            return made, None
+        if not newest.data.get("counted", True):
+            made = max(made - 1, 0)
+        return made, newest if newest.data.get("retry_in") is not None else None
 
     async def _rest_of_a_wait(
         self, rec: JobRecord, last: Event, promise_id: str

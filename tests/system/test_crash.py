@@ -228,26 +228,17 @@ def test_sigterm_does_not_wait_out_a_triggers_backoff(tmp_path, receiver):
         return 202, {}
 
     receiver.respond = respond
-    first = service(tmp_path).start()
-    with first.client() as client:
-        start_job(client, receiver, "backoff")
-        wait_until(lambda: receiver.hits, every=0.02)
-        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/backoff/events").text)
-    started = time.monotonic()
-    assert first.terminate(wait=30) == -signal.SIGTERM
-    assert time.monotonic() - started < 8  # not the 20 s the stop waits for its steps
+    first, took = stopped_in_backoff(tmp_path, receiver, "backoff")
+    assert took < 8  # not the 20 s the stop waits for its steps
     assert len(receiver.hits) == 1  # no try while stopping
     assert "stopping: 1 wait(s) between two tries of a backend's trigger" in first.log.read_text()
 
     restart_and_finish(tmp_path, first, receiver, "backoff")
     assert [h.body["idempotency_key"] for h in receiver.hits] == ["backoff:1", "backoff:1"]
     assert receiver.hits[1].at - receiver.hits[0].at >= 5.9  # as the target asked
-    second = service(tmp_path, port=first.port).start()
-    try:
-        with second.client() as client:  # the tries go on from the first run's
-            events = client.get("/jobs/backoff/events").json()["items"]
-    finally:
-        second.kill()
+    _, events = restarted(
+        tmp_path, first, "backoff", "succeeded"
+    )  # tries go on from the first run's
     tries = [(e["type"], e["data"]["try"]) for e in events if "try" in e["data"]]
     assert tries == [("trigger_failed", 1), ("triggered", 2)], tries
 
@@ -259,18 +250,8 @@ def test_a_stop_does_not_give_a_trigger_more_tries(tmp_path, receiver):
     over goes on from the last try its history holds: two in all here."""
     receiver.respond = lambda hit: (503, {"busy": True}, {"retry-after": "2"})
     env = {"TETHER_TRIGGER_ATTEMPTS": "2"}
-    first = service(tmp_path, **env).start()
-    with first.client() as client:
-        start_job(client, receiver, "bounded")
-        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/bounded/events").text)
-    assert first.terminate(wait=30) == -signal.SIGTERM
-    second = service(tmp_path, port=first.port, **env).start()
-    try:
-        with second.client() as client:
-            job = wait_for(client, "bounded", "failed")
-            events = client.get("/jobs/bounded/events").json()["items"]
-    finally:
-        second.kill()
+    first, _ = stopped_in_backoff(tmp_path, receiver, "bounded", **env)
+    job, events = restarted(tmp_path, first, "bounded", "failed", **env)
     assert len(receiver.hits) == 2, job
     failed = [e["data"] for e in events if e["type"] == "trigger_failed"]
     assert [(f["try"], f["retry_in"]) for f in failed] == [(1, 2.0), (2, None)], failed
@@ -285,11 +266,7 @@ def test_tries_are_counted_whatever_events_came_between(tmp_path, receiver):
     stopped service's store, as many restarts would have filed them."""
     receiver.respond = lambda hit: (503, {}, {"retry-after": "2"})
     env = {"TETHER_TRIGGER_ATTEMPTS": "2"}
-    first = service(tmp_path, **env).start()
-    with first.client() as client:
-        start_job(client, receiver, "noisy")
-        wait_until(lambda: '"trigger_failed"' in client.get("/jobs/noisy/events").text)
-    assert first.terminate(wait=30) == -signal.SIGTERM
+    first, _ = stopped_in_backoff(tmp_path, receiver, "noisy", **env)
     with closing(sqlite3.connect(tmp_path / "tether.db")) as db, db:
         [(seq, at)] = db.execute(
             "SELECT MAX(seq), MAX(at) FROM tether_events WHERE job_id = ?", ("noisy",)
@@ -298,13 +275,7 @@ def test_tries_are_counted_whatever_events_came_between(tmp_path, receiver):
             row = ("noisy", seq + n, at + n, "heartbeat", 1, '{"progress": 0.5}')
             db.execute("INSERT INTO tether_events VALUES (?, ?, ?, ?, ?, ?)", row)
         db.execute("UPDATE tether_jobs SET events = ? WHERE id = ?", (seq + 20, "noisy"))
-    second = service(tmp_path, port=first.port, **env).start()
-    try:
-        with second.client() as client:
-            wait_for(client, "noisy", "failed")
-            events = client.get("/jobs/noisy/events").json()["items"]
-    finally:
-        second.kill()
+    _, events = restarted(tmp_path, first, "noisy", "failed", **env)
     failed = [e["data"]["try"] for e in events if e["type"] == "trigger_failed"]
     assert failed == [1, 2] and len(receiver.hits) == 2, (failed, [e["type"] for e in events])
 
@@ -519,6 +490,34 @@ def test_sigterm_does_not_wait_out_a_cancels_backoff(tmp_path, receiver):
     finally:
         second.kill()
     assert len(receiver.on("/hook")) == 1 and len(receiver.on("/cancel")) == 2
+
+
+def stopped_in_backoff(
+    tmp_path: Path, receiver: Receiver, job_id: str, **env: str
+) -> tuple[TetherProcess, float]:
+    """A service that took the job and was stopped by SIGTERM once its
+    first try failed (the target answering so), and how long the stop took."""
+    first = service(tmp_path, **env).start()
+    with first.client() as client:
+        start_job(client, receiver, job_id)
+        wait_until(lambda: '"trigger_failed"' in client.get(f"/jobs/{job_id}/events").text)
+    started = time.monotonic()
+    assert first.terminate(wait=30) == -signal.SIGTERM
+    return first, time.monotonic() - started
+
+
+def restarted(
+    tmp_path: Path, dead: TetherProcess, job_id: str, state: str, **env: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Restart on the same store and port until the job is in `state`: the
+    job then, and its history."""
+    second = service(tmp_path, port=dead.port, **env).start()
+    try:
+        with second.client() as client:
+            job = wait_for(client, job_id, state)
+            return job, client.get(f"/jobs/{job_id}/events").json()["items"]
+    finally:
+        second.kill()
 
 
 def restart_and_finish(
