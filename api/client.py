@@ -426,6 +426,9 @@ STREAM_ENDS = "tether-stream-ends"
 """The header of an event stream that ends with `event: end` (`data:
 {"type": "end"}`, no `id`) once nothing more will be filed that it waits
 for; a stream closed without it was dropped or its service stopped."""
+PING = "ping"
+"""The event a quiet stream sends every 15 s (`core.events.PING`; the CLI
+does not import the service's modules)."""
 
 
 SSE_LINE_END = re.compile(r"\r\n|\r|\n")
@@ -462,22 +465,26 @@ async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
 
 async def sse_items(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str | None, Any]]:
     """Server-sent events as (`id`, `data` parsed as JSON). The `event:` field
-    repeats the item's `type`; comments (keep-alives) carry nothing."""
+    repeats the item's `type`; keep-alives (`event: ping`, or a comment from
+    a service older than it) carry nothing."""
     event_id: str | None = None
+    event = ""
     data: list[str] = []
     async for line in lines:
         if not line:
-            if data:
+            if data and event != PING:
                 try:
                     yield event_id, json.loads("\n".join(data))
                 except ValueError:
                     raise ServiceError("the event stream sent data that is not JSON") from None
-            event_id, data = None, []
+            event_id, event, data = None, "", []
             continue
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "id":
             event_id = value
+        elif name == "event":
+            event = value
         elif name == "data":
             data.append(value)
 

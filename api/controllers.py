@@ -28,7 +28,7 @@ from api.http import JsonAnswer
 from core.callbacks import Heartbeat, not_json
 from core.errors import MalformedBody, NotFound, StoreUnavailable
 from core.errors import shown as shown_value
-from core.events import END, KEEP_ALIVE
+from core.events import END, KEEP_ALIVE, PING
 from core.models import (
     JSON_SPACE,
     LIST_BACKENDS_MAX,
@@ -185,6 +185,11 @@ def moment(value: str | None, name: str, *, up: bool = False) -> datetime | None
             f" date-time such as 2026-11-24T02:14:07Z{plus}",
             name,
         ) from None
+
+
+KEEP_ALIVE_MESSAGE = ServerSentEventMessage(data='{"type": "ping"}', event=PING)
+"""What a quiet stream sends every `KEEP_ALIVE` seconds: an event a page can
+see (`core.events.PING`), where a comment was."""
 
 
 def wants_stream(request: Request[Any, Any, Any]) -> bool:
@@ -423,11 +428,11 @@ class JobController(Controller):
         [...]}`: the ids on it (a client that reconnects drops what else it
         shows). A job that leaves the page for any reason (it changed, it was
         pushed off by newer jobs, it was deleted) is then named in `event:
-        left`, `data: {"id": <its id>}`. A `: keep-alive` comment comes every
-        15 s of silence. The service reads the page about once a second while a
-        stream is open, and at once when a job changes in the process serving
-        it. A stream opened with the dashboard's session cookie ends when the
-        session does."""
+        left`, `data: {"id": <its id>}`. After 15 s of silence comes `event:
+        ping`, `data: {"type": "ping"}` (a client ignores it). The service
+        reads the page about once a second while a stream is open, and at once
+        when a job changes in the process serving it. A stream opened with the
+        dashboard's session cookie ends when the session does."""
 
         query = tether.list_query(  # a bad filter is refused (400) before anything is read
             job_state or (),
@@ -540,7 +545,7 @@ class JobController(Controller):
         async def messages() -> AsyncIterator[ServerSentEventMessage]:
             async for job in jobs():
                 if job is None:
-                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                    yield KEEP_ALIVE_MESSAGE
                 elif isinstance(job, str):
                     data = msgspec.json.encode({"id": job}).decode()
                     yield ServerSentEventMessage(data=data, event="left")
@@ -615,20 +620,21 @@ class JobController(Controller):
 
         With `Accept: text/event-stream`: the events recorded (after
         `Last-Event-ID`, or `cursor`, if given), then each new one as it
-        happens, in any process sharing the store; after `finished`, the
-        stream goes on while something that files an event is still due (the
+        happens, in any process sharing the store; after `finished`, the stream
+        goes on while something that files an event is still due (the
         completion notification, not yet delivered or given up; the stop of a
         canceled or timed-out job's run), and ends once nothing is and every
-        event was sent: at once when nothing was (docs/lifecycle.md,
-        "Following a job"). Each message is `id: <seq>`, `event: <type>`,
-        `data: <the item's JSON>`; a `: keep-alive` comment comes every 15 s
-        of silence. The stream's last message, once it has ended (nothing
-        more due, or the job deleted; not when the service stops: reconnect
-        then, with `Last-Event-ID`), is `event: end` with `data: {"type":
-        "end"}` and no `id`; the response's `Tether-Stream-Ends: end` header
-        says so (a service without it ends a finished job's stream without
-        a word). A stream opened with the dashboard's session cookie ends,
-        without `end`, when the session does."""
+        event was sent: at once when nothing was (docs/lifecycle.md, "Following
+        a job"). Each message is `id: <seq>`, `event: <type>`, `data: <the
+        item's JSON>`; after 15 s of silence comes `event: ping`, `data:
+        {"type": "ping"}`, with no `id` (a client ignores it). The stream's
+        last message, once it has ended (nothing more due, or the job deleted;
+        not when the service stops: reconnect then, with `Last-Event-ID`), is
+        `event: end` with `data: {"type": "end"}` and no `id`; the response's
+        `Tether-Stream-Ends: end` header says so (a service without it ends a
+        finished job's stream without a word). A stream opened with the
+        dashboard's session cookie ends, without `end`, when the session
+        does."""
         if not wants_stream(request):
             return Response(await tether.job_events(job_id, limit, cursor))
         if last_event_id is not None:
@@ -642,7 +648,7 @@ class JobController(Controller):
         ) -> AsyncIterator[ServerSentEventMessage]:
             async for event in events:
                 if event is None:
-                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                    yield KEEP_ALIVE_MESSAGE
                 elif event == END:
                     yield ServerSentEventMessage(data='{"type": "end"}', event=END)
                 else:

@@ -576,6 +576,8 @@ CALLBACK_EXAMPLES: dict[str, dict[str, Any]] = {
     },
 }
 
+PING_EXAMPLE = 'event: ping\ndata: {"type": "ping"}\n\n'
+"""What a stream sends after 15 s of silence (`core.events.PING`)."""
 EVENTS_EXAMPLE: dict[str, Any] = {
     "items": [
         {
@@ -984,7 +986,8 @@ class Document:
             response["content"]["text/event-stream"] = {  # with `Accept: text/event-stream`
                 "schema": {"type": "string"},
                 "example": f"event: job\ndata: {json.dumps(JOB_EXAMPLE)}\n\n"
-                f'event: page\ndata: {{"ids": [{json.dumps(JOB_EXAMPLE["id"])}]}}\n\n',
+                f'event: page\ndata: {{"ids": [{json.dumps(JOB_EXAMPLE["id"])}]}}\n\n'
+                + PING_EXAMPLE,
             }
         elif operation_id == "jobEvents":
             media["examples"] = {"page": {"value": EVENTS_EXAMPLE}}
@@ -993,7 +996,8 @@ class Document:
                 "example": "".join(
                     f"id: {e['seq']}\nevent: {e['type']}\ndata: {json.dumps(e)}\n\n"
                     for e in EVENTS_EXAMPLE["items"]
-                ),
+                )
+                + PING_EXAMPLE,
             }
         elif operation_id == "health":
             backends = sorted(self.plugins.backends)

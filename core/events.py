@@ -50,7 +50,7 @@ for events other processes record: one look for every stream of this process,
 which wakes them all once something was committed (this process's own events
 wake their streams at once)."""
 KEEP_ALIVE = 15.0
-"""Seconds of silence after which a stream sends a comment, so proxies and
+"""Seconds of silence after which a stream sends `PING`, so proxies and
 clients see the connection is alive."""
 STREAM_BATCH = 200
 """Events a stream reads from the store at once."""
@@ -58,6 +58,12 @@ FOLLOW_UP_POLL = 2.0
 """Seconds between a stream's looks while it waits past `finished` for the
 events still due (a notification retried for hours need not be looked at
 three times a second); this process's own events wake it at once."""
+PING: Final = "ping"
+"""The keep-alive the API sends after `KEEP_ALIVE` seconds of silence, as
+`event: ping` with `data: {"type": "ping"}` and no `id`: an event, not a
+comment, because a browser's EventSource dispatches no comment, and a page
+that hears nothing could not tell a quiet service from a hung one (a
+dashboard page of a service paused with SIGSTOP said "live" for good)."""
 END: Final = "end"
 """What `follow` yields last when the stream has really ended (nothing more
 is due, or the job was deleted), not when the service stops: the API sends it

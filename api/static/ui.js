@@ -177,14 +177,36 @@
   // opened again here after a wait, unless the session ended. `failed`, if
   // given, is asked first on each error and ends the stream by returning true.
   const REOPEN = [1000, 2000, 5000, 10000, 30000]; // ms, one after another, then the last
+  // A service that keeps its connections but answers nothing (hung, or
+  // paused with SIGSTOP) leaves an open stream quiet, with no error: so a
+  // stream that brought nothing for QUIET ms, not even the `ping` the
+  // service sends after 15 s of silence, is taken for lost: the page says
+  // "reconnecting…" and opens it again, which says "live" once the service
+  // answers. (Keep-alives were comments, which a page cannot see, and such
+  // a page said "live" for good: an exploratory QA pass.) Looked at every
+  // QUIET_LOOK ms; a page asleep or in the background looks late, not wrongly.
+  const QUIET = 35000;
+  const QUIET_LOOK = 5000;
   function watch(url, on, failed = () => false) {
     let source = null;
     let tries = 0;
     let timer = null;
     let over = false;
+    let heard = 0; // when the stream last brought anything (or was opened)
+    const look = setInterval(() => {
+      if (over || signedOut || source === null || source.readyState === EventSource.CLOSED) return;
+      if (Date.now() - heard < QUIET) return;
+      source.close();
+      showLive(false);
+      clearTimeout(timer);
+      timer = setTimeout(open, REOPEN[0]);
+    }, QUIET_LOOK);
     function open() {
+      heard = Date.now();
       source = new EventSource(url());
+      source.addEventListener("ping", () => (heard = Date.now()));
       source.addEventListener("open", () => {
+        heard = Date.now();
         tries = 0;
         showLive(true);
       });
@@ -196,13 +218,19 @@
         showLive(false);
         if (!over) timer = setTimeout(open, REOPEN[Math.min(tries++, REOPEN.length - 1)]);
       });
-      for (const [type, listener] of Object.entries(on)) source.addEventListener(type, listener);
+      for (const [type, listener] of Object.entries(on)) {
+        source.addEventListener(type, (event) => {
+          heard = Date.now();
+          listener(event);
+        });
+      }
     }
     open();
     const handle = {
       close() {
         over = true;
         clearTimeout(timer);
+        clearInterval(look);
         source.close();
         streams.delete(handle);
       },

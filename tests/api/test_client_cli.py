@@ -506,8 +506,9 @@ async def test_sse_lines_end_where_the_format_ends_them():
     assert await lines("a\r", "b\r") == ["a", "b"]
     assert await lines("a\r", "\r\n", "\n") == ["a", "", ""]
     assert await lines("x" * 10, "", "y\n") == ["x" * 10 + "y"]
-    items = client_module.sse_items(client_module.sse_lines(chunks('id: 7\ndata: "\u2029"\n\n')))
-    assert [item async for item in items] == [("7", "\u2029")]
+    sent = 'event: ping\ndata: {"type": "ping"}\n\n: keep-alive\n\nid: 7\ndata: "\u2029"\n\n'
+    items = client_module.sse_items(client_module.sse_lines(chunks(sent)))
+    assert [item async for item in items] == [("7", "\u2029")]  # keep-alives are not items
 
 
 def test_a_service_that_cannot_be_reached_is_exit_4_in_one_line(refused_url: str, monkeypatch):
@@ -938,7 +939,8 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
             if stand_in.says_end:
                 self.send_header("tether-stream-ends", "end")
             self.end_headers()
-            self.wfile.write(b": keep-alive\n\n")
+            self.wfile.write(b": keep-alive\n\n")  # as a service older than `ping` sent
+            self.wfile.write(b'event: ping\ndata: {"type": "ping"}\n\n')
             sent = 0
             for event in EVENTS:
                 if last is not None and event["seq"] <= int(last):

@@ -5,6 +5,8 @@ id as long as ids go on a phone."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,60 @@ def test_pages_say_when_the_service_is_down(tmp_path: Path, context: Any, hooks:
         service = serve(tmp_path, port=service.port)  # back: the ended page says no more
         ended.clock.fast_forward(5000)
         expect(ended.locator("#live")).to_be_hidden()
+    finally:
+        service.kill()
+
+
+SAID = """window.said = [];
+const live = document.getElementById("live");
+new MutationObserver(() => said.push(live.textContent))
+  .observe(live, {childList: true, characterData: true, subtree: true});"""
+"""Script that keeps what a page's "live" says from now on, in `window.said`."""
+
+
+class Chatty(TetherProcess):
+    preamble = "import core.events\n\ncore.events.KEEP_ALIVE = 1.0\n"
+    """A service whose quiet streams send their `ping` every second."""
+
+
+def test_pages_of_a_service_that_stops_answering_say_so(
+    tmp_path: Path, context: Any, hooks: Receiver
+):
+    """A service that keeps its connections but answers nothing (paused
+    here with SIGSTOP; a hung process) left the list and a running job's
+    page saying "live" for good: a stream's keep-alives were comments, which
+    a page cannot see (an exploratory QA pass). They are `ping` events now:
+    a page whose stream is quiet longer than 35 s, ping included, says
+    "reconnecting…" and opens it again, which says "live" once the service
+    answers; a page of a quiet service that answers says "live" all along."""
+    service = Chatty(tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"}).start()
+    try:
+        with service.client() as client:
+            job_id = unique("paused")
+            start_job(client, hooks, job_id)
+        pages = [context.new_page(), context.new_page()]
+        for page, path in zip(pages, ("/ui", f"/ui/jobs/{job_id}"), strict=True):
+            page.clock.install()  # the page's looks at its stream, brought forward
+            page.goto(service.url + path)
+            expect(page.locator("#live")).to_have_text("live")
+            page.evaluate(SAID)
+        for _ in range(4):  # 40 s of a quiet service, its pings heard
+            for page in pages:
+                page.clock.fast_forward(10_000)
+            pages[0].wait_for_timeout(1_500)  # a ping comes every second
+        for page in pages:
+            assert page.evaluate("window.said") == [], "a page of a quiet service reconnected"
+        assert service.proc is not None
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        try:
+            for page in pages:
+                page.clock.fast_forward(40_000)  # no ping heard for 40 s
+                expect(page.locator("#live")).to_have_text("reconnecting…")
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        for page in pages:
+            page.clock.fast_forward(1_000)  # the stream opened again
+            expect(page.locator("#live")).to_have_text("live", timeout=15_000)
     finally:
         service.kill()
 
