@@ -773,6 +773,18 @@ def test_a_path_no_page_has_is_the_dashboards_own_404(page, service):
     assert answer.status == 404 and answer.headers["content-type"] == "application/json"
 
 
+def test_each_pages_first_heading_is_its_h1(page, service, client, hooks: Receiver):
+    """The list's first heading was the summary's h2 ("Waiting longest"),
+    above its h1 (an exploratory QA pass: a screen reader's outline began
+    below the page's title)."""
+    job_id = unique("heading")
+    start_job(client, hooks, job_id)
+    for path in ("/ui", f"/ui/jobs/{job_id}", "/ui/nothing"):
+        page.goto(service.url + path)
+        first = page.locator("h1, h2, h3, h4, h5, h6").first
+        expect(first).to_have_js_property("tagName", "H1")
+
+
 def test_a_static_path_the_file_system_cannot_look_up_is_not_found(service, client):
     """A NUL byte (`ValueError: embedded null byte`, its traceback logged at
     each request) and a name too long for the file system (`OSError`, in
