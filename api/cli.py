@@ -408,6 +408,10 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     log.info("%s", startup_line(settings, plugins, workers))
     import uvicorn
 
+    from api.server import more_open_files
+
+    more_open_files()
+
     from api.http import SERVER_OPTIONS, proxy_options  # the web stack: not for the client commands
 
     config = uvicorn.Config(

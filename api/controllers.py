@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -274,27 +275,59 @@ LIST_STREAMS_MAX = 100
 Each reads its page on every change and every `CHANGES_POLL`: a thousand
 open made the service answer nothing else (found in an audit, 2026-12-04).
 A dashboard open in a browser holds one."""
-_list_streams = 0
-"""Job-list streams open in this process, or being opened (`_StreamSlot`)."""
+STREAMS_SHARE = 0.5
+"""Of the files a worker may have open (its `RLIMIT_NOFILE`, which `tether
+serve` raises to the hard limit), the share its streams, job lists' and
+histories' together, may hold; one more is answered 503. A thousand
+history streams open under the usual limit of 1,024 left the worker no file
+for anything else: a trigger's request failed with "too many open files",
+and its job failed (found by a QA pass's note, 2026-12-08)."""
+
+
+def streams_max() -> int:
+    """The streams this worker may hold open at once (`STREAMS_SHARE`)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else max(int(soft * STREAMS_SHARE), 1)
 
 
 class _StreamSlot:
-    """A job-list stream's place in `_list_streams`, taken before its first
-    page is read (a stream refused for want of room reads nothing, and many
-    opened at once never overrun `LIST_STREAMS_MAX`: found by a security QA
-    pass) and given back once: when the stream ends, when its first read
-    fails, or when a stream never begun is let go."""
+    """A stream's place in `open`, and a job-list one's in `lists` too,
+    taken before the stream reads anything (a stream refused for want of
+    room reads nothing, and many opened at once never overrun the limits:
+    found by a security QA pass) and given back once: when the stream ends,
+    when its first read fails, or when a stream never begun is let go."""
 
-    def __init__(self) -> None:
-        global _list_streams
-        _list_streams += 1
+    open = 0
+    """Streams open in this process, or being opened."""
+    lists = 0
+    """Job-list streams among them."""
+
+    def __init__(self, listing: bool) -> None:
+        self._listing = listing
+        _StreamSlot.open += 1
+        _StreamSlot.lists += listing
         self._held = True
 
+    @classmethod
+    def refusal(cls, listing: bool) -> Response[Any] | None:
+        """The 503 for a stream this process has no room for, or None."""
+        if listing and cls.lists >= LIST_STREAMS_MAX:
+            most, which = LIST_STREAMS_MAX, "job-list streams"
+        elif cls.open >= (most := streams_max()):
+            which = "streams (job lists' and histories')"
+        else:
+            return None
+        message = (
+            f"{most} {which} are open on this worker, the most it keeps; close one,"
+            " or read pages without the stream"
+        )
+        return error_response(503, "too_many_streams", message, {"limit": most})
+
     def release(self) -> None:
-        global _list_streams
         if self._held:
             self._held = False
-            _list_streams -= 1
+            _StreamSlot.open -= 1
+            _StreamSlot.lists -= self._listing
 
     def __del__(self) -> None:
         self.release()
@@ -449,13 +482,10 @@ class JobController(Controller):
 
         if not wants_stream(request):
             return Response(await page())
-        if _list_streams >= LIST_STREAMS_MAX:
-            message = (
-                f"{LIST_STREAMS_MAX} job-list streams are open on this worker, the most it"
-                " keeps; close one, or read pages without the stream"
-            )
-            return error_response(503, "too_many_streams", message, {"limit": LIST_STREAMS_MAX})
-        slot = _StreamSlot()
+        refused = _StreamSlot.refusal(listing=True)
+        if refused is not None:
+            return refused
+        slot = _StreamSlot(listing=True)
         try:
             first = await page()
         except BaseException:
@@ -641,19 +671,30 @@ class JobController(Controller):
             after = int(last_event_id)
         else:
             after = decode_cursor(cursor) if cursor else 0
-        followed = await tether.follow_job(job_id, after, session_ends(request))
+        refused = _StreamSlot.refusal(listing=False)
+        if refused is not None:
+            return refused
+        slot = _StreamSlot(listing=False)
+        try:
+            followed = await tether.follow_job(job_id, after, session_ends(request))
+        except BaseException:
+            slot.release()
+            raise
 
         async def messages(
             events: AsyncIterator[JobEvent | Literal["end"] | None],
         ) -> AsyncIterator[ServerSentEventMessage]:
-            async for event in events:
-                if event is None:
-                    yield KEEP_ALIVE_MESSAGE
-                elif event == END:
-                    yield ServerSentEventMessage(data='{"type": "end"}', event=END)
-                else:
-                    data = line_safe(msgspec.json.encode(event).decode())
-                    yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
+            try:
+                async for event in events:
+                    if event is None:
+                        yield KEEP_ALIVE_MESSAGE
+                    elif event == END:
+                        yield ServerSentEventMessage(data='{"type": "end"}', event=END)
+                    else:
+                        data = line_safe(msgspec.json.encode(event).decode())
+                        yield ServerSentEventMessage(data=data, event=event.type, id=event.seq)
+            finally:
+                slot.release()
 
         return ServerSentEvent(messages(followed), headers={"tether-stream-ends": "end"})
 

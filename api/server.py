@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import resource
 import signal
 import socket
 import sys
@@ -54,6 +55,35 @@ from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess, Process, logger
 
 from api.logs import flush_logs
+
+FEW_FILES = 4096
+"""An open-file limit below this is named at start (`more_open_files`)."""
+
+
+def more_open_files() -> int:
+    """Raise this process's soft limit of open files (`RLIMIT_NOFILE`) to its
+    hard limit, as Go's runtime does at start and nginx's
+    `worker_rlimit_nofile` is set to: every connection is a file, and a
+    stream (a dashboard page, a `tether watch`) holds one for hours. Under
+    the usual soft limit of 1,024 a thousand history streams left a worker
+    no file for a trigger's request, and its job failed ("too many open
+    files"). Workers inherit it. Returns the soft limit now; one below
+    `FEW_FILES` is logged, with how to raise it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # (a hard limit past the kernel's)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < FEW_FILES:
+        logging.getLogger("tether").warning(
+            "this process may open %d files at most (its hard RLIMIT_NOFILE): each"
+            " connection is one, and a worker holds streams (job lists' and histories')"
+            " on half of them at most; raise the limit (systemd: LimitNOFILE=65536;"
+            " docker run --ulimit nofile=65536)",
+            soft,
+        )
+    return soft
+
 
 TICK = 1.0
 """Seconds between a worker's ticks (`date` header, request limit)."""

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+import api.controllers
 import core.events
 from core.errors import StoreUnavailable
 from core.store.jobs import Event, JobRecord
@@ -560,6 +561,39 @@ def answering(**paths: list[tuple[float, int]]) -> Any:
         return status, {}
 
     return respond
+
+
+async def test_streams_past_the_workers_share_of_open_files_are_refused(
+    start_service, receiver, monkeypatch
+):
+    """History streams count against a worker's open files, list streams
+    with them: a thousand held under the usual limit of 1,024 left none for
+    a trigger's request (tests/system/test_open_files.py). One for a job
+    that does not exist gives its place back."""
+    monkeypatch.setattr(api.controllers, "streams_max", lambda: 2)
+    svc = await start_service()
+    await start(svc, receiver, "held")
+    first = await streamed_until_running(svc, "held")
+    second = asyncio.create_task(stream(svc, "held"))
+    await eventually(lambda: api.controllers._StreamSlot.open == 2, timeout=10)
+    refused = await svc.client.get("/jobs/held/events", headers=SSE)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == {
+        "code": "too_many_streams",
+        "message": "2 streams (job lists' and histories') are open on this worker, the most"
+        " it keeps; close one, or read pages without the stream",
+        "details": {"limit": 2},
+    }
+    assert (await svc.client.get("/jobs", headers=SSE)).status_code == 503
+    assert (await svc.client.get("/jobs/held/events")).status_code == 200  # pages still read
+    await svc.client.post(callback_path(svc, receiver, "held"), json={"status": "succeeded"})
+    await asyncio.wait_for(asyncio.gather(first, second), 15)  # both ended with the job
+    await eventually(lambda: api.controllers._StreamSlot.open == 0, timeout=10)
+    missing = await svc.client.get("/jobs/nobody/events", headers=SSE)
+    assert missing.status_code == 404
+    assert api.controllers._StreamSlot.open == 0
+    assert (await stream(svc, "held"))[-1]["event"] == "finished"  # room again
 
 
 async def streamed_until_running(svc: Service, job_id: str) -> asyncio.Task[list[Any]]:

@@ -180,7 +180,7 @@ async def test_a_worker_keeps_so_many_list_streams_open_and_answers_503_past_the
 
     async with follow(svc) as first, follow(svc, "state=running") as second:
         await eventually(lambda: first and second, timeout=10)  # both read their page
-        assert api.controllers._list_streams == 2
+        assert api.controllers._StreamSlot.lists == 2
         refused = await svc.client.get("/jobs", headers=SSE)
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
@@ -195,7 +195,7 @@ async def test_a_worker_keeps_so_many_list_streams_open_and_answers_503_past_the
         bad = await svc.client.get("/jobs?tag=a%20b", headers=SSE)
         assert bad.status_code == 400, bad.text
         assert bad.json()["error"]["details"] == {"field": "tag"}
-    await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
+    await eventually(lambda: api.controllers._StreamSlot.lists == 0, timeout=10)
     async with follow(svc) as again:
         await eventually(lambda: again, timeout=10)  # room again once they closed
 
@@ -260,9 +260,9 @@ async def test_a_stream_refused_for_want_of_room_reads_no_page_and_a_failed_read
         )
         assert {answer.status_code for answer in answers} == {503}
         assert {answer.json()["error"]["code"] for answer in answers} == {"too_many_streams"}
-        assert api.controllers._list_streams == 1
+        assert api.controllers._StreamSlot.lists == 1
         failing["left"] = 2  # the next two reads fail; the stream goes on
         await start(svc, receiver, "after")
         await eventually(lambda: states(got, "after"), timeout=10)
         assert failing["left"] == 0
-    await eventually(lambda: api.controllers._list_streams == 0, timeout=10)
+    await eventually(lambda: api.controllers._StreamSlot.lists == 0, timeout=10)
