@@ -3,6 +3,7 @@
 "use strict";
 
 (() => {
+  document.documentElement.classList.add("js"); // its buttons work: show them (ui.css)
   const page = document.body.dataset.page;
   const csrf = document.body.dataset.csrf || "";
 

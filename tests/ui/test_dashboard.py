@@ -785,6 +785,29 @@ def test_each_pages_first_heading_is_its_h1(page, service, client, hooks: Receiv
         expect(first).to_have_js_property("tagName", "H1")
 
 
+def test_without_javascript_the_buttons_that_need_it_are_not_shown(
+    browser, service, client, hooks: Receiver
+):
+    """Cancel, Retry and "Retry all" are the script's to make work: without
+    it they were shown and did nothing (an exploratory QA pass). The page
+    says what does the same instead."""
+    failed = unique("no-js")
+    start_job(client, hooks, failed, path=FAIL)
+    for enabled in (False, True):
+        context = browser.new_context(java_script_enabled=enabled)
+        try:
+            page = context.new_page()
+            page.goto(f"{service.url}/ui/jobs/{failed}")
+            expect(page.locator("#retry")).to_be_visible(visible=enabled)
+            said = page.get_by_text("Cancel and Retry need JavaScript here")
+            expect(said).to_be_visible(visible=not enabled)
+            page.goto(f"{service.url}/ui?state=failed")
+            expect(page.locator("#retry-all")).to_be_visible(visible=enabled)
+            expect(page.locator(f'tr[data-id="{failed}"]')).to_be_visible()  # the list itself
+        finally:
+            context.close()
+
+
 def test_a_static_path_the_file_system_cannot_look_up_is_not_found(service, client):
     """A NUL byte (`ValueError: embedded null byte`, its traceback logged at
     each request) and a name too long for the file system (`OSError`, in
