@@ -142,8 +142,11 @@
       live.replaceChildren("signed out: ", signInAgain());
     }
   }
+  // (Given up after 10 s: a service that answers nothing left a stream's
+  // reopening waiting on this for good.)
   async function sessionEnded() {
-    const answer = await fetch("/jobs?limit=1", { credentials: "same-origin" }).catch(() => null);
+    const signal = AbortSignal.timeout(10000);
+    const answer = await fetch("/jobs?limit=1", { credentials: "same-origin", signal }).catch(() => null);
     return answer !== null && answer.status === 401;
   }
   // A read of the page's answered 401: the session ended. Each read says so,
@@ -196,32 +199,32 @@
     let heard = 0; // when the stream last brought anything (or was opened)
     const look = setInterval(() => {
       if (over || signedOut || source === null || source.readyState === EventSource.CLOSED) return;
-      if (Date.now() - heard < QUIET) return;
+      if (performance.now() - heard < QUIET) return;
       source.close();
       showLive(false);
       clearTimeout(timer);
       timer = setTimeout(open, REOPEN[0]);
     }, QUIET_LOOK);
     function open() {
-      heard = Date.now();
+      heard = performance.now();
       source = new EventSource(url());
-      source.addEventListener("ping", () => (heard = Date.now()));
+      source.addEventListener("ping", () => (heard = performance.now()));
       source.addEventListener("open", () => {
-        heard = Date.now();
+        heard = performance.now();
         tries = 0;
         showLive(true);
       });
       source.addEventListener("error", async () => {
         if (over || failed()) return;
-        if (source.readyState !== EventSource.CLOSED) return showLive(false);
+        showLive(false); // at once: the look at the session may get no answer
+        if (source.readyState !== EventSource.CLOSED) return;
         source.close();
         if (await sessionEnded()) return over || showSignedOut();
-        showLive(false);
         if (!over) timer = setTimeout(open, REOPEN[Math.min(tries++, REOPEN.length - 1)]);
       });
       for (const [type, listener] of Object.entries(on)) {
         source.addEventListener(type, (event) => {
-          heard = Date.now();
+          heard = performance.now();
           listener(event);
         });
       }

@@ -6,6 +6,7 @@ id as long as ids go on a phone."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,30 @@ def test_the_list_opens_its_stream_again_after_the_service_refused_it(
             start_job(client, hooks, job_id)
             expect(page.locator(f'tr[data-id="{job_id}"]')).to_be_visible(timeout=20_000)
             expect(page.locator("#live")).to_have_text("live")
+    finally:
+        service.kill()
+
+
+def test_a_refused_stream_says_so_while_the_look_at_the_session_gets_no_answer(
+    tmp_path: Path, context: Any
+):
+    """A refused stream looks whether the session ended (`GET /jobs?limit=1`)
+    before it opens again: a service that stopped answering left that look
+    waiting for good, and the page saying "live" (a QA pass). It says
+    "reconnecting…" at once now, and gives the look up after 10 s."""
+    service = OneStream(tmp_path, {"TETHER_STORE": f"sqlite:///{tmp_path}/tether.db"}).start()
+    try:
+        page = context.new_page()
+        looks: list[Any] = []
+        page.route(re.compile(r"/jobs\?limit=1$"), lambda route: looks.append(route))  # unanswered
+        with service.client() as client:
+            held = {"accept": "text/event-stream"}
+            with client.stream("GET", "/jobs", headers=held) as stream:  # the one stream
+                held_open = begun(stream)  # noqa: F841
+                page.goto(f"{service.url}/ui")
+                expect(page.locator("#live")).to_have_text("reconnecting…")
+                assert looks, "the page did not look at its session"
+        expect(page.locator("#live")).to_have_text("live", timeout=20_000)
     finally:
         service.kill()
 
