@@ -510,6 +510,8 @@ class Plugins:
                 )
 
 
+NUMBER_UNION = re.compile(r"Expected `int \| float( \| null)?`")
+"""msgspec's words for an `int | float` field (`_refusal`)."""
 AT = re.compile(r" - at (?:a key in )?`(?P<path>[^`]*)`$")
 """Where a refusal's message says the error is, after the words: `params.a.b`,
 or a key in `params.a` for a key of that dict (the field is then the dict)."""
@@ -524,6 +526,10 @@ def _refusal(backend: Backend, exc: Exception) -> InvalidRequest:
     that field."""
     reason = str(exc).replace("`$.", "`params.").replace("`$`", "`params`")
     reason = reason.replace(" - at `key` in `", " - at a key in `")  # msgspec's words
+    # An `int | float` field takes any number (or, as a plugin's ids do, a
+    # whole one written `7.0`): msgspec's "Expected `int | float | null`, got
+    # `str`" named a float for an id, where a number was meant.
+    reason = NUMBER_UNION.sub(lambda m: "Expected a number" + (" or null" if m[1] else ""), reason)
     at = AT.search(reason)
     field = at["path"] if at else "params"  # e.g. params.timeout
     # The plugin's own words (a `ValueError` of `__post_init__`, which msgspec

@@ -492,7 +492,8 @@ TASK = {"task_key": "t", "notebook_task": {"notebook_path": "/x"}}
 BAD_PARAMS = [
     ({}, "exactly one of `job_id`", "params"),
     ({"job_id": 1, "submit": {"tasks": [TASK]}}, "exactly one of", "params"),
-    ({"job_id": "7"}, "Expected `int | float | null`, got `str`", "params.job_id"),
+    ({"job_id": "7"}, "Expected a number or null, got `str`", "params.job_id"),
+    ({"job_id": "abc"}, "Expected a number or null, got `str`", "params.job_id"),
     ({"job_id": 7.5}, "`job_id` must be a whole number", "params"),
     ({"job_id": 7, "jobparameters": {}}, "unknown field `jobparameters`", "params"),
     (
