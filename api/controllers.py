@@ -321,7 +321,12 @@ class _StreamSlot:
             f"{most} {which} are open on this worker, the most it keeps; close one,"
             " or read pages without the stream"
         )
-        return error_response(503, "too_many_streams", message, {"limit": most})
+        refused = error_response(503, "too_many_streams", message, {"limit": most})
+        # And the connection closed: kept alive (30 s), each refused client
+        # held a file all the same, asking again on it every second, and a
+        # thousand of them left none for a trigger (a QA pass, HIGH).
+        refused.headers["Connection"] = "close"
+        return refused
 
     def release(self) -> None:
         if self._held:

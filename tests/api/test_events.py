@@ -579,6 +579,7 @@ async def test_streams_past_the_workers_share_of_open_files_are_refused(
     refused = await svc.client.get("/jobs/held/events", headers=SSE)
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1"
+    assert refused.headers["connection"] == "close"  # its file given back too
     assert refused.json()["error"] == {
         "code": "too_many_streams",
         "message": "2 streams (job lists' and histories') are open on this worker, the most"
