@@ -113,6 +113,12 @@ retry_for_option = click.option(
 """`--retry-for` of the commands an external job runs (`post_to`)."""
 
 
+FULL = "too_many_streams"
+"""A service's answer (503) when it holds as many streams as it may: it is
+up, so a stream asked for is waited for, never given up (`events --follow`
+gave up after `OUTAGE_FOR` while `watch` went on: a QA pass), asking again
+every `FULL_PAUSE` seconds."""
+FULL_PAUSE = 5.0
 HEALTHY_STREAM = 5.0
 """Seconds a stream that brought no event must have stayed open to count as
 a service that answers (a stream waiting past `finished` for a notification
@@ -148,9 +154,12 @@ class ServiceError(click.ClickException):
         *,
         reached: bool = True,
         retry_after: float = 0.0,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+        """The service's `error.code`, when it gave one."""
         self.reached = reached
         """False: no answer came (`unreachable`)."""
         self.retry_after = retry_after
@@ -218,13 +227,16 @@ def unreachable(
 
 def error_answer(response: httpx.Response) -> ServiceError:
     """The service's own message (`{"error": {"message"}}`), with the status."""
+    code = None
     try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        error = response.json()["error"]
+        message = str(error["message"])
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = response.reason_phrase or "error"
     status = response.status_code
     wait = _retry_after(response) if status == 429 else 0.0
-    return ServiceError(f"{message} (HTTP {status})", status, retry_after=wait)
+    return ServiceError(f"{message} (HTTP {status})", status, retry_after=wait, code=code)
 
 
 # ── the service ───────────────────────────────────────────────────────────────
@@ -505,6 +517,7 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
     when the job was deleted before its `finished` was seen."""
     last_id: str | None = None
     tries, since = 0, time.monotonic()
+    said_full = False
     finished: int | None = None
     """The attempt of the last `finished` seen, unless a later attempt's event
     followed it (a retry, which the stream follows)."""
@@ -550,6 +563,13 @@ async def stream_events(api: Api, job_id: str, on_event: Callable[[dict[str, Any
         else:  # closed without its end: a dropped connection, a service stopping
             failure = ServiceError(f"the event stream from {public(api.url)} keeps ending early")
         healthy = got_one or time.monotonic() - opened >= HEALTHY_STREAM
+        if failure.code == FULL:  # the service answers: waited for, never given up
+            if not said_full:
+                click.echo(f"tether: {printable(failure.message)}; waiting for room", err=True)
+                said_full = True
+            tries, since = 0, time.monotonic()
+            await asyncio.sleep(FULL_PAUSE)
+            continue
         if healthy:
             tries, since = 0, time.monotonic()
         elif given_up(tries, since):

@@ -875,6 +875,8 @@ class EventsStandIn:
     """The first this many streams close without `end` (a service stopping)."""
     refusals: dict[int, int] = field(default_factory=dict)
     """Stream number (1, 2, ...) → the status it is refused with instead."""
+    refusal_code: str = "x"
+    """The `error.code` of those refusals."""
     job_refusals: dict[int, int] = field(default_factory=dict)
     """Job read number (1, 2, ...) → the status it is refused with instead."""
     ends_at_read: int = 0
@@ -932,7 +934,8 @@ def serve_stand_in(stand_in: EventsStandIn) -> ThreadingHTTPServer:
             stand_in.last_event_ids.append(last)
             refused = stand_in.refusals.get(len(stand_in.last_event_ids))
             if refused is not None:
-                return self.answer(refused, {"error": {"code": "x", "message": "refused"}})
+                error = {"code": stand_in.refusal_code, "message": "refused"}
+                return self.answer(refused, {"error": error})
             cut = len(stand_in.last_event_ids) <= stand_in.drops
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
@@ -1077,6 +1080,24 @@ def test_standin_follow_and_a_watchs_reads_go_on_through_an_outage(stand_in, mon
         return "read"
 
     assert asyncio.run(client_module.patiently(flaky)) == "read"
+
+
+def test_standin_follow_waits_for_room_on_a_full_service(stand_in, monkeypatch):
+    """A service that holds as many streams as it may (503
+    `too_many_streams`) is up: `events --follow` gave it up after
+    `OUTAGE_FOR` as an outage, where `watch` went on reading the job (a QA
+    pass). It waits for room now, saying so once."""
+    monkeypatch.setattr(client_module, "RECONNECT_DELAYS", (0.01,))
+    monkeypatch.setattr(client_module, "OUTAGE_FOR", 0.0)
+    monkeypatch.setattr(client_module, "FULL_PAUSE", 0.01)
+    stand_in.drops, stand_in.silent_streams = 0, 1
+    stand_in.refusals = dict.fromkeys(range(2, 12), 503)
+    stand_in.refusal_code = "too_many_streams"
+    done = cli(stand_in.url, "events", "job-1", "--follow", "--json")
+    assert done.exit_code == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == EVENTS
+    assert len(stand_in.last_event_ids) == 12
+    assert done.stderr == "tether: refused (HTTP 503); waiting for room\n"
 
 
 @pytest.mark.parametrize("status", [503, 429])
