@@ -931,7 +931,12 @@ def _print_secret(copied: Copied, settings: Settings) -> None:
             " TETHER_CALLBACK_SECRET?): give that secret to the services, or the callback URLs"
             " handed out before will answer 401"
         )
-    if copied.notify_secret is not None:
+    if copied.notify_kept:
+        click.echo(
+            f"the store's own notification secrets are kept in {copied.notify_secret}, not the"
+            " backup's (rotated since it was taken): they are what its receivers verify now"
+        )
+    elif copied.notify_secret is not None:
         click.echo(f"notification secrets copied to {copied.notify_secret} (mode 0600)")
     elif settings.notify_secret:
         click.echo(

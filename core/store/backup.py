@@ -29,7 +29,10 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import msgspec
+
 from core.settings import Settings, describe
+from core.store.base import LAST_HOST
 from core.store.embedded import (
     notify_secret_path,
     read_notify_secrets,
@@ -38,6 +41,7 @@ from core.store.embedded import (
     sqlite_path,
     write_secrets,
 )
+from core.tokens import notify_fingerprints
 
 BACKUP_WAIT = 60.0
 """Seconds a copy may wait for SQLite to let it read or write (a reader of a
@@ -66,6 +70,9 @@ class Copied(NamedTuple):
     set_aside: tuple[Path, ...] = ()
     """A restore's: the store's secret files the backup brought none of,
     renamed (`*.before-restore`) rather than left to pass for its own."""
+    notify_kept: bool = False
+    """A restore's: the store's own notification secrets were kept, not the
+    backup's (`restore`)."""
 
 
 def embedded_db(settings: Settings, command: str) -> Path:
@@ -113,10 +120,33 @@ def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
         _refuse_in_use(db)
     db.parent.mkdir(parents=True, exist_ok=True)
     secrets = _secrets_of(source)
+    # The store's own notification secrets, when it has some the backup's
+    # differ from (rotated since the backup): kept, being what its receivers
+    # verify now. The backup's came back before, and every message after the
+    # restore was refused until given up (a QA pass). A store that has none
+    # (a new host) takes the backup's; a backup without one sets the
+    # store's aside, as any secret file it brings none of.
+    own = _notify_secrets_here(db)
+    theirs = next((lines for path_of, lines in secrets if path_of is notify_secret_path), None)
+    keep = own is not None and theirs is not None and own != theirs
+    if keep:
+        assert own is not None
+        secrets = [(p, lines) for p, lines in secrets if p is not notify_secret_path]
+        secrets.append((notify_secret_path, own))
     for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         # the old database's log must not be replayed onto the restored one
         leftover.unlink(missing_ok=True)
-    return _copy_database(source, db, secrets)
+    copied = _copy_database(source, db, secrets, signs=own if keep else None)
+    return copied._replace(notify_kept=keep)
+
+
+def _notify_secrets_here(db: Path) -> list[str] | None:
+    """The notification secrets kept beside the store `db`, current first;
+    None when it has none, or none that can be read (a restore mends that)."""
+    try:
+        return read_notify_secrets(notify_secret_path(db))
+    except (OSError, ValueError):
+        return None
 
 
 def _refuse_existing(path: Path, force: bool, what: str) -> None:
@@ -194,7 +224,14 @@ def _older(path: Path, seconds: float) -> bool:
     return time.time() - path.stat().st_mtime > seconds
 
 
-def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = False) -> Copied:
+def _copy_database(
+    source: Path,
+    to: Path,
+    kept: Kept,
+    *,
+    replacing: bool = False,
+    signs: list[str] | None = None,
+) -> Copied:
     """SQLite's backup of `source` into a new private file beside `to`, made
     self-contained (no WAL), checked with `PRAGMA integrity_check`, then moved
     to `to` at once, after the secret files `kept` were written beside it: a
@@ -204,7 +241,9 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
     secrets are written, so no old database is left beside new secrets. A
     secret file `kept` lacks would pass for the copy's own beside `to`: an
     old backup's is deleted, a store's (a restore's `to`) renamed
-    `*.before-restore`."""
+    `*.before-restore`. `signs`: the notification secrets the copy's services
+    sign with from now on, when not the source's (`restore`): its record of
+    the last start says so, which its next start compares its own with."""
     prefix = f".{to.name}.tether-tmp-"
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +274,8 @@ def _copy_database(source: Path, to: Path, kept: Kept, *, replacing: bool = Fals
                     f"the copy of {source} fails its integrity check: {'; '.join(problems[:5])}"
                 )
             jobs, waiting = _count_jobs(dst)
+            if signs is not None:
+                _signed_with(dst, signs)
         _fsync(tmp)
         if replacing:  # the old one goes first: cut short, no database beside new secrets
             to.unlink(missing_ok=True)
@@ -273,6 +314,22 @@ def _open(db: Path, mode: str, timeout: float) -> sqlite3.Connection:
     """`db`, which must exist (`mode` `ro` or `rw`: never created by mistake)."""
     uri = f"{db.resolve().as_uri()}?mode={mode}"
     return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+
+
+def _signed_with(conn: sqlite3.Connection, secrets: list[str]) -> None:
+    """Record in the store's last start (`LAST_HOST`) that it signed its
+    notifications with `secrets`: the store's own, kept by a restore, were
+    signed with last (the start after it said they disagreed with the
+    backup's record)."""
+    try:
+        row = conn.execute("SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)).fetchone()
+        record = msgspec.json.decode(row[0]) if row else None
+    except (sqlite3.OperationalError, msgspec.DecodeError):  # none kept, or one unread
+        return
+    if isinstance(record, dict) and "notify" in record:
+        record["notify"] = notify_fingerprints(secrets)
+        value = msgspec.json.encode(record).decode()
+        conn.execute("UPDATE tether_meta SET value = ? WHERE name = ?", (value, LAST_HOST))
 
 
 def _count_jobs(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -12,6 +12,7 @@ so a replayed step records nothing twice (docs/architecture.md, "Job history").
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -102,6 +103,18 @@ class JobRecord(msgspec.Struct, kw_only=True):
         if promise_id is not None:
             extra["promise_id"] = promise_id
         return extra
+
+
+def message_id(job_id: str, created_at: int, attempt: int) -> str:
+    """The `webhook-id` of the completion notification of a job's attempt:
+    `msg_` and 32 hex digits, made from the job (its id, the Unix ms it was
+    created at, the attempt), not drawn at random: an attempt that ends again
+    after a restore from a backup taken before its end is told of under the
+    same id, which a receiver dedupes (a random one made it act twice: a QA
+    pass), while a job re-created under a deleted one's id, or its next
+    attempt, gets another."""
+    made = hashlib.sha256(f"{job_id}\n{created_at}\n{attempt}".encode()).hexdigest()
+    return f"msg_{made[:32]}"
 
 
 class Notification(msgspec.Struct, kw_only=True):

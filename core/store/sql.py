@@ -39,6 +39,7 @@ from core.store.jobs import (
     NotTogether,
     Requests,
     Together,
+    message_id,
     now_ms,
 )
 from core.store.schema import EVENT_ROWS, JOB_ROWS, NOTIFICATION_ROWS, json_text
@@ -1075,7 +1076,7 @@ class SqlJobIndex:
         """Put the notification of the attempt that just ended in the outbox."""
         assert rec.notify_url is not None
         note = Notification(
-            id=f"msg_{uuid.uuid4().hex}",
+            id=message_id(rec.id, rec.created_at, rec.attempt),
             job_id=rec.id,
             attempt=rec.attempt,
             url=rec.notify_url,

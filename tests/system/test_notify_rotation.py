@@ -170,3 +170,61 @@ def test_rotation_through_the_environment(tmp_path: Path, receiver: Receiver) ->
     assert "unknown setting" not in logged
     for secret in (old, new):
         assert secret.removeprefix("whsec_") not in logged + page
+
+
+def test_a_restore_keeps_the_stores_own_notification_secret_and_ids(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A backup, then a rotation done in full, then the backup restored in
+    place: the backup's (old) secret came back, with nothing said, and every
+    message after the restore failed to verify for the receivers, given the
+    new one, until given up; and an attempt that ended again after the
+    restore was told of under a new `webhook-id`, which a receiver deduping
+    on it acted on twice (a QA pass). Now the store's own notification
+    secret is kept (the restore says so, and the start after it says
+    nothing of a disagreement), and the id is the same."""
+    db = tmp_path / "store" / "tether.db"
+    env = {"TETHER_STORE": f"sqlite:///{db}", "TETHER_NOTIFY_SECRET": ""}
+    notified = NotifyReceiver().start()
+    service = TetherProcess(tmp_path, env).start()
+    try:
+        old = tether("notify-secret", **env).stdout.strip()
+        with service.client() as client:
+            body = {
+                "id": "twice",
+                "backend": "http_webhook",
+                "params": {"url": receiver.url()},
+                "notify": {"url": notified.url()},
+            }
+            assert client.post("/jobs", json=body).status_code == 201
+            wait_for(client, "twice", "running")
+            backup = tmp_path / "backup.db"
+            assert tether("backup", str(backup), **env).returncode == 0
+            assert client.post("/jobs/twice/cancel").status_code == 200
+            first = accepted(notified, "twice")
+        assert verifies(old, first)
+        service.terminate()
+        for rotation in ((), ("--drop-previous",)):
+            done = tether("rotate-notify-secret", *rotation, **env)
+            assert done.returncode == 0, done.stderr
+        new = tether("notify-secret", **env).stdout.strip()
+        assert new != old
+
+        done = tether("restore", str(backup), "--force", **env)
+        assert done.returncode == 0, done.stderr
+        assert (
+            f"the store's own notification secrets are kept in {db}.notify-secret, not the"
+            " backup's (rotated since it was taken): they are what its receivers verify now"
+        ) in done.stdout.splitlines()
+        service = TetherProcess(service.log.parent, env, port=service.port).start()
+        notified.got.clear()
+        with service.client() as client:
+            assert client.get("/jobs/twice").json()["state"] == "running"  # as backed up
+            assert client.post("/jobs/twice/cancel").status_code == 200
+            again = accepted(notified, "twice")
+        assert verifies(new, again) and not verifies(old, again)
+        assert again.headers["webhook-id"] == first.headers["webhook-id"]
+        assert "disagrees" not in service.log.read_text()
+    finally:
+        service.kill()
+        notified.stop()
