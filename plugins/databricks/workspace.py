@@ -199,7 +199,16 @@ class Workspace:
                 from databricks.sdk import WorkspaceClient
                 from databricks.sdk.config import Config
 
+                # A host written with a user and password is handed to the SDK
+                # without them (it never signs in with them): a password with a
+                # `/`, `?`, `#` or space made the SDK read part of it as the port
+                # or the host, quoted in the job's error, the log and /health,
+                # and looked up in DNS (a QA pass).
+                written = os.environ.get("DATABRICKS_HOST", "")
+                host = without_userinfo(written)
+                given: dict[str, Any] = {"host": host} if host != written else {}
                 config = Config(
+                    **given,
                     profile=self.settings.profile or None,
                     retry_timeout_seconds=self.settings.retry_timeout,
                     http_timeout_seconds=self.settings.http_timeout,
@@ -212,7 +221,7 @@ class Workspace:
                 hide_userinfo_in_sdk_logs()  # the child loggers the SDK made on import
                 shown = shown_host(config.host)
                 log.info("databricks: using workspace %s", shown)
-                if shown != config.host:
+                if shown != config.host or host != written:
                     log.warning(
                         "databricks: the workspace's host names a user or a password"
                         " (user:password@): the SDK does not sign in with them (it uses its"
@@ -447,6 +456,19 @@ def _userinfo(host: str) -> list[str]:
     # a short password alone is not masked: "pass" would mask "password" in Databricks' words
     alone = [p for p in (password, unquote(password)) if len(p) >= 8]
     return [s for s in {info, unquote(info), *alone} if s]
+
+
+def without_userinfo(host: str) -> str:
+    """`host` without a `user:password@` written into it, however the
+    password is made: with a `/`, `?`, `#`, space or `@` in it no URL parser
+    reads such a host as its writer meant, so the host is what follows the
+    last `@` (a workspace's host has no path that could hold one)."""
+    scheme, sep, rest = host.partition("://")
+    if not sep:
+        scheme, rest = "", host
+    if "@" not in rest:
+        return host
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 def shown_host(host: str | None) -> str | None:
