@@ -215,12 +215,19 @@ class Sections(click.Group):
         """Run the command; Ctrl-C (SIGINT) ends it with status 130, as a shell
         reports a command a SIGINT ended. Click said "Aborted!" and exited 1,
         which `tether watch` and `submit --wait` use for a failed job, and
-        `serve` for a failure (a QA pass)."""
+        `serve` for a failure (a QA pass). Output whose reader stopped reading
+        (`| head`) ends it with 0, as output that fit the pipe did: click
+        exited 1, so `tether list --ids | head -1` under `set -o pipefail`
+        failed or not by how many jobs there were (a QA pass)."""
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo(err=True)  # ends the line the terminal's ^C is on
             raise click.exceptions.Exit(INTERRUPTED) from None
+        except BrokenPipeError:
+            # what is left to write goes nowhere, the interpreter's last flush too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(0) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         self._with_client_verbs()

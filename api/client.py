@@ -734,14 +734,21 @@ def _escaped(char: str) -> str:
 
 
 def moment(value: str | None) -> str | None:
-    """A time of the service's, to the second, for a table (--json has it whole)."""
+    """A time of the service's, to the second, for a table (--json has it
+    whole); one that is no time, as written (escaped where shown: only an
+    impostor at `--url` sends one, and it made a traceback, a QA pass)."""
     if not value:
         return value
-    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, TypeError):
+        return str(value)
 
 
 def state_text(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
+    """A job's state, coloured; escaped as every field is (an impostor's
+    `state` with control characters reached the terminal: a QA pass)."""
+    return Text(printable(str(state)), style=STATE_STYLES.get(state, ""))
 
 
 def widest(cells: Iterable[RenderableType]) -> int:
@@ -801,7 +808,7 @@ def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
             cell(job["id"]),
             cell(job["backend"]),
             state_text(job["state"]),
-            cell(moment(job["created_at"])),
+            cell(moment(job.get("created_at"))),
             cell(moment(job.get("finished_at"))),
         )
     return keep_whole(table, *JOBS_COLUMNS)  # ids, names, times: all whole
@@ -844,8 +851,11 @@ def elapsed(job: dict[str, Any]) -> str:
     began it: its `deadline` less its `timeout`), up to when it finished. (A
     retry's run showed the time since the job's creation: a day at once,
     found by a QA pass, 2026-12-07.)"""
-    end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
-    seconds = int(((end or datetime.now(UTC)) - attempt_began(job)).total_seconds())
+    try:
+        end = datetime.fromisoformat(job["finished_at"]) if job.get("finished_at") else None
+        seconds = int(((end or datetime.now(UTC)) - attempt_began(job)).total_seconds())
+    except (ValueError, TypeError, KeyError):  # no times (an impostor's answer: `moment`)
+        return "?"
     minutes, secs = divmod(max(seconds, 0), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -41,7 +41,6 @@ from core.store.embedded import (
     sqlite_path,
     write_secrets,
 )
-from core.tokens import notify_fingerprints
 
 BACKUP_WAIT = 60.0
 """Seconds a copy may wait for SQLite to let it read or write (a reader of a
@@ -321,6 +320,8 @@ def _signed_with(conn: sqlite3.Connection, secrets: list[str]) -> None:
     notifications with `secrets`: the store's own, kept by a restore, were
     signed with last (the start after it said they disagreed with the
     backup's record)."""
+    from core.tokens import notify_fingerprints  # (it loads the SDK: not for the CLI's start)
+
     try:
         row = conn.execute("SELECT value FROM tether_meta WHERE name = ?", (LAST_HOST,)).fetchone()
         record = msgspec.json.decode(row[0]) if row else None

@@ -595,28 +595,61 @@ def test_list_prints_a_cursor_and_ids_another_service_sent_escaped():
     and cursor hold escape sequences: `tether list` printed them raw (an
     OSC 52 writes the terminal's clipboard; a QA pass, 2026-12-07)."""
     hostile = "x\x1b]52;c;aGk=\x07\u202e\x9b2J"
-    page = {
-        "items": [
-            {
-                "id": hostile,
-                "backend": "b",
-                "state": "running",
-                "attempt": 1,
-                "created_at": "2026-12-07T00:00:00Z",
-                "updated_at": "2026-12-07T00:00:00Z",
-                "tags": [],
-            }
-        ],
-        "next_cursor": hostile,
+    job = {
+        "id": hostile,
+        "backend": "b",
+        "state": "running",
+        "attempt": 1,
+        "created_at": "2026-12-07T00:00:00Z",
+        "updated_at": "2026-12-07T00:00:00Z",
+        "tags": [],
     }
+    # and a state and a time that are neither: the state reached the terminal
+    # raw, and the time made a traceback (a QA pass, 2026-12-08)
+    odd = {**job, "state": hostile, "created_at": hostile}
+    page = {"items": [job, odd], "next_cursor": hostile}
 
     server, url = answering_json(page)
     try:
-        for args in (["list", "--limit", "1", "--ids"], ["list", "--limit", "1"]):
+        for args in (["list", "--limit", "2", "--ids"], ["list", "--limit", "2"]):
             done = cli(url, *args)
             assert done.exit_code == 0, (args, done.output)
             assert not any(c in done.output for c in "\x1b\x07\u202e\x9b"), (args, done.output)
             assert "\\x1b]52;c;aGk=\\x07\\u202e\\x9b2J" in done.output, (args, done.output)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_list_whose_reader_stops_reading_ends_with_0(tmp_path):
+    """`tether list --ids | head -1` with more ids than a pipe holds: click
+    exited 1 on the broken pipe, with nothing said, where fewer exited 0, so
+    a `set -o pipefail` script failed by how many jobs there were (a QA
+    pass)."""
+    items = [
+        {
+            "id": f"job-{i:04d}-" + "x" * 100,
+            "backend": "b",
+            "state": "running",
+            "attempt": 1,
+            "created_at": "2026-12-08T00:00:00Z",
+            "tags": [],
+        }
+        for i in range(2000)  # about 230 KB of ids, past any pipe's buffer
+    ]
+    server, url = answering_json({"items": items, "next_cursor": None})
+    try:
+        for args in ("list --ids --limit 2000", "list --limit 2000"):
+            done = subprocess.run(
+                ["bash", "-c", f"set -o pipefail; {TETHER} {args} | head -1"],
+                env={**os.environ, "TETHER_URL": url},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, (args, done.stderr)
+            assert done.stdout.count("\n") == 1 and done.stderr == "", (args, done.stderr)
     finally:
         server.shutdown()
         server.server_close()
