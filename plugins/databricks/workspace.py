@@ -206,6 +206,8 @@ class Workspace:
                 # and looked up in DNS (a QA pass).
                 written = os.environ.get("DATABRICKS_HOST", "")
                 host = without_userinfo(written)
+                if host is None:
+                    raise BackendError(UNREADABLE_HOST, code="databricks_config")
                 given: dict[str, Any] = {"host": host} if host != written else {}
                 config = Config(
                     **given,
@@ -458,17 +460,34 @@ def _userinfo(host: str) -> list[str]:
     return [s for s in {info, unquote(info), *alone} if s]
 
 
-def without_userinfo(host: str) -> str:
-    """`host` without a `user:password@` written into it, however the
-    password is made: with a `/`, `?`, `#`, space or `@` in it no URL parser
-    reads such a host as its writer meant, so the host is what follows the
-    last `@` (a workspace's host has no path that could hold one)."""
+UNREADABLE_HOST = (
+    "DATABRICKS_HOST holds a user and password whose `/`, `?` or `#` hide where"
+    " its host ends, so no request is sent: take the user and password out (the"
+    " SDK never signs in with them; its own credentials do)"
+)
+"""Why no client is built for such a host (`without_userinfo`); names none of it."""
+
+
+def without_userinfo(host: str) -> str | None:
+    """`host` without a `user:password@` written into its authority (before
+    the first `/`, `?` or `#`: a password with a space or an `@` is taken
+    out whole). None when where the host ends cannot be told: a password
+    with a `/`, `?` or `#` (`u:p/w@h` reads as host `u`, port `p`), which no
+    request may be sent to, since taking the host from after the last `@`
+    sent the token to one named in a path (`…/Users/alice@example.com`, a
+    URL copied from a browser: a QA pass, HIGH). A host with no userinfo is
+    returned as written, an `@` in its path included."""
     scheme, sep, rest = host.partition("://")
     if not sep:
         scheme, rest = "", host
-    if "@" not in rest:
-        return host
-    return scheme + sep + rest.rpartition("@")[2]
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        return None if "@" in tail else scheme + sep + authority.rpartition("@")[2] + tail
+    port = authority.rpartition("]")[2].rpartition(":")[2] if ":" in authority else ""
+    if "@" in tail and port and not port.isdigit():
+        return None
+    return host
 
 
 def shown_host(host: str | None) -> str | None:

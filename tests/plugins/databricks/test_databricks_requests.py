@@ -1159,10 +1159,17 @@ async def test_a_host_written_with_a_user_and_password_never_shows_them(
 
 
 @pytest.mark.parametrize(
-    "password", ["pw@in-url", "pw/in?url", "pw in url", "pw#in-url", "pwZZ@Secret/x?y z"]
+    ("password", "reached"),
+    [
+        ("pw@in-url", True),
+        ("pw in url", True),
+        ("pw/in?url", False),
+        ("pw#in-url", False),
+        ("pwZZ@Secret/x?y z", False),
+    ],
 )
 async def test_a_password_with_an_at_or_a_slash_in_the_host_never_shows(
-    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs, password: str
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs, password: str, reached: bool
 ):
     """`@` in the password: the HTTP client splits at the last `@` (the host
     works), and the mask stopped at the first, showing the rest. `/` or `?`
@@ -1170,20 +1177,53 @@ async def test_a_password_with_an_at_or_a_slash_in_the_host_never_shows(
     error (a review, 2026-12-06), then, masked, still quoted the part it took
     for the port (a QA pass); a space stopped the mask, and the whole
     password was logged; with `@` and `/`, a part of the password was looked
-    up as the host. The SDK is now given the host without them: it works."""
+    up as the host. The SDK is now given the host without them, and the
+    workspace is reached; where a `/`, `?` or `#` hides where the host ends,
+    no client is made and nothing is sent (taking the host from after the
+    last `@` sent the token to one named in a path: a QA pass)."""
     host = workspace.url.replace("://", f"://qa-user:{password}@")
     monkeypatch.setenv("DATABRICKS_HOST", host)
     workspace.add_job(7, notebook="quiet")
     workspace.notebooks["quiet"] = hang
     workspace.fail(GET_RUN, 500, "INTERNAL_ERROR", "x", method="GET")
     backend = Databricks(SETTINGS)
-    said = str(await backend.trigger(trigger({"job_id": 7})))  # the workspace, reached
-    workspace.end(workspace.only_run().run_id, "SUCCESS")
+    try:
+        said = str(await backend.trigger(trigger({"job_id": 7})))
+        assert reached
+        workspace.end(workspace.only_run().run_id, "SUCCESS")
+        assert "names a user or a password" in logs.text  # said, without them
+    except BackendError as exc:
+        assert not reached and exc.code == "databricks_config", exc.message
+        said = exc.message
+        assert "take the user and password out" in said
+        assert workspace.seen == []  # nothing sent, to any host
     readiness = await backend.workspace.readiness()
-    assert "names a user or a password" in logs.text  # said, without them
     for text in (said, logs.text, str(readiness.reason)):
         for part in ("in-url", "in?url", "in url", "Secret", "qa-user"):
             assert part not in text, text
+
+
+async def test_a_host_with_an_at_in_its_path_is_reached_at_its_own_host(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs
+):
+    """A workspace URL copied from a browser may name a user in its path
+    (`…/Users/alice@example.com`): the host was taken from after its last
+    `@`, and the token sent there (a QA pass, HIGH). A host with no
+    userinfo is the SDK's as written: it asks its own host (which knows no
+    such path here), and nothing goes elsewhere."""
+    elsewhere = FakeWorkspace().start()
+    try:
+        port = elsewhere.url.rpartition(":")[2]
+        monkeypatch.setenv(
+            "DATABRICKS_HOST", f"{workspace.url}/browse/Users/alice@127.0.0.1:{port}"
+        )
+        with pytest.raises(BackendError):
+            await Databricks(SETTINGS).trigger(trigger({"job_id": 7}))
+        assert any(seen.path.startswith("/browse/Users/alice@") for seen in workspace.seen)
+        assert elsewhere.seen == []
+        assert "names a user or a password" not in logs.text
+    finally:
+        elsewhere.stop()
 
 
 def test_the_sdks_child_loggers_hide_a_hosts_password_too(workspace: FakeWorkspace, logs):
