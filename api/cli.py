@@ -940,8 +940,10 @@ def _print_secret(copied: Copied, settings: Settings) -> None:
         )
     if copied.notify_kept:
         click.echo(
-            f"the store's own notification secrets are kept in {copied.notify_secret}, not the"
-            " backup's (rotated since it was taken): they are what its receivers verify now"
+            f"notifications are signed with the store's own secret and the backup's, in"
+            f" {copied.notify_secret}: receivers given either verify. Once every receiver has"
+            " the store's own, `tether rotate-notify-secret --drop-previous` drops the"
+            " backup's (and any other previous one)"
         )
     elif copied.notify_secret is not None:
         click.echo(f"notification secrets copied to {copied.notify_secret} (mode 0600)")

@@ -70,8 +70,8 @@ class Copied(NamedTuple):
     """A restore's: the store's secret files the backup brought none of,
     renamed (`*.before-restore`) rather than left to pass for its own."""
     notify_kept: bool = False
-    """A restore's: the store's own notification secrets were kept, not the
-    backup's (`restore`)."""
+    """A restore's: the store's own notification secrets were kept, the
+    backup's beside them (`restore`)."""
 
 
 def embedded_db(settings: Settings, command: str) -> Path:
@@ -120,23 +120,26 @@ def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
     db.parent.mkdir(parents=True, exist_ok=True)
     secrets = _secrets_of(source)
     # The store's own notification secrets, when it has some the backup's
-    # differ from (rotated since the backup): kept, being what its receivers
-    # verify now. The backup's came back before, and every message after the
-    # restore was refused until given up (a QA pass). A store that has none
-    # (a new host) takes the backup's; a backup without one sets the
-    # store's aside, as any secret file it brings none of.
+    # differ from, sign first and the backup's beside them: a store whose
+    # secret was rotated since the backup signs as its receivers now verify
+    # (the backup's came back alone, and every message after the restore
+    # was refused until given up: a QA pass), and one of another deployment
+    # (a host started once made its own) as the backup's receivers do (its
+    # own alone were kept then: the next pass). A store that has none takes
+    # the backup's; a backup without one sets the store's aside, as any
+    # secret file it brings none of.
     own = _notify_secrets_here(db)
     theirs = next((lines for path_of, lines in secrets if path_of is notify_secret_path), None)
-    keep = own is not None and theirs is not None and own != theirs
-    if keep:
-        assert own is not None
+    both = None
+    if own is not None and theirs is not None and own != theirs:
+        both = own + [secret for secret in theirs if secret not in own]
         secrets = [(p, lines) for p, lines in secrets if p is not notify_secret_path]
-        secrets.append((notify_secret_path, own))
+        secrets.append((notify_secret_path, both))
     for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         # the old database's log must not be replayed onto the restored one
         leftover.unlink(missing_ok=True)
-    copied = _copy_database(source, db, secrets, signs=own if keep else None)
-    return copied._replace(notify_kept=keep)
+    copied = _copy_database(source, db, secrets, signs=both)
+    return copied._replace(notify_kept=both is not None)
 
 
 def _notify_secrets_here(db: Path) -> list[str] | None:
@@ -317,9 +320,9 @@ def _open(db: Path, mode: str, timeout: float) -> sqlite3.Connection:
 
 def _signed_with(conn: sqlite3.Connection, secrets: list[str]) -> None:
     """Record in the store's last start (`LAST_HOST`) that it signed its
-    notifications with `secrets`: the store's own, kept by a restore, were
-    signed with last (the start after it said they disagreed with the
-    backup's record)."""
+    notifications with `secrets` (a restore's, the store's own and the
+    backup's: the start after it said they disagreed with the backup's
+    record)."""
     from core.tokens import notify_fingerprints  # (it loads the SDK: not for the CLI's start)
 
     try:
