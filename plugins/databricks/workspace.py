@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import typing
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import is_dataclass
@@ -469,25 +470,55 @@ UNREADABLE_HOST = (
 
 
 def without_userinfo(host: str) -> str | None:
-    """`host` without a `user:password@` written into its authority (before
-    the first `/`, `?` or `#`: a password with a space or an `@` is taken
-    out whole). None when where the host ends cannot be told: a password
-    with a `/`, `?` or `#` (`u:p/w@h` reads as host `u`, port `p`), which no
-    request may be sent to, since taking the host from after the last `@`
-    sent the token to one named in a path (`…/Users/alice@example.com`, a
-    URL copied from a browser: a QA pass, HIGH). A host with no userinfo is
-    returned as written, an `@` in its path included."""
-    scheme, sep, rest = host.partition("://")
-    if not sep:
-        scheme, rest = "", host
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        return None if "@" in tail else scheme + sep + authority.rpartition("@")[2] + tail
-    port = authority.rpartition("]")[2].rpartition(":")[2] if ":" in authority else ""
-    if "@" in tail and port and not port.isdigit():
+    """`host` without a `user:password@` written into its authority, or None
+    when where its host ends cannot be told for sure, to which no request
+    may be sent. The SDK adds `https://` to a host without a scheme, and its
+    HTTP client (urllib3) and Python's `urlsplit` must agree on the host it
+    names, before and after: a password with a `/`, `?` or `#` (`u:p/w@h`
+    reads as host `u`, port `p`), a `\\` (urllib3 ends the authority there,
+    `urlsplit` does not), a character that is another once normalised
+    (a fullwidth at sign or solidus: the SDK quoted such a host whole), or an `@` past an
+    authority that had userinfo. Taking the host from after the last `@`
+    sent the token to one a copied URL's path named (`…/Users/alice@
+    example.com`), and a `\\` to one after it (QA passes, HIGH). A host
+    with no userinfo is returned as written, an `@` in its path included."""
+    if "@" not in unicodedata.normalize("NFKC", host):
+        return host
+    full = host if "://" in host else "https://" + host
+    if not full.isascii():
         return None
-    return host
+    seen = _destination(full)
+    if seen is None:
+        return None
+    scheme, netloc, rest = seen
+    if "@" not in netloc:
+        hostport = netloc.rpartition("]")[2]
+        port = hostport.rpartition(":")[2] if ":" in hostport else "0"
+        return host if port.isdigit() or "@" not in rest else None
+    if "@" in rest:
+        return None
+    bare = f"{scheme}://{netloc.rpartition('@')[2]}{rest}"
+    after = _destination(bare)
+    return bare if after is not None and after[1] == netloc.rpartition("@")[2] else None
+
+
+def _destination(url: str) -> tuple[str, str, str] | None:
+    """`url`'s scheme, authority and the rest, when `urlsplit` and urllib3
+    read the same host and port in it; else None."""
+    from urllib.parse import urlsplit
+
+    from urllib3.util import parse_url
+
+    try:
+        split, read = urlsplit(url), parse_url(url)
+        same = (split.hostname or "") == (read.host or "").strip("[]").lower()
+        same = same and split.port == read.port
+    except ValueError:  # (urllib3's LocationParseError is one)
+        return None
+    if not same or not split.hostname:
+        return None
+    rest = url[len(split.scheme) + 3 + len(split.netloc) :]
+    return split.scheme, split.netloc, rest
 
 
 def shown_host(host: str | None) -> str | None:

@@ -1226,6 +1226,40 @@ async def test_a_host_with_an_at_in_its_path_is_reached_at_its_own_host(
         elsewhere.stop()
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        "{url}\\@127.0.0.1:{port}",  # urllib3 ends the authority at the backslash
+        "{url}\\Users\\alice@127.0.0.1:{port}",
+        "http://qa-user:pw-in-url@{hostport}\\x@127.0.0.1:{port}",
+        "{url}\uff0f@127.0.0.1:{port}",  # a fullwidth solidus, a slash once normalised
+        "http://qa-user:pw-in-url\uff20{hostport}",  # a fullwidth at sign
+        "http:/qa-user:pw-in-url@{hostport}",  # one slash: the SDK's host would be `http`
+    ],
+)
+async def test_a_host_whose_end_the_parsers_read_differently_is_sent_nothing(
+    workspace: FakeWorkspace, monkeypatch: pytest.MonkeyPatch, logs, written: str
+):
+    """Where urllib3 (which sends the request) and `urlsplit` would read
+    another host, or a normalised character hides one, no client is made:
+    the token went to a second workspace named after a backslash or a
+    fullwidth solidus, a fullwidth at sign's password was quoted in the
+    job's error, and a one-slash typo's logged (a QA pass, HIGH)."""
+    elsewhere = FakeWorkspace().start()
+    try:
+        port = elsewhere.url.rpartition(":")[2]
+        hostport = workspace.url.partition("://")[2]
+        host = written.format(url=workspace.url, port=port, hostport=hostport)
+        monkeypatch.setenv("DATABRICKS_HOST", host)
+        with pytest.raises(BackendError) as refused:
+            await Databricks(SETTINGS).trigger(trigger({"job_id": 7}))
+        assert refused.value.code == "databricks_config"
+        assert elsewhere.seen == [] and workspace.seen == []
+        assert "pw-in-url" not in refused.value.message + logs.text
+    finally:
+        elsewhere.stop()
+
+
 def test_the_sdks_child_loggers_hide_a_hosts_password_too(workspace: FakeWorkspace, logs):
     """A logger's filter sees its own records alone: the SDK's children
     (`databricks.sdk.oauth`, whose warning quotes an exception) need their
