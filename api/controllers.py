@@ -309,6 +309,23 @@ class _StreamSlot:
         self._held = True
 
     @classmethod
+    async def take[T](
+        cls, listing: bool, first: Callable[[], Awaitable[T]]
+    ) -> tuple[_StreamSlot, T] | Response[Any]:
+        """A place for a stream and `first()`, what it reads before it
+        begins (the place given back if that fails); or the 503 for a
+        stream this process has no room for (`refusal`), `first` not read."""
+        refused = cls.refusal(listing)
+        if refused is not None:
+            return refused
+        slot = cls(listing)
+        try:
+            return slot, await first()
+        except BaseException:
+            slot.release()
+            raise
+
+    @classmethod
     def refusal(cls, listing: bool) -> Response[Any] | None:
         """The 503 for a stream this process has no room for, or None."""
         if listing and cls.lists >= LIST_STREAMS_MAX:
@@ -487,15 +504,10 @@ class JobController(Controller):
 
         if not wants_stream(request):
             return Response(await page())
-        refused = _StreamSlot.refusal(listing=True)
-        if refused is not None:
-            return refused
-        slot = _StreamSlot(listing=True)
-        try:
-            first = await page()
-        except BaseException:
-            slot.release()
-            raise
+        taken = await _StreamSlot.take(True, page)
+        if isinstance(taken, Response):
+            return taken
+        slot, first = taken
         return self.changes(tether, page, first, slot, session_ends(request))
 
     def changes(
@@ -676,15 +688,12 @@ class JobController(Controller):
             after = int(last_event_id)
         else:
             after = decode_cursor(cursor) if cursor else 0
-        refused = _StreamSlot.refusal(listing=False)
-        if refused is not None:
-            return refused
-        slot = _StreamSlot(listing=False)
-        try:
-            followed = await tether.follow_job(job_id, after, session_ends(request))
-        except BaseException:
-            slot.release()
-            raise
+        taken = await _StreamSlot.take(
+            False, lambda: tether.follow_job(job_id, after, session_ends(request))
+        )
+        if isinstance(taken, Response):
+            return taken
+        slot, followed = taken
 
         async def messages(
             events: AsyncIterator[JobEvent | Literal["end"] | None],

@@ -60,15 +60,15 @@ FEW_FILES = 4096
 """An open-file limit below this is named at start (`more_open_files`)."""
 
 
-def more_open_files() -> int:
+def more_open_files() -> None:
     """Raise this process's soft limit of open files (`RLIMIT_NOFILE`) to its
     hard limit, as Go's runtime does at start and nginx's
     `worker_rlimit_nofile` is set to: every connection is a file, and a
     stream (a dashboard page, a `tether watch`) holds one for hours. Under
     the usual soft limit of 1,024 a thousand history streams left a worker
     no file for a trigger's request, and its job failed ("too many open
-    files"). Workers inherit it. Returns the soft limit now; one below
-    `FEW_FILES` is logged, with how to raise it."""
+    files"). Workers inherit it. A limit below `FEW_FILES` is logged, with
+    how to raise it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):  # (a hard limit past the kernel's)
@@ -82,7 +82,6 @@ def more_open_files() -> int:
             " docker run --ulimit nofile=65536)",
             soft,
         )
-    return soft
 
 
 TICK = 1.0

@@ -129,12 +129,12 @@ def restore(source: Path, db: Path, *, force: bool = False) -> Copied:
     # the backup's; a backup without one sets the store's aside, as any
     # secret file it brings none of.
     own = _notify_secrets_here(db)
-    theirs = next((lines for path_of, lines in secrets if path_of is notify_secret_path), None)
+    kept = dict(secrets)
+    theirs = kept.get(notify_secret_path)
     both = None
     if own is not None and theirs is not None and own != theirs:
-        both = own + [secret for secret in theirs if secret not in own]
-        secrets = [(p, lines) for p, lines in secrets if p is not notify_secret_path]
-        secrets.append((notify_secret_path, both))
+        both = kept[notify_secret_path] = own + [s for s in theirs if s not in own]
+        secrets = list(kept.items())
     for leftover in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         # the old database's log must not be replayed onto the restored one
         leftover.unlink(missing_ok=True)

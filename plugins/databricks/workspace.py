@@ -462,8 +462,9 @@ def _userinfo(host: str) -> list[str]:
 
 
 UNREADABLE_HOST = (
-    "DATABRICKS_HOST holds a user and password whose `/`, `?` or `#` hide where"
-    " its host ends, so no request is sent: take the user and password out (the"
+    "DATABRICKS_HOST holds a user and password, and where its host ends cannot be"
+    " told for sure (a `/`, `?`, `#` or `\\` in them, or a character that is another"
+    " once normalised), so no request is sent: take the user and password out (the"
     " SDK never signs in with them; its own credentials do)"
 )
 """Why no client is built for such a host (`without_userinfo`); names none of it."""
@@ -476,9 +477,9 @@ def without_userinfo(host: str) -> str | None:
     HTTP client (urllib3) and Python's `urlsplit` must agree on the host it
     names, before and after: a password with a `/`, `?` or `#` (`u:p/w@h`
     reads as host `u`, port `p`), a `\\` (urllib3 ends the authority there,
-    `urlsplit` does not), a character that is another once normalised
-    (a fullwidth at sign or solidus: the SDK quoted such a host whole), or an `@` past an
-    authority that had userinfo. Taking the host from after the last `@`
+    `urlsplit` does not), a character that is another once normalised (a
+    fullwidth at sign or solidus: the SDK quoted such a host whole), or an
+    `@` past an authority that had userinfo. Taking the host from after the last `@`
     sent the token to one a copied URL's path named (`…/Users/alice@
     example.com`), and a `\\` to one after it (QA passes, HIGH). A host
     with no userinfo is returned as written, an `@` in its path included."""
@@ -497,9 +498,10 @@ def without_userinfo(host: str) -> str | None:
         return host if port.isdigit() or "@" not in rest else None
     if "@" in rest:
         return None
-    bare = f"{scheme}://{netloc.rpartition('@')[2]}{rest}"
+    hostport = netloc.rpartition("@")[2]
+    bare = f"{scheme}://{hostport}{rest}"
     after = _destination(bare)
-    return bare if after is not None and after[1] == netloc.rpartition("@")[2] else None
+    return bare if after is not None and after[1] == hostport else None
 
 
 def _destination(url: str) -> tuple[str, str, str] | None:
